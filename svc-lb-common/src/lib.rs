@@ -1,0 +1,261 @@
+//! Types and helpers shared by the eBPF programs, the agent and the CLI.
+//!
+//! Every map key and value is `#[repr(C)]` and derives `bytemuck::Pod`, so a hidden
+//! padding byte is a compile error rather than garbage in a hash key. Byte order is part
+//! of the field name wherever it matters (`_be` = network order, exactly as the kernel
+//! hands it to the socket hooks).
+#![no_std]
+
+use bytemuck::{Pod, Zeroable};
+
+/// Map names. They are also the pin file names under the bpffs directory. The `_V1`
+/// suffix is the layout version: a changed layout gets a new name, so an agent never
+/// re-opens an old pin with a new layout (aya does not check this). Kernel object names
+/// are limited to 15 characters.
+pub const MAP_SVC4: &str = "LB_SVC4_V1";
+pub const MAP_SVC6: &str = "LB_SVC6_V1";
+pub const MAP_BACKENDS: &str = "LB_BACKENDS_V1";
+pub const MAP_REVNAT: &str = "LB_REVNAT_V1";
+pub const MAP_SOCK_RNAT4: &str = "LB_SKRNAT4_V1";
+pub const MAP_SOCK_RNAT6: &str = "LB_SKRNAT6_V1";
+pub const MAP_COUNTERS: &str = "LB_COUNTERS_V1";
+
+/// Every map the agent pins, in the order `list`/`status` show them.
+pub const ALL_MAPS: [&str; 7] = [
+    MAP_SVC4,
+    MAP_SVC6,
+    MAP_BACKENDS,
+    MAP_REVNAT,
+    MAP_SOCK_RNAT4,
+    MAP_SOCK_RNAT6,
+    MAP_COUNTERS,
+];
+
+/// Default capacities. Service and backend maps are created without preallocation, so
+/// a large capacity costs kernel memory only when it is used.
+pub const SVC_MAP_MAX: u32 = 1 << 20;
+pub const BACKEND_MAP_MAX: u32 = 1 << 20;
+pub const REVNAT_MAP_MAX: u32 = 1 << 19;
+pub const SOCK_RNAT_MAP_MAX: u32 = 1 << 18;
+
+/// Program names (the ELF section symbols) and their attach points.
+pub const PROG_CONNECT4: &str = "svclb_connect4";
+pub const PROG_CONNECT6: &str = "svclb_connect6";
+pub const PROG_SENDMSG4: &str = "svclb_sendmsg4";
+pub const PROG_SENDMSG6: &str = "svclb_sendmsg6";
+pub const PROG_RECVMSG4: &str = "svclb_recvmsg4";
+pub const PROG_RECVMSG6: &str = "svclb_recvmsg6";
+pub const PROG_GETPEER4: &str = "svclb_getpeer4";
+pub const PROG_GETPEER6: &str = "svclb_getpeer6";
+
+pub const SOCK_PROGRAMS: [&str; 8] = [
+    PROG_CONNECT4,
+    PROG_CONNECT6,
+    PROG_SENDMSG4,
+    PROG_SENDMSG6,
+    PROG_RECVMSG4,
+    PROG_RECVMSG6,
+    PROG_GETPEER4,
+    PROG_GETPEER6,
+];
+
+/// IP protocol numbers as they appear in `bpf_sock_addr.protocol` and in keys.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_SCTP: u8 = 132;
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// `SvcKey.scope`: which clients a frontend entry serves. Socket-level lookups use
+/// `SCOPE_ALL`; the external path may add node-local entries later.
+pub const SCOPE_ALL: u8 = 0;
+
+/// `SvcValue.flags` bits.
+pub const SVC_FLAG_AFFINITY: u16 = 1 << 0;
+
+/// `Backend.state`.
+pub const BACKEND_ACTIVE: u8 = 0;
+pub const BACKEND_TERMINATING: u8 = 1;
+
+/// Key of the IPv4 service map. `slot == 0` is the master entry that holds the backend
+/// count; slots `1..=count` each hold one backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct Svc4Key {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub slot: u16,
+    pub proto: u8,
+    pub scope: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<Svc4Key>() == 12);
+
+/// Key of the IPv6 service map; same slot scheme as [`Svc4Key`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct Svc6Key {
+    pub addr_be: [u32; 4],
+    pub port_be: u16,
+    pub slot: u16,
+    pub proto: u8,
+    pub scope: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<Svc6Key>() == 24);
+
+/// Value of both service maps. In the master slot `count` and the flags are meaningful
+/// and `backend_id` is 0; in slots `1..=count` only `backend_id` is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SvcValue {
+    pub backend_id: u32,
+    pub count: u32,
+    pub rev_nat_id: u32,
+    pub flags: u16,
+    pub _pad: u16,
+    pub affinity_timeout_s: u32,
+}
+const _: () = assert!(core::mem::size_of::<SvcValue>() == 20);
+
+/// A backend, keyed by a `u32` id (0 is never valid). IPv4 addresses use `addr_be[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct Backend {
+    pub addr_be: [u32; 4],
+    pub port_be: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub state: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<Backend>() == 24);
+
+/// Reverse NAT entry: the frontend a `rev_nat_id` stands for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct RevNat {
+    pub addr_be: [u32; 4],
+    pub port_be: u16,
+    pub family: u8,
+    pub proto: u8,
+}
+const _: () = assert!(core::mem::size_of::<RevNat>() == 20);
+
+/// Socket-level reverse translation, IPv4: (socket cookie, backend) → the Service
+/// address the application asked for. Written by connect/sendmsg, read by
+/// recvmsg/getpeername.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockRevNat4Key {
+    pub cookie: u64,
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<SockRevNat4Key>() == 16);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockRevNat4Value {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub _pad: u16,
+    pub rev_nat_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockRevNat4Value>() == 12);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockRevNat6Key {
+    pub cookie: u64,
+    pub addr_be: [u32; 4],
+    pub port_be: u16,
+    pub _pad: [u16; 3],
+}
+const _: () = assert!(core::mem::size_of::<SockRevNat6Key>() == 32);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockRevNat6Value {
+    pub addr_be: [u32; 4],
+    pub port_be: u16,
+    pub _pad: u16,
+    pub rev_nat_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockRevNat6Value>() == 24);
+
+/// Indexes of the per-CPU counter array. Drops and errors are counted here rather
+/// than logged, so the hot path never formats anything.
+pub const CTR_SOCK_XLATED: u32 = 0;
+pub const CTR_SOCK_NO_BACKEND: u32 = 1;
+pub const CTR_SOCK_SLOT_MISS: u32 = 2;
+pub const CTR_SOCK_BACKEND_MISS: u32 = 3;
+pub const CTR_SOCK_RNAT_UPDATE_FAIL: u32 = 4;
+pub const CTR_SOCK_RNAT_HIT: u32 = 5;
+pub const COUNTERS_MAX: u32 = 16;
+
+/// Counter names for the CLI and metrics, indexed like the `CTR_*` constants.
+pub const COUNTER_NAMES: [(u32, &str); 6] = [
+    (CTR_SOCK_XLATED, "sock_translated"),
+    (CTR_SOCK_NO_BACKEND, "sock_rejected_no_backend"),
+    (CTR_SOCK_SLOT_MISS, "sock_error_slot_missing"),
+    (CTR_SOCK_BACKEND_MISS, "sock_error_backend_missing"),
+    (CTR_SOCK_RNAT_UPDATE_FAIL, "sock_error_revnat_update"),
+    (CTR_SOCK_RNAT_HIT, "sock_revnat_translated"),
+];
+
+/// Slot chosen for a new connection: uniform over `1..=count`. Both the eBPF programs
+/// and `svc-lb trace` call this, so they cannot drift apart. Returns `None` when the
+/// Service has no backend.
+#[inline(always)]
+pub fn select_slot(random: u32, count: u32) -> Option<u16> {
+    if count == 0 {
+        return None;
+    }
+    // count never exceeds u16::MAX (the planner caps backends per frontend).
+    Some((random % count) as u16 + 1)
+}
+
+/// Largest number of backends one frontend can hold (slots are `u16`).
+pub const MAX_BACKENDS_PER_FRONTEND: usize = u16::MAX as usize;
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    unsafe impl aya::Pod for Svc4Key {}
+    unsafe impl aya::Pod for Svc6Key {}
+    unsafe impl aya::Pod for SvcValue {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for RevNat {}
+    unsafe impl aya::Pod for SockRevNat4Key {}
+    unsafe impl aya::Pod for SockRevNat4Value {}
+    unsafe impl aya::Pod for SockRevNat6Key {}
+    unsafe impl aya::Pod for SockRevNat6Value {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn select_slot_covers_every_backend_and_never_zero() {
+        assert_eq!(select_slot(7, 0), None);
+        let mut seen = [false; 5];
+        for r in 0..100u32 {
+            let s = select_slot(r, 5).unwrap_or(0);
+            assert!((1..=5).contains(&s), "slot {s} out of range");
+            seen[usize::from(s - 1)] = true;
+        }
+        assert!(seen.iter().all(|s| *s));
+        assert_eq!(select_slot(u32::MAX, 1), Some(1));
+    }
+
+    #[test]
+    fn map_names_fit_kernel_object_names() {
+        for name in ALL_MAPS.iter().chain(SOCK_PROGRAMS.iter()) {
+            assert!(name.len() <= 15, "{name} is longer than BPF_OBJ_NAME_LEN-1");
+        }
+    }
+}

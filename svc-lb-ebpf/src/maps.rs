@@ -1,0 +1,36 @@
+//! Map definitions. The names are the shared constants of svc-lb-common (the symbol name
+//! is the map name aya pins); the sizes here are defaults the agent may override at load.
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use svc_lb_common::{
+    Backend, RevNat, SockRevNat4Key, SockRevNat4Value, SockRevNat6Key, SockRevNat6Value,
+    Svc4Key, Svc6Key, SvcValue,
+};
+
+const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
+
+#[btf_map]
+pub static LB_SVC4_V1: HashMap<Svc4Key, SvcValue, { 1 << 20 }, NO_PREALLOC> = HashMap::new();
+
+#[btf_map]
+pub static LB_SVC6_V1: HashMap<Svc6Key, SvcValue, { 1 << 20 }, NO_PREALLOC> = HashMap::new();
+
+#[btf_map]
+pub static LB_BACKENDS_V1: HashMap<u32, Backend, { 1 << 20 }, NO_PREALLOC> = HashMap::new();
+
+#[btf_map]
+pub static LB_REVNAT_V1: HashMap<u32, RevNat, { 1 << 19 }, NO_PREALLOC> = HashMap::new();
+
+#[btf_map]
+pub static LB_SKRNAT4_V1: LruHashMap<SockRevNat4Key, SockRevNat4Value, { 1 << 18 }> =
+    LruHashMap::new();
+
+#[btf_map]
+pub static LB_SKRNAT6_V1: LruHashMap<SockRevNat6Key, SockRevNat6Value, { 1 << 18 }> =
+    LruHashMap::new();
+
+#[btf_map]
+pub static LB_COUNTERS_V1: PerCpuArray<u64, 16> = PerCpuArray::new();

@@ -1,0 +1,1 @@
+//! The agent: source → model → plan → datapath.

@@ -1,0 +1,1 @@
+//! The real maps and programs, through aya.

@@ -1,0 +1,280 @@
+//! Conversions between the model's types and the raw map layout of svc-lb-common.
+//! Shared by the real maps, the in-memory fake and the CLI, so all three read and
+//! write exactly the same bytes.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use anyhow::{Result, bail};
+use svc_lb_common::{
+    Backend, FAMILY_V4, FAMILY_V6, RevNat, SVC_FLAG_AFFINITY, Svc4Key, Svc6Key, SvcValue,
+};
+
+use crate::{
+    model::{BackendAddr, FrontendKey},
+    plan::{BackendEntry, CurrentFrontend, CurrentState},
+};
+
+/// A service-map key of either family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SvcKey {
+    V4(Svc4Key),
+    V6(Svc6Key),
+}
+
+/// Network-order words of an address, as the kernel's `user_ip4`/`user_ip6` hold them.
+pub fn addr_words(addr: IpAddr) -> [u32; 4] {
+    match addr {
+        IpAddr::V4(a) => [u32::from_ne_bytes(a.octets()), 0, 0, 0],
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            let mut w = [0u32; 4];
+            for (i, chunk) in o.chunks_exact(4).enumerate() {
+                w[i] = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+            }
+            w
+        }
+    }
+}
+
+pub fn v4_from_word(w: u32) -> Ipv4Addr {
+    Ipv4Addr::from(w.to_ne_bytes())
+}
+
+pub fn v6_from_words(w: [u32; 4]) -> Ipv6Addr {
+    let mut o = [0u8; 16];
+    for (i, word) in w.iter().enumerate() {
+        o[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    Ipv6Addr::from(o)
+}
+
+pub fn port_be(port: u16) -> u16 {
+    port.to_be()
+}
+
+pub fn port_from_be(port_be: u16) -> u16 {
+    u16::from_be(port_be)
+}
+
+pub fn svc_key(fe: &FrontendKey, slot: u16) -> SvcKey {
+    let w = addr_words(fe.addr);
+    match fe.addr {
+        IpAddr::V4(_) => SvcKey::V4(Svc4Key {
+            addr_be: w[0],
+            port_be: port_be(fe.port),
+            slot,
+            proto: fe.proto,
+            scope: fe.scope,
+            _pad: [0; 2],
+        }),
+        IpAddr::V6(_) => SvcKey::V6(Svc6Key {
+            addr_be: w,
+            port_be: port_be(fe.port),
+            slot,
+            proto: fe.proto,
+            scope: fe.scope,
+            _pad: [0; 2],
+        }),
+    }
+}
+
+/// The frontend and slot a raw key stands for.
+pub fn frontend_of(key: &SvcKey) -> (FrontendKey, u16) {
+    match key {
+        SvcKey::V4(k) => (
+            FrontendKey {
+                addr: IpAddr::V4(v4_from_word(k.addr_be)),
+                port: port_from_be(k.port_be),
+                proto: k.proto,
+                scope: k.scope,
+            },
+            k.slot,
+        ),
+        SvcKey::V6(k) => (
+            FrontendKey {
+                addr: IpAddr::V6(v6_from_words(k.addr_be)),
+                port: port_from_be(k.port_be),
+                proto: k.proto,
+                scope: k.scope,
+            },
+            k.slot,
+        ),
+    }
+}
+
+pub fn master_value(count: u32, rev_nat_id: u32, flags: u16, affinity_timeout_s: u32) -> SvcValue {
+    SvcValue { backend_id: 0, count, rev_nat_id, flags, _pad: 0, affinity_timeout_s }
+}
+
+pub fn slot_value(backend_id: u32) -> SvcValue {
+    SvcValue { backend_id, count: 0, rev_nat_id: 0, flags: 0, _pad: 0, affinity_timeout_s: 0 }
+}
+
+fn family_of(addr: IpAddr) -> u8 {
+    match addr {
+        IpAddr::V4(_) => FAMILY_V4,
+        IpAddr::V6(_) => FAMILY_V6,
+    }
+}
+
+fn addr_from(family: u8, w: [u32; 4]) -> Result<IpAddr> {
+    Ok(match family {
+        FAMILY_V4 => IpAddr::V4(v4_from_word(w[0])),
+        FAMILY_V6 => IpAddr::V6(v6_from_words(w)),
+        other => bail!("unknown address family {other}"),
+    })
+}
+
+pub fn backend_raw(b: &BackendEntry) -> Backend {
+    Backend {
+        addr_be: addr_words(b.addr.addr),
+        port_be: port_be(b.addr.port),
+        proto: b.addr.proto,
+        family: family_of(b.addr.addr),
+        state: b.state,
+        _pad: [0; 3],
+    }
+}
+
+pub fn backend_from_raw(b: &Backend) -> Result<BackendEntry> {
+    Ok(BackendEntry {
+        addr: BackendAddr {
+            addr: addr_from(b.family, b.addr_be)?,
+            port: port_from_be(b.port_be),
+            proto: b.proto,
+        },
+        state: b.state,
+    })
+}
+
+pub fn revnat_raw(fe: &FrontendKey) -> RevNat {
+    RevNat {
+        addr_be: addr_words(fe.addr),
+        port_be: port_be(fe.port),
+        family: family_of(fe.addr),
+        proto: fe.proto,
+    }
+}
+
+pub fn revnat_from_raw(r: &RevNat) -> Result<FrontendKey> {
+    Ok(FrontendKey {
+        addr: addr_from(r.family, r.addr_be)?,
+        port: port_from_be(r.port_be),
+        proto: r.proto,
+        scope: svc_lb_common::SCOPE_ALL,
+    })
+}
+
+/// Rebuilds [`CurrentState`] from raw map contents. Slots above a master's count are
+/// reported as stale (an interrupted apply) so the planner deletes them; slots with no
+/// master at all form a frontend with an empty, already-unreachable slot list.
+pub fn decode_state(
+    svc: impl IntoIterator<Item = (SvcKey, SvcValue)>,
+    backends: impl IntoIterator<Item = (u32, Backend)>,
+    rev_nats: impl IntoIterator<Item = (u32, RevNat)>,
+) -> Result<CurrentState> {
+    let mut state = CurrentState::default();
+    let mut slots: std::collections::BTreeMap<FrontendKey, Vec<(u16, u32)>> = Default::default();
+    let mut masters = std::collections::BTreeMap::new();
+    for (key, value) in svc {
+        let (fe, slot) = frontend_of(&key);
+        if slot == 0 {
+            masters.insert(fe, value);
+        } else {
+            slots.entry(fe).or_default().push((slot, value.backend_id));
+        }
+    }
+    let all: std::collections::BTreeSet<FrontendKey> =
+        masters.keys().chain(slots.keys()).copied().collect();
+    for fe in all {
+        let mut fe_slots = slots.remove(&fe).unwrap_or_default();
+        fe_slots.sort_unstable();
+        let (count, cur) = match masters.get(&fe) {
+            Some(m) => (
+                m.count,
+                CurrentFrontend {
+                    rev_nat_id: m.rev_nat_id,
+                    flags: m.flags,
+                    affinity_timeout_s: if m.flags & SVC_FLAG_AFFINITY != 0 { m.affinity_timeout_s } else { 0 },
+                    backend_ids: Vec::new(),
+                    stale_slots: Vec::new(),
+                },
+            ),
+            None => (
+                0,
+                CurrentFrontend {
+                    rev_nat_id: 0,
+                    flags: 0,
+                    affinity_timeout_s: 0,
+                    backend_ids: Vec::new(),
+                    stale_slots: Vec::new(),
+                },
+            ),
+        };
+        let mut cur = cur;
+        // A hole (slot missing below the count) is kept as id 0, which is never valid,
+        // so the planner sees a difference and rewrites the frontend.
+        cur.backend_ids = vec![0; count as usize];
+        for (slot, id) in fe_slots {
+            if u32::from(slot) <= count {
+                cur.backend_ids[usize::from(slot) - 1] = id;
+            } else {
+                cur.stale_slots.push(slot);
+            }
+        }
+        state.frontends.insert(fe, cur);
+    }
+    for (id, raw) in backends {
+        state.backends.insert(id, backend_from_raw(&raw)?);
+    }
+    for (id, raw) in rev_nats {
+        state.rev_nats.insert(id, revnat_from_raw(&raw)?);
+    }
+    Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v4_key_uses_kernel_byte_order() {
+        let fe = FrontendKey { addr: "10.96.0.10".parse().unwrap(), port: 53, proto: 17, scope: 0 };
+        let SvcKey::V4(k) = svc_key(&fe, 0) else { panic!("v4 expected") };
+        // user_ip4 holds the address bytes in memory order; port likewise.
+        assert_eq!(k.addr_be.to_ne_bytes(), [10, 96, 0, 10]);
+        assert_eq!(k.port_be.to_ne_bytes(), [0, 53]);
+        assert_eq!(frontend_of(&SvcKey::V4(k)), (fe, 0));
+    }
+
+    #[test]
+    fn v6_round_trip() {
+        let fe = FrontendKey { addr: "fd00::1:2".parse().unwrap(), port: 8080, proto: 6, scope: 0 };
+        let key = svc_key(&fe, 3);
+        assert_eq!(frontend_of(&key), (fe, 3));
+        let b = BackendEntry {
+            addr: BackendAddr { addr: "fd00::99".parse().unwrap(), port: 9, proto: 6 },
+            state: 1,
+        };
+        assert_eq!(backend_from_raw(&backend_raw(&b)).unwrap(), b);
+        assert_eq!(revnat_from_raw(&revnat_raw(&fe)).unwrap(), fe);
+    }
+
+    #[test]
+    fn decode_reports_stale_slots_and_marks_holes() {
+        let fe = FrontendKey { addr: "10.0.0.1".parse().unwrap(), port: 80, proto: 6, scope: 0 };
+        let svc = vec![
+            (svc_key(&fe, 0), master_value(2, 7, 0, 0)),
+            (svc_key(&fe, 1), slot_value(11)),
+            (svc_key(&fe, 2), slot_value(12)),
+            (svc_key(&fe, 3), slot_value(13)),
+        ];
+        let st = decode_state(svc, [], []).unwrap();
+        let cur = &st.frontends[&fe];
+        assert_eq!(cur.backend_ids, vec![11, 12]);
+        assert_eq!(cur.stale_slots, vec![3]);
+        assert_eq!(cur.rev_nat_id, 7);
+
+        let holed = vec![(svc_key(&fe, 0), master_value(2, 7, 0, 0)), (svc_key(&fe, 2), slot_value(12))];
+        assert_eq!(decode_state(holed, [], []).unwrap().frontends[&fe].backend_ids, vec![0, 12]);
+    }
+}

@@ -1,0 +1,1 @@
+//! In-memory fake of the maps, for tests. Filled in by the planner work item.

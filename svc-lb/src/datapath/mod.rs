@@ -1,0 +1,19 @@
+//! The datapath: the only code that touches BPF maps. [`MapStore`] hides the maps so
+//! that an in-memory fake can run every plan in tests.
+use anyhow::Result;
+
+use crate::plan::{Capacity, CurrentState, Op};
+
+pub mod bpf;
+pub mod codec;
+pub mod fake;
+
+/// The map layer the agent programs through.
+pub trait MapStore {
+    /// Reads the programmed state back from the maps (used at start-up, so a restarted
+    /// agent adopts what is there instead of wiping it).
+    fn read_current(&self) -> Result<CurrentState>;
+    /// Applies one operation. On error the maps are as they were before this operation.
+    fn apply(&mut self, op: &Op) -> Result<()>;
+    fn capacity(&self) -> Capacity;
+}

@@ -1,0 +1,13 @@
+//! svc-lb: a Kubernetes Service load balancer on eBPF.
+//!
+//! The pipeline is `source → model → plan → datapath`:
+//! - [`source`] produces Kubernetes objects (from a manifest directory or the API);
+//! - [`model`] turns them into the desired frontends and backends (pure);
+//! - [`plan`] diffs current against desired into ordered map operations (pure);
+//! - [`datapath`] applies those operations to the pinned BPF maps (the only aya user).
+pub mod agent;
+pub mod cli;
+pub mod datapath;
+pub mod model;
+pub mod plan;
+pub mod source;

@@ -1,0 +1,107 @@
+//! The model: Kubernetes objects in, desired frontends and backends out. Pure, no I/O.
+//! Nearly every Kubernetes rule lives here.
+use std::{collections::BTreeMap, fmt, net::IpAddr};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+mod build;
+pub use build::build;
+
+/// One load-balanced address: what a client dials.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendKey {
+    pub addr: IpAddr,
+    pub port: u16,
+    /// `svc_lb_common::PROTO_*`.
+    pub proto: u8,
+    /// `svc_lb_common::SCOPE_*`.
+    pub scope: u8,
+}
+
+/// One backend endpoint as the datapath stores it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendAddr {
+    pub addr: IpAddr,
+    pub port: u16,
+    /// `svc_lb_common::PROTO_*`.
+    pub proto: u8,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DesiredBackend {
+    pub addr: BackendAddr,
+    /// `svc_lb_common::BACKEND_ACTIVE` or `BACKEND_TERMINATING`.
+    pub state: u8,
+}
+
+/// The Service (and its port) a frontend belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ServiceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredFrontend {
+    pub key: FrontendKey,
+    pub service: ServiceRef,
+    /// `spec.ports[].name` ("" when unnamed).
+    pub port_name: String,
+    /// Sorted and free of duplicate addresses. Empty means "refuse connections".
+    pub backends: Vec<DesiredBackend>,
+    /// `Some(timeout)` when `sessionAffinity: ClientIP`.
+    pub affinity_timeout_s: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    pub frontends: BTreeMap<FrontendKey, DesiredFrontend>,
+}
+
+/// What this node is, for rules that depend on it (traffic policy, topology).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: Option<String>,
+    pub zone: Option<String>,
+}
+
+/// A Kubernetes object named in an error.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectRef {
+    /// "Service" or "EndpointSlice".
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+    }
+}
+
+/// An object (or part of one) that could not be programmed, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelError {
+    pub object: ObjectRef,
+    pub reason: String,
+}
+
+impl fmt::Display for ModelError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.object, self.reason)
+    }
+}
+
+/// Inputs of [`build`], borrowed so that sources can keep their own stores.
+#[derive(Clone, Copy, Debug)]
+pub struct Objects<'a> {
+    pub services: &'a [Service],
+    pub slices: &'a [EndpointSlice],
+}

@@ -1,0 +1,83 @@
+//! The planner: a pure function from (current, desired) to an ordered list of map
+//! operations. The order guarantees the kernel never sees a half-written Service:
+//!
+//! 1. upsert backends (and reverse-NAT entries) the new state needs;
+//! 2. write slots `1..=N` of each changed frontend;
+//! 3. write the master slot 0 with the new count;
+//! 4. delete stale slots `N+1..=old N`;
+//! 5. delete orphaned backends.
+//!
+//! Removed frontends lose their master slot first, so lookups miss before any of
+//! their slots or backends go away. Id 0 is never valid.
+use std::collections::BTreeMap;
+
+use crate::model::{BackendAddr, FrontendKey, ServiceRef};
+
+mod diff;
+pub use diff::plan;
+
+/// A backend entry as stored in the backend map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendEntry {
+    pub addr: BackendAddr,
+    /// `svc_lb_common::BACKEND_*`.
+    pub state: u8,
+}
+
+/// A frontend as it is programmed in the service map.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CurrentFrontend {
+    pub rev_nat_id: u32,
+    /// `svc_lb_common::SVC_FLAG_*`.
+    pub flags: u16,
+    pub affinity_timeout_s: u32,
+    /// Backend id of slot `i + 1`; its length is the master's count.
+    pub backend_ids: Vec<u32>,
+    /// Slots above the count that are still in the map (left by an interrupted apply).
+    pub stale_slots: Vec<u16>,
+}
+
+/// What the maps hold now: read back from the pins at start-up, then kept in step
+/// with every applied operation by [`CurrentState::apply`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CurrentState {
+    pub frontends: BTreeMap<FrontendKey, CurrentFrontend>,
+    pub backends: BTreeMap<u32, BackendEntry>,
+    pub rev_nats: BTreeMap<u32, FrontendKey>,
+}
+
+/// One map write or delete.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    UpsertBackend { id: u32, backend: BackendEntry },
+    UpsertRevNat { id: u32, frontend: FrontendKey },
+    UpsertSlot { frontend: FrontendKey, slot: u16, backend_id: u32 },
+    UpsertMaster { frontend: FrontendKey, count: u32, rev_nat_id: u32, flags: u16, affinity_timeout_s: u32 },
+    DeleteSlot { frontend: FrontendKey, slot: u16 },
+    DeleteMaster { frontend: FrontendKey },
+    DeleteRevNat { id: u32 },
+    DeleteBackend { id: u32 },
+}
+
+/// Map capacities, in entries. The planner never emits a plan whose peak usage exceeds
+/// them; Services that do not fit are rejected whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    pub svc4_entries: usize,
+    pub svc6_entries: usize,
+    pub backends: usize,
+    pub rev_nats: usize,
+}
+
+/// A Service that the plan leaves out, and why (for example a full map).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejected {
+    pub service: ServiceRef,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub ops: Vec<Op>,
+    pub rejected: Vec<Rejected>,
+}
