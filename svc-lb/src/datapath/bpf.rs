@@ -1,1 +1,325 @@
-//! The real maps and programs, through aya.
+//! The real datapath: loads the embedded eBPF object, pins maps and links under a
+//! bpffs directory, attaches the socket programs to a cgroup, and applies plan
+//! operations to the maps. A restarted agent re-opens the pinned maps (adopting their
+//! contents) and swaps its programs into the pinned links in place.
+use std::{
+    fs,
+    os::{
+        fd::{AsFd, AsRawFd},
+        unix::fs::MetadataExt,
+    },
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
+    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+};
+use svc_lb_common::{
+    Backend, MAP_BACKENDS, MAP_COUNTERS, MAP_REVNAT, MAP_SVC4, MAP_SVC6, RevNat, SOCK_PROGRAMS,
+    Svc4Key, Svc6Key, SvcValue,
+};
+use tracing::{info, warn};
+
+use super::{
+    MapStore,
+    codec::{self, SvcKey},
+    sys,
+};
+use crate::plan::{Capacity, CurrentState, Op};
+
+/// The eBPF object, built by build.rs through aya-build: the agent is one binary.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/svclb"));
+
+/// Default pin directory.
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/svc-lb";
+/// Where a missing bpffs gets mounted.
+const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+
+pub fn links_dir(bpffs: &Path) -> PathBuf {
+    bpffs.join("links")
+}
+
+/// Makes sure `bpffs` is a directory on a bpf filesystem, mounting bpffs at
+/// /sys/fs/bpf when the host has not (fresh machines boot without it).
+pub fn ensure_bpffs(bpffs: &Path) -> Result<()> {
+    let parent = bpffs.parent().unwrap_or(Path::new("/"));
+    if !parent.exists() {
+        bail!("bpffs parent directory {} does not exist", parent.display());
+    }
+    if !sys::is_bpffs(parent)? {
+        let mount = Path::new(BPFFS_MOUNT);
+        if parent == mount {
+            info!(path = BPFFS_MOUNT, "bpffs not mounted; mounting it");
+            sys::mount_bpffs(mount)?;
+        } else {
+            bail!("{} is not on a bpf filesystem (mount -t bpf bpf <dir>)", parent.display());
+        }
+    }
+    fs::create_dir_all(links_dir(bpffs))
+        .with_context(|| format!("create {}", links_dir(bpffs).display()))?;
+    Ok(())
+}
+
+fn raise_memlock() {
+    let lim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: valid pointer to an initialised rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) } != 0 {
+        // Harmless on kernels ≥ 5.11, which charge BPF memory to the memcg instead.
+        tracing::debug!(error = %std::io::Error::last_os_error(), "could not raise RLIMIT_MEMLOCK");
+    }
+}
+
+fn cgroup_id(cgroup: &Path) -> Result<u64> {
+    // On cgroup v2 the cgroup id is the directory's inode number.
+    Ok(fs::metadata(cgroup).with_context(|| format!("stat cgroup {}", cgroup.display()))?.ino())
+}
+
+/// Takes a hash map out of the object, with its capacity.
+fn take_hash<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &str) -> Result<(HashMap<MapData, K, V>, usize)> {
+    let map = ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?;
+    let max = match &map {
+        Map::HashMap(data) => data.info().with_context(|| format!("info of map {name}"))?.max_entries() as usize,
+        _ => bail!("map {name} is not a hash map"),
+    };
+    Ok((HashMap::try_from(map).with_context(|| format!("map {name} has an unexpected type"))?, max))
+}
+
+/// The loaded and attached datapath.
+pub struct BpfDatapath {
+    // Programs stay loaded while the agent runs; the pinned links keep them attached
+    // after it exits.
+    _ebpf: Ebpf,
+    svc4: HashMap<MapData, Svc4Key, SvcValue>,
+    svc6: HashMap<MapData, Svc6Key, SvcValue>,
+    backends: HashMap<MapData, u32, Backend>,
+    rev_nats: HashMap<MapData, u32, RevNat>,
+    cap: Capacity,
+}
+
+impl BpfDatapath {
+    /// Loads, pins and attaches. Safe to call over an existing pin directory: the maps
+    /// are re-opened with their contents and the links get the new programs in place.
+    pub fn open(bpffs: &Path, cgroup: &Path) -> Result<Self> {
+        raise_memlock();
+        ensure_bpffs(bpffs)?;
+        let mut loader = EbpfLoader::new();
+        let pins: Vec<(&str, PathBuf)> =
+            svc_lb_common::ALL_MAPS.iter().map(|n| (*n, bpffs.join(n))).collect();
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
+            .load(OBJECT)
+            .context("load the eBPF object (needs root: CAP_BPF, CAP_SYS_ADMIN, CAP_NET_ADMIN)")?;
+        attach_all(&mut ebpf, bpffs, cgroup)?;
+
+        let (svc4, svc4_entries) = take_hash(&mut ebpf, MAP_SVC4)?;
+        let (svc6, svc6_entries) = take_hash(&mut ebpf, MAP_SVC6)?;
+        let (backends, backend_entries) = take_hash(&mut ebpf, MAP_BACKENDS)?;
+        let (rev_nats, rev_nat_entries) = take_hash(&mut ebpf, MAP_REVNAT)?;
+        let cap = Capacity { svc4_entries, svc6_entries, backends: backend_entries, rev_nats: rev_nat_entries };
+        Ok(Self { _ebpf: ebpf, svc4, svc6, backends, rev_nats, cap })
+    }
+}
+
+fn attach_all(ebpf: &mut Ebpf, bpffs: &Path, cgroup: &Path) -> Result<()> {
+    let cg = fs::File::open(cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
+    let cg_id = cgroup_id(cgroup)?;
+    for name in SOCK_PROGRAMS {
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+            .try_into()
+            .with_context(|| format!("program {name} is not a cgroup sock_addr program"))?;
+        prog.load().with_context(|| format!("load program {name} (kernel verifier)"))?;
+        let pin = links_dir(bpffs).join(name);
+        if pin.exists() {
+            let link = sys::obj_get(&pin)?;
+            let li = sys::link_info(&link)?;
+            if li.link_type == sys::BPF_LINK_TYPE_CGROUP && li.cgroup_id == cg_id {
+                let prog_fd = prog.fd().with_context(|| format!("fd of {name}"))?;
+                sys::link_update(&link, prog_fd.as_fd().as_raw_fd())
+                    .with_context(|| format!("swap program {name} into {}", pin.display()))?;
+                info!(program = name, link_id = li.id, "replaced program in pinned link");
+                continue;
+            }
+            warn!(
+                program = name,
+                pinned_cgroup_id = li.cgroup_id,
+                cgroup = %cgroup.display(),
+                "pinned link is attached elsewhere; attaching to the requested cgroup"
+            );
+        }
+        let id = prog
+            .attach(&cg, CgroupAttachMode::Single)
+            .with_context(|| format!("attach {name} to {}", cgroup.display()))?;
+        let link: FdLink = prog
+            .take_link(id)
+            .with_context(|| format!("take link of {name}"))?
+            .try_into()
+            .with_context(|| format!("link of {name} is not a bpf link"))?;
+        // Pin under a temporary name (bpffs reserves names with dots), then rename over the old pin, so that the pin
+        // path always names an attached link.
+        let tmp = links_dir(bpffs).join(format!("{name}_new"));
+        let _ = fs::remove_file(&tmp);
+        link.pin(&tmp).with_context(|| format!("pin link {}", tmp.display()))?;
+        fs::rename(&tmp, &pin).with_context(|| format!("rename {} to {}", tmp.display(), pin.display()))?;
+        info!(program = name, cgroup = %cgroup.display(), "attached program");
+    }
+    Ok(())
+}
+
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+impl MapStore for BpfDatapath {
+    fn read_current(&self) -> Result<CurrentState> {
+        read_state(&self.svc4, &self.svc6, &self.backends, &self.rev_nats)
+    }
+
+    fn apply(&mut self, op: &Op) -> Result<()> {
+        match op {
+            Op::UpsertBackend { id, backend } => self
+                .backends
+                .insert(id, codec::backend_raw(backend), 0)
+                .with_context(|| format!("{MAP_BACKENDS}: insert backend {id}")),
+            Op::DeleteBackend { id } => ignore_missing(self.backends.remove(id))
+                .with_context(|| format!("{MAP_BACKENDS}: delete backend {id}")),
+            Op::UpsertRevNat { id, frontend } => self
+                .rev_nats
+                .insert(id, codec::revnat_raw(frontend), 0)
+                .with_context(|| format!("{MAP_REVNAT}: insert {id}")),
+            Op::DeleteRevNat { id } => ignore_missing(self.rev_nats.remove(id))
+                .with_context(|| format!("{MAP_REVNAT}: delete {id}")),
+            Op::UpsertSlot { frontend, slot, backend_id } => {
+                self.put(codec::svc_key(frontend, *slot), codec::slot_value(*backend_id))
+            }
+            Op::UpsertMaster { frontend, count, rev_nat_id, flags, affinity_timeout_s } => self.put(
+                codec::svc_key(frontend, 0),
+                codec::master_value(*count, *rev_nat_id, *flags, *affinity_timeout_s),
+            ),
+            Op::DeleteSlot { frontend, slot } => self.del(codec::svc_key(frontend, *slot)),
+            Op::DeleteMaster { frontend } => self.del(codec::svc_key(frontend, 0)),
+        }
+    }
+
+    fn capacity(&self) -> Capacity {
+        self.cap
+    }
+}
+
+impl BpfDatapath {
+    fn put(&mut self, key: SvcKey, value: SvcValue) -> Result<()> {
+        match key {
+            SvcKey::V4(k) => self.svc4.insert(k, value, 0).with_context(|| format!("{MAP_SVC4}: insert {k:?}")),
+            SvcKey::V6(k) => self.svc6.insert(k, value, 0).with_context(|| format!("{MAP_SVC6}: insert {k:?}")),
+        }
+    }
+
+    fn del(&mut self, key: SvcKey) -> Result<()> {
+        match key {
+            SvcKey::V4(k) => ignore_missing(self.svc4.remove(&k)).with_context(|| format!("{MAP_SVC4}: delete {k:?}")),
+            SvcKey::V6(k) => ignore_missing(self.svc6.remove(&k)).with_context(|| format!("{MAP_SVC6}: delete {k:?}")),
+        }
+    }
+}
+
+fn collect<K: aya::Pod, V: aya::Pod>(m: &HashMap<MapData, K, V>, name: &str) -> Result<Vec<(K, V)>> {
+    m.iter().collect::<Result<Vec<_>, _>>().with_context(|| format!("read map {name}"))
+}
+
+fn read_state(
+    svc4: &HashMap<MapData, Svc4Key, SvcValue>,
+    svc6: &HashMap<MapData, Svc6Key, SvcValue>,
+    backends: &HashMap<MapData, u32, Backend>,
+    rev_nats: &HashMap<MapData, u32, RevNat>,
+) -> Result<CurrentState> {
+    let svc = collect(svc4, MAP_SVC4)?
+        .into_iter()
+        .map(|(k, v)| (SvcKey::V4(k), v))
+        .chain(collect(svc6, MAP_SVC6)?.into_iter().map(|(k, v)| (SvcKey::V6(k), v)));
+    codec::decode_state(svc, collect(backends, MAP_BACKENDS)?, collect(rev_nats, MAP_REVNAT)?)
+}
+
+fn open_pinned_hash<K: aya::Pod, V: aya::Pod>(bpffs: &Path, name: &str) -> Result<HashMap<MapData, K, V>> {
+    let path = bpffs.join(name);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("open pinned map {} (is the agent installed here? see --bpffs)", path.display()))?;
+    HashMap::try_from(Map::HashMap(data)).with_context(|| format!("pinned map {name} has an unexpected layout"))
+}
+
+/// Read-only view of the pinned maps, for the CLI. Works whether the agent runs or not.
+pub struct PinnedMaps {
+    svc4: HashMap<MapData, Svc4Key, SvcValue>,
+    svc6: HashMap<MapData, Svc6Key, SvcValue>,
+    backends: HashMap<MapData, u32, Backend>,
+    rev_nats: HashMap<MapData, u32, RevNat>,
+    bpffs: PathBuf,
+}
+
+impl PinnedMaps {
+    pub fn open(bpffs: &Path) -> Result<Self> {
+        Ok(Self {
+            svc4: open_pinned_hash(bpffs, MAP_SVC4)?,
+            svc6: open_pinned_hash(bpffs, MAP_SVC6)?,
+            backends: open_pinned_hash(bpffs, MAP_BACKENDS)?,
+            rev_nats: open_pinned_hash(bpffs, MAP_REVNAT)?,
+            bpffs: bpffs.to_path_buf(),
+        })
+    }
+
+    pub fn read_current(&self) -> Result<CurrentState> {
+        read_state(&self.svc4, &self.svc6, &self.backends, &self.rev_nats)
+    }
+
+    /// Datapath counters (`CTR_*`), summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<u64>> {
+        let path = self.bpffs.join(MAP_COUNTERS);
+        let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
+        let arr: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(Map::PerCpuArray(data)).context("counters map has an unexpected type")?;
+        arr.iter()
+            .map(|v| v.map(|per_cpu| per_cpu.iter().sum()))
+            .collect::<Result<Vec<u64>, _>>()
+            .context("read counters")
+    }
+}
+
+/// Detaches every program and removes every pin under `bpffs`. With `cgroup`, also
+/// detaches svc-lb links on that cgroup whose pins were lost.
+pub fn cleanup(bpffs: &Path, cgroup: Option<&Path>) -> Result<usize> {
+    let mut detached = 0;
+    let links = links_dir(bpffs);
+    if links.exists() {
+        for entry in fs::read_dir(&links).with_context(|| format!("read {}", links.display()))? {
+            let path = entry.with_context(|| format!("read {}", links.display()))?.path();
+            match sys::obj_get(&path).and_then(|fd| sys::link_detach(&fd)) {
+                Ok(()) => detached += 1,
+                Err(e) => warn!(pin = %path.display(), error = %format!("{e:#}"), "could not detach link; removing the pin anyway"),
+            }
+            fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
+        }
+        fs::remove_dir(&links).with_context(|| format!("remove {}", links.display()))?;
+    }
+    if let Some(cg) = cgroup {
+        detached += sys::detach_orphan_links(cgroup_id(cg)?, "svclb_")?;
+    }
+    for name in svc_lb_common::ALL_MAPS {
+        let path = bpffs.join(name);
+        if path.exists() {
+            fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
+        }
+    }
+    if bpffs.exists() {
+        fs::remove_dir(bpffs).with_context(|| format!("remove {} (not empty?)", bpffs.display()))?;
+    }
+    Ok(detached)
+}

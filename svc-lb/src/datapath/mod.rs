@@ -7,6 +7,8 @@ use crate::plan::{Capacity, CurrentState, Op};
 pub mod bpf;
 pub mod codec;
 pub mod fake;
+pub mod sys;
+pub mod apply;
 
 /// The map layer the agent programs through.
 pub trait MapStore {

@@ -1,0 +1,227 @@
+//! The few bpf(2) commands aya 0.14 does not expose for links: open a pinned object,
+//! read a link's target, swap a link's program in place, and detach a link.
+use std::{
+    ffi::CString,
+    io,
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
+    path::Path,
+};
+
+use anyhow::{Context, Result};
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// `bpf_link_type` of a cgroup link.
+pub const BPF_LINK_TYPE_CGROUP: u32 = 3;
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: attr is a properly sized, zero-padded bpf_attr prefix for `cmd`.
+    let ret = unsafe {
+        libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr).cast::<libc::c_void>(), size_of::<T>())
+    };
+    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    _pad: u32,
+}
+
+/// Opens a pinned BPF object (map, program or link).
+pub fn obj_get(path: &Path) -> Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .with_context(|| format!("pin path {} contains a NUL byte", path.display()))?;
+    let mut attr = ObjGetAttr { pathname: c.as_ptr() as u64, ..Default::default() };
+    let fd = bpf(BPF_OBJ_GET, &mut attr).with_context(|| format!("BPF_OBJ_GET {}", path.display()))?;
+    // SAFETY: the kernel returned a new file descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The prefix of `struct bpf_link_info` we read: type, ids and, for cgroup links, the
+/// cgroup id and attach type (the union starts at offset 16).
+#[repr(C)]
+#[derive(Default, Debug, Clone, Copy)]
+pub struct LinkInfo {
+    pub link_type: u32,
+    pub id: u32,
+    pub prog_id: u32,
+    _pad: u32,
+    pub cgroup_id: u64,
+    pub attach_type: u32,
+    _pad2: u32,
+    _rest: [u64; 4],
+}
+
+pub fn link_info(fd: &OwnedFd) -> Result<LinkInfo> {
+    let mut info = LinkInfo::default();
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: size_of::<LinkInfo>() as u32,
+        info: std::ptr::from_mut(&mut info) as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).context("BPF_OBJ_GET_INFO_BY_FD on a link")?;
+    Ok(info)
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
+/// Atomically replaces the program behind a link: no moment without a program, which
+/// is what lets a restarted agent upgrade its programs without dropping a connection.
+pub fn link_update(link: &OwnedFd, new_prog_fd: i32) -> Result<()> {
+    let mut attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: new_prog_fd as u32,
+        ..Default::default()
+    };
+    bpf(BPF_LINK_UPDATE, &mut attr).context("BPF_LINK_UPDATE")?;
+    Ok(())
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkDetachAttr {
+    link_fd: u32,
+    _pad: [u32; 3],
+}
+
+/// Detaches a link even if other file descriptors or pins still hold it.
+pub fn link_detach(link: &OwnedFd) -> Result<()> {
+    let mut attr = LinkDetachAttr { link_fd: link.as_raw_fd() as u32, ..Default::default() };
+    bpf(BPF_LINK_DETACH, &mut attr).context("BPF_LINK_DETACH")?;
+    Ok(())
+}
+
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+const BPF_LINK_GET_NEXT_ID: libc::c_long = 31;
+
+#[repr(C)]
+#[derive(Default)]
+struct IdAttr {
+    id: u32,
+    next_id: u32,
+    open_flags: u32,
+}
+
+/// Detaches every cgroup link on `cgroup_id` whose program name starts with `prefix`.
+/// This finds links whose pins were removed by hand, which nothing else could reach.
+pub fn detach_orphan_links(cgroup_id: u64, prefix: &str) -> Result<usize> {
+    let names: std::collections::HashMap<u32, String> = aya::programs::loaded_programs()
+        .filter_map(|p| p.ok())
+        .map(|p| (p.id(), p.name_as_str().unwrap_or_default().to_owned()))
+        .collect();
+    let mut detached = 0;
+    let mut id = 0u32;
+    loop {
+        let mut attr = IdAttr { id, ..Default::default() };
+        match bpf(BPF_LINK_GET_NEXT_ID, &mut attr) {
+            Ok(_) => id = attr.next_id,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(e) => return Err(e).context("BPF_LINK_GET_NEXT_ID"),
+        }
+        let mut get = IdAttr { id, ..Default::default() };
+        let fd = match bpf(BPF_LINK_GET_FD_BY_ID, &mut get) {
+            // SAFETY: the kernel returned a new file descriptor that we now own.
+            Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd as i32) },
+            // The link went away between the two calls.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) => return Err(e).context("BPF_LINK_GET_FD_BY_ID"),
+        };
+        let info = link_info(&fd)?;
+        let ours = names.get(&info.prog_id).is_some_and(|n| n.starts_with(prefix));
+        if info.link_type == BPF_LINK_TYPE_CGROUP && info.cgroup_id == cgroup_id && ours {
+            link_detach(&fd)?;
+            detached += 1;
+        }
+    }
+    Ok(detached)
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Whether `path` is on a bpf filesystem.
+pub fn is_bpffs(path: &Path) -> Result<bool> {
+    let c = CString::new(path.as_os_str().as_bytes()).context("path contains a NUL byte")?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a valid C string and st a valid out pointer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("statfs {}", path.display()));
+    }
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+}
+
+/// Mounts bpffs at `path` (as Cilium's agent does when the host has not).
+pub fn mount_bpffs(path: &Path) -> Result<()> {
+    let target = CString::new(path.as_os_str().as_bytes()).context("path contains a NUL byte")?;
+    let src = c"bpf";
+    // SAFETY: all pointers are valid C strings; data is null.
+    let rc = unsafe {
+        libc::mount(src.as_ptr(), target.as_ptr(), src.as_ptr(), 0, std::ptr::null())
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("mount -t bpf bpf {}", path.display()));
+    }
+    Ok(())
+}
+
+/// The cgroup v2 root, from /proc/self/mountinfo. Never hard-coded: hybrid hosts mount
+/// it at /sys/fs/cgroup/unified, pure v2 hosts at /sys/fs/cgroup.
+pub fn cgroup2_root() -> Result<std::path::PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").context("read /proc/self/mountinfo")?;
+    cgroup2_root_from(&info).context("no cgroup2 filesystem is mounted (svc-lb needs cgroup v2)")
+}
+
+fn cgroup2_root_from(mountinfo: &str) -> Option<std::path::PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        // "<id> <parent> <maj:min> <root> <mount point> <opts> [optional...] - <fstype> ..."
+        let (pre, post) = line.split_once(" - ")?;
+        let fstype = post.split_whitespace().next()?;
+        (fstype == "cgroup2").then(|| pre.split_whitespace().nth(4).map(std::path::PathBuf::from))?
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_in_hybrid_layout() {
+        let info = "25 30 0:22 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n\
+                    26 25 0:23 / /sys/fs/cgroup/unified rw,nosuid shared:7 - cgroup2 cgroup2 rw\n\
+                    27 25 0:24 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n";
+        assert_eq!(cgroup2_root_from(info), Some("/sys/fs/cgroup/unified".into()));
+        assert_eq!(cgroup2_root_from("25 30 0:22 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"), None);
+    }
+
+    #[test]
+    fn link_info_layout_matches_kernel() {
+        // type, id, prog_id, then the union at offset 16 (8-byte aligned).
+        assert_eq!(std::mem::offset_of!(LinkInfo, cgroup_id), 16);
+        assert_eq!(std::mem::offset_of!(LinkInfo, attach_type), 24);
+    }
+}
