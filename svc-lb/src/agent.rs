@@ -33,7 +33,10 @@ const RETRY: Duration = Duration::from_secs(1);
 pub async fn run(cfg: AgentConfig) -> Result<()> {
     std::fs::read_dir(&cfg.manifests)
         .with_context(|| format!("manifest directory {}", cfg.manifests.display()))?;
-    let mut dp = BpfDatapath::open(&cfg.bpffs, &cfg.cgroup)?;
+    if !crate::datapath::sys::is_cgroup2(&cfg.cgroup).with_context(|| format!("cgroup {}", cfg.cgroup.display()))? {
+        anyhow::bail!("{} is not a cgroup v2 directory", cfg.cgroup.display());
+    }
+    let mut dp = BpfDatapath::open(&cfg.bpffs)?;
     // Adopt whatever a previous agent programmed: the first sync then changes only
     // what differs, so a restart never disturbs a working Service.
     let mut current = dp.read_current().context("read the pinned maps back")?;
@@ -42,15 +45,16 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         cgroup = %cfg.cgroup.display(),
         frontends = current.frontends.len(),
         backends = current.backends.len(),
-        "datapath ready; adopted pinned state"
+        "maps open; adopted pinned state"
     );
 
     let (tx, mut rx) = watch::channel(Arc::new(Snapshot::default()));
-    let mut watcher = tokio::spawn(watch_manifests(cfg.manifests.clone(), tx));
+    let mut watcher = tokio::spawn(manifests::watch(cfg.manifests.clone(), tx));
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let mut reported = BTreeSet::new();
     let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut attached = false;
 
     loop {
         let retry = async {
@@ -78,6 +82,11 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         retry_at = match sync(&mut dp, &mut current, &snap, &cfg.node, &mut reported) {
             Ok(()) => None,
             Err(e) => {
+                if !attached {
+                    // A first sync that fails must not keep the datapath from coming up:
+                    // the maps hold a consistent (if older) state.
+                    warn!("first sync failed; attaching programs with the current maps");
+                }
                 error!(error = %format!("{e:#}"), "sync failed; the datapath keeps its last consistent state, retrying");
                 // The mirror tracks every op that succeeded; re-read in case the kernel
                 // state moved under us (for example a map edited by hand).
@@ -88,6 +97,11 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 Some(tokio::time::Instant::now() + RETRY)
             }
         };
+        if !attached {
+            dp.attach(&cfg.bpffs, &cfg.cgroup)?;
+            attached = true;
+            info!(cgroup = %cfg.cgroup.display(), "programs attached; datapath ready");
+        }
     }
 }
 
@@ -147,13 +161,3 @@ pub fn sync(
     Ok(())
 }
 
-// TEMPORARY until source::manifests::watch lands: poll the directory.
-async fn watch_manifests(dir: PathBuf, tx: watch::Sender<Arc<Snapshot>>) -> Result<()> {
-    loop {
-        let snap = manifests::load_dir(&dir)?;
-        if tx.send(Arc::new(snap)).is_err() {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}

@@ -91,7 +91,7 @@ fn take_hash<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &str) -> Result<(H
 pub struct BpfDatapath {
     // Programs stay loaded while the agent runs; the pinned links keep them attached
     // after it exits.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     svc4: HashMap<MapData, Svc4Key, SvcValue>,
     svc6: HashMap<MapData, Svc6Key, SvcValue>,
     backends: HashMap<MapData, u32, Backend>,
@@ -100,9 +100,10 @@ pub struct BpfDatapath {
 }
 
 impl BpfDatapath {
-    /// Loads, pins and attaches. Safe to call over an existing pin directory: the maps
-    /// are re-opened with their contents and the links get the new programs in place.
-    pub fn open(bpffs: &Path, cgroup: &Path) -> Result<Self> {
+    /// Loads the object and its programs and opens (or creates) the pinned maps. Safe
+    /// over an existing pin directory: the maps are re-opened with their contents.
+    /// Nothing is attached yet, so the caller can fill the maps first.
+    pub fn open(bpffs: &Path) -> Result<Self> {
         raise_memlock();
         ensure_bpffs(bpffs)?;
         let mut loader = EbpfLoader::new();
@@ -114,27 +115,39 @@ impl BpfDatapath {
         let mut ebpf = loader
             .load(OBJECT)
             .context("load the eBPF object (needs root: CAP_BPF, CAP_SYS_ADMIN, CAP_NET_ADMIN)")?;
-        attach_all(&mut ebpf, bpffs, cgroup)?;
+        load_programs(&mut ebpf)?;
 
         let (svc4, svc4_entries) = take_hash(&mut ebpf, MAP_SVC4)?;
         let (svc6, svc6_entries) = take_hash(&mut ebpf, MAP_SVC6)?;
         let (backends, backend_entries) = take_hash(&mut ebpf, MAP_BACKENDS)?;
         let (rev_nats, rev_nat_entries) = take_hash(&mut ebpf, MAP_REVNAT)?;
         let cap = Capacity { svc4_entries, svc6_entries, backends: backend_entries, rev_nats: rev_nat_entries };
-        Ok(Self { _ebpf: ebpf, svc4, svc6, backends, rev_nats, cap })
+        Ok(Self { ebpf, svc4, svc6, backends, rev_nats, cap })
     }
 }
 
+fn sock_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut CgroupSockAddr> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+        .try_into()
+        .with_context(|| format!("program {name} is not a cgroup sock_addr program"))
+}
+
+fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
+    for name in SOCK_PROGRAMS {
+        sock_program(ebpf, name)?.load().with_context(|| format!("load program {name} (kernel verifier)"))?;
+    }
+    Ok(())
+}
+
+/// Attaches every socket program to `cgroup` through a pinned link. Where a pinned
+/// link on that cgroup exists (a restart), the new program is swapped into it
+/// atomically instead, so there is no moment without a program.
 fn attach_all(ebpf: &mut Ebpf, bpffs: &Path, cgroup: &Path) -> Result<()> {
     let cg = fs::File::open(cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
     let cg_id = cgroup_id(cgroup)?;
     for name in SOCK_PROGRAMS {
-        let prog: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
-            .try_into()
-            .with_context(|| format!("program {name} is not a cgroup sock_addr program"))?;
-        prog.load().with_context(|| format!("load program {name} (kernel verifier)"))?;
+        let prog = sock_program(ebpf, name)?;
         let pin = links_dir(bpffs).join(name);
         if pin.exists() {
             let link = sys::obj_get(&pin)?;
@@ -217,6 +230,12 @@ impl MapStore for BpfDatapath {
 }
 
 impl BpfDatapath {
+    /// Attaches (or swaps in) the programs; call after the first sync so that the new
+    /// programs never see maps emptier than the old ones did.
+    pub fn attach(&mut self, bpffs: &Path, cgroup: &Path) -> Result<()> {
+        attach_all(&mut self.ebpf, bpffs, cgroup)
+    }
+
     fn put(&mut self, key: SvcKey, value: SvcValue) -> Result<()> {
         match key {
             SvcKey::V4(k) => self.svc4.insert(k, value, 0).with_context(|| format!("{MAP_SVC4}: insert {k:?}")),

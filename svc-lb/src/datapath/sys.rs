@@ -164,15 +164,26 @@ pub fn detach_orphan_links(cgroup_id: u64, prefix: &str) -> Result<usize> {
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
 /// Whether `path` is on a bpf filesystem.
 pub fn is_bpffs(path: &Path) -> Result<bool> {
+    Ok(fs_type(path)? == BPF_FS_MAGIC)
+}
+
+/// Whether `path` is a cgroup v2 directory.
+pub fn is_cgroup2(path: &Path) -> Result<bool> {
+    Ok(fs_type(path)? == CGROUP2_SUPER_MAGIC)
+}
+
+fn fs_type(path: &Path) -> Result<i64> {
     let c = CString::new(path.as_os_str().as_bytes()).context("path contains a NUL byte")?;
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: c is a valid C string and st a valid out pointer.
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
         return Err(io::Error::last_os_error()).with_context(|| format!("statfs {}", path.display()));
     }
-    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+    Ok(st.f_type as i64)
 }
 
 /// Mounts bpffs at `path` (as Cilium's agent does when the host has not).
