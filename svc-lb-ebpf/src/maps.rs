@@ -6,8 +6,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use svc_lb_common::{
-    Backend, RevNat, SockRevNat4Key, SockRevNat4Value, SockRevNat6Key, SockRevNat6Value,
-    Svc4Key, Svc6Key, SvcValue,
+    Backend, RevNat, SockRevNat4Key, SockRevNat4Value, SockRevNat6Key, SockRevNat6Value, Svc4Key,
+    Svc6Key, SvcValue,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;

@@ -54,7 +54,10 @@ enum Choice {
 
 /// Master-slot lookup, then one random slot. No loop over backends: O(1).
 #[inline(always)]
-fn choose(master: Option<*const SvcValue>, mut slot_of: impl FnMut(u16) -> Option<*const SvcValue>) -> Choice {
+fn choose(
+    master: Option<*const SvcValue>,
+    mut slot_of: impl FnMut(u16) -> Option<*const SvcValue>,
+) -> Choice {
     let Some(master) = master else {
         return Choice::NotService;
     };
@@ -63,7 +66,10 @@ fn choose(master: Option<*const SvcValue>, mut slot_of: impl FnMut(u16) -> Optio
         return Choice::Refuse(CTR_SOCK_NO_BACKEND);
     };
     match slot_of(slot) {
-        Some(v) => Choice::Backend { backend_id: unsafe { (*v).backend_id }, rev_nat_id },
+        Some(v) => Choice::Backend {
+            backend_id: unsafe { (*v).backend_id },
+            rev_nat_id,
+        },
         // The planner writes slots before the master count, so this means a bug or a
         // map edited by hand; refusing is safer than sending to the Service address.
         None => Choice::Refuse(CTR_SOCK_SLOT_MISS),
@@ -83,7 +89,14 @@ fn forward4(ctx: &SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     let (addr_be, port_be, proto) =
         unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
-    let mut key = Svc4Key { addr_be, port_be, slot: 0, proto, scope: SCOPE_ALL, _pad: [0; 2] };
+    let mut key = Svc4Key {
+        addr_be,
+        port_be,
+        slot: 0,
+        proto,
+        scope: SCOPE_ALL,
+        _pad: [0; 2],
+    };
     let master = LB_SVC4_V1.get_ptr(key);
     let choice = choose(master, |slot| {
         key.slot = slot;
@@ -92,15 +105,28 @@ fn forward4(ctx: &SockAddrContext) -> i32 {
     let (backend_id, rev_nat_id) = match choice {
         Choice::NotService => return ALLOW,
         Choice::Refuse(reason) => return refuse(reason),
-        Choice::Backend { backend_id, rev_nat_id } => (backend_id, rev_nat_id),
+        Choice::Backend {
+            backend_id,
+            rev_nat_id,
+        } => (backend_id, rev_nat_id),
     };
     let Some(be) = LB_BACKENDS_V1.get_ptr(backend_id) else {
         return refuse(CTR_SOCK_BACKEND_MISS);
     };
     let (be_addr, be_port) = unsafe { ((*be).addr_be[0], (*be).port_be) };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    let rkey = SockRevNat4Key { cookie, addr_be: be_addr, port_be: be_port, _pad: 0 };
-    let rval = SockRevNat4Value { addr_be, port_be, _pad: 0, rev_nat_id };
+    let rkey = SockRevNat4Key {
+        cookie,
+        addr_be: be_addr,
+        port_be: be_port,
+        _pad: 0,
+    };
+    let rval = SockRevNat4Value {
+        addr_be,
+        port_be,
+        _pad: 0,
+        rev_nat_id,
+    };
     if LB_SKRNAT4_V1.insert(rkey, rval, 0).is_err() {
         // Replies would show the backend address; the connection itself still works.
         count(CTR_SOCK_RNAT_UPDATE_FAIL);
@@ -118,10 +144,22 @@ fn forward6(ctx: &SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     // bpf_sock_addr accepts only 4-byte loads, so copy the address word by word.
     let addr_be = unsafe {
-        [(*sa).user_ip6[0], (*sa).user_ip6[1], (*sa).user_ip6[2], (*sa).user_ip6[3]]
+        [
+            (*sa).user_ip6[0],
+            (*sa).user_ip6[1],
+            (*sa).user_ip6[2],
+            (*sa).user_ip6[3],
+        ]
     };
     let (port_be, proto) = unsafe { ((*sa).user_port as u16, (*sa).protocol as u8) };
-    let mut key = Svc6Key { addr_be, port_be, slot: 0, proto, scope: SCOPE_ALL, _pad: [0; 2] };
+    let mut key = Svc6Key {
+        addr_be,
+        port_be,
+        slot: 0,
+        proto,
+        scope: SCOPE_ALL,
+        _pad: [0; 2],
+    };
     let master = LB_SVC6_V1.get_ptr(key);
     let choice = choose(master, |slot| {
         key.slot = slot;
@@ -130,15 +168,28 @@ fn forward6(ctx: &SockAddrContext) -> i32 {
     let (backend_id, rev_nat_id) = match choice {
         Choice::NotService => return ALLOW,
         Choice::Refuse(reason) => return refuse(reason),
-        Choice::Backend { backend_id, rev_nat_id } => (backend_id, rev_nat_id),
+        Choice::Backend {
+            backend_id,
+            rev_nat_id,
+        } => (backend_id, rev_nat_id),
     };
     let Some(be) = LB_BACKENDS_V1.get_ptr(backend_id) else {
         return refuse(CTR_SOCK_BACKEND_MISS);
     };
     let (be_addr, be_port) = unsafe { ((*be).addr_be, (*be).port_be) };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    let rkey = SockRevNat6Key { cookie, addr_be: be_addr, port_be: be_port, _pad: [0; 3] };
-    let rval = SockRevNat6Value { addr_be, port_be, _pad: 0, rev_nat_id };
+    let rkey = SockRevNat6Key {
+        cookie,
+        addr_be: be_addr,
+        port_be: be_port,
+        _pad: [0; 3],
+    };
+    let rval = SockRevNat6Value {
+        addr_be,
+        port_be,
+        _pad: 0,
+        rev_nat_id,
+    };
     if LB_SKRNAT6_V1.insert(rkey, rval, 0).is_err() {
         count(CTR_SOCK_RNAT_UPDATE_FAIL);
     }
@@ -181,7 +232,12 @@ pub fn reverse(ctx: &SockAddrContext, family: Family) -> i32 {
             let key = unsafe {
                 SockRevNat6Key {
                     cookie,
-                    addr_be: [(*sa).user_ip6[0], (*sa).user_ip6[1], (*sa).user_ip6[2], (*sa).user_ip6[3]],
+                    addr_be: [
+                        (*sa).user_ip6[0],
+                        (*sa).user_ip6[1],
+                        (*sa).user_ip6[2],
+                        (*sa).user_ip6[3],
+                    ],
                     port_be: (*sa).user_port as u16,
                     _pad: [0; 3],
                 }

@@ -33,7 +33,9 @@ const RETRY: Duration = Duration::from_secs(1);
 pub async fn run(cfg: AgentConfig) -> Result<()> {
     std::fs::read_dir(&cfg.manifests)
         .with_context(|| format!("manifest directory {}", cfg.manifests.display()))?;
-    if !crate::datapath::sys::is_cgroup2(&cfg.cgroup).with_context(|| format!("cgroup {}", cfg.cgroup.display()))? {
+    if !crate::datapath::sys::is_cgroup2(&cfg.cgroup)
+        .with_context(|| format!("cgroup {}", cfg.cgroup.display()))?
+    {
         anyhow::bail!("{} is not a cgroup v2 directory", cfg.cgroup.display());
     }
     let mut dp = BpfDatapath::open(&cfg.bpffs)?;
@@ -107,7 +109,12 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
 
 /// Logs each problem once while it persists, so a bad file does not flood the log on
 /// every reload.
-fn report_once(reported: &mut BTreeSet<String>, now: &mut BTreeSet<String>, msg: String, log: impl FnOnce()) {
+fn report_once(
+    reported: &mut BTreeSet<String>,
+    now: &mut BTreeSet<String>,
+    msg: String,
+    log: impl FnOnce(),
+) {
     if !reported.contains(&msg) {
         log();
     }
@@ -115,7 +122,10 @@ fn report_once(reported: &mut BTreeSet<String>, now: &mut BTreeSet<String>, msg:
 }
 
 fn origin(snap: &Snapshot, obj: &model::ObjectRef) -> String {
-    snap.origins.get(obj).map(|p| p.display().to_string()).unwrap_or_default()
+    snap.origins
+        .get(obj)
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
 }
 
 /// One pass: model, plan, apply. Returns an error only when applying failed.
@@ -129,24 +139,47 @@ pub fn sync(
     let started = Instant::now();
     let mut now = BTreeSet::new();
     for e in &snap.errors {
-        let file = e.file.as_deref().map(Path::display).map(|d| d.to_string()).unwrap_or_default();
-        let object = e.object.as_ref().map(ToString::to_string).unwrap_or_default();
-        report_once(reported, &mut now, e.to_string(), || {
-            warn!(file, object, reason = %e.reason, "skipped bad input")
-        });
+        let file = e
+            .file
+            .as_deref()
+            .map(Path::display)
+            .map(|d| d.to_string())
+            .unwrap_or_default();
+        let object = e
+            .object
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        report_once(
+            reported,
+            &mut now,
+            e.to_string(),
+            || warn!(file, object, reason = %e.reason, "skipped bad input"),
+        );
     }
-    let (desired, errors) =
-        model::build(Objects { services: &snap.services, slices: &snap.slices }, node);
+    let (desired, errors) = model::build(
+        Objects {
+            services: &snap.services,
+            slices: &snap.slices,
+        },
+        node,
+    );
     for e in &errors {
-        report_once(reported, &mut now, e.to_string(), || {
-            warn!(file = origin(snap, &e.object), object = %e.object, reason = %e.reason, "skipped bad input")
-        });
+        report_once(
+            reported,
+            &mut now,
+            e.to_string(),
+            || warn!(file = origin(snap, &e.object), object = %e.object, reason = %e.reason, "skipped bad input"),
+        );
     }
     let plan = plan::plan(current, &desired, &dp.capacity());
     for r in &plan.rejected {
-        report_once(reported, &mut now, format!("{}: {}", r.service, r.reason), || {
-            error!(service = %r.service, reason = %r.reason, "Service not programmed")
-        });
+        report_once(
+            reported,
+            &mut now,
+            format!("{}: {}", r.service, r.reason),
+            || error!(service = %r.service, reason = %r.reason, "Service not programmed"),
+        );
     }
     *reported = now;
     let applied = apply_plan(dp, current, &plan)?;
@@ -160,4 +193,3 @@ pub fn sync(
     );
     Ok(())
 }
-

@@ -14,7 +14,11 @@ use crate::{
 };
 
 #[derive(Parser, Debug)]
-#[command(name = "svc-lb", version, about = "Kubernetes Service load balancer on eBPF")]
+#[command(
+    name = "svc-lb",
+    version,
+    about = "Kubernetes Service load balancer on eBPF"
+)]
 pub struct Cli {
     /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
     #[arg(long, global = true, default_value = "info")]
@@ -71,35 +75,56 @@ pub enum Output {
 }
 
 fn hostname() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_owned())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
 }
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Agent { manifests, bpffs, cgroup, node_name } => {
+        Command::Agent {
+            manifests,
+            bpffs,
+            cgroup,
+            node_name,
+        } => {
             let cgroup = match cgroup {
                 Some(c) => c,
                 None => crate::datapath::sys::cgroup2_root()?,
             };
-            let node = NodeInfo { name: node_name.or_else(hostname), zone: None };
+            let node = NodeInfo {
+                name: node_name.or_else(hostname),
+                zone: None,
+            };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .context("start the async runtime")?;
-            rt.block_on(agent::run(AgentConfig { manifests, bpffs, cgroup, node }))
+            rt.block_on(agent::run(AgentConfig {
+                manifests,
+                bpffs,
+                cgroup,
+                node,
+            }))
         }
         Command::List { output, bpffs } => {
             let state = PinnedMaps::open(&bpffs)?.read_current()?;
             let text = match output {
                 Output::Text => render_text(&state),
-                Output::Json => serde_json::to_string_pretty(&list_entries(&state)).context("encode JSON")? + "\n",
+                Output::Json => {
+                    serde_json::to_string_pretty(&list_entries(&state)).context("encode JSON")?
+                        + "\n"
+                }
             };
             print!("{text}");
             Ok(())
         }
         Command::Cleanup { bpffs, cgroup } => {
             let n = bpf::cleanup(&bpffs, cgroup.as_deref())?;
-            println!("detached {n} links and removed pins under {}", bpffs.display());
+            println!(
+                "detached {n} links and removed pins under {}",
+                bpffs.display()
+            );
             Ok(())
         }
     }
@@ -152,9 +177,18 @@ pub fn list_entries(state: &CurrentState) -> Vec<ListEntry> {
                         id: *id,
                         address: b.addr.addr.to_string(),
                         port: b.addr.port,
-                        state: if b.state == BACKEND_TERMINATING { "terminating" } else { "active" },
+                        state: if b.state == BACKEND_TERMINATING {
+                            "terminating"
+                        } else {
+                            "active"
+                        },
                     },
-                    None => ListBackend { id: *id, address: String::new(), port: 0, state: "missing" },
+                    None => ListBackend {
+                        id: *id,
+                        address: String::new(),
+                        port: 0,
+                        state: "missing",
+                    },
                 })
                 .collect(),
         })
@@ -162,19 +196,43 @@ pub fn list_entries(state: &CurrentState) -> Vec<ListEntry> {
 }
 
 fn socket(addr: &str, port: u16) -> String {
-    if addr.contains(':') { format!("[{addr}]:{port}") } else { format!("{addr}:{port}") }
+    if addr.contains(':') {
+        format!("[{addr}]:{port}")
+    } else {
+        format!("{addr}:{port}")
+    }
 }
 
 /// ipvsadm -Ln style: one block per frontend, one `->` line per backend.
 pub fn render_text(state: &CurrentState) -> String {
-    let mut out = String::from("Prot LocalAddress:Port                    Backends  Flags\n  -> RemoteAddress:Port                  State\n");
+    let mut out = String::from(
+        "Prot LocalAddress:Port                    Backends  Flags\n  -> RemoteAddress:Port                  State\n",
+    );
     for e in list_entries(state) {
-        let flags = e.affinity_timeout_seconds.map(|t| format!("affinity {t}s")).unwrap_or_default();
-        let count = if e.backends.is_empty() { "0 (reject)".to_owned() } else { e.backends.len().to_string() };
-        out.push_str(&format!("{:<4} {:<40} {:<9} {}\n", e.protocol, socket(&e.address, e.port), count, flags).trim_end().to_owned());
+        let flags = e
+            .affinity_timeout_seconds
+            .map(|t| format!("affinity {t}s"))
+            .unwrap_or_default();
+        let count = if e.backends.is_empty() {
+            "0 (reject)".to_owned()
+        } else {
+            e.backends.len().to_string()
+        };
+        let line = format!(
+            "{:<4} {:<40} {:<9} {}",
+            e.protocol,
+            socket(&e.address, e.port),
+            count,
+            flags
+        );
+        out.push_str(line.trim_end());
         out.push('\n');
         for b in e.backends {
-            out.push_str(&format!("  -> {:<38} {}\n", socket(&b.address, b.port), b.state));
+            out.push_str(&format!(
+                "  -> {:<38} {}\n",
+                socket(&b.address, b.port),
+                b.state
+            ));
         }
     }
     out

@@ -4,7 +4,7 @@ use std::fmt;
 use anyhow::{Context, Result};
 
 use super::MapStore;
-use crate::plan::{CurrentState, Op, Plan, StaleSlotIds};
+use crate::plan::{CurrentState, Op, Plan};
 
 /// The context of an error from [`apply_plan`]: which op failed. Ops `0..index` were
 /// applied and are mirrored in the `current` state; this one and the rest were not.
@@ -18,7 +18,11 @@ pub struct OpFailed {
 
 impl fmt::Display for OpFailed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "op {} of {} failed ({} applied): {:?}", self.index, self.total, self.index, self.op)
+        write!(
+            f,
+            "op {} of {} failed ({} applied): {:?}",
+            self.index, self.total, self.index, self.op
+        )
     }
 }
 
@@ -26,14 +30,122 @@ impl fmt::Display for OpFailed {
 /// success). `current` is updated after each op that succeeded, so when an op fails
 /// (the error carries an [`OpFailed`] context) `current` still mirrors the maps
 /// exactly and a new plan can start from it.
-pub fn apply_plan(store: &mut dyn MapStore, current: &mut CurrentState, plan: &Plan) -> Result<usize> {
-    // One ledger for the whole plan: a master that grows reveals slots written above the
-    // old count earlier in the same plan.
-    let mut ledger = StaleSlotIds::default();
+pub fn apply_plan(
+    store: &mut dyn MapStore,
+    current: &mut CurrentState,
+    plan: &Plan,
+) -> Result<usize> {
     let total = plan.ops.len();
     for (index, op) in plan.ops.iter().enumerate() {
-        store.apply(op).with_context(|| OpFailed { index, total, op: op.clone() })?;
-        current.apply_tracked(op, &mut ledger);
+        store.apply(op).with_context(|| OpFailed {
+            index,
+            total,
+            op: op.clone(),
+        })?;
+        current.apply(op);
     }
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use svc_lb_common::{BACKEND_ACTIVE, MAP_SVC4, PROTO_TCP, SCOPE_ALL};
+
+    use super::*;
+    use crate::{
+        datapath::fake::{FakeError, FakeMaps},
+        model::{BackendAddr, FrontendKey},
+        plan::{BackendEntry, Capacity},
+    };
+
+    fn fe() -> FrontendKey {
+        FrontendKey {
+            addr: "10.96.0.1".parse().unwrap(),
+            port: 80,
+            proto: PROTO_TCP,
+            scope: SCOPE_ALL,
+        }
+    }
+
+    fn ops(n: u16) -> Vec<Op> {
+        let mut ops = vec![Op::UpsertRevNat {
+            id: 1,
+            frontend: fe(),
+        }];
+        for i in 1..=n {
+            let addr = BackendAddr {
+                addr: format!("10.0.0.{i}").parse().unwrap(),
+                port: 80,
+                proto: PROTO_TCP,
+            };
+            ops.push(Op::UpsertBackend {
+                id: u32::from(i),
+                backend: BackendEntry {
+                    addr,
+                    state: BACKEND_ACTIVE,
+                },
+            });
+            ops.push(Op::UpsertSlot {
+                frontend: fe(),
+                slot: i,
+                backend_id: u32::from(i),
+            });
+        }
+        ops.push(Op::UpsertMaster {
+            frontend: fe(),
+            count: u32::from(n),
+            rev_nat_id: 1,
+            flags: 0,
+            affinity_timeout_s: 0,
+        });
+        ops
+    }
+
+    #[test]
+    fn applies_every_op_and_mirrors_them() {
+        let mut fake = FakeMaps::with_default_capacity();
+        let mut current = CurrentState::default();
+        let plan = Plan {
+            ops: ops(3),
+            rejected: vec![],
+        };
+        assert_eq!(apply_plan(&mut fake, &mut current, &plan).unwrap(), 8);
+        assert_eq!(current, fake.read_current().unwrap());
+        assert_eq!(current.frontends[&fe()].backend_ids, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn stops_at_the_first_failure_and_names_it() {
+        // Room for the master and two slots only: the third slot fails.
+        let cap = Capacity {
+            svc4_entries: 2,
+            svc6_entries: 0,
+            backends: 8,
+            rev_nats: 8,
+        };
+        let mut fake = FakeMaps::new(cap);
+        let mut current = CurrentState::default();
+        let plan = Plan {
+            ops: ops(3),
+            rejected: vec![],
+        };
+        let err = apply_plan(&mut fake, &mut current, &plan).unwrap_err();
+        let failed = err.downcast_ref::<OpFailed>().unwrap();
+        assert_eq!((failed.index, failed.total), (6, 8));
+        assert_eq!(failed.op, plan.ops[6]);
+        assert_eq!(
+            err.downcast_ref::<FakeError>(),
+            Some(&FakeError::MapFull {
+                map: MAP_SVC4,
+                capacity: 2
+            })
+        );
+        assert!(
+            format!("{err:#}").starts_with("op 6 of 8 failed (6 applied): UpsertSlot"),
+            "{err:#}"
+        );
+        assert_eq!(fake.applied(), 6);
+        assert_eq!(current, fake.read_current().unwrap());
+        assert_eq!(current.frontends[&fe()].stale_slots, vec![1, 2]);
+    }
 }

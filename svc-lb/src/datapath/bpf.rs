@@ -55,7 +55,10 @@ pub fn ensure_bpffs(bpffs: &Path) -> Result<()> {
             info!(path = BPFFS_MOUNT, "bpffs not mounted; mounting it");
             sys::mount_bpffs(mount)?;
         } else {
-            bail!("{} is not on a bpf filesystem (mount -t bpf bpf <dir>)", parent.display());
+            bail!(
+                "{} is not on a bpf filesystem (mount -t bpf bpf <dir>)",
+                parent.display()
+            );
         }
     }
     fs::create_dir_all(links_dir(bpffs))
@@ -64,7 +67,10 @@ pub fn ensure_bpffs(bpffs: &Path) -> Result<()> {
 }
 
 fn raise_memlock() {
-    let lim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let lim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: valid pointer to an initialised rlimit.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) } != 0 {
         // Harmless on kernels ≥ 5.11, which charge BPF memory to the memcg instead.
@@ -74,17 +80,30 @@ fn raise_memlock() {
 
 fn cgroup_id(cgroup: &Path) -> Result<u64> {
     // On cgroup v2 the cgroup id is the directory's inode number.
-    Ok(fs::metadata(cgroup).with_context(|| format!("stat cgroup {}", cgroup.display()))?.ino())
+    Ok(fs::metadata(cgroup)
+        .with_context(|| format!("stat cgroup {}", cgroup.display()))?
+        .ino())
 }
 
 /// Takes a hash map out of the object, with its capacity.
-fn take_hash<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &str) -> Result<(HashMap<MapData, K, V>, usize)> {
-    let map = ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?;
+fn take_hash<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &str,
+) -> Result<(HashMap<MapData, K, V>, usize)> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?;
     let max = match &map {
-        Map::HashMap(data) => data.info().with_context(|| format!("info of map {name}"))?.max_entries() as usize,
+        Map::HashMap(data) => data
+            .info()
+            .with_context(|| format!("info of map {name}"))?
+            .max_entries() as usize,
         _ => bail!("map {name} is not a hash map"),
     };
-    Ok((HashMap::try_from(map).with_context(|| format!("map {name} has an unexpected type"))?, max))
+    Ok((
+        HashMap::try_from(map).with_context(|| format!("map {name} has an unexpected type"))?,
+        max,
+    ))
 }
 
 /// The loaded and attached datapath.
@@ -107,8 +126,10 @@ impl BpfDatapath {
         raise_memlock();
         ensure_bpffs(bpffs)?;
         let mut loader = EbpfLoader::new();
-        let pins: Vec<(&str, PathBuf)> =
-            svc_lb_common::ALL_MAPS.iter().map(|n| (*n, bpffs.join(n))).collect();
+        let pins: Vec<(&str, PathBuf)> = svc_lb_common::ALL_MAPS
+            .iter()
+            .map(|n| (*n, bpffs.join(n)))
+            .collect();
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
@@ -121,8 +142,20 @@ impl BpfDatapath {
         let (svc6, svc6_entries) = take_hash(&mut ebpf, MAP_SVC6)?;
         let (backends, backend_entries) = take_hash(&mut ebpf, MAP_BACKENDS)?;
         let (rev_nats, rev_nat_entries) = take_hash(&mut ebpf, MAP_REVNAT)?;
-        let cap = Capacity { svc4_entries, svc6_entries, backends: backend_entries, rev_nats: rev_nat_entries };
-        Ok(Self { ebpf, svc4, svc6, backends, rev_nats, cap })
+        let cap = Capacity {
+            svc4_entries,
+            svc6_entries,
+            backends: backend_entries,
+            rev_nats: rev_nat_entries,
+        };
+        Ok(Self {
+            ebpf,
+            svc4,
+            svc6,
+            backends,
+            rev_nats,
+            cap,
+        })
     }
 }
 
@@ -135,7 +168,9 @@ fn sock_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut CgroupSock
 
 fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
     for name in SOCK_PROGRAMS {
-        sock_program(ebpf, name)?.load().with_context(|| format!("load program {name} (kernel verifier)"))?;
+        sock_program(ebpf, name)?
+            .load()
+            .with_context(|| format!("load program {name} (kernel verifier)"))?;
     }
     Ok(())
 }
@@ -156,7 +191,11 @@ fn attach_all(ebpf: &mut Ebpf, bpffs: &Path, cgroup: &Path) -> Result<()> {
                 let prog_fd = prog.fd().with_context(|| format!("fd of {name}"))?;
                 sys::link_update(&link, prog_fd.as_fd().as_raw_fd())
                     .with_context(|| format!("swap program {name} into {}", pin.display()))?;
-                info!(program = name, link_id = li.id, "replaced program in pinned link");
+                info!(
+                    program = name,
+                    link_id = li.id,
+                    "replaced program in pinned link"
+                );
                 continue;
             }
             warn!(
@@ -178,8 +217,10 @@ fn attach_all(ebpf: &mut Ebpf, bpffs: &Path, cgroup: &Path) -> Result<()> {
         // path always names an attached link.
         let tmp = links_dir(bpffs).join(format!("{name}_new"));
         let _ = fs::remove_file(&tmp);
-        link.pin(&tmp).with_context(|| format!("pin link {}", tmp.display()))?;
-        fs::rename(&tmp, &pin).with_context(|| format!("rename {} to {}", tmp.display(), pin.display()))?;
+        link.pin(&tmp)
+            .with_context(|| format!("pin link {}", tmp.display()))?;
+        fs::rename(&tmp, &pin)
+            .with_context(|| format!("rename {} to {}", tmp.display(), pin.display()))?;
         info!(program = name, cgroup = %cgroup.display(), "attached program");
     }
     Ok(())
@@ -212,10 +253,21 @@ impl MapStore for BpfDatapath {
                 .with_context(|| format!("{MAP_REVNAT}: insert {id}")),
             Op::DeleteRevNat { id } => ignore_missing(self.rev_nats.remove(id))
                 .with_context(|| format!("{MAP_REVNAT}: delete {id}")),
-            Op::UpsertSlot { frontend, slot, backend_id } => {
-                self.put(codec::svc_key(frontend, *slot), codec::slot_value(*backend_id))
-            }
-            Op::UpsertMaster { frontend, count, rev_nat_id, flags, affinity_timeout_s } => self.put(
+            Op::UpsertSlot {
+                frontend,
+                slot,
+                backend_id,
+            } => self.put(
+                codec::svc_key(frontend, *slot),
+                codec::slot_value(*backend_id),
+            ),
+            Op::UpsertMaster {
+                frontend,
+                count,
+                rev_nat_id,
+                flags,
+                affinity_timeout_s,
+            } => self.put(
                 codec::svc_key(frontend, 0),
                 codec::master_value(*count, *rev_nat_id, *flags, *affinity_timeout_s),
             ),
@@ -238,21 +290,34 @@ impl BpfDatapath {
 
     fn put(&mut self, key: SvcKey, value: SvcValue) -> Result<()> {
         match key {
-            SvcKey::V4(k) => self.svc4.insert(k, value, 0).with_context(|| format!("{MAP_SVC4}: insert {k:?}")),
-            SvcKey::V6(k) => self.svc6.insert(k, value, 0).with_context(|| format!("{MAP_SVC6}: insert {k:?}")),
+            SvcKey::V4(k) => self
+                .svc4
+                .insert(k, value, 0)
+                .with_context(|| format!("{MAP_SVC4}: insert {k:?}")),
+            SvcKey::V6(k) => self
+                .svc6
+                .insert(k, value, 0)
+                .with_context(|| format!("{MAP_SVC6}: insert {k:?}")),
         }
     }
 
     fn del(&mut self, key: SvcKey) -> Result<()> {
         match key {
-            SvcKey::V4(k) => ignore_missing(self.svc4.remove(&k)).with_context(|| format!("{MAP_SVC4}: delete {k:?}")),
-            SvcKey::V6(k) => ignore_missing(self.svc6.remove(&k)).with_context(|| format!("{MAP_SVC6}: delete {k:?}")),
+            SvcKey::V4(k) => ignore_missing(self.svc4.remove(&k))
+                .with_context(|| format!("{MAP_SVC4}: delete {k:?}")),
+            SvcKey::V6(k) => ignore_missing(self.svc6.remove(&k))
+                .with_context(|| format!("{MAP_SVC6}: delete {k:?}")),
         }
     }
 }
 
-fn collect<K: aya::Pod, V: aya::Pod>(m: &HashMap<MapData, K, V>, name: &str) -> Result<Vec<(K, V)>> {
-    m.iter().collect::<Result<Vec<_>, _>>().with_context(|| format!("read map {name}"))
+fn collect<K: aya::Pod, V: aya::Pod>(
+    m: &HashMap<MapData, K, V>,
+    name: &str,
+) -> Result<Vec<(K, V)>> {
+    m.iter()
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("read map {name}"))
 }
 
 fn read_state(
@@ -264,15 +329,31 @@ fn read_state(
     let svc = collect(svc4, MAP_SVC4)?
         .into_iter()
         .map(|(k, v)| (SvcKey::V4(k), v))
-        .chain(collect(svc6, MAP_SVC6)?.into_iter().map(|(k, v)| (SvcKey::V6(k), v)));
-    codec::decode_state(svc, collect(backends, MAP_BACKENDS)?, collect(rev_nats, MAP_REVNAT)?)
+        .chain(
+            collect(svc6, MAP_SVC6)?
+                .into_iter()
+                .map(|(k, v)| (SvcKey::V6(k), v)),
+        );
+    codec::decode_state(
+        svc,
+        collect(backends, MAP_BACKENDS)?,
+        collect(rev_nats, MAP_REVNAT)?,
+    )
 }
 
-fn open_pinned_hash<K: aya::Pod, V: aya::Pod>(bpffs: &Path, name: &str) -> Result<HashMap<MapData, K, V>> {
+fn open_pinned_hash<K: aya::Pod, V: aya::Pod>(
+    bpffs: &Path,
+    name: &str,
+) -> Result<HashMap<MapData, K, V>> {
     let path = bpffs.join(name);
-    let data = MapData::from_pin(&path)
-        .with_context(|| format!("open pinned map {} (is the agent installed here? see --bpffs)", path.display()))?;
-    HashMap::try_from(Map::HashMap(data)).with_context(|| format!("pinned map {name} has an unexpected layout"))
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!(
+            "open pinned map {} (is the agent installed here? see --bpffs)",
+            path.display()
+        )
+    })?;
+    HashMap::try_from(Map::HashMap(data))
+        .with_context(|| format!("pinned map {name} has an unexpected layout"))
 }
 
 /// Read-only view of the pinned maps, for the CLI. Works whether the agent runs or not.
@@ -303,8 +384,8 @@ impl PinnedMaps {
     pub fn counters(&self) -> Result<Vec<u64>> {
         let path = self.bpffs.join(MAP_COUNTERS);
         let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
-        let arr: PerCpuArray<MapData, u64> =
-            PerCpuArray::try_from(Map::PerCpuArray(data)).context("counters map has an unexpected type")?;
+        let arr: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(data))
+            .context("counters map has an unexpected type")?;
         arr.iter()
             .map(|v| v.map(|per_cpu| per_cpu.iter().sum()))
             .collect::<Result<Vec<u64>, _>>()
@@ -319,10 +400,14 @@ pub fn cleanup(bpffs: &Path, cgroup: Option<&Path>) -> Result<usize> {
     let links = links_dir(bpffs);
     if links.exists() {
         for entry in fs::read_dir(&links).with_context(|| format!("read {}", links.display()))? {
-            let path = entry.with_context(|| format!("read {}", links.display()))?.path();
+            let path = entry
+                .with_context(|| format!("read {}", links.display()))?
+                .path();
             match sys::obj_get(&path).and_then(|fd| sys::link_detach(&fd)) {
                 Ok(()) => detached += 1,
-                Err(e) => warn!(pin = %path.display(), error = %format!("{e:#}"), "could not detach link; removing the pin anyway"),
+                Err(e) => {
+                    warn!(pin = %path.display(), error = %format!("{e:#}"), "could not detach link; removing the pin anyway")
+                }
             }
             fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
         }
@@ -338,7 +423,8 @@ pub fn cleanup(bpffs: &Path, cgroup: Option<&Path>) -> Result<usize> {
         }
     }
     if bpffs.exists() {
-        fs::remove_dir(bpffs).with_context(|| format!("remove {} (not empty?)", bpffs.display()))?;
+        fs::remove_dir(bpffs)
+            .with_context(|| format!("remove {} (not empty?)", bpffs.display()))?;
     }
     Ok(detached)
 }

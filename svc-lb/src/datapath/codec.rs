@@ -102,11 +102,25 @@ pub fn frontend_of(key: &SvcKey) -> (FrontendKey, u16) {
 }
 
 pub fn master_value(count: u32, rev_nat_id: u32, flags: u16, affinity_timeout_s: u32) -> SvcValue {
-    SvcValue { backend_id: 0, count, rev_nat_id, flags, _pad: 0, affinity_timeout_s }
+    SvcValue {
+        backend_id: 0,
+        count,
+        rev_nat_id,
+        flags,
+        _pad: 0,
+        affinity_timeout_s,
+    }
 }
 
 pub fn slot_value(backend_id: u32) -> SvcValue {
-    SvcValue { backend_id, count: 0, rev_nat_id: 0, flags: 0, _pad: 0, affinity_timeout_s: 0 }
+    SvcValue {
+        backend_id,
+        count: 0,
+        rev_nat_id: 0,
+        flags: 0,
+        _pad: 0,
+        affinity_timeout_s: 0,
+    }
 }
 
 fn family_of(addr: IpAddr) -> u8 {
@@ -194,7 +208,11 @@ pub fn decode_state(
                 CurrentFrontend {
                     rev_nat_id: m.rev_nat_id,
                     flags: m.flags,
-                    affinity_timeout_s: if m.flags & SVC_FLAG_AFFINITY != 0 { m.affinity_timeout_s } else { 0 },
+                    affinity_timeout_s: if m.flags & SVC_FLAG_AFFINITY != 0 {
+                        m.affinity_timeout_s
+                    } else {
+                        0
+                    },
                     backend_ids: Vec::new(),
                     stale_slots: Vec::new(),
                 },
@@ -238,8 +256,15 @@ mod tests {
 
     #[test]
     fn v4_key_uses_kernel_byte_order() {
-        let fe = FrontendKey { addr: "10.96.0.10".parse().unwrap(), port: 53, proto: 17, scope: 0 };
-        let SvcKey::V4(k) = svc_key(&fe, 0) else { panic!("v4 expected") };
+        let fe = FrontendKey {
+            addr: "10.96.0.10".parse().unwrap(),
+            port: 53,
+            proto: 17,
+            scope: 0,
+        };
+        let SvcKey::V4(k) = svc_key(&fe, 0) else {
+            panic!("v4 expected")
+        };
         // user_ip4 holds the address bytes in memory order; port likewise.
         assert_eq!(k.addr_be.to_ne_bytes(), [10, 96, 0, 10]);
         assert_eq!(k.port_be.to_ne_bytes(), [0, 53]);
@@ -248,11 +273,20 @@ mod tests {
 
     #[test]
     fn v6_round_trip() {
-        let fe = FrontendKey { addr: "fd00::1:2".parse().unwrap(), port: 8080, proto: 6, scope: 0 };
+        let fe = FrontendKey {
+            addr: "fd00::1:2".parse().unwrap(),
+            port: 8080,
+            proto: 6,
+            scope: 0,
+        };
         let key = svc_key(&fe, 3);
         assert_eq!(frontend_of(&key), (fe, 3));
         let b = BackendEntry {
-            addr: BackendAddr { addr: "fd00::99".parse().unwrap(), port: 9, proto: 6 },
+            addr: BackendAddr {
+                addr: "fd00::99".parse().unwrap(),
+                port: 9,
+                proto: 6,
+            },
             state: 1,
         };
         assert_eq!(backend_from_raw(&backend_raw(&b)).unwrap(), b);
@@ -261,7 +295,12 @@ mod tests {
 
     #[test]
     fn decode_reports_stale_slots_and_marks_holes() {
-        let fe = FrontendKey { addr: "10.0.0.1".parse().unwrap(), port: 80, proto: 6, scope: 0 };
+        let fe = FrontendKey {
+            addr: "10.0.0.1".parse().unwrap(),
+            port: 80,
+            proto: 6,
+            scope: 0,
+        };
         let svc = vec![
             (svc_key(&fe, 0), master_value(2, 7, 0, 0)),
             (svc_key(&fe, 1), slot_value(11)),
@@ -274,7 +313,13 @@ mod tests {
         assert_eq!(cur.stale_slots, vec![3]);
         assert_eq!(cur.rev_nat_id, 7);
 
-        let holed = vec![(svc_key(&fe, 0), master_value(2, 7, 0, 0)), (svc_key(&fe, 2), slot_value(12))];
-        assert_eq!(decode_state(holed, [], []).unwrap().frontends[&fe].backend_ids, vec![0, 12]);
+        let holed = vec![
+            (svc_key(&fe, 0), master_value(2, 7, 0, 0)),
+            (svc_key(&fe, 2), slot_value(12)),
+        ];
+        assert_eq!(
+            decode_state(holed, [], []).unwrap().frontends[&fe].backend_ids,
+            vec![0, 12]
+        );
     }
 }

@@ -1,1 +1,571 @@
-//! In-memory fake of the maps, for tests. Filled in by the planner work item.
+//! In-memory fake of the maps, for tests. It stores the raw map types through
+//! [`codec`], so it holds exactly the bytes the kernel maps would, and it behaves like
+//! the kernel where a plan could notice: inserting a new key into a full map fails,
+//! updating an existing key does not.
+//!
+//! It is also stricter than the kernel, to catch planner mistakes as they happen:
+//! - deleting a key that is not there fails (the kernel's ENOENT, which the real
+//!   datapath forgives), because an exact mirror never asks for it;
+//! - after every single operation it checks the datapath invariants, and an operation
+//!   that would break one fails with [`FakeError::Invariant`] and is rolled back, so
+//!   the maps always hold a state the eBPF programs could safely read.
+use std::{collections::BTreeMap, fmt};
+
+use anyhow::Result;
+use svc_lb_common::{
+    Backend, MAP_BACKENDS, MAP_REVNAT, MAP_SVC4, MAP_SVC6, MAX_BACKENDS_PER_FRONTEND, RevNat,
+    SvcValue,
+};
+
+use super::{
+    MapStore,
+    codec::{self, SvcKey},
+};
+use crate::plan::{Capacity, CurrentState, Op};
+
+/// Why the fake refused an operation. Tests tell the cases apart with
+/// `anyhow::Error::downcast_ref::<FakeError>()`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FakeError {
+    /// A new key did not fit (the kernel's E2BIG).
+    MapFull { map: &'static str, capacity: usize },
+    /// A delete named a key that is not there (the kernel's ENOENT).
+    NotFound { map: &'static str, key: String },
+    /// The operation would leave the maps in a state the datapath must never see.
+    Invariant(String),
+    /// Failure injected with [`FakeMaps::fail_after`].
+    Injected,
+}
+
+impl fmt::Display for FakeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::MapFull { map, capacity } => write!(f, "map {map} full (capacity {capacity})"),
+            Self::NotFound { map, key } => write!(f, "map {map}: no entry {key}"),
+            Self::Invariant(what) => write!(f, "invariant violated: {what}"),
+            Self::Injected => f.write_str("injected failure"),
+        }
+    }
+}
+
+impl std::error::Error for FakeError {}
+
+/// One changed entry and its value before the change, to undo an operation.
+enum Undo {
+    Svc(SvcKey, Option<SvcValue>),
+    Backend(u32, Option<Backend>),
+    RevNat(u32, Option<RevNat>),
+}
+
+/// The service, backend and reverse-NAT maps, in memory.
+#[derive(Clone, Debug)]
+pub struct FakeMaps {
+    svc: BTreeMap<SvcKey, SvcValue>,
+    backends: BTreeMap<u32, Backend>,
+    rev_nats: BTreeMap<u32, RevNat>,
+    cap: Capacity,
+    /// Successful applies still allowed before the injected failure.
+    fail_in: Option<usize>,
+    applied: usize,
+}
+
+impl FakeMaps {
+    pub fn new(cap: Capacity) -> Self {
+        Self {
+            svc: BTreeMap::new(),
+            backends: BTreeMap::new(),
+            rev_nats: BTreeMap::new(),
+            cap,
+            fail_in: None,
+            applied: 0,
+        }
+    }
+
+    /// Maps as large as the kernel defaults.
+    pub fn with_default_capacity() -> Self {
+        Self::new(Capacity {
+            svc4_entries: svc_lb_common::SVC_MAP_MAX as usize,
+            svc6_entries: svc_lb_common::SVC_MAP_MAX as usize,
+            backends: svc_lb_common::BACKEND_MAP_MAX as usize,
+            rev_nats: svc_lb_common::REVNAT_MAP_MAX as usize,
+        })
+    }
+
+    /// Makes the `(n+1)`-th apply from now fail with [`FakeError::Injected`], once,
+    /// leaving the maps untouched; later applies succeed again.
+    pub fn fail_after(&mut self, n: usize) {
+        self.fail_in = Some(n);
+    }
+
+    /// Operations applied successfully so far.
+    pub fn applied(&self) -> usize {
+        self.applied
+    }
+
+    /// Entry counts of the four maps, in the shape of a [`Capacity`].
+    pub fn usage(&self) -> Capacity {
+        let v4 = self
+            .svc
+            .keys()
+            .filter(|k| matches!(k, SvcKey::V4(_)))
+            .count();
+        Capacity {
+            svc4_entries: v4,
+            svc6_entries: self.svc.len() - v4,
+            backends: self.backends.len(),
+            rev_nats: self.rev_nats.len(),
+        }
+    }
+
+    pub fn svc(&self) -> &BTreeMap<SvcKey, SvcValue> {
+        &self.svc
+    }
+
+    pub fn backends(&self) -> &BTreeMap<u32, Backend> {
+        &self.backends
+    }
+
+    pub fn rev_nats(&self) -> &BTreeMap<u32, RevNat> {
+        &self.rev_nats
+    }
+
+    /// The datapath invariants: every master's slots `1..=count` exist; every slot (at
+    /// or above the count, with or without a master) names a live backend; every
+    /// master's reverse-NAT id resolves; id 0 is used nowhere.
+    pub fn check_invariants(&self) -> Result<(), FakeError> {
+        let bad = |what: String| Err(FakeError::Invariant(what));
+        for (key, value) in &self.svc {
+            let (fe, slot) = codec::frontend_of(key);
+            if slot != 0 {
+                if value.backend_id == 0 || !self.backends.contains_key(&value.backend_id) {
+                    return bad(format!(
+                        "slot {slot} of {fe:?} names missing backend {}",
+                        value.backend_id
+                    ));
+                }
+                continue;
+            }
+            if value.count as usize > MAX_BACKENDS_PER_FRONTEND {
+                return bad(format!("master of {fe:?} has count {}", value.count));
+            }
+            if value.rev_nat_id == 0 || !self.rev_nats.contains_key(&value.rev_nat_id) {
+                return bad(format!(
+                    "master of {fe:?} names missing reverse NAT {}",
+                    value.rev_nat_id
+                ));
+            }
+            for s in 1..=value.count {
+                let s = u16::try_from(s).unwrap_or(u16::MAX);
+                if !self.svc.contains_key(&codec::svc_key(&fe, s)) {
+                    return bad(format!(
+                        "master of {fe:?} has count {} but slot {s} is missing",
+                        value.count
+                    ));
+                }
+            }
+        }
+        if self.backends.contains_key(&0) {
+            return bad("backend id 0 is in use".to_owned());
+        }
+        if self.rev_nats.contains_key(&0) {
+            return bad("reverse-NAT id 0 is in use".to_owned());
+        }
+        Ok(())
+    }
+
+    fn svc_map(key: &SvcKey) -> (&'static str, fn(&Capacity) -> usize) {
+        match key {
+            SvcKey::V4(_) => (MAP_SVC4, |c| c.svc4_entries),
+            SvcKey::V6(_) => (MAP_SVC6, |c| c.svc6_entries),
+        }
+    }
+
+    fn put_svc(&mut self, key: SvcKey, value: SvcValue) -> Result<Undo, FakeError> {
+        let (map, cap) = Self::svc_map(&key);
+        if !self.svc.contains_key(&key) {
+            let used = self
+                .svc
+                .keys()
+                .filter(|k| Self::svc_map(k).0 == map)
+                .count();
+            if used >= cap(&self.cap) {
+                return Err(FakeError::MapFull {
+                    map,
+                    capacity: cap(&self.cap),
+                });
+            }
+        }
+        Ok(Undo::Svc(key, self.svc.insert(key, value)))
+    }
+
+    fn del_svc(&mut self, key: SvcKey) -> Result<Undo, FakeError> {
+        match self.svc.remove(&key) {
+            Some(old) => Ok(Undo::Svc(key, Some(old))),
+            None => Err(FakeError::NotFound {
+                map: Self::svc_map(&key).0,
+                key: format!("{key:?}"),
+            }),
+        }
+    }
+
+    fn change(&mut self, op: &Op) -> Result<Undo, FakeError> {
+        match op {
+            Op::UpsertBackend { id, backend } => {
+                if !self.backends.contains_key(id) && self.backends.len() >= self.cap.backends {
+                    return Err(FakeError::MapFull {
+                        map: MAP_BACKENDS,
+                        capacity: self.cap.backends,
+                    });
+                }
+                Ok(Undo::Backend(
+                    *id,
+                    self.backends.insert(*id, codec::backend_raw(backend)),
+                ))
+            }
+            Op::DeleteBackend { id } => match self.backends.remove(id) {
+                Some(old) => Ok(Undo::Backend(*id, Some(old))),
+                None => Err(FakeError::NotFound {
+                    map: MAP_BACKENDS,
+                    key: id.to_string(),
+                }),
+            },
+            Op::UpsertRevNat { id, frontend } => {
+                if !self.rev_nats.contains_key(id) && self.rev_nats.len() >= self.cap.rev_nats {
+                    return Err(FakeError::MapFull {
+                        map: MAP_REVNAT,
+                        capacity: self.cap.rev_nats,
+                    });
+                }
+                Ok(Undo::RevNat(
+                    *id,
+                    self.rev_nats.insert(*id, codec::revnat_raw(frontend)),
+                ))
+            }
+            Op::DeleteRevNat { id } => match self.rev_nats.remove(id) {
+                Some(old) => Ok(Undo::RevNat(*id, Some(old))),
+                None => Err(FakeError::NotFound {
+                    map: MAP_REVNAT,
+                    key: id.to_string(),
+                }),
+            },
+            Op::UpsertSlot {
+                frontend,
+                slot,
+                backend_id,
+            } => self.put_svc(
+                codec::svc_key(frontend, *slot),
+                codec::slot_value(*backend_id),
+            ),
+            Op::UpsertMaster {
+                frontend,
+                count,
+                rev_nat_id,
+                flags,
+                affinity_timeout_s,
+            } => self.put_svc(
+                codec::svc_key(frontend, 0),
+                codec::master_value(*count, *rev_nat_id, *flags, *affinity_timeout_s),
+            ),
+            Op::DeleteSlot { frontend, slot } => self.del_svc(codec::svc_key(frontend, *slot)),
+            Op::DeleteMaster { frontend } => self.del_svc(codec::svc_key(frontend, 0)),
+        }
+    }
+
+    fn undo(&mut self, undo: Undo) {
+        fn restore<K: Ord, V>(map: &mut BTreeMap<K, V>, key: K, old: Option<V>) {
+            match old {
+                Some(v) => map.insert(key, v),
+                None => map.remove(&key),
+            };
+        }
+        match undo {
+            Undo::Svc(k, old) => restore(&mut self.svc, k, old),
+            Undo::Backend(k, old) => restore(&mut self.backends, k, old),
+            Undo::RevNat(k, old) => restore(&mut self.rev_nats, k, old),
+        }
+    }
+}
+
+impl MapStore for FakeMaps {
+    fn read_current(&self) -> Result<CurrentState> {
+        codec::decode_state(
+            self.svc.iter().map(|(k, v)| (*k, *v)),
+            self.backends.iter().map(|(k, v)| (*k, *v)),
+            self.rev_nats.iter().map(|(k, v)| (*k, *v)),
+        )
+    }
+
+    fn apply(&mut self, op: &Op) -> Result<()> {
+        match self.fail_in {
+            Some(0) => {
+                self.fail_in = None;
+                return Err(FakeError::Injected.into());
+            }
+            Some(n) => self.fail_in = Some(n - 1),
+            None => {}
+        }
+        let undo = self.change(op)?;
+        if let Err(e) = self.check_invariants() {
+            self.undo(undo);
+            return Err(e.into());
+        }
+        self.applied += 1;
+        Ok(())
+    }
+
+    fn capacity(&self) -> Capacity {
+        self.cap
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use svc_lb_common::{BACKEND_ACTIVE, PROTO_TCP, SCOPE_ALL, Svc4Key};
+
+    use super::*;
+    use crate::{
+        model::{BackendAddr, FrontendKey},
+        plan::BackendEntry,
+    };
+
+    fn fe() -> FrontendKey {
+        FrontendKey {
+            addr: "10.96.0.1".parse().unwrap(),
+            port: 80,
+            proto: PROTO_TCP,
+            scope: SCOPE_ALL,
+        }
+    }
+
+    fn backend(last: u8) -> Op {
+        Op::UpsertBackend {
+            id: u32::from(last),
+            backend: BackendEntry {
+                addr: BackendAddr {
+                    addr: format!("10.0.0.{last}").parse().unwrap(),
+                    port: 8080,
+                    proto: PROTO_TCP,
+                },
+                state: BACKEND_ACTIVE,
+            },
+        }
+    }
+
+    fn master(count: u32, rev_nat_id: u32) -> Op {
+        Op::UpsertMaster {
+            frontend: fe(),
+            count,
+            rev_nat_id,
+            flags: 0,
+            affinity_timeout_s: 0,
+        }
+    }
+
+    fn slot(slot: u16, backend_id: u32) -> Op {
+        Op::UpsertSlot {
+            frontend: fe(),
+            slot,
+            backend_id,
+        }
+    }
+
+    fn cap(n: usize) -> Capacity {
+        Capacity {
+            svc4_entries: n,
+            svc6_entries: n,
+            backends: n,
+            rev_nats: n,
+        }
+    }
+
+    /// A frontend with one backend: backend 1, reverse NAT 1, slot 1, master.
+    fn programmed(c: Capacity) -> FakeMaps {
+        let mut f = FakeMaps::new(c);
+        for op in [
+            backend(1),
+            Op::UpsertRevNat {
+                id: 1,
+                frontend: fe(),
+            },
+            slot(1, 1),
+            master(1, 1),
+        ] {
+            f.apply(&op).unwrap();
+        }
+        f
+    }
+
+    fn fake_err(e: &anyhow::Error) -> FakeError {
+        e.downcast_ref::<FakeError>().cloned().unwrap()
+    }
+
+    #[test]
+    fn stores_the_kernel_layout() {
+        let f = programmed(cap(8));
+        let key = Svc4Key {
+            addr_be: u32::from_ne_bytes([10, 96, 0, 1]),
+            port_be: 80u16.to_be(),
+            slot: 0,
+            proto: PROTO_TCP,
+            scope: SCOPE_ALL,
+            _pad: [0; 2],
+        };
+        let master = f.svc()[&SvcKey::V4(key)];
+        assert_eq!(
+            (master.count, master.rev_nat_id, master.backend_id),
+            (1, 1, 0)
+        );
+        assert_eq!(
+            f.svc()[&SvcKey::V4(Svc4Key { slot: 1, ..key })].backend_id,
+            1
+        );
+        assert_eq!(
+            bytemuck::bytes_of(&f.backends()[&1].addr_be[0]),
+            &[10, 0, 0, 1]
+        );
+        assert_eq!(
+            f.read_current().unwrap().frontends[&fe()].backend_ids,
+            vec![1]
+        );
+    }
+
+    #[test]
+    fn full_map_refuses_new_keys_but_updates_existing_ones() {
+        let mut f = programmed(cap(2));
+        assert_eq!(
+            f.usage(),
+            Capacity {
+                svc4_entries: 2,
+                svc6_entries: 0,
+                backends: 1,
+                rev_nats: 1
+            }
+        );
+        let err = f.apply(&slot(2, 1)).unwrap_err();
+        assert_eq!(
+            fake_err(&err),
+            FakeError::MapFull {
+                map: MAP_SVC4,
+                capacity: 2
+            }
+        );
+        f.apply(&slot(1, 1)).unwrap();
+        f.apply(&backend(2)).unwrap();
+        let err = f.apply(&backend(3)).unwrap_err();
+        assert_eq!(
+            fake_err(&err),
+            FakeError::MapFull {
+                map: MAP_BACKENDS,
+                capacity: 2
+            }
+        );
+        f.apply(&backend(2)).unwrap();
+    }
+
+    #[test]
+    fn deleting_a_missing_key_fails() {
+        let mut f = programmed(cap(8));
+        for op in [
+            Op::DeleteSlot {
+                frontend: fe(),
+                slot: 2,
+            },
+            Op::DeleteBackend { id: 9 },
+            Op::DeleteRevNat { id: 9 },
+        ] {
+            assert!(
+                matches!(
+                    fake_err(&f.apply(&op).unwrap_err()),
+                    FakeError::NotFound { .. }
+                ),
+                "{op:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn ops_that_break_an_invariant_are_refused_and_rolled_back() {
+        let cases = [
+            ("master counts a slot that is not there", master(2, 1)),
+            ("master names a missing reverse NAT", master(1, 7)),
+            ("slot names a missing backend", slot(2, 5)),
+            ("slot names backend 0", slot(1, 0)),
+            ("backend in use by a slot", Op::DeleteBackend { id: 1 }),
+            ("reverse NAT in use by a master", Op::DeleteRevNat { id: 1 }),
+            (
+                "slot below the count",
+                Op::DeleteSlot {
+                    frontend: fe(),
+                    slot: 1,
+                },
+            ),
+            (
+                "backend id 0",
+                Op::UpsertBackend {
+                    id: 0,
+                    backend: BackendEntry {
+                        addr: BackendAddr {
+                            addr: "10.0.0.9".parse().unwrap(),
+                            port: 1,
+                            proto: PROTO_TCP,
+                        },
+                        state: 0,
+                    },
+                },
+            ),
+            (
+                "reverse-NAT id 0",
+                Op::UpsertRevNat {
+                    id: 0,
+                    frontend: fe(),
+                },
+            ),
+        ];
+        for (what, op) in cases {
+            let mut f = programmed(cap(8));
+            let before = (f.svc().clone(), f.backends().clone(), f.rev_nats().clone());
+            let err = f.apply(&op).unwrap_err();
+            assert!(
+                matches!(fake_err(&err), FakeError::Invariant(_)),
+                "{what}: {err:#}"
+            );
+            assert_eq!(
+                (f.svc().clone(), f.backends().clone(), f.rev_nats().clone()),
+                before,
+                "{what}: not rolled back"
+            );
+            assert_eq!(f.applied(), 4, "{what}");
+        }
+    }
+
+    #[test]
+    fn removal_in_the_planned_order_is_accepted() {
+        let mut f = programmed(cap(8));
+        for op in [
+            Op::DeleteMaster { frontend: fe() },
+            Op::DeleteSlot {
+                frontend: fe(),
+                slot: 1,
+            },
+            Op::DeleteRevNat { id: 1 },
+            Op::DeleteBackend { id: 1 },
+        ] {
+            f.apply(&op).unwrap();
+        }
+        assert_eq!(f.read_current().unwrap(), CurrentState::default());
+    }
+
+    #[test]
+    fn fail_after_fails_the_next_but_n_op_once() {
+        let mut f = FakeMaps::new(cap(8));
+        f.fail_after(1);
+        f.apply(&backend(1)).unwrap();
+        assert_eq!(
+            fake_err(&f.apply(&backend(2)).unwrap_err()),
+            FakeError::Injected
+        );
+        assert!(!f.backends().contains_key(&2));
+        f.apply(&backend(2)).unwrap();
+        assert_eq!(f.applied(), 2);
+    }
+}

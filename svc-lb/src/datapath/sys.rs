@@ -23,9 +23,18 @@ pub const BPF_LINK_TYPE_CGROUP: u32 = 3;
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: attr is a properly sized, zero-padded bpf_attr prefix for `cmd`.
     let ret = unsafe {
-        libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr).cast::<libc::c_void>(), size_of::<T>())
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr).cast::<libc::c_void>(),
+            size_of::<T>(),
+        )
     };
-    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
 }
 
 #[repr(C)]
@@ -42,8 +51,12 @@ struct ObjGetAttr {
 pub fn obj_get(path: &Path) -> Result<OwnedFd> {
     let c = CString::new(path.as_os_str().as_bytes())
         .with_context(|| format!("pin path {} contains a NUL byte", path.display()))?;
-    let mut attr = ObjGetAttr { pathname: c.as_ptr() as u64, ..Default::default() };
-    let fd = bpf(BPF_OBJ_GET, &mut attr).with_context(|| format!("BPF_OBJ_GET {}", path.display()))?;
+    let mut attr = ObjGetAttr {
+        pathname: c.as_ptr() as u64,
+        ..Default::default()
+    };
+    let fd =
+        bpf(BPF_OBJ_GET, &mut attr).with_context(|| format!("BPF_OBJ_GET {}", path.display()))?;
     // SAFETY: the kernel returned a new file descriptor that we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
@@ -112,7 +125,10 @@ struct LinkDetachAttr {
 
 /// Detaches a link even if other file descriptors or pins still hold it.
 pub fn link_detach(link: &OwnedFd) -> Result<()> {
-    let mut attr = LinkDetachAttr { link_fd: link.as_raw_fd() as u32, ..Default::default() };
+    let mut attr = LinkDetachAttr {
+        link_fd: link.as_raw_fd() as u32,
+        ..Default::default()
+    };
     bpf(BPF_LINK_DETACH, &mut attr).context("BPF_LINK_DETACH")?;
     Ok(())
 }
@@ -138,13 +154,19 @@ pub fn detach_orphan_links(cgroup_id: u64, prefix: &str) -> Result<usize> {
     let mut detached = 0;
     let mut id = 0u32;
     loop {
-        let mut attr = IdAttr { id, ..Default::default() };
+        let mut attr = IdAttr {
+            id,
+            ..Default::default()
+        };
         match bpf(BPF_LINK_GET_NEXT_ID, &mut attr) {
             Ok(_) => id = attr.next_id,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
             Err(e) => return Err(e).context("BPF_LINK_GET_NEXT_ID"),
         }
-        let mut get = IdAttr { id, ..Default::default() };
+        let mut get = IdAttr {
+            id,
+            ..Default::default()
+        };
         let fd = match bpf(BPF_LINK_GET_FD_BY_ID, &mut get) {
             // SAFETY: the kernel returned a new file descriptor that we now own.
             Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd as i32) },
@@ -153,7 +175,9 @@ pub fn detach_orphan_links(cgroup_id: u64, prefix: &str) -> Result<usize> {
             Err(e) => return Err(e).context("BPF_LINK_GET_FD_BY_ID"),
         };
         let info = link_info(&fd)?;
-        let ours = names.get(&info.prog_id).is_some_and(|n| n.starts_with(prefix));
+        let ours = names
+            .get(&info.prog_id)
+            .is_some_and(|n| n.starts_with(prefix));
         if info.link_type == BPF_LINK_TYPE_CGROUP && info.cgroup_id == cgroup_id && ours {
             link_detach(&fd)?;
             detached += 1;
@@ -181,7 +205,8 @@ fn fs_type(path: &Path) -> Result<i64> {
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: c is a valid C string and st a valid out pointer.
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error()).with_context(|| format!("statfs {}", path.display()));
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("statfs {}", path.display()));
     }
     Ok(st.f_type as i64)
 }
@@ -192,10 +217,17 @@ pub fn mount_bpffs(path: &Path) -> Result<()> {
     let src = c"bpf";
     // SAFETY: all pointers are valid C strings; data is null.
     let rc = unsafe {
-        libc::mount(src.as_ptr(), target.as_ptr(), src.as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            src.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if rc != 0 {
-        return Err(io::Error::last_os_error()).with_context(|| format!("mount -t bpf bpf {}", path.display()));
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("mount -t bpf bpf {}", path.display()));
     }
     Ok(())
 }
@@ -203,7 +235,8 @@ pub fn mount_bpffs(path: &Path) -> Result<()> {
 /// The cgroup v2 root, from /proc/self/mountinfo. Never hard-coded: hybrid hosts mount
 /// it at /sys/fs/cgroup/unified, pure v2 hosts at /sys/fs/cgroup.
 pub fn cgroup2_root() -> Result<std::path::PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").context("read /proc/self/mountinfo")?;
+    let info =
+        std::fs::read_to_string("/proc/self/mountinfo").context("read /proc/self/mountinfo")?;
     cgroup2_root_from(&info).context("no cgroup2 filesystem is mounted (svc-lb needs cgroup v2)")
 }
 
@@ -212,7 +245,8 @@ fn cgroup2_root_from(mountinfo: &str) -> Option<std::path::PathBuf> {
         // "<id> <parent> <maj:min> <root> <mount point> <opts> [optional...] - <fstype> ..."
         let (pre, post) = line.split_once(" - ")?;
         let fstype = post.split_whitespace().next()?;
-        (fstype == "cgroup2").then(|| pre.split_whitespace().nth(4).map(std::path::PathBuf::from))?
+        (fstype == "cgroup2")
+            .then(|| pre.split_whitespace().nth(4).map(std::path::PathBuf::from))?
     })
 }
 
@@ -225,8 +259,14 @@ mod tests {
         let info = "25 30 0:22 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n\
                     26 25 0:23 / /sys/fs/cgroup/unified rw,nosuid shared:7 - cgroup2 cgroup2 rw\n\
                     27 25 0:24 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n";
-        assert_eq!(cgroup2_root_from(info), Some("/sys/fs/cgroup/unified".into()));
-        assert_eq!(cgroup2_root_from("25 30 0:22 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"), None);
+        assert_eq!(
+            cgroup2_root_from(info),
+            Some("/sys/fs/cgroup/unified".into())
+        );
+        assert_eq!(
+            cgroup2_root_from("25 30 0:22 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"),
+            None
+        );
     }
 
     #[test]

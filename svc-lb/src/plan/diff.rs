@@ -1,8 +1,642 @@
-use super::{Capacity, CurrentState, Plan};
-use crate::model::DesiredState;
+//! The diff: which frontends change, which Services fit, and the ordered operations.
+//!
+//! Phases, in the order the operations are emitted:
+//!
+//! 1. removed frontends, one at a time: master, then every slot, then the reverse-NAT
+//!    entry once no remaining master names it; then stale slots of frontends whose
+//!    Service was rejected (they sit above the count, so nothing reads them); then
+//!    reverse-NAT entries no master names and no frontend will adopt;
+//! 2. backends that are new or change state;
+//! 3. each changed frontend: its new reverse-NAT entry, the slots whose backend changes,
+//!    the master (only if count, flags or reverse NAT change), then the slots above the
+//!    new count; frontends that shrink the map go first, so that the entries they free
+//!    make room for those that grow. Reverse-NAT entries no master names any more follow;
+//! 4. backends no slot names any more.
+//!
+//! Ids never change meaning within one plan: an id freed by a plan is reused only by a
+//! later plan, so a connection that raced with the update never finds a different
+//! backend or frontend behind an id it already holds.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use svc_lb_common::{
+    MAP_BACKENDS, MAP_REVNAT, MAP_SVC4, MAP_SVC6, MAX_BACKENDS_PER_FRONTEND, PROTO_SCTP, PROTO_TCP,
+    PROTO_UDP, SVC_FLAG_AFFINITY,
+};
+
+use super::{
+    BackendEntry, Capacity, CurrentFrontend, CurrentState, Op, Plan, Rejected,
+    mirror::{has_master, present_slots},
+};
+use crate::model::{BackendAddr, DesiredFrontend, DesiredState, FrontendKey, ServiceRef};
+
+/// Index of a frontend's service map in per-family arrays.
+const V4: usize = 0;
+const V6: usize = 1;
+const SVC_MAPS: [&str; 2] = [MAP_SVC4, MAP_SVC6];
+
+fn family(fe: &FrontendKey) -> usize {
+    match fe.addr {
+        IpAddr::V4(_) => V4,
+        IpAddr::V6(_) => V6,
+    }
+}
+
+/// How a frontend is named in rejection reasons.
+fn fmt_frontend(fe: &FrontendKey) -> String {
+    let proto = match fe.proto {
+        PROTO_TCP => "TCP".to_owned(),
+        PROTO_UDP => "UDP".to_owned(),
+        PROTO_SCTP => "SCTP".to_owned(),
+        other => format!("proto {other}"),
+    };
+    match fe.addr {
+        IpAddr::V4(a) => format!("{a}:{}/{proto}", fe.port),
+        IpAddr::V6(a) => format!("[{a}]:{}/{proto}", fe.port),
+    }
+}
+
+/// Service-map entries a current frontend occupies.
+fn entries(cf: &CurrentFrontend) -> usize {
+    usize::from(has_master(cf)) + present_slots(cf).count()
+}
+
+fn slot_present(cf: &CurrentFrontend, slot: usize) -> bool {
+    match cf.backend_ids.get(slot - 1) {
+        Some(id) => *id != 0,
+        None => u16::try_from(slot).is_ok_and(|s| cf.stale_slots.binary_search(&s).is_ok()),
+    }
+}
+
+/// The reverse-NAT map stores address, port and protocol only (no scope).
+fn same_rev_nat(a: &FrontendKey, b: &FrontendKey) -> bool {
+    a.addr == b.addr && a.port == b.port && a.proto == b.proto
+}
+
+fn wanted_flags(d: &DesiredFrontend) -> (u16, u32) {
+    match d.affinity_timeout_s {
+        Some(t) => (SVC_FLAG_AFFINITY, t),
+        None => (0, 0),
+    }
+}
+
+/// A desired frontend with everything that does not depend on which Services fit.
+struct Candidate<'a> {
+    desired: &'a DesiredFrontend,
+    current: Option<&'a CurrentFrontend>,
+    /// An existing reverse-NAT entry with the right content; `None` means a new one.
+    rev_nat: Option<u32>,
+    /// Whether the frontend needs any operation at all.
+    changed: bool,
+    /// Service-map keys its rewrite inserts, and deletes.
+    adds: usize,
+    dels: usize,
+}
+
+impl<'a> Candidate<'a> {
+    fn new(
+        desired: &'a DesiredFrontend,
+        current: Option<&'a CurrentFrontend>,
+        rev_nat: Option<u32>,
+        by_addr: &BTreeMap<BackendAddr, u32>,
+    ) -> Self {
+        let n = desired.backends.len();
+        let (flags, timeout) = wanted_flags(desired);
+        let changed = match current {
+            None => true,
+            Some(cf) => {
+                !has_master(cf)
+                    || rev_nat != Some(cf.rev_nat_id)
+                    || cf.flags != flags
+                    || cf.affinity_timeout_s != timeout
+                    || !cf.stale_slots.is_empty()
+                    || cf.backend_ids.len() != n
+                    || desired
+                        .backends
+                        .iter()
+                        .zip(&cf.backend_ids)
+                        .any(|(b, id)| by_addr.get(&b.addr) != Some(id))
+            }
+        };
+        let (adds, dels) = match (changed, current) {
+            (false, _) => (0, 0),
+            (true, None) => (1 + n, 0),
+            (true, Some(cf)) => {
+                let new_slots = (1..=n).filter(|s| !slot_present(cf, *s)).count();
+                let dels = present_slots(cf).filter(|s| usize::from(*s) > n).count();
+                (usize::from(!has_master(cf)) + new_slots, dels)
+            }
+        };
+        Self {
+            desired,
+            current,
+            rev_nat,
+            changed,
+            adds,
+            dels,
+        }
+    }
+
+    fn key(&self) -> &FrontendKey {
+        &self.desired.key
+    }
+
+    /// Phase-3 position: frontends that free service-map entries go first.
+    fn order(&self) -> (bool, FrontendKey) {
+        (self.adds > self.dels, *self.key())
+    }
+}
+
+/// Entry counts the admitted Services add, checked against the capacity after each
+/// Service. Counts are exact except for one conservative shortcut: stale slots of
+/// rejected Services, deleted in phase 1, are not credited (which Services end up
+/// rejected is not known while admitting).
+struct Budget {
+    cap: Capacity,
+    /// Service-map entries once phase 1 is done.
+    svc_base: [usize; 2],
+    svc_adds: [usize; 2],
+    /// Every admitted changed frontend, per service map.
+    svc_blocks: [Vec<Block>; 2],
+    backends_base: usize,
+    new_backends: BTreeSet<BackendAddr>,
+    /// Ids no backend and no slot uses: the most new backends one plan can add.
+    free_backend_ids: usize,
+    rev_nats_base: usize,
+    new_rev_nats: usize,
+}
+
+/// One frontend's phase-3 operations, as far as service-map entry counts go.
+#[derive(Clone, Copy)]
+struct Block {
+    order: (bool, FrontendKey),
+    adds: usize,
+    dels: usize,
+}
+
+impl From<&&Candidate<'_>> for Block {
+    fn from(c: &&Candidate<'_>) -> Self {
+        Self {
+            order: c.order(),
+            adds: c.adds,
+            dels: c.dels,
+        }
+    }
+}
+
+/// Largest entry count reached right after an insert into a service map, or 0 if
+/// the blocks insert nothing.
+fn svc_peak(base: usize, mut blocks: Vec<Block>) -> usize {
+    blocks.sort_unstable_by_key(|b| b.order);
+    let mut level = base;
+    let mut peak = 0;
+    for b in blocks {
+        if b.adds > 0 {
+            peak = peak.max(level + b.adds);
+        }
+        level = (level + b.adds).saturating_sub(b.dels);
+    }
+    peak
+}
+
+impl Budget {
+    /// Admits the frontends of one Service if every map stays within capacity during
+    /// the whole plan; otherwise leaves the budget as it was and says which maps
+    /// overflow.
+    fn try_admit(
+        &mut self,
+        fronts: &[&Candidate<'_>],
+        by_addr: &BTreeMap<BackendAddr, u32>,
+    ) -> Result<(), String> {
+        let mut full = Vec::new();
+        let changed: Vec<&&Candidate<'_>> = fronts.iter().filter(|c| c.changed).collect();
+
+        let mut svc_adds = self.svc_adds;
+        for c in &changed {
+            svc_adds[family(c.key())] += c.adds;
+        }
+        for fam in [V4, V6] {
+            let cap = match fam {
+                V4 => self.cap.svc4_entries,
+                _ => self.cap.svc6_entries,
+            };
+            // Cheap bound first (as if nothing were deleted in phase 3); only a plan
+            // near the capacity pays for the exact walk.
+            if svc_adds[fam] == self.svc_adds[fam] || self.svc_base[fam] + svc_adds[fam] <= cap {
+                continue;
+            }
+            let mut blocks = self.svc_blocks[fam].clone();
+            blocks.extend(
+                changed
+                    .iter()
+                    .filter(|c| family(c.key()) == fam)
+                    .map(|c| Block::from(*c)),
+            );
+            let peak = svc_peak(self.svc_base[fam], blocks);
+            if peak > cap {
+                full.push(format!(
+                    "map {} full: needs {peak} entries, capacity {cap}",
+                    SVC_MAPS[fam]
+                ));
+            }
+        }
+
+        // Only this Service's own new addresses: copying the running set for every
+        // Service would make admission quadratic.
+        let mine: BTreeSet<BackendAddr> = fronts
+            .iter()
+            .flat_map(|c| c.desired.backends.iter().map(|b| b.addr))
+            .filter(|a| !by_addr.contains_key(a) && !self.new_backends.contains(a))
+            .collect();
+        if !mine.is_empty() {
+            let total = self.new_backends.len() + mine.len();
+            let peak = self.backends_base + total;
+            if peak > self.cap.backends {
+                full.push(format!(
+                    "map {MAP_BACKENDS} full: needs {peak} entries, capacity {}",
+                    self.cap.backends
+                ));
+            } else if total > self.free_backend_ids {
+                full.push(format!(
+                    "map {MAP_BACKENDS}: no free backend id left for {peak} entries"
+                ));
+            }
+        }
+
+        let new_rev_nats =
+            self.new_rev_nats + changed.iter().filter(|c| c.rev_nat.is_none()).count();
+        if new_rev_nats > self.new_rev_nats {
+            let peak = self.rev_nats_base + new_rev_nats;
+            if peak > self.cap.rev_nats {
+                full.push(format!(
+                    "map {MAP_REVNAT} full: needs {peak} entries, capacity {}",
+                    self.cap.rev_nats
+                ));
+            }
+        }
+
+        if !full.is_empty() {
+            return Err(full.join("; "));
+        }
+        for c in &changed {
+            self.svc_blocks[family(c.key())].push(Block::from(*c));
+        }
+        self.svc_adds = svc_adds;
+        self.new_backends.extend(mine);
+        self.new_rev_nats = new_rev_nats;
+        Ok(())
+    }
+}
+
+/// Hands out the lowest ids ≥ 1 that are not in `used`, in increasing order.
+struct IdAllocator<'a> {
+    used: &'a BTreeSet<u32>,
+    next: u32,
+}
+
+impl Iterator for IdAllocator<'_> {
+    type Item = u32;
+
+    fn next(&mut self) -> Option<u32> {
+        loop {
+            let id = self.next;
+            if id == 0 {
+                // Wrapped around: the id space is exhausted.
+                return None;
+            }
+            self.next = id.wrapping_add(1);
+            if !self.used.contains(&id) {
+                return Some(id);
+            }
+        }
+    }
+}
+
+fn allocator(used: &BTreeSet<u32>) -> IdAllocator<'_> {
+    IdAllocator { used, next: 1 }
+}
 
 /// Diff `current` against `desired` into ordered operations (see the module docs).
-pub fn plan(_current: &CurrentState, _desired: &DesiredState, _cap: &Capacity) -> Plan {
-    // Filled in by the planner work item.
-    Plan::default()
+/// Services that would overflow a map at any point of the plan, or that have a
+/// frontend with more backends than a frontend can hold, are rejected whole, in
+/// namespace/name order; whatever they have programmed now stays as it is.
+pub fn plan(current: &CurrentState, desired: &DesiredState, cap: &Capacity) -> Plan {
+    // The lowest id of each backend address is the one kept; duplicates are orphans.
+    let mut by_addr: BTreeMap<BackendAddr, u32> = BTreeMap::new();
+    for (id, b) in &current.backends {
+        by_addr.entry(b.addr).or_insert(*id);
+    }
+
+    let mut master_refs: BTreeMap<u32, Vec<FrontendKey>> = BTreeMap::new();
+    for (fe, cf) in &current.frontends {
+        if has_master(cf) && cf.rev_nat_id != 0 {
+            master_refs.entry(cf.rev_nat_id).or_default().push(*fe);
+        }
+    }
+
+    // Reverse-NAT entries no master names (left by an interrupted apply) are adopted
+    // by the frontend they describe instead of being replaced.
+    let mut orphans: BTreeMap<(IpAddr, u16, u8), BTreeSet<u32>> = BTreeMap::new();
+    for (id, fe) in &current.rev_nats {
+        if !master_refs.contains_key(id) {
+            orphans
+                .entry((fe.addr, fe.port, fe.proto))
+                .or_default()
+                .insert(*id);
+        }
+    }
+    let mut claimed: BTreeSet<u32> = BTreeSet::new();
+    let mut candidates: Vec<Candidate<'_>> = Vec::with_capacity(desired.frontends.len());
+    for (key, d) in &desired.frontends {
+        let cur = current.frontends.get(key);
+        let kept = cur
+            .filter(|cf| has_master(cf))
+            .map(|cf| cf.rev_nat_id)
+            .filter(|id| {
+                *id != 0
+                    && current
+                        .rev_nats
+                        .get(id)
+                        .is_some_and(|fe| same_rev_nat(fe, key))
+            });
+        let rev_nat = kept.or_else(|| {
+            let ids = orphans.get_mut(&(key.addr, key.port, key.proto))?;
+            let id = ids.pop_first()?;
+            claimed.insert(id);
+            Some(id)
+        });
+        claimed.extend(kept);
+        candidates.push(Candidate::new(d, cur, rev_nat, &by_addr));
+    }
+
+    let removed: Vec<(&FrontendKey, &CurrentFrontend)> = current
+        .frontends
+        .iter()
+        .filter(|(k, _)| !desired.frontends.contains_key(*k))
+        .collect();
+    let removed_keys: BTreeSet<&FrontendKey> = removed.iter().map(|(k, _)| *k).collect();
+    // Reverse-NAT entries deleted in phase 1: named by no master that survives it.
+    let phase1_rev_nats: BTreeSet<u32> = current
+        .rev_nats
+        .keys()
+        .copied()
+        .filter(|id| !claimed.contains(id))
+        .filter(|id| {
+            master_refs
+                .get(id)
+                .is_none_or(|fes| fes.iter().all(|fe| removed_keys.contains(fe)))
+        })
+        .collect();
+
+    let mut svc_now = [0usize; 2];
+    let mut svc_removed = [0usize; 2];
+    for (fe, cf) in &current.frontends {
+        svc_now[family(fe)] += entries(cf);
+    }
+    for (fe, cf) in &removed {
+        svc_removed[family(fe)] += entries(cf);
+    }
+    let mut used_backend_ids: BTreeSet<u32> = current.backends.keys().copied().collect();
+    for cf in current.frontends.values() {
+        used_backend_ids.extend(cf.backend_ids.iter().copied().filter(|id| *id != 0));
+    }
+    let mut budget = Budget {
+        cap: *cap,
+        svc_base: [svc_now[V4] - svc_removed[V4], svc_now[V6] - svc_removed[V6]],
+        svc_adds: [0; 2],
+        svc_blocks: [Vec::new(), Vec::new()],
+        backends_base: current.backends.len(),
+        new_backends: BTreeSet::new(),
+        free_backend_ids: (u32::MAX as usize).saturating_sub(used_backend_ids.len()),
+        rev_nats_base: current.rev_nats.len() - phase1_rev_nats.len(),
+        new_rev_nats: 0,
+    };
+
+    let mut services: BTreeMap<&ServiceRef, Vec<&Candidate<'_>>> = BTreeMap::new();
+    for c in &candidates {
+        services.entry(&c.desired.service).or_default().push(c);
+    }
+    let mut rejected = Vec::new();
+    let mut admitted: BTreeSet<FrontendKey> = BTreeSet::new();
+    for (service, fronts) in &services {
+        let too_big = fronts
+            .iter()
+            .find(|c| c.desired.backends.len() > MAX_BACKENDS_PER_FRONTEND);
+        let verdict = match too_big {
+            Some(c) => Err(format!(
+                "frontend {} has {} backends; one frontend holds at most {MAX_BACKENDS_PER_FRONTEND}",
+                fmt_frontend(c.key()),
+                c.desired.backends.len()
+            )),
+            None => budget.try_admit(fronts, &by_addr),
+        };
+        match verdict {
+            Ok(()) => admitted.extend(fronts.iter().map(|c| *c.key())),
+            Err(reason) => rejected.push(Rejected {
+                service: (*service).clone(),
+                reason,
+            }),
+        }
+    }
+    let (admitted, kept): (Vec<&Candidate<'_>>, Vec<&Candidate<'_>>) =
+        candidates.iter().partition(|c| admitted.contains(c.key()));
+
+    // New ids go to admitted frontends only, lowest first, in address / key order.
+    let mut backend_ids = by_addr.clone();
+    let mut fresh_ids = allocator(&used_backend_ids);
+    for addr in &budget.new_backends {
+        if let Some(id) = fresh_ids.next() {
+            backend_ids.insert(*addr, id);
+        }
+    }
+    let mut used_rev_ids: BTreeSet<u32> = current.rev_nats.keys().copied().collect();
+    used_rev_ids.extend(master_refs.keys().copied());
+    let mut fresh_rev = allocator(&used_rev_ids);
+    let mut rev_ids: BTreeMap<FrontendKey, u32> = BTreeMap::new();
+    let mut new_rev_nats: BTreeSet<FrontendKey> = BTreeSet::new();
+    for c in &admitted {
+        let id = match c.rev_nat {
+            Some(id) => Some(id),
+            None => fresh_rev.next().inspect(|_| {
+                new_rev_nats.insert(*c.key());
+            }),
+        };
+        if let Some(id) = id {
+            rev_ids.insert(*c.key(), id);
+        }
+    }
+
+    let mut ops = Vec::new();
+
+    // Phase 1.
+    let mut removed_refs: BTreeMap<u32, usize> = BTreeMap::new();
+    for (_, cf) in &removed {
+        if has_master(cf) {
+            *removed_refs.entry(cf.rev_nat_id).or_default() += 1;
+        }
+    }
+    for (fe, cf) in &removed {
+        if has_master(cf) {
+            ops.push(Op::DeleteMaster { frontend: **fe });
+        }
+        ops.extend(present_slots(cf).map(|slot| Op::DeleteSlot {
+            frontend: **fe,
+            slot,
+        }));
+        if has_master(cf) {
+            let id = cf.rev_nat_id;
+            if let Some(left) = removed_refs.get_mut(&id) {
+                *left -= 1;
+                if *left == 0 && phase1_rev_nats.contains(&id) {
+                    ops.push(Op::DeleteRevNat { id });
+                }
+            }
+        }
+    }
+    for c in &kept {
+        if let Some(cf) = c.current {
+            ops.extend(cf.stale_slots.iter().map(|&slot| Op::DeleteSlot {
+                frontend: *c.key(),
+                slot,
+            }));
+        }
+    }
+    ops.extend(
+        phase1_rev_nats
+            .iter()
+            .filter(|id| !removed_refs.contains_key(id))
+            .map(|&id| Op::DeleteRevNat { id }),
+    );
+
+    // Phase 2. Two frontends may disagree on one address's state; active wins, since
+    // the entry is shared and draining it would starve the frontend that wants it.
+    let mut wanted: BTreeMap<u32, BackendEntry> = BTreeMap::new();
+    for c in &admitted {
+        for b in &c.desired.backends {
+            let Some(&id) = backend_ids.get(&b.addr) else {
+                continue;
+            };
+            let entry = wanted.entry(id).or_insert(BackendEntry {
+                addr: b.addr,
+                state: b.state,
+            });
+            entry.state = entry.state.min(b.state);
+        }
+    }
+    for (id, backend) in &wanted {
+        if current.backends.get(id) != Some(backend) {
+            ops.push(Op::UpsertBackend {
+                id: *id,
+                backend: *backend,
+            });
+        }
+    }
+
+    // Phase 3.
+    let mut changed: Vec<&&Candidate<'_>> = admitted.iter().filter(|c| c.changed).collect();
+    changed.sort_by_key(|c| c.order());
+    // Frontends left as they are because an id could not be allocated. Admission bounds
+    // the ids a plan needs by the free id space, so this stays empty in practice; it
+    // exists so that such a frontend is treated like a rejected one, never half-written.
+    let mut untouched: Vec<&Candidate<'_>> = Vec::new();
+    for c in changed {
+        let fe = *c.key();
+        let ids: Option<Vec<u32>> = c
+            .desired
+            .backends
+            .iter()
+            .map(|b| backend_ids.get(&b.addr).copied())
+            .collect();
+        let (Some(&rev_nat_id), Some(ids)) = (rev_ids.get(&fe), ids) else {
+            untouched.push(c);
+            continue;
+        };
+        if new_rev_nats.contains(&fe) {
+            ops.push(Op::UpsertRevNat {
+                id: rev_nat_id,
+                frontend: fe,
+            });
+        }
+        let now = |slot: usize| {
+            c.current
+                .and_then(|cf| cf.backend_ids.get(slot - 1))
+                .copied()
+        };
+        for (i, id) in ids.iter().enumerate() {
+            if now(i + 1) != Some(*id) {
+                // Slot numbers fit: admission rejected frontends above MAX_BACKENDS_PER_FRONTEND.
+                let slot = u16::try_from(i + 1).unwrap_or(u16::MAX);
+                ops.push(Op::UpsertSlot {
+                    frontend: fe,
+                    slot,
+                    backend_id: *id,
+                });
+            }
+        }
+        let count = u32::try_from(ids.len()).unwrap_or(u32::MAX);
+        let (flags, affinity_timeout_s) = wanted_flags(c.desired);
+        let master_ok = c.current.is_some_and(|cf| {
+            has_master(cf)
+                && cf.backend_ids.len() == ids.len()
+                && cf.rev_nat_id == rev_nat_id
+                && cf.flags == flags
+                && cf.affinity_timeout_s == affinity_timeout_s
+        });
+        if !master_ok {
+            ops.push(Op::UpsertMaster {
+                frontend: fe,
+                count,
+                rev_nat_id,
+                flags,
+                affinity_timeout_s,
+            });
+        }
+        if let Some(cf) = c.current {
+            ops.extend(
+                present_slots(cf)
+                    .filter(|s| usize::from(*s) > ids.len())
+                    .map(|slot| Op::DeleteSlot { frontend: fe, slot }),
+            );
+        }
+    }
+    let as_is: Vec<&CurrentFrontend> = kept
+        .iter()
+        .chain(&untouched)
+        .filter_map(|c| c.current)
+        .collect();
+    let final_rev_ids: BTreeSet<u32> = rev_ids
+        .iter()
+        .filter(|(fe, _)| !untouched.iter().any(|c| c.key() == *fe))
+        .map(|(_, id)| *id)
+        .chain(
+            as_is
+                .iter()
+                .filter(|cf| has_master(cf))
+                .map(|cf| cf.rev_nat_id),
+        )
+        .collect();
+    ops.extend(
+        current
+            .rev_nats
+            .keys()
+            .filter(|id| !phase1_rev_nats.contains(id) && !final_rev_ids.contains(id))
+            .map(|&id| Op::DeleteRevNat { id }),
+    );
+
+    // Phase 4.
+    let mut final_backend_ids: BTreeSet<u32> = wanted.keys().copied().collect();
+    for cf in &as_is {
+        final_backend_ids.extend(cf.backend_ids.iter().copied());
+    }
+    ops.extend(
+        current
+            .backends
+            .keys()
+            .filter(|id| !final_backend_ids.contains(id))
+            .map(|&id| Op::DeleteBackend { id }),
+    );
+
+    Plan { ops, rejected }
 }

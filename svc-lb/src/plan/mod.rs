@@ -14,7 +14,14 @@ use std::collections::BTreeMap;
 use crate::model::{BackendAddr, FrontendKey, ServiceRef};
 
 mod diff;
+mod mirror;
 pub use diff::plan;
+pub use mirror::SlotIdsAboveCount;
+
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod tests;
 
 /// A backend entry as stored in the backend map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -44,6 +51,10 @@ pub struct CurrentState {
     pub frontends: BTreeMap<FrontendKey, CurrentFrontend>,
     pub backends: BTreeMap<u32, BackendEntry>,
     pub rev_nats: BTreeMap<u32, FrontendKey>,
+    /// Backend ids of slots above their master's count, which the fields above list by
+    /// number only. Kept by [`CurrentState::apply`]; ignored by `==` (a read-back cannot
+    /// fill it). Build a `CurrentState` with `..Default::default()`.
+    pub slots_above_count: SlotIdsAboveCount,
 }
 
 /// One map write or delete.

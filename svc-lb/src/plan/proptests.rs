@@ -1,0 +1,451 @@
+//! Property tests: random sequences of desired states, applied through `apply_plan`
+//! on the fake maps (which check the datapath invariants after every op).
+use std::collections::{BTreeMap, BTreeSet};
+
+use proptest::prelude::*;
+use svc_lb_common::{BACKEND_ACTIVE, BACKEND_TERMINATING, PROTO_TCP, PROTO_UDP, SCOPE_ALL};
+
+use super::{
+    tests::{Rig, Served, expect_served, served, svc},
+    *,
+};
+use crate::{
+    datapath::{
+        MapStore,
+        apply::{OpFailed, apply_plan},
+        codec,
+        fake::FakeError,
+    },
+    model::{BackendAddr, DesiredBackend, DesiredFrontend, DesiredState, FrontendKey, ServiceRef},
+};
+
+/// Frontends a desired state picks from: both families, two protocols on one address.
+const FRONTENDS: [(&str, u16, u8); 6] = [
+    ("10.96.0.1", 80, PROTO_TCP),
+    ("10.96.0.1", 53, PROTO_UDP),
+    ("10.96.0.2", 80, PROTO_TCP),
+    ("10.96.0.3", 443, PROTO_TCP),
+    ("fd00::1", 80, PROTO_TCP),
+    ("fd00::2", 80, PROTO_TCP),
+];
+/// Small backend pools, so that frontends share backends often.
+const V4_POOL: [&str; 5] = ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5"];
+const V6_POOL: [&str; 3] = ["fd00:1::1", "fd00:1::2", "fd00:1::3"];
+const SERVICES: [&str; 3] = ["alpha", "beta", "gamma"];
+
+#[derive(Clone, Debug)]
+struct FrontendSpec {
+    present: bool,
+    service: usize,
+    backends: u8,
+    terminating: u8,
+    affinity: Option<u32>,
+}
+
+fn frontend_spec() -> impl Strategy<Value = FrontendSpec> {
+    (
+        prop::bool::weighted(0.7),
+        0..SERVICES.len(),
+        any::<u8>(),
+        any::<u8>(),
+        prop_oneof![3 => Just(None), 1 => Just(Some(10)), 1 => Just(Some(10_800))],
+    )
+        .prop_map(
+            |(present, service, backends, terminating, affinity)| FrontendSpec {
+                present,
+                service,
+                backends,
+                terminating,
+                affinity,
+            },
+        )
+}
+
+fn desired_state() -> impl Strategy<Value = DesiredState> {
+    prop::collection::vec(frontend_spec(), FRONTENDS.len()).prop_map(|specs| {
+        let mut d = DesiredState::default();
+        for ((addr, port, proto), spec) in FRONTENDS.iter().zip(specs) {
+            if !spec.present {
+                continue;
+            }
+            let key = FrontendKey {
+                addr: addr.parse().unwrap(),
+                port: *port,
+                proto: *proto,
+                scope: SCOPE_ALL,
+            };
+            let pool: &[&str] = if key.addr.is_ipv4() {
+                &V4_POOL
+            } else {
+                &V6_POOL
+            };
+            let mut backends: Vec<DesiredBackend> = pool
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| spec.backends & (1 << i) != 0)
+                .map(|(i, a)| DesiredBackend {
+                    addr: BackendAddr {
+                        addr: a.parse().unwrap(),
+                        port: 8080,
+                        proto: *proto,
+                    },
+                    state: if spec.terminating & (1 << i) != 0 {
+                        BACKEND_TERMINATING
+                    } else {
+                        BACKEND_ACTIVE
+                    },
+                })
+                .collect();
+            backends.sort_unstable();
+            d.frontends.insert(
+                key,
+                DesiredFrontend {
+                    key,
+                    service: svc(SERVICES[spec.service]),
+                    port_name: String::new(),
+                    backends,
+                    affinity_timeout_s: spec.affinity,
+                },
+            );
+        }
+        d
+    })
+}
+
+fn capacity() -> impl Strategy<Value = Capacity> {
+    (0usize..14, 0usize..9, 0usize..9, 0usize..6).prop_map(|(svc4, svc6, backends, rev_nats)| {
+        Capacity {
+            svc4_entries: svc4,
+            svc6_entries: svc6,
+            backends,
+            rev_nats,
+        }
+    })
+}
+
+fn roomy() -> Capacity {
+    Capacity {
+        svc4_entries: 1000,
+        svc6_entries: 1000,
+        backends: 1000,
+        rev_nats: 1000,
+    }
+}
+
+/// Everything every frontend serves, read from the raw maps.
+fn all_served(
+    rig: &Rig,
+    keys: impl IntoIterator<Item = FrontendKey>,
+) -> BTreeMap<FrontendKey, Option<Served>> {
+    keys.into_iter()
+        .map(|k| (k, served(&rig.fake, &k)))
+        .collect()
+}
+
+fn without_states(s: &Option<Served>) -> Option<(Vec<BackendAddr>, u16, u32, FrontendKey)> {
+    s.as_ref().map(|s| {
+        (
+            s.backends.iter().map(|b| b.addr).collect(),
+            s.flags,
+            s.affinity_timeout_s,
+            s.rev_nat,
+        )
+    })
+}
+
+/// Frontends with any key (master or slot) in the service maps.
+fn frontends_in_maps(rig: &Rig) -> BTreeSet<FrontendKey> {
+    rig.fake
+        .svc()
+        .keys()
+        .map(|k| codec::frontend_of(k).0)
+        .collect()
+}
+
+/// Runs one plan on a copy of the maps, one op at a time, and checks after every op
+/// that the mirror equals a read-back. The fake
+/// itself refuses any op that would break a datapath invariant.
+fn check_op_by_op(rig: &Rig, p: &Plan) -> Result<(), TestCaseError> {
+    let mut fake = rig.fake.clone();
+    let mut mirror = rig.current.clone();
+    for (i, op) in p.ops.iter().enumerate() {
+        if let Err(e) = fake.apply(op) {
+            return Err(TestCaseError::fail(format!("op {i} {op:?} failed: {e:#}")));
+        }
+        mirror.apply(op);
+        prop_assert_eq!(
+            &mirror,
+            &fake.read_current().unwrap(),
+            "mirror drifted after op {} {:?}",
+            i,
+            op
+        );
+    }
+    Ok(())
+}
+
+/// Plans and applies one desired state and checks the outcome against it:
+/// - admitted Services serve exactly their desired backends (so a removed backend gets
+///   no new connection), flags and reverse NAT;
+/// - rejected Services serve exactly what they served before, and are named with a reason;
+/// - nothing else is left in the service maps;
+/// - the plan is deterministic, and the mirror equals a read-back.
+fn step(rig: &mut Rig, desired: &DesiredState) -> Result<Plan, TestCaseError> {
+    let p = rig.plan(desired);
+    prop_assert_eq!(&p, &rig.plan(desired), "plan is not deterministic");
+    let keys: BTreeSet<FrontendKey> = desired
+        .frontends
+        .keys()
+        .copied()
+        .chain(frontends_in_maps(rig))
+        .collect();
+    let before = all_served(rig, keys.iter().copied());
+    check_op_by_op(rig, &p)?;
+    if let Err(e) = apply_plan(&mut rig.fake, &mut rig.current, &p) {
+        return Err(TestCaseError::fail(format!("apply failed: {e:#}")));
+    }
+    prop_assert_eq!(&rig.current, &rig.fake.read_current().unwrap());
+    let after = all_served(rig, keys.iter().copied());
+
+    let rejected: BTreeSet<&ServiceRef> = p.rejected.iter().map(|r| &r.service).collect();
+    prop_assert_eq!(rejected.len(), p.rejected.len(), "a Service rejected twice");
+    for r in &p.rejected {
+        prop_assert!(
+            r.reason.starts_with("map LB_")
+                || r.reason.contains("backends; one frontend holds at most"),
+            "unclear reason {:?}",
+            r.reason
+        );
+        prop_assert!(desired.frontends.values().any(|f| f.service == r.service));
+    }
+    // One backend entry serves every frontend that names its address; when admitted
+    // frontends disagree on its state, active wins.
+    let mut states: BTreeMap<BackendAddr, u8> = BTreeMap::new();
+    for d in desired
+        .frontends
+        .values()
+        .filter(|d| !rejected.contains(&d.service))
+    {
+        for b in &d.backends {
+            let s = states.entry(b.addr).or_insert(b.state);
+            *s = (*s).min(b.state);
+        }
+    }
+    for (key, d) in &desired.frontends {
+        if rejected.contains(&d.service) {
+            // Untouched, except that a backend shared with an admitted Service follows
+            // that Service's state.
+            prop_assert_eq!(
+                without_states(&after[key]),
+                without_states(&before[key]),
+                "rejected {} changed at {:?}",
+                d.service,
+                key
+            );
+        } else {
+            let mut want = expect_served(d);
+            for b in &mut want.backends {
+                b.state = states[&b.addr];
+            }
+            prop_assert_eq!(
+                after[key].as_ref(),
+                Some(&want),
+                "admitted frontend {:?}",
+                key
+            );
+        }
+    }
+    let in_maps = frontends_in_maps(rig);
+    for key in &in_maps {
+        let owner = desired.frontends.get(key).map(|d| &d.service);
+        prop_assert!(
+            owner.is_some(),
+            "removed frontend {:?} left in the maps",
+            key
+        );
+    }
+    // Admitted frontends hold exactly slots 0..=count; rejected ones what they had.
+    for (key, d) in &desired.frontends {
+        let slots = rig
+            .fake
+            .svc()
+            .keys()
+            .filter(|k| codec::frontend_of(k).0 == *key)
+            .count();
+        if !rejected.contains(&d.service) {
+            prop_assert_eq!(slots, d.backends.len() + 1, "stray slots at {:?}", key);
+        }
+    }
+    Ok(p)
+}
+
+/// Syncs until a plan is empty; with enough room that is the first re-plan, with
+/// tight capacity a Service rejected in one pass may fit once another one shrank.
+fn converge(rig: &mut Rig, desired: &DesiredState) -> Result<(), TestCaseError> {
+    let services: BTreeSet<&ServiceRef> = desired.frontends.values().map(|f| &f.service).collect();
+    // One pass to apply, one to see it empty, and at most one more per Service that
+    // only fits once others made room.
+    for _ in 0..services.len() + 2 {
+        let p = step(rig, desired)?;
+        if p.ops.is_empty() {
+            // A restarted agent sees the same maps and plans the same nothing.
+            let fresh = plan(
+                &rig.fake.read_current().unwrap(),
+                desired,
+                &rig.fake.capacity(),
+            );
+            prop_assert_eq!(fresh.ops, vec![]);
+            return Ok(());
+        }
+    }
+    Err(TestCaseError::fail("plans did not converge"))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_transitions_program_exactly_the_desired_state(
+        seq in prop::collection::vec(desired_state(), 1..7),
+    ) {
+        let mut rig = Rig::new(roomy());
+        for desired in &seq {
+            let p = step(&mut rig, desired)?;
+            prop_assert_eq!(p.rejected, vec![]);
+            // With room to spare the second plan is empty right away.
+            prop_assert_eq!(rig.plan(desired).ops, vec![]);
+            let fresh = plan(&rig.fake.read_current().unwrap(), desired, &rig.fake.capacity());
+            prop_assert_eq!(fresh.ops, vec![]);
+        }
+        // Ending with nothing desired leaves nothing in any map.
+        step(&mut rig, &DesiredState::default())?;
+        prop_assert_eq!(rig.fake.usage(), Capacity { svc4_entries: 0, svc6_entries: 0, backends: 0, rev_nats: 0 });
+    }
+
+    #[test]
+    fn interrupted_applies_converge_from_a_read_back(
+        seq in prop::collection::vec((desired_state(), any::<prop::sample::Index>()), 1..6),
+    ) {
+        let mut rig = Rig::new(roomy());
+        for (desired, cut) in &seq {
+            let p = rig.plan(desired);
+            if !p.ops.is_empty() {
+                let n = cut.index(p.ops.len());
+                let applied_before = rig.fake.applied();
+                rig.fake.fail_after(n);
+                let err = apply_plan(&mut rig.fake, &mut rig.current, &p).unwrap_err();
+                prop_assert_eq!(err.downcast_ref::<FakeError>(), Some(&FakeError::Injected), "{:#}", err);
+                prop_assert_eq!(err.downcast_ref::<OpFailed>().map(|f| f.index), Some(n));
+                prop_assert_eq!(rig.fake.applied() - applied_before, n);
+                prop_assert_eq!(&rig.current, &rig.fake.read_current().unwrap());
+                // The agent re-reads after a failure.
+                rig.current = rig.fake.read_current().unwrap();
+            }
+            converge(&mut rig, desired)?;
+        }
+    }
+
+    #[test]
+    fn tight_capacity_rejects_whole_services_and_never_overflows(
+        cap in capacity(),
+        seq in prop::collection::vec((desired_state(), prop::option::weighted(0.3, any::<prop::sample::Index>())), 1..6),
+    ) {
+        let mut rig = Rig::new(cap);
+        for (desired, cut) in &seq {
+            // Sometimes a plan is cut short first: stale slots and orphans then meet
+            // rejected Services and full maps.
+            let p = rig.plan(desired);
+            if let (Some(cut), false) = (cut, p.ops.is_empty()) {
+                rig.fake.fail_after(cut.index(p.ops.len()));
+                let err = apply_plan(&mut rig.fake, &mut rig.current, &p).unwrap_err();
+                prop_assert_eq!(err.downcast_ref::<FakeError>(), Some(&FakeError::Injected), "{:#}", err);
+                rig.current = rig.fake.read_current().unwrap();
+            }
+            converge(&mut rig, desired)?;
+            let used = rig.fake.usage();
+            prop_assert!(used.svc4_entries <= cap.svc4_entries && used.svc6_entries <= cap.svc6_entries);
+            prop_assert!(used.backends <= cap.backends && used.rev_nats <= cap.rev_nats);
+        }
+    }
+
+    #[test]
+    fn capacity_never_rejects_what_fits_alone(
+        desired in desired_state(),
+    ) {
+        // Exactly the room the whole desired state needs from empty maps: every Service
+        // must be admitted, so the bound the planner uses is not too pessimistic there.
+        let need = {
+            let mut rig = Rig::new(roomy());
+            step(&mut rig, &desired)?;
+            rig.fake.usage()
+        };
+        let mut rig = Rig::new(need);
+        let p = step(&mut rig, &desired)?;
+        prop_assert_eq!(p.rejected, vec![]);
+    }
+}
+
+/// Any operation on two frontends, with ids the setup below makes valid.
+fn any_op() -> impl Strategy<Value = Op> {
+    let key =
+        prop_oneof![Just(("10.96.0.1", 80u16)), Just(("fd00::1", 80u16))].prop_map(|(a, p)| {
+            FrontendKey {
+                addr: a.parse().unwrap(),
+                port: p,
+                proto: PROTO_TCP,
+                scope: SCOPE_ALL,
+            }
+        });
+    prop_oneof![
+        (key.clone(), 1u16..6, 1u32..4).prop_map(|(frontend, slot, backend_id)| Op::UpsertSlot {
+            frontend,
+            slot,
+            backend_id
+        }),
+        (key.clone(), 0u32..6, 1u32..3, prop::bool::ANY).prop_map(
+            |(frontend, count, rev_nat_id, aff)| Op::UpsertMaster {
+                frontend,
+                count,
+                rev_nat_id,
+                flags: if aff {
+                    svc_lb_common::SVC_FLAG_AFFINITY
+                } else {
+                    0
+                },
+                affinity_timeout_s: 30,
+            }
+        ),
+        (key.clone(), 1u16..6).prop_map(|(frontend, slot)| Op::DeleteSlot { frontend, slot }),
+        key.prop_map(|frontend| Op::DeleteMaster { frontend }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Not only planner-made sequences: masters that shrink below written slots, grow
+    /// back over them, vanish while slots remain. Ops the fake refuses (they would break
+    /// an invariant, or delete nothing) are not mirrored, as `apply_plan` would not.
+    #[test]
+    fn mirror_equals_read_back_after_any_accepted_op(ops in prop::collection::vec(any_op(), 1..40)) {
+        let mut fake = crate::datapath::fake::FakeMaps::with_default_capacity();
+        let mut mirror = CurrentState::default();
+        let setup = (1..4)
+            .map(|id| Op::UpsertBackend {
+                id,
+                backend: BackendEntry {
+                    addr: BackendAddr { addr: format!("10.0.0.{id}").parse().unwrap(), port: 80, proto: PROTO_TCP },
+                    state: BACKEND_ACTIVE,
+                },
+            })
+            .chain((1..3).map(|id| Op::UpsertRevNat { id, frontend: FrontendKey {
+                addr: "10.96.0.9".parse().unwrap(), port: 80, proto: PROTO_TCP, scope: SCOPE_ALL,
+            } }));
+        for op in setup.chain(ops) {
+            if fake.apply(&op).is_ok() {
+                mirror.apply(&op);
+            }
+            prop_assert_eq!(&mirror, &fake.read_current().unwrap(), "after {:?}", op);
+        }
+    }
+}

@@ -1,0 +1,976 @@
+//! Hand-written transitions with their exact operation lists, capacity admission, and
+//! the mirror. Shared helpers are `pub(super)` for the property tests.
+use std::collections::BTreeMap;
+
+use svc_lb_common::{
+    BACKEND_ACTIVE, BACKEND_TERMINATING, MAX_BACKENDS_PER_FRONTEND, PROTO_TCP, PROTO_UDP,
+    SCOPE_ALL, SVC_FLAG_AFFINITY,
+};
+
+use super::*;
+use crate::{
+    datapath::{
+        MapStore,
+        apply::apply_plan,
+        codec,
+        fake::{FakeError, FakeMaps},
+    },
+    model::{BackendAddr, DesiredBackend, DesiredFrontend, DesiredState, FrontendKey, ServiceRef},
+};
+
+pub(super) fn svc(name: &str) -> ServiceRef {
+    ServiceRef {
+        namespace: "default".to_owned(),
+        name: name.to_owned(),
+    }
+}
+
+pub(super) fn fe(addr: &str, port: u16) -> FrontendKey {
+    FrontendKey {
+        addr: addr.parse().unwrap(),
+        port,
+        proto: PROTO_TCP,
+        scope: SCOPE_ALL,
+    }
+}
+
+pub(super) fn baddr(addr: &str) -> BackendAddr {
+    BackendAddr {
+        addr: addr.parse().unwrap(),
+        port: 8080,
+        proto: PROTO_TCP,
+    }
+}
+
+pub(super) fn be(addr: &str) -> DesiredBackend {
+    DesiredBackend {
+        addr: baddr(addr),
+        state: BACKEND_ACTIVE,
+    }
+}
+
+fn term(addr: &str) -> DesiredBackend {
+    DesiredBackend {
+        addr: baddr(addr),
+        state: BACKEND_TERMINATING,
+    }
+}
+
+pub(super) fn frontend(
+    service: &str,
+    key: FrontendKey,
+    backends: &[DesiredBackend],
+) -> DesiredFrontend {
+    let mut backends = backends.to_vec();
+    backends.sort_unstable();
+    DesiredFrontend {
+        key,
+        service: svc(service),
+        port_name: String::new(),
+        backends,
+        affinity_timeout_s: None,
+    }
+}
+
+pub(super) fn state(frontends: Vec<DesiredFrontend>) -> DesiredState {
+    DesiredState {
+        frontends: frontends.into_iter().map(|f| (f.key, f)).collect(),
+    }
+}
+
+pub(super) fn big() -> Capacity {
+    Capacity {
+        svc4_entries: 1 << 16,
+        svc6_entries: 1 << 16,
+        backends: 1 << 16,
+        rev_nats: 1 << 16,
+    }
+}
+
+fn ub(id: u32, b: DesiredBackend) -> Op {
+    Op::UpsertBackend {
+        id,
+        backend: BackendEntry {
+            addr: b.addr,
+            state: b.state,
+        },
+    }
+}
+fn ur(id: u32, frontend: FrontendKey) -> Op {
+    Op::UpsertRevNat { id, frontend }
+}
+fn us(frontend: FrontendKey, slot: u16, backend_id: u32) -> Op {
+    Op::UpsertSlot {
+        frontend,
+        slot,
+        backend_id,
+    }
+}
+fn um(frontend: FrontendKey, count: u32, rev_nat_id: u32) -> Op {
+    Op::UpsertMaster {
+        frontend,
+        count,
+        rev_nat_id,
+        flags: 0,
+        affinity_timeout_s: 0,
+    }
+}
+fn ds(frontend: FrontendKey, slot: u16) -> Op {
+    Op::DeleteSlot { frontend, slot }
+}
+fn dm(frontend: FrontendKey) -> Op {
+    Op::DeleteMaster { frontend }
+}
+fn dr(id: u32) -> Op {
+    Op::DeleteRevNat { id }
+}
+fn db(id: u32) -> Op {
+    Op::DeleteBackend { id }
+}
+
+/// What a frontend serves, read from the raw maps the way the eBPF programs read them:
+/// master, slots `1..=count`, backends, reverse NAT.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Served {
+    pub backends: Vec<DesiredBackend>,
+    pub flags: u16,
+    pub affinity_timeout_s: u32,
+    pub rev_nat: FrontendKey,
+}
+
+pub(super) fn served(fake: &FakeMaps, key: &FrontendKey) -> Option<Served> {
+    let master = fake.svc().get(&codec::svc_key(key, 0))?;
+    let backends = (1..=master.count)
+        .map(|s| {
+            let slot = fake.svc()[&codec::svc_key(key, u16::try_from(s).unwrap())];
+            let b = codec::backend_from_raw(&fake.backends()[&slot.backend_id]).unwrap();
+            DesiredBackend {
+                addr: b.addr,
+                state: b.state,
+            }
+        })
+        .collect();
+    Some(Served {
+        backends,
+        flags: master.flags,
+        affinity_timeout_s: master.affinity_timeout_s,
+        rev_nat: codec::revnat_from_raw(&fake.rev_nats()[&master.rev_nat_id]).unwrap(),
+    })
+}
+
+pub(super) fn expect_served(d: &DesiredFrontend) -> Served {
+    Served {
+        backends: d.backends.clone(),
+        flags: if d.affinity_timeout_s.is_some() {
+            SVC_FLAG_AFFINITY
+        } else {
+            0
+        },
+        affinity_timeout_s: d.affinity_timeout_s.unwrap_or(0),
+        rev_nat: FrontendKey {
+            scope: SCOPE_ALL,
+            ..d.key
+        },
+    }
+}
+
+/// A fake and its mirror, driven the way the agent drives them.
+pub(super) struct Rig {
+    pub fake: FakeMaps,
+    pub current: CurrentState,
+}
+
+impl Rig {
+    pub fn new(cap: Capacity) -> Self {
+        Self {
+            fake: FakeMaps::new(cap),
+            current: CurrentState::default(),
+        }
+    }
+
+    pub fn plan(&self, desired: &DesiredState) -> Plan {
+        plan(&self.current, desired, &self.fake.capacity())
+    }
+
+    /// Plans, applies, and checks that the mirror equals a read-back and that a second
+    /// plan (from the mirror and from a read-back, as after a restart) is empty.
+    pub fn sync(&mut self, desired: &DesiredState) -> Plan {
+        let p = self.plan(desired);
+        let n = apply_plan(&mut self.fake, &mut self.current, &p).unwrap();
+        assert_eq!(n, p.ops.len());
+        assert_eq!(
+            self.current,
+            self.fake.read_current().unwrap(),
+            "mirror drifted from the maps"
+        );
+        self.fake.check_invariants().unwrap();
+        assert_eq!(self.plan(desired).ops, vec![], "second plan not empty");
+        let restarted = plan(
+            &self.fake.read_current().unwrap(),
+            desired,
+            &self.fake.capacity(),
+        );
+        assert_eq!(restarted.ops, vec![], "plan after a restart not empty");
+        p
+    }
+}
+
+fn fe1() -> FrontendKey {
+    fe("10.96.0.1", 80)
+}
+fn fe2() -> FrontendKey {
+    fe("10.96.0.2", 80)
+}
+
+fn one(backends: &[DesiredBackend]) -> DesiredState {
+    state(vec![frontend("a", fe1(), backends)])
+}
+
+#[test]
+fn add_service_writes_backends_revnat_slots_then_master() {
+    let mut rig = Rig::new(big());
+    let p = rig.sync(&one(&[be("10.0.0.2"), be("10.0.0.1")]));
+    assert_eq!(
+        p.ops,
+        vec![
+            ub(1, be("10.0.0.1")),
+            ub(2, be("10.0.0.2")),
+            ur(1, fe1()),
+            us(fe1(), 1, 1),
+            us(fe1(), 2, 2),
+            um(fe1(), 2, 1),
+        ]
+    );
+    assert_eq!(p.rejected, vec![]);
+    assert_eq!(
+        served(&rig.fake, &fe1()),
+        Some(expect_served(
+            &one(&[be("10.0.0.1"), be("10.0.0.2")]).frontends[&fe1()]
+        ))
+    );
+}
+
+#[test]
+fn unchanged_desired_state_plans_nothing() {
+    let mut rig = Rig::new(big());
+    let d = state(vec![
+        frontend("a", fe1(), &[be("10.0.0.1")]),
+        frontend("b", fe2(), &[be("10.0.0.2")]),
+    ]);
+    rig.sync(&d);
+    assert_eq!(rig.plan(&d), Plan::default());
+}
+
+#[test]
+fn backend_changes_touch_only_what_differs() {
+    let b = |i: u8| be(&format!("10.0.0.{i}"));
+    // (from, to, expected ops); each step starts from a fresh [b1, b2] service.
+    let cases: Vec<(&str, Vec<DesiredBackend>, Vec<Op>)> = vec![
+        (
+            "add a backend",
+            vec![b(1), b(2), b(3)],
+            vec![ub(3, b(3)), us(fe1(), 3, 3), um(fe1(), 3, 1)],
+        ),
+        (
+            "remove the first backend",
+            vec![b(2)],
+            vec![us(fe1(), 1, 2), um(fe1(), 1, 1), ds(fe1(), 2), db(1)],
+        ),
+        (
+            "remove the last backend",
+            vec![b(1)],
+            vec![um(fe1(), 1, 1), ds(fe1(), 2), db(2)],
+        ),
+        (
+            "replace a backend",
+            vec![b(1), b(3)],
+            vec![ub(3, b(3)), us(fe1(), 2, 3), db(2)],
+        ),
+        (
+            "no backends: refuse",
+            vec![],
+            vec![um(fe1(), 0, 1), ds(fe1(), 1), ds(fe1(), 2), db(1), db(2)],
+        ),
+        (
+            "one becomes terminating",
+            vec![b(1), term("10.0.0.2")],
+            vec![ub(2, term("10.0.0.2"))],
+        ),
+    ];
+    for (what, to, want) in cases {
+        let mut rig = Rig::new(big());
+        rig.sync(&one(&[b(1), b(2)]));
+        let p = rig.sync(&one(&to));
+        assert_eq!(p.ops, want, "{what}");
+        assert_eq!(
+            served(&rig.fake, &fe1()),
+            Some(expect_served(&one(&to).frontends[&fe1()])),
+            "{what}"
+        );
+    }
+}
+
+#[test]
+fn scale_down_and_up_keep_every_counted_slot_valid() {
+    let b = |i: u8| be(&format!("10.0.0.{i}"));
+    let mut rig = Rig::new(big());
+    rig.sync(&one(&[b(1), b(2), b(3)]));
+    // 3 → 1: the master shrinks before the slots above it go, backends go last.
+    assert_eq!(
+        rig.sync(&one(&[b(1)])).ops,
+        vec![um(fe1(), 1, 1), ds(fe1(), 2), ds(fe1(), 3), db(2), db(3)]
+    );
+    // 1 → 3: freed ids come back lowest first; slots are written before the master.
+    assert_eq!(
+        rig.sync(&one(&[b(1), b(4), b(5)])).ops,
+        vec![
+            ub(2, b(4)),
+            ub(3, b(5)),
+            us(fe1(), 2, 2),
+            us(fe1(), 3, 3),
+            um(fe1(), 3, 1)
+        ]
+    );
+}
+
+#[test]
+fn remove_service_deletes_master_first_and_backends_last() {
+    let mut rig = Rig::new(big());
+    rig.sync(&one(&[be("10.0.0.1"), be("10.0.0.2")]));
+    let p = rig.sync(&DesiredState::default());
+    assert_eq!(
+        p.ops,
+        vec![dm(fe1()), ds(fe1(), 1), ds(fe1(), 2), dr(1), db(1), db(2)]
+    );
+    assert_eq!(rig.current, CurrentState::default());
+    assert!(
+        rig.fake.svc().is_empty()
+            && rig.fake.backends().is_empty()
+            && rig.fake.rev_nats().is_empty()
+    );
+}
+
+#[test]
+fn shared_backend_has_one_id_and_outlives_one_of_its_frontends() {
+    let mut rig = Rig::new(big());
+    let both = state(vec![
+        frontend("a", fe1(), &[be("10.0.0.1")]),
+        frontend("b", fe2(), &[be("10.0.0.1"), be("10.0.0.2")]),
+    ]);
+    assert_eq!(
+        rig.sync(&both).ops,
+        vec![
+            ub(1, be("10.0.0.1")),
+            ub(2, be("10.0.0.2")),
+            ur(1, fe1()),
+            us(fe1(), 1, 1),
+            um(fe1(), 1, 1),
+            ur(2, fe2()),
+            us(fe2(), 1, 1),
+            us(fe2(), 2, 2),
+            um(fe2(), 2, 2),
+        ]
+    );
+    let only_b = state(vec![frontend(
+        "b",
+        fe2(),
+        &[be("10.0.0.1"), be("10.0.0.2")],
+    )]);
+    assert_eq!(rig.sync(&only_b).ops, vec![dm(fe1()), ds(fe1(), 1), dr(1)]);
+    assert_eq!(
+        served(&rig.fake, &fe2()),
+        Some(expect_served(&only_b.frontends[&fe2()]))
+    );
+    // A new frontend gets the lowest free reverse-NAT id again.
+    let fe3 = fe("10.96.0.3", 53);
+    let again = state(vec![
+        frontend("b", fe2(), &[be("10.0.0.1"), be("10.0.0.2")]),
+        frontend("c", fe3, &[]),
+    ]);
+    assert_eq!(rig.sync(&again).ops, vec![ur(1, fe3), um(fe3, 0, 1)]);
+}
+
+#[test]
+fn ipv6_and_dual_stack_frontends() {
+    let mut rig = Rig::new(big());
+    let fe6 = fe("fd00::a", 80);
+    let d = state(vec![
+        frontend("a", fe1(), &[be("10.0.0.1")]),
+        frontend("a", fe6, &[be("fd00:1::2"), be("fd00:1::1")]),
+    ]);
+    assert_eq!(
+        rig.sync(&d).ops,
+        vec![
+            ub(1, be("10.0.0.1")),
+            ub(2, be("fd00:1::1")),
+            ub(3, be("fd00:1::2")),
+            ur(1, fe1()),
+            us(fe1(), 1, 1),
+            um(fe1(), 1, 1),
+            ur(2, fe6),
+            us(fe6, 1, 2),
+            us(fe6, 2, 3),
+            um(fe6, 2, 2),
+        ]
+    );
+    assert_eq!(
+        rig.fake.usage(),
+        Capacity {
+            svc4_entries: 2,
+            svc6_entries: 3,
+            backends: 3,
+            rev_nats: 2
+        }
+    );
+    assert_eq!(
+        served(&rig.fake, &fe6),
+        Some(expect_served(&d.frontends[&fe6]))
+    );
+    let v4_only = state(vec![frontend("a", fe1(), &[be("10.0.0.1")])]);
+    assert_eq!(
+        rig.sync(&v4_only).ops,
+        vec![dm(fe6), ds(fe6, 1), ds(fe6, 2), dr(2), db(2), db(3)]
+    );
+}
+
+#[test]
+fn affinity_is_a_master_only_change() {
+    let mut rig = Rig::new(big());
+    let mut d = one(&[be("10.0.0.1")]);
+    rig.sync(&d);
+    d.frontends.get_mut(&fe1()).unwrap().affinity_timeout_s = Some(10_800);
+    let on = Op::UpsertMaster {
+        frontend: fe1(),
+        count: 1,
+        rev_nat_id: 1,
+        flags: SVC_FLAG_AFFINITY,
+        affinity_timeout_s: 10_800,
+    };
+    assert_eq!(rig.sync(&d).ops, vec![on]);
+    assert_eq!(
+        served(&rig.fake, &fe1()).unwrap().affinity_timeout_s,
+        10_800
+    );
+    d.frontends.get_mut(&fe1()).unwrap().affinity_timeout_s = None;
+    assert_eq!(rig.sync(&d).ops, vec![um(fe1(), 1, 1)]);
+}
+
+#[test]
+fn shrinking_frontends_go_before_growing_ones() {
+    let b = |i: u8| be(&format!("10.0.0.{i}"));
+    let grows = fe("10.96.0.1", 80);
+    let shrinks = fe("10.96.0.9", 80);
+    let mut rig = Rig::new(big());
+    rig.sync(&state(vec![
+        frontend("a", grows, &[b(1)]),
+        frontend("b", shrinks, &[b(1), b(2), b(3)]),
+    ]));
+    let p = rig.sync(&state(vec![
+        frontend("a", grows, &[b(1), b(2), b(3)]),
+        frontend("b", shrinks, &[b(1)]),
+    ]));
+    assert_eq!(
+        p.ops,
+        vec![
+            um(shrinks, 1, 2),
+            ds(shrinks, 2),
+            ds(shrinks, 3),
+            us(grows, 2, 2),
+            us(grows, 3, 3),
+            um(grows, 3, 1)
+        ]
+    );
+}
+
+#[test]
+fn udp_frontend_on_the_same_address_and_port_is_separate() {
+    let mut rig = Rig::new(big());
+    let udp = FrontendKey {
+        proto: PROTO_UDP,
+        ..fe1()
+    };
+    let d = state(vec![
+        frontend("a", fe1(), &[be("10.0.0.1")]),
+        frontend("a", udp, &[]),
+    ]);
+    rig.sync(&d);
+    assert_eq!(served(&rig.fake, &udp).unwrap().rev_nat, udp);
+    assert_eq!(
+        served(&rig.fake, &fe1()).unwrap().backends,
+        vec![be("10.0.0.1")]
+    );
+}
+
+#[test]
+fn restart_plans_from_a_read_back_exactly_as_from_the_mirror() {
+    let b = |i: u8| be(&format!("10.0.0.{i}"));
+    let mut rig = Rig::new(big());
+    let mut d = state(vec![
+        frontend("a", fe1(), &[b(1), b(2)]),
+        frontend("b", fe2(), &[b(2), b(3)]),
+        frontend("c", fe("fd00::1", 53), &[be("fd00:1::1")]),
+    ]);
+    d.frontends.get_mut(&fe2()).unwrap().affinity_timeout_s = Some(60);
+    rig.sync(&d);
+    // A new agent adopts the pinned maps: nothing to do for the same desired state...
+    let adopted = rig.fake.read_current().unwrap();
+    assert_eq!(plan(&adopted, &d, &big()), Plan::default());
+    // ...and the same operations as the old agent for a new one.
+    let next = state(vec![
+        frontend("a", fe1(), &[b(1), b(3)]),
+        frontend("c", fe("fd00::1", 53), &[]),
+    ]);
+    assert_eq!(plan(&adopted, &next, &big()), rig.plan(&next));
+}
+
+// ---------------------------------------------------------------------------------
+// State left by an interrupted apply, or by hand-edited maps.
+
+/// Applies `p` with the `(n+1)`-th op failing; checks the mirror still matches.
+fn apply_interrupted(rig: &mut Rig, p: &Plan, n: usize) {
+    rig.fake.fail_after(n);
+    let err = apply_plan(&mut rig.fake, &mut rig.current, p).unwrap_err();
+    assert_eq!(err.downcast_ref::<FakeError>(), Some(&FakeError::Injected));
+    assert_eq!(rig.current, rig.fake.read_current().unwrap());
+}
+
+#[test]
+fn interrupted_scale_down_leaves_stale_slots_that_the_next_plan_deletes() {
+    let b = |i: u8| be(&format!("10.0.0.{i}"));
+    let mut rig = Rig::new(big());
+    rig.sync(&one(&[b(1), b(2), b(3)]));
+    let p = rig.plan(&one(&[b(1)]));
+    apply_interrupted(&mut rig, &p, 1);
+    assert_eq!(rig.current.frontends[&fe1()].backend_ids, vec![1]);
+    assert_eq!(rig.current.frontends[&fe1()].stale_slots, vec![2, 3]);
+    assert_eq!(
+        rig.sync(&one(&[b(1)])).ops,
+        vec![ds(fe1(), 2), ds(fe1(), 3), db(2), db(3)]
+    );
+}
+
+#[test]
+fn interrupted_add_adopts_the_written_backends_and_revnat() {
+    let mut rig = Rig::new(big());
+    let d = one(&[be("10.0.0.1"), be("10.0.0.2")]);
+    let p = rig.plan(&d);
+    // Backends and the reverse-NAT entry are written, no slot yet.
+    apply_interrupted(&mut rig, &p, 3);
+    rig.current = rig.fake.read_current().unwrap();
+    assert_eq!(
+        rig.sync(&d).ops,
+        vec![us(fe1(), 1, 1), us(fe1(), 2, 2), um(fe1(), 2, 1)]
+    );
+}
+
+#[test]
+fn interrupted_remove_finishes_without_the_master() {
+    let mut rig = Rig::new(big());
+    rig.sync(&one(&[be("10.0.0.1"), be("10.0.0.2")]));
+    let p = rig.plan(&DesiredState::default());
+    // Master and slot 1 gone; slot 2 and the reverse NAT remain.
+    apply_interrupted(&mut rig, &p, 2);
+    assert_eq!(rig.current.frontends[&fe1()].stale_slots, vec![2]);
+    assert_eq!(
+        rig.sync(&DesiredState::default()).ops,
+        vec![ds(fe1(), 2), dr(1), db(1), db(2)]
+    );
+}
+
+#[test]
+fn interrupted_growth_resumes_from_a_read_back() {
+    let b = |i: u8| be(&format!("10.0.0.{i}"));
+    let mut rig = Rig::new(big());
+    rig.sync(&one(&[b(1)]));
+    let d = one(&[b(1), b(2), b(3)]);
+    let p = rig.plan(&d);
+    // Backends and slot 2 written, slot 3 and the master not.
+    apply_interrupted(&mut rig, &p, 3);
+    rig.current = rig.fake.read_current().unwrap();
+    assert_eq!(rig.current.frontends[&fe1()].stale_slots, vec![2]);
+    // Slot 2's id cannot be read back above the count, so it is written again.
+    assert_eq!(
+        rig.sync(&d).ops,
+        vec![us(fe1(), 2, 2), us(fe1(), 3, 3), um(fe1(), 3, 1)]
+    );
+}
+
+#[test]
+fn holes_and_foreign_ids_are_rewritten() {
+    let b1 = BackendEntry {
+        addr: baddr("10.0.0.1"),
+        state: BACKEND_ACTIVE,
+    };
+    let b2 = BackendEntry {
+        addr: baddr("10.0.0.2"),
+        state: BACKEND_ACTIVE,
+    };
+    let current = CurrentState {
+        frontends: BTreeMap::from([(
+            fe1(),
+            CurrentFrontend {
+                rev_nat_id: 4,
+                flags: 0,
+                affinity_timeout_s: 0,
+                // Slot 2 missing, as decode_state reports a hole.
+                backend_ids: vec![1, 0],
+                stale_slots: vec![],
+            },
+        )]),
+        // Id 7 is a duplicate of backend 1's address.
+        backends: BTreeMap::from([(1, b1), (2, b2), (7, b1)]),
+        rev_nats: BTreeMap::from([(4, fe1())]),
+        ..Default::default()
+    };
+    let p = plan(&current, &one(&[be("10.0.0.1"), be("10.0.0.2")]), &big());
+    assert_eq!(p.ops, vec![us(fe1(), 2, 2), db(7)]);
+}
+
+#[test]
+fn mismatched_revnat_is_replaced_then_deleted() {
+    let current = CurrentState {
+        frontends: BTreeMap::from([(
+            fe1(),
+            CurrentFrontend {
+                rev_nat_id: 1,
+                flags: 0,
+                affinity_timeout_s: 0,
+                backend_ids: vec![],
+                stale_slots: vec![],
+            },
+        )]),
+        backends: BTreeMap::new(),
+        // Entry 1 describes another frontend (a hand-edited map).
+        rev_nats: BTreeMap::from([(1, fe2())]),
+        ..Default::default()
+    };
+    let p = plan(&current, &one(&[]), &big());
+    assert_eq!(p.ops, vec![ur(2, fe1()), um(fe1(), 0, 2), dr(1)]);
+}
+
+// ---------------------------------------------------------------------------------
+// Capacity.
+
+fn cap(svc4: usize, backends: usize, rev_nats: usize) -> Capacity {
+    Capacity {
+        svc4_entries: svc4,
+        svc6_entries: 1 << 16,
+        backends,
+        rev_nats,
+    }
+}
+
+fn reasons(p: &Plan) -> Vec<(String, String)> {
+    p.rejected
+        .iter()
+        .map(|r| (r.service.name.clone(), r.reason.clone()))
+        .collect()
+}
+
+#[test]
+fn service_that_overflows_is_rejected_whole_and_the_next_one_tried() {
+    let mut rig = Rig::new(cap(5, 100, 100));
+    let fe3 = fe("10.96.0.3", 80);
+    let fe4 = fe("10.96.0.4", 80);
+    let d = state(vec![
+        frontend("a", fe1(), &[be("10.0.0.1"), be("10.0.0.2")]),
+        // b needs 3 entries in two frontends; after a, only 2 are left.
+        frontend("b", fe2(), &[be("10.0.0.1")]),
+        frontend("b", fe3, &[]),
+        frontend("c", fe4, &[]),
+    ]);
+    let p = rig.sync(&d);
+    assert_eq!(
+        reasons(&p),
+        vec![(
+            "b".to_owned(),
+            "map LB_SVC4_V1 full: needs 6 entries, capacity 5".to_owned()
+        )]
+    );
+    assert!(served(&rig.fake, &fe2()).is_none() && served(&rig.fake, &fe3).is_none());
+    assert_eq!(served(&rig.fake, &fe4).unwrap().backends, vec![]);
+    assert_eq!(rig.fake.usage().svc4_entries, 4);
+}
+
+#[test]
+fn rejected_service_keeps_its_programming_until_room_is_freed() {
+    let b = |i: u8| be(&format!("10.0.0.{i}"));
+    let mut rig = Rig::new(cap(5, 100, 100));
+    rig.sync(&state(vec![
+        frontend("a", fe1(), &[b(1), b(2)]),
+        frontend("z", fe2(), &[b(3)]),
+    ]));
+    assert_eq!(rig.fake.usage().svc4_entries, 5);
+    let before = served(&rig.fake, &fe1());
+
+    // a wants one more slot; z frees one, but z is planned after a (name order).
+    let d = state(vec![
+        frontend("a", fe1(), &[b(1), b(2), b(4)]),
+        frontend("z", fe2(), &[]),
+    ]);
+    let p = rig.sync_allowing_rejects(&d);
+    assert_eq!(
+        reasons(&p),
+        vec![(
+            "a".to_owned(),
+            "map LB_SVC4_V1 full: needs 6 entries, capacity 5".to_owned()
+        )]
+    );
+    assert_eq!(served(&rig.fake, &fe1()), before);
+    assert_eq!(served(&rig.fake, &fe2()).unwrap().backends, vec![]);
+    // Backend 10.0.0.4 was never written: a was rejected whole.
+    assert_eq!(rig.fake.usage().backends, 2);
+
+    // The next pass has the room.
+    let p = rig.sync(&d);
+    assert_eq!(p.rejected, vec![]);
+    assert_eq!(
+        served(&rig.fake, &fe1()),
+        Some(expect_served(&d.frontends[&fe1()]))
+    );
+}
+
+impl Rig {
+    /// [`Rig::sync`] for a desired state some of which does not fit: the second plan
+    /// may retry what was rejected, so only the mirror and the invariants are checked.
+    fn sync_allowing_rejects(&mut self, desired: &DesiredState) -> Plan {
+        let p = self.plan(desired);
+        apply_plan(&mut self.fake, &mut self.current, &p).unwrap();
+        assert_eq!(self.current, self.fake.read_current().unwrap());
+        self.fake.check_invariants().unwrap();
+        p
+    }
+}
+
+#[test]
+fn peak_counts_new_slots_before_old_ones_are_deleted() {
+    let b = |i: u8| be(&format!("10.0.0.{i}"));
+    // Moving a service to another frontend: the old frontend goes in phase 1, before
+    // the new one is written, so the entries of one frontend suffice.
+    let mut rig = Rig::new(cap(3, 100, 100));
+    rig.sync(&state(vec![frontend("a", fe1(), &[b(1), b(2)])]));
+    let p = rig.sync(&state(vec![frontend("a", fe2(), &[b(1), b(2)])]));
+    assert_eq!(p.rejected, vec![]);
+    assert_eq!(p.ops[0], dm(fe1()));
+
+    // Replacing both backends of a full frontend in place needs no extra entry in the
+    // service map, but the backend map holds old and new backends together.
+    let mut rig = Rig::new(cap(3, 3, 100));
+    rig.sync(&state(vec![frontend("a", fe1(), &[b(1), b(2)])]));
+    let p = rig.sync_allowing_rejects(&state(vec![frontend("a", fe1(), &[b(3), b(4)])]));
+    assert_eq!(
+        reasons(&p),
+        vec![(
+            "a".to_owned(),
+            "map LB_BACKENDS_V1 full: needs 4 entries, capacity 3".to_owned()
+        )]
+    );
+    assert_eq!(p.ops, vec![]);
+}
+
+#[test]
+fn growth_fits_when_an_earlier_service_shrinks_first() {
+    let b = |i: u8| be(&format!("10.0.0.{i}"));
+    // a (sorted first by name) shrinks a frontend with the larger key, b grows one with
+    // the smaller key: in key order the growth would overflow, shrink-first fits.
+    let grows = fe("10.96.0.1", 80);
+    let shrinks = fe("10.96.0.9", 80);
+    let mut rig = Rig::new(cap(6, 100, 100));
+    rig.sync(&state(vec![
+        frontend("a", shrinks, &[b(1), b(2), b(3)]),
+        frontend("b", grows, &[b(1)]),
+    ]));
+    let p = rig.sync(&state(vec![
+        frontend("a", shrinks, &[b(1)]),
+        frontend("b", grows, &[b(1), b(2), b(3)]),
+    ]));
+    assert_eq!(p.rejected, vec![]);
+    assert_eq!(rig.fake.usage().svc4_entries, 6);
+}
+
+#[test]
+fn shared_backends_count_once_and_revnats_have_their_own_limit() {
+    let mut rig = Rig::new(cap(100, 2, 2));
+    let fe3 = fe("10.96.0.3", 80);
+    let d = state(vec![
+        frontend("a", fe1(), &[be("10.0.0.1"), be("10.0.0.2")]),
+        frontend("b", fe2(), &[be("10.0.0.3")]),
+        // c reuses a's backend: no new backend entry.
+        frontend("c", fe3, &[be("10.0.0.2")]),
+        frontend("d", fe("10.96.0.4", 80), &[be("10.0.0.4")]),
+    ]);
+    let p = rig.sync_allowing_rejects(&d);
+    let backends_full = "map LB_BACKENDS_V1 full: needs 3 entries, capacity 2";
+    assert_eq!(
+        reasons(&p),
+        vec![
+            ("b".to_owned(), backends_full.to_owned()),
+            (
+                "d".to_owned(),
+                format!("{backends_full}; map LB_REVNAT_V1 full: needs 3 entries, capacity 2")
+            ),
+        ]
+    );
+    assert_eq!(
+        served(&rig.fake, &fe3).unwrap().backends,
+        vec![be("10.0.0.2")]
+    );
+}
+
+#[test]
+fn ipv6_entries_count_against_their_own_map() {
+    let c = Capacity {
+        svc4_entries: 100,
+        svc6_entries: 2,
+        backends: 100,
+        rev_nats: 100,
+    };
+    let mut rig = Rig::new(c);
+    let d = state(vec![
+        frontend("a", fe("fd00::1", 80), &[be("fd00:1::1"), be("fd00:1::2")]),
+        frontend("b", fe("fd00::2", 80), &[be("fd00:1::1")]),
+        frontend("c", fe1(), &[be("10.0.0.1"), be("10.0.0.2")]),
+    ]);
+    let p = rig.sync_allowing_rejects(&d);
+    assert_eq!(
+        reasons(&p),
+        vec![(
+            "a".to_owned(),
+            "map LB_SVC6_V1 full: needs 3 entries, capacity 2".to_owned()
+        )]
+    );
+    assert_eq!(
+        rig.fake.usage(),
+        Capacity {
+            svc4_entries: 3,
+            svc6_entries: 2,
+            backends: 3,
+            rev_nats: 2
+        }
+    );
+}
+
+#[test]
+fn frontend_with_too_many_backends_rejects_its_service_and_keeps_the_old_one() {
+    let mut rig = Rig::new(big());
+    let small = state(vec![
+        frontend("a", fe1(), &[be("10.0.0.1")]),
+        frontend("a", fe2(), &[]),
+    ]);
+    rig.sync(&small);
+    let before = rig.current.clone();
+    let many: Vec<DesiredBackend> = (0..=MAX_BACKENDS_PER_FRONTEND as u32)
+        .map(|i| DesiredBackend {
+            addr: BackendAddr {
+                addr: std::net::Ipv4Addr::from(0x0a01_0000 + i).into(),
+                port: 80,
+                proto: PROTO_TCP,
+            },
+            state: BACKEND_ACTIVE,
+        })
+        .collect();
+    let d = state(vec![
+        frontend("a", fe1(), &many),
+        frontend("a", fe2(), &[be("10.0.0.1")]),
+    ]);
+    let p = plan(&rig.current, &d, &rig.fake.capacity());
+    assert_eq!(
+        reasons(&p),
+        vec![(
+            "a".to_owned(),
+            format!(
+                "frontend 10.96.0.1:80/TCP has {} backends; one frontend holds at most 65535",
+                MAX_BACKENDS_PER_FRONTEND + 1
+            )
+        )]
+    );
+    assert_eq!(p.ops, vec![]);
+    apply_plan(&mut rig.fake, &mut rig.current, &p).unwrap();
+    assert_eq!(rig.current, before);
+}
+
+#[test]
+fn rejection_is_deterministic_by_namespace_then_name() {
+    let mk = |ns: &str, name: &str, key: FrontendKey| {
+        let mut f = frontend(name, key, &[]);
+        f.service.namespace = ns.to_owned();
+        f
+    };
+    // Only two masters fit: x/a and x/b win over y/a, whatever the frontend keys.
+    let d = state(vec![
+        mk("y", "a", fe("10.96.0.1", 80)),
+        mk("x", "b", fe("10.96.0.2", 80)),
+        mk("x", "a", fe("10.96.0.3", 80)),
+    ]);
+    let p = plan(&CurrentState::default(), &d, &cap(2, 100, 100));
+    let who: Vec<String> = p.rejected.iter().map(|r| r.service.to_string()).collect();
+    assert_eq!(who, vec!["y/a".to_owned()]);
+}
+
+// ---------------------------------------------------------------------------------
+// The mirror on its own.
+
+#[test]
+fn mirror_remembers_ids_of_slots_above_the_count() {
+    let mut fake = FakeMaps::new(big());
+    let mut mirror = CurrentState::default();
+    let ops = vec![
+        ub(1, be("10.0.0.1")),
+        ub(2, be("10.0.0.2")),
+        ur(1, fe1()),
+        // No master yet: a read-back lists both slots as stale, by number only.
+        us(fe1(), 1, 1),
+        us(fe1(), 2, 2),
+        um(fe1(), 1, 1),
+        um(fe1(), 2, 1),
+        um(fe1(), 1, 1),
+        dm(fe1()),
+        um(fe1(), 2, 1),
+    ];
+    for op in &ops {
+        fake.apply(op).unwrap();
+        mirror.apply(op);
+        assert_eq!(mirror, fake.read_current().unwrap(), "after {op:?}");
+    }
+    assert_eq!(mirror.frontends[&fe1()].backend_ids, vec![1, 2]);
+
+    // A read-back cannot know the id of a slot above the count: a master growing over
+    // it without rewriting it shows a hole, which the planner then rewrites.
+    fake.apply(&um(fe1(), 1, 1)).unwrap();
+    let mut read_back = fake.read_current().unwrap();
+    read_back.apply(&um(fe1(), 2, 1));
+    assert_eq!(read_back.frontends[&fe1()].backend_ids, vec![1, 0]);
+    assert_eq!(
+        plan(&read_back, &one(&[be("10.0.0.1"), be("10.0.0.2")]), &big()).ops,
+        vec![us(fe1(), 2, 2)]
+    );
+}
+
+#[test]
+fn mirror_of_revnat_has_no_scope_like_the_map() {
+    let mut m = CurrentState::default();
+    let scoped = FrontendKey { scope: 3, ..fe1() };
+    m.apply(&ur(5, scoped));
+    assert_eq!(m.rev_nats[&5], fe1());
+}
+
+#[test]
+fn mirror_ignores_timeout_without_affinity_like_a_read_back() {
+    let mut fake = FakeMaps::new(big());
+    let mut m = CurrentState::default();
+    for op in [
+        ur(1, fe1()),
+        Op::UpsertMaster {
+            frontend: fe1(),
+            count: 0,
+            rev_nat_id: 1,
+            flags: 0,
+            affinity_timeout_s: 99,
+        },
+    ] {
+        fake.apply(&op).unwrap();
+        m.apply(&op);
+    }
+    assert_eq!(m.frontends[&fe1()].affinity_timeout_s, 0);
+    assert_eq!(m, fake.read_current().unwrap());
+}
