@@ -1,8 +1,751 @@
-use super::{DesiredState, ModelError, NodeInfo, Objects};
+//! Services + EndpointSlices → desired frontends and backends, following the rules
+//! kube-proxy applies. Everything here is pure; errors are returned, never logged at
+//! warn level, because the caller decides how loudly to report them.
+//!
+//! Only cluster IPs are programmed so far: node ports, external IPs and load-balancer
+//! ingress addresses need the external datapath, which does not exist yet.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Service, ServicePort},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+};
+use svc_lb_common::{BACKEND_ACTIVE, BACKEND_TERMINATING, PROTO_TCP, PROTO_UDP, SCOPE_ALL};
+
+use super::{
+    BackendAddr, DesiredBackend, DesiredFrontend, DesiredState, FrontendKey, ModelError, NodeInfo,
+    ObjectRef, Objects, ServiceRef,
+};
+
+/// Links an EndpointSlice to its Service (same namespace).
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// Set by the EndpointSlice controller on slices of headless Services; kube-proxy
+/// ignores such slices, and so do we.
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// A Service carrying this label asks for a specific proxy implementation. Without a
+/// `--service-proxy-name` of our own, we behave like a default kube-proxy and leave
+/// every such Service to whichever proxy claims it.
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+
+/// The apiserver's default for `sessionAffinityConfig.clientIP.timeoutSeconds`.
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// The apiserver's upper bound for the same field (one day).
+pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
+
+const DEFAULT_NAMESPACE: &str = "default";
 
 /// Turns Services and EndpointSlices into the desired datapath state. Objects that
 /// cannot be programmed are skipped and reported; they never affect other Services.
-pub fn build(_objects: Objects<'_>, _node: &NodeInfo) -> (DesiredState, Vec<ModelError>) {
-    // Filled in by the model work item.
-    (DesiredState::default(), Vec::new())
+///
+/// The result depends only on the set of objects, not on their order: Services are
+/// processed sorted by namespace/name (so the first one claims a contested frontend),
+/// slices sorted by namespace/name (so the first copy of a duplicate endpoint wins),
+/// and an object whose namespace/name appears twice is refused in every copy.
+pub fn build(objects: Objects<'_>, node: &NodeInfo) -> (DesiredState, Vec<ModelError>) {
+    let mut errors = Vec::new();
+    let slices = index_slices(objects.slices, &mut errors);
+
+    let mut services: Vec<&Service> = objects.services.iter().collect();
+    services.sort_by(|a, b| identity(&a.metadata).cmp(&identity(&b.metadata)));
+
+    let mut state = DesiredState::default();
+    for group in services.chunk_by(|a, b| identity(&a.metadata) == identity(&b.metadata)) {
+        let svc = group[0];
+        let object = service_object(svc);
+        if group.len() > 1 {
+            // Picking one copy would depend on input order; refuse them all instead.
+            errors.push(ModelError {
+                object,
+                reason: format!(
+                    "the Service is defined {} times; none of the definitions is used",
+                    group.len()
+                ),
+            });
+            continue;
+        }
+        let sref = ServiceRef {
+            namespace: object.namespace.clone(),
+            name: object.name.clone(),
+        };
+        let plan = match plan_service(svc, &object) {
+            Ok(Some(plan)) => plan,
+            Ok(None) => continue,
+            Err(reason) => {
+                errors.push(ModelError { object, reason });
+                continue;
+            }
+        };
+        if let Some((key, owner)) = plan
+            .keys()
+            .find_map(|key| state.frontends.get(&key).map(|f| (key, f.service.clone())))
+        {
+            errors.push(ModelError {
+                object,
+                reason: format!(
+                    "frontend {} is already used by Service {owner}; this Service is skipped",
+                    fmt_key(&key)
+                ),
+            });
+            continue;
+        }
+        let own_slices = slices
+            .get(&(sref.namespace.as_str(), sref.name.as_str()))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        errors.extend(plan.port_errors.iter().map(|reason| ModelError {
+            object: object.clone(),
+            reason: reason.clone(),
+        }));
+        program(
+            &plan,
+            &sref,
+            own_slices,
+            node,
+            &object,
+            &mut state,
+            &mut errors,
+        );
+    }
+    (state, errors)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Family {
+    V4,
+    V6,
+}
+
+fn family(ip: &IpAddr) -> Family {
+    match ip {
+        IpAddr::V4(_) => Family::V4,
+        IpAddr::V6(_) => Family::V6,
+    }
+}
+
+fn namespace(meta: &ObjectMeta) -> &str {
+    match meta.namespace.as_deref() {
+        None | Some("") => DEFAULT_NAMESPACE,
+        Some(ns) => ns,
+    }
+}
+
+fn name(meta: &ObjectMeta) -> &str {
+    meta.name.as_deref().unwrap_or_default()
+}
+
+fn identity(meta: &ObjectMeta) -> (&str, &str) {
+    (namespace(meta), name(meta))
+}
+
+fn service_object(svc: &Service) -> ObjectRef {
+    ObjectRef {
+        kind: "Service".to_owned(),
+        namespace: namespace(&svc.metadata).to_owned(),
+        name: name(&svc.metadata).to_owned(),
+    }
+}
+
+fn has_label(meta: &ObjectMeta, key: &str) -> bool {
+    meta.labels.as_ref().is_some_and(|l| l.contains_key(key))
+}
+
+fn proto_name(proto: u8) -> &'static str {
+    match proto {
+        PROTO_UDP => "UDP",
+        _ => "TCP",
+    }
+}
+
+fn fmt_key(key: &FrontendKey) -> String {
+    match key.addr {
+        IpAddr::V4(a) => format!("{a}:{}/{}", key.port, proto_name(key.proto)),
+        IpAddr::V6(a) => format!("[{a}]:{}/{}", key.port, proto_name(key.proto)),
+    }
+}
+
+/// `None` (the API default) is TCP. Anything but TCP and UDP is returned as `Err` with
+/// its name: the socket datapath cannot steer it.
+fn parse_proto(proto: Option<&str>) -> Result<u8, &str> {
+    match proto {
+        None | Some("TCP") => Ok(PROTO_TCP),
+        Some("UDP") => Ok(PROTO_UDP),
+        Some(other) => Err(other),
+    }
+}
+
+fn parse_port(port: i32) -> Option<u16> {
+    u16::try_from(port).ok().filter(|p| *p != 0)
+}
+
+/// Addresses a client can never usefully dial, which the apiserver would not hand out.
+fn is_unusable(ip: &IpAddr) -> bool {
+    ip.is_unspecified() || ip.is_multicast() || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
+}
+
+/// An IANA service name, as Kubernetes validates a named `targetPort`: 1-15 characters
+/// of `[a-z0-9-]`, at least one letter, no leading, trailing or doubled hyphen.
+fn is_port_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 15
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().any(|b| b.is_ascii_lowercase())
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && !s.contains("--")
+}
+
+// ---------------------------------------------------------------------------------
+// EndpointSlices
+
+struct SlicePort<'a> {
+    name: &'a str,
+    proto: u8,
+    port: u16,
+}
+
+struct SliceEndpoint<'a> {
+    addr: IpAddr,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    node_name: Option<&'a str>,
+}
+
+/// An EndpointSlice checked once, up front, so that its errors are reported once no
+/// matter how many Service ports read it.
+struct Slice<'a> {
+    family: Family,
+    ports: Vec<SlicePort<'a>>,
+    endpoints: Vec<SliceEndpoint<'a>>,
+}
+
+type SliceIndex<'a> = HashMap<(&'a str, &'a str), Vec<Slice<'a>>>;
+
+/// Groups the usable slices by (namespace, Service name), each group in slice-name
+/// order.
+fn index_slices<'a>(slices: &'a [EndpointSlice], errors: &mut Vec<ModelError>) -> SliceIndex<'a> {
+    let mut sorted: Vec<&EndpointSlice> = slices.iter().collect();
+    sorted.sort_by(|a, b| identity(&a.metadata).cmp(&identity(&b.metadata)));
+
+    let mut index: SliceIndex<'a> = HashMap::new();
+    for group in sorted.chunk_by(|a, b| identity(&a.metadata) == identity(&b.metadata)) {
+        let slice = group[0];
+        let meta = &slice.metadata;
+        let Some(service) = meta.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
+            tracing::debug!(
+                namespace = namespace(meta),
+                slice = name(meta),
+                "EndpointSlice has no {LABEL_SERVICE_NAME} label; ignored"
+            );
+            continue;
+        };
+        if has_label(meta, LABEL_HEADLESS) {
+            continue;
+        }
+        let object = ObjectRef {
+            kind: "EndpointSlice".to_owned(),
+            namespace: namespace(meta).to_owned(),
+            name: name(meta).to_owned(),
+        };
+        if group.len() > 1 {
+            // As for Services: which copy to trust would depend on input order.
+            errors.push(ModelError {
+                object,
+                reason: format!(
+                    "the EndpointSlice is defined {} times; none of the definitions is used",
+                    group.len()
+                ),
+            });
+            continue;
+        }
+        let family = match slice.address_type.as_str() {
+            "IPv4" => Family::V4,
+            "IPv6" => Family::V6,
+            "FQDN" => {
+                tracing::debug!(slice = %object, "FQDN EndpointSlices cannot be load-balanced; ignored");
+                continue;
+            }
+            other => {
+                errors.push(ModelError {
+                    object,
+                    reason: format!(
+                        "addressType '{other}' is not supported (want IPv4, IPv6 or FQDN); the slice is ignored"
+                    ),
+                });
+                continue;
+            }
+        };
+        let parsed = Slice {
+            family,
+            ports: slice_ports(slice, &object, errors),
+            endpoints: slice_endpoints(slice, family, &object, errors),
+        };
+        index
+            .entry((namespace(meta), service.as_str()))
+            .or_default()
+            .push(parsed);
+    }
+    index
+}
+
+fn slice_ports<'a>(
+    slice: &'a EndpointSlice,
+    object: &ObjectRef,
+    errors: &mut Vec<ModelError>,
+) -> Vec<SlicePort<'a>> {
+    let mut out = Vec::new();
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        let pname = p.name.as_deref().unwrap_or_default();
+        // A slice port without a number means "all ports", which no proxy can steer.
+        let Some(number) = p.port else {
+            tracing::debug!(slice = %object, port = pname, "EndpointSlice port has no number; ignored");
+            continue;
+        };
+        let Some(port) = parse_port(number) else {
+            errors.push(ModelError {
+                object: object.clone(),
+                reason: format!("ports[{i}] ('{pname}'): port {number} is out of range 1-65535"),
+            });
+            continue;
+        };
+        // Ports of protocols we cannot serve can only match Service ports we skip.
+        let Ok(proto) = parse_proto(p.protocol.as_deref()) else {
+            continue;
+        };
+        out.push(SlicePort {
+            name: pname,
+            proto,
+            port,
+        });
+    }
+    out
+}
+
+fn slice_endpoints<'a>(
+    slice: &'a EndpointSlice,
+    family_want: Family,
+    object: &ObjectRef,
+    errors: &mut Vec<ModelError>,
+) -> Vec<SliceEndpoint<'a>> {
+    let mut out = Vec::new();
+    for (i, ep) in slice.endpoints.iter().flatten().enumerate() {
+        // The API defines all addresses of one endpoint as fungible; kube-proxy uses the
+        // first one only, and so do we.
+        let Some(raw) = ep.addresses.first() else {
+            errors.push(ModelError {
+                object: object.clone(),
+                reason: format!("endpoints[{i}] has no addresses; it is skipped"),
+            });
+            continue;
+        };
+        let addr = match raw.parse::<IpAddr>() {
+            Ok(addr) if family(&addr) != family_want => {
+                errors.push(ModelError {
+                    object: object.clone(),
+                    reason: format!(
+                        "endpoints[{i}]: address '{raw}' does not match addressType {}; it is skipped",
+                        slice.address_type
+                    ),
+                });
+                continue;
+            }
+            Ok(addr) if is_unusable(&addr) => {
+                errors.push(ModelError {
+                    object: object.clone(),
+                    reason: format!(
+                        "endpoints[{i}]: address '{raw}' is not a unicast address; it is skipped"
+                    ),
+                });
+                continue;
+            }
+            Ok(addr) => addr,
+            Err(_) => {
+                errors.push(ModelError {
+                    object: object.clone(),
+                    reason: format!(
+                        "endpoints[{i}]: '{raw}' is not a valid IP address; it is skipped"
+                    ),
+                });
+                continue;
+            }
+        };
+        // Unset conditions mean "unknown", which the API says to read as ready,
+        // serving-if-ready and not terminating.
+        let cond = ep.conditions.as_ref();
+        let ready = cond.and_then(|c| c.ready).unwrap_or(true);
+        let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
+        let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+        out.push(SliceEndpoint {
+            addr,
+            ready,
+            serving,
+            terminating,
+            node_name: ep.node_name.as_deref(),
+        });
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------
+// Services
+
+struct PortPlan<'a> {
+    /// "" when unnamed, as the API treats a missing name.
+    name: &'a str,
+    port: u16,
+    proto: u8,
+    /// `targetPort` when it is a name: lets hand-written slices name their port after it.
+    target_name: Option<&'a str>,
+}
+
+/// A Service that passed validation and will be programmed.
+struct ServicePlan<'a> {
+    ips: Vec<IpAddr>,
+    ports: Vec<PortPlan<'a>>,
+    affinity_timeout_s: Option<u32>,
+    local_only: bool,
+    publish_not_ready: bool,
+    /// Ports skipped on their own (an unsupported protocol); the rest still program.
+    port_errors: Vec<String>,
+}
+
+impl ServicePlan<'_> {
+    fn keys(&self) -> impl Iterator<Item = FrontendKey> + '_ {
+        self.ips.iter().flat_map(move |&addr| {
+            self.ports.iter().map(move |p| FrontendKey {
+                addr,
+                port: p.port,
+                proto: p.proto,
+                scope: SCOPE_ALL,
+            })
+        })
+    }
+}
+
+/// Validates a Service. `Ok(None)` means "not ours to program" (no error): the reason
+/// is logged at debug level. `Err` means bad input that skips the whole Service.
+fn plan_service<'a>(
+    svc: &'a Service,
+    object: &ObjectRef,
+) -> Result<Option<ServicePlan<'a>>, String> {
+    let skip = |why: &str| {
+        tracing::debug!(service = %object, reason = why, "Service not programmed");
+        Ok(None)
+    };
+    if object.name.is_empty() {
+        return Err("metadata.name is missing".to_owned());
+    }
+    if has_label(&svc.metadata, LABEL_SERVICE_PROXY_NAME) {
+        return skip("labelled for another service proxy");
+    }
+    let Some(spec) = svc.spec.as_ref() else {
+        return skip("no spec");
+    };
+    match spec.type_.as_deref() {
+        None | Some("ClusterIP" | "NodePort" | "LoadBalancer") => {}
+        Some("ExternalName") => return skip("ExternalName Services are DNS-only"),
+        Some(other) => {
+            return Err(format!(
+                "type '{other}' is not supported (want ClusterIP, NodePort, LoadBalancer or ExternalName)"
+            ));
+        }
+    }
+
+    // `clusterIPs` is authoritative (its first entry equals `clusterIP`); older objects
+    // may carry only `clusterIP`.
+    let raw_ips: Vec<&str> = match spec.cluster_ips.as_deref() {
+        Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        _ => spec.cluster_ip.as_deref().into_iter().collect(),
+    };
+    if raw_ips.contains(&"None") {
+        return skip("headless");
+    }
+    if raw_ips.iter().all(|ip| ip.is_empty()) {
+        // The apiserver allocates one on create; an object without it cannot be dialled.
+        return skip("no cluster IP allocated");
+    }
+    let mut ips = Vec::with_capacity(raw_ips.len());
+    for raw in raw_ips {
+        match raw.parse::<IpAddr>() {
+            Ok(ip) if is_unusable(&ip) => {
+                return Err(format!("cluster IP '{raw}' is not a unicast address"));
+            }
+            Ok(ip) => ips.push(ip),
+            Err(_) => return Err(format!("cluster IP '{raw}' is not a valid IP address")),
+        }
+    }
+
+    let local_only = match spec.internal_traffic_policy.as_deref() {
+        None | Some("Cluster") => false,
+        Some("Local") => true,
+        Some(other) => {
+            return Err(format!(
+                "internalTrafficPolicy '{other}' is not supported (want Cluster or Local)"
+            ));
+        }
+    };
+    let affinity_timeout_s = match spec.session_affinity.as_deref() {
+        None | Some("None") => None,
+        Some("ClientIP") => {
+            let timeout = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match timeout {
+                None => Some(DEFAULT_AFFINITY_TIMEOUT_S),
+                Some(t) => match u32::try_from(t) {
+                    Ok(t) if (1..=MAX_AFFINITY_TIMEOUT_S).contains(&t) => Some(t),
+                    _ => {
+                        return Err(format!(
+                            "sessionAffinityConfig.clientIP.timeoutSeconds {t} is out of range 1-{MAX_AFFINITY_TIMEOUT_S}"
+                        ));
+                    }
+                },
+            }
+        }
+        Some(other) => {
+            return Err(format!(
+                "sessionAffinity '{other}' is not supported (want None or ClientIP)"
+            ));
+        }
+    };
+
+    let mut port_errors = Vec::new();
+    let ports = plan_ports(spec.ports.as_deref().unwrap_or_default(), &mut port_errors)?;
+    let plan = ServicePlan {
+        ips,
+        ports,
+        affinity_timeout_s,
+        local_only,
+        publish_not_ready: spec.publish_not_ready_addresses.unwrap_or(false),
+        port_errors,
+    };
+
+    let mut keys = BTreeSet::new();
+    if let Some(dup) = plan.keys().find(|k| !keys.insert(*k)) {
+        return Err(format!(
+            "frontend {} is listed more than once",
+            fmt_key(&dup)
+        ));
+    }
+    Ok(Some(plan))
+}
+
+/// How a port is named in errors: by name when it has one, else by number.
+fn port_label(p: &ServicePort) -> String {
+    match p.name.as_deref() {
+        Some(n) if !n.is_empty() => format!("port '{n}' ({})", p.port),
+        _ => format!("port {}", p.port),
+    }
+}
+
+/// Validates the ports. Bad ones fail the whole Service; ports of an unsupported
+/// protocol are only left out, with their reason pushed to `skipped`.
+fn plan_ports<'a>(
+    ports: &'a [ServicePort],
+    skipped: &mut Vec<String>,
+) -> Result<Vec<PortPlan<'a>>, String> {
+    let mut names = BTreeSet::new();
+    let mut out = Vec::with_capacity(ports.len());
+    for p in ports {
+        let label = port_label(p);
+        let name = p.name.as_deref().unwrap_or_default();
+        // Slices identify ports by name alone, so two ports with one name could not be
+        // told apart (the apiserver rejects this too).
+        if !names.insert(name) {
+            return Err(format!("port name '{name}' is used by more than one port"));
+        }
+        let Some(port) = parse_port(p.port) else {
+            return Err(format!("{label}: port {} is out of range 1-65535", p.port));
+        };
+        let target_name = match &p.target_port {
+            None => None,
+            Some(IntOrString::Int(t)) => {
+                if parse_port(*t).is_none() {
+                    return Err(format!("{label}: targetPort {t} is out of range 1-65535"));
+                }
+                None
+            }
+            Some(IntOrString::String(t)) => {
+                if !is_port_name(t) {
+                    return Err(format!(
+                        "{label}: targetPort '{t}' is not a valid port name"
+                    ));
+                }
+                Some(t.as_str())
+            }
+        };
+        let proto = match parse_proto(p.protocol.as_deref()) {
+            Ok(proto) => proto,
+            Err(other) => {
+                skipped.push(format!(
+                    "{label}: protocol {other} is not supported by the socket datapath; this port is skipped"
+                ));
+                continue;
+            }
+        };
+        out.push(PortPlan {
+            name,
+            port,
+            proto,
+            target_name,
+        });
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------
+// Backends
+
+struct Candidate<'a> {
+    addr: BackendAddr,
+    ep: &'a SliceEndpoint<'a>,
+}
+
+/// The backend port one slice offers for a Service port, if any.
+fn slice_port_for(slice: &Slice<'_>, port: &PortPlan<'_>) -> Option<u16> {
+    let by_name = |name: &str| {
+        slice
+            .ports
+            .iter()
+            .find(|sp| sp.name == name && sp.proto == port.proto)
+            .map(|sp| sp.port)
+    };
+    by_name(port.name).or_else(|| port.target_name.and_then(by_name))
+}
+
+/// Inserts the frontends of an accepted Service into `state`.
+fn program(
+    plan: &ServicePlan<'_>,
+    sref: &ServiceRef,
+    slices: &[Slice<'_>],
+    node: &NodeInfo,
+    object: &ObjectRef,
+    state: &mut DesiredState,
+    errors: &mut Vec<ModelError>,
+) {
+    for port in &plan.ports {
+        if let Some(target) = port.target_name {
+            // Only slices with endpoints count: the controller's placeholder slice for a
+            // Service without pods carries no ports at all.
+            let populated = slices.iter().filter(|s| !s.endpoints.is_empty());
+            let mut populated = populated.peekable();
+            if populated.peek().is_some() && populated.all(|s| slice_port_for(s, port).is_none()) {
+                errors.push(ModelError {
+                    object: object.clone(),
+                    reason: format!(
+                        "targetPort name '{target}' matches no port in the EndpointSlices of {sref}"
+                    ),
+                });
+            }
+        }
+        let mut per_family: BTreeMap<Family, Vec<DesiredBackend>> = BTreeMap::new();
+        for &addr in &plan.ips {
+            let fam = family(&addr);
+            let backends = per_family
+                .entry(fam)
+                .or_insert_with(|| select_backends(plan, port, fam, slices, node))
+                .clone();
+            let key = FrontendKey {
+                addr,
+                port: port.port,
+                proto: port.proto,
+                scope: SCOPE_ALL,
+            };
+            state.frontends.insert(
+                key,
+                DesiredFrontend {
+                    key,
+                    service: sref.clone(),
+                    port_name: port.name.to_owned(),
+                    backends,
+                    affinity_timeout_s: plan.affinity_timeout_s,
+                },
+            );
+        }
+    }
+}
+
+fn select_backends(
+    plan: &ServicePlan<'_>,
+    port: &PortPlan<'_>,
+    fam: Family,
+    slices: &[Slice<'_>],
+    node: &NodeInfo,
+) -> Vec<DesiredBackend> {
+    // Merge the slices of this family. An endpoint can briefly sit in two slices while
+    // the controller moves it; the first copy wins unless it is terminating and a later
+    // one is not (a recycled pod IP: prefer the live pod, as kube-proxy does).
+    let mut cands: Vec<Candidate<'_>> = Vec::new();
+    let mut at: HashMap<BackendAddr, usize> = HashMap::new();
+    for slice in slices.iter().filter(|s| s.family == fam) {
+        let Some(bport) = slice_port_for(slice, port) else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            let addr = BackendAddr {
+                addr: ep.addr,
+                port: bport,
+                proto: port.proto,
+            };
+            match at.get(&addr) {
+                None => {
+                    at.insert(addr, cands.len());
+                    cands.push(Candidate { addr, ep });
+                }
+                Some(&i) => {
+                    if cands[i].ep.terminating && !ep.terminating {
+                        cands[i].ep = ep;
+                    }
+                }
+            }
+        }
+    }
+
+    if plan.local_only {
+        // No fallback to remote endpoints: that is the point of the Local policy. An
+        // unnamed node has no local endpoints.
+        let here = node.name.as_deref();
+        cands.retain(|c| here.is_some() && c.ep.node_name == here);
+    }
+
+    let mut out: Vec<DesiredBackend> = if plan.publish_not_ready {
+        cands
+            .iter()
+            .map(|c| DesiredBackend {
+                addr: c.addr,
+                state: BACKEND_ACTIVE,
+            })
+            .collect()
+    } else if cands.iter().any(|c| c.ep.ready) {
+        cands
+            .iter()
+            .filter(|c| c.ep.ready)
+            .map(|c| DesiredBackend {
+                addr: c.addr,
+                state: BACKEND_ACTIVE,
+            })
+            .collect()
+    } else {
+        // Nothing ready: let terminating endpoints that still serve drain the traffic
+        // instead of refusing it (kube-proxy's terminating-endpoint fallback).
+        cands
+            .iter()
+            .filter(|c| c.ep.serving && c.ep.terminating)
+            .map(|c| DesiredBackend {
+                addr: c.addr,
+                state: BACKEND_TERMINATING,
+            })
+            .collect()
+    };
+    out.sort_unstable();
+    out
 }

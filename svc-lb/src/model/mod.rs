@@ -5,7 +5,12 @@ use std::{collections::BTreeMap, fmt, net::IpAddr};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 mod build;
-pub use build::build;
+pub use build::{
+    DEFAULT_AFFINITY_TIMEOUT_S, LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME,
+    MAX_AFFINITY_TIMEOUT_S, build,
+};
+#[cfg(test)]
+mod tests;
 
 /// One load-balanced address: what a client dials.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

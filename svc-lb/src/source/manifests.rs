@@ -1,12 +1,803 @@
 //! The manifest-directory source: `*.yaml`, `*.yml` and `*.json` files holding `v1`
 //! Services and `discovery.k8s.io/v1` EndpointSlices, as `kubectl get -o yaml` writes
-//! them. Filled in by the manifests work item.
-use std::path::Path;
+//! them.
+//!
+//! Rules:
+//! - Only the directory itself is read (not subdirectories). Hidden files (a leading
+//!   `.`, which also hides a ConfigMap volume's `..data`) and editor droppings (`#…`,
+//!   `…~`) are skipped; symlinks are followed.
+//! - A YAML file may hold several `---`-separated documents, a JSON file several
+//!   concatenated values. A document may be a single object or a list: `v1 List` (what
+//!   `kubectl get svc,endpointslices -o yaml` writes), `v1 ServiceList` or
+//!   `discovery.k8s.io/v1 EndpointSliceList` (what the raw API returns).
+//! - A missing or empty `metadata.namespace` means `default`.
+//! - Bad input never stops good input from loading: every problem becomes a
+//!   [`SourceError`] naming the file, the object when it is known, and the reason, and
+//!   only the bad document (or object in a list) is skipped.
+//! - One object (kind, namespace, name) defined twice keeps its first definition in
+//!   file-name order; the later one is reported.
+//!
+//! [`ManifestDir`] caches what each file parsed to, keyed by the file's stamp (device,
+//! inode, length, mtime, ctime), so that a reload re-reads only the files that changed.
+use std::{
+    collections::{BTreeMap, btree_map::Entry},
+    fs,
+    hash::{DefaultHasher, Hasher},
+    io,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
-use super::Snapshot;
+use anyhow::Context as _;
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use notify::{EventKind, RecursiveMode, Watcher as _, event::AccessKind};
+use serde::{Deserialize as _, de::DeserializeOwned};
+use serde_json::Value;
+use tokio::sync::{mpsc, watch as watch_channel};
+
+use super::{Snapshot, SourceError};
+use crate::model::ObjectRef;
+
+/// How long [`watch`] lets a burst of file events settle before it rescans: editors and
+/// `kubectl`-style writers touch a file several times in a few milliseconds.
+pub const DEBOUNCE: Duration = Duration::from_millis(30);
+/// How often [`watch`] rescans even without events, in case the kernel dropped some (an
+/// inotify queue overflow) or the directory itself was replaced.
+pub const RESCAN_INTERVAL: Duration = Duration::from_secs(2);
+
+const DEFAULT_NAMESPACE: &str = "default";
 
 /// Reads every manifest in `dir` into one snapshot. Bad files and objects are reported
-/// in `Snapshot::errors`; they never stop the others from loading.
-pub fn load_dir(_dir: &Path) -> anyhow::Result<Snapshot> {
-    Ok(Snapshot::default())
+/// in `Snapshot::errors`; they never stop the others from loading. `Err` only when the
+/// directory itself cannot be read.
+pub fn load_dir(dir: &Path) -> anyhow::Result<Snapshot> {
+    ManifestDir::new(dir).load()
 }
+
+/// What the last scan of a [`ManifestDir`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScanStats {
+    /// Manifest files in the directory.
+    pub files: usize,
+    /// Files whose bytes were read (new, changed stamp, or too recent to trust).
+    pub read: usize,
+    /// Files parsed: read and found different from what the cache held.
+    pub parsed: usize,
+    /// Files that disappeared since the previous scan.
+    pub removed: usize,
+    /// Whether the snapshot differs from the one of the previous scan.
+    pub changed: bool,
+}
+
+/// A manifest directory with a per-file parse cache.
+///
+/// ```no_run
+/// # fn main() -> anyhow::Result<()> {
+/// let mut dir = svc_lb::source::manifests::ManifestDir::new("/etc/svc-lb/manifests");
+/// let first = dir.load()?; // reads and parses everything
+/// if let Some(next) = dir.reload()? {
+///     // only changed files were re-parsed
+/// #   let _ = (first, next);
+/// }
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct ManifestDir {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, CachedFile>,
+    scanned: bool,
+    stats: ScanStats,
+}
+
+impl ManifestDir {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            files: BTreeMap::new(),
+            scanned: false,
+            stats: ScanStats::default(),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Scans the directory and returns the full snapshot, changed or not. `Err` only
+    /// when the directory cannot be listed; the cache then keeps the previous state.
+    pub fn load(&mut self) -> anyhow::Result<Snapshot> {
+        self.scan()?;
+        Ok(self.snapshot())
+    }
+
+    /// Like [`load`](Self::load), but `Ok(None)` when nothing changed since the previous
+    /// scan (the first call always returns a snapshot). A file that was touched or
+    /// rewritten with the same content is no change.
+    pub fn reload(&mut self) -> anyhow::Result<Option<Snapshot>> {
+        let first = !self.scanned;
+        let changed = self.scan()?;
+        Ok((first || changed).then(|| self.snapshot()))
+    }
+
+    /// What the last successful scan did.
+    pub fn stats(&self) -> ScanStats {
+        self.stats
+    }
+
+    /// The snapshot of the last successful scan (empty before the first).
+    pub fn snapshot(&self) -> Snapshot {
+        let mut snap = Snapshot::default();
+        for (path, file) in &self.files {
+            snap.errors.extend(file.content.errors.iter().cloned());
+            for (object, svc) in &file.content.services {
+                if claim(&mut snap, path, object) {
+                    snap.services.push(svc.clone());
+                }
+            }
+            for (object, slice) in &file.content.slices {
+                if claim(&mut snap, path, object) {
+                    snap.slices.push(slice.clone());
+                }
+            }
+        }
+        snap
+    }
+
+    /// Brings the cache up to date; true when the snapshot changed.
+    fn scan(&mut self) -> anyhow::Result<bool> {
+        let listed = list_manifests(&self.dir)?;
+        let mut stats = ScanStats {
+            files: listed.len(),
+            ..ScanStats::default()
+        };
+        let mut changed = false;
+        let mut next = BTreeMap::new();
+        for (path, meta) in listed {
+            let old = self.files.remove(&path);
+            let (file, file_changed) = refresh(&path, meta, old, &mut stats);
+            changed |= file_changed;
+            next.insert(path, file);
+        }
+        // Whatever is left in the old cache is gone from the directory.
+        stats.removed = self.files.len();
+        changed |= stats.removed > 0;
+        stats.changed = changed;
+        self.files = next;
+        self.stats = stats;
+        self.scanned = true;
+        Ok(changed)
+    }
+}
+
+/// Records where `object` came from; false (and an error) when an earlier file, or an
+/// earlier document of this one, already defined it.
+fn claim(snap: &mut Snapshot, path: &Path, object: &ObjectRef) -> bool {
+    match snap.origins.entry(object.clone()) {
+        Entry::Vacant(e) => {
+            e.insert(path.to_path_buf());
+            true
+        }
+        Entry::Occupied(e) => {
+            let reason = format!(
+                "already defined in {}; this definition is ignored",
+                e.get().display()
+            );
+            snap.errors.push(SourceError {
+                file: Some(path.to_path_buf()),
+                object: Some(object.clone()),
+                reason,
+            });
+            false
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// The per-file cache
+
+/// Identifies one version of a file without reading it. The inode catches atomic
+/// rename-into-place and symlink swaps even when length and mtime happen to match;
+/// ctime catches writers that restore the mtime.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(meta: &fs::Metadata) -> Self {
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+
+    /// A file modified within one timestamp tick of our read can change again without
+    /// its stamp changing (the "racy git" problem), so its stamp cannot be trusted yet
+    /// and the next scan re-reads it. Filesystems that store whole seconds get a wider
+    /// window than those with nanoseconds.
+    fn is_racy(&self, now: SystemTime) -> bool {
+        let window = if self.mtime.1 == 0 {
+            Duration::from_secs(2)
+        } else {
+            Duration::from_millis(100)
+        };
+        let Ok(now) = now.duration_since(UNIX_EPOCH) else {
+            return true;
+        };
+        let now_ns = i128::try_from(now.as_nanos()).unwrap_or(i128::MAX);
+        let mtime_ns = i128::from(self.mtime.0) * 1_000_000_000 + i128::from(self.mtime.1);
+        now_ns - mtime_ns < i128::try_from(window.as_nanos()).unwrap_or(i128::MAX)
+    }
+}
+
+#[derive(Debug)]
+struct CachedFile {
+    /// `None` when the file could not be read: it is retried on every scan.
+    stamp: Option<Stamp>,
+    racy: bool,
+    /// Of the bytes last read, to tell a rewrite with equal content from a change.
+    hash: u64,
+    content: Arc<FileContent>,
+}
+
+/// What one file holds, in file order.
+#[derive(Debug, Default, PartialEq)]
+struct FileContent {
+    services: Vec<(ObjectRef, Service)>,
+    slices: Vec<(ObjectRef, EndpointSlice)>,
+    errors: Vec<SourceError>,
+}
+
+fn digest(bytes: &[u8]) -> u64 {
+    // Fixed keys: stable for the life of the process, which is all the cache needs.
+    let mut h = DefaultHasher::new();
+    h.write(bytes);
+    h.finish()
+}
+
+/// Brings one cache entry up to date; returns it and whether its content changed.
+fn refresh(
+    path: &Path,
+    meta: io::Result<fs::Metadata>,
+    old: Option<CachedFile>,
+    stats: &mut ScanStats,
+) -> (CachedFile, bool) {
+    let stamp = match meta {
+        Ok(meta) => Stamp::of(&meta),
+        Err(e) => return unreadable(path, old, &e),
+    };
+    let old = match old {
+        Some(old) if old.stamp == Some(stamp) && !old.racy => return (old, false),
+        other => other,
+    };
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) => return unreadable(path, old, &e),
+    };
+    stats.read += 1;
+    let racy = stamp.is_racy(SystemTime::now());
+    let hash = digest(&bytes);
+    if let Some(old) = old.as_ref().filter(|o| o.stamp.is_some() && o.hash == hash) {
+        let content = Arc::clone(&old.content);
+        return (
+            CachedFile {
+                stamp: Some(stamp),
+                racy,
+                hash,
+                content,
+            },
+            false,
+        );
+    }
+    stats.parsed += 1;
+    let content = parse_file(path, &bytes);
+    let changed = old.is_none_or(|o| *o.content != content);
+    tracing::debug!(file = %path.display(), changed, "manifest file parsed");
+    (
+        CachedFile {
+            stamp: Some(stamp),
+            racy,
+            hash,
+            content: Arc::new(content),
+        },
+        changed,
+    )
+}
+
+fn unreadable(path: &Path, old: Option<CachedFile>, e: &io::Error) -> (CachedFile, bool) {
+    let content = FileContent {
+        errors: vec![SourceError {
+            file: Some(path.to_path_buf()),
+            object: None,
+            reason: format!("cannot read the file: {e}"),
+        }],
+        ..FileContent::default()
+    };
+    let changed = old.is_none_or(|o| *o.content != content);
+    (
+        CachedFile {
+            stamp: None,
+            racy: false,
+            hash: 0,
+            content: Arc::new(content),
+        },
+        changed,
+    )
+}
+
+/// Whether a directory entry is a manifest we read.
+fn is_manifest_name(name: &str) -> bool {
+    let hidden_or_temp = name.starts_with('.') || name.starts_with('#') || name.ends_with('~');
+    let ext_ok = [".yaml", ".yml", ".json"]
+        .iter()
+        .any(|ext| name.len() > ext.len() && name.ends_with(ext));
+    !hidden_or_temp && ext_ok
+}
+
+/// The manifest files of `dir`, sorted by path, each with its metadata (symlinks
+/// followed; an error for a dangling link).
+fn list_manifests(dir: &Path) -> anyhow::Result<Vec<(PathBuf, io::Result<fs::Metadata>)>> {
+    let entries = fs::read_dir(dir)
+        .with_context(|| format!("cannot read manifest directory {}", dir.display()))?;
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry =
+            entry.with_context(|| format!("cannot read manifest directory {}", dir.display()))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            tracing::debug!(file = ?name, "skipping a file name that is not UTF-8");
+            continue;
+        };
+        if !is_manifest_name(name) {
+            continue;
+        }
+        let path = entry.path();
+        let meta = fs::metadata(&path);
+        if meta.as_ref().is_ok_and(|m| !m.is_file()) {
+            continue;
+        }
+        out.push((path, meta));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------
+// Parsing
+
+fn source_error(path: &Path, object: Option<ObjectRef>, reason: String) -> SourceError {
+    SourceError {
+        file: Some(path.to_path_buf()),
+        object,
+        reason,
+    }
+}
+
+fn parse_file(path: &Path, bytes: &[u8]) -> FileContent {
+    let mut out = FileContent::default();
+    let text = match std::str::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(e) => {
+            out.errors.push(source_error(
+                path,
+                None,
+                format!("the file is not UTF-8 text: {e}"),
+            ));
+            return out;
+        }
+    };
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    if path.extension().is_some_and(|e| e == "json") {
+        parse_json(path, text, &mut out);
+    } else {
+        parse_yaml(path, text, &mut out);
+    }
+    out
+}
+
+fn parse_json(path: &Path, text: &str, out: &mut FileContent) {
+    let stream = serde_json::Deserializer::from_str(text).into_iter::<Value>();
+    for (i, value) in stream.enumerate() {
+        match value {
+            Ok(value) => add_document(path, &format!("JSON value {}", i + 1), value, out),
+            Err(e) => {
+                // JSON has no document separators to resynchronise on.
+                out.errors
+                    .push(source_error(path, None, format!("invalid JSON: {e}")));
+                return;
+            }
+        }
+    }
+}
+
+fn parse_yaml(path: &Path, text: &str, out: &mut FileContent) {
+    let mut n = 0;
+    for (line, doc) in split_yaml_documents(text) {
+        if is_blank_yaml(doc) {
+            continue;
+        }
+        n += 1;
+        let loc = format!("document {n} (line {line})");
+        match yaml_to_value(doc) {
+            Ok(value) => add_document(path, &loc, value, out),
+            Err(e) => {
+                // Positions in `e` count from the start of this document. Parse again
+                // at its true offset so they count from the top of the file; only
+                // broken documents pay for this.
+                let padded = format!("{}{doc}", "\n".repeat(line.saturating_sub(1)));
+                let msg = yaml_to_value(&padded).err().unwrap_or(e).to_string();
+                out.errors.push(source_error(
+                    path,
+                    None,
+                    format!("{loc}: invalid YAML: {msg}"),
+                ));
+            }
+        }
+    }
+}
+
+fn yaml_to_value(doc: &str) -> Result<Value, serde_yaml::Error> {
+    Value::deserialize(serde_yaml::Deserializer::from_str(doc))
+}
+
+/// Splits at `---` lines so that one broken document cannot hide the ones after it
+/// (the YAML parser stops at its first error). A `---` at the start of a line always
+/// starts a document, even inside a block scalar, so this agrees with the parser.
+/// Yields each document with its first line number (1-based).
+fn split_yaml_documents(text: &str) -> Vec<(usize, &str)> {
+    let mut docs = Vec::new();
+    let (mut start, mut start_line, mut offset) = (0, 1, 0);
+    for (i, line) in text.split_inclusive('\n').enumerate() {
+        if offset > start && is_document_marker(line) {
+            docs.push((start_line, &text[start..offset]));
+            start = offset;
+            start_line = i + 1;
+        }
+        offset += line.len();
+    }
+    docs.push((start_line, &text[start..]));
+    docs
+}
+
+fn is_document_marker(line: &str) -> bool {
+    line.strip_prefix("---")
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t', '\r', '\n']))
+}
+
+/// Only markers, comments and blank lines: what a trailing `---` leaves behind.
+fn is_blank_yaml(doc: &str) -> bool {
+    doc.lines().all(|l| {
+        let l = l.trim();
+        l.is_empty() || l.starts_with('#') || l == "---" || l == "..." || l.starts_with("--- #")
+    })
+}
+
+fn str_field<'v>(value: &'v Value, key: &str) -> Option<&'v str> {
+    value.get(key).and_then(Value::as_str)
+}
+
+fn type_name(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The list kinds we unpack.
+#[derive(Clone, Copy)]
+enum ListKind {
+    /// `v1 List`, whose items carry their own apiVersion and kind.
+    Untyped,
+    /// A typed list, whose items may leave out this apiVersion and kind.
+    Of(&'static str, &'static str),
+}
+
+fn list_kind(value: &Value) -> Option<ListKind> {
+    match (str_field(value, "apiVersion")?, str_field(value, "kind")?) {
+        ("v1", "List") => Some(ListKind::Untyped),
+        ("v1", "ServiceList") => Some(ListKind::Of("v1", "Service")),
+        ("discovery.k8s.io/v1", "EndpointSliceList") => {
+            Some(ListKind::Of("discovery.k8s.io/v1", "EndpointSlice"))
+        }
+        _ => None,
+    }
+}
+
+fn add_document(path: &Path, loc: &str, value: Value, out: &mut FileContent) {
+    let value = match value {
+        Value::Null => return,
+        value @ Value::Object(_) => value,
+        other => {
+            let reason = format!(
+                "{loc}: expected a Kubernetes object, found {}",
+                type_name(&other)
+            );
+            out.errors.push(source_error(path, None, reason));
+            return;
+        }
+    };
+    let Some(list) = list_kind(&value) else {
+        add_object(path, loc, value, out);
+        return;
+    };
+    let items = match value {
+        Value::Object(mut map) => map.remove("items").unwrap_or(Value::Null),
+        _ => Value::Null,
+    };
+    let items = match items {
+        Value::Null => Vec::new(),
+        Value::Array(items) => items,
+        other => {
+            let reason = format!("{loc}: items must be a list, found {}", type_name(&other));
+            out.errors.push(source_error(path, None, reason));
+            return;
+        }
+    };
+    for (i, mut item) in items.into_iter().enumerate() {
+        let loc = format!("{loc}, items[{i}]");
+        if let (ListKind::Of(api, kind), Value::Object(map)) = (list, &mut item) {
+            // The raw API leaves apiVersion and kind out of typed-list items.
+            map.entry("apiVersion").or_insert_with(|| api.into());
+            map.entry("kind").or_insert_with(|| kind.into());
+        }
+        if list_kind(&item).is_some() {
+            out.errors.push(source_error(
+                path,
+                None,
+                format!("{loc}: a list inside a list is not supported"),
+            ));
+            continue;
+        }
+        add_object(path, &loc, item, out);
+    }
+}
+
+fn add_object(path: &Path, loc: &str, value: Value, out: &mut FileContent) {
+    if !value.is_object() {
+        let reason = format!(
+            "{loc}: expected a Kubernetes object, found {}",
+            type_name(&value)
+        );
+        out.errors.push(source_error(path, None, reason));
+        return;
+    }
+    let api = str_field(&value, "apiVersion").map(str::to_owned);
+    let Some(kind) = str_field(&value, "kind").map(str::to_owned) else {
+        out.errors.push(source_error(
+            path,
+            None,
+            format!("{loc}: the object has no kind"),
+        ));
+        return;
+    };
+    let meta = value.get("metadata");
+    let field = |key| {
+        meta.and_then(|m| m.get(key))
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+    };
+    let namespace = field("namespace").unwrap_or(DEFAULT_NAMESPACE).to_owned();
+    let name = field("name").map(str::to_owned);
+    let object = name.map(|name| ObjectRef {
+        kind: kind.clone(),
+        namespace: namespace.clone(),
+        name,
+    });
+
+    let want = match kind.as_str() {
+        "Service" => "v1",
+        "EndpointSlice" => "discovery.k8s.io/v1",
+        "Endpoints" if api.as_deref() == Some("v1") => {
+            let reason = format!(
+                "{loc}: v1 Endpoints are not read; write discovery.k8s.io/v1 EndpointSlices instead"
+            );
+            out.errors.push(source_error(path, object, reason));
+            return;
+        }
+        other => {
+            let reason = format!(
+                "{loc}: kind {other} (apiVersion {}) is not supported; only v1 Service and \
+                 discovery.k8s.io/v1 EndpointSlice are read",
+                api.as_deref().unwrap_or("missing")
+            );
+            out.errors.push(source_error(path, object, reason));
+            return;
+        }
+    };
+    if api.as_deref() != Some(want) {
+        let reason = format!(
+            "{loc}: apiVersion {} is not supported for kind {kind} (want {want})",
+            api.as_deref().unwrap_or("missing")
+        );
+        out.errors.push(source_error(path, object, reason));
+        return;
+    }
+    let Some(object) = object else {
+        let reason = format!("{loc}: {kind} in namespace {namespace} has no metadata.name");
+        out.errors.push(source_error(path, None, reason));
+        return;
+    };
+    let decoded = if kind == "Service" {
+        decode::<Service>(value).map(|mut svc| {
+            svc.metadata.namespace = Some(namespace);
+            out.services.push((object.clone(), svc));
+        })
+    } else {
+        decode::<EndpointSlice>(value).map(|mut slice| {
+            slice.metadata.namespace = Some(namespace);
+            out.slices.push((object.clone(), slice));
+        })
+    };
+    if let Err(e) = decoded {
+        let reason = format!("{loc}: not a valid {want} {kind}: {e}");
+        out.errors.push(source_error(path, Some(object), reason));
+    }
+}
+
+/// Deserializes with the path of the offending field in the error, e.g.
+/// `spec.ports[0].port: invalid type: string "http", expected i32`.
+fn decode<T: DeserializeOwned>(value: Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            inner.to_string()
+        } else {
+            format!("{path}: {inner}")
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------
+// Watching
+
+/// Identity of the directory itself, to notice it being replaced (its watch would then
+/// point at the old inode).
+fn dir_identity(dir: &Path) -> Option<(u64, u64)> {
+    fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Opens, reads and closes are our own reads or plain readers: no change.
+fn is_noise(event: &notify::Event) -> bool {
+    matches!(event.kind, EventKind::Access(kind) if !matches!(kind, AccessKind::Close(notify::event::AccessMode::Write)))
+}
+
+/// Runs one scan off the async threads: parsing a large directory takes a while.
+async fn scan_blocking<T: Send + 'static>(
+    mut dir: ManifestDir,
+    f: fn(&mut ManifestDir) -> T,
+) -> anyhow::Result<(ManifestDir, T)> {
+    tokio::task::spawn_blocking(move || {
+        let out = f(&mut dir);
+        (dir, out)
+    })
+    .await
+    .context("the manifest scan task failed")
+}
+
+fn log_snapshot(dir: &Path, snap: &Snapshot, stats: ScanStats) {
+    tracing::info!(
+        dir = %dir.display(),
+        files = stats.files,
+        parsed = stats.parsed,
+        removed = stats.removed,
+        services = snap.services.len(),
+        slices = snap.slices.len(),
+        errors = snap.errors.len(),
+        "manifest snapshot"
+    );
+}
+
+/// Watches `dir` and publishes a complete [`Snapshot`] on `tx`: the first one at once,
+/// then one after each change (create, modify, delete, rename, symlink swap), bursts
+/// coalesced over [`DEBOUNCE`]. A rescan every [`RESCAN_INTERVAL`] covers lost events
+/// and a replaced directory. Nothing is sent when a scan finds no change.
+///
+/// Returns `Err` if the first scan fails (the directory cannot be read); later failures
+/// are logged and the last snapshot stays in force. Returns `Ok` once every receiver of
+/// `tx` is gone.
+pub async fn watch(dir: PathBuf, tx: watch_channel::Sender<Arc<Snapshot>>) -> anyhow::Result<()> {
+    // A pending wake-up is all the loop needs to know; capacity 1 coalesces the rest.
+    let (wake_tx, mut wake_rx) = mpsc::channel::<()>(1);
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        match res {
+            Ok(event) if is_noise(&event) => return,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "manifest directory watch error; rescanning"),
+        }
+        // Full means a rescan is already pending.
+        let _ = wake_tx.try_send(());
+    })
+    .context("cannot create the manifest directory watcher")?;
+
+    // Watch before the first scan, so that no change falls between the two.
+    let mut watched = watch_dir(&mut watcher, &dir, None);
+    let (mut source, first) = scan_blocking(ManifestDir::new(&dir), ManifestDir::load).await?;
+    let first = first?;
+    log_snapshot(&dir, &first, source.stats());
+    if tx.send(Arc::new(first)).is_err() {
+        return Ok(());
+    }
+
+    let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
+    rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    rescan.tick().await;
+    loop {
+        tokio::select! {
+            () = tx.closed() => return Ok(()),
+            Some(()) = wake_rx.recv() => {
+                tokio::time::sleep(DEBOUNCE).await;
+                // Events of the burst that came during the sleep are covered by this scan.
+                let _ = wake_rx.try_recv();
+            }
+            _ = rescan.tick() => {
+                let now = dir_identity(&dir);
+                if now.is_some() && now != watched {
+                    watched = watch_dir(&mut watcher, &dir, watched);
+                }
+            }
+        }
+        let (next, result) = scan_blocking(source, ManifestDir::reload).await?;
+        source = next;
+        match result {
+            Ok(Some(snap)) => {
+                log_snapshot(&dir, &snap, source.stats());
+                if tx.send(Arc::new(snap)).is_err() {
+                    return Ok(());
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(
+                    dir = %dir.display(),
+                    error = %format!("{e:#}"),
+                    "cannot rescan the manifest directory; keeping the last snapshot"
+                );
+            }
+        }
+    }
+}
+
+/// (Re)starts watching `dir` and returns the identity now watched. `previous` is the
+/// identity watched so far, if any. On failure only the periodic rescan notices
+/// changes; the next tick tries again.
+fn watch_dir(
+    watcher: &mut notify::RecommendedWatcher,
+    dir: &Path,
+    previous: Option<(u64, u64)>,
+) -> Option<(u64, u64)> {
+    let id = dir_identity(dir)?;
+    if previous.is_some() {
+        // The old watch follows the old inode; it may already be gone with it.
+        let _ = watcher.unwatch(dir);
+        tracing::info!(dir = %dir.display(), "manifest directory replaced; watching the new one");
+    }
+    match watcher.watch(dir, RecursiveMode::NonRecursive) {
+        Ok(()) => Some(id),
+        Err(e) => {
+            tracing::warn!(
+                dir = %dir.display(),
+                error = %e,
+                "cannot watch the manifest directory; changes show up at the next periodic rescan"
+            );
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

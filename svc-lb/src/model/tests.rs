@@ -1,0 +1,1089 @@
+//! Table-driven tests of [`build`]: Kubernetes YAML in, rendered frontends and errors
+//! out. Each case states the exact frontends (with their backends) and the exact errors.
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use serde::Deserialize;
+use svc_lb_common::{BACKEND_ACTIVE, BACKEND_TERMINATING, PROTO_TCP, PROTO_UDP, SCOPE_ALL};
+
+use super::{DesiredState, ModelError, NodeInfo, Objects, build};
+
+struct Case {
+    name: &'static str,
+    /// `NodeInfo::name` of the node the model runs for.
+    node: Option<&'static str>,
+    yaml: &'static str,
+    /// Every frontend, rendered by [`render`], in key order.
+    want: &'static [&'static str],
+    /// Every error as (object, substring of the reason), in order.
+    errors: &'static [(&'static str, &'static str)],
+}
+
+fn parse(yaml: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
+    let mut services = Vec::new();
+    let mut slices = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(yaml) {
+        let value = serde_yaml::Value::deserialize(doc).expect("test YAML parses");
+        match value.get("kind").and_then(|k| k.as_str()) {
+            Some("Service") => services.push(serde_yaml::from_value(value).expect("a Service")),
+            Some("EndpointSlice") => slices.push(serde_yaml::from_value(value).expect("a slice")),
+            other => panic!("unexpected kind {other:?} in test YAML"),
+        }
+    }
+    (services, slices)
+}
+
+fn proto(p: u8) -> &'static str {
+    match p {
+        PROTO_TCP => "TCP",
+        PROTO_UDP => "UDP",
+        _ => panic!("unexpected protocol {p}"),
+    }
+}
+
+fn hostport(addr: std::net::IpAddr, port: u16) -> String {
+    match addr {
+        std::net::IpAddr::V4(a) => format!("{a}:{port}"),
+        std::net::IpAddr::V6(a) => format!("[{a}]:{port}"),
+    }
+}
+
+/// `10.96.0.1:80/TCP ns/name:port [10.0.0.1:8080 10.0.0.2:8080(T)] affinity=10800`
+/// where `(T)` marks a terminating backend. Also checks the invariants every frontend
+/// must hold, so that no case can forget them.
+fn render(state: &DesiredState) -> Vec<String> {
+    state
+        .frontends
+        .iter()
+        .map(|(key, fe)| {
+            assert_eq!(*key, fe.key, "map key and frontend key agree");
+            assert_eq!(key.scope, SCOPE_ALL);
+            let mut sorted = fe.backends.clone();
+            sorted.sort();
+            sorted.dedup_by_key(|b| b.addr);
+            assert_eq!(sorted, fe.backends, "backends are sorted and unique");
+            let backends: Vec<String> = fe
+                .backends
+                .iter()
+                .map(|b| {
+                    assert_eq!(
+                        b.addr.proto, key.proto,
+                        "backend protocol follows the frontend"
+                    );
+                    assert_eq!(
+                        b.addr.addr.is_ipv4(),
+                        key.addr.is_ipv4(),
+                        "one address family"
+                    );
+                    let mark = match b.state {
+                        BACKEND_ACTIVE => "",
+                        BACKEND_TERMINATING => "(T)",
+                        s => panic!("unexpected backend state {s}"),
+                    };
+                    format!("{}{mark}", hostport(b.addr.addr, b.addr.port))
+                })
+                .collect();
+            let affinity = fe
+                .affinity_timeout_s
+                .map(|t| format!(" affinity={t}"))
+                .unwrap_or_default();
+            format!(
+                "{}/{} {}:{} [{}]{affinity}",
+                hostport(key.addr, key.port),
+                proto(key.proto),
+                fe.service,
+                fe.port_name,
+                backends.join(" "),
+            )
+        })
+        .collect()
+}
+
+fn check_errors(case: &str, got: &[ModelError], want: &[(&str, &str)]) {
+    let shown: Vec<String> = got.iter().map(ToString::to_string).collect();
+    assert_eq!(got.len(), want.len(), "case {case}: errors {shown:#?}");
+    for (err, (object, reason)) in got.iter().zip(want) {
+        assert_eq!(
+            err.object.to_string(),
+            *object,
+            "case {case}: errors {shown:#?}"
+        );
+        assert!(
+            err.reason.contains(reason),
+            "case {case}: {err} should say {reason:?}"
+        );
+    }
+}
+
+fn run(case: &Case) {
+    let (services, slices) = parse(case.yaml);
+    let node = NodeInfo {
+        name: case.node.map(str::to_owned),
+        zone: None,
+    };
+    let (state, errors) = build(
+        Objects {
+            services: &services,
+            slices: &slices,
+        },
+        &node,
+    );
+    assert_eq!(render(&state), case.want, "case {}", case.name);
+    check_errors(case.name, &errors, case.errors);
+
+    // The order of the input objects must not matter.
+    let (mut services, mut slices) = (services, slices);
+    services.reverse();
+    slices.reverse();
+    let (state2, errors2) = build(
+        Objects {
+            services: &services,
+            slices: &slices,
+        },
+        &node,
+    );
+    assert_eq!(
+        state2, state,
+        "case {}: input order changed the state",
+        case.name
+    );
+    assert_eq!(
+        errors2, errors,
+        "case {}: input order changed the errors",
+        case.name
+    );
+}
+
+const CASES: &[Case] = &[
+    Case {
+        name: "cluster IP with sorted ready backends",
+        node: None,
+        yaml: r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10]
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc
+  namespace: shop
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: [10.0.0.3], conditions: {ready: true}}
+- {addresses: [10.0.0.1], conditions: {ready: true}}
+- {addresses: [10.0.0.2]}
+"#,
+        want: &["10.96.0.10:80/TCP shop/web:http [10.0.0.1:8080 10.0.0.2:8080 10.0.0.3:8080]"],
+        errors: &[],
+    },
+    Case {
+        name: "multiple ports, one number with two protocols",
+        node: None,
+        yaml: r#"
+kind: Service
+metadata: {name: dns, namespace: kube-system}
+spec:
+  clusterIPs: [10.96.0.10]
+  ports:
+  - {name: dns, port: 53, protocol: UDP, targetPort: 53}
+  - {name: dns-tcp, port: 53, protocol: TCP, targetPort: 53}
+  - {name: metrics, port: 9153}
+---
+kind: EndpointSlice
+metadata: {name: dns-1, namespace: kube-system, labels: {kubernetes.io/service-name: dns}}
+addressType: IPv4
+ports:
+- {name: dns, port: 53, protocol: UDP}
+- {name: dns-tcp, port: 53, protocol: TCP}
+- {name: metrics, port: 9153, protocol: TCP}
+endpoints:
+- addresses: [10.0.0.5]
+"#,
+        want: &[
+            "10.96.0.10:53/TCP kube-system/dns:dns-tcp [10.0.0.5:53]",
+            "10.96.0.10:53/UDP kube-system/dns:dns [10.0.0.5:53]",
+            "10.96.0.10:9153/TCP kube-system/dns:metrics [10.0.0.5:9153]",
+        ],
+        errors: &[],
+    },
+    Case {
+        name: "dual stack: each cluster IP takes the slices of its family",
+        node: None,
+        yaml: r#"
+kind: Service
+metadata: {name: web}
+spec:
+  clusterIP: 10.96.0.20
+  clusterIPs: [10.96.0.20, "fd00:96::20"]
+  ports: [{port: 80}]
+---
+kind: EndpointSlice
+metadata: {name: web-v4, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.0.0.1]}]
+---
+kind: EndpointSlice
+metadata: {name: web-v6, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints: [{addresses: ["fd00::1"]}]
+"#,
+        want: &[
+            "10.96.0.20:80/TCP default/web: [10.0.0.1:8080]",
+            "[fd00:96::20]:80/TCP default/web: [[fd00::1]:8080]",
+        ],
+        errors: &[],
+    },
+    Case {
+        name: "clusterIP alone, NodePort and LoadBalancer program their cluster IP",
+        node: None,
+        yaml: r#"
+kind: Service
+metadata: {name: a}
+spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}
+---
+kind: Service
+metadata: {name: b}
+spec: {type: NodePort, clusterIP: 10.96.0.2, ports: [{port: 80, nodePort: 30080}]}
+---
+kind: Service
+metadata: {name: c}
+spec: {type: LoadBalancer, clusterIPs: [10.96.0.3], ports: [{port: 80}]}
+---
+kind: Service
+metadata: {name: d}
+spec: {type: ClusterIP, clusterIPs: [10.96.0.4], ports: [{port: 80}]}
+"#,
+        want: &[
+            "10.96.0.1:80/TCP default/a: []",
+            "10.96.0.2:80/TCP default/b: []",
+            "10.96.0.3:80/TCP default/c: []",
+            "10.96.0.4:80/TCP default/d: []",
+        ],
+        errors: &[],
+    },
+    Case {
+        name: "ExternalName, headless, unallocated and proxy-name Services are not programmed",
+        node: None,
+        yaml: r#"
+kind: Service
+metadata: {name: ext}
+spec: {type: ExternalName, externalName: example.com, ports: [{port: 80}]}
+---
+kind: Service
+metadata: {name: headless}
+spec: {clusterIP: None, clusterIPs: [None], ports: [{port: 80}]}
+---
+kind: EndpointSlice
+metadata:
+  name: headless-1
+  labels: {kubernetes.io/service-name: headless, service.kubernetes.io/headless: ""}
+addressType: IPv4
+ports: [{port: 80}]
+endpoints: [{addresses: [not-an-ip]}]
+---
+kind: Service
+metadata: {name: pending}
+spec: {clusterIP: "", ports: [{port: 80}]}
+---
+kind: Service
+metadata: {name: nospec}
+---
+kind: Service
+metadata:
+  name: other-proxy
+  labels: {service.kubernetes.io/service-proxy-name: someone-else}
+spec: {clusterIP: 10.96.0.9, ports: [{port: 80}]}
+---
+kind: Service
+metadata: {name: kept}
+spec: {clusterIP: 10.96.0.8, ports: [{port: 80}]}
+"#,
+        want: &["10.96.0.8:80/TCP default/kept: []"],
+        errors: &[],
+    },
+    Case {
+        name: "invalid cluster IPs skip only their Service",
+        node: None,
+        yaml: r#"
+kind: Service
+metadata: {name: bad-ip}
+spec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}
+---
+kind: Service
+metadata: {name: bad-second-ip}
+spec: {clusterIPs: [10.96.0.5, "fd00::zz"], ports: [{port: 80}]}
+---
+kind: Service
+metadata: {name: unspecified}
+spec: {clusterIP: 0.0.0.0, ports: [{port: 80}]}
+---
+kind: Service
+metadata: {name: good}
+spec: {clusterIP: 10.96.0.6, ports: [{port: 80}]}
+"#,
+        want: &["10.96.0.6:80/TCP default/good: []"],
+        errors: &[
+            (
+                "Service default/bad-ip",
+                "cluster IP '10.96.0.300' is not a valid IP address",
+            ),
+            (
+                "Service default/bad-second-ip",
+                "cluster IP 'fd00::zz' is not a valid IP address",
+            ),
+            (
+                "Service default/unspecified",
+                "cluster IP '0.0.0.0' is not a unicast address",
+            ),
+        ],
+    },
+    Case {
+        name: "out-of-range ports and target ports skip the whole Service",
+        node: None,
+        yaml: r#"
+kind: Service
+metadata: {name: port-zero}
+spec: {clusterIP: 10.96.0.1, ports: [{name: a, port: 81}, {name: b, port: 0}]}
+---
+kind: Service
+metadata: {name: port-big}
+spec: {clusterIP: 10.96.0.2, ports: [{port: 65536}]}
+---
+kind: Service
+metadata: {name: target-zero}
+spec: {clusterIP: 10.96.0.3, ports: [{port: 80, targetPort: 0}]}
+---
+kind: Service
+metadata: {name: target-big}
+spec: {clusterIP: 10.96.0.4, ports: [{name: web, port: 80, targetPort: 70000}]}
+---
+kind: Service
+metadata: {name: target-numeric-string}
+spec: {clusterIP: 10.96.0.5, ports: [{port: 80, targetPort: "8080"}]}
+---
+kind: Service
+metadata: {name: max-port}
+spec: {clusterIP: 10.96.0.6, ports: [{port: 65535, targetPort: 65535}]}
+"#,
+        want: &["10.96.0.6:65535/TCP default/max-port: []"],
+        errors: &[
+            (
+                "Service default/port-big",
+                "port 65536 is out of range 1-65535",
+            ),
+            (
+                "Service default/port-zero",
+                "port 'b' (0): port 0 is out of range 1-65535",
+            ),
+            (
+                "Service default/target-big",
+                "port 'web' (80): targetPort 70000 is out of range",
+            ),
+            (
+                "Service default/target-numeric-string",
+                "targetPort '8080' is not a valid port name",
+            ),
+            (
+                "Service default/target-zero",
+                "port 80: targetPort 0 is out of range",
+            ),
+        ],
+    },
+    Case {
+        name: "SCTP and unknown protocols skip only their port",
+        node: None,
+        yaml: r#"
+kind: Service
+metadata: {name: mixed}
+spec:
+  clusterIP: 10.96.0.7
+  ports:
+  - {name: sig, port: 3868, protocol: SCTP}
+  - {name: web, port: 80, protocol: TCP}
+  - {name: odd, port: 81, protocol: QUIC}
+---
+kind: EndpointSlice
+metadata: {name: mixed-1, labels: {kubernetes.io/service-name: mixed}}
+addressType: IPv4
+ports: [{name: sig, port: 3868, protocol: SCTP}, {name: web, port: 8080}]
+endpoints: [{addresses: [10.0.0.1]}]
+"#,
+        want: &["10.96.0.7:80/TCP default/mixed:web [10.0.0.1:8080]"],
+        errors: &[
+            (
+                "Service default/mixed",
+                "port 'sig' (3868): protocol SCTP is not supported",
+            ),
+            (
+                "Service default/mixed",
+                "port 'odd' (81): protocol QUIC is not supported",
+            ),
+        ],
+    },
+    Case {
+        name: "a contested frontend goes to the first Service by namespace/name",
+        node: None,
+        yaml: r#"
+kind: Service
+metadata: {name: zeta, namespace: b}
+spec: {clusterIP: 10.96.1.1, ports: [{name: web, port: 80}, {name: other, port: 81}]}
+---
+kind: Service
+metadata: {name: alpha, namespace: b}
+spec: {clusterIP: 10.96.1.1, ports: [{port: 80}]}
+---
+kind: Service
+metadata: {name: zz, namespace: a}
+spec: {clusterIP: 10.96.1.1, ports: [{port: 80, protocol: UDP}]}
+"#,
+        want: &["10.96.1.1:80/TCP b/alpha: []", "10.96.1.1:80/UDP a/zz: []"],
+        errors: &[(
+            "Service b/zeta",
+            "frontend 10.96.1.1:80/TCP is already used by Service b/alpha; this Service is skipped",
+        )],
+    },
+    Case {
+        name: "a Service that fails validation claims nothing",
+        node: None,
+        yaml: r#"
+kind: Service
+metadata: {name: a-broken}
+spec: {clusterIP: 10.96.1.2, ports: [{port: 80}, {port: 0, name: x}]}
+---
+kind: Service
+metadata: {name: b-fine}
+spec: {clusterIP: 10.96.1.2, ports: [{port: 80}]}
+"#,
+        want: &["10.96.1.2:80/TCP default/b-fine: []"],
+        errors: &[("Service default/a-broken", "port 0 is out of range")],
+    },
+    Case {
+        name: "duplicates inside one Service",
+        node: None,
+        yaml: r#"
+kind: Service
+metadata: {name: twice}
+spec: {clusterIP: 10.96.2.1, ports: [{port: 80}]}
+---
+kind: Service
+metadata: {name: twice}
+spec: {clusterIP: 10.96.2.2, ports: [{port: 80}]}
+---
+kind: Service
+metadata: {name: same-name}
+spec: {clusterIP: 10.96.2.3, ports: [{name: a, port: 80}, {name: a, port: 81}]}
+---
+kind: Service
+metadata: {name: same-port}
+spec: {clusterIP: 10.96.2.4, ports: [{name: a, port: 80}, {name: b, port: 80}]}
+---
+kind: Service
+metadata: {name: same-ip}
+spec: {clusterIPs: [10.96.2.5, 10.96.2.5], ports: [{port: 80}]}
+---
+kind: Service
+metadata: {name: sliced}
+spec: {clusterIP: 10.96.2.6, ports: [{port: 80}]}
+---
+kind: EndpointSlice
+metadata: {name: sliced-1, labels: {kubernetes.io/service-name: sliced}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.0.0.1]}]
+---
+kind: EndpointSlice
+metadata: {name: sliced-1, labels: {kubernetes.io/service-name: sliced}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.0.0.2]}]
+"#,
+        want: &["10.96.2.6:80/TCP default/sliced: []"],
+        errors: &[
+            (
+                "EndpointSlice default/sliced-1",
+                "the EndpointSlice is defined 2 times",
+            ),
+            (
+                "Service default/same-ip",
+                "frontend 10.96.2.5:80/TCP is listed more than once",
+            ),
+            (
+                "Service default/same-name",
+                "port name 'a' is used by more than one port",
+            ),
+            (
+                "Service default/same-port",
+                "frontend 10.96.2.4:80/TCP is listed more than once",
+            ),
+            (
+                "Service default/twice",
+                "the Service is defined 2 times; none of the definitions is used",
+            ),
+        ],
+    },
+    Case {
+        name: "unsupported type, affinity and traffic policy values",
+        node: None,
+        yaml: r#"
+kind: Service
+metadata: {name: t}
+spec: {type: Weird, clusterIP: 10.96.3.1, ports: [{port: 80}]}
+---
+kind: Service
+metadata: {name: a}
+spec: {sessionAffinity: Cookie, clusterIP: 10.96.3.2, ports: [{port: 80}]}
+---
+kind: Service
+metadata: {name: p}
+spec: {internalTrafficPolicy: Zonal, clusterIP: 10.96.3.3, ports: [{port: 80}]}
+---
+kind: Service
+metadata: {name: timeout}
+spec:
+  clusterIP: 10.96.3.4
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}
+  ports: [{port: 80}]
+---
+kind: Service
+metadata: {namespace: x}
+spec: {clusterIP: 10.96.3.5, ports: [{port: 80}]}
+"#,
+        want: &[],
+        errors: &[
+            (
+                "Service default/a",
+                "sessionAffinity 'Cookie' is not supported",
+            ),
+            (
+                "Service default/p",
+                "internalTrafficPolicy 'Zonal' is not supported",
+            ),
+            ("Service default/t", "type 'Weird' is not supported"),
+            (
+                "Service default/timeout",
+                "timeoutSeconds 0 is out of range 1-86400",
+            ),
+            ("Service x/", "metadata.name is missing"),
+        ],
+    },
+    Case {
+        name: "session affinity: default and explicit timeouts",
+        node: None,
+        yaml: r#"
+kind: Service
+metadata: {name: default-timeout}
+spec: {clusterIP: 10.96.4.1, sessionAffinity: ClientIP, ports: [{port: 80}]}
+---
+kind: Service
+metadata: {name: explicit}
+spec:
+  clusterIP: 10.96.4.2
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}
+  ports: [{port: 80}, {name: b, port: 81, protocol: UDP}]
+---
+kind: Service
+metadata: {name: none}
+spec: {clusterIP: 10.96.4.3, sessionAffinity: None, ports: [{port: 80}]}
+"#,
+        want: &[
+            "10.96.4.1:80/TCP default/default-timeout: [] affinity=10800",
+            "10.96.4.2:80/TCP default/explicit: [] affinity=60",
+            "10.96.4.2:81/UDP default/explicit:b [] affinity=60",
+            "10.96.4.3:80/TCP default/none: []",
+        ],
+        errors: &[],
+    },
+    Case {
+        name: "slices merge, duplicates collapse, foreign slices are ignored",
+        node: None,
+        yaml: r#"
+kind: Service
+metadata: {name: web, namespace: ns1}
+spec: {clusterIP: 10.96.5.1, ports: [{name: http, port: 80}]}
+---
+kind: EndpointSlice
+metadata: {name: web-b, namespace: ns1, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: [10.0.0.2]}
+- {addresses: [10.0.0.3]}
+---
+kind: EndpointSlice
+metadata: {name: web-a, namespace: ns1, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: [10.0.0.2]}
+- {addresses: [10.0.0.1]}
+- {addresses: [10.0.0.1]}
+---
+kind: EndpointSlice
+metadata: {name: web-other-ns, namespace: ns2, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.9.9.9]}]
+---
+kind: EndpointSlice
+metadata: {name: other-svc, namespace: ns1, labels: {kubernetes.io/service-name: web2}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.9.9.8]}]
+---
+kind: EndpointSlice
+metadata: {name: unlabelled, namespace: ns1}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.9.9.7]}]
+---
+kind: EndpointSlice
+metadata: {name: web-fqdn, namespace: ns1, labels: {kubernetes.io/service-name: web}}
+addressType: FQDN
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [db.example.com]}]
+"#,
+        want: &["10.96.5.1:80/TCP ns1/web:http [10.0.0.1:8080 10.0.0.2:8080 10.0.0.3:8080]"],
+        errors: &[],
+    },
+    Case {
+        name: "a duplicate endpoint prefers the copy that is not terminating",
+        node: None,
+        yaml: r#"
+kind: Service
+metadata: {name: web}
+spec: {clusterIP: 10.96.5.2, ports: [{port: 80}]}
+---
+kind: EndpointSlice
+metadata: {name: web-a, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.0.0.1], conditions: {ready: false, serving: true, terminating: true}}
+- {addresses: [10.0.0.2], conditions: {ready: true}}
+---
+kind: EndpointSlice
+metadata: {name: web-b, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.0.0.1], conditions: {ready: true}}
+- {addresses: [10.0.0.2], conditions: {ready: false, serving: false, terminating: true}}
+"#,
+        want: &["10.96.5.2:80/TCP default/web: [10.0.0.1:8080 10.0.0.2:8080]"],
+        errors: &[],
+    },
+    Case {
+        name: "slice ports match by name and protocol; the number may differ per slice",
+        node: None,
+        yaml: r#"
+kind: Service
+metadata: {name: web}
+spec:
+  clusterIP: 10.96.6.1
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: admin, port: 81, targetPort: 9000}
+  - {name: udp, port: 82, protocol: UDP}
+---
+kind: EndpointSlice
+metadata: {name: web-old, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports:
+- {name: http, port: 8080}
+- {name: udp, port: 5000, protocol: TCP}
+endpoints: [{addresses: [10.0.0.1]}]
+---
+kind: EndpointSlice
+metadata: {name: web-new, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports:
+- {name: http, port: 8081, protocol: TCP}
+- {name: admin-x, port: 9000}
+- {name: udp, port: 5001, protocol: UDP}
+endpoints: [{addresses: [10.0.0.2]}]
+"#,
+        want: &[
+            "10.96.6.1:80/TCP default/web:http [10.0.0.1:8080 10.0.0.2:8081]",
+            "10.96.6.1:81/TCP default/web:admin []",
+            "10.96.6.1:82/UDP default/web:udp [10.0.0.2:5001]",
+        ],
+        errors: &[],
+    },
+    Case {
+        name: "an unnamed Service port matches a slice port with no name or an empty one",
+        node: None,
+        yaml: r#"
+kind: Service
+metadata: {name: web}
+spec: {clusterIP: 10.96.6.2, ports: [{name: "", port: 80}]}
+---
+kind: EndpointSlice
+metadata: {name: web-a, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.0.0.1]}]
+---
+kind: EndpointSlice
+metadata: {name: web-b, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: "", port: 8080}]
+endpoints: [{addresses: [10.0.0.2]}]
+---
+kind: EndpointSlice
+metadata: {name: web-c, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.0.0.3]}]
+"#,
+        want: &["10.96.6.2:80/TCP default/web: [10.0.0.1:8080 10.0.0.2:8080]"],
+        errors: &[],
+    },
+    Case {
+        name: "named targetPort: hand-written slices may use it; no match at all is refused",
+        node: None,
+        yaml: r#"
+kind: Service
+metadata: {name: web}
+spec:
+  clusterIP: 10.96.7.1
+  ports:
+  - {name: http, port: 80, targetPort: web-port}
+  - {name: grpc, port: 81, targetPort: grpc-port}
+---
+kind: EndpointSlice
+metadata: {name: web-manual, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: web-port, port: 8080}]
+endpoints: [{addresses: [10.0.0.1]}]
+---
+kind: EndpointSlice
+metadata: {name: web-controller, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8081}]
+endpoints: [{addresses: [10.0.0.2]}]
+---
+kind: Service
+metadata: {name: nopods}
+spec: {clusterIP: 10.96.7.2, ports: [{port: 80, targetPort: http}]}
+---
+kind: EndpointSlice
+metadata: {name: nopods-placeholder, labels: {kubernetes.io/service-name: nopods}}
+addressType: IPv4
+ports: null
+endpoints: null
+"#,
+        want: &[
+            "10.96.7.1:80/TCP default/web:http [10.0.0.1:8080 10.0.0.2:8081]",
+            "10.96.7.1:81/TCP default/web:grpc []",
+            "10.96.7.2:80/TCP default/nopods: []",
+        ],
+        errors: &[(
+            "Service default/web",
+            "targetPort name 'grpc-port' matches no port in the EndpointSlices of default/web",
+        )],
+    },
+    Case {
+        name: "endpoint conditions: ready wins, else serving+terminating, never non-serving",
+        node: None,
+        yaml: r#"
+kind: Service
+metadata: {name: mixed}
+spec: {clusterIP: 10.96.8.1, ports: [{port: 80}]}
+---
+kind: EndpointSlice
+metadata: {name: mixed-1, labels: {kubernetes.io/service-name: mixed}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.0.0.1], conditions: {ready: true, serving: true, terminating: false}}
+- {addresses: [10.0.0.2], conditions: {}}
+- {addresses: [10.0.0.3], conditions: {ready: false, serving: true, terminating: true}}
+- {addresses: [10.0.0.4], conditions: {ready: false, serving: true}}
+- {addresses: [10.0.0.5], conditions: {ready: false}}
+---
+kind: Service
+metadata: {name: draining}
+spec: {clusterIP: 10.96.8.2, ports: [{port: 80}]}
+---
+kind: EndpointSlice
+metadata: {name: draining-1, labels: {kubernetes.io/service-name: draining}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.0.1.1], conditions: {ready: false, serving: true, terminating: true}}
+- {addresses: [10.0.1.2], conditions: {ready: false, serving: false, terminating: true}}
+- {addresses: [10.0.1.3], conditions: {ready: false, terminating: true}}
+- {addresses: [10.0.1.4], conditions: {ready: false, serving: true, terminating: false}}
+---
+kind: Service
+metadata: {name: dead}
+spec: {clusterIP: 10.96.8.3, ports: [{port: 80}]}
+---
+kind: EndpointSlice
+metadata: {name: dead-1, labels: {kubernetes.io/service-name: dead}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.0.2.1], conditions: {ready: false, serving: false, terminating: true}}
+- {addresses: [10.0.2.2], conditions: {ready: false}}
+"#,
+        want: &[
+            "10.96.8.1:80/TCP default/mixed: [10.0.0.1:8080 10.0.0.2:8080]",
+            "10.96.8.2:80/TCP default/draining: [10.0.1.1:8080(T)]",
+            "10.96.8.3:80/TCP default/dead: []",
+        ],
+        errors: &[],
+    },
+    Case {
+        name: "publishNotReadyAddresses uses every endpoint as active",
+        node: None,
+        yaml: r#"
+kind: Service
+metadata: {name: peers}
+spec: {clusterIP: 10.96.9.1, publishNotReadyAddresses: true, ports: [{port: 80}]}
+---
+kind: EndpointSlice
+metadata: {name: peers-1, labels: {kubernetes.io/service-name: peers}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.0.0.1], conditions: {ready: true}}
+- {addresses: [10.0.0.2], conditions: {ready: false, serving: false}}
+- {addresses: [10.0.0.3], conditions: {ready: false, serving: true, terminating: true}}
+"#,
+        want: &["10.96.9.1:80/TCP default/peers: [10.0.0.1:8080 10.0.0.2:8080 10.0.0.3:8080]"],
+        errors: &[],
+    },
+    Case {
+        name: "internalTrafficPolicy Local keeps this node's endpoints only, without fallback",
+        node: Some("node-a"),
+        yaml: r#"
+kind: Service
+metadata: {name: local}
+spec: {clusterIP: 10.96.10.1, internalTrafficPolicy: Local, ports: [{port: 80}]}
+---
+kind: EndpointSlice
+metadata: {name: local-1, labels: {kubernetes.io/service-name: local}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.0.0.1], nodeName: node-a}
+- {addresses: [10.0.0.2], nodeName: node-b}
+- {addresses: [10.0.0.3]}
+- {addresses: [10.0.0.4], nodeName: node-a, conditions: {ready: false}}
+---
+kind: Service
+metadata: {name: remote-only}
+spec: {clusterIP: 10.96.10.2, internalTrafficPolicy: Local, ports: [{port: 80}]}
+---
+kind: EndpointSlice
+metadata: {name: remote-only-1, labels: {kubernetes.io/service-name: remote-only}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.0.1.1], nodeName: node-b}]
+---
+kind: Service
+metadata: {name: local-draining}
+spec: {clusterIP: 10.96.10.3, internalTrafficPolicy: Local, ports: [{port: 80}]}
+---
+kind: EndpointSlice
+metadata: {name: local-draining-1, labels: {kubernetes.io/service-name: local-draining}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.0.2.1], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}}
+- {addresses: [10.0.2.2], nodeName: node-b, conditions: {ready: true}}
+---
+kind: Service
+metadata: {name: cluster}
+spec: {clusterIP: 10.96.10.4, internalTrafficPolicy: Cluster, ports: [{port: 80}]}
+---
+kind: EndpointSlice
+metadata: {name: cluster-1, labels: {kubernetes.io/service-name: cluster}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.0.3.1], nodeName: node-b}]
+"#,
+        want: &[
+            "10.96.10.1:80/TCP default/local: [10.0.0.1:8080]",
+            "10.96.10.2:80/TCP default/remote-only: []",
+            "10.96.10.3:80/TCP default/local-draining: [10.0.2.1:8080(T)]",
+            "10.96.10.4:80/TCP default/cluster: [10.0.3.1:8080]",
+        ],
+        errors: &[],
+    },
+    Case {
+        name: "internalTrafficPolicy Local on a node without a name has no endpoints",
+        node: None,
+        yaml: r#"
+kind: Service
+metadata: {name: local}
+spec: {clusterIP: 10.96.10.1, internalTrafficPolicy: Local, ports: [{port: 80}]}
+---
+kind: EndpointSlice
+metadata: {name: local-1, labels: {kubernetes.io/service-name: local}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.0.0.1], nodeName: node-a}, {addresses: [10.0.0.3]}]
+"#,
+        want: &["10.96.10.1:80/TCP default/local: []"],
+        errors: &[],
+    },
+    Case {
+        name: "bad endpoint addresses are reported against the slice and skipped alone",
+        node: None,
+        yaml: r#"
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.11.1, ports: [{name: http, port: 80}, {name: alt, port: 81}]}
+---
+kind: EndpointSlice
+metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}, {name: alt, port: 70000}, {name: none}]
+endpoints:
+- {addresses: [10.0.0.1]}
+- {addresses: [10.0.0.999]}
+- {addresses: ["fd00::1"]}
+- {addresses: []}
+- {addresses: [224.0.0.1]}
+- {addresses: [10.0.0.2, not-used]}
+---
+kind: EndpointSlice
+metadata: {name: web-2, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: Hostname
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.0.0.9]}]
+"#,
+        want: &[
+            "10.96.11.1:80/TCP shop/web:http [10.0.0.1:8080 10.0.0.2:8080]",
+            "10.96.11.1:81/TCP shop/web:alt []",
+        ],
+        errors: &[
+            (
+                "EndpointSlice shop/web-1",
+                "ports[1] ('alt'): port 70000 is out of range 1-65535",
+            ),
+            (
+                "EndpointSlice shop/web-1",
+                "endpoints[1]: '10.0.0.999' is not a valid IP address",
+            ),
+            (
+                "EndpointSlice shop/web-1",
+                "endpoints[2]: address 'fd00::1' does not match addressType IPv4",
+            ),
+            ("EndpointSlice shop/web-1", "endpoints[3] has no addresses"),
+            (
+                "EndpointSlice shop/web-1",
+                "endpoints[4]: address '224.0.0.1' is not a unicast address",
+            ),
+            (
+                "EndpointSlice shop/web-2",
+                "addressType 'Hostname' is not supported",
+            ),
+        ],
+    },
+    Case {
+        name: "a Service without slices refuses; a missing namespace means default",
+        node: None,
+        yaml: r#"
+kind: Service
+metadata: {name: lonely}
+spec: {clusterIP: 10.96.12.1, ports: [{port: 80}]}
+---
+kind: Service
+metadata: {name: web, namespace: default}
+spec: {clusterIP: 10.96.12.2, ports: [{port: 80}]}
+---
+kind: EndpointSlice
+metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.0.0.1]}]
+---
+kind: Service
+metadata: {name: noports}
+spec: {clusterIP: 10.96.12.3}
+"#,
+        want: &[
+            "10.96.12.1:80/TCP default/lonely: []",
+            "10.96.12.2:80/TCP default/web: [10.0.0.1:8080]",
+        ],
+        errors: &[],
+    },
+];
+
+#[test]
+fn build_cases() {
+    for case in CASES {
+        run(case);
+    }
+}
+
+#[test]
+fn case_names_are_unique() {
+    let mut names: Vec<&str> = CASES.iter().map(|c| c.name).collect();
+    names.sort_unstable();
+    let before = names.len();
+    names.dedup();
+    assert_eq!(names.len(), before);
+}
+
+#[test]
+fn empty_input_gives_empty_state() {
+    let (state, errors) = build(
+        Objects {
+            services: &[],
+            slices: &[],
+        },
+        &NodeInfo::default(),
+    );
+    assert!(state.frontends.is_empty());
+    assert!(errors.is_empty());
+}
+
+/// Frontends of one Service share their backend list across cluster IPs of the same
+/// family, and each DesiredFrontend names its Service and port.
+#[test]
+fn frontend_fields() {
+    let (services, slices) = parse(
+        r#"
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIPs: [10.96.0.1, "fd00::1"]
+  sessionAffinity: ClientIP
+  ports: [{name: http, port: 80, protocol: UDP}]
+"#,
+    );
+    let (state, errors) = build(
+        Objects {
+            services: &services,
+            slices: &slices,
+        },
+        &NodeInfo::default(),
+    );
+    assert!(errors.is_empty());
+    assert_eq!(state.frontends.len(), 2);
+    for fe in state.frontends.values() {
+        assert_eq!(fe.service.namespace, "shop");
+        assert_eq!(fe.service.name, "web");
+        assert_eq!(fe.port_name, "http");
+        assert_eq!(fe.key.port, 80);
+        assert_eq!(fe.key.proto, PROTO_UDP);
+        assert_eq!(
+            fe.affinity_timeout_s,
+            Some(super::DEFAULT_AFFINITY_TIMEOUT_S)
+        );
+        assert!(fe.backends.is_empty());
+    }
+}

@@ -1,0 +1,683 @@
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::sync::watch as watch_channel;
+
+use super::{ManifestDir, ScanStats, load_dir, watch};
+use crate::{
+    model::ObjectRef,
+    source::{Snapshot, SourceError},
+};
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    fs::write(&path, text).expect("write test file");
+    path
+}
+
+fn service(name: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  clusterIP: {ip}\n  ports:\n  - port: 80\n"
+    )
+}
+
+const SLICE: &str = r#"apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc
+  namespace: shop
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints: [{addresses: [10.0.0.1], conditions: {ready: true}}]
+"#;
+
+fn names(snap: &Snapshot) -> Vec<String> {
+    let mut out: Vec<String> = snap
+        .services
+        .iter()
+        .map(|s| {
+            format!(
+                "Service {}/{}",
+                s.metadata.namespace.as_deref().unwrap_or("?"),
+                s.metadata.name.as_deref().unwrap_or("?")
+            )
+        })
+        .chain(snap.slices.iter().map(|s| {
+            format!(
+                "EndpointSlice {}/{}",
+                s.metadata.namespace.as_deref().unwrap_or("?"),
+                s.metadata.name.as_deref().unwrap_or("?")
+            )
+        }))
+        .collect();
+    out.sort();
+    out
+}
+
+fn obj(kind: &str, namespace: &str, name: &str) -> ObjectRef {
+    ObjectRef {
+        kind: kind.to_owned(),
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    }
+}
+
+/// Finds the one error about `file` whose reason contains `needle`.
+fn error_for<'a>(snap: &'a Snapshot, file: &Path, needle: &str) -> &'a SourceError {
+    let found: Vec<&SourceError> = snap
+        .errors
+        .iter()
+        .filter(|e| e.file.as_deref() == Some(file) && e.reason.contains(needle))
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "one error for {} with {needle:?} in {:#?}",
+        file.display(),
+        snap.errors
+    );
+    found[0]
+}
+
+#[test]
+fn multi_document_yaml_with_default_namespace() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = write(
+        tmp.path(),
+        "all.yaml",
+        &format!(
+            "# leading comment\n---\n{}---\n{SLICE}---\n# only a comment\n---\n",
+            service("web", "10.96.0.1")
+        ),
+    );
+    let snap = load_dir(tmp.path()).expect("load");
+    assert!(snap.errors.is_empty(), "{:#?}", snap.errors);
+    assert_eq!(
+        names(&snap),
+        ["EndpointSlice shop/web-abc", "Service default/web"]
+    );
+    assert_eq!(
+        snap.services[0].metadata.namespace.as_deref(),
+        Some("default")
+    );
+    let spec = snap.services[0].spec.as_ref().expect("spec");
+    assert_eq!(spec.cluster_ip.as_deref(), Some("10.96.0.1"));
+    assert_eq!(snap.slices[0].endpoints.as_ref().map(Vec::len), Some(1));
+    assert_eq!(
+        snap.origins.get(&obj("Service", "default", "web")),
+        Some(&file)
+    );
+    assert_eq!(
+        snap.origins.get(&obj("EndpointSlice", "shop", "web-abc")),
+        Some(&file)
+    );
+}
+
+#[test]
+fn kubectl_list_and_typed_lists() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // As `kubectl get svc,endpointslices -o yaml` writes it, status and all.
+    write(
+        tmp.path(),
+        "list.yaml",
+        r#"apiVersion: v1
+items:
+- apiVersion: v1
+  kind: Service
+  metadata:
+    creationTimestamp: "2024-01-01T00:00:00Z"
+    name: web
+    namespace: shop
+    resourceVersion: "123"
+    uid: 0b8c3f7e-0000-0000-0000-000000000000
+  spec:
+    clusterIP: 10.96.0.1
+    clusterIPs: [10.96.0.1]
+    internalTrafficPolicy: Cluster
+    ipFamilies: [IPv4]
+    ipFamilyPolicy: SingleStack
+    ports:
+    - {name: http, port: 80, protocol: TCP, targetPort: 8080}
+    selector: {app: web}
+    sessionAffinity: None
+    type: ClusterIP
+  status:
+    loadBalancer: {}
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata: {name: web-abc, namespace: shop, labels: {kubernetes.io/service-name: web}}
+  addressType: IPv4
+  endpoints: [{addresses: [10.0.0.1], conditions: {ready: true, serving: true, terminating: false}, nodeName: n1}]
+  ports: [{name: http, port: 8080, protocol: TCP}]
+kind: List
+metadata:
+  resourceVersion: ""
+"#,
+    );
+    write(
+        tmp.path(),
+        "typed.yaml",
+        "apiVersion: v1\nkind: ServiceList\nitems:\n- metadata: {name: api, namespace: shop}\n  spec: {clusterIP: 10.96.0.2}\n",
+    );
+    write(
+        tmp.path(),
+        "empty-list.yaml",
+        "apiVersion: v1\nkind: List\nitems: []\n",
+    );
+    let snap = load_dir(tmp.path()).expect("load");
+    assert!(snap.errors.is_empty(), "{:#?}", snap.errors);
+    assert_eq!(
+        names(&snap),
+        [
+            "EndpointSlice shop/web-abc",
+            "Service shop/api",
+            "Service shop/web"
+        ]
+    );
+}
+
+#[test]
+fn json_objects_lists_and_streams() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    write(
+        tmp.path(),
+        "one.json",
+        r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"a"},"spec":{"clusterIP":"10.96.0.1"}}"#,
+    );
+    write(
+        tmp.path(),
+        "list.json",
+        r#"{"apiVersion":"v1","kind":"List","items":[
+            {"apiVersion":"v1","kind":"Service","metadata":{"name":"b","namespace":"x"}}]}"#,
+    );
+    write(
+        tmp.path(),
+        "stream.json",
+        r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"c"}}
+           {"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSliceList","items":[
+             {"metadata":{"name":"c-1","labels":{"kubernetes.io/service-name":"c"}},"addressType":"IPv4"}]}"#,
+    );
+    let snap = load_dir(tmp.path()).expect("load");
+    assert!(snap.errors.is_empty(), "{:#?}", snap.errors);
+    assert_eq!(
+        names(&snap),
+        [
+            "EndpointSlice default/c-1",
+            "Service default/a",
+            "Service default/c",
+            "Service x/b"
+        ]
+    );
+}
+
+#[test]
+fn bad_input_is_reported_and_the_rest_loads() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    write(dir, "good.yaml", &service("good", "10.96.0.1"));
+    // Document 2 is broken YAML; documents 1 and 3 still load.
+    let broken = write(
+        dir,
+        "broken.yaml",
+        &format!(
+            "{}---\nkind: Service\nmetadata: {{name: [unclosed\n---\n{}",
+            service("first", "10.96.0.2"),
+            service("third", "10.96.0.3")
+        ),
+    );
+    let kinds = write(
+        dir,
+        "kinds.yaml",
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: shop}
+---
+apiVersion: discovery.k8s.io/v1beta1
+kind: EndpointSlice
+metadata: {name: old, namespace: shop}
+addressType: IPv4
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: web, namespace: shop}
+---
+apiVersion: v1
+metadata: {name: kindless}
+---
+- just
+- a list
+---
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: List
+  items: []
+"#,
+    );
+    let fields = write(
+        dir,
+        "fields.yaml",
+        r#"apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  ports:
+  - port: http
+---
+apiVersion: v1
+kind: Service
+metadata: {namespace: shop}
+spec: {clusterIP: 10.96.0.9}
+---
+apiVersion: v1
+kind: List
+items:
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata: {name: no-type, namespace: shop}
+  addressType: IPv4
+  endpoints: oops
+- apiVersion: v1
+  kind: Service
+  metadata: {name: listed}
+"#,
+    );
+    let json = write(
+        dir,
+        "bad.json",
+        r#"{"apiVersion": "v1", "kind": "Service", "#,
+    );
+    let binary = dir.join("binary.yaml");
+    fs::write(&binary, [0xff, 0xfe, 0x00, 0x41]).expect("write");
+    let dangling = dir.join("dangling.yaml");
+    std::os::unix::fs::symlink(dir.join("missing-target"), &dangling).expect("symlink");
+
+    let snap = load_dir(dir).expect("load");
+    assert_eq!(
+        names(&snap),
+        [
+            "Service default/first",
+            "Service default/good",
+            "Service default/listed",
+            "Service default/third"
+        ]
+    );
+
+    let e = error_for(&snap, &broken, "invalid YAML");
+    assert_eq!(e.object, None);
+    // The document starts with its `---` on line 9; the unclosed `[` sits on line 11
+    // of the file, not of the document.
+    assert!(
+        e.reason.starts_with("document 2 (line 9): invalid YAML"),
+        "{e}"
+    );
+    assert!(e.reason.contains("line 11 column 18"), "{e}");
+
+    let e = error_for(&snap, &kinds, "kind Deployment");
+    assert_eq!(e.object, Some(obj("Deployment", "shop", "web")));
+    assert!(e.reason.contains("apps/v1"), "{e}");
+    let e = error_for(
+        &snap,
+        &kinds,
+        "apiVersion discovery.k8s.io/v1beta1 is not supported",
+    );
+    assert_eq!(e.object, Some(obj("EndpointSlice", "shop", "old")));
+    assert!(e.reason.contains("want discovery.k8s.io/v1"), "{e}");
+    let e = error_for(&snap, &kinds, "v1 Endpoints are not read");
+    assert_eq!(e.object, Some(obj("Endpoints", "shop", "web")));
+    let e = error_for(&snap, &kinds, "has no kind");
+    assert!(e.reason.starts_with("document 4 (line 13)"), "{e}");
+    error_for(&snap, &kinds, "expected a Kubernetes object, found a list");
+    let e = error_for(&snap, &kinds, "a list inside a list");
+    assert!(e.reason.contains("items[0]"), "{e}");
+
+    let e = error_for(&snap, &fields, "not a valid v1 Service");
+    assert_eq!(e.object, Some(obj("Service", "shop", "web")));
+    assert!(e.reason.contains("spec.ports[0].port"), "{e}");
+    assert!(e.reason.contains("invalid type"), "{e}");
+    let e = error_for(&snap, &fields, "has no metadata.name");
+    assert!(e.reason.contains("Service in namespace shop"), "{e}");
+    let e = error_for(
+        &snap,
+        &fields,
+        "not a valid discovery.k8s.io/v1 EndpointSlice",
+    );
+    assert_eq!(e.object, Some(obj("EndpointSlice", "shop", "no-type")));
+    assert!(e.reason.contains("items[0]"), "{e}");
+    assert!(e.reason.contains("endpoints: invalid type: string"), "{e}");
+
+    error_for(&snap, &json, "invalid JSON");
+    error_for(&snap, &binary, "not UTF-8");
+    error_for(&snap, &dangling, "cannot read the file");
+    assert_eq!(snap.errors.len(), 13, "{:#?}", snap.errors);
+
+    // Display puts file, object and reason together.
+    let shown = error_for(&snap, &kinds, "kind Deployment").to_string();
+    assert!(
+        shown.starts_with(&format!(
+            "{}: Deployment shop/web: document 1 (line 1)",
+            kinds.display()
+        )),
+        "{shown}"
+    );
+}
+
+#[test]
+fn hidden_temporary_and_foreign_files_are_skipped() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let svc = service("x", "10.96.0.1");
+    for name in [
+        ".hidden.yaml",
+        "#autosave.yaml#",
+        "backup.yaml~",
+        "notes.txt",
+        "x.yaml.swp",
+        ".x.yaml.swp",
+        "yaml",
+    ] {
+        write(dir, name, &svc);
+    }
+    fs::create_dir(dir.join("sub.yaml")).expect("mkdir");
+    write(&dir.join("sub.yaml"), "nested.yaml", &svc);
+    let snap = load_dir(dir).expect("load");
+    assert!(snap.services.is_empty(), "{:?}", names(&snap));
+    assert!(snap.errors.is_empty(), "{:#?}", snap.errors);
+}
+
+#[test]
+fn an_object_defined_twice_keeps_the_first_file() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let a = write(tmp.path(), "a.yaml", &service("web", "10.96.0.1"));
+    let b = write(
+        tmp.path(),
+        "b.yml",
+        &format!(
+            "{}---\n{}",
+            service("web", "10.96.0.2"),
+            service("other", "10.96.0.3")
+        ),
+    );
+    let snap = load_dir(tmp.path()).expect("load");
+    assert_eq!(
+        names(&snap),
+        ["Service default/other", "Service default/web"]
+    );
+    let web = snap
+        .services
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some("web"))
+        .expect("web");
+    assert_eq!(
+        web.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()),
+        Some("10.96.0.1")
+    );
+    let e = error_for(&snap, &b, "already defined in");
+    assert_eq!(e.object, Some(obj("Service", "default", "web")));
+    assert!(e.reason.contains(&a.display().to_string()), "{e}");
+}
+
+#[test]
+fn unreadable_directory_is_an_error() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let missing = tmp.path().join("nope");
+    let err = load_dir(&missing).expect_err("missing directory");
+    assert!(
+        format!("{err:#}").contains("cannot read manifest directory"),
+        "{err:#}"
+    );
+}
+
+#[test]
+fn reload_reparses_only_changed_files() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    for i in 0..5 {
+        write(
+            dir,
+            &format!("svc-{i}.yaml"),
+            &service(&format!("svc-{i}"), &format!("10.96.0.{}", i + 1)),
+        );
+    }
+    let mut md = ManifestDir::new(dir);
+    let snap = md.load().expect("load");
+    assert_eq!(snap.services.len(), 5);
+    assert_eq!(md.stats().parsed, 5);
+
+    // The files were just written, so their stamps are still too fresh to trust: they
+    // are re-read, but equal bytes are not parsed again and nothing changed.
+    assert!(md.reload().expect("reload").is_none());
+    assert_eq!(md.stats().parsed, 0);
+
+    // One file changes (another length, so its stamp differs whatever the clock).
+    write(dir, "svc-2.yaml", &service("svc-2-renamed", "10.96.0.99"));
+    let snap = md.reload().expect("reload").expect("a change");
+    assert_eq!(md.stats().parsed, 1, "{:?}", md.stats());
+    assert_eq!(
+        names(&snap),
+        [
+            "Service default/svc-0",
+            "Service default/svc-1",
+            "Service default/svc-2-renamed",
+            "Service default/svc-3",
+            "Service default/svc-4"
+        ]
+    );
+
+    // Rewriting a file with the same bytes is no change.
+    write(dir, "svc-3.yaml", &service("svc-3", "10.96.0.4"));
+    assert!(md.reload().expect("reload").is_none());
+    assert_eq!(md.stats().parsed, 0);
+
+    // A new file and a removed one.
+    write(
+        dir,
+        "svc-9.json",
+        r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"svc-9"}}"#,
+    );
+    fs::remove_file(dir.join("svc-0.yaml")).expect("remove");
+    let snap = md.reload().expect("reload").expect("a change");
+    let stats = md.stats();
+    assert_eq!(
+        (stats.files, stats.parsed, stats.removed, stats.changed),
+        (5, 1, 1, true),
+        "{stats:?}"
+    );
+    assert_eq!(snap.services.len(), 5);
+    assert!(!names(&snap).contains(&"Service default/svc-0".to_owned()));
+    assert!(names(&snap).contains(&"Service default/svc-9".to_owned()));
+}
+
+#[test]
+fn unchanged_old_files_are_not_even_read() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = write(tmp.path(), "old.yaml", &service("old", "10.96.0.1"));
+    // An mtime well in the past: the stamp can be trusted at once.
+    let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+    fs::File::options()
+        .write(true)
+        .open(&path)
+        .and_then(|f| f.set_modified(old))
+        .expect("set mtime");
+    let mut md = ManifestDir::new(tmp.path());
+    md.load().expect("load");
+    assert!(md.reload().expect("reload").is_none());
+    assert_eq!(
+        md.stats(),
+        ScanStats {
+            files: 1,
+            ..ScanStats::default()
+        }
+    );
+}
+
+#[test]
+fn same_length_rewrite_with_restored_mtime_is_seen() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = write(tmp.path(), "svc.yaml", &service("aaa", "10.96.0.1"));
+    let mtime = fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    let mut md = ManifestDir::new(tmp.path());
+    md.load().expect("load");
+    write(tmp.path(), "svc.yaml", &service("bbb", "10.96.0.1"));
+    fs::File::options()
+        .write(true)
+        .open(&path)
+        .and_then(|f| f.set_modified(mtime))
+        .expect("set mtime");
+    let snap = md.reload().expect("reload").expect("a change");
+    assert_eq!(names(&snap), ["Service default/bbb"]);
+}
+
+#[test]
+fn configmap_style_symlink_swap_is_seen() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    // The layout kubelet gives a ConfigMap volume: data in a timestamped directory,
+    // `..data` pointing at it, and the visible files pointing through `..data`.
+    fs::create_dir(dir.join("..2024_01")).expect("mkdir");
+    write(
+        &dir.join("..2024_01"),
+        "svc.yaml",
+        &service("v1", "10.96.0.1"),
+    );
+    std::os::unix::fs::symlink("..2024_01", dir.join("..data")).expect("symlink");
+    std::os::unix::fs::symlink("..data/svc.yaml", dir.join("svc.yaml")).expect("symlink");
+    let mut md = ManifestDir::new(dir);
+    assert_eq!(names(&md.load().expect("load")), ["Service default/v1"]);
+
+    fs::create_dir(dir.join("..2024_02")).expect("mkdir");
+    write(
+        &dir.join("..2024_02"),
+        "svc.yaml",
+        &service("v2", "10.96.0.1"),
+    );
+    std::os::unix::fs::symlink("..2024_02", dir.join("..data_tmp")).expect("symlink");
+    fs::rename(dir.join("..data_tmp"), dir.join("..data")).expect("swap");
+    let snap = md.reload().expect("reload").expect("a change");
+    assert_eq!(names(&snap), ["Service default/v2"]);
+    assert!(snap.errors.is_empty(), "{:#?}", snap.errors);
+}
+
+/// Waits for the next snapshot, failing if it takes longer than `within`.
+async fn next_snapshot(
+    rx: &mut watch_channel::Receiver<Arc<Snapshot>>,
+    within: Duration,
+) -> Arc<Snapshot> {
+    tokio::time::timeout(within, rx.changed())
+        .await
+        .expect("a snapshot in time")
+        .expect("the watcher is running");
+    rx.borrow_and_update().clone()
+}
+
+#[tokio::test]
+async fn watch_delivers_changes_within_a_second() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().to_path_buf();
+    write(&dir, "a.yaml", &service("a", "10.96.0.1"));
+    let (tx, mut rx) = watch_channel::channel(Arc::new(Snapshot::default()));
+    let task = tokio::spawn(watch(dir.clone(), tx));
+    let second = Duration::from_secs(1);
+
+    let snap = next_snapshot(&mut rx, second).await;
+    assert_eq!(names(&snap), ["Service default/a"]);
+
+    // A new file.
+    write(&dir, "b.yaml", &service("b", "10.96.0.2"));
+    let snap = next_snapshot(&mut rx, second).await;
+    assert_eq!(names(&snap), ["Service default/a", "Service default/b"]);
+
+    // An atomic rename into place over an existing file.
+    write(&dir, ".a.yaml.tmp", &service("a2", "10.96.0.1"));
+    fs::rename(dir.join(".a.yaml.tmp"), dir.join("a.yaml")).expect("rename");
+    let snap = next_snapshot(&mut rx, second).await;
+    assert_eq!(names(&snap), ["Service default/a2", "Service default/b"]);
+
+    // A removal.
+    fs::remove_file(dir.join("b.yaml")).expect("remove");
+    let snap = next_snapshot(&mut rx, second).await;
+    assert_eq!(names(&snap), ["Service default/a2"]);
+
+    // Nothing changed: nothing is sent.
+    fs::write(dir.join("notes.txt"), "ignored").expect("write");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), rx.changed())
+            .await
+            .is_err()
+    );
+
+    // The watcher ends once nobody listens.
+    drop(rx);
+    let ended = tokio::time::timeout(Duration::from_secs(5), task).await;
+    assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
+}
+
+#[tokio::test]
+async fn watch_fails_on_a_missing_directory() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (tx, _rx) = watch_channel::channel(Arc::new(Snapshot::default()));
+    let res = watch(tmp.path().join("missing"), tx).await;
+    assert!(res.is_err());
+}
+
+/// A manual performance check (`cargo test --release -- --ignored large_directory`):
+/// 100 000 Services in 100 files, then one file changes.
+#[test]
+#[ignore = "slow; run by hand to check reload cost"]
+fn large_directory_reload() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for f in 0..100 {
+        let mut text = String::new();
+        for i in 0..1000 {
+            let n = f * 1000 + i;
+            text.push_str(&service(
+                &format!("svc-{n}"),
+                &format!("10.{}.{}.{}", n >> 16, (n >> 8) & 255, n & 255),
+            ));
+            text.push_str("---\n");
+        }
+        write(tmp.path(), &format!("f{f:03}.yaml"), &text);
+    }
+    let mut md = ManifestDir::new(tmp.path());
+    let t = std::time::Instant::now();
+    let snap = md.load().expect("load");
+    let load = t.elapsed();
+    assert_eq!(snap.services.len(), 100_000);
+    std::thread::sleep(Duration::from_millis(2100));
+    write(tmp.path(), "f050.yaml", &service("changed", "10.200.0.1"));
+    let t = std::time::Instant::now();
+    let snap = md.reload().expect("reload").expect("a change");
+    let reload = t.elapsed();
+    assert_eq!(snap.services.len(), 99_001);
+    assert_eq!(md.stats().parsed, 1);
+    let t = std::time::Instant::now();
+    let (state, errors) = crate::model::build(
+        crate::model::Objects {
+            services: &snap.services,
+            slices: &snap.slices,
+        },
+        &crate::model::NodeInfo::default(),
+    );
+    let build = t.elapsed();
+    assert!(errors.is_empty());
+    assert_eq!(state.frontends.len(), 99_001);
+    let t = std::time::Instant::now();
+    let again = md.snapshot();
+    let snapshot = t.elapsed();
+    let t = std::time::Instant::now();
+    let cloned = again.services.clone();
+    let clone = t.elapsed();
+    drop((again, cloned));
+    println!(
+        "load {load:?}, reload after one change {reload:?}, model build {build:?}, \
+         snapshot alone {snapshot:?}, Vec<Service> clone {clone:?}"
+    );
+}
