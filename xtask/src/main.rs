@@ -1,1 +1,284 @@
-fn main() {}
+//! `cargo xtask`: the project's one entry point for setting up, building, testing and
+//! demonstrating svc-lb. Every subcommand starts with `setup`, which is idempotent, so a
+//! newcomer needs nothing but `cargo xtask run` or `cargo xtask test`.
+
+mod process;
+mod setup;
+
+use std::{
+    env,
+    ffi::OsString,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::process::{note, require_root, run, step};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Set up, build, test and demonstrate svc-lb",
+    after_help = "Environment:\n  XTASK_BPF_TOOLCHAIN_DIR  where setup installs bpf-linker and its LLVM prefix \
+                  (default: <workspace>/target/bpf-toolchain)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install whatever is missing to build and test (idempotent)
+    ///
+    /// In order: bpftool, iproute2, iptables and nftables with apt-get (only if a command is
+    /// missing; needs root); the nightly toolchain's rust-src; rustfmt and clippy; bpf-linker,
+    /// built against the nightly toolchain's own libLLVM into <workspace>/target/bpf-toolchain.
+    Setup,
+    /// setup, then build target/release/svc-lb (eBPF object embedded) and the test harness
+    Build,
+    /// Everything CI runs: setup, fmt, clippy, host tests, e2e tests (root)
+    ///
+    /// In order, stopping at the first failure: setup; cargo fmt --check; clippy (workspace,
+    /// and svc-lb-tests with the e2e feature); cargo test --workspace; then, as root, the
+    /// release agent and the end-to-end tests against it, one test at a time.
+    Test(TestArgs),
+    /// The demo (root): backends in netns, the agent, requests spread over backends
+    ///
+    /// setup, build, then exec svclb-harness demo against deploy/examples. Ctrl-C stops the
+    /// demo, which removes its namespaces and the agent's programs.
+    Run(RunArgs),
+    /// Benchmarks (not implemented yet)
+    Bench,
+}
+
+#[derive(Args)]
+struct TestArgs {
+    /// Skip the privileged end-to-end tests (for local iteration; CI never uses this).
+    #[arg(long)]
+    host_only: bool,
+    /// Skip `cargo fmt --check` and clippy (for local iteration; CI never uses this).
+    #[arg(long)]
+    no_lint: bool,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Extra arguments passed to `svclb-harness demo` after `--`.
+    #[arg(last = true)]
+    extra: Vec<OsString>,
+}
+
+/// Paths every subcommand needs.
+pub struct Ctx {
+    /// The workspace root.
+    ws: PathBuf,
+    /// Cargo's target directory (honours CARGO_TARGET_DIR, like the cargo we invoke).
+    target: PathBuf,
+    /// Where bpf-linker lives: `bin/bpf-linker` and the LLVM prefix `llvm/lib` its rpath points at.
+    bpf_root: PathBuf,
+}
+
+impl Ctx {
+    fn new() -> Result<Self> {
+        // xtask lives at <workspace>/xtask, so its manifest directory's parent is the workspace.
+        let ws = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .context("xtask's manifest directory has no parent")?
+            .to_path_buf();
+        let target = match env::var_os("CARGO_TARGET_DIR").filter(|d| !d.is_empty()) {
+            Some(dir) => ws.join(dir),
+            None => ws.join("target"),
+        };
+        let bpf_root = match env::var_os("XTASK_BPF_TOOLCHAIN_DIR").filter(|d| !d.is_empty()) {
+            // Absolute, because the LLVM prefix ends up in bpf-linker's rpath.
+            Some(dir) => std::path::absolute(&dir).with_context(|| {
+                format!(
+                    "resolving XTASK_BPF_TOOLCHAIN_DIR={}",
+                    Path::new(&dir).display()
+                )
+            })?,
+            None => ws.join("target").join("bpf-toolchain"),
+        };
+        Ok(Self {
+            ws,
+            target,
+            bpf_root,
+        })
+    }
+
+    pub fn bpf_bin(&self) -> PathBuf {
+        self.bpf_root.join("bin")
+    }
+
+    pub fn llvm_prefix(&self) -> PathBuf {
+        self.bpf_root.join("llvm")
+    }
+
+    fn release_bin(&self, name: &str) -> PathBuf {
+        self.target.join("release").join(name)
+    }
+
+    /// A `cargo` command in the workspace with bpf-linker first on PATH: the agent's build.rs
+    /// runs aya-build, which needs bpf-linker to link the eBPF object.
+    fn cargo<I, S>(&self, args: I) -> Result<Command>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let old = env::var_os("PATH").unwrap_or_default();
+        let path = env::join_paths(std::iter::once(self.bpf_bin()).chain(env::split_paths(&old)))
+            .context("building PATH for cargo")?;
+        let mut cmd = Command::new("cargo");
+        cmd.args(args).current_dir(&self.ws).env("PATH", path);
+        Ok(cmd)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match Ctx::new().and_then(|ctx| dispatch(&ctx, cli.cmd)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` prints the whole context chain on one line: "doing X: because Y".
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<()> {
+    match cmd {
+        Cmd::Setup => setup::setup(ctx),
+        Cmd::Build => build(ctx),
+        Cmd::Test(args) => test(ctx, &args),
+        Cmd::Run(args) => demo(ctx, args),
+        Cmd::Bench => bail!("bench: not implemented yet (issue: benchmark suite)"),
+    }
+}
+
+fn build(ctx: &Ctx) -> Result<()> {
+    setup::setup(ctx)?;
+    build_release(ctx)?;
+    note(format!("agent:   {}", ctx.release_bin("svc-lb").display()));
+    note(format!(
+        "harness: {}",
+        ctx.release_bin("svclb-harness").display()
+    ));
+    Ok(())
+}
+
+/// Builds the agent (with the eBPF object embedded by its build.rs) and the test harness.
+fn build_release(ctx: &Ctx) -> Result<()> {
+    step("build: release binaries (svc-lb, svc-lb-tests)");
+    run(&mut ctx.cargo(["build", "--release", "-p", "svc-lb", "-p", "svc-lb-tests"])?)
+}
+
+fn test(ctx: &Ctx, args: &TestArgs) -> Result<()> {
+    // The e2e tests are part of "everything": without root they cannot run, and skipping them
+    // silently would let CI pass without them. Checked first so that the failure comes before
+    // minutes of building, not after.
+    if !args.host_only {
+        require_root(
+            "`cargo xtask test` includes the end-to-end tests, which need root (BPF programs, \
+             cgroups, network namespaces): rerun as root, or pass --host-only to run only the \
+             host tests",
+        )?;
+    }
+    setup::setup(ctx)?;
+
+    if args.no_lint {
+        step("lint: SKIPPED (--no-lint)");
+    } else {
+        step("lint: cargo fmt --check");
+        run(&mut ctx.cargo(["fmt", "--all", "--", "--check"])?)
+            .context("formatting differs; run `cargo fmt --all`")?;
+        step("lint: clippy");
+        run(&mut ctx.cargo([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])?)?;
+        run(&mut ctx.cargo([
+            "clippy",
+            "-p",
+            "svc-lb-tests",
+            "--all-targets",
+            "--features",
+            "e2e",
+            "--",
+            "-D",
+            "warnings",
+        ])?)?;
+    }
+
+    step("test: host unit and property tests");
+    run(&mut ctx.cargo(["test", "--workspace"])?)?;
+
+    if args.host_only {
+        step(
+            "test: E2E TESTS SKIPPED (--host-only): only the host tests ran; this is not what CI checks",
+        );
+        return Ok(());
+    }
+
+    step("test: end-to-end (privileged)");
+    run(&mut ctx.cargo(["build", "--release", "-p", "svc-lb"])?)?;
+    let agent = ctx.release_bin("svc-lb");
+    if !agent.is_file() {
+        bail!("the build succeeded but {} does not exist", agent.display());
+    }
+    // One test at a time: the tests share kernel state (bpffs pins, cgroup attachments).
+    let mut e2e = ctx.cargo([
+        "test",
+        "--release",
+        "-p",
+        "svc-lb-tests",
+        "--features",
+        "e2e",
+        "--",
+        "--test-threads=1",
+    ])?;
+    e2e.env("SVC_LB_BIN", &agent);
+    run(&mut e2e)?;
+    step("test: all passed (lint, host tests, end-to-end)");
+    Ok(())
+}
+
+fn demo(ctx: &Ctx, args: RunArgs) -> Result<()> {
+    require_root(
+        "the demo needs root (it creates network namespaces and attaches BPF programs to a \
+         cgroup): rerun as root",
+    )?;
+    setup::setup(ctx)?;
+    build_release(ctx)?;
+
+    let harness = ctx.release_bin("svclb-harness");
+    if !harness.is_file() {
+        bail!(
+            "{} was not built; the svc-lb-tests crate should provide the `svclb-harness` binary",
+            harness.display()
+        );
+    }
+    let mut cmd = Command::new(&harness);
+    cmd.arg("demo")
+        .arg("--svc-lb")
+        .arg(ctx.release_bin("svc-lb"))
+        .arg("--manifests")
+        .arg(ctx.ws.join("deploy").join("examples"))
+        .args(&args.extra);
+    step("run: the demo (Ctrl-C stops it and cleans up)");
+    eprintln!("$ {}", process::display(&cmd));
+    // exec, not spawn: the harness takes over this process (and `cargo run` execs too), so
+    // Ctrl-C and SIGTERM reach it directly and no parent can exit while it is still
+    // cleaning up its namespaces.
+    let err = cmd.exec();
+    Err(err).with_context(|| format!("could not exec {}", harness.display()))
+}
