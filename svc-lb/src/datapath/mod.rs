@@ -4,11 +4,11 @@ use anyhow::Result;
 
 use crate::plan::{Capacity, CurrentState, Op};
 
+pub mod apply;
 pub mod bpf;
 pub mod codec;
 pub mod fake;
 pub mod sys;
-pub mod apply;
 
 /// The map layer the agent programs through.
 pub trait MapStore {

@@ -60,14 +60,39 @@ pub struct CurrentState {
 /// One map write or delete.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    UpsertBackend { id: u32, backend: BackendEntry },
-    UpsertRevNat { id: u32, frontend: FrontendKey },
-    UpsertSlot { frontend: FrontendKey, slot: u16, backend_id: u32 },
-    UpsertMaster { frontend: FrontendKey, count: u32, rev_nat_id: u32, flags: u16, affinity_timeout_s: u32 },
-    DeleteSlot { frontend: FrontendKey, slot: u16 },
-    DeleteMaster { frontend: FrontendKey },
-    DeleteRevNat { id: u32 },
-    DeleteBackend { id: u32 },
+    UpsertBackend {
+        id: u32,
+        backend: BackendEntry,
+    },
+    UpsertRevNat {
+        id: u32,
+        frontend: FrontendKey,
+    },
+    UpsertSlot {
+        frontend: FrontendKey,
+        slot: u16,
+        backend_id: u32,
+    },
+    UpsertMaster {
+        frontend: FrontendKey,
+        count: u32,
+        rev_nat_id: u32,
+        flags: u16,
+        affinity_timeout_s: u32,
+    },
+    DeleteSlot {
+        frontend: FrontendKey,
+        slot: u16,
+    },
+    DeleteMaster {
+        frontend: FrontendKey,
+    },
+    DeleteRevNat {
+        id: u32,
+    },
+    DeleteBackend {
+        id: u32,
+    },
 }
 
 /// Map capacities, in entries. The planner never emits a plan whose peak usage exceeds
