@@ -19,9 +19,15 @@ pub const MAP_REVNAT: &str = "LB_REVNAT_V1";
 pub const MAP_SOCK_RNAT4: &str = "LB_SKRNAT4_V1";
 pub const MAP_SOCK_RNAT6: &str = "LB_SKRNAT6_V1";
 pub const MAP_COUNTERS: &str = "LB_COUNTERS_V1";
+/// New connections per frontend (keyed by rev-NAT id) and per backend id, per CPU.
+pub const MAP_FE_STATS: &str = "LB_FESTATS_V1";
+pub const MAP_BE_STATS: &str = "LB_BESTATS_V1";
+/// Which Service a frontend belongs to, for the CLI and metrics (keyed by rev-NAT id).
+/// The datapath never reads it.
+pub const MAP_SVC_META: &str = "LB_SVCMETA_V1";
 
 /// Every map the agent pins, in the order `list`/`status` show them.
-pub const ALL_MAPS: [&str; 7] = [
+pub const ALL_MAPS: [&str; 10] = [
     MAP_SVC4,
     MAP_SVC6,
     MAP_BACKENDS,
@@ -29,6 +35,9 @@ pub const ALL_MAPS: [&str; 7] = [
     MAP_SOCK_RNAT4,
     MAP_SOCK_RNAT6,
     MAP_COUNTERS,
+    MAP_FE_STATS,
+    MAP_BE_STATS,
+    MAP_SVC_META,
 ];
 
 /// Default capacities. Service and backend maps are created without preallocation, so
@@ -37,6 +46,16 @@ pub const SVC_MAP_MAX: u32 = 1 << 20;
 pub const BACKEND_MAP_MAX: u32 = 1 << 20;
 pub const REVNAT_MAP_MAX: u32 = 1 << 19;
 pub const SOCK_RNAT_MAP_MAX: u32 = 1 << 18;
+
+/// `SvcMeta.kind`: how a frontend address came to be.
+pub const KIND_CLUSTER_IP: u8 = 1;
+pub const KIND_NODE_PORT: u8 = 2;
+pub const KIND_LOAD_BALANCER: u8 = 3;
+pub const KIND_EXTERNAL_IP: u8 = 4;
+
+/// `SvcMeta.flags` bits: the Service's traffic policies.
+pub const META_INTERNAL_LOCAL: u8 = 1 << 0;
+pub const META_EXTERNAL_LOCAL: u8 = 1 << 1;
 
 /// Program names (the ELF section symbols) and their attach points.
 pub const PROG_CONNECT4: &str = "svclb_connect4";
@@ -143,6 +162,21 @@ pub struct RevNat {
 }
 const _: () = assert!(core::mem::size_of::<RevNat>() == 20);
 
+/// Service identity of a frontend: NUL-padded UTF-8 strings. Kubernetes limits
+/// namespaces and Service names to 63 bytes and port names to 15, so these never
+/// truncate a valid object.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SvcMeta {
+    pub namespace: [u8; 64],
+    pub name: [u8; 64],
+    pub port_name: [u8; 16],
+    pub kind: u8,
+    pub flags: u8,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<SvcMeta>() == 152);
+
 /// Socket-level reverse translation, IPv4: (socket cookie, backend) → the Service
 /// address the application asked for. Written by connect/sendmsg, read by
 /// recvmsg/getpeername.
@@ -229,6 +263,7 @@ mod user {
     unsafe impl aya::Pod for SvcValue {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for RevNat {}
+    unsafe impl aya::Pod for SvcMeta {}
     unsafe impl aya::Pod for SockRevNat4Key {}
     unsafe impl aya::Pod for SockRevNat4Value {}
     unsafe impl aya::Pod for SockRevNat6Key {}

@@ -2,12 +2,12 @@
 //! is the map name aya pins); the sizes here are defaults the agent may override at load.
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
     macros::btf_map,
 };
 use svc_lb_common::{
     Backend, RevNat, SockRevNat4Key, SockRevNat4Value, SockRevNat6Key, SockRevNat6Value, Svc4Key,
-    Svc6Key, SvcValue,
+    Svc6Key, SvcMeta, SvcValue,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -34,3 +34,16 @@ pub static LB_SKRNAT6_V1: LruHashMap<SockRevNat6Key, SockRevNat6Value, { 1 << 18
 
 #[btf_map]
 pub static LB_COUNTERS_V1: PerCpuArray<u64, 16> = PerCpuArray::new();
+
+/// Per-CPU new-connection counts. Entries are created here on first use and deleted by
+/// the agent together with the frontend or backend they count, so a reused id starts
+/// from zero.
+#[btf_map]
+pub static LB_FESTATS_V1: PerCpuHashMap<u32, u64, { 1 << 20 }, NO_PREALLOC> = PerCpuHashMap::new();
+
+#[btf_map]
+pub static LB_BESTATS_V1: PerCpuHashMap<u32, u64, { 1 << 20 }, NO_PREALLOC> = PerCpuHashMap::new();
+
+/// Written by the agent for the CLI and metrics; no program reads it.
+#[btf_map]
+pub static LB_SVCMETA_V1: HashMap<u32, SvcMeta, { 1 << 19 }, NO_PREALLOC> = HashMap::new();

@@ -15,7 +15,8 @@ use svc_lb_common::{
 };
 
 use crate::maps::{
-    LB_BACKENDS_V1, LB_COUNTERS_V1, LB_SKRNAT4_V1, LB_SKRNAT6_V1, LB_SVC4_V1, LB_SVC6_V1,
+    LB_BACKENDS_V1, LB_BESTATS_V1, LB_COUNTERS_V1, LB_FESTATS_V1, LB_SKRNAT4_V1, LB_SKRNAT6_V1,
+    LB_SVC4_V1, LB_SVC6_V1,
 };
 
 const ALLOW: i32 = 1;
@@ -33,6 +34,24 @@ fn count(index: u32) {
     if let Some(c) = LB_COUNTERS_V1.get_ptr_mut(index) {
         // Per-CPU slot: no other writer can race with this increment.
         unsafe { *c += 1 };
+    }
+}
+
+/// Counts one new connection (or unconnected datagram) for a frontend and a backend.
+#[inline(always)]
+fn count_conn(rev_nat_id: u32, backend_id: u32) {
+    for (map, key) in [(&LB_FESTATS_V1, rev_nat_id), (&LB_BESTATS_V1, backend_id)] {
+        if let Some(c) = map.get_ptr_mut(key) {
+            unsafe { *c += 1 };
+        } else if map
+            .insert(key, 1u64, u64::from(aya_ebpf::bindings::BPF_NOEXIST))
+            .is_err()
+        {
+            // Another CPU created the entry first; this CPU's slot exists now.
+            if let Some(c) = map.get_ptr_mut(key) {
+                unsafe { *c += 1 };
+            }
+        }
     }
 }
 
@@ -136,6 +155,7 @@ fn forward4(ctx: &SockAddrContext) -> i32 {
         (*sa).user_port = u32::from(be_port);
     }
     count(CTR_SOCK_XLATED);
+    count_conn(rev_nat_id, backend_id);
     ALLOW
 }
 
@@ -201,6 +221,7 @@ fn forward6(ctx: &SockAddrContext) -> i32 {
         (*sa).user_port = u32::from(be_port);
     }
     count(CTR_SOCK_XLATED);
+    count_conn(rev_nat_id, backend_id);
     ALLOW
 }
 

@@ -183,6 +183,8 @@ pub fn sync(
     }
     *reported = now;
     let applied = apply_plan(dp, current, &plan)?;
+    dp.sync_meta(current, &desired)
+        .context("write Service metadata")?;
     info!(
         ops = applied,
         frontends = current.frontends.len(),

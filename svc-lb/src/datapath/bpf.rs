@@ -14,12 +14,12 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
 use svc_lb_common::{
-    Backend, MAP_BACKENDS, MAP_COUNTERS, MAP_REVNAT, MAP_SVC4, MAP_SVC6, RevNat, SOCK_PROGRAMS,
-    Svc4Key, Svc6Key, SvcValue,
+    Backend, MAP_BACKENDS, MAP_BE_STATS, MAP_COUNTERS, MAP_FE_STATS, MAP_REVNAT, MAP_SVC_META,
+    MAP_SVC4, MAP_SVC6, RevNat, SOCK_PROGRAMS, Svc4Key, Svc6Key, SvcMeta, SvcValue,
 };
 use tracing::{info, warn};
 
@@ -115,7 +115,19 @@ pub struct BpfDatapath {
     svc6: HashMap<MapData, Svc6Key, SvcValue>,
     backends: HashMap<MapData, u32, Backend>,
     rev_nats: HashMap<MapData, u32, RevNat>,
+    fe_stats: PerCpuHashMap<MapData, u32, u64>,
+    be_stats: PerCpuHashMap<MapData, u32, u64>,
+    meta: HashMap<MapData, u32, SvcMeta>,
+    /// What `meta` holds, so a sync writes only what changed.
+    meta_cache: std::collections::HashMap<u32, SvcMeta>,
     cap: Capacity,
+}
+
+fn take_percpu_hash(ebpf: &mut Ebpf, name: &str) -> Result<PerCpuHashMap<MapData, u32, u64>> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?;
+    PerCpuHashMap::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
 impl BpfDatapath {
@@ -148,12 +160,20 @@ impl BpfDatapath {
             backends: backend_entries,
             rev_nats: rev_nat_entries,
         };
+        let fe_stats = take_percpu_hash(&mut ebpf, MAP_FE_STATS)?;
+        let be_stats = take_percpu_hash(&mut ebpf, MAP_BE_STATS)?;
+        let (meta, _) = take_hash::<u32, SvcMeta>(&mut ebpf, MAP_SVC_META)?;
+        let meta_cache = collect(&meta, MAP_SVC_META)?.into_iter().collect();
         Ok(Self {
             ebpf,
             svc4,
             svc6,
             backends,
             rev_nats,
+            fe_stats,
+            be_stats,
+            meta,
+            meta_cache,
             cap,
         })
     }
@@ -245,14 +265,23 @@ impl MapStore for BpfDatapath {
                 .backends
                 .insert(id, codec::backend_raw(backend), 0)
                 .with_context(|| format!("{MAP_BACKENDS}: insert backend {id}")),
-            Op::DeleteBackend { id } => ignore_missing(self.backends.remove(id))
-                .with_context(|| format!("{MAP_BACKENDS}: delete backend {id}")),
+            Op::DeleteBackend { id } => {
+                ignore_missing(self.backends.remove(id))
+                    .with_context(|| format!("{MAP_BACKENDS}: delete backend {id}"))?;
+                // A reused id must start counting from zero.
+                ignore_missing(self.be_stats.remove(id))
+                    .with_context(|| format!("{MAP_BE_STATS}: delete {id}"))
+            }
             Op::UpsertRevNat { id, frontend } => self
                 .rev_nats
                 .insert(id, codec::revnat_raw(frontend), 0)
                 .with_context(|| format!("{MAP_REVNAT}: insert {id}")),
-            Op::DeleteRevNat { id } => ignore_missing(self.rev_nats.remove(id))
-                .with_context(|| format!("{MAP_REVNAT}: delete {id}")),
+            Op::DeleteRevNat { id } => {
+                ignore_missing(self.rev_nats.remove(id))
+                    .with_context(|| format!("{MAP_REVNAT}: delete {id}"))?;
+                ignore_missing(self.fe_stats.remove(id))
+                    .with_context(|| format!("{MAP_FE_STATS}: delete {id}"))
+            }
             Op::UpsertSlot {
                 frontend,
                 slot,
@@ -278,6 +307,39 @@ impl MapStore for BpfDatapath {
 
     fn capacity(&self) -> Capacity {
         self.cap
+    }
+
+    fn sync_meta(
+        &mut self,
+        current: &CurrentState,
+        desired: &crate::model::DesiredState,
+    ) -> Result<()> {
+        let mut wanted = std::collections::HashMap::with_capacity(current.frontends.len());
+        for (fe, cur) in &current.frontends {
+            if let Some(d) = desired.frontends.get(fe) {
+                wanted.insert(cur.rev_nat_id, codec::meta_raw(d));
+            }
+        }
+        for (id, m) in &wanted {
+            if self.meta_cache.get(id) != Some(m) {
+                self.meta
+                    .insert(id, m, 0)
+                    .with_context(|| format!("{MAP_SVC_META}: insert {id}"))?;
+                self.meta_cache.insert(*id, *m);
+            }
+        }
+        let stale: Vec<u32> = self
+            .meta_cache
+            .keys()
+            .filter(|id| !wanted.contains_key(id))
+            .copied()
+            .collect();
+        for id in stale {
+            ignore_missing(self.meta.remove(&id))
+                .with_context(|| format!("{MAP_SVC_META}: delete {id}"))?;
+            self.meta_cache.remove(&id);
+        }
+        Ok(())
     }
 }
 
@@ -378,6 +440,28 @@ impl PinnedMaps {
 
     pub fn read_current(&self) -> Result<CurrentState> {
         read_state(&self.svc4, &self.svc6, &self.backends, &self.rev_nats)
+    }
+
+    /// Service identity per rev-NAT id.
+    pub fn meta(&self) -> Result<std::collections::HashMap<u32, codec::FrontendMeta>> {
+        let m: HashMap<MapData, u32, SvcMeta> = open_pinned_hash(&self.bpffs, MAP_SVC_META)?;
+        Ok(collect(&m, MAP_SVC_META)?
+            .into_iter()
+            .map(|(id, raw)| (id, codec::meta_from_raw(&raw)))
+            .collect())
+    }
+
+    /// New-connection counts per rev-NAT id (`MAP_FE_STATS`) or per backend id
+    /// (`MAP_BE_STATS`), summed over CPUs.
+    pub fn conn_stats(&self, name: &str) -> Result<std::collections::HashMap<u32, u64>> {
+        let path = self.bpffs.join(name);
+        let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
+        let m: PerCpuHashMap<MapData, u32, u64> = PerCpuHashMap::try_from(Map::PerCpuHashMap(data))
+            .with_context(|| format!("{name} has an unexpected type"))?;
+        m.iter()
+            .map(|r| r.map(|(k, v)| (k, v.iter().sum())))
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("read {name}"))
     }
 
     /// Datapath counters (`CTR_*`), summed over CPUs.

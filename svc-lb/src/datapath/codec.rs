@@ -5,11 +5,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Result, bail};
 use svc_lb_common::{
-    Backend, FAMILY_V4, FAMILY_V6, RevNat, SVC_FLAG_AFFINITY, Svc4Key, Svc6Key, SvcValue,
+    Backend, FAMILY_V4, FAMILY_V6, RevNat, SVC_FLAG_AFFINITY, Svc4Key, Svc6Key, SvcMeta, SvcValue,
 };
 
 use crate::{
-    model::{BackendAddr, FrontendKey},
+    model::{BackendAddr, DesiredFrontend, FrontendKey, ServiceRef},
     plan::{BackendEntry, CurrentFrontend, CurrentState},
 };
 
@@ -176,6 +176,52 @@ pub fn revnat_from_raw(r: &RevNat) -> Result<FrontendKey> {
         proto: r.proto,
         scope: svc_lb_common::SCOPE_ALL,
     })
+}
+
+fn put_str<const N: usize>(s: &str) -> [u8; N] {
+    let mut out = [0u8; N];
+    // Kubernetes names are ASCII and within these limits; a longer one is cut rather
+    // than refused, since the metadata never steers traffic.
+    let n = s.len().min(N);
+    out[..n].copy_from_slice(&s.as_bytes()[..n]);
+    out
+}
+
+fn get_str(b: &[u8]) -> String {
+    let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+/// The Service identity of a frontend, as `list` and the metrics show it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendMeta {
+    pub service: ServiceRef,
+    pub port_name: String,
+    pub kind: u8,
+    pub flags: u8,
+}
+
+pub fn meta_raw(d: &DesiredFrontend) -> SvcMeta {
+    SvcMeta {
+        namespace: put_str(&d.service.namespace),
+        name: put_str(&d.service.name),
+        port_name: put_str(&d.port_name),
+        kind: d.kind,
+        flags: d.meta_flags,
+        _pad: [0; 6],
+    }
+}
+
+pub fn meta_from_raw(m: &SvcMeta) -> FrontendMeta {
+    FrontendMeta {
+        service: ServiceRef {
+            namespace: get_str(&m.namespace),
+            name: get_str(&m.name),
+        },
+        port_name: get_str(&m.port_name),
+        kind: m.kind,
+        flags: m.flags,
+    }
 }
 
 /// Rebuilds [`CurrentState`] from raw map contents. Slots above a master's count are

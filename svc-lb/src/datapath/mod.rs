@@ -2,7 +2,10 @@
 //! that an in-memory fake can run every plan in tests.
 use anyhow::Result;
 
-use crate::plan::{Capacity, CurrentState, Op};
+use crate::{
+    model::DesiredState,
+    plan::{Capacity, CurrentState, Op},
+};
 
 pub mod apply;
 pub mod bpf;
@@ -18,4 +21,9 @@ pub trait MapStore {
     /// Applies one operation. On error the maps are as they were before this operation.
     fn apply(&mut self, op: &Op) -> Result<()>;
     fn capacity(&self) -> Capacity;
+    /// Records which Service each programmed frontend belongs to, for the CLI and
+    /// metrics. The datapath never reads it, so it is written after the plan.
+    fn sync_meta(&mut self, _current: &CurrentState, _desired: &DesiredState) -> Result<()> {
+        Ok(())
+    }
 }

@@ -668,6 +668,12 @@ fn program(
                     port_name: port.name.to_owned(),
                     backends,
                     affinity_timeout_s: plan.affinity_timeout_s,
+                    kind: svc_lb_common::KIND_CLUSTER_IP,
+                    meta_flags: if plan.local_only {
+                        svc_lb_common::META_INTERNAL_LOCAL
+                    } else {
+                        0
+                    },
                 },
             );
         }

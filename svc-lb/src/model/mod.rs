@@ -62,6 +62,10 @@ pub struct DesiredFrontend {
     pub backends: Vec<DesiredBackend>,
     /// `Some(timeout)` when `sessionAffinity: ClientIP`.
     pub affinity_timeout_s: Option<u32>,
+    /// `svc_lb_common::KIND_*`: which Service address this frontend is.
+    pub kind: u8,
+    /// `svc_lb_common::META_*` bits (traffic policies), shown by `list`.
+    pub meta_flags: u8,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

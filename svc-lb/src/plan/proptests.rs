@@ -105,6 +105,8 @@ fn desired_state() -> impl Strategy<Value = DesiredState> {
                     port_name: String::new(),
                     backends,
                     affinity_timeout_s: spec.affinity,
+                    kind: svc_lb_common::KIND_CLUSTER_IP,
+                    meta_flags: 0,
                 },
             );
         }

@@ -69,6 +69,8 @@ pub(super) fn frontend(
         port_name: String::new(),
         backends,
         affinity_timeout_s: None,
+        kind: svc_lb_common::KIND_CLUSTER_IP,
+        meta_flags: 0,
     }
 }
 
