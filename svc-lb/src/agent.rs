@@ -81,14 +81,27 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             _ = sigint.recv() => { info!("SIGINT: exiting; programs and maps stay pinned"); return Ok(()); }
         }
         let snap = rx.borrow_and_update().clone();
-        retry_at = match sync(&mut dp, &mut current, &snap, &cfg.node, &mut reported) {
-            Ok(()) => None,
+        let result = sync(&mut dp, &mut current, &snap, &cfg.node, &mut reported);
+        if !attached {
+            // Attach only once the first sync is in the maps, and before it is reported
+            // as applied: "applied" means the kernel acts on it.
+            dp.attach(&cfg.bpffs, &cfg.cgroup)?;
+            attached = true;
+            info!(cgroup = %cfg.cgroup.display(), "programs attached; datapath ready");
+        }
+        retry_at = match result {
+            Ok(report) => {
+                info!(
+                    ops = report.ops,
+                    frontends = report.frontends,
+                    backends = report.backends,
+                    rejected = report.rejected,
+                    duration_us = report.duration.as_micros() as u64,
+                    "sync applied"
+                );
+                None
+            }
             Err(e) => {
-                if !attached {
-                    // A first sync that fails must not keep the datapath from coming up:
-                    // the maps hold a consistent (if older) state.
-                    warn!("first sync failed; attaching programs with the current maps");
-                }
                 error!(error = %format!("{e:#}"), "sync failed; the datapath keeps its last consistent state, retrying");
                 // The mirror tracks every op that succeeded; re-read in case the kernel
                 // state moved under us (for example a map edited by hand).
@@ -99,11 +112,6 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 Some(tokio::time::Instant::now() + RETRY)
             }
         };
-        if !attached {
-            dp.attach(&cfg.bpffs, &cfg.cgroup)?;
-            attached = true;
-            info!(cgroup = %cfg.cgroup.display(), "programs attached; datapath ready");
-        }
     }
 }
 
@@ -128,14 +136,26 @@ fn origin(snap: &Snapshot, obj: &model::ObjectRef) -> String {
         .unwrap_or_default()
 }
 
-/// One pass: model, plan, apply. Returns an error only when applying failed.
+/// What one applied sync did.
+#[derive(Clone, Copy, Debug)]
+pub struct SyncReport {
+    pub ops: usize,
+    pub frontends: usize,
+    pub backends: usize,
+    pub rejected: usize,
+    pub duration: Duration,
+}
+
+/// One pass: model, plan, apply. Returns an error only when applying failed; a first
+/// sync that fails still lets the programs attach, since the maps hold a consistent
+/// (if older) state.
 pub fn sync(
     dp: &mut dyn MapStore,
     current: &mut CurrentState,
     snap: &Snapshot,
     node: &NodeInfo,
     reported: &mut BTreeSet<String>,
-) -> Result<()> {
+) -> Result<SyncReport> {
     let started = Instant::now();
     let mut now = BTreeSet::new();
     for e in &snap.errors {
@@ -182,16 +202,14 @@ pub fn sync(
         );
     }
     *reported = now;
-    let applied = apply_plan(dp, current, &plan)?;
+    let ops = apply_plan(dp, current, &plan)?;
     dp.sync_meta(current, &desired)
         .context("write Service metadata")?;
-    info!(
-        ops = applied,
-        frontends = current.frontends.len(),
-        backends = current.backends.len(),
-        rejected = plan.rejected.len(),
-        duration_us = started.elapsed().as_micros() as u64,
-        "sync applied"
-    );
-    Ok(())
+    Ok(SyncReport {
+        ops,
+        frontends: current.frontends.len(),
+        backends: current.backends.len(),
+        rejected: plan.rejected.len(),
+        duration: started.elapsed(),
+    })
 }

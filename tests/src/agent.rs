@@ -1,0 +1,270 @@
+//! The agent binary as a child process whose log the tests can wait on.
+use std::{
+    fs::File,
+    io::{BufRead, BufReader, Read, Write},
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus, Stdio},
+    sync::{Arc, Condvar, Mutex},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::procs::{self, ChildGuard};
+
+/// The substring the agent prints once per sync applied to the maps.
+pub const SYNC_APPLIED: &str = "sync applied";
+
+/// How to start the agent.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub bin: PathBuf,
+    pub manifests: PathBuf,
+    pub bpffs: PathBuf,
+    pub cgroup: PathBuf,
+    /// Every log line is also appended here, so a failed run can be read afterwards.
+    pub log_file: PathBuf,
+    pub extra_args: Vec<String>,
+}
+
+#[derive(Default)]
+struct LogState {
+    lines: Vec<String>,
+    applied: usize,
+    /// Number of output streams (stdout, stderr) that reached EOF.
+    closed: usize,
+}
+
+#[derive(Default)]
+struct Log {
+    state: Mutex<LogState>,
+    cond: Condvar,
+}
+
+impl Log {
+    fn push(&self, line: String) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if line.contains(SYNC_APPLIED) {
+            st.applied += 1;
+        }
+        st.lines.push(line);
+        self.cond.notify_all();
+    }
+
+    fn close(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.closed += 1;
+        self.cond.notify_all();
+    }
+}
+
+/// A running agent. Dropping it stops it (SIGTERM, then SIGKILL) and, when the current
+/// thread is panicking (or `SVCLB_SHOW_AGENT_LOG` is set), prints its log so a failed
+/// test shows what the agent said.
+pub struct Agent {
+    child: ChildGuard,
+    log: Arc<Log>,
+    readers: Vec<JoinHandle<()>>,
+    config: AgentConfig,
+    exit: Option<ExitStatus>,
+}
+
+impl Agent {
+    pub fn start(config: AgentConfig) -> Result<Self> {
+        if !config.bin.exists() {
+            bail!(
+                "agent binary {} does not exist (build it with `cargo build --release -p svc-lb`, or set SVC_LB_BIN)",
+                config.bin.display()
+            );
+        }
+        let mut cmd = Command::new(&config.bin);
+        cmd.arg("agent")
+            .arg("--manifests")
+            .arg(&config.manifests)
+            .arg("--bpffs")
+            .arg(&config.bpffs)
+            .arg("--cgroup")
+            .arg(&config.cgroup)
+            .args(&config.extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if std::env::var_os("RUST_LOG").is_none() {
+            // The `sync applied` line is logged at info; make sure it is not filtered out.
+            cmd.env("RUST_LOG", "info");
+        }
+        // SIGTERM (not SIGKILL) if the test process dies without running its destructors:
+        // the agent then exits cleanly and leaves its pins for `cleanup`.
+        procs::die_with_parent(&mut cmd, libc::SIGTERM);
+        if procs::own_process_group() {
+            cmd.process_group(0);
+        }
+        let line = crate::cmd::describe(&cmd);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("start the agent: {line}"))?;
+        let stdout = child.stdout.take().context("agent stdout")?;
+        let stderr = child.stderr.take().context("agent stderr")?;
+        let log = Arc::new(Log::default());
+        let file = File::options()
+            .create(true)
+            .append(true)
+            .open(&config.log_file)
+            .with_context(|| format!("open {}", config.log_file.display()))?;
+        let file = Arc::new(Mutex::new(file));
+        let readers = vec![
+            spawn_reader(stdout, "stdout", log.clone(), file.clone()),
+            spawn_reader(stderr, "stderr", log.clone(), file),
+        ];
+        Ok(Self {
+            child: ChildGuard::new(child, "agent"),
+            log,
+            readers,
+            config,
+            exit: None,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    /// `sync applied` lines seen so far.
+    pub fn applied_count(&self) -> usize {
+        self.log
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .applied
+    }
+
+    /// Waits until at least `n` `sync applied` lines were logged. Fails early, with the
+    /// log, if the agent exits.
+    pub fn wait_applied(&mut self, n: usize, timeout: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        let deadline = start + timeout;
+        loop {
+            {
+                let st = self.log.state.lock().unwrap_or_else(|p| p.into_inner());
+                if st.applied >= n {
+                    return Ok(start.elapsed());
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    drop(st);
+                    bail!(
+                        "timed out after {timeout:?} waiting for `{SYNC_APPLIED}` #{n} (saw {}); agent log:\n{}",
+                        self.applied_count(),
+                        self.log_text()
+                    );
+                }
+                // Wake up regularly to notice an agent that died without closing its
+                // output (it cannot, but a grandchild could hold the pipe).
+                let wait = (deadline - now).min(Duration::from_millis(100));
+                let _ = self
+                    .log
+                    .cond
+                    .wait_timeout(st, wait)
+                    .unwrap_or_else(|p| p.into_inner());
+            }
+            if let Some(status) = self.try_exit()? {
+                bail!(
+                    "the agent exited ({status}) before `{SYNC_APPLIED}` #{n}; agent log:\n{}",
+                    self.log_text()
+                );
+            }
+        }
+    }
+
+    /// Every line logged so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .lines
+            .clone()
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log_lines().join("\n")
+    }
+
+    /// `Some(status)` once the agent has exited.
+    pub fn try_exit(&mut self) -> Result<Option<ExitStatus>> {
+        if self.exit.is_none() {
+            self.exit = self.child.try_wait()?;
+        }
+        Ok(self.exit)
+    }
+
+    pub fn is_running(&mut self) -> Result<bool> {
+        Ok(self.try_exit()?.is_none())
+    }
+
+    /// SIGTERM, wait up to `grace`, then SIGKILL. Returns the exit status and whether it
+    /// exited by itself within the grace period.
+    pub fn terminate(&mut self, grace: Duration) -> Result<(ExitStatus, bool)> {
+        if let Some(status) = self.try_exit()? {
+            return Ok((status, true));
+        }
+        let (status, graceful) = self.child.terminate(grace)?;
+        self.exit = Some(status);
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        Ok((status, graceful))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Err(e) = self.terminate(Duration::from_secs(5)) {
+            eprintln!("svclb-harness: teardown: stop agent: {e:#}");
+        }
+        if std::thread::panicking() || std::env::var_os("SVCLB_SHOW_AGENT_LOG").is_some() {
+            eprintln!(
+                "---- agent log ({}) ----\n{}\n---- end of agent log ----",
+                self.config.log_file.display(),
+                self.log_text()
+            );
+        }
+    }
+}
+
+fn spawn_reader(
+    stream: impl Read + Send + 'static,
+    name: &'static str,
+    log: Arc<Log>,
+    file: Arc<Mutex<File>>,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let reader = BufReader::new(stream);
+        for line in reader.split(b'\n') {
+            let Ok(line) = line else { break };
+            let line = String::from_utf8_lossy(&line).into_owned();
+            if let Ok(mut f) = file.lock() {
+                let _ = writeln!(f, "[{name}] {line}");
+            }
+            log.push(line);
+        }
+        log.close();
+    })
+}
+
+/// Path of the agent's binary: `$SVC_LB_BIN`, else `<workspace>/target/release/svc-lb`.
+pub fn default_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SVC_LB_BIN") {
+        return PathBuf::from(p);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("target/release/svc-lb")
+}
