@@ -8,6 +8,9 @@
 
 use bytemuck::{Pod, Zeroable};
 
+pub mod lookup;
+pub use lookup::{Choice, Stickiness, choose_backend};
+
 /// Map names. They are also the pin file names under the bpffs directory. The `_V1`
 /// suffix is the layout version: a changed layout gets a new name, so an agent never
 /// re-opens an old pin with a new layout (aya does not check this). Kernel object names
@@ -25,9 +28,14 @@ pub const MAP_BE_STATS: &str = "LB_BESTATS_V1";
 /// Which Service a frontend belongs to, for the CLI and metrics (keyed by rev-NAT id).
 /// The datapath never reads it.
 pub const MAP_SVC_META: &str = "LB_SVCMETA_V1";
+/// Session affinity (ClientIP): (client, frontend) → remembered backend. LRU, written by
+/// the socket programs.
+pub const MAP_AFFINITY: &str = "LB_AFFINITY_V1";
+/// Which (backend, frontend) pairs an affinity entry may point at; written by the agent.
+pub const MAP_AFF_MATCH: &str = "LB_AFFMATCH_V1";
 
 /// Every map the agent pins, in the order `list`/`status` show them.
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 12] = [
     MAP_SVC4,
     MAP_SVC6,
     MAP_BACKENDS,
@@ -38,6 +46,8 @@ pub const ALL_MAPS: [&str; 10] = [
     MAP_FE_STATS,
     MAP_BE_STATS,
     MAP_SVC_META,
+    MAP_AFFINITY,
+    MAP_AFF_MATCH,
 ];
 
 /// Default capacities. Service and backend maps are created without preallocation, so
@@ -46,6 +56,10 @@ pub const SVC_MAP_MAX: u32 = 1 << 20;
 pub const BACKEND_MAP_MAX: u32 = 1 << 20;
 pub const REVNAT_MAP_MAX: u32 = 1 << 19;
 pub const SOCK_RNAT_MAP_MAX: u32 = 1 << 18;
+/// Remembered (client, frontend) pairs. LRU: the least recently used client forgets
+/// first when it is full, which costs only stickiness, never correctness.
+pub const AFFINITY_MAP_MAX: u32 = 1 << 16;
+pub const AFF_MATCH_MAP_MAX: u32 = 1 << 20;
 
 /// `SvcMeta.kind`: how a frontend address came to be.
 pub const KIND_CLUSTER_IP: u8 = 1;
@@ -177,6 +191,41 @@ pub struct SvcMeta {
 }
 const _: () = assert!(core::mem::size_of::<SvcMeta>() == 152);
 
+/// Key of the affinity map. For the socket programs the client is the pod, identified
+/// by its network namespace (`bpf_get_netns_cookie`), as Cilium keys it: every socket of
+/// the pod, whatever its source address, sticks to the same backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct AffinityKey {
+    pub netns_cookie: u64,
+    pub rev_nat_id: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 16);
+
+/// Value of the affinity map: the backend the client was sent to, and when it last
+/// connected (`bpf_ktime_get_ns`, monotonic). Each connection refreshes the time, as
+/// kube-proxy's `recent` match does, so the timeout counts from the last connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct AffinityValue {
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
+
+/// Key of the affinity match map: a backend that currently belongs to a frontend with
+/// session affinity. An affinity entry is used only while its pair is here, so it can
+/// never send a client to a backend that left the Service (or to a reused id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct AffinityMatchKey {
+    pub backend_id: u32,
+    pub rev_nat_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<AffinityMatchKey>() == 8);
+
 /// Socket-level reverse translation, IPv4: (socket cookie, backend) → the Service
 /// address the application asked for. Written by connect/sendmsg, read by
 /// recvmsg/getpeername.
@@ -228,16 +277,26 @@ pub const CTR_SOCK_SLOT_MISS: u32 = 2;
 pub const CTR_SOCK_BACKEND_MISS: u32 = 3;
 pub const CTR_SOCK_RNAT_UPDATE_FAIL: u32 = 4;
 pub const CTR_SOCK_RNAT_HIT: u32 = 5;
+/// Session affinity: a connection went to its remembered backend.
+pub const CTR_SOCK_AFF_HIT: u32 = 6;
+/// Session affinity: a remembered backend was not used (timed out, or no longer in
+/// the Service); a new one was picked.
+pub const CTR_SOCK_AFF_STALE: u32 = 7;
+/// Session affinity: the choice could not be remembered (map update failed).
+pub const CTR_SOCK_AFF_UPDATE_FAIL: u32 = 8;
 pub const COUNTERS_MAX: u32 = 16;
 
 /// Counter names for the CLI and metrics, indexed like the `CTR_*` constants.
-pub const COUNTER_NAMES: [(u32, &str); 6] = [
+pub const COUNTER_NAMES: [(u32, &str); 9] = [
     (CTR_SOCK_XLATED, "sock_translated"),
     (CTR_SOCK_NO_BACKEND, "sock_rejected_no_backend"),
     (CTR_SOCK_SLOT_MISS, "sock_error_slot_missing"),
     (CTR_SOCK_BACKEND_MISS, "sock_error_backend_missing"),
     (CTR_SOCK_RNAT_UPDATE_FAIL, "sock_error_revnat_update"),
     (CTR_SOCK_RNAT_HIT, "sock_revnat_translated"),
+    (CTR_SOCK_AFF_HIT, "sock_affinity_hit"),
+    (CTR_SOCK_AFF_STALE, "sock_affinity_stale"),
+    (CTR_SOCK_AFF_UPDATE_FAIL, "sock_error_affinity_update"),
 ];
 
 /// Slot chosen for a new connection: uniform over `1..=count`. Both the eBPF programs
@@ -268,6 +327,9 @@ mod user {
     unsafe impl aya::Pod for SockRevNat4Value {}
     unsafe impl aya::Pod for SockRevNat6Key {}
     unsafe impl aya::Pod for SockRevNat6Value {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for AffinityMatchKey {}
 }
 
 #[cfg(test)]

@@ -3,6 +3,8 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod debug;
+#[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod sock;
@@ -11,26 +13,49 @@ mod sock;
 mod entry {
     use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 
-    use crate::sock::{self, Family};
+    use crate::{
+        debug,
+        sock::{self, Family},
+    };
+
+    /// Runs a forward hook, logging its decision when `--bpf-log` is on. The flag is
+    /// read once; when it is off the verifier drops both branches (see `debug.rs`).
+    #[inline(always)]
+    fn forward_logged(ctx: &SockAddrContext, family: Family, hook: &str) -> i32 {
+        let log = debug::enabled();
+        let before = match (log, family) {
+            (false, _) => None,
+            (true, Family::V4) => Some(debug::dest4(ctx)),
+            (true, Family::V6) => Some(debug::dest6(ctx)),
+        };
+        let verdict = sock::forward(ctx, family);
+        if let Some(before) = before {
+            match family {
+                Family::V4 => debug::forward4(ctx, hook, before, verdict),
+                Family::V6 => debug::forward6(ctx, hook, before, verdict),
+            }
+        }
+        verdict
+    }
 
     #[cgroup_sock_addr(connect4)]
     pub fn svclb_connect4(ctx: SockAddrContext) -> i32 {
-        sock::forward(&ctx, Family::V4)
+        forward_logged(&ctx, Family::V4, "connect4")
     }
 
     #[cgroup_sock_addr(connect6)]
     pub fn svclb_connect6(ctx: SockAddrContext) -> i32 {
-        sock::forward(&ctx, Family::V6)
+        forward_logged(&ctx, Family::V6, "connect6")
     }
 
     #[cgroup_sock_addr(sendmsg4)]
     pub fn svclb_sendmsg4(ctx: SockAddrContext) -> i32 {
-        sock::forward(&ctx, Family::V4)
+        forward_logged(&ctx, Family::V4, "sendmsg4")
     }
 
     #[cgroup_sock_addr(sendmsg6)]
     pub fn svclb_sendmsg6(ctx: SockAddrContext) -> i32 {
-        sock::forward(&ctx, Family::V6)
+        forward_logged(&ctx, Family::V6, "sendmsg6")
     }
 
     #[cgroup_sock_addr(recvmsg4)]

@@ -6,8 +6,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use svc_lb_common::{
-    Backend, RevNat, SockRevNat4Key, SockRevNat4Value, SockRevNat6Key, SockRevNat6Value, Svc4Key,
-    Svc6Key, SvcMeta, SvcValue,
+    AffinityKey, AffinityMatchKey, AffinityValue, Backend, RevNat, SockRevNat4Key,
+    SockRevNat4Value, SockRevNat6Key, SockRevNat6Value, Svc4Key, Svc6Key, SvcMeta, SvcValue,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -47,3 +47,14 @@ pub static LB_BESTATS_V1: PerCpuHashMap<u32, u64, { 1 << 20 }, NO_PREALLOC> = Pe
 /// Written by the agent for the CLI and metrics; no program reads it.
 #[btf_map]
 pub static LB_SVCMETA_V1: HashMap<u32, SvcMeta, { 1 << 19 }, NO_PREALLOC> = HashMap::new();
+
+/// Session affinity: (client netns, frontend) → remembered backend and last use. LRU:
+/// when full, the least recently used client forgets its backend, nothing worse.
+#[btf_map]
+pub static LB_AFFINITY_V1: LruHashMap<AffinityKey, AffinityValue, { 1 << 16 }> = LruHashMap::new();
+
+/// (backend, frontend) pairs an affinity entry may point at. Written by the agent: a
+/// pair leaves before its backend leaves the frontend's slots.
+#[btf_map]
+pub static LB_AFFMATCH_V1: HashMap<AffinityMatchKey, u32, { 1 << 20 }, NO_PREALLOC> =
+    HashMap::new();

@@ -5,18 +5,22 @@
 //! Fail open: an address that is not a Service passes untouched. A Service with no
 //! usable backend refuses with ECONNREFUSED, as kube-proxy's REJECT rule does.
 use aya_ebpf::{
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_set_retval,
+    },
     programs::SockAddrContext,
 };
 use svc_lb_common::{
-    CTR_SOCK_BACKEND_MISS, CTR_SOCK_NO_BACKEND, CTR_SOCK_RNAT_HIT, CTR_SOCK_RNAT_UPDATE_FAIL,
-    CTR_SOCK_SLOT_MISS, CTR_SOCK_XLATED, SCOPE_ALL, SockRevNat4Key, SockRevNat4Value,
-    SockRevNat6Key, SockRevNat6Value, Svc4Key, Svc6Key, SvcValue, select_slot,
+    AffinityKey, AffinityMatchKey, AffinityValue, CTR_SOCK_AFF_HIT, CTR_SOCK_AFF_STALE,
+    CTR_SOCK_AFF_UPDATE_FAIL, CTR_SOCK_RNAT_HIT, CTR_SOCK_RNAT_UPDATE_FAIL, CTR_SOCK_XLATED,
+    Choice, SCOPE_ALL, SockRevNat4Key, SockRevNat4Value, SockRevNat6Key, SockRevNat6Value,
+    Stickiness, Svc4Key, Svc6Key, choose_backend,
 };
 
 use crate::maps::{
-    LB_BACKENDS_V1, LB_BESTATS_V1, LB_COUNTERS_V1, LB_FESTATS_V1, LB_SKRNAT4_V1, LB_SKRNAT6_V1,
-    LB_SVC4_V1, LB_SVC6_V1,
+    LB_AFFINITY_V1, LB_AFFMATCH_V1, LB_BACKENDS_V1, LB_BESTATS_V1, LB_COUNTERS_V1, LB_FESTATS_V1,
+    LB_SKRNAT4_V1, LB_SKRNAT6_V1, LB_SVC4_V1, LB_SVC6_V1,
 };
 
 const ALLOW: i32 = 1;
@@ -64,34 +68,60 @@ fn refuse(reason: u32) -> i32 {
     REJECT
 }
 
-/// What the frontend lookup found for one connection.
-enum Choice {
-    NotService,
-    Refuse(u32),
-    Backend { backend_id: u32, rev_nat_id: u32 },
+/// Session affinity, step 1: the client's remembered backend for a frontend. The client
+/// is the socket's network namespace (the pod), whose cookie is kept in `netns` for
+/// [`remember`].
+#[inline(always)]
+fn remembered(ctx: &SockAddrContext, netns: &mut u64, rev_nat_id: u32) -> Option<AffinityValue> {
+    *netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    let key = AffinityKey {
+        netns_cookie: *netns,
+        rev_nat_id,
+        _pad: 0,
+    };
+    unsafe { LB_AFFINITY_V1.get(key) }.copied()
 }
 
-/// Master-slot lookup, then one random slot. No loop over backends: O(1).
+/// Session affinity, step 2: the remembered backend still belongs to the frontend.
 #[inline(always)]
-fn choose(
-    master: Option<*const SvcValue>,
-    mut slot_of: impl FnMut(u16) -> Option<*const SvcValue>,
-) -> Choice {
-    let Some(master) = master else {
-        return Choice::NotService;
-    };
-    let (count, rev_nat_id) = unsafe { ((*master).count, (*master).rev_nat_id) };
-    let Some(slot) = select_slot(unsafe { bpf_get_prandom_u32() }, count) else {
-        return Choice::Refuse(CTR_SOCK_NO_BACKEND);
-    };
-    match slot_of(slot) {
-        Some(v) => Choice::Backend {
-            backend_id: unsafe { (*v).backend_id },
+fn is_member(backend_id: u32, rev_nat_id: u32) -> bool {
+    LB_AFFMATCH_V1
+        .get_ptr(AffinityMatchKey {
+            backend_id,
             rev_nat_id,
-        },
-        // The planner writes slots before the master count, so this means a bug or a
-        // map edited by hand; refusing is safer than sending to the Service address.
-        None => Choice::Refuse(CTR_SOCK_SLOT_MISS),
+        })
+        .is_some()
+}
+
+/// Session affinity, step 3: remember the backend (or refresh its last use).
+#[inline(always)]
+fn remember(netns: u64, rev_nat_id: u32, backend_id: u32, sticky: Stickiness) {
+    let now_ns = match sticky {
+        Stickiness::Off => return,
+        Stickiness::Remembered { now_ns } => {
+            count(CTR_SOCK_AFF_HIT);
+            now_ns
+        }
+        Stickiness::New { now_ns, stale } => {
+            if stale {
+                count(CTR_SOCK_AFF_STALE);
+            }
+            now_ns
+        }
+    };
+    let key = AffinityKey {
+        netns_cookie: netns,
+        rev_nat_id,
+        _pad: 0,
+    };
+    let value = AffinityValue {
+        last_used_ns: now_ns,
+        backend_id,
+        _pad: 0,
+    };
+    if LB_AFFINITY_V1.insert(key, value, 0).is_err() {
+        // The connection works; only the next one may pick another backend.
+        count(CTR_SOCK_AFF_UPDATE_FAIL);
     }
 }
 
@@ -116,21 +146,33 @@ fn forward4(ctx: &SockAddrContext) -> i32 {
         scope: SCOPE_ALL,
         _pad: [0; 2],
     };
-    let master = LB_SVC4_V1.get_ptr(key);
-    let choice = choose(master, |slot| {
-        key.slot = slot;
-        LB_SVC4_V1.get_ptr(key)
-    });
-    let (backend_id, rev_nat_id) = match choice {
+    // The decision is svc-lb-common's `choose_backend`, which `svc-lb trace` also runs.
+    let mut netns = 0u64;
+    let choice = choose_backend(
+        unsafe { LB_SVC4_V1.get(key) },
+        || unsafe { bpf_ktime_get_ns() },
+        |rev_nat_id| remembered(ctx, &mut netns, rev_nat_id),
+        is_member,
+        || unsafe { bpf_get_prandom_u32() },
+        |slot| {
+            key.slot = slot;
+            LB_SVC4_V1.get_ptr(key).map(|v| unsafe { (*v).backend_id })
+        },
+        |id| LB_BACKENDS_V1.get_ptr(id),
+    );
+    let (be, backend_id, rev_nat_id) = match choice {
         Choice::NotService => return ALLOW,
-        Choice::Refuse(reason) => return refuse(reason),
+        Choice::Refuse { reason, .. } => return refuse(reason),
         Choice::Backend {
+            backend,
             backend_id,
             rev_nat_id,
-        } => (backend_id, rev_nat_id),
-    };
-    let Some(be) = LB_BACKENDS_V1.get_ptr(backend_id) else {
-        return refuse(CTR_SOCK_BACKEND_MISS);
+            sticky,
+            ..
+        } => {
+            remember(netns, rev_nat_id, backend_id, sticky);
+            (backend, backend_id, rev_nat_id)
+        }
     };
     let (be_addr, be_port) = unsafe { ((*be).addr_be[0], (*be).port_be) };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
@@ -180,21 +222,33 @@ fn forward6(ctx: &SockAddrContext) -> i32 {
         scope: SCOPE_ALL,
         _pad: [0; 2],
     };
-    let master = LB_SVC6_V1.get_ptr(key);
-    let choice = choose(master, |slot| {
-        key.slot = slot;
-        LB_SVC6_V1.get_ptr(key)
-    });
-    let (backend_id, rev_nat_id) = match choice {
+    // The decision is svc-lb-common's `choose_backend`, which `svc-lb trace` also runs.
+    let mut netns = 0u64;
+    let choice = choose_backend(
+        unsafe { LB_SVC6_V1.get(key) },
+        || unsafe { bpf_ktime_get_ns() },
+        |rev_nat_id| remembered(ctx, &mut netns, rev_nat_id),
+        is_member,
+        || unsafe { bpf_get_prandom_u32() },
+        |slot| {
+            key.slot = slot;
+            LB_SVC6_V1.get_ptr(key).map(|v| unsafe { (*v).backend_id })
+        },
+        |id| LB_BACKENDS_V1.get_ptr(id),
+    );
+    let (be, backend_id, rev_nat_id) = match choice {
         Choice::NotService => return ALLOW,
-        Choice::Refuse(reason) => return refuse(reason),
+        Choice::Refuse { reason, .. } => return refuse(reason),
         Choice::Backend {
+            backend,
             backend_id,
             rev_nat_id,
-        } => (backend_id, rev_nat_id),
-    };
-    let Some(be) = LB_BACKENDS_V1.get_ptr(backend_id) else {
-        return refuse(CTR_SOCK_BACKEND_MISS);
+            sticky,
+            ..
+        } => {
+            remember(netns, rev_nat_id, backend_id, sticky);
+            (backend, backend_id, rev_nat_id)
+        }
     };
     let (be_addr, be_port) = unsafe { ((*be).addr_be, (*be).port_be) };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };

@@ -17,31 +17,84 @@ use crate::{
     datapath::{MapStore, apply::apply_plan, bpf::BpfDatapath},
     model::{self, NodeInfo, Objects},
     plan::{self, CurrentState},
-    source::{Snapshot, manifests},
+    source::{self, Snapshot, manifests},
 };
 
 pub struct AgentConfig {
-    pub manifests: PathBuf,
+    /// Manifest-directory mode; `None` watches the Kubernetes API instead.
+    pub manifests: Option<PathBuf>,
+    /// Kubernetes mode: this kubeconfig, else `$KUBECONFIG`, else in-cluster.
+    pub kubeconfig: Option<PathBuf>,
+    /// Where to serve /healthz and /readyz; `None` serves nothing.
+    pub health_addr: Option<std::net::SocketAddr>,
     pub bpffs: PathBuf,
     pub cgroup: PathBuf,
     pub node: NodeInfo,
+    /// Where to serve /metrics and /status; `None` serves nothing.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Load the programs with their debug log on (`--bpf-log`).
+    pub bpf_log: bool,
 }
 
 /// After a failed apply, try again this soon even if nothing changes.
 const RETRY: Duration = Duration::from_secs(1);
 
 pub async fn run(cfg: AgentConfig) -> Result<()> {
-    std::fs::read_dir(&cfg.manifests)
-        .with_context(|| format!("manifest directory {}", cfg.manifests.display()))?;
+    let health = crate::health::Health::default();
+    if let Some(addr) = cfg.health_addr {
+        // A port in use is logged, not fatal: the datapath matters more than its probes,
+        // and a failing probe makes the problem visible anyway.
+        match crate::health::bind(addr).await {
+            Ok(listener) => {
+                info!(addr = %listener.local_addr().map_or(addr, |a| a), "serving /healthz and /readyz");
+                let h = health.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = crate::health::serve(listener, h).await {
+                        error!(error = %format!("{e:#}"), "health server stopped");
+                    }
+                });
+            }
+            Err(e) => error!(error = %format!("{e:#}"), "health endpoints disabled"),
+        }
+    }
+    // Check the source before touching the kernel, so a typo fails fast.
+    let kube_client = match &cfg.manifests {
+        Some(dir) => {
+            std::fs::read_dir(dir)
+                .with_context(|| format!("manifest directory {}", dir.display()))?;
+            None
+        }
+        None => Some(source::kube::client(cfg.kubeconfig.as_deref()).await?),
+    };
     if !crate::datapath::sys::is_cgroup2(&cfg.cgroup)
         .with_context(|| format!("cgroup {}", cfg.cgroup.display()))?
     {
         anyhow::bail!("{} is not a cgroup v2 directory", cfg.cgroup.display());
     }
-    let mut dp = BpfDatapath::open(&cfg.bpffs)?;
+    let mut dp = BpfDatapath::open_with(
+        &cfg.bpffs,
+        crate::datapath::bpf::LoadOptions {
+            bpf_log: cfg.bpf_log,
+        },
+    )?;
+    if cfg.bpf_log {
+        spawn_bpf_log(&mut dp)?;
+    }
+    crate::status::update(|st| {
+        st.source = match &cfg.manifests {
+            Some(dir) => format!("manifests {}", dir.display()),
+            None => "kubernetes".to_owned(),
+        };
+        st.bpffs = cfg.bpffs.display().to_string();
+        st.cgroup = cfg.cgroup.display().to_string();
+    });
+    if let Some(addr) = cfg.metrics_addr {
+        spawn_metrics(addr, cfg.bpffs.clone()).await;
+    }
     // Adopt whatever a previous agent programmed: the first sync then changes only
     // what differs, so a restart never disturbs a working Service.
     let mut current = dp.read_current().context("read the pinned maps back")?;
+    health.set_loaded();
     info!(
         bpffs = %cfg.bpffs.display(),
         cgroup = %cfg.cgroup.display(),
@@ -51,7 +104,15 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     );
 
     let (tx, mut rx) = watch::channel(Arc::new(Snapshot::default()));
-    let mut watcher = tokio::spawn(manifests::watch(cfg.manifests.clone(), tx));
+    let mut watcher = match (&cfg.manifests, kube_client) {
+        (Some(dir), _) => tokio::spawn(manifests::watch(dir.clone(), tx)),
+        (None, Some(client)) => {
+            tokio::spawn(source::kube::watch(client, cfg.node.name.clone(), tx))
+        }
+        (None, None) => {
+            anyhow::bail!("no source: neither a manifest directory nor a Kubernetes client")
+        }
+    };
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let mut reported = BTreeSet::new();
@@ -68,11 +129,11 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         tokio::select! {
             changed = rx.changed() => {
                 if changed.is_err() {
-                    // The watcher only ends on error; it owns the sender.
+                    // The source only ends on error; it owns the sender.
                     return match (&mut watcher).await {
-                        Ok(Err(e)) => Err(e).context("manifest watcher stopped"),
-                        Ok(Ok(())) => Err(anyhow::anyhow!("manifest watcher stopped")),
-                        Err(e) => Err(e).context("manifest watcher panicked"),
+                        Ok(Err(e)) => Err(e).context("source stopped"),
+                        Ok(Ok(())) => Err(anyhow::anyhow!("source stopped")),
+                        Err(e) => Err(e).context("source panicked"),
                     };
                 }
             }
@@ -81,16 +142,31 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             _ = sigint.recv() => { info!("SIGINT: exiting; programs and maps stay pinned"); return Ok(()); }
         }
         let snap = rx.borrow_and_update().clone();
-        let result = sync(&mut dp, &mut current, &snap, &cfg.node, &mut reported);
+        let sync_started = Instant::now();
+        // The Node object (Kubernetes mode) adds the zone and the node addresses.
+        let node = model::node_info(&cfg.node, snap.node.as_ref());
+        let result = sync(&mut dp, &mut current, &snap, &node, &mut reported);
         if !attached {
             // Attach only once the first sync is in the maps, and before it is reported
             // as applied: "applied" means the kernel acts on it.
             dp.attach(&cfg.bpffs, &cfg.cgroup)?;
             attached = true;
+            crate::status::update(|st| st.attached = true);
             info!(cgroup = %cfg.cgroup.display(), "programs attached; datapath ready");
         }
         retry_at = match result {
             Ok(report) => {
+                crate::status::record_sync(crate::status::SyncRecord {
+                    at_ms: crate::status::now_ms(),
+                    ok: true,
+                    error: None,
+                    duration_us: report.duration.as_micros() as u64,
+                    ops: report.ops,
+                    frontends: report.frontends,
+                    backends: report.backends,
+                    rejected: report.rejected,
+                    skipped: report.skipped,
+                });
                 info!(
                     ops = report.ops,
                     frontends = report.frontends,
@@ -99,9 +175,20 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                     duration_us = report.duration.as_micros() as u64,
                     "sync applied"
                 );
+                // Attached above, and the maps hold the sources' first complete view.
+                health.set_ready();
                 None
             }
             Err(e) => {
+                crate::status::record_sync(crate::status::SyncRecord {
+                    at_ms: crate::status::now_ms(),
+                    ok: false,
+                    error: Some(format!("{e:#}")),
+                    duration_us: sync_started.elapsed().as_micros() as u64,
+                    frontends: current.frontends.len(),
+                    backends: current.backends.len(),
+                    ..Default::default()
+                });
                 error!(error = %format!("{e:#}"), "sync failed; the datapath keeps its last consistent state, retrying");
                 // The mirror tracks every op that succeeded; re-read in case the kernel
                 // state moved under us (for example a map edited by hand).
@@ -113,6 +200,51 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             }
         };
     }
+}
+
+/// Serves metrics and status in the background. A metrics address that cannot be
+/// bound is logged, not fatal: the datapath matters more than its metrics.
+async fn spawn_metrics(addr: std::net::SocketAddr, bpffs: PathBuf) {
+    match crate::metrics::bind(addr).await {
+        Ok(listener) => {
+            let bound = listener.local_addr().map_or(addr, |a| a);
+            info!(addr = %bound, "serving /metrics and /status");
+            tokio::spawn(async move {
+                if let Err(e) = crate::metrics::serve(listener, bpffs).await {
+                    error!(error = %format!("{e:#}"), "metrics server stopped");
+                }
+            });
+        }
+        Err(e) => error!(error = %format!("{e:#}"), "metrics disabled"),
+    }
+}
+
+/// Forwards the programs' aya-log records to the log (target `svclb_ebpf`, level
+/// debug) until the agent exits.
+fn spawn_bpf_log(dp: &mut BpfDatapath) -> Result<()> {
+    let logger = dp.ebpf_logger()?;
+    // SAFETY: the logger owns the ring buffer's map fd and returns that same fd from
+    // as_raw_fd() for as long as it lives, and the AsyncFd owns the logger.
+    let mut fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| anyhow::anyhow!("watch the eBPF log ring buffer: {e}"))?;
+    info!("eBPF debug log on: records appear at level debug, target svclb_ebpf");
+    tokio::spawn(async move {
+        loop {
+            match fd.readable_mut().await {
+                Ok(mut guard) => {
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+                Err(e) => {
+                    error!(error = %e, "eBPF log reader stopped");
+                    return;
+                }
+            }
+        }
+    });
+    Ok(())
 }
 
 /// Logs each problem once while it persists, so a bad file does not flood the log on
@@ -143,6 +275,8 @@ pub struct SyncReport {
     pub frontends: usize,
     pub backends: usize,
     pub rejected: usize,
+    /// Objects left out as unreadable or invalid.
+    pub skipped: usize,
     pub duration: Duration,
 }
 
@@ -202,7 +336,18 @@ pub fn sync(
         );
     }
     *reported = now;
+    crate::metrics::set_skipped(snap.errors.len(), errors.len(), plan.rejected.len());
+    // Session affinity: pairs leaving a frontend are dropped before the plan, so that
+    // no client follows a remembered backend out of its Service; new ones after it.
+    let mut after = current.clone();
+    for op in &plan.ops {
+        after.apply(op);
+    }
+    dp.affinity_prepare(current, &after)
+        .context("session affinity: drop leaving backends")?;
     let ops = apply_plan(dp, current, &plan)?;
+    dp.affinity_commit(current)
+        .context("session affinity: add new backends")?;
     dp.sync_meta(current, &desired)
         .context("write Service metadata")?;
     Ok(SyncReport {
@@ -210,6 +355,7 @@ pub fn sync(
         frontends: current.frontends.len(),
         backends: current.backends.len(),
         rejected: plan.rejected.len(),
+        skipped: snap.errors.len() + errors.len(),
         duration: started.elapsed(),
     })
 }

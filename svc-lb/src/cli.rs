@@ -1,16 +1,15 @@
-//! Command-line interface: `agent`, `list`, `cleanup`.
+//! Command-line interface: `agent`, `list`, `trace`, `status`, `cleanup`.
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use serde::Serialize;
-use svc_lb_common::{BACKEND_TERMINATING, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
 use crate::{
     agent::{self, AgentConfig},
     datapath::bpf::{self, DEFAULT_BPFFS, PinnedMaps},
+    inspect,
+    metrics::{self, DEFAULT_METRICS_ADDR},
     model::NodeInfo,
-    plan::CurrentState,
 };
 
 #[derive(Parser, Debug)]
@@ -29,6 +28,10 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// The log target of the eBPF programs' aya-log records (`--bpf-log`); it is set in
+/// svc-lb-ebpf/src/debug.rs.
+pub const BPF_LOG_TARGET: &str = "svclb_ebpf";
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -40,8 +43,21 @@ pub enum Command {
     /// Run the agent: program Services into the kernel and keep them in sync.
     Agent {
         /// Directory of Service and EndpointSlice manifests (*.yaml, *.yml, *.json).
+        /// Without it the agent watches the Kubernetes API.
+        #[arg(long, conflicts_with = "kubeconfig")]
+        manifests: Option<PathBuf>,
+        /// Kubernetes mode: the kubeconfig to use [default: $KUBECONFIG, else the
+        /// in-cluster service account]
         #[arg(long)]
-        manifests: PathBuf,
+        kubeconfig: Option<PathBuf>,
+        /// Serve /healthz (alive, datapath loaded) and /readyz (initial sync applied)
+        /// on this address ("off" disables).
+        #[arg(long, default_value = crate::health::DEFAULT_HEALTH_ADDR, value_parser = crate::health::parse_addr)]
+        health_addr: crate::health::HealthAddr,
+        /// Program Services labelled service.kubernetes.io/service-proxy-name only when
+        /// the label has this value [default: leave every labelled Service alone]
+        #[arg(long)]
+        service_proxy_name: Option<String>,
         #[arg(long, default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
         /// cgroup v2 directory to attach to [default: the cgroup2 root from /proc/self/mountinfo]
@@ -50,13 +66,60 @@ pub enum Command {
         /// This node's name, for node-local rules [default: $NODE_NAME, then the hostname]
         #[arg(long, env = "NODE_NAME")]
         node_name: Option<String>,
+        /// Serve Prometheus metrics at /metrics and the agent status at /status on this
+        /// address ("off" disables; port 0 picks a free port and logs it).
+        #[arg(long, default_value = DEFAULT_METRICS_ADDR, value_parser = metrics::parse_addr)]
+        metrics_addr: metrics::MetricsAddr,
+        /// Turn on the eBPF programs' debug log (aya-log): one line per connect/sendmsg
+        /// decision, at level debug under the target `svclb_ebpf` (shown unless the log
+        /// filter sets that target). Off by default: the verifier then removes the
+        /// logging code.
+        #[arg(long)]
+        bpf_log: bool,
     },
-    /// Show every programmed frontend with its backends, from the pinned maps.
+    /// Show every programmed frontend with its Service, flags and backends, from the
+    /// pinned maps (works whether or not the agent runs).
     List {
         #[arg(short, long, value_enum, default_value_t = Output::Text)]
         output: Output,
         #[arg(long, default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
+        /// Only the frontends of this Service (NAMESPACE/NAME).
+        #[arg(long, value_name = "NAMESPACE/NAME")]
+        service: Option<String>,
+    },
+    /// Explain, step by step, what the datapath does with a new connection to ADDR:PORT.
+    Trace {
+        /// The destination the client dials, e.g. 10.96.0.10:80 or [fd00::10]:80.
+        #[arg(long, value_name = "ADDR:PORT")]
+        to: std::net::SocketAddr,
+        #[arg(long, value_enum, default_value_t = TraceProto::Tcp)]
+        proto: TraceProto,
+        /// The client's address (shown in the trace).
+        #[arg(long, value_name = "ADDR")]
+        from: Option<std::net::IpAddr>,
+        /// The client's network namespace file (e.g. /run/netns/NAME), for session
+        /// affinity, which the socket programs key by network namespace (one per pod)
+        /// [default: this process's namespace]
+        #[arg(long, value_name = "PATH", conflicts_with = "pid")]
+        netns: Option<PathBuf>,
+        /// The client's process: its network namespace, as with --netns.
+        #[arg(long)]
+        pid: Option<u32>,
+        #[arg(short, long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+    },
+    /// Show the attached programs, the maps' fill levels and the agent's last sync.
+    Status {
+        #[arg(short, long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+        /// Where the agent serves /status ("off": do not ask the agent).
+        #[arg(long, default_value = DEFAULT_METRICS_ADDR, value_parser = metrics::parse_addr)]
+        metrics_addr: metrics::MetricsAddr,
     },
     /// Detach every program and remove every pin.
     Cleanup {
@@ -72,6 +135,13 @@ pub enum Command {
 pub enum Output {
     Text,
     Json,
+    Yaml,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum TraceProto {
+    Tcp,
+    Udp,
 }
 
 fn hostname() -> Option<String> {
@@ -84,9 +154,14 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Agent {
             manifests,
+            kubeconfig,
+            health_addr,
+            service_proxy_name,
             bpffs,
             cgroup,
             node_name,
+            metrics_addr,
+            bpf_log,
         } => {
             let cgroup = match cgroup {
                 Some(c) => c,
@@ -94,7 +169,8 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             let node = NodeInfo {
                 name: node_name.or_else(hostname),
-                zone: None,
+                service_proxy_name,
+                ..NodeInfo::default()
             };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -102,21 +178,101 @@ pub fn run(cli: Cli) -> Result<()> {
                 .context("start the async runtime")?;
             rt.block_on(agent::run(AgentConfig {
                 manifests,
+                kubeconfig,
+                health_addr: health_addr.0,
                 bpffs,
                 cgroup,
                 node,
+                metrics_addr: metrics_addr.0,
+                bpf_log,
             }))
         }
-        Command::List { output, bpffs } => {
-            let state = PinnedMaps::open(&bpffs)?.read_current()?;
-            let text = match output {
-                Output::Text => render_text(&state),
-                Output::Json => {
-                    serde_json::to_string_pretty(&list_entries(&state)).context("encode JSON")?
-                        + "\n"
+        Command::List {
+            output,
+            bpffs,
+            service,
+        } => {
+            let service = service
+                .as_deref()
+                .map(inspect::list::parse_service)
+                .transpose()?;
+            let view = inspect::view::DatapathView::read(&PinnedMaps::open(&bpffs)?)?;
+            let entries = inspect::list::entries(&view, service.as_ref());
+            if entries.is_empty()
+                && let Some(s) = &service
+            {
+                eprintln!("no frontend of Service {s} is programmed");
+            }
+            print!(
+                "{}",
+                match output {
+                    Output::Text => inspect::list::render_text(&entries),
+                    Output::Json => inspect::list::render_json(&entries)?,
+                    Output::Yaml => inspect::list::render_yaml(&entries)?,
+                }
+            );
+            Ok(())
+        }
+        Command::Trace {
+            to,
+            proto,
+            from,
+            netns,
+            pid,
+            output,
+            bpffs,
+        } => {
+            let netns = netns.or_else(|| pid.map(|p| PathBuf::from(format!("/proc/{p}/ns/net"))));
+            let label = netns.as_ref().map_or_else(
+                || "the network namespace of this command".to_owned(),
+                |p| p.display().to_string(),
+            );
+            // Without the cookie the trace still explains everything but the client's
+            // affinity entry: a warning, unless the user named the client explicitly.
+            let client = match inspect::trace::netns_cookie(netns.as_deref()) {
+                Ok(cookie) => Some(inspect::trace::ClientNetns { cookie, label }),
+                Err(e) if netns.is_some() => return Err(e),
+                Err(e) => {
+                    eprintln!("svc-lb: warning: client network namespace unknown: {e:#}");
+                    None
                 }
             };
-            print!("{text}");
+            let req = inspect::trace::TraceRequest {
+                to,
+                proto: match proto {
+                    TraceProto::Tcp => svc_lb_common::PROTO_TCP,
+                    TraceProto::Udp => svc_lb_common::PROTO_UDP,
+                },
+                from,
+                client,
+                now_ns: inspect::trace::monotonic_ns(),
+            };
+            let maps = PinnedMaps::open(&bpffs)?;
+            let t = inspect::trace::trace(&maps, &req, inspect::trace::random_u32())?;
+            print!(
+                "{}",
+                match output {
+                    Output::Text => inspect::trace::render_text(&t),
+                    Output::Json => serde_json::to_string_pretty(&t)? + "\n",
+                    Output::Yaml => serde_yaml::to_string(&t)?,
+                }
+            );
+            Ok(())
+        }
+        Command::Status {
+            output,
+            bpffs,
+            metrics_addr,
+        } => {
+            let st = inspect::status::collect(&bpffs, metrics_addr.0)?;
+            print!(
+                "{}",
+                match output {
+                    Output::Text => inspect::status::render_text(&st, crate::status::now_ms()),
+                    Output::Json => serde_json::to_string_pretty(&st)? + "\n",
+                    Output::Yaml => serde_yaml::to_string(&st)?,
+                }
+            );
             Ok(())
         }
         Command::Cleanup { bpffs, cgroup } => {
@@ -128,112 +284,4 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
-}
-
-/// One frontend in `list -o json`. The field names are a stable format.
-#[derive(Serialize, Debug, PartialEq, Eq)]
-pub struct ListEntry {
-    pub address: String,
-    pub port: u16,
-    pub protocol: &'static str,
-    pub rev_nat_id: u32,
-    pub affinity_timeout_seconds: Option<u32>,
-    pub backends: Vec<ListBackend>,
-}
-
-#[derive(Serialize, Debug, PartialEq, Eq)]
-pub struct ListBackend {
-    pub id: u32,
-    pub address: String,
-    pub port: u16,
-    pub state: &'static str,
-}
-
-pub fn proto_name(p: u8) -> &'static str {
-    match p {
-        PROTO_TCP => "TCP",
-        PROTO_UDP => "UDP",
-        PROTO_SCTP => "SCTP",
-        _ => "UNKNOWN",
-    }
-}
-
-pub fn list_entries(state: &CurrentState) -> Vec<ListEntry> {
-    state
-        .frontends
-        .iter()
-        .map(|(fe, cur)| ListEntry {
-            address: fe.addr.to_string(),
-            port: fe.port,
-            protocol: proto_name(fe.proto),
-            rev_nat_id: cur.rev_nat_id,
-            affinity_timeout_seconds: (cur.flags & svc_lb_common::SVC_FLAG_AFFINITY != 0)
-                .then_some(cur.affinity_timeout_s),
-            backends: cur
-                .backend_ids
-                .iter()
-                .map(|id| match state.backends.get(id) {
-                    Some(b) => ListBackend {
-                        id: *id,
-                        address: b.addr.addr.to_string(),
-                        port: b.addr.port,
-                        state: if b.state == BACKEND_TERMINATING {
-                            "terminating"
-                        } else {
-                            "active"
-                        },
-                    },
-                    None => ListBackend {
-                        id: *id,
-                        address: String::new(),
-                        port: 0,
-                        state: "missing",
-                    },
-                })
-                .collect(),
-        })
-        .collect()
-}
-
-fn socket(addr: &str, port: u16) -> String {
-    if addr.contains(':') {
-        format!("[{addr}]:{port}")
-    } else {
-        format!("{addr}:{port}")
-    }
-}
-
-/// ipvsadm -Ln style: one block per frontend, one `->` line per backend.
-pub fn render_text(state: &CurrentState) -> String {
-    let mut out = String::from(
-        "Prot LocalAddress:Port                    Backends  Flags\n  -> RemoteAddress:Port                  State\n",
-    );
-    for e in list_entries(state) {
-        let flags = e
-            .affinity_timeout_seconds
-            .map(|t| format!("affinity {t}s"))
-            .unwrap_or_default();
-        let count = if e.backends.is_empty() {
-            "0 (reject)".to_owned()
-        } else {
-            e.backends.len().to_string()
-        };
-        let line = format!(
-            "{:<4} {:<40} {:<9} {}",
-            e.protocol,
-            socket(&e.address, e.port),
-            count,
-            flags
-        );
-        out.push_str(line.trim_end());
-        out.push('\n');
-        for b in e.backends {
-            out.push_str(&format!(
-                "  -> {:<38} {}\n",
-                socket(&b.address, b.port),
-                b.state
-            ));
-        }
-    }
-    out
 }

@@ -8,6 +8,10 @@
 pub mod agent;
 pub mod cli;
 pub mod datapath;
+pub mod health;
+pub mod inspect;
+pub mod metrics;
 pub mod model;
 pub mod plan;
 pub mod source;
+pub mod status;

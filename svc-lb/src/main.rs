@@ -1,13 +1,21 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use svc_lb::cli::{Cli, LogFormat};
+use svc_lb::cli::{BPF_LOG_TARGET, Cli, Command, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 fn init_logging(cli: &Cli) {
-    let filter = EnvFilter::try_from_default_env()
+    let mut filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cli.log_level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // `--bpf-log` asks for the eBPF log: show it at debug unless the filter already
+    // says something about its target.
+    if matches!(cli.command, Command::Agent { bpf_log: true, .. })
+        && !filter.to_string().contains(BPF_LOG_TARGET)
+        && let Ok(d) = format!("{BPF_LOG_TARGET}=debug").parse()
+    {
+        filter = filter.add_directive(d);
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -21,6 +21,7 @@ pub const SYNC_APPLIED: &str = "sync applied";
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub bin: PathBuf,
+    /// The manifest directory; empty for Kubernetes mode (see [`Agent::start`]).
     pub manifests: PathBuf,
     pub bpffs: PathBuf,
     pub cgroup: PathBuf,
@@ -80,10 +81,13 @@ impl Agent {
             );
         }
         let mut cmd = Command::new(&config.bin);
-        cmd.arg("agent")
-            .arg("--manifests")
-            .arg(&config.manifests)
-            .arg("--bpffs")
+        cmd.arg("agent");
+        // An empty manifest path means Kubernetes mode: the caller passes
+        // `--kubeconfig` in `extra_args` instead.
+        if !config.manifests.as_os_str().is_empty() {
+            cmd.arg("--manifests").arg(&config.manifests);
+        }
+        cmd.arg("--bpffs")
             .arg(&config.bpffs)
             .arg("--cgroup")
             .arg(&config.cgroup)

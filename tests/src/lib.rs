@@ -27,6 +27,7 @@ pub mod client;
 pub mod cmd;
 pub mod demo;
 pub mod errno;
+pub mod fakeapi;
 pub mod lab;
 pub mod manifests;
 pub mod names;

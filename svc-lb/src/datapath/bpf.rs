@@ -18,8 +18,9 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
 use svc_lb_common::{
-    Backend, MAP_BACKENDS, MAP_BE_STATS, MAP_COUNTERS, MAP_FE_STATS, MAP_REVNAT, MAP_SVC_META,
-    MAP_SVC4, MAP_SVC6, RevNat, SOCK_PROGRAMS, Svc4Key, Svc6Key, SvcMeta, SvcValue,
+    AffinityKey, AffinityMatchKey, AffinityValue, Backend, MAP_AFF_MATCH, MAP_AFFINITY,
+    MAP_BACKENDS, MAP_BE_STATS, MAP_COUNTERS, MAP_FE_STATS, MAP_REVNAT, MAP_SVC_META, MAP_SVC4,
+    MAP_SVC6, RevNat, SOCK_PROGRAMS, Svc4Key, Svc6Key, SvcMeta, SvcValue,
 };
 use tracing::{info, warn};
 
@@ -120,6 +121,11 @@ pub struct BpfDatapath {
     meta: HashMap<MapData, u32, SvcMeta>,
     /// What `meta` holds, so a sync writes only what changed.
     meta_cache: std::collections::HashMap<u32, SvcMeta>,
+    /// Session affinity: the programs' remembered backends, and the agent's match map
+    /// with what it holds (see [`super::affinity`]).
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    aff_match: HashMap<MapData, AffinityMatchKey, u32>,
+    aff_match_cache: std::collections::BTreeSet<AffinityMatchKey>,
     cap: Capacity,
 }
 
@@ -130,14 +136,41 @@ fn take_percpu_hash(ebpf: &mut Ebpf, name: &str) -> Result<PerCpuHashMap<MapData
     PerCpuHashMap::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
+/// Load-time switches of the eBPF object.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoadOptions {
+    /// Turn on the programs' aya-log debug log (`--bpf-log`).
+    pub bpf_log: bool,
+}
+
+/// The `.rodata` global that switches the eBPF debug log (svc-lb-ebpf/src/debug.rs).
+const BPF_LOG_GLOBAL: &str = "SVCLB_BPF_LOG";
+/// aya-log's ring buffer map.
+const BPF_LOG_RINGBUF: &str = "AYA_LOGS";
+
 impl BpfDatapath {
     /// Loads the object and its programs and opens (or creates) the pinned maps. Safe
     /// over an existing pin directory: the maps are re-opened with their contents.
     /// Nothing is attached yet, so the caller can fill the maps first.
     pub fn open(bpffs: &Path) -> Result<Self> {
+        Self::open_with(bpffs, LoadOptions::default())
+    }
+
+    /// [`Self::open`] with load-time options.
+    pub fn open_with(bpffs: &Path, opts: LoadOptions) -> Result<Self> {
         raise_memlock();
         ensure_bpffs(bpffs)?;
         let mut loader = EbpfLoader::new();
+        // Always set, so that a stale object without the switch fails loudly here.
+        let bpf_log = u8::from(opts.bpf_log);
+        loader.override_global(BPF_LOG_GLOBAL, &bpf_log, true);
+        if !opts.bpf_log {
+            // The log ring buffer is created anyway (aya creates every map of the
+            // object); without the log, one page is enough instead of 128 KiB.
+            // SAFETY: sysconf has no preconditions.
+            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+            loader.map_max_entries(BPF_LOG_RINGBUF, u32::try_from(page).unwrap_or(4096));
+        }
         let pins: Vec<(&str, PathBuf)> = svc_lb_common::ALL_MAPS
             .iter()
             .map(|n| (*n, bpffs.join(n)))
@@ -164,6 +197,16 @@ impl BpfDatapath {
         let be_stats = take_percpu_hash(&mut ebpf, MAP_BE_STATS)?;
         let (meta, _) = take_hash::<u32, SvcMeta>(&mut ebpf, MAP_SVC_META)?;
         let meta_cache = collect(&meta, MAP_SVC_META)?.into_iter().collect();
+        let affinity = HashMap::try_from(
+            ebpf.take_map(MAP_AFFINITY)
+                .ok_or_else(|| anyhow!("map {MAP_AFFINITY} missing from the eBPF object"))?,
+        )
+        .with_context(|| format!("map {MAP_AFFINITY} has an unexpected type"))?;
+        let (aff_match, _) = take_hash::<AffinityMatchKey, u32>(&mut ebpf, MAP_AFF_MATCH)?;
+        let aff_match_cache = collect(&aff_match, MAP_AFF_MATCH)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
         Ok(Self {
             ebpf,
             svc4,
@@ -174,6 +217,9 @@ impl BpfDatapath {
             be_stats,
             meta,
             meta_cache,
+            affinity,
+            aff_match,
+            aff_match_cache,
             cap,
         })
     }
@@ -309,6 +355,56 @@ impl MapStore for BpfDatapath {
         self.cap
     }
 
+    fn affinity_prepare(&mut self, before: &CurrentState, after: &CurrentState) -> Result<()> {
+        let prep = super::affinity::prepare(&self.aff_match_cache, before, after);
+        for key in &prep.remove {
+            ignore_missing(self.aff_match.remove(key)).with_context(|| {
+                format!(
+                    "{MAP_AFF_MATCH}: delete backend {} of rev-NAT {}",
+                    key.backend_id, key.rev_nat_id
+                )
+            })?;
+            self.aff_match_cache.remove(key);
+        }
+        if !prep.forget.is_empty() {
+            // Rare (affinity switched off, a frontend removed): a walk of the LRU map is
+            // cheap enough, and keeps clients from inheriting a stale choice.
+            let stale: Vec<AffinityKey> = self
+                .affinity
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| prep.forget.contains(&k.rev_nat_id))
+                .collect();
+            for key in &stale {
+                ignore_missing(self.affinity.remove(key)).with_context(|| {
+                    format!(
+                        "{MAP_AFFINITY}: forget a client of rev-NAT {}",
+                        key.rev_nat_id
+                    )
+                })?;
+            }
+            tracing::debug!(
+                frontends = prep.forget.len(),
+                clients = stale.len(),
+                "session affinity: forgot clients"
+            );
+        }
+        Ok(())
+    }
+
+    fn affinity_commit(&mut self, after: &CurrentState) -> Result<()> {
+        for key in super::affinity::commit(&self.aff_match_cache, after) {
+            self.aff_match.insert(key, 1, 0).with_context(|| {
+                format!(
+                    "{MAP_AFF_MATCH}: insert backend {} of rev-NAT {}",
+                    key.backend_id, key.rev_nat_id
+                )
+            })?;
+            self.aff_match_cache.insert(key);
+        }
+        Ok(())
+    }
+
     fn sync_meta(
         &mut self,
         current: &CurrentState,
@@ -348,6 +444,12 @@ impl BpfDatapath {
     /// programs never see maps emptier than the old ones did.
     pub fn attach(&mut self, bpffs: &Path, cgroup: &Path) -> Result<()> {
         attach_all(&mut self.ebpf, bpffs, cgroup)
+    }
+
+    /// Starts reading the programs' aya-log records (only useful with
+    /// [`LoadOptions::bpf_log`]); they go to the `log` facade, which tracing receives.
+    pub fn ebpf_logger(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        aya_log::EbpfLogger::init(&mut self.ebpf).context("start the eBPF log reader")
     }
 
     fn put(&mut self, key: SvcKey, value: SvcValue) -> Result<()> {
@@ -418,6 +520,14 @@ fn open_pinned_hash<K: aya::Pod, V: aya::Pod>(
         .with_context(|| format!("pinned map {name} has an unexpected layout"))
 }
 
+fn not_found_is_none<V>(r: Result<V, MapError>) -> Result<Option<V>, MapError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Read-only view of the pinned maps, for the CLI. Works whether the agent runs or not.
 pub struct PinnedMaps {
     svc4: HashMap<MapData, Svc4Key, SvcValue>,
@@ -440,6 +550,54 @@ impl PinnedMaps {
 
     pub fn read_current(&self) -> Result<CurrentState> {
         read_state(&self.svc4, &self.svc6, &self.backends, &self.rev_nats)
+    }
+
+    /// One service-map entry (the datapath's own lookup, for `trace`).
+    pub fn svc_value(&self, key: &SvcKey) -> Result<Option<SvcValue>> {
+        let r = match key {
+            SvcKey::V4(k) => self.svc4.get(k, 0),
+            SvcKey::V6(k) => self.svc6.get(k, 0),
+        };
+        not_found_is_none(r).with_context(|| format!("look up {key:?}"))
+    }
+
+    /// One backend entry.
+    pub fn backend_value(&self, id: u32) -> Result<Option<Backend>> {
+        not_found_is_none(self.backends.get(&id, 0))
+            .with_context(|| format!("{MAP_BACKENDS}: look up {id}"))
+    }
+
+    /// A client's remembered backend for a frontend (session affinity), for `trace`.
+    pub fn affinity_value(&self, key: &AffinityKey) -> Result<Option<AffinityValue>> {
+        let path = self.bpffs.join(MAP_AFFINITY);
+        let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
+        // The affinity map is an LRU hash; aya's HashMap reads both kinds.
+        let m: HashMap<MapData, AffinityKey, AffinityValue> =
+            HashMap::try_from(Map::LruHashMap(data))
+                .with_context(|| format!("{MAP_AFFINITY} has an unexpected layout"))?;
+        not_found_is_none(m.get(key, 0)).with_context(|| format!("{MAP_AFFINITY}: look up {key:?}"))
+    }
+
+    /// Whether an affinity entry may point at `backend_id` for `rev_nat_id` (the agent's
+    /// match map), for `trace`.
+    pub fn affinity_member(&self, backend_id: u32, rev_nat_id: u32) -> Result<bool> {
+        let m: HashMap<MapData, AffinityMatchKey, u32> =
+            open_pinned_hash(&self.bpffs, MAP_AFF_MATCH)?;
+        let key = AffinityMatchKey {
+            backend_id,
+            rev_nat_id,
+        };
+        Ok(not_found_is_none(m.get(&key, 0))
+            .with_context(|| format!("{MAP_AFF_MATCH}: look up {key:?}"))?
+            .is_some())
+    }
+
+    /// The Service identity of one rev-NAT id.
+    pub fn meta_of(&self, rev_nat_id: u32) -> Result<Option<codec::FrontendMeta>> {
+        let m: HashMap<MapData, u32, SvcMeta> = open_pinned_hash(&self.bpffs, MAP_SVC_META)?;
+        Ok(not_found_is_none(m.get(&rev_nat_id, 0))
+            .with_context(|| format!("{MAP_SVC_META}: look up {rev_nat_id}"))?
+            .map(|raw| codec::meta_from_raw(&raw)))
     }
 
     /// Service identity per rev-NAT id.

@@ -7,6 +7,7 @@ use crate::{
     plan::{Capacity, CurrentState, Op},
 };
 
+pub mod affinity;
 pub mod apply;
 pub mod bpf;
 pub mod codec;
@@ -24,6 +25,16 @@ pub trait MapStore {
     /// Records which Service each programmed frontend belongs to, for the CLI and
     /// metrics. The datapath never reads it, so it is written after the plan.
     fn sync_meta(&mut self, _current: &CurrentState, _desired: &DesiredState) -> Result<()> {
+        Ok(())
+    }
+    /// Session affinity, before a plan that turns `before` into `after`: drops the
+    /// (backend, frontend) pairs that are leaving and forgets the clients of frontends
+    /// whose affinity goes away (see [`affinity`]). Maps without affinity do nothing.
+    fn affinity_prepare(&mut self, _before: &CurrentState, _after: &CurrentState) -> Result<()> {
+        Ok(())
+    }
+    /// Session affinity, after the plan: adds the new pairs of `after`.
+    fn affinity_commit(&mut self, _after: &CurrentState) -> Result<()> {
         Ok(())
     }
 }

@@ -2,8 +2,21 @@
 //! kube-proxy applies. Everything here is pure; errors are returned, never logged at
 //! warn level, because the caller decides how loudly to report them.
 //!
-//! Only cluster IPs are programmed so far: node ports, external IPs and load-balancer
-//! ingress addresses need the external datapath, which does not exist yet.
+//! Frontends are what a client on this node dials, which the socket programs rewrite:
+//! - every cluster IP × port (`KIND_CLUSTER_IP`), with the endpoints of the internal
+//!   traffic policy;
+//! - every node address × `nodePort` (`KIND_NODE_PORT`), every `externalIPs` entry ×
+//!   port (`KIND_EXTERNAL_IP`) and every VIP-mode load-balancer ingress IP × port
+//!   (`KIND_LOAD_BALANCER`). A client on the node reaching these addresses is
+//!   "short-circuited" by kube-proxy to the cluster-wide endpoints whatever the
+//!   external traffic policy, so these frontends always carry the cluster endpoints.
+//!   `ipMode: Proxy` ingress IPs are left alone: the load balancer must see that traffic.
+//!
+//! Cluster IPs are allocated by the apiserver and unique; the other addresses are
+//! written by users and load-balancer controllers. So a cluster-IP clash skips the later
+//! Service whole (there is no right answer), while an external address that clashes
+//! with any frontend already claimed loses only that address: a Service can never take
+//! over another Service's cluster IP through `externalIPs`.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
@@ -16,7 +29,11 @@ use k8s_openapi::{
     },
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
-use svc_lb_common::{BACKEND_ACTIVE, BACKEND_TERMINATING, PROTO_TCP, PROTO_UDP, SCOPE_ALL};
+use svc_lb_common::{
+    BACKEND_ACTIVE, BACKEND_TERMINATING, KIND_CLUSTER_IP, KIND_EXTERNAL_IP, KIND_LOAD_BALANCER,
+    KIND_NODE_PORT, META_EXTERNAL_LOCAL, META_INTERNAL_LOCAL, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    SCOPE_ALL,
+};
 
 use super::{
     BackendAddr, DesiredBackend, DesiredFrontend, DesiredState, FrontendKey, ModelError, NodeInfo,
@@ -28,9 +45,9 @@ pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 /// Set by the EndpointSlice controller on slices of headless Services; kube-proxy
 /// ignores such slices, and so do we.
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
-/// A Service carrying this label asks for a specific proxy implementation. Without a
-/// `--service-proxy-name` of our own, we behave like a default kube-proxy and leave
-/// every such Service to whichever proxy claims it.
+/// A Service carrying this label asks for a specific proxy implementation. We program it
+/// only when the value equals our `--service-proxy-name`; without one we behave like a
+/// default kube-proxy and leave every such Service to whichever proxy claims it.
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 
 /// The apiserver's default for `sessionAffinityConfig.clientIP.timeoutSeconds`.
@@ -54,7 +71,9 @@ pub fn build(objects: Objects<'_>, node: &NodeInfo) -> (DesiredState, Vec<ModelE
     let mut services: Vec<&Service> = objects.services.iter().collect();
     services.sort_by(|a, b| identity(&a.metadata).cmp(&identity(&b.metadata)));
 
-    let mut state = DesiredState::default();
+    // Pass 1: validate every Service and claim its cluster-IP frontends.
+    let mut claims: BTreeMap<FrontendKey, ServiceRef> = BTreeMap::new();
+    let mut accepted = Vec::new();
     for group in services.chunk_by(|a, b| identity(&a.metadata) == identity(&b.metadata)) {
         let svc = group[0];
         let object = service_object(svc);
@@ -73,7 +92,7 @@ pub fn build(objects: Objects<'_>, node: &NodeInfo) -> (DesiredState, Vec<ModelE
             namespace: object.namespace.clone(),
             name: object.name.clone(),
         };
-        let plan = match plan_service(svc, &object) {
+        let plan = match plan_service(svc, &object, node) {
             Ok(Some(plan)) => plan,
             Ok(None) => continue,
             Err(reason) => {
@@ -82,8 +101,8 @@ pub fn build(objects: Objects<'_>, node: &NodeInfo) -> (DesiredState, Vec<ModelE
             }
         };
         if let Some((key, owner)) = plan
-            .keys()
-            .find_map(|key| state.frontends.get(&key).map(|f| (key, f.service.clone())))
+            .cluster_keys()
+            .find_map(|key| claims.get(&key).map(|owner| (key, owner.clone())))
         {
             errors.push(ModelError {
                 object,
@@ -94,25 +113,96 @@ pub fn build(objects: Objects<'_>, node: &NodeInfo) -> (DesiredState, Vec<ModelE
             });
             continue;
         }
-        let own_slices = slices
-            .get(&(sref.namespace.as_str(), sref.name.as_str()))
-            .map(Vec::as_slice)
-            .unwrap_or_default();
+        for key in plan.cluster_keys() {
+            claims.insert(key, sref.clone());
+        }
         errors.extend(plan.port_errors.iter().map(|reason| ModelError {
             object: object.clone(),
             reason: reason.clone(),
         }));
+        accepted.push((plan, sref, object));
+    }
+
+    // Pass 2: external addresses, each on its own, after every cluster IP is claimed.
+    let mut frontends: Vec<Vec<Frontend>> = Vec::with_capacity(accepted.len());
+    for (plan, sref, object) in &accepted {
+        let mut mine: Vec<Frontend> = plan
+            .ports
+            .iter()
+            .enumerate()
+            .flat_map(|(port, p)| {
+                plan.ips.iter().map(move |&addr| Frontend {
+                    key: FrontendKey {
+                        addr,
+                        port: p.port,
+                        proto: p.proto,
+                        scope: SCOPE_ALL,
+                    },
+                    kind: KIND_CLUSTER_IP,
+                    port,
+                })
+            })
+            .collect();
+        for fe in plan.external_frontends(node) {
+            match claims.get(&fe.key) {
+                None => {
+                    claims.insert(fe.key, sref.clone());
+                    mine.push(fe);
+                }
+                Some(owner) => errors.push(ModelError {
+                    object: object.clone(),
+                    reason: format!(
+                        "{} frontend {} is already used by {}; this address is skipped",
+                        kind_name(fe.kind),
+                        fmt_key(&fe.key),
+                        if owner == sref {
+                            "another address of this Service".to_owned()
+                        } else {
+                            format!("Service {owner}")
+                        }
+                    ),
+                }),
+            }
+        }
+        frontends.push(mine);
+    }
+
+    let mut state = DesiredState::default();
+    for ((plan, sref, object), mine) in accepted.iter().zip(&frontends) {
+        let own_slices = slices
+            .get(&(sref.namespace.as_str(), sref.name.as_str()))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
         program(
-            &plan,
-            &sref,
+            plan,
+            mine,
+            sref,
             own_slices,
             node,
-            &object,
+            object,
             &mut state,
             &mut errors,
         );
     }
     (state, errors)
+}
+
+/// One frontend of an accepted Service: its key, which address it is, and the index of
+/// its port in `ServicePlan::ports`.
+struct Frontend {
+    key: FrontendKey,
+    kind: u8,
+    port: usize,
+}
+
+fn kind_name(kind: u8) -> &'static str {
+    match kind {
+        KIND_CLUSTER_IP => "cluster IP",
+        KIND_NODE_PORT => "node port",
+        KIND_EXTERNAL_IP => "external IP",
+        KIND_LOAD_BALANCER => "load-balancer",
+        _ => "unknown",
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -158,6 +248,7 @@ fn has_label(meta: &ObjectMeta, key: &str) -> bool {
 fn proto_name(proto: u8) -> &'static str {
     match proto {
         PROTO_UDP => "UDP",
+        PROTO_SCTP => "SCTP",
         _ => "TCP",
     }
 }
@@ -169,15 +260,23 @@ fn fmt_key(key: &FrontendKey) -> String {
     }
 }
 
-/// `None` (the API default) is TCP. Anything but TCP and UDP is returned as `Err` with
-/// its name: the socket datapath cannot steer it.
+/// `None` (the API default) is TCP. Anything but TCP, UDP and SCTP is returned as `Err`
+/// with its name.
 fn parse_proto(proto: Option<&str>) -> Result<u8, &str> {
     match proto {
         None | Some("TCP") => Ok(PROTO_TCP),
         Some("UDP") => Ok(PROTO_UDP),
+        Some("SCTP") => Ok(PROTO_SCTP),
         Some(other) => Err(other),
     }
 }
+
+/// Whether the socket-level datapath can steer a protocol. SCTP cannot be served there:
+/// the kernel runs the cgroup sendmsg/recvmsg hooks for UDP only, and SCTP multi-homing
+/// (`sctp_connectx`, one-to-many sockets) reaches peers without passing the connect hook,
+/// so a half-working translation would be worse than none. kube-proxy handles SCTP in
+/// netfilter; the packet-level datapath here is a later piece of work.
+pub const SOCKET_PROTOCOLS: [u8; 2] = [PROTO_TCP, PROTO_UDP];
 
 fn parse_port(port: i32) -> Option<u16> {
     u16::try_from(port).ok().filter(|p| *p != 0)
@@ -216,6 +315,10 @@ struct SliceEndpoint<'a> {
     serving: bool,
     terminating: bool,
     node_name: Option<&'a str>,
+    /// `hints.forZones[].name`: the zones the EndpointSlice controller assigned it to.
+    zone_hints: Vec<&'a str>,
+    /// `hints.forNodes[].name` (trafficDistribution PreferSameNode).
+    node_hints: Vec<&'a str>,
 }
 
 /// An EndpointSlice checked once, up front, so that its errors are reported once no
@@ -376,18 +479,31 @@ fn slice_endpoints<'a>(
                 continue;
             }
         };
-        // Unset conditions mean "unknown", which the API says to read as ready,
-        // serving-if-ready and not terminating.
+        // Unset conditions mean "unknown". kube-proxy reads an unknown ready or serving
+        // as true and an unknown terminating as false; so do we.
         let cond = ep.conditions.as_ref();
         let ready = cond.and_then(|c| c.ready).unwrap_or(true);
-        let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
+        let serving = cond.and_then(|c| c.serving).unwrap_or(true);
         let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+        let hints = ep.hints.as_ref();
         out.push(SliceEndpoint {
             addr,
             ready,
             serving,
             terminating,
             node_name: ep.node_name.as_deref(),
+            zone_hints: hints
+                .and_then(|h| h.for_zones.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|z| z.name.as_str())
+                .collect(),
+            node_hints: hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|n| n.name.as_str())
+                .collect(),
         });
     }
     out
@@ -403,21 +519,29 @@ struct PortPlan<'a> {
     proto: u8,
     /// `targetPort` when it is a name: lets hand-written slices name their port after it.
     target_name: Option<&'a str>,
+    /// `nodePort`, when the apiserver allocated one (NodePort and LoadBalancer types).
+    node_port: Option<u16>,
 }
 
 /// A Service that passed validation and will be programmed.
 struct ServicePlan<'a> {
+    /// Cluster IPs, one per family.
     ips: Vec<IpAddr>,
+    /// External IPs and VIP-mode load-balancer ingress IPs (with their `KIND_*`), only
+    /// of the families the Service has a cluster IP for, sorted and unique per kind.
+    external: Vec<(IpAddr, u8)>,
     ports: Vec<PortPlan<'a>>,
     affinity_timeout_s: Option<u32>,
     local_only: bool,
+    external_local: bool,
     publish_not_ready: bool,
-    /// Ports skipped on their own (an unsupported protocol); the rest still program.
+    /// Problems that skip a part of the Service (a port, an address); the rest still
+    /// programs.
     port_errors: Vec<String>,
 }
 
 impl ServicePlan<'_> {
-    fn keys(&self) -> impl Iterator<Item = FrontendKey> + '_ {
+    fn cluster_keys(&self) -> impl Iterator<Item = FrontendKey> + '_ {
         self.ips.iter().flat_map(move |&addr| {
             self.ports.iter().map(move |p| FrontendKey {
                 addr,
@@ -427,6 +551,112 @@ impl ServicePlan<'_> {
             })
         })
     }
+
+    fn has_family(&self, ip: &IpAddr) -> bool {
+        self.ips.iter().any(|c| family(c) == family(ip))
+    }
+
+    /// Node ports on every node address, then external IPs, then load-balancer IPs.
+    /// kube-proxy programs a family's node ports, external IPs and ingress IPs only when
+    /// the Service has a cluster IP of that family; so do we.
+    fn external_frontends(&self, node: &NodeInfo) -> Vec<Frontend> {
+        let mut out = Vec::new();
+        for (port, p) in self.ports.iter().enumerate() {
+            if let Some(node_port) = p.node_port {
+                for addr in node.addresses.iter().filter(|a| self.has_family(a)) {
+                    out.push(Frontend {
+                        key: FrontendKey {
+                            addr: *addr,
+                            port: node_port,
+                            proto: p.proto,
+                            scope: SCOPE_ALL,
+                        },
+                        kind: KIND_NODE_PORT,
+                        port,
+                    });
+                }
+            }
+        }
+        for &(addr, kind) in &self.external {
+            for (port, p) in self.ports.iter().enumerate() {
+                out.push(Frontend {
+                    key: FrontendKey {
+                        addr,
+                        port: p.port,
+                        proto: p.proto,
+                        scope: SCOPE_ALL,
+                    },
+                    kind,
+                    port,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// Parses the externally reachable addresses of a Service: `spec.externalIPs` and the
+/// VIP-mode IPs of `status.loadBalancer.ingress`. A bad entry is reported and skipped
+/// alone; addresses of a family the Service has no cluster IP for are dropped silently,
+/// as kube-proxy's per-family proxiers do.
+fn external_addresses(
+    svc: &Service,
+    ips: &[IpAddr],
+    errors: &mut Vec<String>,
+) -> Vec<(IpAddr, u8)> {
+    let mut external = BTreeSet::new();
+    let mut lb = BTreeSet::new();
+    let families: BTreeSet<Family> = ips.iter().map(family).collect();
+    let mut add = |set: &mut BTreeSet<IpAddr>, what: &str, raw: &str| match raw.parse::<IpAddr>() {
+        Ok(ip) if is_unusable(&ip) => {
+            errors.push(format!(
+                "{what} '{raw}' is not a unicast address; it is skipped"
+            ));
+        }
+        Ok(ip) if !families.contains(&family(&ip)) => {
+            tracing::debug!(
+                address = raw,
+                "{what} has no cluster IP of its family; not programmed"
+            );
+        }
+        Ok(ip) => {
+            set.insert(ip);
+        }
+        Err(_) => errors.push(format!(
+            "{what} '{raw}' is not a valid IP address; it is skipped"
+        )),
+    };
+    for raw in svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.external_ips.as_ref())
+        .into_iter()
+        .flatten()
+    {
+        add(&mut external, "externalIPs entry", raw);
+    }
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref());
+    for ing in ingress.into_iter().flatten() {
+        let Some(raw) = ing.ip.as_deref().filter(|ip| !ip.is_empty()) else {
+            // A hostname-only ingress (some cloud load balancers) has no address to steer.
+            continue;
+        };
+        // `ipMode: Proxy` means the load balancer terminates or rewrites the traffic
+        // itself, so it must reach it: short-circuiting would bypass it.
+        if ing.ip_mode.as_deref() == Some("Proxy") {
+            continue;
+        }
+        add(&mut lb, "load-balancer ingress IP", raw);
+    }
+    external
+        .into_iter()
+        .map(|ip| (ip, KIND_EXTERNAL_IP))
+        .chain(lb.into_iter().map(|ip| (ip, KIND_LOAD_BALANCER)))
+        .collect()
 }
 
 /// Validates a Service. `Ok(None)` means "not ours to program" (no error): the reason
@@ -434,6 +664,7 @@ impl ServicePlan<'_> {
 fn plan_service<'a>(
     svc: &'a Service,
     object: &ObjectRef,
+    node: &NodeInfo,
 ) -> Result<Option<ServicePlan<'a>>, String> {
     let skip = |why: &str| {
         tracing::debug!(service = %object, reason = why, "Service not programmed");
@@ -442,7 +673,14 @@ fn plan_service<'a>(
     if object.name.is_empty() {
         return Err("metadata.name is missing".to_owned());
     }
-    if has_label(&svc.metadata, LABEL_SERVICE_PROXY_NAME) {
+    let proxy_name = svc
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_SERVICE_PROXY_NAME));
+    if let Some(wanted) = proxy_name
+        && node.service_proxy_name.as_ref() != Some(wanted)
+    {
         return skip("labelled for another service proxy");
     }
     let Some(spec) = svc.spec.as_ref() else {
@@ -491,6 +729,15 @@ fn plan_service<'a>(
             ));
         }
     };
+    let external_local = match spec.external_traffic_policy.as_deref() {
+        None | Some("Cluster") => false,
+        Some("Local") => true,
+        Some(other) => {
+            return Err(format!(
+                "externalTrafficPolicy '{other}' is not supported (want Cluster or Local)"
+            ));
+        }
+    };
     let affinity_timeout_s = match spec.session_affinity.as_deref() {
         None | Some("None") => None,
         Some("ClientIP") => {
@@ -520,17 +767,20 @@ fn plan_service<'a>(
 
     let mut port_errors = Vec::new();
     let ports = plan_ports(spec.ports.as_deref().unwrap_or_default(), &mut port_errors)?;
+    let external = external_addresses(svc, &ips, &mut port_errors);
     let plan = ServicePlan {
         ips,
+        external,
         ports,
         affinity_timeout_s,
         local_only,
+        external_local,
         publish_not_ready: spec.publish_not_ready_addresses.unwrap_or(false),
         port_errors,
     };
 
     let mut keys = BTreeSet::new();
-    if let Some(dup) = plan.keys().find(|k| !keys.insert(*k)) {
+    if let Some(dup) = plan.cluster_keys().find(|k| !keys.insert(*k)) {
         return Err(format!(
             "frontend {} is listed more than once",
             fmt_key(&dup)
@@ -555,6 +805,7 @@ fn plan_ports<'a>(
 ) -> Result<Vec<PortPlan<'a>>, String> {
     let mut names = BTreeSet::new();
     let mut out = Vec::with_capacity(ports.len());
+    let mut unserved = Vec::new();
     for p in ports {
         let label = port_label(p);
         let name = p.name.as_deref().unwrap_or_default();
@@ -583,11 +834,22 @@ fn plan_ports<'a>(
                 Some(t.as_str())
             }
         };
+        let node_port = match p.node_port {
+            None | Some(0) => None,
+            Some(n) => match parse_port(n) {
+                Some(n) => Some(n),
+                None => return Err(format!("{label}: nodePort {n} is out of range 1-65535")),
+            },
+        };
         let proto = match parse_proto(p.protocol.as_deref()) {
-            Ok(proto) => proto,
+            Ok(proto) if SOCKET_PROTOCOLS.contains(&proto) => proto,
+            Ok(_) => {
+                unserved.push(label);
+                continue;
+            }
             Err(other) => {
                 skipped.push(format!(
-                    "{label}: protocol {other} is not supported by the socket datapath; this port is skipped"
+                    "{label}: protocol {other} is not supported; this port is skipped"
                 ));
                 continue;
             }
@@ -597,7 +859,16 @@ fn plan_ports<'a>(
             port,
             proto,
             target_name,
+            node_port,
         });
+    }
+    if !unserved.is_empty() {
+        // One report per Service, not per port: the reason is the same for all of them.
+        skipped.push(format!(
+            "SCTP {} {} not programmed: the socket-level datapath cannot steer SCTP (the kernel's cgroup sendmsg/recvmsg hooks serve UDP only and SCTP multi-homing bypasses connect); the other ports are",
+            unserved.join(", "),
+            if unserved.len() == 1 { "is" } else { "are" },
+        ));
     }
     Ok(out)
 }
@@ -623,8 +894,10 @@ fn slice_port_for(slice: &Slice<'_>, port: &PortPlan<'_>) -> Option<u16> {
 }
 
 /// Inserts the frontends of an accepted Service into `state`.
+#[allow(clippy::too_many_arguments)]
 fn program(
     plan: &ServicePlan<'_>,
+    frontends: &[Frontend],
     sref: &ServiceRef,
     slices: &[Slice<'_>],
     node: &NodeInfo,
@@ -647,37 +920,87 @@ fn program(
                 });
             }
         }
-        let mut per_family: BTreeMap<Family, Vec<DesiredBackend>> = BTreeMap::new();
-        for &addr in &plan.ips {
-            let fam = family(&addr);
-            let backends = per_family
-                .entry(fam)
-                .or_insert_with(|| select_backends(plan, port, fam, slices, node))
-                .clone();
-            let key = FrontendKey {
-                addr,
-                port: port.port,
-                proto: port.proto,
-                scope: SCOPE_ALL,
-            };
-            state.frontends.insert(
-                key,
-                DesiredFrontend {
-                    key,
-                    service: sref.clone(),
-                    port_name: port.name.to_owned(),
-                    backends,
-                    affinity_timeout_s: plan.affinity_timeout_s,
-                    kind: svc_lb_common::KIND_CLUSTER_IP,
-                    meta_flags: if plan.local_only {
-                        svc_lb_common::META_INTERNAL_LOCAL
-                    } else {
-                        0
-                    },
-                },
-            );
-        }
     }
+    // Endpoints per (port, family), computed once and shared by every frontend of them.
+    let mut chosen: BTreeMap<(usize, Family), Endpoints> = BTreeMap::new();
+    for fe in frontends {
+        let port = &plan.ports[fe.port];
+        let fam = family(&fe.key.addr);
+        let eps = chosen
+            .entry((fe.port, fam))
+            .or_insert_with(|| select_backends(plan, port, fam, slices, node));
+        let internal = fe.kind == KIND_CLUSTER_IP;
+        // Cluster IPs follow the internal traffic policy. Every other address is
+        // "external": kube-proxy sends traffic that starts on this node (pods or the
+        // host) to the cluster-wide endpoints whatever the external policy, and the
+        // socket programs only ever see traffic that starts on this node.
+        let backends = if internal && plan.local_only {
+            eps.local.clone()
+        } else {
+            eps.cluster.clone()
+        };
+        let meta_flags = if internal {
+            if plan.local_only {
+                META_INTERNAL_LOCAL
+            } else {
+                0
+            }
+        } else if plan.external_local {
+            META_EXTERNAL_LOCAL
+        } else {
+            0
+        };
+        state.frontends.insert(
+            fe.key,
+            DesiredFrontend {
+                key: fe.key,
+                service: sref.clone(),
+                port_name: port.name.to_owned(),
+                backends,
+                affinity_timeout_s: plan.affinity_timeout_s,
+                kind: fe.kind,
+                meta_flags,
+            },
+        );
+    }
+}
+
+/// The usable endpoints of one Service port and family, for each traffic policy.
+struct Endpoints {
+    /// "Cluster" policy: topology-aware (hints), every node.
+    cluster: Vec<DesiredBackend>,
+    /// "Local" policy: this node's endpoints only; no topology, no fallback to others.
+    local: Vec<DesiredBackend>,
+}
+
+/// Which endpoints the topology hints restrict the Cluster policy to (kube-proxy's
+/// rules): hints count only when every ready endpoint carries one, and only when at
+/// least one endpoint is hinted for this node (or its zone); otherwise every endpoint is
+/// used. Node hints (PreferSameNode) win over zone hints (PreferClose/PreferSameZone).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology<'a> {
+    All,
+    Node(&'a str),
+    Zone(&'a str),
+}
+
+fn topology<'a>(ready: &[&SliceEndpoint<'_>], node: &'a NodeInfo) -> Topology<'a> {
+    if ready.is_empty() {
+        return Topology::All;
+    }
+    if let Some(name) = node.name.as_deref()
+        && ready.iter().all(|e| !e.node_hints.is_empty())
+        && ready.iter().any(|e| e.node_hints.contains(&name))
+    {
+        return Topology::Node(name);
+    }
+    if let Some(zone) = node.zone.as_deref()
+        && ready.iter().all(|e| !e.zone_hints.is_empty())
+        && ready.iter().any(|e| e.zone_hints.contains(&zone))
+    {
+        return Topology::Zone(zone);
+    }
+    Topology::All
 }
 
 fn select_backends(
@@ -686,7 +1009,7 @@ fn select_backends(
     fam: Family,
     slices: &[Slice<'_>],
     node: &NodeInfo,
-) -> Vec<DesiredBackend> {
+) -> Endpoints {
     // Merge the slices of this family. An endpoint can briefly sit in two slices while
     // the controller moves it; the first copy wins unless it is terminating and a later
     // one is not (a recycled pod IP: prefer the live pod, as kube-proxy does).
@@ -716,42 +1039,66 @@ fn select_backends(
         }
     }
 
-    if plan.local_only {
-        // No fallback to remote endpoints: that is the point of the Local policy. An
-        // unnamed node has no local endpoints.
-        let here = node.name.as_deref();
-        cands.retain(|c| here.is_some() && c.ep.node_name == here);
+    // publishNotReadyAddresses: the Service wants every endpoint, ready or not (the
+    // EndpointSlice controller marks them all ready for such Services; hand-written
+    // slices may not, so apply it here too).
+    let ready = |c: &Candidate<'_>| c.ep.ready || plan.publish_not_ready;
+    let draining = |c: &Candidate<'_>| c.ep.serving && c.ep.terminating;
+    let active = |c: &Candidate<'_>| DesiredBackend {
+        addr: c.addr,
+        state: BACKEND_ACTIVE,
+    };
+    let terminating = |c: &Candidate<'_>| DesiredBackend {
+        addr: c.addr,
+        state: BACKEND_TERMINATING,
+    };
+
+    // Cluster policy: ready endpoints the topology allows; with none ready anywhere,
+    // let terminating endpoints that still serve drain the traffic instead of refusing
+    // it (kube-proxy's terminating-endpoint fallback, which ignores topology).
+    let ready_eps: Vec<&SliceEndpoint<'_>> =
+        cands.iter().filter(|c| ready(c)).map(|c| c.ep).collect();
+    let topo = topology(&ready_eps, node);
+    let allowed = |c: &Candidate<'_>| match topo {
+        Topology::All => true,
+        Topology::Node(name) => c.ep.node_hints.contains(&name),
+        Topology::Zone(zone) => c.ep.zone_hints.contains(&zone),
+    };
+    let mut cluster: Vec<DesiredBackend> = cands
+        .iter()
+        .filter(|c| ready(c) && allowed(c))
+        .map(active)
+        .collect();
+    if cluster.is_empty() {
+        cluster = cands
+            .iter()
+            .filter(|c| draining(c))
+            .map(terminating)
+            .collect();
     }
 
-    let mut out: Vec<DesiredBackend> = if plan.publish_not_ready {
-        cands
+    // Local policy: no fallback to remote endpoints, that is the point of it; the
+    // terminating fallback applies among local endpoints only. An unnamed node has no
+    // local endpoints.
+    let here = node.name.as_deref();
+    let local_cands: Vec<&Candidate<'_>> = cands
+        .iter()
+        .filter(|c| here.is_some() && c.ep.node_name == here)
+        .collect();
+    let mut local: Vec<DesiredBackend> = local_cands
+        .iter()
+        .filter(|c| ready(c))
+        .map(|c| active(c))
+        .collect();
+    if local.is_empty() {
+        local = local_cands
             .iter()
-            .map(|c| DesiredBackend {
-                addr: c.addr,
-                state: BACKEND_ACTIVE,
-            })
-            .collect()
-    } else if cands.iter().any(|c| c.ep.ready) {
-        cands
-            .iter()
-            .filter(|c| c.ep.ready)
-            .map(|c| DesiredBackend {
-                addr: c.addr,
-                state: BACKEND_ACTIVE,
-            })
-            .collect()
-    } else {
-        // Nothing ready: let terminating endpoints that still serve drain the traffic
-        // instead of refusing it (kube-proxy's terminating-endpoint fallback).
-        cands
-            .iter()
-            .filter(|c| c.ep.serving && c.ep.terminating)
-            .map(|c| DesiredBackend {
-                addr: c.addr,
-                state: BACKEND_TERMINATING,
-            })
-            .collect()
-    };
-    out.sort_unstable();
-    out
+            .filter(|c| draining(c))
+            .map(|c| terminating(c))
+            .collect();
+    }
+
+    cluster.sort_unstable();
+    local.sort_unstable();
+    Endpoints { cluster, local }
 }

@@ -5,10 +5,12 @@ use std::{collections::BTreeMap, fmt, net::IpAddr};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 mod build;
+mod node;
 pub use build::{
     DEFAULT_AFFINITY_TIMEOUT_S, LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME,
     MAX_AFFINITY_TIMEOUT_S, build,
 };
+pub use node::{LABEL_TOPOLOGY_ZONE, node_info};
 #[cfg(test)]
 mod tests;
 
@@ -73,11 +75,19 @@ pub struct DesiredState {
     pub frontends: BTreeMap<FrontendKey, DesiredFrontend>,
 }
 
-/// What this node is, for rules that depend on it (traffic policy, topology).
+/// What this node is, for rules that depend on it (traffic policy, topology, node
+/// ports) and how this proxy is configured.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeInfo {
     pub name: Option<String>,
+    /// The Node's `topology.kubernetes.io/zone` label, for zone hints.
     pub zone: Option<String>,
+    /// The Node's InternalIP and ExternalIP addresses, sorted and unique: node ports are
+    /// programmed on each of them. Empty when the Node is unknown (manifest mode).
+    pub addresses: Vec<IpAddr>,
+    /// `--service-proxy-name`: Services labelled `service.kubernetes.io/service-proxy-name`
+    /// are programmed only when the label has this value.
+    pub service_proxy_name: Option<String>,
 }
 
 /// A Kubernetes object named in an error.

@@ -2,14 +2,55 @@
 //! out. Each case states the exact frontends (with their backends) and the exact errors.
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Deserialize;
-use svc_lb_common::{BACKEND_ACTIVE, BACKEND_TERMINATING, PROTO_TCP, PROTO_UDP, SCOPE_ALL};
+use svc_lb_common::{
+    BACKEND_ACTIVE, BACKEND_TERMINATING, KIND_CLUSTER_IP, KIND_EXTERNAL_IP, KIND_LOAD_BALANCER,
+    KIND_NODE_PORT, META_EXTERNAL_LOCAL, META_INTERNAL_LOCAL, PROTO_TCP, PROTO_UDP, SCOPE_ALL,
+};
 
 use super::{DesiredState, ModelError, NodeInfo, Objects, build};
 
+/// The node the model runs for.
+#[derive(Clone, Copy)]
+struct TestNode {
+    name: Option<&'static str>,
+    zone: Option<&'static str>,
+    addresses: &'static [&'static str],
+    proxy_name: Option<&'static str>,
+}
+
+/// A node without a name, zone or addresses (manifest mode without NODE_NAME).
+const NO_NODE: TestNode = TestNode {
+    name: None,
+    zone: None,
+    addresses: &[],
+    proxy_name: None,
+};
+
+impl TestNode {
+    const fn named(name: &'static str) -> Self {
+        Self {
+            name: Some(name),
+            ..NO_NODE
+        }
+    }
+
+    fn info(&self) -> NodeInfo {
+        NodeInfo {
+            name: self.name.map(str::to_owned),
+            zone: self.zone.map(str::to_owned),
+            addresses: self
+                .addresses
+                .iter()
+                .map(|a| a.parse().expect("test node address"))
+                .collect(),
+            service_proxy_name: self.proxy_name.map(str::to_owned),
+        }
+    }
+}
+
 struct Case {
     name: &'static str,
-    /// `NodeInfo::name` of the node the model runs for.
-    node: Option<&'static str>,
+    node: TestNode,
     yaml: &'static str,
     /// Every frontend, rendered by [`render`], in key order.
     want: &'static [&'static str],
@@ -46,8 +87,9 @@ fn hostport(addr: std::net::IpAddr, port: u16) -> String {
     }
 }
 
-/// `10.96.0.1:80/TCP ns/name:port [10.0.0.1:8080 10.0.0.2:8080(T)] affinity=10800`
-/// where `(T)` marks a terminating backend. Also checks the invariants every frontend
+/// `10.96.0.1:80/TCP (NodePort) ns/name:port [10.0.0.1:8080 10.0.0.2:8080(T)] affinity=10800 itp=Local`
+/// where `(T)` marks a terminating backend, the kind is shown unless it is a cluster IP
+/// and the traffic policy only when it is Local. Also checks the invariants every frontend
 /// must hold, so that no case can forget them.
 fn render(state: &DesiredState) -> Vec<String> {
     state
@@ -85,8 +127,21 @@ fn render(state: &DesiredState) -> Vec<String> {
                 .affinity_timeout_s
                 .map(|t| format!(" affinity={t}"))
                 .unwrap_or_default();
+            let kind = match fe.kind {
+                KIND_CLUSTER_IP => "",
+                KIND_NODE_PORT => " (NodePort)",
+                KIND_EXTERNAL_IP => " (ExternalIP)",
+                KIND_LOAD_BALANCER => " (LoadBalancer)",
+                k => panic!("unexpected kind {k}"),
+            };
+            let policy = match fe.meta_flags {
+                0 => "",
+                META_INTERNAL_LOCAL => " itp=Local",
+                META_EXTERNAL_LOCAL => " etp=Local",
+                f => panic!("unexpected meta flags {f}"),
+            };
             format!(
-                "{}/{} {}:{} [{}]{affinity}",
+                "{}/{}{kind} {}:{} [{}]{affinity}{policy}",
                 hostport(key.addr, key.port),
                 proto(key.proto),
                 fe.service,
@@ -115,10 +170,7 @@ fn check_errors(case: &str, got: &[ModelError], want: &[(&str, &str)]) {
 
 fn run(case: &Case) {
     let (services, slices) = parse(case.yaml);
-    let node = NodeInfo {
-        name: case.node.map(str::to_owned),
-        zone: None,
-    };
+    let node = case.node.info();
     let (state, errors) = build(
         Objects {
             services: &services,
@@ -155,7 +207,7 @@ fn run(case: &Case) {
 const CASES: &[Case] = &[
     Case {
         name: "cluster IP with sorted ready backends",
-        node: None,
+        node: NO_NODE,
         yaml: r#"
 apiVersion: v1
 kind: Service
@@ -183,7 +235,7 @@ endpoints:
     },
     Case {
         name: "multiple ports, one number with two protocols",
-        node: None,
+        node: NO_NODE,
         yaml: r#"
 kind: Service
 metadata: {name: dns, namespace: kube-system}
@@ -213,7 +265,7 @@ endpoints:
     },
     Case {
         name: "dual stack: each cluster IP takes the slices of its family",
-        node: None,
+        node: NO_NODE,
         yaml: r#"
 kind: Service
 metadata: {name: web}
@@ -242,7 +294,7 @@ endpoints: [{addresses: ["fd00::1"]}]
     },
     Case {
         name: "clusterIP alone, NodePort and LoadBalancer program their cluster IP",
-        node: None,
+        node: NO_NODE,
         yaml: r#"
 kind: Service
 metadata: {name: a}
@@ -270,7 +322,7 @@ spec: {type: ClusterIP, clusterIPs: [10.96.0.4], ports: [{port: 80}]}
     },
     Case {
         name: "ExternalName, headless, unallocated and proxy-name Services are not programmed",
-        node: None,
+        node: NO_NODE,
         yaml: r#"
 kind: Service
 metadata: {name: ext}
@@ -310,7 +362,7 @@ spec: {clusterIP: 10.96.0.8, ports: [{port: 80}]}
     },
     Case {
         name: "invalid cluster IPs skip only their Service",
-        node: None,
+        node: NO_NODE,
         yaml: r#"
 kind: Service
 metadata: {name: bad-ip}
@@ -346,7 +398,7 @@ spec: {clusterIP: 10.96.0.6, ports: [{port: 80}]}
     },
     Case {
         name: "out-of-range ports and target ports skip the whole Service",
-        node: None,
+        node: NO_NODE,
         yaml: r#"
 kind: Service
 metadata: {name: port-zero}
@@ -397,8 +449,8 @@ spec: {clusterIP: 10.96.0.6, ports: [{port: 65535, targetPort: 65535}]}
         ],
     },
     Case {
-        name: "SCTP and unknown protocols skip only their port",
-        node: None,
+        name: "SCTP and unknown protocols skip only their port, SCTP reported once",
+        node: NO_NODE,
         yaml: r#"
 kind: Service
 metadata: {name: mixed}
@@ -407,6 +459,7 @@ spec:
   ports:
   - {name: sig, port: 3868, protocol: SCTP}
   - {name: web, port: 80, protocol: TCP}
+  - {name: sig2, port: 3869, protocol: SCTP, nodePort: 30001}
   - {name: odd, port: 81, protocol: QUIC}
 ---
 kind: EndpointSlice
@@ -419,17 +472,17 @@ endpoints: [{addresses: [10.0.0.1]}]
         errors: &[
             (
                 "Service default/mixed",
-                "port 'sig' (3868): protocol SCTP is not supported",
+                "port 'odd' (81): protocol QUIC is not supported",
             ),
             (
                 "Service default/mixed",
-                "port 'odd' (81): protocol QUIC is not supported",
+                "SCTP port 'sig' (3868), port 'sig2' (3869) are not programmed: the socket-level datapath cannot steer SCTP",
             ),
         ],
     },
     Case {
         name: "a contested frontend goes to the first Service by namespace/name",
-        node: None,
+        node: NO_NODE,
         yaml: r#"
 kind: Service
 metadata: {name: zeta, namespace: b}
@@ -451,7 +504,7 @@ spec: {clusterIP: 10.96.1.1, ports: [{port: 80, protocol: UDP}]}
     },
     Case {
         name: "a Service that fails validation claims nothing",
-        node: None,
+        node: NO_NODE,
         yaml: r#"
 kind: Service
 metadata: {name: a-broken}
@@ -466,7 +519,7 @@ spec: {clusterIP: 10.96.1.2, ports: [{port: 80}]}
     },
     Case {
         name: "duplicates inside one Service",
-        node: None,
+        node: NO_NODE,
         yaml: r#"
 kind: Service
 metadata: {name: twice}
@@ -530,7 +583,7 @@ endpoints: [{addresses: [10.0.0.2]}]
     },
     Case {
         name: "unsupported type, affinity and traffic policy values",
-        node: None,
+        node: NO_NODE,
         yaml: r#"
 kind: Service
 metadata: {name: t}
@@ -576,7 +629,7 @@ spec: {clusterIP: 10.96.3.5, ports: [{port: 80}]}
     },
     Case {
         name: "session affinity: default and explicit timeouts",
-        node: None,
+        node: NO_NODE,
         yaml: r#"
 kind: Service
 metadata: {name: default-timeout}
@@ -604,7 +657,7 @@ spec: {clusterIP: 10.96.4.3, sessionAffinity: None, ports: [{port: 80}]}
     },
     Case {
         name: "slices merge, duplicates collapse, foreign slices are ignored",
-        node: None,
+        node: NO_NODE,
         yaml: r#"
 kind: Service
 metadata: {name: web, namespace: ns1}
@@ -656,7 +709,7 @@ endpoints: [{addresses: [db.example.com]}]
     },
     Case {
         name: "a duplicate endpoint prefers the copy that is not terminating",
-        node: None,
+        node: NO_NODE,
         yaml: r#"
 kind: Service
 metadata: {name: web}
@@ -683,7 +736,7 @@ endpoints:
     },
     Case {
         name: "slice ports match by name and protocol; the number may differ per slice",
-        node: None,
+        node: NO_NODE,
         yaml: r#"
 kind: Service
 metadata: {name: web}
@@ -720,7 +773,7 @@ endpoints: [{addresses: [10.0.0.2]}]
     },
     Case {
         name: "an unnamed Service port matches a slice port with no name or an empty one",
-        node: None,
+        node: NO_NODE,
         yaml: r#"
 kind: Service
 metadata: {name: web}
@@ -749,7 +802,7 @@ endpoints: [{addresses: [10.0.0.3]}]
     },
     Case {
         name: "named targetPort: hand-written slices may use it; no match at all is refused",
-        node: None,
+        node: NO_NODE,
         yaml: r#"
 kind: Service
 metadata: {name: web}
@@ -793,7 +846,7 @@ endpoints: null
     },
     Case {
         name: "endpoint conditions: ready wins, else serving+terminating, never non-serving",
-        node: None,
+        node: NO_NODE,
         yaml: r#"
 kind: Service
 metadata: {name: mixed}
@@ -823,6 +876,7 @@ endpoints:
 - {addresses: [10.0.1.2], conditions: {ready: false, serving: false, terminating: true}}
 - {addresses: [10.0.1.3], conditions: {ready: false, terminating: true}}
 - {addresses: [10.0.1.4], conditions: {ready: false, serving: true, terminating: false}}
+- {addresses: [10.0.1.5], conditions: {ready: false, serving: false}}
 ---
 kind: Service
 metadata: {name: dead}
@@ -838,14 +892,15 @@ endpoints:
 "#,
         want: &[
             "10.96.8.1:80/TCP default/mixed: [10.0.0.1:8080 10.0.0.2:8080]",
-            "10.96.8.2:80/TCP default/draining: [10.0.1.1:8080(T)]",
+            // An unknown serving condition reads as true (kube-proxy's rule).
+            "10.96.8.2:80/TCP default/draining: [10.0.1.1:8080(T) 10.0.1.3:8080(T)]",
             "10.96.8.3:80/TCP default/dead: []",
         ],
         errors: &[],
     },
     Case {
         name: "publishNotReadyAddresses uses every endpoint as active",
-        node: None,
+        node: NO_NODE,
         yaml: r#"
 kind: Service
 metadata: {name: peers}
@@ -865,7 +920,7 @@ endpoints:
     },
     Case {
         name: "internalTrafficPolicy Local keeps this node's endpoints only, without fallback",
-        node: Some("node-a"),
+        node: TestNode::named("node-a"),
         yaml: r#"
 kind: Service
 metadata: {name: local}
@@ -914,16 +969,16 @@ ports: [{port: 8080}]
 endpoints: [{addresses: [10.0.3.1], nodeName: node-b}]
 "#,
         want: &[
-            "10.96.10.1:80/TCP default/local: [10.0.0.1:8080]",
-            "10.96.10.2:80/TCP default/remote-only: []",
-            "10.96.10.3:80/TCP default/local-draining: [10.0.2.1:8080(T)]",
+            "10.96.10.1:80/TCP default/local: [10.0.0.1:8080] itp=Local",
+            "10.96.10.2:80/TCP default/remote-only: [] itp=Local",
+            "10.96.10.3:80/TCP default/local-draining: [10.0.2.1:8080(T)] itp=Local",
             "10.96.10.4:80/TCP default/cluster: [10.0.3.1:8080]",
         ],
         errors: &[],
     },
     Case {
         name: "internalTrafficPolicy Local on a node without a name has no endpoints",
-        node: None,
+        node: NO_NODE,
         yaml: r#"
 kind: Service
 metadata: {name: local}
@@ -935,12 +990,12 @@ addressType: IPv4
 ports: [{port: 8080}]
 endpoints: [{addresses: [10.0.0.1], nodeName: node-a}, {addresses: [10.0.0.3]}]
 "#,
-        want: &["10.96.10.1:80/TCP default/local: []"],
+        want: &["10.96.10.1:80/TCP default/local: [] itp=Local"],
         errors: &[],
     },
     Case {
         name: "bad endpoint addresses are reported against the slice and skipped alone",
-        node: None,
+        node: NO_NODE,
         yaml: r#"
 kind: Service
 metadata: {name: web, namespace: shop}
@@ -994,7 +1049,7 @@ endpoints: [{addresses: [10.0.0.9]}]
     },
     Case {
         name: "a Service without slices refuses; a missing namespace means default",
-        node: None,
+        node: NO_NODE,
         yaml: r#"
 kind: Service
 metadata: {name: lonely}
@@ -1018,6 +1073,333 @@ spec: {clusterIP: 10.96.12.3}
             "10.96.12.1:80/TCP default/lonely: []",
             "10.96.12.2:80/TCP default/web: [10.0.0.1:8080]",
         ],
+        errors: &[],
+    },
+    Case {
+        name: "node ports on every node address of the Service's families; external IPs; VIP-mode ingress",
+        node: TestNode {
+            name: Some("n1"),
+            zone: None,
+            addresses: &["192.168.1.10", "fd00:1::10"],
+            proxy_name: None,
+        },
+        yaml: r#"
+kind: Service
+metadata: {name: np}
+spec:
+  type: NodePort
+  clusterIP: 10.96.20.1
+  externalIPs: [203.0.113.5, "2001:db8::5", 203.0.113.5]
+  externalTrafficPolicy: Local
+  internalTrafficPolicy: Local
+  ports: [{name: http, port: 80, nodePort: 30080}, {name: dns, port: 53, protocol: UDP, nodePort: 30053}]
+---
+kind: EndpointSlice
+metadata: {name: np-1, labels: {kubernetes.io/service-name: np}}
+addressType: IPv4
+ports: [{name: http, port: 8080}, {name: dns, port: 5353, protocol: UDP}]
+endpoints:
+- {addresses: [10.0.0.1], nodeName: n1}
+- {addresses: [10.0.0.2], nodeName: n2}
+---
+kind: Service
+metadata: {name: lb}
+spec:
+  type: LoadBalancer
+  clusterIPs: [10.96.20.2, "fd00:96::2"]
+  ports: [{port: 443, nodePort: 30443}]
+status:
+  loadBalancer:
+    ingress:
+    - {ip: 198.51.100.1}
+    - {ip: 198.51.100.2, ipMode: VIP}
+    - {ip: 198.51.100.3, ipMode: Proxy}
+    - {hostname: lb.example.com}
+    - {ip: "2001:db8::1"}
+---
+kind: EndpointSlice
+metadata: {name: lb-1, labels: {kubernetes.io/service-name: lb}}
+addressType: IPv4
+ports: [{port: 8443}]
+endpoints: [{addresses: [10.0.1.1]}]
+---
+kind: EndpointSlice
+metadata: {name: lb-2, labels: {kubernetes.io/service-name: lb}}
+addressType: IPv6
+ports: [{port: 8443}]
+endpoints: [{addresses: ["fd00:1::1"]}]
+---
+kind: Service
+metadata: {name: lb-no-nodeports}
+spec:
+  type: LoadBalancer
+  allocateLoadBalancerNodePorts: false
+  clusterIP: 10.96.20.3
+  ports: [{port: 80}]
+status: {loadBalancer: {ingress: [{ip: 198.51.100.9}]}}
+"#,
+        want: &[
+            // Cluster IPs keep the internal policy; every other address gets the
+            // cluster-wide endpoints (kube-proxy's short-circuit for node-local clients).
+            "10.96.20.1:53/UDP default/np:dns [10.0.0.1:5353] itp=Local",
+            "10.96.20.1:80/TCP default/np:http [10.0.0.1:8080] itp=Local",
+            "10.96.20.2:443/TCP default/lb: [10.0.1.1:8443]",
+            "10.96.20.3:80/TCP default/lb-no-nodeports: []",
+            "192.168.1.10:30053/UDP (NodePort) default/np:dns [10.0.0.1:5353 10.0.0.2:5353] etp=Local",
+            "192.168.1.10:30080/TCP (NodePort) default/np:http [10.0.0.1:8080 10.0.0.2:8080] etp=Local",
+            "192.168.1.10:30443/TCP (NodePort) default/lb: [10.0.1.1:8443]",
+            "198.51.100.1:443/TCP (LoadBalancer) default/lb: [10.0.1.1:8443]",
+            "198.51.100.2:443/TCP (LoadBalancer) default/lb: [10.0.1.1:8443]",
+            "198.51.100.9:80/TCP (LoadBalancer) default/lb-no-nodeports: []",
+            "203.0.113.5:53/UDP (ExternalIP) default/np:dns [10.0.0.1:5353 10.0.0.2:5353] etp=Local",
+            "203.0.113.5:80/TCP (ExternalIP) default/np:http [10.0.0.1:8080 10.0.0.2:8080] etp=Local",
+            "[2001:db8::1]:443/TCP (LoadBalancer) default/lb: [[fd00:1::1]:8443]",
+            "[fd00:1::10]:30443/TCP (NodePort) default/lb: [[fd00:1::1]:8443]",
+            "[fd00:96::2]:443/TCP default/lb: [[fd00:1::1]:8443]",
+        ],
+        errors: &[],
+    },
+    Case {
+        name: "external addresses never take a frontend from another Service",
+        node: TestNode {
+            name: Some("n1"),
+            zone: None,
+            addresses: &["192.168.1.10"],
+            proxy_name: None,
+        },
+        yaml: r#"
+kind: Service
+metadata: {name: a-thief}
+spec:
+  clusterIP: 10.96.21.1
+  externalIPs: [10.96.21.9, 203.0.113.1]
+  ports: [{port: 80}]
+---
+kind: Service
+metadata: {name: b-victim}
+spec: {clusterIP: 10.96.21.9, ports: [{port: 80}]}
+---
+kind: Service
+metadata: {name: c-np}
+spec: {type: NodePort, clusterIP: 10.96.21.2, ports: [{port: 80, nodePort: 30000}]}
+---
+kind: Service
+metadata: {name: d-np}
+spec: {type: NodePort, clusterIP: 10.96.21.3, externalIPs: [10.96.21.3], ports: [{port: 80, nodePort: 30000}]}
+"#,
+        want: &[
+            "10.96.21.1:80/TCP default/a-thief: []",
+            "10.96.21.2:80/TCP default/c-np: []",
+            "10.96.21.3:80/TCP default/d-np: []",
+            "10.96.21.9:80/TCP default/b-victim: []",
+            "192.168.1.10:30000/TCP (NodePort) default/c-np: []",
+            "203.0.113.1:80/TCP (ExternalIP) default/a-thief: []",
+        ],
+        errors: &[
+            (
+                "Service default/a-thief",
+                "external IP frontend 10.96.21.9:80/TCP is already used by Service default/b-victim; this address is skipped",
+            ),
+            (
+                "Service default/d-np",
+                "node port frontend 192.168.1.10:30000/TCP is already used by Service default/c-np",
+            ),
+            (
+                "Service default/d-np",
+                "external IP frontend 10.96.21.3:80/TCP is already used by another address of this Service",
+            ),
+        ],
+    },
+    Case {
+        name: "bad external addresses skip alone; other families are dropped quietly; bad nodePort skips the Service",
+        node: TestNode {
+            name: Some("n1"),
+            zone: None,
+            addresses: &["192.168.1.10", "fd00:1::10"],
+            proxy_name: None,
+        },
+        yaml: r#"
+kind: Service
+metadata: {name: ext}
+spec:
+  type: NodePort
+  clusterIP: 10.96.22.1
+  externalIPs: [203.0.113.300, "2001:db8::9", 0.0.0.0, 203.0.113.2]
+  ports: [{port: 80, nodePort: 30080}]
+status: {loadBalancer: {ingress: [{ip: bogus}]}}
+---
+kind: Service
+metadata: {name: np-big}
+spec: {type: NodePort, clusterIP: 10.96.22.2, ports: [{port: 80, nodePort: 70000}]}
+"#,
+        want: &[
+            "10.96.22.1:80/TCP default/ext: []",
+            "192.168.1.10:30080/TCP (NodePort) default/ext: []",
+            "203.0.113.2:80/TCP (ExternalIP) default/ext: []",
+        ],
+        errors: &[
+            (
+                "Service default/ext",
+                "externalIPs entry '203.0.113.300' is not a valid IP address; it is skipped",
+            ),
+            (
+                "Service default/ext",
+                "externalIPs entry '0.0.0.0' is not a unicast address; it is skipped",
+            ),
+            (
+                "Service default/ext",
+                "load-balancer ingress IP 'bogus' is not a valid IP address; it is skipped",
+            ),
+            (
+                "Service default/np-big",
+                "port 80: nodePort 70000 is out of range 1-65535",
+            ),
+        ],
+    },
+    Case {
+        name: "service-proxy-name: only our own name is programmed",
+        node: TestNode {
+            name: None,
+            zone: None,
+            addresses: &[],
+            proxy_name: Some("svc-lb"),
+        },
+        yaml: r#"
+kind: Service
+metadata: {name: ours, labels: {service.kubernetes.io/service-proxy-name: svc-lb}}
+spec: {clusterIP: 10.96.23.1, ports: [{port: 80}]}
+---
+kind: Service
+metadata: {name: theirs, labels: {service.kubernetes.io/service-proxy-name: other}}
+spec: {clusterIP: 10.96.23.2, ports: [{port: 80}]}
+---
+kind: Service
+metadata: {name: empty-label, labels: {service.kubernetes.io/service-proxy-name: ""}}
+spec: {clusterIP: 10.96.23.3, ports: [{port: 80}]}
+---
+kind: Service
+metadata: {name: unlabelled}
+spec: {clusterIP: 10.96.23.4, ports: [{port: 80}]}
+"#,
+        want: &[
+            "10.96.23.1:80/TCP default/ours: []",
+            "10.96.23.4:80/TCP default/unlabelled: []",
+        ],
+        errors: &[],
+    },
+    Case {
+        name: "topology: zone hints restrict the cluster policy only when complete and useful",
+        node: TestNode {
+            name: Some("n1"),
+            zone: Some("zone-a"),
+            addresses: &["192.168.1.10"],
+            proxy_name: None,
+        },
+        yaml: r#"
+kind: Service
+metadata: {name: hinted}
+spec: {type: NodePort, trafficDistribution: PreferClose, clusterIP: 10.96.24.1, ports: [{port: 80, nodePort: 30124}]}
+---
+kind: EndpointSlice
+metadata: {name: hinted-1, labels: {kubernetes.io/service-name: hinted}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.0.0.1], zone: zone-a, hints: {forZones: [{name: zone-a}]}}
+- {addresses: [10.0.0.2], zone: zone-b, hints: {forZones: [{name: zone-b}]}}
+- {addresses: [10.0.0.3], zone: zone-b, hints: {forZones: [{name: zone-a}, {name: zone-c}]}}
+- {addresses: [10.0.0.4], conditions: {ready: false}}
+---
+kind: Service
+metadata: {name: incomplete}
+spec: {clusterIP: 10.96.24.2, ports: [{port: 80}]}
+---
+kind: EndpointSlice
+metadata: {name: incomplete-1, labels: {kubernetes.io/service-name: incomplete}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.0.1.1], hints: {forZones: [{name: zone-a}]}}
+- {addresses: [10.0.1.2]}
+---
+kind: Service
+metadata: {name: elsewhere}
+spec: {clusterIP: 10.96.24.3, ports: [{port: 80}]}
+---
+kind: EndpointSlice
+metadata: {name: elsewhere-1, labels: {kubernetes.io/service-name: elsewhere}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.0.2.1], hints: {forZones: [{name: zone-b}]}}
+- {addresses: [10.0.2.2], hints: {forZones: [{name: zone-c}]}}
+---
+kind: Service
+metadata: {name: same-node}
+spec: {clusterIP: 10.96.24.4, trafficDistribution: PreferSameNode, ports: [{port: 80}]}
+---
+kind: EndpointSlice
+metadata: {name: same-node-1, labels: {kubernetes.io/service-name: same-node}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.0.3.1], nodeName: n1, hints: {forNodes: [{name: n1}], forZones: [{name: zone-a}]}}
+- {addresses: [10.0.3.2], nodeName: n2, hints: {forNodes: [{name: n2}], forZones: [{name: zone-a}]}}
+---
+kind: Service
+metadata: {name: draining}
+spec: {clusterIP: 10.96.24.5, ports: [{port: 80}]}
+---
+kind: EndpointSlice
+metadata: {name: draining-1, labels: {kubernetes.io/service-name: draining}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.0.4.1], conditions: {ready: false, serving: true, terminating: true}, hints: {forZones: [{name: zone-b}]}}
+- {addresses: [10.0.4.2], conditions: {ready: false, serving: true, terminating: true}, hints: {forZones: [{name: zone-a}]}}
+---
+kind: Service
+metadata: {name: local}
+spec: {clusterIP: 10.96.24.6, internalTrafficPolicy: Local, ports: [{port: 80}]}
+---
+kind: EndpointSlice
+metadata: {name: local-1, labels: {kubernetes.io/service-name: local}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.0.5.1], nodeName: n1, hints: {forZones: [{name: zone-b}]}}
+- {addresses: [10.0.5.2], nodeName: n2, hints: {forZones: [{name: zone-a}]}}
+"#,
+        want: &[
+            "10.96.24.1:80/TCP default/hinted: [10.0.0.1:8080 10.0.0.3:8080]",
+            "10.96.24.2:80/TCP default/incomplete: [10.0.1.1:8080 10.0.1.2:8080]",
+            "10.96.24.3:80/TCP default/elsewhere: [10.0.2.1:8080 10.0.2.2:8080]",
+            "10.96.24.4:80/TCP default/same-node: [10.0.3.1:8080]",
+            // The terminating fallback ignores topology, as kube-proxy's does.
+            "10.96.24.5:80/TCP default/draining: [10.0.4.1:8080(T) 10.0.4.2:8080(T)]",
+            // Local policy: this node's endpoints whatever their hints.
+            "10.96.24.6:80/TCP default/local: [10.0.5.1:8080] itp=Local",
+            "192.168.1.10:30124/TCP (NodePort) default/hinted: [10.0.0.1:8080 10.0.0.3:8080]",
+        ],
+        errors: &[],
+    },
+    Case {
+        name: "topology: a node without a zone label ignores zone hints",
+        node: TestNode::named("n1"),
+        yaml: r#"
+kind: Service
+metadata: {name: hinted}
+spec: {clusterIP: 10.96.25.1, ports: [{port: 80}]}
+---
+kind: EndpointSlice
+metadata: {name: hinted-1, labels: {kubernetes.io/service-name: hinted}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.0.0.1], hints: {forZones: [{name: zone-a}]}}
+- {addresses: [10.0.0.2], hints: {forZones: [{name: zone-b}]}}
+"#,
+        want: &["10.96.25.1:80/TCP default/hinted: [10.0.0.1:8080 10.0.0.2:8080]"],
         errors: &[],
     },
 ];
@@ -1085,5 +1467,99 @@ spec:
             Some(super::DEFAULT_AFFINITY_TIMEOUT_S)
         );
         assert!(fe.backends.is_empty());
+    }
+}
+
+/// Switching a Service's type in every direction, planned and applied op by op on the
+/// fake maps: after each switch exactly the new type's frontends are programmed (the old
+/// ones are gone) and the invariants hold after every op.
+#[test]
+fn type_switches_replace_the_frontends() {
+    use crate::{
+        datapath::{MapStore, apply::apply_plan, fake::FakeMaps},
+        plan::{CurrentState, plan},
+    };
+
+    let node = TestNode {
+        name: Some("n1"),
+        zone: None,
+        addresses: &["192.168.1.10"],
+        proxy_name: None,
+    }
+    .info();
+    let slice = r#"
+---
+kind: EndpointSlice
+metadata: {name: s-1, labels: {kubernetes.io/service-name: s}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.0.0.1]}]
+"#;
+    let external_name = "kind: Service\nmetadata: {name: s}\nspec: {type: ExternalName, externalName: example.com}\n";
+    let cluster_ip = "kind: Service\nmetadata: {name: s}\nspec: {type: ClusterIP, clusterIP: 10.96.30.1, ports: [{port: 80}]}\n";
+    let node_port = "kind: Service\nmetadata: {name: s}\nspec: {type: NodePort, clusterIP: 10.96.30.1, ports: [{port: 80, nodePort: 30080}]}\n";
+    let load_balancer = "kind: Service\nmetadata: {name: s}\nspec: {type: LoadBalancer, clusterIP: 10.96.30.1, ports: [{port: 80, nodePort: 30080}]}\nstatus: {loadBalancer: {ingress: [{ip: 198.51.100.1}]}}\n";
+    let keys = |s: &DesiredState| -> Vec<String> {
+        s.frontends
+            .keys()
+            .map(|k| hostport(k.addr, k.port))
+            .collect()
+    };
+    let steps: &[(&str, &str, &[&str])] = &[
+        ("ExternalName", external_name, &[]),
+        ("ClusterIP", cluster_ip, &["10.96.30.1:80"]),
+        (
+            "NodePort",
+            node_port,
+            &["10.96.30.1:80", "192.168.1.10:30080"],
+        ),
+        ("ExternalName", external_name, &[]),
+        (
+            "NodePort",
+            node_port,
+            &["10.96.30.1:80", "192.168.1.10:30080"],
+        ),
+        (
+            "LoadBalancer",
+            load_balancer,
+            &["10.96.30.1:80", "192.168.1.10:30080", "198.51.100.1:80"],
+        ),
+        ("ClusterIP", cluster_ip, &["10.96.30.1:80"]),
+        ("ExternalName", external_name, &[]),
+    ];
+    let mut fake = FakeMaps::with_default_capacity();
+    let mut current = CurrentState::default();
+    for (ty, yaml, want) in steps {
+        let (services, slices) = parse(&format!("{yaml}{slice}"));
+        let (desired, errors) = build(
+            Objects {
+                services: &services,
+                slices: &slices,
+            },
+            &node,
+        );
+        assert!(errors.is_empty(), "{ty}: {errors:?}");
+        assert_eq!(keys(&desired), *want, "switch to {ty}");
+        for fe in desired.frontends.values() {
+            assert_eq!(
+                fe.backends.len(),
+                1,
+                "{ty}: every frontend has the endpoint"
+            );
+        }
+        let p = plan(&current, &desired, &fake.capacity());
+        assert!(p.rejected.is_empty());
+        apply_plan(&mut fake, &mut current, &p).expect("the fake applies every op");
+        fake.check_invariants()
+            .expect("invariants after the switch");
+        let programmed: Vec<String> = current
+            .frontends
+            .keys()
+            .map(|k| hostport(k.addr, k.port))
+            .collect();
+        assert_eq!(programmed, *want, "maps after switching to {ty}");
+        if want.is_empty() {
+            assert!(current.backends.is_empty() && current.rev_nats.is_empty());
+        }
     }
 }

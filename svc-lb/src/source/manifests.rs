@@ -717,7 +717,10 @@ pub async fn watch(dir: PathBuf, tx: watch_channel::Sender<Arc<Snapshot>>) -> an
         match res {
             Ok(event) if is_noise(&event) => return,
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "manifest directory watch error; rescanning"),
+            Err(e) => {
+                crate::metrics::watch_restarted("manifests", "error");
+                tracing::warn!(error = %e, "manifest directory watch error; rescanning");
+            }
         }
         // Full means a rescan is already pending.
         let _ = wake_tx.try_send(());
@@ -784,6 +787,7 @@ fn watch_dir(
     if previous.is_some() {
         // The old watch follows the old inode; it may already be gone with it.
         let _ = watcher.unwatch(dir);
+        crate::metrics::watch_restarted("manifests", "replaced");
         tracing::info!(dir = %dir.display(), "manifest directory replaced; watching the new one");
     }
     match watcher.watch(dir, RecursiveMode::NonRecursive) {

@@ -2,10 +2,14 @@
 //! manifest mode and the cluster mode cannot drift apart.
 use std::{collections::BTreeMap, path::PathBuf};
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 
 use crate::model::ObjectRef;
 
+pub mod kube;
 pub mod manifests;
 
 /// A complete, consistent view of the objects a source knows. Sources send whole
@@ -14,6 +18,8 @@ pub mod manifests;
 pub struct Snapshot {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
+    /// This node's Node object, when the source knows it (the Kubernetes source).
+    pub node: Option<Node>,
     /// Where each object came from (a manifest file), for error messages.
     pub origins: BTreeMap<ObjectRef, PathBuf>,
     /// Input that could not be read or parsed, already named and explained.

@@ -1,0 +1,303 @@
+//! `svc-lb list`: every programmed frontend with its Service, flags and backends.
+//!
+//! The text layout follows `ipvsadm -Ln`: one line per frontend, then one `->` line
+//! per backend. `-o json` and `-o yaml` print [`ListEntry`] values; their field names
+//! are a stable, documented format (see the README), extended only by adding fields.
+use anyhow::{Result, bail};
+use serde::Serialize;
+use svc_lb_common::{KIND_CLUSTER_IP, SVC_FLAG_AFFINITY};
+
+use super::{names, view::DatapathView};
+use crate::model::ServiceRef;
+
+/// One frontend: what a client dials.
+#[derive(Serialize, Debug, Clone, PartialEq, Eq)]
+pub struct ListEntry {
+    pub address: String,
+    pub port: u16,
+    /// "TCP", "UDP" or "SCTP".
+    pub protocol: &'static str,
+    /// "ClusterIP", "NodePort", "LoadBalancer", "ExternalIP", or "Unknown" before the
+    /// agent wrote the Service metadata.
+    pub kind: &'static str,
+    /// The Service; `null` when the metadata is missing.
+    pub namespace: Option<String>,
+    pub service: Option<String>,
+    /// `spec.ports[].name` ("" when the port is unnamed).
+    pub port_name: Option<String>,
+    pub rev_nat_id: u32,
+    /// "None" or "ClientIP".
+    pub session_affinity: &'static str,
+    /// Set exactly when `session_affinity` is "ClientIP".
+    pub affinity_timeout_seconds: Option<u32>,
+    /// "Cluster" or "Local".
+    pub internal_traffic_policy: &'static str,
+    pub external_traffic_policy: &'static str,
+    /// New connections (and unconnected datagrams) sent to a backend since the frontend
+    /// was programmed.
+    pub new_connections: u64,
+    /// In slot order, which is the order the datapath indexes them in.
+    pub backends: Vec<ListBackend>,
+}
+
+#[derive(Serialize, Debug, Clone, PartialEq, Eq)]
+pub struct ListBackend {
+    pub id: u32,
+    /// "" when the backend entry is missing (see `state`).
+    pub address: String,
+    pub port: u16,
+    /// "active", "terminating", or "missing" when a slot names a backend id that is not
+    /// in the backend map (the datapath then refuses connections that draw that slot).
+    pub state: &'static str,
+    /// New connections to this backend. The datapath counts per backend, not per
+    /// (frontend, backend): when `shared` is true the count includes the connections of
+    /// the other frontends that use the same backend.
+    pub new_connections: u64,
+    /// Whether other frontends (another port, address or Service) use this backend.
+    pub shared: bool,
+}
+
+impl ListEntry {
+    fn service_ref(&self) -> Option<ServiceRef> {
+        Some(ServiceRef {
+            namespace: self.namespace.clone()?,
+            name: self.service.clone()?,
+        })
+    }
+
+    fn socket(&self) -> String {
+        socket_str(&self.address, self.port)
+    }
+}
+
+fn socket_str(addr: &str, port: u16) -> String {
+    if addr.contains(':') {
+        format!("[{addr}]:{port}")
+    } else {
+        format!("{addr}:{port}")
+    }
+}
+
+/// Parses `--service ns/name`.
+pub fn parse_service(s: &str) -> Result<ServiceRef> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok(ServiceRef {
+                namespace: ns.to_owned(),
+                name: name.to_owned(),
+            })
+        }
+        _ => bail!("--service takes NAMESPACE/NAME, got {s:?}"),
+    }
+}
+
+/// The frontends of `view`, in address order, optionally only those of one Service.
+pub fn entries(view: &DatapathView, service: Option<&ServiceRef>) -> Vec<ListEntry> {
+    let mut out = Vec::with_capacity(view.state.frontends.len());
+    let mut users: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
+    for cur in view.state.frontends.values() {
+        for id in &cur.backend_ids {
+            *users.entry(*id).or_default() += 1;
+        }
+    }
+    for (fe, cur) in &view.state.frontends {
+        let meta = view.meta.get(&cur.rev_nat_id);
+        if let Some(want) = service
+            && meta.map(|m| &m.service) != Some(want)
+        {
+            continue;
+        }
+        let meta_flags = meta.map_or(0, |m| m.flags);
+        let affinity = cur.flags & SVC_FLAG_AFFINITY != 0;
+        out.push(ListEntry {
+            address: fe.addr.to_string(),
+            port: fe.port,
+            protocol: names::proto(fe.proto),
+            kind: names::kind(meta.map_or(0, |m| m.kind)),
+            namespace: meta.map(|m| m.service.namespace.clone()),
+            service: meta.map(|m| m.service.name.clone()),
+            port_name: meta.map(|m| m.port_name.clone()),
+            rev_nat_id: cur.rev_nat_id,
+            session_affinity: if affinity { "ClientIP" } else { "None" },
+            affinity_timeout_seconds: affinity.then_some(cur.affinity_timeout_s),
+            internal_traffic_policy: names::internal_policy(meta_flags),
+            external_traffic_policy: names::external_policy(meta_flags),
+            new_connections: view
+                .frontend_conns
+                .get(&cur.rev_nat_id)
+                .copied()
+                .unwrap_or(0),
+            backends: cur
+                .backend_ids
+                .iter()
+                .map(|id| {
+                    let new_connections = view.backend_conns.get(id).copied().unwrap_or(0);
+                    let shared = users.get(id).copied().unwrap_or(0) > 1;
+                    match view.state.backends.get(id) {
+                        Some(b) => ListBackend {
+                            id: *id,
+                            address: b.addr.addr.to_string(),
+                            port: b.addr.port,
+                            state: names::backend_state(b.state),
+                            new_connections,
+                            shared,
+                        },
+                        None => ListBackend {
+                            id: *id,
+                            address: String::new(),
+                            port: 0,
+                            state: "missing",
+                            new_connections,
+                            shared,
+                        },
+                    }
+                })
+                .collect(),
+        });
+    }
+    out
+}
+
+/// The flags column: only what differs from the Kubernetes defaults, so that an
+/// ordinary Service shows "-" and anything unusual stands out.
+fn flags(e: &ListEntry) -> String {
+    let mut f = Vec::new();
+    if let Some(t) = e.affinity_timeout_seconds {
+        f.push(format!("affinity=ClientIP/{t}s"));
+    }
+    // A traffic policy only applies to the addresses it governs: the internal one to
+    // cluster IPs, the external one to node ports, load balancers and external IPs.
+    let cluster_ip = e.kind == names::kind(KIND_CLUSTER_IP);
+    if e.internal_traffic_policy == "Local" && cluster_ip {
+        f.push("internalTrafficPolicy=Local".to_owned());
+    }
+    if e.external_traffic_policy == "Local" && !cluster_ip {
+        f.push("externalTrafficPolicy=Local".to_owned());
+    }
+    if f.is_empty() {
+        "-".to_owned()
+    } else {
+        f.join(",")
+    }
+}
+
+const NO_BACKENDS: &str = "(no backends: connections are refused)";
+
+/// `ipvsadm -Ln`-style text. Column widths follow the content, so the output is the
+/// same for the same maps (the golden tests rely on it).
+pub fn render_text(entries: &[ListEntry]) -> String {
+    // Rows: [prot/arrow, address, kind/state, service, flags, new conns].
+    let mut rows: Vec<[String; 6]> = vec![
+        [
+            "Prot".into(),
+            "LocalAddress:Port".into(),
+            "Kind".into(),
+            "Service".into(),
+            "Flags".into(),
+            "NewConns ".into(),
+        ],
+        [
+            "  ->".into(),
+            "RemoteAddress:Port".into(),
+            "State".into(),
+            String::new(),
+            String::new(),
+            "NewConns ".into(),
+        ],
+    ];
+    let mut backends = 0usize;
+    let mut any_shared = false;
+    let mut services = std::collections::BTreeSet::new();
+    for e in entries {
+        let service = match e.service_ref() {
+            Some(s) => {
+                services.insert(s.clone());
+                match e.port_name.as_deref() {
+                    Some(p) if !p.is_empty() => format!("{s}:{p}"),
+                    _ => s.to_string(),
+                }
+            }
+            None => "?".to_owned(),
+        };
+        rows.push([
+            e.protocol.into(),
+            e.socket(),
+            e.kind.into(),
+            service,
+            flags(e),
+            format!("{} ", e.new_connections),
+        ]);
+        if e.backends.is_empty() {
+            rows.push([
+                "  ->".into(),
+                NO_BACKENDS.into(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ]);
+        }
+        for b in &e.backends {
+            backends += 1;
+            let addr = if b.state == "missing" {
+                format!("(backend id {} missing)", b.id)
+            } else {
+                socket_str(&b.address, b.port)
+            };
+            rows.push([
+                "  ->".into(),
+                addr,
+                b.state.into(),
+                String::new(),
+                String::new(),
+                if b.shared {
+                    any_shared = true;
+                    format!("{}*", b.new_connections)
+                } else {
+                    format!("{} ", b.new_connections)
+                },
+            ]);
+        }
+    }
+    let mut width = [0usize; 6];
+    for r in rows.iter().filter(|r| r[1] != NO_BACKENDS) {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    // The no-backends note may be wider than every address: let it overflow rather
+    // than widen the whole column.
+    let mut out = String::new();
+    for r in &rows {
+        let mut line = String::new();
+        for (i, (c, w)) in r.iter().zip(width).enumerate() {
+            match i {
+                0 => line.push_str(&format!("{c:<4} ")),
+                5 => line.push_str(&format!("{c:>w$}")),
+                _ => line.push_str(&format!("{c:<w$}  ")),
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    if any_shared {
+        out.push_str(
+            "* backend shared with other frontends: the count includes their connections\n",
+        );
+    }
+    out.push_str(&format!(
+        "{} frontends of {} Services, {} backend slots\n",
+        entries.len(),
+        services.len(),
+        backends
+    ));
+    out
+}
+
+pub fn render_json(entries: &[ListEntry]) -> Result<String> {
+    Ok(serde_json::to_string_pretty(entries)? + "\n")
+}
+
+pub fn render_yaml(entries: &[ListEntry]) -> Result<String> {
+    Ok(serde_yaml::to_string(entries)?)
+}

@@ -1,0 +1,716 @@
+//! Host tests of `list`, `trace` and the metrics on a known datapath state. The state
+//! goes through the in-memory fake of the maps, so it holds exactly the bytes the
+//! kernel maps would.
+//!
+//! Golden files live in `testdata/`; after an intended change of the output, rewrite
+//! them with `UPDATE_GOLDEN=1 cargo test -p svc-lb inspect::` and review the diff.
+use std::{collections::HashMap, net::IpAddr, path::PathBuf};
+
+use clap::Parser;
+use svc_lb_common::{
+    AffinityKey, AffinityValue, BACKEND_ACTIVE, BACKEND_TERMINATING, COUNTERS_MAX,
+    CTR_SOCK_NO_BACKEND, CTR_SOCK_RNAT_HIT, CTR_SOCK_XLATED, KIND_CLUSTER_IP, KIND_NODE_PORT,
+    META_EXTERNAL_LOCAL, PROTO_TCP, PROTO_UDP, SCOPE_ALL, SVC_FLAG_AFFINITY,
+};
+
+use super::{
+    list,
+    trace::{self, ClientNetns, TraceMaps, TraceRequest},
+    view::DatapathView,
+};
+use crate::{
+    datapath::{MapStore, codec::FrontendMeta, fake::FakeMaps},
+    inspect::status::{MapStatus, ProgramStatus},
+    metrics::{self, ScrapeData},
+    model::{BackendAddr, FrontendKey, ServiceRef},
+    plan::{BackendEntry, Op},
+};
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("test address")
+}
+
+struct Fe {
+    addr: &'static str,
+    port: u16,
+    proto: u8,
+    rev_nat_id: u32,
+    service: (&'static str, &'static str, &'static str),
+    kind: u8,
+    meta_flags: u8,
+    affinity_s: Option<u32>,
+    backends: &'static [u32],
+    conns: u64,
+}
+
+/// Backends: id → (address, port, proto, state, new connections).
+const BACKENDS: &[(u32, &str, u16, u8, u8, u64)] = &[
+    (1, "10.244.1.5", 8080, PROTO_TCP, BACKEND_ACTIVE, 7),
+    (2, "10.244.2.9", 8080, PROTO_TCP, BACKEND_ACTIVE, 5),
+    (3, "10.244.3.2", 8080, PROTO_TCP, BACKEND_TERMINATING, 0),
+    (4, "10.244.1.5", 8443, PROTO_TCP, BACKEND_ACTIVE, 2),
+    (5, "10.244.2.9", 8443, PROTO_TCP, BACKEND_ACTIVE, 0),
+    (6, "10.244.0.3", 53, PROTO_UDP, BACKEND_ACTIVE, 40),
+    (7, "fd00:244::7", 8080, PROTO_TCP, BACKEND_ACTIVE, 1),
+];
+
+fn frontends() -> Vec<Fe> {
+    vec![
+        Fe {
+            addr: "10.96.0.10",
+            port: 80,
+            proto: PROTO_TCP,
+            rev_nat_id: 1,
+            service: ("shop", "web", "http"),
+            kind: KIND_CLUSTER_IP,
+            meta_flags: META_EXTERNAL_LOCAL,
+            affinity_s: None,
+            backends: &[1, 2, 3],
+            conns: 10,
+        },
+        Fe {
+            addr: "192.168.1.20",
+            port: 30080,
+            proto: PROTO_TCP,
+            rev_nat_id: 2,
+            service: ("shop", "web", "http"),
+            kind: KIND_NODE_PORT,
+            meta_flags: META_EXTERNAL_LOCAL,
+            affinity_s: None,
+            backends: &[1, 2],
+            conns: 2,
+        },
+        Fe {
+            addr: "10.96.0.20",
+            port: 443,
+            proto: PROTO_TCP,
+            rev_nat_id: 3,
+            service: ("shop", "cart", ""),
+            kind: KIND_CLUSTER_IP,
+            meta_flags: 0,
+            affinity_s: Some(10800),
+            backends: &[4, 5],
+            conns: 2,
+        },
+        Fe {
+            addr: "10.96.0.53",
+            port: 53,
+            proto: PROTO_UDP,
+            rev_nat_id: 4,
+            service: ("kube-system", "dns", "dns"),
+            kind: KIND_CLUSTER_IP,
+            meta_flags: 0,
+            affinity_s: None,
+            backends: &[6],
+            conns: 40,
+        },
+        Fe {
+            addr: "10.96.0.30",
+            port: 80,
+            proto: PROTO_TCP,
+            rev_nat_id: 5,
+            service: ("shop", "empty", "http"),
+            kind: KIND_CLUSTER_IP,
+            meta_flags: 0,
+            affinity_s: None,
+            backends: &[],
+            conns: 0,
+        },
+        Fe {
+            addr: "fd00:96::10",
+            port: 80,
+            proto: PROTO_TCP,
+            rev_nat_id: 6,
+            service: ("shop", "web6", "http"),
+            kind: KIND_CLUSTER_IP,
+            meta_flags: 0,
+            affinity_s: None,
+            backends: &[7],
+            conns: 1,
+        },
+    ]
+}
+
+fn key(f: &Fe) -> FrontendKey {
+    FrontendKey {
+        addr: ip(f.addr),
+        port: f.port,
+        proto: f.proto,
+        scope: SCOPE_ALL,
+    }
+}
+
+/// The fixture, written into the fake maps in the planner's order.
+fn fixture() -> (FakeMaps, DatapathView) {
+    let mut maps = FakeMaps::with_default_capacity();
+    let mut apply = |op: Op| maps.apply(&op).expect("fixture op");
+    for (id, addr, port, proto, state, _) in BACKENDS {
+        apply(Op::UpsertBackend {
+            id: *id,
+            backend: BackendEntry {
+                addr: BackendAddr {
+                    addr: ip(addr),
+                    port: *port,
+                    proto: *proto,
+                },
+                state: *state,
+            },
+        });
+    }
+    let mut meta = HashMap::new();
+    let mut frontend_conns = HashMap::new();
+    for f in frontends() {
+        let fe = key(&f);
+        apply(Op::UpsertRevNat {
+            id: f.rev_nat_id,
+            frontend: fe,
+        });
+        for (i, id) in f.backends.iter().enumerate() {
+            apply(Op::UpsertSlot {
+                frontend: fe,
+                slot: i as u16 + 1,
+                backend_id: *id,
+            });
+        }
+        apply(Op::UpsertMaster {
+            frontend: fe,
+            count: f.backends.len() as u32,
+            rev_nat_id: f.rev_nat_id,
+            flags: if f.affinity_s.is_some() {
+                SVC_FLAG_AFFINITY
+            } else {
+                0
+            },
+            affinity_timeout_s: f.affinity_s.unwrap_or(0),
+        });
+        meta.insert(
+            f.rev_nat_id,
+            FrontendMeta {
+                service: ServiceRef {
+                    namespace: f.service.0.to_owned(),
+                    name: f.service.1.to_owned(),
+                },
+                port_name: f.service.2.to_owned(),
+                kind: f.kind,
+                flags: f.meta_flags,
+            },
+        );
+        frontend_conns.insert(f.rev_nat_id, f.conns);
+    }
+    let view = DatapathView {
+        state: maps.read_current().expect("read the fake back"),
+        meta,
+        frontend_conns,
+        backend_conns: BACKENDS.iter().map(|b| (b.0, b.5)).collect(),
+    };
+    (maps, view)
+}
+
+/// The fake plus the metadata and session affinity entries, as the real maps provide.
+struct WithMeta<'a>(&'a FakeMaps, &'a DatapathView, Affinity);
+
+/// Affinity entries and (backend, frontend) members.
+#[derive(Default)]
+struct Affinity {
+    entries: HashMap<AffinityKey, AffinityValue>,
+    members: Vec<(u32, u32)>,
+}
+
+impl TraceMaps for WithMeta<'_> {
+    fn svc(
+        &self,
+        key: &crate::datapath::codec::SvcKey,
+    ) -> anyhow::Result<Option<svc_lb_common::SvcValue>> {
+        TraceMaps::svc(self.0, key)
+    }
+    fn backend(&self, id: u32) -> anyhow::Result<Option<svc_lb_common::Backend>> {
+        TraceMaps::backend(self.0, id)
+    }
+    fn meta(&self, rev_nat_id: u32) -> anyhow::Result<Option<FrontendMeta>> {
+        Ok(self.1.meta.get(&rev_nat_id).cloned())
+    }
+    fn frontends_at(&self, addr: IpAddr) -> anyhow::Result<Vec<FrontendKey>> {
+        self.0.frontends_at(addr)
+    }
+    fn affinity(&self, key: &AffinityKey) -> anyhow::Result<Option<AffinityValue>> {
+        Ok(self.2.entries.get(key).copied())
+    }
+    fn affinity_member(&self, backend_id: u32, rev_nat_id: u32) -> anyhow::Result<bool> {
+        Ok(self.2.members.contains(&(backend_id, rev_nat_id)))
+    }
+}
+
+fn golden(name: &str, got: &str) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("src/inspect/testdata")
+        .join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, got).expect("write golden file");
+        return;
+    }
+    let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "read {}: {e} (create it with UPDATE_GOLDEN=1)",
+            path.display()
+        )
+    });
+    assert!(
+        got == want,
+        "{name} differs from the golden file {}.\n--- got ---\n{got}\n--- want ---\n{want}",
+        path.display()
+    );
+}
+
+#[test]
+fn list_text_golden() {
+    let (_, view) = fixture();
+    golden("list.txt", &list::render_text(&list::entries(&view, None)));
+}
+
+#[test]
+fn list_json_golden() {
+    let (_, view) = fixture();
+    golden(
+        "list.json",
+        &list::render_json(&list::entries(&view, None)).expect("json"),
+    );
+}
+
+#[test]
+fn list_yaml_golden() {
+    let (_, view) = fixture();
+    let svc = list::parse_service("shop/cart").expect("parse");
+    golden(
+        "list-cart.yaml",
+        &list::render_yaml(&list::entries(&view, Some(&svc))).expect("yaml"),
+    );
+}
+
+#[test]
+fn list_filters_by_service() {
+    let (_, view) = fixture();
+    let web = list::parse_service("shop/web").expect("parse");
+    let got: Vec<(String, u16)> = list::entries(&view, Some(&web))
+        .into_iter()
+        .map(|e| (e.address, e.port))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("10.96.0.10".to_owned(), 80),
+            ("192.168.1.20".to_owned(), 30080)
+        ]
+    );
+    let none = list::parse_service("shop/nope").expect("parse");
+    assert!(list::entries(&view, Some(&none)).is_empty());
+    for bad in ["web", "/web", "shop/", "a/b/c"] {
+        assert!(list::parse_service(bad).is_err(), "{bad} accepted");
+    }
+}
+
+#[test]
+fn list_json_field_names_are_stable() {
+    // The README documents these names; renaming one breaks users' scripts.
+    let (_, view) = fixture();
+    let v: serde_json::Value =
+        serde_json::from_str(&list::render_json(&list::entries(&view, None)).expect("json"))
+            .expect("parse");
+    let fe = &v[0];
+    let mut keys: Vec<&str> = fe
+        .as_object()
+        .expect("object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "address",
+            "affinity_timeout_seconds",
+            "backends",
+            "external_traffic_policy",
+            "internal_traffic_policy",
+            "kind",
+            "namespace",
+            "new_connections",
+            "port",
+            "port_name",
+            "protocol",
+            "rev_nat_id",
+            "service",
+            "session_affinity"
+        ]
+    );
+    let mut bkeys: Vec<&str> = fe["backends"][0]
+        .as_object()
+        .expect("object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    bkeys.sort_unstable();
+    assert_eq!(
+        bkeys,
+        [
+            "address",
+            "id",
+            "new_connections",
+            "port",
+            "shared",
+            "state"
+        ]
+    );
+}
+
+fn req(to: &str, proto: u8) -> TraceRequest {
+    TraceRequest {
+        to: to.parse().expect("socket address"),
+        proto,
+        from: Some(ip("10.244.9.9")),
+        client: None,
+        now_ns: 0,
+    }
+}
+
+#[test]
+fn trace_text_golden() {
+    let (maps, view) = fixture();
+    let m = WithMeta(&maps, &view, Affinity::default());
+    let mut out = String::new();
+    for (to, proto, random) in [
+        ("10.96.0.10:80", PROTO_TCP, 4u32),
+        ("10.96.0.30:80", PROTO_TCP, 0),
+        ("10.96.0.10:81", PROTO_TCP, 0),
+        ("10.96.0.53:53", PROTO_UDP, 0),
+        ("[fd00:96::10]:80", PROTO_TCP, 9),
+    ] {
+        let t = trace::trace(&m, &req(to, proto), random).expect("trace");
+        out.push_str(&trace::render_text(&t));
+        out.push('\n');
+    }
+    golden("trace.txt", &out);
+}
+
+const SEC: u64 = 1_000_000_000;
+
+/// The sticky Service `shop/cart` (rev-NAT 3, backends 4 and 5, timeout 10800 s) for a
+/// client whose netns cookie is 77, at monotonic time 20 000 s.
+fn sticky(
+    entry: Option<(u32, u64)>,
+    members: &[(u32, u32)],
+) -> (FakeMaps, DatapathView, Affinity, TraceRequest) {
+    let (maps, view) = fixture();
+    let mut aff = Affinity {
+        members: members.to_vec(),
+        ..Default::default()
+    };
+    if let Some((backend_id, age_s)) = entry {
+        aff.entries.insert(
+            AffinityKey {
+                netns_cookie: 77,
+                rev_nat_id: 3,
+                _pad: 0,
+            },
+            AffinityValue {
+                last_used_ns: 20_000 * SEC - age_s * SEC,
+                backend_id,
+                _pad: 0,
+            },
+        );
+    }
+    let mut r = req("10.96.0.20:443", PROTO_TCP);
+    r.client = Some(ClientNetns {
+        cookie: 77,
+        label: "/run/netns/client".to_owned(),
+    });
+    r.now_ns = 20_000 * SEC;
+    (maps, view, aff, r)
+}
+
+#[test]
+fn trace_uses_the_clients_remembered_backend() {
+    // Fresh entry for a member backend: used whatever the random number.
+    let (maps, view, aff, r) = sticky(Some((5, 30)), &[(4, 3), (5, 3)]);
+    let m = WithMeta(&maps, &view, aff);
+    for random in [0, 1, 2] {
+        let t = trace::trace(&m, &r, random).expect("trace");
+        let b = t.verdict.backend.clone().expect("a backend");
+        assert_eq!(
+            (b.id, b.via, b.deterministic, b.slot),
+            (5, "affinity", true, 0)
+        );
+        let a = t.affinity.expect("affinity step");
+        assert!(a.used);
+        assert_eq!(a.client_netns_cookie, Some(77));
+        let e = a.entry.expect("entry");
+        assert!(e.fresh && e.member);
+        assert_eq!(e.age_seconds, 30.0);
+    }
+    // Expired, or no longer a member: a new random draw.
+    for (entry, members) in [
+        (Some((5, 10_801)), vec![(4, 3), (5, 3)]),
+        (Some((5, 30)), vec![(4, 3)]),
+        (None, vec![(4, 3), (5, 3)]),
+    ] {
+        let (maps, view, aff, r) = sticky(entry, &members);
+        let m = WithMeta(&maps, &view, aff);
+        let t = trace::trace(&m, &r, 0).expect("trace");
+        let b = t.verdict.backend.clone().expect("a backend");
+        assert_eq!(
+            (b.id, b.via, b.deterministic, b.slot),
+            (4, "random", false, 1)
+        );
+        assert!(!t.affinity.expect("affinity step").used);
+    }
+}
+
+#[test]
+fn trace_affinity_golden() {
+    let mut out = String::new();
+    for (entry, members) in [
+        (Some((5, 30)), vec![(4, 3), (5, 3)]),
+        (Some((5, 10_801)), vec![(4, 3), (5, 3)]),
+        (Some((5, 30)), vec![(4, 3)]),
+        (None, vec![]),
+    ] {
+        let (maps, view, aff, r) = sticky(entry, &members);
+        let m = WithMeta(&maps, &view, aff);
+        out.push_str(&trace::render_text(
+            &trace::trace(&m, &r, 0).expect("trace"),
+        ));
+        out.push('\n');
+    }
+    let (maps, view, _, mut r) = sticky(None, &[]);
+    r.client = None;
+    let m = WithMeta(&maps, &view, Affinity::default());
+    out.push_str(&trace::render_text(
+        &trace::trace(&m, &r, 1).expect("trace"),
+    ));
+    golden("trace-affinity.txt", &out);
+}
+
+#[test]
+fn trace_follows_the_shared_choice() {
+    let (maps, view) = fixture();
+    let m = WithMeta(&maps, &view, Affinity::default());
+    // random % 3 + 1: 0 → slot 1, 1 → slot 2, 5 → slot 3.
+    for (random, slot, backend) in [(0u32, 1u16, 1u32), (1, 2, 2), (5, 3, 3)] {
+        let t = trace::trace(&m, &req("10.96.0.10:80", PROTO_TCP), random).expect("trace");
+        assert_eq!(t.verdict.action, "rewrite");
+        let b = t.verdict.backend.expect("a backend");
+        assert_eq!((b.slot, b.id), (slot, backend));
+        assert_eq!(b.via, "random");
+        assert!(!b.deterministic);
+    }
+    let t = trace::trace(&m, &req("10.96.0.30:80", PROTO_TCP), 0).expect("trace");
+    assert_eq!(t.verdict.action, "reject");
+    assert_eq!(t.verdict.errno, Some("ECONNREFUSED"));
+    assert_eq!(t.verdict.reason, Some("sock_rejected_no_backend"));
+    let t = trace::trace(&m, &req("10.96.0.10:80", PROTO_UDP), 0).expect("trace");
+    assert_eq!(t.verdict.action, "pass");
+    assert!(t.frontend.is_none());
+    let t = trace::trace(&m, &req("10.96.0.53:53", PROTO_UDP), 77).expect("trace");
+    let b = t.verdict.backend.expect("a backend");
+    assert!(b.deterministic, "a single backend is deterministic");
+    assert_eq!(b.address, "10.244.0.3");
+}
+
+/// Maps a hand edit left inconsistent, which the fake refuses to hold.
+struct Broken {
+    svc: HashMap<crate::datapath::codec::SvcKey, svc_lb_common::SvcValue>,
+}
+
+impl TraceMaps for Broken {
+    fn svc(
+        &self,
+        key: &crate::datapath::codec::SvcKey,
+    ) -> anyhow::Result<Option<svc_lb_common::SvcValue>> {
+        Ok(self.svc.get(key).copied())
+    }
+    fn backend(&self, _id: u32) -> anyhow::Result<Option<svc_lb_common::Backend>> {
+        Ok(None)
+    }
+    fn meta(&self, _rev_nat_id: u32) -> anyhow::Result<Option<FrontendMeta>> {
+        Ok(None)
+    }
+    fn frontends_at(&self, _addr: IpAddr) -> anyhow::Result<Vec<FrontendKey>> {
+        Ok(Vec::new())
+    }
+    fn affinity(&self, _key: &AffinityKey) -> anyhow::Result<Option<AffinityValue>> {
+        Ok(None)
+    }
+    fn affinity_member(&self, _backend_id: u32, _rev_nat_id: u32) -> anyhow::Result<bool> {
+        Ok(false)
+    }
+}
+
+#[test]
+fn trace_explains_inconsistent_maps() {
+    use crate::datapath::codec::{master_value, slot_value, svc_key};
+    let fe = FrontendKey {
+        addr: ip("10.96.0.99"),
+        port: 80,
+        proto: PROTO_TCP,
+        scope: SCOPE_ALL,
+    };
+    let mut svc = HashMap::new();
+    svc.insert(svc_key(&fe, 0), master_value(2, 9, 0, 0));
+    svc.insert(svc_key(&fe, 1), slot_value(42));
+    let m = Broken { svc };
+    let t = trace::trace(&m, &req("10.96.0.99:80", PROTO_TCP), 0).expect("trace");
+    assert_eq!(t.verdict.reason, Some("sock_error_backend_missing"));
+    let t = trace::trace(&m, &req("10.96.0.99:80", PROTO_TCP), 1).expect("trace");
+    assert_eq!(t.verdict.reason, Some("sock_error_slot_missing"));
+    assert_eq!(t.candidates.len(), 2);
+    assert_eq!(t.candidates[1].state, "missing");
+}
+
+fn scrape() -> String {
+    let (_, view) = fixture();
+    let mut counters = vec![0u64; COUNTERS_MAX as usize];
+    counters[CTR_SOCK_XLATED as usize] = 55;
+    counters[CTR_SOCK_NO_BACKEND as usize] = 3;
+    counters[CTR_SOCK_RNAT_HIT as usize] = 40;
+    let data = ScrapeData {
+        view: Some(view),
+        counters,
+        maps: vec![MapStatus {
+            name: "LB_SVC4_V1".to_owned(),
+            map_id: 1,
+            map_type: "hash".to_owned(),
+            entries: 16,
+            capacity: 1024,
+        }],
+        programs: vec![ProgramStatus {
+            name: "svclb_connect4".to_owned(),
+            prog_id: 10,
+            link_id: 3,
+            prog_type: "cgroup_sock_addr".to_owned(),
+            attach_type: "connect4".to_owned(),
+            attached_to: "cgroup /x".to_owned(),
+            pin: "/sys/fs/bpf/svc-lb/links/svclb_connect4".to_owned(),
+            xlated_bytes: 100,
+            jited_bytes: 80,
+            run_count: 1000,
+            run_time_ns: 250_000,
+            loaded_at_ms: None,
+        }],
+        bpf_stats_enabled: true,
+        errors: Vec::new(),
+    };
+    metrics::render(data).expect("render")
+}
+
+#[test]
+fn metrics_exposition() {
+    let text = scrape();
+    for line in [
+        r#"svclb_service_new_connections_total{namespace="shop",service="web"} 12"#,
+        r#"svclb_service_new_connections_total{namespace="kube-system",service="dns"} 40"#,
+        r#"svclb_frontend_new_connections_total{namespace="shop",service="web",port_name="http",kind="NodePort",frontend="192.168.1.20:30080/TCP"} 2"#,
+        r#"svclb_frontend_new_connections_total{namespace="shop",service="web6",port_name="http",kind="ClusterIP",frontend="[fd00:96::10]:80/TCP"} 1"#,
+        r#"svclb_backend_new_connections_total{namespace="shop",service="web",backend="10.244.1.5:8080/TCP"} 7"#,
+        r#"svclb_datapath_translations_total{hook="sock",direction="forward"} 55"#,
+        r#"svclb_datapath_translations_total{hook="sock",direction="reverse"} 40"#,
+        r#"svclb_datapath_rejects_total{hook="sock",reason="no_backend"} 3"#,
+        r#"svclb_datapath_rejects_total{hook="sock",reason="slot_missing"} 0"#,
+        r#"svclb_datapath_errors_total{hook="sock",reason="revnat_update"} 0"#,
+        "svclb_programmed_services 5",
+        "svclb_programmed_frontends 6",
+        "svclb_programmed_backends 7",
+        r#"svclb_map_entries{map="LB_SVC4_V1"} 16"#,
+        r#"svclb_map_capacity{map="LB_SVC4_V1"} 1024"#,
+        r#"svclb_map_fill_ratio{map="LB_SVC4_V1"} 0.015625"#,
+        r#"svclb_program_runs_total{program="svclb_connect4",hook="connect4"} 1000"#,
+        r#"svclb_program_run_time_seconds_total{program="svclb_connect4",hook="connect4"} 0.00025"#,
+        "svclb_datapath_readable 1",
+        "# TYPE svclb_sync_duration_seconds histogram",
+        "# TYPE svclb_sync_errors counter",
+        r#"svclb_build_info{version=""#,
+        "# EOF",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+}
+
+#[test]
+fn metric_names_follow_conventions() {
+    for line in scrape().lines().filter(|l| l.starts_with("# TYPE ")) {
+        let mut parts = line.split_whitespace().skip(2);
+        let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
+            panic!("bad TYPE line {line}");
+        };
+        assert!(name.starts_with("svclb_"), "{name} lacks the svclb_ prefix");
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+            "{name} is not snake_case"
+        );
+        // OpenMetrics names a counter family without `_total`; its samples carry it.
+        assert!(!name.ends_with("_total"), "{name}: family with _total");
+        if kind == "gauge" {
+            assert!(
+                !name.ends_with("_count") && !name.ends_with("_sum"),
+                "{name}"
+            );
+        }
+    }
+}
+
+#[test]
+fn cli_parses_the_operability_commands() {
+    use crate::cli::{Cli, Command};
+    let c =
+        Cli::try_parse_from(["svc-lb", "list", "-o", "yaml", "--service", "a/b"]).expect("list");
+    assert!(matches!(c.command, Command::List { .. }));
+    let c = Cli::try_parse_from([
+        "svc-lb",
+        "trace",
+        "--to",
+        "10.0.0.1:80",
+        "--proto",
+        "udp",
+        "--from",
+        "10.1.1.1",
+    ])
+    .expect("trace");
+    assert!(matches!(c.command, Command::Trace { .. }));
+    let c = Cli::try_parse_from(["svc-lb", "status", "--metrics-addr", "off", "-o", "json"])
+        .expect("status");
+    match c.command {
+        Command::Status { metrics_addr, .. } => assert_eq!(metrics_addr.0, None),
+        other => panic!("{other:?}"),
+    }
+    let c = Cli::try_parse_from([
+        "svc-lb",
+        "agent",
+        "--manifests",
+        "/tmp",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--bpf-log",
+        "--log-format",
+        "json",
+    ])
+    .expect("agent");
+    match c.command {
+        Command::Agent {
+            metrics_addr,
+            bpf_log,
+            ..
+        } => {
+            assert_eq!(metrics_addr.0, Some("127.0.0.1:0".parse().expect("addr")));
+            assert!(bpf_log);
+        }
+        other => panic!("{other:?}"),
+    }
+    let c = Cli::try_parse_from(["svc-lb", "agent", "--manifests", "/tmp"]).expect("agent");
+    match c.command {
+        Command::Agent { metrics_addr, .. } => assert_eq!(
+            metrics_addr.0,
+            Some(metrics::DEFAULT_METRICS_ADDR.parse().expect("addr"))
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert!(Cli::try_parse_from(["svc-lb", "status", "--metrics-addr", "nope"]).is_err());
+}

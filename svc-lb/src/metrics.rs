@@ -1,0 +1,633 @@
+//! Prometheus metrics on `--metrics-addr` (`/metrics`), and the agent's status as JSON
+//! (`/status`, see [`crate::status`]).
+//!
+//! Two kinds of metrics:
+//! - the agent's own (sync duration and errors, watch restarts, skipped objects), kept
+//!   in process-wide metric objects that the agent updates as it works;
+//! - the datapath's, read from the pinned maps at each scrape: per-CPU counters are
+//!   summed there, so the hot path only ever increments a per-CPU slot.
+//!
+//! Every name starts with `svclb_`; counters end in `_total`, durations are in seconds.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use prometheus_client::{
+    encoding::{DescriptorEncoder, EncodeGaugeValue, NoLabelSet},
+    metrics::{
+        MetricType,
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use svc_lb_common::{
+    COUNTER_NAMES, CTR_SOCK_BACKEND_MISS, CTR_SOCK_NO_BACKEND, CTR_SOCK_RNAT_HIT,
+    CTR_SOCK_SLOT_MISS, CTR_SOCK_XLATED,
+};
+
+use crate::{
+    datapath::bpf::PinnedMaps,
+    inspect::{
+        names,
+        status::{self as inspect_status, MapStatus, ProgramStatus},
+        view::DatapathView,
+    },
+    model::ServiceRef,
+    status::SyncRecord,
+};
+
+/// The metrics address when `--metrics-addr` is not given.
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9098";
+
+type Labels = Vec<(&'static str, String)>;
+
+/// The agent's own metrics. Cloning a prometheus-client metric shares its value, so
+/// every scrape registers clones of these.
+struct AgentMetrics {
+    sync_duration: Histogram,
+    sync_errors: Counter,
+    syncs: Counter,
+    last_sync_time: Gauge<f64, std::sync::atomic::AtomicU64>,
+    last_sync_ok: Gauge,
+    watch_restarts: Family<Labels, Counter>,
+    skipped: Family<Labels, Gauge>,
+}
+
+fn agent() -> &'static AgentMetrics {
+    static M: OnceLock<AgentMetrics> = OnceLock::new();
+    M.get_or_init(|| AgentMetrics {
+        // 100 µs .. ~13 s: an empty sync takes microseconds, a first sync of a large
+        // cluster seconds.
+        sync_duration: Histogram::new(exponential_buckets(0.0001, 4.0, 9)),
+        sync_errors: Counter::default(),
+        syncs: Counter::default(),
+        last_sync_time: Gauge::default(),
+        last_sync_ok: Gauge::default(),
+        watch_restarts: Family::default(),
+        skipped: Family::default(),
+    })
+}
+
+/// Called by [`crate::status::record_sync`] after every sync.
+pub fn observe_sync(rec: &SyncRecord) {
+    let m = agent();
+    m.syncs.inc();
+    m.sync_duration
+        .observe(Duration::from_micros(rec.duration_us).as_secs_f64());
+    if !rec.ok {
+        m.sync_errors.inc();
+    }
+    m.last_sync_time.set(rec.at_ms as f64 / 1000.0);
+    m.last_sync_ok.set(i64::from(rec.ok));
+}
+
+/// A source restarted its watch: `source` is e.g. "manifests" or "kubernetes",
+/// `reason` a short snake_case word ("error", "expired", "replaced", ...). Keep the
+/// set of reasons small: each one is a time series.
+pub fn watch_restarted(source: &str, reason: &str) {
+    agent()
+        .watch_restarts
+        .get_or_create(&vec![
+            ("source", source.to_owned()),
+            ("reason", reason.to_owned()),
+        ])
+        .inc();
+}
+
+/// Objects left out by the last sync, by reason: `unreadable` (the source could not
+/// parse them), `invalid` (the model refused them) and `map_full` (the planner had no
+/// room for the Service).
+pub fn set_skipped(unreadable: usize, invalid: usize, map_full: usize) {
+    for (reason, n) in [
+        ("unreadable", unreadable),
+        ("invalid", invalid),
+        ("map_full", map_full),
+    ] {
+        agent()
+            .skipped
+            .get_or_create(&vec![("reason", reason.to_owned())])
+            .set(n as i64);
+    }
+}
+
+/// What one scrape read from bpffs. Reading happens before encoding, on a blocking
+/// thread, because it is a series of bpf(2) calls.
+#[derive(Debug, Default)]
+pub struct ScrapeData {
+    pub view: Option<DatapathView>,
+    pub counters: Vec<u64>,
+    pub maps: Vec<MapStatus>,
+    pub programs: Vec<ProgramStatus>,
+    pub bpf_stats_enabled: bool,
+    /// Why part of the datapath could not be read.
+    pub errors: Vec<String>,
+}
+
+impl ScrapeData {
+    pub fn read(bpffs: &Path) -> Self {
+        let mut d = ScrapeData {
+            bpf_stats_enabled: inspect_status::bpf_stats_enabled(),
+            ..Default::default()
+        };
+        match PinnedMaps::open(bpffs) {
+            Ok(maps) => {
+                match DatapathView::read(&maps) {
+                    Ok(v) => d.view = Some(v),
+                    Err(e) => d.errors.push(format!("{e:#}")),
+                }
+                match maps.counters() {
+                    Ok(c) => d.counters = c,
+                    Err(e) => d.errors.push(format!("{e:#}")),
+                }
+            }
+            Err(e) => d.errors.push(format!("{e:#}")),
+        }
+        match inspect_status::maps(bpffs, &svc_lb_common::ALL_MAPS) {
+            Ok(m) => d.maps = m,
+            Err(e) => d.errors.push(format!("{e:#}")),
+        }
+        match inspect_status::programs(bpffs) {
+            Ok(p) => d.programs = p,
+            Err(e) => d.errors.push(format!("{e:#}")),
+        }
+        d
+    }
+}
+
+/// Encodes [`ScrapeData`] as metric families.
+#[derive(Debug)]
+struct DatapathCollector(ScrapeData);
+
+fn counter_family(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: &[(Labels, u64)],
+) -> std::fmt::Result {
+    if series.is_empty() {
+        return Ok(());
+    }
+    // Same punctuation as the registered metrics, whose help the registry ends with a period.
+    let help = format!("{help}.");
+    let mut m = enc.encode_descriptor(name, &help, None, MetricType::Counter)?;
+    for (labels, v) in series {
+        m.encode_family(labels)?
+            .encode_counter::<NoLabelSet, _, u64>(v, None)?;
+    }
+    Ok(())
+}
+
+fn float_counter_family(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: &[(Labels, f64)],
+) -> std::fmt::Result {
+    if series.is_empty() {
+        return Ok(());
+    }
+    // Same punctuation as the registered metrics, whose help the registry ends with a period.
+    let help = format!("{help}.");
+    let mut m = enc.encode_descriptor(name, &help, None, MetricType::Counter)?;
+    for (labels, v) in series {
+        m.encode_family(labels)?
+            .encode_counter::<NoLabelSet, _, u64>(v, None)?;
+    }
+    Ok(())
+}
+
+fn gauge_family<V: EncodeGaugeValue>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: &[(Labels, V)],
+) -> std::fmt::Result {
+    if series.is_empty() {
+        return Ok(());
+    }
+    // Same punctuation as the registered metrics, whose help the registry ends with a period.
+    let help = format!("{help}.");
+    let mut m = enc.encode_descriptor(name, &help, None, MetricType::Gauge)?;
+    for (labels, v) in series {
+        if labels.is_empty() {
+            // A lone unlabelled sample: `name 1`, not `name{} 1`.
+            m.encode_gauge(v)?;
+        } else {
+            m.encode_family(labels)?.encode_gauge(v)?;
+        }
+    }
+    Ok(())
+}
+
+/// How a datapath counter is exported: (family, label name, label value).
+fn classify_counter(index: u32, name: &'static str) -> (&'static str, &'static str, String) {
+    let short = name
+        .strip_prefix("sock_rejected_")
+        .or_else(|| name.strip_prefix("sock_error_"))
+        .unwrap_or(name)
+        .to_owned();
+    match index {
+        CTR_SOCK_XLATED => ("translations", "direction", "forward".to_owned()),
+        CTR_SOCK_RNAT_HIT => ("translations", "direction", "reverse".to_owned()),
+        // The three outcomes of `choose_backend` that refuse the connection.
+        CTR_SOCK_NO_BACKEND | CTR_SOCK_SLOT_MISS | CTR_SOCK_BACKEND_MISS => {
+            ("rejects", "reason", short)
+        }
+        _ if name.starts_with("sock_error_") => ("errors", "reason", short),
+        _ if name.starts_with("sock_affinity_") => (
+            "affinity",
+            "result",
+            name.trim_start_matches("sock_affinity_").to_owned(),
+        ),
+        _ => ("events", "name", name.to_owned()),
+    }
+}
+
+impl prometheus_client::collector::Collector for DatapathCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let d = &self.0;
+        gauge_family(
+            &mut enc,
+            "svclb_datapath_readable",
+            "1 when the last scrape could read every pinned map and link, else 0 (see the agent log)",
+            &[(Vec::new(), i64::from(d.errors.is_empty()))],
+        )?;
+        if let Some(view) = &d.view {
+            self.encode_view(&mut enc, view)?;
+        }
+
+        // Datapath counters by reason.
+        let mut fams: BTreeMap<&str, Vec<(Labels, u64)>> = BTreeMap::new();
+        for (index, name) in COUNTER_NAMES {
+            let Some(v) = d.counters.get(index as usize) else {
+                continue;
+            };
+            let (fam, label, value) = classify_counter(index, name);
+            fams.entry(fam)
+                .or_default()
+                .push((vec![("hook", "sock".to_owned()), (label, value)], *v));
+        }
+        for (fam, help) in [
+            (
+                "translations",
+                "Socket addresses rewritten: forward (Service → backend, at connect/sendmsg) and reverse (backend → Service, at recvmsg/getpeername)",
+            ),
+            (
+                "rejects",
+                "Connections refused with ECONNREFUSED, by reason (no_backend is a Service without ready endpoints; the others mean inconsistent maps)",
+            ),
+            (
+                "errors",
+                "Datapath errors that did not stop the connection, by reason",
+            ),
+            (
+                "affinity",
+                "Session affinity lookups of new connections: hit (the remembered backend was used) or stale (it had expired or left the Service, so a new one was drawn)",
+            ),
+            ("events", "Other datapath counters"),
+        ] {
+            if let Some(series) = fams.get(fam) {
+                counter_family(&mut enc, &format!("svclb_datapath_{fam}"), help, series)?;
+            }
+        }
+
+        // Map utilisation.
+        let entries: Vec<(Labels, i64)> = d
+            .maps
+            .iter()
+            .map(|m| (vec![("map", m.name.clone())], m.entries as i64))
+            .collect();
+        gauge_family(
+            &mut enc,
+            "svclb_map_entries",
+            "Entries in each pinned map (arrays count as full)",
+            &entries,
+        )?;
+        let capacity: Vec<(Labels, i64)> = d
+            .maps
+            .iter()
+            .map(|m| (vec![("map", m.name.clone())], m.capacity as i64))
+            .collect();
+        gauge_family(
+            &mut enc,
+            "svclb_map_capacity",
+            "Maximum entries of each pinned map",
+            &capacity,
+        )?;
+        let ratio: Vec<(Labels, f64)> = d
+            .maps
+            .iter()
+            .filter(|m| m.capacity > 0 && !m.map_type.ends_with("array"))
+            .map(|m| {
+                (
+                    vec![("map", m.name.clone())],
+                    m.entries as f64 / m.capacity as f64,
+                )
+            })
+            .collect();
+        gauge_family(
+            &mut enc,
+            "svclb_map_fill_ratio",
+            "svclb_map_entries / svclb_map_capacity for hash maps (0..1); a full map makes the agent reject Services",
+            &ratio,
+        )?;
+
+        // Kernel BPF statistics.
+        gauge_family(
+            &mut enc,
+            "svclb_bpf_stats_enabled",
+            "1 when kernel.bpf_stats_enabled is on, so that program run counts and times grow",
+            &[(Vec::new(), i64::from(d.bpf_stats_enabled))],
+        )?;
+        if d.bpf_stats_enabled {
+            let label = |p: &ProgramStatus| {
+                vec![("program", p.name.clone()), ("hook", p.attach_type.clone())]
+            };
+            let runs: Vec<(Labels, u64)> =
+                d.programs.iter().map(|p| (label(p), p.run_count)).collect();
+            counter_family(
+                &mut enc,
+                "svclb_program_runs",
+                "Runs of each attached program while kernel BPF statistics were on",
+                &runs,
+            )?;
+            let time: Vec<(Labels, f64)> = d
+                .programs
+                .iter()
+                .map(|p| (label(p), p.run_time_ns as f64 / 1e9))
+                .collect();
+            float_counter_family(
+                &mut enc,
+                "svclb_program_run_time_seconds",
+                "Time spent in each attached program while kernel BPF statistics were on",
+                &time,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl DatapathCollector {
+    fn encode_view(&self, enc: &mut DescriptorEncoder, view: &DatapathView) -> std::fmt::Result {
+        let mut per_service: BTreeMap<ServiceRef, u64> = BTreeMap::new();
+        let mut per_frontend = Vec::new();
+        let mut backend_services: BTreeMap<u32, BTreeSet<ServiceRef>> = BTreeMap::new();
+        for (fe, cur) in &view.state.frontends {
+            let meta = view.meta.get(&cur.rev_nat_id);
+            let n = view
+                .frontend_conns
+                .get(&cur.rev_nat_id)
+                .copied()
+                .unwrap_or(0);
+            let (ns, svc, port, kind) = match meta {
+                Some(m) => (
+                    m.service.namespace.clone(),
+                    m.service.name.clone(),
+                    m.port_name.clone(),
+                    names::kind(m.kind),
+                ),
+                None => (String::new(), String::new(), String::new(), names::kind(0)),
+            };
+            if let Some(m) = meta {
+                *per_service.entry(m.service.clone()).or_default() += n;
+                for id in &cur.backend_ids {
+                    backend_services
+                        .entry(*id)
+                        .or_default()
+                        .insert(m.service.clone());
+                }
+            }
+            per_frontend.push((
+                vec![
+                    ("namespace", ns),
+                    ("service", svc),
+                    ("port_name", port),
+                    ("kind", kind.to_owned()),
+                    (
+                        "frontend",
+                        format!(
+                            "{}/{}",
+                            names::socket(&fe.addr, fe.port),
+                            names::proto(fe.proto)
+                        ),
+                    ),
+                ],
+                n,
+            ));
+        }
+        let services: Vec<(Labels, u64)> = per_service
+            .iter()
+            .map(|(s, n)| {
+                (
+                    vec![
+                        ("namespace", s.namespace.clone()),
+                        ("service", s.name.clone()),
+                    ],
+                    *n,
+                )
+            })
+            .collect();
+        counter_family(
+            enc,
+            "svclb_service_new_connections",
+            "New connections (and unconnected UDP datagrams) load-balanced per Service, over all its frontends",
+            &services,
+        )?;
+        counter_family(
+            enc,
+            "svclb_frontend_new_connections",
+            "New connections (and unconnected UDP datagrams) load-balanced per frontend address",
+            &per_frontend,
+        )?;
+        let mut backends = Vec::new();
+        for (id, b) in &view.state.backends {
+            let svcs = backend_services.get(id);
+            // A backend entry is shared by every frontend that reaches the same
+            // address, port and protocol; when two Services do, both are named.
+            let join = |f: fn(&ServiceRef) -> &str| {
+                svcs.map(|s| s.iter().map(f).collect::<BTreeSet<_>>())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            backends.push((
+                vec![
+                    ("namespace", join(|s| &s.namespace)),
+                    ("service", join(|s| &s.name)),
+                    (
+                        "backend",
+                        format!(
+                            "{}/{}",
+                            names::socket(&b.addr.addr, b.addr.port),
+                            names::proto(b.addr.proto)
+                        ),
+                    ),
+                ],
+                view.backend_conns.get(id).copied().unwrap_or(0),
+            ));
+        }
+        counter_family(
+            enc,
+            "svclb_backend_new_connections",
+            "New connections sent to each backend, from every frontend that uses it",
+            &backends,
+        )?;
+        let distinct: BTreeSet<&ServiceRef> = view.meta.values().map(|m| &m.service).collect();
+        for (name, help, v) in [
+            (
+                "svclb_programmed_services",
+                "Services with at least one frontend in the maps",
+                distinct.len(),
+            ),
+            (
+                "svclb_programmed_frontends",
+                "Frontends (address, port, protocol) in the maps",
+                view.state.frontends.len(),
+            ),
+            (
+                "svclb_programmed_backends",
+                "Distinct backends (address, port, protocol) in the maps",
+                view.state.backends.len(),
+            ),
+        ] {
+            gauge_family(enc, name, help, &[(Vec::new(), v as i64)])?;
+        }
+        Ok(())
+    }
+}
+
+/// The whole exposition for one scrape, in the OpenMetrics text format.
+pub fn render(data: ScrapeData) -> Result<String> {
+    let mut reg = Registry::default();
+    let m = agent();
+    reg.register(
+        "svclb_sync_duration_seconds",
+        "Duration of one sync (model, plan, apply to the maps)",
+        m.sync_duration.clone(),
+    );
+    reg.register(
+        "svclb_syncs",
+        "Syncs attempted since the agent started",
+        m.syncs.clone(),
+    );
+    reg.register(
+        "svclb_sync_errors",
+        "Syncs that failed to apply; the datapath keeps its last consistent state and the agent retries",
+        m.sync_errors.clone(),
+    );
+    reg.register(
+        "svclb_last_sync_timestamp_seconds",
+        "Unix time the last sync finished",
+        m.last_sync_time.clone(),
+    );
+    reg.register(
+        "svclb_last_sync_success",
+        "1 when the last sync succeeded, else 0",
+        m.last_sync_ok.clone(),
+    );
+    reg.register(
+        "svclb_watch_restarts",
+        "Times a source restarted its watch, by source and reason",
+        m.watch_restarts.clone(),
+    );
+    reg.register(
+        "svclb_skipped_objects",
+        "Objects the last sync left out, by reason (unreadable, invalid, map_full)",
+        m.skipped.clone(),
+    );
+    let build = Family::<Labels, Gauge>::default();
+    build
+        .get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_owned())])
+        .set(1);
+    reg.register("svclb_build_info", "The agent's version (always 1)", build);
+    reg.register_collector(Box::new(DatapathCollector(data)));
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &reg).context("encode the metrics")?;
+    Ok(out)
+}
+
+struct Ctx {
+    bpffs: PathBuf,
+}
+
+async fn metrics_handler(
+    axum::extract::State(ctx): axum::extract::State<Arc<Ctx>>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let bpffs = ctx.bpffs.clone();
+    let rendered = tokio::task::spawn_blocking(move || {
+        let data = ScrapeData::read(&bpffs);
+        for e in &data.errors {
+            tracing::warn!(error = %e, "metrics: could not read part of the datapath");
+        }
+        render(data)
+    })
+    .await;
+    match rendered {
+        Ok(Ok(body)) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Ok(Err(e)) => (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{e:#}\n"),
+        )
+            .into_response(),
+        Err(e) => (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("metrics task failed: {e}\n"),
+        )
+            .into_response(),
+    }
+}
+
+async fn status_handler() -> axum::Json<crate::status::AgentStatus> {
+    axum::Json(crate::status::snapshot())
+}
+
+/// Binds the metrics address. Separate from [`serve`] so that the agent can log the
+/// bound address (port 0 picks a free one) and fail early on a bad address.
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listen for metrics on {addr}"))
+}
+
+/// Serves `/metrics` and `/status` until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, bpffs: PathBuf) -> Result<()> {
+    let app = axum::Router::new()
+        .route("/metrics", axum::routing::get(metrics_handler))
+        .route("/status", axum::routing::get(status_handler))
+        .with_state(Arc::new(Ctx { bpffs }));
+    axum::serve(listener, app)
+        .await
+        .context("metrics server stopped")
+}
+
+/// `--metrics-addr`: an address, or `off` (`None`). A newtype because clap reads an
+/// `Option<T>` field as "T, optional", which is not what `off` means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetricsAddr(pub Option<SocketAddr>);
+
+/// Parses `--metrics-addr`.
+pub fn parse_addr(s: &str) -> Result<MetricsAddr, String> {
+    if s == "off" {
+        return Ok(MetricsAddr(None));
+    }
+    s.parse()
+        .map(|a| MetricsAddr(Some(a)))
+        .map_err(|e| format!("{s:?} is not ADDR:PORT or \"off\": {e}"))
+}

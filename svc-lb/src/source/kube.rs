@@ -1,0 +1,449 @@
+//! The Kubernetes source: `v1` Services and `discovery.k8s.io/v1` EndpointSlices of
+//! every namespace, and this node's own `v1` Node, through kube-runtime watchers.
+//!
+//! How the watches behave, and why:
+//! - **Initial sync.** Nothing is sent until every watch has finished its first list,
+//!   and then everything goes in one snapshot. A Service listed before its
+//!   EndpointSlices would otherwise be programmed with no backends for a moment, and a
+//!   restarted agent would refuse connections that the pinned maps were serving.
+//! - **Relists** (after a 410 Gone, or when a watch cannot be resumed) are buffered the
+//!   same way: the objects of a relist replace the store in one step when the list is
+//!   complete, so a relist never shows a partial list. When the relisted objects equal
+//!   what the store held, nothing is sent at all.
+//! - **After that**, changes are batched over [`BATCH_WINDOW`] from the first unsent
+//!   change, so a rollout touching many slices becomes a few syncs, each a minimal diff.
+//! - **Apiserver unreachable.** The stores keep their contents, so the datapath keeps
+//!   the last programmed state. Each watch retries with a capped, jittered exponential
+//!   backoff ([`RetryBackoff`]) and resumes (or relists) when the apiserver is back.
+//! - **No-op updates** (status heartbeats, annotation churn) are dropped: objects are
+//!   trimmed to the fields the model reads and compared, so only real changes reach the
+//!   datapath.
+use std::{
+    collections::BTreeMap,
+    fmt::Debug,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use futures::{Stream, StreamExt};
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, NodeStatus, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::{
+    Api, Client, Config, Resource,
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{
+        WatchStreamExt,
+        utils::Backoff,
+        watcher::{self, Event},
+    },
+};
+use tokio::{sync::watch as watch_channel, time::Instant};
+use tracing::{debug, info, warn};
+
+use super::Snapshot;
+
+/// How long changes are collected, from the first unsent one, before they are sent
+/// as one snapshot. Short enough that endpoint changes reach the kernel quickly, long
+/// enough to fold a burst of slice updates (a rollout) into one sync.
+pub const BATCH_WINDOW: Duration = Duration::from_millis(40);
+
+/// One kind of API call the agent makes, for RBAC: `deploy/` must grant exactly these
+/// (a test checks the ClusterRole against this list).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApiAccess {
+    /// API group ("" for the core group).
+    pub group: &'static str,
+    pub resource: &'static str,
+    pub verbs: &'static [&'static str],
+}
+
+/// Every API call the agent makes. Watchers list, then watch; nothing else is read, and
+/// nothing is written (no Events: a bad Service is the same problem on every node, and
+/// one Event per node would flood a large cluster's API server).
+pub const API_ACCESS: &[ApiAccess] = &[
+    ApiAccess {
+        group: "",
+        resource: "services",
+        verbs: &["list", "watch"],
+    },
+    ApiAccess {
+        group: "discovery.k8s.io",
+        resource: "endpointslices",
+        verbs: &["list", "watch"],
+    },
+    ApiAccess {
+        group: "",
+        resource: "nodes",
+        verbs: &["list", "watch"],
+    },
+];
+
+/// Builds the API client: from `kubeconfig` when given, else from `$KUBECONFIG` when
+/// set, else the in-cluster service account (what a DaemonSet pod uses).
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path)
+                .with_context(|| format!("read kubeconfig {}", path.display()))?;
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("use kubeconfig {}", path.display()))?
+        }
+        None => match Kubeconfig::from_env().context("read $KUBECONFIG")? {
+            Some(kc) => Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .context("use $KUBECONFIG")?,
+            None => Config::incluster().context(
+                "in-cluster configuration (run as a pod, or pass --kubeconfig / set KUBECONFIG)",
+            )?,
+        },
+    };
+    info!(server = %config.cluster_url, "Kubernetes API client configured");
+    Client::try_from(config).context("build the Kubernetes client")
+}
+
+/// Retry delays for a watch that failed: exponential from 250 ms, capped at 5 s, each
+/// with ±20 % jitter so that the agents of a large cluster do not retry in lockstep when
+/// the apiserver comes back. The cap is lower than client-go's 30 s because a node
+/// agent's stale state is what users see: after an outage we want to converge in
+/// seconds. The stream resets the backoff on the first event that succeeds.
+///
+/// A 410 Gone is not a failure: the apiserver is up and says "relist". The watch stream
+/// raises `expired` when it passes one, and the next delay is then zero (client-go's
+/// reflector also relists at once), so that recovering from an outage costs one
+/// backoff, not two.
+#[derive(Clone, Debug)]
+pub struct RetryBackoff {
+    next: Duration,
+    seed: u64,
+    expired: Arc<AtomicBool>,
+}
+
+impl RetryBackoff {
+    pub const MIN: Duration = Duration::from_millis(250);
+    pub const MAX: Duration = Duration::from_secs(5);
+
+    /// `expired` is raised by the stream when the error it passes is a 410 Gone.
+    pub fn new(expired: Arc<AtomicBool>) -> Self {
+        // Any value that differs between agents works as a seed: the start time does.
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0x9e37_79b9_7f4a_7c15);
+        Self {
+            next: Self::MIN,
+            seed: seed | 1,
+            expired,
+        }
+    }
+
+    /// xorshift64: plenty for jitter.
+    fn random(&mut self) -> u64 {
+        let mut x = self.seed;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.seed = x;
+        x
+    }
+}
+
+impl Iterator for RetryBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        if self.expired.swap(false, Ordering::Relaxed) {
+            return Some(Duration::ZERO);
+        }
+        let base = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        // base × [0.8, 1.2)
+        let permille = 800 + self.random() % 400;
+        Some(base * permille as u32 / 1000)
+    }
+}
+
+impl Backoff for RetryBackoff {
+    fn reset(&mut self) {
+        self.next = Self::MIN;
+    }
+}
+
+type Key = (String, String);
+
+fn key(meta: &ObjectMeta) -> Key {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// Keeps only what identifies an object and what the model reads from its metadata.
+/// The rest (managed fields, annotations such as last-applied-configuration, resource
+/// versions) would cost memory and make every no-op update look like a change.
+fn trim_meta(meta: &mut ObjectMeta) {
+    *meta = ObjectMeta {
+        name: meta.name.take(),
+        namespace: meta.namespace.take(),
+        labels: meta.labels.take(),
+        uid: meta.uid.take(),
+        ..ObjectMeta::default()
+    };
+}
+
+fn trim_service(svc: &mut Service) {
+    trim_meta(&mut svc.metadata);
+    // Only the load-balancer ingress matters in the status; conditions churn.
+    if let Some(status) = svc.status.as_mut() {
+        status.conditions = None;
+    }
+}
+
+fn trim_slice(slice: &mut EndpointSlice) {
+    trim_meta(&mut slice.metadata);
+}
+
+/// A Node is updated every few seconds (heartbeats, conditions, images); only its zone
+/// label and its addresses matter here.
+fn trim_node(node: &mut Node) {
+    trim_meta(&mut node.metadata);
+    node.spec = None;
+    let addresses = node.status.take().and_then(|s| s.addresses);
+    node.status = Some(NodeStatus {
+        addresses,
+        ..NodeStatus::default()
+    });
+}
+
+/// One watched resource: the objects as of the last complete list plus the changes
+/// since, and the objects of a relist in progress.
+struct Store<K> {
+    kind: &'static str,
+    live: BTreeMap<Key, K>,
+    /// `Some` between `Init` and `InitDone`: the relist being collected.
+    relist: Option<BTreeMap<Key, K>>,
+    /// A first list completed.
+    ready: bool,
+    trim: fn(&mut K),
+}
+
+impl<K: Resource + PartialEq + Clone> Store<K> {
+    fn new(kind: &'static str, trim: fn(&mut K)) -> Self {
+        Self {
+            kind,
+            live: BTreeMap::new(),
+            relist: None,
+            ready: false,
+            trim,
+        }
+    }
+
+    /// Applies one watcher event; returns whether the live objects changed.
+    fn apply(&mut self, event: Result<Event<K>, watcher::Error>) -> bool {
+        match event {
+            Ok(Event::Init) => {
+                if self.ready {
+                    // A watch that cannot resume relists: after a 410 Gone, or after an
+                    // outage longer than the apiserver's watch cache keeps history.
+                    info!(
+                        kind = self.kind,
+                        "relisting; the datapath keeps its state until the list is complete"
+                    );
+                    crate::metrics::watch_restarted("kubernetes", "relist");
+                }
+                self.relist = Some(BTreeMap::new());
+                false
+            }
+            Ok(Event::InitApply(mut obj)) => {
+                (self.trim)(&mut obj);
+                self.relist
+                    .get_or_insert_default()
+                    .insert(key(obj.meta()), obj);
+                false
+            }
+            Ok(Event::InitDone) => {
+                let listed = self.relist.take().unwrap_or_default();
+                let changed = listed != self.live;
+                let first = !self.ready;
+                self.ready = true;
+                self.live = listed;
+                if first {
+                    info!(
+                        kind = self.kind,
+                        objects = self.live.len(),
+                        "initial list complete"
+                    );
+                } else {
+                    info!(
+                        kind = self.kind,
+                        objects = self.live.len(),
+                        changed,
+                        "relist complete"
+                    );
+                }
+                changed
+            }
+            Ok(Event::Apply(mut obj)) => {
+                (self.trim)(&mut obj);
+                let k = key(obj.meta());
+                if self.live.get(&k) == Some(&obj) {
+                    return false;
+                }
+                self.live.insert(k, obj);
+                true
+            }
+            Ok(Event::Delete(obj)) => self.live.remove(&key(obj.meta())).is_some(),
+            Err(e) => {
+                // Retried by the watcher after the backoff; the store keeps its state.
+                warn!(
+                    kind = self.kind,
+                    error = %e,
+                    "watch failed; keeping the last known state and retrying"
+                );
+                crate::metrics::watch_restarted("kubernetes", error_reason(&e));
+                false
+            }
+        }
+    }
+
+    fn objects(&self) -> Vec<K> {
+        self.live.values().cloned().collect()
+    }
+}
+
+/// A short, bounded label for the metrics.
+fn error_reason(e: &watcher::Error) -> &'static str {
+    match e {
+        watcher::Error::WatchError(status) if status.code == 410 => "expired",
+        watcher::Error::InitialListFailed(_) => "list_failed",
+        watcher::Error::WatchStartFailed(_) => "watch_failed",
+        watcher::Error::WatchError(_) => "watch_error",
+        watcher::Error::WatchFailed(_) => "stream_failed",
+        watcher::Error::NoResourceVersion => "no_resource_version",
+    }
+}
+
+fn watch_stream<K>(
+    api: Api<K>,
+    config: watcher::Config,
+) -> impl Stream<Item = Result<Event<K>, watcher::Error>> + Send
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + Debug + Send + 'static,
+{
+    // Without a backoff the watcher retries a refused connection in a hot loop.
+    let expired = Arc::new(AtomicBool::new(false));
+    let seen = expired.clone();
+    watcher::watcher(api, config)
+        .inspect(move |ev| {
+            if let Err(watcher::Error::WatchError(status)) = ev
+                && status.code == 410
+            {
+                seen.store(true, Ordering::Relaxed);
+            }
+        })
+        .backoff(RetryBackoff::new(expired))
+}
+
+/// Watches the cluster and sends a whole [`Snapshot`] on `tx` after the initial sync
+/// and after every batch of changes. Runs until the receiver is dropped; watch errors
+/// are retried forever (they are logged and counted, never fatal).
+pub async fn watch(
+    client: Client,
+    node_name: Option<String>,
+    tx: watch_channel::Sender<Arc<Snapshot>>,
+) -> Result<()> {
+    let mut services = Store::<Service>::new("Service", trim_service);
+    let mut slices = Store::<EndpointSlice>::new("EndpointSlice", trim_slice);
+    let mut nodes = Store::<Node>::new("Node", trim_node);
+
+    let mut svc_events = watch_stream(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .boxed();
+    let mut slice_events = watch_stream(
+        Api::<EndpointSlice>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .boxed();
+    let mut node_events = match &node_name {
+        Some(name) => watch_stream(
+            Api::<Node>::all(client.clone()),
+            watcher::Config::default().fields(&format!("metadata.name={name}")),
+        )
+        .boxed(),
+        None => {
+            warn!(
+                "no node name: no Node to read node addresses and the zone from; node ports and zone hints are not used"
+            );
+            nodes.ready = true;
+            futures::stream::pending().boxed()
+        }
+    };
+
+    let mut sent_initial = false;
+    let mut dirty_since: Option<Instant> = None;
+    loop {
+        let ready = services.ready && slices.ready && nodes.ready;
+        let deadline = match (ready, sent_initial, dirty_since) {
+            (false, _, _) => None,
+            (true, false, _) => Some(Instant::now()),
+            (true, true, Some(t)) => Some(t + BATCH_WINDOW),
+            (true, true, None) => None,
+        };
+        let flush = async {
+            match deadline {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        let changed = tokio::select! {
+            Some(ev) = svc_events.next() => services.apply(ev),
+            Some(ev) = slice_events.next() => slices.apply(ev),
+            Some(ev) = node_events.next() => nodes.apply(ev),
+            () = flush => {
+                let snap = Snapshot {
+                    services: services.objects(),
+                    slices: slices.objects(),
+                    node: nodes.live.values().next().cloned(),
+                    ..Snapshot::default()
+                };
+                if !sent_initial {
+                    info!(
+                        services = snap.services.len(),
+                        slices = snap.slices.len(),
+                        node = snap.node.is_some(),
+                        "initial sync: every watch has listed"
+                    );
+                    if node_name.is_some() && snap.node.is_none() {
+                        warn!(node = node_name.as_deref().unwrap_or_default(), "this node's Node object does not exist (yet); node ports and zone hints wait for it");
+                    }
+                } else {
+                    debug!(services = snap.services.len(), slices = snap.slices.len(), "sending a batch of changes");
+                }
+                if tx.send(Arc::new(snap)).is_err() {
+                    return Ok(());
+                }
+                sent_initial = true;
+                dirty_since = None;
+                continue;
+            }
+        };
+        if changed && dirty_since.is_none() {
+            dirty_since = Some(Instant::now());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,818 @@
+//! A small fake Kubernetes API server for the agent's end-to-end tests.
+//!
+//! No real kube-apiserver can be installed on the test machines, so this one speaks just
+//! enough of the real protocol for the three resources the agent watches, the way a
+//! client-go or kube-rs watcher sees it:
+//! - `GET /api/v1/services`, `GET /apis/discovery.k8s.io/v1/endpointslices` and
+//!   `GET /api/v1/nodes` (with `fieldSelector=metadata.name=...`) list every object with
+//!   the list's `resourceVersion`;
+//! - the same paths with `watch=true&resourceVersion=RV` stream `ADDED`, `MODIFIED` and
+//!   `DELETED` events after RV as chunked JSON lines, `BOOKMARK` events when
+//!   `allowWatchBookmarks=true`, and end after `timeoutSeconds`;
+//! - a watch from a resourceVersion older than the retained history gets the real
+//!   apiserver's answer: HTTP 200 and one `ERROR` event with a 410 `Expired` Status;
+//! - anything else (the agent makes no other call) is answered 404.
+//!
+//! Test controls: [`FakeApi::apply`] and [`FakeApi::delete`] change objects (one global
+//! resourceVersion counter, as etcd has), [`FakeApi::expire`] forgets the history and
+//! ends every watch with a 410, [`FakeApi::drop_connections`] cuts every open
+//! connection, and [`FakeApi::stop`] / [`FakeApi::restart`] take the server off the air
+//! and back on the same port. It listens on 127.0.0.1 only, and everything stops when it
+//! is dropped.
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    sync::{Arc, Condvar, Mutex, MutexGuard},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+/// How often an idle watch gets a bookmark (the real apiserver: about once a minute;
+/// shorter here so that tests exercise them).
+const BOOKMARK_EVERY: Duration = Duration::from_secs(2);
+
+/// The resources this server knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Resource {
+    Services,
+    EndpointSlices,
+    Nodes,
+}
+
+impl Resource {
+    pub fn from_kind(kind: &str) -> Option<Self> {
+        match kind {
+            "Service" => Some(Self::Services),
+            "EndpointSlice" => Some(Self::EndpointSlices),
+            "Node" => Some(Self::Nodes),
+            _ => None,
+        }
+    }
+
+    fn kind(self) -> &'static str {
+        match self {
+            Self::Services => "Service",
+            Self::EndpointSlices => "EndpointSlice",
+            Self::Nodes => "Node",
+        }
+    }
+
+    fn api_version(self) -> &'static str {
+        match self {
+            Self::EndpointSlices => "discovery.k8s.io/v1",
+            _ => "v1",
+        }
+    }
+
+    fn from_path(path: &str) -> Option<Self> {
+        match path {
+            "/api/v1/services" => Some(Self::Services),
+            "/apis/discovery.k8s.io/v1/endpointslices" => Some(Self::EndpointSlices),
+            "/api/v1/nodes" => Some(Self::Nodes),
+            _ => None,
+        }
+    }
+}
+
+/// One change, kept for watches that resume from an older resourceVersion.
+#[derive(Clone, Debug)]
+struct Change {
+    rv: u64,
+    resource: Resource,
+    type_: &'static str,
+    object: Value,
+}
+
+/// What the tests can read back about the traffic the server saw.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// List requests per kind.
+    pub lists: BTreeMap<String, u64>,
+    /// Watch requests per kind.
+    pub watches: BTreeMap<String, u64>,
+    /// Watches answered with 410 Expired.
+    pub expired: u64,
+}
+
+impl Counters {
+    pub fn lists_of(&self, kind: &str) -> u64 {
+        self.lists.get(kind).copied().unwrap_or(0)
+    }
+}
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    objects: BTreeMap<Resource, BTreeMap<(String, String), Value>>,
+    history: Vec<Change>,
+    /// Watches from a resourceVersion below this get 410.
+    oldest_rv: u64,
+    /// Bumped to end every open watch (with a 410 when `expired_epoch` is newer than
+    /// the watch).
+    epoch: u64,
+    expired_epoch: u64,
+    counters: Counters,
+    /// Open connections, to cut them.
+    conns: BTreeMap<u64, TcpStream>,
+    next_conn: u64,
+    stopping: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    cond: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The running server. Dropping it stops the listener and every connection.
+pub struct FakeApi {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl FakeApi {
+    /// Starts on a free port of 127.0.0.1.
+    pub fn start() -> Result<Self> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                rv: 100,
+                ..State::default()
+            }),
+            cond: Condvar::new(),
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").context("bind the fake API server")?;
+        let addr = listener.local_addr().context("fake API server address")?;
+        let acceptor = Some(spawn_acceptor(listener, shared.clone()));
+        Ok(Self {
+            addr,
+            shared,
+            acceptor,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Writes a kubeconfig that points at this server (plain HTTP, no credentials).
+    pub fn write_kubeconfig(&self, path: &Path) -> Result<()> {
+        let text = format!(
+            "apiVersion: v1
+kind: Config
+clusters:
+- name: fake
+  cluster:
+    server: {url}
+users:
+- name: fake
+  user: {{}}
+contexts:
+- name: fake
+  context:
+    cluster: fake
+    user: fake
+current-context: fake
+",
+            url = self.url()
+        );
+        std::fs::write(path, text).with_context(|| format!("write {}", path.display()))
+    }
+
+    /// Creates or replaces an object (a Service, EndpointSlice or Node as JSON). The
+    /// server sets `resourceVersion`, `uid` and `creationTimestamp` as the apiserver does.
+    pub fn apply(&self, object: Value) -> Result<()> {
+        let mut st = self.shared.lock();
+        store(&mut st, object, true)?;
+        drop(st);
+        self.shared.cond.notify_all();
+        Ok(())
+    }
+
+    /// Deletes an object; a no-op when it does not exist.
+    pub fn delete(&self, kind: &str, namespace: &str, name: &str) -> Result<()> {
+        let Some(resource) = Resource::from_kind(kind) else {
+            bail!("the fake API server does not serve kind {kind:?}");
+        };
+        let ns = if resource == Resource::Nodes {
+            ""
+        } else {
+            namespace
+        };
+        let mut st = self.shared.lock();
+        let removed = st
+            .objects
+            .entry(resource)
+            .or_default()
+            .remove(&(ns.to_owned(), name.to_owned()));
+        if let Some(mut object) = removed {
+            st.rv += 1;
+            let rv = st.rv;
+            object["metadata"]["resourceVersion"] = json!(rv.to_string());
+            st.history.push(Change {
+                rv,
+                resource,
+                type_: "DELETED",
+                object,
+            });
+        }
+        drop(st);
+        self.shared.cond.notify_all();
+        Ok(())
+    }
+
+    /// Forgets the change history (as etcd compaction and a watch-cache restart do) and
+    /// ends every open watch with an in-stream 410 Expired. A watcher can then only
+    /// resume by relisting.
+    pub fn expire(&self) {
+        let mut st = self.shared.lock();
+        // Move past every version a client has seen, so that resuming from it is
+        // "too old" even for a client that got a bookmark a moment ago.
+        st.rv += 1;
+        st.oldest_rv = st.rv;
+        st.history.clear();
+        st.epoch += 1;
+        st.expired_epoch = st.epoch;
+        drop(st);
+        self.shared.cond.notify_all();
+    }
+
+    /// Like [`FakeApi::expire`], but `objects` are applied first without any watch
+    /// event: as if they changed while the history that held the change was compacted
+    /// away. Only a relist can see them.
+    pub fn expire_with(&self, objects: &[Value]) -> Result<()> {
+        // One critical section: no watch thread can send anything in between.
+        let mut st = self.shared.lock();
+        for o in objects {
+            store(&mut st, o.clone(), false)?;
+        }
+        st.rv += 1;
+        st.oldest_rv = st.rv;
+        st.history.clear();
+        st.epoch += 1;
+        st.expired_epoch = st.epoch;
+        drop(st);
+        self.shared.cond.notify_all();
+        Ok(())
+    }
+
+    /// Cuts every open connection (a network blip or an apiserver restart); watches
+    /// can resume from their last resourceVersion.
+    pub fn drop_connections(&self) {
+        let mut st = self.shared.lock();
+        st.epoch += 1;
+        for (_, c) in std::mem::take(&mut st.conns) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+        drop(st);
+        self.shared.cond.notify_all();
+    }
+
+    /// Takes the server off the air: the port is closed (connections are refused) and
+    /// every open connection is cut. The objects are kept.
+    pub fn stop(&mut self) {
+        self.shared.lock().stopping = true;
+        self.drop_connections();
+        // Wake the acceptor, which then sees `stopping` and closes the listener.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(h) = self.acceptor.take() {
+            let _ = h.join();
+        }
+    }
+
+    /// Back on the air on the same port, after [`FakeApi::stop`].
+    pub fn restart(&mut self) -> Result<()> {
+        if self.acceptor.is_some() {
+            bail!("the fake API server is running");
+        }
+        self.shared.lock().stopping = false;
+        // The port was ours a moment ago; std sets SO_REUSEADDR on listeners, so a
+        // connection in TIME_WAIT does not block the bind. Retry briefly anyway.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let listener = loop {
+            match TcpListener::bind(self.addr) {
+                Ok(l) => break l,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("fakeapi: rebind {}: {e}; retrying", self.addr);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => return Err(e).with_context(|| format!("rebind {}", self.addr)),
+            }
+        };
+        self.acceptor = Some(spawn_acceptor(listener, self.shared.clone()));
+        Ok(())
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.shared.lock().counters.clone()
+    }
+
+    /// Open client connections right now.
+    pub fn open_connections(&self) -> usize {
+        self.shared.lock().conns.len()
+    }
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        if self.acceptor.is_some() {
+            self.stop();
+        }
+    }
+}
+
+/// Stores an object with a new resourceVersion; with `record`, as a watch event too.
+fn store(st: &mut State, mut object: Value, record: bool) -> Result<()> {
+    let kind = object["kind"].as_str().unwrap_or_default().to_owned();
+    let Some(resource) = Resource::from_kind(&kind) else {
+        bail!("the fake API server does not serve kind {kind:?}");
+    };
+    let ns = if resource == Resource::Nodes {
+        String::new()
+    } else {
+        object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_owned()
+    };
+    let name = object["metadata"]["name"]
+        .as_str()
+        .context("object without metadata.name")?
+        .to_owned();
+    st.rv += 1;
+    let rv = st.rv;
+    // An update keeps the object's identity, as the apiserver does.
+    let old_uid = st
+        .objects
+        .get(&resource)
+        .and_then(|m| m.get(&(ns.clone(), name.clone())))
+        .map(|o| o["metadata"]["uid"].clone());
+    let meta = object["metadata"]
+        .as_object_mut()
+        .context("object without metadata")?;
+    meta.insert("resourceVersion".into(), json!(rv.to_string()));
+    let uid = old_uid.unwrap_or_else(|| json!(format!("00000000-0000-4000-8000-{rv:012}")));
+    meta.entry("uid").or_insert(uid);
+    meta.entry("creationTimestamp")
+        .or_insert_with(|| json!("2025-01-15T09:30:00Z"));
+    if resource != Resource::Nodes {
+        meta.insert("namespace".into(), json!(ns));
+    }
+    object["apiVersion"] = json!(resource.api_version());
+    let existed = st
+        .objects
+        .entry(resource)
+        .or_default()
+        .insert((ns, name), object.clone())
+        .is_some();
+    if record {
+        st.history.push(Change {
+            rv,
+            resource,
+            type_: if existed { "MODIFIED" } else { "ADDED" },
+            object,
+        });
+    }
+    Ok(())
+}
+
+fn spawn_acceptor(listener: TcpListener, shared: Arc<Shared>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            if shared.lock().stopping {
+                break;
+            }
+            let Ok(stream) = conn else { continue };
+            let id = {
+                let mut st = shared.lock();
+                st.next_conn += 1;
+                let id = st.next_conn;
+                if let Ok(c) = stream.try_clone() {
+                    st.conns.insert(id, c);
+                }
+                id
+            };
+            let shared = shared.clone();
+            std::thread::spawn(move || {
+                let _ = serve_connection(&stream, &shared);
+                let _ = stream.shutdown(Shutdown::Both);
+                shared.lock().conns.remove(&id);
+            });
+        }
+        // Dropping the listener closes the port.
+    })
+}
+
+/// One HTTP request: method, path and query.
+struct Request {
+    method: String,
+    path: String,
+    query: BTreeMap<String, String>,
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let decoded = (bytes[i] == b'%' && i + 2 < bytes.len())
+            .then(|| std::str::from_utf8(&bytes[i + 1..i + 3]).ok())
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match decoded {
+            Some(b) => {
+                out.push(b);
+                i += 3;
+            }
+            None => {
+                out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn read_request(reader: &mut BufReader<&TcpStream>) -> Result<Option<Request>> {
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Ok(None);
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or_default().to_owned();
+    let target = parts.next().unwrap_or_default().to_owned();
+    let mut content_length = 0usize;
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h)? == 0 {
+            return Ok(None);
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            content_length = v.trim().parse().unwrap_or(0);
+        }
+    }
+    // A body is read (to keep the connection in step) and ignored: nothing the agent
+    // calls has one.
+    let mut body = vec![0; content_length];
+    reader.read_exact(&mut body)?;
+    let (path, query) = target.split_once('?').unwrap_or((target.as_str(), ""));
+    let query = query
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect();
+    Ok(Some(Request {
+        method,
+        path: path.to_owned(),
+        query,
+    }))
+}
+
+fn write_json(mut w: &TcpStream, code: u16, reason: &str, body: &Value) -> Result<()> {
+    let text = body.to_string();
+    write!(
+        w,
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
+        text.len()
+    )?;
+    w.flush()?;
+    Ok(())
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    })
+}
+
+fn serve_connection(stream: &TcpStream, shared: &Shared) -> Result<()> {
+    let mut reader = BufReader::new(stream);
+    while let Some(req) = read_request(&mut reader)? {
+        let watch = matches!(
+            req.query.get("watch").map(String::as_str),
+            Some("true" | "1")
+        );
+        if let Some(resource) = Resource::from_path(&req.path)
+            && req.method == "GET"
+        {
+            let name_filter = req
+                .query
+                .get("fieldSelector")
+                .and_then(|f| f.strip_prefix("metadata.name="))
+                .map(str::to_owned);
+            if watch {
+                serve_watch(stream, shared, resource, &req, name_filter.as_deref())?;
+            } else {
+                serve_list(stream, shared, resource, name_filter.as_deref())?;
+            }
+            continue;
+        }
+        write_json(
+            stream,
+            404,
+            "Not Found",
+            &status(
+                404,
+                "NotFound",
+                &format!("{} {} is not served here", req.method, req.path),
+            ),
+        )?;
+    }
+    Ok(())
+}
+
+fn with_type(resource: Resource, mut object: Value) -> Value {
+    object["kind"] = json!(resource.kind());
+    object["apiVersion"] = json!(resource.api_version());
+    object
+}
+
+fn serve_list(
+    stream: &TcpStream,
+    shared: &Shared,
+    resource: Resource,
+    name: Option<&str>,
+) -> Result<()> {
+    let mut st = shared.lock();
+    *st.counters
+        .lists
+        .entry(resource.kind().to_owned())
+        .or_default() += 1;
+    let items: Vec<Value> = st
+        .objects
+        .get(&resource)
+        .into_iter()
+        .flat_map(|m| m.iter())
+        .filter(|((_, n), _)| name.is_none_or(|want| n == want))
+        .map(|(_, o)| with_type(resource, o.clone()))
+        .collect();
+    let body = json!({
+        "kind": format!("{}List", resource.kind()),
+        "apiVersion": resource.api_version(),
+        "metadata": { "resourceVersion": st.rv.to_string() },
+        "items": items,
+    });
+    drop(st);
+    write_json(stream, 200, "OK", &body)
+}
+
+fn chunk(mut w: &TcpStream, line: &Value) -> std::io::Result<()> {
+    let text = format!("{line}\n");
+    write!(w, "{:x}\r\n{text}\r\n", text.len())?;
+    w.flush()
+}
+
+fn end_chunks(mut w: &TcpStream) {
+    let _ = write!(w, "0\r\n\r\n");
+    let _ = w.flush();
+}
+
+fn serve_watch(
+    stream: &TcpStream,
+    shared: &Shared,
+    resource: Resource,
+    req: &Request,
+    name: Option<&str>,
+) -> Result<()> {
+    let from: u64 = req
+        .query
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let bookmarks = req.query.get("allowWatchBookmarks").map(String::as_str) == Some("true");
+    let timeout = req
+        .query
+        .get("timeoutSeconds")
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::from_secs(1800));
+    let mut w = stream;
+    write!(
+        w,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )?;
+    w.flush()?;
+    let end = Instant::now() + timeout;
+    let mut st = shared.lock();
+    *st.counters
+        .watches
+        .entry(resource.kind().to_owned())
+        .or_default() += 1;
+    let epoch = st.epoch;
+    // resourceVersion 0 or absent means "from now" here; the watcher always passes the
+    // version of its list or of its last event.
+    let mut sent_rv = if from == 0 { st.rv } else { from };
+    if from != 0 && from < st.oldest_rv {
+        st.counters.expired += 1;
+        let oldest = st.oldest_rv;
+        drop(st);
+        let _ = chunk(
+            w,
+            &json!({"type": "ERROR", "object": status(410, "Expired", &format!("too old resource version: {from} ({oldest})"))}),
+        );
+        end_chunks(w);
+        return Ok(());
+    }
+    let mut last_bookmark = Instant::now();
+    loop {
+        if st.epoch != epoch || st.stopping {
+            let expired = st.expired_epoch > epoch;
+            if expired {
+                st.counters.expired += 1;
+            }
+            drop(st);
+            if expired {
+                let _ = chunk(
+                    w,
+                    &json!({"type": "ERROR", "object": status(410, "Expired", "the watch cache was reset")}),
+                );
+            }
+            end_chunks(w);
+            return Ok(());
+        }
+        let pending: Vec<Change> = st
+            .history
+            .iter()
+            .filter(|c| c.rv > sent_rv && c.resource == resource)
+            .filter(|c| name.is_none_or(|want| c.object["metadata"]["name"] == *want))
+            .cloned()
+            .collect();
+        let now_rv = st.rv;
+        drop(st);
+        for c in pending {
+            let ev = json!({"type": c.type_, "object": with_type(resource, c.object)});
+            if chunk(w, &ev).is_err() {
+                return Ok(());
+            }
+            sent_rv = sent_rv.max(c.rv);
+        }
+        if bookmarks && last_bookmark.elapsed() >= BOOKMARK_EVERY {
+            last_bookmark = Instant::now();
+            sent_rv = sent_rv.max(now_rv);
+            let ev = json!({"type": "BOOKMARK", "object": {
+                "kind": resource.kind(),
+                "apiVersion": resource.api_version(),
+                "metadata": {"resourceVersion": sent_rv.to_string()},
+            }});
+            if chunk(w, &ev).is_err() {
+                return Ok(());
+            }
+        }
+        if Instant::now() >= end {
+            end_chunks(w);
+            return Ok(());
+        }
+        st = shared.lock();
+        // Changes may have come in while unlocked; sleep only if none did.
+        if st.rv == now_rv && st.epoch == epoch && !st.stopping {
+            let wait = BOOKMARK_EVERY
+                .min(end.saturating_duration_since(Instant::now()))
+                .max(Duration::from_millis(10));
+            st = shared
+                .cond
+                .wait_timeout(st, wait)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One request on a fresh connection; reads until the server closes or 500 ms of
+    /// silence (an open watch).
+    fn get(addr: SocketAddr, target: &str) -> (String, String) {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        write!(
+            s,
+            "GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .expect("write");
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .expect("timeout");
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+            // A plain response is complete once its Content-Length is in.
+            let text = String::from_utf8_lossy(&out);
+            if let Some((head, body)) = text.split_once("\r\n\r\n")
+                && let Some(len) = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Content-Length: "))
+                    .and_then(|l| l.trim().parse::<usize>().ok())
+                && body.len() >= len
+            {
+                break;
+            }
+        }
+        let text = String::from_utf8_lossy(&out).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        (
+            head.lines().next().unwrap_or_default().to_owned(),
+            body.to_owned(),
+        )
+    }
+
+    fn svc(name: &str) -> Value {
+        json!({"kind": "Service", "metadata": {"name": name, "namespace": "ns"}, "spec": {"clusterIP": "10.96.0.1"}})
+    }
+
+    #[test]
+    fn lists_watches_and_expires() {
+        let api = FakeApi::start().expect("start");
+        api.apply(svc("a")).expect("apply");
+        let (line, body) = get(api.addr(), "/api/v1/services?limit=500");
+        assert_eq!(line, "HTTP/1.1 200 OK");
+        let list: Value = serde_json::from_str(&body).expect("a list");
+        assert_eq!(list["items"][0]["metadata"]["name"], "a");
+        assert_eq!(list["items"][0]["kind"], "Service");
+        let rv: u64 = list["metadata"]["resourceVersion"]
+            .as_str()
+            .and_then(|v| v.parse().ok())
+            .expect("rv");
+
+        api.apply(svc("b")).expect("apply");
+        api.delete("Service", "ns", "a").expect("delete");
+        // A watch from the list's version replays both changes, then idles.
+        let (_, body) = get(
+            api.addr(),
+            &format!("/api/v1/services?watch=true&resourceVersion={rv}&timeoutSeconds=1"),
+        );
+        assert!(body.contains(r#""type":"ADDED""#), "{body}");
+        assert!(body.contains(r#""type":"DELETED""#), "{body}");
+
+        api.expire();
+        let (_, body) = get(
+            api.addr(),
+            &format!("/api/v1/services?watch=true&resourceVersion={rv}"),
+        );
+        assert!(body.contains(r#""code":410"#), "{body}");
+        // The earlier watch may still be open: it is ended with a 410 too.
+        assert!(api.counters().expired >= 1);
+        assert_eq!(api.counters().lists_of("Service"), 1);
+
+        let (line, _) = get(api.addr(), "/api/v1/pods");
+        assert_eq!(line, "HTTP/1.1 404 Not Found");
+    }
+
+    #[test]
+    fn stop_refuses_and_restart_serves_the_same_objects() {
+        let mut api = FakeApi::start().expect("start");
+        api.apply(json!({"kind": "Node", "metadata": {"name": "n1"}}))
+            .expect("apply");
+        api.apply(json!({"kind": "Node", "metadata": {"name": "n2"}}))
+            .expect("apply");
+        api.stop();
+        assert!(TcpStream::connect(api.addr()).is_err());
+        api.restart().expect("restart");
+        let (_, body) = get(api.addr(), "/api/v1/nodes?fieldSelector=metadata.name%3Dn2");
+        let list: Value = serde_json::from_str(&body).expect("a list");
+        assert_eq!(list["items"].as_array().map(Vec::len), Some(1));
+        assert_eq!(list["items"][0]["metadata"]["name"], "n2");
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(
+            percent_decode("metadata.name%3Dnode-1"),
+            "metadata.name=node-1"
+        );
+        assert_eq!(percent_decode("a%2"), "a%2");
+        assert_eq!(percent_decode("a%zz"), "a%zz");
+    }
+}
