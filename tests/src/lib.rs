@@ -20,6 +20,7 @@
 //! Every name this process creates starts with [`names::run_prefix`], so a leftover
 //! check can find exactly this run's objects.
 pub mod agent;
+pub mod bench;
 pub mod bpffs;
 pub mod bpfquery;
 pub mod cgroup;

@@ -1,0 +1,264 @@
+//! The few BPF system calls the bench needs, made directly (no loader library):
+//! - read svc-lb's pinned maps, to see the moment the datapath stops picking a backend;
+//! - switch the kernel's per-program run-time statistics on for a measured window.
+use std::{
+    collections::BTreeMap,
+    ffi::CString,
+    net::{Ipv4Addr, SocketAddrV4},
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
+    path::Path,
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use svc_lb_common::{Backend, MAP_BACKENDS, MAP_SVC4, PROTO_TCP, SCOPE_ALL, Svc4Key, SvcValue};
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_ENABLE_STATS: libc::c_long = 32;
+const BPF_STATS_RUN_TIME: u32 = 0;
+
+fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
+    // SAFETY: `attr` is a fully initialised, correctly sized prefix of `union bpf_attr`
+    // for `cmd`; the kernel reads it and writes only the fields the command defines.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T,
+            std::mem::size_of::<T>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+fn owned(fd: libc::c_long) -> Result<OwnedFd> {
+    let fd = i32::try_from(fd).context("fd out of range")?;
+    // SAFETY: the kernel just returned this descriptor to us and nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    _pad: u32,
+}
+
+/// Opens a pinned object.
+pub fn obj_get(path: &Path) -> Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes()).context("path with NUL")?;
+    let mut attr = ObjGetAttr {
+        pathname: c.as_ptr() as u64,
+        ..Default::default()
+    };
+    let fd =
+        sys_bpf(BPF_OBJ_GET, &mut attr).with_context(|| format!("open pin {}", path.display()))?;
+    owned(fd)
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LookupAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// Looks `key` up; `Ok(false)` when absent.
+fn lookup<K: bytemuck::Pod, V: bytemuck::Pod>(
+    map: &OwnedFd,
+    key: &K,
+    value: &mut V,
+) -> Result<bool> {
+    let mut attr = LookupAttr {
+        map_fd: u32::try_from(map.as_raw_fd()).context("fd")?,
+        key: key as *const K as u64,
+        value: value as *mut V as u64,
+        ..Default::default()
+    };
+    match sys_bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e).context("BPF_MAP_LOOKUP_ELEM"),
+    }
+}
+
+/// svc-lb's service and backend maps, opened from the agent's pin directory.
+pub struct SvcLbMaps {
+    svc4: OwnedFd,
+    backends: OwnedFd,
+}
+
+impl SvcLbMaps {
+    pub fn open(bpffs: &Path) -> Result<Self> {
+        Ok(Self {
+            svc4: obj_get(&bpffs.join(MAP_SVC4))?,
+            backends: obj_get(&bpffs.join(MAP_BACKENDS))?,
+        })
+    }
+
+    /// The backends the datapath can pick for a TCP frontend right now: the master
+    /// slot's count, then slots 1..=count and their backend entries. A few map lookups,
+    /// so this can be polled every few hundred microseconds.
+    pub fn tcp_backends(&self, vip: Ipv4Addr, port: u16) -> Result<Vec<SocketAddrV4>> {
+        let mut key = Svc4Key {
+            addr_be: u32::from_ne_bytes(vip.octets()),
+            port_be: port.to_be(),
+            slot: 0,
+            proto: PROTO_TCP,
+            scope: SCOPE_ALL,
+            _pad: [0; 2],
+        };
+        let mut master: SvcValue = bytemuck::Zeroable::zeroed();
+        if !lookup(&self.svc4, &key, &mut master)? {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::with_capacity(master.count as usize);
+        for slot in 1..=master.count {
+            key.slot = u16::try_from(slot).context("slot out of range")?;
+            let mut v: SvcValue = bytemuck::Zeroable::zeroed();
+            if !lookup(&self.svc4, &key, &mut v)? {
+                continue;
+            }
+            let mut b: Backend = bytemuck::Zeroable::zeroed();
+            if lookup(&self.backends, &v.backend_id, &mut b)? {
+                out.push(SocketAddrV4::new(
+                    Ipv4Addr::from(b.addr_be[0].to_ne_bytes()),
+                    u16::from_be(b.port_be),
+                ));
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[repr(C)]
+struct EnableStatsAttr {
+    kind: u32,
+}
+
+/// While this lives, the kernel accounts run time and run count for every BPF program.
+/// It holds the descriptor of BPF_ENABLE_STATS: the kernel turns the statistics off
+/// again when the last such descriptor closes, including when this process is killed,
+/// so the switch can never stay on by accident. Where that command is unavailable it
+/// falls back to the `kernel.bpf_stats_enabled` sysctl and restores the old value on drop.
+pub enum StatsGuard {
+    Fd(#[allow(dead_code)] OwnedFd),
+    Sysctl { old: String },
+}
+
+const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl StatsGuard {
+    pub fn enable() -> Result<Self> {
+        let mut attr = EnableStatsAttr {
+            kind: BPF_STATS_RUN_TIME,
+        };
+        match sys_bpf(BPF_ENABLE_STATS, &mut attr) {
+            Ok(fd) => Ok(Self::Fd(owned(fd)?)),
+            Err(_) => {
+                let old = std::fs::read_to_string(STATS_SYSCTL)
+                    .with_context(|| format!("read {STATS_SYSCTL}"))?
+                    .trim()
+                    .to_owned();
+                std::fs::write(STATS_SYSCTL, "1")
+                    .with_context(|| format!("write {STATS_SYSCTL}"))?;
+                Ok(Self::Sysctl { old })
+            }
+        }
+    }
+}
+
+impl Drop for StatsGuard {
+    fn drop(&mut self) {
+        if let Self::Sysctl { old } = self
+            && let Err(e) = std::fs::write(STATS_SYSCTL, old.as_bytes())
+        {
+            eprintln!("svclb-bench: teardown: restore {STATS_SYSCTL}: {e}");
+        }
+    }
+}
+
+/// Run statistics of one program.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProgStats {
+    pub name: String,
+    pub run_cnt: u64,
+    pub run_time_ns: u64,
+}
+
+/// The programs attached to `cgroup` (by id → name), from `bpftool cgroup show`.
+pub fn cgroup_programs(cgroup: &Path) -> Result<BTreeMap<u64, String>> {
+    let out = crate::cmd::run(
+        "bpftool",
+        [
+            "-j".as_ref(),
+            "cgroup".as_ref(),
+            "show".as_ref(),
+            cgroup.as_os_str(),
+        ],
+    )?;
+    if out.trim().is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let v: Value = serde_json::from_str(out.trim()).context("parse `bpftool cgroup show`")?;
+    let mut m = BTreeMap::new();
+    for p in v.as_array().map(Vec::as_slice).unwrap_or_default() {
+        if let (Some(id), Some(name)) = (p["id"].as_u64(), p["name"].as_str()) {
+            m.insert(id, name.to_owned());
+        }
+    }
+    Ok(m)
+}
+
+/// Current run statistics of the given programs (`bpftool prog show id N`).
+pub fn prog_stats(ids: &BTreeMap<u64, String>) -> Result<BTreeMap<u64, ProgStats>> {
+    let mut out = BTreeMap::new();
+    for (id, name) in ids {
+        let text = crate::cmd::run("bpftool", ["-j", "prog", "show", "id", &id.to_string()])?;
+        let v: Value = serde_json::from_str(text.trim()).context("parse `bpftool prog show`")?;
+        out.insert(
+            *id,
+            ProgStats {
+                name: name.clone(),
+                // bpftool leaves both fields out while they are zero.
+                run_cnt: v["run_cnt"].as_u64().unwrap_or(0),
+                run_time_ns: v["run_time_ns"].as_u64().unwrap_or(0),
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// `after − before` per program; fails if a program vanished in between (the agent
+/// swapped it), because the difference would then be meaningless.
+pub fn delta(
+    before: &BTreeMap<u64, ProgStats>,
+    after: &BTreeMap<u64, ProgStats>,
+) -> Result<Vec<ProgStats>> {
+    let mut out = Vec::new();
+    for (id, a) in after {
+        let Some(b) = before.get(id) else {
+            bail!("program {id} ({}) appeared during the window", a.name);
+        };
+        out.push(ProgStats {
+            name: a.name.clone(),
+            run_cnt: a.run_cnt.saturating_sub(b.run_cnt),
+            run_time_ns: a.run_time_ns.saturating_sub(b.run_time_ns),
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,642 @@
+//! The Markdown report: goals, method, one table per measurement. Every row carries
+//! the ratio to direct and to iptables (or says why it cannot), and every number the
+//! spread over its repetitions.
+use std::fmt::Write as _;
+
+use super::{
+    results::{LoadOutcome, Metric, Mode, Results},
+    stats::{self, Summary},
+    workload::{HOT_ENDPOINTS, SERVICES_PER_FILE},
+};
+
+/// Groups of three digits, separated by a thin space: 12 345.
+fn int(x: f64) -> String {
+    let v = x.round() as i64;
+    let s = v.abs().to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push('\u{202f}');
+        }
+        out.push(c);
+    }
+    if v < 0 { format!("-{out}") } else { out }
+}
+
+fn n_label(n: usize) -> String {
+    int(n as f64)
+}
+
+/// A duration in seconds, in the unit that suits it.
+fn dur(s: f64) -> String {
+    if s < 1e-3 {
+        format!("{:.0} µs", s * 1e6)
+    } else if s < 1.0 {
+        format!("{:.1} ms", s * 1e3)
+    } else {
+        format!("{s:.2} s")
+    }
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.2}×", a / b)
+    } else {
+        "—".into()
+    }
+}
+
+fn pm_rate(s: &Summary) -> String {
+    format!("{} ± {}", int(s.mean), int(s.sd))
+}
+
+fn pm_dur(s: &Summary) -> String {
+    if s.n > 1 {
+        format!("{} ± {}", dur(s.mean), dur(s.sd))
+    } else {
+        dur(s.mean)
+    }
+}
+
+fn load_note(r: &Results, n: usize, mode: Mode) -> Option<String> {
+    r.load(n, mode).and_then(LoadOutcome::why_not)
+}
+
+/// The ratio of the means of `a` and `b`, with the spread of the per-repetition ratios
+/// (repetition i of both ran back to back, so their ratio cancels the machine's drift).
+fn rate_ratio(a: &[f64], b: &[f64]) -> String {
+    rate_ratio_prec(a, b, 2)
+}
+
+fn rate_ratio_prec(a: &[f64], b: &[f64], prec: usize) -> String {
+    let (Some(sa), Some(sb)) = (stats::summarize(a), stats::summarize(b)) else {
+        return "—".into();
+    };
+    let paired: Vec<f64> = a
+        .iter()
+        .zip(b)
+        .filter(|(_, y)| **y > 0.0)
+        .map(|(x, y)| x / y)
+        .collect();
+    match stats::summarize(&paired) {
+        Some(p) if p.n > 1 => format!("{:.prec$}× (±{:.2})", sa.mean / sb.mean, p.sd),
+        _ if sb.mean > 0.0 => format!("{:.prec$}×", sa.mean / sb.mean),
+        _ => "—".into(),
+    }
+}
+
+fn rate_table(out: &mut String, r: &Results, metric: Metric) {
+    let unit = metric.unit();
+    let _ = writeln!(out, "### {}\n", metric.title());
+    let _ = writeln!(
+        out,
+        "| N | mode | {unit} (mean ± sd) | reps | × direct | × iptables | failed |\n|---:|---|---:|---:|---:|---:|---:|"
+    );
+    for n in r.scales() {
+        let samples = |mode: Mode| r.rate(metric, n, mode).map(|c| c.samples.as_slice());
+        let direct = samples(Mode::Direct);
+        let ipt = samples(Mode::Iptables);
+        for mode in Mode::ALL {
+            let label = if mode == Mode::Direct && metric == Metric::TcpNonService {
+                "direct (= VIP row)".to_owned()
+            } else {
+                mode.name().to_owned()
+            };
+            match (r.rate(metric, n, mode), load_note(r, n, mode)) {
+                (_, Some(why)) => {
+                    let _ = writeln!(out, "| {} | {label} | {why} | | | | |", n_label(n));
+                }
+                (Some(c), None) => {
+                    let Some(s) = stats::summarize(&c.samples) else {
+                        continue;
+                    };
+                    let vs_direct = direct.map_or("—".into(), |d| rate_ratio(&c.samples, d));
+                    let vs_ipt = ipt.map_or("—".into(), |i| rate_ratio(&c.samples, i));
+                    let _ = writeln!(
+                        out,
+                        "| {} | {label} | {} | {} | {vs_direct} | {vs_ipt} | {} |",
+                        n_label(n),
+                        pm_rate(&s),
+                        s.n,
+                        c.failed
+                    );
+                }
+                (None, None) => {}
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\nRatios are ratios of the means; in parentheses, the standard deviation of the ratio taken \
+         repetition by repetition.\n"
+    );
+}
+
+fn sync_table(out: &mut String, r: &Results) {
+    let _ = writeln!(out, "### Full sync time\n");
+    let _ = writeln!(
+        out,
+        "Lower is better. svc-lb: from the agent's `maps open` log line (BPF object loaded, ready to read its source) \
+         to its first `sync applied` (every Service in the maps); the last columns give the same sync measured from the \
+         agent's process start (which adds loading and verifying the programs) and the agent's own `duration_us` for \
+         model + plan + map writes (the rest is reading and parsing the manifest files). iptables: `iptables-restore` \
+         of the whole nat table into an empty one. nftables: `nft -f` of the whole table into none. Direct has no control \
+         plane, so its ratio is n/a.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| N | mode | time (mean ± sd) | reps | × direct | × iptables | svc-lb: process start → synced | svc-lb: model+plan+maps |\n|---:|---|---:|---:|---:|---:|---:|---:|"
+    );
+    for n in r.scales() {
+        let ipt = r
+            .sync(n, Mode::Iptables)
+            .and_then(|c| stats::summarize(&c.samples_s))
+            .filter(|_| {
+                r.load(n, Mode::Iptables)
+                    .is_some_and(LoadOutcome::is_loaded)
+            });
+        for mode in [Mode::SvcLb, Mode::Iptables, Mode::Nftables] {
+            let Some(c) = r.sync(n, mode) else { continue };
+            if let Some(why) = c.outcome.why_not() {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | **{why}** | | n/a | | | |",
+                    n_label(n),
+                    mode.name()
+                );
+                continue;
+            }
+            let Some(s) = stats::summarize(&c.samples_s) else {
+                continue;
+            };
+            let vs_ipt = ipt.map_or("—".into(), |i| ratio(s.mean, i.mean));
+            let start = stats::summarize(&c.start_to_sync_s)
+                .map(|x| pm_dur(&x))
+                .unwrap_or_default();
+            let agent: Vec<f64> = c.agent_sync_us.iter().map(|u| *u as f64 / 1e6).collect();
+            let agent = stats::summarize(&agent)
+                .map(|x| pm_dur(&x))
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | n/a | {vs_ipt} | {start} | {agent} |",
+                n_label(n),
+                mode.name(),
+                pm_dur(&s),
+                s.n
+            );
+        }
+    }
+    out.push('\n');
+}
+
+fn prop_table(out: &mut String, r: &Results) {
+    let _ = writeln!(out, "### Propagation latency of one endpoint removal\n");
+    let _ = writeln!(
+        out,
+        "Lower is better. One backend is removed from the measured Service (then put back, untimed) with N Services \
+         loaded. svc-lb: from just before the new manifest file is renamed into the watched directory until svc-lb's \
+         pinned service map, read directly every 100 µs, no longer lists the removed backend for the measured frontend. \
+         iptables and nftables: the partial sync kube-proxy would apply (`iptables-restore --noflush` rewriting the \
+         Service's KUBE-SVC chains and deleting the stale KUBE-SEP chains; `nft -f -` rewriting the service chains' \
+         dispatch and deleting the stale endpoint chains), from the start of the command to its exit, which comes \
+         after the kernel committed the transaction. The baselines have no watcher in front of them, so their numbers \
+         leave out what kube-proxy adds (its informer, and its `minSyncPeriod`, 1 s by default): they are lower \
+         bounds. After the last removal a 300 ms probe of real connections checks that the removed backend answers none.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| N | mode | p50 | p99 | mean ± sd | samples | timeouts | × direct | × iptables (p50 / p99) | probe: removed backend hits | svc-lb: sync part (p50) |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for n in r.scales() {
+        let ipt = r.prop(n, Mode::Iptables);
+        let ipt_p = ipt.map(|c| {
+            (
+                stats::percentile(&c.samples_ms, 50.0),
+                stats::percentile(&c.samples_ms, 99.0),
+            )
+        });
+        for mode in [Mode::SvcLb, Mode::Iptables, Mode::Nftables] {
+            if let Some(why) = load_note(r, n, mode) {
+                if r.load(n, mode).is_some() {
+                    let _ = writeln!(
+                        out,
+                        "| {} | {} | not measured: {why} | | | | | n/a | | | |",
+                        n_label(n),
+                        mode.name()
+                    );
+                }
+                continue;
+            }
+            let Some(c) = r.prop(n, mode) else { continue };
+            let p50 = stats::percentile(&c.samples_ms, 50.0);
+            let p99 = stats::percentile(&c.samples_ms, 99.0);
+            let ms = |x: Option<f64>| x.map_or("—".into(), |v| dur(v / 1e3));
+            let mean = stats::summarize(&c.samples_ms)
+                .map(|s| format!("{} ± {}", dur(s.mean / 1e3), dur(s.sd / 1e3)))
+                .unwrap_or_default();
+            let vs = match (ipt_p, p50, p99) {
+                (Some((Some(i50), Some(i99))), Some(a), Some(b)) => {
+                    format!("{} / {}", ratio(a, i50), ratio(b, i99))
+                }
+                _ => "—".into(),
+            };
+            let hits = match (c.removed_hits, c.probe_ok) {
+                (Some(h), Some(ok)) => format!("{h} of {ok}"),
+                _ => "—".into(),
+            };
+            let sync: Vec<f64> = c.agent_sync_us.iter().map(|u| *u as f64).collect();
+            let sync = stats::percentile(&sync, 50.0).map_or(String::new(), |u| dur(u / 1e6));
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {mean} | {} | {} | n/a | {vs} | {hits} | {sync} |",
+                n_label(n),
+                mode.name(),
+                ms(p50),
+                ms(p99),
+                c.samples_ms.len(),
+                c.timeouts
+            );
+        }
+    }
+    out.push('\n');
+}
+
+fn memory_table(out: &mut String, r: &Results) {
+    let _ = writeln!(out, "### Agent resident memory\n");
+    let _ = writeln!(
+        out,
+        "svc-lb's agent process right after each full sync (`VmRSS` and its peak `VmHWM` from /proc/PID/status). The \
+         BPF maps themselves are kernel memory and not part of it; the baselines have no agent process here (kube-proxy \
+         would be one), so there is nothing to compare with: the ratios are n/a.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| N | VmRSS (mean ± sd) | VmHWM (mean) | samples | × direct | × iptables |\n|---:|---:|---:|---:|---:|---:|"
+    );
+    for m in &r.memory {
+        let rss: Vec<f64> = m.rss_kib.iter().map(|k| *k as f64 / 1024.0).collect();
+        let hwm: Vec<f64> = m.hwm_kib.iter().map(|k| *k as f64 / 1024.0).collect();
+        if let (Some(a), Some(b)) = (stats::summarize(&rss), stats::summarize(&hwm)) {
+            let _ = writeln!(
+                out,
+                "| {} | {:.1} ± {:.1} MiB | {:.1} MiB | {} | n/a | n/a |",
+                n_label(m.n),
+                a.mean,
+                a.sd,
+                b.mean,
+                a.n
+            );
+        }
+    }
+    out.push('\n');
+}
+
+fn bpf_table(out: &mut String, r: &Results) {
+    let _ = writeln!(out, "### BPF per-call cost\n");
+    let _ = writeln!(
+        out,
+        "Run time divided by run count of each svc-lb program, from the kernel's BPF statistics, over a window of \
+         svc-lb traffic of its own kind (the statistics are switched on only for these windows, through \
+         `BPF_ENABLE_STATS`, whose descriptor switches them off again when closed). `tcp-vip` exercises connect4 on a \
+         Service (lookup, slot pick, backend lookup, reverse-NAT entry, rewrite); `tcp-non-service` the miss path; \
+         `udp-vip` sendmsg4 and recvmsg4. There is no iptables or direct equivalent, so the ratios are n/a.\n\n\
+         tc/XDP nanoseconds per packet (BPF_PROG_TEST_RUN with repeat) are **not measured**: svc-lb has no tc/XDP \
+         program yet (the external path is on the roadmap).\n"
+    );
+    let _ = writeln!(
+        out,
+        "| N | traffic | program | calls | ns per call | × direct | × iptables |\n|---:|---|---|---:|---:|---:|---:|"
+    );
+    for b in &r.bpf {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | n/a | n/a |",
+            n_label(b.n),
+            b.window,
+            b.program,
+            int(b.run_cnt as f64),
+            b.ns_per_call().map_or("—".into(), |v| format!("{v:.0}"))
+        );
+    }
+    out.push('\n');
+}
+
+/// One goal: what it asks, what was measured, whether it holds (`None`: not measured).
+struct Goal {
+    what: &'static str,
+    measured: String,
+    met: Option<bool>,
+}
+
+fn goals(r: &Results) -> Vec<Goal> {
+    let mut g = Vec::new();
+    // VIP rate ≥ 0.97× direct at every N.
+    let ratios: Vec<(usize, f64, String)> = r
+        .scales()
+        .into_iter()
+        .filter_map(|n| {
+            let a = &r.rate(Metric::TcpVip, n, Mode::SvcLb)?.samples;
+            let d = &r.rate(Metric::TcpVip, n, Mode::Direct)?.samples;
+            let x = stats::summarize(a)?.mean / stats::summarize(d)?.mean;
+            Some((n, x, rate_ratio_prec(a, d, 3)))
+        })
+        .collect();
+    g.push(match ratios.iter().min_by(|a, b| a.1.total_cmp(&b.1)) {
+        Some((n, worst, _)) => Goal {
+            what: "VIP connection rate ≥ 0.97× direct at every N",
+            measured: format!(
+                "{} (worst at N = {})",
+                ratios
+                    .iter()
+                    .map(|(n, _, s)| format!("{s} at {}", n_label(*n)))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                n_label(*n)
+            ),
+            met: Some(*worst >= 0.97),
+        },
+        None => Goal {
+            what: "VIP connection rate ≥ 0.97× direct at every N",
+            measured: "not measured".into(),
+            met: None,
+        },
+    });
+    let at10k = |f: &dyn Fn(usize) -> Option<(String, bool)>| f(10_000);
+    let vs_ipt = at10k(&|n| {
+        let a = &r.rate(Metric::TcpVip, n, Mode::SvcLb)?.samples;
+        let i = &r.rate(Metric::TcpVip, n, Mode::Iptables)?.samples;
+        let x = stats::summarize(a)?.mean / stats::summarize(i)?.mean;
+        Some((format!("{} iptables", rate_ratio(a, i)), x >= 3.0))
+    });
+    g.push(Goal {
+        what: "VIP connection rate ≥ 3× iptables at 10 000 Services",
+        measured: vs_ipt
+            .as_ref()
+            .map_or("not measured".into(), |x| x.0.clone()),
+        met: vs_ipt.map(|x| x.1),
+    });
+    let sync = at10k(&|n| {
+        let c = r.sync(n, Mode::SvcLb)?;
+        let s = stats::summarize(&c.samples_s)?;
+        let agent: Vec<f64> = c.agent_sync_us.iter().map(|u| *u as f64 / 1e6).collect();
+        let part = stats::summarize(&agent).map_or(String::new(), |a| {
+            format!("; model + plan + map writes {}", dur(a.mean))
+        });
+        Some((
+            format!("{} (mean of {}{part})", dur(s.mean), s.n),
+            s.mean <= 0.2,
+        ))
+    });
+    g.push(Goal {
+        what: "full sync of 10 000 Services ≤ 0.2 s",
+        measured: sync.as_ref().map_or("not measured".into(), |x| x.0.clone()),
+        met: sync.map(|x| x.1),
+    });
+    let prop = at10k(&|n| {
+        let c = r.prop(n, Mode::SvcLb)?;
+        let p99 = stats::percentile(&c.samples_ms, 99.0)?;
+        let ok = p99 <= 10.0 && c.timeouts == 0;
+        Some((
+            format!(
+                "p99 {} over {} removals",
+                dur(p99 / 1e3),
+                c.samples_ms.len()
+            ),
+            ok,
+        ))
+    });
+    g.push(Goal {
+        what: "propagation p99 ≤ 10 ms at 10 000 Services",
+        measured: prop.as_ref().map_or("not measured".into(), |x| x.0.clone()),
+        met: prop.map(|x| x.1),
+    });
+    let connect: Vec<(usize, f64)> = r
+        .bpf
+        .iter()
+        .filter(|b| b.window == "tcp-vip" && b.program.contains("connect4"))
+        .filter_map(|b| Some((b.n, b.ns_per_call()?)))
+        .collect();
+    g.push(match connect.iter().max_by(|a, b| a.1.total_cmp(&b.1)) {
+        Some((n, worst)) => Goal {
+            what: "connect4 ≤ 250 ns per call (on a Service)",
+            measured: format!("worst {worst:.0} ns at N = {}", n_label(*n)),
+            met: Some(*worst <= 250.0),
+        },
+        None => Goal {
+            what: "connect4 ≤ 250 ns per call (on a Service)",
+            measured: "not measured".into(),
+            met: None,
+        },
+    });
+    let mem = r.memory.iter().find(|m| m.n == 10_000).and_then(|m| {
+        let v: Vec<f64> = m.rss_kib.iter().map(|k| *k as f64 / 1024.0).collect();
+        stats::summarize(&v)
+    });
+    g.push(Goal {
+        what: "agent memory ≤ 64 MiB at 10 000 Services",
+        measured: mem.map_or("not measured".into(), |s| {
+            format!("{:.1} MiB VmRSS", s.mean)
+        }),
+        met: mem.map(|s| s.mean <= 64.0),
+    });
+    g
+}
+
+/// How many goals were missed (for the closing line of the run).
+pub fn missed_goals(r: &Results) -> Vec<String> {
+    goals(r)
+        .into_iter()
+        .filter(|g| g.met == Some(false))
+        .map(|g| format!("{}: {}", g.what, g.measured))
+        .collect()
+}
+
+fn method(out: &mut String, r: &Results) {
+    let s = &r.meta.settings;
+    let _ = writeln!(
+        out,
+        "## What was measured, and how\n\n\
+         - **Topology.** Three backend network namespaces, each running one server process (4 accept threads, \
+         2 UDP threads) that answers every request with its one-byte id. Every mode has a client namespace of \
+         its own with no default route, linked to the same three backends by its own veth pairs: direct and \
+         svc-lb share one, iptables and nftables have one each, so that one mode's rules and conntrack never \
+         tax another mode's packets. Clients of svc-lb run in the cgroup its programs are attached to; all other \
+         clients run in a sibling cgroup with nothing attached. Traffic never leaves these namespaces.\n\
+         - **Services.** N Services with 3 ready endpoints each (N ∈ {scales}), plus one hot Service with \
+         {HOT_ENDPOINTS} endpoints. Only the *measured* Service (TCP 80 → 8080, UDP 53 → 8053, sitting in the \
+         middle of the Service order, where an average Service sits in iptables' linear KUBE-SERVICES chain) and \
+         the hot one have live endpoints; the other endpoints are distinct unroutable pod addresses. svc-lb reads \
+         them as JSON `kind: List` manifests, {SERVICES_PER_FILE} Services per file, the measured Service in a \
+         file of its own.\n\
+         - **Modes.** *direct*: the client dials the backend addresses itself (round robin over the measured \
+         Service's 3, or the hot Service's {HOT_ENDPOINTS}); this is the limit. *svc-lb*: socket-level \
+         translation of the VIP by its cgroup programs. *iptables*: kube-proxy's iptables layout in the nat \
+         table (KUBE-SERVICES with one rule per Service port and the KUBE-NODEPORTS rule last, a KUBE-SVC chain \
+         per Service port with `statistic --mode random` rules, a KUBE-SEP chain per endpoint with the DNAT), \
+         loaded with `iptables-restore` and hooked into OUTPUT as kube-proxy does for host clients. *nftables*: \
+         kube-proxy's nftables layout (a `service-ips` verdict map keyed on address . protocol . port, a chain \
+         per Service port dispatching with `numgen random mod n vmap` to endpoint chains that DNAT), loaded with \
+         `nft -f`. Both baselines leave out the filter-table rules, which only matter for Services without \
+         endpoints. In their namespaces conntrack's TIME_WAIT and UDP timeouts are lowered to 10 s so that the \
+         global conntrack table cannot fill during the run; that does not change the work per new connection.\n\
+         - **Priority.** The bench and everything it starts run at nice {nice}, so that other work on the \
+         machine disturbs them less; that applies to every mode alike.\n\
+         - **Rates.** A load-generator process joins the mode's cgroup and namespace, then runs {threads} threads \
+         for {dur} ms after a {warm} ms warm-up; only attempts that finish inside the window count. TCP: connect, \
+         send 1 byte, read the 1-byte reply and the server's FIN, close (the server closes first, so the client \
+         keeps no TIME_WAIT). UDP: a new socket per request, sendto, recvfrom, close. {reps} repetitions; every \
+         repetition runs every loaded mode once and the order of the modes rotates, so drift in the machine's \
+         load hits every mode alike. The tables give mean ± sample standard deviation over the repetitions and \
+         the ratio of means.\n\
+         - **Full sync.** Into an empty datapath each time (svc-lb: a fresh agent on empty maps). A load is \
+         bounded at {lt} s; one that does not finish is recorded as such with the time spent, and the mode has \
+         no other numbers at that N. A load is repeated (up to 3 times) only while one takes under {rb} s.\n\
+         - **Propagation.** {ps} removals per mode and N ({psl} at 100 000 and more); see the table for how each is \
+         timed. p50/p99 are nearest-rank percentiles, so with few samples p99 is the worst sample.\n\
+         - **BPF cost and memory**: see their tables.\n",
+        scales = s
+            .scales
+            .iter()
+            .map(|n| n_label(*n))
+            .collect::<Vec<_>>()
+            .join(", "),
+        threads = s.threads,
+        dur = s.duration_ms,
+        warm = s.warmup_ms,
+        reps = s.reps,
+        lt = s.load_timeout_s,
+        rb = s.repeat_load_below_s,
+        ps = s.prop_samples,
+        psl = s.prop_samples_large,
+        nice = super::NICE,
+    );
+}
+
+/// "24684096 kB" → "23.5 GiB".
+fn gib(meminfo: &str) -> String {
+    meminfo
+        .split_whitespace()
+        .next()
+        .and_then(|k| k.parse::<f64>().ok())
+        .map_or_else(
+            || meminfo.to_owned(),
+            |k| format!("{:.1} GiB", k / 1024.0 / 1024.0),
+        )
+}
+
+/// The whole report. `plot` is the plot's path relative to the report; `notes` is
+/// appended as the closing notes.
+pub fn render(r: &Results, plot: Option<&str>, notes: Option<&str>) -> String {
+    let m = &r.meta;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# svc-lb benchmarks\n\n\
+         <!-- Generated by svclb-bench (tests/src/bench); the closing notes come from bench/NOTES.md. -->\n\n\
+         - **Run:** {date}, `{cmd}` (profile `{profile}`{only}), {mins:.1} min.\n\
+         - **Machine:** {nproc} CPUs ({cpu}), Linux {kernel}, {mem} RAM; load average {la0} at the start, {la1} at the \
+         end (1, 5, 15 min). The machine is shared: the load average shows how much other work ran.\n\
+         - **Tools:** {ipt}; {nft}.\n\n\
+         **Read the ratios, not the absolute numbers.** All modes ran side by side on the same machine, on the same \
+         backends and load generator, with their repetitions interleaved, so the ratios between them hold on a noisy \
+         machine. The absolute numbers hold only for this machine at this moment: everything (clients, backends, \
+         kernel networking) shares {nproc} CPUs.\n",
+        date = m.date,
+        cmd = m.command,
+        profile = m.settings.profile,
+        only = m
+            .settings
+            .only
+            .as_ref()
+            .map_or(String::new(), |o| format!(", only `{o}`")),
+        mins = m.elapsed_s / 60.0,
+        nproc = m.machine.nproc,
+        cpu = m.machine.cpu,
+        kernel = m.machine.kernel,
+        mem = gib(&m.machine.mem_total),
+        la0 = m.machine.loadavg_start,
+        la1 = m.machine.loadavg_end,
+        ipt = m.machine.iptables,
+        nft = m.machine.nft,
+    );
+    let _ = writeln!(
+        out,
+        "## Goals\n\nThe goals are reported here; they are not test assertions.\n"
+    );
+    let _ = writeln!(out, "| goal | measured | met |\n|---|---|---|");
+    for g in goals(r) {
+        let met = match g.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "not measured",
+        };
+        let _ = writeln!(out, "| {} | {} | {met} |", g.what, g.measured);
+    }
+    out.push('\n');
+    method(&mut out, r);
+    let _ = writeln!(out, "## Results\n");
+    if let Some(p) = plot {
+        let _ = writeln!(
+            out,
+            "![TCP connection rate against N for every mode]({p})\n\n\
+             *Connection rate against the number of Services (log scale), mean ± sd. A mode that did not load at \
+             some N has no point there.*\n"
+        );
+    }
+    let rates_present = |m: Metric| r.rates.iter().any(|c| c.metric == m);
+    for metric in Metric::ALL {
+        if rates_present(metric) {
+            rate_table(&mut out, r, metric);
+        }
+    }
+    if !r.syncs.is_empty() && r.meta.settings.only.as_deref().is_none_or(|o| o == "sync") {
+        sync_table(&mut out, r);
+    }
+    if !r.props.is_empty() {
+        prop_table(&mut out, r);
+    }
+    if !r.memory.is_empty()
+        && r.meta
+            .settings
+            .only
+            .as_deref()
+            .is_none_or(|o| o == "memory")
+    {
+        memory_table(&mut out, r);
+    }
+    if !r.bpf.is_empty() {
+        bpf_table(&mut out, r);
+    }
+    if !r.errors.is_empty() {
+        let _ = writeln!(
+            out,
+            "### Errors during the run\n\nThese measurements failed; the run went on without them.\n"
+        );
+        for e in &r.errors {
+            let _ = writeln!(out, "- {e}");
+        }
+        out.push('\n');
+    }
+    if let Some(notes) = notes {
+        let _ = writeln!(out, "## Closing notes\n\n{}", notes.trim());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_read_well() {
+        assert_eq!(int(12_345.4), "12\u{202f}345");
+        assert_eq!(int(999.0), "999");
+        assert_eq!(int(1_000_000.0), "1\u{202f}000\u{202f}000");
+        assert_eq!(dur(0.000_25), "250 µs");
+        assert_eq!(dur(0.0123), "12.3 ms");
+        assert_eq!(dur(2.5), "2.50 s");
+        assert_eq!(ratio(3.0, 2.0), "1.50×");
+        assert_eq!(ratio(3.0, 0.0), "—");
+    }
+}

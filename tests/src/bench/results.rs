@@ -1,0 +1,288 @@
+//! What a bench run measured, kept raw (every sample) and written as JSON next to the
+//! report, so that any table can be recomputed later.
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::stats::{self, Summary};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    Direct,
+    SvcLb,
+    Iptables,
+    Nftables,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 4] = [Mode::Direct, Mode::SvcLb, Mode::Iptables, Mode::Nftables];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::SvcLb => "svc-lb",
+            Mode::Iptables => "iptables",
+            Mode::Nftables => "nftables",
+        }
+    }
+}
+
+/// The rate measurements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Metric {
+    /// TCP connect/1-byte request/1-byte reply/close through the measured Service's VIP.
+    TcpVip,
+    /// The same to a backend address directly, which is not a Service: what the rules
+    /// cost every other new connection.
+    TcpNonService,
+    /// Through the hot Service (100 endpoints).
+    TcpHot,
+    /// UDP request/reply through the VIP, a new socket per request.
+    UdpVip,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 4] = [
+        Metric::TcpVip,
+        Metric::TcpNonService,
+        Metric::TcpHot,
+        Metric::UdpVip,
+    ];
+
+    pub fn title(self) -> &'static str {
+        match self {
+            Metric::TcpVip => "TCP connection rate through the VIP",
+            Metric::TcpNonService => "TCP connection rate to a destination that is not a Service",
+            Metric::TcpHot => "TCP connection rate through the hot Service (100 endpoints)",
+            Metric::UdpVip => "UDP request/response rate through the VIP",
+        }
+    }
+
+    pub fn unit(self) -> &'static str {
+        match self {
+            Metric::UdpVip => "req/s",
+            _ => "conn/s",
+        }
+    }
+}
+
+/// How loading a scale point into a mode ended.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "kebab-case")]
+pub enum LoadOutcome {
+    Loaded,
+    TimedOut {
+        after_s: f64,
+    },
+    Failed {
+        after_s: f64,
+        error: String,
+    },
+    /// Not tried: it could not finish within the bound (see the reason).
+    NotAttempted {
+        reason: String,
+    },
+}
+
+impl LoadOutcome {
+    pub fn is_loaded(&self) -> bool {
+        matches!(self, LoadOutcome::Loaded)
+    }
+
+    /// Why a mode has no numbers at this scale, for the tables.
+    pub fn why_not(&self) -> Option<String> {
+        match self {
+            LoadOutcome::Loaded => None,
+            LoadOutcome::TimedOut { after_s } => {
+                Some(format!("did not load within {after_s:.0} s"))
+            }
+            LoadOutcome::Failed { after_s, error } => {
+                Some(format!("load failed after {after_s:.1} s: {error}"))
+            }
+            LoadOutcome::NotAttempted { reason } => Some(format!("not attempted: {reason}")),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RateCell {
+    pub metric: Metric,
+    pub n: usize,
+    pub mode: Mode,
+    /// One rate per repetition (successful attempts per second).
+    pub samples: Vec<f64>,
+    /// Failed attempts over all repetitions.
+    pub failed: u64,
+    /// Failure kind → count.
+    pub failures: BTreeMap<String, u64>,
+    /// Which backend answered, over all repetitions.
+    pub replies: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SyncCell {
+    pub n: usize,
+    pub mode: Mode,
+    /// Full sync times, seconds (svc-lb: from "maps open" to the first "sync applied").
+    pub samples_s: Vec<f64>,
+    /// svc-lb: agent process start to the first "sync applied", seconds.
+    pub start_to_sync_s: Vec<f64>,
+    /// svc-lb: the sync's own `duration_us` (model + plan + map writes).
+    pub agent_sync_us: Vec<u64>,
+    pub outcome: LoadOutcome,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PropCell {
+    pub n: usize,
+    pub mode: Mode,
+    /// Removal latencies, milliseconds.
+    pub samples_ms: Vec<f64>,
+    /// Removals not visible within the deadline.
+    pub timeouts: usize,
+    /// Connections answered by the removed backend in a probe right after a removal
+    /// (must be 0).
+    pub removed_hits: Option<u64>,
+    /// Probe connections made for that check.
+    pub probe_ok: Option<u64>,
+    /// svc-lb: `duration_us` of the sync that applied each removal.
+    pub agent_sync_us: Vec<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MemCell {
+    pub n: usize,
+    /// VmRSS right after each full sync, KiB.
+    pub rss_kib: Vec<u64>,
+    /// VmHWM (peak RSS) at the same moments, KiB.
+    pub hwm_kib: Vec<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BpfCell {
+    pub n: usize,
+    /// The traffic of the window: "tcp-vip", "tcp-non-service" or "udp-vip".
+    pub window: String,
+    pub program: String,
+    pub run_cnt: u64,
+    pub run_time_ns: u64,
+}
+
+impl BpfCell {
+    pub fn ns_per_call(&self) -> Option<f64> {
+        (self.run_cnt > 0).then(|| self.run_time_ns as f64 / self.run_cnt as f64)
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Machine {
+    pub nproc: usize,
+    pub kernel: String,
+    pub cpu: String,
+    pub mem_total: String,
+    pub loadavg_start: String,
+    pub loadavg_end: String,
+    pub iptables: String,
+    pub nft: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Settings {
+    pub profile: String,
+    pub scales: Vec<usize>,
+    pub reps: usize,
+    pub duration_ms: u64,
+    pub warmup_ms: u64,
+    pub threads: usize,
+    pub load_timeout_s: u64,
+    pub repeat_load_below_s: u64,
+    pub prop_samples: usize,
+    pub prop_samples_large: usize,
+    pub bpf_window_ms: u64,
+    pub only: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Meta {
+    pub date: String,
+    pub command: String,
+    pub machine: Machine,
+    pub settings: Settings,
+    pub elapsed_s: f64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Results {
+    pub meta: Meta,
+    pub loads: Vec<(usize, Mode, LoadOutcome)>,
+    pub rates: Vec<RateCell>,
+    pub syncs: Vec<SyncCell>,
+    pub props: Vec<PropCell>,
+    pub memory: Vec<MemCell>,
+    pub bpf: Vec<BpfCell>,
+    /// Measurements that failed (the run went on without them).
+    #[serde(default)]
+    pub errors: Vec<String>,
+}
+
+impl Results {
+    pub fn load(&self, n: usize, mode: Mode) -> Option<&LoadOutcome> {
+        self.loads
+            .iter()
+            .find(|(nn, m, _)| *nn == n && *m == mode)
+            .map(|(_, _, o)| o)
+    }
+
+    pub fn rate(&self, metric: Metric, n: usize, mode: Mode) -> Option<&RateCell> {
+        // Direct has no rules, so its "non-Service" destination is the same measurement
+        // as its VIP row (the backends' own addresses).
+        let metric = if mode == Mode::Direct && metric == Metric::TcpNonService {
+            Metric::TcpVip
+        } else {
+            metric
+        };
+        self.rates
+            .iter()
+            .find(|c| c.metric == metric && c.n == n && c.mode == mode)
+    }
+
+    pub fn rate_mut(&mut self, metric: Metric, n: usize, mode: Mode) -> &mut RateCell {
+        if let Some(i) = self
+            .rates
+            .iter()
+            .position(|c| c.metric == metric && c.n == n && c.mode == mode)
+        {
+            return &mut self.rates[i];
+        }
+        self.rates.push(RateCell {
+            metric,
+            n,
+            mode,
+            samples: Vec::new(),
+            failed: 0,
+            failures: BTreeMap::new(),
+            replies: BTreeMap::new(),
+        });
+        let last = self.rates.len() - 1;
+        &mut self.rates[last]
+    }
+
+    pub fn rate_summary(&self, metric: Metric, n: usize, mode: Mode) -> Option<Summary> {
+        self.rate(metric, n, mode)
+            .and_then(|c| stats::summarize(&c.samples))
+    }
+
+    pub fn sync(&self, n: usize, mode: Mode) -> Option<&SyncCell> {
+        self.syncs.iter().find(|c| c.n == n && c.mode == mode)
+    }
+
+    pub fn prop(&self, n: usize, mode: Mode) -> Option<&PropCell> {
+        self.props.iter().find(|c| c.n == n && c.mode == mode)
+    }
+
+    pub fn scales(&self) -> Vec<usize> {
+        self.meta.settings.scales.clone()
+    }
+}
