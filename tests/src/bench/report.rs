@@ -59,7 +59,7 @@ fn pm_dur(s: &Summary) -> String {
 }
 
 fn load_note(r: &Results, n: usize, mode: Mode) -> Option<String> {
-    r.load(n, mode).and_then(LoadOutcome::why_not)
+    r.load(n, mode).and_then(LoadOutcome::why_not_short)
 }
 
 /// The ratio of the means of `a` and `b`, with the spread of the per-repetition ratios
@@ -221,7 +221,7 @@ fn prop_table(out: &mut String, r: &Results) {
                 if r.load(n, mode).is_some() {
                     let _ = writeln!(
                         out,
-                        "| {} | {} | not measured: {why} | | | | | n/a | | | |",
+                        "| {} | {} | {why} | | | | | n/a | | | |",
                         n_label(n),
                         mode.name()
                     );

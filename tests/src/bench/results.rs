@@ -91,6 +91,16 @@ impl LoadOutcome {
         matches!(self, LoadOutcome::Loaded)
     }
 
+    /// [`Self::why_not`] in a few words, for the tables other than the sync table.
+    pub fn why_not_short(&self) -> Option<String> {
+        match self {
+            LoadOutcome::NotAttempted { .. } => {
+                Some("not loaded: not attempted (see the full sync table)".into())
+            }
+            other => other.why_not(),
+        }
+    }
+
     /// Why a mode has no numbers at this scale, for the tables.
     pub fn why_not(&self) -> Option<String> {
         match self {
