@@ -462,7 +462,13 @@ fn method(out: &mut String, r: &Results) {
          its own with no default route, linked to the same three backends by its own veth pairs: direct and \
          svc-lb share one, iptables and nftables have one each, so that one mode's rules and conntrack never \
          tax another mode's packets. Clients of svc-lb run in the cgroup its programs are attached to; all other \
-         clients run in a sibling cgroup with nothing attached. Traffic never leaves these namespaces.\n\
+         clients run in a sibling cgroup with nothing attached. Traffic never leaves these namespaces. \
+         NAT happens after the routing decision of connect(), so the iptables and nftables namespaces \
+         route the Service range into a veth pair whose two ends are both in the namespace (on a node the \
+         default route plays this part); whatever is not translated is dropped there. The backends keep no \
+         TIME_WAIT (`tcp_max_tw_buckets` = 0): the load reuses each 4-tuple within seconds, and the \
+         timestamps of a NATed SYN would otherwise make a backend drop it as old (PAWS), an artifact of the \
+         bench rather than a cost of a mode.\n\
          - **Services.** N Services with 3 ready endpoints each (N ∈ {scales}), plus one hot Service with \
          {HOT_ENDPOINTS} endpoints. Only the *measured* Service (TCP 80 → 8080, UDP 53 → 8053, sitting in the \
          middle of the Service order, where an average Service sits in iptables' linear KUBE-SERVICES chain) and \
@@ -480,8 +486,9 @@ fn method(out: &mut String, r: &Results) {
          `nft -f`. Both baselines leave out the filter-table rules, which only matter for Services without \
          endpoints. In their namespaces conntrack's TIME_WAIT and UDP timeouts are lowered to 10 s so that the \
          global conntrack table cannot fill during the run; that does not change the work per new connection.\n\
-         - **Priority.** The bench and everything it starts run at nice {nice}, so that other work on the \
-         machine disturbs them less; that applies to every mode alike.\n\
+         - **Priority.** The bench and everything it starts run at nice {nice} (and its session's scheduler \
+         autogroup too, restored afterwards), so that other work on the machine disturbs them less; that \
+         applies to every mode alike.\n\
          - **Rates.** A load-generator process joins the mode's cgroup and namespace, then runs {threads} threads \
          for {dur} ms after a {warm} ms warm-up; only attempts that finish inside the window count. TCP: connect, \
          send 1 byte, read the 1-byte reply and the server's FIN, close (the server closes first, so the client \
@@ -491,7 +498,9 @@ fn method(out: &mut String, r: &Results) {
          the ratio of means.\n\
          - **Full sync.** Into an empty datapath each time (svc-lb: a fresh agent on empty maps). A load is \
          bounded at {lt} s; one that does not finish is recorded as such with the time spent, and the mode has \
-         no other numbers at that N. A load is repeated (up to 3 times) only while one takes under {rb} s.\n\
+         no other numbers at that N. A load is repeated (up to 3 times) only while one takes under {rb} s. \
+         A load predicted (from the two scale points before it) to take over 4× the bound is not started, \
+         because nft runs its whole transaction in one system call that cannot be interrupted.\n\
          - **Propagation.** {ps} removals per mode and N ({psl} at 100 000 and more); see the table for how each is \
          timed. p50/p99 are nearest-rank percentiles, so with few samples p99 is the worst sample.\n\
          - **BPF cost and memory**: see their tables.\n",
