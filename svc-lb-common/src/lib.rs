@@ -9,6 +9,7 @@
 use bytemuck::{Pod, Zeroable};
 
 pub mod lookup;
+pub mod maglev;
 pub use lookup::{Choice, Stickiness, choose_backend};
 
 /// Map names. They are also the pin file names under the bpffs directory. The `_V1`
@@ -21,7 +22,8 @@ pub const MAP_BACKENDS: &str = "LB_BACKENDS_V1";
 pub const MAP_REVNAT: &str = "LB_REVNAT_V1";
 pub const MAP_SOCK_RNAT4: &str = "LB_SKRNAT4_V1";
 pub const MAP_SOCK_RNAT6: &str = "LB_SKRNAT6_V1";
-pub const MAP_COUNTERS: &str = "LB_COUNTERS_V1";
+/// V2: 64 counters (the external path added its own).
+pub const MAP_COUNTERS: &str = "LB_COUNTERS_V2";
 /// New connections per frontend (keyed by rev-NAT id) and per backend id, per CPU.
 pub const MAP_FE_STATS: &str = "LB_FESTATS_V1";
 pub const MAP_BE_STATS: &str = "LB_BESTATS_V1";
@@ -34,8 +36,28 @@ pub const MAP_AFFINITY: &str = "LB_AFFINITY_V1";
 /// Which (backend, frontend) pairs an affinity entry may point at; written by the agent.
 pub const MAP_AFF_MATCH: &str = "LB_AFFMATCH_V1";
 
+// ---- External path (tc / XDP on the node's devices) ----
+/// BPF conntrack of the external path: [`CtKey`] → [`CtValue`], LRU, written by the tc
+/// and XDP programs, listed by `svc-lb conntrack`.
+pub const MAP_CT: &str = "LB_CT_V1";
+/// Maglev lookup tables: rev-NAT id of an external frontend → [`MaglevTable`]. Written
+/// by the agent before the frontend's master entry points at it.
+pub const MAP_MAGLEV: &str = "LB_MAGLEV_V1";
+/// Session affinity of external clients: [`AffinityExtKey`] (source IP, frontend) →
+/// [`AffinityValue`]. LRU, written by the tc/XDP programs.
+pub const MAP_AFFINITY_EXT: &str = "LB_AFFEXT_V1";
+/// `spec.loadBalancerSourceRanges`: LPM tries keyed by (rev-NAT id, source prefix).
+pub const MAP_SRC_RANGE4: &str = "LB_SRCRNG4_V1";
+pub const MAP_SRC_RANGE6: &str = "LB_SRCRNG6_V1";
+/// The node addresses that serve NodePorts ([`NodeAddrKey`] → `u32` flags), after
+/// `--nodeport-addresses` filtering. A NodePort frontend is stored once per port with
+/// the unspecified address; it matches a packet only when its destination is here.
+pub const MAP_NODE_ADDR: &str = "LB_NODEADDR_V1";
+/// One-entry array holding [`ExtConfig`], written by the agent.
+pub const MAP_CONFIG: &str = "LB_CONFIG_V1";
+
 /// Every map the agent pins, in the order `list`/`status` show them.
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 19] = [
     MAP_SVC4,
     MAP_SVC6,
     MAP_BACKENDS,
@@ -48,6 +70,13 @@ pub const ALL_MAPS: [&str; 12] = [
     MAP_SVC_META,
     MAP_AFFINITY,
     MAP_AFF_MATCH,
+    MAP_CT,
+    MAP_MAGLEV,
+    MAP_AFFINITY_EXT,
+    MAP_SRC_RANGE4,
+    MAP_SRC_RANGE6,
+    MAP_NODE_ADDR,
+    MAP_CONFIG,
 ];
 
 /// Default capacities. Service and backend maps are created without preallocation, so
@@ -60,6 +89,15 @@ pub const SOCK_RNAT_MAP_MAX: u32 = 1 << 18;
 /// first when it is full, which costs only stickiness, never correctness.
 pub const AFFINITY_MAP_MAX: u32 = 1 << 16;
 pub const AFF_MATCH_MAP_MAX: u32 = 1 << 20;
+/// Conntrack entries (each external flow uses two: forward and reply). LRU: when full,
+/// the least recently used flow is forgotten.
+pub const CT_MAP_MAX: u32 = 1 << 18;
+/// External frontends that can hold a Maglev table (64 KiB each at the largest size;
+/// the map is not preallocated).
+pub const MAGLEV_MAP_MAX: u32 = 1 << 14;
+pub const AFFINITY_EXT_MAP_MAX: u32 = 1 << 16;
+pub const SRC_RANGE_MAP_MAX: u32 = 1 << 16;
+pub const NODE_ADDR_MAP_MAX: u32 = 1 << 10;
 
 /// `SvcMeta.kind`: how a frontend address came to be.
 pub const KIND_CLUSTER_IP: u8 = 1;
@@ -80,6 +118,10 @@ pub const PROG_RECVMSG4: &str = "svclb_recvmsg4";
 pub const PROG_RECVMSG6: &str = "svclb_recvmsg6";
 pub const PROG_GETPEER4: &str = "svclb_getpeer4";
 pub const PROG_GETPEER6: &str = "svclb_getpeer6";
+/// tc (TCX) programs on the node's devices, and the XDP program (`--xdp`).
+pub const PROG_TC_INGRESS: &str = "svclb_tc_in";
+pub const PROG_TC_EGRESS: &str = "svclb_tc_out";
+pub const PROG_XDP: &str = "svclb_xdp";
 
 pub const SOCK_PROGRAMS: [&str; 8] = [
     PROG_CONNECT4,
@@ -100,16 +142,32 @@ pub const PROTO_SCTP: u8 = 132;
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
 
-/// `SvcKey.scope`: which clients a frontend entry serves. Socket-level lookups use
-/// `SCOPE_ALL`; the external path may add node-local entries later.
+/// `SvcKey.scope`: which clients a frontend entry serves. The socket programs (clients
+/// on this node) look up `SCOPE_ALL`; the tc/XDP programs (clients outside the node)
+/// look up `SCOPE_EXTERNAL`, whose backends follow `externalTrafficPolicy`.
 pub const SCOPE_ALL: u8 = 0;
+pub const SCOPE_EXTERNAL: u8 = 1;
 
 /// `SvcValue.flags` bits.
 pub const SVC_FLAG_AFFINITY: u16 = 1 << 0;
+/// External frontend with `loadBalancerSourceRanges`: a source must match an entry of
+/// `LB_SRCRNG4/6_V1` for this rev-NAT id, or the packet is dropped.
+pub const SVC_FLAG_SRC_RANGES: u16 = 1 << 1;
+/// External frontend of an `externalTrafficPolicy: Local` Service: the client's address
+/// is preserved (never SNAT), and when `count == 0` while other nodes have endpoints the
+/// packet is dropped (kube-proxy's rule) rather than rejected.
+pub const SVC_FLAG_EXT_LOCAL: u16 = 1 << 2;
+/// Set with `count == 0` on an `SVC_FLAG_EXT_LOCAL` frontend whose Service has endpoints
+/// on other nodes: drop instead of answering ICMP port unreachable.
+pub const SVC_FLAG_DROP_EMPTY: u16 = 1 << 3;
 
 /// `Backend.state`.
 pub const BACKEND_ACTIVE: u8 = 0;
 pub const BACKEND_TERMINATING: u8 = 1;
+/// `Backend.flags`: the endpoint runs on this node (`nodeName == --node-name`). External
+/// traffic to a local backend is only DNATed; to a remote one it is also SNATed to the
+/// node's address so the reply comes back through this node.
+pub const BACKEND_FLAG_LOCAL: u8 = 1 << 0;
 
 /// Key of the IPv4 service map. `slot == 0` is the master entry that holds the backend
 /// count; slots `1..=count` each hold one backend id.
@@ -161,7 +219,9 @@ pub struct Backend {
     pub proto: u8,
     pub family: u8,
     pub state: u8,
-    pub _pad: [u8; 3],
+    /// `BACKEND_FLAG_*` (was padding in the first layout, so old pins read as 0).
+    pub flags: u8,
+    pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<Backend>() == 24);
 
@@ -269,6 +329,130 @@ pub struct SockRevNat6Value {
 }
 const _: () = assert!(core::mem::size_of::<SockRevNat6Value>() == 24);
 
+/// Conntrack key of the external path, in the byte order of the wire. One map serves
+/// both families (IPv4 uses word 0 of the addresses, the rest is zero).
+/// - `CT_DIR_FORWARD`: the packet as the client sent it (client → frontend).
+/// - `CT_DIR_REPLY`: the backend's reply as it arrives at this node (backend → client,
+///   or backend → node address and SNAT port when the flow was SNATed).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct CtKey {
+    pub saddr_be: [u32; 4],
+    pub daddr_be: [u32; 4],
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub dir: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
+
+pub const CT_DIR_FORWARD: u8 = 0;
+pub const CT_DIR_REPLY: u8 = 1;
+
+/// Conntrack value.
+/// - Forward entry: `backend_id` and the backend's address/port (`nat_*`: a reused id
+///   pointing at another address is detected and the flow re-chosen); `snat_*` the
+///   source the packet is rewritten to (zero when not SNATed).
+/// - Reply entry: `nat_*` is the frontend address/port to restore as the reply's source;
+///   `snat_*` is the client address/port to restore as its destination (only when the
+///   flow was SNATed, `CT_FLAG_SNAT`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct CtValue {
+    /// Monotonic time (`bpf_ktime_get_ns`) after which the entry is ignored.
+    pub expires_ns: u64,
+    pub backend_id: u32,
+    pub rev_nat_id: u32,
+    pub nat_addr_be: [u32; 4],
+    pub snat_addr_be: [u32; 4],
+    pub nat_port_be: u16,
+    pub snat_port_be: u16,
+    /// `CT_FLAG_*`.
+    pub flags: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<CtValue>() == 56);
+
+pub const CT_FLAG_SNAT: u8 = 1 << 0;
+/// A FIN or RST was seen: the entry now lives only `CT_TCP_CLOSE_TIMEOUT_S`.
+pub const CT_FLAG_CLOSING: u8 = 1 << 1;
+/// The backend answered at least once.
+pub const CT_FLAG_SEEN_REPLY: u8 = 1 << 2;
+
+/// Conntrack lifetimes, refreshed by every packet of the flow.
+pub const CT_TCP_TIMEOUT_S: u64 = 21_600;
+pub const CT_TCP_CLOSE_TIMEOUT_S: u64 = 10;
+pub const CT_TCP_SYN_TIMEOUT_S: u64 = 60;
+pub const CT_UDP_TIMEOUT_S: u64 = 60;
+
+/// Largest Maglev table (a prime). `--maglev-table-size` may choose a smaller prime.
+pub const MAGLEV_TABLE_MAX: usize = 16_381;
+pub const MAGLEV_DEFAULT_SIZE: u32 = 16_381;
+
+/// Value of `LB_MAGLEV_V1`: backend ids; only the first `ExtConfig.maglev_size` are used.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct MaglevTable {
+    pub backend_ids: [u32; MAGLEV_TABLE_MAX],
+}
+
+/// Key of the external affinity map: the client's source address and the frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct AffinityExtKey {
+    pub addr_be: [u32; 4],
+    pub rev_nat_id: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<AffinityExtKey>() == 24);
+
+/// Data of the source-range LPM keys: the rev-NAT id (big-endian, so that it is the
+/// leading, always fully matched 32 bits) then the source prefix. The LPM prefix length
+/// is `32 + prefix`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct SrcRange4Key {
+    pub rev_nat_id_be: u32,
+    pub addr_be: u32,
+}
+const _: () = assert!(core::mem::size_of::<SrcRange4Key>() == 8);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct SrcRange6Key {
+    pub rev_nat_id_be: u32,
+    pub addr_be: [u32; 4],
+}
+const _: () = assert!(core::mem::size_of::<SrcRange6Key>() == 20);
+
+/// Key of `LB_NODEADDR_V1`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct NodeAddrKey {
+    pub addr_be: [u32; 4],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<NodeAddrKey>() == 20);
+
+/// The agent's settings for the external path (entry 0 of `LB_CONFIG_V1`). Zero
+/// addresses mean "no SNAT address of this family": flows that would need SNAT are
+/// dropped and counted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct ExtConfig {
+    pub snat4_be: u32,
+    pub snat6_be: [u32; 4],
+    /// Maglev table size in use (a prime ≤ `MAGLEV_TABLE_MAX`).
+    pub maglev_size: u32,
+    pub flags: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<ExtConfig>() == 32);
+
 /// Indexes of the per-CPU counter array. Drops and errors are counted here rather
 /// than logged, so the hot path never formats anything.
 pub const CTR_SOCK_XLATED: u32 = 0;
@@ -284,10 +468,17 @@ pub const CTR_SOCK_AFF_HIT: u32 = 6;
 pub const CTR_SOCK_AFF_STALE: u32 = 7;
 /// Session affinity: the choice could not be remembered (map update failed).
 pub const CTR_SOCK_AFF_UPDATE_FAIL: u32 = 8;
-pub const COUNTERS_MAX: u32 = 16;
+/// External path (tc/XDP). The eBPF helper adds the rest of its reasons here.
+pub const CTR_EXT_FORWARDED: u32 = 16;
+pub const CTR_EXT_REPLY_XLATED: u32 = 17;
+pub const CTR_EXT_REJECT_NO_BACKEND: u32 = 18;
+pub const CTR_EXT_DROP_NO_LOCAL: u32 = 19;
+pub const CTR_EXT_DROP_SRC_RANGE: u32 = 20;
+pub const CTR_EXT_CT_UPDATE_FAIL: u32 = 21;
+pub const COUNTERS_MAX: u32 = 64;
 
 /// Counter names for the CLI and metrics, indexed like the `CTR_*` constants.
-pub const COUNTER_NAMES: [(u32, &str); 9] = [
+pub const COUNTER_NAMES: [(u32, &str); 15] = [
     (CTR_SOCK_XLATED, "sock_translated"),
     (CTR_SOCK_NO_BACKEND, "sock_rejected_no_backend"),
     (CTR_SOCK_SLOT_MISS, "sock_error_slot_missing"),
@@ -297,6 +488,12 @@ pub const COUNTER_NAMES: [(u32, &str); 9] = [
     (CTR_SOCK_AFF_HIT, "sock_affinity_hit"),
     (CTR_SOCK_AFF_STALE, "sock_affinity_stale"),
     (CTR_SOCK_AFF_UPDATE_FAIL, "sock_error_affinity_update"),
+    (CTR_EXT_FORWARDED, "ext_forwarded"),
+    (CTR_EXT_REPLY_XLATED, "ext_reply_translated"),
+    (CTR_EXT_REJECT_NO_BACKEND, "ext_rejected_no_backend"),
+    (CTR_EXT_DROP_NO_LOCAL, "ext_dropped_no_local_endpoint"),
+    (CTR_EXT_DROP_SRC_RANGE, "ext_dropped_source_range"),
+    (CTR_EXT_CT_UPDATE_FAIL, "ext_error_conntrack_update"),
 ];
 
 /// Slot chosen for a new connection: uniform over `1..=count`. Both the eBPF programs
@@ -330,6 +527,14 @@ mod user {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for AffinityMatchKey {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for MaglevTable {}
+    unsafe impl aya::Pod for AffinityExtKey {}
+    unsafe impl aya::Pod for SrcRange4Key {}
+    unsafe impl aya::Pod for SrcRange6Key {}
+    unsafe impl aya::Pod for NodeAddrKey {}
+    unsafe impl aya::Pod for ExtConfig {}
 }
 
 #[cfg(test)]
@@ -351,7 +556,12 @@ mod tests {
 
     #[test]
     fn map_names_fit_kernel_object_names() {
-        for name in ALL_MAPS.iter().chain(SOCK_PROGRAMS.iter()) {
+        let ext = [PROG_TC_INGRESS, PROG_TC_EGRESS, PROG_XDP];
+        for name in ALL_MAPS
+            .iter()
+            .chain(SOCK_PROGRAMS.iter())
+            .chain(ext.iter())
+        {
             assert!(name.len() <= 15, "{name} is longer than BPF_OBJ_NAME_LEN-1");
         }
     }

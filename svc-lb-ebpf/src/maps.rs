@@ -33,7 +33,7 @@ pub static LB_SKRNAT6_V1: LruHashMap<SockRevNat6Key, SockRevNat6Value, { 1 << 18
     LruHashMap::new();
 
 #[btf_map]
-pub static LB_COUNTERS_V1: PerCpuArray<u64, 16> = PerCpuArray::new();
+pub static LB_COUNTERS_V2: PerCpuArray<u64, 64> = PerCpuArray::new();
 
 /// Per-CPU new-connection counts. Entries are created here on first use and deleted by
 /// the agent together with the frontend or backend they count, so a reused id starts

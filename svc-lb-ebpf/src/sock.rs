@@ -19,7 +19,7 @@ use svc_lb_common::{
 };
 
 use crate::maps::{
-    LB_AFFINITY_V1, LB_AFFMATCH_V1, LB_BACKENDS_V1, LB_BESTATS_V1, LB_COUNTERS_V1, LB_FESTATS_V1,
+    LB_AFFINITY_V1, LB_AFFMATCH_V1, LB_BACKENDS_V1, LB_BESTATS_V1, LB_COUNTERS_V2, LB_FESTATS_V1,
     LB_SKRNAT4_V1, LB_SKRNAT6_V1, LB_SVC4_V1, LB_SVC6_V1,
 };
 
@@ -35,7 +35,7 @@ pub enum Family {
 
 #[inline(always)]
 fn count(index: u32) {
-    if let Some(c) = LB_COUNTERS_V1.get_ptr_mut(index) {
+    if let Some(c) = LB_COUNTERS_V2.get_ptr_mut(index) {
         // Per-CPU slot: no other writer can race with this increment.
         unsafe { *c += 1 };
     }

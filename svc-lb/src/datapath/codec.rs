@@ -145,7 +145,8 @@ pub fn backend_raw(b: &BackendEntry) -> Backend {
         proto: b.addr.proto,
         family: family_of(b.addr.addr),
         state: b.state,
-        _pad: [0; 3],
+        flags: 0,
+        _pad: [0; 2],
     }
 }
 
