@@ -32,7 +32,9 @@ use super::{
 use crate::plan::{Capacity, CurrentState, Op};
 
 /// The eBPF object, built by build.rs through aya-build: the agent is one binary.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/svclb"));
+/// The eBPF object (all programs and maps), built by build.rs. Public for the packet
+/// tests, which load it themselves to run programs through BPF_PROG_TEST_RUN.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/svclb"));
 
 /// Default pin directory.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/svc-lb";
