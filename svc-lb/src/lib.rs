@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod cli;
 pub mod datapath;
+pub mod hcnp;
 pub mod health;
 pub mod inspect;
 pub mod metrics;
