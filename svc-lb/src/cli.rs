@@ -1,4 +1,4 @@
-//! Command-line interface: `agent`, `list`, `trace`, `status`, `cleanup`.
+//! Command-line interface: `agent`, `list`, `conntrack`, `trace`, `status`, `cleanup`.
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -103,6 +103,17 @@ pub enum Command {
         #[arg(long, default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
         /// Only the frontends of this Service (NAMESPACE/NAME).
+        #[arg(long, value_name = "NAMESPACE/NAME")]
+        service: Option<String>,
+    },
+    /// Show the flows of the external path (NodePort, LoadBalancer and external IPs)
+    /// from the pinned conntrack map: client, frontend, backend, SNAT, flags, lifetime.
+    Conntrack {
+        #[arg(short, long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+        /// Only the flows of this Service (NAMESPACE/NAME).
         #[arg(long, value_name = "NAMESPACE/NAME")]
         service: Option<String>,
     },
@@ -247,6 +258,35 @@ pub fn run(cli: Cli) -> Result<()> {
                     Output::Text => inspect::list::render_text(&entries),
                     Output::Json => inspect::list::render_json(&entries)?,
                     Output::Yaml => inspect::list::render_yaml(&entries)?,
+                }
+            );
+            Ok(())
+        }
+        Command::Conntrack {
+            output,
+            bpffs,
+            service,
+        } => {
+            let service = service
+                .as_deref()
+                .map(inspect::list::parse_service)
+                .transpose()?;
+            let entries = inspect::conntrack::read_entries(&bpffs)?;
+            let meta = PinnedMaps::open(&bpffs)?.meta()?;
+            let mut table =
+                inspect::conntrack::flows(&entries, &meta, inspect::trace::monotonic_ns());
+            if let Some(s) = &service {
+                table.flows.retain(|f| {
+                    f.namespace.as_deref() == Some(s.namespace.as_str())
+                        && f.service.as_deref() == Some(s.name.as_str())
+                });
+            }
+            print!(
+                "{}",
+                match output {
+                    Output::Text => inspect::conntrack::render_text(&table),
+                    Output::Json => inspect::conntrack::render_json(&table)?,
+                    Output::Yaml => inspect::conntrack::render_yaml(&table)?,
                 }
             );
             Ok(())

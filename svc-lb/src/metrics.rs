@@ -59,6 +59,8 @@ struct AgentMetrics {
     last_sync_ok: Gauge,
     watch_restarts: Family<Labels, Counter>,
     skipped: Family<Labels, Gauge>,
+    healthcheck_bind_errors: Counter,
+    healthcheck_ports: Gauge,
 }
 
 fn agent() -> &'static AgentMetrics {
@@ -73,6 +75,8 @@ fn agent() -> &'static AgentMetrics {
         last_sync_ok: Gauge::default(),
         watch_restarts: Family::default(),
         skipped: Family::default(),
+        healthcheck_bind_errors: Counter::default(),
+        healthcheck_ports: Gauge::default(),
     })
 }
 
@@ -116,6 +120,18 @@ pub fn set_skipped(unreadable: usize, invalid: usize, map_full: usize) {
             .get_or_create(&vec![("reason", reason.to_owned())])
             .set(n as i64);
     }
+}
+
+/// A healthCheckNodePort could not be bound (see [`crate::hcnp`]).
+pub fn healthcheck_bind_failed() {
+    agent().healthcheck_bind_errors.inc();
+}
+
+/// healthCheckNodePorts with an open listener.
+pub fn set_healthcheck_ports(n: usize) {
+    agent()
+        .healthcheck_ports
+        .set(i64::try_from(n).unwrap_or(i64::MAX));
 }
 
 /// What one scrape read from bpffs. Reading happens before encoding, on a blocking
@@ -543,6 +559,16 @@ pub fn render(data: ScrapeData) -> Result<String> {
         "svclb_skipped_objects",
         "Objects the last sync left out, by reason (unreadable, invalid, map_full)",
         m.skipped.clone(),
+    );
+    reg.register(
+        "svclb_healthcheck_bind_errors",
+        "Attempts to open a healthCheckNodePort that failed (port taken or address missing); retried at every sync",
+        m.healthcheck_bind_errors.clone(),
+    );
+    reg.register(
+        "svclb_healthcheck_node_ports",
+        "healthCheckNodePorts served by this agent",
+        m.healthcheck_ports.clone(),
     );
     let build = Family::<Labels, Gauge>::default();
     build
