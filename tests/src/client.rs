@@ -382,3 +382,24 @@ fn udp_connected_attempt(
         peer: Some(peer),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_carries_the_id_and_optionally_the_address_the_server_saw() {
+        let (id, seen) = reply_id(b"a1 10.250.0.100:40000\n").ok().unwrap();
+        assert_eq!(id, "a1");
+        assert_eq!(seen, Some("10.250.0.100:40000".parse().unwrap()));
+        let (id, seen) = reply_id(b"b1 [fd00:250::1]:1").ok().unwrap();
+        assert_eq!(
+            (id.as_str(), seen),
+            ("b1", Some("[fd00:250::1]:1".parse().unwrap()))
+        );
+        // Servers without --with-peer answer the bare id, as before.
+        let (id, seen) = reply_id(b"c").ok().unwrap();
+        assert_eq!((id.as_str(), seen), ("c", None));
+        assert!(reply_id(b"  ").is_err());
+    }
+}

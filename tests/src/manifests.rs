@@ -457,4 +457,35 @@ mod tests {
         assert_eq!(docs.matches("kind: EndpointSlice").count(), 2);
         assert!(docs.contains("\n---\n"));
     }
+
+    #[test]
+    fn external_fields_node_port_ingress_and_node_name() {
+        let svc = Service::new("demo", "lb", &["10.96.0.5".parse().unwrap()])
+            .port("http", 80, TargetPort::Number(8080), Protocol::Tcp)
+            .node_port(30080)
+            .spec("type", json!("LoadBalancer"))
+            .spec("externalTrafficPolicy", json!("Local"))
+            .lb_ingress("10.253.0.1".parse().unwrap());
+        let v = svc.to_value();
+        assert_eq!(v["spec"]["type"], json!("LoadBalancer"));
+        assert_eq!(v["spec"]["externalTrafficPolicy"], json!("Local"));
+        assert_eq!(v["spec"]["ports"][0]["nodePort"], json!(30080));
+        assert_eq!(
+            v["status"]["loadBalancer"]["ingress"],
+            json!([{ "ip": "10.253.0.1", "ipMode": "VIP" }])
+        );
+        // Without the new fields the document is what it always was.
+        let plain = Service::new("demo", "web", &["10.96.0.6".parse().unwrap()])
+            .port("", 80, TargetPort::Number(8080), Protocol::Tcp)
+            .to_value();
+        assert_eq!(plain["spec"]["type"], json!("ClusterIP"));
+        assert!(plain["spec"]["ports"][0].get("nodePort").is_none());
+        assert_eq!(plain["status"], json!({ "loadBalancer": {} }));
+        let slice = EndpointSlice::new("demo", "lb", "x", false)
+            .endpoint(Endpoint::ready("10.251.1.2".parse().unwrap()).node("node-a"))
+            .endpoint(Endpoint::ready("10.251.1.3".parse().unwrap()))
+            .to_value();
+        assert_eq!(slice["endpoints"][0]["nodeName"], json!("node-a"));
+        assert_eq!(slice["endpoints"][1]["nodeName"], json!("node-1"));
+    }
 }
