@@ -548,6 +548,33 @@ fn maglev_agreement(xdp: bool) {
         );
         // The agreement means something only if the flows were spread.
         backends_are(&picks[0], &["a1", "a2", "b1"])?;
+        // And both paths (and both modes, tc and XDP) pick what the Maglev model picks:
+        // the contract's flow hash and permutations, the paper's table population over
+        // the backends sorted by address.
+        let pods = ["a1", "a2", "b1"];
+        let mut sorted: Vec<(IpAddr, &str)> =
+            pods.iter().map(|p| (lab.pod_addr(p, false), *p)).collect();
+        sorted.sort();
+        let addrs: Vec<IpAddr> = sorted.iter().map(|(a, _)| *a).collect();
+        let m: u32 = MAGLEV_SIZE.parse()?;
+        let table = maglev_table(&addrs, POD_PORT, svc_lb_common::PROTO_TCP, m);
+        let model_mismatch: Vec<_> = a
+            .iter()
+            .filter_map(|(port, pod)| {
+                let h = svc_lb_common::maglev::flow_hash(
+                    &addr_words(client_addr(false)),
+                    port.to_be(),
+                    80u16.to_be(),
+                    svc_lb_common::PROTO_TCP,
+                );
+                let want = sorted[table[(h % m) as usize]].1;
+                (want != pod).then(|| (*port, pod.clone(), want))
+            })
+            .collect();
+        ensure!(
+            model_mismatch.is_empty(),
+            "source ports whose backend differs from the Maglev model (port, got, model): {model_mismatch:?}"
+        );
         Ok(())
     });
 }
@@ -822,6 +849,51 @@ fn lab_routes_only_what_a_test_adds() {
         );
         Ok(())
     });
+}
+
+/// An address as the BPF maps hold it: network-order words, IPv4 in word 0.
+fn addr_words(addr: IpAddr) -> [u32; 4] {
+    match addr {
+        IpAddr::V4(a) => [u32::from_ne_bytes(a.octets()), 0, 0, 0],
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            [w(0), w(4), w(8), w(12)]
+        }
+    }
+}
+
+/// Maglev's table population (Eisenbud et al., NSDI 2016, "Pseudo-code 1") for
+/// `backends` in the given order: index into `backends` per slot.
+fn maglev_table(backends: &[IpAddr], port: u16, proto: u8, m: u32) -> Vec<usize> {
+    if backends.is_empty() {
+        return vec![0; m as usize];
+    }
+    let perms: Vec<(u32, u32)> = backends
+        .iter()
+        .map(|b| svc_lb_common::maglev::permutation(&addr_words(*b), port.to_be(), proto, m))
+        .collect();
+    let mut next = vec![0u32; backends.len()];
+    let mut table: Vec<Option<usize>> = vec![None; m as usize];
+    let mut filled = 0;
+    'fill: loop {
+        for (i, (offset, skip)) in perms.iter().enumerate() {
+            let mut c = ((u64::from(*offset) + u64::from(next[i]) * u64::from(*skip))
+                % u64::from(m)) as usize;
+            while table[c].is_some() {
+                next[i] += 1;
+                c = ((u64::from(*offset) + u64::from(next[i]) * u64::from(*skip)) % u64::from(m))
+                    as usize;
+            }
+            table[c] = Some(i);
+            next[i] += 1;
+            filled += 1;
+            if filled == m as usize {
+                break 'fill;
+            }
+        }
+    }
+    table.into_iter().map(|s| s.unwrap_or(0)).collect()
 }
 
 fn unix_ms() -> u64 {
