@@ -2,7 +2,7 @@
 use std::{
     fs::File,
     io::{BufRead, BufReader, Read, Write},
-    os::unix::process::CommandExt,
+    os::{fd::AsRawFd, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::{Command, ExitStatus, Stdio},
     sync::{Arc, Condvar, Mutex},
@@ -74,6 +74,17 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(config: AgentConfig) -> Result<Self> {
+        Self::start_in(config, None)
+    }
+
+    /// [`Agent::start`] with the agent inside network namespace `netns` (a node of the
+    /// two-node lab). The namespace is entered with setns between fork and exec, not with
+    /// `ip netns exec`, which would remount /sys and hide bpffs and the cgroup mount.
+    pub fn start_in_netns(config: AgentConfig, netns: &str) -> Result<Self> {
+        Self::start_in(config, Some(netns))
+    }
+
+    fn start_in(config: AgentConfig, netns: Option<&str>) -> Result<Self> {
         if !config.bin.exists() {
             bail!(
                 "agent binary {} does not exist (build it with `cargo build --release -p svc-lb`, or set SVC_LB_BIN)",
@@ -102,6 +113,23 @@ impl Agent {
         // SIGTERM (not SIGKILL) if the test process dies without running its destructors:
         // the agent then exits cleanly and leaves its pins for `cleanup`.
         procs::die_with_parent(&mut cmd, libc::SIGTERM);
+        if let Some(ns) = netns {
+            let path = Path::new(crate::netns::NETNS_RUN_DIR).join(ns);
+            let file = File::open(&path).with_context(|| format!("open {}", path.display()))?;
+            let fd = file.as_raw_fd();
+            // SAFETY: the closure runs between fork and exec and only makes the
+            // async-signal-safe setns system call on an fd that `file` keeps open until
+            // the spawn below has returned (the closure owns it).
+            unsafe {
+                cmd.pre_exec(move || {
+                    let _keep = &file;
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         if procs::own_process_group() {
             cmd.process_group(0);
         }

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::{
     errno, netns,
-    report::{ClientReport, FAILURE_SAMPLES, FailureSample, Proto},
+    report::{ClientReport, FAILURE_SAMPLES, FailureSample, Proto, TimelineEntry},
 };
 
 #[derive(Clone, Debug, clap::Args)]
@@ -46,6 +46,20 @@ pub struct ClientArgs {
     /// Print the report as one JSON line.
     #[arg(long)]
     pub json: bool,
+    /// Bind this source port (SO_REUSEADDR) instead of an ephemeral one.
+    #[arg(long)]
+    pub sport: Option<u16>,
+    /// With --sport: attempt i uses port sport + i * step (0: the same port every time).
+    #[arg(long, default_value_t = 0)]
+    pub sport_step: u16,
+    /// TCP: one connection for all attempts; each attempt is one message and its reply
+    /// (the server's long-lived mode). After a failure the connection is not reused and
+    /// every later attempt fails with BROKEN.
+    #[arg(long)]
+    pub long_lived: bool,
+    /// Record the wall-clock time and outcome of every attempt (`timeline`).
+    #[arg(long)]
+    pub timeline: bool,
 }
 
 /// Where an attempt failed.
@@ -63,8 +77,27 @@ fn at(step: &'static str) -> impl FnOnce(std::io::Error) -> Failure {
 
 struct Reply {
     id: String,
+    /// The client address the backend saw (servers started with `--with-peer`).
+    seen: Option<SocketAddr>,
     source: Option<SocketAddr>,
     peer: Option<SocketAddr>,
+}
+
+/// The source address for an attempt: the unspecified address of the target's family,
+/// with `port` (0 = ephemeral).
+fn local_addr(target: SocketAddr, port: u16) -> SocketAddr {
+    let any: IpAddr = match target {
+        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    SocketAddr::new(any, port)
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 /// Joins the cgroup, enters the namespace, runs the attempts.
@@ -87,11 +120,24 @@ pub fn run(args: &ClientArgs) -> Result<ClientReport> {
         proto: args.proto.to_string(),
         ..Default::default()
     };
+    let sport_of = |attempt: u64| -> u16 {
+        args.sport.map_or(0, |p| {
+            let off = u16::try_from(attempt)
+                .unwrap_or(u16::MAX)
+                .wrapping_mul(args.sport_step);
+            p.wrapping_add(off)
+        })
+    };
     let shared_udp = if args.one_socket && args.proto == Proto::Udp {
-        Some(udp_socket(args.target, timeout).context("create the UDP socket")?)
+        Some(udp_socket(args.target, timeout, sport_of(0)).context("create the UDP socket")?)
     } else {
         None
     };
+    if args.long_lived && args.proto != Proto::Tcp {
+        bail!("--long-lived is for TCP only");
+    }
+    let mut session: Option<TcpStream> = None;
+    let mut broken = false;
     let start = Instant::now();
     loop {
         if let Some(d) = args.duration_ms {
@@ -106,21 +152,55 @@ pub fn run(args: &ClientArgs) -> Result<ClientReport> {
         }
         let t0 = Instant::now();
         let at_ms = u64::try_from(t0.duration_since(start).as_millis()).unwrap_or(u64::MAX);
+        let sport = sport_of(report.attempts);
         let outcome = match args.proto {
-            Proto::Tcp => tcp_attempt(args.target, timeout),
+            Proto::Tcp if args.long_lived => {
+                if broken {
+                    Err(Failure {
+                        step: "session",
+                        errno: "BROKEN".into(),
+                    })
+                } else {
+                    let r = long_lived_attempt(&mut session, args.target, timeout, sport);
+                    broken = r.is_err();
+                    r
+                }
+            }
+            Proto::Tcp => tcp_attempt(args.target, timeout, sport),
             Proto::Udp => match &shared_udp {
                 Some(sock) => udp_send_recv(sock, args.target),
-                None => udp_socket(args.target, timeout)
+                None => udp_socket(args.target, timeout, sport)
                     .map_err(at("socket"))
                     .and_then(|s| udp_send_recv(&s, args.target)),
             },
-            Proto::UdpConnected => udp_connected_attempt(args.target, timeout),
+            Proto::UdpConnected => udp_connected_attempt(args.target, timeout, sport),
         };
+        if args.timeline {
+            report.timeline.push(TimelineEntry {
+                unix_ms: unix_ms(),
+                outcome: match &outcome {
+                    Ok(r) => r.id.clone(),
+                    Err(f) => format!("{}:{}", f.step, f.errno),
+                },
+            });
+        }
+        if args.sport.is_some() {
+            report.by_sport.insert(
+                sport,
+                match &outcome {
+                    Ok(r) => r.id.clone(),
+                    Err(f) => format!("{}:{}", f.step, f.errno),
+                },
+            );
+        }
         let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
         report.attempts += 1;
         match outcome {
             Ok(r) => {
                 report.ok += 1;
+                if let Some(seen) = r.seen {
+                    *report.backend_saw.entry(seen.ip().to_string()).or_default() += 1;
+                }
                 *report.backends.entry(r.id).or_default() += 1;
                 if let Some(s) = r.source {
                     *report.reply_sources.entry(s.to_string()).or_default() += 1;
@@ -153,8 +233,27 @@ pub fn run(args: &ClientArgs) -> Result<ClientReport> {
     Ok(report)
 }
 
-fn tcp_attempt(target: SocketAddr, timeout: Duration) -> Result<Reply, Failure> {
-    let mut s = TcpStream::connect_timeout(&target, timeout).map_err(at("connect"))?;
+/// A TCP connection from source port `sport` (0 = ephemeral).
+fn tcp_connect(target: SocketAddr, timeout: Duration, sport: u16) -> Result<TcpStream, Failure> {
+    if sport == 0 {
+        return TcpStream::connect_timeout(&target, timeout).map_err(at("connect"));
+    }
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(target),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .map_err(at("socket"))?;
+    sock.set_reuse_address(true).map_err(at("setsockopt"))?;
+    sock.bind(&local_addr(target, sport).into())
+        .map_err(at("bind"))?;
+    sock.connect_timeout(&target.into(), timeout)
+        .map_err(at("connect"))?;
+    Ok(sock.into())
+}
+
+fn tcp_attempt(target: SocketAddr, timeout: Duration, sport: u16) -> Result<Reply, Failure> {
+    let mut s = tcp_connect(target, timeout, sport)?;
     let peer = s.peer_addr().map_err(at("getpeername"))?;
     s.set_read_timeout(Some(timeout))
         .map_err(at("setsockopt"))?;
@@ -163,32 +262,90 @@ fn tcp_attempt(target: SocketAddr, timeout: Duration) -> Result<Reply, Failure> 
     s.write_all(b"?").map_err(at("send"))?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).map_err(at("recv"))?;
-    let id = reply_id(&buf)?;
+    let (id, seen) = reply_id(&buf)?;
     Ok(Reply {
         id,
+        seen,
         source: None,
         peer: Some(peer),
     })
 }
 
-fn reply_id(buf: &[u8]) -> Result<String, Failure> {
-    let id = String::from_utf8_lossy(buf).trim().to_owned();
+/// One message of a long-lived session, opening it on the first attempt.
+fn long_lived_attempt(
+    session: &mut Option<TcpStream>,
+    target: SocketAddr,
+    timeout: Duration,
+    sport: u16,
+) -> Result<Reply, Failure> {
+    let first = session.is_none();
+    if first {
+        let s = tcp_connect(target, timeout, sport)?;
+        s.set_read_timeout(Some(timeout))
+            .map_err(at("setsockopt"))?;
+        s.set_write_timeout(Some(timeout))
+            .map_err(at("setsockopt"))?;
+        *session = Some(s);
+    }
+    let Some(s) = session.as_mut() else {
+        return Err(Failure {
+            step: "session",
+            errno: "BROKEN".into(),
+        });
+    };
+    let msg: &[u8] = if first {
+        &[crate::serve::LONG_LIVED]
+    } else {
+        b"?"
+    };
+    s.write_all(msg).map_err(at("send"))?;
+    // Read one reply line; the reply is short, so byte-wise reads cost nothing.
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        let n = s.read(&mut byte).map_err(at("recv"))?;
+        if n == 0 {
+            return Err(Failure {
+                step: "recv",
+                errno: "EOF".into(),
+            });
+        }
+        if byte[0] == b'\n' {
+            break;
+        }
+        line.push(byte[0]);
+    }
+    let peer = s.peer_addr().map_err(at("getpeername"))?;
+    let (id, seen) = reply_id(&line)?;
+    Ok(Reply {
+        id,
+        seen,
+        source: None,
+        peer: Some(peer),
+    })
+}
+
+/// The reply's id and, when the server appended it (`serve --with-peer`), the client
+/// address the server saw.
+fn reply_id(buf: &[u8]) -> Result<(String, Option<SocketAddr>), Failure> {
+    let text = String::from_utf8_lossy(buf).trim().to_owned();
+    let (id, seen) = match text.split_once(' ') {
+        Some((id, peer)) => (id.to_owned(), peer.trim().parse::<SocketAddr>().ok()),
+        None => (text, None),
+    };
     if id.is_empty() {
         return Err(Failure {
             step: "recv",
             errno: "EMPTY_REPLY".into(),
         });
     }
-    Ok(id)
+    Ok((id, seen))
 }
 
-/// An unbound-address UDP socket of the target's family, with the receive timeout set.
-fn udp_socket(target: SocketAddr, timeout: Duration) -> std::io::Result<UdpSocket> {
-    let any: IpAddr = match target {
-        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
-        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
-    };
-    let s = UdpSocket::bind(SocketAddr::new(any, 0))?;
+/// A UDP socket of the target's family on the unspecified address and port `sport`
+/// (0 = ephemeral), with the receive timeout set.
+fn udp_socket(target: SocketAddr, timeout: Duration, sport: u16) -> std::io::Result<UdpSocket> {
+    let s = UdpSocket::bind(local_addr(target, sport))?;
     s.set_read_timeout(Some(timeout))?;
     Ok(s)
 }
@@ -197,23 +354,52 @@ fn udp_send_recv(s: &UdpSocket, target: SocketAddr) -> Result<Reply, Failure> {
     s.send_to(b"?", target).map_err(at("send"))?;
     let mut buf = [0u8; 2048];
     let (n, from) = s.recv_from(&mut buf).map_err(at("recv"))?;
+    let (id, seen) = reply_id(&buf[..n])?;
     Ok(Reply {
-        id: reply_id(&buf[..n])?,
+        id,
+        seen,
         source: Some(from),
         peer: None,
     })
 }
 
-fn udp_connected_attempt(target: SocketAddr, timeout: Duration) -> Result<Reply, Failure> {
-    let s = udp_socket(target, timeout).map_err(at("socket"))?;
+fn udp_connected_attempt(
+    target: SocketAddr,
+    timeout: Duration,
+    sport: u16,
+) -> Result<Reply, Failure> {
+    let s = udp_socket(target, timeout, sport).map_err(at("socket"))?;
     s.connect(target).map_err(at("connect"))?;
     s.send(b"?").map_err(at("send"))?;
     let mut buf = [0u8; 2048];
     let (n, from) = s.recv_from(&mut buf).map_err(at("recv"))?;
     let peer = s.peer_addr().map_err(at("getpeername"))?;
+    let (id, seen) = reply_id(&buf[..n])?;
     Ok(Reply {
-        id: reply_id(&buf[..n])?,
+        id,
+        seen,
         source: Some(from),
         peer: Some(peer),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_carries_the_id_and_optionally_the_address_the_server_saw() {
+        let (id, seen) = reply_id(b"a1 10.250.0.100:40000\n").ok().unwrap();
+        assert_eq!(id, "a1");
+        assert_eq!(seen, Some("10.250.0.100:40000".parse().unwrap()));
+        let (id, seen) = reply_id(b"b1 [fd00:250::1]:1").ok().unwrap();
+        assert_eq!(
+            (id.as_str(), seen),
+            ("b1", Some("[fd00:250::1]:1".parse().unwrap()))
+        );
+        // Servers without --with-peer answer the bare id, as before.
+        let (id, seen) = reply_id(b"c").ok().unwrap();
+        assert_eq!((id.as_str(), seen), ("c", None));
+        assert!(reply_id(b"  ").is_err());
+    }
 }

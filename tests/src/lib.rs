@@ -15,7 +15,9 @@
 //!   namespaces and cgroups than the test process itself;
 //! - [`manifests`]: Service and EndpointSlice documents as `kubectl get -o yaml` prints
 //!   them;
-//! - [`lab`]: all of the above in one guard, in the right teardown order.
+//! - [`lab`]: all of the above in one guard, in the right teardown order;
+//! - [`twonode`]: the external-path lab: an external client, two nodes each running an
+//!   agent in its own namespace, and pods behind each node.
 //!
 //! Every name this process creates starts with [`names::run_prefix`], so a leftover
 //! check can find exactly this run's objects.
@@ -38,6 +40,7 @@ pub mod report;
 pub mod serve;
 pub mod tempdir;
 pub mod topology;
+pub mod twonode;
 
 pub use lab::{Bins, Lab};
 pub use report::{ClientReport, Proto};

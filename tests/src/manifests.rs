@@ -35,6 +35,8 @@ pub struct ServicePort {
     pub port: u16,
     pub target: TargetPort,
     pub protocol: Protocol,
+    /// `nodePort` (NodePort and LoadBalancer Services).
+    pub node_port: Option<u16>,
 }
 
 /// A ClusterIP Service.
@@ -45,6 +47,11 @@ pub struct Service {
     /// One per family; the first is `spec.clusterIP`.
     pub cluster_ips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
+    /// Further `spec` fields (`type`, `externalTrafficPolicy`, `externalIPs`, ...),
+    /// set over the ClusterIP defaults.
+    pub spec_extra: Map<String, Value>,
+    /// `status.loadBalancer.ingress[].ip`.
+    pub lb_ingress: Vec<IpAddr>,
 }
 
 impl Service {
@@ -54,7 +61,29 @@ impl Service {
             name: name.into(),
             cluster_ips: cluster_ips.to_vec(),
             ports: Vec::new(),
+            spec_extra: Map::new(),
+            lb_ingress: Vec::new(),
         }
+    }
+
+    /// Sets `spec.<key>` (overriding the ClusterIP default of that key, if any).
+    pub fn spec(mut self, key: &str, value: Value) -> Self {
+        self.spec_extra.insert(key.to_owned(), value);
+        self
+    }
+
+    /// Sets `nodePort` on the port added last.
+    pub fn node_port(mut self, node_port: u16) -> Self {
+        if let Some(p) = self.ports.last_mut() {
+            p.node_port = Some(node_port);
+        }
+        self
+    }
+
+    /// Adds a `status.loadBalancer.ingress` entry (a VIP-mode ingress IP).
+    pub fn lb_ingress(mut self, ip: IpAddr) -> Self {
+        self.lb_ingress.push(ip);
+        self
     }
 
     /// Adds a port. `name` may be empty only when it is the Service's single port.
@@ -64,6 +93,7 @@ impl Service {
             port,
             target,
             protocol,
+            node_port: None,
         });
         self
     }
@@ -78,6 +108,9 @@ impl Service {
                 let mut m = Map::new();
                 if let Some(n) = &p.name {
                     m.insert("name".into(), json!(n));
+                }
+                if let Some(np) = p.node_port {
+                    m.insert("nodePort".into(), json!(np));
                 }
                 m.insert("port".into(), json!(p.port));
                 m.insert("protocol".into(), json!(p.protocol.as_str()));
@@ -96,6 +129,32 @@ impl Service {
         } else {
             "SingleStack"
         };
+        let mut spec = json!({
+            "clusterIP": ips.first().cloned().unwrap_or_else(|| "None".into()),
+            "clusterIPs": ips,
+            "internalTrafficPolicy": "Cluster",
+            "ipFamilies": families,
+            "ipFamilyPolicy": policy,
+            "ports": ports,
+            "selector": { "app": self.name },
+            "sessionAffinity": "None",
+            "type": "ClusterIP",
+        });
+        if let Value::Object(m) = &mut spec {
+            for (k, v) in &self.spec_extra {
+                m.insert(k.clone(), v.clone());
+            }
+        }
+        let status = if self.lb_ingress.is_empty() {
+            json!({ "loadBalancer": {} })
+        } else {
+            let ingress: Vec<Value> = self
+                .lb_ingress
+                .iter()
+                .map(|ip| json!({ "ip": ip.to_string(), "ipMode": "VIP" }))
+                .collect();
+            json!({ "loadBalancer": { "ingress": ingress } })
+        };
         sorted(json!({
             "apiVersion": "v1",
             "kind": "Service",
@@ -107,18 +166,8 @@ impl Service {
                 "resourceVersion": resource_version(&self.name),
                 "uid": fake_uid(&["svc", &self.namespace, &self.name]),
             },
-            "spec": {
-                "clusterIP": ips.first().cloned().unwrap_or_else(|| "None".into()),
-                "clusterIPs": ips,
-                "internalTrafficPolicy": "Cluster",
-                "ipFamilies": families,
-                "ipFamilyPolicy": policy,
-                "ports": ports,
-                "selector": { "app": self.name },
-                "sessionAffinity": "None",
-                "type": "ClusterIP",
-            },
-            "status": { "loadBalancer": {} },
+            "spec": spec,
+            "status": status,
         }))
     }
 }
@@ -139,6 +188,8 @@ pub struct Endpoint {
     pub serving: Option<bool>,
     pub terminating: Option<bool>,
     pub pod: Option<String>,
+    /// `nodeName`; `None` writes the single-node lab's `node-1`.
+    pub node_name: Option<String>,
 }
 
 impl Endpoint {
@@ -150,7 +201,13 @@ impl Endpoint {
             serving: Some(true),
             terminating: Some(false),
             pod: None,
+            node_name: None,
         }
+    }
+
+    pub fn node(mut self, node_name: &str) -> Self {
+        self.node_name = Some(node_name.into());
+        self
     }
 
     pub fn conditions(
@@ -240,7 +297,7 @@ impl EndpointSlice {
                 json!({
                     "addresses": [e.address.to_string()],
                     "conditions": cond,
-                    "nodeName": "node-1",
+                    "nodeName": e.node_name.clone().unwrap_or_else(|| "node-1".into()),
                     "targetRef": {
                         "kind": "Pod",
                         "name": pod,
@@ -399,5 +456,36 @@ mod tests {
         let docs = yaml_docs(&[v.clone(), v]);
         assert_eq!(docs.matches("kind: EndpointSlice").count(), 2);
         assert!(docs.contains("\n---\n"));
+    }
+
+    #[test]
+    fn external_fields_node_port_ingress_and_node_name() {
+        let svc = Service::new("demo", "lb", &["10.96.0.5".parse().unwrap()])
+            .port("http", 80, TargetPort::Number(8080), Protocol::Tcp)
+            .node_port(30080)
+            .spec("type", json!("LoadBalancer"))
+            .spec("externalTrafficPolicy", json!("Local"))
+            .lb_ingress("10.253.0.1".parse().unwrap());
+        let v = svc.to_value();
+        assert_eq!(v["spec"]["type"], json!("LoadBalancer"));
+        assert_eq!(v["spec"]["externalTrafficPolicy"], json!("Local"));
+        assert_eq!(v["spec"]["ports"][0]["nodePort"], json!(30080));
+        assert_eq!(
+            v["status"]["loadBalancer"]["ingress"],
+            json!([{ "ip": "10.253.0.1", "ipMode": "VIP" }])
+        );
+        // Without the new fields the document is what it always was.
+        let plain = Service::new("demo", "web", &["10.96.0.6".parse().unwrap()])
+            .port("", 80, TargetPort::Number(8080), Protocol::Tcp)
+            .to_value();
+        assert_eq!(plain["spec"]["type"], json!("ClusterIP"));
+        assert!(plain["spec"]["ports"][0].get("nodePort").is_none());
+        assert_eq!(plain["status"], json!({ "loadBalancer": {} }));
+        let slice = EndpointSlice::new("demo", "lb", "x", false)
+            .endpoint(Endpoint::ready("10.251.1.2".parse().unwrap()).node("node-a"))
+            .endpoint(Endpoint::ready("10.251.1.3".parse().unwrap()))
+            .to_value();
+        assert_eq!(slice["endpoints"][0]["nodeName"], json!("node-a"));
+        assert_eq!(slice["endpoints"][1]["nodeName"], json!("node-1"));
     }
 }

@@ -208,3 +208,21 @@ pub fn list_with_prefix(prefix: &str) -> Result<Vec<String>> {
         .map(str::to_owned)
         .collect())
 }
+
+/// Runs `f` on a short-lived thread inside namespace `name` and returns its result. The
+/// test process itself never changes namespace; child processes spawned by `f` start in
+/// the namespace too (a forked child inherits the namespace of the forking thread).
+pub fn in_netns<T, F>(name: &str, f: F) -> Result<T>
+where
+    T: Send,
+    F: FnOnce() -> Result<T> + Send,
+{
+    std::thread::scope(|s| {
+        s.spawn(move || -> Result<T> {
+            enter_netns(name)?;
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in netns {name} panicked"))?
+    })
+}

@@ -185,8 +185,24 @@ impl Server {
         tcp: &[SocketAddr],
         udp: &[SocketAddr],
     ) -> Result<Self> {
+        Self::start_opts(harness, netns, id, tcp, udp, false)
+    }
+
+    /// [`Server::start`], optionally with `--with-peer` (replies carry the client
+    /// address the server saw).
+    pub fn start_opts(
+        harness: &Path,
+        netns: &str,
+        id: &str,
+        tcp: &[SocketAddr],
+        udp: &[SocketAddr],
+        with_peer: bool,
+    ) -> Result<Self> {
         let mut cmd = Command::new(harness);
         cmd.args(["serve", "--netns", netns, "--name", id]);
+        if with_peer {
+            cmd.arg("--with-peer");
+        }
         for a in tcp {
             cmd.arg("--tcp").arg(a.to_string());
         }
@@ -256,6 +272,14 @@ pub struct ClientOpts {
     pub timeout: Duration,
     /// UDP: send every datagram from one socket instead of one socket per attempt.
     pub one_socket: bool,
+    /// Source port of the first attempt (`None` = ephemeral).
+    pub sport: Option<u16>,
+    /// Attempt i uses `sport + i * sport_step`.
+    pub sport_step: u16,
+    /// TCP: one long-lived connection, one message per attempt.
+    pub long_lived: bool,
+    /// Record every attempt's time and outcome.
+    pub timeline: bool,
 }
 
 impl ClientOpts {
@@ -270,6 +294,10 @@ impl ClientOpts {
             interval: Duration::ZERO,
             timeout: Duration::from_secs(1),
             one_socket: false,
+            sport: None,
+            sport_step: 0,
+            long_lived: false,
+            timeline: false,
         }
     }
 
@@ -302,6 +330,18 @@ impl ClientOpts {
         }
         if self.one_socket {
             a.push("--one-socket".to_owned());
+        }
+        if let Some(p) = self.sport {
+            a.push("--sport".to_owned());
+            a.push(p.to_string());
+            a.push("--sport-step".to_owned());
+            a.push(self.sport_step.to_string());
+        }
+        if self.long_lived {
+            a.push("--long-lived".to_owned());
+        }
+        if self.timeline {
+            a.push("--timeline".to_owned());
         }
         a
     }

@@ -56,6 +56,25 @@ pub struct ClientReport {
     pub max_ok_us: u64,
     /// Wall time of the whole run, milliseconds.
     pub elapsed_ms: u64,
+    /// Client address as the backend saw it (IP only; servers started with
+    /// `--with-peer`) → count.
+    #[serde(default)]
+    pub backend_saw: BTreeMap<String, u64>,
+    /// With `--sport`: source port of each attempt → reply id, or `<step>:<errno>`.
+    #[serde(default)]
+    pub by_sport: BTreeMap<u16, String>,
+    /// With `--timeline`: every attempt in order.
+    #[serde(default)]
+    pub timeline: Vec<TimelineEntry>,
+}
+
+/// One attempt of a `--timeline` run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimelineEntry {
+    /// Wall-clock time (Unix epoch, ms) at which the attempt ended.
+    pub unix_ms: u64,
+    /// Reply id, or `<step>:<errno>`.
+    pub outcome: String,
 }
 
 /// How many failures [`ClientReport::failure_samples`] keeps.

@@ -26,7 +26,16 @@ pub struct ServeArgs {
     /// Accepting threads per TCP listener.
     #[arg(long, default_value_t = 4)]
     pub threads: usize,
+    /// Answer `<name> <peer address>` instead of `<name>`: the peer is the source the
+    /// server saw, so a test can tell whether the client's address was preserved.
+    #[arg(long)]
+    pub with_peer: bool,
 }
+
+/// A TCP request starting with this byte opens a long-lived session: the server answers
+/// every further message (each read) with its reply and a newline until the client
+/// closes, instead of one reply and a close.
+pub const LONG_LIVED: u8 = b'L';
 
 /// Binds everything, prints `ready`, then serves until killed.
 pub fn serve(args: &ServeArgs) -> Result<()> {
@@ -47,16 +56,17 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
         .iter()
         .map(|a| UdpSocket::bind(a).with_context(|| format!("bind udp {a}")))
         .collect::<Result<_>>()?;
-    let reply: &'static [u8] = Box::leak(args.name.clone().into_bytes().into_boxed_slice());
+    let reply: &'static str = Box::leak(args.name.clone().into_boxed_str());
+    let with_peer = args.with_peer;
     let mut threads = Vec::new();
     for l in &tcp {
         for _ in 0..args.threads.max(1) {
             let l = l.try_clone().context("clone listener")?;
-            threads.push(std::thread::spawn(move || accept_loop(l, reply)));
+            threads.push(std::thread::spawn(move || accept_loop(l, reply, with_peer)));
         }
     }
     for s in udp {
-        threads.push(std::thread::spawn(move || udp_loop(s, reply)));
+        threads.push(std::thread::spawn(move || udp_loop(s, reply, with_peer)));
     }
     println!("ready");
     std::io::stdout().flush().context("flush stdout")?;
@@ -66,13 +76,23 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
     Ok(())
 }
 
-fn accept_loop(l: TcpListener, reply: &'static [u8]) {
+fn reply_for(reply: &str, with_peer: bool, peer: SocketAddr) -> Vec<u8> {
+    if with_peer {
+        format!("{reply} {peer}").into_bytes()
+    } else {
+        reply.as_bytes().to_vec()
+    }
+}
+
+fn accept_loop(l: TcpListener, reply: &'static str, with_peer: bool) {
     loop {
         match l.accept() {
-            Ok((s, _)) => {
+            Ok((s, peer)) => {
                 // A misbehaving client must not stop the server: errors end only this
-                // connection.
-                let _ = answer(s, reply);
+                // connection. Long-lived sessions get their own thread so they do not
+                // hold an accepting thread.
+                let msg = reply_for(reply, with_peer, peer);
+                let _ = answer(s, msg);
             }
             Err(e) => {
                 eprintln!("svclb-harness serve: accept: {e}");
@@ -84,24 +104,45 @@ fn accept_loop(l: TcpListener, reply: &'static [u8]) {
 
 /// Reads the request (one byte is enough), writes the id, closes. Reading first means
 /// the client's byte is consumed before the close, so the close is a FIN, not a RST.
-fn answer(mut s: TcpStream, reply: &[u8]) -> std::io::Result<()> {
+fn answer(mut s: TcpStream, reply: Vec<u8>) -> std::io::Result<()> {
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
     s.set_write_timeout(Some(Duration::from_secs(2)))?;
     let mut buf = [0u8; 64];
-    let _ = s.read(&mut buf)?;
-    s.write_all(reply)?;
+    let n = s.read(&mut buf)?;
+    if n > 0 && buf[0] == LONG_LIVED {
+        std::thread::spawn(move || long_lived(s, reply));
+        return Ok(());
+    }
+    s.write_all(&reply)?;
     s.shutdown(std::net::Shutdown::Write)?;
     // Wait for the client's close so its unread data (if any) cannot turn into a RST.
     let _ = s.read(&mut buf);
     Ok(())
 }
 
-fn udp_loop(s: UdpSocket, reply: &'static [u8]) {
+/// Answers every message with `reply` and a newline until the client closes. The
+/// session may idle between messages, so there is no read timeout.
+fn long_lived(mut s: TcpStream, reply: Vec<u8>) -> std::io::Result<()> {
+    s.set_read_timeout(None)?;
+    let mut line = reply;
+    line.push(b'\n');
+    s.write_all(&line)?;
+    let mut buf = [0u8; 64];
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        s.write_all(&line)?;
+    }
+}
+
+fn udp_loop(s: UdpSocket, reply: &'static str, with_peer: bool) {
     let mut buf = [0u8; 2048];
     loop {
         match s.recv_from(&mut buf) {
             Ok((_, from)) => {
-                if let Err(e) = s.send_to(reply, from) {
+                if let Err(e) = s.send_to(&reply_for(reply, with_peer, from), from) {
                     eprintln!("svclb-harness serve: udp reply to {from}: {e}");
                 }
             }

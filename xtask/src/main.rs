@@ -36,7 +36,7 @@ struct Cli {
 enum Cmd {
     /// Install whatever is missing to build and test (idempotent)
     ///
-    /// In order: bpftool, iproute2, iptables and nftables with apt-get (only if a command is
+    /// In order: bpftool, iproute2, ethtool, iptables and nftables with apt-get (only if a command is
     /// missing; needs root); the nightly toolchain's rust-src; rustfmt and clippy; bpf-linker,
     /// built against the nightly toolchain's own libLLVM into <workspace>/target/bpf-toolchain.
     Setup,

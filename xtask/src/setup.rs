@@ -19,6 +19,9 @@ use crate::{
 const SYSTEM_TOOLS: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("ip", "iproute2"),
+    // The external-path tests turn GRO (veth NAPI, for XDP_TX) and TX checksumming on
+    // and off on their veths.
+    ("ethtool", "ethtool"),
     ("iptables", "iptables"),
     ("nft", "nftables"),
 ];
@@ -36,7 +39,7 @@ pub fn setup(ctx: &Ctx) -> Result<()> {
 }
 
 fn system_tools() -> Result<()> {
-    step("setup: system tools (bpftool, ip, iptables, nft)");
+    step("setup: system tools (bpftool, ip, ethtool, iptables, nft)");
     let missing: Vec<&str> = SYSTEM_TOOLS
         .iter()
         .filter(|(cmd, _)| find_program(cmd).is_none())

@@ -1,0 +1,604 @@
+//! The two-node lab of the external-path tests: an external client, two nodes that each
+//! run their own agent, and pods behind each node.
+//!
+//! ```text
+//!                       lan netns: bridge br0 (no addresses)
+//!        ┌──────────────────────┼───────────────────────┐
+//!   c0 ──┘                  na ─┘                   nb ─┘
+//!   │                       │                        │
+//!   client netns            node A netns             node B netns
+//!   eth0 10.250.0.100/24    eth0 10.250.0.1/24       eth0 10.250.0.2/24
+//!        fd00:250::100/64        fd00:250::1/64           fd00:250::2/64
+//!   no default route        p<k> 10.251.k.1/24 ──    p<k> 10.252.k.1/24 ──
+//!                                pod netns (eth0 10.251.k.2/24, fd00:251:k::2/64)
+//! ```
+//!
+//! - The client has only its connected LAN route plus the host routes a test adds for the
+//!   load-balancer and external IPs under test (via node A or node B, see
+//!   [`TwoNodeNet::route_via`]). Pod addresses and everything else are unreachable
+//!   from it (ENETUNREACH): no test packet can leave the lab.
+//! - Each node forwards (IPv4 and IPv6), sends no ICMP redirects (a node forwarding a
+//!   packet back out of the LAN interface it came in on would otherwise tell the client
+//!   to go direct), has reverse-path filtering off, and routes the other node's pod CIDR
+//!   (10.25x.0.0/16, fd00:25x::/32) via the other node. Nodes have no default route.
+//! - Every veth end has GRO on. A veth only runs NAPI when GRO (or an XDP program) is on
+//!   at the receiving end, and XDP_TX / XDP_REDIRECT into a veth need that NAPI: without
+//!   it the frames an XDP program sends are dropped.
+//! - The client's eth0 has TX checksum offload off: a packet from another machine arrives
+//!   with a complete checksum, never CHECKSUM_PARTIAL, and that is what a node's XDP and tc
+//!   programs must handle on their LAN device.
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{
+    agent::{Agent, AgentConfig},
+    bpffs::BpfDir,
+    cgroup::Cgroup,
+    cmd,
+    lab::Bins,
+    netns::{self, Netns, Veth},
+    procs::{self, ClientOpts, ClientRun, Server},
+    report::{ClientReport, Proto},
+    tempdir::TempDir,
+};
+
+/// The two nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Node {
+    A,
+    B,
+}
+
+impl Node {
+    pub const ALL: [Node; 2] = [Node::A, Node::B];
+
+    /// 1 for A, 2 for B: the node's host number on the LAN and its pod CIDR digit.
+    pub fn num(self) -> u8 {
+        match self {
+            Node::A => 1,
+            Node::B => 2,
+        }
+    }
+
+    fn idx(self) -> usize {
+        usize::from(self.num() - 1)
+    }
+
+    /// `--node-name` and the EndpointSlices' `nodeName`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Node::A => "node-a",
+            Node::B => "node-b",
+        }
+    }
+
+    pub fn other(self) -> Node {
+        match self {
+            Node::A => Node::B,
+            Node::B => Node::A,
+        }
+    }
+
+    /// The node's LAN address.
+    pub fn addr(self, v6: bool) -> IpAddr {
+        lan_addr(self.num(), v6)
+    }
+
+    /// The LAN-side interface (in the lan namespace) of the node's link.
+    fn lan_dev(self) -> &'static str {
+        match self {
+            Node::A => "na",
+            Node::B => "nb",
+        }
+    }
+}
+
+/// The LAN's host `host` (`10.250.0.<host>`, `fd00:250::<host>`).
+pub fn lan_addr(host: u8, v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6(Ipv6Addr::new(0xfd00, 0x250, 0, 0, 0, 0, 0, u16::from(host)))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(10, 250, 0, host))
+    }
+}
+
+/// The external client's host number on the LAN.
+pub const CLIENT_HOST: u8 = 100;
+
+/// The external client's address.
+pub fn client_addr(v6: bool) -> IpAddr {
+    lan_addr(CLIENT_HOST, v6)
+}
+
+/// Address of pod `k` on `node`, or (`gw`) of the node's end of the pod's link.
+fn pod_addr(node: Node, k: u8, gw: bool, v6: bool) -> IpAddr {
+    let host: u8 = if gw { 1 } else { 2 };
+    if v6 {
+        IpAddr::V6(Ipv6Addr::new(
+            0xfd00,
+            0x250 + u16::from(node.num()),
+            u16::from(k),
+            0,
+            0,
+            0,
+            0,
+            u16::from(host),
+        ))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(10, 250 + node.num(), k, host))
+    }
+}
+
+/// A node's pod CIDR.
+fn pod_cidr(node: Node, v6: bool) -> String {
+    if v6 {
+        format!("fd00:{:x}::/32", 0x250 + u16::from(node.num()))
+    } else {
+        format!("10.{}.0.0/16", 250 + node.num())
+    }
+}
+
+/// One pod: its own namespace behind a veth to its node.
+#[derive(Debug)]
+pub struct Pod {
+    /// Label, also its server's reply id ("a1", "b1", ...).
+    pub name: String,
+    pub node: Node,
+    /// Link number on the node: the pod is `10.25<node>.<k>.2`.
+    pub k: u8,
+    pub addr4: Ipv4Addr,
+    pub addr6: Ipv6Addr,
+    // Field order: the link goes before the namespace.
+    _veth: Veth,
+    pub netns: Netns,
+}
+
+impl Pod {
+    pub fn addr(&self, v6: bool) -> IpAddr {
+        if v6 {
+            IpAddr::V6(self.addr6)
+        } else {
+            IpAddr::V4(self.addr4)
+        }
+    }
+}
+
+/// Runs `ethtool -K <dev> <feature> <on|off>` inside namespace `ns` (from a thread that
+/// entered it, so the tool sees that namespace's interfaces).
+pub fn ethtool_k(ns: &str, dev: &str, feature: &str, on: bool) -> Result<()> {
+    let state = if on { "on" } else { "off" };
+    netns::in_netns(ns, || {
+        cmd::run("ethtool", ["-K", dev, feature, state])
+            .with_context(|| format!("ethtool -K {dev} {feature} {state} in {ns}"))
+    })?;
+    Ok(())
+}
+
+/// Namespaces, links and routes of the two-node lab. Fields drop in declaration order:
+/// pods (each with its link), the LAN links, then the namespaces.
+#[derive(Debug)]
+pub struct TwoNodeNet {
+    pub pods: Vec<Pod>,
+    veths: Vec<Veth>,
+    nodes: Vec<Netns>,
+    pub client: Netns,
+    pub lan: Netns,
+}
+
+impl TwoNodeNet {
+    pub fn new() -> Result<Self> {
+        let lan = Netns::new().context("lan namespace")?;
+        let client = Netns::new().context("client namespace")?;
+        let mut nodes = Vec::new();
+        for n in Node::ALL {
+            let ns = Netns::new().with_context(|| format!("namespace of {}", n.name()))?;
+            // `default` before any interface exists, so that eth0 and every pod link
+            // inherit it; `all` because the effective rp_filter is max(all, dev).
+            for (key, value) in [
+                ("net/ipv4/ip_forward", "1"),
+                ("net/ipv6/conf/all/forwarding", "1"),
+                ("net/ipv4/conf/all/send_redirects", "0"),
+                ("net/ipv4/conf/default/send_redirects", "0"),
+                ("net/ipv4/conf/all/rp_filter", "0"),
+                ("net/ipv4/conf/default/rp_filter", "0"),
+            ] {
+                ns.sysctl(key, value)?;
+            }
+            nodes.push(ns);
+        }
+        let mut net = Self {
+            pods: Vec::new(),
+            veths: Vec::new(),
+            nodes,
+            client,
+            lan,
+        };
+        // The bridge forwards at once (no STP); multicast snooping off so that IPv6
+        // neighbour discovery is simply flooded.
+        net.lan.ip([
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "stp_state",
+            "0",
+            "mcast_snooping",
+            "0",
+        ])?;
+        net.lan.link_up("br0")?;
+        let mut ends: Vec<(String, &'static str)> = vec![(net.client.name().to_owned(), "c0")];
+        for n in Node::ALL {
+            ends.push((net.node(n).name().to_owned(), n.lan_dev()));
+        }
+        for (i, (_, lan_dev)) in ends.iter().enumerate() {
+            let far = if i == 0 {
+                &net.client
+            } else {
+                &net.nodes[i - 1]
+            };
+            let v = Veth::new(&net.lan, lan_dev, far, "eth0")?;
+            net.veths.push(v);
+            net.lan.ip(["link", "set", lan_dev, "master", "br0"])?;
+            net.lan.link_up(lan_dev)?;
+            ethtool_k(net.lan.name(), lan_dev, "gro", true)?;
+            ethtool_k(far.name(), "eth0", "gro", true)?;
+        }
+        net.client.add_addr("eth0", client_addr(false), 24)?;
+        net.client.add_addr("eth0", client_addr(true), 64)?;
+        // A packet from another machine carries a complete checksum.
+        ethtool_k(net.client.name(), "eth0", "tx", false)?;
+        net.client.link_up("eth0")?;
+        for n in Node::ALL {
+            let ns = net.node(n);
+            ns.add_addr("eth0", n.addr(false), 24)?;
+            ns.add_addr("eth0", n.addr(true), 64)?;
+            ns.link_up("eth0")?;
+            for v6 in [false, true] {
+                let via = n.other().addr(v6).to_string();
+                let cidr = pod_cidr(n.other(), v6);
+                ns.ip(["route", "add", &cidr, "via", &via])?;
+            }
+        }
+        for dev in ["c0", "na", "nb"] {
+            net.lan.wait_link_ready(dev, Duration::from_secs(5))?;
+        }
+        net.client.wait_link_ready("eth0", Duration::from_secs(5))?;
+        for n in Node::ALL {
+            net.node(n)
+                .wait_link_ready("eth0", Duration::from_secs(5))?;
+        }
+        Ok(net)
+    }
+
+    pub fn node(&self, n: Node) -> &Netns {
+        &self.nodes[n.idx()]
+    }
+
+    /// Adds pod `name` on `node` (its link number is the next free one on that node).
+    pub fn add_pod(&mut self, name: &str, node: Node) -> Result<&Pod> {
+        if self.pods.iter().any(|p| p.name == name) {
+            bail!("pod {name} exists already");
+        }
+        let k = self
+            .pods
+            .iter()
+            .filter(|p| p.node == node)
+            .map(|p| p.k)
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let ns = Netns::new().with_context(|| format!("namespace of pod {name}"))?;
+        let node_ns = self.node(node);
+        let dev = format!("p{k}");
+        let veth = Veth::new(node_ns, &dev, &ns, "eth0")?;
+        for v6 in [false, true] {
+            let plen = if v6 { 64 } else { 24 };
+            node_ns.add_addr(&dev, pod_addr(node, k, true, v6), plen)?;
+            ns.add_addr("eth0", pod_addr(node, k, false, v6), plen)?;
+        }
+        node_ns.link_up(&dev)?;
+        ns.link_up("eth0")?;
+        ethtool_k(node_ns.name(), &dev, "gro", true)?;
+        ethtool_k(ns.name(), "eth0", "gro", true)?;
+        for v6 in [false, true] {
+            let gw = pod_addr(node, k, true, v6).to_string();
+            ns.ip(["route", "add", "default", "via", &gw])?;
+        }
+        node_ns.wait_link_ready(&dev, Duration::from_secs(5))?;
+        ns.wait_link_ready("eth0", Duration::from_secs(5))?;
+        let (IpAddr::V4(addr4), IpAddr::V6(addr6)) = (
+            pod_addr(node, k, false, false),
+            pod_addr(node, k, false, true),
+        ) else {
+            bail!("pod address families");
+        };
+        self.pods.push(Pod {
+            name: name.to_owned(),
+            node,
+            k,
+            addr4,
+            addr6,
+            _veth: veth,
+            netns: ns,
+        });
+        Ok(self.pods.last().expect("just pushed"))
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name} in this lab"))
+    }
+
+    /// Sets (or replaces) the client's host route to `dest` via `node`.
+    pub fn route_via(&self, dest: IpAddr, node: Node) -> Result<()> {
+        let plen = if dest.is_ipv6() { 128 } else { 32 };
+        let cidr = format!("{dest}/{plen}");
+        let via = node.addr(dest.is_ipv6()).to_string();
+        self.client.ip(["route", "replace", &cidr, "via", &via])?;
+        Ok(())
+    }
+
+    /// Removes the client's route to `dest`.
+    pub fn unroute(&self, dest: IpAddr) -> Result<()> {
+        let plen = if dest.is_ipv6() { 128 } else { 32 };
+        self.client
+            .ip(["route", "del", &format!("{dest}/{plen}")])?;
+        Ok(())
+    }
+}
+
+/// Per-node agent settings.
+#[derive(Clone, Debug, Default)]
+pub struct NodeAgentOptions {
+    /// `--xdp`.
+    pub xdp: bool,
+    /// More arguments for both agents.
+    pub extra_args: Vec<String>,
+}
+
+/// The whole two-node lab. Fields drop in declaration order: agents and servers stop
+/// first; then each pin directory runs `svc-lb cleanup` (which needs its cgroup); then
+/// the cgroups, the network and the temp directory with manifests and logs.
+pub struct TwoNodeLab {
+    agents: Vec<Option<Agent>>,
+    servers: Vec<Server>,
+    bpf: Vec<BpfDir>,
+    cgroups: Vec<Cgroup>,
+    pub net: TwoNodeNet,
+    dir: TempDir,
+    pub bins: Bins,
+    agent_starts: usize,
+}
+
+impl TwoNodeLab {
+    /// Builds the network (no pods yet), a cgroup and a pin directory per node and an
+    /// empty manifest directory shared by both agents (the same Services and
+    /// EndpointSlices are visible to every node of a cluster).
+    pub fn new(bins: Bins) -> Result<Self> {
+        let dir = TempDir::new()?;
+        for sub in ["manifests", "staging"] {
+            std::fs::create_dir(dir.path().join(sub))
+                .with_context(|| format!("create {sub} dir"))?;
+        }
+        let net = TwoNodeNet::new()?;
+        let mut cgroups = Vec::new();
+        let mut bpf = Vec::new();
+        for _ in Node::ALL {
+            let cg = Cgroup::new()?;
+            bpf.push(BpfDir::new(&bins.svc_lb, cg.path())?);
+            cgroups.push(cg);
+        }
+        Ok(Self {
+            agents: vec![None, None],
+            servers: Vec::new(),
+            bpf,
+            cgroups,
+            net,
+            dir,
+            bins,
+            agent_starts: 0,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn manifests_dir(&self) -> PathBuf {
+        self.dir.path().join("manifests")
+    }
+
+    pub fn cgroup(&self, n: Node) -> &Path {
+        self.cgroups[n.idx()].path()
+    }
+
+    pub fn bpffs(&self, n: Node) -> &Path {
+        self.bpf[n.idx()].path()
+    }
+
+    /// Adds a pod and starts its server: TCP and UDP on `port`, IPv4 and IPv6, replying
+    /// `<name> <client address seen>`.
+    pub fn add_pod(&mut self, name: &str, node: Node, port: u16) -> Result<()> {
+        let pod = self.net.add_pod(name, node)?;
+        let addrs: Vec<std::net::SocketAddr> = [false, true]
+            .iter()
+            .map(|v6| std::net::SocketAddr::new(pod.addr(*v6), port))
+            .collect();
+        let ns = pod.netns.name().to_owned();
+        let s = Server::start_opts(&self.bins.harness, &ns, name, &addrs, &addrs, true)?;
+        self.servers.push(s);
+        Ok(())
+    }
+
+    pub fn pod_addr(&self, name: &str, v6: bool) -> IpAddr {
+        self.net.pod(name).addr(v6)
+    }
+
+    /// Writes (or replaces) a manifest file atomically (staged, then renamed in).
+    pub fn write_manifest(&self, file: &str, content: &str) -> Result<()> {
+        let staged = self.dir.path().join("staging").join(file);
+        std::fs::write(&staged, content).with_context(|| format!("write {}", staged.display()))?;
+        let target = self.manifests_dir().join(file);
+        std::fs::rename(&staged, &target)
+            .with_context(|| format!("rename into {}", target.display()))
+    }
+
+    /// Starts both agents, each in its node's namespace with `--devices eth0
+    /// --node-name node-x`, and waits for the first `sync applied` of each.
+    pub fn start_agents(&mut self, opts: &NodeAgentOptions) -> Result<()> {
+        for n in Node::ALL {
+            if self.agents[n.idx()].is_some() {
+                bail!("the agent of {} is already running", n.name());
+            }
+            self.agent_starts += 1;
+            let mut extra_args: Vec<String> = vec![
+                "--devices".into(),
+                "eth0".into(),
+                "--node-name".into(),
+                n.name().into(),
+            ];
+            if opts.xdp {
+                extra_args.push("--xdp".into());
+            }
+            extra_args.extend(opts.extra_args.iter().cloned());
+            let config = AgentConfig {
+                bin: self.bins.svc_lb.clone(),
+                manifests: self.manifests_dir(),
+                bpffs: self.bpffs(n).to_path_buf(),
+                cgroup: self.cgroup(n).to_path_buf(),
+                log_file: self.dir.path().join(format!(
+                    "agent-{}-{}.log",
+                    n.name(),
+                    self.agent_starts
+                )),
+                extra_args,
+            };
+            let agent = Agent::start_in_netns(config, self.net.node(n).name())?;
+            self.agents[n.idx()] = Some(agent);
+        }
+        for n in Node::ALL {
+            self.agent(n)?.wait_applied(1, Duration::from_secs(30))?;
+        }
+        Ok(())
+    }
+
+    pub fn agent(&mut self, n: Node) -> Result<&mut Agent> {
+        self.agents[n.idx()]
+            .as_mut()
+            .with_context(|| format!("the agent of {} is not running", n.name()))
+    }
+
+    /// `sync applied` counts of both agents, to wait for the next one after a change.
+    pub fn applied(&mut self) -> Result<[usize; 2]> {
+        Ok([
+            self.agent(Node::A)?.applied_count(),
+            self.agent(Node::B)?.applied_count(),
+        ])
+    }
+
+    /// Waits until both agents applied a sync after `before` (from [`Self::applied`]).
+    pub fn wait_both_applied(&mut self, before: [usize; 2]) -> Result<()> {
+        for n in Node::ALL {
+            self.agent(n)?
+                .wait_applied(before[n.idx()] + 1, Duration::from_secs(10))?;
+        }
+        Ok(())
+    }
+
+    /// Writes a manifest and waits until both agents applied it.
+    pub fn apply_manifest(&mut self, file: &str, content: &str) -> Result<()> {
+        let before = self.applied()?;
+        self.write_manifest(file, content)?;
+        self.wait_both_applied(before)
+    }
+
+    /// Client options from the external client's namespace (in no cgroup: it stands for
+    /// another machine, where no agent runs).
+    pub fn client(&self, target: std::net::SocketAddr, proto: Proto) -> ClientOpts {
+        let mut o = ClientOpts::new(target, proto);
+        o.netns = Some(self.net.client.name().to_owned());
+        o
+    }
+
+    /// Client options from inside pod `pod`'s namespace, in its node's cgroup (so that
+    /// the node's socket programs serve its sockets, as they serve every local pod).
+    pub fn pod_client(&self, pod: &str, target: std::net::SocketAddr, proto: Proto) -> ClientOpts {
+        let p = self.net.pod(pod);
+        let mut o = ClientOpts::new(target, proto);
+        o.netns = Some(p.netns.name().to_owned());
+        o.cgroup = Some(self.cgroup(p.node).to_path_buf());
+        o
+    }
+
+    pub fn run_client(&self, opts: &ClientOpts) -> Result<ClientReport> {
+        procs::run_client(&self.bins.harness, opts)
+    }
+
+    pub fn spawn_client(&self, opts: &ClientOpts) -> Result<ClientRun> {
+        procs::spawn_client(&self.bins.harness, opts)
+    }
+
+    /// `GET <path>` over HTTP/1.0 from the client's namespace; returns the status code
+    /// and the body.
+    pub fn http_get(&self, target: std::net::SocketAddr, path: &str) -> Result<(u16, String)> {
+        let ns = self.net.client.name().to_owned();
+        netns::in_netns(&ns, move || http_get(target, path))
+    }
+
+    /// Runs a command inside node `n`'s namespace (for diagnostics: `ip`, `bpftool`...).
+    pub fn node_cmd(&self, n: Node, program: &str, args: &[&str]) -> Result<String> {
+        let ns = self.net.node(n).name().to_owned();
+        netns::in_netns(&ns, || {
+            let out = Command::new(program)
+                .args(args)
+                .output()
+                .with_context(|| format!("run {program}"))?;
+            Ok(format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        })
+    }
+}
+
+/// A minimal HTTP/1.0 GET: enough for a health check endpoint, no dependency.
+fn http_get(target: std::net::SocketAddr, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2))
+        .with_context(|| format!("connect to {target}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .context("set read timeout")?;
+    let host = match target.ip() {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => format!("[{a}]"),
+    };
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {host}:{}\r\nConnection: close\r\n\r\n",
+        target.port()
+    )
+    .context("send request")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).context("read response")?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no end of headers in {text:?}"))?;
+    let status = head
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse::<u16>().ok())
+        .with_context(|| format!("no status in {head:?}"))?;
+    Ok((status, body.to_owned()))
+}

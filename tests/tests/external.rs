@@ -1,0 +1,904 @@
+//! Privileged end-to-end tests of the external path: NodePort, LoadBalancer IPs and
+//! externalIPs served by the tc (and, with `--xdp`, XDP) programs of two nodes, each
+//! running its own agent, for a client on "another machine".
+//!
+//! Run as root, one at a time:
+//! `cargo test --release -p svc-lb-tests --features e2e --test external -- --test-threads=1`.
+//! A missing tool (`ip`, `ethtool`, `bpftool`), capability or binary fails the test.
+//!
+//! The lab ([`TwoNodeLab`], see `tests/src/twonode.rs`): an external client and two
+//! nodes on a bridged LAN, pods behind each node (a1, a2 on node A, b1 on node B by
+//! default; each pod's server answers `<pod> <client address it saw>`), one agent per node
+//! in the node's namespace with its own pin directory and cgroup, both reading the same
+//! manifest directory whose EndpointSlices carry `nodeName`. The client has no default
+//! route: it reaches NodePorts at the node addresses on the LAN and the load-balancer and
+//! external IPs through a host route via node A or node B that each test sets.
+//!
+//! Every test states its expected counts, including 0 failures, and ends by checking that
+//! nothing named with this run's prefix is left.
+#![cfg(feature = "e2e")]
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+    panic::AssertUnwindSafe,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, ensure};
+use serde_json::{Value, json};
+use svc_lb_tests::{
+    Bins, ClientReport, Proto,
+    lab::{leftovers, sweep_dead_runs},
+    manifests::{Endpoint, EndpointSlice, Protocol, Service, TargetPort, yaml_docs},
+    twonode::{Node, NodeAgentOptions, TwoNodeLab, client_addr},
+};
+
+const NS: &str = "ext";
+/// Every pod serves TCP and UDP on this port.
+const POD_PORT: u16 = 8080;
+/// Connections per measurement.
+const N: u64 = 30;
+/// Connections expected to be dropped: each costs a full timeout, so fewer.
+const N_DROP: u64 = 20;
+/// Timeout of an attempt expected to be dropped (no answer at all).
+const DROP_TIMEOUT: Duration = Duration::from_millis(300);
+/// A rejected connection must fail well within this (ICMP comes back at once).
+const FAST_FAIL: Duration = Duration::from_millis(250);
+/// Maglev table size given to both agents (a prime; both nodes must use the same).
+const MAGLEV_SIZE: &str = "1021";
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("test address")
+}
+
+/// Builds the lab with the default pods, runs `body`, tears the lab down (printing the
+/// agents' logs if the body failed), then asserts that nothing of this run is left.
+fn external(body: impl FnOnce(&mut TwoNodeLab) -> Result<()>) {
+    // A run killed earlier (SIGKILL skips destructors) must not disturb this one.
+    for r in sweep_dead_runs().expect("sweep dead runs") {
+        eprintln!("swept a dead run's {r}");
+    }
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let bins =
+            Bins::from_env(Some(env!("CARGO_BIN_EXE_svclb-harness"))).expect("locate the binaries");
+        let mut lab = TwoNodeLab::new(bins).expect("build the lab");
+        let setup = (|| -> Result<()> {
+            lab.add_pod("a1", Node::A, POD_PORT)?;
+            lab.add_pod("a2", Node::A, POD_PORT)?;
+            lab.add_pod("b1", Node::B, POD_PORT)?;
+            Ok(())
+        })();
+        if let Err(e) = setup.and_then(|()| body(&mut lab)) {
+            // Panicking while the lab is alive makes its agents print their logs on drop.
+            panic!("{e:?}");
+        }
+    }));
+    let left = leftovers().expect("list leftovers");
+    if let Err(p) = outcome {
+        if !left.is_empty() {
+            eprintln!("teardown also left behind: {left:?}");
+        }
+        std::panic::resume_unwind(p);
+    }
+    assert!(left.is_empty(), "the test left behind: {left:?}");
+}
+
+/// A Service of type NodePort or LoadBalancer and its EndpointSlices (one per family of
+/// `cluster`), built from the lab's pods.
+#[derive(Clone, Debug)]
+struct Svc {
+    name: &'static str,
+    /// Cluster IPs, one per family.
+    cluster: &'static [&'static str],
+    ty: &'static str,
+    local: bool,
+    /// (port name, port, protocol, nodePort); the target is always [`POD_PORT`].
+    ports: &'static [(&'static str, u16, Protocol, u16)],
+    /// Endpoint pods (ready, with their node as `nodeName`).
+    pods: Vec<&'static str>,
+    lb: &'static [&'static str],
+    external_ips: &'static [&'static str],
+    source_ranges: Vec<&'static str>,
+    health_check_node_port: Option<u16>,
+}
+
+impl Svc {
+    fn new(name: &'static str, cluster: &'static [&'static str], ty: &'static str) -> Self {
+        Self {
+            name,
+            cluster,
+            ty,
+            local: false,
+            ports: &[],
+            pods: Vec::new(),
+            lb: &[],
+            external_ips: &[],
+            source_ranges: Vec::new(),
+            health_check_node_port: None,
+        }
+    }
+
+    fn yaml(&self, lab: &TwoNodeLab) -> String {
+        let cluster: Vec<IpAddr> = self.cluster.iter().map(|s| ip(s)).collect();
+        let mut svc = Service::new(NS, self.name, &cluster);
+        for (name, port, proto, node_port) in self.ports {
+            svc = svc
+                .port(name, *port, TargetPort::Number(POD_PORT), *proto)
+                .node_port(*node_port);
+        }
+        svc = svc.spec("type", json!(self.ty)).spec(
+            "externalTrafficPolicy",
+            json!(if self.local { "Local" } else { "Cluster" }),
+        );
+        if cluster.len() > 1 {
+            svc = svc.spec("ipFamilyPolicy", json!("PreferDualStack"));
+        }
+        if self.ty == "LoadBalancer" {
+            svc = svc.spec("allocateLoadBalancerNodePorts", json!(true));
+        }
+        if !self.external_ips.is_empty() {
+            svc = svc.spec("externalIPs", json!(self.external_ips));
+        }
+        if !self.source_ranges.is_empty() {
+            svc = svc.spec("loadBalancerSourceRanges", json!(self.source_ranges));
+        }
+        if let Some(hc) = self.health_check_node_port {
+            svc = svc.spec("healthCheckNodePort", json!(hc));
+        }
+        for addr in self.lb {
+            svc = svc.lb_ingress(ip(addr));
+        }
+        let mut docs = vec![svc.to_value()];
+        for c in &cluster {
+            let v6 = c.is_ipv6();
+            let mut slice = EndpointSlice::new(NS, self.name, if v6 { "v6" } else { "v4" }, v6);
+            for (name, _, proto, _) in self.ports {
+                slice = slice.port(name, POD_PORT, *proto);
+            }
+            for pod in &self.pods {
+                let p = lab.net.pod(pod);
+                slice = slice.endpoint(
+                    Endpoint::ready(p.addr(v6))
+                        .pod(&format!("{}-{pod}", self.name))
+                        .node(p.node.name()),
+                );
+            }
+            docs.push(slice.to_value());
+        }
+        yaml_docs(&docs)
+    }
+
+    fn file(&self) -> String {
+        format!("{}.yaml", self.name)
+    }
+}
+
+/// Writes the Services' manifests, then starts both agents (their first sync has them).
+fn start(lab: &mut TwoNodeLab, xdp: bool, services: &[&Svc]) -> Result<()> {
+    for s in services {
+        lab.write_manifest(&s.file(), &s.yaml(lab))?;
+    }
+    lab.start_agents(&NodeAgentOptions {
+        xdp,
+        extra_args: vec!["--maglev-table-size".into(), MAGLEV_SIZE.into()],
+    })?;
+    if xdp {
+        for n in Node::ALL {
+            let links = lab.node_cmd(n, "ip", &["-d", "link", "show", "dev", "eth0"])?;
+            ensure!(
+                links.contains("xdp"),
+                "--xdp given but no XDP program on {}'s eth0:\n{links}",
+                n.name()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Rewrites a Service's manifest and waits until both agents applied it.
+fn update(lab: &mut TwoNodeLab, svc: &Svc) -> Result<()> {
+    let yaml = svc.yaml(lab);
+    lab.apply_manifest(&svc.file(), &yaml)
+}
+
+fn sa(addr: IpAddr, port: u16) -> SocketAddr {
+    SocketAddr::new(addr, port)
+}
+
+/// `n` attempts from the external client.
+fn run(
+    lab: &TwoNodeLab,
+    target: SocketAddr,
+    proto: Proto,
+    n: u64,
+    timeout: Duration,
+) -> Result<ClientReport> {
+    let mut o = lab.client(target, proto);
+    o.count = n;
+    o.timeout = timeout;
+    let r = lab.run_client(&o)?;
+    eprintln!("{}", r.summary());
+    Ok(r)
+}
+
+/// Every attempt answered.
+fn all_ok(r: &ClientReport, n: u64) -> Result<()> {
+    ensure!(
+        r.attempts == n && r.ok == n && r.failed == 0,
+        "expected {n} answers and 0 failures: {}\nfirst failures: {:?}",
+        r.summary(),
+        r.failure_samples
+    );
+    Ok(())
+}
+
+/// Exactly these backends answered (each at least once).
+fn backends_are(r: &ClientReport, ids: &[&str]) -> Result<()> {
+    let got: BTreeSet<&str> = r.backends.keys().map(String::as_str).collect();
+    let want: BTreeSet<&str> = ids.iter().copied().collect();
+    ensure!(
+        got == want,
+        "replies from {got:?}, expected {want:?}: {}",
+        r.summary()
+    );
+    Ok(())
+}
+
+/// Every attempt failed with `errno` (at `step`, when given).
+fn all_failed(r: &ClientReport, n: u64, errno: &str) -> Result<()> {
+    ensure!(
+        r.attempts == n && r.ok == 0 && r.failures == BTreeMap::from([(errno.to_owned(), n)]),
+        "expected all {n} attempts to fail with {errno}: {}\nfailures: {:?}",
+        r.summary(),
+        r.failure_samples
+    );
+    Ok(())
+}
+
+/// Which client address each backend saw: pods on the entry node see the client itself
+/// (DNAT only), pods on the other node see the entry node's address (DNAT + SNAT).
+fn assert_seen(lab: &TwoNodeLab, r: &ClientReport, entry: Node, v6: bool) -> Result<()> {
+    let mut want: BTreeMap<String, u64> = BTreeMap::new();
+    for (pod, count) in &r.backends {
+        let seen = if lab.net.pod(pod).node == entry {
+            client_addr(v6)
+        } else {
+            entry.addr(v6)
+        };
+        *want.entry(seen.to_string()).or_default() += count;
+    }
+    ensure!(
+        r.backend_saw == want,
+        "client addresses seen by the backends: got {:?}, expected {want:?} (entry {}): {}",
+        r.backend_saw,
+        entry.name(),
+        r.summary()
+    );
+    Ok(())
+}
+
+// ---- 1. externalTrafficPolicy: Cluster through a NodePort ----
+
+fn web() -> Svc {
+    let mut s = Svc::new("web", &["10.96.50.1", "fd00:96::50:1"], "NodePort");
+    s.ports = &[
+        ("http", 80, Protocol::Tcp, 30080),
+        ("dns", 53, Protocol::Udp, 30080),
+    ];
+    s.pods = vec!["a1", "a2", "b1"];
+    s
+}
+
+fn cluster_nodeport(xdp: bool) {
+    external(|lab| {
+        start(lab, xdp, &[&web()])?;
+        for entry in Node::ALL {
+            // TCP over IPv4 and IPv6: backends on both nodes answer.
+            for v6 in [false, true] {
+                let r = run(
+                    lab,
+                    sa(entry.addr(v6), 30080),
+                    Proto::Tcp,
+                    N,
+                    Duration::from_secs(1),
+                )?;
+                all_ok(&r, N)?;
+                backends_are(&r, &["a1", "a2", "b1"])?;
+                assert_seen(lab, &r, entry, v6)?;
+            }
+            // UDP, a new socket (source port) per datagram; the reply comes from the
+            // NodePort the client sent to.
+            let target = sa(entry.addr(false), 30080);
+            let r = run(lab, target, Proto::Udp, N, Duration::from_secs(1))?;
+            all_ok(&r, N)?;
+            backends_are(&r, &["a1", "a2", "b1"])?;
+            assert_seen(lab, &r, entry, false)?;
+            ensure!(
+                r.reply_sources == BTreeMap::from([(target.to_string(), N)]),
+                "UDP replies must come from {target}: {:?}",
+                r.reply_sources
+            );
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn cluster_policy_nodeport_reaches_pods_on_both_nodes() {
+    cluster_nodeport(false);
+}
+
+#[test]
+fn xdp_cluster_policy_nodeport_reaches_pods_on_both_nodes() {
+    cluster_nodeport(true);
+}
+
+// ---- 2. externalTrafficPolicy: Local ----
+
+fn local_svc() -> Svc {
+    let mut s = Svc::new("loc", &["10.96.50.2"], "NodePort");
+    s.local = true;
+    s.ports = &[
+        ("http", 80, Protocol::Tcp, 30090),
+        ("dns", 53, Protocol::Udp, 30090),
+    ];
+    // Both pods on node A: node B has no local endpoint.
+    s.pods = vec!["a1", "a2"];
+    s
+}
+
+fn local_policy(xdp: bool) {
+    external(|lab| {
+        start(lab, xdp, &[&local_svc()])?;
+        let client = client_addr(false).to_string();
+        // Via A: only A's pods, and each saw the client's own address.
+        for proto in [Proto::Tcp, Proto::Udp] {
+            let r = run(
+                lab,
+                sa(Node::A.addr(false), 30090),
+                proto,
+                N,
+                Duration::from_secs(1),
+            )?;
+            all_ok(&r, N)?;
+            backends_are(&r, &["a1", "a2"])?;
+            ensure!(
+                r.backend_saw == BTreeMap::from([(client.clone(), N)]),
+                "{proto}: every backend must see the client {client}: {:?}",
+                r.backend_saw
+            );
+        }
+        // Via B: no local endpoint, every connection is dropped (a connect timeout, not a
+        // reset or an ICMP error).
+        let r = run(
+            lab,
+            sa(Node::B.addr(false), 30090),
+            Proto::Tcp,
+            N_DROP,
+            DROP_TIMEOUT,
+        )?;
+        all_failed(&r, N_DROP, "TIMEOUT")?;
+        let r = run(
+            lab,
+            sa(Node::B.addr(false), 30090),
+            Proto::Udp,
+            N_DROP,
+            DROP_TIMEOUT,
+        )?;
+        all_failed(&r, N_DROP, "TIMEOUT")?;
+        Ok(())
+    });
+}
+
+#[test]
+fn local_policy_preserves_client_ip_and_drops_without_local_endpoint() {
+    local_policy(false);
+}
+
+#[test]
+fn xdp_local_policy_preserves_client_ip_and_drops_without_local_endpoint() {
+    local_policy(true);
+}
+
+// ---- 3. healthCheckNodePort ----
+
+#[test]
+fn health_check_node_port_reports_local_endpoints() {
+    external(|lab| {
+        let mut s = Svc::new("hc", &["10.96.50.3"], "LoadBalancer");
+        s.local = true;
+        s.ports = &[("http", 80, Protocol::Tcp, 30100)];
+        s.lb = &["10.253.0.30"];
+        s.health_check_node_port = Some(32100);
+        s.pods = vec!["a1"];
+        start(lab, false, &[&s])?;
+        for (node, status, local) in [(Node::A, 200, 1), (Node::B, 503, 0)] {
+            let (code, body) = lab.http_get(sa(node.addr(false), 32100), "/")?;
+            eprintln!("GET {}:32100 → {code} {body}", node.addr(false));
+            ensure!(
+                code == status,
+                "{}: expected HTTP {status}, got {code}: {body}",
+                node.name()
+            );
+            let v: Value = serde_json::from_str(body.trim())
+                .with_context(|| format!("health check body is not JSON: {body:?}"))?;
+            ensure!(
+                v["localEndpoints"] == json!(local),
+                "{}: localEndpoints must be {local}: {body}",
+                node.name()
+            );
+            ensure!(
+                body.contains("\"hc\"") && body.contains(&format!("\"{NS}\"")),
+                "{}: the body must name the Service {NS}/hc: {body}",
+                node.name()
+            );
+        }
+        // The LB IP itself: only node A, which has the endpoint, serves it.
+        let lb = ip("10.253.0.30");
+        lab.net.route_via(lb, Node::A)?;
+        let r = run(lab, sa(lb, 80), Proto::Tcp, N, Duration::from_secs(1))?;
+        all_ok(&r, N)?;
+        backends_are(&r, &["a1"])?;
+        lab.net.route_via(lb, Node::B)?;
+        let r = run(lab, sa(lb, 80), Proto::Tcp, N_DROP, DROP_TIMEOUT)?;
+        all_failed(&r, N_DROP, "TIMEOUT")?;
+        Ok(())
+    });
+}
+
+// ---- 4. LoadBalancer IP, externalIP, loadBalancerSourceRanges ----
+
+fn lb_svc() -> Svc {
+    let mut s = Svc::new("lb", &["10.96.50.4"], "LoadBalancer");
+    s.ports = &[("http", 80, Protocol::Tcp, 30110)];
+    s.lb = &["10.253.0.10"];
+    s.external_ips = &["10.253.0.20"];
+    s.pods = vec!["a1", "a2", "b1"];
+    s
+}
+
+fn ranged_svc(range: &'static str) -> Svc {
+    let mut s = Svc::new("lbsr", &["10.96.50.5"], "LoadBalancer");
+    s.ports = &[("http", 80, Protocol::Tcp, 30111)];
+    s.lb = &["10.253.0.40"];
+    s.source_ranges = vec![range];
+    s.pods = vec!["a1", "a2", "b1"];
+    s
+}
+
+fn lb_and_external_ips(xdp: bool) {
+    external(|lab| {
+        // 192.0.2.0/24 (TEST-NET-1) does not contain the client.
+        start(lab, xdp, &[&lb_svc(), &ranged_svc("192.0.2.0/24")])?;
+        for entry in Node::ALL {
+            for addr in ["10.253.0.10", "10.253.0.20"] {
+                let addr = ip(addr);
+                lab.net.route_via(addr, entry)?;
+                let r = run(lab, sa(addr, 80), Proto::Tcp, N, Duration::from_secs(1))?;
+                all_ok(&r, N)?;
+                backends_are(&r, &["a1", "a2", "b1"])?;
+                assert_seen(lab, &r, entry, false)?;
+            }
+        }
+        let ranged = ip("10.253.0.40");
+        for entry in Node::ALL {
+            lab.net.route_via(ranged, entry)?;
+            let r = run(lab, sa(ranged, 80), Proto::Tcp, N_DROP, DROP_TIMEOUT)?;
+            all_failed(&r, N_DROP, "TIMEOUT")?;
+        }
+        update(lab, &ranged_svc("10.250.0.0/24"))?;
+        for entry in Node::ALL {
+            lab.net.route_via(ranged, entry)?;
+            let r = run(lab, sa(ranged, 80), Proto::Tcp, N, Duration::from_secs(1))?;
+            all_ok(&r, N)?;
+            backends_are(&r, &["a1", "a2", "b1"])?;
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn lb_ip_and_external_ip_via_either_node_and_source_ranges() {
+    lb_and_external_ips(false);
+}
+
+#[test]
+fn xdp_lb_ip_and_external_ip_via_either_node_and_source_ranges() {
+    lb_and_external_ips(true);
+}
+
+// ---- 5. Maglev agreement ----
+
+fn maglev_agreement(xdp: bool) {
+    external(|lab| {
+        let mut s = Svc::new("mag", &["10.96.50.6"], "LoadBalancer");
+        s.ports = &[("http", 80, Protocol::Tcp, 30112)];
+        s.lb = &["10.253.0.50"];
+        s.pods = vec!["a1", "a2", "b1"];
+        start(lab, xdp, &[&s])?;
+        let lb = ip("10.253.0.50");
+        let n = 40u64;
+        let mut picks = Vec::new();
+        for entry in Node::ALL {
+            lab.net.route_via(lb, entry)?;
+            let mut o = lab.client(sa(lb, 80), Proto::Tcp);
+            o.count = n;
+            o.sport = Some(40_000);
+            o.sport_step = 1;
+            let r = lab.run_client(&o)?;
+            eprintln!("via {}: {}", entry.name(), r.summary());
+            all_ok(&r, n)?;
+            ensure!(
+                r.by_sport.len() == n as usize,
+                "one entry per source port: {:?}",
+                r.by_sport
+            );
+            picks.push(r);
+        }
+        let (a, b) = (&picks[0].by_sport, &picks[1].by_sport);
+        let differ: Vec<_> = a
+            .iter()
+            .filter(|(port, pod)| b.get(*port) != Some(*pod))
+            .map(|(port, pod)| (*port, pod.clone(), b.get(port).cloned()))
+            .collect();
+        ensure!(
+            differ.is_empty(),
+            "source ports that chose another backend via B than via A (port, via A, via B): {differ:?}"
+        );
+        // The agreement means something only if the flows were spread.
+        backends_are(&picks[0], &["a1", "a2", "b1"])?;
+        // And both paths (and both modes, tc and XDP) pick what the Maglev model picks:
+        // the contract's flow hash and permutations, the paper's table population over
+        // the backends sorted by address.
+        let pods = ["a1", "a2", "b1"];
+        let mut sorted: Vec<(IpAddr, &str)> =
+            pods.iter().map(|p| (lab.pod_addr(p, false), *p)).collect();
+        sorted.sort();
+        let addrs: Vec<IpAddr> = sorted.iter().map(|(a, _)| *a).collect();
+        let m: u32 = MAGLEV_SIZE.parse()?;
+        let table = maglev_table(&addrs, POD_PORT, svc_lb_common::PROTO_TCP, m);
+        let model_mismatch: Vec<_> = a
+            .iter()
+            .filter_map(|(port, pod)| {
+                let h = svc_lb_common::maglev::flow_hash(
+                    &addr_words(client_addr(false)),
+                    port.to_be(),
+                    80u16.to_be(),
+                    svc_lb_common::PROTO_TCP,
+                );
+                let want = sorted[table[(h % m) as usize]].1;
+                (want != pod).then(|| (*port, pod.clone(), want))
+            })
+            .collect();
+        ensure!(
+            model_mismatch.is_empty(),
+            "source ports whose backend differs from the Maglev model (port, got, model): {model_mismatch:?}"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn maglev_same_backend_for_same_flow_via_either_node() {
+    maglev_agreement(false);
+}
+
+#[test]
+fn xdp_maglev_same_backend_for_same_flow_via_either_node() {
+    maglev_agreement(true);
+}
+
+// ---- 6. Conntrack ----
+
+#[test]
+fn conntrack_keeps_established_flows_and_moves_udp_off_a_replaced_pod() {
+    external(|lab| {
+        let mut ct = Svc::new("ct", &["10.96.50.7"], "LoadBalancer");
+        ct.ports = &[("http", 80, Protocol::Tcp, 30113)];
+        ct.lb = &["10.253.0.60"];
+        ct.pods = vec!["a1"];
+        let mut udp = Svc::new("udpc", &["10.96.50.8"], "LoadBalancer");
+        udp.ports = &[("dns", 53, Protocol::Udp, 30114)];
+        udp.lb = &["10.253.0.70"];
+        lab.add_pod("u1", Node::A, POD_PORT)?;
+        udp.pods = vec!["u1"];
+        start(lab, false, &[&ct, &udp])?;
+
+        // Long-lived TCP connections (all on a1, the only backend) keep exchanging
+        // messages while other backends come and go: with three backends most of these
+        // flows hash elsewhere, so only conntrack keeps them on a1.
+        let lb = ip("10.253.0.60");
+        lab.net.route_via(lb, Node::A)?;
+        let msgs = 60u64;
+        let mut runs = Vec::new();
+        for i in 0..4u16 {
+            let mut o = lab.client(sa(lb, 80), Proto::Tcp);
+            o.long_lived = true;
+            o.count = msgs;
+            o.interval = Duration::from_millis(50);
+            o.timeout = Duration::from_secs(1);
+            o.sport = Some(42_000 + i);
+            runs.push(lab.spawn_client(&o)?);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        ct.pods = vec!["a1", "a2", "b1"];
+        update(lab, &ct)?;
+        // New connections do use the new backends meanwhile.
+        let r = run(lab, sa(lb, 80), Proto::Tcp, N, Duration::from_secs(1))?;
+        all_ok(&r, N)?;
+        backends_are(&r, &["a1", "a2", "b1"])?;
+        std::thread::sleep(Duration::from_millis(300));
+        ct.pods = vec!["a1", "b1"];
+        update(lab, &ct)?;
+        std::thread::sleep(Duration::from_millis(300));
+        ct.pods = vec!["a1"];
+        update(lab, &ct)?;
+        for c in runs {
+            let r = c.wait()?;
+            eprintln!("long-lived: {}", r.summary());
+            all_ok(&r, msgs)?;
+            ensure!(
+                r.backends == BTreeMap::from([("a1".to_owned(), msgs)]),
+                "a long-lived connection changed backend: {}",
+                r.summary()
+            );
+        }
+
+        // UDP from one fixed source port while its only pod u1 is replaced by u2 (on the
+        // other node, another address). u1 keeps running, so a stale flow would still get
+        // answers from it: none may come once u2 answered, and u2 must answer within 1 s
+        // of being in the manifests.
+        let vip = ip("10.253.0.70");
+        lab.net.route_via(vip, Node::A)?;
+        let mut o = lab.client(sa(vip, 53), Proto::Udp);
+        o.one_socket = true;
+        o.sport = Some(43_000);
+        o.count = 0;
+        o.duration = Some(Duration::from_millis(3500));
+        o.interval = Duration::from_millis(20);
+        o.timeout = Duration::from_millis(200);
+        o.timeline = true;
+        let client = lab.spawn_client(&o)?;
+        std::thread::sleep(Duration::from_millis(1000));
+        lab.add_pod("u2", Node::B, POD_PORT)?;
+        udp.pods = vec!["u2"];
+        let yaml = udp.yaml(lab);
+        let before = lab.applied()?;
+        let written = unix_ms();
+        lab.write_manifest(&udp.file(), &yaml)?;
+        let t0 = Instant::now();
+        lab.wait_both_applied(before)?;
+        eprintln!(
+            "udpc: both agents applied the new pod after {:?}",
+            t0.elapsed()
+        );
+        let r = client.wait()?;
+        eprintln!("udp: {}", r.summary());
+        let before_write: Vec<_> = r.timeline.iter().filter(|e| e.unix_ms < written).collect();
+        ensure!(
+            !before_write.is_empty() && before_write.iter().all(|e| e.outcome == "u1"),
+            "before the change every datagram must be answered by u1: {before_write:?}"
+        );
+        let first_u2 = r
+            .timeline
+            .iter()
+            .find(|e| e.outcome == "u2")
+            .with_context(|| format!("u2 never answered: {}", r.summary()))?;
+        let delay = first_u2.unix_ms.saturating_sub(written);
+        ensure!(
+            delay <= 1000,
+            "u2 answered only {delay} ms after the manifest change"
+        );
+        let after: Vec<_> = r
+            .timeline
+            .iter()
+            .filter(|e| e.unix_ms >= first_u2.unix_ms)
+            .collect();
+        ensure!(
+            after.len() > 20 && after.iter().all(|e| e.outcome == "u2"),
+            "after u2's first answer ({delay} ms after the change) every datagram must reach u2: {:?}",
+            after
+                .iter()
+                .filter(|e| e.outcome != "u2")
+                .collect::<Vec<_>>()
+        );
+        eprintln!("udp: u2 answered {delay} ms after the manifest change");
+        Ok(())
+    });
+}
+
+// ---- 7. Reject without endpoints ----
+
+fn reject_no_endpoints(xdp: bool) {
+    external(|lab| {
+        let mut s = Svc::new("empty", &["10.96.50.9"], "LoadBalancer");
+        s.ports = &[
+            ("http", 80, Protocol::Tcp, 30115),
+            ("dns", 53, Protocol::Udp, 30115),
+        ];
+        s.lb = &["10.253.0.80"];
+        start(lab, xdp, &[&s])?;
+        // The LB IP, not the NodePort: a node address with no listener is refused by the
+        // node's own stack anyway, whereas the LB IP is no address of the node (without
+        // the agent, node A answers it with "network unreachable").
+        let lb = ip("10.253.0.80");
+        for entry in Node::ALL {
+            lab.net.route_via(lb, entry)?;
+            for (proto, port) in [(Proto::Tcp, 80), (Proto::UdpConnected, 53)] {
+                let r = run(lab, sa(lb, port), proto, N_DROP, Duration::from_secs(1))?;
+                all_failed(&r, N_DROP, "ECONNREFUSED")?;
+                ensure!(
+                    Duration::from_micros(r.max_failure_us) < FAST_FAIL,
+                    "{proto} via {}: a reject must fail fast, slowest took {} µs",
+                    entry.name(),
+                    r.max_failure_us
+                );
+            }
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn reject_with_icmp_when_no_endpoints() {
+    reject_no_endpoints(false);
+}
+
+#[test]
+fn xdp_reject_with_icmp_when_no_endpoints() {
+    reject_no_endpoints(true);
+}
+
+// ---- 8. Hairpin ----
+
+/// A pod reaching its own Service through its node's NodePort or the LB IP. The pod's
+/// client runs in node A's cgroup, so node A's socket programs translate its connect()
+/// as they do for every local process: that is how a local pod hairpins (its packets
+/// never cross node A's LAN device, where the tc programs sit).
+#[test]
+fn hairpin_pod_reaches_its_own_service_via_nodeport_and_lb_ip() {
+    external(|lab| {
+        let mut s = Svc::new("hp", &["10.96.50.10"], "LoadBalancer");
+        s.ports = &[("http", 80, Protocol::Tcp, 30116)];
+        s.lb = &["10.253.0.90"];
+        s.pods = vec!["a1", "a2", "b1"];
+        start(lab, false, &[&s])?;
+        for target in [sa(Node::A.addr(false), 30116), sa(ip("10.253.0.90"), 80)] {
+            let mut o = lab.pod_client("a1", target, Proto::Tcp);
+            o.count = N;
+            let r = lab.run_client(&o)?;
+            eprintln!("hairpin from a1: {}", r.summary());
+            all_ok(&r, N)?;
+            // a1 included: the pod reached itself through its Service.
+            backends_are(&r, &["a1", "a2", "b1"])?;
+        }
+        Ok(())
+    });
+}
+
+// ---- The lab itself, without agents ----
+
+/// The topology routes exactly what it should: the client reaches the node addresses
+/// and nothing else until a test adds a route; nodes forward to their own and to the
+/// other node's pods; pods reach each other across nodes. No agent runs, so this also
+/// shows what "not handled by the agent" looks like.
+#[test]
+fn lab_routes_only_what_a_test_adds() {
+    external(|lab| {
+        let a1 = lab.pod_addr("a1", false);
+        let b1 = lab.pod_addr("b1", false);
+        let client = client_addr(false).to_string();
+        let quick = Duration::from_millis(500);
+        // No route: pods and LB IPs are unreachable from the client, locally.
+        for dest in [a1, b1, ip("10.253.0.10"), lab.pod_addr("a1", true)] {
+            let r = run(lab, sa(dest, POD_PORT), Proto::Tcp, 1, quick)?;
+            all_failed(&r, 1, "ENETUNREACH")?;
+        }
+        // The node addresses are on-link; nothing listens on a NodePort without an agent.
+        for n in Node::ALL {
+            for v6 in [false, true] {
+                let r = run(lab, sa(n.addr(v6), 30080), Proto::Tcp, 1, quick)?;
+                all_failed(&r, 1, "ECONNREFUSED")?;
+            }
+        }
+        // An address routed via a node that has no route for it: the node says so.
+        lab.net.route_via(ip("10.253.0.10"), Node::A)?;
+        let r = run(lab, sa(ip("10.253.0.10"), 80), Proto::Tcp, 1, quick)?;
+        ensure!(
+            r.failed == 1
+                && (r.failures_of("EHOSTUNREACH") == 1 || r.failures_of("ENETUNREACH") == 1),
+            "node A must answer an unroutable address with ICMP unreachable: {}",
+            r.summary()
+        );
+        lab.net.unroute(ip("10.253.0.10"))?;
+        // Plain routing through either node to pods on either node.
+        for (pod, dest) in [("a1", a1), ("b1", b1)] {
+            for via in Node::ALL {
+                lab.net.route_via(dest, via)?;
+                for proto in [Proto::Tcp, Proto::Udp] {
+                    let r = run(lab, sa(dest, POD_PORT), proto, 5, quick)?;
+                    all_ok(&r, 5)?;
+                    backends_are(&r, &[pod])?;
+                    ensure!(
+                        r.backend_saw == BTreeMap::from([(client.clone(), 5)]),
+                        "plain routing keeps the client address: {:?}",
+                        r.backend_saw
+                    );
+                }
+            }
+            lab.net.unroute(dest)?;
+            let r = run(lab, sa(dest, POD_PORT), Proto::Tcp, 1, quick)?;
+            all_failed(&r, 1, "ENETUNREACH")?;
+        }
+        let a1v6 = lab.pod_addr("a1", true);
+        lab.net.route_via(a1v6, Node::B)?;
+        let r = run(lab, sa(a1v6, POD_PORT), Proto::Tcp, 5, quick)?;
+        all_ok(&r, 5)?;
+        backends_are(&r, &["a1"])?;
+        // Pod to pod across nodes (no cgroup: no agent involved).
+        let mut o = lab.client(sa(b1, POD_PORT), Proto::Tcp);
+        o.netns = Some(lab.net.pod("a1").netns.name().to_owned());
+        o.count = 5;
+        let r = lab.run_client(&o)?;
+        all_ok(&r, 5)?;
+        ensure!(
+            r.backend_saw == BTreeMap::from([(a1.to_string(), 5)]),
+            "b1 must see a1's address: {:?}",
+            r.backend_saw
+        );
+        Ok(())
+    });
+}
+
+/// An address as the BPF maps hold it: network-order words, IPv4 in word 0.
+fn addr_words(addr: IpAddr) -> [u32; 4] {
+    match addr {
+        IpAddr::V4(a) => [u32::from_ne_bytes(a.octets()), 0, 0, 0],
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            [w(0), w(4), w(8), w(12)]
+        }
+    }
+}
+
+/// Maglev's table population (Eisenbud et al., NSDI 2016, "Pseudo-code 1") for
+/// `backends` in the given order: index into `backends` per slot.
+fn maglev_table(backends: &[IpAddr], port: u16, proto: u8, m: u32) -> Vec<usize> {
+    if backends.is_empty() {
+        return vec![0; m as usize];
+    }
+    let perms: Vec<(u32, u32)> = backends
+        .iter()
+        .map(|b| svc_lb_common::maglev::permutation(&addr_words(*b), port.to_be(), proto, m))
+        .collect();
+    let mut next = vec![0u32; backends.len()];
+    let mut table: Vec<Option<usize>> = vec![None; m as usize];
+    let mut filled = 0;
+    'fill: loop {
+        for (i, (offset, skip)) in perms.iter().enumerate() {
+            let mut c = ((u64::from(*offset) + u64::from(next[i]) * u64::from(*skip))
+                % u64::from(m)) as usize;
+            while table[c].is_some() {
+                next[i] += 1;
+                c = ((u64::from(*offset) + u64::from(next[i]) * u64::from(*skip)) % u64::from(m))
+                    as usize;
+            }
+            table[c] = Some(i);
+            next[i] += 1;
+            filled += 1;
+            if filled == m as usize {
+                break 'fill;
+            }
+        }
+    }
+    table.into_iter().map(|s| s.unwrap_or(0)).collect()
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
