@@ -219,7 +219,7 @@ pub fn flows(
         with_meta(&mut f);
         rows.push(((k.proto, frontend, client), f));
     }
-    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    rows.sort_by_key(|a| a.0);
     table.flows = rows.into_iter().map(|(_, f)| f).collect();
     table
 }
