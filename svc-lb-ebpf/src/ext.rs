@@ -11,6 +11,10 @@
 //! Every packet of a flow refreshes its entry's lifetime (`CT_*_TIMEOUT_S`); a TCP FIN
 //! or RST shortens it to `CT_TCP_CLOSE_TIMEOUT_S` (`CT_FLAG_CLOSING`). An expired entry
 //! is ignored, so the next packet starts a new flow.
+// Keys and values in the per-CPU scratch map are passed by reference on purpose: by
+// value they would be copied onto the 512-byte stack, which is what the scratch avoids.
+#![allow(clippy::needless_borrows_for_generic_args)]
+
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     btf_maps::lpm_trie::Key,

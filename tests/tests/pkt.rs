@@ -657,7 +657,7 @@ fn tcp_lifetimes_follow_syn_established_and_fin() {
         v.sort();
         v
     };
-    let mut send = |flags| {
+    let send = |flags| {
         let s = Spec::tcp(CLIENT4, 40_000, LB4, FE_PORT, flags);
         expect(&dp, dp.tc_in, &s, TC_ACT_OK);
     };
@@ -752,4 +752,43 @@ fn external_affinity_keeps_a_client_on_its_backend() {
         dp.counter(svc_lb_common::CTR_EXT_AFF_HIT).expect("counter"),
         1
     );
+}
+
+/// The parser every case relies on really checks: a built frame parses, and one wrong
+/// bit in the IPv4 header checksum, the TCP/UDP/ICMPv6-style L4 checksum (through a
+/// changed address in the pseudo-header or a changed port) or a length field fails.
+#[test]
+fn parser_rejects_wrong_checksums_and_lengths() {
+    for s in [
+        Spec::tcp(CLIENT4, 40_000, LB4, FE_PORT, SYN),
+        Spec::udp(CLIENT4, 40_000, LB4, FE_PORT),
+        Spec::tcp(CLIENT6, 40_000, LB6, FE_PORT, SYN),
+        Spec::udp(CLIENT6, 40_000, LB6, FE_PORT),
+    ] {
+        let good = s.frame();
+        let p = parse(&good).expect("a built frame parses");
+        assert_eq!(
+            (p.src, p.sport, p.dst, p.dport),
+            (s.src, s.sport, s.dst, s.dport)
+        );
+        let l4 = if s.src.is_ipv4() { 34 } else { 54 };
+        let daddr_last = if s.src.is_ipv4() { 33 } else { 53 };
+        let mut bad = vec![
+            // Destination address (IPv4 header checksum and pseudo-header).
+            (daddr_last, "address"),
+            // Destination port (L4 checksum only).
+            (l4 + 3, "port"),
+        ];
+        if s.src.is_ipv4() {
+            // Total length.
+            bad.push((17, "length"));
+        } else {
+            bad.push((19, "payload length"));
+        }
+        for (at, what) in bad {
+            let mut f = good.clone();
+            f[at] ^= 0x01;
+            assert!(parse(&f).is_err(), "{what} change not detected in {s:?}");
+        }
+    }
 }
