@@ -11,21 +11,26 @@
 //! Every packet of a flow refreshes its entry's lifetime (`CT_*_TIMEOUT_S`); a TCP FIN
 //! or RST shortens it to `CT_TCP_CLOSE_TIMEOUT_S` (`CT_FLAG_CLOSING`). An expired entry
 //! is ignored, so the next packet starts a new flow.
+// Keys and values in the per-CPU scratch map are passed by reference on purpose: by
+// value they would be copied onto the 512-byte stack, which is what the scratch avoids.
+#![allow(clippy::needless_borrows_for_generic_args)]
+
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     btf_maps::lpm_trie::Key,
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
 };
 use svc_lb_common::{
-    AffinityExtKey, AffinityMatchKey, AffinityValue, BACKEND_FLAG_LOCAL, Backend, CT_DIR_FORWARD,
+    AffinityExtKey, AffinityMatchKey, AffinityValue, BACKEND_FLAG_LOCAL, CT_DIR_FORWARD,
     CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, CT_TCP_CLOSE_TIMEOUT_S,
     CT_TCP_SYN_TIMEOUT_S, CT_TCP_TIMEOUT_S, CT_UDP_TIMEOUT_S, CTR_EXT_AFF_HIT,
-    CTR_EXT_AFF_UPDATE_FAIL, CTR_EXT_BACKEND_GONE, CTR_EXT_CT_CLOSING, CTR_EXT_CT_HIT,
-    CTR_EXT_CT_UPDATE_FAIL, CTR_EXT_FORWARDED, CTR_EXT_MAGLEV_MISSING, CTR_EXT_NO_SNAT_ADDR,
-    CTR_EXT_REJECT_FAILED, CTR_EXT_REPLY_XLATED, CTR_EXT_REWRITE_FAIL, CTR_EXT_SNAT_PORT_EXHAUSTED,
-    CtKey, CtValue, ExtChoice, ExtVia, FAMILY_V4, MAGLEV_TABLE_MAX, NodeAddrKey, PROTO_TCP,
-    SCOPE_EXTERNAL, SNAT_PORT_TRIES, SVC_FLAG_EXT_LOCAL, SrcRange4Key, SrcRange6Key, Stickiness,
-    Svc4Key, Svc6Key, SvcValue, choose_external, lookup::snat_port, maglev::flow_hash,
+    CTR_EXT_AFF_UPDATE_FAIL, CTR_EXT_BACKEND_GONE, CTR_EXT_BACKEND_MISSING, CTR_EXT_CT_CLOSING,
+    CTR_EXT_CT_HIT, CTR_EXT_CT_UPDATE_FAIL, CTR_EXT_FORWARDED, CTR_EXT_MAGLEV_MISSING,
+    CTR_EXT_NO_SNAT_ADDR, CTR_EXT_REJECT_FAILED, CTR_EXT_REPLY_XLATED, CTR_EXT_REWRITE_FAIL,
+    CTR_EXT_SNAT_PORT_EXHAUSTED, CtKey, CtValue, ExtChoice, ExtVia, FAMILY_V4, MAGLEV_TABLE_MAX,
+    NodeAddrKey, PROTO_TCP, SCOPE_EXTERNAL, SNAT_PORT_TRIES, SVC_FLAG_EXT_LOCAL, SrcRange4Key,
+    SrcRange6Key, Stickiness, Svc4Key, Svc6Key, SvcValue, choose_external, lookup::snat_port,
+    maglev::flow_hash,
 };
 
 use crate::{
@@ -120,7 +125,11 @@ fn apply<C: Pkt>(c: &C, f: &Flow, to: &Rewrite) -> Verdict {
 /// (backend → node:port, restored to frontend → client); tc egress handles replies of
 /// local backends (backend → client, source restored to the frontend). `None`: not a
 /// reply this direction translates.
-#[inline(always)]
+///
+/// Not inlined (here and in [`forward`]): as separate BPF functions the reply and the
+/// forward path each get their own stack frame instead of adding up in one 512-byte
+/// frame.
+#[inline(never)]
 pub fn reply<C: Pkt>(c: &C, f: &Flow, snat: bool) -> Option<Verdict> {
     let v = LB_CT_V1.get_ptr_mut(ct_key(f, CT_DIR_REPLY))?;
     let now = unsafe { bpf_ktime_get_ns() };
@@ -138,6 +147,24 @@ pub fn reply<C: Pkt>(c: &C, f: &Flow, snat: bool) -> Option<Verdict> {
         return None;
     }
     refresh(v, f, now, CT_FLAG_SEEN_REPLY);
+    // Keep the forward entry alive while the backend answers (a server-push flow).
+    if let Some(s) = LB_SCRATCH.get_ptr_mut(0) {
+        // SAFETY: per-CPU scratch, only this program run uses it.
+        let s = unsafe { &mut *s };
+        s.fkey = CtKey {
+            saddr_be: if snat { client_addr } else { f.daddr },
+            daddr_be: nat_addr,
+            sport_be: if snat { client_port } else { f.dport },
+            dport_be: nat_port,
+            proto: f.proto,
+            family: f.family,
+            dir: CT_DIR_FORWARD,
+            _pad: 0,
+        };
+        if let Some(fwd) = LB_CT_V1.get_ptr_mut(&s.fkey) {
+            refresh(fwd, f, now, 0);
+        }
+    }
     let to = if snat {
         Rewrite {
             saddr: nat_addr,
@@ -164,9 +191,42 @@ pub fn reply<C: Pkt>(c: &C, f: &Flow, snat: bool) -> Option<Verdict> {
 #[inline(always)]
 pub fn forward<C: Pkt>(c: &C, f: &Flow) -> Verdict {
     let now = unsafe { bpf_ktime_get_ns() };
+    match established(c, f, now) {
+        Some(v) => v,
+        None => new_flow(c, f, now),
+    }
+}
+
+/// A packet of a flow with a live forward entry whose backend is still there: the
+/// flow's translation. `None`: no such entry (or its backend is gone), a new flow.
+#[inline(never)]
+fn established<C: Pkt>(c: &C, f: &Flow, now: u64) -> Option<Verdict> {
     if let Some(v) = LB_CT_V1.get_ptr_mut(ct_key(f, CT_DIR_FORWARD)) {
         let e = unsafe { *v };
         if e.expires_ns > now {
+            let Some(s) = LB_SCRATCH.get_ptr_mut(0) else {
+                count(CTR_EXT_CT_UPDATE_FAIL);
+                return Some(Verdict::Drop);
+            };
+            // SAFETY: per-CPU scratch, only this program run uses it.
+            let s = unsafe { &mut *s };
+            let snat = e.flags & CT_FLAG_SNAT != 0;
+            let (saddr, sport) = if snat {
+                (e.snat_addr_be, e.snat_port_be)
+            } else {
+                (f.saddr, f.sport)
+            };
+            // The flow's reply entry (backend → client, or backend → SNAT address).
+            s.rkey = CtKey {
+                saddr_be: e.nat_addr_be,
+                daddr_be: saddr,
+                sport_be: e.nat_port_be,
+                dport_be: sport,
+                proto: f.proto,
+                family: f.family,
+                dir: CT_DIR_REPLY,
+                _pad: 0,
+            };
             let same = match LB_BACKENDS_V1.get_ptr(e.backend_id) {
                 Some(b) => unsafe {
                     (*b).addr_be == e.nat_addr_be && (*b).port_be == e.nat_port_be
@@ -176,12 +236,29 @@ pub fn forward<C: Pkt>(c: &C, f: &Flow) -> Verdict {
             if same {
                 count(CTR_EXT_CT_HIT);
                 refresh(v, f, now, 0);
-                let (saddr, sport) = if e.flags & CT_FLAG_SNAT != 0 {
-                    (e.snat_addr_be, e.snat_port_be)
-                } else {
-                    (f.saddr, f.sport)
-                };
-                return apply(
+                // Keep the reply entry alive as long as the client sends (a one-way
+                // flow's late answer must still be translated), and bring it back if
+                // the LRU evicted it.
+                match LB_CT_V1.get_ptr_mut(&s.rkey) {
+                    Some(r) => refresh(r, f, now, 0),
+                    None => {
+                        s.rval = CtValue {
+                            expires_ns: unsafe { (*v).expires_ns },
+                            backend_id: e.backend_id,
+                            rev_nat_id: e.rev_nat_id,
+                            nat_addr_be: f.daddr,
+                            snat_addr_be: if snat { f.saddr } else { [0; 4] },
+                            nat_port_be: f.dport,
+                            snat_port_be: if snat { f.sport } else { 0 },
+                            flags: e.flags & (CT_FLAG_SNAT | CT_FLAG_CLOSING),
+                            _pad: [0; 3],
+                        };
+                        if LB_CT_V1.insert(&s.rkey, &s.rval, 0).is_err() {
+                            count(CTR_EXT_CT_UPDATE_FAIL);
+                        }
+                    }
+                }
+                return Some(apply(
                     c,
                     f,
                     &Rewrite {
@@ -190,7 +267,7 @@ pub fn forward<C: Pkt>(c: &C, f: &Flow) -> Verdict {
                         daddr: e.nat_addr_be,
                         dport: e.nat_port_be,
                     },
-                );
+                ));
             }
             // The backend left the Service (or its id was reused for another address).
             // The flow is chosen anew below, for UDP and TCP alike. For TCP this is the
@@ -200,28 +277,10 @@ pub fn forward<C: Pkt>(c: &C, f: &Flow) -> Verdict {
             // retransmission simply connects). Sending a RST from here would need a
             // second packet or a rebuilt one, for the same outcome.
             count(CTR_EXT_BACKEND_GONE);
-            let stale = CtKey {
-                saddr_be: e.nat_addr_be,
-                daddr_be: if e.flags & CT_FLAG_SNAT != 0 {
-                    e.snat_addr_be
-                } else {
-                    f.saddr
-                },
-                sport_be: e.nat_port_be,
-                dport_be: if e.flags & CT_FLAG_SNAT != 0 {
-                    e.snat_port_be
-                } else {
-                    f.sport
-                },
-                proto: f.proto,
-                family: f.family,
-                dir: CT_DIR_REPLY,
-                _pad: 0,
-            };
-            let _ = LB_CT_V1.remove(stale);
+            let _ = LB_CT_V1.remove(&s.rkey);
         }
     }
-    new_flow(c, f, now)
+    None
 }
 
 /// The external frontend of a packet: exact (destination, port, protocol) first, then
@@ -357,16 +416,81 @@ fn remember(f: &Flow, rev_nat_id: u32, backend_id: u32, sticky: Stickiness) {
     }
 }
 
+/// What [`decide`] found for the first packet of a flow.
+#[derive(Clone, Copy)]
+enum Decision {
+    Pass,
+    Drop,
+    Reject,
+    Backend {
+        backend_id: u32,
+        rev_nat_id: u32,
+        /// DNAT only (local backend or externalTrafficPolicy Local).
+        local: bool,
+    },
+}
+
+/// The first packet of a flow (or of a flow whose backend left): choice, conntrack,
+/// translation; or the reject, the drop, or untouched when it is not for a frontend.
+///
+/// The choice, the reject and the conntrack/translation are three separate BPF
+/// functions called one after the other, so their stack frames never add up.
 #[inline(always)]
 fn new_flow<C: Pkt>(c: &C, f: &Flow, now: u64) -> Verdict {
-    let Some((master, fe_addr)) = frontend(f) else {
-        return Verdict::Pass;
-    };
-    let Some(cfg) = LB_CONFIG_V1.get(0) else {
-        return Verdict::Pass;
-    };
-    let maglev_size = cfg.maglev_size;
     let hash = flow_hash(&f.saddr, f.sport, f.dport, f.proto);
+    match decide(f, now, hash) {
+        Decision::Pass => Verdict::Pass,
+        Decision::Drop => Verdict::Drop,
+        Decision::Reject => reject(c, f),
+        Decision::Backend {
+            backend_id,
+            rev_nat_id,
+            local,
+        } => establish(
+            c,
+            f,
+            &NewFlow {
+                now,
+                hash,
+                backend_id,
+                rev_nat_id,
+                local,
+            },
+        ),
+    }
+}
+
+/// The arguments of [`establish`] (a BPF function takes at most five).
+#[derive(Clone, Copy)]
+struct NewFlow {
+    now: u64,
+    hash: u32,
+    backend_id: u32,
+    rev_nat_id: u32,
+    local: bool,
+}
+
+#[inline(never)]
+fn reject<C: Pkt>(c: &C, f: &Flow) -> Verdict {
+    if reject::build(c, f) {
+        Verdict::Reject
+    } else {
+        count(CTR_EXT_REJECT_FAILED);
+        Verdict::Drop
+    }
+}
+
+/// The choice for a new flow (svc-lb-common's `choose_external` over the maps); counts
+/// the reason of a drop or reject, remembers an affinity choice. No packet access.
+#[inline(never)]
+fn decide(f: &Flow, now: u64, hash: u32) -> Decision {
+    let Some((master, fe_addr)) = frontend(f) else {
+        return Decision::Pass;
+    };
+    let maglev_size = match LB_CONFIG_V1.get(0) {
+        Some(cfg) => cfg.maglev_size,
+        None => 0,
+    };
     let choice = choose_external(
         Some(&master),
         |rev| src_allowed(f, rev),
@@ -397,19 +521,14 @@ fn new_flow<C: Pkt>(c: &C, f: &Flow, now: u64) -> Verdict {
         |id| LB_BACKENDS_V1.get_ptr(id),
     );
     match choice {
-        ExtChoice::NotService => Verdict::Pass,
+        ExtChoice::NotService => Decision::Pass,
         ExtChoice::Drop { reason, .. } => {
             count(reason);
-            Verdict::Drop
+            Decision::Drop
         }
         ExtChoice::Reject { reason, .. } => {
             count(reason);
-            if reject::build(c, f) {
-                Verdict::Reject
-            } else {
-                count(CTR_EXT_REJECT_FAILED);
-                Verdict::Drop
-            }
+            Decision::Reject
         }
         ExtChoice::Backend {
             backend,
@@ -423,37 +542,40 @@ fn new_flow<C: Pkt>(c: &C, f: &Flow, now: u64) -> Verdict {
                 count(CTR_EXT_MAGLEV_MISSING);
             }
             remember(f, rev_nat_id, backend_id, sticky);
-            let b: Backend = unsafe { *backend };
-            let local = b.flags & BACKEND_FLAG_LOCAL != 0 || svc_flags & SVC_FLAG_EXT_LOCAL != 0;
-            let snat_addr = if local {
-                [0; 4]
-            } else if f.family == FAMILY_V4 {
-                [cfg.snat4_be, 0, 0, 0]
-            } else {
-                cfg.snat6_be
-            };
-            establish(
-                c, f, now, hash, &b, backend_id, rev_nat_id, local, snat_addr,
-            )
+            let flags = unsafe { (*backend).flags };
+            Decision::Backend {
+                backend_id,
+                rev_nat_id,
+                local: flags & BACKEND_FLAG_LOCAL != 0 || svc_flags & SVC_FLAG_EXT_LOCAL != 0,
+            }
         }
     }
 }
 
 /// Records a new flow (reply entry first, so that no translated packet can leave before
 /// its reply can be translated back) and translates its first packet.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn establish<C: Pkt>(
-    c: &C,
-    f: &Flow,
-    now: u64,
-    hash: u32,
-    b: &Backend,
-    backend_id: u32,
-    rev_nat_id: u32,
-    local: bool,
-    snat_addr: [u32; 4],
-) -> Verdict {
+#[inline(never)]
+fn establish<C: Pkt>(c: &C, f: &Flow, nf: &NewFlow) -> Verdict {
+    let NewFlow {
+        now,
+        hash,
+        backend_id,
+        rev_nat_id,
+        local,
+    } = *nf;
+    // Read again here rather than passed along: keeps the caller's frame small. The
+    // agent never deletes a backend that a slot or table still points at, so it is
+    // there; if not, the flow is dropped like any other missing backend.
+    let Some(b) = LB_BACKENDS_V1.get_ptr(backend_id) else {
+        count(CTR_EXT_BACKEND_MISSING);
+        return Verdict::Drop;
+    };
+    let b = unsafe { &*b };
+    let snat_addr = match (local, LB_CONFIG_V1.get(0)) {
+        (true, _) | (false, None) => [0; 4],
+        (false, Some(cfg)) if f.family == FAMILY_V4 => [cfg.snat4_be, 0, 0, 0],
+        (false, Some(cfg)) => cfg.snat6_be,
+    };
     let (life, _) = lifetime(f, false);
     let expires_ns = now + life;
     let Some(s) = LB_SCRATCH.get_ptr_mut(0) else {

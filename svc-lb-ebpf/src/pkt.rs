@@ -111,9 +111,17 @@ impl Pkt for TcContext {
     }
 }
 
+/// Largest header offset the XDP side reads or writes. Offsets come from `Flow` fields
+/// kept in memory, whose range the verifier does not know: without this bound it
+/// refuses the packet pointer arithmetic.
+const MAX_OFF: usize = 1024;
+
 impl Pkt for XdpContext {
     #[inline(always)]
     fn load<T: Copy>(&self, off: usize) -> Option<T> {
+        if off > MAX_OFF {
+            return None;
+        }
         let start = self.data();
         let end = self.data_end();
         if start + off + core::mem::size_of::<T>() > end {
@@ -124,6 +132,9 @@ impl Pkt for XdpContext {
 
     #[inline(always)]
     fn store<T: Copy>(&self, off: usize, v: &T) -> bool {
+        if off > MAX_OFF {
+            return false;
+        }
         let start = self.data();
         let end = self.data_end();
         if start + off + core::mem::size_of::<T>() > end {
@@ -135,6 +146,9 @@ impl Pkt for XdpContext {
 
     #[inline(always)]
     fn load_bytes<const N: usize>(&self, off: usize, dst: &mut [u8; N]) -> bool {
+        if off > MAX_OFF {
+            return false;
+        }
         let start = self.data();
         if start + off + N > self.data_end() {
             return false;
@@ -145,6 +159,9 @@ impl Pkt for XdpContext {
 
     #[inline(always)]
     fn store_bytes<const N: usize>(&self, off: usize, src: &[u8; N]) -> bool {
+        if off > MAX_OFF {
+            return false;
+        }
         let start = self.data();
         if start + off + N > self.data_end() {
             return false;

@@ -17,11 +17,17 @@ use crate::{
     sock::count,
 };
 
+// The bindings type these as u32 or i32 depending on the arch they were generated for.
+#[allow(clippy::unnecessary_cast)]
+const OK: i32 = TC_ACT_OK as i32;
+#[allow(clippy::unnecessary_cast)]
+const SHOT: i32 = TC_ACT_SHOT as i32;
+
 #[inline(always)]
 fn verdict(ctx: &TcContext, v: Verdict) -> i32 {
     match v {
-        Verdict::Pass | Verdict::Translated => TC_ACT_OK as i32,
-        Verdict::Drop => TC_ACT_SHOT as i32,
+        Verdict::Pass | Verdict::Translated => OK,
+        Verdict::Drop => SHOT,
         // The reject goes back out the device the packet came in on.
         Verdict::Reject => unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32 },
     }
@@ -31,10 +37,10 @@ fn verdict(ctx: &TcContext, v: Verdict) -> i32 {
 pub fn ingress(ctx: &TcContext) -> i32 {
     let f = match parse(ctx) {
         Parsed::Flow(f) => f,
-        Parsed::Other => return TC_ACT_OK as i32,
+        Parsed::Other => return OK,
         Parsed::Unsupported => {
             count(CTR_EXT_PASS_UNSUPPORTED);
-            return TC_ACT_OK as i32;
+            return OK;
         }
     };
     if let Some(v) = ext::reply(ctx, &f, true) {
@@ -46,10 +52,10 @@ pub fn ingress(ctx: &TcContext) -> i32 {
 #[inline(always)]
 pub fn egress(ctx: &TcContext) -> i32 {
     let Parsed::Flow(f) = parse(ctx) else {
-        return TC_ACT_OK as i32;
+        return OK;
     };
     match ext::reply(ctx, &f, false) {
         Some(v) => verdict(ctx, v),
-        None => TC_ACT_OK as i32,
+        None => OK,
     }
 }

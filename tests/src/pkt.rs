@@ -19,8 +19,9 @@ use aya::{
     programs::{SchedClassifier, Xdp},
 };
 use svc_lb_common::{
-    Backend, CtKey, CtValue, ExtConfig, MAGLEV_TABLE_MAX, MaglevTable, NodeAddrKey, RevNat,
-    SrcRange4Key, SrcRange6Key, Svc4Key, Svc6Key, SvcValue,
+    AffinityExtKey, AffinityMatchKey, AffinityValue, Backend, CtKey, CtValue, ExtConfig,
+    MAGLEV_TABLE_MAX, MaglevTable, NodeAddrKey, RevNat, SrcRange4Key, SrcRange6Key, Svc4Key,
+    Svc6Key, SvcValue,
 };
 
 pub const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -599,6 +600,52 @@ impl Datapath {
         let m: HashMap<&mut MapData, CtKey, CtValue> =
             HashMap::try_from(map(&mut self.ebpf, svc_lb_common::MAP_CT)?)?;
         Ok(m.iter().collect::<Result<Vec<_>, _>>()?)
+    }
+
+    pub fn ct_remove(&mut self, key: &CtKey) -> Result<()> {
+        let mut m: HashMap<&mut MapData, CtKey, CtValue> =
+            HashMap::try_from(map(&mut self.ebpf, svc_lb_common::MAP_CT)?)?;
+        m.remove(key)?;
+        Ok(())
+    }
+
+    pub fn ct_insert(&mut self, key: CtKey, value: CtValue) -> Result<()> {
+        let mut m: HashMap<&mut MapData, CtKey, CtValue> =
+            HashMap::try_from(map(&mut self.ebpf, svc_lb_common::MAP_CT)?)?;
+        m.insert(key, value, 0)?;
+        Ok(())
+    }
+
+    /// Session affinity membership (the agent's `LB_AFFMATCH_V1`).
+    pub fn aff_match(&mut self, backend_id: u32, rev_nat_id: u32) -> Result<()> {
+        let mut m: HashMap<&mut MapData, AffinityMatchKey, u32> =
+            HashMap::try_from(map(&mut self.ebpf, svc_lb_common::MAP_AFF_MATCH)?)?;
+        m.insert(
+            AffinityMatchKey {
+                backend_id,
+                rev_nat_id,
+            },
+            1,
+            0,
+        )?;
+        Ok(())
+    }
+
+    pub fn aff_ext(&mut self) -> Result<Vec<(AffinityExtKey, AffinityValue)>> {
+        let m: HashMap<&mut MapData, AffinityExtKey, AffinityValue> =
+            HashMap::try_from(map(&mut self.ebpf, svc_lb_common::MAP_AFFINITY_EXT)?)?;
+        Ok(m.iter().collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Monotonic clock, as `bpf_ktime_get_ns` reads it.
+    pub fn now_ns() -> u64 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: valid pointer to a timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
     }
 
     /// Sum over CPUs of a counter.

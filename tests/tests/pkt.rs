@@ -554,3 +554,241 @@ fn ensure_ct_alike(a: &mut Datapath, b: &mut Datapath) -> Result<()> {
     ensure!(ca == cb, "conntrack differs:\n{ca:?}\n{cb:?}");
     Ok(())
 }
+
+/// Two clients with the same source port to the same remote backend: the second
+/// cannot keep its port (the reply key is taken) and gets one from the SNAT range;
+/// each reply goes back to its own client.
+#[test]
+fn snat_port_collision_picks_another_port() {
+    let mut dp = lab();
+    service(&mut dp, LB4, FE_PORT, UDP, 1, 0, &[BE_REMOTE4]);
+    let a = Spec::udp(CLIENT4, 1234, LB4, FE_PORT);
+    let b = Spec::udp("198.51.100.11", 1234, LB4, FE_PORT);
+    let out_a = expect(&dp, dp.tc_in, &a, TC_ACT_OK);
+    let out_b = expect(&dp, dp.tc_in, &b, TC_ACT_OK);
+    assert_eq!(out_a.sport, 1234);
+    assert!(
+        (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&out_b.sport),
+        "second flow got port {}",
+        out_b.sport
+    );
+    for (out, client) in [(&out_a, CLIENT4), (&out_b, "198.51.100.11")] {
+        let r = Spec::udp(REMOTE4, BE_PORT, NODE4, out.sport);
+        let back = expect(&dp, dp.tc_in, &r, TC_ACT_OK);
+        assert_translated(&back, &r, (LB4, FE_PORT), (client, 1234));
+    }
+}
+
+/// A flow that needs SNAT while the node has no SNAT address of its family is dropped
+/// (and counted), not sent with the client's address to a remote backend.
+#[test]
+fn remote_backend_without_snat_address_drops() {
+    let mut dp = lab();
+    dp.config(NODE4, "", MAGLEV_SIZE).expect("config");
+    service(&mut dp, LB6, FE_PORT, TCP, 1, 0, &[BE_REMOTE6]);
+    let s = Spec::tcp(CLIENT6, 40_000, LB6, FE_PORT, SYN);
+    let (rc, _) = run(&dp, dp.tc_in, &s.frame());
+    assert_eq!(rc, TC_ACT_SHOT);
+    assert_eq!(
+        dp.counter(svc_lb_common::CTR_EXT_NO_SNAT_ADDR)
+            .expect("counter"),
+        1
+    );
+    assert!(dp.ct().expect("ct").is_empty());
+    // ETP Local never SNATs, even to a backend not flagged local.
+    service(&mut dp, LB6, 81, TCP, 2, SVC_FLAG_EXT_LOCAL, &[BE_REMOTE6]);
+    let s = Spec::tcp(CLIENT6, 40_000, LB6, 81, SYN);
+    let out = expect(&dp, dp.tc_in, &s, TC_ACT_OK);
+    assert_translated(&out, &s, (CLIENT6, 40_000), (REMOTE6, BE_PORT));
+}
+
+/// An expired conntrack entry is ignored: the packet is a new flow (here: the entry
+/// points at backend 5, the table at backend 1).
+#[test]
+fn expired_conntrack_entry_starts_a_new_flow() {
+    let mut dp = lab();
+    service(&mut dp, LB4, FE_PORT, UDP, 1, 0, &[BE_LOCAL4]);
+    let s = Spec::udp(CLIENT4, 40_000, LB4, FE_PORT);
+    let key = svc_lb_common::CtKey {
+        saddr_be: words(CLIENT4),
+        daddr_be: words(LB4),
+        sport_be: 40_000u16.to_be(),
+        dport_be: FE_PORT.to_be(),
+        proto: UDP,
+        family: 4,
+        dir: CT_DIR_FORWARD,
+        _pad: 0,
+    };
+    let mut value = svc_lb_common::CtValue {
+        expires_ns: Datapath::now_ns() - 1,
+        backend_id: BE_LOCAL4_B,
+        rev_nat_id: 1,
+        nat_addr_be: words("10.0.1.2"),
+        snat_addr_be: [0; 4],
+        nat_port_be: BE_PORT.to_be(),
+        snat_port_be: 0,
+        flags: 0,
+        _pad: [0; 3],
+    };
+    dp.ct_insert(key, value).expect("ct");
+    assert_eq!(expect(&dp, dp.tc_in, &s, TC_ACT_OK).dst, ip(LOCAL4));
+    // The same entry within its lifetime is followed.
+    value.expires_ns = Datapath::now_ns() + 60_000_000_000;
+    dp.ct_insert(key, value).expect("ct");
+    assert_eq!(expect(&dp, dp.tc_in, &s, TC_ACT_OK).dst, ip("10.0.1.2"));
+}
+
+/// TCP lifetimes: a SYN creates entries living CT_TCP_SYN_TIMEOUT_S, an established
+/// segment extends them to CT_TCP_TIMEOUT_S, a FIN shortens both to
+/// CT_TCP_CLOSE_TIMEOUT_S and marks them closing.
+#[test]
+fn tcp_lifetimes_follow_syn_established_and_fin() {
+    let mut dp = lab();
+    service(&mut dp, LB4, FE_PORT, TCP, 1, 0, &[BE_LOCAL4]);
+    let sec = 1_000_000_000u64;
+    let lifetimes = |dp: &mut Datapath| -> Vec<(u64, u8)> {
+        let now = Datapath::now_ns();
+        let mut v: Vec<_> = dp
+            .ct()
+            .expect("ct")
+            .into_iter()
+            .map(|(_, v)| ((v.expires_ns.saturating_sub(now) + sec / 2) / sec, v.flags))
+            .collect();
+        v.sort();
+        v
+    };
+    let send = |flags| {
+        let s = Spec::tcp(CLIENT4, 40_000, LB4, FE_PORT, flags);
+        expect(&dp, dp.tc_in, &s, TC_ACT_OK);
+    };
+    send(SYN);
+    send(ACK);
+    send(ACK | 0x01);
+    let closing = svc_lb_common::CT_FLAG_CLOSING;
+    let l = lifetimes(&mut dp);
+    assert_eq!(l.len(), 2, "{l:?}");
+    for (secs, flags) in &l {
+        assert_eq!(*secs, svc_lb_common::CT_TCP_CLOSE_TIMEOUT_S, "{l:?}");
+        assert_ne!(flags & closing, 0, "{l:?}");
+    }
+    // A new flow: SYN lifetime, then established.
+    let s = Spec::tcp(CLIENT4, 40_001, LB4, FE_PORT, SYN);
+    expect(&dp, dp.tc_in, &s, TC_ACT_OK);
+    let l = lifetimes(&mut dp);
+    assert!(
+        l.iter()
+            .filter(|(secs, _)| *secs == svc_lb_common::CT_TCP_SYN_TIMEOUT_S)
+            .count()
+            == 2,
+        "{l:?}"
+    );
+    let s = Spec::tcp(CLIENT4, 40_001, LB4, FE_PORT, ACK);
+    expect(&dp, dp.tc_in, &s, TC_ACT_OK);
+    let l = lifetimes(&mut dp);
+    assert!(
+        l.iter()
+            .filter(|(secs, _)| *secs == svc_lb_common::CT_TCP_TIMEOUT_S)
+            .count()
+            == 2,
+        "{l:?}"
+    );
+}
+
+/// The LRU may evict a flow's reply entry alone: the next forward packet writes it
+/// again, so the backend's answer is still translated.
+#[test]
+fn evicted_reply_entry_is_recreated_by_the_next_packet() {
+    let mut dp = lab();
+    service(&mut dp, LB4, FE_PORT, UDP, 1, 0, &[BE_REMOTE4]);
+    let s = Spec::udp(CLIENT4, 1234, LB4, FE_PORT);
+    expect(&dp, dp.tc_in, &s, TC_ACT_OK);
+    let (rkey, _) = dp
+        .ct()
+        .expect("ct")
+        .into_iter()
+        .find(|(k, _)| k.dir == CT_DIR_REPLY)
+        .expect("reply entry");
+    dp.ct_remove(&rkey).expect("evict");
+    let r = Spec::udp(REMOTE4, BE_PORT, NODE4, 1234);
+    let (rc, raw) = run(&dp, dp.tc_in, &r.frame());
+    assert_eq!((rc, raw), (TC_ACT_OK, r.frame()), "no entry: untranslated");
+    expect(&dp, dp.tc_in, &s, TC_ACT_OK);
+    let back = expect(&dp, dp.tc_in, &r, TC_ACT_OK);
+    assert_translated(&back, &r, (LB4, FE_PORT), (CLIENT4, 1234));
+}
+
+/// Session affinity (ClientIP) of external clients: a new flow from a remembered client
+/// goes to its backend even after the Maglev table moved, while the backend is still a
+/// member; once it is not, Maglev decides again.
+#[test]
+fn external_affinity_keeps_a_client_on_its_backend() {
+    let mut dp = lab();
+    service(
+        &mut dp,
+        LB4,
+        FE_PORT,
+        TCP,
+        1,
+        svc_lb_common::SVC_FLAG_AFFINITY,
+        &[BE_LOCAL4, BE_LOCAL4_B],
+    );
+    dp.aff_match(BE_LOCAL4, 1).expect("match");
+    dp.aff_match(BE_LOCAL4_B, 1).expect("match");
+    let s = Spec::tcp(CLIENT4, 40_000, LB4, FE_PORT, SYN);
+    assert_eq!(expect(&dp, dp.tc_in, &s, TC_ACT_OK).dst, ip(LOCAL4));
+    let aff = dp.aff_ext().expect("affinity");
+    assert_eq!(aff.len(), 1);
+    assert_eq!(aff[0].0.addr_be, words(CLIENT4));
+    assert_eq!(aff[0].1.backend_id, BE_LOCAL4);
+
+    dp.maglev(1, MAGLEV_SIZE as usize, &[BE_LOCAL4_B])
+        .expect("table");
+    let s2 = Spec::tcp(CLIENT4, 40_001, LB4, FE_PORT, SYN);
+    assert_eq!(expect(&dp, dp.tc_in, &s2, TC_ACT_OK).dst, ip(LOCAL4));
+    // Another client follows the table.
+    let other = Spec::tcp("198.51.100.11", 40_001, LB4, FE_PORT, SYN);
+    assert_eq!(expect(&dp, dp.tc_in, &other, TC_ACT_OK).dst, ip("10.0.1.2"));
+    assert_eq!(
+        dp.counter(svc_lb_common::CTR_EXT_AFF_HIT).expect("counter"),
+        1
+    );
+}
+
+/// The parser every case relies on really checks: a built frame parses, and one wrong
+/// bit in the IPv4 header checksum, the TCP/UDP/ICMPv6-style L4 checksum (through a
+/// changed address in the pseudo-header or a changed port) or a length field fails.
+#[test]
+fn parser_rejects_wrong_checksums_and_lengths() {
+    for s in [
+        Spec::tcp(CLIENT4, 40_000, LB4, FE_PORT, SYN),
+        Spec::udp(CLIENT4, 40_000, LB4, FE_PORT),
+        Spec::tcp(CLIENT6, 40_000, LB6, FE_PORT, SYN),
+        Spec::udp(CLIENT6, 40_000, LB6, FE_PORT),
+    ] {
+        let good = s.frame();
+        let p = parse(&good).expect("a built frame parses");
+        assert_eq!(
+            (p.src, p.sport, p.dst, p.dport),
+            (s.src, s.sport, s.dst, s.dport)
+        );
+        let l4 = if s.src.is_ipv4() { 34 } else { 54 };
+        let daddr_last = if s.src.is_ipv4() { 33 } else { 53 };
+        let mut bad = vec![
+            // Destination address (IPv4 header checksum and pseudo-header).
+            (daddr_last, "address"),
+            // Destination port (L4 checksum only).
+            (l4 + 3, "port"),
+        ];
+        if s.src.is_ipv4() {
+            // Total length.
+            bad.push((17, "length"));
+        } else {
+            bad.push((19, "payload length"));
+        }
+        for (at, what) in bad {
+            let mut f = good.clone();
+            f[at] ^= 0x01;
+            assert!(parse(&f).is_err(), "{what} change not detected in {s:?}");
+        }
+    }
+}
