@@ -130,6 +130,18 @@ mod tests {
         }
     }
 
+    /// Entries a one-backend change may move beyond the ones it must move. Maglev is
+    /// not minimally disruptive: measured with M = 16381 the extra churn is about 0.5 %
+    /// of M at 10 backends, 1.2 % at 50 and 1.5 % at 100 (the paper's observation: it
+    /// shrinks as M/N grows). The bound allows 1 % up to 20 backends, 2 % up to 100.
+    fn churn_bound(n: u32) -> usize {
+        if n <= 20 {
+            M as usize / 100
+        } else {
+            M as usize / 50
+        }
+    }
+
     /// Entries whose backend differs between two tables (compared by address).
     fn moved(a: &[BackendAddr], b: &[BackendAddr], except: Option<BackendAddr>) -> usize {
         a.iter()
@@ -156,7 +168,7 @@ mod tests {
                 // Entries that belonged to a surviving backend and now go to another.
                 let extra = moved(&before, &after, Some(addr(gone)));
                 assert!(
-                    extra <= M as usize / 100,
+                    extra <= churn_bound(n),
                     "n={n}, removed {gone}: {extra} extra entries moved (freed {freed})"
                 );
             }
@@ -179,7 +191,7 @@ mod tests {
                 "n={n}: new backend got {to_new}, share {share}"
             );
             assert!(
-                total <= to_new + M as usize / 100,
+                total <= to_new + churn_bound(n),
                 "n={n}: {total} entries moved, {to_new} of them to the new backend"
             );
         }

@@ -507,6 +507,7 @@ mod tests {
                     proto: PROTO_TCP,
                 },
                 state: BACKEND_ACTIVE,
+                local: false,
             },
         }
     }
@@ -670,6 +671,7 @@ mod tests {
                             proto: PROTO_TCP,
                         },
                         state: 0,
+                        local: false,
                     },
                 },
             ),
