@@ -28,7 +28,7 @@ const fn absorb(h: u64, word: u64) -> u64 {
 /// and every node must still pick the same backend for it.
 #[inline(always)]
 pub fn flow_hash(saddr_be: &[u32; 4], sport_be: u16, dport_be: u16, proto: u8) -> u32 {
-    let mut h = 0x5356_434c_42u64; // "SVCLB"
+    let mut h = 0x53_5643_4c42_u64; // "SVCLB"
     h = absorb(h, u64::from(saddr_be[0]) | (u64::from(saddr_be[1]) << 32));
     h = absorb(h, u64::from(saddr_be[2]) | (u64::from(saddr_be[3]) << 32));
     h = absorb(
@@ -60,7 +60,7 @@ pub const fn is_prime(n: u32) -> bool {
     }
     let mut d = 2u32;
     while d as u64 * d as u64 <= n as u64 {
-        if n % d == 0 {
+        if n.is_multiple_of(d) {
             return false;
         }
         d += 1;

@@ -216,6 +216,7 @@ fn fixture() -> (FakeMaps, DatapathView) {
                     proto: *proto,
                 },
                 state: *state,
+                local: false,
             },
         });
     }
