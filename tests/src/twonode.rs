@@ -571,6 +571,48 @@ impl TwoNodeLab {
     }
 }
 
+impl TwoNodeLab {
+    /// What each node's datapath says, for a failed test: the programmed frontends
+    /// (`svc-lb list`), the non-zero `svclb_` metrics of its agent (served on the default
+    /// metrics address inside the node's namespace) and the programs on its devices.
+    pub fn diagnostics(&self) -> String {
+        let mut out = String::new();
+        for n in Node::ALL {
+            out.push_str(&format!("==== {} ====\n", n.name()));
+            let bpffs = self.bpffs(n).display().to_string();
+            let svc_lb = self.bins.svc_lb.display().to_string();
+            match self.node_cmd(n, &svc_lb, &["list", "--bpffs", &bpffs]) {
+                Ok(t) => out.push_str(&format!("-- svc-lb list\n{t}")),
+                Err(e) => out.push_str(&format!("-- svc-lb list: {e:#}\n")),
+            }
+            let ns = self.net.node(n).name().to_owned();
+            let metrics = netns::in_netns(&ns, || {
+                http_get(
+                    std::net::SocketAddr::from(([127, 0, 0, 1], 9098)),
+                    "/metrics",
+                )
+            });
+            match metrics {
+                Ok((_, body)) => {
+                    out.push_str("-- non-zero svclb_ metrics\n");
+                    for l in body.lines() {
+                        if l.starts_with("svclb_") && !l.ends_with(" 0") {
+                            out.push_str(l);
+                            out.push('\n');
+                        }
+                    }
+                }
+                Err(e) => out.push_str(&format!("-- metrics: {e:#}\n")),
+            }
+            match self.node_cmd(n, "bpftool", &["net", "show"]) {
+                Ok(t) => out.push_str(&format!("-- bpftool net show\n{t}")),
+                Err(e) => out.push_str(&format!("-- bpftool net show: {e:#}\n")),
+            }
+        }
+        out
+    }
+}
+
 /// A minimal HTTP/1.0 GET: enough for a health check endpoint, no dependency.
 fn http_get(target: std::net::SocketAddr, path: &str) -> Result<(u16, String)> {
     use std::io::{Read, Write};
