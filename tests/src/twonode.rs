@@ -38,10 +38,11 @@ use anyhow::{Context, Result, bail};
 
 use crate::{
     agent::{Agent, AgentConfig},
-    bpffs::BpfDir,
+    bpffs,
     cgroup::Cgroup,
     cmd,
     lab::Bins,
+    names,
     netns::{self, Netns, Veth},
     procs::{self, ClientOpts, ClientRun, Server},
     report::{ClientReport, Proto},
@@ -356,6 +357,63 @@ impl TwoNodeNet {
     }
 }
 
+/// A node's private pin directory `/sys/fs/bpf/svclbt-<pid>-<n>`. On drop it runs
+/// `svc-lb cleanup` for it and the node's cgroup **inside the node's namespace**: the
+/// node's agent attached programs to the node's `eth0`, and a cleanup run from the host
+/// namespace must never go near the host's own `eth0`. Then it removes what is left of the
+/// directory. (The single-node lab's `BpfDir` has no devices, so it runs cleanup in place.)
+#[derive(Debug)]
+struct NodePins {
+    path: PathBuf,
+    svc_lb: PathBuf,
+    cgroup: PathBuf,
+    netns: String,
+}
+
+impl NodePins {
+    fn new(svc_lb: &Path, cgroup: &Path, netns: &str) -> Result<Self> {
+        let path = bpffs::ensure_bpffs()?.join(names::unique());
+        std::fs::create_dir(&path).with_context(|| format!("create {}", path.display()))?;
+        Ok(Self {
+            path,
+            svc_lb: svc_lb.to_path_buf(),
+            cgroup: cgroup.to_path_buf(),
+            netns: netns.to_owned(),
+        })
+    }
+}
+
+impl Drop for NodePins {
+    fn drop(&mut self) {
+        if self.path.exists() {
+            let (svc_lb, path, cgroup) = (&self.svc_lb, &self.path, &self.cgroup);
+            let r = netns::in_netns(&self.netns, || {
+                cmd::run(
+                    svc_lb,
+                    [
+                        "cleanup".as_ref(),
+                        "--bpffs".as_ref(),
+                        path.as_os_str(),
+                        "--cgroup".as_ref(),
+                        cgroup.as_os_str(),
+                    ],
+                )
+            });
+            if let Err(e) = r {
+                eprintln!("svclb-harness: teardown: {e:#}");
+            }
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            eprintln!(
+                "svclb-harness: teardown: remove {}: {e}",
+                self.path.display()
+            );
+        }
+    }
+}
+
 /// Per-node agent settings.
 #[derive(Clone, Debug, Default)]
 pub struct NodeAgentOptions {
@@ -371,7 +429,7 @@ pub struct NodeAgentOptions {
 pub struct TwoNodeLab {
     agents: Vec<Option<Agent>>,
     servers: Vec<Server>,
-    bpf: Vec<BpfDir>,
+    bpf: Vec<NodePins>,
     cgroups: Vec<Cgroup>,
     pub net: TwoNodeNet,
     dir: TempDir,
@@ -392,9 +450,9 @@ impl TwoNodeLab {
         let net = TwoNodeNet::new()?;
         let mut cgroups = Vec::new();
         let mut bpf = Vec::new();
-        for _ in Node::ALL {
+        for n in Node::ALL {
             let cg = Cgroup::new()?;
-            bpf.push(BpfDir::new(&bins.svc_lb, cg.path())?);
+            bpf.push(NodePins::new(&bins.svc_lb, cg.path(), net.node(n).name())?);
             cgroups.push(cg);
         }
         Ok(Self {
@@ -422,7 +480,7 @@ impl TwoNodeLab {
     }
 
     pub fn bpffs(&self, n: Node) -> &Path {
-        self.bpf[n.idx()].path()
+        &self.bpf[n.idx()].path
     }
 
     /// Adds a pod and starts its server: TCP and UDP on `port`, IPv4 and IPv6, replying
