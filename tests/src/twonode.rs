@@ -248,8 +248,6 @@ impl TwoNodeNet {
             net.veths.push(v);
             net.lan.ip(["link", "set", lan_dev, "master", "br0"])?;
             net.lan.link_up(lan_dev)?;
-            ethtool_k(net.lan.name(), lan_dev, "gro", true)?;
-            ethtool_k(far.name(), "eth0", "gro", true)?;
         }
         net.client.add_addr("eth0", client_addr(false), 24)?;
         net.client.add_addr("eth0", client_addr(true), 64)?;
@@ -274,6 +272,14 @@ impl TwoNodeNet {
         for n in Node::ALL {
             net.node(n)
                 .wait_link_ready("eth0", Duration::from_secs(5))?;
+        }
+        // GRO (hence NAPI) once both ends of each pair are up.
+        for dev in ["c0", "na", "nb"] {
+            ethtool_k(net.lan.name(), dev, "gro", true)?;
+        }
+        ethtool_k(net.client.name(), "eth0", "gro", true)?;
+        for n in Node::ALL {
+            ethtool_k(net.node(n).name(), "eth0", "gro", true)?;
         }
         Ok(net)
     }
@@ -306,14 +312,14 @@ impl TwoNodeNet {
         }
         node_ns.link_up(&dev)?;
         ns.link_up("eth0")?;
-        ethtool_k(node_ns.name(), &dev, "gro", true)?;
-        ethtool_k(ns.name(), "eth0", "gro", true)?;
         for v6 in [false, true] {
             let gw = pod_addr(node, k, true, v6).to_string();
             ns.ip(["route", "add", "default", "via", &gw])?;
         }
         node_ns.wait_link_ready(&dev, Duration::from_secs(5))?;
         ns.wait_link_ready("eth0", Duration::from_secs(5))?;
+        ethtool_k(node_ns.name(), &dev, "gro", true)?;
+        ethtool_k(ns.name(), "eth0", "gro", true)?;
         let (IpAddr::V4(addr4), IpAddr::V6(addr6)) = (
             pod_addr(node, k, false, false),
             pod_addr(node, k, false, true),
@@ -666,9 +672,61 @@ impl TwoNodeLab {
                 Ok(t) => out.push_str(&format!("-- bpftool net show\n{t}")),
                 Err(e) => out.push_str(&format!("-- bpftool net show: {e:#}\n")),
             }
+            // veth's own counters include XDP (xdp_tx, xdp_tx_errors, drops).
+            match self.node_cmd(n, "ethtool", &["-S", "eth0"]) {
+                Ok(t) => out.push_str(&format!(
+                    "-- ethtool -S eth0 (non-zero)\n{}",
+                    nonzero_lines(&t)
+                )),
+                Err(e) => out.push_str(&format!("-- ethtool -S eth0: {e:#}\n")),
+            }
+            match self.node_cmd(n, "nstat", &["-a", "-s"]) {
+                Ok(t) => out.push_str(&format!("-- nstat -a\n{t}")),
+                Err(e) => out.push_str(&format!("-- nstat: {e:#}\n")),
+            }
+        }
+        for (what, ns) in [("client", &self.net.client), ("lan", &self.net.lan)] {
+            let name = ns.name().to_owned();
+            let r = netns::in_netns(&name, || {
+                let mut t = cmd::run("ip", ["-s", "link", "show"])?;
+                if what == "client" {
+                    t.push_str(&cmd::run("nstat", ["-a", "-s"])?);
+                } else {
+                    for dev in ["c0", "na", "nb"] {
+                        let stats = cmd::run("ethtool", ["-S", dev])?;
+                        let gro = cmd::run("ethtool", ["-k", dev])?;
+                        t.push_str(&format!(
+                            "-- ethtool -S {dev} (non-zero)\n{}",
+                            nonzero_lines(&stats)
+                        ));
+                        t.push_str(&format!(
+                            "-- ethtool -k {dev}: {}\n",
+                            gro.lines()
+                                .filter(|l| l.contains("generic-receive-offload"))
+                                .collect::<String>()
+                        ));
+                    }
+                }
+                Ok(t)
+            });
+            match r {
+                Ok(t) => out.push_str(&format!("==== {what}: ip -s link, nstat ====\n{t}")),
+                Err(e) => out.push_str(&format!("==== {what}: {e:#}\n")),
+            }
         }
         out
     }
+}
+
+/// The lines of `ethtool -S` output whose value is not 0.
+fn nonzero_lines(text: &str) -> String {
+    text.lines()
+        .filter(|l| {
+            l.rsplit_once(':')
+                .is_some_and(|(_, v)| v.trim() != "0" && !v.trim().is_empty())
+        })
+        .map(|l| format!("{l}\n"))
+        .collect()
 }
 
 /// A minimal HTTP/1.0 GET: enough for a health check endpoint, no dependency.
