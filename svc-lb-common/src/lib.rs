@@ -10,7 +10,7 @@ use bytemuck::{Pod, Zeroable};
 
 pub mod lookup;
 pub mod maglev;
-pub use lookup::{Choice, Stickiness, choose_backend};
+pub use lookup::{Choice, ExtChoice, ExtVia, Stickiness, choose_backend, choose_external};
 
 /// Map names. They are also the pin file names under the bpffs directory. The `_V1`
 /// suffix is the layout version: a changed layout gets a new name, so an agent never
@@ -387,6 +387,19 @@ pub const CT_TCP_CLOSE_TIMEOUT_S: u64 = 10;
 pub const CT_TCP_SYN_TIMEOUT_S: u64 = 60;
 pub const CT_UDP_TIMEOUT_S: u64 = 60;
 
+/// SNAT source ports of the external path (flows to remote backends): the client's own
+/// port is kept when it lies outside the kernel's default ephemeral range
+/// (32768–60999, `net.ipv4.ip_local_port_range`) and its reply key is free; otherwise a
+/// few pseudo-random ports of this range, which the node's own sockets do not pick by
+/// default, are tried. Each port is per (backend address, backend port, protocol), so
+/// the range holds that many concurrent flows per backend.
+pub const SNAT_PORT_MIN: u16 = 61_000;
+pub const SNAT_PORT_MAX: u16 = 65_535;
+pub const SNAT_PORT_TRIES: u32 = 8;
+/// The kernel's default ephemeral range, which SNAT avoids.
+pub const EPHEMERAL_PORT_MIN: u16 = 32_768;
+pub const EPHEMERAL_PORT_MAX: u16 = 60_999;
+
 /// Largest Maglev table (a prime). `--maglev-table-size` may choose a smaller prime.
 pub const MAGLEV_TABLE_MAX: usize = 16_381;
 pub const MAGLEV_DEFAULT_SIZE: u32 = 16_381;
@@ -475,10 +488,42 @@ pub const CTR_EXT_REJECT_NO_BACKEND: u32 = 18;
 pub const CTR_EXT_DROP_NO_LOCAL: u32 = 19;
 pub const CTR_EXT_DROP_SRC_RANGE: u32 = 20;
 pub const CTR_EXT_CT_UPDATE_FAIL: u32 = 21;
+/// A packet of an established external flow (forward entry within its lifetime).
+pub const CTR_EXT_CT_HIT: u32 = 22;
+/// An established flow's backend left (or its id now holds another address): the flow
+/// was chosen anew (a TCP flow is reset by the new backend, see svc-lb-ebpf `ct.rs`).
+pub const CTR_EXT_BACKEND_GONE: u32 = 23;
+/// No free SNAT source port for a flow to a remote backend: dropped.
+pub const CTR_EXT_SNAT_PORT_EXHAUSTED: u32 = 24;
+/// A remote backend needs SNAT but `ExtConfig` has no address of the family: dropped.
+pub const CTR_EXT_NO_SNAT_ADDR: u32 = 25;
+/// An external frontend without a Maglev table (or with size 0): the flow hash picked a
+/// slot instead (still consistent per flow, not across backend changes).
+pub const CTR_EXT_MAGLEV_MISSING: u32 = 26;
+/// A Maglev entry or slot pointed at a backend id that does not exist: dropped.
+pub const CTR_EXT_BACKEND_MISSING: u32 = 27;
+/// Session affinity of an external client: the remembered backend was used.
+pub const CTR_EXT_AFF_HIT: u32 = 28;
+/// Session affinity: the external affinity entry could not be written.
+pub const CTR_EXT_AFF_UPDATE_FAIL: u32 = 29;
+/// The ICMP reject could not be built (packet too short, IPv4 options, helper error):
+/// the packet was dropped instead.
+pub const CTR_EXT_REJECT_FAILED: u32 = 30;
+/// The XDP program rewrote a packet (forward path) and passed it to the stack.
+pub const CTR_EXT_XDP_FORWARDED: u32 = 31;
+/// The XDP program sent a reject back out the device (XDP_TX).
+pub const CTR_EXT_XDP_TX: u32 = 32;
+/// A packet the external path cannot handle (IP fragment, IPv6 extension header) passed
+/// untouched.
+pub const CTR_EXT_PASS_UNSUPPORTED: u32 = 33;
+/// A packet rewrite (store or checksum helper) failed: dropped.
+pub const CTR_EXT_REWRITE_FAIL: u32 = 34;
+/// A TCP FIN or RST moved a conntrack entry to its closing lifetime.
+pub const CTR_EXT_CT_CLOSING: u32 = 35;
 pub const COUNTERS_MAX: u32 = 64;
 
 /// Counter names for the CLI and metrics, indexed like the `CTR_*` constants.
-pub const COUNTER_NAMES: [(u32, &str); 15] = [
+pub const COUNTER_NAMES: [(u32, &str); 29] = [
     (CTR_SOCK_XLATED, "sock_translated"),
     (CTR_SOCK_NO_BACKEND, "sock_rejected_no_backend"),
     (CTR_SOCK_SLOT_MISS, "sock_error_slot_missing"),
@@ -494,6 +539,23 @@ pub const COUNTER_NAMES: [(u32, &str); 15] = [
     (CTR_EXT_DROP_NO_LOCAL, "ext_dropped_no_local_endpoint"),
     (CTR_EXT_DROP_SRC_RANGE, "ext_dropped_source_range"),
     (CTR_EXT_CT_UPDATE_FAIL, "ext_error_conntrack_update"),
+    (CTR_EXT_CT_HIT, "ext_conntrack_hit"),
+    (CTR_EXT_BACKEND_GONE, "ext_conntrack_backend_gone"),
+    (
+        CTR_EXT_SNAT_PORT_EXHAUSTED,
+        "ext_dropped_snat_port_exhausted",
+    ),
+    (CTR_EXT_NO_SNAT_ADDR, "ext_dropped_no_snat_address"),
+    (CTR_EXT_MAGLEV_MISSING, "ext_maglev_table_missing"),
+    (CTR_EXT_BACKEND_MISSING, "ext_error_backend_missing"),
+    (CTR_EXT_AFF_HIT, "ext_affinity_hit"),
+    (CTR_EXT_AFF_UPDATE_FAIL, "ext_error_affinity_update"),
+    (CTR_EXT_REJECT_FAILED, "ext_error_reject_build"),
+    (CTR_EXT_XDP_FORWARDED, "ext_xdp_forwarded"),
+    (CTR_EXT_XDP_TX, "ext_xdp_tx"),
+    (CTR_EXT_PASS_UNSUPPORTED, "ext_passed_unsupported"),
+    (CTR_EXT_REWRITE_FAIL, "ext_error_rewrite"),
+    (CTR_EXT_CT_CLOSING, "ext_conntrack_closing"),
 ];
 
 /// Slot chosen for a new connection: uniform over `1..=count`. Both the eBPF programs

@@ -7,8 +7,10 @@
 //! order, which refusal reason applies) exists once, so `trace` cannot explain a choice
 //! the datapath would not make.
 use crate::{
-    AffinityValue, CTR_SOCK_BACKEND_MISS, CTR_SOCK_NO_BACKEND, CTR_SOCK_SLOT_MISS,
-    SVC_FLAG_AFFINITY, SvcValue, select_slot,
+    AffinityValue, CTR_EXT_BACKEND_MISSING, CTR_EXT_DROP_NO_LOCAL, CTR_EXT_DROP_SRC_RANGE,
+    CTR_EXT_REJECT_NO_BACKEND, CTR_SOCK_BACKEND_MISS, CTR_SOCK_NO_BACKEND, CTR_SOCK_SLOT_MISS,
+    EPHEMERAL_PORT_MAX, EPHEMERAL_PORT_MIN, MAGLEV_TABLE_MAX, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_SRC_RANGES, SvcValue, select_slot,
 };
 
 /// Whether (and how) a backend choice is tied to the client (session affinity).
@@ -161,8 +163,195 @@ pub fn choose_backend<B>(
     }
 }
 
+/// How [`choose_external`] found the backend of a new external flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExtVia {
+    /// The client's remembered backend (session affinity ClientIP).
+    Affinity,
+    /// `LB_MAGLEV_V1[rev_nat_id].backend_ids[flow_hash % maglev_size]`.
+    Maglev { index: u32 },
+    /// The frontend had no usable Maglev table: slot `flow_hash % count + 1` instead
+    /// (the caller counts `CTR_EXT_MAGLEV_MISSING`).
+    SlotFallback { slot: u16 },
+}
+
+/// What the external path (tc/XDP) does with the first packet of a flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExtChoice<B> {
+    /// No external frontend for the destination: pass it untouched.
+    NotService,
+    /// Drop the packet silently; `reason` is a `CTR_EXT_*` counter index.
+    Drop { reason: u32, rev_nat_id: u32 },
+    /// Answer ICMP/ICMPv6 port unreachable (`CTR_EXT_REJECT_NO_BACKEND`).
+    Reject { reason: u32, rev_nat_id: u32 },
+    /// Send the flow to `backend`.
+    Backend {
+        backend: B,
+        backend_id: u32,
+        rev_nat_id: u32,
+        /// The master entry's `SVC_FLAG_*` bits (the caller needs `SVC_FLAG_EXT_LOCAL`).
+        svc_flags: u16,
+        via: ExtVia,
+        sticky: Stickiness,
+    },
+}
+
+/// Index into a Maglev table of `size` entries for a flow hash, or `None` when the size
+/// is unusable (0, or larger than the table type holds).
+#[inline(always)]
+pub fn maglev_index(flow_hash: u32, size: u32) -> Option<u32> {
+    if size == 0 || size as usize > MAGLEV_TABLE_MAX {
+        return None;
+    }
+    Some(flow_hash % size)
+}
+
+/// Chooses what happens to a new external flow. The tc and XDP programs and
+/// `svc-lb trace` call this with their own map readers, so they cannot disagree.
+///
+/// Order (each step only runs when the previous ones let the packet through):
+/// 1. `master` (the `SCOPE_EXTERNAL` slot-0 entry, exact address first, then the
+///    NodePort wildcard; the caller does both lookups) missing → [`ExtChoice::NotService`];
+/// 2. `SVC_FLAG_SRC_RANGES` and `src_allowed(rev_nat_id)` false → drop
+///    (`CTR_EXT_DROP_SRC_RANGE`): a filtered client learns nothing, not even "no
+///    endpoints";
+/// 3. `count == 0` → drop with `SVC_FLAG_DROP_EMPTY` (`CTR_EXT_DROP_NO_LOCAL`), else
+///    reject (`CTR_EXT_REJECT_NO_BACKEND`);
+/// 4. session affinity as in [`choose_backend`] (`remembered`, `is_member`, fresh);
+/// 5. Maglev: `maglev(rev_nat_id, index)` returns the backend id at `index` of the
+///    frontend's table, `None` when the frontend has no table; `maglev_size` is
+///    `ExtConfig.maglev_size`. Without a usable table the flow hash picks a slot
+///    (`slot_backend`), which keeps one flow on one backend while the set is stable;
+/// 6. `backend(id)` missing (or a zero id in the table) → drop
+///    (`CTR_EXT_BACKEND_MISSING`; a planner bug or a table written before its backends).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn choose_external<B>(
+    master: Option<&SvcValue>,
+    src_allowed: impl FnOnce(u32) -> bool,
+    flow_hash: u32,
+    now_ns: impl FnOnce() -> u64,
+    remembered: impl FnOnce(u32) -> Option<AffinityValue>,
+    is_member: impl FnOnce(u32, u32) -> bool,
+    maglev_size: u32,
+    maglev: impl FnOnce(u32, u32) -> Option<u32>,
+    slot_backend: impl FnOnce(u16) -> Option<u32>,
+    mut backend: impl FnMut(u32) -> Option<B>,
+) -> ExtChoice<B> {
+    let Some(master) = master else {
+        return ExtChoice::NotService;
+    };
+    let rev_nat_id = master.rev_nat_id;
+    let svc_flags = master.flags;
+    if svc_flags & SVC_FLAG_SRC_RANGES != 0 && !src_allowed(rev_nat_id) {
+        return ExtChoice::Drop {
+            reason: CTR_EXT_DROP_SRC_RANGE,
+            rev_nat_id,
+        };
+    }
+    if master.count == 0 {
+        return if svc_flags & SVC_FLAG_DROP_EMPTY != 0 {
+            ExtChoice::Drop {
+                reason: CTR_EXT_DROP_NO_LOCAL,
+                rev_nat_id,
+            }
+        } else {
+            ExtChoice::Reject {
+                reason: CTR_EXT_REJECT_NO_BACKEND,
+                rev_nat_id,
+            }
+        };
+    }
+    let mut sticky = Stickiness::Off;
+    if svc_flags & SVC_FLAG_AFFINITY != 0 {
+        let now = now_ns();
+        let mut stale = false;
+        if let Some(entry) = remembered(rev_nat_id) {
+            if affinity_fresh(&entry, now, master.affinity_timeout_s)
+                && is_member(entry.backend_id, rev_nat_id)
+                && let Some(b) = backend(entry.backend_id)
+            {
+                return ExtChoice::Backend {
+                    backend: b,
+                    backend_id: entry.backend_id,
+                    rev_nat_id,
+                    svc_flags,
+                    via: ExtVia::Affinity,
+                    sticky: Stickiness::Remembered { now_ns: now },
+                };
+            }
+            stale = true;
+        }
+        sticky = Stickiness::New { now_ns: now, stale };
+    }
+    let from_table = match maglev_index(flow_hash, maglev_size) {
+        Some(index) => maglev(rev_nat_id, index).map(|id| (id, ExtVia::Maglev { index })),
+        None => None,
+    };
+    let (backend_id, via) = match from_table {
+        Some(found) => found,
+        None => {
+            let Some(slot) = select_slot(flow_hash, master.count) else {
+                return ExtChoice::Reject {
+                    reason: CTR_EXT_REJECT_NO_BACKEND,
+                    rev_nat_id,
+                };
+            };
+            match slot_backend(slot) {
+                Some(id) => (id, ExtVia::SlotFallback { slot }),
+                None => {
+                    return ExtChoice::Drop {
+                        reason: CTR_EXT_BACKEND_MISSING,
+                        rev_nat_id,
+                    };
+                }
+            }
+        }
+    };
+    let found = if backend_id == 0 {
+        None
+    } else {
+        backend(backend_id)
+    };
+    match found {
+        Some(b) => ExtChoice::Backend {
+            backend: b,
+            backend_id,
+            rev_nat_id,
+            svc_flags,
+            via,
+            sticky,
+        },
+        None => ExtChoice::Drop {
+            reason: CTR_EXT_BACKEND_MISSING,
+            rev_nat_id,
+        },
+    }
+}
+
+/// SNAT source port (host order) to try on `attempt` (0-based) for a flow from
+/// `client_port` (host order). Attempt 0 keeps the client's port when it is outside
+/// the kernel's default ephemeral range (a node-local socket to the same backend is
+/// unlikely to hold it); every other attempt, and attempt 0 for an ephemeral client
+/// port, is a pseudo-random port of `SNAT_PORT_MIN..=SNAT_PORT_MAX` derived from `seed`
+/// (the flow hash) and the attempt number. The caller claims the port by inserting the
+/// reply conntrack key with BPF_NOEXIST, so a taken port is never reused.
+#[inline(always)]
+pub fn snat_port(client_port: u16, seed: u32, attempt: u32) -> u16 {
+    if attempt == 0
+        && client_port != 0
+        && !(EPHEMERAL_PORT_MIN..=EPHEMERAL_PORT_MAX).contains(&client_port)
+    {
+        return client_port;
+    }
+    let span = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
+    let mixed = crate::maglev::mix64(u64::from(seed) | (u64::from(attempt) << 32)) as u32;
+    SNAT_PORT_MIN + (mixed % span) as u16
+}
+
 #[cfg(test)]
 mod tests {
+    extern crate std;
     use super::*;
     use bytemuck::Zeroable;
 
@@ -401,5 +590,241 @@ mod tests {
             5 * SEC + u64::from(u32::MAX) * SEC,
             u32::MAX
         ));
+    }
+    // ---- choose_external ----
+
+    fn ext_master(count: u32, flags: u16) -> SvcValue {
+        SvcValue {
+            count,
+            rev_nat_id: 9,
+            flags,
+            ..SvcValue::zeroed()
+        }
+    }
+
+    /// `choose_external` without affinity: the affinity closures must not run.
+    fn ext(
+        m: Option<&SvcValue>,
+        allowed: bool,
+        hash: u32,
+        size: u32,
+        table: Option<&[u32]>,
+        slots: &[u32],
+        backends: &[u32],
+    ) -> ExtChoice<u32> {
+        choose_external(
+            m,
+            |rev| {
+                assert_eq!(rev, 9);
+                allowed
+            },
+            hash,
+            || panic!("clock read without affinity"),
+            |_| panic!("affinity read without affinity"),
+            |_, _| panic!("match read without affinity"),
+            size,
+            |rev, index| {
+                assert_eq!(rev, 9);
+                table.and_then(|t| t.get(index as usize).copied())
+            },
+            |s| slots.get(usize::from(s)).copied(),
+            |id| backends.contains(&id).then_some(id * 10),
+        )
+    }
+
+    #[test]
+    fn external_not_service_without_master() {
+        assert_eq!(ext(None, true, 0, 7, None, &[], &[]), ExtChoice::NotService);
+    }
+
+    #[test]
+    fn external_source_range_drops_before_anything_else() {
+        // Even an empty Service drops (not rejects) a filtered source.
+        let m = ext_master(0, SVC_FLAG_SRC_RANGES);
+        assert_eq!(
+            ext(Some(&m), false, 0, 7, None, &[], &[]),
+            ExtChoice::Drop {
+                reason: CTR_EXT_DROP_SRC_RANGE,
+                rev_nat_id: 9
+            }
+        );
+        // An allowed source of the same empty Service is rejected.
+        assert_eq!(
+            ext(Some(&m), true, 0, 7, None, &[], &[]),
+            ExtChoice::Reject {
+                reason: CTR_EXT_REJECT_NO_BACKEND,
+                rev_nat_id: 9
+            }
+        );
+        // Without the flag the source is never checked.
+        let m = ext_master(1, 0);
+        let t = [5u32; 7];
+        assert!(matches!(
+            ext(Some(&m), false, 3, 7, Some(&t), &[], &[5]),
+            ExtChoice::Backend { backend_id: 5, .. }
+        ));
+    }
+
+    #[test]
+    fn external_empty_drops_only_with_drop_empty() {
+        let m = ext_master(0, crate::SVC_FLAG_EXT_LOCAL | SVC_FLAG_DROP_EMPTY);
+        assert_eq!(
+            ext(Some(&m), true, 0, 7, None, &[], &[]),
+            ExtChoice::Drop {
+                reason: CTR_EXT_DROP_NO_LOCAL,
+                rev_nat_id: 9
+            }
+        );
+        let m = ext_master(0, crate::SVC_FLAG_EXT_LOCAL);
+        assert!(matches!(
+            ext(Some(&m), true, 0, 7, None, &[], &[]),
+            ExtChoice::Reject { .. }
+        ));
+    }
+
+    #[test]
+    fn external_maglev_indexes_hash_mod_size() {
+        let m = ext_master(3, 0);
+        let table = [1u32, 2, 3, 1, 2, 3, 1];
+        for hash in [0u32, 5, 6, 13, 1_000_003] {
+            let index = hash % 7;
+            assert_eq!(
+                ext(Some(&m), true, hash, 7, Some(&table), &[], &[1, 2, 3]),
+                ExtChoice::Backend {
+                    backend: table[index as usize] * 10,
+                    backend_id: table[index as usize],
+                    rev_nat_id: 9,
+                    svc_flags: 0,
+                    via: ExtVia::Maglev { index },
+                    sticky: Stickiness::Off,
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn external_without_table_falls_back_to_a_hashed_slot() {
+        let m = ext_master(2, 0);
+        let slots = [0u32, 21, 22];
+        // No table for the frontend.
+        assert_eq!(
+            ext(Some(&m), true, 5, 7, None, &slots, &[21, 22]),
+            ExtChoice::Backend {
+                backend: 220,
+                backend_id: 22,
+                rev_nat_id: 9,
+                svc_flags: 0,
+                via: ExtVia::SlotFallback { slot: 2 },
+                sticky: Stickiness::Off,
+            }
+        );
+        // A size the table type cannot hold, or zero, is not used either.
+        let big = [21u32; 4];
+        for size in [0u32, MAGLEV_TABLE_MAX as u32 + 1] {
+            assert!(matches!(
+                ext(Some(&m), true, 4, size, Some(&big), &slots, &[21, 22]),
+                ExtChoice::Backend {
+                    via: ExtVia::SlotFallback { slot: 1 },
+                    ..
+                }
+            ));
+        }
+    }
+
+    #[test]
+    fn external_missing_backend_drops() {
+        let m = ext_master(1, 0);
+        // Zero id in the table (not yet written) and an id without a backend entry.
+        for table in [[0u32; 7], [4u32; 7]] {
+            assert_eq!(
+                ext(Some(&m), true, 1, 7, Some(&table), &[], &[5]),
+                ExtChoice::Drop {
+                    reason: CTR_EXT_BACKEND_MISSING,
+                    rev_nat_id: 9
+                }
+            );
+        }
+        // Fallback slot missing.
+        assert!(matches!(
+            ext(Some(&m), true, 1, 7, None, &[0], &[5]),
+            ExtChoice::Drop {
+                reason: CTR_EXT_BACKEND_MISSING,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn external_affinity_prefers_a_fresh_member_over_maglev() {
+        let m = SvcValue {
+            affinity_timeout_s: 10,
+            ..ext_master(2, SVC_FLAG_AFFINITY)
+        };
+        let table = [1u32; 7];
+        let run = |remembered: Option<AffinityValue>, member: bool| {
+            choose_external(
+                Some(&m),
+                |_| panic!("no source ranges"),
+                3,
+                || 100 * SEC,
+                |_| remembered,
+                |id, rev| {
+                    assert_eq!((id, rev), (2, 9));
+                    member
+                },
+                7,
+                |_, i| table.get(i as usize).copied(),
+                |_| None,
+                |id| Some(id * 10),
+            )
+        };
+        assert!(matches!(
+            run(Some(entry(2, 95 * SEC)), true),
+            ExtChoice::Backend {
+                backend_id: 2,
+                via: ExtVia::Affinity,
+                sticky: Stickiness::Remembered { .. },
+                ..
+            }
+        ));
+        // Not a member any more → Maglev, and the caller is told the entry was stale.
+        assert!(matches!(
+            run(Some(entry(2, 95 * SEC)), false),
+            ExtChoice::Backend {
+                backend_id: 1,
+                via: ExtVia::Maglev { index: 3 },
+                sticky: Stickiness::New { stale: true, .. },
+                ..
+            }
+        ));
+        assert!(matches!(
+            run(None, true),
+            ExtChoice::Backend {
+                backend_id: 1,
+                sticky: Stickiness::New { stale: false, .. },
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn snat_port_keeps_a_non_ephemeral_client_port_first() {
+        assert_eq!(snat_port(1234, 99, 0), 1234);
+        assert_eq!(snat_port(62000, 99, 0), 62000);
+        // An ephemeral client port, or a later attempt, goes to the SNAT range.
+        for attempt in 0..8 {
+            for client in [40_000u16, 1234] {
+                if client == 1234 && attempt == 0 {
+                    continue;
+                }
+                let p = snat_port(client, 77, attempt);
+                assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&p), "{p}");
+            }
+        }
+        // Attempts differ from each other (a retry does not test the same port again).
+        let ports: std::collections::BTreeSet<u16> =
+            (1..8).map(|a| snat_port(40_000, 77, a)).collect();
+        assert!(ports.len() >= 6, "{ports:?}");
+        assert_eq!(snat_port(0, 5, 0), snat_port(40_000, 5, 0));
     }
 }

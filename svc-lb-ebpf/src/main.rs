@@ -1,17 +1,37 @@
-//! svc-lb eBPF programs. Entry points and maps live here; the logic is in `sock.rs`.
+//! svc-lb eBPF programs. Entry points live here, maps in `maps.rs`; the logic is in
+//! `sock.rs` (socket path) and `ext.rs` (external path, wrapped by `tc.rs` and `xdp.rs`).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod csum;
+#[cfg(target_arch = "bpf")]
 mod debug;
+#[cfg(target_arch = "bpf")]
+mod ext;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
+mod nat;
+#[cfg(target_arch = "bpf")]
+mod parse;
+#[cfg(target_arch = "bpf")]
+mod pkt;
+#[cfg(target_arch = "bpf")]
+mod reject;
+#[cfg(target_arch = "bpf")]
 mod sock;
+#[cfg(target_arch = "bpf")]
+mod tc;
+#[cfg(target_arch = "bpf")]
+mod xdp;
 
 #[cfg(target_arch = "bpf")]
 mod entry {
-    use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+    use aya_ebpf::{
+        macros::{cgroup_sock_addr, classifier, xdp},
+        programs::{SockAddrContext, TcContext, XdpContext},
+    };
 
     use crate::{
         debug,
@@ -76,6 +96,24 @@ mod entry {
     #[cgroup_sock_addr(getpeername6)]
     pub fn svclb_getpeer6(ctx: SockAddrContext) -> i32 {
         sock::reverse(&ctx, Family::V6)
+    }
+
+    /// External path, TCX ingress on each device.
+    #[classifier]
+    pub fn svclb_tc_in(ctx: TcContext) -> i32 {
+        crate::tc::ingress(&ctx)
+    }
+
+    /// External path, TCX egress on each device.
+    #[classifier]
+    pub fn svclb_tc_out(ctx: TcContext) -> i32 {
+        crate::tc::egress(&ctx)
+    }
+
+    /// External path, forward direction in native XDP (`--xdp`).
+    #[xdp]
+    pub fn svclb_xdp(ctx: XdpContext) -> u32 {
+        crate::xdp::forward(&ctx)
     }
 }
 

@@ -2,12 +2,14 @@
 //! is the map name aya pins); the sizes here are defaults the agent may override at load.
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
     macros::btf_map,
 };
 use svc_lb_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, Backend, RevNat, SockRevNat4Key,
-    SockRevNat4Value, SockRevNat6Key, SockRevNat6Value, Svc4Key, Svc6Key, SvcMeta, SvcValue,
+    AFFINITY_EXT_MAP_MAX, AffinityExtKey, AffinityKey, AffinityMatchKey, AffinityValue, Backend,
+    CT_MAP_MAX, CtKey, CtValue, ExtConfig, MAGLEV_MAP_MAX, MaglevTable, NODE_ADDR_MAP_MAX,
+    NodeAddrKey, RevNat, SRC_RANGE_MAP_MAX, SockRevNat4Key, SockRevNat4Value, SockRevNat6Key,
+    SockRevNat6Value, SrcRange4Key, SrcRange6Key, Svc4Key, Svc6Key, SvcMeta, SvcValue,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -58,3 +60,63 @@ pub static LB_AFFINITY_V1: LruHashMap<AffinityKey, AffinityValue, { 1 << 16 }> =
 #[btf_map]
 pub static LB_AFFMATCH_V1: HashMap<AffinityMatchKey, u32, { 1 << 20 }, NO_PREALLOC> =
     HashMap::new();
+
+// ---- External path (tc / XDP) ----
+
+/// Conntrack of external flows (forward and reply entries, see `CtKey`). LRU: when
+/// full, the least recently used flow is forgotten.
+#[btf_map]
+pub static LB_CT_V1: LruHashMap<CtKey, CtValue, { CT_MAP_MAX as usize }> = LruHashMap::new();
+
+/// Maglev tables by rev-NAT id, written by the agent. Only ever read through a map value
+/// pointer: a 64 KiB value never touches the stack.
+#[btf_map]
+pub static LB_MAGLEV_V1: HashMap<u32, MaglevTable, { MAGLEV_MAP_MAX as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+/// Session affinity of external clients (source address, frontend) → backend. LRU.
+#[btf_map]
+pub static LB_AFFEXT_V1: LruHashMap<
+    AffinityExtKey,
+    AffinityValue,
+    { AFFINITY_EXT_MAP_MAX as usize },
+> = LruHashMap::new();
+
+/// `loadBalancerSourceRanges` (rev-NAT id, prefix) → 1. LPM tries must not be
+/// preallocated.
+#[btf_map]
+pub static LB_SRCRNG4_V1: LpmTrie<SrcRange4Key, u32, { SRC_RANGE_MAP_MAX as usize }, NO_PREALLOC> =
+    LpmTrie::new();
+
+#[btf_map]
+pub static LB_SRCRNG6_V1: LpmTrie<SrcRange6Key, u32, { SRC_RANGE_MAP_MAX as usize }, NO_PREALLOC> =
+    LpmTrie::new();
+
+/// Node addresses that serve NodePorts → flags (unused, 0).
+#[btf_map]
+pub static LB_NODEADDR_V1: HashMap<NodeAddrKey, u32, { NODE_ADDR_MAP_MAX as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+/// The agent's external-path settings (entry 0).
+#[btf_map]
+pub static LB_CONFIG_V1: Array<ExtConfig, 1> = Array::new();
+
+/// Per-CPU scratch space of the external path: the reject frame and the conntrack keys
+/// and values of a new flow do not fit on the 512-byte stack next to the rest of the
+/// path. Map helpers take keys and values from map memory as well. Not pinned (nothing
+/// in it outlives one packet).
+#[btf_map]
+pub static LB_SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
+
+#[repr(C)]
+pub struct Scratch {
+    /// The frame being built.
+    pub out: [u8; 128],
+    /// The start of the offending frame.
+    pub orig: [u8; 128],
+    /// Conntrack entries of a new flow.
+    pub fkey: CtKey,
+    pub fval: CtValue,
+    pub rkey: CtKey,
+    pub rval: CtValue,
+}

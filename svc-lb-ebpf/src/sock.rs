@@ -34,7 +34,7 @@ pub enum Family {
 }
 
 #[inline(always)]
-fn count(index: u32) {
+pub(crate) fn count(index: u32) {
     if let Some(c) = LB_COUNTERS_V2.get_ptr_mut(index) {
         // Per-CPU slot: no other writer can race with this increment.
         unsafe { *c += 1 };
@@ -43,7 +43,7 @@ fn count(index: u32) {
 
 /// Counts one new connection (or unconnected datagram) for a frontend and a backend.
 #[inline(always)]
-fn count_conn(rev_nat_id: u32, backend_id: u32) {
+pub(crate) fn count_conn(rev_nat_id: u32, backend_id: u32) {
     for (map, key) in [(&LB_FESTATS_V1, rev_nat_id), (&LB_BESTATS_V1, backend_id)] {
         if let Some(c) = map.get_ptr_mut(key) {
             unsafe { *c += 1 };

@@ -14,7 +14,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    datapath::{MapStore, apply::apply_plan, bpf::BpfDatapath},
+    datapath::{MapStore, apply::apply_plan, bpf::BpfDatapath, devices},
     model::{self, NodeInfo, Objects},
     plan::{self, CurrentState},
     source::{self, Snapshot, manifests},
@@ -34,6 +34,82 @@ pub struct AgentConfig {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Load the programs with their debug log on (`--bpf-log`).
     pub bpf_log: bool,
+    /// `--devices`: where the external path runs; `None` chooses (see [`External`]).
+    pub devices: Option<Vec<String>>,
+    /// `--nodeport-addresses`: node ports answer only on device addresses inside these.
+    pub nodeport_addresses: Vec<ipnet::IpNet>,
+    /// `--xdp`: also attach the XDP program to the devices.
+    pub xdp: bool,
+    /// `--maglev-table-size`.
+    pub maglev_size: u32,
+}
+
+/// The external path's run-time state: the devices (decided once, at the first
+/// snapshot, since in Kubernetes mode they follow the Node's addresses), the node
+/// addresses last written to the maps, and the healthCheckNodePort server.
+struct External {
+    devices: Option<Vec<String>>,
+    node_addrs: Option<Vec<std::net::IpAddr>>,
+    health: Option<crate::hcnp::HealthCheckServer>,
+}
+
+impl External {
+    fn on(&self) -> bool {
+        self.devices.as_ref().is_some_and(|d| !d.is_empty())
+    }
+
+    /// Decides the devices (once) from the flags, the mode and the Node's addresses.
+    fn decide_devices(
+        &mut self,
+        cfg: &AgentConfig,
+        node: &NodeInfo,
+        dp: &BpfDatapath,
+    ) -> Result<()> {
+        if self.devices.is_some() {
+            return Ok(());
+        }
+        let devices = match (&cfg.devices, &cfg.manifests) {
+            (Some(d), _) => d.clone(),
+            (None, Some(_)) => Vec::new(),
+            (None, None) => {
+                let ifaddrs = devices::interfaces()?;
+                let d = devices::default_devices(&ifaddrs, &node.addresses);
+                if d.is_empty() {
+                    warn!(node_addresses = ?node.addresses, "no device carries the Node's addresses; the external path (NodePort, LoadBalancer and external IPs from outside the node) is off (see --devices)");
+                }
+                d
+            }
+        };
+        if !devices.is_empty() {
+            dp.ext_available()
+                .context("the external path needs the tc/XDP programs and maps (--devices)")?;
+            info!(devices = ?devices, xdp = cfg.xdp, "external path on");
+        }
+        self.devices = Some(devices);
+        Ok(())
+    }
+
+    /// Writes the node addresses and the SNAT addresses when they changed (addresses
+    /// may come and go while the agent runs).
+    fn refresh_addresses(&mut self, cfg: &AgentConfig, dp: &mut BpfDatapath) -> Result<()> {
+        let Some(devs) = self.devices.as_ref().filter(|d| !d.is_empty()) else {
+            return Ok(());
+        };
+        let addrs = devices::node_addresses(&devices::interfaces()?, devs, &cfg.nodeport_addresses);
+        if self.node_addrs.as_ref() == Some(&addrs) {
+            return Ok(());
+        }
+        let (snat4, snat6) = devices::snat_addresses(&addrs);
+        dp.write_ext_config(snat4, snat6)?;
+        dp.set_node_addrs(&addrs)?;
+        info!(node_addresses = ?addrs, snat4 = ?snat4, snat6 = ?snat6, "external path: node addresses written");
+        if addrs.is_empty() {
+            warn!(devices = ?devs, "the devices have no usable address: node ports answer nowhere and SNAT is impossible");
+        }
+        self.health = Some(crate::hcnp::HealthCheckServer::new(addrs.clone()));
+        self.node_addrs = Some(addrs);
+        Ok(())
+    }
 }
 
 /// After a failed apply, try again this soon even if nothing changes.
@@ -71,12 +147,21 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     {
         anyhow::bail!("{} is not a cgroup v2 directory", cfg.cgroup.display());
     }
+    if let Some(d) = &cfg.devices {
+        devices::check_devices(d)?;
+    }
     let mut dp = BpfDatapath::open_with(
         &cfg.bpffs,
         crate::datapath::bpf::LoadOptions {
             bpf_log: cfg.bpf_log,
+            maglev_size: cfg.maglev_size,
         },
     )?;
+    let mut ext = External {
+        devices: None,
+        node_addrs: None,
+        health: None,
+    };
     if cfg.bpf_log {
         spawn_bpf_log(&mut dp)?;
     }
@@ -144,12 +229,23 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         let snap = rx.borrow_and_update().clone();
         let sync_started = Instant::now();
         // The Node object (Kubernetes mode) adds the zone and the node addresses.
-        let node = model::node_info(&cfg.node, snap.node.as_ref());
+        let mut node = model::node_info(&cfg.node, snap.node.as_ref());
+        ext.decide_devices(&cfg, &node, &dp)?;
+        node.external = ext.on();
+        if let Err(e) = ext.refresh_addresses(&cfg, &mut dp) {
+            if !attached {
+                return Err(e.context("external path: write the node addresses"));
+            }
+            error!(error = %format!("{e:#}"), "external path: could not update the node addresses");
+        }
         let result = sync(&mut dp, &mut current, &snap, &node, &mut reported);
         if !attached {
             // Attach only once the first sync is in the maps, and before it is reported
             // as applied: "applied" means the kernel acts on it.
             dp.attach(&cfg.bpffs, &cfg.cgroup)?;
+            if let Some(devs) = ext.devices.as_ref().filter(|d| !d.is_empty()) {
+                dp.attach_devices(&cfg.bpffs, devs, cfg.xdp)?;
+            }
             attached = true;
             crate::status::update(|st| st.attached = true);
             info!(cgroup = %cfg.cgroup.display(), "programs attached; datapath ready");
@@ -175,6 +271,25 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                     duration_us = report.duration.as_micros() as u64,
                     "sync applied"
                 );
+                if let Some(server) = ext.health.as_mut() {
+                    let checks = report
+                        .health_checks
+                        .iter()
+                        .map(|(port, hc)| {
+                            (
+                                *port,
+                                crate::hcnp::HealthCheckEntry {
+                                    namespace: hc.service.namespace.clone(),
+                                    name: hc.service.name.clone(),
+                                    local_endpoints: hc.local_endpoints,
+                                },
+                            )
+                        })
+                        .collect();
+                    if let Err(e) = server.update(checks).await {
+                        error!(error = %format!("{e:#}"), "healthCheckNodePort server update failed");
+                    }
+                }
                 // Attached above, and the maps hold the sources' first complete view.
                 health.set_ready();
                 None
@@ -269,8 +384,10 @@ fn origin(snap: &Snapshot, obj: &model::ObjectRef) -> String {
 }
 
 /// What one applied sync did.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct SyncReport {
+    /// The healthCheckNodePorts the synced state wants served.
+    pub health_checks: std::collections::BTreeMap<u16, model::HealthCheck>,
     pub ops: usize,
     pub frontends: usize,
     pub backends: usize,
@@ -351,6 +468,7 @@ pub fn sync(
     dp.sync_meta(current, &desired)
         .context("write Service metadata")?;
     Ok(SyncReport {
+        health_checks: desired.health_checks,
         ops,
         frontends: current.frontends.len(),
         backends: current.backends.len(),

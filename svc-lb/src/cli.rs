@@ -1,4 +1,4 @@
-//! Command-line interface: `agent`, `list`, `trace`, `status`, `cleanup`.
+//! Command-line interface: `agent`, `list`, `conntrack`, `trace`, `status`, `cleanup`.
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -76,6 +76,24 @@ pub enum Command {
         /// logging code.
         #[arg(long)]
         bpf_log: bool,
+        /// Devices that get the external path (tc programs, and XDP with --xdp) for
+        /// NodePort, LoadBalancer and external IPs reached from outside the node
+        /// [default: in Kubernetes mode the interfaces carrying the Node's InternalIP and
+        /// ExternalIP addresses (never lo); in manifest mode none, so the external path
+        /// is off]
+        #[arg(long, value_delimiter = ',', value_name = "IF[,IF...]")]
+        devices: Option<Vec<String>>,
+        /// Serve node ports only on the devices' addresses inside these CIDRs
+        /// [default: every address of the devices]
+        #[arg(long, value_delimiter = ',', value_name = "CIDR[,CIDR...]")]
+        nodeport_addresses: Vec<ipnet::IpNet>,
+        /// Also attach the XDP program (native mode) to the devices; a driver that
+        /// refuses it is logged once and the device runs tc only.
+        #[arg(long)]
+        xdp: bool,
+        /// Entries per Maglev table of an external frontend: a prime in 251-16381.
+        #[arg(long, default_value_t = svc_lb_common::MAGLEV_DEFAULT_SIZE, value_parser = parse_maglev_size)]
+        maglev_table_size: u32,
     },
     /// Show every programmed frontend with its Service, flags and backends, from the
     /// pinned maps (works whether or not the agent runs).
@@ -85,6 +103,17 @@ pub enum Command {
         #[arg(long, default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
         /// Only the frontends of this Service (NAMESPACE/NAME).
+        #[arg(long, value_name = "NAMESPACE/NAME")]
+        service: Option<String>,
+    },
+    /// Show the flows of the external path (NodePort, LoadBalancer and external IPs)
+    /// from the pinned conntrack map: client, frontend, backend, SNAT, flags, lifetime.
+    Conntrack {
+        #[arg(short, long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+        /// Only the flows of this Service (NAMESPACE/NAME).
         #[arg(long, value_name = "NAMESPACE/NAME")]
         service: Option<String>,
     },
@@ -144,6 +173,18 @@ pub enum TraceProto {
     Udp,
 }
 
+/// `--maglev-table-size`: a prime, so every backend's permutation covers the table.
+fn parse_maglev_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    let max = svc_lb_common::MAGLEV_TABLE_MAX as u32;
+    if !(251..=max).contains(&n) || !svc_lb_common::maglev::is_prime(n) {
+        return Err(format!(
+            "{n} is not a prime in 251-{max} (for example 251, 1021, 4093, 16381)"
+        ));
+    }
+    Ok(n)
+}
+
 fn hostname() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -162,6 +203,10 @@ pub fn run(cli: Cli) -> Result<()> {
             node_name,
             metrics_addr,
             bpf_log,
+            devices,
+            nodeport_addresses,
+            xdp,
+            maglev_table_size,
         } => {
             let cgroup = match cgroup {
                 Some(c) => c,
@@ -185,6 +230,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 node,
                 metrics_addr: metrics_addr.0,
                 bpf_log,
+                devices,
+                nodeport_addresses,
+                xdp,
+                maglev_size: maglev_table_size,
             }))
         }
         Command::List {
@@ -209,6 +258,35 @@ pub fn run(cli: Cli) -> Result<()> {
                     Output::Text => inspect::list::render_text(&entries),
                     Output::Json => inspect::list::render_json(&entries)?,
                     Output::Yaml => inspect::list::render_yaml(&entries)?,
+                }
+            );
+            Ok(())
+        }
+        Command::Conntrack {
+            output,
+            bpffs,
+            service,
+        } => {
+            let service = service
+                .as_deref()
+                .map(inspect::list::parse_service)
+                .transpose()?;
+            let entries = inspect::conntrack::read_entries(&bpffs)?;
+            let meta = PinnedMaps::open(&bpffs)?.meta()?;
+            let mut table =
+                inspect::conntrack::flows(&entries, &meta, inspect::trace::monotonic_ns());
+            if let Some(s) = &service {
+                table.flows.retain(|f| {
+                    f.namespace.as_deref() == Some(s.namespace.as_str())
+                        && f.service.as_deref() == Some(s.name.as_str())
+                });
+            }
+            print!(
+                "{}",
+                match output {
+                    Output::Text => inspect::conntrack::render_text(&table),
+                    Output::Json => inspect::conntrack::render_json(&table)?,
+                    Output::Yaml => inspect::conntrack::render_yaml(&table)?,
                 }
             );
             Ok(())
@@ -283,5 +361,53 @@ pub fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod agent_flag_tests {
+    use super::*;
+
+    #[test]
+    fn maglev_size_must_be_a_prime_in_range() {
+        assert_eq!(parse_maglev_size("16381"), Ok(16381));
+        assert_eq!(parse_maglev_size("251"), Ok(251));
+        for bad in ["250", "16383", "241", "65537", "1000", "x"] {
+            assert!(parse_maglev_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn external_path_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "svc-lb",
+            "agent",
+            "--manifests",
+            "/tmp",
+            "--devices",
+            "eth0,eth1",
+            "--nodeport-addresses",
+            "192.168.0.0/16,fd00::/8",
+            "--xdp",
+            "--maglev-table-size",
+            "1021",
+        ])
+        .unwrap();
+        let Command::Agent {
+            devices,
+            nodeport_addresses,
+            xdp,
+            maglev_table_size,
+            ..
+        } = cli.command
+        else {
+            panic!("agent subcommand")
+        };
+        assert_eq!(devices, Some(vec!["eth0".to_owned(), "eth1".to_owned()]));
+        assert_eq!(nodeport_addresses.len(), 2);
+        assert!(xdp);
+        assert_eq!(maglev_table_size, 1021);
+        assert!(Cli::try_parse_from(["svc-lb", "agent", "--maglev-table-size", "1000"]).is_err());
+        assert!(Cli::try_parse_from(["svc-lb", "agent", "--nodeport-addresses", "nope"]).is_err());
     }
 }

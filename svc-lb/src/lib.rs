@@ -8,8 +8,10 @@
 pub mod agent;
 pub mod cli;
 pub mod datapath;
+pub mod hcnp;
 pub mod health;
 pub mod inspect;
+pub mod maglev;
 pub mod metrics;
 pub mod model;
 pub mod plan;

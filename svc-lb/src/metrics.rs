@@ -29,8 +29,8 @@ use prometheus_client::{
     registry::Registry,
 };
 use svc_lb_common::{
-    COUNTER_NAMES, CTR_SOCK_BACKEND_MISS, CTR_SOCK_NO_BACKEND, CTR_SOCK_RNAT_HIT,
-    CTR_SOCK_SLOT_MISS, CTR_SOCK_XLATED,
+    COUNTER_NAMES, CTR_EXT_FORWARDED, CTR_EXT_REPLY_XLATED, CTR_SOCK_BACKEND_MISS,
+    CTR_SOCK_RNAT_HIT, CTR_SOCK_SLOT_MISS, CTR_SOCK_XLATED,
 };
 
 use crate::{
@@ -59,6 +59,8 @@ struct AgentMetrics {
     last_sync_ok: Gauge,
     watch_restarts: Family<Labels, Counter>,
     skipped: Family<Labels, Gauge>,
+    healthcheck_bind_errors: Counter,
+    healthcheck_ports: Gauge,
 }
 
 fn agent() -> &'static AgentMetrics {
@@ -73,6 +75,8 @@ fn agent() -> &'static AgentMetrics {
         last_sync_ok: Gauge::default(),
         watch_restarts: Family::default(),
         skipped: Family::default(),
+        healthcheck_bind_errors: Counter::default(),
+        healthcheck_ports: Gauge::default(),
     })
 }
 
@@ -116,6 +120,18 @@ pub fn set_skipped(unreadable: usize, invalid: usize, map_full: usize) {
             .get_or_create(&vec![("reason", reason.to_owned())])
             .set(n as i64);
     }
+}
+
+/// A healthCheckNodePort could not be bound (see [`crate::hcnp`]).
+pub fn healthcheck_bind_failed() {
+    agent().healthcheck_bind_errors.inc();
+}
+
+/// healthCheckNodePorts with an open listener.
+pub fn set_healthcheck_ports(n: usize) {
+    agent()
+        .healthcheck_ports
+        .set(i64::try_from(n).unwrap_or(i64::MAX));
 }
 
 /// What one scrape read from bpffs. Reading happens before encoding, on a blocking
@@ -227,28 +243,39 @@ fn gauge_family<V: EncodeGaugeValue>(
     Ok(())
 }
 
-/// How a datapath counter is exported: (family, label name, label value).
-fn classify_counter(index: u32, name: &'static str) -> (&'static str, &'static str, String) {
-    let short = name
-        .strip_prefix("sock_rejected_")
-        .or_else(|| name.strip_prefix("sock_error_"))
-        .unwrap_or(name)
-        .to_owned();
-    match index {
-        CTR_SOCK_XLATED => ("translations", "direction", "forward".to_owned()),
-        CTR_SOCK_RNAT_HIT => ("translations", "direction", "reverse".to_owned()),
-        // The three outcomes of `choose_backend` that refuse the connection.
-        CTR_SOCK_NO_BACKEND | CTR_SOCK_SLOT_MISS | CTR_SOCK_BACKEND_MISS => {
-            ("rejects", "reason", short)
+/// How a datapath counter is exported: (hook, family, label name, label value).
+///
+/// The hook comes from the name's prefix: `sock_` for the socket programs, `ext_` for
+/// the external path (tc/XDP). The rest of the name decides the family, so counters
+/// the eBPF programs add later are exported without a change here as long as they
+/// follow the naming (`rejected_*`, `dropped_*`, `error_*`, `affinity_*`).
+fn classify_counter(
+    index: u32,
+    name: &'static str,
+) -> (&'static str, &'static str, &'static str, String) {
+    let (hook, rest) = if let Some(r) = name.strip_prefix("sock_") {
+        ("sock", r)
+    } else if let Some(r) = name.strip_prefix("ext_") {
+        ("ext", r)
+    } else {
+        ("other", name)
+    };
+    let reason = |p: &str| rest.strip_prefix(p).unwrap_or(rest).to_owned();
+    let (fam, label, value) = match index {
+        CTR_SOCK_XLATED | CTR_EXT_FORWARDED => ("translations", "direction", "forward".to_owned()),
+        CTR_SOCK_RNAT_HIT | CTR_EXT_REPLY_XLATED => {
+            ("translations", "direction", "reverse".to_owned())
         }
-        _ if name.starts_with("sock_error_") => ("errors", "reason", short),
-        _ if name.starts_with("sock_affinity_") => (
-            "affinity",
-            "result",
-            name.trim_start_matches("sock_affinity_").to_owned(),
-        ),
+        // The outcomes of `choose_backend` that refuse the connection: inconsistent
+        // maps refuse it too, so they are rejects rather than errors.
+        CTR_SOCK_SLOT_MISS | CTR_SOCK_BACKEND_MISS => ("rejects", "reason", reason("error_")),
+        _ if rest.starts_with("rejected_") => ("rejects", "reason", reason("rejected_")),
+        _ if rest.starts_with("dropped_") => ("drops", "reason", reason("dropped_")),
+        _ if rest.starts_with("error_") => ("errors", "reason", reason("error_")),
+        _ if rest.starts_with("affinity_") => ("affinity", "result", reason("affinity_")),
         _ => ("events", "name", name.to_owned()),
-    }
+    };
+    (hook, fam, label, value)
 }
 
 impl prometheus_client::collector::Collector for DatapathCollector {
@@ -270,19 +297,23 @@ impl prometheus_client::collector::Collector for DatapathCollector {
             let Some(v) = d.counters.get(index as usize) else {
                 continue;
             };
-            let (fam, label, value) = classify_counter(index, name);
+            let (hook, fam, label, value) = classify_counter(index, name);
             fams.entry(fam)
                 .or_default()
-                .push((vec![("hook", "sock".to_owned()), (label, value)], *v));
+                .push((vec![("hook", hook.to_owned()), (label, value)], *v));
         }
         for (fam, help) in [
             (
                 "translations",
-                "Socket addresses rewritten: forward (Service → backend, at connect/sendmsg) and reverse (backend → Service, at recvmsg/getpeername)",
+                "Addresses rewritten, by hook: sock (forward: Service → backend at connect/sendmsg; reverse: backend → Service at recvmsg/getpeername) and ext (forward: packets of external clients sent to a backend; reverse: replies translated back)",
             ),
             (
                 "rejects",
-                "Connections refused with ECONNREFUSED, by reason (no_backend is a Service without ready endpoints; the others mean inconsistent maps)",
+                "Connections refused, by hook and reason: ECONNREFUSED at the socket hooks, ICMP port unreachable on the external path (no_backend is a Service without ready endpoints; slot_missing and backend_missing mean inconsistent maps)",
+            ),
+            (
+                "drops",
+                "Packets of the external path dropped on purpose, by reason (no_local_endpoint: externalTrafficPolicy Local without a local endpoint; source_range: source not in loadBalancerSourceRanges)",
             ),
             (
                 "errors",
@@ -411,6 +442,17 @@ impl DatapathCollector {
                     ("service", svc),
                     ("port_name", port),
                     ("kind", kind.to_owned()),
+                    // A LoadBalancer or external IP has a socket and an external entry
+                    // at the same address: the scope keeps their series apart.
+                    (
+                        "scope",
+                        if fe.scope == svc_lb_common::SCOPE_EXTERNAL {
+                            "external"
+                        } else {
+                            "socket"
+                        }
+                        .to_owned(),
+                    ),
                     (
                         "frontend",
                         format!(
@@ -543,6 +585,16 @@ pub fn render(data: ScrapeData) -> Result<String> {
         "svclb_skipped_objects",
         "Objects the last sync left out, by reason (unreadable, invalid, map_full)",
         m.skipped.clone(),
+    );
+    reg.register(
+        "svclb_healthcheck_bind_errors",
+        "Attempts to open a healthCheckNodePort that failed (port taken or address missing); retried at every sync",
+        m.healthcheck_bind_errors.clone(),
+    );
+    reg.register(
+        "svclb_healthcheck_node_ports",
+        "healthCheckNodePorts served by this agent",
+        m.healthcheck_ports.clone(),
     );
     let build = Family::<Labels, Gauge>::default();
     build

@@ -83,6 +83,7 @@ mod tests {
                 backend: BackendEntry {
                     addr,
                     state: BACKEND_ACTIVE,
+                    local: false,
                 },
             });
             ops.push(Op::UpsertSlot {

@@ -14,13 +14,21 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
-    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+    maps::{
+        Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::FdLink, tc::TcAttachOptions,
+    },
 };
 use svc_lb_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, Backend, MAP_AFF_MATCH, MAP_AFFINITY,
-    MAP_BACKENDS, MAP_BE_STATS, MAP_COUNTERS, MAP_FE_STATS, MAP_REVNAT, MAP_SVC_META, MAP_SVC4,
-    MAP_SVC6, RevNat, SOCK_PROGRAMS, Svc4Key, Svc6Key, SvcMeta, SvcValue,
+    AffinityKey, AffinityMatchKey, AffinityValue, Backend, ExtConfig, MAP_AFF_MATCH, MAP_AFFINITY,
+    MAP_BACKENDS, MAP_BE_STATS, MAP_CONFIG, MAP_COUNTERS, MAP_FE_STATS, MAP_MAGLEV, MAP_NODE_ADDR,
+    MAP_REVNAT, MAP_SRC_RANGE4, MAP_SRC_RANGE6, MAP_SVC_META, MAP_SVC4, MAP_SVC6, MaglevTable,
+    NodeAddrKey, PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP, RevNat, SOCK_PROGRAMS, SrcRange4Key,
+    SrcRange6Key, Svc4Key, Svc6Key, SvcMeta, SvcValue,
 };
 use tracing::{info, warn};
 
@@ -129,6 +137,63 @@ pub struct BpfDatapath {
     aff_match: HashMap<MapData, AffinityMatchKey, u32>,
     aff_match_cache: std::collections::BTreeSet<AffinityMatchKey>,
     cap: Capacity,
+    /// The external path's maps, or why the object has none (built without the tc/XDP
+    /// programs): then every external-path operation fails with that reason.
+    ext: std::result::Result<ExtMaps, String>,
+    /// Entries per Maglev table (`--maglev-table-size`).
+    maglev_size: u32,
+}
+
+/// Maps of the external path (tc/XDP).
+struct ExtMaps {
+    maglev: HashMap<MapData, u32, MaglevTable>,
+    /// Source ranges. The value is unused by the programs (a hit is the answer).
+    src4: LpmTrie<MapData, SrcRange4Key, u32>,
+    src6: LpmTrie<MapData, SrcRange6Key, u32>,
+    node_addr: HashMap<MapData, NodeAddrKey, u32>,
+    config: Array<MapData, ExtConfig>,
+}
+
+impl ExtMaps {
+    /// Takes the external maps out of the object. `Ok(Err(why))` when the object has
+    /// none of them (an eBPF build without the external path); an error when only some
+    /// are there or one has the wrong type.
+    fn take(ebpf: &mut Ebpf) -> Result<std::result::Result<Self, String>> {
+        let names = [
+            MAP_MAGLEV,
+            MAP_SRC_RANGE4,
+            MAP_SRC_RANGE6,
+            MAP_NODE_ADDR,
+            MAP_CONFIG,
+        ];
+        let missing: Vec<&str> = names
+            .iter()
+            .copied()
+            .filter(|n| ebpf.map(n).is_none())
+            .collect();
+        if !missing.is_empty() {
+            return Ok(Err(format!(
+                "the eBPF object has no external-path map {} (built without the tc/XDP programs?)",
+                missing.join(", ")
+            )));
+        }
+        let take = |ebpf: &mut Ebpf, name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+        };
+        Ok(Ok(Self {
+            maglev: HashMap::try_from(take(ebpf, MAP_MAGLEV)?)
+                .with_context(|| format!("map {MAP_MAGLEV} has an unexpected type"))?,
+            src4: LpmTrie::try_from(take(ebpf, MAP_SRC_RANGE4)?)
+                .with_context(|| format!("map {MAP_SRC_RANGE4} has an unexpected type"))?,
+            src6: LpmTrie::try_from(take(ebpf, MAP_SRC_RANGE6)?)
+                .with_context(|| format!("map {MAP_SRC_RANGE6} has an unexpected type"))?,
+            node_addr: HashMap::try_from(take(ebpf, MAP_NODE_ADDR)?)
+                .with_context(|| format!("map {MAP_NODE_ADDR} has an unexpected type"))?,
+            config: Array::try_from(take(ebpf, MAP_CONFIG)?)
+                .with_context(|| format!("map {MAP_CONFIG} has an unexpected type"))?,
+        }))
+    }
 }
 
 fn take_percpu_hash(ebpf: &mut Ebpf, name: &str) -> Result<PerCpuHashMap<MapData, u32, u64>> {
@@ -143,6 +208,8 @@ fn take_percpu_hash(ebpf: &mut Ebpf, name: &str) -> Result<PerCpuHashMap<MapData
 pub struct LoadOptions {
     /// Turn on the programs' aya-log debug log (`--bpf-log`).
     pub bpf_log: bool,
+    /// Entries per Maglev table (a prime ≤ `MAGLEV_TABLE_MAX`); 0 means the default.
+    pub maglev_size: u32,
 }
 
 /// The `.rodata` global that switches the eBPF debug log (svc-lb-ebpf/src/debug.rs).
@@ -209,7 +276,14 @@ impl BpfDatapath {
             .into_iter()
             .map(|(k, _)| k)
             .collect();
+        let ext = ExtMaps::take(&mut ebpf)?;
+        let maglev_size = match opts.maglev_size {
+            0 => svc_lb_common::MAGLEV_DEFAULT_SIZE,
+            n => n,
+        };
         Ok(Self {
+            ext,
+            maglev_size,
             ebpf,
             svc4,
             svc6,
@@ -302,9 +376,143 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
     }
 }
 
+fn ifindex(dev: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(dev).with_context(|| format!("device name {dev:?}"))?;
+    // SAFETY: a valid NUL-terminated string.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if idx == 0 {
+        bail!("device {dev}: {}", std::io::Error::last_os_error());
+    }
+    Ok(idx)
+}
+
+/// Swaps `prog_fd` into the link pinned at `pin` when that link is of `link_type` on
+/// `ifindex` (a restart): no moment without a program. Returns false when there is no
+/// such link (nothing pinned, or a stale pin for another device, which is replaced).
+fn swap_into_pinned(
+    prog_fd: i32,
+    pin: &Path,
+    link_type: u32,
+    ifindex: u32,
+    name: &str,
+) -> Result<bool> {
+    if !pin.exists() {
+        return Ok(false);
+    }
+    let link = sys::obj_get(pin)?;
+    let li = sys::link_info(&link)?;
+    // For XDP and TCX links the info union starts with the interface index.
+    if li.link_type == link_type && li.cgroup_id as u32 == ifindex {
+        sys::link_update(&link, prog_fd)
+            .with_context(|| format!("swap program {name} into {}", pin.display()))?;
+        info!(program = name, link_id = li.id, pin = %pin.display(), "replaced program in pinned link");
+        return Ok(true);
+    }
+    warn!(program = name, pin = %pin.display(), "pinned link is stale (another device or type); attaching anew");
+    Ok(false)
+}
+
+/// Pins a new link under a temporary name, then renames it over `pin`, so the pin path
+/// always names an attached link.
+fn pin_link(link: FdLink, bpffs: &Path, pin: &Path) -> Result<()> {
+    let file = pin
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = links_dir(bpffs).join(format!("{file}_new"));
+    let _ = fs::remove_file(&tmp);
+    link.pin(&tmp)
+        .with_context(|| format!("pin link {}", tmp.display()))?;
+    fs::rename(&tmp, pin)
+        .with_context(|| format!("rename {} to {}", tmp.display(), pin.display()))?;
+    Ok(())
+}
+
+/// Native-mode XDP on each device. A driver that refuses it costs only the
+/// acceleration: one warning per device, and the tc programs do the work.
+fn attach_xdp(ebpf: &mut Ebpf, bpffs: &Path, devices: &[String]) -> Result<()> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(PROG_XDP)
+        .ok_or_else(|| {
+            anyhow!(
+                "program {PROG_XDP} missing from the eBPF object (built without the external path?)"
+            )
+        })?
+        .try_into()
+        .with_context(|| format!("program {PROG_XDP} is not an XDP program"))?;
+    if prog.fd().is_err() {
+        prog.load()
+            .with_context(|| format!("load program {PROG_XDP} (kernel verifier)"))?;
+    }
+    for dev in devices {
+        let pin = links_dir(bpffs).join(format!("{PROG_XDP}@{dev}"));
+        let prog_fd = prog
+            .fd()
+            .with_context(|| format!("fd of {PROG_XDP}"))?
+            .as_fd()
+            .as_raw_fd();
+        if swap_into_pinned(
+            prog_fd,
+            &pin,
+            sys::BPF_LINK_TYPE_XDP,
+            ifindex(dev)?,
+            PROG_XDP,
+        )? {
+            continue;
+        }
+        let id = match prog.attach(dev, XdpMode::Driver) {
+            Ok(id) => id,
+            Err(e) => {
+                warn!(device = %dev, error = %format!("{e:#}"), "native XDP refused by the driver; this device runs tc only");
+                continue;
+            }
+        };
+        let link = prog
+            .take_link(id)
+            .with_context(|| format!("take link of {PROG_XDP}"))?;
+        match FdLink::try_from(link) {
+            Ok(link) => {
+                pin_link(link, bpffs, &pin)?;
+                info!(program = PROG_XDP, device = %dev, "attached XDP program (native mode)");
+            }
+            Err(e) => {
+                // A netlink attachment (no bpf link on this kernel) cannot be pinned,
+                // so a restart could not find it; rather run tc-only. Dropping the
+                // link detaches it.
+                warn!(device = %dev, error = %e, "XDP attached without a bpf link; detached, this device runs tc only");
+            }
+        }
+    }
+    Ok(())
+}
+
 impl MapStore for BpfDatapath {
     fn read_current(&self) -> Result<CurrentState> {
-        read_state(&self.svc4, &self.svc6, &self.backends, &self.rev_nats)
+        let mut state = read_state(&self.svc4, &self.svc6, &self.backends, &self.rev_nats)?;
+        if let Ok(ext) = &self.ext {
+            // Tables are listed, not decoded: an empty id list tells the planner their
+            // contents are unknown, so the first plan after start-up rewrites every
+            // external frontend's table. That is the simple correct choice: the table
+            // size may have changed with the flags, and a table is cheap to rebuild
+            // (rewriting it in place is atomic for the programs).
+            for id in ext.maglev.keys() {
+                let id = id.with_context(|| format!("read map {MAP_MAGLEV}"))?;
+                state.maglev.insert(id, Vec::new());
+            }
+            for k in ext.src4.keys() {
+                let k = k.with_context(|| format!("read map {MAP_SRC_RANGE4}"))?;
+                state
+                    .src_ranges
+                    .insert(codec::src_range4_from_raw(k.prefix_len(), &k.data())?);
+            }
+            for k in ext.src6.keys() {
+                let k = k.with_context(|| format!("read map {MAP_SRC_RANGE6}"))?;
+                state
+                    .src_ranges
+                    .insert(codec::src_range6_from_raw(k.prefix_len(), &k.data())?);
+            }
+        }
+        Ok(state)
     }
 
     fn apply(&mut self, op: &Op) -> Result<()> {
@@ -350,6 +558,59 @@ impl MapStore for BpfDatapath {
             ),
             Op::DeleteSlot { frontend, slot } => self.del(codec::svc_key(frontend, *slot)),
             Op::DeleteMaster { frontend } => self.del(codec::svc_key(frontend, 0)),
+            Op::UpsertMaglev {
+                rev_nat_id,
+                backends,
+            } => {
+                let size = self.maglev_size;
+                let ext = self.ext_mut()?;
+                let ids = crate::maglev::populate(backends, size);
+                if ids.is_empty() {
+                    bail!("{MAP_MAGLEV}: no backend for the table of rev-NAT {rev_nat_id}");
+                }
+                // 64 KiB: built on the heap, not the stack.
+                let mut buf = vec![0u32; svc_lb_common::MAGLEV_TABLE_MAX];
+                let n = ids.len().min(buf.len());
+                buf[..n].copy_from_slice(&ids[..n]);
+                let table: &MaglevTable = bytemuck::from_bytes(bytemuck::cast_slice(&buf));
+                ext.maglev
+                    .insert(rev_nat_id, table, 0)
+                    .with_context(|| format!("{MAP_MAGLEV}: insert table of rev-NAT {rev_nat_id}"))
+            }
+            Op::DeleteMaglev { rev_nat_id } => {
+                ignore_missing(self.ext_mut()?.maglev.remove(rev_nat_id))
+                    .with_context(|| format!("{MAP_MAGLEV}: delete table of rev-NAT {rev_nat_id}"))
+            }
+            Op::UpsertSrcRange { rev_nat_id, range } => {
+                let ext = self.ext_mut()?;
+                match range {
+                    ipnet::IpNet::V4(net) => {
+                        let (plen, k) = codec::src_range4_key(*rev_nat_id, net);
+                        ext.src4.insert(&LpmKey::new(plen, k), 1, 0)
+                    }
+                    ipnet::IpNet::V6(net) => {
+                        let (plen, k) = codec::src_range6_key(*rev_nat_id, net);
+                        ext.src6.insert(&LpmKey::new(plen, k), 1, 0)
+                    }
+                }
+                .with_context(|| format!("source ranges: insert {range} of rev-NAT {rev_nat_id}"))
+            }
+            Op::DeleteSrcRange { rev_nat_id, range } => {
+                let ext = self.ext_mut()?;
+                let r = match range {
+                    ipnet::IpNet::V4(net) => {
+                        let (plen, k) = codec::src_range4_key(*rev_nat_id, net);
+                        ext.src4.remove(&LpmKey::new(plen, k))
+                    }
+                    ipnet::IpNet::V6(net) => {
+                        let (plen, k) = codec::src_range6_key(*rev_nat_id, net);
+                        ext.src6.remove(&LpmKey::new(plen, k))
+                    }
+                };
+                ignore_missing(r).with_context(|| {
+                    format!("source ranges: delete {range} of rev-NAT {rev_nat_id}")
+                })
+            }
         }
     }
 
@@ -446,6 +707,124 @@ impl BpfDatapath {
     /// programs never see maps emptier than the old ones did.
     pub fn attach(&mut self, bpffs: &Path, cgroup: &Path) -> Result<()> {
         attach_all(&mut self.ebpf, bpffs, cgroup)
+    }
+
+    fn ext_mut(&mut self) -> Result<&mut ExtMaps> {
+        self.ext
+            .as_mut()
+            .map_err(|why| anyhow!("external path: {why}"))
+    }
+
+    /// Whether the object carries the external path's maps; `Err` says why not.
+    pub fn ext_available(&self) -> Result<()> {
+        self.ext
+            .as_ref()
+            .map(|_| ())
+            .map_err(|why| anyhow!("external path: {why}"))
+    }
+
+    /// Writes the external path's settings (`LB_CONFIG_V1[0]`): the SNAT address of
+    /// each family (`None`: flows that would need it are dropped) and the table size.
+    pub fn write_ext_config(
+        &mut self,
+        snat4: Option<std::net::Ipv4Addr>,
+        snat6: Option<std::net::Ipv6Addr>,
+    ) -> Result<()> {
+        let cfg = ExtConfig {
+            snat4_be: snat4.map_or(0, |a| u32::from_ne_bytes(a.octets())),
+            snat6_be: snat6.map_or([0; 4], |a| codec::addr_words(std::net::IpAddr::V6(a))),
+            maglev_size: self.maglev_size,
+            flags: 0,
+            _pad: 0,
+        };
+        self.ext_mut()?
+            .config
+            .set(0, cfg, 0)
+            .with_context(|| format!("{MAP_CONFIG}: write entry 0"))
+    }
+
+    /// Makes `LB_NODEADDR_V1` hold exactly `addrs` (the addresses node ports answer on).
+    pub fn set_node_addrs(&mut self, addrs: &[std::net::IpAddr]) -> Result<()> {
+        let ext = self.ext_mut()?;
+        let want: std::collections::BTreeSet<NodeAddrKey> =
+            addrs.iter().map(|a| codec::node_addr_key(*a)).collect();
+        for key in &want {
+            ext.node_addr
+                .insert(key, 0, 0)
+                .with_context(|| format!("{MAP_NODE_ADDR}: insert {key:?}"))?;
+        }
+        let have: Vec<NodeAddrKey> = ext
+            .node_addr
+            .keys()
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("read map {MAP_NODE_ADDR}"))?;
+        for key in have.iter().filter(|k| !want.contains(k)) {
+            ignore_missing(ext.node_addr.remove(key))
+                .with_context(|| format!("{MAP_NODE_ADDR}: delete {key:?}"))?;
+        }
+        Ok(())
+    }
+
+    /// Attaches (or swaps in) the tc programs on each device, and with `xdp` the XDP
+    /// program in native mode; call after the first sync, like [`Self::attach`]. Links
+    /// are pinned as `links/<program>@<device>`. A device whose driver refuses native
+    /// XDP gets one warning and stays tc-only.
+    pub fn attach_devices(&mut self, bpffs: &Path, devices: &[String], xdp: bool) -> Result<()> {
+        if devices.is_empty() {
+            return Ok(());
+        }
+        self.ext_available()?;
+        for name in [PROG_TC_INGRESS, PROG_TC_EGRESS] {
+            let prog: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the eBPF object (built without the external path?)"))?
+                .try_into()
+                .with_context(|| format!("program {name} is not a tc program"))?;
+            if prog.fd().is_err() {
+                prog.load()
+                    .with_context(|| format!("load program {name} (kernel verifier)"))?;
+            }
+            let attach_type = if name == PROG_TC_INGRESS {
+                TcAttachType::Ingress
+            } else {
+                TcAttachType::Egress
+            };
+            for dev in devices {
+                let pin = links_dir(bpffs).join(format!("{name}@{dev}"));
+                let ifindex = ifindex(dev)?;
+                if swap_into_pinned(
+                    prog.fd()
+                        .with_context(|| format!("fd of {name}"))?
+                        .as_fd()
+                        .as_raw_fd(),
+                    &pin,
+                    sys::BPF_LINK_TYPE_TCX,
+                    ifindex,
+                    name,
+                )? {
+                    continue;
+                }
+                let id = prog
+                    .attach_with_options(
+                        dev,
+                        attach_type,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
+                    .with_context(|| format!("attach {name} to device {dev} (TCX)"))?;
+                let link: FdLink = prog
+                    .take_link(id)
+                    .with_context(|| format!("take link of {name}"))?
+                    .try_into()
+                    .with_context(|| format!("link of {name} on {dev} is not a bpf link"))?;
+                pin_link(link, bpffs, &pin)?;
+                info!(program = name, device = %dev, "attached tc program");
+            }
+        }
+        if xdp {
+            attach_xdp(&mut self.ebpf, bpffs, devices)?;
+        }
+        Ok(())
     }
 
     /// Starts reading the programs' aya-log records (only useful with

@@ -5,7 +5,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Result, bail};
 use svc_lb_common::{
-    Backend, FAMILY_V4, FAMILY_V6, RevNat, SVC_FLAG_AFFINITY, Svc4Key, Svc6Key, SvcMeta, SvcValue,
+    BACKEND_FLAG_LOCAL, Backend, FAMILY_V4, FAMILY_V6, RevNat, SVC_FLAG_AFFINITY, Svc4Key, Svc6Key,
+    SvcMeta, SvcValue,
 };
 
 use crate::{
@@ -145,7 +146,7 @@ pub fn backend_raw(b: &BackendEntry) -> Backend {
         proto: b.addr.proto,
         family: family_of(b.addr.addr),
         state: b.state,
-        flags: 0,
+        flags: if b.local { BACKEND_FLAG_LOCAL } else { 0 },
         _pad: [0; 2],
     }
 }
@@ -158,6 +159,7 @@ pub fn backend_from_raw(b: &Backend) -> Result<BackendEntry> {
             proto: b.proto,
         },
         state: b.state,
+        local: b.flags & BACKEND_FLAG_LOCAL != 0,
     })
 }
 
@@ -335,8 +337,13 @@ mod tests {
                 proto: 6,
             },
             state: 1,
+            local: true,
         };
+        assert_eq!(backend_raw(&b).flags, BACKEND_FLAG_LOCAL);
         assert_eq!(backend_from_raw(&backend_raw(&b)).unwrap(), b);
+        let remote = BackendEntry { local: false, ..b };
+        assert_eq!(backend_raw(&remote).flags, 0);
+        assert_eq!(backend_from_raw(&backend_raw(&remote)).unwrap(), remote);
         assert_eq!(revnat_from_raw(&revnat_raw(&fe)).unwrap(), fe);
     }
 
@@ -367,6 +374,91 @@ mod tests {
         assert_eq!(
             decode_state(holed, [], []).unwrap().frontends[&fe].backend_ids,
             vec![0, 12]
+        );
+    }
+}
+
+/// The LPM key of a source range of `rev_nat_id` (prefix length `32 + prefix`).
+pub fn src_range4_key(rev_nat_id: u32, net: &ipnet::Ipv4Net) -> (u32, svc_lb_common::SrcRange4Key) {
+    (
+        32 + u32::from(net.prefix_len()),
+        svc_lb_common::SrcRange4Key {
+            rev_nat_id_be: rev_nat_id.to_be(),
+            addr_be: u32::from_ne_bytes(net.network().octets()),
+        },
+    )
+}
+
+pub fn src_range6_key(rev_nat_id: u32, net: &ipnet::Ipv6Net) -> (u32, svc_lb_common::SrcRange6Key) {
+    (
+        32 + u32::from(net.prefix_len()),
+        svc_lb_common::SrcRange6Key {
+            rev_nat_id_be: rev_nat_id.to_be(),
+            addr_be: addr_words(IpAddr::V6(net.network())),
+        },
+    )
+}
+
+/// The (rev-NAT id, prefix) a raw IPv4 source-range key stands for.
+pub fn src_range4_from_raw(
+    prefix_len: u32,
+    k: &svc_lb_common::SrcRange4Key,
+) -> Result<(u32, ipnet::IpNet)> {
+    let net = ipnet::Ipv4Net::new(
+        v4_from_word(k.addr_be),
+        prefix_len.saturating_sub(32).try_into()?,
+    )?;
+    Ok((u32::from_be(k.rev_nat_id_be), ipnet::IpNet::V4(net)))
+}
+
+pub fn src_range6_from_raw(
+    prefix_len: u32,
+    k: &svc_lb_common::SrcRange6Key,
+) -> Result<(u32, ipnet::IpNet)> {
+    let net = ipnet::Ipv6Net::new(
+        v6_from_words(k.addr_be),
+        prefix_len.saturating_sub(32).try_into()?,
+    )?;
+    Ok((u32::from_be(k.rev_nat_id_be), ipnet::IpNet::V6(net)))
+}
+
+/// The `LB_NODEADDR_V1` key of a node address.
+pub fn node_addr_key(addr: IpAddr) -> svc_lb_common::NodeAddrKey {
+    svc_lb_common::NodeAddrKey {
+        addr_be: addr_words(addr),
+        family: family_of(addr),
+        _pad: [0; 3],
+    }
+}
+
+#[cfg(test)]
+mod ext_tests {
+    use super::*;
+
+    #[test]
+    fn source_range_keys_round_trip_in_lpm_layout() {
+        let v4: ipnet::Ipv4Net = "192.0.2.0/24".parse().unwrap();
+        let (plen, k) = src_range4_key(7, &v4);
+        assert_eq!(plen, 56);
+        // The id leads in network order, so the trie matches it first, in full.
+        assert_eq!(bytemuck::bytes_of(&k)[..4], [0, 0, 0, 7]);
+        assert_eq!(bytemuck::bytes_of(&k)[4..], [192, 0, 2, 0]);
+        assert_eq!(
+            src_range4_from_raw(plen, &k).unwrap(),
+            (7, ipnet::IpNet::V4(v4))
+        );
+        let v6: ipnet::Ipv6Net = "2001:db8::/32".parse().unwrap();
+        let (plen, k) = src_range6_key(9, &v6);
+        assert_eq!(plen, 64);
+        assert_eq!(bytemuck::bytes_of(&k)[4..8], [0x20, 0x01, 0x0d, 0xb8]);
+        assert_eq!(
+            src_range6_from_raw(plen, &k).unwrap(),
+            (9, ipnet::IpNet::V6(v6))
+        );
+        let n = node_addr_key("10.1.2.3".parse().unwrap());
+        assert_eq!(
+            (n.addr_be[0].to_ne_bytes(), n.family),
+            ([10, 1, 2, 3], FAMILY_V4)
         );
     }
 }

@@ -9,12 +9,16 @@
 //! - after every single operation it checks the datapath invariants, and an operation
 //!   that would break one fails with [`FakeError::Invariant`] and is rolled back, so
 //!   the maps always hold a state the eBPF programs could safely read.
-use std::{collections::BTreeMap, fmt};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+};
 
 use anyhow::Result;
+use ipnet::IpNet;
 use svc_lb_common::{
-    Backend, MAP_BACKENDS, MAP_REVNAT, MAP_SVC4, MAP_SVC6, MAX_BACKENDS_PER_FRONTEND, RevNat,
-    SvcValue,
+    Backend, MAP_BACKENDS, MAP_MAGLEV, MAP_REVNAT, MAP_SRC_RANGE4, MAP_SVC4, MAP_SVC6,
+    MAX_BACKENDS_PER_FRONTEND, RevNat, SCOPE_EXTERNAL, SVC_FLAG_SRC_RANGES, SvcValue,
 };
 
 use super::{
@@ -55,7 +59,13 @@ enum Undo {
     Svc(SvcKey, Option<SvcValue>),
     Backend(u32, Option<Backend>),
     RevNat(u32, Option<RevNat>),
+    Maglev(u32, Option<Vec<u32>>),
+    SrcRange((u32, IpNet), bool),
 }
+
+/// Table size of the fake's Maglev tables: the smallest `--maglev-table-size`, which
+/// keeps property tests fast.
+pub const FAKE_MAGLEV_SIZE: u32 = 251;
 
 /// The service, backend and reverse-NAT maps, in memory.
 #[derive(Clone, Debug)]
@@ -63,6 +73,10 @@ pub struct FakeMaps {
     svc: BTreeMap<SvcKey, SvcValue>,
     backends: BTreeMap<u32, Backend>,
     rev_nats: BTreeMap<u32, RevNat>,
+    /// Maglev tables (all `maglev_size` entries) by reverse-NAT id.
+    maglev: BTreeMap<u32, Vec<u32>>,
+    src_ranges: BTreeSet<(u32, IpNet)>,
+    maglev_size: u32,
     cap: Capacity,
     /// Successful applies still allowed before the injected failure.
     fail_in: Option<usize>,
@@ -75,6 +89,9 @@ impl FakeMaps {
             svc: BTreeMap::new(),
             backends: BTreeMap::new(),
             rev_nats: BTreeMap::new(),
+            maglev: BTreeMap::new(),
+            src_ranges: BTreeSet::new(),
+            maglev_size: FAKE_MAGLEV_SIZE,
             cap,
             fail_in: None,
             applied: 0,
@@ -129,6 +146,67 @@ impl FakeMaps {
         &self.rev_nats
     }
 
+    pub fn maglev(&self) -> &BTreeMap<u32, Vec<u32>> {
+        &self.maglev
+    }
+
+    pub fn src_ranges(&self) -> &BTreeSet<(u32, IpNet)> {
+        &self.src_ranges
+    }
+
+    /// What must hold once a whole plan is applied (in between, a frontend's table may
+    /// still name backends its slots just dropped): every external master's table holds
+    /// exactly the backends of its slots; masters without backends, socket-path masters
+    /// and reverse-NAT ids no master names have no table; source ranges exist exactly
+    /// for masters with `SVC_FLAG_SRC_RANGES`.
+    pub fn check_settled(&self) -> Result<(), FakeError> {
+        let bad = |what: String| Err(FakeError::Invariant(what));
+        let mut tables_wanted = BTreeSet::new();
+        let mut ranges_wanted = BTreeSet::new();
+        for (key, value) in &self.svc {
+            let (fe, slot) = codec::frontend_of(key);
+            if slot != 0 {
+                continue;
+            }
+            if fe.scope == SCOPE_EXTERNAL && value.count > 0 {
+                tables_wanted.insert(value.rev_nat_id);
+                let slots: BTreeSet<u32> = (1..=value.count)
+                    .filter_map(|s| u16::try_from(s).ok())
+                    .filter_map(|s| self.svc.get(&codec::svc_key(&fe, s)))
+                    .map(|v| v.backend_id)
+                    .collect();
+                let table: BTreeSet<u32> = self
+                    .maglev
+                    .get(&value.rev_nat_id)
+                    .into_iter()
+                    .flatten()
+                    .copied()
+                    .collect();
+                if slots != table {
+                    return bad(format!(
+                        "Maglev table of {fe:?} holds {table:?}, its slots {slots:?}"
+                    ));
+                }
+            }
+            if value.flags & SVC_FLAG_SRC_RANGES != 0 {
+                ranges_wanted.insert(value.rev_nat_id);
+            }
+        }
+        let tables: BTreeSet<u32> = self.maglev.keys().copied().collect();
+        if tables != tables_wanted {
+            return bad(format!(
+                "Maglev tables {tables:?}, wanted for {tables_wanted:?}"
+            ));
+        }
+        let ranges: BTreeSet<u32> = self.src_ranges.iter().map(|(id, _)| *id).collect();
+        if ranges != ranges_wanted {
+            return bad(format!(
+                "source ranges for {ranges:?}, wanted for {ranges_wanted:?}"
+            ));
+        }
+        Ok(())
+    }
+
     /// The datapath invariants: every master's slots `1..=count` exist; every slot (at
     /// or above the count, with or without a master) names a live backend; every
     /// master's reverse-NAT id resolves; id 0 is used nowhere.
@@ -162,6 +240,31 @@ impl FakeMaps {
                         value.count
                     ));
                 }
+            }
+            // The tc/XDP programs pick an external frontend's backend from its table.
+            if fe.scope == SCOPE_EXTERNAL && value.count > 0 {
+                let Some(table) = self.maglev.get(&value.rev_nat_id) else {
+                    return bad(format!(
+                        "external master of {fe:?} has count {} but no Maglev table",
+                        value.count
+                    ));
+                };
+                if let Some(id) = table
+                    .iter()
+                    .find(|id| **id == 0 || !self.backends.contains_key(id))
+                {
+                    return bad(format!("Maglev table of {fe:?} names missing backend {id}"));
+                }
+            }
+            if value.flags & SVC_FLAG_SRC_RANGES != 0
+                && !self
+                    .src_ranges
+                    .iter()
+                    .any(|(id, _)| *id == value.rev_nat_id)
+            {
+                return bad(format!(
+                    "master of {fe:?} has SVC_FLAG_SRC_RANGES but no source range"
+                ));
             }
         }
         if self.backends.contains_key(&0) {
@@ -268,6 +371,43 @@ impl FakeMaps {
             ),
             Op::DeleteSlot { frontend, slot } => self.del_svc(codec::svc_key(frontend, *slot)),
             Op::DeleteMaster { frontend } => self.del_svc(codec::svc_key(frontend, 0)),
+            Op::UpsertMaglev {
+                rev_nat_id,
+                backends,
+            } => {
+                let table = crate::maglev::populate(backends, self.maglev_size);
+                if table.is_empty() {
+                    return Err(FakeError::Invariant(format!(
+                        "empty Maglev table for reverse NAT {rev_nat_id}"
+                    )));
+                }
+                Ok(Undo::Maglev(
+                    *rev_nat_id,
+                    self.maglev.insert(*rev_nat_id, table),
+                ))
+            }
+            Op::DeleteMaglev { rev_nat_id } => match self.maglev.remove(rev_nat_id) {
+                Some(old) => Ok(Undo::Maglev(*rev_nat_id, Some(old))),
+                None => Err(FakeError::NotFound {
+                    map: MAP_MAGLEV,
+                    key: rev_nat_id.to_string(),
+                }),
+            },
+            Op::UpsertSrcRange { rev_nat_id, range } => {
+                let key = (*rev_nat_id, *range);
+                Ok(Undo::SrcRange(key, !self.src_ranges.insert(key)))
+            }
+            Op::DeleteSrcRange { rev_nat_id, range } => {
+                let key = (*rev_nat_id, *range);
+                if self.src_ranges.remove(&key) {
+                    Ok(Undo::SrcRange(key, true))
+                } else {
+                    Err(FakeError::NotFound {
+                        map: MAP_SRC_RANGE4,
+                        key: format!("{rev_nat_id} {range}"),
+                    })
+                }
+            }
         }
     }
 
@@ -282,17 +422,37 @@ impl FakeMaps {
             Undo::Svc(k, old) => restore(&mut self.svc, k, old),
             Undo::Backend(k, old) => restore(&mut self.backends, k, old),
             Undo::RevNat(k, old) => restore(&mut self.rev_nats, k, old),
+            Undo::Maglev(k, old) => restore(&mut self.maglev, k, old),
+            Undo::SrcRange(k, present) => {
+                if present {
+                    self.src_ranges.insert(k);
+                } else {
+                    self.src_ranges.remove(&k);
+                }
+            }
         }
     }
 }
 
 impl MapStore for FakeMaps {
     fn read_current(&self) -> Result<CurrentState> {
-        codec::decode_state(
+        let mut state = codec::decode_state(
             self.svc.iter().map(|(k, v)| (*k, *v)),
             self.backends.iter().map(|(k, v)| (*k, *v)),
             self.rev_nats.iter().map(|(k, v)| (*k, *v)),
-        )
+        )?;
+        // Unlike the real datapath (which rewrites every table after a restart), the
+        // fake decodes its tables, so a read-back equals the planner's mirror.
+        state.maglev = self
+            .maglev
+            .iter()
+            .map(|(id, table)| {
+                let ids: BTreeSet<u32> = table.iter().copied().collect();
+                (*id, ids.into_iter().collect())
+            })
+            .collect();
+        state.src_ranges = self.src_ranges.clone();
+        Ok(state)
     }
 
     fn apply(&mut self, op: &Op) -> Result<()> {
@@ -347,6 +507,7 @@ mod tests {
                     proto: PROTO_TCP,
                 },
                 state: BACKEND_ACTIVE,
+                local: false,
             },
         }
     }
@@ -510,6 +671,7 @@ mod tests {
                             proto: PROTO_TCP,
                         },
                         state: 0,
+                        local: false,
                     },
                 },
             ),

@@ -11,6 +11,7 @@ pub mod affinity;
 pub mod apply;
 pub mod bpf;
 pub mod codec;
+pub mod devices;
 pub mod fake;
 pub mod sys;
 

@@ -19,6 +19,10 @@ const BPF_LINK_DETACH: libc::c_long = 34;
 
 /// `bpf_link_type` of a cgroup link.
 pub const BPF_LINK_TYPE_CGROUP: u32 = 3;
+/// `bpf_link_type` of an XDP link and of a TCX link. For both, the link info's union
+/// starts with the interface index (read as the low half of [`LinkInfo::cgroup_id`]).
+pub const BPF_LINK_TYPE_XDP: u32 = 6;
+pub const BPF_LINK_TYPE_TCX: u32 = 11;
 
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: attr is a properly sized, zero-padded bpf_attr prefix for `cmd`.

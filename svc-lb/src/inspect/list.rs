@@ -5,7 +5,10 @@
 //! are a stable, documented format (see the README), extended only by adding fields.
 use anyhow::{Result, bail};
 use serde::Serialize;
-use svc_lb_common::{KIND_CLUSTER_IP, SVC_FLAG_AFFINITY};
+use svc_lb_common::{
+    KIND_CLUSTER_IP, SCOPE_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXT_LOCAL,
+    SVC_FLAG_SRC_RANGES,
+};
 
 use super::{names, view::DatapathView};
 use crate::model::ServiceRef;
@@ -13,10 +16,20 @@ use crate::model::ServiceRef;
 /// One frontend: what a client dials.
 #[derive(Serialize, Debug, Clone, PartialEq, Eq)]
 pub struct ListEntry {
+    /// For an external NodePort frontend, the unspecified address ("0.0.0.0" or "::"):
+    /// it matches every node address that serves NodePorts.
     pub address: String,
     pub port: u16,
     /// "TCP", "UDP" or "SCTP".
     pub protocol: &'static str,
+    /// Which clients the entry serves: "socket" (programs on this node, by the socket
+    /// hooks) or "external" (packets arriving on the node's devices, by tc/XDP).
+    pub scope: &'static str,
+    /// The datapath's flags of the entry: "affinity", "source_ranges" (only sources in
+    /// loadBalancerSourceRanges), "external_local" (externalTrafficPolicy Local: local
+    /// endpoints only, client address preserved), "drop_empty" (no local endpoint
+    /// while other nodes have some: packets are dropped rather than rejected).
+    pub datapath_flags: Vec<&'static str>,
     /// "ClusterIP", "NodePort", "LoadBalancer", "ExternalIP", or "Unknown" before the
     /// agent wrote the Service metadata.
     pub kind: &'static str,
@@ -68,6 +81,37 @@ impl ListEntry {
     fn socket(&self) -> String {
         socket_str(&self.address, self.port)
     }
+
+    fn external(&self) -> bool {
+        self.scope == SCOPE_NAMES.1
+    }
+
+    /// What happens to a new connection when there is no backend.
+    fn no_backends_note(&self) -> &'static str {
+        if !self.external() {
+            "(no backends: connections are refused)"
+        } else if self.datapath_flags.contains(&"drop_empty") {
+            "(no local endpoints: packets are dropped)"
+        } else {
+            "(no backends: rejected with ICMP port unreachable)"
+        }
+    }
+}
+
+/// `scope` values: (socket, external).
+const SCOPE_NAMES: (&str, &str) = ("socket", "external");
+
+fn datapath_flags(flags: u16) -> Vec<&'static str> {
+    [
+        (SVC_FLAG_AFFINITY, "affinity"),
+        (SVC_FLAG_SRC_RANGES, "source_ranges"),
+        (SVC_FLAG_EXT_LOCAL, "external_local"),
+        (SVC_FLAG_DROP_EMPTY, "drop_empty"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| flags & bit != 0)
+    .map(|(_, name)| name)
+    .collect()
 }
 
 fn socket_str(addr: &str, port: u16) -> String {
@@ -109,10 +153,17 @@ pub fn entries(view: &DatapathView, service: Option<&ServiceRef>) -> Vec<ListEnt
         }
         let meta_flags = meta.map_or(0, |m| m.flags);
         let affinity = cur.flags & SVC_FLAG_AFFINITY != 0;
+        let external = fe.scope == SCOPE_EXTERNAL;
         out.push(ListEntry {
             address: fe.addr.to_string(),
             port: fe.port,
             protocol: names::proto(fe.proto),
+            scope: if external {
+                SCOPE_NAMES.1
+            } else {
+                SCOPE_NAMES.0
+            },
+            datapath_flags: datapath_flags(cur.flags),
             kind: names::kind(meta.map_or(0, |m| m.kind)),
             namespace: meta.map(|m| m.service.namespace.clone()),
             service: meta.map(|m| m.service.name.clone()),
@@ -121,7 +172,13 @@ pub fn entries(view: &DatapathView, service: Option<&ServiceRef>) -> Vec<ListEnt
             session_affinity: if affinity { "ClientIP" } else { "None" },
             affinity_timeout_seconds: affinity.then_some(cur.affinity_timeout_s),
             internal_traffic_policy: names::internal_policy(meta_flags),
-            external_traffic_policy: names::external_policy(meta_flags),
+            // The datapath flag is the truth for an external entry, even before the
+            // metadata is written.
+            external_traffic_policy: if external && cur.flags & SVC_FLAG_EXT_LOCAL != 0 {
+                "Local"
+            } else {
+                names::external_policy(meta_flags)
+            },
             new_connections: view
                 .frontend_conns
                 .get(&cur.rev_nat_id)
@@ -174,6 +231,12 @@ fn flags(e: &ListEntry) -> String {
     if e.external_traffic_policy == "Local" && !cluster_ip {
         f.push("externalTrafficPolicy=Local".to_owned());
     }
+    if e.datapath_flags.contains(&"source_ranges") {
+        f.push("loadBalancerSourceRanges".to_owned());
+    }
+    if e.datapath_flags.contains(&"drop_empty") {
+        f.push("dropNoLocalEndpoint".to_owned());
+    }
     if f.is_empty() {
         "-".to_owned()
     } else {
@@ -181,16 +244,15 @@ fn flags(e: &ListEntry) -> String {
     }
 }
 
-const NO_BACKENDS: &str = "(no backends: connections are refused)";
-
 /// `ipvsadm -Ln`-style text. Column widths follow the content, so the output is the
 /// same for the same maps (the golden tests rely on it).
 pub fn render_text(entries: &[ListEntry]) -> String {
-    // Rows: [prot/arrow, address, kind/state, service, flags, new conns].
-    let mut rows: Vec<[String; 6]> = vec![
+    // Rows: [prot/arrow, address, scope, kind/state, service, flags, new conns].
+    let mut rows: Vec<[String; 7]> = vec![
         [
             "Prot".into(),
             "LocalAddress:Port".into(),
+            "Scope".into(),
             "Kind".into(),
             "Service".into(),
             "Flags".into(),
@@ -199,6 +261,7 @@ pub fn render_text(entries: &[ListEntry]) -> String {
         [
             "  ->".into(),
             "RemoteAddress:Port".into(),
+            String::new(),
             "State".into(),
             String::new(),
             String::new(),
@@ -222,6 +285,7 @@ pub fn render_text(entries: &[ListEntry]) -> String {
         rows.push([
             e.protocol.into(),
             e.socket(),
+            e.scope.into(),
             e.kind.into(),
             service,
             flags(e),
@@ -230,7 +294,8 @@ pub fn render_text(entries: &[ListEntry]) -> String {
         if e.backends.is_empty() {
             rows.push([
                 "  ->".into(),
-                NO_BACKENDS.into(),
+                e.no_backends_note().into(),
+                String::new(),
                 String::new(),
                 String::new(),
                 String::new(),
@@ -247,6 +312,7 @@ pub fn render_text(entries: &[ListEntry]) -> String {
             rows.push([
                 "  ->".into(),
                 addr,
+                String::new(),
                 b.state.into(),
                 String::new(),
                 String::new(),
@@ -259,26 +325,38 @@ pub fn render_text(entries: &[ListEntry]) -> String {
             ]);
         }
     }
-    let mut width = [0usize; 6];
-    for r in rows.iter().filter(|r| r[1] != NO_BACKENDS) {
+    let mut width = [0usize; 7];
+    // Notes (no backends) start with "(" and may overflow their column.
+    for r in rows
+        .iter()
+        .filter(|r| !(r[0] == "  ->" && r[1].starts_with("(no ")))
+    {
         for (w, c) in width.iter_mut().zip(r) {
             *w = (*w).max(c.chars().count());
         }
     }
-    // The no-backends note may be wider than every address: let it overflow rather
-    // than widen the whole column.
+    // A no-backends note may be wider than every address: let it overflow rather than
+    // widen the whole column.
     let mut out = String::new();
     for r in &rows {
         let mut line = String::new();
         for (i, (c, w)) in r.iter().zip(width).enumerate() {
             match i {
                 0 => line.push_str(&format!("{c:<4} ")),
-                5 => line.push_str(&format!("{c:>w$}")),
+                6 => line.push_str(&format!("{c:>w$}")),
                 _ => line.push_str(&format!("{c:<w$}  ")),
             }
         }
         out.push_str(line.trim_end());
         out.push('\n');
+    }
+    if entries
+        .iter()
+        .any(|e| e.external() && (e.address == "0.0.0.0" || e.address == "::"))
+    {
+        out.push_str(
+            "0.0.0.0/[::] external NodePort frontends: every node address that serves NodePorts\n",
+        );
     }
     if any_shared {
         out.push_str(

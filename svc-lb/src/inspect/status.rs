@@ -134,6 +134,33 @@ fn prog_type_name(t: impl std::fmt::Debug) -> String {
         .to_lowercase()
 }
 
+const BPF_LINK_TYPE_XDP: u32 = 6;
+const BPF_LINK_TYPE_TCX: u32 = 11;
+
+/// The device of an XDP or TCX link, and the TCX attach type. `sys::LinkInfo` names
+/// the union of `bpf_link_info` after its cgroup member; for these links the union
+/// starts with `ifindex` (then, for TCX, `attach_type`), so its first 8 bytes are read
+/// as two u32 in memory order.
+fn device_link(li: &sys::LinkInfo) -> (u32, u32) {
+    let b = li.cgroup_id.to_ne_bytes();
+    (
+        u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+    )
+}
+
+/// "device eth0", or the index when the device is gone (or in another namespace).
+fn device_label(ifindex: u32) -> String {
+    let mut buf = [0u8; libc::IF_NAMESIZE];
+    // SAFETY: buf holds IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr().cast()) };
+    if p.is_null() {
+        return format!("device ifindex {ifindex}");
+    }
+    let end = buf.iter().position(|c| *c == 0).unwrap_or(buf.len());
+    format!("device {}", String::from_utf8_lossy(&buf[..end]))
+}
+
 /// The directory under the cgroup2 root whose inode is `id` (cgroup v2 ids are inode
 /// numbers). A breadth-first walk, bounded so that a huge hierarchy cannot stall
 /// `status`.
@@ -170,7 +197,8 @@ pub fn programs(bpffs: &Path) -> Result<Vec<ProgramStatus>> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .collect::<Vec<_>>();
     // In the order the programs are declared (connect, sendmsg, recvmsg, getpeername),
-    // then anything else by name.
+    // then anything else by name (the external path's `svclb_tc_in@eth0`,
+    // `svclb_tc_out@eth0`, `svclb_xdp@eth0`, grouped by program).
     let rank = |p: &PathBuf| {
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         let i = svc_lb_common::SOCK_PROGRAMS
@@ -198,6 +226,14 @@ pub fn programs(bpffs: &Path) -> Result<Vec<ProgramStatus>> {
                 })
                 .clone();
             (attach_type_name(li.attach_type), cg)
+        } else if matches!(li.link_type, BPF_LINK_TYPE_XDP | BPF_LINK_TYPE_TCX) {
+            let (ifindex, tcx_attach) = device_link(&li);
+            let hook = if li.link_type == BPF_LINK_TYPE_TCX {
+                attach_type_name(tcx_attach)
+            } else {
+                "xdp".to_owned()
+            };
+            (hook, device_label(ifindex))
         } else {
             (
                 link_type_name(li.link_type).to_owned(),
@@ -574,4 +610,28 @@ pub fn render_text(st: &Status, now_ms: u64) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_links_name_their_device() {
+        // The loopback device always exists and has index 1.
+        assert_eq!(device_label(1), "device lo");
+        assert_eq!(
+            device_label(u32::MAX),
+            format!("device ifindex {}", u32::MAX)
+        );
+        // TCX: ifindex then attach_type in the union.
+        let mut raw = [0u8; 8];
+        raw[..4].copy_from_slice(&7u32.to_ne_bytes());
+        raw[4..].copy_from_slice(&47u32.to_ne_bytes());
+        let mut li = sys::LinkInfo::default();
+        li.link_type = BPF_LINK_TYPE_TCX;
+        li.cgroup_id = u64::from_ne_bytes(raw);
+        assert_eq!(device_link(&li), (7, 47));
+        assert_eq!(attach_type_name(device_link(&li).1), "tcx_egress");
+    }
 }

@@ -8,9 +8,11 @@ use std::{collections::HashMap, net::IpAddr, path::PathBuf};
 
 use clap::Parser;
 use svc_lb_common::{
-    AffinityKey, AffinityValue, BACKEND_ACTIVE, BACKEND_TERMINATING, COUNTERS_MAX,
-    CTR_SOCK_NO_BACKEND, CTR_SOCK_RNAT_HIT, CTR_SOCK_XLATED, KIND_CLUSTER_IP, KIND_NODE_PORT,
-    META_EXTERNAL_LOCAL, PROTO_TCP, PROTO_UDP, SCOPE_ALL, SVC_FLAG_AFFINITY,
+    AffinityKey, AffinityValue, BACKEND_ACTIVE, BACKEND_TERMINATING, COUNTER_NAMES, COUNTERS_MAX,
+    CTR_EXT_DROP_NO_LOCAL, CTR_EXT_FORWARDED, CTR_SOCK_NO_BACKEND, CTR_SOCK_RNAT_HIT,
+    CTR_SOCK_XLATED, KIND_CLUSTER_IP, KIND_LOAD_BALANCER, KIND_NODE_PORT, META_EXTERNAL_LOCAL,
+    PROTO_TCP, PROTO_UDP, SCOPE_ALL, SCOPE_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY,
+    SVC_FLAG_EXT_LOCAL, SVC_FLAG_SRC_RANGES,
 };
 
 use super::{
@@ -41,6 +43,9 @@ struct Fe {
     affinity_s: Option<u32>,
     backends: &'static [u32],
     conns: u64,
+    scope: u8,
+    /// `SVC_FLAG_*` besides affinity (which `affinity_s` sets).
+    svc_flags: u16,
 }
 
 /// Backends: id → (address, port, proto, state, new connections).
@@ -67,6 +72,8 @@ fn frontends() -> Vec<Fe> {
             affinity_s: None,
             backends: &[1, 2, 3],
             conns: 10,
+            scope: SCOPE_ALL,
+            svc_flags: 0,
         },
         Fe {
             addr: "192.168.1.20",
@@ -79,6 +86,8 @@ fn frontends() -> Vec<Fe> {
             affinity_s: None,
             backends: &[1, 2],
             conns: 2,
+            scope: SCOPE_ALL,
+            svc_flags: 0,
         },
         Fe {
             addr: "10.96.0.20",
@@ -91,6 +100,8 @@ fn frontends() -> Vec<Fe> {
             affinity_s: Some(10800),
             backends: &[4, 5],
             conns: 2,
+            scope: SCOPE_ALL,
+            svc_flags: 0,
         },
         Fe {
             addr: "10.96.0.53",
@@ -103,6 +114,8 @@ fn frontends() -> Vec<Fe> {
             affinity_s: None,
             backends: &[6],
             conns: 40,
+            scope: SCOPE_ALL,
+            svc_flags: 0,
         },
         Fe {
             addr: "10.96.0.30",
@@ -115,6 +128,8 @@ fn frontends() -> Vec<Fe> {
             affinity_s: None,
             backends: &[],
             conns: 0,
+            scope: SCOPE_ALL,
+            svc_flags: 0,
         },
         Fe {
             addr: "fd00:96::10",
@@ -127,6 +142,53 @@ fn frontends() -> Vec<Fe> {
             affinity_s: None,
             backends: &[7],
             conns: 1,
+            scope: SCOPE_ALL,
+            svc_flags: 0,
+        },
+        // External path: the NodePort once per port with the unspecified address
+        // (externalTrafficPolicy Local: only the local backend), a LoadBalancer IP with
+        // source ranges, and an IPv6 NodePort with no local endpoint (dropped).
+        Fe {
+            addr: "0.0.0.0",
+            port: 30080,
+            proto: PROTO_TCP,
+            rev_nat_id: 7,
+            service: ("shop", "web", "http"),
+            kind: KIND_NODE_PORT,
+            meta_flags: META_EXTERNAL_LOCAL,
+            affinity_s: None,
+            backends: &[1],
+            conns: 0,
+            scope: SCOPE_EXTERNAL,
+            svc_flags: SVC_FLAG_EXT_LOCAL,
+        },
+        Fe {
+            addr: "192.0.2.10",
+            port: 80,
+            proto: PROTO_TCP,
+            rev_nat_id: 8,
+            service: ("shop", "web", "http"),
+            kind: KIND_LOAD_BALANCER,
+            meta_flags: 0,
+            affinity_s: None,
+            backends: &[1, 2],
+            conns: 0,
+            scope: SCOPE_EXTERNAL,
+            svc_flags: SVC_FLAG_SRC_RANGES,
+        },
+        Fe {
+            addr: "::",
+            port: 30053,
+            proto: PROTO_UDP,
+            rev_nat_id: 9,
+            service: ("kube-system", "dns", "dns"),
+            kind: KIND_NODE_PORT,
+            meta_flags: META_EXTERNAL_LOCAL,
+            affinity_s: None,
+            backends: &[],
+            conns: 0,
+            scope: SCOPE_EXTERNAL,
+            svc_flags: SVC_FLAG_EXT_LOCAL | SVC_FLAG_DROP_EMPTY,
         },
     ]
 }
@@ -136,7 +198,7 @@ fn key(f: &Fe) -> FrontendKey {
         addr: ip(f.addr),
         port: f.port,
         proto: f.proto,
-        scope: SCOPE_ALL,
+        scope: f.scope,
     }
 }
 
@@ -176,11 +238,12 @@ fn fixture() -> (FakeMaps, DatapathView) {
             frontend: fe,
             count: f.backends.len() as u32,
             rev_nat_id: f.rev_nat_id,
-            flags: if f.affinity_s.is_some() {
-                SVC_FLAG_AFFINITY
-            } else {
-                0
-            },
+            flags: f.svc_flags
+                | if f.affinity_s.is_some() {
+                    SVC_FLAG_AFFINITY
+                } else {
+                    0
+                },
             affinity_timeout_s: f.affinity_s.unwrap_or(0),
         });
         meta.insert(
@@ -290,21 +353,61 @@ fn list_yaml_golden() {
 fn list_filters_by_service() {
     let (_, view) = fixture();
     let web = list::parse_service("shop/web").expect("parse");
-    let got: Vec<(String, u16)> = list::entries(&view, Some(&web))
+    let got: Vec<(String, u16, &str)> = list::entries(&view, Some(&web))
         .into_iter()
-        .map(|e| (e.address, e.port))
+        .map(|e| (e.address, e.port, e.scope))
         .collect();
     assert_eq!(
         got,
         vec![
-            ("10.96.0.10".to_owned(), 80),
-            ("192.168.1.20".to_owned(), 30080)
+            ("0.0.0.0".to_owned(), 30080, "external"),
+            ("10.96.0.10".to_owned(), 80, "socket"),
+            ("192.0.2.10".to_owned(), 80, "external"),
+            ("192.168.1.20".to_owned(), 30080, "socket"),
         ]
     );
     let none = list::parse_service("shop/nope").expect("parse");
     assert!(list::entries(&view, Some(&none)).is_empty());
     for bad in ["web", "/web", "shop/", "a/b/c"] {
         assert!(list::parse_service(bad).is_err(), "{bad} accepted");
+    }
+}
+
+#[test]
+fn list_shows_external_frontends_with_their_flags() {
+    let (_, view) = fixture();
+    let all = list::entries(&view, None);
+    let find = |addr: &str, port: u16| {
+        all.iter()
+            .find(|e| e.address == addr && e.port == port)
+            .unwrap_or_else(|| panic!("{addr}:{port} not listed"))
+    };
+    let np = find("0.0.0.0", 30080);
+    assert_eq!(
+        (np.scope, np.kind, np.external_traffic_policy),
+        ("external", "NodePort", "Local")
+    );
+    assert_eq!(np.datapath_flags, vec!["external_local"]);
+    let lb = find("192.0.2.10", 80);
+    assert_eq!((lb.scope, lb.kind), ("external", "LoadBalancer"));
+    assert_eq!(lb.datapath_flags, vec!["source_ranges"]);
+    let dns = find("::", 30053);
+    assert_eq!(dns.datapath_flags, vec!["external_local", "drop_empty"]);
+    assert!(dns.backends.is_empty());
+    let cart = find("10.96.0.20", 443);
+    assert_eq!(
+        (cart.scope, cart.datapath_flags.clone()),
+        ("socket", vec!["affinity"])
+    );
+    let text = list::render_text(&all);
+    for want in [
+        "0.0.0.0:30080",
+        "[::]:30053",
+        "(no local endpoints: packets are dropped)",
+        "(no backends: connections are refused)",
+        "loadBalancerSourceRanges",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
 }
 
@@ -329,6 +432,7 @@ fn list_json_field_names_are_stable() {
             "address",
             "affinity_timeout_seconds",
             "backends",
+            "datapath_flags",
             "external_traffic_policy",
             "internal_traffic_policy",
             "kind",
@@ -338,6 +442,7 @@ fn list_json_field_names_are_stable() {
             "port_name",
             "protocol",
             "rev_nat_id",
+            "scope",
             "service",
             "session_affinity"
         ]
@@ -571,6 +676,8 @@ fn scrape() -> String {
     counters[CTR_SOCK_XLATED as usize] = 55;
     counters[CTR_SOCK_NO_BACKEND as usize] = 3;
     counters[CTR_SOCK_RNAT_HIT as usize] = 40;
+    counters[CTR_EXT_FORWARDED as usize] = 9;
+    counters[CTR_EXT_DROP_NO_LOCAL as usize] = 4;
     let data = ScrapeData {
         view: Some(view),
         counters,
@@ -607,16 +714,25 @@ fn metrics_exposition() {
     for line in [
         r#"svclb_service_new_connections_total{namespace="shop",service="web"} 12"#,
         r#"svclb_service_new_connections_total{namespace="kube-system",service="dns"} 40"#,
-        r#"svclb_frontend_new_connections_total{namespace="shop",service="web",port_name="http",kind="NodePort",frontend="192.168.1.20:30080/TCP"} 2"#,
-        r#"svclb_frontend_new_connections_total{namespace="shop",service="web6",port_name="http",kind="ClusterIP",frontend="[fd00:96::10]:80/TCP"} 1"#,
+        r#"svclb_frontend_new_connections_total{namespace="shop",service="web",port_name="http",kind="NodePort",scope="socket",frontend="192.168.1.20:30080/TCP"} 2"#,
+        r#"svclb_frontend_new_connections_total{namespace="shop",service="web6",port_name="http",kind="ClusterIP",scope="socket",frontend="[fd00:96::10]:80/TCP"} 1"#,
         r#"svclb_backend_new_connections_total{namespace="shop",service="web",backend="10.244.1.5:8080/TCP"} 7"#,
         r#"svclb_datapath_translations_total{hook="sock",direction="forward"} 55"#,
         r#"svclb_datapath_translations_total{hook="sock",direction="reverse"} 40"#,
         r#"svclb_datapath_rejects_total{hook="sock",reason="no_backend"} 3"#,
         r#"svclb_datapath_rejects_total{hook="sock",reason="slot_missing"} 0"#,
         r#"svclb_datapath_errors_total{hook="sock",reason="revnat_update"} 0"#,
+        r#"svclb_datapath_translations_total{hook="ext",direction="forward"} 9"#,
+        r#"svclb_datapath_translations_total{hook="ext",direction="reverse"} 0"#,
+        r#"svclb_datapath_drops_total{hook="ext",reason="no_local_endpoint"} 4"#,
+        r#"svclb_datapath_drops_total{hook="ext",reason="source_range"} 0"#,
+        r#"svclb_datapath_rejects_total{hook="ext",reason="no_backend"} 0"#,
+        r#"svclb_datapath_errors_total{hook="ext",reason="conntrack_update"} 0"#,
+        r#"svclb_frontend_new_connections_total{namespace="shop",service="web",port_name="http",kind="NodePort",scope="external",frontend="0.0.0.0:30080/TCP"} 0"#,
+        "# TYPE svclb_healthcheck_bind_errors counter",
+        "# TYPE svclb_healthcheck_node_ports gauge",
         "svclb_programmed_services 5",
-        "svclb_programmed_frontends 6",
+        "svclb_programmed_frontends 9",
         "svclb_programmed_backends 7",
         r#"svclb_map_entries{map="LB_SVC4_V1"} 16"#,
         r#"svclb_map_capacity{map="LB_SVC4_V1"} 1024"#,
@@ -630,6 +746,39 @@ fn metrics_exposition() {
         "# EOF",
     ] {
         assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+}
+
+#[test]
+fn every_datapath_counter_is_exported_once() {
+    // Each counter gets a distinct value: its sample must appear exactly once, under
+    // the hook its name says, whatever counters the eBPF programs add.
+    let mut counters = vec![0u64; COUNTERS_MAX as usize];
+    for (i, _) in COUNTER_NAMES {
+        counters[i as usize] = 1_000_000 + u64::from(i);
+    }
+    let text = metrics::render(ScrapeData {
+        counters,
+        ..Default::default()
+    })
+    .expect("render");
+    for (i, name) in COUNTER_NAMES {
+        let suffix = format!("}} {}", 1_000_000 + u64::from(i));
+        let hits: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("svclb_datapath_") && l.ends_with(&suffix))
+            .collect();
+        assert_eq!(hits.len(), 1, "{name}: {hits:?}\n{text}");
+        let hook = if name.starts_with("ext_") {
+            "ext"
+        } else {
+            "sock"
+        };
+        assert!(
+            hits[0].contains(&format!("hook=\"{hook}\"")),
+            "{name}: {}",
+            hits[0]
+        );
     }
 }
 
@@ -713,4 +862,235 @@ fn cli_parses_the_operability_commands() {
         other => panic!("{other:?}"),
     }
     assert!(Cli::try_parse_from(["svc-lb", "status", "--metrics-addr", "nope"]).is_err());
+    let c = Cli::try_parse_from([
+        "svc-lb",
+        "conntrack",
+        "-o",
+        "json",
+        "--bpffs",
+        "/x",
+        "--service",
+        "a/b",
+    ])
+    .expect("conntrack");
+    match c.command {
+        Command::Conntrack { bpffs, service, .. } => {
+            assert_eq!(bpffs, PathBuf::from("/x"));
+            assert_eq!(service.as_deref(), Some("a/b"));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+mod conntrack {
+    use std::net::SocketAddr;
+
+    use svc_lb_common::{
+        CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, CtKey,
+        CtValue, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP,
+    };
+
+    use super::{fixture, golden};
+    use crate::{
+        datapath::codec::{addr_words, port_be},
+        inspect::conntrack,
+    };
+
+    const SEC: u64 = 1_000_000_000;
+    /// Monotonic "now" of the fixture.
+    const NOW: u64 = 50_000 * SEC;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().expect("test socket address")
+    }
+
+    fn key(src: &str, dst: &str, proto: u8, dir: u8) -> CtKey {
+        let (s, d) = (sa(src), sa(dst));
+        CtKey {
+            saddr_be: addr_words(s.ip()),
+            daddr_be: addr_words(d.ip()),
+            sport_be: port_be(s.port()),
+            dport_be: port_be(d.port()),
+            proto,
+            family: if s.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 },
+            dir,
+            _pad: 0,
+        }
+    }
+
+    fn value(
+        backend_id: u32,
+        rev_nat_id: u32,
+        nat: &str,
+        snat: Option<&str>,
+        flags: u8,
+        ttl_s: i64,
+    ) -> CtValue {
+        let nat = sa(nat);
+        let snat = snat.map(sa);
+        CtValue {
+            expires_ns: NOW.saturating_add_signed(ttl_s * SEC as i64),
+            backend_id,
+            rev_nat_id,
+            nat_addr_be: addr_words(nat.ip()),
+            snat_addr_be: snat.map_or([0; 4], |s| addr_words(s.ip())),
+            nat_port_be: port_be(nat.port()),
+            snat_port_be: snat.map_or(0, |s| port_be(s.port())),
+            flags,
+            _pad: [0; 3],
+        }
+    }
+
+    /// Flows of the external path over the list fixture's Services.
+    fn entries() -> Vec<(CtKey, CtValue)> {
+        let (fwd, rep) = (CT_DIR_FORWARD, CT_DIR_REPLY);
+        vec![
+            // NodePort to a local backend: DNAT only, both halves, answered.
+            (
+                key("203.0.113.7:40000", "192.168.1.20:30080", PROTO_TCP, fwd),
+                value(1, 2, "10.244.1.5:8080", None, CT_FLAG_SEEN_REPLY, 21_000),
+            ),
+            (
+                key("10.244.1.5:8080", "203.0.113.7:40000", PROTO_TCP, rep),
+                value(1, 2, "192.168.1.20:30080", None, CT_FLAG_SEEN_REPLY, 21_000),
+            ),
+            // The same NodePort to a remote backend: SNAT to the node, closing.
+            (
+                key("198.51.100.9:50000", "192.168.1.20:30080", PROTO_TCP, fwd),
+                value(
+                    2,
+                    2,
+                    "10.244.2.9:8080",
+                    Some("192.168.1.20:61000"),
+                    CT_FLAG_SNAT | CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING,
+                    9,
+                ),
+            ),
+            (
+                key("10.244.2.9:8080", "192.168.1.20:61000", PROTO_TCP, rep),
+                value(
+                    2,
+                    2,
+                    "192.168.1.20:30080",
+                    Some("198.51.100.9:50000"),
+                    CT_FLAG_SNAT | CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING,
+                    9,
+                ),
+            ),
+            // A reply entry whose forward half was evicted (SNATed flow).
+            (
+                key("10.244.3.2:8080", "192.168.1.20:61001", PROTO_TCP, rep),
+                value(
+                    3,
+                    2,
+                    "192.168.1.20:30080",
+                    Some("198.51.100.10:50001"),
+                    CT_FLAG_SNAT,
+                    30,
+                ),
+            ),
+            // IPv6 UDP, no reply yet, already expired, Service unknown.
+            (
+                key("[2001:db8::5]:5353", "[2001:db8::100]:53", PROTO_UDP, fwd),
+                value(7, 99, "[fd00:244::7]:53", None, 0, -3),
+            ),
+            // A reply entry that belongs to no forward entry of the listing is still
+            // shown; an entry of an unknown family is counted, not shown.
+            (
+                CtKey {
+                    family: 9,
+                    ..key("1.2.3.4:1", "5.6.7.8:2", PROTO_TCP, fwd)
+                },
+                value(1, 2, "10.244.1.5:8080", None, 0, 10),
+            ),
+        ]
+    }
+
+    #[test]
+    fn pairs_forward_and_reply_entries() {
+        let (_, view) = fixture();
+        let t = conntrack::flows(&entries(), &view.meta, NOW);
+        assert_eq!(t.unreadable_entries, 1);
+        let rows: Vec<(&str, &str, &str, Option<&str>, &str)> = t
+            .flows
+            .iter()
+            .map(|f| {
+                (
+                    f.client.as_str(),
+                    f.frontend.as_str(),
+                    f.backend.as_str(),
+                    f.snat.as_deref(),
+                    f.direction,
+                )
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            vec![
+                (
+                    "198.51.100.9:50000",
+                    "192.168.1.20:30080",
+                    "10.244.2.9:8080",
+                    Some("192.168.1.20:61000"),
+                    "both"
+                ),
+                (
+                    "198.51.100.10:50001",
+                    "192.168.1.20:30080",
+                    "10.244.3.2:8080",
+                    Some("192.168.1.20:61001"),
+                    "reply"
+                ),
+                (
+                    "203.0.113.7:40000",
+                    "192.168.1.20:30080",
+                    "10.244.1.5:8080",
+                    None,
+                    "both"
+                ),
+                (
+                    "[2001:db8::5]:5353",
+                    "[2001:db8::100]:53",
+                    "[fd00:244::7]:53",
+                    None,
+                    "forward"
+                ),
+            ]
+        );
+        // Sorted by protocol, frontend, then client address (numerically).
+        let snat = &t.flows[0];
+        assert_eq!(snat.flags, vec!["snat", "closing", "seen-reply"]);
+        assert_eq!(snat.forward_expires_in_seconds, Some(9.0));
+        assert_eq!(snat.service.as_deref(), Some("web"));
+        let v6 = &t.flows[3];
+        assert_eq!(v6.forward_expires_in_seconds, Some(-3.0));
+        assert_eq!(v6.reply_expires_in_seconds, None);
+        assert_eq!(v6.service, None);
+    }
+
+    #[test]
+    fn conntrack_text_golden() {
+        let (_, view) = fixture();
+        let t = conntrack::flows(&entries(), &view.meta, NOW);
+        let mut out = conntrack::render_text(&t);
+        out.push('\n');
+        out.push_str(&conntrack::render_text(&conntrack::flows(
+            &[],
+            &view.meta,
+            NOW,
+        )));
+        golden("conntrack.txt", &out);
+    }
+
+    #[test]
+    fn conntrack_json_golden() {
+        let (_, view) = fixture();
+        let t = conntrack::flows(&entries(), &view.meta, NOW);
+        golden("conntrack.json", &conntrack::render_json(&t).expect("json"));
+        let y: serde_json::Value =
+            serde_yaml::from_str(&conntrack::render_yaml(&t).expect("yaml")).expect("yaml");
+        let j: serde_json::Value =
+            serde_json::from_str(&conntrack::render_json(&t).expect("json")).expect("json");
+        assert_eq!(y, j, "yaml and json carry the same document");
+    }
 }

@@ -12,6 +12,14 @@
 //!   external traffic policy, so these frontends always carry the cluster endpoints.
 //!   `ipMode: Proxy` ingress IPs are left alone: the load balancer must see that traffic.
 //!
+//! With the external path on ([`NodeInfo::external`]) each external address also gets a
+//! `SCOPE_EXTERNAL` frontend, read by the tc/XDP programs for traffic from outside the
+//! node: node ports once per (port, protocol, family) with the unspecified address,
+//! external and load-balancer IPs as themselves. Their backends follow
+//! `externalTrafficPolicy` (Local: this node's endpoints, `SVC_FLAG_EXT_LOCAL`, and
+//! `SVC_FLAG_DROP_EMPTY` when only other nodes have endpoints); load-balancer IPs carry
+//! `loadBalancerSourceRanges` (`SVC_FLAG_SRC_RANGES`).
+//!
 //! Cluster IPs are allocated by the apiserver and unique; the other addresses are
 //! written by users and load-balancer controllers. So a cluster-IP clash skips the later
 //! Service whole (there is no right answer), while an external address that clashes
@@ -22,6 +30,7 @@ use std::{
     net::IpAddr,
 };
 
+use ipnet::IpNet;
 use k8s_openapi::{
     api::{
         core::v1::{Service, ServicePort},
@@ -32,12 +41,12 @@ use k8s_openapi::{
 use svc_lb_common::{
     BACKEND_ACTIVE, BACKEND_TERMINATING, KIND_CLUSTER_IP, KIND_EXTERNAL_IP, KIND_LOAD_BALANCER,
     KIND_NODE_PORT, META_EXTERNAL_LOCAL, META_INTERNAL_LOCAL, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
-    SCOPE_ALL,
+    SCOPE_ALL, SCOPE_EXTERNAL, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXT_LOCAL, SVC_FLAG_SRC_RANGES,
 };
 
 use super::{
-    BackendAddr, DesiredBackend, DesiredFrontend, DesiredState, FrontendKey, ModelError, NodeInfo,
-    ObjectRef, Objects, ServiceRef,
+    BackendAddr, DesiredBackend, DesiredFrontend, DesiredState, FrontendKey, HealthCheck,
+    ModelError, NodeInfo, ObjectRef, Objects, ServiceRef,
 };
 
 /// Links an EndpointSlice to its Service (same namespace).
@@ -56,6 +65,11 @@ pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
 
 const DEFAULT_NAMESPACE: &str = "default";
+
+/// The legacy spelling of `spec.loadBalancerSourceRanges` (comma-separated CIDRs),
+/// read only when the field is empty, as Kubernetes does.
+pub const ANNOTATION_LB_SOURCE_RANGES: &str =
+    "service.beta.kubernetes.io/load-balancer-source-ranges";
 
 /// Turns Services and EndpointSlices into the desired datapath state. Objects that
 /// cannot be programmed are skipped and reported; they never affect other Services.
@@ -143,25 +157,39 @@ pub fn build(objects: Objects<'_>, node: &NodeInfo) -> (DesiredState, Vec<ModelE
                 })
             })
             .collect();
+        // An external-path frontend shares its address with a socket-path one (same
+        // key but the scope); when that address is lost to a clash, so is its twin,
+        // and the clash is reported once.
+        let mut lost: BTreeSet<FrontendKey> = BTreeSet::new();
         for fe in plan.external_frontends(node) {
+            let twin = FrontendKey {
+                scope: SCOPE_ALL,
+                ..fe.key
+            };
+            if fe.key.scope == SCOPE_EXTERNAL && lost.contains(&twin) {
+                continue;
+            }
             match claims.get(&fe.key) {
                 None => {
                     claims.insert(fe.key, sref.clone());
                     mine.push(fe);
                 }
-                Some(owner) => errors.push(ModelError {
-                    object: object.clone(),
-                    reason: format!(
-                        "{} frontend {} is already used by {}; this address is skipped",
-                        kind_name(fe.kind),
-                        fmt_key(&fe.key),
-                        if owner == sref {
-                            "another address of this Service".to_owned()
-                        } else {
-                            format!("Service {owner}")
-                        }
-                    ),
-                }),
+                Some(owner) => {
+                    lost.insert(fe.key);
+                    errors.push(ModelError {
+                        object: object.clone(),
+                        reason: format!(
+                            "{} frontend {} is already used by {}; this address is skipped",
+                            kind_name(fe.kind),
+                            fmt_key(&fe.key),
+                            if owner == sref {
+                                "another address of this Service".to_owned()
+                            } else {
+                                format!("Service {owner}")
+                            }
+                        ),
+                    });
+                }
             }
         }
         frontends.push(mine);
@@ -183,8 +211,42 @@ pub fn build(objects: Objects<'_>, node: &NodeInfo) -> (DesiredState, Vec<ModelE
             &mut state,
             &mut errors,
         );
+        if let Some(port) = plan.health_check_node_port.filter(|_| node.external) {
+            let check = HealthCheck {
+                service: sref.clone(),
+                local_endpoints: local_ready_endpoints(plan, own_slices, node),
+            };
+            match state.health_checks.get(&port) {
+                None => {
+                    state.health_checks.insert(port, check);
+                }
+                Some(owner) => errors.push(ModelError {
+                    object: object.clone(),
+                    reason: format!(
+                        "healthCheckNodePort {port} is already used by Service {}; it is not served for this one",
+                        owner.service
+                    ),
+                }),
+            }
+        }
     }
     (state, errors)
+}
+
+/// How many distinct endpoints of a Service are ready on this node: what a
+/// `healthCheckNodePort` reports (the load balancer sends traffic only to nodes with
+/// at least one).
+fn local_ready_endpoints(plan: &ServicePlan<'_>, slices: &[Slice<'_>], node: &NodeInfo) -> usize {
+    let Some(here) = node.name.as_deref() else {
+        return 0;
+    };
+    slices
+        .iter()
+        .flat_map(|s| &s.endpoints)
+        .filter(|ep| ep.node_name == Some(here) && (ep.ready || plan.publish_not_ready))
+        .map(|ep| ep.addr)
+        .collect::<BTreeSet<IpAddr>>()
+        .len()
 }
 
 /// One frontend of an accepted Service: its key, which address it is, and the index of
@@ -535,6 +597,12 @@ struct ServicePlan<'a> {
     local_only: bool,
     external_local: bool,
     publish_not_ready: bool,
+    /// `loadBalancerSourceRanges` (type LoadBalancer only), valid entries only, sorted,
+    /// unique, host bits cleared.
+    src_ranges: Vec<IpNet>,
+    /// `healthCheckNodePort`, kept only for LoadBalancer Services with
+    /// `externalTrafficPolicy: Local` (where kube-proxy serves it).
+    health_check_node_port: Option<u16>,
     /// Problems that skip a part of the Service (a port, an address); the rest still
     /// programs.
     port_errors: Vec<String>,
@@ -591,8 +659,110 @@ impl ServicePlan<'_> {
                 });
             }
         }
+        if node.external {
+            out.extend(self.external_path_frontends());
+        }
         out
     }
+
+    /// The `SCOPE_EXTERNAL` frontends, for traffic that enters the node from outside:
+    /// each node port once per (port, protocol, family) with the unspecified address
+    /// (the datapath matches it on every node address of `LB_NODEADDR_V1`), and every
+    /// external and load-balancer IP as itself.
+    fn external_path_frontends(&self) -> Vec<Frontend> {
+        let mut out = Vec::new();
+        let families: BTreeSet<Family> = self.ips.iter().map(family).collect();
+        for (port, p) in self.ports.iter().enumerate() {
+            let Some(node_port) = p.node_port else {
+                continue;
+            };
+            for fam in &families {
+                let addr = match fam {
+                    Family::V4 => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                    Family::V6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+                };
+                out.push(Frontend {
+                    key: FrontendKey {
+                        addr,
+                        port: node_port,
+                        proto: p.proto,
+                        scope: SCOPE_EXTERNAL,
+                    },
+                    kind: KIND_NODE_PORT,
+                    port,
+                });
+            }
+        }
+        for &(addr, kind) in &self.external {
+            for (port, p) in self.ports.iter().enumerate() {
+                out.push(Frontend {
+                    key: FrontendKey {
+                        addr,
+                        port: p.port,
+                        proto: p.proto,
+                        scope: SCOPE_EXTERNAL,
+                    },
+                    kind,
+                    port,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// Parses `loadBalancerSourceRanges` (or, when that is empty, the legacy annotation).
+/// As kube-proxy does, an entry that is not a CIDR is skipped (and reported) rather than
+/// failing the Service. When no valid entry is left the load-balancer addresses stay
+/// open to every source, again as kube-proxy (whose firewall rules exist only for valid
+/// ranges) behaves; the report says so, since that is rarely what the author meant.
+fn source_ranges(svc: &Service, errors: &mut Vec<String>) -> Vec<IpNet> {
+    let spec_ranges: Vec<&str> = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.load_balancer_source_ranges.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|r| r.trim())
+        .filter(|r| !r.is_empty())
+        .collect();
+    let (raw, what) = if spec_ranges.is_empty() {
+        let annotated: Vec<&str> = svc
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_LB_SOURCE_RANGES))
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|r| !r.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
+        (
+            annotated,
+            "annotation ".to_owned() + ANNOTATION_LB_SOURCE_RANGES,
+        )
+    } else {
+        (spec_ranges, "loadBalancerSourceRanges".to_owned())
+    };
+    let mut out = BTreeSet::new();
+    for r in &raw {
+        match r.parse::<IpNet>() {
+            Ok(net) => {
+                out.insert(net.trunc());
+            }
+            Err(_) => errors.push(format!(
+                "{what} entry '{r}' is not a valid CIDR; it is skipped"
+            )),
+        }
+    }
+    if !raw.is_empty() && out.is_empty() {
+        errors.push(format!(
+            "{what} has no valid entry; the load-balancer addresses accept every source"
+        ));
+    }
+    out.into_iter().collect()
 }
 
 /// Parses the externally reachable addresses of a Service: `spec.externalIPs` and the
@@ -768,6 +938,24 @@ fn plan_service<'a>(
     let mut port_errors = Vec::new();
     let ports = plan_ports(spec.ports.as_deref().unwrap_or_default(), &mut port_errors)?;
     let external = external_addresses(svc, &ips, &mut port_errors);
+    let lb_type = spec.type_.as_deref() == Some("LoadBalancer");
+    let src_ranges = if lb_type {
+        source_ranges(svc, &mut port_errors)
+    } else {
+        Vec::new()
+    };
+    let health_check_node_port = match spec.health_check_node_port {
+        Some(p) if lb_type && external_local => match parse_port(p) {
+            Some(p) => Some(p),
+            None => {
+                port_errors.push(format!(
+                    "healthCheckNodePort {p} is out of range 1-65535; it is not served"
+                ));
+                None
+            }
+        },
+        _ => None,
+    };
     let plan = ServicePlan {
         ips,
         external,
@@ -776,6 +964,8 @@ fn plan_service<'a>(
         local_only,
         external_local,
         publish_not_ready: spec.publish_not_ready_addresses.unwrap_or(false),
+        src_ranges,
+        health_check_node_port,
         port_errors,
     };
 
@@ -930,15 +1120,41 @@ fn program(
             .entry((fe.port, fam))
             .or_insert_with(|| select_backends(plan, port, fam, slices, node));
         let internal = fe.kind == KIND_CLUSTER_IP;
+        let outside = fe.key.scope == SCOPE_EXTERNAL;
         // Cluster IPs follow the internal traffic policy. Every other address is
         // "external": kube-proxy sends traffic that starts on this node (pods or the
         // host) to the cluster-wide endpoints whatever the external policy, and the
-        // socket programs only ever see traffic that starts on this node.
-        let backends = if internal && plan.local_only {
+        // socket programs only ever see traffic that starts on this node. Traffic from
+        // outside the node (the tc/XDP path's SCOPE_EXTERNAL frontends) follows the
+        // external policy.
+        let backends = if (internal && plan.local_only) || (outside && plan.external_local) {
             eps.local.clone()
         } else {
             eps.cluster.clone()
         };
+        let mut flags = 0;
+        let mut src_ranges = Vec::new();
+        if outside {
+            if plan.external_local {
+                flags |= SVC_FLAG_EXT_LOCAL;
+                // kube-proxy drops (rather than rejects) when the Service has endpoints,
+                // just none here: the load balancer's health check steers away soon.
+                if backends.is_empty() && !eps.cluster.is_empty() {
+                    flags |= SVC_FLAG_DROP_EMPTY;
+                }
+            }
+            if fe.kind == KIND_LOAD_BALANCER {
+                src_ranges = plan
+                    .src_ranges
+                    .iter()
+                    .filter(|r| family(&r.addr()) == fam)
+                    .copied()
+                    .collect();
+                if !src_ranges.is_empty() {
+                    flags |= SVC_FLAG_SRC_RANGES;
+                }
+            }
+        }
         let meta_flags = if internal {
             if plan.local_only {
                 META_INTERNAL_LOCAL
@@ -960,6 +1176,8 @@ fn program(
                 affinity_timeout_s: plan.affinity_timeout_s,
                 kind: fe.kind,
                 meta_flags,
+                flags,
+                src_ranges,
             },
         );
     }
@@ -1044,13 +1262,18 @@ fn select_backends(
     // slices may not, so apply it here too).
     let ready = |c: &Candidate<'_>| c.ep.ready || plan.publish_not_ready;
     let draining = |c: &Candidate<'_>| c.ep.serving && c.ep.terminating;
+    // An unnamed node has no local endpoints.
+    let here = node.name.as_deref();
+    let is_local = |c: &Candidate<'_>| here.is_some() && c.ep.node_name == here;
     let active = |c: &Candidate<'_>| DesiredBackend {
         addr: c.addr,
         state: BACKEND_ACTIVE,
+        local: is_local(c),
     };
     let terminating = |c: &Candidate<'_>| DesiredBackend {
         addr: c.addr,
         state: BACKEND_TERMINATING,
+        local: is_local(c),
     };
 
     // Cluster policy: ready endpoints the topology allows; with none ready anywhere,
@@ -1078,13 +1301,8 @@ fn select_backends(
     }
 
     // Local policy: no fallback to remote endpoints, that is the point of it; the
-    // terminating fallback applies among local endpoints only. An unnamed node has no
-    // local endpoints.
-    let here = node.name.as_deref();
-    let local_cands: Vec<&Candidate<'_>> = cands
-        .iter()
-        .filter(|c| here.is_some() && c.ep.node_name == here)
-        .collect();
+    // terminating fallback applies among local endpoints only.
+    let local_cands: Vec<&Candidate<'_>> = cands.iter().filter(|c| is_local(c)).collect();
     let mut local: Vec<DesiredBackend> = local_cands
         .iter()
         .filter(|c| ready(c))

@@ -2,13 +2,15 @@
 //! Nearly every Kubernetes rule lives here.
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
+use ipnet::IpNet;
+
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 mod build;
 mod node;
 pub use build::{
-    DEFAULT_AFFINITY_TIMEOUT_S, LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME,
-    MAX_AFFINITY_TIMEOUT_S, build,
+    ANNOTATION_LB_SOURCE_RANGES, DEFAULT_AFFINITY_TIMEOUT_S, LABEL_HEADLESS, LABEL_SERVICE_NAME,
+    LABEL_SERVICE_PROXY_NAME, MAX_AFFINITY_TIMEOUT_S, build,
 };
 pub use node::{LABEL_TOPOLOGY_ZONE, node_info};
 #[cfg(test)]
@@ -39,6 +41,8 @@ pub struct DesiredBackend {
     pub addr: BackendAddr,
     /// `svc_lb_common::BACKEND_ACTIVE` or `BACKEND_TERMINATING`.
     pub state: u8,
+    /// The endpoint runs on this node (`nodeName` equals [`NodeInfo::name`]).
+    pub local: bool,
 }
 
 /// The Service (and its port) a frontend belongs to.
@@ -68,11 +72,29 @@ pub struct DesiredFrontend {
     pub kind: u8,
     /// `svc_lb_common::META_*` bits (traffic policies), shown by `list`.
     pub meta_flags: u8,
+    /// `svc_lb_common::SVC_FLAG_*` bits of the external path (`SVC_FLAG_EXT_LOCAL`,
+    /// `SVC_FLAG_DROP_EMPTY`, `SVC_FLAG_SRC_RANGES`); 0 on `SCOPE_ALL` frontends. The
+    /// planner adds `SVC_FLAG_AFFINITY` itself from `affinity_timeout_s`.
+    pub flags: u16,
+    /// `loadBalancerSourceRanges` of this frontend's family, sorted and unique; not
+    /// empty exactly when `flags` has `SVC_FLAG_SRC_RANGES`.
+    pub src_ranges: Vec<IpNet>,
+}
+
+/// A `healthCheckNodePort` to serve: which Service it reports on and how many of its
+/// endpoints are on this node (kube-proxy answers 200 when there is at least one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub service: ServiceRef,
+    pub local_endpoints: usize,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub frontends: BTreeMap<FrontendKey, DesiredFrontend>,
+    /// `healthCheckNodePort` → its Service, for LoadBalancer Services with
+    /// `externalTrafficPolicy: Local` (only when the external path is on).
+    pub health_checks: BTreeMap<u16, HealthCheck>,
 }
 
 /// What this node is, for rules that depend on it (traffic policy, topology, node
@@ -88,6 +110,9 @@ pub struct NodeInfo {
     /// `--service-proxy-name`: Services labelled `service.kubernetes.io/service-proxy-name`
     /// are programmed only when the label has this value.
     pub service_proxy_name: Option<String>,
+    /// The external path (tc/XDP on the node's devices) is on: also emit the
+    /// `SCOPE_EXTERNAL` frontends and the health checks. Off, nothing would read them.
+    pub external: bool,
 }
 
 /// A Kubernetes object named in an error.

@@ -44,6 +44,7 @@ impl TestNode {
                 .map(|a| a.parse().expect("test node address"))
                 .collect(),
             service_proxy_name: self.proxy_name.map(str::to_owned),
+            external: false,
         }
     }
 }
@@ -1560,6 +1561,419 @@ endpoints: [{addresses: [10.0.0.1]}]
         assert_eq!(programmed, *want, "maps after switching to {ty}");
         if want.is_empty() {
             assert!(current.backends.is_empty() && current.rev_nats.is_empty());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// The external path: SCOPE_EXTERNAL frontends, locality, source ranges, health checks.
+
+mod external {
+    use std::collections::BTreeMap;
+
+    use svc_lb_common::{
+        SCOPE_EXTERNAL, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXT_LOCAL, SVC_FLAG_SRC_RANGES,
+    };
+
+    use super::*;
+
+    fn node(name: Option<&str>, external: bool) -> NodeInfo {
+        NodeInfo {
+            name: name.map(str::to_owned),
+            addresses: vec!["192.168.1.10".parse().unwrap()],
+            external,
+            ..NodeInfo::default()
+        }
+    }
+
+    /// `ext 0.0.0.0:30080/TCP (NodePort) ns/name:port [10.0.0.1:8080(L)] EXT_LOCAL|DROP_EMPTY ranges=10.0.0.0/8`
+    fn render_ext(state: &DesiredState) -> Vec<String> {
+        state
+            .frontends
+            .values()
+            .filter(|fe| fe.key.scope == SCOPE_EXTERNAL)
+            .map(|fe| {
+                let backends: Vec<String> = fe
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        format!(
+                            "{}{}",
+                            hostport(b.addr.addr, b.addr.port),
+                            if b.local { "(L)" } else { "" }
+                        )
+                    })
+                    .collect();
+                let kind = match fe.kind {
+                    KIND_NODE_PORT => "NodePort",
+                    KIND_EXTERNAL_IP => "ExternalIP",
+                    KIND_LOAD_BALANCER => "LoadBalancer",
+                    k => panic!("unexpected external kind {k}"),
+                };
+                let mut flags = Vec::new();
+                for (bit, name) in [
+                    (SVC_FLAG_EXT_LOCAL, "EXT_LOCAL"),
+                    (SVC_FLAG_DROP_EMPTY, "DROP_EMPTY"),
+                    (SVC_FLAG_SRC_RANGES, "SRC_RANGES"),
+                ] {
+                    if fe.flags & bit != 0 {
+                        flags.push(name);
+                    }
+                }
+                assert_eq!(
+                    fe.flags & SVC_FLAG_SRC_RANGES != 0,
+                    !fe.src_ranges.is_empty(),
+                    "SRC_RANGES exactly when there are ranges"
+                );
+                let ranges: Vec<String> = fe.src_ranges.iter().map(ToString::to_string).collect();
+                let mut line = format!(
+                    "{}/{} ({kind}) {}:{} [{}]",
+                    hostport(fe.key.addr, fe.key.port),
+                    proto(fe.key.proto),
+                    fe.service,
+                    fe.port_name,
+                    backends.join(" ")
+                );
+                if !flags.is_empty() {
+                    line += &format!(" {}", flags.join("|"));
+                }
+                if !ranges.is_empty() {
+                    line += &format!(" ranges={}", ranges.join(","));
+                }
+                line
+            })
+            .collect()
+    }
+
+    fn build_yaml(yaml: &str, node: &NodeInfo) -> (DesiredState, Vec<ModelError>) {
+        let (services, slices) = parse(yaml);
+        build(
+            Objects {
+                services: &services,
+                slices: &slices,
+            },
+            node,
+        )
+    }
+
+    struct ExtCase {
+        name: &'static str,
+        node_name: Option<&'static str>,
+        yaml: &'static str,
+        want: &'static [&'static str],
+        /// (port, "ns/name", local endpoints)
+        health: &'static [(u16, &'static str, usize)],
+        errors: &'static [(&'static str, &'static str)],
+    }
+
+    const SLICE_TWO_NODES: &str = r#"
+---
+kind: EndpointSlice
+metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: [10.0.0.1], nodeName: n1}
+- {addresses: [10.0.0.2], nodeName: n2}
+- {addresses: [10.0.0.3], nodeName: n1, conditions: {ready: false}}
+"#;
+
+    fn cases() -> Vec<(ExtCase, String)> {
+        let with_slice = |yaml: &str| format!("{yaml}{SLICE_TWO_NODES}");
+        vec![
+            (
+                ExtCase {
+                    name: "node port, cluster policy: every endpoint, one frontend per family",
+                    node_name: Some("n1"),
+                    yaml: r#"
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  type: NodePort
+  clusterIPs: [10.96.0.1, "fd00::1"]
+  ports: [{name: http, port: 80, nodePort: 30080}]
+"#,
+                    want: &[
+                        "0.0.0.0:30080/TCP (NodePort) shop/web:http [10.0.0.1:8080(L) 10.0.0.2:8080]",
+                        "[::]:30080/TCP (NodePort) shop/web:http []",
+                    ],
+                    health: &[],
+                    errors: &[],
+                },
+                String::new(),
+            ),
+            (
+                ExtCase {
+                    name: "node port, local policy: local endpoints only",
+                    node_name: Some("n1"),
+                    yaml: r#"
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  clusterIPs: [10.96.0.1]
+  ports: [{name: http, port: 80, nodePort: 30080}]
+"#,
+                    want: &[
+                        "0.0.0.0:30080/TCP (NodePort) shop/web:http [10.0.0.1:8080(L)] EXT_LOCAL",
+                    ],
+                    health: &[],
+                    errors: &[],
+                },
+                String::new(),
+            ),
+            (
+                ExtCase {
+                    name: "local policy, endpoints only elsewhere: drop",
+                    node_name: Some("n3"),
+                    yaml: r#"
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  clusterIPs: [10.96.0.1]
+  ports: [{name: http, port: 80, nodePort: 30080}]
+"#,
+                    want: &["0.0.0.0:30080/TCP (NodePort) shop/web:http [] EXT_LOCAL|DROP_EMPTY"],
+                    health: &[],
+                    errors: &[],
+                },
+                String::new(),
+            ),
+            (
+                ExtCase {
+                    name: "local policy, no endpoint anywhere: reject, not drop",
+                    node_name: Some("n1"),
+                    yaml: r#"
+kind: Service
+metadata: {name: lone, namespace: shop}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  clusterIPs: [10.96.0.9]
+  ports: [{name: http, port: 80, nodePort: 30090}]
+"#,
+                    want: &["0.0.0.0:30090/TCP (NodePort) shop/lone:http [] EXT_LOCAL"],
+                    health: &[],
+                    errors: &[],
+                },
+                String::new(),
+            ),
+            (
+                ExtCase {
+                    name: "load balancer: VIP ingress and external IPs, health check, source ranges",
+                    node_name: Some("n1"),
+                    yaml: r#"
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
+  clusterIPs: [10.96.0.1]
+  externalIPs: [198.51.100.7]
+  loadBalancerSourceRanges: [" 203.0.113.0/24", "2001:db8::/32", "10.1.2.3/8", "bogus"]
+  ports: [{name: http, port: 80, nodePort: 30080}]
+status:
+  loadBalancer:
+    ingress:
+    - {ip: 192.0.2.10}
+    - {ip: 192.0.2.11, ipMode: Proxy}
+"#,
+                    want: &[
+                        "0.0.0.0:30080/TCP (NodePort) shop/web:http [10.0.0.1:8080(L)] EXT_LOCAL",
+                        "192.0.2.10:80/TCP (LoadBalancer) shop/web:http [10.0.0.1:8080(L)] EXT_LOCAL|SRC_RANGES ranges=10.0.0.0/8,203.0.113.0/24",
+                        "198.51.100.7:80/TCP (ExternalIP) shop/web:http [10.0.0.1:8080(L)] EXT_LOCAL",
+                    ],
+                    health: &[(32000, "shop/web", 1)],
+                    errors: &[(
+                        "Service shop/web",
+                        "loadBalancerSourceRanges entry 'bogus' is not a valid CIDR",
+                    )],
+                },
+                String::new(),
+            ),
+            (
+                ExtCase {
+                    name: "legacy source-range annotation; all invalid leaves the address open",
+                    node_name: Some("n1"),
+                    yaml: r#"
+kind: Service
+metadata:
+  name: web
+  namespace: shop
+  annotations: {service.beta.kubernetes.io/load-balancer-source-ranges: "198.18.0.0/15, 100.64.0.0/10"}
+spec:
+  type: LoadBalancer
+  clusterIPs: [10.96.0.1]
+  ports: [{name: http, port: 80, nodePort: 30080}]
+status: {loadBalancer: {ingress: [{ip: 192.0.2.10}]}}
+---
+kind: Service
+metadata: {name: open, namespace: shop}
+spec:
+  type: LoadBalancer
+  clusterIPs: [10.96.0.2]
+  loadBalancerSourceRanges: [nope]
+  ports: [{name: http, port: 81, nodePort: 30081}]
+status: {loadBalancer: {ingress: [{ip: 192.0.2.20}]}}
+"#,
+                    want: &[
+                        "0.0.0.0:30080/TCP (NodePort) shop/web:http [10.0.0.1:8080(L) 10.0.0.2:8080]",
+                        "0.0.0.0:30081/TCP (NodePort) shop/open:http []",
+                        "192.0.2.10:80/TCP (LoadBalancer) shop/web:http [10.0.0.1:8080(L) 10.0.0.2:8080] SRC_RANGES ranges=100.64.0.0/10,198.18.0.0/15",
+                        "192.0.2.20:81/TCP (LoadBalancer) shop/open:http []",
+                    ],
+                    health: &[],
+                    errors: &[
+                        ("Service shop/open", "entry 'nope' is not a valid CIDR"),
+                        ("Service shop/open", "has no valid entry; the load-balancer addresses accept every source"),
+                    ],
+                },
+                String::new(),
+            ),
+            (
+                ExtCase {
+                    name: "health checks only for LoadBalancer with local policy; clashes reported",
+                    node_name: Some("n2"),
+                    yaml: r#"
+kind: Service
+metadata: {name: cluster-lb, namespace: shop}
+spec:
+  type: LoadBalancer
+  healthCheckNodePort: 32001
+  clusterIPs: [10.96.0.3]
+  ports: [{port: 82, nodePort: 30082}]
+---
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
+  clusterIPs: [10.96.0.1]
+  ports: [{name: http, port: 80, nodePort: 30080}]
+---
+kind: Service
+metadata: {name: web2, namespace: shop}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
+  clusterIPs: [10.96.0.4]
+  ports: [{name: http, port: 84, nodePort: 30084}]
+"#,
+                    want: &[
+                        "0.0.0.0:30080/TCP (NodePort) shop/web:http [10.0.0.2:8080(L)] EXT_LOCAL",
+                        "0.0.0.0:30082/TCP (NodePort) shop/cluster-lb: []",
+                        "0.0.0.0:30084/TCP (NodePort) shop/web2:http [] EXT_LOCAL",
+                    ],
+                    health: &[(32000, "shop/web", 1)],
+                    errors: &[(
+                        "Service shop/web2",
+                        "healthCheckNodePort 32000 is already used by Service shop/web",
+                    )],
+                },
+                String::new(),
+            ),
+            (
+                ExtCase {
+                    name: "an external IP lost to a clash takes its external twin along",
+                    node_name: Some("n1"),
+                    yaml: r#"
+kind: Service
+metadata: {name: a, namespace: shop}
+spec:
+  clusterIPs: [10.96.0.50]
+  ports: [{port: 80}]
+---
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIPs: [10.96.0.1]
+  externalIPs: [10.96.0.50, 198.51.100.8]
+  ports: [{name: http, port: 80}]
+"#,
+                    want: &["198.51.100.8:80/TCP (ExternalIP) shop/web:http [10.0.0.1:8080(L) 10.0.0.2:8080]"],
+                    health: &[],
+                    errors: &[(
+                        "Service shop/web",
+                        "external IP frontend 10.96.0.50:80/TCP is already used by Service shop/a",
+                    )],
+                },
+                String::new(),
+            ),
+        ]
+        .into_iter()
+        .map(|(c, _)| {
+            let yaml = with_slice(c.yaml);
+            (c, yaml)
+        })
+        .collect()
+    }
+
+    #[test]
+    fn external_cases() {
+        for (case, yaml) in cases() {
+            let (state, errors) = build_yaml(&yaml, &node(case.node_name, true));
+            assert_eq!(render_ext(&state), case.want, "case {}", case.name);
+            let health: Vec<(u16, String, usize)> = state
+                .health_checks
+                .iter()
+                .map(|(p, h)| (*p, h.service.to_string(), h.local_endpoints))
+                .collect();
+            let want_health: Vec<(u16, String, usize)> = case
+                .health
+                .iter()
+                .map(|(p, s, n)| (*p, (*s).to_owned(), *n))
+                .collect();
+            assert_eq!(health, want_health, "case {}", case.name);
+            check_errors(case.name, &errors, case.errors);
+            // The socket path's frontends do not change with the external path.
+            let (off, off_errors) = build_yaml(&yaml, &node(case.node_name, false));
+            let socket: BTreeMap<_, _> = state
+                .frontends
+                .iter()
+                .filter(|(k, _)| k.scope == SCOPE_ALL)
+                .map(|(k, v)| (*k, v.clone()))
+                .collect();
+            assert_eq!(off.frontends, socket, "case {}", case.name);
+            assert!(off.health_checks.is_empty(), "case {}", case.name);
+            assert!(off_errors.len() <= errors.len(), "case {}", case.name);
+            // Socket-path frontends never carry external flags or ranges.
+            assert!(
+                socket
+                    .values()
+                    .all(|f| f.flags == 0 && f.src_ranges.is_empty()),
+                "case {}",
+                case.name
+            );
+        }
+    }
+
+    #[test]
+    fn socket_path_backends_carry_locality_too() {
+        let yaml = format!(
+            "{}{SLICE_TWO_NODES}",
+            r#"
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIPs: [10.96.0.1]
+  ports: [{name: http, port: 80}]
+"#
+        );
+        for (name, want) in [
+            (Some("n1"), [true, false]),
+            (Some("n2"), [false, true]),
+            (None, [false, false]),
+        ] {
+            let (state, _) = build_yaml(&yaml, &node(name, false));
+            let fe = state.frontends.values().next().unwrap();
+            let local: Vec<bool> = fe.backends.iter().map(|b| b.local).collect();
+            assert_eq!(local, want, "node {name:?}");
         }
     }
 }

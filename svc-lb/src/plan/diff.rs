@@ -11,7 +11,11 @@
 //!    the master (only if count, flags or reverse NAT change), then the slots above the
 //!    new count; frontends that shrink the map go first, so that the entries they free
 //!    make room for those that grow. Reverse-NAT entries no master names any more follow;
-//! 4. backends no slot names any more.
+//!    Within a changed external frontend: new source ranges and its Maglev table go
+//!    after its slots and before its master; leaving source ranges, and the table when
+//!    the count drops to 0, after it. Then tables and source ranges of reverse-NAT ids
+//!    no master names any more;
+//! 4. backends no slot (and no Maglev table of a frontend left as it is) names any more.
 //!
 //! Ids never change meaning within one plan: an id freed by a plan is reused only by a
 //! later plan, so a connection that raced with the update never finds a different
@@ -21,9 +25,10 @@ use std::{
     net::IpAddr,
 };
 
+use ipnet::IpNet;
 use svc_lb_common::{
     MAP_BACKENDS, MAP_REVNAT, MAP_SVC4, MAP_SVC6, MAX_BACKENDS_PER_FRONTEND, PROTO_SCTP, PROTO_TCP,
-    PROTO_UDP, SVC_FLAG_AFFINITY,
+    PROTO_UDP, SCOPE_EXTERNAL, SVC_FLAG_AFFINITY,
 };
 
 use super::{
@@ -77,9 +82,49 @@ fn same_rev_nat(a: &FrontendKey, b: &FrontendKey) -> bool {
 
 fn wanted_flags(d: &DesiredFrontend) -> (u16, u32) {
     match d.affinity_timeout_s {
-        Some(t) => (SVC_FLAG_AFFINITY, t),
-        None => (0, 0),
+        Some(t) => (d.flags | SVC_FLAG_AFFINITY, t),
+        None => (d.flags & !SVC_FLAG_AFFINITY, 0),
     }
+}
+
+/// Whether a frontend needs a Maglev table: an external one with backends.
+fn wants_table(d: &DesiredFrontend) -> bool {
+    d.key.scope == SCOPE_EXTERNAL && !d.backends.is_empty()
+}
+
+/// Source ranges stored for one reverse-NAT id.
+fn ranges_of(set: &BTreeSet<(u32, IpNet)>, id: u32) -> BTreeSet<IpNet> {
+    set.range((id, IpNet::V4(Default::default()))..)
+        .take_while(|(i, _)| *i == id)
+        .map(|(_, r)| *r)
+        .collect()
+}
+
+/// Whether the Maglev table and source ranges stored under `rev_nat_id` are what `d`
+/// wants (given that its backends keep the ids `by_addr` says).
+fn extras_match(
+    state: &CurrentState,
+    rev_nat_id: u32,
+    d: &DesiredFrontend,
+    by_addr: &BTreeMap<BackendAddr, u32>,
+) -> bool {
+    let table_ok = if wants_table(d) {
+        let ids: Option<BTreeSet<u32>> = d
+            .backends
+            .iter()
+            .map(|b| by_addr.get(&b.addr).copied())
+            .collect();
+        match (ids, state.maglev.get(&rev_nat_id)) {
+            (Some(ids), Some(have)) => !have.is_empty() && ids.iter().eq(have.iter()),
+            _ => false,
+        }
+    } else {
+        !state.maglev.contains_key(&rev_nat_id)
+    };
+    table_ok
+        && ranges_of(&state.src_ranges, rev_nat_id)
+            .iter()
+            .eq(d.src_ranges.iter())
 }
 
 /// A desired frontend with everything that does not depend on which Services fit.
@@ -101,6 +146,7 @@ impl<'a> Candidate<'a> {
         current: Option<&'a CurrentFrontend>,
         rev_nat: Option<u32>,
         by_addr: &BTreeMap<BackendAddr, u32>,
+        state: &CurrentState,
     ) -> Self {
         let n = desired.backends.len();
         let (flags, timeout) = wanted_flags(desired);
@@ -118,6 +164,7 @@ impl<'a> Candidate<'a> {
                         .iter()
                         .zip(&cf.backend_ids)
                         .any(|(b, id)| by_addr.get(&b.addr) != Some(id))
+                    || !extras_match(state, cf.rev_nat_id, desired, by_addr)
             }
         };
         let (adds, dels) = match (changed, current) {
@@ -368,7 +415,7 @@ pub fn plan(current: &CurrentState, desired: &DesiredState, cap: &Capacity) -> P
             Some(id)
         });
         claimed.extend(kept);
-        candidates.push(Candidate::new(d, cur, rev_nat, &by_addr));
+        candidates.push(Candidate::new(d, cur, rev_nat, &by_addr, current));
     }
 
     let removed: Vec<(&FrontendKey, &CurrentFrontend)> = current
@@ -453,6 +500,10 @@ pub fn plan(current: &CurrentState, desired: &DesiredState, cap: &Capacity) -> P
     }
     let mut used_rev_ids: BTreeSet<u32> = current.rev_nats.keys().copied().collect();
     used_rev_ids.extend(master_refs.keys().copied());
+    // Tables and source ranges of ids no master names are deleted at the end of this
+    // plan: until then their ids must not name a new frontend.
+    used_rev_ids.extend(current.maglev.keys().copied());
+    used_rev_ids.extend(current.src_ranges.iter().map(|(id, _)| *id));
     let mut fresh_rev = allocator(&used_rev_ids);
     let mut rev_ids: BTreeMap<FrontendKey, u32> = BTreeMap::new();
     let mut new_rev_nats: BTreeSet<FrontendKey> = BTreeSet::new();
@@ -469,6 +520,25 @@ pub fn plan(current: &CurrentState, desired: &DesiredState, cap: &Capacity) -> P
     }
 
     let mut ops = Vec::new();
+    // What the Maglev and source-range maps hold as the ops go, so that no key is
+    // deleted twice.
+    let mut tables: BTreeSet<u32> = current.maglev.keys().copied().collect();
+    let mut ranges: BTreeSet<(u32, IpNet)> = current.src_ranges.clone();
+    let drop_extras = |id: u32,
+                       ops: &mut Vec<Op>,
+                       tables: &mut BTreeSet<u32>,
+                       ranges: &mut BTreeSet<(u32, IpNet)>| {
+        if tables.remove(&id) {
+            ops.push(Op::DeleteMaglev { rev_nat_id: id });
+        }
+        for range in ranges_of(ranges, id) {
+            ranges.remove(&(id, range));
+            ops.push(Op::DeleteSrcRange {
+                rev_nat_id: id,
+                range,
+            });
+        }
+    };
 
     // Phase 1.
     let mut removed_refs: BTreeMap<u32, usize> = BTreeMap::new();
@@ -491,6 +561,9 @@ pub fn plan(current: &CurrentState, desired: &DesiredState, cap: &Capacity) -> P
                 *left -= 1;
                 if *left == 0 && phase1_rev_nats.contains(&id) {
                     ops.push(Op::DeleteRevNat { id });
+                }
+                if *left == 0 && !claimed.contains(&id) {
+                    drop_extras(id, &mut ops, &mut tables, &mut ranges);
                 }
             }
         }
@@ -521,6 +594,7 @@ pub fn plan(current: &CurrentState, desired: &DesiredState, cap: &Capacity) -> P
             let entry = wanted.entry(id).or_insert(BackendEntry {
                 addr: b.addr,
                 state: b.state,
+                local: b.local,
             });
             entry.state = entry.state.min(b.state);
         }
@@ -575,6 +649,35 @@ pub fn plan(current: &CurrentState, desired: &DesiredState, cap: &Capacity) -> P
                 });
             }
         }
+        // Source ranges and Maglev table: in place before the master names them.
+        let want_ranges: BTreeSet<IpNet> = c.desired.src_ranges.iter().copied().collect();
+        let have_ranges = ranges_of(&ranges, rev_nat_id);
+        for range in want_ranges.difference(&have_ranges) {
+            ranges.insert((rev_nat_id, *range));
+            ops.push(Op::UpsertSrcRange {
+                rev_nat_id,
+                range: *range,
+            });
+        }
+        if wants_table(c.desired) {
+            let pairs: Vec<(u32, BackendAddr)> = ids
+                .iter()
+                .zip(&c.desired.backends)
+                .map(|(id, b)| (*id, b.addr))
+                .collect();
+            let up_to_date = tables.contains(&rev_nat_id)
+                && current
+                    .maglev
+                    .get(&rev_nat_id)
+                    .is_some_and(|have| !have.is_empty() && *have == super::maglev_ids(&pairs));
+            if !up_to_date {
+                tables.insert(rev_nat_id);
+                ops.push(Op::UpsertMaglev {
+                    rev_nat_id,
+                    backends: pairs,
+                });
+            }
+        }
         let count = u32::try_from(ids.len()).unwrap_or(u32::MAX);
         let (flags, affinity_timeout_s) = wanted_flags(c.desired);
         let master_ok = c.current.is_some_and(|cf| {
@@ -600,6 +703,16 @@ pub fn plan(current: &CurrentState, desired: &DesiredState, cap: &Capacity) -> P
                     .map(|slot| Op::DeleteSlot { frontend: fe, slot }),
             );
         }
+        for range in have_ranges.difference(&want_ranges) {
+            ranges.remove(&(rev_nat_id, *range));
+            ops.push(Op::DeleteSrcRange {
+                rev_nat_id,
+                range: *range,
+            });
+        }
+        if !wants_table(c.desired) && tables.remove(&rev_nat_id) {
+            ops.push(Op::DeleteMaglev { rev_nat_id });
+        }
     }
     let as_is: Vec<&CurrentFrontend> = kept
         .iter()
@@ -624,11 +737,27 @@ pub fn plan(current: &CurrentState, desired: &DesiredState, cap: &Capacity) -> P
             .filter(|id| !phase1_rev_nats.contains(id) && !final_rev_ids.contains(id))
             .map(|&id| Op::DeleteRevNat { id }),
     );
+    let extra_ids: BTreeSet<u32> = tables
+        .iter()
+        .copied()
+        .chain(ranges.iter().map(|(id, _)| *id))
+        .filter(|id| !final_rev_ids.contains(id))
+        .collect();
+    for id in extra_ids {
+        drop_extras(id, &mut ops, &mut tables, &mut ranges);
+    }
 
     // Phase 4.
     let mut final_backend_ids: BTreeSet<u32> = wanted.keys().copied().collect();
     for cf in &as_is {
         final_backend_ids.extend(cf.backend_ids.iter().copied());
+        // A frontend left as it is keeps its table, which may still name backends its
+        // slots no longer do (an interrupted apply).
+        if has_master(cf)
+            && let Some(ids) = current.maglev.get(&cf.rev_nat_id)
+        {
+            final_backend_ids.extend(ids.iter().copied());
+        }
     }
     ops.extend(
         current

@@ -88,6 +88,21 @@ impl CurrentState {
             Op::DeleteBackend { id } => {
                 self.backends.remove(id);
             }
+            Op::UpsertMaglev {
+                rev_nat_id,
+                backends,
+            } => {
+                self.maglev.insert(*rev_nat_id, super::maglev_ids(backends));
+            }
+            Op::DeleteMaglev { rev_nat_id } => {
+                self.maglev.remove(rev_nat_id);
+            }
+            Op::UpsertSrcRange { rev_nat_id, range } => {
+                self.src_ranges.insert((*rev_nat_id, *range));
+            }
+            Op::DeleteSrcRange { rev_nat_id, range } => {
+                self.src_ranges.remove(&(*rev_nat_id, *range));
+            }
             Op::UpsertRevNat { id, frontend } => {
                 // The reverse-NAT entry stores no scope; a read-back reports SCOPE_ALL.
                 self.rev_nats.insert(

@@ -9,7 +9,15 @@
 //!
 //! Removed frontends lose their master slot first, so lookups miss before any of
 //! their slots or backends go away. Id 0 is never valid.
-use std::collections::BTreeMap;
+//!
+//! External frontends (`SCOPE_EXTERNAL`) also own, keyed by their reverse-NAT id, a
+//! Maglev table (written after their backends, before the master that points at it,
+//! deleted after the master stops pointing at it) and their source ranges (new ranges
+//! before the master, leaving ones after it: for a moment both are allowed, never
+//! neither).
+use std::collections::{BTreeMap, BTreeSet};
+
+use ipnet::IpNet;
 
 use crate::model::{BackendAddr, FrontendKey, ServiceRef};
 
@@ -29,6 +37,8 @@ pub struct BackendEntry {
     pub addr: BackendAddr,
     /// `svc_lb_common::BACKEND_*`.
     pub state: u8,
+    /// On this node: written as `svc_lb_common::BACKEND_FLAG_LOCAL`.
+    pub local: bool,
 }
 
 /// A frontend as it is programmed in the service map.
@@ -55,6 +65,12 @@ pub struct CurrentState {
     /// number only. Kept by [`CurrentState::apply`]; ignored by `==` (a read-back cannot
     /// fill it). Build a `CurrentState` with `..Default::default()`.
     pub slots_above_count: SlotIdsAboveCount,
+    /// Maglev tables by reverse-NAT id: the backend ids each was built from, sorted and
+    /// unique. Empty means "contents unknown" (a read-back of the kernel maps does not
+    /// decode tables), which makes the planner rewrite the table.
+    pub maglev: BTreeMap<u32, Vec<u32>>,
+    /// Source-range entries: (reverse-NAT id, prefix).
+    pub src_ranges: BTreeSet<(u32, IpNet)>,
 }
 
 /// One map write or delete.
@@ -93,6 +109,33 @@ pub enum Op {
     DeleteBackend {
         id: u32,
     },
+    /// Writes the Maglev table of an external frontend, built by the datapath from
+    /// these `(backend id, address)` pairs with its table size (see [`crate::maglev`]).
+    UpsertMaglev {
+        rev_nat_id: u32,
+        backends: Vec<(u32, BackendAddr)>,
+    },
+    DeleteMaglev {
+        rev_nat_id: u32,
+    },
+    UpsertSrcRange {
+        rev_nat_id: u32,
+        range: IpNet,
+    },
+    DeleteSrcRange {
+        rev_nat_id: u32,
+        range: IpNet,
+    },
+}
+
+/// The ids a Maglev table built from `backends` holds: sorted, unique, no id 0.
+pub fn maglev_ids(backends: &[(u32, BackendAddr)]) -> Vec<u32> {
+    let ids: BTreeSet<u32> = backends
+        .iter()
+        .map(|(id, _)| *id)
+        .filter(|id| *id != 0)
+        .collect();
+    ids.into_iter().collect()
 }
 
 /// Map capacities, in entries. The planner never emits a plan whose peak usage exceeds

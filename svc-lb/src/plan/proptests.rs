@@ -3,7 +3,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
-use svc_lb_common::{BACKEND_ACTIVE, BACKEND_TERMINATING, PROTO_TCP, PROTO_UDP, SCOPE_ALL};
+use svc_lb_common::{
+    BACKEND_ACTIVE, BACKEND_TERMINATING, PROTO_TCP, PROTO_UDP, SCOPE_ALL, SCOPE_EXTERNAL,
+};
 
 use super::{
     tests::{Rig, Served, expect_served, served, svc},
@@ -19,15 +21,23 @@ use crate::{
     model::{BackendAddr, DesiredBackend, DesiredFrontend, DesiredState, FrontendKey, ServiceRef},
 };
 
-/// Frontends a desired state picks from: both families, two protocols on one address.
-const FRONTENDS: [(&str, u16, u8); 6] = [
-    ("10.96.0.1", 80, PROTO_TCP),
-    ("10.96.0.1", 53, PROTO_UDP),
-    ("10.96.0.2", 80, PROTO_TCP),
-    ("10.96.0.3", 443, PROTO_TCP),
-    ("fd00::1", 80, PROTO_TCP),
-    ("fd00::2", 80, PROTO_TCP),
+/// Frontends a desired state picks from: both families, two protocols on one address,
+/// external-path frontends (node ports on the unspecified address, and the external
+/// twin of a socket-path address).
+const FRONTENDS: [(&str, u16, u8, u8); 9] = [
+    ("10.96.0.1", 80, PROTO_TCP, SCOPE_ALL),
+    ("10.96.0.1", 53, PROTO_UDP, SCOPE_ALL),
+    ("10.96.0.2", 80, PROTO_TCP, SCOPE_ALL),
+    ("10.96.0.3", 443, PROTO_TCP, SCOPE_ALL),
+    ("fd00::1", 80, PROTO_TCP, SCOPE_ALL),
+    ("fd00::2", 80, PROTO_TCP, SCOPE_ALL),
+    ("0.0.0.0", 30080, PROTO_TCP, SCOPE_EXTERNAL),
+    ("10.96.0.2", 80, PROTO_TCP, SCOPE_EXTERNAL),
+    ("::", 30080, PROTO_TCP, SCOPE_EXTERNAL),
 ];
+/// Source ranges an external frontend picks from, per family.
+const V4_RANGES: [&str; 3] = ["10.0.0.0/8", "192.0.2.0/24", "203.0.113.7/32"];
+const V6_RANGES: [&str; 2] = ["2001:db8::/32", "fd00::/8"];
 /// Small backend pools, so that frontends share backends often.
 const V4_POOL: [&str; 5] = ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5"];
 const V6_POOL: [&str; 3] = ["fd00:1::1", "fd00:1::2", "fd00:1::3"];
@@ -40,6 +50,9 @@ struct FrontendSpec {
     backends: u8,
     terminating: u8,
     affinity: Option<u32>,
+    /// External frontends: which source ranges, whether externalTrafficPolicy is Local.
+    ranges: u8,
+    ext_local: bool,
 }
 
 fn frontend_spec() -> impl Strategy<Value = FrontendSpec> {
@@ -49,14 +62,18 @@ fn frontend_spec() -> impl Strategy<Value = FrontendSpec> {
         any::<u8>(),
         any::<u8>(),
         prop_oneof![3 => Just(None), 1 => Just(Some(10)), 1 => Just(Some(10_800))],
+        any::<u8>(),
+        prop::bool::ANY,
     )
         .prop_map(
-            |(present, service, backends, terminating, affinity)| FrontendSpec {
+            |(present, service, backends, terminating, affinity, ranges, ext_local)| FrontendSpec {
                 present,
                 service,
                 backends,
                 terminating,
                 affinity,
+                ranges,
+                ext_local,
             },
         )
 }
@@ -64,7 +81,7 @@ fn frontend_spec() -> impl Strategy<Value = FrontendSpec> {
 fn desired_state() -> impl Strategy<Value = DesiredState> {
     prop::collection::vec(frontend_spec(), FRONTENDS.len()).prop_map(|specs| {
         let mut d = DesiredState::default();
-        for ((addr, port, proto), spec) in FRONTENDS.iter().zip(specs) {
+        for ((addr, port, proto, scope), spec) in FRONTENDS.iter().zip(specs) {
             if !spec.present {
                 continue;
             }
@@ -72,7 +89,7 @@ fn desired_state() -> impl Strategy<Value = DesiredState> {
                 addr: addr.parse().unwrap(),
                 port: *port,
                 proto: *proto,
-                scope: SCOPE_ALL,
+                scope: *scope,
             };
             let pool: &[&str] = if key.addr.is_ipv4() {
                 &V4_POOL
@@ -94,9 +111,34 @@ fn desired_state() -> impl Strategy<Value = DesiredState> {
                     } else {
                         BACKEND_ACTIVE
                     },
+                    local: i % 2 == 0,
                 })
                 .collect();
             backends.sort_unstable();
+            let (mut flags, mut src_ranges) = (0, Vec::new());
+            if *scope == SCOPE_EXTERNAL {
+                let pool: &[&str] = if key.addr.is_ipv4() {
+                    &V4_RANGES
+                } else {
+                    &V6_RANGES
+                };
+                src_ranges = pool
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| spec.ranges & (1 << i) != 0)
+                    .map(|(_, r)| r.parse::<ipnet::IpNet>().unwrap())
+                    .collect();
+                src_ranges.sort_unstable();
+                if !src_ranges.is_empty() {
+                    flags |= svc_lb_common::SVC_FLAG_SRC_RANGES;
+                }
+                if spec.ext_local {
+                    flags |= svc_lb_common::SVC_FLAG_EXT_LOCAL;
+                    if backends.is_empty() && spec.ranges & 0x80 != 0 {
+                        flags |= svc_lb_common::SVC_FLAG_DROP_EMPTY;
+                    }
+                }
+            }
             d.frontends.insert(
                 key,
                 DesiredFrontend {
@@ -107,6 +149,8 @@ fn desired_state() -> impl Strategy<Value = DesiredState> {
                     affinity_timeout_s: spec.affinity,
                     kind: svc_lb_common::KIND_CLUSTER_IP,
                     meta_flags: 0,
+                    flags,
+                    src_ranges,
                 },
             );
         }
@@ -207,6 +251,9 @@ fn step(rig: &mut Rig, desired: &DesiredState) -> Result<Plan, TestCaseError> {
         return Err(TestCaseError::fail(format!("apply failed: {e:#}")));
     }
     prop_assert_eq!(&rig.current, &rig.fake.read_current().unwrap());
+    if let Err(e) = rig.fake.check_settled() {
+        return Err(TestCaseError::fail(format!("after the whole plan: {e}")));
+    }
     let after = all_served(rig, keys.iter().copied());
 
     let rejected: BTreeSet<&ServiceRef> = p.rejected.iter().map(|r| &r.service).collect();
@@ -322,6 +369,7 @@ proptest! {
         // Ending with nothing desired leaves nothing in any map.
         step(&mut rig, &DesiredState::default())?;
         prop_assert_eq!(rig.fake.usage(), Capacity { svc4_entries: 0, svc6_entries: 0, backends: 0, rev_nats: 0 });
+        prop_assert!(rig.fake.maglev().is_empty() && rig.fake.src_ranges().is_empty());
     }
 
     #[test]
@@ -419,6 +467,33 @@ fn any_op() -> impl Strategy<Value = Op> {
         ),
         (key.clone(), 1u16..6).prop_map(|(frontend, slot)| Op::DeleteSlot { frontend, slot }),
         key.prop_map(|frontend| Op::DeleteMaster { frontend }),
+        (1u32..3, prop::collection::vec(1u32..5, 0..4)).prop_map(|(rev_nat_id, ids)| {
+            Op::UpsertMaglev {
+                rev_nat_id,
+                backends: ids
+                    .into_iter()
+                    .map(|id| {
+                        (
+                            id,
+                            BackendAddr {
+                                addr: format!("10.0.0.{id}").parse().unwrap(),
+                                port: 80,
+                                proto: PROTO_TCP,
+                            },
+                        )
+                    })
+                    .collect(),
+            }
+        }),
+        (1u32..3).prop_map(|rev_nat_id| Op::DeleteMaglev { rev_nat_id }),
+        (1u32..3, prop::bool::ANY).prop_map(|(rev_nat_id, v6)| Op::UpsertSrcRange {
+            rev_nat_id,
+            range: if v6 { "fd00::/8" } else { "10.0.0.0/8" }.parse().unwrap(),
+        }),
+        (1u32..3, prop::bool::ANY).prop_map(|(rev_nat_id, v6)| Op::DeleteSrcRange {
+            rev_nat_id,
+            range: if v6 { "fd00::/8" } else { "10.0.0.0/8" }.parse().unwrap(),
+        }),
     ]
 }
 
@@ -438,6 +513,7 @@ proptest! {
                 backend: BackendEntry {
                     addr: BackendAddr { addr: format!("10.0.0.{id}").parse().unwrap(), port: 80, proto: PROTO_TCP },
                     state: BACKEND_ACTIVE,
+                    local: false,
                 },
             })
             .chain((1..3).map(|id| Op::UpsertRevNat { id, frontend: FrontendKey {

@@ -46,6 +46,7 @@ pub(super) fn be(addr: &str) -> DesiredBackend {
     DesiredBackend {
         addr: baddr(addr),
         state: BACKEND_ACTIVE,
+        local: false,
     }
 }
 
@@ -53,6 +54,7 @@ fn term(addr: &str) -> DesiredBackend {
     DesiredBackend {
         addr: baddr(addr),
         state: BACKEND_TERMINATING,
+        local: false,
     }
 }
 
@@ -71,12 +73,15 @@ pub(super) fn frontend(
         affinity_timeout_s: None,
         kind: svc_lb_common::KIND_CLUSTER_IP,
         meta_flags: 0,
+        flags: 0,
+        src_ranges: Vec::new(),
     }
 }
 
 pub(super) fn state(frontends: Vec<DesiredFrontend>) -> DesiredState {
     DesiredState {
         frontends: frontends.into_iter().map(|f| (f.key, f)).collect(),
+        health_checks: Default::default(),
     }
 }
 
@@ -95,6 +100,7 @@ fn ub(id: u32, b: DesiredBackend) -> Op {
         backend: BackendEntry {
             addr: b.addr,
             state: b.state,
+            local: false,
         },
     }
 }
@@ -138,6 +144,10 @@ pub(super) struct Served {
     pub flags: u16,
     pub affinity_timeout_s: u32,
     pub rev_nat: FrontendKey,
+    /// The frontend's source ranges.
+    pub src_ranges: Vec<ipnet::IpNet>,
+    /// Its Maglev table, entry by entry, as backend addresses (empty: no table).
+    pub table: Vec<BackendAddr>,
 }
 
 pub(super) fn served(fake: &FakeMaps, key: &FrontendKey) -> Option<Served> {
@@ -149,31 +159,67 @@ pub(super) fn served(fake: &FakeMaps, key: &FrontendKey) -> Option<Served> {
             DesiredBackend {
                 addr: b.addr,
                 state: b.state,
+                local: b.local,
             }
         })
         .collect();
+    let id = master.rev_nat_id;
     Some(Served {
         backends,
         flags: master.flags,
         affinity_timeout_s: master.affinity_timeout_s,
-        rev_nat: codec::revnat_from_raw(&fake.rev_nats()[&master.rev_nat_id]).unwrap(),
+        rev_nat: codec::revnat_from_raw(&fake.rev_nats()[&id]).unwrap(),
+        src_ranges: fake
+            .src_ranges()
+            .iter()
+            .filter(|(i, _)| *i == id)
+            .map(|(_, r)| *r)
+            .collect(),
+        table: fake
+            .maglev()
+            .get(&id)
+            .into_iter()
+            .flatten()
+            .map(|b| codec::backend_from_raw(&fake.backends()[b]).unwrap().addr)
+            .collect(),
     })
 }
 
 pub(super) fn expect_served(d: &DesiredFrontend) -> Served {
     Served {
         backends: d.backends.clone(),
-        flags: if d.affinity_timeout_s.is_some() {
-            SVC_FLAG_AFFINITY
-        } else {
-            0
-        },
+        flags: d.flags
+            | if d.affinity_timeout_s.is_some() {
+                SVC_FLAG_AFFINITY
+            } else {
+                0
+            },
         affinity_timeout_s: d.affinity_timeout_s.unwrap_or(0),
         rev_nat: FrontendKey {
             scope: SCOPE_ALL,
             ..d.key
         },
+        src_ranges: d.src_ranges.clone(),
+        table: expected_table(d),
     }
+}
+
+/// The Maglev table an external frontend must have, as addresses: it depends on the
+/// backend addresses only, so any ids will do.
+fn expected_table(d: &DesiredFrontend) -> Vec<BackendAddr> {
+    if d.key.scope != svc_lb_common::SCOPE_EXTERNAL || d.backends.is_empty() {
+        return Vec::new();
+    }
+    let pairs: Vec<(u32, BackendAddr)> = d
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| (i as u32 + 1, b.addr))
+        .collect();
+    crate::maglev::populate(&pairs, crate::datapath::fake::FAKE_MAGLEV_SIZE)
+        .iter()
+        .map(|id| pairs[*id as usize - 1].1)
+        .collect()
 }
 
 /// A fake and its mirror, driven the way the agent drives them.
@@ -602,10 +648,12 @@ fn holes_and_foreign_ids_are_rewritten() {
     let b1 = BackendEntry {
         addr: baddr("10.0.0.1"),
         state: BACKEND_ACTIVE,
+        local: false,
     };
     let b2 = BackendEntry {
         addr: baddr("10.0.0.2"),
         state: BACKEND_ACTIVE,
+        local: false,
     };
     let current = CurrentState {
         frontends: BTreeMap::from([(
@@ -869,6 +917,7 @@ fn frontend_with_too_many_backends_rejects_its_service_and_keeps_the_old_one() {
                 proto: PROTO_TCP,
             },
             state: BACKEND_ACTIVE,
+            local: false,
         })
         .collect();
     let d = state(vec![
@@ -975,4 +1024,148 @@ fn mirror_ignores_timeout_without_affinity_like_a_read_back() {
     }
     assert_eq!(m.frontends[&fe1()].affinity_timeout_s, 0);
     assert_eq!(m, fake.read_current().unwrap());
+}
+
+/// External frontends: the Maglev table and source ranges go in after the backends and
+/// before the master, and out after it; a restart rewrites tables and nothing else.
+#[test]
+fn external_tables_and_ranges_are_ordered_around_the_master() {
+    let ext = FrontendKey {
+        addr: "0.0.0.0".parse().unwrap(),
+        port: 30080,
+        proto: PROTO_TCP,
+        scope: svc_lb_common::SCOPE_EXTERNAL,
+    };
+    let mut f = frontend("web", ext, &[be("10.0.0.1"), be("10.0.0.2")]);
+    f.flags = svc_lb_common::SVC_FLAG_SRC_RANGES;
+    f.src_ranges = vec!["192.0.2.0/24".parse().unwrap()];
+    let d = state(vec![f.clone()]);
+    let mut rig = Rig::new(big());
+    let p = rig.plan(&d);
+    let pos = |p: &Plan, pred: &dyn Fn(&Op) -> bool| p.ops.iter().position(pred).unwrap();
+    let master = pos(&p, &|o| matches!(o, Op::UpsertMaster { .. }));
+    let table = pos(&p, &|o| matches!(o, Op::UpsertMaglev { .. }));
+    let range = pos(&p, &|o| matches!(o, Op::UpsertSrcRange { .. }));
+    let last_backend = p
+        .ops
+        .iter()
+        .rposition(|o| matches!(o, Op::UpsertBackend { .. }))
+        .unwrap();
+    assert!(
+        last_backend < table && table < master && range < master,
+        "{:#?}",
+        p.ops
+    );
+    apply_plan(&mut rig.fake, &mut rig.current, &p).unwrap();
+    rig.fake.check_settled().unwrap();
+    assert_eq!(rig.fake.maglev().len(), 1);
+
+    // A restart: the real datapath reads tables back as "unknown" (empty id lists).
+    let mut restarted = rig.fake.read_current().unwrap();
+    for ids in restarted.maglev.values_mut() {
+        ids.clear();
+    }
+    let again = plan(&restarted, &d, &big());
+    assert_eq!(again.ops.len(), 1, "{:#?}", again.ops);
+    assert!(matches!(again.ops[0], Op::UpsertMaglev { .. }));
+
+    // Another range replaces the first: the new one goes in before the master would
+    // change, the old one out after it; a backend leaving rewrites the table.
+    let mut g = frontend("web", ext, &[be("10.0.0.1")]);
+    g.flags = svc_lb_common::SVC_FLAG_SRC_RANGES;
+    g.src_ranges = vec!["198.51.100.0/24".parse().unwrap()];
+    let p = rig.plan(&state(vec![g]));
+    let add = pos(&p, &|o| matches!(o, Op::UpsertSrcRange { .. }));
+    let del = pos(&p, &|o| matches!(o, Op::DeleteSrcRange { .. }));
+    let table = pos(&p, &|o| matches!(o, Op::UpsertMaglev { .. }));
+    let master = pos(&p, &|o| matches!(o, Op::UpsertMaster { .. }));
+    let gone = pos(&p, &|o| matches!(o, Op::DeleteBackend { .. }));
+    assert!(
+        add < master && table < master && master < del && table < gone,
+        "{:#?}",
+        p.ops
+    );
+    apply_plan(&mut rig.fake, &mut rig.current, &p).unwrap();
+    rig.fake.check_settled().unwrap();
+
+    // Removal: master first, then table and ranges, backends last.
+    let p = rig.plan(&DesiredState::default());
+    let master = pos(&p, &|o| matches!(o, Op::DeleteMaster { .. }));
+    let table = pos(&p, &|o| matches!(o, Op::DeleteMaglev { .. }));
+    let range = pos(&p, &|o| matches!(o, Op::DeleteSrcRange { .. }));
+    let backend = pos(&p, &|o| matches!(o, Op::DeleteBackend { .. }));
+    assert!(
+        master < table && master < range && table < backend,
+        "{:#?}",
+        p.ops
+    );
+    apply_plan(&mut rig.fake, &mut rig.current, &p).unwrap();
+    assert!(rig.fake.maglev().is_empty() && rig.fake.src_ranges().is_empty());
+}
+
+/// The fake refuses an external master without a table, and a SRC_RANGES master
+/// without ranges.
+#[test]
+fn fake_checks_external_invariants() {
+    let ext = FrontendKey {
+        addr: "192.0.2.10".parse().unwrap(),
+        port: 80,
+        proto: PROTO_TCP,
+        scope: svc_lb_common::SCOPE_EXTERNAL,
+    };
+    let mut fake = FakeMaps::new(big());
+    for op in [
+        ub(1, be("10.0.0.1")),
+        Op::UpsertRevNat {
+            id: 1,
+            frontend: ext,
+        },
+        Op::UpsertSlot {
+            frontend: ext,
+            slot: 1,
+            backend_id: 1,
+        },
+    ] {
+        fake.apply(&op).unwrap();
+    }
+    let master = |flags| Op::UpsertMaster {
+        frontend: ext,
+        count: 1,
+        rev_nat_id: 1,
+        flags,
+        affinity_timeout_s: 0,
+    };
+    for (what, op) in [
+        ("no Maglev table", master(0)),
+        (
+            "no source range",
+            master(svc_lb_common::SVC_FLAG_SRC_RANGES),
+        ),
+    ] {
+        let err = fake.apply(&op).unwrap_err();
+        assert!(
+            matches!(
+                err.downcast_ref::<FakeError>(),
+                Some(FakeError::Invariant(_))
+            ),
+            "{what}: {err:#}"
+        );
+    }
+    fake.apply(&Op::UpsertMaglev {
+        rev_nat_id: 1,
+        backends: vec![(1, baddr("10.0.0.1"))],
+    })
+    .unwrap();
+    fake.apply(&master(0)).unwrap();
+    // The table names backend 1: it cannot go while the master uses the table.
+    fake.apply(&Op::DeleteSlot {
+        frontend: ext,
+        slot: 1,
+    })
+    .unwrap_err();
+    let err = fake.apply(&Op::DeleteMaglev { rev_nat_id: 1 }).unwrap_err();
+    assert!(matches!(
+        err.downcast_ref::<FakeError>(),
+        Some(FakeError::Invariant(_))
+    ));
 }

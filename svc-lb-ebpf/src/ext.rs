@@ -1,0 +1,690 @@
+//! The external path's decisions, shared by tc (`tc.rs`) and XDP (`xdp.rs`): conntrack,
+//! backend choice (svc-lb-common's `choose_external`, which `svc-lb trace` also runs),
+//! DNAT/SNAT, reverse NAT of replies, and the reject.
+//!
+//! A flow has two conntrack entries (`LB_CT_V1`):
+//! - forward, keyed by the client's packet (client → frontend): backend and SNAT source;
+//! - reply, keyed by the backend's answer as it reaches this node: backend → client
+//!   (local backend, translated at tc egress) or backend → node SNAT address:port
+//!   (remote backend, translated at tc ingress).
+//!
+//! Every packet of a flow refreshes its entry's lifetime (`CT_*_TIMEOUT_S`); a TCP FIN
+//! or RST shortens it to `CT_TCP_CLOSE_TIMEOUT_S` (`CT_FLAG_CLOSING`). An expired entry
+//! is ignored, so the next packet starts a new flow.
+// Keys and values in the per-CPU scratch map are passed by reference on purpose: by
+// value they would be copied onto the 512-byte stack, which is what the scratch avoids.
+#![allow(clippy::needless_borrows_for_generic_args)]
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    btf_maps::lpm_trie::Key,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+};
+use svc_lb_common::{
+    AffinityExtKey, AffinityMatchKey, AffinityValue, BACKEND_FLAG_LOCAL, CT_DIR_FORWARD,
+    CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, CT_TCP_CLOSE_TIMEOUT_S,
+    CT_TCP_SYN_TIMEOUT_S, CT_TCP_TIMEOUT_S, CT_UDP_TIMEOUT_S, CTR_EXT_AFF_HIT,
+    CTR_EXT_AFF_UPDATE_FAIL, CTR_EXT_BACKEND_GONE, CTR_EXT_BACKEND_MISSING, CTR_EXT_CT_CLOSING,
+    CTR_EXT_CT_HIT, CTR_EXT_CT_UPDATE_FAIL, CTR_EXT_FORWARDED, CTR_EXT_MAGLEV_MISSING,
+    CTR_EXT_NO_SNAT_ADDR, CTR_EXT_REJECT_FAILED, CTR_EXT_REPLY_XLATED, CTR_EXT_REWRITE_FAIL,
+    CTR_EXT_SNAT_PORT_EXHAUSTED, CtKey, CtValue, ExtChoice, ExtVia, FAMILY_V4, MAGLEV_TABLE_MAX,
+    NodeAddrKey, PROTO_TCP, SCOPE_EXTERNAL, SNAT_PORT_TRIES, SVC_FLAG_EXT_LOCAL, SrcRange4Key,
+    SrcRange6Key, Stickiness, Svc4Key, Svc6Key, SvcValue, choose_external, lookup::snat_port,
+    maglev::flow_hash,
+};
+
+use crate::{
+    maps::{
+        LB_AFFEXT_V1, LB_AFFMATCH_V1, LB_BACKENDS_V1, LB_CONFIG_V1, LB_CT_V1, LB_MAGLEV_V1,
+        LB_NODEADDR_V1, LB_SCRATCH, LB_SRCRNG4_V1, LB_SRCRNG6_V1, LB_SVC4_V1, LB_SVC6_V1,
+    },
+    nat::{Rewrite, rewrite},
+    parse::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    pkt::Pkt,
+    reject,
+    sock::{count, count_conn},
+};
+
+/// What the wrapper does with the packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Untouched: continue into the stack.
+    Pass,
+    /// Rewritten in place (NAT or reverse NAT): continue into the stack.
+    Translated,
+    Drop,
+    /// The packet was replaced by an ICMP error: send it back out the same device.
+    Reject,
+}
+
+const SEC: u64 = 1_000_000_000;
+
+#[inline(always)]
+fn ct_key(f: &Flow, dir: u8) -> CtKey {
+    CtKey {
+        saddr_be: f.saddr,
+        daddr_be: f.daddr,
+        sport_be: f.sport,
+        dport_be: f.dport,
+        proto: f.proto,
+        family: f.family,
+        dir,
+        _pad: 0,
+    }
+}
+
+/// Lifetime of an entry after this packet, and whether the flow is closing.
+#[inline(always)]
+fn lifetime(f: &Flow, was_closing: bool) -> (u64, bool) {
+    if f.proto != PROTO_TCP {
+        return (CT_UDP_TIMEOUT_S * SEC, false);
+    }
+    if was_closing || f.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        return (CT_TCP_CLOSE_TIMEOUT_S * SEC, true);
+    }
+    if f.tcp_flags & TCP_SYN != 0 && f.tcp_flags & TCP_ACK == 0 {
+        return (CT_TCP_SYN_TIMEOUT_S * SEC, false);
+    }
+    (CT_TCP_TIMEOUT_S * SEC, false)
+}
+
+/// Refreshes an entry for one more packet of its flow.
+#[inline(always)]
+fn refresh(v: *mut CtValue, f: &Flow, now: u64, extra_flags: u8) {
+    let flags = unsafe { (*v).flags };
+    let was_closing = flags & CT_FLAG_CLOSING != 0;
+    let (life, closing) = lifetime(f, was_closing);
+    let mut new_flags = flags | extra_flags;
+    if closing {
+        if !was_closing {
+            count(CTR_EXT_CT_CLOSING);
+        }
+        new_flags |= CT_FLAG_CLOSING;
+    }
+    unsafe {
+        (*v).expires_ns = now + life;
+        if new_flags != flags {
+            (*v).flags = new_flags;
+        }
+    }
+}
+
+#[inline(always)]
+fn apply<C: Pkt>(c: &C, f: &Flow, to: &Rewrite) -> Verdict {
+    if rewrite(c, f, to) {
+        Verdict::Translated
+    } else {
+        count(CTR_EXT_REWRITE_FAIL);
+        Verdict::Drop
+    }
+}
+
+// ---- reply direction (tc only) ----
+
+/// Reverse NAT of a backend's reply. `snat`: tc ingress handles replies to SNATed flows
+/// (backend → node:port, restored to frontend → client); tc egress handles replies of
+/// local backends (backend → client, source restored to the frontend). `None`: not a
+/// reply this direction translates.
+///
+/// Not inlined (here and in [`forward`]): as separate BPF functions the reply and the
+/// forward path each get their own stack frame instead of adding up in one 512-byte
+/// frame.
+#[inline(never)]
+pub fn reply<C: Pkt>(c: &C, f: &Flow, snat: bool) -> Option<Verdict> {
+    let v = LB_CT_V1.get_ptr_mut(ct_key(f, CT_DIR_REPLY))?;
+    let now = unsafe { bpf_ktime_get_ns() };
+    let (expires, flags, nat_addr, nat_port, client_addr, client_port) = unsafe {
+        (
+            (*v).expires_ns,
+            (*v).flags,
+            (*v).nat_addr_be,
+            (*v).nat_port_be,
+            (*v).snat_addr_be,
+            (*v).snat_port_be,
+        )
+    };
+    if expires <= now || (flags & CT_FLAG_SNAT != 0) != snat {
+        return None;
+    }
+    refresh(v, f, now, CT_FLAG_SEEN_REPLY);
+    // Keep the forward entry alive while the backend answers (a server-push flow).
+    if let Some(s) = LB_SCRATCH.get_ptr_mut(0) {
+        // SAFETY: per-CPU scratch, only this program run uses it.
+        let s = unsafe { &mut *s };
+        s.fkey = CtKey {
+            saddr_be: if snat { client_addr } else { f.daddr },
+            daddr_be: nat_addr,
+            sport_be: if snat { client_port } else { f.dport },
+            dport_be: nat_port,
+            proto: f.proto,
+            family: f.family,
+            dir: CT_DIR_FORWARD,
+            _pad: 0,
+        };
+        if let Some(fwd) = LB_CT_V1.get_ptr_mut(&s.fkey) {
+            refresh(fwd, f, now, 0);
+        }
+    }
+    let to = if snat {
+        Rewrite {
+            saddr: nat_addr,
+            sport: nat_port,
+            daddr: client_addr,
+            dport: client_port,
+        }
+    } else {
+        Rewrite {
+            saddr: nat_addr,
+            sport: nat_port,
+            daddr: f.daddr,
+            dport: f.dport,
+        }
+    };
+    count(CTR_EXT_REPLY_XLATED);
+    Some(apply(c, f, &to))
+}
+
+// ---- forward direction (tc ingress and XDP) ----
+
+/// A packet from a client: an established flow keeps its backend; a new one is chosen,
+/// recorded and translated; a packet to no external frontend passes untouched.
+#[inline(always)]
+pub fn forward<C: Pkt>(c: &C, f: &Flow) -> Verdict {
+    let now = unsafe { bpf_ktime_get_ns() };
+    match established(c, f, now) {
+        Some(v) => v,
+        None => new_flow(c, f, now),
+    }
+}
+
+/// A packet of a flow with a live forward entry whose backend is still there: the
+/// flow's translation. `None`: no such entry (or its backend is gone), a new flow.
+#[inline(never)]
+fn established<C: Pkt>(c: &C, f: &Flow, now: u64) -> Option<Verdict> {
+    if let Some(v) = LB_CT_V1.get_ptr_mut(ct_key(f, CT_DIR_FORWARD)) {
+        let e = unsafe { *v };
+        if e.expires_ns > now {
+            let Some(s) = LB_SCRATCH.get_ptr_mut(0) else {
+                count(CTR_EXT_CT_UPDATE_FAIL);
+                return Some(Verdict::Drop);
+            };
+            // SAFETY: per-CPU scratch, only this program run uses it.
+            let s = unsafe { &mut *s };
+            let snat = e.flags & CT_FLAG_SNAT != 0;
+            let (saddr, sport) = if snat {
+                (e.snat_addr_be, e.snat_port_be)
+            } else {
+                (f.saddr, f.sport)
+            };
+            // The flow's reply entry (backend → client, or backend → SNAT address).
+            s.rkey = CtKey {
+                saddr_be: e.nat_addr_be,
+                daddr_be: saddr,
+                sport_be: e.nat_port_be,
+                dport_be: sport,
+                proto: f.proto,
+                family: f.family,
+                dir: CT_DIR_REPLY,
+                _pad: 0,
+            };
+            let same = match LB_BACKENDS_V1.get_ptr(e.backend_id) {
+                Some(b) => unsafe {
+                    (*b).addr_be == e.nat_addr_be && (*b).port_be == e.nat_port_be
+                },
+                None => false,
+            };
+            if same {
+                count(CTR_EXT_CT_HIT);
+                refresh(v, f, now, 0);
+                // Keep the reply entry alive as long as the client sends (a one-way
+                // flow's late answer must still be translated), and bring it back if
+                // the LRU evicted it.
+                match LB_CT_V1.get_ptr_mut(&s.rkey) {
+                    Some(r) => refresh(r, f, now, 0),
+                    None => {
+                        s.rval = CtValue {
+                            expires_ns: unsafe { (*v).expires_ns },
+                            backend_id: e.backend_id,
+                            rev_nat_id: e.rev_nat_id,
+                            nat_addr_be: f.daddr,
+                            snat_addr_be: if snat { f.saddr } else { [0; 4] },
+                            nat_port_be: f.dport,
+                            snat_port_be: if snat { f.sport } else { 0 },
+                            flags: e.flags & (CT_FLAG_SNAT | CT_FLAG_CLOSING),
+                            _pad: [0; 3],
+                        };
+                        if LB_CT_V1.insert(&s.rkey, &s.rval, 0).is_err() {
+                            count(CTR_EXT_CT_UPDATE_FAIL);
+                        }
+                    }
+                }
+                return Some(apply(
+                    c,
+                    f,
+                    &Rewrite {
+                        saddr,
+                        sport,
+                        daddr: e.nat_addr_be,
+                        dport: e.nat_port_be,
+                    },
+                ));
+            }
+            // The backend left the Service (or its id was reused for another address).
+            // The flow is chosen anew below, for UDP and TCP alike. For TCP this is the
+            // reset: the new backend has no socket for a mid-stream segment and answers
+            // it with RST, which comes back through the reverse NAT with the frontend's
+            // address, so the client sees its connection reset by the Service (a SYN
+            // retransmission simply connects). Sending a RST from here would need a
+            // second packet or a rebuilt one, for the same outcome.
+            count(CTR_EXT_BACKEND_GONE);
+            let _ = LB_CT_V1.remove(&s.rkey);
+        }
+    }
+    None
+}
+
+/// The external frontend of a packet: exact (destination, port, protocol) first, then
+/// the NodePort entry (unspecified address) when the destination is a node address.
+/// Returns the master entry and the address its slots are keyed by.
+#[inline(always)]
+fn frontend(f: &Flow) -> Option<(SvcValue, [u32; 4])> {
+    if f.family == FAMILY_V4 {
+        let mut key = Svc4Key {
+            addr_be: f.daddr[0],
+            port_be: f.dport,
+            slot: 0,
+            proto: f.proto,
+            scope: SCOPE_EXTERNAL,
+            _pad: [0; 2],
+        };
+        if let Some(v) = LB_SVC4_V1.get_ptr(key) {
+            return Some((unsafe { *v }, f.daddr));
+        }
+        if !is_node_addr(f) {
+            return None;
+        }
+        key.addr_be = 0;
+        LB_SVC4_V1.get_ptr(key).map(|v| (unsafe { *v }, [0; 4]))
+    } else {
+        let mut key = Svc6Key {
+            addr_be: f.daddr,
+            port_be: f.dport,
+            slot: 0,
+            proto: f.proto,
+            scope: SCOPE_EXTERNAL,
+            _pad: [0; 2],
+        };
+        if let Some(v) = LB_SVC6_V1.get_ptr(key) {
+            return Some((unsafe { *v }, f.daddr));
+        }
+        if !is_node_addr(f) {
+            return None;
+        }
+        key.addr_be = [0; 4];
+        LB_SVC6_V1.get_ptr(key).map(|v| (unsafe { *v }, [0; 4]))
+    }
+}
+
+#[inline(always)]
+fn is_node_addr(f: &Flow) -> bool {
+    LB_NODEADDR_V1
+        .get_ptr(NodeAddrKey {
+            addr_be: f.daddr,
+            family: f.family,
+            _pad: [0; 3],
+        })
+        .is_some()
+}
+
+#[inline(always)]
+fn slot_backend(f: &Flow, fe_addr: &[u32; 4], slot: u16) -> Option<u32> {
+    let v = if f.family == FAMILY_V4 {
+        LB_SVC4_V1.get_ptr(Svc4Key {
+            addr_be: fe_addr[0],
+            port_be: f.dport,
+            slot,
+            proto: f.proto,
+            scope: SCOPE_EXTERNAL,
+            _pad: [0; 2],
+        })
+    } else {
+        LB_SVC6_V1.get_ptr(Svc6Key {
+            addr_be: *fe_addr,
+            port_be: f.dport,
+            slot,
+            proto: f.proto,
+            scope: SCOPE_EXTERNAL,
+            _pad: [0; 2],
+        })
+    }?;
+    Some(unsafe { (*v).backend_id })
+}
+
+#[inline(always)]
+fn src_allowed(f: &Flow, rev_nat_id: u32) -> bool {
+    if f.family == FAMILY_V4 {
+        let key = Key::new(
+            64,
+            SrcRange4Key {
+                rev_nat_id_be: rev_nat_id.to_be(),
+                addr_be: f.saddr[0],
+            },
+        );
+        LB_SRCRNG4_V1.get(&key).is_some()
+    } else {
+        let key = Key::new(
+            160,
+            SrcRange6Key {
+                rev_nat_id_be: rev_nat_id.to_be(),
+                addr_be: f.saddr,
+            },
+        );
+        LB_SRCRNG6_V1.get(&key).is_some()
+    }
+}
+
+#[inline(always)]
+fn aff_key(f: &Flow, rev_nat_id: u32) -> AffinityExtKey {
+    AffinityExtKey {
+        addr_be: f.saddr,
+        rev_nat_id,
+        family: f.family,
+        _pad: [0; 3],
+    }
+}
+
+#[inline(always)]
+fn remember(f: &Flow, rev_nat_id: u32, backend_id: u32, sticky: Stickiness) {
+    let now_ns = match sticky {
+        Stickiness::Off => return,
+        Stickiness::Remembered { now_ns } => {
+            count(CTR_EXT_AFF_HIT);
+            now_ns
+        }
+        Stickiness::New { now_ns, .. } => now_ns,
+    };
+    let value = AffinityValue {
+        last_used_ns: now_ns,
+        backend_id,
+        _pad: 0,
+    };
+    if LB_AFFEXT_V1
+        .insert(aff_key(f, rev_nat_id), value, 0)
+        .is_err()
+    {
+        count(CTR_EXT_AFF_UPDATE_FAIL);
+    }
+}
+
+/// What [`decide`] found for the first packet of a flow.
+#[derive(Clone, Copy)]
+enum Decision {
+    Pass,
+    Drop,
+    Reject,
+    Backend {
+        backend_id: u32,
+        rev_nat_id: u32,
+        /// DNAT only (local backend or externalTrafficPolicy Local).
+        local: bool,
+    },
+}
+
+/// The first packet of a flow (or of a flow whose backend left): choice, conntrack,
+/// translation; or the reject, the drop, or untouched when it is not for a frontend.
+///
+/// The choice, the reject and the conntrack/translation are three separate BPF
+/// functions called one after the other, so their stack frames never add up.
+#[inline(always)]
+fn new_flow<C: Pkt>(c: &C, f: &Flow, now: u64) -> Verdict {
+    let hash = flow_hash(&f.saddr, f.sport, f.dport, f.proto);
+    match decide(f, now, hash) {
+        Decision::Pass => Verdict::Pass,
+        Decision::Drop => Verdict::Drop,
+        Decision::Reject => reject(c, f),
+        Decision::Backend {
+            backend_id,
+            rev_nat_id,
+            local,
+        } => establish(
+            c,
+            f,
+            &NewFlow {
+                now,
+                hash,
+                backend_id,
+                rev_nat_id,
+                local,
+            },
+        ),
+    }
+}
+
+/// The arguments of [`establish`] (a BPF function takes at most five).
+#[derive(Clone, Copy)]
+struct NewFlow {
+    now: u64,
+    hash: u32,
+    backend_id: u32,
+    rev_nat_id: u32,
+    local: bool,
+}
+
+#[inline(never)]
+fn reject<C: Pkt>(c: &C, f: &Flow) -> Verdict {
+    if reject::build(c, f) {
+        Verdict::Reject
+    } else {
+        count(CTR_EXT_REJECT_FAILED);
+        Verdict::Drop
+    }
+}
+
+/// The choice for a new flow (svc-lb-common's `choose_external` over the maps); counts
+/// the reason of a drop or reject, remembers an affinity choice. No packet access.
+#[inline(never)]
+fn decide(f: &Flow, now: u64, hash: u32) -> Decision {
+    let Some((master, fe_addr)) = frontend(f) else {
+        return Decision::Pass;
+    };
+    let maglev_size = match LB_CONFIG_V1.get(0) {
+        Some(cfg) => cfg.maglev_size,
+        None => 0,
+    };
+    let choice = choose_external(
+        Some(&master),
+        |rev| src_allowed(f, rev),
+        hash,
+        || now,
+        |rev| unsafe { LB_AFFEXT_V1.get(aff_key(f, rev)) }.copied(),
+        |backend_id, rev_nat_id| {
+            LB_AFFMATCH_V1
+                .get_ptr(AffinityMatchKey {
+                    backend_id,
+                    rev_nat_id,
+                })
+                .is_some()
+        },
+        maglev_size,
+        |rev, index| {
+            let t = LB_MAGLEV_V1.get_ptr(rev)?;
+            // LLVM knows `index < size <= MAGLEV_TABLE_MAX` from the modulo and would
+            // drop this check, but the verifier does not track bounds through a
+            // modulo: the volatile read hides the value so the check stays.
+            let i = unsafe { core::ptr::read_volatile(&index) } as usize;
+            if i >= MAGLEV_TABLE_MAX {
+                return None;
+            }
+            Some(unsafe { *(*t).backend_ids.as_ptr().add(i) })
+        },
+        |slot| slot_backend(f, &fe_addr, slot),
+        |id| LB_BACKENDS_V1.get_ptr(id),
+    );
+    match choice {
+        ExtChoice::NotService => Decision::Pass,
+        ExtChoice::Drop { reason, .. } => {
+            count(reason);
+            Decision::Drop
+        }
+        ExtChoice::Reject { reason, .. } => {
+            count(reason);
+            Decision::Reject
+        }
+        ExtChoice::Backend {
+            backend,
+            backend_id,
+            rev_nat_id,
+            svc_flags,
+            via,
+            sticky,
+        } => {
+            if let ExtVia::SlotFallback { .. } = via {
+                count(CTR_EXT_MAGLEV_MISSING);
+            }
+            remember(f, rev_nat_id, backend_id, sticky);
+            let flags = unsafe { (*backend).flags };
+            Decision::Backend {
+                backend_id,
+                rev_nat_id,
+                local: flags & BACKEND_FLAG_LOCAL != 0 || svc_flags & SVC_FLAG_EXT_LOCAL != 0,
+            }
+        }
+    }
+}
+
+/// Records a new flow (reply entry first, so that no translated packet can leave before
+/// its reply can be translated back) and translates its first packet.
+#[inline(never)]
+fn establish<C: Pkt>(c: &C, f: &Flow, nf: &NewFlow) -> Verdict {
+    let NewFlow {
+        now,
+        hash,
+        backend_id,
+        rev_nat_id,
+        local,
+    } = *nf;
+    // Read again here rather than passed along: keeps the caller's frame small. The
+    // agent never deletes a backend that a slot or table still points at, so it is
+    // there; if not, the flow is dropped like any other missing backend.
+    let Some(b) = LB_BACKENDS_V1.get_ptr(backend_id) else {
+        count(CTR_EXT_BACKEND_MISSING);
+        return Verdict::Drop;
+    };
+    let b = unsafe { &*b };
+    let snat_addr = match (local, LB_CONFIG_V1.get(0)) {
+        (true, _) | (false, None) => [0; 4],
+        (false, Some(cfg)) if f.family == FAMILY_V4 => [cfg.snat4_be, 0, 0, 0],
+        (false, Some(cfg)) => cfg.snat6_be,
+    };
+    let (life, _) = lifetime(f, false);
+    let expires_ns = now + life;
+    let Some(s) = LB_SCRATCH.get_ptr_mut(0) else {
+        count(CTR_EXT_CT_UPDATE_FAIL);
+        return Verdict::Drop;
+    };
+    // SAFETY: per-CPU scratch, only this program run uses it.
+    let s = unsafe { &mut *s };
+    s.fkey = ct_key(f, CT_DIR_FORWARD);
+    s.fval = CtValue {
+        expires_ns,
+        backend_id,
+        rev_nat_id,
+        nat_addr_be: b.addr_be,
+        snat_addr_be: [0; 4],
+        nat_port_be: b.port_be,
+        snat_port_be: 0,
+        flags: 0,
+        _pad: [0; 3],
+    };
+    // The reply restores the frontend the client used (for a NodePort, the node address
+    // it sent to, not the unspecified address of the entry).
+    s.rval = CtValue {
+        expires_ns,
+        backend_id,
+        rev_nat_id,
+        nat_addr_be: f.daddr,
+        snat_addr_be: [0; 4],
+        nat_port_be: f.dport,
+        snat_port_be: 0,
+        flags: 0,
+        _pad: [0; 3],
+    };
+    s.rkey = CtKey {
+        saddr_be: b.addr_be,
+        daddr_be: f.saddr,
+        sport_be: b.port_be,
+        dport_be: f.sport,
+        proto: f.proto,
+        family: f.family,
+        dir: CT_DIR_REPLY,
+        _pad: 0,
+    };
+    let (saddr, sport) = if local {
+        if LB_CT_V1.insert(&s.rkey, &s.rval, 0).is_err() {
+            count(CTR_EXT_CT_UPDATE_FAIL);
+            return Verdict::Drop;
+        }
+        (f.saddr, f.sport)
+    } else {
+        if snat_addr == [0; 4] {
+            count(CTR_EXT_NO_SNAT_ADDR);
+            return Verdict::Drop;
+        }
+        s.rkey.daddr_be = snat_addr;
+        s.rval.snat_addr_be = f.saddr;
+        s.rval.snat_port_be = f.sport;
+        s.rval.flags = CT_FLAG_SNAT;
+        // Vary the pseudo-random ports between flows of the same hash (a retry after a
+        // collision must not test the same ports again).
+        let seed = hash ^ unsafe { bpf_get_prandom_u32() };
+        let client_port = u16::from_be(f.sport);
+        let mut port = 0u16;
+        let mut attempt = 0u32;
+        while attempt < SNAT_PORT_TRIES {
+            let p = snat_port(client_port, seed, attempt).to_be();
+            s.rkey.dport_be = p;
+            if claim(&s.rkey, &s.rval, now) {
+                port = p;
+                break;
+            }
+            attempt += 1;
+        }
+        if port == 0 {
+            count(CTR_EXT_SNAT_PORT_EXHAUSTED);
+            return Verdict::Drop;
+        }
+        s.fval.flags = CT_FLAG_SNAT;
+        s.fval.snat_addr_be = snat_addr;
+        s.fval.snat_port_be = port;
+        (snat_addr, port)
+    };
+    if LB_CT_V1.insert(&s.fkey, &s.fval, 0).is_err() {
+        let _ = LB_CT_V1.remove(&s.rkey);
+        count(CTR_EXT_CT_UPDATE_FAIL);
+        return Verdict::Drop;
+    }
+    count(CTR_EXT_FORWARDED);
+    count_conn(rev_nat_id, backend_id);
+    apply(
+        c,
+        f,
+        &Rewrite {
+            saddr,
+            sport,
+            daddr: b.addr_be,
+            dport: b.port_be,
+        },
+    )
+}
+
+/// Claims a SNAT reply key: free, or held by an expired flow.
+#[inline(always)]
+fn claim(rkey: &CtKey, rval: &CtValue, now: u64) -> bool {
+    if LB_CT_V1.insert(rkey, rval, u64::from(BPF_NOEXIST)).is_ok() {
+        return true;
+    }
+    match LB_CT_V1.get_ptr(rkey) {
+        Some(v) if unsafe { (*v).expires_ns } > now => false,
+        _ => LB_CT_V1.insert(rkey, rval, 0).is_ok(),
+    }
+}

@@ -1,0 +1,202 @@
+//! One packet interface over the two contexts the external path runs in, so that the
+//! parsing, conntrack, NAT and reject code exists once (`ext.rs`) and tc and XDP are
+//! thin wrappers (`tc.rs`, `xdp.rs`) that cannot drift apart.
+//!
+//! - tc: every read and write goes through the skb helpers (`bpf_skb_load_bytes`,
+//!   `bpf_skb_store_bytes`, `bpf_l3/l4_csum_replace`). The checksum helpers know the
+//!   skb's `ip_summed`: with CHECKSUM_PARTIAL (a veth peer with tx offload) only the
+//!   pseudo-header part of the L4 checksum is updated, as the device completes the rest.
+//! - XDP: direct packet access with bounds checks, and checksums updated incrementally
+//!   as full checksums (XDP has no offload state; a NIC hands it finished checksums).
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::{
+        bpf_l3_csum_replace, bpf_l4_csum_replace, bpf_skb_change_tail, bpf_skb_load_bytes,
+        bpf_skb_store_bytes, bpf_xdp_adjust_tail,
+    },
+    programs::{TcContext, XdpContext},
+};
+
+use crate::csum;
+
+/// `BPF_F_IPV6` for `bpf_l4_csum_replace` (kernel ≥ 6.16; absent from the bindings):
+/// an IPv6 pseudo-header change must not touch `skb->csum` of a CHECKSUM_COMPLETE skb,
+/// because IPv6 has no header checksum that would cancel the address change out.
+const BPF_F_IPV6: u64 = 1 << 7;
+
+/// What the shared code needs from a packet.
+pub trait Pkt {
+    /// Reads a `T` at byte `off` of the frame, or `None` past its end.
+    fn load<T: Copy>(&self, off: usize) -> Option<T>;
+    /// Writes `v` at byte `off`; false when it does not fit or the helper failed.
+    fn store<T: Copy>(&self, off: usize, v: &T) -> bool;
+    /// Copies `N` bytes from byte `off` of the frame into `dst`.
+    fn load_bytes<const N: usize>(&self, off: usize, dst: &mut [u8; N]) -> bool;
+    /// Copies `src` into the frame at byte `off`.
+    fn store_bytes<const N: usize>(&self, off: usize, src: &[u8; N]) -> bool;
+    /// Applies a checksum difference (see [`csum::diff`]) to the IPv4 header checksum
+    /// at `off`.
+    fn csum_l3(&self, off: usize, diff: u32) -> bool;
+    /// Applies a checksum difference to the TCP/UDP/ICMPv6 checksum at `off`. `pseudo`:
+    /// the difference comes from pseudo-header fields (addresses). `udp4`: an IPv4 UDP
+    /// checksum, where 0 means "none" and must stay 0, and a computed 0 is sent as
+    /// 0xffff.
+    fn csum_l4(&self, off: usize, diff: u32, pseudo: bool, udp4: bool, v6: bool) -> bool;
+    /// Makes the frame exactly `len` bytes long (the reject path).
+    fn resize(&self, len: u32) -> bool;
+}
+
+impl Pkt for TcContext {
+    #[inline(always)]
+    fn load<T: Copy>(&self, off: usize) -> Option<T> {
+        TcContext::load::<T>(self, off).ok()
+    }
+
+    #[inline(always)]
+    fn store<T: Copy>(&self, off: usize, v: &T) -> bool {
+        let ret = unsafe {
+            bpf_skb_store_bytes(
+                self.skb.skb,
+                off as u32,
+                (v as *const T).cast(),
+                core::mem::size_of::<T>() as u32,
+                0,
+            )
+        };
+        ret == 0
+    }
+
+    #[inline(always)]
+    fn load_bytes<const N: usize>(&self, off: usize, dst: &mut [u8; N]) -> bool {
+        unsafe {
+            bpf_skb_load_bytes(
+                self.skb.skb as *const _,
+                off as u32,
+                dst.as_mut_ptr().cast(),
+                N as u32,
+            ) == 0
+        }
+    }
+
+    #[inline(always)]
+    fn store_bytes<const N: usize>(&self, off: usize, src: &[u8; N]) -> bool {
+        unsafe {
+            bpf_skb_store_bytes(self.skb.skb, off as u32, src.as_ptr().cast(), N as u32, 0) == 0
+        }
+    }
+
+    #[inline(always)]
+    fn csum_l3(&self, off: usize, diff: u32) -> bool {
+        unsafe { bpf_l3_csum_replace(self.skb.skb, off as u32, 0, u64::from(diff), 0) == 0 }
+    }
+
+    #[inline(always)]
+    fn csum_l4(&self, off: usize, diff: u32, pseudo: bool, udp4: bool, v6: bool) -> bool {
+        let mut flags = 0u64;
+        if pseudo {
+            flags |= u64::from(BPF_F_PSEUDO_HDR);
+            if v6 {
+                flags |= BPF_F_IPV6;
+            }
+        }
+        if udp4 {
+            flags |= u64::from(BPF_F_MARK_MANGLED_0);
+        }
+        unsafe { bpf_l4_csum_replace(self.skb.skb, off as u32, 0, u64::from(diff), flags) == 0 }
+    }
+
+    #[inline(always)]
+    fn resize(&self, len: u32) -> bool {
+        unsafe { bpf_skb_change_tail(self.skb.skb, len, 0) == 0 }
+    }
+}
+
+/// Largest header offset the XDP side reads or writes. Offsets come from `Flow` fields
+/// kept in memory, whose range the verifier does not know: without this bound it
+/// refuses the packet pointer arithmetic.
+const MAX_OFF: usize = 1024;
+
+impl Pkt for XdpContext {
+    #[inline(always)]
+    fn load<T: Copy>(&self, off: usize) -> Option<T> {
+        if off > MAX_OFF {
+            return None;
+        }
+        let start = self.data();
+        let end = self.data_end();
+        if start + off + core::mem::size_of::<T>() > end {
+            return None;
+        }
+        Some(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
+    }
+
+    #[inline(always)]
+    fn store<T: Copy>(&self, off: usize, v: &T) -> bool {
+        if off > MAX_OFF {
+            return false;
+        }
+        let start = self.data();
+        let end = self.data_end();
+        if start + off + core::mem::size_of::<T>() > end {
+            return false;
+        }
+        unsafe { core::ptr::write_unaligned((start + off) as *mut T, *v) };
+        true
+    }
+
+    #[inline(always)]
+    fn load_bytes<const N: usize>(&self, off: usize, dst: &mut [u8; N]) -> bool {
+        if off > MAX_OFF {
+            return false;
+        }
+        let start = self.data();
+        if start + off + N > self.data_end() {
+            return false;
+        }
+        unsafe { core::ptr::copy_nonoverlapping((start + off) as *const u8, dst.as_mut_ptr(), N) };
+        true
+    }
+
+    #[inline(always)]
+    fn store_bytes<const N: usize>(&self, off: usize, src: &[u8; N]) -> bool {
+        if off > MAX_OFF {
+            return false;
+        }
+        let start = self.data();
+        if start + off + N > self.data_end() {
+            return false;
+        }
+        unsafe { core::ptr::copy_nonoverlapping(src.as_ptr(), (start + off) as *mut u8, N) };
+        true
+    }
+
+    #[inline(always)]
+    fn csum_l3(&self, off: usize, diff: u32) -> bool {
+        let Some(old) = Pkt::load::<u16>(self, off) else {
+            return false;
+        };
+        self.store(off, &csum::apply(old, diff))
+    }
+
+    #[inline(always)]
+    fn csum_l4(&self, off: usize, diff: u32, _pseudo: bool, udp4: bool, _v6: bool) -> bool {
+        let Some(old) = Pkt::load::<u16>(self, off) else {
+            return false;
+        };
+        if udp4 && old == 0 {
+            // IPv4 UDP without a checksum stays without one.
+            return true;
+        }
+        let mut new = csum::apply(old, diff);
+        if udp4 && new == 0 {
+            new = 0xffff;
+        }
+        self.store(off, &new)
+    }
+
+    #[inline(always)]
+    fn resize(&self, len: u32) -> bool {
+        let cur = (self.data_end() - self.data()) as i32;
+        unsafe { bpf_xdp_adjust_tail(self.ctx, len as i32 - cur) == 0 }
+    }
+}
