@@ -38,10 +38,11 @@ use anyhow::{Context, Result, bail};
 
 use crate::{
     agent::{Agent, AgentConfig},
-    bpffs::BpfDir,
+    bpffs,
     cgroup::Cgroup,
     cmd,
     lab::Bins,
+    names,
     netns::{self, Netns, Veth},
     procs::{self, ClientOpts, ClientRun, Server},
     report::{ClientReport, Proto},
@@ -247,8 +248,6 @@ impl TwoNodeNet {
             net.veths.push(v);
             net.lan.ip(["link", "set", lan_dev, "master", "br0"])?;
             net.lan.link_up(lan_dev)?;
-            ethtool_k(net.lan.name(), lan_dev, "gro", true)?;
-            ethtool_k(far.name(), "eth0", "gro", true)?;
         }
         net.client.add_addr("eth0", client_addr(false), 24)?;
         net.client.add_addr("eth0", client_addr(true), 64)?;
@@ -273,6 +272,14 @@ impl TwoNodeNet {
         for n in Node::ALL {
             net.node(n)
                 .wait_link_ready("eth0", Duration::from_secs(5))?;
+        }
+        // GRO (hence NAPI) once both ends of each pair are up.
+        for dev in ["c0", "na", "nb"] {
+            ethtool_k(net.lan.name(), dev, "gro", true)?;
+        }
+        ethtool_k(net.client.name(), "eth0", "gro", true)?;
+        for n in Node::ALL {
+            ethtool_k(net.node(n).name(), "eth0", "gro", true)?;
         }
         Ok(net)
     }
@@ -305,14 +312,14 @@ impl TwoNodeNet {
         }
         node_ns.link_up(&dev)?;
         ns.link_up("eth0")?;
-        ethtool_k(node_ns.name(), &dev, "gro", true)?;
-        ethtool_k(ns.name(), "eth0", "gro", true)?;
         for v6 in [false, true] {
             let gw = pod_addr(node, k, true, v6).to_string();
             ns.ip(["route", "add", "default", "via", &gw])?;
         }
         node_ns.wait_link_ready(&dev, Duration::from_secs(5))?;
         ns.wait_link_ready("eth0", Duration::from_secs(5))?;
+        ethtool_k(node_ns.name(), &dev, "gro", true)?;
+        ethtool_k(ns.name(), "eth0", "gro", true)?;
         let (IpAddr::V4(addr4), IpAddr::V6(addr6)) = (
             pod_addr(node, k, false, false),
             pod_addr(node, k, false, true),
@@ -356,6 +363,63 @@ impl TwoNodeNet {
     }
 }
 
+/// A node's private pin directory `/sys/fs/bpf/svclbt-<pid>-<n>`. On drop it runs
+/// `svc-lb cleanup` for it and the node's cgroup **inside the node's namespace**: the
+/// node's agent attached programs to the node's `eth0`, and a cleanup run from the host
+/// namespace must never go near the host's own `eth0`. Then it removes what is left of the
+/// directory. (The single-node lab's `BpfDir` has no devices, so it runs cleanup in place.)
+#[derive(Debug)]
+struct NodePins {
+    path: PathBuf,
+    svc_lb: PathBuf,
+    cgroup: PathBuf,
+    netns: String,
+}
+
+impl NodePins {
+    fn new(svc_lb: &Path, cgroup: &Path, netns: &str) -> Result<Self> {
+        let path = bpffs::ensure_bpffs()?.join(names::unique());
+        std::fs::create_dir(&path).with_context(|| format!("create {}", path.display()))?;
+        Ok(Self {
+            path,
+            svc_lb: svc_lb.to_path_buf(),
+            cgroup: cgroup.to_path_buf(),
+            netns: netns.to_owned(),
+        })
+    }
+}
+
+impl Drop for NodePins {
+    fn drop(&mut self) {
+        if self.path.exists() {
+            let (svc_lb, path, cgroup) = (&self.svc_lb, &self.path, &self.cgroup);
+            let r = netns::in_netns(&self.netns, || {
+                cmd::run(
+                    svc_lb,
+                    [
+                        "cleanup".as_ref(),
+                        "--bpffs".as_ref(),
+                        path.as_os_str(),
+                        "--cgroup".as_ref(),
+                        cgroup.as_os_str(),
+                    ],
+                )
+            });
+            if let Err(e) = r {
+                eprintln!("svclb-harness: teardown: {e:#}");
+            }
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            eprintln!(
+                "svclb-harness: teardown: remove {}: {e}",
+                self.path.display()
+            );
+        }
+    }
+}
+
 /// Per-node agent settings.
 #[derive(Clone, Debug, Default)]
 pub struct NodeAgentOptions {
@@ -371,7 +435,7 @@ pub struct NodeAgentOptions {
 pub struct TwoNodeLab {
     agents: Vec<Option<Agent>>,
     servers: Vec<Server>,
-    bpf: Vec<BpfDir>,
+    bpf: Vec<NodePins>,
     cgroups: Vec<Cgroup>,
     pub net: TwoNodeNet,
     dir: TempDir,
@@ -392,9 +456,9 @@ impl TwoNodeLab {
         let net = TwoNodeNet::new()?;
         let mut cgroups = Vec::new();
         let mut bpf = Vec::new();
-        for _ in Node::ALL {
+        for n in Node::ALL {
             let cg = Cgroup::new()?;
-            bpf.push(BpfDir::new(&bins.svc_lb, cg.path())?);
+            bpf.push(NodePins::new(&bins.svc_lb, cg.path(), net.node(n).name())?);
             cgroups.push(cg);
         }
         Ok(Self {
@@ -422,7 +486,7 @@ impl TwoNodeLab {
     }
 
     pub fn bpffs(&self, n: Node) -> &Path {
-        self.bpf[n.idx()].path()
+        &self.bpf[n.idx()].path
     }
 
     /// Adds a pod and starts its server: TCP and UDP on `port`, IPv4 and IPv6, replying
@@ -569,6 +633,100 @@ impl TwoNodeLab {
             ))
         })
     }
+}
+
+impl TwoNodeLab {
+    /// What each node's datapath says, for a failed test: the programmed frontends
+    /// (`svc-lb list`), the non-zero `svclb_` metrics of its agent (served on the default
+    /// metrics address inside the node's namespace) and the programs on its devices.
+    pub fn diagnostics(&self) -> String {
+        let mut out = String::new();
+        for n in Node::ALL {
+            out.push_str(&format!("==== {} ====\n", n.name()));
+            let bpffs = self.bpffs(n).display().to_string();
+            let svc_lb = self.bins.svc_lb.display().to_string();
+            match self.node_cmd(n, &svc_lb, &["list", "--bpffs", &bpffs]) {
+                Ok(t) => out.push_str(&format!("-- svc-lb list\n{t}")),
+                Err(e) => out.push_str(&format!("-- svc-lb list: {e:#}\n")),
+            }
+            let ns = self.net.node(n).name().to_owned();
+            let metrics = netns::in_netns(&ns, || {
+                http_get(
+                    std::net::SocketAddr::from(([127, 0, 0, 1], 9098)),
+                    "/metrics",
+                )
+            });
+            match metrics {
+                Ok((_, body)) => {
+                    out.push_str("-- non-zero svclb_ metrics\n");
+                    for l in body.lines() {
+                        if l.starts_with("svclb_") && !l.ends_with(" 0") {
+                            out.push_str(l);
+                            out.push('\n');
+                        }
+                    }
+                }
+                Err(e) => out.push_str(&format!("-- metrics: {e:#}\n")),
+            }
+            match self.node_cmd(n, "bpftool", &["net", "show"]) {
+                Ok(t) => out.push_str(&format!("-- bpftool net show\n{t}")),
+                Err(e) => out.push_str(&format!("-- bpftool net show: {e:#}\n")),
+            }
+            // veth's own counters include XDP (xdp_tx, xdp_tx_errors, drops).
+            match self.node_cmd(n, "ethtool", &["-S", "eth0"]) {
+                Ok(t) => out.push_str(&format!(
+                    "-- ethtool -S eth0 (non-zero)\n{}",
+                    nonzero_lines(&t)
+                )),
+                Err(e) => out.push_str(&format!("-- ethtool -S eth0: {e:#}\n")),
+            }
+            match self.node_cmd(n, "nstat", &["-a", "-s"]) {
+                Ok(t) => out.push_str(&format!("-- nstat -a\n{t}")),
+                Err(e) => out.push_str(&format!("-- nstat: {e:#}\n")),
+            }
+        }
+        for (what, ns) in [("client", &self.net.client), ("lan", &self.net.lan)] {
+            let name = ns.name().to_owned();
+            let r = netns::in_netns(&name, || {
+                let mut t = cmd::run("ip", ["-s", "link", "show"])?;
+                if what == "client" {
+                    t.push_str(&cmd::run("nstat", ["-a", "-s"])?);
+                } else {
+                    for dev in ["c0", "na", "nb"] {
+                        let stats = cmd::run("ethtool", ["-S", dev])?;
+                        let gro = cmd::run("ethtool", ["-k", dev])?;
+                        t.push_str(&format!(
+                            "-- ethtool -S {dev} (non-zero)\n{}",
+                            nonzero_lines(&stats)
+                        ));
+                        t.push_str(&format!(
+                            "-- ethtool -k {dev}: {}\n",
+                            gro.lines()
+                                .filter(|l| l.contains("generic-receive-offload"))
+                                .collect::<String>()
+                        ));
+                    }
+                }
+                Ok(t)
+            });
+            match r {
+                Ok(t) => out.push_str(&format!("==== {what}: ip -s link, nstat ====\n{t}")),
+                Err(e) => out.push_str(&format!("==== {what}: {e:#}\n")),
+            }
+        }
+        out
+    }
+}
+
+/// The lines of `ethtool -S` output whose value is not 0.
+fn nonzero_lines(text: &str) -> String {
+    text.lines()
+        .filter(|l| {
+            l.rsplit_once(':')
+                .is_some_and(|(_, v)| v.trim() != "0" && !v.trim().is_empty())
+        })
+        .map(|l| format!("{l}\n"))
+        .collect()
 }
 
 /// A minimal HTTP/1.0 GET: enough for a health check endpoint, no dependency.

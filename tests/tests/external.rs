@@ -70,6 +70,7 @@ fn external(body: impl FnOnce(&mut TwoNodeLab) -> Result<()>) {
             Ok(())
         })();
         if let Err(e) = setup.and_then(|()| body(&mut lab)) {
+            eprintln!("{}", lab.diagnostics());
             // Panicking while the lab is alive makes its agents print their logs on drop.
             panic!("{e:?}");
         }
