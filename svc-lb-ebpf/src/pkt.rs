@@ -44,9 +44,17 @@ pub trait Pkt {
     fn csum_l4(&self, off: usize, diff: u32, pseudo: bool, udp4: bool, v6: bool) -> bool;
     /// Makes the frame exactly `len` bytes long (the reject path).
     fn resize(&self, len: u32) -> bool;
+    /// Whether this hook answers a Service without endpoints itself. XDP does not: it
+    /// passes such a packet on untouched and tc ingress rejects it. In the two-node
+    /// veth lab, ICMP frames sent back with XDP_TX never reached the client (the
+    /// device counted them as transmitted), while the same frame sent by tc arrived;
+    /// until that is understood, the reject stays on the path that works.
+    const REJECTS: bool;
 }
 
 impl Pkt for TcContext {
+    const REJECTS: bool = true;
+
     #[inline(always)]
     fn load<T: Copy>(&self, off: usize) -> Option<T> {
         TcContext::load::<T>(self, off).ok()
@@ -117,6 +125,8 @@ impl Pkt for TcContext {
 const MAX_OFF: usize = 1024;
 
 impl Pkt for XdpContext {
+    const REJECTS: bool = false;
+
     #[inline(always)]
     fn load<T: Copy>(&self, off: usize) -> Option<T> {
         if off > MAX_OFF {

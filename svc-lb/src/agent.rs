@@ -83,6 +83,9 @@ impl External {
         if !devices.is_empty() {
             dp.ext_available()
                 .context("the external path needs the tc/XDP programs and maps (--devices)")?;
+            for dev in &devices {
+                accept_local(dev)?;
+            }
             info!(devices = ?devices, xdp = cfg.xdp, "external path on");
         }
         self.devices = Some(devices);
@@ -110,6 +113,25 @@ impl External {
         self.node_addrs = Some(addrs);
         Ok(())
     }
+}
+
+/// Sets `net.ipv4.conf.<dev>.accept_local=1`. A SNATed packet (to a backend on another
+/// node) and the reverse-translated reply of such a flow both leave through the
+/// kernel's forwarding with this node's own address as source; without the setting the
+/// kernel drops them as martians. (Sending them out with bpf_fib_lookup +
+/// bpf_redirect_neigh instead would make this unnecessary; not done yet.) IPv6 has no
+/// such check.
+fn accept_local(dev: &str) -> Result<()> {
+    let path = format!("/proc/sys/net/ipv4/conf/{dev}/accept_local");
+    let now = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+    if now.trim() != "1" {
+        std::fs::write(&path, "1").with_context(|| format!("write 1 to {path}"))?;
+        info!(
+            device = dev,
+            "set accept_local=1 (SNATed external flows leave with the node's address)"
+        );
+    }
+    Ok(())
 }
 
 /// After a failed apply, try again this soon even if nothing changes.
@@ -237,6 +259,14 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 return Err(e.context("external path: write the node addresses"));
             }
             error!(error = %format!("{e:#}"), "external path: could not update the node addresses");
+        }
+        // Manifest mode has no Node object: the devices' node addresses stand in for its
+        // addresses, so a pod on this node dialling its own node's NodePort (hairpin)
+        // is served by the socket programs like in Kubernetes mode.
+        if node.addresses.is_empty()
+            && let Some(addrs) = ext.node_addrs.as_ref()
+        {
+            node.addresses = addrs.clone();
         }
         let result = sync(&mut dp, &mut current, &snap, &node, &mut reported);
         if !attached {
