@@ -235,6 +235,36 @@ fn fixture() -> (FakeMaps, DatapathView) {
                 backend_id: *id,
             });
         }
+        // The fake maps insist on what the datapath needs before an external master:
+        // its Maglev table, and its source ranges.
+        if fe.scope == svc_lb_common::SCOPE_EXTERNAL && !f.backends.is_empty() {
+            let backends = f
+                .backends
+                .iter()
+                .filter_map(|id| {
+                    BACKENDS.iter().find(|b| b.0 == *id).map(|b| {
+                        (
+                            *id,
+                            BackendAddr {
+                                addr: ip(b.1),
+                                port: b.2,
+                                proto: b.3,
+                            },
+                        )
+                    })
+                })
+                .collect();
+            apply(Op::UpsertMaglev {
+                rev_nat_id: f.rev_nat_id,
+                backends,
+            });
+        }
+        if f.svc_flags & SVC_FLAG_SRC_RANGES != 0 {
+            apply(Op::UpsertSrcRange {
+                rev_nat_id: f.rev_nat_id,
+                range: "203.0.113.0/24".parse().expect("fixture range"),
+            });
+        }
         apply(Op::UpsertMaster {
             frontend: fe,
             count: f.backends.len() as u32,
