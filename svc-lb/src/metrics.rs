@@ -273,7 +273,7 @@ fn classify_counter(
         _ if rest.starts_with("dropped_") => ("drops", "reason", reason("dropped_")),
         _ if rest.starts_with("error_") => ("errors", "reason", reason("error_")),
         _ if rest.starts_with("affinity_") => ("affinity", "result", reason("affinity_")),
-        _ => ("events", "name", name.to_owned()),
+        _ => ("events", "name", rest.to_owned()),
     };
     (hook, fam, label, value)
 }

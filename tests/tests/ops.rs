@@ -247,7 +247,7 @@ fn metrics_list_and_status_count_real_traffic() {
         ensure!(metric(&m, &svc("empty"))? == 0.0);
         let fe = |port_name: &str, fe: &str| {
             format!(
-                r#"svclb_frontend_new_connections_total{{namespace="{NS}",service="web",port_name="{port_name}",kind="ClusterIP",frontend="{fe}"}}"#
+                r#"svclb_frontend_new_connections_total{{namespace="{NS}",service="web",port_name="{port_name}",kind="ClusterIP",scope="socket",frontend="{fe}"}}"#
             )
         };
         ensure!(metric(&m, &fe("http", "10.96.5.10:80/TCP"))? == 60.0);
