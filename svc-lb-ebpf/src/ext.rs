@@ -472,9 +472,6 @@ struct NewFlow {
 
 #[inline(never)]
 fn reject<C: Pkt>(c: &C, f: &Flow) -> Verdict {
-    if !C::REJECTS {
-        return Verdict::Pass;
-    }
     if reject::build(c, f) {
         Verdict::Reject
     } else {

@@ -12,7 +12,7 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     helpers::{
         bpf_l3_csum_replace, bpf_l4_csum_replace, bpf_skb_change_tail, bpf_skb_load_bytes,
-        bpf_skb_store_bytes, bpf_xdp_adjust_tail,
+        bpf_skb_store_bytes, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
     },
     programs::{TcContext, XdpContext},
 };
@@ -42,19 +42,12 @@ pub trait Pkt {
     /// checksum, where 0 means "none" and must stay 0, and a computed 0 is sent as
     /// 0xffff.
     fn csum_l4(&self, off: usize, diff: u32, pseudo: bool, udp4: bool, v6: bool) -> bool;
-    /// Makes the frame exactly `len` bytes long (the reject path).
+    /// Makes the frame exactly `len` bytes long (the reject path); the caller rewrites
+    /// all of it afterwards, so where the bytes are added or cut does not matter.
     fn resize(&self, len: u32) -> bool;
-    /// Whether this hook answers a Service without endpoints itself. XDP does not: it
-    /// passes such a packet on untouched and tc ingress rejects it. In the two-node
-    /// veth lab, ICMP frames sent back with XDP_TX never reached the client (the
-    /// device counted them as transmitted), while the same frame sent by tc arrived;
-    /// until that is understood, the reject stays on the path that works.
-    const REJECTS: bool;
 }
 
 impl Pkt for TcContext {
-    const REJECTS: bool = true;
-
     #[inline(always)]
     fn load<T: Copy>(&self, off: usize) -> Option<T> {
         TcContext::load::<T>(self, off).ok()
@@ -125,8 +118,6 @@ impl Pkt for TcContext {
 const MAX_OFF: usize = 1024;
 
 impl Pkt for XdpContext {
-    const REJECTS: bool = false;
-
     #[inline(always)]
     fn load<T: Copy>(&self, off: usize) -> Option<T> {
         if off > MAX_OFF {
@@ -204,9 +195,20 @@ impl Pkt for XdpContext {
         self.store(off, &new)
     }
 
+    /// Grows at the head and shrinks at the tail. A frame that a veth built from an skb
+    /// has no tailroom, so `bpf_xdp_adjust_tail` cannot grow it (a small UDP datagram
+    /// is shorter than its ICMP reply), whereas every XDP frame has at least
+    /// XDP_PACKET_HEADROOM (256 bytes) in front.
     #[inline(always)]
     fn resize(&self, len: u32) -> bool {
-        let cur = (self.data_end() - self.data()) as i32;
-        unsafe { bpf_xdp_adjust_tail(self.ctx, len as i32 - cur) == 0 }
+        let delta = len as i32 - (self.data_end() - self.data()) as i32;
+        let ret = if delta > 0 {
+            unsafe { bpf_xdp_adjust_head(self.ctx, -delta) }
+        } else if delta < 0 {
+            unsafe { bpf_xdp_adjust_tail(self.ctx, delta) }
+        } else {
+            0
+        };
+        ret == 0
     }
 }

@@ -1,7 +1,8 @@
 //! XDP wrapper of the external path's forward direction (`--xdp`): new and established
 //! client flows are translated (DNAT/SNAT + conntrack, the same code as tc ingress) and
-//! passed to the stack, which routes the rewritten packet. Rejects and replies are left
-//! to tc, which sees them after the stack (see `Pkt::REJECTS` for why rejects are).
+//! passed to the stack, which routes the rewritten packet; a Service without endpoints
+//! is answered here with XDP_TX. Replies are left to tc, which sees them after the
+//! stack.
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use svc_lb_common::{CTR_EXT_PASS_UNSUPPORTED, CTR_EXT_XDP_FORWARDED, CTR_EXT_XDP_TX};
 

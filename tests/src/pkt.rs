@@ -352,6 +352,7 @@ pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
 
 pub fn v4(a: &str) -> u32 {
     u32::from(a.parse::<Ipv4Addr>().expect("test IPv4 address")).to_be()

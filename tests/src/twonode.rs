@@ -29,6 +29,7 @@
 //!   programs must handle on their LAN device.
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
     process::Command,
     time::Duration,
@@ -38,6 +39,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::{
     agent::{Agent, AgentConfig},
+    bench::bpf::xdp_pass,
     bpffs,
     cgroup::Cgroup,
     cmd,
@@ -185,6 +187,8 @@ pub fn ethtool_k(ns: &str, dev: &str, feature: &str, on: bool) -> Result<()> {
 /// pods (each with its link), the LAN links, then the namespaces.
 #[derive(Debug)]
 pub struct TwoNodeNet {
+    /// Pass-through XDP links on the LAN ends of the nodes' links (see [`xdp_pass`]).
+    wire: Vec<OwnedFd>,
     pub pods: Vec<Pod>,
     veths: Vec<Veth>,
     nodes: Vec<Netns>,
@@ -214,6 +218,7 @@ impl TwoNodeNet {
             nodes.push(ns);
         }
         let mut net = Self {
+            wire: Vec::new(),
             pods: Vec::new(),
             veths: Vec::new(),
             nodes,
@@ -280,6 +285,21 @@ impl TwoNodeNet {
         ethtool_k(net.client.name(), "eth0", "gro", true)?;
         for n in Node::ALL {
             ethtool_k(net.node(n).name(), "eth0", "gro", true)?;
+        }
+        // A node's XDP program answers rejects with XDP_TX; the LAN end must run XDP
+        // itself for a veth to deliver those frames, as a wire would.
+        for n in Node::ALL {
+            let dev = n.lan_dev();
+            let link = netns::in_netns(net.lan.name(), move || {
+                let c = std::ffi::CString::new(dev).context("device name")?;
+                // SAFETY: `c` is a valid NUL-terminated string for the call's duration.
+                let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+                if idx == 0 {
+                    bail!("no device {dev} in the LAN namespace");
+                }
+                xdp_pass(idx)
+            })?;
+            net.wire.push(link);
         }
         Ok(net)
     }
@@ -616,6 +636,32 @@ impl TwoNodeLab {
     pub fn http_get(&self, target: std::net::SocketAddr, path: &str) -> Result<(u16, String)> {
         let ns = self.net.client.name().to_owned();
         netns::in_netns(&ns, move || http_get(target, path))
+    }
+
+    /// The value of one series (exactly as exposed, e.g.
+    /// `svclb_datapath_events_total{hook="ext",name="xdp_tx"}`) of node `n`'s agent metrics;
+    /// 0 when the agent does not expose it (yet).
+    pub fn node_metric(&self, n: Node, series: &str) -> Result<u64> {
+        let ns = self.net.node(n).name().to_owned();
+        let (status, body) = netns::in_netns(&ns, || {
+            http_get(
+                std::net::SocketAddr::from(([127, 0, 0, 1], 9098)),
+                "/metrics",
+            )
+        })?;
+        if status != 200 {
+            bail!("metrics of node {}: HTTP {status}", n.name());
+        }
+        for line in body.lines() {
+            if let Some((name, value)) = line.rsplit_once(' ')
+                && name == series
+            {
+                return value
+                    .parse()
+                    .with_context(|| format!("metric line {line:?} of node {}", n.name()));
+            }
+        }
+        Ok(0)
     }
 
     /// Runs a command inside node `n`'s namespace (for diagnostics: `ip`, `bpftool`...).

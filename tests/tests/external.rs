@@ -724,6 +724,8 @@ fn reject_no_endpoints(xdp: bool) {
         // node's own stack anyway, whereas the LB IP is no address of the node (without
         // the agent, node A answers it with "network unreachable").
         let lb = ip("10.253.0.80");
+        let xdp_tx = r#"svclb_datapath_events_total{hook="ext",name="xdp_tx"}"#;
+        let rejects = r#"svclb_datapath_rejects_total{hook="ext",reason="no_backend"}"#;
         for entry in Node::ALL {
             lab.net.route_via(lb, entry)?;
             for (proto, port) in [(Proto::Tcp, 80), (Proto::UdpConnected, 53)] {
@@ -736,6 +738,21 @@ fn reject_no_endpoints(xdp: bool) {
                     r.max_failure_us
                 );
             }
+            // Every probe was answered by the hook under test: with --xdp the XDP program
+            // itself (XDP_TX), never tc behind it.
+            let n = 2 * N_DROP;
+            ensure!(
+                lab.node_metric(entry, rejects)? == n,
+                "{}: {rejects} must count the {n} probes",
+                entry.name()
+            );
+            let tx = lab.node_metric(entry, xdp_tx)?;
+            let want = if xdp { n } else { 0 };
+            ensure!(
+                tx == want,
+                "{}: {xdp_tx} is {tx}, expected {want}",
+                entry.name()
+            );
         }
         Ok(())
     });

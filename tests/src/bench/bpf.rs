@@ -1,6 +1,7 @@
-//! The few BPF system calls the bench needs, made directly (no loader library):
+//! The few BPF system calls the bench and the labs need, made directly (no loader library):
 //! - read svc-lb's pinned maps, to see the moment the datapath stops picking a backend;
-//! - switch the kernel's per-program run-time statistics on for a measured window.
+//! - switch the kernel's per-program run-time statistics on for a measured window;
+//! - give a veth a pass-through XDP program (the two-node lab's wire, see [`xdp_pass`]).
 use std::{
     collections::BTreeMap,
     ffi::CString,
@@ -17,7 +18,12 @@ use serde_json::Value;
 use svc_lb_common::{Backend, MAP_BACKENDS, MAP_SVC4, PROTO_TCP, SCOPE_ALL, Svc4Key, SvcValue};
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_PROG_TYPE_XDP: u32 = 6;
+const BPF_XDP: u32 = 37;
+const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
 const BPF_ENABLE_STATS: libc::c_long = 32;
 const BPF_STATS_RUN_TIME: u32 = 0;
 
@@ -64,6 +70,73 @@ pub fn obj_get(path: &Path) -> Result<OwnedFd> {
     };
     let fd =
         sys_bpf(BPF_OBJ_GET, &mut attr).with_context(|| format!("open pin {}", path.display()))?;
+    owned(fd)
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_ifindex: u32,
+    attach_type: u32,
+    flags: u32,
+    _pad: [u64; 4],
+}
+
+/// Attaches `return XDP_PASS` in native mode to interface `ifindex` of the calling
+/// thread's network namespace; the program stays attached while the returned link lives.
+///
+/// Why a lab needs it: a veth hands frames sent with XDP_TX to its peer's ring, but only
+/// wakes the peer to process them when the peer itself runs an XDP program (`veth_xdp_flush`
+/// in drivers/net/veth.c). A physical NIC has no such condition: XDP_TX puts the frame on
+/// the wire. Giving the LAN-side ends of the lab's veths this program makes them behave as
+/// the wire does, without changing what they deliver.
+pub fn xdp_pass(ifindex: u32) -> Result<OwnedFd> {
+    // r0 = XDP_PASS (2); exit.
+    let insns: [u64; 2] = [
+        u64::from_le_bytes([0xb7, 0, 0, 0, 2, 0, 0, 0]),
+        u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
+    ];
+    let license = c"GPL";
+    let mut name = [0u8; 16];
+    name[..8].copy_from_slice(b"lab_wire");
+    let mut load = ProgLoadAttr {
+        prog_type: BPF_PROG_TYPE_XDP,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        prog_name: name,
+        expected_attach_type: BPF_XDP,
+        ..Default::default()
+    };
+    let prog =
+        owned(sys_bpf(BPF_PROG_LOAD, &mut load).context("load the pass-through XDP program")?)?;
+    let mut link = LinkCreateAttr {
+        prog_fd: u32::try_from(prog.as_raw_fd()).context("prog fd")?,
+        target_ifindex: ifindex,
+        attach_type: BPF_XDP,
+        flags: XDP_FLAGS_DRV_MODE,
+        ..Default::default()
+    };
+    let fd = sys_bpf(BPF_LINK_CREATE, &mut link)
+        .with_context(|| format!("attach the pass-through XDP program to ifindex {ifindex}"))?;
     owned(fd)
 }
 
