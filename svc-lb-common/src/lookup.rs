@@ -114,27 +114,22 @@ pub fn choose_backend<B>(
     if count == 0 {
         return refuse_empty;
     }
-    let mut sticky = Stickiness::Off;
-    if master.flags & SVC_FLAG_AFFINITY != 0 {
-        let now = now_ns();
-        let mut stale = false;
-        if let Some(entry) = remembered(rev_nat_id) {
-            if affinity_fresh(&entry, now, master.affinity_timeout_s)
-                && is_member(entry.backend_id, rev_nat_id)
-                && let Some(b) = backend(entry.backend_id)
-            {
-                return Choice::Backend {
-                    backend: b,
-                    backend_id: entry.backend_id,
-                    rev_nat_id,
-                    slot: 0,
-                    sticky: Stickiness::Remembered { now_ns: now },
-                };
-            }
-            stale = true;
+    let sticky = match affinity(master, now_ns, remembered, is_member, &mut backend) {
+        Affinity::Hit {
+            backend,
+            backend_id,
+            sticky,
+        } => {
+            return Choice::Backend {
+                backend,
+                backend_id,
+                rev_nat_id,
+                slot: 0,
+                sticky,
+            };
         }
-        sticky = Stickiness::New { now_ns: now, stale };
-    }
+        Affinity::Miss(sticky) => sticky,
+    };
     let Some(slot) = select_slot(random(), count) else {
         return refuse_empty;
     };
@@ -161,6 +156,52 @@ pub fn choose_backend<B>(
             backend_id,
         },
     }
+}
+
+/// The session-affinity step shared by [`choose_backend`] and [`choose_external`].
+enum Affinity<B> {
+    /// The remembered backend is fresh, still a member, and present.
+    Hit {
+        backend: B,
+        backend_id: u32,
+        sticky: Stickiness,
+    },
+    /// Choose a new backend; how to remember it (`Off` without affinity).
+    Miss(Stickiness),
+}
+
+#[inline(always)]
+fn affinity<B>(
+    master: &SvcValue,
+    now_ns: impl FnOnce() -> u64,
+    remembered: impl FnOnce(u32) -> Option<AffinityValue>,
+    is_member: impl FnOnce(u32, u32) -> bool,
+    backend: &mut impl FnMut(u32) -> Option<B>,
+) -> Affinity<B> {
+    if master.flags & SVC_FLAG_AFFINITY == 0 {
+        return Affinity::Miss(Stickiness::Off);
+    }
+    let now = now_ns();
+    let Some(entry) = remembered(master.rev_nat_id) else {
+        return Affinity::Miss(Stickiness::New {
+            now_ns: now,
+            stale: false,
+        });
+    };
+    if affinity_fresh(&entry, now, master.affinity_timeout_s)
+        && is_member(entry.backend_id, master.rev_nat_id)
+        && let Some(b) = backend(entry.backend_id)
+    {
+        return Affinity::Hit {
+            backend: b,
+            backend_id: entry.backend_id,
+            sticky: Stickiness::Remembered { now_ns: now },
+        };
+    }
+    Affinity::Miss(Stickiness::New {
+        now_ns: now,
+        stale: true,
+    })
 }
 
 /// How [`choose_external`] found the backend of a new external flow.
@@ -262,28 +303,23 @@ pub fn choose_external<B>(
             }
         };
     }
-    let mut sticky = Stickiness::Off;
-    if svc_flags & SVC_FLAG_AFFINITY != 0 {
-        let now = now_ns();
-        let mut stale = false;
-        if let Some(entry) = remembered(rev_nat_id) {
-            if affinity_fresh(&entry, now, master.affinity_timeout_s)
-                && is_member(entry.backend_id, rev_nat_id)
-                && let Some(b) = backend(entry.backend_id)
-            {
-                return ExtChoice::Backend {
-                    backend: b,
-                    backend_id: entry.backend_id,
-                    rev_nat_id,
-                    svc_flags,
-                    via: ExtVia::Affinity,
-                    sticky: Stickiness::Remembered { now_ns: now },
-                };
-            }
-            stale = true;
+    let sticky = match affinity(master, now_ns, remembered, is_member, &mut backend) {
+        Affinity::Hit {
+            backend,
+            backend_id,
+            sticky,
+        } => {
+            return ExtChoice::Backend {
+                backend,
+                backend_id,
+                rev_nat_id,
+                svc_flags,
+                via: ExtVia::Affinity,
+                sticky,
+            };
         }
-        sticky = Stickiness::New { now_ns: now, stale };
-    }
+        Affinity::Miss(sticky) => sticky,
+    };
     let from_table = match maglev_index(flow_hash, maglev_size) {
         Some(index) => maglev(rev_nat_id, index).map(|id| (id, ExtVia::Maglev { index })),
         None => None,
