@@ -463,13 +463,13 @@ fn xdp_session_affinity_client_ip_per_node_with_timeout() {
 
 // ---- 2. Agent restart under external traffic ----
 
+/// `(attach type, device) → (link id, program id, program name)`.
+type DeviceLinks = BTreeMap<(String, String), (u64, u64, String)>;
+
 /// `svc-lb status -o json` of node `n`'s pins, run inside its namespace (the device
 /// names resolve there): `(attach type, device) → (link id, program id, program name)`
 /// for the links on devices.
-fn device_links(
-    lab: &TwoNodeLab,
-    n: Node,
-) -> Result<BTreeMap<(String, String), (u64, u64, String)>> {
+fn device_links(lab: &TwoNodeLab, n: Node) -> Result<DeviceLinks> {
     let ns = lab.net.node(n).name().to_owned();
     let svc_lb = lab.bins.svc_lb.clone();
     let bpffs = lab.bpffs(n).to_path_buf();
@@ -886,12 +886,7 @@ fn kernel_tcx(lab: &TwoNodeLab, n: Node, dev: &str) -> Result<BTreeMap<String, V
 
 /// Checks that the kernel runs exactly the pinned links of `links` (from
 /// [`device_links`]) at `dev`'s TCX hooks, one program per hook.
-fn kernel_tcx_matches(
-    lab: &TwoNodeLab,
-    n: Node,
-    dev: &str,
-    links: &BTreeMap<(String, String), (u64, u64, String)>,
-) -> Result<()> {
+fn kernel_tcx_matches(lab: &TwoNodeLab, n: Node, dev: &str, links: &DeviceLinks) -> Result<()> {
     let kernel = kernel_tcx(lab, n, dev)?;
     let mut want: BTreeMap<String, Vec<(u64, u64)>> = BTreeMap::new();
     for hook in ["tcx_ingress", "tcx_egress"] {
