@@ -806,3 +806,33 @@ fn http_get(target: std::net::SocketAddr, path: &str) -> Result<(u16, String)> {
         .with_context(|| format!("no status in {head:?}"))?;
     Ok((status, body.to_owned()))
 }
+
+// Appended for tests/tests/external_life.rs (agent restart, XDP fallback): one node's
+// agent taken out of the lab, and one started with a configuration of the test's own.
+impl TwoNodeLab {
+    /// Takes node `n`'s agent out of the lab, still running: the caller stops it (its
+    /// log stays readable) and may start another one with [`Self::start_agent_with`].
+    pub fn take_agent(&mut self, n: Node) -> Option<Agent> {
+        self.agents[n.idx()].take()
+    }
+
+    /// Starts an agent with `config` in node `n`'s namespace (for example the config of
+    /// a stopped agent, to restart it with the same flags and pins, or one with other
+    /// `--devices`) and waits for its first `sync applied`.
+    pub fn start_agent_with(&mut self, n: Node, config: AgentConfig) -> Result<&mut Agent> {
+        if self.agents[n.idx()].is_some() {
+            bail!("the agent of {} is already running", n.name());
+        }
+        self.agent_starts += 1;
+        let mut agent = Agent::start_in_netns(config, self.net.node(n).name())?;
+        agent.wait_applied(1, Duration::from_secs(30))?;
+        Ok(self.agents[n.idx()].insert(agent))
+    }
+
+    /// A fresh log file name in the lab's directory for another start of `n`'s agent.
+    pub fn next_agent_log(&self, n: Node) -> PathBuf {
+        self.dir
+            .path()
+            .join(format!("agent-{}-{}.log", n.name(), self.agent_starts + 1))
+    }
+}
