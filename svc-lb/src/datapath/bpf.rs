@@ -463,7 +463,9 @@ fn attach_xdp(ebpf: &mut Ebpf, bpffs: &Path, devices: &[String]) -> Result<()> {
         let id = match prog.attach(dev, XdpMode::Driver) {
             Ok(id) => id,
             Err(e) => {
-                warn!(device = %dev, error = %format!("{e:#}"), "native XDP refused by the driver; this device runs tc only");
+                // Through anyhow so that the kernel's reason (the error's source) is shown.
+                let error = format!("{:#}", anyhow::Error::new(e));
+                warn!(device = %dev, %error, "native XDP refused by the driver; this device runs tc only");
                 continue;
             }
         };
