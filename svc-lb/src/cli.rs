@@ -117,16 +117,25 @@ pub enum Command {
         #[arg(long, value_name = "NAMESPACE/NAME")]
         service: Option<String>,
     },
-    /// Explain, step by step, what the datapath does with a new connection to ADDR:PORT.
+    /// Explain, step by step, what the datapath does with a new connection to ADDR:PORT
+    /// (from a client on this node), or with --external with a packet from outside the
+    /// node (NodePort, LoadBalancer IP, external IP).
     Trace {
-        /// The destination the client dials, e.g. 10.96.0.10:80 or [fd00::10]:80.
+        /// The destination the client dials, e.g. 10.96.0.10:80 or [fd00::10]:80; with
+        /// --external a node address and NodePort, a LoadBalancer IP or an external IP.
         #[arg(long, value_name = "ADDR:PORT")]
         to: std::net::SocketAddr,
         #[arg(long, value_enum, default_value_t = TraceProto::Tcp)]
         proto: TraceProto,
-        /// The client's address (shown in the trace).
-        #[arg(long, value_name = "ADDR")]
-        from: Option<std::net::IpAddr>,
+        /// The client: ADDR (shown in the trace) or ADDR:PORT. With --external it is
+        /// required with its source port, which the Maglev hash covers.
+        #[arg(long, value_name = "ADDR[:PORT]", value_parser = parse_from)]
+        from: Option<TraceFrom>,
+        /// Trace the external path (tc/XDP on the node's devices) instead of the
+        /// socket hooks: conntrack, frontend (NodePorts match the node addresses),
+        /// source ranges, affinity, Maglev, SNAT.
+        #[arg(long, requires = "from", conflicts_with_all = ["netns", "pid"])]
+        external: bool,
         /// The client's network namespace file (e.g. /run/netns/NAME), for session
         /// affinity, which the socket programs key by network namespace (one per pod)
         /// [default: this process's namespace]
@@ -171,6 +180,53 @@ pub enum Output {
 pub enum TraceProto {
     Tcp,
     Udp,
+}
+
+/// `trace --from`: an address, optionally with the client's source port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceFrom {
+    pub addr: std::net::IpAddr,
+    pub port: Option<u16>,
+}
+
+fn parse_from(s: &str) -> Result<TraceFrom, String> {
+    if let Ok(sa) = s.parse::<std::net::SocketAddr>() {
+        return Ok(TraceFrom {
+            addr: sa.ip(),
+            port: Some(sa.port()),
+        });
+    }
+    s.parse::<std::net::IpAddr>()
+        .map(|addr| TraceFrom { addr, port: None })
+        .map_err(|_| format!("'{s}' is neither ADDR nor ADDR:PORT (IPv6 with a port: [ADDR]:PORT)"))
+}
+
+/// `--service NAMESPACE/NAME` of `list` and `conntrack`: parsed once, before any map is
+/// read, and applied to the rows of either command.
+struct ServiceFilter(Option<crate::model::ServiceRef>);
+
+impl ServiceFilter {
+    fn parse(arg: Option<&str>) -> Result<Self> {
+        Ok(Self(arg.map(inspect::list::parse_service).transpose()?))
+    }
+
+    /// Keeps the rows of the Service; `of` gives a row's namespace and name (`None`
+    /// when the row's Service is unknown, which never matches). Says so on stderr
+    /// when nothing is left.
+    fn retain<T>(
+        &self,
+        rows: &mut Vec<T>,
+        what: &str,
+        of: impl Fn(&T) -> (Option<&str>, Option<&str>),
+    ) {
+        let Some(want) = &self.0 else {
+            return;
+        };
+        rows.retain(|r| of(r) == (Some(want.namespace.as_str()), Some(want.name.as_str())));
+        if rows.is_empty() {
+            eprintln!("no {what} of Service {want} is programmed");
+        }
+    }
 }
 
 /// `--maglev-table-size`: a prime, so every backend's permutation covers the table.
@@ -241,17 +297,12 @@ pub fn run(cli: Cli) -> Result<()> {
             bpffs,
             service,
         } => {
-            let service = service
-                .as_deref()
-                .map(inspect::list::parse_service)
-                .transpose()?;
+            let filter = ServiceFilter::parse(service.as_deref())?;
             let view = inspect::view::DatapathView::read(&PinnedMaps::open(&bpffs)?)?;
-            let entries = inspect::list::entries(&view, service.as_ref());
-            if entries.is_empty()
-                && let Some(s) = &service
-            {
-                eprintln!("no frontend of Service {s} is programmed");
-            }
+            let mut entries = inspect::list::entries(&view, None);
+            filter.retain(&mut entries, "frontend", |e| {
+                (e.namespace.as_deref(), e.service.as_deref())
+            });
             print!(
                 "{}",
                 match output {
@@ -267,20 +318,14 @@ pub fn run(cli: Cli) -> Result<()> {
             bpffs,
             service,
         } => {
-            let service = service
-                .as_deref()
-                .map(inspect::list::parse_service)
-                .transpose()?;
+            let filter = ServiceFilter::parse(service.as_deref())?;
             let entries = inspect::conntrack::read_entries(&bpffs)?;
             let meta = PinnedMaps::open(&bpffs)?.meta()?;
             let mut table =
                 inspect::conntrack::flows(&entries, &meta, inspect::trace::monotonic_ns());
-            if let Some(s) = &service {
-                table.flows.retain(|f| {
-                    f.namespace.as_deref() == Some(s.namespace.as_str())
-                        && f.service.as_deref() == Some(s.name.as_str())
-                });
-            }
+            filter.retain(&mut table.flows, "flow", |f| {
+                (f.namespace.as_deref(), f.service.as_deref())
+            });
             print!(
                 "{}",
                 match output {
@@ -295,11 +340,44 @@ pub fn run(cli: Cli) -> Result<()> {
             to,
             proto,
             from,
+            external,
             netns,
             pid,
             output,
             bpffs,
         } => {
+            let proto = match proto {
+                TraceProto::Tcp => svc_lb_common::PROTO_TCP,
+                TraceProto::Udp => svc_lb_common::PROTO_UDP,
+            };
+            if external {
+                let from = match from {
+                    Some(TraceFrom {
+                        addr,
+                        port: Some(port),
+                    }) => std::net::SocketAddr::new(addr, port),
+                    _ => anyhow::bail!(
+                        "--external needs the client's source port: --from ADDR:PORT (the Maglev hash covers it)"
+                    ),
+                };
+                let req = inspect::exttrace::ExtTraceRequest {
+                    from,
+                    to,
+                    proto,
+                    now_ns: inspect::trace::monotonic_ns(),
+                };
+                let maps = inspect::exttrace::PinnedExtMaps::open(&bpffs)?;
+                let t = inspect::exttrace::trace(&maps, &req)?;
+                print!(
+                    "{}",
+                    match output {
+                        Output::Text => inspect::exttrace::render_text(&t),
+                        Output::Json => serde_json::to_string_pretty(&t)? + "\n",
+                        Output::Yaml => serde_yaml::to_string(&t)?,
+                    }
+                );
+                return Ok(());
+            }
             let netns = netns.or_else(|| pid.map(|p| PathBuf::from(format!("/proc/{p}/ns/net"))));
             let label = netns.as_ref().map_or_else(
                 || "the network namespace of this command".to_owned(),
@@ -317,11 +395,8 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             let req = inspect::trace::TraceRequest {
                 to,
-                proto: match proto {
-                    TraceProto::Tcp => svc_lb_common::PROTO_TCP,
-                    TraceProto::Udp => svc_lb_common::PROTO_UDP,
-                },
-                from,
+                proto,
+                from: from.map(|f| f.addr),
                 client,
                 now_ns: inspect::trace::monotonic_ns(),
             };

@@ -1125,3 +1125,651 @@ mod conntrack {
         assert_eq!(y, j, "yaml and json carry the same document");
     }
 }
+
+/// `trace --external` over the list fixture's external frontends plus a few more, with
+/// the external path's own maps (node addresses, conntrack, affinity, config) in memory.
+mod external_trace {
+    use std::{collections::HashMap, net::IpAddr};
+
+    use svc_lb_common::{
+        AffinityExtKey, AffinityKey, AffinityValue, Backend, CT_DIR_FORWARD, CT_FLAG_SNAT, CtKey,
+        CtValue, ExtConfig, FAMILY_V4, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SVC_FLAG_AFFINITY,
+        SvcValue, maglev::flow_hash,
+    };
+
+    use super::{BACKENDS, fixture, golden, ip};
+    use crate::{
+        datapath::{
+            MapStore,
+            codec::{FrontendMeta, SvcKey, addr_words, port_be},
+            fake::{FAKE_MAGLEV_SIZE, FakeMaps},
+        },
+        inspect::{
+            exttrace::{self, ExtTrace, ExtTraceMaps, ExtTraceRequest},
+            trace::TraceMaps,
+            view::DatapathView,
+        },
+        model::{BackendAddr, FrontendKey, ServiceRef},
+        plan::{BackendEntry, Op},
+    };
+
+    const SEC: u64 = 1_000_000_000;
+    const NOW: u64 = 90_000 * SEC;
+    /// The node's address: it serves NodePorts and is the SNAT source.
+    const NODE: &str = "192.168.1.20";
+
+    struct ExtFake {
+        maps: FakeMaps,
+        view: DatapathView,
+        node_addrs: Vec<IpAddr>,
+        ct: HashMap<CtKey, CtValue>,
+        aff: HashMap<AffinityExtKey, AffinityValue>,
+        members: Vec<(u32, u32)>,
+        config: Option<ExtConfig>,
+    }
+
+    impl TraceMaps for ExtFake {
+        fn svc(&self, key: &SvcKey) -> anyhow::Result<Option<SvcValue>> {
+            TraceMaps::svc(&self.maps, key)
+        }
+        fn backend(&self, id: u32) -> anyhow::Result<Option<Backend>> {
+            TraceMaps::backend(&self.maps, id)
+        }
+        fn meta(&self, rev_nat_id: u32) -> anyhow::Result<Option<FrontendMeta>> {
+            Ok(self.view.meta.get(&rev_nat_id).cloned())
+        }
+        fn frontends_at(&self, addr: IpAddr) -> anyhow::Result<Vec<FrontendKey>> {
+            self.maps.frontends_at(addr)
+        }
+        fn affinity(&self, _key: &AffinityKey) -> anyhow::Result<Option<AffinityValue>> {
+            Ok(None)
+        }
+        fn affinity_member(&self, backend_id: u32, rev_nat_id: u32) -> anyhow::Result<bool> {
+            Ok(self.members.contains(&(backend_id, rev_nat_id)))
+        }
+    }
+
+    impl ExtTraceMaps for ExtFake {
+        fn is_node_addr(&self, addr: IpAddr) -> anyhow::Result<bool> {
+            Ok(self.node_addrs.contains(&addr))
+        }
+        fn node_addrs(&self) -> anyhow::Result<Vec<IpAddr>> {
+            Ok(self.node_addrs.clone())
+        }
+        // The kernel's LPM answer: some range of the frontend contains the source.
+        fn src_allowed(&self, rev_nat_id: u32, src: IpAddr) -> anyhow::Result<bool> {
+            Ok(self
+                .maps
+                .src_ranges()
+                .iter()
+                .any(|(id, net)| *id == rev_nat_id && net.contains(&src)))
+        }
+        fn src_ranges(&self, rev_nat_id: u32) -> anyhow::Result<Vec<ipnet::IpNet>> {
+            Ok(self
+                .maps
+                .src_ranges()
+                .iter()
+                .filter(|(id, _)| *id == rev_nat_id)
+                .map(|(_, n)| *n)
+                .collect())
+        }
+        fn ct(&self, key: &CtKey) -> anyhow::Result<Option<CtValue>> {
+            Ok(self.ct.get(key).copied())
+        }
+        fn affinity_ext(&self, key: &AffinityExtKey) -> anyhow::Result<Option<AffinityValue>> {
+            Ok(self.aff.get(key).copied())
+        }
+        fn maglev_table(&self, rev_nat_id: u32) -> anyhow::Result<Option<Vec<u32>>> {
+            Ok(self.maps.maglev().get(&rev_nat_id).cloned())
+        }
+        fn ext_config(&self) -> anyhow::Result<Option<ExtConfig>> {
+            Ok(self.config)
+        }
+    }
+
+    fn backend_addr(id: u32) -> BackendAddr {
+        let b = BACKENDS
+            .iter()
+            .find(|b| b.0 == id)
+            .expect("fixture backend");
+        BackendAddr {
+            addr: ip(b.1),
+            port: b.2,
+            proto: b.3,
+        }
+    }
+
+    /// Adds an external frontend in the planner's order (backends, slots, table, master).
+    fn add_frontend(
+        maps: &mut FakeMaps,
+        view: &mut DatapathView,
+        (addr, port, proto): (&str, u16, u8),
+        rev_nat_id: u32,
+        name: &str,
+        backends: &[u32],
+        (flags, timeout): (u16, u32),
+    ) {
+        let fe = FrontendKey {
+            addr: ip(addr),
+            port,
+            proto,
+            scope: SCOPE_EXTERNAL,
+        };
+        let mut apply = |op: Op| maps.apply(&op).expect("fixture op");
+        apply(Op::UpsertRevNat {
+            id: rev_nat_id,
+            frontend: fe,
+        });
+        for (i, id) in backends.iter().enumerate() {
+            apply(Op::UpsertSlot {
+                frontend: fe,
+                slot: i as u16 + 1,
+                backend_id: *id,
+            });
+        }
+        if !backends.is_empty() {
+            apply(Op::UpsertMaglev {
+                rev_nat_id,
+                backends: backends.iter().map(|id| (*id, backend_addr(*id))).collect(),
+            });
+        }
+        apply(Op::UpsertMaster {
+            frontend: fe,
+            count: backends.len() as u32,
+            rev_nat_id,
+            flags,
+            affinity_timeout_s: timeout,
+        });
+        view.meta.insert(
+            rev_nat_id,
+            FrontendMeta {
+                service: ServiceRef {
+                    namespace: "shop".to_owned(),
+                    name: name.to_owned(),
+                },
+                port_name: "http".to_owned(),
+                kind: svc_lb_common::KIND_LOAD_BALANCER,
+                flags: 0,
+            },
+        );
+    }
+
+    /// The list fixture (NodePort 30080 Local → backend 1; LB 192.0.2.10:80 with source
+    /// ranges 203.0.113.0/24 → backends 1, 2; IPv6 NodePort 30053/UDP dropped for no
+    /// local endpoint) with backend 1 on this node, plus an LB IP with ClientIP
+    /// affinity (rev-NAT 10) and one with no endpoints (rev-NAT 11).
+    fn ext_fixture() -> ExtFake {
+        let (mut maps, mut view) = fixture();
+        maps.apply(&Op::UpsertBackend {
+            id: 1,
+            backend: BackendEntry {
+                addr: backend_addr(1),
+                state: svc_lb_common::BACKEND_ACTIVE,
+                local: true,
+            },
+        })
+        .expect("backend 1 local");
+        add_frontend(
+            &mut maps,
+            &mut view,
+            ("192.0.2.20", 443, PROTO_TCP),
+            10,
+            "sticky",
+            &[4, 5],
+            (SVC_FLAG_AFFINITY, 100),
+        );
+        add_frontend(
+            &mut maps,
+            &mut view,
+            ("192.0.2.30", 80, PROTO_TCP),
+            11,
+            "empty",
+            &[],
+            (0, 0),
+        );
+        ExtFake {
+            maps,
+            view,
+            node_addrs: vec![ip(NODE)],
+            ct: HashMap::new(),
+            aff: HashMap::new(),
+            members: vec![(4, 10), (5, 10)],
+            config: Some(ExtConfig {
+                snat4_be: addr_words(ip(NODE))[0],
+                snat6_be: [0; 4],
+                maglev_size: FAKE_MAGLEV_SIZE,
+                flags: 0,
+                _pad: 0,
+            }),
+        }
+    }
+
+    fn req(from: &str, to: &str, proto: u8) -> ExtTraceRequest {
+        ExtTraceRequest {
+            from: from.parse().expect("from"),
+            to: to.parse().expect("to"),
+            proto,
+            now_ns: NOW,
+        }
+    }
+
+    fn run(m: &ExtFake, from: &str, to: &str, proto: u8) -> ExtTrace {
+        exttrace::trace(m, &req(from, to, proto)).expect("trace")
+    }
+
+    fn fwd_key(from: &str, to: &str, proto: u8) -> CtKey {
+        let r = req(from, to, proto);
+        CtKey {
+            saddr_be: addr_words(r.from.ip()),
+            daddr_be: addr_words(r.to.ip()),
+            sport_be: port_be(r.from.port()),
+            dport_be: port_be(r.to.port()),
+            proto,
+            family: FAMILY_V4,
+            dir: CT_DIR_FORWARD,
+            _pad: 0,
+        }
+    }
+
+    /// The backend the Maglev model picks: `table[flow_hash % size]` of the fake's
+    /// table, built by the agent's populate from the backends' addresses.
+    fn maglev_pick(m: &ExtFake, rev_nat_id: u32, from: &str, dport: u16, proto: u8) -> u32 {
+        let from: std::net::SocketAddr = from.parse().expect("from");
+        let h = flow_hash(
+            &addr_words(from.ip()),
+            port_be(from.port()),
+            port_be(dport),
+            proto,
+        );
+        m.maps.maglev()[&rev_nat_id][(h % FAKE_MAGLEV_SIZE) as usize]
+    }
+
+    #[test]
+    fn nodeport_matches_node_addresses_only() {
+        let m = ext_fixture();
+        let t = run(&m, "198.51.100.7:40000", "192.168.1.20:30080", PROTO_TCP);
+        let fe = t.frontend.as_ref().expect("frontend");
+        assert_eq!(
+            (
+                fe.address.as_str(),
+                fe.node_address.as_deref(),
+                fe.rev_nat_id
+            ),
+            ("0.0.0.0", Some(NODE), 7)
+        );
+        assert_eq!(fe.external_traffic_policy, "Local");
+        assert_eq!(t.verdict.action, "forward");
+        let b = t.verdict.backend.as_ref().expect("backend");
+        assert_eq!((b.id, b.via, b.local), (1, "maglev", true));
+        let nat = t.verdict.nat.as_ref().expect("nat");
+        assert!(!nat.snat, "Local policy preserves the client address");
+        assert_eq!(nat.why, "externalTrafficPolicy Local");
+        // The same port on an address that is not the node's: not a frontend.
+        let t = run(&m, "198.51.100.7:40000", "192.168.1.99:30080", PROTO_TCP);
+        assert_eq!(t.verdict.action, "pass");
+        assert!(t.frontend.is_none());
+        let text = exttrace::render_text(&t);
+        assert!(
+            text.contains("30080 is a NodePort, but 192.168.1.99 is not a node address"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn maglev_backend_follows_the_source_port_and_snat_is_reported() {
+        let m = ext_fixture();
+        let mut seen = std::collections::BTreeSet::new();
+        let mut checked = 0;
+        for port in 41_000u16..41_040 {
+            let from = format!("203.0.113.5:{port}");
+            let t = run(&m, &from, "192.0.2.10:80", PROTO_TCP);
+            let want = maglev_pick(&m, 8, &from, 80, PROTO_TCP);
+            let b = t.verdict.backend.as_ref().expect("backend");
+            assert_eq!((b.id, b.via), (want, "maglev"), "source port {port}");
+            let mg = t.maglev.as_ref().expect("maglev");
+            assert_eq!(mg.index, Some(t.flow_hash % FAKE_MAGLEV_SIZE));
+            assert_eq!(mg.backend_id, Some(want));
+            let nat = t.verdict.nat.as_ref().expect("nat");
+            if want == 1 {
+                assert!(!nat.snat && nat.why == "backend on this node");
+            } else {
+                assert!(nat.snat && nat.source_address.as_deref() == Some(NODE));
+                // 41000 is in the ephemeral range: a pseudo-random SNAT port.
+                assert_eq!(nat.source_port, None);
+            }
+            seen.insert(want);
+            checked += 1;
+        }
+        assert_eq!(checked, 40);
+        assert_eq!(
+            seen,
+            [1, 2].into(),
+            "40 source ports spread over both backends"
+        );
+        // A non-ephemeral client port is kept when free.
+        let port = (1000u16..2000)
+            .find(|p| maglev_pick(&m, 8, &format!("203.0.113.5:{p}"), 80, PROTO_TCP) == 2)
+            .expect("a port that hashes to the remote backend");
+        let t = run(
+            &m,
+            &format!("203.0.113.5:{port}"),
+            "192.0.2.10:80",
+            PROTO_TCP,
+        );
+        assert_eq!(
+            t.verdict.nat.as_ref().and_then(|n| n.source_port),
+            Some(port)
+        );
+    }
+
+    #[test]
+    fn source_ranges_drop_outside_sources_before_anything_else() {
+        let m = ext_fixture();
+        let t = run(&m, "198.51.100.7:40000", "192.0.2.10:80", PROTO_TCP);
+        assert_eq!(t.verdict.action, "drop");
+        assert_eq!(t.verdict.reason, Some("ext_dropped_source_range"));
+        let sr = t.source_ranges.expect("source ranges");
+        assert_eq!(
+            (sr.ranges, sr.allowed),
+            (vec!["203.0.113.0/24".to_owned()], false)
+        );
+        assert!(t.maglev.is_none(), "no Maglev lookup for a filtered source");
+        let t = run(&m, "203.0.113.9:40000", "192.0.2.10:80", PROTO_TCP);
+        assert!(t.source_ranges.expect("source ranges").allowed);
+        assert_eq!(t.verdict.action, "forward");
+    }
+
+    #[test]
+    fn no_endpoints_rejects_and_no_local_endpoint_drops() {
+        let m = ext_fixture();
+        let t = run(&m, "198.51.100.7:40000", "192.0.2.30:80", PROTO_TCP);
+        assert_eq!(
+            (t.verdict.action, t.verdict.reason),
+            ("reject", Some("ext_rejected_no_backend"))
+        );
+        let mut m = m;
+        m.node_addrs.push(ip("fd00::20"));
+        let t = run(&m, "[2001:db8::5]:5353", "[fd00::20]:30053", PROTO_UDP);
+        assert_eq!(
+            (t.verdict.action, t.verdict.reason),
+            ("drop", Some("ext_dropped_no_local_endpoint"))
+        );
+    }
+
+    #[test]
+    fn conntrack_keeps_an_established_flow_until_its_backend_goes() {
+        let mut m = ext_fixture();
+        let (from, to) = ("203.0.113.5:41000", "192.0.2.10:80");
+        let other = 3 - maglev_pick(&m, 8, from, 80, PROTO_TCP);
+        let b = backend_addr(other);
+        let entry = |backend_id: u32, addr: IpAddr, ttl_s: i64| CtValue {
+            expires_ns: NOW.saturating_add_signed(ttl_s * SEC as i64),
+            backend_id,
+            rev_nat_id: 8,
+            nat_addr_be: addr_words(addr),
+            snat_addr_be: addr_words(ip(NODE)),
+            nat_port_be: port_be(b.port),
+            snat_port_be: port_be(61_234),
+            flags: CT_FLAG_SNAT,
+            _pad: [0; 3],
+        };
+        m.ct.insert(fwd_key(from, to, PROTO_TCP), entry(other, b.addr, 100));
+        let t = run(&m, from, to, PROTO_TCP);
+        let chosen = t.verdict.backend.as_ref().expect("backend");
+        assert_eq!((chosen.id, chosen.via), (other, "conntrack"));
+        let nat = t.verdict.nat.as_ref().expect("nat");
+        assert_eq!(
+            (nat.source_address.as_deref(), nat.source_port),
+            (Some(NODE), Some(61_234))
+        );
+        assert_eq!(t.conntrack.as_ref().map(|c| c.state), Some("established"));
+        // Expired, or the id names another address now: Maglev chooses anew.
+        for (e, state) in [
+            (entry(other, b.addr, -5), "expired"),
+            (entry(other, ip("10.9.9.9"), 100), "backend_gone"),
+        ] {
+            m.ct.insert(fwd_key(from, to, PROTO_TCP), e);
+            let t = run(&m, from, to, PROTO_TCP);
+            assert_eq!(t.conntrack.as_ref().map(|c| c.state), Some(state));
+            assert_eq!(t.verdict.backend.as_ref().map(|b| b.via), Some("maglev"));
+        }
+    }
+
+    #[test]
+    fn external_affinity_is_keyed_by_source_address() {
+        let mut m = ext_fixture();
+        let from = "198.51.100.7:40000";
+        let maglev = maglev_pick(&m, 10, from, 443, PROTO_TCP);
+        let remembered = if maglev == 4 { 5 } else { 4 };
+        let key = AffinityExtKey {
+            addr_be: addr_words(ip("198.51.100.7")),
+            rev_nat_id: 10,
+            family: FAMILY_V4,
+            _pad: [0; 3],
+        };
+        m.aff.insert(
+            key,
+            AffinityValue {
+                last_used_ns: NOW - 30 * SEC,
+                backend_id: remembered,
+                _pad: 0,
+            },
+        );
+        let t = run(&m, from, "192.0.2.20:443", PROTO_TCP);
+        let b = t.verdict.backend.as_ref().expect("backend");
+        assert_eq!((b.id, b.via), (remembered, "affinity"));
+        assert!(t.affinity.as_ref().is_some_and(|a| a.used));
+        // Another source port of the same client: still the remembered backend.
+        let t = run(&m, "198.51.100.7:40001", "192.0.2.20:443", PROTO_TCP);
+        assert_eq!(t.verdict.backend.as_ref().map(|b| b.id), Some(remembered));
+        // Expired: Maglev.
+        m.aff.get_mut(&key).expect("entry").last_used_ns = NOW - 101 * SEC;
+        let t = run(&m, from, "192.0.2.20:443", PROTO_TCP);
+        let b = t.verdict.backend.as_ref().expect("backend");
+        assert_eq!((b.id, b.via), (maglev, "maglev"));
+        assert!(t.affinity.as_ref().is_some_and(|a| !a.used));
+    }
+
+    #[test]
+    fn no_snat_address_drops_flows_to_remote_backends() {
+        let mut m = ext_fixture();
+        m.config = m.config.map(|c| ExtConfig { snat4_be: 0, ..c });
+        let port = (41_000u16..42_000)
+            .find(|p| maglev_pick(&m, 8, &format!("203.0.113.5:{p}"), 80, PROTO_TCP) == 2)
+            .expect("a port that hashes to the remote backend");
+        let t = run(
+            &m,
+            &format!("203.0.113.5:{port}"),
+            "192.0.2.10:80",
+            PROTO_TCP,
+        );
+        assert_eq!(
+            (t.verdict.action, t.verdict.reason),
+            ("drop", Some("ext_dropped_no_snat_address"))
+        );
+    }
+
+    #[test]
+    fn trace_external_text_golden() {
+        let mut m = ext_fixture();
+        let from_local = (41_000u16..42_000)
+            .find(|p| maglev_pick(&m, 8, &format!("203.0.113.5:{p}"), 80, PROTO_TCP) == 1)
+            .expect("port");
+        let from_remote = (1_000u16..2_000)
+            .find(|p| maglev_pick(&m, 8, &format!("203.0.113.5:{p}"), 80, PROTO_TCP) == 2)
+            .expect("port");
+        let established = "203.0.113.6:50000";
+        m.ct.insert(
+            fwd_key(established, "192.0.2.10:80", PROTO_TCP),
+            CtValue {
+                expires_ns: NOW + 21_000 * SEC,
+                backend_id: 2,
+                rev_nat_id: 8,
+                nat_addr_be: addr_words(ip("10.244.2.9")),
+                snat_addr_be: addr_words(ip(NODE)),
+                nat_port_be: port_be(8080),
+                snat_port_be: port_be(61_500),
+                flags: CT_FLAG_SNAT | svc_lb_common::CT_FLAG_SEEN_REPLY,
+                _pad: [0; 3],
+            },
+        );
+        m.node_addrs.push(ip("fd00::20"));
+        let mut out = String::new();
+        for (from, to, proto) in [
+            (
+                "198.51.100.7:40000".to_owned(),
+                "192.168.1.20:30080",
+                PROTO_TCP,
+            ),
+            (
+                format!("203.0.113.5:{from_local}"),
+                "192.0.2.10:80",
+                PROTO_TCP,
+            ),
+            (
+                format!("203.0.113.5:{from_remote}"),
+                "192.0.2.10:80",
+                PROTO_TCP,
+            ),
+            ("198.51.100.7:40000".to_owned(), "192.0.2.10:80", PROTO_TCP),
+            (established.to_owned(), "192.0.2.10:80", PROTO_TCP),
+            ("198.51.100.7:40000".to_owned(), "192.0.2.30:80", PROTO_TCP),
+            ("198.51.100.7:40000".to_owned(), "192.0.2.20:443", PROTO_TCP),
+            (
+                "[2001:db8::5]:5353".to_owned(),
+                "[fd00::20]:30053",
+                PROTO_UDP,
+            ),
+            (
+                "198.51.100.7:40000".to_owned(),
+                "192.168.1.99:30080",
+                PROTO_TCP,
+            ),
+            (
+                "198.51.100.7:40000".to_owned(),
+                "192.168.1.20:30081",
+                PROTO_TCP,
+            ),
+        ] {
+            out.push_str(&exttrace::render_text(&run(&m, &from, to, proto)));
+            out.push('\n');
+        }
+        golden("trace-external.txt", &out);
+    }
+
+    #[test]
+    fn trace_external_json_field_names_are_stable() {
+        let m = ext_fixture();
+        let t = run(&m, "203.0.113.5:41000", "192.0.2.10:80", PROTO_TCP);
+        let v = serde_json::to_value(&t).expect("json");
+        let keys = |v: &serde_json::Value| {
+            let mut k: Vec<String> = v.as_object().expect("object").keys().cloned().collect();
+            k.sort_unstable();
+            k
+        };
+        assert_eq!(
+            keys(&v),
+            [
+                "affinity",
+                "candidates",
+                "client",
+                "conntrack",
+                "destination",
+                "flow_hash",
+                "frontend",
+                "maglev",
+                "programs",
+                "protocol",
+                "source_ranges",
+                "steps",
+                "verdict"
+            ]
+        );
+        assert_eq!(keys(&v["verdict"]), ["action", "backend", "nat", "reason"]);
+        assert_eq!(
+            keys(&v["verdict"]["backend"]),
+            ["address", "id", "local", "port", "state", "via"]
+        );
+        assert_eq!(
+            keys(&v["candidates"][0]),
+            ["address", "backend_id", "local", "port", "slot", "state"]
+        );
+        let y: serde_json::Value =
+            serde_yaml::from_str(&serde_yaml::to_string(&t).expect("yaml")).expect("yaml");
+        assert_eq!(y, v, "yaml and json carry the same document");
+    }
+
+    #[test]
+    fn cli_parses_trace_external() {
+        use clap::Parser;
+
+        use crate::cli::{Cli, Command, TraceFrom};
+        let c = Cli::try_parse_from([
+            "svc-lb",
+            "trace",
+            "--external",
+            "--from",
+            "[2001:db8::5]:5353",
+            "--to",
+            "[fd00::20]:30053",
+            "--proto",
+            "udp",
+            "-o",
+            "json",
+        ])
+        .expect("trace --external");
+        match c.command {
+            Command::Trace { external, from, .. } => {
+                assert!(external);
+                assert_eq!(
+                    from,
+                    Some(TraceFrom {
+                        addr: ip("2001:db8::5"),
+                        port: Some(5353)
+                    })
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // --from stays an address for the socket path.
+        let c = Cli::try_parse_from([
+            "svc-lb",
+            "trace",
+            "--to",
+            "10.0.0.1:80",
+            "--from",
+            "10.1.1.1",
+        ])
+        .expect("trace");
+        assert!(matches!(
+            c.command,
+            Command::Trace {
+                from: Some(TraceFrom { port: None, .. }),
+                external: false,
+                ..
+            }
+        ));
+        // --external needs --from, and has no use for a network namespace.
+        assert!(
+            Cli::try_parse_from(["svc-lb", "trace", "--external", "--to", "10.0.0.1:80"]).is_err()
+        );
+        assert!(
+            Cli::try_parse_from([
+                "svc-lb",
+                "trace",
+                "--external",
+                "--from",
+                "1.2.3.4:5",
+                "--to",
+                "10.0.0.1:80",
+                "--netns",
+                "/x"
+            ])
+            .is_err()
+        );
+        assert!(
+            Cli::try_parse_from(["svc-lb", "trace", "--to", "10.0.0.1:80", "--from", "nope"])
+                .is_err()
+        );
+    }
+}

@@ -280,7 +280,7 @@ pub struct TraceStep {
     pub details: Vec<String>,
 }
 
-fn counter_name(index: u32) -> &'static str {
+pub(super) fn counter_name(index: u32) -> &'static str {
     COUNTER_NAMES
         .iter()
         .find(|(i, _)| *i == index)
@@ -718,7 +718,7 @@ fn selection_step(master: &SvcValue, random: u32, slot: u16, backend_id: u32) ->
     }
 }
 
-fn candidate(slot: u16, backend_id: u32, be: Option<&Backend>) -> TraceCandidate {
+pub(super) fn candidate(slot: u16, backend_id: u32, be: Option<&Backend>) -> TraceCandidate {
     match be.and_then(|b| codec::backend_from_raw(b).ok()) {
         Some(b) => TraceCandidate {
             slot,
