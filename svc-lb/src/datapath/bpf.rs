@@ -96,6 +96,19 @@ fn cgroup_id(cgroup: &Path) -> Result<u64> {
         .ino())
 }
 
+/// The capacity of a (hash, LRU hash or LPM trie) map as the kernel has it: a re-used
+/// pin keeps the size it was created with, whatever the object says.
+fn max_entries(map: &Map, name: &str) -> Result<usize> {
+    let data = match map {
+        Map::HashMap(d) | Map::LruHashMap(d) | Map::LpmTrie(d) => d,
+        _ => bail!("map {name} is not a hash map or LPM trie"),
+    };
+    Ok(data
+        .info()
+        .with_context(|| format!("info of map {name}"))?
+        .max_entries() as usize)
+}
+
 /// Takes a hash map out of the object, with its capacity.
 fn take_hash<K: aya::Pod, V: aya::Pod>(
     ebpf: &mut Ebpf,
@@ -104,13 +117,7 @@ fn take_hash<K: aya::Pod, V: aya::Pod>(
     let map = ebpf
         .take_map(name)
         .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?;
-    let max = match &map {
-        Map::HashMap(data) => data
-            .info()
-            .with_context(|| format!("info of map {name}"))?
-            .max_entries() as usize,
-        _ => bail!("map {name} is not a hash map"),
-    };
+    let max = max_entries(&map, name)?;
     Ok((
         HashMap::try_from(map).with_context(|| format!("map {name} has an unexpected type"))?,
         max,
@@ -152,6 +159,10 @@ struct ExtMaps {
     src6: LpmTrie<MapData, SrcRange6Key, u32>,
     node_addr: HashMap<MapData, NodeAddrKey, u32>,
     config: Array<MapData, ExtConfig>,
+    /// Capacities of `maglev`, `src4` and `src6`.
+    maglev_entries: usize,
+    src4_entries: usize,
+    src6_entries: usize,
 }
 
 impl ExtMaps {
@@ -181,12 +192,18 @@ impl ExtMaps {
             ebpf.take_map(name)
                 .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
         };
+        let maglev = take(ebpf, MAP_MAGLEV)?;
+        let src4 = take(ebpf, MAP_SRC_RANGE4)?;
+        let src6 = take(ebpf, MAP_SRC_RANGE6)?;
         Ok(Ok(Self {
-            maglev: HashMap::try_from(take(ebpf, MAP_MAGLEV)?)
+            maglev_entries: max_entries(&maglev, MAP_MAGLEV)?,
+            src4_entries: max_entries(&src4, MAP_SRC_RANGE4)?,
+            src6_entries: max_entries(&src6, MAP_SRC_RANGE6)?,
+            maglev: HashMap::try_from(maglev)
                 .with_context(|| format!("map {MAP_MAGLEV} has an unexpected type"))?,
-            src4: LpmTrie::try_from(take(ebpf, MAP_SRC_RANGE4)?)
+            src4: LpmTrie::try_from(src4)
                 .with_context(|| format!("map {MAP_SRC_RANGE4} has an unexpected type"))?,
-            src6: LpmTrie::try_from(take(ebpf, MAP_SRC_RANGE6)?)
+            src6: LpmTrie::try_from(src6)
                 .with_context(|| format!("map {MAP_SRC_RANGE6} has an unexpected type"))?,
             node_addr: HashMap::try_from(take(ebpf, MAP_NODE_ADDR)?)
                 .with_context(|| format!("map {MAP_NODE_ADDR} has an unexpected type"))?,
@@ -256,11 +273,21 @@ impl BpfDatapath {
         let (svc6, svc6_entries) = take_hash(&mut ebpf, MAP_SVC6)?;
         let (backends, backend_entries) = take_hash(&mut ebpf, MAP_BACKENDS)?;
         let (rev_nats, rev_nat_entries) = take_hash(&mut ebpf, MAP_REVNAT)?;
+        let ext = ExtMaps::take(&mut ebpf)?;
+        // Without the external maps no external frontend can be programmed (the agent
+        // refuses --devices then), so their capacity is 0.
+        let (maglev_tables, src_ranges4, src_ranges6) = match &ext {
+            Ok(e) => (e.maglev_entries, e.src4_entries, e.src6_entries),
+            Err(_) => (0, 0, 0),
+        };
         let cap = Capacity {
             svc4_entries,
             svc6_entries,
             backends: backend_entries,
             rev_nats: rev_nat_entries,
+            maglev_tables,
+            src_ranges4,
+            src_ranges6,
         };
         let fe_stats = take_percpu_hash(&mut ebpf, MAP_FE_STATS)?;
         let be_stats = take_percpu_hash(&mut ebpf, MAP_BE_STATS)?;
@@ -276,7 +303,6 @@ impl BpfDatapath {
             .into_iter()
             .map(|(k, _)| k)
             .collect();
-        let ext = ExtMaps::take(&mut ebpf)?;
         let maglev_size = match opts.maglev_size {
             0 => svc_lb_common::MAGLEV_DEFAULT_SIZE,
             n => n,
