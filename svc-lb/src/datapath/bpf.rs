@@ -24,11 +24,12 @@ use aya::{
     },
 };
 use svc_lb_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, Backend, ExtConfig, MAP_AFF_MATCH, MAP_AFFINITY,
-    MAP_BACKENDS, MAP_BE_STATS, MAP_CONFIG, MAP_COUNTERS, MAP_FE_STATS, MAP_MAGLEV, MAP_NODE_ADDR,
-    MAP_REVNAT, MAP_SRC_RANGE4, MAP_SRC_RANGE6, MAP_SVC_META, MAP_SVC4, MAP_SVC6, MaglevTable,
-    NodeAddrKey, PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP, RevNat, SOCK_PROGRAMS, SrcRange4Key,
-    SrcRange6Key, Svc4Key, Svc6Key, SvcMeta, SvcValue,
+    AffinityExtKey, AffinityKey, AffinityMatchKey, AffinityValue, Backend, CtKey, CtValue,
+    ExtConfig, MAP_AFF_MATCH, MAP_AFFINITY, MAP_AFFINITY_EXT, MAP_BACKENDS, MAP_BE_STATS,
+    MAP_CONFIG, MAP_COUNTERS, MAP_CT, MAP_FE_STATS, MAP_MAGLEV, MAP_NODE_ADDR, MAP_REVNAT,
+    MAP_SRC_RANGE4, MAP_SRC_RANGE6, MAP_SVC_META, MAP_SVC4, MAP_SVC6, MaglevTable, NodeAddrKey,
+    PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP, RevNat, SOCK_PROGRAMS, SrcRange4Key, SrcRange6Key,
+    Svc4Key, Svc6Key, SvcMeta, SvcValue,
 };
 use tracing::{info, warn};
 
@@ -227,6 +228,98 @@ pub struct LoadOptions {
     pub bpf_log: bool,
     /// Entries per Maglev table (a prime ≤ `MAGLEV_TABLE_MAX`); 0 means the default.
     pub maglev_size: u32,
+    /// Entries of `LB_CT_V1` (`--conntrack-max`); 0 means `CT_MAP_MAX`.
+    pub conntrack_max: u32,
+    /// The external path is known to be off for this run: its LRU maps (conntrack,
+    /// external affinity), which the kernel preallocates in full, get
+    /// [`EXT_OFF_ENTRIES`] instead.
+    pub external_off: bool,
+}
+
+/// Entries of the external path's LRU maps while it is off. Nothing reads or writes
+/// them then, but the maps must exist for the object to load.
+pub const EXT_OFF_ENTRIES: u32 = 1;
+
+/// Whether a tc or XDP program of an earlier run is still attached through a pinned
+/// link: it keeps writing the maps it was loaded with until this run swaps it out.
+fn ext_links_pinned(bpffs: &Path) -> Result<bool> {
+    let dir = links_dir(bpffs);
+    let prefixes = [PROG_TC_INGRESS, PROG_TC_EGRESS, PROG_XDP].map(|p| format!("{p}@"));
+    for entry in fs::read_dir(&dir).with_context(|| format!("read {}", dir.display()))? {
+        let name = entry
+            .with_context(|| format!("read {}", dir.display()))?
+            .file_name();
+        let name = name.to_string_lossy();
+        if prefixes.iter().any(|p| name.starts_with(p.as_str())) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Sets the size of a preallocated LRU map and decides what happens to a pin of
+/// another size left by an earlier run; returns the size the map has for this run.
+///
+/// aya re-opens an existing pin whatever its size, so the size only changes if the pin
+/// goes, and a new map starts empty. It is replaced only when that loses nothing: the
+/// map is empty and no tc/XDP program of an earlier run is attached (which could add a
+/// flow before this run swaps it out). Otherwise it is kept at its old size with a
+/// warning: for the conntrack map, replacing it would cut every external flow whose
+/// replies need reverse NAT, which a resize must never do silently. `svc-lb cleanup`
+/// applies the new size at the next start.
+fn size_lru_map<K: aya::Pod, V: aya::Pod>(
+    loader: &mut EbpfLoader<'_>,
+    bpffs: &Path,
+    name: &'static str,
+    wanted: u32,
+) -> Result<u32> {
+    loader.map_max_entries(name, wanted);
+    let path = bpffs.join(name);
+    if !path.exists() {
+        return Ok(wanted);
+    }
+    let data =
+        MapData::from_pin(&path).with_context(|| format!("open pinned map {}", path.display()))?;
+    let pinned = data
+        .info()
+        .with_context(|| format!("info of pinned map {name}"))?
+        .max_entries();
+    if pinned == wanted {
+        return Ok(wanted);
+    }
+    let map: HashMap<MapData, K, V> = HashMap::try_from(Map::LruHashMap(data))
+        .with_context(|| format!("pinned map {name} has an unexpected layout"))?;
+    let first = map
+        .keys()
+        .next()
+        .transpose()
+        .with_context(|| format!("read pinned map {name}"))?;
+    let busy = if first.is_some() {
+        Some("it holds entries (external flows) that a new map would lose")
+    } else if ext_links_pinned(bpffs)? {
+        Some("tc/XDP programs of an earlier run are attached and may add flows to it")
+    } else {
+        None
+    };
+    if let Some(why) = busy {
+        warn!(
+            map = name,
+            pinned_entries = pinned,
+            wanted_entries = wanted,
+            why,
+            "keeping the pinned map at its old size; the new size takes effect after `svc-lb cleanup`"
+        );
+        return Ok(pinned);
+    }
+    drop(map);
+    fs::remove_file(&path).with_context(|| format!("remove empty pin {}", path.display()))?;
+    info!(
+        map = name,
+        pinned_entries = pinned,
+        entries = wanted,
+        "replaced the empty pinned map with one of the new size"
+    );
+    Ok(wanted)
 }
 
 /// The `.rodata` global that switches the eBPF debug log (svc-lb-ebpf/src/debug.rs).
@@ -257,6 +350,28 @@ impl BpfDatapath {
             let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
             loader.map_max_entries(BPF_LOG_RINGBUF, u32::try_from(page).unwrap_or(4096));
         }
+        let (ct_entries, affext_entries) = if opts.external_off {
+            (EXT_OFF_ENTRIES, EXT_OFF_ENTRIES)
+        } else {
+            let ct = match opts.conntrack_max {
+                0 => svc_lb_common::CT_MAP_MAX,
+                n => n,
+            };
+            (ct, svc_lb_common::AFFINITY_EXT_MAP_MAX)
+        };
+        let ct_entries = size_lru_map::<CtKey, CtValue>(&mut loader, bpffs, MAP_CT, ct_entries)?;
+        let affext_entries = size_lru_map::<AffinityExtKey, AffinityValue>(
+            &mut loader,
+            bpffs,
+            MAP_AFFINITY_EXT,
+            affext_entries,
+        )?;
+        info!(
+            conntrack_entries = ct_entries,
+            affinity_ext_entries = affext_entries,
+            external_off = opts.external_off,
+            "external-path LRU maps sized"
+        );
         let pins: Vec<(&str, PathBuf)> = svc_lb_common::ALL_MAPS
             .iter()
             .map(|n| (*n, bpffs.join(n)))
