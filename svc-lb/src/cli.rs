@@ -416,7 +416,9 @@ mod agent_flag_tests {
         assert_eq!(size(&["--conntrack-max", "1024"]).unwrap(), 1024);
         assert_eq!(size(&["--conntrack-max", "16777216"]).unwrap(), 1 << 24);
         for bad in ["1023", "16777217", "0", "-1", "lots"] {
-            let err = size(&["--conntrack-max", bad]).unwrap_err().to_string();
+            let err = size(&[&format!("--conntrack-max={bad}")])
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("--conntrack-max"), "{bad}: {err}");
         }
         assert_eq!(
