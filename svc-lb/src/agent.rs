@@ -42,6 +42,17 @@ pub struct AgentConfig {
     pub xdp: bool,
     /// `--maglev-table-size`.
     pub maglev_size: u32,
+    /// `--conntrack-max`: entries of the external path's conntrack map.
+    pub conntrack_max: u32,
+}
+
+impl AgentConfig {
+    /// Whether the external path is known to be off before the first snapshot: manifest
+    /// mode without `--devices`. Kubernetes mode picks its devices from the Node's
+    /// addresses, which are not known yet when the maps are created, so it counts as on.
+    fn external_off(&self) -> bool {
+        self.manifests.is_some() && self.devices.as_ref().is_none_or(Vec::is_empty)
+    }
 }
 
 /// The external path's run-time state: the devices (decided once, at the first
@@ -177,6 +188,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         crate::datapath::bpf::LoadOptions {
             bpf_log: cfg.bpf_log,
             maglev_size: cfg.maglev_size,
+            conntrack_max: cfg.conntrack_max,
+            external_off: cfg.external_off(),
         },
     )?;
     let mut ext = External {

@@ -94,6 +94,12 @@ pub enum Command {
         /// Entries per Maglev table of an external frontend: a prime in 251-16381.
         #[arg(long, default_value_t = svc_lb_common::MAGLEV_DEFAULT_SIZE, value_parser = parse_maglev_size)]
         maglev_table_size: u32,
+        /// Entries of the external path's conntrack map (two per flow, preallocated,
+        /// about 160 bytes each), 1024-16777216. With the external path off (manifest
+        /// mode without --devices) the map gets one entry instead. A pinned map of
+        /// another size that holds flows is kept until `svc-lb cleanup`.
+        #[arg(long, default_value_t = svc_lb_common::CT_MAP_MAX, value_parser = parse_conntrack_max, value_name = "N")]
+        conntrack_max: u32,
     },
     /// Show every programmed frontend with its Service, flags and backends, from the
     /// pinned maps (works whether or not the agent runs).
@@ -241,6 +247,24 @@ fn parse_maglev_size(s: &str) -> Result<u32, String> {
     Ok(n)
 }
 
+/// Bounds of `--conntrack-max`: below the lower one the LRU evicts live flows under
+/// any real load; the upper one (about 2.5 GiB of kernel memory) catches typos.
+const CONNTRACK_MAX_RANGE: std::ops::RangeInclusive<u32> = 1024..=(1 << 24);
+
+fn parse_conntrack_max(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of entries"))?;
+    if !CONNTRACK_MAX_RANGE.contains(&n) {
+        return Err(format!(
+            "{n} entries is outside {}-{} (each flow takes two entries of about 160 bytes)",
+            CONNTRACK_MAX_RANGE.start(),
+            CONNTRACK_MAX_RANGE.end()
+        ));
+    }
+    Ok(n)
+}
+
 fn hostname() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -263,6 +287,7 @@ pub fn run(cli: Cli) -> Result<()> {
             nodeport_addresses,
             xdp,
             maglev_table_size,
+            conntrack_max,
         } => {
             let cgroup = match cgroup {
                 Some(c) => c,
@@ -290,6 +315,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 nodeport_addresses,
                 xdp,
                 maglev_size: maglev_table_size,
+                conntrack_max,
             }))
         }
         Command::List {
@@ -450,6 +476,30 @@ mod agent_flag_tests {
         for bad in ["250", "16383", "241", "65537", "1000", "x"] {
             assert!(parse_maglev_size(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn conntrack_max_defaults_to_the_map_size_and_is_bounded() {
+        let size = |args: &[&str]| {
+            let cli = Cli::try_parse_from(["svc-lb", "agent"].iter().chain(args))?;
+            let Command::Agent { conntrack_max, .. } = cli.command else {
+                panic!("agent subcommand")
+            };
+            Ok::<u32, clap::Error>(conntrack_max)
+        };
+        assert_eq!(size(&[]).unwrap(), svc_lb_common::CT_MAP_MAX);
+        assert_eq!(size(&["--conntrack-max", "1024"]).unwrap(), 1024);
+        assert_eq!(size(&["--conntrack-max", "16777216"]).unwrap(), 1 << 24);
+        for bad in ["1023", "16777217", "0", "-1", "lots"] {
+            let err = size(&[&format!("--conntrack-max={bad}")])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("--conntrack-max"), "{bad}: {err}");
+        }
+        assert_eq!(
+            parse_conntrack_max("100"),
+            Err("100 entries is outside 1024-16777216 (each flow takes two entries of about 160 bytes)".to_owned())
+        );
     }
 
     #[test]

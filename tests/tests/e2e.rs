@@ -887,3 +887,137 @@ fn endpoint_conditions_choose_the_backends() {
         Ok(())
     });
 }
+
+/// `(LB_CT_V1, LB_AFFEXT_V1)` sizes of the pinned maps.
+fn ext_lru_sizes(bpffs: &Path) -> Result<(u32, u32)> {
+    let size = |name: &str| -> Result<u32> {
+        Ok(aya::maps::MapInfo::from_pin(bpffs.join(name))
+            .with_context(|| format!("info of pinned {name}"))?
+            .max_entries())
+    };
+    Ok((
+        size(svc_lb_common::MAP_CT)?,
+        size(svc_lb_common::MAP_AFFINITY_EXT)?,
+    ))
+}
+
+/// The pinned conntrack map, as the tc programs write it.
+fn pinned_ct(
+    bpffs: &Path,
+) -> Result<aya::maps::HashMap<aya::maps::MapData, svc_lb_common::CtKey, svc_lb_common::CtValue>> {
+    let data = aya::maps::MapData::from_pin(bpffs.join(svc_lb_common::MAP_CT))
+        .context("open the pinned conntrack map")?;
+    aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data))
+        .context("the pinned conntrack map has an unexpected layout")
+}
+
+/// The external path's LRU maps are sized when the agent starts: one entry each with the
+/// external path off, `--conntrack-max` with it on. A pinned map of another size is
+/// replaced only when that loses nothing (empty, no tc link of an earlier run); one that
+/// holds a flow keeps its size and the flow until `svc-lb cleanup`. Traffic through the
+/// Service is counted at each step.
+#[test]
+fn conntrack_map_is_sized_at_start_and_a_busy_pin_keeps_its_flows() {
+    e2e(&["a"], |lab| {
+        lab.serve_all_tcp(8080, false)?;
+        let addrs = lab.topo.addrs(false);
+        lab.write_manifest(
+            "web.yaml",
+            &tcp_service("web", "10.96.0.60", 80, 8080, &addrs),
+        )?;
+        let check_traffic = |lab: &Lab, step: &str| -> Result<()> {
+            let mut o = lab.client(sa("10.96.0.60:80"), Proto::Tcp);
+            o.count = 30;
+            let r = lab.run_client(&o)?;
+            ensure!(
+                r.attempts == 30 && r.failed == 0 && r.backends.get("a") == Some(&30),
+                "{step}: {}",
+                r.summary()
+            );
+            Ok(())
+        };
+        let stop = |agent: Option<svc_lb_tests::agent::Agent>| -> Result<()> {
+            let (status, graceful) = agent
+                .context("no agent")?
+                .terminate(Duration::from_secs(5))?;
+            ensure!(graceful && status.success(), "agent exit: {status}");
+            Ok(())
+        };
+
+        // Manifest mode without --devices: the external path is off.
+        let base = lab.start_agent()?.config().clone();
+        ensure!(
+            ext_lru_sizes(lab.bpffs())? == (1, 1),
+            "off: {:?}",
+            ext_lru_sizes(lab.bpffs())?
+        );
+        check_traffic(lab, "off")?;
+        stop(lab.take_agent())?;
+
+        // With a device (the agent in the client namespace, on its veth to backend a).
+        let mut run = 0;
+        let mut start_on = |lab: &Lab, args: &[&str]| -> Result<svc_lb_tests::agent::Agent> {
+            run += 1;
+            let mut c = base.clone();
+            c.extra_args = args.iter().map(|a| (*a).to_owned()).collect();
+            c.log_file = lab.dir().join(format!("agent-on-{run}.log"));
+            let mut a = svc_lb_tests::agent::Agent::start_in_netns(c, lab.topo.client.name())?;
+            a.wait_applied(1, Duration::from_secs(30))?;
+            Ok(a)
+        };
+        // The 1-entry pins are empty and no tc link was ever pinned: replaced.
+        let a = start_on(lab, &["--devices", "to-1", "--conntrack-max", "4096"])?;
+        ensure!(
+            ext_lru_sizes(lab.bpffs())? == (4096, svc_lb_common::AFFINITY_EXT_MAP_MAX),
+            "on: {:?}",
+            ext_lru_sizes(lab.bpffs())?
+        );
+        check_traffic(lab, "on")?;
+        stop(Some(a))?;
+
+        // A flow in the map: a new --conntrack-max must not drop it.
+        let key = svc_lb_common::CtKey {
+            sport_be: 4242u16.to_be(),
+            ..bytemuck::Zeroable::zeroed()
+        };
+        pinned_ct(lab.bpffs())?
+            .insert(
+                key,
+                <svc_lb_common::CtValue as bytemuck::Zeroable>::zeroed(),
+                0,
+            )
+            .context("insert a conntrack entry")?;
+        let a = start_on(lab, &["--devices", "to-1", "--conntrack-max", "8192"])?;
+        ensure!(
+            ext_lru_sizes(lab.bpffs())?.0 == 4096,
+            "resized under a live flow: {:?}",
+            ext_lru_sizes(lab.bpffs())?
+        );
+        let kept: Vec<_> = pinned_ct(lab.bpffs())?.keys().collect::<Result<_, _>>()?;
+        ensure!(
+            kept == vec![key],
+            "conntrack entries after the restart: {}",
+            kept.len()
+        );
+        ensure!(
+            a.log_text()
+                .contains("keeping the pinned map at its old size"),
+            "no warning about the kept size"
+        );
+        check_traffic(lab, "kept")?;
+        stop(Some(a))?;
+
+        // `svc-lb cleanup` lets the next start apply its size.
+        let cg = lab.cgroup().to_str().context("cgroup path")?.to_owned();
+        let out = lab.svc_lb(&["cleanup", "--cgroup", &cg])?;
+        ensure!(out.status.success(), "cleanup: {out:?}");
+        lab.start_agent()?;
+        ensure!(
+            ext_lru_sizes(lab.bpffs())? == (1, 1),
+            "off after cleanup: {:?}",
+            ext_lru_sizes(lab.bpffs())?
+        );
+        check_traffic(lab, "off after cleanup")?;
+        Ok(())
+    });
+}

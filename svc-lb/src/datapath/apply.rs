@@ -123,6 +123,9 @@ mod tests {
             svc6_entries: 0,
             backends: 8,
             rev_nats: 8,
+            maglev_tables: 0,
+            src_ranges4: 0,
+            src_ranges6: 0,
         };
         let mut fake = FakeMaps::new(cap);
         let mut current = CurrentState::default();

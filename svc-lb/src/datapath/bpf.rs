@@ -24,11 +24,12 @@ use aya::{
     },
 };
 use svc_lb_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, Backend, ExtConfig, MAP_AFF_MATCH, MAP_AFFINITY,
-    MAP_BACKENDS, MAP_BE_STATS, MAP_CONFIG, MAP_COUNTERS, MAP_FE_STATS, MAP_MAGLEV, MAP_NODE_ADDR,
-    MAP_REVNAT, MAP_SRC_RANGE4, MAP_SRC_RANGE6, MAP_SVC_META, MAP_SVC4, MAP_SVC6, MaglevTable,
-    NodeAddrKey, PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP, RevNat, SOCK_PROGRAMS, SrcRange4Key,
-    SrcRange6Key, Svc4Key, Svc6Key, SvcMeta, SvcValue,
+    AffinityExtKey, AffinityKey, AffinityMatchKey, AffinityValue, Backend, CtKey, CtValue,
+    ExtConfig, MAP_AFF_MATCH, MAP_AFFINITY, MAP_AFFINITY_EXT, MAP_BACKENDS, MAP_BE_STATS,
+    MAP_CONFIG, MAP_COUNTERS, MAP_CT, MAP_FE_STATS, MAP_MAGLEV, MAP_NODE_ADDR, MAP_REVNAT,
+    MAP_SRC_RANGE4, MAP_SRC_RANGE6, MAP_SVC_META, MAP_SVC4, MAP_SVC6, MaglevTable, NodeAddrKey,
+    PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP, RevNat, SOCK_PROGRAMS, SrcRange4Key, SrcRange6Key,
+    Svc4Key, Svc6Key, SvcMeta, SvcValue,
 };
 use tracing::{info, warn};
 
@@ -96,6 +97,19 @@ fn cgroup_id(cgroup: &Path) -> Result<u64> {
         .ino())
 }
 
+/// The capacity of a (hash, LRU hash or LPM trie) map as the kernel has it: a re-used
+/// pin keeps the size it was created with, whatever the object says.
+fn max_entries(map: &Map, name: &str) -> Result<usize> {
+    let data = match map {
+        Map::HashMap(d) | Map::LruHashMap(d) | Map::LpmTrie(d) => d,
+        _ => bail!("map {name} is not a hash map or LPM trie"),
+    };
+    Ok(data
+        .info()
+        .with_context(|| format!("info of map {name}"))?
+        .max_entries() as usize)
+}
+
 /// Takes a hash map out of the object, with its capacity.
 fn take_hash<K: aya::Pod, V: aya::Pod>(
     ebpf: &mut Ebpf,
@@ -104,13 +118,7 @@ fn take_hash<K: aya::Pod, V: aya::Pod>(
     let map = ebpf
         .take_map(name)
         .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?;
-    let max = match &map {
-        Map::HashMap(data) => data
-            .info()
-            .with_context(|| format!("info of map {name}"))?
-            .max_entries() as usize,
-        _ => bail!("map {name} is not a hash map"),
-    };
+    let max = max_entries(&map, name)?;
     Ok((
         HashMap::try_from(map).with_context(|| format!("map {name} has an unexpected type"))?,
         max,
@@ -152,6 +160,10 @@ struct ExtMaps {
     src6: LpmTrie<MapData, SrcRange6Key, u32>,
     node_addr: HashMap<MapData, NodeAddrKey, u32>,
     config: Array<MapData, ExtConfig>,
+    /// Capacities of `maglev`, `src4` and `src6`.
+    maglev_entries: usize,
+    src4_entries: usize,
+    src6_entries: usize,
 }
 
 impl ExtMaps {
@@ -181,12 +193,18 @@ impl ExtMaps {
             ebpf.take_map(name)
                 .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
         };
+        let maglev = take(ebpf, MAP_MAGLEV)?;
+        let src4 = take(ebpf, MAP_SRC_RANGE4)?;
+        let src6 = take(ebpf, MAP_SRC_RANGE6)?;
         Ok(Ok(Self {
-            maglev: HashMap::try_from(take(ebpf, MAP_MAGLEV)?)
+            maglev_entries: max_entries(&maglev, MAP_MAGLEV)?,
+            src4_entries: max_entries(&src4, MAP_SRC_RANGE4)?,
+            src6_entries: max_entries(&src6, MAP_SRC_RANGE6)?,
+            maglev: HashMap::try_from(maglev)
                 .with_context(|| format!("map {MAP_MAGLEV} has an unexpected type"))?,
-            src4: LpmTrie::try_from(take(ebpf, MAP_SRC_RANGE4)?)
+            src4: LpmTrie::try_from(src4)
                 .with_context(|| format!("map {MAP_SRC_RANGE4} has an unexpected type"))?,
-            src6: LpmTrie::try_from(take(ebpf, MAP_SRC_RANGE6)?)
+            src6: LpmTrie::try_from(src6)
                 .with_context(|| format!("map {MAP_SRC_RANGE6} has an unexpected type"))?,
             node_addr: HashMap::try_from(take(ebpf, MAP_NODE_ADDR)?)
                 .with_context(|| format!("map {MAP_NODE_ADDR} has an unexpected type"))?,
@@ -210,6 +228,98 @@ pub struct LoadOptions {
     pub bpf_log: bool,
     /// Entries per Maglev table (a prime ≤ `MAGLEV_TABLE_MAX`); 0 means the default.
     pub maglev_size: u32,
+    /// Entries of `LB_CT_V1` (`--conntrack-max`); 0 means `CT_MAP_MAX`.
+    pub conntrack_max: u32,
+    /// The external path is known to be off for this run: its LRU maps (conntrack,
+    /// external affinity), which the kernel preallocates in full, get
+    /// [`EXT_OFF_ENTRIES`] instead.
+    pub external_off: bool,
+}
+
+/// Entries of the external path's LRU maps while it is off. Nothing reads or writes
+/// them then, but the maps must exist for the object to load.
+pub const EXT_OFF_ENTRIES: u32 = 1;
+
+/// Whether a tc or XDP program of an earlier run is still attached through a pinned
+/// link: it keeps writing the maps it was loaded with until this run swaps it out.
+fn ext_links_pinned(bpffs: &Path) -> Result<bool> {
+    let dir = links_dir(bpffs);
+    let prefixes = [PROG_TC_INGRESS, PROG_TC_EGRESS, PROG_XDP].map(|p| format!("{p}@"));
+    for entry in fs::read_dir(&dir).with_context(|| format!("read {}", dir.display()))? {
+        let name = entry
+            .with_context(|| format!("read {}", dir.display()))?
+            .file_name();
+        let name = name.to_string_lossy();
+        if prefixes.iter().any(|p| name.starts_with(p.as_str())) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Sets the size of a preallocated LRU map and decides what happens to a pin of
+/// another size left by an earlier run; returns the size the map has for this run.
+///
+/// aya re-opens an existing pin whatever its size, so the size only changes if the pin
+/// goes, and a new map starts empty. It is replaced only when that loses nothing: the
+/// map is empty and no tc/XDP program of an earlier run is attached (which could add a
+/// flow before this run swaps it out). Otherwise it is kept at its old size with a
+/// warning: for the conntrack map, replacing it would cut every external flow whose
+/// replies need reverse NAT, which a resize must never do silently. `svc-lb cleanup`
+/// applies the new size at the next start.
+fn size_lru_map<K: aya::Pod, V: aya::Pod>(
+    loader: &mut EbpfLoader<'_>,
+    bpffs: &Path,
+    name: &'static str,
+    wanted: u32,
+) -> Result<u32> {
+    loader.map_max_entries(name, wanted);
+    let path = bpffs.join(name);
+    if !path.exists() {
+        return Ok(wanted);
+    }
+    let data =
+        MapData::from_pin(&path).with_context(|| format!("open pinned map {}", path.display()))?;
+    let pinned = data
+        .info()
+        .with_context(|| format!("info of pinned map {name}"))?
+        .max_entries();
+    if pinned == wanted {
+        return Ok(wanted);
+    }
+    let map: HashMap<MapData, K, V> = HashMap::try_from(Map::LruHashMap(data))
+        .with_context(|| format!("pinned map {name} has an unexpected layout"))?;
+    let first = map
+        .keys()
+        .next()
+        .transpose()
+        .with_context(|| format!("read pinned map {name}"))?;
+    let busy = if first.is_some() {
+        Some("it holds entries (external flows) that a new map would lose")
+    } else if ext_links_pinned(bpffs)? {
+        Some("tc/XDP programs of an earlier run are attached and may add flows to it")
+    } else {
+        None
+    };
+    if let Some(why) = busy {
+        warn!(
+            map = name,
+            pinned_entries = pinned,
+            wanted_entries = wanted,
+            why,
+            "keeping the pinned map at its old size; the new size takes effect after `svc-lb cleanup`"
+        );
+        return Ok(pinned);
+    }
+    drop(map);
+    fs::remove_file(&path).with_context(|| format!("remove empty pin {}", path.display()))?;
+    info!(
+        map = name,
+        pinned_entries = pinned,
+        entries = wanted,
+        "replaced the empty pinned map with one of the new size"
+    );
+    Ok(wanted)
 }
 
 /// The `.rodata` global that switches the eBPF debug log (svc-lb-ebpf/src/debug.rs).
@@ -240,6 +350,28 @@ impl BpfDatapath {
             let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
             loader.map_max_entries(BPF_LOG_RINGBUF, u32::try_from(page).unwrap_or(4096));
         }
+        let (ct_entries, affext_entries) = if opts.external_off {
+            (EXT_OFF_ENTRIES, EXT_OFF_ENTRIES)
+        } else {
+            let ct = match opts.conntrack_max {
+                0 => svc_lb_common::CT_MAP_MAX,
+                n => n,
+            };
+            (ct, svc_lb_common::AFFINITY_EXT_MAP_MAX)
+        };
+        let ct_entries = size_lru_map::<CtKey, CtValue>(&mut loader, bpffs, MAP_CT, ct_entries)?;
+        let affext_entries = size_lru_map::<AffinityExtKey, AffinityValue>(
+            &mut loader,
+            bpffs,
+            MAP_AFFINITY_EXT,
+            affext_entries,
+        )?;
+        info!(
+            conntrack_entries = ct_entries,
+            affinity_ext_entries = affext_entries,
+            external_off = opts.external_off,
+            "external-path LRU maps sized"
+        );
         let pins: Vec<(&str, PathBuf)> = svc_lb_common::ALL_MAPS
             .iter()
             .map(|n| (*n, bpffs.join(n)))
@@ -256,11 +388,21 @@ impl BpfDatapath {
         let (svc6, svc6_entries) = take_hash(&mut ebpf, MAP_SVC6)?;
         let (backends, backend_entries) = take_hash(&mut ebpf, MAP_BACKENDS)?;
         let (rev_nats, rev_nat_entries) = take_hash(&mut ebpf, MAP_REVNAT)?;
+        let ext = ExtMaps::take(&mut ebpf)?;
+        // Without the external maps no external frontend can be programmed (the agent
+        // refuses --devices then), so their capacity is 0.
+        let (maglev_tables, src_ranges4, src_ranges6) = match &ext {
+            Ok(e) => (e.maglev_entries, e.src4_entries, e.src6_entries),
+            Err(_) => (0, 0, 0),
+        };
         let cap = Capacity {
             svc4_entries,
             svc6_entries,
             backends: backend_entries,
             rev_nats: rev_nat_entries,
+            maglev_tables,
+            src_ranges4,
+            src_ranges6,
         };
         let fe_stats = take_percpu_hash(&mut ebpf, MAP_FE_STATS)?;
         let be_stats = take_percpu_hash(&mut ebpf, MAP_BE_STATS)?;
@@ -276,7 +418,6 @@ impl BpfDatapath {
             .into_iter()
             .map(|(k, _)| k)
             .collect();
-        let ext = ExtMaps::take(&mut ebpf)?;
         let maglev_size = match opts.maglev_size {
             0 => svc_lb_common::MAGLEV_DEFAULT_SIZE,
             n => n,

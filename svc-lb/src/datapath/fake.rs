@@ -17,8 +17,8 @@ use std::{
 use anyhow::Result;
 use ipnet::IpNet;
 use svc_lb_common::{
-    Backend, MAP_BACKENDS, MAP_MAGLEV, MAP_REVNAT, MAP_SRC_RANGE4, MAP_SVC4, MAP_SVC6,
-    MAX_BACKENDS_PER_FRONTEND, RevNat, SCOPE_EXTERNAL, SVC_FLAG_SRC_RANGES, SvcValue,
+    Backend, MAP_BACKENDS, MAP_MAGLEV, MAP_REVNAT, MAP_SRC_RANGE4, MAP_SRC_RANGE6, MAP_SVC4,
+    MAP_SVC6, MAX_BACKENDS_PER_FRONTEND, RevNat, SCOPE_EXTERNAL, SVC_FLAG_SRC_RANGES, SvcValue,
 };
 
 use super::{
@@ -105,6 +105,9 @@ impl FakeMaps {
             svc6_entries: svc_lb_common::SVC_MAP_MAX as usize,
             backends: svc_lb_common::BACKEND_MAP_MAX as usize,
             rev_nats: svc_lb_common::REVNAT_MAP_MAX as usize,
+            maglev_tables: svc_lb_common::MAGLEV_MAP_MAX as usize,
+            src_ranges4: svc_lb_common::SRC_RANGE_MAP_MAX as usize,
+            src_ranges6: svc_lb_common::SRC_RANGE_MAP_MAX as usize,
         })
     }
 
@@ -119,18 +122,37 @@ impl FakeMaps {
         self.applied
     }
 
-    /// Entry counts of the four maps, in the shape of a [`Capacity`].
+    /// Entry counts of the maps, in the shape of a [`Capacity`].
     pub fn usage(&self) -> Capacity {
         let v4 = self
             .svc
             .keys()
             .filter(|k| matches!(k, SvcKey::V4(_)))
             .count();
+        let src4 = self.src_ranges_of(false);
         Capacity {
             svc4_entries: v4,
             svc6_entries: self.svc.len() - v4,
             backends: self.backends.len(),
             rev_nats: self.rev_nats.len(),
+            maglev_tables: self.maglev.len(),
+            src_ranges4: src4,
+            src_ranges6: self.src_ranges.len() - src4,
+        }
+    }
+
+    /// Source-range entries of one family's map.
+    fn src_ranges_of(&self, v6: bool) -> usize {
+        self.src_ranges
+            .iter()
+            .filter(|(_, r)| matches!(r, IpNet::V6(_)) == v6)
+            .count()
+    }
+
+    fn src_range_map(range: &IpNet) -> (&'static str, bool, fn(&Capacity) -> usize) {
+        match range {
+            IpNet::V4(_) => (MAP_SRC_RANGE4, false, |c| c.src_ranges4),
+            IpNet::V6(_) => (MAP_SRC_RANGE6, true, |c| c.src_ranges6),
         }
     }
 
@@ -381,6 +403,14 @@ impl FakeMaps {
                         "empty Maglev table for reverse NAT {rev_nat_id}"
                     )));
                 }
+                if !self.maglev.contains_key(rev_nat_id)
+                    && self.maglev.len() >= self.cap.maglev_tables
+                {
+                    return Err(FakeError::MapFull {
+                        map: MAP_MAGLEV,
+                        capacity: self.cap.maglev_tables,
+                    });
+                }
                 Ok(Undo::Maglev(
                     *rev_nat_id,
                     self.maglev.insert(*rev_nat_id, table),
@@ -395,6 +425,13 @@ impl FakeMaps {
             },
             Op::UpsertSrcRange { rev_nat_id, range } => {
                 let key = (*rev_nat_id, *range);
+                let (map, v6, cap) = Self::src_range_map(range);
+                if !self.src_ranges.contains(&key) && self.src_ranges_of(v6) >= cap(&self.cap) {
+                    return Err(FakeError::MapFull {
+                        map,
+                        capacity: cap(&self.cap),
+                    });
+                }
                 Ok(Undo::SrcRange(key, !self.src_ranges.insert(key)))
             }
             Op::DeleteSrcRange { rev_nat_id, range } => {
@@ -403,7 +440,7 @@ impl FakeMaps {
                     Ok(Undo::SrcRange(key, true))
                 } else {
                     Err(FakeError::NotFound {
-                        map: MAP_SRC_RANGE4,
+                        map: Self::src_range_map(range).0,
                         key: format!("{rev_nat_id} {range}"),
                     })
                 }
@@ -536,6 +573,9 @@ mod tests {
             svc6_entries: n,
             backends: n,
             rev_nats: n,
+            maglev_tables: n,
+            src_ranges4: n,
+            src_ranges6: n,
         }
     }
 
@@ -599,7 +639,10 @@ mod tests {
                 svc4_entries: 2,
                 svc6_entries: 0,
                 backends: 1,
-                rev_nats: 1
+                rev_nats: 1,
+                maglev_tables: 0,
+                src_ranges4: 0,
+                src_ranges6: 0,
             }
         );
         let err = f.apply(&slot(2, 1)).unwrap_err();

@@ -626,67 +626,51 @@ impl ServicePlan<'_> {
 
     /// Node ports on every node address, then external IPs, then load-balancer IPs.
     /// kube-proxy programs a family's node ports, external IPs and ingress IPs only when
-    /// the Service has a cluster IP of that family; so do we.
+    /// the Service has a cluster IP of that family; so do we. With the external path on,
+    /// the same again in `SCOPE_EXTERNAL` (see [`Self::scoped_frontends`]).
     fn external_frontends(&self, node: &NodeInfo) -> Vec<Frontend> {
-        let mut out = Vec::new();
-        for (port, p) in self.ports.iter().enumerate() {
-            if let Some(node_port) = p.node_port {
-                for addr in node.addresses.iter().filter(|a| self.has_family(a)) {
-                    out.push(Frontend {
-                        key: FrontendKey {
-                            addr: *addr,
-                            port: node_port,
-                            proto: p.proto,
-                            scope: SCOPE_ALL,
-                        },
-                        kind: KIND_NODE_PORT,
-                        port,
-                    });
-                }
-            }
-        }
-        for &(addr, kind) in &self.external {
-            for (port, p) in self.ports.iter().enumerate() {
-                out.push(Frontend {
-                    key: FrontendKey {
-                        addr,
-                        port: p.port,
-                        proto: p.proto,
-                        scope: SCOPE_ALL,
-                    },
-                    kind,
-                    port,
-                });
-            }
-        }
+        let mut out = self.scoped_frontends(SCOPE_ALL, node);
         if node.external {
-            out.extend(self.external_path_frontends());
+            out.extend(self.scoped_frontends(SCOPE_EXTERNAL, node));
         }
         out
     }
 
-    /// The `SCOPE_EXTERNAL` frontends, for traffic that enters the node from outside:
-    /// each node port once per (port, protocol, family) with the unspecified address
-    /// (the datapath matches it on every node address of `LB_NODEADDR_V1`), and every
-    /// external and load-balancer IP as itself.
-    fn external_path_frontends(&self) -> Vec<Frontend> {
+    /// The node-port, external-IP and load-balancer-IP frontends of one scope: node
+    /// ports per port, then per address, then every external and load-balancer IP as
+    /// itself per port. `SCOPE_ALL` (socket programs) puts a node port on each node
+    /// address; `SCOPE_EXTERNAL` (traffic that enters the node from outside) once per
+    /// family with the unspecified address, which the datapath matches on every node
+    /// address of `LB_NODEADDR_V1`.
+    fn scoped_frontends(&self, scope: u8, node: &NodeInfo) -> Vec<Frontend> {
+        let node_port_addrs: Vec<IpAddr> = if scope == SCOPE_EXTERNAL {
+            let families: BTreeSet<Family> = self.ips.iter().map(family).collect();
+            families
+                .into_iter()
+                .map(|fam| match fam {
+                    Family::V4 => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                    Family::V6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+                })
+                .collect()
+        } else {
+            node.addresses
+                .iter()
+                .copied()
+                .filter(|a| self.has_family(a))
+                .collect()
+        };
         let mut out = Vec::new();
-        let families: BTreeSet<Family> = self.ips.iter().map(family).collect();
         for (port, p) in self.ports.iter().enumerate() {
             let Some(node_port) = p.node_port else {
                 continue;
             };
-            for fam in &families {
-                let addr = match fam {
-                    Family::V4 => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
-                    Family::V6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
-                };
+            for &addr in &node_port_addrs {
                 out.push(Frontend {
                     key: FrontendKey {
                         addr,
                         port: node_port,
                         proto: p.proto,
-                        scope: SCOPE_EXTERNAL,
+                        scope,
                     },
                     kind: KIND_NODE_PORT,
                     port,
@@ -700,7 +684,7 @@ impl ServicePlan<'_> {
                         addr,
                         port: p.port,
                         proto: p.proto,
-                        scope: SCOPE_EXTERNAL,
+                        scope,
                     },
                     kind,
                     port,

@@ -27,8 +27,8 @@ use std::{
 
 use ipnet::IpNet;
 use svc_lb_common::{
-    MAP_BACKENDS, MAP_REVNAT, MAP_SVC4, MAP_SVC6, MAX_BACKENDS_PER_FRONTEND, PROTO_SCTP, PROTO_TCP,
-    PROTO_UDP, SCOPE_EXTERNAL, SVC_FLAG_AFFINITY,
+    MAP_BACKENDS, MAP_MAGLEV, MAP_REVNAT, MAP_SRC_RANGE4, MAP_SRC_RANGE6, MAP_SVC4, MAP_SVC6,
+    MAX_BACKENDS_PER_FRONTEND, PROTO_SCTP, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SVC_FLAG_AFFINITY,
 };
 
 use super::{
@@ -37,15 +37,43 @@ use super::{
 };
 use crate::model::{BackendAddr, DesiredFrontend, DesiredState, FrontendKey, ServiceRef};
 
-/// Index of a frontend's service map in per-family arrays.
-const V4: usize = 0;
-const V6: usize = 1;
-const SVC_MAPS: [&str; 2] = [MAP_SVC4, MAP_SVC6];
+/// Maps whose entries phase 3 writes and deletes frontend by frontend, by index: a
+/// frontend's service map is `family(key)`, a source range's map `SRC4 + family`.
+const SVC4: usize = 0;
+const SVC6: usize = 1;
+const MAGLEV: usize = 2;
+const SRC4: usize = 3;
+const SRC6: usize = 4;
+const BLOCK_MAPS: [&str; 5] = [
+    MAP_SVC4,
+    MAP_SVC6,
+    MAP_MAGLEV,
+    MAP_SRC_RANGE4,
+    MAP_SRC_RANGE6,
+];
+type PerMap = [usize; BLOCK_MAPS.len()];
 
 fn family(fe: &FrontendKey) -> usize {
     match fe.addr {
-        IpAddr::V4(_) => V4,
-        IpAddr::V6(_) => V6,
+        IpAddr::V4(_) => SVC4,
+        IpAddr::V6(_) => SVC6,
+    }
+}
+
+fn range_map(range: &IpNet) -> usize {
+    match range {
+        IpNet::V4(_) => SRC4,
+        IpNet::V6(_) => SRC6,
+    }
+}
+
+fn capacity_of(cap: &Capacity, map: usize) -> usize {
+    match map {
+        SVC4 => cap.svc4_entries,
+        SVC6 => cap.svc6_entries,
+        MAGLEV => cap.maglev_tables,
+        SRC4 => cap.src_ranges4,
+        _ => cap.src_ranges6,
     }
 }
 
@@ -135,9 +163,9 @@ struct Candidate<'a> {
     rev_nat: Option<u32>,
     /// Whether the frontend needs any operation at all.
     changed: bool,
-    /// Service-map keys its rewrite inserts, and deletes.
-    adds: usize,
-    dels: usize,
+    /// Keys its rewrite inserts, and deletes, in each of the [`BLOCK_MAPS`].
+    adds: PerMap,
+    dels: PerMap,
 }
 
 impl<'a> Candidate<'a> {
@@ -167,15 +195,33 @@ impl<'a> Candidate<'a> {
                     || !extras_match(state, cf.rev_nat_id, desired, by_addr)
             }
         };
-        let (adds, dels) = match (changed, current) {
-            (false, _) => (0, 0),
-            (true, None) => (1 + n, 0),
-            (true, Some(cf)) => {
-                let new_slots = (1..=n).filter(|s| !slot_present(cf, *s)).count();
-                let dels = present_slots(cf).filter(|s| usize::from(*s) > n).count();
-                (usize::from(!has_master(cf)) + new_slots, dels)
+        let mut adds = PerMap::default();
+        let mut dels = PerMap::default();
+        if changed {
+            let fam = family(&desired.key);
+            (adds[fam], dels[fam]) = match current {
+                None => (1 + n, 0),
+                Some(cf) => {
+                    let new_slots = (1..=n).filter(|s| !slot_present(cf, *s)).count();
+                    let dels = present_slots(cf).filter(|s| usize::from(*s) > n).count();
+                    (usize::from(!has_master(cf)) + new_slots, dels)
+                }
+            };
+            // A kept or adopted id is never cleared in phase 1, so its table and ranges
+            // are what phase 3 finds; a fresh id has neither.
+            let table = rev_nat.is_some_and(|id| state.maglev.contains_key(&id));
+            let want = wants_table(desired);
+            adds[MAGLEV] = usize::from(want && !table);
+            dels[MAGLEV] = usize::from(!want && table);
+            let have = rev_nat.map_or_else(BTreeSet::new, |id| ranges_of(&state.src_ranges, id));
+            let want: BTreeSet<IpNet> = desired.src_ranges.iter().copied().collect();
+            for r in want.difference(&have) {
+                adds[range_map(r)] += 1;
             }
-        };
+            for r in have.difference(&want) {
+                dels[range_map(r)] += 1;
+            }
+        }
         Self {
             desired,
             current,
@@ -192,21 +238,23 @@ impl<'a> Candidate<'a> {
 
     /// Phase-3 position: frontends that free service-map entries go first.
     fn order(&self) -> (bool, FrontendKey) {
-        (self.adds > self.dels, *self.key())
+        let fam = family(self.key());
+        (self.adds[fam] > self.dels[fam], *self.key())
     }
 }
 
 /// Entry counts the admitted Services add, checked against the capacity after each
-/// Service. Counts are exact except for one conservative shortcut: stale slots of
+/// Service. Counts are exact except for two conservative shortcuts: stale slots of
 /// rejected Services, deleted in phase 1, are not credited (which Services end up
-/// rejected is not known while admitting).
+/// rejected is not known while admitting), nor are the tables and source ranges of
+/// ids no master names any more, deleted after phase 3.
 struct Budget {
     cap: Capacity,
-    /// Service-map entries once phase 1 is done.
-    svc_base: [usize; 2],
-    svc_adds: [usize; 2],
-    /// Every admitted changed frontend, per service map.
-    svc_blocks: [Vec<Block>; 2],
+    /// Entries of each of the [`BLOCK_MAPS`] once phase 1 is done.
+    base: PerMap,
+    adds: PerMap,
+    /// Every admitted changed frontend that inserts or deletes keys there, per map.
+    blocks: [Vec<Block>; BLOCK_MAPS.len()],
     backends_base: usize,
     new_backends: BTreeSet<BackendAddr>,
     /// Ids no backend and no slot uses: the most new backends one plan can add.
@@ -215,7 +263,8 @@ struct Budget {
     new_rev_nats: usize,
 }
 
-/// One frontend's phase-3 operations, as far as service-map entry counts go.
+/// One frontend's phase-3 operations on one map, as far as entry counts go. Within a
+/// frontend every insert comes before its master is written and every delete after.
 #[derive(Clone, Copy)]
 struct Block {
     order: (bool, FrontendKey),
@@ -223,19 +272,19 @@ struct Block {
     dels: usize,
 }
 
-impl From<&&Candidate<'_>> for Block {
-    fn from(c: &&Candidate<'_>) -> Self {
-        Self {
+impl Block {
+    fn of(c: &Candidate<'_>, map: usize) -> Option<Self> {
+        (c.adds[map] + c.dels[map] > 0).then(|| Self {
             order: c.order(),
-            adds: c.adds,
-            dels: c.dels,
-        }
+            adds: c.adds[map],
+            dels: c.dels[map],
+        })
     }
 }
 
-/// Largest entry count reached right after an insert into a service map, or 0 if
-/// the blocks insert nothing.
-fn svc_peak(base: usize, mut blocks: Vec<Block>) -> usize {
+/// Largest entry count reached right after an insert into a map, or 0 if the blocks
+/// insert nothing.
+fn peak(base: usize, mut blocks: Vec<Block>) -> usize {
     blocks.sort_unstable_by_key(|b| b.order);
     let mut level = base;
     let mut peak = 0;
@@ -260,35 +309,17 @@ impl Budget {
         let mut full = Vec::new();
         let changed: Vec<&&Candidate<'_>> = fronts.iter().filter(|c| c.changed).collect();
 
-        let mut svc_adds = self.svc_adds;
+        let mut adds = self.adds;
         for c in &changed {
-            svc_adds[family(c.key())] += c.adds;
-        }
-        for fam in [V4, V6] {
-            let cap = match fam {
-                V4 => self.cap.svc4_entries,
-                _ => self.cap.svc6_entries,
-            };
-            // Cheap bound first (as if nothing were deleted in phase 3); only a plan
-            // near the capacity pays for the exact walk.
-            if svc_adds[fam] == self.svc_adds[fam] || self.svc_base[fam] + svc_adds[fam] <= cap {
-                continue;
-            }
-            let mut blocks = self.svc_blocks[fam].clone();
-            blocks.extend(
-                changed
-                    .iter()
-                    .filter(|c| family(c.key()) == fam)
-                    .map(|c| Block::from(*c)),
-            );
-            let peak = svc_peak(self.svc_base[fam], blocks);
-            if peak > cap {
-                full.push(format!(
-                    "map {} full: needs {peak} entries, capacity {cap}",
-                    SVC_MAPS[fam]
-                ));
+            for (sum, n) in adds.iter_mut().zip(c.adds) {
+                *sum += n;
             }
         }
+        full.extend(
+            [SVC4, SVC6]
+                .into_iter()
+                .filter_map(|m| self.overflow(m, &adds, &changed)),
+        );
 
         // Only this Service's own new addresses: copying the running set for every
         // Service would make admission quadratic.
@@ -324,16 +355,42 @@ impl Budget {
             }
         }
 
+        full.extend(
+            [MAGLEV, SRC4, SRC6]
+                .into_iter()
+                .filter_map(|m| self.overflow(m, &adds, &changed)),
+        );
+
         if !full.is_empty() {
             return Err(full.join("; "));
         }
-        for c in &changed {
-            self.svc_blocks[family(c.key())].push(Block::from(*c));
+        for (m, blocks) in self.blocks.iter_mut().enumerate() {
+            blocks.extend(changed.iter().filter_map(|c| Block::of(c, m)));
         }
-        self.svc_adds = svc_adds;
+        self.adds = adds;
         self.new_backends.extend(mine);
         self.new_rev_nats = new_rev_nats;
         Ok(())
+    }
+
+    /// Why map `m` would overflow if `changed` joined the admitted frontends (which
+    /// with them insert `adds` keys in total), or `None` if it stays within capacity.
+    fn overflow(&self, m: usize, adds: &PerMap, changed: &[&&Candidate<'_>]) -> Option<String> {
+        let cap = capacity_of(&self.cap, m);
+        // Cheap bound first (as if nothing were deleted in phase 3); only a plan near
+        // the capacity pays for the exact walk.
+        if adds[m] == self.adds[m] || self.base[m] + adds[m] <= cap {
+            return None;
+        }
+        let mut blocks = self.blocks[m].clone();
+        blocks.extend(changed.iter().filter_map(|c| Block::of(c, m)));
+        let peak = peak(self.base[m], blocks);
+        (peak > cap).then(|| {
+            format!(
+                "map {} full: needs {peak} entries, capacity {cap}",
+                BLOCK_MAPS[m]
+            )
+        })
     }
 }
 
@@ -437,13 +494,33 @@ pub fn plan(current: &CurrentState, desired: &DesiredState, cap: &Capacity) -> P
         })
         .collect();
 
-    let mut svc_now = [0usize; 2];
-    let mut svc_removed = [0usize; 2];
+    // What the maps hold once phase 1 is done: the service-map entries of removed
+    // frontends go, and so do the tables and source ranges of their ids unless another
+    // frontend keeps or adopts the id.
+    let mut base = PerMap::default();
     for (fe, cf) in &current.frontends {
-        svc_now[family(fe)] += entries(cf);
+        base[family(fe)] += entries(cf);
     }
     for (fe, cf) in &removed {
-        svc_removed[family(fe)] += entries(cf);
+        base[family(fe)] -= entries(cf);
+    }
+    let phase1_extras: BTreeSet<u32> = removed
+        .iter()
+        .filter(|(_, cf)| has_master(cf))
+        .map(|(_, cf)| cf.rev_nat_id)
+        .filter(|id| !claimed.contains(id))
+        .collect();
+    base[MAGLEV] = current
+        .maglev
+        .keys()
+        .filter(|id| !phase1_extras.contains(id))
+        .count();
+    for (_, range) in current
+        .src_ranges
+        .iter()
+        .filter(|(id, _)| !phase1_extras.contains(id))
+    {
+        base[range_map(range)] += 1;
     }
     let mut used_backend_ids: BTreeSet<u32> = current.backends.keys().copied().collect();
     for cf in current.frontends.values() {
@@ -451,9 +528,9 @@ pub fn plan(current: &CurrentState, desired: &DesiredState, cap: &Capacity) -> P
     }
     let mut budget = Budget {
         cap: *cap,
-        svc_base: [svc_now[V4] - svc_removed[V4], svc_now[V6] - svc_removed[V6]],
-        svc_adds: [0; 2],
-        svc_blocks: [Vec::new(), Vec::new()],
+        base,
+        adds: PerMap::default(),
+        blocks: Default::default(),
         backends_base: current.backends.len(),
         new_backends: BTreeSet::new(),
         free_backend_ids: (u32::MAX as usize).saturating_sub(used_backend_ids.len()),

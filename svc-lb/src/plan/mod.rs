@@ -146,6 +146,12 @@ pub struct Capacity {
     pub svc6_entries: usize,
     pub backends: usize,
     pub rev_nats: usize,
+    /// `LB_MAGLEV_V1`: one table per external frontend with backends.
+    pub maglev_tables: usize,
+    /// `LB_SRCRNG4_V1` / `LB_SRCRNG6_V1`: one entry per (external frontend, source
+    /// range) of the range's family.
+    pub src_ranges4: usize,
+    pub src_ranges6: usize,
 }
 
 /// A Service that the plan leaves out, and why (for example a full map).

@@ -91,6 +91,9 @@ pub(super) fn big() -> Capacity {
         svc6_entries: 1 << 16,
         backends: 1 << 16,
         rev_nats: 1 << 16,
+        maglev_tables: 1 << 16,
+        src_ranges4: 1 << 16,
+        src_ranges6: 1 << 16,
     }
 }
 
@@ -467,7 +470,10 @@ fn ipv6_and_dual_stack_frontends() {
             svc4_entries: 2,
             svc6_entries: 3,
             backends: 3,
-            rev_nats: 2
+            rev_nats: 2,
+            maglev_tables: 0,
+            src_ranges4: 0,
+            src_ranges6: 0,
         }
     );
     assert_eq!(
@@ -704,9 +710,9 @@ fn mismatched_revnat_is_replaced_then_deleted() {
 fn cap(svc4: usize, backends: usize, rev_nats: usize) -> Capacity {
     Capacity {
         svc4_entries: svc4,
-        svc6_entries: 1 << 16,
         backends,
         rev_nats,
+        ..big()
     }
 }
 
@@ -874,6 +880,7 @@ fn ipv6_entries_count_against_their_own_map() {
         svc6_entries: 2,
         backends: 100,
         rev_nats: 100,
+        ..big()
     };
     let mut rig = Rig::new(c);
     let d = state(vec![
@@ -895,7 +902,10 @@ fn ipv6_entries_count_against_their_own_map() {
             svc4_entries: 3,
             svc6_entries: 2,
             backends: 3,
-            rev_nats: 2
+            rev_nats: 2,
+            maglev_tables: 0,
+            src_ranges4: 0,
+            src_ranges6: 0,
         }
     );
 }
@@ -956,6 +966,164 @@ fn rejection_is_deterministic_by_namespace_then_name() {
     let p = plan(&CurrentState::default(), &d, &cap(2, 100, 100));
     let who: Vec<String> = p.rejected.iter().map(|r| r.service.to_string()).collect();
     assert_eq!(who, vec!["y/a".to_owned()]);
+}
+
+/// An external frontend (scope external) with these source ranges.
+fn ext_frontend(
+    service: &str,
+    addr: &str,
+    backends: &[DesiredBackend],
+    ranges: &[&str],
+) -> DesiredFrontend {
+    let key = FrontendKey {
+        scope: svc_lb_common::SCOPE_EXTERNAL,
+        ..fe(addr, 80)
+    };
+    let mut f = frontend(service, key, backends);
+    f.src_ranges = ranges.iter().map(|r| r.parse().unwrap()).collect();
+    f.src_ranges.sort_unstable();
+    if !f.src_ranges.is_empty() {
+        f.flags = svc_lb_common::SVC_FLAG_SRC_RANGES;
+    }
+    f
+}
+
+fn ext_cap(maglev_tables: usize, src_ranges4: usize, src_ranges6: usize) -> Capacity {
+    Capacity {
+        maglev_tables,
+        src_ranges4,
+        src_ranges6,
+        ..big()
+    }
+}
+
+#[test]
+fn full_maglev_map_rejects_the_whole_service_and_others_keep_working() {
+    let mut rig = Rig::new(ext_cap(1, 100, 100));
+    let a = ext_frontend("a", "192.0.2.1", &[be("10.0.0.1")], &[]);
+    // b's external frontend needs a second table; its cluster IP goes with it.
+    let b_ext = ext_frontend("b", "192.0.2.2", &[be("10.0.0.2")], &[]);
+    let b_cluster = frontend("b", fe2(), &[be("10.0.0.2")]);
+    // c's external frontend has no backend, so no table: it fits.
+    let c = ext_frontend("c", "192.0.2.3", &[], &[]);
+    let d = state(vec![a.clone(), b_ext.clone(), b_cluster, c.clone()]);
+    let p = rig.sync_allowing_rejects(&d);
+    assert_eq!(
+        reasons(&p),
+        vec![(
+            "b".to_owned(),
+            "map LB_MAGLEV_V1 full: needs 2 entries, capacity 1".to_owned()
+        )]
+    );
+    assert_eq!(served(&rig.fake, &a.key), Some(expect_served(&a)));
+    assert_eq!(served(&rig.fake, &c.key), Some(expect_served(&c)));
+    assert!(served(&rig.fake, &b_ext.key).is_none() && served(&rig.fake, &fe2()).is_none());
+    // Nothing of b was written, not even its backend.
+    assert_eq!(rig.fake.usage().backends, 1);
+    assert_eq!(rig.fake.usage().maglev_tables, 1);
+    // The same plan again rejects b again, and changes nothing else.
+    let again = rig.plan(&d);
+    assert_eq!(again.ops, vec![]);
+    assert_eq!(reasons(&again), reasons(&p));
+}
+
+#[test]
+fn maglev_tables_freed_earlier_in_the_plan_make_room() {
+    let mut rig = Rig::new(ext_cap(1, 100, 100));
+    let a = ext_frontend("a", "192.0.2.1", &[be("10.0.0.1")], &[]);
+    rig.sync(&state(vec![a.clone()]));
+    // Removed Service: its table goes in phase 1, before b's is written.
+    let b = ext_frontend("b", "192.0.2.2", &[be("10.0.0.2")], &[]);
+    let p = rig.sync(&state(vec![b.clone()]));
+    assert_eq!(p.rejected, vec![]);
+    assert_eq!(served(&rig.fake, &b.key), Some(expect_served(&b)));
+    // A frontend losing its last backend drops its table after its master; it frees
+    // service-map entries, so it goes before the frontend that grows a table.
+    let b_empty = ext_frontend("b", "192.0.2.2", &[], &[]);
+    let c = ext_frontend("c", "192.0.2.3", &[be("10.0.0.3")], &[]);
+    let p = rig.sync(&state(vec![b_empty.clone(), c.clone()]));
+    assert_eq!(p.rejected, vec![]);
+    let pos = |pred: &dyn Fn(&Op) -> bool| p.ops.iter().position(pred).unwrap();
+    assert!(
+        pos(&|o| matches!(o, Op::DeleteMaglev { .. }))
+            < pos(&|o| matches!(o, Op::UpsertMaglev { .. })),
+        "{:#?}",
+        p.ops
+    );
+    assert_eq!(
+        served(&rig.fake, &b_empty.key),
+        Some(expect_served(&b_empty))
+    );
+    assert_eq!(served(&rig.fake, &c.key), Some(expect_served(&c)));
+    assert_eq!(rig.fake.usage().maglev_tables, 1);
+}
+
+#[test]
+fn source_ranges_count_per_family_and_per_frontend() {
+    // Two IPv4 range entries, one IPv6.
+    let mut rig = Rig::new(ext_cap(100, 2, 1));
+    let a = ext_frontend(
+        "a",
+        "192.0.2.1",
+        &[be("10.0.0.1")],
+        &["10.0.0.0/8", "192.0.2.0/24"],
+    );
+    // b's frontends: one range each; the IPv4 one no longer fits.
+    let b4 = ext_frontend("b", "192.0.2.2", &[be("10.0.0.1")], &["10.0.0.0/8"]);
+    let b6 = ext_frontend("b", "2001:db8::2", &[be("fd00:1::1")], &["2001:db8::/32"]);
+    // c uses only the IPv6 map.
+    let c = ext_frontend("c", "2001:db8::3", &[be("fd00:1::1")], &["fd00::/8"]);
+    let p = rig.sync_allowing_rejects(&state(vec![a.clone(), b4.clone(), b6.clone(), c.clone()]));
+    assert_eq!(
+        reasons(&p),
+        vec![(
+            "b".to_owned(),
+            "map LB_SRCRNG4_V1 full: needs 3 entries, capacity 2".to_owned()
+        )]
+    );
+    assert_eq!(served(&rig.fake, &a.key), Some(expect_served(&a)));
+    assert_eq!(served(&rig.fake, &c.key), Some(expect_served(&c)));
+    assert!(served(&rig.fake, &b4.key).is_none() && served(&rig.fake, &b6.key).is_none());
+    let used = rig.fake.usage();
+    assert_eq!((used.src_ranges4, used.src_ranges6), (2, 1));
+}
+
+#[test]
+fn replacing_a_source_range_needs_room_for_both_for_a_moment() {
+    // New ranges go in before the master, leaving ones after it (never a moment
+    // with neither): a full map cannot swap one range for another.
+    let mut rig = Rig::new(ext_cap(100, 2, 100));
+    let a = ext_frontend(
+        "a",
+        "192.0.2.1",
+        &[be("10.0.0.1")],
+        &["10.0.0.0/8", "192.0.2.0/24"],
+    );
+    rig.sync(&state(vec![a.clone()]));
+    let swapped = ext_frontend(
+        "a",
+        "192.0.2.1",
+        &[be("10.0.0.1")],
+        &["10.0.0.0/8", "198.51.100.0/24"],
+    );
+    let p = rig.sync_allowing_rejects(&state(vec![swapped.clone()]));
+    assert_eq!(
+        reasons(&p),
+        vec![(
+            "a".to_owned(),
+            "map LB_SRCRNG4_V1 full: needs 3 entries, capacity 2".to_owned()
+        )]
+    );
+    assert_eq!(p.ops, vec![]);
+    assert_eq!(served(&rig.fake, &a.key), Some(expect_served(&a)));
+    // Dropping a range first and adding the other next works in two steps.
+    let narrowed = ext_frontend("a", "192.0.2.1", &[be("10.0.0.1")], &["10.0.0.0/8"]);
+    assert_eq!(rig.sync(&state(vec![narrowed])).rejected, vec![]);
+    assert_eq!(rig.sync(&state(vec![swapped.clone()])).rejected, vec![]);
+    assert_eq!(
+        served(&rig.fake, &swapped.key),
+        Some(expect_served(&swapped))
+    );
 }
 
 // ---------------------------------------------------------------------------------
