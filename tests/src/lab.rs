@@ -320,6 +320,24 @@ pub fn sweep_dead_runs() -> Result<Vec<String>> {
     Ok(removed)
 }
 
+/// Runs one privileged test: first sweeps what runs killed earlier left (SIGKILL skips
+/// destructors), then runs `test`, which panics on failure and tears its lab down as it
+/// returns or unwinds, then fails if anything named for this run is still there.
+pub fn isolated(test: impl FnOnce()) {
+    for r in sweep_dead_runs().expect("sweep dead runs") {
+        eprintln!("swept a dead run's {r}");
+    }
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(test));
+    let left = leftovers().expect("list leftovers");
+    if let Err(p) = outcome {
+        if !left.is_empty() {
+            eprintln!("teardown also left behind: {left:?}");
+        }
+        std::panic::resume_unwind(p);
+    }
+    assert!(left.is_empty(), "the test left behind: {left:?}");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

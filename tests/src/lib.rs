@@ -26,6 +26,7 @@ pub mod bench;
 pub mod bpffs;
 pub mod bpfquery;
 pub mod cgroup;
+pub mod checks;
 pub mod client;
 pub mod cmd;
 pub mod demo;

@@ -836,3 +836,27 @@ impl TwoNodeLab {
             .join(format!("agent-{}-{}.log", n.name(), self.agent_starts + 1))
     }
 }
+
+/// The port every pod of [`run_lab`]'s default set serves TCP and UDP on.
+pub const POD_PORT: u16 = 8080;
+
+/// Runs `body` in a fresh lab with pods a1, a2 on node A and b1 on node B (serving on
+/// [`POD_PORT`]), under [`crate::lab::isolated`]. `harness` is the test's
+/// `env!("CARGO_BIN_EXE_svclb-harness")`. On failure it prints the lab's diagnostics and
+/// panics while the lab is alive, so that its agents print their logs as it drops.
+pub fn run_lab(harness: &str, body: impl FnOnce(&mut TwoNodeLab) -> Result<()>) {
+    crate::lab::isolated(|| {
+        let bins = Bins::from_env(Some(harness)).expect("locate the binaries");
+        let mut lab = TwoNodeLab::new(bins).expect("build the lab");
+        let setup = (|| -> Result<()> {
+            lab.add_pod("a1", Node::A, POD_PORT)?;
+            lab.add_pod("a2", Node::A, POD_PORT)?;
+            lab.add_pod("b1", Node::B, POD_PORT)?;
+            Ok(())
+        })();
+        if let Err(e) = setup.and_then(|()| body(&mut lab)) {
+            eprintln!("{}", lab.diagnostics());
+            panic!("{e:?}");
+        }
+    });
+}

@@ -13,7 +13,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
-    panic::AssertUnwindSafe,
     path::Path,
     time::{Duration, Instant},
 };
@@ -24,7 +23,7 @@ use svc_lb_tests::{
     Bins, ClientReport, Lab, Proto,
     bpfquery::sock_program_counts,
     cmd,
-    lab::{leftovers, sweep_dead_runs},
+    lab::isolated,
     manifests::{
         Endpoint, EndpointSlice, Protocol, Service, TargetPort, json_doc, yaml_docs, yaml_list,
     },
@@ -44,10 +43,7 @@ fn sa(s: &str) -> SocketAddr {
 /// log if the body failed), then asserts that nothing of this run is left behind.
 fn e2e(ids: &[&str], body: impl FnOnce(&mut Lab) -> Result<()>) {
     // A run killed earlier (SIGKILL skips destructors) must not disturb this one.
-    for r in sweep_dead_runs().expect("sweep dead runs") {
-        eprintln!("swept a dead run's {r}");
-    }
-    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+    isolated(|| {
         let bins =
             Bins::from_env(Some(env!("CARGO_BIN_EXE_svclb-harness"))).expect("locate the binaries");
         let mut lab = Lab::new(bins, ids).expect("build the lab");
@@ -55,15 +51,7 @@ fn e2e(ids: &[&str], body: impl FnOnce(&mut Lab) -> Result<()>) {
             // Panicking while the lab is alive makes its agent print its log on drop.
             panic!("{e:?}");
         }
-    }));
-    let left = leftovers().expect("list leftovers");
-    if let Err(p) = outcome {
-        if !left.is_empty() {
-            eprintln!("teardown also left behind: {left:?}");
-        }
-        std::panic::resume_unwind(p);
-    }
-    assert!(left.is_empty(), "the test left behind: {left:?}");
+    });
 }
 
 /// A Service with one TCP port `port` → `target` and ready endpoints at `addrs`, as two

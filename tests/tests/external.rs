@@ -19,24 +19,21 @@
 #![cfg(feature = "e2e")]
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
-    panic::AssertUnwindSafe,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 use svc_lb_tests::{
-    Bins, ClientReport, Proto,
-    lab::{leftovers, sweep_dead_runs},
+    ClientReport, Proto,
+    checks::{addr_words, all_failed, all_ok, backends_are, maglev_table, unix_ms},
     manifests::{Endpoint, EndpointSlice, Protocol, Service, TargetPort, yaml_docs},
-    twonode::{Node, NodeAgentOptions, TwoNodeLab, client_addr},
+    twonode::{Node, NodeAgentOptions, POD_PORT, TwoNodeLab, client_addr, run_lab},
 };
 
 const NS: &str = "ext";
-/// Every pod serves TCP and UDP on this port.
-const POD_PORT: u16 = 8080;
 /// Connections per measurement.
 const N: u64 = 30;
 /// Connections expected to be dropped: each costs a full timeout, so fewer.
@@ -52,37 +49,9 @@ fn ip(s: &str) -> IpAddr {
     s.parse().expect("test address")
 }
 
-/// Builds the lab with the default pods, runs `body`, tears the lab down (printing the
-/// agents' logs if the body failed), then asserts that nothing of this run is left.
+/// [`run_lab`] for this file's tests.
 fn external(body: impl FnOnce(&mut TwoNodeLab) -> Result<()>) {
-    // A run killed earlier (SIGKILL skips destructors) must not disturb this one.
-    for r in sweep_dead_runs().expect("sweep dead runs") {
-        eprintln!("swept a dead run's {r}");
-    }
-    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        let bins =
-            Bins::from_env(Some(env!("CARGO_BIN_EXE_svclb-harness"))).expect("locate the binaries");
-        let mut lab = TwoNodeLab::new(bins).expect("build the lab");
-        let setup = (|| -> Result<()> {
-            lab.add_pod("a1", Node::A, POD_PORT)?;
-            lab.add_pod("a2", Node::A, POD_PORT)?;
-            lab.add_pod("b1", Node::B, POD_PORT)?;
-            Ok(())
-        })();
-        if let Err(e) = setup.and_then(|()| body(&mut lab)) {
-            eprintln!("{}", lab.diagnostics());
-            // Panicking while the lab is alive makes its agents print their logs on drop.
-            panic!("{e:?}");
-        }
-    }));
-    let left = leftovers().expect("list leftovers");
-    if let Err(p) = outcome {
-        if !left.is_empty() {
-            eprintln!("teardown also left behind: {left:?}");
-        }
-        std::panic::resume_unwind(p);
-    }
-    assert!(left.is_empty(), "the test left behind: {left:?}");
+    run_lab(env!("CARGO_BIN_EXE_svclb-harness"), body);
 }
 
 /// A Service of type NodePort or LoadBalancer and its EndpointSlices (one per family of
@@ -221,40 +190,6 @@ fn run(
     let r = lab.run_client(&o)?;
     eprintln!("{}", r.summary());
     Ok(r)
-}
-
-/// Every attempt answered.
-fn all_ok(r: &ClientReport, n: u64) -> Result<()> {
-    ensure!(
-        r.attempts == n && r.ok == n && r.failed == 0,
-        "expected {n} answers and 0 failures: {}\nfirst failures: {:?}",
-        r.summary(),
-        r.failure_samples
-    );
-    Ok(())
-}
-
-/// Exactly these backends answered (each at least once).
-fn backends_are(r: &ClientReport, ids: &[&str]) -> Result<()> {
-    let got: BTreeSet<&str> = r.backends.keys().map(String::as_str).collect();
-    let want: BTreeSet<&str> = ids.iter().copied().collect();
-    ensure!(
-        got == want,
-        "replies from {got:?}, expected {want:?}: {}",
-        r.summary()
-    );
-    Ok(())
-}
-
-/// Every attempt failed with `errno` (at `step`, when given).
-fn all_failed(r: &ClientReport, n: u64, errno: &str) -> Result<()> {
-    ensure!(
-        r.attempts == n && r.ok == 0 && r.failures == BTreeMap::from([(errno.to_owned(), n)]),
-        "expected all {n} attempts to fail with {errno}: {}\nfailures: {:?}",
-        r.summary(),
-        r.failure_samples
-    );
-    Ok(())
 }
 
 /// Which client address each backend saw: pods on the entry node see the client itself
@@ -892,56 +827,4 @@ fn lab_routes_only_what_a_test_adds() {
         );
         Ok(())
     });
-}
-
-/// An address as the BPF maps hold it: network-order words, IPv4 in word 0.
-fn addr_words(addr: IpAddr) -> [u32; 4] {
-    match addr {
-        IpAddr::V4(a) => [u32::from_ne_bytes(a.octets()), 0, 0, 0],
-        IpAddr::V6(a) => {
-            let o = a.octets();
-            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-            [w(0), w(4), w(8), w(12)]
-        }
-    }
-}
-
-/// Maglev's table population (Eisenbud et al., NSDI 2016, "Pseudo-code 1") for
-/// `backends` in the given order: index into `backends` per slot.
-fn maglev_table(backends: &[IpAddr], port: u16, proto: u8, m: u32) -> Vec<usize> {
-    if backends.is_empty() {
-        return vec![0; m as usize];
-    }
-    let perms: Vec<(u32, u32)> = backends
-        .iter()
-        .map(|b| svc_lb_common::maglev::permutation(&addr_words(*b), port.to_be(), proto, m))
-        .collect();
-    let mut next = vec![0u32; backends.len()];
-    let mut table: Vec<Option<usize>> = vec![None; m as usize];
-    let mut filled = 0;
-    'fill: loop {
-        for (i, (offset, skip)) in perms.iter().enumerate() {
-            let mut c = ((u64::from(*offset) + u64::from(next[i]) * u64::from(*skip))
-                % u64::from(m)) as usize;
-            while table[c].is_some() {
-                next[i] += 1;
-                c = ((u64::from(*offset) + u64::from(next[i]) * u64::from(*skip)) % u64::from(m))
-                    as usize;
-            }
-            table[c] = Some(i);
-            next[i] += 1;
-            filled += 1;
-            if filled == m as usize {
-                break 'fill;
-            }
-        }
-    }
-    table.into_iter().map(|s| s.unwrap_or(0)).collect()
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }

@@ -18,7 +18,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
-    panic::AssertUnwindSafe,
     process::Command,
     time::Duration,
 };
@@ -26,14 +25,13 @@ use std::{
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 use svc_lb_tests::{
-    Bins, ClientReport, Proto,
-    lab::{leftovers, sweep_dead_runs},
+    Proto,
+    checks::all_failed,
     manifests::{Endpoint, EndpointSlice, Protocol, Service, TargetPort, yaml_docs},
-    twonode::{Node, NodeAgentOptions, TwoNodeLab, client_addr},
+    twonode::{Node, NodeAgentOptions, POD_PORT, TwoNodeLab, client_addr, run_lab},
 };
 
 const NS: &str = "xtr";
-const POD_PORT: u16 = 8080;
 const MAGLEV_SIZE: &str = "1021";
 /// Source ports traced and connected per frontend.
 const PORTS: u16 = 24;
@@ -45,35 +43,9 @@ fn ip(s: &str) -> IpAddr {
     s.parse().expect("test address")
 }
 
-/// Builds the lab with pods a1, a2 (node A) and b1 (node B), runs `body`, tears it down
-/// and asserts that nothing of this run is left (as `external.rs` does).
+/// [`run_lab`] for this file's tests.
 fn with_lab(body: impl FnOnce(&mut TwoNodeLab) -> Result<()>) {
-    for r in sweep_dead_runs().expect("sweep dead runs") {
-        eprintln!("swept a dead run's {r}");
-    }
-    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        let bins =
-            Bins::from_env(Some(env!("CARGO_BIN_EXE_svclb-harness"))).expect("locate the binaries");
-        let mut lab = TwoNodeLab::new(bins).expect("build the lab");
-        let setup = (|| -> Result<()> {
-            lab.add_pod("a1", Node::A, POD_PORT)?;
-            lab.add_pod("a2", Node::A, POD_PORT)?;
-            lab.add_pod("b1", Node::B, POD_PORT)?;
-            Ok(())
-        })();
-        if let Err(e) = setup.and_then(|()| body(&mut lab)) {
-            eprintln!("{}", lab.diagnostics());
-            panic!("{e:?}");
-        }
-    }));
-    let left = leftovers().expect("list leftovers");
-    if let Err(p) = outcome {
-        if !left.is_empty() {
-            eprintln!("teardown also left behind: {left:?}");
-        }
-        std::panic::resume_unwind(p);
-    }
-    assert!(left.is_empty(), "the test left behind: {left:?}");
+    run_lab(env!("CARGO_BIN_EXE_svclb-harness"), body);
 }
 
 /// A LoadBalancer Service (TCP `port`, node port `node_port`) on `lb` with ready
@@ -148,16 +120,6 @@ fn predicted(lab: &TwoNodeLab, t: &Value) -> Result<(String, String)> {
         .with_context(|| format!("the predicted backend {addr} is no pod of the lab"))?;
     let via = b["via"].as_str().unwrap_or("").to_owned();
     Ok((pod.to_owned(), via))
-}
-
-fn fails_all(r: &ClientReport, n: u64, errno: &str) -> Result<()> {
-    ensure!(
-        r.attempts == n && r.ok == 0 && r.failures == BTreeMap::from([(errno.to_owned(), n)]),
-        "expected all {n} attempts to fail with {errno}: {}\nfailures: {:?}",
-        r.summary(),
-        r.failure_samples
-    );
-    Ok(())
 }
 
 #[test]
@@ -312,7 +274,7 @@ fn trace_external_predicts_what_real_flows_get_through_node_a() {
         o.timeout = Duration::from_secs(1);
         let r = lab.run_client(&o)?;
         eprintln!("{target}: {}", r.summary());
-        fails_all(&r, N_FAIL, "ECONNREFUSED")?;
+        all_failed(&r, N_FAIL, "ECONNREFUSED")?;
 
         // Outside loadBalancerSourceRanges: predicted drop, and real connections get no
         // answer at all.
@@ -329,7 +291,7 @@ fn trace_external_predicts_what_real_flows_get_through_node_a() {
         o.timeout = DROP_TIMEOUT;
         let r = lab.run_client(&o)?;
         eprintln!("{target}: {}", r.summary());
-        fails_all(&r, N_FAIL, "TIMEOUT")?;
+        all_failed(&r, N_FAIL, "TIMEOUT")?;
         Ok(())
     });
 }

@@ -13,7 +13,6 @@
 use std::{
     collections::BTreeSet,
     net::{IpAddr, SocketAddr},
-    panic::AssertUnwindSafe,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -24,7 +23,7 @@ use svc_lb_tests::{
     Bins, ClientReport, Lab, Proto,
     agent::{Agent, AgentConfig},
     fakeapi::FakeApi,
-    lab::{leftovers, sweep_dead_runs},
+    lab::isolated,
 };
 
 const NS: &str = "kube-e2e";
@@ -128,10 +127,7 @@ impl Cluster {
 /// Builds a lab with backends `ids` and a fake API server, runs `body`, tears everything
 /// down (printing the agent log if the body failed) and checks nothing is left behind.
 fn kube_e2e(ids: &[&str], body: impl FnOnce(&mut Lab, &mut Cluster) -> Result<()>) {
-    for r in sweep_dead_runs().expect("sweep dead runs") {
-        eprintln!("swept a dead run's {r}");
-    }
-    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+    isolated(|| {
         let bins =
             Bins::from_env(Some(env!("CARGO_BIN_EXE_svclb-harness"))).expect("locate the binaries");
         let mut lab = Lab::new(bins, ids).expect("build the lab");
@@ -140,15 +136,7 @@ fn kube_e2e(ids: &[&str], body: impl FnOnce(&mut Lab, &mut Cluster) -> Result<()
             // Panicking while the agent is alive makes it print its log on drop.
             panic!("{e:?}");
         }
-    }));
-    let left = leftovers().expect("list leftovers");
-    if let Err(p) = outcome {
-        if !left.is_empty() {
-            eprintln!("teardown also left behind: {left:?}");
-        }
-        std::panic::resume_unwind(p);
-    }
-    assert!(left.is_empty(), "the test left behind: {left:?}");
+    });
 }
 
 // ---------------------------------------------------------------------------------

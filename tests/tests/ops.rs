@@ -10,7 +10,6 @@ use std::{
     collections::BTreeMap,
     io::{Read, Write},
     net::{IpAddr, SocketAddr, TcpStream},
-    panic::AssertUnwindSafe,
     time::Duration,
 };
 
@@ -19,7 +18,7 @@ use serde_json::Value;
 use svc_lb_tests::{
     Bins, ClientReport, Lab, Proto,
     agent::{Agent, AgentConfig},
-    lab::{leftovers, sweep_dead_runs},
+    lab::isolated,
     manifests::{EndpointSlice, Protocol, Service, TargetPort, yaml_docs},
 };
 
@@ -35,25 +34,14 @@ fn sa(s: &str) -> SocketAddr {
 
 /// Builds a lab, runs `body`, tears it down, then checks nothing of this run is left.
 fn e2e(ids: &[&str], body: impl FnOnce(&mut Lab) -> Result<()>) {
-    for r in sweep_dead_runs().expect("sweep dead runs") {
-        eprintln!("swept a dead run's {r}");
-    }
-    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+    isolated(|| {
         let bins =
             Bins::from_env(Some(env!("CARGO_BIN_EXE_svclb-harness"))).expect("locate the binaries");
         let mut lab = Lab::new(bins, ids).expect("build the lab");
         if let Err(e) = body(&mut lab) {
             panic!("{e:?}");
         }
-    }));
-    let left = leftovers().expect("list leftovers");
-    if let Err(p) = outcome {
-        if !left.is_empty() {
-            eprintln!("teardown also left behind: {left:?}");
-        }
-        std::panic::resume_unwind(p);
-    }
-    assert!(left.is_empty(), "the test left behind: {left:?}");
+    });
 }
 
 /// Starts the agent on the lab with extra flags, JSON logs and metrics on a free port,
