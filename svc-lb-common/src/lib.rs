@@ -79,6 +79,12 @@ pub const ALL_MAPS: [&str; 19] = [
     MAP_CONFIG,
 ];
 
+/// Pins of maps that earlier versions created and this one no longer uses (renamed when
+/// their layout changed). The agent removes them at start and `svc-lb cleanup` with the
+/// rest; programs of the old version that still hold such a map keep it alive until
+/// their links are swapped.
+pub const RETIRED_MAPS: [&str; 1] = ["LB_COUNTERS_V1"];
+
 /// Default capacities. Service and backend maps are created without preallocation, so
 /// a large capacity costs kernel memory only when it is used.
 pub const SVC_MAP_MAX: u32 = 1 << 20;

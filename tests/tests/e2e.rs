@@ -634,8 +634,36 @@ fn programs_are_attached_when_the_first_sync_is_logged() {
     });
 }
 
+/// Pins a map where an earlier version pinned one this version no longer uses.
+fn plant_retired_pin(bpffs: &Path) -> Result<std::path::PathBuf> {
+    let pin = bpffs.join(svc_lb_common::RETIRED_MAPS[0]);
+    let pin_s = pin.to_string_lossy().into_owned();
+    cmd::run(
+        "bpftool",
+        [
+            "map",
+            "create",
+            &pin_s,
+            "type",
+            "percpu_array",
+            "key",
+            "4",
+            "value",
+            "8",
+            "entries",
+            "32",
+            "name",
+            "LB_COUNTERS_V1",
+        ],
+    )?;
+    ensure!(pin.exists(), "bpftool did not pin {pin_s}");
+    Ok(pin)
+}
+
 /// Case 8: `svc-lb cleanup` detaches every program and removes every pin: the VIP is no longer
 /// translated (ENETUNREACH in the no-route namespace) and bpftool shows nothing attached.
+/// The pin of a map an earlier version used (`RETIRED_MAPS`) is removed by the agent at
+/// start, and by `cleanup` too.
 #[test]
 fn cleanup_detaches_everything() {
     e2e(&["a"], |lab| {
@@ -645,7 +673,10 @@ fn cleanup_detaches_everything() {
             "web.yaml",
             &tcp_service("web", "10.96.0.65", 80, 8080, &addrs),
         )?;
+        std::fs::create_dir_all(lab.bpffs()).context("create the pin directory")?;
+        let retired = plant_retired_pin(lab.bpffs())?;
         lab.start_agent()?;
+        ensure!(!retired.exists(), "the agent kept the retired pin");
         let mut o = lab.client(sa("10.96.0.65:80"), Proto::Tcp);
         o.count = 20;
         let r = lab.run_client(&o)?;
@@ -658,6 +689,7 @@ fn cleanup_detaches_everything() {
         let mut agent = lab.take_agent().context("agent")?;
         agent.terminate(Duration::from_secs(5))?;
         drop(agent);
+        plant_retired_pin(lab.bpffs())?;
         let cg = lab.cgroup().to_path_buf();
         let out = lab.svc_lb(&["cleanup", "--cgroup", &cg.to_string_lossy()])?;
         ensure!(

@@ -372,6 +372,7 @@ impl BpfDatapath {
             external_off = opts.external_off,
             "external-path LRU maps sized"
         );
+        remove_retired_pins(bpffs)?;
         let pins: Vec<(&str, PathBuf)> = svc_lb_common::ALL_MAPS
             .iter()
             .map(|n| (*n, bpffs.join(n)))
@@ -1159,6 +1160,20 @@ impl PinnedMaps {
     }
 }
 
+/// Removes the pins of maps an earlier version used (`RETIRED_MAPS`), so that an
+/// upgraded node does not keep them forever.
+fn remove_retired_pins(bpffs: &Path) -> Result<()> {
+    for name in svc_lb_common::RETIRED_MAPS {
+        let path = bpffs.join(name);
+        if path.exists() {
+            fs::remove_file(&path)
+                .with_context(|| format!("remove retired pin {}", path.display()))?;
+            info!(pin = %path.display(), "removed the pin of a map this version no longer uses");
+        }
+    }
+    Ok(())
+}
+
 /// Detaches every program and removes every pin under `bpffs`. With `cgroup`, also
 /// detaches svc-lb links on that cgroup whose pins were lost.
 pub fn cleanup(bpffs: &Path, cgroup: Option<&Path>) -> Result<usize> {
@@ -1188,6 +1203,7 @@ pub fn cleanup(bpffs: &Path, cgroup: Option<&Path>) -> Result<usize> {
             fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
         }
     }
+    remove_retired_pins(bpffs)?;
     if bpffs.exists() {
         fs::remove_dir(bpffs)
             .with_context(|| format!("remove {} (not empty?)", bpffs.display()))?;
