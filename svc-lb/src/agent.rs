@@ -282,6 +282,14 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             node.addresses = addrs.clone();
         }
         let result = sync(&mut dp, &mut current, &snap, &node, &mut reported);
+        crate::status::update(|st| {
+            st.problems = reported
+                .iter()
+                .take(crate::status::MAX_PROBLEMS)
+                .cloned()
+                .collect();
+            st.problems_total = reported.len();
+        });
         if !attached {
             // Attach only once the first sync is in the maps, and before it is reported
             // as applied: "applied" means the kernel acts on it.

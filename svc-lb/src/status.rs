@@ -30,7 +30,18 @@ pub struct AgentStatus {
     pub last_sync: Option<SyncRecord>,
     /// The last sync that succeeded (the same as `last_sync` unless that failed).
     pub last_success: Option<SyncRecord>,
+    /// What the last sync left out and why, one line per object ("OBJECT: reason"): bad
+    /// input skipped and Services rejected because a map is full. At most
+    /// [`MAX_PROBLEMS`] lines; `problems_total` counts them all.
+    #[serde(default)]
+    pub problems: Vec<String>,
+    #[serde(default)]
+    pub problems_total: usize,
 }
+
+/// Lines of `problems` published at most, to keep `/status` small on a node with many
+/// bad objects (the log and the metrics still see every one).
+pub const MAX_PROBLEMS: usize = 50;
 
 /// One pass of model → plan → apply.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -209,6 +209,11 @@ fn metrics_list_and_status_count_real_traffic() {
                 None,
             ),
         )?;
+        // Bad input next to the good Services: `status` names it and says why.
+        lab.write_manifest(
+            "bad.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: badport\n  namespace: ops\nspec:\n  clusterIP: 10.96.5.40\n  ports:\n  - port: 70000\n",
+        )?;
         let agent = start_agent(lab, "metrics", &[])?;
         let addr = metrics_addr(&agent)?;
 
@@ -330,6 +335,14 @@ fn metrics_list_and_status_count_real_traffic() {
         ensure!(st["agent"]["reachable"] == true, "{st}");
         ensure!(st["agent"]["status"]["last_sync"]["ok"] == true, "{st}");
         ensure!(st["agent"]["status"]["attached"] == true, "{st}");
+        let problems = &st["agent"]["status"]["problems"];
+        ensure!(
+            st["agent"]["status"]["problems_total"] == 1
+                && problems[0]
+                    .as_str()
+                    .is_some_and(|p| p.contains("badport") && p.contains("70000")),
+            "status must name the bad Service and its port: {problems}"
+        );
         let hooks: Vec<&str> = st["programs"]
             .as_array()
             .context("programs")?

@@ -593,6 +593,20 @@ pub fn render_text(st: &Status, now_ms: u64) -> String {
                 "  syncs        {} ({} failed)\n",
                 a.syncs, a.sync_errors
             ));
+            if a.problems_total > 0 {
+                let shown = if a.problems.len() < a.problems_total {
+                    format!(" (first {})", a.problems.len())
+                } else {
+                    String::new()
+                };
+                out.push_str(&format!(
+                    "  left out     {} objects{shown}:\n",
+                    a.problems_total
+                ));
+                for p in &a.problems {
+                    out.push_str(&format!("    {p}\n"));
+                }
+            }
         }
         None => {
             out.push_str(&format!(
