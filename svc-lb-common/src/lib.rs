@@ -526,10 +526,17 @@ pub const CTR_EXT_PASS_UNSUPPORTED: u32 = 33;
 pub const CTR_EXT_REWRITE_FAIL: u32 = 34;
 /// A TCP FIN or RST moved a conntrack entry to its closing lifetime.
 pub const CTR_EXT_CT_CLOSING: u32 = 35;
+/// tc ingress sent a translated packet of a SNAT flow (either direction) out itself:
+/// FIB lookup, TTL/hop limit decremented, `bpf_redirect_neigh`.
+pub const CTR_EXT_FIB_REDIRECTED: u32 = 36;
+/// The FIB lookup for such a packet did not give a neighbour to send it to (local
+/// destination, forwarding disabled, no route, MTU, TTL/hop limit ≤ 1): it went into
+/// the stack's forwarding instead.
+pub const CTR_EXT_FIB_TO_STACK: u32 = 37;
 pub const COUNTERS_MAX: u32 = 64;
 
 /// Counter names for the CLI and metrics, indexed like the `CTR_*` constants.
-pub const COUNTER_NAMES: [(u32, &str); 29] = [
+pub const COUNTER_NAMES: [(u32, &str); 31] = [
     (CTR_SOCK_XLATED, "sock_translated"),
     (CTR_SOCK_NO_BACKEND, "sock_rejected_no_backend"),
     (CTR_SOCK_SLOT_MISS, "sock_error_slot_missing"),
@@ -562,6 +569,8 @@ pub const COUNTER_NAMES: [(u32, &str); 29] = [
     (CTR_EXT_PASS_UNSUPPORTED, "ext_passed_unsupported"),
     (CTR_EXT_REWRITE_FAIL, "ext_error_rewrite"),
     (CTR_EXT_CT_CLOSING, "ext_conntrack_closing"),
+    (CTR_EXT_FIB_REDIRECTED, "ext_fib_redirected"),
+    (CTR_EXT_FIB_TO_STACK, "ext_fib_to_stack"),
 ];
 
 /// Slot chosen for a new connection: uniform over `1..=count`. Both the eBPF programs

@@ -52,6 +52,12 @@ pub enum Verdict {
     Pass,
     /// Rewritten in place (NAT or reverse NAT): continue into the stack.
     Translated,
+    /// Rewritten in place for a SNAT flow (the client's packet towards a backend on
+    /// another node, or its reply back to the client): the node forwards it with one of
+    /// its own addresses on one side. tc sends it out itself (FIB lookup + redirect),
+    /// because the stack's forwarding drops it as martian (accept_local=0); XDP passes it
+    /// into the stack like `Translated`.
+    TranslatedSnat,
     Drop,
     /// The packet was replaced by an ICMP error: send it back out the same device.
     Reject,
@@ -110,12 +116,14 @@ fn refresh(v: *mut CtValue, f: &Flow, now: u64, extra_flags: u8) {
 }
 
 #[inline(always)]
-fn apply<C: Pkt>(c: &C, f: &Flow, to: &Rewrite) -> Verdict {
-    if rewrite(c, f, to) {
-        Verdict::Translated
-    } else {
+fn apply<C: Pkt>(c: &C, f: &Flow, to: &Rewrite, snat: bool) -> Verdict {
+    if !rewrite(c, f, to) {
         count(CTR_EXT_REWRITE_FAIL);
         Verdict::Drop
+    } else if snat {
+        Verdict::TranslatedSnat
+    } else {
+        Verdict::Translated
     }
 }
 
@@ -181,7 +189,7 @@ pub fn reply<C: Pkt>(c: &C, f: &Flow, snat: bool) -> Option<Verdict> {
         }
     };
     count(CTR_EXT_REPLY_XLATED);
-    Some(apply(c, f, &to))
+    Some(apply(c, f, &to, snat))
 }
 
 // ---- forward direction (tc ingress and XDP) ----
@@ -267,6 +275,7 @@ fn established<C: Pkt>(c: &C, f: &Flow, now: u64) -> Option<Verdict> {
                         daddr: e.nat_addr_be,
                         dport: e.nat_port_be,
                     },
+                    snat,
                 ));
             }
             // The backend left the Service (or its id was reused for another address).
@@ -674,6 +683,7 @@ fn establish<C: Pkt>(c: &C, f: &Flow, nf: &NewFlow) -> Verdict {
             daddr: b.addr_be,
             dport: b.port_be,
         },
+        !local,
     )
 }
 

@@ -24,7 +24,8 @@ pub fn forward(ctx: &XdpContext) -> u32 {
     };
     match ext::forward(ctx, &f) {
         Verdict::Pass => xdp_action::XDP_PASS,
-        Verdict::Translated => {
+        // The stack routes SNAT flows too (it needs accept_local=1 for that).
+        Verdict::Translated | Verdict::TranslatedSnat => {
             count(CTR_EXT_XDP_FORWARDED);
             xdp_action::XDP_PASS
         }

@@ -94,8 +94,12 @@ impl External {
         if !devices.is_empty() {
             dp.ext_available()
                 .context("the external path needs the tc/XDP programs and maps (--devices)")?;
-            for dev in &devices {
-                accept_local(dev)?;
+            // Only XDP-translated SNAT packets still go through the stack's forwarding;
+            // tc sends its own out with a FIB lookup (svc-lb-ebpf's tc.rs).
+            if cfg.xdp {
+                for dev in &devices {
+                    accept_local(dev)?;
+                }
             }
             info!(devices = ?devices, xdp = cfg.xdp, "external path on");
         }
@@ -126,12 +130,11 @@ impl External {
     }
 }
 
-/// Sets `net.ipv4.conf.<dev>.accept_local=1`. A SNATed packet (to a backend on another
-/// node) and the reverse-translated reply of such a flow both leave through the
-/// kernel's forwarding with this node's own address as source; without the setting the
-/// kernel drops them as martians. (Sending them out with bpf_fib_lookup +
-/// bpf_redirect_neigh instead would make this unnecessary; not done yet.) IPv6 has no
-/// such check.
+/// Sets `net.ipv4.conf.<dev>.accept_local=1` (with `--xdp` only). A packet that XDP
+/// SNATed (to a backend on another node) goes through the kernel's forwarding with this
+/// node's own address as source; without the setting the kernel drops it as a martian.
+/// tc does not need it: it sends SNAT-flow packets of both directions out itself
+/// (bpf_fib_lookup + bpf_redirect_neigh). IPv6 has no such check.
 fn accept_local(dev: &str) -> Result<()> {
     let path = format!("/proc/sys/net/ipv4/conf/{dev}/accept_local");
     let now = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;

@@ -22,9 +22,10 @@ use pkt::{
 };
 use svc_lb_common::{
     BACKEND_FLAG_LOCAL, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_SNAT, CTR_EXT_BACKEND_GONE,
-    CTR_EXT_CT_HIT, CTR_EXT_DROP_NO_LOCAL, CTR_EXT_DROP_SRC_RANGE, CTR_EXT_FORWARDED,
-    CTR_EXT_REJECT_NO_BACKEND, CTR_EXT_REPLY_XLATED, CTR_EXT_XDP_FORWARDED, CTR_EXT_XDP_TX,
-    SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXT_LOCAL, SVC_FLAG_SRC_RANGES,
+    CTR_EXT_CT_HIT, CTR_EXT_DROP_NO_LOCAL, CTR_EXT_DROP_SRC_RANGE, CTR_EXT_FIB_REDIRECTED,
+    CTR_EXT_FIB_TO_STACK, CTR_EXT_FORWARDED, CTR_EXT_REJECT_NO_BACKEND, CTR_EXT_REPLY_XLATED,
+    CTR_EXT_XDP_FORWARDED, CTR_EXT_XDP_TX, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_FLAG_DROP_EMPTY,
+    SVC_FLAG_EXT_LOCAL, SVC_FLAG_SRC_RANGES,
 };
 
 const CLIENT4: &str = "198.51.100.10";
@@ -55,7 +56,21 @@ fn ip(s: &str) -> IpAddr {
 
 /// A datapath with the node's config (SNAT addresses, Maglev size 7), node addresses
 /// and five backends: local and remote of each family, and a second local IPv4 one.
+///
+/// The test's thread first moves to a netns of its own: tc ingress sends a SNAT flow's
+/// packets out by FIB lookup, which BPF_PROG_TEST_RUN runs in the caller's netns. A new
+/// one has no route (only a down loopback), so every lookup fails and those packets
+/// take the fallback into the stack (TC_ACT_OK, counted) whatever the host's routes
+/// and forwarding are.
 fn lab() -> Datapath {
+    // SAFETY: plain syscall; a thread may change its own network namespace.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(
+        rc,
+        0,
+        "unshare(CLONE_NEWNET): {}",
+        std::io::Error::last_os_error()
+    );
     let mut dp = Datapath::load().expect("load the eBPF object and its programs");
     (|| -> Result<()> {
         dp.config(NODE4, NODE6, MAGLEV_SIZE)?;
@@ -202,6 +217,7 @@ fn snat_to_remote_backend_and_ingress_reverse_nat_v4_v6() {
                 );
             }
             assert_eq!(out.payload(), s.payload.as_slice());
+            assert_eq!(out.ttl, 64, "the stack, not tc, forwards {s:?} here");
 
             // The same flow's next packet uses the same SNAT port (conntrack).
             let next = spec(proto, client, client_port, lb, FE_PORT, ACK);
@@ -220,6 +236,11 @@ fn snat_to_remote_backend_and_ingress_reverse_nat_v4_v6() {
             assert_translated(&back, &r, (lb, FE_PORT), (client, client_port));
         }
     }
+    // 3 families/protocols × 2 client ports × (first, next, reply): each tried the FIB,
+    // found no route in the test's netns and went into the stack untouched beyond the
+    // NAT (TTL 64 checked above).
+    assert_eq!(dp.counter(CTR_EXT_FIB_TO_STACK).expect("counter"), 18);
+    assert_eq!(dp.counter(CTR_EXT_FIB_REDIRECTED).expect("counter"), 0);
 }
 
 /// Conntrack keeps an established flow on its backend when the Maglev table changes
@@ -797,4 +818,80 @@ fn parser_rejects_wrong_checksums_and_lengths() {
             assert!(parse(&f).is_err(), "{what} change not detected in {s:?}");
         }
     }
+}
+
+/// Runs `cmd` (an `ip` command line) in the calling thread's netns.
+fn ip_cmd(args: &str) {
+    let out = std::process::Command::new("ip")
+        .args(args.split_whitespace())
+        .output()
+        .unwrap_or_else(|e| panic!("run ip {args}: {e}"));
+    assert!(
+        out.status.success(),
+        "ip {args}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// With a route and forwarding on in the test's netns, tc ingress sends a SNAT flow's
+/// packets out itself, both directions: TC_ACT_REDIRECT (bpf_redirect_neigh), the
+/// TTL/hop limit decremented (the parser verifies the IPv4 header checksum that goes
+/// with it), counted. A packet whose hop limit would expire is left to the stack.
+#[test]
+fn snat_flow_is_sent_by_fib_lookup_when_routed() {
+    let mut dp = lab();
+    // All in this test thread's own netns (see `lab`), which takes the veth pair with it
+    // when the thread ends.
+    ip_cmd("link set lo up");
+    ip_cmd("link add fib0 type veth peer name fib1");
+    ip_cmd("link set fib1 up");
+    ip_cmd("link set fib0 up");
+    ip_cmd("addr add 10.0.2.1/24 dev fib0");
+    ip_cmd("-6 addr add fd00:2::1/64 dev fib0 nodad");
+    ip_cmd("neigh add 10.0.2.2 lladdr 02:00:00:00:02:02 dev fib0 nud permanent");
+    ip_cmd("-6 neigh add fd00:2::2 lladdr 02:00:00:00:02:02 dev fib0 nud permanent");
+    ip_cmd("route add 198.51.100.0/24 via 10.0.2.2 dev fib0");
+    ip_cmd("-6 route add 2001:db8:c::/64 via fd00:2::2 dev fib0");
+    for path in [
+        "/proc/sys/net/ipv4/conf/all/forwarding",
+        "/proc/sys/net/ipv6/conf/all/forwarding",
+    ] {
+        std::fs::write(path, "1").unwrap_or_else(|e| panic!("write 1 to {path}: {e}"));
+    }
+    let mut sent = 0;
+    for (proto, client, lb, node, backend, id, rev) in [
+        (TCP, CLIENT4, LB4, NODE4, REMOTE4, BE_REMOTE4, 1),
+        (UDP, CLIENT4, LB4, NODE4, REMOTE4, BE_REMOTE4, 2),
+        (TCP, CLIENT6, LB6, NODE6, REMOTE6, BE_REMOTE6, 3),
+    ] {
+        service(&mut dp, lb, FE_PORT, proto, rev, 0, &[id]);
+        let s = spec(proto, client, 1234, lb, FE_PORT, SYN);
+        let out = expect(&dp, dp.tc_in, &s, TC_ACT_REDIRECT);
+        assert_eq!((out.src, out.sport), (ip(node), 1234), "SNAT of {s:?}");
+        assert_eq!((out.dst, out.dport), (ip(backend), BE_PORT));
+        assert_eq!(out.ttl, 63, "{s:?} forwarded: TTL/hop limit decremented");
+        assert_eq!(out.payload(), s.payload.as_slice());
+
+        let r = spec(proto, backend, BE_PORT, node, 1234, SYN | ACK);
+        let back = expect(&dp, dp.tc_in, &r, TC_ACT_REDIRECT);
+        assert_eq!((back.src, back.sport), (ip(lb), FE_PORT), "reply {r:?}");
+        assert_eq!((back.dst, back.dport), (ip(client), 1234));
+        assert_eq!(back.ttl, 63);
+        assert_eq!(back.payload(), r.payload.as_slice());
+        sent += 2;
+    }
+    assert_eq!(dp.counter(CTR_EXT_FIB_REDIRECTED).expect("counter"), sent);
+    assert_eq!(dp.counter(CTR_EXT_FIB_TO_STACK).expect("counter"), 0);
+
+    // Hop limit 1 (IPv6: no header checksum to fix in the hand-edited frame): the
+    // stack forwards nothing with it, and sends the Time Exceeded itself.
+    let s = spec(TCP, CLIENT6, 1234, LB6, FE_PORT, ACK);
+    let mut frame = s.frame();
+    frame[14 + 7] = 1;
+    let (rc, raw) = run(&dp, dp.tc_in, &frame);
+    assert_eq!(rc, TC_ACT_OK, "hop limit 1 goes to the stack");
+    let out = parse(&raw).expect("output of the hop-limit-1 packet");
+    assert_eq!((out.dst, out.ttl), (ip(REMOTE6), 1));
+    assert_eq!(dp.counter(CTR_EXT_FIB_TO_STACK).expect("counter"), 1);
+    assert_eq!(dp.counter(CTR_EXT_FIB_REDIRECTED).expect("counter"), sent);
 }
