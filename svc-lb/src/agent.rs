@@ -94,12 +94,8 @@ impl External {
         if !devices.is_empty() {
             dp.ext_available()
                 .context("the external path needs the tc/XDP programs and maps (--devices)")?;
-            // Only XDP-translated SNAT packets still go through the stack's forwarding;
-            // tc sends its own out with a FIB lookup (svc-lb-ebpf's tc.rs).
-            if cfg.xdp {
-                for dev in &devices {
-                    accept_local(dev)?;
-                }
+            for dev in &devices {
+                accept_local(dev)?;
             }
             info!(devices = ?devices, xdp = cfg.xdp, "external path on");
         }
@@ -130,11 +126,13 @@ impl External {
     }
 }
 
-/// Sets `net.ipv4.conf.<dev>.accept_local=1` (with `--xdp` only). A packet that XDP
-/// SNATed (to a backend on another node) goes through the kernel's forwarding with this
-/// node's own address as source; without the setting the kernel drops it as a martian.
-/// tc does not need it: it sends SNAT-flow packets of both directions out itself
-/// (bpf_fib_lookup + bpf_redirect_neigh). IPv6 has no such check.
+/// Sets `net.ipv4.conf.<dev>.accept_local=1`. tc sends the packets of SNAT flows out
+/// itself (bpf_fib_lookup + bpf_redirect_neigh), but what the lookup cannot send (MTU
+/// exceeded, no neighbour path, TTL 1) and every packet XDP SNATs go through the
+/// kernel's forwarding with this node's own address as source, which the kernel drops
+/// as a martian without the setting. Kept on so that those packets get the stack's
+/// answer (forwarding, fragmentation-needed, time-exceeded) instead of vanishing. IPv6
+/// has no such check.
 fn accept_local(dev: &str) -> Result<()> {
     let path = format!("/proc/sys/net/ipv4/conf/{dev}/accept_local");
     let now = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;

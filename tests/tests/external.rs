@@ -255,6 +255,21 @@ fn cluster_nodeport(xdp: bool) {
                 "UDP replies must come from {target}: {:?}",
                 r.reply_sources
             );
+            // The SNAT flows (to the other node's pod) left through the FIB lookup and
+            // bpf_redirect_neigh, not through the kernel's forwarding (tc ingress sends the
+            // translated replies that way in XDP mode too).
+            let fib = |name: &str| {
+                lab.node_metric(
+                    entry,
+                    &format!(r#"svclb_datapath_events_total{{hook="ext",name="{name}"}}"#),
+                )
+            };
+            let (sent, to_stack) = (fib("fib_redirected")?, fib("fib_to_stack")?);
+            ensure!(
+                sent > 0 && (xdp || to_stack == 0),
+                "{}: fib_redirected {sent}, fib_to_stack {to_stack}",
+                entry.name()
+            );
         }
         Ok(())
     });
