@@ -30,12 +30,15 @@ use svc_lb_common::{
     MAP_NODE_ADDR, MAP_SRC_RANGE4, MAP_SRC_RANGE6, MaglevTable, NodeAddrKey, PROTO_TCP, PROTO_UDP,
     SCOPE_EXTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY,
     SVC_FLAG_EXT_LOCAL, SVC_FLAG_SRC_RANGES, SrcRange4Key, SrcRange6Key, Stickiness, SvcValue,
-    choose_external, lookup::affinity_fresh, maglev::flow_hash,
+    choose_external, maglev::flow_hash,
 };
 
 use super::{
     names,
-    trace::{MAX_LISTED, TraceCandidate, TraceMaps, TraceStep, candidate, counter_name},
+    trace::{
+        AffinityWords, MAX_LISTED, TraceAffinityEntry, TraceCandidate, TraceMaps, TraceStep,
+        affinity_entry, affinity_text, candidate, counter_name,
+    },
 };
 use crate::{
     datapath::{
@@ -338,16 +341,8 @@ pub struct ExtTraceSourceRanges {
 #[derive(Serialize, Debug, Clone, PartialEq)]
 pub struct ExtTraceAffinity {
     /// The client's entry (keyed by its source address and the frontend), if any.
-    pub entry: Option<ExtTraceAffinityEntry>,
+    pub entry: Option<TraceAffinityEntry>,
     pub used: bool,
-}
-
-#[derive(Serialize, Debug, Clone, PartialEq)]
-pub struct ExtTraceAffinityEntry {
-    pub backend_id: u32,
-    pub age_seconds: f64,
-    pub fresh: bool,
-    pub member: bool,
 }
 
 #[derive(Serialize, Debug, Clone, PartialEq, Eq)]
@@ -1313,44 +1308,26 @@ fn affinity_step(
 ) -> Result<(TraceStep, ExtTraceAffinity)> {
     let used = matches!(sticky, Stickiness::Remembered { .. });
     let entry = match maps.affinity_ext(&key)? {
-        Some(v) => Some(ExtTraceAffinityEntry {
-            backend_id: v.backend_id,
-            age_seconds: req.now_ns.saturating_sub(v.last_used_ns) as f64 / 1e9,
-            fresh: affinity_fresh(&v, req.now_ns, master.affinity_timeout_s),
-            member: maps.affinity_member(v.backend_id, master.rev_nat_id)?,
-        }),
+        Some(v) => Some(affinity_entry(
+            &v,
+            req.now_ns,
+            master,
+            maps.affinity_member(v.backend_id, master.rev_nat_id)?,
+        )),
         None => None,
     };
     let who = format!("client {}", req.from.ip());
-    let (result, details) = match &entry {
-        None => (
-            format!("no entry for {who}"),
-            vec!["its first flow: Maglev chooses, and the choice is remembered".to_owned()],
-        ),
-        Some(e) => {
-            let why = if used {
-                "used".to_owned()
-            } else if !e.fresh {
-                format!(
-                    "expired (timeout {}s): Maglev chooses anew",
-                    master.affinity_timeout_s
-                )
-            } else if !e.member {
-                "its backend left the Service: Maglev chooses anew".to_owned()
-            } else {
-                "its backend entry is missing: Maglev chooses anew".to_owned()
-            };
-            (
-                format!("{who} → backend {}: {why}", e.backend_id),
-                vec![format!(
-                    "last flow {:.1}s ago, timeout {}s; backend still in the Service: {}",
-                    e.age_seconds,
-                    master.affinity_timeout_s,
-                    if e.member { "yes" } else { "no" }
-                )],
-            )
-        }
-    };
+    let (result, details) = affinity_text(
+        &who,
+        entry.as_ref(),
+        used,
+        master.affinity_timeout_s,
+        AffinityWords {
+            first: "its first flow: Maglev chooses, and the choice is remembered",
+            anew: "Maglev chooses anew",
+            unit: "flow",
+        },
+    );
     Ok((
         TraceStep {
             step: "affinity",

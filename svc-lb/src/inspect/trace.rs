@@ -655,43 +655,25 @@ fn affinity_step(
     };
     let who = format!("client netns cookie {} ({})", client.cookie, client.label);
     let entry = match maps.affinity(&key)? {
-        Some(v) => Some(TraceAffinityEntry {
-            backend_id: v.backend_id,
-            age_seconds: req.now_ns.saturating_sub(v.last_used_ns) as f64 / 1e9,
-            fresh: affinity_fresh(&v, req.now_ns, master.affinity_timeout_s),
-            member: maps.affinity_member(v.backend_id, master.rev_nat_id)?,
-        }),
+        Some(v) => Some(affinity_entry(
+            &v,
+            req.now_ns,
+            master,
+            maps.affinity_member(v.backend_id, master.rev_nat_id)?,
+        )),
         None => None,
     };
-    let (result, details) = match &entry {
-        None => (
-            format!("no entry for {who}"),
-            vec!["a first connection: the backend is drawn at random and remembered".to_owned()],
-        ),
-        Some(e) => {
-            let why = if used {
-                "used".to_owned()
-            } else if !e.fresh {
-                format!(
-                    "expired (timeout {}s): a new backend is drawn and remembered",
-                    master.affinity_timeout_s
-                )
-            } else if !e.member {
-                "its backend left the Service: a new backend is drawn and remembered".to_owned()
-            } else {
-                "its backend entry is missing: a new backend is drawn and remembered".to_owned()
-            };
-            (
-                format!("{who} → backend {}: {why}", e.backend_id),
-                vec![format!(
-                    "last connection {:.1}s ago, timeout {}s; backend still in the Service: {}",
-                    e.age_seconds,
-                    master.affinity_timeout_s,
-                    if e.member { "yes" } else { "no" }
-                )],
-            )
-        }
-    };
+    let (result, details) = affinity_text(
+        &who,
+        entry.as_ref(),
+        used,
+        master.affinity_timeout_s,
+        AffinityWords {
+            first: "a first connection: the backend is drawn at random and remembered",
+            anew: "a new backend is drawn and remembered",
+            unit: "connection",
+        },
+    );
     Ok((
         TraceStep {
             step: "affinity",
@@ -705,6 +687,63 @@ fn affinity_step(
             used,
         },
     ))
+}
+
+/// An affinity entry as a trace shows it.
+pub(super) fn affinity_entry(
+    v: &AffinityValue,
+    now_ns: u64,
+    master: &SvcValue,
+    member: bool,
+) -> TraceAffinityEntry {
+    TraceAffinityEntry {
+        backend_id: v.backend_id,
+        age_seconds: now_ns.saturating_sub(v.last_used_ns) as f64 / 1e9,
+        fresh: affinity_fresh(v, now_ns, master.affinity_timeout_s),
+        member,
+    }
+}
+
+/// How the socket and the external trace word the affinity step.
+pub(super) struct AffinityWords {
+    /// Without an entry.
+    pub first: &'static str,
+    /// What happens when the entry cannot be used.
+    pub anew: &'static str,
+    /// One new connection (socket) or flow (external).
+    pub unit: &'static str,
+}
+
+/// The affinity step's result and details for `who`, shared by both traces.
+pub(super) fn affinity_text(
+    who: &str,
+    entry: Option<&TraceAffinityEntry>,
+    used: bool,
+    timeout_s: u32,
+    words: AffinityWords,
+) -> (String, Vec<String>) {
+    let Some(e) = entry else {
+        return (format!("no entry for {who}"), vec![words.first.to_owned()]);
+    };
+    let anew = words.anew;
+    let why = if used {
+        "used".to_owned()
+    } else if !e.fresh {
+        format!("expired (timeout {timeout_s}s): {anew}")
+    } else if !e.member {
+        format!("its backend left the Service: {anew}")
+    } else {
+        format!("its backend entry is missing: {anew}")
+    };
+    (
+        format!("{who} → backend {}: {why}", e.backend_id),
+        vec![format!(
+            "last {} {:.1}s ago, timeout {timeout_s}s; backend still in the Service: {}",
+            words.unit,
+            e.age_seconds,
+            if e.member { "yes" } else { "no" }
+        )],
+    )
 }
 
 fn selection_step(master: &SvcValue, random: u32, slot: u16, backend_id: u32) -> TraceStep {
