@@ -1,8 +1,8 @@
-//! Which socket programs are attached to a cgroup, asked of the kernel directly
-//! (BPF_PROG_QUERY). bpftool answers the same question but takes milliseconds to start;
+//! Which programs are attached to a cgroup or a device's TCX hooks, asked of the kernel
+//! directly (BPF_PROG_QUERY). bpftool answers the same question but takes milliseconds to start;
 //! this takes microseconds, which matters when a test checks the state at the exact
 //! moment the agent claims to be ready.
-use std::{fs::File, os::fd::AsRawFd, path::Path};
+use std::{collections::BTreeMap, fs::File, os::fd::AsRawFd, path::Path};
 
 use anyhow::{Context, Result};
 
@@ -24,6 +24,7 @@ pub const SOCK_ATTACH_TYPES: [(u32, &str); 8] = [
 #[repr(C)]
 #[derive(Default)]
 struct QueryAttr {
+    /// A cgroup's fd, or a device's interface index for TCX (a union in the kernel).
     target_fd: u32,
     attach_type: u32,
     query_flags: u32,
@@ -47,21 +48,55 @@ pub fn sock_program_counts(cgroup: &Path) -> Result<Vec<(&'static str, u32)>> {
             attach_type,
             ..Default::default()
         };
-        // SAFETY: attr is a valid, fully initialised bpf_attr prefix of the size we
-        // pass; with prog_ids = 0 the kernel only writes prog_cnt and attach_flags back.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_QUERY,
-                &mut attr as *mut QueryAttr,
-                std::mem::size_of::<QueryAttr>() as libc::c_uint,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("BPF_PROG_QUERY {name} on {}", cgroup.display()));
-        }
+        query(&mut attr)
+            .with_context(|| format!("BPF_PROG_QUERY {name} on {}", cgroup.display()))?;
         out.push((name, attr.prog_cnt));
     }
     Ok(out)
+}
+
+/// `(link id, program id)` of every program at the TCX ingress and egress hooks of
+/// interface `ifindex` (of the calling thread's namespace), keyed `tcx_ingress` /
+/// `tcx_egress` like `svc-lb status`.
+pub fn tcx_programs(ifindex: u32) -> Result<BTreeMap<String, Vec<(u64, u64)>>> {
+    let mut out = BTreeMap::new();
+    for (attach_type, hook) in [(46u32, "tcx_ingress"), (47, "tcx_egress")] {
+        let mut progs = [0u32; 8];
+        let mut links = [0u32; 8];
+        let mut attr = QueryAttr {
+            target_fd: ifindex,
+            attach_type,
+            prog_ids: progs.as_mut_ptr() as u64,
+            prog_cnt: progs.len() as u32,
+            link_ids: links.as_mut_ptr() as u64,
+            ..Default::default()
+        };
+        query(&mut attr).with_context(|| format!("BPF_PROG_QUERY {hook} on ifindex {ifindex}"))?;
+        let cnt = (attr.prog_cnt as usize).min(progs.len());
+        out.insert(
+            hook.to_owned(),
+            (0..cnt)
+                .map(|i| (u64::from(links[i]), u64::from(progs[i])))
+                .collect(),
+        );
+    }
+    Ok(out)
+}
+
+fn query(attr: &mut QueryAttr) -> std::io::Result<()> {
+    // SAFETY: attr is a fully initialised bpf_attr prefix of the size passed; the kernel
+    // writes prog_cnt and attach_flags back, and at most prog_cnt ids into the id arrays
+    // the caller set (which outlive the call); with prog_ids = 0 it writes no ids.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            attr as *mut QueryAttr,
+            std::mem::size_of::<QueryAttr>() as libc::c_uint,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -25,6 +25,7 @@ use serde_json::{Value, json};
 use svc_lb_tests::{
     ClientReport, Proto,
     agent::AgentConfig,
+    bpfquery::tcx_programs,
     checks::{addr_words, all_ok, backends_are, maglev_table, unix_ms},
     cmd,
     manifests::{Endpoint, EndpointSlice, Protocol, Service, TargetPort, yaml_docs},
@@ -708,29 +709,10 @@ fn kernel_xdp(lab: &TwoNodeLab, n: Node, dev: &str) -> Result<Vec<Value>> {
     Ok(v[0]["xdp"].as_array().cloned().unwrap_or_default())
 }
 
-/// The `query` member of `union bpf_attr` (as in `tests/src/bpfquery.rs`), for a TCX
-/// attach point: `target` is the interface index.
-#[repr(C)]
-#[derive(Default)]
-struct TcxQueryAttr {
-    target: u32,
-    attach_type: u32,
-    query_flags: u32,
-    attach_flags: u32,
-    prog_ids: u64,
-    prog_cnt: u32,
-    _pad: u32,
-    prog_attach_flags: u64,
-    link_ids: u64,
-    link_attach_flags: u64,
-    revision: u64,
-}
-
 /// The kernel's own view of device `dev` in node `n`'s namespace (BPF_PROG_QUERY, not
 /// the agent's pins): `(link id, program id)` of every program at its TCX ingress and
 /// egress hooks, keyed `tcx_ingress` / `tcx_egress` like `svc-lb status`.
 fn kernel_tcx(lab: &TwoNodeLab, n: Node, dev: &str) -> Result<BTreeMap<String, Vec<(u64, u64)>>> {
-    const BPF_PROG_QUERY: libc::c_long = 16;
     let ns = lab.net.node(n).name().to_owned();
     let dev = dev.to_owned();
     netns::in_netns(&ns, move || {
@@ -738,42 +720,7 @@ fn kernel_tcx(lab: &TwoNodeLab, n: Node, dev: &str) -> Result<BTreeMap<String, V
         // SAFETY: a NUL-terminated name; the call only reads it.
         let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
         ensure!(ifindex != 0, "no device {dev} in this namespace");
-        let mut out = BTreeMap::new();
-        for (attach_type, hook) in [(46u32, "tcx_ingress"), (47, "tcx_egress")] {
-            let mut progs = [0u32; 8];
-            let mut links = [0u32; 8];
-            let mut attr = TcxQueryAttr {
-                target: ifindex,
-                attach_type,
-                prog_ids: progs.as_mut_ptr() as u64,
-                prog_cnt: progs.len() as u32,
-                link_ids: links.as_mut_ptr() as u64,
-                ..Default::default()
-            };
-            // SAFETY: attr is a fully initialised bpf_attr prefix of the size passed;
-            // the kernel writes at most prog_cnt ids into each of the two arrays, which
-            // live until the call returns.
-            let rc = unsafe {
-                libc::syscall(
-                    libc::SYS_bpf,
-                    BPF_PROG_QUERY,
-                    &mut attr as *mut TcxQueryAttr,
-                    std::mem::size_of::<TcxQueryAttr>() as libc::c_uint,
-                )
-            };
-            if rc != 0 {
-                return Err(std::io::Error::last_os_error())
-                    .with_context(|| format!("BPF_PROG_QUERY {hook} on {dev}"));
-            }
-            let cnt = (attr.prog_cnt as usize).min(progs.len());
-            out.insert(
-                hook.to_owned(),
-                (0..cnt)
-                    .map(|i| (u64::from(links[i]), u64::from(progs[i])))
-                    .collect(),
-            );
-        }
-        Ok(out)
+        tcx_programs(ifindex).with_context(|| format!("TCX programs of {dev}"))
     })
 }
 
