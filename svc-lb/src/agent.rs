@@ -14,7 +14,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    datapath::{MapStore, apply::apply_plan, bpf::BpfDatapath, devices},
+    datapath::{MapStore, apply::apply_plan, bpf::BpfDatapath, devices, sockterm},
     model::{self, NodeInfo, Objects},
     plan::{self, CurrentState},
     source::{self, Snapshot, manifests},
@@ -44,6 +44,8 @@ pub struct AgentConfig {
     pub maglev_size: u32,
     /// `--conntrack-max`: entries of the external path's conntrack map.
     pub conntrack_max: u32,
+    /// `--destroy-tcp`: also destroy TCP sockets connected to removed backends.
+    pub destroy_tcp: bool,
 }
 
 impl AgentConfig {
@@ -201,6 +203,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     if cfg.bpf_log {
         spawn_bpf_log(&mut dp)?;
     }
+    let sockterm = start_sockterm(&cfg)?;
     crate::status::update(|st| {
         st.source = match &cfg.manifests {
             Some(dir) => format!("manifests {}", dir.display()),
@@ -282,7 +285,18 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         {
             node.addresses = addrs.clone();
         }
-        let result = sync(&mut dp, &mut current, &snap, &node, &mut reported);
+        let mut stopped = Vec::new();
+        let result = sync(
+            &mut dp,
+            &mut current,
+            &snap,
+            &node,
+            &mut reported,
+            &mut stopped,
+        );
+        // Whatever part of the plan reached the maps: sockets pinned to backends it
+        // removed are ended now, off this thread.
+        sockterm.submit(stopped);
         crate::status::update(|st| {
             st.problems = reported
                 .iter()
@@ -369,6 +383,24 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     }
 }
 
+/// Probes whether sockets can be destroyed here and starts the terminator thread (see
+/// [`sockterm`]); where the kernel refuses, one warning and nothing more.
+fn start_sockterm(cfg: &AgentConfig) -> Result<sockterm::Terminator> {
+    let (mode, why) = sockterm::probe();
+    match (mode, why) {
+        (sockterm::SockTermMode::Off, Some(why)) => warn!(
+            reason = %why,
+            "socket termination unavailable (needs CONFIG_INET_DIAG_DESTROY and CAP_NET_ADMIN): connected UDP sockets keep talking to removed backends until their applications reconnect"
+        ),
+        (mode, _) => info!(mode = ?mode, destroy_tcp = cfg.destroy_tcp, "socket termination on"),
+    }
+    sockterm::Terminator::start(sockterm::SockTermConfig {
+        bpffs: cfg.bpffs.clone(),
+        mode,
+        destroy_tcp: cfg.destroy_tcp,
+    })
+}
+
 /// Serves metrics and status in the background. A metrics address that cannot be
 /// bound is logged, not fatal: the datapath matters more than its metrics.
 async fn spawn_metrics(addr: std::net::SocketAddr, bpffs: PathBuf) {
@@ -451,13 +483,15 @@ pub struct SyncReport {
 
 /// One pass: model, plan, apply. Returns an error only when applying failed; a first
 /// sync that fails still lets the programs attach, since the maps hold a consistent
-/// (if older) state.
+/// (if older) state. `stopped` receives the (frontend, backend) pairs that the applied
+/// part of the plan made unusable, even when it failed half way.
 pub fn sync(
     dp: &mut dyn MapStore,
     current: &mut CurrentState,
     snap: &Snapshot,
     node: &NodeInfo,
     reported: &mut BTreeSet<String>,
+    stopped: &mut Vec<sockterm::Stopped>,
 ) -> Result<SyncReport> {
     let started = Instant::now();
     let mut now = BTreeSet::new();
@@ -512,9 +546,13 @@ pub fn sync(
     for op in &plan.ops {
         after.apply(op);
     }
+    let mut leaving = sockterm::stopped(current, &after);
     dp.affinity_prepare(current, &after)
         .context("session affinity: drop leaving backends")?;
-    let ops = apply_plan(dp, current, &plan)?;
+    let applied = apply_plan(dp, current, &plan);
+    sockterm::retain_unusable(&mut leaving, current);
+    *stopped = leaving;
+    let ops = applied?;
     dp.affinity_commit(current)
         .context("session affinity: add new backends")?;
     dp.sync_meta(current, &desired)

@@ -100,6 +100,11 @@ pub enum Command {
         /// another size that holds flows is kept until `svc-lb cleanup`.
         #[arg(long, default_value_t = svc_lb_common::CT_MAP_MAX, value_parser = parse_conntrack_max, value_name = "N")]
         conntrack_max: u32,
+        /// Also destroy TCP sockets connected through a Service to a backend that
+        /// stopped being usable for it (connected UDP sockets always are). Off by
+        /// default: TCP has its own end-to-end signalling.
+        #[arg(long)]
+        destroy_tcp: bool,
     },
     /// Show every programmed frontend with its Service, flags and backends, from the
     /// pinned maps (works whether or not the agent runs).
@@ -288,6 +293,7 @@ pub fn run(cli: Cli) -> Result<()> {
             xdp,
             maglev_table_size,
             conntrack_max,
+            destroy_tcp,
         } => {
             let cgroup = match cgroup {
                 Some(c) => c,
@@ -316,6 +322,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 xdp,
                 maglev_size: maglev_table_size,
                 conntrack_max,
+                destroy_tcp,
             }))
         }
         Command::List {

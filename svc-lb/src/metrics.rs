@@ -61,6 +61,7 @@ struct AgentMetrics {
     skipped: Family<Labels, Gauge>,
     healthcheck_bind_errors: Counter,
     healthcheck_ports: Gauge,
+    sockets_destroyed: Family<Labels, Counter>,
 }
 
 fn agent() -> &'static AgentMetrics {
@@ -77,6 +78,14 @@ fn agent() -> &'static AgentMetrics {
         skipped: Family::default(),
         healthcheck_bind_errors: Counter::default(),
         healthcheck_ports: Gauge::default(),
+        sockets_destroyed: {
+            // Both series exist from the start, so "none destroyed" reads as 0.
+            let f = Family::<Labels, Counter>::default();
+            for proto in ["udp", "tcp"] {
+                let _ = f.get_or_create(&vec![("proto", proto.to_owned())]);
+            }
+            f
+        },
     })
 }
 
@@ -132,6 +141,15 @@ pub fn set_healthcheck_ports(n: usize) {
     agent()
         .healthcheck_ports
         .set(i64::try_from(n).unwrap_or(i64::MAX));
+}
+
+/// Sockets destroyed because their backend left the Service (see
+/// [`crate::datapath::sockterm`]); `proto` is "udp" or "tcp".
+pub fn sockets_destroyed(proto: &str, n: u64) {
+    agent()
+        .sockets_destroyed
+        .get_or_create(&vec![("proto", proto.to_owned())])
+        .inc_by(n);
 }
 
 /// What one scrape read from bpffs. Reading happens before encoding, on a blocking
@@ -595,6 +613,11 @@ pub fn render(data: ScrapeData) -> Result<String> {
         "svclb_healthcheck_node_ports",
         "healthCheckNodePorts served by this agent",
         m.healthcheck_ports.clone(),
+    );
+    reg.register(
+        "svclb_sockets_destroyed",
+        "Sockets the agent destroyed because the backend they were connected to through a Service stopped being usable for it, by protocol",
+        m.sockets_destroyed.clone(),
     );
     let build = Family::<Labels, Gauge>::default();
     build

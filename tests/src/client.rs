@@ -41,6 +41,8 @@ pub struct ClientArgs {
     #[arg(long, default_value_t = 1000)]
     pub timeout_ms: u64,
     /// UDP: send all datagrams from one socket (default: a new socket per attempt).
+    /// With udp-connected: one connected socket, replaced by a new one (connected
+    /// again) after a failed attempt, as a resolver does.
     #[arg(long)]
     pub one_socket: bool,
     /// Print the report as one JSON line.
@@ -137,6 +139,7 @@ pub fn run(args: &ClientArgs) -> Result<ClientReport> {
         bail!("--long-lived is for TCP only");
     }
     let mut session: Option<TcpStream> = None;
+    let mut connected_udp: Option<UdpSocket> = None;
     let mut broken = false;
     let start = Instant::now();
     loop {
@@ -173,6 +176,13 @@ pub fn run(args: &ClientArgs) -> Result<ClientReport> {
                     .map_err(at("socket"))
                     .and_then(|s| udp_send_recv(&s, args.target)),
             },
+            Proto::UdpConnected if args.one_socket => {
+                let r = reused_connected_attempt(&mut connected_udp, args.target, timeout, sport);
+                if r.is_err() {
+                    connected_udp = None;
+                }
+                r
+            }
             Proto::UdpConnected => udp_connected_attempt(args.target, timeout, sport),
         };
         if args.timeline {
@@ -370,6 +380,31 @@ fn udp_connected_attempt(
 ) -> Result<Reply, Failure> {
     let s = udp_socket(target, timeout, sport).map_err(at("socket"))?;
     s.connect(target).map_err(at("connect"))?;
+    connected_send_recv(&s)
+}
+
+/// One attempt on the long-lived connected UDP socket, connecting it first if needed.
+fn reused_connected_attempt(
+    sock: &mut Option<UdpSocket>,
+    target: SocketAddr,
+    timeout: Duration,
+    sport: u16,
+) -> Result<Reply, Failure> {
+    if sock.is_none() {
+        let s = udp_socket(target, timeout, sport).map_err(at("socket"))?;
+        s.connect(target).map_err(at("connect"))?;
+        *sock = Some(s);
+    }
+    let Some(s) = sock.as_ref() else {
+        return Err(Failure {
+            step: "socket",
+            errno: "NONE".into(),
+        });
+    };
+    connected_send_recv(s)
+}
+
+fn connected_send_recv(s: &UdpSocket) -> Result<Reply, Failure> {
     s.send(b"?").map_err(at("send"))?;
     let mut buf = [0u8; 2048];
     let (n, from) = s.recv_from(&mut buf).map_err(at("recv"))?;

@@ -35,6 +35,7 @@ pub fn code_name(code: i32) -> String {
         libc::ENETDOWN => "ENETDOWN",
         libc::ENETUNREACH => "ENETUNREACH",
         libc::ECONNABORTED => "ECONNABORTED",
+        libc::EDESTADDRREQ => "EDESTADDRREQ",
         libc::ECONNRESET => "ECONNRESET",
         libc::ENOTCONN => "ENOTCONN",
         libc::ETIMEDOUT => "ETIMEDOUT",
