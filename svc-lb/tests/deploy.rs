@@ -151,6 +151,8 @@ fn daemonset_runs_the_agent_as_a_node_critical_host_agent() {
     let ds: DaemonSet = one("daemonset.yaml", "DaemonSet");
     let pod = ds.spec.template.spec.clone().expect("a pod spec");
     assert_eq!(pod.host_network, Some(true));
+    // Socket termination reaches the pods' network namespaces through /proc.
+    assert_eq!(pod.host_pid, Some(true));
     assert_eq!(
         pod.priority_class_name.as_deref(),
         Some("system-node-critical")
