@@ -34,6 +34,7 @@ pub mod errno;
 pub mod fakeapi;
 pub mod lab;
 pub mod manifests;
+pub mod metrics;
 pub mod names;
 pub mod netns;
 pub mod procs;

@@ -12,8 +12,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::{Read, Write},
-    net::{IpAddr, SocketAddr, TcpStream},
+    net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
@@ -21,9 +20,10 @@ use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use svc_lb_tests::{
     Bins, ClientReport, Lab, Proto,
-    agent::{Agent, AgentConfig},
+    agent::Agent,
     lab::isolated,
     manifests::{EndpointSlice, Protocol, Service, TargetPort, yaml_docs},
+    metrics::{scrape_one, start_agent},
     report::TimelineEntry,
 };
 
@@ -69,25 +69,6 @@ fn service(backend: IpAddr) -> String {
     yaml_docs(&[svc.to_value(), slice.to_value()])
 }
 
-/// Starts the agent with JSON logs, metrics on a free port and `extra` flags.
-fn start_agent(lab: &Lab, tag: &str, extra: &[&str]) -> Result<Agent> {
-    let mut extra_args: Vec<String> = ["--log-format", "json", "--metrics-addr", "127.0.0.1:0"]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
-    extra_args.extend(extra.iter().map(|s| (*s).to_owned()));
-    let mut agent = Agent::start(AgentConfig {
-        bin: lab.bins.svc_lb.clone(),
-        manifests: lab.manifests_dir(),
-        bpffs: lab.bpffs().to_path_buf(),
-        cgroup: lab.cgroup().to_path_buf(),
-        log_file: lab.dir().join(format!("agent-{tag}.log")),
-        extra_args,
-    })?;
-    agent.wait_applied(1, Duration::from_secs(30))?;
-    Ok(agent)
-}
-
 fn json_lines(agent: &Agent) -> Vec<Value> {
     agent
         .log_lines()
@@ -104,34 +85,14 @@ fn logged(agent: &Agent, msg: &str) -> Vec<Value> {
         .collect()
 }
 
-fn metrics_addr(agent: &Agent) -> Result<SocketAddr> {
-    let line = logged(agent, "serving /metrics and /status")
-        .into_iter()
-        .next()
-        .with_context(|| format!("no metrics address logged:\n{}", agent.log_text()))?;
-    line["fields"]["addr"]
-        .as_str()
-        .context("addr field")?
-        .parse()
-        .context("parse the metrics address")
-}
-
-/// The value of one series of /metrics.
-fn metric(addr: SocketAddr, series: &str) -> Result<f64> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .with_context(|| format!("connect to {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf)?;
-    let body = buf.split_once("\r\n\r\n").context("malformed answer")?.1;
-    body.lines()
-        .filter_map(|l| l.rsplit_once(' '))
-        .find(|(name, _)| *name == series)
-        .with_context(|| format!("no series {series} in:\n{body}"))?
-        .1
-        .parse()
-        .context("parse the value")
+/// Both counters of destroyed sockets are exactly what the test expects.
+fn expect_destroyed(agent: &Agent, udp: f64, tcp: f64) -> Result<()> {
+    for (proto, want) in [("udp", udp), ("tcp", tcp)] {
+        let series = format!("svclb_sockets_destroyed_total{{proto=\"{proto}\"}}");
+        let got = scrape_one(agent, &series)?;
+        ensure!(got == want, "{series} is {got}, expected {want}");
+    }
+    Ok(())
 }
 
 /// Unix milliseconds of an RFC 3339 UTC timestamp as tracing prints it
@@ -358,7 +319,6 @@ fn connected_udp_to_a_removed_backend_is_destroyed_and_nothing_else() {
         serve(lab)?;
         lab.write_manifest("dns.yaml", &service(lab.topo.backend("a").addr(false)))?;
         let mut agent = start_agent(lab, "default", &[])?;
-        let metrics = metrics_addr(&agent)?;
         ensure!(
             !logged(&agent, "socket termination on").is_empty(),
             "the agent did not turn socket termination on:\n{}",
@@ -376,14 +336,7 @@ fn connected_udp_to_a_removed_backend_is_destroyed_and_nothing_else() {
         check_untouched("TCP (no --destroy-tcp)", &reports["tcp"], &["a"])?;
         let destroyed = logged(&agent, "sockets to removed backends destroyed");
         eprintln!("terminator: {destroyed:?}");
-        ensure!(
-            metric(metrics, "svclb_sockets_destroyed_total{proto=\"udp\"}")? == 1.0,
-            "udp counter"
-        );
-        ensure!(
-            metric(metrics, "svclb_sockets_destroyed_total{proto=\"tcp\"}")? == 0.0,
-            "tcp counter"
-        );
+        expect_destroyed(&agent, 1.0, 0.0)?;
         Ok(())
     });
 }
@@ -397,7 +350,6 @@ fn destroy_tcp_also_ends_tcp_connections() {
         serve(lab)?;
         lab.write_manifest("dns.yaml", &service(lab.topo.backend("a").addr(false)))?;
         let mut agent = start_agent(lab, "tcp", &["--destroy-tcp"])?;
-        let metrics = metrics_addr(&agent)?;
         let run = spawn_clients(lab)?;
         let applied = swap_backend(lab, &mut agent)?;
         let reports = wait_all(run)?;
@@ -439,14 +391,7 @@ fn destroy_tcp_also_ends_tcp_connections() {
             "new TCP connections: {}",
             fresh.summary()
         );
-        ensure!(
-            metric(metrics, "svclb_sockets_destroyed_total{proto=\"udp\"}")? == 1.0,
-            "udp counter"
-        );
-        ensure!(
-            metric(metrics, "svclb_sockets_destroyed_total{proto=\"tcp\"}")? == 1.0,
-            "tcp counter"
-        );
+        expect_destroyed(&agent, 1.0, 1.0)?;
         Ok(())
     });
 }
@@ -460,7 +405,6 @@ fn removing_the_service_ends_its_connected_udp_sockets() {
         lab.serve("a", "a", &[], &[SocketAddr::new(a, UDP_TARGET)])?;
         lab.write_manifest("dns.yaml", &service(a))?;
         let mut agent = start_agent(lab, "remove", &[])?;
-        let metrics = metrics_addr(&agent)?;
         let mut o = lab.client(SocketAddr::new(VIP.parse()?, DNS_PORT), Proto::UdpConnected);
         o.count = 0;
         o.duration = Some(Duration::from_millis(3000));
@@ -496,10 +440,7 @@ fn removing_the_service_ends_its_connected_udp_sockets() {
             "{:?}",
             r.failure_samples
         );
-        ensure!(
-            metric(metrics, "svclb_sockets_destroyed_total{proto=\"udp\"}")? == 1.0,
-            "udp counter"
-        );
+        expect_destroyed(&agent, 1.0, 0.0)?;
         Ok(())
     });
 }
