@@ -29,6 +29,8 @@ use svc_lb_tests::{
 
 const NS: &str = "sockterm";
 const VIP: &str = "10.96.60.10";
+/// The Service's IPv6 cluster IP (dual-stack).
+const VIP6: &str = "fd00:96::60";
 const DNS_PORT: u16 = 53;
 const UDP_TARGET: u16 = 5353;
 const HTTP_PORT: u16 = 80;
@@ -47,26 +49,35 @@ fn e2e(ids: &[&str], body: impl FnOnce(&mut Lab) -> Result<()>) {
     });
 }
 
-/// The Service (UDP 53 → 5353 and TCP 80 → 8080) with one ready endpoint.
-fn service(backend: IpAddr) -> String {
-    let svc = Service::new(NS, "dns", &[VIP.parse().expect("VIP")])
-        .port(
-            "dns",
-            DNS_PORT,
-            TargetPort::Number(UDP_TARGET),
-            Protocol::Udp,
-        )
-        .port(
-            "http",
-            HTTP_PORT,
-            TargetPort::Number(TCP_TARGET),
-            Protocol::Tcp,
-        );
-    let slice = EndpointSlice::new(NS, "dns", "x1", false)
-        .port("dns", UDP_TARGET, Protocol::Udp)
-        .port("http", TCP_TARGET, Protocol::Tcp)
-        .ready_endpoints(&[backend]);
-    yaml_docs(&[svc.to_value(), slice.to_value()])
+/// The dual-stack Service (UDP 53 → 5353 and TCP 80 → 8080) whose one ready endpoint
+/// is lab backend `id`, on both families.
+fn service(lab: &Lab, id: &str) -> String {
+    let host = lab.topo.backend(id);
+    let svc = Service::new(
+        NS,
+        "dns",
+        &[VIP.parse().expect("VIP"), VIP6.parse().expect("VIP6")],
+    )
+    .port(
+        "dns",
+        DNS_PORT,
+        TargetPort::Number(UDP_TARGET),
+        Protocol::Udp,
+    )
+    .port(
+        "http",
+        HTTP_PORT,
+        TargetPort::Number(TCP_TARGET),
+        Protocol::Tcp,
+    );
+    let slice = |suffix: &str, v6: bool| {
+        EndpointSlice::new(NS, "dns", suffix, v6)
+            .port("dns", UDP_TARGET, Protocol::Udp)
+            .port("http", TCP_TARGET, Protocol::Tcp)
+            .ready_endpoints(&[host.addr(v6)])
+            .to_value()
+    };
+    yaml_docs(&[svc.to_value(), slice("x4", false), slice("x6", true)])
 }
 
 fn json_lines(agent: &Agent) -> Vec<Value> {
@@ -138,6 +149,8 @@ fn applied_at(agent: &Agent, n: usize) -> Result<u64> {
 struct Run {
     /// Connected UDP through the Service, one socket, reconnecting after a failure.
     via_service: svc_lb_tests::procs::ClientRun,
+    /// The same over IPv6 (the socket programs' IPv6 reverse-NAT map).
+    via_service6: svc_lb_tests::procs::ClientRun,
     /// Unconnected UDP through the Service, one socket.
     unconnected: svc_lb_tests::procs::ClientRun,
     /// Connected UDP straight to the old backend's address.
@@ -165,9 +178,15 @@ fn spawn_clients(lab: &Lab) -> Result<Run> {
     let mut tcp = opts(SocketAddr::new(vip, HTTP_PORT), Proto::Tcp, 50);
     tcp.one_socket = false;
     tcp.long_lived = true;
+    let vip6: IpAddr = VIP6.parse()?;
     Ok(Run {
         via_service: lab.spawn_client(&opts(
             SocketAddr::new(vip, DNS_PORT),
+            Proto::UdpConnected,
+            20,
+        ))?,
+        via_service6: lab.spawn_client(&opts(
+            SocketAddr::new(vip6, DNS_PORT),
             Proto::UdpConnected,
             20,
         ))?,
@@ -181,15 +200,19 @@ fn spawn_clients(lab: &Lab) -> Result<Run> {
     })
 }
 
-/// Serves UDP and TCP on both backends, each answering with its id.
+/// Serves UDP and TCP on both backends and both families, each answering with its id.
 fn serve(lab: &mut Lab) -> Result<()> {
     for id in ["a", "b"] {
-        let addr = lab.topo.backend(id).addr(false);
+        let host = lab.topo.backend(id);
+        let (v4, v6) = (host.addr(false), host.addr(true));
         lab.serve(
             id,
             id,
-            &[SocketAddr::new(addr, TCP_TARGET)],
-            &[SocketAddr::new(addr, UDP_TARGET)],
+            &[SocketAddr::new(v4, TCP_TARGET)],
+            &[
+                SocketAddr::new(v4, UDP_TARGET),
+                SocketAddr::new(v6, UDP_TARGET),
+            ],
         )?;
     }
     Ok(())
@@ -200,7 +223,7 @@ fn serve(lab: &mut Lab) -> Result<()> {
 fn swap_backend(lab: &Lab, agent: &mut Agent) -> Result<u64> {
     std::thread::sleep(Duration::from_millis(1500));
     let before = agent.applied_count();
-    lab.write_manifest("dns.yaml", &service(lab.topo.backend("b").addr(false)))?;
+    lab.write_manifest("dns.yaml", &service(lab, "b"))?;
     agent.wait_applied(before + 1, Duration::from_secs(10))?;
     applied_at(agent, before + 1)
 }
@@ -303,6 +326,7 @@ fn check_untouched(name: &str, r: &ClientReport, ids: &[&str]) -> Result<()> {
 fn wait_all(run: Run) -> Result<BTreeMap<&'static str, ClientReport>> {
     Ok(BTreeMap::from([
         ("via_service", run.via_service.wait()?),
+        ("via_service6", run.via_service6.wait()?),
         ("unconnected", run.unconnected.wait()?),
         ("direct", run.direct.wait()?),
         ("tcp", run.tcp.wait()?),
@@ -317,7 +341,7 @@ fn wait_all(run: Run) -> Result<BTreeMap<&'static str, ClientReport>> {
 fn connected_udp_to_a_removed_backend_is_destroyed_and_nothing_else() {
     e2e(&["a", "b"], |lab| {
         serve(lab)?;
-        lab.write_manifest("dns.yaml", &service(lab.topo.backend("a").addr(false)))?;
+        lab.write_manifest("dns.yaml", &service(lab, "a"))?;
         let mut agent = start_agent(lab, "default", &[])?;
         ensure!(
             !logged(&agent, "socket termination on").is_empty(),
@@ -331,12 +355,13 @@ fn connected_udp_to_a_removed_backend_is_destroyed_and_nothing_else() {
             show(name, r, applied);
         }
         check_via_service(&reports["via_service"], applied)?;
+        check_via_service(&reports["via_service6"], applied)?;
         check_untouched("unconnected UDP", &reports["unconnected"], &["a", "b"])?;
         check_untouched("UDP connected to the backend", &reports["direct"], &["a"])?;
         check_untouched("TCP (no --destroy-tcp)", &reports["tcp"], &["a"])?;
         let destroyed = logged(&agent, "sockets to removed backends destroyed");
         eprintln!("terminator: {destroyed:?}");
-        expect_destroyed(&agent, 1.0, 0.0)?;
+        expect_destroyed(&agent, 2.0, 0.0)?;
         Ok(())
     });
 }
@@ -348,7 +373,7 @@ fn connected_udp_to_a_removed_backend_is_destroyed_and_nothing_else() {
 fn destroy_tcp_also_ends_tcp_connections() {
     e2e(&["a", "b"], |lab| {
         serve(lab)?;
-        lab.write_manifest("dns.yaml", &service(lab.topo.backend("a").addr(false)))?;
+        lab.write_manifest("dns.yaml", &service(lab, "a"))?;
         let mut agent = start_agent(lab, "tcp", &["--destroy-tcp"])?;
         let run = spawn_clients(lab)?;
         let applied = swap_backend(lab, &mut agent)?;
@@ -357,6 +382,7 @@ fn destroy_tcp_also_ends_tcp_connections() {
             show(name, r, applied);
         }
         check_via_service(&reports["via_service"], applied)?;
+        check_via_service(&reports["via_service6"], applied)?;
         check_untouched("unconnected UDP", &reports["unconnected"], &["a", "b"])?;
         check_untouched("UDP connected to the backend", &reports["direct"], &["a"])?;
         let tcp = &reports["tcp"];
@@ -391,7 +417,7 @@ fn destroy_tcp_also_ends_tcp_connections() {
             "new TCP connections: {}",
             fresh.summary()
         );
-        expect_destroyed(&agent, 1.0, 1.0)?;
+        expect_destroyed(&agent, 2.0, 1.0)?;
         Ok(())
     });
 }
@@ -403,7 +429,7 @@ fn removing_the_service_ends_its_connected_udp_sockets() {
     e2e(&["a"], |lab| {
         let a = lab.topo.backend("a").addr(false);
         lab.serve("a", "a", &[], &[SocketAddr::new(a, UDP_TARGET)])?;
-        lab.write_manifest("dns.yaml", &service(a))?;
+        lab.write_manifest("dns.yaml", &service(lab, "a"))?;
         let mut agent = start_agent(lab, "remove", &[])?;
         let mut o = lab.client(SocketAddr::new(VIP.parse()?, DNS_PORT), Proto::UdpConnected);
         o.count = 0;
