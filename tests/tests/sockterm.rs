@@ -333,6 +333,41 @@ fn wait_all(run: Run) -> Result<BTreeMap<&'static str, ClientReport>> {
     ]))
 }
 
+/// The scenario both swap tests share: the agent (with `extra` flags) and the clients
+/// run while backend a is swapped for b. Checks what holds with or without
+/// `--destroy-tcp` (the connected UDP sockets through the Service are destroyed, the
+/// unconnected and the direct ones are not) and returns the agent, the time the change
+/// was applied and every client's report.
+fn swap_run(
+    lab: &mut Lab,
+    tag: &str,
+    extra: &[&str],
+) -> Result<(Agent, u64, BTreeMap<&'static str, ClientReport>)> {
+    serve(lab)?;
+    lab.write_manifest("dns.yaml", &service(lab, "a"))?;
+    let mut agent = start_agent(lab, tag, extra)?;
+    ensure!(
+        !logged(&agent, "socket termination on").is_empty(),
+        "the agent did not turn socket termination on:\n{}",
+        agent.log_text()
+    );
+    let run = spawn_clients(lab)?;
+    let applied = swap_backend(lab, &mut agent)?;
+    let reports = wait_all(run)?;
+    for (name, r) in &reports {
+        show(name, r, applied);
+    }
+    eprintln!(
+        "terminator: {:?}",
+        logged(&agent, "sockets to removed backends destroyed")
+    );
+    check_via_service(&reports["via_service"], applied)?;
+    check_via_service(&reports["via_service6"], applied)?;
+    check_untouched("unconnected UDP", &reports["unconnected"], &["a", "b"])?;
+    check_untouched("UDP connected to the backend", &reports["direct"], &["a"])?;
+    Ok((agent, applied, reports))
+}
+
 /// The scenario with the default flags: a connected UDP socket through the
 /// Service is destroyed and reconnects to the new backend within the goal; an
 /// unconnected UDP socket to the same Service, a UDP socket connected straight to the
@@ -340,27 +375,8 @@ fn wait_all(run: Run) -> Result<BTreeMap<&'static str, ClientReport>> {
 #[test]
 fn connected_udp_to_a_removed_backend_is_destroyed_and_nothing_else() {
     e2e(&["a", "b"], |lab| {
-        serve(lab)?;
-        lab.write_manifest("dns.yaml", &service(lab, "a"))?;
-        let mut agent = start_agent(lab, "default", &[])?;
-        ensure!(
-            !logged(&agent, "socket termination on").is_empty(),
-            "the agent did not turn socket termination on:\n{}",
-            agent.log_text()
-        );
-        let run = spawn_clients(lab)?;
-        let applied = swap_backend(lab, &mut agent)?;
-        let reports = wait_all(run)?;
-        for (name, r) in &reports {
-            show(name, r, applied);
-        }
-        check_via_service(&reports["via_service"], applied)?;
-        check_via_service(&reports["via_service6"], applied)?;
-        check_untouched("unconnected UDP", &reports["unconnected"], &["a", "b"])?;
-        check_untouched("UDP connected to the backend", &reports["direct"], &["a"])?;
+        let (agent, _, reports) = swap_run(lab, "default", &[])?;
         check_untouched("TCP (no --destroy-tcp)", &reports["tcp"], &["a"])?;
-        let destroyed = logged(&agent, "sockets to removed backends destroyed");
-        eprintln!("terminator: {destroyed:?}");
         expect_destroyed(&agent, 2.0, 0.0)?;
         Ok(())
     });
@@ -372,19 +388,7 @@ fn connected_udp_to_a_removed_backend_is_destroyed_and_nothing_else() {
 #[test]
 fn destroy_tcp_also_ends_tcp_connections() {
     e2e(&["a", "b"], |lab| {
-        serve(lab)?;
-        lab.write_manifest("dns.yaml", &service(lab, "a"))?;
-        let mut agent = start_agent(lab, "tcp", &["--destroy-tcp"])?;
-        let run = spawn_clients(lab)?;
-        let applied = swap_backend(lab, &mut agent)?;
-        let reports = wait_all(run)?;
-        for (name, r) in &reports {
-            show(name, r, applied);
-        }
-        check_via_service(&reports["via_service"], applied)?;
-        check_via_service(&reports["via_service6"], applied)?;
-        check_untouched("unconnected UDP", &reports["unconnected"], &["a", "b"])?;
-        check_untouched("UDP connected to the backend", &reports["direct"], &["a"])?;
+        let (agent, applied, reports) = swap_run(lab, "tcp", &["--destroy-tcp"])?;
         let tcp = &reports["tcp"];
         ensure!(tcp.is_consistent(), "inconsistent report: {tcp:?}");
         let last_a = last_reply_from(tcp, "a").context("TCP never answered by a")?;
