@@ -13,6 +13,31 @@ use crate::{
     SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_SRC_RANGES, SvcValue, select_slot,
 };
 
+/// The third 32-bit word of an IPv4-mapped IPv6 address (`::ffff:0:0/96`) as it sits in
+/// an `addr_be` array: the bytes `00 00 ff ff` in network order.
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// The IPv4 address (network order) inside an IPv4-mapped IPv6 address, or `None`.
+///
+/// An AF_INET6 socket that is not `IPV6_V6ONLY` reaches IPv4 peers as `::ffff:a.b.c.d`
+/// (Java, .NET and Go dual-stack sockets do). The kernel runs the IPv6 socket hooks
+/// with that form, then sends IPv4 packets; so the socket programs look such a
+/// destination up in the IPv4 Service maps and write mapped addresses back.
+#[inline(always)]
+pub fn v4_mapped(addr_be: &[u32; 4]) -> Option<u32> {
+    if addr_be[0] == 0 && addr_be[1] == 0 && addr_be[2] == V4_MAPPED_WORD {
+        Some(addr_be[3])
+    } else {
+        None
+    }
+}
+
+/// `addr_be` (an IPv4 address in network order) as `::ffff:a.b.c.d`.
+#[inline(always)]
+pub fn to_v4_mapped(addr_be: u32) -> [u32; 4] {
+    [0, 0, V4_MAPPED_WORD, addr_be]
+}
+
 /// Whether (and how) a backend choice is tied to the client (session affinity).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stickiness {
@@ -423,6 +448,34 @@ mod tests {
             slot_backend,
             backend,
         )
+    }
+
+    #[test]
+    fn v4_mapped_only_matches_ffff_prefix() {
+        use core::net::{Ipv4Addr, Ipv6Addr};
+        let words = |a: Ipv6Addr| {
+            let o = a.octets();
+            core::array::from_fn::<u32, 4, _>(|i| {
+                u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+            })
+        };
+        let v4 = Ipv4Addr::new(10, 96, 0, 10);
+        let v4_be = u32::from_ne_bytes(v4.octets());
+        let mapped = words(v4.to_ipv6_mapped());
+        assert_eq!(v4_mapped(&mapped), Some(v4_be));
+        assert_eq!(to_v4_mapped(v4_be), mapped);
+        // IPv4-compatible (::a.b.c.d), NAT64 (64:ff9b::/96) and plain IPv6 are not mapped.
+        for other in [
+            "::10.96.0.10",
+            "64:ff9b::10.96.0.10",
+            "fd00:96::10",
+            "::1",
+            "::",
+            "1::ffff:10.96.0.10",
+        ] {
+            let a: Ipv6Addr = other.parse().unwrap();
+            assert_eq!(v4_mapped(&words(a)), None, "{other}");
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use svc_lb_common::{
     AffinityKey, AffinityMatchKey, AffinityValue, CTR_SOCK_AFF_HIT, CTR_SOCK_AFF_STALE,
     CTR_SOCK_AFF_UPDATE_FAIL, CTR_SOCK_RNAT_HIT, CTR_SOCK_RNAT_UPDATE_FAIL, CTR_SOCK_XLATED,
     Choice, SCOPE_ALL, SockRevNat4Key, SockRevNat4Value, SockRevNat6Key, SockRevNat6Value,
-    Stickiness, Svc4Key, Svc6Key, choose_backend,
+    Stickiness, Svc4Key, Svc6Key, choose_backend, lookup::v4_mapped,
 };
 
 use crate::maps::{
@@ -133,11 +133,40 @@ pub fn forward(ctx: &SockAddrContext, family: Family) -> i32 {
     }
 }
 
+/// What [`xlate4`] decided; the caller writes the backend back in its socket's form.
+enum Xlate4 {
+    /// Not a Service: leave the address alone.
+    Pass,
+    /// Refused; the errno is set, return this verdict.
+    Refused(i32),
+    /// Rewrite the destination to this backend (address and port in network order).
+    To(u32, u16),
+}
+
 #[inline(always)]
 fn forward4(ctx: &SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     let (addr_be, port_be, proto) =
         unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
+    match xlate4(ctx, addr_be, port_be, proto) {
+        Xlate4::Pass => ALLOW,
+        Xlate4::Refused(verdict) => verdict,
+        Xlate4::To(be_addr, be_port) => {
+            unsafe {
+                (*sa).user_ip4 = be_addr;
+                (*sa).user_port = u32::from(be_port);
+            }
+            ALLOW
+        }
+    }
+}
+
+/// The IPv4 decision, shared by AF_INET sockets and AF_INET6 sockets dialling an
+/// IPv4-mapped address: choose the backend, remember the reverse translation (always
+/// in the IPv4 map, whatever the socket's family, so that one entry serves the replies
+/// whichever hook sees them), count.
+#[inline(always)]
+fn xlate4(ctx: &SockAddrContext, addr_be: u32, port_be: u16, proto: u8) -> Xlate4 {
     let mut key = Svc4Key {
         addr_be,
         port_be,
@@ -161,8 +190,8 @@ fn forward4(ctx: &SockAddrContext) -> i32 {
         |id| LB_BACKENDS_V1.get_ptr(id),
     );
     let (be, backend_id, rev_nat_id) = match choice {
-        Choice::NotService => return ALLOW,
-        Choice::Refuse { reason, .. } => return refuse(reason),
+        Choice::NotService => return Xlate4::Pass,
+        Choice::Refuse { reason, .. } => return Xlate4::Refused(refuse(reason)),
         Choice::Backend {
             backend,
             backend_id,
@@ -192,13 +221,9 @@ fn forward4(ctx: &SockAddrContext) -> i32 {
         // Replies would show the backend address; the connection itself still works.
         count(CTR_SOCK_RNAT_UPDATE_FAIL);
     }
-    unsafe {
-        (*sa).user_ip4 = be_addr;
-        (*sa).user_port = u32::from(be_port);
-    }
     count(CTR_SOCK_XLATED);
     count_conn(rev_nat_id, backend_id);
-    ALLOW
+    Xlate4::To(be_addr, be_port)
 }
 
 #[inline(always)]
@@ -214,6 +239,24 @@ fn forward6(ctx: &SockAddrContext) -> i32 {
         ]
     };
     let (port_be, proto) = unsafe { ((*sa).user_port as u16, (*sa).protocol as u8) };
+    // `::ffff:a.b.c.d` from a dual-stack socket: an IPv4 Service. The kernel turns the
+    // connection into an IPv4 one after this hook, so the backend is written back in
+    // the mapped form too (connect6; sendmsg6 never sees a mapped address, the kernel
+    // hands those datagrams to sendmsg4).
+    if let Some(v4) = v4_mapped(&addr_be) {
+        return match xlate4(ctx, v4, port_be, proto) {
+            Xlate4::Pass => ALLOW,
+            Xlate4::Refused(verdict) => verdict,
+            Xlate4::To(be_addr, be_port) => {
+                unsafe {
+                    // Words 0..2 already hold the mapped prefix.
+                    (*sa).user_ip6[3] = be_addr;
+                    (*sa).user_port = u32::from(be_port);
+                }
+                ALLOW
+            }
+        };
+    }
     let mut key = Svc6Key {
         addr_be,
         port_be,
@@ -304,18 +347,41 @@ pub fn reverse(ctx: &SockAddrContext, family: Family) -> i32 {
             }
         }
         Family::V6 => {
-            let key = unsafe {
-                SockRevNat6Key {
-                    cookie,
-                    addr_be: [
+            let (addr_be, port_be) = unsafe {
+                (
+                    [
                         (*sa).user_ip6[0],
                         (*sa).user_ip6[1],
                         (*sa).user_ip6[2],
                         (*sa).user_ip6[3],
                     ],
-                    port_be: (*sa).user_port as u16,
-                    _pad: [0; 3],
+                    (*sa).user_port as u16,
+                )
+            };
+            // A dual-stack socket's IPv4 peer (`::ffff:backend`): its entry is in the
+            // IPv4 map (written by connect6's mapped path or by sendmsg4), and the
+            // Service address goes back in the mapped form.
+            if let Some(v4) = v4_mapped(&addr_be) {
+                let key = SockRevNat4Key {
+                    cookie,
+                    addr_be: v4,
+                    port_be,
+                    _pad: 0,
+                };
+                if let Some(v) = LB_SKRNAT4_V1.get_ptr(key) {
+                    unsafe {
+                        (*sa).user_ip6[3] = (*v).addr_be;
+                        (*sa).user_port = u32::from((*v).port_be);
+                    }
+                    count(CTR_SOCK_RNAT_HIT);
                 }
+                return ALLOW;
+            }
+            let key = SockRevNat6Key {
+                cookie,
+                addr_be,
+                port_be,
+                _pad: [0; 3],
             };
             if let Some(v) = LB_SKRNAT6_V1.get_ptr(key) {
                 unsafe {

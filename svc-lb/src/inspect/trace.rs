@@ -295,7 +295,23 @@ pub fn random_u32() -> u32 {
     h.finish() as u32
 }
 
+/// The IPv4 address inside `to` when it is IPv4-mapped (`[::ffff:a.b.c.d]:port`).
+fn v4_mapped(to: &SocketAddr) -> Option<std::net::Ipv4Addr> {
+    match to {
+        SocketAddr::V6(a) => a.ip().to_ipv4_mapped(),
+        SocketAddr::V4(_) => None,
+    }
+}
+
 fn hooks(to: &SocketAddr, proto: u8) -> &'static str {
+    if v4_mapped(to).is_some() {
+        // udpv6_sendmsg hands a mapped destination to the IPv4 path before its own hook.
+        return if proto == PROTO_UDP {
+            "sendmsg4 (unconnected UDP: the kernel passes mapped datagrams to the IPv4 path), connect6 (connected UDP), recvmsg6/getpeername6 (replies)"
+        } else {
+            "connect6, getpeername6"
+        };
+    }
     match (to.is_ipv4(), proto) {
         (true, PROTO_UDP) => "sendmsg4 (unconnected UDP), connect4 (connected UDP)",
         (true, _) => "connect4",
@@ -310,8 +326,11 @@ pub fn trace(maps: &dyn TraceMaps, req: &TraceRequest, random: u32) -> Result<Tr
     if req.proto != PROTO_TCP && req.proto != PROTO_UDP {
         bail!("only TCP and UDP are load-balanced at the socket level");
     }
+    // A dual-stack socket dialling `::ffff:a.b.c.d` is an IPv4 client to the socket
+    // programs: they look the IPv4 address up in the IPv4 maps.
+    let mapped = v4_mapped(&req.to);
     let fe = FrontendKey {
-        addr: req.to.ip(),
+        addr: mapped.map_or(req.to.ip(), IpAddr::V4),
         port: req.to.port(),
         proto: req.proto,
         scope: SCOPE_ALL,
@@ -322,6 +341,19 @@ pub fn trace(maps: &dyn TraceMaps, req: &TraceRequest, random: u32) -> Result<Tr
         names::proto(fe.proto)
     );
     let mut steps = Vec::new();
+    if let Some(v4) = mapped {
+        steps.push(TraceStep {
+            step: "address",
+            result: format!(
+                "IPv4-mapped: {} is looked up as the IPv4 address {v4}",
+                req.to.ip()
+            ),
+            details: vec![
+                "an AF_INET6 socket without IPV6_V6ONLY reaches IPv4 peers as ::ffff:a.b.c.d; the kernel sends IPv4 packets".to_owned(),
+                "the backend is written back as ::ffff:<backend>, and replies and getpeername() show the Service address as ::ffff:<address>".to_owned(),
+            ],
+        });
+    }
     let master = maps.svc(&codec::svc_key(&fe, 0))?;
 
     // The decision, exactly as the eBPF programs take it. Map errors cannot cross the
@@ -377,7 +409,7 @@ pub fn trace(maps: &dyn TraceMaps, req: &TraceRequest, random: u32) -> Result<Tr
     }
 
     let mut out = Trace {
-        destination: names::socket(&fe.addr, fe.port),
+        destination: names::socket(&req.to.ip(), fe.port),
         protocol: names::proto(fe.proto),
         from: req.from.map(|a| a.to_string()),
         hooks: hooks(&req.to, req.proto),
@@ -573,11 +605,16 @@ pub fn trace(maps: &dyn TraceMaps, req: &TraceRequest, random: u32) -> Result<Tr
             let addr: IpAddr = c.address.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]));
             let deterministic = via_affinity || master.count == 1;
             let timeout = master.affinity_timeout_s;
+            // What the socket sees: the mapped form for a mapped destination.
+            let seen = match (mapped, addr) {
+                (Some(_), IpAddr::V4(a)) => IpAddr::V6(a.to_ipv6_mapped()),
+                _ => addr,
+            };
             steps.push(TraceStep {
                 step: "verdict",
                 result: format!(
                     "REWRITE to {} (backend {backend_id}, {})",
-                    names::socket(&addr, c.port),
+                    names::socket(&seen, c.port),
                     c.state
                 ),
                 details: match sticky {
