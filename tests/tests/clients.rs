@@ -542,3 +542,142 @@ fn trace_explains_a_mapped_destination() {
         Ok(())
     });
 }
+// ---- loadBalancerSourceRanges for clients on the node ----
+
+/// The LB IP of a Service with `loadBalancerSourceRanges: [10.240.2.0/24]`: a client
+/// bound to 10.240.1.1 (outside) is refused at once with ECONNREFUSED (TCP connect,
+/// UDP sendto, and the mapped form), counted as `source_range`; bound to 10.240.2.1
+/// (inside) it reaches both backends. An unbound socket has no source yet when the
+/// hook runs: its connection passes untouched (here: no route, ENETUNREACH; on a real
+/// node: out through the load balancer, which applies the ranges) and is counted. The
+/// cluster IP of the same Service ignores the ranges (kube-proxy's rule).
+#[test]
+fn source_ranges_refuse_excluded_clients_on_the_node() {
+    lab_test(&["a", "b"], |lab| {
+        let addrs = lab.topo.addrs(false);
+        lab.write_manifest(
+            "lbsr.yaml",
+            &service_lb(
+                "lbsr",
+                "10.96.0.40",
+                Some("192.0.2.40"),
+                &addrs,
+                &[("loadBalancerSourceRanges", json!(["10.240.2.0/24"]))],
+            ),
+        )?;
+        // Ranges of the other family only: the IPv4 LB IP is not filtered.
+        lab.write_manifest(
+            "lbv6only.yaml",
+            &service_lb(
+                "lbv6only",
+                "10.96.0.41",
+                Some("192.0.2.41"),
+                &addrs,
+                &[("loadBalancerSourceRanges", json!(["fd00:9::/64"]))],
+            ),
+        )?;
+        // The client's addresses are on different links (10.240.k.1 faces backend k):
+        // let every backend answer each of them, so a client bound to either reaches both.
+        for b in &lab.topo.backends {
+            b.netns
+                .ip(["route", "add", "10.240.0.0/16", "dev", "eth0"])
+                .with_context(|| format!("route back to the client from backend {}", b.id))?;
+        }
+        let (_agent, metrics) = start_agent(lab, "ranges")?;
+        let outside = "10.240.1.1";
+        let inside = "10.240.2.1";
+
+        let mut refused = 0u64;
+        for (mode, host, port, bind) in [
+            ("tcp", "192.0.2.40", 80, outside),
+            ("udp", "192.0.2.40", 53, outside),
+            ("udp-connected", "192.0.2.40", 53, outside),
+            ("tcp", "::ffff:192.0.2.40", 80, "::ffff:10.240.1.1"),
+        ] {
+            let r = python(lab, mode, host, port, 10, bind)?;
+            ensure!(
+                r.ok == 0 && r.errors == BTreeMap::from([("ECONNREFUSED".to_owned(), 10)]),
+                "{mode} from {bind} to {host}: {r:?}"
+            );
+            ensure!(r.max_fail_ms < 500, "a refusal took {} ms", r.max_fail_ms);
+            refused += 10;
+        }
+        let inside6 = format!("::ffff:{inside}");
+        let tcp = python(lab, "tcp", "::ffff:192.0.2.40", 80, 30, &inside6)?;
+        assert_spread(&tcp, &["a", "b"], 30)?;
+        only(&tcp.peers, "[::ffff:192.0.2.40]:80", 30, "getpeername")?;
+        let tcp4 = python(lab, "tcp", "192.0.2.40", 80, 30, inside)?;
+        assert_spread(&tcp4, &["a", "b"], 30)?;
+        only(&tcp4.peers, "[192.0.2.40]:80", 30, "getpeername")?;
+        let udp = python(lab, "udp", "192.0.2.40", 53, 30, inside)?;
+        assert_spread(&udp, &["a", "b"], 30)?;
+
+        // Unbound: no source to check yet.
+        let unbound = python(lab, "tcp", "192.0.2.40", 80, 5, "")?;
+        ensure!(
+            unbound.ok == 0 && unbound.errors == BTreeMap::from([("ENETUNREACH".to_owned(), 5)]),
+            "unbound client: {unbound:?}"
+        );
+        // The cluster IP is not filtered, bound or not.
+        let cip = python(
+            lab,
+            "tcp",
+            "::ffff:10.96.0.40",
+            80,
+            20,
+            &format!("::ffff:{outside}"),
+        )?;
+        assert_spread(&cip, &["a", "b"], 20)?;
+        // Only the other family has ranges: not filtered.
+        let v6only = python(
+            lab,
+            "tcp",
+            "::ffff:192.0.2.41",
+            80,
+            20,
+            &format!("::ffff:{outside}"),
+        )?;
+        assert_spread(&v6only, &["a", "b"], 20)?;
+
+        for (series, want) in [
+            (
+                r#"svclb_datapath_rejects_total{hook="sock",reason="source_range"}"#,
+                refused as f64,
+            ),
+            (
+                r#"svclb_datapath_events_total{hook="sock",name="passed_source_unbound"}"#,
+                5.0,
+            ),
+        ] {
+            let got = metric(metrics, series)?;
+            ensure!(got == want, "{series} = {got}, expected {want}");
+        }
+        // `trace --from` is the bound source: it predicts the three outcomes.
+        for (from, action) in [
+            (Some(outside), "reject"),
+            (Some(inside), "rewrite"),
+            (None, "pass"),
+        ] {
+            let mut args = vec!["trace", "--to", "192.0.2.40:80", "-o", "json"];
+            if let Some(f) = from {
+                args.extend(["--from", f]);
+            }
+            let out = lab.svc_lb(&args)?;
+            ensure!(out.status.success(), "trace: {out:?}");
+            let t: Value = serde_json::from_slice(&out.stdout).context("parse trace")?;
+            ensure!(t["verdict"]["action"] == action, "from {from:?}: {t}");
+            if action == "reject" {
+                ensure!(
+                    t["verdict"]["reason"] == "sock_rejected_source_range",
+                    "{t}"
+                );
+            }
+        }
+        let (fes, _) = list_counts(lab, "lbsr")?;
+        ensure!(
+            fes.get("192.0.2.40:80/TCP") == Some(&60) && fes.get("192.0.2.40:53/UDP") == Some(&30),
+            "LB IP counters count only the allowed connections: {fes:?}"
+        );
+        Ok(())
+    });
+}
