@@ -156,8 +156,9 @@ pub const SCOPE_EXTERNAL: u8 = 1;
 
 /// `SvcValue.flags` bits.
 pub const SVC_FLAG_AFFINITY: u16 = 1 << 0;
-/// External frontend with `loadBalancerSourceRanges`: a source must match an entry of
-/// `LB_SRCRNG4/6_V1` for this rev-NAT id, or the packet is dropped.
+/// Load-balancer IP frontend with `loadBalancerSourceRanges`: a source must match an
+/// entry of `LB_SRCRNG4/6_V1` for this rev-NAT id. The external path drops other
+/// packets; the socket programs (`SCOPE_ALL` frontend) refuse other bound sources.
 pub const SVC_FLAG_SRC_RANGES: u16 = 1 << 1;
 /// External frontend of an `externalTrafficPolicy: Local` Service: the client's address
 /// is preserved (never SNAT), and when `count == 0` while other nodes have endpoints the
@@ -487,6 +488,13 @@ pub const CTR_SOCK_AFF_HIT: u32 = 6;
 pub const CTR_SOCK_AFF_STALE: u32 = 7;
 /// Session affinity: the choice could not be remembered (map update failed).
 pub const CTR_SOCK_AFF_UPDATE_FAIL: u32 = 8;
+/// `loadBalancerSourceRanges`: a client on the node whose bound source is outside the
+/// ranges of the load-balancer IP it dialled was refused (ECONNREFUSED).
+pub const CTR_SOCK_SRC_RANGE: u32 = 9;
+/// `loadBalancerSourceRanges`: the socket had no source address yet (unbound; the
+/// kernel picks it from the route after the hook), so the connection to the
+/// load-balancer IP passed untouched instead of being short-circuited to a backend.
+pub const CTR_SOCK_SRC_UNBOUND: u32 = 10;
 /// External path (tc/XDP). The eBPF helper adds the rest of its reasons here.
 pub const CTR_EXT_FORWARDED: u32 = 16;
 pub const CTR_EXT_REPLY_XLATED: u32 = 17;
@@ -536,7 +544,7 @@ pub const CTR_EXT_FIB_TO_STACK: u32 = 37;
 pub const COUNTERS_MAX: u32 = 64;
 
 /// Counter names for the CLI and metrics, indexed like the `CTR_*` constants.
-pub const COUNTER_NAMES: [(u32, &str); 31] = [
+pub const COUNTER_NAMES: [(u32, &str); 33] = [
     (CTR_SOCK_XLATED, "sock_translated"),
     (CTR_SOCK_NO_BACKEND, "sock_rejected_no_backend"),
     (CTR_SOCK_SLOT_MISS, "sock_error_slot_missing"),
@@ -546,6 +554,8 @@ pub const COUNTER_NAMES: [(u32, &str); 31] = [
     (CTR_SOCK_AFF_HIT, "sock_affinity_hit"),
     (CTR_SOCK_AFF_STALE, "sock_affinity_stale"),
     (CTR_SOCK_AFF_UPDATE_FAIL, "sock_error_affinity_update"),
+    (CTR_SOCK_SRC_RANGE, "sock_rejected_source_range"),
+    (CTR_SOCK_SRC_UNBOUND, "sock_passed_source_unbound"),
     (CTR_EXT_FORWARDED, "ext_forwarded"),
     (CTR_EXT_REPLY_XLATED, "ext_reply_translated"),
     (CTR_EXT_REJECT_NO_BACKEND, "ext_rejected_no_backend"),

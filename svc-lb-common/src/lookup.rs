@@ -9,9 +9,35 @@
 use crate::{
     AffinityValue, CTR_EXT_BACKEND_MISSING, CTR_EXT_DROP_NO_LOCAL, CTR_EXT_DROP_SRC_RANGE,
     CTR_EXT_REJECT_NO_BACKEND, CTR_SOCK_BACKEND_MISS, CTR_SOCK_NO_BACKEND, CTR_SOCK_SLOT_MISS,
-    EPHEMERAL_PORT_MAX, EPHEMERAL_PORT_MIN, MAGLEV_TABLE_MAX, SNAT_PORT_MAX, SNAT_PORT_MIN,
-    SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_SRC_RANGES, SvcValue, select_slot,
+    CTR_SOCK_SRC_RANGE, EPHEMERAL_PORT_MAX, EPHEMERAL_PORT_MIN, MAGLEV_TABLE_MAX, SNAT_PORT_MAX,
+    SNAT_PORT_MIN, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_SRC_RANGES, SvcValue,
+    select_slot,
 };
+
+/// The third 32-bit word of an IPv4-mapped IPv6 address (`::ffff:0:0/96`) as it sits in
+/// an `addr_be` array: the bytes `00 00 ff ff` in network order.
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// The IPv4 address (network order) inside an IPv4-mapped IPv6 address, or `None`.
+///
+/// An AF_INET6 socket that is not `IPV6_V6ONLY` reaches IPv4 peers as `::ffff:a.b.c.d`
+/// (Java, .NET and Go dual-stack sockets do). The kernel runs the IPv6 socket hooks
+/// with that form, then sends IPv4 packets; so the socket programs look such a
+/// destination up in the IPv4 Service maps and write mapped addresses back.
+#[inline(always)]
+pub fn v4_mapped(addr_be: &[u32; 4]) -> Option<u32> {
+    if addr_be[0] == 0 && addr_be[1] == 0 && addr_be[2] == V4_MAPPED_WORD {
+        Some(addr_be[3])
+    } else {
+        None
+    }
+}
+
+/// `addr_be` (an IPv4 address in network order) as `::ffff:a.b.c.d`.
+#[inline(always)]
+pub fn to_v4_mapped(addr_be: u32) -> [u32; 4] {
+    [0, 0, V4_MAPPED_WORD, addr_be]
+}
 
 /// Whether (and how) a backend choice is tied to the client (session affinity).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +69,10 @@ pub fn affinity_fresh(entry: &AffinityValue, now_ns: u64, timeout_s: u32) -> boo
 pub enum Choice<B> {
     /// No master entry for the destination: not a Service, pass it untouched.
     NotService,
+    /// A load-balancer IP with `loadBalancerSourceRanges`, and the socket has no source
+    /// address yet (unbound): the ranges cannot be checked in the hook, so the
+    /// connection passes untouched (to the real load balancer, which applies them).
+    SourceUnknown { rev_nat_id: u32 },
     /// A known Service that refuses the connection. `reason` is a `CTR_*` counter index.
     Refuse {
         reason: u32,
@@ -70,6 +100,11 @@ pub enum Choice<B> {
 ///
 /// - `master`: the slot-0 entry of the destination (address, port, protocol, scope), or
 ///   `None` when there is none.
+/// - `src_allowed`: for a master with `SVC_FLAG_SRC_RANGES` (a load-balancer IP with
+///   `loadBalancerSourceRanges`), whether the client's source address is in a range of
+///   `rev_nat_id`; `None` when the socket has no source address yet. Checked before
+///   anything else, as on the external path: an excluded client is refused
+///   (`CTR_SOCK_SRC_RANGE`) even by an empty Service, and learns nothing more.
 /// - `random`: a uniform random number; called only when the Service has backends.
 /// - `slot_backend`: the `backend_id` stored in slot `n` (`1..=count`) of the same
 ///   frontend, or `None` when that slot is missing.
@@ -93,6 +128,7 @@ pub enum Choice<B> {
 #[allow(clippy::too_many_arguments)]
 pub fn choose_backend<B>(
     master: Option<&SvcValue>,
+    src_allowed: impl FnOnce(u32) -> Option<bool>,
     now_ns: impl FnOnce() -> u64,
     remembered: impl FnOnce(u32) -> Option<AffinityValue>,
     is_member: impl FnOnce(u32, u32) -> bool,
@@ -104,6 +140,20 @@ pub fn choose_backend<B>(
         return Choice::NotService;
     };
     let rev_nat_id = master.rev_nat_id;
+    if master.flags & SVC_FLAG_SRC_RANGES != 0 {
+        match src_allowed(rev_nat_id) {
+            Some(true) => {}
+            Some(false) => {
+                return Choice::Refuse {
+                    reason: CTR_SOCK_SRC_RANGE,
+                    rev_nat_id,
+                    slot: 0,
+                    backend_id: 0,
+                };
+            }
+            None => return Choice::SourceUnknown { rev_nat_id },
+        }
+    }
     let count = master.count;
     let refuse_empty = Choice::Refuse {
         reason: CTR_SOCK_NO_BACKEND,
@@ -416,6 +466,7 @@ mod tests {
     ) -> Choice<B> {
         choose_backend(
             m,
+            |_| panic!("source ranges read without the flag"),
             || panic!("clock read without affinity"),
             |_| panic!("affinity map read without affinity"),
             |_, _| panic!("match map read without affinity"),
@@ -423,6 +474,83 @@ mod tests {
             slot_backend,
             backend,
         )
+    }
+
+    /// loadBalancerSourceRanges on the socket path: checked first (even an empty
+    /// Service refuses an excluded source with the range reason), an unknown source
+    /// passes untouched, an allowed one goes on to the usual choice.
+    #[test]
+    fn source_ranges_refuse_excluded_and_pass_unknown_sources() {
+        let run = |count: u32, allowed: Option<bool>| -> Choice<u32> {
+            let m = SvcValue {
+                flags: SVC_FLAG_SRC_RANGES,
+                ..master(count)
+            };
+            choose_backend(
+                Some(&m),
+                |rev| {
+                    assert_eq!(rev, 7);
+                    allowed
+                },
+                || panic!("clock read without affinity"),
+                |_| panic!("affinity map read without affinity"),
+                |_, _| panic!("match map read without affinity"),
+                || 0,
+                |_| Some(11),
+                Some,
+            )
+        };
+        for count in [0, 2] {
+            assert_eq!(
+                run(count, Some(false)),
+                Choice::Refuse {
+                    reason: CTR_SOCK_SRC_RANGE,
+                    rev_nat_id: 7,
+                    slot: 0,
+                    backend_id: 0
+                }
+            );
+            assert_eq!(run(count, None), Choice::SourceUnknown { rev_nat_id: 7 });
+        }
+        assert!(matches!(
+            run(0, Some(true)),
+            Choice::Refuse {
+                reason: CTR_SOCK_NO_BACKEND,
+                ..
+            }
+        ));
+        assert!(matches!(
+            run(2, Some(true)),
+            Choice::Backend { backend_id: 11, .. }
+        ));
+    }
+
+    #[test]
+    fn v4_mapped_only_matches_ffff_prefix() {
+        use core::net::{Ipv4Addr, Ipv6Addr};
+        let words = |a: Ipv6Addr| {
+            let o = a.octets();
+            core::array::from_fn::<u32, 4, _>(|i| {
+                u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+            })
+        };
+        let v4 = Ipv4Addr::new(10, 96, 0, 10);
+        let v4_be = u32::from_ne_bytes(v4.octets());
+        let mapped = words(v4.to_ipv6_mapped());
+        assert_eq!(v4_mapped(&mapped), Some(v4_be));
+        assert_eq!(to_v4_mapped(v4_be), mapped);
+        // IPv4-compatible (::a.b.c.d), NAT64 (64:ff9b::/96) and plain IPv6 are not mapped.
+        for other in [
+            "::10.96.0.10",
+            "64:ff9b::10.96.0.10",
+            "fd00:96::10",
+            "::1",
+            "::",
+            "1::ffff:10.96.0.10",
+        ] {
+            let a: Ipv6Addr = other.parse().unwrap();
+            assert_eq!(v4_mapped(&words(a)), None, "{other}");
+        }
     }
 
     #[test]
@@ -520,6 +648,7 @@ mod tests {
         let slots = [0u32, 11, 12, 13];
         choose_backend(
             Some(&m),
+            |_| panic!("source ranges read without the flag"),
             || now,
             |rev| {
                 assert_eq!(rev, 7, "the entry is looked up for this frontend");
@@ -594,6 +723,7 @@ mod tests {
         let m = sticky_master(0, 10);
         let c: Choice<u32> = choose_backend(
             Some(&m),
+            |_| panic!("source ranges read without the flag"),
             || panic!("clock read for an empty Service"),
             |_| Some(entry(13, 0)),
             |_, _| true,

@@ -41,14 +41,14 @@ mod entry {
     /// Runs a forward hook, logging its decision when `--bpf-log` is on. The flag is
     /// read once; when it is off the verifier drops both branches (see `debug.rs`).
     #[inline(always)]
-    fn forward_logged(ctx: &SockAddrContext, family: Family, hook: &str) -> i32 {
+    fn forward_logged(ctx: &SockAddrContext, family: Family, hook: &str, sendmsg: bool) -> i32 {
         let log = debug::enabled();
         let before = match (log, family) {
             (false, _) => None,
             (true, Family::V4) => Some(debug::dest4(ctx)),
             (true, Family::V6) => Some(debug::dest6(ctx)),
         };
-        let verdict = sock::forward(ctx, family);
+        let verdict = sock::forward(ctx, family, sendmsg);
         if let Some(before) = before {
             match family {
                 Family::V4 => debug::forward4(ctx, hook, before, verdict),
@@ -60,22 +60,22 @@ mod entry {
 
     #[cgroup_sock_addr(connect4)]
     pub fn svclb_connect4(ctx: SockAddrContext) -> i32 {
-        forward_logged(&ctx, Family::V4, "connect4")
+        forward_logged(&ctx, Family::V4, "connect4", false)
     }
 
     #[cgroup_sock_addr(connect6)]
     pub fn svclb_connect6(ctx: SockAddrContext) -> i32 {
-        forward_logged(&ctx, Family::V6, "connect6")
+        forward_logged(&ctx, Family::V6, "connect6", false)
     }
 
     #[cgroup_sock_addr(sendmsg4)]
     pub fn svclb_sendmsg4(ctx: SockAddrContext) -> i32 {
-        forward_logged(&ctx, Family::V4, "sendmsg4")
+        forward_logged(&ctx, Family::V4, "sendmsg4", true)
     }
 
     #[cgroup_sock_addr(sendmsg6)]
     pub fn svclb_sendmsg6(ctx: SockAddrContext) -> i32 {
-        forward_logged(&ctx, Family::V6, "sendmsg6")
+        forward_logged(&ctx, Family::V6, "sendmsg6", true)
     }
 
     #[cgroup_sock_addr(recvmsg4)]

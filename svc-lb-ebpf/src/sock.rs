@@ -3,8 +3,11 @@
 //! getpeername show the Service address again.
 //!
 //! Fail open: an address that is not a Service passes untouched. A Service with no
-//! usable backend refuses with ECONNREFUSED, as kube-proxy's REJECT rule does.
+//! usable backend refuses with ECONNREFUSED, as kube-proxy's REJECT rule does. A
+//! load-balancer IP with `loadBalancerSourceRanges` refuses a bound source outside the
+//! ranges the same way, and lets an unbound socket (no source yet) pass untouched.
 use aya_ebpf::{
+    btf_maps::lpm_trie::Key,
     helpers::{
         bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
         bpf_set_retval,
@@ -13,14 +16,15 @@ use aya_ebpf::{
 };
 use svc_lb_common::{
     AffinityKey, AffinityMatchKey, AffinityValue, CTR_SOCK_AFF_HIT, CTR_SOCK_AFF_STALE,
-    CTR_SOCK_AFF_UPDATE_FAIL, CTR_SOCK_RNAT_HIT, CTR_SOCK_RNAT_UPDATE_FAIL, CTR_SOCK_XLATED,
-    Choice, SCOPE_ALL, SockRevNat4Key, SockRevNat4Value, SockRevNat6Key, SockRevNat6Value,
-    Stickiness, Svc4Key, Svc6Key, choose_backend,
+    CTR_SOCK_AFF_UPDATE_FAIL, CTR_SOCK_RNAT_HIT, CTR_SOCK_RNAT_UPDATE_FAIL, CTR_SOCK_SRC_UNBOUND,
+    CTR_SOCK_XLATED, Choice, SCOPE_ALL, SockRevNat4Key, SockRevNat4Value, SockRevNat6Key,
+    SockRevNat6Value, SrcRange4Key, SrcRange6Key, Stickiness, Svc4Key, Svc6Key, choose_backend,
+    lookup::v4_mapped,
 };
 
 use crate::maps::{
     LB_AFFINITY_V1, LB_AFFMATCH_V1, LB_BACKENDS_V1, LB_BESTATS_V1, LB_COUNTERS_V2, LB_FESTATS_V1,
-    LB_SKRNAT4_V1, LB_SKRNAT6_V1, LB_SVC4_V1, LB_SVC6_V1,
+    LB_SKRNAT4_V1, LB_SKRNAT6_V1, LB_SRCRNG4_V1, LB_SRCRNG6_V1, LB_SVC4_V1, LB_SVC6_V1,
 };
 
 const ALLOW: i32 = 1;
@@ -125,19 +129,149 @@ fn remember(netns: u64, rev_nat_id: u32, backend_id: u32, sticky: Stickiness) {
     }
 }
 
+/// `sendmsg`: the hook is sendmsg4/6, whose context also carries the source a datagram
+/// asked for (`IP_PKTINFO`); the verifier refuses that field in the connect hooks.
 #[inline(always)]
-pub fn forward(ctx: &SockAddrContext, family: Family) -> i32 {
+pub fn forward(ctx: &SockAddrContext, family: Family, sendmsg: bool) -> i32 {
     match family {
-        Family::V4 => forward4(ctx),
-        Family::V6 => forward6(ctx),
+        Family::V4 => forward4(ctx, sendmsg),
+        Family::V6 => forward6(ctx, sendmsg),
     }
 }
 
+/// The client's IPv4 source as far as it is known in the hook (network order, 0 when
+/// not yet): the datagram's `IP_PKTINFO` source on sendmsg, else the address the socket
+/// is bound to. An unbound socket gets its source from the route lookup, which the
+/// kernel makes after this hook; there is no way to make it here.
 #[inline(always)]
-fn forward4(ctx: &SockAddrContext) -> i32 {
+fn source4(ctx: &SockAddrContext, sendmsg: bool) -> u32 {
+    let sa = ctx.sock_addr;
+    if sendmsg {
+        let s = unsafe { (*sa).msg_src_ip4 };
+        if s != 0 {
+            return s;
+        }
+    }
+    bound4(ctx)
+}
+
+/// The IPv4 address the socket is bound to (also for an AF_INET6 socket bound to
+/// `::ffff:a.b.c.d`), 0 when unbound.
+#[inline(always)]
+fn bound4(ctx: &SockAddrContext) -> u32 {
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return 0;
+    }
+    unsafe { (*sk).src_ip4 }
+}
+
+#[inline(always)]
+fn source6(ctx: &SockAddrContext, sendmsg: bool) -> [u32; 4] {
+    let sa = ctx.sock_addr;
+    if sendmsg {
+        let s = unsafe {
+            [
+                (*sa).msg_src_ip6[0],
+                (*sa).msg_src_ip6[1],
+                (*sa).msg_src_ip6[2],
+                (*sa).msg_src_ip6[3],
+            ]
+        };
+        if s != [0; 4] {
+            return s;
+        }
+    }
+    let sk = unsafe { (*sa).__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return [0; 4];
+    }
+    unsafe {
+        [
+            (*sk).src_ip6[0],
+            (*sk).src_ip6[1],
+            (*sk).src_ip6[2],
+            (*sk).src_ip6[3],
+        ]
+    }
+}
+
+/// `loadBalancerSourceRanges` for `choose_backend`: the LPM lookup the external path
+/// makes, or `None` when the source is not known yet.
+#[inline(always)]
+fn src_allowed4(src: u32, rev_nat_id: u32) -> Option<bool> {
+    if src == 0 {
+        count(CTR_SOCK_SRC_UNBOUND);
+        return None;
+    }
+    let key = Key::new(
+        64,
+        SrcRange4Key {
+            rev_nat_id_be: rev_nat_id.to_be(),
+            addr_be: src,
+        },
+    );
+    Some(LB_SRCRNG4_V1.get(&key).is_some())
+}
+
+#[inline(always)]
+fn src_allowed6(src: [u32; 4], rev_nat_id: u32) -> Option<bool> {
+    if src == [0; 4] {
+        count(CTR_SOCK_SRC_UNBOUND);
+        return None;
+    }
+    let key = Key::new(
+        160,
+        SrcRange6Key {
+            rev_nat_id_be: rev_nat_id.to_be(),
+            addr_be: src,
+        },
+    );
+    Some(LB_SRCRNG6_V1.get(&key).is_some())
+}
+
+/// What [`xlate4`] decided; the caller writes the backend back in its socket's form.
+enum Xlate4 {
+    /// Not a Service: leave the address alone.
+    Pass,
+    /// Refused; the errno is set, return this verdict.
+    Refused(i32),
+    /// Rewrite the destination to this backend (address and port in network order).
+    To(u32, u16),
+}
+
+#[inline(always)]
+fn forward4(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
     let sa = ctx.sock_addr;
     let (addr_be, port_be, proto) =
         unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
+    match xlate4(ctx, addr_be, port_be, proto, || source4(ctx, sendmsg)) {
+        Xlate4::Pass => ALLOW,
+        Xlate4::Refused(verdict) => verdict,
+        Xlate4::To(be_addr, be_port) => {
+            unsafe {
+                (*sa).user_ip4 = be_addr;
+                (*sa).user_port = u32::from(be_port);
+            }
+            ALLOW
+        }
+    }
+}
+
+/// The IPv4 decision, shared by AF_INET sockets and AF_INET6 sockets dialling an
+/// IPv4-mapped address: choose the backend, remember the reverse translation (always
+/// in the IPv4 map, whatever the socket's family, so that one entry serves the replies
+/// whichever hook sees them), count.
+/// `source` gives the client's source address (0: not known yet); it is read only for
+/// a load-balancer IP with source ranges.
+#[inline(always)]
+fn xlate4(
+    ctx: &SockAddrContext,
+    addr_be: u32,
+    port_be: u16,
+    proto: u8,
+    source: impl FnOnce() -> u32,
+) -> Xlate4 {
     let mut key = Svc4Key {
         addr_be,
         port_be,
@@ -150,6 +284,7 @@ fn forward4(ctx: &SockAddrContext) -> i32 {
     let mut netns = 0u64;
     let choice = choose_backend(
         unsafe { LB_SVC4_V1.get(key) },
+        |rev_nat_id| src_allowed4(source(), rev_nat_id),
         || unsafe { bpf_ktime_get_ns() },
         |rev_nat_id| remembered(ctx, &mut netns, rev_nat_id),
         is_member,
@@ -161,8 +296,8 @@ fn forward4(ctx: &SockAddrContext) -> i32 {
         |id| LB_BACKENDS_V1.get_ptr(id),
     );
     let (be, backend_id, rev_nat_id) = match choice {
-        Choice::NotService => return ALLOW,
-        Choice::Refuse { reason, .. } => return refuse(reason),
+        Choice::NotService | Choice::SourceUnknown { .. } => return Xlate4::Pass,
+        Choice::Refuse { reason, .. } => return Xlate4::Refused(refuse(reason)),
         Choice::Backend {
             backend,
             backend_id,
@@ -192,17 +327,13 @@ fn forward4(ctx: &SockAddrContext) -> i32 {
         // Replies would show the backend address; the connection itself still works.
         count(CTR_SOCK_RNAT_UPDATE_FAIL);
     }
-    unsafe {
-        (*sa).user_ip4 = be_addr;
-        (*sa).user_port = u32::from(be_port);
-    }
     count(CTR_SOCK_XLATED);
     count_conn(rev_nat_id, backend_id);
-    ALLOW
+    Xlate4::To(be_addr, be_port)
 }
 
 #[inline(always)]
-fn forward6(ctx: &SockAddrContext) -> i32 {
+fn forward6(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
     let sa = ctx.sock_addr;
     // bpf_sock_addr accepts only 4-byte loads, so copy the address word by word.
     let addr_be = unsafe {
@@ -214,6 +345,25 @@ fn forward6(ctx: &SockAddrContext) -> i32 {
         ]
     };
     let (port_be, proto) = unsafe { ((*sa).user_port as u16, (*sa).protocol as u8) };
+    // `::ffff:a.b.c.d` from a dual-stack socket: an IPv4 Service. The kernel turns the
+    // connection into an IPv4 one after this hook, so the backend is written back in
+    // the mapped form too (connect6; sendmsg6 never sees a mapped address, the kernel
+    // hands those datagrams to sendmsg4).
+    if let Some(v4) = v4_mapped(&addr_be) {
+        // The bound IPv4 source only: sendmsg6 never sees a mapped destination.
+        return match xlate4(ctx, v4, port_be, proto, || bound4(ctx)) {
+            Xlate4::Pass => ALLOW,
+            Xlate4::Refused(verdict) => verdict,
+            Xlate4::To(be_addr, be_port) => {
+                unsafe {
+                    // Words 0..2 already hold the mapped prefix.
+                    (*sa).user_ip6[3] = be_addr;
+                    (*sa).user_port = u32::from(be_port);
+                }
+                ALLOW
+            }
+        };
+    }
     let mut key = Svc6Key {
         addr_be,
         port_be,
@@ -226,6 +376,7 @@ fn forward6(ctx: &SockAddrContext) -> i32 {
     let mut netns = 0u64;
     let choice = choose_backend(
         unsafe { LB_SVC6_V1.get(key) },
+        |rev_nat_id| src_allowed6(source6(ctx, sendmsg), rev_nat_id),
         || unsafe { bpf_ktime_get_ns() },
         |rev_nat_id| remembered(ctx, &mut netns, rev_nat_id),
         is_member,
@@ -237,7 +388,7 @@ fn forward6(ctx: &SockAddrContext) -> i32 {
         |id| LB_BACKENDS_V1.get_ptr(id),
     );
     let (be, backend_id, rev_nat_id) = match choice {
-        Choice::NotService => return ALLOW,
+        Choice::NotService | Choice::SourceUnknown { .. } => return ALLOW,
         Choice::Refuse { reason, .. } => return refuse(reason),
         Choice::Backend {
             backend,
@@ -304,18 +455,41 @@ pub fn reverse(ctx: &SockAddrContext, family: Family) -> i32 {
             }
         }
         Family::V6 => {
-            let key = unsafe {
-                SockRevNat6Key {
-                    cookie,
-                    addr_be: [
+            let (addr_be, port_be) = unsafe {
+                (
+                    [
                         (*sa).user_ip6[0],
                         (*sa).user_ip6[1],
                         (*sa).user_ip6[2],
                         (*sa).user_ip6[3],
                     ],
-                    port_be: (*sa).user_port as u16,
-                    _pad: [0; 3],
+                    (*sa).user_port as u16,
+                )
+            };
+            // A dual-stack socket's IPv4 peer (`::ffff:backend`): its entry is in the
+            // IPv4 map (written by connect6's mapped path or by sendmsg4), and the
+            // Service address goes back in the mapped form.
+            if let Some(v4) = v4_mapped(&addr_be) {
+                let key = SockRevNat4Key {
+                    cookie,
+                    addr_be: v4,
+                    port_be,
+                    _pad: 0,
+                };
+                if let Some(v) = LB_SKRNAT4_V1.get_ptr(key) {
+                    unsafe {
+                        (*sa).user_ip6[3] = (*v).addr_be;
+                        (*sa).user_port = u32::from((*v).port_be);
+                    }
+                    count(CTR_SOCK_RNAT_HIT);
                 }
+                return ALLOW;
+            }
+            let key = SockRevNat6Key {
+                cookie,
+                addr_be,
+                port_be,
+                _pad: [0; 3],
             };
             if let Some(v) = LB_SKRNAT6_V1.get_ptr(key) {
                 unsafe {

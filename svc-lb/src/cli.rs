@@ -433,8 +433,14 @@ pub fn run(cli: Cli) -> Result<()> {
                 client,
                 now_ns: inspect::trace::monotonic_ns(),
             };
-            let maps = PinnedMaps::open(&bpffs)?;
-            let t = inspect::trace::trace(&maps, &req, inspect::trace::random_u32())?;
+            // The external path's pins add the source-range maps (load-balancer IPs).
+            let t = match inspect::exttrace::PinnedExtMaps::open(&bpffs) {
+                Ok(maps) => inspect::trace::trace(&maps, &req, inspect::trace::random_u32())?,
+                Err(_) => {
+                    let maps = PinnedMaps::open(&bpffs)?;
+                    inspect::trace::trace(&maps, &req, inspect::trace::random_u32())?
+                }
+            };
             print!(
                 "{}",
                 match output {

@@ -143,6 +143,9 @@ impl TraceMaps for PinnedExtMaps {
     fn affinity_member(&self, backend_id: u32, rev_nat_id: u32) -> Result<bool> {
         TraceMaps::affinity_member(&self.maps, backend_id, rev_nat_id)
     }
+    fn src_range_allowed(&self, rev_nat_id: u32, src: IpAddr) -> Result<Option<bool>> {
+        ExtTraceMaps::src_allowed(self, rev_nat_id, src).map(Some)
+    }
 }
 
 impl ExtTraceMaps for PinnedExtMaps {

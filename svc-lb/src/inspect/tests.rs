@@ -651,6 +651,35 @@ fn trace_follows_the_shared_choice() {
     assert_eq!(b.address, "10.244.0.3");
 }
 
+/// `[::ffff:VIP]:port` from a dual-stack socket is traced through the IPv4 frontend, as
+/// the connect6/recvmsg6/getpeername6 programs handle it.
+#[test]
+fn trace_ipv4_mapped_uses_the_ipv4_frontend() {
+    let (maps, view) = fixture();
+    let m = WithMeta(&maps, &view, Affinity::default());
+    for random in [0u32, 1, 5] {
+        let v4 = trace::trace(&m, &req("10.96.0.10:80", PROTO_TCP), random).expect("trace");
+        let v6 =
+            trace::trace(&m, &req("[::ffff:10.96.0.10]:80", PROTO_TCP), random).expect("trace");
+        assert_eq!(v6.verdict, v4.verdict, "same choice as the IPv4 address");
+        assert_eq!(v6.frontend, v4.frontend);
+        assert_eq!(v6.destination, "[::ffff:10.96.0.10]:80");
+        assert_eq!(v6.steps[0].step, "address");
+        assert!(v6.hooks.starts_with("connect6"), "{}", v6.hooks);
+        let text = trace::render_text(&v6);
+        assert!(text.contains("REWRITE to [::ffff:"), "{text}");
+    }
+    // Reject with no endpoints, and an unknown mapped address passes, as for IPv4.
+    let t = trace::trace(&m, &req("[::ffff:10.96.0.30]:80", PROTO_TCP), 0).expect("trace");
+    assert_eq!(t.verdict.action, "reject");
+    assert_eq!(t.verdict.errno, Some("ECONNREFUSED"));
+    let t = trace::trace(&m, &req("[::ffff:10.96.0.99]:80", PROTO_TCP), 0).expect("trace");
+    assert_eq!(t.verdict.action, "pass");
+    let t = trace::trace(&m, &req("[::ffff:10.96.0.53]:53", PROTO_UDP), 77).expect("trace");
+    assert_eq!(t.verdict.action, "rewrite");
+    assert!(t.hooks.starts_with("sendmsg4"), "{}", t.hooks);
+}
+
 /// Maps a hand edit left inconsistent, which the fake refuses to hold.
 struct Broken {
     svc: HashMap<crate::datapath::codec::SvcKey, svc_lb_common::SvcValue>,

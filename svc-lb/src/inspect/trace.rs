@@ -13,8 +13,9 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use svc_lb_common::{
     AffinityKey, AffinityValue, Backend, COUNTER_NAMES, CTR_SOCK_BACKEND_MISS, CTR_SOCK_NO_BACKEND,
-    CTR_SOCK_SLOT_MISS, Choice, PROTO_TCP, PROTO_UDP, SCOPE_ALL, SVC_FLAG_AFFINITY, Stickiness,
-    SvcValue, choose_backend, lookup::affinity_fresh,
+    CTR_SOCK_SLOT_MISS, CTR_SOCK_SRC_RANGE, CTR_SOCK_SRC_UNBOUND, Choice, PROTO_TCP, PROTO_UDP,
+    SCOPE_ALL, SVC_FLAG_AFFINITY, SVC_FLAG_SRC_RANGES, Stickiness, SvcValue, choose_backend,
+    lookup::affinity_fresh,
 };
 
 use super::names;
@@ -39,6 +40,11 @@ pub trait TraceMaps {
     fn affinity(&self, key: &AffinityKey) -> Result<Option<AffinityValue>>;
     /// Session affinity: whether `backend_id` still belongs to frontend `rev_nat_id`.
     fn affinity_member(&self, backend_id: u32, rev_nat_id: u32) -> Result<bool>;
+    /// `loadBalancerSourceRanges`: the LPM lookup the programs make for `rev_nat_id`
+    /// and `src`; `None` when these maps hold no source ranges to read.
+    fn src_range_allowed(&self, _rev_nat_id: u32, _src: IpAddr) -> Result<Option<bool>> {
+        Ok(None)
+    }
 }
 
 impl TraceMaps for PinnedMaps {
@@ -91,6 +97,13 @@ impl TraceMaps for FakeMaps {
     }
     fn affinity_member(&self, _backend_id: u32, _rev_nat_id: u32) -> Result<bool> {
         Ok(false)
+    }
+    fn src_range_allowed(&self, rev_nat_id: u32, src: IpAddr) -> Result<Option<bool>> {
+        Ok(Some(
+            self.src_ranges()
+                .iter()
+                .any(|(id, net)| *id == rev_nat_id && net.contains(&src)),
+        ))
     }
 }
 
@@ -295,7 +308,23 @@ pub fn random_u32() -> u32 {
     h.finish() as u32
 }
 
+/// The IPv4 address inside `to` when it is IPv4-mapped (`[::ffff:a.b.c.d]:port`).
+fn v4_mapped(to: &SocketAddr) -> Option<std::net::Ipv4Addr> {
+    match to {
+        SocketAddr::V6(a) => a.ip().to_ipv4_mapped(),
+        SocketAddr::V4(_) => None,
+    }
+}
+
 fn hooks(to: &SocketAddr, proto: u8) -> &'static str {
+    if v4_mapped(to).is_some() {
+        // udpv6_sendmsg hands a mapped destination to the IPv4 path before its own hook.
+        return if proto == PROTO_UDP {
+            "sendmsg4 (unconnected UDP: the kernel passes mapped datagrams to the IPv4 path), connect6 (connected UDP), recvmsg6/getpeername6 (replies)"
+        } else {
+            "connect6, getpeername6"
+        };
+    }
     match (to.is_ipv4(), proto) {
         (true, PROTO_UDP) => "sendmsg4 (unconnected UDP), connect4 (connected UDP)",
         (true, _) => "connect4",
@@ -310,8 +339,11 @@ pub fn trace(maps: &dyn TraceMaps, req: &TraceRequest, random: u32) -> Result<Tr
     if req.proto != PROTO_TCP && req.proto != PROTO_UDP {
         bail!("only TCP and UDP are load-balanced at the socket level");
     }
+    // A dual-stack socket dialling `::ffff:a.b.c.d` is an IPv4 client to the socket
+    // programs: they look the IPv4 address up in the IPv4 maps.
+    let mapped = v4_mapped(&req.to);
     let fe = FrontendKey {
-        addr: req.to.ip(),
+        addr: mapped.map_or(req.to.ip(), IpAddr::V4),
         port: req.to.port(),
         proto: req.proto,
         scope: SCOPE_ALL,
@@ -322,6 +354,19 @@ pub fn trace(maps: &dyn TraceMaps, req: &TraceRequest, random: u32) -> Result<Tr
         names::proto(fe.proto)
     );
     let mut steps = Vec::new();
+    if let Some(v4) = mapped {
+        steps.push(TraceStep {
+            step: "address",
+            result: format!(
+                "IPv4-mapped: {} is looked up as the IPv4 address {v4}",
+                req.to.ip()
+            ),
+            details: vec![
+                "an AF_INET6 socket without IPV6_V6ONLY reaches IPv4 peers as ::ffff:a.b.c.d; the kernel sends IPv4 packets".to_owned(),
+                "the backend is written back as ::ffff:<backend>, and replies and getpeername() show the Service address as ::ffff:<address>".to_owned(),
+            ],
+        });
+    }
     let master = maps.svc(&codec::svc_key(&fe, 0))?;
 
     // The decision, exactly as the eBPF programs take it. Map errors cannot cross the
@@ -351,8 +396,28 @@ pub fn trace(maps: &dyn TraceMaps, req: &TraceRequest, random: u32) -> Result<Tr
                 false
             })
     };
+    // The client's bound source is `--from`; without it the trace is an unbound
+    // socket's, whose source the hook cannot know.
+    let src_checked = RefCell::new(None);
+    let src_allowed = |rev_nat_id: u32| {
+        let from = req.from?;
+        let from = match from {
+            IpAddr::V6(a) => a.to_ipv4_mapped().map_or(from, IpAddr::V4),
+            v4 => v4,
+        };
+        let allowed = match maps.src_range_allowed(rev_nat_id, from) {
+            Ok(a) => a,
+            Err(e) => {
+                keep(e);
+                None
+            }
+        };
+        *src_checked.borrow_mut() = Some((from, allowed));
+        allowed
+    };
     let choice = choose_backend(
         master.as_ref(),
+        src_allowed,
         || req.now_ns,
         remembered,
         is_member,
@@ -377,7 +442,7 @@ pub fn trace(maps: &dyn TraceMaps, req: &TraceRequest, random: u32) -> Result<Tr
     }
 
     let mut out = Trace {
-        destination: names::socket(&fe.addr, fe.port),
+        destination: names::socket(&req.to.ip(), fe.port),
         protocol: names::proto(fe.proto),
         from: req.from.map(|a| a.to_string()),
         hooks: hooks(&req.to, req.proto),
@@ -514,6 +579,9 @@ pub fn trace(maps: &dyn TraceMaps, req: &TraceRequest, random: u32) -> Result<Tr
         details: cand_lines,
     });
     out.frontend = Some(frontend);
+    if master.flags & SVC_FLAG_SRC_RANGES != 0 {
+        steps.push(source_step(&choice, src_checked.into_inner()));
+    }
     if affinity {
         let (step, aff) = affinity_step(maps, req, &master, &choice)?;
         steps.push(step);
@@ -524,6 +592,17 @@ pub fn trace(maps: &dyn TraceMaps, req: &TraceRequest, random: u32) -> Result<Tr
         // The master entry was found above, and `choose_backend` answers NotService
         // only without one.
         Choice::NotService => {}
+        Choice::SourceUnknown { .. } => {
+            steps.push(TraceStep {
+                step: "verdict",
+                result: "PASS: the connection goes to the load-balancer IP as dialled, untouched"
+                    .to_owned(),
+                details: vec![
+                    "the ranges are applied where the source is known: by the load balancer, and by the external path when the traffic comes back in".to_owned(),
+                    format!("counted as {}", counter_name(CTR_SOCK_SRC_UNBOUND)),
+                ],
+            });
+        }
         Choice::Refuse {
             reason,
             slot,
@@ -533,6 +612,10 @@ pub fn trace(maps: &dyn TraceMaps, req: &TraceRequest, random: u32) -> Result<Tr
             let why = match reason {
                 CTR_SOCK_NO_BACKEND => {
                     "the Service has no ready backend (kube-proxy's REJECT)".to_owned()
+                }
+                CTR_SOCK_SRC_RANGE => {
+                    "the client's source is outside the load-balancer IP's loadBalancerSourceRanges"
+                        .to_owned()
                 }
                 CTR_SOCK_SLOT_MISS => format!(
                     "slot {slot} is missing below the count {} (a planner bug or a map edited by hand)",
@@ -573,11 +656,16 @@ pub fn trace(maps: &dyn TraceMaps, req: &TraceRequest, random: u32) -> Result<Tr
             let addr: IpAddr = c.address.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]));
             let deterministic = via_affinity || master.count == 1;
             let timeout = master.affinity_timeout_s;
+            // What the socket sees: the mapped form for a mapped destination.
+            let seen = match (mapped, addr) {
+                (Some(_), IpAddr::V4(a)) => IpAddr::V6(a.to_ipv6_mapped()),
+                _ => addr,
+            };
             steps.push(TraceStep {
                 step: "verdict",
                 result: format!(
                     "REWRITE to {} (backend {backend_id}, {})",
-                    names::socket(&addr, c.port),
+                    names::socket(&seen, c.port),
                     c.state
                 ),
                 details: match sticky {
@@ -614,6 +702,31 @@ pub fn trace(maps: &dyn TraceMaps, req: &TraceRequest, random: u32) -> Result<Tr
     }
     out.steps = steps;
     Ok(out)
+}
+
+/// The `loadBalancerSourceRanges` step: the client's bound source (`--from`) and
+/// whether a range of the frontend holds it.
+fn source_step(choice: &Choice<Backend>, checked: Option<(IpAddr, Option<bool>)>) -> TraceStep {
+    let refused = matches!(
+        choice,
+        Choice::Refuse {
+            reason: CTR_SOCK_SRC_RANGE,
+            ..
+        }
+    );
+    let result = match checked {
+        None => "source unknown: an unbound socket has no source address in the hook (give --from ADDR for a bound one)".to_owned(),
+        Some((from, _)) if refused => format!("{from} is outside loadBalancerSourceRanges"),
+        Some((from, Some(true))) => format!("{from} is inside loadBalancerSourceRanges"),
+        Some((from, _)) => format!("{from}: the ranges could not be read"),
+    };
+    TraceStep {
+        step: "source",
+        result,
+        details: vec![
+            "load-balancer IP with loadBalancerSourceRanges: the socket programs check the socket's bound source (or the datagram's IP_PKTINFO source)".to_owned(),
+        ],
+    }
 }
 
 /// Explains the session affinity lookup that `choose_backend` made: the client's entry

@@ -695,6 +695,22 @@ impl ServicePlan<'_> {
     }
 }
 
+/// The source ranges that apply to a load-balancer IP of family `fam`, kube-proxy's rule
+/// (pkg/proxy/serviceport.go): only the ranges of that family; none of that family
+/// means no filtering; a zero-length prefix (0.0.0.0/0, ::/0) of that family means
+/// "allow any", the same as no ranges.
+fn family_ranges(ranges: &[IpNet], fam: Family) -> Vec<IpNet> {
+    let of_family: Vec<IpNet> = ranges
+        .iter()
+        .filter(|r| family(&r.addr()) == fam)
+        .copied()
+        .collect();
+    if of_family.iter().any(|r| r.prefix_len() == 0) {
+        return Vec::new();
+    }
+    of_family
+}
+
 /// Parses `loadBalancerSourceRanges` (or, when that is empty, the legacy annotation).
 /// As kube-proxy does, an entry that is not a CIDR is skipped (and reported) rather than
 /// failing the Service. When no valid entry is left the load-balancer addresses stay
@@ -1118,25 +1134,21 @@ fn program(
         };
         let mut flags = 0;
         let mut src_ranges = Vec::new();
-        if outside {
-            if plan.external_local {
-                flags |= SVC_FLAG_EXT_LOCAL;
-                // kube-proxy drops (rather than rejects) when the Service has endpoints,
-                // just none here: the load balancer's health check steers away soon.
-                if backends.is_empty() && !eps.cluster.is_empty() {
-                    flags |= SVC_FLAG_DROP_EMPTY;
-                }
+        if outside && plan.external_local {
+            flags |= SVC_FLAG_EXT_LOCAL;
+            // kube-proxy drops (rather than rejects) when the Service has endpoints,
+            // just none here: the load balancer's health check steers away soon.
+            if backends.is_empty() && !eps.cluster.is_empty() {
+                flags |= SVC_FLAG_DROP_EMPTY;
             }
-            if fe.kind == KIND_LOAD_BALANCER {
-                src_ranges = plan
-                    .src_ranges
-                    .iter()
-                    .filter(|r| family(&r.addr()) == fam)
-                    .copied()
-                    .collect();
-                if !src_ranges.is_empty() {
-                    flags |= SVC_FLAG_SRC_RANGES;
-                }
+        }
+        // Both scopes: the external path checks the packet's source, the socket
+        // programs the bound source of a client on this node (kube-proxy filters both
+        // since 1.25).
+        if fe.kind == KIND_LOAD_BALANCER {
+            src_ranges = family_ranges(&plan.src_ranges, fam);
+            if !src_ranges.is_empty() {
+                flags |= SVC_FLAG_SRC_RANGES;
             }
         }
         let meta_flags = if internal {

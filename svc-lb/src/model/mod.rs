@@ -72,9 +72,9 @@ pub struct DesiredFrontend {
     pub kind: u8,
     /// `svc_lb_common::META_*` bits (traffic policies), shown by `list`.
     pub meta_flags: u8,
-    /// `svc_lb_common::SVC_FLAG_*` bits of the external path (`SVC_FLAG_EXT_LOCAL`,
-    /// `SVC_FLAG_DROP_EMPTY`, `SVC_FLAG_SRC_RANGES`); 0 on `SCOPE_ALL` frontends. The
-    /// planner adds `SVC_FLAG_AFFINITY` itself from `affinity_timeout_s`.
+    /// `svc_lb_common::SVC_FLAG_*` bits (`SVC_FLAG_EXT_LOCAL`, `SVC_FLAG_DROP_EMPTY` on
+    /// `SCOPE_EXTERNAL` frontends; `SVC_FLAG_SRC_RANGES` on load-balancer IPs of both
+    /// scopes). The planner adds `SVC_FLAG_AFFINITY` itself from `affinity_timeout_s`.
     pub flags: u16,
     /// `loadBalancerSourceRanges` of this frontend's family, sorted and unique; not
     /// empty exactly when `flags` has `SVC_FLAG_SRC_RANGES`.

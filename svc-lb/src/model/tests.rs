@@ -1942,14 +1942,32 @@ spec:
             assert_eq!(off.frontends, socket, "case {}", case.name);
             assert!(off.health_checks.is_empty(), "case {}", case.name);
             assert!(off_errors.len() <= errors.len(), "case {}", case.name);
-            // Socket-path frontends never carry external flags or ranges.
-            assert!(
-                socket
-                    .values()
-                    .all(|f| f.flags == 0 && f.src_ranges.is_empty()),
-                "case {}",
-                case.name
-            );
+            // Socket-path frontends carry no external-policy flags; a load-balancer IP
+            // carries its source ranges (the socket programs check clients on the node
+            // against them), the same as its external twin.
+            for f in socket.values() {
+                assert_eq!(f.flags & !SVC_FLAG_SRC_RANGES, 0, "case {}", case.name);
+                assert_eq!(
+                    f.flags & SVC_FLAG_SRC_RANGES != 0,
+                    !f.src_ranges.is_empty(),
+                    "case {}",
+                    case.name
+                );
+                if f.kind == KIND_LOAD_BALANCER {
+                    let twin = crate::model::FrontendKey {
+                        scope: SCOPE_EXTERNAL,
+                        ..f.key
+                    };
+                    assert_eq!(
+                        state.frontends.get(&twin).map(|t| &t.src_ranges),
+                        Some(&f.src_ranges),
+                        "case {}",
+                        case.name
+                    );
+                } else {
+                    assert!(f.src_ranges.is_empty(), "case {}", case.name);
+                }
+            }
         }
     }
 
@@ -1974,6 +1992,89 @@ spec:
             let fe = state.frontends.values().next().unwrap();
             let local: Vec<bool> = fe.backends.iter().map(|b| b.local).collect();
             assert_eq!(local, want, "node {name:?}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// loadBalancerSourceRanges per family, kube-proxy's rule (pkg/proxy/serviceport.go):
+// only the ranges of the address's family apply; none of that family, or a zero-length
+// prefix of it, means no filtering. Both scopes carry them (issue 11, item 5).
+
+mod source_ranges_per_family {
+    use svc_lb_common::{SCOPE_EXTERNAL, SVC_FLAG_SRC_RANGES};
+
+    use super::*;
+
+    #[test]
+    fn each_family_gets_its_own_ranges_and_zero_prefix_allows_all() {
+        let yaml = r#"
+kind: Service
+metadata: {name: v4only, namespace: shop}
+spec:
+  type: LoadBalancer
+  ipFamilyPolicy: RequireDualStack
+  clusterIPs: [10.96.0.1, "fd00:96::1"]
+  loadBalancerSourceRanges: ["10.0.0.0/8"]
+  ports: [{name: http, port: 80}]
+status: {loadBalancer: {ingress: [{ip: 192.0.2.10}, {ip: "2001:db8:1::10"}]}}
+---
+kind: Service
+metadata: {name: zero, namespace: shop}
+spec:
+  type: LoadBalancer
+  ipFamilyPolicy: RequireDualStack
+  clusterIPs: [10.96.0.2, "fd00:96::2"]
+  loadBalancerSourceRanges: ["0.0.0.0/0", "10.0.0.0/8", "2001:db8::/32"]
+  ports: [{name: http, port: 80}]
+status: {loadBalancer: {ingress: [{ip: 192.0.2.20}, {ip: "2001:db8:1::20"}]}}
+"#;
+        let (services, slices) = parse(yaml);
+        for external in [false, true] {
+            let node = NodeInfo {
+                name: Some("n1".into()),
+                addresses: vec!["192.168.1.10".parse().unwrap()],
+                external,
+                ..NodeInfo::default()
+            };
+            let (state, errors) = build(
+                Objects {
+                    services: &services,
+                    slices: &slices,
+                },
+                &node,
+            );
+            assert!(errors.is_empty(), "{errors:?}");
+            let ranges = |addr: &str, scope: u8| {
+                let fe = &state.frontends[&crate::model::FrontendKey {
+                    addr: addr.parse().unwrap(),
+                    port: 80,
+                    proto: svc_lb_common::PROTO_TCP,
+                    scope,
+                }];
+                assert_eq!(
+                    fe.flags & SVC_FLAG_SRC_RANGES != 0,
+                    !fe.src_ranges.is_empty()
+                );
+                fe.src_ranges
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+            };
+            let mut scopes = vec![SCOPE_ALL];
+            if external {
+                scopes.push(SCOPE_EXTERNAL);
+            }
+            for scope in scopes {
+                assert_eq!(ranges("192.0.2.10", scope), ["10.0.0.0/8"]);
+                // No IPv6 range: the IPv6 address is not filtered.
+                assert!(ranges("2001:db8:1::10", scope).is_empty());
+                // 0.0.0.0/0 among the IPv4 ranges: allow any.
+                assert!(ranges("192.0.2.20", scope).is_empty());
+                assert_eq!(ranges("2001:db8:1::20", scope), ["2001:db8::/32"]);
+                // Cluster IPs are never filtered.
+                assert!(ranges("10.96.0.1", SCOPE_ALL).is_empty());
+            }
         }
     }
 }
