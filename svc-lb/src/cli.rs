@@ -100,6 +100,11 @@ pub enum Command {
         /// another size that holds flows is kept until `svc-lb cleanup`.
         #[arg(long, default_value_t = svc_lb_common::CT_MAP_MAX, value_parser = parse_conntrack_max, value_name = "N")]
         conntrack_max: u32,
+        /// Testing only: treat these kernel features as missing so that their fallbacks
+        /// run (`all`, or names from `svc-lb status`'s kernel features: tcx,
+        /// fib_redirect, csum_ipv6_flag, set_retval, xdp_link).
+        #[arg(long, hide = true, value_name = "FEATURE[,FEATURE...]")]
+        force_feature_off: Option<String>,
     },
     /// Show every programmed frontend with its Service, flags and backends, from the
     /// pinned maps (works whether or not the agent runs).
@@ -288,7 +293,11 @@ pub fn run(cli: Cli) -> Result<()> {
             xdp,
             maglev_table_size,
             conntrack_max,
+            force_feature_off,
         } => {
+            let force_feature_off =
+                crate::datapath::probe::parse_forced(force_feature_off.as_deref().unwrap_or(""))
+                    .map_err(|e| anyhow::anyhow!("--force-feature-off: {e}"))?;
             let cgroup = match cgroup {
                 Some(c) => c,
                 None => crate::datapath::sys::cgroup2_root()?,
@@ -316,6 +325,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 xdp,
                 maglev_size: maglev_table_size,
                 conntrack_max,
+                force_feature_off,
             }))
         }
         Command::List {
