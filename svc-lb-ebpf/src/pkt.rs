@@ -11,8 +11,8 @@
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     helpers::{
-        bpf_csum_update, bpf_l3_csum_replace, bpf_l4_csum_replace, bpf_skb_change_tail, bpf_skb_load_bytes,
-        bpf_skb_store_bytes, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+        bpf_csum_update, bpf_l3_csum_replace, bpf_l4_csum_replace, bpf_skb_change_tail,
+        bpf_skb_load_bytes, bpf_skb_store_bytes, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
     },
     programs::{TcContext, XdpContext},
 };
@@ -109,8 +109,9 @@ impl Pkt for TcContext {
         if udp4 {
             flags |= u64::from(BPF_F_MARK_MANGLED_0);
         }
-        let ok =
-            unsafe { bpf_l4_csum_replace(self.skb.skb, off as u32, 0, u64::from(diff), flags) == 0 };
+        let ok = unsafe {
+            bpf_l4_csum_replace(self.skb.skb, off as u32, 0, u64::from(diff), flags) == 0
+        };
         if ok && compat_v6 {
             unsafe { bpf_csum_update(self.skb.skb, diff) };
         }

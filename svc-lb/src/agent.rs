@@ -331,7 +331,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             if let Some(devs) = ext.devices.clone().filter(|d| !d.is_empty()) {
                 let xdp = cfg.xdp && choices.xdp_link;
                 if cfg.xdp && !xdp {
-                    warn!("--xdp ignored: this kernel has no XDP links (see the feature probe); the devices run tc only");
+                    warn!(
+                        "--xdp ignored: this kernel has no XDP links (see the feature probe); the devices run tc only"
+                    );
                 }
                 // The socket path keeps serving whatever happens to the external path.
                 if let Err(e) = dp.attach_devices(&cfg.bpffs, &devs, xdp, choices.tc_attach) {

@@ -26,11 +26,8 @@ pub const FORCE_FEATURE_OFF_ENV: &str = "SVCLB_FORCE_FEATURE_OFF";
 /// [`FORCE_FEATURE_OFF_ENV`]), for the few checks whose expected result differs on
 /// the fallback (for example EPERM instead of ECONNREFUSED without `set_retval`).
 pub fn forced_off(name: &str) -> bool {
-    std::env::var(FORCE_FEATURE_OFF_ENV).is_ok_and(|v| {
-        v.split(',')
-            .map(str::trim)
-            .any(|f| f == name || f == "all")
-    })
+    std::env::var(FORCE_FEATURE_OFF_ENV)
+        .is_ok_and(|v| v.split(',').map(str::trim).any(|f| f == name || f == "all"))
 }
 
 /// The errno a Service without endpoints refuses a socket-path connect with:

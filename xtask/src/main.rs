@@ -278,7 +278,9 @@ fn test(ctx: &Ctx, args: &TestArgs) -> Result<()> {
         .env("SVCLB_FORCE_FEATURE_OFF", "all");
     run(&mut forced)?;
     bench::smoke(ctx, &agent)?;
-    step("test: all passed (lint, host tests, end-to-end, end-to-end with kernel fallbacks, benchmark smoke run)");
+    step(
+        "test: all passed (lint, host tests, end-to-end, end-to-end with kernel fallbacks, benchmark smoke run)",
+    );
     Ok(())
 }
 

@@ -644,8 +644,7 @@ fn attach_tc_netlink(
     attach_type: TcAttachType,
 ) -> Result<()> {
     if let Err(e) = aya::programs::tc::qdisc_add_clsact(dev) {
-        let exists =
-            matches!(&e, aya::programs::tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST));
+        let exists = matches!(&e, aya::programs::tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST));
         if !exists {
             return Err(anyhow::Error::new(e))
                 .with_context(|| format!("add the clsact qdisc to device {dev}"));
@@ -740,7 +739,9 @@ fn cleanup_tc_netlink(bpffs: &Path) -> Result<usize> {
     }
     let mut n = 0;
     for entry in fs::read_dir(&dir).with_context(|| format!("read {}", dir.display()))? {
-        let path = entry.with_context(|| format!("read {}", dir.display()))?.path();
+        let path = entry
+            .with_context(|| format!("read {}", dir.display()))?
+            .path();
         let file = path
             .file_name()
             .map(|f| f.to_string_lossy().into_owned())

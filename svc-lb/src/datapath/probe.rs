@@ -148,10 +148,7 @@ pub const TABLE: &[FeatureInfo] = &[
 
 pub fn info(f: Feature) -> &'static FeatureInfo {
     // TABLE lists every variant; the unit test `table_lists_every_feature` checks it.
-    TABLE
-        .iter()
-        .find(|i| i.feature == f)
-        .unwrap_or(&TABLE[0])
+    TABLE.iter().find(|i| i.feature == f).unwrap_or(&TABLE[0])
 }
 
 /// A probe's answer for one feature.
@@ -577,8 +574,7 @@ impl KernelProber {
             repeat: 1,
             ..Default::default()
         };
-        bpf(BPF_PROG_TEST_RUN, &mut attr)
-            .map_err(|e| anyhow::anyhow!("BPF_PROG_TEST_RUN: {e}"))?;
+        bpf(BPF_PROG_TEST_RUN, &mut attr).map_err(|e| anyhow::anyhow!("BPF_PROG_TEST_RUN: {e}"))?;
         Ok(attr.retval == 0)
     }
 }
@@ -612,13 +608,12 @@ impl Prober for KernelProber {
             }
             Feature::LruLpmMaps => Ok(map(MapType::LruHash)? && map(MapType::LpmTrie)?),
             Feature::Tcx => self.tcx(),
-            Feature::FibRedirect => Ok(helper(
-                ProgramType::SchedClassifier,
-                BpfHelper::BPF_FUNC_redirect_neigh,
-            )? && helper(
-                ProgramType::SchedClassifier,
-                BpfHelper::BPF_FUNC_check_mtu,
-            )?),
+            Feature::FibRedirect => {
+                Ok(helper(
+                    ProgramType::SchedClassifier,
+                    BpfHelper::BPF_FUNC_redirect_neigh,
+                )? && helper(ProgramType::SchedClassifier, BpfHelper::BPF_FUNC_check_mtu)?)
+            }
             Feature::CsumIpv6Flag => self.csum_ipv6_flag(),
             // No side-effect-free attach test tells an XDP link apart on every kernel
             // (a missing device is EINVAL both before and after 5.9); the attach code
@@ -690,14 +685,15 @@ mod tests {
         // 5.15: no TCX, no bpf_set_retval, no BPF_F_IPV6; the rest is there.
         let has: Vec<Feature> = all()
             .into_iter()
-            .filter(|f| {
-                !matches!(
-                    f,
-                    Feature::Tcx | Feature::SetRetval | Feature::CsumIpv6Flag
-                )
-            })
+            .filter(|f| !matches!(f, Feature::Tcx | Feature::SetRetval | Feature::CsumIpv6Flag))
             .collect();
-        let p = Probe::run(&Fake { has, errors: vec![] }, &[]);
+        let p = Probe::run(
+            &Fake {
+                has,
+                errors: vec![],
+            },
+            &[],
+        );
         let c = p.choices();
         assert_eq!(c.socket_path, Ok(()));
         assert_eq!(c.tc_attach, TcAttach::Netlink);
@@ -764,7 +760,14 @@ mod tests {
             .into_iter()
             .filter(|f| *f != Feature::SockAddrHooks)
             .collect();
-        let c = Probe::run(&Fake { has, errors: vec![] }, &[]).choices();
+        let c = Probe::run(
+            &Fake {
+                has,
+                errors: vec![],
+            },
+            &[],
+        )
+        .choices();
         let err = c.socket_path.unwrap_err();
         assert!(
             err.contains("sock_addr_hooks") && err.contains("5.15.0-fake"),

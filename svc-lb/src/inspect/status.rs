@@ -534,30 +534,29 @@ pub fn collect(bpffs: &Path, agent_addr: Option<SocketAddr>) -> Result<Status> {
         Err(e) => (Vec::new(), Some(format!("{e:#}"))),
     };
     let agent = match agent_addr {
-            Some(a) => {
-                let mut r = fetch_agent(a);
-                // Several agents may run on one machine (tests, a second pin directory):
-                // say so when the one that answered serves other pins.
-                if let Some(st) = &r.status {
-                    let same = |p: &str| {
-                        std::fs::canonicalize(p).ok() == std::fs::canonicalize(bpffs).ok()
-                    };
-                    if !same(&st.bpffs) {
-                        r.error = Some(format!(
-                            "the agent at {a} serves the pins in {}, not {}",
-                            st.bpffs,
-                            bpffs.display()
-                        ));
-                    }
+        Some(a) => {
+            let mut r = fetch_agent(a);
+            // Several agents may run on one machine (tests, a second pin directory):
+            // say so when the one that answered serves other pins.
+            if let Some(st) = &r.status {
+                let same =
+                    |p: &str| std::fs::canonicalize(p).ok() == std::fs::canonicalize(bpffs).ok();
+                if !same(&st.bpffs) {
+                    r.error = Some(format!(
+                        "the agent at {a} serves the pins in {}, not {}",
+                        st.bpffs,
+                        bpffs.display()
+                    ));
                 }
-                r
             }
-            None => AgentReport {
-                address: String::new(),
-                reachable: false,
-                error: Some("not asked (--metrics-addr off)".to_owned()),
-                status: None,
-            },
+            r
+        }
+        None => AgentReport {
+            address: String::new(),
+            reachable: false,
+            error: Some("not asked (--metrics-addr off)".to_owned()),
+            status: None,
+        },
     };
     Ok(Status {
         version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -807,7 +806,10 @@ mod tests {
             external_error: Some("attach svclb_tc_in: verifier".to_owned()),
         };
         let text = render_kernel(&k);
-        assert!(text.contains("Kernel 5.15.0-91-generic (probed by agent)"), "{text}");
+        assert!(
+            text.contains("Kernel 5.15.0-91-generic (probed by agent)"),
+            "{text}"
+        );
         let line = |name: &str| {
             text.lines()
                 .find(|l| l.trim_start().starts_with(name))
@@ -815,9 +817,15 @@ mod tests {
                 .to_owned()
         };
         assert!(line("cgroup_link").contains("found"), "{text}");
-        assert!(line("tcx").contains("MISSING") && line("tcx").contains("netlink"), "{text}");
+        assert!(
+            line("tcx").contains("MISSING") && line("tcx").contains("netlink"),
+            "{text}"
+        );
         assert!(line("set_retval").contains("FORCED OFF"), "{text}");
         assert!(text.contains("through netlink"), "{text}");
-        assert!(text.contains("EXTERNAL PATH OFF: attach svclb_tc_in"), "{text}");
+        assert!(
+            text.contains("EXTERNAL PATH OFF: attach svclb_tc_in"),
+            "{text}"
+        );
     }
 }
