@@ -337,6 +337,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 }
                 // The socket path keeps serving whatever happens to the external path.
                 if let Err(e) = dp.attach_devices(&cfg.bpffs, &devs, xdp, choices.tc_attach) {
+                    crate::datapath::bpf::detach_devices(&cfg.bpffs, &devs);
                     ext.fail(e.context("external path: attach the tc/XDP programs"));
                 }
             }

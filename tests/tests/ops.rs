@@ -383,10 +383,7 @@ fn metrics_list_and_status_count_real_traffic() {
         // The kernel section is the agent's probe: every feature with its state.
         let k = &st["kernel"];
         ensure!(k["probed_by"] == "agent", "{k}");
-        ensure!(
-            k["release"].as_str().is_some_and(|r| !r.is_empty()),
-            "{k}"
-        );
+        ensure!(k["release"].as_str().is_some_and(|r| !r.is_empty()), "{k}");
         let feature = |name: &str| {
             k["features"]
                 .as_array()

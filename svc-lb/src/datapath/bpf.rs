@@ -651,17 +651,28 @@ fn attach_tc_netlink(
         }
     }
     let handle = aya::programs::tc::TcHandle::new(0, TC_NETLINK_HANDLE);
-    let ours = aya::programs::tc::SchedClassifierLink::attached(
-        dev,
-        attach_type,
-        TC_NETLINK_PRIORITY,
-        handle,
-        None,
-    )
-    .with_context(|| format!("device {dev}"))?;
-    // Replace first: without NLM_F_CREATE the kernel only changes an existing filter
-    // (ENOENT when there is none, then it is added).
-    let id = match prog.attach_to_link(ours) {
+    let dir = tc_netlink_dir(bpffs);
+    let record = dir.join(format!("{name}@{dev}"));
+    // Replace only the filter an earlier run recorded (without NLM_F_CREATE the kernel
+    // only changes an existing filter); otherwise create it exclusively, so that a
+    // filter svc-lb does not own at that priority and handle (or a legacy `ingress`
+    // qdisc, where ingress and egress are one hook) fails the attach instead of being
+    // replaced.
+    let replaced = if record.exists() {
+        // Built only here: dropping an unused link handle would remove the filter.
+        let ours = aya::programs::tc::SchedClassifierLink::attached(
+            dev,
+            attach_type,
+            TC_NETLINK_PRIORITY,
+            handle,
+            None,
+        )
+        .with_context(|| format!("device {dev}"))?;
+        prog.attach_to_link(ours).map_err(|e| e.to_string())
+    } else {
+        Err("no filter recorded by an earlier run".to_owned())
+    };
+    let id = match replaced {
         Ok(id) => {
             info!(program = name, device = %dev, priority = TC_NETLINK_PRIORITY, "replaced program in the netlink tc filter");
             id
@@ -680,7 +691,7 @@ fn attach_tc_netlink(
                 .map_err(anyhow::Error::new)
                 .with_context(|| {
                     format!(
-                        "attach {name} to device {dev} (netlink; replacing failed too: {replace_err})"
+                        "attach {name} to device {dev} (netlink filter at priority {TC_NETLINK_PRIORITY}, handle {TC_NETLINK_HANDLE}; is that taken, or does the device have an `ingress` qdisc instead of clsact? not replaced: {replace_err})"
                     )
                 })?;
             info!(program = name, device = %dev, priority = TC_NETLINK_PRIORITY, "attached tc program (netlink)");
@@ -693,9 +704,7 @@ fn attach_tc_netlink(
         .take_link(id)
         .with_context(|| format!("take link of {name}"))?;
     std::mem::forget(link);
-    let dir = tc_netlink_dir(bpffs);
     fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-    let record = dir.join(format!("{name}@{dev}"));
     let tmp = dir.join(format!("{name}@{dev}_new"));
     let _ = fs::remove_file(&tmp);
     prog.pin(&tmp)
@@ -727,6 +736,29 @@ fn detach_pin(pin: &Path) {
     }
     if let Err(e) = fs::remove_file(pin) {
         warn!(pin = %pin.display(), error = %e, "could not remove the pin");
+    }
+}
+
+/// Detaches every tc and XDP program of svc-lb from `devices` (TCX and XDP links,
+/// netlink filters), best effort: after a failed attach the external path is off, and a
+/// half-attached device (ingress translating, egress not) would break its flows.
+pub fn detach_devices(bpffs: &Path, devices: &[String]) {
+    for dev in devices {
+        for (name, t) in [
+            (PROG_TC_INGRESS, TcAttachType::Ingress),
+            (PROG_TC_EGRESS, TcAttachType::Egress),
+        ] {
+            let record = tc_netlink_dir(bpffs).join(format!("{name}@{dev}"));
+            if record.exists() {
+                detach_tc_netlink(&record, dev, name, t);
+            }
+        }
+        for name in [PROG_TC_INGRESS, PROG_TC_EGRESS, PROG_XDP] {
+            let pin = links_dir(bpffs).join(format!("{name}@{dev}"));
+            if pin.exists() {
+                detach_pin(&pin);
+            }
+        }
     }
 }
 
