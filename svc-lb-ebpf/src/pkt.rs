@@ -11,15 +11,16 @@
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     helpers::{
-        bpf_l3_csum_replace, bpf_l4_csum_replace, bpf_skb_change_tail, bpf_skb_load_bytes,
-        bpf_skb_store_bytes, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+        bpf_csum_update, bpf_l3_csum_replace, bpf_l4_csum_replace, bpf_skb_change_tail,
+        bpf_skb_load_bytes, bpf_skb_store_bytes, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
     },
     programs::{TcContext, XdpContext},
 };
 
 use crate::csum;
 
-/// `BPF_F_IPV6` for `bpf_l4_csum_replace` (kernel ≥ 6.16; absent from the bindings):
+/// `BPF_F_IPV6` for `bpf_l4_csum_replace` (kernel ≥ 6.16, probed by the agent; absent
+/// from the bindings):
 /// an IPv6 pseudo-header change must not touch `skb->csum` of a CHECKSUM_COMPLETE skb,
 /// because IPv6 has no header checksum that would cancel the address change out.
 const BPF_F_IPV6: u64 = 1 << 7;
@@ -94,16 +95,27 @@ impl Pkt for TcContext {
     #[inline(always)]
     fn csum_l4(&self, off: usize, diff: u32, pseudo: bool, udp4: bool, v6: bool) -> bool {
         let mut flags = 0u64;
+        // Kernels < 6.16 reject BPF_F_IPV6 (EINVAL) and instead take an IPv6
+        // pseudo-header change out of a CHECKSUM_COMPLETE skb's `csum` as if an IPv4
+        // header checksum had absorbed it; adding the difference back afterwards
+        // (bpf_csum_update, a no-op for other skbs) restores exactly what the flag keeps.
+        let compat_v6 = pseudo && v6 && !crate::compat::csum_ipv6_flag();
         if pseudo {
             flags |= u64::from(BPF_F_PSEUDO_HDR);
-            if v6 {
+            if v6 && !compat_v6 {
                 flags |= BPF_F_IPV6;
             }
         }
         if udp4 {
             flags |= u64::from(BPF_F_MARK_MANGLED_0);
         }
-        unsafe { bpf_l4_csum_replace(self.skb.skb, off as u32, 0, u64::from(diff), flags) == 0 }
+        let ok = unsafe {
+            bpf_l4_csum_replace(self.skb.skb, off as u32, 0, u64::from(diff), flags) == 0
+        };
+        if ok && compat_v6 {
+            unsafe { bpf_csum_update(self.skb.skb, diff) };
+        }
+        ok
     }
 
     #[inline(always)]

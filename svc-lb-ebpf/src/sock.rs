@@ -67,8 +67,11 @@ pub(crate) fn count_conn(rev_nat_id: u32, backend_id: u32) {
 fn refuse(reason: u32) -> i32 {
     count(reason);
     // Without this the syscall would fail with EPERM; kube-proxy's REJECT gives
-    // ECONNREFUSED and clients treat the two differently.
-    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    // ECONNREFUSED and clients treat the two differently. Kernels < 5.18 lack the
+    // helper: the agent's probe turns it off there (EPERM it is).
+    if crate::compat::set_retval() {
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+    }
     REJECT
 }
 

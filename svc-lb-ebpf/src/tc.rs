@@ -89,6 +89,11 @@ pub fn egress(ctx: &TcContext) -> i32 {
 /// Not inlined: the lookup parameters (64 bytes) get their own stack frame.
 #[inline(never)]
 fn send(ctx: &TcContext, f: &Flow) -> i32 {
+    // Kernels without bpf_redirect_neigh (5.10) or bpf_check_mtu (5.12): the stack
+    // forwards (with accept_local=1, which the agent sets on the devices).
+    if !crate::compat::fib_redirect() {
+        return to_stack();
+    }
     let v4 = f.family == FAMILY_V4;
     // SAFETY: an all-zero bpf_fib_lookup is valid (plain integers and unions of them).
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };

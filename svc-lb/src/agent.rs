@@ -46,6 +46,9 @@ pub struct AgentConfig {
     pub conntrack_max: u32,
     /// `--destroy-tcp`: also destroy TCP sockets connected to removed backends.
     pub destroy_tcp: bool,
+    /// `--force-feature-off`: kernel features treated as missing, so that their
+    /// fallbacks run (tests of older kernels on a new one).
+    pub force_feature_off: Vec<crate::datapath::probe::Feature>,
 }
 
 impl AgentConfig {
@@ -69,6 +72,16 @@ struct External {
 impl External {
     fn on(&self) -> bool {
         self.devices.as_ref().is_some_and(|d| !d.is_empty())
+    }
+
+    /// Turns the external path off for this run after `e`: logged and shown in
+    /// `status`, never fatal, since the socket path does not depend on it.
+    fn fail(&mut self, e: anyhow::Error) {
+        let why = format!("{e:#}");
+        error!(error = %why, "external path OFF for this run (NodePort, LoadBalancer and external IPs from outside the node); the socket path keeps working");
+        self.devices = Some(Vec::new());
+        self.health = None;
+        crate::status::update(|st| st.external_error = Some(why));
     }
 
     /// Decides the devices (once) from the flags, the mode and the Node's addresses.
@@ -186,6 +199,22 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     if let Some(d) = &cfg.devices {
         devices::check_devices(d)?;
     }
+    // What this kernel offers decides the fallbacks; a kernel the socket path cannot
+    // run on stops the agent here with the missing features named.
+    let probe = crate::datapath::probe::Probe::run(
+        &crate::datapath::probe::KernelProber,
+        &cfg.force_feature_off,
+    );
+    probe.log();
+    let choices = probe.choices();
+    crate::status::update(|st| {
+        st.kernel = probe.kernel.clone();
+        st.features = probe.report();
+        st.tc_attach = Some(choices.tc_attach);
+    });
+    if let Err(why) = &choices.socket_path {
+        anyhow::bail!("{why}");
+    }
     let mut dp = BpfDatapath::open_with(
         &cfg.bpffs,
         crate::datapath::bpf::LoadOptions {
@@ -193,6 +222,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             maglev_size: cfg.maglev_size,
             conntrack_max: cfg.conntrack_max,
             external_off: cfg.external_off(),
+            compat: (&choices).into(),
         },
     )?;
     let mut ext = External {
@@ -269,14 +299,17 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         let sync_started = Instant::now();
         // The Node object (Kubernetes mode) adds the zone and the node addresses.
         let mut node = model::node_info(&cfg.node, snap.node.as_ref());
-        ext.decide_devices(&cfg, &node, &dp)?;
-        node.external = ext.on();
-        if let Err(e) = ext.refresh_addresses(&cfg, &mut dp) {
-            if !attached {
-                return Err(e.context("external path: write the node addresses"));
-            }
-            error!(error = %format!("{e:#}"), "external path: could not update the node addresses");
+        if let Err(e) = ext.decide_devices(&cfg, &node, &dp) {
+            ext.fail(e.context("external path: choose the devices"));
         }
+        if let Err(e) = ext.refresh_addresses(&cfg, &mut dp) {
+            if attached {
+                error!(error = %format!("{e:#}"), "external path: could not update the node addresses");
+            } else {
+                ext.fail(e.context("external path: write the node addresses"));
+            }
+        }
+        node.external = ext.on();
         // Manifest mode has no Node object: the devices' node addresses stand in for its
         // addresses, so a pod on this node dialling its own node's NodePort (hairpin)
         // is served by the socket programs like in Kubernetes mode.
@@ -309,8 +342,18 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             // Attach only once the first sync is in the maps, and before it is reported
             // as applied: "applied" means the kernel acts on it.
             dp.attach(&cfg.bpffs, &cfg.cgroup)?;
-            if let Some(devs) = ext.devices.as_ref().filter(|d| !d.is_empty()) {
-                dp.attach_devices(&cfg.bpffs, devs, cfg.xdp)?;
+            if let Some(devs) = ext.devices.clone().filter(|d| !d.is_empty()) {
+                let xdp = cfg.xdp && choices.xdp_link;
+                if cfg.xdp && !xdp {
+                    warn!(
+                        "--xdp ignored: this kernel has no XDP links (see the feature probe); the devices run tc only"
+                    );
+                }
+                // The socket path keeps serving whatever happens to the external path.
+                if let Err(e) = dp.attach_devices(&cfg.bpffs, &devs, xdp, choices.tc_attach) {
+                    crate::datapath::bpf::detach_devices(&cfg.bpffs, &devs);
+                    ext.fail(e.context("external path: attach the tc/XDP programs"));
+                }
             }
             attached = true;
             crate::status::update(|st| st.attached = true);

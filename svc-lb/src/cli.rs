@@ -105,6 +105,11 @@ pub enum Command {
         /// default: TCP has its own end-to-end signalling.
         #[arg(long)]
         destroy_tcp: bool,
+        /// Testing only: treat these kernel features as missing so that their fallbacks
+        /// run (`all`, or names from `svc-lb status`'s kernel features: tcx,
+        /// fib_redirect, csum_ipv6_flag, set_retval, xdp_link).
+        #[arg(long, hide = true, value_name = "FEATURE[,FEATURE...]")]
+        force_feature_off: Option<String>,
     },
     /// Show every programmed frontend with its Service, flags and backends, from the
     /// pinned maps (works whether or not the agent runs).
@@ -294,7 +299,11 @@ pub fn run(cli: Cli) -> Result<()> {
             maglev_table_size,
             conntrack_max,
             destroy_tcp,
+            force_feature_off,
         } => {
+            let force_feature_off =
+                crate::datapath::probe::parse_forced(force_feature_off.as_deref().unwrap_or(""))
+                    .map_err(|e| anyhow::anyhow!("--force-feature-off: {e}"))?;
             let cgroup = match cgroup {
                 Some(c) => c,
                 None => crate::datapath::sys::cgroup2_root()?,
@@ -323,6 +332,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 maglev_size: maglev_table_size,
                 conntrack_max,
                 destroy_tcp,
+                force_feature_off,
             }))
         }
         Command::List {

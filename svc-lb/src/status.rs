@@ -37,6 +37,17 @@ pub struct AgentStatus {
     pub problems: Vec<String>,
     #[serde(default)]
     pub problems_total: usize,
+    /// The kernel release and what the feature probe found (see `datapath::probe`).
+    #[serde(default)]
+    pub kernel: String,
+    #[serde(default)]
+    pub features: Vec<crate::datapath::probe::FeatureStatus>,
+    /// How the tc programs attach on this kernel.
+    #[serde(default)]
+    pub tc_attach: Option<crate::datapath::probe::TcAttach>,
+    /// Why the external path is off for this run, when it failed to start.
+    #[serde(default)]
+    pub external_error: Option<String>,
 }
 
 /// Lines of `problems` published at most, to keep `/status` small on a node with many

@@ -17,6 +17,29 @@ use crate::procs::{self, ChildGuard};
 /// The substring the agent prints once per sync applied to the maps.
 pub const SYNC_APPLIED: &str = "sync applied";
 
+/// Set (for example to `all`) to start every agent with `--force-feature-off <value>`,
+/// so that the suites run on the fallbacks an older kernel gets (`cargo xtask test`
+/// runs the socket and external suites once more this way).
+pub const FORCE_FEATURE_OFF_ENV: &str = "SVCLB_FORCE_FEATURE_OFF";
+
+/// Whether the agents of this run have kernel feature `name` forced off (see
+/// [`FORCE_FEATURE_OFF_ENV`]), for the few checks whose expected result differs on
+/// the fallback (for example EPERM instead of ECONNREFUSED without `set_retval`).
+pub fn forced_off(name: &str) -> bool {
+    std::env::var(FORCE_FEATURE_OFF_ENV)
+        .is_ok_and(|v| v.split(',').map(str::trim).any(|f| f == name || f == "all"))
+}
+
+/// The errno a Service without endpoints refuses a socket-path connect with:
+/// ECONNREFUSED, or EPERM when `bpf_set_retval` is forced off (kernels < 5.18).
+pub fn refused_errno() -> &'static str {
+    if forced_off("set_retval") {
+        "EPERM"
+    } else {
+        "ECONNREFUSED"
+    }
+}
+
 /// How to start the agent.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -103,6 +126,13 @@ impl Agent {
             .arg("--cgroup")
             .arg(&config.cgroup)
             .args(&config.extra_args)
+            .args(
+                std::env::var(FORCE_FEATURE_OFF_ENV)
+                    .ok()
+                    .filter(|v| !v.is_empty())
+                    .map(|v| vec!["--force-feature-off".to_owned(), v])
+                    .unwrap_or_default(),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -308,6 +308,23 @@ fn metrics_list_and_status_count_real_traffic() {
             .find(|m| m["name"] == "LB_SVC4_V1")
             .context("LB_SVC4_V1")?;
         ensure!(svc4["entries"] == 7, "{svc4}");
+        // The kernel section is the agent's probe: every feature with its state.
+        let k = &st["kernel"];
+        ensure!(k["probed_by"] == "agent", "{k}");
+        ensure!(k["release"].as_str().is_some_and(|r| !r.is_empty()), "{k}");
+        let feature = |name: &str| {
+            k["features"]
+                .as_array()
+                .and_then(|f| f.iter().find(|f| f["name"] == name))
+                .cloned()
+        };
+        for name in ["sock_addr_hooks", "cgroup_link", "tcx", "set_retval"] {
+            let f = feature(name).with_context(|| format!("feature {name} in {k}"))?;
+            ensure!(
+                f["state"] == "found" || f["state"] == "forced_off",
+                "{name} on this kernel: {f}"
+            );
+        }
 
         // With the agent gone, status still shows the datapath and says so.
         drop(agent);
@@ -316,6 +333,7 @@ fn metrics_list_and_status_count_real_traffic() {
         ensure!(out.status.success(), "{text}");
         ensure!(text.contains("not reachable"), "{text}");
         ensure!(text.contains("svclb_connect4"), "{text}");
+        ensure!(text.contains("(probed by this command)"), "{text}");
         Ok(())
     });
 }

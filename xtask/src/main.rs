@@ -255,8 +255,32 @@ fn test(ctx: &Ctx, args: &TestArgs) -> Result<()> {
     ])?;
     e2e.env("SVC_LB_BIN", &agent);
     run(&mut e2e)?;
+    // These machines run one kernel: the socket and external suites run again with every
+    // kernel fallback forced (netlink tc, no bpf_set_retval, no BPF_F_IPV6, no FIB
+    // redirect, no XDP links), as an older node would run them.
+    step("test: end-to-end again with every kernel fallback forced (SVCLB_FORCE_FEATURE_OFF=all)");
+    let mut forced = ctx.cargo([
+        "test",
+        "--release",
+        "-p",
+        "svc-lb-tests",
+        "--features",
+        "e2e",
+        "--test",
+        "e2e",
+        "--test",
+        "external",
+        "--",
+        "--test-threads=1",
+    ])?;
+    forced
+        .env("SVC_LB_BIN", &agent)
+        .env("SVCLB_FORCE_FEATURE_OFF", "all");
+    run(&mut forced)?;
     bench::smoke(ctx, &agent)?;
-    step("test: all passed (lint, host tests, end-to-end, benchmark smoke run)");
+    step(
+        "test: all passed (lint, host tests, end-to-end, end-to-end with kernel fallbacks, benchmark smoke run)",
+    );
     Ok(())
 }
 

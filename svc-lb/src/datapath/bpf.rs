@@ -36,6 +36,7 @@ use tracing::{info, warn};
 use super::{
     MapStore,
     codec::{self, SvcKey},
+    probe::TcAttach,
     sys,
 };
 use crate::plan::{Capacity, CurrentState, Op};
@@ -234,6 +235,37 @@ pub struct LoadOptions {
     /// external affinity), which the kernel preallocates in full, get
     /// [`EXT_OFF_ENTRIES`] instead.
     pub external_off: bool,
+    /// Which helpers and flags the programs may use (from the kernel probe).
+    pub compat: Compat,
+}
+
+/// The programs' kernel switches (svc-lb-ebpf/src/compat.rs), chosen by
+/// [`super::probe::Probe::choices`]. The default is the newest kernel's behaviour.
+#[derive(Clone, Copy, Debug)]
+pub struct Compat {
+    pub set_retval: bool,
+    pub csum_ipv6_flag: bool,
+    pub fib_redirect: bool,
+}
+
+impl Default for Compat {
+    fn default() -> Self {
+        Self {
+            set_retval: true,
+            csum_ipv6_flag: true,
+            fib_redirect: true,
+        }
+    }
+}
+
+impl From<&super::probe::Choices> for Compat {
+    fn from(c: &super::probe::Choices) -> Self {
+        Self {
+            set_retval: c.set_retval,
+            csum_ipv6_flag: c.csum_ipv6_flag,
+            fib_redirect: c.fib_redirect,
+        }
+    }
 }
 
 /// Entries of the external path's LRU maps while it is off. Nothing reads or writes
@@ -243,6 +275,15 @@ pub const EXT_OFF_ENTRIES: u32 = 1;
 /// Whether a tc or XDP program of an earlier run is still attached through a pinned
 /// link: it keeps writing the maps it was loaded with until this run swaps it out.
 fn ext_links_pinned(bpffs: &Path) -> Result<bool> {
+    let nl = tc_netlink_dir(bpffs);
+    if nl.exists()
+        && fs::read_dir(&nl)
+            .with_context(|| format!("read {}", nl.display()))?
+            .next()
+            .is_some()
+    {
+        return Ok(true);
+    }
     let dir = links_dir(bpffs);
     let prefixes = [PROG_TC_INGRESS, PROG_TC_EGRESS, PROG_XDP].map(|p| format!("{p}@"));
     for entry in fs::read_dir(&dir).with_context(|| format!("read {}", dir.display()))? {
@@ -343,6 +384,16 @@ impl BpfDatapath {
         // Always set, so that a stale object without the switch fails loudly here.
         let bpf_log = u8::from(opts.bpf_log);
         loader.override_global(BPF_LOG_GLOBAL, &bpf_log, true);
+        // Always set too: an object without a switch must not load with its default.
+        let switches = [
+            ("SVCLB_SET_RETVAL", opts.compat.set_retval),
+            ("SVCLB_CSUM_IPV6_FLAG", opts.compat.csum_ipv6_flag),
+            ("SVCLB_FIB_REDIRECT", opts.compat.fib_redirect),
+        ]
+        .map(|(name, on)| (name, u8::from(on)));
+        for (name, value) in &switches {
+            loader.override_global(name, value, true);
+        }
         if !opts.bpf_log {
             // The log ring buffer is created anyway (aya creates every map of the
             // object); without the log, one page is enough instead of 128 KiB.
@@ -568,6 +619,180 @@ fn pin_link(link: FdLink, bpffs: &Path, pin: &Path) -> Result<()> {
     fs::rename(&tmp, pin)
         .with_context(|| format!("rename {} to {}", tmp.display(), pin.display()))?;
     Ok(())
+}
+
+/// Where netlink-attached tc programs are recorded: one pinned program per
+/// `<program>@<device>`, so that a restart knows to replace the filter and `cleanup`
+/// knows which filters to remove (a netlink filter has no bpf link to pin).
+pub fn tc_netlink_dir(bpffs: &Path) -> PathBuf {
+    bpffs.join("tc-netlink")
+}
+
+/// The cls_bpf filter svc-lb owns on each clsact hook: a fixed priority and handle, so
+/// a restarted agent replaces its own filter in place (the kernel swaps the program
+/// under RCU: no packet sees no program) instead of adding a second one.
+pub const TC_NETLINK_PRIORITY: u16 = 100;
+pub const TC_NETLINK_HANDLE: u16 = 1;
+
+/// Attaches `prog` to `dev` through netlink (clsact qdisc + direct-action filter), for
+/// kernels without TCX: replaces svc-lb's filter when there is one, adds it otherwise.
+fn attach_tc_netlink(
+    prog: &mut SchedClassifier,
+    bpffs: &Path,
+    dev: &str,
+    name: &str,
+    attach_type: TcAttachType,
+) -> Result<()> {
+    if let Err(e) = aya::programs::tc::qdisc_add_clsact(dev) {
+        let exists = matches!(&e, aya::programs::tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST));
+        if !exists {
+            return Err(anyhow::Error::new(e))
+                .with_context(|| format!("add the clsact qdisc to device {dev}"));
+        }
+    }
+    let handle = aya::programs::tc::TcHandle::new(0, TC_NETLINK_HANDLE);
+    let dir = tc_netlink_dir(bpffs);
+    let record = dir.join(format!("{name}@{dev}"));
+    // Replace only the filter an earlier run recorded (without NLM_F_CREATE the kernel
+    // only changes an existing filter); otherwise create it exclusively, so that a
+    // filter svc-lb does not own at that priority and handle (or a legacy `ingress`
+    // qdisc, where ingress and egress are one hook) fails the attach instead of being
+    // replaced.
+    let replaced = if record.exists() {
+        // Built only here: dropping an unused link handle would remove the filter.
+        let ours = aya::programs::tc::SchedClassifierLink::attached(
+            dev,
+            attach_type,
+            TC_NETLINK_PRIORITY,
+            handle,
+            None,
+        )
+        .with_context(|| format!("device {dev}"))?;
+        prog.attach_to_link(ours).map_err(|e| e.to_string())
+    } else {
+        Err("no filter recorded by an earlier run".to_owned())
+    };
+    let id = match replaced {
+        Ok(id) => {
+            info!(program = name, device = %dev, priority = TC_NETLINK_PRIORITY, "replaced program in the netlink tc filter");
+            id
+        }
+        Err(replace_err) => {
+            let id = prog
+                .attach_with_options(
+                    dev,
+                    attach_type,
+                    TcAttachOptions::Netlink(aya::programs::tc::NlOptions {
+                        priority: TC_NETLINK_PRIORITY,
+                        handle,
+                        classid: None,
+                    }),
+                )
+                .map_err(anyhow::Error::new)
+                .with_context(|| {
+                    format!(
+                        "attach {name} to device {dev} (netlink filter at priority {TC_NETLINK_PRIORITY}, handle {TC_NETLINK_HANDLE}; is that taken, or does the device have an `ingress` qdisc instead of clsact? not replaced: {replace_err})"
+                    )
+                })?;
+            info!(program = name, device = %dev, priority = TC_NETLINK_PRIORITY, "attached tc program (netlink)");
+            id
+        }
+    };
+    // aya removes the filters of the links it holds when the program is dropped; the
+    // filter must outlive the agent, like a pinned link.
+    let link = prog
+        .take_link(id)
+        .with_context(|| format!("take link of {name}"))?;
+    std::mem::forget(link);
+    fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let tmp = dir.join(format!("{name}@{dev}_new"));
+    let _ = fs::remove_file(&tmp);
+    prog.pin(&tmp)
+        .with_context(|| format!("pin program {}", tmp.display()))?;
+    fs::rename(&tmp, &record)
+        .with_context(|| format!("rename {} to {}", tmp.display(), record.display()))?;
+    Ok(())
+}
+
+/// Removes svc-lb's netlink filter of `name` on `dev` and its record. Failures are
+/// logged (the device may be gone); the record goes anyway.
+fn detach_tc_netlink(record: &Path, dev: &str, name: &str, attach_type: TcAttachType) {
+    match aya::programs::tc::qdisc_detach_program(dev, attach_type, name) {
+        Ok(()) => info!(program = name, device = %dev, "removed the netlink tc filter"),
+        Err(e) => {
+            warn!(program = name, device = %dev, error = %format!("{:#}", anyhow::Error::new(e)), "could not remove the netlink tc filter")
+        }
+    }
+    if let Err(e) = fs::remove_file(record) {
+        warn!(pin = %record.display(), error = %e, "could not remove the record");
+    }
+}
+
+/// Detaches the link pinned at `pin` and removes the pin; failures are logged.
+fn detach_pin(pin: &Path) {
+    match sys::obj_get(pin).and_then(|fd| sys::link_detach(&fd)) {
+        Ok(()) => info!(pin = %pin.display(), "detached the link of an earlier run"),
+        Err(e) => warn!(pin = %pin.display(), error = %format!("{e:#}"), "could not detach link"),
+    }
+    if let Err(e) = fs::remove_file(pin) {
+        warn!(pin = %pin.display(), error = %e, "could not remove the pin");
+    }
+}
+
+/// Detaches every tc and XDP program of svc-lb from `devices` (TCX and XDP links,
+/// netlink filters), best effort: after a failed attach the external path is off, and a
+/// half-attached device (ingress translating, egress not) would break its flows.
+pub fn detach_devices(bpffs: &Path, devices: &[String]) {
+    for dev in devices {
+        for (name, t) in [
+            (PROG_TC_INGRESS, TcAttachType::Ingress),
+            (PROG_TC_EGRESS, TcAttachType::Egress),
+        ] {
+            let record = tc_netlink_dir(bpffs).join(format!("{name}@{dev}"));
+            if record.exists() {
+                detach_tc_netlink(&record, dev, name, t);
+            }
+        }
+        for name in [PROG_TC_INGRESS, PROG_TC_EGRESS, PROG_XDP] {
+            let pin = links_dir(bpffs).join(format!("{name}@{dev}"));
+            if pin.exists() {
+                detach_pin(&pin);
+            }
+        }
+    }
+}
+
+/// Removes every netlink tc filter recorded under `bpffs` (`cleanup`); returns how
+/// many records there were.
+fn cleanup_tc_netlink(bpffs: &Path) -> Result<usize> {
+    let dir = tc_netlink_dir(bpffs);
+    if !dir.exists() {
+        return Ok(0);
+    }
+    let mut n = 0;
+    for entry in fs::read_dir(&dir).with_context(|| format!("read {}", dir.display()))? {
+        let path = entry
+            .with_context(|| format!("read {}", dir.display()))?
+            .path();
+        let file = path
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        match file.split_once('@') {
+            Some((prog, dev)) if prog == PROG_TC_INGRESS || prog == PROG_TC_EGRESS => {
+                let t = if prog == PROG_TC_INGRESS {
+                    TcAttachType::Ingress
+                } else {
+                    TcAttachType::Egress
+                };
+                detach_tc_netlink(&path, dev, prog, t);
+                n += 1;
+            }
+            _ => fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?,
+        }
+    }
+    fs::remove_dir(&dir).with_context(|| format!("remove {}", dir.display()))?;
+    Ok(n)
 }
 
 /// Native-mode XDP on each device. A driver that refuses it costs only the
@@ -913,7 +1138,15 @@ impl BpfDatapath {
     /// program in native mode; call after the first sync, like [`Self::attach`]. Links
     /// are pinned as `links/<program>@<device>`. A device whose driver refuses native
     /// XDP gets one warning and stays tc-only.
-    pub fn attach_devices(&mut self, bpffs: &Path, devices: &[String], xdp: bool) -> Result<()> {
+    /// `tc` chooses TCX links or, on kernels without TCX, netlink filters (see
+    /// [`attach_tc_netlink`]).
+    pub fn attach_devices(
+        &mut self,
+        bpffs: &Path,
+        devices: &[String],
+        xdp: bool,
+        tc: TcAttach,
+    ) -> Result<()> {
         if devices.is_empty() {
             return Ok(());
         }
@@ -936,6 +1169,15 @@ impl BpfDatapath {
             };
             for dev in devices {
                 let pin = links_dir(bpffs).join(format!("{name}@{dev}"));
+                if tc == TcAttach::Netlink {
+                    attach_tc_netlink(prog, bpffs, dev, name, attach_type)?;
+                    // A TCX link of an earlier run (another kernel, or the switch
+                    // forced): the filter is in place now, so it goes.
+                    if pin.exists() {
+                        detach_pin(&pin);
+                    }
+                    continue;
+                }
                 let ifindex = ifindex(dev)?;
                 if swap_into_pinned(
                     prog.fd()
@@ -963,6 +1205,13 @@ impl BpfDatapath {
                     .with_context(|| format!("link of {name} on {dev} is not a bpf link"))?;
                 pin_link(link, bpffs, &pin)?;
                 info!(program = name, device = %dev, "attached tc program");
+            }
+            // Netlink filters of an earlier run go once the TCX links are in place.
+            for dev in devices.iter().filter(|_| tc == TcAttach::Tcx) {
+                let record = tc_netlink_dir(bpffs).join(format!("{name}@{dev}"));
+                if record.exists() {
+                    detach_tc_netlink(&record, dev, name, attach_type);
+                }
             }
         }
         if xdp {
@@ -1194,6 +1443,7 @@ pub fn cleanup(bpffs: &Path, cgroup: Option<&Path>) -> Result<usize> {
         }
         fs::remove_dir(&links).with_context(|| format!("remove {}", links.display()))?;
     }
+    detached += cleanup_tc_netlink(bpffs)?;
     if let Some(cg) = cgroup {
         detached += sys::detach_orphan_links(cgroup_id(cg)?, "svclb_")?;
     }

@@ -14,6 +14,7 @@ pub mod codec;
 pub mod devices;
 pub mod fake;
 pub mod sockterm;
+pub mod probe;
 pub mod sys;
 
 /// The map layer the agent programs through.

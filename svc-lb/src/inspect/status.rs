@@ -73,6 +73,86 @@ pub struct Status {
     pub programs_error: Option<String>,
     pub maps: Vec<MapStatus>,
     pub agent: AgentReport,
+    /// The kernel and its features: the agent's probe (with its forced switches) when
+    /// it answers, else a probe run by this command.
+    pub kernel: KernelReport,
+}
+
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct KernelReport {
+    pub release: String,
+    /// `agent` or `this command`.
+    pub probed_by: String,
+    pub tc_attach: Option<crate::datapath::probe::TcAttach>,
+    pub features: Vec<crate::datapath::probe::FeatureStatus>,
+    /// Why the agent turned the external path off, if it did.
+    pub external_error: Option<String>,
+}
+
+/// The agent's probe results, or a fresh probe when no agent answered (an agent
+/// older than the probe reports no features).
+fn kernel_report(agent: &AgentReport) -> KernelReport {
+    if let Some(st) = agent.status.as_ref().filter(|s| !s.features.is_empty()) {
+        return KernelReport {
+            release: st.kernel.clone(),
+            probed_by: "agent".to_owned(),
+            tc_attach: st.tc_attach,
+            features: st.features.clone(),
+            external_error: st.external_error.clone(),
+        };
+    }
+    let probe = crate::datapath::probe::Probe::run(&crate::datapath::probe::KernelProber, &[]);
+    KernelReport {
+        release: probe.kernel.clone(),
+        probed_by: "this command".to_owned(),
+        tc_attach: Some(probe.choices().tc_attach),
+        features: probe.report(),
+        external_error: None,
+    }
+}
+
+/// The kernel section of the text output.
+pub fn render_kernel(k: &KernelReport) -> String {
+    let mut out = format!("\nKernel {} (probed by {})\n", k.release, k.probed_by);
+    let mut rows = vec![vec![
+        "FEATURE".to_owned(),
+        "STATE".to_owned(),
+        "SINCE".to_owned(),
+        "WITHOUT IT".to_owned(),
+    ]];
+    for f in &k.features {
+        let state = match &f.state {
+            crate::datapath::probe::State::Found => "found".to_owned(),
+            crate::datapath::probe::State::Missing => "MISSING".to_owned(),
+            crate::datapath::probe::State::ForcedOff => "FORCED OFF".to_owned(),
+            crate::datapath::probe::State::Unknown(e) => format!("UNKNOWN ({e})"),
+        };
+        rows.push(vec![
+            f.name.clone(),
+            state,
+            f.since.clone(),
+            if f.consequence.is_empty() {
+                "-".to_owned()
+            } else {
+                f.consequence.clone()
+            },
+        ]);
+    }
+    out.push_str(&table(&rows, &[]));
+    if let Some(t) = k.tc_attach {
+        out.push_str(&format!(
+            "  tc programs attach through {}\n",
+            match t {
+                crate::datapath::probe::TcAttach::Tcx => "TCX links",
+                crate::datapath::probe::TcAttach::Netlink =>
+                    "netlink (clsact qdisc, cls_bpf filter)",
+            }
+        ));
+    }
+    if let Some(e) = &k.external_error {
+        out.push_str(&format!("  EXTERNAL PATH OFF: {e}\n"));
+    }
+    out
 }
 
 /// `bpf_attach_type` names (linux/bpf.h) for the hooks svc-lb uses or may use.
@@ -266,6 +346,59 @@ pub fn programs(bpffs: &Path) -> Result<Vec<ProgramStatus>> {
             }),
         });
     }
+    out.extend(netlink_programs(bpffs)?);
+    Ok(out)
+}
+
+/// The tc programs attached through netlink (kernels without TCX): no link, so
+/// `LINK ID` is 0; the record pin names program and device.
+fn netlink_programs(bpffs: &Path) -> Result<Vec<ProgramStatus>> {
+    let dir = crate::datapath::bpf::tc_netlink_dir(bpffs);
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut pins: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("read {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    pins.sort();
+    let mut out = Vec::new();
+    for pin in pins {
+        let file = pin
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let Some((_, dev)) = file.split_once('@') else {
+            continue;
+        };
+        let info = aya::programs::ProgramInfo::from_pin(&pin)
+            .map_err(anyhow::Error::new)
+            .with_context(|| format!("program pinned at {}", pin.display()))?;
+        let name = info.name_as_str().unwrap_or_default().to_owned();
+        let hook = if name == svc_lb_common::PROG_TC_INGRESS {
+            "tc_ingress (netlink)"
+        } else {
+            "tc_egress (netlink)"
+        };
+        out.push(ProgramStatus {
+            name,
+            prog_id: info.id(),
+            link_id: 0,
+            prog_type: prog_type_name(info.program_type()),
+            attach_type: hook.to_owned(),
+            attached_to: format!("device {dev}"),
+            pin: pin.display().to_string(),
+            xlated_bytes: info.size_translated().unwrap_or(0),
+            jited_bytes: info.size_jitted(),
+            run_count: info.run_count(),
+            run_time_ns: info.run_time().as_nanos() as u64,
+            loaded_at_ms: info.loaded_at().and_then(|t| {
+                t.duration_since(std::time::UNIX_EPOCH)
+                    .ok()
+                    .map(|d| d.as_millis() as u64)
+            }),
+        });
+    }
     Ok(out)
 }
 
@@ -400,6 +533,31 @@ pub fn collect(bpffs: &Path, agent_addr: Option<SocketAddr>) -> Result<Status> {
         Ok(p) => (p, None),
         Err(e) => (Vec::new(), Some(format!("{e:#}"))),
     };
+    let agent = match agent_addr {
+        Some(a) => {
+            let mut r = fetch_agent(a);
+            // Several agents may run on one machine (tests, a second pin directory):
+            // say so when the one that answered serves other pins.
+            if let Some(st) = &r.status {
+                let same =
+                    |p: &str| std::fs::canonicalize(p).ok() == std::fs::canonicalize(bpffs).ok();
+                if !same(&st.bpffs) {
+                    r.error = Some(format!(
+                        "the agent at {a} serves the pins in {}, not {}",
+                        st.bpffs,
+                        bpffs.display()
+                    ));
+                }
+            }
+            r
+        }
+        None => AgentReport {
+            address: String::new(),
+            reachable: false,
+            error: Some("not asked (--metrics-addr off)".to_owned()),
+            status: None,
+        },
+    };
     Ok(Status {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         bpffs: bpffs.display().to_string(),
@@ -407,32 +565,8 @@ pub fn collect(bpffs: &Path, agent_addr: Option<SocketAddr>) -> Result<Status> {
         programs,
         programs_error,
         maps: maps(bpffs, &svc_lb_common::ALL_MAPS)?,
-        agent: match agent_addr {
-            Some(a) => {
-                let mut r = fetch_agent(a);
-                // Several agents may run on one machine (tests, a second pin directory):
-                // say so when the one that answered serves other pins.
-                if let Some(st) = &r.status {
-                    let same = |p: &str| {
-                        std::fs::canonicalize(p).ok() == std::fs::canonicalize(bpffs).ok()
-                    };
-                    if !same(&st.bpffs) {
-                        r.error = Some(format!(
-                            "the agent at {a} serves the pins in {}, not {}",
-                            st.bpffs,
-                            bpffs.display()
-                        ));
-                    }
-                }
-                r
-            }
-            None => AgentReport {
-                address: String::new(),
-                reachable: false,
-                error: Some("not asked (--metrics-addr off)".to_owned()),
-                status: None,
-            },
-        },
+        kernel: kernel_report(&agent),
+        agent,
     })
 }
 
@@ -623,6 +757,7 @@ pub fn render_text(st: &Status, now_ms: u64) -> String {
             );
         }
     }
+    out.push_str(&render_kernel(&st.kernel));
     out
 }
 
@@ -647,5 +782,50 @@ mod tests {
         li.cgroup_id = u64::from_ne_bytes(raw);
         assert_eq!(device_link(&li), (7, 47));
         assert_eq!(attach_type_name(device_link(&li).1), "tcx_egress");
+    }
+
+    #[test]
+    fn kernel_section_names_each_feature_state_and_consequence() {
+        use crate::datapath::probe::{FeatureStatus, State, TcAttach};
+        let row = |name: &str, state: State, consequence: &str| FeatureStatus {
+            name: name.to_owned(),
+            state,
+            since: "6.6".to_owned(),
+            used_by: "external path".to_owned(),
+            consequence: consequence.to_owned(),
+        };
+        let k = KernelReport {
+            release: "5.15.0-91-generic".to_owned(),
+            probed_by: "agent".to_owned(),
+            tc_attach: Some(TcAttach::Netlink),
+            features: vec![
+                row("cgroup_link", State::Found, ""),
+                row("tcx", State::Missing, "tc programs attach through netlink"),
+                row("set_retval", State::ForcedOff, "EPERM instead"),
+            ],
+            external_error: Some("attach svclb_tc_in: verifier".to_owned()),
+        };
+        let text = render_kernel(&k);
+        assert!(
+            text.contains("Kernel 5.15.0-91-generic (probed by agent)"),
+            "{text}"
+        );
+        let line = |name: &str| {
+            text.lines()
+                .find(|l| l.trim_start().starts_with(name))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert!(line("cgroup_link").contains("found"), "{text}");
+        assert!(
+            line("tcx").contains("MISSING") && line("tcx").contains("netlink"),
+            "{text}"
+        );
+        assert!(line("set_retval").contains("FORCED OFF"), "{text}");
+        assert!(text.contains("through netlink"), "{text}");
+        assert!(
+            text.contains("EXTERNAL PATH OFF: attach svclb_tc_in"),
+            "{text}"
+        );
     }
 }

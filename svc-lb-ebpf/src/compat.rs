@@ -1,0 +1,40 @@
+//! Switches for kernels older than the newest helper a path uses, chosen by the agent's
+//! feature probe (svc-lb/src/datapath/probe.rs) and set at load time with
+//! `EbpfLoader::override_global`.
+//!
+//! Each is a global in `.rodata`, which aya freezes before loading: the verifier knows
+//! its value, follows only the branch it selects and removes the other one before it
+//! resolves helper calls, so a helper the kernel does not have may sit in the dead
+//! branch (kernels ≥ 5.2 track frozen read-only maps this way). The defaults are the
+//! modern choices, which the packet tests load.
+use aya_ebpf::Global;
+
+/// 1: `bpf_set_retval` (5.18) chooses the errno of a refused connect (ECONNREFUSED);
+/// 0: the refusal surfaces as EPERM.
+#[unsafe(no_mangle)]
+static SVCLB_SET_RETVAL: Global<u8> = Global::new(1);
+
+/// 1: `bpf_l4_csum_replace` takes `BPF_F_IPV6` (6.16); 0: the flag is left out and the
+/// skb checksum is corrected with `bpf_csum_update` afterwards (see `pkt.rs`).
+#[unsafe(no_mangle)]
+static SVCLB_CSUM_IPV6_FLAG: Global<u8> = Global::new(1);
+
+/// 1: tc sends SNAT flows itself with `bpf_fib_lookup` + `bpf_redirect_neigh` (5.10)
+/// and `bpf_check_mtu` (5.12); 0: they go to the stack's forwarding (`tc.rs`).
+#[unsafe(no_mangle)]
+static SVCLB_FIB_REDIRECT: Global<u8> = Global::new(1);
+
+#[inline(always)]
+pub fn set_retval() -> bool {
+    SVCLB_SET_RETVAL.load() != 0
+}
+
+#[inline(always)]
+pub fn csum_ipv6_flag() -> bool {
+    SVCLB_CSUM_IPV6_FLAG.load() != 0
+}
+
+#[inline(always)]
+pub fn fib_redirect() -> bool {
+    SVCLB_FIB_REDIRECT.load() != 0
+}
