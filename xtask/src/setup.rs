@@ -24,6 +24,9 @@ const SYSTEM_TOOLS: &[(&str, &str)] = &[
     ("ethtool", "ethtool"),
     ("iptables", "iptables"),
     ("nft", "nftables"),
+    // The image test unpacks the OCI archive with an independent reader (checking every
+    // digest) into a bundle whose rootfs it runs from a chroot.
+    ("umoci", "umoci"),
 ];
 
 /// The bpf-linker release that TOOLCHAIN.md verified against the nightly's LLVM. Pinned so
@@ -39,7 +42,7 @@ pub fn setup(ctx: &Ctx) -> Result<()> {
 }
 
 fn system_tools() -> Result<()> {
-    step("setup: system tools (bpftool, ip, ethtool, iptables, nft)");
+    step("setup: system tools (bpftool, ip, ethtool, iptables, nft, umoci)");
     let missing: Vec<&str> = SYSTEM_TOOLS
         .iter()
         .filter(|(cmd, _)| find_program(cmd).is_none())

@@ -13,6 +13,7 @@ pub mod bpf;
 pub mod codec;
 pub mod devices;
 pub mod fake;
+pub mod pins;
 pub mod sys;
 
 /// The map layer the agent programs through.
