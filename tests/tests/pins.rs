@@ -113,7 +113,8 @@ stat -c %a /sys/fs/bpf /sys/fs/bpf/svc-lb /sys/fs/bpf/svc-lb/links",
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(
         lines[lines.len() - 4..],
-        ["bpf_fs", "700", "700", "700"],
+        // The kernel always adds the sticky bit to a bpffs root: 1700.
+        ["bpf_fs", "1700", "700", "700"],
         "filesystem type and modes: {stdout}"
     );
 }
