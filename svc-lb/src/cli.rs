@@ -175,6 +175,14 @@ pub enum Command {
         #[arg(long, default_value = DEFAULT_METRICS_ADDR, value_parser = metrics::parse_addr)]
         metrics_addr: metrics::MetricsAddr,
     },
+    /// Prepare the node for an unprivileged agent: mount bpffs on /sys/fs/bpf when the
+    /// host has none (mode 0700), create the pin directory (mode 0700; one owned by
+    /// another user is refused) and remove links a killed agent left half pinned. The
+    /// DaemonSet's privileged init container runs this; the agent does it too at start.
+    Prepare {
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+    },
     /// Detach every program and remove every pin.
     Cleanup {
         #[arg(long, default_value = DEFAULT_BPFFS)]
@@ -474,6 +482,14 @@ pub fn run(cli: Cli) -> Result<()> {
                     Output::Json => serde_json::to_string_pretty(&st)? + "\n",
                     Output::Yaml => serde_yaml::to_string(&st)?,
                 }
+            );
+            Ok(())
+        }
+        Command::Prepare { bpffs } => {
+            bpf::ensure_bpffs(&bpffs)?;
+            println!(
+                "{} is ready (bpffs, pin directory mode 0700)",
+                bpffs.display()
             );
             Ok(())
         }

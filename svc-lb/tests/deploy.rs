@@ -1,8 +1,11 @@
 //! Checks the manifests in `deploy/` against the agent itself: every document parses
 //! into its k8s-openapi type, the RBAC rules grant exactly the API calls the agent
 //! makes, the DaemonSet's arguments are accepted by the real command line, its probes
-//! point at the health endpoint those arguments configure, and the image's entrypoint is
-//! the binary the DaemonSet runs.
+//! point at the health endpoint those arguments configure, the image tag is the workspace
+//! version (the image `cargo xtask image` builds takes its tag, entrypoint and args from
+//! the DaemonSet; tests/tests/image.rs checks the built archive against it), and only a
+//! short-lived init container is privileged: the agent container gets a read-only root,
+//! no privilege escalation and a fixed list of capabilities.
 use std::{
     collections::BTreeSet,
     net::SocketAddr,
@@ -199,16 +202,15 @@ fn daemonset_runs_the_agent_as_a_node_critical_host_agent() {
         .find(|m| m.name == "bpffs")
         .expect("bpffs mount");
     assert_eq!(bpffs.mount_path, "/sys/fs/bpf");
-    assert_eq!(bpffs.mount_propagation.as_deref(), Some("Bidirectional"));
+    // Bidirectional propagation is accepted for privileged containers only; the init
+    // container has it, the agent sees the host's mounts.
+    assert_eq!(bpffs.mount_propagation.as_deref(), Some("HostToContainer"));
     assert_eq!(host_path("bpffs").as_deref(), Some("/sys/fs/bpf"));
     let cgroup = mounts
         .iter()
         .find(|m| m.name == "cgroup2")
         .expect("cgroup2 mount");
     assert_eq!(host_path("cgroup2").as_deref(), Some("/sys/fs/cgroup"));
-    // Bidirectional propagation is accepted for privileged containers only.
-    let sc = c.security_context.clone().expect("a security context");
-    assert_eq!(sc.privileged, Some(true));
 
     let Command::Agent {
         manifests,
@@ -255,46 +257,111 @@ fn probes_point_at_the_health_endpoint() {
     }
 }
 
+/// What the image holds: the binary at this path is its entrypoint (`cargo xtask image`
+/// puts it there because the DaemonSet's command says so).
+const BINARY: &str = "/usr/local/bin/svc-lb";
+
+/// The capabilities the agent uses (tests/tests/image.rs runs the image's agent with
+/// exactly the DaemonSet's list, so a missing one fails there).
+const AGENT_CAPABILITIES: &[&str] = &["BPF", "NET_ADMIN", "PERFMON"];
+
 #[test]
-fn image_entrypoint_is_the_binary_the_daemonset_runs() {
-    let dockerfile = std::fs::read_to_string(deploy_dir().join("Dockerfile")).expect("Dockerfile");
-    let lines: Vec<&str> = dockerfile
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .collect();
-    assert!(
-        lines.iter().filter(|l| l.starts_with("FROM ")).count() >= 2,
-        "multi-stage"
-    );
-    let entrypoint = lines
-        .iter()
-        .rev()
-        .find_map(|l| l.strip_prefix("ENTRYPOINT "))
-        .expect("an ENTRYPOINT");
-    let entrypoint: Vec<String> = serde_json::from_str(entrypoint).expect("exec-form ENTRYPOINT");
-    assert_eq!(entrypoint.len(), 1);
-    let binary = &entrypoint[0];
-    // The final stage copies the release binary of this crate to that path.
-    let copy = lines
-        .iter()
-        .rev()
-        .find(|l| l.starts_with("COPY --from="))
-        .expect("the final stage copies the binary");
-    assert!(copy.ends_with(binary.as_str()), "{copy}");
+fn image_tag_is_the_workspace_version_and_the_entrypoint_the_binary() {
+    let version = env!("CARGO_PKG_VERSION");
+    let want = format!("svc-lb:{version}");
+    let ds: DaemonSet = one("daemonset.yaml", "DaemonSet");
+    let pod = ds.spec.template.spec.clone().expect("a pod spec");
+    let init = pod.init_containers.clone().unwrap_or_default();
+    for c in pod.containers.iter().chain(&init) {
+        assert_eq!(c.image.as_deref(), Some(want.as_str()), "{}: image", c.name);
+        assert_eq!(
+            c.image_pull_policy.as_deref(),
+            Some("IfNotPresent"),
+            "{}: a loaded image is never pulled",
+            c.name
+        );
+        assert_eq!(
+            c.command.as_deref(),
+            Some(&[BINARY.to_owned()][..]),
+            "{}: command",
+            c.name
+        );
+    }
     assert_eq!(
-        Path::new(binary).file_name().and_then(|n| n.to_str()),
+        Path::new(BINARY).file_name().and_then(|n| n.to_str()),
         Some(env!("CARGO_PKG_NAME")),
         "the binary is this crate's"
     );
-    assert!(dockerfile.contains("cargo build --release --locked -p svc-lb"));
+    // kustomize rewrites the image by name; its tag must be the same version.
+    let k = documents("kustomization.yaml");
+    let images = k[0].1["images"]
+        .as_sequence()
+        .expect("kustomization images");
+    assert_eq!(images.len(), 1);
+    assert_eq!(images[0]["name"].as_str(), Some("svc-lb"));
+    assert_eq!(images[0]["newName"].as_str(), Some("svc-lb"));
+    assert_eq!(images[0]["newTag"].as_str(), Some(version));
+    // The image is built by `cargo xtask image`, not from a Dockerfile that pulls a base.
+    assert!(!deploy_dir().join("Dockerfile").exists());
+}
 
+#[test]
+fn only_the_init_container_is_privileged() {
     let ds: DaemonSet = one("daemonset.yaml", "DaemonSet");
+    let pod = ds.spec.template.spec.clone().expect("a pod spec");
     let c = agent_container(&ds);
-    if let Some(command) = &c.command {
-        assert_eq!(
-            command, &entrypoint,
-            "the DaemonSet's command is the entrypoint"
-        );
-    }
+    let sc = c.security_context.clone().expect("a security context");
+    assert_ne!(sc.privileged, Some(true), "the agent is not privileged");
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    let caps = sc.capabilities.clone().expect("capabilities");
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
+    let added: BTreeSet<&str> = caps.add.iter().flatten().map(String::as_str).collect();
+    assert_eq!(added, AGENT_CAPABILITIES.iter().copied().collect());
+    // Without --xdp the agent changes no sysctl; with it, accept_local must be set on the
+    // host, which the securityContext comment says.
+    let Command::Agent { xdp, bpffs, .. } = parsed_args(&c).command else {
+        panic!("the DaemonSet must run `svc-lb agent`");
+    };
+    assert!(
+        !xdp,
+        "--xdp writes /proc/sys, read-only in an unprivileged container"
+    );
+    let text = std::fs::read_to_string(deploy_dir().join("daemonset.yaml")).expect("read");
+    let agent_sc = &text[text.find("- name: agent").expect("agent")..];
+    let agent_sc = &agent_sc[agent_sc.find("securityContext:").expect("securityContext")..];
+    let comment: String = agent_sc
+        .lines()
+        .skip(1)
+        .take_while(|l| l.trim_start().starts_with('#') || l.trim().is_empty())
+        .collect();
+    assert!(
+        comment.contains("accept_local"),
+        "securityContext comment: {comment}"
+    );
+
+    // The init container: privileged, short-lived, preparing the same pin directory.
+    let init = pod.init_containers.clone().unwrap_or_default();
+    assert_eq!(init.len(), 1, "one init container");
+    let prep = &init[0];
+    let psc = prep
+        .security_context
+        .clone()
+        .expect("init security context");
+    assert_eq!(psc.privileged, Some(true));
+    let Command::Prepare { bpffs: prep_bpffs } = parsed_args(prep).command else {
+        panic!("the init container must run `svc-lb prepare`");
+    };
+    assert_eq!(
+        prep_bpffs, bpffs,
+        "the init container prepares the agent's pin directory"
+    );
+    let m = prep
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == "bpffs")
+        .expect("init container mounts bpffs");
+    assert_eq!(m.mount_path, "/sys/fs/bpf");
+    assert_eq!(m.mount_propagation.as_deref(), Some("Bidirectional"));
 }

@@ -3,6 +3,7 @@
 //! newcomer needs nothing but `cargo xtask run` or `cargo xtask test`.
 
 mod bench;
+mod image;
 mod process;
 mod setup;
 
@@ -36,7 +37,7 @@ struct Cli {
 enum Cmd {
     /// Install whatever is missing to build and test (idempotent)
     ///
-    /// In order: bpftool, iproute2, ethtool, iptables and nftables with apt-get (only if a command is
+    /// In order: bpftool, iproute2, ethtool, iptables, nftables and umoci with apt-get (only if a command is
     /// missing; needs root); the nightly toolchain's rust-src; rustfmt and clippy; bpf-linker,
     /// built against the nightly toolchain's own libLLVM into <workspace>/target/bpf-toolchain.
     Setup,
@@ -46,7 +47,8 @@ enum Cmd {
     ///
     /// In order, stopping at the first failure: setup; cargo fmt --check; clippy (workspace,
     /// and svc-lb-tests with the e2e feature); cargo test --workspace; then, as root, the
-    /// release agent and the end-to-end tests against it, one test at a time; then a
+    /// release agent and the end-to-end tests against it, one test at a time; then the
+    /// container image (as `image` builds it) and its test (tests/tests/image.rs); then a
     /// seconds-long smoke run of the benchmark (svclb-bench --smoke).
     Test(TestArgs),
     /// The demo (root): backends in netns, the agent, requests spread over backends
@@ -61,6 +63,13 @@ enum Cmd {
     /// bench/results/<date>-<time>.md with raw samples and a plot; a full run also rewrites
     /// docs/benchmarks.md. Ctrl-C stops it and removes everything it created.
     Bench(bench::BenchArgs),
+    /// The container image: a static svc-lb in an OCI archive built FROM scratch
+    ///
+    /// setup, a static release build (glibc, crt-static; target/<host triple>/release), then
+    /// target/image/svc-lb-<version>.oci.tar with the DaemonSet's tag, entrypoint and args
+    /// (read from deploy/daemonset.yaml). Pulls nothing and needs no container engine; prints
+    /// how to load the archive (kind, containerd, podman).
+    Image(image::ImageArgs),
 }
 
 #[derive(Args)]
@@ -165,6 +174,10 @@ fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<()> {
         Cmd::Test(args) => test(ctx, &args),
         Cmd::Run(args) => demo(ctx, args),
         Cmd::Bench(args) => bench::bench(ctx, args),
+        Cmd::Image(args) => {
+            setup::setup(ctx)?;
+            image::image(ctx, &args).map(|_| ())
+        }
     }
 }
 
@@ -219,7 +232,7 @@ fn test(ctx: &Ctx, args: &TestArgs) -> Result<()> {
             "svc-lb-tests",
             "--all-targets",
             "--features",
-            "e2e",
+            "e2e,image",
             "--",
             "-D",
             "warnings",
@@ -277,9 +290,25 @@ fn test(ctx: &Ctx, args: &TestArgs) -> Result<()> {
         .env("SVC_LB_BIN", &agent)
         .env("SVCLB_FORCE_FEATURE_OFF", "all");
     run(&mut forced)?;
+    step("test: the container image (unpacked, checked, run from a chroot)");
+    let archive = image::image(ctx, &image::ImageArgs { output: None })?;
+    let mut image_test = ctx.cargo([
+        "test",
+        "--release",
+        "-p",
+        "svc-lb-tests",
+        "--features",
+        "e2e,image",
+        "--test",
+        "image",
+        "--",
+        "--test-threads=1",
+    ])?;
+    image_test.env("SVC_LB_IMAGE", &archive);
+    run(&mut image_test)?;
     bench::smoke(ctx, &agent)?;
     step(
-        "test: all passed (lint, host tests, end-to-end, end-to-end with kernel fallbacks, benchmark smoke run)",
+        "test: all passed (lint, host tests, end-to-end, end-to-end with kernel fallbacks, image, benchmark smoke run)",
     );
     Ok(())
 }

@@ -27,6 +27,9 @@ const SYSTEM_TOOLS: &[(&str, &str)] = &[
     // tests/tests/clients.rs runs real client programs: Python dual-stack sockets and curl.
     ("python3", "python3"),
     ("curl", "curl"),
+    // The image test unpacks the OCI archive with an independent reader (checking every
+    // digest) into a bundle whose rootfs it runs from a chroot.
+    ("umoci", "umoci"),
 ];
 
 /// The bpf-linker release that TOOLCHAIN.md verified against the nightly's LLVM. Pinned so
@@ -42,7 +45,7 @@ pub fn setup(ctx: &Ctx) -> Result<()> {
 }
 
 fn system_tools() -> Result<()> {
-    step("setup: system tools (bpftool, ip, ethtool, iptables, nft, python3, curl)");
+    step("setup: system tools (bpftool, ip, ethtool, iptables, nft, python3, curl, umoci)");
     let missing: Vec<&str> = SYSTEM_TOOLS
         .iter()
         .filter(|(cmd, _)| find_program(cmd).is_none())

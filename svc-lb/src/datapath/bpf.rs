@@ -36,6 +36,7 @@ use tracing::{info, warn};
 use super::{
     MapStore,
     codec::{self, SvcKey},
+    pins,
     probe::TcAttach,
     sys,
 };
@@ -56,7 +57,8 @@ pub fn links_dir(bpffs: &Path) -> PathBuf {
 }
 
 /// Makes sure `bpffs` is a directory on a bpf filesystem, mounting bpffs at
-/// /sys/fs/bpf when the host has not (fresh machines boot without it).
+/// /sys/fs/bpf when the host has not (fresh machines boot without it), and that it and
+/// its links directory are root's alone (see `pins`).
 pub fn ensure_bpffs(bpffs: &Path) -> Result<()> {
     let parent = bpffs.parent().unwrap_or(Path::new("/"));
     if !parent.exists() {
@@ -74,8 +76,9 @@ pub fn ensure_bpffs(bpffs: &Path) -> Result<()> {
             );
         }
     }
-    fs::create_dir_all(links_dir(bpffs))
-        .with_context(|| format!("create {}", links_dir(bpffs).display()))?;
+    pins::ensure_private_dir(bpffs)?;
+    pins::ensure_private_dir(&links_dir(bpffs))?;
+    pins::remove_interrupted_links(&links_dir(bpffs))?;
     Ok(())
 }
 

@@ -8,6 +8,7 @@ use svc_lb_common::{
     BACKEND_FLAG_LOCAL, Backend, FAMILY_V4, FAMILY_V6, RevNat, SVC_FLAG_AFFINITY, Svc4Key, Svc6Key,
     SvcMeta, SvcValue,
 };
+use tracing::warn;
 
 use crate::{
     model::{BackendAddr, DesiredFrontend, FrontendKey, ServiceRef},
@@ -290,18 +291,158 @@ pub fn decode_state(
         }
         state.frontends.insert(fe, cur);
     }
+    // An entry that does not decode (a corrupt or foreign write; an agent that failed on
+    // it would fail again on every restart) is read as a placeholder that no desired
+    // state contains, so the next plan deletes it and writes what belongs there.
     for (id, raw) in backends {
-        state.backends.insert(id, backend_from_raw(&raw)?);
+        let entry = backend_from_raw(&raw).unwrap_or_else(|e| {
+            warn!(map = svc_lb_common::MAP_BACKENDS, id, error = %format!("{e:#}"), "undecodable entry: the next sync removes and rewrites it");
+            BackendEntry {
+                addr: BackendAddr {
+                    addr: undecodable_addr(id),
+                    port: 0,
+                    proto: 0,
+                },
+                state: 0,
+                local: false,
+            }
+        });
+        state.backends.insert(id, entry);
     }
     for (id, raw) in rev_nats {
-        state.rev_nats.insert(id, revnat_from_raw(&raw)?);
+        let frontend = revnat_from_raw(&raw).unwrap_or_else(|e| {
+            warn!(map = svc_lb_common::MAP_REVNAT, id, error = %format!("{e:#}"), "undecodable entry: the next sync removes and rewrites it");
+            FrontendKey {
+                addr: undecodable_addr(id),
+                port: 0,
+                proto: 0,
+                scope: svc_lb_common::SCOPE_ALL,
+            }
+        });
+        state.rev_nats.insert(id, frontend);
     }
     Ok(state)
+}
+
+/// A placeholder address for entry `id`, unique per id: in 100::/64, the discard-only
+/// prefix (RFC 6666), which no Service or endpoint uses.
+fn undecodable_addr(id: u32) -> IpAddr {
+    IpAddr::V6(Ipv6Addr::new(
+        0x100,
+        0,
+        0,
+        0,
+        0,
+        0,
+        (id >> 16) as u16,
+        (id & 0xffff) as u16,
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_undecodable_entry_is_removed_and_rewritten_by_the_next_plan() {
+        use crate::plan::{Op, plan};
+        let fe = FrontendKey {
+            addr: "10.96.0.10".parse().unwrap(),
+            port: 80,
+            proto: 6,
+            scope: svc_lb_common::SCOPE_ALL,
+        };
+        let good = BackendEntry {
+            addr: BackendAddr {
+                addr: "10.0.0.1".parse().unwrap(),
+                port: 8080,
+                proto: 6,
+            },
+            state: svc_lb_common::BACKEND_ACTIVE,
+            local: false,
+        };
+        let mut bad = backend_raw(&good);
+        bad.family = 9;
+        let mut bad_rev = revnat_raw(&fe);
+        bad_rev.family = 7;
+        let master = SvcValue {
+            backend_id: 0,
+            count: 1,
+            rev_nat_id: 1,
+            flags: 0,
+            _pad: 0,
+            affinity_timeout_s: 0,
+        };
+        let slot = SvcValue {
+            backend_id: 1,
+            ..master
+        };
+        let current = decode_state(
+            [(svc_key(&fe, 0), master), (svc_key(&fe, 1), slot)],
+            [(1, bad)],
+            [(1, bad_rev)],
+        )
+        .expect("an undecodable entry is not an error");
+        assert_eq!(current.backends.len(), 1);
+        assert_eq!(current.rev_nats.len(), 1);
+
+        let desired_fe = DesiredFrontend {
+            key: fe,
+            service: ServiceRef {
+                namespace: "default".to_owned(),
+                name: "a".to_owned(),
+            },
+            port_name: String::new(),
+            backends: vec![crate::model::DesiredBackend {
+                addr: good.addr,
+                state: good.state,
+                local: false,
+            }],
+            affinity_timeout_s: None,
+            kind: svc_lb_common::KIND_CLUSTER_IP,
+            meta_flags: 0,
+            flags: 0,
+            src_ranges: Vec::new(),
+        };
+        let desired = crate::model::DesiredState {
+            frontends: [(fe, desired_fe)].into_iter().collect(),
+            health_checks: Default::default(),
+        };
+        let cap = crate::plan::Capacity {
+            svc4_entries: 1 << 16,
+            svc6_entries: 1 << 16,
+            backends: 1 << 16,
+            rev_nats: 1 << 16,
+            maglev_tables: 1 << 16,
+            src_ranges4: 1 << 16,
+            src_ranges6: 1 << 16,
+        };
+        let p = plan(&current, &desired, &cap);
+        let upserted = p
+            .ops
+            .iter()
+            .any(|op| matches!(op, Op::UpsertBackend { backend, .. } if backend.addr == good.addr));
+        assert!(upserted, "the backend is written again: {:?}", p.ops);
+        let deleted = |want: &Op| p.ops.iter().any(|op| op == want);
+        let rewritten_in_place = p
+            .ops
+            .iter()
+            .any(|op| matches!(op, Op::UpsertBackend { id: 1, .. }));
+        assert!(
+            rewritten_in_place || deleted(&Op::DeleteBackend { id: 1 }),
+            "the undecodable backend is overwritten or removed: {:?}",
+            p.ops
+        );
+        let rev_rewritten = p
+            .ops
+            .iter()
+            .any(|op| matches!(op, Op::UpsertRevNat { frontend, .. } if *frontend == fe));
+        assert!(
+            rev_rewritten,
+            "the reverse-NAT entry is written again: {:?}",
+            p.ops
+        );
+    }
 
     #[test]
     fn v4_key_uses_kernel_byte_order() {

@@ -15,6 +15,7 @@ pub mod devices;
 pub mod fake;
 pub mod sockterm;
 pub mod probe;
+pub mod pins;
 pub mod sys;
 
 /// The map layer the agent programs through.

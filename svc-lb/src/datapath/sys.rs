@@ -215,10 +215,12 @@ fn fs_type(path: &Path) -> Result<i64> {
     Ok(st.f_type as i64)
 }
 
-/// Mounts bpffs at `path` (as Cilium's agent does when the host has not).
+/// Mounts bpffs at `path` (as Cilium's agent does when the host has not), mode 0700:
+/// only root may reach the pins through it.
 pub fn mount_bpffs(path: &Path) -> Result<()> {
     let target = CString::new(path.as_os_str().as_bytes()).context("path contains a NUL byte")?;
     let src = c"bpf";
+    let data = c"mode=0700";
     // SAFETY: all pointers are valid C strings; data is null.
     let rc = unsafe {
         libc::mount(
@@ -226,12 +228,12 @@ pub fn mount_bpffs(path: &Path) -> Result<()> {
             target.as_ptr(),
             src.as_ptr(),
             0,
-            std::ptr::null(),
+            data.as_ptr().cast(),
         )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error())
-            .with_context(|| format!("mount -t bpf bpf {}", path.display()));
+            .with_context(|| format!("mount -t bpf -o mode=0700 bpf {}", path.display()));
     }
     Ok(())
 }
