@@ -100,6 +100,19 @@ pub enum Command {
         /// another size that holds flows is kept until `svc-lb cleanup`.
         #[arg(long, default_value_t = svc_lb_common::CT_MAP_MAX, value_parser = parse_conntrack_max, value_name = "N")]
         conntrack_max: u32,
+        /// Manifest files larger than this many bytes are reported and not read.
+        #[arg(long, default_value_t = crate::source::manifests::DEFAULT_MAX_FILE_BYTES, value_name = "BYTES")]
+        max_manifest_bytes: u64,
+        /// Refuse external IPs (spec.externalIPs) outside these CIDRs: the CVE-2020-8554
+        /// mitigation [default: any unicast address]
+        #[arg(long, value_delimiter = ',', value_name = "CIDR[,CIDR...]")]
+        external_ip_cidrs: Vec<ipnet::IpNet>,
+        /// A Service with more frontends (addresses × ports) than this is refused whole.
+        #[arg(long, default_value_t = crate::model::DEFAULT_MAX_FRONTENDS_PER_SERVICE, value_name = "N")]
+        max_frontends_per_service: usize,
+        /// A Service whose EndpointSlices list more endpoints than this is refused whole.
+        #[arg(long, default_value_t = crate::model::DEFAULT_MAX_BACKENDS_PER_SERVICE, value_name = "N")]
+        max_backends_per_service: usize,
     },
     /// Show every programmed frontend with its Service, flags and backends, from the
     /// pinned maps (works whether or not the agent runs).
@@ -111,6 +124,10 @@ pub enum Command {
         /// Only the frontends of this Service (NAMESPACE/NAME).
         #[arg(long, value_name = "NAMESPACE/NAME")]
         service: Option<String>,
+        /// With --service and nothing programmed for it: ask the agent's /status here
+        /// why it was left out ("off" does not ask).
+        #[arg(long, default_value = DEFAULT_METRICS_ADDR, value_parser = metrics::parse_addr)]
+        metrics_addr: metrics::MetricsAddr,
     },
     /// Show the flows of the external path (NodePort, LoadBalancer and external IPs)
     /// from the pinned conntrack map: client, frontend, backend, SNAT, flags, lifetime.
@@ -235,6 +252,24 @@ impl ServiceFilter {
     }
 }
 
+/// Says on stderr why the agent left Service `want` out, from its `/status` problems
+/// (for example the `service.kubernetes.io/headless` label, a limit, a full map).
+fn explain_left_out(want: &crate::model::ServiceRef, addr: std::net::SocketAddr) {
+    let report = inspect::status::fetch_agent(addr);
+    let Some(st) = report.status else {
+        return;
+    };
+    let prefix = format!("Service {want}: ");
+    let other = format!("{want}: ");
+    for p in st
+        .problems
+        .iter()
+        .filter(|p| p.starts_with(&prefix) || p.starts_with(&other))
+    {
+        eprintln!("left out by the agent: {p}");
+    }
+}
+
 /// `--maglev-table-size`: a prime, so every backend's permutation covers the table.
 fn parse_maglev_size(s: &str) -> Result<u32, String> {
     let n: u32 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
@@ -288,6 +323,10 @@ pub fn run(cli: Cli) -> Result<()> {
             xdp,
             maglev_table_size,
             conntrack_max,
+            max_manifest_bytes,
+            external_ip_cidrs,
+            max_frontends_per_service,
+            max_backends_per_service,
         } => {
             let cgroup = match cgroup {
                 Some(c) => c,
@@ -296,6 +335,11 @@ pub fn run(cli: Cli) -> Result<()> {
             let node = NodeInfo {
                 name: node_name.or_else(hostname),
                 service_proxy_name,
+                external_ip_cidrs,
+                limits: crate::model::ServiceLimits {
+                    max_frontends: max_frontends_per_service,
+                    max_backends: max_backends_per_service,
+                },
                 ..NodeInfo::default()
             };
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -316,12 +360,14 @@ pub fn run(cli: Cli) -> Result<()> {
                 xdp,
                 maglev_size: maglev_table_size,
                 conntrack_max,
+                max_manifest_bytes,
             }))
         }
         Command::List {
             output,
             bpffs,
             service,
+            metrics_addr,
         } => {
             let filter = ServiceFilter::parse(service.as_deref())?;
             let view = inspect::view::DatapathView::read(&PinnedMaps::open(&bpffs)?)?;
@@ -329,6 +375,10 @@ pub fn run(cli: Cli) -> Result<()> {
             filter.retain(&mut entries, "frontend", |e| {
                 (e.namespace.as_deref(), e.service.as_deref())
             });
+            if let (Some(want), true, Some(addr)) = (&filter.0, entries.is_empty(), metrics_addr.0)
+            {
+                explain_left_out(want, addr);
+            }
             print!(
                 "{}",
                 match output {

@@ -61,6 +61,7 @@ struct AgentMetrics {
     skipped: Family<Labels, Gauge>,
     healthcheck_bind_errors: Counter,
     healthcheck_ports: Gauge,
+    manifest_stale: Gauge,
 }
 
 fn agent() -> &'static AgentMetrics {
@@ -77,6 +78,7 @@ fn agent() -> &'static AgentMetrics {
         skipped: Family::default(),
         healthcheck_bind_errors: Counter::default(),
         healthcheck_ports: Gauge::default(),
+        manifest_stale: Gauge::default(),
     })
 }
 
@@ -120,6 +122,24 @@ pub fn set_skipped(unreadable: usize, invalid: usize, map_full: usize) {
             .get_or_create(&vec![("reason", reason.to_owned())])
             .set(n as i64);
     }
+}
+
+/// Manifest files whose last good content stands in for a version that could not be
+/// read or parsed.
+pub fn set_manifest_files_stale(n: usize) {
+    agent()
+        .manifest_stale
+        .set(i64::try_from(n).unwrap_or(i64::MAX));
+}
+
+/// Services the model refused for going over a per-Service limit
+/// (`--max-frontends-per-service`, `--max-backends-per-service`): the `over_limit`
+/// reason of `svclb_skipped_objects`.
+pub fn set_skipped_over_limit(n: usize) {
+    agent()
+        .skipped
+        .get_or_create(&vec![("reason", "over_limit".to_owned())])
+        .set(i64::try_from(n).unwrap_or(i64::MAX));
 }
 
 /// A healthCheckNodePort could not be bound (see [`crate::hcnp`]).
@@ -583,8 +603,13 @@ pub fn render(data: ScrapeData) -> Result<String> {
     );
     reg.register(
         "svclb_skipped_objects",
-        "Objects the last sync left out, by reason (unreadable, invalid, map_full)",
+        "Objects the last sync left out, by reason (unreadable, invalid, over_limit, map_full)",
         m.skipped.clone(),
+    );
+    reg.register(
+        "svclb_manifest_files_stale",
+        "Manifest files whose last good content stays in effect because their current version cannot be read or parsed",
+        m.manifest_stale.clone(),
     );
     reg.register(
         "svclb_healthcheck_bind_errors",
