@@ -255,12 +255,33 @@ fn the_headless_label_keeps_a_service_unprogrammed_until_removed() {
         lab.serve_all_tcp(8080, false)?;
         let addrs = lab.topo.addrs(false);
         let plain = tcp_service("web", "10.96.1.40", 80, 8080, &addrs);
-        let labelled = plain.replacen(
-            "metadata:\n",
-            "metadata:\n  labels:\n    service.kubernetes.io/headless: \"\"\n",
-            1,
+        let svc = Service::new(NS, "web", &[ip("10.96.1.40")]).port(
+            "http",
+            80,
+            TargetPort::Number(8080),
+            Protocol::Tcp,
         );
-        ensure!(labelled != plain, "{plain}");
+        let mut svc = svc.to_value();
+        let labels = svc
+            .pointer_mut("/metadata/labels")
+            .and_then(serde_json::Value::as_object_mut);
+        match labels {
+            Some(l) => {
+                l.insert("service.kubernetes.io/headless".into(), "".into());
+            }
+            None => {
+                svc["metadata"]["labels"] =
+                    serde_json::json!({"service.kubernetes.io/headless": ""});
+            }
+        }
+        let slice = EndpointSlice::new(NS, "web", "x1", false)
+            .port("http", 8080, Protocol::Tcp)
+            .ready_endpoints(&addrs);
+        let labelled = yaml_docs(&[svc, slice.to_value()]);
+        ensure!(
+            labelled.contains("service.kubernetes.io/headless"),
+            "{labelled}"
+        );
         lab.write_manifest("web.yaml", &labelled)?;
         lab.write_manifest(
             "other.yaml",

@@ -226,8 +226,18 @@ pub fn build(objects: Objects<'_>, node: &NodeInfo) -> (DesiredState, Vec<ModelE
         // backends the Service had before it went over the limit. A Service whose
         // cluster IPs alone are over the frontend limit gets nothing.
         if plan.cluster_keys().count() <= node.limits.max_frontends {
-            for key in plan.cluster_keys() {
-                state.frontends.insert(key, refused_frontend(key, sref));
+            for p in &plan.ports {
+                for &addr in &plan.ips {
+                    let key = FrontendKey {
+                        addr,
+                        port: p.port,
+                        proto: p.proto,
+                        scope: SCOPE_ALL,
+                    };
+                    state
+                        .frontends
+                        .insert(key, refused_frontend(key, sref, p.name));
+                }
             }
         }
         state.over_limit.push(sref.clone());
@@ -360,11 +370,11 @@ fn over_limit(plan: &ServicePlan<'_>, endpoints: usize, node: &NodeInfo) -> Opti
 
 /// A cluster-IP frontend of a Service refused for a limit: no backends, so connections
 /// are refused.
-fn refused_frontend(key: FrontendKey, sref: &ServiceRef) -> DesiredFrontend {
+fn refused_frontend(key: FrontendKey, sref: &ServiceRef, port_name: &str) -> DesiredFrontend {
     DesiredFrontend {
         key,
         service: sref.clone(),
-        port_name: String::new(),
+        port_name: port_name.to_owned(),
         backends: Vec::new(),
         affinity_timeout_s: None,
         kind: KIND_CLUSTER_IP,
