@@ -38,6 +38,8 @@ pub enum LogFormat {
     Json,
 }
 
+// Parsed once per process: the size of the agent's variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the agent: program Services into the kernel and keep them in sync.
