@@ -2256,7 +2256,7 @@ endpoints: [{addresses: [10.0.0.1]}, {addresses: [10.0.0.2]}]
     assert_eq!(
         render(&state),
         [
-            "10.96.34.1:80/TCP t/big: []",
+            "10.96.34.1:80/TCP t/big:http []",
             "10.96.34.2:80/TCP t/small:http [10.0.0.1:8080 10.0.0.2:8080]",
         ]
     );
