@@ -49,6 +49,8 @@ pub struct AgentConfig {
     /// `--force-feature-off`: kernel features treated as missing, so that their
     /// fallbacks run (tests of older kernels on a new one).
     pub force_feature_off: Vec<crate::datapath::probe::Feature>,
+    /// `--max-manifest-bytes`: larger manifest files are not read.
+    pub max_manifest_bytes: u64,
 }
 
 impl AgentConfig {
@@ -259,7 +261,13 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
 
     let (tx, mut rx) = watch::channel(Arc::new(Snapshot::default()));
     let mut watcher = match (&cfg.manifests, kube_client) {
-        (Some(dir), _) => tokio::spawn(manifests::watch(dir.clone(), tx)),
+        (Some(dir), _) => tokio::spawn(manifests::watch(
+            dir.clone(),
+            manifests::Limits {
+                max_file_bytes: cfg.max_manifest_bytes,
+            },
+            tx,
+        )),
         (None, Some(client)) => {
             tokio::spawn(source::kube::watch(client, cfg.node.name.clone(), tx))
         }
@@ -572,6 +580,14 @@ pub fn sync(
             || warn!(file = origin(snap, &e.object), object = %e.object, reason = %e.reason, "skipped bad input"),
         );
     }
+    for e in &desired.skipped {
+        report_once(
+            reported,
+            &mut now,
+            e.to_string(),
+            || info!(file = origin(snap, &e.object), object = %e.object, reason = %e.reason, "Service not programmed"),
+        );
+    }
     let plan = plan::plan(current, &desired, &dp.capacity());
     for r in &plan.rejected {
         report_once(
@@ -582,7 +598,12 @@ pub fn sync(
         );
     }
     *reported = now;
-    crate::metrics::set_skipped(snap.errors.len(), errors.len(), plan.rejected.len());
+    crate::metrics::set_skipped(
+        snap.errors.len(),
+        errors.len().saturating_sub(desired.over_limit.len()),
+        plan.rejected.len(),
+    );
+    crate::metrics::set_skipped_over_limit(desired.over_limit.len());
     // Session affinity: pairs leaving a frontend are dropped before the plan, so that
     // no client follows a remembered backend out of its Service; new ones after it.
     let mut after = current.clone();

@@ -38,6 +38,8 @@ pub enum LogFormat {
     Json,
 }
 
+// Parsed once per process: the size of the agent's variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the agent: program Services into the kernel and keep them in sync.
@@ -110,6 +112,19 @@ pub enum Command {
         /// fib_redirect, csum_ipv6_flag, set_retval, xdp_link).
         #[arg(long, hide = true, value_name = "FEATURE[,FEATURE...]")]
         force_feature_off: Option<String>,
+        /// Manifest files larger than this many bytes are reported and not read.
+        #[arg(long, default_value_t = crate::source::manifests::DEFAULT_MAX_FILE_BYTES, value_name = "BYTES")]
+        max_manifest_bytes: u64,
+        /// Refuse external IPs (spec.externalIPs) outside these CIDRs: the CVE-2020-8554
+        /// mitigation [default: any unicast address]
+        #[arg(long, value_delimiter = ',', value_name = "CIDR[,CIDR...]")]
+        external_ip_cidrs: Vec<ipnet::IpNet>,
+        /// A Service with more frontends (addresses × ports) than this is refused whole.
+        #[arg(long, default_value_t = crate::model::DEFAULT_MAX_FRONTENDS_PER_SERVICE, value_name = "N")]
+        max_frontends_per_service: usize,
+        /// A Service whose EndpointSlices list more endpoints than this is refused whole.
+        #[arg(long, default_value_t = crate::model::DEFAULT_MAX_BACKENDS_PER_SERVICE, value_name = "N")]
+        max_backends_per_service: usize,
     },
     /// Show every programmed frontend with its Service, flags and backends, from the
     /// pinned maps (works whether or not the agent runs).
@@ -121,6 +136,10 @@ pub enum Command {
         /// Only the frontends of this Service (NAMESPACE/NAME).
         #[arg(long, value_name = "NAMESPACE/NAME")]
         service: Option<String>,
+        /// With --service and nothing programmed for it: ask the agent's /status here
+        /// why it was left out ("off" does not ask).
+        #[arg(long, default_value = DEFAULT_METRICS_ADDR, value_parser = metrics::parse_addr)]
+        metrics_addr: metrics::MetricsAddr,
     },
     /// Show the flows of the external path (NodePort, LoadBalancer and external IPs)
     /// from the pinned conntrack map: client, frontend, backend, SNAT, flags, lifetime.
@@ -253,6 +272,24 @@ impl ServiceFilter {
     }
 }
 
+/// Says on stderr why the agent left Service `want` out, from its `/status` problems
+/// (for example the `service.kubernetes.io/headless` label, a limit, a full map).
+fn explain_left_out(want: &crate::model::ServiceRef, addr: std::net::SocketAddr) {
+    let report = inspect::status::fetch_agent(addr);
+    let Some(st) = report.status else {
+        return;
+    };
+    let prefix = format!("Service {want}: ");
+    let other = format!("{want}: ");
+    for p in st
+        .problems
+        .iter()
+        .filter(|p| p.starts_with(&prefix) || p.starts_with(&other))
+    {
+        eprintln!("left out by the agent: {p}");
+    }
+}
+
 /// `--maglev-table-size`: a prime, so every backend's permutation covers the table.
 fn parse_maglev_size(s: &str) -> Result<u32, String> {
     let n: u32 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
@@ -308,6 +345,10 @@ pub fn run(cli: Cli) -> Result<()> {
             conntrack_max,
             destroy_tcp,
             force_feature_off,
+            max_manifest_bytes,
+            external_ip_cidrs,
+            max_frontends_per_service,
+            max_backends_per_service,
         } => {
             let force_feature_off =
                 crate::datapath::probe::parse_forced(force_feature_off.as_deref().unwrap_or(""))
@@ -319,6 +360,11 @@ pub fn run(cli: Cli) -> Result<()> {
             let node = NodeInfo {
                 name: node_name.or_else(hostname),
                 service_proxy_name,
+                external_ip_cidrs,
+                limits: crate::model::ServiceLimits {
+                    max_frontends: max_frontends_per_service,
+                    max_backends: max_backends_per_service,
+                },
                 ..NodeInfo::default()
             };
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -341,12 +387,14 @@ pub fn run(cli: Cli) -> Result<()> {
                 conntrack_max,
                 destroy_tcp,
                 force_feature_off,
+                max_manifest_bytes,
             }))
         }
         Command::List {
             output,
             bpffs,
             service,
+            metrics_addr,
         } => {
             let filter = ServiceFilter::parse(service.as_deref())?;
             let view = inspect::view::DatapathView::read(&PinnedMaps::open(&bpffs)?)?;
@@ -354,6 +402,10 @@ pub fn run(cli: Cli) -> Result<()> {
             filter.retain(&mut entries, "frontend", |e| {
                 (e.namespace.as_deref(), e.service.as_deref())
             });
+            if let (Some(want), true, Some(addr)) = (&filter.0, entries.is_empty(), metrics_addr.0)
+            {
+                explain_left_out(want, addr);
+            }
             print!(
                 "{}",
                 match output {

@@ -62,6 +62,7 @@ struct AgentMetrics {
     healthcheck_bind_errors: Counter,
     healthcheck_ports: Gauge,
     sockets_destroyed: Family<Labels, Counter>,
+    manifest_stale: Gauge,
 }
 
 fn agent() -> &'static AgentMetrics {
@@ -86,6 +87,7 @@ fn agent() -> &'static AgentMetrics {
             }
             f
         },
+        manifest_stale: Gauge::default(),
     })
 }
 
@@ -129,6 +131,24 @@ pub fn set_skipped(unreadable: usize, invalid: usize, map_full: usize) {
             .get_or_create(&vec![("reason", reason.to_owned())])
             .set(n as i64);
     }
+}
+
+/// Manifest files whose last good content stands in for a version that could not be
+/// read or parsed.
+pub fn set_manifest_files_stale(n: usize) {
+    agent()
+        .manifest_stale
+        .set(i64::try_from(n).unwrap_or(i64::MAX));
+}
+
+/// Services the model refused for going over a per-Service limit
+/// (`--max-frontends-per-service`, `--max-backends-per-service`): the `over_limit`
+/// reason of `svclb_skipped_objects`.
+pub fn set_skipped_over_limit(n: usize) {
+    agent()
+        .skipped
+        .get_or_create(&vec![("reason", "over_limit".to_owned())])
+        .set(i64::try_from(n).unwrap_or(i64::MAX));
 }
 
 /// A healthCheckNodePort could not be bound (see [`crate::hcnp`]).
@@ -601,8 +621,13 @@ pub fn render(data: ScrapeData) -> Result<String> {
     );
     reg.register(
         "svclb_skipped_objects",
-        "Objects the last sync left out, by reason (unreadable, invalid, map_full)",
+        "Objects the last sync left out, by reason (unreadable, invalid, over_limit, map_full)",
         m.skipped.clone(),
+    );
+    reg.register(
+        "svclb_manifest_files_stale",
+        "Manifest files whose last good content stays in effect because their current version cannot be read or parsed",
+        m.manifest_stale.clone(),
     );
     reg.register(
         "svclb_healthcheck_bind_errors",

@@ -88,6 +88,8 @@ pub fn build(objects: Objects<'_>, node: &NodeInfo) -> (DesiredState, Vec<ModelE
     // Pass 1: validate every Service and claim its cluster-IP frontends.
     let mut claims: BTreeMap<FrontendKey, ServiceRef> = BTreeMap::new();
     let mut accepted = Vec::new();
+    let mut skipped = Vec::new();
+    let mut refused = Vec::new();
     for group in services.chunk_by(|a, b| identity(&a.metadata) == identity(&b.metadata)) {
         let svc = group[0];
         let object = service_object(svc);
@@ -106,6 +108,17 @@ pub fn build(objects: Objects<'_>, node: &NodeInfo) -> (DesiredState, Vec<ModelE
             namespace: object.namespace.clone(),
             name: object.name.clone(),
         };
+        if has_label(&svc.metadata, LABEL_HEADLESS) {
+            // kube-proxy watches Services with the selector `!service.kubernetes.io/headless`
+            // and so never programs a labelled one, cluster IP or not.
+            skipped.push(ModelError {
+                object,
+                reason: format!(
+                    "labelled {LABEL_HEADLESS}: not programmed, as kube-proxy does not proxy such Services; remove the label to program it"
+                ),
+            });
+            continue;
+        }
         let plan = match plan_service(svc, &object, node) {
             Ok(Some(plan)) => plan,
             Ok(None) => continue,
@@ -130,6 +143,19 @@ pub fn build(objects: Objects<'_>, node: &NodeInfo) -> (DesiredState, Vec<ModelE
         for key in plan.cluster_keys() {
             claims.insert(key, sref.clone());
         }
+        let endpoints = slices
+            .get(&(sref.namespace.as_str(), sref.name.as_str()))
+            .map_or(0, |own| own.iter().map(|s| s.endpoints.len()).sum());
+        if let Some(reason) = over_limit(&plan, endpoints, node) {
+            errors.push(ModelError {
+                object,
+                reason: format!(
+                    "{reason}; the Service is refused whole and its cluster IPs refuse connections"
+                ),
+            });
+            refused.push((plan, sref));
+            continue;
+        }
         errors.extend(plan.port_errors.iter().map(|reason| ModelError {
             object: object.clone(),
             reason: reason.clone(),
@@ -138,64 +164,84 @@ pub fn build(objects: Objects<'_>, node: &NodeInfo) -> (DesiredState, Vec<ModelE
     }
 
     // Pass 2: external addresses, each on its own, after every cluster IP is claimed.
-    let mut frontends: Vec<Vec<Frontend>> = Vec::with_capacity(accepted.len());
-    for (plan, sref, object) in &accepted {
-        let mut mine: Vec<Frontend> = plan
-            .ports
-            .iter()
-            .enumerate()
-            .flat_map(|(port, p)| {
-                plan.ips.iter().map(move |&addr| Frontend {
-                    key: FrontendKey {
+    //
+    // External IPs are claimed last: load-balancer IPs are written by a controller the
+    // cluster admin trusts, external IPs by any Service author, so when two Services
+    // claim one address the load-balancer IP wins (the CVE-2020-8554 pattern). Node
+    // ports, allocated by the apiserver, go first as well.
+    let mut frontends: Vec<Vec<Frontend>> = accepted
+        .iter()
+        .map(|(plan, _, _)| {
+            plan.ports
+                .iter()
+                .enumerate()
+                .flat_map(|(port, p)| {
+                    plan.ips.iter().map(move |&addr| Frontend {
+                        key: FrontendKey {
+                            addr,
+                            port: p.port,
+                            proto: p.proto,
+                            scope: SCOPE_ALL,
+                        },
+                        kind: KIND_CLUSTER_IP,
+                        port,
+                    })
+                })
+                .collect()
+        })
+        .collect();
+    let (mut first, mut last) = (Vec::new(), Vec::new());
+    for (plan, _, _) in &accepted {
+        let (ext, other): (Vec<Frontend>, Vec<Frontend>) = plan
+            .external_frontends(node)
+            .into_iter()
+            .partition(|fe| fe.kind == KIND_EXTERNAL_IP);
+        first.push(other);
+        last.push(ext);
+    }
+    let mut kinds: BTreeMap<FrontendKey, u8> = BTreeMap::new();
+    for round in [first, last] {
+        for (((_, sref, object), mine), candidates) in
+            accepted.iter().zip(&mut frontends).zip(round)
+        {
+            claim_external(
+                candidates,
+                sref,
+                object,
+                &mut claims,
+                &mut kinds,
+                mine,
+                &mut errors,
+            );
+        }
+    }
+
+    let mut state = DesiredState {
+        skipped,
+        ..DesiredState::default()
+    };
+    for (plan, sref) in &refused {
+        // Fail closed: the cluster IPs (already claimed in pass 1) stay known to the
+        // datapath with no backends, so clients are refused rather than sent to
+        // backends the Service had before it went over the limit. A Service whose
+        // cluster IPs alone are over the frontend limit gets nothing.
+        if plan.cluster_keys().count() <= node.limits.max_frontends {
+            for p in &plan.ports {
+                for &addr in &plan.ips {
+                    let key = FrontendKey {
                         addr,
                         port: p.port,
                         proto: p.proto,
                         scope: SCOPE_ALL,
-                    },
-                    kind: KIND_CLUSTER_IP,
-                    port,
-                })
-            })
-            .collect();
-        // An external-path frontend shares its address with a socket-path one (same
-        // key but the scope); when that address is lost to a clash, so is its twin,
-        // and the clash is reported once.
-        let mut lost: BTreeSet<FrontendKey> = BTreeSet::new();
-        for fe in plan.external_frontends(node) {
-            let twin = FrontendKey {
-                scope: SCOPE_ALL,
-                ..fe.key
-            };
-            if fe.key.scope == SCOPE_EXTERNAL && lost.contains(&twin) {
-                continue;
-            }
-            match claims.get(&fe.key) {
-                None => {
-                    claims.insert(fe.key, sref.clone());
-                    mine.push(fe);
-                }
-                Some(owner) => {
-                    lost.insert(fe.key);
-                    errors.push(ModelError {
-                        object: object.clone(),
-                        reason: format!(
-                            "{} frontend {} is already used by {}; this address is skipped",
-                            kind_name(fe.kind),
-                            fmt_key(&fe.key),
-                            if owner == sref {
-                                "another address of this Service".to_owned()
-                            } else {
-                                format!("Service {owner}")
-                            }
-                        ),
-                    });
+                    };
+                    state
+                        .frontends
+                        .insert(key, refused_frontend(key, sref, p.name));
                 }
             }
         }
-        frontends.push(mine);
+        state.over_limit.push(sref.clone());
     }
-
-    let mut state = DesiredState::default();
     for ((plan, sref, object), mine) in accepted.iter().zip(&frontends) {
         let own_slices = slices
             .get(&(sref.namespace.as_str(), sref.name.as_str()))
@@ -231,6 +277,111 @@ pub fn build(objects: Objects<'_>, node: &NodeInfo) -> (DesiredState, Vec<ModelE
         }
     }
     (state, errors)
+}
+
+/// Claims the external frontends of one accepted Service that no one holds yet. An
+/// external-path frontend shares its address with a socket-path one (same key but the
+/// scope); when that address is lost to a clash, so is its twin, and the clash is
+/// reported once.
+fn claim_external(
+    candidates: Vec<Frontend>,
+    sref: &ServiceRef,
+    object: &ObjectRef,
+    claims: &mut BTreeMap<FrontendKey, ServiceRef>,
+    kinds: &mut BTreeMap<FrontendKey, u8>,
+    mine: &mut Vec<Frontend>,
+    errors: &mut Vec<ModelError>,
+) {
+    let mut lost: BTreeSet<FrontendKey> = BTreeSet::new();
+    for fe in candidates {
+        let twin = FrontendKey {
+            scope: SCOPE_ALL,
+            ..fe.key
+        };
+        if fe.key.scope == SCOPE_EXTERNAL && lost.contains(&twin) {
+            continue;
+        }
+        match claims.get(&fe.key) {
+            None => {
+                claims.insert(fe.key, sref.clone());
+                kinds.insert(fe.key, fe.kind);
+                mine.push(fe);
+            }
+            Some(owner) => {
+                lost.insert(fe.key);
+                let by = if owner == sref {
+                    "another address of this Service".to_owned()
+                } else if fe.kind == KIND_EXTERNAL_IP
+                    && kinds.get(&fe.key) == Some(&KIND_LOAD_BALANCER)
+                {
+                    format!(
+                        "Service {owner} as its load-balancer IP, which takes precedence over external IPs"
+                    )
+                } else {
+                    format!("Service {owner}")
+                };
+                errors.push(ModelError {
+                    object: object.clone(),
+                    reason: format!(
+                        "{} frontend {} is already used by {by}; this address is skipped",
+                        kind_name(fe.kind),
+                        fmt_key(&fe.key),
+                    ),
+                });
+            }
+        }
+    }
+}
+
+/// Why a Service is over a [`ServiceLimits`](super::ServiceLimits) limit, counted from
+/// its validated plan before any frontend or backend list is built: frontends are
+/// (cluster IPs + external and load-balancer IPs) × ports plus node ports × node
+/// addresses of the Service's families, and the same again for the external path when
+/// it is on; backends are the endpoints its slices list.
+fn over_limit(plan: &ServicePlan<'_>, endpoints: usize, node: &NodeInfo) -> Option<String> {
+    let limits = node.limits;
+    let ports = plan.ports.len();
+    let node_ports = plan.ports.iter().filter(|p| p.node_port.is_some()).count();
+    let node_addrs = node.addresses.iter().filter(|a| plan.has_family(a)).count();
+    let families = plan.ips.iter().map(family).collect::<BTreeSet<_>>().len();
+    let addressed = plan.ips.len().saturating_add(plan.external.len());
+    let mut frontends = addressed
+        .saturating_mul(ports)
+        .saturating_add(node_ports.saturating_mul(node_addrs));
+    if node.external {
+        frontends = frontends
+            .saturating_add(plan.external.len().saturating_mul(ports))
+            .saturating_add(node_ports.saturating_mul(families));
+    }
+    if frontends > limits.max_frontends {
+        return Some(format!(
+            "{frontends} frontends (addresses × ports) are over the limit of {} (--max-frontends-per-service)",
+            limits.max_frontends
+        ));
+    }
+    if endpoints > limits.max_backends {
+        return Some(format!(
+            "its EndpointSlices list {endpoints} endpoints, over the limit of {} (--max-backends-per-service)",
+            limits.max_backends
+        ));
+    }
+    None
+}
+
+/// A cluster-IP frontend of a Service refused for a limit: no backends, so connections
+/// are refused.
+fn refused_frontend(key: FrontendKey, sref: &ServiceRef, port_name: &str) -> DesiredFrontend {
+    DesiredFrontend {
+        key,
+        service: sref.clone(),
+        port_name: port_name.to_owned(),
+        backends: Vec::new(),
+        affinity_timeout_s: None,
+        kind: KIND_CLUSTER_IP,
+        meta_flags: 0,
+        flags: 0,
+        src_ranges: Vec::new(),
+    }
 }
 
 /// How many distinct endpoints of a Service are ready on this node: what a
@@ -347,6 +498,37 @@ fn parse_port(port: i32) -> Option<u16> {
 /// Addresses a client can never usefully dial, which the apiserver would not hand out.
 fn is_unusable(ip: &IpAddr) -> bool {
     ip.is_unspecified() || ip.is_multicast() || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
+}
+
+const EXTERNAL_IPS_ENTRY: &str = "externalIPs entry";
+
+/// Why an address written by a user or a load-balancer controller must never become a
+/// frontend: the socket programs would then capture connections that this node's pods
+/// and host processes make to their own loopback, to the link-local metadata service
+/// (169.254.169.254) and so on. `None` for an ordinary unicast address. IPv4-mapped IPv6
+/// addresses are judged by their IPv4 form.
+pub fn never_a_frontend(ip: &IpAddr) -> Option<&'static str> {
+    let ip = ip.to_canonical();
+    if ip.is_loopback() {
+        return Some("a loopback address");
+    }
+    if ip.is_unspecified() {
+        return Some("the unspecified address");
+    }
+    if ip.is_multicast() {
+        return Some("a multicast address");
+    }
+    match ip {
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address"),
+        IpAddr::V4(v4) if v4.is_link_local() => Some("a link-local address (169.254.0.0/16)"),
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => Some("a link-local address (fe80::/10)"),
+        _ => None,
+    }
+}
+
+/// `--external-ip-cidrs`: with ranges set, an external IP must be inside one of them.
+fn external_ip_allowed(ip: &IpAddr, node: &NodeInfo) -> bool {
+    node.external_ip_cidrs.is_empty() || node.external_ip_cidrs.iter().any(|n| n.contains(ip))
 }
 
 /// An IANA service name, as Kubernetes validates a named `targetPort`: 1-15 characters
@@ -772,29 +954,40 @@ fn source_ranges(svc: &Service, errors: &mut Vec<String>) -> Vec<IpNet> {
 fn external_addresses(
     svc: &Service,
     ips: &[IpAddr],
+    node: &NodeInfo,
     errors: &mut Vec<String>,
 ) -> Vec<(IpAddr, u8)> {
     let mut external = BTreeSet::new();
     let mut lb = BTreeSet::new();
     let families: BTreeSet<Family> = ips.iter().map(family).collect();
-    let mut add = |set: &mut BTreeSet<IpAddr>, what: &str, raw: &str| match raw.parse::<IpAddr>() {
-        Ok(ip) if is_unusable(&ip) => {
+    let mut add = |set: &mut BTreeSet<IpAddr>, what: &str, raw: &str| {
+        let Ok(ip) = raw.parse::<IpAddr>() else {
             errors.push(format!(
-                "{what} '{raw}' is not a unicast address; it is skipped"
+                "{what} '{raw}' is not a valid IP address; it is skipped"
             ));
-        }
-        Ok(ip) if !families.contains(&family(&ip)) => {
+            return;
+        };
+        if let Some(why) = never_a_frontend(&ip) {
+            errors.push(format!(
+                "{what} '{raw}' is refused: {why}, which must never become a Service frontend (it would capture this node's own traffic)"
+            ));
+        } else if what == EXTERNAL_IPS_ENTRY && !external_ip_allowed(&ip, node) {
+            errors.push(format!(
+                "{what} '{raw}' is refused: it is outside --external-ip-cidrs ({})",
+                node.external_ip_cidrs
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        } else if !families.contains(&family(&ip)) {
             tracing::debug!(
                 address = raw,
                 "{what} has no cluster IP of its family; not programmed"
             );
-        }
-        Ok(ip) => {
+        } else {
             set.insert(ip);
         }
-        Err(_) => errors.push(format!(
-            "{what} '{raw}' is not a valid IP address; it is skipped"
-        )),
     };
     for raw in svc
         .spec
@@ -803,7 +996,7 @@ fn external_addresses(
         .into_iter()
         .flatten()
     {
-        add(&mut external, "externalIPs entry", raw);
+        add(&mut external, EXTERNAL_IPS_ENTRY, raw);
     }
     let ingress = svc
         .status
@@ -937,7 +1130,7 @@ fn plan_service<'a>(
 
     let mut port_errors = Vec::new();
     let ports = plan_ports(spec.ports.as_deref().unwrap_or_default(), &mut port_errors)?;
-    let external = external_addresses(svc, &ips, &mut port_errors);
+    let external = external_addresses(svc, &ips, node, &mut port_errors);
     let lb_type = spec.type_.as_deref() == Some("LoadBalancer");
     let src_ranges = if lb_type {
         source_ranges(svc, &mut port_errors)

@@ -95,6 +95,13 @@ pub struct DesiredState {
     /// `healthCheckNodePort` → its Service, for LoadBalancer Services with
     /// `externalTrafficPolicy: Local` (only when the external path is on).
     pub health_checks: BTreeMap<u16, HealthCheck>,
+    /// Services left alone on purpose (not errors), with why: a Service labelled
+    /// `service.kubernetes.io/headless`. Shown by `svc-lb status`.
+    pub skipped: Vec<ModelError>,
+    /// Services refused whole for going over a [`ServiceLimits`] limit. Their cluster
+    /// IPs are programmed with no backends (connections are refused) so that nothing
+    /// keeps routing to their old backends; their reasons are in the errors.
+    pub over_limit: Vec<ServiceRef>,
 }
 
 /// What this node is, for rules that depend on it (traffic policy, topology, node
@@ -113,6 +120,36 @@ pub struct NodeInfo {
     /// The external path (tc/XDP on the node's devices) is on: also emit the
     /// `SCOPE_EXTERNAL` frontends and the health checks. Off, nothing would read them.
     pub external: bool,
+    /// `--external-ip-cidrs`: when not empty, `externalIPs` outside these are refused.
+    pub external_ip_cidrs: Vec<IpNet>,
+    /// Per-Service limits, checked before a Service is expanded into frontends.
+    pub limits: ServiceLimits,
+}
+
+/// The default of `--max-frontends-per-service`.
+pub const DEFAULT_MAX_FRONTENDS_PER_SERVICE: usize = 1024;
+/// The default of `--max-backends-per-service`.
+pub const DEFAULT_MAX_BACKENDS_PER_SERVICE: usize = 20_000;
+
+/// What one Service may cost, checked before the model expands it: a Service over a
+/// limit is refused whole (see `build`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceLimits {
+    /// Frontends: (cluster IPs + node addresses for node ports + external and
+    /// load-balancer IPs) × ports, both scopes counted.
+    pub max_frontends: usize,
+    /// Endpoints listed by the Service's EndpointSlices (each endpoint counts once per
+    /// slice that lists it).
+    pub max_backends: usize,
+}
+
+impl Default for ServiceLimits {
+    fn default() -> Self {
+        Self {
+            max_frontends: DEFAULT_MAX_FRONTENDS_PER_SERVICE,
+            max_backends: DEFAULT_MAX_BACKENDS_PER_SERVICE,
+        }
+    }
 }
 
 /// A Kubernetes object named in an error.

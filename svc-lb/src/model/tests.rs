@@ -45,6 +45,7 @@ impl TestNode {
                 .collect(),
             service_proxy_name: self.proxy_name.map(str::to_owned),
             external: false,
+            ..NodeInfo::default()
         }
     }
 }
@@ -1197,13 +1198,14 @@ spec: {type: NodePort, clusterIP: 10.96.21.3, externalIPs: [10.96.21.3], ports: 
             "203.0.113.1:80/TCP (ExternalIP) default/a-thief: []",
         ],
         errors: &[
-            (
-                "Service default/a-thief",
-                "external IP frontend 10.96.21.9:80/TCP is already used by Service default/b-victim; this address is skipped",
-            ),
+            // Node ports and load-balancer IPs are claimed before any external IP.
             (
                 "Service default/d-np",
                 "node port frontend 192.168.1.10:30000/TCP is already used by Service default/c-np",
+            ),
+            (
+                "Service default/a-thief",
+                "external IP frontend 10.96.21.9:80/TCP is already used by Service default/b-victim; this address is skipped",
             ),
             (
                 "Service default/d-np",
@@ -1245,7 +1247,7 @@ spec: {type: NodePort, clusterIP: 10.96.22.2, ports: [{port: 80, nodePort: 70000
             ),
             (
                 "Service default/ext",
-                "externalIPs entry '0.0.0.0' is not a unicast address; it is skipped",
+                "externalIPs entry '0.0.0.0' is refused: the unspecified address, which must never become a Service frontend",
             ),
             (
                 "Service default/ext",
@@ -2077,4 +2079,319 @@ status: {loadBalancer: {ingress: [{ip: 192.0.2.20}, {ip: "2001:db8:1::20"}]}}
             }
         }
     }
+}
+// Hostile input (issue 12): addresses that must never become frontends, external-IP
+// ranges, load-balancer precedence, per-Service limits; the headless label (issue 11).
+
+fn build_with(yaml: &str, node: &NodeInfo) -> (DesiredState, Vec<ModelError>) {
+    let (services, slices) = parse(yaml);
+    build(
+        Objects {
+            services: &services,
+            slices: &slices,
+        },
+        node,
+    )
+}
+
+#[test]
+fn loopback_link_local_and_other_special_addresses_are_refused_as_frontends() {
+    let yaml = r#"
+kind: Service
+metadata: {name: hijack, namespace: t}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.30.1
+  clusterIPs: [10.96.30.1, "fd00::30:1"]
+  externalIPs: [169.254.169.254, 127.0.0.53, "::1", "fe80::1", 224.0.0.1, 255.255.255.255, "::ffff:127.0.0.1", 203.0.113.30]
+  ports: [{port: 80}]
+status:
+  loadBalancer:
+    ingress: [{ip: 127.0.0.1}, {ip: 169.254.1.1}, {ip: "::"}, {ip: "ff02::1"}, {ip: 198.51.100.30}]
+"#;
+    let (state, errors) = build_with(yaml, &NodeInfo::default());
+    assert_eq!(
+        render(&state),
+        [
+            "10.96.30.1:80/TCP t/hijack: []",
+            "198.51.100.30:80/TCP (LoadBalancer) t/hijack: []",
+            "203.0.113.30:80/TCP (ExternalIP) t/hijack: []",
+            "[fd00::30:1]:80/TCP t/hijack: []",
+        ]
+    );
+    let want = [
+        (
+            "externalIPs entry '169.254.169.254'",
+            "a link-local address (169.254.0.0/16)",
+        ),
+        ("externalIPs entry '127.0.0.53'", "a loopback address"),
+        ("externalIPs entry '::1'", "a loopback address"),
+        (
+            "externalIPs entry 'fe80::1'",
+            "a link-local address (fe80::/10)",
+        ),
+        ("externalIPs entry '224.0.0.1'", "a multicast address"),
+        (
+            "externalIPs entry '255.255.255.255'",
+            "the broadcast address",
+        ),
+        ("externalIPs entry '::ffff:127.0.0.1'", "a loopback address"),
+        ("load-balancer ingress IP '127.0.0.1'", "a loopback address"),
+        (
+            "load-balancer ingress IP '169.254.1.1'",
+            "a link-local address",
+        ),
+        ("load-balancer ingress IP '::'", "the unspecified address"),
+        ("load-balancer ingress IP 'ff02::1'", "a multicast address"),
+    ];
+    let shown: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(errors.len(), want.len(), "{shown:#?}");
+    for (e, (what, why)) in errors.iter().zip(want) {
+        assert_eq!(e.object.to_string(), "Service t/hijack");
+        assert!(
+            e.reason.starts_with(&format!("{what} is refused: {why}"))
+                && e.reason.contains("must never become a Service frontend"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn external_ip_cidrs_refuse_external_ips_outside_them_but_not_lb_ips() {
+    let yaml = r#"
+kind: Service
+metadata: {name: ext, namespace: t}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.31.1
+  externalIPs: [203.0.113.7, 198.51.100.7]
+  ports: [{port: 80}]
+status: {loadBalancer: {ingress: [{ip: 192.0.2.7}]}}
+"#;
+    let node = NodeInfo {
+        external_ip_cidrs: vec!["203.0.113.0/24".parse().unwrap()],
+        ..NodeInfo::default()
+    };
+    let (state, errors) = build_with(yaml, &node);
+    assert_eq!(
+        render(&state),
+        [
+            "10.96.31.1:80/TCP t/ext: []",
+            "192.0.2.7:80/TCP (LoadBalancer) t/ext: []",
+            "203.0.113.7:80/TCP (ExternalIP) t/ext: []",
+        ]
+    );
+    check_errors(
+        "external-ip-cidrs",
+        &errors,
+        &[(
+            "Service t/ext",
+            "externalIPs entry '198.51.100.7' is refused: it is outside --external-ip-cidrs (203.0.113.0/24)",
+        )],
+    );
+    // Without the flag every unicast external IP is allowed.
+    let (state, errors) = build_with(yaml, &NodeInfo::default());
+    assert_eq!(state.frontends.len(), 4);
+    assert!(errors.is_empty(), "{errors:?}");
+}
+
+#[test]
+fn a_load_balancer_ip_wins_over_an_external_ip_of_another_service() {
+    // "a-user" sorts first and would win by name; the controller-written ingress wins.
+    let yaml = r#"
+kind: Service
+metadata: {name: a-user, namespace: t}
+spec: {clusterIP: 10.96.32.1, externalIPs: [198.51.100.9], ports: [{port: 80}]}
+---
+kind: Service
+metadata: {name: b-lb, namespace: t}
+spec: {type: LoadBalancer, clusterIP: 10.96.32.2, ports: [{port: 80}]}
+status: {loadBalancer: {ingress: [{ip: 198.51.100.9}]}}
+"#;
+    let (state, errors) = build_with(yaml, &NodeInfo::default());
+    assert_eq!(
+        render(&state),
+        [
+            "10.96.32.1:80/TCP t/a-user: []",
+            "10.96.32.2:80/TCP t/b-lb: []",
+            "198.51.100.9:80/TCP (LoadBalancer) t/b-lb: []",
+        ]
+    );
+    check_errors(
+        "lb precedence",
+        &errors,
+        &[(
+            "Service t/a-user",
+            "external IP frontend 198.51.100.9:80/TCP is already used by Service t/b-lb as its load-balancer IP, which takes precedence over external IPs; this address is skipped",
+        )],
+    );
+}
+
+fn ports_yaml(n: usize) -> String {
+    (1..=n)
+        .map(|p| format!("{{name: p{p}, port: {p}}}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[test]
+fn a_service_over_the_frontend_limit_is_refused_whole_and_fails_closed() {
+    let node = NodeInfo {
+        limits: super::ServiceLimits {
+            max_frontends: 6,
+            max_backends: 100,
+        },
+        ..NodeInfo::default()
+    };
+    // 2 cluster IPs × 3 ports = 6: at the limit. One external IP more: 9.
+    let yaml = format!(
+        r#"
+kind: Service
+metadata: {{name: at-limit, namespace: t}}
+spec: {{clusterIPs: [10.96.33.1, "fd00::33:1"], ports: [{ports}]}}
+---
+kind: Service
+metadata: {{name: over, namespace: t}}
+spec: {{clusterIPs: [10.96.33.2, "fd00::33:2"], externalIPs: [203.0.113.33], ports: [{ports}]}}
+---
+kind: EndpointSlice
+metadata:
+  name: over-1
+  namespace: t
+  labels: {{kubernetes.io/service-name: over}}
+addressType: IPv4
+ports: [{{name: p1, port: 8080}}]
+endpoints: [{{addresses: [10.0.0.1]}}]
+---
+kind: Service
+metadata: {{name: way-over, namespace: t}}
+spec: {{clusterIPs: [10.96.33.3], ports: [{many}]}}
+"#,
+        ports = ports_yaml(3),
+        many = ports_yaml(7)
+    );
+    let (state, errors) = build_with(&yaml, &node);
+    check_errors(
+        "frontend limit",
+        &errors,
+        &[
+            (
+                "Service t/over",
+                "9 frontends (addresses × ports) are over the limit of 6 (--max-frontends-per-service); the Service is refused whole and its cluster IPs refuse connections",
+            ),
+            (
+                "Service t/way-over",
+                "7 frontends (addresses × ports) are over the limit of 6",
+            ),
+        ],
+    );
+    let over: Vec<&super::DesiredFrontend> = state
+        .frontends
+        .values()
+        .filter(|f| f.service.name == "over")
+        .collect();
+    // Its 6 cluster-IP frontends, all without backends; no external IP.
+    assert_eq!(over.len(), 6);
+    assert!(
+        over.iter()
+            .all(|f| f.backends.is_empty() && f.kind == KIND_CLUSTER_IP)
+    );
+    // Its cluster IPs alone are over the limit: nothing at all.
+    assert!(
+        state
+            .frontends
+            .values()
+            .all(|f| f.service.name != "way-over")
+    );
+    assert_eq!(
+        state
+            .frontends
+            .values()
+            .filter(|f| f.service.name == "at-limit")
+            .count(),
+        6
+    );
+    let names: Vec<String> = state.over_limit.iter().map(ToString::to_string).collect();
+    assert_eq!(names, ["t/over", "t/way-over"]);
+}
+
+#[test]
+fn a_service_over_the_backend_limit_is_refused_whole() {
+    let node = NodeInfo {
+        limits: super::ServiceLimits {
+            max_frontends: 100,
+            max_backends: 2,
+        },
+        ..NodeInfo::default()
+    };
+    let yaml = r#"
+kind: Service
+metadata: {name: big, namespace: t}
+spec: {clusterIP: 10.96.34.1, ports: [{name: http, port: 80}]}
+---
+kind: EndpointSlice
+metadata: {name: big-1, namespace: t, labels: {kubernetes.io/service-name: big}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.0.0.1]}, {addresses: [10.0.0.2]}]
+---
+kind: EndpointSlice
+metadata: {name: big-2, namespace: t, labels: {kubernetes.io/service-name: big}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.0.0.3]}]
+---
+kind: Service
+metadata: {name: small, namespace: t}
+spec: {clusterIP: 10.96.34.2, ports: [{name: http, port: 80}]}
+---
+kind: EndpointSlice
+metadata: {name: small-1, namespace: t, labels: {kubernetes.io/service-name: small}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.0.0.1]}, {addresses: [10.0.0.2]}]
+"#;
+    let (state, errors) = build_with(yaml, &node);
+    assert_eq!(
+        render(&state),
+        [
+            "10.96.34.1:80/TCP t/big:http []",
+            "10.96.34.2:80/TCP t/small:http [10.0.0.1:8080 10.0.0.2:8080]",
+        ]
+    );
+    check_errors(
+        "backend limit",
+        &errors,
+        &[(
+            "Service t/big",
+            "its EndpointSlices list 3 endpoints, over the limit of 2 (--max-backends-per-service); the Service is refused whole",
+        )],
+    );
+}
+
+#[test]
+fn the_headless_label_skips_a_service_with_a_cluster_ip_and_says_why() {
+    let labelled = r#"
+kind: Service
+metadata:
+  name: web
+  namespace: t
+  labels: {service.kubernetes.io/headless: ""}
+spec: {clusterIP: 10.96.35.1, ports: [{port: 80}]}
+"#;
+    let (state, errors) = build_with(labelled, &NodeInfo::default());
+    assert!(state.frontends.is_empty());
+    assert!(errors.is_empty(), "{errors:?}");
+    let skipped: Vec<String> = state.skipped.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        skipped,
+        [
+            "Service t/web: labelled service.kubernetes.io/headless: not programmed, as kube-proxy does not proxy such Services; remove the label to program it"
+        ]
+    );
+    // Without the label it is programmed.
+    let plain = labelled.replace("  labels: {service.kubernetes.io/headless: \"\"}\n", "");
+    let (state, _) = build_with(&plain, &NodeInfo::default());
+    assert_eq!(render(&state), ["10.96.35.1:80/TCP t/web: []"]);
+    assert!(state.skipped.is_empty());
 }

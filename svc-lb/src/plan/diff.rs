@@ -29,6 +29,7 @@ use ipnet::IpNet;
 use svc_lb_common::{
     MAP_BACKENDS, MAP_MAGLEV, MAP_REVNAT, MAP_SRC_RANGE4, MAP_SRC_RANGE6, MAP_SVC4, MAP_SVC6,
     MAX_BACKENDS_PER_FRONTEND, PROTO_SCTP, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SVC_FLAG_AFFINITY,
+    SVC_FLAG_DROP_EMPTY,
 };
 
 use super::{
@@ -394,6 +395,25 @@ impl Budget {
     }
 }
 
+/// The frontend `d` with no backends, for a rejected Service whose frontend `cf` is
+/// programmed under reverse-NAT id `id`: what it keeps (id, source ranges) costs no new
+/// entry, and with a count of 0 the datapath refuses connections (never drops them:
+/// `SVC_FLAG_DROP_EMPTY` is cleared).
+fn emptied(
+    d: &DesiredFrontend,
+    cf: &CurrentFrontend,
+    ranges: &BTreeSet<(u32, IpNet)>,
+    id: u32,
+) -> DesiredFrontend {
+    DesiredFrontend {
+        backends: Vec::new(),
+        affinity_timeout_s: None,
+        flags: cf.flags & !(SVC_FLAG_AFFINITY | SVC_FLAG_DROP_EMPTY),
+        src_ranges: ranges_of(ranges, id).into_iter().collect(),
+        ..d.clone()
+    }
+}
+
 /// Hands out the lowest ids ≥ 1 that are not in `used`, in increasing order.
 struct IdAllocator<'a> {
     used: &'a BTreeSet<u32>,
@@ -424,8 +444,10 @@ fn allocator(used: &BTreeSet<u32>) -> IdAllocator<'_> {
 
 /// Diff `current` against `desired` into ordered operations (see the module docs).
 /// Services that would overflow a map at any point of the plan, or that have a
-/// frontend with more backends than a frontend can hold, are rejected whole, in
-/// namespace/name order; whatever they have programmed now stays as it is.
+/// frontend with more backends than a frontend can hold, are rejected whole: Services
+/// programmed now are admitted first, then new ones, each group in namespace/name
+/// order. What a rejected Service has programmed is emptied (no backends: connections
+/// are refused) rather than left routing to its old backends.
 pub fn plan(current: &CurrentState, desired: &DesiredState, cap: &Capacity) -> Plan {
     // The lowest id of each backend address is the one kept; duplicates are orphans.
     let mut by_addr: BTreeMap<BackendAddr, u32> = BTreeMap::new();
@@ -544,7 +566,16 @@ pub fn plan(current: &CurrentState, desired: &DesiredState, cap: &Capacity) -> P
     }
     let mut rejected = Vec::new();
     let mut admitted: BTreeSet<FrontendKey> = BTreeSet::new();
-    for (service, fronts) in &services {
+    // Services that are programmed now are admitted first: a newly created Service,
+    // however large, cannot push out one that already works (it is the one rejected).
+    let programmed =
+        |fronts: &Vec<&Candidate<'_>>| fronts.iter().any(|c| c.current.is_some_and(has_master));
+    let order: Vec<(&&ServiceRef, &Vec<&Candidate<'_>>)> = services
+        .iter()
+        .filter(|(_, f)| programmed(f))
+        .chain(services.iter().filter(|(_, f)| !programmed(f)))
+        .collect();
+    for (service, fronts) in order {
         let too_big = fronts
             .iter()
             .find(|c| c.desired.backends.len() > MAX_BACKENDS_PER_FRONTEND);
@@ -564,8 +595,51 @@ pub fn plan(current: &CurrentState, desired: &DesiredState, cap: &Capacity) -> P
             }),
         }
     }
-    let (admitted, kept): (Vec<&Candidate<'_>>, Vec<&Candidate<'_>>) =
-        candidates.iter().partition(|c| admitted.contains(c.key()));
+
+    // Fail closed: a rejected Service must not keep routing to its old backends (they
+    // may belong to someone else by now). Its programmed frontends stay, emptied: no
+    // backends, so connections are refused until it fits again. Emptying only deletes
+    // entries (same reverse-NAT id, same source ranges), so it always fits.
+    let rejected_services: BTreeSet<&ServiceRef> = rejected.iter().map(|r| &r.service).collect();
+    let emptied_desired: Vec<(DesiredFrontend, Option<u32>)> = candidates
+        .iter()
+        .filter(|c| rejected_services.contains(&c.desired.service))
+        .filter_map(|c| {
+            let cf = c.current.filter(|cf| has_master(cf))?;
+            let id = c.rev_nat?;
+            Some((emptied(c.desired, cf, &current.src_ranges, id), c.rev_nat))
+        })
+        .collect();
+    let emptied_cands: Vec<Candidate<'_>> = emptied_desired
+        .iter()
+        .map(|(d, id)| Candidate::new(d, current.frontends.get(&d.key), *id, &by_addr, current))
+        .collect();
+    let emptied_refs: Vec<&Candidate<'_>> = emptied_cands.iter().collect();
+    let emptied_keys: BTreeSet<FrontendKey> = match budget.try_admit(&emptied_refs, &by_addr) {
+        Ok(()) => emptied_cands.iter().map(|c| *c.key()).collect(),
+        Err(_) => BTreeSet::new(),
+    };
+    for r in &mut rejected {
+        if emptied_cands
+            .iter()
+            .any(|c| c.desired.service == r.service && emptied_keys.contains(c.key()))
+        {
+            r.reason
+                .push_str("; its programmed frontends refuse connections until it fits");
+        }
+    }
+    let (admitted, kept): (Vec<&Candidate<'_>>, Vec<&Candidate<'_>>) = candidates
+        .iter()
+        .filter(|c| !emptied_keys.contains(c.key()))
+        .partition(|c| admitted.contains(c.key()));
+    let admitted: Vec<&Candidate<'_>> = admitted
+        .into_iter()
+        .chain(
+            emptied_cands
+                .iter()
+                .filter(|c| emptied_keys.contains(c.key())),
+        )
+        .collect();
 
     // New ids go to admitted frontends only, lowest first, in address / key order.
     let mut backend_ids = by_addr.clone();

@@ -215,17 +215,6 @@ fn all_served(
         .collect()
 }
 
-fn without_states(s: &Option<Served>) -> Option<(Vec<BackendAddr>, u16, u32, FrontendKey)> {
-    s.as_ref().map(|s| {
-        (
-            s.backends.iter().map(|b| b.addr).collect(),
-            s.flags,
-            s.affinity_timeout_s,
-            s.rev_nat,
-        )
-    })
-}
-
 /// Frontends with any key (master or slot) in the service maps.
 fn frontends_in_maps(rig: &Rig) -> BTreeSet<FrontendKey> {
     rig.fake
@@ -260,7 +249,8 @@ fn check_op_by_op(rig: &Rig, p: &Plan) -> Result<(), TestCaseError> {
 /// Plans and applies one desired state and checks the outcome against it:
 /// - admitted Services serve exactly their desired backends (so a removed backend gets
 ///   no new connection), flags and reverse NAT;
-/// - rejected Services serve exactly what they served before, and are named with a reason;
+/// - rejected Services serve no backend where they were programmed (fail closed) and
+///   nothing elsewhere, and are named with a reason;
 /// - nothing else is left in the service maps;
 /// - the plan is deterministic, and the mirror equals a read-back.
 fn step(rig: &mut Rig, desired: &DesiredState) -> Result<Plan, TestCaseError> {
@@ -309,15 +299,26 @@ fn step(rig: &mut Rig, desired: &DesiredState) -> Result<Plan, TestCaseError> {
     }
     for (key, d) in &desired.frontends {
         if rejected.contains(&d.service) {
-            // Untouched, except that a backend shared with an admitted Service follows
-            // that Service's state.
-            prop_assert_eq!(
-                without_states(&after[key]),
-                without_states(&before[key]),
-                "rejected {} changed at {:?}",
-                d.service,
-                key
-            );
+            // Fail closed: what it had programmed stays, under the same reverse NAT, with
+            // no backend (connections are refused); what it had not stays out.
+            match &before[key] {
+                None => prop_assert!(
+                    after[key].is_none(),
+                    "rejected {} programmed at {:?}",
+                    d.service,
+                    key
+                ),
+                Some(old) => {
+                    let now = after[key].as_ref();
+                    prop_assert!(
+                        now.is_some_and(|s| s.backends.is_empty() && s.rev_nat == old.rev_nat),
+                        "rejected {} not emptied at {:?}: {:?}",
+                        d.service,
+                        key,
+                        now
+                    );
+                }
+            }
         } else {
             let mut want = expect_served(d);
             for b in &mut want.backends {

@@ -81,7 +81,7 @@ pub(super) fn frontend(
 pub(super) fn state(frontends: Vec<DesiredFrontend>) -> DesiredState {
     DesiredState {
         frontends: frontends.into_iter().map(|f| (f.key, f)).collect(),
-        health_checks: Default::default(),
+        ..Default::default()
     }
 }
 
@@ -749,7 +749,7 @@ fn service_that_overflows_is_rejected_whole_and_the_next_one_tried() {
 }
 
 #[test]
-fn rejected_service_keeps_its_programming_until_room_is_freed() {
+fn rejected_service_refuses_connections_until_room_is_freed() {
     let b = |i: u8| be(&format!("10.0.0.{i}"));
     let mut rig = Rig::new(cap(5, 100, 100));
     rig.sync(&state(vec![
@@ -757,7 +757,6 @@ fn rejected_service_keeps_its_programming_until_room_is_freed() {
         frontend("z", fe2(), &[b(3)]),
     ]));
     assert_eq!(rig.fake.usage().svc4_entries, 5);
-    let before = served(&rig.fake, &fe1());
 
     // a wants one more slot; z frees one, but z is planned after a (name order).
     let d = state(vec![
@@ -769,13 +768,15 @@ fn rejected_service_keeps_its_programming_until_room_is_freed() {
         reasons(&p),
         vec![(
             "a".to_owned(),
-            "map LB_SVC4_V1 full: needs 6 entries, capacity 5".to_owned()
+            "map LB_SVC4_V1 full: needs 6 entries, capacity 5; its programmed frontends refuse connections until it fits".to_owned()
         )]
     );
-    assert_eq!(served(&rig.fake, &fe1()), before);
+    // Fail closed: a no longer routes to its old backends (they may belong to someone
+    // else by now); its frontend stays, with no backends, so clients are refused.
+    assert_eq!(served(&rig.fake, &fe1()).unwrap().backends, vec![]);
     assert_eq!(served(&rig.fake, &fe2()).unwrap().backends, vec![]);
-    // Backend 10.0.0.4 was never written: a was rejected whole.
-    assert_eq!(rig.fake.usage().backends, 2);
+    // Backend 10.0.0.4 was never written, and the old ones are gone.
+    assert_eq!(rig.fake.usage().backends, 0);
 
     // The next pass has the room.
     let p = rig.sync(&d);
@@ -784,6 +785,61 @@ fn rejected_service_keeps_its_programming_until_room_is_freed() {
         served(&rig.fake, &fe1()),
         Some(expect_served(&d.frontends[&fe1()]))
     );
+}
+
+#[test]
+fn a_new_service_cannot_push_out_a_programmed_one() {
+    let b = |i: u8| be(&format!("10.0.0.{i}"));
+    let mut rig = Rig::new(cap(5, 100, 100));
+    rig.sync(&state(vec![frontend("z", fe2(), &[b(1), b(2)])]));
+    // z grows by one slot (4 entries of 5); a new Service "a", first by name, needs 2.
+    // Name order alone would admit a and reject (and empty) the working z.
+    let d = state(vec![
+        frontend("a", fe1(), &[b(5)]),
+        frontend("z", fe2(), &[b(1), b(2), b(3)]),
+    ]);
+    let p = rig.sync_allowing_rejects(&d);
+    assert_eq!(
+        reasons(&p),
+        vec![(
+            "a".to_owned(),
+            "map LB_SVC4_V1 full: needs 6 entries, capacity 5".to_owned()
+        )]
+    );
+    assert_eq!(
+        served(&rig.fake, &fe2()),
+        Some(expect_served(&d.frontends[&fe2()]))
+    );
+    assert!(
+        served(&rig.fake, &fe1()).is_none(),
+        "a was never programmed"
+    );
+}
+
+#[test]
+fn emptying_a_rejected_service_keeps_its_ids_and_clears_drop_empty() {
+    use svc_lb_common::{SCOPE_EXTERNAL, SVC_FLAG_DROP_EMPTY};
+    let b = |i: u8| be(&format!("10.0.0.{i}"));
+    let mut rig = Rig::new(cap(100, 3, 100));
+    let ext = FrontendKey {
+        scope: SCOPE_EXTERNAL,
+        ..fe1()
+    };
+    let mut f = frontend("a", ext, &[b(1)]);
+    f.flags = SVC_FLAG_DROP_EMPTY;
+    f.affinity_timeout_s = Some(60);
+    rig.sync(&state(vec![f.clone()]));
+    let rev = rig.current.frontends[&ext].rev_nat_id;
+    // Four new backends do not fit in a backend map of 3.
+    let mut grown = f.clone();
+    grown.backends = vec![b(2), b(3), b(4), b(5)];
+    let p = rig.sync_allowing_rejects(&state(vec![grown]));
+    assert_eq!(p.rejected.len(), 1);
+    let cf = &rig.current.frontends[&ext];
+    assert_eq!(cf.rev_nat_id, rev);
+    assert_eq!(cf.backend_ids, Vec::<u32>::new());
+    assert_eq!(cf.flags & (SVC_FLAG_DROP_EMPTY | SVC_FLAG_AFFINITY), 0);
+    assert!(rig.current.maglev.is_empty(), "no table without backends");
 }
 
 impl Rig {
@@ -818,10 +874,14 @@ fn peak_counts_new_slots_before_old_ones_are_deleted() {
         reasons(&p),
         vec![(
             "a".to_owned(),
-            "map LB_BACKENDS_V1 full: needs 4 entries, capacity 3".to_owned()
+            "map LB_BACKENDS_V1 full: needs 4 entries, capacity 3; its programmed frontends refuse connections until it fits".to_owned()
         )]
     );
-    assert_eq!(p.ops, vec![]);
+    // Fail closed: emptied (master to 0, slots, then the unused backends).
+    assert_eq!(
+        p.ops,
+        vec![um(fe1(), 0, 1), ds(fe1(), 1), ds(fe1(), 2), db(1), db(2)]
+    );
 }
 
 #[test]
@@ -911,7 +971,7 @@ fn ipv6_entries_count_against_their_own_map() {
 }
 
 #[test]
-fn frontend_with_too_many_backends_rejects_its_service_and_keeps_the_old_one() {
+fn frontend_with_too_many_backends_rejects_its_service_and_empties_the_old_one() {
     let mut rig = Rig::new(big());
     let small = state(vec![
         frontend("a", fe1(), &[be("10.0.0.1")]),
@@ -940,14 +1000,19 @@ fn frontend_with_too_many_backends_rejects_its_service_and_keeps_the_old_one() {
         vec![(
             "a".to_owned(),
             format!(
-                "frontend 10.96.0.1:80/TCP has {} backends; one frontend holds at most 65535",
+                "frontend 10.96.0.1:80/TCP has {} backends; one frontend holds at most 65535; its programmed frontends refuse connections until it fits",
                 MAX_BACKENDS_PER_FRONTEND + 1
             )
         )]
     );
-    assert_eq!(p.ops, vec![]);
+    // Emptied, not left routing to the old backend: master to 0, then its slot, then
+    // the backend nothing uses any more.
+    let id = before.frontends[&fe1()].rev_nat_id;
+    assert_eq!(p.ops, vec![um(fe1(), 0, id), ds(fe1(), 1), db(1)]);
     apply_plan(&mut rig.fake, &mut rig.current, &p).unwrap();
-    assert_eq!(rig.current, before);
+    rig.fake.check_invariants().unwrap();
+    assert_eq!(served(&rig.fake, &fe1()).unwrap().backends, vec![]);
+    assert_eq!(served(&rig.fake, &fe2()).unwrap().backends, vec![]);
 }
 
 #[test]
@@ -1111,11 +1176,13 @@ fn replacing_a_source_range_needs_room_for_both_for_a_moment() {
         reasons(&p),
         vec![(
             "a".to_owned(),
-            "map LB_SRCRNG4_V1 full: needs 3 entries, capacity 2".to_owned()
+            "map LB_SRCRNG4_V1 full: needs 3 entries, capacity 2; its programmed frontends refuse connections until it fits".to_owned()
         )]
     );
-    assert_eq!(p.ops, vec![]);
-    assert_eq!(served(&rig.fake, &a.key), Some(expect_served(&a)));
+    // Emptied under its old ranges: no backend, no new range entry.
+    let now = served(&rig.fake, &a.key).expect("still programmed");
+    assert_eq!(now.backends, vec![]);
+    assert_eq!(now.src_ranges, expect_served(&a).src_ranges);
     // Dropping a range first and adding the other next works in two steps.
     let narrowed = ext_frontend("a", "192.0.2.1", &[be("10.0.0.1")], &["10.0.0.0/8"]);
     assert_eq!(rig.sync(&state(vec![narrowed])).rejected, vec![]);

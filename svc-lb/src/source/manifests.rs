@@ -17,23 +17,37 @@
 //! - One object (kind, namespace, name) defined twice keeps its first definition in
 //!   file-name order; the later one is reported.
 //!
+//! - Limits (issue 12): a file larger than [`Limits::max_file_bytes`] is not read; a YAML
+//!   document may not expand (events, nodes, alias replays) to more than about its own
+//!   size plus a small constant, so that no file costs more than a bounded multiple of
+//!   its size. Such a file is reported with its name and reason.
+//! - Last good state: a file that cannot be read or parsed (too large, not UTF-8, a
+//!   syntax error or budget breach in any document), or that changes while it is read,
+//!   keeps the content of its last good version in effect, with an error saying so. A
+//!   file that a writer still holds open (inotify saw it modified but not yet closed) is
+//!   not read until the writer closes it or has been idle for [`WRITER_IDLE`]. A
+//!   deleted file withdraws its objects at once.
+//!
 //! [`ManifestDir`] caches what each file parsed to, keyed by the file's stamp (device,
 //! inode, length, mtime, ctime), so that a reload re-reads only the files that changed.
 use std::{
-    collections::{BTreeMap, btree_map::Entry},
+    collections::{BTreeMap, HashMap, btree_map::Entry},
     fs,
     hash::{DefaultHasher, Hasher},
-    io,
+    io::{self, Read as _},
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
-    sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::Context as _;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use notify::{EventKind, RecursiveMode, Watcher as _, event::AccessKind};
-use serde::{Deserialize as _, de::DeserializeOwned};
+use notify::{
+    EventKind, RecursiveMode, Watcher as _,
+    event::{AccessKind, AccessMode, ModifyKind, RenameMode},
+};
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::sync::{mpsc, watch as watch_channel};
 
@@ -43,17 +57,101 @@ use crate::model::ObjectRef;
 /// How long [`watch`] lets a burst of file events settle before it rescans: editors and
 /// `kubectl`-style writers touch a file several times in a few milliseconds.
 pub const DEBOUNCE: Duration = Duration::from_millis(30);
+/// How long a changed file must stay unmodified before [`watch`] reads it (see
+/// [`ManifestDir::set_settle`]).
+pub const SETTLE: Duration = Duration::from_millis(100);
 /// How often [`watch`] rescans even without events, in case the kernel dropped some (an
 /// inotify queue overflow) or the directory itself was replaced.
 pub const RESCAN_INTERVAL: Duration = Duration::from_secs(2);
 
+/// A file that a writer opened and modified but never closed is read anyway once it has
+/// not changed for this long (a writer that keeps its file open).
+pub const WRITER_IDLE: Duration = Duration::from_secs(5);
+
 const DEFAULT_NAMESPACE: &str = "default";
+
+/// The default of `--max-manifest-bytes`.
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 16 << 20;
+
+/// What one manifest file may cost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Larger files are not read (`--max-manifest-bytes`).
+    pub max_file_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_file_bytes: DEFAULT_MAX_FILE_BYTES,
+        }
+    }
+}
+
+/// Slack added to every per-document YAML budget, so that tiny documents with a few
+/// anchors still parse.
+const YAML_BUDGET_SLACK: usize = 4096;
 
 /// Reads every manifest in `dir` into one snapshot. Bad files and objects are reported
 /// in `Snapshot::errors`; they never stop the others from loading. `Err` only when the
 /// directory itself cannot be read.
 pub fn load_dir(dir: &Path) -> anyhow::Result<Snapshot> {
     ManifestDir::new(dir).load()
+}
+
+/// Paths a writer has modified and not yet closed, with the time of the last such event,
+/// fed by the directory watch. Empty (everything settled) without a watch.
+#[derive(Clone, Debug, Default)]
+pub struct Writers(Arc<Mutex<HashMap<PathBuf, Instant>>>);
+
+impl Writers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Instant>> {
+        // Plain data: a panic elsewhere while holding the lock leaves it usable.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records what one inotify event says about the files it names.
+    pub fn observe(&self, event: &notify::Event) {
+        let mut w = self.lock();
+        match event.kind {
+            EventKind::Create(_) | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any) => {
+                for p in &event.paths {
+                    w.insert(p.clone(), Instant::now());
+                }
+            }
+            // A writer closed it, it was renamed into place (its writer finished
+            // elsewhere) or it is gone: nothing is half-written any more.
+            EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Remove(_)
+            | EventKind::Modify(ModifyKind::Name(_)) => {
+                for p in &event.paths {
+                    w.remove(p);
+                }
+            }
+            _ => {}
+        }
+        if matches!(
+            event.kind,
+            EventKind::Modify(ModifyKind::Name(RenameMode::Both))
+        ) && let Some(to) = event.paths.get(1)
+        {
+            w.remove(to);
+        }
+    }
+
+    /// Whether a writer may still be writing `path`: modified, not closed, and active
+    /// within [`WRITER_IDLE`].
+    fn busy(&self, path: &Path) -> bool {
+        let mut w = self.lock();
+        match w.get(path) {
+            Some(t) if t.elapsed() < WRITER_IDLE => true,
+            Some(_) => {
+                w.remove(path);
+                false
+            }
+            None => false,
+        }
+    }
 }
 
 /// What the last scan of a [`ManifestDir`] did.
@@ -69,6 +167,9 @@ pub struct ScanStats {
     pub removed: usize,
     /// Whether the snapshot differs from the one of the previous scan.
     pub changed: bool,
+    /// Changed files left for a later scan: a writer holds them open, or they changed
+    /// within the settle window.
+    pub deferred: usize,
 }
 
 /// A manifest directory with a per-file parse cache.
@@ -90,16 +191,43 @@ pub struct ManifestDir {
     files: BTreeMap<PathBuf, CachedFile>,
     scanned: bool,
     stats: ScanStats,
+    limits: Limits,
+    writers: Writers,
+    settle: Duration,
 }
 
 impl ManifestDir {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self::with_limits(dir, Limits::default())
+    }
+
+    pub fn with_limits(dir: impl Into<PathBuf>, limits: Limits) -> Self {
         Self {
             dir: dir.into(),
             files: BTreeMap::new(),
             scanned: false,
             stats: ScanStats::default(),
+            limits,
+            writers: Writers::default(),
+            settle: Duration::ZERO,
         }
+    }
+
+    /// A changed file is read only once its mtime is this old, so that a writer that
+    /// is not seen by the watch (or not yet) is not caught half-way ([`SETTLE`] in
+    /// [`watch`]; zero, the default, reads at once).
+    pub fn set_settle(&mut self, settle: Duration) {
+        self.settle = settle;
+    }
+
+    /// Shares the watch's record of files still being written (see [`Writers`]).
+    pub fn set_writers(&mut self, writers: Writers) {
+        self.writers = writers;
+    }
+
+    /// Files whose last good content stands in for a version that could not be used.
+    pub fn stale_files(&self) -> usize {
+        self.files.values().filter(|f| f.stale.is_some()).count()
     }
 
     pub fn dir(&self) -> &Path {
@@ -131,6 +259,7 @@ impl ManifestDir {
     pub fn snapshot(&self) -> Snapshot {
         let mut snap = Snapshot::default();
         for (path, file) in &self.files {
+            snap.errors.extend(file.stale.iter().cloned());
             snap.errors.extend(file.content.errors.iter().cloned());
             for (object, svc) in &file.content.services {
                 if claim(&mut snap, path, object) {
@@ -157,7 +286,12 @@ impl ManifestDir {
         let mut next = BTreeMap::new();
         for (path, meta) in listed {
             let old = self.files.remove(&path);
-            let (file, file_changed) = refresh(&path, meta, old, &mut stats);
+            let ctx = Refresh {
+                limits: self.limits,
+                busy: self.writers.busy(&path),
+                settle: self.settle,
+            };
+            let (file, file_changed) = refresh(&path, meta, old, &mut stats, ctx);
             changed |= file_changed;
             next.insert(path, file);
         }
@@ -231,6 +365,11 @@ impl Stamp {
         } else {
             Duration::from_millis(100)
         };
+        self.modified_within(window, now)
+    }
+
+    /// Whether the file was modified less than `window` before `now` (or in the future).
+    fn modified_within(&self, window: Duration, now: SystemTime) -> bool {
         let Ok(now) = now.duration_since(UNIX_EPOCH) else {
             return true;
         };
@@ -247,7 +386,13 @@ struct CachedFile {
     racy: bool,
     /// Of the bytes last read, to tell a rewrite with equal content from a change.
     hash: u64,
+    /// What the file contributes to the snapshot: its last good content when `stale`.
     content: Arc<FileContent>,
+    /// Whether `content` came from a version that read and parsed in full (object-level
+    /// errors aside): only such content is kept when a later version fails.
+    good: bool,
+    /// Why the file's current version is not used and `content` is its last good one.
+    stale: Option<SourceError>,
 }
 
 /// What one file holds, in file order.
@@ -265,74 +410,209 @@ fn digest(bytes: &[u8]) -> u64 {
     h.finish()
 }
 
-/// Brings one cache entry up to date; returns it and whether its content changed.
+/// What [`refresh`] needs to know besides the file.
+#[derive(Clone, Copy)]
+struct Refresh {
+    limits: Limits,
+    /// A writer still holds the file open (see [`Writers`]).
+    busy: bool,
+    settle: Duration,
+}
+
+/// Why a file's current version cannot be used as a whole.
+enum Unusable {
+    /// The file could not be stat'ed, opened or read, or is over a limit: nothing of it
+    /// is read.
+    Unreadable(String),
+    /// It parsed only in part: the documents that parsed are used when the file has no
+    /// good version yet.
+    Partial(FileContent, String),
+}
+
+/// Brings one cache entry up to date; returns it and whether the snapshot it
+/// contributes changed.
 fn refresh(
     path: &Path,
     meta: io::Result<fs::Metadata>,
     old: Option<CachedFile>,
     stats: &mut ScanStats,
+    ctx: Refresh,
 ) -> (CachedFile, bool) {
     let stamp = match meta {
         Ok(meta) => Stamp::of(&meta),
-        Err(e) => return unreadable(path, old, &e),
+        Err(e) => {
+            return fail(
+                path,
+                old,
+                None,
+                0,
+                Unusable::Unreadable(format!("cannot read the file: {e}")),
+            );
+        }
     };
     let old = match old {
         Some(old) if old.stamp == Some(stamp) && !old.racy => return (old, false),
         other => other,
     };
-    let bytes = match fs::read(path) {
+    if ctx.busy || stamp.modified_within(ctx.settle, SystemTime::now()) {
+        // Half-written, or too fresh to tell: leave everything as it is and look again
+        // at a later scan.
+        stats.deferred += 1;
+        return match old {
+            Some(mut old) => {
+                old.racy = true;
+                (old, false)
+            }
+            None => (
+                CachedFile {
+                    stamp: None,
+                    racy: true,
+                    hash: 0,
+                    content: Arc::default(),
+                    good: false,
+                    stale: None,
+                },
+                false,
+            ),
+        };
+    }
+    if stamp.len > ctx.limits.max_file_bytes {
+        let reason = over_limit(stamp.len, ctx.limits);
+        return fail(path, old, Some(stamp), 0, Unusable::Unreadable(reason));
+    }
+    let bytes = match read_stable(path, stamp, ctx.limits) {
         Ok(bytes) => bytes,
-        Err(e) => return unreadable(path, old, &e),
+        Err(reason) => return fail(path, old, None, 0, Unusable::Unreadable(reason)),
     };
     stats.read += 1;
     let racy = stamp.is_racy(SystemTime::now());
     let hash = digest(&bytes);
-    if let Some(old) = old.as_ref().filter(|o| o.stamp.is_some() && o.hash == hash) {
-        let content = Arc::clone(&old.content);
+    let (same, old) = match old {
+        Some(o) if o.stamp.is_some() && o.hash == hash => (Some(o), None),
+        other => (None, other),
+    };
+    if let Some(old) = same {
+        // Same bytes as last time: same content, same verdict.
         return (
             CachedFile {
                 stamp: Some(stamp),
                 racy,
-                hash,
-                content,
+                ..old
             },
             false,
         );
     }
     stats.parsed += 1;
-    let content = parse_file(path, &bytes);
-    let changed = old.is_none_or(|o| *o.content != content);
-    tracing::debug!(file = %path.display(), changed, "manifest file parsed");
-    (
-        CachedFile {
-            stamp: Some(stamp),
-            racy,
-            hash,
-            content: Arc::new(content),
-        },
-        changed,
+    match parse_file(path, &bytes) {
+        Ok(content) => {
+            let changed = old
+                .as_ref()
+                .is_none_or(|o| *o.content != content || o.stale.is_some());
+            tracing::debug!(file = %path.display(), changed, "manifest file parsed");
+            (
+                CachedFile {
+                    stamp: Some(stamp),
+                    racy,
+                    hash,
+                    content: Arc::new(content),
+                    good: true,
+                    stale: None,
+                },
+                changed,
+            )
+        }
+        Err(unusable) => {
+            let (mut file, changed) = fail(path, old, Some(stamp), hash, unusable);
+            file.racy = racy;
+            (file, changed)
+        }
+    }
+}
+
+fn over_limit(len: u64, limits: Limits) -> String {
+    format!(
+        "the file is {len} bytes, over the limit of {} bytes (--max-manifest-bytes); it is not read",
+        limits.max_file_bytes
     )
 }
 
-fn unreadable(path: &Path, old: Option<CachedFile>, e: &io::Error) -> (CachedFile, bool) {
-    let content = FileContent {
-        errors: vec![SourceError {
-            file: Some(path.to_path_buf()),
-            object: None,
-            reason: format!("cannot read the file: {e}"),
-        }],
-        ..FileContent::default()
+/// Reads at most the byte limit, and fails when the file changed while it was read
+/// (its stamp before and after differ): the next scan reads it again.
+fn read_stable(path: &Path, before: Stamp, limits: Limits) -> Result<Vec<u8>, String> {
+    let file = fs::File::open(path).map_err(|e| format!("cannot read the file: {e}"))?;
+    let mut bytes = Vec::new();
+    file.take(limits.max_file_bytes.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read the file: {e}"))?;
+    let len = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
+    if len > limits.max_file_bytes {
+        return Err(over_limit(len, limits));
+    }
+    let after = fs::metadata(path)
+        .map(|m| Stamp::of(&m))
+        .map_err(|e| format!("cannot read the file: {e}"))?;
+    if after != before || len != before.len {
+        return Err("the file changed while it was read".to_owned());
+    }
+    Ok(bytes)
+}
+
+/// A version that cannot be used: keep the last good content when there is one (with an
+/// error saying so), else publish what could be parsed (nothing for an unreadable file).
+fn fail(
+    path: &Path,
+    old: Option<CachedFile>,
+    stamp: Option<Stamp>,
+    hash: u64,
+    why: Unusable,
+) -> (CachedFile, bool) {
+    let (partial, reason) = match why {
+        Unusable::Unreadable(reason) => (None, reason),
+        Unusable::Partial(content, reason) => (Some(content), reason),
     };
-    let changed = old.is_none_or(|o| *o.content != content);
-    (
-        CachedFile {
-            stamp: None,
-            racy: false,
-            hash: 0,
-            content: Arc::new(content),
-        },
-        changed,
-    )
+    match old {
+        Some(old) if old.good => {
+            let stale = SourceError {
+                file: Some(path.to_path_buf()),
+                object: None,
+                reason: format!("{reason}; its last good content stays in effect"),
+            };
+            let changed = old.stale.as_ref() != Some(&stale);
+            tracing::debug!(file = %path.display(), reason, "manifest file kept at its last good content");
+            (
+                CachedFile {
+                    // An unreadable file has no trustworthy stamp: retry every scan.
+                    stamp,
+                    racy: stamp.is_none(),
+                    hash,
+                    content: old.content,
+                    good: true,
+                    stale: Some(stale),
+                },
+                changed,
+            )
+        }
+        old => {
+            let content = partial.unwrap_or_else(|| FileContent {
+                errors: vec![source_error(path, None, reason)],
+                ..FileContent::default()
+            });
+            let changed = old
+                .as_ref()
+                .is_none_or(|o| *o.content != content || o.stale.is_some());
+            (
+                CachedFile {
+                    stamp,
+                    racy: stamp.is_none(),
+                    hash,
+                    content: Arc::new(content),
+                    good: false,
+                    stale: None,
+                },
+                changed,
+            )
+        }
+    }
 }
 
 /// Whether a directory entry is a manifest we read.
@@ -383,71 +663,109 @@ fn source_error(path: &Path, object: Option<ObjectRef>, reason: String) -> Sourc
     }
 }
 
-fn parse_file(path: &Path, bytes: &[u8]) -> FileContent {
+/// Parses one file. `Err` when some part of it could not be parsed (the file is then not
+/// used as a whole while it has a good version, see [`fail`]).
+fn parse_file(path: &Path, bytes: &[u8]) -> Result<FileContent, Unusable> {
     let mut out = FileContent::default();
     let text = match std::str::from_utf8(bytes) {
         Ok(text) => text,
         Err(e) => {
-            out.errors.push(source_error(
-                path,
-                None,
-                format!("the file is not UTF-8 text: {e}"),
-            ));
-            return out;
+            return Err(Unusable::Unreadable(format!(
+                "the file is not UTF-8 text: {e}"
+            )));
         }
     };
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    if path.extension().is_some_and(|e| e == "json") {
-        parse_json(path, text, &mut out);
+    let fatal = if path.extension().is_some_and(|e| e == "json") {
+        parse_json(path, text, &mut out)
     } else {
-        parse_yaml(path, text, &mut out);
+        parse_yaml(path, text, &mut out)
+    };
+    match fatal {
+        None => Ok(out),
+        Some(reason) => Err(Unusable::Partial(out, reason)),
     }
-    out
 }
 
-fn parse_json(path: &Path, text: &str, out: &mut FileContent) {
+/// Returns the first error that stopped a value from parsing, if any.
+fn parse_json(path: &Path, text: &str, out: &mut FileContent) -> Option<String> {
     let stream = serde_json::Deserializer::from_str(text).into_iter::<Value>();
     for (i, value) in stream.enumerate() {
         match value {
             Ok(value) => add_document(path, &format!("JSON value {}", i + 1), value, out),
             Err(e) => {
                 // JSON has no document separators to resynchronise on.
-                out.errors
-                    .push(source_error(path, None, format!("invalid JSON: {e}")));
-                return;
+                let reason = format!("invalid JSON: {e}");
+                out.errors.push(source_error(path, None, reason.clone()));
+                return Some(reason);
             }
         }
     }
+    None
 }
 
-fn parse_yaml(path: &Path, text: &str, out: &mut FileContent) {
+/// Returns the first error that stopped a document from parsing, if any; the other
+/// documents still load.
+fn parse_yaml(path: &Path, text: &str, out: &mut FileContent) -> Option<String> {
     let mut n = 0;
+    let mut fatal = None;
     for (line, doc) in split_yaml_documents(text) {
         if is_blank_yaml(doc) {
             continue;
         }
         n += 1;
         let loc = format!("document {n} (line {line})");
-        match yaml_to_value(doc) {
+        match yaml_to_value(doc, line) {
             Ok(value) => add_document(path, &loc, value, out),
-            Err(e) => {
-                // Positions in `e` count from the start of this document. Parse again
-                // at its true offset so they count from the top of the file; only
-                // broken documents pay for this.
-                let padded = format!("{}{doc}", "\n".repeat(line.saturating_sub(1)));
-                let msg = yaml_to_value(&padded).err().unwrap_or(e).to_string();
-                out.errors.push(source_error(
-                    path,
-                    None,
-                    format!("{loc}: invalid YAML: {msg}"),
-                ));
+            Err(msg) => {
+                let reason = format!("{loc}: {msg}");
+                out.errors.push(source_error(path, None, reason.clone()));
+                fatal.get_or_insert(reason);
             }
         }
     }
+    fatal
 }
 
-fn yaml_to_value(doc: &str) -> Result<Value, serde_yaml::Error> {
-    Value::deserialize(serde_yaml::Deserializer::from_str(doc))
+/// Parses one YAML document that starts on line `line` of its file, within a budget
+/// proportional to its size: parser events, nodes and alias replays may each reach
+/// about the document's length in bytes (plus [`YAML_BUDGET_SLACK`]), so an alias bomb
+/// stops after work and memory of the order of its own size. Error positions count from
+/// the top of the file, without parsing the document again.
+fn yaml_to_value(doc: &str, line: usize) -> Result<Value, String> {
+    let budget = doc.len().saturating_add(YAML_BUDGET_SLACK);
+    let mut aliases = serde_saphyr::options::AliasLimits::default();
+    aliases.max_total_replayed_events = budget;
+    let options = serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_events: budget,
+            max_nodes: budget,
+            max_total_scalar_bytes: budget,
+        },
+        alias_limits: aliases,
+        // `.inf` and `.nan` stay text (a JSON value cannot hold them).
+        non_finite_float_policy: serde_saphyr::options::NonFiniteFloatPolicy::AsString,
+        with_snippet: false,
+    };
+    serde_saphyr::from_str_with_options::<Value>(doc, options).map_err(|e| {
+        let rendered = e.render_with_options(serde_saphyr::render_options! {
+            line_offset: u64::try_from(line.saturating_sub(1)).unwrap_or(0),
+            snippets: serde_saphyr::SnippetMode::Off,
+        });
+        // The budget and alias-replay errors, by their (stable) message prefixes: the
+        // error enum is non-exhaustive and may arrive wrapped.
+        let over_budget = ["budget breached", "alias replay"]
+            .iter()
+            .any(|p| rendered.starts_with(p));
+        if over_budget {
+            format!(
+                "over the YAML budget of {budget} events, nodes and alias expansions for a {}-byte document (an alias bomb?): {rendered}",
+                doc.len()
+            )
+        } else {
+            format!("invalid YAML: {rendered}")
+        }
+    })
 }
 
 /// Splits at `---` lines so that one broken document cannot hide the ones after it
@@ -710,13 +1028,19 @@ fn log_snapshot(dir: &Path, snap: &Snapshot, stats: ScanStats) {
 /// Returns `Err` if the first scan fails (the directory cannot be read); later failures
 /// are logged and the last snapshot stays in force. Returns `Ok` once every receiver of
 /// `tx` is gone.
-pub async fn watch(dir: PathBuf, tx: watch_channel::Sender<Arc<Snapshot>>) -> anyhow::Result<()> {
+pub async fn watch(
+    dir: PathBuf,
+    limits: Limits,
+    tx: watch_channel::Sender<Arc<Snapshot>>,
+) -> anyhow::Result<()> {
     // A pending wake-up is all the loop needs to know; capacity 1 coalesces the rest.
     let (wake_tx, mut wake_rx) = mpsc::channel::<()>(1);
+    let writers = Writers::default();
+    let seen = writers.clone();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         match res {
             Ok(event) if is_noise(&event) => return,
-            Ok(_) => {}
+            Ok(event) => seen.observe(&event),
             Err(e) => {
                 crate::metrics::watch_restarted("manifests", "error");
                 tracing::warn!(error = %e, "manifest directory watch error; rescanning");
@@ -729,8 +1053,13 @@ pub async fn watch(dir: PathBuf, tx: watch_channel::Sender<Arc<Snapshot>>) -> an
 
     // Watch before the first scan, so that no change falls between the two.
     let mut watched = watch_dir(&mut watcher, &dir, None);
-    let (mut source, first) = scan_blocking(ManifestDir::new(&dir), ManifestDir::load).await?;
+    let mut source = ManifestDir::with_limits(&dir, limits);
+    source.set_writers(writers);
+    let (mut source, first) = scan_blocking(source, ManifestDir::load).await?;
     let first = first?;
+    // Not for the first scan: files that exist when the agent starts are taken as they
+    // are, so that its first sync is complete.
+    source.set_settle(SETTLE);
     log_snapshot(&dir, &first, source.stats());
     if tx.send(Arc::new(first)).is_err() {
         return Ok(());
@@ -739,9 +1068,17 @@ pub async fn watch(dir: PathBuf, tx: watch_channel::Sender<Arc<Snapshot>>) -> an
     let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
     rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     rescan.tick().await;
+    let mut settle_at: Option<tokio::time::Instant> = None;
     loop {
+        let settled = async {
+            match settle_at {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = tx.closed() => return Ok(()),
+            () = settled => {}
             Some(()) = wake_rx.recv() => {
                 tokio::time::sleep(DEBOUNCE).await;
                 // Events of the burst that came during the sleep are covered by this scan.
@@ -756,6 +1093,10 @@ pub async fn watch(dir: PathBuf, tx: watch_channel::Sender<Arc<Snapshot>>) -> an
         }
         let (next, result) = scan_blocking(source, ManifestDir::reload).await?;
         source = next;
+        crate::metrics::set_manifest_files_stale(source.stale_files());
+        // Files left for later are looked at again once they may have settled; one
+        // still held open by its writer is woken by its close event as well.
+        settle_at = (source.stats().deferred > 0).then(|| tokio::time::Instant::now() + SETTLE);
         match result {
             Ok(Some(snap)) => {
                 log_snapshot(&dir, &snap, source.stats());

@@ -7,7 +7,7 @@ use std::{
 
 use tokio::sync::watch as watch_channel;
 
-use super::{ManifestDir, ScanStats, load_dir, watch};
+use super::{Limits, ManifestDir, ScanStats, load_dir, watch};
 use crate::{
     model::ObjectRef,
     source::{Snapshot, SourceError},
@@ -317,7 +317,7 @@ items:
         e.reason.starts_with("document 2 (line 9): invalid YAML"),
         "{e}"
     );
-    assert!(e.reason.contains("line 11 column 18"), "{e}");
+    assert!(e.reason.contains("line 11, column 18"), "{e}");
 
     let e = error_for(&snap, &kinds, "kind Deployment");
     assert_eq!(e.object, Some(obj("Deployment", "shop", "web")));
@@ -584,7 +584,7 @@ async fn watch_delivers_changes_within_a_second() {
     let dir = tmp.path().to_path_buf();
     write(&dir, "a.yaml", &service("a", "10.96.0.1"));
     let (tx, mut rx) = watch_channel::channel(Arc::new(Snapshot::default()));
-    let task = tokio::spawn(watch(dir.clone(), tx));
+    let task = tokio::spawn(watch(dir.clone(), Limits::default(), tx));
     let second = Duration::from_secs(1);
 
     let snap = next_snapshot(&mut rx, second).await;
@@ -624,7 +624,7 @@ async fn watch_delivers_changes_within_a_second() {
 async fn watch_fails_on_a_missing_directory() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (tx, _rx) = watch_channel::channel(Arc::new(Snapshot::default()));
-    let res = watch(tmp.path().join("missing"), tx).await;
+    let res = watch(tmp.path().join("missing"), Limits::default(), tx).await;
     assert!(res.is_err());
 }
 
@@ -680,4 +680,244 @@ fn large_directory_reload() {
         "load {load:?}, reload after one change {reload:?}, model build {build:?}, \
          snapshot alone {snapshot:?}, Vec<Service> clone {clone:?}"
     );
+}
+
+// ---------------------------------------------------------------------------------
+// Limits and last good state (issue 12)
+
+/// One anchored list of `n` scalars referenced `m` times: `n × m` nodes from a few KB.
+fn alias_bomb(n: usize, m: usize) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: bomb\n  annotations:\n    a: &a [{}]\n    b: [{}]\n",
+        vec!["x"; n].join(","),
+        vec!["*a"; m].join(","),
+    )
+}
+
+#[test]
+fn yaml_alias_bomb_is_refused_by_the_budget() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    write(tmp.path(), "good.yaml", &service("good", "10.96.0.1"));
+    let bomb = write(tmp.path(), "bomb.yaml", &alias_bomb(5000, 5000));
+    let started = std::time::Instant::now();
+    let snap = load_dir(tmp.path()).expect("load");
+    // 25 million nodes would take seconds and gigabytes; the budget stops it at once.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let e = error_for(&snap, &bomb, "over the YAML budget");
+    assert!(e.reason.contains("document 1 (line 1)"), "{}", e.reason);
+    assert_eq!(names(&snap), ["Service default/good"]);
+}
+
+#[test]
+fn nested_alias_bomb_is_refused_by_the_budget() {
+    // The classic "billion laughs": each level references the previous one ten times.
+    let mut text = String::from(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: laughs\n  annotations:\n    l0: &l0 [lol,lol,lol,lol,lol,lol,lol,lol,lol,lol]\n",
+    );
+    for i in 1..9 {
+        let refs = vec![format!("*l{}", i - 1); 10].join(",");
+        text.push_str(&format!("    l{i}: &l{i} [{refs}]\n"));
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let bomb = write(tmp.path(), "laughs.yaml", &text);
+    let snap = load_dir(tmp.path()).expect("load");
+    error_for(&snap, &bomb, "over the YAML budget");
+    assert!(snap.services.is_empty());
+}
+
+#[test]
+fn a_few_aliases_within_the_budget_still_parse() {
+    let text = "apiVersion: v1\nkind: Service\nmetadata:\n  name: anchors\n  labels: &l {app: web}\n  annotations: *l\nspec:\n  clusterIP: 10.96.0.7\n  ports:\n  - &p {name: a, port: 80}\n";
+    let tmp = tempfile::tempdir().expect("tempdir");
+    write(tmp.path(), "anchors.yaml", text);
+    let snap = load_dir(tmp.path()).expect("load");
+    assert!(snap.errors.is_empty(), "{:#?}", snap.errors);
+    assert_eq!(names(&snap), ["Service default/anchors"]);
+}
+
+#[test]
+fn deep_nesting_is_refused() {
+    let text = format!("a: {}{}\n", "[".repeat(500), "]".repeat(500));
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let deep = write(tmp.path(), "deep.yaml", &text);
+    let snap = load_dir(tmp.path()).expect("load");
+    let e = error_for(&snap, &deep, "document 1");
+    assert!(
+        e.reason.contains("budget") || e.reason.contains("recursion limit"),
+        "{}",
+        e.reason
+    );
+}
+
+#[test]
+fn a_file_over_the_byte_limit_is_not_read() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let big = write(tmp.path(), "big.yaml", &service("big", "10.96.0.1"));
+    write(tmp.path(), "small.yaml", "{}\n");
+    let mut md = ManifestDir::with_limits(tmp.path(), Limits { max_file_bytes: 40 });
+    let snap = md.load().expect("load");
+    let e = error_for(&snap, &big, "over the limit of 40 bytes");
+    assert!(e.reason.contains("--max-manifest-bytes"), "{}", e.reason);
+    assert!(snap.services.is_empty());
+    assert_eq!(md.stats().parsed, 1, "only the small file is parsed");
+}
+
+#[test]
+fn many_broken_documents_parse_in_linear_time() {
+    // 20 000 broken documents: re-parsing each at its offset in the file (what the
+    // parser did to count lines from the top) would be quadratic.
+    let doc = "a: [unclosed\n---\n";
+    let text = doc.repeat(20_000);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = write(tmp.path(), "broken.yaml", &text);
+    let started = std::time::Instant::now();
+    let snap = load_dir(tmp.path()).expect("load");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    assert_eq!(snap.errors.len(), 20_000);
+    // Line numbers still count from the top of the file.
+    let last = snap.errors.last().expect("errors");
+    assert_eq!(last.file.as_deref(), Some(file.as_path()));
+    assert!(
+        last.reason.starts_with("document 20000 (line 39998)")
+            && last.reason.contains("at line 39999"),
+        "{}",
+        last.reason
+    );
+}
+
+#[test]
+fn a_broken_rewrite_keeps_the_last_good_content() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = write(
+        tmp.path(),
+        "web.yaml",
+        &format!("{}---\n{SLICE}", service("web", "10.96.0.1")),
+    );
+    let mut md = ManifestDir::new(tmp.path());
+    let first = md.load().expect("load");
+    assert!(first.errors.is_empty(), "{:#?}", first.errors);
+    assert_eq!(
+        names(&first),
+        ["EndpointSlice shop/web-abc", "Service default/web"]
+    );
+
+    // Half of the file, cut inside a flow mapping: not parseable.
+    let full = format!("{}---\n{SLICE}", service("web", "10.96.0.1"));
+    let cut = &full[..full.find("ports: [{name").expect("cut point") + 10];
+    fs::write(&file, cut).expect("rewrite");
+    let snap = md.reload().expect("reload").expect("the error is news");
+    assert_eq!(
+        names(&snap),
+        ["EndpointSlice shop/web-abc", "Service default/web"]
+    );
+    let e = error_for(&snap, &file, "its last good content stays in effect");
+    assert!(e.reason.contains("document 2"), "{}", e.reason);
+    assert_eq!(md.stale_files(), 1);
+    // Reported once: the same broken bytes are no news.
+    assert!(md.reload().expect("reload").is_none());
+
+    // Fixed: the new content, and the stale state is gone.
+    fs::write(&file, service("web", "10.96.0.2")).expect("fix");
+    let snap = md.reload().expect("reload").expect("changed");
+    assert!(snap.errors.is_empty(), "{:#?}", snap.errors);
+    assert_eq!(names(&snap), ["Service default/web"]);
+    assert_eq!(md.stale_files(), 0);
+
+    // Too large and not UTF-8 also keep the last good content.
+    fs::write(&file, [0xff, 0xfe, 0x00]).expect("binary");
+    let snap = md.reload().expect("reload").expect("the error is news");
+    assert_eq!(names(&snap), ["Service default/web"]);
+    error_for(&snap, &file, "not UTF-8");
+
+    // A deleted file withdraws its objects.
+    fs::remove_file(&file).expect("remove");
+    let snap = md.reload().expect("reload").expect("changed");
+    assert!(
+        snap.services.is_empty() && snap.errors.is_empty(),
+        "{snap:#?}"
+    );
+    assert_eq!(md.stale_files(), 0);
+}
+
+#[test]
+fn a_first_version_that_is_broken_still_loads_its_good_documents() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = write(
+        tmp.path(),
+        "mixed.yaml",
+        &format!("{}---\na: [unclosed\n", service("web", "10.96.0.1")),
+    );
+    let mut md = ManifestDir::new(tmp.path());
+    let snap = md.load().expect("load");
+    assert_eq!(names(&snap), ["Service default/web"]);
+    error_for(&snap, &file, "invalid YAML");
+    assert_eq!(md.stale_files(), 0, "no good version to keep yet");
+}
+
+#[test]
+fn a_file_still_being_written_is_not_read() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = write(tmp.path(), "web.yaml", &service("web", "10.96.0.1"));
+    let mut md = ManifestDir::new(tmp.path());
+    let writers = super::Writers::default();
+    md.set_writers(writers.clone());
+    md.load().expect("load");
+
+    // A writer truncated the file and wrote a valid but incomplete prefix (no ports,
+    // another address) and has not closed it.
+    fs::write(
+        &file,
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n",
+    )
+    .expect("write");
+    writers.observe(
+        &notify::Event::new(notify::EventKind::Modify(notify::event::ModifyKind::Data(
+            notify::event::DataChange::Any,
+        )))
+        .add_path(file.clone()),
+    );
+    assert!(
+        md.reload().expect("reload").is_none(),
+        "a half-written file is not published"
+    );
+
+    // The writer finishes and closes it.
+    fs::write(&file, service("web", "10.96.0.2")).expect("write");
+    writers.observe(
+        &notify::Event::new(notify::EventKind::Access(notify::event::AccessKind::Close(
+            notify::event::AccessMode::Write,
+        )))
+        .add_path(file.clone()),
+    );
+    let snap = md.reload().expect("reload").expect("changed");
+    let ip = snap.services[0]
+        .spec
+        .as_ref()
+        .and_then(|s| s.cluster_ip.clone());
+    assert_eq!(ip.as_deref(), Some("10.96.0.2"));
+}
+
+#[test]
+fn a_file_that_just_changed_waits_for_the_settle_window() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = write(tmp.path(), "web.yaml", &service("web", "10.96.0.1"));
+    let mut md = ManifestDir::new(tmp.path());
+    md.load().expect("load");
+    md.set_settle(Duration::from_secs(3600));
+    fs::write(&file, service("web", "10.96.0.2")).expect("rewrite");
+    assert!(md.reload().expect("reload").is_none(), "too fresh to read");
+    assert_eq!(md.stats().deferred, 1);
+    md.set_settle(Duration::ZERO);
+    let snap = md.reload().expect("reload").expect("changed");
+    let ip = snap.services[0]
+        .spec
+        .as_ref()
+        .and_then(|s| s.cluster_ip.clone());
+    assert_eq!(ip.as_deref(), Some("10.96.0.2"));
+    assert_eq!(md.stats().deferred, 0);
 }
