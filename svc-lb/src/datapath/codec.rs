@@ -406,7 +406,7 @@ mod tests {
         };
         let desired = crate::model::DesiredState {
             frontends: [(fe, desired_fe)].into_iter().collect(),
-            health_checks: Default::default(),
+            ..Default::default()
         };
         let cap = crate::plan::Capacity {
             svc4_entries: 1 << 16,

@@ -13,9 +13,9 @@ pub mod bpf;
 pub mod codec;
 pub mod devices;
 pub mod fake;
-pub mod sockterm;
-pub mod probe;
 pub mod pins;
+pub mod probe;
+pub mod sockterm;
 pub mod sys;
 
 /// The map layer the agent programs through.
