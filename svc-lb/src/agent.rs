@@ -40,6 +40,8 @@ pub struct AgentConfig {
     pub nodeport_addresses: Vec<ipnet::IpNet>,
     /// `--xdp`: also attach the XDP program to the devices.
     pub xdp: bool,
+    /// `--xdp-reject`: where XDP_TX answers a reject, where tc does.
+    pub xdp_reject: crate::datapath::xdpdev::XdpReject,
     /// `--maglev-table-size`.
     pub maglev_size: u32,
     /// `--conntrack-max`: entries of the external path's conntrack map.
@@ -296,6 +298,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             // as applied: "applied" means the kernel acts on it.
             dp.attach(&cfg.bpffs, &cfg.cgroup)?;
             if let Some(devs) = ext.devices.as_ref().filter(|d| !d.is_empty()) {
+                if cfg.xdp {
+                    let marks = crate::datapath::xdpdev::entries(devs, cfg.xdp_reject)?;
+                    dp.set_xdp_devices(&marks)?;
+                }
                 dp.attach_devices(&cfg.bpffs, devs, cfg.xdp)?;
             }
             attached = true;

@@ -91,6 +91,11 @@ pub enum Command {
         /// refuses it is logged once and the device runs tc only.
         #[arg(long)]
         xdp: bool,
+        /// With --xdp, who answers a Service without endpoints: "auto" sends the ICMP
+        /// error from XDP (XDP_TX) except on veth devices, whose peer drops XDP_TX
+        /// frames unless it runs XDP itself, where tc answers; "tx" and "tc" force one.
+        #[arg(long, value_enum, default_value_t = crate::datapath::xdpdev::XdpReject::Auto)]
+        xdp_reject: crate::datapath::xdpdev::XdpReject,
         /// Entries per Maglev table of an external frontend: a prime in 251-16381.
         #[arg(long, default_value_t = svc_lb_common::MAGLEV_DEFAULT_SIZE, value_parser = parse_maglev_size)]
         maglev_table_size: u32,
@@ -286,6 +291,7 @@ pub fn run(cli: Cli) -> Result<()> {
             devices,
             nodeport_addresses,
             xdp,
+            xdp_reject,
             maglev_table_size,
             conntrack_max,
         } => {
@@ -314,6 +320,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 devices,
                 nodeport_addresses,
                 xdp,
+                xdp_reject,
                 maglev_size: maglev_table_size,
                 conntrack_max,
             }))

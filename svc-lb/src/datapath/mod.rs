@@ -14,6 +14,7 @@ pub mod codec;
 pub mod devices;
 pub mod fake;
 pub mod sys;
+pub mod xdpdev;
 
 /// The map layer the agent programs through.
 pub trait MapStore {
