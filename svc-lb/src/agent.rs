@@ -340,14 +340,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                     rejected: report.rejected,
                     skipped: report.skipped,
                 });
-                info!(
-                    ops = report.ops,
-                    frontends = report.frontends,
-                    backends = report.backends,
-                    rejected = report.rejected,
-                    duration_us = report.duration.as_micros() as u64,
-                    "sync applied"
-                );
+                // The healthCheckNodePort listeners first: "sync applied" means
+                // everything the sync wants is in place.
                 if let Some(server) = ext.health.as_mut() {
                     let checks = report
                         .health_checks
@@ -367,6 +361,14 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                         error!(error = %format!("{e:#}"), "healthCheckNodePort server update failed");
                     }
                 }
+                info!(
+                    ops = report.ops,
+                    frontends = report.frontends,
+                    backends = report.backends,
+                    rejected = report.rejected,
+                    duration_us = report.duration.as_micros() as u64,
+                    "sync applied"
+                );
                 // Attached above, and the maps hold the sources' first complete view.
                 health.set_ready();
                 health.updated_at(std::time::SystemTime::now());
