@@ -55,9 +55,13 @@ pub const MAP_SRC_RANGE6: &str = "LB_SRCRNG6_V1";
 pub const MAP_NODE_ADDR: &str = "LB_NODEADDR_V1";
 /// One-entry array holding [`ExtConfig`], written by the agent.
 pub const MAP_CONFIG: &str = "LB_CONFIG_V1";
+/// Devices the XDP program runs on: ifindex → `XDP_DEV_*` flags, written by the agent
+/// before it attaches XDP. A device without [`XDP_DEV_TX_OK`] (or without an entry)
+/// gets its rejects from tc: XDP passes the packet on instead of sending XDP_TX.
+pub const MAP_XDP_DEV: &str = "LB_XDPDEV_V1";
 
 /// Every map the agent pins, in the order `list`/`status` show them.
-pub const ALL_MAPS: [&str; 19] = [
+pub const ALL_MAPS: [&str; 20] = [
     MAP_SVC4,
     MAP_SVC6,
     MAP_BACKENDS,
@@ -77,6 +81,7 @@ pub const ALL_MAPS: [&str; 19] = [
     MAP_SRC_RANGE6,
     MAP_NODE_ADDR,
     MAP_CONFIG,
+    MAP_XDP_DEV,
 ];
 
 /// Pins of maps that earlier versions created and this one no longer uses (renamed when
@@ -104,6 +109,12 @@ pub const MAGLEV_MAP_MAX: u32 = 1 << 14;
 pub const AFFINITY_EXT_MAP_MAX: u32 = 1 << 16;
 pub const SRC_RANGE_MAP_MAX: u32 = 1 << 16;
 pub const NODE_ADDR_MAP_MAX: u32 = 1 << 10;
+/// Entries of `LB_XDPDEV_V1` (devices with the XDP program).
+pub const XDP_DEV_MAP_MAX: u32 = 1 << 10;
+/// `LB_XDPDEV_V1` flag: frames sent back out this device with XDP_TX reach the wire.
+/// Not set for a veth, whose XDP_TX frames are dropped unless the peer device runs
+/// XDP (or GRO) itself.
+pub const XDP_DEV_TX_OK: u32 = 1;
 
 /// `SvcMeta.kind`: how a frontend address came to be.
 pub const KIND_CLUSTER_IP: u8 = 1;
@@ -541,10 +552,13 @@ pub const CTR_EXT_FIB_REDIRECTED: u32 = 36;
 /// destination, forwarding disabled, no route, MTU, TTL/hop limit ≤ 1): it went into
 /// the stack's forwarding instead.
 pub const CTR_EXT_FIB_TO_STACK: u32 = 37;
+/// The XDP program found a reject on a device where XDP_TX cannot be trusted
+/// (`LB_XDPDEV_V1`) and passed the packet on; tc ingress answers it.
+pub const CTR_EXT_XDP_REJECT_TO_TC: u32 = 38;
 pub const COUNTERS_MAX: u32 = 64;
 
 /// Counter names for the CLI and metrics, indexed like the `CTR_*` constants.
-pub const COUNTER_NAMES: [(u32, &str); 33] = [
+pub const COUNTER_NAMES: [(u32, &str); 34] = [
     (CTR_SOCK_XLATED, "sock_translated"),
     (CTR_SOCK_NO_BACKEND, "sock_rejected_no_backend"),
     (CTR_SOCK_SLOT_MISS, "sock_error_slot_missing"),
@@ -581,6 +595,7 @@ pub const COUNTER_NAMES: [(u32, &str); 33] = [
     (CTR_EXT_CT_CLOSING, "ext_conntrack_closing"),
     (CTR_EXT_FIB_REDIRECTED, "ext_fib_redirected"),
     (CTR_EXT_FIB_TO_STACK, "ext_fib_to_stack"),
+    (CTR_EXT_XDP_REJECT_TO_TC, "ext_xdp_reject_to_tc"),
 ];
 
 /// Slot chosen for a new connection: uniform over `1..=count`. Both the eBPF programs

@@ -27,10 +27,10 @@ use svc_lb_common::{
     CTR_EXT_AFF_UPDATE_FAIL, CTR_EXT_BACKEND_GONE, CTR_EXT_BACKEND_MISSING, CTR_EXT_CT_CLOSING,
     CTR_EXT_CT_HIT, CTR_EXT_CT_UPDATE_FAIL, CTR_EXT_FORWARDED, CTR_EXT_MAGLEV_MISSING,
     CTR_EXT_NO_SNAT_ADDR, CTR_EXT_REJECT_FAILED, CTR_EXT_REPLY_XLATED, CTR_EXT_REWRITE_FAIL,
-    CTR_EXT_SNAT_PORT_EXHAUSTED, CtKey, CtValue, ExtChoice, ExtVia, FAMILY_V4, MAGLEV_TABLE_MAX,
-    NodeAddrKey, PROTO_TCP, SCOPE_EXTERNAL, SNAT_PORT_TRIES, SVC_FLAG_EXT_LOCAL, SrcRange4Key,
-    SrcRange6Key, Stickiness, Svc4Key, Svc6Key, SvcValue, choose_external, lookup::snat_port,
-    maglev::flow_hash,
+    CTR_EXT_SNAT_PORT_EXHAUSTED, CTR_EXT_XDP_REJECT_TO_TC, CtKey, CtValue, ExtChoice, ExtVia,
+    FAMILY_V4, MAGLEV_TABLE_MAX, NodeAddrKey, PROTO_TCP, SCOPE_EXTERNAL, SNAT_PORT_TRIES,
+    SVC_FLAG_EXT_LOCAL, SrcRange4Key, SrcRange6Key, Stickiness, Svc4Key, Svc6Key, SvcValue,
+    choose_external, lookup::snat_port, maglev::flow_hash,
 };
 
 use crate::{
@@ -430,7 +430,10 @@ fn remember(f: &Flow, rev_nat_id: u32, backend_id: u32, sticky: Stickiness) {
 enum Decision {
     Pass,
     Drop,
-    Reject,
+    /// Refused; `reason` is the counter to raise where the reject is built.
+    Reject {
+        reason: u32,
+    },
     Backend {
         backend_id: u32,
         rev_nat_id: u32,
@@ -450,7 +453,16 @@ fn new_flow<C: Pkt>(c: &C, f: &Flow, now: u64) -> Verdict {
     match decide(f, now, hash) {
         Decision::Pass => Verdict::Pass,
         Decision::Drop => Verdict::Drop,
-        Decision::Reject => reject(c, f),
+        // A device whose XDP_TX frames may never arrive (a veth): the packet goes on
+        // to tc ingress, which decides again and answers (and counts the reason).
+        Decision::Reject { .. } if !c.can_reject() => {
+            count(CTR_EXT_XDP_REJECT_TO_TC);
+            Verdict::Pass
+        }
+        Decision::Reject { reason } => {
+            count(reason);
+            reject(c, f)
+        }
         Decision::Backend {
             backend_id,
             rev_nat_id,
@@ -535,10 +547,7 @@ fn decide(f: &Flow, now: u64, hash: u32) -> Decision {
             count(reason);
             Decision::Drop
         }
-        ExtChoice::Reject { reason, .. } => {
-            count(reason);
-            Decision::Reject
-        }
+        ExtChoice::Reject { reason, .. } => Decision::Reject { reason },
         ExtChoice::Backend {
             backend,
             backend_id,

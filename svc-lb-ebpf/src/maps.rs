@@ -10,6 +10,7 @@ use svc_lb_common::{
     CT_MAP_MAX, CtKey, CtValue, ExtConfig, MAGLEV_MAP_MAX, MaglevTable, NODE_ADDR_MAP_MAX,
     NodeAddrKey, RevNat, SRC_RANGE_MAP_MAX, SockRevNat4Key, SockRevNat4Value, SockRevNat6Key,
     SockRevNat6Value, SrcRange4Key, SrcRange6Key, Svc4Key, Svc6Key, SvcMeta, SvcValue,
+    XDP_DEV_MAP_MAX,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -100,6 +101,12 @@ pub static LB_NODEADDR_V1: HashMap<NodeAddrKey, u32, { NODE_ADDR_MAP_MAX as usiz
 /// The agent's external-path settings (entry 0).
 #[btf_map]
 pub static LB_CONFIG_V1: Array<ExtConfig, 1> = Array::new();
+
+/// Devices running the XDP program: ifindex → `XDP_DEV_*` flags (whether XDP_TX can
+/// answer a reject there), written by the agent.
+#[btf_map]
+pub static LB_XDPDEV_V1: HashMap<u32, u32, { XDP_DEV_MAP_MAX as usize }, NO_PREALLOC> =
+    HashMap::new();
 
 /// Per-CPU scratch space of the external path: the reject frame and the conntrack keys
 /// and values of a new flow do not fit on the 512-byte stack next to the rest of the

@@ -46,6 +46,12 @@ pub trait Pkt {
     /// Makes the frame exactly `len` bytes long (the reject path); the caller rewrites
     /// all of it afterwards, so where the bytes are added or cut does not matter.
     fn resize(&self, len: u32) -> bool;
+    /// Whether a reject built here can be sent back out the device. tc always can; XDP
+    /// only where the agent marked XDP_TX as working (see `xdp::tx_trusted`).
+    #[inline(always)]
+    fn can_reject(&self) -> bool {
+        true
+    }
 }
 
 impl Pkt for TcContext {
@@ -130,6 +136,11 @@ impl Pkt for TcContext {
 const MAX_OFF: usize = 1024;
 
 impl Pkt for XdpContext {
+    #[inline(always)]
+    fn can_reject(&self) -> bool {
+        crate::xdp::tx_trusted(self)
+    }
+
     #[inline(always)]
     fn load<T: Copy>(&self, off: usize) -> Option<T> {
         if off > MAX_OFF {

@@ -1,16 +1,33 @@
 //! XDP wrapper of the external path's forward direction (`--xdp`): new and established
 //! client flows are translated (DNAT/SNAT + conntrack, the same code as tc ingress) and
 //! passed to the stack, which routes the rewritten packet; a Service without endpoints
-//! is answered here with XDP_TX. Replies are left to tc, which sees them after the
-//! stack.
+//! is answered here with XDP_TX where the device's XDP_TX works, else by tc (see
+//! [`tx_trusted`]). Replies are left to tc, which sees them after the stack.
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use svc_lb_common::{CTR_EXT_PASS_UNSUPPORTED, CTR_EXT_XDP_FORWARDED, CTR_EXT_XDP_TX};
+use svc_lb_common::{
+    CTR_EXT_PASS_UNSUPPORTED, CTR_EXT_XDP_FORWARDED, CTR_EXT_XDP_TX, XDP_DEV_TX_OK,
+};
 
 use crate::{
     ext::{self, Verdict},
+    maps::LB_XDPDEV_V1,
     parse::{Parsed, parse},
     sock::count,
 };
+
+/// Whether XDP_TX on the receiving device reaches the sender. The agent marks each
+/// device from its driver (`LB_XDPDEV_V1`): a veth drops XDP_TX frames unless its peer
+/// runs XDP or GRO, which nothing on this node controls. An unmarked device counts as
+/// untrusted: tc answering costs a little speed, a lost reject costs the client a
+/// timeout.
+#[inline(always)]
+pub fn tx_trusted(ctx: &XdpContext) -> bool {
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    match LB_XDPDEV_V1.get_ptr(ifindex) {
+        Some(flags) => (unsafe { *flags } & XDP_DEV_TX_OK) != 0,
+        None => false,
+    }
+}
 
 #[inline(always)]
 pub fn forward(ctx: &XdpContext) -> u32 {

@@ -25,13 +25,17 @@ pub struct AgentConfig {
     pub manifests: Option<PathBuf>,
     /// Kubernetes mode: this kubeconfig, else `$KUBECONFIG`, else in-cluster.
     pub kubeconfig: Option<PathBuf>,
-    /// Where to serve /healthz and /readyz; `None` serves nothing.
+    /// Where to serve /healthz, /livez and /readyz; `None` serves nothing.
     pub health_addr: Option<std::net::SocketAddr>,
+    /// `--health-addr` was given: an address that cannot be bound stops the start.
+    pub health_addr_explicit: bool,
     pub bpffs: PathBuf,
     pub cgroup: PathBuf,
     pub node: NodeInfo,
     /// Where to serve /metrics and /status; `None` serves nothing.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// `--metrics-addr` was given: an address that cannot be bound stops the start.
+    pub metrics_addr_explicit: bool,
     /// Load the programs with their debug log on (`--bpf-log`).
     pub bpf_log: bool,
     /// `--devices`: where the external path runs; `None` chooses (see [`External`]).
@@ -40,6 +44,8 @@ pub struct AgentConfig {
     pub nodeport_addresses: Vec<ipnet::IpNet>,
     /// `--xdp`: also attach the XDP program to the devices.
     pub xdp: bool,
+    /// `--xdp-reject`: where XDP_TX answers a reject, where tc does.
+    pub xdp_reject: crate::datapath::xdpdev::XdpReject,
     /// `--maglev-table-size`.
     pub maglev_size: u32,
     /// `--conntrack-max`: entries of the external path's conntrack map.
@@ -122,7 +128,12 @@ impl External {
 
     /// Writes the node addresses and the SNAT addresses when they changed (addresses
     /// may come and go while the agent runs).
-    fn refresh_addresses(&mut self, cfg: &AgentConfig, dp: &mut BpfDatapath) -> Result<()> {
+    fn refresh_addresses(
+        &mut self,
+        cfg: &AgentConfig,
+        dp: &mut BpfDatapath,
+        health: &crate::health::Health,
+    ) -> Result<()> {
         let Some(devs) = self.devices.as_ref().filter(|d| !d.is_empty()) else {
             return Ok(());
         };
@@ -137,7 +148,9 @@ impl External {
         if addrs.is_empty() {
             warn!(devices = ?devs, "the devices have no usable address: node ports answer nowhere and SNAT is impossible");
         }
-        self.health = Some(crate::hcnp::HealthCheckServer::new(addrs.clone()));
+        self.health = Some(
+            crate::hcnp::HealthCheckServer::new(addrs.clone()).with_proxy_health(health.clone()),
+        );
         self.node_addrs = Some(addrs);
         Ok(())
     }
@@ -169,8 +182,9 @@ const RETRY: Duration = Duration::from_secs(1);
 pub async fn run(cfg: AgentConfig) -> Result<()> {
     let health = crate::health::Health::default();
     if let Some(addr) = cfg.health_addr {
-        // A port in use is logged, not fatal: the datapath matters more than its probes,
-        // and a failing probe makes the problem visible anyway.
+        // A default port in use is logged, not fatal: the datapath matters more than
+        // its probes, and a failing probe makes the problem visible anyway. A port the
+        // operator asked for is a promise to whatever probes it: stop instead.
         match crate::health::bind(addr).await {
             Ok(listener) => {
                 info!(addr = %listener.local_addr().map_or(addr, |a| a), "serving /healthz and /readyz");
@@ -180,6 +194,11 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                         error!(error = %format!("{e:#}"), "health server stopped");
                     }
                 });
+            }
+            Err(e) if cfg.health_addr_explicit => {
+                return Err(e.context(format!(
+                    "--health-addr {addr}: cannot serve the health endpoints (use another address, or \"off\")"
+                )));
             }
             Err(e) => error!(error = %format!("{e:#}"), "health endpoints disabled"),
         }
@@ -245,7 +264,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         st.cgroup = cfg.cgroup.display().to_string();
     });
     if let Some(addr) = cfg.metrics_addr {
-        spawn_metrics(addr, cfg.bpffs.clone()).await;
+        spawn_metrics(addr, cfg.bpffs.clone(), cfg.metrics_addr_explicit).await?;
     }
     // Adopt whatever a previous agent programmed: the first sync then changes only
     // what differs, so a restart never disturbs a working Service.
@@ -304,13 +323,15 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             _ = sigint.recv() => { info!("SIGINT: exiting; programs and maps stay pinned"); return Ok(()); }
         }
         let snap = rx.borrow_and_update().clone();
+        health.queued_at(std::time::SystemTime::now());
+        health.sync_node(snap.node.as_ref());
         let sync_started = Instant::now();
         // The Node object (Kubernetes mode) adds the zone and the node addresses.
         let mut node = model::node_info(&cfg.node, snap.node.as_ref());
         if let Err(e) = ext.decide_devices(&cfg, &node, &dp) {
             ext.fail(e.context("external path: choose the devices"));
         }
-        if let Err(e) = ext.refresh_addresses(&cfg, &mut dp) {
+        if let Err(e) = ext.refresh_addresses(&cfg, &mut dp, &health) {
             if attached {
                 error!(error = %format!("{e:#}"), "external path: could not update the node addresses");
             } else {
@@ -358,7 +379,14 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                     );
                 }
                 // The socket path keeps serving whatever happens to the external path.
-                if let Err(e) = dp.attach_devices(&cfg.bpffs, &devs, xdp, choices.tc_attach) {
+                let attach = if xdp {
+                    crate::datapath::xdpdev::entries(&devs, cfg.xdp_reject)
+                        .and_then(|marks| dp.set_xdp_devices(&marks))
+                } else {
+                    Ok(())
+                }
+                .and_then(|()| dp.attach_devices(&cfg.bpffs, &devs, xdp, choices.tc_attach));
+                if let Err(e) = attach {
                     crate::datapath::bpf::detach_devices(&cfg.bpffs, &devs);
                     ext.fail(e.context("external path: attach the tc/XDP programs"));
                 }
@@ -380,14 +408,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                     rejected: report.rejected,
                     skipped: report.skipped,
                 });
-                info!(
-                    ops = report.ops,
-                    frontends = report.frontends,
-                    backends = report.backends,
-                    rejected = report.rejected,
-                    duration_us = report.duration.as_micros() as u64,
-                    "sync applied"
-                );
+                // The healthCheckNodePort listeners first: "sync applied" means
+                // everything the sync wants is in place.
                 if let Some(server) = ext.health.as_mut() {
                     let checks = report
                         .health_checks
@@ -407,8 +429,17 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                         error!(error = %format!("{e:#}"), "healthCheckNodePort server update failed");
                     }
                 }
+                info!(
+                    ops = report.ops,
+                    frontends = report.frontends,
+                    backends = report.backends,
+                    rejected = report.rejected,
+                    duration_us = report.duration.as_micros() as u64,
+                    "sync applied"
+                );
                 // Attached above, and the maps hold the sources' first complete view.
                 health.set_ready();
+                health.updated_at(std::time::SystemTime::now());
                 None
             }
             Err(e) => {
@@ -452,9 +483,10 @@ fn start_sockterm(cfg: &AgentConfig) -> Result<sockterm::Terminator> {
     })
 }
 
-/// Serves metrics and status in the background. A metrics address that cannot be
-/// bound is logged, not fatal: the datapath matters more than its metrics.
-async fn spawn_metrics(addr: std::net::SocketAddr, bpffs: PathBuf) {
+/// Serves metrics and status in the background. The default address that cannot be
+/// bound is logged, not fatal: the datapath matters more than its metrics. One given
+/// with `--metrics-addr` (`explicit`) is an error.
+async fn spawn_metrics(addr: std::net::SocketAddr, bpffs: PathBuf, explicit: bool) -> Result<()> {
     match crate::metrics::bind(addr).await {
         Ok(listener) => {
             let bound = listener.local_addr().map_or(addr, |a| a);
@@ -465,8 +497,14 @@ async fn spawn_metrics(addr: std::net::SocketAddr, bpffs: PathBuf) {
                 }
             });
         }
+        Err(e) if explicit => {
+            return Err(e.context(format!(
+                "--metrics-addr {addr}: cannot serve metrics (use another address, or \"off\")"
+            )));
+        }
         Err(e) => error!(error = %format!("{e:#}"), "metrics disabled"),
     }
+    Ok(())
 }
 
 /// Forwards the programs' aya-log records to the log (target `svclb_ebpf`, level

@@ -52,10 +52,12 @@ pub enum Command {
         /// in-cluster service account]
         #[arg(long)]
         kubeconfig: Option<PathBuf>,
-        /// Serve /healthz (alive, datapath loaded) and /readyz (initial sync applied)
-        /// on this address ("off" disables).
-        #[arg(long, default_value = crate::health::DEFAULT_HEALTH_ADDR, value_parser = crate::health::parse_addr)]
-        health_addr: crate::health::HealthAddr,
+        /// Serve /healthz and /livez (kube-proxy's node health) and /readyz (initial
+        /// sync applied) on this address ("off" disables). Given explicitly, an address
+        /// that cannot be bound stops the agent at start; the default is only logged
+        /// [default: 0.0.0.0:10256 in Kubernetes mode, 127.0.0.1:10256 with --manifests]
+        #[arg(long, value_parser = crate::health::parse_addr)]
+        health_addr: Option<crate::health::HealthAddr>,
         /// Program Services labelled service.kubernetes.io/service-proxy-name only when
         /// the label has this value [default: leave every labelled Service alone]
         #[arg(long)]
@@ -69,9 +71,11 @@ pub enum Command {
         #[arg(long, env = "NODE_NAME")]
         node_name: Option<String>,
         /// Serve Prometheus metrics at /metrics and the agent status at /status on this
-        /// address ("off" disables; port 0 picks a free port and logs it).
-        #[arg(long, default_value = DEFAULT_METRICS_ADDR, value_parser = metrics::parse_addr)]
-        metrics_addr: metrics::MetricsAddr,
+        /// address ("off" disables; port 0 picks a free port and logs it). Given
+        /// explicitly, an address that cannot be bound stops the agent at start; the
+        /// default is only logged [default: 127.0.0.1:9098]
+        #[arg(long, value_parser = metrics::parse_addr)]
+        metrics_addr: Option<metrics::MetricsAddr>,
         /// Turn on the eBPF programs' debug log (aya-log): one line per connect/sendmsg
         /// decision, at level debug under the target `svclb_ebpf` (shown unless the log
         /// filter sets that target). Off by default: the verifier then removes the
@@ -93,6 +97,11 @@ pub enum Command {
         /// refuses it is logged once and the device runs tc only.
         #[arg(long)]
         xdp: bool,
+        /// With --xdp, who answers a Service without endpoints: "auto" sends the ICMP
+        /// error from XDP (XDP_TX) except on veth devices, whose peer drops XDP_TX
+        /// frames unless it runs XDP itself, where tc answers; "tx" and "tc" force one.
+        #[arg(long, value_enum, default_value_t = crate::datapath::xdpdev::XdpReject::Auto)]
+        xdp_reject: crate::datapath::xdpdev::XdpReject,
         /// Entries per Maglev table of an external frontend: a prime in 251-16381.
         #[arg(long, default_value_t = svc_lb_common::MAGLEV_DEFAULT_SIZE, value_parser = parse_maglev_size)]
         maglev_table_size: u32,
@@ -341,6 +350,7 @@ pub fn run(cli: Cli) -> Result<()> {
             devices,
             nodeport_addresses,
             xdp,
+            xdp_reject,
             maglev_table_size,
             conntrack_max,
             destroy_tcp,
@@ -371,10 +381,27 @@ pub fn run(cli: Cli) -> Result<()> {
                 .enable_all()
                 .build()
                 .context("start the async runtime")?;
+            let default_health = if manifests.is_some() {
+                crate::health::DEFAULT_HEALTH_ADDR
+            } else {
+                crate::health::DEFAULT_HEALTH_ADDR_KUBE
+            };
+            let health_addr_explicit = health_addr.is_some();
+            let health_addr = match health_addr {
+                Some(a) => a,
+                None => crate::health::parse_addr(default_health).map_err(anyhow::Error::msg)?,
+            };
+            let metrics_addr_explicit = metrics_addr.is_some();
+            let metrics_addr = match metrics_addr {
+                Some(a) => a,
+                None => metrics::parse_addr(DEFAULT_METRICS_ADDR).map_err(anyhow::Error::msg)?,
+            };
             rt.block_on(agent::run(AgentConfig {
                 manifests,
                 kubeconfig,
                 health_addr: health_addr.0,
+                health_addr_explicit,
+                metrics_addr_explicit,
                 bpffs,
                 cgroup,
                 node,
@@ -383,6 +410,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 devices,
                 nodeport_addresses,
                 xdp,
+                xdp_reject,
                 maglev_size: maglev_table_size,
                 conntrack_max,
                 destroy_tcp,

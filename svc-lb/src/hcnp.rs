@@ -88,7 +88,10 @@ fn answer(state: &HandlerState) -> Response {
         .read()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .clone();
-    let healthy = state.proxy_health.as_ref().is_none_or(Health::is_ready);
+    let healthy = state
+        .proxy_health
+        .as_ref()
+        .is_none_or(Health::service_proxy_healthy);
     let body = Body {
         service: BodyService {
             namespace: &entry.namespace,
@@ -230,9 +233,11 @@ impl HealthCheckServer {
         }
     }
 
-    /// Reports `serviceProxyHealthy` from the agent's readiness (the initial sync is
-    /// applied and the programs are attached); while it is false every check answers
-    /// 503, as kube-proxy does. Without it the proxy counts as healthy.
+    /// Reports `serviceProxyHealthy` from the agent's health
+    /// ([`Health::service_proxy_healthy`]: the initial sync is applied and no change has
+    /// waited longer than the staleness bound; node eligibility is left out, as in
+    /// kube-proxy); while it is false every check answers 503, as kube-proxy does.
+    /// Without it the proxy counts as healthy.
     pub fn with_proxy_health(mut self, health: Health) -> Self {
         self.proxy_health = Some(health);
         self
@@ -527,11 +532,27 @@ mod tests {
             "{}",
             a.body
         );
+        health.set_loaded();
         health.set_ready();
         let a = get(port, "GET", "/").await.expect("request");
         assert_eq!(a.status, 200);
         assert!(
             a.body.contains(r#""serviceProxyHealthy":true"#),
+            "{}",
+            a.body
+        );
+        // A Node being deleted does not change it (kube-proxy's IsHealthy ignores the
+        // Node too); a change pending for longer than the staleness bound does.
+        let deleted: k8s_openapi::api::core::v1::Node =
+            serde_yaml::from_str("metadata: {name: n1, deletionTimestamp: '2025-01-15T09:30:00Z'}")
+                .expect("node");
+        health.sync_node(Some(&deleted));
+        assert_eq!(get(port, "GET", "/").await.expect("request").status, 200);
+        health.queued_at(std::time::SystemTime::now() - crate::health::STALE_AFTER);
+        let a = get(port, "GET", "/").await.expect("request");
+        assert_eq!(a.status, 503);
+        assert!(
+            a.body.contains(r#""serviceProxyHealthy":false"#),
             "{}",
             a.body
         );

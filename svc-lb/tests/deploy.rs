@@ -233,7 +233,9 @@ fn probes_point_at_the_health_endpoint() {
     let Command::Agent { health_addr, .. } = parsed_args(&c).command else {
         panic!("the DaemonSet must run `svc-lb agent`");
     };
-    let addr: SocketAddr = health_addr.0.expect("health endpoints on");
+    let addr: SocketAddr = health_addr
+        .and_then(|a| a.0)
+        .expect("health endpoints on, given explicitly (a port in use then stops the start)");
     let port_of = |get: &HTTPGetAction| match &get.port {
         IntOrString::Int(p) => u16::try_from(*p).expect("a port"),
         IntOrString::String(name) => c
@@ -245,15 +247,19 @@ fn probes_point_at_the_health_endpoint() {
             .map(|p| u16::try_from(p.container_port).expect("a port"))
             .unwrap_or_else(|| panic!("no container port named {name}")),
     };
+    // Cloud load balancers probe every node's /healthz on kube-proxy's port.
+    assert_eq!(addr, "0.0.0.0:10256".parse().expect("addr"));
+    // Liveness ignores node eligibility (/livez): a Node being drained must not get its
+    // agent restarted.
     for (probe, path) in [
-        (c.liveness_probe.clone(), "/healthz"),
+        (c.liveness_probe.clone(), "/livez"),
         (c.readiness_probe.clone(), "/readyz"),
     ] {
         let get = probe.and_then(|p| p.http_get).expect("an HTTP probe");
         assert_eq!(get.path.as_deref(), Some(path));
         assert_eq!(port_of(&get), addr.port(), "{path} probe port");
         // hostNetwork: the kubelet dials the node's loopback, where the agent listens.
-        assert_eq!(get.host.as_deref(), Some(addr.ip().to_string().as_str()));
+        assert_eq!(get.host.as_deref(), Some("127.0.0.1"));
     }
 }
 

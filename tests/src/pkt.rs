@@ -452,6 +452,15 @@ impl Datapath {
         Ok(())
     }
 
+    /// Marks device `ifindex` in `LB_XDPDEV_V1` (`XDP_DEV_*` flags). BPF_PROG_TEST_RUN
+    /// runs XDP on the loopback device's queue, so the programs see `lo`'s index.
+    pub fn xdp_dev(&mut self, ifindex: u32, flags: u32) -> Result<()> {
+        let mut m: HashMap<&mut MapData, u32, u32> =
+            HashMap::try_from(map(&mut self.ebpf, svc_lb_common::MAP_XDP_DEV)?)?;
+        m.insert(ifindex, flags, 0)?;
+        Ok(())
+    }
+
     pub fn backend(&mut self, id: u32, addr: &str, port: u16, proto: u8, flags: u8) -> Result<()> {
         let mut m: HashMap<&mut MapData, u32, Backend> =
             HashMap::try_from(map(&mut self.ebpf, svc_lb_common::MAP_BACKENDS)?)?;

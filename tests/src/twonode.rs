@@ -198,6 +198,13 @@ pub struct TwoNodeNet {
 
 impl TwoNodeNet {
     pub fn new() -> Result<Self> {
+        Self::build(true)
+    }
+
+    /// `wire_xdp`: put the pass-through XDP program on the LAN ends of the nodes' links
+    /// (see [`Self::new`]); without it each node's link is a plain veth pair, on which a
+    /// node's XDP_TX frames are lost, as on a veth whose peer nobody controls.
+    pub fn build(wire_xdp: bool) -> Result<Self> {
         let lan = Netns::new().context("lan namespace")?;
         let client = Netns::new().context("client namespace")?;
         let mut nodes = Vec::new();
@@ -288,7 +295,7 @@ impl TwoNodeNet {
         }
         // A node's XDP program answers rejects with XDP_TX; the LAN end must run XDP
         // itself for a veth to deliver those frames, as a wire would.
-        for n in Node::ALL {
+        for n in Node::ALL.into_iter().filter(|_| wire_xdp) {
             let dev = n.lan_dev();
             let link = netns::in_netns(net.lan.name(), move || {
                 let c = std::ffi::CString::new(dev).context("device name")?;
@@ -468,12 +475,17 @@ impl TwoNodeLab {
     /// empty manifest directory shared by both agents (the same Services and
     /// EndpointSlices are visible to every node of a cluster).
     pub fn new(bins: Bins) -> Result<Self> {
+        Self::build(bins, true)
+    }
+
+    /// [`Self::new`] with the network of [`TwoNodeNet::build`]`(wire_xdp)`.
+    pub fn build(bins: Bins, wire_xdp: bool) -> Result<Self> {
         let dir = TempDir::new()?;
         for sub in ["manifests", "staging"] {
             std::fs::create_dir(dir.path().join(sub))
                 .with_context(|| format!("create {sub} dir"))?;
         }
-        let net = TwoNodeNet::new()?;
+        let net = TwoNodeNet::build(wire_xdp)?;
         let mut cgroups = Vec::new();
         let mut bpf = Vec::new();
         for n in Node::ALL {
@@ -845,9 +857,18 @@ pub const POD_PORT: u16 = 8080;
 /// `env!("CARGO_BIN_EXE_svclb-harness")`. On failure it prints the lab's diagnostics and
 /// panics while the lab is alive, so that its agents print their logs as it drops.
 pub fn run_lab(harness: &str, body: impl FnOnce(&mut TwoNodeLab) -> Result<()>) {
+    run_lab_with(harness, true, body);
+}
+
+/// [`run_lab`] on the network of [`TwoNodeNet::build`]`(wire_xdp)`.
+pub fn run_lab_with(
+    harness: &str,
+    wire_xdp: bool,
+    body: impl FnOnce(&mut TwoNodeLab) -> Result<()>,
+) {
     crate::lab::isolated(|| {
         let bins = Bins::from_env(Some(harness)).expect("locate the binaries");
-        let mut lab = TwoNodeLab::new(bins).expect("build the lab");
+        let mut lab = TwoNodeLab::build(bins, wire_xdp).expect("build the lab");
         let setup = (|| -> Result<()> {
             lab.add_pod("a1", Node::A, POD_PORT)?;
             lab.add_pod("a2", Node::A, POD_PORT)?;

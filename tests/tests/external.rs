@@ -30,7 +30,7 @@ use svc_lb_tests::{
     ClientReport, Proto,
     checks::{addr_words, all_failed, all_ok, backends_are, maglev_table, unix_ms},
     manifests::{Endpoint, EndpointSlice, Protocol, Service, TargetPort, yaml_docs},
-    twonode::{Node, NodeAgentOptions, POD_PORT, TwoNodeLab, client_addr, run_lab},
+    twonode::{Node, NodeAgentOptions, POD_PORT, TwoNodeLab, client_addr, run_lab, run_lab_with},
 };
 
 const NS: &str = "ext";
@@ -146,13 +146,22 @@ impl Svc {
 
 /// Writes the Services' manifests, then starts both agents (their first sync has them).
 fn start(lab: &mut TwoNodeLab, xdp: bool, services: &[&Svc]) -> Result<()> {
+    start_with(lab, xdp, Vec::new(), services)
+}
+
+/// [`start`] with more agent arguments.
+fn start_with(
+    lab: &mut TwoNodeLab,
+    xdp: bool,
+    extra: Vec<String>,
+    services: &[&Svc],
+) -> Result<()> {
     for s in services {
         lab.write_manifest(&s.file(), &s.yaml(lab))?;
     }
-    lab.start_agents(&NodeAgentOptions {
-        xdp,
-        extra_args: vec!["--maglev-table-size".into(), MAGLEV_SIZE.into()],
-    })?;
+    let mut extra_args = vec!["--maglev-table-size".into(), MAGLEV_SIZE.into()];
+    extra_args.extend(extra);
+    lab.start_agents(&NodeAgentOptions { xdp, extra_args })?;
     if xdp {
         // With XDP links forced off (kernels < 5.9) the agent ignores --xdp.
         let want = !svc_lb_tests::agent::forced_off("xdp_link");
@@ -672,19 +681,40 @@ fn conntrack_keeps_established_flows_and_moves_udp_off_a_replaced_pod() {
 
 // ---- 7. Reject without endpoints ----
 
-fn reject_no_endpoints(xdp: bool) {
-    external(|lab| {
+/// Who must answer the rejects of [`reject_no_endpoints`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RejectBy {
+    /// No XDP: tc.
+    Tc,
+    /// `--xdp --xdp-reject tx`, the LAN end of each node's veth running XDP (the lab's
+    /// default, as a wire would deliver the frames): XDP_TX.
+    XdpTx,
+    /// `--xdp` (reject mode auto) on plain veth pairs, nothing on the LAN ends: the
+    /// XDP program passes the packet on and tc answers.
+    XdpOnPlainVeth,
+}
+
+fn reject_no_endpoints(by: RejectBy) {
+    let xdp = by != RejectBy::Tc;
+    let wire_xdp = by != RejectBy::XdpOnPlainVeth;
+    run_lab_with(env!("CARGO_BIN_EXE_svclb-harness"), wire_xdp, |lab| {
         let mut s = Svc::new("empty", &["10.96.50.9", "fd00:96::50:9"], "LoadBalancer");
         s.ports = &[
             ("http", 80, Protocol::Tcp, 30115),
             ("dns", 53, Protocol::Udp, 30115),
         ];
         s.lb = &["10.253.0.80", "fd00:253::80"];
-        start(lab, xdp, &[&s])?;
+        let extra = if by == RejectBy::XdpTx {
+            vec!["--xdp-reject".to_owned(), "tx".to_owned()]
+        } else {
+            Vec::new()
+        };
+        start_with(lab, xdp, extra, &[&s])?;
         // The LB IPs, not the NodePort: a node address with no listener is refused by the
         // node's own stack anyway, whereas an LB IP is no address of the node (without
         // the agent, node A answers it with "network unreachable").
         let xdp_tx = r#"svclb_datapath_events_total{hook="ext",name="xdp_tx"}"#;
+        let to_tc = r#"svclb_datapath_events_total{hook="ext",name="xdp_reject_to_tc"}"#;
         let rejects = r#"svclb_datapath_rejects_total{hook="ext",reason="no_backend"}"#;
         for entry in Node::ALL {
             let mut probes = 0;
@@ -706,22 +736,29 @@ fn reject_no_endpoints(xdp: bool) {
                     probes += N_DROP;
                 }
             }
-            // Every probe was answered by the hook under test: with --xdp the XDP program
-            // itself (XDP_TX), never tc behind it.
+            // Every probe was answered once, by the hook under test: XDP_TX, or tc (on
+            // a plain veth after the XDP program passed each one on).
             ensure!(
                 lab.node_metric(entry, rejects)? == probes,
                 "{}: {rejects} must count the {probes} probes",
                 entry.name()
             );
-            let tx = lab.node_metric(entry, xdp_tx)?;
-            // No XDP program when XDP links are forced off: tc answers.
+            // No XDP program when XDP links are forced off (kernels < 5.9): tc answers.
             let xdp_on = xdp && !svc_lb_tests::agent::forced_off("xdp_link");
-            let want = if xdp_on { probes } else { 0 };
-            ensure!(
-                tx == want,
-                "{}: {xdp_tx} is {tx}, expected {want}",
-                entry.name()
-            );
+            let (want_tx, want_to_tc) = match by {
+                _ if !xdp_on => (0, 0),
+                RejectBy::Tc => (0, 0),
+                RejectBy::XdpTx => (probes, 0),
+                RejectBy::XdpOnPlainVeth => (0, probes),
+            };
+            for (series, want) in [(xdp_tx, want_tx), (to_tc, want_to_tc)] {
+                let got = lab.node_metric(entry, series)?;
+                ensure!(
+                    got == want,
+                    "{}: {series} is {got}, expected {want}",
+                    entry.name()
+                );
+            }
         }
         Ok(())
     });
@@ -748,12 +785,19 @@ fn tcp6_refused(lab: &TwoNodeLab, to: SocketAddr) -> Result<u64> {
 
 #[test]
 fn reject_with_icmp_when_no_endpoints() {
-    reject_no_endpoints(false);
+    reject_no_endpoints(RejectBy::Tc);
 }
 
 #[test]
 fn xdp_reject_with_icmp_when_no_endpoints() {
-    reject_no_endpoints(true);
+    reject_no_endpoints(RejectBy::XdpTx);
+}
+
+/// A veth whose peer runs no XDP program drops XDP_TX frames: with `--xdp` the agent
+/// marks the veth (its driver) so that tc answers instead, and every probe is refused.
+#[test]
+fn xdp_reject_on_plain_veth_is_answered_by_tc() {
+    reject_no_endpoints(RejectBy::XdpOnPlainVeth);
 }
 
 // ---- 8. Hairpin ----

@@ -1099,3 +1099,142 @@ fn kube_conformance_ports_terminating_proxy_name_headless() {
         Ok(())
     });
 }
+
+/// `GET path` on the health endpoint: the status code and the body.
+fn get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .with_context(|| format!("connect {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("bad HTTP answer {out:?}"))?;
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+/// `/healthz` as kube-proxy answers it: the status, and `nodeEligible` from the JSON body
+/// (which must carry `lastUpdated` and `currentTime` too; equal while healthy).
+fn healthz(addr: SocketAddr) -> Result<(u16, bool)> {
+    let (code, body) = get(addr, "/healthz")?;
+    let v: Value = serde_json::from_str(&body).with_context(|| format!("JSON body {body:?}"))?;
+    let (last, now) = (v["lastUpdated"].as_str(), v["currentTime"].as_str());
+    ensure!(
+        last.is_some() && now.is_some(),
+        "lastUpdated and currentTime in {body}"
+    );
+    if code == 200 {
+        ensure!(last == now, "healthy: lastUpdated is currentTime: {body}");
+    }
+    let eligible = v["nodeEligible"]
+        .as_bool()
+        .with_context(|| format!("nodeEligible in {body}"))?;
+    Ok((code, eligible))
+}
+
+/// Node health as kube-proxy reports it: `/healthz` turns 503 (`nodeEligible: false`)
+/// while this Node carries the cluster autoscaler's to-be-deleted taint or a
+/// `deletionTimestamp`, and back to 200 without them; `/livez` and `/readyz` stay 200
+/// throughout (a draining node's agent must not be restarted); Services keep working.
+#[test]
+fn kube_node_health_follows_deletion_and_autoscaler_taint() {
+    kube_e2e(&["a"], |lab, k8s| {
+        lab.serve_all_tcp(8080, false)?;
+        let a = lab.topo.addrs(false)[0];
+        k8s.api.apply(service("web", "10.96.7.1", 80, 8080))?;
+        k8s.api.apply(slice("web", "x1", 8080, &[ready(a)]))?;
+        k8s.start_agent(lab)?;
+        let health = health_addr(k8s.agent()?)?;
+        ensure!(healthz(health)? == (200, true), "healthy at start");
+        let mut tainted = node(NODE, &[NODE_IP], Some(ZONE));
+        tainted["spec"]["taints"] = json!([
+            {"key": "ToBeDeletedByClusterAutoscaler", "value": "1700000000", "effect": "NoSchedule"}
+        ]);
+        let mut deleted = node(NODE, &[NODE_IP], Some(ZONE));
+        deleted["metadata"]["deletionTimestamp"] = json!("2025-01-15T09:30:00Z");
+        for (what, n) in [("tainted", tainted), ("deleted", deleted)] {
+            k8s.change(&[n])?;
+            ensure!(healthz(health)? == (503, false), "{what}: /healthz");
+            ensure!(get(health, "/livez")?.0 == 200, "{what}: /livez");
+            ensure!(probe(health, "/readyz")? == 200, "{what}: /readyz");
+            expect_backends(&connect(lab, "10.96.7.1:80", 10)?, &["a"])?;
+            k8s.change(&[node(NODE, &[NODE_IP], Some(ZONE))])?;
+            ensure!(healthz(health)? == (200, true), "{what} then restored");
+        }
+        Ok(())
+    });
+}
+
+/// A `--health-addr` or `--metrics-addr` given explicitly whose port is taken stops the
+/// agent at start (exit status 1, the flag and the bind error in its message) before it
+/// programs anything.
+#[test]
+fn kube_explicit_health_or_metrics_port_in_use_stops_the_start() {
+    kube_e2e(&["a"], |lab, k8s| {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").context("take a port")?;
+        let addr = taken.local_addr()?.to_string();
+        for (flag, other) in [
+            ("--health-addr", "--metrics-addr"),
+            ("--metrics-addr", "--health-addr"),
+        ] {
+            let config = AgentConfig {
+                bin: lab.bins.svc_lb.clone(),
+                manifests: PathBuf::new(),
+                bpffs: lab.bpffs().to_path_buf(),
+                cgroup: lab.cgroup().to_path_buf(),
+                log_file: lab.dir().join(format!("kube-agent-port{flag}.log")),
+                extra_args: [
+                    "--kubeconfig",
+                    &k8s.kubeconfig.display().to_string(),
+                    "--node-name",
+                    NODE,
+                    flag,
+                    &addr,
+                    other,
+                    "off",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            };
+            let mut agent = Agent::start(config)?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let status = loop {
+                if let Some(s) = agent.try_exit()? {
+                    break s;
+                }
+                ensure!(
+                    Instant::now() < deadline,
+                    "{flag} {addr} taken: the agent still runs"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            ensure!(status.code() == Some(1), "{flag}: exit status {status}");
+            let want = format!("{flag} {addr}: cannot serve");
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while !agent.log_text().contains("Address already in use") && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let log = agent.log_text();
+            ensure!(
+                log.contains(&want) && log.contains("Address already in use"),
+                "{flag}: the error must name the flag, the address and the reason: {log}"
+            );
+            ensure!(agent.applied_count() == 0, "{flag}: nothing applied");
+        }
+        drop(taken);
+        Ok(())
+    });
+}

@@ -24,8 +24,8 @@ use svc_lb_common::{
     BACKEND_FLAG_LOCAL, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_SNAT, CTR_EXT_BACKEND_GONE,
     CTR_EXT_CT_HIT, CTR_EXT_DROP_NO_LOCAL, CTR_EXT_DROP_SRC_RANGE, CTR_EXT_FIB_REDIRECTED,
     CTR_EXT_FIB_TO_STACK, CTR_EXT_FORWARDED, CTR_EXT_REJECT_NO_BACKEND, CTR_EXT_REPLY_XLATED,
-    CTR_EXT_XDP_FORWARDED, CTR_EXT_XDP_TX, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_FLAG_DROP_EMPTY,
-    SVC_FLAG_EXT_LOCAL, SVC_FLAG_SRC_RANGES,
+    CTR_EXT_XDP_FORWARDED, CTR_EXT_XDP_REJECT_TO_TC, CTR_EXT_XDP_TX, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXT_LOCAL, SVC_FLAG_SRC_RANGES, XDP_DEV_TX_OK,
 };
 
 const CLIENT4: &str = "198.51.100.10";
@@ -506,6 +506,9 @@ fn xdp_gives_the_same_packets_as_tc_ingress() {
     };
     let mut tc = setup();
     let mut xdp = setup();
+    // The test run's device (lo) is marked as one where XDP_TX works.
+    xdp.xdp_dev(LO_IFINDEX, XDP_DEV_TX_OK)
+        .expect("mark lo in LB_XDPDEV_V1");
     let cases = [
         (Spec::tcp(CLIENT4, 40_000, LB4, FE_PORT, SYN), TC_ACT_OK),
         (Spec::tcp(CLIENT4, 40_000, LB4, FE_PORT, ACK), TC_ACT_OK),
@@ -560,6 +563,39 @@ fn xdp_gives_the_same_packets_as_tc_ingress() {
 }
 
 /// Both datapaths hold the same conntrack keys and backends (expiry times differ).
+/// `lo` in the test's network namespace: the device BPF_PROG_TEST_RUN gives XDP.
+const LO_IFINDEX: u32 = 1;
+
+/// On a device not marked for XDP_TX (a veth, or no mark at all) the XDP program leaves
+/// a reject to tc: the packet passes unchanged, counted as handed to tc and not as a
+/// reject; tc ingress then answers it and counts the reject once.
+#[test]
+fn xdp_leaves_rejects_to_tc_on_unmarked_devices() {
+    for mark in [None, Some(0)] {
+        let mut dp = lab();
+        service(&mut dp, LB4, 82, TCP, 5, 0, &[]);
+        service(&mut dp, LB6, 82, UDP, 6, 0, &[]);
+        if let Some(flags) = mark {
+            dp.xdp_dev(LO_IFINDEX, flags).expect("mark lo");
+        }
+        let probes = [
+            Spec::tcp(CLIENT4, 40_000, LB4, 82, SYN),
+            Spec::udp(CLIENT6, 40_000, LB6, 82),
+        ];
+        for s in &probes {
+            let (rc, out) = run(&dp, dp.xdp, &s.frame());
+            assert_eq!((rc, &out), (XDP_PASS, &s.frame()), "XDP on {mark:?}: {s:?}");
+            let (rc, out) = run(&dp, dp.tc_in, &s.frame());
+            assert_eq!(rc, TC_ACT_REDIRECT, "tc after XDP: {s:?}");
+            assert_reject(&parse(&out).expect("tc reject well-formed"), s);
+        }
+        let n = probes.len() as u64;
+        assert_eq!(dp.counter(CTR_EXT_XDP_REJECT_TO_TC).expect("counter"), n);
+        assert_eq!(dp.counter(CTR_EXT_XDP_TX).expect("counter"), 0);
+        assert_eq!(dp.counter(CTR_EXT_REJECT_NO_BACKEND).expect("counter"), n);
+    }
+}
+
 fn ensure_ct_alike(a: &mut Datapath, b: &mut Datapath) -> Result<()> {
     let strip = |v: Vec<(svc_lb_common::CtKey, svc_lb_common::CtValue)>| {
         let mut v: Vec<_> = v

@@ -27,9 +27,9 @@ use svc_lb_common::{
     AffinityExtKey, AffinityKey, AffinityMatchKey, AffinityValue, Backend, CtKey, CtValue,
     ExtConfig, MAP_AFF_MATCH, MAP_AFFINITY, MAP_AFFINITY_EXT, MAP_BACKENDS, MAP_BE_STATS,
     MAP_CONFIG, MAP_COUNTERS, MAP_CT, MAP_FE_STATS, MAP_MAGLEV, MAP_NODE_ADDR, MAP_REVNAT,
-    MAP_SRC_RANGE4, MAP_SRC_RANGE6, MAP_SVC_META, MAP_SVC4, MAP_SVC6, MaglevTable, NodeAddrKey,
-    PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP, RevNat, SOCK_PROGRAMS, SrcRange4Key, SrcRange6Key,
-    Svc4Key, Svc6Key, SvcMeta, SvcValue,
+    MAP_SRC_RANGE4, MAP_SRC_RANGE6, MAP_SVC_META, MAP_SVC4, MAP_SVC6, MAP_XDP_DEV, MaglevTable,
+    NodeAddrKey, PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP, RevNat, SOCK_PROGRAMS, SrcRange4Key,
+    SrcRange6Key, Svc4Key, Svc6Key, SvcMeta, SvcValue,
 };
 use tracing::{info, warn};
 
@@ -1113,6 +1113,34 @@ impl BpfDatapath {
             .config
             .set(0, cfg, 0)
             .with_context(|| format!("{MAP_CONFIG}: write entry 0"))
+    }
+
+    /// Makes `LB_XDPDEV_V1` hold exactly `devices` (ifindex → `XDP_DEV_*` flags, see
+    /// [`super::xdpdev`]). Call before the XDP program is attached: an unmarked device
+    /// gets its rejects from tc.
+    pub fn set_xdp_devices(&mut self, devices: &[(u32, u32)]) -> Result<()> {
+        let map = self
+            .ebpf
+            .map_mut(MAP_XDP_DEV)
+            .ok_or_else(|| anyhow!("map {MAP_XDP_DEV} missing from the eBPF object"))?;
+        let mut map: HashMap<&mut MapData, u32, u32> = HashMap::try_from(map)
+            .with_context(|| format!("map {MAP_XDP_DEV} has an unexpected type"))?;
+        for (ifindex, flags) in devices {
+            map.insert(ifindex, flags, 0)
+                .with_context(|| format!("{MAP_XDP_DEV}: insert ifindex {ifindex}"))?;
+        }
+        let have: Vec<u32> = map
+            .keys()
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("read map {MAP_XDP_DEV}"))?;
+        for ifindex in have
+            .iter()
+            .filter(|i| !devices.iter().any(|(d, _)| d == *i))
+        {
+            ignore_missing(map.remove(ifindex))
+                .with_context(|| format!("{MAP_XDP_DEV}: delete ifindex {ifindex}"))?;
+        }
+        Ok(())
     }
 
     /// Makes `LB_NODEADDR_V1` hold exactly `addrs` (the addresses node ports answer on).

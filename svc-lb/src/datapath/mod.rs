@@ -17,6 +17,7 @@ pub mod pins;
 pub mod probe;
 pub mod sockterm;
 pub mod sys;
+pub mod xdpdev;
 
 /// The map layer the agent programs through.
 pub trait MapStore {

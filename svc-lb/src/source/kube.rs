@@ -214,10 +214,24 @@ fn trim_slice(slice: &mut EndpointSlice) {
 }
 
 /// A Node is updated every few seconds (heartbeats, conditions, images); only its zone
-/// label and its addresses matter here.
+/// label, its addresses, its deletion and the cluster autoscaler's to-be-deleted taint
+/// matter here (the last two for the health endpoint, see `health.rs`).
 fn trim_node(node: &mut Node) {
+    let deletion = node.metadata.deletion_timestamp.take();
     trim_meta(&mut node.metadata);
-    node.spec = None;
+    node.metadata.deletion_timestamp = deletion;
+    let taints: Vec<_> = node
+        .spec
+        .take()
+        .and_then(|s| s.taints)
+        .into_iter()
+        .flatten()
+        .filter(|t| t.key == crate::health::TO_BE_DELETED_TAINT)
+        .collect();
+    node.spec = (!taints.is_empty()).then(|| k8s_openapi::api::core::v1::NodeSpec {
+        taints: Some(taints),
+        ..Default::default()
+    });
     let addresses = node.status.take().and_then(|s| s.addresses);
     node.status = Some(NodeStatus {
         addresses,
