@@ -320,6 +320,20 @@ pub fn sweep_dead_runs() -> Result<Vec<String>> {
     Ok(removed)
 }
 
+/// Builds a lab with backends `ids` (the harness binary is `harness`, the test's
+/// `CARGO_BIN_EXE_svclb-harness`), runs `body` on it and tears it down, all under
+/// [`isolated`]. An error panics while the lab is still alive, so its agent prints its log
+/// on drop.
+pub fn with_lab(harness: &str, ids: &[&str], body: impl FnOnce(&mut Lab) -> Result<()>) {
+    isolated(|| {
+        let bins = Bins::from_env(Some(harness)).expect("locate the binaries");
+        let mut lab = Lab::new(bins, ids).expect("build the lab");
+        if let Err(e) = body(&mut lab) {
+            panic!("{e:?}");
+        }
+    });
+}
+
 /// Runs one privileged test: first sweeps what runs killed earlier left (SIGKILL skips
 /// destructors), then runs `test`, which panics on failure and tears its lab down as it
 /// returns or unwinds, then fails if anything named for this run is still there.

@@ -20,10 +20,10 @@ use std::{
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use svc_lb_tests::{
-    Bins, ClientReport, Lab, Proto,
+    ClientReport, Lab, Proto,
     bpfquery::sock_program_counts,
     cmd,
-    lab::isolated,
+    lab::with_lab,
     manifests::{
         Endpoint, EndpointSlice, Protocol, Service, TargetPort, json_doc, yaml_docs, yaml_list,
     },
@@ -43,15 +43,7 @@ fn sa(s: &str) -> SocketAddr {
 /// log if the body failed), then asserts that nothing of this run is left behind.
 fn e2e(ids: &[&str], body: impl FnOnce(&mut Lab) -> Result<()>) {
     // A run killed earlier (SIGKILL skips destructors) must not disturb this one.
-    isolated(|| {
-        let bins =
-            Bins::from_env(Some(env!("CARGO_BIN_EXE_svclb-harness"))).expect("locate the binaries");
-        let mut lab = Lab::new(bins, ids).expect("build the lab");
-        if let Err(e) = body(&mut lab) {
-            // Panicking while the lab is alive makes its agent print its log on drop.
-            panic!("{e:?}");
-        }
-    });
+    with_lab(env!("CARGO_BIN_EXE_svclb-harness"), ids, body);
 }
 
 /// A Service with one TCP port `port` → `target` and ready endpoints at `addrs`, as two

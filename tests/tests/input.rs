@@ -10,9 +10,9 @@ use std::{
 
 use anyhow::{Context, Result, ensure};
 use svc_lb_tests::{
-    Bins, ClientReport, Lab, Proto,
+    ClientReport, Lab, Proto,
     agent::{Agent, AgentConfig},
-    lab::isolated,
+    lab::with_lab,
     manifests::{EndpointSlice, Protocol, Service, TargetPort, yaml_docs},
 };
 
@@ -27,14 +27,7 @@ fn sa(s: &str) -> SocketAddr {
 }
 
 fn lab_test(ids: &[&str], body: impl FnOnce(&mut Lab) -> Result<()>) {
-    isolated(|| {
-        let bins =
-            Bins::from_env(Some(env!("CARGO_BIN_EXE_svclb-harness"))).expect("locate the binaries");
-        let mut lab = Lab::new(bins, ids).expect("build the lab");
-        if let Err(e) = body(&mut lab) {
-            panic!("{e:?}");
-        }
-    });
+    with_lab(env!("CARGO_BIN_EXE_svclb-harness"), ids, body);
 }
 
 /// A Service with one TCP port and ready endpoints at `addrs`.

@@ -14,8 +14,8 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use svc_lb_tests::{
-    Bins, ClientReport, Lab, Proto,
-    lab::isolated,
+    ClientReport, Lab, Proto,
+    lab::with_lab,
     manifests::{EndpointSlice, Protocol, Service, TargetPort, yaml_docs},
     metrics::{http_get, metric, metrics_addr, parse_metrics, start_agent},
 };
@@ -32,14 +32,7 @@ fn sa(s: &str) -> SocketAddr {
 
 /// Builds a lab, runs `body`, tears it down, then checks nothing of this run is left.
 fn e2e(ids: &[&str], body: impl FnOnce(&mut Lab) -> Result<()>) {
-    isolated(|| {
-        let bins =
-            Bins::from_env(Some(env!("CARGO_BIN_EXE_svclb-harness"))).expect("locate the binaries");
-        let mut lab = Lab::new(bins, ids).expect("build the lab");
-        if let Err(e) = body(&mut lab) {
-            panic!("{e:?}");
-        }
-    });
+    with_lab(env!("CARGO_BIN_EXE_svclb-harness"), ids, body);
 }
 
 fn svc_lb_json(lab: &Lab, args: &[&str]) -> Result<Value> {

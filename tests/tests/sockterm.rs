@@ -19,9 +19,9 @@ use std::{
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use svc_lb_tests::{
-    Bins, ClientReport, Lab, Proto,
+    ClientReport, Lab, Proto,
     agent::Agent,
-    lab::isolated,
+    lab::with_lab,
     manifests::{EndpointSlice, Protocol, Service, TargetPort, yaml_docs},
     metrics::{scrape_one, start_agent},
     report::TimelineEntry,
@@ -39,14 +39,7 @@ const TCP_TARGET: u16 = 8080;
 const GOAL_MS: u64 = 1000;
 
 fn e2e(ids: &[&str], body: impl FnOnce(&mut Lab) -> Result<()>) {
-    isolated(|| {
-        let bins =
-            Bins::from_env(Some(env!("CARGO_BIN_EXE_svclb-harness"))).expect("locate the binaries");
-        let mut lab = Lab::new(bins, ids).expect("build the lab");
-        if let Err(e) = body(&mut lab) {
-            panic!("{e:?}");
-        }
-    });
+    with_lab(env!("CARGO_BIN_EXE_svclb-harness"), ids, body);
 }
 
 /// The dual-stack Service (UDP 53 → 5353 and TCP 80 → 8080) whose one ready endpoint

@@ -20,6 +20,8 @@ use aya::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::sys::bpf;
+
 /// A kernel feature the programs or the agent rely on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -412,23 +414,6 @@ struct ProgLoadAttr {
     prog_name: [u8; 16],
     prog_ifindex: u32,
     expected_attach_type: u32,
-}
-
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
-    // SAFETY: attr is a zero-padded bpf_attr prefix of the layout `cmd` reads.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            std::ptr::from_mut(attr).cast::<libc::c_void>(),
-            size_of::<T>(),
-        )
-    };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
 }
 
 fn load(prog_type: u32, attach: u32, insns: &[Insn]) -> io::Result<OwnedFd> {

@@ -684,21 +684,8 @@ pub fn probe() -> (SockTermMode, Option<String>) {
         }
     };
     let run = || -> Result<()> {
-        let mut cookie = 0u64;
-        let mut len = size_of::<u64>() as libc::socklen_t;
-        // SAFETY: SO_COOKIE writes a u64 into the buffer of the length given.
-        let rc = unsafe {
-            libc::getsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_COOKIE,
-                std::ptr::from_mut(&mut cookie).cast(),
-                &mut len,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error()).context("SO_COOKIE");
-        }
+        let cookie = super::sys::sockopt_u64(std::os::fd::AsFd::as_fd(&sock), libc::SO_COOKIE)
+            .context("SO_COOKIE")?;
         let (local, peer) = (sock.local_addr()?, sock.peer_addr()?);
         let mut raw = [0u8; 8];
         raw[..4].copy_from_slice(&(cookie as u32).to_ne_bytes());

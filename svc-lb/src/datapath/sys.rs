@@ -24,7 +24,7 @@ pub const BPF_LINK_TYPE_CGROUP: u32 = 3;
 pub const BPF_LINK_TYPE_XDP: u32 = 6;
 pub const BPF_LINK_TYPE_TCX: u32 = 11;
 
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+pub(crate) fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: attr is a properly sized, zero-padded bpf_attr prefix for `cmd`.
     let ret = unsafe {
         libc::syscall(
@@ -52,6 +52,27 @@ struct ObjGetAttr {
 }
 
 /// Opens a pinned BPF object (map, program or link).
+/// A `u64` socket option (`SO_COOKIE`, `SO_NETNS_COOKIE`) of `fd`.
+pub fn sockopt_u64(fd: std::os::fd::BorrowedFd<'_>, opt: libc::c_int) -> io::Result<u64> {
+    let mut value = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `value`, a live u64.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            libc::SOL_SOCKET,
+            opt,
+            std::ptr::from_mut(&mut value).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(value)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 pub fn obj_get(path: &Path) -> Result<OwnedFd> {
     let c = CString::new(path.as_os_str().as_bytes())
         .with_context(|| format!("pin path {} contains a NUL byte", path.display()))?;

@@ -168,22 +168,11 @@ pub fn netns_cookie(netns: Option<&std::path::Path>) -> Result<u64> {
                 // SAFETY: fd is a new socket that nothing else owns.
                 let sock =
                     unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-                let mut cookie = 0u64;
-                let mut len = size_of::<u64>() as libc::socklen_t;
-                // SAFETY: valid out pointer and length.
-                let rc = unsafe {
-                    libc::getsockopt(
-                        sock.as_raw_fd(),
-                        libc::SOL_SOCKET,
-                        libc::SO_NETNS_COOKIE,
-                        std::ptr::from_mut(&mut cookie).cast(),
-                        &mut len,
-                    )
-                };
-                if rc != 0 {
-                    return Err(std::io::Error::last_os_error())
-                        .context("getsockopt SO_NETNS_COOKIE (Linux ≥ 5.14)");
-                }
+                let cookie = crate::datapath::sys::sockopt_u64(
+                    std::os::fd::AsFd::as_fd(&sock),
+                    libc::SO_NETNS_COOKIE,
+                )
+                .context("getsockopt SO_NETNS_COOKIE (Linux ≥ 5.14)")?;
                 Ok(cookie)
             })
             .join()
