@@ -82,6 +82,25 @@ impl Log {
         st.closed += 1;
         self.cond.notify_all();
     }
+
+    /// Waits (at most `timeout`) until both output streams reached EOF, so that an agent
+    /// that has exited has all its lines in the log, its last error included: the reader
+    /// threads may still be behind when `try_wait` already reports the exit.
+    fn wait_closed(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while st.closed < 2 {
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            st = self
+                .cond
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
 }
 
 /// A running agent. Dropping it stops it (SIGTERM, then SIGKILL) and, when the current
@@ -262,6 +281,10 @@ impl Agent {
     pub fn try_exit(&mut self) -> Result<Option<ExitStatus>> {
         if self.exit.is_none() {
             self.exit = self.child.try_wait()?;
+            if self.exit.is_some() {
+                // Bounded: a grandchild holding the pipe must not hang the test.
+                self.log.wait_closed(Duration::from_secs(2));
+            }
         }
         Ok(self.exit)
     }
