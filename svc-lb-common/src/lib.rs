@@ -182,6 +182,11 @@ pub const SVC_FLAG_DROP_EMPTY: u16 = 1 << 3;
 /// `Backend.state`.
 pub const BACKEND_ACTIVE: u8 = 0;
 pub const BACKEND_TERMINATING: u8 = 1;
+/// Kept only for the external path's established flows: the endpoint still serves but
+/// the Service no longer selects it (terminating while others are ready, dropped by a
+/// topology hint or a traffic policy). No slot, Maglev table or affinity pair names it,
+/// so no new flow or socket picks it; the conntrack check still finds it.
+pub const BACKEND_DRAINING: u8 = 2;
 /// `Backend.flags`: the endpoint runs on this node (`nodeName == --node-name`). External
 /// traffic to a local backend is only DNATed; to a remote one it is also SNATed to the
 /// node's address so the reply comes back through this node.

@@ -207,6 +207,12 @@ pub fn forward<C: Pkt>(c: &C, f: &Flow) -> Verdict {
 
 /// A packet of a flow with a live forward entry whose backend is still there: the
 /// flow's translation. `None`: no such entry (or its backend is gone), a new flow.
+///
+/// "Still there" is the backend entry under the flow's id with the flow's address, not
+/// membership in the frontend's slots: an endpoint that still serves but is no longer
+/// selected (terminating, outside the topology hints or the traffic policy) keeps its
+/// entry as `BACKEND_DRAINING` with no slot, so its flows go on while new ones go
+/// elsewhere. The agent deletes the entry once the endpoint stops serving.
 #[inline(never)]
 fn established<C: Pkt>(c: &C, f: &Flow, now: u64) -> Option<Verdict> {
     if let Some(v) = LB_CT_V1.get_ptr_mut(ct_key(f, CT_DIR_FORWARD)) {
