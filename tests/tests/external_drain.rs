@@ -152,11 +152,19 @@ fn drain(xdp: bool) {
         for target in [node_port, lb] {
             let r = fresh(lab, target, Proto::Tcp, N)?;
             all_ok(&r, N)?;
-            ensure!(r.count("a2") == N, "new connections must all reach a2: {}", r.summary());
+            ensure!(
+                r.count("a2") == N,
+                "new connections must all reach a2: {}",
+                r.summary()
+            );
         }
         let r = fresh(lab, node_port, Proto::Udp, N)?;
         all_ok(&r, N)?;
-        ensure!(r.count("a2") == N, "new UDP flows must all reach a2: {}", r.summary());
+        ensure!(
+            r.count("a2") == N,
+            "new UDP flows must all reach a2: {}",
+            r.summary()
+        );
         let waited = unix_ms() - a_applied;
         let rest = DRAINING_FOR.as_millis() as u64;
         if waited < rest {
@@ -169,7 +177,11 @@ fn drain(xdp: bool) {
         for target in [node_port, lb] {
             let r = fresh(lab, target, Proto::Tcp, N)?;
             all_ok(&r, N)?;
-            ensure!(r.count("a2") == N, "new connections must all reach a2: {}", r.summary());
+            ensure!(
+                r.count("a2") == N,
+                "new connections must all reach a2: {}",
+                r.summary()
+            );
         }
 
         let tcp: Vec<(&str, ClientReport)> = vec![

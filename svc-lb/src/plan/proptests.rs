@@ -4,7 +4,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 use svc_lb_common::{
-    BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_TERMINATING, PROTO_TCP, PROTO_UDP, SCOPE_ALL, SCOPE_EXTERNAL,
+    BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_TERMINATING, PROTO_TCP, PROTO_UDP, SCOPE_ALL,
+    SCOPE_EXTERNAL,
 };
 
 use super::{
@@ -138,7 +139,12 @@ fn desired_state() -> impl Strategy<Value = DesiredState> {
                 if !src_ranges.is_empty() {
                     flags |= svc_lb_common::SVC_FLAG_SRC_RANGES;
                 }
-                let draining: Vec<DesiredBackend> = pool
+                let backend_pool: &[&str] = if key.addr.is_ipv4() {
+                    &V4_POOL
+                } else {
+                    &V6_POOL
+                };
+                let draining: Vec<DesiredBackend> = backend_pool
                     .iter()
                     .enumerate()
                     .filter(|(i, _)| spec.draining & !spec.backends & (1 << i) != 0)

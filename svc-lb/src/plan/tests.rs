@@ -1492,7 +1492,11 @@ mod draining {
         // Drained, then no longer serving: the entry goes, and so do established flows.
         rig.sync(&desired(&[be("10.0.0.2")], &[drain("10.0.0.1")], None));
         let p = rig.sync(&desired(&[be("10.0.0.2")], &[], None));
-        assert!(p.ops.contains(&Op::DeleteBackend { id: old }), "{:?}", p.ops);
+        assert!(
+            p.ops.contains(&Op::DeleteBackend { id: old }),
+            "{:?}",
+            p.ops
+        );
         assert_eq!(id_of(&rig, "10.0.0.1"), None);
     }
 
@@ -1515,7 +1519,11 @@ mod draining {
         let both = [be("10.0.0.1"), be("10.0.0.2")];
         rig.sync(&desired(&both, &[], Some(&both)));
         let id = id_of(&rig, "10.0.0.1").unwrap();
-        rig.sync(&desired(&[be("10.0.0.2")], &[drain("10.0.0.1")], Some(&both)));
+        rig.sync(&desired(
+            &[be("10.0.0.2")],
+            &[drain("10.0.0.1")],
+            Some(&both),
+        ));
         assert_eq!(rig.current.backends[&id].state, BACKEND_ACTIVE);
         assert_eq!(
             served(&rig.fake, &ext()).unwrap().backends,
