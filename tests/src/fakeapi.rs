@@ -824,7 +824,7 @@ mod tests {
             get(addr, "/api/v1/services?watch=true&resourceVersion=100")
         });
         let deadline = Instant::now() + Duration::from_secs(5);
-        while api.counters().watches.get("Service").is_none() && Instant::now() < deadline {
+        while !api.counters().watches.contains_key("Service") && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
         api.end_watches();

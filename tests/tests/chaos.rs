@@ -159,7 +159,9 @@ fn frontend(s: usize, udp: bool) -> usize {
 }
 
 fn frontend_of(addr: IpAddr, port: u16, proto: u8) -> Option<usize> {
-    let s = SERVICES.iter().position(|(_, ip)| addr == IpAddr::V4(*ip))?;
+    let s = SERVICES
+        .iter()
+        .position(|(_, ip)| addr == IpAddr::V4(*ip))?;
     match (port, proto) {
         (TCP_PORT, PROTO_TCP) => Some(frontend(s, false)),
         (UDP_PORT, PROTO_UDP) => Some(frontend(s, true)),
@@ -776,10 +778,7 @@ fn converge(lab: &Lab, addrs: &[IpAddr], want: u64) -> Result<Duration> {
 /// documentation for the rules.
 #[test]
 fn chaos_restarts_churn_and_api_flaps() {
-    let duration = env_secs(
-        "SVCLB_CHAOS_SECS",
-        if long() { LONG } else { CHAOS_SHORT },
-    );
+    let duration = env_secs("SVCLB_CHAOS_SECS", if long() { LONG } else { CHAOS_SHORT });
     with_lab(env!("CARGO_BIN_EXE_svclb-harness"), &ids(), |lab| {
         chaos(lab, duration)
     });
@@ -808,7 +807,11 @@ fn chaos(lab: &mut Lab, duration: Duration) -> Result<()> {
         while started.elapsed() + RESTART_EVERY < duration {
             thread::sleep(RESTART_EVERY);
             let mut old = agent.take().context("no agent")?;
-            ensure!(old.is_running()?, "the agent exited by itself:\n{}", old.log_text());
+            ensure!(
+                old.is_running()?,
+                "the agent exited by itself:\n{}",
+                old.log_text()
+            );
             if (sigkill + sigterm) % 2 == 0 {
                 let status = old.kill()?;
                 ensure!(
