@@ -21,8 +21,10 @@
 //! every 3 ms, 3 s timeout) run from the lab's client namespace, three things happen at
 //! once for 45 s (`SVCLB_LONG=1`: 10 minutes; `SVCLB_CHAOS_SECS=N`: N seconds):
 //! - endpoint churn at 60 changes/s (the test fails below 50/s, measured);
-//! - the agent is restarted every 5 s, alternately with SIGKILL and with SIGTERM; the
-//!   next one starts at once and the loop waits for its first applied sync;
+//! - the agent is restarted every 2.5–7.5 s, alternately with SIGKILL and with SIGTERM;
+//!   the next one starts at once and the loop waits for its first applied sync. Every
+//!   third time an agent is first started and SIGKILLed 20–600 ms later, while it loads,
+//!   pins, swaps its links or runs its first sync;
 //! - the fake API server flaps every 3 s, in turn: it cuts every connection, refuses
 //!   connections for 0.8 s, ends every watch cleanly, expires its history (410 Gone on
 //!   every watch: the agent must relist), refuses connections for 1.5 s.
@@ -357,6 +359,15 @@ impl Cluster {
 
     /// Starts an agent and waits for its first applied sync.
     fn start_agent(&mut self, lab: &Lab) -> Result<Agent> {
+        let mut agent = self.spawn_agent(lab)?;
+        agent
+            .wait_applied(1, Duration::from_secs(60))
+            .with_context(|| format!("agent start #{}", self.starts))?;
+        Ok(agent)
+    }
+
+    /// Starts an agent without waiting for anything.
+    fn spawn_agent(&mut self, lab: &Lab) -> Result<Agent> {
         self.starts += 1;
         let config = AgentConfig {
             bin: lab.bins.svc_lb.clone(),
@@ -378,11 +389,25 @@ impl Cluster {
             .map(|s| s.to_string())
             .collect(),
         };
-        let mut agent = Agent::start(config)?;
-        agent
-            .wait_applied(1, Duration::from_secs(60))
-            .with_context(|| format!("agent start #{}", self.starts))?;
-        Ok(agent)
+        Agent::start(config)
+    }
+}
+
+/// xorshift64: enough to spread restarts over the agent's phases.
+struct Jitter(u64);
+
+impl Jitter {
+    fn new() -> Self {
+        Self(unix_us() | 1)
+    }
+
+    /// Uniform in [lo, hi).
+    fn between(&mut self, lo: Duration, hi: Duration) -> Duration {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        let span = u64::try_from((hi - lo).as_micros()).unwrap_or(1).max(1);
+        lo + Duration::from_micros(self.0 % span)
     }
 }
 
@@ -801,11 +826,12 @@ fn chaos(lab: &mut Lab, duration: Duration) -> Result<()> {
     };
 
     // Restarts, on this thread.
-    let (mut sigkill, mut sigterm) = (0u64, 0u64);
+    let (mut sigkill, mut sigterm, mut early) = (0u64, 0u64, 0u64);
     let mut max_start = Duration::ZERO;
+    let mut jitter = Jitter::new();
     let outcome = (|| -> Result<()> {
         while started.elapsed() + RESTART_EVERY < duration {
-            thread::sleep(RESTART_EVERY);
+            thread::sleep(jitter.between(RESTART_EVERY / 2, RESTART_EVERY * 3 / 2));
             let mut old = agent.take().context("no agent")?;
             ensure!(
                 old.is_running()?,
@@ -827,6 +853,16 @@ fn chaos(lab: &mut Lab, duration: Duration) -> Result<()> {
                     old.log_text()
                 );
                 sigterm += 1;
+            }
+            if (sigkill + sigterm) % 3 == 0 {
+                // Killed while it starts: loading, pinning, swapping the links or in its
+                // first sync. The next agent must finish what this one left half done.
+                let mut young = k8s.spawn_agent(lab)?;
+                thread::sleep(
+                    jitter.between(Duration::from_millis(20), Duration::from_millis(600)),
+                );
+                young.kill()?;
+                early += 1;
             }
             let t = Instant::now();
             agent = Some(k8s.start_agent(lab)?);
@@ -864,7 +900,7 @@ fn chaos(lab: &mut Lab, duration: Duration) -> Result<()> {
     lags.sort_unstable();
     let checked: usize = w.by_pair.values().map(Vec::len).sum();
     eprintln!(
-        "chaos: {:?}; churn {} changes in {:.1} s = {:.1}/s ({} idle ticks); restarts: {sigkill} SIGKILL, {sigterm} SIGTERM (slowest start to first sync {max_start:?}); flaps: {flaps:?}",
+        "chaos: {:?}; churn {} changes in {:.1} s = {:.1}/s ({} idle ticks); restarts: {sigkill} SIGKILL, {sigterm} SIGTERM, {early} SIGKILL while starting (slowest start to first sync {max_start:?}); flaps: {flaps:?}",
         duration,
         churn_log.changes.len(),
         churn_log.elapsed.as_secs_f64(),
@@ -903,8 +939,8 @@ fn chaos(lab: &mut Lab, duration: Duration) -> Result<()> {
         churn_log.rate()
     );
     ensure!(
-        sigkill >= 2 && sigterm >= 2,
-        "too few restarts: {sigkill} SIGKILL, {sigterm} SIGTERM"
+        sigkill >= 2 && sigterm >= 2 && early >= 1,
+        "too few restarts: {sigkill} SIGKILL, {sigterm} SIGTERM, {early} SIGKILL while starting"
     );
     ensure!(
         flaps.cut >= 1 && flaps.refused >= 2 && flaps.ended >= 1 && flaps.expired >= 1,
