@@ -43,8 +43,11 @@
 //! per frontend, which backend addresses are in its slots 1..count. For one removal of
 //! endpoint B from Service S (the API write that made it terminating, at time r; B's next
 //! re-add at time q, or never):
-//! - applied = the first sample at or after r (and after the maps first showed this
-//!   incarnation of B, if they did before q) in which B is not in the frontend's slots;
+//! - applied = the first of two consecutive samples at or after r (and after the maps
+//!   first showed this incarnation of B, if they did before q) in which B is not in the
+//!   frontend's slots. One sample alone is not enough: the sampler reads the maps one
+//!   entry at a time while the agent writes them, so a single read can miss an entry that
+//!   the kernel held all along (the test counts and prints such lone absences);
 //! - a stale connect = an attempt to that frontend that started in
 //!   [applied + 100 ms, q) and was answered by B.
 //!
@@ -584,10 +587,36 @@ impl Samples {
 
     /// Time of the first sample in [from, to) for which `pred(mask)` holds.
     fn first(&self, from: u64, to: u64, pred: impl Fn(u64) -> bool) -> Option<u64> {
-        (self.from(from)..self.at_us.len())
-            .take_while(|&i| self.at_us[i] < to)
-            .find(|&i| pred(self.masks[i]))
+        self.first_run(from, to, 1, pred)
+    }
+
+    /// Time of the first of `n` consecutive samples in [from, to) for which `pred(mask)`
+    /// holds.
+    fn first_run(&self, from: u64, to: u64, n: usize, pred: impl Fn(u64) -> bool) -> Option<u64> {
+        let end = self.at_us.partition_point(|&x| x < to);
+        (self.from(from)..end.saturating_sub(n - 1))
+            .find(|&i| (i..i + n).all(|j| pred(self.masks[j])))
             .map(|i| self.at_us[i])
+    }
+
+    /// Whether `m` is set in each sample of [from, to), run-length encoded with times in
+    /// ms relative to `zero`: `-30:in×3 0:out×12 120:in×2`.
+    fn pattern(&self, m: u64, zero: u64, from: u64, to: u64) -> String {
+        let mut out: Vec<(i64, bool, usize)> = Vec::new();
+        for i in self.from(from)..self.at_us.len() {
+            if self.at_us[i] >= to {
+                break;
+            }
+            let set = self.masks[i] & m != 0;
+            match out.last_mut() {
+                Some((_, s, n)) if *s == set => *n += 1,
+                _ => out.push(((self.at_us[i] as i64 - zero as i64) / 1000, set, 1)),
+            }
+        }
+        out.iter()
+            .map(|(t, set, n)| format!("{t}:{}×{n}", if *set { "in" } else { "out" }))
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 }
 
@@ -659,6 +688,8 @@ struct Windows {
     /// Removals re-added before the maps ever dropped the backend (the agent was down
     /// or the API off the air for the whole time): nothing to check.
     unapplied: usize,
+    /// Removals where one lone sample missed the backend before it was really removed.
+    lone_absences: usize,
 }
 
 fn grace_us() -> u64 {
@@ -671,6 +702,7 @@ fn windows(changes: &[Change], samples: &Samples) -> Windows {
         by_pair: BTreeMap::new(),
         lags_us: Vec::new(),
         unapplied: 0,
+        lone_absences: 0,
     };
     for s in 0..SERVICES.len() {
         for c in 0..CHURN.len() {
@@ -692,7 +724,12 @@ fn windows(changes: &[Change], samples: &Samples) -> Windows {
                             // add applied late is not a resurrection.
                             let shown = samples.first(added, readd, |x| x & m != 0);
                             let from = e.at_us.max(shown.unwrap_or(0));
-                            match samples.first(from, readd, |x| x & m == 0) {
+                            let out = |x: u64| x & m == 0;
+                            let applied = samples.first_run(from, readd, 2, out);
+                            if samples.first(from, readd, out) < applied {
+                                w.lone_absences += 1;
+                            }
+                            match applied {
                                 Some(applied) => {
                                     w.lags_us.push(applied - e.at_us);
                                     if applied.saturating_add(grace) < readd {
@@ -724,7 +761,7 @@ struct Verdict {
     samples: Vec<String>,
 }
 
-fn judge(reports: &[(usize, ClientReport)], w: &Windows) -> Verdict {
+fn judge(reports: &[(usize, ClientReport)], w: &Windows, samples: &Samples) -> Verdict {
     let ids = ids();
     let mut v = Verdict::default();
     for (f, r) in reports {
@@ -753,13 +790,20 @@ fn judge(reports: &[(usize, ClientReport)], w: &Windows) -> Verdict {
             if let Some((from, _)) = window {
                 v.stale += 1;
                 if v.samples.len() < 10 {
-                    let after_us = t.start_unix_us - from + grace_us();
+                    let applied = from - grace_us();
                     v.samples.push(format!(
-                        "{} reached {} in an attempt that started {} ms after the removal was applied (unix µs {})",
+                        "{} reached {} in an attempt that started {} ms after the removal was applied (unix µs {}); {} in the slots (ms after applied): {}",
                         vip(*f),
                         t.outcome,
-                        after_us / 1000,
-                        t.start_unix_us
+                        (t.start_unix_us - applied) / 1000,
+                        t.start_unix_us,
+                        t.outcome,
+                        samples.pattern(
+                            bit(*f, b),
+                            applied,
+                            applied.saturating_sub(1_000_000),
+                            t.start_unix_us + 300_000
+                        )
                     ));
                 }
             }
@@ -895,7 +939,7 @@ fn chaos(lab: &mut Lab, duration: Duration) -> Result<()> {
     let converged = converge(lab, &k8s.addrs, desired_mask(&churn_log.last))?;
 
     let w = windows(&churn_log.changes, &samples);
-    let v = judge(&reports, &w);
+    let v = judge(&reports, &w, &samples);
     let mut lags = w.lags_us.clone();
     lags.sort_unstable();
     let checked: usize = w.by_pair.values().map(Vec::len).sum();
@@ -908,7 +952,7 @@ fn chaos(lab: &mut Lab, duration: Duration) -> Result<()> {
         churn_log.idle_ticks,
     );
     eprintln!(
-        "chaos: {} map samples (largest gap {} ms, {} reads skipped{}); removals applied: {} (lag API → maps: median {} ms, p99 {} ms, max {} ms), {} with a window checked, {} re-added before being applied; converged {converged:?} after the end",
+        "chaos: {} map samples (largest gap {} ms, {} reads skipped{}); removals applied: {} (lag API → maps: median {} ms, p99 {} ms, max {} ms), {} with a window checked, {} re-added before being applied, {} lone absences; converged {converged:?} after the end",
         samples.at_us.len(),
         samples.max_gap_us / 1000,
         samples.read_errors,
@@ -923,6 +967,7 @@ fn chaos(lab: &mut Lab, duration: Duration) -> Result<()> {
         lags.last().copied().unwrap_or(0) / 1000,
         checked,
         w.unapplied,
+        w.lone_absences,
     );
     for (f, r) in &reports {
         eprintln!("chaos: frontend {}: {}", vip(*f), r.summary());
