@@ -508,6 +508,8 @@ const _: () = assert!(core::mem::size_of::<ExtConfig>() == 48);
 /// (`net.ipv4.icmp_msgs_per_sec` = 1000, `net.ipv4.icmp_msgs_burst` = 50).
 pub const REJECT_RATE_DEFAULT: u32 = 1000;
 pub const REJECT_BURST_DEFAULT: u32 = 50;
+/// Largest `--reject-rate` and `--reject-burst`.
+pub const REJECT_LIMIT_MAX: u32 = 1_000_000;
 
 /// State of the reject token bucket (entry 0 of the eBPF side's unpinned
 /// `LB_REJECT_RL`): when it was last refilled and the credit left. The credit may go
@@ -532,18 +534,33 @@ pub enum BucketTake {
 }
 
 /// The token bucket of the ICMP rejects, in the shape of the kernel's `icmp_global_allow`:
-/// credit refills at `rate` per second, up to `burst`, when it is used up; at most one
-/// second of refill counts (so a long quiet period gives `burst`, not more). The first
-/// call (a zeroed bucket) finds it full. `rate` 0 is no limit; the caller checks that.
+/// credit refills at `rate` per second, up to `burst`, when it is used up (a long quiet
+/// period gives `burst`, not more). The first call (a zeroed bucket) finds it full.
+/// `rate` 0 is no limit, which the caller checks; the agent keeps `rate` and `burst` at
+/// most [`REJECT_LIMIT_MAX`], so the arithmetic cannot overflow.
 #[inline(always)]
 pub fn reject_bucket(b: &RejectBucket, now_ns: u64, rate: u32, burst: u32) -> BucketTake {
     const SEC: u64 = 1_000_000_000;
+    // Past this much quiet time the bucket is full anyway (rate ≥ 1, burst ≤ 10^6).
+    const QUIET_MAX: u64 = 1_000_000 * SEC;
     if b.credit > 0 {
         return BucketTake::Consume;
     }
-    let delta = now_ns.saturating_sub(b.stamp_ns);
-    let delta = if delta > SEC { SEC } else { delta };
-    let add = (delta * u64::from(rate) / SEC) as i64;
+    let delta = if b.stamp_ns == 0 {
+        QUIET_MAX
+    } else {
+        now_ns.saturating_sub(b.stamp_ns)
+    };
+    let delta = if delta > QUIET_MAX { QUIET_MAX } else { delta };
+    // Whole seconds and the rest apart: 10^15 ns × 10^6 per second would not fit in 64
+    // bits, and BPF has no 128-bit division.
+    let rate = u64::from(rate);
+    let add = delta / SEC * rate + delta % SEC * rate / SEC;
+    let add = if add > u64::from(burst) {
+        u64::from(burst)
+    } else {
+        add
+    } as i64;
     if add == 0 {
         return BucketTake::Empty;
     }

@@ -1052,15 +1052,52 @@ mod tests {
         let later = t0 + 60_000 * MS;
         let sent = (0..20).filter(|_| take(later)).count();
         assert_eq!(sent, 5);
+        // A rate below the burst: still full at the start, and after a quiet period.
+        let mut b = RejectBucket {
+            stamp_ns: 0,
+            credit: 0,
+        };
+        let mut slow = |now: u64| match reject_bucket(&b, now, 1, 3) {
+            BucketTake::Consume => {
+                b.credit -= 1;
+                true
+            }
+            BucketTake::Refill { stamp_ns, credit } => {
+                b = RejectBucket { stamp_ns, credit };
+                true
+            }
+            BucketTake::Empty => false,
+        };
+        assert_eq!((0..10).filter(|_| slow(t0)).count(), 3);
+        assert!(!slow(t0 + 900 * MS));
+        assert!(slow(t0 + 1000 * MS));
+        assert_eq!((0..10).filter(|_| slow(t0 + 100_000 * MS)).count(), 3);
+        // Extreme settings do not overflow.
+        let z = RejectBucket {
+            stamp_ns: 1,
+            credit: 0,
+        };
+        assert_eq!(
+            reject_bucket(
+                &z,
+                u64::MAX,
+                crate::REJECT_LIMIT_MAX,
+                crate::REJECT_LIMIT_MAX
+            ),
+            BucketTake::Refill {
+                stamp_ns: u64::MAX,
+                credit: i64::from(crate::REJECT_LIMIT_MAX) - 1
+            }
+        );
         // A credit driven below zero by racing CPUs recovers.
         let neg = RejectBucket {
-            stamp_ns: 0,
+            stamp_ns: 10 * MS,
             credit: -3,
         };
         assert_eq!(
-            reject_bucket(&neg, 20 * MS, 100, 5),
+            reject_bucket(&neg, 30 * MS, 100, 5),
             BucketTake::Refill {
-                stamp_ns: 20 * MS,
+                stamp_ns: 30 * MS,
                 credit: 1
             }
         );

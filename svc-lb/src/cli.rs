@@ -145,13 +145,14 @@ pub enum Command {
         #[arg(long, default_value = crate::portrange::DEFAULT_NODE_PORTS, value_name = "MIN-MAX")]
         service_node_port_range: crate::portrange::PortRange,
         /// ICMP rejects (a Service without endpoints, from outside the node) sent per
-        /// second, node-wide; beyond it they are dropped and counted (0: no limit).
+        /// second, node-wide (0-1000000); beyond it they are dropped and counted (0: no
+        /// limit).
         /// The default is the kernel's net.ipv4.icmp_msgs_per_sec.
-        #[arg(long, default_value_t = svc_lb_common::REJECT_RATE_DEFAULT, value_name = "N")]
+        #[arg(long, default_value_t = svc_lb_common::REJECT_RATE_DEFAULT, value_parser = clap::value_parser!(u32).range(0..=i64::from(svc_lb_common::REJECT_LIMIT_MAX)), value_name = "N")]
         reject_rate: u32,
         /// Rejects sent back to back before --reject-rate applies (1-1000000); the default
         /// is the kernel's net.ipv4.icmp_msgs_burst.
-        #[arg(long, default_value_t = svc_lb_common::REJECT_BURST_DEFAULT, value_parser = clap::value_parser!(u32).range(1..=1_000_000), value_name = "N")]
+        #[arg(long, default_value_t = svc_lb_common::REJECT_BURST_DEFAULT, value_parser = clap::value_parser!(u32).range(1..=i64::from(svc_lb_common::REJECT_LIMIT_MAX)), value_name = "N")]
         reject_burst: u32,
     },
     /// Show every programmed frontend with its Service, flags and backends, from the

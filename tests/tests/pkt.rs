@@ -517,7 +517,7 @@ fn xdp_gives_the_same_packets_as_tc_ingress() {
         (Spec::tcp(CLIENT4, 40_000, LB4, FE_PORT, ACK), TC_ACT_OK),
         (Spec::udp(CLIENT4, 62_000, LB4, 81), TC_ACT_OK),
         (Spec::udp(CLIENT4, 62_000, LB4, 81), TC_ACT_OK),
-        (Spec::tcp(CLIENT6, 2345, LB6, FE_PORT, SYN), TC_ACT_OK),
+        (Spec::tcp(CLIENT6, 62_345, LB6, FE_PORT, SYN), TC_ACT_OK),
         (Spec::udp(CLIENT6, 40_000, LB6, FE_PORT), TC_ACT_OK),
         (Spec::tcp(CLIENT4, 40_000, LB4, 82, SYN), TC_ACT_REDIRECT),
         (Spec::udp(CLIENT6, 40_000, LB6, 82), TC_ACT_REDIRECT),

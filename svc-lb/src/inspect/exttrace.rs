@@ -427,6 +427,7 @@ fn ct_flags(flags: u8) -> Vec<&'static str> {
         (CT_FLAG_SNAT, "snat"),
         (CT_FLAG_CLOSING, "closing"),
         (CT_FLAG_SEEN_REPLY, "seen-reply"),
+        (svc_lb_common::CT_FLAG_ESTABLISHED, "established"),
     ]
     .iter()
     .filter(|(bit, _)| flags & bit != 0)
