@@ -559,9 +559,9 @@ fn xdp_gives_the_same_packets_as_tc_ingress() {
     assert_eq!(xdp.counter(CTR_EXT_XDP_FORWARDED).expect("counter"), 7);
     assert_eq!(xdp.counter(CTR_EXT_XDP_TX).expect("counter"), 2);
     // The reply of the XDP-translated SNAT flow is reverse-translated by tc ingress.
-    let r = Spec::tcp(REMOTE6, BE_PORT, NODE6, 2345, SYN | ACK);
+    let r = Spec::tcp(REMOTE6, BE_PORT, NODE6, 62_345, SYN | ACK);
     let back = expect(&xdp, xdp.tc_in, &r, TC_ACT_OK);
-    assert_translated(&back, &r, (LB6, FE_PORT), (CLIENT6, 2345));
+    assert_translated(&back, &r, (LB6, FE_PORT), (CLIENT6, 62_345));
     ensure_ct_alike(&mut tc, &mut xdp).expect("conntrack alike");
 }
 
