@@ -54,10 +54,11 @@ fn service_yaml(
     let cluster: IpAddr = cluster.parse().expect("cluster IP");
     let mut svc = Service::new(NS, name, &[cluster])
         .port("http", 80, TargetPort::Number(POD_PORT), Protocol::Tcp)
+        .node_port(node_port)
         .port("dns", 53, TargetPort::Number(POD_PORT), Protocol::Udp)
+        .node_port(node_port)
         .spec("type", json!(ty))
         .spec("externalTrafficPolicy", json!("Cluster"));
-    svc = svc.node_port(node_port);
     if let Some(lb) = lb {
         svc = svc
             .spec("allocateLoadBalancerNodePorts", json!(true))
