@@ -650,6 +650,69 @@ mod agent_flag_tests {
     }
 
     #[test]
+    fn snat_port_and_reject_limit_flags_parse_with_bounds() {
+        let parse = |args: &[&str]| Cli::try_parse_from(["svc-lb", "agent"].iter().chain(args));
+        let Command::Agent {
+            snat_port_range,
+            service_node_port_range,
+            reject_rate,
+            reject_burst,
+            ..
+        } = parse(&[]).unwrap().command
+        else {
+            panic!("agent subcommand")
+        };
+        assert_eq!(snat_port_range, None);
+        assert_eq!(service_node_port_range.to_string(), "30000-32767");
+        assert_eq!(
+            (reject_rate, reject_burst),
+            (
+                svc_lb_common::REJECT_RATE_DEFAULT,
+                svc_lb_common::REJECT_BURST_DEFAULT
+            )
+        );
+        let Command::Agent {
+            snat_port_range,
+            service_node_port_range,
+            reject_rate,
+            reject_burst,
+            ..
+        } = parse(&[
+            "--snat-port-range",
+            "20000-24999",
+            "--service-node-port-range",
+            "40000-41000",
+            "--reject-rate",
+            "0",
+            "--reject-burst",
+            "1",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("agent subcommand")
+        };
+        assert_eq!(
+            snat_port_range.map(|r| r.to_string()).as_deref(),
+            Some("20000-24999")
+        );
+        assert_eq!(service_node_port_range.to_string(), "40000-41000");
+        assert_eq!((reject_rate, reject_burst), (0, 1));
+        for (flag, bad) in [
+            ("--snat-port-range", "25000-20000"),
+            ("--snat-port-range", "0-100"),
+            ("--snat-port-range", "70000"),
+            ("--service-node-port-range", "x-y"),
+            ("--reject-rate", "1000001"),
+            ("--reject-burst", "0"),
+            ("--reject-burst", "-1"),
+        ] {
+            let err = parse(&[&format!("{flag}={bad}")]).unwrap_err().to_string();
+            assert!(err.contains(flag), "{flag} {bad}: {err}");
+        }
+    }
+
+    #[test]
     fn external_path_flags_parse() {
         let cli = Cli::try_parse_from([
             "svc-lb",

@@ -293,3 +293,84 @@ fn rejects_are_rate_limited_per_node() {
         Ok(())
     });
 }
+
+/// `--snat-port-range 20000-20009` (10 ports per backend): flows SNATed to the other
+/// node's pod take their source ports from that range only (read back with `svc-lb
+/// conntrack`), and when the range is used up a new flow is dropped and counted as
+/// `snat_port_exhausted` rather than given a port outside it.
+#[test]
+fn snat_ports_come_from_the_flag_and_run_out_visibly() {
+    run_lab(env!("CARGO_BIN_EXE_svclb-harness"), |lab| {
+        lab.write_manifest(
+            "web.yaml",
+            &service_yaml(lab, "web", "10.96.60.4", "NodePort", 30203, None, &["b1"]),
+        )?;
+        lab.start_agents(&NodeAgentOptions {
+            xdp: false,
+            extra_args: ["--snat-port-range", "20000-20009"]
+                .map(str::to_owned)
+                .to_vec(),
+        })?;
+        let target = SocketAddr::new(Node::A.addr(false), 30203);
+        // 4 flows: with at most 3 of 10 ports taken, 8 tries find a free one.
+        let mut o = lab.client(target, Proto::Tcp);
+        o.count = 4;
+        let r = lab.run_client(&o)?;
+        all_ok(&r, 4)?;
+        let ports = snat_ports(lab)?;
+        ensure!(ports.len() == 4, "4 SNAT flows in conntrack: {ports:?}");
+        ensure!(
+            ports.iter().all(|p| (20_000..=20_009).contains(p)),
+            "SNAT ports outside 20000-20009: {ports:?}"
+        );
+        // Closed flows keep their port for the closing lifetime (10 s): 30 more flows
+        // within it cannot all find one.
+        let exhausted = ext_series("drops", "reason", "snat_port_exhausted");
+        let mut o = lab.client(target, Proto::Tcp);
+        o.count = 30;
+        o.timeout = Duration::from_millis(300);
+        let r = lab.run_client(&o)?;
+        eprintln!("{}", r.summary());
+        let n = lab.node_metric(Node::A, &exhausted)?;
+        ensure!(
+            r.failed > 0 && n >= r.failed,
+            "exhaustion: {} failed, {exhausted} = {n}: {}",
+            r.failed,
+            r.summary()
+        );
+        let ports = snat_ports(lab)?;
+        ensure!(
+            ports.len() <= 10 && ports.iter().all(|p| (20_000..=20_009).contains(p)),
+            "SNAT ports: {ports:?}"
+        );
+        Ok(())
+    });
+}
+
+/// The SNAT source ports of node A's conntrack flows (`svc-lb conntrack -o json`).
+fn snat_ports(lab: &TwoNodeLab) -> Result<Vec<u16>> {
+    let bin = lab.bins.svc_lb.display().to_string();
+    let bpffs = lab.bpffs(Node::A).display().to_string();
+    let out = lab.node_cmd(
+        Node::A,
+        &bin,
+        &["conntrack", "-o", "json", "--bpffs", &bpffs],
+    )?;
+    let v: serde_json::Value =
+        serde_json::from_str(&out).with_context(|| format!("conntrack JSON: {out}"))?;
+    let flows = v["flows"]
+        .as_array()
+        .or_else(|| v.as_array())
+        .with_context(|| format!("no flows in {out}"))?;
+    let mut ports = Vec::new();
+    for f in flows {
+        if let Some(snat) = f["snat"].as_str() {
+            let addr: SocketAddr = snat
+                .parse()
+                .with_context(|| format!("SNAT address {snat:?}"))?;
+            ports.push(addr.port());
+        }
+    }
+    ports.sort_unstable();
+    Ok(ports)
+}
