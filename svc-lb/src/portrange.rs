@@ -29,7 +29,8 @@ pub struct PortRange {
 }
 
 impl PortRange {
-    pub fn len(&self) -> u32 {
+    /// How many ports it holds (never 0: MIN <= MAX).
+    pub fn ports(&self) -> u32 {
         u32::from(self.max) - u32::from(self.min) + 1
     }
 
@@ -144,7 +145,7 @@ pub fn choose(
 
 /// Blocks come in ascending order: a later one large enough replaces an earlier one.
 fn keep_highest(best: &mut Option<PortRange>, block: PortRange) {
-    if block.len() >= MIN_DERIVED_PORTS {
+    if block.ports() >= MIN_DERIVED_PORTS {
         *best = Some(block);
     }
 }
@@ -173,7 +174,7 @@ mod tests {
                 max: 60999
             }
         );
-        assert_eq!(r("80-80").len(), 1);
+        assert_eq!(r("80-80").ports(), 1);
         for bad in ["", "100", "0-10", "10-5", "1-65536", "a-b", "1-2-3"] {
             let e = bad.parse::<PortRange>().unwrap_err();
             assert!(e.contains("port range"), "{bad}: {e}");
