@@ -9,6 +9,12 @@
 //!   `LB_SKRNAT6_V1`): shared by every socket on the node, so a burst of new sockets
 //!   anywhere can evict the entry of a socket still waiting for its reply.
 //!
+//! With socket storage, a connected UDP socket is also recorded in the LRU maps, for
+//! the agent's socket termination only (`svc-lb/src/datapath/sockterm.rs`): the kernel's
+//! sock_diag reports socket storage for TCP sockets but not for UDP ones. Nothing on the
+//! reply path reads that entry, so its eviction costs at most one missed destroy, and
+//! unconnected sends (the churn a pod can make cheaply) and TCP connects never write it.
+//!
 //! IPv4 translations are kept as IPv4 whatever the socket's family (an AF_INET6 socket
 //! dialling `::ffff:a.b.c.d`), so one entry serves the replies whichever hook sees them.
 use aya_ebpf::{helpers::bpf_get_socket_cookie, programs::SockAddrContext};
@@ -24,8 +30,10 @@ use crate::{
 };
 
 /// Remembers that the socket's datagrams to `backend_be:backend_port_be` were meant
-/// for `service_be:service_port_be` (IPv4). `false`: nothing could be stored (replies
-/// will show the backend address; the connection itself works).
+/// for `service_be:service_port_be` (IPv4). `false`: nothing could be stored for the
+/// replies (they will show the backend address; the connection itself works).
+/// `connected_udp`: a connected UDP socket, which socket termination finds through the
+/// LRU maps only.
 #[inline(always)]
 pub fn remember4(
     ctx: &SockAddrContext,
@@ -34,9 +42,11 @@ pub fn remember4(
     service_be: u32,
     service_port_be: u16,
     rev_nat_id: u32,
+    connected_udp: bool,
 ) -> bool {
-    if compat::sk_storage() {
-        return remember_sk(
+    let sk = compat::sk_storage();
+    let stored = sk
+        && remember_sk(
             ctx,
             SockRevNatSlot {
                 backend_be: [backend_be, 0, 0, 0],
@@ -49,6 +59,8 @@ pub fn remember4(
                 _pad2: 0,
             },
         );
+    if sk && !connected_udp {
+        return stored;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let key = SockRevNat4Key {
@@ -63,7 +75,9 @@ pub fn remember4(
         _pad: 0,
         rev_nat_id,
     };
-    LB_SKRNAT4_V1.insert(key, value, 0).is_ok()
+    let indexed = LB_SKRNAT4_V1.insert(key, value, 0).is_ok();
+    // With socket storage the replies need only the storage.
+    if sk { stored } else { indexed }
 }
 
 /// [`remember4`] for IPv6.
@@ -75,9 +89,11 @@ pub fn remember6(
     service_be: [u32; 4],
     service_port_be: u16,
     rev_nat_id: u32,
+    connected_udp: bool,
 ) -> bool {
-    if compat::sk_storage() {
-        return remember_sk(
+    let sk = compat::sk_storage();
+    let stored = sk
+        && remember_sk(
             ctx,
             SockRevNatSlot {
                 backend_be,
@@ -90,6 +106,8 @@ pub fn remember6(
                 _pad2: 0,
             },
         );
+    if sk && !connected_udp {
+        return stored;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let key = SockRevNat6Key {
@@ -104,7 +122,8 @@ pub fn remember6(
         _pad: 0,
         rev_nat_id,
     };
-    LB_SKRNAT6_V1.insert(key, value, 0).is_ok()
+    let indexed = LB_SKRNAT6_V1.insert(key, value, 0).is_ok();
+    if sk { stored } else { indexed }
 }
 
 #[inline(always)]

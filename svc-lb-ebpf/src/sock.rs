@@ -14,8 +14,8 @@ use aya_ebpf::{
 use svc_lb_common::{
     AffinityKey, AffinityMatchKey, AffinityValue, CTR_SOCK_AFF_HIT, CTR_SOCK_AFF_STALE,
     CTR_SOCK_AFF_UPDATE_FAIL, CTR_SOCK_RNAT_UPDATE_FAIL, CTR_SOCK_SRC_UNBOUND, CTR_SOCK_XLATED,
-    Choice, SCOPE_ALL, SrcRange4Key, SrcRange6Key, Stickiness, Svc4Key, Svc6Key, choose_backend,
-    lookup::v4_mapped,
+    Choice, PROTO_UDP, SCOPE_ALL, SrcRange4Key, SrcRange6Key, Stickiness, Svc4Key, Svc6Key,
+    choose_backend, lookup::v4_mapped,
 };
 
 use crate::maps::{
@@ -244,7 +244,9 @@ fn forward4(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
     let sa = ctx.sock_addr;
     let (addr_be, port_be, proto) =
         unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
-    match xlate4(ctx, addr_be, port_be, proto, || source4(ctx, sendmsg)) {
+    match xlate4(ctx, addr_be, port_be, proto, sendmsg, || {
+        source4(ctx, sendmsg)
+    }) {
         Xlate4::Pass => ALLOW,
         Xlate4::Refused(verdict) => verdict,
         Xlate4::To(be_addr, be_port) => {
@@ -269,6 +271,7 @@ fn xlate4(
     addr_be: u32,
     port_be: u16,
     proto: u8,
+    sendmsg: bool,
     source: impl FnOnce() -> u32,
 ) -> Xlate4 {
     let mut key = Svc4Key {
@@ -309,7 +312,16 @@ fn xlate4(
         }
     };
     let (be_addr, be_port) = unsafe { ((*be).addr_be[0], (*be).port_be) };
-    if !crate::rnat::remember4(ctx, be_addr, be_port, addr_be, port_be, rev_nat_id) {
+    let connected_udp = !sendmsg && proto == PROTO_UDP;
+    if !crate::rnat::remember4(
+        ctx,
+        be_addr,
+        be_port,
+        addr_be,
+        port_be,
+        rev_nat_id,
+        connected_udp,
+    ) {
         // Replies would show the backend address; the connection itself still works.
         count(CTR_SOCK_RNAT_UPDATE_FAIL);
     }
@@ -337,7 +349,7 @@ fn forward6(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
     // hands those datagrams to sendmsg4).
     if let Some(v4) = v4_mapped(&addr_be) {
         // The bound IPv4 source only: sendmsg6 never sees a mapped destination.
-        return match xlate4(ctx, v4, port_be, proto, || bound4(ctx)) {
+        return match xlate4(ctx, v4, port_be, proto, sendmsg, || bound4(ctx)) {
             Xlate4::Pass => ALLOW,
             Xlate4::Refused(verdict) => verdict,
             Xlate4::To(be_addr, be_port) => {
@@ -388,7 +400,16 @@ fn forward6(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
         }
     };
     let (be_addr, be_port) = unsafe { ((*be).addr_be, (*be).port_be) };
-    if !crate::rnat::remember6(ctx, be_addr, be_port, addr_be, port_be, rev_nat_id) {
+    let connected_udp = !sendmsg && proto == PROTO_UDP;
+    if !crate::rnat::remember6(
+        ctx,
+        be_addr,
+        be_port,
+        addr_be,
+        port_be,
+        rev_nat_id,
+        connected_udp,
+    ) {
         count(CTR_SOCK_RNAT_UPDATE_FAIL);
     }
     unsafe {

@@ -34,7 +34,7 @@ use svc_lb_tests::{
     agent::Agent,
     lab::with_lab,
     manifests::{EndpointSlice, Protocol, Service, TargetPort, yaml_docs},
-    metrics::{http_get, metrics_addr, parse_metrics, start_agent},
+    metrics::{http_get, metrics_addr, parse_metrics, scrape_one, start_agent},
     netns::{Netns, enter_netns},
     procs::ChildGuard,
 };
@@ -175,6 +175,28 @@ fn idle(target: SocketAddr) -> Result<IdleReport> {
     Ok(r)
 }
 
+/// Runs the pods on one CPU. The LRU maps keep a CPU's newest entries on that CPU's own
+/// list until it needs room, so a churn on another CPU may happen to spare the idle
+/// pod's entries: on one CPU the control run's eviction does not depend on scheduling.
+fn pin_to_first_cpu() -> Result<()> {
+    // SAFETY: cpu_set_t is plain data; both calls get its exact size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Err(std::io::Error::last_os_error()).context("sched_getaffinity");
+        }
+        let first = (0..libc::CPU_SETSIZE as usize)
+            .find(|c| libc::CPU_ISSET(*c, &set))
+            .context("no CPU in the affinity mask")?;
+        let mut one: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(first, &mut one);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &one) != 0 {
+            return Err(std::io::Error::last_os_error()).context("sched_setaffinity");
+        }
+    }
+    Ok(())
+}
+
 /// Not a test of its own: the pods of the tests below run this (ignored) test in a
 /// child process with [`ROLE_ENV`] set.
 #[test]
@@ -189,6 +211,7 @@ fn pod_helper() {
         )
         .with_context(|| format!("join cgroup {cgroup}"))?;
         enter_netns(&std::env::var("SVCLB_SKNAT_NETNS").context("netns")?)?;
+        pin_to_first_cpu()?;
         match role {
             Role::Churn { sockets, target } => say(&churn(sockets, target)?),
             Role::Idle { target } => say(&idle(target)?),
@@ -277,6 +300,8 @@ struct Outcome {
     unconnected: svc_lb_tests::ClientReport,
     connected: svc_lb_tests::ClientReport,
     translated: f64,
+    /// Entries of the IPv4 LRU map after the churn.
+    lru_entries: f64,
 }
 
 /// The agent (with `extra` flags) serves the Service; the idle pod's sockets send
@@ -321,13 +346,20 @@ fn run(lab: &mut Lab, tag: &str, extra: &[&str], sockets: u64) -> Result<Outcome
     let churn: ChurnReport = churn_pod.answer()?;
     churn_pod.finish()?;
     let translated = forward_translations(&agent)? - before;
+    let lru_entries = scrape_one(
+        &agent,
+        &format!(
+            "svclb_map_entries{{map=\"{}\"}}",
+            svc_lb_common::MAP_SOCK_RNAT4
+        ),
+    )?;
     idle_pod.tell("go")?;
     let idle: IdleReport = idle_pod.answer()?;
     idle_pod.finish()?;
     let unconnected = busy_unconnected.wait()?;
     let connected = busy_connected.wait()?;
     eprintln!(
-        "{tag}: churn of {} sockets took {} ms ({:.0} sockets/s), send errors {:?}; {translated} forward translations",
+        "{tag}: churn of {} sockets took {} ms ({:.0} sockets/s), send errors {:?}; {translated} forward translations; {lru_entries} entries in the IPv4 LRU map",
         churn.sockets,
         churn.elapsed_ms,
         churn.sockets as f64 * 1000.0 / churn.elapsed_ms.max(1) as f64,
@@ -361,6 +393,7 @@ fn run(lab: &mut Lab, tag: &str, extra: &[&str], sockets: u64) -> Result<Outcome
         unconnected,
         connected,
         translated,
+        lru_entries,
     })
 }
 
@@ -423,6 +456,13 @@ fn socket_churn_in_one_pod_never_breaks_another_pods_replies() {
             );
         }
         ensure!(o.churn.sockets == sockets);
+        // Unconnected sends write no global entry: the LRU map holds the connected
+        // UDP sockets only (the busy client's one socket, the idle pod's one).
+        ensure!(
+            o.lru_entries <= 4.0,
+            "{} entries in the IPv4 LRU map after the churn; expected the connected sockets' only",
+            o.lru_entries
+        );
         Ok(())
     });
 }
@@ -441,6 +481,11 @@ fn lru_fallback_loses_an_idle_sockets_translation_under_the_same_churn() {
             &["--force-feature-off", "sk_storage_rnat"],
             sockets,
         )?;
+        ensure!(
+            o.lru_entries >= f64::from(svc_lb_common::SOCK_RNAT_MAP_MAX) * 0.9,
+            "the churn left only {} entries in the IPv4 LRU map",
+            o.lru_entries
+        );
         let backend = SocketAddr::new(lab.topo.backend("a").addr(false), TARGET).to_string();
         let idle = &o.idle;
         let first = [&idle.unconnected_sources[0], &idle.connected_sources[0]];

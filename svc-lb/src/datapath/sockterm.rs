@@ -10,12 +10,15 @@
 //! reconnect goes through the socket programs again, to a live backend.
 //!
 //! Which sockets: the socket programs record every translation with the socket, in its
-//! socket-local storage (`LB_SKRNATSK_V1`), or on kernels without that in the LRU maps
+//! socket-local storage (`LB_SKRNATSK_V1`), and for a connected UDP socket (or on
+//! kernels without socket storage, for every socket) in the LRU maps
 //! `LB_SKRNAT4_V1`/`LB_SKRNAT6_V1` keyed by (socket cookie, backend), with the Service
 //! address as the value. The sock_diag dump reports each socket's destination and
-//! cookie, and with `INET_DIAG_REQ_SK_BPF_STORAGES` (kernel 5.7) the socket's own
-//! storage value too, so no global index of sockets is needed. A socket is destroyed
-//! only when
+//! cookie, and with `INET_DIAG_REQ_SK_BPF_STORAGES` (kernel 5.7) a TCP socket's own
+//! storage value too; the kernel leaves it out for UDP sockets, hence their LRU entry.
+//! Only connected UDP sockets write it, so a pod churning unconnected sockets cannot
+//! push it out, and an eviction costs one missed destroy, never a reply. A socket is
+//! destroyed only when
 //! - its destination is a backend that left a Service (address, port, protocol),
 //! - and its record (its storage, else the LRU entry of its cookie) maps that backend
 //!   to that Service.
