@@ -289,8 +289,9 @@ impl RevNatLookup for SockRevNatStore {
     }
 }
 
-/// Where a dumped socket's record is: its own storage when the dump carried one, else
-/// the LRU maps (the programs' fallback store).
+/// Where a dumped socket's record is: its own storage when the dump carried one (TCP),
+/// else the LRU maps (connected UDP sockets, and every socket on kernels without socket
+/// storage).
 fn record_of<'a>(s: &'a DumpedSocket, lru: &'a dyn RevNatLookup) -> &'a dyn RevNatLookup {
     match &s.rnat {
         Some(st) => st,
@@ -752,7 +753,9 @@ fn terminate(
                 continue;
             }
             for family in [AF_INET, AF_INET6] {
-                let dumped = match sock.dump(family, proto, storage_fd) {
+                // The kernel returns socket storage with TCP sockets only.
+                let stg = if proto == PROTO_TCP { storage_fd } else { None };
+                let dumped = match sock.dump(family, proto, stg) {
                     Ok(d) => d,
                     Err(e) => {
                         out.skipped.push(format!("{}: {e:#}", ns.path.display()));
