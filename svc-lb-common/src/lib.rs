@@ -90,6 +90,18 @@ pub const ALL_MAPS: [&str; 20] = [
 /// their links are swapped.
 pub const RETIRED_MAPS: [&str; 1] = ["LB_COUNTERS_V1"];
 
+/// Socket-local reverse NAT (`BPF_MAP_TYPE_SK_STORAGE`): each socket carries its own
+/// [`SockRevNatStore`], freed with the socket, so no socket's churn can push out another
+/// socket's translations. Used when the kernel lets sock_addr programs reach socket
+/// storage (probe feature `sk_storage_rnat`); otherwise the LRU maps
+/// [`MAP_SOCK_RNAT4`]/[`MAP_SOCK_RNAT6`] are the fallback.
+pub const MAP_SOCK_RNAT_SK: &str = "LB_SKRNATSK_V1";
+
+/// Maps whose entries live in the sockets. Pinned (and removed by `cleanup`) like
+/// [`ALL_MAPS`], but not listed or counted: user space can neither iterate them nor
+/// size them (`max_entries` is 0); sock_diag reads one socket's value at a time.
+pub const SOCKET_MAPS: [&str; 1] = [MAP_SOCK_RNAT_SK];
+
 /// Default capacities. Service and backend maps are created without preallocation, so
 /// a large capacity costs kernel memory only when it is used.
 pub const SVC_MAP_MAX: u32 = 1 << 20;
@@ -351,6 +363,95 @@ pub struct SockRevNat6Value {
     pub rev_nat_id: u32,
 }
 const _: () = assert!(core::mem::size_of::<SockRevNat6Value>() == 24);
+
+/// [`SockRevNatSlot::family`]: an IPv4 translation (addresses in word 0, also for an
+/// AF_INET6 socket dialling `::ffff:a.b.c.d`), an IPv6 one, or an empty slot (0).
+pub const SK_RNAT_V4: u8 = 4;
+pub const SK_RNAT_V6: u8 = 6;
+/// Translations one socket remembers. A connected socket needs one; an unconnected UDP
+/// socket sending to several Services keeps the ones of the last `SK_RNAT_SLOTS`
+/// distinct backends it sent to (least recently used replaced first), and a reply from
+/// a backend older than that shows the backend address. Only the socket's own sends
+/// can push a translation out.
+pub const SK_RNAT_SLOTS: usize = 4;
+
+/// One translation of a socket: a reply from `backend` shows `service`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockRevNatSlot {
+    pub backend_be: [u32; 4],
+    pub service_be: [u32; 4],
+    pub backend_port_be: u16,
+    pub service_port_be: u16,
+    /// `SK_RNAT_V4`, `SK_RNAT_V6`, or 0 (empty).
+    pub family: u8,
+    pub _pad: [u8; 3],
+    pub rev_nat_id: u32,
+    pub _pad2: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockRevNatSlot>() == 48);
+
+/// The value of [`MAP_SOCK_RNAT_SK`] for one socket: its translations, most recently
+/// used first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockRevNatStore {
+    pub slots: [SockRevNatSlot; SK_RNAT_SLOTS],
+}
+const _: () = assert!(core::mem::size_of::<SockRevNatStore>() == 48 * SK_RNAT_SLOTS);
+// `record` is written out for four slots.
+const _: () = assert!(SK_RNAT_SLOTS == 4);
+
+impl SockRevNatStore {
+    /// The translation of replies from (`family`, `backend_be`, `port_be`).
+    #[inline(always)]
+    pub fn lookup(
+        &self,
+        family: u8,
+        backend_be: &[u32; 4],
+        port_be: u16,
+    ) -> Option<&SockRevNatSlot> {
+        self.slots
+            .iter()
+            .find(|s| s.matches(family, backend_be, port_be))
+    }
+
+    /// Remembers a translation, moving it to the front: the slots before the one that
+    /// held the same backend (or, when none did, all but the last, which is dropped)
+    /// shift back by one. Written out as four straight paths so that the verifier
+    /// walks four short paths, not every combination of per-slot branches.
+    #[inline(always)]
+    pub fn record(&mut self, slot: SockRevNatSlot) {
+        let (f, b, p) = (slot.family, &slot.backend_be, slot.backend_port_be);
+        let s = &mut self.slots;
+        if !s[0].matches(f, b, p) {
+            if s[1].matches(f, b, p) {
+                s[1] = s[0];
+            } else if s[2].matches(f, b, p) {
+                s[2] = s[1];
+                s[1] = s[0];
+            } else {
+                s[3] = s[2];
+                s[2] = s[1];
+                s[1] = s[0];
+            }
+        }
+        s[0] = slot;
+    }
+}
+
+impl SockRevNatSlot {
+    /// Word by word: the eBPF target has no `memcmp`.
+    #[inline(always)]
+    pub fn matches(&self, family: u8, backend_be: &[u32; 4], port_be: u16) -> bool {
+        self.family == family
+            && self.backend_port_be == port_be
+            && self.backend_be[0] == backend_be[0]
+            && self.backend_be[1] == backend_be[1]
+            && self.backend_be[2] == backend_be[2]
+            && self.backend_be[3] == backend_be[3]
+    }
+}
 
 /// Conntrack key of the external path, in the byte order of the wire. One map serves
 /// both families (IPv4 uses word 0 of the addresses, the rest is zero).
@@ -726,6 +827,7 @@ mod user {
     unsafe impl aya::Pod for SockRevNat4Value {}
     unsafe impl aya::Pod for SockRevNat6Key {}
     unsafe impl aya::Pod for SockRevNat6Value {}
+    unsafe impl aya::Pod for SockRevNatStore {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for AffinityMatchKey {}
@@ -757,11 +859,70 @@ mod tests {
         assert_eq!(select_slot(u32::MAX, 1), Some(1));
     }
 
+    fn slot(family: u8, backend: u32, port: u16, service: u32) -> SockRevNatSlot {
+        SockRevNatSlot {
+            backend_be: [backend, 0, 0, 0],
+            service_be: [service, 0, 0, 0],
+            backend_port_be: port,
+            service_port_be: 53,
+            family,
+            _pad: [0; 3],
+            rev_nat_id: service,
+            _pad2: 0,
+        }
+    }
+
+    fn backends(st: &SockRevNatStore) -> [u32; SK_RNAT_SLOTS] {
+        st.slots.map(|s| s.backend_be[0])
+    }
+
+    #[test]
+    fn a_socket_store_keeps_its_most_recently_used_translations() {
+        let mut st = SockRevNatStore::zeroed();
+        assert!(
+            st.lookup(SK_RNAT_V4, &[0; 4], 0).is_none(),
+            "an empty slot matches nothing"
+        );
+        for b in 1..=4 {
+            st.record(slot(SK_RNAT_V4, b, 80, 100 + b));
+        }
+        assert_eq!(backends(&st), [4, 3, 2, 1]);
+        for b in 1..=4 {
+            let got = st
+                .lookup(SK_RNAT_V4, &[b, 0, 0, 0], 80)
+                .map(|s| s.service_be[0]);
+            assert_eq!(got, Some(100 + b));
+        }
+        // Each position of a match moves to the front without a duplicate.
+        st.record(slot(SK_RNAT_V4, 3, 80, 103));
+        assert_eq!(backends(&st), [3, 4, 2, 1]);
+        st.record(slot(SK_RNAT_V4, 2, 80, 102));
+        assert_eq!(backends(&st), [2, 3, 4, 1]);
+        st.record(slot(SK_RNAT_V4, 1, 80, 101));
+        assert_eq!(backends(&st), [1, 2, 3, 4]);
+        st.record(slot(SK_RNAT_V4, 1, 80, 201));
+        assert_eq!(backends(&st), [1, 2, 3, 4]);
+        assert_eq!(
+            st.lookup(SK_RNAT_V4, &[1, 0, 0, 0], 80)
+                .map(|s| s.service_be[0]),
+            Some(201),
+            "a repeated backend takes the newest Service"
+        );
+        // A new backend drops the least recently used one (4).
+        st.record(slot(SK_RNAT_V4, 9, 80, 109));
+        assert_eq!(backends(&st), [9, 1, 2, 3]);
+        assert!(st.lookup(SK_RNAT_V4, &[4, 0, 0, 0], 80).is_none());
+        // Family and port are part of the key.
+        assert!(st.lookup(SK_RNAT_V6, &[1, 0, 0, 0], 80).is_none());
+        assert!(st.lookup(SK_RNAT_V4, &[1, 0, 0, 0], 81).is_none());
+    }
+
     #[test]
     fn map_names_fit_kernel_object_names() {
         let ext = [PROG_TC_INGRESS, PROG_TC_EGRESS, PROG_XDP];
         for name in ALL_MAPS
             .iter()
+            .chain(SOCKET_MAPS.iter())
             .chain(SOCK_PROGRAMS.iter())
             .chain(ext.iter())
         {

@@ -24,6 +24,11 @@ static SVCLB_CSUM_IPV6_FLAG: Global<u8> = Global::new(1);
 #[unsafe(no_mangle)]
 static SVCLB_FIB_REDIRECT: Global<u8> = Global::new(1);
 
+/// 1: sockets keep their reverse NAT in socket-local storage (`bpf_sk_storage_get` in
+/// sock_addr programs, 5.3); 0: the LRU maps keyed by socket cookie (see `rnat.rs`).
+#[unsafe(no_mangle)]
+static SVCLB_SK_STORAGE: Global<u8> = Global::new(1);
+
 #[inline(always)]
 pub fn set_retval() -> bool {
     SVCLB_SET_RETVAL.load() != 0
@@ -37,4 +42,9 @@ pub fn csum_ipv6_flag() -> bool {
 #[inline(always)]
 pub fn fib_redirect() -> bool {
     SVCLB_FIB_REDIRECT.load() != 0
+}
+
+#[inline(always)]
+pub fn sk_storage() -> bool {
+    SVCLB_SK_STORAGE.load() != 0
 }

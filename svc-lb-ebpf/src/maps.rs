@@ -2,14 +2,14 @@
 //! is the map name aya pins); the sizes here are defaults the agent may override at load.
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SkStorage},
     macros::btf_map,
 };
 use svc_lb_common::{
     AFFINITY_EXT_MAP_MAX, AffinityExtKey, AffinityKey, AffinityMatchKey, AffinityValue, Backend,
     CT_MAP_MAX, CtKey, CtValue, ExtConfig, MAGLEV_MAP_MAX, MaglevTable, NODE_ADDR_MAP_MAX,
     NodeAddrKey, RejectBucket, RevNat, SRC_RANGE_MAP_MAX, SockRevNat4Key, SockRevNat4Value,
-    SockRevNat6Key, SockRevNat6Value, SrcRange4Key, SrcRange6Key, Svc4Key, Svc6Key, SvcMeta,
+    SockRevNat6Key, SockRevNat6Value, SockRevNatStore, SrcRange4Key, SrcRange6Key, Svc4Key, Svc6Key, SvcMeta,
     SvcValue, XDP_DEV_MAP_MAX,
 };
 
@@ -34,6 +34,11 @@ pub static LB_SKRNAT4_V1: LruHashMap<SockRevNat4Key, SockRevNat4Value, { 1 << 18
 #[btf_map]
 pub static LB_SKRNAT6_V1: LruHashMap<SockRevNat6Key, SockRevNat6Value, { 1 << 18 }> =
     LruHashMap::new();
+
+/// Reverse NAT of each socket, in the socket (freed with it). The LRU maps above are
+/// the fallback for kernels without socket storage in sock_addr programs.
+#[btf_map]
+pub static LB_SKRNATSK_V1: SkStorage<SockRevNatStore> = SkStorage::new();
 
 #[btf_map]
 pub static LB_COUNTERS_V2: PerCpuArray<u64, 64> = PerCpuArray::new();

@@ -8,23 +8,19 @@
 //! ranges the same way, and lets an unbound socket (no source yet) pass untouched.
 use aya_ebpf::{
     btf_maps::lpm_trie::Key,
-    helpers::{
-        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
-        bpf_set_retval,
-    },
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_set_retval},
     programs::SockAddrContext,
 };
 use svc_lb_common::{
     AffinityKey, AffinityMatchKey, AffinityValue, CTR_SOCK_AFF_HIT, CTR_SOCK_AFF_STALE,
-    CTR_SOCK_AFF_UPDATE_FAIL, CTR_SOCK_RNAT_HIT, CTR_SOCK_RNAT_UPDATE_FAIL, CTR_SOCK_SRC_UNBOUND,
-    CTR_SOCK_XLATED, Choice, SCOPE_ALL, SockRevNat4Key, SockRevNat4Value, SockRevNat6Key,
-    SockRevNat6Value, SrcRange4Key, SrcRange6Key, Stickiness, Svc4Key, Svc6Key, choose_backend,
-    lookup::v4_mapped,
+    CTR_SOCK_AFF_UPDATE_FAIL, CTR_SOCK_RNAT_UPDATE_FAIL, CTR_SOCK_SRC_UNBOUND, CTR_SOCK_XLATED,
+    Choice, PROTO_UDP, SCOPE_ALL, SrcRange4Key, SrcRange6Key, Stickiness, Svc4Key, Svc6Key,
+    choose_backend, lookup::v4_mapped,
 };
 
 use crate::maps::{
     LB_AFFINITY_V1, LB_AFFMATCH_V1, LB_BACKENDS_V1, LB_BESTATS_V1, LB_COUNTERS_V2, LB_FESTATS_V1,
-    LB_SKRNAT4_V1, LB_SKRNAT6_V1, LB_SRCRNG4_V1, LB_SRCRNG6_V1, LB_SVC4_V1, LB_SVC6_V1,
+    LB_SRCRNG4_V1, LB_SRCRNG6_V1, LB_SVC4_V1, LB_SVC6_V1,
 };
 
 const ALLOW: i32 = 1;
@@ -248,7 +244,9 @@ fn forward4(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
     let sa = ctx.sock_addr;
     let (addr_be, port_be, proto) =
         unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
-    match xlate4(ctx, addr_be, port_be, proto, || source4(ctx, sendmsg)) {
+    match xlate4(ctx, addr_be, port_be, proto, sendmsg, || {
+        source4(ctx, sendmsg)
+    }) {
         Xlate4::Pass => ALLOW,
         Xlate4::Refused(verdict) => verdict,
         Xlate4::To(be_addr, be_port) => {
@@ -273,6 +271,7 @@ fn xlate4(
     addr_be: u32,
     port_be: u16,
     proto: u8,
+    sendmsg: bool,
     source: impl FnOnce() -> u32,
 ) -> Xlate4 {
     let mut key = Svc4Key {
@@ -313,20 +312,16 @@ fn xlate4(
         }
     };
     let (be_addr, be_port) = unsafe { ((*be).addr_be[0], (*be).port_be) };
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    let rkey = SockRevNat4Key {
-        cookie,
-        addr_be: be_addr,
-        port_be: be_port,
-        _pad: 0,
-    };
-    let rval = SockRevNat4Value {
+    let connected_udp = !sendmsg && proto == PROTO_UDP;
+    if !crate::rnat::remember4(
+        ctx,
+        be_addr,
+        be_port,
         addr_be,
         port_be,
-        _pad: 0,
         rev_nat_id,
-    };
-    if LB_SKRNAT4_V1.insert(rkey, rval, 0).is_err() {
+        connected_udp,
+    ) {
         // Replies would show the backend address; the connection itself still works.
         count(CTR_SOCK_RNAT_UPDATE_FAIL);
     }
@@ -354,7 +349,7 @@ fn forward6(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
     // hands those datagrams to sendmsg4).
     if let Some(v4) = v4_mapped(&addr_be) {
         // The bound IPv4 source only: sendmsg6 never sees a mapped destination.
-        return match xlate4(ctx, v4, port_be, proto, || bound4(ctx)) {
+        return match xlate4(ctx, v4, port_be, proto, sendmsg, || bound4(ctx)) {
             Xlate4::Pass => ALLOW,
             Xlate4::Refused(verdict) => verdict,
             Xlate4::To(be_addr, be_port) => {
@@ -405,20 +400,16 @@ fn forward6(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
         }
     };
     let (be_addr, be_port) = unsafe { ((*be).addr_be, (*be).port_be) };
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    let rkey = SockRevNat6Key {
-        cookie,
-        addr_be: be_addr,
-        port_be: be_port,
-        _pad: [0; 3],
-    };
-    let rval = SockRevNat6Value {
+    let connected_udp = !sendmsg && proto == PROTO_UDP;
+    if !crate::rnat::remember6(
+        ctx,
+        be_addr,
+        be_port,
         addr_be,
         port_be,
-        _pad: 0,
         rev_nat_id,
-    };
-    if LB_SKRNAT6_V1.insert(rkey, rval, 0).is_err() {
+        connected_udp,
+    ) {
         count(CTR_SOCK_RNAT_UPDATE_FAIL);
     }
     unsafe {
@@ -437,75 +428,6 @@ fn forward6(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
 /// hooks cannot refuse, so every path returns ALLOW.
 #[inline(always)]
 pub fn reverse(ctx: &SockAddrContext, family: Family) -> i32 {
-    let sa = ctx.sock_addr;
-    let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
-    match family {
-        Family::V4 => {
-            let key = unsafe {
-                SockRevNat4Key {
-                    cookie,
-                    addr_be: (*sa).user_ip4,
-                    port_be: (*sa).user_port as u16,
-                    _pad: 0,
-                }
-            };
-            if let Some(v) = LB_SKRNAT4_V1.get_ptr(key) {
-                unsafe {
-                    (*sa).user_ip4 = (*v).addr_be;
-                    (*sa).user_port = u32::from((*v).port_be);
-                }
-                count(CTR_SOCK_RNAT_HIT);
-            }
-        }
-        Family::V6 => {
-            let (addr_be, port_be) = unsafe {
-                (
-                    [
-                        (*sa).user_ip6[0],
-                        (*sa).user_ip6[1],
-                        (*sa).user_ip6[2],
-                        (*sa).user_ip6[3],
-                    ],
-                    (*sa).user_port as u16,
-                )
-            };
-            // A dual-stack socket's IPv4 peer (`::ffff:backend`): its entry is in the
-            // IPv4 map (written by connect6's mapped path or by sendmsg4), and the
-            // Service address goes back in the mapped form.
-            if let Some(v4) = v4_mapped(&addr_be) {
-                let key = SockRevNat4Key {
-                    cookie,
-                    addr_be: v4,
-                    port_be,
-                    _pad: 0,
-                };
-                if let Some(v) = LB_SKRNAT4_V1.get_ptr(key) {
-                    unsafe {
-                        (*sa).user_ip6[3] = (*v).addr_be;
-                        (*sa).user_port = u32::from((*v).port_be);
-                    }
-                    count(CTR_SOCK_RNAT_HIT);
-                }
-                return ALLOW;
-            }
-            let key = SockRevNat6Key {
-                cookie,
-                addr_be,
-                port_be,
-                _pad: [0; 3],
-            };
-            if let Some(v) = LB_SKRNAT6_V1.get_ptr(key) {
-                unsafe {
-                    let a = (*v).addr_be;
-                    (*sa).user_ip6[0] = a[0];
-                    (*sa).user_ip6[1] = a[1];
-                    (*sa).user_ip6[2] = a[2];
-                    (*sa).user_ip6[3] = a[3];
-                    (*sa).user_port = u32::from((*v).port_be);
-                }
-                count(CTR_SOCK_RNAT_HIT);
-            }
-        }
-    }
+    crate::rnat::reverse(ctx, family);
     ALLOW
 }

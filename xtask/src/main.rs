@@ -274,7 +274,8 @@ fn test(ctx: &Ctx, args: &TestArgs) -> Result<()> {
     run(&mut e2e)?;
     // These machines run one kernel: the socket and external suites run again with every
     // kernel fallback forced (netlink tc, no bpf_set_retval, no BPF_F_IPV6, no FIB
-    // redirect, no XDP links), as an older node would run them.
+    // redirect, no XDP links, reverse NAT in the LRU maps), as an older node would run
+    // them; socket termination reads those maps then.
     step("test: end-to-end again with every kernel fallback forced (SVCLB_FORCE_FEATURE_OFF=all)");
     let mut forced = ctx.cargo([
         "test",
@@ -287,6 +288,8 @@ fn test(ctx: &Ctx, args: &TestArgs) -> Result<()> {
         "e2e",
         "--test",
         "external",
+        "--test",
+        "sockterm",
         "--",
         "--test-threads=1",
     ])?;

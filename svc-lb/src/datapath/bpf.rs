@@ -271,6 +271,7 @@ pub struct Compat {
     pub set_retval: bool,
     pub csum_ipv6_flag: bool,
     pub fib_redirect: bool,
+    pub sk_storage_rnat: bool,
 }
 
 impl Default for Compat {
@@ -279,6 +280,7 @@ impl Default for Compat {
             set_retval: true,
             csum_ipv6_flag: true,
             fib_redirect: true,
+            sk_storage_rnat: true,
         }
     }
 }
@@ -289,6 +291,7 @@ impl From<&super::probe::Choices> for Compat {
             set_retval: c.set_retval,
             csum_ipv6_flag: c.csum_ipv6_flag,
             fib_redirect: c.fib_redirect,
+            sk_storage_rnat: c.sk_storage_rnat,
         }
     }
 }
@@ -414,6 +417,7 @@ impl BpfDatapath {
             ("SVCLB_SET_RETVAL", opts.compat.set_retval),
             ("SVCLB_CSUM_IPV6_FLAG", opts.compat.csum_ipv6_flag),
             ("SVCLB_FIB_REDIRECT", opts.compat.fib_redirect),
+            ("SVCLB_SK_STORAGE", opts.compat.sk_storage_rnat),
         ]
         .map(|(name, on)| (name, u8::from(on)));
         for (name, value) in &switches {
@@ -452,6 +456,7 @@ impl BpfDatapath {
         replace_resized_config_pin(bpffs)?;
         let pins: Vec<(&str, PathBuf)> = svc_lb_common::ALL_MAPS
             .iter()
+            .chain(svc_lb_common::SOCKET_MAPS.iter())
             .map(|n| (*n, bpffs.join(n)))
             .collect();
         for (name, path) in &pins {
@@ -1531,7 +1536,10 @@ pub fn cleanup(bpffs: &Path, cgroup: Option<&Path>) -> Result<usize> {
     if let Some(cg) = cgroup {
         detached += sys::detach_orphan_links(cgroup_id(cg)?, "svclb_")?;
     }
-    for name in svc_lb_common::ALL_MAPS {
+    for name in svc_lb_common::ALL_MAPS
+        .iter()
+        .chain(svc_lb_common::SOCKET_MAPS.iter())
+    {
         let path = bpffs.join(name);
         if path.exists() {
             fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;

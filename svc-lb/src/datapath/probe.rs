@@ -36,6 +36,7 @@ pub enum Feature {
     FibRedirect,
     CsumIpv6Flag,
     XdpLink,
+    SkStorageRnat,
 }
 
 /// What one feature is for. `fallback` is true when the agent has a way around a
@@ -146,6 +147,15 @@ pub const TABLE: &[FeatureInfo] = &[
         without: "--xdp is ignored: the devices run tc only",
         fallback: true,
     },
+    FeatureInfo {
+        feature: Feature::SkStorageRnat,
+        name: "sk_storage_rnat",
+        what: "socket-local storage (BPF_MAP_TYPE_SK_STORAGE) from sock_addr programs",
+        since: "5.3",
+        used_by: "socket path: each socket keeps its own reverse NAT (replies and getpeername show the Service address)",
+        without: "reverse NAT lives in LRU maps shared by all sockets of the node: heavy socket churn in one pod can evict another pod's entry (its replies then show the backend address)",
+        fallback: true,
+    },
 ];
 
 pub fn info(f: Feature) -> &'static FeatureInfo {
@@ -205,6 +215,7 @@ pub struct Choices {
     pub csum_ipv6_flag: bool,
     pub fib_redirect: bool,
     pub xdp_link: bool,
+    pub sk_storage_rnat: bool,
 }
 
 /// `--force-feature-off`: names from [`TABLE`] (only those with a fallback), or `all`.
@@ -290,6 +301,7 @@ impl Probe {
             csum_ipv6_flag: self.state(Feature::CsumIpv6Flag).usable(),
             fib_redirect: self.state(Feature::FibRedirect).usable(),
             xdp_link: self.state(Feature::XdpLink).usable(),
+            sk_storage_rnat: self.state(Feature::SkStorageRnat).usable(),
         }
     }
 
@@ -600,6 +612,11 @@ impl Prober for KernelProber {
                 )? && helper(ProgramType::SchedClassifier, BpfHelper::BPF_FUNC_check_mtu)?)
             }
             Feature::CsumIpv6Flag => self.csum_ipv6_flag(),
+            Feature::SkStorageRnat => Ok(map(MapType::SkStorage)?
+                && helper(
+                    ProgramType::CgroupSockAddr,
+                    BpfHelper::BPF_FUNC_sk_storage_get,
+                )?),
             // No side-effect-free attach test tells an XDP link apart on every kernel
             // (a missing device is EINVAL both before and after 5.9); the attach code
             // also refuses a netlink attachment, so the version is only the first check.
@@ -662,6 +679,7 @@ mod tests {
         assert_eq!(c.socket_path, Ok(()));
         assert_eq!(c.tc_attach, TcAttach::Tcx);
         assert!(c.set_retval && c.csum_ipv6_flag && c.fib_redirect && c.xdp_link);
+        assert!(c.sk_storage_rnat);
         assert!(p.report().iter().all(|f| f.consequence.is_empty()));
     }
 
@@ -726,6 +744,7 @@ mod tests {
         assert_eq!(c.socket_path, Ok(()));
         assert_eq!(c.tc_attach, TcAttach::Netlink);
         assert!(!c.set_retval && !c.csum_ipv6_flag && !c.fib_redirect && !c.xdp_link);
+        assert!(!c.sk_storage_rnat);
     }
 
     #[test]

@@ -9,12 +9,19 @@
 //! fails (ECONNABORTED on recv, EDESTADDRREQ on send: the socket is disconnected) and a
 //! reconnect goes through the socket programs again, to a live backend.
 //!
-//! Which sockets: the socket programs record every translation in
-//! `LB_SKRNAT4_V1`/`LB_SKRNAT6_V1`, keyed by (socket cookie, backend), with the
-//! Service address as the value. sock_diag reports each socket's cookie and
-//! destination, so a socket is destroyed only when
+//! Which sockets: the socket programs record every translation with the socket, in its
+//! socket-local storage (`LB_SKRNATSK_V1`), and for a connected UDP socket (or on
+//! kernels without socket storage, for every socket) in the LRU maps
+//! `LB_SKRNAT4_V1`/`LB_SKRNAT6_V1` keyed by (socket cookie, backend), with the Service
+//! address as the value. The sock_diag dump reports each socket's destination and
+//! cookie, and with `INET_DIAG_REQ_SK_BPF_STORAGES` (kernel 5.7) a TCP socket's own
+//! storage value too; the kernel leaves it out for UDP sockets, hence their LRU entry.
+//! Only connected UDP sockets write it, so a pod churning unconnected sockets cannot
+//! push it out, and an eviction costs one missed destroy, never a reply. A socket is
+//! destroyed only when
 //! - its destination is a backend that left a Service (address, port, protocol),
-//! - and the reverse-NAT map holds (its cookie, that backend) → that Service.
+//! - and its record (its storage, else the LRU entry of its cookie) maps that backend
+//!   to that Service.
 //!
 //! A socket that dialled the backend directly has no such entry and is left alone.
 //! Unconnected UDP sockets are never touched (they are not in the dump: only sockets
@@ -37,7 +44,10 @@ use std::{
     collections::{HashMap, HashSet},
     fs::File,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    os::{
+        fd::{AsFd, AsRawFd},
+        unix::fs::MetadataExt,
+    },
     path::{Path, PathBuf},
     sync::mpsc,
     time::{Duration, Instant},
@@ -54,8 +64,9 @@ use netlink_packet_sock_diag::{
     inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
 };
 use svc_lb_common::{
-    MAP_SOCK_RNAT4, MAP_SOCK_RNAT6, PROTO_TCP, PROTO_UDP, SCOPE_ALL, SockRevNat4Key,
-    SockRevNat4Value, SockRevNat6Key, SockRevNat6Value,
+    MAP_SOCK_RNAT_SK, MAP_SOCK_RNAT4, MAP_SOCK_RNAT6, PROTO_TCP, PROTO_UDP, SCOPE_ALL, SK_RNAT_V4,
+    SK_RNAT_V6, SockRevNat4Key, SockRevNat4Value, SockRevNat6Key, SockRevNat6Value,
+    SockRevNatStore,
 };
 use tracing::{debug, info, warn};
 
@@ -260,7 +271,69 @@ impl RevNatLookup for PinnedRevNat {
     }
 }
 
+/// The reverse NAT a socket keeps in its own storage (read from the sock_diag dump).
+impl RevNatLookup for SockRevNatStore {
+    fn service_of(&self, _cookie: u64, backend: SocketAddr) -> Option<SocketAddr> {
+        let family = match backend.ip() {
+            IpAddr::V4(_) => SK_RNAT_V4,
+            IpAddr::V6(_) => SK_RNAT_V6,
+        };
+        let words = addr_words(backend.ip());
+        let slot = self.lookup(family, &words, port_be(backend.port()))?;
+        let port = port_from_be(slot.service_port_be);
+        Some(if family == SK_RNAT_V4 {
+            SocketAddr::new(v4_from_word(slot.service_be[0]).into(), port)
+        } else {
+            SocketAddr::new(v6_from_words(slot.service_be).into(), port)
+        })
+    }
+}
+
+/// Where a dumped socket's record is: its own storage when the dump carried one (TCP),
+/// else the LRU maps (connected UDP sockets, and every socket on kernels without socket
+/// storage).
+fn record_of<'a>(s: &'a DumpedSocket, lru: &'a dyn RevNatLookup) -> &'a dyn RevNatLookup {
+    match &s.rnat {
+        Some(st) => st,
+        None => lru,
+    }
+}
+
 // ---- sock_diag messages ----
+
+/// `INET_DIAG_REQ_SK_BPF_STORAGES` (request) and `INET_DIAG_SK_BPF_STORAGES` (answer).
+const INET_DIAG_REQ_SK_BPF_STORAGES: u16 = 2;
+const INET_DIAG_SK_BPF_STORAGES: u16 = 20;
+const SK_DIAG_BPF_STORAGE_REQ_MAP_FD: u16 = 1;
+const SK_DIAG_BPF_STORAGE: u16 = 1;
+const SK_DIAG_BPF_STORAGE_MAP_VALUE: u16 = 3;
+const NLA_F_NESTED: u16 = 1 << 15;
+const NLA_TYPE_MASK: u16 = !(NLA_F_NESTED | (1 << 14));
+
+/// The attributes in `buf`: (type without flags, payload).
+fn nlas(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if buf.len() < 4 {
+            return None;
+        }
+        let len = usize::from(u16::from_ne_bytes([buf[0], buf[1]]));
+        let kind = u16::from_ne_bytes([buf[2], buf[3]]) & NLA_TYPE_MASK;
+        if len < 4 || len > buf.len() {
+            return None;
+        }
+        let payload = &buf[4..len];
+        buf = &buf[((len + 3) & !3).min(buf.len())..];
+        Some((kind, payload))
+    })
+}
+
+/// The value of the one socket storage a dump answer carries (the request names one
+/// map), decoded; `None` when the socket has none or it has another size.
+fn storage_value(storages: &[u8]) -> Option<SockRevNatStore> {
+    let (_, stg) = nlas(storages).find(|(k, _)| *k == SK_DIAG_BPF_STORAGE)?;
+    let (_, value) = nlas(stg).find(|(k, _)| *k == SK_DIAG_BPF_STORAGE_MAP_VALUE)?;
+    (value.len() == size_of::<SockRevNatStore>()).then(|| bytemuck::pod_read_unaligned(value))
+}
 
 /// The socket cookie of a sock_diag socket id: the kernel writes it as two `u32`
 /// halves in host order, low half first (`sock_diag_save_cookie`).
@@ -298,8 +371,9 @@ fn empty_id(family: u8) -> SocketId {
 }
 
 /// A dump request for the sockets of `family` and `proto` (`PROTO_*`) in the states
-/// worth ending.
-pub fn dump_request(family: u8, proto: u8, seq: u32) -> Vec<u8> {
+/// worth ending; with `storage_fd` (a socket storage map) each answer also carries the
+/// socket's value in that map.
+pub fn dump_request(family: u8, proto: u8, seq: u32, storage_fd: Option<i32>) -> Vec<u8> {
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
     header.sequence_number = seq;
@@ -317,6 +391,18 @@ pub fn dump_request(family: u8, proto: u8, seq: u32) -> Vec<u8> {
     msg.finalize();
     let mut buf = vec![0; msg.buffer_len()];
     msg.serialize(&mut buf);
+    if let Some(fd) = storage_fd {
+        // INET_DIAG_REQ_SK_BPF_STORAGES { SK_DIAG_BPF_STORAGE_REQ_MAP_FD: fd }: the
+        // sock_diag crate has no request attributes, so they are appended here.
+        let inner_len: u16 = 4 + 4;
+        buf.extend_from_slice(&(4 + inner_len).to_ne_bytes());
+        buf.extend_from_slice(&(INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED).to_ne_bytes());
+        buf.extend_from_slice(&inner_len.to_ne_bytes());
+        buf.extend_from_slice(&SK_DIAG_BPF_STORAGE_REQ_MAP_FD.to_ne_bytes());
+        buf.extend_from_slice(&(fd as u32).to_ne_bytes());
+        let total = buf.len() as u32;
+        buf[..4].copy_from_slice(&total.to_ne_bytes());
+    }
     buf
 }
 
@@ -350,6 +436,9 @@ pub struct DumpedSocket {
     pub family: u8,
     pub state: u8,
     pub id: SocketId,
+    /// The socket's reverse NAT from its own storage, when the dump asked for it and
+    /// the socket has one.
+    pub rnat: Option<SockRevNatStore>,
 }
 
 impl DumpedSocket {
@@ -395,10 +484,20 @@ pub fn parse(buf: &[u8], seq: u32) -> Result<Received> {
             NetlinkPayload::Done(_) => out.done = true,
             NetlinkPayload::Error(e) => out.acks.push(e.raw_code()),
             NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
+                let rnat = r.nlas.iter().find_map(|nla| {
+                    use netlink_packet_core::Nla as _;
+                    if nla.kind() & NLA_TYPE_MASK != INET_DIAG_SK_BPF_STORAGES {
+                        return None;
+                    }
+                    let mut raw = vec![0u8; nla.value_len()];
+                    nla.emit_value(&mut raw);
+                    storage_value(&raw)
+                });
                 out.sockets.push(DumpedSocket {
                     family: r.header.family,
                     state: r.header.state,
                     id: r.header.socket_id,
+                    rnat,
                 });
             }
             _ => {}
@@ -465,10 +564,16 @@ impl DiagSocket {
         parse(&self.buf, self.seq)
     }
 
-    /// The sockets of `family` and `proto` in the states worth ending.
-    fn dump(&mut self, family: u8, proto: u8) -> Result<Vec<DumpedSocket>> {
+    /// The sockets of `family` and `proto` in the states worth ending, each with its
+    /// value in the socket storage map `storage_fd`.
+    fn dump(
+        &mut self,
+        family: u8,
+        proto: u8,
+        storage_fd: Option<i32>,
+    ) -> Result<Vec<DumpedSocket>> {
         self.seq = self.seq.wrapping_add(1);
-        self.send(&dump_request(family, proto, self.seq))?;
+        self.send(&dump_request(family, proto, self.seq, storage_fd))?;
         let mut out = Vec::new();
         loop {
             let r = self.recv()?;
@@ -608,8 +713,29 @@ pub struct Outcome {
     pub skipped: Vec<String>,
 }
 
-/// Visits every namespace and destroys the sockets `matcher` selects.
-fn terminate(matcher: &Matcher, rnat: &dyn RevNatLookup, home: &File) -> Result<Outcome> {
+/// The pinned socket storage map of the reverse NAT, for the dump requests. `None`
+/// (the LRU maps alone are read) when it cannot be opened: an agent of an earlier
+/// version created the pins.
+fn open_storage_map(bpffs: &Path) -> Option<MapData> {
+    let path = bpffs.join(MAP_SOCK_RNAT_SK);
+    match MapData::from_pin(&path) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            debug!(pin = %path.display(), error = %e, "no socket storage map; reading the LRU maps only");
+            None
+        }
+    }
+}
+
+/// Visits every namespace and destroys the sockets `matcher` selects. `storage` is
+/// the socket storage map whose values the dumps carry.
+fn terminate(
+    matcher: &Matcher,
+    rnat: &dyn RevNatLookup,
+    storage: Option<&MapData>,
+    home: &File,
+) -> Result<Outcome> {
+    let storage_fd = storage.map(|m| m.fd().as_fd().as_raw_fd());
     let mut out = Outcome::default();
     let protos = matcher.protos();
     for ns in namespaces() {
@@ -627,17 +753,18 @@ fn terminate(matcher: &Matcher, rnat: &dyn RevNatLookup, home: &File) -> Result<
                 continue;
             }
             for family in [AF_INET, AF_INET6] {
-                let dumped = match sock.dump(family, proto) {
+                // The kernel returns socket storage with TCP sockets only.
+                let stg = if proto == PROTO_TCP { storage_fd } else { None };
+                let dumped = match sock.dump(family, proto, stg) {
                     Ok(d) => d,
                     Err(e) => {
                         out.skipped.push(format!("{}: {e:#}", ns.path.display()));
                         continue;
                     }
                 };
-                for s in dumped
-                    .iter()
-                    .filter(|s| matcher.should_destroy(rnat, proto, s.dst(), s.cookie()))
-                {
+                for s in dumped.iter().filter(|s| {
+                    matcher.should_destroy(record_of(s, rnat), proto, s.dst(), s.cookie())
+                }) {
                     match sock.destroy(s, proto) {
                         Ok(true) => {
                             debug!(netns = %ns.path.display(), proto, dst = %s.dst(), cookie = s.cookie(), "destroyed a socket");
@@ -701,6 +828,7 @@ pub fn probe() -> (SockTermMode, Option<String>) {
                 interface_id: 0,
                 cookie: raw,
             },
+            rnat: None,
         };
         let mut diag = DiagSocket::open()?;
         match diag.destroy(&s, PROTO_UDP) {
@@ -783,8 +911,9 @@ fn run(cfg: SockTermConfig, rx: mpsc::Receiver<Vec<Stopped>>) {
         }
         let started = Instant::now();
         let matcher = Matcher::new(&pairs);
-        let result =
-            PinnedRevNat::open(&cfg.bpffs).and_then(|rnat| terminate(&matcher, &rnat, &home));
+        let storage = open_storage_map(&cfg.bpffs);
+        let result = PinnedRevNat::open(&cfg.bpffs)
+            .and_then(|rnat| terminate(&matcher, &rnat, storage.as_ref(), &home));
         match result {
             Ok(o) => {
                 crate::metrics::sockets_destroyed("udp", o.udp);
@@ -817,6 +946,7 @@ fn run(cfg: SockTermConfig, rx: mpsc::Receiver<Vec<Stopped>>) {
 mod tests {
     use std::collections::BTreeMap;
 
+    use bytemuck::Zeroable;
     use svc_lb_common::{BACKEND_ACTIVE, SCOPE_EXTERNAL};
 
     use super::*;
@@ -992,6 +1122,105 @@ mod tests {
         assert!(Matcher::new(&[]).is_empty());
     }
 
+    fn store(entries: &[(&str, &str)]) -> SockRevNatStore {
+        let mut st = SockRevNatStore::zeroed();
+        for (backend, service) in entries {
+            let (b, v) = (sa(backend), sa(service));
+            st.record(svc_lb_common::SockRevNatSlot {
+                backend_be: addr_words(b.ip()),
+                service_be: addr_words(v.ip()),
+                backend_port_be: port_be(b.port()),
+                service_port_be: port_be(v.port()),
+                family: if b.is_ipv4() { SK_RNAT_V4 } else { SK_RNAT_V6 },
+                _pad: [0; 3],
+                rev_nat_id: 1,
+                _pad2: 0,
+            });
+        }
+        st
+    }
+
+    #[test]
+    fn a_socket_with_its_own_store_is_judged_by_it_alone() {
+        let dns = fe("10.96.0.10", 53, PROTO_UDP);
+        let m = Matcher::new(&[Stopped {
+            frontend: dns,
+            backend: be("10.0.0.1", 5353, PROTO_UDP),
+        }]);
+        // The LRU maps say another Service: the socket's own store wins.
+        let lru = FakeRevNat(HashMap::from([(
+            (1, sa("10.0.0.1:5353")),
+            sa("10.96.0.11:53"),
+        )]));
+        let mk = |rnat| DumpedSocket {
+            family: AF_INET,
+            state: 1,
+            id: SocketId::new_v4(),
+            rnat,
+        };
+        let own = mk(Some(store(&[("10.0.0.1:5353", "10.96.0.10:53")])));
+        let dst = sa("10.0.0.1:5353");
+        assert!(m.should_destroy(record_of(&own, &lru), PROTO_UDP, dst, 1));
+        let other = mk(Some(store(&[("10.0.0.1:5353", "10.96.0.11:53")])));
+        assert!(!m.should_destroy(record_of(&other, &lru), PROTO_UDP, dst, 1));
+        // No store (the fallback programs): the LRU entry of the cookie decides.
+        let none = mk(None);
+        assert!(!m.should_destroy(record_of(&none, &lru), PROTO_UDP, dst, 1));
+        let v6 = store(&[("[fd00::1]:53", "[fd00:96::10]:53")]);
+        assert_eq!(
+            v6.service_of(0, sa("[fd00::1]:53")),
+            Some(sa("[fd00:96::10]:53"))
+        );
+        assert_eq!(v6.service_of(0, sa("[fd00::1]:54")), None);
+    }
+
+    #[test]
+    fn a_dump_request_can_ask_for_one_socket_storage_map() {
+        let plain = dump_request(AF_INET, PROTO_UDP, 7, None);
+        let b = dump_request(AF_INET, PROTO_UDP, 7, Some(42));
+        assert_eq!(b.len(), plain.len() + 12);
+        assert_eq!(u32_at(&b, 0) as usize, b.len());
+        let attr = &b[plain.len()..];
+        assert_eq!(u16_at(attr, 0), 12);
+        assert_eq!(
+            u16_at(attr, 2),
+            INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED
+        );
+        assert_eq!(u16_at(attr, 4), 8);
+        assert_eq!(u16_at(attr, 6), SK_DIAG_BPF_STORAGE_REQ_MAP_FD);
+        assert_eq!(u32_at(attr, 8), 42);
+    }
+
+    fn nla(kind: u16, payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&(4 + payload.len() as u16).to_ne_bytes());
+        v.extend_from_slice(&kind.to_ne_bytes());
+        v.extend_from_slice(payload);
+        while v.len() % 4 != 0 {
+            v.push(0);
+        }
+        v
+    }
+
+    #[test]
+    fn a_storage_answer_decodes_to_the_sockets_store() {
+        let st = store(&[("10.0.0.1:5353", "10.96.0.10:53")]);
+        // SK_DIAG_BPF_STORAGE { MAP_ID, PAD, MAP_VALUE }, as the kernel nests it.
+        let mut inner = nla(2, &7u32.to_ne_bytes());
+        inner.extend(nla(1, &[]));
+        inner.extend(nla(SK_DIAG_BPF_STORAGE_MAP_VALUE, bytemuck::bytes_of(&st)));
+        let outer = nla(SK_DIAG_BPF_STORAGE | NLA_F_NESTED, &inner);
+        assert_eq!(storage_value(&outer), Some(st));
+        // A value of another size (another layout) is not guessed at.
+        let short = nla(
+            SK_DIAG_BPF_STORAGE,
+            &nla(SK_DIAG_BPF_STORAGE_MAP_VALUE, &[0; 8]),
+        );
+        assert_eq!(storage_value(&short), None);
+        assert_eq!(storage_value(&[]), None);
+        assert_eq!(storage_value(&[1, 2, 3]), None);
+    }
+
     #[test]
     fn the_cookie_is_two_host_order_halves_low_first() {
         let c: u64 = 0x0102_0304_0a0b_0c0d;
@@ -1011,7 +1240,7 @@ mod tests {
 
     #[test]
     fn a_dump_request_asks_for_connected_sockets_of_one_family_and_protocol() {
-        let b = dump_request(AF_INET, PROTO_UDP, 7);
+        let b = dump_request(AF_INET, PROTO_UDP, 7, None);
         // nlmsghdr (16) + inet_diag_req_v2 (56).
         assert_eq!(b.len(), 72);
         assert_eq!(u32_at(&b, 0), 72);
@@ -1021,7 +1250,7 @@ mod tests {
         assert_eq!((b[16], b[17]), (AF_INET, IPPROTO_UDP));
         // UDP: ESTABLISHED only, so unconnected sockets (CLOSE) never come back.
         assert_eq!(u32_at(&b, 20), 1 << 1);
-        let t = dump_request(AF_INET6, PROTO_TCP, 8);
+        let t = dump_request(AF_INET6, PROTO_TCP, 8, None);
         assert_eq!((t[16], t[17]), (AF_INET6, IPPROTO_TCP));
         assert_eq!(u32_at(&t, 20), (1 << 1) | (1 << 2) | (1 << 8));
     }
