@@ -81,6 +81,8 @@ struct External {
     /// The devices' addresses last read (kept when reading them fails).
     device_addrs: Vec<std::net::IpAddr>,
     node_addrs: Option<Vec<std::net::IpAddr>>,
+    /// The SNAT addresses last written with them.
+    snat: (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>),
     health: Option<crate::hcnp::HealthCheckServer>,
 }
 
@@ -155,16 +157,13 @@ impl External {
         let Some(devs) = self.devices.as_ref().filter(|d| !d.is_empty()) else {
             return Ok(());
         };
-        if self.node_addrs.as_deref() == Some(addrs) {
+        let (snat4, snat6) = devices::snat_addresses(&self.device_addrs);
+        if self.node_addrs.as_deref() == Some(addrs) && self.snat == (snat4, snat6) {
             return Ok(());
         }
-        let (snat4, snat6) = devices::snat_addresses(&self.device_addrs);
         dp.write_ext_config(snat4, snat6)?;
         dp.set_node_addrs(addrs)?;
         info!(node_addresses = ?addrs, snat4 = ?snat4, snat6 = ?snat6, "external path: node addresses written");
-        if addrs.is_empty() {
-            warn!(devices = ?devs, "no node address serves node ports (see --nodeport-addresses)");
-        }
         if snat4.is_none() && snat6.is_none() {
             warn!(devices = ?devs, "the devices have no usable address: SNAT is impossible");
         }
@@ -172,6 +171,7 @@ impl External {
             crate::hcnp::HealthCheckServer::new(addrs.to_vec()).with_proxy_health(health.clone()),
         );
         self.node_addrs = Some(addrs.to_vec());
+        self.snat = (snat4, snat6);
         Ok(())
     }
 }
@@ -305,6 +305,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         devices: None,
         device_addrs: Vec::new(),
         node_addrs: None,
+        snat: (None, None),
         health: None,
     };
     if cfg.bpf_log {
