@@ -182,6 +182,11 @@ pub const SVC_FLAG_DROP_EMPTY: u16 = 1 << 3;
 /// `Backend.state`.
 pub const BACKEND_ACTIVE: u8 = 0;
 pub const BACKEND_TERMINATING: u8 = 1;
+/// Kept only for the external path's established flows: the endpoint still serves but
+/// the Service no longer selects it (terminating while others are ready, dropped by a
+/// topology hint or a traffic policy). No slot, Maglev table or affinity pair names it,
+/// so no new flow or socket picks it; the conntrack check still finds it.
+pub const BACKEND_DRAINING: u8 = 2;
 /// `Backend.flags`: the endpoint runs on this node (`nodeName == --node-name`). External
 /// traffic to a local backend is only DNATed; to a remote one it is also SNATed to the
 /// node's address so the reply comes back through this node.
@@ -398,23 +403,34 @@ pub const CT_FLAG_SNAT: u8 = 1 << 0;
 pub const CT_FLAG_CLOSING: u8 = 1 << 1;
 /// The backend answered at least once.
 pub const CT_FLAG_SEEN_REPLY: u8 = 1 << 2;
+/// TCP: the handshake completed (a packet without SYN after the backend answered): the
+/// entry lives `CT_TCP_TIMEOUT_S`. Until then it is half-open and lives only
+/// `CT_TCP_SYN_TIMEOUT_S` from the client's last packet.
+pub const CT_FLAG_ESTABLISHED: u8 = 1 << 3;
 
-/// Conntrack lifetimes, refreshed by every packet of the flow.
+/// Conntrack lifetimes, refreshed by every packet of the flow (a half-open TCP entry
+/// only by the client's packets: the backend's SYN-ACK retransmissions to a spoofed
+/// client must not keep it, and its SNAT port, alive).
 pub const CT_TCP_TIMEOUT_S: u64 = 21_600;
 pub const CT_TCP_CLOSE_TIMEOUT_S: u64 = 10;
-pub const CT_TCP_SYN_TIMEOUT_S: u64 = 60;
+/// Short, so that a flood of spoofed SYNs holds at most rate × this many SNAT ports and
+/// conntrack entries. A client retransmitting its SYN (1 s, 3 s, 7 s...) refreshes it;
+/// the handshake takes one round trip.
+pub const CT_TCP_SYN_TIMEOUT_S: u64 = 5;
 pub const CT_UDP_TIMEOUT_S: u64 = 60;
 
-/// SNAT source ports of the external path (flows to remote backends): the client's own
-/// port is kept when it lies outside the kernel's default ephemeral range
-/// (32768–60999, `net.ipv4.ip_local_port_range`) and its reply key is free; otherwise a
-/// few pseudo-random ports of this range, which the node's own sockets do not pick by
-/// default, are tried. Each port is per (backend address, backend port, protocol), so
+/// Default SNAT source ports of the external path (flows to remote backends), used when
+/// `ExtConfig` holds no range: the ports above the kernel's default ephemeral range
+/// (32768–60999, `net.ipv4.ip_local_port_range`), which the node's own sockets do not
+/// pick. The agent derives the range from the node's actual `ip_local_port_range` and
+/// node port range (or `--snat-port-range`). The client's own port is kept when it
+/// lies in the range and its reply key is free; otherwise a few pseudo-random ports of
+/// the range are tried. Each port is per (backend address, backend port, protocol), so
 /// the range holds that many concurrent flows per backend.
 pub const SNAT_PORT_MIN: u16 = 61_000;
 pub const SNAT_PORT_MAX: u16 = 65_535;
 pub const SNAT_PORT_TRIES: u32 = 8;
-/// The kernel's default ephemeral range, which SNAT avoids.
+/// The kernel's default ephemeral range, which the default SNAT range avoids.
 pub const EPHEMERAL_PORT_MIN: u16 = 32_768;
 pub const EPHEMERAL_PORT_MAX: u16 = 60_999;
 
@@ -481,8 +497,85 @@ pub struct ExtConfig {
     pub maglev_size: u32,
     pub flags: u32,
     pub _pad: u32,
+    /// SNAT source ports (host order, inclusive) of flows to remote backends; both 0
+    /// (a config written by an older agent): `SNAT_PORT_MIN..=SNAT_PORT_MAX`.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    /// Node-wide token bucket of the ICMP rejects: rejects per second (0: no limit) and
+    /// the most sent back to back (see [`reject_bucket`]).
+    pub reject_rate: u32,
+    pub reject_burst: u32,
+    pub _pad2: u32,
 }
-const _: () = assert!(core::mem::size_of::<ExtConfig>() == 32);
+const _: () = assert!(core::mem::size_of::<ExtConfig>() == 48);
+
+/// Default `--reject-rate` and `--reject-burst`: the kernel's node-wide ICMP limit
+/// (`net.ipv4.icmp_msgs_per_sec` = 1000, `net.ipv4.icmp_msgs_burst` = 50).
+pub const REJECT_RATE_DEFAULT: u32 = 1000;
+pub const REJECT_BURST_DEFAULT: u32 = 50;
+/// Largest `--reject-rate` and `--reject-burst`.
+pub const REJECT_LIMIT_MAX: u32 = 1_000_000;
+
+/// State of the reject token bucket (entry 0 of the eBPF side's unpinned
+/// `LB_REJECT_RL`): when it was last refilled and the credit left. The credit may go
+/// below 0 when CPUs race (as the kernel's `icmp_global` credit may).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct RejectBucket {
+    pub stamp_ns: u64,
+    pub credit: i64,
+}
+const _: () = assert!(core::mem::size_of::<RejectBucket>() == 16);
+
+/// What [`reject_bucket`] decided for one reject.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BucketTake {
+    /// Send it; take one credit.
+    Consume,
+    /// Send it; the bucket becomes (`stamp_ns`, `credit`), this reject already taken.
+    Refill { stamp_ns: u64, credit: i64 },
+    /// Drop it: no credit, and too little time since the last refill for a new one.
+    Empty,
+}
+
+/// The token bucket of the ICMP rejects, in the shape of the kernel's `icmp_global_allow`:
+/// credit refills at `rate` per second, up to `burst`, when it is used up (a long quiet
+/// period gives `burst`, not more). The first call (a zeroed bucket) finds it full.
+/// `rate` 0 is no limit, which the caller checks; the agent keeps `rate` and `burst` at
+/// most [`REJECT_LIMIT_MAX`], so the arithmetic cannot overflow.
+#[inline(always)]
+pub fn reject_bucket(b: &RejectBucket, now_ns: u64, rate: u32, burst: u32) -> BucketTake {
+    const SEC: u64 = 1_000_000_000;
+    // Past this much quiet time the bucket is full anyway (rate ≥ 1, burst ≤ 10^6).
+    const QUIET_MAX: u64 = 1_000_000 * SEC;
+    if b.credit > 0 {
+        return BucketTake::Consume;
+    }
+    let delta = if b.stamp_ns == 0 {
+        QUIET_MAX
+    } else {
+        now_ns.saturating_sub(b.stamp_ns)
+    };
+    let delta = if delta > QUIET_MAX { QUIET_MAX } else { delta };
+    // Whole seconds and the rest apart: 10^15 ns × 10^6 per second would not fit in 64
+    // bits, and BPF has no 128-bit division.
+    let rate = u64::from(rate);
+    let add = delta / SEC * rate + delta % SEC * rate / SEC;
+    let add = if add > u64::from(burst) {
+        u64::from(burst)
+    } else {
+        add
+    } as i64;
+    if add == 0 {
+        return BucketTake::Empty;
+    }
+    let credit = if b.credit < 0 { 0 } else { b.credit } + add;
+    let burst = i64::from(if burst == 0 { 1 } else { burst });
+    BucketTake::Refill {
+        stamp_ns: now_ns,
+        credit: if credit > burst { burst } else { credit } - 1,
+    }
+}
 
 /// Indexes of the per-CPU counter array. Drops and errors are counted here rather
 /// than logged, so the hot path never formats anything.
@@ -555,10 +648,13 @@ pub const CTR_EXT_FIB_TO_STACK: u32 = 37;
 /// The XDP program found a reject on a device where XDP_TX cannot be trusted
 /// (`LB_XDPDEV_V1`) and passed the packet on; tc ingress answers it.
 pub const CTR_EXT_XDP_REJECT_TO_TC: u32 = 38;
+/// A reject (ICMP/ICMPv6 port unreachable) was not sent because the node-wide reject
+/// rate limit (`--reject-rate`, `--reject-burst`) was used up: the packet was dropped.
+pub const CTR_EXT_REJECT_RATE_LIMITED: u32 = 39;
 pub const COUNTERS_MAX: u32 = 64;
 
 /// Counter names for the CLI and metrics, indexed like the `CTR_*` constants.
-pub const COUNTER_NAMES: [(u32, &str); 34] = [
+pub const COUNTER_NAMES: [(u32, &str); 35] = [
     (CTR_SOCK_XLATED, "sock_translated"),
     (CTR_SOCK_NO_BACKEND, "sock_rejected_no_backend"),
     (CTR_SOCK_SLOT_MISS, "sock_error_slot_missing"),
@@ -596,6 +692,10 @@ pub const COUNTER_NAMES: [(u32, &str); 34] = [
     (CTR_EXT_FIB_REDIRECTED, "ext_fib_redirected"),
     (CTR_EXT_FIB_TO_STACK, "ext_fib_to_stack"),
     (CTR_EXT_XDP_REJECT_TO_TC, "ext_xdp_reject_to_tc"),
+    (
+        CTR_EXT_REJECT_RATE_LIMITED,
+        "ext_dropped_reject_rate_limited",
+    ),
 ];
 
 /// Slot chosen for a new connection: uniform over `1..=count`. Both the eBPF programs
@@ -637,6 +737,7 @@ mod user {
     unsafe impl aya::Pod for SrcRange6Key {}
     unsafe impl aya::Pod for NodeAddrKey {}
     unsafe impl aya::Pod for ExtConfig {}
+    unsafe impl aya::Pod for RejectBucket {}
 }
 
 #[cfg(test)]

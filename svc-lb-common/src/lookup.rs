@@ -9,9 +9,8 @@
 use crate::{
     AffinityValue, CTR_EXT_BACKEND_MISSING, CTR_EXT_DROP_NO_LOCAL, CTR_EXT_DROP_SRC_RANGE,
     CTR_EXT_REJECT_NO_BACKEND, CTR_SOCK_BACKEND_MISS, CTR_SOCK_NO_BACKEND, CTR_SOCK_SLOT_MISS,
-    CTR_SOCK_SRC_RANGE, EPHEMERAL_PORT_MAX, EPHEMERAL_PORT_MIN, MAGLEV_TABLE_MAX, SNAT_PORT_MAX,
-    SNAT_PORT_MIN, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_SRC_RANGES, SvcValue,
-    select_slot,
+    CTR_SOCK_SRC_RANGE, MAGLEV_TABLE_MAX, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_FLAG_AFFINITY,
+    SVC_FLAG_DROP_EMPTY, SVC_FLAG_SRC_RANGES, SvcValue, select_slot,
 };
 
 /// The third 32-bit word of an IPv4-mapped IPv6 address (`::ffff:0:0/96`) as it sits in
@@ -415,24 +414,35 @@ pub fn choose_external<B>(
     }
 }
 
-/// SNAT source port (host order) to try on `attempt` (0-based) for a flow from
-/// `client_port` (host order). Attempt 0 keeps the client's port when it is outside
-/// the kernel's default ephemeral range (a node-local socket to the same backend is
-/// unlikely to hold it); every other attempt, and attempt 0 for an ephemeral client
-/// port, is a pseudo-random port of `SNAT_PORT_MIN..=SNAT_PORT_MAX` derived from `seed`
-/// (the flow hash) and the attempt number. The caller claims the port by inserting the
-/// reply conntrack key with BPF_NOEXIST, so a taken port is never reused.
+/// The SNAT port range in effect: `ExtConfig`'s (host order, inclusive), or
+/// `SNAT_PORT_MIN..=SNAT_PORT_MAX` when it holds none (an older agent's config) or an
+/// inverted one.
 #[inline(always)]
-pub fn snat_port(client_port: u16, seed: u32, attempt: u32) -> u16 {
-    if attempt == 0
-        && client_port != 0
-        && !(EPHEMERAL_PORT_MIN..=EPHEMERAL_PORT_MAX).contains(&client_port)
-    {
+pub fn snat_range(min: u16, max: u16) -> (u16, u16) {
+    if min == 0 || max < min {
+        (SNAT_PORT_MIN, SNAT_PORT_MAX)
+    } else {
+        (min, max)
+    }
+}
+
+/// SNAT source port (host order) to try on `attempt` (0-based) for a flow from
+/// `client_port` (host order), within `min..=max` (see [`snat_range`]). Attempt 0 keeps
+/// the client's port when it lies in the range (the range is chosen to be outside the
+/// node's ephemeral ports and its node ports, so a node-local socket is unlikely to hold
+/// it); every other attempt, and attempt 0 for a client port outside the range, is a
+/// pseudo-random port of the range derived from `seed` (the flow hash) and the attempt
+/// number. The caller claims the port by inserting the reply conntrack key with
+/// BPF_NOEXIST, so a taken port is never reused.
+#[inline(always)]
+pub fn snat_port(client_port: u16, seed: u32, attempt: u32, min: u16, max: u16) -> u16 {
+    let (min, max) = snat_range(min, max);
+    if attempt == 0 && client_port != 0 && (min..=max).contains(&client_port) {
         return client_port;
     }
-    let span = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
+    let span = u32::from(max - min) + 1;
     let mixed = crate::maglev::mix64(u64::from(seed) | (u64::from(attempt) << 32)) as u32;
-    SNAT_PORT_MIN + (mixed % span) as u16
+    min + (mixed % span) as u16
 }
 
 #[cfg(test)]
@@ -974,23 +984,122 @@ mod tests {
     }
 
     #[test]
-    fn snat_port_keeps_a_non_ephemeral_client_port_first() {
-        assert_eq!(snat_port(1234, 99, 0), 1234);
-        assert_eq!(snat_port(62000, 99, 0), 62000);
-        // An ephemeral client port, or a later attempt, goes to the SNAT range.
-        for attempt in 0..8 {
-            for client in [40_000u16, 1234] {
-                if client == 1234 && attempt == 0 {
-                    continue;
+    fn snat_port_keeps_a_client_port_inside_the_range_first() {
+        // The default range (a config without one).
+        assert_eq!(snat_port(62000, 99, 0, 0, 0), 62000);
+        assert_ne!(snat_port(1234, 99, 0, 0, 0), 1234);
+        // A configured range: the client's port is kept only inside it.
+        assert_eq!(snat_port(1234, 99, 0, 1024, 2047), 1234);
+        assert_ne!(snat_port(62000, 99, 0, 1024, 2047), 62000);
+        for (min, max) in [
+            (0u16, 0u16),
+            (1024, 2047),
+            (40_000, 40_000),
+            (65_535, 65_535),
+        ] {
+            let (lo, hi) = snat_range(min, max);
+            for attempt in 0..8 {
+                for client in [40_000u16, 1234, 62_000, 0] {
+                    let p = snat_port(client, 77, attempt, min, max);
+                    assert!(
+                        (lo..=hi).contains(&p),
+                        "{p} outside {lo}-{hi} (client {client})"
+                    );
                 }
-                let p = snat_port(client, 77, attempt);
-                assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&p), "{p}");
             }
         }
         // Attempts differ from each other (a retry does not test the same port again).
         let ports: std::collections::BTreeSet<u16> =
-            (1..8).map(|a| snat_port(40_000, 77, a)).collect();
+            (1..8).map(|a| snat_port(40_000, 77, a, 0, 0)).collect();
         assert!(ports.len() >= 6, "{ports:?}");
-        assert_eq!(snat_port(0, 5, 0), snat_port(40_000, 5, 0));
+        assert_eq!(snat_port(0, 5, 0, 0, 0), snat_port(40_000, 5, 0, 0, 0));
+        // An inverted range falls back to the default.
+        assert_eq!(snat_range(5000, 4000), (SNAT_PORT_MIN, SNAT_PORT_MAX));
+    }
+
+    #[test]
+    fn reject_bucket_allows_the_burst_then_the_rate() {
+        use crate::{BucketTake, RejectBucket, reject_bucket};
+        const MS: u64 = 1_000_000;
+        // Simulates the eBPF side: Consume takes one credit, Refill replaces the state.
+        let mut b = RejectBucket {
+            stamp_ns: 0,
+            credit: 0,
+        };
+        let mut take = |now: u64| match reject_bucket(&b, now, 100, 5) {
+            BucketTake::Consume => {
+                b.credit -= 1;
+                true
+            }
+            BucketTake::Refill { stamp_ns, credit } => {
+                b = RejectBucket { stamp_ns, credit };
+                true
+            }
+            BucketTake::Empty => false,
+        };
+        let t0 = 5_000 * MS;
+        // A burst of 20 at once: the first 5 pass.
+        let sent = (0..20).filter(|_| take(t0)).count();
+        assert_eq!(sent, 5);
+        // 100/s: one credit per 10 ms.
+        assert!(!take(t0 + 5 * MS));
+        assert!(take(t0 + 10 * MS));
+        assert!(!take(t0 + 10 * MS));
+        // One second of 1 ms arrivals: about 100 pass (not 1000).
+        let sent = (1..=1000).filter(|i| take(t0 + 10 * MS + i * MS)).count();
+        assert!((95..=101).contains(&sent), "{sent}");
+        // A long quiet period refills to the burst, not beyond.
+        let later = t0 + 60_000 * MS;
+        let sent = (0..20).filter(|_| take(later)).count();
+        assert_eq!(sent, 5);
+        // A rate below the burst: still full at the start, and after a quiet period.
+        let mut b = RejectBucket {
+            stamp_ns: 0,
+            credit: 0,
+        };
+        let mut slow = |now: u64| match reject_bucket(&b, now, 1, 3) {
+            BucketTake::Consume => {
+                b.credit -= 1;
+                true
+            }
+            BucketTake::Refill { stamp_ns, credit } => {
+                b = RejectBucket { stamp_ns, credit };
+                true
+            }
+            BucketTake::Empty => false,
+        };
+        assert_eq!((0..10).filter(|_| slow(t0)).count(), 3);
+        assert!(!slow(t0 + 900 * MS));
+        assert!(slow(t0 + 1000 * MS));
+        assert_eq!((0..10).filter(|_| slow(t0 + 100_000 * MS)).count(), 3);
+        // Extreme settings do not overflow.
+        let z = RejectBucket {
+            stamp_ns: 1,
+            credit: 0,
+        };
+        assert_eq!(
+            reject_bucket(
+                &z,
+                u64::MAX,
+                crate::REJECT_LIMIT_MAX,
+                crate::REJECT_LIMIT_MAX
+            ),
+            BucketTake::Refill {
+                stamp_ns: u64::MAX,
+                credit: i64::from(crate::REJECT_LIMIT_MAX) - 1
+            }
+        );
+        // A credit driven below zero by racing CPUs recovers.
+        let neg = RejectBucket {
+            stamp_ns: 10 * MS,
+            credit: -3,
+        };
+        assert_eq!(
+            reject_bucket(&neg, 30 * MS, 100, 5),
+            BucketTake::Refill {
+                stamp_ns: 30 * MS,
+                credit: 1
+            }
+        );
     }
 }

@@ -8,9 +8,11 @@
 //!   (local backend, translated at tc egress) or backend → node SNAT address:port
 //!   (remote backend, translated at tc ingress).
 //!
-//! Every packet of a flow refreshes its entry's lifetime (`CT_*_TIMEOUT_S`); a TCP FIN
-//! or RST shortens it to `CT_TCP_CLOSE_TIMEOUT_S` (`CT_FLAG_CLOSING`). An expired entry
-//! is ignored, so the next packet starts a new flow.
+//! Every packet of a flow refreshes its entry's lifetime (`CT_*_TIMEOUT_S`); a TCP flow
+//! is half-open (`CT_TCP_SYN_TIMEOUT_S`, extended only by the client's packets) until
+//! the handshake completes (`CT_FLAG_ESTABLISHED`); a TCP FIN or RST shortens it to
+//! `CT_TCP_CLOSE_TIMEOUT_S` (`CT_FLAG_CLOSING`). An expired entry is ignored, so the next
+//! packet starts a new flow, and its SNAT port can be claimed by another.
 // Keys and values in the per-CPU scratch map are passed by reference on purpose: by
 // value they would be copied onto the 512-byte stack, which is what the scratch avoids.
 #![allow(clippy::needless_borrows_for_generic_args)]
@@ -22,11 +24,12 @@ use aya_ebpf::{
 };
 use svc_lb_common::{
     AffinityExtKey, AffinityMatchKey, AffinityValue, BACKEND_FLAG_LOCAL, CT_DIR_FORWARD,
-    CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, CT_TCP_CLOSE_TIMEOUT_S,
-    CT_TCP_SYN_TIMEOUT_S, CT_TCP_TIMEOUT_S, CT_UDP_TIMEOUT_S, CTR_EXT_AFF_HIT,
-    CTR_EXT_AFF_UPDATE_FAIL, CTR_EXT_BACKEND_GONE, CTR_EXT_BACKEND_MISSING, CTR_EXT_CT_CLOSING,
-    CTR_EXT_CT_HIT, CTR_EXT_CT_UPDATE_FAIL, CTR_EXT_FORWARDED, CTR_EXT_MAGLEV_MISSING,
-    CTR_EXT_NO_SNAT_ADDR, CTR_EXT_REJECT_FAILED, CTR_EXT_REPLY_XLATED, CTR_EXT_REWRITE_FAIL,
+    CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT,
+    CT_TCP_CLOSE_TIMEOUT_S, CT_TCP_SYN_TIMEOUT_S, CT_TCP_TIMEOUT_S, CT_UDP_TIMEOUT_S,
+    CTR_EXT_AFF_HIT, CTR_EXT_AFF_UPDATE_FAIL, CTR_EXT_BACKEND_GONE, CTR_EXT_BACKEND_MISSING,
+    CTR_EXT_CT_CLOSING, CTR_EXT_CT_HIT, CTR_EXT_CT_UPDATE_FAIL, CTR_EXT_FORWARDED,
+    CTR_EXT_MAGLEV_MISSING, CTR_EXT_NO_SNAT_ADDR, CTR_EXT_REJECT_FAILED,
+    CTR_EXT_REJECT_RATE_LIMITED, CTR_EXT_REPLY_XLATED, CTR_EXT_REWRITE_FAIL,
     CTR_EXT_SNAT_PORT_EXHAUSTED, CTR_EXT_XDP_REJECT_TO_TC, CtKey, CtValue, ExtChoice, ExtVia,
     FAMILY_V4, MAGLEV_TABLE_MAX, NodeAddrKey, PROTO_TCP, SCOPE_EXTERNAL, SNAT_PORT_TRIES,
     SVC_FLAG_EXT_LOCAL, SrcRange4Key, SrcRange6Key, Stickiness, Svc4Key, Svc6Key, SvcValue,
@@ -39,7 +42,7 @@ use crate::{
         LB_NODEADDR_V1, LB_SCRATCH, LB_SRCRNG4_V1, LB_SRCRNG6_V1, LB_SVC4_V1, LB_SVC6_V1,
     },
     nat::{Rewrite, rewrite},
-    parse::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{Flow, TCP_FIN, TCP_RST, TCP_SYN},
     pkt::Pkt,
     reject,
     sock::{count, count_conn},
@@ -79,36 +82,46 @@ fn ct_key(f: &Flow, dir: u8) -> CtKey {
     }
 }
 
-/// Lifetime of an entry after this packet, and whether the flow is closing.
+/// Lifetime of an entry after this packet and the entry's flags after it (`flags`
+/// already holds what the packet adds). TCP is half-open (`CT_TCP_SYN_TIMEOUT_S`) until
+/// a packet without SYN follows the backend's answer (the client's handshake ACK, or
+/// anything later): a flood of spoofed SYNs, whose SYN-ACKs go nowhere, never gets the
+/// established lifetime, and neither does a flow opened by a stray ACK.
 #[inline(always)]
-fn lifetime(f: &Flow, was_closing: bool) -> (u64, bool) {
+fn lifetime(f: &Flow, flags: u8) -> (u64, u8) {
     if f.proto != PROTO_TCP {
-        return (CT_UDP_TIMEOUT_S * SEC, false);
+        return (CT_UDP_TIMEOUT_S * SEC, flags);
     }
-    if was_closing || f.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        return (CT_TCP_CLOSE_TIMEOUT_S * SEC, true);
+    if flags & CT_FLAG_CLOSING != 0 || f.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        return (CT_TCP_CLOSE_TIMEOUT_S * SEC, flags | CT_FLAG_CLOSING);
     }
-    if f.tcp_flags & TCP_SYN != 0 && f.tcp_flags & TCP_ACK == 0 {
-        return (CT_TCP_SYN_TIMEOUT_S * SEC, false);
+    if flags & CT_FLAG_ESTABLISHED != 0
+        || (f.tcp_flags & TCP_SYN == 0 && flags & CT_FLAG_SEEN_REPLY != 0)
+    {
+        return (CT_TCP_TIMEOUT_S * SEC, flags | CT_FLAG_ESTABLISHED);
     }
-    (CT_TCP_TIMEOUT_S * SEC, false)
+    (CT_TCP_SYN_TIMEOUT_S * SEC, flags)
 }
 
-/// Refreshes an entry for one more packet of its flow.
+/// Refreshes an entry for one more packet of its flow. `extra_flags` holding
+/// `CT_FLAG_SEEN_REPLY` marks the backend's packet (both entries of the flow learn that
+/// it answered); a backend's packet does not extend a half-open TCP entry, so that its
+/// SYN-ACK retransmissions to a client that never answers (a spoofed source) let the
+/// entry and its SNAT port go after `CT_TCP_SYN_TIMEOUT_S`.
 #[inline(always)]
 fn refresh(v: *mut CtValue, f: &Flow, now: u64, extra_flags: u8) {
     let flags = unsafe { (*v).flags };
-    let was_closing = flags & CT_FLAG_CLOSING != 0;
-    let (life, closing) = lifetime(f, was_closing);
-    let mut new_flags = flags | extra_flags;
-    if closing {
-        if !was_closing {
-            count(CTR_EXT_CT_CLOSING);
-        }
-        new_flags |= CT_FLAG_CLOSING;
+    let (life, new_flags) = lifetime(f, flags | extra_flags);
+    if new_flags & CT_FLAG_CLOSING != 0 && flags & CT_FLAG_CLOSING == 0 {
+        count(CTR_EXT_CT_CLOSING);
     }
+    let half_open_reply = f.proto == PROTO_TCP
+        && extra_flags & CT_FLAG_SEEN_REPLY != 0
+        && new_flags & (CT_FLAG_ESTABLISHED | CT_FLAG_CLOSING) == 0;
     unsafe {
-        (*v).expires_ns = now + life;
+        if !half_open_reply {
+            (*v).expires_ns = now + life;
+        }
         if new_flags != flags {
             (*v).flags = new_flags;
         }
@@ -170,7 +183,7 @@ pub fn reply<C: Pkt>(c: &C, f: &Flow, snat: bool) -> Option<Verdict> {
             _pad: 0,
         };
         if let Some(fwd) = LB_CT_V1.get_ptr_mut(&s.fkey) {
-            refresh(fwd, f, now, 0);
+            refresh(fwd, f, now, CT_FLAG_SEEN_REPLY);
         }
     }
     let to = if snat {
@@ -207,6 +220,12 @@ pub fn forward<C: Pkt>(c: &C, f: &Flow) -> Verdict {
 
 /// A packet of a flow with a live forward entry whose backend is still there: the
 /// flow's translation. `None`: no such entry (or its backend is gone), a new flow.
+///
+/// "Still there" is the backend entry under the flow's id with the flow's address, not
+/// membership in the frontend's slots: an endpoint that still serves but is no longer
+/// selected (terminating, outside the topology hints or the traffic policy) keeps its
+/// entry as `BACKEND_DRAINING` with no slot, so its flows go on while new ones go
+/// elsewhere. The agent deletes the entry once the endpoint stops serving.
 #[inline(never)]
 fn established<C: Pkt>(c: &C, f: &Flow, now: u64) -> Option<Verdict> {
     if let Some(v) = LB_CT_V1.get_ptr_mut(ct_key(f, CT_DIR_FORWARD)) {
@@ -258,7 +277,14 @@ fn established<C: Pkt>(c: &C, f: &Flow, now: u64) -> Option<Verdict> {
                             snat_addr_be: if snat { f.saddr } else { [0; 4] },
                             nat_port_be: f.dport,
                             snat_port_be: if snat { f.sport } else { 0 },
-                            flags: e.flags & (CT_FLAG_SNAT | CT_FLAG_CLOSING),
+                            // The forward entry's state after this packet: a recreated
+                            // reply entry of an established flow keeps the established
+                            // lifetime, not the half-open one.
+                            flags: unsafe { (*v).flags }
+                                & (CT_FLAG_SNAT
+                                    | CT_FLAG_CLOSING
+                                    | CT_FLAG_SEEN_REPLY
+                                    | CT_FLAG_ESTABLISHED),
                             _pad: [0; 3],
                         };
                         if LB_CT_V1.insert(&s.rkey, &s.rval, 0).is_err() {
@@ -430,7 +456,8 @@ fn remember(f: &Flow, rev_nat_id: u32, backend_id: u32, sticky: Stickiness) {
 enum Decision {
     Pass,
     Drop,
-    /// Refused; `reason` is the counter to raise where the reject is built.
+    /// Refused; `reason` is the counter to raise where the reject is built (unless the
+    /// reject rate limit drops it).
     Reject {
         reason: u32,
     },
@@ -459,10 +486,7 @@ fn new_flow<C: Pkt>(c: &C, f: &Flow, now: u64) -> Verdict {
             count(CTR_EXT_XDP_REJECT_TO_TC);
             Verdict::Pass
         }
-        Decision::Reject { reason } => {
-            count(reason);
-            reject(c, f)
-        }
+        Decision::Reject { reason } => reject(c, f, reason),
         Decision::Backend {
             backend_id,
             rev_nat_id,
@@ -491,8 +515,19 @@ struct NewFlow {
     local: bool,
 }
 
+/// Answers with an ICMP error, within the node-wide reject rate limit (beyond it the
+/// packet is dropped and counted, as the kernel stops sending ICMP errors beyond
+/// `icmp_msgs_per_sec`): a flood to a Service without endpoints must not turn the node
+/// into an amplifier towards spoofed sources.
 #[inline(never)]
-fn reject<C: Pkt>(c: &C, f: &Flow) -> Verdict {
+fn reject<C: Pkt>(c: &C, f: &Flow, reason: u32) -> Verdict {
+    if !reject::allowed() {
+        count(CTR_EXT_REJECT_RATE_LIMITED);
+        return Verdict::Drop;
+    }
+    // The reason counts rejects that were answered (or failed to build, counted below
+    // as well); a rate-limited one is a drop.
+    count(reason);
     if reject::build(c, f) {
         Verdict::Reject
     } else {
@@ -589,12 +624,17 @@ fn establish<C: Pkt>(c: &C, f: &Flow, nf: &NewFlow) -> Verdict {
         return Verdict::Drop;
     };
     let b = unsafe { &*b };
-    let snat_addr = match (local, LB_CONFIG_V1.get(0)) {
+    let cfg = LB_CONFIG_V1.get(0);
+    let snat_addr = match (local, cfg) {
         (true, _) | (false, None) => [0; 4],
         (false, Some(cfg)) if f.family == FAMILY_V4 => [cfg.snat4_be, 0, 0, 0],
         (false, Some(cfg)) => cfg.snat6_be,
     };
-    let (life, _) = lifetime(f, false);
+    let (port_min, port_max) = match cfg {
+        Some(cfg) => (cfg.snat_port_min, cfg.snat_port_max),
+        None => (0, 0),
+    };
+    let (life, _) = lifetime(f, 0);
     let expires_ns = now + life;
     let Some(s) = LB_SCRATCH.get_ptr_mut(0) else {
         count(CTR_EXT_CT_UPDATE_FAIL);
@@ -659,7 +699,7 @@ fn establish<C: Pkt>(c: &C, f: &Flow, nf: &NewFlow) -> Verdict {
         let mut port = 0u16;
         let mut attempt = 0u32;
         while attempt < SNAT_PORT_TRIES {
-            let p = snat_port(client_port, seed, attempt).to_be();
+            let p = snat_port(client_port, seed, attempt, port_min, port_max).to_be();
             s.rkey.dport_be = p;
             if claim(&s.rkey, &s.rval, now) {
                 port = p;

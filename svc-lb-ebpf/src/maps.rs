@@ -8,9 +8,9 @@ use aya_ebpf::{
 use svc_lb_common::{
     AFFINITY_EXT_MAP_MAX, AffinityExtKey, AffinityKey, AffinityMatchKey, AffinityValue, Backend,
     CT_MAP_MAX, CtKey, CtValue, ExtConfig, MAGLEV_MAP_MAX, MaglevTable, NODE_ADDR_MAP_MAX,
-    NodeAddrKey, RevNat, SRC_RANGE_MAP_MAX, SockRevNat4Key, SockRevNat4Value, SockRevNat6Key,
-    SockRevNat6Value, SrcRange4Key, SrcRange6Key, Svc4Key, Svc6Key, SvcMeta, SvcValue,
-    XDP_DEV_MAP_MAX,
+    NodeAddrKey, RejectBucket, RevNat, SRC_RANGE_MAP_MAX, SockRevNat4Key, SockRevNat4Value,
+    SockRevNat6Key, SockRevNat6Value, SrcRange4Key, SrcRange6Key, Svc4Key, Svc6Key, SvcMeta,
+    SvcValue, XDP_DEV_MAP_MAX,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -101,6 +101,11 @@ pub static LB_NODEADDR_V1: HashMap<NodeAddrKey, u32, { NODE_ADDR_MAP_MAX as usiz
 /// The agent's external-path settings (entry 0).
 #[btf_map]
 pub static LB_CONFIG_V1: Array<ExtConfig, 1> = Array::new();
+
+/// The reject rate limit's token bucket (entry 0, see `reject::allowed`). Shared by
+/// every CPU, not pinned: a restarted agent starts with a full bucket.
+#[btf_map]
+pub static LB_REJECT_RL: Array<RejectBucket, 1> = Array::new();
 
 /// Devices running the XDP program: ifindex → `XDP_DEV_*` flags (whether XDP_TX can
 /// answer a reject there), written by the agent.

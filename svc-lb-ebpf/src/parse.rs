@@ -19,7 +19,6 @@ pub const IPV6_HLEN: usize = 40;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
 
 /// The IPv4 header without options.
 #[repr(C)]

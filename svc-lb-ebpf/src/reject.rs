@@ -7,15 +7,18 @@
 //! the device it came in on. The frame is assembled in a per-CPU scratch buffer
 //! (`LB_SCRATCH`), as it does not fit on the stack next to the rest of the path.
 //!
+//! Rejects are rate-limited node-wide ([`allowed`]).
+//!
 //! Limits: IPv4 packets with options are not answered (the caller drops them), as the
 //! quote would need a variable length. On tc, an skb that is CHECKSUM_PARTIAL keeps
 //! that state; only a locally generated packet (a veth peer in the same host) can be,
 //! and its receiver trusts PARTIAL packets without checking them.
-use svc_lb_common::FAMILY_V4;
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use svc_lb_common::{BucketTake, FAMILY_V4, reject_bucket};
 
 use crate::{
     csum,
-    maps::LB_SCRATCH,
+    maps::{LB_CONFIG_V1, LB_REJECT_RL, LB_SCRATCH},
     parse::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, Flow, IPV4_HLEN, IPV6_HLEN},
     pkt::Pkt,
 };
@@ -72,6 +75,41 @@ fn put_words<const N: usize>(out: &mut [u8; N], at: usize, words: &[u32; 4], n: 
         out[at + i * 4 + 2] = b[2];
         out[at + i * 4 + 3] = b[3];
         i += 1;
+    }
+}
+
+/// Whether the node-wide reject token bucket (`ExtConfig.reject_rate`/`reject_burst`,
+/// svc-lb-common's `reject_bucket`) lets one more reject out. One bucket for every CPU,
+/// as the kernel's `icmp_global`, without a lock: CPUs racing on it may let a few more
+/// through, which the kernel accepts for its own limit too.
+#[inline(always)]
+pub fn allowed() -> bool {
+    let (rate, burst) = match LB_CONFIG_V1.get(0) {
+        Some(cfg) => (cfg.reject_rate, cfg.reject_burst),
+        None => (0, 0),
+    };
+    if rate == 0 {
+        return true;
+    }
+    let Some(b) = LB_REJECT_RL.get_ptr_mut(0) else {
+        return true;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    match reject_bucket(unsafe { &*b }, now, rate, burst) {
+        BucketTake::Consume => {
+            // A plain decrement: two CPUs taking the same credit at once lose one
+            // decrement, so a burst across CPUs may get a few more than `burst` out.
+            unsafe { (*b).credit -= 1 };
+            true
+        }
+        BucketTake::Refill { stamp_ns, credit } => {
+            unsafe {
+                (*b).stamp_ns = stamp_ns;
+                (*b).credit = credit;
+            }
+            true
+        }
+        BucketTake::Empty => false,
     }
 }
 

@@ -62,6 +62,13 @@ pub struct AgentConfig {
     pub force_feature_off: Vec<crate::datapath::probe::Feature>,
     /// `--max-manifest-bytes`: larger manifest files are not read.
     pub max_manifest_bytes: u64,
+    /// `--snat-port-range`; `None` derives it (see [`crate::portrange::choose`]).
+    pub snat_port_range: Option<crate::portrange::PortRange>,
+    /// `--service-node-port-range`: kept out of the SNAT ports.
+    pub node_port_range: crate::portrange::PortRange,
+    /// `--reject-rate` and `--reject-burst`: the node-wide ICMP reject limit.
+    pub reject_rate: u32,
+    pub reject_burst: u32,
 }
 
 impl AgentConfig {
@@ -84,6 +91,8 @@ struct External {
     /// The SNAT addresses last written with them.
     snat: (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>),
     health: Option<crate::hcnp::HealthCheckServer>,
+    /// SNAT ports and reject limit, chosen with the devices.
+    limits: crate::datapath::bpf::ExtLimits,
 }
 
 impl External {
@@ -129,6 +138,7 @@ impl External {
             for dev in &devices {
                 accept_local(dev)?;
             }
+            self.limits = ext_limits(cfg)?;
             info!(devices = ?devices, xdp = cfg.xdp, "external path on");
         }
         self.devices = Some(devices);
@@ -161,7 +171,7 @@ impl External {
         if self.node_addrs.as_deref() == Some(addrs) && self.snat == (snat4, snat6) {
             return Ok(());
         }
-        dp.write_ext_config(snat4, snat6)?;
+        dp.write_ext_config(snat4, snat6, &self.limits)?;
         dp.set_node_addrs(addrs)?;
         info!(node_addresses = ?addrs, snat4 = ?snat4, snat6 = ?snat6, "external path: node addresses written");
         if snat4.is_none() && snat6.is_none() {
@@ -174,6 +184,35 @@ impl External {
         self.snat = (snat4, snat6);
         Ok(())
     }
+}
+
+/// The SNAT port range (`--snat-port-range`, else derived from this node's
+/// `ip_local_port_range` and `--service-node-port-range`) and the reject limit.
+fn ext_limits(cfg: &AgentConfig) -> Result<crate::datapath::bpf::ExtLimits> {
+    use crate::portrange;
+    let ephemeral = portrange::read_local_port_range().unwrap_or_else(|e| {
+        warn!(error = %format!("{e:#}"), assumed = %portrange::KERNEL_EPHEMERAL, "cannot read the node's ephemeral port range; assuming the kernel's default");
+        portrange::KERNEL_EPHEMERAL
+    });
+    let chosen = portrange::choose(cfg.snat_port_range, ephemeral, cfg.node_port_range)
+        .context("SNAT port range")?;
+    if let Some(w) = &chosen.warning {
+        warn!("{w}");
+    }
+    info!(
+        snat_ports = %chosen.range,
+        ip_local_port_range = %ephemeral,
+        node_ports = %cfg.node_port_range,
+        reject_rate = cfg.reject_rate,
+        reject_burst = cfg.reject_burst,
+        "external path: SNAT ports and reject limit"
+    );
+    Ok(crate::datapath::bpf::ExtLimits {
+        snat_port_min: chosen.range.min,
+        snat_port_max: chosen.range.max,
+        reject_rate: cfg.reject_rate,
+        reject_burst: cfg.reject_burst,
+    })
 }
 
 /// Sets `net.ipv4.conf.<dev>.accept_local=1`. tc sends the packets of SNAT flows out
@@ -307,6 +346,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         node_addrs: None,
         snat: (None, None),
         health: None,
+        limits: Default::default(),
     };
     if cfg.bpf_log {
         spawn_bpf_log(&mut dp)?;

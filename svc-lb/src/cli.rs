@@ -147,6 +147,26 @@ pub enum Command {
         /// A Service whose EndpointSlices list more endpoints than this is refused whole.
         #[arg(long, default_value_t = crate::model::DEFAULT_MAX_BACKENDS_PER_SERVICE, value_name = "N")]
         max_backends_per_service: usize,
+        /// Source ports of SNAT flows (external clients to backends on other nodes), per
+        /// backend [default: the highest block of >= 1024 ports outside the node's
+        /// net.ipv4.ip_local_port_range and --service-node-port-range; 61000-65535 with
+        /// the kernel's defaults]
+        #[arg(long, value_name = "MIN-MAX")]
+        snat_port_range: Option<crate::portrange::PortRange>,
+        /// The cluster's node port range (kube-apiserver's --service-node-port-range):
+        /// SNAT never uses these ports.
+        #[arg(long, default_value = crate::portrange::DEFAULT_NODE_PORTS, value_name = "MIN-MAX")]
+        service_node_port_range: crate::portrange::PortRange,
+        /// ICMP rejects (a Service without endpoints, from outside the node) sent per
+        /// second, node-wide (0-1000000); beyond it they are dropped and counted (0: no
+        /// limit).
+        /// The default is the kernel's net.ipv4.icmp_msgs_per_sec.
+        #[arg(long, default_value_t = svc_lb_common::REJECT_RATE_DEFAULT, value_parser = clap::value_parser!(u32).range(0..=i64::from(svc_lb_common::REJECT_LIMIT_MAX)), value_name = "N")]
+        reject_rate: u32,
+        /// Rejects sent back to back before --reject-rate applies (1-1000000); the default
+        /// is the kernel's net.ipv4.icmp_msgs_burst.
+        #[arg(long, default_value_t = svc_lb_common::REJECT_BURST_DEFAULT, value_parser = clap::value_parser!(u32).range(1..=i64::from(svc_lb_common::REJECT_LIMIT_MAX)), value_name = "N")]
+        reject_burst: u32,
     },
     /// Show every programmed frontend with its Service, flags and backends, from the
     /// pinned maps (works whether or not the agent runs).
@@ -387,6 +407,10 @@ pub fn run(cli: Cli) -> Result<()> {
             external_ip_cidrs,
             max_frontends_per_service,
             max_backends_per_service,
+            snat_port_range,
+            service_node_port_range,
+            reject_rate,
+            reject_burst,
         } => {
             let nodeport_addresses =
                 crate::datapath::devices::NodePortAddresses::from_entries(&nodeport_addresses)
@@ -450,6 +474,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 destroy_tcp,
                 force_feature_off,
                 max_manifest_bytes,
+                snat_port_range,
+                node_port_range: service_node_port_range,
+                reject_rate,
+                reject_burst,
             }))
         }
         Command::List {
@@ -653,6 +681,69 @@ mod agent_flag_tests {
             parse_conntrack_max("100"),
             Err("100 entries is outside 1024-16777216 (each flow takes two entries of about 160 bytes)".to_owned())
         );
+    }
+
+    #[test]
+    fn snat_port_and_reject_limit_flags_parse_with_bounds() {
+        let parse = |args: &[&str]| Cli::try_parse_from(["svc-lb", "agent"].iter().chain(args));
+        let Command::Agent {
+            snat_port_range,
+            service_node_port_range,
+            reject_rate,
+            reject_burst,
+            ..
+        } = parse(&[]).unwrap().command
+        else {
+            panic!("agent subcommand")
+        };
+        assert_eq!(snat_port_range, None);
+        assert_eq!(service_node_port_range.to_string(), "30000-32767");
+        assert_eq!(
+            (reject_rate, reject_burst),
+            (
+                svc_lb_common::REJECT_RATE_DEFAULT,
+                svc_lb_common::REJECT_BURST_DEFAULT
+            )
+        );
+        let Command::Agent {
+            snat_port_range,
+            service_node_port_range,
+            reject_rate,
+            reject_burst,
+            ..
+        } = parse(&[
+            "--snat-port-range",
+            "20000-24999",
+            "--service-node-port-range",
+            "40000-41000",
+            "--reject-rate",
+            "0",
+            "--reject-burst",
+            "1",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("agent subcommand")
+        };
+        assert_eq!(
+            snat_port_range.map(|r| r.to_string()).as_deref(),
+            Some("20000-24999")
+        );
+        assert_eq!(service_node_port_range.to_string(), "40000-41000");
+        assert_eq!((reject_rate, reject_burst), (0, 1));
+        for (flag, bad) in [
+            ("--snat-port-range", "25000-20000"),
+            ("--snat-port-range", "0-100"),
+            ("--snat-port-range", "70000"),
+            ("--service-node-port-range", "x-y"),
+            ("--reject-rate", "1000001"),
+            ("--reject-burst", "0"),
+            ("--reject-burst", "-1"),
+        ] {
+            let err = parse(&[&format!("{flag}={bad}")]).unwrap_err().to_string();
+            assert!(err.contains(flag), "{flag} {bad}: {err}");
+        }
     }
 
     #[test]

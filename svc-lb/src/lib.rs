@@ -15,5 +15,6 @@ pub mod maglev;
 pub mod metrics;
 pub mod model;
 pub mod plan;
+pub mod portrange;
 pub mod source;
 pub mod status;

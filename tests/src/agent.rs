@@ -293,6 +293,20 @@ impl Agent {
         Ok(self.try_exit()?.is_none())
     }
 
+    /// SIGKILL now, as a crash or an OOM kill would end the agent (no clean exit), and
+    /// waits for the exit.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        if let Some(status) = self.try_exit()? {
+            return Ok(status);
+        }
+        let status = self.child.kill()?;
+        self.exit = Some(status);
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        Ok(status)
+    }
+
     /// SIGTERM, wait up to `grace`, then SIGKILL. Returns the exit status and whether it
     /// exited by itself within the grace period.
     pub fn terminate(&mut self, grace: Duration) -> Result<(ExitStatus, bool)> {

@@ -153,6 +153,7 @@ pub fn run(args: &ClientArgs) -> Result<ClientReport> {
         } else if report.attempts >= args.count {
             break;
         }
+        let start_unix_us = crate::checks::unix_us();
         let t0 = Instant::now();
         let at_ms = u64::try_from(t0.duration_since(start).as_millis()).unwrap_or(u64::MAX);
         let sport = sport_of(report.attempts);
@@ -188,6 +189,7 @@ pub fn run(args: &ClientArgs) -> Result<ClientReport> {
         if args.timeline {
             report.timeline.push(TimelineEntry {
                 unix_ms: unix_ms(),
+                start_unix_us,
                 outcome: match &outcome {
                     Ok(r) => r.id.clone(),
                     Err(f) => format!("{}:{}", f.step, f.errno),

@@ -16,9 +16,10 @@
 //! Test controls: [`FakeApi::apply`] and [`FakeApi::delete`] change objects (one global
 //! resourceVersion counter, as etcd has), [`FakeApi::expire`] forgets the history and
 //! ends every watch with a 410, [`FakeApi::drop_connections`] cuts every open
-//! connection, and [`FakeApi::stop`] / [`FakeApi::restart`] take the server off the air
-//! and back on the same port. It listens on 127.0.0.1 only, and everything stops when it
-//! is dropped.
+//! connection, [`FakeApi::end_watches`] ends every watch cleanly, and
+//! [`FakeApi::stop`] / [`FakeApi::restart`] take the server off the air (connections
+//! refused) and back on the same port. It listens on 127.0.0.1 only, and everything
+//! stops when it is dropped.
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Read, Write},
@@ -279,6 +280,15 @@ current-context: fake
             let _ = c.shutdown(Shutdown::Both);
         }
         drop(st);
+        self.shared.cond.notify_all();
+    }
+
+    /// Ends every open watch cleanly, as the apiserver does when a watch reaches its
+    /// `timeoutSeconds` or when it sheds load: the chunked stream is closed without an
+    /// error and the connection stays usable. Watchers resume from their last
+    /// resourceVersion.
+    pub fn end_watches(&self) {
+        self.shared.lock().epoch += 1;
         self.shared.cond.notify_all();
     }
 
@@ -804,6 +814,25 @@ mod tests {
         let list: Value = serde_json::from_str(&body).expect("a list");
         assert_eq!(list["items"].as_array().map(Vec::len), Some(1));
         assert_eq!(list["items"][0]["metadata"]["name"], "n2");
+    }
+
+    #[test]
+    fn end_watches_closes_the_stream_without_an_error() {
+        let api = FakeApi::start().expect("start");
+        let addr = api.addr();
+        let watch = std::thread::spawn(move || {
+            get(addr, "/api/v1/services?watch=true&resourceVersion=100")
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !api.counters().watches.contains_key("Service") && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        api.end_watches();
+        let (line, body) = watch.join().expect("the watch thread");
+        assert_eq!(line, "HTTP/1.1 200 OK");
+        assert!(body.ends_with("0\r\n\r\n"), "{body:?}");
+        assert!(!body.contains("ERROR"), "{body:?}");
+        assert_eq!(api.counters().expired, 0);
     }
 
     #[test]

@@ -447,7 +447,26 @@ impl Datapath {
             maglev_size,
             flags: 0,
             _pad: 0,
+            snat_port_min: 0,
+            snat_port_max: 0,
+            reject_rate: 0,
+            reject_burst: 0,
+            _pad2: 0,
         };
+        a.set(0, cfg, 0)?;
+        Ok(())
+    }
+
+    /// Sets the limits of `ExtConfig` (after [`Self::config`]): SNAT ports (0, 0: the
+    /// default range) and the reject token bucket (`rate` 0: no limit).
+    pub fn limits(&mut self, snat_ports: (u16, u16), rate: u32, burst: u32) -> Result<()> {
+        let mut a: Array<&mut MapData, ExtConfig> =
+            Array::try_from(map(&mut self.ebpf, svc_lb_common::MAP_CONFIG)?)?;
+        let mut cfg = a.get(&0, 0)?;
+        cfg.snat_port_min = snat_ports.0;
+        cfg.snat_port_max = snat_ports.1;
+        cfg.reject_rate = rate;
+        cfg.reject_burst = burst;
         a.set(0, cfg, 0)?;
         Ok(())
     }

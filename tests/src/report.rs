@@ -73,6 +73,10 @@ pub struct ClientReport {
 pub struct TimelineEntry {
     /// Wall-clock time (Unix epoch, ms) at which the attempt ended.
     pub unix_ms: u64,
+    /// Wall-clock time (Unix epoch, µs) at which the attempt started, before its socket
+    /// existed: the datapath chose the backend after this moment.
+    #[serde(default)]
+    pub start_unix_us: u64,
     /// Reply id, or `<step>:<errno>`.
     pub outcome: String,
 }

@@ -190,8 +190,8 @@ fn dnat_to_local_backend_and_egress_reverse_nat_tcp_udp_v4_v6() {
 }
 
 /// A remote backend (externalTrafficPolicy Cluster): DNAT + SNAT to the node address.
-/// A client port outside the kernel's ephemeral range is kept; an ephemeral one is
-/// mapped into SNAT_PORT_MIN..=SNAT_PORT_MAX. The reply (backend → node:port) is
+/// A client port inside the SNAT range (the default SNAT_PORT_MIN..=SNAT_PORT_MAX here) is
+/// kept; an ephemeral one is mapped into the range. The reply (backend → node:port) is
 /// reverse-translated on tc ingress to frontend → client; tc egress leaves it alone.
 #[test]
 fn snat_to_remote_backend_and_ingress_reverse_nat_v4_v6() {
@@ -202,14 +202,17 @@ fn snat_to_remote_backend_and_ingress_reverse_nat_v4_v6() {
         (TCP, CLIENT6, LB6, NODE6, REMOTE6, BE_REMOTE6, 3),
     ] {
         service(&mut dp, lb, FE_PORT, proto, rev, 0, &[id]);
-        for client_port in [1234u16, 40_000] {
+        for client_port in [62_000u16, 40_000] {
             let s = spec(proto, client, client_port, lb, FE_PORT, SYN);
             let out = expect(&dp, dp.tc_in, &s, TC_ACT_OK);
             assert_eq!(out.src, ip(node), "SNAT source of {s:?}");
             assert_eq!((out.dst, out.dport), (ip(backend), BE_PORT));
             let snat_port = out.sport;
-            if client_port == 1234 {
-                assert_eq!(snat_port, 1234, "a non-ephemeral client port is kept");
+            if client_port == 62_000 {
+                assert_eq!(
+                    snat_port, 62_000,
+                    "a client port inside the SNAT range is kept"
+                );
             } else {
                 assert!(
                     (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&snat_port),
@@ -512,9 +515,9 @@ fn xdp_gives_the_same_packets_as_tc_ingress() {
     let cases = [
         (Spec::tcp(CLIENT4, 40_000, LB4, FE_PORT, SYN), TC_ACT_OK),
         (Spec::tcp(CLIENT4, 40_000, LB4, FE_PORT, ACK), TC_ACT_OK),
-        (Spec::udp(CLIENT4, 1234, LB4, 81), TC_ACT_OK),
-        (Spec::udp(CLIENT4, 1234, LB4, 81), TC_ACT_OK),
-        (Spec::tcp(CLIENT6, 2345, LB6, FE_PORT, SYN), TC_ACT_OK),
+        (Spec::udp(CLIENT4, 62_000, LB4, 81), TC_ACT_OK),
+        (Spec::udp(CLIENT4, 62_000, LB4, 81), TC_ACT_OK),
+        (Spec::tcp(CLIENT6, 62_345, LB6, FE_PORT, SYN), TC_ACT_OK),
         (Spec::udp(CLIENT6, 40_000, LB6, FE_PORT), TC_ACT_OK),
         (Spec::tcp(CLIENT4, 40_000, LB4, 82, SYN), TC_ACT_REDIRECT),
         (Spec::udp(CLIENT6, 40_000, LB6, 82), TC_ACT_REDIRECT),
@@ -556,9 +559,9 @@ fn xdp_gives_the_same_packets_as_tc_ingress() {
     assert_eq!(xdp.counter(CTR_EXT_XDP_FORWARDED).expect("counter"), 7);
     assert_eq!(xdp.counter(CTR_EXT_XDP_TX).expect("counter"), 2);
     // The reply of the XDP-translated SNAT flow is reverse-translated by tc ingress.
-    let r = Spec::tcp(REMOTE6, BE_PORT, NODE6, 2345, SYN | ACK);
+    let r = Spec::tcp(REMOTE6, BE_PORT, NODE6, 62_345, SYN | ACK);
     let back = expect(&xdp, xdp.tc_in, &r, TC_ACT_OK);
-    assert_translated(&back, &r, (LB6, FE_PORT), (CLIENT6, 2345));
+    assert_translated(&back, &r, (LB6, FE_PORT), (CLIENT6, 62_345));
     ensure_ct_alike(&mut tc, &mut xdp).expect("conntrack alike");
 }
 
@@ -625,11 +628,11 @@ fn ensure_ct_alike(a: &mut Datapath, b: &mut Datapath) -> Result<()> {
 fn snat_port_collision_picks_another_port() {
     let mut dp = lab();
     service(&mut dp, LB4, FE_PORT, UDP, 1, 0, &[BE_REMOTE4]);
-    let a = Spec::udp(CLIENT4, 1234, LB4, FE_PORT);
-    let b = Spec::udp("198.51.100.11", 1234, LB4, FE_PORT);
+    let a = Spec::udp(CLIENT4, 62_000, LB4, FE_PORT);
+    let b = Spec::udp("198.51.100.11", 62_000, LB4, FE_PORT);
     let out_a = expect(&dp, dp.tc_in, &a, TC_ACT_OK);
     let out_b = expect(&dp, dp.tc_in, &b, TC_ACT_OK);
-    assert_eq!(out_a.sport, 1234);
+    assert_eq!(out_a.sport, 62_000);
     assert!(
         (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&out_b.sport),
         "second flow got port {}",
@@ -638,7 +641,7 @@ fn snat_port_collision_picks_another_port() {
     for (out, client) in [(&out_a, CLIENT4), (&out_b, "198.51.100.11")] {
         let r = Spec::udp(REMOTE4, BE_PORT, NODE4, out.sport);
         let back = expect(&dp, dp.tc_in, &r, TC_ACT_OK);
-        assert_translated(&back, &r, (LB4, FE_PORT), (client, 1234));
+        assert_translated(&back, &r, (LB4, FE_PORT), (client, 62_000));
     }
 }
 
@@ -745,16 +748,164 @@ fn tcp_lifetimes_follow_syn_established_and_fin() {
             == 2,
         "{l:?}"
     );
+    // The client's ACK before the backend answered: still half-open (a stray or
+    // spoofed ACK opens no long-lived flow).
     let s = Spec::tcp(CLIENT4, 40_001, LB4, FE_PORT, ACK);
     expect(&dp, dp.tc_in, &s, TC_ACT_OK);
     let l = lifetimes(&mut dp);
     assert!(
         l.iter()
-            .filter(|(secs, _)| *secs == svc_lb_common::CT_TCP_TIMEOUT_S)
+            .filter(|(secs, _)| *secs == svc_lb_common::CT_TCP_SYN_TIMEOUT_S)
             .count()
             == 2,
         "{l:?}"
     );
+    // The backend's SYN-ACK (tc egress, local backend), then the client's ACK:
+    // established.
+    let r = Spec::tcp(LOCAL4, BE_PORT, CLIENT4, 40_001, SYN | ACK);
+    expect(&dp, dp.tc_out, &r, TC_ACT_OK);
+    expect(&dp, dp.tc_in, &s, TC_ACT_OK);
+    let l = lifetimes(&mut dp);
+    let est = svc_lb_common::CT_FLAG_ESTABLISHED;
+    assert!(
+        l.iter()
+            .filter(|(secs, f)| *secs == svc_lb_common::CT_TCP_TIMEOUT_S && f & est != 0)
+            .count()
+            == 2,
+        "{l:?}"
+    );
+}
+
+/// Half-open flows are cheap: the backend's SYN-ACK retransmissions to a client that
+/// never answers (a spoofed source) do not extend a SYN entry, so it and its SNAT port
+/// are free again after CT_TCP_SYN_TIMEOUT_S; the client's own SYN retransmissions do.
+#[test]
+fn half_open_flow_is_not_kept_alive_by_the_backends_syn_ack() {
+    let mut dp = lab();
+    service(&mut dp, LB4, FE_PORT, TCP, 1, 0, &[BE_REMOTE4]);
+    let sec = 1_000_000_000u64;
+    let s = Spec::tcp(CLIENT4, 40_000, LB4, FE_PORT, SYN);
+    let out = expect(&dp, dp.tc_in, &s, TC_ACT_OK);
+    let expiries = |dp: &mut Datapath| -> Vec<(u8, u64, u8)> {
+        let mut v: Vec<_> = dp
+            .ct()
+            .expect("ct")
+            .into_iter()
+            .map(|(k, v)| (k.dir, v.expires_ns, v.flags))
+            .collect();
+        v.sort();
+        v
+    };
+    let first = expiries(&mut dp);
+    assert_eq!(first.len(), 2, "{first:?}");
+    let now = Datapath::now_ns();
+    for (_, exp, _) in &first {
+        assert!(
+            *exp <= now + svc_lb_common::CT_TCP_SYN_TIMEOUT_S * sec,
+            "SYN lifetime: {first:?}"
+        );
+    }
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    // The backend answers (and retransmits): translated, both entries learn it, but
+    // neither lives longer.
+    let r = Spec::tcp(REMOTE4, BE_PORT, NODE4, out.sport, SYN | ACK);
+    for _ in 0..3 {
+        let back = expect(&dp, dp.tc_in, &r, TC_ACT_OK);
+        assert_eq!((back.dst, back.dport), (ip(CLIENT4), 40_000));
+    }
+    let after = expiries(&mut dp);
+    for (a, b) in first.iter().zip(&after) {
+        assert_eq!(
+            a.1, b.1,
+            "a SYN-ACK must not extend a half-open entry: {after:?}"
+        );
+        assert_ne!(b.2 & svc_lb_common::CT_FLAG_SEEN_REPLY, 0, "{after:?}");
+        assert_eq!(b.2 & svc_lb_common::CT_FLAG_ESTABLISHED, 0, "{after:?}");
+    }
+    // The client's SYN retransmission extends it.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    expect(&dp, dp.tc_in, &s, TC_ACT_OK);
+    let again = expiries(&mut dp);
+    for (a, b) in first.iter().zip(&again) {
+        assert!(b.1 > a.1, "the client's SYN extends: {first:?} → {again:?}");
+    }
+    // Expired (moved into the past by hand, as waiting 5 s would): another client's
+    // flow may claim the SNAT port, and the old flow's SYN-ACK is no longer translated.
+    for (k, mut v) in dp.ct().expect("ct") {
+        v.expires_ns = Datapath::now_ns() - 1;
+        dp.ct_insert(k, v).expect("ct");
+    }
+    let (rc, raw) = run(&dp, dp.tc_in, &r.frame());
+    assert_eq!(
+        (rc, raw),
+        (TC_ACT_OK, r.frame()),
+        "an expired half-open flow's SYN-ACK passes untranslated"
+    );
+}
+
+/// `ExtConfig`'s SNAT range is the only source of SNAT ports: a client port inside it
+/// is kept, every other flow gets a port of it.
+#[test]
+fn snat_ports_come_from_the_configured_range() {
+    let mut dp = lab();
+    dp.limits((20_000, 20_063), 0, 0).expect("limits");
+    service(&mut dp, LB4, FE_PORT, UDP, 1, 0, &[BE_REMOTE4]);
+    let mut seen = std::collections::BTreeSet::new();
+    for client_port in 40_000..40_012u16 {
+        let s = Spec::udp(CLIENT4, client_port, LB4, FE_PORT);
+        let out = expect(&dp, dp.tc_in, &s, TC_ACT_OK);
+        assert!(
+            (20_000..=20_063).contains(&out.sport),
+            "SNAT port {} outside 20000-20063",
+            out.sport
+        );
+        assert!(seen.insert(out.sport), "port {} given twice", out.sport);
+    }
+    let s = Spec::udp(CLIENT4, 20_063, LB4, FE_PORT);
+    let out = expect(&dp, dp.tc_in, &s, TC_ACT_OK);
+    if !seen.contains(&20_063) {
+        assert_eq!(out.sport, 20_063, "a client port inside the range is kept");
+    }
+}
+
+/// The node-wide reject limit (here a burst of 3, 1 per second): the first 3 probes of a
+/// burst to a Service without endpoints get their ICMP error, the rest are dropped and
+/// counted as rate-limited, not as rejects.
+#[test]
+fn rejects_beyond_the_rate_limit_are_dropped_and_counted() {
+    let mut dp = lab();
+    dp.limits((0, 0), 1, 3).expect("limits");
+    service(&mut dp, LB4, FE_PORT, TCP, 1, 0, &[]);
+    let (mut rejected, mut dropped) = (0, 0);
+    for i in 0..10u16 {
+        let s = spec(TCP, CLIENT4, 40_000 + i, LB4, FE_PORT, SYN);
+        let (rc, out) = run(&dp, dp.tc_in, &s.frame());
+        match rc {
+            TC_ACT_REDIRECT => {
+                assert_reject(&parse(&out).expect("reject well-formed"), &s);
+                rejected += 1;
+            }
+            TC_ACT_SHOT => dropped += 1,
+            other => panic!("verdict {other} for {s:?}"),
+        }
+    }
+    // A second may pass between the runs only on a very slow machine: then one more.
+    assert!((3..=4).contains(&rejected), "rejected {rejected}");
+    assert_eq!(rejected + dropped, 10);
+    assert_eq!(
+        dp.counter(CTR_EXT_REJECT_NO_BACKEND).expect("counter"),
+        rejected
+    );
+    assert_eq!(
+        dp.counter(svc_lb_common::CTR_EXT_REJECT_RATE_LIMITED)
+            .expect("counter"),
+        dropped
+    );
+    // XDP shares the bucket (one per node): still empty.
+    let s = spec(TCP, CLIENT4, 41_000, LB4, FE_PORT, SYN);
+    dp.xdp_dev(LO_IFINDEX, XDP_DEV_TX_OK).expect("mark lo");
+    let (rc, _) = run(&dp, dp.xdp, &s.frame());
+    assert_eq!(rc, XDP_DROP, "XDP: rate-limited reject is a drop");
 }
 
 /// The LRU may evict a flow's reply entry alone: the next forward packet writes it
@@ -763,7 +914,7 @@ fn tcp_lifetimes_follow_syn_established_and_fin() {
 fn evicted_reply_entry_is_recreated_by_the_next_packet() {
     let mut dp = lab();
     service(&mut dp, LB4, FE_PORT, UDP, 1, 0, &[BE_REMOTE4]);
-    let s = Spec::udp(CLIENT4, 1234, LB4, FE_PORT);
+    let s = Spec::udp(CLIENT4, 62_000, LB4, FE_PORT);
     expect(&dp, dp.tc_in, &s, TC_ACT_OK);
     let (rkey, _) = dp
         .ct()
@@ -772,12 +923,12 @@ fn evicted_reply_entry_is_recreated_by_the_next_packet() {
         .find(|(k, _)| k.dir == CT_DIR_REPLY)
         .expect("reply entry");
     dp.ct_remove(&rkey).expect("evict");
-    let r = Spec::udp(REMOTE4, BE_PORT, NODE4, 1234);
+    let r = Spec::udp(REMOTE4, BE_PORT, NODE4, 62_000);
     let (rc, raw) = run(&dp, dp.tc_in, &r.frame());
     assert_eq!((rc, raw), (TC_ACT_OK, r.frame()), "no entry: untranslated");
     expect(&dp, dp.tc_in, &s, TC_ACT_OK);
     let back = expect(&dp, dp.tc_in, &r, TC_ACT_OK);
-    assert_translated(&back, &r, (LB4, FE_PORT), (CLIENT4, 1234));
+    assert_translated(&back, &r, (LB4, FE_PORT), (CLIENT4, 62_000));
 }
 
 /// Session affinity (ClientIP) of external clients: a new flow from a remembered client
@@ -901,17 +1052,17 @@ fn snat_flow_is_sent_by_fib_lookup_when_routed() {
         (TCP, CLIENT6, LB6, NODE6, REMOTE6, BE_REMOTE6, 3),
     ] {
         service(&mut dp, lb, FE_PORT, proto, rev, 0, &[id]);
-        let s = spec(proto, client, 1234, lb, FE_PORT, SYN);
+        let s = spec(proto, client, 62_000, lb, FE_PORT, SYN);
         let out = expect(&dp, dp.tc_in, &s, TC_ACT_REDIRECT);
-        assert_eq!((out.src, out.sport), (ip(node), 1234), "SNAT of {s:?}");
+        assert_eq!((out.src, out.sport), (ip(node), 62_000), "SNAT of {s:?}");
         assert_eq!((out.dst, out.dport), (ip(backend), BE_PORT));
         assert_eq!(out.ttl, 63, "{s:?} forwarded: TTL/hop limit decremented");
         assert_eq!(out.payload(), s.payload.as_slice());
 
-        let r = spec(proto, backend, BE_PORT, node, 1234, SYN | ACK);
+        let r = spec(proto, backend, BE_PORT, node, 62_000, SYN | ACK);
         let back = expect(&dp, dp.tc_in, &r, TC_ACT_REDIRECT);
         assert_eq!((back.src, back.sport), (ip(lb), FE_PORT), "reply {r:?}");
-        assert_eq!((back.dst, back.dport), (ip(client), 1234));
+        assert_eq!((back.dst, back.dport), (ip(client), 62_000));
         assert_eq!(back.ttl, 63);
         assert_eq!(back.payload(), r.payload.as_slice());
         sent += 2;
@@ -921,7 +1072,7 @@ fn snat_flow_is_sent_by_fib_lookup_when_routed() {
 
     // Hop limit 1 (IPv6: no header checksum to fix in the hand-edited frame): the
     // stack forwards nothing with it, and sends the Time Exceeded itself.
-    let s = spec(TCP, CLIENT6, 1234, LB6, FE_PORT, ACK);
+    let s = spec(TCP, CLIENT6, 62_000, LB6, FE_PORT, ACK);
     let mut frame = s.frame();
     frame[14 + 7] = 1;
     let (rc, raw) = run(&dp, dp.tc_in, &frame);

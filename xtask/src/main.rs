@@ -80,6 +80,10 @@ struct TestArgs {
     /// Skip `cargo fmt --check` and clippy (for local iteration; CI never uses this).
     #[arg(long)]
     no_lint: bool,
+    /// Also run the long forms (root, about 20 minutes more): the chaos test for 10 minutes
+    /// and the 10-minute soak (tests/tests/chaos.rs). Not part of CI.
+    #[arg(long)]
+    long: bool,
 }
 
 #[derive(Args)]
@@ -307,6 +311,25 @@ fn test(ctx: &Ctx, args: &TestArgs) -> Result<()> {
     image_test.env("SVC_LB_IMAGE", &archive);
     run(&mut image_test)?;
     bench::smoke(ctx, &agent)?;
+    if args.long {
+        step("test: long forms (chaos test for 10 minutes, then the 10-minute soak)");
+        let mut long = ctx.cargo([
+            "test",
+            "--release",
+            "-p",
+            "svc-lb-tests",
+            "--features",
+            "e2e",
+            "--test",
+            "chaos",
+            "--",
+            "--test-threads=1",
+            "--include-ignored",
+            "--nocapture",
+        ])?;
+        long.env("SVC_LB_BIN", &agent).env("SVCLB_LONG", "1");
+        run(&mut long)?;
+    }
     step(
         "test: all passed (lint, host tests, end-to-end, end-to-end with kernel fallbacks, image, benchmark smoke run)",
     );

@@ -225,6 +225,28 @@ fn take_percpu_hash(ebpf: &mut Ebpf, name: &str) -> Result<PerCpuHashMap<MapData
     PerCpuHashMap::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
+/// The external path's limits in `ExtConfig`: SNAT source ports (host order, inclusive;
+/// 0/0 is svc-lb-common's default range) and the node-wide ICMP reject token bucket
+/// (rejects per second, 0 = no limit; burst).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExtLimits {
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    pub reject_rate: u32,
+    pub reject_burst: u32,
+}
+
+impl Default for ExtLimits {
+    fn default() -> Self {
+        Self {
+            snat_port_min: svc_lb_common::SNAT_PORT_MIN,
+            snat_port_max: svc_lb_common::SNAT_PORT_MAX,
+            reject_rate: svc_lb_common::REJECT_RATE_DEFAULT,
+            reject_burst: svc_lb_common::REJECT_BURST_DEFAULT,
+        }
+    }
+}
+
 /// Load-time switches of the eBPF object.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LoadOptions {
@@ -427,6 +449,7 @@ impl BpfDatapath {
             "external-path LRU maps sized"
         );
         remove_retired_pins(bpffs)?;
+        replace_resized_config_pin(bpffs)?;
         let pins: Vec<(&str, PathBuf)> = svc_lb_common::ALL_MAPS
             .iter()
             .map(|n| (*n, bpffs.join(n)))
@@ -1096,11 +1119,13 @@ impl BpfDatapath {
     }
 
     /// Writes the external path's settings (`LB_CONFIG_V1[0]`): the SNAT address of
-    /// each family (`None`: flows that would need it are dropped) and the table size.
+    /// each family (`None`: flows that would need it are dropped), the table size, the
+    /// SNAT ports and the reject limit.
     pub fn write_ext_config(
         &mut self,
         snat4: Option<std::net::Ipv4Addr>,
         snat6: Option<std::net::Ipv6Addr>,
+        limits: &ExtLimits,
     ) -> Result<()> {
         let cfg = ExtConfig {
             snat4_be: snat4.map_or(0, |a| u32::from_ne_bytes(a.octets())),
@@ -1108,6 +1133,11 @@ impl BpfDatapath {
             maglev_size: self.maglev_size,
             flags: 0,
             _pad: 0,
+            snat_port_min: limits.snat_port_min,
+            snat_port_max: limits.snat_port_max,
+            reject_rate: limits.reject_rate,
+            reject_burst: limits.reject_burst,
+            _pad2: 0,
         };
         self.ext_mut()?
             .config
@@ -1438,6 +1468,29 @@ impl PinnedMaps {
             .collect::<Result<Vec<u64>, _>>()
             .context("read counters")
     }
+}
+
+/// Removes a pinned `LB_CONFIG_V1` whose value size is not this version's `ExtConfig`
+/// (an upgrade that added fields): aya would re-open it and the programs would not load
+/// against it. Nothing is lost: the agent writes the config at every start, and
+/// programs of the old version keep their own copy until their links are swapped.
+fn replace_resized_config_pin(bpffs: &Path) -> Result<()> {
+    let path = bpffs.join(MAP_CONFIG);
+    if !path.exists() {
+        return Ok(());
+    }
+    let data =
+        MapData::from_pin(&path).with_context(|| format!("open pinned map {}", path.display()))?;
+    let size = data
+        .info()
+        .with_context(|| format!("info of pinned map {MAP_CONFIG}"))?
+        .value_size();
+    let want = std::mem::size_of::<ExtConfig>() as u32;
+    if size != want {
+        fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
+        info!(pin = %path.display(), pinned_value_size = size, value_size = want, "replaced the pinned config map of an earlier version");
+    }
+    Ok(())
 }
 
 /// Removes the pins of maps an earlier version used (`RETIRED_MAPS`), so that an

@@ -46,7 +46,8 @@ pub struct CtFlow {
     /// Which entries exist: "both", "forward" (no reply entry: none seen yet, or
     /// evicted) or "reply" (the forward entry was evicted).
     pub direction: &'static str,
-    /// Among "snat", "closing" (FIN/RST seen) and "seen-reply" (the backend answered),
+    /// Among "snat", "closing" (FIN/RST seen), "seen-reply" (the backend answered) and
+    /// "established" (TCP handshake completed),
     /// from both entries.
     pub flags: Vec<&'static str>,
     pub rev_nat_id: u32,
@@ -107,6 +108,7 @@ fn flag_names(flags: u8) -> Vec<&'static str> {
         (CT_FLAG_SNAT, "snat"),
         (CT_FLAG_CLOSING, "closing"),
         (CT_FLAG_SEEN_REPLY, "seen-reply"),
+        (svc_lb_common::CT_FLAG_ESTABLISHED, "established"),
     ] {
         if flags & bit != 0 {
             out.push(name);

@@ -25,12 +25,11 @@ use svc_lb_common::{
     AffinityExtKey, AffinityKey, AffinityValue, BACKEND_FLAG_LOCAL, Backend, CT_DIR_FORWARD,
     CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, CTR_EXT_BACKEND_MISSING,
     CTR_EXT_DROP_NO_LOCAL, CTR_EXT_DROP_SRC_RANGE, CTR_EXT_MAGLEV_MISSING, CTR_EXT_NO_SNAT_ADDR,
-    CtKey, CtValue, EPHEMERAL_PORT_MAX, EPHEMERAL_PORT_MIN, ExtChoice, ExtConfig, ExtVia,
-    FAMILY_V4, FAMILY_V6, MAGLEV_TABLE_MAX, MAP_AFFINITY_EXT, MAP_CONFIG, MAP_CT, MAP_MAGLEV,
-    MAP_NODE_ADDR, MAP_SRC_RANGE4, MAP_SRC_RANGE6, MaglevTable, NodeAddrKey, PROTO_TCP, PROTO_UDP,
-    SCOPE_EXTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY,
-    SVC_FLAG_EXT_LOCAL, SVC_FLAG_SRC_RANGES, SrcRange4Key, SrcRange6Key, Stickiness, SvcValue,
-    choose_external, maglev::flow_hash,
+    CtKey, CtValue, ExtChoice, ExtConfig, ExtVia, FAMILY_V4, FAMILY_V6, MAGLEV_TABLE_MAX,
+    MAP_AFFINITY_EXT, MAP_CONFIG, MAP_CT, MAP_MAGLEV, MAP_NODE_ADDR, MAP_SRC_RANGE4,
+    MAP_SRC_RANGE6, MaglevTable, NodeAddrKey, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SNAT_PORT_MAX,
+    SNAT_PORT_MIN, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXT_LOCAL, SVC_FLAG_SRC_RANGES,
+    SrcRange4Key, SrcRange6Key, Stickiness, SvcValue, choose_external, maglev::flow_hash,
 };
 
 use super::{
@@ -428,6 +427,7 @@ fn ct_flags(flags: u8) -> Vec<&'static str> {
         (CT_FLAG_SNAT, "snat"),
         (CT_FLAG_CLOSING, "closing"),
         (CT_FLAG_SEEN_REPLY, "seen-reply"),
+        (svc_lb_common::CT_FLAG_ESTABLISHED, "established"),
     ]
     .iter()
     .filter(|(bit, _)| flags & bit != 0)
@@ -1147,10 +1147,13 @@ pub fn trace(maps: &dyn ExtTraceMaps, req: &ExtTraceRequest) -> Result<ExtTrace>
                     return Ok(out);
                 };
                 let client_port = req.from.port();
-                let keeps = client_port != 0
-                    && !(EPHEMERAL_PORT_MIN..=EPHEMERAL_PORT_MAX).contains(&client_port);
-                // The first port tried: the client's own when it is outside the
-                // ephemeral range; it is taken when a live reply entry holds it.
+                let (port_min, port_max) = match cfg {
+                    Some(c) => svc_lb_common::lookup::snat_range(c.snat_port_min, c.snat_port_max),
+                    None => (SNAT_PORT_MIN, SNAT_PORT_MAX),
+                };
+                let keeps = client_port != 0 && (port_min..=port_max).contains(&client_port);
+                // The first port tried: the client's own when it lies in the SNAT
+                // range; it is taken when a live reply entry holds it.
                 let kept = if keeps {
                     let rkey = CtKey {
                         saddr_be: backend.addr_be,
@@ -1171,13 +1174,13 @@ pub fn trace(maps: &dyn ExtTraceMaps, req: &ExtTraceRequest) -> Result<ExtTrace>
                 };
                 let port_text = match kept {
                     Some(p) => {
-                        format!("{p} (the client's port: outside the ephemeral range and free)")
+                        format!("{p} (the client's port: inside the SNAT range and free)")
                     }
                     None if keeps => format!(
-                        "a pseudo-random port of {SNAT_PORT_MIN}-{SNAT_PORT_MAX} (the client's port {client_port} is held by another flow to this backend)"
+                        "a pseudo-random port of {port_min}-{port_max} (the client's port {client_port} is held by another flow to this backend)"
                     ),
                     None => format!(
-                        "a pseudo-random port of {SNAT_PORT_MIN}-{SNAT_PORT_MAX} (the client's port {client_port} is in the ephemeral range {EPHEMERAL_PORT_MIN}-{EPHEMERAL_PORT_MAX})"
+                        "a pseudo-random port of {port_min}-{port_max} (the client's port {client_port} is outside the SNAT range)"
                     ),
                 };
                 steps.push(TraceStep {

@@ -3,8 +3,9 @@
 use std::net::IpAddr;
 
 use svc_lb_common::{
-    BACKEND_ACTIVE, BACKEND_TERMINATING, KIND_CLUSTER_IP, KIND_EXTERNAL_IP, KIND_LOAD_BALANCER,
-    KIND_NODE_PORT, META_EXTERNAL_LOCAL, META_INTERNAL_LOCAL, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_TERMINATING, KIND_CLUSTER_IP, KIND_EXTERNAL_IP,
+    KIND_LOAD_BALANCER, KIND_NODE_PORT, META_EXTERNAL_LOCAL, META_INTERNAL_LOCAL, PROTO_SCTP,
+    PROTO_TCP, PROTO_UDP,
 };
 
 pub fn proto(p: u8) -> &'static str {
@@ -32,6 +33,7 @@ pub fn backend_state(s: u8) -> &'static str {
     match s {
         BACKEND_ACTIVE => "active",
         BACKEND_TERMINATING => "terminating",
+        BACKEND_DRAINING => "draining",
         _ => "unknown",
     }
 }

@@ -1370,6 +1370,11 @@ mod external_trace {
                 maglev_size: FAKE_MAGLEV_SIZE,
                 flags: 0,
                 _pad: 0,
+                snat_port_min: 0,
+                snat_port_max: 0,
+                reject_rate: 0,
+                reject_burst: 0,
+                _pad2: 0,
             }),
         }
     }
@@ -1476,8 +1481,9 @@ mod external_trace {
             [1, 2].into(),
             "40 source ports spread over both backends"
         );
-        // A non-ephemeral client port is kept when free.
-        let port = (1000u16..2000)
+        // A client port inside the SNAT range (the default 61000-65535 here) is kept when
+        // free.
+        let port = (61_000u16..62_000)
             .find(|p| maglev_pick(&m, 8, &format!("203.0.113.5:{p}"), 80, PROTO_TCP) == 2)
             .expect("a port that hashes to the remote backend");
         let t = run(

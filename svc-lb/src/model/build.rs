@@ -40,9 +40,10 @@ use k8s_openapi::{
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 use svc_lb_common::{
-    BACKEND_ACTIVE, BACKEND_TERMINATING, KIND_CLUSTER_IP, KIND_EXTERNAL_IP, KIND_LOAD_BALANCER,
-    KIND_NODE_PORT, META_EXTERNAL_LOCAL, META_INTERNAL_LOCAL, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
-    SCOPE_ALL, SCOPE_EXTERNAL, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXT_LOCAL, SVC_FLAG_SRC_RANGES,
+    BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_TERMINATING, KIND_CLUSTER_IP, KIND_EXTERNAL_IP,
+    KIND_LOAD_BALANCER, KIND_NODE_PORT, META_EXTERNAL_LOCAL, META_INTERNAL_LOCAL, PROTO_SCTP,
+    PROTO_TCP, PROTO_UDP, SCOPE_ALL, SCOPE_EXTERNAL, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXT_LOCAL,
+    SVC_FLAG_SRC_RANGES,
 };
 
 use super::{
@@ -1326,6 +1327,17 @@ fn program(
         } else {
             eps.cluster.clone()
         };
+        if outside {
+            let draining: Vec<DesiredBackend> = eps
+                .serving
+                .iter()
+                .filter(|s| !backends.iter().any(|b| b.addr == s.addr))
+                .copied()
+                .collect();
+            if !draining.is_empty() {
+                state.draining.insert(fe.key, draining);
+            }
+        }
         let mut flags = 0;
         let mut src_ranges = Vec::new();
         if outside && plan.external_local {
@@ -1379,6 +1391,9 @@ struct Endpoints {
     cluster: Vec<DesiredBackend>,
     /// "Local" policy: this node's endpoints only; no topology, no fallback to others.
     local: Vec<DesiredBackend>,
+    /// Every endpoint that still serves (ready, or serving whatever else it is), as
+    /// `BACKEND_DRAINING`: what an external frontend drains from besides its backends.
+    serving: Vec<DesiredBackend>,
 }
 
 /// Which endpoints the topology hints restrict the Cluster policy to (kube-proxy's
@@ -1506,7 +1521,25 @@ fn select_backends(
             .collect();
     }
 
+    // Established external flows keep any endpoint that still serves, whatever picks
+    // new flows now (kube-proxy never breaks them, and flushes UDP conntrack only for
+    // endpoints that stopped serving).
+    let mut serving: Vec<DesiredBackend> = cands
+        .iter()
+        .filter(|c| ready(c) || c.ep.serving)
+        .map(|c| DesiredBackend {
+            addr: c.addr,
+            state: BACKEND_DRAINING,
+            local: is_local(c),
+        })
+        .collect();
+
     cluster.sort_unstable();
     local.sort_unstable();
-    Endpoints { cluster, local }
+    serving.sort_unstable();
+    Endpoints {
+        cluster,
+        local,
+        serving,
+    }
 }

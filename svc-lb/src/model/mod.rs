@@ -102,6 +102,13 @@ pub struct DesiredState {
     /// IPs are programmed with no backends (connections are refused) so that nothing
     /// keeps routing to their old backends; their reasons are in the errors.
     pub over_limit: Vec<ServiceRef>,
+    /// Per `SCOPE_EXTERNAL` frontend: endpoints that still serve but that its
+    /// `backends` leave out (terminating while others are ready, not ready but serving,
+    /// outside this node's topology hints or traffic policy), with state
+    /// `BACKEND_DRAINING`. The planner keeps their backend entries (never creates
+    /// them) so that established external flows keep their backend, as kube-proxy's
+    /// conntrack does; no new flow is sent to them. Sorted, no frontend with none.
+    pub draining: BTreeMap<FrontendKey, Vec<DesiredBackend>>,
 }
 
 /// What this node is, for rules that depend on it (traffic policy, topology, node

@@ -2395,3 +2395,188 @@ spec: {clusterIP: 10.96.35.1, ports: [{port: 80}]}
     assert_eq!(render(&state), ["10.96.35.1:80/TCP t/web: []"]);
     assert!(state.skipped.is_empty());
 }
+
+// ---------------------------------------------------------------------------------
+// Draining on the external path (issue 11, item 3): endpoints that still serve but are
+// not selected stay listed per external frontend, so established flows keep them.
+
+mod draining {
+    use svc_lb_common::{BACKEND_DRAINING, SCOPE_EXTERNAL};
+
+    use super::*;
+
+    fn node(zone: Option<&str>) -> NodeInfo {
+        NodeInfo {
+            name: Some("n1".to_owned()),
+            zone: zone.map(str::to_owned),
+            addresses: vec!["192.168.1.10".parse().unwrap()],
+            external: true,
+            ..NodeInfo::default()
+        }
+    }
+
+    /// `0.0.0.0:30080/TCP [selected...] drain [draining...]` for every external
+    /// frontend, and checks that no socket-path frontend drains anything.
+    fn render_drain(state: &DesiredState) -> Vec<String> {
+        for key in state.draining.keys() {
+            assert_eq!(key.scope, SCOPE_EXTERNAL, "only external frontends drain");
+            assert!(state.frontends.contains_key(key), "draining of a frontend");
+        }
+        state
+            .frontends
+            .values()
+            .filter(|fe| fe.key.scope == SCOPE_EXTERNAL)
+            .map(|fe| {
+                let list = |bs: &[crate::model::DesiredBackend]| {
+                    bs.iter()
+                        .map(|b| hostport(b.addr.addr, b.addr.port))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                };
+                let draining = state.draining.get(&fe.key).cloned().unwrap_or_default();
+                assert!(
+                    state.draining.get(&fe.key).is_none_or(|d| !d.is_empty()),
+                    "no empty draining list"
+                );
+                for d in &draining {
+                    assert_eq!(d.state, BACKEND_DRAINING);
+                    assert!(
+                        !fe.backends.iter().any(|b| b.addr == d.addr),
+                        "a selected backend is not draining"
+                    );
+                }
+                let mut sorted = draining.clone();
+                sorted.sort();
+                assert_eq!(sorted, draining, "sorted");
+                format!(
+                    "{}/{} [{}] drain [{}]",
+                    hostport(fe.key.addr, fe.key.port),
+                    proto(fe.key.proto),
+                    list(&fe.backends),
+                    list(&draining)
+                )
+            })
+            .collect()
+    }
+
+    const SVC: &str = r#"
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  type: NodePort
+  clusterIPs: [10.96.0.1]
+  ports: [{name: http, port: 80, nodePort: 30080}]
+"#;
+
+    fn slice(endpoints: &str) -> String {
+        format!(
+            r#"{SVC}
+---
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080, protocol: TCP}}]
+endpoints:
+{endpoints}"#
+        )
+    }
+
+    #[test]
+    fn serving_endpoints_that_are_not_selected_drain() {
+        let cases: &[(&str, Option<&str>, &str, &str)] = &[
+            (
+                "terminating but serving while another is ready",
+                None,
+                "- {addresses: [10.0.0.1], nodeName: n1, conditions: {ready: false, serving: true, terminating: true}}\n\
+                 - {addresses: [10.0.0.2], nodeName: n1}\n",
+                "0.0.0.0:30080/TCP [10.0.0.2:8080] drain [10.0.0.1:8080]",
+            ),
+            (
+                "terminating and not serving: gone for established flows too",
+                None,
+                "- {addresses: [10.0.0.1], nodeName: n1, conditions: {ready: false, serving: false, terminating: true}}\n\
+                 - {addresses: [10.0.0.2], nodeName: n1}\n",
+                "0.0.0.0:30080/TCP [10.0.0.2:8080] drain []",
+            ),
+            (
+                "not ready but serving (and serving unknown, read as serving like kube-proxy)",
+                None,
+                "- {addresses: [10.0.0.1], conditions: {ready: false, serving: true, terminating: false}}\n\
+                 - {addresses: [10.0.0.2], conditions: {ready: false}}\n\
+                 - {addresses: [10.0.0.3]}\n\
+                 - {addresses: [10.0.0.4], conditions: {ready: false, serving: false}}\n",
+                "0.0.0.0:30080/TCP [10.0.0.3:8080] drain [10.0.0.1:8080 10.0.0.2:8080]",
+            ),
+            (
+                "every endpoint terminating: the fallback selects them, nothing drains",
+                None,
+                "- {addresses: [10.0.0.1], conditions: {ready: false, serving: true, terminating: true}}\n\
+                 - {addresses: [10.0.0.2], conditions: {ready: false, serving: true, terminating: true}}\n",
+                "0.0.0.0:30080/TCP [10.0.0.1:8080 10.0.0.2:8080] drain []",
+            ),
+            (
+                "left out by a zone hint",
+                Some("zone-a"),
+                "- {addresses: [10.0.0.1], hints: {forZones: [{name: zone-a}]}}\n\
+                 - {addresses: [10.0.0.2], hints: {forZones: [{name: zone-b}]}}\n",
+                "0.0.0.0:30080/TCP [10.0.0.1:8080] drain [10.0.0.2:8080]",
+            ),
+        ];
+        for (name, zone, endpoints, want) in cases {
+            let (state, errors) = build_with(&slice(endpoints), &node(*zone));
+            assert!(errors.is_empty(), "{name}: {errors:?}");
+            assert_eq!(render_drain(&state), [*want], "{name}");
+        }
+    }
+
+    #[test]
+    fn external_traffic_policy_local_drains_the_other_nodes_endpoints() {
+        let yaml = slice(
+            "- {addresses: [10.0.0.1], nodeName: n1}\n\
+             - {addresses: [10.0.0.2], nodeName: n2}\n\
+             - {addresses: [10.0.0.3], nodeName: n1, conditions: {ready: false, serving: true, terminating: true}}\n",
+        )
+        .replace(
+            "  type: NodePort\n",
+            "  type: NodePort\n  externalTrafficPolicy: Local\n",
+        );
+        let (state, errors) = build_with(&yaml, &node(None));
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(
+            render_drain(&state),
+            ["0.0.0.0:30080/TCP [10.0.0.1:8080] drain [10.0.0.2:8080 10.0.0.3:8080]"]
+        );
+        // The draining entry keeps its locality (the flow's SNAT was decided by it).
+        let d = state.draining.values().next().unwrap();
+        assert_eq!(d.iter().map(|b| b.local).collect::<Vec<_>>(), [false, true]);
+    }
+
+    #[test]
+    fn load_balancer_ips_drain_and_the_socket_path_never_does() {
+        let yaml = slice(
+            "- {addresses: [10.0.0.1], conditions: {ready: false, serving: true, terminating: true}}\n\
+             - {addresses: [10.0.0.2]}\n",
+        )
+        .replace("type: NodePort", "type: LoadBalancer")
+        .replace(
+            "  ports: [{name: http, port: 80, nodePort: 30080}]\n",
+            "  ports: [{name: http, port: 80, nodePort: 30080}]\nstatus: {loadBalancer: {ingress: [{ip: 203.0.113.5}]}}\n",
+        );
+        let (state, errors) = build_with(&yaml, &node(None));
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(
+            render_drain(&state),
+            [
+                "0.0.0.0:30080/TCP [10.0.0.2:8080] drain [10.0.0.1:8080]",
+                "203.0.113.5:80/TCP [10.0.0.2:8080] drain [10.0.0.1:8080]",
+            ]
+        );
+        // Without the external path nothing drains (no one would read it).
+        let off = NodeInfo {
+            external: false,
+            ..node(None)
+        };
+        let (state, _) = build_with(&yaml, &off);
+        assert!(state.draining.is_empty());
+    }
+}

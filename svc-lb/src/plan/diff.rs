@@ -15,7 +15,10 @@
 //!    after its slots and before its master; leaving source ranges, and the table when
 //!    the count drops to 0, after it. Then tables and source ranges of reverse-NAT ids
 //!    no master names any more;
-//! 4. backends no slot (and no Maglev table of a frontend left as it is) names any more.
+//! 4. backends no slot (and no Maglev table of a frontend left as it is) names any more,
+//!    except those an admitted external frontend drains (`DesiredState::draining`):
+//!    they stay, as `BACKEND_DRAINING` unless a slot still names them, until their
+//!    endpoint stops serving.
 //!
 //! Ids never change meaning within one plan: an id freed by a plan is reused only by a
 //! later plan, so a connection that raced with the update never finds a different
@@ -27,9 +30,9 @@ use std::{
 
 use ipnet::IpNet;
 use svc_lb_common::{
-    MAP_BACKENDS, MAP_MAGLEV, MAP_REVNAT, MAP_SRC_RANGE4, MAP_SRC_RANGE6, MAP_SVC4, MAP_SVC6,
-    MAX_BACKENDS_PER_FRONTEND, PROTO_SCTP, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SVC_FLAG_AFFINITY,
-    SVC_FLAG_DROP_EMPTY,
+    BACKEND_DRAINING, MAP_BACKENDS, MAP_MAGLEV, MAP_REVNAT, MAP_SRC_RANGE4, MAP_SRC_RANGE6,
+    MAP_SVC4, MAP_SVC6, MAX_BACKENDS_PER_FRONTEND, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    SCOPE_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY,
 };
 
 use super::{
@@ -748,6 +751,26 @@ pub fn plan(current: &CurrentState, desired: &DesiredState, cap: &Capacity) -> P
                 local: b.local,
             });
             entry.state = entry.state.min(b.state);
+        }
+    }
+    // Draining backends of admitted external frontends keep the entry they have (same
+    // id, same address: the external path's conntrack check passes) and are never
+    // created, since no flow can be using a backend that has no entry. Rejected
+    // Services drain nothing: they fail closed.
+    for c in &admitted {
+        if emptied_keys.contains(c.key()) {
+            continue;
+        }
+        for b in desired.draining.get(c.key()).into_iter().flatten() {
+            let Some(&id) = by_addr.get(&b.addr) else {
+                continue;
+            };
+            let entry = wanted.entry(id).or_insert(BackendEntry {
+                addr: b.addr,
+                state: BACKEND_DRAINING,
+                local: b.local,
+            });
+            entry.state = entry.state.min(BACKEND_DRAINING);
         }
     }
     for (id, backend) in &wanted {

@@ -4,7 +4,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 use svc_lb_common::{
-    BACKEND_ACTIVE, BACKEND_TERMINATING, PROTO_TCP, PROTO_UDP, SCOPE_ALL, SCOPE_EXTERNAL,
+    BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_TERMINATING, PROTO_TCP, PROTO_UDP, SCOPE_ALL,
+    SCOPE_EXTERNAL,
 };
 
 use super::{
@@ -53,6 +54,8 @@ struct FrontendSpec {
     /// External frontends: which source ranges, whether externalTrafficPolicy is Local.
     ranges: u8,
     ext_local: bool,
+    /// External frontends: pool addresses (not among `backends`) that drain.
+    draining: u8,
 }
 
 fn frontend_spec() -> impl Strategy<Value = FrontendSpec> {
@@ -64,16 +67,20 @@ fn frontend_spec() -> impl Strategy<Value = FrontendSpec> {
         prop_oneof![3 => Just(None), 1 => Just(Some(10)), 1 => Just(Some(10_800))],
         any::<u8>(),
         prop::bool::ANY,
+        any::<u8>(),
     )
         .prop_map(
-            |(present, service, backends, terminating, affinity, ranges, ext_local)| FrontendSpec {
-                present,
-                service,
-                backends,
-                terminating,
-                affinity,
-                ranges,
-                ext_local,
+            |(present, service, backends, terminating, affinity, ranges, ext_local, draining)| {
+                FrontendSpec {
+                    present,
+                    service,
+                    backends,
+                    terminating,
+                    affinity,
+                    ranges,
+                    ext_local,
+                    draining,
+                }
             },
         )
 }
@@ -131,6 +138,28 @@ fn desired_state() -> impl Strategy<Value = DesiredState> {
                 src_ranges.sort_unstable();
                 if !src_ranges.is_empty() {
                     flags |= svc_lb_common::SVC_FLAG_SRC_RANGES;
+                }
+                let backend_pool: &[&str] = if key.addr.is_ipv4() {
+                    &V4_POOL
+                } else {
+                    &V6_POOL
+                };
+                let draining: Vec<DesiredBackend> = backend_pool
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| spec.draining & !spec.backends & (1 << i) != 0)
+                    .map(|(i, a)| DesiredBackend {
+                        addr: BackendAddr {
+                            addr: a.parse().unwrap(),
+                            port: 8080,
+                            proto: *proto,
+                        },
+                        state: BACKEND_DRAINING,
+                        local: i % 2 == 0,
+                    })
+                    .collect();
+                if !draining.is_empty() {
+                    d.draining.insert(key, draining);
                 }
                 if spec.ext_local {
                     flags |= svc_lb_common::SVC_FLAG_EXT_LOCAL;
@@ -263,6 +292,11 @@ fn step(rig: &mut Rig, desired: &DesiredState) -> Result<Plan, TestCaseError> {
         .chain(frontends_in_maps(rig))
         .collect();
     let before = all_served(rig, keys.iter().copied());
+    // The id each address has before the plan (the lowest, which the planner keeps).
+    let mut ids_before: BTreeMap<BackendAddr, u32> = BTreeMap::new();
+    for (id, b) in &rig.current.backends {
+        ids_before.entry(b.addr).or_insert(*id);
+    }
     check_op_by_op(rig, &p)?;
     if let Err(e) = apply_plan(&mut rig.fake, &mut rig.current, &p) {
         return Err(TestCaseError::fail(format!("apply failed: {e:#}")));
@@ -330,6 +364,49 @@ fn step(rig: &mut Rig, desired: &DesiredState) -> Result<Plan, TestCaseError> {
                 "admitted frontend {:?}",
                 key
             );
+        }
+    }
+    // Draining: an address an admitted external frontend drains keeps the entry it had
+    // (same id, same address), so established flows keep their backend; every other
+    // entry is named by a slot or a Maglev table.
+    let mut drained: BTreeSet<BackendAddr> = BTreeSet::new();
+    for (key, list) in &desired.draining {
+        let Some(d) = desired.frontends.get(key) else {
+            continue;
+        };
+        if rejected.contains(&d.service) {
+            continue;
+        }
+        for b in list {
+            drained.insert(b.addr);
+            if let Some(id) = ids_before.get(&b.addr) {
+                prop_assert_eq!(
+                    rig.current.backends.get(id).map(|e| e.addr),
+                    Some(b.addr),
+                    "draining {:?} lost its entry {}",
+                    b.addr,
+                    id
+                );
+            }
+        }
+    }
+    let mut named: BTreeSet<u32> = rig
+        .fake
+        .svc()
+        .iter()
+        .filter(|(k, _)| codec::frontend_of(k).1 != 0)
+        .map(|(_, v)| v.backend_id)
+        .collect();
+    named.extend(rig.fake.maglev().values().flatten().copied());
+    for (id, b) in &rig.current.backends {
+        prop_assert!(
+            named.contains(id) || drained.contains(&b.addr),
+            "backend {} ({:?}) is neither named nor draining",
+            id,
+            b
+        );
+        if !named.contains(id) {
+            prop_assert_eq!(b.state, BACKEND_DRAINING);
         }
     }
     let in_maps = frontends_in_maps(rig);

@@ -1404,3 +1404,152 @@ fn fake_checks_external_invariants() {
         Some(FakeError::Invariant(_))
     ));
 }
+
+// ---- Draining backends of external frontends (issue 11, item 3) ----
+
+mod draining {
+    use svc_lb_common::{BACKEND_DRAINING, SCOPE_EXTERNAL};
+
+    use super::*;
+
+    fn ext() -> FrontendKey {
+        FrontendKey {
+            scope: SCOPE_EXTERNAL,
+            ..fe("0.0.0.0", 30080)
+        }
+    }
+
+    fn drain(addr: &str) -> DesiredBackend {
+        DesiredBackend {
+            state: BACKEND_DRAINING,
+            ..be(addr)
+        }
+    }
+
+    /// One external frontend selecting `backends` and draining `draining`, plus an
+    /// optional socket-path frontend of the same Service.
+    fn desired(
+        backends: &[DesiredBackend],
+        draining: &[DesiredBackend],
+        socket: Option<&[DesiredBackend]>,
+    ) -> DesiredState {
+        let mut fronts = vec![frontend("a", ext(), backends)];
+        if let Some(s) = socket {
+            fronts.push(frontend("a", fe1(), s));
+        }
+        let mut d = state(fronts);
+        if !draining.is_empty() {
+            d.draining.insert(ext(), draining.to_vec());
+        }
+        d
+    }
+
+    fn id_of(rig: &Rig, addr: &str) -> Option<u32> {
+        rig.current
+            .backends
+            .iter()
+            .find(|(_, b)| b.addr == baddr(addr))
+            .map(|(id, _)| *id)
+    }
+
+    #[test]
+    fn a_backend_that_leaves_the_selection_but_serves_keeps_its_entry_and_id() {
+        let mut rig = Rig::new(big());
+        rig.sync(&desired(&[be("10.0.0.1"), be("10.0.0.2")], &[], None));
+        let old = id_of(&rig, "10.0.0.1").unwrap();
+
+        let p = rig.sync(&desired(&[be("10.0.0.2")], &[drain("10.0.0.1")], None));
+        assert!(
+            !p.ops.contains(&Op::DeleteBackend { id: old }),
+            "{:?}",
+            p.ops
+        );
+        assert!(p.ops.contains(&Op::UpsertBackend {
+            id: old,
+            backend: BackendEntry {
+                addr: baddr("10.0.0.1"),
+                state: BACKEND_DRAINING,
+                local: false,
+            },
+        }));
+        // Same id, same address: the external path's conntrack check passes. New flows
+        // cannot reach it: neither the slots nor the Maglev table name it.
+        assert_eq!(id_of(&rig, "10.0.0.1"), Some(old));
+        let s = served(&rig.fake, &ext()).unwrap();
+        assert_eq!(s.backends, vec![be("10.0.0.2")]);
+        assert!(s.table.iter().all(|a| *a == baddr("10.0.0.2")));
+        assert!(
+            crate::datapath::affinity::pairs(&rig.current)
+                .iter()
+                .all(|p| p.backend_id != old)
+        );
+
+        // Ready again: selected under the very same id.
+        rig.sync(&desired(&[be("10.0.0.1"), be("10.0.0.2")], &[], None));
+        assert_eq!(id_of(&rig, "10.0.0.1"), Some(old));
+        assert_eq!(rig.current.backends[&old].state, BACKEND_ACTIVE);
+
+        // Drained, then no longer serving: the entry goes, and so do established flows.
+        rig.sync(&desired(&[be("10.0.0.2")], &[drain("10.0.0.1")], None));
+        let p = rig.sync(&desired(&[be("10.0.0.2")], &[], None));
+        assert!(
+            p.ops.contains(&Op::DeleteBackend { id: old }),
+            "{:?}",
+            p.ops
+        );
+        assert_eq!(id_of(&rig, "10.0.0.1"), None);
+    }
+
+    #[test]
+    fn draining_never_creates_an_entry() {
+        // No flow can be using an endpoint that never had an entry (fresh maps after a
+        // wipe, or an endpoint a topology hint always left out).
+        let mut rig = Rig::new(big());
+        let p = rig.sync(&desired(&[be("10.0.0.2")], &[drain("10.0.0.1")], None));
+        assert_eq!(id_of(&rig, "10.0.0.1"), None, "{:?}", p.ops);
+        assert_eq!(rig.current.backends.len(), 1);
+    }
+
+    #[test]
+    fn a_backend_selected_elsewhere_stays_active() {
+        // The socket path still selects it (for example externalTrafficPolicy Local
+        // leaves a remote endpoint out of the external frontend only): one shared
+        // entry, and the state of the frontend that selects it wins.
+        let mut rig = Rig::new(big());
+        let both = [be("10.0.0.1"), be("10.0.0.2")];
+        rig.sync(&desired(&both, &[], Some(&both)));
+        let id = id_of(&rig, "10.0.0.1").unwrap();
+        rig.sync(&desired(
+            &[be("10.0.0.2")],
+            &[drain("10.0.0.1")],
+            Some(&both),
+        ));
+        assert_eq!(rig.current.backends[&id].state, BACKEND_ACTIVE);
+        assert_eq!(
+            served(&rig.fake, &ext()).unwrap().backends,
+            vec![be("10.0.0.2")]
+        );
+        // The socket path drops it too: now only the draining entry holds it.
+        rig.sync(&desired(
+            &[be("10.0.0.2")],
+            &[drain("10.0.0.1")],
+            Some(&[be("10.0.0.2")]),
+        ));
+        assert_eq!(rig.current.backends[&id].state, BACKEND_DRAINING);
+        assert_eq!(
+            served(&rig.fake, &fe1()).unwrap().backends,
+            vec![be("10.0.0.2")]
+        );
+    }
+
+    #[test]
+    fn a_removed_frontend_drains_nothing() {
+        let mut rig = Rig::new(big());
+        rig.sync(&desired(&[be("10.0.0.1"), be("10.0.0.2")], &[], None));
+        // A stale draining list for a frontend that is gone keeps nothing alive.
+        let mut d = DesiredState::default();
+        d.draining.insert(ext(), vec![drain("10.0.0.1")]);
+        rig.sync(&d);
+        assert!(rig.current.backends.is_empty());
+    }
+}
