@@ -40,8 +40,13 @@ pub struct AgentConfig {
     pub bpf_log: bool,
     /// `--devices`: where the external path runs; `None` chooses (see [`External`]).
     pub devices: Option<Vec<String>>,
-    /// `--nodeport-addresses`: node ports answer only on device addresses inside these.
-    pub nodeport_addresses: Vec<ipnet::IpNet>,
+    /// `--nodeport-addresses`: which node addresses serve node ports, to clients on the
+    /// node and from outside alike (see [`devices::node_port_addresses`]).
+    pub nodeport_addresses: devices::NodePortAddresses,
+    /// `--nodeport-localhost`: node ports on 127.0.0.1 and ::1 for clients on the node.
+    pub nodeport_localhost: bool,
+    /// `--node-ip`: this node's primary address of each family.
+    pub node_ips: Vec<std::net::IpAddr>,
     /// `--xdp`: also attach the XDP program to the devices.
     pub xdp: bool,
     /// `--xdp-reject`: where XDP_TX answers a reject, where tc does.
@@ -80,7 +85,11 @@ impl AgentConfig {
 /// addresses last written to the maps, and the healthCheckNodePort server.
 struct External {
     devices: Option<Vec<String>>,
+    /// The devices' addresses last read (kept when reading them fails).
+    device_addrs: Vec<std::net::IpAddr>,
     node_addrs: Option<Vec<std::net::IpAddr>>,
+    /// The SNAT addresses last written with them.
+    snat: (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>),
     health: Option<crate::hcnp::HealthCheckServer>,
     /// SNAT ports and reject limit, chosen with the devices.
     limits: crate::datapath::bpf::ExtLimits,
@@ -136,32 +145,43 @@ impl External {
         Ok(())
     }
 
-    /// Writes the node addresses and the SNAT addresses when they changed (addresses
-    /// may come and go while the agent runs).
+    /// Reads the devices' addresses (addresses may come and go while the agent runs).
+    fn read_device_addrs(&mut self) -> Result<()> {
+        let Some(devs) = self.devices.as_ref().filter(|d| !d.is_empty()) else {
+            self.device_addrs.clear();
+            return Ok(());
+        };
+        self.device_addrs = devices::device_addresses(&devices::interfaces()?, devs);
+        Ok(())
+    }
+
+    /// Writes the node addresses (`addrs`, the external share of
+    /// [`devices::node_port_addresses`]) and the SNAT addresses (of the devices) when
+    /// they changed.
     fn refresh_addresses(
         &mut self,
-        cfg: &AgentConfig,
         dp: &mut BpfDatapath,
         health: &crate::health::Health,
+        addrs: &[std::net::IpAddr],
     ) -> Result<()> {
         let Some(devs) = self.devices.as_ref().filter(|d| !d.is_empty()) else {
             return Ok(());
         };
-        let addrs = devices::node_addresses(&devices::interfaces()?, devs, &cfg.nodeport_addresses);
-        if self.node_addrs.as_ref() == Some(&addrs) {
+        let (snat4, snat6) = devices::snat_addresses(&self.device_addrs);
+        if self.node_addrs.as_deref() == Some(addrs) && self.snat == (snat4, snat6) {
             return Ok(());
         }
-        let (snat4, snat6) = devices::snat_addresses(&addrs);
         dp.write_ext_config(snat4, snat6, &self.limits)?;
-        dp.set_node_addrs(&addrs)?;
+        dp.set_node_addrs(addrs)?;
         info!(node_addresses = ?addrs, snat4 = ?snat4, snat6 = ?snat6, "external path: node addresses written");
-        if addrs.is_empty() {
-            warn!(devices = ?devs, "the devices have no usable address: node ports answer nowhere and SNAT is impossible");
+        if snat4.is_none() && snat6.is_none() {
+            warn!(devices = ?devs, "the devices have no usable address: SNAT is impossible");
         }
         self.health = Some(
-            crate::hcnp::HealthCheckServer::new(addrs.clone()).with_proxy_health(health.clone()),
+            crate::hcnp::HealthCheckServer::new(addrs.to_vec()).with_proxy_health(health.clone()),
         );
-        self.node_addrs = Some(addrs);
+        self.node_addrs = Some(addrs.to_vec());
+        self.snat = (snat4, snat6);
         Ok(())
     }
 }
@@ -213,6 +233,41 @@ fn accept_local(dev: &str) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The node-port addresses of this sync. The node's addresses are the Node object's
+/// InternalIP and ExternalIP addresses (Kubernetes mode), `--node-ip` and the devices'
+/// addresses; its primary addresses come from `--node-ip`, else the Node object, else
+/// (manifest mode, which has no Node) the devices.
+fn node_port_set(
+    cfg: &AgentConfig,
+    node: &NodeInfo,
+    node_object: Option<&k8s_openapi::api::core::v1::Node>,
+    device_addrs: &[std::net::IpAddr],
+) -> devices::NodePortSet {
+    let from_devices = if cfg.manifests.is_some() {
+        device_addrs
+    } else {
+        &[]
+    };
+    let primary = devices::primary_addresses(
+        &cfg.node_ips,
+        &model::primary_ips(node_object),
+        from_devices,
+    );
+    let candidates: Vec<std::net::IpAddr> = node
+        .addresses
+        .iter()
+        .chain(&cfg.node_ips)
+        .chain(device_addrs)
+        .copied()
+        .collect();
+    devices::node_port_addresses(
+        &candidates,
+        &primary,
+        &cfg.nodeport_addresses,
+        cfg.nodeport_localhost,
+    )
 }
 
 /// After a failed apply, try again this soon even if nothing changes.
@@ -287,7 +342,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     )?;
     let mut ext = External {
         devices: None,
+        device_addrs: Vec::new(),
         node_addrs: None,
+        snat: (None, None),
         health: None,
         limits: Default::default(),
     };
@@ -339,6 +396,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let mut reported = BTreeSet::new();
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut attached = false;
+    let mut last_node_ports: Option<devices::NodePortSet> = None;
 
     loop {
         let retry = async {
@@ -371,22 +429,33 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         if let Err(e) = ext.decide_devices(&cfg, &node, &dp) {
             ext.fail(e.context("external path: choose the devices"));
         }
-        if let Err(e) = ext.refresh_addresses(&cfg, &mut dp, &health) {
-            if attached {
-                error!(error = %format!("{e:#}"), "external path: could not update the node addresses");
-            } else {
-                ext.fail(e.context("external path: write the node addresses"));
+        let refreshed = ext.read_device_addrs().and_then(|()| {
+            // One rule for both paths: the socket programs' node-port frontends and the
+            // external path's node addresses come from the same call.
+            let set = node_port_set(&cfg, &node, snap.node.as_ref(), &ext.device_addrs);
+            ext.refresh_addresses(&mut dp, &health, &set.external)?;
+            Ok(set)
+        });
+        let set = match refreshed {
+            Ok(set) => set,
+            Err(e) => {
+                if attached {
+                    error!(error = %format!("{e:#}"), "external path: could not update the node addresses");
+                } else {
+                    ext.fail(e.context("external path: write the node addresses"));
+                }
+                node_port_set(&cfg, &node, snap.node.as_ref(), &ext.device_addrs)
             }
+        };
+        if last_node_ports.as_ref() != Some(&set) {
+            info!(local = ?set.local, external = ?set.external, "node ports: the addresses that serve them");
+            if set.local.is_empty() && cfg.nodeport_addresses != devices::NodePortAddresses::All {
+                warn!(rule = ?cfg.nodeport_addresses, "no node address passes --nodeport-addresses: node ports answer nowhere");
+            }
+            last_node_ports = Some(set.clone());
         }
         node.external = ext.on();
-        // Manifest mode has no Node object: the devices' node addresses stand in for its
-        // addresses, so a pod on this node dialling its own node's NodePort (hairpin)
-        // is served by the socket programs like in Kubernetes mode.
-        if node.addresses.is_empty()
-            && let Some(addrs) = ext.node_addrs.as_ref()
-        {
-            node.addresses = addrs.clone();
-        }
+        node.addresses = set.local;
         let mut stopped = Vec::new();
         let result = sync(
             &mut dp,

@@ -89,10 +89,23 @@ pub enum Command {
         /// is off]
         #[arg(long, value_delimiter = ',', value_name = "IF[,IF...]")]
         devices: Option<Vec<String>>,
-        /// Serve node ports only on the devices' addresses inside these CIDRs
-        /// [default: every address of the devices]
-        #[arg(long, value_delimiter = ',', value_name = "CIDR[,CIDR...]")]
-        nodeport_addresses: Vec<ipnet::IpNet>,
+        /// Which node addresses serve node ports, to clients on the node (socket
+        /// programs) and from outside (tc/XDP) alike: those inside these CIDRs (a family
+        /// with no CIDR listed keeps all of its addresses), or, with the keyword
+        /// `primary`, the node's primary address of each family (see --node-ip). The node's
+        /// addresses: the Node's InternalIP and ExternalIP, --node-ip and the devices'
+        /// addresses [default: all of them]
+        #[arg(long, value_delimiter = ',', value_name = "CIDR[,CIDR...]|primary", value_parser = crate::datapath::devices::parse_nodeport_entry)]
+        nodeport_addresses: Vec<crate::datapath::devices::NodePortEntry>,
+        /// Also serve node ports on 127.0.0.1 and ::1 to clients on the node (off by
+        /// default, as in kube-proxy's nftables mode).
+        #[arg(long)]
+        nodeport_localhost: bool,
+        /// This node's primary address of each family (at most one per family), for
+        /// --nodeport-addresses primary [default: the Node's first InternalIP (else
+        /// ExternalIP) per family; with --manifests the devices' first address per family]
+        #[arg(long, value_delimiter = ',', value_name = "IP[,IP]")]
+        node_ip: Vec<std::net::IpAddr>,
         /// Also attach the XDP program (native mode) to the devices; a driver that
         /// refuses it is logged once and the device runs tc only.
         #[arg(long)]
@@ -349,6 +362,19 @@ fn parse_conntrack_max(s: &str) -> Result<u32, String> {
     Ok(n)
 }
 
+/// `--node-ip`: at most one unicast, non-loopback address per family.
+fn check_node_ips(ips: &[std::net::IpAddr]) -> Result<()> {
+    for (i, ip) in ips.iter().enumerate() {
+        if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
+            anyhow::bail!("--node-ip {ip}: a node address is unicast and not loopback");
+        }
+        if ips[..i].iter().any(|o| o.is_ipv4() == ip.is_ipv4()) {
+            anyhow::bail!("--node-ip {ip}: at most one address per family");
+        }
+    }
+    Ok(())
+}
+
 fn hostname() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -369,6 +395,8 @@ pub fn run(cli: Cli) -> Result<()> {
             bpf_log,
             devices,
             nodeport_addresses,
+            nodeport_localhost,
+            node_ip,
             xdp,
             xdp_reject,
             maglev_table_size,
@@ -384,6 +412,10 @@ pub fn run(cli: Cli) -> Result<()> {
             reject_rate,
             reject_burst,
         } => {
+            let nodeport_addresses =
+                crate::datapath::devices::NodePortAddresses::from_entries(&nodeport_addresses)
+                    .map_err(|e| anyhow::anyhow!("--nodeport-addresses: {e}"))?;
+            check_node_ips(&node_ip)?;
             let force_feature_off =
                 crate::datapath::probe::parse_forced(force_feature_off.as_deref().unwrap_or(""))
                     .map_err(|e| anyhow::anyhow!("--force-feature-off: {e}"))?;
@@ -433,6 +465,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 bpf_log,
                 devices,
                 nodeport_addresses,
+                nodeport_localhost,
+                node_ips: node_ip,
                 xdp,
                 xdp_reject,
                 maglev_size: maglev_table_size,
@@ -744,5 +778,61 @@ mod agent_flag_tests {
         assert_eq!(maglev_table_size, 1021);
         assert!(Cli::try_parse_from(["svc-lb", "agent", "--maglev-table-size", "1000"]).is_err());
         assert!(Cli::try_parse_from(["svc-lb", "agent", "--nodeport-addresses", "nope"]).is_err());
+    }
+
+    #[test]
+    fn nodeport_flags_parse() {
+        use crate::datapath::devices::{NodePortAddresses, NodePortEntry};
+        let parse = |args: &[&str]| {
+            let mut all = vec!["svc-lb", "agent"];
+            all.extend(args);
+            let Command::Agent {
+                nodeport_addresses,
+                nodeport_localhost,
+                node_ip,
+                ..
+            } = Cli::try_parse_from(all)?.command
+            else {
+                panic!("agent subcommand")
+            };
+            Ok::<_, clap::Error>((nodeport_addresses, nodeport_localhost, node_ip))
+        };
+        let (entries, localhost, ips) = parse(&[]).unwrap();
+        assert_eq!(
+            NodePortAddresses::from_entries(&entries),
+            Ok(NodePortAddresses::All)
+        );
+        assert!(!localhost && ips.is_empty());
+        let (entries, localhost, _) =
+            parse(&["--nodeport-addresses", "primary", "--nodeport-localhost"]).unwrap();
+        assert_eq!(entries, vec![NodePortEntry::Primary]);
+        assert!(localhost);
+        // Host bits are dropped, as the apiserver's CIDR parsing would.
+        let (entries, _, _) = parse(&["--nodeport-addresses", "10.1.2.3/16"]).unwrap();
+        assert_eq!(
+            NodePortAddresses::from_entries(&entries),
+            Ok(NodePortAddresses::Cidrs(vec![
+                "10.1.0.0/16".parse().unwrap()
+            ]))
+        );
+        let (entries, _, _) = parse(&["--nodeport-addresses", "primary,10.0.0.0/8"]).unwrap();
+        assert_eq!(
+            NodePortAddresses::from_entries(&entries),
+            Err("'primary' cannot be combined with other entries".to_owned())
+        );
+        for loopback in ["127.0.0.0/8", "127.0.0.1/32", "::1/128"] {
+            let err = parse(&["--nodeport-addresses", loopback])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("--nodeport-localhost"), "{loopback}: {err}");
+        }
+        // 0.0.0.0/0 contains loopback but is not only loopback: it is "every address".
+        assert!(parse(&["--nodeport-addresses", "0.0.0.0/0"]).is_ok());
+        let (_, _, ips) = parse(&["--node-ip", "10.0.0.1,fd00::1"]).unwrap();
+        assert!(check_node_ips(&ips).is_ok());
+        for bad in [&["10.0.0.1", "10.0.0.2"][..], &["127.0.0.1"], &["::"]] {
+            let ips: Vec<std::net::IpAddr> = bad.iter().map(|a| a.parse().unwrap()).collect();
+            assert!(check_node_ips(&ips).is_err(), "{bad:?}");
+        }
     }
 }

@@ -5,7 +5,8 @@
 //! Frontends are what a client on this node dials, which the socket programs rewrite:
 //! - every cluster IP × port (`KIND_CLUSTER_IP`), with the endpoints of the internal
 //!   traffic policy;
-//! - every node address × `nodePort` (`KIND_NODE_PORT`), every `externalIPs` entry ×
+//! - every node address (`NodeInfo::addresses`: those `--nodeport-addresses` keeps) ×
+//!   `nodePort` (`KIND_NODE_PORT`), every `externalIPs` entry ×
 //!   port (`KIND_EXTERNAL_IP`) and every VIP-mode load-balancer ingress IP × port
 //!   (`KIND_LOAD_BALANCER`). A client on the node reaching these addresses is
 //!   "short-circuited" by kube-proxy to the cluster-wide endpoints whatever the

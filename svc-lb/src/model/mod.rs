@@ -12,7 +12,7 @@ pub use build::{
     ANNOTATION_LB_SOURCE_RANGES, DEFAULT_AFFINITY_TIMEOUT_S, LABEL_HEADLESS, LABEL_SERVICE_NAME,
     LABEL_SERVICE_PROXY_NAME, MAX_AFFINITY_TIMEOUT_S, build,
 };
-pub use node::{LABEL_TOPOLOGY_ZONE, node_info};
+pub use node::{LABEL_TOPOLOGY_ZONE, node_info, primary_ips};
 #[cfg(test)]
 mod tests;
 
@@ -118,8 +118,10 @@ pub struct NodeInfo {
     pub name: Option<String>,
     /// The Node's `topology.kubernetes.io/zone` label, for zone hints.
     pub zone: Option<String>,
-    /// The Node's InternalIP and ExternalIP addresses, sorted and unique: node ports are
-    /// programmed on each of them. Empty when the Node is unknown (manifest mode).
+    /// The addresses node ports are programmed on for clients on the node, sorted and
+    /// unique. `node_info` fills in the Node's InternalIP and ExternalIP addresses; the
+    /// agent replaces them with the local share of `devices::node_port_addresses` (the
+    /// `--nodeport-addresses` rule, the same one the external path uses).
     pub addresses: Vec<IpAddr>,
     /// `--service-proxy-name`: Services labelled `service.kubernetes.io/service-proxy-name`
     /// are programmed only when the label has this value.

@@ -41,6 +41,30 @@ pub fn node_info(base: &NodeInfo, node: Option<&Node>) -> NodeInfo {
     info
 }
 
+/// The Node's primary address of each family, kube-proxy's "node IPs" (which its
+/// `--nodeport-addresses primary` turns into a /32 and a /128): the first InternalIP,
+/// else the first ExternalIP, and then the first address of the other family in the same
+/// order (k8s.io/component-helpers/node/util `GetNodeHostIPs`). Empty without a Node.
+pub fn primary_ips(node: Option<&Node>) -> Vec<IpAddr> {
+    let addrs = node
+        .and_then(|n| n.status.as_ref())
+        .and_then(|s| s.addresses.as_ref());
+    let of_type = |t: &'static str| {
+        addrs
+            .into_iter()
+            .flatten()
+            .filter(move |a| a.type_ == t)
+            .filter_map(|a| a.address.parse::<IpAddr>().ok())
+    };
+    let mut all = of_type("InternalIP").chain(of_type("ExternalIP"));
+    let Some(first) = all.next() else {
+        return Vec::new();
+    };
+    let mut out = vec![first];
+    out.extend(all.find(|a| a.is_ipv4() != first.is_ipv4()));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,5 +122,40 @@ status:
         let info = node_info(&base, Some(&bare));
         assert_eq!(info.zone, None);
         assert!(info.addresses.is_empty());
+    }
+
+    #[test]
+    fn primary_ips_are_internal_first_one_per_family() {
+        let ips = |yaml: &str| -> Vec<String> {
+            primary_ips(Some(&node(yaml)))
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        let both = r#"
+kind: Node
+status:
+  addresses:
+  - {type: ExternalIP, address: 203.0.113.7}
+  - {type: InternalIP, address: 192.168.1.10}
+  - {type: InternalIP, address: 192.168.1.11}
+  - {type: ExternalIP, address: "2001:db8::7"}
+  - {type: InternalIP, address: "fd00::10"}
+"#;
+        assert_eq!(ips(both), ["192.168.1.10", "fd00::10"]);
+        // Only external addresses: the first one, then the other family's.
+        let external = r#"
+kind: Node
+status:
+  addresses:
+  - {type: Hostname, address: n1}
+  - {type: ExternalIP, address: "2001:db8::7"}
+  - {type: ExternalIP, address: 203.0.113.7}
+"#;
+        assert_eq!(ips(external), ["2001:db8::7", "203.0.113.7"]);
+        assert!(
+            ips("{kind: Node, status: {addresses: [{type: Hostname, address: n1}]}}").is_empty()
+        );
+        assert!(primary_ips(None).is_empty());
     }
 }
