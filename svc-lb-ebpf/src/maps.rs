@@ -9,8 +9,8 @@ use svc_lb_common::{
     AFFINITY_EXT_MAP_MAX, AffinityExtKey, AffinityKey, AffinityMatchKey, AffinityValue, Backend,
     CT_MAP_MAX, CtKey, CtValue, ExtConfig, MAGLEV_MAP_MAX, MaglevTable, NODE_ADDR_MAP_MAX,
     NodeAddrKey, RejectBucket, RevNat, SRC_RANGE_MAP_MAX, SockRevNat4Key, SockRevNat4Value,
-    SockRevNat6Key, SockRevNat6Value, SockRevNatStore, SrcRange4Key, SrcRange6Key, Svc4Key, Svc6Key, SvcMeta,
-    SvcValue, XDP_DEV_MAP_MAX,
+    SockRevNat6Key, SockRevNat6Value, SockRevNatStore, SrcRange4Key, SrcRange6Key, Svc4Key,
+    Svc6Key, SvcMeta, SvcValue, XDP_DEV_MAP_MAX,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
