@@ -40,6 +40,7 @@ pub fn setup(ctx: &Ctx) -> Result<()> {
     system_tools()?;
     rust_components()?;
     bpf_linker(ctx)?;
+    cargo_fuzz()?;
     step("setup: done");
     Ok(())
 }
@@ -264,6 +265,30 @@ fn bpf_linker(ctx: &Ctx) -> Result<()> {
             bin.display()
         )
     })?;
+    note(format!("installed {}", version.trim()));
+    Ok(())
+}
+
+/// The cargo-fuzz release `test` runs the fuzz targets with (tests/fuzz). Pinned, like
+/// bpf-linker, so that a new release cannot break a fresh CI machine.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// cargo-fuzz, for `test`'s fuzzing step. `cargo install` builds it in about a minute.
+fn cargo_fuzz() -> Result<()> {
+    step("setup: cargo-fuzz");
+    if let Ok(version) = output(Command::new("cargo").args(["fuzz", "--version"])) {
+        note(format!("{} already installed, nothing to do", version.trim()));
+        return Ok(());
+    }
+    run(Command::new("cargo").args([
+        "install",
+        "cargo-fuzz",
+        "--version",
+        CARGO_FUZZ_VERSION,
+        "--locked",
+    ]))?;
+    let version = output(Command::new("cargo").args(["fuzz", "--version"]))
+        .context("cargo-fuzz was installed but `cargo fuzz --version` fails")?;
     note(format!("installed {}", version.trim()));
     Ok(())
 }
