@@ -111,7 +111,8 @@ fn peak_reset() -> usize {
 /// about the document's length (plus 4 KiB of slack per document); each of those costs
 /// a few hundred bytes at most once decoded into JSON values and Kubernetes structs.
 pub fn manifest_heap_bound(len: usize) -> usize {
-    len.saturating_add(4096).saturating_mul(MANIFEST_HEAP_FACTOR)
+    len.saturating_add(4096)
+        .saturating_mul(MANIFEST_HEAP_FACTOR)
 }
 
 /// Bytes of heap per byte of input (plus slack) that [`manifest_heap_bound`] allows.
@@ -184,53 +185,59 @@ pub fn codec(data: &[u8]) {
     let mut backends = Vec::new();
     let mut rev_nats = Vec::new();
     while !u.is_empty() {
-        let Ok(tag) = u.int_in_range(0u8..=6) else {
-            break;
+        let step = |u: &mut Unstructured<'_>| -> ArbResult<()> {
+            match u.int_in_range(0u8..=6)? {
+                0 => {
+                    let key = SvcKey::V4(raw(u)?);
+                    check_svc_key(key);
+                    svc.push((key, raw::<SvcValue>(u)?));
+                }
+                1 => {
+                    let key = SvcKey::V6(raw(u)?);
+                    check_svc_key(key);
+                    svc.push((key, raw::<SvcValue>(u)?));
+                }
+                2 => {
+                    let b: Backend = raw(u)?;
+                    check_backend(&b);
+                    backends.push((u.arbitrary::<u32>()?, b));
+                }
+                3 => {
+                    let r: RevNat = raw(u)?;
+                    check_rev_nat(&r);
+                    rev_nats.push((u.arbitrary::<u32>()?, r));
+                }
+                4 => {
+                    let meta = codec::meta_from_raw(&raw::<SvcMeta>(u)?);
+                    for s in [&meta.service.namespace, &meta.service.name, &meta.port_name] {
+                        assert!(!s.contains('\0'), "a NUL inside a decoded name: {s:?}");
+                    }
+                }
+                5 => {
+                    let k: SrcRange4Key = raw(u)?;
+                    let prefix = u.arbitrary::<u32>()?;
+                    if let Ok((id, ipnet::IpNet::V4(net))) = codec::src_range4_from_raw(prefix, &k)
+                    {
+                        let (p2, k2) = codec::src_range4_key(id, &net);
+                        assert_eq!(p2, prefix, "source range prefix length");
+                        assert_eq!(k2.rev_nat_id_be, k.rev_nat_id_be);
+                        assert_eq!(k2.addr_be, u32::from_ne_bytes(net.network().octets()));
+                    }
+                }
+                _ => {
+                    let k: SrcRange6Key = raw(u)?;
+                    let prefix = u.arbitrary::<u32>()?;
+                    if let Ok((id, ipnet::IpNet::V6(net))) = codec::src_range6_from_raw(prefix, &k)
+                    {
+                        let (p2, k2) = codec::src_range6_key(id, &net);
+                        assert_eq!(p2, prefix, "source range prefix length");
+                        assert_eq!(k2.rev_nat_id_be, k.rev_nat_id_be);
+                    }
+                }
+            }
+            Ok(())
         };
-        let step = match tag {
-            0 => raw::<Svc4Key>(&mut u).and_then(|k| {
-                check_svc_key(SvcKey::V4(k));
-                Ok(svc.push((SvcKey::V4(k), raw::<SvcValue>(&mut u)?)))
-            }),
-            1 => raw::<Svc6Key>(&mut u).and_then(|k| {
-                check_svc_key(SvcKey::V6(k));
-                Ok(svc.push((SvcKey::V6(k), raw::<SvcValue>(&mut u)?)))
-            }),
-            2 => raw::<Backend>(&mut u).and_then(|b| {
-                check_backend(&b);
-                Ok(backends.push((u.arbitrary::<u32>()?, b)))
-            }),
-            3 => raw::<RevNat>(&mut u).and_then(|r| {
-                check_rev_nat(&r);
-                Ok(rev_nats.push((u.arbitrary::<u32>()?, r)))
-            }),
-            4 => raw::<SvcMeta>(&mut u).map(|m| {
-                let meta = codec::meta_from_raw(&m);
-                for s in [&meta.service.namespace, &meta.service.name, &meta.port_name] {
-                    assert!(!s.contains('\0'), "a NUL inside a decoded name: {s:?}");
-                }
-            }),
-            5 => raw::<SrcRange4Key>(&mut u).and_then(|k| {
-                let prefix = u.arbitrary::<u32>()?;
-                if let Ok((id, ipnet::IpNet::V4(net))) = codec::src_range4_from_raw(prefix, &k) {
-                    let (p2, k2) = codec::src_range4_key(id, &net);
-                    assert_eq!(p2, prefix, "source range prefix length");
-                    assert_eq!(k2.rev_nat_id_be, k.rev_nat_id_be);
-                    assert_eq!(k2.addr_be, u32::from_ne_bytes(net.network().octets()));
-                }
-                Ok(())
-            }),
-            _ => raw::<SrcRange6Key>(&mut u).and_then(|k| {
-                let prefix = u.arbitrary::<u32>()?;
-                if let Ok((id, ipnet::IpNet::V6(net))) = codec::src_range6_from_raw(prefix, &k) {
-                    let (p2, k2) = codec::src_range6_key(id, &net);
-                    assert_eq!(p2, prefix, "source range prefix length");
-                    assert_eq!(k2.rev_nat_id_be, k.rev_nat_id_be);
-                }
-                Ok(())
-            }),
-        };
-        if step.is_err() {
+        if step(&mut u).is_err() {
             break;
         }
     }
@@ -440,7 +447,10 @@ fn ip(u: &mut Unstructured<'_>) -> ArbResult<Value> {
 
 fn ips(u: &mut Unstructured<'_>, max: usize) -> ArbResult<Value> {
     let n = u.int_in_range(0..=max)?;
-    (0..n).map(|_| ip(u)).collect::<ArbResult<Vec<_>>>().map(Value::Array)
+    (0..n)
+        .map(|_| ip(u))
+        .collect::<ArbResult<Vec<_>>>()
+        .map(Value::Array)
 }
 
 fn port(u: &mut Unstructured<'_>) -> ArbResult<i32> {
@@ -459,7 +469,11 @@ fn maybe<T>(
     u: &mut Unstructured<'_>,
     f: impl FnOnce(&mut Unstructured<'_>) -> ArbResult<T>,
 ) -> ArbResult<Option<T>> {
-    if u.arbitrary()? { Ok(Some(f(u)?)) } else { Ok(None) }
+    if u.arbitrary()? {
+        Ok(Some(f(u)?))
+    } else {
+        Ok(None)
+    }
 }
 
 fn insert(map: &mut Map<String, Value>, key: &str, value: Option<Value>) {
@@ -479,7 +493,10 @@ fn gen_service(u: &mut Unstructured<'_>) -> ArbResult<Value> {
     }
     let mut annotations = Map::new();
     if u.ratio(1, 8)? {
-        let v = pick(u, &["10.0.0.0/8", "bogus", "10.0.0.0/8, fd00::/8", "0.0.0.0/0"])?;
+        let v = pick(
+            u,
+            &["10.0.0.0/8", "bogus", "10.0.0.0/8, fd00::/8", "0.0.0.0/0"],
+        )?;
         annotations.insert(model::ANNOTATION_LB_SOURCE_RANGES.into(), v.into());
     }
     let mut spec = Map::new();
@@ -504,7 +521,11 @@ fn gen_service(u: &mut Unstructured<'_>) -> ArbResult<Value> {
     for _ in 0..n {
         let mut p = Map::new();
         p.insert("port".into(), port(u)?.into());
-        insert(&mut p, "name", maybe(u, |u| pick(u, PORT_NAMES))?.map(Value::from));
+        insert(
+            &mut p,
+            "name",
+            maybe(u, |u| pick(u, PORT_NAMES))?.map(Value::from),
+        );
         insert(&mut p, "protocol", pick(u, PROTOCOLS)?.map(Value::from));
         let target = match u.int_in_range(0u8..=3)? {
             0 => None,
@@ -534,23 +555,55 @@ fn gen_service(u: &mut Unstructured<'_>) -> ArbResult<Value> {
         insert(&mut spec, key, v.map(Value::from));
     }
     let ranges = maybe(u, |u| {
-        let all = ["10.0.0.0/8", "fd00::/8", "0.0.0.0/0", "::/0", "bogus", "10.0.0.1/33"];
+        let all = [
+            "10.0.0.0/8",
+            "fd00::/8",
+            "0.0.0.0/0",
+            "::/0",
+            "bogus",
+            "10.0.0.1/33",
+        ];
         let n = u.int_in_range(0..=3)?;
         (0..n)
             .map(|_| pick(u, &all).map(Value::from))
             .collect::<ArbResult<Vec<_>>>()
     })?;
-    insert(&mut spec, "loadBalancerSourceRanges", ranges.map(Value::Array));
-    insert(&mut spec, "healthCheckNodePort", maybe(u, port)?.map(Value::from));
-    insert(&mut spec, "publishNotReadyAddresses", maybe(u, |u| u.arbitrary::<bool>())?.map(Value::from));
-    let policy = pick(u, &[None, Some("SingleStack"), Some("PreferDualStack"), Some("RequireDualStack"), Some("Sometimes")])?;
+    insert(
+        &mut spec,
+        "loadBalancerSourceRanges",
+        ranges.map(Value::Array),
+    );
+    insert(
+        &mut spec,
+        "healthCheckNodePort",
+        maybe(u, port)?.map(Value::from),
+    );
+    insert(
+        &mut spec,
+        "publishNotReadyAddresses",
+        maybe(u, |u| u.arbitrary::<bool>())?.map(Value::from),
+    );
+    let policy = pick(
+        u,
+        &[
+            None,
+            Some("SingleStack"),
+            Some("PreferDualStack"),
+            Some("RequireDualStack"),
+            Some("Sometimes"),
+        ],
+    )?;
     insert(&mut spec, "ipFamilyPolicy", policy.map(Value::from));
     let n = u.int_in_range(0..=2)?;
     let mut ingress = Vec::new();
     for _ in 0..n {
         let mut i = Map::new();
         i.insert("ip".into(), ip(u)?);
-        insert(&mut i, "ipMode", pick(u, &[None, Some("VIP"), Some("Proxy"), Some("Odd")])?.map(Value::from));
+        insert(
+            &mut i,
+            "ipMode",
+            pick(u, &[None, Some("VIP"), Some("Proxy"), Some("Odd")])?.map(Value::from),
+        );
         ingress.push(Value::Object(i));
     }
     Ok(json!({
@@ -577,7 +630,11 @@ fn gen_slice(u: &mut Unstructured<'_>) -> ArbResult<Value> {
     for _ in 0..n {
         let mut p = Map::new();
         insert(&mut p, "port", maybe(u, port)?.map(Value::from));
-        insert(&mut p, "name", maybe(u, |u| pick(u, PORT_NAMES))?.map(Value::from));
+        insert(
+            &mut p,
+            "name",
+            maybe(u, |u| pick(u, PORT_NAMES))?.map(Value::from),
+        );
         insert(&mut p, "protocol", pick(u, PROTOCOLS)?.map(Value::from));
         ports.push(Value::Object(p));
     }
@@ -586,13 +643,25 @@ fn gen_slice(u: &mut Unstructured<'_>) -> ArbResult<Value> {
     for _ in 0..n {
         let mut conditions = Map::new();
         for c in ["ready", "serving", "terminating"] {
-            insert(&mut conditions, c, maybe(u, |u| u.arbitrary::<bool>())?.map(Value::from));
+            insert(
+                &mut conditions,
+                c,
+                maybe(u, |u| u.arbitrary::<bool>())?.map(Value::from),
+            );
         }
         let mut e = Map::new();
         e.insert("addresses".into(), ips(u, 2)?);
         e.insert("conditions".into(), Value::Object(conditions));
-        insert(&mut e, "nodeName", pick(u, &[None, Some("n1"), Some("n2")])?.map(Value::from));
-        insert(&mut e, "zone", pick(u, &[None, Some("zone-a"), Some("zone-b")])?.map(Value::from));
+        insert(
+            &mut e,
+            "nodeName",
+            pick(u, &[None, Some("n1"), Some("n2")])?.map(Value::from),
+        );
+        insert(
+            &mut e,
+            "zone",
+            pick(u, &[None, Some("zone-a"), Some("zone-b")])?.map(Value::from),
+        );
         if u.ratio(1, 4)? {
             let zones: Vec<Value> = (0..u.int_in_range(0..=2)?)
                 .map(|_| pick(u, &["zone-a", "zone-b", ""]).map(|z| json!({"name": z})))
@@ -645,17 +714,17 @@ fn gen_node(u: &mut Unstructured<'_>) -> ArbResult<NodeInfo> {
             max_backends: u.int_in_range(0..=8)?,
         }
     };
-    let cidrs = pick(u, &[&[][..], &["203.0.113.0/24"][..], &["0.0.0.0/0", "::/0"][..]])?;
+    let cidrs = pick(
+        u,
+        &[&[][..], &["203.0.113.0/24"][..], &["0.0.0.0/0", "::/0"][..]],
+    )?;
     Ok(NodeInfo {
         name: pick(u, &[None, Some("n1")])?.map(str::to_owned),
         zone: pick(u, &[None, Some("zone-a")])?.map(str::to_owned),
         addresses,
         service_proxy_name: pick(u, &[None, Some("svc-lb")])?.map(str::to_owned),
         external: u.arbitrary()?,
-        external_ip_cidrs: cidrs
-            .iter()
-            .map(|c| c.parse().expect("literal"))
-            .collect(),
+        external_ip_cidrs: cidrs.iter().map(|c| c.parse().expect("literal")).collect(),
         limits,
     })
 }

@@ -53,6 +53,8 @@ enum Cmd {
     /// container image (as `image` builds it) and its test (tests/tests/image.rs); then a
     /// seconds-long smoke run of the benchmark (svclb-bench --smoke).
     Test(TestArgs),
+    /// The fuzz targets alone (tests/fuzz): setup, then 60 s each, as `test` runs them
+    Fuzz,
     /// The demo (root): backends in netns, the agent, requests spread over backends
     ///
     /// setup, build, then exec svclb-harness demo against deploy/examples. Ctrl-C stops the
@@ -174,6 +176,10 @@ fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<()> {
         Cmd::Setup => setup::setup(ctx),
         Cmd::Build => build(ctx),
         Cmd::Test(args) => test(ctx, &args),
+        Cmd::Fuzz => {
+            setup::setup(ctx)?;
+            fuzz(ctx)
+        }
         Cmd::Run(args) => demo(ctx, args),
         Cmd::Bench(args) => bench::bench(ctx, args),
         Cmd::Image(args) => {

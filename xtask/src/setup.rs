@@ -277,7 +277,10 @@ const CARGO_FUZZ_VERSION: &str = "0.13.2";
 fn cargo_fuzz() -> Result<()> {
     step("setup: cargo-fuzz");
     if let Ok(version) = output(Command::new("cargo").args(["fuzz", "--version"])) {
-        note(format!("{} already installed, nothing to do", version.trim()));
+        note(format!(
+            "{} already installed, nothing to do",
+            version.trim()
+        ));
         return Ok(());
     }
     run(Command::new("cargo").args([

@@ -95,7 +95,10 @@ spec:
             "Service default/neg-node-port",
             "nodePort -30000 is out of range 1-65535",
         ),
-        ("Service default/neg-port", "port -1 is out of range 1-65535"),
+        (
+            "Service default/neg-port",
+            "port -1 is out of range 1-65535",
+        ),
         (
             "Service default/neg-target",
             "targetPort -8080 is out of range",
@@ -135,7 +138,10 @@ ports: [{port: 8080}]
 endpoints: [{addresses: [10.0.0.1]}]
 "#;
     let (state, errors) = build_with(yaml, &node());
-    assert_eq!(render(&state), ["10.96.42.1:80/TCP default/fam: [10.0.0.1:8080]"]);
+    assert_eq!(
+        render(&state),
+        ["10.96.42.1:80/TCP default/fam: [10.0.0.1:8080]"]
+    );
     assert_eq!(errors, [], "{:#?}", shown(&errors));
 }
 

@@ -2,7 +2,10 @@
 //! source parses them ([`parse_bytes`]).
 use std::path::Path;
 
-use crate::source::{Snapshot, manifests::parse_bytes};
+use crate::{
+    model,
+    source::{Snapshot, manifests::parse_bytes},
+};
 
 fn parse(name: &str, text: &str) -> Snapshot {
     parse_bytes(Path::new(name), text.as_bytes())
@@ -77,13 +80,32 @@ fn non_finite_and_out_of_range_numbers_are_reported_by_field() {
 
 #[test]
 fn yaml_tags_do_not_change_what_a_field_must_be() {
+    // Tags are not types here: `!custom 80` is the number 80, and a `!!binary` cluster IP
+    // is text that the model then refuses as not an IP address.
     let text = format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: tagged}}\nspec: {{clusterIP: !!binary aGVsbG8=, ports: [{{port: !custom 80}}]}}\n---\n{GOOD}"
     );
     let snap = parse("tags.yaml", &text);
-    let shown = reasons(&snap);
-    assert!(snap.services.iter().any(|s| s.metadata.name.as_deref() == Some("good")));
-    assert_eq!(snap.errors.len(), 1, "{shown:#?}");
+    assert!(snap.errors.is_empty(), "{:?}", reasons(&snap));
+    assert_eq!(snap.services.len(), 2);
+    let tagged = &snap.services[0];
+    let spec = tagged.spec.as_ref().expect("a spec");
+    assert_eq!(spec.ports.as_ref().expect("ports")[0].port, 80);
+    let (state, errors) = model::build(
+        model::Objects {
+            services: &snap.services,
+            slices: &snap.slices,
+        },
+        &model::NodeInfo::default(),
+    );
+    assert_eq!(state.frontends.len(), 1, "only the good Service");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].object.to_string(), "Service default/tagged");
+    assert!(
+        errors[0].reason.contains("is not a valid IP address"),
+        "{}",
+        errors[0]
+    );
 }
 
 #[test]
@@ -94,7 +116,10 @@ fn empty_comment_only_bom_and_crlf_files_parse() {
         ("empty.json", ""),
     ] {
         let snap = parse(name, text);
-        assert!(snap.errors.is_empty() && snap.services.is_empty(), "{name}: {snap:?}");
+        assert!(
+            snap.errors.is_empty() && snap.services.is_empty(),
+            "{name}: {snap:?}"
+        );
     }
     let crlf = format!("\u{feff}{}", GOOD.replace('\n', "\r\n"));
     let snap = parse("crlf.yaml", &crlf);
