@@ -185,7 +185,7 @@ pub fn codec(data: &[u8]) {
     let mut backends = Vec::new();
     let mut rev_nats = Vec::new();
     while !u.is_empty() {
-        let step = |u: &mut Unstructured<'_>| -> ArbResult<()> {
+        let mut step = |u: &mut Unstructured<'_>| -> ArbResult<()> {
             match u.int_in_range(0u8..=6)? {
                 0 => {
                     let key = SvcKey::V4(raw(u)?);

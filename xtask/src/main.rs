@@ -40,7 +40,7 @@ enum Cmd {
     /// In order: bpftool, iproute2, ethtool, iptables, nftables and umoci with apt-get (only if a command is
     /// missing; needs root); the nightly toolchain's rust-src; rustfmt and clippy; bpf-linker,
     /// built against the nightly toolchain's own libLLVM into <workspace>/target/bpf-toolchain;
-    /// cargo-fuzz (cargo install, if missing).
+    /// cargo-fuzz (cargo install, into the same directory).
     Setup,
     /// setup, then build target/release/svc-lb (eBPF object embedded) and the test harness
     Build,
@@ -341,8 +341,9 @@ fn fuzz(ctx: &Ctx) -> Result<()> {
         std::fs::create_dir_all(&corpus)
             .with_context(|| format!("creating {}", corpus.display()))?;
         // `rustup run nightly`, not `cargo +nightly`: under `cargo run` PATH may resolve
-        // `cargo` to a toolchain binary, which does not know `+`. bpf-linker goes first on
-        // PATH, as in `Ctx::cargo`: the agent's build.rs builds the eBPF object.
+        // `cargo` to a toolchain binary, which does not know `+`. The bpf-toolchain `bin`
+        // goes first on PATH, as in `Ctx::cargo`: cargo-fuzz is there, and bpf-linker,
+        // which the agent's build.rs needs for the eBPF object.
         let old = env::var_os("PATH").unwrap_or_default();
         let path = env::join_paths(std::iter::once(ctx.bpf_bin()).chain(env::split_paths(&old)))
             .context("building PATH for cargo fuzz")?;

@@ -40,7 +40,7 @@ pub fn setup(ctx: &Ctx) -> Result<()> {
     system_tools()?;
     rust_components()?;
     bpf_linker(ctx)?;
-    cargo_fuzz()?;
+    cargo_fuzz(ctx)?;
     step("setup: done");
     Ok(())
 }
@@ -273,25 +273,34 @@ fn bpf_linker(ctx: &Ctx) -> Result<()> {
 /// bpf-linker, so that a new release cannot break a fresh CI machine.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
-/// cargo-fuzz, for `test`'s fuzzing step. `cargo install` builds it in about a minute.
-fn cargo_fuzz() -> Result<()> {
-    step("setup: cargo-fuzz");
-    if let Ok(version) = output(Command::new("cargo").args(["fuzz", "--version"])) {
-        note(format!(
-            "{} already installed, nothing to do",
-            version.trim()
-        ));
+/// cargo-fuzz, for `test`'s fuzzing step, installed next to bpf-linker (under target/, whose
+/// `bin` every cargo command of xtask has first on PATH). `cargo install` takes about a
+/// minute.
+fn cargo_fuzz(ctx: &Ctx) -> Result<()> {
+    let bin = ctx.bpf_bin().join("cargo-fuzz");
+    step(format!("setup: cargo-fuzz in {}", ctx.bpf_root.display()));
+    // Invoked as cargo invokes a subcommand: `cargo-fuzz fuzz ...`.
+    if let Ok(version) = output(Command::new(&bin).args(["fuzz", "--version"])) {
+        note(format!("{} already installed, nothing to do", version.trim()));
         return Ok(());
     }
-    run(Command::new("cargo").args([
-        "install",
-        "cargo-fuzz",
-        "--version",
-        CARGO_FUZZ_VERSION,
-        "--locked",
-    ]))?;
-    let version = output(Command::new("cargo").args(["fuzz", "--version"]))
-        .context("cargo-fuzz was installed but `cargo fuzz --version` fails")?;
+    run(Command::new("cargo")
+        .args([
+            "install",
+            "cargo-fuzz",
+            "--version",
+            CARGO_FUZZ_VERSION,
+            "--locked",
+            "--force",
+            "--root",
+        ])
+        .arg(&ctx.bpf_root))?;
+    let version = output(Command::new(&bin).args(["fuzz", "--version"])).with_context(|| {
+        format!(
+            "cargo-fuzz was installed but {} does not run",
+            bin.display()
+        )
+    })?;
     note(format!("installed {}", version.trim()));
     Ok(())
 }
