@@ -281,7 +281,10 @@ fn cargo_fuzz(ctx: &Ctx) -> Result<()> {
     step(format!("setup: cargo-fuzz in {}", ctx.bpf_root.display()));
     // Invoked as cargo invokes a subcommand: `cargo-fuzz fuzz ...`.
     if let Ok(version) = output(Command::new(&bin).args(["fuzz", "--version"])) {
-        note(format!("{} already installed, nothing to do", version.trim()));
+        note(format!(
+            "{} already installed, nothing to do",
+            version.trim()
+        ));
         return Ok(());
     }
     run(Command::new("cargo")
