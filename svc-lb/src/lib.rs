@@ -8,6 +8,8 @@
 pub mod agent;
 pub mod cli;
 pub mod datapath;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hcnp;
 pub mod health;
 pub mod inspect;

@@ -39,18 +39,22 @@ enum Cmd {
     ///
     /// In order: bpftool, iproute2, ethtool, iptables, nftables and umoci with apt-get (only if a command is
     /// missing; needs root); the nightly toolchain's rust-src; rustfmt and clippy; bpf-linker,
-    /// built against the nightly toolchain's own libLLVM into <workspace>/target/bpf-toolchain.
+    /// built against the nightly toolchain's own libLLVM into <workspace>/target/bpf-toolchain;
+    /// cargo-fuzz (cargo install, into the same directory).
     Setup,
     /// setup, then build target/release/svc-lb (eBPF object embedded) and the test harness
     Build,
-    /// Everything CI runs: setup, fmt, clippy, host tests, e2e tests (root)
+    /// Everything CI runs: setup, fmt, clippy, host tests, fuzzing, e2e tests (root)
     ///
     /// In order, stopping at the first failure: setup; cargo fmt --check; clippy (workspace,
-    /// and svc-lb-tests with the e2e feature); cargo test --workspace; then, as root, the
+    /// and svc-lb-tests with the e2e feature); cargo test --workspace; each fuzz target of
+    /// tests/fuzz for 60 s (cargo-fuzz, nightly); then, as root, the
     /// release agent and the end-to-end tests against it, one test at a time; then the
     /// container image (as `image` builds it) and its test (tests/tests/image.rs); then a
     /// seconds-long smoke run of the benchmark (svclb-bench --smoke).
     Test(TestArgs),
+    /// The fuzz targets alone (tests/fuzz): setup, then 60 s each, as `test` runs them
+    Fuzz,
     /// The demo (root): backends in netns, the agent, requests spread over backends
     ///
     /// setup, build, then exec svclb-harness demo against deploy/examples. Ctrl-C stops the
@@ -176,6 +180,10 @@ fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<()> {
         Cmd::Setup => setup::setup(ctx),
         Cmd::Build => build(ctx),
         Cmd::Test(args) => test(ctx, &args),
+        Cmd::Fuzz => {
+            setup::setup(ctx)?;
+            fuzz(ctx)
+        }
         Cmd::Run(args) => demo(ctx, args),
         Cmd::Bench(args) => bench::bench(ctx, args),
         Cmd::Image(args) => {
@@ -245,6 +253,7 @@ fn test(ctx: &Ctx, args: &TestArgs) -> Result<()> {
 
     step("test: host unit and property tests");
     run(&mut ctx.cargo(["test", "--workspace"])?)?;
+    fuzz(ctx)?;
 
     if args.host_only {
         step(
@@ -336,6 +345,63 @@ fn test(ctx: &Ctx, args: &TestArgs) -> Result<()> {
     step(
         "test: all passed (lint, host tests, end-to-end, end-to-end with kernel fallbacks, image, benchmark smoke run)",
     );
+    Ok(())
+}
+
+/// How long `test` runs each fuzz target (issue 12: 60 s in CI).
+const FUZZ_SECONDS_PER_TARGET: u32 = 60;
+const FUZZ_TARGETS: [&str; 3] = ["manifest", "model", "codec"];
+
+/// The fuzz targets of tests/fuzz, one after the other, with cargo-fuzz on nightly. Each
+/// run first executes its whole initial corpus (the kept regressions, the seeds and, for
+/// the parser and the model, the example manifests), then fuzzes for
+/// [`FUZZ_SECONDS_PER_TARGET`]; new inputs go to tests/fuzz/corpus (not in git). The kept
+/// regressions also run on stable in `cargo test` (svc-lb/tests/fuzz_regressions.rs).
+fn fuzz(ctx: &Ctx) -> Result<()> {
+    let dir = ctx.ws.join("tests").join("fuzz");
+    for target in FUZZ_TARGETS {
+        step(format!(
+            "test: fuzz target {target} for {FUZZ_SECONDS_PER_TARGET} s (cargo +nightly fuzz)"
+        ));
+        let corpus = dir.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus)
+            .with_context(|| format!("creating {}", corpus.display()))?;
+        // `rustup run nightly`, not `cargo +nightly`: under `cargo run` PATH may resolve
+        // `cargo` to a toolchain binary, which does not know `+`. The bpf-toolchain `bin`
+        // goes first on PATH, as in `Ctx::cargo`: cargo-fuzz is there, and bpf-linker,
+        // which the agent's build.rs needs for the eBPF object.
+        let old = env::var_os("PATH").unwrap_or_default();
+        let path = env::join_paths(std::iter::once(ctx.bpf_bin()).chain(env::split_paths(&old)))
+            .context("building PATH for cargo fuzz")?;
+        let mut cmd = Command::new("rustup");
+        cmd.args(["run", "nightly", "cargo", "fuzz", "run", "--fuzz-dir"])
+            .current_dir(&ctx.ws)
+            .env("PATH", path)
+            .arg(&dir)
+            // Its own target directory: the sanitizer flags would otherwise rebuild the
+            // workspace's artifacts back and forth.
+            .arg("--target-dir")
+            .arg(ctx.target.join("fuzz"))
+            .arg(target)
+            .arg(&corpus)
+            .arg(dir.join("regressions").join(target))
+            .arg(dir.join("seeds").join(target));
+        if target != "codec" {
+            cmd.arg(ctx.ws.join("deploy").join("examples"));
+        }
+        cmd.arg("--")
+            .arg(format!("-max_total_time={FUZZ_SECONDS_PER_TARGET}"))
+            // An input that takes seconds is a finding too (quadratic parsing).
+            .arg("-timeout=10");
+        run(&mut cmd).with_context(|| {
+            format!(
+                "fuzz target {target} failed; the input is under {}: fix the bug, then keep the \
+                 input in {}",
+                dir.join("artifacts").join(target).display(),
+                dir.join("regressions").join(target).display()
+            )
+        })?;
+    }
     Ok(())
 }
 

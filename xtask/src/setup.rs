@@ -40,6 +40,7 @@ pub fn setup(ctx: &Ctx) -> Result<()> {
     system_tools()?;
     rust_components()?;
     bpf_linker(ctx)?;
+    cargo_fuzz(ctx)?;
     step("setup: done");
     Ok(())
 }
@@ -261,6 +262,45 @@ fn bpf_linker(ctx: &Ctx) -> Result<()> {
     let version = output(Command::new(&bin).arg("--version")).with_context(|| {
         format!(
             "bpf-linker was installed but {} does not run",
+            bin.display()
+        )
+    })?;
+    note(format!("installed {}", version.trim()));
+    Ok(())
+}
+
+/// The cargo-fuzz release `test` runs the fuzz targets with (tests/fuzz). Pinned, like
+/// bpf-linker, so that a new release cannot break a fresh CI machine.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// cargo-fuzz, for `test`'s fuzzing step, installed next to bpf-linker (under target/, whose
+/// `bin` every cargo command of xtask has first on PATH). `cargo install` takes about a
+/// minute.
+fn cargo_fuzz(ctx: &Ctx) -> Result<()> {
+    let bin = ctx.bpf_bin().join("cargo-fuzz");
+    step(format!("setup: cargo-fuzz in {}", ctx.bpf_root.display()));
+    // Invoked as cargo invokes a subcommand: `cargo-fuzz fuzz ...`.
+    if let Ok(version) = output(Command::new(&bin).args(["fuzz", "--version"])) {
+        note(format!(
+            "{} already installed, nothing to do",
+            version.trim()
+        ));
+        return Ok(());
+    }
+    run(Command::new("cargo")
+        .args([
+            "install",
+            "cargo-fuzz",
+            "--version",
+            CARGO_FUZZ_VERSION,
+            "--locked",
+            "--force",
+            "--root",
+        ])
+        .arg(&ctx.bpf_root))?;
+    let version = output(Command::new(&bin).args(["fuzz", "--version"])).with_context(|| {
+        format!(
+            "cargo-fuzz was installed but {} does not run",
             bin.display()
         )
     })?;

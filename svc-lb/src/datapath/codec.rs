@@ -280,8 +280,13 @@ pub fn decode_state(
         };
         let mut cur = cur;
         // A hole (slot missing below the count) is kept as id 0, which is never valid,
-        // so the planner sees a difference and rewrites the frontend.
-        cur.backend_ids = vec![0; count as usize];
+        // so the planner sees a difference and rewrites the frontend. Slots are u16, so a
+        // larger count (a corrupt or foreign entry) is holes up to the last slot: it must
+        // not size the list (up to 16 GiB for a count of u32::MAX).
+        let len = usize::try_from(count)
+            .unwrap_or(usize::MAX)
+            .min(svc_lb_common::MAX_BACKENDS_PER_FRONTEND);
+        cur.backend_ids = vec![0; len];
         for (slot, id) in fe_slots {
             if u32::from(slot) <= count {
                 cur.backend_ids[usize::from(slot) - 1] = id;
@@ -515,6 +520,42 @@ mod tests {
         assert_eq!(
             decode_state(holed, [], []).unwrap().frontends[&fe].backend_ids,
             vec![0, 12]
+        );
+    }
+
+    #[test]
+    fn a_master_count_beyond_any_slot_is_bounded() {
+        use crate::{
+            datapath::MapStore as _,
+            plan::{Op, plan},
+        };
+        // A corrupt or foreign master (found by the codec fuzz target): its count alone
+        // must not size the slot list (16 GiB here); slots are u16, so no more exist.
+        let fe = FrontendKey {
+            addr: "10.96.0.1".parse().unwrap(),
+            port: 80,
+            proto: 6,
+            scope: svc_lb_common::SCOPE_ALL,
+        };
+        let svc = [
+            (svc_key(&fe, 0), master_value(u32::MAX, 1, 0, 0)),
+            (svc_key(&fe, 1), slot_value(7)),
+        ];
+        let current = decode_state(svc, [], []).unwrap();
+        let cur = &current.frontends[&fe];
+        assert_eq!(
+            cur.backend_ids.len(),
+            svc_lb_common::MAX_BACKENDS_PER_FRONTEND
+        );
+        assert_eq!(cur.backend_ids[0], 7);
+        assert!(cur.backend_ids[1..].iter().all(|id| *id == 0));
+        // With nothing desired, the next plan deletes the frontend.
+        let cap = crate::datapath::fake::FakeMaps::with_default_capacity().capacity();
+        let p = plan(&current, &crate::model::DesiredState::default(), &cap);
+        assert!(
+            p.ops.contains(&Op::DeleteMaster { frontend: fe }),
+            "{:?}",
+            p.ops
         );
     }
 }

@@ -585,7 +585,19 @@ fn index_slices<'a>(slices: &'a [EndpointSlice], errors: &mut Vec<ModelError>) -
 
     let mut index: SliceIndex<'a> = HashMap::new();
     for group in sorted.chunk_by(|a, b| identity(&a.metadata) == identity(&b.metadata)) {
-        let slice = group[0];
+        // A duplicate is judged on every copy, not the first: which copy comes first
+        // depends on input order (found by the model fuzz target).
+        let slice = group
+            .iter()
+            .copied()
+            .find(|s| {
+                s.metadata
+                    .labels
+                    .as_ref()
+                    .is_some_and(|l| l.contains_key(LABEL_SERVICE_NAME))
+                    && !has_label(&s.metadata, LABEL_HEADLESS)
+            })
+            .unwrap_or(group[0]);
         let meta = &slice.metadata;
         let Some(service) = meta.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
             tracing::debug!(

@@ -9,6 +9,9 @@ use svc_lb_common::{
 
 use super::{DesiredState, ModelError, NodeInfo, Objects, build};
 
+// Bad-input catalogue cases (tests/README.md).
+mod catalogue;
+
 /// The node the model runs for.
 #[derive(Clone, Copy)]
 struct TestNode {

@@ -687,6 +687,26 @@ fn parse_file(path: &Path, bytes: &[u8]) -> Result<FileContent, Unusable> {
     }
 }
 
+/// One file's bytes parsed exactly as the directory source parses them, without I/O
+/// or the cache: the entry point of the manifest fuzz target (`tests/fuzz`). The file
+/// name only chooses JSON (`.json`) or YAML.
+#[doc(hidden)]
+pub fn parse_bytes(path: &Path, bytes: &[u8]) -> Snapshot {
+    let content = match parse_file(path, bytes) {
+        Ok(content) | Err(Unusable::Partial(content, _)) => content,
+        Err(Unusable::Unreadable(reason)) => FileContent {
+            errors: vec![source_error(path, None, reason)],
+            ..FileContent::default()
+        },
+    };
+    Snapshot {
+        services: content.services.into_iter().map(|(_, s)| s).collect(),
+        slices: content.slices.into_iter().map(|(_, s)| s).collect(),
+        errors: content.errors,
+        ..Snapshot::default()
+    }
+}
+
 /// Returns the first error that stopped a value from parsing, if any.
 fn parse_json(path: &Path, text: &str, out: &mut FileContent) -> Option<String> {
     let stream = serde_json::Deserializer::from_str(text).into_iter::<Value>();

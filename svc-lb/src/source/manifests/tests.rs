@@ -13,6 +13,9 @@ use crate::{
     source::{Snapshot, SourceError},
 };
 
+// Bad-input catalogue cases (tests/README.md) for single files.
+mod catalogue;
+
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     fs::write(&path, text).expect("write test file");

@@ -1,0 +1,8 @@
+//! Model, plan and in-memory maps: Services and EndpointSlices from a manifest or generated from the bytes.
+//! The properties live in `svc_lb::fuzzing`, shared with the regression test.
+#![no_main]
+
+#[global_allocator]
+static ALLOC: svc_lb::fuzzing::CountingAlloc = svc_lb::fuzzing::CountingAlloc;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| svc_lb::fuzzing::model(data));
