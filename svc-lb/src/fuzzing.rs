@@ -215,9 +215,7 @@ pub fn codec(data: &[u8]) {
                 }
                 5 => {
                     let k: SrcRange4Key = raw(u)?;
-                    // Prefix lengths under 32 (shorter than the rev-NAT id) are read as /0
-                    // instead of being refused: an open finding, left out of the check.
-                    let prefix = u.arbitrary::<u32>()?.max(32);
+                    let prefix = u.arbitrary::<u32>()?;
                     if let Ok((id, ipnet::IpNet::V4(net))) = codec::src_range4_from_raw(prefix, &k)
                     {
                         let (p2, k2) = codec::src_range4_key(id, &net);
@@ -228,7 +226,7 @@ pub fn codec(data: &[u8]) {
                 }
                 _ => {
                     let k: SrcRange6Key = raw(u)?;
-                    let prefix = u.arbitrary::<u32>()?.max(32);
+                    let prefix = u.arbitrary::<u32>()?;
                     if let Ok((id, ipnet::IpNet::V6(net))) = codec::src_range6_from_raw(prefix, &k)
                     {
                         let (p2, k2) = codec::src_range6_key(id, &net);

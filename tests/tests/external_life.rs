@@ -628,6 +628,70 @@ fn xdp_agent_restart_under_external_traffic_loses_nothing() {
     restart(true);
 }
 
+// ---- 2b. A damaged source-range pin ----
+
+/// A source-range key that no plan writes (prefix length 8, shorter than the 32-bit
+/// rev-NAT id it must start with), put into node A's pinned map while its agent is
+/// stopped: the next agent removes it with a warning and serves, instead of failing to
+/// read its maps back at every start (a crash loop).
+#[test]
+fn an_undecodable_source_range_key_is_removed_at_start() {
+    external(|lab| {
+        let svc = Svc {
+            name: "junk",
+            cluster: "10.96.60.4",
+            node_port: 30194,
+            affinity_timeout_s: None,
+        };
+        start(lab, false, &svc)?;
+        let mut old = lab.take_agent(Node::A).context("node A's agent")?;
+        let mut config = old.config().clone();
+        let (status, graceful) = old.terminate(Duration::from_secs(5))?;
+        ensure!(
+            graceful && status.success(),
+            "the agent must exit by itself on SIGTERM: {status}, graceful {graceful}"
+        );
+        drop(old);
+        let map = lab.bpffs(Node::A).join(svc_lb_common::MAP_SRC_RANGE4);
+        let map = map.to_str().context("pin path")?.to_owned();
+        // struct bpf_lpm_trie_key: prefix length (host order), then rev-NAT id 7 and
+        // 10.0.0.0 in network order.
+        let junk_key = [
+            "08", "00", "00", "00", "00", "00", "00", "07", "0a", "00", "00", "00",
+        ];
+        let mut args = vec!["map", "update", "pinned", map.as_str(), "key", "hex"];
+        args.extend(junk_key);
+        args.extend(["value", "hex", "01", "00", "00", "00"]);
+        cmd::run("bpftool", &args)?;
+        // bpftool -j lists each key as its bytes, "0x08" and so on.
+        let has_junk = || -> Result<(bool, String)> {
+            let dump = cmd::run("bpftool", ["-j", "map", "dump", "pinned", map.as_str()])?;
+            let entries: Value = serde_json::from_str(&dump).context("bpftool -j map dump")?;
+            let want: Vec<Value> = junk_key.iter().map(|b| json!(format!("0x{b}"))).collect();
+            let found = entries
+                .as_array()
+                .is_some_and(|a| a.iter().any(|e| e["key"].as_array() == Some(&want)));
+            Ok((found, dump))
+        };
+        let (found, dump) = has_junk()?;
+        ensure!(
+            found,
+            "the junk key is not in the map before the restart:\n{dump}"
+        );
+        config.log_file = lab.next_agent_log(Node::A);
+        let log = lab.start_agent_with(Node::A, config)?.log_text();
+        ensure!(
+            plain(&log).contains("undecodable entry removed"),
+            "the new agent did not report the undecodable key:\n{log}"
+        );
+        let (found, dump) = has_junk()?;
+        ensure!(!found, "the junk key is still in the map:\n{dump}");
+        let r = run(lab, svc.at(Node::A), Proto::Tcp, N)?;
+        all_ok(&r, N)?;
+        Ok(())
+    });
+}
+
 // ---- 3. XDP fallback on a device without native XDP ----
 
 /// The bridge that takes over node A's LAN addresses in the fallback test.

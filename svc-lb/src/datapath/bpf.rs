@@ -200,7 +200,7 @@ impl ExtMaps {
         let maglev = take(ebpf, MAP_MAGLEV)?;
         let src4 = take(ebpf, MAP_SRC_RANGE4)?;
         let src6 = take(ebpf, MAP_SRC_RANGE6)?;
-        Ok(Ok(Self {
+        let mut maps = Self {
             maglev_entries: max_entries(&maglev, MAP_MAGLEV)?,
             src4_entries: max_entries(&src4, MAP_SRC_RANGE4)?,
             src6_entries: max_entries(&src6, MAP_SRC_RANGE6)?,
@@ -214,7 +214,46 @@ impl ExtMaps {
                 .with_context(|| format!("map {MAP_NODE_ADDR} has an unexpected type"))?,
             config: Array::try_from(take(ebpf, MAP_CONFIG)?)
                 .with_context(|| format!("map {MAP_CONFIG} has an unexpected type"))?,
-        }))
+        };
+        maps.prune_undecodable_ranges()?;
+        Ok(Ok(maps))
+    }
+
+    /// Removes pinned source-range keys that no plan could name (the agent never writes
+    /// them: a damaged pin or a foreign writer), so that reading the maps back never
+    /// fails on them at every start. The plan then rewrites what is missing.
+    fn prune_undecodable_ranges(&mut self) -> Result<()> {
+        let junk4: Vec<_> = self
+            .src4
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| codec::src_range4_from_raw(k.prefix_len(), &k.data()).is_err())
+            .collect();
+        for k in junk4 {
+            warn!(
+                map = MAP_SRC_RANGE4,
+                prefix_len = k.prefix_len(),
+                "undecodable entry removed; the next sync rewrites what is missing"
+            );
+            ignore_missing(self.src4.remove(&k))
+                .with_context(|| format!("{MAP_SRC_RANGE4}: remove an undecodable key"))?;
+        }
+        let junk6: Vec<_> = self
+            .src6
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| codec::src_range6_from_raw(k.prefix_len(), &k.data()).is_err())
+            .collect();
+        for k in junk6 {
+            warn!(
+                map = MAP_SRC_RANGE6,
+                prefix_len = k.prefix_len(),
+                "undecodable entry removed; the next sync rewrites what is missing"
+            );
+            ignore_missing(self.src6.remove(&k))
+                .with_context(|| format!("{MAP_SRC_RANGE6}: remove an undecodable key"))?;
+        }
+        Ok(())
     }
 }
 

@@ -586,6 +586,11 @@ pub fn src_range4_from_raw(
     prefix_len: u32,
     k: &svc_lb_common::SrcRange4Key,
 ) -> Result<(u32, ipnet::IpNet)> {
+    // The agent writes 32 bits of rev-NAT id before the address; a shorter key covers
+    // several Services' ids and is nothing it wrote.
+    if prefix_len < 32 {
+        anyhow::bail!("prefix length {prefix_len} is shorter than the rev-NAT id (32)");
+    }
     let net = ipnet::Ipv4Net::new(
         v4_from_word(k.addr_be),
         prefix_len.saturating_sub(32).try_into()?,
@@ -597,6 +602,11 @@ pub fn src_range6_from_raw(
     prefix_len: u32,
     k: &svc_lb_common::SrcRange6Key,
 ) -> Result<(u32, ipnet::IpNet)> {
+    // The agent writes 32 bits of rev-NAT id before the address; a shorter key covers
+    // several Services' ids and is nothing it wrote.
+    if prefix_len < 32 {
+        anyhow::bail!("prefix length {prefix_len} is shorter than the rev-NAT id (32)");
+    }
     let net = ipnet::Ipv6Net::new(
         v6_from_words(k.addr_be),
         prefix_len.saturating_sub(32).try_into()?,
@@ -616,6 +626,10 @@ pub fn node_addr_key(addr: IpAddr) -> svc_lb_common::NodeAddrKey {
 #[cfg(test)]
 mod ext_tests {
     use super::*;
+
+    fn k4_any() -> svc_lb_common::SrcRange4Key {
+        src_range4_key(7, &"192.0.2.0/24".parse().unwrap()).1
+    }
 
     #[test]
     fn source_range_keys_round_trip_in_lpm_layout() {
@@ -637,6 +651,12 @@ mod ext_tests {
             src_range6_from_raw(plen, &k).unwrap(),
             (9, ipnet::IpNet::V6(v6))
         );
+        // Keys the agent never writes are refused (the map read-back removes them):
+        // shorter than the id, or longer than id + address.
+        assert!(src_range4_from_raw(31, &k4_any()).is_err());
+        assert!(src_range4_from_raw(65, &k4_any()).is_err());
+        assert!(src_range6_from_raw(0, &k).is_err());
+        assert!(src_range6_from_raw(161, &k).is_err());
         let n = node_addr_key("10.1.2.3".parse().unwrap());
         assert_eq!(
             (n.addr_be[0].to_ne_bytes(), n.family),
