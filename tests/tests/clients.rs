@@ -310,9 +310,12 @@ fn assert_spread(r: &PyReport, ids: &[&str], count: u32) -> Result<()> {
     ensure!(r.failed == 0 && r.ok == u64::from(count), "failures: {r:?}");
     let got: Vec<&str> = r.backends.keys().map(String::as_str).collect();
     ensure!(got == ids, "replies from {got:?}, expected {ids:?}: {r:?}");
+    // Selection is random per connection: with 30 connections over two backends a share
+    // under a quarter happens about once in 400 checks (it failed CI once), under a tenth
+    // about once in 250 000. The bound proves both take a real share, not the spread.
     for id in ids {
         ensure!(
-            r.backends[*id] * 4 >= u64::from(count),
+            r.backends[*id] * 10 >= u64::from(count),
             "backend {id} got {} of {count}: {r:?}",
             r.backends[*id]
         );
