@@ -269,16 +269,7 @@ fn test(ctx: &Ctx, args: &TestArgs) -> Result<()> {
         bail!("the build succeeded but {} does not exist", agent.display());
     }
     // One test at a time: the tests share kernel state (bpffs pins, cgroup attachments).
-    let mut e2e = ctx.cargo([
-        "test",
-        "--release",
-        "-p",
-        "svc-lb-tests",
-        "--features",
-        "e2e",
-        "--",
-        "--test-threads=1",
-    ])?;
+    let mut e2e = suite(ctx, "e2e", &[], &[])?;
     e2e.env("SVC_LB_BIN", &agent);
     run(&mut e2e)?;
     // These machines run one kernel: the socket and external suites run again with every
@@ -286,59 +277,25 @@ fn test(ctx: &Ctx, args: &TestArgs) -> Result<()> {
     // redirect, no XDP links, reverse NAT in the LRU maps), as an older node would run
     // them; socket termination reads those maps then.
     step("test: end-to-end again with every kernel fallback forced (SVCLB_FORCE_FEATURE_OFF=all)");
-    let mut forced = ctx.cargo([
-        "test",
-        "--release",
-        "-p",
-        "svc-lb-tests",
-        "--features",
-        "e2e",
-        "--test",
-        "e2e",
-        "--test",
-        "external",
-        "--test",
-        "sockterm",
-        "--",
-        "--test-threads=1",
-    ])?;
+    let mut forced = suite(ctx, "e2e", &["e2e", "external", "sockterm"], &[])?;
     forced
         .env("SVC_LB_BIN", &agent)
         .env("SVCLB_FORCE_FEATURE_OFF", "all");
     run(&mut forced)?;
     step("test: the container image (unpacked, checked, run from a chroot)");
     let archive = image::image(ctx, &image::ImageArgs { output: None })?;
-    let mut image_test = ctx.cargo([
-        "test",
-        "--release",
-        "-p",
-        "svc-lb-tests",
-        "--features",
-        "e2e,image",
-        "--test",
-        "image",
-        "--",
-        "--test-threads=1",
-    ])?;
+    let mut image_test = suite(ctx, "e2e,image", &["image"], &[])?;
     image_test.env("SVC_LB_IMAGE", &archive);
     run(&mut image_test)?;
     bench::smoke(ctx, &agent)?;
     if args.long {
         step("test: long forms (chaos test for 10 minutes, then the 10-minute soak)");
-        let mut long = ctx.cargo([
-            "test",
-            "--release",
-            "-p",
-            "svc-lb-tests",
-            "--features",
+        let mut long = suite(
+            ctx,
             "e2e",
-            "--test",
-            "chaos",
-            "--",
-            "--test-threads=1",
-            "--include-ignored",
-            "--nocapture",
-        ])?;
+            &["chaos"],
+            &["--include-ignored", "--nocapture"],
+        )?;
         long.env("SVC_LB_BIN", &agent).env("SVCLB_LONG", "1");
         run(&mut long)?;
     }
@@ -346,6 +303,26 @@ fn test(ctx: &Ctx, args: &TestArgs) -> Result<()> {
         "test: all passed (lint, host tests, end-to-end, end-to-end with kernel fallbacks, image, benchmark smoke run)",
     );
     Ok(())
+}
+
+/// `cargo test --release -p svc-lb-tests` with `features`, the test binaries `tests` (all
+/// when empty), one test at a time (the tests share kernel state: bpffs pins, cgroup
+/// attachments) and `extra` arguments for the test harness.
+fn suite(ctx: &Ctx, features: &str, tests: &[&str], extra: &[&str]) -> Result<Command> {
+    let mut args = vec![
+        "test",
+        "--release",
+        "-p",
+        "svc-lb-tests",
+        "--features",
+        features,
+    ];
+    for t in tests {
+        args.extend(["--test", t]);
+    }
+    args.extend(["--", "--test-threads=1"]);
+    args.extend(extra);
+    ctx.cargo(args)
 }
 
 /// How long `test` runs each fuzz target (issue 12: 60 s in CI).
