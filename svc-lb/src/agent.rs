@@ -2,15 +2,11 @@
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
-    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
-use tokio::{
-    signal::unix::{SignalKind, signal},
-    sync::watch,
-};
+use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::{
@@ -375,7 +371,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         "maps open; adopted pinned state"
     );
 
-    let (tx, mut rx) = watch::channel(Arc::new(Snapshot::default()));
+    let (tx, mut rx) = source::feed();
+    // The snapshot of the last sync, synced again after a failure.
+    let mut snap = Snapshot::default();
     let mut watcher = match (&cfg.manifests, kube_client) {
         (Some(dir), _) => tokio::spawn(manifests::watch(
             dir.clone(),
@@ -406,33 +404,33 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             }
         };
         tokio::select! {
-            changed = rx.changed() => {
-                if changed.is_err() {
-                    // The source only ends on error; it owns the sender.
+            next = rx.next() => {
+                let Some(next) = next else {
+                    // The source only ends on error; it owns the publisher.
                     return match (&mut watcher).await {
                         Ok(Err(e)) => Err(e).context("source stopped"),
                         Ok(Ok(())) => Err(anyhow::anyhow!("source stopped")),
                         Err(e) => Err(e).context("source panicked"),
                     };
-                }
+                };
+                snap = next;
             }
             () = retry => {}
             _ = sigterm.recv() => { info!("SIGTERM: exiting; programs and maps stay pinned"); return Ok(()); }
             _ = sigint.recv() => { info!("SIGINT: exiting; programs and maps stay pinned"); return Ok(()); }
         }
-        let snap = rx.borrow_and_update().clone();
         health.queued_at(std::time::SystemTime::now());
-        health.sync_node(snap.node.as_ref());
+        health.sync_node(snap.node.as_deref());
         let sync_started = Instant::now();
         // The Node object (Kubernetes mode) adds the zone and the node addresses.
-        let mut node = model::node_info(&cfg.node, snap.node.as_ref());
+        let mut node = model::node_info(&cfg.node, snap.node.as_deref());
         if let Err(e) = ext.decide_devices(&cfg, &node, &dp) {
             ext.fail(e.context("external path: choose the devices"));
         }
         let refreshed = ext.read_device_addrs().and_then(|()| {
             // One rule for both paths: the socket programs' node-port frontends and the
             // external path's node addresses come from the same call.
-            let set = node_port_set(&cfg, &node, snap.node.as_ref(), &ext.device_addrs);
+            let set = node_port_set(&cfg, &node, snap.node.as_deref(), &ext.device_addrs);
             ext.refresh_addresses(&mut dp, &health, &set.external)?;
             Ok(set)
         });
@@ -444,7 +442,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 } else {
                     ext.fail(e.context("external path: write the node addresses"));
                 }
-                node_port_set(&cfg, &node, snap.node.as_ref(), &ext.device_addrs)
+                node_port_set(&cfg, &node, snap.node.as_deref(), &ext.device_addrs)
             }
         };
         if last_node_ports.as_ref() != Some(&set) {
@@ -693,7 +691,7 @@ pub fn sync(
 ) -> Result<SyncReport> {
     let started = Instant::now();
     let mut now = BTreeSet::new();
-    for e in &snap.errors {
+    for e in snap.errors.iter() {
         let file = e
             .file
             .as_deref()
@@ -712,10 +710,11 @@ pub fn sync(
             || warn!(file, object, reason = %e.reason, "skipped bad input"),
         );
     }
+    let (services, slices) = snap.to_lists();
     let (desired, errors) = model::build(
         Objects {
-            services: &snap.services,
-            slices: &snap.slices,
+            services: &services,
+            slices: &slices,
         },
         node,
     );

@@ -136,7 +136,7 @@ pub fn manifest(data: &[u8]) {
                 data.len()
             );
         }
-        for e in &snap.errors {
+        for e in snap.errors.iter() {
             assert!(!e.reason.is_empty(), "an error without a reason: {e:?}");
             assert_eq!(e.file.as_deref(), Some(path), "an error without its file");
         }
@@ -159,7 +159,8 @@ pub fn model(data: &[u8]) {
             external: true,
             ..NodeInfo::default()
         };
-        let desired = check_build(&snap.services, &snap.slices, &node);
+        let (services, slices) = snap.to_lists();
+        let desired = check_build(&services, &slices, &node);
         sync(&mut Rig::new(), &desired);
         return;
     }

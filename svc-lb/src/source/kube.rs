@@ -47,7 +47,7 @@ use kube::{
         watcher::{self, Event},
     },
 };
-use tokio::{sync::watch as watch_channel, time::Instant};
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::Snapshot;
@@ -371,11 +371,7 @@ where
 /// Watches the cluster and sends a whole [`Snapshot`] on `tx` after the initial sync
 /// and after every batch of changes. Runs until the receiver is dropped; watch errors
 /// are retried forever (they are logged and counted, never fatal).
-pub async fn watch(
-    client: Client,
-    node_name: Option<String>,
-    tx: watch_channel::Sender<Arc<Snapshot>>,
-) -> Result<()> {
+pub async fn watch(client: Client, node_name: Option<String>, tx: super::Publisher) -> Result<()> {
     let mut services = Store::<Service>::new("Service", trim_service);
     let mut slices = Store::<EndpointSlice>::new("EndpointSlice", trim_slice);
     let mut nodes = Store::<Node>::new("Node", trim_node);
@@ -426,16 +422,16 @@ pub async fn watch(
             Some(ev) = slice_events.next() => slices.apply(ev),
             Some(ev) = node_events.next() => nodes.apply(ev),
             () = flush => {
+                // Every Service counts as changed until this source tracks changes
+                // per event.
                 let snap = Snapshot {
-                    services: services.objects(),
-                    slices: slices.objects(),
-                    node: nodes.live.values().next().cloned(),
-                    ..Snapshot::default()
+                    node: nodes.live.values().next().cloned().map(Arc::new),
+                    ..Snapshot::from_lists(services.objects(), slices.objects())
                 };
                 if !sent_initial {
                     info!(
                         services = snap.services.len(),
-                        slices = snap.slices.len(),
+                        slices = snap.slice_count(),
                         node = snap.node.is_some(),
                         "initial sync: every watch has listed"
                     );
@@ -443,9 +439,9 @@ pub async fn watch(
                         warn!(node = node_name.as_deref().unwrap_or_default(), "this node's Node object does not exist (yet); node ports and zone hints wait for it");
                     }
                 } else {
-                    debug!(services = snap.services.len(), slices = snap.slices.len(), "sending a batch of changes");
+                    debug!(services = snap.services.len(), slices = snap.slice_count(), "sending a batch of changes");
                 }
-                if tx.send(Arc::new(snap)).is_err() {
+                if tx.publish(snap).is_err() {
                     return Ok(());
                 }
                 sent_initial = true;

@@ -31,7 +31,7 @@
 //! [`ManifestDir`] caches what each file parsed to, keyed by the file's stamp (device,
 //! inode, length, mtime, ctime), so that a reload re-reads only the files that changed.
 use std::{
-    collections::{BTreeMap, HashMap, btree_map::Entry},
+    collections::{BTreeMap, HashMap},
     fs,
     hash::{DefaultHasher, Hasher},
     io::{self, Read as _},
@@ -42,6 +42,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use imbl::ordmap::Entry;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use notify::{
     EventKind, RecursiveMode, Watcher as _,
@@ -49,7 +50,7 @@ use notify::{
 };
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use tokio::sync::{mpsc, watch as watch_channel};
+use tokio::sync::mpsc;
 
 use super::{Snapshot, SourceError};
 use crate::model::ObjectRef;
@@ -257,21 +258,28 @@ impl ManifestDir {
 
     /// The snapshot of the last successful scan (empty before the first).
     pub fn snapshot(&self) -> Snapshot {
-        let mut snap = Snapshot::default();
+        // Every Service counts as changed until this source tracks changes per file.
+        let mut snap = Snapshot {
+            changed: super::Changed::all(),
+            ..Snapshot::default()
+        };
+        let mut errors = Vec::new();
         for (path, file) in &self.files {
-            snap.errors.extend(file.stale.iter().cloned());
-            snap.errors.extend(file.content.errors.iter().cloned());
+            errors.extend(file.stale.iter().cloned());
+            errors.extend(file.content.errors.iter().cloned());
             for (object, svc) in &file.content.services {
-                if claim(&mut snap, path, object) {
-                    snap.services.push(svc.clone());
+                if claim(&mut snap, &mut errors, path, object) {
+                    snap.services
+                        .insert(super::service_ref(svc), Arc::new(svc.clone()));
                 }
             }
             for (object, slice) in &file.content.slices {
-                if claim(&mut snap, path, object) {
-                    snap.slices.push(slice.clone());
+                if claim(&mut snap, &mut errors, path, object) {
+                    snap.insert_slice(Arc::new(slice.clone()));
                 }
             }
         }
+        snap.errors = Arc::new(errors);
         snap
     }
 
@@ -308,7 +316,12 @@ impl ManifestDir {
 
 /// Records where `object` came from; false (and an error) when an earlier file, or an
 /// earlier document of this one, already defined it.
-fn claim(snap: &mut Snapshot, path: &Path, object: &ObjectRef) -> bool {
+fn claim(
+    snap: &mut Snapshot,
+    errors: &mut Vec<SourceError>,
+    path: &Path,
+    object: &ObjectRef,
+) -> bool {
     match snap.origins.entry(object.clone()) {
         Entry::Vacant(e) => {
             e.insert(path.to_path_buf());
@@ -319,7 +332,7 @@ fn claim(snap: &mut Snapshot, path: &Path, object: &ObjectRef) -> bool {
                 "already defined in {}; this definition is ignored",
                 e.get().display()
             );
-            snap.errors.push(SourceError {
+            errors.push(SourceError {
                 file: Some(path.to_path_buf()),
                 object: Some(object.clone()),
                 reason,
@@ -700,10 +713,11 @@ pub fn parse_bytes(path: &Path, bytes: &[u8]) -> Snapshot {
         },
     };
     Snapshot {
-        services: content.services.into_iter().map(|(_, s)| s).collect(),
-        slices: content.slices.into_iter().map(|(_, s)| s).collect(),
-        errors: content.errors,
-        ..Snapshot::default()
+        errors: Arc::new(content.errors),
+        ..Snapshot::from_lists(
+            content.services.into_iter().map(|(_, s)| s).collect(),
+            content.slices.into_iter().map(|(_, s)| s).collect(),
+        )
     }
 }
 
@@ -1034,7 +1048,7 @@ fn log_snapshot(dir: &Path, snap: &Snapshot, stats: ScanStats) {
         parsed = stats.parsed,
         removed = stats.removed,
         services = snap.services.len(),
-        slices = snap.slices.len(),
+        slices = snap.slice_count(),
         errors = snap.errors.len(),
         "manifest snapshot"
     );
@@ -1048,11 +1062,7 @@ fn log_snapshot(dir: &Path, snap: &Snapshot, stats: ScanStats) {
 /// Returns `Err` if the first scan fails (the directory cannot be read); later failures
 /// are logged and the last snapshot stays in force. Returns `Ok` once every receiver of
 /// `tx` is gone.
-pub async fn watch(
-    dir: PathBuf,
-    limits: Limits,
-    tx: watch_channel::Sender<Arc<Snapshot>>,
-) -> anyhow::Result<()> {
+pub async fn watch(dir: PathBuf, limits: Limits, tx: super::Publisher) -> anyhow::Result<()> {
     // A pending wake-up is all the loop needs to know; capacity 1 coalesces the rest.
     let (wake_tx, mut wake_rx) = mpsc::channel::<()>(1);
     let writers = Writers::default();
@@ -1081,7 +1091,7 @@ pub async fn watch(
     // are, so that its first sync is complete.
     source.set_settle(SETTLE);
     log_snapshot(&dir, &first, source.stats());
-    if tx.send(Arc::new(first)).is_err() {
+    if tx.publish(first).is_err() {
         return Ok(());
     }
 
@@ -1120,7 +1130,7 @@ pub async fn watch(
         match result {
             Ok(Some(snap)) => {
                 log_snapshot(&dir, &snap, source.stats());
-                if tx.send(Arc::new(snap)).is_err() {
+                if tx.publish(snap).is_err() {
                     return Ok(());
                 }
             }

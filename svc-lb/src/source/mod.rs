@@ -1,29 +1,173 @@
 //! Sources produce Kubernetes objects only. Every source feeds the same model, so the
 //! manifest mode and the cluster mode cannot drift apart.
-use std::{collections::BTreeMap, path::PathBuf};
+//!
+//! A source keeps its objects as shared `Arc`s in persistent maps and publishes whole
+//! [`Snapshot`]s through a [`Feed`]: a snapshot is cheap to clone (the maps share their
+//! structure), and each one says which Services changed since the one before it, so
+//! that the agent re-models only those ([`Changed`]).
+use std::{
+    collections::BTreeSet,
+    path::PathBuf,
+    sync::{Arc, Mutex, PoisonError},
+};
 
+use imbl::OrdMap;
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
 };
 
-use crate::model::ObjectRef;
+use crate::model::{LABEL_SERVICE_NAME, ObjectRef, ServiceRef};
 
 pub mod kube;
 pub mod manifests;
 
-/// A complete, consistent view of the objects a source knows. Sources send whole
-/// snapshots, never partial updates, so the model never sees a half-read directory.
+/// A complete, consistent view of the objects a source knows. Sources publish whole
+/// snapshots, never partial updates, so the model never sees a half-read directory or
+/// half of a watch batch.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
+    /// Services by namespace/name. A source holds at most one object per name (the
+    /// manifest source reports later definitions of a name as errors).
+    pub services: OrdMap<ServiceRef, Arc<Service>>,
+    /// EndpointSlices by the Service they belong to (the slice's namespace and its
+    /// `kubernetes.io/service-name` label), then by slice name. A slice without that
+    /// label belongs to no Service: sources leave it out.
+    pub slices: OrdMap<ServiceRef, OrdMap<String, Arc<EndpointSlice>>>,
     /// This node's Node object, when the source knows it (the Kubernetes source).
-    pub node: Option<Node>,
+    pub node: Option<Arc<Node>>,
     /// Where each object came from (a manifest file), for error messages.
-    pub origins: BTreeMap<ObjectRef, PathBuf>,
+    pub origins: OrdMap<ObjectRef, PathBuf>,
     /// Input that could not be read or parsed, already named and explained.
-    pub errors: Vec<SourceError>,
+    pub errors: Arc<Vec<SourceError>>,
+    /// What differs from the snapshot published before this one.
+    pub changed: Changed,
+}
+
+/// Which Services a snapshot changed, relative to the one published before it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changed {
+    /// Anything may differ (the first snapshot, a relist, a change of the Node): every
+    /// Service is re-modelled.
+    pub all: bool,
+    /// Services whose Service object or EndpointSlices were added, changed or removed
+    /// (a slice that moves to another Service changes both).
+    pub services: BTreeSet<ServiceRef>,
+}
+
+impl Changed {
+    pub fn all() -> Self {
+        Self {
+            all: true,
+            services: BTreeSet::new(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        !self.all && self.services.is_empty()
+    }
+
+    /// What changed over two steps: this, then `later`.
+    pub fn merge(&mut self, later: Changed) {
+        self.all |= later.all;
+        if self.all {
+            self.services.clear();
+        } else {
+            self.services.extend(later.services);
+        }
+    }
+
+    /// Whether `service` must be re-modelled.
+    pub fn contains(&self, service: &ServiceRef) -> bool {
+        self.all || self.services.contains(service)
+    }
+}
+
+impl Snapshot {
+    /// Indexes plain object lists, as tests and one-shot loads have them; every
+    /// Service counts as changed. A later object with the same name replaces an
+    /// earlier one; slices without a `kubernetes.io/service-name` label are left out.
+    pub fn from_lists(services: Vec<Service>, slices: Vec<EndpointSlice>) -> Self {
+        let mut snap = Snapshot {
+            changed: Changed::all(),
+            ..Snapshot::default()
+        };
+        for svc in services {
+            snap.services.insert(service_ref(&svc), Arc::new(svc));
+        }
+        for slice in slices {
+            snap.insert_slice(Arc::new(slice));
+        }
+        snap
+    }
+
+    /// Files `slice` under its Service; returns that Service, or `None` (and leaves the
+    /// slice out) when it has no `kubernetes.io/service-name` label.
+    pub fn insert_slice(&mut self, slice: Arc<EndpointSlice>) -> Option<ServiceRef> {
+        let owner = slice_owner(&slice)?;
+        let name = slice.metadata.name.clone().unwrap_or_default();
+        self.slices
+            .entry(owner.clone())
+            .or_default()
+            .insert(name, slice);
+        Some(owner)
+    }
+
+    /// Removes the slice `name` of Service `owner`; true when it was there.
+    pub fn remove_slice(&mut self, owner: &ServiceRef, name: &str) -> bool {
+        let Some(group) = self.slices.get_mut(owner) else {
+            return false;
+        };
+        let removed = group.remove(name).is_some();
+        if group.is_empty() {
+            self.slices.remove(owner);
+        }
+        removed
+    }
+
+    /// Every slice, in (Service, slice name) order.
+    pub fn all_slices(&self) -> impl Iterator<Item = &Arc<EndpointSlice>> {
+        self.slices.values().flat_map(|group| group.values())
+    }
+
+    /// Deep copies of every Service and slice, for code that still takes plain lists.
+    pub fn to_lists(&self) -> (Vec<Service>, Vec<EndpointSlice>) {
+        (
+            self.services.values().map(|s| Service::clone(s)).collect(),
+            self.all_slices().map(|s| EndpointSlice::clone(s)).collect(),
+        )
+    }
+
+    /// The number of slices.
+    pub fn slice_count(&self) -> usize {
+        self.slices.values().map(OrdMap::len).sum()
+    }
+}
+
+/// The namespace/name of a Service ("default" namespace when unset, as the API server
+/// fills it in).
+pub fn service_ref(svc: &Service) -> ServiceRef {
+    ServiceRef {
+        namespace: namespace_or_default(svc.metadata.namespace.as_deref()),
+        name: svc.metadata.name.clone().unwrap_or_default(),
+    }
+}
+
+/// The Service an EndpointSlice belongs to: its namespace and its
+/// `kubernetes.io/service-name` label.
+pub fn slice_owner(slice: &EndpointSlice) -> Option<ServiceRef> {
+    let name = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
+    Some(ServiceRef {
+        namespace: namespace_or_default(slice.metadata.namespace.as_deref()),
+        name: name.clone(),
+    })
+}
+
+fn namespace_or_default(ns: Option<&str>) -> String {
+    match ns {
+        Some(ns) if !ns.is_empty() => ns.to_owned(),
+        _ => "default".to_owned(),
+    }
 }
 
 /// Bad input found by a source: the file (if any), the object (if known), the reason.
@@ -43,5 +187,125 @@ impl std::fmt::Display for SourceError {
             write!(f, "{obj}: ")?;
         }
         f.write_str(&self.reason)
+    }
+}
+
+/// A one-slot channel of snapshots from one source to the agent. Publishing while the
+/// agent is busy replaces the waiting snapshot and merges what both changed, so the
+/// agent always gets the newest view and never misses a changed Service.
+pub fn feed() -> (Publisher, Subscriber) {
+    let shared = Arc::new(Shared {
+        pending: Mutex::new(Pending {
+            subscribed: true,
+            ..Pending::default()
+        }),
+        notify: tokio::sync::Notify::new(),
+        gone: tokio::sync::Notify::new(),
+    });
+    (
+        Publisher {
+            shared: shared.clone(),
+        },
+        Subscriber { shared },
+    )
+}
+
+#[derive(Default)]
+struct Pending {
+    snapshot: Option<Snapshot>,
+    closed: bool,
+    subscribed: bool,
+}
+
+struct Shared {
+    pending: Mutex<Pending>,
+    /// Wakes the subscriber: a snapshot or the end.
+    notify: tokio::sync::Notify,
+    /// Wakes the publisher: the subscriber is gone.
+    gone: tokio::sync::Notify,
+}
+
+impl Shared {
+    // A panic while holding the lock leaves a consistent `Pending` (each update is a
+    // single assignment), so a poisoned lock is still usable.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The source's end of a [`feed`].
+pub struct Publisher {
+    shared: Arc<Shared>,
+}
+
+/// The subscriber is gone (the agent stopped).
+#[derive(Debug)]
+pub struct Closed;
+
+impl Publisher {
+    pub fn publish(&self, mut snapshot: Snapshot) -> Result<(), Closed> {
+        {
+            let mut p = self.shared.lock();
+            if !p.subscribed {
+                return Err(Closed);
+            }
+            if let Some(older) = p.snapshot.take() {
+                let mut changed = older.changed;
+                changed.merge(std::mem::take(&mut snapshot.changed));
+                snapshot.changed = changed;
+            }
+            p.snapshot = Some(snapshot);
+        }
+        self.shared.notify.notify_one();
+        Ok(())
+    }
+}
+
+impl Publisher {
+    /// Resolves once the subscriber is gone, so that a source with nothing to publish
+    /// still stops.
+    pub async fn closed(&self) {
+        while self.shared.lock().subscribed {
+            self.shared.gone.notified().await;
+        }
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.notify.notify_one();
+    }
+}
+
+/// The agent's end of a [`feed`].
+pub struct Subscriber {
+    shared: Arc<Shared>,
+}
+
+impl Subscriber {
+    /// The newest snapshot not yet taken, waiting for one; `None` once the source has
+    /// stopped and everything it published was taken.
+    pub async fn next(&mut self) -> Option<Snapshot> {
+        loop {
+            {
+                let mut p = self.shared.lock();
+                p.subscribed = true;
+                if let Some(s) = p.snapshot.take() {
+                    return Some(s);
+                }
+                if p.closed {
+                    return None;
+                }
+            }
+            self.shared.notify.notified().await;
+        }
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.shared.lock().subscribed = false;
+        self.shared.gone.notify_one();
     }
 }

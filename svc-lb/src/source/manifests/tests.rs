@@ -1,11 +1,8 @@
 use std::{
     fs,
     path::{Path, PathBuf},
-    sync::Arc,
     time::Duration,
 };
-
-use tokio::sync::watch as watch_channel;
 
 use super::{Limits, ManifestDir, ScanStats, load_dir, watch};
 use crate::{
@@ -42,7 +39,7 @@ endpoints: [{addresses: [10.0.0.1], conditions: {ready: true}}]
 fn names(snap: &Snapshot) -> Vec<String> {
     let mut out: Vec<String> = snap
         .services
-        .iter()
+        .values()
         .map(|s| {
             format!(
                 "Service {}/{}",
@@ -50,7 +47,7 @@ fn names(snap: &Snapshot) -> Vec<String> {
                 s.metadata.name.as_deref().unwrap_or("?")
             )
         })
-        .chain(snap.slices.iter().map(|s| {
+        .chain(snap.all_slices().map(|s| {
             format!(
                 "EndpointSlice {}/{}",
                 s.metadata.namespace.as_deref().unwrap_or("?"),
@@ -105,12 +102,33 @@ fn multi_document_yaml_with_default_namespace() {
         ["EndpointSlice shop/web-abc", "Service default/web"]
     );
     assert_eq!(
-        snap.services[0].metadata.namespace.as_deref(),
+        snap.services
+            .values()
+            .next()
+            .expect("a Service")
+            .metadata
+            .namespace
+            .as_deref(),
         Some("default")
     );
-    let spec = snap.services[0].spec.as_ref().expect("spec");
+    let spec = snap
+        .services
+        .values()
+        .next()
+        .expect("a Service")
+        .spec
+        .as_ref()
+        .expect("spec");
     assert_eq!(spec.cluster_ip.as_deref(), Some("10.96.0.1"));
-    assert_eq!(snap.slices[0].endpoints.as_ref().map(Vec::len), Some(1));
+    assert_eq!(
+        snap.all_slices()
+            .next()
+            .expect("a slice")
+            .endpoints
+            .as_ref()
+            .map(Vec::len),
+        Some(1)
+    );
     assert_eq!(
         snap.origins.get(&obj("Service", "default", "web")),
         Some(&file)
@@ -414,7 +432,7 @@ fn an_object_defined_twice_keeps_the_first_file() {
     );
     let web = snap
         .services
-        .iter()
+        .values()
         .find(|s| s.metadata.name.as_deref() == Some("web"))
         .expect("web");
     assert_eq!(
@@ -570,15 +588,11 @@ fn configmap_style_symlink_swap_is_seen() {
 }
 
 /// Waits for the next snapshot, failing if it takes longer than `within`.
-async fn next_snapshot(
-    rx: &mut watch_channel::Receiver<Arc<Snapshot>>,
-    within: Duration,
-) -> Arc<Snapshot> {
-    tokio::time::timeout(within, rx.changed())
+async fn next_snapshot(rx: &mut crate::source::Subscriber, within: Duration) -> Snapshot {
+    tokio::time::timeout(within, rx.next())
         .await
         .expect("a snapshot in time")
-        .expect("the watcher is running");
-    rx.borrow_and_update().clone()
+        .expect("the watcher is running")
 }
 
 #[tokio::test]
@@ -586,7 +600,7 @@ async fn watch_delivers_changes_within_a_second() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().to_path_buf();
     write(&dir, "a.yaml", &service("a", "10.96.0.1"));
-    let (tx, mut rx) = watch_channel::channel(Arc::new(Snapshot::default()));
+    let (tx, mut rx) = crate::source::feed();
     let task = tokio::spawn(watch(dir.clone(), Limits::default(), tx));
     let second = Duration::from_secs(1);
 
@@ -612,7 +626,7 @@ async fn watch_delivers_changes_within_a_second() {
     // Nothing changed: nothing is sent.
     fs::write(dir.join("notes.txt"), "ignored").expect("write");
     assert!(
-        tokio::time::timeout(Duration::from_millis(300), rx.changed())
+        tokio::time::timeout(Duration::from_millis(300), rx.next())
             .await
             .is_err()
     );
@@ -626,7 +640,7 @@ async fn watch_delivers_changes_within_a_second() {
 #[tokio::test]
 async fn watch_fails_on_a_missing_directory() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (tx, _rx) = watch_channel::channel(Arc::new(Snapshot::default()));
+    let (tx, _rx) = crate::source::feed();
     let res = watch(tmp.path().join("missing"), Limits::default(), tx).await;
     assert!(res.is_err());
 }
@@ -662,10 +676,11 @@ fn large_directory_reload() {
     assert_eq!(snap.services.len(), 99_001);
     assert_eq!(md.stats().parsed, 1);
     let t = std::time::Instant::now();
+    let (services, slices) = snap.to_lists();
     let (state, errors) = crate::model::build(
         crate::model::Objects {
-            services: &snap.services,
-            slices: &snap.slices,
+            services: &services,
+            slices: &slices,
         },
         &crate::model::NodeInfo::default(),
     );
@@ -898,7 +913,11 @@ fn a_file_still_being_written_is_not_read() {
         .add_path(file.clone()),
     );
     let snap = md.reload().expect("reload").expect("changed");
-    let ip = snap.services[0]
+    let ip = snap
+        .services
+        .values()
+        .next()
+        .expect("a Service")
         .spec
         .as_ref()
         .and_then(|s| s.cluster_ip.clone());
@@ -917,7 +936,11 @@ fn a_file_that_just_changed_waits_for_the_settle_window() {
     assert_eq!(md.stats().deferred, 1);
     md.set_settle(Duration::ZERO);
     let snap = md.reload().expect("reload").expect("changed");
-    let ip = snap.services[0]
+    let ip = snap
+        .services
+        .values()
+        .next()
+        .expect("a Service")
         .spec
         .as_ref()
         .and_then(|s| s.cluster_ip.clone());

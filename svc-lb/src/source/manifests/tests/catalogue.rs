@@ -88,13 +88,14 @@ fn yaml_tags_do_not_change_what_a_field_must_be() {
     let snap = parse("tags.yaml", &text);
     assert!(snap.errors.is_empty(), "{:?}", reasons(&snap));
     assert_eq!(snap.services.len(), 2);
-    let tagged = &snap.services[0];
+    let tagged = snap.services.values().next().expect("a Service");
     let spec = tagged.spec.as_ref().expect("a spec");
     assert_eq!(spec.ports.as_ref().expect("ports")[0].port, 80);
+    let (services, slices) = snap.to_lists();
     let (state, errors) = model::build(
         model::Objects {
-            services: &snap.services,
-            slices: &snap.slices,
+            services: &services,
+            slices: &slices,
         },
         &model::NodeInfo::default(),
     );
