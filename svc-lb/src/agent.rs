@@ -1,6 +1,7 @@
-//! The agent: source → model → plan → datapath, one whole snapshot at a time.
+//! The agent: source → model → plan → datapath. Each snapshot re-models the Services
+//! it changed; a periodic full sync re-checks everything.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -11,7 +12,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     datapath::{MapStore, apply::apply_plan, bpf::BpfDatapath, devices, sockterm},
-    model::{self, NodeInfo, Objects},
+    model::{self, NodeInfo},
     plan::{self, CurrentState},
     source::{self, Snapshot, manifests},
 };
@@ -269,6 +270,11 @@ fn node_port_set(
 /// After a failed apply, try again this soon even if nothing changes.
 const RETRY: Duration = Duration::from_secs(1);
 
+/// How often the model and the plan run over everything although nothing asked for it:
+/// the safety net that finds drift between the maps and the objects (a map edited by
+/// hand, a fault of the incremental path), as Cilium's periodic prune does.
+pub const FULL_SYNC_EVERY: Duration = Duration::from_secs(300);
+
 pub async fn run(cfg: AgentConfig) -> Result<()> {
     let health = crate::health::Health::default();
     if let Some(addr) = cfg.health_addr {
@@ -391,7 +397,13 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     };
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
-    let mut reported = BTreeSet::new();
+    let mut reported = Reported::default();
+    // The model, kept between syncs and updated with what each snapshot changed.
+    let mut cache = model::Cache::default();
+    // The next sync models and plans everything: the first one, after a failed apply,
+    // and every FULL_SYNC_EVERY.
+    let mut full = true;
+    let mut full_at = tokio::time::Instant::now() + FULL_SYNC_EVERY;
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut attached = false;
     let mut last_node_ports: Option<devices::NodePortSet> = None;
@@ -416,6 +428,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 snap = next;
             }
             () = retry => {}
+            () = tokio::time::sleep_until(full_at) => { full = true; }
             _ = sigterm.recv() => { info!("SIGTERM: exiting; programs and maps stay pinned"); return Ok(()); }
             _ = sigint.recv() => { info!("SIGINT: exiting; programs and maps stay pinned"); return Ok(()); }
         }
@@ -458,21 +471,28 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         let result = sync(
             &mut dp,
             &mut current,
+            &mut cache,
             &snap,
             &node,
+            full,
             &mut reported,
             &mut stopped,
         );
+        // The cache has taken in what this snapshot changed; syncing it again (a retry,
+        // the periodic full sync) re-models nothing more.
+        snap.changed = source::Changed::default();
+        if full {
+            full_at = tokio::time::Instant::now() + FULL_SYNC_EVERY;
+        }
+        // A failed apply leaves the maps somewhere between two plans: plan everything.
+        full = result.is_err();
         // Whatever part of the plan reached the maps: sockets pinned to backends it
         // removed are ended now, off this thread.
         sockterm.submit(stopped);
+        let (problems, problems_total) = reported.problems(crate::status::MAX_PROBLEMS);
         crate::status::update(|st| {
-            st.problems = reported
-                .iter()
-                .take(crate::status::MAX_PROBLEMS)
-                .cloned()
-                .collect();
-            st.problems_total = reported.len();
+            st.problems = problems;
+            st.problems_total = problems_total;
         });
         if !attached {
             // Attach only once the first sync is in the maps, and before it is reported
@@ -642,10 +662,120 @@ fn spawn_bpf_log(dp: &mut BpfDatapath) -> Result<()> {
     Ok(())
 }
 
-/// Logs each problem once while it persists, so a bad file does not flood the log on
-/// every reload.
+/// The problems being reported, each logged once while it persists, so that a bad
+/// file does not flood the log on every reload. Kept per Service, so that a sync
+/// formats only the problems of the Services it re-modelled.
+#[derive(Default)]
+pub struct Reported {
+    /// The source errors last seen (the source shares one list until it changes).
+    source_seen: Option<std::sync::Arc<Vec<source::SourceError>>>,
+    source: BTreeSet<String>,
+    model: BTreeMap<model::ServiceRef, BTreeSet<String>>,
+    model_total: usize,
+    plan: BTreeSet<String>,
+}
+
+impl Reported {
+    /// At most `max` problems, and how many there are.
+    pub fn problems(&self, max: usize) -> (Vec<String>, usize) {
+        let shown = self
+            .source
+            .iter()
+            .chain(self.model.values().flatten())
+            .chain(&self.plan)
+            .take(max)
+            .cloned()
+            .collect();
+        (
+            shown,
+            self.source.len() + self.model_total + self.plan.len(),
+        )
+    }
+
+    fn source(&mut self, snap: &Snapshot) {
+        if self
+            .source_seen
+            .as_ref()
+            .is_some_and(|seen| std::sync::Arc::ptr_eq(seen, &snap.errors))
+        {
+            return;
+        }
+        let mut now = BTreeSet::new();
+        for e in snap.errors.iter() {
+            let file = e
+                .file
+                .as_deref()
+                .map(Path::display)
+                .map(|d| d.to_string())
+                .unwrap_or_default();
+            let object = e
+                .object
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            report_once(
+                &self.source,
+                &mut now,
+                e.to_string(),
+                || warn!(file, object, reason = %e.reason, "skipped bad input"),
+            );
+        }
+        self.source = now;
+        self.source_seen = Some(snap.errors.clone());
+    }
+
+    /// The problems of the Services `touched` re-modelled (of all after a full one).
+    fn model(&mut self, cache: &model::Cache, touched: &model::Touched, snap: &Snapshot) {
+        let desired = cache.desired();
+        let one = |reported: &mut Self, sref: &model::ServiceRef| {
+            let old = reported.model.remove(sref).unwrap_or_default();
+            let mut now = BTreeSet::new();
+            for e in cache.errors_of(sref) {
+                report_once(&old, &mut now, e.to_string(), || {
+                    warn!(file = origin(snap, &e.object), object = %e.object, reason = %e.reason, "skipped bad input")
+                });
+            }
+            if let Some(e) = desired.skipped.get(sref) {
+                report_once(&old, &mut now, e.to_string(), || {
+                    info!(file = origin(snap, &e.object), object = %e.object, reason = %e.reason, "Service not programmed")
+                });
+            }
+            reported.model_total = reported.model_total + now.len() - old.len();
+            if !now.is_empty() {
+                reported.model.insert(sref.clone(), now);
+            }
+        };
+        if touched.all {
+            let mut all: BTreeSet<model::ServiceRef> = self.model.keys().cloned().collect();
+            all.extend(cache.services_with_errors().cloned());
+            all.extend(desired.skipped.keys().cloned());
+            for sref in &all {
+                one(self, sref);
+            }
+        } else {
+            for sref in &touched.services {
+                one(self, sref);
+            }
+        }
+    }
+
+    fn plan(&mut self, rejected: &[plan::Rejected]) {
+        let mut now = BTreeSet::new();
+        for r in rejected {
+            report_once(
+                &self.plan,
+                &mut now,
+                format!("{}: {}", r.service, r.reason),
+                || error!(service = %r.service, reason = %r.reason, "Service not programmed"),
+            );
+        }
+        self.plan = now;
+    }
+}
+
+/// Logs `msg` unless it was reported before, and keeps it in `now`.
 fn report_once(
-    reported: &mut BTreeSet<String>,
+    reported: &BTreeSet<String>,
     now: &mut BTreeSet<String>,
     msg: String,
     log: impl FnOnce(),
@@ -681,72 +811,50 @@ pub struct SyncReport {
 /// sync that fails still lets the programs attach, since the maps hold a consistent
 /// (if older) state. `stopped` receives the (frontend, backend) pairs that the applied
 /// part of the plan made unusable, even when it failed half way.
+///
+/// The model re-models only what `snap.changed` names and the plan covers the frontends
+/// that changed, unless `full`: then both run over everything (the first sync, after a
+/// failed apply, and every [`FULL_SYNC_EVERY`] as the safety net that finds drift).
+#[allow(clippy::too_many_arguments)]
 pub fn sync(
     dp: &mut dyn MapStore,
     current: &mut CurrentState,
+    cache: &mut model::Cache,
     snap: &Snapshot,
     node: &NodeInfo,
-    reported: &mut BTreeSet<String>,
+    full: bool,
+    reported: &mut Reported,
     stopped: &mut Vec<sockterm::Stopped>,
 ) -> Result<SyncReport> {
     let started = Instant::now();
-    let mut now = BTreeSet::new();
-    for e in snap.errors.iter() {
-        let file = e
-            .file
-            .as_deref()
-            .map(Path::display)
-            .map(|d| d.to_string())
-            .unwrap_or_default();
-        let object = e
-            .object
-            .as_ref()
-            .map(ToString::to_string)
-            .unwrap_or_default();
-        report_once(
-            reported,
-            &mut now,
-            e.to_string(),
-            || warn!(file, object, reason = %e.reason, "skipped bad input"),
-        );
+    reported.source(snap);
+    let mut touched = cache.update(snap, node);
+    if full && !touched.all {
+        if cache.rebuild(snap, node) {
+            error!(
+                "the incremental model differed from a full rebuild of the same objects (a bug: please report it); the full rebuild is used"
+            );
+        }
+        touched = model::Touched::all();
     }
-    let (services, slices) = snap.to_lists();
-    let (desired, errors) = model::build(
-        Objects {
-            services: &services,
-            slices: &slices,
-        },
-        node,
+    reported.model(cache, &touched, snap);
+    let desired = cache.desired();
+    let model_errors = cache.error_count();
+    // None: plan every frontend.
+    let touched: Option<&BTreeSet<model::FrontendKey>> =
+        (!touched.all).then_some(&touched.frontends);
+    tracing::debug!(
+        touched = touched.map_or(usize::MAX, BTreeSet::len),
+        model_us = started.elapsed().as_micros() as u64,
+        "modelled"
     );
-    for e in &errors {
-        report_once(
-            reported,
-            &mut now,
-            e.to_string(),
-            || warn!(file = origin(snap, &e.object), object = %e.object, reason = %e.reason, "skipped bad input"),
-        );
-    }
-    for e in &desired.skipped {
-        report_once(
-            reported,
-            &mut now,
-            e.to_string(),
-            || info!(file = origin(snap, &e.object), object = %e.object, reason = %e.reason, "Service not programmed"),
-        );
-    }
-    let plan = plan::plan(current, &desired, &dp.capacity());
-    for r in &plan.rejected {
-        report_once(
-            reported,
-            &mut now,
-            format!("{}: {}", r.service, r.reason),
-            || error!(service = %r.service, reason = %r.reason, "Service not programmed"),
-        );
-    }
-    *reported = now;
+    // The one plan call: `plan::plan_touched(current, desired, touched, &cap)` once the
+    // planner plans only the touched frontends.
+    let plan = plan::plan(current, desired, &dp.capacity());
+    reported.plan(&plan.rejected);
     crate::metrics::set_skipped(
         snap.errors.len(),
-        errors.len().saturating_sub(desired.over_limit.len()),
+        model_errors.saturating_sub(desired.over_limit.len()),
         plan.rejected.len(),
     );
     crate::metrics::set_skipped_over_limit(desired.over_limit.len());
@@ -765,15 +873,15 @@ pub fn sync(
     let ops = applied?;
     dp.affinity_commit(current)
         .context("session affinity: add new backends")?;
-    dp.sync_meta(current, &desired)
+    dp.sync_meta(current, desired)
         .context("write Service metadata")?;
     Ok(SyncReport {
-        health_checks: desired.health_checks,
+        health_checks: desired.health_checks.clone(),
         ops,
         frontends: current.frontends.len(),
         backends: current.backends.len(),
         rejected: plan.rejected.len(),
-        skipped: snap.errors.len() + errors.len(),
+        skipped: snap.errors.len() + model_errors,
         duration: started.elapsed(),
     })
 }

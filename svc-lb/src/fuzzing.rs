@@ -39,9 +39,9 @@ use crate::{
         codec::{self, SvcKey},
         fake::FakeMaps,
     },
-    model::{self, DesiredState, ModelError, NodeInfo, Objects, ServiceLimits, ServiceRef},
+    model::{self, DesiredState, ModelError, NodeInfo, ServiceLimits, ServiceRef},
     plan::{self, Capacity, CurrentState},
-    source::manifests,
+    source::{Changed, Snapshot, manifests},
 };
 
 // ---------------------------------------------------------------------------------
@@ -159,8 +159,7 @@ pub fn model(data: &[u8]) {
             external: true,
             ..NodeInfo::default()
         };
-        let (services, slices) = snap.to_lists();
-        let desired = check_build(&services, &slices, &node);
+        let desired = check_build(&snap, &node);
         sync(&mut Rig::new(), &desired);
         return;
     }
@@ -169,12 +168,171 @@ pub fn model(data: &[u8]) {
         return;
     };
     let mut rig = Rig::new();
+    let mut cache = model::Cache::default();
+    let mut before = Snapshot::default();
     for _ in 0..2 {
         let Ok((services, slices)) = gen_objects(&mut u) else {
             return;
         };
-        let desired = check_build(&services, &slices, &node);
+        let mut snap = Snapshot::from_lists(services, slices);
+        let desired = check_build(&snap, &node);
+        // The cache, told only what differs from the generation before, agrees.
+        snap.changed = changed_between(&before, &snap);
+        check_incremental(&mut cache, &snap, &node, &desired);
         sync(&mut rig, &desired);
+        before = snap;
+    }
+}
+
+/// Random sequences of edits (Services and slices added, changed and removed, several
+/// coalesced into one snapshot as the feed does, node changes, spurious change marks),
+/// each applied to a [`model::Cache`] and checked by [`check_incremental`] against a
+/// full build. Object names and addresses come from small pools, so cluster IPs,
+/// node ports and external addresses clash often.
+pub fn model_edits(data: &[u8]) {
+    let mut u = Unstructured::new(data);
+    let Ok(mut node) = gen_node(&mut u) else {
+        return;
+    };
+    let mut cache = model::Cache::default();
+    let mut snap = Snapshot {
+        changed: Changed::all(),
+        ..Snapshot::default()
+    };
+    // Slice (namespace, name) → the Service it is filed under.
+    let mut owners: BTreeMap<(String, String), ServiceRef> = BTreeMap::new();
+    let full = model::build(&snap, &node).0;
+    check_incremental(&mut cache, &snap, &node, &full);
+    while !u.is_empty() {
+        if edit(&mut u, &mut snap, &mut owners, &mut node).is_err() {
+            break;
+        }
+        let full = model::build(&snap, &node).0;
+        check_incremental(&mut cache, &snap, &node, &full);
+        snap.changed = Changed::default();
+    }
+}
+
+/// One to three edits of `snap`, recorded in `snap.changed`.
+fn edit(
+    u: &mut Unstructured<'_>,
+    snap: &mut Snapshot,
+    owners: &mut BTreeMap<(String, String), ServiceRef>,
+    node: &mut NodeInfo,
+) -> ArbResult<()> {
+    for _ in 0..u.int_in_range(1..=3)? {
+        match u.int_in_range(0u8..=19)? {
+            0..=6 => {
+                let svc: Service =
+                    serde_json::from_value(gen_service(u)?).expect("generated Service decodes");
+                let sref = crate::source::service_ref(&svc);
+                snap.services.insert(sref.clone(), std::sync::Arc::new(svc));
+                snap.changed.services.insert(sref);
+            }
+            7..=9 => {
+                if snap.services.is_empty() {
+                    continue;
+                }
+                let at = u.choose_index(snap.services.len())?;
+                let sref = snap.services.keys().nth(at).cloned().expect("in range");
+                snap.services.remove(&sref);
+                snap.changed.services.insert(sref);
+            }
+            10..=15 => {
+                let slice: EndpointSlice =
+                    serde_json::from_value(gen_slice(u)?).expect("generated slice decodes");
+                let ns = match slice.metadata.namespace.as_deref() {
+                    None | Some("") => "default".to_owned(),
+                    Some(ns) => ns.to_owned(),
+                };
+                let id = (ns, slice.metadata.name.clone().unwrap_or_default());
+                if let Some(old) = owners.remove(&id) {
+                    snap.remove_slice(&old, &id.1);
+                    snap.changed.services.insert(old);
+                }
+                if let Some(owner) = snap.insert_slice(std::sync::Arc::new(slice)) {
+                    snap.changed.services.insert(owner.clone());
+                    owners.insert(id, owner);
+                }
+            }
+            16 | 17 => {
+                if owners.is_empty() {
+                    continue;
+                }
+                let at = u.choose_index(owners.len())?;
+                let id = owners.keys().nth(at).cloned().expect("in range");
+                let owner = owners.remove(&id).expect("present");
+                snap.remove_slice(&owner, &id.1);
+                snap.changed.services.insert(owner);
+            }
+            18 => {
+                // A Service marked changed that did not change (allowed: a superset).
+                snap.changed.services.insert(ServiceRef {
+                    namespace: pick(u, &["default", "x"])?.to_owned(),
+                    name: pick(u, NAMES)?.to_owned(),
+                });
+            }
+            _ => *node = gen_node(u)?,
+        }
+    }
+    Ok(())
+}
+
+/// The Services whose object or slices differ between two snapshots.
+pub fn changed_between(a: &Snapshot, b: &Snapshot) -> Changed {
+    let mut services = std::collections::BTreeSet::new();
+    for sref in a.services.keys().chain(b.services.keys()) {
+        if a.services.get(sref) != b.services.get(sref) {
+            services.insert(sref.clone());
+        }
+    }
+    for sref in a.slices.keys().chain(b.slices.keys()) {
+        if a.slices.get(sref) != b.slices.get(sref) {
+            services.insert(sref.clone());
+        }
+    }
+    Changed {
+        all: false,
+        services,
+    }
+}
+
+/// Updates `cache` with `snap` (whose `changed` must name what differs from the
+/// snapshot it saw last) and checks it against a full build: the same desired state,
+/// the same errors, and every frontend whose entry differs from before is touched.
+pub fn check_incremental(
+    cache: &mut model::Cache,
+    snap: &Snapshot,
+    node: &NodeInfo,
+    full: &DesiredState,
+) {
+    let old = cache.desired().clone();
+    let touched = cache.update(snap, node);
+    let (_, errors) = model::build(snap, node);
+    assert_eq!(cache.desired(), full, "the cache differs from a full build");
+    let cached: Vec<&ModelError> = cache.errors().collect();
+    let errors: Vec<&ModelError> = errors.iter().collect();
+    assert_eq!(cached, errors, "the cache's errors differ from a full build's");
+    assert_eq!(cache.error_count(), errors.len());
+    if touched.all {
+        return;
+    }
+    let keys: std::collections::BTreeSet<_> = old
+        .frontends
+        .keys()
+        .chain(full.frontends.keys())
+        .chain(old.draining.keys())
+        .chain(full.draining.keys())
+        .collect();
+    for key in keys {
+        if old.frontends.get(key) != full.frontends.get(key)
+            || old.draining.get(key) != full.draining.get(key)
+        {
+            assert!(
+                touched.frontends.contains(key),
+                "{key:?} changed but is not touched"
+            );
+        }
     }
 }
 
@@ -347,20 +505,8 @@ fn sync(rig: &mut Rig, desired: &DesiredState) {
     }
 }
 
-fn check_build(services: &[Service], slices: &[EndpointSlice], node: &NodeInfo) -> DesiredState {
-    let (state, errors) = model::build(Objects { services, slices }, node);
-    let (mut rs, mut rsl) = (services.to_vec(), slices.to_vec());
-    rs.reverse();
-    rsl.reverse();
-    let (state2, errors2) = model::build(
-        Objects {
-            services: &rs,
-            slices: &rsl,
-        },
-        node,
-    );
-    assert_eq!(state2, state, "input order changed the state");
-    assert_eq!(errors2, errors, "input order changed the errors");
+fn check_build(snap: &Snapshot, node: &NodeInfo) -> DesiredState {
+    let (state, errors) = model::build(snap, node);
     check_state(&state, &errors, node);
     state
 }

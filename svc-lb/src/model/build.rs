@@ -29,8 +29,10 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
+    sync::Arc,
 };
 
+use imbl::OrdMap;
 use ipnet::IpNet;
 use k8s_openapi::{
     api::{
@@ -48,8 +50,9 @@ use svc_lb_common::{
 
 use super::{
     BackendAddr, DesiredBackend, DesiredFrontend, DesiredState, FrontendKey, HealthCheck,
-    ModelError, NodeInfo, ObjectRef, Objects, ServiceRef,
+    ModelError, NodeInfo, ObjectRef, ServiceRef,
 };
+use crate::source::Snapshot;
 
 /// Links an EndpointSlice to its Service (same namespace).
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -76,44 +79,111 @@ pub const ANNOTATION_LB_SOURCE_RANGES: &str =
 /// Turns Services and EndpointSlices into the desired datapath state. Objects that
 /// cannot be programmed are skipped and reported; they never affect other Services.
 ///
-/// The result depends only on the set of objects, not on their order: Services are
-/// processed sorted by namespace/name (so the first one claims a contested frontend),
-/// slices sorted by namespace/name (so the first copy of a duplicate endpoint wins),
-/// and an object whose namespace/name appears twice is refused in every copy.
-pub fn build(objects: Objects<'_>, node: &NodeInfo) -> (DesiredState, Vec<ModelError>) {
-    let mut errors = Vec::new();
-    let slices = index_slices(objects.slices, &mut errors);
+/// Services are processed in namespace/name order, so the first one claims a contested
+/// frontend. Errors come per Service in that order (see [`super::Cache::errors`]).
+/// This is the full rebuild; [`super::Cache`] keeps the same result up to date one
+/// changed Service at a time.
+pub fn build(snap: &Snapshot, node: &NodeInfo) -> (DesiredState, Vec<ModelError>) {
+    let mut cache = super::Cache::default();
+    cache.rebuild(snap, node);
+    let errors = cache.errors().cloned().collect();
+    (cache.into_desired(), errors)
+}
 
-    let mut services: Vec<&Service> = objects.services.iter().collect();
-    services.sort_by(|a, b| identity(&a.metadata).cmp(&identity(&b.metadata)));
+/// One Service's share of the input: its Service object and its EndpointSlices (either
+/// may be missing).
+pub(super) struct Input<'a> {
+    pub sref: &'a ServiceRef,
+    pub service: Option<&'a Service>,
+    pub slices: Option<&'a OrdMap<String, Arc<EndpointSlice>>>,
+}
+
+impl<'a> Input<'a> {
+    pub fn of(snap: &'a Snapshot, sref: &'a ServiceRef) -> Self {
+        Self {
+            sref,
+            service: snap.services.get(sref).map(|s| &**s),
+            slices: snap.slices.get(sref),
+        }
+    }
+}
+
+/// What the model made of one Service: the frontends it won, their draining
+/// endpoints, its health check and its problems.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct Outcome {
+    pub frontends: Vec<DesiredFrontend>,
+    pub draining: Vec<(FrontendKey, Vec<DesiredBackend>)>,
+    pub health: Option<(u16, HealthCheck)>,
+    pub errors: Vec<ModelError>,
+    pub skipped: Option<ModelError>,
+    pub over_limit: bool,
+}
+
+/// What a Service may claim and so contend for with other Services: a frontend or a
+/// `healthCheckNodePort`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(super) enum ClaimKey {
+    Frontend(FrontendKey),
+    HealthPort(u16),
+}
+
+/// Every key the Service could claim in [`model_group`] (a superset of what it wins):
+/// two Services interact only through keys they both list. A Service over its frontend
+/// limit lists its cluster IPs only, the only addresses it claims, so that its size is
+/// never expanded.
+pub(super) fn claim_keys(service: Option<&Service>, node: &NodeInfo) -> Vec<ClaimKey> {
+    let Some(svc) = service else {
+        return Vec::new();
+    };
+    if has_label(&svc.metadata, LABEL_HEADLESS) {
+        return Vec::new();
+    }
+    let Ok(Some(plan)) = plan_service(svc, &service_object(svc), node) else {
+        return Vec::new();
+    };
+    let mut keys: Vec<ClaimKey> = plan.cluster_keys().map(ClaimKey::Frontend).collect();
+    if over_limit(&plan, 0, node).is_none() {
+        keys.extend(
+            plan.external_frontends(node)
+                .into_iter()
+                .map(|fe| ClaimKey::Frontend(fe.key)),
+        );
+        if let Some(port) = plan.health_check_node_port.filter(|_| node.external) {
+            keys.push(ClaimKey::HealthPort(port));
+        }
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+}
+
+/// The model over a group of Services, sorted by namespace/name, that shares no
+/// [`ClaimKey`] with any Service outside it: the result for each is then the same as
+/// over all Services. One outcome per input, in input order.
+pub(super) fn model_group(inputs: &[Input<'_>], node: &NodeInfo) -> Vec<Outcome> {
+    let mut out: Vec<Outcome> = inputs.iter().map(|_| Outcome::default()).collect();
+    let slices: Vec<Vec<Slice<'_>>> = inputs
+        .iter()
+        .zip(&mut out)
+        .map(|(input, o)| parse_slices(input.slices, &mut o.errors))
+        .collect();
 
     // Pass 1: validate every Service and claim its cluster-IP frontends.
     let mut claims: BTreeMap<FrontendKey, ServiceRef> = BTreeMap::new();
     let mut accepted = Vec::new();
-    let mut skipped = Vec::new();
     let mut refused = Vec::new();
-    for group in services.chunk_by(|a, b| identity(&a.metadata) == identity(&b.metadata)) {
-        let svc = group[0];
-        let object = service_object(svc);
-        if group.len() > 1 {
-            // Picking one copy would depend on input order; refuse them all instead.
-            errors.push(ModelError {
-                object,
-                reason: format!(
-                    "the Service is defined {} times; none of the definitions is used",
-                    group.len()
-                ),
-            });
+    for (i, input) in inputs.iter().enumerate() {
+        let Some(svc) = input.service else {
             continue;
-        }
-        let sref = ServiceRef {
-            namespace: object.namespace.clone(),
-            name: object.name.clone(),
         };
+        let errors = &mut out[i].errors;
+        let object = service_object(svc);
+        let sref = input.sref.clone();
         if has_label(&svc.metadata, LABEL_HEADLESS) {
             // kube-proxy watches Services with the selector `!service.kubernetes.io/headless`
             // and so never programs a labelled one, cluster IP or not.
-            skipped.push(ModelError {
+            out[i].skipped = Some(ModelError {
                 object,
                 reason: format!(
                     "labelled {LABEL_HEADLESS}: not programmed, as kube-proxy does not proxy such Services; remove the label to program it"
@@ -145,9 +215,7 @@ pub fn build(objects: Objects<'_>, node: &NodeInfo) -> (DesiredState, Vec<ModelE
         for key in plan.cluster_keys() {
             claims.insert(key, sref.clone());
         }
-        let endpoints = slices
-            .get(&(sref.namespace.as_str(), sref.name.as_str()))
-            .map_or(0, |own| own.iter().map(|s| s.endpoints.len()).sum());
+        let endpoints = slices[i].iter().map(|s| s.endpoints.len()).sum();
         if let Some(reason) = over_limit(&plan, endpoints, node) {
             errors.push(ModelError {
                 object,
@@ -155,14 +223,14 @@ pub fn build(objects: Objects<'_>, node: &NodeInfo) -> (DesiredState, Vec<ModelE
                     "{reason}; the Service is refused whole and its cluster IPs refuse connections"
                 ),
             });
-            refused.push((plan, sref));
+            refused.push((i, plan, sref));
             continue;
         }
         errors.extend(plan.port_errors.iter().map(|reason| ModelError {
             object: object.clone(),
             reason: reason.clone(),
         }));
-        accepted.push((plan, sref, object));
+        accepted.push((i, plan, sref, object));
     }
 
     // Pass 2: external addresses, each on its own, after every cluster IP is claimed.
@@ -173,7 +241,7 @@ pub fn build(objects: Objects<'_>, node: &NodeInfo) -> (DesiredState, Vec<ModelE
     // ports, allocated by the apiserver, go first as well.
     let mut frontends: Vec<Vec<Frontend>> = accepted
         .iter()
-        .map(|(plan, _, _)| {
+        .map(|(_, plan, _, _)| {
             plan.ports
                 .iter()
                 .enumerate()
@@ -193,7 +261,7 @@ pub fn build(objects: Objects<'_>, node: &NodeInfo) -> (DesiredState, Vec<ModelE
         })
         .collect();
     let (mut first, mut last) = (Vec::new(), Vec::new());
-    for (plan, _, _) in &accepted {
+    for (_, plan, _, _) in &accepted {
         let (ext, other): (Vec<Frontend>, Vec<Frontend>) = plan
             .external_frontends(node)
             .into_iter()
@@ -203,7 +271,7 @@ pub fn build(objects: Objects<'_>, node: &NodeInfo) -> (DesiredState, Vec<ModelE
     }
     let mut kinds: BTreeMap<FrontendKey, u8> = BTreeMap::new();
     for round in [first, last] {
-        for (((_, sref, object), mine), candidates) in
+        for (((i, _, sref, object), mine), candidates) in
             accepted.iter().zip(&mut frontends).zip(round)
         {
             claim_external(
@@ -213,20 +281,17 @@ pub fn build(objects: Objects<'_>, node: &NodeInfo) -> (DesiredState, Vec<ModelE
                 &mut claims,
                 &mut kinds,
                 mine,
-                &mut errors,
+                &mut out[*i].errors,
             );
         }
     }
 
-    let mut state = DesiredState {
-        skipped,
-        ..DesiredState::default()
-    };
-    for (plan, sref) in &refused {
+    for (i, plan, sref) in &refused {
         // Fail closed: the cluster IPs (already claimed in pass 1) stay known to the
         // datapath with no backends, so clients are refused rather than sent to
         // backends the Service had before it went over the limit. A Service whose
         // cluster IPs alone are over the frontend limit gets nothing.
+        let o = &mut out[*i];
         if plan.cluster_keys().count() <= node.limits.max_frontends {
             for p in &plan.ports {
                 for &addr in &plan.ips {
@@ -236,49 +301,37 @@ pub fn build(objects: Objects<'_>, node: &NodeInfo) -> (DesiredState, Vec<ModelE
                         proto: p.proto,
                         scope: SCOPE_ALL,
                     };
-                    state
-                        .frontends
-                        .insert(key, refused_frontend(key, sref, p.name));
+                    o.frontends.push(refused_frontend(key, sref, p.name));
                 }
             }
         }
-        state.over_limit.push(sref.clone());
+        o.over_limit = true;
     }
-    for ((plan, sref, object), mine) in accepted.iter().zip(&frontends) {
-        let own_slices = slices
-            .get(&(sref.namespace.as_str(), sref.name.as_str()))
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        program(
-            plan,
-            mine,
-            sref,
-            own_slices,
-            node,
-            object,
-            &mut state,
-            &mut errors,
-        );
+    let mut health_owners: BTreeMap<u16, &ServiceRef> = BTreeMap::new();
+    for ((i, plan, sref, object), mine) in accepted.iter().zip(&frontends) {
+        let own_slices = &slices[*i];
+        let o = &mut out[*i];
+        program(plan, mine, sref, own_slices, node, object, o);
         if let Some(port) = plan.health_check_node_port.filter(|_| node.external) {
-            let check = HealthCheck {
-                service: sref.clone(),
-                local_endpoints: local_ready_endpoints(plan, own_slices, node),
-            };
-            match state.health_checks.get(&port) {
+            match health_owners.get(&port) {
                 None => {
-                    state.health_checks.insert(port, check);
+                    health_owners.insert(port, sref);
+                    let check = HealthCheck {
+                        service: sref.clone(),
+                        local_endpoints: local_ready_endpoints(plan, own_slices, node),
+                    };
+                    o.health = Some((port, check));
                 }
-                Some(owner) => errors.push(ModelError {
+                Some(owner) => o.errors.push(ModelError {
                     object: object.clone(),
                     reason: format!(
-                        "healthCheckNodePort {port} is already used by Service {}; it is not served for this one",
-                        owner.service
+                        "healthCheckNodePort {port} is already used by Service {owner}; it is not served for this one"
                     ),
                 }),
             }
         }
     }
-    (state, errors)
+    out
 }
 
 /// Claims the external frontends of one accepted Service that no one holds yet. An
@@ -444,10 +497,6 @@ fn name(meta: &ObjectMeta) -> &str {
     meta.name.as_deref().unwrap_or_default()
 }
 
-fn identity(meta: &ObjectMeta) -> (&str, &str) {
-    (namespace(meta), name(meta))
-}
-
 fn service_object(svc: &Service) -> ObjectRef {
     ObjectRef {
         kind: "Service".to_owned(),
@@ -575,38 +624,15 @@ struct Slice<'a> {
     endpoints: Vec<SliceEndpoint<'a>>,
 }
 
-type SliceIndex<'a> = HashMap<(&'a str, &'a str), Vec<Slice<'a>>>;
-
-/// Groups the usable slices by (namespace, Service name), each group in slice-name
-/// order.
-fn index_slices<'a>(slices: &'a [EndpointSlice], errors: &mut Vec<ModelError>) -> SliceIndex<'a> {
-    let mut sorted: Vec<&EndpointSlice> = slices.iter().collect();
-    sorted.sort_by(|a, b| identity(&a.metadata).cmp(&identity(&b.metadata)));
-
-    let mut index: SliceIndex<'a> = HashMap::new();
-    for group in sorted.chunk_by(|a, b| identity(&a.metadata) == identity(&b.metadata)) {
-        // A duplicate is judged on every copy, not the first: which copy comes first
-        // depends on input order (found by the model fuzz target).
-        let slice = group
-            .iter()
-            .copied()
-            .find(|s| {
-                s.metadata
-                    .labels
-                    .as_ref()
-                    .is_some_and(|l| l.contains_key(LABEL_SERVICE_NAME))
-                    && !has_label(&s.metadata, LABEL_HEADLESS)
-            })
-            .unwrap_or(group[0]);
+/// Parses the slices of one Service, in slice-name order. Slices labelled headless are
+/// left out, as kube-proxy does.
+fn parse_slices<'a>(
+    group: Option<&'a OrdMap<String, Arc<EndpointSlice>>>,
+    errors: &mut Vec<ModelError>,
+) -> Vec<Slice<'a>> {
+    let mut out = Vec::new();
+    for slice in group.into_iter().flat_map(OrdMap::values) {
         let meta = &slice.metadata;
-        let Some(service) = meta.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
-            tracing::debug!(
-                namespace = namespace(meta),
-                slice = name(meta),
-                "EndpointSlice has no {LABEL_SERVICE_NAME} label; ignored"
-            );
-            continue;
-        };
         if has_label(meta, LABEL_HEADLESS) {
             continue;
         }
@@ -615,17 +641,6 @@ fn index_slices<'a>(slices: &'a [EndpointSlice], errors: &mut Vec<ModelError>) -
             namespace: namespace(meta).to_owned(),
             name: name(meta).to_owned(),
         };
-        if group.len() > 1 {
-            // As for Services: which copy to trust would depend on input order.
-            errors.push(ModelError {
-                object,
-                reason: format!(
-                    "the EndpointSlice is defined {} times; none of the definitions is used",
-                    group.len()
-                ),
-            });
-            continue;
-        }
         let family = match slice.address_type.as_str() {
             "IPv4" => Family::V4,
             "IPv6" => Family::V6,
@@ -643,17 +658,13 @@ fn index_slices<'a>(slices: &'a [EndpointSlice], errors: &mut Vec<ModelError>) -
                 continue;
             }
         };
-        let parsed = Slice {
+        out.push(Slice {
             family,
             ports: slice_ports(slice, &object, errors),
             endpoints: slice_endpoints(slice, family, &object, errors),
-        };
-        index
-            .entry((namespace(meta), service.as_str()))
-            .or_default()
-            .push(parsed);
+        });
     }
-    index
+    out
 }
 
 fn slice_ports<'a>(
@@ -1290,8 +1301,7 @@ fn slice_port_for(slice: &Slice<'_>, port: &PortPlan<'_>) -> Option<u16> {
     by_name(port.name).or_else(|| port.target_name.and_then(by_name))
 }
 
-/// Inserts the frontends of an accepted Service into `state`.
-#[allow(clippy::too_many_arguments)]
+/// Adds the frontends of an accepted Service to its outcome.
 fn program(
     plan: &ServicePlan<'_>,
     frontends: &[Frontend],
@@ -1299,9 +1309,9 @@ fn program(
     slices: &[Slice<'_>],
     node: &NodeInfo,
     object: &ObjectRef,
-    state: &mut DesiredState,
-    errors: &mut Vec<ModelError>,
+    out: &mut Outcome,
 ) {
+    let errors = &mut out.errors;
     for port in &plan.ports {
         if let Some(target) = port.target_name {
             // Only slices with endpoints count: the controller's placeholder slice for a
@@ -1347,7 +1357,7 @@ fn program(
                 .copied()
                 .collect();
             if !draining.is_empty() {
-                state.draining.insert(fe.key, draining);
+                out.draining.push((fe.key, draining));
             }
         }
         let mut flags = 0;
@@ -1380,9 +1390,7 @@ fn program(
         } else {
             0
         };
-        state.frontends.insert(
-            fe.key,
-            DesiredFrontend {
+        out.frontends.push(DesiredFrontend {
                 key: fe.key,
                 service: sref.clone(),
                 port_name: port.name.to_owned(),
@@ -1392,8 +1400,7 @@ fn program(
                 meta_flags,
                 flags,
                 src_ranges,
-            },
-        );
+        });
     }
 }
 

@@ -1,13 +1,17 @@
 //! The model: Kubernetes objects in, desired frontends and backends out. Pure, no I/O.
 //! Nearly every Kubernetes rule lives here.
-use std::{collections::BTreeMap, fmt, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+};
 
 use ipnet::IpNet;
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-
 mod build;
+mod cache;
 mod node;
+pub use cache::{Cache, Touched};
 pub use build::{
     ANNOTATION_LB_SOURCE_RANGES, DEFAULT_AFFINITY_TIMEOUT_S, LABEL_HEADLESS, LABEL_SERVICE_NAME,
     LABEL_SERVICE_PROXY_NAME, MAX_AFFINITY_TIMEOUT_S, build, never_a_frontend,
@@ -97,11 +101,11 @@ pub struct DesiredState {
     pub health_checks: BTreeMap<u16, HealthCheck>,
     /// Services left alone on purpose (not errors), with why: a Service labelled
     /// `service.kubernetes.io/headless`. Shown by `svc-lb status`.
-    pub skipped: Vec<ModelError>,
+    pub skipped: BTreeMap<ServiceRef, ModelError>,
     /// Services refused whole for going over a [`ServiceLimits`] limit. Their cluster
     /// IPs are programmed with no backends (connections are refused) so that nothing
     /// keeps routing to their old backends; their reasons are in the errors.
-    pub over_limit: Vec<ServiceRef>,
+    pub over_limit: BTreeSet<ServiceRef>,
     /// Per `SCOPE_EXTERNAL` frontend: endpoints that still serve but that its
     /// `backends` leave out (terminating while others are ready, not ready but serving,
     /// outside this node's topology hints or traffic policy), with state
@@ -187,11 +191,4 @@ impl fmt::Display for ModelError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.object, self.reason)
     }
-}
-
-/// Inputs of [`build`], borrowed so that sources can keep their own stores.
-#[derive(Clone, Copy, Debug)]
-pub struct Objects<'a> {
-    pub services: &'a [Service],
-    pub slices: &'a [EndpointSlice],
 }

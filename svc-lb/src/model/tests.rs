@@ -7,10 +7,13 @@ use svc_lb_common::{
     KIND_NODE_PORT, META_EXTERNAL_LOCAL, META_INTERNAL_LOCAL, PROTO_TCP, PROTO_UDP, SCOPE_ALL,
 };
 
-use super::{DesiredState, ModelError, NodeInfo, Objects, build};
+use super::{DesiredState, ModelError, NodeInfo, build};
+use crate::source::Snapshot;
 
 // Bad-input catalogue cases (tests/README.md).
 mod catalogue;
+// The incremental model (Cache) against full builds.
+mod incremental;
 
 /// The node the model runs for.
 #[derive(Clone, Copy)]
@@ -157,10 +160,16 @@ fn render(state: &DesiredState) -> Vec<String> {
         .collect()
 }
 
+/// Errors come per Service; `want` lists them in any order of objects, and in the
+/// model's order for one object.
 fn check_errors(case: &str, got: &[ModelError], want: &[(&str, &str)]) {
     let shown: Vec<String> = got.iter().map(ToString::to_string).collect();
     assert_eq!(got.len(), want.len(), "case {case}: errors {shown:#?}");
-    for (err, (object, reason)) in got.iter().zip(want) {
+    let mut got: Vec<&ModelError> = got.iter().collect();
+    got.sort_by_key(|e| e.object.to_string());
+    let mut want = want.to_vec();
+    want.sort_by_key(|(object, _)| *object);
+    for (err, (object, reason)) in got.iter().zip(&want) {
         assert_eq!(
             err.object.to_string(),
             *object,
@@ -173,40 +182,60 @@ fn check_errors(case: &str, got: &[ModelError], want: &[(&str, &str)]) {
     }
 }
 
+fn snapshot(services: &[Service], slices: &[EndpointSlice]) -> Snapshot {
+    Snapshot::from_lists(services.to_vec(), slices.to_vec())
+}
+
 fn run(case: &Case) {
     let (services, slices) = parse(case.yaml);
     let node = case.node.info();
-    let (state, errors) = build(
-        Objects {
-            services: &services,
-            slices: &slices,
-        },
-        &node,
-    );
+    let (state, errors) = build(&snapshot(&services, &slices), &node);
     assert_eq!(render(&state), case.want, "case {}", case.name);
     check_errors(case.name, &errors, case.errors);
+    for reverse in [false, true] {
+        let (built, built_errors) = one_at_a_time(&services, &slices, &node, reverse);
+        assert_eq!(built, state, "case {}: incremental state", case.name);
+        assert_eq!(built_errors, errors, "case {}: incremental errors", case.name);
+    }
+}
 
-    // The order of the input objects must not matter.
-    let (mut services, mut slices) = (services, slices);
-    services.reverse();
-    slices.reverse();
-    let (state2, errors2) = build(
-        Objects {
-            services: &services,
-            slices: &slices,
-        },
-        &node,
-    );
-    assert_eq!(
-        state2, state,
-        "case {}: input order changed the state",
-        case.name
-    );
-    assert_eq!(
-        errors2, errors,
-        "case {}: input order changed the errors",
-        case.name
-    );
+/// The objects added to a [`Cache`](super::Cache) one at a time (in input order or
+/// reversed), each update checked against a full build of the objects so far.
+fn one_at_a_time(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    node: &NodeInfo,
+    reverse: bool,
+) -> (DesiredState, Vec<ModelError>) {
+    let mut cache = super::Cache::default();
+    let mut snap = Snapshot::default();
+    snap.changed.all = true;
+    crate::fuzzing::check_incremental(&mut cache, &snap, node, &build(&snap, node).0);
+    let mut steps: Vec<Box<dyn Fn(&mut Snapshot)>> = Vec::new();
+    for svc in services {
+        steps.push(Box::new(move |snap: &mut Snapshot| {
+            let sref = crate::source::service_ref(svc);
+            snap.services.insert(sref.clone(), std::sync::Arc::new(svc.clone()));
+            snap.changed.services.insert(sref);
+        }));
+    }
+    for slice in slices {
+        steps.push(Box::new(move |snap: &mut Snapshot| {
+            if let Some(owner) = snap.insert_slice(std::sync::Arc::new(slice.clone())) {
+                snap.changed.services.insert(owner);
+            }
+        }));
+    }
+    if reverse {
+        steps.reverse();
+    }
+    for step in steps {
+        snap.changed = Default::default();
+        step(&mut snap);
+        crate::fuzzing::check_incremental(&mut cache, &snap, node, &build(&snap, node).0);
+    }
+    let errors = cache.errors().cloned().collect();
+    (cache.into_desired(), errors)
 }
 
 const CASES: &[Case] = &[
@@ -527,14 +556,6 @@ spec: {clusterIP: 10.96.1.2, ports: [{port: 80}]}
         node: NO_NODE,
         yaml: r#"
 kind: Service
-metadata: {name: twice}
-spec: {clusterIP: 10.96.2.1, ports: [{port: 80}]}
----
-kind: Service
-metadata: {name: twice}
-spec: {clusterIP: 10.96.2.2, ports: [{port: 80}]}
----
-kind: Service
 metadata: {name: same-name}
 spec: {clusterIP: 10.96.2.3, ports: [{name: a, port: 80}, {name: a, port: 81}]}
 ---
@@ -554,20 +575,10 @@ kind: EndpointSlice
 metadata: {name: sliced-1, labels: {kubernetes.io/service-name: sliced}}
 addressType: IPv4
 ports: [{port: 8080}]
-endpoints: [{addresses: [10.0.0.1]}]
----
-kind: EndpointSlice
-metadata: {name: sliced-1, labels: {kubernetes.io/service-name: sliced}}
-addressType: IPv4
-ports: [{port: 8080}]
-endpoints: [{addresses: [10.0.0.2]}]
+endpoints: [{addresses: [10.0.0.1], conditions: {ready: true}}, {addresses: [10.0.0.1]}]
 "#,
-        want: &["10.96.2.6:80/TCP default/sliced: []"],
+        want: &["10.96.2.6:80/TCP default/sliced: [10.0.0.1:8080]"],
         errors: &[
-            (
-                "EndpointSlice default/sliced-1",
-                "the EndpointSlice is defined 2 times",
-            ),
             (
                 "Service default/same-ip",
                 "frontend 10.96.2.5:80/TCP is listed more than once",
@@ -579,10 +590,6 @@ endpoints: [{addresses: [10.0.0.2]}]
             (
                 "Service default/same-port",
                 "frontend 10.96.2.4:80/TCP is listed more than once",
-            ),
-            (
-                "Service default/twice",
-                "the Service is defined 2 times; none of the definitions is used",
             ),
         ],
     },
@@ -1428,13 +1435,7 @@ fn case_names_are_unique() {
 
 #[test]
 fn empty_input_gives_empty_state() {
-    let (state, errors) = build(
-        Objects {
-            services: &[],
-            slices: &[],
-        },
-        &NodeInfo::default(),
-    );
+    let (state, errors) = build(&Snapshot::default(), &NodeInfo::default());
     assert!(state.frontends.is_empty());
     assert!(errors.is_empty());
 }
@@ -1453,12 +1454,7 @@ spec:
   ports: [{name: http, port: 80, protocol: UDP}]
 "#,
     );
-    let (state, errors) = build(
-        Objects {
-            services: &services,
-            slices: &slices,
-        },
-        &NodeInfo::default(),
+    let (state, errors) = build(&snapshot(&services, &slices), &NodeInfo::default(),
     );
     assert!(errors.is_empty());
     assert_eq!(state.frontends.len(), 2);
@@ -1537,13 +1533,7 @@ endpoints: [{addresses: [10.0.0.1]}]
     let mut current = CurrentState::default();
     for (ty, yaml, want) in steps {
         let (services, slices) = parse(&format!("{yaml}{slice}"));
-        let (desired, errors) = build(
-            Objects {
-                services: &services,
-                slices: &slices,
-            },
-            &node,
-        );
+        let (desired, errors) = build(&snapshot(&services, &slices), &node);
         assert!(errors.is_empty(), "{ty}: {errors:?}");
         assert_eq!(keys(&desired), *want, "switch to {ty}");
         for fe in desired.frontends.values() {
@@ -1652,13 +1642,7 @@ mod external {
 
     fn build_yaml(yaml: &str, node: &NodeInfo) -> (DesiredState, Vec<ModelError>) {
         let (services, slices) = parse(yaml);
-        build(
-            Objects {
-                services: &services,
-                slices: &slices,
-            },
-            node,
-        )
+        build(&snapshot(&services, &slices), node)
     }
 
     struct ExtCase {
@@ -2042,13 +2026,7 @@ status: {loadBalancer: {ingress: [{ip: 192.0.2.20}, {ip: "2001:db8:1::20"}]}}
                 external,
                 ..NodeInfo::default()
             };
-            let (state, errors) = build(
-                Objects {
-                    services: &services,
-                    slices: &slices,
-                },
-                &node,
-            );
+            let (state, errors) = build(&snapshot(&services, &slices), &node);
             assert!(errors.is_empty(), "{errors:?}");
             let ranges = |addr: &str, scope: u8| {
                 let fe = &state.frontends[&crate::model::FrontendKey {
@@ -2088,13 +2066,7 @@ status: {loadBalancer: {ingress: [{ip: 192.0.2.20}, {ip: "2001:db8:1::20"}]}}
 
 fn build_with(yaml: &str, node: &NodeInfo) -> (DesiredState, Vec<ModelError>) {
     let (services, slices) = parse(yaml);
-    build(
-        Objects {
-            services: &services,
-            slices: &slices,
-        },
-        node,
-    )
+    build(&snapshot(&services, &slices), node)
 }
 
 #[test]
@@ -2385,7 +2357,7 @@ spec: {clusterIP: 10.96.35.1, ports: [{port: 80}]}
     let (state, errors) = build_with(labelled, &NodeInfo::default());
     assert!(state.frontends.is_empty());
     assert!(errors.is_empty(), "{errors:?}");
-    let skipped: Vec<String> = state.skipped.iter().map(ToString::to_string).collect();
+    let skipped: Vec<String> = state.skipped.values().map(ToString::to_string).collect();
     assert_eq!(
         skipped,
         [

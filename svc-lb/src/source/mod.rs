@@ -130,14 +130,6 @@ impl Snapshot {
         self.slices.values().flat_map(|group| group.values())
     }
 
-    /// Deep copies of every Service and slice, for code that still takes plain lists.
-    pub fn to_lists(&self) -> (Vec<Service>, Vec<EndpointSlice>) {
-        (
-            self.services.values().map(|s| Service::clone(s)).collect(),
-            self.all_slices().map(|s| EndpointSlice::clone(s)).collect(),
-        )
-    }
-
     /// The number of slices.
     pub fn slice_count(&self) -> usize {
         self.slices.values().map(OrdMap::len).sum()

@@ -676,14 +676,7 @@ fn large_directory_reload() {
     assert_eq!(snap.services.len(), 99_001);
     assert_eq!(md.stats().parsed, 1);
     let t = std::time::Instant::now();
-    let (services, slices) = snap.to_lists();
-    let (state, errors) = crate::model::build(
-        crate::model::Objects {
-            services: &services,
-            slices: &slices,
-        },
-        &crate::model::NodeInfo::default(),
-    );
+    let (state, errors) = crate::model::build(&snap, &crate::model::NodeInfo::default());
     let build = t.elapsed();
     assert!(errors.is_empty());
     assert_eq!(state.frontends.len(), 99_001);

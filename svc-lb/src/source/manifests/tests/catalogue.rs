@@ -91,14 +91,7 @@ fn yaml_tags_do_not_change_what_a_field_must_be() {
     let tagged = snap.services.values().next().expect("a Service");
     let spec = tagged.spec.as_ref().expect("a spec");
     assert_eq!(spec.ports.as_ref().expect("ports")[0].port, 80);
-    let (services, slices) = snap.to_lists();
-    let (state, errors) = model::build(
-        model::Objects {
-            services: &services,
-            slices: &slices,
-        },
-        &model::NodeInfo::default(),
-    );
+    let (state, errors) = model::build(&snap, &model::NodeInfo::default());
     assert_eq!(state.frontends.len(), 1, "only the good Service");
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert_eq!(errors[0].object.to_string(), "Service default/tagged");
