@@ -731,14 +731,20 @@ impl Reported {
             let old = reported.model.remove(sref).unwrap_or_default();
             let mut now = BTreeSet::new();
             for e in cache.errors_of(sref) {
-                report_once(&old, &mut now, e.to_string(), || {
-                    warn!(file = origin(snap, &e.object), object = %e.object, reason = %e.reason, "skipped bad input")
-                });
+                report_once(
+                    &old,
+                    &mut now,
+                    e.to_string(),
+                    || warn!(file = origin(snap, &e.object), object = %e.object, reason = %e.reason, "skipped bad input"),
+                );
             }
             if let Some(e) = desired.skipped.get(sref) {
-                report_once(&old, &mut now, e.to_string(), || {
-                    info!(file = origin(snap, &e.object), object = %e.object, reason = %e.reason, "Service not programmed")
-                });
+                report_once(
+                    &old,
+                    &mut now,
+                    e.to_string(),
+                    || info!(file = origin(snap, &e.object), object = %e.object, reason = %e.reason, "Service not programmed"),
+                );
             }
             reported.model_total = reported.model_total + now.len() - old.len();
             if !now.is_empty() {

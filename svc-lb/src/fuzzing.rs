@@ -312,7 +312,10 @@ pub fn check_incremental(
     assert_eq!(cache.desired(), full, "the cache differs from a full build");
     let cached: Vec<&ModelError> = cache.errors().collect();
     let errors: Vec<&ModelError> = errors.iter().collect();
-    assert_eq!(cached, errors, "the cache's errors differ from a full build's");
+    assert_eq!(
+        cached, errors,
+        "the cache's errors differ from a full build's"
+    );
     assert_eq!(cache.error_count(), errors.len());
     if touched.all {
         return;

@@ -1391,15 +1391,15 @@ fn program(
             0
         };
         out.frontends.push(DesiredFrontend {
-                key: fe.key,
-                service: sref.clone(),
-                port_name: port.name.to_owned(),
-                backends,
-                affinity_timeout_s: plan.affinity_timeout_s,
-                kind: fe.kind,
-                meta_flags,
-                flags,
-                src_ranges,
+            key: fe.key,
+            service: sref.clone(),
+            port_name: port.name.to_owned(),
+            backends,
+            affinity_timeout_s: plan.affinity_timeout_s,
+            kind: fe.kind,
+            meta_flags,
+            flags,
+            src_ranges,
         });
     }
 }

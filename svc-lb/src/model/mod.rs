@@ -11,11 +11,11 @@ use ipnet::IpNet;
 mod build;
 mod cache;
 mod node;
-pub use cache::{Cache, Touched};
 pub use build::{
     ANNOTATION_LB_SOURCE_RANGES, DEFAULT_AFFINITY_TIMEOUT_S, LABEL_HEADLESS, LABEL_SERVICE_NAME,
     LABEL_SERVICE_PROXY_NAME, MAX_AFFINITY_TIMEOUT_S, build, never_a_frontend,
 };
+pub use cache::{Cache, Touched};
 pub use node::{LABEL_TOPOLOGY_ZONE, node_info, primary_ips};
 #[cfg(test)]
 mod tests;

@@ -195,7 +195,11 @@ fn run(case: &Case) {
     for reverse in [false, true] {
         let (built, built_errors) = one_at_a_time(&services, &slices, &node, reverse);
         assert_eq!(built, state, "case {}: incremental state", case.name);
-        assert_eq!(built_errors, errors, "case {}: incremental errors", case.name);
+        assert_eq!(
+            built_errors, errors,
+            "case {}: incremental errors",
+            case.name
+        );
     }
 }
 
@@ -215,7 +219,8 @@ fn one_at_a_time(
     for svc in services {
         steps.push(Box::new(move |snap: &mut Snapshot| {
             let sref = crate::source::service_ref(svc);
-            snap.services.insert(sref.clone(), std::sync::Arc::new(svc.clone()));
+            snap.services
+                .insert(sref.clone(), std::sync::Arc::new(svc.clone()));
             snap.changed.services.insert(sref);
         }));
     }
@@ -1454,8 +1459,7 @@ spec:
   ports: [{name: http, port: 80, protocol: UDP}]
 "#,
     );
-    let (state, errors) = build(&snapshot(&services, &slices), &NodeInfo::default(),
-    );
+    let (state, errors) = build(&snapshot(&services, &slices), &NodeInfo::default());
     assert!(errors.is_empty());
     assert_eq!(state.frontends.len(), 2);
     for fe in state.frontends.values() {

@@ -132,7 +132,10 @@ fn a_load_balancer_ip_released_goes_to_the_external_ip_that_wanted_it() {
         svc
     };
     let got = step(&mut cache, &mut snap, &node, |s| {
-        put(s, service("a", "10.96.0.1", json!({"externalIPs": ["203.0.113.1"]})));
+        put(
+            s,
+            service("a", "10.96.0.1", json!({"externalIPs": ["203.0.113.1"]})),
+        );
         put(s, lb(Some("203.0.113.1")));
         s.changed = Changed::all();
     });
@@ -162,7 +165,14 @@ fn large(n: u32) -> Snapshot {
         let ip = format!("10.{}.{}.{}", 96 + (i >> 16), (i >> 8) & 255, i & 255);
         services.push(service(&name, &ip, json!({})));
         let addrs: Vec<String> = (0..3)
-            .map(|e| format!("10.{}.{}.{}", 128 + (i >> 14), (i >> 6) & 255, (i & 63) * 4 + e))
+            .map(|e| {
+                format!(
+                    "10.{}.{}.{}",
+                    128 + (i >> 14),
+                    (i >> 6) & 255,
+                    (i & 63) * 4 + e
+                )
+            })
             .collect();
         slices.push(slice(&name, &format!("{name}-1"), &addrs));
     }
