@@ -203,6 +203,9 @@ fn run(case: &Case) {
     }
 }
 
+/// One edit of a snapshot.
+type Step<'a> = Box<dyn Fn(&mut Snapshot) + 'a>;
+
 /// The objects added to a [`Cache`](super::Cache) one at a time (in input order or
 /// reversed), each update checked against a full build of the objects so far.
 fn one_at_a_time(
@@ -215,7 +218,7 @@ fn one_at_a_time(
     let mut snap = Snapshot::default();
     snap.changed.all = true;
     crate::fuzzing::check_incremental(&mut cache, &snap, node, &build(&snap, node).0);
-    let mut steps: Vec<Box<dyn Fn(&mut Snapshot)>> = Vec::new();
+    let mut steps: Vec<Step<'_>> = Vec::new();
     for svc in services {
         steps.push(Box::new(move |snap: &mut Snapshot| {
             let sref = crate::source::service_ref(svc);
