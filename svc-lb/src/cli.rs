@@ -148,8 +148,8 @@ pub enum Command {
         #[arg(long, default_value_t = crate::model::DEFAULT_MAX_BACKENDS_PER_SERVICE, value_name = "N")]
         max_backends_per_service: usize,
         /// Source ports of SNAT flows (external clients to backends on other nodes), per
-        /// backend [default: the highest block of >= 1024 ports outside the node's
-        /// net.ipv4.ip_local_port_range and --service-node-port-range; 61000-65535 with
+        /// backend [default: the largest block of >= 1024 ports outside the node's
+        /// net.ipv4.ip_local_port_range and --service-node-port-range; 1024-29999 with
         /// the kernel's defaults]
         #[arg(long, value_name = "MIN-MAX")]
         snat_port_range: Option<crate::portrange::PortRange>,
