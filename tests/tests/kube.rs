@@ -940,7 +940,11 @@ fn kube_slice_edit_changes_only_its_service() {
         );
         let r = run.wait()?;
         eprintln!("the unrelated Service during the edit: {}", r.summary());
-        ensure!(r.attempts > 50, "the background client ran: {}", r.summary());
+        ensure!(
+            r.attempts > 50,
+            "the background client ran: {}",
+            r.summary()
+        );
         expect_backends(&r, &["c"])?;
 
         // The slice web-x1 now says it belongs to "other": web has no endpoints left

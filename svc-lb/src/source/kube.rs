@@ -15,6 +15,12 @@
 //! - **Apiserver unreachable.** The stores keep their contents, so the datapath keeps
 //!   the last programmed state. Each watch retries with a capped, jittered exponential
 //!   backoff ([`RetryBackoff`]) and resumes (or relists) when the apiserver is back.
+//! - **What changed.** Every snapshot names the Services whose Service object or
+//!   EndpointSlices differ from the snapshot before (a slice whose
+//!   `kubernetes.io/service-name` label changes counts for both Services); a change of the
+//!   Node's zone label or addresses counts for all. The source keeps one persistent
+//!   snapshot and updates it per event, so publishing costs O(1), not a copy of the
+//!   cluster.
 //! - **No-op updates** (status heartbeats, annotation churn) are dropped: objects are
 //!   trimmed to the fields the model reads and compared, so only real changes reach the
 //!   datapath.
@@ -362,7 +368,12 @@ impl<K: Resource + PartialEq> Store<K> {
 /// deletion and taint) re-models nothing.
 fn node_model_fields(node: Option<&Node>) -> (Option<&String>, Option<&NodeStatus>) {
     (
-        node.and_then(|n| n.metadata.labels.as_ref()?.get(crate::model::LABEL_TOPOLOGY_ZONE)),
+        node.and_then(|n| {
+            n.metadata
+                .labels
+                .as_ref()?
+                .get(crate::model::LABEL_TOPOLOGY_ZONE)
+        }),
         node.and_then(|n| n.status.as_ref()),
     )
 }
@@ -432,14 +443,17 @@ impl View {
         }
     }
 
-    fn nodes(&mut self, deltas: Vec<Delta<Node>>) {
-        for (old, new) in deltas {
-            self.dirty = true;
-            if node_model_fields(old.as_deref()) != node_model_fields(new.as_deref()) {
-                self.snap.changed.merge(Changed::all());
-            }
-            self.snap.node = new;
+    /// The watch selects this node by name, so the store holds at most one Node.
+    fn node(&mut self, current: Option<&Arc<Node>>) {
+        if self.snap.node.as_ref().map(Arc::as_ptr) == current.map(Arc::as_ptr) {
+            return;
         }
+        self.dirty = true;
+        if node_model_fields(self.snap.node.as_deref()) != node_model_fields(current.map(|n| &**n))
+        {
+            self.snap.changed.merge(Changed::all());
+        }
+        self.snap.node = current.cloned();
     }
 
     /// The snapshot to publish now; what changes next is relative to it.
@@ -486,8 +500,9 @@ impl State {
     }
 
     fn node(&mut self, ev: Result<Event<Node>, watcher::Error>) {
-        let deltas = self.nodes.apply(ev);
-        self.view.nodes(deltas);
+        if !self.nodes.apply(ev).is_empty() {
+            self.view.node(self.nodes.live.values().next());
+        }
     }
 }
 

@@ -32,7 +32,11 @@ fn names(store: &Store<Service>) -> Vec<String> {
 fn a_list_replaces_the_store_only_when_complete() {
     let mut s = Store::new("Service", trim_service);
     assert!(!changes(s.apply(Ok(Event::Init))));
-    assert!(!changes(s.apply(Ok(Event::InitApply(svc("a", "10.96.0.1", "1"))))));
+    assert!(!changes(s.apply(Ok(Event::InitApply(svc(
+        "a",
+        "10.96.0.1",
+        "1"
+    ))))));
     assert!(!s.ready, "not ready before InitDone");
     assert!(s.live.is_empty(), "nothing visible before InitDone");
     assert!(changes(s.apply(Ok(Event::InitDone))));
@@ -41,14 +45,22 @@ fn a_list_replaces_the_store_only_when_complete() {
 
     // A relist (after a 410) shows nothing until it is complete, then replaces.
     assert!(!changes(s.apply(Ok(Event::Init))));
-    assert!(!changes(s.apply(Ok(Event::InitApply(svc("b", "10.96.0.2", "5"))))));
+    assert!(!changes(s.apply(Ok(Event::InitApply(svc(
+        "b",
+        "10.96.0.2",
+        "5"
+    ))))));
     assert_eq!(names(&s), ["a"], "the old state stays during the relist");
     assert!(changes(s.apply(Ok(Event::InitDone))));
     assert_eq!(names(&s), ["b"]);
 
     // A relist that finds the same objects (new resource versions) changes nothing.
     assert!(!changes(s.apply(Ok(Event::Init))));
-    assert!(!changes(s.apply(Ok(Event::InitApply(svc("b", "10.96.0.2", "9"))))));
+    assert!(!changes(s.apply(Ok(Event::InitApply(svc(
+        "b",
+        "10.96.0.2",
+        "9"
+    ))))));
     assert!(!changes(s.apply(Ok(Event::InitDone))));
 }
 
@@ -57,16 +69,36 @@ fn updates_count_only_when_a_field_the_model_reads_changes() {
     let mut s = Store::new("Service", trim_service);
     s.apply(Ok(Event::Init));
     s.apply(Ok(Event::InitDone));
-    assert!(changes(s.apply(Ok(Event::Apply(svc("a", "10.96.0.1", "1"))))));
+    assert!(changes(s.apply(Ok(Event::Apply(svc(
+        "a",
+        "10.96.0.1",
+        "1"
+    ))))));
     // New resourceVersion, annotations, managed fields and status conditions: no-op.
-    assert!(!changes(s.apply(Ok(Event::Apply(svc("a", "10.96.0.1", "2"))))));
-    assert!(changes(s.apply(Ok(Event::Apply(svc("a", "10.96.0.3", "3"))))));
+    assert!(!changes(s.apply(Ok(Event::Apply(svc(
+        "a",
+        "10.96.0.1",
+        "2"
+    ))))));
+    assert!(changes(s.apply(Ok(Event::Apply(svc(
+        "a",
+        "10.96.0.3",
+        "3"
+    ))))));
     let kept = s.live[&("ns".to_owned(), "a".to_owned())].clone();
     assert_eq!(kept.metadata.resource_version, None);
     assert_eq!(kept.metadata.annotations, None);
     assert_eq!(kept.metadata.managed_fields, None);
-    assert!(changes(s.apply(Ok(Event::Delete(svc("a", "10.96.0.3", "4"))))));
-    assert!(!changes(s.apply(Ok(Event::Delete(svc("a", "10.96.0.3", "4"))))));
+    assert!(changes(s.apply(Ok(Event::Delete(svc(
+        "a",
+        "10.96.0.3",
+        "4"
+    ))))));
+    assert!(!changes(s.apply(Ok(Event::Delete(svc(
+        "a",
+        "10.96.0.3",
+        "4"
+    ))))));
     assert!(s.live.is_empty());
 }
 
@@ -222,7 +254,10 @@ fn the_first_snapshot_changes_all_then_each_event_only_its_service() {
     assert_eq!(snap.changed, changed(&["b", "c"]));
     assert_eq!(snap.services.len(), 3);
     assert_eq!(
-        snap.services[&sref("b")].spec.as_ref().and_then(|s| s.cluster_ip.as_deref()),
+        snap.services[&sref("b")]
+            .spec
+            .as_ref()
+            .and_then(|s| s.cluster_ip.as_deref()),
         Some("10.96.0.9")
     );
     // The unchanged Service is the same object, not a copy.
@@ -251,7 +286,10 @@ fn an_unchanged_reapply_or_delete_of_a_missing_object_publishes_nothing() {
     st.service(Err(watcher::Error::NoResourceVersion));
     st.slice(Ok(Event::Apply(slice("orphan", None, "10.0.0.7"))));
     st.slice(Ok(Event::Delete(slice("orphan", None, "10.0.0.7"))));
-    assert!(!st.view.dirty, "no-op events make the source publish nothing");
+    assert!(
+        !st.view.dirty,
+        "no-op events make the source publish nothing"
+    );
     let snap = st.view.publish();
     assert!(snap.changed.is_empty());
     assert!(Arc::ptr_eq(
@@ -384,9 +422,7 @@ fn one_change_at_100k_services_costs_microseconds() {
     let ip = |i: usize| format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255);
     let build = Instant::now();
     let (mut st, first) = listed(
-        (0..N)
-            .map(|i| svc(&format!("s{i}"), &ip(i), "1"))
-            .collect(),
+        (0..N).map(|i| svc(&format!("s{i}"), &ip(i), "1")).collect(),
         (0..N)
             .map(|i| {
                 let name = format!("s{i}");
@@ -435,9 +471,7 @@ fn one_change_at_100k_services_costs_microseconds() {
     );
 
     // A relist that finds every object unchanged (the 410 case).
-    let relist: Vec<Service> = (0..N)
-        .map(|i| svc(&format!("s{i}"), &ip(i), "2"))
-        .collect();
+    let relist: Vec<Service> = (0..N).map(|i| svc(&format!("s{i}"), &ip(i), "2")).collect();
     let t = Instant::now();
     st.service(Ok(Event::Init));
     for s in relist {
@@ -446,5 +480,9 @@ fn one_change_at_100k_services_costs_microseconds() {
     st.service(Ok(Event::InitDone));
     eprintln!("relist of {N} unchanged Services: {:?}", t.elapsed());
     assert!(!st.view.dirty);
-    assert!(p(99) < std::time::Duration::from_millis(1), "p99 {:?}", p(99));
+    assert!(
+        p(99) < std::time::Duration::from_millis(1),
+        "p99 {:?}",
+        p(99)
+    );
 }
