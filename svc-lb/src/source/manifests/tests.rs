@@ -700,6 +700,120 @@ fn large_directory_reload() {
     );
 }
 
+/// One file of the bench's shape (`tests/src/bench/workload.rs`): `services` Services
+/// from `first` on, each with one slice of three ready endpoints, as one pretty-printed
+/// JSON `kind: List` (what `kubectl get svc,endpointslices -o json` writes).
+fn bench_file(first: usize, services: usize, endpoints_base: u8) -> String {
+    let mut items = Vec::new();
+    for n in first..first + services {
+        let name = format!("svc-{n}");
+        let ip = format!("10.{}.{}.{}", 96 + (n >> 16), (n >> 8) & 255, n & 255);
+        items.push(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {
+                "creationTimestamp": "2025-01-15T09:30:00Z",
+                "labels": { "app": name },
+                "name": name,
+                "namespace": "default",
+                "resourceVersion": "12345",
+                "uid": "0b7d5f6e-1c2a-4b7e-9f00-000000000001",
+            },
+            "spec": {
+                "clusterIP": ip,
+                "clusterIPs": [ip],
+                "internalTrafficPolicy": "Cluster",
+                "ipFamilies": ["IPv4"],
+                "ipFamilyPolicy": "SingleStack",
+                "ports": [{ "name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080 }],
+                "selector": { "app": name },
+                "sessionAffinity": "None",
+                "type": "ClusterIP",
+            },
+            "status": { "loadBalancer": {} },
+        }));
+        let endpoints: Vec<serde_json::Value> = (0..3u8)
+            .map(|e| {
+                serde_json::json!({
+                    "addresses": [format!("10.{endpoints_base}.{}.{}", (n * 3) >> 8 & 255, (n * 3 + usize::from(e)) & 255)],
+                    "conditions": { "ready": true, "serving": true, "terminating": false },
+                    "nodeName": "node-1",
+                    "targetRef": { "kind": "Pod", "name": format!("{name}-{e}"), "namespace": "default", "uid": "0b7d5f6e-1c2a-4b7e-9f00-000000000002" },
+                })
+            })
+            .collect();
+        items.push(serde_json::json!({
+            "addressType": "IPv4",
+            "apiVersion": "discovery.k8s.io/v1",
+            "endpoints": endpoints,
+            "kind": "EndpointSlice",
+            "metadata": {
+                "annotations": { "endpoints.kubernetes.io/last-change-trigger-time": "2025-01-15T09:31:00Z" },
+                "creationTimestamp": "2025-01-15T09:30:00Z",
+                "generateName": format!("{name}-"),
+                "generation": 1,
+                "labels": {
+                    "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+                    "kubernetes.io/service-name": name,
+                },
+                "name": format!("{name}-abcde"),
+                "namespace": "default",
+                "ownerReferences": [{ "apiVersion": "v1", "blockOwnerDeletion": true, "controller": true, "kind": "Service", "name": name, "uid": "0b7d5f6e-1c2a-4b7e-9f00-000000000001" }],
+                "resourceVersion": "12346",
+                "uid": "0b7d5f6e-1c2a-4b7e-9f00-000000000003",
+            },
+            "ports": [{ "name": "http", "port": 8080, "protocol": "TCP" }],
+        }));
+    }
+    let list = serde_json::json!({
+        "apiVersion": "v1",
+        "items": items,
+        "kind": "List",
+        "metadata": { "resourceVersion": "" },
+    });
+    serde_json::to_string_pretty(&list).expect("a JSON value always serializes")
+}
+
+/// A manual performance check of the bench's directory
+/// (`cargo test --release -p svc-lb -- --ignored bench_like --nocapture`): 10 000
+/// Services with 3 endpoints each as JSON lists, 100 Services per file, then one
+/// endpoint of one file changes.
+#[test]
+#[ignore = "slow; run by hand to check load and reload cost"]
+fn bench_like_directory_reload() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let files = 100;
+    for f in 0..files {
+        write(
+            tmp.path(),
+            &format!("services-{f:03}.json"),
+            &bench_file(f * 100, 100, 1),
+        );
+    }
+    let mut md = ManifestDir::new(tmp.path());
+    let t = std::time::Instant::now();
+    let snap = md.load().expect("load");
+    let load = t.elapsed();
+    assert_eq!(snap.services.len(), 10_000);
+    assert_eq!(snap.slice_count(), 10_000);
+    assert!(snap.errors.is_empty(), "{:#?}", snap.errors);
+    let mut reloads = Vec::new();
+    for round in 0..5u8 {
+        // Another endpoint address in one file: same length, new content.
+        write(
+            tmp.path(),
+            "services-050.json",
+            &bench_file(5000, 100, 2 + round),
+        );
+        let t = std::time::Instant::now();
+        let snap = md.reload().expect("reload").expect("a change");
+        reloads.push(t.elapsed());
+        assert_eq!(snap.services.len(), 10_000);
+        assert_eq!(md.stats().parsed, 1);
+    }
+    println!("bench-like directory: load {load:?}, reload after one file changed {reloads:?}");
+}
+
 // ---------------------------------------------------------------------------------
 // Limits and last good state (issue 12)
 
