@@ -585,6 +585,270 @@ fn configmap_style_symlink_swap_is_seen() {
     let snap = md.reload().expect("reload").expect("a change");
     assert_eq!(names(&snap), ["Service default/v2"]);
     assert!(snap.errors.is_empty(), "{:#?}", snap.errors);
+    assert_eq!(changed(&snap), ["default/v1", "default/v2"]);
+}
+
+// ---------------------------------------------------------------------------------
+// Exact `changed` (issue 13)
+
+/// The Services a snapshot says changed, as `namespace/name`.
+fn changed(snap: &Snapshot) -> Vec<String> {
+    assert!(!snap.changed.all, "a later scan names what changed");
+    snap.changed
+        .services
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+/// The snapshot built in place must equal one read from scratch: same objects (by
+/// value), same origins, same errors in the same order.
+fn assert_same_as_fresh(snap: &Snapshot, dir: &Path) {
+    let fresh = load_dir(dir).expect("load");
+    assert_eq!(snap.services, fresh.services, "services");
+    assert_eq!(snap.slices, fresh.slices, "slices");
+    assert_eq!(snap.origins, fresh.origins, "origins");
+    assert_eq!(snap.errors, fresh.errors, "errors");
+}
+
+fn slice(service: &str, name: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  labels: {{kubernetes.io/service-name: {service}}}\naddressType: IPv4\nendpoints: [{{addresses: [{ip}]}}]\n"
+    )
+}
+
+#[test]
+fn changed_names_exactly_the_services_that_differ() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    write(dir, "a.yaml", &service("a", "10.96.0.1"));
+    write(
+        dir,
+        "web.yaml",
+        &format!(
+            "{}---\n{}---\n{}",
+            service("web", "10.96.0.10"),
+            service("api", "10.96.0.11"),
+            slice("web", "web-1", "10.0.0.1")
+        ),
+    );
+    let mut md = ManifestDir::new(dir);
+    let snap = md.load().expect("load");
+    assert!(snap.changed.all, "the first snapshot changes everything");
+    assert_same_as_fresh(&snap, dir);
+
+    // A new file.
+    write(dir, "b.yaml", &service("b", "10.96.0.2"));
+    let snap = md.reload().expect("reload").expect("a change");
+    assert_eq!(changed(&snap), ["default/b"]);
+    assert_same_as_fresh(&snap, dir);
+
+    // An edited Service.
+    write(dir, "a.yaml", &service("a", "10.96.0.3"));
+    let snap = md.reload().expect("reload").expect("a change");
+    assert_eq!(changed(&snap), ["default/a"]);
+    assert_same_as_fresh(&snap, dir);
+
+    // An edited slice changes its Service only, not the other Services of its file.
+    let web = |owner, ip| {
+        format!(
+            "{}---\n{}---\n{}",
+            service("web", "10.96.0.10"),
+            service("api", "10.96.0.11"),
+            slice(owner, "web-1", ip)
+        )
+    };
+    write(dir, "web.yaml", &web("web", "10.0.0.2"));
+    let snap = md.reload().expect("reload").expect("a change");
+    assert_eq!(changed(&snap), ["default/web"]);
+    assert_same_as_fresh(&snap, dir);
+
+    // A slice that moves to another Service changes both.
+    write(dir, "web.yaml", &web("api", "10.0.0.2"));
+    let snap = md.reload().expect("reload").expect("a change");
+    assert_eq!(changed(&snap), ["default/api", "default/web"]);
+    assert_same_as_fresh(&snap, dir);
+
+    // A rewrite with equal content but other bytes (a comment) publishes nothing.
+    write(
+        dir,
+        "web.yaml",
+        &format!("# edited\n{}", web("api", "10.0.0.2")),
+    );
+    assert!(md.reload().expect("reload").is_none());
+    assert_eq!(md.stats().parsed, 1);
+
+    // A removed file changes what it defined.
+    fs::remove_file(dir.join("web.yaml")).expect("remove");
+    let snap = md.reload().expect("reload").expect("a change");
+    assert_eq!(changed(&snap), ["default/api", "default/web"]);
+    assert_same_as_fresh(&snap, dir);
+    assert_eq!(names(&snap), ["Service default/a", "Service default/b"]);
+
+    // Nothing changed: nothing is published, and a snapshot taken anyway says so.
+    assert!(md.reload().expect("reload").is_none());
+    assert!(md.snapshot().changed.is_empty());
+}
+
+#[test]
+fn a_duplicate_definition_takes_over_when_the_first_goes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    write(dir, "a.yaml", &service("web", "10.96.0.1"));
+    let b = write(
+        dir,
+        "b.yaml",
+        &format!(
+            "{}---\n{}",
+            service("web", "10.96.0.2"),
+            slice("web", "web-1", "10.0.0.1")
+        ),
+    );
+    write(dir, "c.yaml", &slice("web", "web-1", "10.0.0.9"));
+    let mut md = ManifestDir::new(dir);
+    let snap = md.load().expect("load");
+    assert_same_as_fresh(&snap, dir);
+    let cluster_ip = |snap: &Snapshot| {
+        snap.services
+            .values()
+            .next()
+            .and_then(|s| s.spec.as_ref()?.cluster_ip.clone())
+    };
+    assert_eq!(cluster_ip(&snap).as_deref(), Some("10.96.0.1"));
+    assert_eq!(snap.errors.len(), 2, "{:#?}", snap.errors);
+
+    // The definition that is not in effect changes: nothing visible does.
+    write(
+        dir,
+        "b.yaml",
+        &format!(
+            "{}---\n{}",
+            service("web", "10.96.0.3"),
+            slice("web", "web-1", "10.0.0.1")
+        ),
+    );
+    assert!(md.reload().expect("reload").is_none());
+
+    // The first definition goes: b's takes over, and its error is gone.
+    fs::remove_file(dir.join("a.yaml")).expect("remove");
+    let snap = md.reload().expect("reload").expect("a change");
+    assert_eq!(changed(&snap), ["default/web"]);
+    assert_eq!(cluster_ip(&snap).as_deref(), Some("10.96.0.3"));
+    assert_same_as_fresh(&snap, dir);
+    assert_eq!(snap.errors.len(), 1, "{:#?}", snap.errors);
+    assert_eq!(
+        snap.origins.get(&obj("Service", "default", "web")),
+        Some(&b)
+    );
+
+    // The slice's first definition (in b) goes: c's takes over.
+    write(dir, "b.yaml", &service("web", "10.96.0.3"));
+    let snap = md.reload().expect("reload").expect("a change");
+    assert_eq!(changed(&snap), ["default/web"]);
+    assert_same_as_fresh(&snap, dir);
+    assert!(snap.errors.is_empty(), "{:#?}", snap.errors);
+    let slice = snap.all_slices().next().expect("a slice");
+    assert_eq!(
+        slice.endpoints.as_deref().unwrap_or_default()[0].addresses,
+        ["10.0.0.9"],
+        "the slice of c.yaml"
+    );
+
+    // An earlier file defines it again: it wins back, the later one is reported.
+    write(dir, "a.yaml", &service("web", "10.96.0.1"));
+    let snap = md.reload().expect("reload").expect("a change");
+    assert_eq!(changed(&snap), ["default/web"]);
+    assert_eq!(cluster_ip(&snap).as_deref(), Some("10.96.0.1"));
+    assert_same_as_fresh(&snap, dir);
+    error_for(&snap, &b, "already defined in");
+}
+
+#[test]
+fn a_symlink_swap_changes_the_services_of_the_swapped_files() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    fs::create_dir(dir.join("..2024_01")).expect("mkdir");
+    for (file, text) in [
+        ("a.yaml", service("a", "10.96.0.1")),
+        ("b.yaml", service("b", "10.96.0.2")),
+    ] {
+        write(&dir.join("..2024_01"), file, &text);
+        std::os::unix::fs::symlink(format!("..data/{file}"), dir.join(file)).expect("symlink");
+    }
+    std::os::unix::fs::symlink("..2024_01", dir.join("..data")).expect("symlink");
+    let mut md = ManifestDir::new(dir);
+    assert_eq!(
+        names(&md.load().expect("load")),
+        ["Service default/a", "Service default/b"]
+    );
+
+    // The new version changes a, keeps b as it was (a new inode, equal content).
+    fs::create_dir(dir.join("..2024_02")).expect("mkdir");
+    write(&dir.join("..2024_02"), "a.yaml", &service("a", "10.96.0.9"));
+    write(&dir.join("..2024_02"), "b.yaml", &service("b", "10.96.0.2"));
+    std::os::unix::fs::symlink("..2024_02", dir.join("..data_tmp")).expect("symlink");
+    fs::rename(dir.join("..data_tmp"), dir.join("..data")).expect("swap");
+    let snap = md.reload().expect("reload").expect("a change");
+    assert_eq!(changed(&snap), ["default/a"]);
+    assert_same_as_fresh(&snap, dir);
+}
+
+/// Compact JSON: `n` Services from `first` on, one value each, concatenated.
+fn json_services(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| {
+            format!(
+                r#"{{"apiVersion":"v1","kind":"Service","metadata":{{"name":"svc-{i}"}},"spec":{{"clusterIP":"10.96.{}.{}","ports":[{{"port":80}}]}}}}"#,
+                i >> 8,
+                i & 255
+            ) + "\n"
+        })
+        .collect()
+}
+
+#[test]
+fn reloading_one_file_leaves_the_other_files_objects_alone() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    for f in 0..100 {
+        write(dir, &format!("f{f:03}.json"), &json_services(f * 100, 100));
+    }
+    let mut md = ManifestDir::new(dir);
+    let before = md.load().expect("load");
+    assert_eq!(before.services.len(), 10_000);
+    let key = |i: usize| crate::model::ServiceRef {
+        namespace: "default".into(),
+        name: format!("svc-{i}"),
+    };
+
+    // One Service of f050 changes; another Service of that file stays equal.
+    let mut text = json_services(5000, 100);
+    text = text.replace("\"10.96.19.136\"", "\"10.200.0.1\"");
+    write(dir, "f050.json", &text);
+    let after = md.reload().expect("reload").expect("a change");
+    assert_eq!(md.stats().parsed, 1);
+    assert_eq!(changed(&after), ["default/svc-5000"]);
+    for untouched in [0, 4999, 5001, 9999] {
+        assert!(
+            std::sync::Arc::ptr_eq(
+                &before.services[&key(untouched)],
+                &after.services[&key(untouched)]
+            ),
+            "svc-{untouched} is the same object"
+        );
+    }
+    assert!(!std::sync::Arc::ptr_eq(
+        &before.services[&key(5000)],
+        &after.services[&key(5000)]
+    ));
+    // The snapshot taken before the change still shows the old state.
+    assert_eq!(
+        before.services[&key(5000)]
+            .spec
+            .as_ref()
+            .and_then(|s| s.cluster_ip.as_deref()),
+        Some("10.96.19.136")
+    );
 }
 
 /// Waits for the next snapshot, failing if it takes longer than `within`.
@@ -675,29 +939,12 @@ fn large_directory_reload() {
     let reload = t.elapsed();
     assert_eq!(snap.services.len(), 99_001);
     assert_eq!(md.stats().parsed, 1);
-    let t = std::time::Instant::now();
-    let (services, slices) = snap.to_lists();
-    let (state, errors) = crate::model::build(
-        crate::model::Objects {
-            services: &services,
-            slices: &slices,
-        },
-        &crate::model::NodeInfo::default(),
-    );
-    let build = t.elapsed();
-    assert!(errors.is_empty());
-    assert_eq!(state.frontends.len(), 99_001);
+    assert_eq!(snap.changed.services.len(), 1000, "{:?}", snap.changed);
     let t = std::time::Instant::now();
     let again = md.snapshot();
     let snapshot = t.elapsed();
-    let t = std::time::Instant::now();
-    let cloned = again.services.clone();
-    let clone = t.elapsed();
-    drop((again, cloned));
-    println!(
-        "load {load:?}, reload after one change {reload:?}, model build {build:?}, \
-         snapshot alone {snapshot:?}, Vec<Service> clone {clone:?}"
-    );
+    drop(again);
+    println!("load {load:?}, reload after one change {reload:?}, snapshot alone {snapshot:?}");
 }
 
 /// One file of the bench's shape (`tests/src/bench/workload.rs`): `services` Services
@@ -812,6 +1059,62 @@ fn bench_like_directory_reload() {
         assert_eq!(md.stats().parsed, 1);
     }
     println!("bench-like directory: load {load:?}, reload after one file changed {reloads:?}");
+}
+
+/// The general JSON path's reading of `text`: its content, or `None` when it reports
+/// any problem.
+fn general_json(text: &str) -> Option<super::FileContent> {
+    let mut out = super::FileContent::default();
+    let fatal = super::parse_json(Path::new("x.json"), text, &mut out);
+    (fatal.is_none() && out.errors.is_empty()).then_some(out)
+}
+
+/// The JSON fast path accepts only files the general path reads without a problem, and
+/// reads them the same. Checked on good files and on every one-byte mutation of them
+/// (deleted, or replaced by a byte that changes JSON structure or types).
+#[test]
+fn the_json_fast_path_agrees_with_the_general_path() {
+    let good = [
+        bench_file(0, 1, 1),
+        json_services(0, 3),
+        r#"{"apiVersion":"v1","kind":"ServiceList","items":[{"metadata":{"name":"a","namespace":""},"spec":{"ports":[{"port":80}]}}]}"#.to_owned(),
+        r#"{"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSliceList","items":[{"metadata":{"name":"s","labels":{"kubernetes.io/service-name":"a"}},"addressType":"IPv4","endpoints":[]}]}"#.to_owned(),
+        r#"null {"apiVersion":"v1","kind":"List","items":null} {"apiVersion":"v1","kind":"List"}"#.to_owned(),
+    ];
+    let mut fast = 0;
+    for text in &good {
+        let content = super::parse_json_fast(text).expect("a good file takes the fast path");
+        assert_eq!(Some(&content), general_json(text).as_ref(), "{text}");
+        fast += 1;
+        let bytes = text.as_bytes();
+        for i in 0..bytes.len() {
+            for b in [
+                None,
+                Some(b'"'),
+                Some(b'1'),
+                Some(b'{'),
+                Some(b'['),
+                Some(b'n'),
+                Some(b','),
+            ] {
+                let mut m = bytes.to_vec();
+                match b {
+                    None => {
+                        m.remove(i);
+                    }
+                    Some(b) => m[i] = b,
+                }
+                let Ok(m) = String::from_utf8(m) else {
+                    continue;
+                };
+                if let Some(content) = super::parse_json_fast(&m) {
+                    assert_eq!(Some(&content), general_json(&m).as_ref(), "{m}");
+                    fast += 1;
+                }
+            }
+        }
+    }
+    assert!(fast > good.len(), "some mutations still take the fast path");
 }
 
 // ---------------------------------------------------------------------------------
