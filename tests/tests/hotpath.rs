@@ -9,6 +9,7 @@
 //!   attempt is a new socket, so each hit also creates the socket's reverse-NAT store
 //!   (socket-local storage); "one socket" sends every datagram from one UDP socket,
 //!   which shows the cost once the store exists;
+//! - affinity: a TCP Service with `sessionAffinity: ClientIP` (remembered backend);
 //! - miss: the same address on a port that is no Service (the program's fail-open path;
 //!   the client has no route there, so every attempt fails with ENETUNREACH after the
 //!   program ran).
@@ -28,6 +29,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
+use serde_json::json;
 use svc_lb_tests::{
     ClientReport, Lab, Proto,
     bench::bpf::{self, ProgStats, StatsGuard},
@@ -38,6 +40,8 @@ use svc_lb_tests::{
 const NS: &str = "hotpath";
 const VIP4: &str = "10.96.62.10";
 const VIP6: &str = "fd00:96::62:10";
+/// A TCP Service with session affinity (ClientIP).
+const VIP4_STICKY: &str = "10.96.62.11";
 const TCP_PORT: u16 = 80;
 const UDP_PORT: u16 = 53;
 /// A port of the VIPs that no Service uses.
@@ -81,6 +85,20 @@ fn services(lab: &Lab) -> String {
             );
         }
     }
+    // The same TCP port with session affinity: every connection after the first takes
+    // the client's remembered backend.
+    docs.push(
+        Service::new(NS, "sticky4", &[VIP4_STICKY.parse().expect("VIP")])
+            .spec("sessionAffinity", json!("ClientIP"))
+            .port("p", TCP_PORT, TargetPort::Number(TARGET), Protocol::Tcp)
+            .to_value(),
+    );
+    docs.push(
+        EndpointSlice::new(NS, "sticky4", "x", false)
+            .port("p", TARGET, Protocol::Tcp)
+            .ready_endpoints(&[host.addr(false)])
+            .to_value(),
+    );
     yaml_docs(&docs)
 }
 
@@ -180,6 +198,14 @@ fn cases() -> Vec<Case> {
             },
         ]);
     }
+    out.push(Case {
+        name: "tcp4 affinity hit",
+        target: SocketAddr::new(VIP4_STICKY.parse().expect("VIP"), TCP_PORT),
+        proto: Proto::Tcp,
+        hit: true,
+        one_socket: false,
+        progs: vec!["svclb_connect4"],
+    });
     out
 }
 
