@@ -155,7 +155,7 @@ fn sync_table(out: &mut String, r: &Results) {
     );
     let _ = writeln!(
         out,
-        "| N | mode | time (mean ± sd) | reps | × direct | × iptables | svc-lb: process start → synced | svc-lb: model+plan+maps |\n|---:|---|---:|---:|---:|---:|---:|---:|"
+        "| N | mode | time (mean ± sd) | reps | × direct | × iptables | svc-lb: process start → synced | svc-lb: model+plan+maps | svc-lb: frontends / backends programmed |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|"
     );
     for n in r.scales() {
         let ipt = r
@@ -170,7 +170,7 @@ fn sync_table(out: &mut String, r: &Results) {
             if let Some(why) = c.outcome.why_not() {
                 let _ = writeln!(
                     out,
-                    "| {} | {} | **{why}** | | n/a | | | |",
+                    "| {} | {} | **{why}** | | n/a | | | | |",
                     n_label(n),
                     mode.name()
                 );
@@ -189,11 +189,12 @@ fn sync_table(out: &mut String, r: &Results) {
                 .unwrap_or_default();
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | n/a | {vs_ipt} | {start} | {agent} |",
+                "| {} | {} | {} | {} | n/a | {vs_ipt} | {start} | {agent} | {} |",
                 n_label(n),
                 mode.name(),
                 pm_dur(&s),
-                s.n
+                s.n,
+                programmed(c)
             );
         }
     }
@@ -203,7 +204,11 @@ fn sync_table(out: &mut String, r: &Results) {
         };
         let label = pt_label(n, eps);
         if let Some(why) = c.outcome.why_not() {
-            let _ = writeln!(out, "| {label} | svc-lb | **{why}** | | n/a | | | |");
+            let _ = writeln!(
+                out,
+                "| {label} | svc-lb | **{why}** | | n/a | | | | {} |",
+                programmed(c)
+            );
             continue;
         }
         let Some(s) = stats::summarize(&c.samples_s) else {
@@ -218,12 +223,24 @@ fn sync_table(out: &mut String, r: &Results) {
             .unwrap_or_default();
         let _ = writeln!(
             out,
-            "| {label} | svc-lb | {} | {} | n/a | — | {start} | {agent} |",
+            "| {label} | svc-lb | {} | {} | n/a | — | {start} | {agent} | {} |",
             pm_dur(&s),
-            s.n
+            s.n,
+            programmed(c)
         );
     }
     out.push('\n');
+}
+
+fn programmed(c: &super::results::SyncCell) -> String {
+    c.programmed.map_or(String::new(), |p| {
+        let rejected = if p.rejected > 0 {
+            format!(", **{} rejected**", int(p.rejected as f64))
+        } else {
+            String::new()
+        };
+        format!("{} / {}{rejected}", int(p.frontends as f64), int(p.backends as f64))
+    })
 }
 
 fn prop_table(out: &mut String, r: &Results) {
@@ -774,7 +791,9 @@ fn method(out: &mut String, r: &Results) {
          bounded at {lt} s; one that does not finish is recorded as such with the time spent, and the mode has \
          no other numbers at that N. A load is repeated (up to 3 times) only while one takes under {rb} s. \
          A load predicted (from the two scale points before it) to take over 4× the bound is not started, \
-         because nft runs its whole transaction in one system call that cannot be interrupted.\n\
+         because nft runs its whole transaction in one system call that cannot be interrupted. An svc-lb \
+         sync that leaves Services out (its `sync applied` line reports rejected objects, or fewer backends than \
+         the Services have) counts as a failed load.\n\
          - **Propagation.** {ps} removals per mode and N ({psl} at 100 000 and more); see the table for how each is \
          timed. p50/p99 are nearest-rank percentiles, so with few samples p99 is the worst sample. svc-lb is \
          measured again under a churn of {churn} endpoint changes per second to other Services.\n\

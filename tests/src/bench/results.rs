@@ -170,6 +170,17 @@ pub struct SyncCell {
     /// svc-lb: the sync's own `duration_us` (model + plan + map writes).
     pub agent_sync_us: Vec<u64>,
     pub outcome: LoadOutcome,
+    /// svc-lb: what its last first sync programmed.
+    #[serde(default)]
+    pub programmed: Option<Programmed>,
+}
+
+/// The counts of an agent's `sync applied` line.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct Programmed {
+    pub frontends: u64,
+    pub backends: u64,
+    pub rejected: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

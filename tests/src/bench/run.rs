@@ -32,8 +32,8 @@ use super::{
     nscmd::{self, Input, Outcome},
     progress::Progress,
     results::{
-        BpfCell, DEFAULT_EPS, LoadOutcome, Machine, MemCell, Meta, Metric, Mode, PropCell, Results,
-        Settings, SyncCell,
+        BpfCell, DEFAULT_EPS, LoadOutcome, Machine, MemCell, Meta, Metric, Mode, Programmed,
+        PropCell, Results, Settings, SyncCell,
     },
     signal, stats,
     workload::{
@@ -460,6 +460,7 @@ impl Bench {
             start_to_sync_s: Vec::new(),
             agent_sync_us: Vec::new(),
             outcome: LoadOutcome::Loaded,
+            programmed: None,
         };
         let mut mem = MemCell {
             n,
@@ -499,10 +500,25 @@ impl Bench {
             let lines = agent.log_lines();
             let sync = first_sync(&lines);
             let ready_us = find_ts(&lines, "maps open").unwrap_or(spawned_us);
-            let (sync_us, duration_us) = match sync {
+            let (sync_us, duration_us, programmed) = match sync {
                 Some(s) => s,
                 None => bail!("the agent logged `sync applied` without a timestamp"),
             };
+            if let Some(p) = programmed {
+                // A sync that left Services out (a full map, a budget) is not a full sync.
+                let least = (w.n as u64 - 1) * w.eps as u64;
+                if p.rejected > 0 || p.backends < least {
+                    cell.outcome = LoadOutcome::Failed {
+                        after_s: (sync_us - spawned_us) as f64 / 1e6,
+                        error: format!(
+                            "incomplete: the first sync programmed {} frontends and {} backends \
+                             ({least} or more expected) and rejected {}",
+                            p.frontends, p.backends, p.rejected
+                        ),
+                    };
+                }
+                cell.programmed = Some(p);
+            }
             cell.samples_s.push((sync_us - ready_us) as f64 / 1e6);
             cell.start_to_sync_s
                 .push((sync_us - spawned_us) as f64 / 1e6);
@@ -523,7 +539,10 @@ impl Bench {
                     .println(format!("N={n}: BPF map memory of the agent: {e:#}")),
             }
             self.progress.inc(1);
-            if (sync_us - spawned_us) as f64 / 1e6 > self.profile.repeat_load_below.as_secs_f64() {
+            if !cell.outcome.is_loaded()
+                || (sync_us - spawned_us) as f64 / 1e6
+                    > self.profile.repeat_load_below.as_secs_f64()
+            {
                 break;
             }
         }
@@ -551,6 +570,7 @@ impl Bench {
             start_to_sync_s: Vec::new(),
             agent_sync_us: Vec::new(),
             outcome: LoadOutcome::Loaded,
+            programmed: None,
         };
         if let Some(reason) = self.predict_overrun(mode, n) {
             cell.outcome = LoadOutcome::NotAttempted { reason };
@@ -1160,15 +1180,22 @@ fn find_ts(lines: &[String], msg: &str) -> Option<i64> {
     })
 }
 
-/// The first `sync applied`: its timestamp and `duration_us`.
-fn first_sync(lines: &[String]) -> Option<(i64, Option<u64>)> {
+/// The first `sync applied`: its timestamp, `duration_us`, and what it programmed
+/// (`frontends`, `backends`, `rejected`).
+fn first_sync(lines: &[String]) -> Option<(i64, Option<u64>, Option<Programmed>)> {
     lines.iter().find_map(|l| {
         let v: serde_json::Value = serde_json::from_str(l).ok()?;
-        if v["fields"]["message"].as_str()? != crate::agent::SYNC_APPLIED {
+        let f = &v["fields"];
+        if f["message"].as_str()? != crate::agent::SYNC_APPLIED {
             return None;
         }
         let ts = clock::parse_rfc3339_us(v["timestamp"].as_str()?)?;
-        Some((ts, v["fields"]["duration_us"].as_u64()))
+        let programmed = Some(Programmed {
+            frontends: f["frontends"].as_u64()?,
+            backends: f["backends"].as_u64()?,
+            rejected: f["rejected"].as_u64().unwrap_or(0),
+        });
+        Some((ts, f["duration_us"].as_u64(), programmed))
     })
 }
 
