@@ -173,7 +173,10 @@ pub fn prog_fd_by_id(id: u32) -> Result<OwnedFd> {
         id,
         ..Default::default()
     };
-    owned(sys_bpf(BPF_PROG_GET_FD_BY_ID, &mut attr).with_context(|| format!("open program id {id}"))?)
+    owned(
+        sys_bpf(BPF_PROG_GET_FD_BY_ID, &mut attr)
+            .with_context(|| format!("open program id {id}"))?,
+    )
 }
 
 #[repr(C)]

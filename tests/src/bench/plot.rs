@@ -123,7 +123,9 @@ const WIDE_COLOR: RGBColor = RGBColor(204, 121, 167);
 
 /// A number for an axis label: few digits, no exponent.
 fn tick(x: f64) -> String {
-    if x >= 100.0 {
+    if x == 0.0 {
+        "0".into()
+    } else if x >= 100.0 {
         format!("{x:.0}")
     } else if x >= 1.0 {
         format!("{x:.1}")
@@ -413,7 +415,12 @@ pub fn metrics_svg(r: &Results, path: &Path) -> Result<()> {
                 .collect(),
         })
         .collect();
-    specs.push(("svc-lb socket programs, ns per call".into(), "ns", false, bpf));
+    specs.push((
+        "svc-lb socket programs, ns per call".into(),
+        "ns",
+        false,
+        bpf,
+    ));
     for (area, (title, unit, log_y, series)) in panels.iter().zip(&specs) {
         panel(area, title, unit, *log_y, max_n, series)?;
     }

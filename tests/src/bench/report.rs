@@ -239,7 +239,11 @@ fn programmed(c: &super::results::SyncCell) -> String {
         } else {
             String::new()
         };
-        format!("{} / {}{rejected}", int(p.frontends as f64), int(p.backends as f64))
+        format!(
+            "{} / {}{rejected}",
+            int(p.frontends as f64),
+            int(p.backends as f64)
+        )
     })
 }
 
@@ -296,7 +300,11 @@ fn prop_table(out: &mut String, r: &Results) {
     for (n, eps) in r.meta.settings.wide.clone() {
         for churn in [false, true] {
             if let Some(c) = r.prop_at(n, eps, Mode::SvcLb, churn) {
-                let label = if churn { churn_label(c) } else { "svc-lb".into() };
+                let label = if churn {
+                    churn_label(c)
+                } else {
+                    "svc-lb".into()
+                };
                 prop_row(out, &pt_label(n, eps), &label, c, None);
             }
         }
@@ -561,33 +569,31 @@ fn prop_goal(r: &Results, n: usize, churn: bool, bound_ms: f64) -> Goal {
             n_label(n)
         )
     };
-    let m = r
-        .prop_at(n, DEFAULT_EPS, Mode::SvcLb, churn)
-        .and_then(|c| {
-            let p99 = stats::percentile(&c.samples_ms, 99.0)?;
-            let mut text = format!(
-                "p99 {} over {} removals{}",
-                dur(p99 / 1e3),
-                c.samples_ms.len(),
-                if c.timeouts > 0 {
-                    format!(", {} timed out", c.timeouts)
-                } else {
-                    String::new()
-                }
-            );
-            if churn {
-                text.push_str(&format!(" ({:.0} changes/s achieved", c.churn_hz));
-                if let Some(q) = r
-                    .prop(n, Mode::SvcLb)
-                    .and_then(|q| stats::percentile(&q.samples_ms, 99.0))
-                    .filter(|q| *q > 0.0)
-                {
-                    text.push_str(&format!("; {:.2}× the quiet p99", p99 / q));
-                }
-                text.push(')');
+    let m = r.prop_at(n, DEFAULT_EPS, Mode::SvcLb, churn).and_then(|c| {
+        let p99 = stats::percentile(&c.samples_ms, 99.0)?;
+        let mut text = format!(
+            "p99 {} over {} removals{}",
+            dur(p99 / 1e3),
+            c.samples_ms.len(),
+            if c.timeouts > 0 {
+                format!(", {} timed out", c.timeouts)
+            } else {
+                String::new()
             }
-            Some((text, p99 <= bound_ms && c.timeouts == 0))
-        });
+        );
+        if churn {
+            text.push_str(&format!(" ({:.0} changes/s achieved", c.churn_hz));
+            if let Some(q) = r
+                .prop(n, Mode::SvcLb)
+                .and_then(|q| stats::percentile(&q.samples_ms, 99.0))
+                .filter(|q| *q > 0.0)
+            {
+                text.push_str(&format!("; {:.2}× the quiet p99", p99 / q));
+            }
+            text.push(')');
+        }
+        Some((text, p99 <= bound_ms && c.timeouts == 0))
+    });
     Goal::new(what, m)
 }
 
@@ -649,10 +655,10 @@ fn goals(r: &Results) -> Vec<Goal> {
             .map(|(n, worst)| {
                 (
                     format!(
-                        "{} ns (worst at N = {})",
+                        "{} (worst at N = {})",
                         connect
                             .iter()
-                            .map(|(n, v)| format!("{v:.0} at {}", n_label(*n)))
+                            .map(|(n, v)| format!("{v:.0} ns at {}", n_label(*n)))
                             .collect::<Vec<_>>()
                             .join(", "),
                         n_label(*n)
@@ -688,7 +694,7 @@ fn goals(r: &Results) -> Vec<Goal> {
                     xdp.iter()
                         .map(|c| {
                             let kind = c.case.rsplit(", ").next().unwrap_or_default();
-                            format!("{:.0} ns {kind}", c.per_packet_ns())
+                            format!("{:.0} ns {kind} (verdict {})", c.per_packet_ns(), c.verdict)
                         })
                         .collect::<Vec<_>>()
                         .join(", "),
@@ -712,8 +718,9 @@ fn goals(r: &Results) -> Vec<Goal> {
         }
     });
     g.push(Goal {
-        what: "two-node lab: NodePort request rate against kube-proxy-style iptables NodePort rules"
-            .into(),
+        what:
+            "two-node lab: NodePort request rate against kube-proxy-style iptables NodePort rules"
+                .into(),
         measured: "not measured: the bench has no such scenario yet".into(),
         met: Met::NotMeasured,
     });

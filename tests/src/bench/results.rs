@@ -407,8 +407,11 @@ impl Results {
     /// Every (N, endpoints per Service) point of the run: the standard ones, then the
     /// wide ones.
     pub fn points(&self) -> Vec<(usize, usize)> {
-        let mut v: Vec<(usize, usize)> =
-            self.scales().into_iter().map(|n| (n, DEFAULT_EPS)).collect();
+        let mut v: Vec<(usize, usize)> = self
+            .scales()
+            .into_iter()
+            .map(|n| (n, DEFAULT_EPS))
+            .collect();
         v.extend(self.meta.settings.wide.iter().copied());
         v
     }

@@ -187,7 +187,11 @@ impl Bench {
             profile.load_timeout = Duration::from_secs(t.max(1));
         }
         if let Some(w) = &args.wide {
-            profile.wide = w.iter().filter(|(n, e)| *n > 0 && *e > 0).copied().collect();
+            profile.wide = w
+                .iter()
+                .filter(|(n, e)| *n > 0 && *e > 0)
+                .copied()
+                .collect();
         }
         let bench_bin = std::env::current_exe().context("locate svclb-bench itself")?;
         let progress_units = units_per_scale(&profile);
@@ -383,10 +387,8 @@ impl Bench {
     /// bound), full sync and memory, then propagation quiet and under churn.
     fn wide_point(&mut self, w: Workload) -> Result<()> {
         let n = w.n;
-        self.progress.step(format!(
-            "N={n} x {} endpoints: generating manifests",
-            w.eps
-        ));
+        self.progress
+            .step(format!("N={n} x {} endpoints: generating manifests", w.eps));
         self.net.clear_manifests()?;
         for (name, content) in workload::manifest_files(&w) {
             let p = self.net.manifests().join(name);
@@ -403,8 +405,7 @@ impl Bench {
                 self.record(n, &format!("{n} x {} propagation", w.eps), r)?;
             }
         }
-        self.progress
-            .step(format!("N={n} x {}: resetting", w.eps));
+        self.progress.step(format!("N={n} x {}: resetting", w.eps));
         self.net.reset_agent()?;
         self.net.clear_manifests()?;
         Ok(())
@@ -920,89 +921,89 @@ impl Bench {
                 scope.spawn(|| churn_loop(&staging, &manifests, churn_hz, &stop, &churned))
             });
             let r = (|| -> Result<()> {
-            for s in 0..samples {
-                signal::check()?;
-                self.progress.step(format!(
-                    "N={n}: {} {what} {}/{samples}",
-                    mode.name(),
-                    s + 1
-                ));
-                // Remove, timed.
-                let latency = match (mode, &maps) {
-                    (Mode::SvcLb, Some(m)) => {
-                        let before = self.net.agent.as_ref().map_or(0, |a| a.applied_count());
-                        let t0 = Instant::now();
-                        self.net
-                            .write_manifest(workload::MEASURED_FILE, &remove_text)?;
-                        let l = wait_backends(
-                            m,
-                            vip,
-                            |b| b.len() == 2 && !b.contains(&removed),
-                            t0,
-                            deadline,
-                        )?;
-                        // Under churn the next sync may be another Service's.
-                        if churn_hz == 0
-                            && let Some(us) = self.sync_after(before, deadline)
-                        {
-                            cell.agent_sync_us.push(us);
+                for s in 0..samples {
+                    signal::check()?;
+                    self.progress.step(format!(
+                        "N={n}: {} {what} {}/{samples}",
+                        mode.name(),
+                        s + 1
+                    ));
+                    // Remove, timed.
+                    let latency = match (mode, &maps) {
+                        (Mode::SvcLb, Some(m)) => {
+                            let before = self.net.agent.as_ref().map_or(0, |a| a.applied_count());
+                            let t0 = Instant::now();
+                            self.net
+                                .write_manifest(workload::MEASURED_FILE, &remove_text)?;
+                            let l = wait_backends(
+                                m,
+                                vip,
+                                |b| b.len() == 2 && !b.contains(&removed),
+                                t0,
+                                deadline,
+                            )?;
+                            // Under churn the next sync may be another Service's.
+                            if churn_hz == 0
+                                && let Some(us) = self.sync_after(before, deadline)
+                            {
+                                cell.agent_sync_us.push(us);
+                            }
+                            l
                         }
-                        l
+                        _ => self.apply_rules(mode, &remove_text, deadline)?,
+                    };
+                    match latency {
+                        Some(d) => cell.samples_ms.push(d.as_secs_f64() * 1e3),
+                        None => cell.timeouts += 1,
                     }
-                    _ => self.apply_rules(mode, &remove_text, deadline)?,
-                };
-                match latency {
-                    Some(d) => cell.samples_ms.push(d.as_secs_f64() * 1e3),
-                    None => cell.timeouts += 1,
-                }
-                if s + 1 == samples {
-                    // Check with real connections that the removed backend gets none.
-                    let spec = self.spec(w, mode, Metric::TcpVip, Duration::from_millis(300));
-                    let r = self.load(&LoadSpec {
-                        threads: 2,
-                        warmup: Duration::ZERO,
-                        ..spec
-                    })?;
-                    cell.removed_hits = Some(r.replies.get(&removed_id).copied().unwrap_or(0));
-                    cell.probe_ok = Some(r.ok);
-                }
-                // Put it back, untimed, and let everything settle before the next change.
-                match (mode, &maps) {
-                    (Mode::SvcLb, Some(m)) => {
-                        let before = self.net.agent.as_ref().map_or(0, |a| a.applied_count());
-                        self.net
-                            .write_manifest(workload::MEASURED_FILE, &add_text)?;
-                        let back = wait_backends(
-                            m,
-                            vip,
-                            |b| b.len() == 3 && b.contains(&removed),
-                            Instant::now(),
-                            deadline,
-                        )?;
-                        if back.is_none() {
-                            bail!(
-                                "svc-lb: the removed backend did not come back within {deadline:?}"
-                            );
+                    if s + 1 == samples {
+                        // Check with real connections that the removed backend gets none.
+                        let spec = self.spec(w, mode, Metric::TcpVip, Duration::from_millis(300));
+                        let r = self.load(&LoadSpec {
+                            threads: 2,
+                            warmup: Duration::ZERO,
+                            ..spec
+                        })?;
+                        cell.removed_hits = Some(r.replies.get(&removed_id).copied().unwrap_or(0));
+                        cell.probe_ok = Some(r.ok);
+                    }
+                    // Put it back, untimed, and let everything settle before the next change.
+                    match (mode, &maps) {
+                        (Mode::SvcLb, Some(m)) => {
+                            let before = self.net.agent.as_ref().map_or(0, |a| a.applied_count());
+                            self.net
+                                .write_manifest(workload::MEASURED_FILE, &add_text)?;
+                            let back = wait_backends(
+                                m,
+                                vip,
+                                |b| b.len() == 3 && b.contains(&removed),
+                                Instant::now(),
+                                deadline,
+                            )?;
+                            if back.is_none() {
+                                bail!(
+                                    "svc-lb: the removed backend did not come back within {deadline:?}"
+                                );
+                            }
+                            // The next removal starts with an idle agent: its sync of the re-add
+                            // (which goes on after the maps changed) must be over. (Under
+                            // churn it is never idle; that is the point.)
+                            if churn_hz == 0 {
+                                let _ = self.sync_after(before, deadline);
+                            }
                         }
-                        // The next removal starts with an idle agent: its sync of the re-add
-                        // (which goes on after the maps changed) must be over. (Under
-                        // churn it is never idle; that is the point.)
-                        if churn_hz == 0 {
-                            let _ = self.sync_after(before, deadline);
+                        _ => {
+                            if self.apply_rules(mode, &add_text, deadline)?.is_none() {
+                                bail!("{}: re-adding the backend did not finish", mode.name());
+                            }
                         }
                     }
-                    _ => {
-                        if self.apply_rules(mode, &add_text, deadline)?.is_none() {
-                            bail!("{}: re-adding the backend did not finish", mode.name());
-                        }
-                    }
+                    self.progress.inc(1);
+                    // A varying pause, so that the changes do not lock step with any periodic
+                    // work (the agent's 2 s rescan, timers).
+                    signal::sleep(Duration::from_millis(10 + (s as u64 * 7919) % 31))?;
                 }
-                self.progress.inc(1);
-                // A varying pause, so that the changes do not lock step with any periodic
-                // work (the agent's 2 s rescan, timers).
-                signal::sleep(Duration::from_millis(10 + (s as u64 * 7919) % 31))?;
-            }
-            Ok(())
+                Ok(())
             })();
             stop.store(true, Ordering::Relaxed);
             let c = match churner.map(|h| h.join()) {
@@ -1064,9 +1065,8 @@ fn churn_loop(
 ) -> Result<()> {
     let texts: Vec<[String; 2]> = (0..CHURN_SERVICES)
         .map(|i| {
-            [false, true].map(|removed| {
-                workload::manifest_list(&[workload::churn_service(i, removed)])
-            })
+            [false, true]
+                .map(|removed| workload::manifest_list(&[workload::churn_service(i, removed)]))
         })
         .collect();
     let write = |i: usize, removed: bool| -> Result<()> {
@@ -1075,8 +1075,7 @@ fn churn_loop(
         std::fs::write(&staged, &texts[i][usize::from(removed)])
             .with_context(|| format!("write {}", staged.display()))?;
         let target = manifests.join(&name);
-        std::fs::rename(&staged, &target)
-            .with_context(|| format!("rename to {}", target.display()))
+        std::fs::rename(&staged, &target).with_context(|| format!("rename to {}", target.display()))
     };
     let period = Duration::from_secs(1) / hz.max(1);
     let start = Instant::now();

@@ -616,7 +616,10 @@ mod tests {
         assert_eq!(s[500].endpoints, Plane::Iptables.measured_endpoints());
         let one = Workload::new(1).services(Plane::SvcLb);
         assert_eq!(
-            one.iter().take(3).map(|s| s.name.as_str()).collect::<Vec<_>>(),
+            one.iter()
+                .take(3)
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>(),
             ["measured", "hot", "churn-000"]
         );
         let wide = Workload::wide(10, 10).services(Plane::SvcLb);
