@@ -93,7 +93,7 @@ pub fn bench(ctx: &Ctx, args: BenchArgs) -> Result<()> {
     step(if args.quick {
         "bench: quick run (about 3 minutes; Ctrl-C stops it and cleans up)"
     } else {
-        "bench: full run (up to about 20 minutes; Ctrl-C stops it and cleans up)"
+        "bench: full run (up to about 25 minutes; Ctrl-C stops it and cleans up)"
     });
     eprintln!("$ {}", process::display(&cmd));
     // exec, as for the demo: Ctrl-C then reaches the bench directly, which stops its

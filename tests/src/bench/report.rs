@@ -358,8 +358,8 @@ fn memory_table(out: &mut String, r: &Results) {
     let _ = writeln!(
         out,
         "The BPF maps column is the kernel memory of the maps the agent holds open (the sum of `memlock` over \
-         its map descriptors in /proc/PID/fdinfo, each map once): most maps are preallocated at their maximum \
-         size, so it hardly depends on N.\n"
+         its map descriptors in /proc/PID/fdinfo, each map once); a preallocated map counts at its full size \
+         whatever N.\n"
     );
     let _ = writeln!(
         out,
