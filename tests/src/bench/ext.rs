@@ -62,7 +62,8 @@ const CASES: [(&str, u16, &str, &str); 2] = [
     ),
 ];
 
-fn manifest(lab: &TwoNodeLab, name: &str, node_port: u16, pod: &str, vip: Ipv4Addr) -> String {
+/// A NodePort Service (`externalTrafficPolicy: Cluster`) with pod `pod` as its one endpoint.
+pub fn manifest(lab: &TwoNodeLab, name: &str, node_port: u16, pod: &str, vip: Ipv4Addr) -> String {
     let svc = Service::new("bench", name, &[IpAddr::V4(vip)])
         .port("http", 80, TargetPort::Number(POD_PORT), Protocol::Tcp)
         .node_port(node_port)

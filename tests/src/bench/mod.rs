@@ -14,12 +14,14 @@
 //! - [`nscmd`]: timed, bounded iptables-restore/nft runs inside a client namespace;
 //! - [`bpf`]: reading svc-lb's pinned maps and the kernel's BPF run-time statistics;
 //! - [`ext`]: the external path's per-packet cost (tc/XDP through BPF_PROG_TEST_RUN);
+//! - [`nodeport`]: the two-node lab's NodePort request rate, svc-lb against iptables;
 //! - [`run`]: the measurement sequence; [`report`] and [`plot`]: Markdown and SVG.
 pub mod bpf;
 pub mod clock;
 pub mod ext;
 pub mod load;
 pub mod net;
+pub mod nodeport;
 pub mod nscmd;
 pub mod plot;
 pub mod progress;
@@ -94,7 +96,8 @@ pub enum Scenario {
     Memory,
     /// Per-call cost of svc-lb's BPF programs.
     Bpf,
-    /// Per-packet cost of the external path's XDP and tc programs (two-node lab).
+    /// The external path (two-node lab): XDP and tc cost per packet, and the NodePort
+    /// request rate against iptables.
     Ext,
 }
 

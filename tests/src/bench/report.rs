@@ -416,6 +416,54 @@ fn bpf_table(out: &mut String, r: &Results) {
     out.push('\n');
 }
 
+fn nodeport_table(out: &mut String, r: &Results) {
+    let _ = writeln!(
+        out,
+        "### External path: NodePort request rate (two-node lab)\n"
+    );
+    let _ = writeln!(
+        out,
+        "Two two-node labs at once, alike but for node A: in one both nodes run svc-lb (`--xdp`); in the other \
+         node A has kube-proxy's iptables layout for the same NodePort Service (KUBE-SERVICES → KUBE-NODEPORTS → \
+         KUBE-EXT, marked for masquerade → KUBE-SVC → KUBE-SEP with the DNAT; MASQUERADE in POSTROUTING) and no \
+         agent runs. The Service's one endpoint is a pod on node B running the bench's server, so every request \
+         crosses node A (DNAT and SNAT) to node B and back. The load generator (same settings as the rate tables, \
+         TCP) runs in the external client's namespace against node A's NodePort; the two labs' repetitions \
+         alternate. There is no direct path to compare with (the client has no route to the pods). A failed \
+         attempt that began in the window counts even when it ended (timed out) after it.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| mode | req/s (mean ± sd) | reps | × direct | × iptables | failed |\n|---|---:|---:|---:|---:|---:|"
+    );
+    let ipt = r.nodeport.iter().find(|c| c.mode == Mode::Iptables);
+    for c in &r.nodeport {
+        let Some(s) = stats::summarize(&c.samples) else {
+            continue;
+        };
+        let vs = ipt.map_or("—".into(), |i| rate_ratio(&c.samples, &i.samples));
+        let kinds = c
+            .failures
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let failed = if kinds.is_empty() {
+            c.failed.to_string()
+        } else {
+            format!("{} ({kinds})", c.failed)
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | n/a | {vs} | {failed} |",
+            c.mode.name(),
+            pm_rate(&s),
+            s.n
+        );
+    }
+    out.push('\n');
+}
+
 fn ext_table(out: &mut String, r: &Results) {
     let _ = writeln!(out, "### External path: cost per packet\n");
     let _ = writeln!(
@@ -717,12 +765,21 @@ fn goals(r: &Results) -> Vec<Goal> {
             met: Met::Reported,
         }
     });
-    g.push(Goal {
-        what:
-            "two-node lab: NodePort request rate against kube-proxy-style iptables NodePort rules"
-                .into(),
-        measured: "not measured: the bench has no such scenario yet".into(),
-        met: Met::NotMeasured,
+    let np = |m: Mode| r.nodeport.iter().find(|c| c.mode == m);
+    let what =
+        "two-node lab: NodePort request rate against kube-proxy-style iptables NodePort rules";
+    g.push(match (np(Mode::SvcLb), np(Mode::Iptables)) {
+        (Some(a), Some(i)) => Goal {
+            what: what.into(),
+            measured: format!(
+                "{} iptables ({} against {} req/s)",
+                rate_ratio(&a.samples, &i.samples),
+                stats::summarize(&a.samples).map_or("—".into(), |s| int(s.mean)),
+                stats::summarize(&i.samples).map_or("—".into(), |s| int(s.mean)),
+            ),
+            met: Met::Reported,
+        },
+        _ => Goal::not_measured(what),
     });
     // An earlier goal of the project, kept for comparison with earlier reports.
     let vs_ipt = (|| {
@@ -950,6 +1007,9 @@ pub fn render(r: &Results, plots: Option<Plots<'_>>, notes: Option<&str>) -> Str
     }
     if !r.ext.is_empty() {
         ext_table(&mut out, r);
+    }
+    if !r.nodeport.is_empty() {
+        nodeport_table(&mut out, r);
     }
     if !r.errors.is_empty() {
         let _ = writeln!(

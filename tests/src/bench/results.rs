@@ -326,6 +326,9 @@ pub struct Results {
     /// External path (tc/XDP) per-packet cost.
     #[serde(default)]
     pub ext: Vec<ExtCell>,
+    /// The two-node lab's NodePort request rate (svc-lb and iptables; `n` is 1).
+    #[serde(default)]
+    pub nodeport: Vec<RateCell>,
     /// Measurements that failed (the run went on without them).
     #[serde(default)]
     pub errors: Vec<String>,
