@@ -606,7 +606,12 @@ fn prop_goal(r: &Results, n: usize, churn: bool, bound_ms: f64) -> Goal {
     let what = if churn {
         format!(
             "one endpoint change, p99 under a churn of {} changes/s ≤ {} at {} Services (2× the quiet goal)",
-            r.meta.settings.churn_hz,
+            // Runs from before the churn measurement have no rate: the issue's.
+            if r.meta.settings.churn_hz > 0 {
+                r.meta.settings.churn_hz
+            } else {
+                100
+            },
             dur(bound_ms / 1e3),
             n_label(n)
         )

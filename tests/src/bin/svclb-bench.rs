@@ -147,10 +147,11 @@ fn run_bench(args: &RunArgs) -> Result<()> {
         if !left.is_empty() {
             bail!("the smoke run left behind: {left:?}");
         }
-        for line in md
-            .lines()
-            .filter(|l| l.starts_with("| 1 |") || l.starts_with("| svclb_"))
-        {
+        for line in md.lines().filter(|l| {
+            ["| 1 |", "| svclb_", "| svc-lb |", "| iptables |"]
+                .iter()
+                .any(|p| l.starts_with(p))
+        }) {
             eprintln!("{line}");
         }
         eprintln!(
