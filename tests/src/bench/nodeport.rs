@@ -147,6 +147,15 @@ pub fn measure(
             }
         }
     }
+    if let Some(c) = cells.iter().find(|c| c.mode == Mode::SvcLb && c.failed > 0) {
+        // What svc-lb's datapath counted (drops and their reasons), for whoever reads
+        // the run's output.
+        eprintln!(
+            "svclb-bench: NodePort through svc-lb: {} failed attempts; the nodes' datapaths:\n{}",
+            c.failed,
+            svclb_lab.diagnostics()
+        );
+    }
     for c in &cells {
         ensure!(
             c.replies.keys().all(|k| k == "b") && c.samples.iter().any(|s| *s > 0.0),
