@@ -34,7 +34,7 @@ use svc_lb_common::{
 };
 
 use crate::{
-    datapath::bpf::PinnedMaps,
+    datapath::pinned::PinnedMaps,
     inspect::{
         names,
         status::{self as inspect_status, MapStatus, ProgramStatus},

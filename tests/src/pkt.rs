@@ -404,7 +404,7 @@ impl Datapath {
             loader.map_max_entries(name, max);
         }
         let mut ebpf = loader
-            .load(svc_lb::datapath::bpf::OBJECT)
+            .load(svc_lb::datapath::load::OBJECT)
             .context("load the eBPF object (needs root)")?;
         let mut fd = |name: &str, xdp: bool| -> Result<RawFd> {
             let prog = ebpf

@@ -87,7 +87,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
-use svc_lb::datapath::bpf::PinnedMaps;
+use svc_lb::datapath::pinned::PinnedMaps;
 use svc_lb_common::{ALL_MAPS, PROTO_TCP, PROTO_UDP};
 use svc_lb_tests::{
     ClientReport, Lab, Proto,

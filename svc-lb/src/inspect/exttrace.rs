@@ -41,7 +41,7 @@ use super::{
 };
 use crate::{
     datapath::{
-        bpf::PinnedMaps,
+        pinned::PinnedMaps,
         codec::{self, FrontendMeta, SvcKey, addr_words, port_be, port_from_be},
     },
     model::FrontendKey,

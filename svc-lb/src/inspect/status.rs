@@ -15,7 +15,7 @@ use aya::maps::{MapData, MapType};
 use serde::Serialize;
 
 use crate::{
-    datapath::{bpf::links_dir, sys},
+    datapath::{pins::links_dir, sys},
     status::{AgentStatus, format_age, format_utc},
 };
 
@@ -353,7 +353,7 @@ pub fn programs(bpffs: &Path) -> Result<Vec<ProgramStatus>> {
 /// The tc programs attached through netlink (kernels without TCX): no link, so
 /// `LINK ID` is 0; the record pin names program and device.
 fn netlink_programs(bpffs: &Path) -> Result<Vec<ProgramStatus>> {
-    let dir = crate::datapath::bpf::tc_netlink_dir(bpffs);
+    let dir = crate::datapath::pins::tc_netlink_dir(bpffs);
     if !dir.exists() {
         return Ok(Vec::new());
     }

@@ -21,7 +21,7 @@ use svc_lb_common::{
 use super::names;
 use crate::{
     datapath::{
-        bpf::PinnedMaps,
+        pinned::PinnedMaps,
         codec::{self, FrontendMeta, SvcKey},
         fake::FakeMaps,
     },
