@@ -504,7 +504,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         }
         retry_at = match result {
             Ok(report) => {
-                crate::status::record_sync(crate::status::SyncRecord {
+                crate::metrics::record_sync(crate::status::SyncRecord {
                     at_ms: crate::status::now_ms(),
                     ok: true,
                     error: None,
@@ -550,7 +550,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 None
             }
             Err(e) => {
-                crate::status::record_sync(crate::status::SyncRecord {
+                crate::metrics::record_sync(crate::status::SyncRecord {
                     at_ms: crate::status::now_ms(),
                     ok: false,
                     error: Some(format!("{e:#}")),

@@ -34,12 +34,8 @@ use svc_lb_common::{
 };
 
 use crate::{
-    datapath::pinned::PinnedMaps,
-    inspect::{
-        names,
-        status::{self as inspect_status, MapStatus, ProgramStatus},
-        view::DatapathView,
-    },
+    datapath::pinned::{self, MapStatus, PinnedMaps, ProgramStatus},
+    inspect::{names, view::DatapathView},
     model::ServiceRef,
     status::SyncRecord,
 };
@@ -91,8 +87,13 @@ fn agent() -> &'static AgentMetrics {
     })
 }
 
-/// Called by [`crate::status::record_sync`] after every sync.
-pub fn observe_sync(rec: &SyncRecord) {
+/// Records the outcome of one sync in the metrics and in the published status.
+pub fn record_sync(rec: SyncRecord) {
+    observe_sync(&rec);
+    crate::status::record_sync(rec);
+}
+
+fn observe_sync(rec: &SyncRecord) {
     let m = agent();
     m.syncs.inc();
     m.sync_duration
@@ -188,7 +189,7 @@ pub struct ScrapeData {
 impl ScrapeData {
     pub fn read(bpffs: &Path) -> Self {
         let mut d = ScrapeData {
-            bpf_stats_enabled: inspect_status::bpf_stats_enabled(),
+            bpf_stats_enabled: pinned::bpf_stats_enabled(),
             ..Default::default()
         };
         match PinnedMaps::open(bpffs) {
@@ -204,11 +205,11 @@ impl ScrapeData {
             }
             Err(e) => d.errors.push(format!("{e:#}")),
         }
-        match inspect_status::maps(bpffs, &svc_lb_common::ALL_MAPS) {
+        match pinned::maps(bpffs, &svc_lb_common::ALL_MAPS) {
             Ok(m) => d.maps = m,
             Err(e) => d.errors.push(format!("{e:#}")),
         }
-        match inspect_status::programs(bpffs) {
+        match pinned::programs(bpffs) {
             Ok(p) => d.programs = p,
             Err(e) => d.errors.push(format!("{e:#}")),
         }

@@ -1084,7 +1084,7 @@ fn soak(lab: &mut Lab, duration: Duration) -> Result<()> {
                 agent.log_text()
             );
             rss_series.push(rss(pid)?);
-            for m in svc_lb::inspect::status::maps(lab.bpffs(), &ALL_MAPS)? {
+            for m in svc_lb::datapath::pinned::maps(lab.bpffs(), &ALL_MAPS)? {
                 capacity.insert(m.name.clone(), m.capacity);
                 maps_series.entry(m.name).or_default().push(m.entries);
             }

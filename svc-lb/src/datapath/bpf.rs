@@ -14,11 +14,10 @@ use aya::{
     },
 };
 use svc_lb_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, Backend, ExtConfig, MAP_AFF_MATCH,
-    MAP_AFFINITY, MAP_BACKENDS, MAP_BE_STATS, MAP_CONFIG, MAP_FE_STATS, MAP_MAGLEV,
-    MAP_NODE_ADDR, MAP_REVNAT, MAP_SRC_RANGE4, MAP_SRC_RANGE6, MAP_SVC_META, MAP_SVC4, MAP_SVC6,
-    MAP_XDP_DEV, MaglevTable, NodeAddrKey, RevNat, SrcRange4Key, SrcRange6Key, Svc4Key, Svc6Key,
-    SvcMeta, SvcValue,
+    AffinityKey, AffinityMatchKey, AffinityValue, Backend, ExtConfig, MAP_AFF_MATCH, MAP_AFFINITY,
+    MAP_BACKENDS, MAP_BE_STATS, MAP_CONFIG, MAP_FE_STATS, MAP_MAGLEV, MAP_NODE_ADDR, MAP_REVNAT,
+    MAP_SRC_RANGE4, MAP_SRC_RANGE6, MAP_SVC_META, MAP_SVC4, MAP_SVC6, MAP_XDP_DEV, MaglevTable,
+    NodeAddrKey, RevNat, SrcRange4Key, SrcRange6Key, Svc4Key, Svc6Key, SvcMeta, SvcValue,
 };
 use tracing::warn;
 
@@ -292,7 +291,6 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
         other => other,
     }
 }
-
 
 impl MapStore for BpfDatapath {
     fn read_current(&self) -> Result<CurrentState> {
@@ -656,4 +654,3 @@ impl BpfDatapath {
         }
     }
 }
-

@@ -382,7 +382,11 @@ pub fn attach_devices(
     for name in [PROG_TC_INGRESS, PROG_TC_EGRESS] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
-            .ok_or_else(|| anyhow!("program {name} missing from the eBPF object (built without the external path?)"))?
+            .ok_or_else(|| {
+                anyhow!(
+                    "program {name} missing from the eBPF object (built without the external path?)"
+                )
+            })?
             .try_into()
             .with_context(|| format!("program {name} is not a tc program"))?;
         if prog.fd().is_err() {

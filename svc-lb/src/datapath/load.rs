@@ -14,8 +14,8 @@ use aya::{
     programs::CgroupSockAddr,
 };
 use svc_lb_common::{
-    AffinityExtKey, AffinityValue, CtKey, CtValue, ExtConfig, MAP_AFFINITY_EXT, MAP_CONFIG,
-    MAP_CT, PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP, SOCK_PROGRAMS,
+    AffinityExtKey, AffinityValue, CtKey, CtValue, ExtConfig, MAP_AFFINITY_EXT, MAP_CONFIG, MAP_CT,
+    PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP, SOCK_PROGRAMS,
 };
 use tracing::{info, warn};
 
