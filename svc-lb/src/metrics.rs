@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use prometheus_client::{
-    encoding::{DescriptorEncoder, EncodeGaugeValue, NoLabelSet},
+    encoding::{DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue, NoLabelSet},
     metrics::{
         MetricType,
         counter::Counter,
@@ -221,30 +221,11 @@ impl ScrapeData {
 #[derive(Debug)]
 struct DatapathCollector(ScrapeData);
 
-fn counter_family(
+fn counter_family<V: EncodeCounterValue>(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
-    series: &[(Labels, u64)],
-) -> std::fmt::Result {
-    if series.is_empty() {
-        return Ok(());
-    }
-    // Same punctuation as the registered metrics, whose help the registry ends with a period.
-    let help = format!("{help}.");
-    let mut m = enc.encode_descriptor(name, &help, None, MetricType::Counter)?;
-    for (labels, v) in series {
-        m.encode_family(labels)?
-            .encode_counter::<NoLabelSet, _, u64>(v, None)?;
-    }
-    Ok(())
-}
-
-fn float_counter_family(
-    enc: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    series: &[(Labels, f64)],
+    series: &[(Labels, V)],
 ) -> std::fmt::Result {
     if series.is_empty() {
         return Ok(());
@@ -434,7 +415,7 @@ impl prometheus_client::collector::Collector for DatapathCollector {
                 .iter()
                 .map(|p| (label(p), p.run_time_ns as f64 / 1e9))
                 .collect();
-            float_counter_family(
+            counter_family(
                 &mut enc,
                 "svclb_program_run_time_seconds",
                 "Time spent in each attached program while kernel BPF statistics were on",
