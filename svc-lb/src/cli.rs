@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::{
     agent::{self, AgentConfig},
-    datapath::bpf::{self, DEFAULT_BPFFS, PinnedMaps},
+    datapath::{
+        links,
+        pinned::PinnedMaps,
+        pins::{self, DEFAULT_BPFFS},
+    },
     inspect,
     metrics::{self, DEFAULT_METRICS_ADDR},
     model::NodeInfo,
@@ -628,7 +632,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Prepare { bpffs } => {
-            bpf::ensure_bpffs(&bpffs)?;
+            pins::ensure_bpffs(&bpffs)?;
             println!(
                 "{} is ready (bpffs, pin directory mode 0700)",
                 bpffs.display()
@@ -636,7 +640,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Cleanup { bpffs, cgroup } => {
-            let n = bpf::cleanup(&bpffs, cgroup.as_deref())?;
+            let n = links::cleanup(&bpffs, cgroup.as_deref())?;
             println!(
                 "detached {n} links and removed pins under {}",
                 bpffs.display()
