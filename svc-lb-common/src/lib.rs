@@ -123,6 +123,12 @@ pub const SRC_RANGE_MAP_MAX: u32 = 1 << 16;
 pub const NODE_ADDR_MAP_MAX: u32 = 1 << 10;
 /// Entries of `LB_XDPDEV_V1` (devices with the XDP program).
 pub const XDP_DEV_MAP_MAX: u32 = 1 << 10;
+/// Per-frontend connection counters (`LB_FESTATS_V1`, keyed by rev-NAT id).
+pub const FE_STATS_MAP_MAX: u32 = 1 << 20;
+/// Per-backend connection counters (`LB_BESTATS_V1`): one per backend id.
+pub const BE_STATS_MAP_MAX: u32 = BACKEND_MAP_MAX;
+/// Service metadata for the CLI and metrics (`LB_SVCMETA_V1`): one per rev-NAT id.
+pub const SVC_META_MAP_MAX: u32 = REVNAT_MAP_MAX;
 /// `LB_XDPDEV_V1` flag: frames sent back out this device with XDP_TX reach the wire.
 /// Not set for a veth, whose XDP_TX frames are dropped unless the peer device runs
 /// XDP (or GRO) itself.

@@ -1,14 +1,17 @@
 //! Map definitions. The names are the shared constants of svc-lb-common (the symbol name
-//! is the map name aya pins); the sizes here are defaults the agent may override at load.
+//! is the map name aya pins). The sizes are svc-lb-common's `*_MAP_MAX` constants, which
+//! the agent reads too; it may override some at load.
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SkStorage},
     macros::btf_map,
 };
 use svc_lb_common::{
-    AFFINITY_EXT_MAP_MAX, AffinityExtKey, AffinityKey, AffinityMatchKey, AffinityValue, Backend,
-    CT_MAP_MAX, CtKey, CtValue, ExtConfig, MAGLEV_MAP_MAX, MaglevTable, NODE_ADDR_MAP_MAX,
-    NodeAddrKey, RejectBucket, RevNat, SRC_RANGE_MAP_MAX, SockRevNat4Key, SockRevNat4Value,
+    AFF_MATCH_MAP_MAX, AFFINITY_EXT_MAP_MAX, AFFINITY_MAP_MAX, AffinityExtKey, AffinityKey,
+    AffinityMatchKey, AffinityValue, BACKEND_MAP_MAX, BE_STATS_MAP_MAX, Backend, COUNTERS_MAX,
+    CT_MAP_MAX, CtKey, CtValue, ExtConfig, FE_STATS_MAP_MAX, MAGLEV_MAP_MAX, MaglevTable,
+    NODE_ADDR_MAP_MAX, NodeAddrKey, REVNAT_MAP_MAX, RejectBucket, RevNat, SOCK_RNAT_MAP_MAX,
+    SRC_RANGE_MAP_MAX, SVC_MAP_MAX, SVC_META_MAP_MAX, SockRevNat4Key, SockRevNat4Value,
     SockRevNat6Key, SockRevNat6Value, SockRevNatStore, SrcRange4Key, SrcRange6Key, Svc4Key,
     Svc6Key, SvcMeta, SvcValue, XDP_DEV_MAP_MAX,
 };
@@ -16,24 +19,34 @@ use svc_lb_common::{
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
 
 #[btf_map]
-pub static LB_SVC4_V1: HashMap<Svc4Key, SvcValue, { 1 << 20 }, NO_PREALLOC> = HashMap::new();
+pub static LB_SVC4_V1: HashMap<Svc4Key, SvcValue, { SVC_MAP_MAX as usize }, NO_PREALLOC> =
+    HashMap::new();
 
 #[btf_map]
-pub static LB_SVC6_V1: HashMap<Svc6Key, SvcValue, { 1 << 20 }, NO_PREALLOC> = HashMap::new();
+pub static LB_SVC6_V1: HashMap<Svc6Key, SvcValue, { SVC_MAP_MAX as usize }, NO_PREALLOC> =
+    HashMap::new();
 
 #[btf_map]
-pub static LB_BACKENDS_V1: HashMap<u32, Backend, { 1 << 20 }, NO_PREALLOC> = HashMap::new();
+pub static LB_BACKENDS_V1: HashMap<u32, Backend, { BACKEND_MAP_MAX as usize }, NO_PREALLOC> =
+    HashMap::new();
 
 #[btf_map]
-pub static LB_REVNAT_V1: HashMap<u32, RevNat, { 1 << 19 }, NO_PREALLOC> = HashMap::new();
+pub static LB_REVNAT_V1: HashMap<u32, RevNat, { REVNAT_MAP_MAX as usize }, NO_PREALLOC> =
+    HashMap::new();
 
 #[btf_map]
-pub static LB_SKRNAT4_V1: LruHashMap<SockRevNat4Key, SockRevNat4Value, { 1 << 18 }> =
-    LruHashMap::new();
+pub static LB_SKRNAT4_V1: LruHashMap<
+    SockRevNat4Key,
+    SockRevNat4Value,
+    { SOCK_RNAT_MAP_MAX as usize },
+> = LruHashMap::new();
 
 #[btf_map]
-pub static LB_SKRNAT6_V1: LruHashMap<SockRevNat6Key, SockRevNat6Value, { 1 << 18 }> =
-    LruHashMap::new();
+pub static LB_SKRNAT6_V1: LruHashMap<
+    SockRevNat6Key,
+    SockRevNat6Value,
+    { SOCK_RNAT_MAP_MAX as usize },
+> = LruHashMap::new();
 
 /// Reverse NAT of each socket, in the socket (freed with it). The LRU maps above are
 /// the fallback for kernels without socket storage in sock_addr programs.
@@ -41,31 +54,39 @@ pub static LB_SKRNAT6_V1: LruHashMap<SockRevNat6Key, SockRevNat6Value, { 1 << 18
 pub static LB_SKRNATSK_V1: SkStorage<SockRevNatStore> = SkStorage::new();
 
 #[btf_map]
-pub static LB_COUNTERS_V2: PerCpuArray<u64, 64> = PerCpuArray::new();
+pub static LB_COUNTERS_V2: PerCpuArray<u64, { COUNTERS_MAX as usize }> = PerCpuArray::new();
 
 /// Per-CPU new-connection counts. Entries are created here on first use and deleted by
 /// the agent together with the frontend or backend they count, so a reused id starts
 /// from zero.
 #[btf_map]
-pub static LB_FESTATS_V1: PerCpuHashMap<u32, u64, { 1 << 20 }, NO_PREALLOC> = PerCpuHashMap::new();
+pub static LB_FESTATS_V1: PerCpuHashMap<u32, u64, { FE_STATS_MAP_MAX as usize }, NO_PREALLOC> =
+    PerCpuHashMap::new();
 
 #[btf_map]
-pub static LB_BESTATS_V1: PerCpuHashMap<u32, u64, { 1 << 20 }, NO_PREALLOC> = PerCpuHashMap::new();
+pub static LB_BESTATS_V1: PerCpuHashMap<u32, u64, { BE_STATS_MAP_MAX as usize }, NO_PREALLOC> =
+    PerCpuHashMap::new();
 
 /// Written by the agent for the CLI and metrics; no program reads it.
 #[btf_map]
-pub static LB_SVCMETA_V1: HashMap<u32, SvcMeta, { 1 << 19 }, NO_PREALLOC> = HashMap::new();
+pub static LB_SVCMETA_V1: HashMap<u32, SvcMeta, { SVC_META_MAP_MAX as usize }, NO_PREALLOC> =
+    HashMap::new();
 
 /// Session affinity: (client netns, frontend) → remembered backend and last use. LRU:
 /// when full, the least recently used client forgets its backend, nothing worse.
 #[btf_map]
-pub static LB_AFFINITY_V1: LruHashMap<AffinityKey, AffinityValue, { 1 << 16 }> = LruHashMap::new();
+pub static LB_AFFINITY_V1: LruHashMap<AffinityKey, AffinityValue, { AFFINITY_MAP_MAX as usize }> =
+    LruHashMap::new();
 
 /// (backend, frontend) pairs an affinity entry may point at. Written by the agent: a
 /// pair leaves before its backend leaves the frontend's slots.
 #[btf_map]
-pub static LB_AFFMATCH_V1: HashMap<AffinityMatchKey, u32, { 1 << 20 }, NO_PREALLOC> =
-    HashMap::new();
+pub static LB_AFFMATCH_V1: HashMap<
+    AffinityMatchKey,
+    u32,
+    { AFF_MATCH_MAP_MAX as usize },
+    NO_PREALLOC,
+> = HashMap::new();
 
 // ---- External path (tc / XDP) ----
 

@@ -71,18 +71,30 @@ fn refuse(reason: u32) -> i32 {
     REJECT
 }
 
+/// What [`remembered`] found, for [`remember`]: the client (the cookie of the socket's
+/// network namespace) and its entry in the map, if any.
+struct Client {
+    netns: u64,
+    entry: *mut AffinityValue,
+}
+
 /// Session affinity, step 1: the client's remembered backend for a frontend. The client
-/// is the socket's network namespace (the pod), whose cookie is kept in `netns` for
-/// [`remember`].
+/// is the socket's network namespace (the pod).
 #[inline(always)]
-fn remembered(ctx: &SockAddrContext, netns: &mut u64, rev_nat_id: u32) -> Option<AffinityValue> {
-    *netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+fn remembered(
+    ctx: &SockAddrContext,
+    client: &mut Client,
+    rev_nat_id: u32,
+) -> Option<AffinityValue> {
+    client.netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
     let key = AffinityKey {
-        netns_cookie: *netns,
+        netns_cookie: client.netns,
         rev_nat_id,
         _pad: 0,
     };
-    unsafe { LB_AFFINITY_V1.get(key) }.copied()
+    let entry = LB_AFFINITY_V1.get_ptr_mut(key)?;
+    client.entry = entry;
+    Some(unsafe { *entry })
 }
 
 /// Session affinity, step 2: the remembered backend still belongs to the frontend.
@@ -98,11 +110,19 @@ fn is_member(backend_id: u32, rev_nat_id: u32) -> bool {
 
 /// Session affinity, step 3: remember the backend (or refresh its last use).
 #[inline(always)]
-fn remember(netns: u64, rev_nat_id: u32, backend_id: u32, sticky: Stickiness) {
+fn remember(client: &Client, rev_nat_id: u32, backend_id: u32, sticky: Stickiness) {
     let now_ns = match sticky {
         Stickiness::Off => return,
         Stickiness::Remembered { now_ns } => {
             count(CTR_SOCK_AFF_HIT);
+            // The entry the choice came from: refresh it in place. An LRU update would
+            // allocate a new element and free the old one on every connection (the
+            // lookup already marked the entry as used for the LRU). Another CPU writing
+            // the same client's entry at once leaves one of the two times, both recent.
+            if !client.entry.is_null() {
+                unsafe { (*client.entry).last_used_ns = now_ns };
+                return;
+            }
             now_ns
         }
         Stickiness::New { now_ns, stale } => {
@@ -113,7 +133,7 @@ fn remember(netns: u64, rev_nat_id: u32, backend_id: u32, sticky: Stickiness) {
         }
     };
     let key = AffinityKey {
-        netns_cookie: netns,
+        netns_cookie: client.netns,
         rev_nat_id,
         _pad: 0,
     };
@@ -283,12 +303,15 @@ fn xlate4(
         _pad: [0; 2],
     };
     // The decision is svc-lb-common's `choose_backend`, which `svc-lb trace` also runs.
-    let mut netns = 0u64;
+    let mut client = Client {
+        netns: 0,
+        entry: core::ptr::null_mut(),
+    };
     let choice = choose_backend(
         unsafe { LB_SVC4_V1.get(key) },
         |rev_nat_id| src_allowed4(source(), rev_nat_id),
         || unsafe { bpf_ktime_get_ns() },
-        |rev_nat_id| remembered(ctx, &mut netns, rev_nat_id),
+        |rev_nat_id| remembered(ctx, &mut client, rev_nat_id),
         is_member,
         || unsafe { bpf_get_prandom_u32() },
         |slot| {
@@ -307,7 +330,7 @@ fn xlate4(
             sticky,
             ..
         } => {
-            remember(netns, rev_nat_id, backend_id, sticky);
+            remember(&client, rev_nat_id, backend_id, sticky);
             (backend, backend_id, rev_nat_id)
         }
     };
@@ -371,12 +394,15 @@ fn forward6(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
         _pad: [0; 2],
     };
     // The decision is svc-lb-common's `choose_backend`, which `svc-lb trace` also runs.
-    let mut netns = 0u64;
+    let mut client = Client {
+        netns: 0,
+        entry: core::ptr::null_mut(),
+    };
     let choice = choose_backend(
         unsafe { LB_SVC6_V1.get(key) },
         |rev_nat_id| src_allowed6(source6(ctx, sendmsg), rev_nat_id),
         || unsafe { bpf_ktime_get_ns() },
-        |rev_nat_id| remembered(ctx, &mut netns, rev_nat_id),
+        |rev_nat_id| remembered(ctx, &mut client, rev_nat_id),
         is_member,
         || unsafe { bpf_get_prandom_u32() },
         |slot| {
@@ -395,7 +421,7 @@ fn forward6(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
             sticky,
             ..
         } => {
-            remember(netns, rev_nat_id, backend_id, sticky);
+            remember(&client, rev_nat_id, backend_id, sticky);
             (backend, backend_id, rev_nat_id)
         }
     };

@@ -334,7 +334,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     }
     let mut dp = BpfDatapath::open_with(
         &cfg.bpffs,
-        crate::datapath::bpf::LoadOptions {
+        crate::datapath::load::LoadOptions {
             bpf_log: cfg.bpf_log,
             maglev_size: cfg.maglev_size,
             conntrack_max: cfg.conntrack_max,
@@ -514,7 +514,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 }
                 .and_then(|()| dp.attach_devices(&cfg.bpffs, &devs, xdp, choices.tc_attach));
                 if let Err(e) = attach {
-                    crate::datapath::bpf::detach_devices(&cfg.bpffs, &devs);
+                    crate::datapath::links::detach_devices(&cfg.bpffs, &devs);
                     ext.fail(e.context("external path: attach the tc/XDP programs"));
                 }
             }
@@ -524,7 +524,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         }
         retry_at = match result {
             Ok(report) => {
-                crate::status::record_sync(crate::status::SyncRecord {
+                crate::metrics::record_sync(crate::status::SyncRecord {
                     at_ms: crate::status::now_ms(),
                     ok: true,
                     error: None,
@@ -570,7 +570,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 None
             }
             Err(e) => {
-                crate::status::record_sync(crate::status::SyncRecord {
+                crate::metrics::record_sync(crate::status::SyncRecord {
                     at_ms: crate::status::now_ms(),
                     ok: false,
                     error: Some(format!("{e:#}")),

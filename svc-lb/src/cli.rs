@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::{
     agent::{self, AgentConfig},
-    datapath::bpf::{self, DEFAULT_BPFFS, PinnedMaps},
+    datapath::{
+        links,
+        pinned::PinnedMaps,
+        pins::{self, DEFAULT_BPFFS},
+    },
     inspect,
     metrics::{self, DEFAULT_METRICS_ADDR},
     model::NodeInfo,
@@ -148,8 +152,8 @@ pub enum Command {
         #[arg(long, default_value_t = crate::model::DEFAULT_MAX_BACKENDS_PER_SERVICE, value_name = "N")]
         max_backends_per_service: usize,
         /// Source ports of SNAT flows (external clients to backends on other nodes), per
-        /// backend [default: the highest block of >= 1024 ports outside the node's
-        /// net.ipv4.ip_local_port_range and --service-node-port-range; 61000-65535 with
+        /// backend [default: the largest block of >= 1024 ports outside the node's
+        /// net.ipv4.ip_local_port_range and --service-node-port-range; 1024-29999 with
         /// the kernel's defaults]
         #[arg(long, value_name = "MIN-MAX")]
         snat_port_range: Option<crate::portrange::PortRange>,
@@ -628,7 +632,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Prepare { bpffs } => {
-            bpf::ensure_bpffs(&bpffs)?;
+            pins::ensure_bpffs(&bpffs)?;
             println!(
                 "{} is ready (bpffs, pin directory mode 0700)",
                 bpffs.display()
@@ -636,7 +640,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Cleanup { bpffs, cgroup } => {
-            let n = bpf::cleanup(&bpffs, cgroup.as_deref())?;
+            let n = links::cleanup(&bpffs, cgroup.as_deref())?;
             println!(
                 "detached {n} links and removed pins under {}",
                 bpffs.display()

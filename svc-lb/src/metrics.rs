@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use prometheus_client::{
-    encoding::{DescriptorEncoder, EncodeGaugeValue, NoLabelSet},
+    encoding::{DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue, NoLabelSet},
     metrics::{
         MetricType,
         counter::Counter,
@@ -34,12 +34,8 @@ use svc_lb_common::{
 };
 
 use crate::{
-    datapath::bpf::PinnedMaps,
-    inspect::{
-        names,
-        status::{self as inspect_status, MapStatus, ProgramStatus},
-        view::DatapathView,
-    },
+    datapath::pinned::{self, MapStatus, PinnedMaps, ProgramStatus},
+    inspect::{names, view::DatapathView},
     model::ServiceRef,
     status::SyncRecord,
 };
@@ -91,8 +87,13 @@ fn agent() -> &'static AgentMetrics {
     })
 }
 
-/// Called by [`crate::status::record_sync`] after every sync.
-pub fn observe_sync(rec: &SyncRecord) {
+/// Records the outcome of one sync in the metrics and in the published status.
+pub fn record_sync(rec: SyncRecord) {
+    observe_sync(&rec);
+    crate::status::record_sync(rec);
+}
+
+fn observe_sync(rec: &SyncRecord) {
     let m = agent();
     m.syncs.inc();
     m.sync_duration
@@ -188,7 +189,7 @@ pub struct ScrapeData {
 impl ScrapeData {
     pub fn read(bpffs: &Path) -> Self {
         let mut d = ScrapeData {
-            bpf_stats_enabled: inspect_status::bpf_stats_enabled(),
+            bpf_stats_enabled: pinned::bpf_stats_enabled(),
             ..Default::default()
         };
         match PinnedMaps::open(bpffs) {
@@ -204,11 +205,11 @@ impl ScrapeData {
             }
             Err(e) => d.errors.push(format!("{e:#}")),
         }
-        match inspect_status::maps(bpffs, &svc_lb_common::ALL_MAPS) {
+        match pinned::maps(bpffs, &svc_lb_common::ALL_MAPS) {
             Ok(m) => d.maps = m,
             Err(e) => d.errors.push(format!("{e:#}")),
         }
-        match inspect_status::programs(bpffs) {
+        match pinned::programs(bpffs) {
             Ok(p) => d.programs = p,
             Err(e) => d.errors.push(format!("{e:#}")),
         }
@@ -220,30 +221,11 @@ impl ScrapeData {
 #[derive(Debug)]
 struct DatapathCollector(ScrapeData);
 
-fn counter_family(
+fn counter_family<V: EncodeCounterValue>(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
-    series: &[(Labels, u64)],
-) -> std::fmt::Result {
-    if series.is_empty() {
-        return Ok(());
-    }
-    // Same punctuation as the registered metrics, whose help the registry ends with a period.
-    let help = format!("{help}.");
-    let mut m = enc.encode_descriptor(name, &help, None, MetricType::Counter)?;
-    for (labels, v) in series {
-        m.encode_family(labels)?
-            .encode_counter::<NoLabelSet, _, u64>(v, None)?;
-    }
-    Ok(())
-}
-
-fn float_counter_family(
-    enc: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    series: &[(Labels, f64)],
+    series: &[(Labels, V)],
 ) -> std::fmt::Result {
     if series.is_empty() {
         return Ok(());
@@ -433,7 +415,7 @@ impl prometheus_client::collector::Collector for DatapathCollector {
                 .iter()
                 .map(|p| (label(p), p.run_time_ns as f64 / 1e9))
                 .collect();
-            float_counter_family(
+            counter_family(
                 &mut enc,
                 "svclb_program_run_time_seconds",
                 "Time spent in each attached program while kernel BPF statistics were on",

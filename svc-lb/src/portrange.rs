@@ -88,9 +88,13 @@ pub struct Chosen {
 }
 
 /// The SNAT range: `explicit` (`--snat-port-range`) if given, which must stay clear of
-/// the node ports; otherwise the highest block of at least [`MIN_DERIVED_PORTS`] ports
-/// in 1024-65535 outside both the ephemeral range and the node ports (61000-65535 with
-/// the kernel's defaults).
+/// the node ports; otherwise the largest block (of at least [`MIN_DERIVED_PORTS`] ports;
+/// the higher one of two of the same size) in 1024-65535 outside both the ephemeral range
+/// and the node ports (1024-29999 with the kernel's defaults). The largest, because the
+/// range bounds the rate of new SNATed flows to one backend: a closed flow keeps its port
+/// for `CT_TCP_CLOSE_TIMEOUT_S` (10 s), so 61000-65535 (4 536 ports) held only about 450
+/// new connections per second per backend, and the bench's NodePort load ran out of
+/// ports within a second.
 pub fn choose(
     explicit: Option<PortRange>,
     ephemeral: PortRange,
@@ -117,14 +121,14 @@ pub fn choose(
         match (free, start) {
             (true, None) => start = Some(p),
             (false, Some(s)) => {
-                keep_highest(&mut best, PortRange { min: s, max: p - 1 });
+                keep_largest(&mut best, PortRange { min: s, max: p - 1 });
                 start = None;
             }
             _ => {}
         }
     }
     if let Some(s) = start {
-        keep_highest(
+        keep_largest(
             &mut best,
             PortRange {
                 min: s,
@@ -143,9 +147,9 @@ pub fn choose(
     }
 }
 
-/// Blocks come in ascending order: a later one large enough replaces an earlier one.
-fn keep_highest(best: &mut Option<PortRange>, block: PortRange) {
-    if block.ports() >= MIN_DERIVED_PORTS {
+/// Blocks come in ascending order: a later one replaces an earlier one that is not larger.
+fn keep_largest(best: &mut Option<PortRange>, block: PortRange) {
+    if block.ports() >= MIN_DERIVED_PORTS && best.is_none_or(|b| block.ports() >= b.ports()) {
         *best = Some(block);
     }
 }
@@ -182,9 +186,10 @@ mod tests {
     }
 
     #[test]
-    fn derives_the_ports_above_the_kernel_defaults() {
+    fn derives_the_largest_block_outside_the_kernel_defaults() {
+        // 1024-29999 (28 976 ports) beats 61000-65535 (4 536).
         let c = choose(None, KERNEL_EPHEMERAL, r(DEFAULT_NODE_PORTS)).unwrap();
-        assert_eq!(c.range, r("61000-65535"));
+        assert_eq!(c.range, r("1024-29999"));
         assert_eq!(c.warning, None);
     }
 
@@ -193,9 +198,15 @@ mod tests {
         // A wider ephemeral range: the block above it is too small, the one below wins.
         let c = choose(None, r("15000-65000"), r(DEFAULT_NODE_PORTS)).unwrap();
         assert_eq!(c.range, r("1024-14999"));
-        // Node ports moved above the ephemeral range: they are left out.
+        // Node ports moved above the ephemeral range: they are left out, and the block
+        // below the ephemeral range is the largest.
         let c = choose(None, KERNEL_EPHEMERAL, r("61000-62999")).unwrap();
-        assert_eq!(c.range, r("63000-65535"));
+        assert_eq!(c.range, r("1024-32767"));
+        // Ephemeral and node ports leaving two blocks of one size: the higher one.
+        let c = choose(None, r("2048-33791"), r("33792-64511")).unwrap();
+        assert_eq!(c.range, r("64512-65535"));
+        let c = choose(None, r("11024-40000"), r("40001-55535")).unwrap();
+        assert_eq!(c.range, r("55536-65535"));
         // Ephemeral ports low: the block between them and the node ports.
         let c = choose(None, r("1024-9999"), r(DEFAULT_NODE_PORTS)).unwrap();
         assert_eq!(c.range, r("32768-65535"));

@@ -103,9 +103,10 @@ pub fn snapshot() -> AgentStatus {
     global().lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
-/// Records the outcome of one sync in the status and the metrics.
+/// Records the outcome of one sync in the status. The agent reports a sync through
+/// `metrics::record_sync`, which also counts it: this module depends on neither metrics
+/// nor inspect, which both read it.
 pub fn record_sync(rec: SyncRecord) {
-    crate::metrics::observe_sync(&rec);
     update(|st| {
         st.syncs += 1;
         if rec.ok {

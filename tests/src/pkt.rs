@@ -288,60 +288,15 @@ pub fn parse(frame: &[u8]) -> Result<Parsed> {
 }
 
 // ---------------------------------------------------------------------------------
-// BPF_PROG_TEST_RUN (aya 0.14 has no wrapper).
-
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
-
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    /// Explicit, so the trailing padding is zero: the kernel rejects non-zero bytes
-    /// past the fields it knows with EINVAL.
-    _pad: u32,
-}
+// BPF_PROG_TEST_RUN (aya 0.14 has no wrapper; the agent's sys module has one).
 
 /// Runs a program once on `frame`: (return value, frame after the program).
 pub fn test_run(prog_fd: RawFd, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
-    let mut out = vec![0u8; 4096];
-    let mut attr = TestRunAttr {
-        prog_fd: prog_fd as u32,
-        data_size_in: frame.len() as u32,
-        data_size_out: out.len() as u32,
-        data_in: frame.as_ptr() as u64,
-        data_out: out.as_mut_ptr() as u64,
-        repeat: 1,
-        ..Default::default()
-    };
-    // SAFETY: attr points at a live, correctly laid out bpf_attr prefix, and the data
-    // buffers outlive the call.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &mut attr as *mut TestRunAttr,
-            std::mem::size_of::<TestRunAttr>(),
-        )
-    };
-    if ret != 0 {
-        return Err(std::io::Error::last_os_error()).context("BPF_PROG_TEST_RUN");
-    }
-    out.truncate(attr.data_size_out as usize);
-    Ok((attr.retval, out))
+    // SAFETY: the descriptor belongs to a program the fixture keeps loaded for as long
+    // as it lives, which outlasts this call.
+    let prog = unsafe { std::os::fd::BorrowedFd::borrow_raw(prog_fd) };
+    let r = svc_lb::datapath::sys::prog_test_run(prog, frame, 4096, 1)?;
+    Ok((r.retval, r.data_out))
 }
 
 // ---------------------------------------------------------------------------------
@@ -404,7 +359,7 @@ impl Datapath {
             loader.map_max_entries(name, max);
         }
         let mut ebpf = loader
-            .load(svc_lb::datapath::bpf::OBJECT)
+            .load(svc_lb::datapath::load::OBJECT)
             .context("load the eBPF object (needs root)")?;
         let mut fd = |name: &str, xdp: bool| -> Result<RawFd> {
             let prog = ebpf

@@ -87,7 +87,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
-use svc_lb::datapath::bpf::PinnedMaps;
+use svc_lb::datapath::pinned::PinnedMaps;
 use svc_lb_common::{ALL_MAPS, PROTO_TCP, PROTO_UDP};
 use svc_lb_tests::{
     ClientReport, Lab, Proto,
@@ -1084,7 +1084,7 @@ fn soak(lab: &mut Lab, duration: Duration) -> Result<()> {
                 agent.log_text()
             );
             rss_series.push(rss(pid)?);
-            for m in svc_lb::inspect::status::maps(lab.bpffs(), &ALL_MAPS)? {
+            for m in svc_lb::datapath::pinned::maps(lab.bpffs(), &ALL_MAPS)? {
                 capacity.insert(m.name.clone(), m.capacity);
                 maps_series.entry(m.name).or_default().push(m.entries);
             }

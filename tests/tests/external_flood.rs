@@ -148,9 +148,10 @@ fn ext_series(fam: &str, label: &str, value: &str) -> String {
 /// connects every 50 ms: at least 99 % of its connections succeed, and node A drops at
 /// most 1 % of that many flows for want of a SNAT port. Half-open flows live
 /// `CT_TCP_SYN_TIMEOUT_S` (5 s) and the backend's SYN-ACK retransmissions do not extend
-/// them, so the flood holds about 200 × 5 of the 4536 default SNAT ports; before, every
-/// SYN-ACK promoted its flow to the 6 h established lifetime and the ports ran out after
-/// about 23 s.
+/// them, so the flood holds about 200 × 5 of the 4536 SNAT ports of 61000-65535 (the
+/// range is set to that: the default, 1024-29999, is large enough to hide the bug this
+/// guards against within the test's 30 s); before, every SYN-ACK promoted its flow to the
+/// 6 h established lifetime and the ports ran out after about 23 s.
 #[test]
 fn spoofed_syn_flood_does_not_starve_legitimate_flows() {
     run_lab(env!("CARGO_BIN_EXE_svclb-harness"), |lab| {
@@ -158,7 +159,12 @@ fn spoofed_syn_flood_does_not_starve_legitimate_flows() {
             "web.yaml",
             &service_yaml(lab, "web", "10.96.60.1", "NodePort", 30200, None, &["b1"]),
         )?;
-        lab.start_agents(&NodeAgentOptions::default())?;
+        lab.start_agents(&NodeAgentOptions {
+            xdp: false,
+            extra_args: ["--snat-port-range", "61000-65535"]
+                .map(str::to_owned)
+                .to_vec(),
+        })?;
         let secs = flood_secs();
         let node = Node::A.addr(false);
         let IpAddr::V4(node4) = node else {

@@ -897,6 +897,67 @@ fn kube_relist_after_410() {
     });
 }
 
+/// A change touches only its own Service: an unchanged re-apply (new resourceVersion,
+/// annotation churn) syncs nothing; a slice edit reaches the datapath in one sync while
+/// a client of an unrelated Service sees no failure and only its own backend; a slice
+/// whose `kubernetes.io/service-name` label changes moves to the other Service.
+#[test]
+fn kube_slice_edit_changes_only_its_service() {
+    kube_e2e(&["a", "b", "c"], |lab, k8s| {
+        lab.serve_all_tcp(8080, false)?;
+        let [a, b, c] = [0, 1, 2].map(|i| lab.topo.addrs(false)[i]);
+        k8s.api.apply(service("web", "10.96.8.1", 80, 8080))?;
+        k8s.api
+            .apply(slice("web", "x1", 8080, &[ready(a), ready(b)]))?;
+        k8s.api.apply(service("other", "10.96.8.2", 80, 8080))?;
+        k8s.api.apply(slice("other", "x1", 8080, &[ready(c)]))?;
+        k8s.start_agent(lab)?;
+        expect_backends(&connect(lab, "10.96.8.1:80", 60)?, &["a", "b"])?;
+        let run = background(
+            lab,
+            "10.96.8.2:80",
+            Duration::from_secs(4),
+            Duration::from_millis(20),
+        )?;
+        std::thread::sleep(Duration::from_millis(500));
+
+        let syncs = k8s.agent()?.applied_count();
+        let mut churned = service("other", "10.96.8.2", 80, 8080);
+        churned["metadata"]["annotations"] = json!({"deploy/rev": "2"});
+        k8s.api.apply(churned)?;
+        k8s.api.apply(slice("other", "x1", 8080, &[ready(c)]))?;
+        std::thread::sleep(Duration::from_secs(1));
+        ensure!(
+            k8s.agent()?.applied_count() == syncs,
+            "re-applying unchanged objects must not sync"
+        );
+
+        k8s.change(&[slice("web", "x1", 8080, &[ready(b)])])?;
+        expect_backends(&connect(lab, "10.96.8.1:80", 30)?, &["b"])?;
+        ensure!(
+            k8s.agent()?.applied_count() == syncs + 1,
+            "one sync for one slice edit"
+        );
+        let r = run.wait()?;
+        eprintln!("the unrelated Service during the edit: {}", r.summary());
+        ensure!(
+            r.attempts > 50,
+            "the background client ran: {}",
+            r.summary()
+        );
+        expect_backends(&r, &["c"])?;
+
+        // The slice web-x1 now says it belongs to "other": web has no endpoints left
+        // (refused), other gains b.
+        let mut moved = slice("web", "x1", 8080, &[ready(b)]);
+        moved["metadata"]["labels"]["kubernetes.io/service-name"] = json!("other");
+        k8s.change(&[moved])?;
+        expect_failures(&connect(lab, "10.96.8.1:80", 10)?, "ECONNREFUSED")?;
+        expect_backends(&connect(lab, "10.96.8.2:80", 60)?, &["b", "c"])?;
+        Ok(())
+    });
+}
+
 /// Objects that cannot be programmed are logged with namespace, name and reason, and
 /// skipped; they never crash the agent nor disturb other Services. Fixing one programs
 /// it.

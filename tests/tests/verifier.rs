@@ -66,7 +66,7 @@ fn load_all(compat_on: bool) -> Result<Vec<Cost>> {
         loader.override_global(name, &on, true);
     }
     let mut ebpf = loader
-        .load(svc_lb::datapath::bpf::OBJECT)
+        .load(svc_lb::datapath::load::OBJECT)
         .context("load the eBPF object (needs root)")?;
     let mut out = Vec::new();
     for (name, _, _) in BUDGETS {

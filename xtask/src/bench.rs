@@ -21,7 +21,7 @@ pub struct BenchArgs {
     /// Short run: 1 and 1 000 Services, shorter windows (about 3 minutes).
     #[arg(long)]
     quick: bool,
-    /// Run one scenario: tcp, udp, sync, propagation, memory or bpf.
+    /// Run one scenario: tcp, udp, sync, propagation, memory, bpf or ext.
     #[arg(long, value_name = "NAME")]
     only: Option<String>,
     /// Extra arguments passed on to `svclb-bench` after `--` (see `svclb-bench --help`).
@@ -66,6 +66,9 @@ pub fn bench(ctx: &Ctx, args: BenchArgs) -> Result<()> {
         "svc-lb",
         "--bin",
         "svclb-bench",
+        // The external-path measurement's two-node lab runs its pods' servers with it.
+        "--bin",
+        "svclb-harness",
     ])?)?;
     let bench = ctx.release_bin("svclb-bench");
     if !bench.is_file() {
@@ -90,7 +93,7 @@ pub fn bench(ctx: &Ctx, args: BenchArgs) -> Result<()> {
     step(if args.quick {
         "bench: quick run (about 3 minutes; Ctrl-C stops it and cleans up)"
     } else {
-        "bench: full run (up to about 20 minutes; Ctrl-C stops it and cleans up)"
+        "bench: full run (up to about 25 minutes; Ctrl-C stops it and cleans up)"
     });
     eprintln!("$ {}", process::display(&cmd));
     // exec, as for the demo: Ctrl-C then reaches the bench directly, which stops its
@@ -113,6 +116,8 @@ pub fn smoke(ctx: &Ctx, agent: &std::path::Path) -> Result<()> {
         "e2e",
         "--bin",
         "svclb-bench",
+        "--bin",
+        "svclb-harness",
     ])?)?;
     let mut cmd = Command::new(ctx.release_bin("svclb-bench"));
     cmd.arg("--smoke").arg("--svc-lb").arg(agent);

@@ -63,7 +63,8 @@ enum Cmd {
     /// Benchmarks (root): svc-lb against direct, iptables and nftables, side by side
     ///
     /// setup, a release build of svc-lb and svclb-bench, then the benchmark: 1, 1 000,
-    /// 10 000 and 100 000 Services (up to about 20 minutes; --quick: about 3). Writes
+    /// 10 000 and 100 000 Services, 100 000 × 10 endpoints and the external path (up to
+    /// about 25 minutes; --quick: about 3). Writes
     /// bench/results/<date>-<time>.md with raw samples and a plot; a full run also rewrites
     /// docs/benchmarks.md. Ctrl-C stops it and removes everything it created.
     Bench(bench::BenchArgs),

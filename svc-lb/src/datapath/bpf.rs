@@ -1,105 +1,35 @@
-//! The real datapath: loads the embedded eBPF object, pins maps and links under a
-//! bpffs directory, attaches the socket programs to a cgroup, and applies plan
-//! operations to the maps. A restarted agent re-opens the pinned maps (adopting their
-//! contents) and swaps its programs into the pinned links in place.
-use std::{
-    fs,
-    os::{
-        fd::{AsFd, AsRawFd},
-        unix::fs::MetadataExt,
-    },
-    path::{Path, PathBuf},
-};
+//! The real datapath: [`BpfDatapath`] holds the loaded object (see [`super::load`])
+//! and its maps, applies plan operations and the agent's other map writes, and
+//! attaches through [`super::links`]. A restarted agent re-opens the pinned maps
+//! (adopting their contents, read back through [`super::pinned`]) and swaps its
+//! programs into the pinned links in place.
+use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf,
     maps::{
-        Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
+        Array, HashMap, Map, MapData, MapError, PerCpuHashMap,
         lpm_trie::{Key as LpmKey, LpmTrie},
-    },
-    programs::{
-        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
-        links::FdLink, tc::TcAttachOptions,
     },
 };
 use svc_lb_common::{
-    AffinityExtKey, AffinityKey, AffinityMatchKey, AffinityValue, Backend, CtKey, CtValue,
-    ExtConfig, MAP_AFF_MATCH, MAP_AFFINITY, MAP_AFFINITY_EXT, MAP_BACKENDS, MAP_BE_STATS,
-    MAP_CONFIG, MAP_COUNTERS, MAP_CT, MAP_FE_STATS, MAP_MAGLEV, MAP_NODE_ADDR, MAP_REVNAT,
+    AffinityKey, AffinityMatchKey, AffinityValue, Backend, ExtConfig, MAP_AFF_MATCH, MAP_AFFINITY,
+    MAP_BACKENDS, MAP_BE_STATS, MAP_CONFIG, MAP_FE_STATS, MAP_MAGLEV, MAP_NODE_ADDR, MAP_REVNAT,
     MAP_SRC_RANGE4, MAP_SRC_RANGE6, MAP_SVC_META, MAP_SVC4, MAP_SVC6, MAP_XDP_DEV, MaglevTable,
-    NodeAddrKey, PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP, RevNat, SOCK_PROGRAMS, SrcRange4Key,
-    SrcRange6Key, Svc4Key, Svc6Key, SvcMeta, SvcValue,
+    NodeAddrKey, RevNat, SrcRange4Key, SrcRange6Key, Svc4Key, Svc6Key, SvcMeta, SvcValue,
 };
-use tracing::{info, warn};
+use tracing::warn;
 
 use super::{
     MapStore,
     codec::{self, SvcKey},
-    pins,
+    links,
+    load::LoadOptions,
+    pinned::{collect, read_state},
     probe::TcAttach,
-    sys,
 };
 use crate::plan::{Capacity, CurrentState, Op};
-
-/// The eBPF object, built by build.rs through aya-build: the agent is one binary.
-/// The eBPF object (all programs and maps), built by build.rs. Public for the packet
-/// tests, which load it themselves to run programs through BPF_PROG_TEST_RUN.
-pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/svclb"));
-
-/// Default pin directory.
-pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/svc-lb";
-/// Where a missing bpffs gets mounted.
-const BPFFS_MOUNT: &str = "/sys/fs/bpf";
-
-pub fn links_dir(bpffs: &Path) -> PathBuf {
-    bpffs.join("links")
-}
-
-/// Makes sure `bpffs` is a directory on a bpf filesystem, mounting bpffs at
-/// /sys/fs/bpf when the host has not (fresh machines boot without it), and that it and
-/// its links directory are root's alone (see `pins`).
-pub fn ensure_bpffs(bpffs: &Path) -> Result<()> {
-    let parent = bpffs.parent().unwrap_or(Path::new("/"));
-    if !parent.exists() {
-        bail!("bpffs parent directory {} does not exist", parent.display());
-    }
-    if !sys::is_bpffs(parent)? {
-        let mount = Path::new(BPFFS_MOUNT);
-        if parent == mount {
-            info!(path = BPFFS_MOUNT, "bpffs not mounted; mounting it");
-            sys::mount_bpffs(mount)?;
-        } else {
-            bail!(
-                "{} is not on a bpf filesystem (mount -t bpf bpf <dir>)",
-                parent.display()
-            );
-        }
-    }
-    pins::ensure_private_dir(bpffs)?;
-    pins::ensure_private_dir(&links_dir(bpffs))?;
-    pins::remove_interrupted_links(&links_dir(bpffs))?;
-    Ok(())
-}
-
-fn raise_memlock() {
-    let lim = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: valid pointer to an initialised rlimit.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) } != 0 {
-        // Harmless on kernels ≥ 5.11, which charge BPF memory to the memcg instead.
-        tracing::debug!(error = %std::io::Error::last_os_error(), "could not raise RLIMIT_MEMLOCK");
-    }
-}
-
-fn cgroup_id(cgroup: &Path) -> Result<u64> {
-    // On cgroup v2 the cgroup id is the directory's inode number.
-    Ok(fs::metadata(cgroup)
-        .with_context(|| format!("stat cgroup {}", cgroup.display()))?
-        .ino())
-}
 
 /// The capacity of a (hash, LRU hash or LPM trie) map as the kernel has it: a re-used
 /// pin keeps the size it was created with, whatever the object says.
@@ -223,38 +153,36 @@ impl ExtMaps {
     /// them: a damaged pin or a foreign writer), so that reading the maps back never
     /// fails on them at every start. The plan then rewrites what is missing.
     fn prune_undecodable_ranges(&mut self) -> Result<()> {
-        let junk4: Vec<_> = self
-            .src4
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| codec::src_range4_from_raw(k.prefix_len(), &k.data()).is_err())
-            .collect();
-        for k in junk4 {
-            warn!(
-                map = MAP_SRC_RANGE4,
-                prefix_len = k.prefix_len(),
-                "undecodable entry removed; the next sync rewrites what is missing"
-            );
-            ignore_missing(self.src4.remove(&k))
-                .with_context(|| format!("{MAP_SRC_RANGE4}: remove an undecodable key"))?;
-        }
-        let junk6: Vec<_> = self
-            .src6
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| codec::src_range6_from_raw(k.prefix_len(), &k.data()).is_err())
-            .collect();
-        for k in junk6 {
-            warn!(
-                map = MAP_SRC_RANGE6,
-                prefix_len = k.prefix_len(),
-                "undecodable entry removed; the next sync rewrites what is missing"
-            );
-            ignore_missing(self.src6.remove(&k))
-                .with_context(|| format!("{MAP_SRC_RANGE6}: remove an undecodable key"))?;
-        }
-        Ok(())
+        prune_undecodable(&mut self.src4, MAP_SRC_RANGE4, |plen, k| {
+            codec::src_range4_from_raw(plen, k).is_ok()
+        })?;
+        prune_undecodable(&mut self.src6, MAP_SRC_RANGE6, |plen, k| {
+            codec::src_range6_from_raw(plen, k).is_ok()
+        })
     }
+}
+
+/// Removes the keys of one source-range trie that `decodes` refuses.
+fn prune_undecodable<K: aya::Pod>(
+    trie: &mut LpmTrie<MapData, K, u32>,
+    name: &str,
+    decodes: impl Fn(u32, &K) -> bool,
+) -> Result<()> {
+    let junk: Vec<_> = trie
+        .keys()
+        .filter_map(|k| k.ok())
+        .filter(|k| !decodes(k.prefix_len(), &k.data()))
+        .collect();
+    for k in junk {
+        warn!(
+            map = name,
+            prefix_len = k.prefix_len(),
+            "undecodable entry removed; the next sync rewrites what is missing"
+        );
+        ignore_missing(trie.remove(&k))
+            .with_context(|| format!("{name}: remove an undecodable key"))?;
+    }
+    Ok(())
 }
 
 fn take_percpu_hash(ebpf: &mut Ebpf, name: &str) -> Result<PerCpuHashMap<MapData, u32, u64>> {
@@ -286,155 +214,6 @@ impl Default for ExtLimits {
     }
 }
 
-/// Load-time switches of the eBPF object.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct LoadOptions {
-    /// Turn on the programs' aya-log debug log (`--bpf-log`).
-    pub bpf_log: bool,
-    /// Entries per Maglev table (a prime ≤ `MAGLEV_TABLE_MAX`); 0 means the default.
-    pub maglev_size: u32,
-    /// Entries of `LB_CT_V1` (`--conntrack-max`); 0 means `CT_MAP_MAX`.
-    pub conntrack_max: u32,
-    /// The external path is known to be off for this run: its LRU maps (conntrack,
-    /// external affinity), which the kernel preallocates in full, get
-    /// [`EXT_OFF_ENTRIES`] instead.
-    pub external_off: bool,
-    /// Which helpers and flags the programs may use (from the kernel probe).
-    pub compat: Compat,
-}
-
-/// The programs' kernel switches (svc-lb-ebpf/src/compat.rs), chosen by
-/// [`super::probe::Probe::choices`]. The default is the newest kernel's behaviour.
-#[derive(Clone, Copy, Debug)]
-pub struct Compat {
-    pub set_retval: bool,
-    pub csum_ipv6_flag: bool,
-    pub fib_redirect: bool,
-    pub sk_storage_rnat: bool,
-}
-
-impl Default for Compat {
-    fn default() -> Self {
-        Self {
-            set_retval: true,
-            csum_ipv6_flag: true,
-            fib_redirect: true,
-            sk_storage_rnat: true,
-        }
-    }
-}
-
-impl From<&super::probe::Choices> for Compat {
-    fn from(c: &super::probe::Choices) -> Self {
-        Self {
-            set_retval: c.set_retval,
-            csum_ipv6_flag: c.csum_ipv6_flag,
-            fib_redirect: c.fib_redirect,
-            sk_storage_rnat: c.sk_storage_rnat,
-        }
-    }
-}
-
-/// Entries of the external path's LRU maps while it is off. Nothing reads or writes
-/// them then, but the maps must exist for the object to load.
-pub const EXT_OFF_ENTRIES: u32 = 1;
-
-/// Whether a tc or XDP program of an earlier run is still attached through a pinned
-/// link: it keeps writing the maps it was loaded with until this run swaps it out.
-fn ext_links_pinned(bpffs: &Path) -> Result<bool> {
-    let nl = tc_netlink_dir(bpffs);
-    if nl.exists()
-        && fs::read_dir(&nl)
-            .with_context(|| format!("read {}", nl.display()))?
-            .next()
-            .is_some()
-    {
-        return Ok(true);
-    }
-    let dir = links_dir(bpffs);
-    let prefixes = [PROG_TC_INGRESS, PROG_TC_EGRESS, PROG_XDP].map(|p| format!("{p}@"));
-    for entry in fs::read_dir(&dir).with_context(|| format!("read {}", dir.display()))? {
-        let name = entry
-            .with_context(|| format!("read {}", dir.display()))?
-            .file_name();
-        let name = name.to_string_lossy();
-        if prefixes.iter().any(|p| name.starts_with(p.as_str())) {
-            return Ok(true);
-        }
-    }
-    Ok(false)
-}
-
-/// Sets the size of a preallocated LRU map and decides what happens to a pin of
-/// another size left by an earlier run; returns the size the map has for this run.
-///
-/// aya re-opens an existing pin whatever its size, so the size only changes if the pin
-/// goes, and a new map starts empty. It is replaced only when that loses nothing: the
-/// map is empty and no tc/XDP program of an earlier run is attached (which could add a
-/// flow before this run swaps it out). Otherwise it is kept at its old size with a
-/// warning: for the conntrack map, replacing it would cut every external flow whose
-/// replies need reverse NAT, which a resize must never do silently. `svc-lb cleanup`
-/// applies the new size at the next start.
-fn size_lru_map<K: aya::Pod, V: aya::Pod>(
-    loader: &mut EbpfLoader<'_>,
-    bpffs: &Path,
-    name: &'static str,
-    wanted: u32,
-) -> Result<u32> {
-    loader.map_max_entries(name, wanted);
-    let path = bpffs.join(name);
-    if !path.exists() {
-        return Ok(wanted);
-    }
-    let data =
-        MapData::from_pin(&path).with_context(|| format!("open pinned map {}", path.display()))?;
-    let pinned = data
-        .info()
-        .with_context(|| format!("info of pinned map {name}"))?
-        .max_entries();
-    if pinned == wanted {
-        return Ok(wanted);
-    }
-    let map: HashMap<MapData, K, V> = HashMap::try_from(Map::LruHashMap(data))
-        .with_context(|| format!("pinned map {name} has an unexpected layout"))?;
-    let first = map
-        .keys()
-        .next()
-        .transpose()
-        .with_context(|| format!("read pinned map {name}"))?;
-    let busy = if first.is_some() {
-        Some("it holds entries (external flows) that a new map would lose")
-    } else if ext_links_pinned(bpffs)? {
-        Some("tc/XDP programs of an earlier run are attached and may add flows to it")
-    } else {
-        None
-    };
-    if let Some(why) = busy {
-        warn!(
-            map = name,
-            pinned_entries = pinned,
-            wanted_entries = wanted,
-            why,
-            "keeping the pinned map at its old size; the new size takes effect after `svc-lb cleanup`"
-        );
-        return Ok(pinned);
-    }
-    drop(map);
-    fs::remove_file(&path).with_context(|| format!("remove empty pin {}", path.display()))?;
-    info!(
-        map = name,
-        pinned_entries = pinned,
-        entries = wanted,
-        "replaced the empty pinned map with one of the new size"
-    );
-    Ok(wanted)
-}
-
-/// The `.rodata` global that switches the eBPF debug log (svc-lb-ebpf/src/debug.rs).
-const BPF_LOG_GLOBAL: &str = "SVCLB_BPF_LOG";
-/// aya-log's ring buffer map.
-const BPF_LOG_RINGBUF: &str = "AYA_LOGS";
-
 impl BpfDatapath {
     /// Loads the object and its programs and opens (or creates) the pinned maps. Safe
     /// over an existing pin directory: the maps are re-opened with their contents.
@@ -445,66 +224,7 @@ impl BpfDatapath {
 
     /// [`Self::open`] with load-time options.
     pub fn open_with(bpffs: &Path, opts: LoadOptions) -> Result<Self> {
-        raise_memlock();
-        ensure_bpffs(bpffs)?;
-        let mut loader = EbpfLoader::new();
-        // Always set, so that a stale object without the switch fails loudly here.
-        let bpf_log = u8::from(opts.bpf_log);
-        loader.override_global(BPF_LOG_GLOBAL, &bpf_log, true);
-        // Always set too: an object without a switch must not load with its default.
-        let switches = [
-            ("SVCLB_SET_RETVAL", opts.compat.set_retval),
-            ("SVCLB_CSUM_IPV6_FLAG", opts.compat.csum_ipv6_flag),
-            ("SVCLB_FIB_REDIRECT", opts.compat.fib_redirect),
-            ("SVCLB_SK_STORAGE", opts.compat.sk_storage_rnat),
-        ]
-        .map(|(name, on)| (name, u8::from(on)));
-        for (name, value) in &switches {
-            loader.override_global(name, value, true);
-        }
-        if !opts.bpf_log {
-            // The log ring buffer is created anyway (aya creates every map of the
-            // object); without the log, one page is enough instead of 128 KiB.
-            // SAFETY: sysconf has no preconditions.
-            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-            loader.map_max_entries(BPF_LOG_RINGBUF, u32::try_from(page).unwrap_or(4096));
-        }
-        let (ct_entries, affext_entries) = if opts.external_off {
-            (EXT_OFF_ENTRIES, EXT_OFF_ENTRIES)
-        } else {
-            let ct = match opts.conntrack_max {
-                0 => svc_lb_common::CT_MAP_MAX,
-                n => n,
-            };
-            (ct, svc_lb_common::AFFINITY_EXT_MAP_MAX)
-        };
-        let ct_entries = size_lru_map::<CtKey, CtValue>(&mut loader, bpffs, MAP_CT, ct_entries)?;
-        let affext_entries = size_lru_map::<AffinityExtKey, AffinityValue>(
-            &mut loader,
-            bpffs,
-            MAP_AFFINITY_EXT,
-            affext_entries,
-        )?;
-        info!(
-            conntrack_entries = ct_entries,
-            affinity_ext_entries = affext_entries,
-            external_off = opts.external_off,
-            "external-path LRU maps sized"
-        );
-        remove_retired_pins(bpffs)?;
-        replace_resized_config_pin(bpffs)?;
-        let pins: Vec<(&str, PathBuf)> = svc_lb_common::ALL_MAPS
-            .iter()
-            .chain(svc_lb_common::SOCKET_MAPS.iter())
-            .map(|n| (*n, bpffs.join(n)))
-            .collect();
-        for (name, path) in &pins {
-            loader.map_pin_path(name, path.as_path());
-        }
-        let mut ebpf = loader
-            .load(OBJECT)
-            .context("load the eBPF object (needs root: CAP_BPF, CAP_SYS_ADMIN, CAP_NET_ADMIN)")?;
-        load_programs(&mut ebpf)?;
+        let mut ebpf = super::load::load(bpffs, &opts)?;
 
         let (svc4, svc4_entries) = take_hash(&mut ebpf, MAP_SVC4)?;
         let (svc6, svc6_entries) = take_hash(&mut ebpf, MAP_SVC6)?;
@@ -564,365 +284,12 @@ impl BpfDatapath {
     }
 }
 
-fn sock_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut CgroupSockAddr> {
-    ebpf.program_mut(name)
-        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
-        .try_into()
-        .with_context(|| format!("program {name} is not a cgroup sock_addr program"))
-}
-
-fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
-    for name in SOCK_PROGRAMS {
-        sock_program(ebpf, name)?
-            .load()
-            .with_context(|| format!("load program {name} (kernel verifier)"))?;
-    }
-    Ok(())
-}
-
-/// Attaches every socket program to `cgroup` through a pinned link. Where a pinned
-/// link on that cgroup exists (a restart), the new program is swapped into it
-/// atomically instead, so there is no moment without a program.
-fn attach_all(ebpf: &mut Ebpf, bpffs: &Path, cgroup: &Path) -> Result<()> {
-    let cg = fs::File::open(cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
-    let cg_id = cgroup_id(cgroup)?;
-    for name in SOCK_PROGRAMS {
-        let prog = sock_program(ebpf, name)?;
-        let pin = links_dir(bpffs).join(name);
-        if pin.exists() {
-            let link = sys::obj_get(&pin)?;
-            let li = sys::link_info(&link)?;
-            if li.link_type == sys::BPF_LINK_TYPE_CGROUP && li.cgroup_id == cg_id {
-                let prog_fd = prog.fd().with_context(|| format!("fd of {name}"))?;
-                sys::link_update(&link, prog_fd.as_fd().as_raw_fd())
-                    .with_context(|| format!("swap program {name} into {}", pin.display()))?;
-                info!(
-                    program = name,
-                    link_id = li.id,
-                    "replaced program in pinned link"
-                );
-                continue;
-            }
-            warn!(
-                program = name,
-                pinned_cgroup_id = li.cgroup_id,
-                cgroup = %cgroup.display(),
-                "pinned link is attached elsewhere; attaching to the requested cgroup"
-            );
-        }
-        let id = prog
-            .attach(&cg, CgroupAttachMode::Single)
-            .with_context(|| format!("attach {name} to {}", cgroup.display()))?;
-        let link: FdLink = prog
-            .take_link(id)
-            .with_context(|| format!("take link of {name}"))?
-            .try_into()
-            .with_context(|| format!("link of {name} is not a bpf link"))?;
-        // Pin under a temporary name (bpffs reserves names with dots), then rename over the old pin, so that the pin
-        // path always names an attached link.
-        let tmp = links_dir(bpffs).join(format!("{name}_new"));
-        let _ = fs::remove_file(&tmp);
-        link.pin(&tmp)
-            .with_context(|| format!("pin link {}", tmp.display()))?;
-        fs::rename(&tmp, &pin)
-            .with_context(|| format!("rename {} to {}", tmp.display(), pin.display()))?;
-        info!(program = name, cgroup = %cgroup.display(), "attached program");
-    }
-    Ok(())
-}
-
 fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
     match r {
         Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         other => other,
     }
-}
-
-fn ifindex(dev: &str) -> Result<u32> {
-    let c = std::ffi::CString::new(dev).with_context(|| format!("device name {dev:?}"))?;
-    // SAFETY: a valid NUL-terminated string.
-    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if idx == 0 {
-        bail!("device {dev}: {}", std::io::Error::last_os_error());
-    }
-    Ok(idx)
-}
-
-/// Swaps `prog_fd` into the link pinned at `pin` when that link is of `link_type` on
-/// `ifindex` (a restart): no moment without a program. Returns false when there is no
-/// such link (nothing pinned, or a stale pin for another device, which is replaced).
-fn swap_into_pinned(
-    prog_fd: i32,
-    pin: &Path,
-    link_type: u32,
-    ifindex: u32,
-    name: &str,
-) -> Result<bool> {
-    if !pin.exists() {
-        return Ok(false);
-    }
-    let link = sys::obj_get(pin)?;
-    let li = sys::link_info(&link)?;
-    // For XDP and TCX links the info union starts with the interface index.
-    if li.link_type == link_type && li.cgroup_id as u32 == ifindex {
-        sys::link_update(&link, prog_fd)
-            .with_context(|| format!("swap program {name} into {}", pin.display()))?;
-        info!(program = name, link_id = li.id, pin = %pin.display(), "replaced program in pinned link");
-        return Ok(true);
-    }
-    warn!(program = name, pin = %pin.display(), "pinned link is stale (another device or type); attaching anew");
-    Ok(false)
-}
-
-/// Pins a new link under a temporary name, then renames it over `pin`, so the pin path
-/// always names an attached link.
-fn pin_link(link: FdLink, bpffs: &Path, pin: &Path) -> Result<()> {
-    let file = pin
-        .file_name()
-        .map(|f| f.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = links_dir(bpffs).join(format!("{file}_new"));
-    let _ = fs::remove_file(&tmp);
-    link.pin(&tmp)
-        .with_context(|| format!("pin link {}", tmp.display()))?;
-    fs::rename(&tmp, pin)
-        .with_context(|| format!("rename {} to {}", tmp.display(), pin.display()))?;
-    Ok(())
-}
-
-/// Where netlink-attached tc programs are recorded: one pinned program per
-/// `<program>@<device>`, so that a restart knows to replace the filter and `cleanup`
-/// knows which filters to remove (a netlink filter has no bpf link to pin).
-pub fn tc_netlink_dir(bpffs: &Path) -> PathBuf {
-    bpffs.join("tc-netlink")
-}
-
-/// The cls_bpf filter svc-lb owns on each clsact hook: a fixed priority and handle, so
-/// a restarted agent replaces its own filter in place (the kernel swaps the program
-/// under RCU: no packet sees no program) instead of adding a second one.
-pub const TC_NETLINK_PRIORITY: u16 = 100;
-pub const TC_NETLINK_HANDLE: u16 = 1;
-
-/// Attaches `prog` to `dev` through netlink (clsact qdisc + direct-action filter), for
-/// kernels without TCX: replaces svc-lb's filter when there is one, adds it otherwise.
-fn attach_tc_netlink(
-    prog: &mut SchedClassifier,
-    bpffs: &Path,
-    dev: &str,
-    name: &str,
-    attach_type: TcAttachType,
-) -> Result<()> {
-    if let Err(e) = aya::programs::tc::qdisc_add_clsact(dev) {
-        let exists = matches!(&e, aya::programs::tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST));
-        if !exists {
-            return Err(anyhow::Error::new(e))
-                .with_context(|| format!("add the clsact qdisc to device {dev}"));
-        }
-    }
-    let handle = aya::programs::tc::TcHandle::new(0, TC_NETLINK_HANDLE);
-    let dir = tc_netlink_dir(bpffs);
-    let record = dir.join(format!("{name}@{dev}"));
-    // Replace only the filter an earlier run recorded (without NLM_F_CREATE the kernel
-    // only changes an existing filter); otherwise create it exclusively, so that a
-    // filter svc-lb does not own at that priority and handle (or a legacy `ingress`
-    // qdisc, where ingress and egress are one hook) fails the attach instead of being
-    // replaced.
-    let replaced = if record.exists() {
-        // Built only here: dropping an unused link handle would remove the filter.
-        let ours = aya::programs::tc::SchedClassifierLink::attached(
-            dev,
-            attach_type,
-            TC_NETLINK_PRIORITY,
-            handle,
-            None,
-        )
-        .with_context(|| format!("device {dev}"))?;
-        prog.attach_to_link(ours).map_err(|e| e.to_string())
-    } else {
-        Err("no filter recorded by an earlier run".to_owned())
-    };
-    let id = match replaced {
-        Ok(id) => {
-            info!(program = name, device = %dev, priority = TC_NETLINK_PRIORITY, "replaced program in the netlink tc filter");
-            id
-        }
-        Err(replace_err) => {
-            let id = prog
-                .attach_with_options(
-                    dev,
-                    attach_type,
-                    TcAttachOptions::Netlink(aya::programs::tc::NlOptions {
-                        priority: TC_NETLINK_PRIORITY,
-                        handle,
-                        classid: None,
-                    }),
-                )
-                .map_err(anyhow::Error::new)
-                .with_context(|| {
-                    format!(
-                        "attach {name} to device {dev} (netlink filter at priority {TC_NETLINK_PRIORITY}, handle {TC_NETLINK_HANDLE}; is that taken, or does the device have an `ingress` qdisc instead of clsact? not replaced: {replace_err})"
-                    )
-                })?;
-            info!(program = name, device = %dev, priority = TC_NETLINK_PRIORITY, "attached tc program (netlink)");
-            id
-        }
-    };
-    // aya removes the filters of the links it holds when the program is dropped; the
-    // filter must outlive the agent, like a pinned link.
-    let link = prog
-        .take_link(id)
-        .with_context(|| format!("take link of {name}"))?;
-    std::mem::forget(link);
-    fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-    let tmp = dir.join(format!("{name}@{dev}_new"));
-    let _ = fs::remove_file(&tmp);
-    prog.pin(&tmp)
-        .with_context(|| format!("pin program {}", tmp.display()))?;
-    fs::rename(&tmp, &record)
-        .with_context(|| format!("rename {} to {}", tmp.display(), record.display()))?;
-    Ok(())
-}
-
-/// Removes svc-lb's netlink filter of `name` on `dev` and its record. Failures are
-/// logged (the device may be gone); the record goes anyway.
-fn detach_tc_netlink(record: &Path, dev: &str, name: &str, attach_type: TcAttachType) {
-    match aya::programs::tc::qdisc_detach_program(dev, attach_type, name) {
-        Ok(()) => info!(program = name, device = %dev, "removed the netlink tc filter"),
-        Err(e) => {
-            warn!(program = name, device = %dev, error = %format!("{:#}", anyhow::Error::new(e)), "could not remove the netlink tc filter")
-        }
-    }
-    if let Err(e) = fs::remove_file(record) {
-        warn!(pin = %record.display(), error = %e, "could not remove the record");
-    }
-}
-
-/// Detaches the link pinned at `pin` and removes the pin; failures are logged.
-fn detach_pin(pin: &Path) {
-    match sys::obj_get(pin).and_then(|fd| sys::link_detach(&fd)) {
-        Ok(()) => info!(pin = %pin.display(), "detached the link of an earlier run"),
-        Err(e) => warn!(pin = %pin.display(), error = %format!("{e:#}"), "could not detach link"),
-    }
-    if let Err(e) = fs::remove_file(pin) {
-        warn!(pin = %pin.display(), error = %e, "could not remove the pin");
-    }
-}
-
-/// Detaches every tc and XDP program of svc-lb from `devices` (TCX and XDP links,
-/// netlink filters), best effort: after a failed attach the external path is off, and a
-/// half-attached device (ingress translating, egress not) would break its flows.
-pub fn detach_devices(bpffs: &Path, devices: &[String]) {
-    for dev in devices {
-        for (name, t) in [
-            (PROG_TC_INGRESS, TcAttachType::Ingress),
-            (PROG_TC_EGRESS, TcAttachType::Egress),
-        ] {
-            let record = tc_netlink_dir(bpffs).join(format!("{name}@{dev}"));
-            if record.exists() {
-                detach_tc_netlink(&record, dev, name, t);
-            }
-        }
-        for name in [PROG_TC_INGRESS, PROG_TC_EGRESS, PROG_XDP] {
-            let pin = links_dir(bpffs).join(format!("{name}@{dev}"));
-            if pin.exists() {
-                detach_pin(&pin);
-            }
-        }
-    }
-}
-
-/// Removes every netlink tc filter recorded under `bpffs` (`cleanup`); returns how
-/// many records there were.
-fn cleanup_tc_netlink(bpffs: &Path) -> Result<usize> {
-    let dir = tc_netlink_dir(bpffs);
-    if !dir.exists() {
-        return Ok(0);
-    }
-    let mut n = 0;
-    for entry in fs::read_dir(&dir).with_context(|| format!("read {}", dir.display()))? {
-        let path = entry
-            .with_context(|| format!("read {}", dir.display()))?
-            .path();
-        let file = path
-            .file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        match file.split_once('@') {
-            Some((prog, dev)) if prog == PROG_TC_INGRESS || prog == PROG_TC_EGRESS => {
-                let t = if prog == PROG_TC_INGRESS {
-                    TcAttachType::Ingress
-                } else {
-                    TcAttachType::Egress
-                };
-                detach_tc_netlink(&path, dev, prog, t);
-                n += 1;
-            }
-            _ => fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?,
-        }
-    }
-    fs::remove_dir(&dir).with_context(|| format!("remove {}", dir.display()))?;
-    Ok(n)
-}
-
-/// Native-mode XDP on each device. A driver that refuses it costs only the
-/// acceleration: one warning per device, and the tc programs do the work.
-fn attach_xdp(ebpf: &mut Ebpf, bpffs: &Path, devices: &[String]) -> Result<()> {
-    let prog: &mut Xdp = ebpf
-        .program_mut(PROG_XDP)
-        .ok_or_else(|| {
-            anyhow!(
-                "program {PROG_XDP} missing from the eBPF object (built without the external path?)"
-            )
-        })?
-        .try_into()
-        .with_context(|| format!("program {PROG_XDP} is not an XDP program"))?;
-    if prog.fd().is_err() {
-        prog.load()
-            .with_context(|| format!("load program {PROG_XDP} (kernel verifier)"))?;
-    }
-    for dev in devices {
-        let pin = links_dir(bpffs).join(format!("{PROG_XDP}@{dev}"));
-        let prog_fd = prog
-            .fd()
-            .with_context(|| format!("fd of {PROG_XDP}"))?
-            .as_fd()
-            .as_raw_fd();
-        if swap_into_pinned(
-            prog_fd,
-            &pin,
-            sys::BPF_LINK_TYPE_XDP,
-            ifindex(dev)?,
-            PROG_XDP,
-        )? {
-            continue;
-        }
-        let id = match prog.attach(dev, XdpMode::Driver) {
-            Ok(id) => id,
-            Err(e) => {
-                // Through anyhow so that the kernel's reason (the error's source) is shown.
-                let error = format!("{:#}", anyhow::Error::new(e));
-                warn!(device = %dev, %error, "native XDP refused by the driver; this device runs tc only");
-                continue;
-            }
-        };
-        let link = prog
-            .take_link(id)
-            .with_context(|| format!("take link of {PROG_XDP}"))?;
-        match FdLink::try_from(link) {
-            Ok(link) => {
-                pin_link(link, bpffs, &pin)?;
-                info!(program = PROG_XDP, device = %dev, "attached XDP program (native mode)");
-            }
-            Err(e) => {
-                // A netlink attachment (no bpf link on this kernel) cannot be pinned,
-                // so a restart could not find it; rather run tc-only. Dropping the
-                // link detaches it.
-                warn!(device = %dev, error = %e, "XDP attached without a bpf link; detached, this device runs tc only");
-            }
-        }
-    }
-    Ok(())
 }
 
 impl MapStore for BpfDatapath {
@@ -1145,7 +512,7 @@ impl BpfDatapath {
     /// Attaches (or swaps in) the programs; call after the first sync so that the new
     /// programs never see maps emptier than the old ones did.
     pub fn attach(&mut self, bpffs: &Path, cgroup: &Path) -> Result<()> {
-        attach_all(&mut self.ebpf, bpffs, cgroup)
+        links::attach_sock_programs(&mut self.ebpf, bpffs, cgroup)
     }
 
     fn ext_mut(&mut self) -> Result<&mut ExtMaps> {
@@ -1244,7 +611,7 @@ impl BpfDatapath {
     /// are pinned as `links/<program>@<device>`. A device whose driver refuses native
     /// XDP gets one warning and stays tc-only.
     /// `tc` chooses TCX links or, on kernels without TCX, netlink filters (see
-    /// [`attach_tc_netlink`]).
+    /// [`links::attach_devices`]).
     pub fn attach_devices(
         &mut self,
         bpffs: &Path,
@@ -1256,73 +623,7 @@ impl BpfDatapath {
             return Ok(());
         }
         self.ext_available()?;
-        for name in [PROG_TC_INGRESS, PROG_TC_EGRESS] {
-            let prog: &mut SchedClassifier = self
-                .ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing from the eBPF object (built without the external path?)"))?
-                .try_into()
-                .with_context(|| format!("program {name} is not a tc program"))?;
-            if prog.fd().is_err() {
-                prog.load()
-                    .with_context(|| format!("load program {name} (kernel verifier)"))?;
-            }
-            let attach_type = if name == PROG_TC_INGRESS {
-                TcAttachType::Ingress
-            } else {
-                TcAttachType::Egress
-            };
-            for dev in devices {
-                let pin = links_dir(bpffs).join(format!("{name}@{dev}"));
-                if tc == TcAttach::Netlink {
-                    attach_tc_netlink(prog, bpffs, dev, name, attach_type)?;
-                    // A TCX link of an earlier run (another kernel, or the switch
-                    // forced): the filter is in place now, so it goes.
-                    if pin.exists() {
-                        detach_pin(&pin);
-                    }
-                    continue;
-                }
-                let ifindex = ifindex(dev)?;
-                if swap_into_pinned(
-                    prog.fd()
-                        .with_context(|| format!("fd of {name}"))?
-                        .as_fd()
-                        .as_raw_fd(),
-                    &pin,
-                    sys::BPF_LINK_TYPE_TCX,
-                    ifindex,
-                    name,
-                )? {
-                    continue;
-                }
-                let id = prog
-                    .attach_with_options(
-                        dev,
-                        attach_type,
-                        TcAttachOptions::TcxOrder(LinkOrder::default()),
-                    )
-                    .with_context(|| format!("attach {name} to device {dev} (TCX)"))?;
-                let link: FdLink = prog
-                    .take_link(id)
-                    .with_context(|| format!("take link of {name}"))?
-                    .try_into()
-                    .with_context(|| format!("link of {name} on {dev} is not a bpf link"))?;
-                pin_link(link, bpffs, &pin)?;
-                info!(program = name, device = %dev, "attached tc program");
-            }
-            // Netlink filters of an earlier run go once the TCX links are in place.
-            for dev in devices.iter().filter(|_| tc == TcAttach::Tcx) {
-                let record = tc_netlink_dir(bpffs).join(format!("{name}@{dev}"));
-                if record.exists() {
-                    detach_tc_netlink(&record, dev, name, attach_type);
-                }
-            }
-        }
-        if xdp {
-            attach_xdp(&mut self.ebpf, bpffs, devices)?;
-        }
-        Ok(())
+        links::attach_devices(&mut self.ebpf, bpffs, devices, xdp, tc)
     }
 
     /// Starts reading the programs' aya-log records (only useful with
@@ -1352,242 +653,4 @@ impl BpfDatapath {
                 .with_context(|| format!("{MAP_SVC6}: delete {k:?}")),
         }
     }
-}
-
-fn collect<K: aya::Pod, V: aya::Pod>(
-    m: &HashMap<MapData, K, V>,
-    name: &str,
-) -> Result<Vec<(K, V)>> {
-    m.iter()
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("read map {name}"))
-}
-
-fn read_state(
-    svc4: &HashMap<MapData, Svc4Key, SvcValue>,
-    svc6: &HashMap<MapData, Svc6Key, SvcValue>,
-    backends: &HashMap<MapData, u32, Backend>,
-    rev_nats: &HashMap<MapData, u32, RevNat>,
-) -> Result<CurrentState> {
-    let svc = collect(svc4, MAP_SVC4)?
-        .into_iter()
-        .map(|(k, v)| (SvcKey::V4(k), v))
-        .chain(
-            collect(svc6, MAP_SVC6)?
-                .into_iter()
-                .map(|(k, v)| (SvcKey::V6(k), v)),
-        );
-    codec::decode_state(
-        svc,
-        collect(backends, MAP_BACKENDS)?,
-        collect(rev_nats, MAP_REVNAT)?,
-    )
-}
-
-fn open_pinned_hash<K: aya::Pod, V: aya::Pod>(
-    bpffs: &Path,
-    name: &str,
-) -> Result<HashMap<MapData, K, V>> {
-    let path = bpffs.join(name);
-    let data = MapData::from_pin(&path).with_context(|| {
-        format!(
-            "open pinned map {} (is the agent installed here? see --bpffs)",
-            path.display()
-        )
-    })?;
-    HashMap::try_from(Map::HashMap(data))
-        .with_context(|| format!("pinned map {name} has an unexpected layout"))
-}
-
-fn not_found_is_none<V>(r: Result<V, MapError>) -> Result<Option<V>, MapError> {
-    match r {
-        Ok(v) => Ok(Some(v)),
-        Err(MapError::KeyNotFound) => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
-/// Read-only view of the pinned maps, for the CLI. Works whether the agent runs or not.
-pub struct PinnedMaps {
-    svc4: HashMap<MapData, Svc4Key, SvcValue>,
-    svc6: HashMap<MapData, Svc6Key, SvcValue>,
-    backends: HashMap<MapData, u32, Backend>,
-    rev_nats: HashMap<MapData, u32, RevNat>,
-    bpffs: PathBuf,
-}
-
-impl PinnedMaps {
-    pub fn open(bpffs: &Path) -> Result<Self> {
-        Ok(Self {
-            svc4: open_pinned_hash(bpffs, MAP_SVC4)?,
-            svc6: open_pinned_hash(bpffs, MAP_SVC6)?,
-            backends: open_pinned_hash(bpffs, MAP_BACKENDS)?,
-            rev_nats: open_pinned_hash(bpffs, MAP_REVNAT)?,
-            bpffs: bpffs.to_path_buf(),
-        })
-    }
-
-    pub fn read_current(&self) -> Result<CurrentState> {
-        read_state(&self.svc4, &self.svc6, &self.backends, &self.rev_nats)
-    }
-
-    /// One service-map entry (the datapath's own lookup, for `trace`).
-    pub fn svc_value(&self, key: &SvcKey) -> Result<Option<SvcValue>> {
-        let r = match key {
-            SvcKey::V4(k) => self.svc4.get(k, 0),
-            SvcKey::V6(k) => self.svc6.get(k, 0),
-        };
-        not_found_is_none(r).with_context(|| format!("look up {key:?}"))
-    }
-
-    /// One backend entry.
-    pub fn backend_value(&self, id: u32) -> Result<Option<Backend>> {
-        not_found_is_none(self.backends.get(&id, 0))
-            .with_context(|| format!("{MAP_BACKENDS}: look up {id}"))
-    }
-
-    /// A client's remembered backend for a frontend (session affinity), for `trace`.
-    pub fn affinity_value(&self, key: &AffinityKey) -> Result<Option<AffinityValue>> {
-        let path = self.bpffs.join(MAP_AFFINITY);
-        let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
-        // The affinity map is an LRU hash; aya's HashMap reads both kinds.
-        let m: HashMap<MapData, AffinityKey, AffinityValue> =
-            HashMap::try_from(Map::LruHashMap(data))
-                .with_context(|| format!("{MAP_AFFINITY} has an unexpected layout"))?;
-        not_found_is_none(m.get(key, 0)).with_context(|| format!("{MAP_AFFINITY}: look up {key:?}"))
-    }
-
-    /// Whether an affinity entry may point at `backend_id` for `rev_nat_id` (the agent's
-    /// match map), for `trace`.
-    pub fn affinity_member(&self, backend_id: u32, rev_nat_id: u32) -> Result<bool> {
-        let m: HashMap<MapData, AffinityMatchKey, u32> =
-            open_pinned_hash(&self.bpffs, MAP_AFF_MATCH)?;
-        let key = AffinityMatchKey {
-            backend_id,
-            rev_nat_id,
-        };
-        Ok(not_found_is_none(m.get(&key, 0))
-            .with_context(|| format!("{MAP_AFF_MATCH}: look up {key:?}"))?
-            .is_some())
-    }
-
-    /// The Service identity of one rev-NAT id.
-    pub fn meta_of(&self, rev_nat_id: u32) -> Result<Option<codec::FrontendMeta>> {
-        let m: HashMap<MapData, u32, SvcMeta> = open_pinned_hash(&self.bpffs, MAP_SVC_META)?;
-        Ok(not_found_is_none(m.get(&rev_nat_id, 0))
-            .with_context(|| format!("{MAP_SVC_META}: look up {rev_nat_id}"))?
-            .map(|raw| codec::meta_from_raw(&raw)))
-    }
-
-    /// Service identity per rev-NAT id.
-    pub fn meta(&self) -> Result<std::collections::HashMap<u32, codec::FrontendMeta>> {
-        let m: HashMap<MapData, u32, SvcMeta> = open_pinned_hash(&self.bpffs, MAP_SVC_META)?;
-        Ok(collect(&m, MAP_SVC_META)?
-            .into_iter()
-            .map(|(id, raw)| (id, codec::meta_from_raw(&raw)))
-            .collect())
-    }
-
-    /// New-connection counts per rev-NAT id (`MAP_FE_STATS`) or per backend id
-    /// (`MAP_BE_STATS`), summed over CPUs.
-    pub fn conn_stats(&self, name: &str) -> Result<std::collections::HashMap<u32, u64>> {
-        let path = self.bpffs.join(name);
-        let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
-        let m: PerCpuHashMap<MapData, u32, u64> = PerCpuHashMap::try_from(Map::PerCpuHashMap(data))
-            .with_context(|| format!("{name} has an unexpected type"))?;
-        m.iter()
-            .map(|r| r.map(|(k, v)| (k, v.iter().sum())))
-            .collect::<Result<_, _>>()
-            .with_context(|| format!("read {name}"))
-    }
-
-    /// Datapath counters (`CTR_*`), summed over CPUs.
-    pub fn counters(&self) -> Result<Vec<u64>> {
-        let path = self.bpffs.join(MAP_COUNTERS);
-        let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
-        let arr: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(data))
-            .context("counters map has an unexpected type")?;
-        arr.iter()
-            .map(|v| v.map(|per_cpu| per_cpu.iter().sum()))
-            .collect::<Result<Vec<u64>, _>>()
-            .context("read counters")
-    }
-}
-
-/// Removes a pinned `LB_CONFIG_V1` whose value size is not this version's `ExtConfig`
-/// (an upgrade that added fields): aya would re-open it and the programs would not load
-/// against it. Nothing is lost: the agent writes the config at every start, and
-/// programs of the old version keep their own copy until their links are swapped.
-fn replace_resized_config_pin(bpffs: &Path) -> Result<()> {
-    let path = bpffs.join(MAP_CONFIG);
-    if !path.exists() {
-        return Ok(());
-    }
-    let data =
-        MapData::from_pin(&path).with_context(|| format!("open pinned map {}", path.display()))?;
-    let size = data
-        .info()
-        .with_context(|| format!("info of pinned map {MAP_CONFIG}"))?
-        .value_size();
-    let want = std::mem::size_of::<ExtConfig>() as u32;
-    if size != want {
-        fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
-        info!(pin = %path.display(), pinned_value_size = size, value_size = want, "replaced the pinned config map of an earlier version");
-    }
-    Ok(())
-}
-
-/// Removes the pins of maps an earlier version used (`RETIRED_MAPS`), so that an
-/// upgraded node does not keep them forever.
-fn remove_retired_pins(bpffs: &Path) -> Result<()> {
-    for name in svc_lb_common::RETIRED_MAPS {
-        let path = bpffs.join(name);
-        if path.exists() {
-            fs::remove_file(&path)
-                .with_context(|| format!("remove retired pin {}", path.display()))?;
-            info!(pin = %path.display(), "removed the pin of a map this version no longer uses");
-        }
-    }
-    Ok(())
-}
-
-/// Detaches every program and removes every pin under `bpffs`. With `cgroup`, also
-/// detaches svc-lb links on that cgroup whose pins were lost.
-pub fn cleanup(bpffs: &Path, cgroup: Option<&Path>) -> Result<usize> {
-    let mut detached = 0;
-    let links = links_dir(bpffs);
-    if links.exists() {
-        for entry in fs::read_dir(&links).with_context(|| format!("read {}", links.display()))? {
-            let path = entry
-                .with_context(|| format!("read {}", links.display()))?
-                .path();
-            match sys::obj_get(&path).and_then(|fd| sys::link_detach(&fd)) {
-                Ok(()) => detached += 1,
-                Err(e) => {
-                    warn!(pin = %path.display(), error = %format!("{e:#}"), "could not detach link; removing the pin anyway")
-                }
-            }
-            fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
-        }
-        fs::remove_dir(&links).with_context(|| format!("remove {}", links.display()))?;
-    }
-    detached += cleanup_tc_netlink(bpffs)?;
-    if let Some(cg) = cgroup {
-        detached += sys::detach_orphan_links(cgroup_id(cg)?, "svclb_")?;
-    }
-    for name in svc_lb_common::ALL_MAPS
-        .iter()
-        .chain(svc_lb_common::SOCKET_MAPS.iter())
-    {
-        let path = bpffs.join(name);
-        if path.exists() {
-            fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
-        }
-    }
-    remove_retired_pins(bpffs)?;
-    if bpffs.exists() {
-        fs::remove_dir(bpffs)
-            .with_context(|| format!("remove {} (not empty?)", bpffs.display()))?;
-    }
-    Ok(detached)
 }

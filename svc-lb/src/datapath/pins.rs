@@ -4,6 +4,9 @@
 //! and an existing one owned by anyone else is refused), the pins themselves are 0600
 //! (the kernel creates them `0600 & ~umask`), and a bpffs the agent mounts is 0700.
 //!
+//! It also holds the layout of the pin directory (maps at the top, links under
+//! `links/`, netlink tc records under `tc-netlink/`).
+//!
 //! It also finishes what a killed agent left half done: a link pinned as `<name>_new`
 //! whose rename over `<name>` never happened is still attached, next to the link the
 //! next start adopts, and would run twice; it is detached and unpinned at start.
@@ -11,7 +14,7 @@ use std::{
     fs::{self, DirBuilder},
     io,
     os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt},
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use anyhow::{Context, Result, bail};
@@ -19,9 +22,65 @@ use tracing::{info, warn};
 
 use super::sys;
 
+/// Default pin directory.
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/svc-lb";
+/// Where a missing bpffs gets mounted.
+const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+
+pub fn links_dir(bpffs: &Path) -> PathBuf {
+    bpffs.join("links")
+}
+
+/// Where netlink-attached tc programs are recorded: one pinned program per
+/// `<program>@<device>`, so that a restart knows to replace the filter and `cleanup`
+/// knows which filters to remove (a netlink filter has no bpf link to pin).
+pub fn tc_netlink_dir(bpffs: &Path) -> PathBuf {
+    bpffs.join("tc-netlink")
+}
+
+/// Makes sure `bpffs` is a directory on a bpf filesystem, mounting bpffs at
+/// /sys/fs/bpf when the host has not (fresh machines boot without it), and that it and
+/// its links directory are root's alone (see `pins`).
+pub fn ensure_bpffs(bpffs: &Path) -> Result<()> {
+    let parent = bpffs.parent().unwrap_or(Path::new("/"));
+    if !parent.exists() {
+        bail!("bpffs parent directory {} does not exist", parent.display());
+    }
+    if !sys::is_bpffs(parent)? {
+        let mount = Path::new(BPFFS_MOUNT);
+        if parent == mount {
+            info!(path = BPFFS_MOUNT, "bpffs not mounted; mounting it");
+            sys::mount_bpffs(mount)?;
+        } else {
+            bail!(
+                "{} is not on a bpf filesystem (mount -t bpf bpf <dir>)",
+                parent.display()
+            );
+        }
+    }
+    ensure_private_dir(bpffs)?;
+    ensure_private_dir(&links_dir(bpffs))?;
+    remove_interrupted_links(&links_dir(bpffs))?;
+    Ok(())
+}
+
+/// Removes the pins of maps an earlier version used (`RETIRED_MAPS`), so that an
+/// upgraded node does not keep them forever.
+pub fn remove_retired_pins(bpffs: &Path) -> Result<()> {
+    for name in svc_lb_common::RETIRED_MAPS {
+        let path = bpffs.join(name);
+        if path.exists() {
+            fs::remove_file(&path)
+                .with_context(|| format!("remove retired pin {}", path.display()))?;
+            info!(pin = %path.display(), "removed the pin of a map this version no longer uses");
+        }
+    }
+    Ok(())
+}
+
 /// Mode of the pin directories and of a bpffs the agent mounts.
 pub const DIR_MODE: u32 = 0o700;
-/// Suffix of a link pinned under its temporary name (see `bpf::pin_link`).
+/// Suffix of a link pinned under its temporary name (see `links::pin_link`).
 pub const INTERRUPTED_SUFFIX: &str = "_new";
 
 /// Creates `dir` with mode 0700, or checks an existing one: it must be a directory

@@ -9,7 +9,7 @@
 use std::{
     collections::BTreeMap,
     io,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
 };
 
 use anyhow::{Result, bail};
@@ -361,7 +361,6 @@ pub struct FeatureStatus {
 // ---- The real probe: bpf(2) ----
 
 const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_LINK_CREATE: libc::c_long = 28;
 
 const PROG_TYPE_SCHED_CLS: u32 = 3;
@@ -485,20 +484,6 @@ fn link_create_knows(prog: &OwnedFd, target: u32, attach_type: u32, known_errno:
     }
 }
 
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    _rest: [u64; 6],
-}
-
 /// The kernel, through bpf(2) and aya's helper and map probes.
 pub struct KernelProber;
 
@@ -564,15 +549,8 @@ impl KernelProber {
             return Ok(false);
         };
         let frame = [0u8; 64];
-        let mut attr = TestRunAttr {
-            prog_fd: fd.as_raw_fd() as u32,
-            data_size_in: frame.len() as u32,
-            data_in: frame.as_ptr() as u64,
-            repeat: 1,
-            ..Default::default()
-        };
-        bpf(BPF_PROG_TEST_RUN, &mut attr).map_err(|e| anyhow::anyhow!("BPF_PROG_TEST_RUN: {e}"))?;
-        Ok(attr.retval == 0)
+        let run = super::sys::prog_test_run(fd.as_fd(), &frame, 0, 1)?;
+        Ok(run.retval == 0)
     }
 }
 

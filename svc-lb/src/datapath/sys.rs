@@ -1,10 +1,13 @@
-//! The few bpf(2) commands aya 0.14 does not expose for links: open a pinned object,
-//! read a link's target, swap a link's program in place, and detach a link.
+//! The bpf(2) commands aya 0.14 does not expose, in one place for the agent, the CLI
+//! and the tests crate: open a pinned object, read a link's target, swap a link's
+//! program in place, detach a link, walk and look up a map by fd, query what is
+//! attached to a hook, run a program on a buffer (BPF_PROG_TEST_RUN) and switch the
+//! kernel's run-time statistics on (BPF_ENABLE_STATS).
 use std::{
     ffi::CString,
     io,
     os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
+        fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
         unix::ffi::OsStrExt,
     },
     path::Path,
@@ -12,7 +15,12 @@ use std::{
 
 use anyhow::{Context, Result};
 
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_PROG_QUERY: libc::c_long = 16;
+const BPF_ENABLE_STATS: libc::c_long = 32;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
@@ -51,7 +59,6 @@ struct ObjGetAttr {
     _pad: u32,
 }
 
-/// Opens a pinned BPF object (map, program or link).
 /// A `u64` socket option (`SO_COOKIE`, `SO_NETNS_COOKIE`) of `fd`.
 pub fn sockopt_u64(fd: std::os::fd::BorrowedFd<'_>, opt: libc::c_int) -> io::Result<u64> {
     let mut value = 0u64;
@@ -73,6 +80,7 @@ pub fn sockopt_u64(fd: std::os::fd::BorrowedFd<'_>, opt: libc::c_int) -> io::Res
     }
 }
 
+/// Opens a pinned BPF object (map, program or link).
 pub fn obj_get(path: &Path) -> Result<OwnedFd> {
     let c = CString::new(path.as_os_str().as_bytes())
         .with_context(|| format!("pin path {} contains a NUL byte", path.display()))?;
@@ -209,6 +217,207 @@ pub fn detach_orphan_links(cgroup_id: u64, prefix: &str) -> Result<usize> {
         }
     }
     Ok(detached)
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    /// `value` for a lookup, `next_key` for BPF_MAP_GET_NEXT_KEY.
+    value: u64,
+    flags: u64,
+}
+
+/// Looks `key` up in the map behind `map`; `None` when it is absent. `K` and `V` must
+/// have the map's key and value sizes (per-CPU maps need one `V` per possible CPU).
+pub fn map_lookup<K: bytemuck::Pod, V: bytemuck::Pod>(
+    map: BorrowedFd<'_>,
+    key: &K,
+) -> Result<Option<V>> {
+    let mut value = V::zeroed();
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: std::ptr::from_ref(key) as u64,
+        value: std::ptr::from_mut(&mut value) as u64,
+        ..Default::default()
+    };
+    match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+        Ok(_) => Ok(Some(value)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e).context("BPF_MAP_LOOKUP_ELEM"),
+    }
+}
+
+/// Counts a map's keys with BPF_MAP_GET_NEXT_KEY: one syscall per entry, and it works
+/// for every hash type whatever its key and value layout.
+pub fn count_keys(map: BorrowedFd<'_>, key_size: usize) -> Result<u64> {
+    let mut cur = vec![0u8; key_size];
+    let mut next = vec![0u8; key_size];
+    let mut first = true;
+    let mut n = 0u64;
+    loop {
+        let mut attr = MapElemAttr {
+            map_fd: map.as_raw_fd() as u32,
+            key: if first { 0 } else { cur.as_ptr() as u64 },
+            value: next.as_mut_ptr() as u64,
+            ..Default::default()
+        };
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(n),
+            Err(e) => return Err(e).context("BPF_MAP_GET_NEXT_KEY"),
+        }
+        n += 1;
+        first = false;
+        std::mem::swap(&mut cur, &mut next);
+    }
+}
+
+/// The `query` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct QueryAttr {
+    /// A cgroup's fd, or a device's interface index for TCX (a union in the kernel).
+    target_fd: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    prog_cnt: u32,
+    _pad: u32,
+    prog_attach_flags: u64,
+    link_ids: u64,
+    link_attach_flags: u64,
+    revision: u64,
+}
+
+/// What BPF_PROG_QUERY found at one hook.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Attached {
+    /// How many programs are attached (may exceed the ids returned).
+    pub count: u32,
+    /// Program ids, at most the capacity asked for.
+    pub prog_ids: Vec<u32>,
+    /// Link ids in the same order (0 for a program attached without a link); the
+    /// kernel fills them for TCX hooks only.
+    pub link_ids: Vec<u32>,
+}
+
+/// BPF_PROG_QUERY: the programs at `attach_type` (enum bpf_attach_type) of `target`, a
+/// cgroup's fd or, for TCX hooks, an interface index of the calling thread's network
+/// namespace. Asks for at most `max_ids` ids (0: only the count).
+pub fn prog_query(target: u32, attach_type: u32, max_ids: usize) -> Result<Attached> {
+    let mut progs = vec![0u32; max_ids];
+    let mut links = vec![0u32; max_ids];
+    let mut attr = QueryAttr {
+        target_fd: target,
+        attach_type,
+        prog_cnt: u32::try_from(max_ids).context("too many ids asked for")?,
+        ..Default::default()
+    };
+    if max_ids > 0 {
+        attr.prog_ids = progs.as_mut_ptr() as u64;
+        attr.link_ids = links.as_mut_ptr() as u64;
+    }
+    bpf(BPF_PROG_QUERY, &mut attr)
+        .with_context(|| format!("BPF_PROG_QUERY attach type {attach_type} on {target}"))?;
+    let n = (attr.prog_cnt as usize).min(max_ids);
+    progs.truncate(n);
+    links.truncate(n);
+    Ok(Attached {
+        count: attr.prog_cnt,
+        prog_ids: progs,
+        link_ids: links,
+    })
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    /// Explicit, so the trailing padding is zero: the kernel rejects non-zero bytes
+    /// past the fields it knows with EINVAL.
+    _pad: u32,
+}
+
+/// The outcome of [`prog_test_run`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TestRun {
+    /// The program's return value (a tc or XDP verdict).
+    pub retval: u32,
+    /// The packet after the program, at most the capacity asked for.
+    pub data_out: Vec<u8>,
+    /// Mean run time per repetition, nanoseconds.
+    pub duration_ns: u32,
+}
+
+/// BPF_PROG_TEST_RUN: runs the program behind `prog` `repeat` times on `data`, and
+/// returns the packet as the program left it (up to `out_capacity` bytes; 0 reads
+/// none back).
+pub fn prog_test_run(
+    prog: BorrowedFd<'_>,
+    data: &[u8],
+    out_capacity: usize,
+    repeat: u32,
+) -> Result<TestRun> {
+    let mut out = vec![0u8; out_capacity];
+    let mut attr = TestRunAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        data_size_in: u32::try_from(data.len()).context("test packet too large")?,
+        data_in: data.as_ptr() as u64,
+        repeat,
+        ..Default::default()
+    };
+    // Without an output buffer the pointer stays 0: the kernel copies nothing back then,
+    // where a dangling pointer of an empty Vec would fail with EFAULT.
+    if out_capacity > 0 {
+        attr.data_size_out = u32::try_from(out_capacity).context("output buffer too large")?;
+        attr.data_out = out.as_mut_ptr() as u64;
+    }
+    bpf(BPF_PROG_TEST_RUN, &mut attr).context("BPF_PROG_TEST_RUN")?;
+    out.truncate((attr.data_size_out as usize).min(out_capacity));
+    Ok(TestRun {
+        retval: attr.retval,
+        data_out: out,
+        duration_ns: attr.duration,
+    })
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct EnableStatsAttr {
+    stats_type: u32,
+}
+
+/// `BPF_STATS_RUN_TIME`: per-program run count and run time.
+const BPF_STATS_RUN_TIME: u32 = 0;
+
+/// Switches the kernel's per-program run-time statistics on (BPF_ENABLE_STATS) for as
+/// long as the returned descriptor lives, without touching the
+/// `kernel.bpf_stats_enabled` sysctl another user may rely on.
+pub fn enable_stats() -> Result<OwnedFd> {
+    let mut attr = EnableStatsAttr {
+        stats_type: BPF_STATS_RUN_TIME,
+    };
+    let fd = bpf(BPF_ENABLE_STATS, &mut attr).context("BPF_ENABLE_STATS run time")?;
+    // SAFETY: the kernel returned a new file descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;

@@ -16,12 +16,11 @@ use std::{
     path::Path,
 };
 
-use anyhow::{Context, Result};
-use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use anyhow::Result;
 use serde::Serialize;
 use svc_lb_common::{
     CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, CtKey,
-    CtValue, FAMILY_V4, FAMILY_V6, MAP_CT,
+    CtValue, FAMILY_V4, FAMILY_V6,
 };
 
 use super::names;
@@ -230,24 +229,7 @@ type SortKey = (u8, SocketAddr, SocketAddr);
 
 /// Reads every entry of the pinned conntrack map.
 pub fn read_entries(bpffs: &Path) -> Result<Vec<(CtKey, CtValue)>> {
-    let path = bpffs.join(MAP_CT);
-    let data = MapData::from_pin(&path).with_context(|| {
-        format!(
-            "open pinned map {} (is an agent with the external path installed here? see --bpffs)",
-            path.display()
-        )
-    })?;
-    let m: BpfHashMap<MapData, CtKey, CtValue> = BpfHashMap::try_from(Map::LruHashMap(data))
-        .with_context(|| format!("{MAP_CT} has an unexpected layout"))?;
-    // The datapath keeps writing while we walk. When the entry we stand on is evicted,
-    // the kernel restarts the walk from the first key, so an entry may come twice:
-    // keyed collection drops the duplicates. Each entry is read whole; the listing is
-    // a snapshot of entries, not of one instant.
-    let all: HashMap<CtKey, CtValue> = m
-        .iter()
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("read {MAP_CT}"))?;
-    Ok(all.into_iter().collect())
+    crate::datapath::pinned::ct_entries(bpffs)
 }
 
 fn seconds(s: Option<f64>) -> String {

@@ -11,14 +11,10 @@
 use std::{
     cell::RefCell,
     net::{IpAddr, SocketAddr},
-    path::{Path, PathBuf},
+    path::Path,
 };
 
-use anyhow::{Context, Result, bail};
-use aya::maps::{
-    Array, HashMap as BpfHashMap, Map, MapData, MapError,
-    lpm_trie::{Key as LpmKey, LpmTrie},
-};
+use anyhow::{Result, bail};
 use ipnet::IpNet;
 use serde::Serialize;
 use svc_lb_common::{
@@ -26,10 +22,9 @@ use svc_lb_common::{
     CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, CTR_EXT_BACKEND_MISSING,
     CTR_EXT_DROP_NO_LOCAL, CTR_EXT_DROP_SRC_RANGE, CTR_EXT_MAGLEV_MISSING, CTR_EXT_NO_SNAT_ADDR,
     CtKey, CtValue, ExtChoice, ExtConfig, ExtVia, FAMILY_V4, FAMILY_V6, MAGLEV_TABLE_MAX,
-    MAP_AFFINITY_EXT, MAP_CONFIG, MAP_CT, MAP_MAGLEV, MAP_NODE_ADDR, MAP_SRC_RANGE4,
-    MAP_SRC_RANGE6, MaglevTable, NodeAddrKey, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SNAT_PORT_MAX,
+    MAP_CONFIG, MAP_CT, MAP_NODE_ADDR, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SNAT_PORT_MAX,
     SNAT_PORT_MIN, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXT_LOCAL, SVC_FLAG_SRC_RANGES,
-    SrcRange4Key, SrcRange6Key, Stickiness, SvcValue, choose_external, maglev::flow_hash,
+    Stickiness, SvcValue, choose_external, maglev::flow_hash,
 };
 
 use super::{
@@ -41,8 +36,8 @@ use super::{
 };
 use crate::{
     datapath::{
-        bpf::PinnedMaps,
         codec::{self, FrontendMeta, SvcKey, addr_words, port_be, port_from_be},
+        pinned::PinnedMaps,
     },
     model::FrontendKey,
 };
@@ -69,57 +64,14 @@ pub trait ExtTraceMaps: TraceMaps {
 /// The pinned maps of both paths, for `svc-lb trace --external`.
 pub struct PinnedExtMaps {
     maps: PinnedMaps,
-    bpffs: PathBuf,
 }
 
 impl PinnedExtMaps {
     pub fn open(bpffs: &Path) -> Result<Self> {
         let maps = PinnedMaps::open(bpffs)?;
         // Fail early, with the reason, when the pins have no external path.
-        let ct = bpffs.join(MAP_CT);
-        if !ct.exists() {
-            bail!(
-                "{} does not exist: the agent under {} has no external path (an older agent?)",
-                ct.display(),
-                bpffs.display()
-            );
-        }
-        Ok(Self {
-            maps,
-            bpffs: bpffs.to_path_buf(),
-        })
-    }
-
-    fn pin(&self, name: &str) -> Result<MapData> {
-        let path = self.bpffs.join(name);
-        MapData::from_pin(&path).with_context(|| {
-            format!(
-                "open pinned map {} (is an agent with the external path installed here? see --bpffs)",
-                path.display()
-            )
-        })
-    }
-
-    fn hash<K: aya::Pod, V: aya::Pod>(
-        &self,
-        name: &str,
-        lru: bool,
-    ) -> Result<BpfHashMap<MapData, K, V>> {
-        let data = self.pin(name)?;
-        let map = if lru {
-            Map::LruHashMap(data)
-        } else {
-            Map::HashMap(data)
-        };
-        BpfHashMap::try_from(map).with_context(|| format!("{name} has an unexpected layout"))
-    }
-}
-
-fn found<V>(r: Result<V, MapError>) -> Result<Option<V>, MapError> {
-    match r {
-        Ok(v) => Ok(Some(v)),
-        Err(MapError::KeyNotFound) => Ok(None),
-        Err(e) => Err(e),
+        maps.require_external()?;
+        Ok(Self { maps })
     }
 }
 
@@ -149,111 +101,28 @@ impl TraceMaps for PinnedExtMaps {
 
 impl ExtTraceMaps for PinnedExtMaps {
     fn is_node_addr(&self, addr: IpAddr) -> Result<bool> {
-        let m: BpfHashMap<MapData, NodeAddrKey, u32> = self.hash(MAP_NODE_ADDR, false)?;
-        let key = codec::node_addr_key(addr);
-        Ok(found(m.get(&key, 0))
-            .with_context(|| format!("{MAP_NODE_ADDR}: look up {addr}"))?
-            .is_some())
+        self.maps.is_node_addr(addr)
     }
-
     fn node_addrs(&self) -> Result<Vec<IpAddr>> {
-        let m: BpfHashMap<MapData, NodeAddrKey, u32> = self.hash(MAP_NODE_ADDR, false)?;
-        let mut out: Vec<IpAddr> = m
-            .keys()
-            .collect::<Result<Vec<_>, _>>()
-            .with_context(|| format!("read {MAP_NODE_ADDR}"))?
-            .into_iter()
-            .filter_map(|k| match k.family {
-                FAMILY_V4 => Some(IpAddr::V4(codec::v4_from_word(k.addr_be[0]))),
-                FAMILY_V6 => Some(IpAddr::V6(codec::v6_from_words(k.addr_be))),
-                _ => None,
-            })
-            .collect();
-        out.sort_unstable();
-        Ok(out)
+        self.maps.node_addrs()
     }
-
     fn src_allowed(&self, rev_nat_id: u32, src: IpAddr) -> Result<bool> {
-        // The kernel's LPM lookup, with the full-length key the programs build.
-        let hit = match src {
-            IpAddr::V4(_) => {
-                let t: LpmTrie<MapData, SrcRange4Key, u32> =
-                    LpmTrie::try_from(Map::LpmTrie(self.pin(MAP_SRC_RANGE4)?))
-                        .with_context(|| format!("{MAP_SRC_RANGE4} has an unexpected layout"))?;
-                let key = LpmKey::new(
-                    64,
-                    SrcRange4Key {
-                        rev_nat_id_be: rev_nat_id.to_be(),
-                        addr_be: addr_words(src)[0],
-                    },
-                );
-                found(t.get(&key, 0)).with_context(|| format!("{MAP_SRC_RANGE4}: look up"))?
-            }
-            IpAddr::V6(_) => {
-                let t: LpmTrie<MapData, SrcRange6Key, u32> =
-                    LpmTrie::try_from(Map::LpmTrie(self.pin(MAP_SRC_RANGE6)?))
-                        .with_context(|| format!("{MAP_SRC_RANGE6} has an unexpected layout"))?;
-                let key = LpmKey::new(
-                    160,
-                    SrcRange6Key {
-                        rev_nat_id_be: rev_nat_id.to_be(),
-                        addr_be: addr_words(src),
-                    },
-                );
-                found(t.get(&key, 0)).with_context(|| format!("{MAP_SRC_RANGE6}: look up"))?
-            }
-        };
-        Ok(hit.is_some())
+        self.maps.src_allowed(rev_nat_id, src)
     }
-
     fn src_ranges(&self, rev_nat_id: u32) -> Result<Vec<IpNet>> {
-        let mut out = Vec::new();
-        let t4: LpmTrie<MapData, SrcRange4Key, u32> =
-            LpmTrie::try_from(Map::LpmTrie(self.pin(MAP_SRC_RANGE4)?))
-                .with_context(|| format!("{MAP_SRC_RANGE4} has an unexpected layout"))?;
-        for k in t4.keys() {
-            let k = k.with_context(|| format!("read {MAP_SRC_RANGE4}"))?;
-            let (id, net) = codec::src_range4_from_raw(k.prefix_len(), &k.data())?;
-            if id == rev_nat_id {
-                out.push(net);
-            }
-        }
-        let t6: LpmTrie<MapData, SrcRange6Key, u32> =
-            LpmTrie::try_from(Map::LpmTrie(self.pin(MAP_SRC_RANGE6)?))
-                .with_context(|| format!("{MAP_SRC_RANGE6} has an unexpected layout"))?;
-        for k in t6.keys() {
-            let k = k.with_context(|| format!("read {MAP_SRC_RANGE6}"))?;
-            let (id, net) = codec::src_range6_from_raw(k.prefix_len(), &k.data())?;
-            if id == rev_nat_id {
-                out.push(net);
-            }
-        }
-        out.sort_unstable();
-        Ok(out)
+        self.maps.src_ranges(rev_nat_id)
     }
-
     fn ct(&self, key: &CtKey) -> Result<Option<CtValue>> {
-        let m: BpfHashMap<MapData, CtKey, CtValue> = self.hash(MAP_CT, true)?;
-        found(m.get(key, 0)).with_context(|| format!("{MAP_CT}: look up {key:?}"))
+        self.maps.ct(key)
     }
-
     fn affinity_ext(&self, key: &AffinityExtKey) -> Result<Option<AffinityValue>> {
-        let m: BpfHashMap<MapData, AffinityExtKey, AffinityValue> =
-            self.hash(MAP_AFFINITY_EXT, true)?;
-        found(m.get(key, 0)).with_context(|| format!("{MAP_AFFINITY_EXT}: look up {key:?}"))
+        self.maps.affinity_ext(key)
     }
-
     fn maglev_table(&self, rev_nat_id: u32) -> Result<Option<Vec<u32>>> {
-        let m: BpfHashMap<MapData, u32, MaglevTable> = self.hash(MAP_MAGLEV, false)?;
-        Ok(found(m.get(&rev_nat_id, 0))
-            .with_context(|| format!("{MAP_MAGLEV}: look up {rev_nat_id}"))?
-            .map(|t| t.backend_ids.to_vec()))
+        self.maps.maglev_table(rev_nat_id)
     }
-
     fn ext_config(&self) -> Result<Option<ExtConfig>> {
-        let a: Array<MapData, ExtConfig> = Array::try_from(Map::Array(self.pin(MAP_CONFIG)?))
-            .with_context(|| format!("{MAP_CONFIG} has an unexpected layout"))?;
-        found(a.get(&0, 0)).with_context(|| format!("{MAP_CONFIG}: read entry 0"))
+        self.maps.ext_config()
     }
 }
 

@@ -21,8 +21,8 @@ use super::{
     view::DatapathView,
 };
 use crate::{
+    datapath::pinned::{MapStatus, ProgramStatus},
     datapath::{MapStore, codec::FrontendMeta, fake::FakeMaps},
-    inspect::status::{MapStatus, ProgramStatus},
     metrics::{self, ScrapeData},
     model::{BackendAddr, FrontendKey, ServiceRef},
     plan::{BackendEntry, Op},

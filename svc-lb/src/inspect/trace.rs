@@ -21,9 +21,9 @@ use svc_lb_common::{
 use super::names;
 use crate::{
     datapath::{
-        bpf::PinnedMaps,
         codec::{self, FrontendMeta, SvcKey},
         fake::FakeMaps,
+        pinned::PinnedMaps,
     },
     model::FrontendKey,
 };

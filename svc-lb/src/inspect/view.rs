@@ -5,7 +5,7 @@ use anyhow::Result;
 use svc_lb_common::{MAP_BE_STATS, MAP_FE_STATS};
 
 use crate::{
-    datapath::{bpf::PinnedMaps, codec::FrontendMeta},
+    datapath::{codec::FrontendMeta, pinned::PinnedMaps},
     plan::CurrentState,
 };
 

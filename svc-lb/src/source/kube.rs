@@ -15,6 +15,12 @@
 //! - **Apiserver unreachable.** The stores keep their contents, so the datapath keeps
 //!   the last programmed state. Each watch retries with a capped, jittered exponential
 //!   backoff ([`RetryBackoff`]) and resumes (or relists) when the apiserver is back.
+//! - **What changed.** Every snapshot names the Services whose Service object or
+//!   EndpointSlices differ from the snapshot before (a slice whose
+//!   `kubernetes.io/service-name` label changes counts for both Services); a change of the
+//!   Node's zone label or addresses counts for all. The source keeps one persistent
+//!   snapshot and updates it per event, so publishing costs O(1), not a copy of the
+//!   cluster.
 //! - **No-op updates** (status heartbeats, annotation churn) are dropped: objects are
 //!   trimmed to the fields the model reads and compared, so only real changes reach the
 //!   datapath.
@@ -50,7 +56,8 @@ use kube::{
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::Snapshot;
+use super::{Changed, Snapshot, service_ref, slice_owner};
+use crate::model::ServiceRef;
 
 /// How long changes are collected, from the first unsent one, before they are sent
 /// as one snapshot. Short enough that endpoint changes reach the kernel quickly, long
@@ -239,19 +246,24 @@ fn trim_node(node: &mut Node) {
     });
 }
 
+/// What one event did to one object: the object before and after it (`None`: absent).
+/// A store reports only real differences, so `before != after` always holds.
+type Delta<K> = (Option<Arc<K>>, Option<Arc<K>>);
+
 /// One watched resource: the objects as of the last complete list plus the changes
-/// since, and the objects of a relist in progress.
+/// since, and the objects of a relist in progress. Objects are trimmed and shared: the
+/// published snapshots hold the same `Arc`s.
 struct Store<K> {
     kind: &'static str,
-    live: BTreeMap<Key, K>,
+    live: BTreeMap<Key, Arc<K>>,
     /// `Some` between `Init` and `InitDone`: the relist being collected.
-    relist: Option<BTreeMap<Key, K>>,
+    relist: Option<BTreeMap<Key, Arc<K>>>,
     /// A first list completed.
     ready: bool,
     trim: fn(&mut K),
 }
 
-impl<K: Resource + PartialEq + Clone> Store<K> {
+impl<K: Resource + PartialEq> Store<K> {
     fn new(kind: &'static str, trim: fn(&mut K)) -> Self {
         Self {
             kind,
@@ -262,8 +274,8 @@ impl<K: Resource + PartialEq + Clone> Store<K> {
         }
     }
 
-    /// Applies one watcher event; returns whether the live objects changed.
-    fn apply(&mut self, event: Result<Event<K>, watcher::Error>) -> bool {
+    /// Applies one watcher event; returns the objects it changed.
+    fn apply(&mut self, event: Result<Event<K>, watcher::Error>) -> Vec<Delta<K>> {
         match event {
             Ok(Event::Init) => {
                 if self.ready {
@@ -276,21 +288,20 @@ impl<K: Resource + PartialEq + Clone> Store<K> {
                     crate::metrics::watch_restarted("kubernetes", "relist");
                 }
                 self.relist = Some(BTreeMap::new());
-                false
+                Vec::new()
             }
             Ok(Event::InitApply(mut obj)) => {
                 (self.trim)(&mut obj);
                 self.relist
                     .get_or_insert_default()
-                    .insert(key(obj.meta()), obj);
-                false
+                    .insert(key(obj.meta()), Arc::new(obj));
+                Vec::new()
             }
             Ok(Event::InitDone) => {
                 let listed = self.relist.take().unwrap_or_default();
-                let changed = listed != self.live;
                 let first = !self.ready;
                 self.ready = true;
-                self.live = listed;
+                let deltas = self.replace(listed);
                 if first {
                     info!(
                         kind = self.kind,
@@ -301,22 +312,26 @@ impl<K: Resource + PartialEq + Clone> Store<K> {
                     info!(
                         kind = self.kind,
                         objects = self.live.len(),
-                        changed,
+                        changed = deltas.len(),
                         "relist complete"
                     );
                 }
-                changed
+                deltas
             }
             Ok(Event::Apply(mut obj)) => {
                 (self.trim)(&mut obj);
                 let k = key(obj.meta());
-                if self.live.get(&k) == Some(&obj) {
-                    return false;
+                if self.live.get(&k).is_some_and(|old| **old == obj) {
+                    return Vec::new();
                 }
-                self.live.insert(k, obj);
-                true
+                let new = Arc::new(obj);
+                let old = self.live.insert(k, new.clone());
+                vec![(old, Some(new))]
             }
-            Ok(Event::Delete(obj)) => self.live.remove(&key(obj.meta())).is_some(),
+            Ok(Event::Delete(obj)) => match self.live.remove(&key(obj.meta())) {
+                Some(old) => vec![(Some(old), None)],
+                None => Vec::new(),
+            },
             Err(e) => {
                 // Retried by the watcher after the backoff; the store keeps its state.
                 warn!(
@@ -325,13 +340,169 @@ impl<K: Resource + PartialEq + Clone> Store<K> {
                     "watch failed; keeping the last known state and retrying"
                 );
                 crate::metrics::watch_restarted("kubernetes", error_reason(&e));
-                false
+                Vec::new()
             }
         }
     }
 
-    fn objects(&self) -> Vec<K> {
-        self.live.values().cloned().collect()
+    /// Makes a complete list the live state; returns only what differs from before.
+    /// Objects equal to the live ones keep the live `Arc`, so a relist that finds the
+    /// same cluster changes nothing downstream.
+    fn replace(&mut self, mut listed: BTreeMap<Key, Arc<K>>) -> Vec<Delta<K>> {
+        let mut old = std::mem::take(&mut self.live);
+        let mut deltas = Vec::new();
+        for (k, new) in listed.iter_mut() {
+            match old.remove(k) {
+                Some(prev) if *prev == **new => *new = prev,
+                prev => deltas.push((prev, Some(new.clone()))),
+            }
+        }
+        deltas.extend(old.into_values().map(|prev| (Some(prev), None)));
+        self.live = listed;
+        deltas
+    }
+}
+
+/// What the model reads from the Node: its zone label and its addresses (see
+/// `model::node_info`). A change of anything else (other labels, the health endpoint's
+/// deletion and taint) re-models nothing.
+fn node_model_fields(node: Option<&Node>) -> (Option<&String>, Option<&NodeStatus>) {
+    (
+        node.and_then(|n| {
+            n.metadata
+                .labels
+                .as_ref()?
+                .get(crate::model::LABEL_TOPOLOGY_ZONE)
+        }),
+        node.and_then(|n| n.status.as_ref()),
+    )
+}
+
+/// The source's view: one persistent [`Snapshot`] updated in place by every change, and
+/// whether it differs from the one published last. Publishing clones it, which costs
+/// O(1) whatever the cluster's size.
+#[derive(Default)]
+struct View {
+    snap: Snapshot,
+    /// Something a snapshot carries differs from the last published one. Usually that
+    /// is a changed Service, but a Node change that only the health endpoint reads (its
+    /// deletion, a taint) is sent too, with no Service changed.
+    dirty: bool,
+}
+
+impl View {
+    fn new() -> Self {
+        Self {
+            // The first snapshot lets the agent compare everything with the pinned maps.
+            snap: Snapshot {
+                changed: Changed::all(),
+                ..Snapshot::default()
+            },
+            dirty: false,
+        }
+    }
+
+    fn mark(&mut self, service: ServiceRef) {
+        self.dirty = true;
+        if !self.snap.changed.all {
+            self.snap.changed.services.insert(service);
+        }
+    }
+
+    fn services(&mut self, deltas: Vec<Delta<Service>>) {
+        for (old, new) in deltas {
+            if let Some(old) = old {
+                let r = service_ref(&old);
+                self.snap.services.remove(&r);
+                self.mark(r);
+            }
+            if let Some(new) = new {
+                let r = service_ref(&new);
+                self.snap.services.insert(r.clone(), new);
+                self.mark(r);
+            }
+        }
+    }
+
+    /// A slice's owner comes from its label, which an update can change: the slice
+    /// then leaves one Service and joins another, and both are changed.
+    fn slices(&mut self, deltas: Vec<Delta<EndpointSlice>>) {
+        for (old, new) in deltas {
+            if let Some(old) = old
+                && let Some(owner) = slice_owner(&old)
+            {
+                self.snap
+                    .remove_slice(&owner, old.metadata.name.as_deref().unwrap_or_default());
+                self.mark(owner);
+            }
+            if let Some(new) = new
+                && let Some(owner) = self.snap.insert_slice(new)
+            {
+                self.mark(owner);
+            }
+        }
+    }
+
+    /// The watch selects this node by name, so the store holds at most one Node.
+    fn node(&mut self, current: Option<&Arc<Node>>) {
+        if self.snap.node.as_ref().map(Arc::as_ptr) == current.map(Arc::as_ptr) {
+            return;
+        }
+        self.dirty = true;
+        if node_model_fields(self.snap.node.as_deref()) != node_model_fields(current.map(|n| &**n))
+        {
+            self.snap.changed.merge(Changed::all());
+        }
+        self.snap.node = current.cloned();
+    }
+
+    /// The snapshot to publish now; what changes next is relative to it.
+    fn publish(&mut self) -> Snapshot {
+        self.dirty = false;
+        let changed = std::mem::take(&mut self.snap.changed);
+        Snapshot {
+            changed,
+            ..self.snap.clone()
+        }
+    }
+}
+
+/// The three stores and the view they feed.
+struct State {
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    nodes: Store<Node>,
+    view: View,
+}
+
+impl State {
+    fn new() -> Self {
+        Self {
+            services: Store::new("Service", trim_service),
+            slices: Store::new("EndpointSlice", trim_slice),
+            nodes: Store::new("Node", trim_node),
+            view: View::new(),
+        }
+    }
+
+    fn ready(&self) -> bool {
+        self.services.ready && self.slices.ready && self.nodes.ready
+    }
+
+    fn service(&mut self, ev: Result<Event<Service>, watcher::Error>) {
+        let deltas = self.services.apply(ev);
+        self.view.services(deltas);
+    }
+
+    fn slice(&mut self, ev: Result<Event<EndpointSlice>, watcher::Error>) {
+        let deltas = self.slices.apply(ev);
+        self.view.slices(deltas);
+    }
+
+    fn node(&mut self, ev: Result<Event<Node>, watcher::Error>) {
+        if !self.nodes.apply(ev).is_empty() {
+            self.view.node(self.nodes.live.values().next());
+        }
     }
 }
 
@@ -372,9 +543,7 @@ where
 /// and after every batch of changes. Runs until the receiver is dropped; watch errors
 /// are retried forever (they are logged and counted, never fatal).
 pub async fn watch(client: Client, node_name: Option<String>, tx: super::Publisher) -> Result<()> {
-    let mut services = Store::<Service>::new("Service", trim_service);
-    let mut slices = Store::<EndpointSlice>::new("EndpointSlice", trim_slice);
-    let mut nodes = Store::<Node>::new("Node", trim_node);
+    let mut state = State::new();
 
     let mut svc_events = watch_stream(
         Api::<Service>::all(client.clone()),
@@ -396,7 +565,7 @@ pub async fn watch(client: Client, node_name: Option<String>, tx: super::Publish
             warn!(
                 "no node name: no Node to read node addresses and the zone from; node ports and zone hints are not used"
             );
-            nodes.ready = true;
+            state.nodes.ready = true;
             futures::stream::pending().boxed()
         }
     };
@@ -404,8 +573,7 @@ pub async fn watch(client: Client, node_name: Option<String>, tx: super::Publish
     let mut sent_initial = false;
     let mut dirty_since: Option<Instant> = None;
     loop {
-        let ready = services.ready && slices.ready && nodes.ready;
-        let deadline = match (ready, sent_initial, dirty_since) {
+        let deadline = match (state.ready(), sent_initial, dirty_since) {
             (false, _, _) => None,
             (true, false, _) => Some(Instant::now()),
             (true, true, Some(t)) => Some(t + BATCH_WINDOW),
@@ -417,17 +585,12 @@ pub async fn watch(client: Client, node_name: Option<String>, tx: super::Publish
                 None => std::future::pending().await,
             }
         };
-        let changed = tokio::select! {
-            Some(ev) = svc_events.next() => services.apply(ev),
-            Some(ev) = slice_events.next() => slices.apply(ev),
-            Some(ev) = node_events.next() => nodes.apply(ev),
+        tokio::select! {
+            Some(ev) = svc_events.next() => state.service(ev),
+            Some(ev) = slice_events.next() => state.slice(ev),
+            Some(ev) = node_events.next() => state.node(ev),
             () = flush => {
-                // Every Service counts as changed until this source tracks changes
-                // per event.
-                let snap = Snapshot {
-                    node: nodes.live.values().next().cloned().map(Arc::new),
-                    ..Snapshot::from_lists(services.objects(), slices.objects())
-                };
+                let snap = state.view.publish();
                 if !sent_initial {
                     info!(
                         services = snap.services.len(),
@@ -439,7 +602,12 @@ pub async fn watch(client: Client, node_name: Option<String>, tx: super::Publish
                         warn!(node = node_name.as_deref().unwrap_or_default(), "this node's Node object does not exist (yet); node ports and zone hints wait for it");
                     }
                 } else {
-                    debug!(services = snap.services.len(), slices = snap.slice_count(), "sending a batch of changes");
+                    debug!(
+                        services = snap.services.len(),
+                        changed_all = snap.changed.all,
+                        changed_services = snap.changed.services.len(),
+                        "sending a batch of changes"
+                    );
                 }
                 if tx.publish(snap).is_err() {
                     return Ok(());
@@ -449,7 +617,7 @@ pub async fn watch(client: Client, node_name: Option<String>, tx: super::Publish
                 continue;
             }
         };
-        if changed && dirty_since.is_none() {
+        if state.view.dirty && dirty_since.is_none() {
             dirty_since = Some(Instant::now());
         }
     }

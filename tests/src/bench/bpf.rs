@@ -1,7 +1,9 @@
 //! The few BPF system calls the bench and the labs need, made directly (no loader library):
 //! - read svc-lb's pinned maps, to see the moment the datapath stops picking a backend;
 //! - switch the kernel's per-program run-time statistics on for a measured window;
-//! - give a veth a pass-through XDP program (the two-node lab's wire, see [`xdp_pass`]).
+//! - give a veth a pass-through XDP program (the two-node lab's wire, see [`xdp_pass`]);
+//! - run the agent's tc/XDP programs on test packets (BPF_PROG_TEST_RUN), timed by the
+//!   kernel, and sum the memory of the maps an agent holds.
 use std::{
     collections::BTreeMap,
     ffi::CString,
@@ -20,8 +22,11 @@ use svc_lb_common::{Backend, MAP_BACKENDS, MAP_SVC4, PROTO_TCP, SCOPE_ALL, Svc4K
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+pub const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 const BPF_LINK_CREATE: libc::c_long = 28;
-const BPF_PROG_TYPE_XDP: u32 = 6;
+pub const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_XDP: u32 = 37;
 const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
 const BPF_ENABLE_STATS: libc::c_long = 32;
@@ -109,25 +114,7 @@ struct LinkCreateAttr {
 /// the wire. Giving the LAN-side ends of the lab's veths this program makes them behave as
 /// the wire does, without changing what they deliver.
 pub fn xdp_pass(ifindex: u32) -> Result<OwnedFd> {
-    // r0 = XDP_PASS (2); exit.
-    let insns: [u64; 2] = [
-        u64::from_le_bytes([0xb7, 0, 0, 0, 2, 0, 0, 0]),
-        u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
-    ];
-    let license = c"GPL";
-    let mut name = [0u8; 16];
-    name[..8].copy_from_slice(b"lab_wire");
-    let mut load = ProgLoadAttr {
-        prog_type: BPF_PROG_TYPE_XDP,
-        insn_cnt: insns.len() as u32,
-        insns: insns.as_ptr() as u64,
-        license: license.as_ptr() as u64,
-        prog_name: name,
-        expected_attach_type: BPF_XDP,
-        ..Default::default()
-    };
-    let prog =
-        owned(sys_bpf(BPF_PROG_LOAD, &mut load).context("load the pass-through XDP program")?)?;
+    let prog = load_trivial(BPF_PROG_TYPE_XDP, 2).context("load the pass-through XDP program")?;
     let mut link = LinkCreateAttr {
         prog_fd: u32::try_from(prog.as_raw_fd()).context("prog fd")?,
         target_ifindex: ifindex,
@@ -138,6 +125,124 @@ pub fn xdp_pass(ifindex: u32) -> Result<OwnedFd> {
     let fd = sys_bpf(BPF_LINK_CREATE, &mut link)
         .with_context(|| format!("attach the pass-through XDP program to ifindex {ifindex}"))?;
     owned(fd)
+}
+
+/// Loads `return <ret>;` as a program of `prog_type` (XDP or SCHED_CLS), unattached.
+pub fn load_trivial(prog_type: u32, ret: i32) -> Result<OwnedFd> {
+    let [r0, r1, r2, r3] = ret.to_le_bytes();
+    // r0 = ret; exit.
+    let insns: [u64; 2] = [
+        u64::from_le_bytes([0xb7, 0, 0, 0, r0, r1, r2, r3]),
+        u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
+    ];
+    let license = c"GPL";
+    let mut name = [0u8; 16];
+    let label: &[u8] = if prog_type == BPF_PROG_TYPE_XDP && ret == 2 {
+        b"lab_wire"
+    } else {
+        b"bench_nop"
+    };
+    name[..label.len()].copy_from_slice(label);
+    let mut load = ProgLoadAttr {
+        prog_type,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        prog_name: name,
+        expected_attach_type: if prog_type == BPF_PROG_TYPE_XDP {
+            BPF_XDP
+        } else {
+            0
+        },
+        ..Default::default()
+    };
+    owned(sys_bpf(BPF_PROG_LOAD, &mut load).context("BPF_PROG_LOAD of a trivial program")?)
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct GetFdByIdAttr {
+    id: u32,
+    next_id: u32,
+    open_flags: u32,
+}
+
+/// A descriptor of the loaded program with this id.
+pub fn prog_fd_by_id(id: u32) -> Result<OwnedFd> {
+    let mut attr = GetFdByIdAttr {
+        id,
+        ..Default::default()
+    };
+    owned(
+        sys_bpf(BPF_PROG_GET_FD_BY_ID, &mut attr)
+            .with_context(|| format!("open program id {id}"))?,
+    )
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    /// Explicit, so the trailing padding is zero (the kernel rejects non-zero bytes past
+    /// the fields it knows).
+    _pad: u32,
+}
+
+/// One BPF_PROG_TEST_RUN of `frame`: the verdict, the frame after the program, and the
+/// kernel's own measure of the run in ns (its timer reads included).
+pub fn test_run(prog: &OwnedFd, frame: &[u8]) -> Result<(u32, Vec<u8>, u32)> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut attr = TestRunAttr {
+        prog_fd: u32::try_from(prog.as_raw_fd()).context("prog fd")?,
+        data_size_in: u32::try_from(frame.len()).context("frame size")?,
+        data_size_out: u32::try_from(out.len()).context("buffer size")?,
+        data_in: frame.as_ptr() as u64,
+        data_out: out.as_mut_ptr() as u64,
+        repeat: 1,
+        ..Default::default()
+    };
+    sys_bpf(BPF_PROG_TEST_RUN, &mut attr).context("BPF_PROG_TEST_RUN")?;
+    out.truncate(attr.data_size_out as usize);
+    Ok((attr.retval, out, attr.duration))
+}
+
+/// Kernel memory of the BPF maps process `pid` holds descriptors of: the sum of
+/// `memlock` over its map descriptors (each map id once), in bytes, and the map count.
+pub fn map_memlock(pid: u32) -> Result<(u64, usize)> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let mut seen = std::collections::BTreeSet::new();
+    let mut total = 0u64;
+    for e in std::fs::read_dir(&dir).with_context(|| format!("read {dir}"))? {
+        let Ok(text) = std::fs::read_to_string(e?.path()) else {
+            // The descriptor closed in between.
+            continue;
+        };
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        if let (Some(id), Some(memlock)) = (field("map_id:"), field("memlock:"))
+            && seen.insert(id)
+        {
+            total += memlock;
+        }
+    }
+    Ok((total, seen.len()))
 }
 
 #[repr(C)]

@@ -154,12 +154,26 @@ fn worker(
         }
         let target = targets[next % targets.len()];
         next = next.wrapping_add(threads);
+        let started = Instant::now();
         let outcome = match proto {
             LoadProto::Tcp => tcp_attempt(target, timeout),
             LoadProto::Udp => udp_attempt(target, timeout),
         };
         let done = Instant::now();
-        if done < window_start || done > window_end {
+        if done < window_start {
+            continue;
+        }
+        if done > window_end {
+            // A failure that began inside the window still counts (a stalled datapath
+            // would otherwise read as zero attempts, none failed); a late success does not.
+            if let Err(e) = outcome
+                && started >= window_start
+            {
+                r.failed += 1;
+                *r.failures
+                    .entry(format!("{e} (ended after the window)"))
+                    .or_default() += 1;
+            }
             continue;
         }
         match outcome {

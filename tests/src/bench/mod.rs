@@ -13,11 +13,15 @@
 //! - [`server`], [`load`]: the backend and load-generator child processes;
 //! - [`nscmd`]: timed, bounded iptables-restore/nft runs inside a client namespace;
 //! - [`bpf`]: reading svc-lb's pinned maps and the kernel's BPF run-time statistics;
+//! - [`ext`]: the external path's per-packet cost (tc/XDP through BPF_PROG_TEST_RUN);
+//! - [`nodeport`]: the two-node lab's NodePort request rate, svc-lb against iptables;
 //! - [`run`]: the measurement sequence; [`report`] and [`plot`]: Markdown and SVG.
 pub mod bpf;
 pub mod clock;
+pub mod ext;
 pub mod load;
 pub mod net;
+pub mod nodeport;
 pub mod nscmd;
 pub mod plot;
 pub mod progress;
@@ -92,6 +96,9 @@ pub enum Scenario {
     Memory,
     /// Per-call cost of svc-lb's BPF programs.
     Bpf,
+    /// The external path (two-node lab): XDP and tc cost per packet, and the NodePort
+    /// request rate against iptables.
+    Ext,
 }
 
 impl Scenario {
@@ -103,6 +110,7 @@ impl Scenario {
             Scenario::Propagation => "propagation",
             Scenario::Memory => "memory",
             Scenario::Bpf => "bpf",
+            Scenario::Ext => "ext",
         }
     }
 }
@@ -128,6 +136,10 @@ pub struct RunArgs {
     /// Override the measured window of each rate point, milliseconds.
     #[arg(long)]
     pub duration_ms: Option<u64>,
+    /// Override the wide points, svc-lb alone: comma-separated `NxE` (N Services with E
+    /// endpoints each), e.g. `1000x10`; `0x0` for none.
+    #[arg(long, value_delimiter = ',', value_parser = parse_wide)]
+    pub wide: Option<Vec<(usize, usize)>>,
     /// Override the bound on loading one scale point into one mode, seconds.
     #[arg(long)]
     pub load_timeout_s: Option<u64>,
@@ -144,6 +156,18 @@ pub struct RunArgs {
     /// The command line to print in the report (xtask passes its own).
     #[arg(long)]
     pub command: Option<String>,
+}
+
+fn parse_wide(s: &str) -> Result<(usize, usize), String> {
+    let (n, e) = s
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("{s:?}: expected NxE, e.g. 100000x10"))?;
+    let num = |v: &str| {
+        v.trim()
+            .parse::<usize>()
+            .map_err(|e| format!("{s:?}: {v:?} is not a count: {e}"))
+    };
+    Ok((num(n)?, num(e)?))
 }
 
 /// `<workspace>`: the parent of this crate's directory.

@@ -41,11 +41,15 @@ pub enum Metric {
     TcpHot,
     /// UDP request/reply through the VIP, a new socket per request.
     UdpVip,
+    /// [`Metric::TcpVip`] from a single client thread: one connection per request,
+    /// one at a time, so the per-connection cost is not hidden behind parallelism.
+    TcpVipSingle,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 4] = [
+    pub const ALL: [Metric; 5] = [
         Metric::TcpVip,
+        Metric::TcpVipSingle,
         Metric::TcpNonService,
         Metric::TcpHot,
         Metric::UdpVip,
@@ -57,6 +61,9 @@ impl Metric {
             Metric::TcpNonService => "TCP connection rate to a destination that is not a Service",
             Metric::TcpHot => "TCP connection rate through the hot Service (100 endpoints)",
             Metric::UdpVip => "UDP request/response rate through the VIP",
+            Metric::TcpVipSingle => {
+                "TCP connection rate through the VIP, one client thread (a connection per request)"
+            }
         }
     }
 
@@ -66,6 +73,24 @@ impl Metric {
             _ => "conn/s",
         }
     }
+
+    /// A short name for plot panels.
+    pub fn short(self) -> &'static str {
+        match self {
+            Metric::TcpVip => "TCP conn/s via VIP (4 threads)",
+            Metric::TcpVipSingle => "TCP conn/s via VIP (1 thread)",
+            Metric::TcpNonService => "TCP conn/s to a non-Service address",
+            Metric::TcpHot => "TCP conn/s via the hot Service",
+            Metric::UdpVip => "UDP req/s via VIP",
+        }
+    }
+}
+
+/// Endpoints per Service of the standard scale points.
+pub const DEFAULT_EPS: usize = 3;
+
+fn default_eps() -> usize {
+    DEFAULT_EPS
 }
 
 /// How loading a scale point into a mode ended.
@@ -134,6 +159,9 @@ pub struct RateCell {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SyncCell {
     pub n: usize,
+    /// Endpoints per Service.
+    #[serde(default = "default_eps")]
+    pub eps: usize,
     pub mode: Mode,
     /// Full sync times, seconds (svc-lb: from "maps open" to the first "sync applied").
     pub samples_s: Vec<f64>,
@@ -142,11 +170,28 @@ pub struct SyncCell {
     /// svc-lb: the sync's own `duration_us` (model + plan + map writes).
     pub agent_sync_us: Vec<u64>,
     pub outcome: LoadOutcome,
+    /// svc-lb: what its last first sync programmed.
+    #[serde(default)]
+    pub programmed: Option<Programmed>,
+}
+
+/// The counts of an agent's `sync applied` line.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct Programmed {
+    pub frontends: u64,
+    pub backends: u64,
+    pub rejected: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PropCell {
     pub n: usize,
+    #[serde(default = "default_eps")]
+    pub eps: usize,
+    /// Other Services' endpoint changes per second made while this was measured
+    /// (achieved rate; 0: a quiet agent).
+    #[serde(default)]
+    pub churn_hz: f64,
     pub mode: Mode,
     /// Removal latencies, milliseconds.
     pub samples_ms: Vec<f64>,
@@ -164,10 +209,47 @@ pub struct PropCell {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MemCell {
     pub n: usize,
+    #[serde(default = "default_eps")]
+    pub eps: usize,
     /// VmRSS right after each full sync, KiB.
     pub rss_kib: Vec<u64>,
     /// VmHWM (peak RSS) at the same moments, KiB.
     pub hwm_kib: Vec<u64>,
+    /// Kernel memory of the BPF maps the agent holds open (sum of `memlock` over its map
+    /// descriptors in /proc/PID/fdinfo, each map counted once), KiB.
+    #[serde(default)]
+    pub map_kib: Vec<u64>,
+    /// How many distinct maps that sum covers.
+    #[serde(default)]
+    pub maps: usize,
+}
+
+/// One external-path program on one kind of packet, through BPF_PROG_TEST_RUN.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExtCell {
+    /// `svclb_xdp` or `svclb_tc_in`.
+    pub program: String,
+    /// What the packets were, e.g. "NodePort, remote endpoint, new flow (SYN)".
+    pub case: String,
+    /// The program's verdict on the checked first packet, by name.
+    pub verdict: String,
+    /// Where the checked first packet was sent after the program (`addr:port`).
+    pub rewritten_to: String,
+    /// Test runs (one packet each).
+    pub runs: u64,
+    /// The kernel's mean duration per run, ns (includes its timer reads).
+    pub mean_ns: f64,
+    /// The same for a trivial program of the same type (returns at once), ns: the
+    /// timer's own share, subtracted in [`ExtCell::per_packet_ns`].
+    pub baseline_ns: f64,
+    /// Verdict counts over all runs (a run that took another path shows here).
+    pub verdicts: BTreeMap<String, u64>,
+}
+
+impl ExtCell {
+    pub fn per_packet_ns(&self) -> f64 {
+        (self.mean_ns - self.baseline_ns).max(0.0)
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -212,6 +294,15 @@ pub struct Settings {
     pub prop_samples_large: usize,
     pub bpf_window_ms: u64,
     pub only: Option<String>,
+    /// Churn rate aimed at during the churn propagation measurement, changes/s.
+    #[serde(default)]
+    pub churn_hz: u32,
+    /// Extra (N, endpoints per Service) points for svc-lb alone.
+    #[serde(default)]
+    pub wide: Vec<(usize, usize)>,
+    /// Test runs per external-path case.
+    #[serde(default)]
+    pub ext_runs: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -232,6 +323,12 @@ pub struct Results {
     pub props: Vec<PropCell>,
     pub memory: Vec<MemCell>,
     pub bpf: Vec<BpfCell>,
+    /// External path (tc/XDP) per-packet cost.
+    #[serde(default)]
+    pub ext: Vec<ExtCell>,
+    /// The two-node lab's NodePort request rate (svc-lb and iptables; `n` is 1).
+    #[serde(default)]
+    pub nodeport: Vec<RateCell>,
     /// Measurements that failed (the run went on without them).
     #[serde(default)]
     pub errors: Vec<String>,
@@ -285,11 +382,41 @@ impl Results {
     }
 
     pub fn sync(&self, n: usize, mode: Mode) -> Option<&SyncCell> {
-        self.syncs.iter().find(|c| c.n == n && c.mode == mode)
+        self.sync_eps(n, DEFAULT_EPS, mode)
     }
 
+    pub fn sync_eps(&self, n: usize, eps: usize, mode: Mode) -> Option<&SyncCell> {
+        self.syncs
+            .iter()
+            .find(|c| c.n == n && c.eps == eps && c.mode == mode)
+    }
+
+    /// Propagation on a quiet agent at a standard scale point.
     pub fn prop(&self, n: usize, mode: Mode) -> Option<&PropCell> {
-        self.props.iter().find(|c| c.n == n && c.mode == mode)
+        self.prop_at(n, DEFAULT_EPS, mode, false)
+    }
+
+    /// Propagation at (N, endpoints per Service), quiet or under churn.
+    pub fn prop_at(&self, n: usize, eps: usize, mode: Mode, churn: bool) -> Option<&PropCell> {
+        self.props
+            .iter()
+            .find(|c| c.n == n && c.eps == eps && c.mode == mode && (c.churn_hz > 0.0) == churn)
+    }
+
+    pub fn memory_at(&self, n: usize, eps: usize) -> Option<&MemCell> {
+        self.memory.iter().find(|m| m.n == n && m.eps == eps)
+    }
+
+    /// Every (N, endpoints per Service) point of the run: the standard ones, then the
+    /// wide ones.
+    pub fn points(&self) -> Vec<(usize, usize)> {
+        let mut v: Vec<(usize, usize)> = self
+            .scales()
+            .into_iter()
+            .map(|n| (n, DEFAULT_EPS))
+            .collect();
+        v.extend(self.meta.settings.wide.iter().copied());
+        v
     }
 
     pub fn scales(&self) -> Vec<usize> {

@@ -1,11 +1,12 @@
-//! What the bench loads: N Services with 3 endpoints each plus one hot Service with 100
-//! endpoints, and the same set written three ways: manifests for svc-lb, an
-//! iptables-restore file in kube-proxy's iptables layout, and an `nft -f` file in
-//! kube-proxy's nftables layout.
+//! What the bench loads: N Services with 3 endpoints each (or E at the wide points)
+//! plus one hot Service with 100 endpoints and [`CHURN_SERVICES`] churn Services, and
+//! the same set written three ways: manifests for svc-lb, an iptables-restore file in
+//! kube-proxy's iptables layout, and an `nft -f` file in kube-proxy's nftables layout.
 //!
 //! Addresses. ClusterIPs come from 10.96.0.0/12, in order. Every client namespace has
-//! routes only to its own backend links, so the filler Services' endpoints
-//! (10.128.0.0/14, one distinct "pod IP" each) are unreachable on purpose: a packet
+//! routes only to its own backend links, so the filler Services' endpoints (from
+//! 10.128.0.0 up, one distinct "pod IP" each: 10.128.0.0/12 holds the 1 M of 100 000 × 10)
+//! and the churn Services' (from 10.144.0.0) are unreachable on purpose: a packet
 //! sent to one fails locally and never leaves the lab. Only two Services have live
 //! endpoints:
 //! - the *measured* Service (TCP 80 → 8080 and UDP 53 → 8053) on the three backends'
@@ -41,6 +42,9 @@ pub const K8S_NS: &str = "bench";
 /// Services per manifest file (a `kind: List` in JSON, as `kubectl get -o json` writes).
 pub const SERVICES_PER_FILE: usize = 100;
 pub const MEASURED_FILE: &str = "measured.json";
+/// Services whose endpoints the churn measurement keeps changing, each in a manifest file
+/// of its own (as one changed object arrives from the API), at every scale point.
+pub const CHURN_SERVICES: usize = 20;
 
 /// Which client namespace (and /24s) a mode uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,8 +107,32 @@ pub fn hot_vip() -> Ipv4Addr {
     Ipv4Addr::new(10, 110, 0, 10)
 }
 
-fn filler_endpoint(i: usize, e: usize) -> Ipv4Addr {
-    offset(Ipv4Addr::new(10, 128, 0, 0), i * 3 + e)
+fn filler_endpoint(i: usize, e: usize, eps: usize) -> Ipv4Addr {
+    offset(Ipv4Addr::new(10, 128, 0, 0), i * eps + e)
+}
+
+fn churn_vip(i: usize) -> Ipv4Addr {
+    offset(Ipv4Addr::new(10, 111, 0, 10), i)
+}
+
+fn churn_endpoint(i: usize, e: usize) -> Ipv4Addr {
+    offset(Ipv4Addr::new(10, 144, 0, 0), i * 3 + e)
+}
+
+/// Churn Service `i` with all three endpoints, or (`removed`) without its last one.
+pub fn churn_service(i: usize, removed: bool) -> Svc {
+    let k = if removed { 2 } else { 3 };
+    Svc {
+        name: format!("churn-{i:03}"),
+        vip: churn_vip(i),
+        ports: vec![HTTP],
+        endpoints: (0..k).map(|e| churn_endpoint(i, e)).collect(),
+    }
+}
+
+/// The manifest file of churn Service `i`.
+pub fn churn_file(i: usize) -> String {
+    format!("churn-{i:03}.json")
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,13 +168,24 @@ pub struct Svc {
 /// The Service set of one scale point.
 #[derive(Clone, Copy, Debug)]
 pub struct Workload {
-    /// Services with 3 endpoints, the measured one included (the hot one comes on top).
+    /// Services with [`Self::eps`] endpoints, the measured one included (the hot and the
+    /// churn Services come on top).
     pub n: usize,
+    /// Endpoints per filler Service (the measured one always has the three backends).
+    pub eps: usize,
 }
 
 impl Workload {
     pub fn new(n: usize) -> Self {
-        Self { n: n.max(1) }
+        Self::wide(n, 3)
+    }
+
+    /// N Services with `eps` endpoints each.
+    pub fn wide(n: usize, eps: usize) -> Self {
+        Self {
+            n: n.max(1),
+            eps: eps.max(1),
+        }
     }
 
     /// Index of the measured Service in the Service order.
@@ -182,33 +221,36 @@ impl Workload {
         }
     }
 
-    fn filler(i: usize) -> Svc {
+    fn filler(&self, i: usize) -> Svc {
         Svc {
             name: format!("svc-{i:06}"),
             vip: vip(i),
             ports: vec![HTTP],
-            endpoints: (0..3).map(|e| filler_endpoint(i, e)).collect(),
+            endpoints: (0..self.eps)
+                .map(|e| filler_endpoint(i, e, self.eps))
+                .collect(),
         }
     }
 
     /// Every Service in order: fillers, with the measured one at [`Self::measured_index`]
-    /// and the hot one right after it.
+    /// and the hot one right after it, then the churn Services.
     pub fn services(&self, plane: Plane) -> Vec<Svc> {
-        let mut out = Vec::with_capacity(self.n + 1);
+        let mut out = Vec::with_capacity(self.total_services());
         for i in 0..self.n {
             if i == self.measured_index() {
                 out.push(self.measured(plane, false));
                 out.push(self.hot(plane));
             } else {
-                out.push(Self::filler(i));
+                out.push(self.filler(i));
             }
         }
+        out.extend((0..CHURN_SERVICES).map(|i| churn_service(i, false)));
         out
     }
 
-    /// Total Services (N plus the hot one).
+    /// Total Services (N plus the hot and the churn ones).
     pub fn total_services(&self) -> usize {
-        self.n + 1
+        self.n + 1 + CHURN_SERVICES
     }
 }
 
@@ -245,9 +287,12 @@ pub fn manifest_list(svcs: &[Svc]) -> String {
 pub fn manifest_files(w: &Workload) -> Vec<(String, String)> {
     let mut rest = Vec::new();
     let mut measured = None;
+    let mut churn = Vec::new();
     for s in w.services(Plane::SvcLb) {
         if s.name == "measured" {
             measured = Some(s);
+        } else if s.name.starts_with("churn-") {
+            churn.push(s);
         } else {
             rest.push(s);
         }
@@ -257,6 +302,9 @@ pub fn manifest_files(w: &Workload) -> Vec<(String, String)> {
         .enumerate()
         .map(|(i, c)| (format!("svc-{i:05}.json"), manifest_list(c)))
         .collect();
+    for (i, c) in churn.into_iter().enumerate() {
+        out.push((churn_file(i), manifest_list(&[c])));
+    }
     if let Some(m) = measured {
         out.push((MEASURED_FILE.into(), manifest_list(&[m])));
     }
@@ -560,16 +608,23 @@ mod tests {
     fn measured_is_in_the_middle_and_hot_follows() {
         let w = Workload::new(1000);
         let s = w.services(Plane::Iptables);
-        assert_eq!(s.len(), 1001);
+        assert_eq!(s.len(), 1001 + CHURN_SERVICES);
+        assert_eq!(s.len(), w.total_services());
         assert_eq!(s[500].name, "measured");
         assert_eq!(s[501].name, "hot");
         assert_eq!(s[501].endpoints.len(), HOT_ENDPOINTS);
         assert_eq!(s[500].endpoints, Plane::Iptables.measured_endpoints());
         let one = Workload::new(1).services(Plane::SvcLb);
         assert_eq!(
-            one.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
-            ["measured", "hot"]
+            one.iter()
+                .take(3)
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>(),
+            ["measured", "hot", "churn-000"]
         );
+        let wide = Workload::wide(10, 10).services(Plane::SvcLb);
+        assert_eq!(wide[0].endpoints.len(), 10);
+        assert_eq!(wide[5].endpoints.len(), 3, "the measured Service keeps 3");
     }
 
     #[test]
@@ -583,7 +638,13 @@ mod tests {
         );
         assert_eq!(vip(0), Ipv4Addr::new(10, 96, 0, 10));
         assert_eq!(vip(100_000), Ipv4Addr::new(10, 97, 134, 170));
-        assert_eq!(filler_endpoint(99_999, 2), Ipv4Addr::new(10, 132, 147, 223));
+        assert_eq!(
+            filler_endpoint(99_999, 2, 3),
+            Ipv4Addr::new(10, 132, 147, 223)
+        );
+        // 100 000 × 10 stays below the churn Services' endpoints.
+        assert!(filler_endpoint(99_999, 9, 10) < churn_endpoint(0, 0));
+        assert!(churn_vip(CHURN_SERVICES) < Ipv4Addr::new(10, 112, 0, 0));
     }
 
     #[test]
@@ -592,8 +653,11 @@ mod tests {
         let text = iptables_ruleset(&w.services(Plane::Iptables));
         assert!(text.starts_with("*nat\n:KUBE-SERVICES - [0:0]\n"));
         assert!(text.ends_with("COMMIT\n"));
-        // 2 ports for the measured Service, 1 each for 2 fillers and hot.
-        assert_eq!(text.matches("-A KUBE-SERVICES -d ").count(), 5);
+        // 2 ports for the measured Service, 1 each for 2 fillers, hot and the churn ones.
+        assert_eq!(
+            text.matches("-A KUBE-SERVICES -d ").count(),
+            5 + CHURN_SERVICES
+        );
         assert!(text.contains("--probability 0.3333333333 -j KUBE-SEP-"));
         assert!(text.contains("--probability 0.5000000000 -j KUBE-SEP-"));
         assert!(text.contains("-j DNAT --to-destination 10.241.3.2:8053"));
@@ -638,7 +702,7 @@ mod tests {
     #[test]
     fn manifests_put_the_measured_service_in_its_own_file() {
         let files = manifest_files(&Workload::new(250));
-        assert_eq!(files.len(), 4);
+        assert_eq!(files.len(), 4 + CHURN_SERVICES);
         let (name, content) = files.last().unwrap();
         assert_eq!(name, MEASURED_FILE);
         let v: serde_json::Value = serde_json::from_str(content).unwrap();
@@ -651,6 +715,7 @@ mod tests {
                     .count()
             })
             .sum();
-        assert_eq!(all, 251);
+        assert_eq!(all, 251 + CHURN_SERVICES);
+        assert!(files.iter().any(|(n, _)| n == &churn_file(0)));
     }
 }

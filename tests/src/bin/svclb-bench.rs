@@ -133,14 +133,25 @@ fn run_bench(args: &RunArgs) -> Result<()> {
 
     if args.smoke {
         let tmp = TempDir::new()?;
-        let svg = tmp.path().join("conn-rate.svg");
-        plot::conn_rate_svg(&results, &svg)?;
-        let md = report::render(&results, Some("conn-rate.svg"), None);
+        plot::conn_rate_svg(&results, &tmp.path().join("conn-rate.svg"))?;
+        plot::metrics_svg(&results, &tmp.path().join("metrics.svg"))?;
+        let md = report::render(
+            &results,
+            Some(report::Plots {
+                conn_rate: "conn-rate.svg",
+                metrics: "metrics.svg",
+            }),
+            None,
+        );
         run::check_smoke(&results)?;
         if !left.is_empty() {
             bail!("the smoke run left behind: {left:?}");
         }
-        for line in md.lines().filter(|l| l.starts_with("| 1 |")) {
+        for line in md.lines().filter(|l| {
+            ["| 1 |", "| svclb_", "| svc-lb |", "| iptables |"]
+                .iter()
+                .any(|p| l.starts_with(p))
+        }) {
             eprintln!("{line}");
         }
         eprintln!(
@@ -174,8 +185,9 @@ fn run_bench(args: &RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// Writes `<stem>.md` and `<stem>-conn-rate.svg` next to `json_path`, and with `docs`
-/// the summary and its plot next to it. The closing notes come from bench/NOTES.md.
+/// Writes `<stem>.md`, `<stem>-conn-rate.svg` and `<stem>-metrics.svg` next to
+/// `json_path`, and with `docs` the summary and its plots next to it. The closing notes
+/// come from bench/NOTES.md.
 fn write_reports(results: &Results, json_path: &Path, docs: Option<&Path>) -> Result<()> {
     let dir = json_path.parent().unwrap_or(Path::new("."));
     let stem = json_path
@@ -186,10 +198,19 @@ fn write_reports(results: &Results, json_path: &Path, docs: Option<&Path>) -> Re
     let notes = std::fs::read_to_string(&notes_path).ok();
     let svg_name = format!("{stem}-conn-rate.svg");
     plot::conn_rate_svg(results, &dir.join(&svg_name))?;
+    let metrics_name = format!("{stem}-metrics.svg");
+    plot::metrics_svg(results, &dir.join(&metrics_name))?;
     let md_path = dir.join(format!("{stem}.md"));
     std::fs::write(
         &md_path,
-        report::render(results, Some(&svg_name), notes.as_deref()),
+        report::render(
+            results,
+            Some(report::Plots {
+                conn_rate: &svg_name,
+                metrics: &metrics_name,
+            }),
+            notes.as_deref(),
+        ),
     )
     .with_context(|| format!("write {}", md_path.display()))?;
     eprintln!("svclb-bench: report: {}", md_path.display());
@@ -198,7 +219,13 @@ fn write_reports(results: &Results, json_path: &Path, docs: Option<&Path>) -> Re
         std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
         let svg = "benchmarks-conn-rate.svg";
         plot::conn_rate_svg(results, &parent.join(svg))?;
-        std::fs::write(docs, report::render(results, Some(svg), notes.as_deref()))
+        let metrics = "benchmarks-metrics.svg";
+        plot::metrics_svg(results, &parent.join(metrics))?;
+        let plots = report::Plots {
+            conn_rate: svg,
+            metrics,
+        };
+        std::fs::write(docs, report::render(results, Some(plots), notes.as_deref()))
             .with_context(|| format!("write {}", docs.display()))?;
         eprintln!("svclb-bench: summary: {}", docs.display());
     }

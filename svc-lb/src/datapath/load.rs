@@ -1,0 +1,292 @@
+//! Loading: the embedded eBPF object with its load-time switches (the kernel probe's
+//! compat choices, the debug log, map sizes), the map pins it re-opens or creates, and
+//! the socket programs through the verifier. Nothing is attached here (see
+//! [`super::links`]) and no map is written (see [`super::bpf`]).
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, anyhow};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, Map, MapData},
+    programs::CgroupSockAddr,
+};
+use svc_lb_common::{
+    AffinityExtKey, AffinityValue, CtKey, CtValue, ExtConfig, MAP_AFFINITY_EXT, MAP_CONFIG, MAP_CT,
+    PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP, SOCK_PROGRAMS,
+};
+use tracing::{info, warn};
+
+use super::pins::{self, ensure_bpffs, links_dir, tc_netlink_dir};
+
+/// The eBPF object (all programs and maps), built by build.rs. Public for the packet
+/// tests, which load it themselves to run programs through BPF_PROG_TEST_RUN.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/svclb"));
+
+fn raise_memlock() {
+    let lim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: valid pointer to an initialised rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) } != 0 {
+        // Harmless on kernels ≥ 5.11, which charge BPF memory to the memcg instead.
+        tracing::debug!(error = %std::io::Error::last_os_error(), "could not raise RLIMIT_MEMLOCK");
+    }
+}
+
+/// Load-time switches of the eBPF object.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoadOptions {
+    /// Turn on the programs' aya-log debug log (`--bpf-log`).
+    pub bpf_log: bool,
+    /// Entries per Maglev table (a prime ≤ `MAGLEV_TABLE_MAX`); 0 means the default.
+    pub maglev_size: u32,
+    /// Entries of `LB_CT_V1` (`--conntrack-max`); 0 means `CT_MAP_MAX`.
+    pub conntrack_max: u32,
+    /// The external path is known to be off for this run: its LRU maps (conntrack,
+    /// external affinity), which the kernel preallocates in full, get
+    /// [`EXT_OFF_ENTRIES`] instead.
+    pub external_off: bool,
+    /// Which helpers and flags the programs may use (from the kernel probe).
+    pub compat: Compat,
+}
+
+/// The programs' kernel switches (svc-lb-ebpf/src/compat.rs), chosen by
+/// [`super::probe::Probe::choices`]. The default is the newest kernel's behaviour.
+#[derive(Clone, Copy, Debug)]
+pub struct Compat {
+    pub set_retval: bool,
+    pub csum_ipv6_flag: bool,
+    pub fib_redirect: bool,
+    pub sk_storage_rnat: bool,
+}
+
+impl Default for Compat {
+    fn default() -> Self {
+        Self {
+            set_retval: true,
+            csum_ipv6_flag: true,
+            fib_redirect: true,
+            sk_storage_rnat: true,
+        }
+    }
+}
+
+impl From<&super::probe::Choices> for Compat {
+    fn from(c: &super::probe::Choices) -> Self {
+        Self {
+            set_retval: c.set_retval,
+            csum_ipv6_flag: c.csum_ipv6_flag,
+            fib_redirect: c.fib_redirect,
+            sk_storage_rnat: c.sk_storage_rnat,
+        }
+    }
+}
+
+/// Entries of the external path's LRU maps while it is off. Nothing reads or writes
+/// them then, but the maps must exist for the object to load.
+pub const EXT_OFF_ENTRIES: u32 = 1;
+
+/// Whether a tc or XDP program of an earlier run is still attached through a pinned
+/// link: it keeps writing the maps it was loaded with until this run swaps it out.
+fn ext_links_pinned(bpffs: &Path) -> Result<bool> {
+    let nl = tc_netlink_dir(bpffs);
+    if nl.exists()
+        && fs::read_dir(&nl)
+            .with_context(|| format!("read {}", nl.display()))?
+            .next()
+            .is_some()
+    {
+        return Ok(true);
+    }
+    let dir = links_dir(bpffs);
+    let prefixes = [PROG_TC_INGRESS, PROG_TC_EGRESS, PROG_XDP].map(|p| format!("{p}@"));
+    for entry in fs::read_dir(&dir).with_context(|| format!("read {}", dir.display()))? {
+        let name = entry
+            .with_context(|| format!("read {}", dir.display()))?
+            .file_name();
+        let name = name.to_string_lossy();
+        if prefixes.iter().any(|p| name.starts_with(p.as_str())) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Sets the size of a preallocated LRU map and decides what happens to a pin of
+/// another size left by an earlier run; returns the size the map has for this run.
+///
+/// aya re-opens an existing pin whatever its size, so the size only changes if the pin
+/// goes, and a new map starts empty. It is replaced only when that loses nothing: the
+/// map is empty and no tc/XDP program of an earlier run is attached (which could add a
+/// flow before this run swaps it out). Otherwise it is kept at its old size with a
+/// warning: for the conntrack map, replacing it would cut every external flow whose
+/// replies need reverse NAT, which a resize must never do silently. `svc-lb cleanup`
+/// applies the new size at the next start.
+fn size_lru_map<K: aya::Pod, V: aya::Pod>(
+    loader: &mut EbpfLoader<'_>,
+    bpffs: &Path,
+    name: &'static str,
+    wanted: u32,
+) -> Result<u32> {
+    loader.map_max_entries(name, wanted);
+    let path = bpffs.join(name);
+    if !path.exists() {
+        return Ok(wanted);
+    }
+    let data =
+        MapData::from_pin(&path).with_context(|| format!("open pinned map {}", path.display()))?;
+    let pinned = data
+        .info()
+        .with_context(|| format!("info of pinned map {name}"))?
+        .max_entries();
+    if pinned == wanted {
+        return Ok(wanted);
+    }
+    let map: HashMap<MapData, K, V> = HashMap::try_from(Map::LruHashMap(data))
+        .with_context(|| format!("pinned map {name} has an unexpected layout"))?;
+    let first = map
+        .keys()
+        .next()
+        .transpose()
+        .with_context(|| format!("read pinned map {name}"))?;
+    let busy = if first.is_some() {
+        Some("it holds entries (external flows) that a new map would lose")
+    } else if ext_links_pinned(bpffs)? {
+        Some("tc/XDP programs of an earlier run are attached and may add flows to it")
+    } else {
+        None
+    };
+    if let Some(why) = busy {
+        warn!(
+            map = name,
+            pinned_entries = pinned,
+            wanted_entries = wanted,
+            why,
+            "keeping the pinned map at its old size; the new size takes effect after `svc-lb cleanup`"
+        );
+        return Ok(pinned);
+    }
+    drop(map);
+    fs::remove_file(&path).with_context(|| format!("remove empty pin {}", path.display()))?;
+    info!(
+        map = name,
+        pinned_entries = pinned,
+        entries = wanted,
+        "replaced the empty pinned map with one of the new size"
+    );
+    Ok(wanted)
+}
+
+/// The `.rodata` global that switches the eBPF debug log (svc-lb-ebpf/src/debug.rs).
+const BPF_LOG_GLOBAL: &str = "SVCLB_BPF_LOG";
+/// aya-log's ring buffer map.
+const BPF_LOG_RINGBUF: &str = "AYA_LOGS";
+
+/// Loads the object and its socket programs and opens (or creates) the pinned maps.
+/// Safe over an existing pin directory: the maps are re-opened with their contents.
+pub fn load(bpffs: &Path, opts: &LoadOptions) -> Result<Ebpf> {
+    raise_memlock();
+    ensure_bpffs(bpffs)?;
+    let mut loader = EbpfLoader::new();
+    // Always set, so that a stale object without the switch fails loudly here.
+    let bpf_log = u8::from(opts.bpf_log);
+    loader.override_global(BPF_LOG_GLOBAL, &bpf_log, true);
+    // Always set too: an object without a switch must not load with its default.
+    let switches = [
+        ("SVCLB_SET_RETVAL", opts.compat.set_retval),
+        ("SVCLB_CSUM_IPV6_FLAG", opts.compat.csum_ipv6_flag),
+        ("SVCLB_FIB_REDIRECT", opts.compat.fib_redirect),
+        ("SVCLB_SK_STORAGE", opts.compat.sk_storage_rnat),
+    ]
+    .map(|(name, on)| (name, u8::from(on)));
+    for (name, value) in &switches {
+        loader.override_global(name, value, true);
+    }
+    if !opts.bpf_log {
+        // The log ring buffer is created anyway (aya creates every map of the
+        // object); without the log, one page is enough instead of 128 KiB.
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        loader.map_max_entries(BPF_LOG_RINGBUF, u32::try_from(page).unwrap_or(4096));
+    }
+    let (ct_entries, affext_entries) = if opts.external_off {
+        (EXT_OFF_ENTRIES, EXT_OFF_ENTRIES)
+    } else {
+        let ct = match opts.conntrack_max {
+            0 => svc_lb_common::CT_MAP_MAX,
+            n => n,
+        };
+        (ct, svc_lb_common::AFFINITY_EXT_MAP_MAX)
+    };
+    let ct_entries = size_lru_map::<CtKey, CtValue>(&mut loader, bpffs, MAP_CT, ct_entries)?;
+    let affext_entries = size_lru_map::<AffinityExtKey, AffinityValue>(
+        &mut loader,
+        bpffs,
+        MAP_AFFINITY_EXT,
+        affext_entries,
+    )?;
+    info!(
+        conntrack_entries = ct_entries,
+        affinity_ext_entries = affext_entries,
+        external_off = opts.external_off,
+        "external-path LRU maps sized"
+    );
+    pins::remove_retired_pins(bpffs)?;
+    replace_resized_config_pin(bpffs)?;
+    let pins: Vec<(&str, PathBuf)> = svc_lb_common::ALL_MAPS
+        .iter()
+        .chain(svc_lb_common::SOCKET_MAPS.iter())
+        .map(|n| (*n, bpffs.join(n)))
+        .collect();
+    for (name, path) in &pins {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader
+        .load(OBJECT)
+        .context("load the eBPF object (needs root: CAP_BPF, CAP_SYS_ADMIN, CAP_NET_ADMIN)")?;
+    load_programs(&mut ebpf)?;
+    Ok(ebpf)
+}
+
+pub(super) fn sock_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut CgroupSockAddr> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+        .try_into()
+        .with_context(|| format!("program {name} is not a cgroup sock_addr program"))
+}
+
+fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
+    for name in SOCK_PROGRAMS {
+        sock_program(ebpf, name)?
+            .load()
+            .with_context(|| format!("load program {name} (kernel verifier)"))?;
+    }
+    Ok(())
+}
+
+/// Removes a pinned `LB_CONFIG_V1` whose value size is not this version's `ExtConfig`
+/// (an upgrade that added fields): aya would re-open it and the programs would not load
+/// against it. Nothing is lost: the agent writes the config at every start, and
+/// programs of the old version keep their own copy until their links are swapped.
+fn replace_resized_config_pin(bpffs: &Path) -> Result<()> {
+    let path = bpffs.join(MAP_CONFIG);
+    if !path.exists() {
+        return Ok(());
+    }
+    let data =
+        MapData::from_pin(&path).with_context(|| format!("open pinned map {}", path.display()))?;
+    let size = data
+        .info()
+        .with_context(|| format!("info of pinned map {MAP_CONFIG}"))?
+        .value_size();
+    let want = std::mem::size_of::<ExtConfig>() as u32;
+    if size != want {
+        fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
+        info!(pin = %path.display(), pinned_value_size = size, value_size = want, "replaced the pinned config map of an earlier version");
+    }
+    Ok(())
+}
