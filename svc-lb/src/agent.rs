@@ -11,7 +11,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     datapath::{MapStore, apply::apply_plan, bpf::BpfDatapath, devices, sockterm},
-    model::{self, NodeInfo, Objects},
+    model::{self, FrontendKey, NodeInfo, Objects},
     plan::{self, CurrentState},
     source::{self, Snapshot, manifests},
 };
@@ -462,6 +462,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             &node,
             &mut reported,
             &mut stopped,
+            None,
         );
         // Whatever part of the plan reached the maps: sockets pinned to backends it
         // removed are ended now, off this thread.
@@ -688,6 +689,7 @@ pub fn sync(
     node: &NodeInfo,
     reported: &mut BTreeSet<String>,
     stopped: &mut Vec<sockterm::Stopped>,
+    touched: Option<&BTreeSet<FrontendKey>>,
 ) -> Result<SyncReport> {
     let started = Instant::now();
     let mut now = BTreeSet::new();
@@ -734,7 +736,10 @@ pub fn sync(
             || info!(file = origin(snap, &e.object), object = %e.object, reason = %e.reason, "Service not programmed"),
         );
     }
-    let plan = plan::plan(current, &desired, &dp.capacity());
+    let plan = match touched {
+        Some(touched) => plan::plan_touched(current, &desired, touched, &dp.capacity()),
+        None => plan::plan(current, &desired, &dp.capacity()),
+    };
     for r in &plan.rejected {
         report_once(
             reported,
@@ -750,23 +755,13 @@ pub fn sync(
         plan.rejected.len(),
     );
     crate::metrics::set_skipped_over_limit(desired.over_limit.len());
-    // Session affinity: pairs leaving a frontend are dropped before the plan, so that
-    // no client follows a remembered backend out of its Service; new ones after it.
-    let mut after = current.clone();
-    for op in &plan.ops {
-        after.apply(op);
-    }
-    let mut leaving = sockterm::stopped(current, &after);
-    dp.affinity_prepare(current, &after)
-        .context("session affinity: drop leaving backends")?;
+    // Sockets pinned to a backend the plan takes out of a frontend are ended once the
+    // ops that take it out reached the maps (even if the apply stops half way).
+    let mut leaving = sockterm::stopped(current, &plan.ops);
     let applied = apply_plan(dp, current, &plan);
     sockterm::retain_unusable(&mut leaving, current);
     *stopped = leaving;
     let ops = applied?;
-    dp.affinity_commit(current)
-        .context("session affinity: add new backends")?;
-    dp.sync_meta(current, &desired)
-        .context("write Service metadata")?;
     Ok(SyncReport {
         health_checks: desired.health_checks,
         ops,

@@ -37,6 +37,8 @@ use svc_lb_common::{
 
 use super::{
     BackendEntry, Capacity, CurrentFrontend, CurrentState, Op, Plan, Rejected,
+    extras::{Final, plan_extras},
+    index::Index,
     mirror::{has_master, present_slots},
 };
 use crate::model::{BackendAddr, DesiredFrontend, DesiredState, FrontendKey, ServiceRef};
@@ -452,6 +454,17 @@ fn allocator(used: &BTreeSet<u32>) -> IdAllocator<'_> {
 /// order. What a rejected Service has programmed is emptied (no backends: connections
 /// are refused) rather than left routing to its old backends.
 pub fn plan(current: &CurrentState, desired: &DesiredState, cap: &Capacity) -> Plan {
+    plan_with(current, desired, cap, None)
+}
+
+/// [`plan`], with fresh ids taken from `ids` (the index of a larger state that
+/// `current` is a part of) instead of from `current` alone.
+pub(super) fn plan_with(
+    current: &CurrentState,
+    desired: &DesiredState,
+    cap: &Capacity,
+    ids: Option<&Index>,
+) -> Plan {
     // The lowest id of each backend address is the one kept; duplicates are orphans.
     let mut by_addr: BTreeMap<BackendAddr, u32> = BTreeMap::new();
     for (id, b) in &current.backends {
@@ -646,7 +659,10 @@ pub fn plan(current: &CurrentState, desired: &DesiredState, cap: &Capacity) -> P
 
     // New ids go to admitted frontends only, lowest first, in address / key order.
     let mut backend_ids = by_addr.clone();
-    let mut fresh_ids = allocator(&used_backend_ids);
+    let mut fresh_ids: Box<dyn Iterator<Item = u32>> = match ids {
+        Some(ix) => Box::new(ix.fresh_backend_ids()),
+        None => Box::new(allocator(&used_backend_ids)),
+    };
     for addr in &budget.new_backends {
         if let Some(id) = fresh_ids.next() {
             backend_ids.insert(*addr, id);
@@ -658,7 +674,10 @@ pub fn plan(current: &CurrentState, desired: &DesiredState, cap: &Capacity) -> P
     // plan: until then their ids must not name a new frontend.
     used_rev_ids.extend(current.maglev.keys().copied());
     used_rev_ids.extend(current.src_ranges.iter().map(|(id, _)| *id));
-    let mut fresh_rev = allocator(&used_rev_ids);
+    let mut fresh_rev: Box<dyn Iterator<Item = u32>> = match ids {
+        Some(ix) => Box::new(ix.fresh_rev_nat_ids()),
+        None => Box::new(allocator(&used_rev_ids)),
+    };
     let mut rev_ids: BTreeMap<FrontendKey, u32> = BTreeMap::new();
     let mut new_rev_nats: BTreeSet<FrontendKey> = BTreeSet::new();
     for c in &admitted {
@@ -789,6 +808,8 @@ pub fn plan(current: &CurrentState, desired: &DesiredState, cap: &Capacity) -> P
     // the ids a plan needs by the free id space, so this stays empty in practice; it
     // exists so that such a frontend is treated like a rejected one, never half-written.
     let mut untouched: Vec<&Candidate<'_>> = Vec::new();
+    // What each written frontend ends as: (key, rev-NAT id, flags, backend ids).
+    let mut written: Vec<(&Candidate<'_>, u32, u16, Vec<u32>)> = Vec::new();
     for c in changed {
         let fe = *c.key();
         let ids: Option<Vec<u32>> = c
@@ -887,6 +908,7 @@ pub fn plan(current: &CurrentState, desired: &DesiredState, cap: &Capacity) -> P
         if !wants_table(c.desired) && tables.remove(&rev_nat_id) {
             ops.push(Op::DeleteMaglev { rev_nat_id });
         }
+        written.push((c, rev_nat_id, flags, ids));
     }
     let as_is: Vec<&CurrentFrontend> = kept
         .iter()
@@ -940,6 +962,40 @@ pub fn plan(current: &CurrentState, desired: &DesiredState, cap: &Capacity) -> P
             .filter(|id| !final_backend_ids.contains(id))
             .map(|&id| Op::DeleteBackend { id }),
     );
+
+    // Affinity match entries and metadata of the frontends as the plan leaves them.
+    let mut finals: Vec<Final<'_>> = written
+        .iter()
+        .map(|(c, rev_nat_id, flags, ids)| Final {
+            rev_nat_id: *rev_nat_id,
+            flags: *flags,
+            ids,
+            desired: c.desired,
+        })
+        .collect();
+    let unwritten = admitted
+        .iter()
+        .filter(|c| !c.changed)
+        .chain(&kept)
+        .chain(&untouched);
+    for c in unwritten {
+        if let Some(cf) = c.current.filter(|cf| has_master(cf)) {
+            finals.push(Final {
+                rev_nat_id: cf.rev_nat_id,
+                flags: cf.flags,
+                ids: &cf.backend_ids,
+                desired: c.desired,
+            });
+        }
+    }
+    let (first, last) = plan_extras(current, &finals);
+    let ops = if first.is_empty() {
+        ops
+    } else {
+        first.into_iter().chain(ops).collect()
+    };
+    let mut ops = ops;
+    ops.extend(last);
 
     Plan { ops, rejected }
 }

@@ -1478,11 +1478,7 @@ mod draining {
         let s = served(&rig.fake, &ext()).unwrap();
         assert_eq!(s.backends, vec![be("10.0.0.2")]);
         assert!(s.table.iter().all(|a| *a == baddr("10.0.0.2")));
-        assert!(
-            crate::datapath::affinity::pairs(&rig.current)
-                .iter()
-                .all(|p| p.backend_id != old)
-        );
+        assert!(rig.current.aff_match.iter().all(|(_, b)| *b != old));
 
         // Ready again: selected under the very same id.
         rig.sync(&desired(&[be("10.0.0.1"), be("10.0.0.2")], &[], None));
