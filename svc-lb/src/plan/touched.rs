@@ -160,3 +160,99 @@ pub fn plan_touched(
     });
     plan
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{net::Ipv4Addr, time::Instant};
+
+    use svc_lb_common::{BACKEND_ACTIVE, KIND_CLUSTER_IP, PROTO_TCP, SCOPE_ALL};
+
+    use super::{super::plan, *};
+    use crate::model::{BackendAddr, DesiredBackend, DesiredFrontend, ServiceRef};
+
+    fn frontend(i: u32, backends: u32, salt: u32) -> DesiredFrontend {
+        let key = FrontendKey {
+            addr: Ipv4Addr::from(0x0a60_0000 + i).into(),
+            port: 80,
+            proto: PROTO_TCP,
+            scope: SCOPE_ALL,
+        };
+        DesiredFrontend {
+            key,
+            service: ServiceRef {
+                namespace: "bench".to_owned(),
+                name: format!("svc-{i}"),
+            },
+            port_name: String::new(),
+            backends: (0..backends)
+                .map(|b| DesiredBackend {
+                    addr: BackendAddr {
+                        addr: Ipv4Addr::from(0x0b00_0000 + i * 16 + b + salt).into(),
+                        port: 8080,
+                        proto: PROTO_TCP,
+                    },
+                    state: BACKEND_ACTIVE,
+                    local: false,
+                })
+                .collect(),
+            affinity_timeout_s: None,
+            kind: KIND_CLUSTER_IP,
+            meta_flags: 0,
+            flags: 0,
+            src_ranges: Vec::new(),
+        }
+    }
+
+    /// Plan cost with N frontends programmed: the full plan against one touched
+    /// Service whose endpoint changed. Run with
+    /// `cargo test --release -p svc-lb plan_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a test"]
+    fn plan_cost_full_against_one_touched_service() {
+        for n in [10_000u32, 100_000] {
+            let cap = Capacity {
+                svc4_entries: 1 << 21,
+                svc6_entries: 1 << 10,
+                backends: 1 << 21,
+                rev_nats: 1 << 18,
+                maglev_tables: 1 << 10,
+                src_ranges4: 1 << 10,
+                src_ranges6: 1 << 10,
+            };
+            let mut current = CurrentState::default();
+            let mut desired = DesiredState {
+                frontends: (0..n).map(|i| frontend(i, 3, 0)).map(|f| (f.key, f)).collect(),
+                ..DesiredState::default()
+            };
+            // The fake checks every invariant after each op (quadratic at this size):
+            // the mirror alone stands for the maps here.
+            let p = plan(&current, &desired, &cap);
+            for op in &p.ops {
+                current.apply(op);
+            }
+            let t = Instant::now();
+            current.build_index();
+            let index = t.elapsed();
+            let changed = frontend(n / 2, 3, 1);
+            let touched = BTreeSet::from([changed.key]);
+            desired.frontends.insert(changed.key, changed);
+            let t = Instant::now();
+            let full = plan(&current, &desired, &cap);
+            let full_t = t.elapsed();
+            let t = Instant::now();
+            let one = plan_touched(&current, &desired, &touched, &cap);
+            let one_t = t.elapsed();
+            assert_eq!(full.ops.len(), one.ops.len(), "{:?}\n{:?}", full.ops, one.ops);
+            let t = Instant::now();
+            for op in &one.ops {
+                current.apply(op);
+            }
+            let apply_t = t.elapsed();
+            println!(
+                "N={n}: full plan {full_t:?}, touched plan {one_t:?} ({} ops), mirror+index apply {apply_t:?}, index build {index:?}",
+                one.ops.len()
+            );
+            assert!(plan(&current, &desired, &cap).ops.is_empty());
+        }
+    }
+}
