@@ -5,8 +5,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Result, bail};
 use svc_lb_common::{
-    AffinityMatchKey, BACKEND_FLAG_LOCAL, Backend, FAMILY_V4, FAMILY_V6, RevNat,
-    SVC_FLAG_AFFINITY, Svc4Key, Svc6Key, SvcMeta, SvcValue,
+    AffinityMatchKey, BACKEND_FLAG_LOCAL, Backend, FAMILY_V4, FAMILY_V6, RevNat, SVC_FLAG_AFFINITY,
+    Svc4Key, Svc6Key, SvcMeta, SvcValue,
 };
 use tracing::warn;
 
@@ -63,7 +63,12 @@ pub fn encode(op: &Op, maglev_size: u32) -> Result<Vec<Write>> {
             affinity_timeout_s,
         } => vec![Write::Svc(
             svc_key(frontend, 0),
-            Some(master_value(*count, *rev_nat_id, *flags, *affinity_timeout_s)),
+            Some(master_value(
+                *count,
+                *rev_nat_id,
+                *flags,
+                *affinity_timeout_s,
+            )),
         )],
         Op::DeleteSlot { frontend, slot } => vec![Write::Svc(svc_key(frontend, *slot), None)],
         Op::DeleteMaster { frontend } => vec![Write::Svc(svc_key(frontend, 0), None)],

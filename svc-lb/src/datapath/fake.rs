@@ -17,9 +17,9 @@ use std::{
 use anyhow::Result;
 use ipnet::IpNet;
 use svc_lb_common::{
-    AffinityMatchKey, Backend, MAP_AFF_MATCH, MAP_BACKENDS, MAP_MAGLEV, MAP_REVNAT,
-    MAP_SRC_RANGE4, MAP_SRC_RANGE6, MAP_SVC_META, MAP_SVC4, MAP_SVC6, MAX_BACKENDS_PER_FRONTEND,
-    RevNat, SCOPE_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_SRC_RANGES, SvcMeta, SvcValue,
+    AffinityMatchKey, Backend, MAP_AFF_MATCH, MAP_BACKENDS, MAP_MAGLEV, MAP_REVNAT, MAP_SRC_RANGE4,
+    MAP_SRC_RANGE6, MAP_SVC_META, MAP_SVC4, MAP_SVC6, MAX_BACKENDS_PER_FRONTEND, RevNat,
+    SCOPE_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_SRC_RANGES, SvcMeta, SvcValue,
 };
 
 use super::{
@@ -338,7 +338,8 @@ impl FakeMaps {
         // A match entry lets a remembered backend be used: it must name a live backend
         // and a live frontend id, so that neither can be reused under it.
         for k in &self.aff_match {
-            if !self.backends.contains_key(&k.backend_id) || !self.rev_nats.contains_key(&k.rev_nat_id)
+            if !self.backends.contains_key(&k.backend_id)
+                || !self.rev_nats.contains_key(&k.rev_nat_id)
             {
                 return bad(format!(
                     "affinity match entry {k:?} names a missing backend or reverse NAT"

@@ -2,23 +2,26 @@
 //!
 //! Phases, in the order the operations are emitted:
 //!
-//! 1. removed frontends, one at a time: master, then every slot, then the reverse-NAT
-//!    entry once no remaining master names it; then stale slots of frontends whose
+//! 0. (`extras`) leaving affinity match entries, forgotten clients, leaving metadata;
+//! 1. removed frontends, one at a time: master, then every slot, then (once no
+//!    remaining master names the id) its table and source ranges and its reverse-NAT
+//!    entry; then stale slots of frontends whose
 //!    Service was rejected (they sit above the count, so nothing reads them); then
 //!    reverse-NAT entries no master names and no frontend will adopt;
 //! 2. backends that are new or change state;
 //! 3. each changed frontend: its new reverse-NAT entry, the slots whose backend changes,
 //!    the master (only if count, flags or reverse NAT change), then the slots above the
 //!    new count; frontends that shrink the map go first, so that the entries they free
-//!    make room for those that grow. Reverse-NAT entries no master names any more follow;
-//!    Within a changed external frontend: new source ranges and its Maglev table go
+//!    make room for those that grow. Within a changed external frontend: new source ranges and its Maglev table go
 //!    after its slots and before its master; leaving source ranges, and the table when
 //!    the count drops to 0, after it. Then tables and source ranges of reverse-NAT ids
-//!    no master names any more;
+//!    no master names any more, then those reverse-NAT entries (an entry outlives what
+//!    it keys, so a plan of a few frontends finds it all through the entry);
 //! 4. backends no slot (and no Maglev table of a frontend left as it is) names any more,
 //!    except those an admitted external frontend drains (`DesiredState::draining`):
 //!    they stay, as `BACKEND_DRAINING` unless a slot still names them, until their
-//!    endpoint stops serving.
+//!    endpoint stops serving;
+//! 5. (`extras`) new affinity match entries, new or changed metadata.
 //!
 //! Ids never change meaning within one plan: an id freed by a plan is reused only by a
 //! later plan, so a connection that raced with the update never finds a different
@@ -732,11 +735,13 @@ pub(super) fn plan_with(
             let id = cf.rev_nat_id;
             if let Some(left) = removed_refs.get_mut(&id) {
                 *left -= 1;
-                if *left == 0 && phase1_rev_nats.contains(&id) {
-                    ops.push(Op::DeleteRevNat { id });
-                }
+                // Tables and ranges before the entry: a plan of a few frontends finds
+                // an id through its entry, so an interrupted apply leaves none behind.
                 if *left == 0 && !claimed.contains(&id) {
                     drop_extras(id, &mut ops, &mut tables, &mut ranges);
+                }
+                if *left == 0 && phase1_rev_nats.contains(&id) {
+                    ops.push(Op::DeleteRevNat { id });
                 }
             }
         }
@@ -926,13 +931,6 @@ pub(super) fn plan_with(
                 .map(|cf| cf.rev_nat_id),
         )
         .collect();
-    ops.extend(
-        current
-            .rev_nats
-            .keys()
-            .filter(|id| !phase1_rev_nats.contains(id) && !final_rev_ids.contains(id))
-            .map(|&id| Op::DeleteRevNat { id }),
-    );
     let extra_ids: BTreeSet<u32> = tables
         .iter()
         .copied()
@@ -943,6 +941,13 @@ pub(super) fn plan_with(
         drop_extras(id, &mut ops, &mut tables, &mut ranges);
     }
 
+    ops.extend(
+        current
+            .rev_nats
+            .keys()
+            .filter(|id| !phase1_rev_nats.contains(id) && !final_rev_ids.contains(id))
+            .map(|&id| Op::DeleteRevNat { id }),
+    );
     // Phase 4.
     let mut final_backend_ids: BTreeSet<u32> = wanted.keys().copied().collect();
     for cf in &as_is {

@@ -14,8 +14,8 @@
 //!    on again starts afresh, and a reused rev-NAT id inherits no clients);
 //! 2. the plan's slots, masters and backends;
 //! 3. last: add the new pairs (their slots exist by then), and write the metadata of
-//!    the frontends the plan leaves programmed, deleting that of ids no master names
-//!    (the CLI and the metrics read it; the datapath never does).
+//!    the frontends the plan leaves programmed (the CLI and the metrics read it; the
+//!    datapath never does). Metadata of ids no master will name goes in step 1.
 use std::collections::{BTreeMap, BTreeSet};
 
 use svc_lb_common::SVC_FLAG_AFFINITY;
@@ -61,6 +61,15 @@ pub(super) fn plan_extras(current: &CurrentState, finals: &[Final<'_>]) -> (Vec<
                 rev_nat_id,
             }),
     );
+    // Metadata of ids the plan stops using goes first too, while the reverse-NAT entry
+    // that leads a plan of a few frontends to the id still exists.
+    first.extend(
+        current
+            .meta
+            .keys()
+            .filter(|id| !want_meta.contains_key(id))
+            .map(|&rev_nat_id| Op::DeleteMeta { rev_nat_id }),
+    );
     let forget: BTreeSet<u32> = current
         .frontends
         .values()
@@ -88,12 +97,6 @@ pub(super) fn plan_extras(current: &CurrentState, finals: &[Final<'_>]) -> (Vec<
             last.push(Op::UpsertMeta { rev_nat_id, meta });
         }
     }
-    last.extend(
-        current
-            .meta
-            .keys()
-            .filter(|id| !want_meta.contains_key(id))
-            .map(|&rev_nat_id| Op::DeleteMeta { rev_nat_id }),
-    );
+
     (first, last)
 }

@@ -287,7 +287,9 @@ impl Index {
     /// Reverse-NAT ids whose entry holds this address, port and protocol.
     pub fn rev_nats_at(&self, fe: &FrontendKey) -> impl Iterator<Item = u32> + '_ {
         let k = (fe.addr, fe.port, fe.proto);
-        self.rev_by_key.range((k, 0)..=(k, u32::MAX)).map(|(_, id)| *id)
+        self.rev_by_key
+            .range((k, 0)..=(k, u32::MAX))
+            .map(|(_, id)| *id)
     }
 
     /// Frontends whose master names reverse-NAT id `id`.

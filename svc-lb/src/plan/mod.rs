@@ -24,11 +24,11 @@ use crate::model::{BackendAddr, FrontendKey, ServiceRef};
 mod diff;
 mod extras;
 pub mod index;
-mod touched;
 mod mirror;
+mod touched;
 pub use diff::plan;
-pub use touched::plan_touched;
 pub use mirror::SlotIdsAboveCount;
+pub use touched::plan_touched;
 
 #[cfg(test)]
 mod proptests;
@@ -225,4 +225,3 @@ pub struct Plan {
     pub ops: Vec<Op>,
     pub rejected: Vec<Rejected>,
 }
-

@@ -45,7 +45,11 @@ pub fn plan_touched(
         }
         // Orphaned entries this frontend may adopt, as the full plan would.
         revs.extend(ix.rev_nats_at(fe).filter(|id| only_touched(*id)));
-        let wanted = desired.frontends.get(fe).into_iter().flat_map(|d| &d.backends);
+        let wanted = desired
+            .frontends
+            .get(fe)
+            .into_iter()
+            .flat_map(|d| &d.backends);
         let draining = desired.draining.get(fe).into_iter().flatten();
         for b in wanted.chain(draining) {
             backend_ids.extend(ix.backend_ids_of(&b.addr));
@@ -66,12 +70,8 @@ pub fn plan_touched(
                 .take_while(|(i, _)| i == id)
                 .copied(),
         );
-        part.aff_match.extend(
-            current
-                .aff_match
-                .range((*id, 0)..=(*id, u32::MAX))
-                .copied(),
-        );
+        part.aff_match
+            .extend(current.aff_match.range((*id, 0)..=(*id, u32::MAX)).copied());
         if let Some(m) = current.meta.get(id) {
             part.meta.insert(*id, m.clone());
         }
@@ -146,8 +146,7 @@ pub fn plan_touched(
             *inside.entry(*id).or_default() += 1;
         }
     }
-    let shared =
-        |id: u32| ix.backend_users(id) > inside.get(&id).copied().unwrap_or(0);
+    let shared = |id: u32| ix.backend_users(id) > inside.get(&id).copied().unwrap_or(0);
     plan.ops.retain(|op| match op {
         Op::DeleteBackend { id } => !shared(*id),
         Op::UpsertBackend { id, backend } => match current.backends.get(id) {
@@ -221,7 +220,10 @@ mod tests {
             };
             let mut current = CurrentState::default();
             let mut desired = DesiredState {
-                frontends: (0..n).map(|i| frontend(i, 3, 0)).map(|f| (f.key, f)).collect(),
+                frontends: (0..n)
+                    .map(|i| frontend(i, 3, 0))
+                    .map(|f| (f.key, f))
+                    .collect(),
                 ..DesiredState::default()
             };
             // The fake checks every invariant after each op (quadratic at this size):
@@ -242,7 +244,13 @@ mod tests {
             let t = Instant::now();
             let one = plan_touched(&current, &desired, &touched, &cap);
             let one_t = t.elapsed();
-            assert_eq!(full.ops.len(), one.ops.len(), "{:?}\n{:?}", full.ops, one.ops);
+            assert_eq!(
+                full.ops.len(),
+                one.ops.len(),
+                "{:?}\n{:?}",
+                full.ops,
+                one.ops
+            );
             let t = Instant::now();
             for op in &one.ops {
                 current.apply(op);
