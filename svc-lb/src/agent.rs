@@ -854,9 +854,11 @@ pub fn sync(
         model_us = started.elapsed().as_micros() as u64,
         "modelled"
     );
-    // The one plan call: `plan::plan_touched(current, desired, touched, &cap)` once the
-    // planner plans only the touched frontends.
-    let plan = plan::plan(current, desired, &dp.capacity());
+    let cap = dp.capacity();
+    let plan = match touched {
+        Some(touched) => plan::plan_touched(current, desired, touched, &cap),
+        None => plan::plan(current, desired, &cap),
+    };
     reported.plan(&plan.rejected);
     crate::metrics::set_skipped(
         snap.errors.len(),
@@ -864,23 +866,13 @@ pub fn sync(
         plan.rejected.len(),
     );
     crate::metrics::set_skipped_over_limit(desired.over_limit.len());
-    // Session affinity: pairs leaving a frontend are dropped before the plan, so that
-    // no client follows a remembered backend out of its Service; new ones after it.
-    let mut after = current.clone();
-    for op in &plan.ops {
-        after.apply(op);
-    }
-    let mut leaving = sockterm::stopped(current, &after);
-    dp.affinity_prepare(current, &after)
-        .context("session affinity: drop leaving backends")?;
+    // Sockets pinned to a backend the plan takes out of a frontend are ended once the
+    // ops that take it out reached the maps (even if the apply stops half way).
+    let mut leaving = sockterm::stopped(current, &plan.ops);
     let applied = apply_plan(dp, current, &plan);
     sockterm::retain_unusable(&mut leaving, current);
     *stopped = leaving;
     let ops = applied?;
-    dp.affinity_commit(current)
-        .context("session affinity: add new backends")?;
-    dp.sync_meta(current, desired)
-        .context("write Service metadata")?;
     Ok(SyncReport {
         health_checks: desired.health_checks.clone(),
         ops,

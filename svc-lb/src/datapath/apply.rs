@@ -35,6 +35,10 @@ pub fn apply_plan(
     current: &mut CurrentState,
     plan: &Plan,
 ) -> Result<usize> {
+    if current.index().is_none() {
+        // Once, at the first apply: from then on every op keeps it up to date.
+        current.build_index();
+    }
     let total = plan.ops.len();
     for (index, op) in plan.ops.iter().enumerate() {
         store.apply(op).with_context(|| OpFailed {

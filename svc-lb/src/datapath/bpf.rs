@@ -23,7 +23,7 @@ use tracing::warn;
 
 use super::{
     MapStore,
-    codec::{self, SvcKey},
+    codec::{self, SvcKey, Write},
     links,
     load::LoadOptions,
     pinned::{collect, read_state},
@@ -71,13 +71,10 @@ pub struct BpfDatapath {
     fe_stats: PerCpuHashMap<MapData, u32, u64>,
     be_stats: PerCpuHashMap<MapData, u32, u64>,
     meta: HashMap<MapData, u32, SvcMeta>,
-    /// What `meta` holds, so a sync writes only what changed.
-    meta_cache: std::collections::HashMap<u32, SvcMeta>,
     /// Session affinity: the programs' remembered backends, and the agent's match map
-    /// with what it holds (see [`super::affinity`]).
+    /// (see `plan::extras`).
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     aff_match: HashMap<MapData, AffinityMatchKey, u32>,
-    aff_match_cache: std::collections::BTreeSet<AffinityMatchKey>,
     cap: Capacity,
     /// The external path's maps, or why the object has none (built without the tc/XDP
     /// programs): then every external-path operation fails with that reason.
@@ -249,17 +246,12 @@ impl BpfDatapath {
         let fe_stats = take_percpu_hash(&mut ebpf, MAP_FE_STATS)?;
         let be_stats = take_percpu_hash(&mut ebpf, MAP_BE_STATS)?;
         let (meta, _) = take_hash::<u32, SvcMeta>(&mut ebpf, MAP_SVC_META)?;
-        let meta_cache = collect(&meta, MAP_SVC_META)?.into_iter().collect();
         let affinity = HashMap::try_from(
             ebpf.take_map(MAP_AFFINITY)
                 .ok_or_else(|| anyhow!("map {MAP_AFFINITY} missing from the eBPF object"))?,
         )
         .with_context(|| format!("map {MAP_AFFINITY} has an unexpected type"))?;
         let (aff_match, _) = take_hash::<AffinityMatchKey, u32>(&mut ebpf, MAP_AFF_MATCH)?;
-        let aff_match_cache = collect(&aff_match, MAP_AFF_MATCH)?
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
         let maglev_size = match opts.maglev_size {
             0 => svc_lb_common::MAGLEV_DEFAULT_SIZE,
             n => n,
@@ -275,10 +267,8 @@ impl BpfDatapath {
             fe_stats,
             be_stats,
             meta,
-            meta_cache,
             affinity,
             aff_match,
-            aff_match_cache,
             cap,
         })
     }
@@ -318,193 +308,118 @@ impl MapStore for BpfDatapath {
                     .insert(codec::src_range6_from_raw(k.prefix_len(), &k.data())?);
             }
         }
+        codec::decode_extras(
+            &mut state,
+            collect(&self.aff_match, MAP_AFF_MATCH)?
+                .into_iter()
+                .map(|(k, _)| k),
+            collect(&self.meta, MAP_SVC_META)?,
+        );
         Ok(state)
     }
 
     fn apply(&mut self, op: &Op) -> Result<()> {
-        match op {
-            Op::UpsertBackend { id, backend } => self
-                .backends
-                .insert(id, codec::backend_raw(backend), 0)
-                .with_context(|| format!("{MAP_BACKENDS}: insert backend {id}")),
-            Op::DeleteBackend { id } => {
-                ignore_missing(self.backends.remove(id))
-                    .with_context(|| format!("{MAP_BACKENDS}: delete backend {id}"))?;
-                // A reused id must start counting from zero.
-                ignore_missing(self.be_stats.remove(id))
-                    .with_context(|| format!("{MAP_BE_STATS}: delete {id}"))
-            }
-            Op::UpsertRevNat { id, frontend } => self
-                .rev_nats
-                .insert(id, codec::revnat_raw(frontend), 0)
-                .with_context(|| format!("{MAP_REVNAT}: insert {id}")),
-            Op::DeleteRevNat { id } => {
-                ignore_missing(self.rev_nats.remove(id))
-                    .with_context(|| format!("{MAP_REVNAT}: delete {id}"))?;
-                ignore_missing(self.fe_stats.remove(id))
-                    .with_context(|| format!("{MAP_FE_STATS}: delete {id}"))
-            }
-            Op::UpsertSlot {
-                frontend,
-                slot,
-                backend_id,
-            } => self.put(
-                codec::svc_key(frontend, *slot),
-                codec::slot_value(*backend_id),
-            ),
-            Op::UpsertMaster {
-                frontend,
-                count,
-                rev_nat_id,
-                flags,
-                affinity_timeout_s,
-            } => self.put(
-                codec::svc_key(frontend, 0),
-                codec::master_value(*count, *rev_nat_id, *flags, *affinity_timeout_s),
-            ),
-            Op::DeleteSlot { frontend, slot } => self.del(codec::svc_key(frontend, *slot)),
-            Op::DeleteMaster { frontend } => self.del(codec::svc_key(frontend, 0)),
-            Op::UpsertMaglev {
-                rev_nat_id,
-                backends,
-            } => {
-                let size = self.maglev_size;
-                let ext = self.ext_mut()?;
-                let ids = crate::maglev::populate(backends, size);
-                if ids.is_empty() {
-                    bail!("{MAP_MAGLEV}: no backend for the table of rev-NAT {rev_nat_id}");
+        for w in codec::encode(op, self.maglev_size)? {
+            match w {
+                Write::Svc(key, Some(value)) => self.put(key, value)?,
+                Write::Svc(key, None) => self.del(key)?,
+                Write::Backend(id, Some(raw)) => self
+                    .backends
+                    .insert(id, raw, 0)
+                    .with_context(|| format!("{MAP_BACKENDS}: insert backend {id}"))?,
+                Write::Backend(id, None) => ignore_missing(self.backends.remove(&id))
+                    .with_context(|| format!("{MAP_BACKENDS}: delete backend {id}"))?,
+                Write::ResetBackendStats(id) => ignore_missing(self.be_stats.remove(&id))
+                    .with_context(|| format!("{MAP_BE_STATS}: delete {id}"))?,
+                Write::RevNat(id, Some(raw)) => self
+                    .rev_nats
+                    .insert(id, raw, 0)
+                    .with_context(|| format!("{MAP_REVNAT}: insert {id}"))?,
+                Write::RevNat(id, None) => ignore_missing(self.rev_nats.remove(&id))
+                    .with_context(|| format!("{MAP_REVNAT}: delete {id}"))?,
+                Write::ResetFrontendStats(id) => ignore_missing(self.fe_stats.remove(&id))
+                    .with_context(|| format!("{MAP_FE_STATS}: delete {id}"))?,
+                Write::Maglev(id, Some(ids)) => {
+                    // 64 KiB: built on the heap, not the stack.
+                    let mut buf = vec![0u32; svc_lb_common::MAGLEV_TABLE_MAX];
+                    let n = ids.len().min(buf.len());
+                    buf[..n].copy_from_slice(&ids[..n]);
+                    let table: &MaglevTable = bytemuck::from_bytes(bytemuck::cast_slice(&buf));
+                    self.ext_mut()?
+                        .maglev
+                        .insert(id, table, 0)
+                        .with_context(|| format!("{MAP_MAGLEV}: insert table of rev-NAT {id}"))?
                 }
-                // 64 KiB: built on the heap, not the stack.
-                let mut buf = vec![0u32; svc_lb_common::MAGLEV_TABLE_MAX];
-                let n = ids.len().min(buf.len());
-                buf[..n].copy_from_slice(&ids[..n]);
-                let table: &MaglevTable = bytemuck::from_bytes(bytemuck::cast_slice(&buf));
-                ext.maglev
-                    .insert(rev_nat_id, table, 0)
-                    .with_context(|| format!("{MAP_MAGLEV}: insert table of rev-NAT {rev_nat_id}"))
-            }
-            Op::DeleteMaglev { rev_nat_id } => {
-                ignore_missing(self.ext_mut()?.maglev.remove(rev_nat_id))
-                    .with_context(|| format!("{MAP_MAGLEV}: delete table of rev-NAT {rev_nat_id}"))
-            }
-            Op::UpsertSrcRange { rev_nat_id, range } => {
-                let ext = self.ext_mut()?;
-                match range {
-                    ipnet::IpNet::V4(net) => {
-                        let (plen, k) = codec::src_range4_key(*rev_nat_id, net);
-                        ext.src4.insert(&LpmKey::new(plen, k), 1, 0)
+                Write::Maglev(id, None) => ignore_missing(self.ext_mut()?.maglev.remove(&id))
+                    .with_context(|| format!("{MAP_MAGLEV}: delete table of rev-NAT {id}"))?,
+                Write::SrcRange4(plen, k, put) => {
+                    let ext = self.ext_mut()?;
+                    let key = LpmKey::new(plen, k);
+                    if put {
+                        ext.src4.insert(&key, 1, 0)
+                    } else {
+                        ignore_missing(ext.src4.remove(&key))
                     }
-                    ipnet::IpNet::V6(net) => {
-                        let (plen, k) = codec::src_range6_key(*rev_nat_id, net);
-                        ext.src6.insert(&LpmKey::new(plen, k), 1, 0)
-                    }
+                    .with_context(|| format!("{MAP_SRC_RANGE4}: write {k:?}/{plen}"))?
                 }
-                .with_context(|| format!("source ranges: insert {range} of rev-NAT {rev_nat_id}"))
-            }
-            Op::DeleteSrcRange { rev_nat_id, range } => {
-                let ext = self.ext_mut()?;
-                let r = match range {
-                    ipnet::IpNet::V4(net) => {
-                        let (plen, k) = codec::src_range4_key(*rev_nat_id, net);
-                        ext.src4.remove(&LpmKey::new(plen, k))
+                Write::SrcRange6(plen, k, put) => {
+                    let ext = self.ext_mut()?;
+                    let key = LpmKey::new(plen, k);
+                    if put {
+                        ext.src6.insert(&key, 1, 0)
+                    } else {
+                        ignore_missing(ext.src6.remove(&key))
                     }
-                    ipnet::IpNet::V6(net) => {
-                        let (plen, k) = codec::src_range6_key(*rev_nat_id, net);
-                        ext.src6.remove(&LpmKey::new(plen, k))
+                    .with_context(|| format!("{MAP_SRC_RANGE6}: write {k:?}/{plen}"))?
+                }
+                Write::AffMatch(key, true) => {
+                    self.aff_match.insert(key, 1, 0).with_context(|| {
+                        format!(
+                            "{MAP_AFF_MATCH}: insert backend {} of rev-NAT {}",
+                            key.backend_id, key.rev_nat_id
+                        )
+                    })?
+                }
+                Write::AffMatch(key, false) => ignore_missing(self.aff_match.remove(&key))
+                    .with_context(|| {
+                        format!(
+                            "{MAP_AFF_MATCH}: delete backend {} of rev-NAT {}",
+                            key.backend_id, key.rev_nat_id
+                        )
+                    })?,
+                Write::Meta(id, Some(raw)) => self
+                    .meta
+                    .insert(id, raw, 0)
+                    .with_context(|| format!("{MAP_SVC_META}: insert {id}"))?,
+                Write::Meta(id, None) => ignore_missing(self.meta.remove(&id))
+                    .with_context(|| format!("{MAP_SVC_META}: delete {id}"))?,
+                Write::ForgetClients(rev_nat_id) => {
+                    // Rare (affinity switched off, a frontend removed): a walk of the LRU
+                    // map is cheap enough, and keeps clients from inheriting a stale choice.
+                    let stale: Vec<AffinityKey> = self
+                        .affinity
+                        .keys()
+                        .filter_map(|k| k.ok())
+                        .filter(|k| k.rev_nat_id == rev_nat_id)
+                        .collect();
+                    for key in &stale {
+                        ignore_missing(self.affinity.remove(key)).with_context(|| {
+                            format!("{MAP_AFFINITY}: forget a client of rev-NAT {rev_nat_id}")
+                        })?;
                     }
-                };
-                ignore_missing(r).with_context(|| {
-                    format!("source ranges: delete {range} of rev-NAT {rev_nat_id}")
-                })
+                    tracing::debug!(
+                        rev_nat_id,
+                        clients = stale.len(),
+                        "session affinity: forgot clients"
+                    );
+                }
             }
         }
+        Ok(())
     }
 
     fn capacity(&self) -> Capacity {
         self.cap
-    }
-
-    fn affinity_prepare(&mut self, before: &CurrentState, after: &CurrentState) -> Result<()> {
-        let prep = super::affinity::prepare(&self.aff_match_cache, before, after);
-        for key in &prep.remove {
-            ignore_missing(self.aff_match.remove(key)).with_context(|| {
-                format!(
-                    "{MAP_AFF_MATCH}: delete backend {} of rev-NAT {}",
-                    key.backend_id, key.rev_nat_id
-                )
-            })?;
-            self.aff_match_cache.remove(key);
-        }
-        if !prep.forget.is_empty() {
-            // Rare (affinity switched off, a frontend removed): a walk of the LRU map is
-            // cheap enough, and keeps clients from inheriting a stale choice.
-            let stale: Vec<AffinityKey> = self
-                .affinity
-                .keys()
-                .filter_map(|k| k.ok())
-                .filter(|k| prep.forget.contains(&k.rev_nat_id))
-                .collect();
-            for key in &stale {
-                ignore_missing(self.affinity.remove(key)).with_context(|| {
-                    format!(
-                        "{MAP_AFFINITY}: forget a client of rev-NAT {}",
-                        key.rev_nat_id
-                    )
-                })?;
-            }
-            tracing::debug!(
-                frontends = prep.forget.len(),
-                clients = stale.len(),
-                "session affinity: forgot clients"
-            );
-        }
-        Ok(())
-    }
-
-    fn affinity_commit(&mut self, after: &CurrentState) -> Result<()> {
-        for key in super::affinity::commit(&self.aff_match_cache, after) {
-            self.aff_match.insert(key, 1, 0).with_context(|| {
-                format!(
-                    "{MAP_AFF_MATCH}: insert backend {} of rev-NAT {}",
-                    key.backend_id, key.rev_nat_id
-                )
-            })?;
-            self.aff_match_cache.insert(key);
-        }
-        Ok(())
-    }
-
-    fn sync_meta(
-        &mut self,
-        current: &CurrentState,
-        desired: &crate::model::DesiredState,
-    ) -> Result<()> {
-        let mut wanted = std::collections::HashMap::with_capacity(current.frontends.len());
-        for (fe, cur) in &current.frontends {
-            if let Some(d) = desired.frontends.get(fe) {
-                wanted.insert(cur.rev_nat_id, codec::meta_raw(d));
-            }
-        }
-        for (id, m) in &wanted {
-            if self.meta_cache.get(id) != Some(m) {
-                self.meta
-                    .insert(id, m, 0)
-                    .with_context(|| format!("{MAP_SVC_META}: insert {id}"))?;
-                self.meta_cache.insert(*id, *m);
-            }
-        }
-        let stale: Vec<u32> = self
-            .meta_cache
-            .keys()
-            .filter(|id| !wanted.contains_key(id))
-            .copied()
-            .collect();
-        for id in stale {
-            ignore_missing(self.meta.remove(&id))
-                .with_context(|| format!("{MAP_SVC_META}: delete {id}"))?;
-            self.meta_cache.remove(&id);
-        }
-        Ok(())
     }
 }
 

@@ -5,15 +5,134 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Result, bail};
 use svc_lb_common::{
-    BACKEND_FLAG_LOCAL, Backend, FAMILY_V4, FAMILY_V6, RevNat, SVC_FLAG_AFFINITY, Svc4Key, Svc6Key,
-    SvcMeta, SvcValue,
+    AffinityMatchKey, BACKEND_FLAG_LOCAL, Backend, FAMILY_V4, FAMILY_V6, RevNat, SVC_FLAG_AFFINITY,
+    Svc4Key, Svc6Key, SvcMeta, SvcValue,
 };
 use tracing::warn;
 
 use crate::{
     model::{BackendAddr, DesiredFrontend, FrontendKey, ServiceRef},
-    plan::{BackendEntry, CurrentFrontend, CurrentState},
+    plan::{BackendEntry, CurrentFrontend, CurrentState, Op},
 };
+
+/// One raw map write: `Some` puts the value under the key, `None` deletes the key. The
+/// stores (the real maps and the fake) only carry these out; what an [`Op`] means in
+/// bytes is decided once, by [`encode`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Write {
+    Svc(SvcKey, Option<SvcValue>),
+    Backend(u32, Option<Backend>),
+    RevNat(u32, Option<RevNat>),
+    /// A whole Maglev table (its first `--maglev-table-size` entries).
+    Maglev(u32, Option<Vec<u32>>),
+    /// LPM key (prefix length, key); `true` puts, `false` deletes.
+    SrcRange4(u32, svc_lb_common::SrcRange4Key, bool),
+    SrcRange6(u32, svc_lb_common::SrcRange6Key, bool),
+    AffMatch(AffinityMatchKey, bool),
+    Meta(u32, Option<SvcMeta>),
+    /// Deletes every `LB_AFFINITY_V1` entry of this reverse-NAT id: the clients are
+    /// keys the programs wrote, so only a walk of the map finds them.
+    ForgetClients(u32),
+    /// Deletes the kernel-written per-CPU counters of a backend id or reverse-NAT id
+    /// (a missing key is fine), so that a reused id starts counting from zero.
+    ResetBackendStats(u32),
+    ResetFrontendStats(u32),
+}
+
+/// The raw writes that carry out `op`, in order. `maglev_size` is the table size of
+/// the store. Fails only for an op no plan emits (a Maglev table without backends).
+pub fn encode(op: &Op, maglev_size: u32) -> Result<Vec<Write>> {
+    Ok(match op {
+        Op::UpsertBackend { id, backend } => vec![Write::Backend(*id, Some(backend_raw(backend)))],
+        Op::DeleteBackend { id } => vec![Write::Backend(*id, None), Write::ResetBackendStats(*id)],
+        Op::UpsertRevNat { id, frontend } => vec![Write::RevNat(*id, Some(revnat_raw(frontend)))],
+        Op::DeleteRevNat { id } => vec![Write::RevNat(*id, None), Write::ResetFrontendStats(*id)],
+        Op::UpsertSlot {
+            frontend,
+            slot,
+            backend_id,
+        } => vec![Write::Svc(
+            svc_key(frontend, *slot),
+            Some(slot_value(*backend_id)),
+        )],
+        Op::UpsertMaster {
+            frontend,
+            count,
+            rev_nat_id,
+            flags,
+            affinity_timeout_s,
+        } => vec![Write::Svc(
+            svc_key(frontend, 0),
+            Some(master_value(
+                *count,
+                *rev_nat_id,
+                *flags,
+                *affinity_timeout_s,
+            )),
+        )],
+        Op::DeleteSlot { frontend, slot } => vec![Write::Svc(svc_key(frontend, *slot), None)],
+        Op::DeleteMaster { frontend } => vec![Write::Svc(svc_key(frontend, 0), None)],
+        Op::UpsertMaglev {
+            rev_nat_id,
+            backends,
+        } => {
+            let table = crate::maglev::populate(backends, maglev_size);
+            if table.is_empty() {
+                bail!(
+                    "{}: no backend for the table of rev-NAT {rev_nat_id}",
+                    svc_lb_common::MAP_MAGLEV
+                );
+            }
+            vec![Write::Maglev(*rev_nat_id, Some(table))]
+        }
+        Op::DeleteMaglev { rev_nat_id } => vec![Write::Maglev(*rev_nat_id, None)],
+        Op::UpsertSrcRange { rev_nat_id, range } | Op::DeleteSrcRange { rev_nat_id, range } => {
+            let put = matches!(op, Op::UpsertSrcRange { .. });
+            vec![match range {
+                ipnet::IpNet::V4(net) => {
+                    let (plen, k) = src_range4_key(*rev_nat_id, net);
+                    Write::SrcRange4(plen, k, put)
+                }
+                ipnet::IpNet::V6(net) => {
+                    let (plen, k) = src_range6_key(*rev_nat_id, net);
+                    Write::SrcRange6(plen, k, put)
+                }
+            }]
+        }
+        Op::UpsertAffinityMatch {
+            backend_id,
+            rev_nat_id,
+        }
+        | Op::DeleteAffinityMatch {
+            backend_id,
+            rev_nat_id,
+        } => vec![Write::AffMatch(
+            AffinityMatchKey {
+                backend_id: *backend_id,
+                rev_nat_id: *rev_nat_id,
+            },
+            matches!(op, Op::UpsertAffinityMatch { .. }),
+        )],
+        Op::ForgetAffinity { rev_nat_id } => vec![Write::ForgetClients(*rev_nat_id)],
+        Op::UpsertMeta { rev_nat_id, meta } => vec![Write::Meta(*rev_nat_id, Some(meta_raw(meta)))],
+        Op::DeleteMeta { rev_nat_id } => vec![Write::Meta(*rev_nat_id, None)],
+    })
+}
+
+/// Fills the map-only parts of `state` (affinity match entries, metadata) from raw
+/// map contents, as [`decode_state`] does for the rest.
+pub fn decode_extras(
+    state: &mut CurrentState,
+    aff_match: impl IntoIterator<Item = AffinityMatchKey>,
+    meta: impl IntoIterator<Item = (u32, SvcMeta)>,
+) {
+    state
+        .aff_match
+        .extend(aff_match.into_iter().map(|k| (k.rev_nat_id, k.backend_id)));
+    state
+        .meta
+        .extend(meta.into_iter().map(|(id, m)| (id, meta_from_raw(&m))));
+}
 
 /// A service-map key of either family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -196,24 +315,29 @@ fn get_str(b: &[u8]) -> String {
     String::from_utf8_lossy(&b[..end]).into_owned()
 }
 
-/// The Service identity of a frontend, as `list` and the metrics show it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FrontendMeta {
-    pub service: ServiceRef,
-    pub port_name: String,
-    pub kind: u8,
-    pub flags: u8,
-}
+pub use crate::plan::FrontendMeta;
 
-pub fn meta_raw(d: &DesiredFrontend) -> SvcMeta {
+pub fn meta_raw(m: &FrontendMeta) -> SvcMeta {
     SvcMeta {
-        namespace: put_str(&d.service.namespace),
-        name: put_str(&d.service.name),
-        port_name: put_str(&d.port_name),
-        kind: d.kind,
-        flags: d.meta_flags,
+        namespace: put_str(&m.service.namespace),
+        name: put_str(&m.service.name),
+        port_name: put_str(&m.port_name),
+        kind: m.kind,
+        flags: m.flags,
         _pad: [0; 6],
     }
+}
+
+/// The metadata of a desired frontend exactly as a read-back of the map returns it
+/// (names cut to the field sizes), so that the planner's comparison with the mirror
+/// settles.
+pub fn meta_of(d: &DesiredFrontend) -> FrontendMeta {
+    meta_from_raw(&meta_raw(&FrontendMeta {
+        service: d.service.clone(),
+        port_name: d.port_name.clone(),
+        kind: d.kind,
+        flags: d.meta_flags,
+    }))
 }
 
 pub fn meta_from_raw(m: &SvcMeta) -> FrontendMeta {

@@ -17,13 +17,14 @@ use std::{
 use anyhow::Result;
 use ipnet::IpNet;
 use svc_lb_common::{
-    Backend, MAP_BACKENDS, MAP_MAGLEV, MAP_REVNAT, MAP_SRC_RANGE4, MAP_SRC_RANGE6, MAP_SVC4,
-    MAP_SVC6, MAX_BACKENDS_PER_FRONTEND, RevNat, SCOPE_EXTERNAL, SVC_FLAG_SRC_RANGES, SvcValue,
+    AffinityMatchKey, Backend, MAP_AFF_MATCH, MAP_BACKENDS, MAP_MAGLEV, MAP_REVNAT, MAP_SRC_RANGE4,
+    MAP_SRC_RANGE6, MAP_SVC_META, MAP_SVC4, MAP_SVC6, MAX_BACKENDS_PER_FRONTEND, RevNat,
+    SCOPE_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_SRC_RANGES, SvcMeta, SvcValue,
 };
 
 use super::{
     MapStore,
-    codec::{self, SvcKey},
+    codec::{self, SvcKey, Write},
 };
 use crate::plan::{Capacity, CurrentState, Op};
 
@@ -61,6 +62,10 @@ enum Undo {
     RevNat(u32, Option<RevNat>),
     Maglev(u32, Option<Vec<u32>>),
     SrcRange((u32, IpNet), bool),
+    AffMatch(AffinityMatchKey, bool),
+    Meta(u32, Option<SvcMeta>),
+    Clients(Vec<((u32, u64), u32)>),
+    Nothing,
 }
 
 /// Table size of the fake's Maglev tables: the smallest `--maglev-table-size`, which
@@ -76,6 +81,10 @@ pub struct FakeMaps {
     /// Maglev tables (all `maglev_size` entries) by reverse-NAT id.
     maglev: BTreeMap<u32, Vec<u32>>,
     src_ranges: BTreeSet<(u32, IpNet)>,
+    aff_match: BTreeSet<AffinityMatchKey>,
+    meta: BTreeMap<u32, SvcMeta>,
+    /// `LB_AFFINITY_V1`: (reverse-NAT id, netns cookie) → backend id.
+    clients: BTreeMap<(u32, u64), u32>,
     maglev_size: u32,
     cap: Capacity,
     /// Successful applies still allowed before the injected failure.
@@ -91,6 +100,9 @@ impl FakeMaps {
             rev_nats: BTreeMap::new(),
             maglev: BTreeMap::new(),
             src_ranges: BTreeSet::new(),
+            aff_match: BTreeSet::new(),
+            meta: BTreeMap::new(),
+            clients: BTreeMap::new(),
             maglev_size: FAKE_MAGLEV_SIZE,
             cap,
             fail_in: None,
@@ -180,7 +192,9 @@ impl FakeMaps {
     /// still name backends its slots just dropped): every external master's table holds
     /// exactly the backends of its slots; masters without backends, socket-path masters
     /// and reverse-NAT ids no master names have no table; source ranges exist exactly
-    /// for masters with `SVC_FLAG_SRC_RANGES`.
+    /// for masters with `SVC_FLAG_SRC_RANGES`; the affinity match entries are exactly
+    /// the (slot backend, id) pairs of masters with affinity; metadata exists exactly
+    /// for the ids masters name.
     pub fn check_settled(&self) -> Result<(), FakeError> {
         let bad = |what: String| Err(FakeError::Invariant(what));
         let mut tables_wanted = BTreeSet::new();
@@ -213,6 +227,38 @@ impl FakeMaps {
             if value.flags & SVC_FLAG_SRC_RANGES != 0 {
                 ranges_wanted.insert(value.rev_nat_id);
             }
+        }
+        let mut pairs_wanted = BTreeSet::new();
+        let mut meta_wanted = BTreeSet::new();
+        for (key, value) in &self.svc {
+            let (fe, slot) = codec::frontend_of(key);
+            if slot != 0 {
+                continue;
+            }
+            meta_wanted.insert(value.rev_nat_id);
+            if value.flags & SVC_FLAG_AFFINITY == 0 {
+                continue;
+            }
+            for s in (1..=value.count).filter_map(|s| u16::try_from(s).ok()) {
+                if let Some(v) = self.svc.get(&codec::svc_key(&fe, s)) {
+                    pairs_wanted.insert(AffinityMatchKey {
+                        backend_id: v.backend_id,
+                        rev_nat_id: value.rev_nat_id,
+                    });
+                }
+            }
+        }
+        if self.aff_match != pairs_wanted {
+            return bad(format!(
+                "affinity match entries {:?}, wanted {pairs_wanted:?}",
+                self.aff_match
+            ));
+        }
+        let meta: BTreeSet<u32> = self.meta.keys().copied().collect();
+        if meta != meta_wanted {
+            return bad(format!(
+                "metadata for reverse NATs {meta:?}, wanted for {meta_wanted:?}"
+            ));
         }
         let tables: BTreeSet<u32> = self.maglev.keys().copied().collect();
         if tables != tables_wanted {
@@ -289,6 +335,17 @@ impl FakeMaps {
                 ));
             }
         }
+        // A match entry lets a remembered backend be used: it must name a live backend
+        // and a live frontend id, so that neither can be reused under it.
+        for k in &self.aff_match {
+            if !self.backends.contains_key(&k.backend_id)
+                || !self.rev_nats.contains_key(&k.rev_nat_id)
+            {
+                return bad(format!(
+                    "affinity match entry {k:?} names a missing backend or reverse NAT"
+                ));
+            }
+        }
         if self.backends.contains_key(&0) {
             return bad("backend id 0 is in use".to_owned());
         }
@@ -333,119 +390,164 @@ impl FakeMaps {
         }
     }
 
-    fn change(&mut self, op: &Op) -> Result<Undo, FakeError> {
-        match op {
-            Op::UpsertBackend { id, backend } => {
-                if !self.backends.contains_key(id) && self.backends.len() >= self.cap.backends {
+    /// Carries out one raw write. Deletes of kernel-written counters are no-ops: the
+    /// fake has no traffic to count.
+    fn write(&mut self, w: Write) -> Result<Undo, FakeError> {
+        match w {
+            Write::Svc(key, Some(value)) => self.put_svc(key, value),
+            Write::Svc(key, None) => self.del_svc(key),
+            Write::Backend(id, Some(raw)) => {
+                if !self.backends.contains_key(&id) && self.backends.len() >= self.cap.backends {
                     return Err(FakeError::MapFull {
                         map: MAP_BACKENDS,
                         capacity: self.cap.backends,
                     });
                 }
-                Ok(Undo::Backend(
-                    *id,
-                    self.backends.insert(*id, codec::backend_raw(backend)),
-                ))
+                Ok(Undo::Backend(id, self.backends.insert(id, raw)))
             }
-            Op::DeleteBackend { id } => match self.backends.remove(id) {
-                Some(old) => Ok(Undo::Backend(*id, Some(old))),
+            Write::Backend(id, None) => match self.backends.remove(&id) {
+                Some(old) => Ok(Undo::Backend(id, Some(old))),
                 None => Err(FakeError::NotFound {
                     map: MAP_BACKENDS,
                     key: id.to_string(),
                 }),
             },
-            Op::UpsertRevNat { id, frontend } => {
-                if !self.rev_nats.contains_key(id) && self.rev_nats.len() >= self.cap.rev_nats {
+            Write::RevNat(id, Some(raw)) => {
+                if !self.rev_nats.contains_key(&id) && self.rev_nats.len() >= self.cap.rev_nats {
                     return Err(FakeError::MapFull {
                         map: MAP_REVNAT,
                         capacity: self.cap.rev_nats,
                     });
                 }
-                Ok(Undo::RevNat(
-                    *id,
-                    self.rev_nats.insert(*id, codec::revnat_raw(frontend)),
-                ))
+                Ok(Undo::RevNat(id, self.rev_nats.insert(id, raw)))
             }
-            Op::DeleteRevNat { id } => match self.rev_nats.remove(id) {
-                Some(old) => Ok(Undo::RevNat(*id, Some(old))),
+            Write::RevNat(id, None) => match self.rev_nats.remove(&id) {
+                Some(old) => Ok(Undo::RevNat(id, Some(old))),
                 None => Err(FakeError::NotFound {
                     map: MAP_REVNAT,
                     key: id.to_string(),
                 }),
             },
-            Op::UpsertSlot {
-                frontend,
-                slot,
-                backend_id,
-            } => self.put_svc(
-                codec::svc_key(frontend, *slot),
-                codec::slot_value(*backend_id),
-            ),
-            Op::UpsertMaster {
-                frontend,
-                count,
-                rev_nat_id,
-                flags,
-                affinity_timeout_s,
-            } => self.put_svc(
-                codec::svc_key(frontend, 0),
-                codec::master_value(*count, *rev_nat_id, *flags, *affinity_timeout_s),
-            ),
-            Op::DeleteSlot { frontend, slot } => self.del_svc(codec::svc_key(frontend, *slot)),
-            Op::DeleteMaster { frontend } => self.del_svc(codec::svc_key(frontend, 0)),
-            Op::UpsertMaglev {
-                rev_nat_id,
-                backends,
-            } => {
-                let table = crate::maglev::populate(backends, self.maglev_size);
-                if table.is_empty() {
-                    return Err(FakeError::Invariant(format!(
-                        "empty Maglev table for reverse NAT {rev_nat_id}"
-                    )));
-                }
-                if !self.maglev.contains_key(rev_nat_id)
-                    && self.maglev.len() >= self.cap.maglev_tables
-                {
+            Write::Maglev(id, Some(table)) => {
+                if !self.maglev.contains_key(&id) && self.maglev.len() >= self.cap.maglev_tables {
                     return Err(FakeError::MapFull {
                         map: MAP_MAGLEV,
                         capacity: self.cap.maglev_tables,
                     });
                 }
-                Ok(Undo::Maglev(
-                    *rev_nat_id,
-                    self.maglev.insert(*rev_nat_id, table),
-                ))
+                Ok(Undo::Maglev(id, self.maglev.insert(id, table)))
             }
-            Op::DeleteMaglev { rev_nat_id } => match self.maglev.remove(rev_nat_id) {
-                Some(old) => Ok(Undo::Maglev(*rev_nat_id, Some(old))),
+            Write::Maglev(id, None) => match self.maglev.remove(&id) {
+                Some(old) => Ok(Undo::Maglev(id, Some(old))),
                 None => Err(FakeError::NotFound {
                     map: MAP_MAGLEV,
-                    key: rev_nat_id.to_string(),
+                    key: id.to_string(),
                 }),
             },
-            Op::UpsertSrcRange { rev_nat_id, range } => {
-                let key = (*rev_nat_id, *range);
-                let (map, v6, cap) = Self::src_range_map(range);
-                if !self.src_ranges.contains(&key) && self.src_ranges_of(v6) >= cap(&self.cap) {
-                    return Err(FakeError::MapFull {
-                        map,
-                        capacity: cap(&self.cap),
-                    });
-                }
-                Ok(Undo::SrcRange(key, !self.src_ranges.insert(key)))
+            Write::SrcRange4(plen, k, put) => {
+                let key = codec::src_range4_from_raw(plen, &k)
+                    .map_err(|e| FakeError::Invariant(format!("source-range key: {e:#}")))?;
+                self.src_range(key, put)
             }
-            Op::DeleteSrcRange { rev_nat_id, range } => {
-                let key = (*rev_nat_id, *range);
-                if self.src_ranges.remove(&key) {
-                    Ok(Undo::SrcRange(key, true))
+            Write::SrcRange6(plen, k, put) => {
+                let key = codec::src_range6_from_raw(plen, &k)
+                    .map_err(|e| FakeError::Invariant(format!("source-range key: {e:#}")))?;
+                self.src_range(key, put)
+            }
+            Write::AffMatch(key, true) => Ok(Undo::AffMatch(key, !self.aff_match.insert(key))),
+            Write::AffMatch(key, false) => {
+                if self.aff_match.remove(&key) {
+                    Ok(Undo::AffMatch(key, true))
                 } else {
                     Err(FakeError::NotFound {
-                        map: Self::src_range_map(range).0,
-                        key: format!("{rev_nat_id} {range}"),
+                        map: MAP_AFF_MATCH,
+                        key: format!("{key:?}"),
                     })
                 }
             }
+            Write::Meta(id, Some(raw)) => Ok(Undo::Meta(id, self.meta.insert(id, raw))),
+            Write::Meta(id, None) => match self.meta.remove(&id) {
+                Some(old) => Ok(Undo::Meta(id, Some(old))),
+                None => Err(FakeError::NotFound {
+                    map: MAP_SVC_META,
+                    key: id.to_string(),
+                }),
+            },
+            Write::ForgetClients(id) => {
+                let gone: Vec<((u32, u64), u32)> = self
+                    .clients
+                    .range((id, 0)..=(id, u64::MAX))
+                    .map(|(k, v)| (*k, *v))
+                    .collect();
+                for (k, _) in &gone {
+                    self.clients.remove(k);
+                }
+                Ok(Undo::Clients(gone))
+            }
+            Write::ResetBackendStats(_) | Write::ResetFrontendStats(_) => Ok(Undo::Nothing),
         }
+    }
+
+    fn src_range(&mut self, key: (u32, IpNet), put: bool) -> Result<Undo, FakeError> {
+        let (map, v6, cap) = Self::src_range_map(&key.1);
+        if put {
+            if !self.src_ranges.contains(&key) && self.src_ranges_of(v6) >= cap(&self.cap) {
+                return Err(FakeError::MapFull {
+                    map,
+                    capacity: cap(&self.cap),
+                });
+            }
+            Ok(Undo::SrcRange(key, !self.src_ranges.insert(key)))
+        } else if self.src_ranges.remove(&key) {
+            Ok(Undo::SrcRange(key, true))
+        } else {
+            Err(FakeError::NotFound {
+                map,
+                key: format!("{} {}", key.0, key.1),
+            })
+        }
+    }
+
+    /// Carries out the raw writes of `op`; on error, undoes those already done.
+    fn change(&mut self, op: &Op) -> Result<Vec<Undo>, FakeError> {
+        let writes = codec::encode(op, self.maglev_size)
+            .map_err(|e| FakeError::Invariant(format!("{e:#}")))?;
+        let mut undos = Vec::with_capacity(writes.len());
+        for w in writes {
+            match self.write(w) {
+                Ok(u) => undos.push(u),
+                Err(e) => {
+                    self.undo_all(undos);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(undos)
+    }
+
+    fn undo_all(&mut self, undos: Vec<Undo>) {
+        for u in undos.into_iter().rev() {
+            self.undo(u);
+        }
+    }
+
+    /// A client the socket programs remember for frontend `rev_nat_id` (the fake's
+    /// stand-in for `LB_AFFINITY_V1`, which only the programs write).
+    pub fn remember_client(&mut self, rev_nat_id: u32, netns_cookie: u64, backend_id: u32) {
+        self.clients.insert((rev_nat_id, netns_cookie), backend_id);
+    }
+
+    /// Remembered clients: (reverse-NAT id, netns cookie) → backend id.
+    pub fn clients(&self) -> &BTreeMap<(u32, u64), u32> {
+        &self.clients
+    }
+
+    pub fn aff_match(&self) -> &BTreeSet<AffinityMatchKey> {
+        &self.aff_match
+    }
+
+    pub fn meta(&self) -> &BTreeMap<u32, SvcMeta> {
+        &self.meta
     }
 
     fn undo(&mut self, undo: Undo) {
@@ -467,6 +569,16 @@ impl FakeMaps {
                     self.src_ranges.remove(&k);
                 }
             }
+            Undo::AffMatch(k, present) => {
+                if present {
+                    self.aff_match.insert(k);
+                } else {
+                    self.aff_match.remove(&k);
+                }
+            }
+            Undo::Meta(k, old) => restore(&mut self.meta, k, old),
+            Undo::Clients(gone) => self.clients.extend(gone),
+            Undo::Nothing => {}
         }
     }
 }
@@ -489,6 +601,11 @@ impl MapStore for FakeMaps {
             })
             .collect();
         state.src_ranges = self.src_ranges.clone();
+        codec::decode_extras(
+            &mut state,
+            self.aff_match.iter().copied(),
+            self.meta.iter().map(|(id, m)| (*id, *m)),
+        );
         Ok(state)
     }
 
@@ -503,7 +620,7 @@ impl MapStore for FakeMaps {
         }
         let undo = self.change(op)?;
         if let Err(e) = self.check_invariants() {
-            self.undo(undo);
+            self.undo_all(undo);
             return Err(e.into());
         }
         self.applied += 1;

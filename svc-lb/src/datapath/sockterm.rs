@@ -41,7 +41,7 @@
 //! the same without visiting namespaces; aya 0.14 cannot load such a program (see the
 //! README), so this is the one mechanism, and [`SockTermMode`] says whether it works.
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     fs::File,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     os::{
@@ -73,7 +73,7 @@ use tracing::{debug, info, warn};
 use super::codec::{addr_words, port_be, port_from_be, v4_from_word, v6_from_words};
 use crate::{
     model::{BackendAddr, FrontendKey},
-    plan::CurrentState,
+    plan::{CurrentState, Op},
 };
 
 /// How the agent ends sockets pinned to removed backends. The kernel-feature probe
@@ -108,13 +108,59 @@ fn slot_backends(state: &CurrentState, fe: &FrontendKey) -> HashSet<BackendAddr>
         .unwrap_or_default()
 }
 
+/// The pairs that are usable in `before` and stop being usable once `ops` (a plan) are
+/// applied. Only the frontends the plan writes can lose a backend, so only they are
+/// mirrored forward: the cost follows the plan, not the size of the maps.
+pub fn stopped(before: &CurrentState, ops: &[Op]) -> Vec<Stopped> {
+    let touched: BTreeSet<FrontendKey> = ops
+        .iter()
+        .filter_map(Op::frontend)
+        .filter(|fe| socket_frontend(fe))
+        .copied()
+        .collect();
+    if touched.is_empty() {
+        return Vec::new();
+    }
+    let mut was = CurrentState::default();
+    for fe in &touched {
+        if let Some(cf) = before.frontends.get(fe) {
+            was.frontends.insert(*fe, cf.clone());
+        }
+    }
+    // The addresses behind every id these frontends name, before and after.
+    let named = was
+        .frontends
+        .values()
+        .flat_map(|cf| cf.backend_ids.iter().copied())
+        .chain(ops.iter().filter_map(|op| match op {
+            Op::UpsertSlot { backend_id, .. } => Some(*backend_id),
+            _ => None,
+        }));
+    for id in named {
+        if let Some(b) = before.backends.get(&id) {
+            was.backends.insert(id, *b);
+        }
+    }
+    let mut after = was.clone();
+    for op in ops {
+        let mine = match op {
+            Op::UpsertBackend { .. } | Op::DeleteBackend { .. } => true,
+            other => other.frontend().is_some_and(|fe| touched.contains(fe)),
+        };
+        if mine {
+            after.apply(op);
+        }
+    }
+    between(&was, &after)
+}
+
 /// The pairs that are usable in `before` and not in `after`. Only socket-program
 /// frontends (`SCOPE_ALL`) of UDP and TCP count: the external path has no sockets on
 /// this node to end.
-pub fn stopped(before: &CurrentState, after: &CurrentState) -> Vec<Stopped> {
+fn between(before: &CurrentState, after: &CurrentState) -> Vec<Stopped> {
     let mut out = Vec::new();
     for fe in before.frontends.keys() {
-        if fe.scope != SCOPE_ALL || (fe.proto != PROTO_UDP && fe.proto != PROTO_TCP) {
+        if !socket_frontend(fe) {
             continue;
         }
         let now = slot_backends(after, fe);
@@ -129,6 +175,10 @@ pub fn stopped(before: &CurrentState, after: &CurrentState) -> Vec<Stopped> {
         }));
     }
     out
+}
+
+fn socket_frontend(fe: &FrontendKey) -> bool {
+    fe.scope == SCOPE_ALL && (fe.proto == PROTO_UDP || fe.proto == PROTO_TCP)
 }
 
 /// Keeps the pairs that are still unusable in `state` (the maps after an apply, which
@@ -1016,18 +1066,61 @@ mod tests {
         let before = state(&[(dns, &[a, b]), (other, &[a])]);
         let after = state(&[(dns, &[b, c]), (other, &[a])]);
         assert_eq!(
-            stopped(&before, &after),
+            between(&before, &after),
             vec![Stopped {
                 frontend: dns,
                 backend: a
             }]
         );
         // Nothing left, nothing added: nothing stops.
-        assert!(stopped(&before, &before).is_empty());
-        assert!(stopped(&after, &before).contains(&Stopped {
+        assert!(between(&before, &before).is_empty());
+        assert!(between(&after, &before).contains(&Stopped {
             frontend: dns,
             backend: c
         }));
+    }
+
+    #[test]
+    fn a_plan_stops_what_it_takes_out_of_the_frontends_it_writes() {
+        let dns = fe("10.96.0.10", 53, PROTO_UDP);
+        let other = fe("10.96.0.11", 53, PROTO_UDP);
+        let (a, b) = (be("10.0.0.1", 53, PROTO_UDP), be("10.0.0.2", 53, PROTO_UDP));
+        let before = state(&[(dns, &[a, b]), (other, &[a])]);
+        let id_of = |addr| {
+            *before
+                .backends
+                .iter()
+                .find(|(_, e)| e.addr == addr)
+                .unwrap()
+                .0
+        };
+        // dns keeps b only: slot 1 gets b, the master shrinks, slot 2 goes.
+        let ops = [
+            Op::UpsertSlot {
+                frontend: dns,
+                slot: 1,
+                backend_id: id_of(b),
+            },
+            Op::UpsertMaster {
+                frontend: dns,
+                count: 1,
+                rev_nat_id: before.frontends[&dns].rev_nat_id,
+                flags: 0,
+                affinity_timeout_s: 0,
+            },
+            Op::DeleteSlot {
+                frontend: dns,
+                slot: 2,
+            },
+        ];
+        assert_eq!(
+            stopped(&before, &ops),
+            vec![Stopped {
+                frontend: dns,
+                backend: a
+            }]
+        );
+        assert!(stopped(&before, &[]).is_empty());
     }
 
     #[test]
@@ -1035,7 +1128,7 @@ mod tests {
         let dns = fe("fd00:96::10", 53, PROTO_UDP);
         let (a, b) = (be("fd00::1", 53, PROTO_UDP), be("fd00::2", 53, PROTO_UDP));
         let before = state(&[(dns, &[a, b])]);
-        let got = stopped(&before, &CurrentState::default());
+        let got = between(&before, &CurrentState::default());
         assert_eq!(got.len(), 2);
         assert!(got.iter().all(|s| s.frontend == dns));
     }
@@ -1049,7 +1142,7 @@ mod tests {
             (ext, &[be("10.0.0.1", 53, PROTO_UDP)]),
             (sctp, &[be("10.0.0.1", 99, svc_lb_common::PROTO_SCTP)]),
         ]);
-        assert!(stopped(&before, &CurrentState::default()).is_empty());
+        assert!(between(&before, &CurrentState::default()).is_empty());
     }
 
     #[test]
@@ -1058,7 +1151,7 @@ mod tests {
         let (a, b) = (be("10.0.0.1", 53, PROTO_UDP), be("10.0.0.2", 53, PROTO_UDP));
         let before = state(&[(dns, &[a, b])]);
         let planned = state(&[]);
-        let mut pairs = stopped(&before, &planned);
+        let mut pairs = between(&before, &planned);
         assert_eq!(pairs.len(), 2);
         // The apply stopped after removing b only.
         let partial = state(&[(dns, &[a])]);

@@ -2,23 +2,26 @@
 //!
 //! Phases, in the order the operations are emitted:
 //!
-//! 1. removed frontends, one at a time: master, then every slot, then the reverse-NAT
-//!    entry once no remaining master names it; then stale slots of frontends whose
+//! 0. (`extras`) leaving affinity match entries, forgotten clients, leaving metadata;
+//! 1. removed frontends, one at a time: master, then every slot, then (once no
+//!    remaining master names the id) its table and source ranges and its reverse-NAT
+//!    entry; then stale slots of frontends whose
 //!    Service was rejected (they sit above the count, so nothing reads them); then
 //!    reverse-NAT entries no master names and no frontend will adopt;
 //! 2. backends that are new or change state;
 //! 3. each changed frontend: its new reverse-NAT entry, the slots whose backend changes,
 //!    the master (only if count, flags or reverse NAT change), then the slots above the
 //!    new count; frontends that shrink the map go first, so that the entries they free
-//!    make room for those that grow. Reverse-NAT entries no master names any more follow;
-//!    Within a changed external frontend: new source ranges and its Maglev table go
+//!    make room for those that grow. Within a changed external frontend: new source ranges and its Maglev table go
 //!    after its slots and before its master; leaving source ranges, and the table when
 //!    the count drops to 0, after it. Then tables and source ranges of reverse-NAT ids
-//!    no master names any more;
+//!    no master names any more, then those reverse-NAT entries (an entry outlives what
+//!    it keys, so a plan of a few frontends finds it all through the entry);
 //! 4. backends no slot (and no Maglev table of a frontend left as it is) names any more,
 //!    except those an admitted external frontend drains (`DesiredState::draining`):
 //!    they stay, as `BACKEND_DRAINING` unless a slot still names them, until their
-//!    endpoint stops serving.
+//!    endpoint stops serving;
+//! 5. (`extras`) new affinity match entries, new or changed metadata.
 //!
 //! Ids never change meaning within one plan: an id freed by a plan is reused only by a
 //! later plan, so a connection that raced with the update never finds a different
@@ -37,6 +40,8 @@ use svc_lb_common::{
 
 use super::{
     BackendEntry, Capacity, CurrentFrontend, CurrentState, Op, Plan, Rejected,
+    extras::{Final, plan_extras},
+    index::Index,
     mirror::{has_master, present_slots},
 };
 use crate::model::{BackendAddr, DesiredFrontend, DesiredState, FrontendKey, ServiceRef};
@@ -452,6 +457,17 @@ fn allocator(used: &BTreeSet<u32>) -> IdAllocator<'_> {
 /// order. What a rejected Service has programmed is emptied (no backends: connections
 /// are refused) rather than left routing to its old backends.
 pub fn plan(current: &CurrentState, desired: &DesiredState, cap: &Capacity) -> Plan {
+    plan_with(current, desired, cap, None)
+}
+
+/// [`plan`], with fresh ids taken from `ids` (the index of a larger state that
+/// `current` is a part of) instead of from `current` alone.
+pub(super) fn plan_with(
+    current: &CurrentState,
+    desired: &DesiredState,
+    cap: &Capacity,
+    ids: Option<&Index>,
+) -> Plan {
     // The lowest id of each backend address is the one kept; duplicates are orphans.
     let mut by_addr: BTreeMap<BackendAddr, u32> = BTreeMap::new();
     for (id, b) in &current.backends {
@@ -646,7 +662,10 @@ pub fn plan(current: &CurrentState, desired: &DesiredState, cap: &Capacity) -> P
 
     // New ids go to admitted frontends only, lowest first, in address / key order.
     let mut backend_ids = by_addr.clone();
-    let mut fresh_ids = allocator(&used_backend_ids);
+    let mut fresh_ids: Box<dyn Iterator<Item = u32>> = match ids {
+        Some(ix) => Box::new(ix.fresh_backend_ids()),
+        None => Box::new(allocator(&used_backend_ids)),
+    };
     for addr in &budget.new_backends {
         if let Some(id) = fresh_ids.next() {
             backend_ids.insert(*addr, id);
@@ -658,7 +677,10 @@ pub fn plan(current: &CurrentState, desired: &DesiredState, cap: &Capacity) -> P
     // plan: until then their ids must not name a new frontend.
     used_rev_ids.extend(current.maglev.keys().copied());
     used_rev_ids.extend(current.src_ranges.iter().map(|(id, _)| *id));
-    let mut fresh_rev = allocator(&used_rev_ids);
+    let mut fresh_rev: Box<dyn Iterator<Item = u32>> = match ids {
+        Some(ix) => Box::new(ix.fresh_rev_nat_ids()),
+        None => Box::new(allocator(&used_rev_ids)),
+    };
     let mut rev_ids: BTreeMap<FrontendKey, u32> = BTreeMap::new();
     let mut new_rev_nats: BTreeSet<FrontendKey> = BTreeSet::new();
     for c in &admitted {
@@ -713,11 +735,13 @@ pub fn plan(current: &CurrentState, desired: &DesiredState, cap: &Capacity) -> P
             let id = cf.rev_nat_id;
             if let Some(left) = removed_refs.get_mut(&id) {
                 *left -= 1;
-                if *left == 0 && phase1_rev_nats.contains(&id) {
-                    ops.push(Op::DeleteRevNat { id });
-                }
+                // Tables and ranges before the entry: a plan of a few frontends finds
+                // an id through its entry, so an interrupted apply leaves none behind.
                 if *left == 0 && !claimed.contains(&id) {
                     drop_extras(id, &mut ops, &mut tables, &mut ranges);
+                }
+                if *left == 0 && phase1_rev_nats.contains(&id) {
+                    ops.push(Op::DeleteRevNat { id });
                 }
             }
         }
@@ -789,6 +813,8 @@ pub fn plan(current: &CurrentState, desired: &DesiredState, cap: &Capacity) -> P
     // the ids a plan needs by the free id space, so this stays empty in practice; it
     // exists so that such a frontend is treated like a rejected one, never half-written.
     let mut untouched: Vec<&Candidate<'_>> = Vec::new();
+    // What each written frontend ends as: (key, rev-NAT id, flags, backend ids).
+    let mut written: Vec<(&Candidate<'_>, u32, u16, Vec<u32>)> = Vec::new();
     for c in changed {
         let fe = *c.key();
         let ids: Option<Vec<u32>> = c
@@ -887,6 +913,7 @@ pub fn plan(current: &CurrentState, desired: &DesiredState, cap: &Capacity) -> P
         if !wants_table(c.desired) && tables.remove(&rev_nat_id) {
             ops.push(Op::DeleteMaglev { rev_nat_id });
         }
+        written.push((c, rev_nat_id, flags, ids));
     }
     let as_is: Vec<&CurrentFrontend> = kept
         .iter()
@@ -904,13 +931,6 @@ pub fn plan(current: &CurrentState, desired: &DesiredState, cap: &Capacity) -> P
                 .map(|cf| cf.rev_nat_id),
         )
         .collect();
-    ops.extend(
-        current
-            .rev_nats
-            .keys()
-            .filter(|id| !phase1_rev_nats.contains(id) && !final_rev_ids.contains(id))
-            .map(|&id| Op::DeleteRevNat { id }),
-    );
     let extra_ids: BTreeSet<u32> = tables
         .iter()
         .copied()
@@ -921,6 +941,13 @@ pub fn plan(current: &CurrentState, desired: &DesiredState, cap: &Capacity) -> P
         drop_extras(id, &mut ops, &mut tables, &mut ranges);
     }
 
+    ops.extend(
+        current
+            .rev_nats
+            .keys()
+            .filter(|id| !phase1_rev_nats.contains(id) && !final_rev_ids.contains(id))
+            .map(|&id| Op::DeleteRevNat { id }),
+    );
     // Phase 4.
     let mut final_backend_ids: BTreeSet<u32> = wanted.keys().copied().collect();
     for cf in &as_is {
@@ -940,6 +967,40 @@ pub fn plan(current: &CurrentState, desired: &DesiredState, cap: &Capacity) -> P
             .filter(|id| !final_backend_ids.contains(id))
             .map(|&id| Op::DeleteBackend { id }),
     );
+
+    // Affinity match entries and metadata of the frontends as the plan leaves them.
+    let mut finals: Vec<Final<'_>> = written
+        .iter()
+        .map(|(c, rev_nat_id, flags, ids)| Final {
+            rev_nat_id: *rev_nat_id,
+            flags: *flags,
+            ids,
+            desired: c.desired,
+        })
+        .collect();
+    let unwritten = admitted
+        .iter()
+        .filter(|c| !c.changed)
+        .chain(&kept)
+        .chain(&untouched);
+    for c in unwritten {
+        if let Some(cf) = c.current.filter(|cf| has_master(cf)) {
+            finals.push(Final {
+                rev_nat_id: cf.rev_nat_id,
+                flags: cf.flags,
+                ids: &cf.backend_ids,
+                desired: c.desired,
+            });
+        }
+    }
+    let (first, last) = plan_extras(current, &finals);
+    let ops = if first.is_empty() {
+        ops
+    } else {
+        first.into_iter().chain(ops).collect()
+    };
+    let mut ops = ops;
+    ops.extend(last);
 
     Plan { ops, rejected }
 }

@@ -81,6 +81,18 @@ impl CurrentState {
     /// that were above the count when this mirror was read back, should a master grow
     /// over them without rewriting them; the planner never emits that.)
     pub fn apply(&mut self, op: &Op) {
+        let mut index = self.index_cache.0.take();
+        if let Some(ix) = index.as_mut() {
+            ix.account(self, op, false);
+        }
+        self.apply_to_maps(op);
+        if let Some(ix) = index.as_mut() {
+            ix.account(self, op, true);
+        }
+        self.index_cache.0 = index;
+    }
+
+    fn apply_to_maps(&mut self, op: &Op) {
         match op {
             Op::UpsertBackend { id, backend } => {
                 self.backends.insert(*id, *backend);
@@ -102,6 +114,26 @@ impl CurrentState {
             }
             Op::DeleteSrcRange { rev_nat_id, range } => {
                 self.src_ranges.remove(&(*rev_nat_id, *range));
+            }
+            Op::UpsertAffinityMatch {
+                backend_id,
+                rev_nat_id,
+            } => {
+                self.aff_match.insert((*rev_nat_id, *backend_id));
+            }
+            Op::DeleteAffinityMatch {
+                backend_id,
+                rev_nat_id,
+            } => {
+                self.aff_match.remove(&(*rev_nat_id, *backend_id));
+            }
+            // The remembered clients are the programs' state, not mirrored.
+            Op::ForgetAffinity { .. } => {}
+            Op::UpsertMeta { rev_nat_id, meta } => {
+                self.meta.insert(*rev_nat_id, meta.clone());
+            }
+            Op::DeleteMeta { rev_nat_id } => {
+                self.meta.remove(rev_nat_id);
             }
             Op::UpsertRevNat { id, frontend } => {
                 // The reverse-NAT entry stores no scope; a read-back reports SCOPE_ALL.
@@ -170,7 +202,7 @@ impl CurrentState {
     }
 
     /// Slots of `frontend` in the map, with their backend ids (0 if unknown).
-    fn slots_with_ids(&self, frontend: &FrontendKey) -> Vec<(u16, u32)> {
+    pub(super) fn slots_with_ids(&self, frontend: &FrontendKey) -> Vec<(u16, u32)> {
         let Some(cf) = self.frontends.get(frontend) else {
             return Vec::new();
         };

@@ -22,9 +22,13 @@ use ipnet::IpNet;
 use crate::model::{BackendAddr, FrontendKey, ServiceRef};
 
 mod diff;
+mod extras;
+pub mod index;
 mod mirror;
+mod touched;
 pub use diff::plan;
 pub use mirror::SlotIdsAboveCount;
+pub use touched::plan_touched;
 
 #[cfg(test)]
 mod proptests;
@@ -71,6 +75,24 @@ pub struct CurrentState {
     pub maglev: BTreeMap<u32, Vec<u32>>,
     /// Source-range entries: (reverse-NAT id, prefix).
     pub src_ranges: BTreeSet<(u32, IpNet)>,
+    /// Session-affinity match entries, as (reverse-NAT id, backend id): the backends a
+    /// remembered choice may still be used for (see the `extras` module).
+    pub aff_match: BTreeSet<(u32, u32)>,
+    /// Service metadata by reverse-NAT id, as `list` and the metrics read it.
+    pub meta: BTreeMap<u32, FrontendMeta>,
+    /// The accounting [`plan_touched`] works from (see [`index::Index`]); ignored by
+    /// `==`.
+    pub index_cache: index::IndexSlot,
+}
+
+/// The Service identity of a frontend, as `list` and the metrics show it (stored in
+/// `LB_SVC_META_V1`; the datapath never reads it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendMeta {
+    pub service: ServiceRef,
+    pub port_name: String,
+    pub kind: u8,
+    pub flags: u8,
 }
 
 /// One map write or delete.
@@ -126,6 +148,43 @@ pub enum Op {
         rev_nat_id: u32,
         range: IpNet,
     },
+    /// Lets the socket programs use a remembered backend `backend_id` for the frontend
+    /// with affinity `rev_nat_id`.
+    UpsertAffinityMatch {
+        backend_id: u32,
+        rev_nat_id: u32,
+    },
+    DeleteAffinityMatch {
+        backend_id: u32,
+        rev_nat_id: u32,
+    },
+    /// Forgets every client the socket programs remember for `rev_nat_id` (affinity
+    /// switched off, or the frontend goes away): a later frontend with affinity under
+    /// this id starts afresh. The clients are not mirrored; the op is never planned
+    /// twice for the same change because the mirror's masters say affinity is off.
+    ForgetAffinity {
+        rev_nat_id: u32,
+    },
+    UpsertMeta {
+        rev_nat_id: u32,
+        meta: FrontendMeta,
+    },
+    DeleteMeta {
+        rev_nat_id: u32,
+    },
+}
+
+impl Op {
+    /// The frontend whose service-map entries this op writes, if any.
+    pub fn frontend(&self) -> Option<&FrontendKey> {
+        match self {
+            Op::UpsertSlot { frontend, .. }
+            | Op::UpsertMaster { frontend, .. }
+            | Op::DeleteSlot { frontend, .. }
+            | Op::DeleteMaster { frontend } => Some(frontend),
+            _ => None,
+        }
+    }
 }
 
 /// The ids a Maglev table built from `backends` holds: sorted, unique, no id 0.

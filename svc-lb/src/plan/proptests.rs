@@ -633,3 +633,106 @@ proptest! {
         }
     }
 }
+
+/// `prev` with the frontends in `touched` (and their draining lists) taken from `cand`.
+fn touch(
+    prev: &DesiredState,
+    cand: &DesiredState,
+    touched: &BTreeSet<FrontendKey>,
+) -> DesiredState {
+    let mut next = prev.clone();
+    for fe in touched {
+        match cand.frontends.get(fe) {
+            Some(d) => next.frontends.insert(*fe, d.clone()),
+            None => next.frontends.remove(fe),
+        };
+        match cand.draining.get(fe) {
+            Some(d) => next.draining.insert(*fe, d.clone()),
+            None => next.draining.remove(fe),
+        };
+    }
+    next
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    #[test]
+    fn touched_plans_reach_what_the_full_plan_would(
+        seq in prop::collection::vec(
+            (desired_state(), any::<u16>(), prop::option::weighted(0.4, any::<prop::sample::Index>())),
+            1..8,
+        ),
+    ) {
+        let mut rig = Rig::new(roomy());
+        let mut desired = DesiredState::default();
+        for (cand, mask, cut) in &seq {
+            let keys: BTreeSet<FrontendKey> =
+                desired.frontends.keys().chain(cand.frontends.keys()).copied().collect();
+            let touched: BTreeSet<FrontendKey> = keys
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| mask >> (i % 16) & 1 == 1)
+                .map(|(_, k)| k)
+                .collect();
+            desired = touch(&desired, cand, &touched);
+            let cap = rig.fake.capacity();
+            if let Some(cut) = cut {
+                let p = plan_touched(&rig.current, &desired, &touched, &cap);
+                if !p.ops.is_empty() {
+                    rig.fake.fail_after(cut.index(p.ops.len()));
+                    let err = apply_plan(&mut rig.fake, &mut rig.current, &p).unwrap_err();
+                    prop_assert_eq!(err.downcast_ref::<FakeError>(), Some(&FakeError::Injected), "{:#}", err);
+                    prop_assert_eq!(&rig.current, &rig.fake.read_current().unwrap());
+                    // Half the time the agent keeps its mirror (and index), half the
+                    // time it re-reads the maps.
+                    if cut.index(2) == 0 {
+                        rig.current = rig.fake.read_current().unwrap();
+                    }
+                }
+            }
+            let mut settled = false;
+            for _ in 0..3 {
+                let p = plan_touched(&rig.current, &desired, &touched, &cap);
+                prop_assert_eq!(&p.rejected, &vec![]);
+                if p.ops.is_empty() {
+                    settled = true;
+                    break;
+                }
+                if let Err(e) = apply_plan(&mut rig.fake, &mut rig.current, &p) {
+                    return Err(TestCaseError::fail(format!("apply failed: {e:#}")));
+                }
+            }
+            prop_assert!(settled, "touched plans did not converge");
+            if let Err(e) = rig.fake.check_settled() {
+                return Err(TestCaseError::fail(format!("after touched plans: {e}")));
+            }
+            prop_assert_eq!(&rig.current, &rig.fake.read_current().unwrap());
+            // The index kept by every op equals one built afresh.
+            if let Some(kept) = rig.current.index() {
+                let mut fresh = rig.current.clone();
+                fresh.build_index();
+                prop_assert_eq!(format!("{kept:?}"), format!("{:?}", fresh.index().unwrap()));
+            }
+            // Converged: the full plan (the periodic safety net) finds nothing to do.
+            // Converged up to two known things the full plan settles: a backend entry
+            // that an interrupted touched plan left with no user and no address any
+            // touched frontend wants is out of the touched plans' sight; and the state
+            // and locality of an entry shared with untouched frontends are decided
+            // from every frontend's wishes, which only the full plan sees.
+            let full = plan(&rig.current, &desired, &cap);
+            prop_assert!(
+                full.ops.iter().all(|op| match op {
+                    Op::DeleteBackend { id } => rig.current.index().is_none_or(|ix| ix.backend_users(*id) == 0),
+                    Op::UpsertBackend { id, backend } => rig.current.backends.get(id).is_some_and(|b| b.addr == backend.addr),
+                    _ => false,
+                }),
+                "full plan after touched plans: {:?}", full.ops
+            );
+            if let Err(e) = apply_plan(&mut rig.fake, &mut rig.current, &full) {
+                return Err(TestCaseError::fail(format!("apply failed: {e:#}")));
+            }
+            prop_assert_eq!(plan(&rig.current, &desired, &cap).ops, vec![]);
+        }
+    }
+}

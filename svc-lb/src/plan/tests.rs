@@ -1,6 +1,6 @@
 //! Hand-written transitions with their exact operation lists, capacity admission, and
 //! the mirror. Shared helpers are `pub(super)` for the property tests.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use svc_lb_common::{
     BACKEND_ACTIVE, BACKEND_TERMINATING, MAX_BACKENDS_PER_FRONTEND, PROTO_TCP, PROTO_UDP,
@@ -273,6 +273,24 @@ fn fe2() -> FrontendKey {
     fe("10.96.0.2", 80)
 }
 
+/// The ops of a plan without its affinity and metadata ops (`extras`), which the
+/// tests of those check on their own.
+fn core(ops: &[Op]) -> Vec<Op> {
+    ops.iter()
+        .filter(|op| {
+            !matches!(
+                op,
+                Op::UpsertAffinityMatch { .. }
+                    | Op::DeleteAffinityMatch { .. }
+                    | Op::ForgetAffinity { .. }
+                    | Op::UpsertMeta { .. }
+                    | Op::DeleteMeta { .. }
+            )
+        })
+        .cloned()
+        .collect()
+}
+
 fn one(backends: &[DesiredBackend]) -> DesiredState {
     state(vec![frontend("a", fe1(), backends)])
 }
@@ -282,7 +300,7 @@ fn add_service_writes_backends_revnat_slots_then_master() {
     let mut rig = Rig::new(big());
     let p = rig.sync(&one(&[be("10.0.0.2"), be("10.0.0.1")]));
     assert_eq!(
-        p.ops,
+        core(&p.ops),
         vec![
             ub(1, be("10.0.0.1")),
             ub(2, be("10.0.0.2")),
@@ -390,7 +408,7 @@ fn remove_service_deletes_master_first_and_backends_last() {
     rig.sync(&one(&[be("10.0.0.1"), be("10.0.0.2")]));
     let p = rig.sync(&DesiredState::default());
     assert_eq!(
-        p.ops,
+        core(&p.ops),
         vec![dm(fe1()), ds(fe1(), 1), ds(fe1(), 2), dr(1), db(1), db(2)]
     );
     assert_eq!(rig.current, CurrentState::default());
@@ -409,7 +427,7 @@ fn shared_backend_has_one_id_and_outlives_one_of_its_frontends() {
         frontend("b", fe2(), &[be("10.0.0.1"), be("10.0.0.2")]),
     ]);
     assert_eq!(
-        rig.sync(&both).ops,
+        core(&rig.sync(&both).ops),
         vec![
             ub(1, be("10.0.0.1")),
             ub(2, be("10.0.0.2")),
@@ -427,7 +445,10 @@ fn shared_backend_has_one_id_and_outlives_one_of_its_frontends() {
         fe2(),
         &[be("10.0.0.1"), be("10.0.0.2")],
     )]);
-    assert_eq!(rig.sync(&only_b).ops, vec![dm(fe1()), ds(fe1(), 1), dr(1)]);
+    assert_eq!(
+        core(&rig.sync(&only_b).ops),
+        vec![dm(fe1()), ds(fe1(), 1), dr(1)]
+    );
     assert_eq!(
         served(&rig.fake, &fe2()),
         Some(expect_served(&only_b.frontends[&fe2()]))
@@ -438,7 +459,7 @@ fn shared_backend_has_one_id_and_outlives_one_of_its_frontends() {
         frontend("b", fe2(), &[be("10.0.0.1"), be("10.0.0.2")]),
         frontend("c", fe3, &[]),
     ]);
-    assert_eq!(rig.sync(&again).ops, vec![ur(1, fe3), um(fe3, 0, 1)]);
+    assert_eq!(core(&rig.sync(&again).ops), vec![ur(1, fe3), um(fe3, 0, 1)]);
 }
 
 #[test]
@@ -450,7 +471,7 @@ fn ipv6_and_dual_stack_frontends() {
         frontend("a", fe6, &[be("fd00:1::2"), be("fd00:1::1")]),
     ]);
     assert_eq!(
-        rig.sync(&d).ops,
+        core(&rig.sync(&d).ops),
         vec![
             ub(1, be("10.0.0.1")),
             ub(2, be("fd00:1::1")),
@@ -482,7 +503,7 @@ fn ipv6_and_dual_stack_frontends() {
     );
     let v4_only = state(vec![frontend("a", fe1(), &[be("10.0.0.1")])]);
     assert_eq!(
-        rig.sync(&v4_only).ops,
+        core(&rig.sync(&v4_only).ops),
         vec![dm(fe6), ds(fe6, 1), ds(fe6, 2), dr(2), db(2), db(3)]
     );
 }
@@ -500,13 +521,101 @@ fn affinity_is_a_master_only_change() {
         flags: SVC_FLAG_AFFINITY,
         affinity_timeout_s: 10_800,
     };
-    assert_eq!(rig.sync(&d).ops, vec![on]);
+    // The match entry comes after the master: its slot is in by then.
+    let pair = (1, 1);
+    assert_eq!(
+        rig.sync(&d).ops,
+        vec![
+            on,
+            Op::UpsertAffinityMatch {
+                backend_id: 1,
+                rev_nat_id: 1
+            }
+        ]
+    );
     assert_eq!(
         served(&rig.fake, &fe1()).unwrap().affinity_timeout_s,
         10_800
     );
+    assert_eq!(rig.current.aff_match, BTreeSet::from([pair]));
+    // A new backend joins: its pair after its slot and master; the old one stays.
+    d = one(&[be("10.0.0.1"), be("10.0.0.2")]);
+    d.frontends.get_mut(&fe1()).unwrap().affinity_timeout_s = Some(10_800);
+    let p = rig.sync(&d);
+    assert_eq!(
+        p.ops.last(),
+        Some(&Op::UpsertAffinityMatch {
+            backend_id: 2,
+            rev_nat_id: 1
+        })
+    );
+    // Backend 1 leaves: its pair goes before anything else, so no remembered client
+    // follows it out of the Service.
+    d = one(&[be("10.0.0.2")]);
+    d.frontends.get_mut(&fe1()).unwrap().affinity_timeout_s = Some(10_800);
+    let p = rig.sync(&d);
+    assert_eq!(
+        p.ops.first(),
+        Some(&Op::DeleteAffinityMatch {
+            backend_id: 1,
+            rev_nat_id: 1
+        })
+    );
+    // Switched off: pairs go and the remembered clients are forgotten, first.
+    rig.fake.remember_client(1, 42, 2);
     d.frontends.get_mut(&fe1()).unwrap().affinity_timeout_s = None;
-    assert_eq!(rig.sync(&d).ops, vec![um(fe1(), 1, 1)]);
+    let p = rig.sync(&d);
+    assert_eq!(
+        p.ops,
+        vec![
+            Op::DeleteAffinityMatch {
+                backend_id: 2,
+                rev_nat_id: 1
+            },
+            Op::ForgetAffinity { rev_nat_id: 1 },
+            um(fe1(), 1, 1)
+        ]
+    );
+    assert!(rig.fake.clients().is_empty());
+    assert!(rig.current.aff_match.is_empty());
+}
+
+#[test]
+fn metadata_follows_the_frontends_it_names() {
+    let mut rig = Rig::new(big());
+    let mut d = one(&[be("10.0.0.1")]);
+    let p = rig.sync(&d);
+    let kind = d.frontends[&fe1()].kind;
+    let meta = |port_name: &str| crate::plan::FrontendMeta {
+        service: ServiceRef {
+            namespace: "default".to_owned(),
+            name: "a".to_owned(),
+        },
+        port_name: port_name.to_owned(),
+        kind,
+        flags: 0,
+    };
+    assert_eq!(
+        p.ops.last(),
+        Some(&Op::UpsertMeta {
+            rev_nat_id: 1,
+            meta: meta("")
+        })
+    );
+    // Only the metadata changes: one op, nothing else.
+    d.frontends.get_mut(&fe1()).unwrap().port_name = "http".to_owned();
+    assert_eq!(
+        rig.sync(&d).ops,
+        vec![Op::UpsertMeta {
+            rev_nat_id: 1,
+            meta: meta("http")
+        }]
+    );
+    assert_eq!(rig.current.meta[&1], meta("http"));
+    // Removed: the metadata goes first, while the entry that leads to its id exists.
+    let p = rig.sync(&DesiredState::default());
+    assert_eq!(p.ops.first(), Some(&Op::DeleteMeta { rev_nat_id: 1 }));
+    assert!(rig.fake.meta().is_empty());
 }
 
 #[test]
@@ -612,7 +721,7 @@ fn interrupted_add_adopts_the_written_backends_and_revnat() {
     apply_interrupted(&mut rig, &p, 3);
     rig.current = rig.fake.read_current().unwrap();
     assert_eq!(
-        rig.sync(&d).ops,
+        core(&rig.sync(&d).ops),
         vec![us(fe1(), 1, 1), us(fe1(), 2, 2), um(fe1(), 2, 1)]
     );
 }
@@ -623,10 +732,11 @@ fn interrupted_remove_finishes_without_the_master() {
     rig.sync(&one(&[be("10.0.0.1"), be("10.0.0.2")]));
     let p = rig.plan(&DesiredState::default());
     // Master and slot 1 gone; slot 2 and the reverse NAT remain.
-    apply_interrupted(&mut rig, &p, 2);
+    // (The first op deletes the metadata.)
+    apply_interrupted(&mut rig, &p, 3);
     assert_eq!(rig.current.frontends[&fe1()].stale_slots, vec![2]);
     assert_eq!(
-        rig.sync(&DesiredState::default()).ops,
+        core(&rig.sync(&DesiredState::default()).ops),
         vec![ds(fe1(), 2), dr(1), db(1), db(2)]
     );
 }
@@ -679,7 +789,7 @@ fn holes_and_foreign_ids_are_rewritten() {
         ..Default::default()
     };
     let p = plan(&current, &one(&[be("10.0.0.1"), be("10.0.0.2")]), &big());
-    assert_eq!(p.ops, vec![us(fe1(), 2, 2), db(7)]);
+    assert_eq!(core(&p.ops), vec![us(fe1(), 2, 2), db(7)]);
 }
 
 #[test]
@@ -701,7 +811,7 @@ fn mismatched_revnat_is_replaced_then_deleted() {
         ..Default::default()
     };
     let p = plan(&current, &one(&[]), &big());
-    assert_eq!(p.ops, vec![ur(2, fe1()), um(fe1(), 0, 2), dr(1)]);
+    assert_eq!(core(&p.ops), vec![ur(2, fe1()), um(fe1(), 0, 2), dr(1)]);
 }
 
 // ---------------------------------------------------------------------------------
@@ -863,7 +973,7 @@ fn peak_counts_new_slots_before_old_ones_are_deleted() {
     rig.sync(&state(vec![frontend("a", fe1(), &[b(1), b(2)])]));
     let p = rig.sync(&state(vec![frontend("a", fe2(), &[b(1), b(2)])]));
     assert_eq!(p.rejected, vec![]);
-    assert_eq!(p.ops[0], dm(fe1()));
+    assert_eq!(core(&p.ops)[0], dm(fe1()));
 
     // Replacing both backends of a full frontend in place needs no extra entry in the
     // service map, but the backend map holds old and new backends together.
@@ -1227,7 +1337,7 @@ fn mirror_remembers_ids_of_slots_above_the_count() {
     read_back.apply(&um(fe1(), 2, 1));
     assert_eq!(read_back.frontends[&fe1()].backend_ids, vec![1, 0]);
     assert_eq!(
-        plan(&read_back, &one(&[be("10.0.0.1"), be("10.0.0.2")]), &big()).ops,
+        core(&plan(&read_back, &one(&[be("10.0.0.1"), be("10.0.0.2")]), &big()).ops),
         vec![us(fe1(), 2, 2)]
     );
 }
@@ -1478,11 +1588,7 @@ mod draining {
         let s = served(&rig.fake, &ext()).unwrap();
         assert_eq!(s.backends, vec![be("10.0.0.2")]);
         assert!(s.table.iter().all(|a| *a == baddr("10.0.0.2")));
-        assert!(
-            crate::datapath::affinity::pairs(&rig.current)
-                .iter()
-                .all(|p| p.backend_id != old)
-        );
+        assert!(rig.current.aff_match.iter().all(|(_, b)| *b != old));
 
         // Ready again: selected under the very same id.
         rig.sync(&desired(&[be("10.0.0.1"), be("10.0.0.2")], &[], None));
