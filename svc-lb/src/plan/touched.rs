@@ -16,7 +16,7 @@ use super::{
     diff::plan_with,
     mirror::{has_master, present_slots},
 };
-use crate::model::{DesiredState, FrontendKey};
+use crate::model::{BackendAddr, DesiredState, FrontendKey};
 
 /// Plans only the frontends in `touched` (current or desired), in O(touched · log N)
 /// once the state's index is built (see [`CurrentState::build_index`]); without an
@@ -53,6 +53,23 @@ pub fn plan_touched(
         let draining = desired.draining.get(fe).into_iter().flatten();
         for b in wanted.chain(draining) {
             backend_ids.extend(ix.backend_ids_of(&b.addr));
+        }
+    }
+    // A draining entry is named by no slot or table, so nothing above reaches one whose
+    // endpoint left the touched frontends altogether (found by the e2e drain test: the
+    // flow kept its backend after it stopped serving). Take every entry that no slot or
+    // table names, except those an untouched frontend still lists as draining; the rest
+    // are what the full plan deletes as unused. This is a pass over all backends (a set
+    // of unnamed ids in the index would make it O(touched)).
+    let draining_elsewhere: BTreeSet<BackendAddr> = desired
+        .draining
+        .iter()
+        .filter(|(fe, _)| !touched.contains(*fe))
+        .flat_map(|(_, list)| list.iter().map(|b| b.addr))
+        .collect();
+    for (id, b) in &current.backends {
+        if ix.backend_users(*id) == 0 && !draining_elsewhere.contains(&b.addr) {
+            backend_ids.insert(*id);
         }
     }
     for id in &revs {
