@@ -25,7 +25,8 @@
 //!   syntax error or budget breach in any document), or that changes while it is read,
 //!   keeps the content of its last good version in effect, with an error saying so. A
 //!   file that a writer still holds open (inotify saw it modified but not yet closed) is
-//!   not read until the writer closes it or has been idle for [`WRITER_IDLE`]. A
+//!   not read until the writer closes it or has been idle for [`WRITER_IDLE`]; a file
+//!   that changed without an event saying it is complete waits for [`SETTLE`]. A
 //!   deleted file withdraws its objects at once.
 //!
 //! [`ManifestDir`] caches what each file parsed to, keyed by the file's stamp (device,
@@ -60,11 +61,9 @@ use tokio::sync::mpsc;
 use super::{Changed, Snapshot, SourceError};
 use crate::model::{ObjectRef, ServiceRef};
 
-/// How long [`watch`] lets a burst of file events settle before it rescans: editors and
-/// `kubectl`-style writers touch a file several times in a few milliseconds.
-pub const DEBOUNCE: Duration = Duration::from_millis(30);
-/// How long a changed file must stay unmodified before [`watch`] reads it (see
-/// [`ManifestDir::set_settle`]).
+/// How long a changed file that the watch did not see completed (no close by its writer,
+/// no rename into place) must stay unmodified before [`watch`] reads it (see
+/// [`ManifestDir::set_settle`]). A completed file is read at once.
 pub const SETTLE: Duration = Duration::from_millis(100);
 /// How often [`watch`] rescans even without events, in case the kernel dropped some (an
 /// inotify queue overflow) or the directory itself was replaced.
@@ -105,13 +104,36 @@ pub fn load_dir(dir: &Path) -> anyhow::Result<Snapshot> {
     ManifestDir::new(dir).load()
 }
 
-/// Paths a writer has modified and not yet closed, with the time of the last such event,
-/// fed by the directory watch. Empty (everything settled) without a watch.
+/// What the directory watch last saw happen to one path.
+#[derive(Clone, Copy, Debug)]
+enum Seen {
+    /// Modified and not yet closed, last at this time: possibly half-written.
+    Writing(Instant),
+    /// Its writer closed it, or it was renamed into place (its writer finished
+    /// elsewhere): the version with this stamp is complete.
+    Complete(Stamp),
+}
+
+/// How far a scan may trust a changed file, from what the watch saw of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Trust {
+    /// A writer still holds it open: leave it for later.
+    Busy,
+    /// Its current version is one the watch saw completed: read it now.
+    Complete,
+    /// Changed without an event that says it is complete (a lost event, a symlink swap,
+    /// no watch): read it once it has settled.
+    Unknown,
+}
+
+/// What the directory watch has seen of each path: files a writer modified and has not
+/// yet closed, and the versions seen completed (closed by their writer, or renamed into
+/// place). Empty (nothing seen, everything settles) without a watch.
 #[derive(Clone, Debug, Default)]
-pub struct Writers(Arc<Mutex<HashMap<PathBuf, Instant>>>);
+pub struct Writers(Arc<Mutex<HashMap<PathBuf, Seen>>>);
 
 impl Writers {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Instant>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Seen>> {
         // Plain data: a panic elsewhere while holding the lock leaves it usable.
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -122,40 +144,76 @@ impl Writers {
         match event.kind {
             EventKind::Create(_) | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any) => {
                 for p in &event.paths {
-                    w.insert(p.clone(), Instant::now());
+                    w.insert(p.clone(), Seen::Writing(Instant::now()));
                 }
             }
-            // A writer closed it, it was renamed into place (its writer finished
-            // elsewhere) or it is gone: nothing is half-written any more.
+            // The writer is done with it: remember the version it left. A later write
+            // changes the stamp (and sends its own event), so only this version counts.
             EventKind::Access(AccessKind::Close(AccessMode::Write))
-            | EventKind::Remove(_)
-            | EventKind::Modify(ModifyKind::Name(_)) => {
+            | EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
+                for p in &event.paths {
+                    complete(&mut w, p);
+                }
+            }
+            EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
+                if let Some(from) = event.paths.first() {
+                    w.remove(from);
+                }
+                if let Some(to) = event.paths.get(1) {
+                    complete(&mut w, to);
+                }
+            }
+            // A mode or owner change leaves the content alone: a complete version stays
+            // complete (its ctime moved, so take the new stamp).
+            EventKind::Modify(ModifyKind::Metadata(_)) => {
+                for p in &event.paths {
+                    if let Some(Seen::Complete(was)) = w.get(p).copied() {
+                        match fs::metadata(p).map(|m| Stamp::of(&m)) {
+                            Ok(now) if now.same_content_as(&was) => {
+                                w.insert(p.clone(), Seen::Complete(now));
+                            }
+                            _ => {
+                                w.remove(p);
+                            }
+                        }
+                    }
+                }
+            }
+            // Gone, or renamed away: nothing of it is half-written any more.
+            EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_)) => {
                 for p in &event.paths {
                     w.remove(p);
                 }
             }
             _ => {}
         }
-        if matches!(
-            event.kind,
-            EventKind::Modify(ModifyKind::Name(RenameMode::Both))
-        ) && let Some(to) = event.paths.get(1)
-        {
-            w.remove(to);
-        }
     }
 
-    /// Whether a writer may still be writing `path`: modified, not closed, and active
-    /// within [`WRITER_IDLE`].
-    fn busy(&self, path: &Path) -> bool {
+    /// What a scan may do with `path`, whose current version has `stamp`. A writer that
+    /// was last active [`WRITER_IDLE`] ago no longer counts: its file settles.
+    fn trust(&self, path: &Path, stamp: &Stamp) -> Trust {
         let mut w = self.lock();
         match w.get(path) {
-            Some(t) if t.elapsed() < WRITER_IDLE => true,
-            Some(_) => {
+            Some(Seen::Writing(t)) if t.elapsed() < WRITER_IDLE => Trust::Busy,
+            Some(Seen::Writing(_)) => {
                 w.remove(path);
-                false
+                Trust::Unknown
             }
-            None => false,
+            Some(Seen::Complete(done)) if done == stamp => Trust::Complete,
+            _ => Trust::Unknown,
+        }
+    }
+}
+
+/// Records the version of `path` now on disk as complete. A file already gone again
+/// (renamed away, removed) is forgotten: its own event follows.
+fn complete(w: &mut HashMap<PathBuf, Seen>, path: &Path) {
+    match fs::metadata(path) {
+        Ok(meta) => {
+            w.insert(path.to_path_buf(), Seen::Complete(Stamp::of(&meta)));
+        }
+        Err(_) => {
+            w.remove(path);
         }
     }
 }
@@ -294,9 +352,12 @@ impl ManifestDir {
         for (path, meta) in listed {
             let old = self.files.remove(&path);
             let before = old.as_ref().map(|f| f.content.clone());
+            let trust = meta.as_ref().map_or(Trust::Unknown, |m| {
+                self.writers.trust(&path, &Stamp::of(m))
+            });
             let ctx = Refresh {
                 limits: self.limits,
-                busy: self.writers.busy(&path),
+                trust,
                 settle: self.settle,
             };
             let (file, file_changed) = refresh(&path, meta, old, &mut stats, ctx);
@@ -548,6 +609,12 @@ impl Stamp {
         self.modified_within(window, now)
     }
 
+    /// Whether `self` and `other` are one version of one file: a change of mode or owner
+    /// moves only the ctime.
+    fn same_content_as(&self, other: &Self) -> bool {
+        (self.dev, self.ino, self.len, self.mtime) == (other.dev, other.ino, other.len, other.mtime)
+    }
+
     /// Whether the file was modified less than `window` before `now` (or in the future).
     fn modified_within(&self, window: Duration, now: SystemTime) -> bool {
         let Ok(now) = now.duration_since(UNIX_EPOCH) else {
@@ -603,8 +670,8 @@ fn digest(bytes: &[u8]) -> u64 {
 #[derive(Clone, Copy)]
 struct Refresh {
     limits: Limits,
-    /// A writer still holds the file open (see [`Writers`]).
-    busy: bool,
+    /// What the watch saw of the file (see [`Writers`]).
+    trust: Trust,
     settle: Duration,
 }
 
@@ -643,7 +710,12 @@ fn refresh(
         Some(old) if old.stamp == Some(stamp) && !old.racy => return (old, false),
         other => other,
     };
-    if ctx.busy || stamp.modified_within(ctx.settle, SystemTime::now()) {
+    let wait = match ctx.trust {
+        Trust::Busy => true,
+        Trust::Complete => false,
+        Trust::Unknown => stamp.modified_within(ctx.settle, SystemTime::now()),
+    };
+    if wait {
         // Half-written, or too fresh to tell: leave everything as it is and look again
         // at a later scan.
         stats.deferred += 1;
@@ -1372,13 +1444,17 @@ async fn scan_blocking<T: Send + 'static>(
 }
 
 fn log_snapshot(dir: &Path, snap: &Snapshot, stats: ScanStats) {
+    // Counting the slices walks every Service: only for a complete snapshot, not on
+    // each change.
+    let slices = snap.changed.all.then(|| snap.slice_count());
     tracing::info!(
         dir = %dir.display(),
         files = stats.files,
         parsed = stats.parsed,
         removed = stats.removed,
+        deferred = stats.deferred,
         services = snap.services.len(),
-        slices = snap.slice_count(),
+        slices,
         errors = snap.errors.len(),
         changed_all = snap.changed.all,
         changed_services = snap.changed.services.len(),
@@ -1387,9 +1463,13 @@ fn log_snapshot(dir: &Path, snap: &Snapshot, stats: ScanStats) {
 }
 
 /// Watches `dir` and publishes a complete [`Snapshot`] on `tx`: the first one at once,
-/// then one after each change (create, modify, delete, rename, symlink swap), bursts
-/// coalesced over [`DEBOUNCE`]. A rescan every [`RESCAN_INTERVAL`] covers lost events
-/// and a replaced directory. Nothing is sent when a scan finds no change.
+/// then one after each change (create, modify, delete, rename, symlink swap). A file
+/// event starts a scan at once; events that arrive during a scan are coalesced into
+/// the next one. A file whose writer closed it or renamed it into place is read at
+/// once; one still held open by its writer waits for its close (or [`WRITER_IDLE`]);
+/// one that changed without such an event (a lost event, a symlink swap) is read once
+/// it has not changed for [`SETTLE`]. A rescan every [`RESCAN_INTERVAL`] covers lost
+/// events and a replaced directory. Nothing is sent when a scan finds no change.
 ///
 /// Returns `Err` if the first scan fails (the directory cannot be read); later failures
 /// are logged and the last snapshot stays in force. Returns `Ok` once every receiver of
@@ -1441,11 +1521,9 @@ pub async fn watch(dir: PathBuf, limits: Limits, tx: super::Publisher) -> anyhow
         tokio::select! {
             () = tx.closed() => return Ok(()),
             () = settled => {}
-            Some(()) = wake_rx.recv() => {
-                tokio::time::sleep(DEBOUNCE).await;
-                // Events of the burst that came during the sleep are covered by this scan.
-                let _ = wake_rx.try_recv();
-            }
+            // No debounce: a file seen complete is read at once, and a burst's later
+            // events wake the next scan, which reads only what changed.
+            Some(()) = wake_rx.recv() => {}
             _ = rescan.tick() => {
                 let now = dir_identity(&dir);
                 if now.is_some() && now != watched {
@@ -1457,14 +1535,20 @@ pub async fn watch(dir: PathBuf, limits: Limits, tx: super::Publisher) -> anyhow
         source = next;
         crate::metrics::set_manifest_files_stale(source.stale_files());
         // Files left for later are looked at again once they may have settled; one
-        // still held open by its writer is woken by its close event as well.
-        settle_at = (source.stats().deferred > 0).then(|| tokio::time::Instant::now() + SETTLE);
+        // still held open by its writer is woken by its close event as well. A timer
+        // already running is kept, so that events do not push it back for ever.
+        settle_at = match settle_at {
+            _ if source.stats().deferred == 0 => None,
+            Some(t) if t > tokio::time::Instant::now() => Some(t),
+            _ => Some(tokio::time::Instant::now() + SETTLE),
+        };
         match result {
             Ok(Some(snap)) => {
-                log_snapshot(&dir, &snap, source.stats());
-                if tx.publish(snap).is_err() {
+                if tx.publish(snap.clone()).is_err() {
                     return Ok(());
                 }
+                // After the publish: the agent syncs while this logs.
+                log_snapshot(&dir, &snap, source.stats());
             }
             Ok(None) => {}
             Err(e) => {
