@@ -130,17 +130,42 @@ enum Trust {
 /// yet closed, and the versions seen completed (closed by their writer, or renamed into
 /// place). Empty (nothing seen, everything settles) without a watch.
 #[derive(Clone, Debug, Default)]
-pub struct Writers(Arc<Mutex<HashMap<PathBuf, Seen>>>);
+pub struct Writers(Arc<Mutex<Seens>>);
+
+#[derive(Debug, Default)]
+struct Seens {
+    seen: HashMap<PathBuf, Seen>,
+    /// Paths named by events since the last [`Writers::take_dirty`]; `None` when an
+    /// event named none (or was lost) and only a full scan will do.
+    dirty: Option<BTreeSet<PathBuf>>,
+}
 
 impl Writers {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Seen>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Seens> {
         // Plain data: a panic elsewhere while holding the lock leaves it usable.
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The paths events named since the last call; `None`: scan everything (the first
+    /// call, or an event that named no path or was lost).
+    fn take_dirty(&self) -> Option<BTreeSet<PathBuf>> {
+        std::mem::replace(&mut self.lock().dirty, Some(BTreeSet::new()))
+    }
+
+    /// Events were lost (a watch error, a queue overflow): the next scan lists all.
+    fn lost(&self) {
+        self.lock().dirty = None;
+    }
+
     /// Records what one inotify event says about the files it names.
     pub fn observe(&self, event: &notify::Event) {
-        let mut w = self.lock();
+        let mut guard = self.lock();
+        let Seens { seen: w, dirty } = &mut *guard;
+        if event.paths.is_empty() || event.need_rescan() {
+            *dirty = None;
+        } else if let Some(d) = dirty {
+            d.extend(event.paths.iter().cloned());
+        }
         match event.kind {
             EventKind::Create(_) | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any) => {
                 for p in &event.paths {
@@ -152,7 +177,7 @@ impl Writers {
             EventKind::Access(AccessKind::Close(AccessMode::Write))
             | EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
                 for p in &event.paths {
-                    complete(&mut w, p);
+                    complete(w, p);
                 }
             }
             EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
@@ -160,7 +185,7 @@ impl Writers {
                     w.remove(from);
                 }
                 if let Some(to) = event.paths.get(1) {
-                    complete(&mut w, to);
+                    complete(w, to);
                 }
             }
             // A mode or owner change leaves the content alone: a complete version stays
@@ -192,7 +217,7 @@ impl Writers {
     /// What a scan may do with `path`, whose current version has `stamp`. A writer that
     /// was last active [`WRITER_IDLE`] ago no longer counts: its file settles.
     fn trust(&self, path: &Path, stamp: &Stamp) -> Trust {
-        let mut w = self.lock();
+        let w = &mut self.lock().seen;
         match w.get(path) {
             Some(Seen::Writing(t)) if t.elapsed() < WRITER_IDLE => Trust::Busy,
             Some(Seen::Writing(_)) => {
@@ -267,6 +292,8 @@ pub struct ManifestDir {
     limits: Limits,
     writers: Writers,
     settle: Duration,
+    /// Files the last scans left for later (see [`ScanStats::deferred`]).
+    pending: BTreeSet<PathBuf>,
 }
 
 impl ManifestDir {
@@ -287,6 +314,7 @@ impl ManifestDir {
             limits,
             writers: Writers::default(),
             settle: Duration::ZERO,
+            pending: BTreeSet::new(),
         }
     }
 
@@ -349,31 +377,10 @@ impl ManifestDir {
         let mut refreshed = false;
         let mut edits = Vec::new();
         let mut next = BTreeMap::new();
+        self.pending.clear();
         for (path, meta) in listed {
             let old = self.files.remove(&path);
-            let before = old.as_ref().map(|f| f.content.clone());
-            let trust = meta.as_ref().map_or(Trust::Unknown, |m| {
-                self.writers.trust(&path, &Stamp::of(m))
-            });
-            let ctx = Refresh {
-                limits: self.limits,
-                trust,
-                settle: self.settle,
-            };
-            let (file, file_changed) = refresh(&path, meta, old, &mut stats, ctx);
-            refreshed |= file_changed;
-            // Content that parsed equal keeps its `Arc` (see `refresh`), so a pointer
-            // comparison finds the files whose objects need a look.
-            if before
-                .as_ref()
-                .is_none_or(|b| !Arc::ptr_eq(b, &file.content))
-            {
-                edits.push(Edit {
-                    path: path.clone(),
-                    before,
-                    after: Some(file.content.clone()),
-                });
-            }
+            let file = self.refresh_one(&path, meta, old, &mut stats, &mut edits, &mut refreshed);
             next.insert(path, file);
         }
         // Whatever is left in the old cache is gone from the directory.
@@ -385,11 +392,118 @@ impl ManifestDir {
                 after: None,
             });
         }
+        Ok(self.finish(stats, &edits, refreshed))
+    }
+
+    /// Like [`reload`](Self::reload), but looks only at `paths` (those the watch saw
+    /// events for) and at the files left for later by earlier scans, instead of listing
+    /// the directory: a change costs the files it touched. The first call, and any call
+    /// after `load` was never made, scans everything.
+    pub fn reload_paths(
+        &mut self,
+        paths: &BTreeSet<PathBuf>,
+    ) -> anyhow::Result<Option<Snapshot>> {
+        if !self.scanned {
+            return self.reload();
+        }
+        let mut stats = ScanStats::default();
+        let mut refreshed = false;
+        let mut edits = Vec::new();
+        if paths.iter().any(|p| p.parent() != Some(self.dir.as_path())) {
+            // The directory itself, or a path spelled unlike ours: list everything.
+            return self.reload();
+        }
+        let mut look: BTreeSet<PathBuf> = std::mem::take(&mut self.pending);
+        look.extend(
+            paths
+                .iter()
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(is_manifest_name)
+                })
+                .cloned(),
+        );
+        for path in look {
+            // As `list_manifests` would see it: present unless the name is gone; a
+            // dangling link is present with an error, a directory is not a manifest.
+            let present = match fs::symlink_metadata(&path) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                _ => Some(fs::metadata(&path)),
+            }
+            .filter(|meta| !meta.as_ref().is_ok_and(|m| !m.is_file()));
+            let old = self.files.remove(&path);
+            match present {
+                Some(meta) => {
+                    let file =
+                        self.refresh_one(&path, meta, old, &mut stats, &mut edits, &mut refreshed);
+                    self.files.insert(path, file);
+                }
+                None => {
+                    if let Some(old) = old {
+                        stats.removed += 1;
+                        edits.push(Edit {
+                            path,
+                            before: Some(old.content),
+                            after: None,
+                        });
+                    }
+                }
+            }
+        }
+        stats.files = self.files.len();
+        let changed = self.finish(stats, &edits, refreshed);
+        Ok(changed.then(|| self.snapshot()))
+    }
+
+    /// Brings one listed file's cache entry up to date, noting its edit and whether it
+    /// was left for later.
+    fn refresh_one(
+        &mut self,
+        path: &Path,
+        meta: io::Result<fs::Metadata>,
+        old: Option<CachedFile>,
+        stats: &mut ScanStats,
+        edits: &mut Vec<Edit>,
+        refreshed: &mut bool,
+    ) -> CachedFile {
+        let before = old.as_ref().map(|f| f.content.clone());
+        let trust = meta
+            .as_ref()
+            .map_or(Trust::Unknown, |m| self.writers.trust(path, &Stamp::of(m)));
+        let ctx = Refresh {
+            limits: self.limits,
+            trust,
+            settle: self.settle,
+        };
+        let deferred = stats.deferred;
+        let (file, file_changed) = refresh(path, meta, old, stats, ctx);
+        if stats.deferred > deferred {
+            self.pending.insert(path.to_path_buf());
+        }
+        *refreshed |= file_changed;
+        // Content that parsed equal keeps its `Arc` (see `refresh`), so a pointer
+        // comparison finds the files whose objects need a look.
+        if before
+            .as_ref()
+            .is_none_or(|b| !Arc::ptr_eq(b, &file.content))
+        {
+            edits.push(Edit {
+                path: path.to_path_buf(),
+                before,
+                after: Some(file.content.clone()),
+            });
+        }
+        file
+    }
+
+    /// Puts the scan's edits into the snapshot; true when the snapshot changed.
+    fn finish(&mut self, mut stats: ScanStats, edits: &[Edit], refreshed: bool) -> bool {
         let first = !self.scanned;
         let mut changed = BTreeSet::new();
         let mut visible = first;
         if refreshed || !edits.is_empty() {
-            visible |= self.apply(&edits, &mut changed);
+            visible |= self.apply(edits, &mut changed);
             let errors = self.errors();
             if *self.snap.errors != errors {
                 self.snap.errors = Arc::new(errors);
@@ -405,9 +519,10 @@ impl ManifestDir {
             }
         };
         stats.changed = visible;
+        stats.deferred = self.pending.len();
         self.stats = stats;
         self.scanned = true;
-        Ok(visible)
+        visible
     }
 
     /// Takes the objects of the edited files' old content out of the claims and puts
@@ -1433,7 +1548,7 @@ fn is_noise(event: &notify::Event) -> bool {
 /// Runs one scan off the async threads: parsing a large directory takes a while.
 async fn scan_blocking<T: Send + 'static>(
     mut dir: ManifestDir,
-    f: fn(&mut ManifestDir) -> T,
+    f: impl FnOnce(&mut ManifestDir) -> T + Send + 'static,
 ) -> anyhow::Result<(ManifestDir, T)> {
     tokio::task::spawn_blocking(move || {
         let out = f(&mut dir);
@@ -1484,6 +1599,7 @@ pub async fn watch(dir: PathBuf, limits: Limits, tx: super::Publisher) -> anyhow
             Ok(event) if is_noise(&event) => return,
             Ok(event) => seen.observe(&event),
             Err(e) => {
+                seen.lost();
                 crate::metrics::watch_restarted("manifests", "error");
                 tracing::warn!(error = %e, "manifest directory watch error; rescanning");
             }
@@ -1496,7 +1612,7 @@ pub async fn watch(dir: PathBuf, limits: Limits, tx: super::Publisher) -> anyhow
     // Watch before the first scan, so that no change falls between the two.
     let mut watched = watch_dir(&mut watcher, &dir, None);
     let mut source = ManifestDir::with_limits(&dir, limits);
-    source.set_writers(writers);
+    source.set_writers(writers.clone());
     let (mut source, first) = scan_blocking(source, ManifestDir::load).await?;
     let first = first?;
     // Not for the first scan: files that exist when the agent starts are taken as they
@@ -1518,12 +1634,16 @@ pub async fn watch(dir: PathBuf, limits: Limits, tx: super::Publisher) -> anyhow
                 None => std::future::pending().await,
             }
         };
+        // Which files to look at: those the events named (and those left for later),
+        // or all of them after a timer or lost events.
+        let mut everything = true;
         tokio::select! {
             () = tx.closed() => return Ok(()),
-            () = settled => {}
+            // The files left for later are in the next scan of named paths.
+            () = settled => everything = false,
             // No debounce: a file seen complete is read at once, and a burst's later
             // events wake the next scan, which reads only what changed.
-            Some(()) = wake_rx.recv() => {}
+            Some(()) = wake_rx.recv() => everything = false,
             _ = rescan.tick() => {
                 let now = dir_identity(&dir);
                 if now.is_some() && now != watched {
@@ -1531,9 +1651,21 @@ pub async fn watch(dir: PathBuf, limits: Limits, tx: super::Publisher) -> anyhow
                 }
             }
         }
-        let (next, result) = scan_blocking(source, ManifestDir::reload).await?;
+        let dirty = if everything {
+            None
+        } else {
+            writers.take_dirty()
+        };
+        let (next, result) = scan_blocking(source, move |d: &mut ManifestDir| match dirty {
+            Some(paths) => d.reload_paths(&paths),
+            None => d.reload(),
+        })
+        .await?;
         source = next;
-        crate::metrics::set_manifest_files_stale(source.stale_files());
+        if source.stats().changed {
+            // A file turning stale (or back) changes the snapshot's errors.
+            crate::metrics::set_manifest_files_stale(source.stale_files());
+        }
         // Files left for later are looked at again once they may have settled; one
         // still held open by its writer is woken by its close event as well. A timer
         // already running is kept, so that events do not push it back for ever.

@@ -1573,3 +1573,99 @@ async fn watch_still_settles_a_change_it_did_not_see_complete() {
     drop(rx);
     let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
 }
+
+/// What one reload costs in a directory of 1 000 files (100 000 Services) when one
+/// small file was renamed in: the watch's share of a propagation. Run with
+/// `cargo test --release -p svc-lb reload_cost_at_100k -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement, not a test"]
+fn reload_cost_at_100k_services() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for f in 0..1000 {
+        write(
+            tmp.path(),
+            &format!("services-{f:04}.json"),
+            &bench_file(f * 100, 100, 1),
+        );
+    }
+    let mut md = ManifestDir::new(tmp.path());
+    md.load().expect("load");
+    md.set_settle(Duration::from_secs(3600));
+    let writers = super::Writers::default();
+    md.set_writers(writers.clone());
+    let (mut took, mut took_paths) = (Vec::new(), Vec::new());
+    for round in 0..20u8 {
+        let file = tmp.path().join("measured.yaml");
+        let ip = format!("10.96.200.{round}");
+        let staged = tmp.path().join(".measured.tmp");
+        fs::write(&staged, service("measured", &ip)).expect("write");
+        fs::rename(&staged, &file).expect("rename");
+        writers.observe(&event(
+            notify::EventKind::Modify(notify::event::ModifyKind::Name(
+                notify::event::RenameMode::To,
+            )),
+            &file,
+        ));
+        let t = std::time::Instant::now();
+        let snap = if round % 2 == 0 {
+            md.reload()
+        } else {
+            md.reload_paths(&std::collections::BTreeSet::from([file.clone()]))
+        }
+        .expect("reload")
+        .expect("a change");
+        if round % 2 == 0 {
+            took.push(t.elapsed());
+        } else {
+            took_paths.push(t.elapsed());
+        }
+        assert_eq!(snap.changed.services.len(), 1);
+    }
+    println!(
+        "after one renamed-in file, 1 000 files: full reload {took:?}; reload of the named path {took_paths:?}"
+    );
+}
+
+#[test]
+fn reloading_the_named_paths_matches_a_full_scan() {
+    use std::collections::BTreeSet;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let a = write(dir, "a.yaml", &service("a", "10.96.0.1"));
+    write(dir, "b.yaml", &service("b", "10.96.0.2"));
+    let mut md = ManifestDir::new(dir);
+    md.load().expect("load");
+    let step = |md: &mut ManifestDir, paths: &[PathBuf], want: &[&str]| {
+        let paths: BTreeSet<PathBuf> = paths.iter().cloned().collect();
+        md.reload_paths(&paths).expect("reload");
+        let snap = md.snapshot();
+        assert_eq!(names(&snap), want);
+        assert_same_as_fresh(&snap, dir);
+    };
+    // A change, a new file, a removal, a file that turns into a directory, a hidden
+    // file: each named by its event alone.
+    fs::write(&a, service("a2", "10.96.0.1")).expect("write");
+    step(&mut md, &[a.clone()], &["Service default/a2", "Service default/b"]);
+    let c = write(dir, "c.json", &json_services(0, 1));
+    step(&mut md, &[c.clone()], &[
+        "Service default/a2",
+        "Service default/b",
+        "Service default/svc-0",
+    ]);
+    fs::remove_file(dir.join("b.yaml")).expect("remove");
+    step(&mut md, &[dir.join("b.yaml")], &[
+        "Service default/a2",
+        "Service default/svc-0",
+    ]);
+    fs::remove_file(&c).expect("remove");
+    fs::create_dir(&c).expect("mkdir");
+    step(&mut md, &[c.clone()], &["Service default/a2"]);
+    write(dir, ".hidden.yaml", &service("h", "10.96.0.9"));
+    step(&mut md, &[dir.join(".hidden.yaml")], &["Service default/a2"]);
+    // An event for the directory itself lists everything.
+    write(dir, "d.yaml", &service("d", "10.96.0.4"));
+    step(&mut md, &[dir.to_path_buf()], &[
+        "Service default/a2",
+        "Service default/d",
+    ]);
+}
