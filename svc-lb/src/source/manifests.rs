@@ -149,7 +149,7 @@ impl Writers {
     /// The paths events named since the last call; `None`: scan everything (the first
     /// call, or an event that named no path or was lost).
     fn take_dirty(&self) -> Option<BTreeSet<PathBuf>> {
-        std::mem::replace(&mut self.lock().dirty, Some(BTreeSet::new()))
+        self.lock().dirty.replace(BTreeSet::new())
     }
 
     /// Events were lost (a watch error, a queue overflow): the next scan lists all.
@@ -399,10 +399,7 @@ impl ManifestDir {
     /// events for) and at the files left for later by earlier scans, instead of listing
     /// the directory: a change costs the files it touched. The first call, and any call
     /// after `load` was never made, scans everything.
-    pub fn reload_paths(
-        &mut self,
-        paths: &BTreeSet<PathBuf>,
-    ) -> anyhow::Result<Option<Snapshot>> {
+    pub fn reload_paths(&mut self, paths: &BTreeSet<PathBuf>) -> anyhow::Result<Option<Snapshot>> {
         if !self.scanned {
             return self.reload();
         }

@@ -1533,7 +1533,7 @@ async fn watch_never_reads_a_file_half_written_by_a_writer_that_pauses() {
             quiet.ok().flatten().map(|s| cluster_ip(&s))
         );
     }
-    f.write_all(full[cut..].as_bytes()).expect("write");
+    f.write_all(&full.as_bytes()[cut..]).expect("write");
     drop(f);
     let snap = next_snapshot(&mut rx, Duration::from_secs(5)).await;
     assert_eq!(cluster_ip(&snap).as_deref(), Some("10.96.0.2"));
@@ -1561,7 +1561,10 @@ async fn watch_still_settles_a_change_it_did_not_see_complete() {
     fs::write(&a, service("web", "10.96.0.3")).expect("write");
     never_settles(&a);
     let quiet = tokio::time::timeout(super::RESCAN_INTERVAL * 2, rx.next()).await;
-    assert!(quiet.is_err(), "an unseen change was read before it settled");
+    assert!(
+        quiet.is_err(),
+        "an unseen change was read before it settled"
+    );
 
     // Back to a settled mtime: the next rescan reads it.
     let f = fs::File::options().write(true).open(&a).expect("open");
@@ -1645,27 +1648,41 @@ fn reloading_the_named_paths_matches_a_full_scan() {
     // A change, a new file, a removal, a file that turns into a directory, a hidden
     // file: each named by its event alone.
     fs::write(&a, service("a2", "10.96.0.1")).expect("write");
-    step(&mut md, &[a.clone()], &["Service default/a2", "Service default/b"]);
+    step(
+        &mut md,
+        std::slice::from_ref(&a),
+        &["Service default/a2", "Service default/b"],
+    );
     let c = write(dir, "c.json", &json_services(0, 1));
-    step(&mut md, &[c.clone()], &[
-        "Service default/a2",
-        "Service default/b",
-        "Service default/svc-0",
-    ]);
+    step(
+        &mut md,
+        std::slice::from_ref(&c),
+        &[
+            "Service default/a2",
+            "Service default/b",
+            "Service default/svc-0",
+        ],
+    );
     fs::remove_file(dir.join("b.yaml")).expect("remove");
-    step(&mut md, &[dir.join("b.yaml")], &[
-        "Service default/a2",
-        "Service default/svc-0",
-    ]);
+    step(
+        &mut md,
+        &[dir.join("b.yaml")],
+        &["Service default/a2", "Service default/svc-0"],
+    );
     fs::remove_file(&c).expect("remove");
     fs::create_dir(&c).expect("mkdir");
-    step(&mut md, &[c.clone()], &["Service default/a2"]);
+    step(&mut md, std::slice::from_ref(&c), &["Service default/a2"]);
     write(dir, ".hidden.yaml", &service("h", "10.96.0.9"));
-    step(&mut md, &[dir.join(".hidden.yaml")], &["Service default/a2"]);
+    step(
+        &mut md,
+        &[dir.join(".hidden.yaml")],
+        &["Service default/a2"],
+    );
     // An event for the directory itself lists everything.
     write(dir, "d.yaml", &service("d", "10.96.0.4"));
-    step(&mut md, &[dir.to_path_buf()], &[
-        "Service default/a2",
-        "Service default/d",
-    ]);
+    step(
+        &mut md,
+        &[dir.to_path_buf()],
+        &["Service default/a2", "Service default/d"],
+    );
 }
