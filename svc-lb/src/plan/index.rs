@@ -116,6 +116,10 @@ pub struct Index {
     backend_refs: Refs,
     /// Slots and tables naming each backend id (its references besides the entry).
     backend_users: BTreeMap<u32, u32>,
+    /// Backend ids with an entry that no slot or table names: draining entries and
+    /// those a plan will delete. Kept so that a plan of a few frontends finds them
+    /// without a pass over every backend.
+    unused: BTreeSet<u32>,
     /// Per reverse-NAT id: its entry, the masters, the table and the source ranges
     /// that name it.
     rev_refs: Refs,
@@ -203,6 +207,17 @@ impl Index {
         }
         self.backend_refs.add(id, up);
         bump(&mut self.backend_users, id, up);
+        self.note_unused(id);
+    }
+
+    /// Files `id` under `unused` when its only reference is its entry.
+    fn note_unused(&mut self, id: u32) {
+        let refs = self.backend_refs.count.get(&id).copied().unwrap_or(0);
+        if refs == 1 && !self.backend_users.contains_key(&id) {
+            self.unused.insert(id);
+        } else {
+            self.unused.remove(&id);
+        }
     }
 
     fn count(&mut self, state: &CurrentState, o: &Object, up: bool) {
@@ -215,6 +230,7 @@ impl Index {
                         self.by_addr.remove(&(b.addr, *id));
                     }
                     self.backend_refs.add(*id, up);
+                    self.note_unused(*id);
                 }
             }
             Object::RevNat(id) => {
@@ -282,6 +298,11 @@ impl Index {
     /// Slots and Maglev tables that name backend `id`.
     pub fn backend_users(&self, id: u32) -> u32 {
         self.backend_users.get(&id).copied().unwrap_or(0)
+    }
+
+    /// Backend ids whose entry no slot or table names, lowest first.
+    pub fn unused_backends(&self) -> impl Iterator<Item = u32> + '_ {
+        self.unused.iter().copied()
     }
 
     /// Reverse-NAT ids whose entry holds this address, port and protocol.

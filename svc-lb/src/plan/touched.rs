@@ -58,18 +58,24 @@ pub fn plan_touched(
     // A draining entry is named by no slot or table, so nothing above reaches one whose
     // endpoint left the touched frontends altogether (found by the e2e drain test: the
     // flow kept its backend after it stopped serving). Take every entry that no slot or
-    // table names, except those an untouched frontend still lists as draining; the rest
-    // are what the full plan deletes as unused. This is a pass over all backends (a set
-    // of unnamed ids in the index would make it O(touched)).
-    let draining_elsewhere: BTreeSet<BackendAddr> = desired
-        .draining
-        .iter()
-        .filter(|(fe, _)| !touched.contains(*fe))
-        .flat_map(|(_, list)| list.iter().map(|b| b.addr))
-        .collect();
-    for (id, b) in &current.backends {
-        if ix.backend_users(*id) == 0 && !draining_elsewhere.contains(&b.addr) {
-            backend_ids.insert(*id);
+    // table names (the index keeps that set), except those an untouched frontend still
+    // lists as draining; the rest are what the full plan deletes as unused.
+    let mut unused = ix.unused_backends().peekable();
+    if unused.peek().is_some() {
+        let draining_elsewhere: BTreeSet<BackendAddr> = desired
+            .draining
+            .iter()
+            .filter(|(fe, _)| !touched.contains(*fe))
+            .flat_map(|(_, list)| list.iter().map(|b| b.addr))
+            .collect();
+        for id in unused {
+            if current
+                .backends
+                .get(&id)
+                .is_some_and(|b| !draining_elsewhere.contains(&b.addr))
+            {
+                backend_ids.insert(id);
+            }
         }
     }
     for id in &revs {

@@ -25,7 +25,8 @@
 //!   syntax error or budget breach in any document), or that changes while it is read,
 //!   keeps the content of its last good version in effect, with an error saying so. A
 //!   file that a writer still holds open (inotify saw it modified but not yet closed) is
-//!   not read until the writer closes it or has been idle for [`WRITER_IDLE`]. A
+//!   not read until the writer closes it or has been idle for [`WRITER_IDLE`]; a file
+//!   that changed without an event saying it is complete waits for [`SETTLE`]. A
 //!   deleted file withdraws its objects at once.
 //!
 //! [`ManifestDir`] caches what each file parsed to, keyed by the file's stamp (device,
@@ -60,11 +61,9 @@ use tokio::sync::mpsc;
 use super::{Changed, Snapshot, SourceError};
 use crate::model::{ObjectRef, ServiceRef};
 
-/// How long [`watch`] lets a burst of file events settle before it rescans: editors and
-/// `kubectl`-style writers touch a file several times in a few milliseconds.
-pub const DEBOUNCE: Duration = Duration::from_millis(30);
-/// How long a changed file must stay unmodified before [`watch`] reads it (see
-/// [`ManifestDir::set_settle`]).
+/// How long a changed file that the watch did not see completed (no close by its writer,
+/// no rename into place) must stay unmodified before [`watch`] reads it (see
+/// [`ManifestDir::set_settle`]). A completed file is read at once.
 pub const SETTLE: Duration = Duration::from_millis(100);
 /// How often [`watch`] rescans even without events, in case the kernel dropped some (an
 /// inotify queue overflow) or the directory itself was replaced.
@@ -105,57 +104,141 @@ pub fn load_dir(dir: &Path) -> anyhow::Result<Snapshot> {
     ManifestDir::new(dir).load()
 }
 
-/// Paths a writer has modified and not yet closed, with the time of the last such event,
-/// fed by the directory watch. Empty (everything settled) without a watch.
+/// What the directory watch last saw happen to one path.
+#[derive(Clone, Copy, Debug)]
+enum Seen {
+    /// Modified and not yet closed, last at this time: possibly half-written.
+    Writing(Instant),
+    /// Its writer closed it, or it was renamed into place (its writer finished
+    /// elsewhere): the version with this stamp is complete.
+    Complete(Stamp),
+}
+
+/// How far a scan may trust a changed file, from what the watch saw of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Trust {
+    /// A writer still holds it open: leave it for later.
+    Busy,
+    /// Its current version is one the watch saw completed: read it now.
+    Complete,
+    /// Changed without an event that says it is complete (a lost event, a symlink swap,
+    /// no watch): read it once it has settled.
+    Unknown,
+}
+
+/// What the directory watch has seen of each path: files a writer modified and has not
+/// yet closed, and the versions seen completed (closed by their writer, or renamed into
+/// place). Empty (nothing seen, everything settles) without a watch.
 #[derive(Clone, Debug, Default)]
-pub struct Writers(Arc<Mutex<HashMap<PathBuf, Instant>>>);
+pub struct Writers(Arc<Mutex<Seens>>);
+
+#[derive(Debug, Default)]
+struct Seens {
+    seen: HashMap<PathBuf, Seen>,
+    /// Paths named by events since the last [`Writers::take_dirty`]; `None` when an
+    /// event named none (or was lost) and only a full scan will do.
+    dirty: Option<BTreeSet<PathBuf>>,
+}
 
 impl Writers {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Instant>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Seens> {
         // Plain data: a panic elsewhere while holding the lock leaves it usable.
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The paths events named since the last call; `None`: scan everything (the first
+    /// call, or an event that named no path or was lost).
+    fn take_dirty(&self) -> Option<BTreeSet<PathBuf>> {
+        self.lock().dirty.replace(BTreeSet::new())
+    }
+
+    /// Events were lost (a watch error, a queue overflow): the next scan lists all.
+    fn lost(&self) {
+        self.lock().dirty = None;
+    }
+
     /// Records what one inotify event says about the files it names.
     pub fn observe(&self, event: &notify::Event) {
-        let mut w = self.lock();
+        let mut guard = self.lock();
+        let Seens { seen: w, dirty } = &mut *guard;
+        if event.paths.is_empty() || event.need_rescan() {
+            *dirty = None;
+        } else if let Some(d) = dirty {
+            d.extend(event.paths.iter().cloned());
+        }
         match event.kind {
             EventKind::Create(_) | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any) => {
                 for p in &event.paths {
-                    w.insert(p.clone(), Instant::now());
+                    w.insert(p.clone(), Seen::Writing(Instant::now()));
                 }
             }
-            // A writer closed it, it was renamed into place (its writer finished
-            // elsewhere) or it is gone: nothing is half-written any more.
+            // The writer is done with it: remember the version it left. A later write
+            // changes the stamp (and sends its own event), so only this version counts.
             EventKind::Access(AccessKind::Close(AccessMode::Write))
-            | EventKind::Remove(_)
-            | EventKind::Modify(ModifyKind::Name(_)) => {
+            | EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
+                for p in &event.paths {
+                    complete(w, p);
+                }
+            }
+            EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
+                if let Some(from) = event.paths.first() {
+                    w.remove(from);
+                }
+                if let Some(to) = event.paths.get(1) {
+                    complete(w, to);
+                }
+            }
+            // A mode or owner change leaves the content alone: a complete version stays
+            // complete (its ctime moved, so take the new stamp).
+            EventKind::Modify(ModifyKind::Metadata(_)) => {
+                for p in &event.paths {
+                    if let Some(Seen::Complete(was)) = w.get(p).copied() {
+                        match fs::metadata(p).map(|m| Stamp::of(&m)) {
+                            Ok(now) if now.same_content_as(&was) => {
+                                w.insert(p.clone(), Seen::Complete(now));
+                            }
+                            _ => {
+                                w.remove(p);
+                            }
+                        }
+                    }
+                }
+            }
+            // Gone, or renamed away: nothing of it is half-written any more.
+            EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_)) => {
                 for p in &event.paths {
                     w.remove(p);
                 }
             }
             _ => {}
         }
-        if matches!(
-            event.kind,
-            EventKind::Modify(ModifyKind::Name(RenameMode::Both))
-        ) && let Some(to) = event.paths.get(1)
-        {
-            w.remove(to);
-        }
     }
 
-    /// Whether a writer may still be writing `path`: modified, not closed, and active
-    /// within [`WRITER_IDLE`].
-    fn busy(&self, path: &Path) -> bool {
-        let mut w = self.lock();
+    /// What a scan may do with `path`, whose current version has `stamp`. A writer that
+    /// was last active [`WRITER_IDLE`] ago no longer counts: its file settles.
+    fn trust(&self, path: &Path, stamp: &Stamp) -> Trust {
+        let w = &mut self.lock().seen;
         match w.get(path) {
-            Some(t) if t.elapsed() < WRITER_IDLE => true,
-            Some(_) => {
+            Some(Seen::Writing(t)) if t.elapsed() < WRITER_IDLE => Trust::Busy,
+            Some(Seen::Writing(_)) => {
                 w.remove(path);
-                false
+                Trust::Unknown
             }
-            None => false,
+            Some(Seen::Complete(done)) if done == stamp => Trust::Complete,
+            _ => Trust::Unknown,
+        }
+    }
+}
+
+/// Records the version of `path` now on disk as complete. A file already gone again
+/// (renamed away, removed) is forgotten: its own event follows.
+fn complete(w: &mut HashMap<PathBuf, Seen>, path: &Path) {
+    match fs::metadata(path) {
+        Ok(meta) => {
+            w.insert(path.to_path_buf(), Seen::Complete(Stamp::of(&meta)));
+        }
+        Err(_) => {
+            w.remove(path);
         }
     }
 }
@@ -209,6 +292,8 @@ pub struct ManifestDir {
     limits: Limits,
     writers: Writers,
     settle: Duration,
+    /// Files the last scans left for later (see [`ScanStats::deferred`]).
+    pending: BTreeSet<PathBuf>,
 }
 
 impl ManifestDir {
@@ -229,6 +314,7 @@ impl ManifestDir {
             limits,
             writers: Writers::default(),
             settle: Duration::ZERO,
+            pending: BTreeSet::new(),
         }
     }
 
@@ -291,28 +377,10 @@ impl ManifestDir {
         let mut refreshed = false;
         let mut edits = Vec::new();
         let mut next = BTreeMap::new();
+        self.pending.clear();
         for (path, meta) in listed {
             let old = self.files.remove(&path);
-            let before = old.as_ref().map(|f| f.content.clone());
-            let ctx = Refresh {
-                limits: self.limits,
-                busy: self.writers.busy(&path),
-                settle: self.settle,
-            };
-            let (file, file_changed) = refresh(&path, meta, old, &mut stats, ctx);
-            refreshed |= file_changed;
-            // Content that parsed equal keeps its `Arc` (see `refresh`), so a pointer
-            // comparison finds the files whose objects need a look.
-            if before
-                .as_ref()
-                .is_none_or(|b| !Arc::ptr_eq(b, &file.content))
-            {
-                edits.push(Edit {
-                    path: path.clone(),
-                    before,
-                    after: Some(file.content.clone()),
-                });
-            }
+            let file = self.refresh_one(&path, meta, old, &mut stats, &mut edits, &mut refreshed);
             next.insert(path, file);
         }
         // Whatever is left in the old cache is gone from the directory.
@@ -324,11 +392,115 @@ impl ManifestDir {
                 after: None,
             });
         }
+        Ok(self.finish(stats, &edits, refreshed))
+    }
+
+    /// Like [`reload`](Self::reload), but looks only at `paths` (those the watch saw
+    /// events for) and at the files left for later by earlier scans, instead of listing
+    /// the directory: a change costs the files it touched. The first call, and any call
+    /// after `load` was never made, scans everything.
+    pub fn reload_paths(&mut self, paths: &BTreeSet<PathBuf>) -> anyhow::Result<Option<Snapshot>> {
+        if !self.scanned {
+            return self.reload();
+        }
+        let mut stats = ScanStats::default();
+        let mut refreshed = false;
+        let mut edits = Vec::new();
+        if paths.iter().any(|p| p.parent() != Some(self.dir.as_path())) {
+            // The directory itself, or a path spelled unlike ours: list everything.
+            return self.reload();
+        }
+        let mut look: BTreeSet<PathBuf> = std::mem::take(&mut self.pending);
+        look.extend(
+            paths
+                .iter()
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(is_manifest_name)
+                })
+                .cloned(),
+        );
+        for path in look {
+            // As `list_manifests` would see it: present unless the name is gone; a
+            // dangling link is present with an error, a directory is not a manifest.
+            let present = match fs::symlink_metadata(&path) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                _ => Some(fs::metadata(&path)),
+            }
+            .filter(|meta| !meta.as_ref().is_ok_and(|m| !m.is_file()));
+            let old = self.files.remove(&path);
+            match present {
+                Some(meta) => {
+                    let file =
+                        self.refresh_one(&path, meta, old, &mut stats, &mut edits, &mut refreshed);
+                    self.files.insert(path, file);
+                }
+                None => {
+                    if let Some(old) = old {
+                        stats.removed += 1;
+                        edits.push(Edit {
+                            path,
+                            before: Some(old.content),
+                            after: None,
+                        });
+                    }
+                }
+            }
+        }
+        stats.files = self.files.len();
+        let changed = self.finish(stats, &edits, refreshed);
+        Ok(changed.then(|| self.snapshot()))
+    }
+
+    /// Brings one listed file's cache entry up to date, noting its edit and whether it
+    /// was left for later.
+    fn refresh_one(
+        &mut self,
+        path: &Path,
+        meta: io::Result<fs::Metadata>,
+        old: Option<CachedFile>,
+        stats: &mut ScanStats,
+        edits: &mut Vec<Edit>,
+        refreshed: &mut bool,
+    ) -> CachedFile {
+        let before = old.as_ref().map(|f| f.content.clone());
+        let trust = meta
+            .as_ref()
+            .map_or(Trust::Unknown, |m| self.writers.trust(path, &Stamp::of(m)));
+        let ctx = Refresh {
+            limits: self.limits,
+            trust,
+            settle: self.settle,
+        };
+        let deferred = stats.deferred;
+        let (file, file_changed) = refresh(path, meta, old, stats, ctx);
+        if stats.deferred > deferred {
+            self.pending.insert(path.to_path_buf());
+        }
+        *refreshed |= file_changed;
+        // Content that parsed equal keeps its `Arc` (see `refresh`), so a pointer
+        // comparison finds the files whose objects need a look.
+        if before
+            .as_ref()
+            .is_none_or(|b| !Arc::ptr_eq(b, &file.content))
+        {
+            edits.push(Edit {
+                path: path.to_path_buf(),
+                before,
+                after: Some(file.content.clone()),
+            });
+        }
+        file
+    }
+
+    /// Puts the scan's edits into the snapshot; true when the snapshot changed.
+    fn finish(&mut self, mut stats: ScanStats, edits: &[Edit], refreshed: bool) -> bool {
         let first = !self.scanned;
         let mut changed = BTreeSet::new();
         let mut visible = first;
         if refreshed || !edits.is_empty() {
-            visible |= self.apply(&edits, &mut changed);
+            visible |= self.apply(edits, &mut changed);
             let errors = self.errors();
             if *self.snap.errors != errors {
                 self.snap.errors = Arc::new(errors);
@@ -344,9 +516,10 @@ impl ManifestDir {
             }
         };
         stats.changed = visible;
+        stats.deferred = self.pending.len();
         self.stats = stats;
         self.scanned = true;
-        Ok(visible)
+        visible
     }
 
     /// Takes the objects of the edited files' old content out of the claims and puts
@@ -548,6 +721,12 @@ impl Stamp {
         self.modified_within(window, now)
     }
 
+    /// Whether `self` and `other` are one version of one file: a change of mode or owner
+    /// moves only the ctime.
+    fn same_content_as(&self, other: &Self) -> bool {
+        (self.dev, self.ino, self.len, self.mtime) == (other.dev, other.ino, other.len, other.mtime)
+    }
+
     /// Whether the file was modified less than `window` before `now` (or in the future).
     fn modified_within(&self, window: Duration, now: SystemTime) -> bool {
         let Ok(now) = now.duration_since(UNIX_EPOCH) else {
@@ -603,8 +782,8 @@ fn digest(bytes: &[u8]) -> u64 {
 #[derive(Clone, Copy)]
 struct Refresh {
     limits: Limits,
-    /// A writer still holds the file open (see [`Writers`]).
-    busy: bool,
+    /// What the watch saw of the file (see [`Writers`]).
+    trust: Trust,
     settle: Duration,
 }
 
@@ -643,7 +822,12 @@ fn refresh(
         Some(old) if old.stamp == Some(stamp) && !old.racy => return (old, false),
         other => other,
     };
-    if ctx.busy || stamp.modified_within(ctx.settle, SystemTime::now()) {
+    let wait = match ctx.trust {
+        Trust::Busy => true,
+        Trust::Complete => false,
+        Trust::Unknown => stamp.modified_within(ctx.settle, SystemTime::now()),
+    };
+    if wait {
         // Half-written, or too fresh to tell: leave everything as it is and look again
         // at a later scan.
         stats.deferred += 1;
@@ -1361,7 +1545,7 @@ fn is_noise(event: &notify::Event) -> bool {
 /// Runs one scan off the async threads: parsing a large directory takes a while.
 async fn scan_blocking<T: Send + 'static>(
     mut dir: ManifestDir,
-    f: fn(&mut ManifestDir) -> T,
+    f: impl FnOnce(&mut ManifestDir) -> T + Send + 'static,
 ) -> anyhow::Result<(ManifestDir, T)> {
     tokio::task::spawn_blocking(move || {
         let out = f(&mut dir);
@@ -1372,13 +1556,17 @@ async fn scan_blocking<T: Send + 'static>(
 }
 
 fn log_snapshot(dir: &Path, snap: &Snapshot, stats: ScanStats) {
+    // Counting the slices walks every Service: only for a complete snapshot, not on
+    // each change.
+    let slices = snap.changed.all.then(|| snap.slice_count());
     tracing::info!(
         dir = %dir.display(),
         files = stats.files,
         parsed = stats.parsed,
         removed = stats.removed,
+        deferred = stats.deferred,
         services = snap.services.len(),
-        slices = snap.slice_count(),
+        slices,
         errors = snap.errors.len(),
         changed_all = snap.changed.all,
         changed_services = snap.changed.services.len(),
@@ -1387,9 +1575,13 @@ fn log_snapshot(dir: &Path, snap: &Snapshot, stats: ScanStats) {
 }
 
 /// Watches `dir` and publishes a complete [`Snapshot`] on `tx`: the first one at once,
-/// then one after each change (create, modify, delete, rename, symlink swap), bursts
-/// coalesced over [`DEBOUNCE`]. A rescan every [`RESCAN_INTERVAL`] covers lost events
-/// and a replaced directory. Nothing is sent when a scan finds no change.
+/// then one after each change (create, modify, delete, rename, symlink swap). A file
+/// event starts a scan at once; events that arrive during a scan are coalesced into
+/// the next one. A file whose writer closed it or renamed it into place is read at
+/// once; one still held open by its writer waits for its close (or [`WRITER_IDLE`]);
+/// one that changed without such an event (a lost event, a symlink swap) is read once
+/// it has not changed for [`SETTLE`]. A rescan every [`RESCAN_INTERVAL`] covers lost
+/// events and a replaced directory. Nothing is sent when a scan finds no change.
 ///
 /// Returns `Err` if the first scan fails (the directory cannot be read); later failures
 /// are logged and the last snapshot stays in force. Returns `Ok` once every receiver of
@@ -1404,6 +1596,7 @@ pub async fn watch(dir: PathBuf, limits: Limits, tx: super::Publisher) -> anyhow
             Ok(event) if is_noise(&event) => return,
             Ok(event) => seen.observe(&event),
             Err(e) => {
+                seen.lost();
                 crate::metrics::watch_restarted("manifests", "error");
                 tracing::warn!(error = %e, "manifest directory watch error; rescanning");
             }
@@ -1416,7 +1609,7 @@ pub async fn watch(dir: PathBuf, limits: Limits, tx: super::Publisher) -> anyhow
     // Watch before the first scan, so that no change falls between the two.
     let mut watched = watch_dir(&mut watcher, &dir, None);
     let mut source = ManifestDir::with_limits(&dir, limits);
-    source.set_writers(writers);
+    source.set_writers(writers.clone());
     let (mut source, first) = scan_blocking(source, ManifestDir::load).await?;
     let first = first?;
     // Not for the first scan: files that exist when the agent starts are taken as they
@@ -1438,14 +1631,16 @@ pub async fn watch(dir: PathBuf, limits: Limits, tx: super::Publisher) -> anyhow
                 None => std::future::pending().await,
             }
         };
+        // Which files to look at: those the events named (and those left for later),
+        // or all of them after a timer or lost events.
+        let mut everything = true;
         tokio::select! {
             () = tx.closed() => return Ok(()),
-            () = settled => {}
-            Some(()) = wake_rx.recv() => {
-                tokio::time::sleep(DEBOUNCE).await;
-                // Events of the burst that came during the sleep are covered by this scan.
-                let _ = wake_rx.try_recv();
-            }
+            // The files left for later are in the next scan of named paths.
+            () = settled => everything = false,
+            // No debounce: a file seen complete is read at once, and a burst's later
+            // events wake the next scan, which reads only what changed.
+            Some(()) = wake_rx.recv() => everything = false,
             _ = rescan.tick() => {
                 let now = dir_identity(&dir);
                 if now.is_some() && now != watched {
@@ -1453,18 +1648,36 @@ pub async fn watch(dir: PathBuf, limits: Limits, tx: super::Publisher) -> anyhow
                 }
             }
         }
-        let (next, result) = scan_blocking(source, ManifestDir::reload).await?;
+        let dirty = if everything {
+            None
+        } else {
+            writers.take_dirty()
+        };
+        let (next, result) = scan_blocking(source, move |d: &mut ManifestDir| match dirty {
+            Some(paths) => d.reload_paths(&paths),
+            None => d.reload(),
+        })
+        .await?;
         source = next;
-        crate::metrics::set_manifest_files_stale(source.stale_files());
+        if source.stats().changed {
+            // A file turning stale (or back) changes the snapshot's errors.
+            crate::metrics::set_manifest_files_stale(source.stale_files());
+        }
         // Files left for later are looked at again once they may have settled; one
-        // still held open by its writer is woken by its close event as well.
-        settle_at = (source.stats().deferred > 0).then(|| tokio::time::Instant::now() + SETTLE);
+        // still held open by its writer is woken by its close event as well. A timer
+        // already running is kept, so that events do not push it back for ever.
+        settle_at = match settle_at {
+            _ if source.stats().deferred == 0 => None,
+            Some(t) if t > tokio::time::Instant::now() => Some(t),
+            _ => Some(tokio::time::Instant::now() + SETTLE),
+        };
         match result {
             Ok(Some(snap)) => {
-                log_snapshot(&dir, &snap, source.stats());
-                if tx.publish(snap).is_err() {
+                if tx.publish(snap.clone()).is_err() {
                     return Ok(());
                 }
+                // After the publish: the agent syncs while this logs.
+                log_snapshot(&dir, &snap, source.stats());
             }
             Ok(None) => {}
             Err(e) => {
