@@ -76,9 +76,9 @@ impl Profile {
             scales: vec![1, 1_000, 10_000, 100_000],
             // Many short windows rather than a few long ones: with every mode run once
             // per repetition, back to back, the machine's drift averages out of the
-            // ratios. 8 rather than 10 keeps the whole profile (with the 100 000 × 10
-            // point, churn and the external path) within about 25 minutes on 2 vCPUs.
-            reps: 8,
+            // ratios. Timed on 2026-12-06 (2 vCPUs, shared): the whole profile with the
+            // 100 000 × 10 point, churn and the external path takes about 15 minutes.
+            reps: 10,
             duration: Duration::from_millis(500),
             warmup: Duration::from_millis(100),
             threads: 4,
