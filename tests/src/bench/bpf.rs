@@ -1,4 +1,5 @@
-//! The few BPF system calls the bench and the labs need, made directly (no loader library):
+//! The few BPF system calls the bench and the labs need, through the agent's own
+//! `svc_lb::datapath::sys` where it has them and made directly otherwise (no loader library):
 //! - read svc-lb's pinned maps, to see the moment the datapath stops picking a backend;
 //! - switch the kernel's per-program run-time statistics on for a measured window;
 //! - give a veth a pass-through XDP program (the two-node lab's wire, see [`xdp_pass`]);
@@ -6,31 +7,23 @@
 //!   kernel, and sum the memory of the maps an agent holds.
 use std::{
     collections::BTreeMap,
-    ffi::CString,
     net::{Ipv4Addr, SocketAddrV4},
-    os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
-        unix::ffi::OsStrExt,
-    },
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
     path::Path,
 };
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
+use svc_lb::datapath::sys;
 use svc_lb_common::{Backend, MAP_BACKENDS, MAP_SVC4, PROTO_TCP, SCOPE_ALL, Svc4Key, SvcValue};
 
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 pub const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 const BPF_LINK_CREATE: libc::c_long = 28;
 pub const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_XDP: u32 = 37;
 const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
-const BPF_ENABLE_STATS: libc::c_long = 32;
-const BPF_STATS_RUN_TIME: u32 = 0;
 
 fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
     // SAFETY: `attr` is a fully initialised, correctly sized prefix of `union bpf_attr`
@@ -56,27 +49,7 @@ fn owned(fd: libc::c_long) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-#[repr(C)]
-#[derive(Default)]
-struct ObjGetAttr {
-    pathname: u64,
-    bpf_fd: u32,
-    file_flags: u32,
-    path_fd: i32,
-    _pad: u32,
-}
-
-/// Opens a pinned object.
-pub fn obj_get(path: &Path) -> Result<OwnedFd> {
-    let c = CString::new(path.as_os_str().as_bytes()).context("path with NUL")?;
-    let mut attr = ObjGetAttr {
-        pathname: c.as_ptr() as u64,
-        ..Default::default()
-    };
-    let fd =
-        sys_bpf(BPF_OBJ_GET, &mut attr).with_context(|| format!("open pin {}", path.display()))?;
-    owned(fd)
-}
+pub use svc_lb::datapath::sys::obj_get;
 
 #[repr(C)]
 #[derive(Default)]
@@ -179,45 +152,11 @@ pub fn prog_fd_by_id(id: u32) -> Result<OwnedFd> {
     )
 }
 
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    /// Explicit, so the trailing padding is zero (the kernel rejects non-zero bytes past
-    /// the fields it knows).
-    _pad: u32,
-}
-
 /// One BPF_PROG_TEST_RUN of `frame`: the verdict, the frame after the program, and the
 /// kernel's own measure of the run in ns (its timer reads included).
 pub fn test_run(prog: &OwnedFd, frame: &[u8]) -> Result<(u32, Vec<u8>, u32)> {
-    let mut out = vec![0u8; frame.len() + 256];
-    let mut attr = TestRunAttr {
-        prog_fd: u32::try_from(prog.as_raw_fd()).context("prog fd")?,
-        data_size_in: u32::try_from(frame.len()).context("frame size")?,
-        data_size_out: u32::try_from(out.len()).context("buffer size")?,
-        data_in: frame.as_ptr() as u64,
-        data_out: out.as_mut_ptr() as u64,
-        repeat: 1,
-        ..Default::default()
-    };
-    sys_bpf(BPF_PROG_TEST_RUN, &mut attr).context("BPF_PROG_TEST_RUN")?;
-    out.truncate(attr.data_size_out as usize);
-    Ok((attr.retval, out, attr.duration))
+    let r = sys::prog_test_run(prog.as_fd(), frame, frame.len() + 256, 1)?;
+    Ok((r.retval, r.data_out, r.duration_ns))
 }
 
 /// Kernel memory of the BPF maps process `pid` holds descriptors of: the sum of
@@ -245,33 +184,15 @@ pub fn map_memlock(pid: u32) -> Result<(u64, usize)> {
     Ok((total, seen.len()))
 }
 
-#[repr(C)]
-#[derive(Default)]
-struct LookupAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    value: u64,
-    flags: u64,
-}
-
 /// Looks `key` up; `Ok(false)` when absent.
 fn lookup<K: bytemuck::Pod, V: bytemuck::Pod>(
     map: &OwnedFd,
     key: &K,
     value: &mut V,
 ) -> Result<bool> {
-    let mut attr = LookupAttr {
-        map_fd: u32::try_from(map.as_raw_fd()).context("fd")?,
-        key: key as *const K as u64,
-        value: value as *mut V as u64,
-        ..Default::default()
-    };
-    match sys_bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
-        Ok(_) => Ok(true),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
-        Err(e) => Err(e).context("BPF_MAP_LOOKUP_ELEM"),
-    }
+    Ok(sys::map_lookup(map.as_fd(), key)?
+        .map(|v| *value = v)
+        .is_some())
 }
 
 /// svc-lb's service and backend maps, opened from the agent's pin directory.
@@ -323,11 +244,6 @@ impl SvcLbMaps {
     }
 }
 
-#[repr(C)]
-struct EnableStatsAttr {
-    kind: u32,
-}
-
 /// While this lives, the kernel accounts run time and run count for every BPF program.
 /// It holds the descriptor of BPF_ENABLE_STATS: the kernel turns the statistics off
 /// again when the last such descriptor closes, including when this process is killed,
@@ -342,11 +258,8 @@ const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
 impl StatsGuard {
     pub fn enable() -> Result<Self> {
-        let mut attr = EnableStatsAttr {
-            kind: BPF_STATS_RUN_TIME,
-        };
-        match sys_bpf(BPF_ENABLE_STATS, &mut attr) {
-            Ok(fd) => Ok(Self::Fd(owned(fd)?)),
+        match sys::enable_stats() {
+            Ok(fd) => Ok(Self::Fd(fd)),
             Err(_) => {
                 let old = std::fs::read_to_string(STATS_SYSCTL)
                     .with_context(|| format!("read {STATS_SYSCTL}"))?

@@ -140,6 +140,14 @@ pub struct RunArgs {
     /// endpoints each), e.g. `1000x10`; `0x0` for none.
     #[arg(long, value_delimiter = ',', value_parser = parse_wide)]
     pub wide: Option<Vec<(usize, usize)>>,
+    /// An extra flag for every agent the bench starts, e.g. `--agent-arg=--flag=value`
+    /// (repeatable; one argument each).
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    pub agent_args: Vec<String>,
+    /// An extra flag for the agents of the wide points only (after `--agent-arg`), e.g.
+    /// larger maps for 100000x10 (repeatable; one argument each).
+    #[arg(long = "wide-agent-arg", allow_hyphen_values = true)]
+    pub wide_agent_args: Vec<String>,
     /// Override the bound on loading one scale point into one mode, seconds.
     #[arg(long)]
     pub load_timeout_s: Option<u64>,

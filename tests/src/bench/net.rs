@@ -96,6 +96,8 @@ pub struct BenchNet {
     svc_lb: PathBuf,
     agent_starts: usize,
     agent_args: Vec<String>,
+    /// Flags added to the next agents' command lines (`--agent-arg`, `--wide-agent-arg`).
+    pub extra_agent_args: Vec<String>,
 }
 
 impl BenchNet {
@@ -243,6 +245,7 @@ impl BenchNet {
             svc_lb: svc_lb.to_path_buf(),
             agent_starts: 0,
             agent_args,
+            extra_agent_args: Vec::new(),
         })
     }
 
@@ -327,7 +330,12 @@ impl BenchNet {
                 .dir
                 .path()
                 .join(format!("agent-{}.log", self.agent_starts)),
-            extra_args: self.agent_args.clone(),
+            extra_args: self
+                .agent_args
+                .iter()
+                .chain(&self.extra_agent_args)
+                .cloned()
+                .collect(),
         };
         Ok(self.agent.insert(Agent::start(config)?))
     }

@@ -68,6 +68,28 @@ fn pm_dur(s: &Summary) -> String {
     }
 }
 
+/// The start of a table section: its heading, the paragraphs that explain it (each
+/// followed by a blank line) and the table's header and alignment rows.
+fn table_head(out: &mut String, title: &str, paras: &[&str], header: &str) {
+    let _ = writeln!(out, "### {title}\n");
+    for p in paras {
+        let _ = writeln!(out, "{p}\n");
+    }
+    let _ = writeln!(out, "{header}");
+}
+
+/// One table row of svc-lb-only numbers: the given cells, then `n/a` for the two ratio
+/// columns (there is no direct or iptables equivalent).
+fn row_na(out: &mut String, cells: &[String]) {
+    let mut line = String::from("|");
+    for c in cells.iter().map(String::as_str).chain(["n/a", "n/a"]) {
+        line.push(' ');
+        line.push_str(c);
+        line.push_str(" |");
+    }
+    let _ = writeln!(out, "{line}");
+}
+
 fn load_note(r: &Results, n: usize, mode: Mode) -> Option<String> {
     r.load(n, mode).and_then(LoadOutcome::why_not_short)
 }
@@ -348,22 +370,18 @@ fn prop_row(out: &mut String, n: &str, mode: &str, c: &PropCell, ipt_p: Pcts) {
 }
 
 fn memory_table(out: &mut String, r: &Results) {
-    let _ = writeln!(out, "### Agent resident memory\n");
-    let _ = writeln!(
+    table_head(
         out,
-        "svc-lb's agent process right after each full sync (`VmRSS` and its peak `VmHWM` from /proc/PID/status). The \
-         BPF maps themselves are kernel memory and not part of it; the baselines have no agent process here (kube-proxy \
-         would be one), so there is nothing to compare with: the ratios are n/a.\n"
-    );
-    let _ = writeln!(
-        out,
-        "The BPF maps column is the kernel memory of the maps the agent holds open (the sum of `memlock` over \
-         its map descriptors in /proc/PID/fdinfo, each map once); a preallocated map counts at its full size \
-         whatever N.\n"
-    );
-    let _ = writeln!(
-        out,
-        "| N | VmRSS (mean ± sd) | VmHWM (mean) | BPF maps (memlock) | samples | × direct | × iptables |\n|---:|---:|---:|---:|---:|---:|---:|"
+        "Agent resident memory",
+        &[
+            "svc-lb's agent process right after each full sync (`VmRSS` and its peak `VmHWM` from /proc/PID/status). The \
+             BPF maps themselves are kernel memory and not part of it; the baselines have no agent process here (kube-proxy \
+             would be one), so there is nothing to compare with: the ratios are n/a.",
+            "The BPF maps column is the kernel memory of the maps the agent holds open (the sum of `memlock` over \
+             its map descriptors in /proc/PID/fdinfo, each map once); a preallocated map counts at its full size \
+             whatever N.",
+        ],
+        "| N | VmRSS (mean ± sd) | VmHWM (mean) | BPF maps (memlock) | samples | × direct | × iptables |\n|---:|---:|---:|---:|---:|---:|---:|",
     );
     for m in &r.memory {
         let rss: Vec<f64> = m.rss_kib.iter().map(|k| *k as f64 / 1024.0).collect();
@@ -373,14 +391,15 @@ fn memory_table(out: &mut String, r: &Results) {
             format!("{:.1} MiB in {} maps", s.mean, m.maps)
         });
         if let (Some(a), Some(b)) = (stats::summarize(&rss), stats::summarize(&hwm)) {
-            let _ = writeln!(
+            row_na(
                 out,
-                "| {} | {:.1} ± {:.1} MiB | {:.1} MiB | {maps} | {} | n/a | n/a |",
-                pt_label(m.n, m.eps),
-                a.mean,
-                a.sd,
-                b.mean,
-                a.n
+                &[
+                    pt_label(m.n, m.eps),
+                    format!("{:.1} ± {:.1} MiB", a.mean, a.sd),
+                    format!("{:.1} MiB", b.mean),
+                    maps,
+                    a.n.to_string(),
+                ],
             );
         }
     }
@@ -388,53 +407,49 @@ fn memory_table(out: &mut String, r: &Results) {
 }
 
 fn bpf_table(out: &mut String, r: &Results) {
-    let _ = writeln!(out, "### BPF per-call cost\n");
-    let _ = writeln!(
+    table_head(
         out,
-        "Run time divided by run count of each svc-lb program, from the kernel's BPF statistics, over a window of \
+        "BPF per-call cost",
+        &[
+            "Run time divided by run count of each svc-lb program, from the kernel's BPF statistics, over a window of \
          svc-lb traffic of its own kind (the statistics are switched on only for these windows, through \
          `BPF_ENABLE_STATS`, whose descriptor switches them off again when closed). `tcp-vip` exercises connect4 on a \
          Service (lookup, slot pick, backend lookup, reverse-NAT entry, rewrite); `tcp-non-service` the miss path; \
          `udp-vip` sendmsg4 and recvmsg4. There is no iptables or direct equivalent, so the ratios are n/a. The \
-         external path's programs have a table of their own below.\n"
-    );
-    let _ = writeln!(
-        out,
-        "| N | traffic | program | calls | ns per call | × direct | × iptables |\n|---:|---|---|---:|---:|---:|---:|"
+         external path's programs have a table of their own below.",
+        ],
+        "| N | traffic | program | calls | ns per call | × direct | × iptables |\n|---:|---|---|---:|---:|---:|---:|",
     );
     for b in &r.bpf {
-        let _ = writeln!(
+        row_na(
             out,
-            "| {} | {} | {} | {} | {} | n/a | n/a |",
-            n_label(b.n),
-            b.window,
-            b.program,
-            int(b.run_cnt as f64),
-            b.ns_per_call().map_or("—".into(), |v| format!("{v:.0}"))
+            &[
+                n_label(b.n),
+                b.window.to_string(),
+                b.program.to_string(),
+                int(b.run_cnt as f64),
+                b.ns_per_call().map_or("—".into(), |v| format!("{v:.0}")),
+            ],
         );
     }
     out.push('\n');
 }
 
 fn nodeport_table(out: &mut String, r: &Results) {
-    let _ = writeln!(
+    table_head(
         out,
-        "### External path: NodePort request rate (two-node lab)\n"
-    );
-    let _ = writeln!(
-        out,
-        "Two two-node labs at once, alike but for node A: in one both nodes run svc-lb (`--xdp`); in the other \
+        "External path: NodePort request rate (two-node lab)",
+        &[
+            "Two two-node labs at once, alike but for node A: in one both nodes run svc-lb (`--xdp`); in the other \
          node A has kube-proxy's iptables layout for the same NodePort Service (KUBE-SERVICES → KUBE-NODEPORTS → \
          KUBE-EXT, marked for masquerade → KUBE-SVC → KUBE-SEP with the DNAT; MASQUERADE in POSTROUTING) and no \
          agent runs. The Service's one endpoint is a pod on node B running the bench's server, so every request \
          crosses node A (DNAT and SNAT) to node B and back. The load generator (same settings as the rate tables, \
          TCP) runs in the external client's namespace against node A's NodePort; the two labs' repetitions \
          alternate. There is no direct path to compare with (the client has no route to the pods). A failed \
-         attempt that began in the window counts even when it ended (timed out) after it.\n"
-    );
-    let _ = writeln!(
-        out,
-        "| mode | req/s (mean ± sd) | reps | × direct | × iptables | failed |\n|---|---:|---:|---:|---:|---:|"
+         attempt that began in the window counts even when it ended (timed out) after it.",
+        ],
+        "| mode | req/s (mean ± sd) | reps | × direct | × iptables | failed |\n|---|---:|---:|---:|---:|---:|",
     );
     let ipt = r.nodeport.iter().find(|c| c.mode == Mode::Iptables);
     for c in &r.nodeport {
@@ -465,10 +480,11 @@ fn nodeport_table(out: &mut String, r: &Results) {
 }
 
 fn ext_table(out: &mut String, r: &Results) {
-    let _ = writeln!(out, "### External path: cost per packet\n");
-    let _ = writeln!(
+    table_head(
         out,
-        "Node A's `svclb_xdp` and `svclb_tc_in` as its agent (`--xdp`) attached and programmed them in the two-node \
+        "External path: cost per packet",
+        &[
+            "Node A's `svclb_xdp` and `svclb_tc_in` as its agent (`--xdp`) attached and programmed them in the two-node \
          lab of the external tests, run through BPF_PROG_TEST_RUN on TCP frames from the external client to NodePorts \
          of node A, in node A's namespace (so the programs' FIB lookups see its routes and neighbours, which real \
          connections through each NodePort filled first). Two NodePort Services: one endpoint on node B (remote: \
@@ -478,11 +494,9 @@ fn ext_table(out: &mut String, r: &Results) {
          no longer addressed to the NodePort and time the miss path); the kernel's mean duration per run, minus the \
          same for a trivial program of the same type (the timer's own share), is the cost per packet. The first \
          packet of each case is checked: its verdict and where it was sent. Goal: XDP forward ≤ 100 ns (Katran's own \
-         tester reports about 101 ns per packet). There is no iptables or direct equivalent, so the ratios are n/a.\n"
-    );
-    let _ = writeln!(
-        out,
-        "| program | packets | ns per packet | raw (mean) | trivial program | runs | first packet | verdicts | × direct | × iptables |\n|---|---|---:|---:|---:|---:|---|---|---:|---:|"
+         tester reports about 101 ns per packet). There is no iptables or direct equivalent, so the ratios are n/a.",
+        ],
+        "| program | packets | ns per packet | raw (mean) | trivial program | runs | first packet | verdicts | × direct | × iptables |\n|---|---|---:|---:|---:|---:|---|---|---:|---:|",
     );
     for c in &r.ext {
         let verdicts = c
@@ -491,17 +505,18 @@ fn ext_table(out: &mut String, r: &Results) {
             .map(|(k, v)| format!("{k} {}", int(*v as f64)))
             .collect::<Vec<_>>()
             .join(", ");
-        let _ = writeln!(
+        row_na(
             out,
-            "| {} | {} | {:.0} | {:.0} | {:.0} | {} | {} → {} | {verdicts} | n/a | n/a |",
-            c.program,
-            c.case,
-            c.per_packet_ns(),
-            c.mean_ns,
-            c.baseline_ns,
-            int(c.runs as f64),
-            c.verdict,
-            c.rewritten_to
+            &[
+                c.program.to_string(),
+                c.case.to_string(),
+                format!("{:.0}", c.per_packet_ns()),
+                format!("{:.0}", c.mean_ns),
+                format!("{:.0}", c.baseline_ns),
+                int(c.runs as f64),
+                format!("{} → {}", c.verdict, c.rewritten_to),
+                verdicts,
+            ],
         );
     }
     out.push('\n');
