@@ -66,6 +66,8 @@ pub struct AgentConfig {
     /// `--reject-rate` and `--reject-burst`: the node-wide ICMP reject limit.
     pub reject_rate: u32,
     pub reject_burst: u32,
+    /// `--service-map-max`, `--backend-map-max`, `--revnat-map-max`.
+    pub map_sizes: crate::datapath::load::MapSizes,
 }
 
 impl AgentConfig {
@@ -340,6 +342,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             conntrack_max: cfg.conntrack_max,
             external_off: cfg.external_off(),
             compat: (&choices).into(),
+            sizes: cfg.map_sizes,
         },
     )?;
     let mut ext = External {

@@ -171,6 +171,18 @@ pub enum Command {
         /// is the kernel's net.ipv4.icmp_msgs_burst.
         #[arg(long, default_value_t = svc_lb_common::REJECT_BURST_DEFAULT, value_parser = clap::value_parser!(u32).range(1..=i64::from(svc_lb_common::REJECT_LIMIT_MAX)), value_name = "N")]
         reject_burst: u32,
+        /// Entries of the Service maps (one per frontend plus one per backend slot, per
+        /// family) and of the affinity match map [default: 1048576]. 100 000 Services ×
+        /// 10 endpoints × 1 port need 1 100 000. See the README's "Map sizes".
+        #[arg(long, value_parser = parse_map_max, value_name = "N")]
+        service_map_max: Option<u32>,
+        /// Entries of the backend map and its counters [default: 1048576].
+        #[arg(long, value_parser = parse_map_max, value_name = "N")]
+        backend_map_max: Option<u32>,
+        /// Entries of the reverse-NAT map (one per frontend), the Service metadata and
+        /// the per-frontend counters [default: 524288; counters 1048576].
+        #[arg(long, value_parser = parse_map_max, value_name = "N")]
+        revnat_map_max: Option<u32>,
     },
     /// Show every programmed frontend with its Service, flags and backends, from the
     /// pinned maps (works whether or not the agent runs).
@@ -366,6 +378,24 @@ fn parse_conntrack_max(s: &str) -> Result<u32, String> {
     Ok(n)
 }
 
+/// Bounds of `--service-map-max`, `--backend-map-max` and `--revnat-map-max`: the upper
+/// one (a 512 MiB bucket array per map before any entry) catches typos.
+const MAP_MAX_RANGE: std::ops::RangeInclusive<u32> = 1024..=(1 << 25);
+
+fn parse_map_max(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of entries"))?;
+    if !MAP_MAX_RANGE.contains(&n) {
+        return Err(format!(
+            "{n} entries is outside {}-{}",
+            MAP_MAX_RANGE.start(),
+            MAP_MAX_RANGE.end()
+        ));
+    }
+    Ok(n)
+}
+
 /// `--node-ip`: at most one unicast, non-loopback address per family.
 fn check_node_ips(ips: &[std::net::IpAddr]) -> Result<()> {
     for (i, ip) in ips.iter().enumerate() {
@@ -415,6 +445,9 @@ pub fn run(cli: Cli) -> Result<()> {
             service_node_port_range,
             reject_rate,
             reject_burst,
+            service_map_max,
+            backend_map_max,
+            revnat_map_max,
         } => {
             let nodeport_addresses =
                 crate::datapath::devices::NodePortAddresses::from_entries(&nodeport_addresses)
@@ -482,6 +515,11 @@ pub fn run(cli: Cli) -> Result<()> {
                 node_port_range: service_node_port_range,
                 reject_rate,
                 reject_burst,
+                map_sizes: crate::datapath::load::MapSizes {
+                    services: service_map_max,
+                    backends: backend_map_max,
+                    rev_nats: revnat_map_max,
+                },
             }))
         }
         Command::List {
@@ -685,6 +723,42 @@ mod agent_flag_tests {
             parse_conntrack_max("100"),
             Err("100 entries is outside 1024-16777216 (each flow takes two entries of about 160 bytes)".to_owned())
         );
+    }
+
+    #[test]
+    fn map_size_flags_default_to_the_object_and_are_bounded() {
+        let sizes = |args: &[&str]| {
+            let cli = Cli::try_parse_from(["svc-lb", "agent"].iter().chain(args))?;
+            let Command::Agent {
+                service_map_max,
+                backend_map_max,
+                revnat_map_max,
+                ..
+            } = cli.command
+            else {
+                panic!("agent subcommand")
+            };
+            Ok::<_, clap::Error>((service_map_max, backend_map_max, revnat_map_max))
+        };
+        assert_eq!(sizes(&[]).unwrap(), (None, None, None));
+        assert_eq!(
+            sizes(&[
+                "--service-map-max",
+                "2097152",
+                "--backend-map-max",
+                "1024",
+                "--revnat-map-max",
+                "33554432"
+            ])
+            .unwrap(),
+            (Some(1 << 21), Some(1024), Some(1 << 25))
+        );
+        for bad in ["1023", "33554433", "0", "lots"] {
+            let err = sizes(&[&format!("--service-map-max={bad}")])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("--service-map-max"), "{bad}: {err}");
+        }
     }
 
     #[test]

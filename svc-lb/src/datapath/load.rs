@@ -14,8 +14,9 @@ use aya::{
     programs::CgroupSockAddr,
 };
 use svc_lb_common::{
-    AffinityExtKey, AffinityValue, CtKey, CtValue, ExtConfig, MAP_AFFINITY_EXT, MAP_CONFIG, MAP_CT,
-    PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP, SOCK_PROGRAMS,
+    AffinityExtKey, AffinityValue, CtKey, CtValue, ExtConfig, MAP_AFF_MATCH, MAP_AFFINITY_EXT,
+    MAP_BACKENDS, MAP_BE_STATS, MAP_CONFIG, MAP_CT, MAP_FE_STATS, MAP_REVNAT, MAP_SVC_META,
+    MAP_SVC4, MAP_SVC6, PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP, SOCK_PROGRAMS,
 };
 use tracing::{info, warn};
 
@@ -52,6 +53,41 @@ pub struct LoadOptions {
     pub external_off: bool,
     /// Which helpers and flags the programs may use (from the kernel probe).
     pub compat: Compat,
+    /// Capacities of the maps the agent fills; `None` keeps the object's.
+    pub sizes: MapSizes,
+}
+
+/// Capacities of the maps the agent fills (`--service-map-max`, `--backend-map-max`,
+/// `--revnat-map-max`). `None` keeps the size compiled into the object (the
+/// `svc-lb-common` constants). These maps are not preallocated: an entry costs kernel
+/// memory only once it is written, but the bucket array (16 bytes per entry, rounded up
+/// to a power of two) is allocated with the map.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapSizes {
+    /// `LB_SVC4_V1`, `LB_SVC6_V1` (one entry per frontend plus one per backend slot)
+    /// and `LB_AFFMATCH_V1` (at most one per slot).
+    pub services: Option<u32>,
+    /// `LB_BACKENDS_V1` and its counters `LB_BESTATS_V1`.
+    pub backends: Option<u32>,
+    /// `LB_REVNAT_V1` (one per frontend) and what is keyed by its ids:
+    /// `LB_SVCMETA_V1`, `LB_FESTATS_V1`.
+    pub rev_nats: Option<u32>,
+}
+
+impl MapSizes {
+    /// (map, entries) for every map whose size this run sets.
+    fn entries(&self) -> Vec<(&'static str, u32)> {
+        let groups: [(Option<u32>, &[&'static str]); 3] = [
+            (self.services, &[MAP_SVC4, MAP_SVC6, MAP_AFF_MATCH]),
+            (self.backends, &[MAP_BACKENDS, MAP_BE_STATS]),
+            (self.rev_nats, &[MAP_REVNAT, MAP_SVC_META, MAP_FE_STATS]),
+        ];
+        groups
+            .into_iter()
+            .filter_map(|(n, maps)| n.map(|n| maps.iter().map(move |m| (*m, n))))
+            .flatten()
+            .collect()
+    }
 }
 
 /// The programs' kernel switches (svc-lb-ebpf/src/compat.rs), chosen by
@@ -181,6 +217,60 @@ fn size_lru_map<K: aya::Pod, V: aya::Pod>(
     Ok(wanted)
 }
 
+/// Sets the size of a map that the agent fills (not an LRU: see [`size_lru_map`]) and
+/// decides what happens to a pin of another size; returns the size the map has.
+///
+/// An empty pin is replaced by a map of the new size. A pin that holds entries is kept
+/// at its old size with a warning: replacing it would cut the Services it serves until
+/// the agent rewrote them. The planner reads each map's real capacity, so a kept map
+/// only means that Services beyond it are rejected by name. `svc-lb cleanup` applies the
+/// new size at the next start.
+fn size_agent_map(
+    loader: &mut EbpfLoader<'_>,
+    bpffs: &Path,
+    name: &'static str,
+    wanted: u32,
+) -> Result<u32> {
+    loader.map_max_entries(name, wanted);
+    let path = bpffs.join(name);
+    if !path.exists() {
+        return Ok(wanted);
+    }
+    let data =
+        MapData::from_pin(&path).with_context(|| format!("open pinned map {}", path.display()))?;
+    let info = data
+        .info()
+        .with_context(|| format!("info of pinned map {name}"))?;
+    let pinned = info.max_entries();
+    if pinned == wanted {
+        return Ok(wanted);
+    }
+    let key_size = info.key_size() as usize;
+    use std::os::fd::AsFd as _;
+    let fd = data.fd().as_fd();
+    let empty = super::sys::first_key(fd, key_size)
+        .with_context(|| format!("read pinned map {name}"))?
+        .is_none();
+    if !empty {
+        warn!(
+            map = name,
+            pinned_entries = pinned,
+            wanted_entries = wanted,
+            "keeping the pinned map at its old size: it holds entries; the new size takes effect after `svc-lb cleanup`"
+        );
+        return Ok(pinned);
+    }
+    drop(data);
+    fs::remove_file(&path).with_context(|| format!("remove empty pin {}", path.display()))?;
+    info!(
+        map = name,
+        pinned_entries = pinned,
+        entries = wanted,
+        "replaced the empty pinned map with one of the new size"
+    );
+    Ok(wanted)
+}
+
 /// The `.rodata` global that switches the eBPF debug log (svc-lb-ebpf/src/debug.rs).
 const BPF_LOG_GLOBAL: &str = "SVCLB_BPF_LOG";
 /// aya-log's ring buffer map.
@@ -235,6 +325,9 @@ pub fn load(bpffs: &Path, opts: &LoadOptions) -> Result<Ebpf> {
         external_off = opts.external_off,
         "external-path LRU maps sized"
     );
+    for (name, entries) in opts.sizes.entries() {
+        size_agent_map(&mut loader, bpffs, name, entries)?;
+    }
     pins::remove_retired_pins(bpffs)?;
     replace_resized_config_pin(bpffs)?;
     let pins: Vec<(&str, PathBuf)> = svc_lb_common::ALL_MAPS
@@ -289,4 +382,30 @@ fn replace_resized_config_pin(bpffs: &Path) -> Result<()> {
         info!(pin = %path.display(), pinned_value_size = size, value_size = want, "replaced the pinned config map of an earlier version");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_sizes_cover_each_group_and_leave_the_rest_to_the_object() {
+        assert!(MapSizes::default().entries().is_empty());
+        let sizes = MapSizes {
+            services: Some(1 << 21),
+            backends: None,
+            rev_nats: Some(4096),
+        };
+        assert_eq!(
+            sizes.entries(),
+            vec![
+                (MAP_SVC4, 1 << 21),
+                (MAP_SVC6, 1 << 21),
+                (MAP_AFF_MATCH, 1 << 21),
+                (MAP_REVNAT, 4096),
+                (MAP_SVC_META, 4096),
+                (MAP_FE_STATS, 4096),
+            ]
+        );
+    }
 }

@@ -275,6 +275,23 @@ pub fn count_keys(map: BorrowedFd<'_>, key_size: usize) -> Result<u64> {
     }
 }
 
+/// A map's first key by BPF_MAP_GET_NEXT_KEY (`None`: the map is empty), for any hash
+/// type whatever its layout: one syscall where [`count_keys`] walks the whole map.
+pub fn first_key(map: BorrowedFd<'_>, key_size: usize) -> Result<Option<Vec<u8>>> {
+    let mut next = vec![0u8; key_size];
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: 0,
+        value: next.as_mut_ptr() as u64,
+        ..Default::default()
+    };
+    match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+        Ok(_) => Ok(Some(next)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e).context("BPF_MAP_GET_NEXT_KEY"),
+    }
+}
+
 /// The `query` member of `union bpf_attr`.
 #[repr(C)]
 #[derive(Default)]
