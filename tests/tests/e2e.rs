@@ -925,6 +925,103 @@ fn pinned_ct(
         .context("the pinned conntrack map has an unexpected layout")
 }
 
+/// `max_entries` of the pinned map `name`.
+fn pinned_max_entries(bpffs: &Path, name: &str) -> Result<u32> {
+    Ok(aya::maps::MapInfo::from_pin(bpffs.join(name))
+        .with_context(|| format!("info of pinned {name}"))?
+        .max_entries())
+}
+
+/// `--service-map-max`/`--backend-map-max`/`--revnat-map-max` size the maps an agent
+/// creates; an agent started later with other sizes keeps the maps that hold entries
+/// (the Services in them keep working) and replaces only the empty ones.
+#[test]
+fn map_size_flags_size_new_maps_and_a_filled_map_keeps_its_size() {
+    e2e(&["a"], |lab| {
+        lab.serve_all_tcp(8080, false)?;
+        let addrs = lab.topo.addrs(false);
+        lab.write_manifest(
+            "web.yaml",
+            &tcp_service("web", "10.96.0.61", 80, 8080, &addrs),
+        )?;
+        let check_traffic = |lab: &Lab, step: &str| -> Result<()> {
+            let mut o = lab.client(sa("10.96.0.61:80"), Proto::Tcp);
+            o.count = 30;
+            let r = lab.run_client(&o)?;
+            ensure!(
+                r.attempts == 30 && r.failed == 0 && r.backends.get("a") == Some(&30),
+                "{step}: {}",
+                r.summary()
+            );
+            Ok(())
+        };
+        let sizes = |lab: &Lab| -> Result<[u32; 4]> {
+            Ok([
+                pinned_max_entries(lab.bpffs(), svc_lb_common::MAP_SVC4)?,
+                pinned_max_entries(lab.bpffs(), svc_lb_common::MAP_SVC6)?,
+                pinned_max_entries(lab.bpffs(), svc_lb_common::MAP_BACKENDS)?,
+                pinned_max_entries(lab.bpffs(), svc_lb_common::MAP_REVNAT)?,
+            ])
+        };
+        // The lab's agent only to learn its configuration: it created default-sized maps.
+        let base = lab.start_agent()?.config().clone();
+        let (status, graceful) = lab
+            .take_agent()
+            .context("no agent")?
+            .terminate(Duration::from_secs(5))?;
+        ensure!(graceful && status.success(), "agent exit: {status}");
+        ensure!(
+            sizes(lab)? != [4096, 4096, 2048, 1024],
+            "the default sizes already equal the test's: {:?}",
+            sizes(lab)?
+        );
+
+        let mut run = 0;
+        let mut start = |lab: &Lab, args: &[&str]| -> Result<svc_lb_tests::agent::Agent> {
+            run += 1;
+            let mut c = base.clone();
+            c.extra_args = args.iter().map(|a| (*a).to_owned()).collect();
+            c.log_file = lab.dir().join(format!("agent-sized-{run}.log"));
+            let mut a = svc_lb_tests::agent::Agent::start(c)?;
+            a.wait_applied(1, Duration::from_secs(30))?;
+            Ok(a)
+        };
+        // After `svc-lb cleanup` the maps are created anew, at the sizes asked for.
+        let cg = lab.cgroup().to_str().context("cgroup path")?.to_owned();
+        let out = lab.svc_lb(&["cleanup", "--cgroup", &cg])?;
+        ensure!(out.status.success(), "cleanup: {out:?}");
+        let mut a = start(
+            lab,
+            &[
+                "--service-map-max=4096",
+                "--backend-map-max=2048",
+                "--revnat-map-max=1024",
+            ],
+        )?;
+        ensure!(
+            sizes(lab)? == [4096, 4096, 2048, 1024],
+            "sized: {:?}",
+            sizes(lab)?
+        );
+        check_traffic(lab, "sized")?;
+        let (status, graceful) = a.terminate(Duration::from_secs(5))?;
+        ensure!(graceful && status.success(), "agent exit: {status}");
+
+        // The IPv4 maps hold the Service now: other sizes must not replace them. The
+        // IPv6 service map is empty, so it takes the new size.
+        let mut a = start(lab, &["--service-map-max=8192", "--backend-map-max=8192"])?;
+        ensure!(
+            sizes(lab)? == [4096, 8192, 2048, 1024],
+            "a filled map was resized: {:?}",
+            sizes(lab)?
+        );
+        check_traffic(lab, "kept")?;
+        let (status, graceful) = a.terminate(Duration::from_secs(5))?;
+        ensure!(graceful && status.success(), "agent exit: {status}");
+        Ok(())
+    });
+}
+
 /// The external path's LRU maps are sized when the agent starts: one entry each with the
 /// external path off, `--conntrack-max` with it on. A pinned map of another size is
 /// replaced only when that loses nothing (empty, no tc link of an earlier run); one that
