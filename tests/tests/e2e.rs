@@ -904,15 +904,39 @@ fn endpoint_conditions_choose_the_backends() {
 
 /// `(LB_CT_V1, LB_AFFEXT_V1)` sizes of the pinned maps.
 fn ext_lru_sizes(bpffs: &Path) -> Result<(u32, u32)> {
-    let size = |name: &str| -> Result<u32> {
-        Ok(aya::maps::MapInfo::from_pin(bpffs.join(name))
-            .with_context(|| format!("info of pinned {name}"))?
-            .max_entries())
-    };
     Ok((
-        size(svc_lb_common::MAP_CT)?,
-        size(svc_lb_common::MAP_AFFINITY_EXT)?,
+        pinned_max_entries(bpffs, svc_lb_common::MAP_CT)?,
+        pinned_max_entries(bpffs, svc_lb_common::MAP_AFFINITY_EXT)?,
     ))
+}
+
+/// `max_entries` of the pinned map `name`.
+fn pinned_max_entries(bpffs: &Path, name: &str) -> Result<u32> {
+    Ok(aya::maps::MapInfo::from_pin(bpffs.join(name))
+        .with_context(|| format!("info of pinned {name}"))?
+        .max_entries())
+}
+
+/// 30 TCP connections to `vip`, every one answered by backend `a`.
+fn check_web(lab: &Lab, vip: &str, step: &str) -> Result<()> {
+    let mut o = lab.client(sa(vip), Proto::Tcp);
+    o.count = 30;
+    let r = lab.run_client(&o)?;
+    ensure!(
+        r.attempts == 30 && r.failed == 0 && r.backends.get("a") == Some(&30),
+        "{step}: {}",
+        r.summary()
+    );
+    Ok(())
+}
+
+/// Stops an agent and checks that it exited cleanly.
+fn stop_agent(agent: Option<svc_lb_tests::agent::Agent>) -> Result<()> {
+    let (status, graceful) = agent
+        .context("no agent")?
+        .terminate(Duration::from_secs(5))?;
+    ensure!(graceful && status.success(), "agent exit: {status}");
+    Ok(())
 }
 
 /// The pinned conntrack map, as the tc programs write it.
@@ -923,13 +947,6 @@ fn pinned_ct(
         .context("open the pinned conntrack map")?;
     aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data))
         .context("the pinned conntrack map has an unexpected layout")
-}
-
-/// `max_entries` of the pinned map `name`.
-fn pinned_max_entries(bpffs: &Path, name: &str) -> Result<u32> {
-    Ok(aya::maps::MapInfo::from_pin(bpffs.join(name))
-        .with_context(|| format!("info of pinned {name}"))?
-        .max_entries())
 }
 
 /// `--service-map-max`/`--backend-map-max`/`--revnat-map-max` size the maps an agent
@@ -944,17 +961,7 @@ fn map_size_flags_size_new_maps_and_a_filled_map_keeps_its_size() {
             "web.yaml",
             &tcp_service("web", "10.96.0.61", 80, 8080, &addrs),
         )?;
-        let check_traffic = |lab: &Lab, step: &str| -> Result<()> {
-            let mut o = lab.client(sa("10.96.0.61:80"), Proto::Tcp);
-            o.count = 30;
-            let r = lab.run_client(&o)?;
-            ensure!(
-                r.attempts == 30 && r.failed == 0 && r.backends.get("a") == Some(&30),
-                "{step}: {}",
-                r.summary()
-            );
-            Ok(())
-        };
+        let check_traffic = |lab: &Lab, step: &str| check_web(lab, "10.96.0.61:80", step);
         let sizes = |lab: &Lab| -> Result<[u32; 4]> {
             Ok([
                 pinned_max_entries(lab.bpffs(), svc_lb_common::MAP_SVC4)?,
@@ -965,11 +972,7 @@ fn map_size_flags_size_new_maps_and_a_filled_map_keeps_its_size() {
         };
         // The lab's agent only to learn its configuration: it created default-sized maps.
         let base = lab.start_agent()?.config().clone();
-        let (status, graceful) = lab
-            .take_agent()
-            .context("no agent")?
-            .terminate(Duration::from_secs(5))?;
-        ensure!(graceful && status.success(), "agent exit: {status}");
+        stop_agent(lab.take_agent())?;
         ensure!(
             sizes(lab)? != [4096, 4096, 2048, 1024],
             "the default sizes already equal the test's: {:?}",
@@ -990,7 +993,7 @@ fn map_size_flags_size_new_maps_and_a_filled_map_keeps_its_size() {
         let cg = lab.cgroup().to_str().context("cgroup path")?.to_owned();
         let out = lab.svc_lb(&["cleanup", "--cgroup", &cg])?;
         ensure!(out.status.success(), "cleanup: {out:?}");
-        let mut a = start(
+        let a = start(
             lab,
             &[
                 "--service-map-max=4096",
@@ -1004,20 +1007,18 @@ fn map_size_flags_size_new_maps_and_a_filled_map_keeps_its_size() {
             sizes(lab)?
         );
         check_traffic(lab, "sized")?;
-        let (status, graceful) = a.terminate(Duration::from_secs(5))?;
-        ensure!(graceful && status.success(), "agent exit: {status}");
+        stop_agent(Some(a))?;
 
         // The IPv4 maps hold the Service now: other sizes must not replace them. The
         // IPv6 service map is empty, so it takes the new size.
-        let mut a = start(lab, &["--service-map-max=8192", "--backend-map-max=8192"])?;
+        let a = start(lab, &["--service-map-max=8192", "--backend-map-max=8192"])?;
         ensure!(
             sizes(lab)? == [4096, 8192, 2048, 1024],
             "a filled map was resized: {:?}",
             sizes(lab)?
         );
         check_traffic(lab, "kept")?;
-        let (status, graceful) = a.terminate(Duration::from_secs(5))?;
-        ensure!(graceful && status.success(), "agent exit: {status}");
+        stop_agent(Some(a))?;
         Ok(())
     });
 }
@@ -1036,24 +1037,8 @@ fn conntrack_map_is_sized_at_start_and_a_busy_pin_keeps_its_flows() {
             "web.yaml",
             &tcp_service("web", "10.96.0.60", 80, 8080, &addrs),
         )?;
-        let check_traffic = |lab: &Lab, step: &str| -> Result<()> {
-            let mut o = lab.client(sa("10.96.0.60:80"), Proto::Tcp);
-            o.count = 30;
-            let r = lab.run_client(&o)?;
-            ensure!(
-                r.attempts == 30 && r.failed == 0 && r.backends.get("a") == Some(&30),
-                "{step}: {}",
-                r.summary()
-            );
-            Ok(())
-        };
-        let stop = |agent: Option<svc_lb_tests::agent::Agent>| -> Result<()> {
-            let (status, graceful) = agent
-                .context("no agent")?
-                .terminate(Duration::from_secs(5))?;
-            ensure!(graceful && status.success(), "agent exit: {status}");
-            Ok(())
-        };
+        let check_traffic = |lab: &Lab, step: &str| check_web(lab, "10.96.0.60:80", step);
+        let stop = stop_agent;
 
         // Manifest mode without --devices: the external path is off.
         let base = lab.start_agent()?.config().clone();
