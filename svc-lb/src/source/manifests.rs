@@ -112,6 +112,9 @@ enum Seen {
     /// Its writer closed it, or it was renamed into place (its writer finished
     /// elsewhere): the version with this stamp is complete.
     Complete(Stamp),
+    /// Renamed into place: complete, and the whole of what its writer meant (a close may
+    /// end only the first of several write sessions; see `hold`).
+    Renamed(Stamp),
 }
 
 /// How far a scan may trust a changed file, from what the watch saw of it.
@@ -119,8 +122,10 @@ enum Seen {
 enum Trust {
     /// A writer still holds it open: leave it for later.
     Busy,
-    /// Its current version is one the watch saw completed: read it now.
+    /// Its current version is one the watch saw closed by its writer: read it now.
     Complete,
+    /// Its current version was renamed into place: read it now, withdrawals included.
+    Renamed,
     /// Changed without an event that says it is complete (a lost event, a symlink swap,
     /// no watch): read it once it has settled.
     Unknown,
@@ -174,10 +179,14 @@ impl Writers {
             }
             // The writer is done with it: remember the version it left. A later write
             // changes the stamp (and sends its own event), so only this version counts.
-            EventKind::Access(AccessKind::Close(AccessMode::Write))
-            | EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
                 for p in &event.paths {
-                    complete(w, p);
+                    complete(w, p, Seen::Complete);
+                }
+            }
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
+                for p in &event.paths {
+                    complete(w, p, Seen::Renamed);
                 }
             }
             EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
@@ -185,17 +194,22 @@ impl Writers {
                     w.remove(from);
                 }
                 if let Some(to) = event.paths.get(1) {
-                    complete(w, to);
+                    complete(w, to, Seen::Renamed);
                 }
             }
             // A mode or owner change leaves the content alone: a complete version stays
             // complete (its ctime moved, so take the new stamp).
             EventKind::Modify(ModifyKind::Metadata(_)) => {
                 for p in &event.paths {
-                    if let Some(Seen::Complete(was)) = w.get(p).copied() {
+                    let seen: Option<(Stamp, fn(Stamp) -> Seen)> = match w.get(p).copied() {
+                        Some(Seen::Complete(was)) => Some((was, Seen::Complete)),
+                        Some(Seen::Renamed(was)) => Some((was, Seen::Renamed)),
+                        _ => None,
+                    };
+                    if let Some((was, seen)) = seen {
                         match fs::metadata(p).map(|m| Stamp::of(&m)) {
                             Ok(now) if now.same_content_as(&was) => {
-                                w.insert(p.clone(), Seen::Complete(now));
+                                w.insert(p.clone(), seen(now));
                             }
                             _ => {
                                 w.remove(p);
@@ -225,6 +239,7 @@ impl Writers {
                 Trust::Unknown
             }
             Some(Seen::Complete(done)) if done == stamp => Trust::Complete,
+            Some(Seen::Renamed(done)) if done == stamp => Trust::Renamed,
             _ => Trust::Unknown,
         }
     }
@@ -232,10 +247,10 @@ impl Writers {
 
 /// Records the version of `path` now on disk as complete. A file already gone again
 /// (renamed away, removed) is forgotten: its own event follows.
-fn complete(w: &mut HashMap<PathBuf, Seen>, path: &Path) {
+fn complete(w: &mut HashMap<PathBuf, Seen>, path: &Path, seen: fn(Stamp) -> Seen) {
     match fs::metadata(path) {
         Ok(meta) => {
-            w.insert(path.to_path_buf(), Seen::Complete(Stamp::of(&meta)));
+            w.insert(path.to_path_buf(), seen(Stamp::of(&meta)));
         }
         Err(_) => {
             w.remove(path);
@@ -752,6 +767,9 @@ struct CachedFile {
     good: bool,
     /// Why the file's current version is not used and `content` is its last good one.
     stale: Option<SourceError>,
+    /// `content` keeps objects that a fast read would have withdrawn (see `hold`): read
+    /// the file again once it has settled.
+    held: bool,
 }
 
 /// What one file holds, in file order.
@@ -822,9 +840,11 @@ fn refresh(
         Some(old) if old.stamp == Some(stamp) && !old.racy => return (old, false),
         other => other,
     };
+    // Seen completed but still fresh: its writer may not be done with it (see `hold`).
+    let fast = ctx.trust == Trust::Complete && stamp.modified_within(ctx.settle, SystemTime::now());
     let wait = match ctx.trust {
         Trust::Busy => true,
-        Trust::Complete => false,
+        Trust::Complete | Trust::Renamed => false,
         Trust::Unknown => stamp.modified_within(ctx.settle, SystemTime::now()),
     };
     if wait {
@@ -844,6 +864,7 @@ fn refresh(
                     content: Arc::default(),
                     good: false,
                     stale: None,
+                    held: false,
                 },
                 false,
             ),
@@ -861,7 +882,7 @@ fn refresh(
     let racy = stamp.is_racy(SystemTime::now());
     let hash = digest(&bytes);
     let (same, old) = match old {
-        Some(o) if o.stamp.is_some() && o.hash == hash => (Some(o), None),
+        Some(o) if o.stamp.is_some() && o.hash == hash && !o.held => (Some(o), None),
         other => (None, other),
     };
     if let Some(old) = same {
@@ -878,6 +899,13 @@ fn refresh(
     stats.parsed += 1;
     match parse_file(path, &bytes) {
         Ok(content) => {
+            let (content, held) = match &old {
+                Some(o) if fast => hold::hold_withdrawals(&o.content, content),
+                _ => (content, false),
+            };
+            if held {
+                stats.deferred += 1;
+            }
             // Equal content keeps its `Arc`: the snapshot then need not look at it.
             let (content, changed) = match old {
                 Some(o) if *o.content == content => (o.content, o.stale.is_some()),
@@ -887,11 +915,12 @@ fn refresh(
             (
                 CachedFile {
                     stamp: Some(stamp),
-                    racy,
+                    racy: racy || held,
                     hash,
                     content,
                     good: true,
                     stale: None,
+                    held,
                 },
                 changed,
             )
@@ -963,6 +992,7 @@ fn fail(
                     content: old.content,
                     good: true,
                     stale: Some(stale),
+                    held: false,
                 },
                 changed,
             )
@@ -984,6 +1014,7 @@ fn fail(
                     content,
                     good: false,
                     stale: None,
+                    held: false,
                 },
                 changed,
             )
@@ -1718,6 +1749,8 @@ fn watch_dir(
         }
     }
 }
+
+mod hold;
 
 #[cfg(test)]
 mod tests;
