@@ -647,3 +647,71 @@ fn source_ranges_refuse_excluded_clients_on_the_node() {
         Ok(())
     });
 }
+
+// ---- a sloppy writer ----
+
+/// The shell writes a manifest in two sessions, `cat first > f; cat second >> f`, with
+/// a short pause between them. Each close looks complete to the watch, and the first
+/// half alone is valid YAML without the Service `back`: 20 such rewrites while a TCP
+/// client loops on `back` must cost it no connection (the first half may add and
+/// change, but a withdrawal waits until the file has stayed unchanged for the settle
+/// window).
+#[test]
+fn a_shell_writing_a_manifest_in_two_steps_never_withdraws_the_second_half() {
+    lab_test(&["a", "b"], |lab| {
+        let addrs = lab.topo.addrs(false);
+        let first = service("front", "10.96.0.60", &addrs, &[]);
+        let second = format!("---\n{}", service("back", "10.96.0.61", &addrs, &[]));
+        lab.write_manifest("two.yaml", &format!("{first}{second}"))?;
+        let halves = lab.dir().join("halves");
+        std::fs::create_dir(&halves).context("mkdir halves")?;
+        std::fs::write(halves.join("first"), &first).context("write first")?;
+        std::fs::write(halves.join("second"), &second).context("write second")?;
+        let (agent, _metrics) = start_agent(lab, "sloppy")?;
+
+        let mut o = lab.client(
+            SocketAddr::new(ip("10.96.0.61"), 80),
+            svc_lb_tests::Proto::Tcp,
+        );
+        o.count = 0;
+        o.duration = Some(Duration::from_secs(6));
+        o.interval = Duration::from_millis(2);
+        let running = lab.spawn_client(&o)?;
+        std::thread::sleep(Duration::from_millis(500));
+        let target = lab.manifests_dir().join("two.yaml");
+        for _ in 0..20 {
+            let out = std::process::Command::new("sh")
+                .args([
+                    "-c",
+                    r#"cat "$1" > "$3"; cat "$2" >> "$3""#,
+                    "sh",
+                ])
+                .arg(halves.join("first"))
+                .arg(halves.join("second"))
+                .arg(&target)
+                .output()
+                .context("run sh")?;
+            ensure!(out.status.success(), "sh: {out:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let r = running.wait()?;
+        eprintln!("client to back during 20 two-step rewrites: {r:?}");
+        let snapshots: Vec<String> = agent
+            .log_lines()
+            .into_iter()
+            .filter(|l| l.contains("manifest snapshot"))
+            .collect();
+        ensure!(
+            r.failed == 0 && r.ok > 0,
+            "connections to the second half's Service failed: {:?} (first: {:?}); the agent's snapshots:\n{}",
+            r.failures,
+            r.failure_samples.first(),
+            snapshots.join("\n")
+        );
+        ensure!(
+            r.backends.keys().map(String::as_str).collect::<Vec<_>>() == ["a", "b"],
+            "{r:?}"
+        );
+        Ok(())
+    });
+}
