@@ -354,21 +354,6 @@ pub fn isolated(test: impl FnOnce()) {
     assert!(left.is_empty(), "the test left behind: {left:?}");
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn owner_pid_parses_only_harness_names() {
-        assert_eq!(owner_pid("svclbt-1234-7"), Some(1234));
-        assert_eq!(owner_pid("svclbt-1234-x"), None);
-        assert_eq!(owner_pid("svc-lb"), None);
-        assert_eq!(owner_pid("svclbt-abc-1"), None);
-        // This process is alive, so its own objects are never swept.
-        assert!(!from_dead_run(&names::unique()));
-    }
-}
-
 /// Runs `program args...` in the lab's client network namespace and cgroup: the
 /// namespace is entered by the forking thread (the child inherits it), and the child
 /// joins the cgroup before exec, so every socket it makes is under the agent's programs.
@@ -400,4 +385,19 @@ pub fn in_client(lab: &Lab, program: &str, args: &[String]) -> Result<Output> {
         cmd.output()
             .with_context(|| format!("run {program} in the client namespace and cgroup"))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_pid_parses_only_harness_names() {
+        assert_eq!(owner_pid("svclbt-1234-7"), Some(1234));
+        assert_eq!(owner_pid("svclbt-1234-x"), None);
+        assert_eq!(owner_pid("svc-lb"), None);
+        assert_eq!(owner_pid("svclbt-abc-1"), None);
+        // This process is alive, so its own objects are never swept.
+        assert!(!from_dead_run(&names::unique()));
+    }
 }

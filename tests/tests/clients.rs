@@ -16,8 +16,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::{Read, Write},
-    net::{IpAddr, SocketAddr, TcpStream},
+    net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
@@ -26,9 +25,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use svc_lb_tests::{
     Bins, Lab,
-    agent::{Agent, AgentConfig},
+    agent::Agent,
     lab::{in_client, isolated},
     manifests::{EndpointSlice, Protocol, Service, TargetPort, yaml_docs},
+    metrics,
 };
 
 const NS: &str = "clients";
@@ -102,40 +102,17 @@ fn service_lb(
 
 /// Starts the agent with JSON logs and metrics on a free loopback port.
 fn start_agent(lab: &Lab, tag: &str) -> Result<(Agent, SocketAddr)> {
-    let mut agent = Agent::start(AgentConfig {
-        bin: lab.bins.svc_lb.clone(),
-        manifests: lab.manifests_dir(),
-        bpffs: lab.bpffs().to_path_buf(),
-        cgroup: lab.cgroup().to_path_buf(),
-        log_file: lab.dir().join(format!("agent-{tag}.log")),
-        extra_args: ["--log-format", "json", "--metrics-addr", "127.0.0.1:0"]
-            .map(str::to_owned)
-            .to_vec(),
-    })?;
-    agent.wait_applied(1, Duration::from_secs(30))?;
-    let addr = agent
-        .log_lines()
-        .iter()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|v| v["fields"]["message"] == "serving /metrics and /status")
-        .and_then(|v| v["fields"]["addr"].as_str().map(str::to_owned))
-        .context("the agent did not log its metrics address")?;
-    Ok((agent, addr.parse().context("metrics address")?))
+    let agent = metrics::start_agent(lab, tag, &[])?;
+    let addr = metrics::metrics_addr(&agent)?;
+    Ok((agent, addr))
 }
 
 /// One series of the agent's `/metrics`.
 fn metric(addr: SocketAddr, series: &str) -> Result<f64> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .with_context(|| format!("connect to {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    text.lines()
-        .filter_map(|l| l.rsplit_once(' '))
-        .find(|(name, _)| *name == series)
-        .and_then(|(_, v)| v.parse().ok())
-        .with_context(|| format!("no series {series} in /metrics"))
+    metrics::metric(
+        &metrics::parse_metrics(&metrics::http_get(addr, "/metrics")?),
+        series,
+    )
 }
 
 /// `svc-lb list -o json --service clients/<name>`: new connections per frontend
@@ -681,11 +658,7 @@ fn a_shell_writing_a_manifest_in_two_steps_never_withdraws_the_second_half() {
         let target = lab.manifests_dir().join("two.yaml");
         for _ in 0..20 {
             let out = std::process::Command::new("sh")
-                .args([
-                    "-c",
-                    r#"cat "$1" > "$3"; cat "$2" >> "$3""#,
-                    "sh",
-                ])
+                .args(["-c", r#"cat "$1" > "$3"; cat "$2" >> "$3""#, "sh"])
                 .arg(halves.join("first"))
                 .arg(halves.join("second"))
                 .arg(&target)

@@ -28,6 +28,10 @@
 //!   not read until the writer closes it or has been idle for [`WRITER_IDLE`]; a file
 //!   that changed without an event saying it is complete waits for [`SETTLE`]. A
 //!   deleted file withdraws its objects at once.
+//! - Withdrawing waits (see `hold`): a file read at once because its writer closed it
+//!   may be the first of several write sessions, so such a read adds and changes at
+//!   once, but what it would take away stays until the file has settled. A file renamed
+//!   into place is whole and taken as it is.
 //!
 //! [`ManifestDir`] caches what each file parsed to, keyed by the file's stamp (device,
 //! inode, length, mtime, ctime), so that a reload re-reads only the files that changed.
@@ -201,19 +205,22 @@ impl Writers {
             // complete (its ctime moved, so take the new stamp).
             EventKind::Modify(ModifyKind::Metadata(_)) => {
                 for p in &event.paths {
-                    let seen: Option<(Stamp, fn(Stamp) -> Seen)> = match w.get(p).copied() {
-                        Some(Seen::Complete(was)) => Some((was, Seen::Complete)),
-                        Some(Seen::Renamed(was)) => Some((was, Seen::Renamed)),
-                        _ => None,
+                    let (was, renamed) = match w.get(p).copied() {
+                        Some(Seen::Complete(was)) => (was, false),
+                        Some(Seen::Renamed(was)) => (was, true),
+                        _ => continue,
                     };
-                    if let Some((was, seen)) = seen {
-                        match fs::metadata(p).map(|m| Stamp::of(&m)) {
-                            Ok(now) if now.same_content_as(&was) => {
-                                w.insert(p.clone(), seen(now));
-                            }
-                            _ => {
-                                w.remove(p);
-                            }
+                    match fs::metadata(p).map(|m| Stamp::of(&m)) {
+                        Ok(now) if now.same_content_as(&was) => {
+                            let seen = if renamed {
+                                Seen::Renamed(now)
+                            } else {
+                                Seen::Complete(now)
+                            };
+                            w.insert(p.clone(), seen);
+                        }
+                        _ => {
+                            w.remove(p);
                         }
                     }
                 }
@@ -1609,7 +1616,7 @@ fn log_snapshot(dir: &Path, snap: &Snapshot, stats: ScanStats) {
 /// then one after each change (create, modify, delete, rename, symlink swap). A file
 /// event starts a scan at once; events that arrive during a scan are coalesced into
 /// the next one. A file whose writer closed it or renamed it into place is read at
-/// once; one still held open by its writer waits for its close (or [`WRITER_IDLE`]);
+/// once (a closed one withdraws only once settled, see `hold`); one still held open by its writer waits for its close (or [`WRITER_IDLE`]);
 /// one that changed without such an event (a lost event, a symlink swap) is read once
 /// it has not changed for [`SETTLE`]. A rescan every [`RESCAN_INTERVAL`] covers lost
 /// events and a replaced directory. Nothing is sent when a scan finds no change.

@@ -1794,7 +1794,7 @@ fn a_fast_read_removes_endpoints_and_ports_only_once_settled() {
 
     // Each file is a valid prefix of the whole: a port or an endpoint cut off.
     for prefix in [
-        format!("{one_port}"),
+        one_port.to_owned(),
         format!("{two_ports}---\n{one_endpoint}"),
     ] {
         closed_write(&writers, &file, &prefix, false);
