@@ -35,15 +35,18 @@ pub fn apply_plan(
     current: &mut CurrentState,
     plan: &Plan,
 ) -> Result<usize> {
-    if current.index().is_none() {
-        // Once, at the first apply: from then on every op keeps it up to date.
-        current.build_index();
-    }
     let total = plan.ops.len();
     let (applied, result) = store.apply_all(&plan.ops);
     let applied = applied.min(total);
+    // The first apply (a full sync, often of everything) builds the planner's index
+    // once, over the state it leaves: one pass instead of accounting each op. From then
+    // on every op keeps it up to date.
+    let first = current.index().is_none();
     for op in &plan.ops[..applied] {
         current.apply(op);
+    }
+    if first {
+        current.build_index();
     }
     if let Err(e) = result {
         let op = plan.ops.get(applied).cloned();

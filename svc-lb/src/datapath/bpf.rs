@@ -26,9 +26,9 @@ use super::{
     codec::{self, SvcKey, Write},
     links,
     load::LoadOptions,
-    sys,
     pinned::{collect, read_state},
     probe::TcAttach,
+    sys,
 };
 use crate::plan::{Capacity, CurrentState, Op};
 
@@ -430,7 +430,12 @@ impl MapStore for BpfDatapath {
         let mut run = Run::default();
         while done < ops.len() {
             if self.batch && self.collect_run(&ops[done..], &mut run) >= 2 {
-                match sys::map_update_batch(self.batch_fd(run.map), &run.keys, &run.values, run.count) {
+                match sys::map_update_batch(
+                    self.batch_fd(run.map),
+                    &run.keys,
+                    &run.values,
+                    run.count,
+                ) {
                     Ok(()) => {
                         done += run.count;
                         continue;
