@@ -400,9 +400,15 @@ impl ManifestDir {
         let mut edits = Vec::new();
         let mut next = BTreeMap::new();
         self.pending.clear();
-        for (path, meta) in listed {
-            let old = self.files.remove(&path);
-            let file = self.refresh_one(&path, meta, old, &mut stats, &mut edits, &mut refreshed);
+        let jobs: Vec<Job> = listed
+            .into_iter()
+            .map(|(path, meta)| {
+                let old = self.files.remove(&path);
+                self.job(path, meta, old)
+            })
+            .collect();
+        for done in run_jobs(jobs) {
+            let (path, file) = self.record(done, &mut stats, &mut edits, &mut refreshed);
             next.insert(path, file);
         }
         // Whatever is left in the old cache is gone from the directory.
@@ -486,21 +492,51 @@ impl ManifestDir {
         edits: &mut Vec<Edit>,
         refreshed: &mut bool,
     ) -> CachedFile {
-        let before = old.as_ref().map(|f| f.content.clone());
+        let done = self.job(path.to_path_buf(), meta, old).run();
+        self.record(done, stats, edits, refreshed).1
+    }
+
+    /// What refreshing one listed file needs, decided before it is read.
+    fn job(&self, path: PathBuf, meta: io::Result<fs::Metadata>, old: Option<CachedFile>) -> Job {
         let trust = meta
             .as_ref()
-            .map_or(Trust::Unknown, |m| self.writers.trust(path, &Stamp::of(m)));
-        let ctx = Refresh {
-            limits: self.limits,
-            trust,
-            settle: self.settle,
-        };
-        let deferred = stats.deferred;
-        let (file, file_changed) = refresh(path, meta, old, stats, ctx);
-        if stats.deferred > deferred {
-            self.pending.insert(path.to_path_buf());
+            .map_or(Trust::Unknown, |m| self.writers.trust(&path, &Stamp::of(m)));
+        Job {
+            before: old.as_ref().map(|f| f.content.clone()),
+            ctx: Refresh {
+                limits: self.limits,
+                trust,
+                settle: self.settle,
+            },
+            path,
+            meta,
+            old,
         }
-        *refreshed |= file_changed;
+    }
+
+    /// Takes in one refreshed file: its stats, its edit, and whether it was left for
+    /// later. Returns its cache entry.
+    fn record(
+        &mut self,
+        done: Done,
+        stats: &mut ScanStats,
+        edits: &mut Vec<Edit>,
+        refreshed: &mut bool,
+    ) -> (PathBuf, CachedFile) {
+        let Done {
+            path,
+            before,
+            file,
+            changed,
+            stats: own,
+        } = done;
+        stats.read += own.read;
+        stats.parsed += own.parsed;
+        stats.deferred += own.deferred;
+        if own.deferred > 0 {
+            self.pending.insert(path.clone());
+        }
+        *refreshed |= changed;
         // Content that parsed equal keeps its `Arc` (see `refresh`), so a pointer
         // comparison finds the files whose objects need a look.
         if before
@@ -508,12 +544,12 @@ impl ManifestDir {
             .is_none_or(|b| !Arc::ptr_eq(b, &file.content))
         {
             edits.push(Edit {
-                path: path.to_path_buf(),
+                path: path.clone(),
                 before,
                 after: Some(file.content.clone()),
             });
         }
-        file
+        (path, file)
     }
 
     /// Puts the scan's edits into the snapshot; true when the snapshot changed.
@@ -938,6 +974,96 @@ fn refresh(
             (file, changed)
         }
     }
+}
+
+/// One listed file to bring up to date (see [`ManifestDir::job`]).
+struct Job {
+    path: PathBuf,
+    meta: io::Result<fs::Metadata>,
+    old: Option<CachedFile>,
+    /// The content the snapshot has from this file now.
+    before: Option<Arc<FileContent>>,
+    ctx: Refresh,
+}
+
+/// A [`Job`] done: the file's new cache entry and what reading it counted.
+struct Done {
+    path: PathBuf,
+    before: Option<Arc<FileContent>>,
+    file: CachedFile,
+    changed: bool,
+    stats: ScanStats,
+}
+
+impl Job {
+    /// Whether the file will be read: its stamp is not the one cached.
+    fn reads(&self) -> bool {
+        match (&self.meta, &self.old) {
+            (Ok(meta), Some(old)) => old.racy || old.stamp != Some(Stamp::of(meta)),
+            _ => true,
+        }
+    }
+
+    fn run(self) -> Done {
+        let mut stats = ScanStats::default();
+        let (file, changed) = refresh(&self.path, self.meta, self.old, &mut stats, self.ctx);
+        Done {
+            path: self.path,
+            before: self.before,
+            file,
+            changed,
+            stats,
+        }
+    }
+}
+
+/// The most threads a scan reads and parses files on.
+const SCAN_THREADS: usize = 8;
+
+/// Runs `jobs` and returns what they did in the same order. Reading and parsing is the
+/// cost of a scan that finds many changed files (the first one: every file); it runs on
+/// every core then, each thread taking the next file, since files differ in size.
+/// Parsing is per file, so the results do not depend on the threads.
+fn run_jobs(jobs: Vec<Job>) -> Vec<Done> {
+    let reads = jobs.iter().filter(|j| j.reads()).count();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(SCAN_THREADS)
+        .min(reads);
+    if threads < 2 {
+        return jobs.into_iter().map(Job::run).collect();
+    }
+    let total = jobs.len();
+    let queue = Mutex::new(jobs.into_iter().enumerate());
+    let take = || {
+        // A poisoned queue means a thread panicked, which the scope re-raises.
+        queue.lock().ok().and_then(|mut q| q.next())
+    };
+    let mut slots: Vec<Option<Done>> = std::iter::repeat_with(|| None).take(total).collect();
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut out = Vec::new();
+                    while let Some((i, job)) = take() {
+                        out.push((i, job.run()));
+                    }
+                    out
+                })
+            })
+            .collect();
+        for worker in workers {
+            match worker.join() {
+                Ok(out) => {
+                    for (i, done) in out {
+                        slots[i] = Some(done);
+                    }
+                }
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+    });
+    slots.into_iter().flatten().collect()
 }
 
 fn over_limit(len: u64, limits: Limits) -> String {
