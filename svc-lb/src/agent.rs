@@ -382,7 +382,11 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         "maps open; adopted pinned state"
     );
 
-    let l2 = cfg.l2.clone().map(crate::announce::run::spawn).transpose()?;
+    let l2 = cfg
+        .l2
+        .clone()
+        .map(crate::announce::run::spawn)
+        .transpose()?;
     let (tx, mut rx) = source::feed();
     // The snapshot of the last sync, synced again after a failure.
     let mut snap = Snapshot::default();

@@ -484,7 +484,9 @@ pub fn run(cli: Cli) -> Result<()> {
                     port: l2_heartbeat_port,
                     interval: std::time::Duration::from_millis(l2_heartbeat_interval),
                 }),
-                (true, None) => anyhow::bail!("--l2-announce needs --node-name (no hostname either)"),
+                (true, None) => {
+                    anyhow::bail!("--l2-announce needs --node-name (no hostname either)")
+                }
             };
             let node = NodeInfo {
                 name: node_name,

@@ -46,8 +46,8 @@ use crate::{
     manifests::{Endpoint, EndpointSlice, Protocol, Service, TargetPort, yaml_docs},
     netns::{self, Netns, Veth},
     procs::{ClientOpts, Server},
-    twonode::{NodePins, ethtool_k, lan_addr},
     tempdir::TempDir,
+    twonode::{NodePins, ethtool_k, lan_addr},
 };
 
 /// Nodes in the lab: node-1, node-2, node-3 (indices 0..3).
@@ -76,7 +76,16 @@ pub fn node_addr(i: usize, v6: bool) -> IpAddr {
 fn pod_addr(i: usize, gw: bool, v6: bool) -> IpAddr {
     let h: u8 = if gw { 1 } else { 2 };
     if v6 {
-        IpAddr::V6(Ipv6Addr::new(0xfd00, 0x250 + u16::from(host(i)), 1, 0, 0, 0, 0, u16::from(h)))
+        IpAddr::V6(Ipv6Addr::new(
+            0xfd00,
+            0x250 + u16::from(host(i)),
+            1,
+            0,
+            0,
+            0,
+            0,
+            u16::from(h),
+        ))
     } else {
         IpAddr::V4(Ipv4Addr::new(10, 250 + host(i), 1, h))
     }
@@ -136,33 +145,46 @@ impl L2Net {
             lan,
         };
         net.lan.ip([
-            "link", "add", "br0", "type", "bridge", "stp_state", "0", "mcast_snooping", "0",
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "stp_state",
+            "0",
+            "mcast_snooping",
+            "0",
         ])?;
         net.lan.link_up("br0")?;
         let mut lan_devs = vec!["c0".to_owned()];
         lan_devs.extend((0..NODES).map(|i| format!("n{}", i + 1)));
         for (k, dev) in lan_devs.iter().enumerate() {
-            let far = if k == 0 { &net.client } else { &net.nodes[k - 1] };
+            let far = if k == 0 {
+                &net.client
+            } else {
+                &net.nodes[k - 1]
+            };
             let v = Veth::new(&net.lan, dev, far, "eth0")?;
             net.veths.push(v);
             net.lan.ip(["link", "set", dev, "master", "br0"])?;
+            // No flooding of unknown unicast: once a dead node's port is gone from the
+            // forwarding table, frames still sent to its MAC must be lost, not flooded to
+            // the other nodes (whose tc programs would serve them and hide the outage).
+            net.lan
+                .ip(["link", "set", dev, "type", "bridge_slave", "flood", "off"])?;
             net.lan.link_up(dev)?;
         }
-        net.client.add_addr("eth0", lan_addr(CLIENT_HOST, false), 24)?;
-        net.client.add_addr("eth0", lan_addr(CLIENT_HOST, true), 64)?;
+        net.client
+            .add_addr("eth0", lan_addr(CLIENT_HOST, false), 24)?;
+        net.client
+            .add_addr("eth0", lan_addr(CLIENT_HOST, true), 64)?;
         ethtool_k(net.client.name(), "eth0", "tx", false)?;
         net.client.link_up("eth0")?;
-        for i in 0..NODES {
-            let ns = &net.nodes[i];
+        for (i, ns) in net.nodes.iter().enumerate() {
             ns.add_addr("eth0", node_addr(i, false), 24)?;
             ns.add_addr("eth0", node_addr(i, true), 64)?;
             ns.link_up("eth0")?;
-            for j in (0..NODES).filter(|j| *j != i) {
-                for v6 in [false, true] {
-                    let via = node_addr(j, v6).to_string();
-                    ns.ip(["route", "add", &pod_cidr(j, v6), "via", &via])?;
-                }
-            }
+            net.route_pods(i)?;
         }
         for dev in &lan_devs {
             net.lan.wait_link_ready(dev, Duration::from_secs(5))?;
@@ -174,9 +196,10 @@ impl L2Net {
             ns.wait_link_ready("eth0", Duration::from_secs(5))?;
             ethtool_k(ns.name(), "eth0", "gro", true)?;
         }
-        for i in 0..NODES {
+        // On an error the links drop before their namespaces, as in the struct.
+        let (mut pods, mut pod_veths) = (Vec::new(), Vec::new());
+        for (i, node) in net.nodes.iter().enumerate() {
             let pod = Netns::new().with_context(|| format!("namespace of {}", pod_name(i)))?;
-            let node = &net.nodes[i];
             let v = Veth::new(node, "p1", &pod, "eth0")?;
             for v6 in [false, true] {
                 let plen = if v6 { 64 } else { 24 };
@@ -193,10 +216,26 @@ impl L2Net {
             pod.wait_link_ready("eth0", Duration::from_secs(5))?;
             ethtool_k(node.name(), "p1", "gro", true)?;
             ethtool_k(pod.name(), "eth0", "gro", true)?;
-            net.pod_veths.push(v);
-            net.pods.push(pod);
+            pod_veths.push(v);
+            pods.push(pod);
         }
+        net.pod_veths = pod_veths;
+        net.pods = pods;
         Ok(net)
+    }
+}
+
+impl L2Net {
+    /// Node `i`'s routes to the other nodes' pods (again after a link down, which
+    /// flushes them, as a routing daemon would restore them).
+    pub fn route_pods(&self, i: usize) -> Result<()> {
+        for j in (0..NODES).filter(|j| *j != i) {
+            for v6 in [false, true] {
+                let via = node_addr(j, v6).to_string();
+                self.nodes[i].ip(["route", "replace", &pod_cidr(j, v6), "via", &via])?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -346,6 +385,7 @@ impl L2Lab {
     pub fn revive_node(&mut self, i: usize) -> Result<()> {
         self.net.nodes[i].link_up("eth0")?;
         self.net.nodes[i].wait_link_ready("eth0", Duration::from_secs(5))?;
+        self.net.route_pods(i)?;
         self.start_agent(i)?;
         Ok(())
     }
@@ -370,7 +410,11 @@ impl L2Lab {
         self.net
             .nodes
             .iter()
-            .map(|ns| netns::in_netns(ns.name(), || Ok(svc_lb::announce::responder::link("eth0")?.mac)))
+            .map(|ns| {
+                netns::in_netns(ns.name(), || {
+                    Ok(svc_lb::announce::responder::link("eth0")?.mac)
+                })
+            })
             .collect()
     }
 
@@ -445,8 +489,11 @@ pub fn lb_service(
     let mut docs = vec![svc.to_value()];
     for c in cluster {
         let v6 = c.is_ipv6();
-        let mut slice = EndpointSlice::new("default", name, if v6 { "v6" } else { "v4" }, v6)
-            .port("http", POD_PORT, Protocol::Tcp);
+        let mut slice = EndpointSlice::new("default", name, if v6 { "v6" } else { "v4" }, v6).port(
+            "http",
+            POD_PORT,
+            Protocol::Tcp,
+        );
         for &i in nodes {
             slice = slice.endpoint(
                 Endpoint::ready(pod_addr(i, false, v6))
@@ -569,12 +616,14 @@ fn answer_for(frame: &[u8], ip: IpAddr, own: [u8; 6]) -> Option<[u8; 6]> {
     }
     match ip {
         IpAddr::V4(a) => {
-            let arp = ArpPacket::new(eth.payload()).filter(|_| eth.get_ethertype() == EtherTypes::Arp)?;
+            let arp =
+                ArpPacket::new(eth.payload()).filter(|_| eth.get_ethertype() == EtherTypes::Arp)?;
             (arp.get_operation() == ArpOperations::Reply && arp.get_sender_proto_addr() == a)
                 .then(|| arp.get_sender_hw_addr().octets())
         }
         IpAddr::V6(a) => {
-            let ip6 = Ipv6Packet::new(eth.payload()).filter(|_| eth.get_ethertype() == EtherTypes::Ipv6)?;
+            let ip6 = Ipv6Packet::new(eth.payload())
+                .filter(|_| eth.get_ethertype() == EtherTypes::Ipv6)?;
             if ip6.get_next_header() != IpNextHeaderProtocols::Icmpv6 {
                 return None;
             }

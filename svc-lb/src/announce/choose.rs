@@ -89,7 +89,12 @@ mod tests {
         assert_ne!(weight(ip, "node-a"), weight(ip, "node-b"));
         let v6: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
         assert_ne!(weight(ip, "node-a"), weight(v6, "node-a"));
-        assert_eq!(weight(ip, "node-a"), 0x071e_e747_3997_b59a, "{:#x}", weight(ip, "node-a"));
+        assert_eq!(
+            weight(ip, "node-a"),
+            0x071e_e747_3997_b59a,
+            "{:#x}",
+            weight(ip, "node-a")
+        );
     }
 
     #[test]
@@ -102,7 +107,10 @@ mod tests {
             let after = assign(&all, &rest);
             for ip in &all {
                 if before[ip] != *gone {
-                    assert_eq!(before[ip], after[ip], "{ip} moved though {gone} did not hold it");
+                    assert_eq!(
+                        before[ip], after[ip],
+                        "{ip} moved though {gone} did not hold it"
+                    );
                 } else {
                     assert_ne!(after[ip], *gone);
                 }

@@ -75,8 +75,13 @@ impl Liveness {
                 p.last = now;
             }
             None => {
-                self.peers
-                    .insert(node.to_owned(), Peer { since: now, last: now });
+                self.peers.insert(
+                    node.to_owned(),
+                    Peer {
+                        since: now,
+                        last: now,
+                    },
+                );
             }
         }
     }

@@ -20,9 +20,7 @@ use std::{
 };
 
 use imbl::OrdMap;
-use k8s_openapi::{
-    api::core::v1::Node, apimachinery::pkg::apis::meta::v1::LabelSelector,
-};
+use k8s_openapi::{api::core::v1::Node, apimachinery::pkg::apis::meta::v1::LabelSelector};
 
 use crate::{model::DesiredState, model::ServiceRef, source::Snapshot};
 
@@ -67,7 +65,9 @@ impl NodeView {
         let name = node.metadata.name.clone().filter(|n| !n.is_empty())?;
         let labels: BTreeMap<String, String> = node.metadata.labels.clone().unwrap_or_default();
         let status = node.status.as_ref();
-        let addrs = status.and_then(|s| s.addresses.as_deref()).unwrap_or_default();
+        let addrs = status
+            .and_then(|s| s.addresses.as_deref())
+            .unwrap_or_default();
         let parse = |internal_only: bool| -> Vec<IpAddr> {
             addrs
                 .iter()
@@ -155,12 +155,7 @@ fn endpoint_nodes(snap: &Snapshot, service: &ServiceRef) -> BTreeSet<String> {
         .into_iter()
         .flat_map(|g| g.values())
         .flat_map(|s| s.endpoints.iter().flatten())
-        .filter(|e| {
-            e.conditions
-                .as_ref()
-                .and_then(|c| c.ready)
-                .unwrap_or(true)
-        })
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
         .filter_map(|e| e.node_name.clone())
         .collect()
 }
@@ -183,7 +178,9 @@ pub fn assign(
             .filter(|n| !t.local_only || t.endpoint_nodes.contains(&n.name))
             .filter(|n| {
                 t.node_selectors.is_empty()
-                    || t.node_selectors.iter().any(|s| selector_matches(s, &n.labels))
+                    || t.node_selectors
+                        .iter()
+                        .any(|s| selector_matches(s, &n.labels))
             })
             .map(|n| n.name.as_str());
         if choose::winner(t.ip, eligible) != Some(me) {

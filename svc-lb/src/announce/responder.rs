@@ -116,8 +116,12 @@ impl Responder {
         let counters = Arc::new(Counters::default());
         let mut threads = Vec::new();
         for v6 in [false, true] {
-            let (iface, owned, stop, counters) =
-                (iface.to_owned(), owned.clone(), stop.clone(), counters.clone());
+            let (iface, owned, stop, counters) = (
+                iface.to_owned(),
+                owned.clone(),
+                stop.clone(),
+                counters.clone(),
+            );
             let name = format!("l2-{}{}", if v6 { "ndp-" } else { "arp-" }, iface);
             let t = std::thread::Builder::new()
                 .name(name.chars().take(15).collect())
@@ -207,22 +211,23 @@ fn serve(
                 continue;
             }
         };
-        info!(iface, proto = what, ifindex = l.ifindex, "L2 responder listening");
+        info!(
+            iface,
+            proto = what,
+            ifindex = l.ifindex,
+            "L2 responder listening"
+        );
         last_error.clear();
         let mut buf = [0u8; 2048];
         while !stop.load(Ordering::Relaxed) {
             // SAFETY: `buf` is valid for writes of its length for the call's duration.
-            let n = unsafe {
-                libc::recv(
-                    sock.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    0,
-                )
-            };
+            let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n < 0 {
                 let e = io::Error::last_os_error();
-                if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) {
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) {
                     continue;
                 }
                 warn!(iface, proto = what, error = %e, "L2 responder receive failed; reopening");
@@ -231,7 +236,9 @@ fn serve(
             }
             let frame = &buf[..usize::try_from(n).unwrap_or(0)];
             let reply = {
-                let owned = owned.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let owned = owned
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 if owned.is_empty() {
                     continue;
                 }
@@ -330,8 +337,7 @@ pub fn answer_ns(l: &Link, frame: &[u8], owned: &BTreeSet<IpAddr>) -> Option<Vec
         return None;
     }
     let ns = NeighborSolicitPacket::new(ip.payload())?;
-    if ns.get_icmpv6_type() != Icmpv6Types::NeighborSolicit
-        || ns.get_icmpv6_code() != Icmpv6Code(0)
+    if ns.get_icmpv6_type() != Icmpv6Types::NeighborSolicit || ns.get_icmpv6_code() != Icmpv6Code(0)
     {
         return None;
     }

@@ -47,7 +47,8 @@ pub struct Inputs {
 /// and starts the task on a thread of its own, so that a long sync never delays a
 /// heartbeat (peers would take this node for dead). The agent sends it [`Inputs`].
 pub fn spawn(cfg: Config) -> Result<watch::Sender<Inputs>> {
-    let sock = match std::net::UdpSocket::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, cfg.port))) {
+    let sock = match std::net::UdpSocket::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, cfg.port)))
+    {
         Ok(s) => s,
         // No IPv6 in this namespace: IPv4 peers only.
         Err(_) => std::net::UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], cfg.port)))
@@ -112,6 +113,9 @@ async fn run(cfg: Config, sock: UdpSocket, mut rx: watch::Receiver<Inputs>) -> R
     msg.extend_from_slice(st.cfg.me.as_bytes());
     let mut buf = [0u8; 512];
     let mut pruned = Instant::now();
+    // Nothing is decided before the agent's first sync has told us the Nodes and
+    // targets (the channel's initial value is empty, not "no Nodes").
+    let mut have_inputs = false;
     loop {
         tokio::select! {
             _ = tick.tick() => {
@@ -132,8 +136,10 @@ async fn run(cfg: Config, sock: UdpSocket, mut rx: watch::Receiver<Inputs>) -> R
                     st.liveness.prune(Instant::now());
                     pruned = Instant::now();
                 }
-                st.recompute(&inputs);
-                st.send_repeats();
+                if have_inputs {
+                    st.recompute(&inputs);
+                    st.send_repeats();
+                }
             }
             r = sock.recv_from(&mut buf) => {
                 if let Ok((n, _from)) = r
@@ -149,6 +155,7 @@ async fn run(cfg: Config, sock: UdpSocket, mut rx: watch::Receiver<Inputs>) -> R
                     return Ok(());
                 }
                 let inputs = rx.borrow_and_update().clone();
+                have_inputs = true;
                 st.recompute(&inputs);
             }
         }
@@ -184,7 +191,13 @@ impl State {
             info!(live = ?live, "L2 announcement: live nodes changed");
             self.last_live = live;
         }
-        let want = assign(&inputs.targets, &inputs.nodes, &me, &inputs.default_ifaces, live_fn);
+        let want = assign(
+            &inputs.targets,
+            &inputs.nodes,
+            &me,
+            &inputs.default_ifaces,
+            live_fn,
+        );
         let ifaces: BTreeSet<String> = want.keys().chain(self.owned.keys()).cloned().collect();
         for iface in ifaces {
             let ips = want.get(&iface).cloned().unwrap_or_default();
@@ -239,8 +252,9 @@ impl State {
 
     fn send_repeats(&mut self) {
         let now = Instant::now();
-        let (due, later): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.repeats).into_iter().partition(|(t, _, _)| *t <= now);
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.repeats)
+            .into_iter()
+            .partition(|(t, _, _)| *t <= now);
         self.repeats = later;
         for (_, iface, ips) in due {
             let Some(r) = self.responders.get(&iface) else {

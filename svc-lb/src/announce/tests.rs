@@ -32,9 +32,12 @@ fn target(ip: &str) -> Target {
 
 /// Who announces each target, as every node computes it.
 fn owners(targets: &[Target], nodes: &[NodeView], live: &[&str]) -> BTreeMap<IpAddr, Vec<String>> {
-    let mut out: BTreeMap<IpAddr, Vec<String>> = targets.iter().map(|t| (t.ip, Vec::new())).collect();
+    let mut out: BTreeMap<IpAddr, Vec<String>> =
+        targets.iter().map(|t| (t.ip, Vec::new())).collect();
     for me in nodes {
-        let got = assign(targets, nodes, &me.name, &["eth0".to_owned()], |n| live.contains(&n));
+        let got = assign(targets, nodes, &me.name, &["eth0".to_owned()], |n| {
+            live.contains(&n)
+        });
         for ip in got.get("eth0").into_iter().flatten() {
             out.get_mut(ip).unwrap().push(me.name.clone());
         }
@@ -44,7 +47,11 @@ fn owners(targets: &[Target], nodes: &[NodeView], live: &[&str]) -> BTreeMap<IpA
 
 #[test]
 fn every_address_has_exactly_one_announcer() {
-    let nodes = vec![node("a", &[], true), node("b", &[], true), node("c", &[], true)];
+    let nodes = vec![
+        node("a", &[], true),
+        node("b", &[], true),
+        node("c", &[], true),
+    ];
     let targets: Vec<Target> = (1..=50)
         .map(|i| target(&format!("192.0.2.{i}")))
         .chain((1..=50).map(|i| target(&format!("2001:db8::{i:x}"))))
@@ -72,16 +79,16 @@ fn local_policy_unusable_nodes_and_selectors() {
     let mut t = target("192.0.2.1");
     t.local_only = true;
     t.endpoint_nodes = ["b".to_owned()].into();
-    assert_eq!(owners(&[t.clone()], &nodes, &live)[&t.ip], vec!["b"]);
+    assert_eq!(owners(std::slice::from_ref(&t), &nodes, &live)[&t.ip], vec!["b"]);
     // No live node with an endpoint: nobody.
-    assert!(owners(&[t.clone()], &nodes, &["a", "c"])[&t.ip].is_empty());
+    assert!(owners(std::slice::from_ref(&t), &nodes, &["a", "c"])[&t.ip].is_empty());
     // The not-ready node c is never chosen; the selector leaves only a and c.
     let mut s = target("192.0.2.2");
     s.node_selectors = vec![LabelSelector {
         match_labels: Some([("zone".to_owned(), "x".to_owned())].into()),
         ..LabelSelector::default()
     }];
-    assert_eq!(owners(&[s.clone()], &nodes, &live)[&s.ip], vec!["a"]);
+    assert_eq!(owners(std::slice::from_ref(&s), &nodes, &live)[&s.ip], vec!["a"]);
 }
 
 #[test]
@@ -144,12 +151,18 @@ fn the_manifest_source_reads_nodes_and_changes_no_service_for_them() {
     let views = NodeView::all(&snap.nodes);
     let names: Vec<&str> = views.iter().map(|n| n.name.as_str()).collect();
     assert_eq!(names, ["n1", "n2"]);
-    assert_eq!(views[1].addresses, vec!["10.0.0.2".parse::<IpAddr>().unwrap()]);
+    assert_eq!(
+        views[1].addresses,
+        vec!["10.0.0.2".parse::<IpAddr>().unwrap()]
+    );
     // Rewriting one Node is seen, and changes no Service.
     std::fs::write(dir.path().join("nodes.yaml"), node("n1", "10.0.0.9")).unwrap();
     let snap = src.reload().unwrap().expect("a change");
     assert!(snap.changed.services.is_empty());
     let views = NodeView::all(&snap.nodes);
     assert_eq!(views.len(), 1);
-    assert_eq!(views[0].addresses, vec!["10.0.0.9".parse::<IpAddr>().unwrap()]);
+    assert_eq!(
+        views[0].addresses,
+        vec!["10.0.0.9".parse::<IpAddr>().unwrap()]
+    );
 }

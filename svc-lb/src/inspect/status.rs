@@ -381,10 +381,7 @@ pub fn render_text(st: &Status, now_ms: u64) -> String {
                 }
             }
             if !a.l2_announcing.is_empty() {
-                out.push_str(&format!(
-                    "  L2 announces {}\n",
-                    a.l2_announcing.join(", ")
-                ));
+                out.push_str(&format!("  L2 announces {}\n", a.l2_announcing.join(", ")));
             }
         }
         None => {
