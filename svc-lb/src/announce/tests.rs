@@ -79,7 +79,10 @@ fn local_policy_unusable_nodes_and_selectors() {
     let mut t = target("192.0.2.1");
     t.local_only = true;
     t.endpoint_nodes = ["b".to_owned()].into();
-    assert_eq!(owners(std::slice::from_ref(&t), &nodes, &live)[&t.ip], vec!["b"]);
+    assert_eq!(
+        owners(std::slice::from_ref(&t), &nodes, &live)[&t.ip],
+        vec!["b"]
+    );
     // No live node with an endpoint: nobody.
     assert!(owners(std::slice::from_ref(&t), &nodes, &["a", "c"])[&t.ip].is_empty());
     // The not-ready node c is never chosen; the selector leaves only a and c.
@@ -88,7 +91,10 @@ fn local_policy_unusable_nodes_and_selectors() {
         match_labels: Some([("zone".to_owned(), "x".to_owned())].into()),
         ..LabelSelector::default()
     }];
-    assert_eq!(owners(std::slice::from_ref(&s), &nodes, &live)[&s.ip], vec!["a"]);
+    assert_eq!(
+        owners(std::slice::from_ref(&s), &nodes, &live)[&s.ip],
+        vec!["a"]
+    );
 }
 
 #[test]
