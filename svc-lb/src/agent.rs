@@ -68,6 +68,8 @@ pub struct AgentConfig {
     pub reject_burst: u32,
     /// `--service-map-max`, `--backend-map-max`, `--revnat-map-max`.
     pub map_sizes: crate::datapath::load::MapSizes,
+    /// `--l2-announce`: answer ARP/NDP for load-balancer IPs (see [`crate::announce`]).
+    pub l2: Option<crate::announce::run::Config>,
 }
 
 impl AgentConfig {
@@ -381,6 +383,11 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         "maps open; adopted pinned state"
     );
 
+    let l2 = cfg
+        .l2
+        .clone()
+        .map(crate::announce::run::spawn)
+        .transpose()?;
     let (tx, mut rx) = source::feed();
     // The snapshot of the last sync, synced again after a failure.
     let mut snap = Snapshot::default();
@@ -482,6 +489,13 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             &mut reported,
             &mut stopped,
         );
+        if let Some(l2) = &l2 {
+            l2.send_replace(crate::announce::run::Inputs {
+                targets: crate::announce::targets_from(cache.desired(), &snap),
+                nodes: crate::announce::NodeView::all(&snap.nodes),
+                default_ifaces: ext.devices.clone().unwrap_or_default(),
+            });
+        }
         // The cache has taken in what this snapshot changed; syncing it again (a retry,
         // the periodic full sync) re-models nothing more.
         snap.changed = source::Changed::default();

@@ -138,6 +138,19 @@ pub enum Command {
         /// fib_redirect, csum_ipv6_flag, set_retval, xdp_link, sk_storage_rnat, map_batch).
         #[arg(long, hide = true, value_name = "FEATURE[,FEATURE...]")]
         force_feature_off: Option<String>,
+        /// Answer ARP and NDP for load-balancer ingress IPs on the external path's
+        /// devices: one live node per address, chosen by rendezvous hashing over the
+        /// Node objects, with a UDP heartbeat between agents for liveness (see the
+        /// README's "L2 announcement"). Needs --node-name to match a Node.
+        #[arg(long)]
+        l2_announce: bool,
+        /// With --l2-announce: the heartbeat's UDP port, the same on every node.
+        #[arg(long, default_value_t = 7947, value_name = "PORT")]
+        l2_heartbeat_port: u16,
+        /// With --l2-announce: milliseconds between heartbeats (50-5000); a node is dead
+        /// after 3.5 intervals of silence and live again after 5 intervals of heartbeats.
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(50..=5000), value_name = "MS")]
+        l2_heartbeat_interval: u64,
         /// Manifest files larger than this many bytes are reported and not read.
         #[arg(long, default_value_t = crate::source::manifests::DEFAULT_MAX_FILE_BYTES, value_name = "BYTES")]
         max_manifest_bytes: u64,
@@ -437,6 +450,9 @@ pub fn run(cli: Cli) -> Result<()> {
             conntrack_max,
             destroy_tcp,
             force_feature_off,
+            l2_announce,
+            l2_heartbeat_port,
+            l2_heartbeat_interval,
             max_manifest_bytes,
             external_ip_cidrs,
             max_frontends_per_service,
@@ -460,8 +476,20 @@ pub fn run(cli: Cli) -> Result<()> {
                 Some(c) => c,
                 None => crate::datapath::sys::cgroup2_root()?,
             };
+            let node_name = node_name.or_else(hostname);
+            let l2 = match (l2_announce, &node_name) {
+                (false, _) => None,
+                (true, Some(me)) => Some(crate::announce::run::Config {
+                    me: me.clone(),
+                    port: l2_heartbeat_port,
+                    interval: std::time::Duration::from_millis(l2_heartbeat_interval),
+                }),
+                (true, None) => {
+                    anyhow::bail!("--l2-announce needs --node-name (no hostname either)")
+                }
+            };
             let node = NodeInfo {
-                name: node_name.or_else(hostname),
+                name: node_name,
                 service_proxy_name,
                 external_ip_cidrs,
                 limits: crate::model::ServiceLimits {
@@ -510,6 +538,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 conntrack_max,
                 destroy_tcp,
                 force_feature_off,
+                l2,
                 max_manifest_bytes,
                 snat_port_range,
                 node_port_range: service_node_port_range,

@@ -6,6 +6,7 @@
 //! - [`plan`] diffs current against desired into ordered map operations (pure);
 //! - [`datapath`] applies those operations to the pinned BPF maps (the only aya user).
 pub mod agent;
+pub mod announce;
 pub mod cli;
 pub mod datapath;
 #[doc(hidden)]

@@ -48,6 +48,9 @@ pub struct AgentStatus {
     /// Why the external path is off for this run, when it failed to start.
     #[serde(default)]
     pub external_error: Option<String>,
+    /// `--l2-announce`: the addresses this node answers ARP/NDP for ("IP on dev").
+    #[serde(default)]
+    pub l2_announcing: Vec<String>,
 }
 
 /// Lines of `problems` published at most, to keep `/status` small on a node with many

@@ -32,6 +32,7 @@ pub mod cmd;
 pub mod demo;
 pub mod errno;
 pub mod fakeapi;
+pub mod l2lab;
 pub mod lab;
 pub mod manifests;
 pub mod metrics;

@@ -396,15 +396,15 @@ impl TwoNodeNet {
 /// namespace must never go near the host's own `eth0`. Then it removes what is left of the
 /// directory. (The single-node lab's `BpfDir` has no devices, so it runs cleanup in place.)
 #[derive(Debug)]
-struct NodePins {
-    path: PathBuf,
+pub struct NodePins {
+    pub path: PathBuf,
     svc_lb: PathBuf,
     cgroup: PathBuf,
     netns: String,
 }
 
 impl NodePins {
-    fn new(svc_lb: &Path, cgroup: &Path, netns: &str) -> Result<Self> {
+    pub fn new(svc_lb: &Path, cgroup: &Path, netns: &str) -> Result<Self> {
         let path = bpffs::ensure_bpffs()?.join(names::unique());
         std::fs::create_dir(&path).with_context(|| format!("create {}", path.display()))?;
         Ok(Self {

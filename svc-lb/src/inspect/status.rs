@@ -380,6 +380,9 @@ pub fn render_text(st: &Status, now_ms: u64) -> String {
                     out.push_str(&format!("    {p}\n"));
                 }
             }
+            if !a.l2_announcing.is_empty() {
+                out.push_str(&format!("  L2 announces {}\n", a.l2_announcing.join(", ")));
+            }
         }
         None => {
             out.push_str(&format!(

@@ -51,7 +51,10 @@ use std::{
 
 use anyhow::Context as _;
 use k8s_openapi::{
-    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    api::{
+        core::v1::{Node, Service},
+        discovery::v1::EndpointSlice,
+    },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use notify::{
@@ -641,6 +644,24 @@ impl ManifestDir {
             }
             _ => {}
         }
+        if obj.kind == KIND_NODE {
+            // Nodes change no Service: they only feed L2 announcement.
+            let new = content
+                .and_then(|(d, c)| c.nodes.get(d.index))
+                .map(|(_, n)| n);
+            let same = match (self.snap.nodes.get(&obj.name), new) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+                _ => false,
+            };
+            if !same {
+                match new {
+                    Some(n) => self.snap.nodes.insert(obj.name.clone(), n.clone()),
+                    None => self.snap.nodes.remove(&obj.name),
+                };
+            }
+            return !same || moved;
+        }
         if obj.kind == KIND_SERVICE {
             let key = ServiceRef {
                 namespace: obj.namespace.clone(),
@@ -724,6 +745,7 @@ impl ManifestDir {
 
 const KIND_SERVICE: &str = "Service";
 const KIND_ENDPOINT_SLICE: &str = "EndpointSlice";
+const KIND_NODE: &str = "Node";
 
 /// One definition of an object: the file and its position among the file's objects of
 /// that kind.
@@ -821,6 +843,8 @@ struct FileContent {
     services: Vec<(ObjectRef, Arc<Service>)>,
     slices: Vec<(ObjectRef, Arc<EndpointSlice>)>,
     errors: Vec<SourceError>,
+    /// `v1` Nodes (cluster-scoped: their namespace is ignored), for L2 announcement.
+    nodes: Vec<(ObjectRef, Arc<Node>)>,
 }
 
 impl FileContent {
@@ -828,7 +852,8 @@ impl FileContent {
     fn objects(&self) -> impl Iterator<Item = (&ObjectRef, usize)> {
         let services = self.services.iter().enumerate().map(|(i, (o, _))| (o, i));
         let slices = self.slices.iter().enumerate().map(|(i, (o, _))| (o, i));
-        services.chain(slices)
+        let nodes = self.nodes.iter().enumerate().map(|(i, (o, _))| (o, i));
+        services.chain(slices).chain(nodes)
     }
 }
 
@@ -1631,6 +1656,7 @@ fn add_object(path: &Path, loc: &str, value: Value, out: &mut FileContent) {
     let want = match kind.as_str() {
         "Service" => "v1",
         "EndpointSlice" => "discovery.k8s.io/v1",
+        KIND_NODE => "v1",
         "Endpoints" if api.as_deref() == Some("v1") => {
             let reason = format!(
                 "{loc}: v1 Endpoints are not read; write discovery.k8s.io/v1 EndpointSlices instead"
@@ -1640,8 +1666,8 @@ fn add_object(path: &Path, loc: &str, value: Value, out: &mut FileContent) {
         }
         other => {
             let reason = format!(
-                "{loc}: kind {other} (apiVersion {}) is not supported; only v1 Service and \
-                 discovery.k8s.io/v1 EndpointSlice are read",
+                "{loc}: kind {other} (apiVersion {}) is not supported; only v1 Service, v1 \
+                 Node and discovery.k8s.io/v1 EndpointSlice are read",
                 api.as_deref().unwrap_or("missing")
             );
             out.errors.push(source_error(path, object, reason));
@@ -1661,7 +1687,17 @@ fn add_object(path: &Path, loc: &str, value: Value, out: &mut FileContent) {
         out.errors.push(source_error(path, None, reason));
         return;
     };
-    let decoded = if kind == "Service" {
+    let decoded = if kind == KIND_NODE {
+        // Cluster-scoped: one Node per name whatever namespace a manifest gives it.
+        let object = ObjectRef {
+            namespace: String::new(),
+            ..object.clone()
+        };
+        decode::<Node>(value).map(|mut node| {
+            node.metadata.namespace = None;
+            out.nodes.push((object, Arc::new(node)));
+        })
+    } else if kind == "Service" {
         decode::<Service>(value).map(|mut svc| {
             svc.metadata.namespace = Some(namespace);
             out.services.push((object.clone(), Arc::new(svc)));

@@ -42,6 +42,9 @@ pub struct Snapshot {
     pub errors: Arc<Vec<SourceError>>,
     /// What differs from the snapshot published before this one.
     pub changed: Changed,
+    /// Every Node by name (the manifest source's `v1` Node objects), for L2
+    /// announcement; a change here changes no Service.
+    pub nodes: OrdMap<String, Arc<Node>>,
 }
 
 /// Which Services a snapshot changed, relative to the one published before it.

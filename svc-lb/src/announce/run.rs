@@ -1,0 +1,274 @@
+//! The announcement task: sends and hears the heartbeat, recomputes which addresses this
+//! node wins every heartbeat interval and whenever the agent's view changes, and keeps
+//! one [`Responder`] per interface in step.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use tokio::{net::UdpSocket, sync::watch};
+use tracing::{error, info, warn};
+
+use super::{
+    NodeView, Target, assign,
+    liveness::{Liveness, Timing},
+    responder::Responder,
+};
+
+/// The heartbeat's magic and version; the sender's node name follows.
+const MAGIC: &[u8] = b"svclb-l2-hb1 ";
+/// Gratuitous ARP / unsolicited NA after a takeover: at once, then after these delays,
+/// in case the first ones were lost.
+const REPEATS: [Duration; 2] = [Duration::from_millis(250), Duration::from_millis(1000)];
+
+/// `--l2-announce` and its settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// This node's name (`--node-name`): its Node object and its heartbeat's name.
+    pub me: String,
+    /// `--l2-heartbeat-port`: UDP, on every node's InternalIP.
+    pub port: u16,
+    /// `--l2-heartbeat-interval`.
+    pub interval: Duration,
+}
+
+/// What the agent tells the task after each sync.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Inputs {
+    pub targets: Vec<Target>,
+    pub nodes: Vec<NodeView>,
+    /// The external path's devices: where targets without interfaces are answered.
+    pub default_ifaces: Vec<String>,
+}
+
+/// Binds the heartbeat socket (an error stops the agent's start: the port is taken)
+/// and starts the task on a thread of its own, so that a long sync never delays a
+/// heartbeat (peers would take this node for dead). The agent sends it [`Inputs`].
+pub fn spawn(cfg: Config) -> Result<watch::Sender<Inputs>> {
+    let sock = match std::net::UdpSocket::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, cfg.port)))
+    {
+        Ok(s) => s,
+        // No IPv6 in this namespace: IPv4 peers only.
+        Err(_) => std::net::UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], cfg.port)))
+            .with_context(|| format!("--l2-heartbeat-port {}: bind UDP", cfg.port))?,
+    };
+    sock.set_nonblocking(true).context("heartbeat socket")?;
+    info!(
+        node = %cfg.me,
+        port = cfg.port,
+        interval_ms = cfg.interval.as_millis() as u64,
+        "L2 announcement on: heartbeat listening"
+    );
+    let (tx, rx) = watch::channel(Inputs::default());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the L2 announcement runtime")?;
+    std::thread::Builder::new()
+        .name("l2-announce".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let r = UdpSocket::from_std(sock)
+                    .context("heartbeat socket")
+                    .map(|sock| run(cfg, sock, rx));
+                let r = match r {
+                    Ok(f) => f.await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = r {
+                    error!(error = %format!("{e:#}"), "L2 announcement stopped");
+                }
+            });
+        })
+        .context("start the L2 announcement thread")?;
+    Ok(tx)
+}
+
+struct State {
+    cfg: Config,
+    liveness: Liveness,
+    responders: BTreeMap<String, Responder>,
+    owned: BTreeMap<String, BTreeSet<IpAddr>>,
+    repeats: Vec<(Instant, String, Vec<IpAddr>)>,
+    warned_no_node: bool,
+    last_live: Vec<String>,
+}
+
+async fn run(cfg: Config, sock: UdpSocket, mut rx: watch::Receiver<Inputs>) -> Result<()> {
+    let v6_socket = sock.local_addr().is_ok_and(|a| a.is_ipv6());
+    let mut tick = tokio::time::interval(cfg.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut st = State {
+        liveness: Liveness::new(Timing::from_interval(cfg.interval), Instant::now()),
+        cfg,
+        responders: BTreeMap::new(),
+        owned: BTreeMap::new(),
+        repeats: Vec::new(),
+        warned_no_node: false,
+        last_live: Vec::new(),
+    };
+    let mut msg = MAGIC.to_vec();
+    msg.extend_from_slice(st.cfg.me.as_bytes());
+    let mut buf = [0u8; 512];
+    let mut pruned = Instant::now();
+    // Nothing is decided before the agent's first sync has told us the Nodes and
+    // targets (the channel's initial value is empty, not "no Nodes").
+    let mut have_inputs = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let inputs = rx.borrow().clone();
+                for peer in inputs.nodes.iter().filter(|n| n.name != st.cfg.me) {
+                    for ip in &peer.addresses {
+                        let to = match (*ip, v6_socket) {
+                            (IpAddr::V4(a), true) => IpAddr::V6(a.to_ipv6_mapped()),
+                            (IpAddr::V6(_), false) => continue,
+                            (ip, _) => ip,
+                        };
+                        // A peer that is down answers with ICMP errors; the heartbeat
+                        // is best effort by design.
+                        let _ = sock.send_to(&msg, SocketAddr::new(to, st.cfg.port)).await;
+                    }
+                }
+                if pruned.elapsed() > Duration::from_secs(60) {
+                    st.liveness.prune(Instant::now());
+                    pruned = Instant::now();
+                }
+                if have_inputs {
+                    st.recompute(&inputs);
+                    st.send_repeats();
+                }
+            }
+            r = sock.recv_from(&mut buf) => {
+                if let Ok((n, _from)) = r
+                    && let Some(name) = buf[..n].strip_prefix(MAGIC)
+                    && let Ok(name) = std::str::from_utf8(name)
+                {
+                    st.liveness.heard(name, Instant::now());
+                }
+            }
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    // The agent is gone.
+                    return Ok(());
+                }
+                let inputs = rx.borrow_and_update().clone();
+                have_inputs = true;
+                st.recompute(&inputs);
+            }
+        }
+    }
+}
+
+impl State {
+    fn recompute(&mut self, inputs: &Inputs) {
+        let now = Instant::now();
+        let me = self.cfg.me.clone();
+        if !inputs.nodes.iter().any(|n| n.name == me) {
+            if !self.warned_no_node {
+                warn!(node = %me, "L2 announcement: no Node object named after this node (--node-name); announcing nothing");
+                self.warned_no_node = true;
+            }
+        } else {
+            self.warned_no_node = false;
+        }
+        let live_fn = |n: &str| {
+            if n == me {
+                self.liveness.self_ready(now)
+            } else {
+                self.liveness.is_live(n, now)
+            }
+        };
+        let live: Vec<String> = inputs
+            .nodes
+            .iter()
+            .filter(|n| live_fn(&n.name))
+            .map(|n| n.name.clone())
+            .collect();
+        if live != self.last_live {
+            info!(live = ?live, "L2 announcement: live nodes changed");
+            self.last_live = live;
+        }
+        let want = assign(
+            &inputs.targets,
+            &inputs.nodes,
+            &me,
+            &inputs.default_ifaces,
+            live_fn,
+        );
+        let ifaces: BTreeSet<String> = want.keys().chain(self.owned.keys()).cloned().collect();
+        for iface in ifaces {
+            let ips = want.get(&iface).cloned().unwrap_or_default();
+            let old = self.owned.get(&iface).cloned().unwrap_or_default();
+            if ips == old {
+                continue;
+            }
+            for ip in old.difference(&ips) {
+                info!(%ip, iface = %iface, "L2 announcement: released");
+            }
+            if ips.is_empty() {
+                self.responders.remove(&iface);
+                self.owned.remove(&iface);
+                continue;
+            }
+            if !self.responders.contains_key(&iface) {
+                match Responder::start(&iface) {
+                    Ok(r) => {
+                        self.responders.insert(iface.clone(), r);
+                    }
+                    Err(e) => {
+                        error!(iface = %iface, error = %format!("{e:#}"), "L2 announcement: cannot start the responder");
+                        continue;
+                    }
+                }
+            }
+            let Some(r) = self.responders.get(&iface) else {
+                continue;
+            };
+            let new = r.set(ips.clone());
+            for ip in &new {
+                info!(%ip, iface = %iface, "L2 announcement: announcing");
+            }
+            if !new.is_empty() {
+                if let Err(e) = r.announce(&new) {
+                    warn!(iface = %iface, error = %format!("{e:#}"), "L2 announcement: gratuitous ARP/NA not sent");
+                }
+                for d in REPEATS {
+                    self.repeats.push((now + d, iface.clone(), new.clone()));
+                }
+            }
+            self.owned.insert(iface, ips);
+        }
+        crate::status::update(|st| {
+            st.l2_announcing = self
+                .owned
+                .iter()
+                .flat_map(|(i, ips)| ips.iter().map(move |ip| format!("{ip} on {i}")))
+                .collect();
+        });
+    }
+
+    fn send_repeats(&mut self) {
+        let now = Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.repeats)
+            .into_iter()
+            .partition(|(t, _, _)| *t <= now);
+        self.repeats = later;
+        for (_, iface, ips) in due {
+            let Some(r) = self.responders.get(&iface) else {
+                continue;
+            };
+            let still: Vec<IpAddr> = ips
+                .into_iter()
+                .filter(|ip| self.owned.get(&iface).is_some_and(|o| o.contains(ip)))
+                .collect();
+            if !still.is_empty()
+                && let Err(e) = r.announce(&still)
+            {
+                warn!(iface = %iface, error = %format!("{e:#}"), "L2 announcement: gratuitous ARP/NA not sent");
+            }
+        }
+    }
+}
