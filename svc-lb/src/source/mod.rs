@@ -21,6 +21,7 @@ use crate::model::{LABEL_SERVICE_NAME, ObjectRef, ServiceRef};
 
 pub mod kube;
 pub mod manifests;
+pub mod metallb;
 
 /// A complete, consistent view of the objects a source knows. Sources publish whole
 /// snapshots, never partial updates, so the model never sees a half-read directory or
@@ -42,6 +43,11 @@ pub struct Snapshot {
     pub errors: Arc<Vec<SourceError>>,
     /// What differs from the snapshot published before this one.
     pub changed: Changed,
+    /// MetalLB `IPAddressPool`s and `L2Advertisement`s (see [`crate::lbipam`]). A change
+    /// of these marks no Service changed by itself: the allocator marks the Services
+    /// whose addresses it moves.
+    pub pools: OrdMap<ObjectRef, Arc<metallb::IPAddressPool>>,
+    pub l2_adverts: OrdMap<ObjectRef, Arc<metallb::L2Advertisement>>,
 }
 
 /// Which Services a snapshot changed, relative to the one published before it.
