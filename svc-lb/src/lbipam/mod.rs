@@ -296,7 +296,9 @@ impl Share {
         match (&self.key, &other.key) {
             (Some(a), Some(b)) if a == b => {}
             _ => {
-                return Some("it is in use and the two do not share one allow-shared-ip key".into());
+                return Some(
+                    "it is in use and the two do not share one allow-shared-ip key".into(),
+                );
             }
         }
         if let Some((proto, port)) = self.ports.intersection(&other.ports).next() {
