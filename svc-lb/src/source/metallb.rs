@@ -35,7 +35,7 @@ pub struct IPAddressPoolSpec {
     #[serde(default)]
     pub auto_assign: Option<bool>,
     /// Skip IPv4 addresses ending in .0 and .255 (some old clients drop them).
-    #[serde(default)]
+    #[serde(default, rename = "avoidBuggyIPs")]
     pub avoid_buggy_ips: Option<bool>,
     #[serde(default)]
     pub service_allocation: Option<ServiceAllocation>,
