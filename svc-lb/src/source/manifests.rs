@@ -585,13 +585,13 @@ impl ManifestDir {
         }
         if obj.kind == metallb::KIND_POOL {
             let new = content
-                .and_then(|(d, c)| c.pools.get(d.index))
+                .and_then(|(d, c)| c.metallb.pools.get(d.index))
                 .map(|(_, p)| p);
             return put(&mut self.snap.pools, obj, new) || moved;
         }
         if obj.kind == metallb::KIND_L2_ADVERTISEMENT {
             let new = content
-                .and_then(|(d, c)| c.l2_adverts.get(d.index))
+                .and_then(|(d, c)| c.metallb.l2_adverts.get(d.index))
                 .map(|(_, p)| p);
             return put(&mut self.snap.l2_adverts, obj, new) || moved;
         }
@@ -792,6 +792,13 @@ struct FileContent {
     services: Vec<(ObjectRef, Arc<Service>)>,
     slices: Vec<(ObjectRef, Arc<EndpointSlice>)>,
     errors: Vec<SourceError>,
+    /// Boxed: most files hold none, and [`Unusable`] carries a whole `FileContent`.
+    metallb: Box<MetalLbContent>,
+}
+
+/// The MetalLB objects of one file, in file order.
+#[derive(Debug, Default, PartialEq)]
+struct MetalLbContent {
     pools: Vec<(ObjectRef, Arc<metallb::IPAddressPool>)>,
     l2_adverts: Vec<(ObjectRef, Arc<metallb::L2Advertisement>)>,
 }
@@ -801,8 +808,18 @@ impl FileContent {
     fn objects(&self) -> impl Iterator<Item = (&ObjectRef, usize)> {
         let services = self.services.iter().enumerate().map(|(i, (o, _))| (o, i));
         let slices = self.slices.iter().enumerate().map(|(i, (o, _))| (o, i));
-        let pools = self.pools.iter().enumerate().map(|(i, (o, _))| (o, i));
-        let l2 = self.l2_adverts.iter().enumerate().map(|(i, (o, _))| (o, i));
+        let pools = self
+            .metallb
+            .pools
+            .iter()
+            .enumerate()
+            .map(|(i, (o, _))| (o, i));
+        let l2 = self
+            .metallb
+            .l2_adverts
+            .iter()
+            .enumerate()
+            .map(|(i, (o, _))| (o, i));
         services.chain(slices).chain(pools).chain(l2)
     }
 }
@@ -1127,8 +1144,8 @@ pub fn parse_bytes(path: &Path, bytes: &[u8]) -> Snapshot {
     for (_, slice) in content.slices {
         snap.insert_slice(slice);
     }
-    snap.pools.extend(content.pools);
-    snap.l2_adverts.extend(content.l2_adverts);
+    snap.pools.extend(content.metallb.pools);
+    snap.l2_adverts.extend(content.metallb.l2_adverts);
     snap
 }
 
@@ -1540,12 +1557,12 @@ fn add_object(path: &Path, loc: &str, value: Value, out: &mut FileContent) {
     let decoded = if kind == metallb::KIND_POOL {
         decode::<metallb::IPAddressPool>(value).map(|mut pool| {
             pool.metadata.namespace = Some(namespace);
-            out.pools.push((object.clone(), Arc::new(pool)));
+            out.metallb.pools.push((object.clone(), Arc::new(pool)));
         })
     } else if kind == metallb::KIND_L2_ADVERTISEMENT {
         decode::<metallb::L2Advertisement>(value).map(|mut adv| {
             adv.metadata.namespace = Some(namespace);
-            out.l2_adverts.push((object.clone(), Arc::new(adv)));
+            out.metallb.l2_adverts.push((object.clone(), Arc::new(adv)));
         })
     } else if kind == "Service" {
         decode::<Service>(value).map(|mut svc| {
