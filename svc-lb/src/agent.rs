@@ -409,6 +409,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let mut reported = Reported::default();
+    let mut ipam = crate::lbipam::Ipam::default();
     // The model, kept between syncs and updated with what each snapshot changed.
     let mut cache = model::Cache::default();
     // The next sync models and plans everything: the first one, after a failed apply,
@@ -437,6 +438,11 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                     };
                 };
                 snap = next;
+                // Manifest mode: the pools' addresses become the LoadBalancer Services'
+                // ingress IPs before the model sees them.
+                if cfg.manifests.is_some() {
+                    ipam.update(&mut snap);
+                }
             }
             () = retry => {}
             () = tokio::time::sleep_until(full_at) => { full = true; }

@@ -359,6 +359,11 @@ fn explain_left_out(want: &crate::model::ServiceRef, addr: std::net::SocketAddr)
     {
         eprintln!("left out by the agent: {p}");
     }
+    for p in st.lb.iter().flat_map(|lb| &lb.pending) {
+        if p.service == want.to_string() {
+            eprintln!("no load-balancer address yet: {}", p.reason);
+        }
+    }
 }
 
 /// `--maglev-table-size`: a prime, so every backend's permutation covers the table.
@@ -566,6 +571,14 @@ pub fn run(cli: Cli) -> Result<()> {
             if let (Some(want), true, Some(addr)) = (&filter.0, entries.is_empty(), metrics_addr.0)
             {
                 explain_left_out(want, addr);
+            }
+            // The pools of allocated LoadBalancer addresses live in the agent, not in
+            // the maps: ask it when there is any LoadBalancer entry.
+            let any_lb = entries.iter().any(|e| e.kind == "LoadBalancer");
+            if let (true, Some(addr)) = (any_lb, metrics_addr.0)
+                && let Some(lb) = inspect::status::fetch_agent(addr).status.and_then(|s| s.lb)
+            {
+                inspect::list::set_pools(&mut entries, &lb);
             }
             print!(
                 "{}",

@@ -14,6 +14,7 @@ pub mod fuzzing;
 pub mod hcnp;
 pub mod health;
 pub mod inspect;
+pub mod lbipam;
 pub mod maglev;
 pub mod metrics;
 pub mod model;

@@ -134,6 +134,37 @@ pub fn set_skipped(unreadable: usize, invalid: usize, map_full: usize) {
     }
 }
 
+/// LoadBalancer IP allocation (see [`crate::lbipam`]): addresses per pool and state,
+/// and Services left pending.
+struct LbMetrics {
+    pool_addresses: Family<Labels, Gauge>,
+    pending: Gauge,
+}
+
+fn lb() -> &'static LbMetrics {
+    static M: OnceLock<LbMetrics> = OnceLock::new();
+    M.get_or_init(|| LbMetrics {
+        pool_addresses: Family::default(),
+        pending: Gauge::default(),
+    })
+}
+
+/// Publishes the last allocation. Pools that went away lose their series.
+pub fn set_lb_pools(alloc: &crate::lbipam::Allocation) {
+    let m = lb();
+    m.pool_addresses.clear();
+    // An IPv6 pool can hold more addresses than a gauge: it saturates.
+    let gauge = |n: u128| i64::try_from(n).unwrap_or(i64::MAX);
+    for p in &alloc.pools {
+        for (state, n) in [("used", p.used), ("free", p.free())] {
+            m.pool_addresses
+                .get_or_create(&vec![("pool", p.name.clone()), ("state", state.to_owned())])
+                .set(gauge(n));
+        }
+    }
+    m.pending.set(gauge(alloc.pending.len() as u128));
+}
+
 /// Manifest files whose last good content stands in for a version that could not be
 /// read or parsed.
 pub fn set_manifest_files_stale(n: usize) {
@@ -610,6 +641,16 @@ pub fn render(data: ScrapeData) -> Result<String> {
         "svclb_manifest_files_stale",
         "Manifest files whose last good content stays in effect because their current version cannot be read or parsed",
         m.manifest_stale.clone(),
+    );
+    reg.register(
+        "svclb_lb_pool_addresses",
+        "Addresses of each IPAddressPool by state (used, free); a shared address counts once",
+        lb().pool_addresses.clone(),
+    );
+    reg.register(
+        "svclb_lb_pending_services",
+        "LoadBalancer Services left without addresses (conflict, exhausted pool, requested address in no pool)",
+        lb().pending.clone(),
     );
     reg.register(
         "svclb_healthcheck_bind_errors",

@@ -51,6 +51,44 @@ pub struct AgentStatus {
     /// `--l2-announce`: the addresses this node answers ARP/NDP for ("IP on dev").
     #[serde(default)]
     pub l2_announcing: Vec<String>,
+    /// LoadBalancer IP allocation, when any IPAddressPool is configured.
+    #[serde(default)]
+    pub lb: Option<LbStatus>,
+}
+
+/// LoadBalancer IP allocation (see `lbipam`), for `svc-lb status` and `svc-lb list`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LbStatus {
+    pub pools: Vec<LbPool>,
+    /// Every allocated address, in Service order.
+    pub addresses: Vec<LbAddress>,
+    pub pending: Vec<LbPending>,
+    /// IPAddressPools left out, with the reason.
+    #[serde(default)]
+    pub errors: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LbPool {
+    pub name: String,
+    pub size: u128,
+    pub used: u128,
+    pub free: u128,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LbAddress {
+    /// namespace/name
+    pub service: String,
+    pub ip: String,
+    pub pool: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LbPending {
+    /// namespace/name
+    pub service: String,
+    pub reason: String,
 }
 
 /// Lines of `problems` published at most, to keep `/status` small on a node with many

@@ -371,3 +371,76 @@ fn only_the_init_container_is_privileged() {
     assert_eq!(m.mount_path, "/sys/fs/bpf");
     assert_eq!(m.mount_propagation.as_deref(), Some("Bidirectional"));
 }
+
+/// The MetalLB CRDs (deploy/crds/) parse, and their schemas describe every spec field
+/// the agent reads (so that the API server does not prune one away).
+#[test]
+fn metallb_crds_describe_every_field_the_agent_reads() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use svc_lb::source::metallb::{
+        IPAddressPool, IPAddressPoolSpec, L2Advertisement, L2AdvertisementSpec, ServiceAllocation,
+    };
+    let crds: Vec<CustomResourceDefinition> = documents("crds/metallb.yaml")
+        .into_iter()
+        .map(|(kind, doc)| {
+            assert_eq!(kind, "CustomResourceDefinition");
+            serde_yaml::from_value(doc).expect("a CustomResourceDefinition")
+        })
+        .collect();
+    let full_pool = serde_json::to_value(IPAddressPool {
+        spec: IPAddressPoolSpec {
+            addresses: vec!["192.0.2.0/24".into()],
+            auto_assign: Some(true),
+            avoid_buggy_ips: Some(true),
+            service_allocation: Some(ServiceAllocation {
+                priority: Some(1),
+                namespaces: Some(vec![]),
+                namespace_selectors: Some(vec![]),
+                service_selectors: Some(vec![]),
+            }),
+        },
+        ..Default::default()
+    })
+    .expect("serialize");
+    let full_l2 = serde_json::to_value(L2Advertisement {
+        spec: L2AdvertisementSpec {
+            ip_address_pools: Some(vec![]),
+            ip_address_pool_selectors: Some(vec![]),
+            node_selectors: Some(vec![]),
+            interfaces: Some(vec![]),
+        },
+        ..Default::default()
+    })
+    .expect("serialize");
+    for (kind, full) in [("IPAddressPool", full_pool), ("L2Advertisement", full_l2)] {
+        let crd = crds
+            .iter()
+            .find(|c| c.spec.names.kind == kind)
+            .unwrap_or_else(|| panic!("no CRD for {kind}"));
+        assert_eq!(crd.spec.group, "metallb.io");
+        let version = crd
+            .spec
+            .versions
+            .iter()
+            .find(|v| v.name == "v1beta1" && v.served && v.storage)
+            .expect("v1beta1 served and stored");
+        let schema = version
+            .schema
+            .as_ref()
+            .and_then(|s| s.open_api_v3_schema.as_ref())
+            .expect("a schema");
+        let spec = &schema.properties.as_ref().expect("properties")["spec"];
+        let described: BTreeSet<&String> = spec
+            .properties
+            .as_ref()
+            .expect("spec properties")
+            .keys()
+            .collect();
+        for field in full["spec"].as_object().expect("spec").keys() {
+            assert!(
+                described.contains(field),
+                "{kind}: spec.{field} is not in the CRD"
+            );
+        }
+    }
+}

@@ -51,6 +51,10 @@ pub struct ListEntry {
     pub new_connections: u64,
     /// In slot order, which is the order the datapath indexes them in.
     pub backends: Vec<ListBackend>,
+    /// The IPAddressPool a LoadBalancer address was allocated from (by this agent),
+    /// when the agent answers; absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
 }
 
 #[derive(Serialize, Debug, Clone, PartialEq, Eq)]
@@ -179,6 +183,7 @@ pub fn entries(view: &DatapathView, service: Option<&ServiceRef>) -> Vec<ListEnt
             } else {
                 names::external_policy(meta_flags)
             },
+            pool: None,
             new_connections: view
                 .frontend_conns
                 .get(&cur.rev_nat_id)
@@ -237,10 +242,27 @@ fn flags(e: &ListEntry) -> String {
     if e.datapath_flags.contains(&"drop_empty") {
         f.push("dropNoLocalEndpoint".to_owned());
     }
+    if let Some(pool) = &e.pool {
+        f.push(format!("pool={pool}"));
+    }
     if f.is_empty() {
         "-".to_owned()
     } else {
         f.join(",")
+    }
+}
+
+/// Names the pool of each LoadBalancer entry whose address the agent allocated.
+pub fn set_pools(entries: &mut [ListEntry], lb: &crate::status::LbStatus) {
+    for e in entries.iter_mut() {
+        let Some(svc) = e.service_ref().map(|s| s.to_string()) else {
+            continue;
+        };
+        e.pool = lb
+            .addresses
+            .iter()
+            .find(|a| a.service == svc && a.ip == e.address)
+            .map(|a| a.pool.clone());
     }
 }
 

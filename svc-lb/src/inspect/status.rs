@@ -383,6 +383,9 @@ pub fn render_text(st: &Status, now_ms: u64) -> String {
             if !a.l2_announcing.is_empty() {
                 out.push_str(&format!("  L2 announces {}\n", a.l2_announcing.join(", ")));
             }
+            if let Some(lb) = &a.lb {
+                out.push_str(&render_lb(lb));
+            }
         }
         None => {
             out.push_str(&format!(
@@ -400,6 +403,40 @@ pub fn render_text(st: &Status, now_ms: u64) -> String {
         }
     }
     out.push_str(&render_kernel(&st.kernel));
+    out
+}
+
+/// The agent's LoadBalancer address pools, and the Services left without addresses.
+pub fn render_lb(lb: &crate::status::LbStatus) -> String {
+    let mut out = String::from("\nLoadBalancer address pools\n");
+    if lb.pools.is_empty() {
+        out.push_str("  none usable\n");
+    } else {
+        let mut rows = vec![vec![
+            "POOL".to_owned(),
+            "SIZE".to_owned(),
+            "USED".to_owned(),
+            "FREE".to_owned(),
+        ]];
+        for p in &lb.pools {
+            rows.push(vec![
+                p.name.clone(),
+                p.size.to_string(),
+                p.used.to_string(),
+                p.free.to_string(),
+            ]);
+        }
+        out.push_str(&table(&rows, &[1, 2, 3]));
+    }
+    for e in &lb.errors {
+        out.push_str(&format!("  rejected: {e}\n"));
+    }
+    if !lb.pending.is_empty() {
+        out.push_str(&format!("  pending      {} Services:\n", lb.pending.len()));
+        for p in &lb.pending {
+            out.push_str(&format!("    {}: {}\n", p.service, p.reason));
+        }
+    }
     out
 }
 

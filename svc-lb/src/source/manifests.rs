@@ -65,7 +65,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, value::RawValue};
 use tokio::sync::mpsc;
 
-use super::{Changed, Snapshot, SourceError};
+use super::{Changed, Snapshot, SourceError, metallb};
 use crate::model::{ObjectRef, ServiceRef};
 
 /// How long a changed file that the watch did not see completed (no close by its writer,
@@ -662,6 +662,18 @@ impl ManifestDir {
             }
             return !same || moved;
         }
+        if obj.kind == metallb::KIND_POOL {
+            let new = content
+                .and_then(|(d, c)| c.metallb.pools.get(d.index))
+                .map(|(_, p)| p);
+            return put(&mut self.snap.pools, obj, new) || moved;
+        }
+        if obj.kind == metallb::KIND_L2_ADVERTISEMENT {
+            let new = content
+                .and_then(|(d, c)| c.metallb.l2_adverts.get(d.index))
+                .map(|(_, p)| p);
+            return put(&mut self.snap.l2_adverts, obj, new) || moved;
+        }
         if obj.kind == KIND_SERVICE {
             let key = ServiceRef {
                 namespace: obj.namespace.clone(),
@@ -740,6 +752,26 @@ impl ManifestDir {
             }
         }
         out
+    }
+}
+
+/// Puts `new` (or nothing) in `map` at `obj`; true when that changed the map.
+fn put<T: PartialEq>(
+    map: &mut imbl::OrdMap<ObjectRef, Arc<T>>,
+    obj: &ObjectRef,
+    new: Option<&Arc<T>>,
+) -> bool {
+    match (map.get(obj), new) {
+        (None, None) => false,
+        (Some(a), Some(b)) if Arc::ptr_eq(a, b) || a == b => false,
+        (_, Some(b)) => {
+            map.insert(obj.clone(), b.clone());
+            true
+        }
+        (Some(_), None) => {
+            map.remove(obj);
+            true
+        }
     }
 }
 
@@ -843,8 +875,17 @@ struct FileContent {
     services: Vec<(ObjectRef, Arc<Service>)>,
     slices: Vec<(ObjectRef, Arc<EndpointSlice>)>,
     errors: Vec<SourceError>,
+    /// Boxed: most files hold none, and [`Unusable`] carries a whole `FileContent`.
+    metallb: Box<MetalLbContent>,
     /// `v1` Nodes (cluster-scoped: their namespace is ignored), for L2 announcement.
     nodes: Vec<(ObjectRef, Arc<Node>)>,
+}
+
+/// The MetalLB objects of one file, in file order.
+#[derive(Debug, Default, PartialEq)]
+struct MetalLbContent {
+    pools: Vec<(ObjectRef, Arc<metallb::IPAddressPool>)>,
+    l2_adverts: Vec<(ObjectRef, Arc<metallb::L2Advertisement>)>,
 }
 
 impl FileContent {
@@ -852,8 +893,20 @@ impl FileContent {
     fn objects(&self) -> impl Iterator<Item = (&ObjectRef, usize)> {
         let services = self.services.iter().enumerate().map(|(i, (o, _))| (o, i));
         let slices = self.slices.iter().enumerate().map(|(i, (o, _))| (o, i));
+        let pools = self
+            .metallb
+            .pools
+            .iter()
+            .enumerate()
+            .map(|(i, (o, _))| (o, i));
+        let l2 = self
+            .metallb
+            .l2_adverts
+            .iter()
+            .enumerate()
+            .map(|(i, (o, _))| (o, i));
         let nodes = self.nodes.iter().enumerate().map(|(i, (o, _))| (o, i));
-        services.chain(slices).chain(nodes)
+        services.chain(slices).chain(nodes).chain(pools).chain(l2)
     }
 }
 
@@ -1280,6 +1333,8 @@ pub fn parse_bytes(path: &Path, bytes: &[u8]) -> Snapshot {
     for (_, slice) in content.slices {
         snap.insert_slice(slice);
     }
+    snap.pools.extend(content.metallb.pools);
+    snap.l2_adverts.extend(content.metallb.l2_adverts);
     snap
 }
 
@@ -1657,6 +1712,7 @@ fn add_object(path: &Path, loc: &str, value: Value, out: &mut FileContent) {
         "Service" => "v1",
         "EndpointSlice" => "discovery.k8s.io/v1",
         KIND_NODE => "v1",
+        metallb::KIND_POOL | metallb::KIND_L2_ADVERTISEMENT => metallb::API_VERSION,
         "Endpoints" if api.as_deref() == Some("v1") => {
             let reason = format!(
                 "{loc}: v1 Endpoints are not read; write discovery.k8s.io/v1 EndpointSlices instead"
@@ -1667,7 +1723,8 @@ fn add_object(path: &Path, loc: &str, value: Value, out: &mut FileContent) {
         other => {
             let reason = format!(
                 "{loc}: kind {other} (apiVersion {}) is not supported; only v1 Service, v1 \
-                 Node and discovery.k8s.io/v1 EndpointSlice are read",
+                 Node, discovery.k8s.io/v1 EndpointSlice and metallb.io/v1beta1 IPAddressPool \
+                 and L2Advertisement are read",
                 api.as_deref().unwrap_or("missing")
             );
             out.errors.push(source_error(path, object, reason));
@@ -1696,6 +1753,16 @@ fn add_object(path: &Path, loc: &str, value: Value, out: &mut FileContent) {
         decode::<Node>(value).map(|mut node| {
             node.metadata.namespace = None;
             out.nodes.push((object, Arc::new(node)));
+        })
+    } else if kind == metallb::KIND_POOL {
+        decode::<metallb::IPAddressPool>(value).map(|mut pool| {
+            pool.metadata.namespace = Some(namespace);
+            out.metallb.pools.push((object.clone(), Arc::new(pool)));
+        })
+    } else if kind == metallb::KIND_L2_ADVERTISEMENT {
+        decode::<metallb::L2Advertisement>(value).map(|mut adv| {
+            adv.metadata.namespace = Some(namespace);
+            out.metallb.l2_adverts.push((object.clone(), Arc::new(adv)));
         })
     } else if kind == "Service" {
         decode::<Service>(value).map(|mut svc| {

@@ -21,6 +21,7 @@ use crate::model::{LABEL_SERVICE_NAME, ObjectRef, ServiceRef};
 
 pub mod kube;
 pub mod manifests;
+pub mod metallb;
 
 /// A complete, consistent view of the objects a source knows. Sources publish whole
 /// snapshots, never partial updates, so the model never sees a half-read directory or
@@ -45,6 +46,11 @@ pub struct Snapshot {
     /// Every Node by name (the manifest source's `v1` Node objects), for L2
     /// announcement; a change here changes no Service.
     pub nodes: OrdMap<String, Arc<Node>>,
+    /// MetalLB `IPAddressPool`s and `L2Advertisement`s (see [`crate::lbipam`]). A change
+    /// of these marks no Service changed by itself: the allocator marks the Services
+    /// whose addresses it moves.
+    pub pools: OrdMap<ObjectRef, Arc<metallb::IPAddressPool>>,
+    pub l2_adverts: OrdMap<ObjectRef, Arc<metallb::L2Advertisement>>,
 }
 
 /// Which Services a snapshot changed, relative to the one published before it.
