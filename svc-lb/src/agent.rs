@@ -497,7 +497,11 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         );
         if let Some(l2) = &l2 {
             l2.send_replace(crate::announce::run::Inputs {
-                targets: crate::announce::targets_from(cache.desired(), &snap),
+                targets: crate::announce::apply_adverts(
+                    crate::announce::targets_from(cache.desired(), &snap),
+                    ipam.last.as_ref(),
+                    &ipam.adverts,
+                ),
                 nodes: crate::announce::NodeView::all(&snap.nodes),
                 default_ifaces: ext.devices.clone().unwrap_or_default(),
             });

@@ -160,6 +160,55 @@ fn endpoint_nodes(snap: &Snapshot, service: &ServiceRef) -> BTreeSet<String> {
         .collect()
 }
 
+/// Addresses from an address pool follow the pool's L2Advertisements: an address
+/// whose pool no advertisement selects is not announced (MetalLB's rule), and one that
+/// several select takes the union of their interfaces and node selectors (an
+/// advertisement with none of them means every interface or every node). Addresses
+/// not from a pool (ingress written by hand or by another controller) keep the
+/// defaults `targets_from` gave them.
+pub fn apply_adverts(
+    targets: Vec<Target>,
+    alloc: Option<&crate::lbipam::Allocation>,
+    adverts: &[crate::lbipam::L2Advert],
+) -> Vec<Target> {
+    let Some(alloc) = alloc else {
+        return targets;
+    };
+    targets
+        .into_iter()
+        .filter_map(|mut t| {
+            let Some(pool) = alloc.pool_of(&t.service, t.ip) else {
+                return Some(t);
+            };
+            let chosen: Vec<_> = adverts
+                .iter()
+                .filter(|a| a.pools.iter().any(|p| p == pool))
+                .collect();
+            if chosen.is_empty() {
+                return None;
+            }
+            t.interfaces = if chosen.iter().any(|a| a.interfaces.is_empty()) {
+                Vec::new()
+            } else {
+                let set: BTreeSet<&String> = chosen.iter().flat_map(|a| &a.interfaces).collect();
+                set.into_iter().cloned().collect()
+            };
+            t.node_selectors = if chosen.iter().any(|a| a.node_selectors.is_empty()) {
+                Vec::new()
+            } else {
+                let mut all: Vec<LabelSelector> = Vec::new();
+                for s in chosen.iter().flat_map(|a| &a.node_selectors) {
+                    if !all.contains(s) {
+                        all.push(s.clone());
+                    }
+                }
+                all
+            };
+            Some(t)
+        })
+        .collect()
+}
+
 /// The addresses `me` announces, by interface (`default_ifaces` for targets that name
 /// none). `live(name)` says whether a node counts as live (this node's own readiness
 /// included).

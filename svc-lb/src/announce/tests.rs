@@ -172,3 +172,61 @@ fn the_manifest_source_reads_nodes_and_changes_no_service_for_them() {
         vec!["10.0.0.9".parse::<IpAddr>().unwrap()]
     );
 }
+
+#[test]
+fn pool_addresses_follow_their_l2_advertisements() {
+    use crate::lbipam::{Allocated, Allocation, L2Advert};
+    let svc = target("192.0.2.1").service;
+    let mut alloc = Allocation::default();
+    alloc.assigned.insert(
+        svc.clone(),
+        ["192.0.2.1", "192.0.2.2"]
+            .iter()
+            .zip(["announced", "silent"])
+            .map(|(ip, pool)| Allocated {
+                service: svc.clone(),
+                ip: ip.parse().unwrap(),
+                pool: pool.to_owned(),
+            })
+            .collect(),
+    );
+    let zone = |z: &str| LabelSelector {
+        match_labels: Some([("zone".to_owned(), z.to_owned())].into()),
+        ..Default::default()
+    };
+    let advert = |name: &str, ifaces: &[&str], sels: Vec<LabelSelector>| L2Advert {
+        name: name.to_owned(),
+        pools: vec!["announced".to_owned()],
+        interfaces: ifaces.iter().map(|i| (*i).to_owned()).collect(),
+        node_selectors: sels,
+    };
+    // 192.0.2.3 is not from a pool (hand-written ingress): it keeps the defaults.
+    let targets = vec![
+        target("192.0.2.1"),
+        target("192.0.2.2"),
+        target("192.0.2.3"),
+    ];
+    let adverts = [
+        advert("a", &["eth1"], vec![zone("a")]),
+        advert("b", &["eth2", "eth1"], vec![zone("b")]),
+    ];
+
+    let got = apply_adverts(targets.clone(), Some(&alloc), &adverts);
+    let ips: Vec<String> = got.iter().map(|t| t.ip.to_string()).collect();
+    assert_eq!(
+        ips,
+        ["192.0.2.1", "192.0.2.3"],
+        "a pool no advertisement selects is silent"
+    );
+    assert_eq!(got[0].interfaces, ["eth1", "eth2"]);
+    assert_eq!(got[0].node_selectors, [zone("a"), zone("b")]);
+    assert_eq!(got[1], targets[2]);
+
+    // An advertisement without interfaces or selectors widens to every one of them.
+    let wide = [adverts[0].clone(), advert("c", &[], Vec::new())];
+    let got = apply_adverts(targets.clone(), Some(&alloc), &wide);
+    assert!(got[0].interfaces.is_empty() && got[0].node_selectors.is_empty());
+
+    // No allocation at all (no pools): every target as it was.
+    assert_eq!(apply_adverts(targets.clone(), None, &adverts), targets);
+}

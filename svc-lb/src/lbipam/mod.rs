@@ -186,7 +186,9 @@ pub fn advertisements(
                 .iter()
                 .filter(|p| {
                     all || named.contains(&p.name)
-                        || selectors.iter().any(|s| selector_matches(s, &p.labels))
+                        || selectors
+                            .iter()
+                            .any(|s| crate::announce::selector_matches(s, &p.labels))
                 })
                 .map(|p| p.name.clone())
                 .collect();
@@ -200,28 +202,6 @@ pub fn advertisements(
         .collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
-}
-
-/// Whether `labels` satisfy `sel` (matchLabels and matchExpressions; an empty selector
-/// matches everything). An unknown operator matches nothing.
-pub fn selector_matches(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
-    let labels_ok = sel
-        .match_labels
-        .iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v));
-    let exprs_ok = sel.match_expressions.iter().flatten().all(|e| {
-        let values = e.values.as_deref().unwrap_or_default();
-        let value = labels.get(&e.key);
-        match e.operator.as_str() {
-            "In" => value.is_some_and(|v| values.contains(v)),
-            "NotIn" => value.is_none_or(|v| !values.contains(v)),
-            "Exists" => value.is_some(),
-            "DoesNotExist" => value.is_none(),
-            _ => false,
-        }
-    });
-    labels_ok && exprs_ok
 }
 
 /// Whether svc-lb allocates for `svc`: type LoadBalancer, class unset or ours.
