@@ -14,6 +14,7 @@ pub mod hcnp;
 pub mod health;
 pub mod inspect;
 pub mod maglev;
+pub mod mem;
 pub mod metrics;
 pub mod model;
 pub mod plan;

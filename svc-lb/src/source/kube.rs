@@ -208,16 +208,15 @@ fn trim_meta(meta: &mut ObjectMeta) {
     };
 }
 
+/// The same compaction as the manifest source's (see [`super::compact_service`]), so
+/// the two modes keep the same fields; the uid stays, so that a Service deleted and
+/// created again is a change.
 fn trim_service(svc: &mut Service) {
-    trim_meta(&mut svc.metadata);
-    // Only the load-balancer ingress matters in the status; conditions churn.
-    if let Some(status) = svc.status.as_mut() {
-        status.conditions = None;
-    }
+    *svc = super::compact_service(std::mem::take(svc));
 }
 
 fn trim_slice(slice: &mut EndpointSlice) {
-    trim_meta(&mut slice.metadata);
+    *slice = super::compact_slice(std::mem::take(slice));
 }
 
 /// A Node is updated every few seconds (heartbeats, conditions, images); only its zone

@@ -1150,12 +1150,12 @@ fn fast_object(value: &RawValue, api: &str, kind: &str, out: &mut FileContent) -
         ("v1", KIND_SERVICE) => {
             let mut svc: Service = serde_json::from_str(value.get()).ok()?;
             let object = fast_ref(KIND_SERVICE, &mut svc.metadata)?;
-            out.services.push((object, Arc::new(svc)));
+            out.services.push((object, Arc::new(super::compact_service(svc))));
         }
         ("discovery.k8s.io/v1", KIND_ENDPOINT_SLICE) => {
             let mut slice: EndpointSlice = serde_json::from_str(value.get()).ok()?;
             let object = fast_ref(KIND_ENDPOINT_SLICE, &mut slice.metadata)?;
-            out.slices.push((object, Arc::new(slice)));
+            out.slices.push((object, Arc::new(super::compact_slice(slice))));
         }
         _ => return None,
     }
@@ -1500,12 +1500,14 @@ fn add_object(path: &Path, loc: &str, value: Value, out: &mut FileContent) {
     let decoded = if kind == "Service" {
         decode::<Service>(value).map(|mut svc| {
             svc.metadata.namespace = Some(namespace);
-            out.services.push((object.clone(), Arc::new(svc)));
+            out.services
+                .push((object.clone(), Arc::new(super::compact_service(svc))));
         })
     } else {
         decode::<EndpointSlice>(value).map(|mut slice| {
             slice.metadata.namespace = Some(namespace);
-            out.slices.push((object.clone(), Arc::new(slice)));
+            out.slices
+                .push((object.clone(), Arc::new(super::compact_slice(slice))));
         })
     };
     if let Err(e) = decoded {

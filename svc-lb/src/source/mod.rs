@@ -12,12 +12,17 @@ use std::{
 };
 
 use imbl::OrdMap;
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
-use crate::model::{LABEL_SERVICE_NAME, ObjectRef, ServiceRef};
+use crate::model::{
+    ANNOTATION_LB_SOURCE_RANGES, LABEL_HEADLESS, LABEL_SERVICE_NAME, ObjectRef, ServiceRef,
+};
 
 pub mod kube;
 pub mod manifests;
@@ -160,6 +165,101 @@ fn namespace_or_default(ns: Option<&str>) -> String {
         Some(ns) if !ns.is_empty() => ns.to_owned(),
         _ => "default".to_owned(),
     }
+}
+
+/// Service annotations kept by [`compact_service`]: the ones the model reads, and
+/// MetalLB's (LB-IPAM reads those). A new reader of an annotation adds it here.
+const KEPT_SERVICE_ANNOTATIONS: &[&str] = &[ANNOTATION_LB_SOURCE_RANGES];
+const KEPT_SERVICE_ANNOTATION_PREFIXES: &[&str] = &["metallb.io/", "metallb.universe.tf/"];
+/// EndpointSlice labels the model and the sources read; nothing reads a slice's
+/// annotations.
+const KEPT_SLICE_LABELS: &[&str] = &[LABEL_SERVICE_NAME, LABEL_HEADLESS];
+
+/// Drops what nothing downstream reads from a Service, right after it is decoded, so a
+/// source keeps one small object per Service instead of the whole API object (at 10 000
+/// Services the parsed objects were most of the agent's heap). Safe because the model
+/// reads only the fields kept here (`model/build.rs`): name and namespace, the labels
+/// `LABEL_HEADLESS` and `LABEL_SERVICE_PROXY_NAME` (all labels are kept: LB-IPAM pools
+/// select Services by label), the annotations above, the spec but its selector (the
+/// EndpointSlices already say which endpoints a Service has), and the load-balancer
+/// ingress of the status. Both sources compact every object the same way, so equal
+/// input still compares equal. Vectors are shrunk: a decoder grows them by doubling.
+pub fn compact_service(mut svc: Service) -> Service {
+    compact_meta(&mut svc.metadata, |key| {
+        KEPT_SERVICE_ANNOTATIONS.contains(&key)
+            || KEPT_SERVICE_ANNOTATION_PREFIXES
+                .iter()
+                .any(|p| key.starts_with(p))
+    });
+    if let Some(spec) = svc.spec.as_mut() {
+        spec.selector = None;
+        for v in [
+            &mut spec.cluster_ips,
+            &mut spec.external_ips,
+            &mut spec.ip_families,
+            &mut spec.load_balancer_source_ranges,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            v.shrink_to_fit();
+        }
+        if let Some(ports) = spec.ports.as_mut() {
+            ports.shrink_to_fit();
+        }
+    }
+    if let Some(status) = svc.status.as_mut() {
+        // Only the load-balancer ingress matters in the status; conditions churn.
+        status.conditions = None;
+        if let Some(ingress) = status
+            .load_balancer
+            .as_mut()
+            .and_then(|lb| lb.ingress.as_mut())
+        {
+            ingress.shrink_to_fit();
+        }
+    }
+    svc
+}
+
+/// Like [`compact_service`], for an EndpointSlice: the model reads its name and
+/// namespace, the labels in `KEPT_SLICE_LABELS`, its address type and ports, and of
+/// each endpoint its addresses, conditions, node name, zone and hints; not the
+/// `targetRef` (the Pod), `hostname` or `deprecatedTopology`.
+pub fn compact_slice(mut slice: EndpointSlice) -> EndpointSlice {
+    compact_meta(&mut slice.metadata, |_| false);
+    if let Some(labels) = slice.metadata.labels.as_mut() {
+        labels.retain(|k, _| KEPT_SLICE_LABELS.contains(&k.as_str()));
+    }
+    if let Some(endpoints) = slice.endpoints.as_mut() {
+        for ep in endpoints.iter_mut() {
+            ep.target_ref = None;
+            ep.hostname = None;
+            ep.deprecated_topology = None;
+            ep.addresses.shrink_to_fit();
+        }
+        endpoints.shrink_to_fit();
+    }
+    if let Some(ports) = slice.ports.as_mut() {
+        ports.shrink_to_fit();
+    }
+    slice
+}
+
+/// Keeps name, namespace, uid, labels and the annotations `keep` accepts; the rest
+/// (managed fields, owner references, resource versions, timestamps, the
+/// last-applied-configuration annotation) is never read and would cost memory.
+fn compact_meta(meta: &mut ObjectMeta, keep: impl Fn(&str) -> bool) {
+    let mut annotations = meta.annotations.take().unwrap_or_default();
+    annotations.retain(|k, _| keep(k));
+    *meta = ObjectMeta {
+        name: meta.name.take(),
+        namespace: meta.namespace.take(),
+        labels: meta.labels.take().filter(|l| !l.is_empty()),
+        annotations: (!annotations.is_empty()).then_some(annotations),
+        uid: meta.uid.take(),
+        ..ObjectMeta::default()
+    };
 }
 
 /// Bad input found by a source: the file (if any), the object (if known), the reason.
