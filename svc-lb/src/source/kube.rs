@@ -212,11 +212,15 @@ fn trim_meta(meta: &mut ObjectMeta) {
 /// the two modes keep the same fields; the uid stays, so that a Service deleted and
 /// created again is a change.
 fn trim_service(svc: &mut Service) {
+    let uid = svc.metadata.uid.take();
     *svc = super::compact_service(std::mem::take(svc));
+    svc.metadata.uid = uid;
 }
 
 fn trim_slice(slice: &mut EndpointSlice) {
+    let uid = slice.metadata.uid.take();
     *slice = super::compact_slice(std::mem::take(slice));
+    slice.metadata.uid = uid;
 }
 
 /// A Node is updated every few seconds (heartbeats, conditions, images); only its zone

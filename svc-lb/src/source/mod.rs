@@ -7,7 +7,7 @@
 //! that the agent re-models only those ([`Changed`]).
 use std::{
     collections::BTreeSet,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError},
 };
 
@@ -38,11 +38,12 @@ pub struct Snapshot {
     /// EndpointSlices by the Service they belong to (the slice's namespace and its
     /// `kubernetes.io/service-name` label), then by slice name. A slice without that
     /// label belongs to no Service: sources leave it out.
-    pub slices: OrdMap<ServiceRef, OrdMap<String, Arc<EndpointSlice>>>,
+    pub slices: OrdMap<ServiceRef, SliceGroup>,
     /// This node's Node object, when the source knows it (the Kubernetes source).
     pub node: Option<Arc<Node>>,
-    /// Where each object came from (a manifest file), for error messages.
-    pub origins: OrdMap<ObjectRef, PathBuf>,
+    /// Where each object came from (a manifest file), for error messages; one shared
+    /// path per file.
+    pub origins: OrdMap<ObjectRef, Arc<Path>>,
     /// Input that could not be read or parsed, already named and explained.
     pub errors: Arc<Vec<SourceError>>,
     /// What differs from the snapshot published before this one.
@@ -110,11 +111,7 @@ impl Snapshot {
     /// slice out) when it has no `kubernetes.io/service-name` label.
     pub fn insert_slice(&mut self, slice: Arc<EndpointSlice>) -> Option<ServiceRef> {
         let owner = slice_owner(&slice)?;
-        let name = slice.metadata.name.clone().unwrap_or_default();
-        self.slices
-            .entry(owner.clone())
-            .or_default()
-            .insert(name, slice);
+        self.slices.entry(owner.clone()).or_default().insert(slice);
         Some(owner)
     }
 
@@ -137,7 +134,66 @@ impl Snapshot {
 
     /// The number of slices.
     pub fn slice_count(&self) -> usize {
-        self.slices.values().map(OrdMap::len).sum()
+        self.slices.values().map(SliceGroup::len).sum()
+    }
+}
+
+/// The EndpointSlices of one Service, by name. Most Services have one slice, so this
+/// is a vector sorted by name (one small allocation) rather than a map (a tree node of
+/// several hundred bytes per Service); the name is the slice's own `metadata.name`,
+/// not a second copy of it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SliceGroup(Vec<Arc<EndpointSlice>>);
+
+fn slice_name(slice: &EndpointSlice) -> &str {
+    slice.metadata.name.as_deref().unwrap_or_default()
+}
+
+impl SliceGroup {
+    fn find(&self, name: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|s| slice_name(s).cmp(name))
+    }
+
+    /// The slice named `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<EndpointSlice>> {
+        self.find(name).ok().map(|i| &self.0[i])
+    }
+
+    /// Adds `slice`, or replaces the one of the same name (returned).
+    pub fn insert(&mut self, slice: Arc<EndpointSlice>) -> Option<Arc<EndpointSlice>> {
+        match self.find(slice_name(&slice)) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i], slice)),
+            Err(i) => {
+                self.0.insert(i, slice);
+                None
+            }
+        }
+    }
+
+    /// Removes the slice named `name`.
+    pub fn remove(&mut self, name: &str) -> Option<Arc<EndpointSlice>> {
+        let i = self.find(name).ok()?;
+        let removed = self.0.remove(i);
+        self.0.shrink_to_fit();
+        Some(removed)
+    }
+
+    /// The slices in name order.
+    pub fn values(&self) -> impl Iterator<Item = &Arc<EndpointSlice>> {
+        self.0.iter()
+    }
+
+    /// The slice names in order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|s| slice_name(s))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -246,8 +302,8 @@ pub fn compact_slice(mut slice: EndpointSlice) -> EndpointSlice {
     slice
 }
 
-/// Keeps name, namespace, uid, labels and the annotations `keep` accepts; the rest
-/// (managed fields, owner references, resource versions, timestamps, the
+/// Keeps name, namespace, labels and the annotations `keep` accepts; the rest (uid,
+/// managed fields, owner references, resource versions, timestamps, the
 /// last-applied-configuration annotation) is never read and would cost memory.
 fn compact_meta(meta: &mut ObjectMeta, keep: impl Fn(&str) -> bool) {
     let mut annotations = meta.annotations.take().unwrap_or_default();
@@ -257,7 +313,6 @@ fn compact_meta(meta: &mut ObjectMeta, keep: impl Fn(&str) -> bool) {
         namespace: meta.namespace.take(),
         labels: meta.labels.take().filter(|l| !l.is_empty()),
         annotations: (!annotations.is_empty()).then_some(annotations),
-        uid: meta.uid.take(),
         ..ObjectMeta::default()
     };
 }
