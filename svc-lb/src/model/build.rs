@@ -624,10 +624,7 @@ struct Slice<'a> {
 
 /// Parses the slices of one Service, in slice-name order. Slices labelled headless are
 /// left out, as kube-proxy does.
-fn parse_slices<'a>(
-    group: Option<&'a SliceGroup>,
-    errors: &mut Vec<ModelError>,
-) -> Vec<Slice<'a>> {
+fn parse_slices<'a>(group: Option<&'a SliceGroup>, errors: &mut Vec<ModelError>) -> Vec<Slice<'a>> {
     let mut out = Vec::new();
     for slice in group.into_iter().flat_map(SliceGroup::values) {
         let meta = &slice.metadata;

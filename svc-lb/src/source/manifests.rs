@@ -541,8 +541,7 @@ impl ManifestDir {
         for edit in edits {
             for (obj, index) in edit.after.iter().flat_map(|c| c.objects()) {
                 let defs = self.defs.entry(obj.clone()).or_default();
-                let at =
-                    defs.partition_point(|d| (&*d.path, d.index) < (&*edit.path, index));
+                let at = defs.partition_point(|d| (&*d.path, d.index) < (&*edit.path, index));
                 defs.insert(
                     at,
                     Def {
@@ -1151,12 +1150,14 @@ fn fast_object(value: &RawValue, api: &str, kind: &str, out: &mut FileContent) -
         ("v1", KIND_SERVICE) => {
             let mut svc: Service = serde_json::from_str(value.get()).ok()?;
             let object = fast_ref(KIND_SERVICE, &mut svc.metadata)?;
-            out.services.push((object, Arc::new(super::compact_service(svc))));
+            out.services
+                .push((object, Arc::new(super::compact_service(svc))));
         }
         ("discovery.k8s.io/v1", KIND_ENDPOINT_SLICE) => {
             let mut slice: EndpointSlice = serde_json::from_str(value.get()).ok()?;
             let object = fast_ref(KIND_ENDPOINT_SLICE, &mut slice.metadata)?;
-            out.slices.push((object, Arc::new(super::compact_slice(slice))));
+            out.slices
+                .push((object, Arc::new(super::compact_slice(slice))));
         }
         _ => return None,
     }

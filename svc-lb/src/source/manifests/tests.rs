@@ -130,11 +130,15 @@ fn multi_document_yaml_with_default_namespace() {
         Some(1)
     );
     assert_eq!(
-        snap.origins.get(&obj("Service", "default", "web")).map(|p| &**p),
+        snap.origins
+            .get(&obj("Service", "default", "web"))
+            .map(|p| &**p),
         Some(file.as_path())
     );
     assert_eq!(
-        snap.origins.get(&obj("EndpointSlice", "shop", "web-abc")).map(|p| &**p),
+        snap.origins
+            .get(&obj("EndpointSlice", "shop", "web-abc"))
+            .map(|p| &**p),
         Some(file.as_path())
     );
 }
@@ -737,7 +741,9 @@ fn a_duplicate_definition_takes_over_when_the_first_goes() {
     assert_same_as_fresh(&snap, dir);
     assert_eq!(snap.errors.len(), 1, "{:#?}", snap.errors);
     assert_eq!(
-        snap.origins.get(&obj("Service", "default", "web")).map(|p| &**p),
+        snap.origins
+            .get(&obj("Service", "default", "web"))
+            .map(|p| &**p),
         Some(b.as_path())
     );
 
