@@ -345,6 +345,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             sizes: cfg.map_sizes,
         },
     )?;
+    dp.set_map_batch(choices.map_batch);
     let mut ext = External {
         devices: None,
         device_addrs: Vec::new(),
@@ -565,6 +566,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                     backends = report.backends,
                     rejected = report.rejected,
                     duration_us = report.duration.as_micros() as u64,
+                    model_us = report.model.as_micros() as u64,
+                    plan_us = report.plan.as_micros() as u64,
+                    apply_us = report.apply.as_micros() as u64,
                     "sync applied"
                 );
                 if let Some(took) = crate::mem::release_after_sync(report.duration) {
@@ -817,6 +821,10 @@ pub struct SyncReport {
     /// Objects left out as unreadable or invalid.
     pub skipped: usize,
     pub duration: Duration,
+    /// The stages of `duration`: modelling, planning, and writing the maps.
+    pub model: Duration,
+    pub plan: Duration,
+    pub apply: Duration,
 }
 
 /// One pass: model, plan, apply. Returns an error only when applying failed; a first
@@ -860,6 +868,7 @@ pub fn sync(
         model_us = started.elapsed().as_micros() as u64,
         "modelled"
     );
+    let modelled = started.elapsed();
     let cap = dp.capacity();
     let plan = match touched {
         Some(touched) => plan::plan_touched(current, desired, touched, &cap),
@@ -875,7 +884,9 @@ pub fn sync(
     // Sockets pinned to a backend the plan takes out of a frontend are ended once the
     // ops that take it out reached the maps (even if the apply stops half way).
     let mut leaving = sockterm::stopped(current, &plan.ops);
+    let planned = started.elapsed();
     let applied = apply_plan(dp, current, &plan);
+    let written = started.elapsed();
     sockterm::retain_unusable(&mut leaving, current);
     *stopped = leaving;
     let ops = applied?;
@@ -887,5 +898,8 @@ pub fn sync(
         rejected: plan.rejected.len(),
         skipped: snap.errors.len() + model_errors,
         duration: started.elapsed(),
+        model: modelled,
+        plan: planned - modelled,
+        apply: written - planned,
     })
 }

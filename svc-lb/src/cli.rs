@@ -135,7 +135,7 @@ pub enum Command {
         destroy_tcp: bool,
         /// Testing only: treat these kernel features as missing so that their fallbacks
         /// run (`all`, or names from `svc-lb status`'s kernel features: tcx,
-        /// fib_redirect, csum_ipv6_flag, set_retval, xdp_link, sk_storage_rnat).
+        /// fib_redirect, csum_ipv6_flag, set_retval, xdp_link, sk_storage_rnat, map_batch).
         #[arg(long, hide = true, value_name = "FEATURE[,FEATURE...]")]
         force_feature_off: Option<String>,
         /// Manifest files larger than this many bytes are reported and not read.

@@ -1,8 +1,10 @@
 //! A complete lab: topology, cgroup, pin directory, backend servers, agent, manifests.
 use std::{
+    ffi::CString,
     net::SocketAddr,
+    os::unix::{ffi::OsStrExt, process::CommandExt},
     path::{Path, PathBuf},
-    process::Output,
+    process::{Command, Output},
     time::Duration,
 };
 
@@ -350,6 +352,39 @@ pub fn isolated(test: impl FnOnce()) {
         std::panic::resume_unwind(p);
     }
     assert!(left.is_empty(), "the test left behind: {left:?}");
+}
+
+/// Runs `program args...` in the lab's client network namespace and cgroup: the
+/// namespace is entered by the forking thread (the child inherits it), and the child
+/// joins the cgroup before exec, so every socket it makes is under the agent's programs.
+pub fn in_client(lab: &Lab, program: &str, args: &[String]) -> Result<Output> {
+    let procs = CString::new(lab.cgroup().join("cgroup.procs").as_os_str().as_bytes())
+        .context("cgroup path")?;
+    let ns = lab.topo.client.name().to_owned();
+    netns::in_netns(&ns, || {
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        // SAFETY: between fork and exec only async-signal-safe calls (open, write,
+        // close) run, on memory prepared before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // "0" moves the writing process itself.
+                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let err = std::io::Error::last_os_error();
+                libc::close(fd);
+                if n != 1 {
+                    return Err(err);
+                }
+                Ok(())
+            });
+        }
+        cmd.output()
+            .with_context(|| format!("run {program} in the client namespace and cgroup"))
+    })
 }
 
 #[cfg(test)]

@@ -16,11 +16,7 @@
 
 use std::{
     collections::BTreeMap,
-    ffi::CString,
-    io::{Read, Write},
-    net::{IpAddr, SocketAddr, TcpStream},
-    os::unix::{ffi::OsStrExt, process::CommandExt},
-    process::{Command, Output},
+    net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
@@ -29,10 +25,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use svc_lb_tests::{
     Bins, Lab,
-    agent::{Agent, AgentConfig},
-    lab::isolated,
+    agent::Agent,
+    lab::{in_client, isolated},
     manifests::{EndpointSlice, Protocol, Service, TargetPort, yaml_docs},
-    netns,
+    metrics,
 };
 
 const NS: &str = "clients";
@@ -106,40 +102,17 @@ fn service_lb(
 
 /// Starts the agent with JSON logs and metrics on a free loopback port.
 fn start_agent(lab: &Lab, tag: &str) -> Result<(Agent, SocketAddr)> {
-    let mut agent = Agent::start(AgentConfig {
-        bin: lab.bins.svc_lb.clone(),
-        manifests: lab.manifests_dir(),
-        bpffs: lab.bpffs().to_path_buf(),
-        cgroup: lab.cgroup().to_path_buf(),
-        log_file: lab.dir().join(format!("agent-{tag}.log")),
-        extra_args: ["--log-format", "json", "--metrics-addr", "127.0.0.1:0"]
-            .map(str::to_owned)
-            .to_vec(),
-    })?;
-    agent.wait_applied(1, Duration::from_secs(30))?;
-    let addr = agent
-        .log_lines()
-        .iter()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|v| v["fields"]["message"] == "serving /metrics and /status")
-        .and_then(|v| v["fields"]["addr"].as_str().map(str::to_owned))
-        .context("the agent did not log its metrics address")?;
-    Ok((agent, addr.parse().context("metrics address")?))
+    let agent = metrics::start_agent(lab, tag, &[])?;
+    let addr = metrics::metrics_addr(&agent)?;
+    Ok((agent, addr))
 }
 
 /// One series of the agent's `/metrics`.
 fn metric(addr: SocketAddr, series: &str) -> Result<f64> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .with_context(|| format!("connect to {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    text.lines()
-        .filter_map(|l| l.rsplit_once(' '))
-        .find(|(name, _)| *name == series)
-        .and_then(|(_, v)| v.parse().ok())
-        .with_context(|| format!("no series {series} in /metrics"))
+    metrics::metric(
+        &metrics::parse_metrics(&metrics::http_get(addr, "/metrics")?),
+        series,
+    )
 }
 
 /// `svc-lb list -o json --service clients/<name>`: new connections per frontend
@@ -168,39 +141,6 @@ fn list_counts(lab: &Lab, name: &str) -> Result<(BTreeMap<String, u64>, BTreeMap
         }
     }
     Ok((fes, bes))
-}
-
-/// Runs `program args...` in the lab's client network namespace and cgroup: the
-/// namespace is entered by the forking thread (the child inherits it), and the child
-/// joins the cgroup before exec, so every socket it makes is under the agent's programs.
-fn in_client(lab: &Lab, program: &str, args: &[String]) -> Result<Output> {
-    let procs = CString::new(lab.cgroup().join("cgroup.procs").as_os_str().as_bytes())
-        .context("cgroup path")?;
-    let ns = lab.topo.client.name().to_owned();
-    netns::in_netns(&ns, || {
-        let mut cmd = Command::new(program);
-        cmd.args(args);
-        // SAFETY: between fork and exec only async-signal-safe calls (open, write,
-        // close) run, on memory prepared before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // "0" moves the writing process itself.
-                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-                let err = std::io::Error::last_os_error();
-                libc::close(fd);
-                if n != 1 {
-                    return Err(err);
-                }
-                Ok(())
-            });
-        }
-        cmd.output()
-            .with_context(|| format!("run {program} in the client namespace and cgroup"))
-    })
 }
 
 /// Python 3 client: `count` attempts, each on a new socket: AF_INET6 with IPV6_V6ONLY
@@ -680,6 +620,70 @@ fn source_ranges_refuse_excluded_clients_on_the_node() {
         ensure!(
             fes.get("192.0.2.40:80/TCP") == Some(&60) && fes.get("192.0.2.40:53/UDP") == Some(&30),
             "LB IP counters count only the allowed connections: {fes:?}"
+        );
+        Ok(())
+    });
+}
+
+// ---- a sloppy writer ----
+
+/// The shell writes a manifest in two sessions, `cat first > f; cat second >> f`, with
+/// a short pause between them. Each close looks complete to the watch, and the first
+/// half alone is valid YAML without the Service `back`: 20 such rewrites while a TCP
+/// client loops on `back` must cost it no connection (the first half may add and
+/// change, but a withdrawal waits until the file has stayed unchanged for the settle
+/// window).
+#[test]
+fn a_shell_writing_a_manifest_in_two_steps_never_withdraws_the_second_half() {
+    lab_test(&["a", "b"], |lab| {
+        let addrs = lab.topo.addrs(false);
+        let first = service("front", "10.96.0.60", &addrs, &[]);
+        let second = format!("---\n{}", service("back", "10.96.0.61", &addrs, &[]));
+        lab.write_manifest("two.yaml", &format!("{first}{second}"))?;
+        let halves = lab.dir().join("halves");
+        std::fs::create_dir(&halves).context("mkdir halves")?;
+        std::fs::write(halves.join("first"), &first).context("write first")?;
+        std::fs::write(halves.join("second"), &second).context("write second")?;
+        let (agent, _metrics) = start_agent(lab, "sloppy")?;
+
+        let mut o = lab.client(
+            SocketAddr::new(ip("10.96.0.61"), 80),
+            svc_lb_tests::Proto::Tcp,
+        );
+        o.count = 0;
+        o.duration = Some(Duration::from_secs(6));
+        o.interval = Duration::from_millis(2);
+        let running = lab.spawn_client(&o)?;
+        std::thread::sleep(Duration::from_millis(500));
+        let target = lab.manifests_dir().join("two.yaml");
+        for _ in 0..20 {
+            let out = std::process::Command::new("sh")
+                .args(["-c", r#"cat "$1" > "$3"; cat "$2" >> "$3""#, "sh"])
+                .arg(halves.join("first"))
+                .arg(halves.join("second"))
+                .arg(&target)
+                .output()
+                .context("run sh")?;
+            ensure!(out.status.success(), "sh: {out:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let r = running.wait()?;
+        eprintln!("client to back during 20 two-step rewrites: {r:?}");
+        let snapshots: Vec<String> = agent
+            .log_lines()
+            .into_iter()
+            .filter(|l| l.contains("manifest snapshot"))
+            .collect();
+        ensure!(
+            r.failed == 0 && r.ok > 0,
+            "connections to the second half's Service failed: {:?} (first: {:?}); the agent's snapshots:\n{}",
+            r.failures,
+            r.failure_samples.first(),
+            snapshots.join("\n")
+        );
+        ensure!(
+            r.backends.keys().map(String::as_str).collect::<Vec<_>>() == ["a", "b"],
+            "{r:?}"
         );
         Ok(())
     });

@@ -27,6 +27,9 @@ const SYSTEM_TOOLS: &[(&str, &str)] = &[
     // tests/tests/clients.rs runs real client programs: Python dual-stack sockets and curl.
     ("python3", "python3"),
     ("curl", "curl"),
+    // tests/tests/dns.rs: dig queries dnsmasq backends through a Service.
+    ("dig", "bind9-dnsutils"),
+    ("dnsmasq", "dnsmasq-base"),
     // The image test unpacks the OCI archive with an independent reader (checking every
     // digest) into a bundle whose rootfs it runs from a chroot.
     ("umoci", "umoci"),
@@ -46,7 +49,9 @@ pub fn setup(ctx: &Ctx) -> Result<()> {
 }
 
 fn system_tools() -> Result<()> {
-    step("setup: system tools (bpftool, ip, ethtool, iptables, nft, python3, curl, umoci)");
+    step(
+        "setup: system tools (bpftool, ip, ethtool, iptables, nft, python3, curl, dig, dnsmasq, umoci)",
+    );
     let missing: Vec<&str> = SYSTEM_TOOLS
         .iter()
         .filter(|(cmd, _)| find_program(cmd).is_none())

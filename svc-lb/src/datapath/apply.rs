@@ -1,7 +1,7 @@
-//! Applying a plan, op by op, keeping the in-memory mirror in step.
+//! Applying a plan in order, keeping the in-memory mirror in step.
 use std::fmt;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use super::MapStore;
 use crate::plan::{CurrentState, Op, Plan};
@@ -27,7 +27,7 @@ impl fmt::Display for OpFailed {
 }
 
 /// Applies `plan.ops` in order and returns how many were applied (all of them, on
-/// success). `current` is updated after each op that succeeded, so when an op fails
+/// success). `current` is updated with each op that succeeded, so when an op fails
 /// (the error carries an [`OpFailed`] context) `current` still mirrors the maps
 /// exactly and a new plan can start from it.
 pub fn apply_plan(
@@ -35,18 +35,30 @@ pub fn apply_plan(
     current: &mut CurrentState,
     plan: &Plan,
 ) -> Result<usize> {
-    if current.index().is_none() {
-        // Once, at the first apply: from then on every op keeps it up to date.
+    let total = plan.ops.len();
+    let (applied, result) = store.apply_all(&plan.ops);
+    let applied = applied.min(total);
+    // The first apply (a full sync, often of everything) builds the planner's index
+    // once, over the state it leaves: one pass instead of accounting each op. From then
+    // on every op keeps it up to date.
+    let first = current.index().is_none();
+    for op in &plan.ops[..applied] {
+        current.apply(op);
+    }
+    if first {
         current.build_index();
     }
-    let total = plan.ops.len();
-    for (index, op) in plan.ops.iter().enumerate() {
-        store.apply(op).with_context(|| OpFailed {
-            index,
-            total,
-            op: op.clone(),
-        })?;
-        current.apply(op);
+    if let Err(e) = result {
+        let op = plan.ops.get(applied).cloned();
+        return Err(match op {
+            Some(op) => e.context(OpFailed {
+                index: applied,
+                total,
+                op,
+            }),
+            // A store that fails after applying every op has no op to blame.
+            None => e,
+        });
     }
     Ok(total)
 }

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf,
     maps::{
-        Array, HashMap, Map, MapData, MapError, PerCpuHashMap,
+        Array, HashMap, IterableMap, Map, MapData, MapError, PerCpuHashMap,
         lpm_trie::{Key as LpmKey, LpmTrie},
     },
 };
@@ -28,6 +28,7 @@ use super::{
     load::LoadOptions,
     pinned::{collect, read_state},
     probe::TcAttach,
+    sys,
 };
 use crate::plan::{Capacity, CurrentState, Op};
 
@@ -81,6 +82,9 @@ pub struct BpfDatapath {
     ext: std::result::Result<ExtMaps, String>,
     /// Entries per Maglev table (`--maglev-table-size`).
     maglev_size: u32,
+    /// Whether runs of map writes go through BPF_MAP_UPDATE_BATCH (see
+    /// [`Self::set_map_batch`]).
+    batch: bool,
 }
 
 /// Maps of the external path (tc/XDP).
@@ -259,6 +263,9 @@ impl BpfDatapath {
         Ok(Self {
             ext,
             maglev_size,
+            // The probe's answer comes with `set_map_batch`; a kernel without batches
+            // refuses the first one and the store goes on one entry at a time.
+            batch: true,
             ebpf,
             svc4,
             svc6,
@@ -418,12 +425,144 @@ impl MapStore for BpfDatapath {
         Ok(())
     }
 
+    fn apply_all(&mut self, ops: &[Op]) -> (usize, Result<()>) {
+        let mut done = 0;
+        let mut run = Run::default();
+        while done < ops.len() {
+            if self.batch && self.collect_run(&ops[done..], &mut run) >= 2 {
+                match sys::map_update_batch(
+                    self.batch_fd(run.map),
+                    &run.keys,
+                    &run.values,
+                    run.count,
+                ) {
+                    Ok(()) => {
+                        done += run.count;
+                        continue;
+                    }
+                    Err((written, e)) => {
+                        done += written;
+                        if written == 0 && sys::batch_unsupported(&e) {
+                            warn!(error = %e, "BPF_MAP_UPDATE_BATCH refused: map writes go one entry at a time from now on");
+                            self.batch = false;
+                        }
+                        // The entry the kernel refused goes on its own below: it then
+                        // fails with the error a single write gives, or (a passing
+                        // condition) succeeds and the batches go on.
+                    }
+                }
+            }
+            if let Err(e) = self.apply(&ops[done]) {
+                return (done, Err(e));
+            }
+            done += 1;
+        }
+        (ops.len(), Ok(()))
+    }
+
     fn capacity(&self) -> Capacity {
         self.cap
     }
 }
 
+/// The maps whose entries a run of ops may write with one BPF_MAP_UPDATE_BATCH: the
+/// hash maps a plan fills by the thousand (not the LPM tries, which have no batch
+/// operations, nor the rare Maglev tables).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BatchMap {
+    Svc4,
+    Svc6,
+    Backends,
+    RevNats,
+    Meta,
+    AffMatch,
+}
+
+/// The most entries one batch writes: bounds the buffers (a full sync of a million
+/// backends writes them in slices) while keeping the syscalls few.
+const BATCH_MAX: usize = 8192;
+
+/// Consecutive ops that each put one entry into one map, packed as the kernel takes
+/// them. The buffers are reused from run to run.
+#[derive(Default)]
+struct Run {
+    map: Option<BatchMap>,
+    keys: Vec<u8>,
+    values: Vec<u8>,
+    count: usize,
+}
+
+/// The value of every affinity match entry.
+static AFF_MATCH_VALUE: u32 = 1;
+
+/// The one map entry `w` puts, if it is a put into a batched map: (map, key, value).
+fn batch_entry(w: &Write) -> Option<(BatchMap, &[u8], &[u8])> {
+    use bytemuck::bytes_of;
+    Some(match w {
+        Write::Svc(SvcKey::V4(k), Some(v)) => (BatchMap::Svc4, bytes_of(k), bytes_of(v)),
+        Write::Svc(SvcKey::V6(k), Some(v)) => (BatchMap::Svc6, bytes_of(k), bytes_of(v)),
+        Write::Backend(id, Some(v)) => (BatchMap::Backends, bytes_of(id), bytes_of(v)),
+        Write::RevNat(id, Some(v)) => (BatchMap::RevNats, bytes_of(id), bytes_of(v)),
+        Write::Meta(id, Some(v)) => (BatchMap::Meta, bytes_of(id), bytes_of(v)),
+        Write::AffMatch(k, true) => (BatchMap::AffMatch, bytes_of(k), bytes_of(&AFF_MATCH_VALUE)),
+        _ => return None,
+    })
+}
+
 impl BpfDatapath {
+    /// Writes runs of map entries with BPF_MAP_UPDATE_BATCH (`true`, the default) or
+    /// one entry per syscall (the probe found no batch operations, or
+    /// `--force-feature-off map_batch`).
+    pub fn set_map_batch(&mut self, on: bool) {
+        self.batch = on;
+    }
+
+    /// Packs the longest prefix of `ops` (at most [`BATCH_MAX`]) whose ops each put one
+    /// entry into the same map into `run`; returns its length (0: the first op is not
+    /// such a put).
+    fn collect_run(&self, ops: &[Op], run: &mut Run) -> usize {
+        run.map = None;
+        run.keys.clear();
+        run.values.clear();
+        run.count = 0;
+        for op in ops.iter().take(BATCH_MAX) {
+            // A Maglev table is never batched: skip building it twice.
+            if matches!(op, Op::UpsertMaglev { .. }) {
+                break;
+            }
+            let Ok(writes) = codec::encode(op, self.maglev_size) else {
+                break;
+            };
+            let [w] = writes.as_slice() else {
+                break;
+            };
+            let Some((map, key, value)) = batch_entry(w) else {
+                break;
+            };
+            if run.map.is_some_and(|m| m != map) {
+                break;
+            }
+            run.map = Some(map);
+            run.keys.extend_from_slice(key);
+            run.values.extend_from_slice(value);
+            run.count += 1;
+        }
+        run.count
+    }
+
+    fn batch_fd(&self, map: Option<BatchMap>) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        let data = match map {
+            Some(BatchMap::Svc4) | None => self.svc4.map(),
+            Some(BatchMap::Svc6) => self.svc6.map(),
+            Some(BatchMap::Backends) => self.backends.map(),
+            Some(BatchMap::RevNats) => self.rev_nats.map(),
+            Some(BatchMap::Meta) => self.meta.map(),
+            Some(BatchMap::AffMatch) => self.aff_match.map(),
+        };
+        data.fd().as_fd()
+    }
+
     /// Attaches (or swaps in) the programs; call after the first sync so that the new
     /// programs never see maps emptier than the old ones did.
     pub fn attach(&mut self, bpffs: &Path, cgroup: &Path) -> Result<()> {

@@ -26,5 +26,18 @@ pub trait MapStore {
     /// Applies one operation: the raw writes [`codec::encode`] turns it into, and
     /// nothing else. On error the maps are as they were before this operation.
     fn apply(&mut self, op: &Op) -> Result<()>;
+    /// Applies `ops` in order, as [`Self::apply`] one by one does, and returns how many
+    /// were applied: all of them, or those before the one that failed, with its error.
+    /// A store may write a run of consecutive ops that put entries into one map with one
+    /// call (the kernel store batches them); the maps then go through the same states
+    /// in the same order as with single writes.
+    fn apply_all(&mut self, ops: &[Op]) -> (usize, Result<()>) {
+        for (i, op) in ops.iter().enumerate() {
+            if let Err(e) = self.apply(op) {
+                return (i, Err(e));
+            }
+        }
+        (ops.len(), Ok(()))
+    }
     fn capacity(&self) -> Capacity;
 }

@@ -37,6 +37,7 @@ pub enum Feature {
     CsumIpv6Flag,
     XdpLink,
     SkStorageRnat,
+    MapBatch,
 }
 
 /// What one feature is for. `fallback` is true when the agent has a way around a
@@ -156,6 +157,15 @@ pub const TABLE: &[FeatureInfo] = &[
         without: "reverse NAT lives in LRU maps shared by all sockets of the node: heavy socket churn in one pod can evict another pod's entry (its replies then show the backend address)",
         fallback: true,
     },
+    FeatureInfo {
+        feature: Feature::MapBatch,
+        name: "map_batch",
+        what: "BPF_MAP_UPDATE_BATCH on hash maps",
+        since: "5.6",
+        used_by: "map writes: a sync writes each run of entries into one map with one syscall",
+        without: "one syscall per map entry (a full sync of many Services takes longer)",
+        fallback: true,
+    },
 ];
 
 pub fn info(f: Feature) -> &'static FeatureInfo {
@@ -216,6 +226,7 @@ pub struct Choices {
     pub fib_redirect: bool,
     pub xdp_link: bool,
     pub sk_storage_rnat: bool,
+    pub map_batch: bool,
 }
 
 /// `--force-feature-off`: names from [`TABLE`] (only those with a fallback), or `all`.
@@ -302,6 +313,7 @@ impl Probe {
             fib_redirect: self.state(Feature::FibRedirect).usable(),
             xdp_link: self.state(Feature::XdpLink).usable(),
             sk_storage_rnat: self.state(Feature::SkStorageRnat).usable(),
+            map_batch: self.state(Feature::MapBatch).usable(),
         }
     }
 
@@ -590,6 +602,7 @@ impl Prober for KernelProber {
                 )? && helper(ProgramType::SchedClassifier, BpfHelper::BPF_FUNC_check_mtu)?)
             }
             Feature::CsumIpv6Flag => self.csum_ipv6_flag(),
+            Feature::MapBatch => super::sys::probe_map_update_batch(),
             Feature::SkStorageRnat => Ok(map(MapType::SkStorage)?
                 && helper(
                     ProgramType::CgroupSockAddr,

@@ -1,13 +1,14 @@
 //! The bpf(2) commands aya 0.14 does not expose, in one place for the agent, the CLI
 //! and the tests crate: open a pinned object, read a link's target, swap a link's
 //! program in place, detach a link, walk and look up a map by fd, query what is
-//! attached to a hook, run a program on a buffer (BPF_PROG_TEST_RUN) and switch the
-//! kernel's run-time statistics on (BPF_ENABLE_STATS).
+//! attached to a hook, run a program on a buffer (BPF_PROG_TEST_RUN), switch the
+//! kernel's run-time statistics on (BPF_ENABLE_STATS) and write many map entries with
+//! one call (BPF_MAP_UPDATE_BATCH).
 use std::{
     ffi::CString,
     io,
     os::{
-        fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
         unix::ffi::OsStrExt,
     },
     path::Path,
@@ -24,6 +25,8 @@ const BPF_ENABLE_STATS: libc::c_long = 32;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
 /// `bpf_link_type` of a cgroup link.
 pub const BPF_LINK_TYPE_CGROUP: u32 = 3;
@@ -248,6 +251,85 @@ pub fn map_lookup<K: bytemuck::Pod, V: bytemuck::Pod>(
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
         Err(e) => Err(e).context("BPF_MAP_LOOKUP_ELEM"),
     }
+}
+
+/// The `batch` member of `union bpf_attr` (BPF_MAP_*_BATCH).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// BPF_MAP_UPDATE_BATCH (Linux ≥ 5.6; hash and array maps, not LPM tries): writes the
+/// `count` entries packed in `keys` and `values` (each `count` times the map's key and
+/// value size) in order, as that many single updates would, with one syscall. The
+/// kernel stops at the first entry it refuses; the error then carries how many entries
+/// before it were written.
+pub fn map_update_batch(
+    map: BorrowedFd<'_>,
+    keys: &[u8],
+    values: &[u8],
+    count: usize,
+) -> std::result::Result<(), (usize, io::Error)> {
+    let Ok(n) = u32::try_from(count) else {
+        return Err((0, io::Error::from_raw_os_error(libc::E2BIG)));
+    };
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: n,
+        map_fd: map.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    match bpf(BPF_MAP_UPDATE_BATCH, &mut attr) {
+        Ok(_) => Ok(()),
+        // The kernel writes back how many entries it processed.
+        Err(e) => Err(((attr.count as usize).min(count), e)),
+    }
+}
+
+/// Whether an error of [`map_update_batch`] that wrote nothing means the kernel (older
+/// than 5.6: EINVAL for an unknown command) or the map type (ENOTSUPP, 524 inside the
+/// kernel) has no batch updates, rather than refusing an entry.
+pub fn batch_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::EOPNOTSUPP | 524)
+    )
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+}
+
+/// Whether this kernel takes BPF_MAP_UPDATE_BATCH on a hash map: one empty batch into a
+/// throw-away map. `Err` when the map cannot be created at all (no privilege).
+pub fn probe_map_update_batch() -> Result<bool> {
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    let mut attr = MapCreateAttr {
+        map_type: BPF_MAP_TYPE_HASH,
+        key_size: 4,
+        value_size: 4,
+        max_entries: 1,
+        map_flags: 0,
+    };
+    let fd = bpf(BPF_MAP_CREATE, &mut attr).context("BPF_MAP_CREATE of a probe hash map")?;
+    // SAFETY: the kernel returned a new descriptor that we now own.
+    let map = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    Ok(map_update_batch(map.as_fd(), &[], &[], 0).is_ok())
 }
 
 /// Counts a map's keys with BPF_MAP_GET_NEXT_KEY: one syscall per entry, and it works

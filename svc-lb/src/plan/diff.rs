@@ -815,6 +815,7 @@ pub(super) fn plan_with(
     let mut untouched: Vec<&Candidate<'_>> = Vec::new();
     // What each written frontend ends as: (key, rev-NAT id, flags, backend ids).
     let mut written: Vec<(&Candidate<'_>, u32, u16, Vec<u32>)> = Vec::new();
+    let mut ready: Vec<(&&Candidate<'_>, u32, Vec<u32>)> = Vec::with_capacity(changed.len());
     for c in changed {
         let fe = *c.key();
         let ids: Option<Vec<u32>> = c
@@ -827,12 +828,22 @@ pub(super) fn plan_with(
             untouched.push(c);
             continue;
         };
-        if new_rev_nats.contains(&fe) {
+        ready.push((c, rev_nat_id, ids));
+    }
+    // The new reverse-NAT entries of all of them first: no master names one yet, so
+    // they may go before any slot, and the service map's writes then follow each
+    // other, which the kernel store writes in batches. An apply interrupted here leaves
+    // entries no master names, which the next plan adopts.
+    for (c, rev_nat_id, _) in &ready {
+        if new_rev_nats.contains(c.key()) {
             ops.push(Op::UpsertRevNat {
-                id: rev_nat_id,
-                frontend: fe,
+                id: *rev_nat_id,
+                frontend: *c.key(),
             });
         }
+    }
+    for (c, rev_nat_id, ids) in ready {
+        let fe = *c.key();
         let now = |slot: usize| {
             c.current
                 .and_then(|cf| cf.backend_ids.get(slot - 1))

@@ -28,6 +28,10 @@
 //!   not read until the writer closes it or has been idle for [`WRITER_IDLE`]; a file
 //!   that changed without an event saying it is complete waits for [`SETTLE`]. A
 //!   deleted file withdraws its objects at once.
+//! - Withdrawing waits (see `hold`): a file read at once because its writer closed it
+//!   may be the first of several write sessions, so such a read adds and changes at
+//!   once, but what it would take away stays until the file has settled. A file renamed
+//!   into place is whole and taken as it is.
 //!
 //! [`ManifestDir`] caches what each file parsed to, keyed by the file's stamp (device,
 //! inode, length, mtime, ctime), so that a reload re-reads only the files that changed.
@@ -112,6 +116,9 @@ enum Seen {
     /// Its writer closed it, or it was renamed into place (its writer finished
     /// elsewhere): the version with this stamp is complete.
     Complete(Stamp),
+    /// Renamed into place: complete, and the whole of what its writer meant (a close may
+    /// end only the first of several write sessions; see `hold`).
+    Renamed(Stamp),
 }
 
 /// How far a scan may trust a changed file, from what the watch saw of it.
@@ -119,8 +126,10 @@ enum Seen {
 enum Trust {
     /// A writer still holds it open: leave it for later.
     Busy,
-    /// Its current version is one the watch saw completed: read it now.
+    /// Its current version is one the watch saw closed by its writer: read it now.
     Complete,
+    /// Its current version was renamed into place: read it now, withdrawals included.
+    Renamed,
     /// Changed without an event that says it is complete (a lost event, a symlink swap,
     /// no watch): read it once it has settled.
     Unknown,
@@ -174,10 +183,14 @@ impl Writers {
             }
             // The writer is done with it: remember the version it left. A later write
             // changes the stamp (and sends its own event), so only this version counts.
-            EventKind::Access(AccessKind::Close(AccessMode::Write))
-            | EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
                 for p in &event.paths {
-                    complete(w, p);
+                    complete(w, p, Seen::Complete);
+                }
+            }
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
+                for p in &event.paths {
+                    complete(w, p, Seen::Renamed);
                 }
             }
             EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
@@ -185,21 +198,29 @@ impl Writers {
                     w.remove(from);
                 }
                 if let Some(to) = event.paths.get(1) {
-                    complete(w, to);
+                    complete(w, to, Seen::Renamed);
                 }
             }
             // A mode or owner change leaves the content alone: a complete version stays
             // complete (its ctime moved, so take the new stamp).
             EventKind::Modify(ModifyKind::Metadata(_)) => {
                 for p in &event.paths {
-                    if let Some(Seen::Complete(was)) = w.get(p).copied() {
-                        match fs::metadata(p).map(|m| Stamp::of(&m)) {
-                            Ok(now) if now.same_content_as(&was) => {
-                                w.insert(p.clone(), Seen::Complete(now));
-                            }
-                            _ => {
-                                w.remove(p);
-                            }
+                    let (was, renamed) = match w.get(p).copied() {
+                        Some(Seen::Complete(was)) => (was, false),
+                        Some(Seen::Renamed(was)) => (was, true),
+                        _ => continue,
+                    };
+                    match fs::metadata(p).map(|m| Stamp::of(&m)) {
+                        Ok(now) if now.same_content_as(&was) => {
+                            let seen = if renamed {
+                                Seen::Renamed(now)
+                            } else {
+                                Seen::Complete(now)
+                            };
+                            w.insert(p.clone(), seen);
+                        }
+                        _ => {
+                            w.remove(p);
                         }
                     }
                 }
@@ -225,6 +246,7 @@ impl Writers {
                 Trust::Unknown
             }
             Some(Seen::Complete(done)) if done == stamp => Trust::Complete,
+            Some(Seen::Renamed(done)) if done == stamp => Trust::Renamed,
             _ => Trust::Unknown,
         }
     }
@@ -232,10 +254,10 @@ impl Writers {
 
 /// Records the version of `path` now on disk as complete. A file already gone again
 /// (renamed away, removed) is forgotten: its own event follows.
-fn complete(w: &mut HashMap<PathBuf, Seen>, path: &Path) {
+fn complete(w: &mut HashMap<PathBuf, Seen>, path: &Path, seen: fn(Stamp) -> Seen) {
     match fs::metadata(path) {
         Ok(meta) => {
-            w.insert(path.to_path_buf(), Seen::Complete(Stamp::of(&meta)));
+            w.insert(path.to_path_buf(), seen(Stamp::of(&meta)));
         }
         Err(_) => {
             w.remove(path);
@@ -378,9 +400,15 @@ impl ManifestDir {
         let mut edits = Vec::new();
         let mut next = BTreeMap::new();
         self.pending.clear();
-        for (path, meta) in listed {
-            let old = self.files.remove(&path);
-            let file = self.refresh_one(&path, meta, old, &mut stats, &mut edits, &mut refreshed);
+        let jobs: Vec<Job> = listed
+            .into_iter()
+            .map(|(path, meta)| {
+                let old = self.files.remove(&path);
+                self.job(path, meta, old)
+            })
+            .collect();
+        for done in run_jobs(jobs) {
+            let (path, file) = self.record(done, &mut stats, &mut edits, &mut refreshed);
             next.insert(path, file);
         }
         // Whatever is left in the old cache is gone from the directory.
@@ -464,21 +492,51 @@ impl ManifestDir {
         edits: &mut Vec<Edit>,
         refreshed: &mut bool,
     ) -> CachedFile {
-        let before = old.as_ref().map(|f| f.content.clone());
+        let done = self.job(path.to_path_buf(), meta, old).run();
+        self.record(done, stats, edits, refreshed).1
+    }
+
+    /// What refreshing one listed file needs, decided before it is read.
+    fn job(&self, path: PathBuf, meta: io::Result<fs::Metadata>, old: Option<CachedFile>) -> Job {
         let trust = meta
             .as_ref()
-            .map_or(Trust::Unknown, |m| self.writers.trust(path, &Stamp::of(m)));
-        let ctx = Refresh {
-            limits: self.limits,
-            trust,
-            settle: self.settle,
-        };
-        let deferred = stats.deferred;
-        let (file, file_changed) = refresh(path, meta, old, stats, ctx);
-        if stats.deferred > deferred {
-            self.pending.insert(path.to_path_buf());
+            .map_or(Trust::Unknown, |m| self.writers.trust(&path, &Stamp::of(m)));
+        Job {
+            before: old.as_ref().map(|f| f.content.clone()),
+            ctx: Refresh {
+                limits: self.limits,
+                trust,
+                settle: self.settle,
+            },
+            path,
+            meta,
+            old,
         }
-        *refreshed |= file_changed;
+    }
+
+    /// Takes in one refreshed file: its stats, its edit, and whether it was left for
+    /// later. Returns its cache entry.
+    fn record(
+        &mut self,
+        done: Done,
+        stats: &mut ScanStats,
+        edits: &mut Vec<Edit>,
+        refreshed: &mut bool,
+    ) -> (PathBuf, CachedFile) {
+        let Done {
+            path,
+            before,
+            file,
+            changed,
+            stats: own,
+        } = done;
+        stats.read += own.read;
+        stats.parsed += own.parsed;
+        stats.deferred += own.deferred;
+        if own.deferred > 0 {
+            self.pending.insert(path.clone());
+        }
+        *refreshed |= changed;
         // Content that parsed equal keeps its `Arc` (see `refresh`), so a pointer
         // comparison finds the files whose objects need a look.
         if before
@@ -486,12 +544,12 @@ impl ManifestDir {
             .is_none_or(|b| !Arc::ptr_eq(b, &file.content))
         {
             edits.push(Edit {
-                path: path.into(),
+                path: path.as_path().into(),
                 before,
                 after: Some(file.content.clone()),
             });
         }
-        file
+        (path, file)
     }
 
     /// Puts the scan's edits into the snapshot; true when the snapshot changed.
@@ -752,6 +810,9 @@ struct CachedFile {
     good: bool,
     /// Why the file's current version is not used and `content` is its last good one.
     stale: Option<SourceError>,
+    /// `content` keeps objects that a fast read would have withdrawn (see `hold`): read
+    /// the file again once it has settled.
+    held: bool,
 }
 
 /// What one file holds, in file order.
@@ -822,9 +883,11 @@ fn refresh(
         Some(old) if old.stamp == Some(stamp) && !old.racy => return (old, false),
         other => other,
     };
+    // Seen completed but still fresh: its writer may not be done with it (see `hold`).
+    let fast = ctx.trust == Trust::Complete && stamp.modified_within(ctx.settle, SystemTime::now());
     let wait = match ctx.trust {
         Trust::Busy => true,
-        Trust::Complete => false,
+        Trust::Complete | Trust::Renamed => false,
         Trust::Unknown => stamp.modified_within(ctx.settle, SystemTime::now()),
     };
     if wait {
@@ -844,6 +907,7 @@ fn refresh(
                     content: Arc::default(),
                     good: false,
                     stale: None,
+                    held: false,
                 },
                 false,
             ),
@@ -861,7 +925,7 @@ fn refresh(
     let racy = stamp.is_racy(SystemTime::now());
     let hash = digest(&bytes);
     let (same, old) = match old {
-        Some(o) if o.stamp.is_some() && o.hash == hash => (Some(o), None),
+        Some(o) if o.stamp.is_some() && o.hash == hash && !o.held => (Some(o), None),
         other => (None, other),
     };
     if let Some(old) = same {
@@ -878,6 +942,13 @@ fn refresh(
     stats.parsed += 1;
     match parse_file(path, &bytes) {
         Ok(content) => {
+            let (content, held) = match &old {
+                Some(o) if fast => hold::hold_withdrawals(&o.content, content),
+                _ => (content, false),
+            };
+            if held {
+                stats.deferred += 1;
+            }
             // Equal content keeps its `Arc`: the snapshot then need not look at it.
             let (content, changed) = match old {
                 Some(o) if *o.content == content => (o.content, o.stale.is_some()),
@@ -887,11 +958,12 @@ fn refresh(
             (
                 CachedFile {
                     stamp: Some(stamp),
-                    racy,
+                    racy: racy || held,
                     hash,
                     content,
                     good: true,
                     stale: None,
+                    held,
                 },
                 changed,
             )
@@ -902,6 +974,96 @@ fn refresh(
             (file, changed)
         }
     }
+}
+
+/// One listed file to bring up to date (see [`ManifestDir::job`]).
+struct Job {
+    path: PathBuf,
+    meta: io::Result<fs::Metadata>,
+    old: Option<CachedFile>,
+    /// The content the snapshot has from this file now.
+    before: Option<Arc<FileContent>>,
+    ctx: Refresh,
+}
+
+/// A [`Job`] done: the file's new cache entry and what reading it counted.
+struct Done {
+    path: PathBuf,
+    before: Option<Arc<FileContent>>,
+    file: CachedFile,
+    changed: bool,
+    stats: ScanStats,
+}
+
+impl Job {
+    /// Whether the file will be read: its stamp is not the one cached.
+    fn reads(&self) -> bool {
+        match (&self.meta, &self.old) {
+            (Ok(meta), Some(old)) => old.racy || old.stamp != Some(Stamp::of(meta)),
+            _ => true,
+        }
+    }
+
+    fn run(self) -> Done {
+        let mut stats = ScanStats::default();
+        let (file, changed) = refresh(&self.path, self.meta, self.old, &mut stats, self.ctx);
+        Done {
+            path: self.path,
+            before: self.before,
+            file,
+            changed,
+            stats,
+        }
+    }
+}
+
+/// The most threads a scan reads and parses files on.
+const SCAN_THREADS: usize = 8;
+
+/// Runs `jobs` and returns what they did in the same order. Reading and parsing is the
+/// cost of a scan that finds many changed files (the first one: every file); it runs on
+/// every core then, each thread taking the next file, since files differ in size.
+/// Parsing is per file, so the results do not depend on the threads.
+fn run_jobs(jobs: Vec<Job>) -> Vec<Done> {
+    let reads = jobs.iter().filter(|j| j.reads()).count();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(SCAN_THREADS)
+        .min(reads);
+    if threads < 2 {
+        return jobs.into_iter().map(Job::run).collect();
+    }
+    let total = jobs.len();
+    let queue = Mutex::new(jobs.into_iter().enumerate());
+    let take = || {
+        // A poisoned queue means a thread panicked, which the scope re-raises.
+        queue.lock().ok().and_then(|mut q| q.next())
+    };
+    let mut slots: Vec<Option<Done>> = std::iter::repeat_with(|| None).take(total).collect();
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut out = Vec::new();
+                    while let Some((i, job)) = take() {
+                        out.push((i, job.run()));
+                    }
+                    out
+                })
+            })
+            .collect();
+        for worker in workers {
+            match worker.join() {
+                Ok(out) => {
+                    for (i, done) in out {
+                        slots[i] = Some(done);
+                    }
+                }
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+    });
+    slots.into_iter().flatten().collect()
 }
 
 fn over_limit(len: u64, limits: Limits) -> String {
@@ -963,6 +1125,7 @@ fn fail(
                     content: old.content,
                     good: true,
                     stale: Some(stale),
+                    held: false,
                 },
                 changed,
             )
@@ -984,6 +1147,7 @@ fn fail(
                     content,
                     good: false,
                     stale: None,
+                    held: false,
                 },
                 changed,
             )
@@ -1582,7 +1746,7 @@ fn log_snapshot(dir: &Path, snap: &Snapshot, stats: ScanStats) {
 /// then one after each change (create, modify, delete, rename, symlink swap). A file
 /// event starts a scan at once; events that arrive during a scan are coalesced into
 /// the next one. A file whose writer closed it or renamed it into place is read at
-/// once; one still held open by its writer waits for its close (or [`WRITER_IDLE`]);
+/// once (a closed one withdraws only once settled, see `hold`); one still held open by its writer waits for its close (or [`WRITER_IDLE`]);
 /// one that changed without such an event (a lost event, a symlink swap) is read once
 /// it has not changed for [`SETTLE`]. A rescan every [`RESCAN_INTERVAL`] covers lost
 /// events and a replaced directory. Nothing is sent when a scan finds no change.
@@ -1722,6 +1886,8 @@ fn watch_dir(
         }
     }
 }
+
+mod hold;
 
 #[cfg(test)]
 mod tests;

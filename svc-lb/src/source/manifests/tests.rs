@@ -1692,3 +1692,186 @@ fn reloading_the_named_paths_matches_a_full_scan() {
         &["Service default/a2", "Service default/d"],
     );
 }
+
+/// Two Services and the second one's slice, as a sloppy writer writes them in two
+/// steps: `cat first > f; cat second >> f`.
+fn two_halves(ip_a: &str) -> (String, String) {
+    let first = service("a", ip_a);
+    let second = format!(
+        "---\n{}---\n{}",
+        service("b", "10.96.0.2"),
+        slice("b", "b-1", "10.0.0.2")
+    );
+    (first, second)
+}
+
+fn closed_write(writers: &super::Writers, file: &Path, text: &str, append: bool) {
+    use std::io::Write as _;
+    let mut f = fs::File::options()
+        .write(true)
+        .create(true)
+        .append(append)
+        .truncate(!append)
+        .open(file)
+        .expect("open");
+    f.write_all(text.as_bytes()).expect("write");
+    drop(f);
+    writers.observe(&event(closed_after_write(), file));
+}
+
+#[test]
+fn a_fast_read_adds_at_once_but_withdraws_only_once_settled() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = tmp.path().join("two.yaml");
+    let (first, second) = two_halves("10.96.0.1");
+    fs::write(&file, format!("{first}{second}")).expect("write");
+    let mut md = ManifestDir::new(tmp.path());
+    let writers = super::Writers::default();
+    md.set_writers(writers.clone());
+    md.load().expect("load");
+    md.set_settle(Duration::from_secs(3600));
+    let all = [
+        "EndpointSlice default/b-1",
+        "Service default/a",
+        "Service default/b",
+    ];
+
+    // The first half, closed: Service b and its slice are missing from the file for a
+    // moment. The change to `a` is taken at once; b stays.
+    let (first, second) = two_halves("10.96.0.9");
+    closed_write(&writers, &file, &first, false);
+    let snap = md
+        .reload()
+        .expect("reload")
+        .expect("a's change is read at once");
+    assert_eq!(names(&snap), all, "a half-written file withdrew objects");
+    assert_eq!(changed(&snap), ["default/a"]);
+    assert_eq!(
+        snap.services
+            .values()
+            .find_map(|s| s.spec.as_ref()?.cluster_ip.clone())
+            .as_deref(),
+        Some("10.96.0.9")
+    );
+    assert_eq!(
+        md.stats().deferred,
+        1,
+        "the withdrawal waits for the file to settle"
+    );
+
+    // The second half, closed: the file is whole again and nothing was withdrawn.
+    closed_write(&writers, &file, &second, true);
+    assert!(md.reload().expect("reload").is_none(), "b never changed");
+    assert_eq!(md.stats().deferred, 0);
+
+    // A rewrite that really drops b and shrinks nothing else: held while fresh...
+    closed_write(&writers, &file, &first, false);
+    assert!(
+        md.reload().expect("reload").is_none(),
+        "the withdrawal waits"
+    );
+    assert_eq!(md.stats().deferred, 1);
+    // ...and done once the file has stayed unchanged for the settle window.
+    md.set_settle(Duration::ZERO);
+    let snap = md
+        .reload()
+        .expect("reload")
+        .expect("withdrawn once settled");
+    assert_eq!(names(&snap), ["Service default/a"]);
+    assert_eq!(changed(&snap), ["default/b"]);
+    assert_eq!(md.stats().deferred, 0);
+    assert_same_as_fresh(&snap, tmp.path());
+}
+
+#[test]
+fn a_fast_read_removes_endpoints_and_ports_only_once_settled() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = tmp.path().join("web.yaml");
+    let two_ports = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  clusterIP: 10.96.0.1\n  ports:\n  - {name: a, port: 80}\n  - {name: b, port: 81}\n";
+    let two_endpoints = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  labels: {kubernetes.io/service-name: web}\naddressType: IPv4\nendpoints:\n- addresses: [10.0.0.1]\n- addresses: [10.0.0.2]\n";
+    let one_port = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  clusterIP: 10.96.0.1\n  ports:\n  - {name: a, port: 80}\n";
+    let one_endpoint = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  labels: {kubernetes.io/service-name: web}\naddressType: IPv4\nendpoints:\n- addresses: [10.0.0.1]\n";
+    fs::write(&file, format!("{two_ports}---\n{two_endpoints}")).expect("write");
+    let mut md = ManifestDir::new(tmp.path());
+    let writers = super::Writers::default();
+    md.set_writers(writers.clone());
+    let whole = md.load().expect("load");
+    md.set_settle(Duration::from_secs(3600));
+
+    // Each file is a valid prefix of the whole: a port or an endpoint cut off.
+    for prefix in [
+        one_port.to_owned(),
+        format!("{two_ports}---\n{one_endpoint}"),
+    ] {
+        closed_write(&writers, &file, &prefix, false);
+        assert!(
+            md.reload().expect("reload").is_none(),
+            "a prefix withdrew something: {prefix}"
+        );
+        assert_eq!(md.stats().deferred, 1);
+    }
+    assert_eq!(md.snapshot().services, whole.services);
+    assert_eq!(md.snapshot().slices, whole.slices);
+
+    // Adding an endpoint is taken at once.
+    let three = format!("{two_endpoints}- addresses: [10.0.0.3]\n");
+    closed_write(&writers, &file, &format!("{two_ports}---\n{three}"), false);
+    let snap = md
+        .reload()
+        .expect("reload")
+        .expect("an addition is read at once");
+    let endpoints = snap
+        .all_slices()
+        .map(|s| s.endpoints.as_ref().map_or(0, Vec::len))
+        .sum::<usize>();
+    assert_eq!(endpoints, 3);
+    assert_eq!(md.stats().deferred, 0);
+}
+
+#[tokio::test]
+async fn watch_never_withdraws_the_second_half_of_a_two_step_write() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().to_path_buf();
+    let file = dir.join("two.yaml");
+    let (first, second) = two_halves("10.96.0.1");
+    fs::write(&file, format!("{first}{second}")).expect("write");
+    let (tx, mut rx) = crate::source::feed();
+    let task = tokio::spawn(watch(dir.clone(), Limits::default(), tx));
+    let snap = next_snapshot(&mut rx, Duration::from_secs(5)).await;
+    assert_eq!(snap.services.len(), 2);
+
+    // A reader that sees every snapshot, or the merged changes of those it missed: b
+    // never changes, so no snapshot may name it.
+    let reader = tokio::spawn(async move {
+        let mut seen = 0;
+        while let Some(snap) = rx.next().await {
+            seen += 1;
+            let b = crate::model::ServiceRef {
+                namespace: "default".into(),
+                name: "b".into(),
+            };
+            if snap.changed.contains(&b) || !snap.services.contains_key(&b) {
+                return Err(format!(
+                    "snapshot {seen} withdrew or touched b: services {:?}, changed {:?}",
+                    snap.services.keys().collect::<Vec<_>>(),
+                    snap.changed
+                ));
+            }
+        }
+        Ok(seen)
+    });
+    let w = super::Writers::default(); // only to reuse the writer helper
+    for round in 0..20u8 {
+        let (first, second) = two_halves(&format!("10.96.1.{round}"));
+        closed_write(&w, &file, &first, false);
+        // Long enough for the watch to read the first half, short of the settle window.
+        tokio::time::sleep(super::SETTLE / 4).await;
+        closed_write(&w, &file, &second, true);
+        tokio::time::sleep(super::SETTLE * 2).await;
+    }
+    tokio::time::sleep(super::SETTLE * 3).await;
+    task.abort();
+    let seen = reader.await.expect("reader");
+    let seen = seen.unwrap_or_else(|e| panic!("{e}"));
+    assert!(seen >= 1, "the watch published the changes of a");
+}
