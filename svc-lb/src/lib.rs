@@ -16,6 +16,7 @@ pub mod health;
 pub mod inspect;
 pub mod lbipam;
 pub mod maglev;
+pub mod mem;
 pub mod metrics;
 pub mod model;
 pub mod plan;

@@ -29,10 +29,8 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
-    sync::Arc,
 };
 
-use imbl::OrdMap;
 use ipnet::IpNet;
 use k8s_openapi::{
     api::{
@@ -52,7 +50,7 @@ use super::{
     BackendAddr, DesiredBackend, DesiredFrontend, DesiredState, FrontendKey, HealthCheck,
     ModelError, NodeInfo, ObjectRef, ServiceRef,
 };
-use crate::source::Snapshot;
+use crate::source::{SliceGroup, Snapshot};
 
 /// Links an EndpointSlice to its Service (same namespace).
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -95,7 +93,7 @@ pub fn build(snap: &Snapshot, node: &NodeInfo) -> (DesiredState, Vec<ModelError>
 pub(super) struct Input<'a> {
     pub sref: &'a ServiceRef,
     pub service: Option<&'a Service>,
-    pub slices: Option<&'a OrdMap<String, Arc<EndpointSlice>>>,
+    pub slices: Option<&'a SliceGroup>,
 }
 
 impl<'a> Input<'a> {
@@ -499,7 +497,7 @@ fn name(meta: &ObjectMeta) -> &str {
 
 fn service_object(svc: &Service) -> ObjectRef {
     ObjectRef {
-        kind: "Service".to_owned(),
+        kind: "Service".into(),
         namespace: namespace(&svc.metadata).to_owned(),
         name: name(&svc.metadata).to_owned(),
     }
@@ -626,18 +624,15 @@ struct Slice<'a> {
 
 /// Parses the slices of one Service, in slice-name order. Slices labelled headless are
 /// left out, as kube-proxy does.
-fn parse_slices<'a>(
-    group: Option<&'a OrdMap<String, Arc<EndpointSlice>>>,
-    errors: &mut Vec<ModelError>,
-) -> Vec<Slice<'a>> {
+fn parse_slices<'a>(group: Option<&'a SliceGroup>, errors: &mut Vec<ModelError>) -> Vec<Slice<'a>> {
     let mut out = Vec::new();
-    for slice in group.into_iter().flat_map(OrdMap::values) {
+    for slice in group.into_iter().flat_map(SliceGroup::values) {
         let meta = &slice.metadata;
         if has_label(meta, LABEL_HEADLESS) {
             continue;
         }
         let object = ObjectRef {
-            kind: "EndpointSlice".to_owned(),
+            kind: "EndpointSlice".into(),
             namespace: namespace(meta).to_owned(),
             name: name(meta).to_owned(),
         };

@@ -168,10 +168,23 @@ impl Default for ServiceLimits {
 /// A Kubernetes object named in an error.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectRef {
-    /// "Service" or "EndpointSlice".
-    pub kind: String,
+    /// "Service" or "EndpointSlice" (borrowed: the manifest source keeps several
+    /// references per object, and these two need no allocation), or whatever kind an
+    /// input named.
+    pub kind: std::borrow::Cow<'static, str>,
     pub namespace: String,
     pub name: String,
+}
+
+impl ObjectRef {
+    /// `kind` as [`ObjectRef::kind`], without an allocation for the two kinds we read.
+    pub fn kind_of(kind: &str) -> std::borrow::Cow<'static, str> {
+        match kind {
+            "Service" => "Service".into(),
+            "EndpointSlice" => "EndpointSlice".into(),
+            other => other.to_owned().into(),
+        }
+    }
 }
 
 impl fmt::Display for ObjectRef {

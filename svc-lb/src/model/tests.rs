@@ -8,7 +8,7 @@ use svc_lb_common::{
 };
 
 use super::{DesiredState, ModelError, NodeInfo, build};
-use crate::source::Snapshot;
+use crate::source::{Snapshot, compact_service, compact_slice};
 
 // Bad-input catalogue cases (tests/README.md).
 mod catalogue;
@@ -201,6 +201,23 @@ fn run(case: &Case) {
             case.name
         );
     }
+    // The sources keep objects compacted to what the model reads: every case must model
+    // the same from them as from the full objects.
+    let compacted = Snapshot::from_lists(
+        services.iter().cloned().map(compact_service).collect(),
+        slices.iter().cloned().map(compact_slice).collect(),
+    );
+    let (from_compacted, compacted_errors) = build(&compacted, &node);
+    assert_eq!(
+        from_compacted, state,
+        "case {}: compacted objects",
+        case.name
+    );
+    assert_eq!(
+        compacted_errors, errors,
+        "case {}: compacted objects' errors",
+        case.name
+    );
 }
 
 /// One edit of a snapshot.

@@ -208,16 +208,19 @@ fn trim_meta(meta: &mut ObjectMeta) {
     };
 }
 
+/// The same compaction as the manifest source's (see [`super::compact_service`]), so
+/// the two modes keep the same fields; the uid stays, so that a Service deleted and
+/// created again is a change.
 fn trim_service(svc: &mut Service) {
-    trim_meta(&mut svc.metadata);
-    // Only the load-balancer ingress matters in the status; conditions churn.
-    if let Some(status) = svc.status.as_mut() {
-        status.conditions = None;
-    }
+    let uid = svc.metadata.uid.take();
+    *svc = super::compact_service(std::mem::take(svc));
+    svc.metadata.uid = uid;
 }
 
 fn trim_slice(slice: &mut EndpointSlice) {
-    trim_meta(&mut slice.metadata);
+    let uid = slice.metadata.uid.take();
+    *slice = super::compact_slice(std::mem::take(slice));
+    slice.metadata.uid = uid;
 }
 
 /// A Node is updated every few seconds (heartbeats, conditions, images); only its zone

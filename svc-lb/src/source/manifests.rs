@@ -418,7 +418,7 @@ impl ManifestDir {
         stats.removed = self.files.len();
         for (path, file) in std::mem::replace(&mut self.files, next) {
             edits.push(Edit {
-                path,
+                path: path.into(),
                 before: Some(file.content),
                 after: None,
             });
@@ -471,7 +471,7 @@ impl ManifestDir {
                     if let Some(old) = old {
                         stats.removed += 1;
                         edits.push(Edit {
-                            path,
+                            path: path.into(),
                             before: Some(old.content),
                             after: None,
                         });
@@ -547,7 +547,7 @@ impl ManifestDir {
             .is_none_or(|b| !Arc::ptr_eq(b, &file.content))
         {
             edits.push(Edit {
-                path: path.clone(),
+                path: path.as_path().into(),
                 before,
                 after: Some(file.content.clone()),
             });
@@ -602,8 +602,7 @@ impl ManifestDir {
         for edit in edits {
             for (obj, index) in edit.after.iter().flat_map(|c| c.objects()) {
                 let defs = self.defs.entry(obj.clone()).or_default();
-                let at =
-                    defs.partition_point(|d| (d.path.as_path(), d.index) < (&edit.path, index));
+                let at = defs.partition_point(|d| (&*d.path, d.index) < (&*edit.path, index));
                 defs.insert(
                     at,
                     Def {
@@ -632,7 +631,7 @@ impl ManifestDir {
             self.duplicated.remove(obj);
         }
         let winner = defs.first();
-        let content = winner.and_then(|d| Some((d, &self.files.get(&d.path)?.content)));
+        let content = winner.and_then(|d| Some((d, &self.files.get(&*d.path)?.content)));
         let origin = winner.map(|d| &d.path);
         let moved = self.snap.origins.get(obj) != origin;
         match origin {
@@ -738,7 +737,7 @@ impl ManifestDir {
                     first.path.display()
                 );
                 let rank = u8::from(obj.kind != KIND_SERVICE);
-                dups.push((d.path.as_path(), rank, d.index, obj, reason));
+                dups.push((&*d.path, rank, d.index, obj, reason));
             }
         }
         dups.sort_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
@@ -780,16 +779,17 @@ const KIND_ENDPOINT_SLICE: &str = "EndpointSlice";
 const KIND_NODE: &str = "Node";
 
 /// One definition of an object: the file and its position among the file's objects of
-/// that kind.
+/// that kind. The path is shared by every object of the file and by the snapshot's
+/// `origins`, not copied per object.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Def {
-    path: PathBuf,
+    path: Arc<Path>,
     index: usize,
 }
 
 /// A file whose content changed: `None` for a file that is new, or gone.
 struct Edit {
-    path: PathBuf,
+    path: Arc<Path>,
     before: Option<Arc<FileContent>>,
     after: Option<Arc<FileContent>>,
 }
@@ -1394,12 +1394,14 @@ fn fast_object(value: &RawValue, api: &str, kind: &str, out: &mut FileContent) -
         ("v1", KIND_SERVICE) => {
             let mut svc: Service = serde_json::from_str(value.get()).ok()?;
             let object = fast_ref(KIND_SERVICE, &mut svc.metadata)?;
-            out.services.push((object, Arc::new(svc)));
+            out.services
+                .push((object, Arc::new(super::compact_service(svc))));
         }
         ("discovery.k8s.io/v1", KIND_ENDPOINT_SLICE) => {
             let mut slice: EndpointSlice = serde_json::from_str(value.get()).ok()?;
             let object = fast_ref(KIND_ENDPOINT_SLICE, &mut slice.metadata)?;
-            out.slices.push((object, Arc::new(slice)));
+            out.slices
+                .push((object, Arc::new(super::compact_slice(slice))));
         }
         _ => return None,
     }
@@ -1417,7 +1419,7 @@ fn fast_ref(kind: &str, meta: &mut ObjectMeta) -> Option<ObjectRef> {
         .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
     meta.namespace = Some(namespace.clone());
     Some(ObjectRef {
-        kind: kind.to_owned(),
+        kind: ObjectRef::kind_of(kind),
         namespace,
         name,
     })
@@ -1703,7 +1705,7 @@ fn add_object(path: &Path, loc: &str, value: Value, out: &mut FileContent) {
     let namespace = field("namespace").unwrap_or(DEFAULT_NAMESPACE).to_owned();
     let name = field("name").map(str::to_owned);
     let object = name.map(|name| ObjectRef {
-        kind: kind.clone(),
+        kind: ObjectRef::kind_of(&kind),
         namespace: namespace.clone(),
         name,
     });
@@ -1767,12 +1769,14 @@ fn add_object(path: &Path, loc: &str, value: Value, out: &mut FileContent) {
     } else if kind == "Service" {
         decode::<Service>(value).map(|mut svc| {
             svc.metadata.namespace = Some(namespace);
-            out.services.push((object.clone(), Arc::new(svc)));
+            out.services
+                .push((object.clone(), Arc::new(super::compact_service(svc))));
         })
     } else {
         decode::<EndpointSlice>(value).map(|mut slice| {
             slice.metadata.namespace = Some(namespace);
-            out.slices.push((object.clone(), Arc::new(slice)));
+            out.slices
+                .push((object.clone(), Arc::new(super::compact_slice(slice))));
         })
     };
     if let Err(e) = decoded {

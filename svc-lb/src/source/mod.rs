@@ -7,17 +7,22 @@
 //! that the agent re-models only those ([`Changed`]).
 use std::{
     collections::BTreeSet,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError},
 };
 
 use imbl::OrdMap;
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
-use crate::model::{LABEL_SERVICE_NAME, ObjectRef, ServiceRef};
+use crate::model::{
+    ANNOTATION_LB_SOURCE_RANGES, LABEL_HEADLESS, LABEL_SERVICE_NAME, ObjectRef, ServiceRef,
+};
 
 pub mod kube;
 pub mod manifests;
@@ -34,11 +39,12 @@ pub struct Snapshot {
     /// EndpointSlices by the Service they belong to (the slice's namespace and its
     /// `kubernetes.io/service-name` label), then by slice name. A slice without that
     /// label belongs to no Service: sources leave it out.
-    pub slices: OrdMap<ServiceRef, OrdMap<String, Arc<EndpointSlice>>>,
+    pub slices: OrdMap<ServiceRef, SliceGroup>,
     /// This node's Node object, when the source knows it (the Kubernetes source).
     pub node: Option<Arc<Node>>,
-    /// Where each object came from (a manifest file), for error messages.
-    pub origins: OrdMap<ObjectRef, PathBuf>,
+    /// Where each object came from (a manifest file), for error messages; one shared
+    /// path per file.
+    pub origins: OrdMap<ObjectRef, Arc<Path>>,
     /// Input that could not be read or parsed, already named and explained.
     pub errors: Arc<Vec<SourceError>>,
     /// What differs from the snapshot published before this one.
@@ -114,11 +120,7 @@ impl Snapshot {
     /// slice out) when it has no `kubernetes.io/service-name` label.
     pub fn insert_slice(&mut self, slice: Arc<EndpointSlice>) -> Option<ServiceRef> {
         let owner = slice_owner(&slice)?;
-        let name = slice.metadata.name.clone().unwrap_or_default();
-        self.slices
-            .entry(owner.clone())
-            .or_default()
-            .insert(name, slice);
+        self.slices.entry(owner.clone()).or_default().insert(slice);
         Some(owner)
     }
 
@@ -141,7 +143,66 @@ impl Snapshot {
 
     /// The number of slices.
     pub fn slice_count(&self) -> usize {
-        self.slices.values().map(OrdMap::len).sum()
+        self.slices.values().map(SliceGroup::len).sum()
+    }
+}
+
+/// The EndpointSlices of one Service, by name. Most Services have one slice, so this
+/// is a vector sorted by name (one small allocation) rather than a map (a tree node of
+/// several hundred bytes per Service); the name is the slice's own `metadata.name`,
+/// not a second copy of it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SliceGroup(Vec<Arc<EndpointSlice>>);
+
+fn slice_name(slice: &EndpointSlice) -> &str {
+    slice.metadata.name.as_deref().unwrap_or_default()
+}
+
+impl SliceGroup {
+    fn find(&self, name: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|s| slice_name(s).cmp(name))
+    }
+
+    /// The slice named `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<EndpointSlice>> {
+        self.find(name).ok().map(|i| &self.0[i])
+    }
+
+    /// Adds `slice`, or replaces the one of the same name (returned).
+    pub fn insert(&mut self, slice: Arc<EndpointSlice>) -> Option<Arc<EndpointSlice>> {
+        match self.find(slice_name(&slice)) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i], slice)),
+            Err(i) => {
+                self.0.insert(i, slice);
+                None
+            }
+        }
+    }
+
+    /// Removes the slice named `name`.
+    pub fn remove(&mut self, name: &str) -> Option<Arc<EndpointSlice>> {
+        let i = self.find(name).ok()?;
+        let removed = self.0.remove(i);
+        self.0.shrink_to_fit();
+        Some(removed)
+    }
+
+    /// The slices in name order.
+    pub fn values(&self) -> impl Iterator<Item = &Arc<EndpointSlice>> {
+        self.0.iter()
+    }
+
+    /// The slice names in order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|s| slice_name(s))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -169,6 +230,100 @@ fn namespace_or_default(ns: Option<&str>) -> String {
         Some(ns) if !ns.is_empty() => ns.to_owned(),
         _ => "default".to_owned(),
     }
+}
+
+/// Service annotations kept by [`compact_service`]: the ones the model reads, and
+/// MetalLB's (LB-IPAM reads those). A new reader of an annotation adds it here.
+const KEPT_SERVICE_ANNOTATIONS: &[&str] = &[ANNOTATION_LB_SOURCE_RANGES];
+const KEPT_SERVICE_ANNOTATION_PREFIXES: &[&str] = &["metallb.io/", "metallb.universe.tf/"];
+/// EndpointSlice labels the model and the sources read; nothing reads a slice's
+/// annotations.
+const KEPT_SLICE_LABELS: &[&str] = &[LABEL_SERVICE_NAME, LABEL_HEADLESS];
+
+/// Drops what nothing downstream reads from a Service, right after it is decoded, so a
+/// source keeps one small object per Service instead of the whole API object (at 10 000
+/// Services the parsed objects were most of the agent's heap). Safe because the model
+/// reads only the fields kept here (`model/build.rs`): name and namespace, the labels
+/// `LABEL_HEADLESS` and `LABEL_SERVICE_PROXY_NAME` (all labels are kept: LB-IPAM pools
+/// select Services by label), the annotations above, the spec but its selector (the
+/// EndpointSlices already say which endpoints a Service has), and the load-balancer
+/// ingress of the status. Both sources compact every object the same way, so equal
+/// input still compares equal. Vectors are shrunk: a decoder grows them by doubling.
+pub fn compact_service(mut svc: Service) -> Service {
+    compact_meta(&mut svc.metadata, |key| {
+        KEPT_SERVICE_ANNOTATIONS.contains(&key)
+            || KEPT_SERVICE_ANNOTATION_PREFIXES
+                .iter()
+                .any(|p| key.starts_with(p))
+    });
+    if let Some(spec) = svc.spec.as_mut() {
+        spec.selector = None;
+        for v in [
+            &mut spec.cluster_ips,
+            &mut spec.external_ips,
+            &mut spec.ip_families,
+            &mut spec.load_balancer_source_ranges,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            v.shrink_to_fit();
+        }
+        if let Some(ports) = spec.ports.as_mut() {
+            ports.shrink_to_fit();
+        }
+    }
+    if let Some(status) = svc.status.as_mut() {
+        // Only the load-balancer ingress matters in the status; conditions churn.
+        status.conditions = None;
+        if let Some(ingress) = status
+            .load_balancer
+            .as_mut()
+            .and_then(|lb| lb.ingress.as_mut())
+        {
+            ingress.shrink_to_fit();
+        }
+    }
+    svc
+}
+
+/// Like [`compact_service`], for an EndpointSlice: the model reads its name and
+/// namespace, the labels in `KEPT_SLICE_LABELS`, its address type and ports, and of
+/// each endpoint its addresses, conditions, node name, zone and hints; not the
+/// `targetRef` (the Pod), `hostname` or `deprecatedTopology`.
+pub fn compact_slice(mut slice: EndpointSlice) -> EndpointSlice {
+    compact_meta(&mut slice.metadata, |_| false);
+    if let Some(labels) = slice.metadata.labels.as_mut() {
+        labels.retain(|k, _| KEPT_SLICE_LABELS.contains(&k.as_str()));
+    }
+    if let Some(endpoints) = slice.endpoints.as_mut() {
+        for ep in endpoints.iter_mut() {
+            ep.target_ref = None;
+            ep.hostname = None;
+            ep.deprecated_topology = None;
+            ep.addresses.shrink_to_fit();
+        }
+        endpoints.shrink_to_fit();
+    }
+    if let Some(ports) = slice.ports.as_mut() {
+        ports.shrink_to_fit();
+    }
+    slice
+}
+
+/// Keeps name, namespace, labels and the annotations `keep` accepts; the rest (uid,
+/// managed fields, owner references, resource versions, timestamps, the
+/// last-applied-configuration annotation) is never read and would cost memory.
+fn compact_meta(meta: &mut ObjectMeta, keep: impl Fn(&str) -> bool) {
+    let mut annotations = meta.annotations.take().unwrap_or_default();
+    annotations.retain(|k, _| keep(k));
+    *meta = ObjectMeta {
+        name: meta.name.take(),
+        namespace: meta.namespace.take(),
+        labels: meta.labels.take().filter(|l| !l.is_empty()),
+        annotations: (!annotations.is_empty()).then_some(annotations),
+        ..ObjectMeta::default()
+    };
 }
 
 /// Bad input found by a source: the file (if any), the object (if known), the reason.

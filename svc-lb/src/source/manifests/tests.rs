@@ -61,7 +61,7 @@ fn names(snap: &Snapshot) -> Vec<String> {
 
 fn obj(kind: &str, namespace: &str, name: &str) -> ObjectRef {
     ObjectRef {
-        kind: kind.to_owned(),
+        kind: ObjectRef::kind_of(kind),
         namespace: namespace.to_owned(),
         name: name.to_owned(),
     }
@@ -130,12 +130,16 @@ fn multi_document_yaml_with_default_namespace() {
         Some(1)
     );
     assert_eq!(
-        snap.origins.get(&obj("Service", "default", "web")),
-        Some(&file)
+        snap.origins
+            .get(&obj("Service", "default", "web"))
+            .map(|p| &**p),
+        Some(file.as_path())
     );
     assert_eq!(
-        snap.origins.get(&obj("EndpointSlice", "shop", "web-abc")),
-        Some(&file)
+        snap.origins
+            .get(&obj("EndpointSlice", "shop", "web-abc"))
+            .map(|p| &**p),
+        Some(file.as_path())
     );
 }
 
@@ -737,8 +741,10 @@ fn a_duplicate_definition_takes_over_when_the_first_goes() {
     assert_same_as_fresh(&snap, dir);
     assert_eq!(snap.errors.len(), 1, "{:#?}", snap.errors);
     assert_eq!(
-        snap.origins.get(&obj("Service", "default", "web")),
-        Some(&b)
+        snap.origins
+            .get(&obj("Service", "default", "web"))
+            .map(|p| &**p),
+        Some(b.as_path())
     );
 
     // The slice's first definition (in b) goes: c's takes over.
