@@ -245,9 +245,9 @@ const KEPT_SLICE_LABELS: &[&str] = &[LABEL_SERVICE_NAME, LABEL_HEADLESS];
 /// Services the parsed objects were most of the agent's heap). Safe because the model
 /// reads only the fields kept here (`model/build.rs`): name and namespace, the labels
 /// `LABEL_HEADLESS` and `LABEL_SERVICE_PROXY_NAME` (all labels are kept: LB-IPAM pools
-/// select Services by label), the annotations above, the spec but its selector (the
-/// EndpointSlices already say which endpoints a Service has), and the load-balancer
-/// ingress of the status. Both sources compact every object the same way, so equal
+/// select Services by label), the annotations above, the spec (LB-IPAM compares the
+/// selectors of `Local` Services that share an address), and the load-balancer ingress
+/// of the status. Both sources compact every object the same way, so equal
 /// input still compares equal. Vectors are shrunk: a decoder grows them by doubling.
 pub fn compact_service(mut svc: Service) -> Service {
     compact_meta(&mut svc.metadata, |key| {
@@ -257,7 +257,6 @@ pub fn compact_service(mut svc: Service) -> Service {
                 .any(|p| key.starts_with(p))
     });
     if let Some(spec) = svc.spec.as_mut() {
-        spec.selector = None;
         for v in [
             &mut spec.cluster_ips,
             &mut spec.external_ips,
