@@ -646,7 +646,7 @@ impl ManifestDir {
         if obj.kind == KIND_NODE {
             // Nodes change no Service: they only feed L2 announcement.
             let new = content
-                .and_then(|(d, c)| c.nodes.get(d.index))
+                .and_then(|(d, c)| c.other.nodes.get(d.index))
                 .map(|(_, n)| n);
             let same = match (self.snap.nodes.get(&obj.name), new) {
                 (None, None) => true,
@@ -663,13 +663,13 @@ impl ManifestDir {
         }
         if obj.kind == metallb::KIND_POOL {
             let new = content
-                .and_then(|(d, c)| c.metallb.pools.get(d.index))
+                .and_then(|(d, c)| c.other.pools.get(d.index))
                 .map(|(_, p)| p);
             return put(&mut self.snap.pools, obj, new) || moved;
         }
         if obj.kind == metallb::KIND_L2_ADVERTISEMENT {
             let new = content
-                .and_then(|(d, c)| c.metallb.l2_adverts.get(d.index))
+                .and_then(|(d, c)| c.other.l2_adverts.get(d.index))
                 .map(|(_, p)| p);
             return put(&mut self.snap.l2_adverts, obj, new) || moved;
         }
@@ -876,16 +876,17 @@ struct FileContent {
     slices: Vec<(ObjectRef, Arc<EndpointSlice>)>,
     errors: Vec<SourceError>,
     /// Boxed: most files hold none, and [`Unusable`] carries a whole `FileContent`.
-    metallb: Box<MetalLbContent>,
-    /// `v1` Nodes (cluster-scoped: their namespace is ignored), for L2 announcement.
-    nodes: Vec<(ObjectRef, Arc<Node>)>,
+    other: Box<OtherKinds>,
 }
 
-/// The MetalLB objects of one file, in file order.
+/// The objects of one file that feed no Service directly, in file order: MetalLB's
+/// kinds (LB-IPAM) and Nodes (L2 announcement).
 #[derive(Debug, Default, PartialEq)]
-struct MetalLbContent {
+struct OtherKinds {
     pools: Vec<(ObjectRef, Arc<metallb::IPAddressPool>)>,
     l2_adverts: Vec<(ObjectRef, Arc<metallb::L2Advertisement>)>,
+    /// `v1` Nodes (cluster-scoped: their namespace is ignored).
+    nodes: Vec<(ObjectRef, Arc<Node>)>,
 }
 
 impl FileContent {
@@ -894,18 +895,23 @@ impl FileContent {
         let services = self.services.iter().enumerate().map(|(i, (o, _))| (o, i));
         let slices = self.slices.iter().enumerate().map(|(i, (o, _))| (o, i));
         let pools = self
-            .metallb
+            .other
             .pools
             .iter()
             .enumerate()
             .map(|(i, (o, _))| (o, i));
         let l2 = self
-            .metallb
+            .other
             .l2_adverts
             .iter()
             .enumerate()
             .map(|(i, (o, _))| (o, i));
-        let nodes = self.nodes.iter().enumerate().map(|(i, (o, _))| (o, i));
+        let nodes = self
+            .other
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, (o, _))| (o, i));
         services.chain(slices).chain(nodes).chain(pools).chain(l2)
     }
 }
@@ -1333,8 +1339,8 @@ pub fn parse_bytes(path: &Path, bytes: &[u8]) -> Snapshot {
     for (_, slice) in content.slices {
         snap.insert_slice(slice);
     }
-    snap.pools.extend(content.metallb.pools);
-    snap.l2_adverts.extend(content.metallb.l2_adverts);
+    snap.pools.extend(content.other.pools);
+    snap.l2_adverts.extend(content.other.l2_adverts);
     snap
 }
 
@@ -1754,17 +1760,17 @@ fn add_object(path: &Path, loc: &str, value: Value, out: &mut FileContent) {
         };
         decode::<Node>(value).map(|mut node| {
             node.metadata.namespace = None;
-            out.nodes.push((object, Arc::new(node)));
+            out.other.nodes.push((object, Arc::new(node)));
         })
     } else if kind == metallb::KIND_POOL {
         decode::<metallb::IPAddressPool>(value).map(|mut pool| {
             pool.metadata.namespace = Some(namespace);
-            out.metallb.pools.push((object.clone(), Arc::new(pool)));
+            out.other.pools.push((object.clone(), Arc::new(pool)));
         })
     } else if kind == metallb::KIND_L2_ADVERTISEMENT {
         decode::<metallb::L2Advertisement>(value).map(|mut adv| {
             adv.metadata.namespace = Some(namespace);
-            out.metallb.l2_adverts.push((object.clone(), Arc::new(adv)));
+            out.other.l2_adverts.push((object.clone(), Arc::new(adv)));
         })
     } else if kind == "Service" {
         decode::<Service>(value).map(|mut svc| {
