@@ -122,16 +122,12 @@ impl L2Net {
         let mut nodes = Vec::new();
         for i in 0..NODES {
             let ns = Netns::new().with_context(|| format!("namespace of {}", node_name(i)))?;
-            for (key, value) in [
-                ("net/ipv4/ip_forward", "1"),
-                ("net/ipv6/conf/all/forwarding", "1"),
-                ("net/ipv4/conf/all/send_redirects", "0"),
-                ("net/ipv4/conf/default/send_redirects", "0"),
-                ("net/ipv4/conf/all/rp_filter", "0"),
-                ("net/ipv4/conf/default/rp_filter", "0"),
+            // IPv6 addresses survive the failover test's link down.
+            let keep_v6 = [
                 ("net/ipv6/conf/all/keep_addr_on_down", "1"),
                 ("net/ipv6/conf/default/keep_addr_on_down", "1"),
-            ] {
+            ];
+            for (key, value) in crate::twonode::NODE_SYSCTLS.into_iter().chain(keep_v6) {
                 ns.sysctl(key, value)?;
             }
             nodes.push(ns);

@@ -51,6 +51,18 @@ use crate::{
     tempdir::TempDir,
 };
 
+/// A node namespace routes between its pods and the LAN: forwarding on, no redirects
+/// (the nodes share one segment), no reverse-path filter (replies of SNATed and
+/// hairpinned flows come back on other links). Shared with the L2 lab.
+pub const NODE_SYSCTLS: [(&str, &str); 6] = [
+    ("net/ipv4/ip_forward", "1"),
+    ("net/ipv6/conf/all/forwarding", "1"),
+    ("net/ipv4/conf/all/send_redirects", "0"),
+    ("net/ipv4/conf/default/send_redirects", "0"),
+    ("net/ipv4/conf/all/rp_filter", "0"),
+    ("net/ipv4/conf/default/rp_filter", "0"),
+];
+
 /// The two nodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Node {
@@ -212,14 +224,7 @@ impl TwoNodeNet {
             let ns = Netns::new().with_context(|| format!("namespace of {}", n.name()))?;
             // `default` before any interface exists, so that eth0 and every pod link
             // inherit it; `all` because the effective rp_filter is max(all, dev).
-            for (key, value) in [
-                ("net/ipv4/ip_forward", "1"),
-                ("net/ipv6/conf/all/forwarding", "1"),
-                ("net/ipv4/conf/all/send_redirects", "0"),
-                ("net/ipv4/conf/default/send_redirects", "0"),
-                ("net/ipv4/conf/all/rp_filter", "0"),
-                ("net/ipv4/conf/default/rp_filter", "0"),
-            ] {
+            for (key, value) in NODE_SYSCTLS {
                 ns.sysctl(key, value)?;
             }
             nodes.push(ns);
