@@ -59,6 +59,13 @@ pub const MAP_CONFIG: &str = "LB_CONFIG_V1";
 /// before it attaches XDP. A device without [`XDP_DEV_TX_OK`] (or without an entry)
 /// gets its rejects from tc: XDP passes the packet on instead of sending XDP_TX.
 pub const MAP_XDP_DEV: &str = "LB_XDPDEV_V1";
+/// Devices the XDP program runs on: ifindex → the device's MAC address (6 bytes, then 2
+/// zero bytes), written by the agent before it attaches XDP. XDP serves only frames
+/// sent to that address: a switch flooding unknown unicast (right after the owner's link
+/// died) delivers frames for another node here too, and only their owner may answer.
+/// tc reads the same fact from `skb->pkt_type`. A device without an entry is served as
+/// before (`BPF_PROG_TEST_RUN`). Not pinned: written again at every attach.
+pub const MAP_XDP_MAC: &str = "LB_XDPMAC";
 
 /// Every map the agent pins, in the order `list`/`status` show them.
 pub const ALL_MAPS: [&str; 20] = [

@@ -139,6 +139,12 @@ pub static LB_REJECT_RL: Array<RejectBucket, 1> = Array::new();
 pub static LB_XDPDEV_V1: HashMap<u32, u32, { XDP_DEV_MAP_MAX as usize }, NO_PREALLOC> =
     HashMap::new();
 
+/// The MAC address of each device running the XDP program (`MAP_XDP_MAC`): ifindex →
+/// address in bytes 0..6. Not pinned, written by the agent at every attach.
+#[btf_map]
+pub static LB_XDPMAC: HashMap<u32, [u8; 8], { XDP_DEV_MAP_MAX as usize }, NO_PREALLOC> =
+    HashMap::new();
+
 /// Per-CPU scratch space of the external path: the reject frame and the conntrack keys
 /// and values of a new flow do not fit on the 512-byte stack next to the rest of the
 /// path. Map helpers take keys and values from map memory as well. Not pinned (nothing

@@ -37,6 +37,8 @@ use crate::{
 };
 
 const AF_INET: u8 = 2;
+/// `skb->pkt_type` of a frame sent to this device's own MAC address (linux/if_packet.h).
+const PACKET_HOST: u32 = 0;
 const AF_INET6: u8 = 10;
 
 // The bindings type these as u32 or i32 depending on the arch they were generated for.
@@ -58,6 +60,12 @@ fn verdict(ctx: &TcContext, f: &Flow, v: Verdict) -> i32 {
 
 #[inline(always)]
 pub fn ingress(ctx: &TcContext) -> i32 {
+    // Only frames sent to this device's MAC: broadcast, multicast and frames for other
+    // hosts (a switch flooding unknown unicast, e.g. right after the owner's link died)
+    // pass untouched, so only the node they were sent to answers; the stack drops them.
+    if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
+        return OK;
+    }
     let f = match parse(ctx) {
         Parsed::Flow(f) => f,
         Parsed::Other => return OK,

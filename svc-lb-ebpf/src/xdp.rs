@@ -10,7 +10,7 @@ use svc_lb_common::{
 
 use crate::{
     ext::{self, Verdict},
-    maps::LB_XDPDEV_V1,
+    maps::{LB_XDPDEV_V1, LB_XDPMAC},
     parse::{Parsed, parse},
     sock::count,
 };
@@ -29,6 +29,31 @@ pub fn tx_trusted(ctx: &XdpContext) -> bool {
     }
 }
 
+/// Whether the frame was sent to the receiving device's own MAC address (what the
+/// stack later calls PACKET_HOST). A switch flooding unknown unicast delivers frames for
+/// other nodes here too; serving them would make two nodes answer one client. A device
+/// the agent did not register (`LB_XDPMAC`, `BPF_PROG_TEST_RUN`) counts as addressed.
+#[inline(always)]
+fn addressed_here(ctx: &XdpContext) -> bool {
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    let Some(mac) = LB_XDPMAC.get_ptr(ifindex) else {
+        return true;
+    };
+    let start = ctx.data();
+    // parse() has already checked that the Ethernet header is there.
+    if start + 6 > ctx.data_end() {
+        return false;
+    }
+    // SAFETY: bounds checked above; the map value is 8 bytes.
+    unsafe {
+        let dst = start as *const u8;
+        let own = mac as *const u8;
+        core::ptr::read_unaligned(dst.cast::<u32>()) == core::ptr::read_unaligned(own.cast::<u32>())
+            && core::ptr::read_unaligned(dst.add(4).cast::<u16>())
+                == core::ptr::read_unaligned(own.add(4).cast::<u16>())
+    }
+}
+
 #[inline(always)]
 pub fn forward(ctx: &XdpContext) -> u32 {
     let f = match parse(ctx) {
@@ -39,6 +64,11 @@ pub fn forward(ctx: &XdpContext) -> u32 {
             return xdp_action::XDP_PASS;
         }
     };
+    // Broadcast, multicast and other hosts' frames pass untouched (the stack drops
+    // what is not for it).
+    if !addressed_here(ctx) {
+        return xdp_action::XDP_PASS;
+    }
     match ext::forward(ctx, &f) {
         Verdict::Pass => xdp_action::XDP_PASS,
         // The stack routes SNAT flows too (it needs accept_local=1 for that).

@@ -833,6 +833,84 @@ fn hairpin_pod_reaches_its_own_service_via_nodeport_and_lb_ip() {
 /// and nothing else until a test adds a route; nodes forward to their own and to the
 /// other node's pods; pods reach each other across nodes. No agent runs, so this also
 /// shows what "not handled by the agent" looks like.
+// ---- Frames sent to another node's MAC address ----
+
+/// Frames received on node `n`'s LAN device.
+fn rx_packets(lab: &TwoNodeLab, n: Node) -> Result<u64> {
+    let out = lab.node_cmd(n, "ip", &["-s", "-j", "link", "show", "dev", "eth0"])?;
+    let v: Value = serde_json::from_str(&out).with_context(|| format!("ip -s -j link: {out}"))?;
+    v[0]["stats64"]["rx"]["packets"]
+        .as_u64()
+        .with_context(|| format!("no rx packets in {out}"))
+}
+
+/// A switch floods a frame whose destination MAC it does not know (right after the
+/// owner's link died, or its entry aged out) to every port. Only the node the frame was
+/// sent to may translate or answer it; another node that serves the same load-balancer
+/// IP must leave it alone, or the client gets two answers to one SYN.
+fn foreign_mac(xdp: bool) {
+    external(|lab| {
+        start(lab, xdp, &[&lb_svc()])?;
+        // The bridge forgets node A's MAC and never learns it again ("na" is node A's
+        // port): every frame the client sends to node A is flooded to node B too.
+        lab.net.lan.ip([
+            "link",
+            "set",
+            "na",
+            "type",
+            "bridge_slave",
+            "learning",
+            "off",
+            "fdb_flush",
+        ])?;
+        let addr = ip("10.253.0.10");
+        lab.net.route_via(addr, Node::A)?;
+        let series = |fam: &str, label: &str, value: &str| {
+            format!(r#"svclb_datapath_{fam}_total{{hook="ext",{label}="{value}"}}"#)
+        };
+        let watched = [
+            series("translations", "direction", "forward"),
+            series("translations", "direction", "reverse"),
+            series("events", "name", "conntrack_hit"),
+            series("events", "name", "xdp_forwarded"),
+        ];
+        let rx_before = rx_packets(lab, Node::B)?;
+        let r = run(lab, sa(addr, 80), Proto::Tcp, N, Duration::from_secs(1))?;
+        all_ok(&r, N)?;
+        backends_are(&r, &["a1", "a2", "b1"])?;
+        assert_seen(lab, &r, Node::A, false)?;
+        // SYN, ACK, request and FIN at least, per connection.
+        let flooded = rx_packets(lab, Node::B)? - rx_before;
+        ensure!(
+            flooded >= 3 * N,
+            "node B must have received the client's frames to node A (flooded): {flooded}"
+        );
+        for s in &watched {
+            let got = lab.node_metric(Node::B, s)?;
+            ensure!(
+                got == 0,
+                "node B served frames sent to node A's MAC: {s} = {got}"
+            );
+        }
+        let forwarded = lab.node_metric(Node::A, &watched[0])?;
+        ensure!(
+            forwarded >= N,
+            "node A translated {forwarded} flows, expected {N}"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn frames_for_another_nodes_mac_are_not_served() {
+    foreign_mac(false);
+}
+
+#[test]
+fn xdp_frames_for_another_nodes_mac_are_not_served() {
+    foreign_mac(true);
+}
+
 #[test]
 fn lab_routes_only_what_a_test_adds() {
     external(|lab| {

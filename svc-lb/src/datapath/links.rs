@@ -19,8 +19,8 @@ use aya::{
         tc::TcAttachOptions,
     },
 };
-use svc_lb_common::{PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP, SOCK_PROGRAMS};
-use tracing::{info, warn};
+use svc_lb_common::{MAP_XDP_MAC, PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP, SOCK_PROGRAMS};
+use tracing::{debug, info, warn};
 
 use super::{
     load::sock_program,
@@ -306,9 +306,50 @@ fn cleanup_tc_netlink(bpffs: &Path) -> Result<usize> {
     Ok(n)
 }
 
+/// Makes `LB_XDPMAC` hold exactly the MAC address of each of `devices` (see
+/// [`MAP_XDP_MAC`]): XDP serves only frames sent to it. A device without one (an L3
+/// device) gets no entry. An address changed after this only costs the acceleration:
+/// XDP then passes the device's frames and tc, which asks the kernel (`pkt_type`),
+/// serves them.
+fn set_xdp_macs(ebpf: &mut Ebpf, devices: &[String]) -> Result<()> {
+    let map = ebpf
+        .map_mut(MAP_XDP_MAC)
+        .ok_or_else(|| anyhow!("map {MAP_XDP_MAC} missing from the eBPF object"))?;
+    let mut map: aya::maps::HashMap<&mut aya::maps::MapData, u32, [u8; 8]> =
+        aya::maps::HashMap::try_from(map)
+            .with_context(|| format!("map {MAP_XDP_MAC} has an unexpected type"))?;
+    let mut want = Vec::new();
+    for dev in devices {
+        match crate::announce::responder::link(dev) {
+            Ok(link) => {
+                let ifindex = u32::try_from(link.ifindex).context("interface index")?;
+                let mut value = [0u8; 8];
+                value[..6].copy_from_slice(&link.mac);
+                map.insert(ifindex, value, 0)
+                    .with_context(|| format!("{MAP_XDP_MAC}: insert device {dev}"))?;
+                want.push(ifindex);
+            }
+            Err(e) => {
+                debug!(device = %dev, error = %format!("{e:#}"), "no MAC address; XDP serves every frame of this device");
+            }
+        }
+    }
+    let have: Vec<u32> = map
+        .keys()
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("read map {MAP_XDP_MAC}"))?;
+    for ifindex in have.iter().filter(|i| !want.contains(i)) {
+        if let Err(e) = map.remove(ifindex) {
+            warn!(ifindex, error = %e, map = MAP_XDP_MAC, "delete stale entry");
+        }
+    }
+    Ok(())
+}
+
 /// Native-mode XDP on each device. A driver that refuses it costs only the
 /// acceleration: one warning per device, and the tc programs do the work.
 fn attach_xdp(ebpf: &mut Ebpf, bpffs: &Path, devices: &[String]) -> Result<()> {
+    set_xdp_macs(ebpf, devices)?;
     let prog: &mut Xdp = ebpf
         .program_mut(PROG_XDP)
         .ok_or_else(|| {
