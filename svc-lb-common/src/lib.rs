@@ -102,7 +102,7 @@ pub const RETIRED_MAPS: [&str; 1] = ["LB_COUNTERS_V1"];
 /// socket's translations. Used when the kernel lets sock_addr programs reach socket
 /// storage (probe feature `sk_storage_rnat`); otherwise the LRU maps
 /// [`MAP_SOCK_RNAT4`]/[`MAP_SOCK_RNAT6`] are the fallback.
-pub const MAP_SOCK_RNAT_SK: &str = "LB_SKRNATSK_V1";
+pub const MAP_SOCK_RNAT_SK: &str = "LB_SKRNATSK_V2";
 
 /// Maps whose entries live in the sockets. Pinned (and removed by `cleanup`) like
 /// [`ALL_MAPS`], but not listed or counted: user space can neither iterate them nor
@@ -400,9 +400,11 @@ pub struct SockRevNatSlot {
     pub family: u8,
     pub _pad: [u8; 3],
     pub rev_nat_id: u32,
-    pub _pad2: u32,
 }
-const _: () = assert!(core::mem::size_of::<SockRevNatSlot>() == 48);
+// 44, not 48: four slots then fit the kernel's 256-byte allocation for a socket's
+// storage element (72 bytes of header + 176); at 48 they took a 512-byte one, and that
+// allocation is most of the cost of a socket's first connect to a Service.
+const _: () = assert!(core::mem::size_of::<SockRevNatSlot>() == 44);
 
 /// The value of [`MAP_SOCK_RNAT_SK`] for one socket: its translations, most recently
 /// used first.
@@ -411,7 +413,7 @@ const _: () = assert!(core::mem::size_of::<SockRevNatSlot>() == 48);
 pub struct SockRevNatStore {
     pub slots: [SockRevNatSlot; SK_RNAT_SLOTS],
 }
-const _: () = assert!(core::mem::size_of::<SockRevNatStore>() == 48 * SK_RNAT_SLOTS);
+const _: () = assert!(core::mem::size_of::<SockRevNatStore>() == 44 * SK_RNAT_SLOTS);
 // `record` is written out for four slots.
 const _: () = assert!(SK_RNAT_SLOTS == 4);
 
@@ -437,6 +439,11 @@ impl SockRevNatStore {
     pub fn record(&mut self, slot: SockRevNatSlot) {
         let (f, b, p) = (slot.family, &slot.backend_be, slot.backend_port_be);
         let s = &mut self.slots;
+        // A new socket's store (slots fill from the front): nothing to shift.
+        if s[0].family == 0 {
+            s[0] = slot;
+            return;
+        }
         if !s[0].matches(f, b, p) {
             if s[1].matches(f, b, p) {
                 s[1] = s[0];
@@ -881,7 +888,6 @@ mod tests {
             family,
             _pad: [0; 3],
             rev_nat_id: service,
-            _pad2: 0,
         }
     }
 

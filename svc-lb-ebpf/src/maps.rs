@@ -51,7 +51,7 @@ pub static LB_SKRNAT6_V1: LruHashMap<
 /// Reverse NAT of each socket, in the socket (freed with it). The LRU maps above are
 /// the fallback for kernels without socket storage in sock_addr programs.
 #[btf_map]
-pub static LB_SKRNATSK_V1: SkStorage<SockRevNatStore> = SkStorage::new();
+pub static LB_SKRNATSK_V2: SkStorage<SockRevNatStore> = SkStorage::new();
 
 #[btf_map]
 pub static LB_COUNTERS_V2: PerCpuArray<u64, { COUNTERS_MAX as usize }> = PerCpuArray::new();

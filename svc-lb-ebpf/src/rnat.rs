@@ -2,7 +2,7 @@
 //! recvmsg and getpeername can show the Service address instead of the backend's.
 //!
 //! Two stores, chosen at load time (`compat::sk_storage`):
-//! - socket-local storage (`LB_SKRNATSK_V1`): each socket holds its own few
+//! - socket-local storage (`LB_SKRNATSK_V2`): each socket holds its own few
 //!   translations ([`SockRevNatStore`]), freed with the socket. Nothing global is
 //!   written per connect, and no other socket's churn can push an entry out;
 //! - the fallback, LRU maps keyed by (socket cookie, backend) (`LB_SKRNAT4_V1`,
@@ -25,7 +25,7 @@ use svc_lb_common::{
 
 use crate::{
     compat,
-    maps::{LB_SKRNAT4_V1, LB_SKRNAT6_V1, LB_SKRNATSK_V1},
+    maps::{LB_SKRNAT4_V1, LB_SKRNAT6_V1, LB_SKRNATSK_V2},
     sock::{Family, count},
 };
 
@@ -56,7 +56,6 @@ pub fn remember4(
                 family: SK_RNAT_V4,
                 _pad: [0; 3],
                 rev_nat_id,
-                _pad2: 0,
             },
         );
     if sk && !connected_udp {
@@ -103,7 +102,6 @@ pub fn remember6(
                 family: SK_RNAT_V6,
                 _pad: [0; 3],
                 rev_nat_id,
-                _pad2: 0,
             },
         );
     if sk && !connected_udp {
@@ -129,7 +127,7 @@ pub fn remember6(
 #[inline(always)]
 fn remember_sk(ctx: &SockAddrContext, slot: SockRevNatSlot) -> bool {
     // Created zeroed on the socket's first translation (all slots empty).
-    let st = unsafe { LB_SKRNATSK_V1.get_or_insert_ptr_mut(ctx, None) };
+    let st = unsafe { LB_SKRNATSK_V2.get_or_insert_ptr_mut(ctx, None) };
     if st.is_null() {
         return false;
     }
@@ -150,7 +148,7 @@ fn lookup(
 ) -> Option<([u32; 4], u16)> {
     if compat::sk_storage() {
         // Without the create flag: a socket that never dialled a Service has no store.
-        let st = unsafe { LB_SKRNATSK_V1.get_ptr_mut(ctx) };
+        let st = unsafe { LB_SKRNATSK_V2.get_ptr_mut(ctx) };
         if st.is_null() {
             return None;
         }

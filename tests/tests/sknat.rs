@@ -4,7 +4,7 @@
 //! (getpeername) is the Service address, never the backend's.
 //!
 //! The translation a socket needs for its replies lives in the socket's own storage
-//! (`LB_SKRNATSK_V1`), so no other socket can push it out. The control run forces the
+//! (`LB_SKRNATSK_V2`), so no other socket can push it out. The control run forces the
 //! fallback (`--force-feature-off sk_storage_rnat`: LRU maps shared by every socket of
 //! the node, 2^18 entries) and shows that the same churn makes an idle socket's reply
 //! show the backend address there, so the test can tell the two apart.

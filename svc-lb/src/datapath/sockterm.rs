@@ -10,7 +10,7 @@
 //! reconnect goes through the socket programs again, to a live backend.
 //!
 //! Which sockets: the socket programs record every translation with the socket, in its
-//! socket-local storage (`LB_SKRNATSK_V1`), and for a connected UDP socket (or on
+//! socket-local storage (`LB_SKRNATSK_V2`), and for a connected UDP socket (or on
 //! kernels without socket storage, for every socket) in the LRU maps
 //! `LB_SKRNAT4_V1`/`LB_SKRNAT6_V1` keyed by (socket cookie, backend), with the Service
 //! address as the value. The sock_diag dump reports each socket's destination and
@@ -1227,7 +1227,6 @@ mod tests {
                 family: if b.is_ipv4() { SK_RNAT_V4 } else { SK_RNAT_V6 },
                 _pad: [0; 3],
                 rev_nat_id: 1,
-                _pad2: 0,
             });
         }
         st
