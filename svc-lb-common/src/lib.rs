@@ -95,7 +95,7 @@ pub const ALL_MAPS: [&str; 20] = [
 /// their layout changed). The agent removes them at start and `svc-lb cleanup` with the
 /// rest; programs of the old version that still hold such a map keep it alive until
 /// their links are swapped.
-pub const RETIRED_MAPS: [&str; 1] = ["LB_COUNTERS_V1"];
+pub const RETIRED_MAPS: [&str; 2] = ["LB_COUNTERS_V1", "LB_SKRNATSK_V1"];
 
 /// Socket-local reverse NAT (`BPF_MAP_TYPE_SK_STORAGE`): each socket carries its own
 /// [`SockRevNatStore`], freed with the socket, so no socket's churn can push out another
