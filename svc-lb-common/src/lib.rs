@@ -95,7 +95,7 @@ pub const ALL_MAPS: [&str; 20] = [
 /// their layout changed). The agent removes them at start and `svc-lb cleanup` with the
 /// rest; programs of the old version that still hold such a map keep it alive until
 /// their links are swapped.
-pub const RETIRED_MAPS: [&str; 2] = ["LB_COUNTERS_V1", "LB_SKRNATSK_V1"];
+pub const RETIRED_MAPS: [&str; 1] = ["LB_COUNTERS_V1"];
 
 /// Socket-local reverse NAT (`BPF_MAP_TYPE_SK_STORAGE`): each socket carries its own
 /// [`SockRevNatStore`], freed with the socket, so no socket's churn can push out another
@@ -108,6 +108,17 @@ pub const MAP_SOCK_RNAT_SK: &str = "LB_SKRNATSK_V2";
 /// [`ALL_MAPS`], but not listed or counted: user space can neither iterate them nor
 /// size them (`max_entries` is 0); sock_diag reads one socket's value at a time.
 pub const SOCKET_MAPS: [&str; 1] = [MAP_SOCK_RNAT_SK];
+
+/// The socket reverse-NAT store of versions before [`MAP_SOCK_RNAT_SK`]
+/// ([`SockRevNatStoreV1`], 48-byte slots). Sockets that dialled a Service before an
+/// upgrade keep their translations there: when its pin exists at start the agent
+/// re-opens it and the programs read it (never write it) after a miss in the new store,
+/// so replies and `getpeername()` of those sockets still show the Service. Not created
+/// on a node that never had it; `svc-lb cleanup` (or a reboot) removes the pin.
+pub const MAP_SOCK_RNAT_SK_V1: &str = "LB_SKRNATSK_V1";
+
+/// Socket maps of earlier versions that are only read (see [`MAP_SOCK_RNAT_SK_V1`]).
+pub const OLD_SOCKET_MAPS: [&str; 1] = [MAP_SOCK_RNAT_SK_V1];
 
 /// Default capacities. Service and backend maps are created without preallocation, so
 /// a large capacity costs kernel memory only when it is used.
@@ -416,6 +427,39 @@ pub struct SockRevNatStore {
 const _: () = assert!(core::mem::size_of::<SockRevNatStore>() == 44 * SK_RNAT_SLOTS);
 // `record` is written out for four slots.
 const _: () = assert!(SK_RNAT_SLOTS == 4);
+
+/// A slot of [`MAP_SOCK_RNAT_SK_V1`]: today's slot and 4 bytes of padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockRevNatSlotV1 {
+    pub slot: SockRevNatSlot,
+    pub _pad2: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockRevNatSlotV1>() == 48);
+
+/// The value of [`MAP_SOCK_RNAT_SK_V1`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockRevNatStoreV1 {
+    pub slots: [SockRevNatSlotV1; SK_RNAT_SLOTS],
+}
+const _: () = assert!(core::mem::size_of::<SockRevNatStoreV1>() == 48 * SK_RNAT_SLOTS);
+
+impl SockRevNatStoreV1 {
+    /// The translation of replies from (`family`, `backend_be`, `port_be`).
+    #[inline(always)]
+    pub fn lookup(
+        &self,
+        family: u8,
+        backend_be: &[u32; 4],
+        port_be: u16,
+    ) -> Option<&SockRevNatSlot> {
+        self.slots
+            .iter()
+            .map(|s| &s.slot)
+            .find(|s| s.matches(family, backend_be, port_be))
+    }
+}
 
 impl SockRevNatStore {
     /// The translation of replies from (`family`, `backend_be`, `port_be`).

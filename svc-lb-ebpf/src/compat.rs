@@ -29,6 +29,17 @@ static SVCLB_FIB_REDIRECT: Global<u8> = Global::new(1);
 #[unsafe(no_mangle)]
 static SVCLB_SK_STORAGE: Global<u8> = Global::new(1);
 
+/// 1: the pin of the pre-V2 socket store (`LB_SKRNATSK_V1`) existed when the agent
+/// started: recvmsg/getpeername read it after a miss in `LB_SKRNATSK_V2`, for sockets
+/// that dialled a Service before the upgrade; 0: no such sockets, nothing extra.
+#[unsafe(no_mangle)]
+static SVCLB_SK_RNAT_V1: Global<u8> = Global::new(0);
+
+#[inline(always)]
+pub fn sk_rnat_v1() -> bool {
+    SVCLB_SK_RNAT_V1.load() != 0
+}
+
 #[inline(always)]
 pub fn set_retval() -> bool {
     SVCLB_SET_RETVAL.load() != 0

@@ -12,8 +12,8 @@ use svc_lb_common::{
     CT_MAP_MAX, CtKey, CtValue, ExtConfig, FE_STATS_MAP_MAX, MAGLEV_MAP_MAX, MaglevTable,
     NODE_ADDR_MAP_MAX, NodeAddrKey, REVNAT_MAP_MAX, RejectBucket, RevNat, SOCK_RNAT_MAP_MAX,
     SRC_RANGE_MAP_MAX, SVC_MAP_MAX, SVC_META_MAP_MAX, SockRevNat4Key, SockRevNat4Value,
-    SockRevNat6Key, SockRevNat6Value, SockRevNatStore, SrcRange4Key, SrcRange6Key, Svc4Key,
-    Svc6Key, SvcMeta, SvcValue, XDP_DEV_MAP_MAX,
+    SockRevNat6Key, SockRevNat6Value, SockRevNatStore, SockRevNatStoreV1, SrcRange4Key,
+    SrcRange6Key, Svc4Key, Svc6Key, SvcMeta, SvcValue, XDP_DEV_MAP_MAX,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -52,6 +52,11 @@ pub static LB_SKRNAT6_V1: LruHashMap<
 /// the fallback for kernels without socket storage in sock_addr programs.
 #[btf_map]
 pub static LB_SKRNATSK_V2: SkStorage<SockRevNatStore> = SkStorage::new();
+
+/// The store of versions before V2, read after a miss in V2 when the agent found its
+/// pin (`compat::sk_rnat_v1`); never written.
+#[btf_map]
+pub static LB_SKRNATSK_V1: SkStorage<SockRevNatStoreV1> = SkStorage::new();
 
 #[btf_map]
 pub static LB_COUNTERS_V2: PerCpuArray<u64, { COUNTERS_MAX as usize }> = PerCpuArray::new();

@@ -25,7 +25,7 @@ use svc_lb_common::{
 
 use crate::{
     compat,
-    maps::{LB_SKRNAT4_V1, LB_SKRNAT6_V1, LB_SKRNATSK_V2},
+    maps::{LB_SKRNAT4_V1, LB_SKRNAT6_V1, LB_SKRNATSK_V1, LB_SKRNATSK_V2},
     sock::{Family, count},
 };
 
@@ -149,10 +149,20 @@ fn lookup(
     if compat::sk_storage() {
         // Without the create flag: a socket that never dialled a Service has no store.
         let st = unsafe { LB_SKRNATSK_V2.get_ptr_mut(ctx) };
-        if st.is_null() {
+        if !st.is_null()
+            && let Some(s) = unsafe { (*st).lookup(family, &backend_be, port_be) }
+        {
+            return Some((s.service_be, s.service_port_be));
+        }
+        if !compat::sk_rnat_v1() {
             return None;
         }
-        return unsafe { (*st).lookup(family, &backend_be, port_be) }
+        // A socket that dialled its Service before the upgrade to V2.
+        let old = unsafe { LB_SKRNATSK_V1.get_ptr_mut(ctx) };
+        if old.is_null() {
+            return None;
+        }
+        return unsafe { (*old).lookup(family, &backend_be, port_be) }
             .map(|s| (s.service_be, s.service_port_be));
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };

@@ -503,3 +503,55 @@ fn lru_fallback_loses_an_idle_sockets_translation_under_the_same_churn() {
         Ok(())
     });
 }
+
+/// An upgrade from an agent whose programs kept a socket's reverse NAT in
+/// `LB_SKRNATSK_V1` (48-byte slots, before `LB_SKRNATSK_V2`): a socket that dialled the
+/// Service under the old agent still gets replies (recvfrom) and a peer (getpeername)
+/// with the Service address after the new agent replaced the programs, because the new
+/// programs read the old store after a miss in theirs.
+///
+/// Needs the old agent's binary (`SVCLB_OLD_BIN`, e.g. a build of a commit before
+/// `LB_SKRNATSK_V2`), so it is not part of the normal run:
+/// `SVCLB_OLD_BIN=/path/to/old/svc-lb cargo test --release -p svc-lb-tests --features e2e --test sknat -- --ignored --test-threads=1 upgrade`.
+#[test]
+#[ignore = "needs SVCLB_OLD_BIN, an agent from before LB_SKRNATSK_V2"]
+fn upgrade_keeps_the_reverse_nat_of_sockets_in_the_old_store() {
+    e2e(&["a"], |lab| {
+        let old = std::env::var("SVCLB_OLD_BIN").context("SVCLB_OLD_BIN (the old agent)")?;
+        let new = std::mem::replace(&mut lab.bins.svc_lb, old.into());
+        let a = lab.topo.backend("a").addr(false);
+        lab.serve("a", "a", &[], &[SocketAddr::new(a, TARGET)])?;
+        lab.write_manifest("dns.yaml", &service(lab))?;
+        let old_agent = start_agent(lab, "old", &[])?;
+        let client_ns = lab.topo.client.name().to_owned();
+        let mut idle_pod = Pod::start(lab, &client_ns, &Role::Idle { target: vip() })?;
+        let ready: String = idle_pod.answer()?;
+        ensure!(ready == "ready", "idle pod said {ready}");
+        drop(old_agent);
+        let old_pin = lab.bpffs().join(svc_lb_common::MAP_SOCK_RNAT_SK_V1);
+        ensure!(
+            old_pin.exists(),
+            "the old agent left no {} pin: is SVCLB_OLD_BIN older than LB_SKRNATSK_V2?",
+            svc_lb_common::MAP_SOCK_RNAT_SK_V1
+        );
+        lab.bins.svc_lb = new;
+        let new_agent = start_agent(lab, "new", &[])?;
+        idle_pod.tell("go")?;
+        let idle: IdleReport = idle_pod.answer()?;
+        idle_pod.finish()?;
+        drop(new_agent);
+        eprintln!("upgrade: idle pod {idle:?}");
+        let vip = vip().to_string();
+        for (what, got) in [
+            ("unconnected recvfrom", &idle.unconnected_sources),
+            ("connected recvfrom", &idle.connected_sources),
+            ("getpeername", &idle.connected_peers),
+        ] {
+            ensure!(
+                got.iter().all(|a| *a == vip),
+                "{what} after the upgrade: {got:?}, expected {vip} (first: the socket's translation from before the upgrade; second: a fresh send)"
+            );
+        }
+        Ok(())
+    });
+}

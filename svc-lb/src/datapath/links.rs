@@ -519,6 +519,7 @@ pub fn cleanup(bpffs: &Path, cgroup: Option<&Path>) -> Result<usize> {
     for name in svc_lb_common::ALL_MAPS
         .iter()
         .chain(svc_lb_common::SOCKET_MAPS.iter())
+        .chain(svc_lb_common::OLD_SOCKET_MAPS.iter())
     {
         let path = bpffs.join(name);
         if path.exists() {

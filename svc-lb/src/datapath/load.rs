@@ -293,6 +293,15 @@ pub fn load(bpffs: &Path, opts: &LoadOptions) -> Result<Ebpf> {
         ("SVCLB_SK_STORAGE", opts.compat.sk_storage_rnat),
     ]
     .map(|(name, on)| (name, u8::from(on)));
+    // Sockets of an agent before LB_SKRNATSK_V2 keep their translations in the old
+    // store: re-open it (never create it) and let the programs read it after a miss.
+    let old_store = bpffs.join(svc_lb_common::MAP_SOCK_RNAT_SK_V1);
+    let read_old_store = u8::from(old_store.exists());
+    if read_old_store != 0 {
+        loader.map_pin_path(svc_lb_common::MAP_SOCK_RNAT_SK_V1, old_store.as_path());
+        info!(pin = %old_store.display(), "sockets from before the upgrade keep their reverse NAT: the programs read the old store after a miss");
+    }
+    loader.override_global("SVCLB_SK_RNAT_V1", &read_old_store, true);
     for (name, value) in &switches {
         loader.override_global(name, value, true);
     }
