@@ -24,7 +24,9 @@ use svc_lb_common::{
     Svc6Key, SvcValue,
 };
 
-pub const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+/// The address of `lo`, the device BPF_PROG_TEST_RUN builds its skb on: the kernel sets
+/// `pkt_type` from the destination MAC against it, and tc serves only PACKET_HOST frames.
+pub const NODE_MAC: [u8; 6] = [0; 6];
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 pub const TCP: u8 = 6;
 pub const UDP: u8 = 17;
