@@ -827,12 +827,6 @@ fn hairpin_pod_reaches_its_own_service_via_nodeport_and_lb_ip() {
     });
 }
 
-// ---- The lab itself, without agents ----
-
-/// The topology routes exactly what it should: the client reaches the node addresses
-/// and nothing else until a test adds a route; nodes forward to their own and to the
-/// other node's pods; pods reach each other across nodes. No agent runs, so this also
-/// shows what "not handled by the agent" looks like.
 // ---- Frames sent to another node's MAC address ----
 
 /// Frames received on node `n`'s LAN device.
@@ -911,6 +905,12 @@ fn xdp_frames_for_another_nodes_mac_are_not_served() {
     foreign_mac(true);
 }
 
+// ---- The lab itself, without agents ----
+
+/// The topology routes exactly what it should: the client reaches the node addresses
+/// and nothing else until a test adds a route; nodes forward to their own and to the
+/// other node's pods; pods reach each other across nodes. No agent runs, so this also
+/// shows what "not handled by the agent" looks like.
 #[test]
 fn lab_routes_only_what_a_test_adds() {
     external(|lab| {
