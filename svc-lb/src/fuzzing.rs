@@ -250,7 +250,7 @@ fn edit(
                     snap.remove_slice(&old, &id.1);
                     snap.changed.services.insert(old);
                 }
-                if let Some(owner) = snap.insert_slice(std::sync::Arc::new(slice)) {
+                if let Some(owner) = snap.insert_slice(std::sync::Arc::new(slice.into())) {
                     snap.changed.services.insert(owner.clone());
                     owners.insert(id, owner);
                 }

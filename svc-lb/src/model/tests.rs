@@ -246,7 +246,7 @@ fn one_at_a_time(
     }
     for slice in slices {
         steps.push(Box::new(move |snap: &mut Snapshot| {
-            if let Some(owner) = snap.insert_slice(std::sync::Arc::new(slice.clone())) {
+            if let Some(owner) = snap.insert_slice(std::sync::Arc::new(slice.clone().into())) {
                 snap.changed.services.insert(owner);
             }
         }));

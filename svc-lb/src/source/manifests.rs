@@ -873,7 +873,7 @@ struct CachedFile {
 #[derive(Debug, Default, PartialEq)]
 struct FileContent {
     services: Vec<(ObjectRef, Arc<Service>)>,
-    slices: Vec<(ObjectRef, Arc<EndpointSlice>)>,
+    slices: Vec<(ObjectRef, Arc<super::SliceObj>)>,
     errors: Vec<SourceError>,
     /// Boxed: most files hold none, and [`Unusable`] carries a whole `FileContent`.
     other: Box<OtherKinds>,
