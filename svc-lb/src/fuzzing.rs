@@ -268,8 +268,8 @@ fn edit(
             18 => {
                 // A Service marked changed that did not change (allowed: a superset).
                 snap.changed.services.insert(ServiceRef {
-                    namespace: pick(u, &["default", "x"])?.to_owned(),
-                    name: pick(u, NAMES)?.to_owned(),
+                    namespace: (*pick(u, &["default", "x"])?).into(),
+                    name: (*pick(u, NAMES)?).into(),
                 });
             }
             _ => *node = gen_node(u)?,
@@ -371,7 +371,7 @@ pub fn codec(data: &[u8]) {
                 }
                 4 => {
                     let meta = codec::meta_from_raw(&raw::<SvcMeta>(u)?);
-                    for s in [&meta.service.namespace, &meta.service.name, &meta.port_name] {
+                    for s in [&*meta.service.namespace, &*meta.service.name, &*meta.port_name] {
                         assert!(!s.contains('\0'), "a NUL inside a decoded name: {s:?}");
                     }
                 }

@@ -64,7 +64,6 @@ pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 /// The apiserver's upper bound for the same field (one day).
 pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
 
-const DEFAULT_NAMESPACE: &str = "default";
 
 /// The legacy spelling of `spec.loadBalancerSourceRanges` (comma-separated CIDRs),
 /// read only when the field is empty, as Kubernetes does.
@@ -113,6 +112,9 @@ pub(super) struct Outcome {
     pub errors: Vec<ModelError>,
     pub skipped: Option<ModelError>,
     pub over_limit: bool,
+    /// [`claim_keys`] of the Service, from the plan pass 1 made anyway (a full rebuild
+    /// would otherwise plan every Service twice).
+    pub keys: Vec<ClaimKey>,
 }
 
 /// What a Service may claim and so contend for with other Services: a frontend or a
@@ -127,18 +129,27 @@ pub(super) enum ClaimKey {
 /// two Services interact only through keys they both list. A Service over its frontend
 /// limit lists its cluster IPs only, the only addresses it claims, so that its size is
 /// never expanded.
-pub(super) fn claim_keys(service: Option<&Service>, node: &NodeInfo) -> Vec<ClaimKey> {
+pub(super) fn claim_keys(
+    sref: &ServiceRef,
+    service: Option<&Service>,
+    node: &NodeInfo,
+) -> Vec<ClaimKey> {
     let Some(svc) = service else {
         return Vec::new();
     };
     if has_label(&svc.metadata, LABEL_HEADLESS) {
         return Vec::new();
     }
-    let Ok(Some(plan)) = plan_service(svc, &service_object(svc), node) else {
+    let Ok(Some(plan)) = plan_service(svc, &service_object(sref), node) else {
         return Vec::new();
     };
+    plan_claim_keys(&plan, node)
+}
+
+/// [`claim_keys`] of a Service already planned.
+fn plan_claim_keys(plan: &ServicePlan<'_>, node: &NodeInfo) -> Vec<ClaimKey> {
     let mut keys: Vec<ClaimKey> = plan.cluster_keys().map(ClaimKey::Frontend).collect();
-    if over_limit(&plan, 0, node).is_none() {
+    if over_limit(plan, 0, node).is_none() {
         keys.extend(
             plan.external_frontends(node)
                 .into_iter()
@@ -173,7 +184,8 @@ pub(super) fn model_group(inputs: &[Input<'_>], node: &NodeInfo) -> Vec<Outcome>
             continue;
         };
         let errors = &mut out[i].errors;
-        let object = service_object(svc);
+        // Shares the key's strings: no allocation per Service.
+        let object = service_object(input.sref);
         let sref = input.sref.clone();
         if has_label(&svc.metadata, LABEL_HEADLESS) {
             // kube-proxy watches Services with the selector `!service.kubernetes.io/headless`
@@ -194,6 +206,8 @@ pub(super) fn model_group(inputs: &[Input<'_>], node: &NodeInfo) -> Vec<Outcome>
                 continue;
             }
         };
+        out[i].keys = plan_claim_keys(&plan, node);
+        let errors = &mut out[i].errors;
         if let Some((key, owner)) = plan
             .cluster_keys()
             .find_map(|key| claims.get(&key).map(|owner| (key, owner.clone())))
@@ -481,22 +495,13 @@ fn family(ip: &IpAddr) -> Family {
     }
 }
 
-fn namespace(meta: &ObjectMeta) -> &str {
-    match meta.namespace.as_deref() {
-        None | Some("") => DEFAULT_NAMESPACE,
-        Some(ns) => ns,
-    }
-}
-
-fn name(meta: &ObjectMeta) -> &str {
-    meta.name.as_deref().unwrap_or_default()
-}
-
-fn service_object(svc: &Service) -> ObjectRef {
+/// The Service's object reference, sharing the strings of its snapshot key (which the
+/// sources derive from the same metadata).
+fn service_object(sref: &ServiceRef) -> ObjectRef {
     ObjectRef {
         kind: "Service".into(),
-        namespace: namespace(&svc.metadata).to_owned(),
-        name: name(&svc.metadata).to_owned(),
+        namespace: sref.namespace.clone(),
+        name: sref.name.clone(),
     }
 }
 

@@ -20,8 +20,8 @@ use crate::{
 
 pub(super) fn svc(name: &str) -> ServiceRef {
     ServiceRef {
-        namespace: "default".to_owned(),
-        name: name.to_owned(),
+        namespace: "default".into(),
+        name: name.into(),
     }
 }
 
@@ -588,8 +588,8 @@ fn metadata_follows_the_frontends_it_names() {
     let kind = d.frontends[&fe1()].kind;
     let meta = |port_name: &str| crate::plan::FrontendMeta {
         service: ServiceRef {
-            namespace: "default".to_owned(),
-            name: "a".to_owned(),
+            namespace: "default".into(),
+            name: "a".into(),
         },
         port_name: port_name.to_owned(),
         kind,

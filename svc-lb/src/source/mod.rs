@@ -214,7 +214,7 @@ impl SliceGroup {
 pub fn service_ref(svc: &Service) -> ServiceRef {
     ServiceRef {
         namespace: namespace_or_default(svc.metadata.namespace.as_deref()),
-        name: svc.metadata.name.clone().unwrap_or_default(),
+        name: svc.metadata.name.as_deref().unwrap_or_default().into(),
     }
 }
 
@@ -222,15 +222,15 @@ pub fn service_ref(svc: &Service) -> ServiceRef {
 /// `kubernetes.io/service-name` label.
 pub fn slice_owner(slice: &SliceObj) -> Option<ServiceRef> {
     Some(ServiceRef {
-        namespace: slice.namespace.to_string(),
-        name: slice.service_name.as_deref()?.to_owned(),
+        namespace: (*slice.namespace).into(),
+        name: slice.service_name.as_deref()?.into(),
     })
 }
 
-fn namespace_or_default(ns: Option<&str>) -> String {
+fn namespace_or_default(ns: Option<&str>) -> Arc<str> {
     match ns {
-        Some(ns) if !ns.is_empty() => ns.to_owned(),
-        _ => "default".to_owned(),
+        Some(ns) if !ns.is_empty() => ns.into(),
+        _ => "default".into(),
     }
 }
 

@@ -205,8 +205,8 @@ impl SliceObj {
     pub fn object_ref(&self) -> crate::model::ObjectRef {
         crate::model::ObjectRef {
             kind: "EndpointSlice".into(),
-            namespace: self.namespace.to_string(),
-            name: self.name.to_string(),
+            namespace: (*self.namespace).into(),
+            name: (*self.name).into(),
         }
     }
 }

@@ -194,8 +194,8 @@ fn node(zone: &str, ip: &str, tainted: bool) -> Node {
 
 fn sref(name: &str) -> ServiceRef {
     ServiceRef {
-        namespace: "ns".to_owned(),
-        name: name.to_owned(),
+        namespace: "ns".into(),
+        name: name.into(),
     }
 }
 

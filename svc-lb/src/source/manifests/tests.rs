@@ -59,8 +59,8 @@ fn names(snap: &Snapshot) -> Vec<String> {
 fn obj(kind: &str, namespace: &str, name: &str) -> ObjectRef {
     ObjectRef {
         kind: ObjectRef::kind_of(kind),
-        namespace: namespace.to_owned(),
-        name: name.to_owned(),
+        namespace: namespace.into(),
+        name: name.into(),
     }
 }
 
@@ -816,7 +816,7 @@ fn reloading_one_file_leaves_the_other_files_objects_alone() {
     assert_eq!(before.services.len(), 10_000);
     let key = |i: usize| crate::model::ServiceRef {
         namespace: "default".into(),
-        name: format!("svc-{i}"),
+        name: format!("svc-{i}").into(),
     };
 
     // One Service of f050 changes; another Service of that file stays equal.
