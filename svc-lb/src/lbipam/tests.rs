@@ -268,7 +268,7 @@ fn other_classes_other_types_and_foreign_status_are_left_alone() {
     assert_eq!(
         a.assigned
             .keys()
-            .map(|s| s.name.as_str())
+            .map(|s| &*s.name)
             .collect::<Vec<_>>(),
         ["a-held", "b-ours"]
     );

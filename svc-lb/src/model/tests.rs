@@ -1484,8 +1484,8 @@ spec:
     assert!(errors.is_empty());
     assert_eq!(state.frontends.len(), 2);
     for fe in state.frontends.values() {
-        assert_eq!(fe.service.namespace, "shop");
-        assert_eq!(fe.service.name, "web");
+        assert_eq!(&*fe.service.namespace, "shop");
+        assert_eq!(&*fe.service.name, "web");
         assert_eq!(fe.port_name, "http");
         assert_eq!(fe.key.port, 80);
         assert_eq!(fe.key.proto, PROTO_UDP);
@@ -2288,7 +2288,7 @@ spec: {{clusterIPs: [10.96.33.3], ports: [{many}]}}
     let over: Vec<&super::DesiredFrontend> = state
         .frontends
         .values()
-        .filter(|f| f.service.name == "over")
+        .filter(|f| &*f.service.name == "over")
         .collect();
     // Its 6 cluster-IP frontends, all without backends; no external IP.
     assert_eq!(over.len(), 6);
@@ -2301,13 +2301,13 @@ spec: {{clusterIPs: [10.96.33.3], ports: [{many}]}}
         state
             .frontends
             .values()
-            .all(|f| f.service.name != "way-over")
+            .all(|f| &*f.service.name != "way-over")
     );
     assert_eq!(
         state
             .frontends
             .values()
-            .filter(|f| f.service.name == "at-limit")
+            .filter(|f| &*f.service.name == "at-limit")
             .count(),
         6
     );
