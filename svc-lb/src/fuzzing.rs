@@ -371,7 +371,11 @@ pub fn codec(data: &[u8]) {
                 }
                 4 => {
                     let meta = codec::meta_from_raw(&raw::<SvcMeta>(u)?);
-                    for s in [&*meta.service.namespace, &*meta.service.name, &*meta.port_name] {
+                    for s in [
+                        &*meta.service.namespace,
+                        &*meta.service.name,
+                        &*meta.port_name,
+                    ] {
                         assert!(!s.contains('\0'), "a NUL inside a decoded name: {s:?}");
                     }
                 }

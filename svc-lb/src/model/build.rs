@@ -64,7 +64,6 @@ pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 /// The apiserver's upper bound for the same field (one day).
 pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
 
-
 /// The legacy spelling of `spec.loadBalancerSourceRanges` (comma-separated CIDRs),
 /// read only when the field is empty, as Kubernetes does.
 pub const ANNOTATION_LB_SOURCE_RANGES: &str =

@@ -297,9 +297,7 @@ impl<K: Resource, T: PartialEq> Store<K, T> {
             Ok(Event::InitApply(obj)) => {
                 let k = key(obj.meta());
                 let obj = (self.trim)(obj);
-                self.relist
-                    .get_or_insert_default()
-                    .insert(k, Arc::new(obj));
+                self.relist.get_or_insert_default().insert(k, Arc::new(obj));
                 Vec::new()
             }
             Ok(Event::InitDone) => {

@@ -132,9 +132,7 @@ impl From<EndpointSlice> for SliceObj {
         SliceObj {
             name: meta.name.unwrap_or_default().into_boxed_str(),
             namespace,
-            service_name: labels
-                .get(LABEL_SERVICE_NAME)
-                .map(|s| s.as_str().into()),
+            service_name: labels.get(LABEL_SERVICE_NAME).map(|s| s.as_str().into()),
             headless: labels.contains_key(LABEL_HEADLESS),
             address_type: AddressType::parse(&slice.address_type),
             ports: slice

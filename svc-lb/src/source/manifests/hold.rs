@@ -81,9 +81,6 @@ fn slice_covers(old: &SliceObj, new: &SliceObj) -> bool {
             .iter()
             .any(|n| n.address == e.address && conditions(n) == conditions(e))
     });
-    let has_ports = old
-        .ports
-        .iter()
-        .all(|p| new.ports.iter().any(|n| n == p));
+    let has_ports = old.ports.iter().all(|p| new.ports.iter().any(|n| n == p));
     has_endpoints && has_ports
 }

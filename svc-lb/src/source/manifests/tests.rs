@@ -1812,10 +1812,7 @@ fn a_fast_read_removes_endpoints_and_ports_only_once_settled() {
         .reload()
         .expect("reload")
         .expect("an addition is read at once");
-    let endpoints = snap
-        .all_slices()
-        .map(|s| s.endpoints.len())
-        .sum::<usize>();
+    let endpoints = snap.all_slices().map(|s| s.endpoints.len()).sum::<usize>();
     assert_eq!(endpoints, 3);
     assert_eq!(md.stats().deferred, 0);
 }
