@@ -573,8 +573,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                             (
                                 *port,
                                 crate::hcnp::HealthCheckEntry {
-                                    namespace: hc.service.namespace.clone(),
-                                    name: hc.service.name.clone(),
+                                    namespace: hc.service.namespace.to_string(),
+                                    name: hc.service.name.to_string(),
                                     local_endpoints: hc.local_endpoints,
                                 },
                             )

@@ -336,7 +336,7 @@ impl ServiceFilter {
         let Some(want) = &self.0 else {
             return;
         };
-        rows.retain(|r| of(r) == (Some(want.namespace.as_str()), Some(want.name.as_str())));
+        rows.retain(|r| of(r) == (Some(&*want.namespace), Some(&*want.name)));
         if rows.is_empty() {
             eprintln!("no {what} of Service {want} is programmed");
         }

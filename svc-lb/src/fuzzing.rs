@@ -250,7 +250,7 @@ fn edit(
                     snap.remove_slice(&old, &id.1);
                     snap.changed.services.insert(old);
                 }
-                if let Some(owner) = snap.insert_slice(std::sync::Arc::new(slice)) {
+                if let Some(owner) = snap.insert_slice(std::sync::Arc::new(slice.into())) {
                     snap.changed.services.insert(owner.clone());
                     owners.insert(id, owner);
                 }
@@ -268,8 +268,8 @@ fn edit(
             18 => {
                 // A Service marked changed that did not change (allowed: a superset).
                 snap.changed.services.insert(ServiceRef {
-                    namespace: pick(u, &["default", "x"])?.to_owned(),
-                    name: pick(u, NAMES)?.to_owned(),
+                    namespace: (*pick(u, &["default", "x"])?).into(),
+                    name: (*pick(u, NAMES)?).into(),
                 });
             }
             _ => *node = gen_node(u)?,
@@ -371,7 +371,11 @@ pub fn codec(data: &[u8]) {
                 }
                 4 => {
                     let meta = codec::meta_from_raw(&raw::<SvcMeta>(u)?);
-                    for s in [&meta.service.namespace, &meta.service.name, &meta.port_name] {
+                    for s in [
+                        &*meta.service.namespace,
+                        &*meta.service.name,
+                        &*meta.port_name,
+                    ] {
                         assert!(!s.contains('\0'), "a NUL inside a decoded name: {s:?}");
                     }
                 }

@@ -471,8 +471,8 @@ impl DatapathCollector {
                 .unwrap_or(0);
             let (ns, svc, port, kind) = match meta {
                 Some(m) => (
-                    m.service.namespace.clone(),
-                    m.service.name.clone(),
+                    m.service.namespace.to_string(),
+                    m.service.name.to_string(),
                     m.port_name.clone(),
                     names::kind(m.kind),
                 ),
@@ -521,8 +521,8 @@ impl DatapathCollector {
             .map(|(s, n)| {
                 (
                     vec![
-                        ("namespace", s.namespace.clone()),
-                        ("service", s.name.clone()),
+                        ("namespace", s.namespace.to_string()),
+                        ("service", s.name.to_string()),
                     ],
                     *n,
                 )

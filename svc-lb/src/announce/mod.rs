@@ -154,9 +154,9 @@ fn endpoint_nodes(snap: &Snapshot, service: &ServiceRef) -> BTreeSet<String> {
         .get(service)
         .into_iter()
         .flat_map(|g| g.values())
-        .flat_map(|s| s.endpoints.iter().flatten())
-        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
-        .filter_map(|e| e.node_name.clone())
+        .flat_map(|s| s.endpoints.iter())
+        .filter(|e| e.ready.unwrap_or(true))
+        .filter_map(|e| e.node_name.as_deref().map(str::to_owned))
         .collect()
 }
 

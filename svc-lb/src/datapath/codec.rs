@@ -343,8 +343,8 @@ pub fn meta_of(d: &DesiredFrontend) -> FrontendMeta {
 pub fn meta_from_raw(m: &SvcMeta) -> FrontendMeta {
     FrontendMeta {
         service: ServiceRef {
-            namespace: get_str(&m.namespace),
-            name: get_str(&m.name),
+            namespace: get_str(&m.namespace).into(),
+            name: get_str(&m.name).into(),
         },
         port_name: get_str(&m.port_name),
         kind: m.kind,
@@ -518,8 +518,8 @@ mod tests {
         let desired_fe = DesiredFrontend {
             key: fe,
             service: ServiceRef {
-                namespace: "default".to_owned(),
-                name: "a".to_owned(),
+                namespace: "default".into(),
+                name: "a".into(),
             },
             port_name: String::new(),
             backends: vec![crate::model::DesiredBackend {

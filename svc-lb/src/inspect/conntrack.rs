@@ -143,8 +143,8 @@ pub fn flows(
     }
     let with_meta = |f: &mut CtFlow| {
         if let Some(m) = meta.get(&f.rev_nat_id) {
-            f.namespace = Some(m.service.namespace.clone());
-            f.service = Some(m.service.name.clone());
+            f.namespace = Some(m.service.namespace.to_string());
+            f.service = Some(m.service.name.to_string());
             f.port_name = Some(m.port_name.clone());
         }
     };

@@ -77,8 +77,8 @@ pub struct ListBackend {
 impl ListEntry {
     fn service_ref(&self) -> Option<ServiceRef> {
         Some(ServiceRef {
-            namespace: self.namespace.clone()?,
-            name: self.service.clone()?,
+            namespace: self.namespace.as_deref()?.into(),
+            name: self.service.as_deref()?.into(),
         })
     }
 
@@ -131,8 +131,8 @@ pub fn parse_service(s: &str) -> Result<ServiceRef> {
     match s.split_once('/') {
         Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
             Ok(ServiceRef {
-                namespace: ns.to_owned(),
-                name: name.to_owned(),
+                namespace: ns.into(),
+                name: name.into(),
             })
         }
         _ => bail!("--service takes NAMESPACE/NAME, got {s:?}"),
@@ -169,8 +169,8 @@ pub fn entries(view: &DatapathView, service: Option<&ServiceRef>) -> Vec<ListEnt
             },
             datapath_flags: datapath_flags(cur.flags),
             kind: names::kind(meta.map_or(0, |m| m.kind)),
-            namespace: meta.map(|m| m.service.namespace.clone()),
-            service: meta.map(|m| m.service.name.clone()),
+            namespace: meta.map(|m| m.service.namespace.to_string()),
+            service: meta.map(|m| m.service.name.to_string()),
             port_name: meta.map(|m| m.port_name.clone()),
             rev_nat_id: cur.rev_nat_id,
             session_affinity: if affinity { "ClientIP" } else { "None" },

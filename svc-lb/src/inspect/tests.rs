@@ -281,8 +281,8 @@ fn fixture() -> (FakeMaps, DatapathView) {
             f.rev_nat_id,
             FrontendMeta {
                 service: ServiceRef {
-                    namespace: f.service.0.to_owned(),
-                    name: f.service.1.to_owned(),
+                    namespace: f.service.0.into(),
+                    name: f.service.1.into(),
                 },
                 port_name: f.service.2.to_owned(),
                 kind: f.kind,
@@ -1314,8 +1314,8 @@ mod external_trace {
             rev_nat_id,
             FrontendMeta {
                 service: ServiceRef {
-                    namespace: "shop".to_owned(),
-                    name: name.to_owned(),
+                    namespace: "shop".into(),
+                    name: name.into(),
                 },
                 port_name: "http".to_owned(),
                 kind: svc_lb_common::KIND_LOAD_BALANCER,

@@ -489,8 +489,8 @@ pub fn trace(maps: &dyn TraceMaps, req: &TraceRequest, random: u32) -> Result<Tr
     let affinity = master.flags & SVC_FLAG_AFFINITY != 0;
     let frontend = TraceFrontend {
         rev_nat_id: master.rev_nat_id,
-        namespace: meta.as_ref().map(|m| m.service.namespace.clone()),
-        service: meta.as_ref().map(|m| m.service.name.clone()),
+        namespace: meta.as_ref().map(|m| m.service.namespace.to_string()),
+        service: meta.as_ref().map(|m| m.service.name.to_string()),
         port_name: meta.as_ref().map(|m| m.port_name.clone()),
         kind: names::kind(meta.as_ref().map_or(0, |m| m.kind)),
         backend_count: master.count,

@@ -382,7 +382,7 @@ fn request(service: &ServiceRef, svc: &Service, previous: Option<&Allocation>) -
     }
     Request {
         service: service.clone(),
-        namespace: service.namespace.clone(),
+        namespace: service.namespace.to_string(),
         families: families(svc),
         prefer_dual: svc
             .spec

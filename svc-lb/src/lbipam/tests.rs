@@ -266,10 +266,7 @@ fn other_classes_other_types_and_foreign_status_are_left_alone() {
     ];
     let a = run(&pools, &services);
     assert_eq!(
-        a.assigned
-            .keys()
-            .map(|s| s.name.as_str())
-            .collect::<Vec<_>>(),
+        a.assigned.keys().map(|s| &*s.name).collect::<Vec<_>>(),
         ["a-held", "b-ours"]
     );
     // The held status address stays, even though .0 is lower.

@@ -33,10 +33,7 @@ use std::{
 
 use ipnet::IpNet;
 use k8s_openapi::{
-    api::{
-        core::v1::{Service, ServicePort},
-        discovery::v1::EndpointSlice,
-    },
+    api::core::v1::{Service, ServicePort},
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 use svc_lb_common::{
@@ -50,7 +47,7 @@ use super::{
     BackendAddr, DesiredBackend, DesiredFrontend, DesiredState, FrontendKey, HealthCheck,
     ModelError, NodeInfo, ObjectRef, ServiceRef,
 };
-use crate::source::{SliceGroup, Snapshot};
+use crate::source::{AddressType, EndpointAddress, SliceGroup, SliceObj, Snapshot};
 
 /// Links an EndpointSlice to its Service (same namespace).
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -66,8 +63,6 @@ pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 /// The apiserver's upper bound for the same field (one day).
 pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
-
-const DEFAULT_NAMESPACE: &str = "default";
 
 /// The legacy spelling of `spec.loadBalancerSourceRanges` (comma-separated CIDRs),
 /// read only when the field is empty, as Kubernetes does.
@@ -116,6 +111,9 @@ pub(super) struct Outcome {
     pub errors: Vec<ModelError>,
     pub skipped: Option<ModelError>,
     pub over_limit: bool,
+    /// [`claim_keys`] of the Service, from the plan pass 1 made anyway (a full rebuild
+    /// would otherwise plan every Service twice).
+    pub keys: Vec<ClaimKey>,
 }
 
 /// What a Service may claim and so contend for with other Services: a frontend or a
@@ -130,18 +128,27 @@ pub(super) enum ClaimKey {
 /// two Services interact only through keys they both list. A Service over its frontend
 /// limit lists its cluster IPs only, the only addresses it claims, so that its size is
 /// never expanded.
-pub(super) fn claim_keys(service: Option<&Service>, node: &NodeInfo) -> Vec<ClaimKey> {
+pub(super) fn claim_keys(
+    sref: &ServiceRef,
+    service: Option<&Service>,
+    node: &NodeInfo,
+) -> Vec<ClaimKey> {
     let Some(svc) = service else {
         return Vec::new();
     };
     if has_label(&svc.metadata, LABEL_HEADLESS) {
         return Vec::new();
     }
-    let Ok(Some(plan)) = plan_service(svc, &service_object(svc), node) else {
+    let Ok(Some(plan)) = plan_service(svc, &service_object(sref), node) else {
         return Vec::new();
     };
+    plan_claim_keys(&plan, node)
+}
+
+/// [`claim_keys`] of a Service already planned.
+fn plan_claim_keys(plan: &ServicePlan<'_>, node: &NodeInfo) -> Vec<ClaimKey> {
     let mut keys: Vec<ClaimKey> = plan.cluster_keys().map(ClaimKey::Frontend).collect();
-    if over_limit(&plan, 0, node).is_none() {
+    if over_limit(plan, 0, node).is_none() {
         keys.extend(
             plan.external_frontends(node)
                 .into_iter()
@@ -176,7 +183,8 @@ pub(super) fn model_group(inputs: &[Input<'_>], node: &NodeInfo) -> Vec<Outcome>
             continue;
         };
         let errors = &mut out[i].errors;
-        let object = service_object(svc);
+        // Shares the key's strings: no allocation per Service.
+        let object = service_object(input.sref);
         let sref = input.sref.clone();
         if has_label(&svc.metadata, LABEL_HEADLESS) {
             // kube-proxy watches Services with the selector `!service.kubernetes.io/headless`
@@ -197,6 +205,8 @@ pub(super) fn model_group(inputs: &[Input<'_>], node: &NodeInfo) -> Vec<Outcome>
                 continue;
             }
         };
+        out[i].keys = plan_claim_keys(&plan, node);
+        let errors = &mut out[i].errors;
         if let Some((key, owner)) = plan
             .cluster_keys()
             .find_map(|key| claims.get(&key).map(|owner| (key, owner.clone())))
@@ -484,22 +494,13 @@ fn family(ip: &IpAddr) -> Family {
     }
 }
 
-fn namespace(meta: &ObjectMeta) -> &str {
-    match meta.namespace.as_deref() {
-        None | Some("") => DEFAULT_NAMESPACE,
-        Some(ns) => ns,
-    }
-}
-
-fn name(meta: &ObjectMeta) -> &str {
-    meta.name.as_deref().unwrap_or_default()
-}
-
-fn service_object(svc: &Service) -> ObjectRef {
+/// The Service's object reference, sharing the strings of its snapshot key (which the
+/// sources derive from the same metadata).
+fn service_object(sref: &ServiceRef) -> ObjectRef {
     ObjectRef {
         kind: "Service".into(),
-        namespace: namespace(&svc.metadata).to_owned(),
-        name: name(&svc.metadata).to_owned(),
+        namespace: sref.namespace.clone(),
+        name: sref.name.clone(),
     }
 }
 
@@ -627,25 +628,19 @@ struct Slice<'a> {
 fn parse_slices<'a>(group: Option<&'a SliceGroup>, errors: &mut Vec<ModelError>) -> Vec<Slice<'a>> {
     let mut out = Vec::new();
     for slice in group.into_iter().flat_map(SliceGroup::values) {
-        let meta = &slice.metadata;
-        if has_label(meta, LABEL_HEADLESS) {
+        if slice.headless {
             continue;
         }
-        let object = ObjectRef {
-            kind: "EndpointSlice".into(),
-            namespace: namespace(meta).to_owned(),
-            name: name(meta).to_owned(),
-        };
-        let family = match slice.address_type.as_str() {
-            "IPv4" => Family::V4,
-            "IPv6" => Family::V6,
-            "FQDN" => {
-                tracing::debug!(slice = %object, "FQDN EndpointSlices cannot be load-balanced; ignored");
+        let family = match &slice.address_type {
+            AddressType::IPv4 => Family::V4,
+            AddressType::IPv6 => Family::V6,
+            AddressType::Fqdn => {
+                tracing::debug!(slice = %slice.object_ref(), "FQDN EndpointSlices cannot be load-balanced; ignored");
                 continue;
             }
-            other => {
+            AddressType::Other(other) => {
                 errors.push(ModelError {
-                    object,
+                    object: slice.object_ref(),
                     reason: format!(
                         "addressType '{other}' is not supported (want IPv4, IPv6 or FQDN); the slice is ignored"
                     ),
@@ -655,29 +650,25 @@ fn parse_slices<'a>(group: Option<&'a SliceGroup>, errors: &mut Vec<ModelError>)
         };
         out.push(Slice {
             family,
-            ports: slice_ports(slice, &object, errors),
-            endpoints: slice_endpoints(slice, family, &object, errors),
+            ports: slice_ports(slice, errors),
+            endpoints: slice_endpoints(slice, family, errors),
         });
     }
     out
 }
 
-fn slice_ports<'a>(
-    slice: &'a EndpointSlice,
-    object: &ObjectRef,
-    errors: &mut Vec<ModelError>,
-) -> Vec<SlicePort<'a>> {
-    let mut out = Vec::new();
-    for (i, p) in slice.ports.iter().flatten().enumerate() {
+fn slice_ports<'a>(slice: &'a SliceObj, errors: &mut Vec<ModelError>) -> Vec<SlicePort<'a>> {
+    let mut out = Vec::with_capacity(slice.ports.len());
+    for (i, p) in slice.ports.iter().enumerate() {
         let pname = p.name.as_deref().unwrap_or_default();
         // A slice port without a number means "all ports", which no proxy can steer.
         let Some(number) = p.port else {
-            tracing::debug!(slice = %object, port = pname, "EndpointSlice port has no number; ignored");
+            tracing::debug!(slice = %slice.object_ref(), port = pname, "EndpointSlice port has no number; ignored");
             continue;
         };
         let Some(port) = parse_port(number) else {
             errors.push(ModelError {
-                object: object.clone(),
+                object: slice.object_ref(),
                 reason: format!("ports[{i}] ('{pname}'): port {number} is out of range 1-65535"),
             });
             continue;
@@ -696,46 +687,45 @@ fn slice_ports<'a>(
 }
 
 fn slice_endpoints<'a>(
-    slice: &'a EndpointSlice,
+    slice: &'a SliceObj,
     family_want: Family,
-    object: &ObjectRef,
     errors: &mut Vec<ModelError>,
 ) -> Vec<SliceEndpoint<'a>> {
-    let mut out = Vec::new();
-    for (i, ep) in slice.endpoints.iter().flatten().enumerate() {
+    let mut out = Vec::with_capacity(slice.endpoints.len());
+    for (i, ep) in slice.endpoints.iter().enumerate() {
         // The API defines all addresses of one endpoint as fungible; kube-proxy uses the
-        // first one only, and so do we.
-        let Some(raw) = ep.addresses.first() else {
-            errors.push(ModelError {
-                object: object.clone(),
-                reason: format!("endpoints[{i}] has no addresses; it is skipped"),
-            });
-            continue;
-        };
-        let addr = match raw.parse::<IpAddr>() {
-            Ok(addr) if family(&addr) != family_want => {
+        // first one only, and so do we (the source keeps only that one).
+        let addr = match &ep.address {
+            EndpointAddress::Missing => {
                 errors.push(ModelError {
-                    object: object.clone(),
+                    object: slice.object_ref(),
+                    reason: format!("endpoints[{i}] has no addresses; it is skipped"),
+                });
+                continue;
+            }
+            EndpointAddress::Ip(addr) if family(addr) != family_want => {
+                errors.push(ModelError {
+                    object: slice.object_ref(),
                     reason: format!(
-                        "endpoints[{i}]: address '{raw}' does not match addressType {}; it is skipped",
+                        "endpoints[{i}]: address '{addr}' does not match addressType {}; it is skipped",
                         slice.address_type
                     ),
                 });
                 continue;
             }
-            Ok(addr) if is_unusable(&addr) => {
+            EndpointAddress::Ip(addr) if is_unusable(addr) => {
                 errors.push(ModelError {
-                    object: object.clone(),
+                    object: slice.object_ref(),
                     reason: format!(
-                        "endpoints[{i}]: address '{raw}' is not a unicast address; it is skipped"
+                        "endpoints[{i}]: address '{addr}' is not a unicast address; it is skipped"
                     ),
                 });
                 continue;
             }
-            Ok(addr) => addr,
-            Err(_) => {
+            EndpointAddress::Ip(addr) => *addr,
+            EndpointAddress::Invalid(raw) => {
                 errors.push(ModelError {
-                    object: object.clone(),
+                    object: slice.object_ref(),
                     reason: format!(
                         "endpoints[{i}]: '{raw}' is not a valid IP address; it is skipped"
                     ),
@@ -745,28 +735,22 @@ fn slice_endpoints<'a>(
         };
         // Unset conditions mean "unknown". kube-proxy reads an unknown ready or serving
         // as true and an unknown terminating as false; so do we.
-        let cond = ep.conditions.as_ref();
-        let ready = cond.and_then(|c| c.ready).unwrap_or(true);
-        let serving = cond.and_then(|c| c.serving).unwrap_or(true);
-        let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
-        let hints = ep.hints.as_ref();
+        let hints = ep.hints.as_deref();
         out.push(SliceEndpoint {
             addr,
-            ready,
-            serving,
-            terminating,
+            ready: ep.ready.unwrap_or(true),
+            serving: ep.serving.unwrap_or(true),
+            terminating: ep.terminating.unwrap_or(false),
             node_name: ep.node_name.as_deref(),
             zone_hints: hints
-                .and_then(|h| h.for_zones.as_ref())
                 .into_iter()
-                .flatten()
-                .map(|z| z.name.as_str())
+                .flat_map(|h| h.for_zones.iter())
+                .map(|z| &**z)
                 .collect(),
             node_hints: hints
-                .and_then(|h| h.for_nodes.as_ref())
                 .into_iter()
-                .flatten()
-                .map(|n| n.name.as_str())
+                .flat_map(|h| h.for_nodes.iter())
+                .map(|n| &**n)
                 .collect(),
         });
     }

@@ -117,7 +117,7 @@ impl Cache {
         }
         let mut frontier: Vec<ClaimKey> = Vec::new();
         for sref in &snap.changed.services {
-            let keys = claim_keys(snap.services.get(sref).map(|s| &**s), node);
+            let keys = claim_keys(sref, snap.services.get(sref).map(|s| &**s), node);
             let unit = self.units.entry(sref.clone()).or_default();
             if unit.keys != keys {
                 for k in &unit.keys {
@@ -183,8 +183,8 @@ impl Cache {
         let outcomes = model_group(&inputs, node);
         let old = std::mem::take(self);
         self.node = Some(node.clone());
-        for (input, outcome) in inputs.iter().zip(outcomes) {
-            let keys = claim_keys(input.service, node);
+        for (input, mut outcome) in inputs.iter().zip(outcomes) {
+            let keys = std::mem::take(&mut outcome.keys);
             for k in &keys {
                 claim(&mut self.claimants, *k, input.sref);
             }

@@ -8,7 +8,7 @@ use svc_lb_common::{
 };
 
 use super::{DesiredState, ModelError, NodeInfo, build};
-use crate::source::{Snapshot, compact_service, compact_slice};
+use crate::source::{Snapshot, compact_service};
 
 // Bad-input catalogue cases (tests/README.md).
 mod catalogue;
@@ -202,10 +202,11 @@ fn run(case: &Case) {
         );
     }
     // The sources keep objects compacted to what the model reads: every case must model
-    // the same from them as from the full objects.
+    // the same from them as from the full objects (slices are always kept as
+    // `SliceObj`, whose conversion the snapshot above already went through).
     let compacted = Snapshot::from_lists(
         services.iter().cloned().map(compact_service).collect(),
-        slices.iter().cloned().map(compact_slice).collect(),
+        slices.clone(),
     );
     let (from_compacted, compacted_errors) = build(&compacted, &node);
     assert_eq!(
@@ -246,7 +247,7 @@ fn one_at_a_time(
     }
     for slice in slices {
         steps.push(Box::new(move |snap: &mut Snapshot| {
-            if let Some(owner) = snap.insert_slice(std::sync::Arc::new(slice.clone())) {
+            if let Some(owner) = snap.insert_slice(std::sync::Arc::new(slice.clone().into())) {
                 snap.changed.services.insert(owner);
             }
         }));
@@ -1483,8 +1484,8 @@ spec:
     assert!(errors.is_empty());
     assert_eq!(state.frontends.len(), 2);
     for fe in state.frontends.values() {
-        assert_eq!(fe.service.namespace, "shop");
-        assert_eq!(fe.service.name, "web");
+        assert_eq!(&*fe.service.namespace, "shop");
+        assert_eq!(&*fe.service.name, "web");
         assert_eq!(fe.port_name, "http");
         assert_eq!(fe.key.port, 80);
         assert_eq!(fe.key.proto, PROTO_UDP);
@@ -2287,7 +2288,7 @@ spec: {{clusterIPs: [10.96.33.3], ports: [{many}]}}
     let over: Vec<&super::DesiredFrontend> = state
         .frontends
         .values()
-        .filter(|f| f.service.name == "over")
+        .filter(|f| &*f.service.name == "over")
         .collect();
     // Its 6 cluster-IP frontends, all without backends; no external IP.
     assert_eq!(over.len(), 6);
@@ -2300,13 +2301,13 @@ spec: {{clusterIPs: [10.96.33.3], ports: [{many}]}}
         state
             .frontends
             .values()
-            .all(|f| f.service.name != "way-over")
+            .all(|f| &*f.service.name != "way-over")
     );
     assert_eq!(
         state
             .frontends
             .values()
-            .filter(|f| f.service.name == "at-limit")
+            .filter(|f| &*f.service.name == "at-limit")
             .count(),
         6
     );

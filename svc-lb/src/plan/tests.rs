@@ -20,8 +20,8 @@ use crate::{
 
 pub(super) fn svc(name: &str) -> ServiceRef {
     ServiceRef {
-        namespace: "default".to_owned(),
-        name: name.to_owned(),
+        namespace: "default".into(),
+        name: name.into(),
     }
 }
 
@@ -588,8 +588,8 @@ fn metadata_follows_the_frontends_it_names() {
     let kind = d.frontends[&fe1()].kind;
     let meta = |port_name: &str| crate::plan::FrontendMeta {
         service: ServiceRef {
-            namespace: "default".to_owned(),
-            name: "a".to_owned(),
+            namespace: "default".into(),
+            name: "a".into(),
         },
         port_name: port_name.to_owned(),
         kind,
@@ -829,7 +829,7 @@ fn cap(svc4: usize, backends: usize, rev_nats: usize) -> Capacity {
 fn reasons(p: &Plan) -> Vec<(String, String)> {
     p.rejected
         .iter()
-        .map(|r| (r.service.name.clone(), r.reason.clone()))
+        .map(|r| (r.service.name.to_string(), r.reason.clone()))
         .collect()
 }
 
@@ -1129,7 +1129,7 @@ fn frontend_with_too_many_backends_rejects_its_service_and_empties_the_old_one()
 fn rejection_is_deterministic_by_namespace_then_name() {
     let mk = |ns: &str, name: &str, key: FrontendKey| {
         let mut f = frontend(name, key, &[]);
-        f.service.namespace = ns.to_owned();
+        f.service.namespace = ns.into();
         f
     };
     // Only two masters fit: x/a and x/b win over y/a, whatever the frontend keys.

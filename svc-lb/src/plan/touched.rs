@@ -202,8 +202,8 @@ mod tests {
         DesiredFrontend {
             key,
             service: ServiceRef {
-                namespace: "bench".to_owned(),
-                name: format!("svc-{i}"),
+                namespace: "bench".into(),
+                name: format!("svc-{i}").into(),
             },
             port_name: String::new(),
             backends: (0..backends)

@@ -56,7 +56,7 @@ use kube::{
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::{Changed, Snapshot, service_ref, slice_owner};
+use super::{Changed, SliceObj, Snapshot, service_ref, slice_owner};
 use crate::model::ServiceRef;
 
 /// How long changes are collected, from the first unsent one, before they are sent
@@ -211,16 +211,17 @@ fn trim_meta(meta: &mut ObjectMeta) {
 /// The same compaction as the manifest source's (see [`super::compact_service`]), so
 /// the two modes keep the same fields; the uid stays, so that a Service deleted and
 /// created again is a change.
-fn trim_service(svc: &mut Service) {
+fn trim_service(mut svc: Service) -> Service {
     let uid = svc.metadata.uid.take();
-    *svc = super::compact_service(std::mem::take(svc));
+    let mut svc = super::compact_service(svc);
     svc.metadata.uid = uid;
+    svc
 }
 
-fn trim_slice(slice: &mut EndpointSlice) {
-    let uid = slice.metadata.uid.take();
-    *slice = super::compact_slice(std::mem::take(slice));
-    slice.metadata.uid = uid;
+/// The same conversion as the manifest source's. No uid: a slice deleted and created
+/// again with the same content programs the same backends.
+fn trim_slice(slice: EndpointSlice) -> SliceObj {
+    super::compact_slice(slice)
 }
 
 /// A Node is updated every few seconds (heartbeats, conditions, images); only its zone
@@ -254,20 +255,20 @@ fn trim_node(node: &mut Node) {
 type Delta<K> = (Option<Arc<K>>, Option<Arc<K>>);
 
 /// One watched resource: the objects as of the last complete list plus the changes
-/// since, and the objects of a relist in progress. Objects are trimmed and shared: the
-/// published snapshots hold the same `Arc`s.
-struct Store<K> {
+/// since, and the objects of a relist in progress. Objects are trimmed (into `T`, the
+/// type the source keeps) and shared: the published snapshots hold the same `Arc`s.
+struct Store<K, T = K> {
     kind: &'static str,
-    live: BTreeMap<Key, Arc<K>>,
+    live: BTreeMap<Key, Arc<T>>,
     /// `Some` between `Init` and `InitDone`: the relist being collected.
-    relist: Option<BTreeMap<Key, Arc<K>>>,
+    relist: Option<BTreeMap<Key, Arc<T>>>,
     /// A first list completed.
     ready: bool,
-    trim: fn(&mut K),
+    trim: fn(K) -> T,
 }
 
-impl<K: Resource + PartialEq> Store<K> {
-    fn new(kind: &'static str, trim: fn(&mut K)) -> Self {
+impl<K: Resource, T: PartialEq> Store<K, T> {
+    fn new(kind: &'static str, trim: fn(K) -> T) -> Self {
         Self {
             kind,
             live: BTreeMap::new(),
@@ -278,7 +279,7 @@ impl<K: Resource + PartialEq> Store<K> {
     }
 
     /// Applies one watcher event; returns the objects it changed.
-    fn apply(&mut self, event: Result<Event<K>, watcher::Error>) -> Vec<Delta<K>> {
+    fn apply(&mut self, event: Result<Event<K>, watcher::Error>) -> Vec<Delta<T>> {
         match event {
             Ok(Event::Init) => {
                 if self.ready {
@@ -293,11 +294,10 @@ impl<K: Resource + PartialEq> Store<K> {
                 self.relist = Some(BTreeMap::new());
                 Vec::new()
             }
-            Ok(Event::InitApply(mut obj)) => {
-                (self.trim)(&mut obj);
-                self.relist
-                    .get_or_insert_default()
-                    .insert(key(obj.meta()), Arc::new(obj));
+            Ok(Event::InitApply(obj)) => {
+                let k = key(obj.meta());
+                let obj = (self.trim)(obj);
+                self.relist.get_or_insert_default().insert(k, Arc::new(obj));
                 Vec::new()
             }
             Ok(Event::InitDone) => {
@@ -321,9 +321,9 @@ impl<K: Resource + PartialEq> Store<K> {
                 }
                 deltas
             }
-            Ok(Event::Apply(mut obj)) => {
-                (self.trim)(&mut obj);
+            Ok(Event::Apply(obj)) => {
                 let k = key(obj.meta());
+                let obj = (self.trim)(obj);
                 if self.live.get(&k).is_some_and(|old| **old == obj) {
                     return Vec::new();
                 }
@@ -351,7 +351,7 @@ impl<K: Resource + PartialEq> Store<K> {
     /// Makes a complete list the live state; returns only what differs from before.
     /// Objects equal to the live ones keep the live `Arc`, so a relist that finds the
     /// same cluster changes nothing downstream.
-    fn replace(&mut self, mut listed: BTreeMap<Key, Arc<K>>) -> Vec<Delta<K>> {
+    fn replace(&mut self, mut listed: BTreeMap<Key, Arc<T>>) -> Vec<Delta<T>> {
         let mut old = std::mem::take(&mut self.live);
         let mut deltas = Vec::new();
         for (k, new) in listed.iter_mut() {
@@ -429,13 +429,12 @@ impl View {
 
     /// A slice's owner comes from its label, which an update can change: the slice
     /// then leaves one Service and joins another, and both are changed.
-    fn slices(&mut self, deltas: Vec<Delta<EndpointSlice>>) {
+    fn slices(&mut self, deltas: Vec<Delta<SliceObj>>) {
         for (old, new) in deltas {
             if let Some(old) = old
                 && let Some(owner) = slice_owner(&old)
             {
-                self.snap
-                    .remove_slice(&owner, old.metadata.name.as_deref().unwrap_or_default());
+                self.snap.remove_slice(&owner, &old.name);
                 self.mark(owner);
             }
             if let Some(new) = new
@@ -473,7 +472,7 @@ impl View {
 /// The three stores and the view they feed.
 struct State {
     services: Store<Service>,
-    slices: Store<EndpointSlice>,
+    slices: Store<EndpointSlice, SliceObj>,
     nodes: Store<Node>,
     view: View,
 }
@@ -483,7 +482,10 @@ impl State {
         Self {
             services: Store::new("Service", trim_service),
             slices: Store::new("EndpointSlice", trim_slice),
-            nodes: Store::new("Node", trim_node),
+            nodes: Store::new("Node", |mut node| {
+                trim_node(&mut node);
+                node
+            }),
             view: View::new(),
         }
     }

@@ -648,15 +648,15 @@ impl ManifestDir {
             let new = content
                 .and_then(|(d, c)| c.other.nodes.get(d.index))
                 .map(|(_, n)| n);
-            let same = match (self.snap.nodes.get(&obj.name), new) {
+            let same = match (self.snap.nodes.get(&*obj.name), new) {
                 (None, None) => true,
                 (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
                 _ => false,
             };
             if !same {
                 match new {
-                    Some(n) => self.snap.nodes.insert(obj.name.clone(), n.clone()),
-                    None => self.snap.nodes.remove(&obj.name),
+                    Some(n) => self.snap.nodes.insert(obj.name.to_string(), n.clone()),
+                    None => self.snap.nodes.remove(&*obj.name),
                 };
             }
             return !same || moved;
@@ -873,7 +873,7 @@ struct CachedFile {
 #[derive(Debug, Default, PartialEq)]
 struct FileContent {
     services: Vec<(ObjectRef, Arc<Service>)>,
-    slices: Vec<(ObjectRef, Arc<EndpointSlice>)>,
+    slices: Vec<(ObjectRef, Arc<super::SliceObj>)>,
     errors: Vec<SourceError>,
     /// Boxed: most files hold none, and [`Unusable`] carries a whole `FileContent`.
     other: Box<OtherKinds>,
@@ -1426,8 +1426,8 @@ fn fast_ref(kind: &str, meta: &mut ObjectMeta) -> Option<ObjectRef> {
     meta.namespace = Some(namespace.clone());
     Some(ObjectRef {
         kind: ObjectRef::kind_of(kind),
-        namespace,
-        name,
+        namespace: namespace.into(),
+        name: name.into(),
     })
 }
 
@@ -1712,8 +1712,8 @@ fn add_object(path: &Path, loc: &str, value: Value, out: &mut FileContent) {
     let name = field("name").map(str::to_owned);
     let object = name.map(|name| ObjectRef {
         kind: ObjectRef::kind_of(&kind),
-        namespace: namespace.clone(),
-        name,
+        namespace: namespace.as_str().into(),
+        name: name.into(),
     });
 
     let want = match kind.as_str() {
@@ -1755,7 +1755,7 @@ fn add_object(path: &Path, loc: &str, value: Value, out: &mut FileContent) {
     let decoded = if kind == KIND_NODE {
         // Cluster-scoped: one Node per name whatever namespace a manifest gives it.
         let object = ObjectRef {
-            namespace: String::new(),
+            namespace: "".into(),
             ..object.clone()
         };
         decode::<Node>(value).map(|mut node| {

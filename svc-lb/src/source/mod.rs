@@ -20,13 +20,16 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
-use crate::model::{
-    ANNOTATION_LB_SOURCE_RANGES, LABEL_HEADLESS, LABEL_SERVICE_NAME, ObjectRef, ServiceRef,
-};
+use crate::model::{ANNOTATION_LB_SOURCE_RANGES, ObjectRef, ServiceRef};
 
 pub mod kube;
 pub mod manifests;
 pub mod metallb;
+mod objects;
+
+pub use objects::{
+    AddressType, EndpointAddress, EndpointHintsObj, EndpointObj, EndpointPortObj, SliceObj,
+};
 
 /// A complete, consistent view of the objects a source knows. Sources publish whole
 /// snapshots, never partial updates, so the model never sees a half-read directory or
@@ -111,14 +114,14 @@ impl Snapshot {
             snap.services.insert(service_ref(&svc), Arc::new(svc));
         }
         for slice in slices {
-            snap.insert_slice(Arc::new(slice));
+            snap.insert_slice(Arc::new(slice.into()));
         }
         snap
     }
 
     /// Files `slice` under its Service; returns that Service, or `None` (and leaves the
     /// slice out) when it has no `kubernetes.io/service-name` label.
-    pub fn insert_slice(&mut self, slice: Arc<EndpointSlice>) -> Option<ServiceRef> {
+    pub fn insert_slice(&mut self, slice: Arc<SliceObj>) -> Option<ServiceRef> {
         let owner = slice_owner(&slice)?;
         self.slices.entry(owner.clone()).or_default().insert(slice);
         Some(owner)
@@ -137,7 +140,7 @@ impl Snapshot {
     }
 
     /// Every slice, in (Service, slice name) order.
-    pub fn all_slices(&self) -> impl Iterator<Item = &Arc<EndpointSlice>> {
+    pub fn all_slices(&self) -> impl Iterator<Item = &Arc<SliceObj>> {
         self.slices.values().flat_map(|group| group.values())
     }
 
@@ -152,10 +155,10 @@ impl Snapshot {
 /// several hundred bytes per Service); the name is the slice's own `metadata.name`,
 /// not a second copy of it.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct SliceGroup(Vec<Arc<EndpointSlice>>);
+pub struct SliceGroup(Vec<Arc<SliceObj>>);
 
-fn slice_name(slice: &EndpointSlice) -> &str {
-    slice.metadata.name.as_deref().unwrap_or_default()
+fn slice_name(slice: &SliceObj) -> &str {
+    &slice.name
 }
 
 impl SliceGroup {
@@ -164,12 +167,12 @@ impl SliceGroup {
     }
 
     /// The slice named `name`.
-    pub fn get(&self, name: &str) -> Option<&Arc<EndpointSlice>> {
+    pub fn get(&self, name: &str) -> Option<&Arc<SliceObj>> {
         self.find(name).ok().map(|i| &self.0[i])
     }
 
     /// Adds `slice`, or replaces the one of the same name (returned).
-    pub fn insert(&mut self, slice: Arc<EndpointSlice>) -> Option<Arc<EndpointSlice>> {
+    pub fn insert(&mut self, slice: Arc<SliceObj>) -> Option<Arc<SliceObj>> {
         match self.find(slice_name(&slice)) {
             Ok(i) => Some(std::mem::replace(&mut self.0[i], slice)),
             Err(i) => {
@@ -180,7 +183,7 @@ impl SliceGroup {
     }
 
     /// Removes the slice named `name`.
-    pub fn remove(&mut self, name: &str) -> Option<Arc<EndpointSlice>> {
+    pub fn remove(&mut self, name: &str) -> Option<Arc<SliceObj>> {
         let i = self.find(name).ok()?;
         let removed = self.0.remove(i);
         self.0.shrink_to_fit();
@@ -188,7 +191,7 @@ impl SliceGroup {
     }
 
     /// The slices in name order.
-    pub fn values(&self) -> impl Iterator<Item = &Arc<EndpointSlice>> {
+    pub fn values(&self) -> impl Iterator<Item = &Arc<SliceObj>> {
         self.0.iter()
     }
 
@@ -211,24 +214,23 @@ impl SliceGroup {
 pub fn service_ref(svc: &Service) -> ServiceRef {
     ServiceRef {
         namespace: namespace_or_default(svc.metadata.namespace.as_deref()),
-        name: svc.metadata.name.clone().unwrap_or_default(),
+        name: svc.metadata.name.as_deref().unwrap_or_default().into(),
     }
 }
 
 /// The Service an EndpointSlice belongs to: its namespace and its
 /// `kubernetes.io/service-name` label.
-pub fn slice_owner(slice: &EndpointSlice) -> Option<ServiceRef> {
-    let name = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
+pub fn slice_owner(slice: &SliceObj) -> Option<ServiceRef> {
     Some(ServiceRef {
-        namespace: namespace_or_default(slice.metadata.namespace.as_deref()),
-        name: name.clone(),
+        namespace: (*slice.namespace).into(),
+        name: slice.service_name.as_deref()?.into(),
     })
 }
 
-fn namespace_or_default(ns: Option<&str>) -> String {
+fn namespace_or_default(ns: Option<&str>) -> Arc<str> {
     match ns {
-        Some(ns) if !ns.is_empty() => ns.to_owned(),
-        _ => "default".to_owned(),
+        Some(ns) if !ns.is_empty() => ns.into(),
+        _ => "default".into(),
     }
 }
 
@@ -236,9 +238,6 @@ fn namespace_or_default(ns: Option<&str>) -> String {
 /// MetalLB's (LB-IPAM reads those). A new reader of an annotation adds it here.
 const KEPT_SERVICE_ANNOTATIONS: &[&str] = &[ANNOTATION_LB_SOURCE_RANGES];
 const KEPT_SERVICE_ANNOTATION_PREFIXES: &[&str] = &["metallb.io/", "metallb.universe.tf/"];
-/// EndpointSlice labels the model and the sources read; nothing reads a slice's
-/// annotations.
-const KEPT_SLICE_LABELS: &[&str] = &[LABEL_SERVICE_NAME, LABEL_HEADLESS];
 
 /// Drops what nothing downstream reads from a Service, right after it is decoded, so a
 /// source keeps one small object per Service instead of the whole API object (at 10 000
@@ -286,28 +285,10 @@ pub fn compact_service(mut svc: Service) -> Service {
     svc
 }
 
-/// Like [`compact_service`], for an EndpointSlice: the model reads its name and
-/// namespace, the labels in `KEPT_SLICE_LABELS`, its address type and ports, and of
-/// each endpoint its addresses, conditions, node name, zone and hints; not the
-/// `targetRef` (the Pod), `hostname` or `deprecatedTopology`.
-pub fn compact_slice(mut slice: EndpointSlice) -> EndpointSlice {
-    compact_meta(&mut slice.metadata, |_| false);
-    if let Some(labels) = slice.metadata.labels.as_mut() {
-        labels.retain(|k, _| KEPT_SLICE_LABELS.contains(&k.as_str()));
-    }
-    if let Some(endpoints) = slice.endpoints.as_mut() {
-        for ep in endpoints.iter_mut() {
-            ep.target_ref = None;
-            ep.hostname = None;
-            ep.deprecated_topology = None;
-            ep.addresses.shrink_to_fit();
-        }
-        endpoints.shrink_to_fit();
-    }
-    if let Some(ports) = slice.ports.as_mut() {
-        ports.shrink_to_fit();
-    }
-    slice
+/// Like [`compact_service`], for an EndpointSlice: its own small type (see
+/// [`SliceObj`] for what it keeps and why).
+pub fn compact_slice(slice: EndpointSlice) -> SliceObj {
+    slice.into()
 }
 
 /// Keeps name, namespace, labels and the annotations `keep` accepts; the rest (uid,

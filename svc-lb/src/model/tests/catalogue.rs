@@ -171,14 +171,14 @@ spec:
         state
             .frontends
             .values()
-            .any(|f| f.service.name == "lower" && f.port_name == "b"),
+            .any(|f| &*f.service.name == "lower" && f.port_name == "b"),
         "the good port of 'lower' is programmed"
     );
     assert!(
         !state
             .frontends
             .values()
-            .any(|f| f.service.name == "lower" && f.port_name == "a"),
+            .any(|f| &*f.service.name == "lower" && f.port_name == "a"),
         "the port with protocol 'tcp' is not"
     );
     let want = [

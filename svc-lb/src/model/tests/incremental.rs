@@ -207,7 +207,7 @@ fn large_cluster_update() {
             let name = format!("svc-{i}");
             let addrs = vec![format!("10.250.{}.{}", r >> 8, r & 255)];
             snap.changed = Changed::default();
-            snap.insert_slice(Arc::new(slice(&name, &format!("{name}-1"), &addrs)));
+            snap.insert_slice(Arc::new(slice(&name, &format!("{name}-1"), &addrs).into()));
             snap.changed.services.insert(sref(&name));
             let t = Instant::now();
             let touched = cache.update(&snap, &node);

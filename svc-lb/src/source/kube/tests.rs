@@ -194,8 +194,8 @@ fn node(zone: &str, ip: &str, tainted: bool) -> Node {
 
 fn sref(name: &str) -> ServiceRef {
     ServiceRef {
-        namespace: "ns".to_owned(),
-        name: name.to_owned(),
+        namespace: "ns".into(),
+        name: name.into(),
     }
 }
 
@@ -384,7 +384,7 @@ fn a_relist_changes_only_what_differs() {
     st.slice(Ok(Event::InitDone));
     let snap = st.view.publish();
     assert_eq!(snap.changed, changed(&["b", "c", "d"]));
-    let names: Vec<&str> = snap.services.keys().map(|r| r.name.as_str()).collect();
+    let names: Vec<&str> = snap.services.keys().map(|r| &*r.name).collect();
     assert_eq!(names, ["a", "b", "d"]);
     assert!(!snap.slices.contains_key(&sref("c")));
     assert!(snap.slices[&sref("d")].get("x").is_some());

@@ -9,10 +9,10 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Service;
 
 use super::FileContent;
-use crate::model::ObjectRef;
+use crate::{model::ObjectRef, source::SliceObj};
 
 /// `new`, with the previous version of every object whose new version withdraws
 /// something, and with the objects `old` had and `new` lacks put back at the end. True
@@ -72,19 +72,15 @@ fn service_covers(old: &Service, new: &Service) -> bool {
     ports(old).is_subset(&ports(new))
 }
 
-/// Whether `new` still has every endpoint of `old` (same addresses, same conditions)
+/// Whether `new` still has every endpoint of `old` (same address, same conditions)
 /// and every port.
-fn slice_covers(old: &EndpointSlice, new: &EndpointSlice) -> bool {
-    let has_endpoints = old.endpoints.iter().flatten().all(|e| {
+fn slice_covers(old: &SliceObj, new: &SliceObj) -> bool {
+    let conditions = |e: &crate::source::EndpointObj| (e.ready, e.serving, e.terminating);
+    let has_endpoints = old.endpoints.iter().all(|e| {
         new.endpoints
             .iter()
-            .flatten()
-            .any(|n| n.addresses == e.addresses && n.conditions == e.conditions)
+            .any(|n| n.address == e.address && conditions(n) == conditions(e))
     });
-    let has_ports = old
-        .ports
-        .iter()
-        .flatten()
-        .all(|p| new.ports.iter().flatten().any(|n| n == p));
+    let has_ports = old.ports.iter().all(|p| new.ports.iter().any(|n| n == p));
     has_endpoints && has_ports
 }

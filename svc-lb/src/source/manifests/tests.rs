@@ -47,13 +47,10 @@ fn names(snap: &Snapshot) -> Vec<String> {
                 s.metadata.name.as_deref().unwrap_or("?")
             )
         })
-        .chain(snap.all_slices().map(|s| {
-            format!(
-                "EndpointSlice {}/{}",
-                s.metadata.namespace.as_deref().unwrap_or("?"),
-                s.metadata.name.as_deref().unwrap_or("?")
-            )
-        }))
+        .chain(
+            snap.all_slices()
+                .map(|s| format!("EndpointSlice {}/{}", s.namespace, s.name)),
+        )
         .collect();
     out.sort();
     out
@@ -62,8 +59,8 @@ fn names(snap: &Snapshot) -> Vec<String> {
 fn obj(kind: &str, namespace: &str, name: &str) -> ObjectRef {
     ObjectRef {
         kind: ObjectRef::kind_of(kind),
-        namespace: namespace.to_owned(),
-        name: name.to_owned(),
+        namespace: namespace.into(),
+        name: name.into(),
     }
 }
 
@@ -121,13 +118,8 @@ fn multi_document_yaml_with_default_namespace() {
         .expect("spec");
     assert_eq!(spec.cluster_ip.as_deref(), Some("10.96.0.1"));
     assert_eq!(
-        snap.all_slices()
-            .next()
-            .expect("a slice")
-            .endpoints
-            .as_ref()
-            .map(Vec::len),
-        Some(1)
+        snap.all_slices().next().expect("a slice").endpoints.len(),
+        1
     );
     assert_eq!(
         snap.origins
@@ -755,8 +747,8 @@ fn a_duplicate_definition_takes_over_when_the_first_goes() {
     assert!(snap.errors.is_empty(), "{:#?}", snap.errors);
     let slice = snap.all_slices().next().expect("a slice");
     assert_eq!(
-        slice.endpoints.as_deref().unwrap_or_default()[0].addresses,
-        ["10.0.0.9"],
+        slice.endpoints[0].address,
+        crate::source::EndpointAddress::Ip([10, 0, 0, 9].into()),
         "the slice of c.yaml"
     );
 
@@ -824,7 +816,7 @@ fn reloading_one_file_leaves_the_other_files_objects_alone() {
     assert_eq!(before.services.len(), 10_000);
     let key = |i: usize| crate::model::ServiceRef {
         namespace: "default".into(),
-        name: format!("svc-{i}"),
+        name: format!("svc-{i}").into(),
     };
 
     // One Service of f050 changes; another Service of that file stays equal.
@@ -1820,10 +1812,7 @@ fn a_fast_read_removes_endpoints_and_ports_only_once_settled() {
         .reload()
         .expect("reload")
         .expect("an addition is read at once");
-    let endpoints = snap
-        .all_slices()
-        .map(|s| s.endpoints.as_ref().map_or(0, Vec::len))
-        .sum::<usize>();
+    let endpoints = snap.all_slices().map(|s| s.endpoints.len()).sum::<usize>();
     assert_eq!(endpoints, 3);
     assert_eq!(md.stats().deferred, 0);
 }
