@@ -43,7 +43,7 @@ use serde_json::json;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::{Allocation, Ipam, allocate, advertisements, is_ours, pools, status_ips};
+use super::{Allocation, Ipam, advertisements, allocate, is_ours, pools, status_ips};
 use crate::{model::ServiceRef, source::Snapshot, source::metallb::Pool};
 
 pub const LEASE_NAME: &str = "svc-lb-lbipam";
@@ -77,6 +77,8 @@ pub struct Elector {
     me: String,
     /// The holder and renew time last seen, and when we first saw them.
     seen: Option<((Option<String>, Option<MicroTime>), Instant)>,
+    /// When someone else's Lease expires unless it is renewed meanwhile.
+    expires: Option<Instant>,
     /// When we last wrote the Lease successfully as its holder.
     renewed: Option<Instant>,
 }
@@ -86,6 +88,7 @@ impl Elector {
         Self {
             me,
             seen: None,
+            expires: None,
             renewed: None,
         }
     }
@@ -105,6 +108,7 @@ impl Elector {
     /// What to do with the Lease as read (`None`: it does not exist) at `now`
     /// (monotonic) and `wall` (written into the Lease).
     pub fn step(&mut self, lease: Option<&Lease>, now: Instant, wall: Timestamp) -> Step {
+        self.expires = None;
         let Some(lease) = lease else {
             self.renewed = None;
             let mut new = self.held_by_me(
@@ -144,8 +148,15 @@ impl Elector {
         if holder.is_none() || now.duration_since(since) >= duration {
             Step::Update(self.held_by_me(wall, lease.clone(), true))
         } else {
+            self.expires = Some(since + duration);
             Step::Wait
         }
+    }
+
+    /// When the Lease seen last expires, unless renewed: the time to read it again,
+    /// so that a takeover does not wait for the next read period.
+    pub fn expires(&self) -> Option<Instant> {
+        self.expires
     }
 
     /// The Lease write of the last [`Elector::step`] succeeded at `now`.
@@ -338,6 +349,11 @@ async fn run(
                     Err(e) => debug!(error = %format!("{e:#}"), "LB-IPAM: Lease"),
                 }
                 next = now + RENEW_EVERY;
+                if let Some(t) = elector.expires() {
+                    // Never sooner than a moment from now: a takeover that lost a race
+                    // leaves the expiry in the past.
+                    next = next.min(t.max(now + Duration::from_millis(200)));
+                }
             }
             changed = rx.changed() => {
                 if changed.is_err() {
@@ -348,10 +364,16 @@ async fn run(
         let leading = elector.leading(Instant::now());
         if leading != was_leading {
             if leading {
-                info!(lease = LEASE_NAME, "LB-IPAM: this agent leads; it writes the Services' load-balancer status");
+                info!(
+                    lease = LEASE_NAME,
+                    "LB-IPAM: this agent leads; it writes the Services' load-balancer status"
+                );
                 written.clear();
             } else {
-                warn!(lease = LEASE_NAME, "LB-IPAM: this agent no longer leads; it stops writing");
+                warn!(
+                    lease = LEASE_NAME,
+                    "LB-IPAM: this agent no longer leads; it stops writing"
+                );
             }
             crate::metrics::set_lb_ipam_leader(leading);
             was_leading = leading;

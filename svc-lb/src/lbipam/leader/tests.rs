@@ -50,7 +50,10 @@ fn a_missing_lease_is_created_held_by_us() {
     e.wrote(t0);
     assert!(e.leading(t0));
     assert!(e.leading(t0 + RENEW_DEADLINE - Duration::from_millis(1)));
-    assert!(!e.leading(t0 + RENEW_DEADLINE), "a leader that cannot renew stops");
+    assert!(
+        !e.leading(t0 + RENEW_DEADLINE),
+        "a leader that cannot renew stops"
+    );
 }
 
 #[test]
@@ -64,6 +67,11 @@ fn a_live_lease_is_left_alone_and_an_unrenewed_one_taken_over_after_its_duration
     // 14.9 s after the last renewal was seen: still n1's.
     let almost = t5 + LEASE_DURATION - Duration::from_millis(100);
     assert_eq!(e.step(Some(&lease("n1", 5)), almost, wall(19)), Step::Wait);
+    assert_eq!(
+        e.expires(),
+        Some(t5 + LEASE_DURATION),
+        "read again when it expires"
+    );
     // 15 s: taken over, keeping the resourceVersion read (a race loses with 409).
     let step = e.step(Some(&lease("n1", 5)), t5 + LEASE_DURATION, wall(20));
     let Step::Update(l) = &step else {
@@ -148,10 +156,7 @@ fn writes(services: Vec<Service>) -> Vec<(String, Vec<String>)> {
 #[test]
 fn the_leader_writes_only_statuses_that_differ() {
     // New Services in name order; one that already has an address keeps it.
-    let got = writes(vec![
-        svc("a", lb(), &[]),
-        svc("b", lb(), &["10.253.1.10"]),
-    ]);
+    let got = writes(vec![svc("a", lb(), &[]), svc("b", lb(), &["10.253.1.10"])]);
     assert_eq!(got, vec![("a".to_owned(), vec!["10.253.1.11".to_owned()])]);
     // Nothing to write when the statuses say what the allocation says.
     let got = writes(vec![

@@ -125,9 +125,7 @@ fn is_missing(e: &watcher::Error) -> Option<u16> {
         _ => return None,
     };
     match err {
-        kube::Error::Api(status) if status.code == 404 || status.code == 403 => {
-            Some(status.code)
-        }
+        kube::Error::Api(status) if status.code == 404 || status.code == 403 => Some(status.code),
         _ => None,
     }
 }
