@@ -133,7 +133,11 @@ mod tests {
                 .expect("a view")
                 .usable
         );
-        st.node(Ok(Event::Delete(node("n2", "False", "x"))));
+        st.node(Ok(Event::Delete(node(
+            "n2",
+            "False",
+            "2025-01-15T09:33:00Z",
+        ))));
         assert_eq!(st.view.publish().nodes.len(), 1);
     }
 
