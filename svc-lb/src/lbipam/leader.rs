@@ -71,12 +71,15 @@ pub enum Step {
     Wait,
 }
 
+/// A Lease's holder and renew time: what must change for it to count as renewed.
+type Observed = (Option<String>, Option<MicroTime>);
+
 /// The election's state; pure, the clock is passed in.
 #[derive(Debug)]
 pub struct Elector {
     me: String,
     /// The holder and renew time last seen, and when we first saw them.
-    seen: Option<((Option<String>, Option<MicroTime>), Instant)>,
+    seen: Option<(Observed, Instant)>,
     /// When someone else's Lease expires unless it is renewed meanwhile.
     expires: Option<Instant>,
     /// When we last wrote the Lease successfully as its holder.
@@ -133,7 +136,7 @@ impl Elector {
             return Step::Update(self.held_by_me(wall, lease.clone(), false));
         }
         self.renewed = None;
-        let observed = (holder.clone(), spec.renew_time.clone());
+        let observed: Observed = (holder.clone(), spec.renew_time.clone());
         let since = match &self.seen {
             Some((o, t)) if *o == observed => *t,
             _ => {
