@@ -1115,6 +1115,9 @@ mod tests {
             text.len()
         )
         .expect("write");
+        // The server answers every request on a connection until the client stops
+        // sending: end ours so that the answer ends with EOF.
+        s.shutdown(Shutdown::Write).expect("shutdown");
         let mut out = String::new();
         s.read_to_string(&mut out).expect("read");
         let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
