@@ -389,6 +389,15 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .map(crate::announce::run::spawn)
         .transpose()?;
     let (tx, mut rx) = source::feed();
+    // Kubernetes mode: one agent, elected by a Lease, writes the LoadBalancer statuses.
+    let lb_writer = kube_client.as_ref().map(|c| {
+        let identity = cfg
+            .node
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("svc-lb-{}", std::process::id()));
+        crate::lbipam::leader::spawn(c.clone(), identity)
+    });
     // The snapshot of the last sync, synced again after a failure.
     let mut snap = Snapshot::default();
     let mut watcher = match (&cfg.manifests, kube_client) {
@@ -400,7 +409,11 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             tx,
         )),
         (None, Some(client)) => {
-            tokio::spawn(source::kube::watch(client, cfg.node.name.clone(), tx))
+            let opts = source::kube::Options {
+                node_name: cfg.node.name.clone(),
+                all_nodes: cfg.l2.is_some(),
+            };
+            tokio::spawn(source::kube::watch(client, opts, tx))
         }
         (None, None) => {
             anyhow::bail!("no source: neither a manifest directory nor a Kubernetes client")
@@ -442,6 +455,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 // ingress IPs before the model sees them.
                 if cfg.manifests.is_some() {
                     ipam.update(&mut snap);
+                } else if let Some(w) = &lb_writer {
+                    // Kubernetes mode: the statuses are the ingress addresses.
+                    let pools = ipam.observe(&snap);
+                    w.offer(&snap, &ipam, pools);
                 }
             }
             () = retry => {}

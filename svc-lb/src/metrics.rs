@@ -653,6 +653,16 @@ pub fn render(data: ScrapeData) -> Result<String> {
         lb().pending.clone(),
     );
     reg.register(
+        "svclb_lb_ipam_leader",
+        "1 while this agent holds the LB-IPAM Lease and writes the Services' load-balancer status (Kubernetes mode)",
+        lb_writer().leader.clone(),
+    );
+    reg.register(
+        "svclb_lb_status_writes",
+        "Service status.loadBalancer patches this agent made as the LB-IPAM leader",
+        lb_writer().writes.clone(),
+    );
+    reg.register(
         "svclb_healthcheck_bind_errors",
         "Attempts to open a healthCheckNodePort that failed (port taken or address missing); retried at every sync",
         m.healthcheck_bind_errors.clone(),
@@ -753,4 +763,26 @@ pub fn parse_addr(s: &str) -> Result<MetricsAddr, String> {
     s.parse()
         .map(|a| MetricsAddr(Some(a)))
         .map_err(|e| format!("{s:?} is not ADDR:PORT or \"off\": {e}"))
+}
+
+/// The LB-IPAM status writer (Kubernetes mode, see `lbipam::leader`).
+struct LbWriterMetrics {
+    leader: Gauge,
+    writes: Counter,
+}
+
+fn lb_writer() -> &'static LbWriterMetrics {
+    static M: OnceLock<LbWriterMetrics> = OnceLock::new();
+    M.get_or_init(|| LbWriterMetrics {
+        leader: Gauge::default(),
+        writes: Counter::default(),
+    })
+}
+
+pub fn set_lb_ipam_leader(leading: bool) {
+    lb_writer().leader.set(i64::from(leading));
+}
+
+pub fn lb_status_written() {
+    lb_writer().writes.inc();
 }

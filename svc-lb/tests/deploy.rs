@@ -269,7 +269,14 @@ const BINARY: &str = "/usr/local/bin/svc-lb";
 
 /// The capabilities the agent uses (tests/tests/image.rs runs the image's agent with
 /// exactly the DaemonSet's list, so a missing one fails there).
-const AGENT_CAPABILITIES: &[&str] = &["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN", "SYS_PTRACE"];
+const AGENT_CAPABILITIES: &[&str] = &[
+    "BPF",
+    "NET_ADMIN",
+    "NET_RAW",
+    "PERFMON",
+    "SYS_ADMIN",
+    "SYS_PTRACE",
+];
 
 #[test]
 fn image_tag_is_the_workspace_version_and_the_entrypoint_the_binary() {

@@ -11,6 +11,14 @@
 //!   `allowWatchBookmarks=true`, and end after `timeoutSeconds`;
 //! - a watch from a resourceVersion older than the retained history gets the real
 //!   apiserver's answer: HTTP 200 and one `ERROR` event with a 410 `Expired` Status;
+//! - MetalLB's `IPAddressPool` and `L2Advertisement` (`/apis/metallb.io/v1beta1/...`,
+//!   every namespace) the same way, unless [`FakeApi::set_served`] took their CRD away
+//!   (then 404, as an apiserver without the CRD answers);
+//! - `coordination.k8s.io/v1` Leases by name in a namespace: `GET` (404 when absent),
+//!   `POST` (409 AlreadyExists) and `PUT` (409 Conflict when the body's
+//!   `resourceVersion` is not the stored one), for the LB-IPAM leader election;
+//! - `PATCH .../services/NAME/status` with a JSON merge patch: only the patch's
+//!   `status` is applied, as the status subresource does; counted per Service;
 //! - anything else (the agent makes no other call) is answered 404.
 //!
 //! Test controls: [`FakeApi::apply`] and [`FakeApi::delete`] change objects (one global
@@ -43,6 +51,9 @@ pub enum Resource {
     Services,
     EndpointSlices,
     Nodes,
+    IPAddressPools,
+    L2Advertisements,
+    Leases,
 }
 
 impl Resource {
@@ -51,6 +62,9 @@ impl Resource {
             "Service" => Some(Self::Services),
             "EndpointSlice" => Some(Self::EndpointSlices),
             "Node" => Some(Self::Nodes),
+            "IPAddressPool" => Some(Self::IPAddressPools),
+            "L2Advertisement" => Some(Self::L2Advertisements),
+            "Lease" => Some(Self::Leases),
             _ => None,
         }
     }
@@ -60,12 +74,17 @@ impl Resource {
             Self::Services => "Service",
             Self::EndpointSlices => "EndpointSlice",
             Self::Nodes => "Node",
+            Self::IPAddressPools => "IPAddressPool",
+            Self::L2Advertisements => "L2Advertisement",
+            Self::Leases => "Lease",
         }
     }
 
     fn api_version(self) -> &'static str {
         match self {
             Self::EndpointSlices => "discovery.k8s.io/v1",
+            Self::IPAddressPools | Self::L2Advertisements => "metallb.io/v1beta1",
+            Self::Leases => "coordination.k8s.io/v1",
             _ => "v1",
         }
     }
@@ -75,6 +94,8 @@ impl Resource {
             "/api/v1/services" => Some(Self::Services),
             "/apis/discovery.k8s.io/v1/endpointslices" => Some(Self::EndpointSlices),
             "/api/v1/nodes" => Some(Self::Nodes),
+            "/apis/metallb.io/v1beta1/ipaddresspools" => Some(Self::IPAddressPools),
+            "/apis/metallb.io/v1beta1/l2advertisements" => Some(Self::L2Advertisements),
             _ => None,
         }
     }
@@ -98,11 +119,21 @@ pub struct Counters {
     pub watches: BTreeMap<String, u64>,
     /// Watches answered with 410 Expired.
     pub expired: u64,
+    /// Status patches per Service ("namespace/name").
+    pub status_patches: BTreeMap<String, u64>,
+    /// Lease creates and updates that succeeded, and those refused with 409.
+    pub lease_writes: u64,
+    pub lease_conflicts: u64,
 }
 
 impl Counters {
     pub fn lists_of(&self, kind: &str) -> u64 {
         self.lists.get(kind).copied().unwrap_or(0)
+    }
+
+    /// Every status patch, of every Service.
+    pub fn status_patches_total(&self) -> u64 {
+        self.status_patches.values().sum()
     }
 }
 
@@ -122,6 +153,8 @@ struct State {
     conns: BTreeMap<u64, TcpStream>,
     next_conn: u64,
     stopping: bool,
+    /// Kinds whose CRD is "not installed": answered 404.
+    unserved: std::collections::BTreeSet<Resource>,
 }
 
 struct Shared {
@@ -327,6 +360,40 @@ current-context: fake
         Ok(())
     }
 
+    /// Installs (`true`) or removes the CRD of a MetalLB kind: while it is removed,
+    /// lists and watches of the kind get 404.
+    pub fn set_served(&self, kind: &str, served: bool) -> Result<()> {
+        let Some(resource) = Resource::from_kind(kind) else {
+            bail!("the fake API server does not serve kind {kind:?}");
+        };
+        let mut st = self.shared.lock();
+        if served {
+            st.unserved.remove(&resource);
+        } else {
+            st.unserved.insert(resource);
+        }
+        st.epoch += 1;
+        drop(st);
+        self.shared.cond.notify_all();
+        Ok(())
+    }
+
+    /// The stored object, as a GET would return it.
+    pub fn get(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
+        let resource = Resource::from_kind(kind)?;
+        let ns = if resource == Resource::Nodes {
+            ""
+        } else {
+            namespace
+        };
+        self.shared
+            .lock()
+            .objects
+            .get(&resource)?
+            .get(&(ns.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
     pub fn counters(&self) -> Counters {
         self.shared.lock().counters.clone()
     }
@@ -432,6 +499,7 @@ struct Request {
     method: String,
     path: String,
     query: BTreeMap<String, String>,
+    body: Vec<u8>,
 }
 
 fn percent_decode(s: &str) -> String {
@@ -481,8 +549,7 @@ fn read_request(reader: &mut BufReader<&TcpStream>) -> Result<Option<Request>> {
             content_length = v.trim().parse().unwrap_or(0);
         }
     }
-    // A body is read (to keep the connection in step) and ignored: nothing the agent
-    // calls has one.
+    // Lease writes and status patches have a body.
     let mut body = vec![0; content_length];
     reader.read_exact(&mut body)?;
     let (path, query) = target.split_once('?').unwrap_or((target.as_str(), ""));
@@ -498,6 +565,7 @@ fn read_request(reader: &mut BufReader<&TcpStream>) -> Result<Option<Request>> {
         method,
         path: path.to_owned(),
         query,
+        body,
     }))
 }
 
@@ -533,6 +601,21 @@ fn serve_connection(stream: &TcpStream, shared: &Shared) -> Result<()> {
         );
         if let Some(resource) = Resource::from_path(&req.path)
             && req.method == "GET"
+            && shared.lock().unserved.contains(&resource)
+        {
+            let msg = format!(
+                "the server could not find the requested resource ({})",
+                req.path
+            );
+            write_json(stream, 404, "Not Found", &status(404, "NotFound", &msg))?;
+            continue;
+        }
+        if let Some((code, reason, body)) = serve_write(shared, &req) {
+            write_json(stream, code, reason, &body)?;
+            continue;
+        }
+        if let Some(resource) = Resource::from_path(&req.path)
+            && req.method == "GET"
         {
             let name_filter = req
                 .query
@@ -558,6 +641,193 @@ fn serve_connection(stream: &TcpStream, shared: &Shared) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Some(fields) = patch.as_object() else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    for (k, v) in fields {
+        if v.is_null() {
+            if let Some(t) = target.as_object_mut() {
+                t.remove(k);
+            }
+        } else {
+            merge_patch(&mut target[k], v);
+        }
+    }
+}
+
+/// Lease requests and Service status patches: `Some((code, reason, body))`, or `None`
+/// when `req` is neither.
+fn serve_write(shared: &Shared, req: &Request) -> Option<(u16, &'static str, Value)> {
+    let parts: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
+    match parts.as_slice() {
+        ["api", "v1", "namespaces", ns, "services", name, "status"] if req.method == "PATCH" => {
+            Some(patch_status(shared, ns, name, &req.body))
+        }
+        [
+            "apis",
+            "coordination.k8s.io",
+            "v1",
+            "namespaces",
+            ns,
+            "leases",
+            rest @ ..,
+        ] => Some(lease(
+            shared,
+            &req.method,
+            ns,
+            rest.first().copied(),
+            &req.body,
+        )),
+        _ => None,
+    }
+}
+
+fn not_found(what: &str) -> (u16, &'static str, Value) {
+    (
+        404,
+        "Not Found",
+        status(404, "NotFound", &format!("{what} not found")),
+    )
+}
+
+fn patch_status(shared: &Shared, ns: &str, name: &str, body: &[u8]) -> (u16, &'static str, Value) {
+    let Ok(patch) = serde_json::from_slice::<Value>(body) else {
+        return (
+            400,
+            "Bad Request",
+            status(400, "BadRequest", "the patch is not JSON"),
+        );
+    };
+    let mut st = shared.lock();
+    let key = (ns.to_owned(), name.to_owned());
+    let Some(mut object) = st
+        .objects
+        .get(&Resource::Services)
+        .and_then(|m| m.get(&key))
+        .cloned()
+    else {
+        return not_found(&format!("services \"{name}\""));
+    };
+    // The status subresource takes the status and ignores the rest.
+    if let Some(s) = patch.get("status") {
+        merge_patch(&mut object["status"], s);
+    }
+    *st.counters
+        .status_patches
+        .entry(format!("{ns}/{name}"))
+        .or_default() += 1;
+    let stored = store(&mut st, object, true).map(|()| {
+        st.objects
+            .get(&Resource::Services)
+            .and_then(|m| m.get(&key))
+            .cloned()
+            .unwrap_or_default()
+    });
+    drop(st);
+    shared.cond.notify_all();
+    match stored {
+        Ok(o) => (200, "OK", with_type(Resource::Services, o)),
+        Err(e) => (
+            500,
+            "Internal Server Error",
+            status(500, "InternalError", &format!("{e:#}")),
+        ),
+    }
+}
+
+fn lease(
+    shared: &Shared,
+    method: &str,
+    ns: &str,
+    name: Option<&str>,
+    body: &[u8],
+) -> (u16, &'static str, Value) {
+    let mut st = shared.lock();
+    let stored = |st: &State, name: &str| {
+        st.objects
+            .get(&Resource::Leases)
+            .and_then(|m| m.get(&(ns.to_owned(), name.to_owned())))
+            .cloned()
+    };
+    let sent: Option<Value> = serde_json::from_slice(body).ok();
+    let out = match (method, name) {
+        ("GET", Some(name)) => match stored(&st, name) {
+            Some(o) => (200, "OK", with_type(Resource::Leases, o)),
+            None => not_found(&format!("leases.coordination.k8s.io \"{name}\"")),
+        },
+        ("POST", None) | ("PUT", Some(_)) => {
+            let Some(mut obj) = sent else {
+                return (
+                    400,
+                    "Bad Request",
+                    status(400, "BadRequest", "the body is not JSON"),
+                );
+            };
+            let Some(name) = obj["metadata"]["name"].as_str().map(str::to_owned) else {
+                return (
+                    422,
+                    "Unprocessable Entity",
+                    status(422, "Invalid", "no metadata.name"),
+                );
+            };
+            let current = stored(&st, &name);
+            let refused = match (method, &current) {
+                ("POST", Some(_)) => Some(("AlreadyExists", "already exists")),
+                ("PUT", None) => {
+                    return not_found(&format!("leases.coordination.k8s.io \"{name}\""));
+                }
+                ("PUT", Some(c))
+                    if c["metadata"]["resourceVersion"] != obj["metadata"]["resourceVersion"] =>
+                {
+                    Some((
+                        "Conflict",
+                        "the object has been modified; please apply your changes to the latest version and try again",
+                    ))
+                }
+                _ => None,
+            };
+            if let Some((reason, msg)) = refused {
+                st.counters.lease_conflicts += 1;
+                return (409, "Conflict", status(409, reason, msg));
+            }
+            obj["kind"] = json!("Lease");
+            obj["metadata"]["namespace"] = json!(ns);
+            if let Some(m) = obj["metadata"].as_object_mut() {
+                m.remove("resourceVersion");
+            }
+            match store(&mut st, obj, false) {
+                Ok(()) => {
+                    st.counters.lease_writes += 1;
+                    let o = stored(&st, &name).unwrap_or_default();
+                    if method == "POST" {
+                        (201, "Created", with_type(Resource::Leases, o))
+                    } else {
+                        (200, "OK", with_type(Resource::Leases, o))
+                    }
+                }
+                Err(e) => (
+                    500,
+                    "Internal Server Error",
+                    status(500, "InternalError", &format!("{e:#}")),
+                ),
+            }
+        }
+        _ => (
+            405,
+            "Method Not Allowed",
+            status(405, "MethodNotAllowed", method),
+        ),
+    };
+    drop(st);
+    out
 }
 
 fn with_type(resource: Resource, mut object: Value) -> Value {
@@ -833,6 +1103,87 @@ mod tests {
         assert!(body.ends_with("0\r\n\r\n"), "{body:?}");
         assert!(!body.contains("ERROR"), "{body:?}");
         assert_eq!(api.counters().expired, 0);
+    }
+
+    /// One request with a JSON body on a fresh connection: status line and body.
+    fn send(addr: SocketAddr, method: &str, target: &str, body: &Value) -> (String, Value) {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        let text = body.to_string();
+        write!(
+            s,
+            "{method} {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{text}",
+            text.len()
+        )
+        .expect("write");
+        // The server answers every request on a connection until the client stops
+        // sending: end ours so that the answer ends with EOF.
+        s.shutdown(Shutdown::Write).expect("shutdown");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read");
+        let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+        (
+            head.lines().next().unwrap_or_default().to_owned(),
+            serde_json::from_str(body).unwrap_or(Value::Null),
+        )
+    }
+
+    #[test]
+    fn leases_refuse_stale_writes_and_status_patches_touch_only_the_status() {
+        let api = FakeApi::start().expect("start");
+        let path = "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases";
+        let (line, _) = send(api.addr(), "GET", &format!("{path}/l"), &Value::Null);
+        assert_eq!(line, "HTTP/1.1 404 Not Found");
+        let lease = json!({"metadata": {"name": "l"}, "spec": {"holderIdentity": "n1"}});
+        let (line, created) = send(api.addr(), "POST", path, &lease);
+        assert_eq!(line, "HTTP/1.1 201 Created");
+        let (line, _) = send(api.addr(), "POST", path, &lease);
+        assert_eq!(line, "HTTP/1.1 409 Conflict", "a second create");
+        // An update from the version read wins once; the same version again is stale.
+        let mut update = created.clone();
+        update["spec"]["holderIdentity"] = json!("n2");
+        let (line, _) = send(api.addr(), "PUT", &format!("{path}/l"), &update);
+        assert_eq!(line, "HTTP/1.1 200 OK");
+        let (line, _) = send(api.addr(), "PUT", &format!("{path}/l"), &update);
+        assert_eq!(line, "HTTP/1.1 409 Conflict", "a stale update");
+        let (_, got) = send(api.addr(), "GET", &format!("{path}/l"), &Value::Null);
+        assert_eq!(got["spec"]["holderIdentity"], "n2");
+        let c = api.counters();
+        assert_eq!((c.lease_writes, c.lease_conflicts), (2, 2));
+
+        api.apply(svc("a")).expect("apply");
+        let patch = json!({"spec": {"clusterIP": "10.96.9.9"}, "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.1"}]}}});
+        let (line, got) = send(
+            api.addr(),
+            "PATCH",
+            "/api/v1/namespaces/ns/services/a/status",
+            &patch,
+        );
+        assert_eq!(line, "HTTP/1.1 200 OK");
+        assert_eq!(
+            got["status"]["loadBalancer"]["ingress"][0]["ip"],
+            "192.0.2.1"
+        );
+        assert_eq!(
+            got["spec"]["clusterIP"], "10.96.0.1",
+            "the spec is not the status's"
+        );
+        let clear = json!({"status": {"loadBalancer": {"ingress": null}}});
+        send(
+            api.addr(),
+            "PATCH",
+            "/api/v1/namespaces/ns/services/a/status",
+            &clear,
+        );
+        let stored = api.get("Service", "ns", "a").expect("stored");
+        assert_eq!(stored["status"]["loadBalancer"], json!({}));
+        assert_eq!(api.counters().status_patches_total(), 2);
+
+        api.set_served("IPAddressPool", false).expect("unserve");
+        let (line, _) = get(api.addr(), "/apis/metallb.io/v1beta1/ipaddresspools");
+        assert_eq!(line, "HTTP/1.1 404 Not Found");
+        api.set_served("IPAddressPool", true).expect("serve");
+        let (line, _) = get(api.addr(), "/apis/metallb.io/v1beta1/ipaddresspools");
+        assert_eq!(line, "HTTP/1.1 200 OK");
     }
 
     #[test]

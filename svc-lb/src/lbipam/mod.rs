@@ -47,6 +47,7 @@ use crate::{
     },
 };
 
+pub mod leader;
 #[cfg(test)]
 mod tests;
 

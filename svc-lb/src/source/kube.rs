@@ -57,7 +57,13 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::{Changed, SliceObj, Snapshot, service_ref, slice_owner};
-use crate::model::ServiceRef;
+use crate::{
+    model::ServiceRef,
+    source::metallb::{IPAddressPool, L2Advertisement},
+};
+
+mod metallb;
+mod nodes;
 
 /// How long changes are collected, from the first unsent one, before they are sent
 /// as one snapshot. Short enough that endpoint changes reach the kernel quickly, long
@@ -74,9 +80,10 @@ pub struct ApiAccess {
     pub verbs: &'static [&'static str],
 }
 
-/// Every API call the agent makes. Watchers list, then watch; nothing else is read, and
-/// nothing is written (no Events: a bad Service is the same problem on every node, and
-/// one Event per node would flood a large cluster's API server).
+/// Every API call the agent makes. Watchers list, then watch. The only writes are the
+/// LB-IPAM leader's: its Lease and the Services' `status.loadBalancer` (see
+/// [`crate::lbipam::leader`]). No Events: a bad Service is the same problem on every
+/// node, and one Event per node would flood a large cluster's API server.
 pub const API_ACCESS: &[ApiAccess] = &[
     ApiAccess {
         group: "",
@@ -92,6 +99,26 @@ pub const API_ACCESS: &[ApiAccess] = &[
         group: "",
         resource: "nodes",
         verbs: &["list", "watch"],
+    },
+    ApiAccess {
+        group: "metallb.io",
+        resource: "ipaddresspools",
+        verbs: &["list", "watch"],
+    },
+    ApiAccess {
+        group: "metallb.io",
+        resource: "l2advertisements",
+        verbs: &["list", "watch"],
+    },
+    ApiAccess {
+        group: "",
+        resource: "services/status",
+        verbs: &["patch"],
+    },
+    ApiAccess {
+        group: "coordination.k8s.io",
+        resource: "leases",
+        verbs: &["get", "create", "update"],
     },
 ];
 
@@ -469,11 +496,24 @@ impl View {
     }
 }
 
-/// The three stores and the view they feed.
+/// What the source watches besides Services and EndpointSlices.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// This node's name: its Node object.
+    pub node_name: Option<String>,
+    /// Watch every Node (for `--l2-announce`), not only this node's.
+    pub all_nodes: bool,
+}
+
+/// The stores and the view they feed.
 struct State {
     services: Store<Service>,
     slices: Store<EndpointSlice, SliceObj>,
     nodes: Store<Node>,
+    pools: Store<IPAddressPool>,
+    adverts: Store<L2Advertisement>,
+    /// `Some(this node's name)` when `nodes` holds every Node.
+    all_nodes: Option<String>,
     view: View,
 }
 
@@ -486,12 +526,35 @@ impl State {
                 trim_node(&mut node);
                 node
             }),
+            pools: Store::new("IPAddressPool", |mut p| {
+                metallb::trim_pool(&mut p);
+                p
+            }),
+            adverts: Store::new("L2Advertisement", |mut a| {
+                metallb::trim_advert(&mut a);
+                a
+            }),
+            all_nodes: None,
             view: View::new(),
         }
     }
 
     fn ready(&self) -> bool {
-        self.services.ready && self.slices.ready && self.nodes.ready
+        self.services.ready
+            && self.slices.ready
+            && self.nodes.ready
+            && self.pools.ready
+            && self.adverts.ready
+    }
+
+    fn pool(&mut self, ev: Result<Event<IPAddressPool>, watcher::Error>) {
+        let deltas = self.pools.apply(ev);
+        self.view.dirty |= metallb::put(&mut self.view.snap.pools, deltas);
+    }
+
+    fn advert(&mut self, ev: Result<Event<L2Advertisement>, watcher::Error>) {
+        let deltas = self.adverts.apply(ev);
+        self.view.dirty |= metallb::put(&mut self.view.snap.l2_adverts, deltas);
     }
 
     fn service(&mut self, ev: Result<Event<Service>, watcher::Error>) {
@@ -505,8 +568,17 @@ impl State {
     }
 
     fn node(&mut self, ev: Result<Event<Node>, watcher::Error>) {
-        if !self.nodes.apply(ev).is_empty() {
-            self.view.node(self.nodes.live.values().next());
+        let deltas = self.nodes.apply(ev);
+        if deltas.is_empty() {
+            return;
+        }
+        match &self.all_nodes {
+            Some(me) => {
+                self.view.dirty |= nodes::put(&mut self.view.snap.nodes, &deltas);
+                let mine = self.nodes.live.get(&(String::new(), me.clone()));
+                self.view.node(mine);
+            }
+            None => self.view.node(self.nodes.live.values().next()),
         }
     }
 }
@@ -547,8 +619,11 @@ where
 /// Watches the cluster and sends a whole [`Snapshot`] on `tx` after the initial sync
 /// and after every batch of changes. Runs until the receiver is dropped; watch errors
 /// are retried forever (they are logged and counted, never fatal).
-pub async fn watch(client: Client, node_name: Option<String>, tx: super::Publisher) -> Result<()> {
+pub async fn watch(client: Client, opts: Options, tx: super::Publisher) -> Result<()> {
+    let node_name = opts.node_name;
     let mut state = State::new();
+    let mut pool_events = metallb::watch_kind::<IPAddressPool>(client.clone()).boxed();
+    let mut advert_events = metallb::watch_kind::<L2Advertisement>(client.clone()).boxed();
 
     let mut svc_events = watch_stream(
         Api::<Service>::all(client.clone()),
@@ -561,6 +636,14 @@ pub async fn watch(client: Client, node_name: Option<String>, tx: super::Publish
     )
     .boxed();
     let mut node_events = match &node_name {
+        Some(name) if opts.all_nodes => {
+            state.all_nodes = Some(name.clone());
+            state.nodes.trim = |mut node| {
+                nodes::trim_node_all(&mut node);
+                node
+            };
+            watch_stream(Api::<Node>::all(client.clone()), watcher::Config::default()).boxed()
+        }
         Some(name) => watch_stream(
             Api::<Node>::all(client.clone()),
             watcher::Config::default().fields(&format!("metadata.name={name}")),
@@ -594,6 +677,8 @@ pub async fn watch(client: Client, node_name: Option<String>, tx: super::Publish
             Some(ev) = svc_events.next() => state.service(ev),
             Some(ev) = slice_events.next() => state.slice(ev),
             Some(ev) = node_events.next() => state.node(ev),
+            Some(ev) = pool_events.next() => state.pool(ev),
+            Some(ev) = advert_events.next() => state.advert(ev),
             () = flush => {
                 let snap = state.view.publish();
                 if !sent_initial {

@@ -159,7 +159,13 @@ fn backoff_grows_caps_jitters_and_resets() {
 fn rbac_list_names_every_watched_resource() {
     let resources: BTreeMap<&str, &[&str]> =
         API_ACCESS.iter().map(|a| (a.resource, a.verbs)).collect();
-    for r in ["services", "endpointslices", "nodes"] {
+    for r in [
+        "services",
+        "endpointslices",
+        "nodes",
+        "ipaddresspools",
+        "l2advertisements",
+    ] {
         assert_eq!(resources[r], ["list", "watch"]);
     }
 }
@@ -222,6 +228,10 @@ fn listed(services: Vec<Service>, slices: Vec<EndpointSlice>, node: Node) -> (St
     st.node(Ok(Event::Init));
     st.node(Ok(Event::InitApply(node)));
     st.node(Ok(Event::InitDone));
+    st.pool(Ok(Event::Init));
+    st.pool(Ok(Event::InitDone));
+    st.advert(Ok(Event::Init));
+    st.advert(Ok(Event::InitDone));
     assert!(st.ready());
     let first = st.view.publish();
     (st, first)

@@ -1,0 +1,459 @@
+//! Kubernetes mode: LB-IPAM with one writer.
+//!
+//! Every agent runs the allocator over the same watched objects ([`Ipam::observe`]), for
+//! `svc-lb status`, the metrics and the pool of each address it may announce; but the
+//! Services' `status.loadBalancer.ingress` is what every agent programs, and only one
+//! agent writes it: the holder of the `coordination.k8s.io/v1` Lease [`LEASE_NAME`] in
+//! the agent's namespace (the service account's). Allocation starts from what the
+//! statuses say (an address a status lists is held first, see [`super::allocate`]), so
+//! it survives restarts and leader changes.
+//!
+//! The election follows client-go's leader election: the leader renews every
+//! [`RENEW_EVERY`]; the others read the Lease as often, and take it over when it has not
+//! changed for its `leaseDurationSeconds` ([`LEASE_DURATION`]) by their own clock (no
+//! clock comparison between nodes). A leader that could not renew for
+//! [`RENEW_DEADLINE`] stops writing before anyone may take over. Writes are
+//! optimistic: a Lease update carries the resourceVersion read, so two candidates
+//! racing for it get one success and one 409 Conflict.
+//!
+//! The leader patches a Service's status (a JSON merge patch of the status subresource)
+//! only when the allocation differs from what the status says, and releases an
+//! address (clears the status) when a Service stops being a LoadBalancer. A deleted
+//! Service needs no write: its address is free at the next allocation.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    sync::Arc,
+    time::Duration,
+};
+
+use k8s_openapi::{
+    api::{
+        coordination::v1::{Lease, LeaseSpec},
+        core::v1::Service,
+    },
+    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams, PostParams},
+};
+use serde_json::json;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::{Allocation, Ipam, advertisements, allocate, is_ours, pools, status_ips};
+use crate::{model::ServiceRef, source::Snapshot, source::metallb::Pool};
+
+pub const LEASE_NAME: &str = "svc-lb-lbipam";
+/// How long a Lease that nobody renews stays with its holder (Cilium's and client-go's
+/// default too).
+pub const LEASE_DURATION: Duration = Duration::from_secs(15);
+/// How often the leader renews, and how often the others read the Lease.
+pub const RENEW_EVERY: Duration = Duration::from_secs(5);
+/// A leader that has not renewed for this long stops writing: before another agent,
+/// which waits [`LEASE_DURATION`] from its own last sight of a change, may take over.
+pub const RENEW_DEADLINE: Duration = Duration::from_secs(10);
+/// A status written and not seen back in the watch within this long is written again
+/// (someone changed it back, or the write was lost).
+const REWRITE_AFTER: Duration = Duration::from_secs(30);
+
+/// What the election does next.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Step {
+    /// No Lease yet: create it, held by us.
+    Create(Lease),
+    /// Renew ours, or take over an expired one (the Lease keeps the resourceVersion
+    /// read, so a race loses with 409).
+    Update(Lease),
+    /// Someone else holds a live Lease.
+    Wait,
+}
+
+/// A Lease's holder and renew time: what must change for it to count as renewed.
+type Observed = (Option<String>, Option<MicroTime>);
+
+/// The election's state; pure, the clock is passed in.
+#[derive(Debug)]
+pub struct Elector {
+    me: String,
+    /// The holder and renew time last seen, and when we first saw them.
+    seen: Option<(Observed, Instant)>,
+    /// When someone else's Lease expires unless it is renewed meanwhile.
+    expires: Option<Instant>,
+    /// When we last wrote the Lease successfully as its holder.
+    renewed: Option<Instant>,
+}
+
+impl Elector {
+    pub fn new(me: String) -> Self {
+        Self {
+            me,
+            seen: None,
+            expires: None,
+            renewed: None,
+        }
+    }
+
+    fn held_by_me(&self, now: Timestamp, mut lease: Lease, takeover: bool) -> Lease {
+        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+        if takeover || spec.holder_identity.as_deref() != Some(&self.me) {
+            spec.acquire_time = Some(MicroTime(now));
+            spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+        }
+        spec.holder_identity = Some(self.me.clone());
+        spec.lease_duration_seconds = Some(LEASE_DURATION.as_secs() as i32);
+        spec.renew_time = Some(MicroTime(now));
+        lease
+    }
+
+    /// What to do with the Lease as read (`None`: it does not exist) at `now`
+    /// (monotonic) and `wall` (written into the Lease).
+    pub fn step(&mut self, lease: Option<&Lease>, now: Instant, wall: Timestamp) -> Step {
+        self.expires = None;
+        let Some(lease) = lease else {
+            self.renewed = None;
+            let mut new = self.held_by_me(
+                wall,
+                Lease {
+                    metadata: ObjectMeta {
+                        name: Some(LEASE_NAME.to_owned()),
+                        ..ObjectMeta::default()
+                    },
+                    spec: None,
+                },
+                true,
+            );
+            if let Some(spec) = new.spec.as_mut() {
+                spec.lease_transitions = Some(0);
+            }
+            return Step::Create(new);
+        };
+        let spec = lease.spec.clone().unwrap_or_default();
+        let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
+        if holder.as_deref() == Some(&self.me) {
+            return Step::Update(self.held_by_me(wall, lease.clone(), false));
+        }
+        self.renewed = None;
+        let observed: Observed = (holder.clone(), spec.renew_time.clone());
+        let since = match &self.seen {
+            Some((o, t)) if *o == observed => *t,
+            _ => {
+                self.seen = Some((observed, now));
+                now
+            }
+        };
+        let duration = spec
+            .lease_duration_seconds
+            .filter(|&s| s > 0)
+            .map_or(LEASE_DURATION, |s| Duration::from_secs(s as u64));
+        if holder.is_none() || now.duration_since(since) >= duration {
+            Step::Update(self.held_by_me(wall, lease.clone(), true))
+        } else {
+            self.expires = Some(since + duration);
+            Step::Wait
+        }
+    }
+
+    /// When the Lease seen last expires, unless renewed: the time to read it again,
+    /// so that a takeover does not wait for the next read period.
+    pub fn expires(&self) -> Option<Instant> {
+        self.expires
+    }
+
+    /// The Lease write of the last [`Elector::step`] succeeded at `now`.
+    pub fn wrote(&mut self, now: Instant) {
+        self.renewed = Some(now);
+    }
+
+    /// Whether we lead at `now`.
+    pub fn leading(&self, now: Instant) -> bool {
+        self.renewed
+            .is_some_and(|t| now.duration_since(t) < RENEW_DEADLINE)
+    }
+}
+
+/// The held addresses for the next allocation in Kubernetes mode: the previous
+/// allocation only for Services whose status lists no address, so that what the
+/// statuses say (the leader's writes) wins over this agent's own earlier view.
+fn held_previous(last: &Allocation, snap: &Snapshot) -> Allocation {
+    Allocation {
+        assigned: last
+            .assigned
+            .iter()
+            .filter(|(s, _)| {
+                snap.services
+                    .get(*s)
+                    .is_none_or(|svc| status_ips(svc).is_empty())
+            })
+            .map(|(s, a)| (s.clone(), a.clone()))
+            .collect(),
+        ..Allocation::default()
+    }
+}
+
+impl Ipam {
+    /// Kubernetes mode: allocates over `snap` without touching it (the statuses are
+    /// the ingress addresses), for the metrics, `svc-lb status`, announcement and the
+    /// leader's writes. Returns the valid pools.
+    pub fn observe(&mut self, snap: &Snapshot) -> Vec<Pool> {
+        let (pools, errors) = pools(snap.pools.values().cloned());
+        self.adverts = advertisements(snap.l2_adverts.values().cloned(), &pools);
+        for e in errors.iter().filter(|e| !self.errors.contains(e)) {
+            tracing::error!(error = %e, "address pool rejected");
+        }
+        self.errors = errors;
+        if pools.is_empty() && self.last.is_none() {
+            return pools;
+        }
+        let held = self.last.as_ref().map(|l| held_previous(l, snap));
+        let services = snap.services.iter().map(|(r, s)| (r, &**s));
+        let alloc = allocate(&pools, services, held.as_ref());
+        let before = self.last.as_ref();
+        for (service, why) in &alloc.pending {
+            if before.and_then(|b| b.pending.get(service)) != Some(why) {
+                warn!(service = %service, reason = %why, "load-balancer address pending");
+            }
+        }
+        for (service, got) in &alloc.assigned {
+            if before.and_then(|b| b.assigned.get(service)) != Some(got) {
+                let ips: Vec<IpAddr> = got.iter().map(|a| a.ip).collect();
+                debug!(service = %service, addresses = ?ips, "load-balancer addresses allocated");
+            }
+        }
+        crate::metrics::set_lb_pools(&alloc);
+        let published = super::status_of(&alloc, &self.errors);
+        crate::status::update(|st| st.lb = Some(published));
+        self.last = Some(alloc);
+        pools
+    }
+}
+
+/// The status writes the allocation asks for: each Service whose
+/// `status.loadBalancer.ingress` addresses differ from its allocation, with the
+/// addresses it should list (empty: clear them). A pending Service loses addresses of
+/// ours that its status still lists; a Service that is no longer a LoadBalancer (class
+/// unset or ours) loses the pool addresses its status lists.
+pub fn status_writes(
+    snap: &Snapshot,
+    alloc: &Allocation,
+    pools: &[Pool],
+) -> Vec<(ServiceRef, Vec<IpAddr>)> {
+    let in_pool = |ip: &IpAddr| pools.iter().any(|p| p.contains(*ip));
+    let mut out = Vec::new();
+    for (r, svc) in snap.services.iter() {
+        let current = status_ips(svc);
+        let want: Vec<IpAddr> = match (alloc.assigned.get(r), alloc.pending.get(r)) {
+            (Some(got), _) => got.iter().map(|a| a.ip).collect(),
+            (None, Some(_)) if current.iter().any(in_pool) => Vec::new(),
+            (None, None) if released(svc) && current.iter().any(in_pool) => Vec::new(),
+            _ => continue,
+        };
+        let a: BTreeSet<&IpAddr> = current.iter().collect();
+        let b: BTreeSet<&IpAddr> = want.iter().collect();
+        if a != b {
+            out.push((r.clone(), want));
+        }
+    }
+    out
+}
+
+/// No longer a LoadBalancer, with no class of someone else's.
+fn released(svc: &Service) -> bool {
+    let spec = svc.spec.as_ref();
+    !is_ours(svc)
+        && spec.and_then(|s| s.type_.as_deref()) != Some("LoadBalancer")
+        && spec
+            .and_then(|s| s.load_balancer_class.as_deref())
+            .is_none_or(|c| c == super::LB_CLASS)
+}
+
+/// The merge patch of the status subresource that makes `ips` the ingress addresses.
+fn status_patch(ips: &[IpAddr]) -> serde_json::Value {
+    let ingress = if ips.is_empty() {
+        serde_json::Value::Null
+    } else {
+        ips.iter()
+            .map(|ip| json!({"ip": ip.to_string(), "ipMode": "VIP"}))
+            .collect()
+    };
+    json!({"status": {"loadBalancer": {"ingress": ingress}}})
+}
+
+/// What the leader works from: the newest snapshot, the allocation over it and the
+/// valid pools.
+#[derive(Clone, Debug)]
+struct Work {
+    snap: Snapshot,
+    alloc: Allocation,
+    pools: Arc<Vec<Pool>>,
+}
+
+/// The agent's handle on the election task.
+pub struct Writer {
+    tx: tokio::sync::watch::Sender<Option<Work>>,
+}
+
+impl Writer {
+    /// Hands the leader the newest snapshot and the allocation [`Ipam::observe`] made
+    /// of it. Cheap: the snapshot's maps are shared.
+    pub fn offer(&self, snap: &Snapshot, ipam: &Ipam, pools: Vec<Pool>) {
+        let Some(alloc) = ipam.last.clone() else {
+            return;
+        };
+        self.tx.send_replace(Some(Work {
+            snap: snap.clone(),
+            alloc,
+            pools: Arc::new(pools),
+        }));
+    }
+}
+
+/// Starts the election and the status writer as `identity` (this node's name) in the
+/// client's default namespace (in a pod: the service account's).
+pub fn spawn(client: Client, identity: String) -> Writer {
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    let namespace = client.default_namespace().to_owned();
+    info!(
+        lease = LEASE_NAME,
+        namespace = %namespace,
+        identity = %identity,
+        lease_secs = LEASE_DURATION.as_secs(),
+        renew_secs = RENEW_EVERY.as_secs(),
+        "LB-IPAM: status writer elected through a Lease"
+    );
+    tokio::spawn(run(client, namespace, identity, rx));
+    Writer { tx }
+}
+
+async fn run(
+    client: Client,
+    namespace: String,
+    identity: String,
+    mut rx: tokio::sync::watch::Receiver<Option<Work>>,
+) {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &namespace);
+    let mut elector = Elector::new(identity);
+    let mut written: BTreeMap<ServiceRef, (Vec<IpAddr>, Instant)> = BTreeMap::new();
+    let mut next = Instant::now();
+    let mut was_leading = false;
+    let mut lease_error_logged = false;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep_until(next) => {
+                let now = Instant::now();
+                match elect(&leases, &mut elector, now).await {
+                    Ok(()) => lease_error_logged = false,
+                    Err(e) if !lease_error_logged => {
+                        warn!(error = %format!("{e:#}"), lease = LEASE_NAME, "LB-IPAM: the Lease could not be read or written; retrying");
+                        lease_error_logged = true;
+                    }
+                    Err(e) => debug!(error = %format!("{e:#}"), "LB-IPAM: Lease"),
+                }
+                next = now + RENEW_EVERY;
+                if let Some(t) = elector.expires() {
+                    // Never sooner than a moment from now: a takeover that lost a race
+                    // leaves the expiry in the past.
+                    next = next.min(t.max(now + Duration::from_millis(200)));
+                }
+            }
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+        let leading = elector.leading(Instant::now());
+        if leading != was_leading {
+            if leading {
+                info!(
+                    lease = LEASE_NAME,
+                    "LB-IPAM: this agent leads; it writes the Services' load-balancer status"
+                );
+                written.clear();
+            } else {
+                warn!(
+                    lease = LEASE_NAME,
+                    "LB-IPAM: this agent no longer leads; it stops writing"
+                );
+            }
+            crate::metrics::set_lb_ipam_leader(leading);
+            was_leading = leading;
+        }
+        if leading {
+            let work = rx.borrow_and_update().clone();
+            if let Some(work) = work {
+                write_statuses(&client, &work, &mut written, &elector).await;
+            }
+        }
+    }
+}
+
+/// One election round: read the Lease, then create, renew, take over or wait.
+async fn elect(leases: &Api<Lease>, elector: &mut Elector, now: Instant) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let lease = leases.get_opt(LEASE_NAME).await.context("get the Lease")?;
+    let pp = PostParams::default();
+    let result = match elector.step(lease.as_ref(), now, Timestamp::now()) {
+        Step::Wait => return Ok(()),
+        Step::Create(l) => leases.create(&pp, &l).await.map(|_| ()),
+        Step::Update(l) => leases.replace(LEASE_NAME, &pp, &l).await.map(|_| ()),
+    };
+    match result {
+        Ok(()) => {
+            elector.wrote(now);
+            Ok(())
+        }
+        // Someone else wrote it first: not an error, the next round reads it.
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            debug!("LB-IPAM: another agent wrote the Lease first");
+            Ok(())
+        }
+        Err(e) => Err(e).context("write the Lease"),
+    }
+}
+
+async fn write_statuses(
+    client: &Client,
+    work: &Work,
+    written: &mut BTreeMap<ServiceRef, (Vec<IpAddr>, Instant)>,
+    elector: &Elector,
+) {
+    let writes = status_writes(&work.snap, &work.alloc, &work.pools);
+    // Statuses seen back as written are confirmed.
+    let pending: BTreeSet<&ServiceRef> = writes.iter().map(|(s, _)| s).collect();
+    written.retain(|s, _| pending.contains(s));
+    for (service, ips) in writes {
+        if !elector.leading(Instant::now()) {
+            return;
+        }
+        if written
+            .get(&service)
+            .is_some_and(|(w, t)| *w == ips && t.elapsed() < REWRITE_AFTER)
+        {
+            continue;
+        }
+        let api: Api<Service> = Api::namespaced(client.clone(), &service.namespace);
+        let patch = Patch::Merge(status_patch(&ips));
+        match api
+            .patch_status(&service.name, &PatchParams::default(), &patch)
+            .await
+        {
+            Ok(_) => {
+                info!(service = %service, addresses = ?ips, "LB-IPAM: wrote status.loadBalancer.ingress");
+                crate::metrics::lb_status_written();
+                written.insert(service, (ips, Instant::now()));
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                debug!(service = %service, "LB-IPAM: the Service is gone");
+            }
+            Err(e) => {
+                warn!(service = %service, error = %e, "LB-IPAM: could not write the load-balancer status; retrying with the next change or renewal");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
