@@ -437,7 +437,6 @@ impl MapStore for BpfDatapath {
 /// What [`apply_in_runs`] needs from a store: single writes, and batches of puts into
 /// one map. A trait so that the host tests can drive the run logic with a fake kernel.
 trait RunStore {
-    fn maglev_size(&self) -> u32;
     fn batching(&self) -> bool;
     fn stop_batching(&mut self);
     /// BPF_MAP_UPDATE_BATCH of `run` (see [`sys::map_update_batch`]).
@@ -446,10 +445,6 @@ trait RunStore {
 }
 
 impl RunStore for BpfDatapath {
-    fn maglev_size(&self) -> u32 {
-        self.maglev_size
-    }
-
     fn batching(&self) -> bool {
         self.batch
     }
@@ -474,7 +469,7 @@ fn apply_in_runs(store: &mut impl RunStore, ops: &[Op]) -> (usize, Result<()>) {
     let mut done = 0;
     let mut run = Run::default();
     while done < ops.len() {
-        if store.batching() && collect_run(&ops[done..], store.maglev_size(), &mut run) >= 2 {
+        if store.batching() && collect_run(&ops[done..], &mut run) >= 2 {
             match store.write_run(&run) {
                 Ok(()) => {
                     done += run.count;
@@ -503,23 +498,16 @@ fn apply_in_runs(store: &mut impl RunStore, ops: &[Op]) -> (usize, Result<()>) {
 /// Packs the longest prefix of `ops` (at most [`BATCH_MAX`]) whose ops each put one
 /// entry into the same batched map into `run`; returns its length (0: the first op is
 /// not such a put).
-fn collect_run(ops: &[Op], maglev_size: u32, run: &mut Run) -> usize {
+fn collect_run(ops: &[Op], run: &mut Run) -> usize {
     run.map = None;
     run.keys.clear();
     run.values.clear();
     run.count = 0;
     for op in ops.iter().take(BATCH_MAX) {
-        // A Maglev table is never batched: skip building it twice.
-        if matches!(op, Op::UpsertMaglev { .. }) {
-            break;
-        }
-        let Ok(writes) = codec::encode(op, maglev_size) else {
+        let Some(w) = codec::single_put(op) else {
             break;
         };
-        let [w] = writes.as_slice() else {
-            break;
-        };
-        let Some((map, key, value)) = batch_entry(w) else {
+        let Some((map, key, value)) = batch_entry(&w) else {
             break;
         };
         if run.map.is_some_and(|m| m != map) {
@@ -772,9 +760,6 @@ mod tests {
     }
 
     impl RunStore for Recorder {
-        fn maglev_size(&self) -> u32 {
-            251
-        }
         fn batching(&self) -> bool {
             self.batch
         }

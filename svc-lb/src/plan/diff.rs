@@ -589,7 +589,10 @@ pub(super) fn plan_with(
         adds: PerMap::default(),
         blocks: Default::default(),
         backends_base: current.backends.len(),
-        new_backends: HashSet::new(),
+        // At most every desired address: sized once instead of rehashed as it grows.
+        new_backends: HashSet::with_capacity(
+            candidates.iter().map(|c| c.desired.backends.len()).sum(),
+        ),
         free_backend_ids: (u32::MAX as usize).saturating_sub(used_backend_ids.len()),
         rev_nats_base: current.rev_nats.len() - phase1_rev_nats.len(),
         new_rev_nats: 0,
