@@ -898,9 +898,18 @@ mod tests {
             ]
         );
         // The same bytes, in the same order, as one write per op.
-        assert_eq!((store.batches[0].2.clone(), store.batches[0].3.clone()), encoded(&ops[..5]));
-        assert_eq!((store.batches[1].2.clone(), store.batches[1].3.clone()), encoded(&ops[5..9]));
-        assert_eq!((store.batches[2].2.clone(), store.batches[2].3.clone()), encoded(&ops[10..12]));
+        assert_eq!(
+            (store.batches[0].2.clone(), store.batches[0].3.clone()),
+            encoded(&ops[..5])
+        );
+        assert_eq!(
+            (store.batches[1].2.clone(), store.batches[1].3.clone()),
+            encoded(&ops[5..9])
+        );
+        assert_eq!(
+            (store.batches[2].2.clone(), store.batches[2].3.clone()),
+            encoded(&ops[10..12])
+        );
         // A delete and a run of one go on their own.
         assert_eq!(store.singles, vec![ops[9].clone(), ops[12].clone()]);
     }

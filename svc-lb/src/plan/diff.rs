@@ -317,11 +317,7 @@ impl Budget {
     /// Admits the frontends of one Service if every map stays within capacity during
     /// the whole plan; otherwise leaves the budget as it was and says which maps
     /// overflow.
-    fn try_admit(
-        &mut self,
-        fronts: &[&Candidate<'_>],
-        by_addr: &AddrIds,
-    ) -> Result<(), String> {
+    fn try_admit(&mut self, fronts: &[&Candidate<'_>], by_addr: &AddrIds) -> Result<(), String> {
         let mut full = Vec::new();
         let changed: Vec<&&Candidate<'_>> = fronts.iter().filter(|c| c.changed).collect();
 
