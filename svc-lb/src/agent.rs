@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     datapath::{MapStore, apply::apply_plan, bpf::BpfDatapath, devices, sockterm},
@@ -613,7 +613,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                     "sync applied"
                 );
                 if let Some(took) = crate::mem::release_after_sync(report.duration) {
-                    debug!(took_us = took.as_micros() as u64, "freed heap returned");
+                    // Info, not debug: the bench reads the agent's memory after this line.
+                    info!(took_us = took.as_micros() as u64, "freed heap returned");
                 }
                 // Attached above, and the maps hold the sources' first complete view.
                 health.set_ready();

@@ -426,43 +426,99 @@ impl MapStore for BpfDatapath {
     }
 
     fn apply_all(&mut self, ops: &[Op]) -> (usize, Result<()>) {
-        let mut done = 0;
-        let mut run = Run::default();
-        while done < ops.len() {
-            if self.batch && self.collect_run(&ops[done..], &mut run) >= 2 {
-                match sys::map_update_batch(
-                    self.batch_fd(run.map),
-                    &run.keys,
-                    &run.values,
-                    run.count,
-                ) {
-                    Ok(()) => {
-                        done += run.count;
-                        continue;
-                    }
-                    Err((written, e)) => {
-                        done += written;
-                        if written == 0 && sys::batch_unsupported(&e) {
-                            warn!(error = %e, "BPF_MAP_UPDATE_BATCH refused: map writes go one entry at a time from now on");
-                            self.batch = false;
-                        }
-                        // The entry the kernel refused goes on its own below: it then
-                        // fails with the error a single write gives, or (a passing
-                        // condition) succeeds and the batches go on.
-                    }
-                }
-            }
-            if let Err(e) = self.apply(&ops[done]) {
-                return (done, Err(e));
-            }
-            done += 1;
-        }
-        (ops.len(), Ok(()))
+        apply_in_runs(self, ops)
     }
 
     fn capacity(&self) -> Capacity {
         self.cap
     }
+}
+
+/// What [`apply_in_runs`] needs from a store: single writes, and batches of puts into
+/// one map. A trait so that the host tests can drive the run logic with a fake kernel.
+trait RunStore {
+    fn batching(&self) -> bool;
+    fn stop_batching(&mut self);
+    /// BPF_MAP_UPDATE_BATCH of `run` (see [`sys::map_update_batch`]).
+    fn write_run(&mut self, run: &Run) -> std::result::Result<(), (usize, std::io::Error)>;
+    fn apply_one(&mut self, op: &Op) -> Result<()>;
+}
+
+impl RunStore for BpfDatapath {
+    fn batching(&self) -> bool {
+        self.batch
+    }
+
+    fn stop_batching(&mut self) {
+        self.batch = false;
+    }
+
+    fn write_run(&mut self, run: &Run) -> std::result::Result<(), (usize, std::io::Error)> {
+        sys::map_update_batch(self.batch_fd(run.map), &run.keys, &run.values, run.count)
+    }
+
+    fn apply_one(&mut self, op: &Op) -> Result<()> {
+        self.apply(op)
+    }
+}
+
+/// Applies `ops` in order: each run of two or more puts into one batched map with one
+/// BPF_MAP_UPDATE_BATCH, everything else one op at a time. Returns how many ops were
+/// applied, as [`MapStore::apply_all`] does.
+fn apply_in_runs(store: &mut impl RunStore, ops: &[Op]) -> (usize, Result<()>) {
+    let mut done = 0;
+    let mut run = Run::default();
+    while done < ops.len() {
+        if store.batching() && collect_run(&ops[done..], &mut run) >= 2 {
+            match store.write_run(&run) {
+                Ok(()) => {
+                    done += run.count;
+                    continue;
+                }
+                Err((written, e)) => {
+                    done += written;
+                    if written == 0 && sys::batch_unsupported(&e) {
+                        warn!(error = %e, "BPF_MAP_UPDATE_BATCH refused: map writes go one entry at a time from now on");
+                        store.stop_batching();
+                    }
+                    // The entry the kernel refused goes on its own below: it then
+                    // fails with the error a single write gives, or (a passing
+                    // condition) succeeds and the batches go on.
+                }
+            }
+        }
+        if let Err(e) = store.apply_one(&ops[done]) {
+            return (done, Err(e));
+        }
+        done += 1;
+    }
+    (ops.len(), Ok(()))
+}
+
+/// Packs the longest prefix of `ops` (at most [`BATCH_MAX`]) whose ops each put one
+/// entry into the same batched map into `run`; returns its length (0: the first op is
+/// not such a put).
+fn collect_run(ops: &[Op], run: &mut Run) -> usize {
+    run.map = None;
+    run.keys.clear();
+    run.values.clear();
+    run.count = 0;
+    for op in ops.iter().take(BATCH_MAX) {
+        let Some(w) = codec::single_put(op) else {
+            break;
+        };
+        let Some((map, key, value)) = batch_entry(&w) else {
+            break;
+        };
+        if run.map.is_some_and(|m| m != map) {
+            break;
+        }
+        run.map = Some(map);
+        run.keys.extend_from_slice(key);
+        run.values.extend_from_slice(value);
+        run.count += 1;
+    }
+    run.count
 }
 
 /// The maps whose entries a run of ops may write with one BPF_MAP_UPDATE_BATCH: the
@@ -515,39 +571,6 @@ impl BpfDatapath {
     /// `--force-feature-off map_batch`).
     pub fn set_map_batch(&mut self, on: bool) {
         self.batch = on;
-    }
-
-    /// Packs the longest prefix of `ops` (at most [`BATCH_MAX`]) whose ops each put one
-    /// entry into the same map into `run`; returns its length (0: the first op is not
-    /// such a put).
-    fn collect_run(&self, ops: &[Op], run: &mut Run) -> usize {
-        run.map = None;
-        run.keys.clear();
-        run.values.clear();
-        run.count = 0;
-        for op in ops.iter().take(BATCH_MAX) {
-            // A Maglev table is never batched: skip building it twice.
-            if matches!(op, Op::UpsertMaglev { .. }) {
-                break;
-            }
-            let Ok(writes) = codec::encode(op, self.maglev_size) else {
-                break;
-            };
-            let [w] = writes.as_slice() else {
-                break;
-            };
-            let Some((map, key, value)) = batch_entry(w) else {
-                break;
-            };
-            if run.map.is_some_and(|m| m != map) {
-                break;
-            }
-            run.map = Some(map);
-            run.keys.extend_from_slice(key);
-            run.values.extend_from_slice(value);
-            run.count += 1;
-        }
-        run.count
     }
 
     fn batch_fd(&self, map: Option<BatchMap>) -> std::os::fd::BorrowedFd<'_> {
@@ -706,5 +729,271 @@ impl BpfDatapath {
             SvcKey::V6(k) => ignore_missing(self.svc6.remove(&k))
                 .with_context(|| format!("{MAP_SVC6}: delete {k:?}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The batched write path without a kernel: a store that records each batch and
+    //! single write, and can refuse an entry or the batch command itself.
+    use std::io;
+
+    use svc_lb_common::{BACKEND_ACTIVE, PROTO_TCP, SCOPE_ALL};
+
+    use super::*;
+    use crate::{
+        model::{BackendAddr, FrontendKey, ServiceRef},
+        plan::{BackendEntry, FrontendMeta},
+    };
+
+    #[derive(Default)]
+    struct Recorder {
+        batch: bool,
+        /// (map, count, keys, values) of each batch the store took.
+        batches: Vec<(BatchMap, usize, Vec<u8>, Vec<u8>)>,
+        singles: Vec<Op>,
+        /// Refuse the batch whose entry at this index (counted over every entry
+        /// offered in batches) is reached, having written the ones before it.
+        refuse_at: Option<(usize, i32)>,
+        offered: usize,
+        fail_single: Option<usize>,
+    }
+
+    impl RunStore for Recorder {
+        fn batching(&self) -> bool {
+            self.batch
+        }
+        fn stop_batching(&mut self) {
+            self.batch = false;
+        }
+        fn write_run(&mut self, run: &Run) -> std::result::Result<(), (usize, io::Error)> {
+            let map = run.map.unwrap();
+            if let Some((at, errno)) = self.refuse_at
+                && (self.offered..self.offered + run.count).contains(&at)
+            {
+                self.refuse_at = None;
+                let written = at - self.offered;
+                let (k, v) = (run.keys.len() / run.count, run.values.len() / run.count);
+                if written > 0 {
+                    self.batches.push((
+                        map,
+                        written,
+                        run.keys[..k * written].to_vec(),
+                        run.values[..v * written].to_vec(),
+                    ));
+                }
+                self.offered += written;
+                return Err((written, io::Error::from_raw_os_error(errno)));
+            }
+            self.offered += run.count;
+            self.batches
+                .push((map, run.count, run.keys.clone(), run.values.clone()));
+            Ok(())
+        }
+        fn apply_one(&mut self, op: &Op) -> Result<()> {
+            if self.fail_single == Some(self.singles.len()) {
+                bail!("refused");
+            }
+            self.singles.push(op.clone());
+            Ok(())
+        }
+    }
+
+    fn fe(i: u8) -> FrontendKey {
+        FrontendKey {
+            addr: std::net::Ipv4Addr::new(10, 96, 0, i).into(),
+            port: 80,
+            proto: PROTO_TCP,
+            scope: SCOPE_ALL,
+        }
+    }
+
+    fn backend(id: u32) -> Op {
+        Op::UpsertBackend {
+            id,
+            backend: BackendEntry {
+                addr: BackendAddr {
+                    addr: std::net::Ipv4Addr::from(0x0a00_0000 + id).into(),
+                    port: 8080,
+                    proto: PROTO_TCP,
+                },
+                state: BACKEND_ACTIVE,
+                local: false,
+            },
+        }
+    }
+
+    fn meta(rev_nat_id: u32) -> Op {
+        Op::UpsertMeta {
+            rev_nat_id,
+            meta: FrontendMeta {
+                service: ServiceRef {
+                    namespace: "ns".into(),
+                    name: format!("svc-{rev_nat_id}"),
+                },
+                port_name: "http".into(),
+                kind: 0,
+                flags: 0,
+            },
+        }
+    }
+
+    /// Five backends, three slots and a master of one frontend, a slot delete, two
+    /// metadata entries, and a lone reverse-NAT entry.
+    fn plan_ops() -> Vec<Op> {
+        let mut ops: Vec<Op> = (1..=5).map(backend).collect();
+        ops.extend((1..=3).map(|slot| Op::UpsertSlot {
+            frontend: fe(1),
+            slot,
+            backend_id: u32::from(slot),
+        }));
+        ops.push(Op::UpsertMaster {
+            frontend: fe(1),
+            count: 3,
+            rev_nat_id: 1,
+            flags: 0,
+            affinity_timeout_s: 0,
+        });
+        ops.push(Op::DeleteSlot {
+            frontend: fe(2),
+            slot: 4,
+        });
+        ops.extend([meta(1), meta(2)]);
+        ops.push(Op::UpsertRevNat {
+            id: 1,
+            frontend: fe(1),
+        });
+        ops
+    }
+
+    /// The bytes single writes of `ops` would put: (keys, values).
+    fn encoded(ops: &[Op]) -> (Vec<u8>, Vec<u8>) {
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        for op in ops {
+            let writes = codec::encode(op, 251).unwrap();
+            let (_, key, value) = batch_entry(&writes[0]).unwrap();
+            k.extend_from_slice(key);
+            v.extend_from_slice(value);
+        }
+        (k, v)
+    }
+
+    #[test]
+    fn runs_of_puts_into_one_map_go_in_one_batch_each() {
+        let ops = plan_ops();
+        let mut store = Recorder {
+            batch: true,
+            ..Default::default()
+        };
+        let (done, result) = apply_in_runs(&mut store, &ops);
+        result.unwrap();
+        assert_eq!(done, ops.len());
+        let shape: Vec<(BatchMap, usize)> = store.batches.iter().map(|b| (b.0, b.1)).collect();
+        assert_eq!(
+            shape,
+            vec![
+                (BatchMap::Backends, 5),
+                (BatchMap::Svc4, 4),
+                (BatchMap::Meta, 2)
+            ]
+        );
+        // The same bytes, in the same order, as one write per op.
+        assert_eq!(
+            (store.batches[0].2.clone(), store.batches[0].3.clone()),
+            encoded(&ops[..5])
+        );
+        assert_eq!(
+            (store.batches[1].2.clone(), store.batches[1].3.clone()),
+            encoded(&ops[5..9])
+        );
+        assert_eq!(
+            (store.batches[2].2.clone(), store.batches[2].3.clone()),
+            encoded(&ops[10..12])
+        );
+        // A delete and a run of one go on their own.
+        assert_eq!(store.singles, vec![ops[9].clone(), ops[12].clone()]);
+    }
+
+    #[test]
+    fn without_batches_every_op_goes_alone() {
+        let ops = plan_ops();
+        let mut store = Recorder::default();
+        let (done, result) = apply_in_runs(&mut store, &ops);
+        result.unwrap();
+        assert_eq!(done, ops.len());
+        assert!(store.batches.is_empty());
+        assert_eq!(store.singles, ops);
+    }
+
+    #[test]
+    fn a_refused_entry_goes_alone_and_the_batches_go_on() {
+        let ops = plan_ops();
+        let mut store = Recorder {
+            batch: true,
+            refuse_at: Some((2, libc::ENOMEM)),
+            ..Default::default()
+        };
+        let (done, result) = apply_in_runs(&mut store, &ops);
+        result.unwrap();
+        assert_eq!(done, ops.len());
+        assert!(store.batch, "a refused entry does not switch batches off");
+        let shape: Vec<(BatchMap, usize)> = store.batches.iter().map(|b| (b.0, b.1)).collect();
+        // Backends 1-2 in the batch, 3 alone, 4-5 in the next batch.
+        assert_eq!(
+            shape,
+            vec![
+                (BatchMap::Backends, 2),
+                (BatchMap::Backends, 2),
+                (BatchMap::Svc4, 4),
+                (BatchMap::Meta, 2)
+            ]
+        );
+        assert_eq!(store.singles[0], ops[2]);
+    }
+
+    #[test]
+    fn a_kernel_without_batches_switches_them_off_once() {
+        let ops = plan_ops();
+        let mut store = Recorder {
+            batch: true,
+            refuse_at: Some((0, libc::EINVAL)),
+            ..Default::default()
+        };
+        let (done, result) = apply_in_runs(&mut store, &ops);
+        result.unwrap();
+        assert_eq!(done, ops.len());
+        assert!(!store.batch);
+        assert!(store.batches.is_empty());
+        assert_eq!(store.singles, ops);
+    }
+
+    #[test]
+    fn a_failed_single_write_stops_and_counts_what_was_applied() {
+        let ops = plan_ops();
+        let mut store = Recorder {
+            batch: true,
+            // The slot delete, after the backend and service-map batches.
+            fail_single: Some(0),
+            ..Default::default()
+        };
+        let (done, result) = apply_in_runs(&mut store, &ops);
+        assert!(result.is_err());
+        assert_eq!(done, 9);
+        assert_eq!(ops[done], ops[9]);
+    }
+
+    #[test]
+    fn long_runs_are_cut_at_the_batch_limit() {
+        let ops: Vec<Op> = (1..=BATCH_MAX as u32 + 5).map(backend).collect();
+        let mut store = Recorder {
+            batch: true,
+            ..Default::default()
+        };
+        let (done, result) = apply_in_runs(&mut store, &ops);
+        result.unwrap();
+        assert_eq!(done, ops.len());
+        let counts: Vec<usize> = store.batches.iter().map(|b| b.1).collect();
+        assert_eq!(counts, vec![BATCH_MAX, 5]);
+        assert_eq!(store.batches[1].2, encoded(&ops[BATCH_MAX..]).0);
     }
 }

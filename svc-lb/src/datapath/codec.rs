@@ -43,33 +43,14 @@ pub enum Write {
 /// the store. Fails only for an op no plan emits (a Maglev table without backends).
 pub fn encode(op: &Op, maglev_size: u32) -> Result<Vec<Write>> {
     Ok(match op {
-        Op::UpsertBackend { id, backend } => vec![Write::Backend(*id, Some(backend_raw(backend)))],
+        single @ (Op::UpsertBackend { .. }
+        | Op::UpsertRevNat { .. }
+        | Op::UpsertSlot { .. }
+        | Op::UpsertMaster { .. }
+        | Op::UpsertAffinityMatch { .. }
+        | Op::UpsertMeta { .. }) => single_put(single).into_iter().collect(),
         Op::DeleteBackend { id } => vec![Write::Backend(*id, None), Write::ResetBackendStats(*id)],
-        Op::UpsertRevNat { id, frontend } => vec![Write::RevNat(*id, Some(revnat_raw(frontend)))],
         Op::DeleteRevNat { id } => vec![Write::RevNat(*id, None), Write::ResetFrontendStats(*id)],
-        Op::UpsertSlot {
-            frontend,
-            slot,
-            backend_id,
-        } => vec![Write::Svc(
-            svc_key(frontend, *slot),
-            Some(slot_value(*backend_id)),
-        )],
-        Op::UpsertMaster {
-            frontend,
-            count,
-            rev_nat_id,
-            flags,
-            affinity_timeout_s,
-        } => vec![Write::Svc(
-            svc_key(frontend, 0),
-            Some(master_value(
-                *count,
-                *rev_nat_id,
-                *flags,
-                *affinity_timeout_s,
-            )),
-        )],
         Op::DeleteSlot { frontend, slot } => vec![Write::Svc(svc_key(frontend, *slot), None)],
         Op::DeleteMaster { frontend } => vec![Write::Svc(svc_key(frontend, 0), None)],
         Op::UpsertMaglev {
@@ -99,11 +80,7 @@ pub fn encode(op: &Op, maglev_size: u32) -> Result<Vec<Write>> {
                 }
             }]
         }
-        Op::UpsertAffinityMatch {
-            backend_id,
-            rev_nat_id,
-        }
-        | Op::DeleteAffinityMatch {
+        Op::DeleteAffinityMatch {
             backend_id,
             rev_nat_id,
         } => vec![Write::AffMatch(
@@ -111,11 +88,52 @@ pub fn encode(op: &Op, maglev_size: u32) -> Result<Vec<Write>> {
                 backend_id: *backend_id,
                 rev_nat_id: *rev_nat_id,
             },
-            matches!(op, Op::UpsertAffinityMatch { .. }),
+            false,
         )],
         Op::ForgetAffinity { rev_nat_id } => vec![Write::ForgetClients(*rev_nat_id)],
-        Op::UpsertMeta { rev_nat_id, meta } => vec![Write::Meta(*rev_nat_id, Some(meta_raw(meta)))],
         Op::DeleteMeta { rev_nat_id } => vec![Write::Meta(*rev_nat_id, None)],
+    })
+}
+
+/// The one write of an op that puts a single entry into a hash map (`None` for every
+/// other op): what [`encode`] gives for it, without a vector, for the store that packs
+/// runs of such puts into batches.
+pub fn single_put(op: &Op) -> Option<Write> {
+    Some(match op {
+        Op::UpsertBackend { id, backend } => Write::Backend(*id, Some(backend_raw(backend))),
+        Op::UpsertRevNat { id, frontend } => Write::RevNat(*id, Some(revnat_raw(frontend))),
+        Op::UpsertSlot {
+            frontend,
+            slot,
+            backend_id,
+        } => Write::Svc(svc_key(frontend, *slot), Some(slot_value(*backend_id))),
+        Op::UpsertMaster {
+            frontend,
+            count,
+            rev_nat_id,
+            flags,
+            affinity_timeout_s,
+        } => Write::Svc(
+            svc_key(frontend, 0),
+            Some(master_value(
+                *count,
+                *rev_nat_id,
+                *flags,
+                *affinity_timeout_s,
+            )),
+        ),
+        Op::UpsertAffinityMatch {
+            backend_id,
+            rev_nat_id,
+        } => Write::AffMatch(
+            AffinityMatchKey {
+                backend_id: *backend_id,
+                rev_nat_id: *rev_nat_id,
+            },
+            true,
+        ),
+        Op::UpsertMeta { rev_nat_id, meta } => Write::Meta(*rev_nat_id, Some(meta_raw(meta))),
+        _ => return None,
     })
 }
 

@@ -112,10 +112,12 @@ fn slot_backends(state: &CurrentState, fe: &FrontendKey) -> HashSet<BackendAddr>
 /// applied. Only the frontends the plan writes can lose a backend, so only they are
 /// mirrored forward: the cost follows the plan, not the size of the maps.
 pub fn stopped(before: &CurrentState, ops: &[Op]) -> Vec<Stopped> {
+    // A frontend that is not programmed before the plan has no socket to end: leaving
+    // it out keeps the first sync (every frontend new) from mirroring the whole plan.
     let touched: BTreeSet<FrontendKey> = ops
         .iter()
         .filter_map(Op::frontend)
-        .filter(|fe| socket_frontend(fe))
+        .filter(|fe| socket_frontend(fe) && before.frontends.contains_key(fe))
         .copied()
         .collect();
     if touched.is_empty() {

@@ -31,6 +31,7 @@ use std::{
     net::IpAddr,
 };
 
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use ipnet::IpNet;
 use svc_lb_common::{
     BACKEND_DRAINING, MAP_BACKENDS, MAP_MAGLEV, MAP_REVNAT, MAP_SRC_RANGE4, MAP_SRC_RANGE6,
@@ -61,6 +62,11 @@ const BLOCK_MAPS: [&str; 5] = [
     MAP_SRC_RANGE6,
 ];
 type PerMap = [usize; BLOCK_MAPS.len()];
+
+/// Backend id per address. The plan only looks addresses up (tens of thousands of
+/// times in a full sync), never walks them in order: a hash map, not a tree. The keys
+/// come from the cluster's own objects, so a fast hash without DoS resistance will do.
+type AddrIds = HashMap<BackendAddr, u32>;
 
 fn family(fe: &FrontendKey) -> usize {
     match fe.addr {
@@ -143,7 +149,7 @@ fn extras_match(
     state: &CurrentState,
     rev_nat_id: u32,
     d: &DesiredFrontend,
-    by_addr: &BTreeMap<BackendAddr, u32>,
+    by_addr: &AddrIds,
 ) -> bool {
     let table_ok = if wants_table(d) {
         let ids: Option<BTreeSet<u32>> = d
@@ -182,7 +188,7 @@ impl<'a> Candidate<'a> {
         desired: &'a DesiredFrontend,
         current: Option<&'a CurrentFrontend>,
         rev_nat: Option<u32>,
-        by_addr: &BTreeMap<BackendAddr, u32>,
+        by_addr: &AddrIds,
         state: &CurrentState,
     ) -> Self {
         let n = desired.backends.len();
@@ -265,7 +271,8 @@ struct Budget {
     /// Every admitted changed frontend that inserts or deletes keys there, per map.
     blocks: [Vec<Block>; BLOCK_MAPS.len()],
     backends_base: usize,
-    new_backends: BTreeSet<BackendAddr>,
+    /// Unordered here; sorted once when the plan hands out their ids.
+    new_backends: HashSet<BackendAddr>,
     /// Ids no backend and no slot uses: the most new backends one plan can add.
     free_backend_ids: usize,
     rev_nats_base: usize,
@@ -310,11 +317,7 @@ impl Budget {
     /// Admits the frontends of one Service if every map stays within capacity during
     /// the whole plan; otherwise leaves the budget as it was and says which maps
     /// overflow.
-    fn try_admit(
-        &mut self,
-        fronts: &[&Candidate<'_>],
-        by_addr: &BTreeMap<BackendAddr, u32>,
-    ) -> Result<(), String> {
+    fn try_admit(&mut self, fronts: &[&Candidate<'_>], by_addr: &AddrIds) -> Result<(), String> {
         let mut full = Vec::new();
         let changed: Vec<&&Candidate<'_>> = fronts.iter().filter(|c| c.changed).collect();
 
@@ -422,6 +425,15 @@ fn emptied(
     }
 }
 
+/// Slots the admitted frontends want: a size hint for the plan's ops.
+fn wanted_hint(admitted: &[&Candidate<'_>]) -> usize {
+    admitted
+        .iter()
+        .filter(|c| c.changed)
+        .map(|c| 2 * c.desired.backends.len())
+        .sum()
+}
+
 /// Hands out the lowest ids ≥ 1 that are not in `used`, in increasing order.
 struct IdAllocator<'a> {
     used: &'a BTreeSet<u32>,
@@ -469,7 +481,7 @@ pub(super) fn plan_with(
     ids: Option<&Index>,
 ) -> Plan {
     // The lowest id of each backend address is the one kept; duplicates are orphans.
-    let mut by_addr: BTreeMap<BackendAddr, u32> = BTreeMap::new();
+    let mut by_addr: AddrIds = HashMap::with_capacity(current.backends.len());
     for (id, b) in &current.backends {
         by_addr.entry(b.addr).or_insert(*id);
     }
@@ -573,7 +585,10 @@ pub(super) fn plan_with(
         adds: PerMap::default(),
         blocks: Default::default(),
         backends_base: current.backends.len(),
-        new_backends: BTreeSet::new(),
+        // At most every desired address: sized once instead of rehashed as it grows.
+        new_backends: HashSet::with_capacity(
+            candidates.iter().map(|c| c.desired.backends.len()).sum(),
+        ),
         free_backend_ids: (u32::MAX as usize).saturating_sub(used_backend_ids.len()),
         rev_nats_base: current.rev_nats.len() - phase1_rev_nats.len(),
         new_rev_nats: 0,
@@ -584,7 +599,7 @@ pub(super) fn plan_with(
         services.entry(&c.desired.service).or_default().push(c);
     }
     let mut rejected = Vec::new();
-    let mut admitted: BTreeSet<FrontendKey> = BTreeSet::new();
+    let mut admitted: HashSet<FrontendKey> = HashSet::with_capacity(candidates.len());
     // Services that are programmed now are admitted first: a newly created Service,
     // however large, cannot push out one that already works (it is the one rejected).
     let programmed =
@@ -666,7 +681,10 @@ pub(super) fn plan_with(
         Some(ix) => Box::new(ix.fresh_backend_ids()),
         None => Box::new(allocator(&used_backend_ids)),
     };
-    for addr in &budget.new_backends {
+    let mut new_backends: Vec<&BackendAddr> = budget.new_backends.iter().collect();
+    new_backends.sort_unstable();
+    backend_ids.reserve(new_backends.len());
+    for addr in new_backends {
         if let Some(id) = fresh_ids.next() {
             backend_ids.insert(*addr, id);
         }
@@ -681,8 +699,8 @@ pub(super) fn plan_with(
         Some(ix) => Box::new(ix.fresh_rev_nat_ids()),
         None => Box::new(allocator(&used_rev_ids)),
     };
-    let mut rev_ids: BTreeMap<FrontendKey, u32> = BTreeMap::new();
-    let mut new_rev_nats: BTreeSet<FrontendKey> = BTreeSet::new();
+    let mut rev_ids: HashMap<FrontendKey, u32> = HashMap::with_capacity(admitted.len());
+    let mut new_rev_nats: HashSet<FrontendKey> = HashSet::new();
     for c in &admitted {
         let id = match c.rev_nat {
             Some(id) => Some(id),
@@ -695,7 +713,11 @@ pub(super) fn plan_with(
         }
     }
 
-    let mut ops = Vec::new();
+    // A full sync plans about three ops per backend: room for them up front rather than
+    // copying a growing vector of large ops.
+    let mut ops = Vec::with_capacity(
+        removed.len() + wanted_hint(&admitted) + 3 * admitted.iter().filter(|c| c.changed).count(),
+    );
     // What the Maglev and source-range maps hold as the ops go, so that no key is
     // deleted twice.
     let mut tables: BTreeSet<u32> = current.maglev.keys().copied().collect();

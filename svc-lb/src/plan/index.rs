@@ -173,8 +173,109 @@ fn bump(map: &mut BTreeMap<u32, u32>, id: u32, up: bool) {
     }
 }
 
+/// Counts of ids given as one item per reference (sorted here), and the runs of the
+/// ids counted: each ordered collection built once from sorted input, which is linear
+/// (an insert per reference costs a tree search and a run merge).
+fn refs_from(mut ids: Vec<u32>) -> Refs {
+    ids.sort_unstable();
+    let mut count: Vec<(u32, u32)> = Vec::new();
+    let mut runs: Vec<(u32, u32)> = Vec::new();
+    for id in ids.into_iter().filter(|id| *id != 0) {
+        match count.last_mut() {
+            Some((last, n)) if *last == id => *n += 1,
+            _ => {
+                count.push((id, 1));
+                match runs.last_mut() {
+                    Some((_, end)) if end.checked_add(1) == Some(id) => *end = id,
+                    _ => runs.push((id, id)),
+                }
+            }
+        }
+    }
+    Refs {
+        count: count.into_iter().collect(),
+        used: Runs(runs.into_iter().collect()),
+    }
+}
+
 impl Index {
+    /// The index of the whole state in one pass (the first sync after start-up builds
+    /// it over every entry); equal to accounting each object with [`Self::count`], which
+    /// the proptests check.
     pub fn build(state: &CurrentState) -> Self {
+        let mut backend_refs: Vec<u32> = Vec::with_capacity(state.backends.len() * 2);
+        let mut users: Vec<u32> = Vec::new();
+        let mut rev_refs: Vec<u32> = Vec::with_capacity(state.rev_nats.len() * 2);
+        let by_addr: BTreeSet<(BackendAddr, u32)> = {
+            let mut v: Vec<(BackendAddr, u32)> =
+                state.backends.iter().map(|(id, b)| (b.addr, *id)).collect();
+            v.sort_unstable();
+            v.into_iter().collect()
+        };
+        backend_refs.extend(state.backends.keys().copied());
+        let rev_by_key: BTreeSet<((IpAddr, u16, u8), u32)> = {
+            let mut v: Vec<_> = state
+                .rev_nats
+                .iter()
+                .map(|(id, fe)| ((fe.addr, fe.port, fe.proto), *id))
+                .collect();
+            v.sort_unstable();
+            v.into_iter().collect()
+        };
+        rev_refs.extend(state.rev_nats.keys().copied());
+        for (id, ids) in &state.maglev {
+            rev_refs.push(*id);
+            users.extend(ids.iter().copied().filter(|b| *b != 0));
+        }
+        let mut src_ranges = [0usize; 2];
+        for (id, range) in &state.src_ranges {
+            rev_refs.push(*id);
+            src_ranges[usize::from(matches!(range, IpNet::V6(_)))] += 1;
+        }
+        let mut svc_entries = [0usize; 2];
+        let mut masters: Vec<(u32, FrontendKey)> = Vec::new();
+        for (fe, cf) in &state.frontends {
+            svc_entries[fam(&fe.addr)] += usize::from(has_master(cf)) + present_slots(cf).count();
+            if has_master(cf) && cf.rev_nat_id != 0 {
+                masters.push((cf.rev_nat_id, *fe));
+                rev_refs.push(cf.rev_nat_id);
+            }
+            users.extend(
+                state
+                    .slots_with_ids(fe)
+                    .into_iter()
+                    .map(|(_, id)| id)
+                    .filter(|id| *id != 0),
+            );
+        }
+        masters.sort_unstable();
+        backend_refs.extend_from_slice(&users);
+        let backend_refs = refs_from(backend_refs);
+        let backend_users = refs_from(users).count;
+        // An entry and no user: a count of exactly 1 that no slot or table makes.
+        let unused: BTreeSet<u32> = backend_refs
+            .count
+            .iter()
+            .filter(|(id, n)| **n == 1 && !backend_users.contains_key(id))
+            .map(|(id, _)| *id)
+            .collect();
+        Self {
+            by_addr,
+            backend_refs,
+            backend_users,
+            unused,
+            rev_refs: refs_from(rev_refs),
+            rev_by_key,
+            masters: masters.into_iter().collect(),
+            svc_entries,
+            src_ranges,
+        }
+    }
+
+    /// [`Self::build`] one object at a time, as the ops account them: the reference
+    /// the bulk build is checked against.
+    #[cfg(test)]
+    pub fn build_by_objects(state: &CurrentState) -> Self {
         let mut ix = Self::default();
         for id in state.backends.keys() {
             ix.count(state, &Object::Backend(*id), true);

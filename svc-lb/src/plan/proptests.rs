@@ -713,6 +713,11 @@ proptest! {
                 let mut fresh = rig.current.clone();
                 fresh.build_index();
                 prop_assert_eq!(format!("{kept:?}"), format!("{:?}", fresh.index().unwrap()));
+                // The bulk build equals accounting the objects one at a time.
+                prop_assert_eq!(
+                    format!("{kept:?}"),
+                    format!("{:?}", super::index::Index::build_by_objects(&rig.current))
+                );
             }
             // Converged: the full plan (the periodic safety net) finds nothing to do.
             // Converged up to two known things the full plan settles: a backend entry

@@ -225,6 +225,57 @@ mod tests {
         }
     }
 
+    /// Cost of the first full sync's agent stages that this crate owns, on an empty
+    /// mirror: the plan, then the mirror's apply and the index build. Run with
+    /// `cargo test --release -p svc-lb plan_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a test"]
+    fn plan_cost_empty_mirror() {
+        // `PLAN_COST_N=10000` measures one size (for a profile).
+        let sizes: Vec<u32> = match std::env::var("PLAN_COST_N") {
+            Ok(n) => vec![n.parse().unwrap()],
+            Err(_) => vec![10_000, 100_000],
+        };
+        for n in sizes {
+            let cap = Capacity {
+                svc4_entries: 1 << 22,
+                svc6_entries: 1 << 10,
+                backends: 1 << 21,
+                rev_nats: 1 << 18,
+                maglev_tables: 1 << 10,
+                src_ranges4: 1 << 10,
+                src_ranges6: 1 << 10,
+            };
+            let per = if n > 10_000 { 10 } else { 3 };
+            let desired = DesiredState {
+                frontends: (0..n)
+                    .map(|i| frontend(i, per, 0))
+                    .map(|f| (f.key, f))
+                    .collect(),
+                ..DesiredState::default()
+            };
+            for round in 0..3 {
+                let mut current = CurrentState::default();
+                let t = Instant::now();
+                let p = plan(&current, &desired, &cap);
+                let plan_t = t.elapsed();
+                let t = Instant::now();
+                for op in &p.ops {
+                    current.apply(op);
+                }
+                let apply_t = t.elapsed();
+                let t = Instant::now();
+                current.build_index();
+                let index_t = t.elapsed();
+                println!(
+                    "N={n}x{per} round {round}: plan {plan_t:?} ({} ops), mirror apply {apply_t:?}, index build {index_t:?}",
+                    p.ops.len()
+                );
+                assert_eq!(current.frontends.len(), n as usize);
+            }
+        }
+    }
+
     /// Plan cost with N frontends programmed: the full plan against one touched
     /// Service whose endpoint changed. Run with
     /// `cargo test --release -p svc-lb plan_cost -- --ignored --nocapture`.

@@ -374,7 +374,8 @@ fn memory_table(out: &mut String, r: &Results) {
         out,
         "Agent resident memory",
         &[
-            "svc-lb's agent process right after each full sync (`VmRSS` and its peak `VmHWM` from /proc/PID/status). The \
+            "svc-lb's agent process after each full sync, once it returned the sync's freed heap (its `freed heap returned` \
+             line, or RSS steady for 100 ms) (`VmRSS` and its peak `VmHWM` from /proc/PID/status). The \
              BPF maps themselves are kernel memory and not part of it; the baselines have no agent process here (kube-proxy \
              would be one), so there is nothing to compare with: the ratios are n/a.",
             "The BPF maps column is the kernel memory of the maps the agent holds open (the sum of `memlock` over \

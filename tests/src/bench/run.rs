@@ -581,7 +581,7 @@ impl Bench {
             if let Some(d) = duration_us {
                 cell.agent_sync_us.push(d);
             }
-            if let Some((rss, hwm)) = agent_memory(pid) {
+            if let Some((rss, hwm)) = settled_memory(agent, pid) {
                 mem.rss_kib.push(rss);
                 mem.hwm_kib.push(hwm);
             }
@@ -1251,6 +1251,36 @@ fn first_sync(lines: &[String]) -> Option<(i64, Option<u64>, Option<Programmed>)
         });
         Some((ts, f["duration_us"].as_u64(), programmed))
     })
+}
+
+/// The agent's log line after it returned a large sync's freed heap to the kernel.
+const HEAP_RETURNED: &str = "freed heap returned";
+
+/// (VmRSS, VmHWM) in KiB once the agent has returned the sync's freed heap: right
+/// after `sync applied` its `malloc_trim` may still be running. Waits up to 1 s for the
+/// agent's `freed heap returned` line; without it (an older agent logs it at debug
+/// level only) reads once RSS stops falling: two equal readings 100 ms apart, at most
+/// 2 s.
+fn settled_memory(agent: &crate::agent::Agent, pid: u32) -> Option<(u64, u64)> {
+    let logged = |a: &crate::agent::Agent| a.log_lines().iter().any(|l| l.contains(HEAP_RETURNED));
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline {
+        if logged(agent) {
+            return agent_memory(pid);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut last = agent_memory(pid)?;
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = agent_memory(pid)?;
+        if now.0 == last.0 {
+            return Some(now);
+        }
+        last = now;
+    }
+    Some(last)
 }
 
 /// (VmRSS, VmHWM) in KiB.
