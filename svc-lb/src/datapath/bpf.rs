@@ -829,7 +829,7 @@ mod tests {
             meta: FrontendMeta {
                 service: ServiceRef {
                     namespace: "ns".into(),
-                    name: format!("svc-{rev_nat_id}"),
+                    name: format!("svc-{rev_nat_id}").into(),
                 },
                 port_name: "http".into(),
                 kind: 0,

@@ -71,7 +71,10 @@ mod tests {
     fn all_nodes_state() -> State {
         let mut st = State::new();
         st.all_nodes = Some("n1".into());
-        st.nodes.trim = trim_node_all;
+        st.nodes.trim = |mut node| {
+            trim_node_all(&mut node);
+            node
+        };
         st.service(Ok(Event::Init));
         st.service(Ok(Event::InitDone));
         st.slice(Ok(Event::Init));
@@ -160,7 +163,7 @@ mod tests {
         let snap = st.view.publish();
         let (r, p) = snap.pools.iter().next().expect("one pool");
         assert_eq!(
-            (r.namespace.as_str(), r.name.as_str()),
+            (&*r.namespace, &*r.name),
             ("metallb-system", "edge")
         );
         assert_eq!(r.kind, "IPAddressPool");
