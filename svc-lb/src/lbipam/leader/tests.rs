@@ -149,7 +149,12 @@ fn writes(services: Vec<Service>) -> Vec<(String, Vec<String>)> {
     let alloc = ipam.last.clone().expect("an allocation");
     status_writes(&snap, &alloc, &pools)
         .into_iter()
-        .map(|(s, ips)| (s.name.to_string(), ips.iter().map(|i| i.to_string()).collect()))
+        .map(|(s, ips)| {
+            (
+                s.name.to_string(),
+                ips.iter().map(|i| i.to_string()).collect(),
+            )
+        })
         .collect()
 }
 

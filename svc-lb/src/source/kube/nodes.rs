@@ -162,10 +162,7 @@ mod tests {
         assert!(st.view.dirty);
         let snap = st.view.publish();
         let (r, p) = snap.pools.iter().next().expect("one pool");
-        assert_eq!(
-            (&*r.namespace, &*r.name),
-            ("metallb-system", "edge")
-        );
+        assert_eq!((&*r.namespace, &*r.name), ("metallb-system", "edge"));
         assert_eq!(r.kind, "IPAddressPool");
         assert!(p.metadata.resource_version.is_none(), "trimmed");
         st.pool(Ok(Event::Apply(pool.clone())));
