@@ -214,9 +214,10 @@ fn foreign_clients_arping_and_curl_see_exactly_one_node() {
                     &["-sS", "-g", "--http0.9", "--max-time", "3", url.as_str()].map(str::to_owned),
                 )?;
                 if o.status.success() {
-                    *seen
-                        .entry(String::from_utf8_lossy(&o.stdout).trim().to_owned())
-                        .or_default() += 1;
+                    // The pod answers "<name> <peer address>".
+                    let body = String::from_utf8_lossy(&o.stdout);
+                    let pod = body.split_whitespace().next().unwrap_or_default();
+                    *seen.entry(pod.to_owned()).or_default() += 1;
                 } else {
                     failed += 1;
                     eprintln!("curl {url}: {}", text(&o));

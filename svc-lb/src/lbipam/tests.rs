@@ -541,9 +541,12 @@ proptest! {
         for (s, got) in &a.assigned {
             prop_assert_eq!(b.assigned.get(s), Some(got), "{} moved", s);
         }
-        // And the allocation held from before is a fixed point.
+        // And the allocation held from before is a fixed point (a pending reason may
+        // name another user of the address: who holds it first depends on history).
         let c = allocate(&pools, more.iter().map(|(r, s)| (r, s)), Some(&b));
-        prop_assert_eq!(c, b);
+        prop_assert_eq!(&c.assigned, &b.assigned);
+        prop_assert_eq!(c.pending.keys().collect::<Vec<_>>(), b.pending.keys().collect::<Vec<_>>());
+        prop_assert_eq!(&c.pools, &b.pools);
     }
 }
 
