@@ -576,9 +576,12 @@ pub fn run(cli: Cli) -> Result<()> {
             // the maps: ask it when there is any LoadBalancer entry.
             let any_lb = entries.iter().any(|e| e.kind == "LoadBalancer");
             if let (true, Some(addr)) = (any_lb, metrics_addr.0)
-                && let Some(lb) = inspect::status::fetch_agent(addr).status.and_then(|s| s.lb)
+                && let Some(st) = inspect::status::fetch_agent(addr).status
             {
-                inspect::list::set_pools(&mut entries, &lb);
+                if let Some(lb) = &st.lb {
+                    inspect::list::set_pools(&mut entries, lb);
+                }
+                inspect::list::set_announcers(&mut entries, &st.l2_announcers);
             }
             print!(
                 "{}",

@@ -882,3 +882,333 @@ fn gen_node(u: &mut Unstructured<'_>) -> ArbResult<NodeInfo> {
         limits,
     })
 }
+
+// ---------------------------------------------------------------------------------
+// LoadBalancer pools and L2 announcement
+
+/// MetalLB `IPAddressPool`s, `L2Advertisement`s, Nodes and LoadBalancer Services through
+/// pool validation, allocation and the choice of announcing node. Bytes that parse as a
+/// YAML manifest with any of those kinds are that manifest; other bytes drive a generator
+/// of hostile ones (CIDRs of every prefix length up to /0, reversed and cross-family
+/// ranges, garbage, overlapping pools, requested and shared addresses, selectors with
+/// unknown operators). Properties: no panic; bad pools are named in their error; the
+/// valid ones are disjoint; the allocation is valid ([`crate::lbipam::validate`]), does
+/// not depend on input order and is a fixed point (one pass is enough); every
+/// announced address has exactly one winner, the same whichever node computes it.
+pub fn lbipam(data: &[u8]) {
+    let mut snap = manifests::parse_bytes(Path::new("fuzz.yaml"), data);
+    if snap.pools.is_empty() && snap.l2_adverts.is_empty() && snap.nodes.is_empty() {
+        let mut u = Unstructured::new(data);
+        let Ok(doc) = gen_lb_objects(&mut u) else {
+            return;
+        };
+        let text = serde_json::to_vec(&doc).expect("a JSON value serializes");
+        snap = manifests::parse_bytes(Path::new("fuzz.json"), &text);
+    }
+    check_lbipam(&snap);
+}
+
+fn check_lbipam(snap: &Snapshot) {
+    use crate::{announce, lbipam};
+    let (pools, errors) = lbipam::pools(snap.pools.values().cloned());
+    for e in &errors {
+        assert!(
+            e.starts_with("IPAddressPool "),
+            "an error without its pool: {e}"
+        );
+    }
+    for (i, a) in pools.iter().enumerate() {
+        for b in &pools[i + 1..] {
+            assert_ne!(a.name, b.name, "two valid pools named alike");
+            for ra in &a.ranges {
+                assert!(
+                    !b.ranges.iter().any(|rb| ra.overlaps(rb)),
+                    "valid pools {} and {} overlap",
+                    a.name,
+                    b.name
+                );
+            }
+        }
+    }
+    let services: Vec<(&ServiceRef, &Service)> =
+        snap.services.iter().map(|(r, s)| (r, &**s)).collect();
+    let a = lbipam::allocate(&pools, services.iter().copied(), None);
+    if let Err(e) = lbipam::validate(&pools, services.iter().copied(), &a) {
+        panic!("invalid allocation: {e}");
+    }
+    let reversed = lbipam::allocate(&pools, services.iter().rev().copied(), None);
+    assert_eq!(reversed, a, "the allocation depends on input order");
+    // A fixed point: the same addresses and pending Services (a pending reason may
+    // name another missing family once the others hold their addresses).
+    let again = lbipam::allocate(&pools, services.iter().copied(), Some(&a));
+    assert_eq!(
+        again.assigned, a.assigned,
+        "the allocation is not a fixed point"
+    );
+    assert!(
+        again.pending.keys().eq(a.pending.keys()),
+        "the pending Services are not a fixed point"
+    );
+
+    let adverts = lbipam::advertisements(snap.l2_adverts.values().cloned(), &pools);
+    let nodes = announce::NodeView::all(&snap.nodes);
+    let targets: Vec<announce::Target> = a
+        .addresses()
+        .map(|x| {
+            let t = announce::Target {
+                ip: x.ip,
+                service: x.service.clone(),
+                interfaces: Vec::new(),
+                local_only: false,
+                endpoint_nodes: Default::default(),
+                node_selectors: Vec::new(),
+            };
+            (x.ip, t)
+        })
+        .collect::<BTreeMap<IpAddr, announce::Target>>()
+        .into_values()
+        .collect();
+    let targets = announce::apply_adverts(targets, Some(&a), &adverts);
+    let ifaces = ["eth0".to_owned()];
+    let winners = announce::winners(&targets, &nodes, |_| true);
+    let mut won: BTreeMap<IpAddr, usize> = BTreeMap::new();
+    for n in &nodes {
+        let mine: std::collections::BTreeSet<IpAddr> =
+            announce::assign(&targets, &nodes, &n.name, &ifaces, |_| true)
+                .into_values()
+                .flatten()
+                .collect();
+        for ip in mine {
+            *won.entry(ip).or_default() += 1;
+        }
+    }
+    for (node, ip) in &winners {
+        assert!(
+            nodes.iter().any(|n| n.name == *node && n.usable),
+            "{ip} won by {node}, which is not a usable node"
+        );
+    }
+    // Node names may repeat in hostile input; then both copies compute the same.
+    let unique = nodes
+        .iter()
+        .map(|n| &n.name)
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+        == nodes.len();
+    if unique {
+        for (_, ip) in &winners {
+            assert_eq!(
+                won.get(ip),
+                Some(&1),
+                "{ip} is announced by {:?} nodes",
+                won.get(ip)
+            );
+        }
+        assert_eq!(
+            won.len(),
+            winners.len(),
+            "an address is announced with no winner"
+        );
+    }
+}
+
+fn gen_pool_address(u: &mut Unstructured<'_>) -> ArbResult<String> {
+    Ok(match u.int_in_range(0u8..=6)? {
+        0 => u.arbitrary::<String>()?,
+        1 => format!(
+            "{}/{}",
+            IpAddr::from(u.arbitrary::<[u8; 4]>()?),
+            u.int_in_range(0u8..=34)?
+        ),
+        2 => format!(
+            "{}/{}",
+            IpAddr::from(u.arbitrary::<[u8; 16]>()?),
+            u.int_in_range(0u8..=130)?
+        ),
+        3 => format!(
+            "10.{}.0.{}/{}",
+            u.int_in_range(0u8..=3)?,
+            u.int_in_range(0u8..=255)?,
+            pick(u, &[8u8, 16, 24, 28, 30, 31, 32])?
+        ),
+        4 => format!(
+            "fd00:{:x}::{:x}/{}",
+            u.int_in_range(0u16..=3)?,
+            u.int_in_range(0u16..=255)?,
+            pick(u, &[0u8, 48, 64, 120, 126, 127, 128])?
+        ),
+        5 => format!(
+            "10.0.0.{}-10.0.{}.{}",
+            u.int_in_range(0u8..=255)?,
+            u.int_in_range(0u8..=1)?,
+            u.int_in_range(0u8..=255)?
+        ),
+        _ => format!(
+            "{}-{}",
+            pick(
+                u,
+                &["10.0.0.1", "fd00::1", "::", "0.0.0.0", "255.255.255.255"]
+            )?,
+            pick(
+                u,
+                &[
+                    "10.0.0.9",
+                    "fd00::ffff",
+                    "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+                    "10.0.0.0"
+                ]
+            )?
+        ),
+    })
+}
+
+fn gen_selector(u: &mut Unstructured<'_>) -> ArbResult<Value> {
+    let mut sel = Map::new();
+    if u.arbitrary()? {
+        let mut labels = Map::new();
+        labels.insert(
+            pick(u, &["zone", "role", "x"])?.to_owned(),
+            json!(pick(u, &["a", "b", ""])?),
+        );
+        sel.insert("matchLabels".into(), Value::Object(labels));
+    }
+    if u.arbitrary()? {
+        sel.insert(
+            "matchExpressions".into(),
+            json!([{
+                "key": pick(u, &["zone", "role", "x"])?,
+                "operator": pick(u, &["In", "NotIn", "Exists", "DoesNotExist", "Gt", ""])?,
+                "values": [pick(u, &["a", "b"])?],
+            }]),
+        );
+    }
+    Ok(Value::Object(sel))
+}
+
+/// A `kind: List` of hostile pools, advertisements, Nodes and LoadBalancer Services.
+fn gen_lb_objects(u: &mut Unstructured<'_>) -> ArbResult<Value> {
+    const POOLS: [&str; 4] = ["p0", "p1", "p2", "p1"];
+    let mut items = Vec::new();
+    for name in POOLS.iter().take(u.int_in_range(0usize..=4)?) {
+        let mut addresses = Vec::new();
+        for _ in 0..u.int_in_range(0u8..=3)? {
+            addresses.push(Value::String(gen_pool_address(u)?));
+        }
+        let mut spec = json!({ "addresses": addresses });
+        if u.arbitrary()? {
+            spec["avoidBuggyIPs"] = json!(true);
+        }
+        if u.arbitrary()? {
+            spec["autoAssign"] = json!(u.arbitrary::<bool>()?);
+        }
+        if u.arbitrary()? {
+            spec["serviceAllocation"] = json!({ "namespaces": [pick(u, &["a", "b"])?] });
+        }
+        items.push(json!({
+            "apiVersion": "metallb.io/v1beta1", "kind": "IPAddressPool",
+            "metadata": { "name": name, "namespace": pick(u, &["metallb-system", "other"])?,
+                          "labels": { "tier": pick(u, &["edge", "core"])? } },
+            "spec": spec,
+        }));
+    }
+    for i in 0..u.int_in_range(0u8..=2)? {
+        let mut spec = Map::new();
+        if u.arbitrary()? {
+            spec.insert(
+                "ipAddressPools".into(),
+                json!([pick(u, &POOLS)?, pick(u, &["p2", "none"])?]),
+            );
+        }
+        if u.arbitrary()? {
+            spec.insert(
+                "ipAddressPoolSelectors".into(),
+                json!([{ "matchLabels": { "tier": pick(u, &["edge", "core"])? } }]),
+            );
+        }
+        if u.arbitrary()? {
+            spec.insert("interfaces".into(), json!([pick(u, &["eth0", "eth1"])?]));
+        }
+        if u.arbitrary()? {
+            spec.insert("nodeSelectors".into(), json!([gen_selector(u)?]));
+        }
+        items.push(json!({
+            "apiVersion": "metallb.io/v1beta1", "kind": "L2Advertisement",
+            "metadata": { "name": format!("l2-{i}"), "namespace": "metallb-system" },
+            "spec": spec,
+        }));
+    }
+    for i in 0..u.int_in_range(0u8..=4)? {
+        let mut labels = Map::new();
+        if u.arbitrary()? {
+            labels.insert("zone".into(), json!(pick(u, &["a", "b"])?));
+        }
+        if u.arbitrary()? {
+            labels.insert(crate::announce::LABEL_EXCLUDE_LB.into(), json!(""));
+        }
+        items.push(json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": { "name": format!("n{i}"), "labels": labels },
+            "status": {
+                "addresses": [{ "type": pick(u, &["InternalIP", "ExternalIP", "Hostname"])?, "address": ip(u)? }],
+                "conditions": [{ "type": "Ready", "status": pick(u, &["True", "False", "Unknown"])? }],
+            },
+        }));
+    }
+    for i in 0..u.int_in_range(0u8..=12)? {
+        let mut ann = Map::new();
+        if u.ratio(1u8, 4)? {
+            let req = match u.int_in_range(0u8..=3)? {
+                0 => u.arbitrary::<String>()?,
+                1 => format!("10.0.0.{}", u.int_in_range(0u8..=9)?),
+                2 => format!("fd00::{:x}", u.int_in_range(0u8..=9)?),
+                _ => format!(
+                    "10.0.0.{},fd00::{:x}",
+                    u.int_in_range(0u8..=9)?,
+                    u.int_in_range(0u8..=9)?
+                ),
+            };
+            ann.insert("metallb.io/loadBalancerIPs".into(), json!(req));
+        }
+        if u.ratio(1u8, 3)? {
+            ann.insert(
+                "metallb.universe.tf/allow-shared-ip".into(),
+                json!(pick(u, &["k", "j"])?),
+            );
+        }
+        if u.ratio(1u8, 6)? {
+            ann.insert(
+                "metallb.universe.tf/address-pool".into(),
+                json!(pick(u, &POOLS)?),
+            );
+        }
+        let families: &[&str] = pick(
+            u,
+            &[
+                &["IPv4"][..],
+                &["IPv6"][..],
+                &["IPv4", "IPv6"][..],
+                &["IPv6", "IPv4"][..],
+                &[][..],
+            ],
+        )?;
+        let mut status = json!({});
+        if u.ratio(1u8, 6)? {
+            status = json!({ "loadBalancer": { "ingress": [{ "ip": ip(u)? }] } });
+        }
+        items.push(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": { "name": format!("s{i}"), "namespace": pick(u, &["a", "b"])?, "annotations": ann },
+            "spec": {
+                "type": pick(u, &["LoadBalancer", "LoadBalancer", "LoadBalancer", "ClusterIP"])?,
+                "clusterIP": "None",
+                "ipFamilies": families,
+                "ipFamilyPolicy": pick(u, &["SingleStack", "PreferDualStack", "RequireDualStack"])?,
+                "externalTrafficPolicy": pick(u, &["Cluster", "Local"])?,
+                "selector": { "app": pick(u, &["x", "y"])? },
+                "ports": [{ "port": u.int_in_range(1u16..=4)?, "protocol": pick(u, &["TCP", "UDP"])? }],
+            },
+            "status": status,
+        }));
+    }
+    Ok(json!({ "apiVersion": "v1", "kind": "List", "items": items }))
+}

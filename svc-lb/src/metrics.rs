@@ -165,6 +165,75 @@ pub fn set_lb_pools(alloc: &crate::lbipam::Allocation) {
     m.pending.set(gauge(alloc.pending.len() as u128));
 }
 
+/// L2 announcement (see [`crate::announce`]), when `--l2-announce` is on.
+struct L2Metrics {
+    announced: Family<Labels, Gauge>,
+    replies: Family<Labels, Counter>,
+    gratuitous: Family<Labels, Counter>,
+    takeovers: Counter,
+    releases: Counter,
+    live_nodes: Gauge,
+}
+
+fn l2() -> &'static L2Metrics {
+    static M: OnceLock<L2Metrics> = OnceLock::new();
+    M.get_or_init(|| L2Metrics {
+        announced: Family::default(),
+        replies: Family::default(),
+        gratuitous: Family::default(),
+        takeovers: Counter::default(),
+        releases: Counter::default(),
+        live_nodes: Gauge::default(),
+    })
+}
+
+fn family_label(v6: bool) -> Labels {
+    vec![("family", if v6 { "ipv6" } else { "ipv4" }.to_owned())]
+}
+
+/// The load-balancer addresses this node answers ARP/NDP for, by family. Also creates
+/// the reply and announcement series at 0.
+pub fn set_l2_announced(v4: usize, v6: usize) {
+    let m = l2();
+    for (v6_, n) in [(false, v4), (true, v6)] {
+        m.announced
+            .get_or_create(&family_label(v6_))
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+        let _ = m.gratuitous.get_or_create(&family_label(v6_));
+        let _ = m
+            .replies
+            .get_or_create(&vec![("proto", if v6_ { "ndp" } else { "arp" }.to_owned())]);
+    }
+}
+
+/// This node answered an ARP request (`v6` false) or a Neighbor Solicitation.
+pub fn l2_reply_sent(v6: bool) {
+    l2().replies
+        .get_or_create(&vec![("proto", if v6 { "ndp" } else { "arp" }.to_owned())])
+        .inc();
+}
+
+/// This node sent a gratuitous ARP (`v6` false) or an unsolicited Neighbor
+/// Advertisement.
+pub fn l2_gratuitous_sent(v6: bool) {
+    l2().gratuitous.get_or_create(&family_label(v6)).inc();
+}
+
+/// This node started announcing an address (on one interface).
+pub fn l2_taken_over() {
+    l2().takeovers.inc();
+}
+
+/// This node stopped announcing an address (on one interface).
+pub fn l2_released() {
+    l2().releases.inc();
+}
+
+/// The nodes the heartbeat says are live (this one included when it is ready).
+pub fn set_l2_live_nodes(n: usize) {
+    l2().live_nodes.set(i64::try_from(n).unwrap_or(i64::MAX));
+}
+
 /// Manifest files whose last good content stands in for a version that could not be
 /// read or parsed.
 pub fn set_manifest_files_stale(n: usize) {
@@ -651,6 +720,37 @@ pub fn render(data: ScrapeData) -> Result<String> {
         "svclb_lb_pending_services",
         "LoadBalancer Services left without addresses (conflict, exhausted pool, requested address in no pool)",
         lb().pending.clone(),
+    );
+    let l2m = l2();
+    reg.register(
+        "svclb_l2_announced_addresses",
+        "Load-balancer addresses this node answers ARP (ipv4) or NDP (ipv6) for",
+        l2m.announced.clone(),
+    );
+    reg.register(
+        "svclb_l2_replies",
+        "ARP replies and Neighbor Advertisements this node sent in answer to a request for an address it announces, by protocol",
+        l2m.replies.clone(),
+    );
+    reg.register(
+        "svclb_l2_gratuitous",
+        "Gratuitous ARPs and unsolicited Neighbor Advertisements sent when this node took an address over (three per takeover), by family",
+        l2m.gratuitous.clone(),
+    );
+    reg.register(
+        "svclb_l2_takeovers",
+        "Times this node started announcing an address on an interface (start, failover to it, new address)",
+        l2m.takeovers.clone(),
+    );
+    reg.register(
+        "svclb_l2_releases",
+        "Times this node stopped announcing an address on an interface (a peer came back or won it, the address went away)",
+        l2m.releases.clone(),
+    );
+    reg.register(
+        "svclb_l2_live_nodes",
+        "Nodes the L2 heartbeat counts as live, this one included",
+        l2m.live_nodes.clone(),
     );
     reg.register(
         "svclb_lb_ipam_leader",

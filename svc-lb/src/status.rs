@@ -51,6 +51,10 @@ pub struct AgentStatus {
     /// `--l2-announce`: the addresses this node answers ARP/NDP for ("IP on dev").
     #[serde(default)]
     pub l2_announcing: Vec<String>,
+    /// `--l2-announce`: the node that announces each load-balancer address, as this
+    /// agent sees it (every agent computes the same from the same live nodes).
+    #[serde(default)]
+    pub l2_announcers: Vec<L2Announcer>,
     /// LoadBalancer IP allocation, when any IPAddressPool is configured.
     #[serde(default)]
     pub lb: Option<LbStatus>,
@@ -82,6 +86,17 @@ pub struct LbAddress {
     pub service: String,
     pub ip: String,
     pub pool: String,
+}
+
+/// One announced load-balancer address and its node.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct L2Announcer {
+    pub ip: String,
+    /// namespace/name
+    pub service: String,
+    /// `None`: no live node is eligible (for `externalTrafficPolicy: Local`, none with
+    /// a ready endpoint), so no one answers for the address.
+    pub node: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -14,10 +14,11 @@ static ALLOC: svc_lb::fuzzing::CountingAlloc = svc_lb::fuzzing::CountingAlloc;
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 3] = [
+const TARGETS: [(&str, Target); 4] = [
     ("manifest", svc_lb::fuzzing::manifest),
     ("model", svc_lb::fuzzing::model),
     ("codec", svc_lb::fuzzing::codec),
+    ("lbipam", svc_lb::fuzzing::lbipam),
 ];
 
 fn files(dir: &Path) -> Vec<PathBuf> {

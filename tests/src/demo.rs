@@ -79,6 +79,13 @@ pub struct Examples {
     pub frontends: Vec<Frontend>,
     /// Backend address → (TCP ports, UDP ports) it must serve.
     pub endpoints: BTreeMap<IpAddr, (BTreeSet<u16>, BTreeSet<u16>)>,
+    /// LoadBalancer Services ("ns/name") without an ingress address: the agent
+    /// allocates one from an IPAddressPool, and the demo dials it too.
+    pub lb_services: Vec<String>,
+    /// IPAddressPool name → its `spec.addresses`.
+    pub pools: BTreeMap<String, Vec<String>>,
+    /// L2Advertisement name → its `spec.interfaces`.
+    pub l2_interfaces: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -125,6 +132,12 @@ pub fn read_examples(dir: &Path) -> Result<Examples> {
             Some("Service") => {
                 let name = format!("{ns}/{}", meta.name);
                 service_names.insert(name.clone());
+                let no_ingress = d["status"]["loadBalancer"]["ingress"]
+                    .as_array()
+                    .is_none_or(Vec::is_empty);
+                if d["spec"]["type"] == "LoadBalancer" && no_ingress {
+                    ex.lb_services.push(name.clone());
+                }
                 let ips: Vec<IpAddr> = match d["spec"]["clusterIPs"].as_array() {
                     Some(a) => a.iter().filter_map(|v| v.as_str()?.parse().ok()).collect(),
                     None => d["spec"]["clusterIP"]
@@ -145,6 +158,24 @@ pub fn read_examples(dir: &Path) -> Result<Examples> {
                         });
                     }
                 }
+            }
+            Some("IPAddressPool") => {
+                let addrs = d["spec"]["addresses"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|a| a.as_str().map(str::to_owned))
+                    .collect();
+                ex.pools.insert(meta.name.clone(), addrs);
+            }
+            Some("L2Advertisement") => {
+                let ifaces = d["spec"]["interfaces"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|a| a.as_str().map(str::to_owned))
+                    .collect();
+                ex.l2_interfaces.insert(meta.name.clone(), ifaces);
             }
             Some("EndpointSlice") => {
                 let mut tcp = BTreeSet::new();
@@ -268,6 +299,12 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         "svc-lb demo: agent up (first sync applied after {} ms); sending requests, Ctrl-C to stop",
         started.elapsed().as_millis()
     );
+    let mut frontends = examples.frontends.clone();
+    if !examples.lb_services.is_empty() {
+        let lb = lb_frontends(&mut lab, &examples.lb_services)?;
+        frontends.extend(lb);
+        frontends.sort();
+    }
     let mut totals: BTreeMap<Frontend, ClientReport> = BTreeMap::new();
     // Agent log lines already shown; new ones are printed each tick, so an edit of the
     // manifests shows up next to the tally it changes.
@@ -278,7 +315,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         .map(|s| Instant::now() + Duration::from_secs(s));
     while !STOP.load(Ordering::SeqCst) && deadline.is_none_or(|d| Instant::now() < d) {
         let mut runs = Vec::new();
-        for f in &examples.frontends {
+        for f in &frontends {
             let proto = if f.protocol == "UDP" {
                 Proto::Udp
             } else {
@@ -324,6 +361,57 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     drop(lab);
     println!("svc-lb demo: done");
     Ok(())
+}
+
+/// The load-balancer addresses the agent allocated to `services`, as `svc-lb list`
+/// shows them (socket scope: what the demo's clients reach); also prints that list,
+/// which names each address's pool when the agent answers on its default metrics
+/// address.
+fn lb_frontends(lab: &mut Lab, services: &[String]) -> Result<Vec<Frontend>> {
+    let mut out = Vec::new();
+    for svc in services {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let found = loop {
+            let o = lab.svc_lb(&["list", "-o", "json", "--service", svc.as_str()])?;
+            let entries: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap_or_default();
+            let found: Vec<Frontend> = entries
+                .iter()
+                .filter(|e| e["kind"] == "LoadBalancer" && e["scope"] == "socket")
+                .filter_map(|e| {
+                    let ip: IpAddr = e["address"].as_str()?.parse().ok()?;
+                    let port = u16::try_from(e["port"].as_u64()?).ok()?;
+                    Some(Frontend {
+                        service: svc.clone(),
+                        addr: SocketAddr::new(ip, port),
+                        protocol: e["protocol"].as_str()?.to_owned(),
+                    })
+                })
+                .collect();
+            if !found.is_empty() || Instant::now() >= deadline {
+                break found;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        if found.is_empty() {
+            bail!(
+                "{svc} is a LoadBalancer Service without an address, but the agent allocated none \
+                 (is there an IPAddressPool with a free address?); its log:\n{}",
+                lab.agent().log_text()
+            );
+        }
+        for f in &found {
+            println!(
+                "  load balancer  {} got {} from an IPAddressPool (svc-lb allocated it; no route leads there)",
+                f.service, f.addr
+            );
+        }
+        let o = lab.svc_lb(&["list", "--service", svc.as_str()])?;
+        for l in String::from_utf8_lossy(&o.stdout).lines() {
+            println!("    svc-lb list: {l}");
+        }
+        out.extend(found);
+    }
+    Ok(out)
 }
 
 /// Prints the agent's log lines after the first `shown`.
@@ -402,6 +490,24 @@ mod tests {
             assert!(
                 ours.contains(addr),
                 "example endpoint {addr} is not a demo backend"
+            );
+        }
+        // The LoadBalancer Service gets its address from a pool of documentation
+        // addresses (routed nowhere), and the L2Advertisement can only ever name an
+        // interface the demo does not create, never a real one.
+        assert_eq!(ex.lb_services, ["demo/web-lb"]);
+        assert_eq!(
+            ex.pools.get("demo-pool").map(Vec::as_slice),
+            Some(&["198.51.100.0/29".to_owned()][..])
+        );
+        assert!(
+            !ex.l2_interfaces.is_empty(),
+            "no L2Advertisement in deploy/examples"
+        );
+        for (name, ifaces) in &ex.l2_interfaces {
+            assert!(
+                !ifaces.is_empty() && ifaces.iter().all(|i| i.starts_with("svclb-demo")),
+                "L2Advertisement {name} may announce on a real interface: {ifaces:?}"
             );
         }
     }

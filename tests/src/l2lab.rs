@@ -448,6 +448,32 @@ impl L2Lab {
         }
     }
 
+    /// Runs `program args...` in the external client's namespace (a foreign client:
+    /// no cgroup, no svc-lb on it).
+    pub fn in_client(&self, program: &str, args: &[String]) -> Result<std::process::Output> {
+        run_in(self.net.client.name(), program.as_ref(), args)
+    }
+
+    /// Runs `svc-lb ARGS --bpffs <node i's pins>` in node `i`'s namespace, where the
+    /// CLI's default metrics address reaches that node's agent.
+    pub fn svc_lb_on(&self, i: usize, args: &[&str]) -> Result<std::process::Output> {
+        let mut all: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+        all.push("--bpffs".into());
+        all.push(self.bpf[i].path.display().to_string());
+        run_in(self.net.nodes[i].name(), self.bins.svc_lb.as_os_str(), &all)
+    }
+
+    /// Node `i`'s agent's metrics (its default address, inside the node's namespace).
+    pub fn metrics(&self, i: usize) -> Result<std::collections::BTreeMap<String, f64>> {
+        let addr: SocketAddr = svc_lb::metrics::DEFAULT_METRICS_ADDR
+            .parse()
+            .context("the default metrics address")?;
+        let text = netns::in_netns(self.net.nodes[i].name(), || {
+            crate::metrics::http_get(addr, "/metrics")
+        })?;
+        Ok(crate::metrics::parse_metrics(&text))
+    }
+
     /// The log lines of node `i`'s running agent that contain every one of `words`.
     pub fn log_count(&mut self, i: usize, words: &[&str]) -> Result<usize> {
         Ok(self
@@ -519,6 +545,22 @@ pub fn run_l2_lab(harness: &str, body: impl FnOnce(&mut L2Lab) -> Result<()>) {
             panic!("{e:?}");
         }
     });
+}
+
+/// Runs `program args...` in network namespace `ns`: the calling thread enters it and
+/// the child inherits it.
+fn run_in(ns: &str, program: &std::ffi::OsStr, args: &[String]) -> Result<std::process::Output> {
+    netns::in_netns(ns, || {
+        std::process::Command::new(program)
+            .args(args)
+            .output()
+            .with_context(|| {
+                format!(
+                    "run {} {args:?} (cargo xtask setup installs it)",
+                    program.display()
+                )
+            })
+    })
 }
 
 const ETH_P_ALL: u16 = 0x0003;

@@ -167,6 +167,120 @@ fn pool_addresses_serve_services_in_name_order_and_exhaustion_leaves_the_third_p
             reach(lab, SECOND, entry)?;
         }
         reach(lab, FIRST, Node::A)?;
+
+        // Bad pools next to the good one: each is rejected with its reason, the agents
+        // stay up and the good pool's Services keep their addresses and keep working.
+        lab.write_manifest("bad-pools.yaml", BAD_POOLS)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            let status = svc_lb(lab, Node::A, &["status"])?;
+            if status.contains("rejected: IPAddressPool metallb-system/zz-clash")
+                || std::time::Instant::now() > deadline
+            {
+                break status;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        };
+        for want in [
+            "rejected: IPAddressPool metallb-system/broken: ",
+            "rejected: IPAddressPool metallb-system/zz-clash: its addresses 10.253.1.0-10.253.1.255 overlap",
+            "edge     2     2     0",
+        ] {
+            ensure!(
+                status.contains(want),
+                "svc-lb status lacks {want:?}:\n{status}"
+            );
+        }
+        for n in Node::ALL {
+            ensure!(
+                pool_metric(lab, n, "used")? == 2,
+                "used addresses on {}",
+                n.name()
+            );
+            ensure!(lab.node_metric(n, "svclb_lb_pending_services")? == 0);
+        }
+        for entry in Node::ALL {
+            reach(lab, FIRST, entry)?;
+            reach(lab, SECOND, entry)?;
+        }
         Ok(())
+    });
+}
+
+/// A pool with garbage addresses and one that overlaps `edge` (and sorts after it).
+const BAD_POOLS: &str = r#"apiVersion: metallb.io/v1beta1
+kind: IPAddressPool
+metadata:
+  name: broken
+  namespace: metallb-system
+spec:
+  addresses: ["10.253.2.300/24", "not-an-address"]
+---
+apiVersion: metallb.io/v1beta1
+kind: IPAddressPool
+metadata:
+  name: zz-clash
+  namespace: metallb-system
+spec:
+  addresses: ["10.253.1.0/24"]
+"#;
+
+/// `cargo xtask run` (the demo) on deploy/examples: the LoadBalancer Service there gets
+/// the first usable address of the example pool from the agent, the demo finds it with
+/// `svc-lb list` and dials it, and every request reaches one of the three backends.
+#[test]
+fn the_demo_dials_the_address_the_example_pool_gave_its_load_balancer_service() {
+    svc_lb_tests::lab::isolated(|| {
+        let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_svclb-harness"));
+        cmd.arg("demo")
+            .arg("--svc-lb")
+            .arg(svc_lb_tests::agent::default_bin())
+            .arg("--manifests")
+            .arg(&examples)
+            .args(["--duration-s", "3"]);
+        let child = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the demo");
+        let pid = child.id();
+        let out = child.wait_with_output().expect("run the demo");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        eprintln!("{text}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "the demo failed");
+        assert!(
+            text.contains("load balancer  demo/web-lb got 198.51.100.1:80 from an IPAddressPool"),
+            "the demo did not report the allocated address"
+        );
+        // The demo's totals: every request to the pool address reached a backend.
+        let totals = text
+            .lines()
+            .skip_while(|l| !l.starts_with("svc-lb demo: totals"))
+            .find(|l| l.contains("demo/web-lb 198.51.100.1:80/TCP"))
+            .expect("a total for the pool address");
+        assert!(totals.ends_with("failed 0"), "{totals}");
+        let counts: Vec<u64> = ["backend-a", "backend-b", "backend-c"]
+            .iter()
+            .map(|b| {
+                totals
+                    .split(&format!("{b} "))
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next())
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0)
+            })
+            .collect();
+        assert!(counts.iter().all(|n| *n > 0), "{totals}");
+        // The demo cleaned up its namespaces.
+        let prefix = format!("svclbt-{pid}-");
+        let left: Vec<String> = std::fs::read_dir("/run/netns")
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter(|n| n.starts_with(&prefix))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(left.is_empty(), "the demo left {left:?}");
     });
 }

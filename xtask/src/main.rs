@@ -328,7 +328,7 @@ fn suite(ctx: &Ctx, features: &str, tests: &[&str], extra: &[&str]) -> Result<Co
 
 /// How long `test` runs each fuzz target (issue 12: 60 s in CI).
 const FUZZ_SECONDS_PER_TARGET: u32 = 60;
-const FUZZ_TARGETS: [&str; 3] = ["manifest", "model", "codec"];
+const FUZZ_TARGETS: [&str; 4] = ["manifest", "model", "codec", "lbipam"];
 
 /// The fuzz targets of tests/fuzz, one after the other, with cargo-fuzz on nightly. Each
 /// run first executes its whole initial corpus (the kept regressions, the seeds and, for

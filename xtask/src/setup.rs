@@ -33,6 +33,10 @@ const SYSTEM_TOOLS: &[(&str, &str)] = &[
     // The image test unpacks the OCI archive with an independent reader (checking every
     // digest) into a bundle whose rootfs it runs from a chroot.
     ("umoci", "umoci"),
+    // tests/tests/l2.rs: a foreign client's ARP (iputils arping) and NDP (ndisc6) probes
+    // of the announced addresses.
+    ("arping", "iputils-arping"),
+    ("ndisc6", "ndisc6"),
 ];
 
 /// The bpf-linker release that TOOLCHAIN.md verified against the nightly's LLVM. Pinned so
@@ -50,7 +54,7 @@ pub fn setup(ctx: &Ctx) -> Result<()> {
 
 fn system_tools() -> Result<()> {
     step(
-        "setup: system tools (bpftool, ip, ethtool, iptables, nft, python3, curl, dig, dnsmasq, umoci)",
+        "setup: system tools (bpftool, ip, ethtool, iptables, nft, python3, curl, dig, dnsmasq, umoci, arping, ndisc6)",
     );
     let missing: Vec<&str> = SYSTEM_TOOLS
         .iter()

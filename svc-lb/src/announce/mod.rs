@@ -209,6 +209,32 @@ pub fn apply_adverts(
         .collect()
 }
 
+/// The node that announces each target (`None`: no node is eligible and live), as
+/// every agent computes it. `live(name)` says whether a node counts as live.
+pub fn winners<'n>(
+    targets: &[Target],
+    nodes: &'n [NodeView],
+    live: impl Fn(&str) -> bool,
+) -> Vec<(&'n str, IpAddr)> {
+    let candidates: Vec<&NodeView> = nodes.iter().filter(|n| n.usable && live(&n.name)).collect();
+    targets
+        .iter()
+        .filter_map(|t| {
+            let eligible = candidates
+                .iter()
+                .filter(|n| !t.local_only || t.endpoint_nodes.contains(&n.name))
+                .filter(|n| {
+                    t.node_selectors.is_empty()
+                        || t.node_selectors
+                            .iter()
+                            .any(|s| selector_matches(s, &n.labels))
+                })
+                .map(|n| n.name.as_str());
+            choose::winner(t.ip, eligible).map(|w| (w, t.ip))
+        })
+        .collect()
+}
+
 /// The addresses `me` announces, by interface (`default_ifaces` for targets that name
 /// none). `live(name)` says whether a node counts as live (this node's own readiness
 /// included).
@@ -219,22 +245,13 @@ pub fn assign(
     default_ifaces: &[String],
     live: impl Fn(&str) -> bool,
 ) -> BTreeMap<String, BTreeSet<IpAddr>> {
-    let candidates: Vec<&NodeView> = nodes.iter().filter(|n| n.usable && live(&n.name)).collect();
+    let won: BTreeSet<IpAddr> = winners(targets, nodes, live)
+        .into_iter()
+        .filter(|(w, _)| *w == me)
+        .map(|(_, ip)| ip)
+        .collect();
     let mut out: BTreeMap<String, BTreeSet<IpAddr>> = BTreeMap::new();
-    for t in targets {
-        let eligible = candidates
-            .iter()
-            .filter(|n| !t.local_only || t.endpoint_nodes.contains(&n.name))
-            .filter(|n| {
-                t.node_selectors.is_empty()
-                    || t.node_selectors
-                        .iter()
-                        .any(|s| selector_matches(s, &n.labels))
-            })
-            .map(|n| n.name.as_str());
-        if choose::winner(t.ip, eligible) != Some(me) {
-            continue;
-        }
+    for t in targets.iter().filter(|t| won.contains(&t.ip)) {
         let ifaces = if t.interfaces.is_empty() {
             default_ifaces
         } else {

@@ -170,6 +170,7 @@ impl Responder {
             let frame = frame.context("build the announcement")?;
             send(&sock, &frame).with_context(|| format!("announce {ip} on {}", self.iface))?;
             self.counters.announcements.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::l2_gratuitous_sent(ip.is_ipv6());
         }
         Ok(())
     }
@@ -250,8 +251,14 @@ fn serve(
             };
             let Some(reply) = reply else { continue };
             match send(&sock, &reply) {
-                Ok(()) if v6 => _ = counters.na_replies.fetch_add(1, Ordering::Relaxed),
-                Ok(()) => _ = counters.arp_replies.fetch_add(1, Ordering::Relaxed),
+                Ok(()) if v6 => {
+                    counters.na_replies.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::l2_reply_sent(true);
+                }
+                Ok(()) => {
+                    counters.arp_replies.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::l2_reply_sent(false);
+                }
                 Err(e) => debug!(iface, proto = what, error = %e, "L2 reply not sent"),
             }
         }

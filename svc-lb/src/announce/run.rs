@@ -61,6 +61,8 @@ pub fn spawn(cfg: Config) -> Result<watch::Sender<Inputs>> {
         interval_ms = cfg.interval.as_millis() as u64,
         "L2 announcement on: heartbeat listening"
     );
+    // The series exist from the start, so that "announcing nothing" reads as 0.
+    crate::metrics::set_l2_announced(0, 0);
     let (tx, rx) = watch::channel(Inputs::default());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -189,6 +191,7 @@ impl State {
             .collect();
         if live != self.last_live {
             info!(live = ?live, "L2 announcement: live nodes changed");
+            crate::metrics::set_l2_live_nodes(live.len());
             self.last_live = live;
         }
         let want = assign(
@@ -207,6 +210,7 @@ impl State {
             }
             for ip in old.difference(&ips) {
                 info!(%ip, iface = %iface, "L2 announcement: released");
+                crate::metrics::l2_released();
             }
             if ips.is_empty() {
                 self.responders.remove(&iface);
@@ -230,6 +234,7 @@ impl State {
             let new = r.set(ips.clone());
             for ip in &new {
                 info!(%ip, iface = %iface, "L2 announcement: announcing");
+                crate::metrics::l2_taken_over();
             }
             if !new.is_empty() {
                 if let Err(e) = r.announce(&new) {
@@ -241,12 +246,32 @@ impl State {
             }
             self.owned.insert(iface, ips);
         }
+        let winners: BTreeMap<IpAddr, &str> =
+            super::winners(&inputs.targets, &inputs.nodes, live_fn)
+                .into_iter()
+                .map(|(n, ip)| (ip, n))
+                .collect();
+        let announcers = inputs
+            .targets
+            .iter()
+            .map(|t| crate::status::L2Announcer {
+                ip: t.ip.to_string(),
+                service: t.service.to_string(),
+                node: winners.get(&t.ip).map(|n| (*n).to_owned()),
+            })
+            .collect();
+        let mine: BTreeSet<IpAddr> = self.owned.values().flatten().copied().collect();
+        crate::metrics::set_l2_announced(
+            mine.iter().filter(|ip| ip.is_ipv4()).count(),
+            mine.iter().filter(|ip| ip.is_ipv6()).count(),
+        );
         crate::status::update(|st| {
             st.l2_announcing = self
                 .owned
                 .iter()
                 .flat_map(|(i, ips)| ips.iter().map(move |ip| format!("{ip} on {i}")))
                 .collect();
+            st.l2_announcers = announcers;
         });
     }
 

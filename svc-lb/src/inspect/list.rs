@@ -55,6 +55,11 @@ pub struct ListEntry {
     /// when the agent answers; absent otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
+    /// With `--l2-announce`, the node that answers ARP/NDP for a load-balancer address
+    /// (as the agent sees it); `null` when no live node is eligible; absent when the
+    /// address is not announced or the agent does not answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub announced_by: Option<Option<String>>,
 }
 
 #[derive(Serialize, Debug, Clone, PartialEq, Eq)]
@@ -184,6 +189,7 @@ pub fn entries(view: &DatapathView, service: Option<&ServiceRef>) -> Vec<ListEnt
                 names::external_policy(meta_flags)
             },
             pool: None,
+            announced_by: None,
             new_connections: view
                 .frontend_conns
                 .get(&cur.rev_nat_id)
@@ -245,6 +251,9 @@ fn flags(e: &ListEntry) -> String {
     if let Some(pool) = &e.pool {
         f.push(format!("pool={pool}"));
     }
+    if let Some(node) = &e.announced_by {
+        f.push(format!("l2={}", node.as_deref().unwrap_or("none")));
+    }
     if f.is_empty() {
         "-".to_owned()
     } else {
@@ -263,6 +272,19 @@ pub fn set_pools(entries: &mut [ListEntry], lb: &crate::status::LbStatus) {
             .iter()
             .find(|a| a.service == svc && a.ip == e.address)
             .map(|a| a.pool.clone());
+    }
+}
+
+/// Names the node that announces each load-balancer address (`--l2-announce`).
+pub fn set_announcers(entries: &mut [ListEntry], announcers: &[crate::status::L2Announcer]) {
+    for e in entries.iter_mut() {
+        let Some(svc) = e.service_ref().map(|s| s.to_string()) else {
+            continue;
+        };
+        e.announced_by = announcers
+            .iter()
+            .find(|a| a.service == svc && a.ip == e.address)
+            .map(|a| a.node.clone());
     }
 }
 

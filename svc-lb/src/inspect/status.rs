@@ -380,7 +380,9 @@ pub fn render_text(st: &Status, now_ms: u64) -> String {
                     out.push_str(&format!("    {p}\n"));
                 }
             }
-            if !a.l2_announcing.is_empty() {
+            if !a.l2_announcers.is_empty() {
+                out.push_str(&render_l2(&a.l2_announcers, &a.l2_announcing));
+            } else if !a.l2_announcing.is_empty() {
                 out.push_str(&format!("  L2 announces {}\n", a.l2_announcing.join(", ")));
             }
             if let Some(lb) = &a.lb {
@@ -403,6 +405,45 @@ pub fn render_text(st: &Status, now_ms: u64) -> String {
         }
     }
     out.push_str(&render_kernel(&st.kernel));
+    out
+}
+
+/// `--l2-announce`: the node that answers for each load-balancer address, and where
+/// this node answers (`announcing` holds "IP on dev").
+pub fn render_l2(announcers: &[crate::status::L2Announcer], announcing: &[String]) -> String {
+    let here = |ip: &str| -> String {
+        let devs: Vec<&str> = announcing
+            .iter()
+            .filter_map(|a| a.strip_prefix(ip)?.strip_prefix(" on "))
+            .collect();
+        if devs.is_empty() {
+            "-".to_owned()
+        } else {
+            devs.join(",")
+        }
+    };
+    let mine = announcers.iter().filter(|a| here(&a.ip) != "-").count();
+    let mut out = format!(
+        "\nL2 announcement: this node answers for {mine} of {} addresses\n",
+        announcers.len()
+    );
+    let mut rows = vec![vec![
+        "ADDRESS".to_owned(),
+        "SERVICE".to_owned(),
+        "NODE".to_owned(),
+        "HERE ON".to_owned(),
+    ]];
+    for a in announcers {
+        rows.push(vec![
+            a.ip.clone(),
+            a.service.clone(),
+            a.node
+                .clone()
+                .unwrap_or_else(|| "(no live eligible node)".to_owned()),
+            here(&a.ip),
+        ]);
+    }
+    out.push_str(&table(&rows, &[]));
     out
 }
 

@@ -1809,3 +1809,114 @@ mod external_trace {
         );
     }
 }
+
+#[test]
+fn list_names_the_pool_and_the_announcing_node_of_load_balancer_addresses() {
+    use crate::status::{L2Announcer, LbAddress, LbStatus};
+    let (_, view) = fixture();
+    let mut all = list::entries(&view, None);
+    list::set_pools(
+        &mut all,
+        &LbStatus {
+            addresses: vec![LbAddress {
+                service: "shop/web".into(),
+                ip: "192.0.2.10".into(),
+                pool: "edge".into(),
+            }],
+            ..Default::default()
+        },
+    );
+    let node = |n: Option<&str>| L2Announcer {
+        ip: "192.0.2.10".into(),
+        service: "shop/web".into(),
+        node: n.map(str::to_owned),
+    };
+    list::set_announcers(&mut all, &[node(Some("node-2"))]);
+    let lb = all
+        .iter()
+        .find(|e| e.address == "192.0.2.10")
+        .expect("the LoadBalancer entry");
+    assert_eq!(lb.pool.as_deref(), Some("edge"));
+    assert_eq!(lb.announced_by, Some(Some("node-2".to_owned())));
+    let text = list::render_text(&all);
+    let line = text
+        .lines()
+        .find(|l| l.contains("192.0.2.10:80"))
+        .expect("the line");
+    assert!(line.contains("pool=edge,l2=node-2"), "{line}");
+    let json: serde_json::Value =
+        serde_json::from_str(&list::render_json(&all).expect("json")).expect("parse");
+    let e = json
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|e| e["address"] == "192.0.2.10")
+        .expect("the entry");
+    assert_eq!(
+        (e["pool"].as_str(), e["announced_by"].as_str()),
+        (Some("edge"), Some("node-2"))
+    );
+    // Other entries carry neither field.
+    let other = json
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|e| e["address"] != "192.0.2.10");
+    assert!(other.is_some_and(|o| o.get("announced_by").is_none() && o.get("pool").is_none()));
+
+    // No live eligible node: JSON null, "l2=none" in the text.
+    list::set_announcers(&mut all, &[node(None)]);
+    let text = list::render_text(&all);
+    assert!(text.contains("pool=edge,l2=none"), "{text}");
+    let json: serde_json::Value =
+        serde_json::from_str(&list::render_json(&all).expect("json")).expect("parse");
+    let e = json
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|e| e["address"] == "192.0.2.10")
+        .expect("the entry");
+    assert!(
+        e.get("announced_by")
+            .is_some_and(serde_json::Value::is_null),
+        "{e}"
+    );
+}
+
+#[test]
+fn status_shows_which_node_announces_each_address_and_where_this_one_answers() {
+    use crate::status::L2Announcer;
+    let a = |ip: &str, node: Option<&str>| L2Announcer {
+        ip: ip.into(),
+        service: "shop/web".into(),
+        node: node.map(str::to_owned),
+    };
+    let text = super::status::render_l2(
+        &[
+            a("192.0.2.1", Some("node-1")),
+            a("192.0.2.10", Some("node-2")),
+            a("2001:db8::1", None),
+        ],
+        &["192.0.2.1 on eth0".into(), "192.0.2.1 on eth1".into()],
+    );
+    assert!(
+        text.contains("L2 announcement: this node answers for 1 of 3 addresses"),
+        "{text}"
+    );
+    let line = |ip: &str| {
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(ip))
+            .unwrap_or_else(|| panic!("{ip} missing in {text}"))
+            .to_owned()
+    };
+    assert!(
+        line("192.0.2.1").contains("node-1") && line("192.0.2.1").ends_with("eth0,eth1"),
+        "{text}"
+    );
+    // 192.0.2.10 is not "192.0.2.1 on ...": a prefix of another address is no match.
+    assert!(line("192.0.2.10").trim_end().ends_with('-'), "{text}");
+    assert!(
+        line("2001:db8::1").contains("(no live eligible node)"),
+        "{text}"
+    );
+}

@@ -409,6 +409,28 @@ struct State<'p> {
     /// Per Service: family → (address, pool index).
     got: BTreeMap<ServiceRef, BTreeMap<bool, (IpAddr, usize)>>,
     pending: BTreeMap<ServiceRef, String>,
+    /// Per (pool, range): every address of the range below this one is used or
+    /// skipped, so that [`State::lowest_free`] never walks the same prefix twice (a
+    /// /8 or /64 pool with thousands of Services would otherwise cost O(n²) steps).
+    cursor: BTreeMap<(usize, usize), u128>,
+    /// allow-shared-ip key → the addresses that a Service with that key uses, so that
+    /// sharing looks at those only, not at every address in use.
+    by_key: BTreeMap<String, BTreeSet<IpAddr>>,
+    /// Services that kept an address in pass 1.
+    held: BTreeSet<ServiceRef>,
+}
+
+// Counts the allocator's inner steps in tests, which bound the work of a pass
+// without timing it.
+#[cfg(test)]
+thread_local! {
+    static STEPS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+#[inline]
+fn step() {
+    #[cfg(test)]
+    STEPS.with(|s| s.set(s.get() + 1));
 }
 
 impl State<'_> {
@@ -457,8 +479,16 @@ impl State<'_> {
             pool,
             users: Vec::new(),
         });
-        if !holder.users.iter().any(|(s, _)| *s == req.service) {
-            holder.users.push((req.service.clone(), req.share.clone()));
+        // Kept in Service order, so that a conflict names the same user whatever the
+        // order the users came in.
+        let at = holder.users.partition_point(|(s, _)| *s < req.service);
+        if holder.users.get(at).is_none_or(|(s, _)| *s != req.service) {
+            holder
+                .users
+                .insert(at, (req.service.clone(), req.share.clone()));
+        }
+        if let Some(key) = &req.share.key {
+            self.by_key.entry(key.clone()).or_default().insert(ip);
         }
         self.got
             .entry(req.service.clone())
@@ -479,21 +509,34 @@ impl State<'_> {
         Ok(())
     }
 
-    /// The pools, in order, that pass 3 may take a `v6` address from for `req`.
-    fn auto_pools(&self, req: &Request, v6: bool) -> Vec<usize> {
-        (0..self.pools.len())
-            .filter(|&i| {
-                let p = &self.pools[i];
-                p.ranges.iter().any(|r| r.v6 == v6)
-                    && p.allows_namespace(&req.namespace)
-                    && match &req.pool {
-                        Some(want) => *want == p.name,
-                        None => p.auto_assign,
-                    }
-            })
-            .collect()
+    /// Leaves `req` pending, and frees what it took at once, so that a Service later
+    /// in the same pass can have it.
+    fn fail(&mut self, req: &Request, why: String) {
+        self.pending.insert(req.service.clone(), why);
+        self.release(&req.service);
     }
 
+    /// The pools, in order, that pass 3 may take a `v6` address from for `req`.
+    fn auto_pools(&self, req: &Request, v6: bool) -> Vec<usize> {
+        auto_pools(self.pools, req, v6)
+    }
+}
+
+fn auto_pools(pools: &[Pool], req: &Request, v6: bool) -> Vec<usize> {
+    (0..pools.len())
+        .filter(|&i| {
+            let p = &pools[i];
+            p.ranges.iter().any(|r| r.v6 == v6)
+                && p.allows_namespace(&req.namespace)
+                && match &req.pool {
+                    Some(want) => *want == p.name,
+                    None => p.auto_assign,
+                }
+        })
+        .collect()
+}
+
+impl State<'_> {
     fn auto(&mut self, req: &Request, v6: bool) -> Result<(), String> {
         let pools = self.auto_pools(req, v6);
         if pools.is_empty() {
@@ -515,14 +558,16 @@ impl State<'_> {
             });
         }
         // A shareable address already in use by a Service with the same key first.
-        if req.share.key.is_some() {
-            let shared = self.used.iter().find(|(ip, h)| {
-                ip.is_ipv6() == v6
+        if let Some(key) = &req.share.key {
+            let shared = self.by_key.get(key).into_iter().flatten().find_map(|ip| {
+                step();
+                let h = self.used.get(ip)?;
+                (ip.is_ipv6() == v6
                     && pools.contains(&h.pool)
-                    && h.users.iter().all(|(_, s)| req.share.conflict(s).is_none())
+                    && h.users.iter().all(|(_, s)| req.share.conflict(s).is_none()))
+                .then_some((*ip, h.pool))
             });
-            if let Some((&ip, h)) = shared {
-                let pool = h.pool;
+            if let Some((ip, pool)) = shared {
                 self.take(req, ip, pool);
                 return Ok(());
             }
@@ -542,15 +587,19 @@ impl State<'_> {
         ))
     }
 
-    /// The lowest address of pool `i` of family `v6` that no one uses. Steps over used
-    /// and skipped addresses only, so it costs O(used) per call, not O(pool size).
-    fn lowest_free(&self, i: usize, v6: bool) -> Option<IpAddr> {
-        let pool = &self.pools[i];
-        for r in pool.ranges.iter().filter(|r| r.v6 == v6) {
-            let mut n = r.first;
+    /// The lowest address of pool `i` of family `v6` that no one uses. Starts at the
+    /// range's cursor, so over a whole pass it steps over each used or skipped address
+    /// about once, whatever the pool's size.
+    fn lowest_free(&mut self, i: usize, v6: bool) -> Option<IpAddr> {
+        let pools = self.pools;
+        let pool = &pools[i];
+        for (ri, r) in pool.ranges.iter().enumerate().filter(|(_, r)| r.v6 == v6) {
+            let mut n = self.cursor.get(&(i, ri)).copied().unwrap_or(r.first);
             loop {
+                step();
                 let ip = metallb::from_int(v6, n);
                 if !pool.skips(ip) && !self.used.contains_key(&ip) {
+                    self.cursor.insert((i, ri), n);
                     return Some(ip);
                 }
                 if n == r.last {
@@ -558,20 +607,133 @@ impl State<'_> {
                 }
                 n += 1;
             }
+            self.cursor.insert((i, ri), r.last);
         }
         None
     }
 
     fn release(&mut self, service: &ServiceRef) {
-        for (ip, _) in self.got.remove(service).unwrap_or_default().into_values() {
-            if let Some(h) = self.used.get_mut(&ip) {
-                h.users.retain(|(s, _)| s != service);
-                if h.users.is_empty() {
-                    self.used.remove(&ip);
+        for (ip, pool) in self.got.remove(service).unwrap_or_default().into_values() {
+            let Some(h) = self.used.get_mut(&ip) else {
+                continue;
+            };
+            let key = h
+                .users
+                .iter()
+                .find(|(s, _)| s == service)
+                .and_then(|(_, share)| share.key.clone());
+            h.users.retain(|(s, _)| s != service);
+            if let Some(key) = key
+                && !h.users.iter().any(|(_, s)| s.key.as_ref() == Some(&key))
+                && let Some(set) = self.by_key.get_mut(&key)
+            {
+                set.remove(&ip);
+            }
+            if h.users.is_empty() {
+                self.used.remove(&ip);
+                // The address is free again: the range's cursor must not be past it.
+                let (_, n) = metallb::to_int(ip);
+                if let Some(ri) = self.pools[pool].ranges.iter().position(|r| r.contains(ip))
+                    && let Some(c) = self.cursor.get_mut(&(pool, ri))
+                {
+                    *c = (*c).min(n);
                 }
             }
         }
     }
+}
+
+/// Passes 1 to 3 (see the module doc) over `reqs`, in order; Services in `unheld`
+/// keep nothing in pass 1.
+fn passes<'p>(pools: &'p [Pool], reqs: &[Request], unheld: &BTreeSet<ServiceRef>) -> State<'p> {
+    let mut st = State {
+        pools,
+        used: BTreeMap::new(),
+        got: BTreeMap::new(),
+        pending: BTreeMap::new(),
+        cursor: BTreeMap::new(),
+        by_key: BTreeMap::new(),
+        held: BTreeSet::new(),
+    };
+    // Pass 1: held addresses (with a request, only those it still asks for).
+    for req in reqs.iter().filter(|r| !unheld.contains(&r.service)) {
+        let asked = req.requested.as_ref().ok().filter(|r| !r.is_empty());
+        for &ip in &req.held {
+            if !req.families.contains(&ip.is_ipv6())
+                || st.has(req, ip.is_ipv6())
+                || asked.is_some_and(|a| !a.contains(&ip))
+            {
+                continue;
+            }
+            // A held address that no longer fits (its pool changed, someone requested
+            // it first) is let go; pass 3 finds another.
+            if st.try_take(req, ip).is_ok() {
+                st.held.insert(req.service.clone());
+            }
+        }
+    }
+    // Pass 2: requested addresses. A request must name every family the Service
+    // wants, and is checked whole before anything is taken.
+    for req in reqs {
+        let asked = match &req.requested {
+            Ok(a) if a.is_empty() => continue,
+            Ok(a) => a,
+            Err(why) => {
+                st.fail(req, why.clone());
+                continue;
+            }
+        };
+        let why = if let Some(ip) = asked
+            .iter()
+            .find(|ip| !req.families.contains(&ip.is_ipv6()))
+        {
+            Some(format!(
+                "requested {ip}, but the Service has no family of that address"
+            ))
+        } else if let Some(&v6) = req
+            .families
+            .iter()
+            .find(|&&v6| !asked.iter().any(|ip| ip.is_ipv6() == v6))
+        {
+            Some(format!(
+                "the requested addresses name no {} address",
+                if v6 { "IPv6" } else { "IPv4" }
+            ))
+        } else {
+            let mut why = None;
+            for &ip in asked {
+                if st.has(req, ip.is_ipv6()) {
+                    continue;
+                }
+                if let Err(e) = st.try_take(req, ip) {
+                    why = Some(format!("requested {e}"));
+                    break;
+                }
+            }
+            why
+        };
+        if let Some(why) = why {
+            st.fail(req, why);
+        }
+    }
+    // Pass 3: the rest, from the pools.
+    for req in reqs {
+        if st.pending.contains_key(&req.service)
+            || req.requested.as_ref().is_ok_and(|r| !r.is_empty())
+        {
+            continue;
+        }
+        for &v6 in &req.families {
+            if st.has(req, v6) {
+                continue;
+            }
+            if let Err(why) = st.auto(req, v6) {
+                st.fail(req, why);
+                break;
+            }
+        }
+    }
+    st
 }
 
 /// Allocates addresses from `pools` (valid, disjoint, in priority order) to the
@@ -588,94 +750,37 @@ pub fn allocate<'s>(
         .map(|(r, svc)| request(r, svc, previous))
         .collect();
     reqs.sort_by(|a, b| a.service.cmp(&b.service));
-    let mut st = State {
-        pools,
-        used: BTreeMap::new(),
-        got: BTreeMap::new(),
-        pending: BTreeMap::new(),
-    };
     for req in &mut reqs {
         if req.prefer_dual && req.families.len() > 1 {
             let families = std::mem::take(&mut req.families);
             req.families = families
                 .into_iter()
-                .filter(|&v6| !st.auto_pools(req, v6).is_empty())
+                .filter(|&v6| !auto_pools(pools, req, v6).is_empty())
                 .collect();
             if req.families.is_empty() {
                 req.families.push(false);
             }
         }
     }
-    // Pass 1: held addresses (with a request, only those it still asks for).
-    for req in &reqs {
-        let asked = req.requested.as_ref().ok().filter(|r| !r.is_empty());
-        for &ip in &req.held {
-            if !req.families.contains(&ip.is_ipv6())
-                || st.has(req, ip.is_ipv6())
-                || asked.is_some_and(|a| !a.contains(&ip))
-            {
-                continue;
-            }
-            // A held address that no longer fits (its pool changed, someone requested
-            // it first) is let go; pass 3 finds another.
-            let _ = st.try_take(req, ip);
+    // A Service that kept an address in pass 1 and then went pending frees it at
+    // once, but a Service earlier in the order may already have been refused for want
+    // of it. Such Services lose their hold and the passes run again, until none does:
+    // one call gives what the next snapshot would, and the set only grows, so this
+    // ends (in practice after one or two rounds).
+    let mut unheld: BTreeSet<ServiceRef> = BTreeSet::new();
+    let st = loop {
+        let st = passes(pools, &reqs, &unheld);
+        let lost: Vec<ServiceRef> = st
+            .pending
+            .keys()
+            .filter(|s| st.held.contains(*s) && !unheld.contains(*s))
+            .cloned()
+            .collect();
+        if lost.is_empty() {
+            break st;
         }
-    }
-    // Pass 2: requested addresses.
-    for req in &reqs {
-        let asked = match &req.requested {
-            Ok(a) => a,
-            Err(why) => {
-                st.pending.insert(req.service.clone(), why.clone());
-                continue;
-            }
-        };
-        for &ip in asked {
-            if !req.families.contains(&ip.is_ipv6()) {
-                st.pending.insert(
-                    req.service.clone(),
-                    format!("requested {ip}, but the Service has no family of that address"),
-                );
-                break;
-            }
-            if st.has(req, ip.is_ipv6()) {
-                continue;
-            }
-            if let Err(why) = st.try_take(req, ip) {
-                st.pending
-                    .insert(req.service.clone(), format!("requested {why}"));
-                break;
-            }
-        }
-    }
-    // Pass 3: the rest, from the pools.
-    for req in &reqs {
-        if st.pending.contains_key(&req.service) {
-            continue;
-        }
-        let requested = req.requested.as_ref().map(Vec::len).unwrap_or(0) > 0;
-        for &v6 in &req.families {
-            if st.has(req, v6) {
-                continue;
-            }
-            let result = if requested {
-                Err(format!(
-                    "the requested addresses name no {} address",
-                    if v6 { "IPv6" } else { "IPv4" }
-                ))
-            } else {
-                st.auto(req, v6)
-            };
-            if let Err(why) = result {
-                st.pending.insert(req.service.clone(), why);
-                break;
-            }
-        }
-    }
-    let pending: Vec<ServiceRef> = st.pending.keys().cloned().collect();
-    for s in &pending {
-        st.release(s);
-    }
+        unheld.extend(lost);
+    };
     let assigned = st
         .got
         .iter()
@@ -827,4 +932,66 @@ pub fn status_of(alloc: &Allocation, errors: &[String]) -> crate::status::LbStat
             .collect(),
         errors: errors.to_vec(),
     }
+}
+
+/// The properties every allocation keeps, for the fuzz target and tests: each address
+/// lies in the pool it names, a Service has at most one address per family and is not
+/// both assigned and pending, Services share an address only when sharing allows it,
+/// and the pools' use matches the addresses.
+#[doc(hidden)]
+pub fn validate<'s>(
+    pools: &[Pool],
+    services: impl IntoIterator<Item = (&'s ServiceRef, &'s Service)>,
+    alloc: &Allocation,
+) -> Result<(), String> {
+    let by_ref: BTreeMap<&ServiceRef, &Service> = services.into_iter().collect();
+    let mut users: BTreeMap<IpAddr, Vec<&ServiceRef>> = BTreeMap::new();
+    for (service, got) in &alloc.assigned {
+        if alloc.pending.contains_key(service) {
+            return Err(format!("{service} is both assigned and pending"));
+        }
+        let Some(svc) = by_ref.get(service) else {
+            return Err(format!("{service} is assigned but is not an input"));
+        };
+        if !is_ours(svc) {
+            return Err(format!("{service} is assigned but is not ours"));
+        }
+        for v6 in [false, true] {
+            if got.iter().filter(|a| a.ip.is_ipv6() == v6).count() > 1 {
+                return Err(format!("{service} has two addresses of one family"));
+            }
+        }
+        for a in got {
+            let Some(pool) = pools.iter().find(|p| p.name == a.pool) else {
+                return Err(format!("{}: no pool {}", a.ip, a.pool));
+            };
+            if !pool.contains(a.ip) {
+                return Err(format!("{} is outside pool {}", a.ip, a.pool));
+            }
+            users.entry(a.ip).or_default().push(service);
+        }
+    }
+    for (ip, who) in &users {
+        let shares: Vec<Share> = who.iter().map(|s| Share::of(by_ref[*s])).collect();
+        for (i, x) in shares.iter().enumerate() {
+            for y in &shares[i + 1..] {
+                if let Some(why) = x.conflict(y) {
+                    return Err(format!("{ip} is shared by {who:?}: {why}"));
+                }
+            }
+        }
+    }
+    for (i, p) in alloc.pools.iter().enumerate() {
+        let used = users
+            .keys()
+            .filter(|ip| pools.get(i).is_some_and(|pool| pool.contains(**ip)))
+            .count() as u128;
+        if p.used != used || p.used > p.size {
+            return Err(format!(
+                "pool {} counts {} used of {}, the addresses say {used}",
+                p.name, p.used, p.size
+            ));
+        }
+    }
+    Ok(())
 }
