@@ -43,7 +43,7 @@ use serde_json::json;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::{Allocation, Ipam, advertisements, allocate, is_ours, pools, status_ips};
+use super::{Allocation, Ipam, allocate, is_ours, status_ips};
 use crate::{model::ServiceRef, source::Snapshot, source::metallb::Pool};
 
 pub const LEASE_NAME: &str = "svc-lb-lbipam";
@@ -198,12 +198,7 @@ impl Ipam {
     /// the ingress addresses), for the metrics, `svc-lb status`, announcement and the
     /// leader's writes. Returns the valid pools.
     pub fn observe(&mut self, snap: &Snapshot) -> Vec<Pool> {
-        let (pools, errors) = pools(snap.pools.values().cloned());
-        self.adverts = advertisements(snap.l2_adverts.values().cloned(), &pools);
-        for e in errors.iter().filter(|e| !self.errors.contains(e)) {
-            tracing::error!(error = %e, "address pool rejected");
-        }
-        self.errors = errors;
+        let pools = self.read_pools(snap);
         if pools.is_empty() && self.last.is_none() {
             return pools;
         }

@@ -841,17 +841,24 @@ pub struct Ipam {
 }
 
 impl Ipam {
-    /// Allocates over `snap` and writes the result into its Services' ingress addresses
-    /// (pending ones get none); Services whose addresses changed are marked changed.
-    /// Without any pool nothing is touched, so that Services keep the ingress written
-    /// in their manifests.
-    pub fn update(&mut self, snap: &mut Snapshot) {
+    /// The valid pools of `snap` and their advertisements; a rejected pool is logged
+    /// once, when it first appears.
+    pub(crate) fn read_pools(&mut self, snap: &Snapshot) -> Vec<Pool> {
         let (pools, errors) = pools(snap.pools.values().cloned());
         self.adverts = advertisements(snap.l2_adverts.values().cloned(), &pools);
         for e in errors.iter().filter(|e| !self.errors.contains(e)) {
             tracing::error!(error = %e, "address pool rejected");
         }
         self.errors = errors;
+        pools
+    }
+
+    /// Allocates over `snap` and writes the result into its Services' ingress addresses
+    /// (pending ones get none); Services whose addresses changed are marked changed.
+    /// Without any pool nothing is touched, so that Services keep the ingress written
+    /// in their manifests.
+    pub fn update(&mut self, snap: &mut Snapshot) {
+        let pools = self.read_pools(snap);
         if pools.is_empty() && self.last.is_none() {
             return;
         }
