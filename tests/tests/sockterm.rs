@@ -394,10 +394,14 @@ fn destroy_tcp_also_ends_tcp_connections() {
             .failure_samples
             .first()
             .context("the TCP connection was not ended")?;
+        // The destroy lands at any point of an attempt: during the read or write, or
+        // between reading the reply and asking for the peer (then getpeername says the
+        // socket is no longer connected, CI saw this once).
         ensure!(
             first_failure.error == "recv:ECONNABORTED"
                 || first_failure.error == "send:ECONNABORTED"
-                || first_failure.error == "send:EPIPE",
+                || first_failure.error == "send:EPIPE"
+                || first_failure.error == "getpeername:ENOTCONN",
             "TCP: unexpected first failure {first_failure:?}"
         );
         ensure!(
