@@ -47,3 +47,13 @@ pub mod twonode;
 
 pub use lab::{Bins, Lab};
 pub use report::{ClientReport, Proto};
+
+/// A test's literal IP address; a typo in a test panics at once.
+pub fn ip(s: &str) -> std::net::IpAddr {
+    s.parse().expect("test address")
+}
+
+/// A test's literal socket address; a typo in a test panics at once.
+pub fn sa(s: &str) -> std::net::SocketAddr {
+    s.parse().expect("test socket address")
+}

@@ -419,6 +419,29 @@ fn sorted(v: Value) -> Value {
     }
 }
 
+/// A Service in `ns` with one TCP port `port` → `target` and ready endpoints at `addrs`,
+/// as two YAML documents in one file.
+pub fn tcp_service(
+    ns: &str,
+    name: &str,
+    vip: &str,
+    port: u16,
+    target: u16,
+    addrs: &[std::net::IpAddr],
+) -> String {
+    let vip = crate::ip(vip);
+    let svc = Service::new(ns, name, &[vip]).port(
+        "http",
+        port,
+        TargetPort::Number(target),
+        Protocol::Tcp,
+    );
+    let slice = EndpointSlice::new(ns, name, "x1", vip.is_ipv6())
+        .port("http", target, Protocol::Tcp)
+        .ready_endpoints(addrs);
+    yaml_docs(&[svc.to_value(), slice.to_value()])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

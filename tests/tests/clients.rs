@@ -23,6 +23,7 @@ use std::{
 use anyhow::{Context, Result, ensure};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use svc_lb_tests::ip;
 use svc_lb_tests::{
     Bins, Lab,
     agent::Agent,
@@ -34,10 +35,6 @@ use svc_lb_tests::{
 const NS: &str = "clients";
 const TCP_PORT: u16 = 8080;
 const UDP_PORT: u16 = 5353;
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("test address")
-}
 
 /// Builds a lab with backends `ids` serving TCP on 8080 and UDP on 5353 (IPv4), runs
 /// `body`, tears everything down, then checks that nothing of this run is left.

@@ -22,6 +22,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
+use svc_lb_tests::ip;
 use svc_lb_tests::{
     Bins, Lab,
     lab::{in_client, isolated},
@@ -35,10 +36,6 @@ const V4: &str = "10.96.53.10";
 const V6: &str = "fd00:96::53";
 const EMPTY_V4: &str = "10.96.53.20";
 const EMPTY_V6: &str = "fd00:96::5320";
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("test address")
-}
 
 /// The records backend `index` answers for [`NAME`]: `10.99.0.<index>` and
 /// `fd00:99::<index>`.

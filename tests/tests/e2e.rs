@@ -28,37 +28,15 @@ use svc_lb_tests::{
         Endpoint, EndpointSlice, Protocol, Service, TargetPort, json_doc, yaml_docs, yaml_list,
     },
 };
+use svc_lb_tests::{ip, manifests::tcp_service, sa};
 
 const NS: &str = "e2e";
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("test address")
-}
-
-fn sa(s: &str) -> SocketAddr {
-    s.parse().expect("test socket address")
-}
 
 /// Builds a lab with backends `ids`, runs `body` on it, tears it down (printing the agent
 /// log if the body failed), then asserts that nothing of this run is left behind.
 fn e2e(ids: &[&str], body: impl FnOnce(&mut Lab) -> Result<()>) {
     // A run killed earlier (SIGKILL skips destructors) must not disturb this one.
     with_lab(env!("CARGO_BIN_EXE_svclb-harness"), ids, body);
-}
-
-/// A Service with one TCP port `port` → `target` and ready endpoints at `addrs`, as two
-/// YAML documents in one file.
-fn tcp_service(name: &str, vip: &str, port: u16, target: u16, addrs: &[IpAddr]) -> String {
-    let svc = Service::new(NS, name, &[ip(vip)]).port(
-        "http",
-        port,
-        TargetPort::Number(target),
-        Protocol::Tcp,
-    );
-    let slice = EndpointSlice::new(NS, name, "x1", ip(vip).is_ipv6())
-        .port("http", target, Protocol::Tcp)
-        .ready_endpoints(addrs);
-    yaml_docs(&[svc.to_value(), slice.to_value()])
 }
 
 /// No failure, every reply from one of `ids`, and each of them got at least `min_share`
@@ -284,7 +262,7 @@ fn ipv6_and_dual_stack_services() {
         }
         let v4 = lab.topo.addrs(false);
         let v6 = lab.topo.addrs(true);
-        let v6_only = tcp_service("v6only", "fd00:96::10", 80, 8080, &v6);
+        let v6_only = tcp_service(NS, "v6only", "fd00:96::10", 80, 8080, &v6);
         let dual = Service::new(NS, "dual", &[ip("10.96.0.20"), ip("fd00:96::20")])
             .port("http", 80, TargetPort::Number(8080), Protocol::Tcp)
             .port("dns", 53, TargetPort::Number(5353), Protocol::Udp);
@@ -378,7 +356,7 @@ fn endpoint_removal_while_traffic_runs() {
         let all = lab.topo.addrs(false);
         lab.write_manifest(
             "web.yaml",
-            &tcp_service("web", "10.96.0.50", 80, 8080, &all),
+            &tcp_service(NS, "web", "10.96.0.50", 80, 8080, &all),
         )?;
         lab.start_agent()?;
 
@@ -392,7 +370,7 @@ fn endpoint_removal_while_traffic_runs() {
         let before = lab.agent().applied_count();
         lab.write_manifest(
             "web.yaml",
-            &tcp_service("web", "10.96.0.50", 80, 8080, &all[..2]),
+            &tcp_service(NS, "web", "10.96.0.50", 80, 8080, &all[..2]),
         )?;
         let took = lab
             .agent()
@@ -611,7 +589,7 @@ fn programs_are_attached_when_the_first_sync_is_logged() {
         let addrs = lab.topo.addrs(false);
         lab.write_manifest(
             "web.yaml",
-            &tcp_service("web", "10.96.0.66", 80, 8080, &addrs),
+            &tcp_service(NS, "web", "10.96.0.66", 80, 8080, &addrs),
         )?;
         lab.start_agent()?;
         // Queried in-process within microseconds of the line, before anything else.
@@ -665,7 +643,7 @@ fn cleanup_detaches_everything() {
         let addrs = lab.topo.addrs(false);
         lab.write_manifest(
             "web.yaml",
-            &tcp_service("web", "10.96.0.65", 80, 8080, &addrs),
+            &tcp_service(NS, "web", "10.96.0.65", 80, 8080, &addrs),
         )?;
         std::fs::create_dir_all(lab.bpffs()).context("create the pin directory")?;
         let retired = plant_retired_pin(lab.bpffs())?;
@@ -721,7 +699,7 @@ fn bad_input_does_not_stop_the_good_service() {
         let addrs = lab.topo.addrs(false);
         lab.write_manifest(
             "good.yaml",
-            &tcp_service("good", "10.96.0.60", 80, 8080, &addrs),
+            &tcp_service(NS, "good", "10.96.0.60", 80, 8080, &addrs),
         )?;
         lab.write_manifest(
             "broken.yaml",
@@ -740,7 +718,7 @@ fn bad_input_does_not_stop_the_good_service() {
         let bad_port = yaml_docs(&[bad_port.to_value()]).replace("port: 80\n", "port: 70000\n");
         ensure!(bad_port.contains("port: 70000"), "{bad_port}");
         lab.write_manifest("bad-port.yaml", &bad_port)?;
-        let bad_ip = tcp_service("badip", "10.96.0.62", 80, 8080, &addrs)
+        let bad_ip = tcp_service(NS, "badip", "10.96.0.62", 80, 8080, &addrs)
             .replace("10.96.0.62", "10.96.0.999")
             .replace(&addrs[0].to_string(), "10.240.1.300");
         lab.write_manifest("bad-ip.yaml", &bad_ip)?;
@@ -959,7 +937,7 @@ fn map_size_flags_size_new_maps_and_a_filled_map_keeps_its_size() {
         let addrs = lab.topo.addrs(false);
         lab.write_manifest(
             "web.yaml",
-            &tcp_service("web", "10.96.0.61", 80, 8080, &addrs),
+            &tcp_service(NS, "web", "10.96.0.61", 80, 8080, &addrs),
         )?;
         let check_traffic = |lab: &Lab, step: &str| check_web(lab, "10.96.0.61:80", step);
         let sizes = |lab: &Lab| -> Result<[u32; 4]> {
@@ -1035,7 +1013,7 @@ fn conntrack_map_is_sized_at_start_and_a_busy_pin_keeps_its_flows() {
         let addrs = lab.topo.addrs(false);
         lab.write_manifest(
             "web.yaml",
-            &tcp_service("web", "10.96.0.60", 80, 8080, &addrs),
+            &tcp_service(NS, "web", "10.96.0.60", 80, 8080, &addrs),
         )?;
         let check_traffic = |lab: &Lab, step: &str| check_web(lab, "10.96.0.60:80", step);
         let stop = stop_agent;

@@ -26,6 +26,7 @@ use std::{
 
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
+use svc_lb_tests::ip;
 use svc_lb_tests::{
     ClientReport, Proto,
     checks::{addr_words, all_failed, all_ok, backends_are, maglev_table, unix_ms},
@@ -44,10 +45,6 @@ const DROP_TIMEOUT: Duration = Duration::from_millis(300);
 const FAST_FAIL: Duration = Duration::from_millis(250);
 /// Maglev table size given to both agents (a prime; both nodes must use the same).
 const MAGLEV_SIZE: &str = "1021";
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("test address")
-}
 
 /// [`run_lab`] for this file's tests.
 fn external(body: impl FnOnce(&mut TwoNodeLab) -> Result<()>) {

@@ -13,13 +13,11 @@
 //! on the other node), so both kinds of external flow are covered.
 #![cfg(feature = "e2e")]
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    time::Duration,
-};
+use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Result, ensure};
 use serde_json::json;
+use svc_lb_tests::ip;
 use svc_lb_tests::{
     ClientReport, Proto,
     checks::{all_ok, backends_are, unix_ms},
@@ -41,10 +39,6 @@ const N: u64 = 30;
 const EVERY: Duration = Duration::from_millis(50);
 /// How long the flows run while their backend is draining.
 const DRAINING_FOR: Duration = Duration::from_millis(2000);
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("test address")
-}
 
 /// What a1 (the first backend) is in the EndpointSlice.
 #[derive(Clone, Copy, Debug)]

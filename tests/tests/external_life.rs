@@ -22,6 +22,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
+use svc_lb_tests::ip;
 use svc_lb_tests::{
     ClientReport, Proto,
     agent::AgentConfig,
@@ -44,10 +45,6 @@ const PODS: [&str; 3] = ["a1", "a2", "b1"];
 /// The agent's warning for a device whose driver refuses native XDP
 /// (`svc-lb/src/datapath/bpf.rs`, `attach_xdp`).
 const XDP_REFUSED: &str = "native XDP refused by the driver; this device runs tc only";
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("test address")
-}
 
 fn sa(addr: IpAddr, port: u16) -> SocketAddr {
     SocketAddr::new(addr, port)

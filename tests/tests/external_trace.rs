@@ -24,6 +24,7 @@ use std::{
 
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
+use svc_lb_tests::ip;
 use svc_lb_tests::{
     Proto,
     checks::all_failed,
@@ -38,10 +39,6 @@ const PORTS: u16 = 24;
 /// Attempts expected to fail (each dropped one costs a full timeout).
 const N_FAIL: u64 = 10;
 const DROP_TIMEOUT: Duration = Duration::from_millis(300);
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("test address")
-}
 
 /// [`run_lab`] for this file's tests.
 fn with_lab(body: impl FnOnce(&mut TwoNodeLab) -> Result<()>) {

@@ -3,10 +3,7 @@
 //! the real agent on a private lab and counts real connections, as in `e2e.rs`.
 #![cfg(feature = "e2e")]
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    time::Duration,
-};
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use svc_lb_tests::{
@@ -15,33 +12,12 @@ use svc_lb_tests::{
     lab::with_lab,
     manifests::{EndpointSlice, Protocol, Service, TargetPort, yaml_docs},
 };
+use svc_lb_tests::{ip, manifests::tcp_service, sa};
 
 const NS: &str = "input";
 
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("test address")
-}
-
-fn sa(s: &str) -> SocketAddr {
-    s.parse().expect("test socket address")
-}
-
 fn lab_test(ids: &[&str], body: impl FnOnce(&mut Lab) -> Result<()>) {
     with_lab(env!("CARGO_BIN_EXE_svclb-harness"), ids, body);
-}
-
-/// A Service with one TCP port and ready endpoints at `addrs`.
-fn tcp_service(name: &str, vip: &str, port: u16, target: u16, addrs: &[IpAddr]) -> String {
-    let svc = Service::new(NS, name, &[ip(vip)]).port(
-        "http",
-        port,
-        TargetPort::Number(target),
-        Protocol::Tcp,
-    );
-    let slice = EndpointSlice::new(NS, name, "x1", ip(vip).is_ipv6())
-        .port("http", target, Protocol::Tcp)
-        .ready_endpoints(addrs);
-    yaml_docs(&[svc.to_value(), slice.to_value()])
 }
 
 /// The agent's peak resident memory (VmHWM), in KiB.
@@ -79,7 +55,7 @@ fn yaml_alias_bomb_is_refused_with_bounded_memory() {
         let addrs = lab.topo.addrs(false);
         lab.write_manifest(
             "good.yaml",
-            &tcp_service("good", "10.96.1.10", 80, 8080, &addrs),
+            &tcp_service(NS, "good", "10.96.1.10", 80, 8080, &addrs),
         )?;
         let bomb = alias_bomb(5000, 5000);
         eprintln!("bomb file: {} bytes", bomb.len());
@@ -117,7 +93,7 @@ fn a_file_written_in_two_steps_never_withdraws_its_service() {
     lab_test(&["a", "b"], |lab| {
         lab.serve_all_tcp(8080, false)?;
         let addrs = lab.topo.addrs(false);
-        let full = tcp_service("web", "10.96.1.20", 80, 8080, &addrs);
+        let full = tcp_service(NS, "web", "10.96.1.20", 80, 8080, &addrs);
         lab.write_manifest("web.yaml", &full)?;
         lab.start_agent()?;
 
@@ -247,7 +223,7 @@ fn the_headless_label_keeps_a_service_unprogrammed_until_removed() {
     lab_test(&["a"], |lab| {
         lab.serve_all_tcp(8080, false)?;
         let addrs = lab.topo.addrs(false);
-        let plain = tcp_service("web", "10.96.1.40", 80, 8080, &addrs);
+        let plain = tcp_service(NS, "web", "10.96.1.40", 80, 8080, &addrs);
         let svc = Service::new(NS, "web", &[ip("10.96.1.40")]).port(
             "http",
             80,
@@ -278,7 +254,7 @@ fn the_headless_label_keeps_a_service_unprogrammed_until_removed() {
         lab.write_manifest("web.yaml", &labelled)?;
         lab.write_manifest(
             "other.yaml",
-            &tcp_service("other", "10.96.1.41", 80, 8080, &addrs),
+            &tcp_service(NS, "other", "10.96.1.41", 80, 8080, &addrs),
         )?;
         let port = free_port()?;
         let mut agent = start_agent_with(lab, &["--metrics-addr", &format!("127.0.0.1:{port}")])?;

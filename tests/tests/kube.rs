@@ -19,6 +19,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
+use svc_lb_tests::sa;
 use svc_lb_tests::{
     Bins, ClientReport, Lab, Proto,
     agent::{Agent, AgentConfig},
@@ -35,10 +36,6 @@ const ZONE: &str = "zone-a";
 /// How long a change may take from the API server to the kernel in these tests. The
 /// agent batches for 40 ms; the rest is slack for a loaded test machine.
 const CONVERGE: Duration = Duration::from_secs(10);
-
-fn sa(s: &str) -> SocketAddr {
-    s.parse().expect("test socket address")
-}
 
 /// A running fake API server and the agent watching it. Fields drop in order: the agent
 /// stops before the API server goes away.

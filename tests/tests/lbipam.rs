@@ -9,13 +9,11 @@
 //! Every connection is counted: how many reached which backend, and 0 failures.
 #![cfg(feature = "e2e")]
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    time::Duration,
-};
+use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context, Result, ensure};
 use serde_json::json;
+use svc_lb_tests::ip;
 use svc_lb_tests::{
     Proto,
     checks::{all_ok, backends_are},
@@ -29,10 +27,6 @@ const N: u64 = 30;
 /// The pool: two addresses, so that a third Service finds it exhausted.
 const FIRST: &str = "10.253.1.10";
 const SECOND: &str = "10.253.1.11";
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("test address")
-}
 
 const POOL: &str = r#"apiVersion: metallb.io/v1beta1
 kind: IPAddressPool

@@ -25,6 +25,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
+use svc_lb_tests::ip;
 use svc_lb_tests::{
     Bins, ClientReport, Lab, Proto,
     agent::{Agent, AgentConfig},
@@ -44,10 +45,6 @@ const NODE_PORT: u16 = 30400;
 /// (.1) and node B's (.2) LAN addresses; this second address of node A is outside them.
 const OUTSIDE4: &str = "10.250.0.21";
 const OUTSIDE6: &str = "fd00:250::21";
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("test address")
-}
 
 fn sa(addr: IpAddr, port: u16) -> SocketAddr {
     SocketAddr::new(addr, port)

@@ -19,16 +19,9 @@ use svc_lb_tests::{
     manifests::{EndpointSlice, Protocol, Service, TargetPort, yaml_docs},
     metrics::{http_get, metric, metrics_addr, parse_metrics, start_agent},
 };
+use svc_lb_tests::{ip, sa};
 
 const NS: &str = "ops";
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("test address")
-}
-
-fn sa(s: &str) -> SocketAddr {
-    s.parse().expect("test socket address")
-}
 
 /// Builds a lab, runs `body`, tears it down, then checks nothing of this run is left.
 fn e2e(ids: &[&str], body: impl FnOnce(&mut Lab) -> Result<()>) {

@@ -13,8 +13,6 @@
 #[path = "../src/pkt.rs"]
 mod pkt;
 
-use std::net::IpAddr;
-
 use anyhow::{Context, Result, ensure};
 use pkt::{
     ACK, CLIENT_MAC, Datapath, ICMP, ICMPV6, NODE_MAC, Parsed, SYN, Spec, TC_ACT_OK,
@@ -27,6 +25,7 @@ use svc_lb_common::{
     CTR_EXT_XDP_FORWARDED, CTR_EXT_XDP_REJECT_TO_TC, CTR_EXT_XDP_TX, SNAT_PORT_MAX, SNAT_PORT_MIN,
     SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXT_LOCAL, SVC_FLAG_SRC_RANGES, XDP_DEV_TX_OK,
 };
+use svc_lb_tests::ip;
 
 const CLIENT4: &str = "198.51.100.10";
 const CLIENT6: &str = "2001:db8:c::10";
@@ -49,10 +48,6 @@ const BE_REMOTE4: u32 = 2;
 const BE_LOCAL6: u32 = 3;
 const BE_REMOTE6: u32 = 4;
 const BE_LOCAL4_B: u32 = 5;
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("test address")
-}
 
 /// A datapath with the node's config (SNAT addresses, Maglev size 7), node addresses
 /// and five backends: local and remote of each family, and a second local IPv4 one.
