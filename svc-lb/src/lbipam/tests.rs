@@ -64,7 +64,16 @@ fn annotate(mut svc: Service, key: &str, value: &str) -> Service {
 }
 
 fn run(pools: &[Pool], services: &[(ServiceRef, Service)]) -> Allocation {
-    allocate(pools, services.iter().map(|(r, s)| (r, s)), None)
+    let a = allocate(pools, services.iter().map(|(r, s)| (r, s)), None);
+    // The sources keep Services compacted (labels, annotations and selectors dropped
+    // where nothing reads them): LB-IPAM must decide the same over what they keep.
+    let compacted: Vec<(ServiceRef, Service)> = services
+        .iter()
+        .map(|(r, s)| (r.clone(), crate::source::compact_service(s.clone())))
+        .collect();
+    let b = allocate(pools, compacted.iter().map(|(r, s)| (r, s)), None);
+    assert_eq!(a, b, "allocation over compacted Services");
+    a
 }
 
 fn ips(a: &Allocation, s: &ServiceRef) -> Vec<String> {
@@ -212,6 +221,26 @@ fn allow_shared_ip_shares_with_the_same_key_and_disjoint_ports_only() {
     let a = run(&pools, &services);
     let why = &a.pending[&sref("default", "b")];
     assert!(why.contains("both use port 80/TCP"), "{why}");
+
+    // Local Services share only with the same selector; compaction keeps the
+    // selectors of LoadBalancer Services, and `run` checks that it decides the same.
+    let local = |port: i32, app: &str| {
+        let mut svc = shared(&[port], "k");
+        let spec = svc.spec.as_mut().expect("spec");
+        spec.external_traffic_policy = Some("Local".into());
+        spec.selector = Some([("app".to_owned(), app.to_owned())].into());
+        svc.metadata.labels = Some([("tier".to_owned(), "edge".to_owned())].into());
+        svc
+    };
+    let services = [
+        (sref("default", "a"), local(80, "x")),
+        (sref("default", "b"), local(443, "x")),
+        (sref("default", "c"), local(53, "y")),
+    ];
+    let a = run(&pools, &services);
+    assert_eq!(ips(&a, &sref("default", "a")), ["192.0.2.0"]);
+    assert_eq!(ips(&a, &sref("default", "b")), ["192.0.2.0"]);
+    assert_eq!(ips(&a, &sref("default", "c")), ["192.0.2.1"]);
 }
 
 #[test]

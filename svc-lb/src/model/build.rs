@@ -160,6 +160,8 @@ fn plan_claim_keys(plan: &ServicePlan<'_>, node: &NodeInfo) -> Vec<ClaimKey> {
     }
     keys.sort_unstable();
     keys.dedup();
+    // The cache keeps these for every Service: no spare capacity.
+    keys.shrink_to_fit();
     keys
 }
 

@@ -39,7 +39,7 @@
 //! files that changed, so that a reload costs the changed files, not the directory, and
 //! says exactly which Services changed ([`Snapshot::changed`]).
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, hash_map},
     fs,
     hash::{DefaultHasher, Hasher},
     io::{self, Read as _},
@@ -601,15 +601,23 @@ impl ManifestDir {
         }
         for edit in edits {
             for (obj, index) in edit.after.iter().flat_map(|c| c.objects()) {
-                let defs = self.defs.entry(obj.clone()).or_default();
-                let at = defs.partition_point(|d| (&*d.path, d.index) < (&*edit.path, index));
-                defs.insert(
-                    at,
-                    Def {
-                        path: edit.path.clone(),
-                        index,
-                    },
-                );
+                let def = Def {
+                    path: edit.path.clone(),
+                    index,
+                };
+                match self.defs.entry(obj.clone()) {
+                    // Almost every object has one definition: a vector of exactly one
+                    // (a doubling vector's first push reserves four).
+                    hash_map::Entry::Vacant(v) => {
+                        v.insert(vec![def]);
+                    }
+                    hash_map::Entry::Occupied(mut o) => {
+                        let defs = o.get_mut();
+                        let at =
+                            defs.partition_point(|d| (&*d.path, d.index) < (&*edit.path, index));
+                        defs.insert(at, def);
+                    }
+                }
                 touched.insert(obj.clone());
             }
         }

@@ -20,7 +20,9 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
-use crate::model::{ANNOTATION_LB_SOURCE_RANGES, ObjectRef, ServiceRef};
+use crate::model::{
+    ANNOTATION_LB_SOURCE_RANGES, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, ObjectRef, ServiceRef,
+};
 
 pub mod kube;
 pub mod manifests;
@@ -234,28 +236,50 @@ fn namespace_or_default(ns: Option<&str>) -> Arc<str> {
     }
 }
 
-/// Service annotations kept by [`compact_service`]: the ones the model reads, and
-/// MetalLB's (LB-IPAM reads those). A new reader of an annotation adds it here.
+/// Service annotations kept by [`compact_service`]: the ones the model reads, svc-lb's
+/// own (`svc-lb.io/…`) and MetalLB's (LB-IPAM reads those). A new reader of an
+/// annotation adds it here.
 const KEPT_SERVICE_ANNOTATIONS: &[&str] = &[ANNOTATION_LB_SOURCE_RANGES];
-const KEPT_SERVICE_ANNOTATION_PREFIXES: &[&str] = &["metallb.io/", "metallb.universe.tf/"];
+const KEPT_SERVICE_ANNOTATION_PREFIXES: &[&str] =
+    &["svc-lb.io/", "metallb.io/", "metallb.universe.tf/"];
+
+/// Service labels kept by [`compact_service`]: the ones the model reads. Nothing selects
+/// Services by label (LB-IPAM refuses pools with `serviceSelectors`), and each label
+/// map costs a 540-byte tree node: at 10 000 Services the labels and selectors were
+/// 10 MiB of the agent's 67 MiB heap. A new reader of a label adds it here.
+const KEPT_SERVICE_LABELS: &[&str] = &[LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME];
+
+/// Whether `key` is an annotation something downstream reads (see
+/// [`KEPT_SERVICE_ANNOTATIONS`]).
+pub fn is_kept_service_annotation(key: &str) -> bool {
+    KEPT_SERVICE_ANNOTATIONS.contains(&key)
+        || KEPT_SERVICE_ANNOTATION_PREFIXES
+            .iter()
+            .any(|p| key.starts_with(p))
+}
 
 /// Drops what nothing downstream reads from a Service, right after it is decoded, so a
 /// source keeps one small object per Service instead of the whole API object (at 10 000
 /// Services the parsed objects were most of the agent's heap). Safe because the model
 /// reads only the fields kept here (`model/build.rs`): name and namespace, the labels
-/// `LABEL_HEADLESS` and `LABEL_SERVICE_PROXY_NAME` (all labels are kept: LB-IPAM pools
-/// select Services by label), the annotations above, the spec (LB-IPAM compares the
-/// selectors of `Local` Services that share an address), and the load-balancer ingress
-/// of the status. Both sources compact every object the same way, so equal
-/// input still compares equal. Vectors are shrunk: a decoder grows them by doubling.
+/// [`KEPT_SERVICE_LABELS`], the annotations above, the spec, and the load-balancer
+/// ingress of the status. `spec.selector` is kept for `LoadBalancer` Services only:
+/// LB-IPAM compares the selectors of `Local` Services that share an address, and no
+/// other reader looks at it (svc-lb proxies by EndpointSlices). Both sources compact
+/// every object the same way, so equal input still compares equal. Vectors are
+/// shrunk: a decoder grows them by doubling.
 pub fn compact_service(mut svc: Service) -> Service {
-    compact_meta(&mut svc.metadata, |key| {
-        KEPT_SERVICE_ANNOTATIONS.contains(&key)
-            || KEPT_SERVICE_ANNOTATION_PREFIXES
-                .iter()
-                .any(|p| key.starts_with(p))
-    });
+    compact_meta(&mut svc.metadata, is_kept_service_annotation);
+    if let Some(labels) = svc.metadata.labels.as_mut() {
+        labels.retain(|k, _| KEPT_SERVICE_LABELS.contains(&k.as_str()));
+        if labels.is_empty() {
+            svc.metadata.labels = None;
+        }
+    }
     if let Some(spec) = svc.spec.as_mut() {
+        if spec.type_.as_deref() != Some("LoadBalancer") {
+            spec.selector = None;
+        }
         for v in [
             &mut spec.cluster_ips,
             &mut spec.external_ips,
@@ -443,5 +467,65 @@ impl Drop for Subscriber {
     fn drop(&mut self) {
         self.shared.lock().subscribed = false;
         self.shared.gone.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod compact_tests {
+    use super::*;
+
+    fn svc(yaml: &str) -> Service {
+        serde_yaml::from_str(yaml).expect("a Service")
+    }
+
+    #[test]
+    fn compaction_keeps_what_is_read_and_drops_the_rest() {
+        let full = svc(r#"
+metadata:
+  name: web
+  uid: u1
+  labels: {app: web, service.kubernetes.io/service-proxy-name: svc-lb}
+  annotations:
+    svc-lb.io/scheduler: maglev
+    metallb.io/address-pool: edge
+    kubectl.kubernetes.io/last-applied-configuration: "{}"
+spec:
+  type: ClusterIP
+  selector: {app: web}
+  clusterIP: 10.0.0.1
+  ports: [{port: 80}]
+"#);
+        let c = compact_service(full.clone());
+        assert_eq!(
+            c.metadata.labels,
+            Some(
+                [(LABEL_SERVICE_PROXY_NAME.to_owned(), "svc-lb".to_owned())]
+                    .into_iter()
+                    .collect()
+            )
+        );
+        let kept: Vec<&str> = c
+            .metadata
+            .annotations
+            .iter()
+            .flatten()
+            .map(|(k, _)| k.as_str())
+            .collect();
+        assert_eq!(kept, ["metallb.io/address-pool", "svc-lb.io/scheduler"]);
+        assert_eq!(c.metadata.uid, None);
+        let spec = c.spec.as_ref().expect("spec");
+        assert_eq!(spec.selector, None, "no reader of a ClusterIP selector");
+        assert_eq!(spec.cluster_ip.as_deref(), Some("10.0.0.1"));
+
+        // No label left: no map at all.
+        let mut plain = full.clone();
+        plain.metadata.labels = Some([("app".to_owned(), "web".to_owned())].into());
+        assert_eq!(compact_service(plain).metadata.labels, None);
+
+        // LB-IPAM compares the selectors of LoadBalancer Services that share.
+        let mut lb = full;
+        lb.spec.as_mut().expect("spec").type_ = Some("LoadBalancer".into());
+        let c = compact_service(lb);
+        assert!(c.spec.and_then(|s| s.selector).is_some());
     }
 }
