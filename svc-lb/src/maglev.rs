@@ -16,30 +16,54 @@ use crate::{datapath::codec::addr_words, model::BackendAddr};
 /// `backends`. Pairs with id 0 (never valid) and repeated addresses (the first id wins
 /// after sorting) are ignored. Returns an empty table when no backend is left.
 pub fn populate(backends: &[(u32, BackendAddr)], m: u32) -> Vec<u32> {
-    let mut sorted: Vec<(BackendAddr, u32)> = backends
+    let weighted: Vec<(u32, BackendAddr, u16)> =
+        backends.iter().map(|(id, a)| (*id, *a, 1)).collect();
+    populate_weighted(&weighted, m)
+}
+
+/// [`populate`] with a weight per backend (Katran's weighted Maglev): each backend
+/// gains its weight in credit every round and places an entry whenever its credit
+/// reaches the largest weight, so its share of the table is in proportion to its
+/// weight. Weight 0 (drain) places nothing; all weights 0 give an empty table.
+pub fn populate_weighted(backends: &[(u32, BackendAddr, u16)], m: u32) -> Vec<u32> {
+    let mut sorted: Vec<(BackendAddr, u32, u16)> = backends
         .iter()
-        .filter(|(id, _)| *id != 0)
-        .map(|(id, addr)| (*addr, *id))
+        .filter(|(id, _, _)| *id != 0)
+        .map(|(id, addr, w)| (*addr, *id, *w))
         .collect();
     sorted.sort_unstable();
-    sorted.dedup_by_key(|(addr, _)| *addr);
+    sorted.dedup_by_key(|(addr, _, _)| *addr);
+    sorted.retain(|(_, _, w)| *w != 0);
     if sorted.is_empty() || m < 2 {
         return Vec::new();
     }
     let size = m as usize;
     let perms: Vec<(u64, u64)> = sorted
         .iter()
-        .map(|(a, _)| {
+        .map(|(a, _, _)| {
             let (offset, skip) = permutation(&addr_words(a.addr), a.port.to_be(), a.proto, m);
             (u64::from(offset), u64::from(skip))
         })
         .collect();
+    let max_w = sorted
+        .iter()
+        .map(|(_, _, w)| u32::from(*w))
+        .max()
+        .unwrap_or(1);
+    let mut credit = vec![0u32; sorted.len()];
     // 0 marks a free entry: backend id 0 was filtered out above.
     let mut table = vec![0u32; size];
     let mut next = vec![0u64; sorted.len()];
     let mut filled = 0usize;
     'fill: loop {
-        for (i, (_, id)) in sorted.iter().enumerate() {
+        for (i, (_, id, w)) in sorted.iter().enumerate() {
+            // credit < max_w before the add and w <= max_w, so at most one turn per
+            // round; the backend(s) with the largest weight take a turn every round.
+            credit[i] += u32::from(*w);
+            if credit[i] < max_w {
+                continue;
+            }
+            credit[i] -= max_w;
             let (offset, skip) = perms[i];
             // Each permutation visits every entry (skip is in 1..m and m is prime), so
             // this ends within m steps while an entry is free.
@@ -235,5 +259,77 @@ mod tests {
             proto: PROTO_TCP,
         };
         assert!(populate(&[(3, v6)], SMALL).iter().all(|id| *id == 3));
+    }
+
+    fn counts(table: &[u32]) -> BTreeMap<u32, usize> {
+        let mut c: BTreeMap<u32, usize> = BTreeMap::new();
+        for id in table {
+            *c.entry(*id).or_default() += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn weighted_shares_follow_the_weights() {
+        let backends: Vec<(u32, BackendAddr, u16)> =
+            vec![(1, addr(1), 1), (2, addr(2), 2), (3, addr(3), 3)];
+        let table = populate_weighted(&backends, M);
+        let c = counts(&table);
+        let total = table.len() as f64;
+        for (id, w) in [(1u32, 1.0), (2, 2.0), (3, 3.0)] {
+            let share = c.get(&id).copied().unwrap_or(0) as f64 / total;
+            assert!(
+                (share - w / 6.0).abs() < 0.01,
+                "backend {id}: share {share}, want {}",
+                w / 6.0
+            );
+        }
+    }
+
+    #[test]
+    fn equal_weights_give_the_unweighted_table() {
+        let plain = set(10);
+        let weighted: Vec<(u32, BackendAddr, u16)> =
+            plain.iter().map(|(id, a)| (*id, *a, 7)).collect();
+        assert_eq!(populate(&plain, SMALL), populate_weighted(&weighted, SMALL));
+    }
+
+    #[test]
+    fn weight_zero_gets_no_entry_and_all_zero_is_empty() {
+        let backends: Vec<(u32, BackendAddr, u16)> =
+            vec![(1, addr(1), 1), (2, addr(2), 0), (3, addr(3), 1)];
+        let c = counts(&populate_weighted(&backends, SMALL));
+        assert_eq!(c.keys().copied().collect::<Vec<_>>(), vec![1, 3]);
+        let drained: Vec<(u32, BackendAddr, u16)> = vec![(1, addr(1), 0), (2, addr(2), 0)];
+        assert!(populate_weighted(&drained, SMALL).is_empty());
+    }
+
+    proptest::proptest! {
+        /// Every backend with weight w > 0 holds about w / sum(w) of the table (within
+        /// 2 % of the table plus one entry per backend for rounding) and no drained
+        /// backend holds any.
+        #[test]
+        fn weighted_proportions(weights in proptest::collection::vec(0u16..20, 1..30)) {
+            let backends: Vec<(u32, BackendAddr, u16)> = weights.iter().enumerate()
+                .map(|(i, w)| (i as u32 + 1, addr(i as u32 + 1), *w)).collect();
+            let table = populate_weighted(&backends, M);
+            let sum: u32 = weights.iter().map(|w| u32::from(*w)).sum();
+            if sum == 0 {
+                proptest::prop_assert!(table.is_empty());
+                return Ok(());
+            }
+            proptest::prop_assert_eq!(table.len(), M as usize);
+            let c = counts(&table);
+            for (i, w) in weights.iter().enumerate() {
+                let got = c.get(&(i as u32 + 1)).copied().unwrap_or(0) as f64;
+                let want = f64::from(M) * f64::from(*w) / f64::from(sum);
+                if *w == 0 {
+                    proptest::prop_assert_eq!(got, 0.0);
+                } else {
+                    proptest::prop_assert!((got - want).abs() <= 0.02 * f64::from(M) + weights.len() as f64,
+                        "backend {} weight {}: {} entries, want {}", i + 1, w, got, want);
+                }
+            }
+        }
     }
 }

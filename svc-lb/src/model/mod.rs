@@ -12,6 +12,7 @@ use ipnet::IpNet;
 mod build;
 mod cache;
 mod node;
+pub mod sched;
 pub use build::{
     ANNOTATION_LB_SOURCE_RANGES, DEFAULT_AFFINITY_TIMEOUT_S, LABEL_HEADLESS, LABEL_SERVICE_NAME,
     LABEL_SERVICE_PROXY_NAME, MAX_AFFINITY_TIMEOUT_S, build, never_a_frontend,

@@ -15,7 +15,8 @@ use crate::model::{LABEL_HEADLESS, LABEL_SERVICE_NAME};
 ///   or empty, as the API server fills it in).
 /// - `metadata.labels["kubernetes.io/service-name"]` → `service_name` (the owning
 ///   Service); `metadata.labels["service.kubernetes.io/headless"]` present → `headless`.
-///   No other label or annotation is read by anything.
+/// - `metadata.annotations["svc-lb.io/weights"]` → `weights` (parsed). No other label
+///   or annotation is read by anything.
 /// - `addressType` → `address_type`.
 /// - `ports[]` → `ports` (an absent list is empty).
 /// - `endpoints[]` → `endpoints` (see [`EndpointObj`]).
@@ -34,6 +35,9 @@ pub struct SliceObj {
     pub address_type: AddressType,
     pub ports: Box<[EndpointPortObj]>,
     pub endpoints: Box<[EndpointObj]>,
+    /// `metadata.annotations["svc-lb.io/weights"]`, parsed (`None` when absent, as
+    /// almost always); the model reports its bad entries against the slice.
+    pub weights: Option<Box<crate::model::sched::EndpointWeights>>,
 }
 
 /// `addressType` of an EndpointSlice.
@@ -125,6 +129,11 @@ impl From<EndpointSlice> for SliceObj {
     fn from(slice: EndpointSlice) -> Self {
         let meta = slice.metadata;
         let labels = meta.labels.unwrap_or_default();
+        let weights = meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(crate::model::sched::ANNOTATION_WEIGHTS))
+            .map(|v| Box::new(crate::model::sched::parse_weights(v)));
         let namespace = match meta.namespace {
             Some(ns) if !ns.is_empty() => ns.into_boxed_str(),
             _ => "default".into(),
@@ -147,6 +156,7 @@ impl From<EndpointSlice> for SliceObj {
                 .flatten()
                 .map(EndpointObj::from)
                 .collect(),
+            weights,
         }
     }
 }
