@@ -37,6 +37,7 @@ pub mod lab;
 pub mod manifests;
 pub mod metrics;
 pub mod names;
+pub mod podlab;
 pub mod netns;
 pub mod procs;
 pub mod report;
