@@ -143,6 +143,21 @@ fn host_scope_mesh_pod_sees_the_service_and_plain_pods_use_the_per_packet_path()
             }
         }
 
+        // Node A's counters: the pod path translated (both directions) and hairpinned,
+        // answered the rejects, and the socket programs translated nothing (every
+        // client here is a pod outside the host scope).
+        let m = |series: &str| lab.node_metric(Node::A, series);
+        let fwd = m(r#"svclb_datapath_translations_total{hook="pod",direction="forward"}"#)?;
+        let rev = m(r#"svclb_datapath_translations_total{hook="pod",direction="reverse"}"#)?;
+        let hairpin = m(r#"svclb_datapath_events_total{hook="pod",name="hairpin"}"#)?;
+        let rejects = m(r#"svclb_datapath_rejects_total{hook="pod",reason="service"}"#)?;
+        let sock = m(r#"svclb_datapath_translations_total{hook="sock",direction="forward"}"#)?;
+        eprintln!("node A: pod forward {fwd}, reverse {rev}, hairpin {hairpin}, rejects {rejects}; sock forward {sock}");
+        ensure!(
+            fwd > 0 && rev > 0 && hairpin > 0 && rejects >= N && sock == 0,
+            "node A counters: pod forward {fwd}, reverse {rev}, hairpin {hairpin}, rejects {rejects}, sock forward {sock}"
+        );
+
         // status names the scope and the pod devices.
         let svc_lb = lab.bins.svc_lb.display().to_string();
         let bpffs = lab.bpffs(Node::A).display().to_string();
