@@ -31,9 +31,9 @@ use svc_lb_common::{
     CTR_EXT_MAGLEV_MISSING, CTR_EXT_NO_SNAT_ADDR, CTR_EXT_REJECT_FAILED,
     CTR_EXT_REJECT_RATE_LIMITED, CTR_EXT_REPLY_XLATED, CTR_EXT_REWRITE_FAIL,
     CTR_EXT_SNAT_PORT_EXHAUSTED, CTR_EXT_XDP_REJECT_TO_TC, CtKey, CtValue, ExtChoice, ExtVia,
-    FAMILY_V4, MAGLEV_TABLE_MAX, NodeAddrKey, PROTO_TCP, SCOPE_ALL, SCOPE_EXTERNAL, SNAT_PORT_TRIES,
-    SVC_FLAG_EXT_LOCAL, SrcRange4Key, SrcRange6Key, Stickiness, Svc4Key, Svc6Key, SvcValue,
-    choose_external, lookup::snat_port, maglev::flow_hash,
+    FAMILY_V4, MAGLEV_TABLE_MAX, NodeAddrKey, PROTO_TCP, SCOPE_ALL, SCOPE_EXTERNAL,
+    SNAT_PORT_TRIES, SVC_FLAG_EXT_LOCAL, SrcRange4Key, SrcRange6Key, Stickiness, Svc4Key, Svc6Key,
+    SvcValue, choose_external, lookup::snat_port, maglev::flow_hash,
 };
 
 use crate::{

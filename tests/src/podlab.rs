@@ -52,7 +52,10 @@ pub fn drop_default_routes(lab: &TwoNodeLab, pod: &str) -> Result<()> {
         ns.ip([fam, "route", "add", range, "via", &gw])?;
     }
     let left = ns.ip(["route", "show", "default"])? + &ns.ip(["-6", "route", "show", "default"])?;
-    ensure!(left.trim().is_empty(), "pod {pod} still has a default route: {left}");
+    ensure!(
+        left.trim().is_empty(),
+        "pod {pod} still has a default route: {left}"
+    );
     Ok(())
 }
 
@@ -121,8 +124,20 @@ pub fn mesh_redirect(lab: &TwoNodeLab, pod: &str) -> Result<()> {
     netns::in_netns(&ns, || {
         let out = Command::new("iptables")
             .args([
-                "-w", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "!", "-d", "127.0.0.0/8", "-j",
-                "REDIRECT", "--to-ports", &port,
+                "-w",
+                "-t",
+                "nat",
+                "-A",
+                "OUTPUT",
+                "-p",
+                "tcp",
+                "!",
+                "-d",
+                "127.0.0.0/8",
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                &port,
             ])
             .output()
             .context("run iptables (installed by `cargo xtask setup`)")?;

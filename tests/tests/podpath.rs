@@ -57,7 +57,11 @@ fn setup(lab: &mut TwoNodeLab, scope: &str, pod_path: bool) -> Result<()> {
         let yaml = podlab::cluster_service(lab, name, &ips(cluster), eps);
         lab.write_manifest(&format!("{name}.yaml"), &yaml)?;
     }
-    let (a, b) = if pod_path { ("p1,p2,p3", "p1") } else { ("", "") };
+    let (a, b) = if pod_path {
+        ("p1,p2,p3", "p1")
+    } else {
+        ("", "")
+    };
     podlab::start_agent(lab, Node::A, scope, a)?;
     podlab::start_agent(lab, Node::B, scope, b)?;
     Ok(())
@@ -152,7 +156,9 @@ fn host_scope_mesh_pod_sees_the_service_and_plain_pods_use_the_per_packet_path()
         let hairpin = m(r#"svclb_datapath_events_total{hook="pod",name="hairpin"}"#)?;
         let rejects = m(r#"svclb_datapath_rejects_total{hook="pod",reason="service"}"#)?;
         let sock = m(r#"svclb_datapath_translations_total{hook="sock",direction="forward"}"#)?;
-        eprintln!("node A: pod forward {fwd}, reverse {rev}, hairpin {hairpin}, rejects {rejects}; sock forward {sock}");
+        eprintln!(
+            "node A: pod forward {fwd}, reverse {rev}, hairpin {hairpin}, rejects {rejects}; sock forward {sock}"
+        );
         ensure!(
             fwd > 0 && rev > 0 && hairpin > 0 && rejects >= N && sock == 0,
             "node A counters: pod forward {fwd}, reverse {rev}, hairpin {hairpin}, rejects {rejects}, sock forward {sock}"

@@ -75,7 +75,12 @@ pub const POD_PROGRAMS: [(&str, TcAttachType); 2] = [
 
 /// Attaches (or swaps in) the per-packet programs on each pod device, pinned as
 /// `links/<program>@<device>` like the external path's.
-pub fn attach(ebpf: &mut Ebpf, bpffs: &std::path::Path, devices: &[String], tc: TcAttach) -> Result<()> {
+pub fn attach(
+    ebpf: &mut Ebpf,
+    bpffs: &std::path::Path,
+    devices: &[String],
+    tc: TcAttach,
+) -> Result<()> {
     links::attach_tc_programs(ebpf, bpffs, devices, &POD_PROGRAMS, tc)
 }
 
