@@ -68,6 +68,12 @@ pub enum Verdict {
 
 const SEC: u64 = 1_000_000_000;
 
+/// 1: `--route-cluster-ips`: a packet from outside the node to an address with no
+/// external frontend is looked up among the `SCOPE_ALL` frontends too (cluster IPs that
+/// routers send to the node). Read-only data: with 0 the verifier drops the lookup.
+#[unsafe(no_mangle)]
+static SVCLB_ROUTE_CLUSTER_IPS: aya_ebpf::Global<u8> = aya_ebpf::Global::new(0);
+
 #[inline(always)]
 fn ct_key(f: &Flow, dir: u8) -> CtKey {
     CtKey {
@@ -565,12 +571,17 @@ fn reject<C: Pkt>(c: &C, f: &Flow, reason: u32) -> Verdict {
 /// the reason of a drop or reject, remembers an affinity choice. No packet access.
 #[inline(never)]
 fn decide(f: &Flow, now: u64, hash: u32, path: Path) -> Decision {
-    let scope = if path == Path::Pod {
+    let mut scope = if path == Path::Pod {
         SCOPE_ALL
     } else {
         SCOPE_EXTERNAL
     };
-    let Some((master, fe_addr)) = frontend(f, scope) else {
+    let mut found = frontend(f, scope);
+    if found.is_none() && scope == SCOPE_EXTERNAL && SVCLB_ROUTE_CLUSTER_IPS.load() != 0 {
+        scope = SCOPE_ALL;
+        found = frontend(f, scope);
+    }
+    let Some((master, fe_addr)) = found else {
         return Decision::Pass;
     };
     let maglev_size = match LB_CONFIG_V1.get(0) {
@@ -623,7 +634,7 @@ fn decide(f: &Flow, now: u64, hash: u32, path: Path) -> Decision {
         } => {
             // `SCOPE_ALL` frontends have no Maglev table: the slot is their choice.
             if let ExtVia::SlotFallback { .. } = via
-                && path == Path::External
+                && scope == SCOPE_EXTERNAL
             {
                 count(CTR_EXT_MAGLEV_MISSING);
             }

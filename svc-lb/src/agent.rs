@@ -74,6 +74,8 @@ pub struct AgentConfig {
     pub socket_lb_scope: crate::datapath::poddev::SocketLbScope,
     /// `--pod-devices`: where the per-packet path for pod traffic attaches.
     pub pod_devices: Vec<String>,
+    /// `--route-cluster-ips`: the external path translates cluster IPs too.
+    pub route_cluster_ips: bool,
 }
 
 impl AgentConfig {
@@ -363,6 +365,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             compat: (&choices).into(),
             sizes: cfg.map_sizes,
             host_netns_cookie,
+            route_cluster_ips: cfg.route_cluster_ips,
         },
     )?;
     dp.set_map_batch(choices.map_batch);
@@ -386,6 +389,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         st.bpffs = cfg.bpffs.display().to_string();
         st.cgroup = cfg.cgroup.display().to_string();
         st.socket_lb_scope = cfg.socket_lb_scope.name().to_owned();
+        st.route_cluster_ips = cfg.route_cluster_ips;
     });
     if let Some(addr) = cfg.metrics_addr {
         spawn_metrics(addr, cfg.bpffs.clone(), cfg.metrics_addr_explicit).await?;

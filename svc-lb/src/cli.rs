@@ -131,6 +131,11 @@ pub enum Command {
         /// with conntrack and reverse NAT [default: none; devices are not discovered yet]
         #[arg(long, value_delimiter = ',', value_name = "IF[,IF...]")]
         pod_devices: Vec<String>,
+        /// Also translate cluster IPs in packets arriving on the external devices
+        /// (--devices), for routers that send the Service range to the node. Off by
+        /// default: exposing cluster IPs outside the cluster is a decision.
+        #[arg(long)]
+        route_cluster_ips: bool,
         /// Entries per Maglev table of an external frontend: a prime in 251-16381.
         #[arg(long, default_value_t = svc_lb_common::MAGLEV_DEFAULT_SIZE, value_parser = parse_maglev_size)]
         maglev_table_size: u32,
@@ -465,6 +470,7 @@ pub fn run(cli: Cli) -> Result<()> {
             xdp_reject,
             socket_lb_scope,
             pod_devices,
+            route_cluster_ips,
             maglev_table_size,
             conntrack_max,
             destroy_tcp,
@@ -555,6 +561,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 xdp_reject,
                 socket_lb_scope,
                 pod_devices,
+                route_cluster_ips,
                 maglev_size: maglev_table_size,
                 conntrack_max,
                 destroy_tcp,

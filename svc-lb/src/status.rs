@@ -67,6 +67,9 @@ pub struct AgentStatus {
     /// Why the per-packet path is off for this run, when it failed to attach.
     #[serde(default)]
     pub pod_error: Option<String>,
+    /// `--route-cluster-ips`: the external path translates cluster IPs too.
+    #[serde(default)]
+    pub route_cluster_ips: bool,
 }
 
 /// LoadBalancer IP allocation (see `lbipam`), for `svc-lb status` and `svc-lb list`.

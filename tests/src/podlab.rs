@@ -61,12 +61,22 @@ pub fn drop_default_routes(lab: &TwoNodeLab, pod: &str) -> Result<()> {
 
 /// A ClusterIP Service `name` with ports http (TCP 80) and dns (UDP 53), both to
 /// [`POD_PORT`], and one EndpointSlice per family of `cluster` with the pods `pods`.
-pub fn cluster_service(lab: &TwoNodeLab, name: &str, cluster: &[IpAddr], pods: &[&str]) -> String {
+/// `affinity`: `sessionAffinity: ClientIP`.
+pub fn cluster_service(
+    lab: &TwoNodeLab,
+    name: &str,
+    cluster: &[IpAddr],
+    pods: &[&str],
+    affinity: bool,
+) -> String {
     let mut svc = Service::new(NS, name, cluster)
         .port("http", 80, TargetPort::Number(POD_PORT), Protocol::Tcp)
         .port("dns", 53, TargetPort::Number(POD_PORT), Protocol::Udp);
     if cluster.len() > 1 {
         svc = svc.spec("ipFamilyPolicy", json!("PreferDualStack"));
+    }
+    if affinity {
+        svc = svc.spec("sessionAffinity", json!("ClientIP"));
     }
     let mut docs = vec![svc.to_value()];
     for c in cluster {
@@ -88,8 +98,14 @@ pub fn cluster_service(lab: &TwoNodeLab, name: &str, cluster: &[IpAddr], pods: &
 }
 
 /// Starts node `n`'s agent with `--devices eth0 --node-name <n>`, `--socket-lb-scope
-/// scope` and, when `pod_devices` is not empty, `--pod-devices pod_devices`.
-pub fn start_agent(lab: &mut TwoNodeLab, n: Node, scope: &str, pod_devices: &str) -> Result<()> {
+/// scope`, when `pod_devices` is not empty `--pod-devices pod_devices`, and `extra`.
+pub fn start_agent(
+    lab: &mut TwoNodeLab,
+    n: Node,
+    scope: &str,
+    pod_devices: &str,
+    extra: &[&str],
+) -> Result<()> {
     let mut extra_args: Vec<String> = [
         "--devices",
         "eth0",
@@ -104,6 +120,7 @@ pub fn start_agent(lab: &mut TwoNodeLab, n: Node, scope: &str, pod_devices: &str
     if !pod_devices.is_empty() {
         extra_args.extend(["--pod-devices".to_owned(), pod_devices.to_owned()]);
     }
+    extra_args.extend(extra.iter().map(|s| (*s).to_owned()));
     let config = AgentConfig {
         bin: lab.bins.svc_lb.clone(),
         manifests: lab.manifests_dir(),

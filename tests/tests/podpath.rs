@@ -28,6 +28,7 @@ const FAST_FAIL: Duration = Duration::from_millis(250);
 const WEB: [&str; 2] = ["10.96.60.10", "fd00:96::60:10"];
 const EMPTY: [&str; 2] = ["10.96.60.11", "fd00:96::60:11"];
 const SELF: [&str; 2] = ["10.96.60.12", "fd00:96::60:12"];
+const STICKY: [&str; 2] = ["10.96.60.13", "fd00:96::60:13"];
 
 fn ip(s: &str) -> IpAddr {
     s.parse().expect("test address")
@@ -42,29 +43,45 @@ fn pods(body: impl FnOnce(&mut TwoNodeLab) -> Result<()>) {
 }
 
 /// Adds a3 on node A, takes every pod's default route away, writes the Services
-/// (web: a3 and b1; empty: none; self: a1 only) and starts both agents with `scope`;
-/// with `pod_path` the pods' devices get the per-packet path.
+/// (web: a3 and b1; empty: none; self: a1 only; sticky: a3 and b1 with ClientIP affinity) and starts both agents with `scope`;
+/// with `pod_path` the pods' devices get the per-packet path and node A
+/// `--route-cluster-ips`.
 fn setup(lab: &mut TwoNodeLab, scope: &str, pod_path: bool) -> Result<()> {
     lab.add_pod("a3", Node::A, POD_PORT)?;
     for p in ["a1", "a2", "a3", "b1"] {
         podlab::drop_default_routes(lab, p)?;
     }
-    for (name, cluster, eps) in [
-        ("web", &WEB, &["a3", "b1"][..]),
-        ("empty", &EMPTY, &[][..]),
-        ("self", &SELF, &["a1"][..]),
+    for (name, cluster, eps, affinity) in [
+        ("web", &WEB, &["a3", "b1"][..], false),
+        ("empty", &EMPTY, &[][..], false),
+        ("self", &SELF, &["a1"][..], false),
+        ("sticky", &STICKY, &["a3", "b1"][..], true),
     ] {
-        let yaml = podlab::cluster_service(lab, name, &ips(cluster), eps);
+        let yaml = podlab::cluster_service(lab, name, &ips(cluster), eps, affinity);
         lab.write_manifest(&format!("{name}.yaml"), &yaml)?;
     }
-    let (a, b) = if pod_path {
-        ("p1,p2,p3", "p1")
+    // The pod path comes with --route-cluster-ips on node A; the other run has neither.
+    let (a, b, extra) = if pod_path {
+        ("p1,p2,p3", "p1", &["--route-cluster-ips"][..])
     } else {
-        ("", "")
+        ("", "", &[][..])
     };
-    podlab::start_agent(lab, Node::A, scope, a)?;
-    podlab::start_agent(lab, Node::B, scope, b)?;
+    podlab::start_agent(lab, Node::A, scope, a, extra)?;
+    podlab::start_agent(lab, Node::B, scope, b, &[])?;
     Ok(())
+}
+
+/// `N` attempts from the external client to web's cluster IP, routed via node A.
+fn from_outside(lab: &TwoNodeLab, v6: bool, proto: Proto) -> Result<ClientReport> {
+    let web = ip(WEB[usize::from(v6)]);
+    lab.net.route_via(web, Node::A)?;
+    let port = if proto == Proto::Tcp { 80 } else { 53 };
+    let mut o = lab.client(SocketAddr::new(web, port), proto);
+    o.count = N;
+    o.timeout = Duration::from_secs(1);
+    let r = lab.run_client(&o)?;
+    eprintln!("outside -> {web}:{port} {proto:?}: {}", r.summary());
+    Ok(r)
 }
 
 fn run(lab: &TwoNodeLab, pod: &str, target: SocketAddr, proto: Proto) -> Result<ClientReport> {
@@ -132,6 +149,18 @@ fn host_scope_mesh_pod_sees_the_service_and_plain_pods_use_the_per_packet_path()
                 );
             }
 
+            // Session affinity (ClientIP): every attempt of a1 lands on one backend.
+            let sticky = ip(STICKY[usize::from(v6)]);
+            for (port, proto) in [(80, Proto::Tcp), (53, Proto::Udp)] {
+                let r = run(lab, "a1", SocketAddr::new(sticky, port), proto)?;
+                all_ok(&r, N)?;
+                ensure!(
+                    r.backends.len() == 1,
+                    "affinity: one backend expected: {}",
+                    r.summary()
+                );
+            }
+
             // Hairpin: a1 reaches itself through its Service; it sees the Service
             // address as the peer, not itself.
             let svc = ip(SELF[usize::from(v6)]);
@@ -144,6 +173,16 @@ fn host_scope_mesh_pod_sees_the_service_and_plain_pods_use_the_per_packet_path()
                     "hairpin: a1's server should see {svc}: {:?}",
                     r.backend_saw
                 );
+            }
+        }
+
+        // --route-cluster-ips: a cluster IP routed to node A from outside reaches both
+        // backends (b1 on node B through SNAT).
+        for v6 in [false, true] {
+            for proto in [Proto::Tcp, Proto::Udp] {
+                let r = from_outside(lab, v6, proto)?;
+                all_ok(&r, N)?;
+                backends_are(&r, &["a3", "b1"])?;
             }
         }
 
@@ -190,6 +229,14 @@ fn all_scope_mesh_pod_sees_a_backend() {
         ensure!(
             r.backends.keys().all(|k| want.contains(k)),
             "the proxy should see backends {want:?}: {}",
+            r.summary()
+        );
+        // Without --route-cluster-ips a cluster IP routed to the node from outside goes
+        // nowhere (the node has no route for it).
+        let r = from_outside(lab, false, Proto::Tcp)?;
+        ensure!(
+            r.ok == 0 && r.failed == N,
+            "expected every attempt to fail: {}",
             r.summary()
         );
         Ok(())

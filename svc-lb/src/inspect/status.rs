@@ -330,10 +330,15 @@ pub fn render_text(st: &Status, now_ms: u64) -> String {
                     (None, false) => a.pod_devices.join(","),
                 };
                 out.push_str(&format!(
-                    "  paths        sockets: {} (--socket-lb-scope); per-packet pod devices: {pods}\n",
+                    "  paths        sockets: {} (--socket-lb-scope); per-packet pod devices: {pods}; cluster IPs from outside: {}\n",
                     match a.socket_lb_scope.as_str() {
                         "host" => "host network namespace only",
                         _ => "every socket on the node",
+                    },
+                    if a.route_cluster_ips {
+                        "translated (--route-cluster-ips)"
+                    } else {
+                        "not translated"
                     }
                 ));
             }
