@@ -175,6 +175,10 @@ pub const PROG_GETPEER6: &str = "svclb_getpeer6";
 pub const PROG_TC_INGRESS: &str = "svclb_tc_in";
 pub const PROG_TC_EGRESS: &str = "svclb_tc_out";
 pub const PROG_XDP: &str = "svclb_xdp";
+/// Per-packet path on the pod-facing devices (`--pod-devices`): tc ingress sees what a
+/// pod sends, tc egress what goes back into it.
+pub const PROG_POD_INGRESS: &str = "svclb_pod_in";
+pub const PROG_POD_EGRESS: &str = "svclb_pod_out";
 
 pub const SOCK_PROGRAMS: [&str; 8] = [
     PROG_CONNECT4,
@@ -816,10 +820,23 @@ pub const CTR_EXT_XDP_REJECT_TO_TC: u32 = 38;
 /// A reject (ICMP/ICMPv6 port unreachable) was not sent because the node-wide reject
 /// rate limit (`--reject-rate`, `--reject-burst`) was used up: the packet was dropped.
 pub const CTR_EXT_REJECT_RATE_LIMITED: u32 = 39;
+// Per-packet path for pod traffic (`pod.rs`). The detail counters of conntrack, choice
+// and reject are the external path's (shared code); these say which path acted.
+// Numbered from 48 so that counters added to the other paths meanwhile do not collide.
+/// A pod's packet to a Service address was translated (new or established flow).
+pub const CTR_POD_XLATED: u32 = 48;
+/// A reply on its way back into a pod was given the Service address back.
+pub const CTR_POD_REPLY_XLATED: u32 = 49;
+/// A pod reached itself through its Service (source rewritten, sent back to it).
+pub const CTR_POD_HAIRPIN: u32 = 50;
+/// A pod's packet to a Service without endpoints was answered with ICMP unreachable.
+pub const CTR_POD_REJECTED: u32 = 51;
+/// A pod's packet to a Service was dropped (source range, missing backend, rewrite).
+pub const CTR_POD_DROPPED: u32 = 52;
 pub const COUNTERS_MAX: u32 = 64;
 
 /// Counter names for the CLI and metrics, indexed like the `CTR_*` constants.
-pub const COUNTER_NAMES: [(u32, &str); 35] = [
+pub const COUNTER_NAMES: [(u32, &str); 40] = [
     (CTR_SOCK_XLATED, "sock_translated"),
     (CTR_SOCK_NO_BACKEND, "sock_rejected_no_backend"),
     (CTR_SOCK_SLOT_MISS, "sock_error_slot_missing"),
@@ -861,6 +878,11 @@ pub const COUNTER_NAMES: [(u32, &str); 35] = [
         CTR_EXT_REJECT_RATE_LIMITED,
         "ext_dropped_reject_rate_limited",
     ),
+    (CTR_POD_XLATED, "pod_translated"),
+    (CTR_POD_REPLY_XLATED, "pod_reply_translated"),
+    (CTR_POD_HAIRPIN, "pod_hairpin"),
+    (CTR_POD_REJECTED, "pod_rejected_service"),
+    (CTR_POD_DROPPED, "pod_dropped_service"),
 ];
 
 /// Slot chosen for a new connection: uniform over `1..=count`. Both the eBPF programs
@@ -982,7 +1004,13 @@ mod tests {
 
     #[test]
     fn map_names_fit_kernel_object_names() {
-        let ext = [PROG_TC_INGRESS, PROG_TC_EGRESS, PROG_XDP];
+        let ext = [
+            PROG_TC_INGRESS,
+            PROG_TC_EGRESS,
+            PROG_XDP,
+            PROG_POD_INGRESS,
+            PROG_POD_EGRESS,
+        ];
         for name in ALL_MAPS
             .iter()
             .chain(SOCKET_MAPS.iter())

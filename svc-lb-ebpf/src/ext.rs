@@ -31,9 +31,9 @@ use svc_lb_common::{
     CTR_EXT_MAGLEV_MISSING, CTR_EXT_NO_SNAT_ADDR, CTR_EXT_REJECT_FAILED,
     CTR_EXT_REJECT_RATE_LIMITED, CTR_EXT_REPLY_XLATED, CTR_EXT_REWRITE_FAIL,
     CTR_EXT_SNAT_PORT_EXHAUSTED, CTR_EXT_XDP_REJECT_TO_TC, CtKey, CtValue, ExtChoice, ExtVia,
-    FAMILY_V4, MAGLEV_TABLE_MAX, NodeAddrKey, PROTO_TCP, SCOPE_EXTERNAL, SNAT_PORT_TRIES,
-    SVC_FLAG_EXT_LOCAL, SrcRange4Key, SrcRange6Key, Stickiness, Svc4Key, Svc6Key, SvcValue,
-    choose_external, lookup::snat_port, maglev::flow_hash,
+    FAMILY_V4, MAGLEV_TABLE_MAX, NodeAddrKey, PROTO_TCP, SCOPE_ALL, SCOPE_EXTERNAL,
+    SNAT_PORT_TRIES, SVC_FLAG_EXT_LOCAL, SrcRange4Key, SrcRange6Key, Stickiness, Svc4Key, Svc6Key,
+    SvcValue, choose_external, lookup::snat_port, maglev::flow_hash,
 };
 
 use crate::{
@@ -67,6 +67,12 @@ pub enum Verdict {
 }
 
 const SEC: u64 = 1_000_000_000;
+
+/// 1: `--route-cluster-ips`: a packet from outside the node to an address with no
+/// external frontend is looked up among the `SCOPE_ALL` frontends too (cluster IPs that
+/// routers send to the node). Read-only data: with 0 the verifier drops the lookup.
+#[unsafe(no_mangle)]
+static SVCLB_ROUTE_CLUSTER_IPS: aya_ebpf::Global<u8> = aya_ebpf::Global::new(0);
 
 #[inline(always)]
 fn ct_key(f: &Flow, dir: u8) -> CtKey {
@@ -207,14 +213,32 @@ pub fn reply<C: Pkt>(c: &C, f: &Flow, snat: bool) -> Option<Verdict> {
 
 // ---- forward direction (tc ingress and XDP) ----
 
+/// Which clients a forward decision serves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// Clients outside the node (tc/XDP on `--devices`): `SCOPE_EXTERNAL` frontends,
+    /// NodePorts, SNAT to remote backends.
+    External,
+    /// Pods of this node (tc on `--pod-devices`, `pod.rs`): `SCOPE_ALL` frontends (the
+    /// socket programs' entries, with internalTrafficPolicy), DNAT only (a pod address
+    /// is routable, so the reply comes back through this node), except hairpin.
+    Pod,
+}
+
 /// A packet from a client: an established flow keeps its backend; a new one is chosen,
 /// recorded and translated; a packet to no external frontend passes untouched.
 #[inline(always)]
 pub fn forward<C: Pkt>(c: &C, f: &Flow) -> Verdict {
+    forward_on(c, f, Path::External)
+}
+
+/// [`forward`] for the clients of `path`.
+#[inline(always)]
+pub fn forward_on<C: Pkt>(c: &C, f: &Flow, path: Path) -> Verdict {
     let now = unsafe { bpf_ktime_get_ns() };
     match established(c, f, now) {
         Some(v) => v,
-        None => new_flow(c, f, now),
+        None => new_flow(c, f, now, path),
     }
 }
 
@@ -321,21 +345,22 @@ fn established<C: Pkt>(c: &C, f: &Flow, now: u64) -> Option<Verdict> {
 /// The external frontend of a packet: exact (destination, port, protocol) first, then
 /// the NodePort entry (unspecified address) when the destination is a node address.
 /// Returns the master entry and the address its slots are keyed by.
+/// `scope`: `SCOPE_EXTERNAL` (with the NodePort fallback) or `SCOPE_ALL` (exact only).
 #[inline(always)]
-fn frontend(f: &Flow) -> Option<(SvcValue, [u32; 4])> {
+fn frontend(f: &Flow, scope: u8) -> Option<(SvcValue, [u32; 4])> {
     if f.family == FAMILY_V4 {
         let mut key = Svc4Key {
             addr_be: f.daddr[0],
             port_be: f.dport,
             slot: 0,
             proto: f.proto,
-            scope: SCOPE_EXTERNAL,
+            scope,
             _pad: [0; 2],
         };
         if let Some(v) = LB_SVC4_V1.get_ptr(key) {
             return Some((unsafe { *v }, f.daddr));
         }
-        if !is_node_addr(f) {
+        if scope != SCOPE_EXTERNAL || !is_node_addr(f) {
             return None;
         }
         key.addr_be = 0;
@@ -346,13 +371,13 @@ fn frontend(f: &Flow) -> Option<(SvcValue, [u32; 4])> {
             port_be: f.dport,
             slot: 0,
             proto: f.proto,
-            scope: SCOPE_EXTERNAL,
+            scope,
             _pad: [0; 2],
         };
         if let Some(v) = LB_SVC6_V1.get_ptr(key) {
             return Some((unsafe { *v }, f.daddr));
         }
-        if !is_node_addr(f) {
+        if scope != SCOPE_EXTERNAL || !is_node_addr(f) {
             return None;
         }
         key.addr_be = [0; 4];
@@ -372,14 +397,14 @@ fn is_node_addr(f: &Flow) -> bool {
 }
 
 #[inline(always)]
-fn slot_backend(f: &Flow, fe_addr: &[u32; 4], slot: u16) -> Option<u32> {
+fn slot_backend(f: &Flow, fe_addr: &[u32; 4], slot: u16, scope: u8) -> Option<u32> {
     let v = if f.family == FAMILY_V4 {
         LB_SVC4_V1.get_ptr(Svc4Key {
             addr_be: fe_addr[0],
             port_be: f.dport,
             slot,
             proto: f.proto,
-            scope: SCOPE_EXTERNAL,
+            scope,
             _pad: [0; 2],
         })
     } else {
@@ -388,7 +413,7 @@ fn slot_backend(f: &Flow, fe_addr: &[u32; 4], slot: u16) -> Option<u32> {
             port_be: f.dport,
             slot,
             proto: f.proto,
-            scope: SCOPE_EXTERNAL,
+            scope,
             _pad: [0; 2],
         })
     }?;
@@ -466,6 +491,9 @@ enum Decision {
         rev_nat_id: u32,
         /// DNAT only (local backend or externalTrafficPolicy Local).
         local: bool,
+        /// A pod reaching itself through its Service (`Path::Pod`): the source becomes
+        /// the Service address (see `pod.rs`).
+        hairpin: bool,
     },
 }
 
@@ -475,9 +503,9 @@ enum Decision {
 /// The choice, the reject and the conntrack/translation are three separate BPF
 /// functions called one after the other, so their stack frames never add up.
 #[inline(always)]
-fn new_flow<C: Pkt>(c: &C, f: &Flow, now: u64) -> Verdict {
+fn new_flow<C: Pkt>(c: &C, f: &Flow, now: u64, path: Path) -> Verdict {
     let hash = flow_hash(&f.saddr, f.sport, f.dport, f.proto);
-    match decide(f, now, hash) {
+    match decide(f, now, hash, path) {
         Decision::Pass => Verdict::Pass,
         Decision::Drop => Verdict::Drop,
         // A device whose XDP_TX frames may never arrive (a veth): the packet goes on
@@ -491,6 +519,7 @@ fn new_flow<C: Pkt>(c: &C, f: &Flow, now: u64) -> Verdict {
             backend_id,
             rev_nat_id,
             local,
+            hairpin,
         } => establish(
             c,
             f,
@@ -500,6 +529,7 @@ fn new_flow<C: Pkt>(c: &C, f: &Flow, now: u64) -> Verdict {
                 backend_id,
                 rev_nat_id,
                 local,
+                hairpin,
             },
         ),
     }
@@ -513,6 +543,7 @@ struct NewFlow {
     backend_id: u32,
     rev_nat_id: u32,
     local: bool,
+    hairpin: bool,
 }
 
 /// Answers with an ICMP error, within the node-wide reject rate limit (beyond it the
@@ -539,8 +570,18 @@ fn reject<C: Pkt>(c: &C, f: &Flow, reason: u32) -> Verdict {
 /// The choice for a new flow (svc-lb-common's `choose_external` over the maps); counts
 /// the reason of a drop or reject, remembers an affinity choice. No packet access.
 #[inline(never)]
-fn decide(f: &Flow, now: u64, hash: u32) -> Decision {
-    let Some((master, fe_addr)) = frontend(f) else {
+fn decide(f: &Flow, now: u64, hash: u32, path: Path) -> Decision {
+    let mut scope = if path == Path::Pod {
+        SCOPE_ALL
+    } else {
+        SCOPE_EXTERNAL
+    };
+    let mut found = frontend(f, scope);
+    if found.is_none() && scope == SCOPE_EXTERNAL && SVCLB_ROUTE_CLUSTER_IPS.load() != 0 {
+        scope = SCOPE_ALL;
+        found = frontend(f, scope);
+    }
+    let Some((master, fe_addr)) = found else {
         return Decision::Pass;
     };
     let maglev_size = match LB_CONFIG_V1.get(0) {
@@ -573,7 +614,7 @@ fn decide(f: &Flow, now: u64, hash: u32) -> Decision {
             }
             Some(unsafe { *(*t).backend_ids.as_ptr().add(i) })
         },
-        |slot| slot_backend(f, &fe_addr, slot),
+        |slot| slot_backend(f, &fe_addr, slot, scope),
         |id| LB_BACKENDS_V1.get_ptr(id),
     );
     match choice {
@@ -591,15 +632,28 @@ fn decide(f: &Flow, now: u64, hash: u32) -> Decision {
             via,
             sticky,
         } => {
-            if let ExtVia::SlotFallback { .. } = via {
+            // `SCOPE_ALL` frontends have no Maglev table: the slot is their choice.
+            if let ExtVia::SlotFallback { .. } = via
+                && scope == SCOPE_EXTERNAL
+            {
                 count(CTR_EXT_MAGLEV_MISSING);
             }
             remember(f, rev_nat_id, backend_id, sticky);
-            let flags = unsafe { (*backend).flags };
+            let (flags, addr) = unsafe { ((*backend).flags, (*backend).addr_be) };
+            if path == Path::Pod {
+                let hairpin = addr == f.saddr;
+                return Decision::Backend {
+                    backend_id,
+                    rev_nat_id,
+                    local: !hairpin,
+                    hairpin,
+                };
+            }
             Decision::Backend {
                 backend_id,
                 rev_nat_id,
                 local: flags & BACKEND_FLAG_LOCAL != 0 || svc_flags & SVC_FLAG_EXT_LOCAL != 0,
+                hairpin: false,
             }
         }
     }
@@ -615,6 +669,7 @@ fn establish<C: Pkt>(c: &C, f: &Flow, nf: &NewFlow) -> Verdict {
         backend_id,
         rev_nat_id,
         local,
+        hairpin,
     } = *nf;
     // Read again here rather than passed along: keeps the caller's frame small. The
     // agent never deletes a backend that a slot or table still points at, so it is
@@ -626,6 +681,9 @@ fn establish<C: Pkt>(c: &C, f: &Flow, nf: &NewFlow) -> Verdict {
     let b = unsafe { &*b };
     let cfg = LB_CONFIG_V1.get(0);
     let snat_addr = match (local, cfg) {
+        // The Service address the pod dialled: its reply to that address comes back
+        // to tc ingress on its device, where the SNAT reply entry finds it.
+        _ if hairpin => f.daddr,
         (true, _) | (false, None) => [0; 4],
         (false, Some(cfg)) if f.family == FAMILY_V4 => [cfg.snat4_be, 0, 0, 0],
         (false, Some(cfg)) => cfg.snat6_be,

@@ -20,6 +20,8 @@ mod parse;
 #[cfg(target_arch = "bpf")]
 mod pkt;
 #[cfg(target_arch = "bpf")]
+mod pod;
+#[cfg(target_arch = "bpf")]
 mod reject;
 #[cfg(target_arch = "bpf")]
 mod rnat;
@@ -112,6 +114,18 @@ mod entry {
     #[classifier]
     pub fn svclb_tc_out(ctx: TcContext) -> i32 {
         crate::tc::egress(&ctx)
+    }
+
+    /// Per-packet path for pod traffic, TCX ingress on each pod device (from the pod).
+    #[classifier]
+    pub fn svclb_pod_in(ctx: TcContext) -> i32 {
+        crate::pod::from_pod(&ctx)
+    }
+
+    /// Per-packet path for pod traffic, TCX egress on each pod device (into the pod).
+    #[classifier]
+    pub fn svclb_pod_out(ctx: TcContext) -> i32 {
+        crate::pod::to_pod(&ctx)
     }
 
     /// External path, forward direction in native XDP (`--xdp`).

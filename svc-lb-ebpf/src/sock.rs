@@ -33,6 +33,21 @@ pub enum Family {
     V6,
 }
 
+/// `--socket-lb-scope host`: the cookie of the agent's (the host's) network namespace,
+/// set at load; 0 (`all`) translates every socket. Read-only data the verifier knows:
+/// with 0 the check and its helper call are removed.
+#[unsafe(no_mangle)]
+static SVCLB_HOST_NETNS: aya_ebpf::Global<u64> = aya_ebpf::Global::new(0);
+
+/// Whether this socket is one the socket programs translate: with `host` scope only
+/// sockets of the host network namespace; pods' packets are translated per packet
+/// (`pod.rs`) instead, so a mesh proxy in the pod sees the Service address.
+#[inline(always)]
+fn in_scope(ctx: &SockAddrContext) -> bool {
+    let host = SVCLB_HOST_NETNS.load();
+    host == 0 || unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) } == host
+}
+
 #[inline(always)]
 pub(crate) fn count(index: u32) {
     if let Some(c) = LB_COUNTERS_V2.get_ptr_mut(index) {
@@ -152,6 +167,9 @@ fn remember(client: &Client, rev_nat_id: u32, backend_id: u32, sticky: Stickines
 /// asked for (`IP_PKTINFO`); the verifier refuses that field in the connect hooks.
 #[inline(always)]
 pub fn forward(ctx: &SockAddrContext, family: Family, sendmsg: bool) -> i32 {
+    if !in_scope(ctx) {
+        return ALLOW;
+    }
     match family {
         Family::V4 => forward4(ctx, sendmsg),
         Family::V6 => forward6(ctx, sendmsg),

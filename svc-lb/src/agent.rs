@@ -70,6 +70,12 @@ pub struct AgentConfig {
     pub map_sizes: crate::datapath::load::MapSizes,
     /// `--l2-announce`: answer ARP/NDP for load-balancer IPs (see [`crate::announce`]).
     pub l2: Option<crate::announce::run::Config>,
+    /// `--socket-lb-scope`: which sockets the socket programs translate.
+    pub socket_lb_scope: crate::datapath::poddev::SocketLbScope,
+    /// `--pod-devices`: where the per-packet path for pod traffic attaches.
+    pub pod_devices: Vec<String>,
+    /// `--route-cluster-ips`: the external path translates cluster IPs too.
+    pub route_cluster_ips: bool,
 }
 
 impl AgentConfig {
@@ -77,7 +83,10 @@ impl AgentConfig {
     /// mode without `--devices`. Kubernetes mode picks its devices from the Node's
     /// addresses, which are not known yet when the maps are created, so it counts as on.
     fn external_off(&self) -> bool {
-        self.manifests.is_some() && self.devices.as_ref().is_none_or(Vec::is_empty)
+        // The per-packet path for pods uses the same conntrack.
+        self.manifests.is_some()
+            && self.devices.as_ref().is_none_or(Vec::is_empty)
+            && self.pod_devices.is_empty()
     }
 }
 
@@ -320,6 +329,16 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     if let Some(d) = &cfg.devices {
         devices::check_devices(d)?;
     }
+    devices::check_devices(&cfg.pod_devices).context("--pod-devices")?;
+    // Before touching the kernel: a kernel that cannot tell namespaces apart stops here.
+    let host_netns_cookie = crate::datapath::poddev::host_netns_cookie(cfg.socket_lb_scope)?;
+    if cfg.socket_lb_scope == crate::datapath::poddev::SocketLbScope::Host
+        && cfg.pod_devices.is_empty()
+    {
+        warn!(
+            "--socket-lb-scope host without --pod-devices: pods' connections to Services are not translated at all"
+        );
+    }
     // What this kernel offers decides the fallbacks; a kernel the socket path cannot
     // run on stops the agent here with the missing features named.
     let probe = crate::datapath::probe::Probe::run(
@@ -345,6 +364,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             external_off: cfg.external_off(),
             compat: (&choices).into(),
             sizes: cfg.map_sizes,
+            host_netns_cookie,
+            route_cluster_ips: cfg.route_cluster_ips,
         },
     )?;
     dp.set_map_batch(choices.map_batch);
@@ -367,6 +388,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         };
         st.bpffs = cfg.bpffs.display().to_string();
         st.cgroup = cfg.cgroup.display().to_string();
+        st.socket_lb_scope = cfg.socket_lb_scope.name().to_owned();
+        st.route_cluster_ips = cfg.route_cluster_ips;
     });
     if let Some(addr) = cfg.metrics_addr {
         spawn_metrics(addr, cfg.bpffs.clone(), cfg.metrics_addr_explicit).await?;
@@ -543,6 +566,21 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             // Attach only once the first sync is in the maps, and before it is reported
             // as applied: "applied" means the kernel acts on it.
             dp.attach(&cfg.bpffs, &cfg.cgroup)?;
+            // The per-packet path for pods; the socket path serves on if it fails.
+            match dp.attach_pod_devices(&cfg.bpffs, &cfg.pod_devices, choices.tc_attach) {
+                Ok(()) => {
+                    if !cfg.pod_devices.is_empty() {
+                        info!(devices = ?cfg.pod_devices, scope = cfg.socket_lb_scope.name(), "per-packet path attached to the pod devices");
+                    }
+                    crate::status::update(|st| st.pod_devices = cfg.pod_devices.clone());
+                }
+                Err(e) => {
+                    crate::datapath::links::detach_devices(&cfg.bpffs, &cfg.pod_devices);
+                    let e = e.context("per-packet path: attach the tc programs to --pod-devices");
+                    error!(error = %format!("{e:#}"), "per-packet path off");
+                    crate::status::update(|st| st.pod_error = Some(format!("{e:#}")));
+                }
+            }
             if let Some(devs) = ext.devices.clone().filter(|d| !d.is_empty()) {
                 let xdp = cfg.xdp && choices.xdp_link;
                 if cfg.xdp && !xdp {

@@ -119,6 +119,23 @@ pub enum Command {
         /// frames unless it runs XDP itself, where tc answers; "tx" and "tc" force one.
         #[arg(long, value_enum, default_value_t = crate::datapath::xdpdev::XdpReject::Auto)]
         xdp_reject: crate::datapath::xdpdev::XdpReject,
+        /// Which sockets the socket programs translate: "all" (every socket in the
+        /// cgroup) or "host" (only sockets in the agent's network namespace, Linux
+        /// 5.14+). With "host", pods' packets to Services are translated per packet on
+        /// --pod-devices instead, so a service mesh proxy in a pod sees the Service
+        /// address.
+        #[arg(long, value_enum, default_value_t = crate::datapath::poddev::SocketLbScope::All)]
+        socket_lb_scope: crate::datapath::poddev::SocketLbScope,
+        /// Pod-facing devices (the node's ends of the pods' veths) that get the
+        /// per-packet path: Service addresses in packets from pods are translated there,
+        /// with conntrack and reverse NAT [default: none; devices are not discovered yet]
+        #[arg(long, value_delimiter = ',', value_name = "IF[,IF...]")]
+        pod_devices: Vec<String>,
+        /// Also translate cluster IPs in packets arriving on the external devices
+        /// (--devices), for routers that send the Service range to the node. Off by
+        /// default: exposing cluster IPs outside the cluster is a decision.
+        #[arg(long)]
+        route_cluster_ips: bool,
         /// Entries per Maglev table of an external frontend: a prime in 251-16381.
         #[arg(long, default_value_t = svc_lb_common::MAGLEV_DEFAULT_SIZE, value_parser = parse_maglev_size)]
         maglev_table_size: u32,
@@ -451,6 +468,9 @@ pub fn run(cli: Cli) -> Result<()> {
             node_ip,
             xdp,
             xdp_reject,
+            socket_lb_scope,
+            pod_devices,
+            route_cluster_ips,
             maglev_table_size,
             conntrack_max,
             destroy_tcp,
@@ -539,6 +559,9 @@ pub fn run(cli: Cli) -> Result<()> {
                 node_ips: node_ip,
                 xdp,
                 xdp_reject,
+                socket_lb_scope,
+                pod_devices,
+                route_cluster_ips,
                 maglev_size: maglev_table_size,
                 conntrack_max,
                 destroy_tcp,

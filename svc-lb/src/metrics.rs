@@ -377,13 +377,18 @@ fn classify_counter(
         ("sock", r)
     } else if let Some(r) = name.strip_prefix("ext_") {
         ("ext", r)
+    } else if let Some(r) = name.strip_prefix("pod_") {
+        // The per-packet path for pod traffic (`--pod-devices`).
+        ("pod", r)
     } else {
         ("other", name)
     };
     let reason = |p: &str| rest.strip_prefix(p).unwrap_or(rest).to_owned();
     let (fam, label, value) = match index {
-        CTR_SOCK_XLATED | CTR_EXT_FORWARDED => ("translations", "direction", "forward".to_owned()),
-        CTR_SOCK_RNAT_HIT | CTR_EXT_REPLY_XLATED => {
+        CTR_SOCK_XLATED | CTR_EXT_FORWARDED | svc_lb_common::CTR_POD_XLATED => {
+            ("translations", "direction", "forward".to_owned())
+        }
+        CTR_SOCK_RNAT_HIT | CTR_EXT_REPLY_XLATED | svc_lb_common::CTR_POD_REPLY_XLATED => {
             ("translations", "direction", "reverse".to_owned())
         }
         // The outcomes of `choose_backend` that refuse the connection: inconsistent

@@ -58,6 +58,18 @@ pub struct AgentStatus {
     /// LoadBalancer IP allocation, when any IPAddressPool is configured.
     #[serde(default)]
     pub lb: Option<LbStatus>,
+    /// `--socket-lb-scope`: which sockets the socket programs translate ("all", "host").
+    #[serde(default)]
+    pub socket_lb_scope: String,
+    /// `--pod-devices` with the per-packet path attached (empty: none).
+    #[serde(default)]
+    pub pod_devices: Vec<String>,
+    /// Why the per-packet path is off for this run, when it failed to attach.
+    #[serde(default)]
+    pub pod_error: Option<String>,
+    /// `--route-cluster-ips`: the external path translates cluster IPs too.
+    #[serde(default)]
+    pub route_cluster_ips: bool,
 }
 
 /// LoadBalancer IP allocation (see `lbipam`), for `svc-lb status` and `svc-lb list`.

@@ -38,6 +38,7 @@ pub mod manifests;
 pub mod metrics;
 pub mod names;
 pub mod netns;
+pub mod podlab;
 pub mod procs;
 pub mod report;
 pub mod serve;

@@ -32,6 +32,9 @@ const BUDGETS: &[(&str, u32, u32)] = &[
     ("svclb_tc_in", 100_000, 100_000),
     ("svclb_tc_out", 10_000, 24_000),
     ("svclb_xdp", 120_000, 100_000),
+    // The per-packet path for pods runs the external path's forward and reply code.
+    ("svclb_pod_in", 100_000, 100_000),
+    ("svclb_pod_out", 10_000, 24_000),
 ];
 
 /// What one load reports.
@@ -65,6 +68,9 @@ fn load_all(compat_on: bool) -> Result<Vec<Cost>> {
     for name in switches {
         loader.override_global(name, &on, true);
     }
+    // `--socket-lb-scope host` adds the namespace check to the socket programs.
+    let host_netns: u64 = if compat_on { 1 } else { 0 };
+    loader.override_global("SVCLB_HOST_NETNS", &host_netns, true);
     let mut ebpf = loader
         .load(svc_lb::datapath::load::OBJECT)
         .context("load the eBPF object (needs root)")?;

@@ -703,6 +703,20 @@ impl BpfDatapath {
         links::attach_devices(&mut self.ebpf, bpffs, devices, xdp, tc)
     }
 
+    /// Attaches (or swaps in) the per-packet path's tc programs on the pod devices
+    /// (`--pod-devices`, see [`super::poddev`]).
+    pub fn attach_pod_devices(
+        &mut self,
+        bpffs: &Path,
+        devices: &[String],
+        tc: TcAttach,
+    ) -> Result<()> {
+        if devices.is_empty() {
+            return Ok(());
+        }
+        super::poddev::attach(&mut self.ebpf, bpffs, devices, tc)
+    }
+
     /// Starts reading the programs' aya-log records (only useful with
     /// [`LoadOptions::bpf_log`]); they go to the `log` facade, which tracing receives.
     pub fn ebpf_logger(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>> {

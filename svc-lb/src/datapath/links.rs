@@ -19,7 +19,10 @@ use aya::{
         tc::TcAttachOptions,
     },
 };
-use svc_lb_common::{MAP_XDP_MAC, PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP, SOCK_PROGRAMS};
+use svc_lb_common::{
+    MAP_XDP_MAC, PROG_POD_EGRESS, PROG_POD_INGRESS, PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP,
+    SOCK_PROGRAMS,
+};
 use tracing::{debug, info, warn};
 
 use super::{
@@ -258,13 +261,21 @@ pub fn detach_devices(bpffs: &Path, devices: &[String]) {
         for (name, t) in [
             (PROG_TC_INGRESS, TcAttachType::Ingress),
             (PROG_TC_EGRESS, TcAttachType::Egress),
+            (PROG_POD_INGRESS, TcAttachType::Ingress),
+            (PROG_POD_EGRESS, TcAttachType::Egress),
         ] {
             let record = tc_netlink_dir(bpffs).join(format!("{name}@{dev}"));
             if record.exists() {
                 detach_tc_netlink(&record, dev, name, t);
             }
         }
-        for name in [PROG_TC_INGRESS, PROG_TC_EGRESS, PROG_XDP] {
+        for name in [
+            PROG_TC_INGRESS,
+            PROG_TC_EGRESS,
+            PROG_XDP,
+            PROG_POD_INGRESS,
+            PROG_POD_EGRESS,
+        ] {
             let pin = links_dir(bpffs).join(format!("{name}@{dev}"));
             if pin.exists() {
                 detach_pin(&pin);
@@ -290,8 +301,16 @@ fn cleanup_tc_netlink(bpffs: &Path) -> Result<usize> {
             .map(|f| f.to_string_lossy().into_owned())
             .unwrap_or_default();
         match file.split_once('@') {
-            Some((prog, dev)) if prog == PROG_TC_INGRESS || prog == PROG_TC_EGRESS => {
-                let t = if prog == PROG_TC_INGRESS {
+            Some((prog, dev))
+                if [
+                    PROG_TC_INGRESS,
+                    PROG_TC_EGRESS,
+                    PROG_POD_INGRESS,
+                    PROG_POD_EGRESS,
+                ]
+                .contains(&prog) =>
+            {
+                let t = if prog == PROG_TC_INGRESS || prog == PROG_POD_INGRESS {
                     TcAttachType::Ingress
                 } else {
                     TcAttachType::Egress
@@ -420,7 +439,32 @@ pub fn attach_devices(
     xdp: bool,
     tc: TcAttach,
 ) -> Result<()> {
-    for name in [PROG_TC_INGRESS, PROG_TC_EGRESS] {
+    attach_tc_programs(
+        ebpf,
+        bpffs,
+        devices,
+        &[
+            (PROG_TC_INGRESS, TcAttachType::Ingress),
+            (PROG_TC_EGRESS, TcAttachType::Egress),
+        ],
+        tc,
+    )?;
+    if xdp {
+        attach_xdp(ebpf, bpffs, devices)?;
+    }
+    Ok(())
+}
+
+/// Attaches (or swaps in) each tc program of `programs` on each device: the external
+/// path's, and the per-packet path's on the pod devices (`poddev.rs`).
+pub fn attach_tc_programs(
+    ebpf: &mut Ebpf,
+    bpffs: &Path,
+    devices: &[String],
+    programs: &[(&str, TcAttachType)],
+    tc: TcAttach,
+) -> Result<()> {
+    for &(name, attach_type) in programs {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .ok_or_else(|| {
@@ -434,11 +478,6 @@ pub fn attach_devices(
             prog.load()
                 .with_context(|| format!("load program {name} (kernel verifier)"))?;
         }
-        let attach_type = if name == PROG_TC_INGRESS {
-            TcAttachType::Ingress
-        } else {
-            TcAttachType::Egress
-        };
         for dev in devices {
             let pin = links_dir(bpffs).join(format!("{name}@{dev}"));
             if tc == TcAttach::Netlink {
@@ -485,9 +524,6 @@ pub fn attach_devices(
                 detach_tc_netlink(&record, dev, name, attach_type);
             }
         }
-    }
-    if xdp {
-        attach_xdp(ebpf, bpffs, devices)?;
     }
     Ok(())
 }

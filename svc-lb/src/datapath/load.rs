@@ -55,6 +55,11 @@ pub struct LoadOptions {
     pub compat: Compat,
     /// Capacities of the maps the agent fills; `None` keeps the object's.
     pub sizes: MapSizes,
+    /// `--socket-lb-scope host`: the host network namespace's cookie, the only one whose
+    /// sockets the socket programs translate; 0 (`all`) translates every socket.
+    pub host_netns_cookie: u64,
+    /// `--route-cluster-ips`: the external path also translates cluster IPs.
+    pub route_cluster_ips: bool,
 }
 
 /// Capacities of the maps the agent fills (`--service-map-max`, `--backend-map-max`,
@@ -305,6 +310,9 @@ pub fn load(bpffs: &Path, opts: &LoadOptions) -> Result<Ebpf> {
     for (name, value) in &switches {
         loader.override_global(name, value, true);
     }
+    loader.override_global("SVCLB_HOST_NETNS", &opts.host_netns_cookie, true);
+    let route_cluster_ips = u8::from(opts.route_cluster_ips);
+    loader.override_global("SVCLB_ROUTE_CLUSTER_IPS", &route_cluster_ips, true);
     if !opts.bpf_log {
         // The log ring buffer is created anyway (aya creates every map of the
         // object); without the log, one page is enough instead of 128 KiB.

@@ -13,6 +13,7 @@ pub mod links;
 pub mod load;
 pub mod pinned;
 pub mod pins;
+pub mod poddev;
 pub mod probe;
 pub mod sockterm;
 pub mod sys;

@@ -323,6 +323,25 @@ pub fn render_text(st: &Status, now_ms: u64) -> String {
                 st.agent.address
             ));
             out.push_str(&format!("  source       {}\n", a.source));
+            if !a.socket_lb_scope.is_empty() {
+                let pods = match (&a.pod_error, a.pod_devices.is_empty()) {
+                    (Some(e), _) => format!("OFF: {e}"),
+                    (None, true) => "none".to_owned(),
+                    (None, false) => a.pod_devices.join(","),
+                };
+                out.push_str(&format!(
+                    "  paths        sockets: {} (--socket-lb-scope); per-packet pod devices: {pods}; cluster IPs from outside: {}\n",
+                    match a.socket_lb_scope.as_str() {
+                        "host" => "host network namespace only",
+                        _ => "every socket on the node",
+                    },
+                    if a.route_cluster_ips {
+                        "translated (--route-cluster-ips)"
+                    } else {
+                        "not translated"
+                    }
+                ));
+            }
             out.push_str(&format!(
                 "  attached     {}\n",
                 if a.attached {

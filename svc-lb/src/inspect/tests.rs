@@ -831,6 +831,8 @@ fn every_datapath_counter_is_exported_once() {
         assert_eq!(hits.len(), 1, "{name}: {hits:?}\n{text}");
         let hook = if name.starts_with("ext_") {
             "ext"
+        } else if name.starts_with("pod_") {
+            "pod"
         } else {
             "sock"
         };
