@@ -342,6 +342,9 @@ fn ndisc6_from_a_foreign_client_gets_one_answer_from_the_owner() {
         )?;
         lab.start_all()?;
         ensure!(lab.wait_one_answer(v6, Duration::from_secs(10))? == owner);
+        // The takeover's unsolicited advertisements (repeated up to 1 s after it) are
+        // over: ndisc6 shows every advertisement for the target, asked for or not.
+        std::thread::sleep(Duration::from_millis(1500));
         let want = mac_str(lab.node_macs()?[owner]);
         let v6s = v6.to_string();
         // One solicitation (-r 1), every answer within a second shown (-m).

@@ -123,7 +123,11 @@ fn a_released_lease_has_no_holder_and_the_next_agent_takes_it_at_once() {
     let spec = released.spec.as_ref().expect("spec");
     assert_eq!(spec.holder_identity, None);
     assert_eq!(spec.lease_duration_seconds, Some(1));
-    assert_eq!(spec.lease_transitions, Some(3), "a release is no transition");
+    assert_eq!(
+        spec.lease_transitions,
+        Some(3),
+        "a release is no transition"
+    );
     // n2 had seen n1's Lease renewed a moment ago: it still takes the released one now.
     let mut n2 = Elector::new("n2".into());
     assert_eq!(n2.step(Some(&lease("n1", 1)), t0, wall(1)), Step::Wait);
