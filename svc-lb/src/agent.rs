@@ -480,14 +480,23 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                     ipam.update(&mut snap);
                 } else if let Some(w) = &lb_writer {
                     // Kubernetes mode: the statuses are the ingress addresses.
-                    let pools = ipam.observe(&snap);
+                    let pools = ipam.observe_as(&snap, w.leading());
                     w.offer(&snap, &ipam, pools);
                 }
             }
             () = retry => {}
             () = tokio::time::sleep_until(full_at) => { full = true; }
-            _ = sigterm.recv() => { info!("SIGTERM: exiting; programs and maps stay pinned"); return Ok(()); }
-            _ = sigint.recv() => { info!("SIGINT: exiting; programs and maps stay pinned"); return Ok(()); }
+            _ = sigterm.recv() => {
+                info!("SIGTERM: exiting; programs and maps stay pinned");
+                // The LB-IPAM Lease goes to another agent now, not when it expires.
+                if let Some(w) = &lb_writer { w.release().await; }
+                return Ok(());
+            }
+            _ = sigint.recv() => {
+                info!("SIGINT: exiting; programs and maps stay pinned");
+                if let Some(w) = &lb_writer { w.release().await; }
+                return Ok(());
+            }
         }
         health.queued_at(std::time::SystemTime::now());
         health.sync_node(snap.node.as_deref());

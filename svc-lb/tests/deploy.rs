@@ -17,7 +17,7 @@ use k8s_openapi::{
     api::{
         apps::v1::DaemonSet,
         core::v1::{ConfigMap, Container, HTTPGetAction, ServiceAccount},
-        rbac::v1::{ClusterRole, ClusterRoleBinding},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding},
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
@@ -95,6 +95,8 @@ fn every_manifest_parses_into_its_api_type() {
                 "ClusterRoleBinding" => {
                     serde_yaml::from_value::<ClusterRoleBinding>(doc).map(|_| ())
                 }
+                "Role" => serde_yaml::from_value::<Role>(doc).map(|_| ()),
+                "RoleBinding" => serde_yaml::from_value::<RoleBinding>(doc).map(|_| ()),
                 "ConfigMap" => serde_yaml::from_value::<ConfigMap>(doc).map(|_| ()),
                 other => panic!("{file}: unexpected kind {other:?}"),
             };
@@ -103,11 +105,10 @@ fn every_manifest_parses_into_its_api_type() {
     }
 }
 
-#[test]
-fn rbac_grants_exactly_what_the_agent_calls() {
-    let role: ClusterRole = one("rbac.yaml", "ClusterRole");
+/// (group, resource, verb) for every verb of `rules`: plain rules, no wildcards.
+fn grants(rules: Option<Vec<PolicyRule>>) -> BTreeSet<(String, String, String)> {
     let mut granted = BTreeSet::new();
-    for rule in role.rules.unwrap_or_default() {
+    for rule in rules.unwrap_or_default() {
         assert!(
             rule.resource_names.is_none() && rule.non_resource_urls.is_none(),
             "plain rules only"
@@ -121,6 +122,20 @@ fn rbac_grants_exactly_what_the_agent_calls() {
             }
         }
     }
+    granted
+}
+
+/// The LB-IPAM Lease is in the agent's namespace: its rights are a Role there.
+fn namespaced(group: &str, resource: &str) -> bool {
+    (group, resource) == ("coordination.k8s.io", "leases")
+}
+
+#[test]
+fn rbac_grants_exactly_what_the_agent_calls() {
+    let role: ClusterRole = one("rbac.yaml", "ClusterRole");
+    let lease_role: Role = one("rbac.yaml", "Role");
+    let cluster_wide = grants(role.rules.clone());
+    let in_namespace = grants(lease_role.rules.clone());
     let called: BTreeSet<(String, String, String)> = API_ACCESS
         .iter()
         .flat_map(|a| {
@@ -129,7 +144,11 @@ fn rbac_grants_exactly_what_the_agent_calls() {
                 .map(|v| (a.group.to_owned(), a.resource.to_owned(), (*v).to_owned()))
         })
         .collect();
-    assert_eq!(granted, called);
+    let (want_ns, want_cluster): (BTreeSet<_>, BTreeSet<_>) =
+        called.into_iter().partition(|(g, r, _)| namespaced(g, r));
+    assert_eq!(cluster_wide, want_cluster);
+    assert_eq!(in_namespace, want_ns);
+    assert!(!want_ns.is_empty(), "the Lease's rights are namespaced");
 
     let binding: ClusterRoleBinding = one("rbac.yaml", "ClusterRoleBinding");
     let sa: ServiceAccount = one("serviceaccount.yaml", "ServiceAccount");
@@ -147,6 +166,22 @@ fn rbac_grants_exactly_what_the_agent_calls() {
         sa.metadata.name.as_ref()
     );
     assert_eq!(ds.metadata.namespace, sa.metadata.namespace);
+
+    // The Role and its binding sit in the agent's namespace (where the Lease is: the
+    // client's default namespace in a pod is the service account's).
+    let lease_binding: RoleBinding = one("rbac.yaml", "RoleBinding");
+    assert_eq!(lease_role.metadata.namespace, sa.metadata.namespace);
+    assert_eq!(lease_binding.metadata.namespace, sa.metadata.namespace);
+    assert_eq!(lease_binding.role_ref.kind, "Role");
+    assert_eq!(
+        Some(&lease_binding.role_ref.name),
+        lease_role.metadata.name.as_ref()
+    );
+    let subjects = lease_binding.subjects.unwrap_or_default();
+    assert_eq!(subjects.len(), 1);
+    assert_eq!(subjects[0].kind, "ServiceAccount");
+    assert_eq!(Some(&subjects[0].name), sa.metadata.name.as_ref());
+    assert_eq!(subjects[0].namespace, sa.metadata.namespace);
 }
 
 #[test]

@@ -16,7 +16,8 @@
 //!   (then 404, as an apiserver without the CRD answers);
 //! - `coordination.k8s.io/v1` Leases by name in a namespace: `GET` (404 when absent),
 //!   `POST` (409 AlreadyExists) and `PUT` (409 Conflict when the body's
-//!   `resourceVersion` is not the stored one), for the LB-IPAM leader election;
+//!   `resourceVersion` is not the stored one), for the LB-IPAM leader election; and
+//!   their list and watch in that namespace (`fieldSelector=metadata.name=...`);
 //! - `PATCH .../services/NAME/status` with a JSON merge patch: only the patch's
 //!   `status` is applied, as the status subresource does; counted per Service;
 //! - anything else (the agent makes no other call) is answered 404.
@@ -99,6 +100,18 @@ impl Resource {
             _ => None,
         }
     }
+
+    /// The resource a list or watch path names, and its namespace when the path has
+    /// one (Leases: `/apis/coordination.k8s.io/v1/namespaces/NS/leases`).
+    fn route(path: &str) -> Option<(Self, Option<String>)> {
+        if let Some(r) = Self::from_path(path) {
+            return Some((r, None));
+        }
+        let ns = path
+            .strip_prefix("/apis/coordination.k8s.io/v1/namespaces/")?
+            .strip_suffix("/leases")?;
+        (!ns.is_empty() && !ns.contains('/')).then(|| (Self::Leases, Some(ns.to_owned())))
+    }
 }
 
 /// One change, kept for watches that resume from an older resourceVersion.
@@ -124,6 +137,8 @@ pub struct Counters {
     /// Lease creates and updates that succeeded, and those refused with 409.
     pub lease_writes: u64,
     pub lease_conflicts: u64,
+    /// Lease GETs by name.
+    pub lease_reads: u64,
 }
 
 impl Counters {
@@ -599,7 +614,7 @@ fn serve_connection(stream: &TcpStream, shared: &Shared) -> Result<()> {
             req.query.get("watch").map(String::as_str),
             Some("true" | "1")
         );
-        if let Some(resource) = Resource::from_path(&req.path)
+        if let Some((resource, _)) = Resource::route(&req.path)
             && req.method == "GET"
             && shared.lock().unserved.contains(&resource)
         {
@@ -614,7 +629,7 @@ fn serve_connection(stream: &TcpStream, shared: &Shared) -> Result<()> {
             write_json(stream, code, reason, &body)?;
             continue;
         }
-        if let Some(resource) = Resource::from_path(&req.path)
+        if let Some((resource, ns)) = Resource::route(&req.path)
             && req.method == "GET"
         {
             let name_filter = req
@@ -623,9 +638,11 @@ fn serve_connection(stream: &TcpStream, shared: &Shared) -> Result<()> {
                 .and_then(|f| f.strip_prefix("metadata.name="))
                 .map(str::to_owned);
             if watch {
-                serve_watch(stream, shared, resource, &req, name_filter.as_deref())?;
+                let filter = (ns.as_deref(), name_filter.as_deref());
+                serve_watch(stream, shared, resource, &req, filter)?;
             } else {
-                serve_list(stream, shared, resource, name_filter.as_deref())?;
+                let filter = (ns.as_deref(), name_filter.as_deref());
+                serve_list(stream, shared, resource, filter)?;
             }
             continue;
         }
@@ -679,7 +696,7 @@ fn serve_write(shared: &Shared, req: &Request) -> Option<(u16, &'static str, Val
             ns,
             "leases",
             rest @ ..,
-        ] => Some(lease(
+        ] if !(req.method == "GET" && rest.is_empty()) => Some(lease(
             shared,
             &req.method,
             ns,
@@ -758,6 +775,9 @@ fn lease(
             .cloned()
     };
     let sent: Option<Value> = serde_json::from_slice(body).ok();
+    if method == "GET" {
+        st.counters.lease_reads += 1;
+    }
     let out = match (method, name) {
         ("GET", Some(name)) => match stored(&st, name) {
             Some(o) => (200, "OK", with_type(Resource::Leases, o)),
@@ -803,7 +823,7 @@ fn lease(
             if let Some(m) = obj["metadata"].as_object_mut() {
                 m.remove("resourceVersion");
             }
-            match store(&mut st, obj, false) {
+            match store(&mut st, obj, true) {
                 Ok(()) => {
                     st.counters.lease_writes += 1;
                     let o = stored(&st, &name).unwrap_or_default();
@@ -836,11 +856,15 @@ fn with_type(resource: Resource, mut object: Value) -> Value {
     object
 }
 
+/// A list's or watch's filter: the namespace (of a namespaced path) and the
+/// `metadata.name` field selector.
+type Filter<'a> = (Option<&'a str>, Option<&'a str>);
+
 fn serve_list(
     stream: &TcpStream,
     shared: &Shared,
     resource: Resource,
-    name: Option<&str>,
+    (namespace, name): Filter<'_>,
 ) -> Result<()> {
     let mut st = shared.lock();
     *st.counters
@@ -852,7 +876,9 @@ fn serve_list(
         .get(&resource)
         .into_iter()
         .flat_map(|m| m.iter())
-        .filter(|((_, n), _)| name.is_none_or(|want| n == want))
+        .filter(|((ns, n), _)| {
+            name.is_none_or(|want| n == want) && namespace.is_none_or(|want| ns == want)
+        })
         .map(|(_, o)| with_type(resource, o.clone()))
         .collect();
     let body = json!({
@@ -881,7 +907,7 @@ fn serve_watch(
     shared: &Shared,
     resource: Resource,
     req: &Request,
-    name: Option<&str>,
+    (namespace, name): Filter<'_>,
 ) -> Result<()> {
     let from: u64 = req
         .query
@@ -944,6 +970,7 @@ fn serve_watch(
             .iter()
             .filter(|c| c.rv > sent_rv && c.resource == resource)
             .filter(|c| name.is_none_or(|want| c.object["metadata"]["name"] == *want))
+            .filter(|c| namespace.is_none_or(|want| c.object["metadata"]["namespace"] == *want))
             .cloned()
             .collect();
         let now_rv = st.rv;

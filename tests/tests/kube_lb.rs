@@ -403,3 +403,79 @@ fn kube_a_missing_metallb_crd_does_not_hold_up_services() {
         Ok(())
     });
 }
+
+/// Lease hygiene: at steady state nobody reads the Lease (the followers watch it, the
+/// leader only renews it), and a leader stopped with SIGTERM hands the Lease over, so
+/// the other agent writes within about a second, not after the lease time.
+#[test]
+fn kube_sigterm_hands_the_lease_over_at_once_and_followers_only_watch() {
+    kube_lb_e2e(2, |labs, api, kubeconfig| {
+        api.apply(node("node-1", "10.250.0.1"))?;
+        api.apply(node("node-2", "10.250.0.2"))?;
+        api.apply(pool())?;
+        api.apply(service("alpha", "10.96.73.1", "LoadBalancer"))?;
+        api.apply(slice("alpha", &labs[0]))?;
+        let mut first = start_agent(&labs[0], kubeconfig, "node-1", 1)?;
+        wait_ingress(api, "alpha", &[POOL[0]], CONVERGE)?;
+        let second = start_agent(&labs[1], kubeconfig, "node-2", 1)?;
+        serves(&labs[1], &format!("{}:80", POOL[0]), 10)?;
+        ensure!(lease_holder(api).as_deref() == Some("node-1"));
+
+        // Steady state: over three renew periods, the leader's renewals are the only
+        // Lease requests; the follower's watch is one long request.
+        let c0 = api.counters();
+        std::thread::sleep(RENEW_EVERY * 3);
+        let c1 = api.counters();
+        let renewals = c1.lease_writes - c0.lease_writes;
+        eprintln!(
+            "over {:?}: lease reads {}, writes {renewals}, watches {:?}",
+            RENEW_EVERY * 3,
+            c1.lease_reads - c0.lease_reads,
+            c1.watches.get("Lease")
+        );
+        ensure!(
+            c1.lease_reads == c0.lease_reads,
+            "Lease GETs at steady state: {} -> {}",
+            c0.lease_reads,
+            c1.lease_reads
+        );
+        ensure!((2..=4).contains(&renewals), "{renewals} renewals in 15 s");
+        ensure!(c1.lease_conflicts == c0.lease_conflicts, "no conflicts");
+
+        // SIGTERM: the leader releases, the follower takes over at once.
+        let sent = Instant::now();
+        let (_, graceful) = first.terminate(Duration::from_secs(5))?;
+        ensure!(graceful, "node-1 exits on SIGTERM by itself");
+        ensure!(
+            count_log(&first, "released the Lease") == 1,
+            "node-1 released the Lease:\n{}",
+            first.log_text()
+        );
+        loop {
+            if lease_holder(api).as_deref() == Some("node-2") {
+                break;
+            }
+            ensure!(
+                sent.elapsed() < Duration::from_secs(5),
+                "node-2 did not take the released Lease within 5 s (holder {:?})",
+                lease_holder(api)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let took = sent.elapsed();
+        eprintln!("takeover {took:?} after SIGTERM");
+        ensure!(
+            took < Duration::from_secs(2),
+            "takeover after {took:?}: not at once"
+        );
+        // The new leader writes a new Service's status at once too.
+        let applied = Instant::now();
+        api.apply(service("beta", "10.96.73.2", "LoadBalancer"))?;
+        api.apply(slice("beta", &labs[1]))?;
+        wait_ingress(api, "beta", &[POOL[1]], CONVERGE)?;
+        eprintln!("beta written {:?} after it appeared", applied.elapsed());
+        ensure!(count_log(&second, WROTE) == 1, "node-2 wrote beta");
+        ensure!(ingress(api, "alpha") == [POOL[0]], "alpha kept its address");
+        Ok(())
+    });
+}

@@ -55,17 +55,13 @@ const ARP_LEN: usize = 60;
 pub struct Link {
     pub ifindex: i32,
     pub mac: [u8; 6],
-    /// Source of the Neighbor Advertisements (RFC 4861 wants an address of the
-    /// interface); the target address itself when the interface has none.
-    pub link_local: Option<Ipv6Addr>,
 }
 
-/// Reads `iface`'s index, MAC address and IPv6 link-local address (netlink, so that it
-/// sees this network namespace's interfaces).
+/// Reads `iface`'s index and MAC address (netlink, so that it sees this network
+/// namespace's interfaces).
 pub fn link(iface: &str) -> Result<Link> {
     let mut ifindex = None;
     let mut mac = None;
-    let mut link_local = None;
     for a in nix::ifaddrs::getifaddrs().context("getifaddrs")? {
         if a.interface_name != iface {
             continue;
@@ -74,11 +70,6 @@ pub fn link(iface: &str) -> Result<Link> {
         if let Some(l) = addr.as_link_addr() {
             ifindex = Some(l.ifindex());
             mac = l.addr();
-        } else if let Some(v6) = addr.as_sockaddr_in6() {
-            let ip = v6.ip();
-            if ip.is_unicast_link_local() {
-                link_local = Some(ip);
-            }
         }
     }
     let ifindex = ifindex.with_context(|| format!("no interface {iface}"))?;
@@ -86,7 +77,6 @@ pub fn link(iface: &str) -> Result<Link> {
     Ok(Link {
         ifindex: i32::try_from(ifindex).context("interface index")?,
         mac,
-        link_local,
     })
 }
 
@@ -378,7 +368,12 @@ fn neighbor_advert(
         let o = dst.octets();
         MacAddr::new(0x33, 0x33, o[12], o[13], o[14], o[15])
     });
-    let src = l.link_local.unwrap_or(target);
+    // The source is the target address itself, as Linux writes the advertisements for
+    // its own addresses (ndisc_send_na). Not the interface's link-local address: a
+    // client may drop an answer whose source has a scope its query had not; ndisc6
+    // (1.0.5) does, and reported "No response" to our advertisements from fe80::/10
+    // while taking the same advertisement from the target address.
+    let src = target;
     let mut buf = vec![0u8; NA_LEN];
     let mut eth = MutableEthernetPacket::new(&mut buf)?;
     eth.set_destination(eth_dst);
@@ -550,15 +545,16 @@ mod tests {
     }
 
     fn ns(target: Ipv6Addr, src: Ipv6Addr, hop_limit: u8) -> Vec<u8> {
-        // Build an NS by rewriting an NA's type: same layout for our purpose.
+        // Build an NS by rewriting an NA's type and source: same layout for our
+        // purpose (the responder does not check the checksum: the kernel did).
         let l = Link {
             ifindex: 1,
             mac: PEER,
-            link_local: Some(src),
         };
         let mut f = neighbor_advert(&l, target, Some(MacAddr::from(MAC)), ALL_NODES, 0).unwrap();
         f[54] = 135;
         f[21] = hop_limit;
+        f[22..38].copy_from_slice(&src.octets());
         f
     }
 
@@ -567,7 +563,6 @@ mod tests {
         let l = Link {
             ifindex: 1,
             mac: MAC,
-            link_local: Some("fe80::1".parse().unwrap()),
         };
         let vip: Ipv6Addr = "2001:db8::10".parse().unwrap();
         let asker: Ipv6Addr = "2001:db8::99".parse().unwrap();
@@ -577,6 +572,11 @@ mod tests {
         assert_eq!(eth.get_destination(), MacAddr::from(PEER));
         let ip = Ipv6Packet::new(eth.payload()).unwrap();
         assert_eq!(ip.get_destination(), asker);
+        assert_eq!(
+            ip.get_source(),
+            vip,
+            "from the target address, as Linux answers"
+        );
         assert_eq!(ip.get_hop_limit(), 255);
         let icmp = Icmpv6Packet::new(ip.payload()).unwrap();
         assert_eq!(icmp.get_icmpv6_type(), Icmpv6Types::NeighborAdvert);

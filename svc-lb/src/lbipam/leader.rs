@@ -9,12 +9,18 @@
 //! it survives restarts and leader changes.
 //!
 //! The election follows client-go's leader election: the leader renews every
-//! [`RENEW_EVERY`]; the others read the Lease as often, and take it over when it has not
-//! changed for its `leaseDurationSeconds` ([`LEASE_DURATION`]) by their own clock (no
-//! clock comparison between nodes). A leader that could not renew for
-//! [`RENEW_DEADLINE`] stops writing before anyone may take over. Writes are
-//! optimistic: a Lease update carries the resourceVersion read, so two candidates
-//! racing for it get one success and one 409 Conflict.
+//! [`RENEW_EVERY`]; the others watch the Lease (one watch each, with a field selector on
+//! its name: no periodic reads), and take it over when it has not changed for its
+//! `leaseDurationSeconds` ([`LEASE_DURATION`]) by their own clock (no clock comparison
+//! between nodes). A leader that could not renew for [`RENEW_DEADLINE`] stops writing
+//! before anyone may take over. Writes are optimistic: a Lease update carries the
+//! resourceVersion last seen, so two candidates racing for it get one success and one
+//! 409 Conflict (after which the loser reads the Lease again). While the watch is down
+//! (an error, RBAC without `watch`), every round reads the Lease with a GET instead.
+//!
+//! On SIGTERM the leader releases the Lease as client-go's `ReleaseOnCancel` does
+//! (holder cleared, `leaseDurationSeconds: 1`): the others see it through their watch
+//! and one of them takes over at once instead of after [`LEASE_DURATION`].
 //!
 //! The leader patches a Service's status (a JSON merge patch of the status subresource)
 //! only when the allocation differs from what the status says, and releases an
@@ -23,9 +29,14 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
+
+use futures::StreamExt;
 
 use k8s_openapi::{
     api::{
@@ -38,6 +49,7 @@ use k8s_openapi::{
 use kube::{
     Api, Client,
     api::{Patch, PatchParams, PostParams},
+    runtime::{WatchStreamExt, watcher},
 };
 use serde_json::json;
 use tokio::time::Instant;
@@ -55,6 +67,8 @@ pub const RENEW_EVERY: Duration = Duration::from_secs(5);
 /// A leader that has not renewed for this long stops writing: before another agent,
 /// which waits [`LEASE_DURATION`] from its own last sight of a change, may take over.
 pub const RENEW_DEADLINE: Duration = Duration::from_secs(10);
+/// How long SIGTERM waits for the Lease's release before the agent exits anyway.
+pub const RELEASE_WITHIN: Duration = Duration::from_secs(2);
 /// A status written and not seen back in the watch within this long is written again
 /// (someone changed it back, or the write was lost).
 const REWRITE_AFTER: Duration = Duration::from_secs(30);
@@ -105,6 +119,19 @@ impl Elector {
         spec.holder_identity = Some(self.me.clone());
         spec.lease_duration_seconds = Some(LEASE_DURATION.as_secs() as i32);
         spec.renew_time = Some(MicroTime(now));
+        lease
+    }
+
+    /// `lease` (ours) handed over: no holder, and one second to live for readers that
+    /// honour the duration (client-go's `ReleaseOnCancel` writes the same). After this
+    /// we no longer lead.
+    pub fn released(&mut self, mut lease: Lease, wall: Timestamp) -> Lease {
+        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+        spec.holder_identity = None;
+        spec.lease_duration_seconds = Some(1);
+        spec.renew_time = Some(MicroTime(wall));
+        spec.acquire_time = Some(MicroTime(wall));
+        self.renewed = None;
         lease
     }
 
@@ -198,6 +225,14 @@ impl Ipam {
     /// the ingress addresses), for the metrics, `svc-lb status`, announcement and the
     /// leader's writes. Returns the valid pools.
     pub fn observe(&mut self, snap: &Snapshot) -> Vec<Pool> {
+        self.observe_as(snap, true)
+    }
+
+    /// [`Ipam::observe`], logging a Service's new pending reason at warn only when
+    /// `leading` (at debug otherwise): every agent computes the same reasons, and one
+    /// warning per change is enough for the cluster. The status and the metric are
+    /// every agent's all the same.
+    pub fn observe_as(&mut self, snap: &Snapshot, leading: bool) -> Vec<Pool> {
         let pools = self.read_pools(snap);
         if pools.is_empty() && self.last.is_none() {
             return pools;
@@ -208,7 +243,11 @@ impl Ipam {
         let before = self.last.as_ref();
         for (service, why) in &alloc.pending {
             if before.and_then(|b| b.pending.get(service)) != Some(why) {
-                warn!(service = %service, reason = %why, "load-balancer address pending");
+                if leading {
+                    warn!(service = %service, reason = %why, "load-balancer address pending");
+                } else {
+                    debug!(service = %service, reason = %why, "load-balancer address pending (the leader warns)");
+                }
             }
         }
         for (service, got) in &alloc.assigned {
@@ -288,6 +327,8 @@ struct Work {
 /// The agent's handle on the election task.
 pub struct Writer {
     tx: tokio::sync::watch::Sender<Option<Work>>,
+    leading: Arc<AtomicBool>,
+    release: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Writer {
@@ -302,6 +343,20 @@ impl Writer {
             alloc,
             pools: Arc::new(pools),
         }));
+    }
+
+    /// Whether this agent led at its last election round.
+    pub fn leading(&self) -> bool {
+        self.leading.load(Ordering::Relaxed)
+    }
+
+    /// Hands the Lease over if this agent holds it (SIGTERM), waiting at most
+    /// [`RELEASE_WITHIN`]; the election task ends.
+    pub async fn release(&self) {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        if self.release.send(done).await.is_ok() {
+            let _ = tokio::time::timeout(RELEASE_WITHIN, wait).await;
+        }
     }
 }
 
@@ -318,45 +373,107 @@ pub fn spawn(client: Client, identity: String) -> Writer {
         renew_secs = RENEW_EVERY.as_secs(),
         "LB-IPAM: status writer elected through a Lease"
     );
-    tokio::spawn(run(client, namespace, identity, rx));
-    Writer { tx }
+    let leading = Arc::new(AtomicBool::new(false));
+    let (release, release_rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(run(
+        client,
+        namespace,
+        identity,
+        rx,
+        leading.clone(),
+        release_rx,
+    ));
+    Writer {
+        tx,
+        leading,
+        release,
+    }
 }
+
+/// The Lease as last watched or written: `None` when unknown (no watch yet, a watch
+/// error, a lost race), `Some(None)` when it does not exist.
+type Known = Option<Option<Lease>>;
 
 async fn run(
     client: Client,
     namespace: String,
     identity: String,
     mut rx: tokio::sync::watch::Receiver<Option<Work>>,
+    leading_flag: Arc<AtomicBool>,
+    mut release_rx: tokio::sync::mpsc::Receiver<tokio::sync::oneshot::Sender<()>>,
 ) {
     let leases: Api<Lease> = Api::namespaced(client.clone(), &namespace);
+    let config = watcher::Config::default().fields(&format!("metadata.name={LEASE_NAME}"));
+    let mut events = watcher::watcher(leases.clone(), config)
+        .default_backoff()
+        .boxed();
+    let mut known: Known = None;
+    // The Lease seen during a relist, until its end.
+    let mut relist: Option<Lease> = None;
+    let mut watch_error_logged = false;
     let mut elector = Elector::new(identity);
     let mut written: BTreeMap<ServiceRef, (Vec<IpAddr>, Instant)> = BTreeMap::new();
     let mut next = Instant::now();
     let mut was_leading = false;
     let mut lease_error_logged = false;
     loop {
+        let mut round = false;
         tokio::select! {
-            () = tokio::time::sleep_until(next) => {
-                let now = Instant::now();
-                match elect(&leases, &mut elector, now).await {
-                    Ok(()) => lease_error_logged = false,
-                    Err(e) if !lease_error_logged => {
-                        warn!(error = %format!("{e:#}"), lease = LEASE_NAME, "LB-IPAM: the Lease could not be read or written; retrying");
-                        lease_error_logged = true;
+            () = tokio::time::sleep_until(next) => round = true,
+            ev = events.next() => {
+                match ev {
+                    Some(Ok(watcher::Event::Apply(l))) => known = Some(Some(l)),
+                    Some(Ok(watcher::Event::Delete(_))) => known = Some(None),
+                    Some(Ok(watcher::Event::Init)) => relist = None,
+                    Some(Ok(watcher::Event::InitApply(l))) => relist = Some(l),
+                    Some(Ok(watcher::Event::InitDone)) => {
+                        known = Some(relist.take());
+                        watch_error_logged = false;
                     }
-                    Err(e) => debug!(error = %format!("{e:#}"), "LB-IPAM: Lease"),
+                    Some(Err(e)) => {
+                        // Rounds read the Lease with a GET until the watch is back.
+                        known = None;
+                        if !watch_error_logged {
+                            warn!(error = %e, lease = LEASE_NAME, "LB-IPAM: cannot watch the Lease; reading it every round instead");
+                            watch_error_logged = true;
+                        }
+                    }
+                    None => {}
                 }
-                next = now + RENEW_EVERY;
-                if let Some(t) = elector.expires() {
-                    // Never sooner than a moment from now: a takeover that lost a race
-                    // leaves the expiry in the past.
-                    next = next.min(t.max(now + Duration::from_millis(200)));
-                }
+                // A follower acts on the change at once (a released Lease is taken
+                // over now); the leader renews on its own schedule.
+                round = !elector.leading(Instant::now()) && known.is_some();
             }
             changed = rx.changed() => {
                 if changed.is_err() {
                     return;
                 }
+            }
+            done = release_rx.recv() => {
+                release(&leases, &mut elector, &mut known).await;
+                leading_flag.store(false, Ordering::Relaxed);
+                crate::metrics::set_lb_ipam_leader(false);
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
+                return;
+            }
+        }
+        if round {
+            let now = Instant::now();
+            match elect(&leases, &mut elector, &mut known, now).await {
+                Ok(()) => lease_error_logged = false,
+                Err(e) if !lease_error_logged => {
+                    warn!(error = %format!("{e:#}"), lease = LEASE_NAME, "LB-IPAM: the Lease could not be read or written; retrying");
+                    lease_error_logged = true;
+                }
+                Err(e) => debug!(error = %format!("{e:#}"), "LB-IPAM: Lease"),
+            }
+            next = now + RENEW_EVERY;
+            if let Some(t) = elector.expires() {
+                // Never sooner than a moment from now: a takeover that lost a race
+                // leaves the expiry in the past.
+                next = next.min(t.max(now + Duration::from_millis(200)));
             }
         }
         let leading = elector.leading(Instant::now());
@@ -367,6 +484,13 @@ async fn run(
                     "LB-IPAM: this agent leads; it writes the Services' load-balancer status"
                 );
                 written.clear();
+                // Followers logged the pending reasons at debug: the new leader says
+                // them once.
+                if let Some(work) = rx.borrow().as_ref() {
+                    for (service, why) in &work.alloc.pending {
+                        warn!(service = %service, reason = %why, "load-balancer address pending");
+                    }
+                }
             } else {
                 warn!(
                     lease = LEASE_NAME,
@@ -374,6 +498,7 @@ async fn run(
                 );
             }
             crate::metrics::set_lb_ipam_leader(leading);
+            leading_flag.store(leading, Ordering::Relaxed);
             was_leading = leading;
         }
         if leading {
@@ -385,27 +510,80 @@ async fn run(
     }
 }
 
-/// One election round: read the Lease, then create, renew, take over or wait.
-async fn elect(leases: &Api<Lease>, elector: &mut Elector, now: Instant) -> anyhow::Result<()> {
+/// The Lease as known, or read now.
+async fn current(leases: &Api<Lease>, known: &mut Known) -> anyhow::Result<Option<Lease>> {
     use anyhow::Context;
-    let lease = leases.get_opt(LEASE_NAME).await.context("get the Lease")?;
+    if let Some(l) = known {
+        return Ok(l.clone());
+    }
+    let l = leases.get_opt(LEASE_NAME).await.context("get the Lease")?;
+    *known = Some(l.clone());
+    Ok(l)
+}
+
+/// One election round over the Lease as known (read when unknown): create, renew,
+/// take over or wait.
+async fn elect(
+    leases: &Api<Lease>,
+    elector: &mut Elector,
+    known: &mut Known,
+    now: Instant,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let lease = current(leases, known).await?;
     let pp = PostParams::default();
     let result = match elector.step(lease.as_ref(), now, Timestamp::now()) {
         Step::Wait => return Ok(()),
-        Step::Create(l) => leases.create(&pp, &l).await.map(|_| ()),
-        Step::Update(l) => leases.replace(LEASE_NAME, &pp, &l).await.map(|_| ()),
+        Step::Create(l) => leases.create(&pp, &l).await,
+        Step::Update(l) => leases.replace(LEASE_NAME, &pp, &l).await,
     };
     match result {
-        Ok(()) => {
+        Ok(l) => {
+            *known = Some(Some(l));
             elector.wrote(now);
             Ok(())
         }
         // Someone else wrote it first: not an error, the next round reads it.
         Err(kube::Error::Api(s)) if s.code == 409 => {
             debug!("LB-IPAM: another agent wrote the Lease first");
+            *known = None;
             Ok(())
         }
-        Err(e) => Err(e).context("write the Lease"),
+        Err(e) => {
+            *known = None;
+            Err(e).context("write the Lease")
+        }
+    }
+}
+
+/// SIGTERM: if we hold the Lease, hand it over (see [`Elector::released`]).
+async fn release(leases: &Api<Lease>, elector: &mut Elector, known: &mut Known) {
+    if !elector.leading(Instant::now()) {
+        return;
+    }
+    let pp = PostParams::default();
+    let r = match current(leases, known).await {
+        Ok(Some(l))
+            if l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(&elector.me) =>
+        {
+            let l = elector.released(l, Timestamp::now());
+            leases
+                .replace(LEASE_NAME, &pp, &l)
+                .await
+                .map(|_| ())
+                .map_err(anyhow::Error::from)
+        }
+        Ok(_) => Ok(()),
+        Err(e) => Err(e),
+    };
+    match r {
+        Ok(()) => info!(
+            lease = LEASE_NAME,
+            "LB-IPAM: released the Lease; another agent takes over now"
+        ),
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), lease = LEASE_NAME, "LB-IPAM: could not release the Lease; another agent takes over when it expires")
+        }
     }
 }
 

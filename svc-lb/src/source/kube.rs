@@ -118,7 +118,8 @@ pub const API_ACCESS: &[ApiAccess] = &[
     ApiAccess {
         group: "coordination.k8s.io",
         resource: "leases",
-        verbs: &["get", "create", "update"],
+        // In the agent's namespace only (a Role, deploy/rbac.yaml).
+        verbs: &["get", "list", "watch", "create", "update"],
     },
 ];
 

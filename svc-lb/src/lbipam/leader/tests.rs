@@ -109,6 +109,33 @@ fn an_empty_holder_is_taken_at_once() {
     assert_eq!(holder(&step), Some("n2"));
 }
 
+#[test]
+fn a_released_lease_has_no_holder_and_the_next_agent_takes_it_at_once() {
+    let t0 = Instant::now();
+    let mut n1 = Elector::new("n1".into());
+    let Step::Update(mine) = n1.step(Some(&lease("n1", 0)), t0, wall(1)) else {
+        panic!("n1 renews its own Lease")
+    };
+    n1.wrote(t0);
+    assert!(n1.leading(t0));
+    let released = n1.released(mine, wall(2));
+    assert!(!n1.leading(t0), "no longer leads once it let go");
+    let spec = released.spec.as_ref().expect("spec");
+    assert_eq!(spec.holder_identity, None);
+    assert_eq!(spec.lease_duration_seconds, Some(1));
+    assert_eq!(
+        spec.lease_transitions,
+        Some(3),
+        "a release is no transition"
+    );
+    // n2 had seen n1's Lease renewed a moment ago: it still takes the released one now.
+    let mut n2 = Elector::new("n2".into());
+    assert_eq!(n2.step(Some(&lease("n1", 1)), t0, wall(1)), Step::Wait);
+    let step = n2.step(Some(&released), t0 + Duration::from_millis(10), wall(2));
+    assert!(matches!(step, Step::Update(_)), "{step:?}");
+    assert_eq!(holder(&step), Some("n2"));
+}
+
 fn pool() -> Arc<IPAddressPool> {
     Arc::new(
         serde_json::from_value(json!({
