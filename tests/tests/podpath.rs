@@ -17,6 +17,7 @@ use anyhow::{Result, ensure};
 use svc_lb_tests::{
     ClientReport, Proto,
     checks::{all_failed, all_ok, backends_are},
+    ip,
     podlab::{self, OrigDstListener},
     twonode::{Node, POD_PORT, TwoNodeLab, run_lab},
 };
@@ -29,10 +30,6 @@ const WEB: [&str; 2] = ["10.96.60.10", "fd00:96::60:10"];
 const EMPTY: [&str; 2] = ["10.96.60.11", "fd00:96::60:11"];
 const SELF: [&str; 2] = ["10.96.60.12", "fd00:96::60:12"];
 const STICKY: [&str; 2] = ["10.96.60.13", "fd00:96::60:13"];
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("test address")
-}
 
 fn ips(s: &[&str]) -> Vec<IpAddr> {
     s.iter().map(|a| ip(a)).collect()
