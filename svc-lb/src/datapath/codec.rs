@@ -350,12 +350,43 @@ pub fn meta_raw(m: &FrontendMeta) -> SvcMeta {
 /// (names cut to the field sizes), so that the planner's comparison with the mirror
 /// settles.
 pub fn meta_of(d: &DesiredFrontend) -> FrontendMeta {
-    meta_from_raw(&meta_raw(&FrontendMeta {
+    let meta = FrontendMeta {
         service: d.service.clone(),
         port_name: d.port_name.clone(),
         kind: d.kind,
         flags: d.meta_flags,
-    }))
+    };
+    if meta_stored_whole(d) {
+        // Shares the Service's names: no copy, no encode and decode per frontend.
+        return meta;
+    }
+    meta_from_raw(&meta_raw(&meta))
+}
+
+/// Whether `have` is what [`meta_of`] returns for `d`, without building it when the
+/// names are stored whole (every valid Kubernetes name is).
+pub fn meta_is(d: &DesiredFrontend, have: &FrontendMeta) -> bool {
+    if meta_stored_whole(d) {
+        have.kind == d.kind
+            && have.flags == d.meta_flags
+            && *have.service.namespace == *d.service.namespace
+            && *have.service.name == *d.service.name
+            && have.port_name == d.port_name
+    } else {
+        meta_of(d) == *have
+    }
+}
+
+/// Whether `d`'s names read back from `SvcMeta` unchanged: they fit their fields and
+/// hold no NUL (which would end them early).
+fn meta_stored_whole(d: &DesiredFrontend) -> bool {
+    fn whole(s: &str, field: usize) -> bool {
+        s.len() <= field && !s.as_bytes().contains(&0)
+    }
+    let raw = <SvcMeta as bytemuck::Zeroable>::zeroed();
+    whole(&d.service.namespace, raw.namespace.len())
+        && whole(&d.service.name, raw.name.len())
+        && whole(&d.port_name, raw.port_name.len())
 }
 
 pub fn meta_from_raw(m: &SvcMeta) -> FrontendMeta {
@@ -489,6 +520,65 @@ fn undecodable_addr(id: u32) -> IpAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metadata_shortcut_equals_the_read_back() {
+        let long = "n".repeat(70);
+        let cases = [
+            ("default", "web", "http"),
+            ("default", long.as_str(), "http"),
+            ("ns", "web", "a-port-name-over-16"),
+            ("ns\0x", "web", ""),
+            (long.as_str(), "web\0", "p\0"),
+        ];
+        for (namespace, name, port_name) in cases {
+            let d = DesiredFrontend {
+                key: FrontendKey {
+                    addr: "10.96.0.1".parse().unwrap(),
+                    port: 80,
+                    proto: 6,
+                    scope: svc_lb_common::SCOPE_ALL,
+                },
+                service: crate::model::ServiceRef {
+                    namespace: namespace.into(),
+                    name: name.into(),
+                },
+                port_name: port_name.into(),
+                backends: Vec::new(),
+                affinity_timeout_s: None,
+                kind: svc_lb_common::KIND_CLUSTER_IP,
+                meta_flags: 1,
+                flags: 0,
+                src_ranges: Vec::new(),
+            };
+            let full = FrontendMeta {
+                service: d.service.clone(),
+                port_name: d.port_name.clone(),
+                kind: d.kind,
+                flags: d.meta_flags,
+            };
+            let read_back = meta_from_raw(&meta_raw(&full));
+            assert_eq!(
+                meta_of(&d),
+                read_back,
+                "{namespace:?}/{name:?} {port_name:?}"
+            );
+            assert!(
+                meta_is(&d, &read_back),
+                "{namespace:?}/{name:?} {port_name:?}"
+            );
+            let other = FrontendMeta {
+                flags: 0,
+                ..read_back.clone()
+            };
+            assert!(!meta_is(&d, &other));
+            let renamed = FrontendMeta {
+                port_name: "x".into(),
+                ..read_back
+            };
+            assert!(!meta_is(&d, &renamed));
+        }
+    }
 
     #[test]
     fn an_undecodable_entry_is_removed_and_rewritten_by_the_next_plan() {

@@ -268,6 +268,8 @@ struct Budget {
     /// Entries of each of the [`BLOCK_MAPS`] once phase 1 is done.
     base: PerMap,
     adds: PerMap,
+    /// Keys the admitted frontends delete in phase 3, per map.
+    dels: PerMap,
     /// Every admitted changed frontend that inserts or deletes keys there, per map.
     blocks: [Vec<Block>; BLOCK_MAPS.len()],
     backends_base: usize,
@@ -322,15 +324,19 @@ impl Budget {
         let changed: Vec<&&Candidate<'_>> = fronts.iter().filter(|c| c.changed).collect();
 
         let mut adds = self.adds;
+        let mut dels = self.dels;
         for c in &changed {
             for (sum, n) in adds.iter_mut().zip(c.adds) {
+                *sum += n;
+            }
+            for (sum, n) in dels.iter_mut().zip(c.dels) {
                 *sum += n;
             }
         }
         full.extend(
             [SVC4, SVC6]
                 .into_iter()
-                .filter_map(|m| self.overflow(m, &adds, &changed)),
+                .filter_map(|m| self.overflow(m, &adds, &dels, &changed)),
         );
 
         // Only this Service's own new addresses: copying the running set for every
@@ -370,7 +376,7 @@ impl Budget {
         full.extend(
             [MAGLEV, SRC4, SRC6]
                 .into_iter()
-                .filter_map(|m| self.overflow(m, &adds, &changed)),
+                .filter_map(|m| self.overflow(m, &adds, &dels, &changed)),
         );
 
         if !full.is_empty() {
@@ -380,23 +386,38 @@ impl Budget {
             blocks.extend(changed.iter().filter_map(|c| Block::of(c, m)));
         }
         self.adds = adds;
+        self.dels = dels;
         self.new_backends.extend(mine);
         self.new_rev_nats = new_rev_nats;
         Ok(())
     }
 
     /// Why map `m` would overflow if `changed` joined the admitted frontends (which
-    /// with them insert `adds` keys in total), or `None` if it stays within capacity.
-    fn overflow(&self, m: usize, adds: &PerMap, changed: &[&&Candidate<'_>]) -> Option<String> {
+    /// with them insert `adds` and delete `dels` keys in total), or `None` if it stays
+    /// within capacity.
+    fn overflow(
+        &self,
+        m: usize,
+        adds: &PerMap,
+        dels: &PerMap,
+        changed: &[&&Candidate<'_>],
+    ) -> Option<String> {
         let cap = capacity_of(&self.cap, m);
         // Cheap bound first (as if nothing were deleted in phase 3); only a plan near
         // the capacity pays for the exact walk.
         if adds[m] == self.adds[m] || self.base[m] + adds[m] <= cap {
             return None;
         }
-        let mut blocks = self.blocks[m].clone();
-        blocks.extend(changed.iter().filter_map(|c| Block::of(c, m)));
-        let peak = peak(self.base[m], blocks);
+        // Without deletes the level only rises: the peak is the last insert's. A sync
+        // into nearly full maps (every Service after the first that does not fit) then
+        // costs no sort of every admitted frontend's block.
+        let peak = if dels[m] == 0 {
+            self.base[m] + adds[m]
+        } else {
+            let mut blocks = self.blocks[m].clone();
+            blocks.extend(changed.iter().filter_map(|c| Block::of(c, m)));
+            peak(self.base[m], blocks)
+        };
         (peak > cap).then(|| {
             format!(
                 "map {} full: needs {peak} entries, capacity {cap}",
@@ -583,6 +604,7 @@ pub(super) fn plan_with(
         cap: *cap,
         base,
         adds: PerMap::default(),
+        dels: PerMap::default(),
         blocks: Default::default(),
         backends_base: current.backends.len(),
         // At most every desired address: sized once instead of rehashed as it grows.

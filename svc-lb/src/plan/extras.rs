@@ -92,9 +92,15 @@ pub(super) fn plan_extras(current: &CurrentState, finals: &[Final<'_>]) -> (Vec<
             }),
     );
     for (&rev_nat_id, d) in &want_meta {
-        let meta = codec::meta_of(d);
-        if current.meta.get(&rev_nat_id) != Some(&meta) {
-            last.push(Op::UpsertMeta { rev_nat_id, meta });
+        if !current
+            .meta
+            .get(&rev_nat_id)
+            .is_some_and(|have| codec::meta_is(d, have))
+        {
+            last.push(Op::UpsertMeta {
+                rev_nat_id,
+                meta: codec::meta_of(d),
+            });
         }
     }
 

@@ -1659,3 +1659,77 @@ mod draining {
         assert!(rig.current.backends.is_empty());
     }
 }
+
+/// The planner's and the mirror's share of a full sync at the bench's 10 000 Services ×
+/// 3 endpoints (no store: the fake's invariant checks would dominate): prints the time
+/// of each stage and checks that the mirror ends in the desired state, so that a second
+/// plan is empty. Run it with
+/// `cargo test --release -p svc-lb --lib full_sync_stages -- --ignored --nocapture`.
+#[test]
+#[ignore = "a timing run, not a unit test"]
+fn full_sync_stages_at_10000_services() {
+    use std::time::Instant;
+    let n: u32 = 10_000;
+    let frontends = (0..n)
+        .map(|i| {
+            let key = FrontendKey {
+                addr: std::net::Ipv4Addr::from(0x0a60_0000 + i).into(),
+                port: 80,
+                proto: PROTO_TCP,
+                scope: SCOPE_ALL,
+            };
+            let backends: Vec<DesiredBackend> = (0..3)
+                .map(|j| DesiredBackend {
+                    addr: BackendAddr {
+                        addr: std::net::Ipv4Addr::from(0x0a00_0000 + i * 3 + j).into(),
+                        port: 8080,
+                        proto: PROTO_TCP,
+                    },
+                    state: BACKEND_ACTIVE,
+                    local: false,
+                })
+                .collect();
+            let mut f = frontend(&format!("svc-{i}"), key, &backends);
+            f.service.namespace = format!("bench-{}", i % 100).into();
+            f.port_name = "http".into();
+            f
+        })
+        .collect();
+    let desired = state(frontends);
+    let cap = FakeMaps::with_default_capacity().capacity();
+    for round in 0..5 {
+        let t = Instant::now();
+        let p = plan(&CurrentState::default(), &desired, &cap);
+        let planned = t.elapsed();
+        let t = Instant::now();
+        let writes: usize = p
+            .ops
+            .iter()
+            .map(|op| usize::from(codec::single_put(op).is_some()))
+            .sum();
+        let encoded = t.elapsed();
+        let t = Instant::now();
+        let mut current = CurrentState::default();
+        for op in &p.ops {
+            current.apply(op);
+        }
+        current.build_index();
+        let mirrored = t.elapsed();
+        let t = Instant::now();
+        let again = plan(&current, &desired, &cap);
+        let replanned = t.elapsed();
+        println!(
+            "round {round}: {} ops ({writes} puts): plan {planned:?}, encode {encoded:?}, \
+             mirror {mirrored:?}, plan again (no change) {replanned:?}",
+            p.ops.len()
+        );
+        assert!(
+            again.ops.is_empty(),
+            "{:?}",
+            &again.ops[..3.min(again.ops.len())]
+        );
+        assert_eq!(current.frontends.len(), n as usize);
+        assert_eq!(current.backends.len(), 3 * n as usize);
+        assert_eq!(current.meta.len(), n as usize);
+    }
+}

@@ -581,6 +581,16 @@ impl Bench {
             if let Some(d) = duration_us {
                 cell.agent_sync_us.push(d);
             }
+            if let Some([model, plan, apply]) = sync_split(&lines) {
+                self.progress.println(format!(
+                    "N={n}: svc-lb full sync {}/{reps}: agent model {:.1} ms, plan {:.1} ms, \
+                     map writes {:.1} ms",
+                    rep + 1,
+                    model as f64 / 1e3,
+                    plan as f64 / 1e3,
+                    apply as f64 / 1e3
+                ));
+            }
             if let Some((rss, hwm)) = settled_memory(agent, pid) {
                 mem.rss_kib.push(rss);
                 mem.hwm_kib.push(hwm);
@@ -1250,6 +1260,23 @@ fn first_sync(lines: &[String]) -> Option<(i64, Option<u64>, Option<Programmed>)
             rejected: f["rejected"].as_u64().unwrap_or(0),
         });
         Some((ts, f["duration_us"].as_u64(), programmed))
+    })
+}
+
+/// The agent's own split of its first sync: model, plan and map writes (with the
+/// mirror), in µs, as its `sync applied` line reports them.
+fn sync_split(lines: &[String]) -> Option<[u64; 3]> {
+    lines.iter().find_map(|l| {
+        let v: serde_json::Value = serde_json::from_str(l).ok()?;
+        let f = &v["fields"];
+        if f["message"].as_str()? != crate::agent::SYNC_APPLIED {
+            return None;
+        }
+        Some([
+            f["model_us"].as_u64()?,
+            f["plan_us"].as_u64()?,
+            f["apply_us"].as_u64()?,
+        ])
     })
 }
 
