@@ -288,6 +288,17 @@ const RETRY: Duration = Duration::from_secs(1);
 /// hand, a fault of the incremental path), as Cilium's periodic prune does.
 pub const FULL_SYNC_EVERY: Duration = Duration::from_secs(300);
 
+/// Waits for the first of the two signals that stop the agent and names it.
+async fn stop_signal(
+    term: &mut tokio::signal::unix::Signal,
+    int: &mut tokio::signal::unix::Signal,
+) -> &'static str {
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
 pub async fn run(cfg: AgentConfig) -> Result<()> {
     let health = crate::health::Health::default();
     if let Some(addr) = cfg.health_addr {
@@ -486,14 +497,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             }
             () = retry => {}
             () = tokio::time::sleep_until(full_at) => { full = true; }
-            _ = sigterm.recv() => {
-                info!("SIGTERM: exiting; programs and maps stay pinned");
+            name = stop_signal(&mut sigterm, &mut sigint) => {
+                info!(signal = name, "{name}: exiting; programs and maps stay pinned");
                 // The LB-IPAM Lease goes to another agent now, not when it expires.
-                if let Some(w) = &lb_writer { w.release().await; }
-                return Ok(());
-            }
-            _ = sigint.recv() => {
-                info!("SIGINT: exiting; programs and maps stay pinned");
                 if let Some(w) = &lb_writer { w.release().await; }
                 return Ok(());
             }

@@ -191,6 +191,39 @@ impl Lab {
         Ok(self.agent.insert(agent))
     }
 
+    /// An agent for this lab in Kubernetes mode: it reads the API server named in
+    /// `kubeconfig` as node `node` and logs to `log_name` in the lab's directory. The
+    /// health listener takes any free port and metrics are off, unless `extra` names
+    /// those flags itself (clap refuses a flag given twice).
+    pub fn kube_agent_config(
+        &self,
+        kubeconfig: &Path,
+        node: &str,
+        log_name: &str,
+        extra: &[&str],
+    ) -> AgentConfig {
+        let mut extra_args = vec![
+            "--kubeconfig".to_string(),
+            kubeconfig.display().to_string(),
+            "--node-name".to_string(),
+            node.to_string(),
+        ];
+        for (flag, default) in [("--health-addr", "127.0.0.1:0"), ("--metrics-addr", "off")] {
+            if !extra.contains(&flag) {
+                extra_args.extend([flag.to_string(), default.to_string()]);
+            }
+        }
+        extra_args.extend(extra.iter().map(|s| s.to_string()));
+        AgentConfig {
+            bin: self.bins.svc_lb.clone(),
+            manifests: PathBuf::new(),
+            bpffs: self.bpf.path().to_path_buf(),
+            cgroup: self.cgroup.path().to_path_buf(),
+            log_file: self.dir.path().join(log_name),
+            extra_args,
+        }
+    }
+
     pub fn agent(&mut self) -> &mut Agent {
         self.agent.as_mut().expect("the agent is not running")
     }

@@ -90,11 +90,7 @@ use serde_json::{Value, json};
 use svc_lb::datapath::pinned::PinnedMaps;
 use svc_lb_common::{ALL_MAPS, PROTO_TCP, PROTO_UDP};
 use svc_lb_tests::{
-    ClientReport, Lab, Proto,
-    agent::{Agent, AgentConfig},
-    checks::unix_us,
-    fakeapi::FakeApi,
-    lab::with_lab,
+    ClientReport, Lab, Proto, agent::Agent, checks::unix_us, fakeapi::FakeApi, lab::with_lab,
     procs::ClientRun,
 };
 
@@ -372,27 +368,12 @@ impl Cluster {
     /// Starts an agent without waiting for anything.
     fn spawn_agent(&mut self, lab: &Lab) -> Result<Agent> {
         self.starts += 1;
-        let config = AgentConfig {
-            bin: lab.bins.svc_lb.clone(),
-            manifests: PathBuf::new(),
-            bpffs: lab.bpffs().to_path_buf(),
-            cgroup: lab.cgroup().to_path_buf(),
-            log_file: lab.dir().join(format!("chaos-agent-{}.log", self.starts)),
-            extra_args: [
-                "--kubeconfig",
-                &self.kubeconfig.display().to_string(),
-                "--node-name",
-                NODE,
-                "--health-addr",
-                "127.0.0.1:0",
-                "--metrics-addr",
-                "off",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-        };
-        Agent::start(config)
+        Agent::start(lab.kube_agent_config(
+            &self.kubeconfig,
+            NODE,
+            &format!("chaos-agent-{}.log", self.starts),
+            &[],
+        ))
     }
 }
 

@@ -20,12 +20,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 use svc_lb_tests::sa;
-use svc_lb_tests::{
-    Bins, ClientReport, Lab, Proto,
-    agent::{Agent, AgentConfig},
-    fakeapi::FakeApi,
-    lab::isolated,
-};
+use svc_lb_tests::{Bins, ClientReport, Lab, Proto, agent::Agent, fakeapi::FakeApi, lab::isolated};
 
 const NS: &str = "kube-e2e";
 const NODE: &str = "node-1";
@@ -70,27 +65,13 @@ impl Cluster {
             bail!("the agent is already running");
         }
         self.starts += 1;
-        let config = AgentConfig {
-            bin: lab.bins.svc_lb.clone(),
-            manifests: PathBuf::new(),
-            bpffs: lab.bpffs().to_path_buf(),
-            cgroup: lab.cgroup().to_path_buf(),
-            log_file: lab.dir().join(format!("kube-agent-{}.log", self.starts)),
-            extra_args: [
-                "--kubeconfig",
-                &self.kubeconfig.display().to_string(),
-                "--node-name",
-                NODE,
-                "--health-addr",
-                "127.0.0.1:0",
-                "--metrics-addr",
-                "off",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .chain(self.extra_args.iter().cloned())
-            .collect(),
-        };
+        let extra: Vec<&str> = self.extra_args.iter().map(String::as_str).collect();
+        let config = lab.kube_agent_config(
+            &self.kubeconfig,
+            NODE,
+            &format!("kube-agent-{}.log", self.starts),
+            &extra,
+        );
         let mut agent = Agent::start(config)?;
         agent.wait_applied(1, Duration::from_secs(30))?;
         Ok(self.agent.insert(agent))
@@ -1246,26 +1227,12 @@ fn kube_explicit_health_or_metrics_port_in_use_stops_the_start() {
             ("--health-addr", "--metrics-addr"),
             ("--metrics-addr", "--health-addr"),
         ] {
-            let config = AgentConfig {
-                bin: lab.bins.svc_lb.clone(),
-                manifests: PathBuf::new(),
-                bpffs: lab.bpffs().to_path_buf(),
-                cgroup: lab.cgroup().to_path_buf(),
-                log_file: lab.dir().join(format!("kube-agent-port{flag}.log")),
-                extra_args: [
-                    "--kubeconfig",
-                    &k8s.kubeconfig.display().to_string(),
-                    "--node-name",
-                    NODE,
-                    flag,
-                    &addr,
-                    other,
-                    "off",
-                ]
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-            };
+            let config = lab.kube_agent_config(
+                &k8s.kubeconfig,
+                NODE,
+                &format!("kube-agent-port{flag}.log"),
+                &[flag, &addr, other, "off"],
+            );
             let mut agent = Agent::start(config)?;
             let deadline = Instant::now() + Duration::from_secs(10);
             let status = loop {

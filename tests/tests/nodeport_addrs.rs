@@ -19,7 +19,6 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
     time::Duration,
 };
 
@@ -28,7 +27,7 @@ use serde_json::{Value, json};
 use svc_lb_tests::ip;
 use svc_lb_tests::{
     Bins, ClientReport, Lab, Proto,
-    agent::{Agent, AgentConfig},
+    agent::Agent,
     checks::{all_failed, all_ok, backends_are},
     fakeapi::FakeApi,
     lab::isolated,
@@ -236,27 +235,7 @@ fn start_kube_agent(
     n: usize,
     args: &[&str],
 ) -> Result<Agent> {
-    let config = AgentConfig {
-        bin: lab.bins.svc_lb.clone(),
-        manifests: PathBuf::new(),
-        bpffs: lab.bpffs().to_path_buf(),
-        cgroup: lab.cgroup().to_path_buf(),
-        log_file: lab.dir().join(format!("kube-agent-{n}.log")),
-        extra_args: [
-            "--kubeconfig",
-            &kubeconfig.display().to_string(),
-            "--node-name",
-            KNODE,
-            "--health-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "off",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .chain(args.iter().map(|s| s.to_string()))
-        .collect(),
-    };
+    let config = lab.kube_agent_config(kubeconfig, KNODE, &format!("kube-agent-{n}.log"), args);
     let mut agent = Agent::start(config)?;
     agent.wait_applied(1, Duration::from_secs(30))?;
     Ok(agent)
