@@ -168,6 +168,11 @@ pub enum Command {
         /// after 3.5 intervals of silence and live again after 5 intervals of heartbeats.
         #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(50..=5000), value_name = "MS")]
         l2_heartbeat_interval: u64,
+        /// With --l2-announce: authenticate heartbeats with the key in this file (a mounted
+        /// Secret, the same on every node, at least 16 bytes; surrounding whitespace is
+        /// ignored). Without it anyone who can send to the port can keep a dead node alive.
+        #[arg(long, value_name = "PATH")]
+        l2_heartbeat_key_file: Option<PathBuf>,
         /// Manifest files larger than this many bytes are reported and not read.
         #[arg(long, default_value_t = crate::source::manifests::DEFAULT_MAX_FILE_BYTES, value_name = "BYTES")]
         max_manifest_bytes: u64,
@@ -478,6 +483,7 @@ pub fn run(cli: Cli) -> Result<()> {
             l2_announce,
             l2_heartbeat_port,
             l2_heartbeat_interval,
+            l2_heartbeat_key_file,
             max_manifest_bytes,
             external_ip_cidrs,
             max_frontends_per_service,
@@ -508,6 +514,10 @@ pub fn run(cli: Cli) -> Result<()> {
                     me: me.clone(),
                     port: l2_heartbeat_port,
                     interval: std::time::Duration::from_millis(l2_heartbeat_interval),
+                    key: l2_heartbeat_key_file
+                        .as_deref()
+                        .map(crate::announce::heartbeat::Key::from_file)
+                        .transpose()?,
                 }),
                 (true, None) => {
                     anyhow::bail!("--l2-announce needs --node-name (no hostname either)")

@@ -173,6 +173,7 @@ struct L2Metrics {
     takeovers: Counter,
     releases: Counter,
     live_nodes: Gauge,
+    heartbeats_rejected: Family<Labels, Counter>,
 }
 
 fn l2() -> &'static L2Metrics {
@@ -184,6 +185,7 @@ fn l2() -> &'static L2Metrics {
         takeovers: Counter::default(),
         releases: Counter::default(),
         live_nodes: Gauge::default(),
+        heartbeats_rejected: Family::default(),
     })
 }
 
@@ -232,6 +234,13 @@ pub fn l2_released() {
 /// The nodes the heartbeat says are live (this one included when it is ready).
 pub fn set_l2_live_nodes(n: usize) {
     l2().live_nodes.set(i64::try_from(n).unwrap_or(i64::MAX));
+}
+
+/// `n` datagrams on the heartbeat port were refused for `reason` (0 creates the series).
+pub fn l2_heartbeats_rejected(reason: &'static str, n: u64) {
+    l2().heartbeats_rejected
+        .get_or_create(&vec![("reason", reason.to_owned())])
+        .inc_by(n);
 }
 
 /// Manifest files whose last good content stands in for a version that could not be
@@ -756,6 +765,11 @@ pub fn render(data: ScrapeData) -> Result<String> {
         "svclb_l2_live_nodes",
         "Nodes the L2 heartbeat counts as live, this one included",
         l2m.live_nodes.clone(),
+    );
+    reg.register(
+        "svclb_l2_heartbeats_rejected",
+        "Datagrams on the L2 heartbeat port that were not taken as a heartbeat, by reason (malformed, key_mismatch, bad_tag, clock_skew, replay)",
+        l2m.heartbeats_rejected.clone(),
     );
     reg.register(
         "svclb_lb_ipam_leader",

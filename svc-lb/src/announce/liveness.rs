@@ -104,6 +104,11 @@ impl Liveness {
         now.saturating_duration_since(self.started) >= self.timing.rise
     }
 
+    /// Whether `node` was heard and not pruned since.
+    pub fn knows(&self, node: &str) -> bool {
+        self.peers.contains_key(node)
+    }
+
     /// Forgets peers not heard for a long time (Nodes that were deleted).
     pub fn prune(&mut self, now: Instant) {
         let keep = self.timing.dead_after * 20;

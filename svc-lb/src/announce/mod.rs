@@ -7,7 +7,8 @@
 //!   computes the same answer, so there is no election and no per-address API write.
 //! - [`liveness`]: which nodes are alive, from a UDP heartbeat between agents (every
 //!   200 ms by default); a dead node's addresses move within about a second, without
-//!   waiting for the API server.
+//!   waiting for the API server. [`heartbeat`]: its wire format, authenticated with a
+//!   shared key when one is given.
 //! - [`responder`]: a packet socket per interface that answers for the addresses this
 //!   node wins and sends gratuitous ARP / unsolicited NA when it takes one over. The
 //!   address is never added to the interface: the kernel would then answer on every
@@ -25,6 +26,7 @@ use k8s_openapi::{api::core::v1::Node, apimachinery::pkg::apis::meta::v1::LabelS
 use crate::{model::DesiredState, model::ServiceRef, source::Snapshot};
 
 pub mod choose;
+pub mod heartbeat;
 pub mod liveness;
 pub mod responder;
 pub mod run;

@@ -4,7 +4,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv6Addr, SocketAddr},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context, Result};
@@ -13,12 +13,14 @@ use tracing::{error, info, warn};
 
 use super::{
     NodeView, Target, assign,
+    heartbeat::{self, Codec, Rejected},
     liveness::{Liveness, Timing},
     responder::Responder,
 };
 
-/// The heartbeat's magic and version; the sender's node name follows.
-const MAGIC: &[u8] = b"svclb-l2-hb1 ";
+/// How often each kind of refused heartbeat is logged at most: a flood of forgeries
+/// must not flood the log too (the metric counts every one).
+const REJECT_LOG_EVERY: Duration = Duration::from_secs(60);
 /// Gratuitous ARP / unsolicited NA after a takeover: at once, then after these delays,
 /// in case the first ones were lost.
 const REPEATS: [Duration; 2] = [Duration::from_millis(250), Duration::from_millis(1000)];
@@ -32,6 +34,9 @@ pub struct Config {
     pub port: u16,
     /// `--l2-heartbeat-interval`.
     pub interval: Duration,
+    /// `--l2-heartbeat-key-file`: heartbeats are authenticated with it (see
+    /// [`heartbeat`]).
+    pub key: Option<heartbeat::Key>,
 }
 
 /// What the agent tells the task after each sync.
@@ -59,8 +64,18 @@ pub fn spawn(cfg: Config) -> Result<watch::Sender<Inputs>> {
         node = %cfg.me,
         port = cfg.port,
         interval_ms = cfg.interval.as_millis() as u64,
+        authenticated = cfg.key.is_some(),
         "L2 announcement on: heartbeat listening"
     );
+    if cfg.key.is_none() {
+        warn!(
+            "L2 announcement: the heartbeat is not authenticated (no --l2-heartbeat-key-file): \
+             anyone who can send to its port can keep a dead node alive"
+        );
+    }
+    for r in Rejected::ALL {
+        crate::metrics::l2_heartbeats_rejected(r.label(), 0);
+    }
     // The series exist from the start, so that "announcing nothing" reads as 0.
     crate::metrics::set_l2_announced(0, 0);
     let (tx, rx) = watch::channel(Inputs::default());
@@ -111,8 +126,8 @@ async fn run(cfg: Config, sock: UdpSocket, mut rx: watch::Receiver<Inputs>) -> R
         warned_no_node: false,
         last_live: Vec::new(),
     };
-    let mut msg = MAGIC.to_vec();
-    msg.extend_from_slice(st.cfg.me.as_bytes());
+    let mut codec = Codec::new(st.cfg.key.as_ref());
+    let mut logged: BTreeMap<&'static str, Instant> = BTreeMap::new();
     let mut buf = [0u8; 512];
     let mut pruned = Instant::now();
     // Nothing is decided before the agent's first sync has told us the Nodes and
@@ -122,6 +137,7 @@ async fn run(cfg: Config, sock: UdpSocket, mut rx: watch::Receiver<Inputs>) -> R
         tokio::select! {
             _ = tick.tick() => {
                 let inputs = rx.borrow().clone();
+                let msg = codec.encode(&st.cfg.me, SystemTime::now());
                 for peer in inputs.nodes.iter().filter(|n| n.name != st.cfg.me) {
                     for ip in &peer.addresses {
                         let to = match (*ip, v6_socket) {
@@ -136,6 +152,7 @@ async fn run(cfg: Config, sock: UdpSocket, mut rx: watch::Receiver<Inputs>) -> R
                 }
                 if pruned.elapsed() > Duration::from_secs(60) {
                     st.liveness.prune(Instant::now());
+                    codec.retain(|n| st.liveness.knows(n));
                     pruned = Instant::now();
                 }
                 if have_inputs {
@@ -144,11 +161,27 @@ async fn run(cfg: Config, sock: UdpSocket, mut rx: watch::Receiver<Inputs>) -> R
                 }
             }
             r = sock.recv_from(&mut buf) => {
-                if let Ok((n, _from)) = r
-                    && let Some(name) = buf[..n].strip_prefix(MAGIC)
-                    && let Ok(name) = std::str::from_utf8(name)
-                {
-                    st.liveness.heard(name, Instant::now());
+                if let Ok((n, from)) = r {
+                    let now = SystemTime::now();
+                    match codec.decode(&buf[..n], now) {
+                        Ok(name) => st.liveness.heard(&name, Instant::now()),
+                        Err(why) => {
+                            crate::metrics::l2_heartbeats_rejected(why.label(), 1);
+                            let due = logged
+                                .get(why.label())
+                                .is_none_or(|t| t.elapsed() >= REJECT_LOG_EVERY);
+                            if due {
+                                logged.insert(why.label(), Instant::now());
+                                warn!(
+                                    %from,
+                                    reason = why.label(),
+                                    skew_ms = Codec::skew_ms(&buf[..n], now).map(|s| s as i64),
+                                    keyed = codec.keyed(),
+                                    "L2 announcement: heartbeat refused (logged once a minute per reason)"
+                                );
+                            }
+                        }
+                    }
                 }
             }
             changed = rx.changed() => {

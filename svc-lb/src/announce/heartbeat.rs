@@ -1,0 +1,333 @@
+//! The heartbeat's wire format, and its authentication when the nodes share a key
+//! (`--l2-heartbeat-key-file`).
+//!
+//! Without a key a heartbeat is `svclb-l2-hb1 <node name>`: anyone who can send to the
+//! port can keep a dead node "alive" and so keep its addresses unanswered. With a key it
+//! is `svclb-l2-hb2 `, the sender's wall clock in milliseconds (8 bytes, big endian), the
+//! node name, and an HMAC-SHA256 tag over all of that. A receiver takes it only when
+//! - the tag verifies (constant-time, `ring::hmac`): the sender holds the key;
+//! - the sender's clock is within [`MAX_SKEW`] of its own: an old capture is useless
+//!   to a receiver that never heard the sender;
+//! - its time is later than the last one taken from that node: a replay, however
+//!   fast, never extends a node's life past its last real heartbeat.
+//!
+//! Nodes with a key ignore unkeyed heartbeats and the other way round, so a mixed
+//! configuration shows as dead peers (logged, and counted by reason), never as a
+//! forged one taken.
+use std::{
+    collections::HashMap,
+    fmt,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, Result, bail};
+use ring::hmac;
+
+const MAGIC_V1: &[u8] = b"svclb-l2-hb1 ";
+const MAGIC_V2: &[u8] = b"svclb-l2-hb2 ";
+const TAG_LEN: usize = 32;
+/// A key shorter than this is refused: HMAC-SHA256 wants at least 128 bits of secret.
+const MIN_KEY_LEN: usize = 16;
+/// How far a peer's clock may be from ours. Generous, because nodes whose clocks drift
+/// further would all see each other dead and all announce every address: with NTP,
+/// nodes are within milliseconds; a node minutes off is logged with its skew.
+pub const MAX_SKEW: Duration = Duration::from_secs(10);
+
+/// The shared heartbeat key. Its Debug form never shows the key, so that configuration
+/// dumps and logs cannot leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Key(Vec<u8>);
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Key(<{} bytes>)", self.0.len())
+    }
+}
+
+impl Key {
+    /// The key from a file (a mounted Secret): its bytes without surrounding whitespace,
+    /// since `echo`/`kubectl create secret --from-file` often add a newline that other
+    /// nodes' copies may not have.
+    pub fn from_file(path: &std::path::Path) -> Result<Self> {
+        let raw = std::fs::read(path)
+            .with_context(|| format!("--l2-heartbeat-key-file {}: read", path.display()))?;
+        Self::from_bytes(raw.trim_ascii())
+            .with_context(|| format!("--l2-heartbeat-key-file {}", path.display()))
+    }
+
+    pub fn from_bytes(key: &[u8]) -> Result<Self> {
+        if key.len() < MIN_KEY_LEN {
+            bail!(
+                "the key has {} bytes; at least {MIN_KEY_LEN} are needed (for example \
+                 `openssl rand -base64 32`)",
+                key.len()
+            );
+        }
+        Ok(Self(key.to_vec()))
+    }
+}
+
+/// Why a datagram on the heartbeat port was not taken (the metric's `reason` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejected {
+    /// Not a heartbeat of either version.
+    Malformed,
+    /// A heartbeat without a key while this node has one, or the other way round.
+    KeyMismatch,
+    /// The tag does not verify: another key, or a forgery.
+    BadTag,
+    /// The sender's clock is further than [`MAX_SKEW`] from this node's.
+    Skew,
+    /// Not later than the last heartbeat taken from this node: a replay or reordering.
+    Stale,
+}
+
+impl Rejected {
+    pub const ALL: [Self; 5] = [
+        Self::Malformed,
+        Self::KeyMismatch,
+        Self::BadTag,
+        Self::Skew,
+        Self::Stale,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::KeyMismatch => "key_mismatch",
+            Self::BadTag => "bad_tag",
+            Self::Skew => "clock_skew",
+            Self::Stale => "replay",
+        }
+    }
+}
+
+/// Builds and checks heartbeats for one node.
+pub struct Codec {
+    key: Option<hmac::Key>,
+    /// The sender's time of the last heartbeat taken from each node (keyed mode only).
+    last: HashMap<String, u64>,
+}
+
+impl Codec {
+    pub fn new(key: Option<&Key>) -> Self {
+        Self {
+            key: key.map(|k| hmac::Key::new(hmac::HMAC_SHA256, &k.0)),
+            last: HashMap::new(),
+        }
+    }
+
+    pub fn keyed(&self) -> bool {
+        self.key.is_some()
+    }
+
+    /// The heartbeat `me` sends now.
+    pub fn encode(&self, me: &str, now: SystemTime) -> Vec<u8> {
+        let Some(key) = &self.key else {
+            return [MAGIC_V1, me.as_bytes()].concat();
+        };
+        let mut msg = [MAGIC_V2, &unix_ms(now).to_be_bytes(), me.as_bytes()].concat();
+        let tag = hmac::sign(key, &msg);
+        msg.extend_from_slice(tag.as_ref());
+        msg
+    }
+
+    /// The sender's node name, if the datagram is a heartbeat this node takes at `now`.
+    pub fn decode(&mut self, msg: &[u8], now: SystemTime) -> Result<String, Rejected> {
+        if let Some(name) = msg.strip_prefix(MAGIC_V1) {
+            if self.key.is_some() {
+                return Err(Rejected::KeyMismatch);
+            }
+            return node_name(name);
+        }
+        let Some(body) = msg.strip_prefix(MAGIC_V2) else {
+            return Err(Rejected::Malformed);
+        };
+        let Some(key) = &self.key else {
+            return Err(Rejected::KeyMismatch);
+        };
+        if body.len() < 8 + 1 + TAG_LEN {
+            return Err(Rejected::Malformed);
+        }
+        let (signed, tag) = msg.split_at(msg.len() - TAG_LEN);
+        hmac::verify(key, signed, tag).map_err(|_| Rejected::BadTag)?;
+        let (ms, name) = body[..body.len() - TAG_LEN].split_at(8);
+        let mut sent = [0u8; 8];
+        sent.copy_from_slice(ms);
+        let sent = u64::from_be_bytes(sent);
+        let name = node_name(name)?;
+        if unix_ms(now).abs_diff(sent) > MAX_SKEW.as_millis() as u64 {
+            return Err(Rejected::Skew);
+        }
+        match self.last.get_mut(&name) {
+            Some(last) if sent <= *last => Err(Rejected::Stale),
+            Some(last) => {
+                *last = sent;
+                Ok(name)
+            }
+            None => {
+                self.last.insert(name.clone(), sent);
+                Ok(name)
+            }
+        }
+    }
+
+    /// Forgets the replay state of nodes [`crate::announce::liveness`] pruned; a node that
+    /// comes back later is held to [`MAX_SKEW`] again.
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.last.retain(|n, _| keep(n));
+    }
+
+    /// How far a heartbeat's clock is from `now`, for the log line of a [`Rejected::Skew`]
+    /// (whose tag verified, so the number is the peer's).
+    pub fn skew_ms(msg: &[u8], now: SystemTime) -> Option<i128> {
+        let body = msg.strip_prefix(MAGIC_V2)?;
+        let sent = u64::from_be_bytes(body.get(..8)?.try_into().ok()?);
+        Some(i128::from(sent) - i128::from(unix_ms(now)))
+    }
+}
+
+fn node_name(raw: &[u8]) -> Result<String, Rejected> {
+    match std::str::from_utf8(raw) {
+        Ok(s) if !s.is_empty() => Ok(s.to_owned()),
+        _ => Err(Rejected::Malformed),
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    // A clock before 1970 reads as 0: its heartbeats then fail the skew check.
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(b: u8) -> Key {
+        Key::from_bytes(&[b; 32]).unwrap()
+    }
+
+    fn at(ms: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(1_800_000_000_000 + ms)
+    }
+
+    #[test]
+    fn unkeyed_heartbeat_is_the_version_one_format() {
+        let mut c = Codec::new(None);
+        let msg = c.encode("node-a", at(0));
+        assert_eq!(msg, b"svclb-l2-hb1 node-a");
+        assert_eq!(c.decode(&msg, at(0)), Ok("node-a".to_owned()));
+        assert_eq!(c.decode(b"svclb-l2-hb1 ", at(0)), Err(Rejected::Malformed));
+        assert_eq!(c.decode(b"hello", at(0)), Err(Rejected::Malformed));
+    }
+
+    #[test]
+    fn keyed_heartbeat_round_trips_and_needs_the_same_key() {
+        let k = key(7);
+        let tx = Codec::new(Some(&k));
+        let mut rx = Codec::new(Some(&k));
+        let msg = tx.encode("node-a", at(0));
+        assert!(msg.starts_with(MAGIC_V2));
+        assert_eq!(rx.decode(&msg, at(5)), Ok("node-a".to_owned()));
+        let mut other = Codec::new(Some(&key(8)));
+        assert_eq!(other.decode(&msg, at(5)), Err(Rejected::BadTag));
+    }
+
+    #[test]
+    fn keyed_and_unkeyed_nodes_ignore_each_other() {
+        let k = key(1);
+        let mut keyed = Codec::new(Some(&k));
+        let mut plain = Codec::new(None);
+        let from_plain = plain.encode("node-p", at(0));
+        let from_keyed = keyed.encode("node-k", at(0));
+        assert_eq!(keyed.decode(&from_plain, at(0)), Err(Rejected::KeyMismatch));
+        assert_eq!(plain.decode(&from_keyed, at(0)), Err(Rejected::KeyMismatch));
+    }
+
+    #[test]
+    fn any_changed_byte_fails_the_tag() {
+        let k = key(3);
+        let msg = Codec::new(Some(&k)).encode("node-a", at(0));
+        for i in MAGIC_V2.len()..msg.len() {
+            let mut bad = msg.clone();
+            bad[i] ^= 0x01;
+            let mut rx = Codec::new(Some(&k));
+            assert_eq!(rx.decode(&bad, at(0)), Err(Rejected::BadTag), "byte {i}");
+        }
+        // Another name under the old tag: the forger's only move without the key.
+        let mut forged = msg.clone();
+        let name_at = MAGIC_V2.len() + 8;
+        forged[name_at..name_at + 6].copy_from_slice(b"node-b");
+        let mut rx = Codec::new(Some(&k));
+        assert_eq!(rx.decode(&forged, at(0)), Err(Rejected::BadTag));
+        let mut rx = Codec::new(Some(&k));
+        assert_eq!(
+            rx.decode(&msg[..msg.len() - 1], at(0)),
+            Err(Rejected::BadTag)
+        );
+        assert_eq!(rx.decode(&msg[..20], at(0)), Err(Rejected::Malformed));
+    }
+
+    #[test]
+    fn replays_never_extend_a_life_and_old_captures_are_refused() {
+        let k = key(9);
+        let tx = Codec::new(Some(&k));
+        let mut rx = Codec::new(Some(&k));
+        let first = tx.encode("node-a", at(0));
+        let second = tx.encode("node-a", at(200));
+        assert_eq!(rx.decode(&first, at(1)), Ok("node-a".to_owned()));
+        assert_eq!(rx.decode(&second, at(201)), Ok("node-a".to_owned()));
+        // The node died after `second`: replaying either keeps nothing alive.
+        assert_eq!(rx.decode(&second, at(900)), Err(Rejected::Stale));
+        assert_eq!(rx.decode(&first, at(900)), Err(Rejected::Stale));
+        // A receiver that never heard the node refuses a capture older than the skew.
+        let mut fresh = Codec::new(Some(&k));
+        let late = at(200) + MAX_SKEW + Duration::from_millis(1);
+        assert_eq!(fresh.decode(&second, late), Err(Rejected::Skew));
+        assert_eq!(
+            Codec::skew_ms(&second, late),
+            Some(-(MAX_SKEW.as_millis() as i128) - 1)
+        );
+        // Clocks ahead are refused alike; within the skew they are taken.
+        let ahead = tx.encode("node-b", at(0) + MAX_SKEW + Duration::from_secs(1));
+        assert_eq!(fresh.decode(&ahead, at(0)), Err(Rejected::Skew));
+        let near = tx.encode("node-b", at(0) + MAX_SKEW - Duration::from_secs(1));
+        assert_eq!(fresh.decode(&near, at(0)), Ok("node-b".to_owned()));
+    }
+
+    #[test]
+    fn pruned_nodes_lose_their_replay_state() {
+        let k = key(2);
+        let tx = Codec::new(Some(&k));
+        let mut rx = Codec::new(Some(&k));
+        let msg = tx.encode("node-a", at(0));
+        assert!(rx.decode(&msg, at(0)).is_ok());
+        rx.retain(|n| n != "node-a");
+        assert_eq!(rx.decode(&msg, at(0)), Ok("node-a".to_owned()));
+    }
+
+    #[test]
+    fn short_keys_are_refused_and_debug_hides_the_key() {
+        let err = Key::from_bytes(b"short").unwrap_err().to_string();
+        assert!(err.contains("5 bytes"), "{err}");
+        let k = Key::from_bytes(b"0123456789abcdef-secret").unwrap();
+        let shown = format!("{k:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+        assert_eq!(shown, "Key(<23 bytes>)");
+    }
+
+    #[test]
+    fn key_file_is_trimmed_so_a_trailing_newline_does_not_split_the_nodes() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        let b = dir.path().join("b");
+        std::fs::write(&a, b"c2VjcmV0LWtleS1mb3ItdGhlLW5vZGVz\n").unwrap();
+        std::fs::write(&b, b"c2VjcmV0LWtleS1mb3ItdGhlLW5vZGVz").unwrap();
+        assert_eq!(Key::from_file(&a).unwrap(), Key::from_file(&b).unwrap());
+        let missing = dir.path().join("missing");
+        let err = format!("{:#}", Key::from_file(&missing).unwrap_err());
+        assert!(err.contains("--l2-heartbeat-key-file"), "{err}");
+    }
+}
