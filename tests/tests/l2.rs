@@ -18,9 +18,12 @@ use std::{
 
 use anyhow::{Result, bail, ensure};
 use serde_json::json;
-use svc_lb_tests::l2lab::{
-    L2Lab, NODES, hrw, lb_objects, lb_service, node_name, outage_ms, pod_name, run_l2_lab,
-    vips_won_by_one_node,
+use svc_lb_tests::{
+    l2lab::{
+        L2Lab, NODES, hrw, lb_objects, lb_service, node_name, outage_ms, pod_name, run_l2_lab,
+        vips_won_by_one_node,
+    },
+    report::Proto,
 };
 
 fn ip(s: &str) -> IpAddr {
@@ -460,12 +463,15 @@ fn wait_ingress(lab: &L2Lab, name: &str, want: &[IpAddr]) -> Result<()> {
 
 const WROTE: &str = "LB-IPAM: wrote status.loadBalancer.ingress";
 const PENDING: &str = "load-balancer address pending";
+const SHARE: &str = "metallb.universe.tf/allow-shared-ip";
 
 /// Kubernetes mode end to end: the three agents run with `--kubeconfig` against the
 /// fake API server (on the segment), and every object is an API object: the Nodes, a
 /// MetalLB IPAddressPool with an L2Advertisement, the Services and EndpointSlices. The
-/// elected agent writes the pool's addresses into the statuses (once each; an
-/// exhausted pool's Service stays pending, warned about by the leader only); exactly
+/// elected agent writes the pool's addresses into the statuses (once each: a requested
+/// address first, then the lowest free ones in name order, one address shared by two
+/// Services with one allow-shared-ip key; the exhausted pool's last Service stays
+/// pending, warned about by the leader only; the operator's view agrees); exactly
 /// one node answers ARP and NDP for each address, the hash's choice (for the `Local`
 /// Service: the node with its endpoint); connections over both families land on the
 /// backends; the announcing node dies and the client's connections succeed through
@@ -481,12 +487,15 @@ fn kube_mode_pool_addresses_are_written_announced_by_one_node_and_fail_over() {
         // its endpoint is on a node the hash would not pick among all three.
         let v4_local = ip("10.250.0.201");
         let with_endpoint = (hrw(v4_local, &all) + 1) % NODES;
+        // `req` asks for the pool's last address, which name order alone would give
+        // `sh-a`; `sh-a` (port 80) and `sh-b` (port 81) share the next free one.
+        let (v4_req, v4_shared) = (ip("10.250.0.203"), ip("10.250.0.202"));
         let api = lab.use_kube_api()?;
         api.apply(json!({
             "apiVersion": "metallb.io/v1beta1",
             "kind": "IPAddressPool",
             "metadata": {"name": "lan", "namespace": "metallb-system"},
-            "spec": {"addresses": [format!("{v4}-{v4_local}"), format!("{v6}/128")]},
+            "spec": {"addresses": [format!("{v4}-{v4_req}"), format!("{v6}/128")]},
         }))?;
         api.apply(json!({
             "apiVersion": "metallb.io/v1beta1",
@@ -494,9 +503,24 @@ fn kube_mode_pool_addresses_are_written_announced_by_one_node_and_fail_over() {
             "metadata": {"name": "lan", "namespace": "metallb-system"},
             "spec": {"ipAddressPools": ["lan"]},
         }))?;
+        let annotated = |name: &str, cluster: &str, key: &str, value: &str, port: u16| {
+            let mut o = lb_objects(name, &[ip(cluster)], &[], &others, false);
+            o[0]["metadata"]["annotations"] = json!({ key: value });
+            o[0]["spec"]["ports"][0]["port"] = json!(port);
+            o
+        };
         let services = [
             lb_objects("lb", &cluster(), &[], &others, false),
             lb_objects("local", &[ip("10.96.0.11")], &[], &[with_endpoint], true),
+            annotated(
+                "req",
+                "10.96.0.13",
+                "metallb.universe.tf/loadBalancerIPs",
+                &v4_req.to_string(),
+                80,
+            ),
+            annotated("sh-a", "10.96.0.14", SHARE, "k", 80),
+            annotated("sh-b", "10.96.0.15", SHARE, "k", 81),
             // Nothing left in the pool for it.
             lb_objects("zz-pending", &[ip("10.96.0.12")], &[], &others, false),
         ];
@@ -507,6 +531,9 @@ fn kube_mode_pool_addresses_are_written_announced_by_one_node_and_fail_over() {
         lab.start_all()?;
         wait_ingress(lab, "lb", &[v4, v6])?;
         wait_ingress(lab, "local", &[v4_local])?;
+        wait_ingress(lab, "req", &[v4_req])?;
+        wait_ingress(lab, "sh-a", &[v4_shared])?;
+        wait_ingress(lab, "sh-b", &[v4_shared])?;
 
         for vip in [v4, v6] {
             let n = lab.wait_one_answer(vip, Duration::from_secs(10))?;
@@ -542,6 +569,20 @@ fn kube_mode_pool_addresses_are_written_announced_by_one_node_and_fail_over() {
             "{v4_local}: {}",
             r.summary()
         );
+        // The requested and the shared address: one answer each, and both ports of the
+        // shared one serve.
+        for (vip, port) in [(v4_req, 80), (v4_shared, 80), (v4_shared, 81)] {
+            let n = lab.wait_one_answer(vip, Duration::from_secs(10))?;
+            ensure!(n == hrw(vip, &all), "{vip} answered by {}", node_name(n));
+            let mut o = lab.client(SocketAddr::new(vip, port), Proto::Tcp);
+            o.count = 20;
+            let r = lab.run_client(&o)?;
+            ensure!(
+                r.ok == 20 && others.iter().map(|i| r.count(&pod_name(*i))).sum::<u64>() == 20,
+                "{vip}:{port}: {}",
+                r.summary()
+            );
+        }
 
         // One writer, one write per Service; the pending one is the leader's to warn
         // about (the others log it at debug).
@@ -558,7 +599,7 @@ fn kube_mode_pool_addresses_are_written_announced_by_one_node_and_fail_over() {
                 lab.log_count(i, &[WROTE])?,
                 lab.log_count(i, &[PENDING, "zz-pending", "WARN"])?,
             );
-            let want_wrote = if i == 0 { 2 } else { 0 };
+            let want_wrote = if i == 0 { 5 } else { 0 };
             ensure!(
                 wrote == want_wrote && (pending > 0) == (i == 0),
                 "{}: {wrote} status writes, {pending} pending warnings",
@@ -566,7 +607,7 @@ fn kube_mode_pool_addresses_are_written_announced_by_one_node_and_fail_over() {
             );
         }
         let patches = lab.api()?.counters().status_patches_total();
-        ensure!(patches == 2, "{patches} status patches");
+        ensure!(patches == 5, "{patches} status patches");
 
         // The operator's view on every node: the pool full, one Service pending, the
         // leader flag on node-1 only; `svc-lb list` names each address's pool and
@@ -575,6 +616,7 @@ fn kube_mode_pool_addresses_are_written_announced_by_one_node_and_fail_over() {
             let m = lab.metrics(i)?;
             let get = |k: &str| m.get(k).copied().unwrap_or(-1.0);
             let leader = if i == 0 { 1.0 } else { 0.0 };
+            // Four IPv4 addresses and one IPv6, the shared one counted once.
             let seen = [
                 get("svclb_lb_pool_addresses{pool=\"lan\",state=\"used\"}"),
                 get("svclb_lb_pool_addresses{pool=\"lan\",state=\"free\"}"),
@@ -582,14 +624,19 @@ fn kube_mode_pool_addresses_are_written_announced_by_one_node_and_fail_over() {
                 get("svclb_lb_ipam_leader"),
             ];
             ensure!(
-                seen == [3.0, 0.0, 1.0, leader],
+                seen == [5.0, 0.0, 1.0, leader],
                 "{}: used, free, pending, leader = {seen:?}",
                 node_name(i)
             );
             let o = lab.svc_lb_on(i, &["list", "-o", "json"])?;
             ensure!(o.status.success(), "svc-lb list: {}", text(&o));
             let entries: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout)?;
-            for (vip, by) in [(v4, owner), (v6, owner), (v4_local, with_endpoint)] {
+            for (vip, by) in [
+                (v4, owner),
+                (v6, owner),
+                (v4_local, with_endpoint),
+                (v4_shared, hrw(v4_shared, &all)),
+            ] {
                 let lb: Vec<&serde_json::Value> = entries
                     .iter()
                     .filter(|e| {
