@@ -628,6 +628,21 @@ fn kube_mode_pool_addresses_are_written_announced_by_one_node_and_fail_over() {
                 "{}: used, free, pending, leader = {seen:?}",
                 node_name(i)
             );
+            if i == owner {
+                // It took both over (gratuitous ARP, unsolicited NA) and answered the
+                // probes above.
+                let said = [
+                    get("svclb_l2_gratuitous_total{family=\"ipv4\"}"),
+                    get("svclb_l2_gratuitous_total{family=\"ipv6\"}"),
+                    get("svclb_l2_replies_total{proto=\"arp\"}"),
+                    get("svclb_l2_replies_total{proto=\"ndp\"}"),
+                ];
+                ensure!(
+                    said.iter().all(|n| *n >= 1.0),
+                    "{}: gratuitous v4, v6, replies arp, ndp = {said:?}",
+                    node_name(i)
+                );
+            }
             let o = lab.svc_lb_on(i, &["list", "-o", "json"])?;
             ensure!(o.status.success(), "svc-lb list: {}", text(&o));
             let entries: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout)?;
@@ -661,7 +676,18 @@ fn kube_mode_pool_addresses_are_written_announced_by_one_node_and_fail_over() {
             "svc-lb status on node-1:\n{status}"
         );
 
-        // The owner dies.
+        // The owner dies. Each heir announces its address at once (three gratuitous
+        // ARPs or unsolicited NAs per takeover).
+        let gratuitous = |lab: &L2Lab, vip: IpAddr| -> Result<f64> {
+            let fam = if vip.is_ipv6() { "ipv6" } else { "ipv4" };
+            let k = format!("svclb_l2_gratuitous_total{{family=\"{fam}\"}}");
+            Ok(lab
+                .metrics(hrw(vip, &others))?
+                .get(&k)
+                .copied()
+                .unwrap_or(0.0))
+        };
+        let sent_before = [gratuitous(lab, v4)?, gratuitous(lab, v6)?];
         let runs = [lab.client_loop(v4, 7)?, lab.client_loop(v6, 7)?];
         std::thread::sleep(Duration::from_secs(2));
         lab.kill_node(owner)?;
@@ -680,6 +706,14 @@ fn kube_mode_pool_addresses_are_written_announced_by_one_node_and_fail_over() {
                 node_name(owner)
             );
             lab.only(vip, hrw(vip, &others), 3)?;
+        }
+        for (vip, before) in [v4, v6].into_iter().zip(sent_before) {
+            let after = gratuitous(lab, vip)?;
+            ensure!(
+                after >= before + 3.0,
+                "{vip}: the heir sent {} gratuitous announcements",
+                after - before
+            );
         }
         // The move cost no API write: the statuses still say the same.
         ensure!(lab.api()?.counters().status_patches_total() == patches);
