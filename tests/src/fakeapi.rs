@@ -27,8 +27,9 @@
 //! ends every watch with a 410, [`FakeApi::drop_connections`] cuts every open
 //! connection, [`FakeApi::end_watches`] ends every watch cleanly, and
 //! [`FakeApi::stop`] / [`FakeApi::restart`] take the server off the air (connections
-//! refused) and back on the same port. It listens on 127.0.0.1 only, and everything
-//! stops when it is dropped.
+//! refused) and back on the same port. It listens on 127.0.0.1, or with
+//! [`FakeApi::start_in_netns`] on an address of a lab's own network namespace (the L2
+//! lab's agents run in namespaces of their own), and everything stops when it is dropped.
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Read, Write},
@@ -186,6 +187,8 @@ impl Shared {
 /// The running server. Dropping it stops the listener and every connection.
 pub struct FakeApi {
     addr: SocketAddr,
+    /// The network namespace the listener lives in (`None`: the test's own).
+    netns: Option<String>,
     shared: Arc<Shared>,
     acceptor: Option<JoinHandle<()>>,
 }
@@ -193,6 +196,17 @@ pub struct FakeApi {
 impl FakeApi {
     /// Starts on a free port of 127.0.0.1.
     pub fn start() -> Result<Self> {
+        Self::start_on(SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0)), None)
+    }
+
+    /// Starts on a free port of `ip` in network namespace `netns` (which must have that
+    /// address): a socket stays in the namespace it was made in, so the server is
+    /// reachable from wherever that namespace is, and from nowhere else.
+    pub fn start_in_netns(netns: &str, ip: std::net::IpAddr) -> Result<Self> {
+        Self::start_on(SocketAddr::new(ip, 0), Some(netns.to_owned()))
+    }
+
+    fn start_on(bind: SocketAddr, netns: Option<String>) -> Result<Self> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 rv: 100,
@@ -200,11 +214,14 @@ impl FakeApi {
             }),
             cond: Condvar::new(),
         });
-        let listener = TcpListener::bind("127.0.0.1:0").context("bind the fake API server")?;
+        let listener = in_ns(netns.as_deref(), || {
+            TcpListener::bind(bind).with_context(|| format!("bind the fake API server on {bind}"))
+        })?;
         let addr = listener.local_addr().context("fake API server address")?;
         let acceptor = Some(spawn_acceptor(listener, shared.clone()));
         Ok(Self {
             addr,
+            netns,
             shared,
             acceptor,
         })
@@ -346,7 +363,10 @@ current-context: fake
         self.shared.lock().stopping = true;
         self.drop_connections();
         // Wake the acceptor, which then sees `stopping` and closes the listener.
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        let addr = self.addr;
+        let _ = in_ns(self.netns.as_deref(), || {
+            Ok(TcpStream::connect_timeout(&addr, Duration::from_secs(1)))
+        });
         if let Some(h) = self.acceptor.take() {
             let _ = h.join();
         }
@@ -362,7 +382,7 @@ current-context: fake
         // connection in TIME_WAIT does not block the bind. Retry briefly anyway.
         let deadline = Instant::now() + Duration::from_secs(5);
         let listener = loop {
-            match TcpListener::bind(self.addr) {
+            match in_ns(self.netns.as_deref(), || Ok(TcpListener::bind(self.addr)))? {
                 Ok(l) => break l,
                 Err(e) if Instant::now() < deadline => {
                     eprintln!("fakeapi: rebind {}: {e}; retrying", self.addr);
@@ -424,6 +444,14 @@ impl Drop for FakeApi {
         if self.acceptor.is_some() {
             self.stop();
         }
+    }
+}
+
+/// Runs `f` in network namespace `ns`, or here.
+fn in_ns<T: Send>(ns: Option<&str>, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    match ns {
+        Some(ns) => crate::netns::in_netns(ns, f),
+        None => f(),
     }
 }
 

@@ -17,6 +17,11 @@
 //! `10.25<k>.1.2` / `fd00:25<k>:1::2`, and every node routes the other nodes' pod CIDRs via
 //! them. Nodes keep their IPv6 addresses across a link down (keep_addr_on_down), as a
 //! node whose cable is pulled does.
+//!
+//! Kubernetes mode ([`L2Lab::use_kube_api`]): the bridge gets the address `.254` in the
+//! lan namespace, the fake API server ([`crate::fakeapi`]) listens there, and the agents
+//! start with `--kubeconfig` instead of the manifest directory; their API traffic stays
+//! on the segment.
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
@@ -42,10 +47,12 @@ use serde_json::json;
 use crate::{
     agent::{Agent, AgentConfig},
     cgroup::Cgroup,
+    fakeapi::FakeApi,
     lab::Bins,
     manifests::{Endpoint, EndpointSlice, Protocol, Service, TargetPort, yaml_docs},
     netns::{self, Netns, Veth},
     procs::{ClientOpts, Server},
+    report::{ClientReport, Proto},
     tempdir::TempDir,
     twonode::{NodePins, ethtool_k, lan_addr},
 };
@@ -58,6 +65,9 @@ pub const POD_PORT: u16 = 8080;
 pub const CLIENT_HOST: u8 = 100;
 /// The heartbeat interval the lab's agents use (the default).
 pub const HEARTBEAT_MS: u64 = 200;
+/// The lan namespace's host number on the bridge, where the fake API server listens
+/// (Kubernetes mode only).
+pub const API_HOST: u8 = 254;
 
 pub fn node_name(i: usize) -> String {
     format!("node-{}", i + 1)
@@ -241,6 +251,8 @@ pub struct L2Lab {
     agents: Vec<Option<Agent>>,
     // Held for their lifetime: the pods stop serving when the lab drops.
     _servers: Vec<Server>,
+    /// Kubernetes mode: the fake API server (in the lan namespace) and its kubeconfig.
+    api: Option<(FakeApi, PathBuf)>,
     bpf: Vec<NodePins>,
     cgroups: Vec<Cgroup>,
     pub net: L2Net,
@@ -283,6 +295,7 @@ impl L2Lab {
         let lab = Self {
             agents: (0..NODES).map(|_| None).collect(),
             _servers: servers,
+            api: None,
             bpf,
             cgroups,
             net,
@@ -290,24 +303,34 @@ impl L2Lab {
             bins,
             starts: 0,
         };
-        let nodes: Vec<serde_json::Value> = (0..NODES)
-            .map(|i| {
-                json!({
-                    "apiVersion": "v1",
-                    "kind": "Node",
-                    "metadata": {"name": node_name(i), "labels": {"kubernetes.io/hostname": node_name(i)}},
-                    "status": {
-                        "addresses": [
-                            {"type": "InternalIP", "address": node_addr(i, false).to_string()},
-                            {"type": "InternalIP", "address": node_addr(i, true).to_string()},
-                        ],
-                        "conditions": [{"type": "Ready", "status": "True"}],
-                    },
-                })
-            })
-            .collect();
-        lab.write_manifest("nodes.yaml", &yaml_docs(&nodes))?;
+        lab.write_manifest("nodes.yaml", &yaml_docs(&node_objects()))?;
         Ok(lab)
+    }
+
+    /// Kubernetes mode from here on: starts the fake API server on the bridge's own
+    /// address in the lan namespace, with the three Node objects, and makes the agents
+    /// started after this use it (`--kubeconfig`) instead of the manifest directory.
+    pub fn use_kube_api(&mut self) -> Result<&FakeApi> {
+        if self.api.is_some() {
+            bail!("the lab already has its API server");
+        }
+        let ip = lan_addr(API_HOST, false);
+        self.net.lan.add_addr("br0", ip, 24)?;
+        let api = FakeApi::start_in_netns(self.net.lan.name(), ip)?;
+        for node in node_objects() {
+            api.apply(node)?;
+        }
+        let kubeconfig = self.dir.path().join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig)?;
+        Ok(&self.api.insert((api, kubeconfig)).0)
+    }
+
+    /// The fake API server, in Kubernetes mode.
+    pub fn api(&self) -> Result<&FakeApi> {
+        self.api
+            .as_ref()
+            .map(|(a, _)| a)
+            .context("the lab is in manifest mode (no L2Lab::use_kube_api)")
     }
 
     pub fn manifests_dir(&self) -> PathBuf {
@@ -323,16 +346,24 @@ impl L2Lab {
             .with_context(|| format!("rename into {}", target.display()))
     }
 
-    /// Starts node `i`'s agent (`--devices eth0 --node-name node-<i+1> --l2-announce`)
-    /// and waits for its first `sync applied`.
+    /// Starts node `i`'s agent (`--devices eth0 --node-name node-<i+1> --l2-announce`,
+    /// and the manifest directory or, after [`L2Lab::use_kube_api`], `--kubeconfig`) and
+    /// waits for its first `sync applied`.
     pub fn start_agent(&mut self, i: usize) -> Result<&mut Agent> {
         if self.agents[i].is_some() {
             bail!("the agent of {} is already running", node_name(i));
         }
         self.starts += 1;
+        let (manifests, kube) = match &self.api {
+            Some((_, kubeconfig)) => (
+                PathBuf::new(),
+                vec!["--kubeconfig".into(), kubeconfig.display().to_string()],
+            ),
+            None => (self.manifests_dir(), Vec::new()),
+        };
         let config = AgentConfig {
             bin: self.bins.svc_lb.clone(),
-            manifests: self.manifests_dir(),
+            manifests,
             bpffs: self.bpf[i].path.clone(),
             cgroup: self.cgroups[i].path().to_path_buf(),
             log_file: self
@@ -347,7 +378,10 @@ impl L2Lab {
                 "--l2-announce".into(),
                 "--l2-heartbeat-interval".into(),
                 HEARTBEAT_MS.to_string(),
-            ],
+            ]
+            .into_iter()
+            .chain(kube)
+            .collect(),
         };
         let mut agent = Agent::start_in_netns(config, self.net.nodes[i].name())?;
         agent.wait_applied(1, Duration::from_secs(30))?;
@@ -474,6 +508,42 @@ impl L2Lab {
         Ok(crate::metrics::parse_metrics(&text))
     }
 
+    /// Probes `vip` `times` times and checks that exactly `node` answers, once each time.
+    pub fn only(&self, vip: IpAddr, node: usize, times: usize) -> Result<()> {
+        for _ in 0..times {
+            let a = self.who_answers(vip, Duration::from_millis(300))?;
+            anyhow::ensure!(
+                a == vec![node],
+                "{vip}: answers from {:?}, want exactly one from {}",
+                a.iter().map(|i| node_name(*i)).collect::<Vec<_>>(),
+                node_name(node)
+            );
+        }
+        Ok(())
+    }
+
+    /// `n` TCP connections from the client to `vip:80`.
+    pub fn connect(&self, vip: IpAddr, n: u64) -> Result<ClientReport> {
+        let mut o = self.client(SocketAddr::new(vip, 80), Proto::Tcp);
+        o.count = n;
+        let r = self.run_client(&o)?;
+        anyhow::ensure!(r.is_consistent(), "inconsistent report {r:?}");
+        Ok(r)
+    }
+
+    /// A client loop against `vip:80` for `secs` seconds in the background: a TCP
+    /// connection every 20 ms with a 300 ms timeout, every attempt in the timeline (for
+    /// [`outage_ms`]).
+    pub fn client_loop(&self, vip: IpAddr, secs: u64) -> Result<crate::procs::ClientRun> {
+        let mut o = self.client(SocketAddr::new(vip, 80), Proto::Tcp);
+        o.count = 0;
+        o.duration = Some(Duration::from_secs(secs));
+        o.interval = Duration::from_millis(20);
+        o.timeout = Duration::from_millis(300);
+        o.timeline = true;
+        self.spawn_client(&o)
+    }
+
     /// The log lines of node `i`'s running agent that contain every one of `words`.
     pub fn log_count(&mut self, i: usize, words: &[&str]) -> Result<usize> {
         Ok(self
@@ -483,6 +553,63 @@ impl L2Lab {
             .filter(|l| words.iter().all(|w| l.contains(w)))
             .count())
     }
+}
+
+/// The three Node objects: InternalIPs on the LAN (both families), Ready.
+pub fn node_objects() -> Vec<serde_json::Value> {
+    (0..NODES)
+        .map(|i| {
+            json!({
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": node_name(i), "labels": {"kubernetes.io/hostname": node_name(i)}},
+                "status": {
+                    "addresses": [
+                        {"type": "InternalIP", "address": node_addr(i, false).to_string()},
+                        {"type": "InternalIP", "address": node_addr(i, true).to_string()},
+                    ],
+                    "conditions": [{"type": "Ready", "status": "True"}],
+                },
+            })
+        })
+        .collect()
+}
+
+/// The node that the rendezvous hash picks for `vip` among `among`.
+pub fn hrw(vip: IpAddr, among: &[usize]) -> usize {
+    let names: Vec<String> = among.iter().map(|i| node_name(*i)).collect();
+    let w = svc_lb::announce::choose::winner(vip, names.iter().map(String::as_str));
+    w.and_then(|w| names.iter().position(|n| n == w))
+        .map_or(usize::MAX, |p| among[p])
+}
+
+/// An IPv4 and an IPv6 load-balancer address on the lab's subnet that the same node
+/// wins among all three; returns (v4, v6, that node).
+pub fn vips_won_by_one_node() -> (IpAddr, IpAddr, usize) {
+    let all: Vec<usize> = (0..NODES).collect();
+    let v4 = IpAddr::V4(lan_v4(200));
+    let owner = hrw(v4, &all);
+    let v6 = (0x200..0x300)
+        .map(|h| IpAddr::V6(Ipv6Addr::new(0xfd00, 0x250, 0, 0, 0, 0, 0, h)))
+        .find(|v| hrw(*v, &all) == owner)
+        .unwrap_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED));
+    (v4, v6, owner)
+}
+
+/// The longest time without a successful attempt in a timeline run, from its first
+/// attempt's start to its last attempt's end.
+pub fn outage_ms(r: &ClientReport) -> u64 {
+    let Some(first) = r.timeline.first().map(|e| e.start_unix_us / 1000) else {
+        return u64::MAX;
+    };
+    let end = r.timeline.last().map_or(first, |e| e.unix_ms);
+    let mut last_ok = first;
+    let mut worst = 0;
+    for e in r.timeline.iter().filter(|e| !e.outcome.contains(':')) {
+        worst = worst.max(e.unix_ms.saturating_sub(last_ok));
+        last_ok = e.unix_ms;
+    }
+    worst.max(end.saturating_sub(last_ok))
 }
 
 /// A LoadBalancer Service `name` on port 80 (target [`POD_PORT`]) with the ingress IPs
@@ -495,6 +622,17 @@ pub fn lb_service(
     nodes: &[usize],
     local: bool,
 ) -> String {
+    yaml_docs(&lb_objects(name, cluster, vips, nodes, local))
+}
+
+/// [`lb_service`]'s Service and EndpointSlices as API objects.
+pub fn lb_objects(
+    name: &str,
+    cluster: &[IpAddr],
+    vips: &[IpAddr],
+    nodes: &[usize],
+    local: bool,
+) -> Vec<serde_json::Value> {
     let mut svc = Service::new("default", name, cluster)
         .port("http", 80, TargetPort::Number(POD_PORT), Protocol::Tcp)
         .spec("type", json!("LoadBalancer"))
@@ -525,7 +663,7 @@ pub fn lb_service(
         }
         docs.push(slice.to_value());
     }
-    yaml_docs(&docs)
+    docs
 }
 
 /// Runs `body` in a fresh lab under [`crate::lab::isolated`]; on failure prints every

@@ -2,7 +2,9 @@
 //! external client on one bridged segment (see `tests/src/l2lab.rs`), each node with its
 //! own agent in manifest mode reading the same directory (three Node objects, the
 //! Services). The load-balancer IPs sit on the segment's subnet, so the client resolves
-//! them with ARP and NDP, and the tests count who answers.
+//! them with ARP and NDP, and the tests count who answers. The `kube_mode_` test runs
+//! the same lab in Kubernetes mode: the agents watch the fake API server, which listens
+//! on the segment.
 //!
 //! Run as root, one at a time:
 //! `cargo test --release -p svc-lb-tests --features e2e --test l2 -- --test-threads=1`.
@@ -14,11 +16,14 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Result, ensure};
-use svc_lb::announce::choose::winner;
+use anyhow::{Result, bail, ensure};
+use serde_json::json;
 use svc_lb_tests::{
-    l2lab::{L2Lab, NODES, lb_service, node_name, pod_name, run_l2_lab},
-    report::{ClientReport, Proto},
+    l2lab::{
+        L2Lab, NODES, hrw, lb_objects, lb_service, node_name, outage_ms, pod_name, run_l2_lab,
+        vips_won_by_one_node,
+    },
+    report::Proto,
 };
 
 fn ip(s: &str) -> IpAddr {
@@ -29,65 +34,6 @@ const CLUSTER: [&str; 2] = ["10.96.0.10", "fd00:96::10"];
 
 fn cluster() -> Vec<IpAddr> {
     CLUSTER.iter().map(|s| ip(s)).collect()
-}
-
-/// The node that the rendezvous hash picks for `vip` among `among`.
-fn hrw(vip: IpAddr, among: &[usize]) -> usize {
-    let names: Vec<String> = among.iter().map(|i| node_name(*i)).collect();
-    let w = winner(vip, names.iter().map(String::as_str)).expect("a node");
-    among[names.iter().position(|n| n == w).expect("a known name")]
-}
-
-/// An IPv4 and an IPv6 load-balancer address on the lab's subnet that the same node
-/// wins among all three; returns (v4, v6, that node).
-fn vips_won_by_one_node() -> (IpAddr, IpAddr, usize) {
-    let all: Vec<usize> = (0..NODES).collect();
-    let v4 = ip("10.250.0.200");
-    let owner = hrw(v4, &all);
-    let v6 = (0x200..0x300)
-        .map(|h| ip(&format!("fd00:250::{h:x}")))
-        .find(|v| hrw(*v, &all) == owner)
-        .expect("some IPv6 address goes to the same node");
-    (v4, v6, owner)
-}
-
-/// Probes `vip` `times` times and checks that exactly `node` answers, once each time.
-fn only(lab: &L2Lab, vip: IpAddr, node: usize, times: usize) -> Result<()> {
-    for _ in 0..times {
-        let a = lab.who_answers(vip, Duration::from_millis(300))?;
-        ensure!(
-            a == vec![node],
-            "{vip}: answers from {:?}, want exactly one from {}",
-            a.iter().map(|i| node_name(*i)).collect::<Vec<_>>(),
-            node_name(node)
-        );
-    }
-    Ok(())
-}
-
-/// `n` TCP connections from the client to `vip:80`.
-fn connect(lab: &L2Lab, vip: IpAddr, n: u64) -> Result<ClientReport> {
-    let mut o = lab.client(SocketAddr::new(vip, 80), Proto::Tcp);
-    o.count = n;
-    let r = lab.run_client(&o)?;
-    ensure!(r.is_consistent(), "inconsistent report {r:?}");
-    Ok(r)
-}
-
-/// The longest time without a successful attempt in a timeline run, from its first
-/// attempt's start to its last attempt's end.
-fn outage_ms(r: &ClientReport) -> u64 {
-    let Some(first) = r.timeline.first().map(|e| e.start_unix_us / 1000) else {
-        return u64::MAX;
-    };
-    let end = r.timeline.last().map_or(first, |e| e.unix_ms);
-    let mut last_ok = first;
-    let mut worst = 0;
-    for e in r.timeline.iter().filter(|e| !e.outcome.contains(':')) {
-        worst = worst.max(e.unix_ms.saturating_sub(last_ok));
-        last_ok = e.unix_ms;
-    }
-    worst.max(end.saturating_sub(last_ok))
 }
 
 #[test]
@@ -108,7 +54,7 @@ fn arp_and_ndp_are_answered_by_exactly_one_node_and_connections_succeed() {
                 node_name(n),
                 node_name(owner)
             );
-            only(lab, vip, owner, 5)?;
+            lab.only(vip, owner, 5)?;
         }
         // An address of no Service gets no answer.
         ensure!(
@@ -116,7 +62,7 @@ fn arp_and_ndp_are_answered_by_exactly_one_node_and_connections_succeed() {
                 .is_empty()
         );
         for vip in [v4, v6] {
-            let r = connect(lab, vip, 60)?;
+            let r = lab.connect(vip, 60)?;
             eprintln!("{}", r.summary());
             ensure!(r.ok == 60 && r.failed == 0, "{}", r.summary());
             let pods: Vec<String> = (0..NODES).map(pod_name).collect();
@@ -379,8 +325,8 @@ fn local_policy_is_announced_only_by_the_node_with_the_endpoint() {
         for vip in [v4, v6] {
             let n = lab.wait_one_answer(vip, Duration::from_secs(10))?;
             ensure!(n == with_endpoint, "{vip} answered by {}", node_name(n));
-            only(lab, vip, with_endpoint, 5)?;
-            let r = connect(lab, vip, 30)?;
+            lab.only(vip, with_endpoint, 5)?;
+            let r = lab.connect(vip, 30)?;
             eprintln!("{}", r.summary());
             ensure!(
                 r.ok == 30 && r.count(&pod_name(with_endpoint)) == 30,
@@ -407,15 +353,6 @@ fn failover_within_two_seconds_and_one_move_back() {
             ensure!(lab.wait_one_answer(vip, Duration::from_secs(10))? == owner);
         }
         let heir = |vip: IpAddr| hrw(vip, &others);
-        let loop_for = |lab: &L2Lab, vip: IpAddr| {
-            let mut o = lab.client(SocketAddr::new(vip, 80), Proto::Tcp);
-            o.count = 0;
-            o.duration = Some(Duration::from_secs(7));
-            o.interval = Duration::from_millis(20);
-            o.timeout = Duration::from_millis(300);
-            o.timeline = true;
-            lab.spawn_client(&o)
-        };
 
         // Agents start one after the other, so the first one announced alone for a
         // while: count moves from here on.
@@ -432,7 +369,7 @@ fn failover_within_two_seconds_and_one_move_back() {
         }
 
         // The owner dies.
-        let runs = [loop_for(lab, v4)?, loop_for(lab, v6)?];
+        let runs = [lab.client_loop(v4, 7)?, lab.client_loop(v6, 7)?];
         std::thread::sleep(Duration::from_secs(2));
         lab.kill_node(owner)?;
         let mut outages = BTreeMap::new();
@@ -455,11 +392,11 @@ fn failover_within_two_seconds_and_one_move_back() {
             );
         }
         for vip in [v4, v6] {
-            only(lab, vip, heir(vip), 3)?;
+            lab.only(vip, heir(vip), 3)?;
         }
 
         // It comes back: one move back to it (the hash prefers it), no outage, no flap.
-        let runs = [loop_for(lab, v4)?, loop_for(lab, v6)?];
+        let runs = [lab.client_loop(v4, 7)?, lab.client_loop(v6, 7)?];
         std::thread::sleep(Duration::from_secs(1));
         lab.revive_node(owner)?;
         for (vip, run) in [v4, v6].into_iter().zip(runs) {
@@ -473,7 +410,7 @@ fn failover_within_two_seconds_and_one_move_back() {
             );
         }
         for vip in [v4, v6] {
-            only(lab, vip, owner, 3)?;
+            lab.only(vip, owner, 3)?;
         }
         for vip in [v4, v6] {
             let h = heir(vip);
@@ -490,6 +427,297 @@ fn failover_within_two_seconds_and_one_move_back() {
             );
         }
         eprintln!("outages: {outages:?}");
+        Ok(())
+    });
+}
+
+/// The IPs of Service `name`'s `status.loadBalancer.ingress` in the fake API server.
+fn ingress(lab: &L2Lab, name: &str) -> Result<Vec<IpAddr>> {
+    let svc = lab.api()?.get("Service", "default", name);
+    Ok(svc
+        .and_then(|s| {
+            s["status"]["loadBalancer"]["ingress"].as_array().map(|a| {
+                a.iter()
+                    .filter_map(|i| i["ip"].as_str().and_then(|s| s.parse().ok()))
+                    .collect()
+            })
+        })
+        .unwrap_or_default())
+}
+
+/// Waits until Service `name`'s status lists exactly `want` (in any order).
+fn wait_ingress(lab: &L2Lab, name: &str, want: &[IpAddr]) -> Result<()> {
+    let start = std::time::Instant::now();
+    let want: std::collections::BTreeSet<IpAddr> = want.iter().copied().collect();
+    loop {
+        let got = ingress(lab, name)?;
+        if got.len() == want.len() && got.iter().all(|g| want.contains(g)) {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(15) {
+            bail!("{name}: status.loadBalancer.ingress is {got:?}, want {want:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+const WROTE: &str = "LB-IPAM: wrote status.loadBalancer.ingress";
+const PENDING: &str = "load-balancer address pending";
+const SHARE: &str = "metallb.universe.tf/allow-shared-ip";
+
+/// Kubernetes mode end to end: the three agents run with `--kubeconfig` against the
+/// fake API server (on the segment), and every object is an API object: the Nodes, a
+/// MetalLB IPAddressPool with an L2Advertisement, the Services and EndpointSlices. The
+/// elected agent writes the pool's addresses into the statuses (once each: a requested
+/// address first, then the lowest free ones in name order, one address shared by two
+/// Services with one allow-shared-ip key; the exhausted pool's last Service stays
+/// pending, warned about by the leader only; the operator's view agrees); exactly
+/// one node answers ARP and NDP for each address, the hash's choice (for the `Local`
+/// Service: the node with its endpoint); connections over both families land on the
+/// backends; the announcing node dies and the client's connections succeed through
+/// another node within 2 s, with no API write.
+#[test]
+fn kube_mode_pool_addresses_are_written_announced_by_one_node_and_fail_over() {
+    run_l2_lab(env!("CARGO_BIN_EXE_svclb-harness"), |lab| {
+        let (v4, v6, owner) = vips_won_by_one_node();
+        let all: Vec<usize> = (0..NODES).collect();
+        // Backends only on the survivors: the outage measured is the announcement's.
+        let others: Vec<usize> = all.iter().copied().filter(|i| *i != owner).collect();
+        // The pool's second IPv4 address goes to the `Local` Service (name order);
+        // its endpoint is on a node the hash would not pick among all three.
+        let v4_local = ip("10.250.0.201");
+        let with_endpoint = (hrw(v4_local, &all) + 1) % NODES;
+        // `req` asks for the pool's last address, which name order alone would give
+        // `sh-a`; `sh-a` (port 80) and `sh-b` (port 81) share the next free one.
+        let (v4_req, v4_shared) = (ip("10.250.0.203"), ip("10.250.0.202"));
+        let api = lab.use_kube_api()?;
+        api.apply(json!({
+            "apiVersion": "metallb.io/v1beta1",
+            "kind": "IPAddressPool",
+            "metadata": {"name": "lan", "namespace": "metallb-system"},
+            "spec": {"addresses": [format!("{v4}-{v4_req}"), format!("{v6}/128")]},
+        }))?;
+        api.apply(json!({
+            "apiVersion": "metallb.io/v1beta1",
+            "kind": "L2Advertisement",
+            "metadata": {"name": "lan", "namespace": "metallb-system"},
+            "spec": {"ipAddressPools": ["lan"]},
+        }))?;
+        let annotated = |name: &str, cluster: &str, key: &str, value: &str, port: u16| {
+            let mut o = lb_objects(name, &[ip(cluster)], &[], &others, false);
+            o[0]["metadata"]["annotations"] = json!({ key: value });
+            o[0]["spec"]["ports"][0]["port"] = json!(port);
+            o
+        };
+        let services = [
+            lb_objects("lb", &cluster(), &[], &others, false),
+            lb_objects("local", &[ip("10.96.0.11")], &[], &[with_endpoint], true),
+            annotated(
+                "req",
+                "10.96.0.13",
+                "metallb.universe.tf/loadBalancerIPs",
+                &v4_req.to_string(),
+                80,
+            ),
+            annotated("sh-a", "10.96.0.14", SHARE, "k", 80),
+            annotated("sh-b", "10.96.0.15", SHARE, "k", 81),
+            // Nothing left in the pool for it.
+            lb_objects("zz-pending", &[ip("10.96.0.12")], &[], &others, false),
+        ];
+        for o in services.into_iter().flatten() {
+            api.apply(o)?;
+        }
+        // node-1 starts first and takes the Lease.
+        lab.start_all()?;
+        wait_ingress(lab, "lb", &[v4, v6])?;
+        wait_ingress(lab, "local", &[v4_local])?;
+        wait_ingress(lab, "req", &[v4_req])?;
+        wait_ingress(lab, "sh-a", &[v4_shared])?;
+        wait_ingress(lab, "sh-b", &[v4_shared])?;
+
+        for vip in [v4, v6] {
+            let n = lab.wait_one_answer(vip, Duration::from_secs(10))?;
+            ensure!(
+                n == owner,
+                "{vip} answered by {}, the hash says {}",
+                node_name(n),
+                node_name(owner)
+            );
+            lab.only(vip, owner, 3)?;
+            let r = lab.connect(vip, 40)?;
+            eprintln!("{vip}: {}", r.summary());
+            let want: Vec<String> = others.iter().map(|i| pod_name(*i)).collect();
+            ensure!(
+                r.ok == 40
+                    && r.failed == 0
+                    && want.iter().all(|p| r.count(p) > 0)
+                    && want.iter().map(|p| r.count(p)).sum::<u64>() == 40,
+                "{vip}: {}",
+                r.summary()
+            );
+        }
+        let n = lab.wait_one_answer(v4_local, Duration::from_secs(10))?;
+        ensure!(
+            n == with_endpoint,
+            "{v4_local} (Local) answered by {}",
+            node_name(n)
+        );
+        lab.only(v4_local, with_endpoint, 3)?;
+        let r = lab.connect(v4_local, 20)?;
+        ensure!(
+            r.ok == 20 && r.count(&pod_name(with_endpoint)) == 20,
+            "{v4_local}: {}",
+            r.summary()
+        );
+        // The requested and the shared address: one answer each, and both ports of the
+        // shared one serve.
+        for (vip, port) in [(v4_req, 80), (v4_shared, 80), (v4_shared, 81)] {
+            let n = lab.wait_one_answer(vip, Duration::from_secs(10))?;
+            ensure!(n == hrw(vip, &all), "{vip} answered by {}", node_name(n));
+            let mut o = lab.client(SocketAddr::new(vip, port), Proto::Tcp);
+            o.count = 20;
+            let r = lab.run_client(&o)?;
+            ensure!(
+                r.ok == 20 && others.iter().map(|i| r.count(&pod_name(*i))).sum::<u64>() == 20,
+                "{vip}:{port}: {}",
+                r.summary()
+            );
+        }
+
+        // One writer, one write per Service; the pending one is the leader's to warn
+        // about (the others log it at debug).
+        let lease = lab.api()?.get("Lease", "default", "svc-lb-lbipam");
+        let holder = lease
+            .as_ref()
+            .and_then(|l| l["spec"]["holderIdentity"].as_str())
+            .unwrap_or_default()
+            .to_owned();
+        ensure!(holder == node_name(0), "Lease holder {holder:?}");
+        ensure!(ingress(lab, "zz-pending")?.is_empty());
+        for i in 0..NODES {
+            let (wrote, pending) = (
+                lab.log_count(i, &[WROTE])?,
+                lab.log_count(i, &[PENDING, "zz-pending", "WARN"])?,
+            );
+            let want_wrote = if i == 0 { 5 } else { 0 };
+            ensure!(
+                wrote == want_wrote && (pending > 0) == (i == 0),
+                "{}: {wrote} status writes, {pending} pending warnings",
+                node_name(i)
+            );
+        }
+        let patches = lab.api()?.counters().status_patches_total();
+        ensure!(patches == 5, "{patches} status patches");
+
+        // The operator's view on every node: the pool full, one Service pending, the
+        // leader flag on node-1 only; `svc-lb list` names each address's pool and
+        // announcer.
+        for i in 0..NODES {
+            let m = lab.metrics(i)?;
+            let get = |k: &str| m.get(k).copied().unwrap_or(-1.0);
+            let leader = if i == 0 { 1.0 } else { 0.0 };
+            // Four IPv4 addresses and one IPv6, the shared one counted once.
+            let seen = [
+                get("svclb_lb_pool_addresses{pool=\"lan\",state=\"used\"}"),
+                get("svclb_lb_pool_addresses{pool=\"lan\",state=\"free\"}"),
+                get("svclb_lb_pending_services"),
+                get("svclb_lb_ipam_leader"),
+            ];
+            ensure!(
+                seen == [5.0, 0.0, 1.0, leader],
+                "{}: used, free, pending, leader = {seen:?}",
+                node_name(i)
+            );
+            if i == owner {
+                // It took both over (gratuitous ARP, unsolicited NA) and answered the
+                // probes above.
+                let said = [
+                    get("svclb_l2_gratuitous_total{family=\"ipv4\"}"),
+                    get("svclb_l2_gratuitous_total{family=\"ipv6\"}"),
+                    get("svclb_l2_replies_total{proto=\"arp\"}"),
+                    get("svclb_l2_replies_total{proto=\"ndp\"}"),
+                ];
+                ensure!(
+                    said.iter().all(|n| *n >= 1.0),
+                    "{}: gratuitous v4, v6, replies arp, ndp = {said:?}",
+                    node_name(i)
+                );
+            }
+            let o = lab.svc_lb_on(i, &["list", "-o", "json"])?;
+            ensure!(o.status.success(), "svc-lb list: {}", text(&o));
+            let entries: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout)?;
+            for (vip, by) in [
+                (v4, owner),
+                (v6, owner),
+                (v4_local, with_endpoint),
+                (v4_shared, hrw(v4_shared, &all)),
+            ] {
+                let lb: Vec<&serde_json::Value> = entries
+                    .iter()
+                    .filter(|e| {
+                        e["address"] == vip.to_string().as_str() && e["kind"] == "LoadBalancer"
+                    })
+                    .collect();
+                ensure!(
+                    !lb.is_empty()
+                        && lb
+                            .iter()
+                            .all(|e| e["pool"] == "lan"
+                                && e["announced_by"] == node_name(by).as_str()),
+                    "svc-lb list on {}: {vip} entries {lb:?}",
+                    node_name(i)
+                );
+            }
+        }
+        let status = text(&lab.svc_lb_on(0, &["status"])?);
+        ensure!(
+            status.contains("LoadBalancer address pools")
+                && status.contains("default/zz-pending: "),
+            "svc-lb status on node-1:\n{status}"
+        );
+
+        // The owner dies. Each heir announces its address at once (three gratuitous
+        // ARPs or unsolicited NAs per takeover).
+        let gratuitous = |lab: &L2Lab, vip: IpAddr| -> Result<f64> {
+            let fam = if vip.is_ipv6() { "ipv6" } else { "ipv4" };
+            let k = format!("svclb_l2_gratuitous_total{{family=\"{fam}\"}}");
+            Ok(lab
+                .metrics(hrw(vip, &others))?
+                .get(&k)
+                .copied()
+                .unwrap_or(0.0))
+        };
+        let sent_before = [gratuitous(lab, v4)?, gratuitous(lab, v6)?];
+        let runs = [lab.client_loop(v4, 7)?, lab.client_loop(v6, 7)?];
+        std::thread::sleep(Duration::from_secs(2));
+        lab.kill_node(owner)?;
+        for (vip, run) in [v4, v6].into_iter().zip(runs) {
+            let r = run.wait()?;
+            let out = outage_ms(&r);
+            eprintln!("owner died: {vip}: {} ; outage {out} ms", r.summary());
+            ensure!(
+                r.failed > 0,
+                "{vip}: no failure at all: the client did not go through {}",
+                node_name(owner)
+            );
+            ensure!(
+                out <= 2000,
+                "{vip}: {out} ms without a connection after {} died",
+                node_name(owner)
+            );
+            lab.only(vip, hrw(vip, &others), 3)?;
+        }
+        for (vip, before) in [v4, v6].into_iter().zip(sent_before) {
+            let after = gratuitous(lab, vip)?;
+            ensure!(
+                after >= before + 3.0,
+                "{vip}: the heir sent {} gratuitous announcements",
+                after - before
+            );
+        }
+        // The move cost no API write: the statuses still say the same.
+        ensure!(lab.api()?.counters().status_patches_total() == patches);
+        wait_ingress(lab, "lb", &[v4, v6])?;
         Ok(())
     });
 }

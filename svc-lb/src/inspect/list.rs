@@ -275,15 +275,17 @@ pub fn set_pools(entries: &mut [ListEntry], lb: &crate::status::LbStatus) {
     }
 }
 
-/// Names the node that announces each load-balancer address (`--l2-announce`).
+/// Names the node that announces each load-balancer address (`--l2-announce`). One
+/// node answers for an address whichever Service it serves: Services sharing it
+/// (allow-shared-ip) are listed under the first one, and every one gets the node.
 pub fn set_announcers(entries: &mut [ListEntry], announcers: &[crate::status::L2Announcer]) {
     for e in entries.iter_mut() {
-        let Some(svc) = e.service_ref().map(|s| s.to_string()) else {
+        if e.service_ref().is_none() {
             continue;
-        };
+        }
         e.announced_by = announcers
             .iter()
-            .find(|a| a.service == svc && a.ip == e.address)
+            .find(|a| a.ip == e.address)
             .map(|a| a.node.clone());
     }
 }
