@@ -350,6 +350,31 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             "--socket-lb-scope host without --pod-devices: pods' connections to Services are not translated at all"
         );
     }
+    // The source starts before the programs load: its first scan (a blocking task)
+    // then runs while the kernel verifies them, and the first sync finds it done or
+    // nearly. Its snapshots wait in the feed until the loop below takes them.
+    let (tx, mut rx) = source::feed();
+    let mut watcher = match (&cfg.manifests, kube_client.clone()) {
+        (Some(dir), _) => tokio::spawn(manifests::watch(
+            dir.clone(),
+            manifests::Limits {
+                max_file_bytes: cfg.max_manifest_bytes,
+            },
+            tx,
+        )),
+        (None, Some(client)) => {
+            let opts = source::kube::Options {
+                node_name: cfg.node.name.clone(),
+                all_nodes: cfg.l2.is_some(),
+            };
+            tokio::spawn(source::kube::watch(client, opts, tx))
+        }
+        (None, None) => {
+            anyhow::bail!("no source: neither a manifest directory nor a Kubernetes client")
+        }
+    };
+    // A single-threaded runtime: let the source reach its scan before the load blocks.
+    tokio::task::yield_now().await;
     // What this kernel offers decides the fallbacks; a kernel the socket path cannot
     // run on stops the agent here with the missing features named.
     let probe = crate::datapath::probe::Probe::run(
@@ -422,7 +447,6 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .clone()
         .map(crate::announce::run::spawn)
         .transpose()?;
-    let (tx, mut rx) = source::feed();
     // Kubernetes mode: one agent, elected by a Lease, writes the LoadBalancer statuses.
     let lb_writer = kube_client.as_ref().map(|c| {
         let identity = cfg
@@ -434,25 +458,6 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     });
     // The snapshot of the last sync, synced again after a failure.
     let mut snap = Snapshot::default();
-    let mut watcher = match (&cfg.manifests, kube_client) {
-        (Some(dir), _) => tokio::spawn(manifests::watch(
-            dir.clone(),
-            manifests::Limits {
-                max_file_bytes: cfg.max_manifest_bytes,
-            },
-            tx,
-        )),
-        (None, Some(client)) => {
-            let opts = source::kube::Options {
-                node_name: cfg.node.name.clone(),
-                all_nodes: cfg.l2.is_some(),
-            };
-            tokio::spawn(source::kube::watch(client, opts, tx))
-        }
-        (None, None) => {
-            anyhow::bail!("no source: neither a manifest directory nor a Kubernetes client")
-        }
-    };
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let mut reported = Reported::default();

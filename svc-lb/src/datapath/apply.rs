@@ -36,18 +36,25 @@ pub fn apply_plan(
     plan: &Plan,
 ) -> Result<usize> {
     let total = plan.ops.len();
-    let (applied, result) = store.apply_all(&plan.ops);
-    let applied = applied.min(total);
     // The first apply (a full sync, often of everything) builds the planner's index
     // once, over the state it leaves: one pass instead of accounting each op. From then
     // on every op keeps it up to date.
     let first = current.index().is_none();
-    for op in &plan.ops[..applied] {
-        current.apply(op);
-    }
-    if first {
-        current.build_index();
-    }
+    let (applied, result) = if first && total >= OVERLAP_MIN_OPS {
+        apply_overlapped(store, current, &plan.ops)
+    } else {
+        let (applied, result) = store.apply_all(&plan.ops);
+        let applied = applied.min(total);
+        if first {
+            current.apply_bulk(&plan.ops[..applied]);
+            current.build_index();
+        } else {
+            for op in &plan.ops[..applied] {
+                current.apply(op);
+            }
+        }
+        (applied, result)
+    };
     if let Err(e) = result {
         let op = plan.ops.get(applied).cloned();
         return Err(match op {
@@ -61,6 +68,44 @@ pub fn apply_plan(
         });
     }
     Ok(total)
+}
+
+/// Below this many ops a second thread costs more than it hides.
+const OVERLAP_MIN_OPS: usize = 4096;
+
+/// [`apply_plan`]'s first large apply (a full sync into an empty datapath): the mirror
+/// and the planner's index are built on a second thread from a copy of `current` while
+/// this one waits for the kernel's inserts, which take longer. Should the store stop
+/// at op `k`, the copy, which has every op, is dropped and `current` takes ops `..k`,
+/// as without the overlap. Returns what [`MapStore::apply_all`] does, bounded.
+fn apply_overlapped(
+    store: &mut dyn MapStore,
+    current: &mut CurrentState,
+    ops: &[Op],
+) -> (usize, Result<()>) {
+    let before: &CurrentState = current;
+    let (mirrored, (applied, result)) = std::thread::scope(|s| {
+        let mirror = s.spawn(move || {
+            let mut next = before.clone();
+            next.apply_bulk(ops);
+            next.build_index();
+            next
+        });
+        let written = store.apply_all(ops);
+        let mirrored = match mirror.join() {
+            Ok(next) => next,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
+        (mirrored, written)
+    });
+    let applied = applied.min(ops.len());
+    if applied == ops.len() {
+        *current = mirrored;
+    } else {
+        current.apply_bulk(&ops[..applied]);
+        current.build_index();
+    }
+    (applied, result)
 }
 
 #[cfg(test)]
@@ -90,7 +135,7 @@ mod tests {
         }];
         for i in 1..=n {
             let addr = BackendAddr {
-                addr: format!("10.0.0.{i}").parse().unwrap(),
+                addr: std::net::Ipv4Addr::from(0x0a00_0000 + u32::from(i)).into(),
                 port: 80,
                 proto: PROTO_TCP,
             };
@@ -167,5 +212,153 @@ mod tests {
         assert_eq!(fake.applied(), 6);
         assert_eq!(current, fake.read_current().unwrap());
         assert_eq!(current.frontends[&fe()].stale_slots, vec![1, 2]);
+    }
+
+    /// A plan large enough for [`apply_overlapped`]: one frontend with `n` backends.
+    fn large(n: u16) -> Plan {
+        let plan = Plan {
+            ops: ops(n),
+            rejected: vec![],
+        };
+        assert!(plan.ops.len() >= OVERLAP_MIN_OPS);
+        plan
+    }
+
+    /// `current` with `ops` applied one at a time and its index built: what the
+    /// sequential path leaves.
+    fn sequential(ops: &[Op]) -> CurrentState {
+        let mut current = CurrentState::default();
+        for op in ops {
+            current.apply(op);
+        }
+        current.build_index();
+        current
+    }
+
+    #[test]
+    fn an_overlapped_apply_mirrors_like_the_sequential_one() {
+        let mut fake = FakeMaps::with_default_capacity();
+        let mut current = CurrentState::default();
+        let plan = large(3000);
+        assert_eq!(
+            apply_plan(&mut fake, &mut current, &plan).unwrap(),
+            plan.ops.len()
+        );
+        assert_eq!(current, fake.read_current().unwrap());
+        assert_eq!(current, sequential(&plan.ops));
+        assert_eq!(
+            format!("{:?}", current.slots_above_count),
+            format!("{:?}", sequential(&plan.ops).slots_above_count)
+        );
+        assert_eq!(
+            format!("{:?}", current.index().unwrap()),
+            format!("{:?}", sequential(&plan.ops).index().unwrap())
+        );
+        assert_eq!(current.frontends[&fe()].backend_ids.len(), 3000);
+    }
+
+    #[test]
+    fn an_overlapped_apply_that_stops_mirrors_only_what_was_written() {
+        // Room for 2000 slots of the 3000: the apply stops at slot 2001, after the
+        // mirror thread has seen every op.
+        let cap = Capacity {
+            svc4_entries: 2000,
+            svc6_entries: 0,
+            backends: 4000,
+            rev_nats: 8,
+            maglev_tables: 0,
+            src_ranges4: 0,
+            src_ranges6: 0,
+        };
+        let mut fake = FakeMaps::new(cap);
+        let mut current = CurrentState::default();
+        let plan = large(3000);
+        let err = apply_plan(&mut fake, &mut current, &plan).unwrap_err();
+        let failed = err.downcast_ref::<OpFailed>().unwrap();
+        assert_eq!(failed.index, fake.applied());
+        assert!(matches!(failed.op, Op::UpsertSlot { slot: 2001, .. }));
+        assert_eq!(current, fake.read_current().unwrap());
+        let seq = sequential(&plan.ops[..failed.index]);
+        assert_eq!(current, seq);
+        assert_eq!(
+            format!("{:?}", current.slots_above_count),
+            format!("{:?}", seq.slots_above_count)
+        );
+        assert_eq!(
+            format!("{:?}", current.index().unwrap()),
+            format!("{:?}", seq.index().unwrap())
+        );
+        // The slots sit above a missing master; the mirror still knows their ids.
+        assert_eq!(current.frontends[&fe()].stale_slots.len(), 2000);
+    }
+
+    #[test]
+    fn the_bulk_mirror_equals_mirroring_op_by_op() {
+        let other = FrontendKey { port: 81, ..fe() };
+        let third = FrontendKey { port: 82, ..fe() };
+        let slot = |frontend: FrontendKey, slot: u16, backend_id: u32| Op::UpsertSlot {
+            frontend,
+            slot,
+            backend_id,
+        };
+        let master = |frontend: FrontendKey, count: u32| Op::UpsertMaster {
+            frontend,
+            count,
+            rev_nat_id: 1,
+            flags: 0,
+            affinity_timeout_s: 0,
+        };
+        let cases: Vec<Vec<Op>> = vec![
+            // A new frontend; one with a slot above its count; a slot written twice.
+            vec![slot(fe(), 1, 5), slot(fe(), 2, 6), master(fe(), 2)],
+            vec![slot(fe(), 1, 5), slot(fe(), 3, 7), master(fe(), 1)],
+            vec![
+                slot(fe(), 2, 5),
+                slot(fe(), 2, 9),
+                slot(fe(), 1, 4),
+                master(fe(), 2),
+            ],
+            // Runs broken by another frontend, by slot 0, by a missing master.
+            vec![
+                slot(fe(), 1, 5),
+                slot(other, 1, 6),
+                master(fe(), 1),
+                master(other, 1),
+            ],
+            vec![slot(fe(), 1, 5), slot(fe(), 0, 6), master(fe(), 1)],
+            vec![slot(fe(), 1, 5), slot(fe(), 2, 6)],
+            // A frontend the mirror holds, grown; one deleted and written again.
+            vec![
+                slot(fe(), 1, 5),
+                master(fe(), 1),
+                slot(fe(), 2, 6),
+                master(fe(), 2),
+                Op::DeleteMaster { frontend: fe() },
+                Op::DeleteSlot {
+                    frontend: fe(),
+                    slot: 2,
+                },
+                slot(third, 1, 8),
+                master(third, 1),
+            ],
+            vec![master(fe(), 0), slot(other, 4, 2), master(other, 3)],
+        ];
+        for ops in cases {
+            let one_by_one = sequential(&ops);
+            let mut bulk = CurrentState::default();
+            bulk.apply_bulk(&ops);
+            bulk.build_index();
+            assert_eq!(bulk, one_by_one, "{ops:?}");
+            assert_eq!(
+                format!("{:?}", bulk.slots_above_count),
+                format!("{:?}", one_by_one.slots_above_count),
+                "{ops:?}"
+            );
+            assert_eq!(
+                format!("{:?}", bulk.index().unwrap()),
+                format!("{:?}", one_by_one.index().unwrap()),
+                "{ops:?}"
+            );
+        }
     }
 }

@@ -520,6 +520,43 @@ fn undecodable_addr(id: u32) -> IpAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::datapath::MapStore as _;
+
+    /// The one frontend-key builder of these tests.
+    fn fe(addr: &str, port: u16, proto: u8, scope: u8) -> FrontendKey {
+        FrontendKey {
+            addr: addr.parse().unwrap(),
+            port,
+            proto,
+            scope,
+        }
+    }
+
+    /// A ClusterIP frontend of `default/a` at `key` with these backends: the one
+    /// desired-frontend builder; tests override the fields they are about.
+    fn desired(key: FrontendKey, backends: &[BackendEntry]) -> DesiredFrontend {
+        DesiredFrontend {
+            key,
+            service: ServiceRef {
+                namespace: "default".into(),
+                name: "a".into(),
+            },
+            port_name: String::new(),
+            backends: backends
+                .iter()
+                .map(|b| crate::model::DesiredBackend {
+                    addr: b.addr,
+                    state: b.state,
+                    local: b.local,
+                })
+                .collect(),
+            affinity_timeout_s: None,
+            kind: svc_lb_common::KIND_CLUSTER_IP,
+            meta_flags: 0,
+            flags: 0,
+            src_ranges: Vec::new(),
+        }
+    }
 
     #[test]
     fn metadata_shortcut_equals_the_read_back() {
@@ -533,23 +570,13 @@ mod tests {
         ];
         for (namespace, name, port_name) in cases {
             let d = DesiredFrontend {
-                key: FrontendKey {
-                    addr: "10.96.0.1".parse().unwrap(),
-                    port: 80,
-                    proto: 6,
-                    scope: svc_lb_common::SCOPE_ALL,
-                },
-                service: crate::model::ServiceRef {
+                service: ServiceRef {
                     namespace: namespace.into(),
                     name: name.into(),
                 },
                 port_name: port_name.into(),
-                backends: Vec::new(),
-                affinity_timeout_s: None,
-                kind: svc_lb_common::KIND_CLUSTER_IP,
                 meta_flags: 1,
-                flags: 0,
-                src_ranges: Vec::new(),
+                ..desired(fe("10.96.0.1", 80, 6, svc_lb_common::SCOPE_ALL), &[])
             };
             let full = FrontendMeta {
                 service: d.service.clone(),
@@ -583,12 +610,7 @@ mod tests {
     #[test]
     fn an_undecodable_entry_is_removed_and_rewritten_by_the_next_plan() {
         use crate::plan::{Op, plan};
-        let fe = FrontendKey {
-            addr: "10.96.0.10".parse().unwrap(),
-            port: 80,
-            proto: 6,
-            scope: svc_lb_common::SCOPE_ALL,
-        };
+        let fe = fe("10.96.0.10", 80, 6, svc_lb_common::SCOPE_ALL);
         let good = BackendEntry {
             addr: BackendAddr {
                 addr: "10.0.0.1".parse().unwrap(),
@@ -623,37 +645,11 @@ mod tests {
         assert_eq!(current.backends.len(), 1);
         assert_eq!(current.rev_nats.len(), 1);
 
-        let desired_fe = DesiredFrontend {
-            key: fe,
-            service: ServiceRef {
-                namespace: "default".into(),
-                name: "a".into(),
-            },
-            port_name: String::new(),
-            backends: vec![crate::model::DesiredBackend {
-                addr: good.addr,
-                state: good.state,
-                local: false,
-            }],
-            affinity_timeout_s: None,
-            kind: svc_lb_common::KIND_CLUSTER_IP,
-            meta_flags: 0,
-            flags: 0,
-            src_ranges: Vec::new(),
-        };
         let desired = crate::model::DesiredState {
-            frontends: [(fe, desired_fe)].into_iter().collect(),
+            frontends: [(fe, desired(fe, &[good]))].into_iter().collect(),
             ..Default::default()
         };
-        let cap = crate::plan::Capacity {
-            svc4_entries: 1 << 16,
-            svc6_entries: 1 << 16,
-            backends: 1 << 16,
-            rev_nats: 1 << 16,
-            maglev_tables: 1 << 16,
-            src_ranges4: 1 << 16,
-            src_ranges6: 1 << 16,
-        };
+        let cap = crate::datapath::fake::FakeMaps::with_default_capacity().capacity();
         let p = plan(&current, &desired, &cap);
         let upserted = p
             .ops
@@ -683,12 +679,7 @@ mod tests {
 
     #[test]
     fn v4_key_uses_kernel_byte_order() {
-        let fe = FrontendKey {
-            addr: "10.96.0.10".parse().unwrap(),
-            port: 53,
-            proto: 17,
-            scope: 0,
-        };
+        let fe = fe("10.96.0.10", 53, 17, 0);
         let SvcKey::V4(k) = svc_key(&fe, 0) else {
             panic!("v4 expected")
         };
@@ -700,12 +691,7 @@ mod tests {
 
     #[test]
     fn v6_round_trip() {
-        let fe = FrontendKey {
-            addr: "fd00::1:2".parse().unwrap(),
-            port: 8080,
-            proto: 6,
-            scope: 0,
-        };
+        let fe = fe("fd00::1:2", 8080, 6, 0);
         let key = svc_key(&fe, 3);
         assert_eq!(frontend_of(&key), (fe, 3));
         let b = BackendEntry {
@@ -727,12 +713,7 @@ mod tests {
 
     #[test]
     fn decode_reports_stale_slots_and_marks_holes() {
-        let fe = FrontendKey {
-            addr: "10.0.0.1".parse().unwrap(),
-            port: 80,
-            proto: 6,
-            scope: 0,
-        };
+        let fe = fe("10.0.0.1", 80, 6, 0);
         let svc = vec![
             (svc_key(&fe, 0), master_value(2, 7, 0, 0)),
             (svc_key(&fe, 1), slot_value(11)),
@@ -757,18 +738,10 @@ mod tests {
 
     #[test]
     fn a_master_count_beyond_any_slot_is_bounded() {
-        use crate::{
-            datapath::MapStore as _,
-            plan::{Op, plan},
-        };
+        use crate::plan::{Op, plan};
         // A corrupt or foreign master (found by the codec fuzz target): its count alone
         // must not size the slot list (16 GiB here); slots are u16, so no more exist.
-        let fe = FrontendKey {
-            addr: "10.96.0.1".parse().unwrap(),
-            port: 80,
-            proto: 6,
-            scope: svc_lb_common::SCOPE_ALL,
-        };
+        let fe = fe("10.96.0.1", 80, 6, svc_lb_common::SCOPE_ALL);
         let svc = [
             (svc_key(&fe, 0), master_value(u32::MAX, 1, 0, 0)),
             (svc_key(&fe, 1), slot_value(7)),

@@ -92,6 +92,72 @@ impl CurrentState {
         self.index_cache.0 = index;
     }
 
+    /// [`Self::apply`] of each op of `ops` in order, on a state without an index (the
+    /// first apply after start-up, which builds the index afterwards). The slots a plan
+    /// writes for a frontend the mirror does not hold, followed by that frontend's
+    /// master, are mirrored in one step instead of each slot passing through the ledger
+    /// of slots above the count: the same state, with a fraction of the tree searches.
+    pub fn apply_bulk(&mut self, ops: &[Op]) {
+        if self.index_cache.0.is_some() {
+            for op in ops {
+                self.apply(op);
+            }
+            return;
+        }
+        let mut at = 0;
+        while at < ops.len() {
+            at += self.new_frontend(&ops[at..]).unwrap_or_else(|| {
+                self.apply_to_maps(&ops[at]);
+                1
+            });
+        }
+    }
+
+    /// Mirrors the run that `ops` starts with, if it is slots of one frontend the
+    /// mirror does not hold followed by its master; returns the run's length.
+    fn new_frontend(&mut self, ops: &[Op]) -> Option<usize> {
+        let Some(Op::UpsertSlot { frontend, .. }) = ops.first() else {
+            return None;
+        };
+        if self.frontends.contains_key(frontend) {
+            return None;
+        }
+        let mut slots: Vec<(u16, u32)> = Vec::new();
+        for (n, op) in ops.iter().enumerate() {
+            match op {
+                Op::UpsertSlot {
+                    frontend: f,
+                    slot,
+                    backend_id,
+                } if f == frontend && *slot != 0 => slots.push((*slot, *backend_id)),
+                Op::UpsertMaster {
+                    frontend: f,
+                    count,
+                    rev_nat_id,
+                    flags,
+                    affinity_timeout_s,
+                } if f == frontend => {
+                    // As the ledger would hold them: ascending, the last write of a slot
+                    // winning.
+                    slots.reverse();
+                    slots.sort_by_key(|(slot, _)| *slot);
+                    slots.dedup_by_key(|(slot, _)| *slot);
+                    self.set_master_over(
+                        frontend,
+                        slots,
+                        *count,
+                        *rev_nat_id,
+                        *flags,
+                        *affinity_timeout_s,
+                    );
+                    return Some(n + 1);
+                }
+                _ => return None,
+            }
+        }
+        None
+    }
+
     fn apply_to_maps(&mut self, op: &Op) {
         match op {
             Op::UpsertBackend { id, backend } => {
@@ -231,13 +297,37 @@ impl CurrentState {
         affinity_timeout_s: u32,
     ) {
         let slots = self.slots_with_ids(frontend);
+        self.set_master_over(
+            frontend,
+            slots,
+            count,
+            rev_nat_id,
+            flags,
+            affinity_timeout_s,
+        );
+    }
+
+    /// [`Self::set_master`] over `slots`, the frontend's slots in the map with their
+    /// ids, ascending.
+    fn set_master_over(
+        &mut self,
+        frontend: &FrontendKey,
+        slots: Vec<(u16, u32)>,
+        count: u32,
+        rev_nat_id: u32,
+        flags: u16,
+        affinity_timeout_s: u32,
+    ) {
         let ledger = &mut self.slots_above_count.ids;
         let mut backend_ids = vec![0; usize::try_from(count).unwrap_or(usize::MAX)];
         let mut stale_slots = Vec::new();
         for (slot, id) in slots {
             if usize::from(slot) <= backend_ids.len() {
                 backend_ids[usize::from(slot) - 1] = id;
-                ledger.remove(&(*frontend, slot));
+                // Empty through a whole full sync: no search per slot then.
+                if !ledger.is_empty() {
+                    ledger.remove(&(*frontend, slot));
+                }
             } else {
                 stale_slots.push(slot);
                 ledger.insert((*frontend, slot), id);
