@@ -39,24 +39,15 @@ fn pods(body: impl FnOnce(&mut TwoNodeLab) -> Result<()>) {
     run_lab(env!("CARGO_BIN_EXE_svclb-harness"), body);
 }
 
-/// Takes every pod's default route away, writes the Services (web: a3 and b1; empty:
-/// none; self: a1 only; sticky: a3 and b1 with ClientIP affinity), starts both agents
-/// with `scope`, then adds a3 on node A. With `pod_path` the pods' devices get the
+/// Takes every pod's default route away, starts both agents with `scope`, adds a3 on
+/// node A, then writes the Services (web: a3 and b1; empty: none; self: a1 only;
+/// sticky: a3 and b1 with ClientIP affinity). With `pod_path` the pods' devices get the
 /// per-packet path (node A finds them itself, a3's device after the agent started;
 /// node B is given its list) and node A `--route-cluster-ips`; node A's status must
 /// then show a3's device p3 attached.
 fn setup(lab: &mut TwoNodeLab, scope: &str, pod_path: bool) -> Result<()> {
     for p in ["a1", "a2", "b1"] {
         podlab::drop_default_routes(lab, p)?;
-    }
-    for (name, cluster, eps, affinity) in [
-        ("web", &WEB, &["a3", "b1"][..], false),
-        ("empty", &EMPTY, &[][..], false),
-        ("self", &SELF, &["a1"][..], false),
-        ("sticky", &STICKY, &["a3", "b1"][..], true),
-    ] {
-        let yaml = podlab::cluster_service(lab, name, &ips(cluster), eps, affinity);
-        lab.write_manifest(&format!("{name}.yaml"), &yaml)?;
     }
     // The pod path comes with --route-cluster-ips on node A; the other run has neither.
     let (a, b, extra) = if pod_path {
@@ -68,6 +59,22 @@ fn setup(lab: &mut TwoNodeLab, scope: &str, pod_path: bool) -> Result<()> {
     podlab::start_agent(lab, Node::B, scope, b, &[])?;
     lab.add_pod("a3", Node::A, POD_PORT)?;
     podlab::drop_default_routes(lab, "a3")?;
+    // The Services once a3 exists (its address is in their EndpointSlices); the
+    // directory is read whole, so the sync after the last file has all of them.
+    let services = [
+        ("web", &WEB, &["a3", "b1"][..], false),
+        ("empty", &EMPTY, &[][..], false),
+        ("self", &SELF, &["a1"][..], false),
+        ("sticky", &STICKY, &["a3", "b1"][..], true),
+    ];
+    for (i, (name, cluster, eps, affinity)) in services.into_iter().enumerate() {
+        let yaml = podlab::cluster_service(lab, name, &ips(cluster), eps, affinity);
+        if i + 1 == services.len() {
+            lab.apply_manifest(&format!("{name}.yaml"), &yaml)?;
+        } else {
+            lab.write_manifest(&format!("{name}.yaml"), &yaml)?;
+        }
+    }
     if pod_path {
         podlab::wait_pod_devices(lab, Node::A, "discovered: p1,p2,p3")?;
     }
@@ -222,7 +229,8 @@ fn host_scope_mesh_pod_sees_the_service_and_plain_pods_use_the_per_packet_path()
         // packet: to web (forwarded, DNAT only) and to empty (a TCP reset).
         let list = lab.node_cmd(Node::A, &svc_lb, &["list", "--bpffs", &bpffs])?;
         ensure!(
-            list.contains("per packet (tc) for pods on p1,p2,p3") && list.contains("tc/XDP on eth0"),
+            list.contains("per packet (tc) for pods on p1,p2,p3")
+                && list.contains("tc/XDP on eth0"),
             "list should name the paths:\n{list}"
         );
         let a1 = SocketAddr::new(lab.pod_addr("a1", false), 40000).to_string();
@@ -233,7 +241,9 @@ fn host_scope_mesh_pod_sees_the_service_and_plain_pods_use_the_per_packet_path()
             let t = lab.node_cmd(
                 Node::A,
                 &svc_lb,
-                &["trace", "--pod", "--from", &a1, "--to", &to, "--bpffs", &bpffs],
+                &[
+                    "trace", "--pod", "--from", &a1, "--to", &to, "--bpffs", &bpffs,
+                ],
             )?;
             ensure!(
                 t.contains("svclb_pod_in") && t.contains(want),
