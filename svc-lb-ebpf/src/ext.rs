@@ -514,7 +514,7 @@ fn new_flow<C: Pkt>(c: &C, f: &Flow, now: u64, path: Path) -> Verdict {
             count(CTR_EXT_XDP_REJECT_TO_TC);
             Verdict::Pass
         }
-        Decision::Reject { reason } => reject(c, f, reason),
+        Decision::Reject { reason } => reject(c, f, reason, path),
         Decision::Backend {
             backend_id,
             rev_nat_id,
@@ -551,7 +551,7 @@ struct NewFlow {
 /// `icmp_msgs_per_sec`): a flood to a Service without endpoints must not turn the node
 /// into an amplifier towards spoofed sources.
 #[inline(never)]
-fn reject<C: Pkt>(c: &C, f: &Flow, reason: u32) -> Verdict {
+fn reject<C: Pkt>(c: &C, f: &Flow, reason: u32, path: Path) -> Verdict {
     if !reject::allowed() {
         count(CTR_EXT_REJECT_RATE_LIMITED);
         return Verdict::Drop;
@@ -559,7 +559,14 @@ fn reject<C: Pkt>(c: &C, f: &Flow, reason: u32) -> Verdict {
     // The reason counts rejects that were answered (or failed to build, counted below
     // as well); a rate-limited one is a drop.
     count(reason);
-    if reject::build(c, f) {
+    // Pods get kube-proxy's TCP reset (see reject.rs); external clients keep the ICMP
+    // error, which needs no state and is what the external path's tests pin down.
+    let built = if path == Path::Pod && f.proto == PROTO_TCP {
+        reject::build_rst(c, f)
+    } else {
+        reject::build(c, f)
+    };
+    if built {
         Verdict::Reject
     } else {
         count(CTR_EXT_REJECT_FAILED);

@@ -9,6 +9,12 @@
 //!
 //! Rejects are rate-limited node-wide ([`allowed`]).
 //!
+//! On the per-packet path for pods a TCP packet is answered with a TCP RST instead
+//! ([`build_rst`]), as kube-proxy's `--reject-with tcp-reset` effectively does: a
+//! client's `connect()` owns its socket while the SYN leaves, so an ICMP error arriving
+//! in that window is only a soft error (IPv6 TCP then waits for its SYN timeouts),
+//! where a RST is queued to the socket's backlog and refuses the connection at once.
+//!
 //! Limits: IPv4 packets with options are not answered (the caller drops them), as the
 //! quote would need a variable length. On tc, an skb that is CHECKSUM_PARTIAL keeps
 //! that state; only a locally generated packet (a veth peer in the same host) can be,
@@ -29,6 +35,14 @@ const V4_ORIG: usize = ETH_HLEN + IPV4_HLEN + QUOTE_L4;
 const V6_ORIG: usize = ETH_HLEN + IPV6_HLEN + QUOTE_L4;
 const V4_LEN: usize = ETH_HLEN + IPV4_HLEN + ICMP_HLEN + IPV4_HLEN + QUOTE_L4;
 const V6_LEN: usize = ETH_HLEN + IPV6_HLEN + ICMP_HLEN + IPV6_HLEN + QUOTE_L4;
+const TCP_HLEN: usize = 20;
+const V4_TCP: usize = ETH_HLEN + IPV4_HLEN + TCP_HLEN;
+const V6_TCP: usize = ETH_HLEN + IPV6_HLEN + TCP_HLEN;
+const TCP_FLAG_FIN: u8 = 0x01;
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_RST: u8 = 0x04;
+const TCP_FLAG_ACK: u8 = 0x10;
+const IPPROTO_TCP: u8 = 6;
 const HOP_LIMIT: u8 = 64;
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
@@ -195,4 +209,119 @@ fn build6<C: Pkt>(c: &C, f: &Flow, out: &mut [u8; V6_LEN], orig: &mut [u8; V6_OR
     out[icmp + 2] = ic[0];
     out[icmp + 3] = ic[1];
     c.resize(V6_LEN as u32) && c.store_bytes(0, out)
+}
+
+/// Replaces a TCP packet by a RST from the address it was sent to (RFC 9293 3.10.7.1:
+/// the acknowledged packet's ACK number as sequence number, or sequence 0 acknowledging
+/// everything it carried). False when it cannot be built (then the caller drops it).
+#[inline(always)]
+pub fn build_rst<C: Pkt>(c: &C, f: &Flow) -> bool {
+    let Some(s) = LB_SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    let s = unsafe { &mut *s };
+    if f.family == FAMILY_V4 {
+        if f.l4_off as usize != ETH_HLEN + IPV4_HLEN {
+            return false;
+        }
+        let orig = view::<V4_TCP>(&mut s.orig);
+        let out = view::<V4_TCP>(&mut s.out);
+        if !c.load_bytes(0, orig) {
+            return false;
+        }
+        *out = [0; V4_TCP];
+        let ip = ETH_HLEN;
+        frame(out, orig, ETH_P_IP, V4_TCP);
+        out[ip] = 0x45;
+        out[ip + 3] = (IPV4_HLEN + TCP_HLEN) as u8;
+        out[ip + 8] = HOP_LIMIT;
+        out[ip + 9] = IPPROTO_TCP;
+        put_words(out, ip + 12, &f.daddr, 1);
+        put_words(out, ip + 16, &f.saddr, 1);
+        let tot = u16::from_be_bytes([orig[ip + 2], orig[ip + 3]]) as u32;
+        let payload = tot.saturating_sub((IPV4_HLEN + tcp_hlen(orig, ETH_HLEN + IPV4_HLEN)) as u32);
+        rst_header(out, orig, ETH_HLEN + IPV4_HLEN, payload);
+        let pseudo = csum::sum_words(&[f.daddr[0], f.saddr[0]])
+            + csum::sum_words(&[(TCP_HLEN as u32).to_be(), u32::from(IPPROTO_TCP).to_be()]);
+        let tc = csum::of_bytes(&out[ip + IPV4_HLEN..], pseudo).to_ne_bytes();
+        out[ip + IPV4_HLEN + 16] = tc[0];
+        out[ip + IPV4_HLEN + 17] = tc[1];
+        let hc = csum::of_bytes(&out[ip..ip + IPV4_HLEN], 0).to_ne_bytes();
+        out[ip + 10] = hc[0];
+        out[ip + 11] = hc[1];
+        c.resize(V4_TCP as u32) && c.store_bytes(0, out)
+    } else {
+        if f.l4_off as usize != ETH_HLEN + IPV6_HLEN {
+            return false;
+        }
+        let orig = view::<V6_TCP>(&mut s.orig);
+        let out = view::<V6_TCP>(&mut s.out);
+        if !c.load_bytes(0, orig) {
+            return false;
+        }
+        *out = [0; V6_TCP];
+        let ip = ETH_HLEN;
+        frame(out, orig, ETH_P_IPV6, V6_TCP);
+        out[ip] = 0x60;
+        out[ip + 5] = TCP_HLEN as u8;
+        out[ip + 6] = IPPROTO_TCP;
+        out[ip + 7] = HOP_LIMIT;
+        put_words(out, ip + 8, &f.daddr, 4);
+        put_words(out, ip + 24, &f.saddr, 4);
+        let plen = u16::from_be_bytes([orig[ip + 4], orig[ip + 5]]) as u32;
+        let payload = plen.saturating_sub(tcp_hlen(orig, ETH_HLEN + IPV6_HLEN) as u32);
+        rst_header(out, orig, ETH_HLEN + IPV6_HLEN, payload);
+        let pseudo = csum::sum_words(&f.daddr)
+            + csum::sum_words(&f.saddr)
+            + csum::sum_words(&[(TCP_HLEN as u32).to_be(), u32::from(IPPROTO_TCP).to_be()]);
+        let tc = csum::of_bytes(&out[ip + IPV6_HLEN..], pseudo).to_ne_bytes();
+        out[ip + IPV6_HLEN + 16] = tc[0];
+        out[ip + IPV6_HLEN + 17] = tc[1];
+        c.resize(V6_TCP as u32) && c.store_bytes(0, out)
+    }
+}
+
+/// The offending segment's TCP header length (its data offset).
+#[inline(always)]
+fn tcp_hlen<const N: usize>(orig: &[u8; N], l4: usize) -> usize {
+    if l4 + 12 < N {
+        usize::from(orig[l4 + 12] >> 4) * 4
+    } else {
+        TCP_HLEN
+    }
+}
+
+/// The RST's TCP header at `l4` (the same offset in both frames): ports swapped, then
+/// the sequence and acknowledgment numbers RFC 9293 asks for; checksum left at 0.
+#[inline(always)]
+fn rst_header<const N: usize>(out: &mut [u8; N], orig: &[u8; N], l4: usize, payload: u32) {
+    if l4 + TCP_HLEN > N {
+        return;
+    }
+    out[l4] = orig[l4 + 2];
+    out[l4 + 1] = orig[l4 + 3];
+    out[l4 + 2] = orig[l4];
+    out[l4 + 3] = orig[l4 + 1];
+    let flags = orig[l4 + 13];
+    if flags & TCP_FLAG_ACK != 0 {
+        // seq = the segment's ACK number; no ACK.
+        let mut i = 0;
+        while i < 4 {
+            out[l4 + 4 + i] = orig[l4 + 8 + i];
+            i += 1;
+        }
+        out[l4 + 13] = TCP_FLAG_RST;
+    } else {
+        let seq = u32::from_be_bytes([orig[l4 + 4], orig[l4 + 5], orig[l4 + 6], orig[l4 + 7]]);
+        let len =
+            payload + u32::from(flags & TCP_FLAG_SYN != 0) + u32::from(flags & TCP_FLAG_FIN != 0);
+        let ack = seq.wrapping_add(len).to_be_bytes();
+        let mut i = 0;
+        while i < 4 {
+            out[l4 + 8 + i] = ack[i];
+            i += 1;
+        }
+        out[l4 + 13] = TCP_FLAG_RST | TCP_FLAG_ACK;
+    }
+    out[l4 + 12] = ((TCP_HLEN / 4) as u8) << 4;
 }

@@ -86,7 +86,11 @@ impl AgentConfig {
         // The per-packet path for pods uses the same conntrack.
         self.manifests.is_some()
             && self.devices.as_ref().is_none_or(Vec::is_empty)
-            && self.pod_devices.is_empty()
+            && crate::datapath::poddev::PodDevices::from_flag(
+                &self.pod_devices,
+                self.socket_lb_scope,
+            )
+            .is_off()
     }
 }
 
@@ -340,12 +344,14 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     if let Some(d) = &cfg.devices {
         devices::check_devices(d)?;
     }
-    devices::check_devices(&cfg.pod_devices).context("--pod-devices")?;
+    let pod_mode =
+        crate::datapath::poddev::PodDevices::from_flag(&cfg.pod_devices, cfg.socket_lb_scope);
+    if let crate::datapath::poddev::PodDevices::List(l) = &pod_mode {
+        devices::check_devices(l).context("--pod-devices")?;
+    }
     // Before touching the kernel: a kernel that cannot tell namespaces apart stops here.
     let host_netns_cookie = crate::datapath::poddev::host_netns_cookie(cfg.socket_lb_scope)?;
-    if cfg.socket_lb_scope == crate::datapath::poddev::SocketLbScope::Host
-        && cfg.pod_devices.is_empty()
-    {
+    if cfg.socket_lb_scope == crate::datapath::poddev::SocketLbScope::Host && pod_mode.is_off() {
         warn!(
             "--socket-lb-scope host without --pod-devices: pods' connections to Services are not translated at all"
         );
@@ -471,6 +477,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut attached = false;
     let mut last_node_ports: Option<devices::NodePortSet> = None;
+    let mut pods = crate::datapath::poddev::PodPath::new(pod_mode);
 
     loop {
         let retry = async {
@@ -502,6 +509,16 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             }
             () = retry => {}
             () = tokio::time::sleep_until(full_at) => { full = true; }
+            // A pod device came or went (or the periodic rescan): no sync needed.
+            () = pods.changed() => {
+                if attached {
+                    let exclude = ext.devices.clone().unwrap_or_default();
+                    pods.reconcile(&cfg.bpffs, &exclude, |d| {
+                        dp.attach_pod_devices(&cfg.bpffs, &[d.to_owned()], choices.tc_attach)
+                    });
+                }
+                continue;
+            }
             name = stop_signal(&mut sigterm, &mut sigint) => {
                 info!(signal = name, "{name}: exiting; programs and maps stay pinned");
                 // The LB-IPAM Lease goes to another agent now, not when it expires.
@@ -585,22 +602,17 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         if !attached {
             // Attach only once the first sync is in the maps, and before it is reported
             // as applied: "applied" means the kernel acts on it.
-            dp.attach(&cfg.bpffs, &cfg.cgroup)?;
-            // The per-packet path for pods; the socket path serves on if it fails.
-            match dp.attach_pod_devices(&cfg.bpffs, &cfg.pod_devices, choices.tc_attach) {
-                Ok(()) => {
-                    if !cfg.pod_devices.is_empty() {
-                        info!(devices = ?cfg.pod_devices, scope = cfg.socket_lb_scope.name(), "per-packet path attached to the pod devices");
-                    }
-                    crate::status::update(|st| st.pod_devices = cfg.pod_devices.clone());
-                }
-                Err(e) => {
-                    crate::datapath::links::detach_devices(&cfg.bpffs, &cfg.pod_devices);
-                    let e = e.context("per-packet path: attach the tc programs to --pod-devices");
-                    error!(error = %format!("{e:#}"), "per-packet path off");
-                    crate::status::update(|st| st.pod_error = Some(format!("{e:#}")));
-                }
+            // The per-packet path for pods first: with `host` scope, once the socket
+            // programs leave pods alone, the pod devices already translate (a device
+            // that fails is retried on the next link event; the rest serve).
+            let exclude = ext.devices.clone().unwrap_or_default();
+            pods.reconcile(&cfg.bpffs, &exclude, |d| {
+                dp.attach_pod_devices(&cfg.bpffs, &[d.to_owned()], choices.tc_attach)
+            });
+            if !pods.mode().is_off() {
+                info!(mode = ?pods.mode(), scope = cfg.socket_lb_scope.name(), "per-packet path for pods on");
             }
+            dp.attach(&cfg.bpffs, &cfg.cgroup)?;
             if let Some(devs) = ext.devices.clone().filter(|d| !d.is_empty()) {
                 let xdp = cfg.xdp && choices.xdp_link;
                 if cfg.xdp && !xdp {

@@ -128,7 +128,10 @@ pub enum Command {
         socket_lb_scope: crate::datapath::poddev::SocketLbScope,
         /// Pod-facing devices (the node's ends of the pods' veths) that get the
         /// per-packet path: Service addresses in packets from pods are translated there,
-        /// with conntrack and reverse NAT [default: none; devices are not discovered yet]
+        /// with conntrack and reverse NAT. `auto`: the node's veth devices whose peers
+        /// are in other network namespaces (except --devices), followed as pods come
+        /// and go; `none`: no per-packet path [default: auto with --socket-lb-scope
+        /// host, none with all]
         #[arg(long, value_delimiter = ',', value_name = "IF[,IF...]")]
         pod_devices: Vec<String>,
         /// Also translate cluster IPs in packets arriving on the external devices
@@ -264,6 +267,11 @@ pub enum Command {
         /// source ranges, affinity, Maglev, SNAT.
         #[arg(long, requires = "from", conflicts_with_all = ["netns", "pid"])]
         external: bool,
+        /// Trace the per-packet path for pods (tc on --pod-devices, svc-lb-ebpf
+        /// pod.rs): a packet a pod at --from ADDR:PORT sends to a Service address
+        /// (conntrack, frontend, affinity, choice, DNAT or hairpin, reject).
+        #[arg(long, requires = "from", conflicts_with_all = ["external", "netns", "pid"])]
+        pod: bool,
         /// The client's network namespace file (e.g. /run/netns/NAME), for session
         /// affinity, which the socket programs key by network namespace (one per pod)
         /// [default: this process's namespace]
@@ -619,7 +627,8 @@ pub fn run(cli: Cli) -> Result<()> {
             print!(
                 "{}",
                 match output {
-                    Output::Text => inspect::list::render_text(&entries),
+                    Output::Text =>
+                        inspect::list::render_text(&entries) + &inspect::list::paths_footer(&bpffs),
                     Output::Json => inspect::list::render_json(&entries)?,
                     Output::Yaml => inspect::list::render_yaml(&entries)?,
                 }
@@ -654,6 +663,7 @@ pub fn run(cli: Cli) -> Result<()> {
             proto,
             from,
             external,
+            pod,
             netns,
             pid,
             output,
@@ -663,14 +673,14 @@ pub fn run(cli: Cli) -> Result<()> {
                 TraceProto::Tcp => svc_lb_common::PROTO_TCP,
                 TraceProto::Udp => svc_lb_common::PROTO_UDP,
             };
-            if external {
+            if external || pod {
                 let from = match from {
                     Some(TraceFrom {
                         addr,
                         port: Some(port),
                     }) => std::net::SocketAddr::new(addr, port),
                     _ => anyhow::bail!(
-                        "--external needs the client's source port: --from ADDR:PORT (the Maglev hash covers it)"
+                        "--external and --pod need the client's source port: --from ADDR:PORT (the flow hash covers it)"
                     ),
                 };
                 let req = inspect::exttrace::ExtTraceRequest {
@@ -678,6 +688,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     to,
                     proto,
                     now_ns: inspect::trace::monotonic_ns(),
+                    pod,
                 };
                 let maps = inspect::exttrace::PinnedExtMaps::open(&bpffs)?;
                 let t = inspect::exttrace::trace(&maps, &req)?;

@@ -64,9 +64,12 @@ pub struct AgentStatus {
     /// `--pod-devices` with the per-packet path attached (empty: none).
     #[serde(default)]
     pub pod_devices: Vec<String>,
-    /// Why the per-packet path is off for this run, when it failed to attach.
+    /// The pod devices whose attach failed, with the reasons (retried on link events).
     #[serde(default)]
     pub pod_error: Option<String>,
+    /// `--pod-devices` discovers the devices (the default with `--socket-lb-scope host`).
+    #[serde(default)]
+    pub pod_discovery: bool,
     /// `--route-cluster-ips`: the external path translates cluster IPs too.
     #[serde(default)]
     pub route_cluster_ips: bool,

@@ -11,8 +11,8 @@
 use std::{
     io::{Read, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener},
-    os::fd::AsRawFd,
-    process::Command,
+    os::{fd::AsRawFd, unix::ffi::OsStrExt, unix::process::CommandExt},
+    process::{Command, Output},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -26,7 +26,7 @@ use serde_json::json;
 
 use crate::{
     agent::AgentConfig,
-    manifests::{Endpoint, EndpointSlice, Protocol, Service, TargetPort, yaml_docs},
+    manifests::{Protocol, Service, TargetPort, yaml_docs},
     netns,
     twonode::{Node, POD_PORT, TwoNodeLab},
 };
@@ -80,19 +80,11 @@ pub fn cluster_service(
     }
     let mut docs = vec![svc.to_value()];
     for c in cluster {
-        let v6 = c.is_ipv6();
-        let mut slice = EndpointSlice::new(NS, name, if v6 { "v6" } else { "v4" }, v6)
-            .port("http", POD_PORT, Protocol::Tcp)
-            .port("dns", POD_PORT, Protocol::Udp);
-        for pod in pods {
-            let p = lab.net.pod(pod);
-            slice = slice.endpoint(
-                Endpoint::ready(p.addr(v6))
-                    .pod(&format!("{name}-{pod}"))
-                    .node(p.node.name()),
-            );
-        }
-        docs.push(slice.to_value());
+        let ports = [("http", Protocol::Tcp), ("dns", Protocol::Udp)];
+        docs.push(
+            lab.pod_slice(NS, name, c.is_ipv6(), &ports, pods)
+                .to_value(),
+        );
     }
     yaml_docs(&docs)
 }
@@ -131,6 +123,67 @@ pub fn start_agent(
     };
     lab.start_agent_with(n, config)?;
     Ok(())
+}
+
+/// Waits (up to 5 s) until node `n`'s `svc-lb status` "paths" line contains `want`
+/// (for example the pod devices the agent found).
+pub fn wait_pod_devices(lab: &TwoNodeLab, n: Node, want: &str) -> Result<()> {
+    let svc_lb = lab.bins.svc_lb.display().to_string();
+    let bpffs = lab.bpffs(n).display().to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let st = lab.node_cmd(n, &svc_lb, &["status", "--bpffs", &bpffs])?;
+        let paths = st.lines().find(|l| l.contains("paths")).unwrap_or_default();
+        if paths.contains(want) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "node {}: status should show {want:?} within 5 s:\n{st}",
+                n.name()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs `program args` in pod `pod`'s namespace and its node's cgroup (where the
+/// node's socket programs are attached), as a pod's own process would run.
+pub fn pod_exec(lab: &TwoNodeLab, pod: &str, program: &str, args: &[&str]) -> Result<Output> {
+    let p = lab.net.pod(pod);
+    let procs = std::ffi::CString::new(
+        lab.cgroup(p.node)
+            .join("cgroup.procs")
+            .as_os_str()
+            .as_bytes(),
+    )
+    .context("cgroup path")?;
+    let ns = p.netns.name().to_owned();
+    netns::in_netns(&ns, || {
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        // SAFETY: between fork and exec only async-signal-safe calls (open, write,
+        // close) run, on memory prepared before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // "0" moves the writing process itself.
+                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let err = std::io::Error::last_os_error();
+                libc::close(fd);
+                if n != 1 {
+                    return Err(err);
+                }
+                Ok(())
+            });
+        }
+        cmd.output().with_context(|| {
+            format!("run {program} in pod {pod} (installed by `cargo xtask setup`)")
+        })
+    })
 }
 
 /// Makes pod `pod` mesh-like: its outgoing TCP (except to loopback) is redirected to

@@ -44,6 +44,7 @@ use crate::{
     cgroup::Cgroup,
     cmd,
     lab::Bins,
+    manifests::{Endpoint, EndpointSlice, Protocol},
     names,
     netns::{self, Netns, Veth},
     procs::{self, ClientOpts, ClientRun, Server},
@@ -542,6 +543,32 @@ impl TwoNodeLab {
 
     pub fn pod_addr(&self, name: &str, v6: bool) -> IpAddr {
         self.net.pod(name).addr(v6)
+    }
+
+    /// The EndpointSlice of Service `ns`/`name` for one family: each of `ports` (name,
+    /// protocol) to [`POD_PORT`], and the lab pods `pods` as ready endpoints on their
+    /// nodes (pod names `<name>-<pod>`).
+    pub fn pod_slice(
+        &self,
+        ns: &str,
+        name: &str,
+        v6: bool,
+        ports: &[(&str, Protocol)],
+        pods: &[&str],
+    ) -> EndpointSlice {
+        let mut slice = EndpointSlice::new(ns, name, if v6 { "v6" } else { "v4" }, v6);
+        for (port, proto) in ports {
+            slice = slice.port(port, POD_PORT, *proto);
+        }
+        for pod in pods {
+            let p = self.net.pod(pod);
+            slice = slice.endpoint(
+                Endpoint::ready(p.addr(v6))
+                    .pod(&format!("{name}-{pod}"))
+                    .node(p.node.name()),
+            );
+        }
+        slice
     }
 
     /// Writes (or replaces) a manifest file atomically (staged, then renamed in).

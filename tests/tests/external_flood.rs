@@ -23,7 +23,7 @@ use socket2::{Domain, Protocol as SockProto, SockAddr, Socket, Type};
 use svc_lb_tests::{
     Proto,
     checks::{all_failed, all_ok},
-    manifests::{Endpoint, EndpointSlice, Protocol, Service, TargetPort, yaml_docs},
+    manifests::{Protocol, Service, TargetPort, yaml_docs},
     netns::in_netns,
     twonode::{Node, NodeAgentOptions, POD_PORT, TwoNodeLab, run_lab},
 };
@@ -64,17 +64,8 @@ fn service_yaml(
             .spec("allocateLoadBalancerNodePorts", json!(true))
             .lb_ingress(lb.parse().expect("LB IP"));
     }
-    let mut slice = EndpointSlice::new(NS, name, "v4", false)
-        .port("http", POD_PORT, Protocol::Tcp)
-        .port("dns", POD_PORT, Protocol::Udp);
-    for pod in pods {
-        let p = lab.net.pod(pod);
-        slice = slice.endpoint(
-            Endpoint::ready(p.addr(false))
-                .pod(&format!("{name}-{pod}"))
-                .node(p.node.name()),
-        );
-    }
+    let ports = [("http", Protocol::Tcp), ("dns", Protocol::Udp)];
+    let slice = lab.pod_slice(NS, name, false, &ports, pods);
     yaml_docs(&[svc.to_value(), slice.to_value()])
 }
 

@@ -29,7 +29,7 @@ use svc_lb_tests::{
     bpfquery::tcx_programs,
     checks::{addr_words, all_ok, backends_are, maglev_table, unix_ms},
     cmd,
-    manifests::{Endpoint, EndpointSlice, Protocol, Service, TargetPort, yaml_docs},
+    manifests::{Protocol, Service, TargetPort, yaml_docs},
     netns,
     report::TimelineEntry,
     twonode::{Node, NodeAgentOptions, POD_PORT, TwoNodeLab, client_addr, run_lab},
@@ -80,17 +80,8 @@ impl Svc {
                 json!({"clientIP": {"timeoutSeconds": t}}),
             );
         }
-        let mut slice = EndpointSlice::new(NS, self.name, "v4", false)
-            .port("http", POD_PORT, Protocol::Tcp)
-            .port("dns", POD_PORT, Protocol::Udp);
-        for pod in PODS {
-            let p = lab.net.pod(pod);
-            slice = slice.endpoint(
-                Endpoint::ready(p.addr(false))
-                    .pod(&format!("{}-{pod}", self.name))
-                    .node(p.node.name()),
-            );
-        }
+        let ports = [("http", Protocol::Tcp), ("dns", Protocol::Udp)];
+        let slice = lab.pod_slice(NS, self.name, false, &ports, &PODS);
         yaml_docs(&[svc.to_value(), slice.to_value()])
     }
 

@@ -31,7 +31,7 @@ use svc_lb_tests::{
     checks::{all_failed, all_ok, backends_are},
     fakeapi::FakeApi,
     lab::isolated,
-    manifests::{Endpoint, EndpointSlice, Protocol, Service, TargetPort, yaml_docs},
+    manifests::{EndpointSlice, Protocol, Service, TargetPort, yaml_docs},
     procs::ClientOpts,
     twonode::{Node, POD_PORT, TwoNodeLab, run_lab},
 };
@@ -65,19 +65,13 @@ fn nodeport_yaml(lab: &TwoNodeLab) -> String {
         .spec("type", json!("NodePort"));
     let mut docs = vec![svc.to_value()];
     for v6 in [false, true] {
-        let mut slice = EndpointSlice::new(NS, "np", if v6 { "v6" } else { "v4" }, v6).port(
-            "http",
-            POD_PORT,
-            Protocol::Tcp,
+        let slice = lab.pod_slice(
+            NS,
+            "np",
+            v6,
+            &[("http", Protocol::Tcp)],
+            &["a1", "a2", "b1"],
         );
-        for pod in ["a1", "a2", "b1"] {
-            let p = lab.net.pod(pod);
-            slice = slice.endpoint(
-                Endpoint::ready(p.addr(v6))
-                    .pod(&format!("np-{pod}"))
-                    .node(p.node.name()),
-            );
-        }
         docs.push(slice.to_value());
     }
     yaml_docs(&docs)

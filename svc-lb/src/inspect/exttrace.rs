@@ -22,9 +22,9 @@ use svc_lb_common::{
     CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, CTR_EXT_BACKEND_MISSING,
     CTR_EXT_DROP_NO_LOCAL, CTR_EXT_DROP_SRC_RANGE, CTR_EXT_MAGLEV_MISSING, CTR_EXT_NO_SNAT_ADDR,
     CtKey, CtValue, ExtChoice, ExtConfig, ExtVia, FAMILY_V4, FAMILY_V6, MAGLEV_TABLE_MAX,
-    MAP_CONFIG, MAP_CT, MAP_NODE_ADDR, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SNAT_PORT_MAX,
-    SNAT_PORT_MIN, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXT_LOCAL, SVC_FLAG_SRC_RANGES,
-    Stickiness, SvcValue, choose_external, maglev::flow_hash,
+    MAP_CONFIG, MAP_CT, MAP_NODE_ADDR, PROTO_TCP, PROTO_UDP, SCOPE_ALL, SCOPE_EXTERNAL,
+    SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXT_LOCAL,
+    SVC_FLAG_SRC_RANGES, Stickiness, SvcValue, choose_external, maglev::flow_hash,
 };
 
 use super::{
@@ -137,6 +137,10 @@ pub struct ExtTraceRequest {
     pub proto: u8,
     /// `CLOCK_MONOTONIC` now (the clock of `bpf_ktime_get_ns()`).
     pub now_ns: u64,
+    /// The per-packet path for pods (`trace --pod`, `svclb_pod_in` on `--pod-devices`):
+    /// the frontends the socket programs serve (`SCOPE_ALL`), DNAT only (source
+    /// rewritten to the Service address for hairpin), TCP rejects answered with a RST.
+    pub pod: bool,
 }
 
 #[derive(Serialize, Debug, Clone, PartialEq)]
@@ -359,7 +363,11 @@ pub fn trace(maps: &dyn ExtTraceMaps, req: &ExtTraceRequest) -> Result<ExtTrace>
         client: names::socket(&req.from.ip(), req.from.port()),
         destination: names::socket(&req.to.ip(), req.to.port()),
         protocol: names::proto(req.proto),
-        programs: "svclb_tc_in at tc ingress of the node's devices; svclb_xdp first with --xdp",
+        programs: if req.pod {
+            "svclb_pod_in at tc ingress of the pod devices (--pod-devices)"
+        } else {
+            "svclb_tc_in at tc ingress of the node's devices; svclb_xdp first with --xdp"
+        },
         flow_hash: hash,
         conntrack: None,
         frontend: None,
@@ -532,7 +540,7 @@ pub fn trace(maps: &dyn ExtTraceMaps, req: &ExtTraceRequest) -> Result<ExtTrace>
         addr: req.to.ip(),
         port: req.to.port(),
         proto: req.proto,
-        scope: SCOPE_EXTERNAL,
+        scope: if req.pod { SCOPE_ALL } else { SCOPE_EXTERNAL },
     };
     let wildcard = FrontendKey {
         addr: if req.to.is_ipv4() {
@@ -546,7 +554,7 @@ pub fn trace(maps: &dyn ExtTraceMaps, req: &ExtTraceRequest) -> Result<ExtTrace>
     let (fe, master) = match maps.svc(&codec::svc_key(&exact, 0))? {
         Some(m) => (exact, Some(m)),
         None => {
-            if maps.is_node_addr(req.to.ip())? {
+            if !req.pod && maps.is_node_addr(req.to.ip())? {
                 node_address = Some(req.to.ip());
                 (wildcard, maps.svc(&codec::svc_key(&wildcard, 0))?)
             } else {
@@ -604,8 +612,9 @@ pub fn trace(maps: &dyn ExtTraceMaps, req: &ExtTraceRequest) -> Result<ExtTrace>
 
     let Some(master) = master else {
         let mut details = vec![format!(
-            "no entry for {} (slot 0, scope external) in the {map_name} map",
-            fe_text(req.to.ip())
+            "no entry for {} (slot 0, scope {}) in the {map_name} map",
+            fe_text(req.to.ip()),
+            if req.pod { "all" } else { "external" }
         )];
         if node_address.is_some() {
             details.push(format!(
@@ -681,7 +690,11 @@ pub fn trace(maps: &dyn ExtTraceMaps, req: &ExtTraceRequest) -> Result<ExtTrace>
             "NodePort entry {} matched: the destination {a} is a node address ({MAP_NODE_ADDR})",
             fe_text(fe.addr)
         )),
-        None => fe_details.push(format!("exact entry {} (scope external)", fe_text(fe.addr))),
+        None => fe_details.push(format!(
+            "exact entry {} (scope {})",
+            fe_text(fe.addr),
+            if req.pod { "all" } else { "external" }
+        )),
     }
     fe_details.push(service);
     steps.push(TraceStep {
@@ -860,10 +873,14 @@ pub fn trace(maps: &dyn ExtTraceMaps, req: &ExtTraceRequest) -> Result<ExtTrace>
             });
             steps.push(TraceStep {
                 step: "verdict",
-                result: format!(
-                    "REJECT: answered with ICMP{} port unreachable (the client sees ECONNREFUSED)",
-                    if req.to.is_ipv4() { "" } else { "v6" }
-                ),
+                result: if req.pod && req.proto == PROTO_TCP {
+                    "REJECT: answered with a TCP RST (the pod sees ECONNREFUSED)".to_owned()
+                } else {
+                    format!(
+                        "REJECT: answered with ICMP{} port unreachable (the client sees ECONNREFUSED)",
+                        if req.to.is_ipv4() { "" } else { "v6" }
+                    )
+                },
                 details: vec![
                     "the Service has no usable endpoint (kube-proxy's REJECT); tc sends the answer back out the device (XDP leaves it to tc)".to_owned(),
                     format!("counted as {}", counter_name(reason)),
@@ -939,7 +956,13 @@ pub fn trace(maps: &dyn ExtTraceMaps, req: &ExtTraceRequest) -> Result<ExtTrace>
             let c = candidate(0, backend_id, Some(&backend));
             let addr: IpAddr = c.address.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]));
             let backend_local = backend.flags & BACKEND_FLAG_LOCAL != 0;
-            let local = backend_local || svc_flags & SVC_FLAG_EXT_LOCAL != 0;
+            // The pod path: DNAT only (the pod's address is routable), except hairpin.
+            let hairpin = req.pod && addr == req.from.ip();
+            let local = if req.pod {
+                !hairpin
+            } else {
+                backend_local || svc_flags & SVC_FLAG_EXT_LOCAL != 0
+            };
             let chosen = ExtTraceChosen {
                 id: backend_id,
                 address: c.address.clone(),
@@ -957,8 +980,46 @@ pub fn trace(maps: &dyn ExtTraceMaps, req: &ExtTraceRequest) -> Result<ExtTrace>
                 _ => Vec::new(),
             };
             // `establish`: DNAT only, or DNAT + SNAT to the node's address.
-            if local {
-                let why = if svc_flags & SVC_FLAG_EXT_LOCAL != 0 {
+            if hairpin {
+                let svc = req.to.ip();
+                steps.push(TraceStep {
+                    step: "nat",
+                    result: format!(
+                        "hairpin: DNAT + source rewritten to the Service address {svc}"
+                    ),
+                    details: vec![
+                        "the pod reaches itself: it sees the Service address as its peer, with a port from the SNAT range; the packet goes straight back out its device".to_owned(),
+                    ],
+                });
+                let mut details = vec![
+                    "a conntrack entry is created; later packets of the flow keep this backend"
+                        .to_owned(),
+                ];
+                details.append(&mut aff_note);
+                steps.push(TraceStep {
+                    step: "verdict",
+                    result: format!(
+                        "FORWARD to {} (backend {backend_id}, {}), hairpin",
+                        names::socket(&addr, c.port),
+                        c.state
+                    ),
+                    details,
+                });
+                out.verdict = ExtTraceVerdict {
+                    action: "forward",
+                    reason: None,
+                    backend: Some(chosen),
+                    nat: Some(ExtTraceNat {
+                        snat: true,
+                        source_address: Some(svc.to_string()),
+                        source_port: None,
+                        why: "hairpin (the pod is its own backend)",
+                    }),
+                };
+            } else if local {
+                let why = if req.pod {
+                    "the per-packet path for pods (the pod's address is routable)"
+                } else if svc_flags & SVC_FLAG_EXT_LOCAL != 0 {
                     "externalTrafficPolicy Local"
                 } else {
                     "backend on this node"

@@ -425,3 +425,31 @@ pub fn render_json(entries: &[ListEntry]) -> Result<String> {
 pub fn render_yaml(entries: &[ListEntry]) -> Result<String> {
     Ok(serde_yaml::to_string(entries)?)
 }
+
+/// The text output's last line: which programs serve the `socket` and `external`
+/// entries on this node, from the pinned links under `bpffs`.
+pub fn paths_footer(bpffs: &std::path::Path) -> String {
+    use crate::datapath::poddev::devices_with;
+    let join = |s: std::collections::BTreeSet<String>| s.into_iter().collect::<Vec<_>>().join(",");
+    let pods = join(devices_with(
+        bpffs,
+        &[
+            svc_lb_common::PROG_POD_INGRESS,
+            svc_lb_common::PROG_POD_EGRESS,
+        ],
+    ));
+    let ext = join(devices_with(bpffs, &[svc_lb_common::PROG_TC_INGRESS]));
+    format!(
+        "\npaths: socket entries: socket programs{}; external entries: {}\n",
+        if pods.is_empty() {
+            String::new()
+        } else {
+            format!(", and per packet (tc) for pods on {pods}")
+        },
+        if ext.is_empty() {
+            "no device (external path off)".to_owned()
+        } else {
+            format!("tc/XDP on {ext}")
+        }
+    )
+}

@@ -324,11 +324,15 @@ pub fn render_text(st: &Status, now_ms: u64) -> String {
             ));
             out.push_str(&format!("  source       {}\n", a.source));
             if !a.socket_lb_scope.is_empty() {
-                let pods = match (&a.pod_error, a.pod_devices.is_empty()) {
-                    (Some(e), _) => format!("OFF: {e}"),
-                    (None, true) => "none".to_owned(),
-                    (None, false) => a.pod_devices.join(","),
+                let mut pods = match (a.pod_discovery, a.pod_devices.is_empty()) {
+                    (false, true) => "none".to_owned(),
+                    (false, false) => a.pod_devices.join(","),
+                    (true, true) => "discovered: none yet".to_owned(),
+                    (true, false) => format!("discovered: {}", a.pod_devices.join(",")),
                 };
+                if let Some(e) = &a.pod_error {
+                    pods.push_str(&format!(" (FAILED, retried on link events: {e})"));
+                }
                 out.push_str(&format!(
                     "  paths        sockets: {} (--socket-lb-scope); per-packet pod devices: {pods}; cluster IPs from outside: {}\n",
                     match a.socket_lb_scope.as_str() {

@@ -1387,6 +1387,7 @@ mod external_trace {
             to: to.parse().expect("to"),
             proto,
             now_ns: NOW,
+            pod: false,
         }
     }
 
@@ -1419,6 +1420,49 @@ mod external_trace {
             proto,
         );
         m.maps.maglev()[&rev_nat_id][(h % FAKE_MAGLEV_SIZE) as usize]
+    }
+
+    #[test]
+    fn pod_path_serves_cluster_ips_with_dnat_hairpin_and_a_tcp_reset() {
+        let m = ext_fixture();
+        let pod = |from: &str, to: &str, proto| {
+            let r = ExtTraceRequest {
+                pod: true,
+                ..req(from, to, proto)
+            };
+            exttrace::trace(&m, &r).expect("trace")
+        };
+        // A cluster IP is no external frontend, but the pod path serves it: DNAT only.
+        let t = run(&m, "10.244.1.9:40000", "10.96.0.10:80", PROTO_TCP);
+        assert_eq!(t.verdict.action, "pass");
+        let t = pod("10.244.1.9:40000", "10.96.0.10:80", PROTO_TCP);
+        assert!(t.programs.contains("svclb_pod_in"), "{}", t.programs);
+        assert_eq!(t.verdict.action, "forward");
+        assert!(!t.verdict.nat.as_ref().expect("nat").snat);
+        // Hairpin: the pod at backend 1's address, on a source port that picks it.
+        let mut hairpins = 0;
+        for port in 40000..40200 {
+            let t = pod(&format!("10.244.1.5:{port}"), "10.96.0.10:80", PROTO_TCP);
+            let b = t.verdict.backend.as_ref().expect("backend");
+            let nat = t.verdict.nat.as_ref().expect("nat");
+            if b.address == "10.244.1.5" {
+                hairpins += 1;
+                assert!(nat.snat, "hairpin rewrites the source");
+                assert_eq!(nat.source_address.as_deref(), Some("10.96.0.10"));
+                assert!(exttrace::render_text(&t).contains("hairpin"));
+            } else {
+                assert!(!nat.snat, "DNAT only to another pod");
+            }
+        }
+        assert!(
+            hairpins > 0,
+            "no source port picked the client's own backend"
+        );
+        // No endpoints: TCP gets a RST.
+        let t = pod("10.244.1.9:40000", "10.96.0.30:80", PROTO_TCP);
+        assert_eq!(t.verdict.action, "reject");
+        let text = exttrace::render_text(&t);
+        assert!(text.contains("TCP RST"), "{text}");
     }
 
     #[test]
