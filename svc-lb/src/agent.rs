@@ -379,6 +379,12 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             anyhow::bail!("no source: neither a manifest directory nor a Kubernetes client")
         }
     };
+    // The start of the full sync: everything from here to the first `sync applied` is
+    // reading the source, modelling, planning and writing (the bench measures from here).
+    info!(
+        mode = if cfg.manifests.is_some() { "manifests" } else { "kubernetes" },
+        "source started"
+    );
     // A single-threaded runtime: let the source reach its scan before the load blocks.
     tokio::task::yield_now().await;
     // What this kernel offers decides the fallbacks; a kernel the socket path cannot

@@ -168,9 +168,9 @@ fn sync_table(out: &mut String, r: &Results) {
     let _ = writeln!(out, "### Full sync time\n");
     let _ = writeln!(
         out,
-        "Lower is better. svc-lb: from the agent's `maps open` log line (BPF object loaded, ready to read its source) \
-         to its first `sync applied` (every Service in the maps); the last columns give the same sync measured from the \
-         agent's process start (which adds loading and verifying the programs) and the agent's own `duration_us` for \
+        "Lower is better. svc-lb: from the agent's `source started` log line (it starts reading its source; the programs \
+         load and verify meanwhile) to its first `sync applied` (every Service in the maps); the last columns give the same \
+         sync measured from the agent's process start (which adds creating the maps and probing the kernel) and the agent's own `duration_us` for \
          model + plan + map writes (the rest is reading and parsing the manifest files). iptables: `iptables-restore` \
          of the whole nat table into an empty one. nftables: `nft -f` of the whole table into none. Direct has no control \
          plane, so its ratio is n/a.\n"

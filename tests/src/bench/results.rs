@@ -163,7 +163,8 @@ pub struct SyncCell {
     #[serde(default = "default_eps")]
     pub eps: usize,
     pub mode: Mode,
-    /// Full sync times, seconds (svc-lb: from "maps open" to the first "sync applied").
+    /// Full sync times, seconds (svc-lb: from "source started", or "maps open" for an
+    /// agent without that line, to the first "sync applied").
     pub samples_s: Vec<f64>,
     /// svc-lb: agent process start to the first "sync applied", seconds.
     pub start_to_sync_s: Vec<f64>,

@@ -555,7 +555,13 @@ impl Bench {
             }
             let lines = agent.log_lines();
             let sync = first_sync(&lines);
-            let ready_us = find_ts(&lines, "maps open").unwrap_or(spawned_us);
+            // The full sync starts when the agent starts reading its source: since the
+            // source starts before the programs load, the scan may overlap the load and
+            // `maps open` is no longer its start (an agent from before that change has no
+            // `source started` line and starts its source after `maps open`).
+            let ready_us = find_ts(&lines, "source started")
+                .or_else(|| find_ts(&lines, "maps open"))
+                .unwrap_or(spawned_us);
             let (sync_us, duration_us, programmed) = match sync {
                 Some(s) => s,
                 None => bail!("the agent logged `sync applied` without a timestamp"),
