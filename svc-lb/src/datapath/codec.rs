@@ -550,6 +550,8 @@ mod tests {
                 meta_flags: 1,
                 flags: 0,
                 src_ranges: Vec::new(),
+                scheduler: Default::default(),
+                slots: None,
             };
             let full = FrontendMeta {
                 service: d.service.clone(),
@@ -640,6 +642,8 @@ mod tests {
             meta_flags: 0,
             flags: 0,
             src_ranges: Vec::new(),
+            scheduler: Default::default(),
+            slots: None,
         };
         let desired = crate::model::DesiredState {
             frontends: [(fe, desired_fe)].into_iter().collect(),
