@@ -10,13 +10,13 @@ use std::{net::IpAddr, time::Duration};
 
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
+use svc_lb_tests::ip;
 use svc_lb_tests::{
     ClientReport, Lab, Proto,
     lab::with_lab,
     manifests::{EndpointSlice, Protocol, Service, TargetPort, yaml_docs},
     sa,
 };
-use svc_lb_tests::ip;
 
 const NS: &str = "sched";
 
@@ -148,7 +148,11 @@ fn wrr_rr_and_weighted_random_distribute_as_weighted() {
         let outcomes: Vec<&str> = rr.timeline.iter().map(|t| t.outcome.as_str()).collect();
         let first: Vec<&str> = outcomes.iter().take(3).copied().collect();
         ensure!(
-            first.iter().collect::<std::collections::BTreeSet<_>>().len() == 3,
+            first
+                .iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+                == 3,
             "rr's first three connections went to {first:?}"
         );
         for (i, o) in outcomes.iter().enumerate() {
@@ -193,7 +197,13 @@ fn weight_zero_drains_new_connections_and_keeps_established_ones() {
         let vip = "10.96.0.64";
         lab.write_manifest(
             "drain.yaml",
-            &yaml_docs(&service("drain", vip, &addrs, Some("wrr"), &[(a, 1), (b, 0)])),
+            &yaml_docs(&service(
+                "drain",
+                vip,
+                &addrs,
+                Some("wrr"),
+                &[(a, 1), (b, 0)],
+            )),
         )?;
         lab.start_agent()?;
         let first = run(lab, vip, 50, false)?;
@@ -212,7 +222,13 @@ fn weight_zero_drains_new_connections_and_keeps_established_ones() {
         let before = lab.agent().applied_count();
         lab.write_manifest(
             "drain.yaml",
-            &yaml_docs(&service("drain", vip, &addrs, Some("wrr"), &[(a, 0), (b, 1)])),
+            &yaml_docs(&service(
+                "drain",
+                vip,
+                &addrs,
+                Some("wrr"),
+                &[(a, 0), (b, 1)],
+            )),
         )?;
         lab.agent()
             .wait_applied(before + 1, Duration::from_secs(10))?;
@@ -222,7 +238,13 @@ fn weight_zero_drains_new_connections_and_keeps_established_ones() {
         let before = lab.agent().applied_count();
         lab.write_manifest(
             "drain.yaml",
-            &yaml_docs(&service("drain", vip, &addrs, Some("wrr"), &[(a, 0), (b, 0)])),
+            &yaml_docs(&service(
+                "drain",
+                vip,
+                &addrs,
+                Some("wrr"),
+                &[(a, 0), (b, 0)],
+            )),
         )?;
         lab.agent()
             .wait_applied(before + 1, Duration::from_secs(10))?;

@@ -14,8 +14,8 @@ use serde::Serialize;
 use svc_lb_common::{
     AffinityKey, AffinityValue, Backend, COUNTER_NAMES, CTR_SOCK_BACKEND_MISS, CTR_SOCK_NO_BACKEND,
     CTR_SOCK_SLOT_MISS, CTR_SOCK_SRC_RANGE, CTR_SOCK_SRC_UNBOUND, Choice, PROTO_TCP, PROTO_UDP,
-    SCOPE_ALL, SVC_FLAG_AFFINITY, SVC_FLAG_SCHED_RR, SVC_FLAG_SRC_RANGES, Stickiness, SvcValue, choose_backend,
-    lookup::affinity_fresh,
+    SCOPE_ALL, SVC_FLAG_AFFINITY, SVC_FLAG_SCHED_RR, SVC_FLAG_SRC_RANGES, Stickiness, SvcValue,
+    choose_backend, lookup::affinity_fresh,
 };
 
 use super::names;

@@ -44,9 +44,9 @@ use svc_lb_common::{
 };
 
 use super::{
-    sched::{self, Scheduler},
     BackendAddr, DesiredBackend, DesiredFrontend, DesiredState, FrontendKey, HealthCheck,
     ModelError, NodeInfo, ObjectRef, ServiceRef,
+    sched::{self, Scheduler},
 };
 use crate::source::{AddressType, EndpointAddress, SliceGroup, SliceObj, Snapshot};
 
@@ -1459,7 +1459,12 @@ fn slot_layout(
 ) -> Option<std::sync::Arc<[u16]>> {
     let w: Vec<u16> = backends
         .iter()
-        .map(|b| weights.get(&b.addr).copied().unwrap_or(sched::DEFAULT_WEIGHT))
+        .map(|b| {
+            weights
+                .get(&b.addr)
+                .copied()
+                .unwrap_or(sched::DEFAULT_WEIGHT)
+        })
         .collect();
     if !scheduler.weighted() || w.windows(2).all(|p| p[0] == p[1]) {
         return None;

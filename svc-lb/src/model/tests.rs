@@ -2627,8 +2627,16 @@ endpoints:
     assert_eq!(web.scheduler, Scheduler::Wrr);
     assert!(web.flags & SVC_FLAG_SCHED_RR != 0);
     assert_eq!(web.meta_flags & META_SCHED_MASK, META_SCHED_WRR);
-    let addrs: Vec<String> = web.backends.iter().map(|b| b.addr.addr.to_string()).collect();
-    assert_eq!(addrs, ["10.0.0.1", "10.0.0.2"], "weight 0 leaves the backends");
+    let addrs: Vec<String> = web
+        .backends
+        .iter()
+        .map(|b| b.addr.addr.to_string())
+        .collect();
+    assert_eq!(
+        addrs,
+        ["10.0.0.1", "10.0.0.2"],
+        "weight 0 leaves the backends"
+    );
     let slots: Vec<String> = web
         .slot_backends()
         .map(|b| b.addr.addr.to_string())

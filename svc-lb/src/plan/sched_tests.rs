@@ -10,7 +10,11 @@ use super::{
 use crate::model::{DesiredBackend, DesiredState};
 
 fn web(slots: Option<&[u16]>) -> DesiredState {
-    let mut f = frontend("web", fe("10.96.0.10", 80), &[be("10.0.0.1"), be("10.0.0.2")]);
+    let mut f = frontend(
+        "web",
+        fe("10.96.0.10", 80),
+        &[be("10.0.0.1"), be("10.0.0.2")],
+    );
     f.slots = slots.map(Into::into);
     state(vec![f])
 }
@@ -21,7 +25,11 @@ fn step(cur: &mut CurrentState, desired: &DesiredState) -> Plan {
     for op in &p.ops {
         cur.apply(op);
     }
-    assert_eq!(plan(cur, desired, &big()).ops, [], "a second plan has work left");
+    assert_eq!(
+        plan(cur, desired, &big()).ops,
+        [],
+        "a second plan has work left"
+    );
     p
 }
 
@@ -77,5 +85,8 @@ fn weight_zero_keeps_the_backend_entry_with_no_slot() {
     );
     step(&mut cur, &d);
     assert_eq!(slots(&cur), [b2]);
-    assert_eq!(cur.backends[&id1].state, BACKEND_DRAINING, "b1 stays, draining");
+    assert_eq!(
+        cur.backends[&id1].state, BACKEND_DRAINING,
+        "b1 stays, draining"
+    );
 }
