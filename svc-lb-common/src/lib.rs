@@ -161,6 +161,13 @@ pub const KIND_EXTERNAL_IP: u8 = 4;
 /// `SvcMeta.flags` bits: the Service's traffic policies.
 pub const META_INTERNAL_LOCAL: u8 = 1 << 0;
 pub const META_EXTERNAL_LOCAL: u8 = 1 << 1;
+/// `SvcMeta.flags` bits 2–3: the frontend's scheduler (issue 15), as `list` and `trace`
+/// name it; the datapath reads `SVC_FLAG_SCHED_RR` instead.
+pub const META_SCHED_MASK: u8 = 0b11 << 2;
+pub const META_SCHED_RANDOM: u8 = 0;
+pub const META_SCHED_RR: u8 = 1 << 2;
+pub const META_SCHED_WRR: u8 = 2 << 2;
+pub const META_SCHED_MAGLEV: u8 = 3 << 2;
 
 /// Program names (the ELF section symbols) and their attach points.
 pub const PROG_CONNECT4: &str = "svclb_connect4";
@@ -218,6 +225,12 @@ pub const SVC_FLAG_EXT_LOCAL: u16 = 1 << 2;
 /// Set with `count == 0` on an `SVC_FLAG_EXT_LOCAL` frontend whose Service has endpoints
 /// on other nodes: drop instead of answering ICMP port unreachable.
 pub const SVC_FLAG_DROP_EMPTY: u16 = 1 << 3;
+/// Scheduler `rr`/`wrr` (issue 15): new connections take the slots in turn. The master
+/// entry's `backend_id` (unused there otherwise) is the cursor, advanced with an atomic
+/// fetch-add by the socket programs; the agent's writes of the master reset it to 0.
+/// Without the flag a slot is drawn at random (scheduler `random`, weighted through the
+/// slot layout).
+pub const SVC_FLAG_SCHED_RR: u16 = 1 << 4;
 
 /// `Backend.state`.
 pub const BACKEND_ACTIVE: u8 = 0;

@@ -10,7 +10,7 @@ use crate::{
     AffinityValue, CTR_EXT_BACKEND_MISSING, CTR_EXT_DROP_NO_LOCAL, CTR_EXT_DROP_SRC_RANGE,
     CTR_EXT_REJECT_NO_BACKEND, CTR_SOCK_BACKEND_MISS, CTR_SOCK_NO_BACKEND, CTR_SOCK_SLOT_MISS,
     CTR_SOCK_SRC_RANGE, MAGLEV_TABLE_MAX, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_FLAG_AFFINITY,
-    SVC_FLAG_DROP_EMPTY, SVC_FLAG_SRC_RANGES, SvcValue, select_slot,
+    SVC_FLAG_DROP_EMPTY, SVC_FLAG_SCHED_RR, SVC_FLAG_SRC_RANGES, SvcValue, select_slot,
 };
 
 /// The third 32-bit word of an IPv4-mapped IPv6 address (`::ffff:0:0/96`) as it sits in
@@ -104,7 +104,12 @@ pub enum Choice<B> {
 ///   `rev_nat_id`; `None` when the socket has no source address yet. Checked before
 ///   anything else, as on the external path: an excluded client is refused
 ///   (`CTR_SOCK_SRC_RANGE`) even by an empty Service, and learns nothing more.
-/// - `random`: a uniform random number; called only when the Service has backends.
+/// - `random`: a uniform random number; called only when the Service has backends and
+///   no `SVC_FLAG_SCHED_RR` (scheduler `random`: the slot layout carries the weights).
+/// - `in_turn`: the frontend's round-robin cursor, advanced by one (an atomic fetch-add
+///   on the master entry in eBPF); called instead of `random` for a master with
+///   `SVC_FLAG_SCHED_RR` (schedulers `rr`/`wrr`), so slot `cursor % count + 1` follows
+///   the layout in order.
 /// - `slot_backend`: the `backend_id` stored in slot `n` (`1..=count`) of the same
 ///   frontend, or `None` when that slot is missing.
 /// - `backend`: the backend entry for an id, or `None` when it is missing. `B` is
@@ -132,6 +137,7 @@ pub fn choose_backend<B>(
     remembered: impl FnOnce(u32) -> Option<AffinityValue>,
     is_member: impl FnOnce(u32, u32) -> bool,
     random: impl FnOnce() -> u32,
+    in_turn: impl FnOnce() -> u32,
     slot_backend: impl FnOnce(u16) -> Option<u32>,
     mut backend: impl FnMut(u32) -> Option<B>,
 ) -> Choice<B> {
@@ -179,7 +185,12 @@ pub fn choose_backend<B>(
         }
         Affinity::Miss(sticky) => sticky,
     };
-    let Some(slot) = select_slot(random(), count) else {
+    let draw = if master.flags & SVC_FLAG_SCHED_RR != 0 {
+        in_turn()
+    } else {
+        random()
+    };
+    let Some(slot) = select_slot(draw, count) else {
         return refuse_empty;
     };
     let Some(backend_id) = slot_backend(slot) else {
@@ -481,6 +492,7 @@ mod tests {
             |_| panic!("affinity map read without affinity"),
             |_, _| panic!("match map read without affinity"),
             random,
+            || panic!("round-robin cursor read without SVC_FLAG_SCHED_RR"),
             slot_backend,
             backend,
         )
@@ -506,6 +518,7 @@ mod tests {
                 |_| panic!("affinity map read without affinity"),
                 |_, _| panic!("match map read without affinity"),
                 || 0,
+                || panic!("cursor read without SVC_FLAG_SCHED_RR"),
                 |_| Some(11),
                 Some,
             )
@@ -612,6 +625,36 @@ mod tests {
         );
     }
 
+    /// `rr`/`wrr`: the cursor, not a random number, picks the slot, so consecutive
+    /// connections walk the layout in order.
+    #[test]
+    fn in_turn_walks_the_slots_in_order() {
+        let m = SvcValue {
+            flags: SVC_FLAG_SCHED_RR,
+            ..master(3)
+        };
+        let slots = [0u32, 11, 12, 13];
+        let walked: std::vec::Vec<u16> = (0..7u32)
+            .map(|cursor| {
+                match choose_backend(
+                    Some(&m),
+                    |_| panic!("source ranges read without the flag"),
+                    || panic!("clock read without affinity"),
+                    |_| panic!("affinity map read without affinity"),
+                    |_, _| panic!("match map read without affinity"),
+                    || panic!("random number drawn for an in-turn frontend"),
+                    || cursor,
+                    |s| slots.get(usize::from(s)).copied(),
+                    Some,
+                ) {
+                    Choice::Backend { slot, .. } => slot,
+                    other => panic!("unexpected {other:?}"),
+                }
+            })
+            .collect();
+        assert_eq!(walked, [1, 2, 3, 1, 2, 3, 1]);
+    }
+
     #[test]
     fn missing_slot_or_backend_refuses_with_its_reason() {
         let m = master(2);
@@ -669,6 +712,7 @@ mod tests {
                 member
             },
             || 0,
+            || panic!("cursor read without SVC_FLAG_SCHED_RR"),
             |s| slots.get(usize::from(s)).copied(),
             |id| (id != 13 || exists).then_some(id * 10),
         )
@@ -738,6 +782,7 @@ mod tests {
             |_| Some(entry(13, 0)),
             |_, _| true,
             || 0,
+            || panic!("cursor read for an empty Service"),
             |_| Some(13),
             Some,
         );

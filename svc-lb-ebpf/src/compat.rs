@@ -35,6 +35,16 @@ static SVCLB_SK_STORAGE: Global<u8> = Global::new(1);
 #[unsafe(no_mangle)]
 static SVCLB_SK_RNAT_V1: Global<u8> = Global::new(0);
 
+/// 1: BPF atomics with BPF_FETCH (5.12): the `rr`/`wrr` cursor is one atomic fetch-add;
+/// 0: a plain read and write (see `sock.rs` `next_in_turn`).
+#[unsafe(no_mangle)]
+static SVCLB_ATOMIC_FETCH: Global<u8> = Global::new(1);
+
+#[inline(always)]
+pub fn atomic_fetch() -> bool {
+    SVCLB_ATOMIC_FETCH.load() != 0
+}
+
 #[inline(always)]
 pub fn sk_rnat_v1() -> bool {
     SVCLB_SK_RNAT_V1.load() != 0

@@ -2,6 +2,8 @@
 //! `sock.rs` (socket path) and `ext.rs` (external path, wrapped by `tc.rs` and `xdp.rs`).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// `asm!` for the `rr` cursor's atomic fetch-add (sock.rs `next_in_turn`).
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 #[cfg(target_arch = "bpf")]
 mod compat;

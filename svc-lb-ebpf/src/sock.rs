@@ -15,7 +15,7 @@ use svc_lb_common::{
     AffinityKey, AffinityMatchKey, AffinityValue, CTR_SOCK_AFF_HIT, CTR_SOCK_AFF_STALE,
     CTR_SOCK_AFF_UPDATE_FAIL, CTR_SOCK_RNAT_UPDATE_FAIL, CTR_SOCK_SRC_UNBOUND, CTR_SOCK_XLATED,
     Choice, PROTO_UDP, SCOPE_ALL, SrcRange4Key, SrcRange6Key, Stickiness, Svc4Key, Svc6Key,
-    choose_backend, lookup::v4_mapped,
+    SvcValue, choose_backend, lookup::v4_mapped,
 };
 
 use crate::maps::{
@@ -267,6 +267,38 @@ fn src_allowed6(src: [u32; 4], rev_nat_id: u32) -> Option<bool> {
     Some(LB_SRCRNG6_V1.get(&key).is_some())
 }
 
+/// Schedulers `rr`/`wrr`: the frontend's cursor (the master entry's otherwise unused
+/// `backend_id`), advanced by one. With BPF_FETCH atomics (5.12) this is one fetch-add,
+/// so connects racing on several CPUs each take their own turn; without, a read and a
+/// write, where a race can repeat a turn (the walk stays in the layout's order).
+#[inline(always)]
+fn next_in_turn(master: Option<*mut SvcValue>) -> u32 {
+    let Some(m) = master else {
+        return 0;
+    };
+    let cursor = unsafe { &raw mut (*m).backend_id };
+    if crate::compat::atomic_fetch() {
+        // Written as the instruction itself: the object is built for cpu v1, where LLVM
+        // refuses to use an atomic add's result (and the bpf target has no AtomicU32);
+        // the kernel accepts BPF_ATOMIC | BPF_FETCH from 5.12 whatever the cpu flag.
+        let mut turn: u64 = 1;
+        // Safety: `cursor` points into a map value, valid and aligned for this run.
+        unsafe {
+            core::arch::asm!(
+                "w2 = atomic_fetch_add((u32 *)(r1 + 0), w2)",
+                in("r1") cursor,
+                inout("r2") turn,
+                options(nostack),
+            );
+        }
+        turn as u32
+    } else {
+        let now = unsafe { core::ptr::read_volatile(cursor) };
+        unsafe { core::ptr::write_volatile(cursor, now.wrapping_add(1)) };
+        now
+    }
+}
+
 /// What [`xlate4`] decided; the caller writes the backend back in its socket's form.
 enum Xlate4 {
     /// Not a Service: leave the address alone.
@@ -325,13 +357,15 @@ fn xlate4(
         netns: 0,
         entry: core::ptr::null_mut(),
     };
+    let master = LB_SVC4_V1.get_ptr_mut(key);
     let choice = choose_backend(
-        unsafe { LB_SVC4_V1.get(key) },
+        master.map(|m| unsafe { &*m }),
         |rev_nat_id| src_allowed4(source(), rev_nat_id),
         || unsafe { bpf_ktime_get_ns() },
         |rev_nat_id| remembered(ctx, &mut client, rev_nat_id),
         is_member,
         || unsafe { bpf_get_prandom_u32() },
+        || next_in_turn(master),
         |slot| {
             key.slot = slot;
             LB_SVC4_V1.get_ptr(key).map(|v| unsafe { (*v).backend_id })
@@ -416,13 +450,15 @@ fn forward6(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
         netns: 0,
         entry: core::ptr::null_mut(),
     };
+    let master = LB_SVC6_V1.get_ptr_mut(key);
     let choice = choose_backend(
-        unsafe { LB_SVC6_V1.get(key) },
+        master.map(|m| unsafe { &*m }),
         |rev_nat_id| src_allowed6(source6(ctx, sendmsg), rev_nat_id),
         || unsafe { bpf_ktime_get_ns() },
         |rev_nat_id| remembered(ctx, &mut client, rev_nat_id),
         is_member,
         || unsafe { bpf_get_prandom_u32() },
+        || next_in_turn(master),
         |slot| {
             key.slot = slot;
             LB_SVC6_V1.get_ptr(key).map(|v| unsafe { (*v).backend_id })

@@ -155,7 +155,7 @@ pub enum Command {
         destroy_tcp: bool,
         /// Testing only: treat these kernel features as missing so that their fallbacks
         /// run (`all`, or names from `svc-lb status`'s kernel features: tcx,
-        /// fib_redirect, csum_ipv6_flag, set_retval, xdp_link, sk_storage_rnat, map_batch).
+        /// fib_redirect, csum_ipv6_flag, set_retval, xdp_link, sk_storage_rnat, map_batch, atomic_fetch).
         #[arg(long, hide = true, value_name = "FEATURE[,FEATURE...]")]
         force_feature_off: Option<String>,
         /// Answer ARP and NDP for load-balancer ingress IPs on the external path's
@@ -183,6 +183,10 @@ pub enum Command {
         /// mitigation [default: any unicast address]
         #[arg(long, value_delimiter = ',', value_name = "CIDR[,CIDR...]")]
         external_ip_cidrs: Vec<ipnet::IpNet>,
+        /// Scheduler of socket traffic for Services without a `svc-lb.io/scheduler`
+        /// annotation: random, rr or wrr (the external path always uses Maglev).
+        #[arg(long, default_value = "random", value_parser = crate::model::sched::parse_socket_default, value_name = "NAME")]
+        scheduler: crate::model::sched::Scheduler,
         /// A Service with more frontends (addresses × ports) than this is refused whole.
         #[arg(long, default_value_t = crate::model::DEFAULT_MAX_FRONTENDS_PER_SERVICE, value_name = "N")]
         max_frontends_per_service: usize,
@@ -494,6 +498,7 @@ pub fn run(cli: Cli) -> Result<()> {
             l2_heartbeat_key_file,
             max_manifest_bytes,
             external_ip_cidrs,
+            scheduler,
             max_frontends_per_service,
             max_backends_per_service,
             snat_port_range,
@@ -535,6 +540,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 name: node_name,
                 service_proxy_name,
                 external_ip_cidrs,
+                scheduler,
                 limits: crate::model::ServiceLimits {
                     max_frontends: max_frontends_per_service,
                     max_backends: max_backends_per_service,

@@ -880,6 +880,14 @@ fn gen_node(u: &mut Unstructured<'_>) -> ArbResult<NodeInfo> {
         external: u.arbitrary()?,
         external_ip_cidrs: cidrs.iter().map(|c| c.parse().expect("literal")).collect(),
         limits,
+        scheduler: pick(
+            u,
+            &[
+                crate::model::sched::Scheduler::Random,
+                crate::model::sched::Scheduler::Rr,
+                crate::model::sched::Scheduler::Wrr,
+            ],
+        )?,
     })
 }
 

@@ -11,13 +11,26 @@ use svc_lb_common::maglev::permutation;
 
 use crate::{datapath::codec::addr_words, model::BackendAddr};
 
-/// Fills a table of `m` entries (a prime, `m >= 2`) from `(id, address)` pairs. The
-/// result depends on the set of addresses only (and their ids), not on the order of
-/// `backends`. Pairs with id 0 (never valid) and repeated addresses (the first id wins
-/// after sorting) are ignored. Returns an empty table when no backend is left.
+/// Fills a table of `m` entries (a prime, `m >= 2`) from `(id, address)` pairs, one per
+/// slot of the frontend's weighted layout: an address listed `k` times has weight `k`
+/// (the planner's slots repeat a backend in proportion to its weight). The result
+/// depends on the addresses and their counts only (and their ids), not on the order of
+/// `backends`. Pairs with id 0 (never valid) are ignored; an address listed with two
+/// ids keeps the smallest. Returns an empty table when no backend is left.
 pub fn populate(backends: &[(u32, BackendAddr)], m: u32) -> Vec<u32> {
-    let weighted: Vec<(u32, BackendAddr, u16)> =
-        backends.iter().map(|(id, a)| (*id, *a, 1)).collect();
+    let mut sorted: Vec<(BackendAddr, u32)> = backends
+        .iter()
+        .filter(|(id, _)| *id != 0)
+        .map(|(id, a)| (*a, *id))
+        .collect();
+    sorted.sort_unstable();
+    let mut weighted: Vec<(u32, BackendAddr, u16)> = Vec::with_capacity(sorted.len());
+    for (addr, id) in sorted {
+        match weighted.last_mut() {
+            Some((_, a, w)) if *a == addr => *w = w.saturating_add(1),
+            _ => weighted.push((id, addr, 1)),
+        }
+    }
     populate_weighted(&weighted, m)
 }
 
@@ -251,7 +264,7 @@ mod tests {
     fn ignores_id_zero_duplicates_and_empty_input() {
         assert!(populate(&[], SMALL).is_empty());
         assert!(populate(&[(0, addr(1))], SMALL).is_empty());
-        let table = populate(&[(7, addr(1)), (9, addr(1)), (0, addr(2))], SMALL);
+        let table = populate(&[(9, addr(1)), (7, addr(1)), (0, addr(2))], SMALL);
         assert!(table.iter().all(|id| *id == 7));
         let v6 = BackendAddr {
             addr: "fd00::1".parse().unwrap(),
@@ -292,6 +305,22 @@ mod tests {
         let weighted: Vec<(u32, BackendAddr, u16)> =
             plain.iter().map(|(id, a)| (*id, *a, 7)).collect();
         assert_eq!(populate(&plain, SMALL), populate_weighted(&weighted, SMALL));
+    }
+
+    /// The planner passes one pair per slot: repeats are the weight.
+    #[test]
+    fn repeated_pairs_count_as_weight() {
+        let a = set(3);
+        let mut slots = a.clone();
+        slots.extend([a[2]; 2]);
+        let repeated = populate(&slots, M);
+        let weighted: Vec<(u32, BackendAddr, u16)> = a
+            .iter()
+            .enumerate()
+            .map(|(i, (id, ad))| (*id, *ad, if i == 2 { 3 } else { 1 }))
+            .collect();
+        assert_eq!(repeated, populate_weighted(&weighted, M));
+        assert_ne!(repeated, populate(&a, M));
     }
 
     #[test]

@@ -103,6 +103,7 @@ pub struct Compat {
     pub csum_ipv6_flag: bool,
     pub fib_redirect: bool,
     pub sk_storage_rnat: bool,
+    pub atomic_fetch: bool,
 }
 
 impl Default for Compat {
@@ -112,6 +113,7 @@ impl Default for Compat {
             csum_ipv6_flag: true,
             fib_redirect: true,
             sk_storage_rnat: true,
+            atomic_fetch: true,
         }
     }
 }
@@ -123,6 +125,7 @@ impl From<&super::probe::Choices> for Compat {
             csum_ipv6_flag: c.csum_ipv6_flag,
             fib_redirect: c.fib_redirect,
             sk_storage_rnat: c.sk_storage_rnat,
+            atomic_fetch: c.atomic_fetch,
         }
     }
 }
@@ -296,6 +299,7 @@ pub fn load(bpffs: &Path, opts: &LoadOptions) -> Result<Ebpf> {
         ("SVCLB_CSUM_IPV6_FLAG", opts.compat.csum_ipv6_flag),
         ("SVCLB_FIB_REDIRECT", opts.compat.fib_redirect),
         ("SVCLB_SK_STORAGE", opts.compat.sk_storage_rnat),
+        ("SVCLB_ATOMIC_FETCH", opts.compat.atomic_fetch),
     ]
     .map(|(name, on)| (name, u8::from(on)));
     // Sockets of an agent before LB_SKRNATSK_V2 keep their translations in the old

@@ -38,6 +38,7 @@ pub enum Feature {
     XdpLink,
     SkStorageRnat,
     MapBatch,
+    AtomicFetch,
 }
 
 /// What one feature is for. `fallback` is true when the agent has a way around a
@@ -166,6 +167,15 @@ pub const TABLE: &[FeatureInfo] = &[
         without: "one syscall per map entry (a full sync of many Services takes longer)",
         fallback: true,
     },
+    FeatureInfo {
+        feature: Feature::AtomicFetch,
+        name: "atomic_fetch",
+        what: "BPF atomics with BPF_FETCH (atomic_fetch_add)",
+        since: "5.12",
+        used_by: "socket path: the rr/wrr cursor of a frontend is one atomic fetch-add",
+        without: "the rr/wrr cursor is a plain read and write: connects racing on two CPUs may take the same turn",
+        fallback: true,
+    },
 ];
 
 pub fn info(f: Feature) -> &'static FeatureInfo {
@@ -227,6 +237,7 @@ pub struct Choices {
     pub xdp_link: bool,
     pub sk_storage_rnat: bool,
     pub map_batch: bool,
+    pub atomic_fetch: bool,
 }
 
 /// `--force-feature-off`: names from [`TABLE`] (only those with a fallback), or `all`.
@@ -314,6 +325,7 @@ impl Probe {
             xdp_link: self.state(Feature::XdpLink).usable(),
             sk_storage_rnat: self.state(Feature::SkStorageRnat).usable(),
             map_batch: self.state(Feature::MapBatch).usable(),
+            atomic_fetch: self.state(Feature::AtomicFetch).usable(),
         }
     }
 
@@ -545,6 +557,32 @@ impl KernelProber {
         ))
     }
 
+    /// Loads `w1 = atomic_fetch_add((u32 *)(r10 - 8), w1)` on a stack slot: kernels
+    /// before 5.12 accept only BPF_ADD without BPF_FETCH there (EINVAL).
+    fn atomic_fetch(&self) -> Result<bool> {
+        let prog = [
+            mov(1, 0),
+            // *(u64 *)(r10 - 8) = r1: BPF_STX | BPF_MEM | BPF_DW, dst r10, src r1.
+            Insn {
+                code: 0x7b,
+                regs: 0x1a,
+                off: -8,
+                imm: 0,
+            },
+            mov(1, 1),
+            // BPF_STX | BPF_ATOMIC | BPF_W, imm BPF_ADD | BPF_FETCH.
+            Insn {
+                code: 0xc3,
+                regs: 0x1a,
+                off: -8,
+                imm: 0x01,
+            },
+            mov(0, 0),
+            EXIT,
+        ];
+        Ok(load_answer(load(PROG_TYPE_SCHED_CLS, 0, &prog))?.is_some())
+    }
+
     /// Runs `bpf_l4_csum_replace(skb, 20, 0, 0, BPF_F_PSEUDO_HDR | BPF_F_IPV6)` on a
     /// zeroed frame: kernels without the flag answer EINVAL at run time (the verifier
     /// does not look at flags).
@@ -603,6 +641,7 @@ impl Prober for KernelProber {
             }
             Feature::CsumIpv6Flag => self.csum_ipv6_flag(),
             Feature::MapBatch => super::sys::probe_map_update_batch(),
+            Feature::AtomicFetch => self.atomic_fetch(),
             Feature::SkStorageRnat => Ok(map(MapType::SkStorage)?
                 && helper(
                     ProgramType::CgroupSockAddr,

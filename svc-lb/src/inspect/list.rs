@@ -46,10 +46,14 @@ pub struct ListEntry {
     /// "Cluster" or "Local".
     pub internal_traffic_policy: &'static str,
     pub external_traffic_policy: &'static str,
+    /// How new connections pick a backend: "random", "rr", "wrr" (socket scope) or
+    /// "maglev" (external scope).
+    pub scheduler: &'static str,
     /// New connections (and unconnected datagrams) sent to a backend since the frontend
     /// was programmed.
     pub new_connections: u64,
-    /// In slot order, which is the order the datapath indexes them in.
+    /// In the order of their first slot, which is the order the datapath indexes them
+    /// in; a weighted backend holds `weight` slots.
     pub backends: Vec<ListBackend>,
     /// The IPAddressPool a LoadBalancer address was allocated from (by this agent),
     /// when the agent answers; absent otherwise.
@@ -71,6 +75,10 @@ pub struct ListBackend {
     /// "active", "terminating", or "missing" when a slot names a backend id that is not
     /// in the backend map (the datapath then refuses connections that draw that slot).
     pub state: &'static str,
+    /// The slots this backend holds: its `svc-lb.io/weights` weight divided by the
+    /// weights' gcd (1 without weights, and always 1 under `rr`). Weight-0 endpoints
+    /// hold no slot and are not listed.
+    pub weight: u32,
     /// New connections to this backend. The datapath counts per backend, not per
     /// (frontend, backend): when `shared` is true the count includes the connections of
     /// the other frontends that use the same backend.
@@ -188,6 +196,12 @@ pub fn entries(view: &DatapathView, service: Option<&ServiceRef>) -> Vec<ListEnt
             } else {
                 names::external_policy(meta_flags)
             },
+            // The external path always uses Maglev, whatever older metadata says.
+            scheduler: if external {
+                "maglev"
+            } else {
+                names::scheduler(meta_flags)
+            },
             pool: None,
             announced_by: None,
             new_connections: view
@@ -195,10 +209,10 @@ pub fn entries(view: &DatapathView, service: Option<&ServiceRef>) -> Vec<ListEnt
                 .get(&cur.rev_nat_id)
                 .copied()
                 .unwrap_or(0),
-            backends: cur
-                .backend_ids
-                .iter()
-                .map(|id| {
+            backends: weighted(&cur.backend_ids)
+                .into_iter()
+                .map(|(id, weight)| {
+                    let id = &id;
                     let new_connections = view.backend_conns.get(id).copied().unwrap_or(0);
                     let shared = users.get(id).copied().unwrap_or(0) > 1;
                     match view.state.backends.get(id) {
@@ -207,6 +221,7 @@ pub fn entries(view: &DatapathView, service: Option<&ServiceRef>) -> Vec<ListEnt
                             address: b.addr.addr.to_string(),
                             port: b.addr.port,
                             state: names::backend_state(b.state),
+                            weight,
                             new_connections,
                             shared,
                         },
@@ -215,6 +230,7 @@ pub fn entries(view: &DatapathView, service: Option<&ServiceRef>) -> Vec<ListEnt
                             address: String::new(),
                             port: 0,
                             state: "missing",
+                            weight,
                             new_connections,
                             shared,
                         },
@@ -222,6 +238,23 @@ pub fn entries(view: &DatapathView, service: Option<&ServiceRef>) -> Vec<ListEnt
                 })
                 .collect(),
         });
+    }
+    out
+}
+
+/// The distinct backend ids of a slot list, in the order of their first slot, with how
+/// many slots each holds (its weight in the layout).
+fn weighted(slots: &[u32]) -> Vec<(u32, u32)> {
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    let mut at: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
+    for id in slots {
+        match at.get(id) {
+            Some(&i) => out[i].1 += 1,
+            None => {
+                at.insert(*id, out.len());
+                out.push((*id, 1));
+            }
+        }
     }
     out
 }
@@ -293,13 +326,15 @@ pub fn set_announcers(entries: &mut [ListEntry], announcers: &[crate::status::L2
 /// `ipvsadm -Ln`-style text. Column widths follow the content, so the output is the
 /// same for the same maps (the golden tests rely on it).
 pub fn render_text(entries: &[ListEntry]) -> String {
-    // Rows: [prot/arrow, address, scope, kind/state, service, flags, new conns].
-    let mut rows: Vec<[String; 7]> = vec![
+    // Rows: [prot/arrow, address, scope, kind/state, scheduler/weight, service, flags,
+    // new conns].
+    let mut rows: Vec<[String; 8]> = vec![
         [
             "Prot".into(),
             "LocalAddress:Port".into(),
             "Scope".into(),
             "Kind".into(),
+            "Sched".into(),
             "Service".into(),
             "Flags".into(),
             "NewConns ".into(),
@@ -309,6 +344,7 @@ pub fn render_text(entries: &[ListEntry]) -> String {
             "RemoteAddress:Port".into(),
             String::new(),
             "State".into(),
+            "Weight".into(),
             String::new(),
             String::new(),
             "NewConns ".into(),
@@ -333,6 +369,7 @@ pub fn render_text(entries: &[ListEntry]) -> String {
             e.socket(),
             e.scope.into(),
             e.kind.into(),
+            e.scheduler.into(),
             service,
             flags(e),
             format!("{} ", e.new_connections),
@@ -346,10 +383,11 @@ pub fn render_text(entries: &[ListEntry]) -> String {
                 String::new(),
                 String::new(),
                 String::new(),
+                String::new(),
             ]);
         }
         for b in &e.backends {
-            backends += 1;
+            backends += b.weight as usize;
             let addr = if b.state == "missing" {
                 format!("(backend id {} missing)", b.id)
             } else {
@@ -360,6 +398,7 @@ pub fn render_text(entries: &[ListEntry]) -> String {
                 addr,
                 String::new(),
                 b.state.into(),
+                b.weight.to_string(),
                 String::new(),
                 String::new(),
                 if b.shared {
@@ -371,7 +410,7 @@ pub fn render_text(entries: &[ListEntry]) -> String {
             ]);
         }
     }
-    let mut width = [0usize; 7];
+    let mut width = [0usize; 8];
     // Notes (no backends) start with "(" and may overflow their column.
     for r in rows
         .iter()
@@ -389,7 +428,7 @@ pub fn render_text(entries: &[ListEntry]) -> String {
         for (i, (c, w)) in r.iter().zip(width).enumerate() {
             match i {
                 0 => line.push_str(&format!("{c:<4} ")),
-                6 => line.push_str(&format!("{c:>w$}")),
+                7 => line.push_str(&format!("{c:>w$}")),
                 _ => line.push_str(&format!("{c:<w$}  ")),
             }
         }

@@ -39,6 +39,16 @@ pub fn backend_state(s: u8) -> &'static str {
 }
 
 /// `internalTrafficPolicy` as the API spells it.
+/// The scheduler `META_SCHED_*` bits name.
+pub fn scheduler(meta_flags: u8) -> &'static str {
+    match meta_flags & svc_lb_common::META_SCHED_MASK {
+        svc_lb_common::META_SCHED_RR => "rr",
+        svc_lb_common::META_SCHED_WRR => "wrr",
+        svc_lb_common::META_SCHED_MAGLEV => "maglev",
+        _ => "random",
+    }
+}
+
 pub fn internal_policy(meta_flags: u8) -> &'static str {
     if meta_flags & META_INTERNAL_LOCAL != 0 {
         "Local"

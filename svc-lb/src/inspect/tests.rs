@@ -473,6 +473,7 @@ fn list_json_field_names_are_stable() {
             "port_name",
             "protocol",
             "rev_nat_id",
+            "scheduler",
             "scope",
             "service",
             "session_affinity"
@@ -493,7 +494,8 @@ fn list_json_field_names_are_stable() {
             "new_connections",
             "port",
             "shared",
-            "state"
+            "state",
+            "weight"
         ]
     );
 }

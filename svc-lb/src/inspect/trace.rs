@@ -14,8 +14,8 @@ use serde::Serialize;
 use svc_lb_common::{
     AffinityKey, AffinityValue, Backend, COUNTER_NAMES, CTR_SOCK_BACKEND_MISS, CTR_SOCK_NO_BACKEND,
     CTR_SOCK_SLOT_MISS, CTR_SOCK_SRC_RANGE, CTR_SOCK_SRC_UNBOUND, Choice, PROTO_TCP, PROTO_UDP,
-    SCOPE_ALL, SVC_FLAG_AFFINITY, SVC_FLAG_SRC_RANGES, Stickiness, SvcValue, choose_backend,
-    lookup::affinity_fresh,
+    SCOPE_ALL, SVC_FLAG_AFFINITY, SVC_FLAG_SCHED_RR, SVC_FLAG_SRC_RANGES, Stickiness, SvcValue,
+    choose_backend, lookup::affinity_fresh,
 };
 
 use super::names;
@@ -210,6 +210,8 @@ pub struct TraceFrontend {
     pub port_name: Option<String>,
     pub kind: &'static str,
     pub backend_count: u32,
+    /// "random", "rr", "wrr" (slots in turn) or "maglev" (external path).
+    pub scheduler: &'static str,
     pub session_affinity: &'static str,
     pub affinity_timeout_seconds: Option<u32>,
     pub internal_traffic_policy: &'static str,
@@ -411,6 +413,9 @@ pub fn trace(maps: &dyn TraceMaps, req: &TraceRequest, random: u32) -> Result<Tr
         remembered,
         is_member,
         || random,
+        // The cursor as it stands: the next connection takes this turn (a trace does
+        // not advance it).
+        || master.map_or(0, |m| m.backend_id),
         |slot| match maps.svc(&codec::svc_key(&fe, slot)) {
             Ok(v) => v.map(|v| v.backend_id),
             Err(e) => {
@@ -494,6 +499,7 @@ pub fn trace(maps: &dyn TraceMaps, req: &TraceRequest, random: u32) -> Result<Tr
         port_name: meta.as_ref().map(|m| m.port_name.clone()),
         kind: names::kind(meta.as_ref().map_or(0, |m| m.kind)),
         backend_count: master.count,
+        scheduler: names::scheduler(meta_flags),
         session_affinity: if affinity { "ClientIP" } else { "None" },
         affinity_timeout_seconds: affinity.then_some(master.affinity_timeout_s),
         internal_traffic_policy: names::internal_policy(meta_flags),
@@ -518,10 +524,21 @@ pub fn trace(maps: &dyn TraceMaps, req: &TraceRequest, random: u32) -> Result<Tr
             Some(t) => format!("session affinity ClientIP, timeout {t}s"),
             None => "session affinity None".to_owned(),
         },
-        details: vec![format!(
-            "traffic policy: internal {}, external {} (the agent applied it when it chose the backends below)",
-            frontend.internal_traffic_policy, frontend.external_traffic_policy
-        )],
+        details: vec![
+            format!(
+                "traffic policy: internal {}, external {} (the agent applied it when it chose the backends below)",
+                frontend.internal_traffic_policy, frontend.external_traffic_policy
+            ),
+            format!(
+                "scheduler {}: {}",
+                frontend.scheduler,
+                if master.flags & SVC_FLAG_SCHED_RR != 0 {
+                    "the slots are taken in turn (a cursor in the master entry)"
+                } else {
+                    "a random slot; weights repeat a backend over several slots"
+                }
+            ),
+        ],
     });
 
     // Context only: the slots the random choice draws from.
@@ -667,8 +684,12 @@ pub fn trace(maps: &dyn TraceMaps, req: &TraceRequest, random: u32) -> Result<Tr
                     Stickiness::Off if master.count == 1 => {
                         vec!["the only backend: every connection goes here".to_owned()]
                     }
+                    Stickiness::Off if master.flags & SVC_FLAG_SCHED_RR != 0 => vec![format!(
+                        "the slots are taken in turn: each new connection takes the next of the {} slots",
+                        master.count
+                    )],
                     Stickiness::Off => vec![format!(
-                        "one of {} equally likely backends, drawn again for every connection",
+                        "one of {} equally likely slots, drawn again for every connection (a weighted backend holds several)",
                         master.count
                     )],
                 },
@@ -683,7 +704,13 @@ pub fn trace(maps: &dyn TraceMaps, req: &TraceRequest, random: u32) -> Result<Tr
                     port: c.port,
                     state: c.state,
                     slot,
-                    via: if via_affinity { "affinity" } else { "random" },
+                    via: if via_affinity {
+                        "affinity"
+                    } else if master.flags & SVC_FLAG_SCHED_RR != 0 {
+                        "in turn"
+                    } else {
+                        "random"
+                    },
                     deterministic,
                 }),
             };
@@ -849,6 +876,17 @@ pub(super) fn affinity_text(
 }
 
 fn selection_step(master: &SvcValue, random: u32, slot: u16, backend_id: u32) -> TraceStep {
+    if master.flags & SVC_FLAG_SCHED_RR != 0 {
+        return TraceStep {
+            step: "selection",
+            result: format!("slot {slot} in turn → backend {backend_id}"),
+            details: vec![format!(
+                "rr/wrr: slot = cursor % {count} + 1; the cursor is at {cursor}, so the next connection takes slot {slot} and the one after the next slot",
+                count = master.count,
+                cursor = master.backend_id
+            )],
+        };
+    }
     TraceStep {
         step: "selection",
         result: format!("random slot {slot} → backend {backend_id}"),

@@ -40,12 +40,13 @@ use svc_lb_common::{
     BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_TERMINATING, KIND_CLUSTER_IP, KIND_EXTERNAL_IP,
     KIND_LOAD_BALANCER, KIND_NODE_PORT, META_EXTERNAL_LOCAL, META_INTERNAL_LOCAL, PROTO_SCTP,
     PROTO_TCP, PROTO_UDP, SCOPE_ALL, SCOPE_EXTERNAL, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXT_LOCAL,
-    SVC_FLAG_SRC_RANGES,
+    SVC_FLAG_SCHED_RR, SVC_FLAG_SRC_RANGES,
 };
 
 use super::{
     BackendAddr, DesiredBackend, DesiredFrontend, DesiredState, FrontendKey, HealthCheck,
     ModelError, NodeInfo, ObjectRef, ServiceRef,
+    sched::{self, Scheduler},
 };
 use crate::source::{AddressType, EndpointAddress, SliceGroup, SliceObj, Snapshot};
 
@@ -446,6 +447,8 @@ fn refused_frontend(key: FrontendKey, sref: &ServiceRef, port_name: &str) -> Des
         meta_flags: 0,
         flags: 0,
         src_ranges: Vec::new(),
+        scheduler: Scheduler::default(),
+        slots: None,
     }
 }
 
@@ -615,6 +618,8 @@ struct SliceEndpoint<'a> {
     zone_hints: Vec<&'a str>,
     /// `hints.forNodes[].name` (trafficDistribution PreferSameNode).
     node_hints: Vec<&'a str>,
+    /// From the slice's `svc-lb.io/weights` ([`sched::DEFAULT_WEIGHT`] when unnamed).
+    weight: u16,
 }
 
 /// An EndpointSlice checked once, up front, so that its errors are reported once no
@@ -650,6 +655,9 @@ fn parse_slices<'a>(group: Option<&'a SliceGroup>, errors: &mut Vec<ModelError>)
                 continue;
             }
         };
+        if let Some(w) = &slice.weights {
+            errors.extend(w.errors(&slice.object_ref()));
+        }
         out.push(Slice {
             family,
             ports: slice_ports(slice, errors),
@@ -744,6 +752,10 @@ fn slice_endpoints<'a>(
             serving: ep.serving.unwrap_or(true),
             terminating: ep.terminating.unwrap_or(false),
             node_name: ep.node_name.as_deref(),
+            weight: slice
+                .weights
+                .as_ref()
+                .map_or(sched::DEFAULT_WEIGHT, |w| w.of(&addr)),
             zone_hints: hints
                 .into_iter()
                 .flat_map(|h| h.for_zones.iter())
@@ -794,6 +806,8 @@ struct ServicePlan<'a> {
     /// Problems that skip a part of the Service (a port, an address); the rest still
     /// programs.
     port_errors: Vec<String>,
+    /// `svc-lb.io/scheduler`, or the node default (issue 15).
+    scheduler: Scheduler,
 }
 
 impl ServicePlan<'_> {
@@ -1135,6 +1149,16 @@ fn plan_service<'a>(
     };
 
     let mut port_errors = Vec::new();
+    let (scheduler, bad_scheduler) = sched::service_scheduler(
+        svc.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(sched::ANNOTATION_SCHEDULER))
+            .map(String::as_str),
+        node.scheduler,
+        object,
+    );
+    port_errors.extend(bad_scheduler.map(|e| e.reason));
     let ports = plan_ports(spec.ports.as_deref().unwrap_or_default(), &mut port_errors)?;
     let external = external_addresses(svc, &ips, node, &mut port_errors);
     let lb_type = spec.type_.as_deref() == Some("LoadBalancer");
@@ -1166,6 +1190,7 @@ fn plan_service<'a>(
         src_ranges,
         health_check_node_port,
         port_errors,
+        scheduler,
     };
 
     let mut keys = BTreeSet::new();
@@ -1325,18 +1350,49 @@ fn program(
         // socket programs only ever see traffic that starts on this node. Traffic from
         // outside the node (the tc/XDP path's SCOPE_EXTERNAL frontends) follows the
         // external policy.
-        let backends = if (internal && plan.local_only) || (outside && plan.external_local) {
+        let mut backends = if (internal && plan.local_only) || (outside && plan.external_local) {
             eps.local.clone()
         } else {
             eps.cluster.clone()
         };
-        if outside {
-            let draining: Vec<DesiredBackend> = eps
-                .serving
-                .iter()
-                .filter(|s| !backends.iter().any(|b| b.addr == s.addr))
-                .copied()
-                .collect();
+        let scheduler = match (outside, plan.scheduler) {
+            (true, _) => Scheduler::Maglev,
+            (false, Scheduler::Maglev) => Scheduler::Random,
+            (false, s) => s,
+        };
+        // Weight 0 drains (as IPVS's quiesced real server): the endpoint leaves the slots
+        // and tables but keeps its backend entry as draining, so established connections
+        // and `list` still find it; all weights 0 refuse new connections, as no endpoints.
+        let mut zero: Vec<DesiredBackend> = Vec::new();
+        if !eps.weights.is_empty() {
+            backends.retain(|b| {
+                let keep = eps.weights.get(&b.addr) != Some(&0);
+                if !keep {
+                    zero.push(DesiredBackend {
+                        state: BACKEND_DRAINING,
+                        ..*b
+                    });
+                }
+                keep
+            });
+        }
+        let slots = slot_layout(&backends, &eps.weights, scheduler, object, &mut out.errors);
+        if outside || !zero.is_empty() {
+            let mut draining: Vec<DesiredBackend> = if outside {
+                eps.serving
+                    .iter()
+                    .filter(|s| !backends.iter().any(|b| b.addr == s.addr))
+                    .copied()
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            for z in zero {
+                if !draining.iter().any(|d| d.addr == z.addr) {
+                    draining.push(z);
+                }
+            }
+            draining.sort_unstable();
             if !draining.is_empty() {
                 out.draining.push((fe.key, draining));
             }
@@ -1360,6 +1416,9 @@ fn program(
                 flags |= SVC_FLAG_SRC_RANGES;
             }
         }
+        if matches!(scheduler, Scheduler::Rr | Scheduler::Wrr) {
+            flags |= SVC_FLAG_SCHED_RR;
+        }
         let meta_flags = if internal {
             if plan.local_only {
                 META_INTERNAL_LOCAL
@@ -1371,6 +1430,7 @@ fn program(
         } else {
             0
         };
+        let meta_flags = meta_flags | scheduler.meta_bits();
         out.frontends.push(DesiredFrontend {
             key: fe.key,
             service: sref.clone(),
@@ -1381,8 +1441,49 @@ fn program(
             meta_flags,
             flags,
             src_ranges,
+            scheduler,
+            slots,
         });
     }
+}
+
+/// The slot layout of one frontend ([`DesiredFrontend::slots`]): `None` when every
+/// backend has the same weight (one slot each, in order), else the weighted layout;
+/// a layout scaled down to fit is reported against the Service.
+fn slot_layout(
+    backends: &[DesiredBackend],
+    weights: &HashMap<BackendAddr, u16>,
+    scheduler: Scheduler,
+    object: &ObjectRef,
+    errors: &mut Vec<ModelError>,
+) -> Option<std::sync::Arc<[u16]>> {
+    let w: Vec<u16> = backends
+        .iter()
+        .map(|b| {
+            weights
+                .get(&b.addr)
+                .copied()
+                .unwrap_or(sched::DEFAULT_WEIGHT)
+        })
+        .collect();
+    if !scheduler.weighted() || w.windows(2).all(|p| p[0] == p[1]) {
+        return None;
+    }
+    let layout = sched::weighted_layout(&w, scheduler);
+    if let Some(why) = layout.scaled {
+        errors.push(ModelError {
+            object: object.clone(),
+            reason: format!("annotation {}: {why}", sched::ANNOTATION_WEIGHTS),
+        });
+    }
+    // Backend indexes fit: a frontend holds at most MAX_BACKENDS_PER_FRONTEND (u16).
+    Some(
+        layout
+            .slots
+            .into_iter()
+            .map(|i| u16::try_from(i).unwrap_or(u16::MAX))
+            .collect(),
+    )
 }
 
 /// The usable endpoints of one Service port and family, for each traffic policy.
@@ -1394,6 +1495,9 @@ struct Endpoints {
     /// Every endpoint that still serves (ready, or serving whatever else it is), as
     /// `BACKEND_DRAINING`: what an external frontend drains from besides its backends.
     serving: Vec<DesiredBackend>,
+    /// `svc-lb.io/weights` of the endpoints that have a weight other than the default
+    /// (empty without the annotation, as almost always).
+    weights: HashMap<BackendAddr, u16>,
 }
 
 /// Which endpoints the topology hints restrict the Cluster policy to (kube-proxy's
@@ -1438,6 +1542,7 @@ fn select_backends(
     // one is not (a recycled pod IP: prefer the live pod, as kube-proxy does).
     let mut cands: Vec<Candidate<'_>> = Vec::new();
     let mut at: HashMap<BackendAddr, usize> = HashMap::new();
+    let mut weights: HashMap<BackendAddr, u16> = HashMap::new();
     for slice in slices.iter().filter(|s| s.family == fam) {
         let Some(bport) = slice_port_for(slice, port) else {
             continue;
@@ -1452,6 +1557,9 @@ fn select_backends(
                 None => {
                     at.insert(addr, cands.len());
                     cands.push(Candidate { addr, ep });
+                    if ep.weight != sched::DEFAULT_WEIGHT {
+                        weights.insert(addr, ep.weight);
+                    }
                 }
                 Some(&i) => {
                     if cands[i].ep.terminating && !ep.terminating {
@@ -1541,5 +1649,6 @@ fn select_backends(
         cluster,
         local,
         serving,
+        weights,
     }
 }

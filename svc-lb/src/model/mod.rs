@@ -87,6 +87,30 @@ pub struct DesiredFrontend {
     /// `loadBalancerSourceRanges` of this frontend's family, sorted and unique; not
     /// empty exactly when `flags` has `SVC_FLAG_SRC_RANGES`.
     pub src_ranges: Vec<IpNet>,
+    /// How a new connection picks a slot: `svc-lb.io/scheduler` or the node default on
+    /// `SCOPE_ALL` frontends (`maglev` there means `random`: a socket has no source port
+    /// to hash at connect time); always `Maglev` on `SCOPE_EXTERNAL` ones.
+    pub scheduler: sched::Scheduler,
+    /// The weighted slot layout ([`sched::weighted_layout`]): slot `i + 1` holds
+    /// `backends[slots[i]]`. `None` is one slot per backend in order (every weight
+    /// equal, the usual case). `backends` holds only weights above 0; weight-0
+    /// endpoints are in [`DesiredState::draining`].
+    pub slots: Option<Arc<[u16]>>,
+}
+
+impl DesiredFrontend {
+    /// Service-map slots this frontend takes (its master's count).
+    pub fn slot_count(&self) -> usize {
+        self.slots.as_ref().map_or(self.backends.len(), |s| s.len())
+    }
+
+    /// The backend of each slot, in slot order.
+    pub fn slot_backends(&self) -> impl Iterator<Item = &DesiredBackend> + '_ {
+        (0..self.slot_count()).filter_map(move |i| match &self.slots {
+            Some(s) => self.backends.get(usize::from(s[i])),
+            None => self.backends.get(i),
+        })
+    }
 }
 
 /// A `healthCheckNodePort` to serve: which Service it reports on and how many of its
@@ -141,6 +165,9 @@ pub struct NodeInfo {
     pub external_ip_cidrs: Vec<IpNet>,
     /// Per-Service limits, checked before a Service is expanded into frontends.
     pub limits: ServiceLimits,
+    /// `--scheduler`: the scheduler of socket frontends whose Service has no (valid)
+    /// `svc-lb.io/scheduler` annotation.
+    pub scheduler: sched::Scheduler,
 }
 
 /// The default of `--max-frontends-per-service`.

@@ -51,6 +51,16 @@ impl Scheduler {
         }
     }
 
+    /// The `META_SCHED_*` bits that name this scheduler in the metadata map.
+    pub fn meta_bits(self) -> u8 {
+        match self {
+            Self::Random => svc_lb_common::META_SCHED_RANDOM,
+            Self::Rr => svc_lb_common::META_SCHED_RR,
+            Self::Wrr => svc_lb_common::META_SCHED_WRR,
+            Self::Maglev => svc_lb_common::META_SCHED_MAGLEV,
+        }
+    }
+
     /// Whether the weights shape this scheduler's layout (`rr` ignores them except
     /// that weight 0 drains, as IPVS's `rr` does).
     pub fn weighted(self) -> bool {

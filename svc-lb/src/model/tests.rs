@@ -2580,3 +2580,93 @@ endpoints:
         assert!(state.draining.is_empty());
     }
 }
+
+/// Issue 15: the scheduler annotation and the slice's weights become the frontends'
+/// scheduler, flags and slot layout; weight 0 leaves the slots for the draining list;
+/// bad values are reported and the defaults apply.
+#[test]
+fn schedulers_and_weights_shape_the_frontends() {
+    use svc_lb_common::{BACKEND_DRAINING, META_SCHED_MASK, META_SCHED_WRR, SVC_FLAG_SCHED_RR};
+
+    use super::sched::Scheduler;
+    let yaml = r#"
+kind: Service
+metadata: {name: web, namespace: shop, annotations: {svc-lb.io/scheduler: wrr}}
+spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+kind: Service
+metadata: {name: odd, namespace: shop, annotations: {svc-lb.io/scheduler: wlc}}
+spec: {clusterIP: 10.96.0.11, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+kind: EndpointSlice
+metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web},
+  annotations: {svc-lb.io/weights: "10.0.0.1=1,10.0.0.2=2,10.0.0.3=0,nope"}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: [10.0.0.1]}
+- {addresses: [10.0.0.2]}
+- {addresses: [10.0.0.3]}
+---
+kind: EndpointSlice
+metadata: {name: odd-1, namespace: shop, labels: {kubernetes.io/service-name: odd}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: [10.0.0.1]}
+- {addresses: [10.0.0.2]}
+"#;
+    let (services, slices) = parse(yaml);
+    let node = NodeInfo::default();
+    let (state, errors) = build(&snapshot(&services, &slices), &node);
+    let web = state
+        .frontends
+        .values()
+        .find(|f| &*f.service.name == "web")
+        .expect("web frontend");
+    assert_eq!(web.scheduler, Scheduler::Wrr);
+    assert!(web.flags & SVC_FLAG_SCHED_RR != 0);
+    assert_eq!(web.meta_flags & META_SCHED_MASK, META_SCHED_WRR);
+    let addrs: Vec<String> = web
+        .backends
+        .iter()
+        .map(|b| b.addr.addr.to_string())
+        .collect();
+    assert_eq!(
+        addrs,
+        ["10.0.0.1", "10.0.0.2"],
+        "weight 0 leaves the backends"
+    );
+    let slots: Vec<String> = web
+        .slot_backends()
+        .map(|b| b.addr.addr.to_string())
+        .collect();
+    assert_eq!(slots, ["10.0.0.2", "10.0.0.1", "10.0.0.2"]);
+    let draining = &state.draining[&web.key];
+    assert_eq!(draining.len(), 1);
+    assert_eq!(draining[0].addr.addr.to_string(), "10.0.0.3");
+    assert_eq!(draining[0].state, BACKEND_DRAINING);
+
+    let odd = state
+        .frontends
+        .values()
+        .find(|f| &*f.service.name == "odd")
+        .expect("odd frontend");
+    assert_eq!(odd.scheduler, Scheduler::Random);
+    assert_eq!(odd.flags & SVC_FLAG_SCHED_RR, 0);
+    assert_eq!(odd.slots, None, "equal weights: one slot per backend");
+    assert_eq!(odd.slot_count(), 2);
+    let shown: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert!(
+        shown.iter().any(|e| e.starts_with("Service shop/odd")
+            && e.contains("'wlc' is not supported yet")
+            && e.contains("using random")),
+        "{shown:#?}"
+    );
+    assert!(
+        shown
+            .iter()
+            .any(|e| e.starts_with("EndpointSlice shop/web-1") && e.contains("'nope'")),
+        "{shown:#?}"
+    );
+}

@@ -191,7 +191,8 @@ impl<'a> Candidate<'a> {
         by_addr: &AddrIds,
         state: &CurrentState,
     ) -> Self {
-        let n = desired.backends.len();
+        // Slots follow the weighted layout (issue 15), not the backend list.
+        let n = desired.slot_count();
         let (flags, timeout) = wanted_flags(desired);
         let changed = match current {
             None => true,
@@ -203,8 +204,7 @@ impl<'a> Candidate<'a> {
                     || !cf.stale_slots.is_empty()
                     || cf.backend_ids.len() != n
                     || desired
-                        .backends
-                        .iter()
+                        .slot_backends()
                         .zip(&cf.backend_ids)
                         .any(|(b, id)| by_addr.get(&b.addr) != Some(id))
                     || !extras_match(state, cf.rev_nat_id, desired, by_addr)
@@ -451,7 +451,7 @@ fn wanted_hint(admitted: &[&Candidate<'_>]) -> usize {
     admitted
         .iter()
         .filter(|c| c.changed)
-        .map(|c| 2 * c.desired.backends.len())
+        .map(|c| 2 * c.desired.slot_count())
         .sum()
 }
 
@@ -634,7 +634,7 @@ pub(super) fn plan_with(
     for (service, fronts) in order {
         let too_big = fronts
             .iter()
-            .find(|c| c.desired.backends.len() > MAX_BACKENDS_PER_FRONTEND);
+            .find(|c| c.desired.slot_count() > MAX_BACKENDS_PER_FRONTEND);
         let verdict = match too_big {
             Some(c) => Err(format!(
                 "frontend {} has {} backends; one frontend holds at most {MAX_BACKENDS_PER_FRONTEND}",
@@ -864,8 +864,7 @@ pub(super) fn plan_with(
         let fe = *c.key();
         let ids: Option<Vec<u32>> = c
             .desired
-            .backends
-            .iter()
+            .slot_backends()
             .map(|b| backend_ids.get(&b.addr).copied())
             .collect();
         let (Some(&rev_nat_id), Some(ids)) = (rev_ids.get(&fe), ids) else {
@@ -915,12 +914,17 @@ pub(super) fn plan_with(
             });
         }
         if wants_table(c.desired) {
+            // One pair per slot: a backend repeated in the weighted layout fills the
+            // table in proportion (`maglev::populate` counts repeats as weight). The id
+            // set does not show a weight change; unchanged slots do.
             let pairs: Vec<(u32, BackendAddr)> = ids
                 .iter()
-                .zip(&c.desired.backends)
+                .zip(c.desired.slot_backends())
                 .map(|(id, b)| (*id, b.addr))
                 .collect();
-            let up_to_date = tables.contains(&rev_nat_id)
+            let same_slots = c.current.is_some_and(|cf| cf.backend_ids == ids);
+            let up_to_date = same_slots
+                && tables.contains(&rev_nat_id)
                 && current
                     .maglev
                     .get(&rev_nat_id)

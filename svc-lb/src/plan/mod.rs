@@ -33,6 +33,8 @@ pub use touched::plan_touched;
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]
+mod sched_tests;
+#[cfg(test)]
 mod tests;
 
 /// A backend entry as stored in the backend map.

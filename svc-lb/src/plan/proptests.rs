@@ -180,6 +180,8 @@ fn desired_state() -> impl Strategy<Value = DesiredState> {
                     meta_flags: 0,
                     flags,
                     src_ranges,
+                    scheduler: Default::default(),
+                    slots: None,
                 },
             );
         }

@@ -75,6 +75,8 @@ pub(super) fn frontend(
         meta_flags: 0,
         flags: 0,
         src_ranges: Vec::new(),
+        scheduler: Default::default(),
+        slots: None,
     }
 }
 

@@ -222,6 +222,8 @@ mod tests {
             meta_flags: 0,
             flags: 0,
             src_ranges: Vec::new(),
+            scheduler: Default::default(),
+            slots: None,
         }
     }
 
