@@ -880,7 +880,7 @@ struct CachedFile {
 /// What one file holds, in file order.
 #[derive(Debug, Default, PartialEq)]
 struct FileContent {
-    services: Vec<(ObjectRef, Arc<Service>)>,
+    services: Vec<(ObjectRef, Arc<super::SvcObj>)>,
     slices: Vec<(ObjectRef, Arc<super::SliceObj>)>,
     errors: Vec<SourceError>,
     /// Boxed: most files hold none, and [`Unusable`] carries a whole `FileContent`.

@@ -43,8 +43,7 @@ fn names(snap: &Snapshot) -> Vec<String> {
         .map(|s| {
             format!(
                 "Service {}/{}",
-                s.metadata.namespace.as_deref().unwrap_or("?"),
-                s.metadata.name.as_deref().unwrap_or("?")
+                s.namespace, s.name
             )
         })
         .chain(
@@ -103,10 +102,8 @@ fn multi_document_yaml_with_default_namespace() {
             .values()
             .next()
             .expect("a Service")
-            .metadata
-            .namespace
-            .as_deref(),
-        Some("default")
+            .namespace,
+        "default".into()
     );
     let spec = snap
         .services
@@ -429,7 +426,7 @@ fn an_object_defined_twice_keeps_the_first_file() {
     let web = snap
         .services
         .values()
-        .find(|s| s.metadata.name.as_deref() == Some("web"))
+        .find(|s| &*s.name == "web")
         .expect("web");
     assert_eq!(
         web.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()),
@@ -1392,7 +1389,7 @@ fn cluster_ip(snap: &Snapshot) -> Option<String> {
         .values()
         .next()
         .and_then(|s| s.spec.as_ref())
-        .and_then(|s| s.cluster_ip.clone())
+        .and_then(|s| s.cluster_ip.as_deref().map(str::to_owned))
 }
 
 fn event(kind: notify::EventKind, path: &Path) -> notify::Event {
