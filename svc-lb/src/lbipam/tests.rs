@@ -55,6 +55,17 @@ fn lb(ports: &[i32]) -> Service {
     }
 }
 
+/// `svc` with `ip` as its VIP-mode ingress address, as LB-IPAM writes it.
+fn ingress(mut svc: Service, ip: &str) -> Service {
+    svc.status = Some(
+        serde_json::from_value(serde_json::json!({
+            "loadBalancer": {"ingress": [{"ip": ip, "ipMode": "VIP"}]}
+        }))
+        .unwrap(),
+    );
+    svc
+}
+
 fn annotate(mut svc: Service, key: &str, value: &str) -> Service {
     svc.metadata
         .annotations
@@ -283,9 +294,9 @@ fn other_classes_other_types_and_foreign_status_are_left_alone() {
     ours.spec.as_mut().unwrap().load_balancer_class = Some(LB_CLASS.into());
     let mut cluster_ip = lb(&[80]);
     cluster_ip.spec.as_mut().unwrap().type_ = Some("ClusterIP".into());
-    let mut foreign = with_ingress(&lb(&[80]), &["198.51.100.9".parse().unwrap()]);
+    let mut foreign = ingress(lb(&[80]), "198.51.100.9");
     foreign.metadata.name = Some("f".into());
-    let held = with_ingress(&lb(&[80]), &["192.0.2.3".parse().unwrap()]);
+    let held = ingress(lb(&[80]), "192.0.2.3");
     let services = [
         (sref("default", "a-other"), other_class),
         (sref("default", "b-ours"), ours),
@@ -655,7 +666,11 @@ fn a_service_that_loses_one_family_frees_the_other_within_the_same_pass() {
         (sref("default", "a6"), v6_only(lb(&[80]))),
         b.clone(),
     ];
-    let a = allocate(&new, objs(&services).iter().map(|(r, s)| (r, s)), Some(&before));
+    let a = allocate(
+        &new,
+        objs(&services).iter().map(|(r, s)| (r, s)),
+        Some(&before),
+    );
     assert_eq!(ips(&a, &sref("default", "a4")), ["192.0.2.1"]);
     assert_eq!(ips(&a, &sref("default", "a6")), ["2001:db8::1"]);
     assert!(a.pending.contains_key(&b.0), "{:?}", a.pending);
@@ -743,13 +758,20 @@ fn huge_pools_cost_steps_in_proportion_to_the_services_not_to_the_pools() {
     // The same pass again, with everything held, is as cheap; and so is one more
     // Service after deletions left holes at the bottom of the pools.
     let mut b = Allocation::default();
-    let steps = steps_of(|| b = allocate(&pools, objs(&services).iter().map(|(r, s)| (r, s)), Some(&a)));
+    let steps = steps_of(|| {
+        b = allocate(
+            &pools,
+            objs(&services).iter().map(|(r, s)| (r, s)),
+            Some(&a),
+        )
+    });
     assert_eq!(b, a);
     assert!(steps <= 8 * n as u64, "{steps} steps with everything held");
     let mut fewer: Vec<_> = services[100..].to_vec();
     fewer.push((sref("zz", "new"), lb(&[80])));
     let mut c = Allocation::default();
-    let steps = steps_of(|| c = allocate(&pools, objs(&fewer).iter().map(|(r, s)| (r, s)), Some(&a)));
+    let steps =
+        steps_of(|| c = allocate(&pools, objs(&fewer).iter().map(|(r, s)| (r, s)), Some(&a)));
     assert!(steps <= 8 * n as u64, "{steps} steps after deletions");
     // The new Service takes the lowest hole: the lowest IPv4 address that only
     // deleted Services used.

@@ -392,10 +392,7 @@ impl From<Service> for SvcObj {
                 load_balancer_ip: spec.load_balancer_ip.map(String::into_boxed_str),
                 ip_families: boxed_strs(spec.ip_families),
                 ip_family_policy: spec.ip_family_policy.map(String::into_boxed_str),
-                selector: spec
-                    .selector
-                    .filter(|_| lb)
-                    .map(|s| pairs_of(s, |_| true)),
+                selector: spec.selector.filter(|_| lb).map(|s| pairs_of(s, |_| true)),
             })
         });
         let ingress = svc
@@ -416,7 +413,10 @@ impl From<Service> for SvcObj {
                 _ => "default".into(),
             },
             uid: None,
-            labels: pairs_of(meta.labels.into_iter().flatten(), super::is_kept_service_label),
+            labels: pairs_of(
+                meta.labels.into_iter().flatten(),
+                super::is_kept_service_label,
+            ),
             annotations: pairs_of(
                 meta.annotations.into_iter().flatten(),
                 super::is_kept_service_annotation,

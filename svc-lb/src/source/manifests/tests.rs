@@ -40,12 +40,7 @@ fn names(snap: &Snapshot) -> Vec<String> {
     let mut out: Vec<String> = snap
         .services
         .values()
-        .map(|s| {
-            format!(
-                "Service {}/{}",
-                s.namespace, s.name
-            )
-        })
+        .map(|s| format!("Service {}/{}", s.namespace, s.name))
         .chain(
             snap.all_slices()
                 .map(|s| format!("EndpointSlice {}/{}", s.namespace, s.name)),
@@ -98,11 +93,7 @@ fn multi_document_yaml_with_default_namespace() {
         ["EndpointSlice shop/web-abc", "Service default/web"]
     );
     assert_eq!(
-        snap.services
-            .values()
-            .next()
-            .expect("a Service")
-            .namespace,
+        snap.services.values().next().expect("a Service").namespace,
         "default".into()
     );
     let spec = snap
