@@ -245,7 +245,7 @@ struct Share {
     key: Option<String>,
     ports: BTreeSet<(String, i32)>,
     local: bool,
-    selector: Option<Box<[(Box<str>, Box<str>)]>>,
+    selector: Option<crate::source::StrPairs>,
 }
 
 impl Share {

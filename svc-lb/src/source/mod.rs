@@ -28,7 +28,7 @@ mod objects;
 
 pub use objects::{
     AddressType, EndpointAddress, EndpointHintsObj, EndpointObj, EndpointPortObj, IngressObj,
-    SliceObj, SvcObj, SvcPortObj, SvcSpec,
+    SliceObj, StrPairs, SvcObj, SvcPortObj, SvcSpec,
 };
 
 /// A complete, consistent view of the objects a source knows. Sources publish whole

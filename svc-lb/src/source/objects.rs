@@ -232,6 +232,10 @@ impl SliceObj {
     }
 }
 
+/// Key/value pairs sorted by key (the labels, annotations or selector kept of an
+/// object): one small allocation instead of a map's tree nodes.
+pub type StrPairs = Box<[(Box<str>, Box<str>)]>;
+
 /// A Service as the sources keep it: what the model, LB-IPAM and the leader's status
 /// writes read, nothing else. How to read each Kubernetes field:
 ///
@@ -256,9 +260,9 @@ pub struct SvcObj {
     pub namespace: Arc<str>,
     pub uid: Option<Box<str>>,
     /// Kept labels only, in key order.
-    pub labels: Box<[(Box<str>, Box<str>)]>,
+    pub labels: StrPairs,
     /// Kept annotations only, in key order.
-    pub annotations: Box<[(Box<str>, Box<str>)]>,
+    pub annotations: StrPairs,
     pub spec: Option<Box<SvcSpec>>,
     pub ingress: Box<[IngressObj]>,
 }
@@ -288,7 +292,7 @@ pub struct SvcSpec {
     pub ip_families: Box<[Box<str>]>,
     pub ip_family_policy: Option<Box<str>>,
     /// `LoadBalancer` Services only, in key order.
-    pub selector: Option<Box<[(Box<str>, Box<str>)]>>,
+    pub selector: Option<StrPairs>,
 }
 
 /// `spec.ports[]` of a Service.
@@ -343,7 +347,7 @@ fn find_pair<'a>(pairs: &'a [(Box<str>, Box<str>)], key: &str) -> Option<&'a str
 pub(crate) fn pairs_of<K: AsRef<str>, V: AsRef<str>>(
     it: impl IntoIterator<Item = (K, V)>,
     keep: impl Fn(&str) -> bool,
-) -> Box<[(Box<str>, Box<str>)]> {
+) -> StrPairs {
     let mut v: Vec<(Box<str>, Box<str>)> = Vec::new();
     for (k, val) in it {
         let k = k.as_ref();

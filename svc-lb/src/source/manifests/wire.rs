@@ -147,7 +147,7 @@ impl<K> Pairs<'_, K> {
             .map(|(_, v)| &*v.0)
     }
 
-    fn boxed(&self, keep: impl Fn(&str) -> bool) -> Box<[(Box<str>, Box<str>)]> {
+    fn boxed(&self, keep: impl Fn(&str) -> bool) -> crate::source::objects::StrPairs {
         crate::source::objects::pairs_of(self.0.iter().map(|(k, v)| (&*k.0, &*v.0)), keep)
     }
 }
