@@ -225,6 +225,7 @@ fn edit(
             0..=6 => {
                 let svc: Service =
                     serde_json::from_value(gen_service(u)?).expect("generated Service decodes");
+                let svc = crate::source::compact_service(svc);
                 let sref = crate::source::service_ref(&svc);
                 snap.services.insert(sref.clone(), std::sync::Arc::new(svc));
                 snap.changed.services.insert(sref);
@@ -938,7 +939,7 @@ fn check_lbipam(snap: &Snapshot) {
             }
         }
     }
-    let services: Vec<(&ServiceRef, &Service)> =
+    let services: Vec<(&ServiceRef, &crate::source::SvcObj)> =
         snap.services.iter().map(|(r, s)| (r, &**s)).collect();
     let a = lbipam::allocate(&pools, services.iter().copied(), None);
     if let Err(e) = lbipam::validate(&pools, services.iter().copied(), &a) {

@@ -294,7 +294,7 @@ pub fn status_writes(
 }
 
 /// No longer a LoadBalancer, with no class of someone else's.
-fn released(svc: &Service) -> bool {
+fn released(svc: &crate::source::SvcObj) -> bool {
     let spec = svc.spec.as_ref();
     !is_ours(svc)
         && spec.and_then(|s| s.type_.as_deref()) != Some("LoadBalancer")

@@ -34,15 +34,12 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::{
-    api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, Service, ServiceStatus},
-    apimachinery::pkg::apis::meta::v1::LabelSelector,
-};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use crate::{
     model::ServiceRef,
     source::{
-        Snapshot,
+        IngressObj, Snapshot, SvcObj as Service,
         metallb::{self, IPAddressPool, L2Advertisement, Pool},
     },
 };
@@ -228,21 +225,16 @@ fn assigned_elsewhere(svc: &Service, pools: &[Pool]) -> bool {
 }
 
 fn status_ips(svc: &Service) -> Vec<IpAddr> {
-    svc.status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
-        .into_iter()
-        .flatten()
+    svc.ingress
+        .iter()
         .filter_map(|i| i.ip.as_deref()?.parse().ok())
         .collect()
 }
 
 fn annotation<'a>(svc: &'a Service, name: &str) -> Option<&'a str> {
-    let ann = svc.metadata.annotations.as_ref()?;
     PREFIXES
         .iter()
-        .find_map(|p| ann.get(&format!("{p}{name}")))
+        .find_map(|p| svc.annotation(&format!("{p}{name}")))
         .map(|s| s.trim())
         .filter(|s| !s.is_empty())
 }
@@ -253,19 +245,18 @@ struct Share {
     key: Option<String>,
     ports: BTreeSet<(String, i32)>,
     local: bool,
-    selector: Option<BTreeMap<String, String>>,
+    selector: Option<crate::source::StrPairs>,
 }
 
 impl Share {
     fn of(svc: &Service) -> Self {
-        let spec = svc.spec.as_ref();
+        let spec = svc.spec.as_deref();
         Share {
             key: annotation(svc, "allow-shared-ip").map(str::to_owned),
             ports: spec
-                .and_then(|s| s.ports.as_ref())
                 .into_iter()
-                .flatten()
-                .map(|p| (p.protocol.clone().unwrap_or_else(|| "TCP".into()), p.port))
+                .flat_map(|s| s.ports.iter())
+                .map(|p| (p.protocol.as_deref().unwrap_or("TCP").to_owned(), p.port))
                 .collect(),
             local: spec.and_then(|s| s.external_traffic_policy.as_deref()) == Some("Local"),
             selector: spec.and_then(|s| s.selector.clone()),
@@ -316,13 +307,13 @@ fn families(svc: &Service) -> Vec<bool> {
             out.push(v6);
         }
     };
-    let declared = spec.and_then(|s| s.ip_families.as_ref());
+    let declared = spec.map(|s| &*s.ip_families);
     if let Some(f) = declared.filter(|f| !f.is_empty()) {
-        f.iter().for_each(|f| push(f == "IPv6"));
+        f.iter().for_each(|f| push(&**f == "IPv6"));
     } else {
-        let ips = spec.and_then(|s| s.cluster_ips.clone()).unwrap_or_default();
-        let one = spec.and_then(|s| s.cluster_ip.clone());
-        for ip in ips.iter().chain(one.iter()) {
+        let ips = spec.map(|s| &*s.cluster_ips).unwrap_or_default();
+        let one = spec.and_then(|s| s.cluster_ip.as_deref());
+        for ip in ips.iter().map(|ip| &**ip).chain(one) {
             if let Ok(ip) = ip.parse::<IpAddr>() {
                 push(ip.is_ipv6());
             }
@@ -816,18 +807,13 @@ pub fn allocate<'s>(
 /// model programs them like any other `status.loadBalancer.ingress` IP.
 fn with_ingress(svc: &Service, ips: &[IpAddr]) -> Service {
     let mut out = svc.clone();
-    let status = out.status.get_or_insert_with(ServiceStatus::default);
-    status.load_balancer = Some(LoadBalancerStatus {
-        ingress: (!ips.is_empty()).then(|| {
-            ips.iter()
-                .map(|ip| LoadBalancerIngress {
-                    ip: Some(ip.to_string()),
-                    ip_mode: Some("VIP".into()),
-                    ..Default::default()
-                })
-                .collect()
-        }),
-    });
+    out.ingress = ips
+        .iter()
+        .map(|ip| IngressObj {
+            ip: Some(ip.to_string().into()),
+            ip_mode: Some("VIP".into()),
+        })
+        .collect();
     out
 }
 

@@ -1,7 +1,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::{
-    api::core::v1::{ServicePort, ServiceSpec},
+    api::core::v1::{Service, ServicePort, ServiceSpec},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use proptest::prelude::*;
@@ -55,6 +55,17 @@ fn lb(ports: &[i32]) -> Service {
     }
 }
 
+/// `svc` with `ip` as its VIP-mode ingress address, as LB-IPAM writes it.
+fn ingress(mut svc: Service, ip: &str) -> Service {
+    svc.status = Some(
+        serde_json::from_value(serde_json::json!({
+            "loadBalancer": {"ingress": [{"ip": ip, "ipMode": "VIP"}]}
+        }))
+        .unwrap(),
+    );
+    svc
+}
+
 fn annotate(mut svc: Service, key: &str, value: &str) -> Service {
     svc.metadata
         .annotations
@@ -63,17 +74,17 @@ fn annotate(mut svc: Service, key: &str, value: &str) -> Service {
     svc
 }
 
-fn run(pools: &[Pool], services: &[(ServiceRef, Service)]) -> Allocation {
-    let a = allocate(pools, services.iter().map(|(r, s)| (r, s)), None);
-    // The sources keep Services compacted (labels, annotations and selectors dropped
-    // where nothing reads them): LB-IPAM must decide the same over what they keep.
-    let compacted: Vec<(ServiceRef, Service)> = services
+/// The Services as the sources keep them (compacted: labels, annotations and
+/// selectors dropped where nothing reads them).
+fn objs(services: &[(ServiceRef, Service)]) -> Vec<(ServiceRef, crate::source::SvcObj)> {
+    services
         .iter()
         .map(|(r, s)| (r.clone(), crate::source::compact_service(s.clone())))
-        .collect();
-    let b = allocate(pools, compacted.iter().map(|(r, s)| (r, s)), None);
-    assert_eq!(a, b, "allocation over compacted Services");
-    a
+        .collect()
+}
+
+fn run(pools: &[Pool], services: &[(ServiceRef, Service)]) -> Allocation {
+    allocate(pools, objs(services).iter().map(|(r, s)| (r, s)), None)
 }
 
 fn ips(a: &Allocation, s: &ServiceRef) -> Vec<String> {
@@ -283,9 +294,9 @@ fn other_classes_other_types_and_foreign_status_are_left_alone() {
     ours.spec.as_mut().unwrap().load_balancer_class = Some(LB_CLASS.into());
     let mut cluster_ip = lb(&[80]);
     cluster_ip.spec.as_mut().unwrap().type_ = Some("ClusterIP".into());
-    let mut foreign = with_ingress(&lb(&[80]), &["198.51.100.9".parse().unwrap()]);
+    let mut foreign = ingress(lb(&[80]), "198.51.100.9");
     foreign.metadata.name = Some("f".into());
-    let held = with_ingress(&lb(&[80]), &["192.0.2.3".parse().unwrap()]);
+    let held = ingress(lb(&[80]), "192.0.2.3");
     let services = [
         (sref("default", "a-other"), other_class),
         (sref("default", "b-ours"), ours),
@@ -432,13 +443,11 @@ fn update_writes_vip_ingress_and_marks_moved_services_changed() {
     let mut ipam = Ipam::default();
     ipam.update(&mut snap);
     let web = &snap.services[&sref("default", "web")];
-    let ing = web.status.as_ref().unwrap().load_balancer.as_ref().unwrap();
-    let ing = ing.ingress.as_ref().unwrap();
+    let ing = &web.ingress;
     assert_eq!(ing[0].ip.as_deref(), Some("192.0.2.1"));
     assert_eq!(ing[0].ip_mode.as_deref(), Some("VIP"));
     let zz = &snap.services[&sref("default", "zz")];
-    let lbs = zz.status.as_ref().unwrap().load_balancer.as_ref().unwrap();
-    assert!(lbs.ingress.is_none());
+    assert!(zz.ingress.is_empty());
 
     // Unchanged input: nothing is marked changed.
     let mut again = snap.clone();
@@ -512,7 +521,9 @@ fn dedup(services: Vec<(ServiceRef, Service)>) -> Vec<(ServiceRef, Service)> {
 }
 
 fn check_invariants(pools: &[Pool], services: &[(ServiceRef, Service)], a: &Allocation) {
-    let by_ref: BTreeMap<&ServiceRef, &Service> = services.iter().map(|(r, s)| (r, s)).collect();
+    let services = objs(services);
+    let by_ref: BTreeMap<&ServiceRef, &crate::source::SvcObj> =
+        services.iter().map(|(r, s)| (r, s)).collect();
     let mut users: BTreeMap<IpAddr, Vec<&ServiceRef>> = BTreeMap::new();
     for al in a.addresses() {
         let pool = pools.iter().find(|p| p.name == al.pool).unwrap();
@@ -562,14 +573,14 @@ proptest! {
         prop_assume!(!services.iter().any(|(r, _)| *r == eref));
         let mut more = services.clone();
         more.push((eref.clone(), esvc));
-        let b = allocate(&pools, more.iter().map(|(r, s)| (r, s)), Some(&a));
+        let b = allocate(&pools, objs(&more).iter().map(|(r, s)| (r, s)), Some(&a));
         check_invariants(&pools, &more, &b);
         for (s, got) in &a.assigned {
             prop_assert_eq!(b.assigned.get(s), Some(got), "{} moved", s);
         }
         // And the allocation held from before is a fixed point (a pending reason may
         // name another user of the address: who holds it first depends on history).
-        let c = allocate(&pools, more.iter().map(|(r, s)| (r, s)), Some(&b));
+        let c = allocate(&pools, objs(&more).iter().map(|(r, s)| (r, s)), Some(&b));
         prop_assert_eq!(&c.assigned, &b.assigned);
         prop_assert_eq!(c.pending.keys().collect::<Vec<_>>(), b.pending.keys().collect::<Vec<_>>());
         prop_assert_eq!(&c.pools, &b.pools);
@@ -655,12 +666,16 @@ fn a_service_that_loses_one_family_frees_the_other_within_the_same_pass() {
         (sref("default", "a6"), v6_only(lb(&[80]))),
         b.clone(),
     ];
-    let a = allocate(&new, services.iter().map(|(r, s)| (r, s)), Some(&before));
+    let a = allocate(
+        &new,
+        objs(&services).iter().map(|(r, s)| (r, s)),
+        Some(&before),
+    );
     assert_eq!(ips(&a, &sref("default", "a4")), ["192.0.2.1"]);
     assert_eq!(ips(&a, &sref("default", "a6")), ["2001:db8::1"]);
     assert!(a.pending.contains_key(&b.0), "{:?}", a.pending);
     // One pass was enough: the next one changes nothing.
-    let again = allocate(&new, services.iter().map(|(r, s)| (r, s)), Some(&a));
+    let again = allocate(&new, objs(&services).iter().map(|(r, s)| (r, s)), Some(&a));
     assert_eq!(again, a);
 
     // A requested pair that cannot be had whole takes neither address.
@@ -743,13 +758,20 @@ fn huge_pools_cost_steps_in_proportion_to_the_services_not_to_the_pools() {
     // The same pass again, with everything held, is as cheap; and so is one more
     // Service after deletions left holes at the bottom of the pools.
     let mut b = Allocation::default();
-    let steps = steps_of(|| b = allocate(&pools, services.iter().map(|(r, s)| (r, s)), Some(&a)));
+    let steps = steps_of(|| {
+        b = allocate(
+            &pools,
+            objs(&services).iter().map(|(r, s)| (r, s)),
+            Some(&a),
+        )
+    });
     assert_eq!(b, a);
     assert!(steps <= 8 * n as u64, "{steps} steps with everything held");
     let mut fewer: Vec<_> = services[100..].to_vec();
     fewer.push((sref("zz", "new"), lb(&[80])));
     let mut c = Allocation::default();
-    let steps = steps_of(|| c = allocate(&pools, fewer.iter().map(|(r, s)| (r, s)), Some(&a)));
+    let steps =
+        steps_of(|| c = allocate(&pools, objs(&fewer).iter().map(|(r, s)| (r, s)), Some(&a)));
     assert!(steps <= 8 * n as u64, "{steps} steps after deletions");
     // The new Service takes the lowest hole: the lowest IPv4 address that only
     // deleted Services used.
@@ -797,9 +819,9 @@ proptest! {
                 &["192.0.2.8-192.0.2.10", &format!("2001:db8::{shift:x}-2001:db8::{:x}", shift + 2)],
             ),
         ];
-        let a = allocate(&pools, services.iter().map(|(r, s)| (r, s)), Some(&prev));
+        let a = allocate(&pools, objs(&services).iter().map(|(r, s)| (r, s)), Some(&prev));
         check_invariants(&pools, &services, &a);
-        let b = allocate(&pools, services.iter().map(|(r, s)| (r, s)), Some(&a));
+        let b = allocate(&pools, objs(&services).iter().map(|(r, s)| (r, s)), Some(&a));
         // The same addresses and the same pending Services (a reason may differ: the
         // family found missing first depends on what the others already hold).
         prop_assert_eq!(&b.assigned, &a.assigned);

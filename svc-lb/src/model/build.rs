@@ -32,10 +32,7 @@ use std::{
 };
 
 use ipnet::IpNet;
-use k8s_openapi::{
-    api::core::v1::{Service, ServicePort},
-    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
-};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use svc_lb_common::{
     BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_TERMINATING, KIND_CLUSTER_IP, KIND_EXTERNAL_IP,
     KIND_LOAD_BALANCER, KIND_NODE_PORT, META_EXTERNAL_LOCAL, META_INTERNAL_LOCAL, PROTO_SCTP,
@@ -48,7 +45,10 @@ use super::{
     ModelError, NodeInfo, ObjectRef, ServiceRef,
     sched::{self, Scheduler},
 };
-use crate::source::{AddressType, EndpointAddress, SliceGroup, SliceObj, Snapshot};
+use crate::source::{
+    AddressType, EndpointAddress, SliceGroup, SliceObj, Snapshot, SvcObj as Service,
+    SvcPortObj as ServicePort,
+};
 
 /// Links an EndpointSlice to its Service (same namespace).
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -137,7 +137,7 @@ pub(super) fn claim_keys(
     let Some(svc) = service else {
         return Vec::new();
     };
-    if has_label(&svc.metadata, LABEL_HEADLESS) {
+    if svc.has_label(LABEL_HEADLESS) {
         return Vec::new();
     }
     let Ok(Some(plan)) = plan_service(svc, &service_object(sref), node) else {
@@ -189,7 +189,7 @@ pub(super) fn model_group(inputs: &[Input<'_>], node: &NodeInfo) -> Vec<Outcome>
         // Shares the key's strings: no allocation per Service.
         let object = service_object(input.sref);
         let sref = input.sref.clone();
-        if has_label(&svc.metadata, LABEL_HEADLESS) {
+        if svc.has_label(LABEL_HEADLESS) {
             // kube-proxy watches Services with the selector `!service.kubernetes.io/headless`
             // and so never programs a labelled one, cluster IP or not.
             out[i].skipped = Some(ModelError {
@@ -507,10 +507,6 @@ fn service_object(sref: &ServiceRef) -> ObjectRef {
         namespace: sref.namespace.clone(),
         name: sref.name.clone(),
     }
-}
-
-fn has_label(meta: &ObjectMeta, key: &str) -> bool {
-    meta.labels.as_ref().is_some_and(|l| l.contains_key(key))
 }
 
 fn proto_name(proto: u8) -> &'static str {
@@ -921,19 +917,14 @@ fn family_ranges(ranges: &[IpNet], fam: Family) -> Vec<IpNet> {
 fn source_ranges(svc: &Service, errors: &mut Vec<String>) -> Vec<IpNet> {
     let spec_ranges: Vec<&str> = svc
         .spec
-        .as_ref()
-        .and_then(|s| s.load_balancer_source_ranges.as_ref())
-        .into_iter()
-        .flatten()
+        .iter()
+        .flat_map(|s| s.load_balancer_source_ranges.iter())
         .map(|r| r.trim())
         .filter(|r| !r.is_empty())
         .collect();
     let (raw, what) = if spec_ranges.is_empty() {
         let annotated: Vec<&str> = svc
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(ANNOTATION_LB_SOURCE_RANGES))
+            .annotation(ANNOTATION_LB_SOURCE_RANGES)
             .map(|v| {
                 v.split(',')
                     .map(str::trim)
@@ -1009,21 +1000,10 @@ fn external_addresses(
             set.insert(ip);
         }
     };
-    for raw in svc
-        .spec
-        .as_ref()
-        .and_then(|s| s.external_ips.as_ref())
-        .into_iter()
-        .flatten()
-    {
+    for raw in svc.spec.iter().flat_map(|s| s.external_ips.iter()) {
         add(&mut external, EXTERNAL_IPS_ENTRY, raw);
     }
-    let ingress = svc
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref());
-    for ing in ingress.into_iter().flatten() {
+    for ing in svc.ingress.iter() {
         let Some(raw) = ing.ip.as_deref().filter(|ip| !ip.is_empty()) else {
             // A hostname-only ingress (some cloud load balancers) has no address to steer.
             continue;
@@ -1056,13 +1036,9 @@ fn plan_service<'a>(
     if object.name.is_empty() {
         return Err("metadata.name is missing".to_owned());
     }
-    let proxy_name = svc
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(LABEL_SERVICE_PROXY_NAME));
+    let proxy_name = svc.label(LABEL_SERVICE_PROXY_NAME);
     if let Some(wanted) = proxy_name
-        && node.service_proxy_name.as_ref() != Some(wanted)
+        && node.service_proxy_name.as_deref() != Some(wanted)
     {
         return skip("labelled for another service proxy");
     }
@@ -1081,8 +1057,8 @@ fn plan_service<'a>(
 
     // `clusterIPs` is authoritative (its first entry equals `clusterIP`); older objects
     // may carry only `clusterIP`.
-    let raw_ips: Vec<&str> = match spec.cluster_ips.as_deref() {
-        Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+    let raw_ips: Vec<&str> = match &*spec.cluster_ips {
+        ips if !ips.is_empty() => ips.iter().map(|ip| &**ip).collect(),
         _ => spec.cluster_ip.as_deref().into_iter().collect(),
     };
     if raw_ips.contains(&"None") {
@@ -1124,11 +1100,7 @@ fn plan_service<'a>(
     let affinity_timeout_s = match spec.session_affinity.as_deref() {
         None | Some("None") => None,
         Some("ClientIP") => {
-            let timeout = spec
-                .session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds);
+            let timeout = spec.affinity_timeout_seconds;
             match timeout {
                 None => Some(DEFAULT_AFFINITY_TIMEOUT_S),
                 Some(t) => match u32::try_from(t) {
@@ -1150,16 +1122,12 @@ fn plan_service<'a>(
 
     let mut port_errors = Vec::new();
     let (scheduler, bad_scheduler) = sched::service_scheduler(
-        svc.metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(sched::ANNOTATION_SCHEDULER))
-            .map(String::as_str),
+        svc.annotation(sched::ANNOTATION_SCHEDULER),
         node.scheduler,
         object,
     );
     port_errors.extend(bad_scheduler.map(|e| e.reason));
-    let ports = plan_ports(spec.ports.as_deref().unwrap_or_default(), &mut port_errors)?;
+    let ports = plan_ports(&spec.ports, &mut port_errors)?;
     let external = external_addresses(svc, &ips, node, &mut port_errors);
     let lb_type = spec.type_.as_deref() == Some("LoadBalancer");
     let src_ranges = if lb_type {

@@ -205,7 +205,11 @@ fn run(case: &Case) {
     // the same from them as from the full objects (slices are always kept as
     // `SliceObj`, whose conversion the snapshot above already went through).
     let compacted = Snapshot::from_lists(
-        services.iter().cloned().map(compact_service).collect(),
+        services
+            .iter()
+            .cloned()
+            .map(compact_service)
+            .collect::<Vec<_>>(),
         slices.clone(),
     );
     let (from_compacted, compacted_errors) = build(&compacted, &node);
@@ -239,9 +243,9 @@ fn one_at_a_time(
     let mut steps: Vec<Step<'_>> = Vec::new();
     for svc in services {
         steps.push(Box::new(move |snap: &mut Snapshot| {
-            let sref = crate::source::service_ref(svc);
-            snap.services
-                .insert(sref.clone(), std::sync::Arc::new(svc.clone()));
+            let svc = compact_service(svc.clone());
+            let sref = crate::source::service_ref(&svc);
+            snap.services.insert(sref.clone(), std::sync::Arc::new(svc));
             snap.changed.services.insert(sref);
         }));
     }

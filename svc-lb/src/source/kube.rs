@@ -56,7 +56,7 @@ use kube::{
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::{Changed, SliceObj, Snapshot, service_ref, slice_owner};
+use super::{Changed, SliceObj, Snapshot, SvcObj, service_ref, slice_owner};
 use crate::{
     model::ServiceRef,
     source::metallb::{IPAddressPool, L2Advertisement},
@@ -239,10 +239,10 @@ fn trim_meta(meta: &mut ObjectMeta) {
 /// The same compaction as the manifest source's (see [`super::compact_service`]), so
 /// the two modes keep the same fields; the uid stays, so that a Service deleted and
 /// created again is a change.
-fn trim_service(mut svc: Service) -> Service {
+fn trim_service(mut svc: Service) -> SvcObj {
     let uid = svc.metadata.uid.take();
     let mut svc = super::compact_service(svc);
-    svc.metadata.uid = uid;
+    svc.uid = uid.map(String::into_boxed_str);
     svc
 }
 
@@ -440,7 +440,7 @@ impl View {
         }
     }
 
-    fn services(&mut self, deltas: Vec<Delta<Service>>) {
+    fn services(&mut self, deltas: Vec<Delta<SvcObj>>) {
         for (old, new) in deltas {
             if let Some(old) = old {
                 let r = service_ref(&old);
@@ -508,7 +508,7 @@ pub struct Options {
 
 /// The stores and the view they feed.
 struct State {
-    services: Store<Service>,
+    services: Store<Service, SvcObj>,
     slices: Store<EndpointSlice, SliceObj>,
     nodes: Store<Node>,
     pools: Store<IPAddressPool>,

@@ -50,19 +50,12 @@ use std::{
 };
 
 use anyhow::Context as _;
-use k8s_openapi::{
-    api::{
-        core::v1::{Node, Service},
-        discovery::v1::EndpointSlice,
-    },
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
+use k8s_openapi::api::core::v1::Node;
 use notify::{
     EventKind, RecursiveMode, Watcher as _,
     event::{AccessKind, AccessMode, ModifyKind, RenameMode},
 };
-use serde::de::DeserializeOwned;
-use serde_json::{Value, value::RawValue};
+use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::{Changed, Snapshot, SourceError, metallb};
@@ -880,7 +873,7 @@ struct CachedFile {
 /// What one file holds, in file order.
 #[derive(Debug, Default, PartialEq)]
 struct FileContent {
-    services: Vec<(ObjectRef, Arc<Service>)>,
+    services: Vec<(ObjectRef, Arc<super::SvcObj>)>,
     slices: Vec<(ObjectRef, Arc<super::SliceObj>)>,
     errors: Vec<SourceError>,
     /// Boxed: most files hold none, and [`Unusable`] carries a whole `FileContent`.
@@ -1361,21 +1354,21 @@ pub fn parse_bytes(path: &Path, bytes: &[u8]) -> Snapshot {
 /// problem exactly. Both paths agree on every file this one accepts.
 fn parse_json_fast(text: &str) -> Option<FileContent> {
     let mut out = FileContent::default();
-    for value in serde_json::Deserializer::from_str(text).into_iter::<&RawValue>() {
-        let value = value.ok()?;
-        if value.get() == "null" {
+    for doc in serde_json::Deserializer::from_str(text)
+        .into_iter::<Option<wire::MapOnly<wire::AnyWire<'_>>>>()
+    {
+        let Some(wire::MapOnly(doc)) = doc.ok()? else {
             continue;
-        }
-        let head = Head::of(value)?;
-        match (head.api_version.as_str()?, head.kind.as_str()?) {
-            ("v1", "List") => fast_items(head.items, None, &mut out)?,
-            ("v1", "ServiceList") => fast_items(head.items, Some(("v1", KIND_SERVICE)), &mut out)?,
+        };
+        match (doc.api_version.as_str()?, doc.kind.as_str()?) {
+            ("v1", "List") => fast_items(&doc.items, None, &mut out)?,
+            ("v1", "ServiceList") => fast_items(&doc.items, Some(("v1", KIND_SERVICE)), &mut out)?,
             ("discovery.k8s.io/v1", "EndpointSliceList") => fast_items(
-                head.items,
+                &doc.items,
                 Some(("discovery.k8s.io/v1", KIND_ENDPOINT_SLICE)),
                 &mut out,
             )?,
-            (api, kind) => fast_object(value, api, kind, &mut out)?,
+            (api, kind) => fast_object(&doc, api, kind, &mut out)?,
         }
     }
     Some(out)
@@ -1384,83 +1377,61 @@ fn parse_json_fast(text: &str) -> Option<FileContent> {
 /// The items of a list; `typed` is the apiVersion and kind that a typed list's items
 /// may leave out.
 fn fast_items(
-    items: Option<&RawValue>,
+    items: &Option<Vec<wire::MapOnly<wire::AnyWire<'_>>>>,
     typed: Option<(&str, &str)>,
     out: &mut FileContent,
 ) -> Option<()> {
-    let items: Vec<&RawValue> = match items {
-        Some(items) => serde_json::from_str(items.get()).ok()?,
-        None => Vec::new(),
-    };
-    for item in items {
-        let head = Head::of(item)?;
+    for wire::MapOnly(item) in items.iter().flatten() {
         let (api, kind) = match typed {
-            Some((api, kind)) => (head.api_version.or_absent(api)?, head.kind.or_absent(kind)?),
-            None => (head.api_version.as_str()?, head.kind.as_str()?),
+            Some((api, kind)) => (item.api_version.or_absent(api)?, item.kind.or_absent(kind)?),
+            None => (item.api_version.as_str()?, item.kind.as_str()?),
         };
         fast_object(item, api, kind, out)?;
     }
     Some(())
 }
 
-fn fast_object(value: &RawValue, api: &str, kind: &str, out: &mut FileContent) -> Option<()> {
+fn fast_object(
+    value: &wire::AnyWire<'_>,
+    api: &str,
+    kind: &str,
+    out: &mut FileContent,
+) -> Option<()> {
     match (api, kind) {
         ("v1", KIND_SERVICE) => {
-            let mut svc: Service = serde_json::from_str(value.get()).ok()?;
-            let object = fast_ref(KIND_SERVICE, &mut svc.metadata)?;
-            out.services
-                .push((object, Arc::new(super::compact_service(svc))));
+            let svc = value.service();
+            let object = service_object(&svc)?;
+            out.services.push((object, Arc::new(svc)));
         }
         ("discovery.k8s.io/v1", KIND_ENDPOINT_SLICE) => {
-            let mut slice: EndpointSlice = serde_json::from_str(value.get()).ok()?;
-            let object = fast_ref(KIND_ENDPOINT_SLICE, &mut slice.metadata)?;
-            out.slices
-                .push((object, Arc::new(super::compact_slice(slice))));
+            let slice = value.slice()?;
+            if slice.name.is_empty() {
+                return None;
+            }
+            let object = ObjectRef {
+                kind: ObjectRef::kind_of(KIND_ENDPOINT_SLICE),
+                namespace: (*slice.namespace).into(),
+                name: (*slice.name).into(),
+            };
+            out.slices.push((object, Arc::new(slice)));
         }
         _ => return None,
     }
     Some(())
 }
 
-/// The object's name, with its namespace filled in as [`add_object`] does; `None`
-/// without a name.
-fn fast_ref(kind: &str, meta: &mut ObjectMeta) -> Option<ObjectRef> {
-    let name = meta.name.clone().filter(|n| !n.is_empty())?;
-    let namespace = meta
-        .namespace
-        .clone()
-        .filter(|n| !n.is_empty())
-        .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
-    meta.namespace = Some(namespace.clone());
-    Some(ObjectRef {
-        kind: ObjectRef::kind_of(kind),
-        namespace: namespace.into(),
-        name: name.into(),
+/// The Service's reference, sharing its name and namespace (already filled in as
+/// [`add_object`] does); `None` without a name.
+fn service_object(svc: &super::SvcObj) -> Option<ObjectRef> {
+    (!svc.name.is_empty()).then(|| ObjectRef {
+        kind: ObjectRef::kind_of(KIND_SERVICE),
+        namespace: svc.namespace.clone(),
+        name: svc.name.clone(),
     })
 }
 
-/// What an object says it is; its other fields are skipped without being decoded.
-#[derive(serde::Deserialize)]
-struct Head<'a> {
-    #[serde(rename = "apiVersion", default)]
-    api_version: HeadStr,
-    #[serde(default)]
-    kind: HeadStr,
-    #[serde(borrow, default)]
-    items: Option<&'a RawValue>,
-}
-
-impl<'a> Head<'a> {
-    /// `None` for anything but a JSON object, or one with a key twice in its head.
-    fn of(value: &'a RawValue) -> Option<Self> {
-        if !value.get().starts_with('{') {
-            return None;
-        }
-        serde_json::from_str(value.get()).ok()
-    }
-}
-
-/// A string field of a [`Head`], telling a missing field from one of another type.
+/// A string field of an object's head (`apiVersion`, `kind`), telling a missing field
+/// from one of another type.
 #[derive(Default)]
 enum HeadStr {
     #[default]
@@ -1781,16 +1752,13 @@ fn add_object(path: &Path, loc: &str, value: Value, out: &mut FileContent) {
             out.other.l2_adverts.push((object.clone(), Arc::new(adv)));
         })
     } else if kind == "Service" {
-        decode::<Service>(value).map(|mut svc| {
-            svc.metadata.namespace = Some(namespace);
-            out.services
-                .push((object.clone(), Arc::new(super::compact_service(svc))));
+        // The namespace is filled in as above: the wire types default it the same way.
+        decode::<wire::ServiceWire<'_>>(value).map(|svc| {
+            out.services.push((object.clone(), Arc::new(svc.to_obj())));
         })
     } else {
-        decode::<EndpointSlice>(value).map(|mut slice| {
-            slice.metadata.namespace = Some(namespace);
-            out.slices
-                .push((object.clone(), Arc::new(super::compact_slice(slice))));
+        decode::<wire::SliceWire<'_>>(value).map(|slice| {
+            out.slices.push((object.clone(), Arc::new(slice.to_obj())));
         })
     };
     if let Err(e) = decoded {
@@ -1801,7 +1769,7 @@ fn add_object(path: &Path, loc: &str, value: Value, out: &mut FileContent) {
 
 /// Deserializes with the path of the offending field in the error, e.g.
 /// `spec.ports[0].port: invalid type: string "http", expected i32`.
-fn decode<T: DeserializeOwned>(value: Value) -> Result<T, String> {
+fn decode<'de, T: serde::Deserialize<'de>>(value: Value) -> Result<T, String> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
@@ -2005,6 +1973,7 @@ fn watch_dir(
 }
 
 mod hold;
+mod wire;
 
 #[cfg(test)]
 mod tests;

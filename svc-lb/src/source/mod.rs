@@ -12,12 +12,9 @@ use std::{
 };
 
 use imbl::OrdMap;
-use k8s_openapi::{
-    api::{
-        core::v1::{Node, Service},
-        discovery::v1::EndpointSlice,
-    },
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
 };
 
 use crate::model::{
@@ -30,7 +27,8 @@ pub mod metallb;
 mod objects;
 
 pub use objects::{
-    AddressType, EndpointAddress, EndpointHintsObj, EndpointObj, EndpointPortObj, SliceObj,
+    AddressType, EndpointAddress, EndpointHintsObj, EndpointObj, EndpointPortObj, IngressObj,
+    SliceObj, StrPairs, SvcObj, SvcPortObj, SvcSpec,
 };
 
 /// A complete, consistent view of the objects a source knows. Sources publish whole
@@ -40,7 +38,7 @@ pub use objects::{
 pub struct Snapshot {
     /// Services by namespace/name. A source holds at most one object per name (the
     /// manifest source reports later definitions of a name as errors).
-    pub services: OrdMap<ServiceRef, Arc<Service>>,
+    pub services: OrdMap<ServiceRef, Arc<SvcObj>>,
     /// EndpointSlices by the Service they belong to (the slice's namespace and its
     /// `kubernetes.io/service-name` label), then by slice name. A slice without that
     /// label belongs to no Service: sources leave it out.
@@ -107,12 +105,17 @@ impl Snapshot {
     /// Indexes plain object lists, as tests and one-shot loads have them; every
     /// Service counts as changed. A later object with the same name replaces an
     /// earlier one; slices without a `kubernetes.io/service-name` label are left out.
-    pub fn from_lists(services: Vec<Service>, slices: Vec<EndpointSlice>) -> Self {
+    /// Services may be k8s-openapi ones (converted here) or [`SvcObj`]s.
+    pub fn from_lists(
+        services: impl IntoIterator<Item = impl Into<SvcObj>>,
+        slices: Vec<EndpointSlice>,
+    ) -> Self {
         let mut snap = Snapshot {
             changed: Changed::all(),
             ..Snapshot::default()
         };
         for svc in services {
+            let svc: SvcObj = svc.into();
             snap.services.insert(service_ref(&svc), Arc::new(svc));
         }
         for slice in slices {
@@ -213,10 +216,10 @@ impl SliceGroup {
 
 /// The namespace/name of a Service ("default" namespace when unset, as the API server
 /// fills it in).
-pub fn service_ref(svc: &Service) -> ServiceRef {
+pub fn service_ref(svc: &SvcObj) -> ServiceRef {
     ServiceRef {
-        namespace: namespace_or_default(svc.metadata.namespace.as_deref()),
-        name: svc.metadata.name.as_deref().unwrap_or_default().into(),
+        namespace: svc.namespace.clone(),
+        name: svc.name.clone(),
     }
 }
 
@@ -227,13 +230,6 @@ pub fn slice_owner(slice: &SliceObj) -> Option<ServiceRef> {
         namespace: (*slice.namespace).into(),
         name: slice.service_name.as_deref()?.into(),
     })
-}
-
-fn namespace_or_default(ns: Option<&str>) -> Arc<str> {
-    match ns {
-        Some(ns) if !ns.is_empty() => ns.into(),
-        _ => "default".into(),
-    }
 }
 
 /// Service annotations kept by [`compact_service`]: the ones the model reads, svc-lb's
@@ -258,76 +254,22 @@ pub fn is_kept_service_annotation(key: &str) -> bool {
             .any(|p| key.starts_with(p))
 }
 
-/// Drops what nothing downstream reads from a Service, right after it is decoded, so a
-/// source keeps one small object per Service instead of the whole API object (at 10 000
-/// Services the parsed objects were most of the agent's heap). Safe because the model
-/// reads only the fields kept here (`model/build.rs`): name and namespace, the labels
-/// [`KEPT_SERVICE_LABELS`], the annotations above, the spec, and the load-balancer
-/// ingress of the status. `spec.selector` is kept for `LoadBalancer` Services only:
-/// LB-IPAM compares the selectors of `Local` Services that share an address, and no
-/// other reader looks at it (svc-lb proxies by EndpointSlices). Both sources compact
-/// every object the same way, so equal input still compares equal. Vectors are
-/// shrunk: a decoder grows them by doubling.
-pub fn compact_service(mut svc: Service) -> Service {
-    compact_meta(&mut svc.metadata, is_kept_service_annotation);
-    if let Some(labels) = svc.metadata.labels.as_mut() {
-        labels.retain(|k, _| KEPT_SERVICE_LABELS.contains(&k.as_str()));
-        if labels.is_empty() {
-            svc.metadata.labels = None;
-        }
-    }
-    if let Some(spec) = svc.spec.as_mut() {
-        if spec.type_.as_deref() != Some("LoadBalancer") {
-            spec.selector = None;
-        }
-        for v in [
-            &mut spec.cluster_ips,
-            &mut spec.external_ips,
-            &mut spec.ip_families,
-            &mut spec.load_balancer_source_ranges,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            v.shrink_to_fit();
-        }
-        if let Some(ports) = spec.ports.as_mut() {
-            ports.shrink_to_fit();
-        }
-    }
-    if let Some(status) = svc.status.as_mut() {
-        // Only the load-balancer ingress matters in the status; conditions churn.
-        status.conditions = None;
-        if let Some(ingress) = status
-            .load_balancer
-            .as_mut()
-            .and_then(|lb| lb.ingress.as_mut())
-        {
-            ingress.shrink_to_fit();
-        }
-    }
-    svc
+/// Whether `key` is a label something downstream reads (see [`KEPT_SERVICE_LABELS`]).
+pub fn is_kept_service_label(key: &str) -> bool {
+    KEPT_SERVICE_LABELS.contains(&key)
+}
+
+/// Converts a decoded Service into the sources' own small type, dropping what nothing
+/// downstream reads (see [`SvcObj`] for what it keeps and why). Both sources convert
+/// every object the same way, so equal input still compares equal.
+pub fn compact_service(svc: Service) -> SvcObj {
+    svc.into()
 }
 
 /// Like [`compact_service`], for an EndpointSlice: its own small type (see
 /// [`SliceObj`] for what it keeps and why).
 pub fn compact_slice(slice: EndpointSlice) -> SliceObj {
     slice.into()
-}
-
-/// Keeps name, namespace, labels and the annotations `keep` accepts; the rest (uid,
-/// managed fields, owner references, resource versions, timestamps, the
-/// last-applied-configuration annotation) is never read and would cost memory.
-fn compact_meta(meta: &mut ObjectMeta, keep: impl Fn(&str) -> bool) {
-    let mut annotations = meta.annotations.take().unwrap_or_default();
-    annotations.retain(|k, _| keep(k));
-    *meta = ObjectMeta {
-        name: meta.name.take(),
-        namespace: meta.namespace.take(),
-        labels: meta.labels.take().filter(|l| !l.is_empty()),
-        annotations: (!annotations.is_empty()).then_some(annotations),
-        ..ObjectMeta::default()
-    };
 }
 
 /// Bad input found by a source: the file (if any), the object (if known), the reason.
@@ -494,33 +436,36 @@ spec:
   selector: {app: web}
   clusterIP: 10.0.0.1
   ports: [{port: 80}]
+status:
+  loadBalancer:
+    ingress: [{ip: 192.0.2.1, ipMode: VIP}, {hostname: lb.example}]
 "#);
         let c = compact_service(full.clone());
+        assert_eq!(&*c.name, "web");
+        assert_eq!(&*c.namespace, "default");
+        assert_eq!(c.uid, None, "the manifest source keeps no uid");
         assert_eq!(
-            c.metadata.labels,
-            Some(
-                [(LABEL_SERVICE_PROXY_NAME.to_owned(), "svc-lb".to_owned())]
-                    .into_iter()
-                    .collect()
-            )
+            c.label(LABEL_SERVICE_PROXY_NAME),
+            Some("svc-lb"),
+            "{:?}",
+            c.labels
         );
-        let kept: Vec<&str> = c
-            .metadata
-            .annotations
-            .iter()
-            .flatten()
-            .map(|(k, _)| k.as_str())
-            .collect();
+        assert_eq!(c.labels.len(), 1, "{:?}", c.labels);
+        let kept: Vec<&str> = c.annotations.iter().map(|(k, _)| &**k).collect();
         assert_eq!(kept, ["metallb.io/address-pool", "svc-lb.io/scheduler"]);
-        assert_eq!(c.metadata.uid, None);
+        assert_eq!(c.annotation("svc-lb.io/scheduler"), Some("maglev"));
         let spec = c.spec.as_ref().expect("spec");
         assert_eq!(spec.selector, None, "no reader of a ClusterIP selector");
         assert_eq!(spec.cluster_ip.as_deref(), Some("10.0.0.1"));
+        assert_eq!(spec.ports.len(), 1);
+        assert_eq!(c.ingress.len(), 2);
+        assert_eq!(c.ingress[0].ip.as_deref(), Some("192.0.2.1"));
+        assert_eq!(c.ingress[1].ip, None);
 
-        // No label left: no map at all.
+        // No label left: none kept.
         let mut plain = full.clone();
         plain.metadata.labels = Some([("app".to_owned(), "web".to_owned())].into());
-        assert_eq!(compact_service(plain).metadata.labels, None);
+        assert!(compact_service(plain).labels.is_empty());
 
         // LB-IPAM compares the selectors of LoadBalancer Services that share.
         let mut lb = full;

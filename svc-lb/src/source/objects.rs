@@ -3,9 +3,15 @@
 //! (at 10 000 Services that layout was most of the agent's heap); these keep only what
 //! the model, LB-IPAM, announcement and the health endpoint read, in compact form.
 //! The k8s-openapi types stay at the edges: sources and tests convert with `From`.
-use std::net::IpAddr;
+use std::{net::IpAddr, sync::Arc};
 
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
+use k8s_openapi::{
+    api::{
+        core::v1::{Service, ServicePort},
+        discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::util::intstr::IntOrString,
+};
 
 use crate::model::{LABEL_HEADLESS, LABEL_SERVICE_NAME};
 
@@ -51,7 +57,7 @@ pub enum AddressType {
 }
 
 impl AddressType {
-    fn parse(s: &str) -> Self {
+    pub(crate) fn parse(s: &str) -> Self {
         match s {
             "IPv4" => Self::IPv4,
             "IPv6" => Self::IPv6,
@@ -118,6 +124,19 @@ pub enum EndpointAddress {
     Missing,
 }
 
+impl EndpointAddress {
+    /// The first of an endpoint's `addresses`, parsed.
+    pub(crate) fn of_first(raw: Option<&str>) -> Self {
+        match raw {
+            None => Self::Missing,
+            Some(raw) => match raw.parse::<IpAddr>() {
+                Ok(ip) => Self::Ip(ip),
+                Err(_) => Self::Invalid(raw.into()),
+            },
+        }
+    }
+}
+
 /// `hints` of an endpoint: the zone and node names only.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EndpointHintsObj {
@@ -173,13 +192,7 @@ impl From<EndpointPort> for EndpointPortObj {
 
 impl From<Endpoint> for EndpointObj {
     fn from(ep: Endpoint) -> Self {
-        let address = match ep.addresses.into_iter().next() {
-            None => EndpointAddress::Missing,
-            Some(raw) => match raw.parse::<IpAddr>() {
-                Ok(ip) => EndpointAddress::Ip(ip),
-                Err(_) => EndpointAddress::Invalid(raw.into_boxed_str()),
-            },
-        };
+        let address = EndpointAddress::of_first(ep.addresses.first().map(String::as_str));
         let cond = ep.conditions.unwrap_or_default();
         let hints = ep.hints.map(|h| EndpointHintsObj {
             for_zones: h
@@ -215,6 +228,217 @@ impl SliceObj {
             kind: "EndpointSlice".into(),
             namespace: (*self.namespace).into(),
             name: (*self.name).into(),
+        }
+    }
+}
+
+/// Key/value pairs sorted by key (the labels, annotations or selector kept of an
+/// object): one small allocation instead of a map's tree nodes.
+pub type StrPairs = Box<[(Box<str>, Box<str>)]>;
+
+/// A Service as the sources keep it: what the model, LB-IPAM and the leader's status
+/// writes read, nothing else. How to read each Kubernetes field:
+///
+/// - `metadata.name` → `name` (empty when unset: the model reports it);
+///   `metadata.namespace` → `namespace` ("default" when unset or empty); `metadata.uid`
+///   → `uid` (the Kubernetes source only, so that a Service deleted and created again is
+///   a change).
+/// - `metadata.labels`: only `service.kubernetes.io/headless` and
+///   `service.kubernetes.io/service-proxy-name` (the model reads them; nothing selects
+///   Services by label) → `labels`.
+/// - `metadata.annotations`: only those [`super::is_kept_service_annotation`] accepts
+///   (`svc-lb.io/…`, MetalLB's, the legacy source-ranges one) → `annotations`, read
+///   through [`SvcObj::annotation`].
+/// - `spec` → `spec` (see [`SvcSpec`]); `None` when absent (the model skips it).
+/// - `status.loadBalancer.ingress[].ip` / `.ipMode` → `ingress` (hostname-only entries
+///   keep `ip: None`; `status.conditions` are not kept).
+///
+/// Addresses stay as written: the model and LB-IPAM report a bad one by its text.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SvcObj {
+    pub name: Arc<str>,
+    pub namespace: Arc<str>,
+    pub uid: Option<Box<str>>,
+    /// Kept labels only, in key order.
+    pub labels: StrPairs,
+    /// Kept annotations only, in key order.
+    pub annotations: StrPairs,
+    pub spec: Option<Box<SvcSpec>>,
+    pub ingress: Box<[IngressObj]>,
+}
+
+/// `spec` of a Service; each field is the Kubernetes field of the same (snake-case)
+/// name, absent lists empty. Not kept: `selector` of a Service that is not a
+/// `LoadBalancer` (LB-IPAM compares the selectors of `Local` LoadBalancer Services that
+/// share an address; svc-lb proxies by EndpointSlices), `externalName`,
+/// `allocateLoadBalancerNodePorts`, `trafficDistribution`, `ports[].appProtocol`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SvcSpec {
+    pub type_: Option<Box<str>>,
+    pub cluster_ip: Option<Box<str>>,
+    pub cluster_ips: Box<[Box<str>]>,
+    pub ports: Box<[SvcPortObj]>,
+    pub external_ips: Box<[Box<str>]>,
+    pub internal_traffic_policy: Option<Box<str>>,
+    pub external_traffic_policy: Option<Box<str>>,
+    pub session_affinity: Option<Box<str>>,
+    /// `sessionAffinityConfig.clientIP.timeoutSeconds`.
+    pub affinity_timeout_seconds: Option<i32>,
+    pub load_balancer_source_ranges: Box<[Box<str>]>,
+    pub health_check_node_port: Option<i32>,
+    pub publish_not_ready_addresses: Option<bool>,
+    pub load_balancer_class: Option<Box<str>>,
+    pub load_balancer_ip: Option<Box<str>>,
+    pub ip_families: Box<[Box<str>]>,
+    pub ip_family_policy: Option<Box<str>>,
+    /// `LoadBalancer` Services only, in key order.
+    pub selector: Option<StrPairs>,
+}
+
+/// `spec.ports[]` of a Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SvcPortObj {
+    pub name: Option<Box<str>>,
+    pub port: i32,
+    pub protocol: Option<Box<str>>,
+    pub target_port: Option<IntOrString>,
+    pub node_port: Option<i32>,
+}
+
+/// One `status.loadBalancer.ingress[]` entry: its address and `ipMode`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IngressObj {
+    pub ip: Option<Box<str>>,
+    pub ip_mode: Option<Box<str>>,
+}
+
+impl SvcObj {
+    /// The value of annotation `key`, if kept (see [`super::is_kept_service_annotation`]).
+    pub fn annotation(&self, key: &str) -> Option<&str> {
+        find_pair(&self.annotations, key)
+    }
+
+    /// Whether the Service carries label `key` (kept labels only).
+    pub fn has_label(&self, key: &str) -> bool {
+        find_pair(&self.labels, key).is_some()
+    }
+
+    /// The value of label `key` (kept labels only).
+    pub fn label(&self, key: &str) -> Option<&str> {
+        find_pair(&self.labels, key)
+    }
+
+    /// Whether `type` is `LoadBalancer`.
+    pub fn is_load_balancer(&self) -> bool {
+        self.spec
+            .as_ref()
+            .is_some_and(|s| s.type_.as_deref() == Some("LoadBalancer"))
+    }
+}
+
+fn find_pair<'a>(pairs: &'a [(Box<str>, Box<str>)], key: &str) -> Option<&'a str> {
+    pairs
+        .binary_search_by(|(k, _)| (**k).cmp(key))
+        .ok()
+        .map(|i| &*pairs[i].1)
+}
+
+/// Sorted by key, later duplicates winning as in a map; `keep` filters the keys.
+pub(crate) fn pairs_of<K: AsRef<str>, V: AsRef<str>>(
+    it: impl IntoIterator<Item = (K, V)>,
+    keep: impl Fn(&str) -> bool,
+) -> StrPairs {
+    let mut v: Vec<(Box<str>, Box<str>)> = Vec::new();
+    for (k, val) in it {
+        let k = k.as_ref();
+        if !keep(k) {
+            continue;
+        }
+        match v.binary_search_by(|(x, _)| (**x).cmp(k)) {
+            Ok(i) => v[i].1 = val.as_ref().into(),
+            Err(i) => v.insert(i, (k.into(), val.as_ref().into())),
+        }
+    }
+    v.into_boxed_slice()
+}
+
+pub(crate) fn boxed_strs<S: AsRef<str>>(v: Option<impl IntoIterator<Item = S>>) -> Box<[Box<str>]> {
+    v.into_iter().flatten().map(|s| s.as_ref().into()).collect()
+}
+
+impl From<Service> for SvcObj {
+    fn from(svc: Service) -> Self {
+        let meta = svc.metadata;
+        let spec = svc.spec.map(|spec| {
+            let lb = spec.type_.as_deref() == Some("LoadBalancer");
+            Box::new(SvcSpec {
+                type_: spec.type_.map(String::into_boxed_str),
+                cluster_ip: spec.cluster_ip.map(String::into_boxed_str),
+                cluster_ips: boxed_strs(spec.cluster_ips),
+                ports: spec
+                    .ports
+                    .into_iter()
+                    .flatten()
+                    .map(SvcPortObj::from)
+                    .collect(),
+                external_ips: boxed_strs(spec.external_ips),
+                internal_traffic_policy: spec.internal_traffic_policy.map(String::into_boxed_str),
+                external_traffic_policy: spec.external_traffic_policy.map(String::into_boxed_str),
+                session_affinity: spec.session_affinity.map(String::into_boxed_str),
+                affinity_timeout_seconds: spec
+                    .session_affinity_config
+                    .and_then(|c| c.client_ip)
+                    .and_then(|c| c.timeout_seconds),
+                load_balancer_source_ranges: boxed_strs(spec.load_balancer_source_ranges),
+                health_check_node_port: spec.health_check_node_port,
+                publish_not_ready_addresses: spec.publish_not_ready_addresses,
+                load_balancer_class: spec.load_balancer_class.map(String::into_boxed_str),
+                load_balancer_ip: spec.load_balancer_ip.map(String::into_boxed_str),
+                ip_families: boxed_strs(spec.ip_families),
+                ip_family_policy: spec.ip_family_policy.map(String::into_boxed_str),
+                selector: spec.selector.filter(|_| lb).map(|s| pairs_of(s, |_| true)),
+            })
+        });
+        let ingress = svc
+            .status
+            .and_then(|s| s.load_balancer)
+            .and_then(|lb| lb.ingress)
+            .into_iter()
+            .flatten()
+            .map(|i| IngressObj {
+                ip: i.ip.map(String::into_boxed_str),
+                ip_mode: i.ip_mode.map(String::into_boxed_str),
+            })
+            .collect();
+        SvcObj {
+            name: meta.name.as_deref().unwrap_or_default().into(),
+            namespace: match meta.namespace.as_deref() {
+                Some(ns) if !ns.is_empty() => ns.into(),
+                _ => "default".into(),
+            },
+            uid: None,
+            labels: pairs_of(
+                meta.labels.into_iter().flatten(),
+                super::is_kept_service_label,
+            ),
+            annotations: pairs_of(
+                meta.annotations.into_iter().flatten(),
+                super::is_kept_service_annotation,
+            ),
+            spec,
+            ingress,
+        }
+    }
+}
+
+impl From<ServicePort> for SvcPortObj {
+    fn from(p: ServicePort) -> Self {
+        Self {
+            name: p.name.map(String::into_boxed_str),
+            port: p.port,
+            protocol: p.protocol.map(String::into_boxed_str),
+            target_port: p.target_port,
+            node_port: p.node_port,
         }
     }
 }

@@ -76,6 +76,7 @@ fn step(
 }
 
 fn put(snap: &mut Snapshot, svc: Service) {
+    let svc = crate::source::compact_service(svc);
     let r = crate::source::service_ref(&svc);
     snap.services.insert(r.clone(), Arc::new(svc));
     snap.changed.services.insert(r);

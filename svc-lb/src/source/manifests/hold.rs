@@ -9,10 +9,11 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::core::v1::Service;
-
 use super::FileContent;
-use crate::{model::ObjectRef, source::SliceObj};
+use crate::{
+    model::ObjectRef,
+    source::{SliceObj, SvcObj as Service},
+};
 
 /// `new`, with the previous version of every object whose new version withdraws
 /// something, and with the objects `old` had and `new` lacks put back at the end. True
@@ -57,18 +58,13 @@ fn hold<T>(
 
 /// Whether `new` still has every port of `old` (by protocol and number).
 fn service_covers(old: &Service, new: &Service) -> bool {
-    let ports = |s: &Service| {
+    fn ports(s: &Service) -> HashSet<(&str, i32)> {
         s.spec
             .iter()
-            .flat_map(|spec| spec.ports.iter().flatten())
-            .map(|p| {
-                (
-                    p.protocol.clone().unwrap_or_else(|| "TCP".to_owned()),
-                    p.port,
-                )
-            })
-            .collect::<HashSet<_>>()
-    };
+            .flat_map(|spec| spec.ports.iter())
+            .map(|p| (p.protocol.as_deref().unwrap_or("TCP"), p.port))
+            .collect()
+    }
     ports(old).is_subset(&ports(new))
 }
 

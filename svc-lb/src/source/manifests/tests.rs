@@ -40,13 +40,7 @@ fn names(snap: &Snapshot) -> Vec<String> {
     let mut out: Vec<String> = snap
         .services
         .values()
-        .map(|s| {
-            format!(
-                "Service {}/{}",
-                s.metadata.namespace.as_deref().unwrap_or("?"),
-                s.metadata.name.as_deref().unwrap_or("?")
-            )
-        })
+        .map(|s| format!("Service {}/{}", s.namespace, s.name))
         .chain(
             snap.all_slices()
                 .map(|s| format!("EndpointSlice {}/{}", s.namespace, s.name)),
@@ -99,14 +93,8 @@ fn multi_document_yaml_with_default_namespace() {
         ["EndpointSlice shop/web-abc", "Service default/web"]
     );
     assert_eq!(
-        snap.services
-            .values()
-            .next()
-            .expect("a Service")
-            .metadata
-            .namespace
-            .as_deref(),
-        Some("default")
+        snap.services.values().next().expect("a Service").namespace,
+        "default".into()
     );
     let spec = snap
         .services
@@ -429,7 +417,7 @@ fn an_object_defined_twice_keeps_the_first_file() {
     let web = snap
         .services
         .values()
-        .find(|s| s.metadata.name.as_deref() == Some("web"))
+        .find(|s| &*s.name == "web")
         .expect("web");
     assert_eq!(
         web.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()),
@@ -1392,7 +1380,7 @@ fn cluster_ip(snap: &Snapshot) -> Option<String> {
         .values()
         .next()
         .and_then(|s| s.spec.as_ref())
-        .and_then(|s| s.cluster_ip.clone())
+        .and_then(|s| s.cluster_ip.as_deref().map(str::to_owned))
 }
 
 fn event(kind: notify::EventKind, path: &Path) -> notify::Event {

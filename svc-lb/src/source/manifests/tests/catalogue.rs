@@ -90,7 +90,7 @@ fn yaml_tags_do_not_change_what_a_field_must_be() {
     assert_eq!(snap.services.len(), 2);
     let tagged = snap.services.values().next().expect("a Service");
     let spec = tagged.spec.as_ref().expect("a spec");
-    assert_eq!(spec.ports.as_ref().expect("ports")[0].port, 80);
+    assert_eq!(spec.ports[0].port, 80);
     let (state, errors) = model::build(&snap, &model::NodeInfo::default());
     assert_eq!(state.frontends.len(), 1, "only the good Service");
     assert_eq!(errors.len(), 1, "{errors:?}");
