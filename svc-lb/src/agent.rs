@@ -382,7 +382,11 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     // The start of the full sync: everything from here to the first `sync applied` is
     // reading the source, modelling, planning and writing (the bench measures from here).
     info!(
-        mode = if cfg.manifests.is_some() { "manifests" } else { "kubernetes" },
+        mode = if cfg.manifests.is_some() {
+            "manifests"
+        } else {
+            "kubernetes"
+        },
         "source started"
     );
     // A single-threaded runtime: let the source reach its scan before the load blocks.
