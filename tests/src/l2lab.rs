@@ -65,6 +65,10 @@ pub const POD_PORT: u16 = 8080;
 pub const CLIENT_HOST: u8 = 100;
 /// The heartbeat interval the lab's agents use (the default).
 pub const HEARTBEAT_MS: u64 = 200;
+/// The agents' heartbeat key, in the lab's directory.
+const HEARTBEAT_KEY_FILE: &str = "heartbeat.key";
+/// The agents' heartbeat port (the default).
+const HEARTBEAT_PORT: u16 = 7947;
 /// The lan namespace's host number on the bridge, where the fake API server listens
 /// (Kubernetes mode only).
 pub const API_HOST: u8 = 254;
@@ -269,6 +273,18 @@ impl L2Lab {
             std::fs::create_dir(dir.path().join(sub))
                 .with_context(|| format!("create {sub} dir"))?;
         }
+        // Every agent of the lab authenticates its heartbeat with this key (a new one per
+        // lab), so every L2 test runs the authenticated path.
+        let key = format!(
+            "svclb-lab-key-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default()
+        );
+        std::fs::write(dir.path().join(HEARTBEAT_KEY_FILE), key)
+            .context("write the heartbeat key")?;
         let net = L2Net::new()?;
         let mut cgroups = Vec::new();
         let mut bpf = Vec::new();
@@ -378,6 +394,12 @@ impl L2Lab {
                 "--l2-announce".into(),
                 "--l2-heartbeat-interval".into(),
                 HEARTBEAT_MS.to_string(),
+                "--l2-heartbeat-key-file".into(),
+                self.dir
+                    .path()
+                    .join(HEARTBEAT_KEY_FILE)
+                    .display()
+                    .to_string(),
             ]
             .into_iter()
             .chain(kube)
@@ -409,6 +431,52 @@ impl L2Lab {
         agent.kill()?;
         self.net.nodes[i].ip(["link", "set", "eth0", "down"])?;
         Ok(())
+    }
+
+    /// A forger on the client's segment, without the key, claims for `secs` seconds that
+    /// node `as_node` is alive: every 20 ms it sends each other node a plain heartbeat
+    /// and an authenticated-looking one with a made-up tag, in that node's name. Returns
+    /// the number of datagrams sent when joined.
+    pub fn forge_heartbeats(
+        &self,
+        as_node: usize,
+        secs: u64,
+    ) -> std::thread::JoinHandle<Result<usize>> {
+        let ns = self.net.client.name().to_owned();
+        let name = node_name(as_node);
+        std::thread::spawn(move || -> Result<usize> {
+            netns::enter_netns(&ns)?;
+            let sock = std::net::UdpSocket::bind("0.0.0.0:0").context("forger socket")?;
+            let plain = format!("svclb-l2-hb1 {name}").into_bytes();
+            let until = std::time::Instant::now() + Duration::from_secs(secs);
+            let mut sent = 0;
+            while std::time::Instant::now() < until {
+                let ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or_default();
+                let forged = [
+                    b"svclb-l2-hb2 ".as_slice(),
+                    &ms.to_be_bytes(),
+                    name.as_bytes(),
+                    &[0u8; 32],
+                ]
+                .concat();
+                for to in (0..NODES).filter(|i| *i != as_node) {
+                    for msg in [&plain, &forged] {
+                        // A node whose link is down answers nothing; keep sending.
+                        if sock
+                            .send_to(msg, SocketAddr::new(node_addr(to, false), HEARTBEAT_PORT))
+                            .is_ok()
+                        {
+                            sent += 1;
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(sent)
+        })
     }
 
     /// Node `i` comes back: link up, then a fresh agent on the same pins.

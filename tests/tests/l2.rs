@@ -368,10 +368,12 @@ fn failover_within_two_seconds_and_one_move_back() {
             before.insert(vip, moves(lab, heir(vip), vip)?);
         }
 
-        // The owner dies.
+        // The owner dies, while a forger without the key claims it is alive: the
+        // authenticated heartbeat must not let that delay the failover.
         let runs = [lab.client_loop(v4, 7)?, lab.client_loop(v6, 7)?];
         std::thread::sleep(Duration::from_secs(2));
         lab.kill_node(owner)?;
+        let forger = lab.forge_heartbeats(owner, 4);
         let mut outages = BTreeMap::new();
         for (vip, run) in [v4, v6].into_iter().zip(runs) {
             let r = run.wait()?;
@@ -393,6 +395,20 @@ fn failover_within_two_seconds_and_one_move_back() {
         }
         for vip in [v4, v6] {
             lab.only(vip, heir(vip), 3)?;
+        }
+        let forged = forger
+            .join()
+            .map_err(|_| anyhow::anyhow!("the forger panicked"))??;
+        for i in others.iter().copied() {
+            let m = lab.metrics(i)?;
+            let get = |k: &str| m.get(k).copied().unwrap_or(0.0);
+            let plain = get("svclb_l2_heartbeats_rejected_total{reason=\"key_mismatch\"}");
+            let bad_tag = get("svclb_l2_heartbeats_rejected_total{reason=\"bad_tag\"}");
+            ensure!(
+                plain > 0.0 && bad_tag > 0.0,
+                "{}: forged heartbeats refused: {plain} plain, {bad_tag} with a bad tag (the forger sent {forged})",
+                node_name(i)
+            );
         }
 
         // It comes back: one move back to it (the hash prefers it), no outage, no flap.
