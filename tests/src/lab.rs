@@ -391,10 +391,22 @@ pub fn isolated(test: impl FnOnce()) {
 /// namespace is entered by the forking thread (the child inherits it), and the child
 /// joins the cgroup before exec, so every socket it makes is under the agent's programs.
 pub fn in_client(lab: &Lab, program: &str, args: &[String]) -> Result<Output> {
-    let procs = CString::new(lab.cgroup().join("cgroup.procs").as_os_str().as_bytes())
-        .context("cgroup path")?;
-    let ns = lab.topo.client.name().to_owned();
-    netns::in_netns(&ns, || {
+    run_in_ns_and_cgroup(lab.topo.client.name(), lab.cgroup(), program, args)
+        .with_context(|| format!("run {program} in the client namespace and cgroup"))
+}
+
+/// Runs `program args...` in network namespace `ns` and cgroup `cgroup`: the namespace is
+/// entered by the forking thread (the child inherits it), and the child joins the cgroup
+/// before exec.
+pub fn run_in_ns_and_cgroup(
+    ns: &str,
+    cgroup: &Path,
+    program: &str,
+    args: &[impl AsRef<std::ffi::OsStr> + Sync],
+) -> Result<Output> {
+    let procs =
+        CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes()).context("cgroup path")?;
+    netns::in_netns(ns, || {
         let mut cmd = Command::new(program);
         cmd.args(args);
         // SAFETY: between fork and exec only async-signal-safe calls (open, write,
@@ -415,8 +427,7 @@ pub fn in_client(lab: &Lab, program: &str, args: &[String]) -> Result<Output> {
                 Ok(())
             });
         }
-        cmd.output()
-            .with_context(|| format!("run {program} in the client namespace and cgroup"))
+        cmd.output().with_context(|| format!("run {program}"))
     })
 }
 

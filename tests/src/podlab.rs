@@ -11,7 +11,7 @@
 use std::{
     io::{Read, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener},
-    os::{fd::AsRawFd, unix::ffi::OsStrExt, unix::process::CommandExt},
+    os::fd::AsRawFd,
     process::{Command, Output},
     sync::{
         Arc,
@@ -151,39 +151,8 @@ pub fn wait_pod_devices(lab: &TwoNodeLab, n: Node, want: &str) -> Result<()> {
 /// node's socket programs are attached), as a pod's own process would run.
 pub fn pod_exec(lab: &TwoNodeLab, pod: &str, program: &str, args: &[&str]) -> Result<Output> {
     let p = lab.net.pod(pod);
-    let procs = std::ffi::CString::new(
-        lab.cgroup(p.node)
-            .join("cgroup.procs")
-            .as_os_str()
-            .as_bytes(),
-    )
-    .context("cgroup path")?;
-    let ns = p.netns.name().to_owned();
-    netns::in_netns(&ns, || {
-        let mut cmd = Command::new(program);
-        cmd.args(args);
-        // SAFETY: between fork and exec only async-signal-safe calls (open, write,
-        // close) run, on memory prepared before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // "0" moves the writing process itself.
-                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-                let err = std::io::Error::last_os_error();
-                libc::close(fd);
-                if n != 1 {
-                    return Err(err);
-                }
-                Ok(())
-            });
-        }
-        cmd.output().with_context(|| {
-            format!("run {program} in pod {pod} (installed by `cargo xtask setup`)")
-        })
-    })
+    crate::lab::run_in_ns_and_cgroup(p.netns.name(), lab.cgroup(p.node), program, args)
+        .with_context(|| format!("run {program} in pod {pod} (installed by `cargo xtask setup`)"))
 }
 
 /// Makes pod `pod` mesh-like: its outgoing TCP (except to loopback) is redirected to

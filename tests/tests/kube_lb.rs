@@ -12,18 +12,12 @@
 use std::{
     collections::BTreeSet,
     net::SocketAddr,
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
-use svc_lb_tests::{
-    Bins, ClientReport, Lab, Proto,
-    agent::{Agent, AgentConfig},
-    fakeapi::FakeApi,
-    lab::isolated,
-};
+use svc_lb_tests::{Bins, ClientReport, Lab, Proto, agent::Agent, fakeapi::FakeApi, lab::isolated};
 
 const NS: &str = "kube-lb";
 /// The pool: three addresses.
@@ -104,26 +98,12 @@ fn start_agent(
     node_name: &str,
     n: usize,
 ) -> Result<Agent> {
-    let config = AgentConfig {
-        bin: lab.bins.svc_lb.clone(),
-        manifests: PathBuf::new(),
-        bpffs: lab.bpffs().to_path_buf(),
-        cgroup: lab.cgroup().to_path_buf(),
-        log_file: lab.dir().join(format!("agent-{node_name}-{n}.log")),
-        extra_args: [
-            "--kubeconfig",
-            &kubeconfig.display().to_string(),
-            "--node-name",
-            node_name,
-            "--health-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "off",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect(),
-    };
+    let config = lab.kube_agent_config(
+        kubeconfig,
+        node_name,
+        &format!("agent-{node_name}-{n}.log"),
+        &[],
+    );
     let mut agent = Agent::start(config)?;
     agent.wait_applied(1, Duration::from_secs(30))?;
     Ok(agent)

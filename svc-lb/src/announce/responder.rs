@@ -459,11 +459,7 @@ fn open(ifindex: i32, proto: u16, ns_only: bool) -> Result<OwnedFd> {
     if rc != 0 {
         return Err(io::Error::last_os_error()).context("bind the packet socket");
     }
-    let tv = libc::timeval {
-        tv_sec: 0,
-        tv_usec: libc::suseconds_t::try_from(POLL.as_micros()).context("poll")?,
-    };
-    setsockopt(&sock, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv).context("receive timeout")?;
+    crate::datapath::sys::set_recv_timeout(&sock, POLL).context("receive timeout")?;
     Ok(sock)
 }
 

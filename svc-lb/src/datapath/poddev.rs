@@ -163,23 +163,7 @@ fn route_socket(groups: u32, timeout: Duration) -> Result<netlink_sys::Socket> {
         .context("open a NETLINK_ROUTE socket")?;
     sock.bind(&netlink_sys::SocketAddr::new(0, groups))
         .context("bind the NETLINK_ROUTE socket")?;
-    let tv = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: 0,
-    };
-    // SAFETY: a valid timeval of the size given, on a socket this function owns.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            std::ptr::from_ref(&tv).cast(),
-            size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("set the netlink receive timeout");
-    }
+    super::sys::set_recv_timeout(&sock, timeout).context("set the netlink receive timeout")?;
     Ok(sock)
 }
 

@@ -575,24 +575,8 @@ impl DiagSocket {
         let mut sock = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_SOCK_DIAG)
             .context("open a NETLINK_SOCK_DIAG socket")?;
         sock.bind_auto().context("bind the sock_diag socket")?;
-        let tv = libc::timeval {
-            tv_sec: RECV_TIMEOUT.as_secs() as libc::time_t,
-            tv_usec: 0,
-        };
-        // SAFETY: a valid timeval of the size given, on a socket this function owns.
-        let rc = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                std::ptr::from_ref(&tv).cast(),
-                size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error())
-                .context("set the sock_diag receive timeout");
-        }
+        super::sys::set_recv_timeout(&sock, RECV_TIMEOUT)
+            .context("set the sock_diag receive timeout")?;
         Ok(Self {
             sock,
             seq: 0,

@@ -83,6 +83,32 @@ pub fn sockopt_u64(fd: std::os::fd::BorrowedFd<'_>, opt: libc::c_int) -> io::Res
     }
 }
 
+/// Sets `SO_RCVTIMEO` on `fd`: a blocking receive gives up with EAGAIN after `timeout`.
+pub fn set_recv_timeout(
+    fd: &impl std::os::fd::AsRawFd,
+    timeout: std::time::Duration,
+) -> io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
+    };
+    // SAFETY: a valid timeval of the size given, on a descriptor the caller owns.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            std::ptr::from_ref(&tv).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Opens a pinned BPF object (map, program or link).
 pub fn obj_get(path: &Path) -> Result<OwnedFd> {
     let c = CString::new(path.as_os_str().as_bytes())
