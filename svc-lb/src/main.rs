@@ -26,6 +26,7 @@ fn init_logging(cli: &Cli) {
 }
 
 fn main() -> ExitCode {
+    svc_lb::mem::limit_arenas();
     let cli = Cli::parse();
     init_logging(&cli);
     match svc_lb::cli::run(cli) {

@@ -23,6 +23,26 @@ pub fn release_after_sync(took: Duration) -> Option<Duration> {
     Some(start.elapsed())
 }
 
+/// One malloc arena for the whole process, unless the operator chose otherwise with
+/// `MALLOC_ARENA_MAX`. glibc gives every thread that allocates concurrently its own
+/// arena (up to 8 per CPU), and each keeps its freed pages for later; the agent's
+/// few threads (tokio workers, the scan thread, the mirror builder) then hold several
+/// copies of a sync's garbage. Measured with the same binary at 10 000 Services × 3:
+/// 68.1 MiB resident by default, 62.0 MiB with one arena (high-water mark 85.1 → 74.9
+/// MiB). The agent's allocations are not contended enough for one lock to matter.
+/// Call before any thread starts.
+pub fn limit_arenas() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+        return;
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes an allocator parameter; it is called before the
+    // runtime starts any thread, and takes no pointers.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 fn release() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only walks and trims the allocator's own free lists, under
