@@ -173,7 +173,9 @@ pub enum Command {
         l2_heartbeat_interval: u64,
         /// With --l2-announce: authenticate heartbeats with the key in this file (a mounted
         /// Secret, the same on every node, at least 16 bytes; surrounding whitespace is
-        /// ignored). Without it anyone who can send to the port can keep a dead node alive.
+        /// ignored). One key per line: the first signs, all verify, so that a key can be
+        /// rotated; the file is read again at every heartbeat. Without it anyone who can
+        /// send to the port can keep a dead node alive.
         #[arg(long, value_name = "PATH")]
         l2_heartbeat_key_file: Option<PathBuf>,
         /// Manifest files larger than this many bytes are reported and not read.
@@ -531,6 +533,7 @@ pub fn run(cli: Cli) -> Result<()> {
                         .as_deref()
                         .map(crate::announce::heartbeat::Key::from_file)
                         .transpose()?,
+                    key_file: l2_heartbeat_key_file,
                 }),
                 (true, None) => {
                     anyhow::bail!("--l2-announce needs --node-name (no hostname either)")

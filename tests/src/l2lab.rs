@@ -65,8 +65,11 @@ pub const POD_PORT: u16 = 8080;
 pub const CLIENT_HOST: u8 = 100;
 /// The heartbeat interval the lab's agents use (the default).
 pub const HEARTBEAT_MS: u64 = 200;
-/// The agents' heartbeat key, in the lab's directory.
-const HEARTBEAT_KEY_FILE: &str = "heartbeat.key";
+/// Node `i`'s heartbeat key file, in the lab's directory: one per node, so that a test
+/// can rotate the key one node at a time as the kubelet would.
+fn heartbeat_key_file(i: usize) -> String {
+    format!("heartbeat-{}.key", node_name(i))
+}
 /// The agents' heartbeat port (the default).
 const HEARTBEAT_PORT: u16 = 7947;
 /// The lan namespace's host number on the bridge, where the fake API server listens
@@ -263,6 +266,8 @@ pub struct L2Lab {
     dir: TempDir,
     pub bins: Bins,
     starts: usize,
+    /// The key every node's key file holds at start.
+    heartbeat_key: String,
 }
 
 impl L2Lab {
@@ -283,8 +288,10 @@ impl L2Lab {
                 .map(|d| d.as_nanos())
                 .unwrap_or_default()
         );
-        std::fs::write(dir.path().join(HEARTBEAT_KEY_FILE), key)
-            .context("write the heartbeat key")?;
+        for i in 0..NODES {
+            std::fs::write(dir.path().join(heartbeat_key_file(i)), &key)
+                .context("write the heartbeat key")?;
+        }
         let net = L2Net::new()?;
         let mut cgroups = Vec::new();
         let mut bpf = Vec::new();
@@ -318,6 +325,7 @@ impl L2Lab {
             dir,
             bins,
             starts: 0,
+            heartbeat_key: key,
         };
         lab.write_manifest("nodes.yaml", &yaml_docs(&node_objects()))?;
         Ok(lab)
@@ -397,7 +405,7 @@ impl L2Lab {
                 "--l2-heartbeat-key-file".into(),
                 self.dir
                     .path()
-                    .join(HEARTBEAT_KEY_FILE)
+                    .join(heartbeat_key_file(i))
                     .display()
                     .to_string(),
             ]
@@ -421,6 +429,20 @@ impl L2Lab {
         self.agents[i]
             .as_mut()
             .with_context(|| format!("the agent of {} is not running", node_name(i)))
+    }
+
+    /// The key every node's key file holds when the lab starts.
+    pub fn heartbeat_key(&self) -> &str {
+        &self.heartbeat_key
+    }
+
+    /// Replaces node `i`'s heartbeat key file with `content` in one rename, as a Secret
+    /// volume's update swaps its files.
+    pub fn write_heartbeat_keys(&self, i: usize, content: &str) -> Result<()> {
+        let path = self.dir.path().join(heartbeat_key_file(i));
+        let tmp = path.with_extension("new");
+        std::fs::write(&tmp, content).with_context(|| format!("write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("rename to {}", path.display()))
     }
 
     /// Node `i` dies: its agent is killed (SIGKILL) and its LAN link goes down.

@@ -447,6 +447,138 @@ fn failover_within_two_seconds_and_one_move_back() {
     });
 }
 
+/// A key rotation done the way the README describes it (`OLD`, `OLD NEW`, `NEW OLD`,
+/// `NEW`), one node after the other as the kubelet updates the Secret, moves no address
+/// and refuses no heartbeat; a node left on the old key alone is then refused, so the
+/// agents really changed keys.
+#[test]
+fn heartbeat_key_rotation_node_by_node_moves_no_address() {
+    run_l2_lab(env!("CARGO_BIN_EXE_svclb-harness"), |lab| {
+        let (v4, v6, owner) = vips_won_by_one_node();
+        let all: Vec<usize> = (0..NODES).collect();
+        lab.write_manifest(
+            "lb.yaml",
+            &lb_service("lb", &cluster(), &[v4, v6], &all, false),
+        )?;
+        lab.start_all()?;
+        for vip in [v4, v6] {
+            ensure!(lab.wait_one_answer(vip, Duration::from_secs(10))? == owner);
+        }
+        wait_all_live(lab, &all)?;
+        let moves = |lab: &mut L2Lab| -> Result<Vec<usize>> {
+            (0..NODES)
+                .map(|i| {
+                    Ok(lab.log_count(i, &["L2 announcement: announcing"])?
+                        + lab.log_count(i, &["L2 announcement: released"])?)
+                })
+                .collect()
+        };
+        let before = moves(lab)?;
+
+        let old = lab.heartbeat_key().to_owned();
+        let new = format!("{old}-rotated");
+        let runs = [lab.client_loop(v4, 8)?, lab.client_loop(v6, 8)?];
+        let steps = [
+            format!("{old}\n{new}\n"),
+            format!("{new}\n{old}\n"),
+            format!("{new}\n"),
+        ];
+        for (n, content) in steps.iter().enumerate() {
+            for i in 0..NODES {
+                lab.write_heartbeat_keys(i, content)?;
+                // Nodes take the new file at different times, as they do in a cluster.
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            for i in 0..NODES {
+                let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                while lab.log_count(i, &["heartbeat keys reloaded"])? < n + 1 {
+                    ensure!(
+                        std::time::Instant::now() < deadline,
+                        "{} did not reload its key file for step {}",
+                        node_name(i),
+                        n + 1
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+        for (vip, run) in [v4, v6].into_iter().zip(runs) {
+            let r = run.wait()?;
+            eprintln!("{vip} during the rotation: {}", r.summary());
+            ensure!(
+                r.ok > 0 && r.failed == 0,
+                "{vip}: {} of {} connections failed during the rotation",
+                r.failed,
+                r.ok + r.failed
+            );
+        }
+        ensure!(
+            moves(lab)? == before,
+            "addresses moved during the rotation: {before:?} -> {:?}",
+            moves(lab)?
+        );
+        for i in 0..NODES {
+            let m = lab.metrics(i)?;
+            let refused: f64 = m
+                .iter()
+                .filter(|(k, _)| k.starts_with("svclb_l2_heartbeats_rejected_total"))
+                .map(|(_, v)| *v)
+                .sum();
+            ensure!(
+                refused == 0.0,
+                "{} refused {refused} heartbeats during the rotation",
+                node_name(i)
+            );
+            ensure!(
+                m.get("svclb_l2_live_nodes").copied() == Some(NODES as f64),
+                "{}: live nodes {:?}",
+                node_name(i),
+                m.get("svclb_l2_live_nodes")
+            );
+        }
+        for vip in [v4, v6] {
+            lab.only(vip, owner, 3)?;
+        }
+
+        // A node put back on the old key alone: the others refuse it now.
+        let stale = (owner + 1) % NODES;
+        lab.write_heartbeat_keys(stale, &old)?;
+        std::thread::sleep(Duration::from_secs(1));
+        for i in (0..NODES).filter(|i| *i != stale) {
+            let bad_tag = lab
+                .metrics(i)?
+                .get("svclb_l2_heartbeats_rejected_total{reason=\"bad_tag\"}")
+                .copied()
+                .unwrap_or(0.0);
+            ensure!(
+                bad_tag > 0.0,
+                "{} still takes {}'s heartbeats signed with the old key",
+                node_name(i),
+                node_name(stale)
+            );
+        }
+        Ok(())
+    });
+}
+
+/// Waits until every node in `nodes` counts all of them as live.
+fn wait_all_live(lab: &L2Lab, nodes: &[usize]) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut live = Vec::new();
+        for i in nodes {
+            live.push(lab.metrics(*i)?.get("svclb_l2_live_nodes").copied());
+        }
+        if live.iter().all(|l| *l == Some(NODES as f64)) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("live nodes per node: {live:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The IPs of Service `name`'s `status.loadBalancer.ingress` in the fake API server.
 fn ingress(lab: &L2Lab, name: &str) -> Result<Vec<IpAddr>> {
     let svc = lab.api()?.get("Service", "default", name);

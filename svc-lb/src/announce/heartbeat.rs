@@ -33,37 +33,62 @@ const MIN_KEY_LEN: usize = 16;
 /// nodes are within milliseconds; a node minutes off is logged with its skew.
 pub const MAX_SKEW: Duration = Duration::from_secs(10);
 
-/// The shared heartbeat key. Its Debug form never shows the key, so that configuration
-/// dumps and logs cannot leak it.
+/// The nodes' shared heartbeat keys, one per line of the key file (a mounted Secret):
+/// the first signs, every one verifies. One line is the steady state; two lines let an
+/// operator rotate the key without any node taking another for dead (README, "L2
+/// announcement"). The Debug form never shows a key, so that configuration dumps and
+/// logs cannot leak one.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Key(Vec<u8>);
+pub struct Key(Vec<Vec<u8>>);
 
 impl fmt::Debug for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Key(<{} bytes>)", self.0.len())
+        let lens: Vec<String> = self
+            .0
+            .iter()
+            .map(|k| format!("<{} bytes>", k.len()))
+            .collect();
+        write!(f, "Key({})", lens.join(", "))
     }
 }
 
 impl Key {
-    /// The key from a file (a mounted Secret): its bytes without surrounding whitespace,
-    /// since `echo`/`kubectl create secret --from-file` often add a newline that other
-    /// nodes' copies may not have.
+    /// The keys of a key file. Each line is taken without surrounding whitespace, since
+    /// `echo`/`kubectl create secret --from-file` often add a newline that other nodes'
+    /// copies may not have; blank lines are skipped.
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
         let raw = std::fs::read(path)
             .with_context(|| format!("--l2-heartbeat-key-file {}: read", path.display()))?;
-        Self::from_bytes(raw.trim_ascii())
+        Self::from_bytes(&raw)
             .with_context(|| format!("--l2-heartbeat-key-file {}", path.display()))
     }
 
-    pub fn from_bytes(key: &[u8]) -> Result<Self> {
-        if key.len() < MIN_KEY_LEN {
-            bail!(
-                "the key has {} bytes; at least {MIN_KEY_LEN} are needed (for example \
-                 `openssl rand -base64 32`)",
-                key.len()
-            );
+    pub fn from_bytes(raw: &[u8]) -> Result<Self> {
+        let mut keys = Vec::new();
+        for (i, line) in raw.split(|b| *b == b'\n').enumerate() {
+            let key = line.trim_ascii();
+            if key.is_empty() {
+                continue;
+            }
+            if key.len() < MIN_KEY_LEN {
+                bail!(
+                    "the key on line {} has {} bytes; at least {MIN_KEY_LEN} are needed (for \
+                     example `openssl rand -base64 32`)",
+                    i + 1,
+                    key.len()
+                );
+            }
+            keys.push(key.to_vec());
         }
-        Ok(Self(key.to_vec()))
+        if keys.is_empty() {
+            bail!("no key in it (one key per line, at least {MIN_KEY_LEN} bytes each)");
+        }
+        Ok(Self(keys))
+    }
+
+    /// How many keys verify (the first of them also signs).
+    pub fn len(&self) -> usize {
+        self.0.len()
     }
 }
 
@@ -78,11 +103,16 @@ pub enum Rejected {
     BadTag,
     /// The sender's clock is further than [`MAX_SKEW`] from this node's.
     Skew,
-    /// Not later than the last heartbeat taken from this node: a replay or reordering.
+    /// Older than the last heartbeat taken from this node: a replay or reordering.
     Stale,
+    /// The very heartbeat last taken from this node, again: a node sends each heartbeat
+    /// to every address of its peers (IPv4 and IPv6), so this is normal on a dual-stack
+    /// segment, and neither counted nor logged (a replayed copy extends nothing either).
+    Duplicate,
 }
 
 impl Rejected {
+    /// The reasons counted in the metric ([`Rejected::Duplicate`] is not).
     pub const ALL: [Self; 5] = [
         Self::Malformed,
         Self::KeyMismatch,
@@ -98,32 +128,48 @@ impl Rejected {
             Self::BadTag => "bad_tag",
             Self::Skew => "clock_skew",
             Self::Stale => "replay",
+            Self::Duplicate => "duplicate",
         }
     }
 }
 
 /// Builds and checks heartbeats for one node.
 pub struct Codec {
-    key: Option<hmac::Key>,
+    /// Empty without a key; else the signing key first, then the other accepted ones.
+    keys: Vec<hmac::Key>,
     /// The sender's time of the last heartbeat taken from each node (keyed mode only).
     last: HashMap<String, u64>,
 }
 
 impl Codec {
     pub fn new(key: Option<&Key>) -> Self {
-        Self {
-            key: key.map(|k| hmac::Key::new(hmac::HMAC_SHA256, &k.0)),
+        let mut c = Self {
+            keys: Vec::new(),
             last: HashMap::new(),
-        }
+        };
+        c.set_key(key);
+        c
+    }
+
+    /// Takes new keys (a reloaded key file). The replay state stays: a heartbeat signed
+    /// with the new key is still not taken if it is older than the last one taken.
+    pub fn set_key(&mut self, key: Option<&Key>) {
+        self.keys = key
+            .map(|k| {
+                k.0.iter()
+                    .map(|k| hmac::Key::new(hmac::HMAC_SHA256, k))
+                    .collect()
+            })
+            .unwrap_or_default();
     }
 
     pub fn keyed(&self) -> bool {
-        self.key.is_some()
+        !self.keys.is_empty()
     }
 
     /// The heartbeat `me` sends now.
     pub fn encode(&self, me: &str, now: SystemTime) -> Vec<u8> {
-        let Some(key) = &self.key else {
+        let Some(key) = self.keys.first() else {
             return [MAGIC_V1, me.as_bytes()].concat();
         };
         let mut msg = [MAGIC_V2, &unix_ms(now).to_be_bytes(), me.as_bytes()].concat();
@@ -135,7 +181,7 @@ impl Codec {
     /// The sender's node name, if the datagram is a heartbeat this node takes at `now`.
     pub fn decode(&mut self, msg: &[u8], now: SystemTime) -> Result<String, Rejected> {
         if let Some(name) = msg.strip_prefix(MAGIC_V1) {
-            if self.key.is_some() {
+            if self.keyed() {
                 return Err(Rejected::KeyMismatch);
             }
             return node_name(name);
@@ -143,14 +189,20 @@ impl Codec {
         let Some(body) = msg.strip_prefix(MAGIC_V2) else {
             return Err(Rejected::Malformed);
         };
-        let Some(key) = &self.key else {
+        if !self.keyed() {
             return Err(Rejected::KeyMismatch);
-        };
+        }
         if body.len() < 8 + 1 + TAG_LEN {
             return Err(Rejected::Malformed);
         }
         let (signed, tag) = msg.split_at(msg.len() - TAG_LEN);
-        hmac::verify(key, signed, tag).map_err(|_| Rejected::BadTag)?;
+        if !self
+            .keys
+            .iter()
+            .any(|k| hmac::verify(k, signed, tag).is_ok())
+        {
+            return Err(Rejected::BadTag);
+        }
         let (ms, name) = body[..body.len() - TAG_LEN].split_at(8);
         let mut sent = [0u8; 8];
         sent.copy_from_slice(ms);
@@ -160,7 +212,8 @@ impl Codec {
             return Err(Rejected::Skew);
         }
         match self.last.get_mut(&name) {
-            Some(last) if sent <= *last => Err(Rejected::Stale),
+            Some(last) if sent == *last => Err(Rejected::Duplicate),
+            Some(last) if sent < *last => Err(Rejected::Stale),
             Some(last) => {
                 *last = sent;
                 Ok(name)
@@ -206,7 +259,7 @@ mod tests {
     use super::*;
 
     fn key(b: u8) -> Key {
-        Key::from_bytes(&[b; 32]).unwrap()
+        Key::from_bytes(&[b'a' + b; 32]).unwrap()
     }
 
     fn at(ms: u64) -> SystemTime {
@@ -280,7 +333,7 @@ mod tests {
         assert_eq!(rx.decode(&first, at(1)), Ok("node-a".to_owned()));
         assert_eq!(rx.decode(&second, at(201)), Ok("node-a".to_owned()));
         // The node died after `second`: replaying either keeps nothing alive.
-        assert_eq!(rx.decode(&second, at(900)), Err(Rejected::Stale));
+        assert_eq!(rx.decode(&second, at(900)), Err(Rejected::Duplicate));
         assert_eq!(rx.decode(&first, at(900)), Err(Rejected::Stale));
         // A receiver that never heard the node refuses a capture older than the skew.
         let mut fresh = Codec::new(Some(&k));
@@ -316,6 +369,58 @@ mod tests {
         let shown = format!("{k:?}");
         assert!(!shown.contains("secret"), "{shown}");
         assert_eq!(shown, "Key(<23 bytes>)");
+        let two = Key::from_bytes(b"0123456789abcdef-secret\n0123456789abcdef-second\n").unwrap();
+        assert_eq!(format!("{two:?}"), "Key(<23 bytes>, <23 bytes>)");
+        let err = Key::from_bytes(b"0123456789abcdef-secret\nshort\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 2 has 5 bytes"), "{err}");
+        let err = Key::from_bytes(b"\n  \n").unwrap_err().to_string();
+        assert!(err.contains("no key"), "{err}");
+    }
+
+    /// The rotation the README describes: `OLD`, then `OLD NEW`, then `NEW OLD`, then
+    /// `NEW`, one node after the other; at every step each node takes every other
+    /// node's heartbeat.
+    #[test]
+    fn a_rotation_one_node_at_a_time_never_refuses_a_peer() {
+        let old = "old-key-0123456789abcdef";
+        let new = "new-key-0123456789abcdef";
+        let steps = [
+            format!("{old}"),
+            format!("{old}\n{new}"),
+            format!("{new}\n{old}"),
+            format!("{new}"),
+        ];
+        let mut files = [0usize; 3];
+        let mut codecs: Vec<Codec> = (0..3)
+            .map(|_| Codec::new(Some(&Key::from_bytes(steps[0].as_bytes()).unwrap())))
+            .collect();
+        let mut ms = 0;
+        for step in 1..steps.len() {
+            for node in 0..3 {
+                files[node] = step;
+                let key = Key::from_bytes(steps[step].as_bytes()).unwrap();
+                codecs[node].set_key(Some(&key));
+                ms += 100;
+                for from in 0..3 {
+                    let msg = codecs[from].encode(&format!("node-{from}"), at(ms));
+                    for to in (0..3).filter(|to| *to != from) {
+                        assert_eq!(
+                            codecs[to].decode(&msg, at(ms)),
+                            Ok(format!("node-{from}")),
+                            "step {step}: node-{to} (file {}) refused node-{from} (file {})",
+                            files[to],
+                            files[from]
+                        );
+                    }
+                }
+            }
+        }
+        // Skipping the middle step splits the nodes: `OLD` alone does not take `NEW`.
+        let mut stale = Codec::new(Some(&Key::from_bytes(old.as_bytes()).unwrap()));
+        let msg = codecs[0].encode("node-0", at(ms + 100));
+        assert_eq!(stale.decode(&msg, at(ms + 100)), Err(Rejected::BadTag));
     }
 
     #[test]
@@ -326,6 +431,7 @@ mod tests {
         std::fs::write(&a, b"c2VjcmV0LWtleS1mb3ItdGhlLW5vZGVz\n").unwrap();
         std::fs::write(&b, b"c2VjcmV0LWtleS1mb3ItdGhlLW5vZGVz").unwrap();
         assert_eq!(Key::from_file(&a).unwrap(), Key::from_file(&b).unwrap());
+        assert_eq!(Key::from_file(&a).unwrap().len(), 1);
         let missing = dir.path().join("missing");
         let err = format!("{:#}", Key::from_file(&missing).unwrap_err());
         assert!(err.contains("--l2-heartbeat-key-file"), "{err}");

@@ -4,6 +4,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -34,9 +35,12 @@ pub struct Config {
     pub port: u16,
     /// `--l2-heartbeat-interval`.
     pub interval: Duration,
-    /// `--l2-heartbeat-key-file`: heartbeats are authenticated with it (see
-    /// [`heartbeat`]).
+    /// `--l2-heartbeat-key-file`, read at start: heartbeats are authenticated with it
+    /// (see [`heartbeat`]).
     pub key: Option<heartbeat::Key>,
+    /// The same file, read again at every heartbeat: a Secret's new content (a key
+    /// rotation) is taken without a restart.
+    pub key_file: Option<PathBuf>,
 }
 
 /// What the agent tells the task after each sync.
@@ -127,6 +131,7 @@ async fn run(cfg: Config, sock: UdpSocket, mut rx: watch::Receiver<Inputs>) -> R
         last_live: Vec::new(),
     };
     let mut codec = Codec::new(st.cfg.key.as_ref());
+    let mut key_file = st.cfg.key_file.clone().map(KeyFile::new);
     let mut logged: BTreeMap<&'static str, Instant> = BTreeMap::new();
     let mut buf = [0u8; 512];
     let mut pruned = Instant::now();
@@ -136,6 +141,11 @@ async fn run(cfg: Config, sock: UdpSocket, mut rx: watch::Receiver<Inputs>) -> R
     loop {
         tokio::select! {
             _ = tick.tick() => {
+                if let Some(kf) = &mut key_file
+                    && let Some(key) = kf.changed()
+                {
+                    codec.set_key(Some(&key));
+                }
                 let inputs = rx.borrow().clone();
                 let msg = codec.encode(&st.cfg.me, SystemTime::now());
                 for peer in inputs.nodes.iter().filter(|n| n.name != st.cfg.me) {
@@ -165,6 +175,7 @@ async fn run(cfg: Config, sock: UdpSocket, mut rx: watch::Receiver<Inputs>) -> R
                     let now = SystemTime::now();
                     match codec.decode(&buf[..n], now) {
                         Ok(name) => st.liveness.heard(&name, Instant::now()),
+                        Err(Rejected::Duplicate) => {}
                         Err(why) => {
                             crate::metrics::l2_heartbeats_rejected(why.label(), 1);
                             let due = logged
@@ -192,6 +203,50 @@ async fn run(cfg: Config, sock: UdpSocket, mut rx: watch::Receiver<Inputs>) -> R
                 let inputs = rx.borrow_and_update().clone();
                 have_inputs = true;
                 st.recompute(&inputs);
+            }
+        }
+    }
+}
+
+/// The key file as last read, so that a change is noticed (a Secret volume swaps its
+/// files atomically; the kubelet takes up to a minute or so to do it on every node).
+struct KeyFile {
+    path: PathBuf,
+    last: Option<Vec<u8>>,
+}
+
+impl KeyFile {
+    fn new(path: PathBuf) -> Self {
+        let last = std::fs::read(&path).ok();
+        Self { path, last }
+    }
+
+    /// The new keys when the file's content changed and holds valid keys. A file that
+    /// cannot be read or holds no valid key is reported once per content and changes
+    /// nothing: the node keeps its keys, rather than going unkeyed or silent.
+    fn changed(&mut self) -> Option<heartbeat::Key> {
+        let raw = match std::fs::read(&self.path) {
+            Ok(raw) => raw,
+            Err(e) => {
+                if self.last.is_some() {
+                    warn!(file = %self.path.display(), error = %e, "L2 announcement: heartbeat key file unreadable; keeping the keys in use");
+                    self.last = None;
+                }
+                return None;
+            }
+        };
+        if self.last.as_ref() == Some(&raw) {
+            return None;
+        }
+        self.last = Some(raw.clone());
+        match heartbeat::Key::from_bytes(&raw) {
+            Ok(key) => {
+                info!(file = %self.path.display(), keys = key.len(), "L2 announcement: heartbeat keys reloaded (the first one signs)");
+                Some(key)
+            }
+            Err(e) => {
+                warn!(file = %self.path.display(), error = %e, "L2 announcement: new heartbeat key file refused; keeping the keys in use");
+                None
             }
         }
     }
