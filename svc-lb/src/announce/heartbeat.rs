@@ -86,8 +86,8 @@ impl Key {
         Ok(Self(keys))
     }
 
-    /// How many keys verify (the first of them also signs).
-    pub fn len(&self) -> usize {
+    /// How many keys verify (the first of them also signs); never 0.
+    pub fn count(&self) -> usize {
         self.0.len()
     }
 }
@@ -387,20 +387,20 @@ mod tests {
         let old = "old-key-0123456789abcdef";
         let new = "new-key-0123456789abcdef";
         let steps = [
-            format!("{old}"),
+            old.to_owned(),
             format!("{old}\n{new}"),
             format!("{new}\n{old}"),
-            format!("{new}"),
+            new.to_owned(),
         ];
         let mut files = [0usize; 3];
         let mut codecs: Vec<Codec> = (0..3)
             .map(|_| Codec::new(Some(&Key::from_bytes(steps[0].as_bytes()).unwrap())))
             .collect();
         let mut ms = 0;
-        for step in 1..steps.len() {
+        for (step, content) in steps.iter().enumerate().skip(1) {
             for node in 0..3 {
                 files[node] = step;
-                let key = Key::from_bytes(steps[step].as_bytes()).unwrap();
+                let key = Key::from_bytes(content.as_bytes()).unwrap();
                 codecs[node].set_key(Some(&key));
                 ms += 100;
                 for from in 0..3 {
@@ -431,7 +431,7 @@ mod tests {
         std::fs::write(&a, b"c2VjcmV0LWtleS1mb3ItdGhlLW5vZGVz\n").unwrap();
         std::fs::write(&b, b"c2VjcmV0LWtleS1mb3ItdGhlLW5vZGVz").unwrap();
         assert_eq!(Key::from_file(&a).unwrap(), Key::from_file(&b).unwrap());
-        assert_eq!(Key::from_file(&a).unwrap().len(), 1);
+        assert_eq!(Key::from_file(&a).unwrap().count(), 1);
         let missing = dir.path().join("missing");
         let err = format!("{:#}", Key::from_file(&missing).unwrap_err());
         assert!(err.contains("--l2-heartbeat-key-file"), "{err}");

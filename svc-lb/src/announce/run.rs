@@ -241,7 +241,7 @@ impl KeyFile {
         self.last = Some(raw.clone());
         match heartbeat::Key::from_bytes(&raw) {
             Ok(key) => {
-                info!(file = %self.path.display(), keys = key.len(), "L2 announcement: heartbeat keys reloaded (the first one signs)");
+                info!(file = %self.path.display(), keys = key.count(), "L2 announcement: heartbeat keys reloaded (the first one signs)");
                 Some(key)
             }
             Err(e) => {
