@@ -6,7 +6,10 @@
 //! one. glibc keeps such free memory for later allocations and returns only the top of
 //! each heap; `malloc_trim(0)` also releases the free pages in the middle of every
 //! arena (`MADV_DONTNEED`), which is where most of it sits.
-use std::time::{Duration, Instant};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
 
 /// Below this, a sync freed too little to be worth a walk over the heap.
 const WORTH_IT: Duration = Duration::from_millis(20);
@@ -41,6 +44,16 @@ pub fn limit_arenas() {
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 1);
     }
+}
+
+/// Rebuilds `map` with full nodes. A `BTreeMap` filled by inserts, in key order or
+/// scattered, leaves its nodes about two thirds full (a full node splits in two); one
+/// built from sorted entries packs them. For the agent's large long-lived maps, built
+/// once by a full sync: at 100 000 Services × 10 endpoints the mirror's backend map
+/// alone held 43 MB of nodes. O(n), without comparisons beyond a check that the
+/// entries are sorted.
+pub fn compact<K: Ord, V>(map: &mut BTreeMap<K, V>) {
+    *map = std::mem::take(map).into_iter().collect();
 }
 
 fn release() {

@@ -194,6 +194,11 @@ impl Cache {
                 self.units.remove(input.sref);
             }
         }
+        // Kept until the next rebuild and grown here by scattered inserts: pack their
+        // nodes (see `mem::compact`).
+        crate::mem::compact(&mut self.units);
+        crate::mem::compact(&mut self.desired.frontends);
+        crate::mem::compact(&mut self.desired.draining);
         old.desired != self.desired || old.error_count != self.error_count
     }
 

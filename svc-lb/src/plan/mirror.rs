@@ -111,6 +111,12 @@ impl CurrentState {
                 1
             });
         }
+        // These maps live as long as the agent, and this (the start-up apply, often of
+        // everything) is where they grow most: pack their nodes.
+        crate::mem::compact(&mut self.frontends);
+        crate::mem::compact(&mut self.backends);
+        crate::mem::compact(&mut self.rev_nats);
+        crate::mem::compact(&mut self.meta);
     }
 
     /// Mirrors the run that `ops` starts with, if it is slots of one frontend the

@@ -615,7 +615,13 @@ impl ManifestDir {
             }
         }
         let mut visible = false;
-        for obj in &touched {
+        // Services before slices, so that a slice filed under its Service shares the
+        // Service's key (see `shared_owner`); each object resolves on its own.
+        let is_slice = |o: &&ObjectRef| o.kind == KIND_ENDPOINT_SLICE;
+        for obj in touched.iter().filter(|o| !is_slice(o)) {
+            visible |= self.resolve(obj, changed);
+        }
+        for obj in touched.iter().filter(is_slice) {
             visible |= self.resolve(obj, changed);
         }
         visible
@@ -700,7 +706,7 @@ impl ManifestDir {
         }
         let new = content
             .and_then(|(d, c)| c.slices.get(d.index))
-            .and_then(|(_, s)| Some((super::slice_owner(s)?, s)));
+            .and_then(|(_, s)| Some((self.shared_owner(s)?, s)));
         let old_owner = self.slice_owners.get(obj);
         let old = old_owner.and_then(|o| Some((o, self.snap.slices.get(o)?.get(&obj.name)?)));
         let same = match (old, &new) {
@@ -714,7 +720,7 @@ impl ManifestDir {
                 changed.insert(owner);
             }
             if let Some((owner, slice)) = new {
-                self.snap.insert_slice(slice.clone());
+                self.snap.insert_slice_under(owner.clone(), slice.clone());
                 self.slice_owners.insert(obj.clone(), owner.clone());
                 changed.insert(owner);
             }
@@ -722,6 +728,17 @@ impl ManifestDir {
             changed.insert(owner.clone());
         }
         !same || moved
+    }
+
+    /// The Service `slice` belongs to, as the key of that Service when the snapshot
+    /// has it: the snapshot's slice index, `slice_owners` and the change set then hold
+    /// one copy of its name, not one per place (at 100 000 Services, 13 MB).
+    fn shared_owner(&self, slice: &super::SliceObj) -> Option<ServiceRef> {
+        let owner = super::slice_owner(slice)?;
+        Some(match self.snap.services.get_key_value(&owner) {
+            Some((key, _)) => key.clone(),
+            None => owner,
+        })
     }
 
     /// Every problem, in file order: per file its stale-content error, its own errors,
@@ -891,6 +908,14 @@ struct OtherKinds {
 }
 
 impl FileContent {
+    /// Without the slack of the lists grown by pushes: the content is kept until the
+    /// file changes (at 100 000 Services the slack was 16 MB).
+    fn shrunk(mut self) -> Self {
+        self.services.shrink_to_fit();
+        self.slices.shrink_to_fit();
+        self
+    }
+
     /// Every object with its position among the file's objects of its kind.
     fn objects(&self) -> impl Iterator<Item = (&ObjectRef, usize)> {
         let services = self.services.iter().enumerate().map(|(i, (o, _))| (o, i));
@@ -1303,7 +1328,7 @@ fn parse_file(path: &Path, bytes: &[u8]) -> Result<FileContent, Unusable> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let json = path.extension().is_some_and(|e| e == "json");
     if json && let Some(content) = parse_json_fast(text) {
-        return Ok(content);
+        return Ok(content.shrunk());
     }
     let fatal = if json {
         parse_json(path, text, &mut out)
@@ -1311,7 +1336,7 @@ fn parse_file(path: &Path, bytes: &[u8]) -> Result<FileContent, Unusable> {
         parse_yaml(path, text, &mut out)
     };
     match fatal {
-        None => Ok(out),
+        None => Ok(out.shrunk()),
         Some(reason) => Err(Unusable::Partial(out, reason)),
     }
 }
@@ -1410,7 +1435,7 @@ fn fast_object(
             }
             let object = ObjectRef {
                 kind: ObjectRef::kind_of(KIND_ENDPOINT_SLICE),
-                namespace: (*slice.namespace).into(),
+                namespace: super::objects::shared_name(&slice.namespace),
                 name: (*slice.name).into(),
             };
             out.slices.push((object, Arc::new(slice)));
@@ -1863,7 +1888,20 @@ pub async fn watch(dir: PathBuf, limits: Limits, tx: super::Publisher) -> anyhow
     let mut watched = watch_dir(&mut watcher, &dir, None);
     let mut source = ManifestDir::with_limits(&dir, limits);
     source.set_writers(writers.clone());
-    let (mut source, first) = scan_blocking(source, ManifestDir::load).await?;
+    let (mut source, first) = scan_blocking(source, |d: &mut ManifestDir| {
+        let started = Instant::now();
+        let first = d.load();
+        // Logged from the scan's own thread, when it ends: the task that publishes the
+        // snapshot may wait for the agent's program load to yield, and the full sync's
+        // share of the scan is only visible here.
+        tracing::info!(
+            files = d.stats().files,
+            scan_us = started.elapsed().as_micros() as u64,
+            "manifest directory scanned"
+        );
+        first
+    })
+    .await?;
     let first = first?;
     // Not for the first scan: files that exist when the agent starts are taken as they
     // are, so that its first sync is complete.

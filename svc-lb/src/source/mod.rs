@@ -132,6 +132,12 @@ impl Snapshot {
         Some(owner)
     }
 
+    /// Files `slice` under `owner`, its [`slice_owner`] as the caller already has it
+    /// (sharing its strings with the caller's copy).
+    pub(crate) fn insert_slice_under(&mut self, owner: ServiceRef, slice: Arc<SliceObj>) {
+        self.slices.entry(owner).or_default().insert(slice);
+    }
+
     /// Removes the slice `name` of Service `owner`; true when it was there.
     pub fn remove_slice(&mut self, owner: &ServiceRef, name: &str) -> bool {
         let Some(group) = self.slices.get_mut(owner) else {
@@ -227,7 +233,7 @@ pub fn service_ref(svc: &SvcObj) -> ServiceRef {
 /// `kubernetes.io/service-name` label.
 pub fn slice_owner(slice: &SliceObj) -> Option<ServiceRef> {
     Some(ServiceRef {
-        namespace: (*slice.namespace).into(),
+        namespace: objects::shared_name(&slice.namespace),
         name: slice.service_name.as_deref()?.into(),
     })
 }

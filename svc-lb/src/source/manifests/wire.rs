@@ -23,7 +23,7 @@ use crate::{
     source::{
         EndpointHintsObj, EndpointObj, EndpointPortObj, IngressObj, SliceObj, SvcObj, SvcPortObj,
         SvcSpec, is_kept_service_annotation, is_kept_service_label,
-        objects::{AddressType, EndpointAddress},
+        objects::{AddressType, EndpointAddress, shared_name},
     },
 };
 
@@ -387,7 +387,7 @@ fn svc_obj<L, A>(
         .collect();
     SvcObj {
         name: meta.name().into(),
-        namespace: meta.namespace().into(),
+        namespace: shared_name(meta.namespace()),
         uid: None,
         labels: meta
             .labels
@@ -521,7 +521,7 @@ fn slice_obj<L, A>(
                     ready: cond.and_then(|c| c.ready),
                     serving: cond.and_then(|c| c.serving),
                     terminating: cond.and_then(|c| c.terminating),
-                    node_name: opt(&ep.node_name),
+                    node_name: ep.node_name.as_ref().map(|n| shared_name(&n.0)),
                     hints: hints
                         .filter(|h| !h.for_zones.is_empty() || !h.for_nodes.is_empty())
                         .map(Box::new),
