@@ -1221,3 +1221,148 @@ fn gen_lb_objects(u: &mut Unstructured<'_>) -> ArbResult<Value> {
     }
     Ok(json!({ "apiVersion": "v1", "kind": "List", "items": items }))
 }
+
+// ---------------------------------------------------------------------------------
+// Endpoint weights (issue 15)
+
+/// Bytes of heap per byte of annotation (plus 4 KiB) that parsing `svc-lb.io/weights`
+/// may take at its peak: each bad entry keeps a reason that quotes it.
+pub const WEIGHTS_HEAP_FACTOR: usize = 128;
+
+/// The `svc-lb.io/weights` annotation of an EndpointSlice (`ADDRESS=WEIGHT,...`, any
+/// text a namespace owner writes) through its parser, the slot layout of every
+/// scheduler and the weighted Maglev table. Properties: no panic; parsing takes at most
+/// [`WEIGHTS_HEAP_FACTOR`] × (size + 4 KiB) bytes of heap; every bad entry is reported
+/// with the entry quoted and a reason, and no entry gives both a weight and an error;
+/// the weights written back as an annotation parse to the same weights with no error;
+/// the layout gives each endpoint with weight 0 no slot and every other endpoint at
+/// least one (exactly `w / gcd` for weighted schedulers unless the layout says it was
+/// scaled down, one for `rr`), heavier endpoints never fewer slots, and no more than
+/// [`crate::model::sched::MAX_WEIGHTED_SLOTS`] slots (or one per endpoint); the Maglev
+/// table built from the layout gives each endpoint the entries
+/// [`crate::maglev::entry_counts`] predicts, which is what the planner's digest of a
+/// table read back after a restart relies on.
+pub fn weights(data: &[u8]) {
+    use crate::model::sched::{MAX_WEIGHTED_SLOTS, Scheduler, parse_weights, weighted_layout};
+
+    let text = String::from_utf8_lossy(data);
+    let base = peak_reset();
+    let parsed = parse_weights(&text);
+    let peak = PEAK.load(Ordering::Relaxed).saturating_sub(base);
+    if ACTIVE.load(Ordering::Relaxed) {
+        let bound = data
+            .len()
+            .saturating_add(4096)
+            .saturating_mul(WEIGHTS_HEAP_FACTOR);
+        assert!(
+            peak <= bound,
+            "parsing {} bytes of weights took {peak} bytes of heap, over the bound of {bound}",
+            data.len()
+        );
+    }
+    let entries = text.split(',').filter(|e| !e.trim().is_empty()).count();
+    assert!(
+        parsed.weights.len() + parsed.bad.len() <= entries,
+        "{} weights and {} errors from {entries} entries",
+        parsed.weights.len(),
+        parsed.bad.len()
+    );
+    for reason in &parsed.bad {
+        assert!(
+            reason.starts_with('\'') && reason.contains("': "),
+            "an error that does not quote its entry: {reason:?}"
+        );
+    }
+    let canonical: Vec<String> = parsed
+        .weights
+        .iter()
+        .map(|(a, w)| format!("{a}={w}"))
+        .collect();
+    let again = parse_weights(&canonical.join(","));
+    assert_eq!(again.weights, parsed.weights, "weights do not round-trip");
+    assert!(
+        again.bad.is_empty(),
+        "written-back weights refused: {:?}",
+        again.bad
+    );
+
+    // The endpoints in address order, as a slice lists them.
+    let weights: Vec<u16> = parsed.weights.values().copied().collect();
+    let live = weights.iter().filter(|w| **w != 0).count();
+    for sched in [
+        Scheduler::Random,
+        Scheduler::Rr,
+        Scheduler::Wrr,
+        Scheduler::Maglev,
+    ] {
+        let layout = weighted_layout(&weights, sched);
+        let mut slots = vec![0usize; weights.len()];
+        for i in &layout.slots {
+            assert!(*i < weights.len(), "{sched}: slot names endpoint {i}");
+            slots[*i] += 1;
+        }
+        assert!(
+            layout.slots.len() <= MAX_WEIGHTED_SLOTS.max(live),
+            "{sched}: {} slots",
+            layout.slots.len()
+        );
+        let g = weights
+            .iter()
+            .filter(|w| **w != 0)
+            .fold(0u16, |g, w| gcd16(g, *w));
+        for (i, w) in weights.iter().enumerate() {
+            let n = slots[i];
+            match (*w, sched) {
+                (0, _) => assert_eq!(n, 0, "{sched}: drained endpoint {i} has {n} slots"),
+                (_, Scheduler::Rr) => assert_eq!(n, 1, "rr: endpoint {i} has {n} slots"),
+                _ if layout.scaled.is_none() => {
+                    assert_eq!(n, usize::from(*w / g), "{sched}: endpoint {i} weight {w}");
+                }
+                _ => assert!(n >= 1, "{sched}: endpoint {i} lost its slots"),
+            }
+            for (j, v) in weights.iter().enumerate() {
+                if sched.weighted() && w > v {
+                    assert!(
+                        n >= slots[j],
+                        "{sched}: weight {w} has {n} slots, weight {v} has {}",
+                        slots[j]
+                    );
+                }
+            }
+        }
+        if sched == Scheduler::Maglev && !layout.slots.is_empty() {
+            let addrs: Vec<IpAddr> = parsed.weights.keys().copied().collect();
+            let pairs: Vec<(u32, crate::model::BackendAddr)> = layout
+                .slots
+                .iter()
+                .map(|i| {
+                    let id = u32::try_from(*i).unwrap_or(u32::MAX - 1) + 1;
+                    let addr = crate::model::BackendAddr {
+                        addr: addrs[*i],
+                        port: 8080,
+                        proto: svc_lb_common::PROTO_TCP,
+                    };
+                    (id, addr)
+                })
+                .collect();
+            const M: u32 = 251;
+            let mut counts: BTreeMap<u32, u32> = BTreeMap::new();
+            for id in crate::maglev::populate(&pairs, M) {
+                *counts.entry(id).or_default() += 1;
+            }
+            let counts: Vec<(u32, u32)> = counts.into_iter().collect();
+            assert_eq!(
+                crate::maglev::entry_counts(&pairs, M),
+                counts,
+                "Maglev entries per endpoint"
+            );
+        }
+    }
+}
+
+fn gcd16(mut a: u16, mut b: u16) -> u16 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}

@@ -18,6 +18,12 @@ use crate::{datapath::codec::addr_words, model::BackendAddr};
 /// `backends`. Pairs with id 0 (never valid) are ignored; an address listed with two
 /// ids keeps the smallest. Returns an empty table when no backend is left.
 pub fn populate(backends: &[(u32, BackendAddr)], m: u32) -> Vec<u32> {
+    populate_weighted(&weights_of(backends), m)
+}
+
+/// The `(id, address, weight)` triples [`populate`] fills from: an address's weight is
+/// how often it is listed.
+fn weights_of(backends: &[(u32, BackendAddr)]) -> Vec<(u32, BackendAddr, u16)> {
     let mut sorted: Vec<(BackendAddr, u32)> = backends
         .iter()
         .filter(|(id, _)| *id != 0)
@@ -31,14 +37,12 @@ pub fn populate(backends: &[(u32, BackendAddr)], m: u32) -> Vec<u32> {
             _ => weighted.push((id, addr, 1)),
         }
     }
-    populate_weighted(&weighted, m)
+    weighted
 }
 
-/// [`populate`] with a weight per backend (Katran's weighted Maglev): each backend
-/// gains its weight in credit every round and places an entry whenever its credit
-/// reaches the largest weight, so its share of the table is in proportion to its
-/// weight. Weight 0 (drain) places nothing; all weights 0 give an empty table.
-pub fn populate_weighted(backends: &[(u32, BackendAddr, u16)], m: u32) -> Vec<u32> {
+/// The backends [`populate_weighted`] takes turns with, in turn order (by address):
+/// `(address, id, weight)`, first id of an address, no weight 0.
+fn turn_order(backends: &[(u32, BackendAddr, u16)]) -> Vec<(BackendAddr, u32, u16)> {
     let mut sorted: Vec<(BackendAddr, u32, u16)> = backends
         .iter()
         .filter(|(id, _, _)| *id != 0)
@@ -47,6 +51,66 @@ pub fn populate_weighted(backends: &[(u32, BackendAddr, u16)], m: u32) -> Vec<u3
     sorted.sort_unstable();
     sorted.dedup_by_key(|(addr, _, _)| *addr);
     sorted.retain(|(_, _, w)| *w != 0);
+    sorted
+}
+
+/// How many of the `m` entries of `populate(backends, m)` each backend id gets, sorted
+/// by id (ids without an entry left out), without building the table: the count
+/// depends on the weights and the turn order only, never on the permutations (every
+/// turn places exactly one entry). This is what a table read back from the kernel can
+/// still tell about the weights it was built with (see `plan::MaglevDigest`).
+/// O(n log m) for n backends.
+pub fn entry_counts(backends: &[(u32, BackendAddr)], m: u32) -> Vec<(u32, u32)> {
+    let sorted = turn_order(&weights_of(backends));
+    if sorted.is_empty() || m < 2 {
+        return Vec::new();
+    }
+    let max_w = sorted
+        .iter()
+        .map(|(_, _, w)| u64::from(*w))
+        .max()
+        .unwrap_or(1);
+    // Credit starts at 0 and grows by w each round, and a turn costs max_w: after r
+    // rounds a backend has placed floor(r * w / max_w) entries.
+    let placed = |r: u64, w: u16| r * u64::from(w) / max_w;
+    let total = |r: u64| sorted.iter().map(|(_, _, w)| placed(r, *w)).sum::<u64>();
+    let m64 = u64::from(m);
+    // The largest number of whole rounds that fit: the heaviest backend places one
+    // entry every round, so at most m rounds.
+    let (mut lo, mut hi) = (0u64, m64);
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if total(mid) <= m64 {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    let rounds = lo;
+    let mut left = m64 - total(rounds);
+    let mut counts: Vec<(u32, u32)> = sorted
+        .iter()
+        .map(|(_, id, w)| {
+            let mut n = placed(rounds, *w);
+            // The round that fills the table: turns in address order until it is full.
+            if left > 0 && placed(rounds + 1, *w) > n {
+                n += 1;
+                left -= 1;
+            }
+            (*id, u32::try_from(n).unwrap_or(u32::MAX))
+        })
+        .filter(|(_, n)| *n != 0)
+        .collect();
+    counts.sort_unstable();
+    counts
+}
+
+/// [`populate`] with a weight per backend (Katran's weighted Maglev): each backend
+/// gains its weight in credit every round and places an entry whenever its credit
+/// reaches the largest weight, so its share of the table is in proportion to its
+/// weight. Weight 0 (drain) places nothing; all weights 0 give an empty table.
+pub fn populate_weighted(backends: &[(u32, BackendAddr, u16)], m: u32) -> Vec<u32> {
+    let sorted = turn_order(backends);
     if sorted.is_empty() || m < 2 {
         return Vec::new();
     }
@@ -334,6 +398,22 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// `entry_counts` says exactly how many entries `populate` gives each id, for
+        /// any layout (repeats, shuffled, several ids) and table size.
+        #[test]
+        fn entry_counts_match_the_table(
+            slots in proptest::collection::vec(1u32..12, 0..40),
+            m in proptest::sample::select(vec![2u32, 3, 5, 7, 13, 31, 251, 4093, M]),
+        ) {
+            // A backend's weight is how often its id repeats.
+            let pairs: Vec<(u32, BackendAddr)> = slots.iter().map(|id| (*id, addr(*id))).collect();
+            let want: Vec<(u32, u32)> = counts(&populate(&pairs, m))
+                .into_iter()
+                .map(|(id, n)| (id, n as u32))
+                .collect();
+            proptest::prop_assert_eq!(entry_counts(&pairs, m), want);
+        }
+
         /// Every backend with weight w > 0 holds about w / sum(w) of the table (within
         /// 2 % of the table plus one entry per backend for rounding) and no drained
         /// backend holds any.

@@ -14,11 +14,12 @@ static ALLOC: svc_lb::fuzzing::CountingAlloc = svc_lb::fuzzing::CountingAlloc;
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 4] = [
+const TARGETS: [(&str, Target); 5] = [
     ("manifest", svc_lb::fuzzing::manifest),
     ("model", svc_lb::fuzzing::model),
     ("codec", svc_lb::fuzzing::codec),
     ("lbipam", svc_lb::fuzzing::lbipam),
+    ("weights", svc_lb::fuzzing::weights),
 ];
 
 fn files(dir: &Path) -> Vec<PathBuf> {
@@ -44,7 +45,7 @@ fn fuzz_regressions_and_seeds_pass() {
     for (name, target) in TARGETS {
         let mut inputs = files(&fuzz.join("regressions").join(name));
         inputs.extend(files(&fuzz.join("seeds").join(name)));
-        if name != "codec" {
+        if !matches!(name, "codec" | "weights") {
             inputs.extend(examples.iter().cloned());
         }
         for path in inputs {

@@ -8,6 +8,8 @@
 //!   of a Service without endpoints behave as for IPv4, and the counters count them.
 //! - `loadBalancerSourceRanges` for clients on the node: a bound source outside the
 //!   ranges is refused at once on the LB IP, one inside reaches the backends.
+//! - Schedulers (issue 15): curl and Python (`::ffff:VIP`, TCP and UDP) through `rr` and
+//!   `wrr` Services get exact per-backend counts.
 //!
 //! Run as root, one at a time:
 //! `cargo test --release -p svc-lb-tests --features e2e --test clients -- --test-threads=1`.
@@ -682,6 +684,109 @@ fn a_shell_writing_a_manifest_in_two_steps_never_withdraws_the_second_half() {
             r.backends.keys().map(String::as_str).collect::<Vec<_>>() == ["a", "b"],
             "{r:?}"
         );
+        Ok(())
+    });
+}
+
+// ---- rr and wrr (issue 15) ----
+
+/// Service `name` at `vip` with the ports of [`service`], the scheduler annotation
+/// `sched` and the weights `weights` (address, weight) on its EndpointSlice.
+fn sched_service(name: &str, vip: &str, sched: &str, weights: &[(IpAddr, u16)]) -> String {
+    let addrs: Vec<IpAddr> = weights.iter().map(|(a, _)| *a).collect();
+    let mut svc = Service::new(NS, name, &[ip(vip)])
+        .port("http", 80, TargetPort::Number(TCP_PORT), Protocol::Tcp)
+        .port("dns", 53, TargetPort::Number(UDP_PORT), Protocol::Udp)
+        .to_value();
+    svc["metadata"]["annotations"] = json!({ "svc-lb.io/scheduler": sched });
+    let mut slice = EndpointSlice::new(NS, name, "x1", false)
+        .port("http", TCP_PORT, Protocol::Tcp)
+        .port("dns", UDP_PORT, Protocol::Udp)
+        .ready_endpoints(&addrs)
+        .to_value();
+    let w: Vec<String> = weights.iter().map(|(a, w)| format!("{a}={w}")).collect();
+    slice["metadata"]["annotations"] = json!({ "svc-lb.io/weights": w.join(",") });
+    yaml_docs(&[svc, slice])
+}
+
+/// curl (TCP, one process, `count` transfers from a URL range, each on a new
+/// connection because the lab's servers close after their reply): replies per backend.
+fn curl_range(lab: &Lab, vip: &str, count: u32) -> Result<BTreeMap<String, u64>> {
+    let url = format!("http://{vip}:80/[1-{count}]");
+    let args = ["-sS", "--http0.9", "--max-time", "60", "-w", "\n", &url].map(str::to_owned);
+    let out = in_client(lab, "curl", &args)?;
+    ensure!(
+        out.status.success(),
+        "curl {url}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut got: BTreeMap<String, u64> = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let id = line.trim();
+        if !id.is_empty() {
+            *got.entry(id.to_owned()).or_default() += 1;
+        }
+    }
+    eprintln!("curl {url}: {got:?}");
+    Ok(got)
+}
+
+/// Real clients through `rr` and `wrr` (issue 15): curl over TCP, and Python dual-stack
+/// AF_INET6 sockets dialling `::ffff:VIP` over TCP, connected UDP and unconnected UDP,
+/// 600 connections (datagram sockets, datagrams) each. The cursor advances once per
+/// connection and a cycle is 6 slots, so the counts are exact: `wrr` with weights
+/// 1:2:3 gives 100/200/300, `rr` (weights other than 0 ignored) 200 each; nothing
+/// fails, and the frontend counters count every connection.
+#[test]
+fn curl_and_python_through_rr_and_wrr_get_exact_counts() {
+    lab_test(&["a", "b", "c"], |lab| {
+        let addrs = lab.topo.addrs(false);
+        let weights: Vec<(IpAddr, u16)> = addrs.iter().copied().zip([1, 2, 3]).collect();
+        let cases = [
+            ("wrr", "10.96.0.71", [100u64, 200, 300]),
+            ("rr", "10.96.0.72", [200, 200, 200]),
+        ];
+        for (sched, vip, _) in &cases {
+            lab.write_manifest(
+                &format!("{sched}.yaml"),
+                &sched_service(sched, vip, sched, &weights),
+            )?;
+        }
+        let (_agent, _metrics) = start_agent(lab, "sched")?;
+        const N: u32 = 600;
+        for (sched, vip, want) in cases {
+            let want: BTreeMap<String, u64> = ["a", "b", "c"]
+                .iter()
+                .zip(want)
+                .map(|(id, n)| ((*id).to_owned(), n))
+                .collect();
+            let mapped = format!("::ffff:{vip}");
+            for (mode, port) in [("tcp", 80), ("udp-connected", 53), ("udp", 53)] {
+                let r = python(lab, mode, &mapped, port, N, "")?;
+                ensure!(
+                    r.failed == 0 && r.backends == want,
+                    "{sched}: python {mode} to [{mapped}]:{port}: replies {:?}, expected {want:?}; errors {:?}",
+                    r.backends,
+                    r.errors
+                );
+                let seen = if mode == "tcp" { &r.peers } else { &r.sources };
+                only(seen, &format!("[{mapped}]:{port}"), u64::from(N), mode)?;
+            }
+            let curl = curl_range(lab, vip, N)?;
+            ensure!(
+                curl == want,
+                "{sched}: curl replies {curl:?}, expected {want:?}"
+            );
+            let (fes, _) = list_counts(lab, sched)?;
+            ensure!(
+                fes == BTreeMap::from([
+                    (format!("{vip}:80/TCP"), u64::from(2 * N)),
+                    (format!("{vip}:53/UDP"), u64::from(2 * N)),
+                ]),
+                "{sched}: frontend counters {fes:?}"
+            );
+        }
         Ok(())
     });
 }

@@ -329,7 +329,7 @@ fn suite(ctx: &Ctx, features: &str, tests: &[&str], extra: &[&str]) -> Result<Co
 
 /// How long `test` runs each fuzz target (issue 12: 60 s in CI).
 const FUZZ_SECONDS_PER_TARGET: u32 = 60;
-const FUZZ_TARGETS: [&str; 4] = ["manifest", "model", "codec", "lbipam"];
+const FUZZ_TARGETS: [&str; 5] = ["manifest", "model", "codec", "lbipam", "weights"];
 
 /// The fuzz targets of tests/fuzz, one after the other, with cargo-fuzz on nightly. Each
 /// run first executes its whole initial corpus (the kept regressions, the seeds and, for
@@ -369,7 +369,8 @@ fn fuzz(ctx: &Ctx) -> Result<()> {
             .arg(&corpus)
             .arg(dir.join("regressions").join(target))
             .arg(dir.join("seeds").join(target));
-        if target != "codec" {
+        // The examples are manifests: seeds for the targets that read manifests.
+        if !matches!(target, "codec" | "weights") {
             cmd.arg(ctx.ws.join("deploy").join("examples"));
         }
         cmd.arg("--")

@@ -293,14 +293,16 @@ impl MapStore for BpfDatapath {
     fn read_current(&self) -> Result<CurrentState> {
         let mut state = read_state(&self.svc4, &self.svc6, &self.backends, &self.rev_nats)?;
         if let Ok(ext) = &self.ext {
-            // Tables are listed, not decoded: an empty id list tells the planner their
-            // contents are unknown, so the first plan after start-up rewrites every
-            // external frontend's table. That is the simple correct choice: the table
-            // size may have changed with the flags, and a table is cheap to rebuild
-            // (rewriting it in place is atomic for the programs).
-            for id in ext.maglev.keys() {
-                let id = id.with_context(|| format!("read map {MAP_MAGLEV}"))?;
-                state.maglev.insert(id, Vec::new());
+            // Tables are decoded to their entries per backend id, which say whether
+            // a table holds the weights the Services want (`MaglevDigest::matches`), so
+            // a restart rewrites only the tables that changed. A table built for
+            // another `--maglev-table-size` decodes as unknown and is rewritten.
+            for item in ext.maglev.iter() {
+                let (id, table) = item.with_context(|| format!("read map {MAP_MAGLEV}"))?;
+                state.maglev.insert(
+                    id,
+                    crate::plan::MaglevDigest::of_table(&table.backend_ids, self.maglev_size),
+                );
             }
             for k in ext.src4.keys() {
                 let k = k.with_context(|| format!("read map {MAP_SRC_RANGE4}"))?;

@@ -26,7 +26,10 @@ use super::{
     MapStore,
     codec::{self, SvcKey, Write},
 };
-use crate::plan::{Capacity, CurrentState, Op};
+use crate::{
+    model::BackendAddr,
+    plan::{Capacity, CurrentState, MaglevDigest, Op},
+};
 
 /// Why the fake refused an operation. Tests tell the cases apart with
 /// `anyhow::Error::downcast_ref::<FakeError>()`.
@@ -80,6 +83,10 @@ pub struct FakeMaps {
     rev_nats: BTreeMap<u32, RevNat>,
     /// Maglev tables (all `maglev_size` entries) by reverse-NAT id.
     maglev: BTreeMap<u32, Vec<u32>>,
+    /// What each table was last written from, so that [`MapStore::read_current`]
+    /// returns what the planner's mirror holds; [`FakeMaps::read_current_as_kernel`]
+    /// decodes the tables instead, as the real datapath does.
+    layouts: BTreeMap<u32, MaglevDigest>,
     src_ranges: BTreeSet<(u32, IpNet)>,
     aff_match: BTreeSet<AffinityMatchKey>,
     meta: BTreeMap<u32, SvcMeta>,
@@ -99,6 +106,7 @@ impl FakeMaps {
             backends: BTreeMap::new(),
             rev_nats: BTreeMap::new(),
             maglev: BTreeMap::new(),
+            layouts: BTreeMap::new(),
             src_ranges: BTreeSet::new(),
             aff_match: BTreeSet::new(),
             meta: BTreeMap::new(),
@@ -184,6 +192,18 @@ impl FakeMaps {
         &self.maglev
     }
 
+    /// A read-back as the real datapath makes it after a restart: Maglev tables are
+    /// known by their entries per backend ([`MaglevDigest::of_table`]).
+    pub fn read_current_as_kernel(&self) -> Result<CurrentState> {
+        let mut state = self.read_current()?;
+        state.maglev = self
+            .maglev
+            .iter()
+            .map(|(id, t)| (*id, MaglevDigest::of_table(t, self.maglev_size)))
+            .collect();
+        Ok(state)
+    }
+
     pub fn src_ranges(&self) -> &BTreeSet<(u32, IpNet)> {
         &self.src_ranges
     }
@@ -221,6 +241,25 @@ impl FakeMaps {
                 if slots != table {
                     return bad(format!(
                         "Maglev table of {fe:?} holds {table:?}, its slots {slots:?}"
+                    ));
+                }
+                // The weights too: each backend holds the entries its slots give it.
+                let pairs: Vec<(u32, BackendAddr)> = (1..=value.count)
+                    .filter_map(|s| u16::try_from(s).ok())
+                    .filter_map(|s| self.svc.get(&codec::svc_key(&fe, s)))
+                    .filter_map(|v| {
+                        let b = self.backends.get(&v.backend_id)?;
+                        Some((v.backend_id, codec::backend_from_raw(b).ok()?.addr))
+                    })
+                    .collect();
+                let have = self
+                    .maglev
+                    .get(&value.rev_nat_id)
+                    .map(|t| MaglevDigest::of_table(t, self.maglev_size));
+                if have.as_ref().is_some_and(|h| !h.matches(&pairs)) {
+                    return bad(format!(
+                        "Maglev table of {fe:?} holds {have:?}, its slots give {:?}",
+                        crate::maglev::entry_counts(&pairs, self.maglev_size)
                     ));
                 }
             }
@@ -590,16 +629,10 @@ impl MapStore for FakeMaps {
             self.backends.iter().map(|(k, v)| (*k, *v)),
             self.rev_nats.iter().map(|(k, v)| (*k, *v)),
         )?;
-        // Unlike the real datapath (which rewrites every table after a restart), the
-        // fake decodes its tables, so a read-back equals the planner's mirror.
-        state.maglev = self
-            .maglev
-            .iter()
-            .map(|(id, table)| {
-                let ids: BTreeSet<u32> = table.iter().copied().collect();
-                (*id, ids.into_iter().collect())
-            })
-            .collect();
+        // Unlike the real datapath (which decodes entry counts from the tables, see
+        // `read_current_as_kernel`), the fake remembers what it wrote each table from,
+        // so a read-back equals the planner's mirror.
+        state.maglev = self.layouts.clone();
         state.src_ranges = self.src_ranges.clone();
         codec::decode_extras(
             &mut state,
@@ -622,6 +655,19 @@ impl MapStore for FakeMaps {
         if let Err(e) = self.check_invariants() {
             self.undo_all(undo);
             return Err(e.into());
+        }
+        match op {
+            Op::UpsertMaglev {
+                rev_nat_id,
+                backends,
+            } => {
+                self.layouts
+                    .insert(*rev_nat_id, MaglevDigest::of_pairs(backends));
+            }
+            Op::DeleteMaglev { rev_nat_id } => {
+                self.layouts.remove(rev_nat_id);
+            }
+            _ => {}
         }
         self.applied += 1;
         Ok(())

@@ -152,13 +152,13 @@ fn extras_match(
     by_addr: &AddrIds,
 ) -> bool {
     let table_ok = if wants_table(d) {
-        let ids: Option<BTreeSet<u32>> = d
-            .backends
-            .iter()
-            .map(|b| by_addr.get(&b.addr).copied())
+        // The pairs phase 3 would write: one per slot of the weighted layout.
+        let pairs: Option<Vec<(u32, BackendAddr)>> = d
+            .slot_backends()
+            .map(|b| by_addr.get(&b.addr).map(|id| (*id, b.addr)))
             .collect();
-        match (ids, state.maglev.get(&rev_nat_id)) {
-            (Some(ids), Some(have)) => !have.is_empty() && ids.iter().eq(have.iter()),
+        match (pairs, state.maglev.get(&rev_nat_id)) {
+            (Some(pairs), Some(have)) => have.matches(&pairs),
             _ => false,
         }
     } else {
@@ -915,20 +915,19 @@ pub(super) fn plan_with(
         }
         if wants_table(c.desired) {
             // One pair per slot: a backend repeated in the weighted layout fills the
-            // table in proportion (`maglev::populate` counts repeats as weight). The id
-            // set does not show a weight change; unchanged slots do.
+            // table in proportion (`maglev::populate` counts repeats as weight). The
+            // digest holds the weights: slots that are already right (an apply
+            // interrupted after them) say nothing about the table.
             let pairs: Vec<(u32, BackendAddr)> = ids
                 .iter()
                 .zip(c.desired.slot_backends())
                 .map(|(id, b)| (*id, b.addr))
                 .collect();
-            let same_slots = c.current.is_some_and(|cf| cf.backend_ids == ids);
-            let up_to_date = same_slots
-                && tables.contains(&rev_nat_id)
+            let up_to_date = tables.contains(&rev_nat_id)
                 && current
                     .maglev
                     .get(&rev_nat_id)
-                    .is_some_and(|have| !have.is_empty() && *have == super::maglev_ids(&pairs));
+                    .is_some_and(|have| have.matches(&pairs));
             if !up_to_date {
                 tables.insert(rev_nat_id);
                 ops.push(Op::UpsertMaglev {
@@ -1014,9 +1013,9 @@ pub(super) fn plan_with(
         // A frontend left as it is keeps its table, which may still name backends its
         // slots no longer do (an interrupted apply).
         if has_master(cf)
-            && let Some(ids) = current.maglev.get(&cf.rev_nat_id)
+            && let Some(table) = current.maglev.get(&cf.rev_nat_id)
         {
-            final_backend_ids.extend(ids.iter().copied());
+            final_backend_ids.extend(table.ids());
         }
     }
     ops.extend(

@@ -223,9 +223,9 @@ impl Index {
             v.into_iter().collect()
         };
         rev_refs.extend(state.rev_nats.keys().copied());
-        for (id, ids) in &state.maglev {
+        for (id, table) in &state.maglev {
             rev_refs.push(*id);
-            users.extend(ids.iter().copied().filter(|b| *b != 0));
+            users.extend(table.ids());
         }
         let mut src_ranges = [0usize; 2];
         for (id, range) in &state.src_ranges {
@@ -346,10 +346,10 @@ impl Index {
                 }
             }
             Object::Maglev(id) => {
-                if let Some(ids) = state.maglev.get(id) {
+                if let Some(table) = state.maglev.get(id) {
                     self.rev_refs.add(*id, up);
-                    for b in ids {
-                        self.backend_user(*b, up);
+                    for b in table.ids() {
+                        self.backend_user(b, up);
                     }
                 }
             }

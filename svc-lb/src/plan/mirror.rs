@@ -176,7 +176,8 @@ impl CurrentState {
                 rev_nat_id,
                 backends,
             } => {
-                self.maglev.insert(*rev_nat_id, super::maglev_ids(backends));
+                self.maglev
+                    .insert(*rev_nat_id, super::MaglevDigest::of_pairs(backends));
             }
             Op::DeleteMaglev { rev_nat_id } => {
                 self.maglev.remove(rev_nat_id);

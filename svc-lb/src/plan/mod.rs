@@ -31,6 +31,8 @@ pub use mirror::SlotIdsAboveCount;
 pub use touched::plan_touched;
 
 #[cfg(test)]
+mod maglev_tests;
+#[cfg(test)]
 mod proptests;
 #[cfg(test)]
 mod sched_tests;
@@ -71,10 +73,9 @@ pub struct CurrentState {
     /// number only. Kept by [`CurrentState::apply`]; ignored by `==` (a read-back cannot
     /// fill it). Build a `CurrentState` with `..Default::default()`.
     pub slots_above_count: SlotIdsAboveCount,
-    /// Maglev tables by reverse-NAT id: the backend ids each was built from, sorted and
-    /// unique. Empty means "contents unknown" (a read-back of the kernel maps does not
-    /// decode tables), which makes the planner rewrite the table.
-    pub maglev: BTreeMap<u32, Vec<u32>>,
+    /// Maglev tables by reverse-NAT id: what is known of each one's content (see
+    /// [`MaglevDigest`]).
+    pub maglev: BTreeMap<u32, MaglevDigest>,
     /// Source-range entries: (reverse-NAT id, prefix).
     pub src_ranges: BTreeSet<(u32, IpNet)>,
     /// Session-affinity match entries, as (reverse-NAT id, backend id): the backends a
@@ -189,14 +190,84 @@ impl Op {
     }
 }
 
-/// The ids a Maglev table built from `backends` holds: sorted, unique, no id 0.
-pub fn maglev_ids(backends: &[(u32, BackendAddr)]) -> Vec<u32> {
-    let ids: BTreeSet<u32> = backends
-        .iter()
-        .map(|(id, _)| *id)
-        .filter(|id| *id != 0)
-        .collect();
-    ids.into_iter().collect()
+/// What the mirror knows of one Maglev table's content. The set of backend ids is not
+/// enough: a weight change keeps it, so a retry after an apply that wrote the slots but
+/// not the table would leave the old weights in the table (issue 15). The digest holds
+/// the weights too.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MaglevDigest {
+    /// Written by this agent: the backend id of every pair it was built from (one per
+    /// slot of the weighted layout, so an id repeats as often as its weight), sorted.
+    Layout(Vec<u32>),
+    /// Read back from the kernel: entries per backend id, sorted by id; they add up to
+    /// the table size. [`crate::maglev::entry_counts`] says what a layout gives, so a
+    /// restart keeps tables that are already right.
+    Entries(Vec<(u32, u32)>),
+    /// Read back, but not a table of the size in use (a free entry, or entries past the
+    /// size: `--maglev-table-size` changed): the planner rewrites it.
+    Unknown,
+}
+
+impl MaglevDigest {
+    /// The digest of a table written from `backends` (as in [`Op::UpsertMaglev`]).
+    pub fn of_pairs(backends: &[(u32, BackendAddr)]) -> Self {
+        let mut ids: Vec<u32> = backends
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| *id != 0)
+            .collect();
+        ids.sort_unstable();
+        Self::Layout(ids)
+    }
+
+    /// The digest of a table read back from the kernel: `table` is the whole map value,
+    /// of which the programs use the first `size` entries.
+    pub fn of_table(table: &[u32], size: u32) -> Self {
+        let size = size as usize;
+        if size < 2 || size > table.len() {
+            return Self::Unknown;
+        }
+        let (used, rest) = table.split_at(size);
+        if used.contains(&0) || rest.iter().any(|id| *id != 0) {
+            return Self::Unknown;
+        }
+        let mut counts: BTreeMap<u32, u32> = BTreeMap::new();
+        for id in used {
+            *counts.entry(*id).or_default() += 1;
+        }
+        Self::Entries(counts.into_iter().collect())
+    }
+
+    /// The backend ids the table names: sorted, unique, no id 0.
+    pub fn ids(&self) -> Vec<u32> {
+        match self {
+            Self::Layout(ids) => {
+                let mut ids = ids.clone();
+                ids.dedup();
+                ids
+            }
+            Self::Entries(counts) => counts.iter().map(|(id, _)| *id).collect(),
+            Self::Unknown => Vec::new(),
+        }
+    }
+
+    /// Whether the table is the one `backends` (as in [`Op::UpsertMaglev`]) builds.
+    /// For a read-back table: whether it gives every id the entries that layout gives
+    /// at its size. Two layouts that give the same counts (weights whose ratios differ
+    /// by less than one entry in the table size) are taken as the same table: their
+    /// shares are equal, only a few entries may sit elsewhere.
+    pub fn matches(&self, backends: &[(u32, BackendAddr)]) -> bool {
+        match self {
+            Self::Layout(have) => !have.is_empty() && *self == Self::of_pairs(backends),
+            Self::Entries(counts) => {
+                let size: u64 = counts.iter().map(|(_, n)| u64::from(*n)).sum();
+                !counts.is_empty()
+                    && u32::try_from(size)
+                        .is_ok_and(|m| crate::maglev::entry_counts(backends, m) == *counts)
+            }
+            Self::Unknown => false,
+        }
+    }
 }
 
 /// Map capacities, in entries. The planner never emits a plan whose peak usage exceeds

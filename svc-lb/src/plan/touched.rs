@@ -82,9 +82,9 @@ pub fn plan_touched(
         if let Some(fe) = current.rev_nats.get(id) {
             part.rev_nats.insert(*id, *fe);
         }
-        if let Some(ids) = current.maglev.get(id) {
-            part.maglev.insert(*id, ids.clone());
-            backend_ids.extend(ids.iter().copied());
+        if let Some(table) = current.maglev.get(id) {
+            part.maglev.insert(*id, table.clone());
+            backend_ids.extend(table.ids());
         }
         part.src_ranges.extend(
             current
@@ -164,9 +164,9 @@ pub fn plan_touched(
             *inside.entry(id).or_default() += 1;
         }
     }
-    for ids in part.maglev.values() {
-        for id in ids {
-            *inside.entry(*id).or_default() += 1;
+    for table in part.maglev.values() {
+        for id in table.ids() {
+            *inside.entry(id).or_default() += 1;
         }
     }
     let shared = |id: u32| ix.backend_users(id) > inside.get(&id).copied().unwrap_or(0);

@@ -15,6 +15,7 @@
 //! - [`bpf`]: reading svc-lb's pinned maps and the kernel's BPF run-time statistics;
 //! - [`ext`]: the external path's per-packet cost (tc/XDP through BPF_PROG_TEST_RUN);
 //! - [`nodeport`]: the two-node lab's NodePort request rate, svc-lb against iptables;
+//! - [`sched`]: the TCP connection rate through a VIP per socket scheduler;
 //! - [`run`]: the measurement sequence; [`report`] and [`plot`]: Markdown and SVG.
 pub mod bpf;
 pub mod clock;
@@ -28,6 +29,7 @@ pub mod progress;
 pub mod report;
 pub mod results;
 pub mod run;
+pub mod sched;
 pub mod server;
 pub mod signal;
 pub mod stats;
@@ -99,6 +101,9 @@ pub enum Scenario {
     /// The external path (two-node lab): XDP and tc cost per packet, and the NodePort
     /// request rate against iptables.
     Ext,
+    /// TCP connection rate through the VIP per socket scheduler (random, rr, wrr) and
+    /// direct, at one scale point (10 000 Services in the full run).
+    Sched,
 }
 
 impl Scenario {
@@ -111,6 +116,7 @@ impl Scenario {
             Scenario::Memory => "memory",
             Scenario::Bpf => "bpf",
             Scenario::Ext => "ext",
+            Scenario::Sched => "sched",
         }
     }
 }

@@ -23,7 +23,7 @@ fn int(x: f64) -> String {
     if v < 0 { format!("-{out}") } else { out }
 }
 
-fn n_label(n: usize) -> String {
+pub(super) fn n_label(n: usize) -> String {
     int(n as f64)
 }
 
@@ -56,7 +56,7 @@ fn ratio(a: f64, b: f64) -> String {
     }
 }
 
-fn pm_rate(s: &Summary) -> String {
+pub(super) fn pm_rate(s: &Summary) -> String {
     format!("{} ± {}", int(s.mean), int(s.sd))
 }
 
@@ -70,7 +70,7 @@ fn pm_dur(s: &Summary) -> String {
 
 /// The start of a table section: its heading, the paragraphs that explain it (each
 /// followed by a blank line) and the table's header and alignment rows.
-fn table_head(out: &mut String, title: &str, paras: &[&str], header: &str) {
+pub(super) fn table_head(out: &mut String, title: &str, paras: &[&str], header: &str) {
     let _ = writeln!(out, "### {title}\n");
     for p in paras {
         let _ = writeln!(out, "{p}\n");
@@ -96,7 +96,7 @@ fn load_note(r: &Results, n: usize, mode: Mode) -> Option<String> {
 
 /// The ratio of the means of `a` and `b`, with the spread of the per-repetition ratios
 /// (repetition i of both ran back to back, so their ratio cancels the machine's drift).
-fn rate_ratio(a: &[f64], b: &[f64]) -> String {
+pub(super) fn rate_ratio(a: &[f64], b: &[f64]) -> String {
     rate_ratio_prec(a, b, 2)
 }
 
@@ -1031,6 +1031,9 @@ pub fn render(r: &Results, plots: Option<Plots<'_>>, notes: Option<&str>) -> Str
     }
     if !r.nodeport.is_empty() {
         nodeport_table(&mut out, r);
+    }
+    if !r.sched.is_empty() {
+        super::sched::table(&mut out, &r.sched);
     }
     if !r.errors.is_empty() {
         let _ = writeln!(

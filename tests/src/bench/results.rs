@@ -330,6 +330,10 @@ pub struct Results {
     /// The two-node lab's NodePort request rate (svc-lb and iptables; `n` is 1).
     #[serde(default)]
     pub nodeport: Vec<RateCell>,
+    /// The TCP connection rate per socket scheduler, and direct (see
+    /// [`super::sched`]).
+    #[serde(default)]
+    pub sched: Vec<super::sched::SchedCell>,
     /// Measurements that failed (the run went on without them).
     #[serde(default)]
     pub errors: Vec<String>,

@@ -10,7 +10,9 @@
 //!    svc-lb down);
 //! 5. propagation of an endpoint removal, for every loaded mode; for svc-lb a second
 //!    time while other Services' endpoints change at the churn rate;
-//! 6. reset: agent stopped and pins removed, rules flushed, files deleted.
+//! 6. at [`Profile::sched_n`] only: the TCP connection rate per socket scheduler
+//!    ([`super::sched`]), with this point's agent still loaded;
+//! 7. reset: agent stopped and pins removed, rules flushed, files deleted.
 //!
 //! Then the wide points (N Services with more endpoints each: svc-lb's full sync, memory
 //! and propagation only), and last the external path's per-packet cost ([`super::ext`]).
@@ -36,7 +38,7 @@ use super::{
         BpfCell, DEFAULT_EPS, LoadOutcome, Machine, MemCell, Meta, Metric, Mode, Programmed,
         PropCell, Results, Settings, SyncCell,
     },
-    signal, stats,
+    sched, signal, stats,
     workload::{
         self, CHURN_SERVICES, IDS, Plane, REMOVED, SVC_TCP_PORT, SVC_UDP_PORT, TCP_TARGET_PORT,
         UDP_TARGET_PORT, Workload,
@@ -67,6 +69,9 @@ pub struct Profile {
     pub churn_hz: u32,
     /// External path: established-flow test runs per case.
     pub ext_runs: u64,
+    /// The scale point at which the connection rate per scheduler is measured
+    /// ([`super::sched`]); a point not among `scales` measures none.
+    pub sched_n: usize,
 }
 
 impl Profile {
@@ -93,6 +98,7 @@ impl Profile {
             wide: vec![(100_000, 10)],
             churn_hz: 100,
             ext_runs: 20_000,
+            sched_n: 10_000,
         }
     }
 
@@ -108,6 +114,7 @@ impl Profile {
             bpf_window: Duration::from_millis(500),
             wide: Vec::new(),
             ext_runs: 5_000,
+            sched_n: 1_000,
             ..Self::full()
         }
     }
@@ -126,6 +133,7 @@ impl Profile {
             bpf_window: Duration::from_millis(300),
             wide: Vec::new(),
             ext_runs: 500,
+            sched_n: 1,
             ..Self::full()
         }
     }
@@ -252,11 +260,11 @@ impl Bench {
     pub fn run(&mut self) -> Result<()> {
         let started = Instant::now();
         let scales = self.profile.scales.clone();
-        // `--only ext` needs none of the scale points.
-        let scales = if self.only == Some(Scenario::Ext) {
-            Vec::new()
-        } else {
-            scales
+        // `--only ext` needs none of the scale points, `--only sched` its own.
+        let scales = match self.only {
+            Some(Scenario::Ext) => Vec::new(),
+            Some(Scenario::Sched) => vec![self.profile.sched_n],
+            _ => scales,
         };
         for (i, n) in scales.iter().enumerate() {
             self.scale_point(Workload::new(*n))?;
@@ -308,7 +316,10 @@ impl Bench {
         signal::check()?;
 
         // Which modes this scenario needs loaded.
-        let need_baselines = !matches!(self.only, Some(Scenario::Memory | Scenario::Bpf));
+        let need_baselines = !matches!(
+            self.only,
+            Some(Scenario::Memory | Scenario::Bpf | Scenario::Sched)
+        );
         let repeat_sync = self.wants(Scenario::Sync) || self.wants(Scenario::Memory);
         let sync_reps = if repeat_sync {
             self.profile.sync_reps
@@ -377,6 +388,11 @@ impl Bench {
                 let r = self.propagation(&w, Mode::SvcLb, true);
                 self.record(n, "svc-lb propagation under churn", r)?;
             }
+        }
+        if self.wants(Scenario::Sched) && n == self.profile.sched_n && loaded.contains(&Mode::SvcLb)
+        {
+            let r = self.schedulers(&w);
+            self.record(n, "connection rate per scheduler", r)?;
         }
 
         self.progress.step(format!("N={n}: resetting"));
@@ -877,6 +893,78 @@ impl Bench {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// The TCP connection rate per socket scheduler ([`sched`]), with this scale
+    /// point's agent and Services loaded: the schedulers' Services are added, then each
+    /// repetition runs direct and every scheduler once, the order rotating.
+    fn schedulers(&mut self, w: &Workload) -> Result<()> {
+        let n = w.n;
+        self.progress
+            .step(format!("N={n}: schedulers: adding their Services"));
+        self.net.write_manifest(sched::FILE, &sched::manifest())?;
+        let maps = SvcLbMaps::open(self.net.bpffs())?;
+        let p = Plane::SvcLb;
+        let want = p.measured_endpoints();
+        let t0 = Instant::now();
+        for (i, s) in sched::SCHEDULERS.iter().enumerate() {
+            let all = |b: &[SocketAddrV4]| want.iter().all(|a| b.iter().any(|x| x.ip() == a));
+            if wait_backends(&maps, sched::vip(i), all, t0, Duration::from_secs(30))?.is_none() {
+                bail!("the {} Service was not programmed within 30 s", s.name);
+            }
+        }
+        let mut cells: Vec<sched::SchedCell> =
+            std::iter::once(sched::SchedCell::new(n, sched::DIRECT, None))
+                .chain(
+                    sched::SCHEDULERS
+                        .iter()
+                        .map(|s| sched::SchedCell::new(n, s.name, s.weights)),
+                )
+                .collect();
+        for rep in 0..self.profile.reps {
+            for k in 0..cells.len() {
+                let i = (k + rep) % cells.len();
+                signal::check()?;
+                self.progress.step(format!(
+                    "N={n}: rep {}/{}: scheduler {}",
+                    rep + 1,
+                    self.profile.reps,
+                    cells[i].scheduler
+                ));
+                // Row 0 is direct: the backends' own addresses, outside svc-lb's cgroup.
+                let (targets, cgroup) = if i == 0 {
+                    let t = want
+                        .iter()
+                        .map(|a| SocketAddr::from((*a, TCP_TARGET_PORT)))
+                        .collect();
+                    (t, self.net.plain_cgroup().to_path_buf())
+                } else {
+                    let vip = SocketAddr::from((sched::vip(i - 1), SVC_TCP_PORT));
+                    (vec![vip], self.net.svclb_cgroup().to_path_buf())
+                };
+                let spec = LoadSpec {
+                    netns: self.net.client_ns(p).to_owned(),
+                    cgroup: Some(cgroup),
+                    proto: LoadProto::Tcp,
+                    targets,
+                    threads: self.profile.threads,
+                    duration: self.profile.duration,
+                    warmup: self.profile.warmup,
+                };
+                let r = self.load(&spec)?;
+                let c = &mut cells[i];
+                c.samples.push(r.rate());
+                c.failed += r.failed;
+                for (k, v) in r.failures {
+                    *c.failures.entry(k).or_default() += v;
+                }
+                for (k, v) in r.replies {
+                    *c.replies.entry(k).or_default() += v;
+                }
+            }
+        }
+        self.results.sched.extend(cells);
         Ok(())
     }
 
@@ -1465,6 +1553,9 @@ pub fn check_smoke(r: &Results) -> Result<()> {
             problems.push(format!("external path {program}: {cells:?}"));
         }
     }
+    // Each scheduler ran, and did what it says: rr and wrr take turns (exact shares but
+    // for the connections in flight when a window ends), random is random.
+    problems.extend(sched::check(&r.sched, 0.1));
     problems.extend(r.errors.iter().cloned());
     if problems.is_empty() {
         Ok(())
