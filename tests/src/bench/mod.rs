@@ -15,6 +15,8 @@
 //! - [`bpf`]: reading svc-lb's pinned maps and the kernel's BPF run-time statistics;
 //! - [`ext`]: the external path's per-packet cost (tc/XDP through BPF_PROG_TEST_RUN);
 //! - [`nodeport`]: the two-node lab's NodePort request rate, svc-lb against iptables;
+//! - [`pod`]: pod clients: the per-packet path against the socket path, iptables and
+//!   direct;
 //! - [`run`]: the measurement sequence; [`report`] and [`plot`]: Markdown and SVG.
 pub mod bpf;
 pub mod clock;
@@ -24,6 +26,7 @@ pub mod net;
 pub mod nodeport;
 pub mod nscmd;
 pub mod plot;
+pub mod pod;
 pub mod progress;
 pub mod report;
 pub mod results;
@@ -99,6 +102,9 @@ pub enum Scenario {
     /// The external path (two-node lab): XDP and tc cost per packet, and the NodePort
     /// request rate against iptables.
     Ext,
+    /// Pod clients: the per-packet path (`--socket-lb-scope host`) against the socket
+    /// path, iptables and direct (TCP and UDP rates), and the pod program's cost per packet.
+    Pod,
 }
 
 impl Scenario {
@@ -111,6 +117,7 @@ impl Scenario {
             Scenario::Memory => "memory",
             Scenario::Bpf => "bpf",
             Scenario::Ext => "ext",
+            Scenario::Pod => "pod",
         }
     }
 }

@@ -10,7 +10,7 @@ use super::{
 };
 
 /// Groups of three digits, separated by a thin space: 12 345.
-fn int(x: f64) -> String {
+pub(super) fn int(x: f64) -> String {
     let v = x.round() as i64;
     let s = v.abs().to_string();
     let mut out = String::new();
@@ -56,7 +56,7 @@ fn ratio(a: f64, b: f64) -> String {
     }
 }
 
-fn pm_rate(s: &Summary) -> String {
+pub(super) fn pm_rate(s: &Summary) -> String {
     format!("{} ± {}", int(s.mean), int(s.sd))
 }
 
@@ -70,7 +70,7 @@ fn pm_dur(s: &Summary) -> String {
 
 /// The start of a table section: its heading, the paragraphs that explain it (each
 /// followed by a blank line) and the table's header and alignment rows.
-fn table_head(out: &mut String, title: &str, paras: &[&str], header: &str) {
+pub(super) fn table_head(out: &mut String, title: &str, paras: &[&str], header: &str) {
     let _ = writeln!(out, "### {title}\n");
     for p in paras {
         let _ = writeln!(out, "{p}\n");
@@ -80,7 +80,7 @@ fn table_head(out: &mut String, title: &str, paras: &[&str], header: &str) {
 
 /// One table row of svc-lb-only numbers: the given cells, then `n/a` for the two ratio
 /// columns (there is no direct or iptables equivalent).
-fn row_na(out: &mut String, cells: &[String]) {
+pub(super) fn row_na(out: &mut String, cells: &[String]) {
     let mut line = String::from("|");
     for c in cells.iter().map(String::as_str).chain(["n/a", "n/a"]) {
         line.push(' ');
@@ -96,7 +96,7 @@ fn load_note(r: &Results, n: usize, mode: Mode) -> Option<String> {
 
 /// The ratio of the means of `a` and `b`, with the spread of the per-repetition ratios
 /// (repetition i of both ran back to back, so their ratio cancels the machine's drift).
-fn rate_ratio(a: &[f64], b: &[f64]) -> String {
+pub(super) fn rate_ratio(a: &[f64], b: &[f64]) -> String {
     rate_ratio_prec(a, b, 2)
 }
 
@@ -802,6 +802,14 @@ fn goals(r: &Results) -> Vec<Goal> {
         },
         _ => Goal::not_measured(what),
     });
+    g.push(match super::pod::goal(r) {
+        Some(measured) => Goal {
+            what: super::pod::GOAL.into(),
+            measured,
+            met: Met::Reported,
+        },
+        None => Goal::not_measured(super::pod::GOAL),
+    });
     // An earlier goal of the project, kept for comparison with earlier reports.
     let vs_ipt = (|| {
         let n = 10_000;
@@ -1031,6 +1039,9 @@ pub fn render(r: &Results, plots: Option<Plots<'_>>, notes: Option<&str>) -> Str
     }
     if !r.nodeport.is_empty() {
         nodeport_table(&mut out, r);
+    }
+    if !r.pod.is_empty() || !r.pod_cost.is_empty() {
+        super::pod::report(&mut out, r);
     }
     if !r.errors.is_empty() {
         let _ = writeln!(

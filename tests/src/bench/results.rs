@@ -330,6 +330,12 @@ pub struct Results {
     /// The two-node lab's NodePort request rate (svc-lb and iptables; `n` is 1).
     #[serde(default)]
     pub nodeport: Vec<RateCell>,
+    /// Pod clients' rates by path ([`super::pod`]).
+    #[serde(default)]
+    pub pod: Vec<super::pod::PodCell>,
+    /// The pod ingress program's cost per packet (BPF_PROG_TEST_RUN).
+    #[serde(default)]
+    pub pod_cost: Vec<ExtCell>,
     /// Measurements that failed (the run went on without them).
     #[serde(default)]
     pub errors: Vec<String>,
