@@ -45,7 +45,7 @@ use super::{
     ext::{self, ACK, Frames, SYN},
     load::{self, LoadProto, LoadSpec},
     nscmd::{self, Input},
-    report::{int, pm_rate, rate_ratio, row_na},
+    report::{int, pm_rate, rate_ratio},
     results::{ExtCell, Results},
     server::BenchServer,
     stats,
@@ -521,17 +521,7 @@ pub fn report(out: &mut String, r: &Results) {
                 continue;
             };
             let vs = |m: PodMode| samples(m).map_or("—".into(), |b| rate_ratio(&c.samples, b));
-            let kinds = c
-                .failures
-                .iter()
-                .map(|(k, v)| format!("{k}: {v}"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let failed = if kinds.is_empty() {
-                c.failed.to_string()
-            } else {
-                format!("{} ({kinds})", c.failed)
-            };
+            let failed = super::report::failed_cell(c.failed, &c.failures);
             let _ = writeln!(
                 out,
                 "| pod {traffic} | {} | {} {} | {} | {} | {} | {} | {failed} |",
@@ -562,27 +552,7 @@ pub fn report(out: &mut String, r: &Results) {
         "| program | packets | ns per packet | raw (mean) | trivial program | runs | first packet | verdicts | × direct | × iptables |\n\
          |---|---|---:|---:|---:|---:|---|---|---:|---:|",
     );
-    for c in &r.pod_cost {
-        let verdicts = c
-            .verdicts
-            .iter()
-            .map(|(k, v)| format!("{k} {}", int(*v as f64)))
-            .collect::<Vec<_>>()
-            .join(", ");
-        row_na(
-            out,
-            &[
-                c.program.clone(),
-                c.case.clone(),
-                format!("{:.0}", c.per_packet_ns()),
-                format!("{:.0}", c.mean_ns),
-                format!("{:.0}", c.baseline_ns),
-                int(c.runs as f64),
-                format!("{} → {}", c.verdict, c.rewritten_to),
-                verdicts,
-            ],
-        );
-    }
+    super::report::ext_rows(out, &r.pod_cost);
     out.push('\n');
 }
 

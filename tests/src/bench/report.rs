@@ -80,7 +80,7 @@ pub(super) fn table_head(out: &mut String, title: &str, paras: &[&str], header: 
 
 /// One table row of svc-lb-only numbers: the given cells, then `n/a` for the two ratio
 /// columns (there is no direct or iptables equivalent).
-pub(super) fn row_na(out: &mut String, cells: &[String]) {
+fn row_na(out: &mut String, cells: &[String]) {
     let mut line = String::from("|");
     for c in cells.iter().map(String::as_str).chain(["n/a", "n/a"]) {
         line.push(' ');
@@ -436,6 +436,23 @@ fn bpf_table(out: &mut String, r: &Results) {
     out.push('\n');
 }
 
+/// A "failed" cell: the count, then each kind of failure with its count.
+pub(super) fn failed_cell(
+    failed: u64,
+    failures: &std::collections::BTreeMap<String, u64>,
+) -> String {
+    let kinds = failures
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if kinds.is_empty() {
+        failed.to_string()
+    } else {
+        format!("{failed} ({kinds})")
+    }
+}
+
 fn nodeport_table(out: &mut String, r: &Results) {
     table_head(
         out,
@@ -458,17 +475,7 @@ fn nodeport_table(out: &mut String, r: &Results) {
             continue;
         };
         let vs = ipt.map_or("—".into(), |i| rate_ratio(&c.samples, &i.samples));
-        let kinds = c
-            .failures
-            .iter()
-            .map(|(k, v)| format!("{k}: {v}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let failed = if kinds.is_empty() {
-            c.failed.to_string()
-        } else {
-            format!("{} ({kinds})", c.failed)
-        };
+        let failed = failed_cell(c.failed, &c.failures);
         let _ = writeln!(
             out,
             "| {} | {} | {} | n/a | {vs} | {failed} |",
@@ -499,7 +506,15 @@ fn ext_table(out: &mut String, r: &Results) {
         ],
         "| program | packets | ns per packet | raw (mean) | trivial program | runs | first packet | verdicts | × direct | × iptables |\n|---|---|---:|---:|---:|---:|---|---|---:|---:|",
     );
-    for c in &r.ext {
+    ext_rows(out, &r.ext);
+    out.push('\n');
+}
+
+/// The rows of a per-packet cost table (the external path's, the pod path's), with its
+/// header's columns: ns per packet, the raw mean and the trivial program's, runs, the
+/// first packet's verdict and destination, every verdict.
+pub(super) fn ext_rows(out: &mut String, cells: &[super::results::ExtCell]) {
+    for c in cells {
         let verdicts = c
             .verdicts
             .iter()
@@ -520,7 +535,6 @@ fn ext_table(out: &mut String, r: &Results) {
             ],
         );
     }
-    out.push('\n');
 }
 
 /// One goal: what it asks, what was measured, whether it holds (`None`: not measured).
