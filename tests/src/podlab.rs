@@ -147,6 +147,17 @@ pub fn wait_pod_devices(lab: &TwoNodeLab, n: Node, want: &str) -> Result<()> {
     }
 }
 
+/// The index of device `dev` in the calling thread's namespace.
+pub fn ifindex(dev: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(dev).context("device name")?;
+    // SAFETY: `c` is a valid NUL-terminated string for the call's duration.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if idx == 0 {
+        bail!("no device {dev}: {}", std::io::Error::last_os_error());
+    }
+    Ok(idx)
+}
+
 /// Runs `program args` in pod `pod`'s namespace and its node's cgroup (where the
 /// node's socket programs are attached), as a pod's own process would run.
 pub fn pod_exec(lab: &TwoNodeLab, pod: &str, program: &str, args: &[&str]) -> Result<Output> {

@@ -129,6 +129,15 @@ impl PodDevices {
     pub fn is_off(&self) -> bool {
         *self == Self::Off
     }
+
+    /// The listed devices that are also external devices (`--devices`): the external
+    /// path keeps them, so the per-packet path leaves them out.
+    pub fn listed_external(&self, external: &[String]) -> Vec<String> {
+        match self {
+            Self::List(l) => l.iter().filter(|d| external.contains(d)).cloned().collect(),
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// The name and index of `link` when it is a pod device: a veth whose peer is in
@@ -327,6 +336,14 @@ impl PodPath {
         if first {
             self.attached = pinned_devices(bpffs).into_iter().map(|d| (d, 0)).collect();
             self.adopted = true;
+            // Said once: otherwise the name would silently do nothing on this path.
+            let both = self.mode.listed_external(exclude);
+            if !both.is_empty() {
+                warn!(
+                    devices = ?both,
+                    "--pod-devices names devices that are also in --devices: they stay on the external path only, without the per-packet path for pods"
+                );
+            }
         }
         let wanted = match self.wanted(exclude) {
             Ok(w) => w,
@@ -452,6 +469,11 @@ mod tests {
             PodDevices::from_flag(&v(&["p1", "p2"]), SocketLbScope::Host),
             PodDevices::List(v(&["p1", "p2"]))
         );
+        // A name in both lists is named (the external path keeps it).
+        let list = PodDevices::from_flag(&v(&["p1", "eth0", "p2"]), SocketLbScope::Host);
+        assert_eq!(list.listed_external(&v(&["eth0", "eth1"])), v(&["eth0"]));
+        assert!(list.listed_external(&v(&["eth1"])).is_empty());
+        assert!(PodDevices::Auto.listed_external(&v(&["eth0"])).is_empty());
     }
 
     #[test]

@@ -207,7 +207,7 @@ pub fn measure(bins: Bins, runs: u64) -> Result<Vec<ExtCell>> {
     Ok(cells)
 }
 
-struct CaseResult {
+pub(super) struct CaseResult {
     verdict: String,
     rewritten_to: String,
     runs: u64,
@@ -216,7 +216,7 @@ struct CaseResult {
     verdicts: BTreeMap<String, u64>,
 }
 
-fn cell(program: &str, case: &str, r: CaseResult) -> ExtCell {
+pub(super) fn cell(program: &str, case: &str, r: CaseResult) -> ExtCell {
     ExtCell {
         program: program.to_owned(),
         case: case.to_owned(),
@@ -231,7 +231,7 @@ fn cell(program: &str, case: &str, r: CaseResult) -> ExtCell {
 
 /// Runs `frame(i)` for i in 0..runs through `prog` and the same frames through `nop`.
 /// The first frame's output must be addressed to `endpoint`.
-fn run_case(
+pub(super) fn run_case(
     prog: &OwnedFd,
     nop: &OwnedFd,
     xdp: bool,
@@ -311,15 +311,15 @@ fn destination(frame: &[u8]) -> Option<String> {
     Some(format!("{}:{port}", Ipv4Addr::from(ip)))
 }
 
-const SYN: u8 = 0x02;
-const ACK: u8 = 0x10;
+pub(super) const SYN: u8 = 0x02;
+pub(super) const ACK: u8 = 0x10;
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x64];
 
-struct Frames {
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    dport: u16,
-    dst_mac: [u8; 6],
+pub(super) struct Frames {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub dport: u16,
+    pub dst_mac: [u8; 6],
 }
 
 fn csum(sum: u32, bytes: &[u8]) -> u32 {
@@ -337,7 +337,7 @@ fn fold(mut s: u32) -> u16 {
 
 impl Frames {
     /// Ethernet + IPv4 + TCP (no options, no payload) with valid checksums.
-    fn tcp(&self, sport: u16, flags: u8) -> Vec<u8> {
+    pub fn tcp(&self, sport: u16, flags: u8) -> Vec<u8> {
         let mut f = Vec::with_capacity(54);
         f.extend_from_slice(&self.dst_mac);
         f.extend_from_slice(&CLIENT_MAC);

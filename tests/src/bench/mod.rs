@@ -16,6 +16,8 @@
 //! - [`ext`]: the external path's per-packet cost (tc/XDP through BPF_PROG_TEST_RUN);
 //! - [`nodeport`]: the two-node lab's NodePort request rate, svc-lb against iptables;
 //! - [`sched`]: the TCP connection rate through a VIP per socket scheduler;
+//! - [`pod`]: pod clients: the per-packet path against the socket path, iptables and
+//!   direct;
 //! - [`run`]: the measurement sequence; [`report`] and [`plot`]: Markdown and SVG.
 pub mod bpf;
 pub mod clock;
@@ -25,6 +27,7 @@ pub mod net;
 pub mod nodeport;
 pub mod nscmd;
 pub mod plot;
+pub mod pod;
 pub mod progress;
 pub mod report;
 pub mod results;
@@ -104,6 +107,9 @@ pub enum Scenario {
     /// TCP connection rate through the VIP per socket scheduler (random, rr, wrr) and
     /// direct, at one scale point (10 000 Services in the full run).
     Sched,
+    /// Pod clients: the per-packet path (`--socket-lb-scope host`) against the socket
+    /// path, iptables and direct (TCP and UDP rates), and the pod program's cost per packet.
+    Pod,
 }
 
 impl Scenario {
@@ -117,6 +123,7 @@ impl Scenario {
             Scenario::Bpf => "bpf",
             Scenario::Ext => "ext",
             Scenario::Sched => "sched",
+            Scenario::Pod => "pod",
         }
     }
 }

@@ -10,7 +10,7 @@ use super::{
 };
 
 /// Groups of three digits, separated by a thin space: 12 345.
-fn int(x: f64) -> String {
+pub(super) fn int(x: f64) -> String {
     let v = x.round() as i64;
     let s = v.abs().to_string();
     let mut out = String::new();
@@ -436,6 +436,23 @@ fn bpf_table(out: &mut String, r: &Results) {
     out.push('\n');
 }
 
+/// A "failed" cell: the count, then each kind of failure with its count.
+pub(super) fn failed_cell(
+    failed: u64,
+    failures: &std::collections::BTreeMap<String, u64>,
+) -> String {
+    let kinds = failures
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if kinds.is_empty() {
+        failed.to_string()
+    } else {
+        format!("{failed} ({kinds})")
+    }
+}
+
 fn nodeport_table(out: &mut String, r: &Results) {
     table_head(
         out,
@@ -458,17 +475,7 @@ fn nodeport_table(out: &mut String, r: &Results) {
             continue;
         };
         let vs = ipt.map_or("—".into(), |i| rate_ratio(&c.samples, &i.samples));
-        let kinds = c
-            .failures
-            .iter()
-            .map(|(k, v)| format!("{k}: {v}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let failed = if kinds.is_empty() {
-            c.failed.to_string()
-        } else {
-            format!("{} ({kinds})", c.failed)
-        };
+        let failed = failed_cell(c.failed, &c.failures);
         let _ = writeln!(
             out,
             "| {} | {} | {} | n/a | {vs} | {failed} |",
@@ -499,7 +506,15 @@ fn ext_table(out: &mut String, r: &Results) {
         ],
         "| program | packets | ns per packet | raw (mean) | trivial program | runs | first packet | verdicts | × direct | × iptables |\n|---|---|---:|---:|---:|---:|---|---|---:|---:|",
     );
-    for c in &r.ext {
+    ext_rows(out, &r.ext);
+    out.push('\n');
+}
+
+/// The rows of a per-packet cost table (the external path's, the pod path's), with its
+/// header's columns: ns per packet, the raw mean and the trivial program's, runs, the
+/// first packet's verdict and destination, every verdict.
+pub(super) fn ext_rows(out: &mut String, cells: &[super::results::ExtCell]) {
+    for c in cells {
         let verdicts = c
             .verdicts
             .iter()
@@ -520,7 +535,6 @@ fn ext_table(out: &mut String, r: &Results) {
             ],
         );
     }
-    out.push('\n');
 }
 
 /// One goal: what it asks, what was measured, whether it holds (`None`: not measured).
@@ -802,6 +816,14 @@ fn goals(r: &Results) -> Vec<Goal> {
         },
         _ => Goal::not_measured(what),
     });
+    g.push(match super::pod::goal(r) {
+        Some(measured) => Goal {
+            what: super::pod::GOAL.into(),
+            measured,
+            met: Met::Reported,
+        },
+        None => Goal::not_measured(super::pod::GOAL),
+    });
     // An earlier goal of the project, kept for comparison with earlier reports.
     let vs_ipt = (|| {
         let n = 10_000;
@@ -1034,6 +1056,9 @@ pub fn render(r: &Results, plots: Option<Plots<'_>>, notes: Option<&str>) -> Str
     }
     if !r.sched.is_empty() {
         super::sched::table(&mut out, &r.sched);
+    }
+    if !r.pod.is_empty() || !r.pod_cost.is_empty() {
+        super::pod::report(&mut out, r);
     }
     if !r.errors.is_empty() {
         let _ = writeln!(

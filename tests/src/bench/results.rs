@@ -334,6 +334,12 @@ pub struct Results {
     /// [`super::sched`]).
     #[serde(default)]
     pub sched: Vec<super::sched::SchedCell>,
+    /// Pod clients' rates by path ([`super::pod`]).
+    #[serde(default)]
+    pub pod: Vec<super::pod::PodCell>,
+    /// The pod ingress program's cost per packet (BPF_PROG_TEST_RUN).
+    #[serde(default)]
+    pub pod_cost: Vec<ExtCell>,
     /// Measurements that failed (the run went on without them).
     #[serde(default)]
     pub errors: Vec<String>,

@@ -15,7 +15,8 @@
 //! 7. reset: agent stopped and pins removed, rules flushed, files deleted.
 //!
 //! Then the wide points (N Services with more endpoints each: svc-lb's full sync, memory
-//! and propagation only), and last the external path's per-packet cost ([`super::ext`]).
+//! and propagation only), the external path's per-packet cost ([`super::ext`]), and last
+//! pod clients through each path ([`super::pod`]).
 use std::{
     net::{SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
@@ -33,6 +34,7 @@ use super::{
     net::{BenchNet, CLEANUP_TIMEOUT},
     nodeport,
     nscmd::{self, Input, Outcome},
+    pod,
     progress::Progress,
     results::{
         BpfCell, DEFAULT_EPS, LoadOutcome, Machine, MemCell, Meta, Metric, Mode, Programmed,
@@ -260,9 +262,10 @@ impl Bench {
     pub fn run(&mut self) -> Result<()> {
         let started = Instant::now();
         let scales = self.profile.scales.clone();
-        // `--only ext` needs none of the scale points, `--only sched` its own.
+        // `--only ext` and `--only pod` need none of the scale points, `--only sched`
+        // its own.
         let scales = match self.only {
-            Some(Scenario::Ext) => Vec::new(),
+            Some(Scenario::Ext | Scenario::Pod) => Vec::new(),
             Some(Scenario::Sched) => vec![self.profile.sched_n],
             _ => scales,
         };
@@ -285,6 +288,12 @@ impl Bench {
             );
             let r = self.external();
             self.record(0, "external path", r)?;
+        }
+        if self.wants(Scenario::Pod) {
+            self.progress
+                .step("pod clients: per packet, socket, iptables and direct (four labs)");
+            let r = self.pods();
+            self.record(0, "pod clients", r)?;
         }
         self.results.meta.elapsed_s = started.elapsed().as_secs_f64();
         self.results.meta.machine.loadavg_end = loadavg();
@@ -468,8 +477,8 @@ impl Bench {
         Ok(())
     }
 
-    /// The external path's per-packet cost, in a two-node lab of its own.
-    fn external(&mut self) -> Result<()> {
+    /// The binaries of a two-node lab.
+    fn lab_bins(&self) -> Result<crate::lab::Bins> {
         // svclb-harness serves the lab's pods; it is built next to svclb-bench.
         let harness = std::env::var_os("SVCLB_HARNESS_BIN")
             .map(PathBuf::from)
@@ -481,10 +490,32 @@ impl Bench {
                 harness.display()
             );
         }
-        let bins = crate::lab::Bins {
+        Ok(crate::lab::Bins {
             svc_lb: self.svc_lb.clone(),
             harness,
+        })
+    }
+
+    /// Pod clients through every path, in labs of their own.
+    fn pods(&mut self) -> Result<()> {
+        let bins = self.lab_bins()?;
+        let p = &self.profile;
+        let settings = pod::PodSettings {
+            reps: p.reps,
+            threads: p.threads,
+            duration: p.duration,
+            warmup: p.warmup,
+            runs: p.ext_runs,
         };
+        let (cells, cost) = pod::measure(&bins, &self.bench_bin, &settings)?;
+        self.results.pod = cells;
+        self.results.pod_cost = cost;
+        Ok(())
+    }
+
+    /// The external path's per-packet cost, in a two-node lab of its own.
+    fn external(&mut self) -> Result<()> {
+        let bins = self.lab_bins()?;
         let cells = ext::measure(bins.clone(), self.profile.ext_runs);
         let cells = cells.map(|c| self.results.ext.extend(c));
         self.record(0, "external path: XDP/tc per packet", cells)?;
@@ -1556,6 +1587,7 @@ pub fn check_smoke(r: &Results) -> Result<()> {
     // Each scheduler ran, and did what it says: rr and wrr take turns (exact shares but
     // for the connections in flight when a window ends), random is random.
     problems.extend(sched::check(&r.sched, 0.1));
+    problems.extend(pod::smoke_problems(r));
     problems.extend(r.errors.iter().cloned());
     if problems.is_empty() {
         Ok(())

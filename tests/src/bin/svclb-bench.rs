@@ -148,7 +148,7 @@ fn run_bench(args: &RunArgs) -> Result<()> {
             bail!("the smoke run left behind: {left:?}");
         }
         for line in md.lines().filter(|l| {
-            ["| 1 |", "| svclb_", "| svc-lb |", "| iptables |"]
+            ["| 1 |", "| svclb_", "| svc-lb |", "| iptables |", "| pod "]
                 .iter()
                 .any(|p| l.starts_with(p))
         }) {
