@@ -135,6 +135,16 @@ impl Pkt for TcContext {
 /// refuses the packet pointer arithmetic.
 const MAX_OFF: usize = 1024;
 
+/// Header fields are read and written with plain loads and stores of their own width,
+/// not `read_unaligned`: the BPF target cannot assume misaligned access (aya-build sets
+/// no `allows-misaligned-mem-access`), so an unaligned `u32` read becomes four byte
+/// loads, shifts and ors (plain loads cut the XDP program's parse and rewrite from 503
+/// to 335 instructions; a few ns per packet, see README, Kernel support).
+/// Every caller reads a field at its natural offset in the headers (IPv4/IPv6 header at
+/// 14, L4 header at 14 plus a multiple of 4), which is aligned in the verifier's own
+/// model of packet data (`NET_IP_ALIGN` = 2 bytes before the frame), so a kernel with
+/// strict alignment accepts the same code, and the JITs of machines with efficient
+/// unaligned access (x86-64, arm64) emit one load wherever the driver put the frame.
 impl Pkt for XdpContext {
     #[inline(always)]
     fn can_reject(&self) -> bool {
@@ -151,7 +161,9 @@ impl Pkt for XdpContext {
         if start + off + core::mem::size_of::<T>() > end {
             return None;
         }
-        Some(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
+        // SAFETY: bounds checked above; a plain read of `T`'s width on purpose (see
+        // the impl's comment).
+        Some(unsafe { core::ptr::read((start + off) as *const T) })
     }
 
     #[inline(always)]
@@ -164,7 +176,8 @@ impl Pkt for XdpContext {
         if start + off + core::mem::size_of::<T>() > end {
             return false;
         }
-        unsafe { core::ptr::write_unaligned((start + off) as *mut T, *v) };
+        // SAFETY: bounds checked above; a plain store on purpose (see the impl's comment).
+        unsafe { core::ptr::write((start + off) as *mut T, *v) };
         true
     }
 
