@@ -519,22 +519,6 @@ fn lc_and_wlc_fill_the_lighter_backends_first() {
             shown.iter().all(|(_, a, _)| *a == Some(3)),
             "after 3 held on a and 6 new, every backend should hold 3: {shown:?}"
         );
-        let mut wl = Vec::new();
-        for n in 1..=4 {
-            wl.push(hold(lab, "10.96.0.67", 4)?);
-            wait_total(lab, "10.96.0.67", (n, 0))?;
-        }
-        let shown = open_conns(lab, "10.96.0.67")?;
-        let of = |addr: IpAddr| {
-            shown
-                .iter()
-                .find(|(x, _, _)| *x == addr.to_string())
-                .and_then(|(_, a, _)| *a)
-        };
-        ensure!(
-            (of(a), of(b)) == (Some(1), Some(3)),
-            "wlc 1:3 with four held connections should hold 1 and 3: {shown:?}"
-        );
         let mut landed = std::collections::BTreeMap::<String, u64>::new();
         for (i, run) in held.into_iter().enumerate() {
             let r = run.wait()?;
@@ -555,6 +539,25 @@ fn lc_and_wlc_fill_the_lighter_backends_first() {
                 && landed.get("b") == Some(&3)
                 && landed.get("c") == Some(&3),
             "lc: {landed:?}, expected 3 each (the six new ones on b and c)"
+        );
+        // The counts are per backend address, which both Services share: let the lc
+        // connections close before wlc is measured.
+        wait_total(lab, "10.96.0.66", (0, 0))?;
+        let mut wl = Vec::new();
+        for n in 1..=4 {
+            wl.push(hold(lab, "10.96.0.67", 4)?);
+            wait_total(lab, "10.96.0.67", (n, 0))?;
+        }
+        let shown = open_conns(lab, "10.96.0.67")?;
+        let of = |addr: IpAddr| {
+            shown
+                .iter()
+                .find(|(x, _, _)| *x == addr.to_string())
+                .and_then(|(_, a, _)| *a)
+        };
+        ensure!(
+            (of(a), of(b)) == (Some(1), Some(3)),
+            "wlc 1:3 with four held connections should hold 1 and 3: {shown:?}"
         );
         for run in wl {
             let r = run.wait()?;
