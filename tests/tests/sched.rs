@@ -289,7 +289,10 @@ fn counts_off() -> bool {
 
 /// (active, inactive) `list -o json` shows for each backend of the socket frontend at
 /// `vip`:80, by address; `None` where the fields are null (no counts on this node).
-fn open_conns(lab: &Lab, vip: &str) -> Result<Vec<(String, Option<u64>, Option<u64>)>> {
+/// A backend's address with its (active, inactive) counts as `list` shows them.
+type Open = (String, Option<u64>, Option<u64>);
+
+fn open_conns(lab: &Lab, vip: &str) -> Result<Vec<Open>> {
     let fe = listed(lab, vip)?;
     Ok(fe["backends"]
         .as_array()
