@@ -66,9 +66,16 @@ pub const MAP_XDP_DEV: &str = "LB_XDPDEV_V1";
 /// tc reads the same fact from `skb->pkt_type`. A device without an entry is served as
 /// before (`BPF_PROG_TEST_RUN`). Not pinned: written again at every attach.
 pub const MAP_XDP_MAC: &str = "LB_XDPMAC";
+/// Open TCP connections per backend address on the socket path ([`ConnKey`] →
+/// [`ConnCount`]), kept by the sock_ops program `svclb_sockops` from the sockets' state
+/// changes (issue 15: `ActiveConn`/`InActConn`, `lc`/`wlc`). Keyed by the backend's
+/// address rather than its id, so that a backend id reused for another address never
+/// inherits counts; an address that comes back as a backend keeps the count of its
+/// still-open connections, which is what they are.
+pub const MAP_CONNS: &str = "LB_CONNS_V1";
 
 /// Every map the agent pins, in the order `list`/`status` show them.
-pub const ALL_MAPS: [&str; 20] = [
+pub const ALL_MAPS: [&str; 21] = [
     MAP_SVC4,
     MAP_SVC6,
     MAP_BACKENDS,
@@ -89,6 +96,7 @@ pub const ALL_MAPS: [&str; 20] = [
     MAP_NODE_ADDR,
     MAP_CONFIG,
     MAP_XDP_DEV,
+    MAP_CONNS,
 ];
 
 /// Pins of maps that earlier versions created and this one no longer uses (renamed when
@@ -147,6 +155,8 @@ pub const FE_STATS_MAP_MAX: u32 = 1 << 20;
 pub const BE_STATS_MAP_MAX: u32 = BACKEND_MAP_MAX;
 /// Service metadata for the CLI and metrics (`LB_SVCMETA_V1`): one per rev-NAT id.
 pub const SVC_META_MAP_MAX: u32 = REVNAT_MAP_MAX;
+/// `LB_CONNS_V1`: one entry per backend address that had a counted connection.
+pub const CONNS_MAP_MAX: u32 = BACKEND_MAP_MAX;
 /// `LB_XDPDEV_V1` flag: frames sent back out this device with XDP_TX reach the wire.
 /// Not set for a veth, whose XDP_TX frames are dropped unless the peer device runs
 /// XDP (or GRO) itself.
@@ -163,11 +173,14 @@ pub const META_INTERNAL_LOCAL: u8 = 1 << 0;
 pub const META_EXTERNAL_LOCAL: u8 = 1 << 1;
 /// `SvcMeta.flags` bits 2–3: the frontend's scheduler (issue 15), as `list` and `trace`
 /// name it; the datapath reads `SVC_FLAG_SCHED_RR` instead.
-pub const META_SCHED_MASK: u8 = 0b11 << 2;
+/// Bit 4 joined the mask with `lc`/`wlc`; older metadata never set it.
+pub const META_SCHED_MASK: u8 = 0b111 << 2;
 pub const META_SCHED_RANDOM: u8 = 0;
 pub const META_SCHED_RR: u8 = 1 << 2;
 pub const META_SCHED_WRR: u8 = 2 << 2;
 pub const META_SCHED_MAGLEV: u8 = 3 << 2;
+pub const META_SCHED_LC: u8 = 4 << 2;
+pub const META_SCHED_WLC: u8 = 5 << 2;
 
 /// Program names (the ELF section symbols) and their attach points.
 pub const PROG_CONNECT4: &str = "svclb_connect4";
@@ -186,6 +199,10 @@ pub const PROG_XDP: &str = "svclb_xdp";
 /// pod sends, tc egress what goes back into it.
 pub const PROG_POD_INGRESS: &str = "svclb_pod_in";
 pub const PROG_POD_EGRESS: &str = "svclb_pod_out";
+/// sock_ops program on the socket programs' cgroup: follows the TCP state of sockets
+/// the connect hooks translated and keeps `LB_CONNS_V1`. Loaded and attached only when
+/// the kernel has it (probe feature `sock_ops_conn`).
+pub const PROG_SOCKOPS: &str = "svclb_sockops";
 
 pub const SOCK_PROGRAMS: [&str; 8] = [
     PROG_CONNECT4,
@@ -231,6 +248,11 @@ pub const SVC_FLAG_DROP_EMPTY: u16 = 1 << 3;
 /// Without the flag a slot is drawn at random (scheduler `random`, weighted through the
 /// slot layout).
 pub const SVC_FLAG_SCHED_RR: u16 = 1 << 4;
+/// Scheduler `lc`/`wlc` (issue 15): the backend with the fewest connections
+/// (`lookup::lc_scan`). The slot layout groups each backend's slots into one run whose
+/// length is its weight (one slot each under `lc`), so the scan reads the weights from
+/// the slots. Set only while the connection counts exist (`sock_ops_conn`).
+pub const SVC_FLAG_SCHED_LC: u16 = 1 << 5;
 
 /// `Backend.state`.
 pub const BACKEND_ACTIVE: u8 = 0;
@@ -910,6 +932,61 @@ pub fn select_slot(random: u32, count: u32) -> Option<u16> {
     Some((random % count) as u16 + 1)
 }
 
+/// Key of [`MAP_CONNS`]: a backend address as the socket sees its peer. IPv4 addresses
+/// use `addr_be[0]` (also for a dual-stack socket's `::ffff:a.b.c.d` peer).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct ConnKey {
+    pub addr_be: [u32; 4],
+    pub port_be: u16,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<ConnKey>() == 20);
+
+impl ConnKey {
+    /// The key of a backend entry (its address and port as the connect hook writes
+    /// them into the socket).
+    #[inline(always)]
+    pub fn of_backend(b: &Backend) -> Self {
+        let v4 = b.family == FAMILY_V4;
+        ConnKey {
+            addr_be: if v4 {
+                [b.addr_be[0], 0, 0, 0]
+            } else {
+                b.addr_be
+            },
+            port_be: b.port_be,
+            family: b.family,
+            _pad: 0,
+        }
+    }
+}
+
+/// Value of [`MAP_CONNS`]: TCP connections now open to the backend, changed by atomic
+/// adds (a decrement adds `u64::MAX`). `active`: ESTABLISHED; `inactive`: every other
+/// state a counted socket passes through before it closes (SYN_SENT, FIN_WAIT1/2,
+/// CLOSE_WAIT, LAST_ACK, CLOSING), as IPVS names them. Read as `i64` and clamped at 0
+/// ([`ConnCount::get`]): a decrement whose increment went to an entry the agent has
+/// since deleted may take a new entry below zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct ConnCount {
+    pub active: u64,
+    pub inactive: u64,
+}
+const _: () = assert!(core::mem::size_of::<ConnCount>() == 16);
+
+impl ConnCount {
+    /// (active, inactive), negative values as 0.
+    #[inline(always)]
+    pub fn get(&self) -> (u64, u64) {
+        let clamp = |v: u64| if (v as i64) < 0 { 0 } else { v };
+        (clamp(self.active), clamp(self.inactive))
+    }
+}
+
 /// Largest number of backends one frontend can hold (slots are `u16`).
 pub const MAX_BACKENDS_PER_FRONTEND: usize = u16::MAX as usize;
 
@@ -919,6 +996,8 @@ mod user {
     unsafe impl aya::Pod for Svc4Key {}
     unsafe impl aya::Pod for Svc6Key {}
     unsafe impl aya::Pod for SvcValue {}
+    unsafe impl aya::Pod for ConnKey {}
+    unsafe impl aya::Pod for ConnCount {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for RevNat {}
     unsafe impl aya::Pod for SvcMeta {}

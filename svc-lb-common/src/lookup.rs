@@ -10,7 +10,8 @@ use crate::{
     AffinityValue, CTR_EXT_BACKEND_MISSING, CTR_EXT_DROP_NO_LOCAL, CTR_EXT_DROP_SRC_RANGE,
     CTR_EXT_REJECT_NO_BACKEND, CTR_SOCK_BACKEND_MISS, CTR_SOCK_NO_BACKEND, CTR_SOCK_SLOT_MISS,
     CTR_SOCK_SRC_RANGE, MAGLEV_TABLE_MAX, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_FLAG_AFFINITY,
-    SVC_FLAG_DROP_EMPTY, SVC_FLAG_SCHED_RR, SVC_FLAG_SRC_RANGES, SvcValue, select_slot,
+    SVC_FLAG_DROP_EMPTY, SVC_FLAG_SCHED_LC, SVC_FLAG_SCHED_RR, SVC_FLAG_SRC_RANGES, SvcValue,
+    select_slot,
 };
 
 /// The third 32-bit word of an IPv4-mapped IPv6 address (`::ffff:0:0/96`) as it sits in
@@ -110,6 +111,9 @@ pub enum Choice<B> {
 ///   on the master entry in eBPF); called instead of `random` for a master with
 ///   `SVC_FLAG_SCHED_RR` (schedulers `rr`/`wrr`), so slot `cursor % count + 1` follows
 ///   the layout in order.
+/// - `least`: for a master with `SVC_FLAG_SCHED_LC` (schedulers `lc`/`wlc`), the slot
+///   of the least loaded backend, called with `count` instead of `random`/`in_turn`;
+///   the socket programs and `trace` both pass [`lc_scan`] with their own map readers.
 /// - `slot_backend`: the `backend_id` stored in slot `n` (`1..=count`) of the same
 ///   frontend, or `None` when that slot is missing.
 /// - `backend`: the backend entry for an id, or `None` when it is missing. `B` is
@@ -138,6 +142,7 @@ pub fn choose_backend<B>(
     is_member: impl FnOnce(u32, u32) -> bool,
     random: impl FnOnce() -> u32,
     in_turn: impl FnOnce() -> u32,
+    least: impl FnOnce(u32) -> Option<u16>,
     slot_backend: impl FnOnce(u16) -> Option<u32>,
     mut backend: impl FnMut(u32) -> Option<B>,
 ) -> Choice<B> {
@@ -185,12 +190,14 @@ pub fn choose_backend<B>(
         }
         Affinity::Miss(sticky) => sticky,
     };
-    let draw = if master.flags & SVC_FLAG_SCHED_RR != 0 {
-        in_turn()
+    let slot = if master.flags & SVC_FLAG_SCHED_LC != 0 {
+        least(count)
+    } else if master.flags & SVC_FLAG_SCHED_RR != 0 {
+        select_slot(in_turn(), count)
     } else {
-        random()
+        select_slot(random(), count)
     };
-    let Some(slot) = select_slot(draw, count) else {
+    let Some(slot) = slot else {
         return refuse_empty;
     };
     let Some(backend_id) = slot_backend(slot) else {
@@ -216,6 +223,156 @@ pub fn choose_backend<B>(
             backend_id,
         },
     }
+}
+
+/// Most slots `lc`/`wlc` compare one by one. A frontend with more slots (more backends,
+/// or weights whose gcd-reduced sum is larger) is served by two random choices instead
+/// (see [`lc_scan`]). Bounded so that the socket programs stay small: every slot costs
+/// three map lookups in the connect hook, and the scan is written out step by step
+/// (a loop over 8 or 16 slots, unrolled or not, took the 6.18 verifier past its 1 M
+/// instruction limit: every step branches on the loads it read).
+pub const LC_SCAN_MAX: u32 = 4;
+// `lc_scan` writes out exactly this many steps.
+const _: () = assert!(LC_SCAN_MAX == 4);
+
+/// IPVS's load of a real server: active connections × 256 + inactive ones. Each count
+/// is capped at 2^32 so that the products [`lc_less`] forms fit in 64 bits.
+#[inline(always)]
+pub fn lc_overhead(active: u64, inactive: u64) -> u64 {
+    let cap = 1u64 << 32;
+    let a = if active > cap { cap } else { active };
+    let i = if inactive > cap { cap } else { inactive };
+    (a << 8) + i
+}
+
+/// `wlc`'s comparison, as IPVS makes it: `a` (load, weight) is less loaded than `b` when
+/// `load_a / weight_a < load_b / weight_b`, compared by cross-multiplication (no
+/// division, exact). `lc` is the same with every weight 1. Weights are ≥ 1 (weight 0
+/// drains: such a backend holds no slot).
+#[inline(always)]
+pub fn lc_less(a_load: u64, a_weight: u32, b_load: u64, b_weight: u32) -> bool {
+    a_load.wrapping_mul(u64::from(b_weight)) < b_load.wrapping_mul(u64::from(a_weight))
+}
+
+/// How [`lc_scan`] chose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LcVia {
+    /// Every slot compared: the exact IPVS choice (ties broken by the seed).
+    Scan,
+    /// More than [`LC_SCAN_MAX`] slots: the lighter of two random slots `a` and `b`
+    /// (weights shape the draw, the load alone decides between the two).
+    TwoChoices { a: u16, b: u16 },
+}
+
+/// The choice of [`lc_scan`]: the first slot of the chosen backend's run, its load
+/// ([`lc_overhead`]) and its weight (run length; 1 for two choices).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LcPick {
+    pub slot: u16,
+    pub load: u64,
+    pub weight: u32,
+    pub via: LcVia,
+}
+
+/// Tie-break key of a slot: among equally loaded backends the one with the smallest
+/// key wins, so ties spread over the backends instead of always taking the first
+/// (which would send every UDP connection, never counted, to one backend).
+#[inline(always)]
+fn lc_tie(seed: u32, slot: u16) -> u32 {
+    crate::maglev::mix64(u64::from(seed) | (u64::from(slot) << 32)) as u32
+}
+
+/// `lc`/`wlc`: the slot of the backend with the least load per weight, without a loop
+/// over all backends. The layout holds each backend's slots as one run (its weight).
+///
+/// - `count ≤ LC_SCAN_MAX`: slots `1..=count` are read in order; each run of one
+///   backend id is a candidate whose weight is the run's length; the least
+///   `load / weight` wins ([`lc_less`]), ties by a key mixed from `seed`. Exact.
+/// - above: the lighter of two slots drawn from `seed` (power of two choices). A
+///   backend's chance to be drawn is its weight's share; the loads decide.
+///
+/// `slot_backend(n)`: backend id of slot `n` (`None` when missing); `load(id)`: the
+/// backend's [`lc_overhead`] (`None` when its entry is missing). A missing slot or
+/// backend counts as fully loaded, so it is taken only when nothing else is there (and
+/// the caller then refuses, as for any missing entry). `None` only for `count == 0`.
+#[inline(always)]
+pub fn lc_scan(
+    count: u32,
+    seed: u32,
+    mut slot_backend: impl FnMut(u16) -> Option<u32>,
+    mut load: impl FnMut(u32) -> Option<u64>,
+) -> Option<LcPick> {
+    if count == 0 {
+        return None;
+    }
+    // What a missing slot or backend weighs: more than any real load, small enough
+    // that a product with a weight does not wrap.
+    const MISSING: u64 = u64::MAX >> 17;
+    if count > LC_SCAN_MAX {
+        let a = (seed % count) as u16 + 1;
+        let b = (lc_tie(seed, 0) % count) as u16 + 1;
+        let la = slot_backend(a).and_then(&mut load).unwrap_or(MISSING);
+        let lb = slot_backend(b).and_then(&mut load).unwrap_or(MISSING);
+        let (slot, l) = if lb < la { (b, lb) } else { (a, la) };
+        return Some(LcPick {
+            slot,
+            load: l,
+            weight: 1,
+            via: LcVia::TwoChoices { a, b },
+        });
+    }
+    let mut best = LcPick {
+        slot: 0,
+        load: 0,
+        weight: 0,
+        via: LcVia::Scan,
+    };
+    let mut best_tie = 0u32;
+    // The run being read: (backend id, first slot, load, length).
+    let mut run: (u32, u16, u64, u32) = (0, 0, 0, 0);
+    let mut consider = |run: (u32, u16, u64, u32), best: &mut LcPick| {
+        let (_, first, l, w) = run;
+        if w == 0 {
+            return;
+        }
+        let tie = lc_tie(seed, first);
+        let better = best.weight == 0
+            || lc_less(l, w, best.load, best.weight)
+            || (!lc_less(best.load, best.weight, l, w) && tie < best_tie);
+        if better {
+            *best = LcPick {
+                slot: first,
+                load: l,
+                weight: w,
+                via: LcVia::Scan,
+            };
+            best_tie = tie;
+        }
+    };
+    let mut step = |slot: u16| {
+        if u32::from(slot) > count {
+            return;
+        }
+        let id = slot_backend(slot);
+        match id {
+            Some(id) if id != 0 && id == run.0 && run.3 != 0 => run.3 += 1,
+            _ => {
+                consider(run, &mut best);
+                let (id, l) = match id {
+                    Some(id) => (id, load(id).unwrap_or(MISSING)),
+                    None => (0, MISSING),
+                };
+                run = (id, slot, l, 1);
+            }
+        }
+    };
+    // Written out, LC_SCAN_MAX steps (no loop for the verifier to walk).
+    step(1);
+    step(2);
+    step(3);
+    step(4);
+    consider(run, &mut best);
+    Some(best)
 }
 
 /// The session-affinity step shared by [`choose_backend`] and [`choose_external`].
@@ -493,6 +650,7 @@ mod tests {
             |_, _| panic!("match map read without affinity"),
             random,
             || panic!("round-robin cursor read without SVC_FLAG_SCHED_RR"),
+            |_| panic!("lc scan without SVC_FLAG_SCHED_LC"),
             slot_backend,
             backend,
         )
@@ -519,6 +677,7 @@ mod tests {
                 |_, _| panic!("match map read without affinity"),
                 || 0,
                 || panic!("cursor read without SVC_FLAG_SCHED_RR"),
+                |_| panic!("lc scan without SVC_FLAG_SCHED_LC"),
                 |_| Some(11),
                 Some,
             )
@@ -644,6 +803,7 @@ mod tests {
                     |_, _| panic!("match map read without affinity"),
                     || panic!("random number drawn for an in-turn frontend"),
                     || cursor,
+                    |_| panic!("lc scan without SVC_FLAG_SCHED_LC"),
                     |s| slots.get(usize::from(s)).copied(),
                     Some,
                 ) {
@@ -713,6 +873,7 @@ mod tests {
             },
             || 0,
             || panic!("cursor read without SVC_FLAG_SCHED_RR"),
+            |_| panic!("lc scan without SVC_FLAG_SCHED_LC"),
             |s| slots.get(usize::from(s)).copied(),
             |id| (id != 13 || exists).then_some(id * 10),
         )
@@ -783,6 +944,7 @@ mod tests {
             |_, _| true,
             || 0,
             || panic!("cursor read for an empty Service"),
+            |_| panic!("lc scan without SVC_FLAG_SCHED_LC"),
             |_| Some(13),
             Some,
         );
@@ -1145,6 +1307,153 @@ mod tests {
                 stamp_ns: 30 * MS,
                 credit: 1
             }
+        );
+    }
+
+    // ---- lc / wlc ----
+
+    #[test]
+    fn lc_load_is_ipvs_overhead_and_wlc_compares_by_cross_multiplication() {
+        assert_eq!(lc_overhead(0, 0), 0);
+        assert_eq!(lc_overhead(1, 0), 256);
+        assert_eq!(lc_overhead(2, 3), 515);
+        // Capped: the product with any u16 weight stays below 2^64.
+        let big = lc_overhead(u64::MAX, u64::MAX);
+        assert!(big.checked_mul(65_535).is_some());
+        // 3 conns on weight 2 (1.5 each) is lighter than 2 on weight 1 (2).
+        assert!(lc_less(3 * 256, 2, 2 * 256, 1));
+        assert!(!lc_less(2 * 256, 1, 3 * 256, 2));
+        // Equal ratios are not less either way: 2/1 and 4/2.
+        assert!(!lc_less(512, 1, 1024, 2) && !lc_less(1024, 2, 512, 1));
+        // lc: inactive counts only between equal actives.
+        assert!(lc_less(lc_overhead(1, 200), 1, lc_overhead(2, 0), 1));
+        assert!(lc_less(lc_overhead(1, 0), 1, lc_overhead(1, 1), 1));
+    }
+
+    /// `lc_scan` over a slot list (index 0 unused) with loads per backend id.
+    fn scan(slots: &[u32], loads: &[(u32, u64)], seed: u32) -> LcPick {
+        lc_scan(
+            (slots.len() - 1) as u32,
+            seed,
+            |s| slots.get(usize::from(s)).copied(),
+            |id| loads.iter().find(|(i, _)| *i == id).map(|(_, l)| *l),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn lc_scan_picks_the_least_loaded_and_reads_weights_from_runs() {
+        // lc: one slot each; backend 12 has the fewest.
+        let p = scan(&[0, 11, 12, 13], &[(11, 512), (12, 256), (13, 768)], 5);
+        assert_eq!((p.slot, p.load, p.weight, p.via), (2, 256, 1, LcVia::Scan));
+        // wlc 1:3 as runs: 11 | 12 12 12. 1 and 2 conns: per weight 1 and 2/3 → 12;
+        // 0 and 3 → 11.
+        let slots = [0, 11, 12, 12, 12];
+        let p = scan(&slots, &[(11, 256), (12, 512)], 1);
+        assert_eq!((p.slot, p.weight, p.load), (2, 3, 512));
+        let p = scan(&slots, &[(11, 0), (12, 768)], 1);
+        assert_eq!((p.slot, p.weight), (1, 1));
+        // Filling: connections go to the lightest per weight; after 40 picks the
+        // loads stand 1:3.
+        let mut conns = [0u64; 2];
+        for seed in 0..40u32 {
+            let loads = [
+                (11, lc_overhead(conns[0], 0)),
+                (12, lc_overhead(conns[1], 0)),
+            ];
+            let p = scan(&slots, &loads, seed);
+            conns[(slots[usize::from(p.slot)] - 11) as usize] += 1;
+        }
+        assert_eq!(conns, [10, 30]);
+    }
+
+    #[test]
+    fn lc_scan_spreads_ties_and_treats_missing_entries_as_full() {
+        // Every backend idle (UDP is never counted): ties go everywhere, not to slot 1.
+        let slots = [0, 11, 12, 13, 14];
+        let mut seen = std::collections::BTreeSet::new();
+        for seed in 0..64u32 {
+            seen.insert(scan(&slots, &[(11, 0), (12, 0), (13, 0), (14, 0)], seed).slot);
+        }
+        assert_eq!(seen.len(), 4, "{seen:?}");
+        // Backend 12 has no entry and slot 3 none: both lose to a loaded backend.
+        let p = scan(&slots, &[(11, 5000), (13, 9000), (14, 7000)], 3);
+        assert_eq!(p.slot, 1);
+        let p = lc_scan(
+            4,
+            3,
+            |s| (s != 3).then(|| slots[usize::from(s)]),
+            |id| Some(if id == 13 { 0 } else { 5000 }),
+        )
+        .unwrap();
+        assert_ne!(p.slot, 3, "a missing slot is never lighter");
+        assert_eq!(lc_scan(0, 1, |_| Some(1), |_| Some(0)), None);
+    }
+
+    #[test]
+    fn lc_scan_above_the_bound_takes_the_lighter_of_two_random_slots() {
+        let n = LC_SCAN_MAX + 4;
+        let mut reads = 0;
+        for seed in 0..200u32 {
+            let p = lc_scan(
+                n,
+                seed,
+                |s| {
+                    reads += 1;
+                    Some(u32::from(s) + 100)
+                },
+                |id| Some(u64::from(id % 7)),
+            )
+            .unwrap();
+            let LcVia::TwoChoices { a, b } = p.via else {
+                panic!("scan above the bound: {p:?}");
+            };
+            assert!((1..=n as u16).contains(&a) && (1..=n as u16).contains(&b));
+            let load = |s: u16| u64::from((u32::from(s) + 100) % 7);
+            assert_eq!(p.load, load(a).min(load(b)));
+            assert!(p.slot == a || p.slot == b);
+        }
+        assert_eq!(reads, 400, "two slot reads per choice, not a scan");
+    }
+
+    #[test]
+    fn choose_backend_asks_the_lc_scan_for_an_lc_master() {
+        let m = SvcValue {
+            flags: SVC_FLAG_SCHED_LC,
+            ..master(3)
+        };
+        let slots = [0u32, 11, 12, 13];
+        let c: Choice<u32> = choose_backend(
+            Some(&m),
+            |_| panic!("source ranges read without the flag"),
+            || panic!("clock read without affinity"),
+            |_| panic!("affinity map read without affinity"),
+            |_, _| panic!("match map read without affinity"),
+            || panic!("random number drawn for an lc frontend"),
+            || panic!("cursor read for an lc frontend"),
+            |count| {
+                assert_eq!(count, 3);
+                lc_scan(
+                    count,
+                    9,
+                    |s| slots.get(usize::from(s)).copied(),
+                    |id| Some(if id == 13 { 0 } else { 256 }),
+                )
+                .map(|p| p.slot)
+            },
+            |s| slots.get(usize::from(s)).copied(),
+            Some,
+        );
+        assert!(
+            matches!(
+                c,
+                Choice::Backend {
+                    backend_id: 13,
+                    slot: 3,
+                    ..
+                }
+            ),
+            "{c:?}"
         );
     }
 }

@@ -30,6 +30,8 @@ mod rnat;
 #[cfg(target_arch = "bpf")]
 mod sock;
 #[cfg(target_arch = "bpf")]
+mod sockops;
+#[cfg(target_arch = "bpf")]
 mod tc;
 #[cfg(target_arch = "bpf")]
 mod xdp;
@@ -37,8 +39,8 @@ mod xdp;
 #[cfg(target_arch = "bpf")]
 mod entry {
     use aya_ebpf::{
-        macros::{cgroup_sock_addr, classifier, xdp},
-        programs::{SockAddrContext, TcContext, XdpContext},
+        macros::{cgroup_sock_addr, classifier, sock_ops, xdp},
+        programs::{SockAddrContext, SockOpsContext, TcContext, XdpContext},
     };
 
     use crate::{
@@ -104,6 +106,13 @@ mod entry {
     #[cgroup_sock_addr(getpeername6)]
     pub fn svclb_getpeer6(ctx: SockAddrContext) -> i32 {
         sock::reverse(&ctx, Family::V6)
+    }
+
+    /// Connection counts: TCP state changes of the sockets the connect hooks
+    /// translated (attached to the same cgroup, only when the kernel has it).
+    #[sock_ops]
+    pub fn svclb_sockops(ctx: SockOpsContext) -> u32 {
+        crate::sockops::handle(&ctx)
     }
 
     /// External path, TCX ingress on each device.

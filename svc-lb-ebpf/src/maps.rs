@@ -8,12 +8,12 @@ use aya_ebpf::{
 };
 use svc_lb_common::{
     AFF_MATCH_MAP_MAX, AFFINITY_EXT_MAP_MAX, AFFINITY_MAP_MAX, AffinityExtKey, AffinityKey,
-    AffinityMatchKey, AffinityValue, BACKEND_MAP_MAX, BE_STATS_MAP_MAX, Backend, COUNTERS_MAX,
-    CT_MAP_MAX, CtKey, CtValue, ExtConfig, FE_STATS_MAP_MAX, MAGLEV_MAP_MAX, MaglevTable,
-    NODE_ADDR_MAP_MAX, NodeAddrKey, REVNAT_MAP_MAX, RejectBucket, RevNat, SOCK_RNAT_MAP_MAX,
-    SRC_RANGE_MAP_MAX, SVC_MAP_MAX, SVC_META_MAP_MAX, SockRevNat4Key, SockRevNat4Value,
-    SockRevNat6Key, SockRevNat6Value, SockRevNatStore, SockRevNatStoreV1, SrcRange4Key,
-    SrcRange6Key, Svc4Key, Svc6Key, SvcMeta, SvcValue, XDP_DEV_MAP_MAX,
+    AffinityMatchKey, AffinityValue, BACKEND_MAP_MAX, BE_STATS_MAP_MAX, Backend, CONNS_MAP_MAX,
+    COUNTERS_MAX, CT_MAP_MAX, ConnCount, ConnKey, CtKey, CtValue, ExtConfig, FE_STATS_MAP_MAX,
+    MAGLEV_MAP_MAX, MaglevTable, NODE_ADDR_MAP_MAX, NodeAddrKey, REVNAT_MAP_MAX, RejectBucket,
+    RevNat, SOCK_RNAT_MAP_MAX, SRC_RANGE_MAP_MAX, SVC_MAP_MAX, SVC_META_MAP_MAX, SockRevNat4Key,
+    SockRevNat4Value, SockRevNat6Key, SockRevNat6Value, SockRevNatStore, SockRevNatStoreV1,
+    SrcRange4Key, SrcRange6Key, Svc4Key, Svc6Key, SvcMeta, SvcValue, XDP_DEV_MAP_MAX,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -71,6 +71,14 @@ pub static LB_FESTATS_V1: PerCpuHashMap<u32, u64, { FE_STATS_MAP_MAX as usize },
 #[btf_map]
 pub static LB_BESTATS_V1: PerCpuHashMap<u32, u64, { BE_STATS_MAP_MAX as usize }, NO_PREALLOC> =
     PerCpuHashMap::new();
+
+/// Open TCP connections per backend address (socket path), kept by `svclb_sockops`
+/// and read by the `lc`/`wlc` choice in the connect hooks. Not LRU: an evicted entry
+/// would lose counts of connections still open. The agent deletes the entries of
+/// addresses that are no backend any more once their counts are 0.
+#[btf_map]
+pub static LB_CONNS_V1: HashMap<ConnKey, ConnCount, { CONNS_MAP_MAX as usize }, NO_PREALLOC> =
+    HashMap::new();
 
 /// Written by the agent for the CLI and metrics; no program reads it.
 #[btf_map]

@@ -14,13 +14,15 @@ use aya_ebpf::{
 use svc_lb_common::{
     AffinityKey, AffinityMatchKey, AffinityValue, CTR_SOCK_AFF_HIT, CTR_SOCK_AFF_STALE,
     CTR_SOCK_AFF_UPDATE_FAIL, CTR_SOCK_RNAT_UPDATE_FAIL, CTR_SOCK_SRC_UNBOUND, CTR_SOCK_XLATED,
-    Choice, PROTO_UDP, SCOPE_ALL, SrcRange4Key, SrcRange6Key, Stickiness, Svc4Key, Svc6Key,
-    SvcValue, choose_backend, lookup::v4_mapped,
+    Choice, ConnKey, PROTO_UDP, SCOPE_ALL, SrcRange4Key, SrcRange6Key, Stickiness, Svc4Key,
+    Svc6Key, SvcValue, choose_backend,
+    lookup::{lc_overhead, lc_scan, v4_mapped},
+    select_slot,
 };
 
 use crate::maps::{
-    LB_AFFINITY_V1, LB_AFFMATCH_V1, LB_BACKENDS_V1, LB_BESTATS_V1, LB_COUNTERS_V2, LB_FESTATS_V1,
-    LB_SRCRNG4_V1, LB_SRCRNG6_V1, LB_SVC4_V1, LB_SVC6_V1,
+    LB_AFFINITY_V1, LB_AFFMATCH_V1, LB_BACKENDS_V1, LB_BESTATS_V1, LB_CONNS_V1, LB_COUNTERS_V2,
+    LB_FESTATS_V1, LB_SRCRNG4_V1, LB_SRCRNG6_V1, LB_SVC4_V1, LB_SVC6_V1,
 };
 
 const ALLOW: i32 = 1;
@@ -299,6 +301,21 @@ fn next_in_turn(master: Option<*mut SvcValue>) -> u32 {
     }
 }
 
+/// `lc`/`wlc`: a backend's load from the sock_ops program's counts (no entry: no
+/// open connection); `None` when the backend entry is missing.
+#[inline(always)]
+fn backend_load(id: u32) -> Option<u64> {
+    let b = LB_BACKENDS_V1.get_ptr(id)?;
+    let key = ConnKey::of_backend(unsafe { &*b });
+    Some(match LB_CONNS_V1.get_ptr(key) {
+        Some(c) => {
+            let (active, inactive) = unsafe { (*c).get() };
+            lc_overhead(active, inactive)
+        }
+        None => 0,
+    })
+}
+
 /// What [`xlate4`] decided; the caller writes the backend back in its socket's form.
 enum Xlate4 {
     /// Not a Service: leave the address alone.
@@ -358,6 +375,7 @@ fn xlate4(
         entry: core::ptr::null_mut(),
     };
     let master = LB_SVC4_V1.get_ptr_mut(key);
+    let lc_key = key;
     let choice = choose_backend(
         master.map(|m| unsafe { &*m }),
         |rev_nat_id| src_allowed4(source(), rev_nat_id),
@@ -366,6 +384,24 @@ fn xlate4(
         is_member,
         || unsafe { bpf_get_prandom_u32() },
         || next_in_turn(master),
+        |count| {
+            // Unconnected datagrams are never counted: lc has nothing to compare, and
+            // the sendmsg programs stay without the scan (its verifier cost).
+            if sendmsg {
+                return select_slot(unsafe { bpf_get_prandom_u32() }, count);
+            }
+            let mut k = lc_key;
+            lc_scan(
+                count,
+                unsafe { bpf_get_prandom_u32() },
+                |slot| {
+                    k.slot = slot;
+                    LB_SVC4_V1.get_ptr(k).map(|v| unsafe { (*v).backend_id })
+                },
+                backend_load,
+            )
+            .map(|p| p.slot)
+        },
         |slot| {
             key.slot = slot;
             LB_SVC4_V1.get_ptr(key).map(|v| unsafe { (*v).backend_id })
@@ -451,6 +487,7 @@ fn forward6(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
         entry: core::ptr::null_mut(),
     };
     let master = LB_SVC6_V1.get_ptr_mut(key);
+    let lc_key = key;
     let choice = choose_backend(
         master.map(|m| unsafe { &*m }),
         |rev_nat_id| src_allowed6(source6(ctx, sendmsg), rev_nat_id),
@@ -459,6 +496,24 @@ fn forward6(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
         is_member,
         || unsafe { bpf_get_prandom_u32() },
         || next_in_turn(master),
+        |count| {
+            // Unconnected datagrams are never counted: lc has nothing to compare, and
+            // the sendmsg programs stay without the scan (its verifier cost).
+            if sendmsg {
+                return select_slot(unsafe { bpf_get_prandom_u32() }, count);
+            }
+            let mut k = lc_key;
+            lc_scan(
+                count,
+                unsafe { bpf_get_prandom_u32() },
+                |slot| {
+                    k.slot = slot;
+                    LB_SVC6_V1.get_ptr(k).map(|v| unsafe { (*v).backend_id })
+                },
+                backend_load,
+            )
+            .map(|p| p.slot)
+        },
         |slot| {
             key.slot = slot;
             LB_SVC6_V1.get_ptr(key).map(|v| unsafe { (*v).backend_id })

@@ -421,6 +421,12 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         },
     )?;
     dp.set_map_batch(choices.map_batch);
+    if cfg.node.scheduler.needs_counts() && !choices.conn_counts {
+        warn!(
+            scheduler = %cfg.node.scheduler,
+            "--scheduler needs active connection counts, which this kernel does not offer (sock_ops_conn); Services without an annotation use random"
+        );
+    }
     let mut ext = External {
         devices: None,
         device_addrs: Vec::new(),
@@ -541,6 +547,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         let sync_started = Instant::now();
         // The Node object (Kubernetes mode) adds the zone and the node addresses.
         let mut node = model::node_info(&cfg.node, snap.node.as_deref());
+        // lc/wlc need the connection counts this kernel may not have (issue 15).
+        node.conn_counts = dp.conn_counts();
         if let Err(e) = ext.decide_devices(&cfg, &node, &dp) {
             ext.fail(e.context("external path: choose the devices"));
         }
@@ -598,6 +606,13 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         snap.changed = source::Changed::default();
         if full {
             full_at = tokio::time::Instant::now() + FULL_SYNC_EVERY;
+            // Connection counts of addresses that are no backend any more, once their
+            // connections have closed (issue 15): swept with the full sync.
+            match dp.prune_conn_counts() {
+                Ok(0) => {}
+                Ok(n) => info!(entries = n, "connection counts of removed backends deleted"),
+                Err(e) => warn!(error = %format!("{e:#}"), "could not prune connection counts"),
+            }
         }
         // A failed apply leaves the maps somewhere between two plans: plan everything.
         full = result.is_err();

@@ -155,7 +155,8 @@ pub enum Command {
         destroy_tcp: bool,
         /// Testing only: treat these kernel features as missing so that their fallbacks
         /// run (`all`, or names from `svc-lb status`'s kernel features: tcx,
-        /// fib_redirect, csum_ipv6_flag, set_retval, xdp_link, sk_storage_rnat, map_batch, atomic_fetch).
+        /// fib_redirect, csum_ipv6_flag, set_retval, xdp_link, sk_storage_rnat, map_batch, atomic_fetch,
+        /// sock_ops_conn).
         #[arg(long, hide = true, value_name = "FEATURE[,FEATURE...]")]
         force_feature_off: Option<String>,
         /// Answer ARP and NDP for load-balancer ingress IPs on the external path's
@@ -186,7 +187,8 @@ pub enum Command {
         #[arg(long, value_delimiter = ',', value_name = "CIDR[,CIDR...]")]
         external_ip_cidrs: Vec<ipnet::IpNet>,
         /// Scheduler of socket traffic for Services without a `svc-lb.io/scheduler`
-        /// annotation: random, rr or wrr (the external path always uses Maglev).
+        /// annotation: random, rr, wrr, lc or wlc (the external path always uses Maglev; lc
+        /// and wlc need the connection counts, else random).
         #[arg(long, default_value = "random", value_parser = crate::model::sched::parse_socket_default, value_name = "NAME")]
         scheduler: crate::model::sched::Scheduler,
         /// A Service with more frontends (addresses × ports) than this is refused whole.

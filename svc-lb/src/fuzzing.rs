@@ -887,8 +887,10 @@ fn gen_node(u: &mut Unstructured<'_>) -> ArbResult<NodeInfo> {
                 crate::model::sched::Scheduler::Random,
                 crate::model::sched::Scheduler::Rr,
                 crate::model::sched::Scheduler::Wrr,
+                crate::model::sched::Scheduler::Wlc,
             ],
         )?,
+        conn_counts: u.arbitrary()?,
     })
 }
 

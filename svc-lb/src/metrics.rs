@@ -624,6 +624,8 @@ impl DatapathCollector {
             &per_frontend,
         )?;
         let mut backends = Vec::new();
+        let mut open_active = Vec::new();
+        let mut open_inactive = Vec::new();
         for (id, b) in &view.state.backends {
             let svcs = backend_services.get(id);
             // A backend entry is shared by every frontend that reaches the same
@@ -635,21 +637,39 @@ impl DatapathCollector {
                     .collect::<Vec<_>>()
                     .join(",")
             };
-            backends.push((
-                vec![
-                    ("namespace", join(|s| &s.namespace)),
-                    ("service", join(|s| &s.name)),
-                    (
-                        "backend",
-                        format!(
-                            "{}/{}",
-                            names::socket(&b.addr.addr, b.addr.port),
-                            names::proto(b.addr.proto)
-                        ),
+            let labels = vec![
+                ("namespace", join(|s| &s.namespace)),
+                ("service", join(|s| &s.name)),
+                (
+                    "backend",
+                    format!(
+                        "{}/{}",
+                        names::socket(&b.addr.addr, b.addr.port),
+                        names::proto(b.addr.proto)
                     ),
-                ],
-                view.backend_conns.get(id).copied().unwrap_or(0),
-            ));
+                ),
+            ];
+            if let Some((active, inactive)) = view.open_connections(*id) {
+                let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+                open_active.push((labels.clone(), gauge(active)));
+                open_inactive.push((labels.clone(), gauge(inactive)));
+            }
+            backends.push((labels, view.backend_conns.get(id).copied().unwrap_or(0)));
+        }
+        // Absent (not 0) when the node keeps no counts: "unknown" is not "idle".
+        if view.open_conns.is_some() {
+            gauge_family(
+                enc,
+                "svclb_backend_active_connections",
+                "TCP connections open to each backend in ESTABLISHED state (IPVS ActiveConn): socket-path connections to its address plus established external flows",
+                &open_active,
+            )?;
+            gauge_family(
+                enc,
+                "svclb_backend_inactive_connections",
+                "TCP connections open to each backend in any other state (IPVS InActConn: SYN_SENT, FIN_WAIT, CLOSE_WAIT...; external flows not established or closing)",
+                &open_inactive,
+            )?;
         }
         counter_family(
             enc,

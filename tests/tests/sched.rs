@@ -40,7 +40,7 @@ fn service(
     if let Some(s) = scheduler {
         svc["metadata"]["annotations"] = json!({ "svc-lb.io/scheduler": s });
     }
-    let mut slice = EndpointSlice::new(NS, name, "w8t", false)
+    let mut slice = EndpointSlice::new(NS, name, "w8t", vip.contains(':'))
         .port("http", 8080, Protocol::Tcp)
         .ready_endpoints(addrs)
         .to_value();
@@ -80,8 +80,17 @@ fn assert_shares(r: &ClientReport, want: &[(&str, u32)]) -> Result<()> {
     Ok(())
 }
 
+/// `vip`:80 as a socket address (IPv6 in brackets).
+fn vip80(vip: &str) -> std::net::SocketAddr {
+    if vip.contains(':') {
+        sa(&format!("[{vip}]:80"))
+    } else {
+        sa(&format!("{vip}:80"))
+    }
+}
+
 fn run(lab: &Lab, vip: &str, count: u64, timeline: bool) -> Result<ClientReport> {
-    let mut o = lab.client(sa(&format!("{vip}:80")), Proto::Tcp);
+    let mut o = lab.client(vip80(vip), Proto::Tcp);
     o.count = count;
     o.timeline = timeline;
     let r = lab.run_client(&o)?;
@@ -264,6 +273,299 @@ fn weight_zero_drains_new_connections_and_keeps_established_ones() {
             "the established connection to the drained backend broke or moved: {}",
             long.summary()
         );
+        Ok(())
+    });
+}
+
+// ---- Active connection counts and lc/wlc ----
+
+/// Whether this run's agents keep connection counts: the sock_ops program needs its
+/// own feature and the sockets' reverse-NAT storage (CI forces both off in the
+/// fallback run).
+fn counts_off() -> bool {
+    svc_lb_tests::agent::forced_off("sock_ops_conn")
+        || svc_lb_tests::agent::forced_off("sk_storage_rnat")
+}
+
+/// (active, inactive) `list -o json` shows for each backend of the socket frontend at
+/// `vip`:80, by address; `None` where the fields are null (no counts on this node).
+/// A backend's address with its (active, inactive) counts as `list` shows them.
+type Open = (String, Option<u64>, Option<u64>);
+
+fn open_conns(lab: &Lab, vip: &str) -> Result<Vec<Open>> {
+    let fe = listed(lab, vip)?;
+    Ok(fe["backends"]
+        .as_array()
+        .with_context(|| format!("{vip}: no backends in {fe}"))?
+        .iter()
+        .map(|b| {
+            (
+                b["address"].as_str().unwrap_or_default().to_owned(),
+                b["active_connections"].as_u64(),
+                b["inactive_connections"].as_u64(),
+            )
+        })
+        .collect())
+}
+
+/// Sums of (active, inactive) over the backends of `vip`.
+fn open_total(lab: &Lab, vip: &str) -> Result<(u64, u64)> {
+    let all = open_conns(lab, vip)?;
+    let mut t = (0, 0);
+    for (addr, a, i) in all {
+        let (Some(a), Some(i)) = (a, i) else {
+            anyhow::bail!("{vip}: backend {addr} has no counts although this node keeps them");
+        };
+        t = (t.0 + a, t.1 + i);
+    }
+    Ok(t)
+}
+
+/// Polls `list` until the totals of `vip` are `want` (connections settle within
+/// milliseconds; the bound only guards against a hang).
+fn wait_total(lab: &Lab, vip: &str, want: (u64, u64)) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = open_total(lab, vip)?;
+        if got == want {
+            return Ok(());
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "{vip}: open connections (active, inactive) stayed {got:?}, expected {want:?}: {:?}",
+            open_conns(lab, vip)?
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One long-lived TCP connection to `vip`:80 for `secs`, one message every 50 ms.
+fn hold(lab: &Lab, vip: &str, secs: u64) -> Result<svc_lb_tests::procs::ClientRun> {
+    let mut o = lab.client(vip80(vip), Proto::Tcp);
+    o.long_lived = true;
+    o.count = 0;
+    o.duration = Some(Duration::from_secs(secs));
+    o.interval = Duration::from_millis(50);
+    lab.spawn_client(&o)
+}
+
+/// Active connection counts follow real TCP connections on both families: four held
+/// connections show as 4 active (per backend exactly where the clients landed), 0
+/// after they close; refused connects (nothing listens on the backend port) leave
+/// nothing behind. Without the counts (fallback run) every backend shows null and the
+/// text says why.
+#[test]
+fn active_connections_follow_real_tcp_connections() {
+    sched(&["a", "b"], |lab| {
+        lab.serve_all_tcp(8080, true)?;
+        let (v4, v6) = (lab.topo.addrs(false), lab.topo.addrs(true));
+        let mut refused = service("refused", "10.96.0.68", &v4, None, &[]);
+        refused[1]["ports"][0]["port"] = json!(8081);
+        let docs: Vec<Value> = [
+            service("cnt4", "10.96.0.65", &v4, None, &[]),
+            service("cnt6", "fd00:96::65", &v6, None, &[]),
+            refused,
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        lab.write_manifest("conns.yaml", &yaml_docs(&docs))?;
+        lab.start_agent()?;
+
+        if counts_off() {
+            for vip in ["10.96.0.65", "fd00:96::65"] {
+                let all = open_conns(lab, vip)?;
+                ensure!(
+                    all.iter().all(|(_, a, i)| a.is_none() && i.is_none()),
+                    "{vip}: counts shown although the feature is off: {all:?}"
+                );
+            }
+            let text = lab.svc_lb(&["list"])?;
+            let text = String::from_utf8_lossy(&text.stdout);
+            ensure!(
+                text.contains("keeps no connection counts") && text.contains("sock_ops_conn"),
+                "list must say why the counts are missing:\n{text}"
+            );
+            return Ok(());
+        }
+
+        for (vip, addrs) in [("10.96.0.65", &v4), ("fd00:96::65", &v6)] {
+            wait_total(lab, vip, (0, 0))?;
+            let held: Vec<_> = (0..4).map(|_| hold(lab, vip, 3)).collect::<Result<_>>()?;
+            wait_total(lab, vip, (4, 0))?;
+            let during = open_conns(lab, vip)?;
+            let mut landed = std::collections::BTreeMap::<String, u64>::new();
+            for run in held {
+                let r = run.wait()?;
+                ensure!(
+                    r.failed == 0 && r.ok > 10 && r.backends.len() == 1,
+                    "{vip}: a held connection failed or moved: {}",
+                    r.summary()
+                );
+                for id in r.backends.keys() {
+                    *landed.entry(id.clone()).or_default() += 1;
+                }
+            }
+            // Backend ids a, b are the lab's first and second address.
+            for (i, id) in ["a", "b"].iter().enumerate() {
+                let addr = addrs[i].to_string();
+                let shown = during
+                    .iter()
+                    .find(|(a, _, _)| *a == addr)
+                    .and_then(|(_, a, _)| *a)
+                    .unwrap_or(u64::MAX);
+                let want = landed.get(*id).copied().unwrap_or(0);
+                ensure!(
+                    shown == want,
+                    "{vip}: backend {id} ({addr}) showed {shown} active, {want} clients held a connection there: {during:?}"
+                );
+            }
+            // Closed: the client's side goes FIN_WAIT → TIME_WAIT (no longer a full
+            // socket), so nothing stays counted.
+            wait_total(lab, vip, (0, 0))?;
+        }
+
+        let r = run(lab, "10.96.0.68", 20, false)?;
+        ensure!(
+            r.ok == 0 && r.failure_steps.get("connect:ECONNREFUSED") == Some(&20),
+            "connects to a closed backend port should be refused by the backend: {}",
+            r.summary()
+        );
+        wait_total(lab, "10.96.0.68", (0, 0))?;
+        Ok(())
+    });
+}
+
+/// `lc` and `wlc` with long-lived connections fill the lighter backends first: three
+/// connections held on `a` (the only backend then), then `b` and `c` join and the next
+/// six go to them, three each, none to `a`; `wlc` with weights 1:3 puts four
+/// connections 1 and 3. `trace` names the choice. Without the counts (fallback run) an
+/// `lc` Service is reported and served by the default scheduler.
+#[test]
+fn lc_and_wlc_fill_the_lighter_backends_first() {
+    sched(&["a", "b", "c"], |lab| {
+        lab.serve_all_tcp(8080, false)?;
+        let addrs = lab.topo.addrs(false);
+        let (a, b) = (addrs[0], addrs[1]);
+        let docs: Vec<Value> = [
+            service("lc", "10.96.0.66", &addrs[..1], Some("lc"), &[]),
+            service(
+                "wlc",
+                "10.96.0.67",
+                &addrs[..2],
+                Some("wlc"),
+                &[(a, 1), (b, 3)],
+            ),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        lab.write_manifest("lc.yaml", &yaml_docs(&docs))?;
+        lab.start_agent()?;
+
+        if counts_off() {
+            for vip in ["10.96.0.66", "10.96.0.67"] {
+                let fe = listed(lab, vip)?;
+                ensure!(
+                    fe["scheduler"] == "random",
+                    "{vip}: lc/wlc must fall back: {fe}"
+                );
+            }
+            let log = lab.agent().log_text();
+            ensure!(
+                log.contains("scheduler 'lc' needs active connection counts")
+                    && log.contains("scheduler 'wlc' needs active connection counts"),
+                "the fallback must be reported against the Services; log:\n{log}"
+            );
+            let r = run(lab, "10.96.0.67", 2000, false)?;
+            assert_shares(&r, &[("a", 1), ("b", 3)])?;
+            return Ok(());
+        }
+
+        ensure!(listed(lab, "10.96.0.66")?["scheduler"] == "lc");
+        ensure!(listed(lab, "10.96.0.67")?["scheduler"] == "wlc");
+        let mut held = Vec::new();
+        for n in 1..=3 {
+            held.push(hold(lab, "10.96.0.66", 20)?);
+            wait_total(lab, "10.96.0.66", (n, 0))?;
+        }
+        let before = lab.agent().applied_count();
+        let docs: Vec<Value> = [
+            service("lc", "10.96.0.66", &addrs, Some("lc"), &[]),
+            service(
+                "wlc",
+                "10.96.0.67",
+                &addrs[..2],
+                Some("wlc"),
+                &[(a, 1), (b, 3)],
+            ),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        lab.write_manifest("lc.yaml", &yaml_docs(&docs))?;
+        lab.agent()
+            .wait_applied(before + 1, Duration::from_secs(10))?;
+        let out = lab.svc_lb(&["trace", "--to", "10.96.0.66:80"])?;
+        let trace = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success() && trace.contains("least connections"),
+            "trace must explain the lc choice:\n{trace}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for n in 4..=9 {
+            held.push(hold(lab, "10.96.0.66", 16)?);
+            wait_total(lab, "10.96.0.66", (n, 0))?;
+        }
+        let shown = open_conns(lab, "10.96.0.66")?;
+        ensure!(
+            shown.iter().all(|(_, a, _)| *a == Some(3)),
+            "after 3 held on a and 6 new, every backend should hold 3: {shown:?}"
+        );
+        let mut landed = std::collections::BTreeMap::<String, u64>::new();
+        for (i, run) in held.into_iter().enumerate() {
+            let r = run.wait()?;
+            ensure!(
+                r.failed == 0 && r.backends.len() == 1,
+                "lc connection {i}: {}",
+                r.summary()
+            );
+            let id = r.backends.keys().next().cloned().unwrap_or_default();
+            ensure!(
+                i >= 3 || id == "a",
+                "connection {i} was held before b and c joined, so on a: {id}"
+            );
+            *landed.entry(id).or_default() += 1;
+        }
+        ensure!(
+            landed.get("a") == Some(&3)
+                && landed.get("b") == Some(&3)
+                && landed.get("c") == Some(&3),
+            "lc: {landed:?}, expected 3 each (the six new ones on b and c)"
+        );
+        // The counts are per backend address, which both Services share: let the lc
+        // connections close before wlc is measured.
+        wait_total(lab, "10.96.0.66", (0, 0))?;
+        let mut wl = Vec::new();
+        for n in 1..=4 {
+            wl.push(hold(lab, "10.96.0.67", 4)?);
+            wait_total(lab, "10.96.0.67", (n, 0))?;
+        }
+        let shown = open_conns(lab, "10.96.0.67")?;
+        let of = |addr: IpAddr| {
+            shown
+                .iter()
+                .find(|(x, _, _)| *x == addr.to_string())
+                .and_then(|(_, a, _)| *a)
+        };
+        ensure!(
+            (of(a), of(b)) == (Some(1), Some(3)),
+            "wlc 1:3 with four held connections should hold 1 and 3: {shown:?}"
+        );
+        for run in wl {
+            let r = run.wait()?;
+            ensure!(r.failed == 0, "wlc connection: {}", r.summary());
+        }
         Ok(())
     });
 }

@@ -14,10 +14,11 @@ use aya::{
     },
 };
 use svc_lb_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, Backend, ExtConfig, MAP_AFF_MATCH, MAP_AFFINITY,
-    MAP_BACKENDS, MAP_BE_STATS, MAP_CONFIG, MAP_FE_STATS, MAP_MAGLEV, MAP_NODE_ADDR, MAP_REVNAT,
-    MAP_SRC_RANGE4, MAP_SRC_RANGE6, MAP_SVC_META, MAP_SVC4, MAP_SVC6, MAP_XDP_DEV, MaglevTable,
-    NodeAddrKey, RevNat, SrcRange4Key, SrcRange6Key, Svc4Key, Svc6Key, SvcMeta, SvcValue,
+    AffinityKey, AffinityMatchKey, AffinityValue, Backend, ConnCount, ConnKey, ExtConfig,
+    MAP_AFF_MATCH, MAP_AFFINITY, MAP_BACKENDS, MAP_BE_STATS, MAP_CONFIG, MAP_CONNS, MAP_FE_STATS,
+    MAP_MAGLEV, MAP_NODE_ADDR, MAP_REVNAT, MAP_SRC_RANGE4, MAP_SRC_RANGE6, MAP_SVC_META, MAP_SVC4,
+    MAP_SVC6, MAP_XDP_DEV, MaglevTable, NodeAddrKey, RevNat, SrcRange4Key, SrcRange6Key, Svc4Key,
+    Svc6Key, SvcMeta, SvcValue,
 };
 use tracing::warn;
 
@@ -65,6 +66,10 @@ pub struct BpfDatapath {
     // Programs stay loaded while the agent runs; the pinned links keep them attached
     // after it exits.
     ebpf: Ebpf,
+    /// The sock_ops program of the connection counts is loaded (and gets attached).
+    conn_counts: bool,
+    /// `LB_CONNS_V1`, which the agent only prunes.
+    conns: HashMap<MapData, ConnKey, ConnCount>,
     svc4: HashMap<MapData, Svc4Key, SvcValue>,
     svc6: HashMap<MapData, Svc6Key, SvcValue>,
     backends: HashMap<MapData, u32, Backend>,
@@ -256,6 +261,7 @@ impl BpfDatapath {
         )
         .with_context(|| format!("map {MAP_AFFINITY} has an unexpected type"))?;
         let (aff_match, _) = take_hash::<AffinityMatchKey, u32>(&mut ebpf, MAP_AFF_MATCH)?;
+        let (conns, _) = take_hash::<ConnKey, ConnCount>(&mut ebpf, MAP_CONNS)?;
         let maglev_size = match opts.maglev_size {
             0 => svc_lb_common::MAGLEV_DEFAULT_SIZE,
             n => n,
@@ -266,6 +272,8 @@ impl BpfDatapath {
             // The probe's answer comes with `set_map_batch`; a kernel without batches
             // refuses the first one and the store goes on one entry at a time.
             batch: true,
+            conn_counts: opts.compat.conn_counts,
+            conns,
             ebpf,
             svc4,
             svc6,
@@ -591,7 +599,53 @@ impl BpfDatapath {
     /// Attaches (or swaps in) the programs; call after the first sync so that the new
     /// programs never see maps emptier than the old ones did.
     pub fn attach(&mut self, bpffs: &Path, cgroup: &Path) -> Result<()> {
-        links::attach_sock_programs(&mut self.ebpf, bpffs, cgroup)
+        links::attach_sock_programs(&mut self.ebpf, bpffs, cgroup)?;
+        links::attach_sockops(&mut self.ebpf, bpffs, cgroup, self.conn_counts)?;
+        if !self.conn_counts {
+            // Counts of an earlier run that had them: nothing keeps them true now (its
+            // sockets close without a program to count it), so none are left to mislead
+            // a later run that has them again.
+            let keys: Vec<ConnKey> = self.conns.keys().filter_map(|k| k.ok()).collect();
+            for k in &keys {
+                ignore_missing(self.conns.remove(k))
+                    .with_context(|| format!("{MAP_CONNS}: delete {k:?}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether this run keeps active connection counts (the sock_ops program loaded).
+    pub fn conn_counts(&self) -> bool {
+        self.conn_counts
+    }
+
+    /// Deletes the connection counts (`LB_CONNS_V1`) of addresses that no TCP backend
+    /// has any more and whose counts are 0; returns how many. An address still counting
+    /// open connections keeps its entry until they close (its sockets decrement it).
+    /// A connection that the connect hook sent to the address just before it left, and
+    /// whose first count lands between this read and the delete, is lost from the
+    /// counts (its later decrement finds no entry and is dropped): counts never go
+    /// below what is open by more than such races.
+    pub fn prune_conn_counts(&mut self) -> Result<usize> {
+        let live: std::collections::HashSet<ConnKey> = self
+            .backends
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, b)| b.proto == svc_lb_common::PROTO_TCP)
+            .map(|(_, b)| ConnKey::of_backend(&b))
+            .collect();
+        let stale: Vec<ConnKey> = self
+            .conns
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(k, v)| !live.contains(k) && v.get() == (0, 0))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &stale {
+            ignore_missing(self.conns.remove(k))
+                .with_context(|| format!("{MAP_CONNS}: delete {k:?}"))?;
+        }
+        Ok(stale.len())
     }
 
     fn ext_mut(&mut self) -> Result<&mut ExtMaps> {

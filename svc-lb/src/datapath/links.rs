@@ -20,13 +20,13 @@ use aya::{
     },
 };
 use svc_lb_common::{
-    MAP_XDP_MAC, PROG_POD_EGRESS, PROG_POD_INGRESS, PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP,
-    SOCK_PROGRAMS,
+    MAP_XDP_MAC, PROG_POD_EGRESS, PROG_POD_INGRESS, PROG_SOCKOPS, PROG_TC_EGRESS, PROG_TC_INGRESS,
+    PROG_XDP, SOCK_PROGRAMS,
 };
 use tracing::{debug, info, warn};
 
 use super::{
-    load::sock_program,
+    load::{sock_program, sockops_program},
     pins::{self, links_dir, tc_netlink_dir},
     probe::TcAttach,
     sys,
@@ -87,6 +87,66 @@ pub fn attach_sock_programs(ebpf: &mut Ebpf, bpffs: &Path, cgroup: &Path) -> Res
             .with_context(|| format!("rename {} to {}", tmp.display(), pin.display()))?;
         info!(program = name, cgroup = %cgroup.display(), "attached program");
     }
+    Ok(())
+}
+
+/// The connection counts' sock_ops program on `cgroup`, as [`attach_sock_programs`]
+/// does for the socket programs (swapped into a pinned link on restart). With `on`
+/// false (the kernel lacks it, or it was forced off) a link pinned by an earlier run
+/// is removed, so that nothing keeps counting while the agent reports the counts as
+/// unavailable (its sockets keep their callback flag; no program runs for them).
+pub fn attach_sockops(ebpf: &mut Ebpf, bpffs: &Path, cgroup: &Path, on: bool) -> Result<()> {
+    let name = PROG_SOCKOPS;
+    let pin = links_dir(bpffs).join(name);
+    if !on {
+        if pin.exists() {
+            match sys::obj_get(&pin).and_then(|fd| sys::link_detach(&fd)) {
+                Ok(()) => info!(
+                    program = name,
+                    "detached the connection counts of an earlier run (not used by this run)"
+                ),
+                Err(e) => {
+                    warn!(pin = %pin.display(), error = %format!("{e:#}"), "could not detach link; removing the pin anyway")
+                }
+            }
+            fs::remove_file(&pin).with_context(|| format!("remove {}", pin.display()))?;
+        }
+        return Ok(());
+    }
+    let cg = fs::File::open(cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
+    let cg_id = cgroup_id(cgroup)?;
+    let prog = sockops_program(ebpf)?;
+    if pin.exists() {
+        let link = sys::obj_get(&pin)?;
+        let li = sys::link_info(&link)?;
+        if li.link_type == sys::BPF_LINK_TYPE_CGROUP && li.cgroup_id == cg_id {
+            let prog_fd = prog.fd().with_context(|| format!("fd of {name}"))?;
+            sys::link_update(&link, prog_fd.as_fd().as_raw_fd())
+                .with_context(|| format!("swap program {name} into {}", pin.display()))?;
+            info!(
+                program = name,
+                link_id = li.id,
+                "replaced program in pinned link"
+            );
+            return Ok(());
+        }
+        warn!(
+            program = name,
+            pinned_cgroup_id = li.cgroup_id,
+            cgroup = %cgroup.display(),
+            "pinned link is attached elsewhere; attaching to the requested cgroup"
+        );
+    }
+    let id = prog
+        .attach(&cg, CgroupAttachMode::Single)
+        .with_context(|| format!("attach {name} to {}", cgroup.display()))?;
+    let link: FdLink = prog
+        .take_link(id)
+        .with_context(|| format!("take link of {name}"))?
+        .try_into()
+        .with_context(|| format!("link of {name} is not a bpf link"))?;
+    pin_link(link, bpffs, &pin)?;
+    info!(program = name, cgroup = %cgroup.display(), "attached program");
     Ok(())
 }
 

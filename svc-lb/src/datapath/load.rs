@@ -11,12 +11,12 @@ use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, Map, MapData},
-    programs::CgroupSockAddr,
+    programs::{CgroupSockAddr, SockOps},
 };
 use svc_lb_common::{
     AffinityExtKey, AffinityValue, CtKey, CtValue, ExtConfig, MAP_AFF_MATCH, MAP_AFFINITY_EXT,
     MAP_BACKENDS, MAP_BE_STATS, MAP_CONFIG, MAP_CT, MAP_FE_STATS, MAP_REVNAT, MAP_SVC_META,
-    MAP_SVC4, MAP_SVC6, PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP, SOCK_PROGRAMS,
+    MAP_SVC4, MAP_SVC6, PROG_SOCKOPS, PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP, SOCK_PROGRAMS,
 };
 use tracing::{info, warn};
 
@@ -104,6 +104,8 @@ pub struct Compat {
     pub fib_redirect: bool,
     pub sk_storage_rnat: bool,
     pub atomic_fetch: bool,
+    /// Load the sock_ops program that keeps the connection counts.
+    pub conn_counts: bool,
 }
 
 impl Default for Compat {
@@ -114,6 +116,7 @@ impl Default for Compat {
             fib_redirect: true,
             sk_storage_rnat: true,
             atomic_fetch: true,
+            conn_counts: true,
         }
     }
 }
@@ -126,6 +129,7 @@ impl From<&super::probe::Choices> for Compat {
             fib_redirect: c.fib_redirect,
             sk_storage_rnat: c.sk_storage_rnat,
             atomic_fetch: c.atomic_fetch,
+            conn_counts: c.conn_counts,
         }
     }
 }
@@ -362,7 +366,7 @@ pub fn load(bpffs: &Path, opts: &LoadOptions) -> Result<Ebpf> {
     let mut ebpf = loader
         .load(OBJECT)
         .context("load the eBPF object (needs root: CAP_BPF, CAP_SYS_ADMIN, CAP_NET_ADMIN)")?;
-    load_programs(&mut ebpf)?;
+    load_programs(&mut ebpf, opts.compat.conn_counts)?;
     Ok(ebpf)
 }
 
@@ -373,11 +377,25 @@ pub(super) fn sock_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut
         .with_context(|| format!("program {name} is not a cgroup sock_addr program"))
 }
 
-fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
+pub(super) fn sockops_program(ebpf: &mut Ebpf) -> Result<&mut SockOps> {
+    ebpf.program_mut(PROG_SOCKOPS)
+        .ok_or_else(|| anyhow!("program {PROG_SOCKOPS} missing from the eBPF object"))?
+        .try_into()
+        .with_context(|| format!("program {PROG_SOCKOPS} is not a sock_ops program"))
+}
+
+fn load_programs(ebpf: &mut Ebpf, conn_counts: bool) -> Result<()> {
     for name in SOCK_PROGRAMS {
         sock_program(ebpf, name)?
             .load()
             .with_context(|| format!("load program {name} (kernel verifier)"))?;
+    }
+    // Only where the probe found sock_ops with socket storage: elsewhere the verifier
+    // would refuse its helper, and the counts are reported unavailable instead.
+    if conn_counts {
+        sockops_program(ebpf)?
+            .load()
+            .with_context(|| format!("load program {PROG_SOCKOPS} (kernel verifier)"))?;
     }
     Ok(())
 }

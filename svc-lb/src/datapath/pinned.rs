@@ -168,6 +168,19 @@ impl PinnedMaps {
             .with_context(|| format!("{MAP_BACKENDS}: look up {id}"))
     }
 
+    /// One backend address's open connections (`MAP_CONNS`), for `trace`; `None` when
+    /// it has no entry or the map is not pinned (an older agent).
+    pub fn conn_count(&self, key: &svc_lb_common::ConnKey) -> Result<Option<(u64, u64)>> {
+        if !self.bpffs.join(svc_lb_common::MAP_CONNS).exists() {
+            return Ok(None);
+        }
+        let m: HashMap<MapData, svc_lb_common::ConnKey, svc_lb_common::ConnCount> =
+            open_pinned_hash(&self.bpffs, svc_lb_common::MAP_CONNS)?;
+        Ok(not_found_is_none(m.get(key, 0))
+            .with_context(|| format!("{}: look up {key:?}", svc_lb_common::MAP_CONNS))?
+            .map(|c| c.get()))
+    }
+
     /// A client's remembered backend for a frontend (session affinity), for `trace`.
     pub fn affinity_value(&self, key: &AffinityKey) -> Result<Option<AffinityValue>> {
         let m: HashMap<MapData, AffinityKey, AffinityValue> =
@@ -216,6 +229,56 @@ impl PinnedMaps {
             .map(|r| r.map(|(k, v)| (k, v.iter().sum())))
             .collect::<Result<_, _>>()
             .with_context(|| format!("read {name}"))
+    }
+
+    /// Open TCP connections per backend address on the socket path (`MAP_CONNS`,
+    /// active and inactive, negatives as 0), or `None` when this node keeps no counts:
+    /// the sock_ops program is not attached (the kernel lacks it, it was forced off,
+    /// or the agent predates it).
+    pub fn conn_counts(
+        &self,
+    ) -> Result<Option<std::collections::HashMap<svc_lb_common::ConnKey, (u64, u64)>>> {
+        let link = super::pins::links_dir(&self.bpffs).join(svc_lb_common::PROG_SOCKOPS);
+        if !link.exists() || !self.bpffs.join(svc_lb_common::MAP_CONNS).exists() {
+            return Ok(None);
+        }
+        let m: HashMap<MapData, svc_lb_common::ConnKey, svc_lb_common::ConnCount> =
+            open_pinned_hash(&self.bpffs, svc_lb_common::MAP_CONNS)?;
+        Ok(Some(
+            collect(&m, svc_lb_common::MAP_CONNS)?
+                .into_iter()
+                .map(|(k, v)| (k, v.get()))
+                .collect(),
+        ))
+    }
+
+    /// External flows per backend id from the conntrack map's live forward entries:
+    /// (established, other), as `CT_FLAG_ESTABLISHED` and `CT_FLAG_CLOSING` tell them
+    /// apart (an established flow that saw a FIN or RST counts as other). Empty when
+    /// the pins have no conntrack map.
+    pub fn ct_conn_counts(
+        &self,
+        now_ns: u64,
+    ) -> Result<std::collections::HashMap<u32, (u64, u64)>> {
+        let mut out: std::collections::HashMap<u32, (u64, u64)> = Default::default();
+        if !self.bpffs.join(MAP_CT).exists() {
+            return Ok(out);
+        }
+        for (k, v) in ct_entries(&self.bpffs)? {
+            if k.dir != svc_lb_common::CT_DIR_FORWARD || v.expires_ns < now_ns || v.backend_id == 0
+            {
+                continue;
+            }
+            let c = out.entry(v.backend_id).or_default();
+            let established = v.flags & svc_lb_common::CT_FLAG_ESTABLISHED != 0
+                && v.flags & svc_lb_common::CT_FLAG_CLOSING == 0;
+            if established {
+                c.0 += 1;
+            } else {
+                c.1 += 1;
+            }
+        }
+        Ok(out)
     }
 
     /// Datapath counters (`CTR_*`), summed over CPUs.

@@ -39,6 +39,7 @@ pub enum Feature {
     SkStorageRnat,
     MapBatch,
     AtomicFetch,
+    SockOpsConn,
 }
 
 /// What one feature is for. `fallback` is true when the agent has a way around a
@@ -176,6 +177,15 @@ pub const TABLE: &[FeatureInfo] = &[
         without: "the rr/wrr cursor is a plain read and write: connects racing on two CPUs may take the same turn",
         fallback: true,
     },
+    FeatureInfo {
+        feature: Feature::SockOpsConn,
+        name: "sock_ops_conn",
+        what: "cgroup sock_ops program reaching socket-local storage (bpf_sk_storage_get, ctx->sk)",
+        since: "5.10",
+        used_by: "active connection counts (list ActiveConn/InActConn, svclb_backend_active_connections) and the lc/wlc schedulers",
+        without: "no active connection counts (shown as unavailable); Services asking for lc/wlc get the default scheduler, reported against each Service",
+        fallback: true,
+    },
 ];
 
 pub fn info(f: Feature) -> &'static FeatureInfo {
@@ -238,6 +248,9 @@ pub struct Choices {
     pub sk_storage_rnat: bool,
     pub map_batch: bool,
     pub atomic_fetch: bool,
+    /// Active connection counts (the sock_ops program). They read the translations in
+    /// the sockets' own storage, so they also need `sk_storage_rnat`.
+    pub conn_counts: bool,
 }
 
 /// `--force-feature-off`: names from [`TABLE`] (only those with a fallback), or `all`.
@@ -326,6 +339,8 @@ impl Probe {
             sk_storage_rnat: self.state(Feature::SkStorageRnat).usable(),
             map_batch: self.state(Feature::MapBatch).usable(),
             atomic_fetch: self.state(Feature::AtomicFetch).usable(),
+            conn_counts: self.state(Feature::SockOpsConn).usable()
+                && self.state(Feature::SkStorageRnat).usable(),
         }
     }
 
@@ -642,6 +657,8 @@ impl Prober for KernelProber {
             Feature::CsumIpv6Flag => self.csum_ipv6_flag(),
             Feature::MapBatch => super::sys::probe_map_update_batch(),
             Feature::AtomicFetch => self.atomic_fetch(),
+            Feature::SockOpsConn => Ok(map(MapType::SkStorage)?
+                && helper(ProgramType::SockOps, BpfHelper::BPF_FUNC_sk_storage_get)?),
             Feature::SkStorageRnat => Ok(map(MapType::SkStorage)?
                 && helper(
                     ProgramType::CgroupSockAddr,
@@ -774,7 +791,26 @@ mod tests {
         assert_eq!(c.socket_path, Ok(()));
         assert_eq!(c.tc_attach, TcAttach::Netlink);
         assert!(!c.set_retval && !c.csum_ipv6_flag && !c.fib_redirect && !c.xdp_link);
-        assert!(!c.sk_storage_rnat);
+        assert!(!c.sk_storage_rnat && !c.conn_counts);
+    }
+
+    #[test]
+    fn connection_counts_need_sock_ops_and_socket_storage() {
+        let run = |off: &str| {
+            Probe::run(
+                &Fake {
+                    has: all(),
+                    errors: vec![],
+                },
+                &parse_forced(off).unwrap(),
+            )
+            .choices()
+            .conn_counts
+        };
+        assert!(run(""));
+        assert!(!run("sock_ops_conn"));
+        // The counts find a socket's backend in its reverse-NAT storage.
+        assert!(!run("sk_storage_rnat"));
     }
 
     #[test]

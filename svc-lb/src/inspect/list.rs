@@ -46,8 +46,8 @@ pub struct ListEntry {
     /// "Cluster" or "Local".
     pub internal_traffic_policy: &'static str,
     pub external_traffic_policy: &'static str,
-    /// How new connections pick a backend: "random", "rr", "wrr" (socket scope) or
-    /// "maglev" (external scope).
+    /// How new connections pick a backend: "random", "rr", "wrr", "lc", "wlc" (socket
+    /// scope) or "maglev" (external scope).
     pub scheduler: &'static str,
     /// New connections (and unconnected datagrams) sent to a backend since the frontend
     /// was programmed.
@@ -85,6 +85,16 @@ pub struct ListBackend {
     pub new_connections: u64,
     /// Whether other frontends (another port, address or Service) use this backend.
     pub shared: bool,
+    /// TCP connections open to this backend now, in ESTABLISHED state (IPVS's
+    /// `ActiveConn`): the socket path's count of the backend's address (the sock_ops
+    /// program; every frontend that uses the address) plus the external path's
+    /// established flows to the backend from the conntrack map. `null` when this node
+    /// keeps no socket-path counts (kernel feature `sock_ops_conn`).
+    pub active_connections: Option<u64>,
+    /// TCP connections open in any other state (IPVS's `InActConn`: SYN_SENT,
+    /// FIN_WAIT, CLOSE_WAIT...; external flows not yet established or closing).
+    /// `null` as `active_connections`.
+    pub inactive_connections: Option<u64>,
 }
 
 impl ListEntry {
@@ -215,6 +225,9 @@ pub fn entries(view: &DatapathView, service: Option<&ServiceRef>) -> Vec<ListEnt
                     let id = &id;
                     let new_connections = view.backend_conns.get(id).copied().unwrap_or(0);
                     let shared = users.get(id).copied().unwrap_or(0) > 1;
+                    let open = view.open_connections(*id);
+                    let active_connections = open.map(|o| o.0);
+                    let inactive_connections = open.map(|o| o.1);
                     match view.state.backends.get(id) {
                         Some(b) => ListBackend {
                             id: *id,
@@ -224,6 +237,8 @@ pub fn entries(view: &DatapathView, service: Option<&ServiceRef>) -> Vec<ListEnt
                             weight,
                             new_connections,
                             shared,
+                            active_connections,
+                            inactive_connections,
                         },
                         None => ListBackend {
                             id: *id,
@@ -233,6 +248,8 @@ pub fn entries(view: &DatapathView, service: Option<&ServiceRef>) -> Vec<ListEnt
                             weight,
                             new_connections,
                             shared,
+                            active_connections,
+                            inactive_connections,
                         },
                     }
                 })
@@ -323,18 +340,24 @@ pub fn set_announcers(entries: &mut [ListEntry], announcers: &[crate::status::L2
     }
 }
 
+/// Columns of the text layout; the last (new connections) is right-aligned.
+const COLS: usize = 10;
+const LAST: usize = COLS - 1;
+
 /// `ipvsadm -Ln`-style text. Column widths follow the content, so the output is the
 /// same for the same maps (the golden tests rely on it).
 pub fn render_text(entries: &[ListEntry]) -> String {
-    // Rows: [prot/arrow, address, scope, kind/state, scheduler/weight, service, flags,
-    // new conns].
-    let mut rows: Vec<[String; 8]> = vec![
+    // Rows: [prot/arrow, address, scope, kind/state, scheduler/weight, active, inactive,
+    // service, flags, new conns].
+    let mut rows: Vec<[String; COLS]> = vec![
         [
             "Prot".into(),
             "LocalAddress:Port".into(),
             "Scope".into(),
             "Kind".into(),
             "Sched".into(),
+            String::new(),
+            String::new(),
             "Service".into(),
             "Flags".into(),
             "NewConns ".into(),
@@ -345,11 +368,14 @@ pub fn render_text(entries: &[ListEntry]) -> String {
             String::new(),
             "State".into(),
             "Weight".into(),
+            "ActiveConn".into(),
+            "InActConn".into(),
             String::new(),
             String::new(),
             "NewConns ".into(),
         ],
     ];
+    let mut no_counts = false;
     let mut backends = 0usize;
     let mut any_shared = false;
     let mut services = std::collections::BTreeSet::new();
@@ -370,21 +396,17 @@ pub fn render_text(entries: &[ListEntry]) -> String {
             e.scope.into(),
             e.kind.into(),
             e.scheduler.into(),
+            String::new(),
+            String::new(),
             service,
             flags(e),
             format!("{} ", e.new_connections),
         ]);
         if e.backends.is_empty() {
-            rows.push([
-                "  ->".into(),
-                e.no_backends_note().into(),
-                String::new(),
-                String::new(),
-                String::new(),
-                String::new(),
-                String::new(),
-                String::new(),
-            ]);
+            let mut row: [String; COLS] = Default::default();
+            row[0] = "  ->".into();
+            row[1] = e.no_backends_note().into();
+            rows.push(row);
         }
         for b in &e.backends {
             backends += b.weight as usize;
@@ -393,12 +415,19 @@ pub fn render_text(entries: &[ListEntry]) -> String {
             } else {
                 socket_str(&b.address, b.port)
             };
+            let count = |c: Option<u64>| match c {
+                Some(n) => n.to_string(),
+                None => "-".to_owned(),
+            };
+            no_counts |= b.active_connections.is_none();
             rows.push([
                 "  ->".into(),
                 addr,
                 String::new(),
                 b.state.into(),
                 b.weight.to_string(),
+                count(b.active_connections),
+                count(b.inactive_connections),
                 String::new(),
                 String::new(),
                 if b.shared {
@@ -410,7 +439,7 @@ pub fn render_text(entries: &[ListEntry]) -> String {
             ]);
         }
     }
-    let mut width = [0usize; 8];
+    let mut width = [0usize; COLS];
     // Notes (no backends) start with "(" and may overflow their column.
     for r in rows
         .iter()
@@ -428,7 +457,7 @@ pub fn render_text(entries: &[ListEntry]) -> String {
         for (i, (c, w)) in r.iter().zip(width).enumerate() {
             match i {
                 0 => line.push_str(&format!("{c:<4} ")),
-                7 => line.push_str(&format!("{c:>w$}")),
+                LAST => line.push_str(&format!("{c:>w$}")),
                 _ => line.push_str(&format!("{c:<w$}  ")),
             }
         }
@@ -441,6 +470,11 @@ pub fn render_text(entries: &[ListEntry]) -> String {
     {
         out.push_str(
             "0.0.0.0/[::] external NodePort frontends: every node address that serves NodePorts\n",
+        );
+    }
+    if no_counts {
+        out.push_str(
+            "ActiveConn/InActConn -: this node keeps no connection counts (kernel feature sock_ops_conn, see `svc-lb status`)\n",
         );
     }
     if any_shared {

@@ -45,6 +45,8 @@ pub fn scheduler(meta_flags: u8) -> &'static str {
         svc_lb_common::META_SCHED_RR => "rr",
         svc_lb_common::META_SCHED_WRR => "wrr",
         svc_lb_common::META_SCHED_MAGLEV => "maglev",
+        svc_lb_common::META_SCHED_LC => "lc",
+        svc_lb_common::META_SCHED_WLC => "wlc",
         _ => "random",
     }
 }

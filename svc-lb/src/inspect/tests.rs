@@ -296,6 +296,25 @@ fn fixture() -> (FakeMaps, DatapathView) {
         meta,
         frontend_conns,
         backend_conns: BACKENDS.iter().map(|b| (b.0, b.5)).collect(),
+        // Open TCP connections by address (the sock_ops counts) and external flows by
+        // backend id (conntrack); UDP backends are never counted by address.
+        open_conns: Some(
+            BACKENDS
+                .iter()
+                .map(|b| {
+                    let addr = BackendAddr {
+                        addr: ip(b.1),
+                        port: b.2,
+                        proto: b.3,
+                    };
+                    (
+                        crate::inspect::view::conn_key(&addr),
+                        (u64::from(b.0), u64::from(b.0 % 2)),
+                    )
+                })
+                .collect(),
+        ),
+        ext_conns: [(2, (10, 1))].into_iter().collect(),
     };
     (maps, view)
 }
@@ -443,6 +462,47 @@ fn list_shows_external_frontends_with_their_flags() {
 }
 
 #[test]
+fn list_shows_open_connections_or_says_why_not() {
+    let (_, mut view) = fixture();
+    let all = list::entries(&view, None);
+    let web = all
+        .iter()
+        .find(|e| e.address == "10.96.0.10" && e.port == 80)
+        .expect("web");
+    let by_id = |id: u32| web.backends.iter().find(|b| b.id == id).expect("backend");
+    // Backend 1: its address's socket counts (1, 1 % 2).
+    assert_eq!(
+        (by_id(1).active_connections, by_id(1).inactive_connections),
+        (Some(1), Some(1))
+    );
+    // Backend 2: socket counts (2, 0) plus 10 established and 1 other external flow.
+    assert_eq!(
+        (by_id(2).active_connections, by_id(2).inactive_connections),
+        (Some(12), Some(1))
+    );
+    let dns = all.iter().find(|e| e.protocol == "UDP").expect("udp");
+    assert_eq!(
+        dns.backends[0].active_connections,
+        Some(0),
+        "the TCP count of another port is never a UDP backend's"
+    );
+    view.open_conns = None;
+    let all = list::entries(&view, None);
+    assert!(
+        all.iter()
+            .flat_map(|e| &e.backends)
+            .all(|b| b.active_connections.is_none() && b.inactive_connections.is_none())
+    );
+    let text = list::render_text(&all);
+    assert!(
+        text.contains("keeps no connection counts (kernel feature sock_ops_conn"),
+        "{text}"
+    );
+    let json = list::render_json(&all).expect("json");
+    assert!(json.contains("\"active_connections\": null"), "{json}");
+}
+
+#[test]
 fn list_json_field_names_are_stable() {
     // The README documents these names; renaming one breaks users' scripts.
     let (_, view) = fixture();
@@ -489,8 +549,10 @@ fn list_json_field_names_are_stable() {
     assert_eq!(
         bkeys,
         [
+            "active_connections",
             "address",
             "id",
+            "inactive_connections",
             "new_connections",
             "port",
             "shared",

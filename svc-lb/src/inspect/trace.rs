@@ -13,9 +13,10 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use svc_lb_common::{
     AffinityKey, AffinityValue, Backend, COUNTER_NAMES, CTR_SOCK_BACKEND_MISS, CTR_SOCK_NO_BACKEND,
-    CTR_SOCK_SLOT_MISS, CTR_SOCK_SRC_RANGE, CTR_SOCK_SRC_UNBOUND, Choice, PROTO_TCP, PROTO_UDP,
-    SCOPE_ALL, SVC_FLAG_AFFINITY, SVC_FLAG_SCHED_RR, SVC_FLAG_SRC_RANGES, Stickiness, SvcValue,
-    choose_backend, lookup::affinity_fresh,
+    CTR_SOCK_SLOT_MISS, CTR_SOCK_SRC_RANGE, CTR_SOCK_SRC_UNBOUND, Choice, ConnKey, PROTO_TCP,
+    PROTO_UDP, SCOPE_ALL, SVC_FLAG_AFFINITY, SVC_FLAG_SCHED_LC, SVC_FLAG_SCHED_RR,
+    SVC_FLAG_SRC_RANGES, Stickiness, SvcValue, choose_backend,
+    lookup::{LC_SCAN_MAX, LcPick, LcVia, affinity_fresh, lc_overhead, lc_scan},
 };
 
 use super::names;
@@ -45,6 +46,11 @@ pub trait TraceMaps {
     fn src_range_allowed(&self, _rev_nat_id: u32, _src: IpAddr) -> Result<Option<bool>> {
         Ok(None)
     }
+    /// `lc`/`wlc`: the socket path's open connections to a backend address
+    /// (`LB_CONNS_V1`), (active, inactive); `None` when there is no entry.
+    fn open_conns(&self, _key: &ConnKey) -> Result<Option<(u64, u64)>> {
+        Ok(None)
+    }
 }
 
 impl TraceMaps for PinnedMaps {
@@ -70,6 +76,9 @@ impl TraceMaps for PinnedMaps {
     }
     fn affinity_member(&self, backend_id: u32, rev_nat_id: u32) -> Result<bool> {
         PinnedMaps::affinity_member(self, backend_id, rev_nat_id)
+    }
+    fn open_conns(&self, key: &ConnKey) -> Result<Option<(u64, u64)>> {
+        self.conn_count(key)
     }
 }
 
@@ -406,6 +415,40 @@ pub fn trace(maps: &dyn TraceMaps, req: &TraceRequest, random: u32) -> Result<Tr
         *src_checked.borrow_mut() = Some((from, allowed));
         allowed
     };
+    // lc/wlc: the scan the connect hook makes, over the same maps (`random` is its
+    // tie-break seed); what it found is explained in the selection step.
+    let lc_pick = std::cell::Cell::new(None);
+    let least = |count: u32| {
+        let pick = lc_scan(
+            count,
+            random,
+            |slot| match maps.svc(&codec::svc_key(&fe, slot)) {
+                Ok(v) => v.map(|v| v.backend_id),
+                Err(e) => {
+                    keep(e);
+                    None
+                }
+            },
+            |id| {
+                let b = match maps.backend(id) {
+                    Ok(b) => b?,
+                    Err(e) => {
+                        keep(e);
+                        return None;
+                    }
+                };
+                match maps.open_conns(&ConnKey::of_backend(&b)) {
+                    Ok(c) => Some(c.map_or(0, |(a, i)| lc_overhead(a, i))),
+                    Err(e) => {
+                        keep(e);
+                        Some(0)
+                    }
+                }
+            },
+        );
+        lc_pick.set(pick);
+        pick.map(|p| p.slot)
+    };
     let choice = choose_backend(
         master.as_ref(),
         src_allowed,
@@ -416,6 +459,7 @@ pub fn trace(maps: &dyn TraceMaps, req: &TraceRequest, random: u32) -> Result<Tr
         // The cursor as it stands: the next connection takes this turn (a trace does
         // not advance it).
         || master.map_or(0, |m| m.backend_id),
+        least,
         |slot| match maps.svc(&codec::svc_key(&fe, slot)) {
             Ok(v) => v.map(|v| v.backend_id),
             Err(e) => {
@@ -532,7 +576,9 @@ pub fn trace(maps: &dyn TraceMaps, req: &TraceRequest, random: u32) -> Result<Tr
             format!(
                 "scheduler {}: {}",
                 frontend.scheduler,
-                if master.flags & SVC_FLAG_SCHED_RR != 0 {
+                if master.flags & SVC_FLAG_SCHED_LC != 0 {
+                    "the backend with the fewest open connections per weight (each backend's slots form one run, its length the weight)"
+                } else if master.flags & SVC_FLAG_SCHED_RR != 0 {
                     "the slots are taken in turn (a cursor in the master entry)"
                 } else {
                     "a random slot; weights repeat a backend over several slots"
@@ -633,7 +679,13 @@ pub fn trace(maps: &dyn TraceMaps, req: &TraceRequest, random: u32) -> Result<Tr
                 _ => "unknown reason".to_owned(),
             };
             if slot != 0 {
-                steps.push(selection_step(&master, random, slot, backend_id));
+                steps.push(selection_step(
+                    &master,
+                    random,
+                    slot,
+                    backend_id,
+                    lc_pick.get(),
+                ));
             }
             steps.push(TraceStep {
                 step: "verdict",
@@ -656,7 +708,13 @@ pub fn trace(maps: &dyn TraceMaps, req: &TraceRequest, random: u32) -> Result<Tr
         } => {
             let via_affinity = matches!(sticky, Stickiness::Remembered { .. });
             if !via_affinity {
-                steps.push(selection_step(&master, random, slot, backend_id));
+                steps.push(selection_step(
+                    &master,
+                    random,
+                    slot,
+                    backend_id,
+                    lc_pick.get(),
+                ));
             }
             let c = candidate(slot, backend_id, Some(&backend));
             let addr: IpAddr = c.address.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]));
@@ -684,6 +742,9 @@ pub fn trace(maps: &dyn TraceMaps, req: &TraceRequest, random: u32) -> Result<Tr
                     Stickiness::Off if master.count == 1 => {
                         vec!["the only backend: every connection goes here".to_owned()]
                     }
+                    Stickiness::Off if master.flags & SVC_FLAG_SCHED_LC != 0 => vec![
+                        "the least loaded backend now (open connections per weight); the next connection may go elsewhere".to_owned(),
+                    ],
                     Stickiness::Off if master.flags & SVC_FLAG_SCHED_RR != 0 => vec![format!(
                         "the slots are taken in turn: each new connection takes the next of the {} slots",
                         master.count
@@ -706,6 +767,8 @@ pub fn trace(maps: &dyn TraceMaps, req: &TraceRequest, random: u32) -> Result<Tr
                     slot,
                     via: if via_affinity {
                         "affinity"
+                    } else if master.flags & SVC_FLAG_SCHED_LC != 0 {
+                        "least connections"
                     } else if master.flags & SVC_FLAG_SCHED_RR != 0 {
                         "in turn"
                     } else {
@@ -875,7 +938,37 @@ pub(super) fn affinity_text(
     )
 }
 
-fn selection_step(master: &SvcValue, random: u32, slot: u16, backend_id: u32) -> TraceStep {
+fn selection_step(
+    master: &SvcValue,
+    random: u32,
+    slot: u16,
+    backend_id: u32,
+    lc: Option<LcPick>,
+) -> TraceStep {
+    if master.flags & SVC_FLAG_SCHED_LC != 0 {
+        let (active, inactive) = lc.map_or((0, 0), |p| (p.load >> 8, p.load & 0xff));
+        let how = match lc.map(|p| p.via) {
+            Some(LcVia::TwoChoices { a, b }) => format!(
+                "more than {LC_SCAN_MAX} slots: the lighter of two random slots, {a} and {b} (approximate: a backend is drawn in proportion to its weight, the load alone decides)"
+            ),
+            _ => format!(
+                "every slot 1..={} compared: least load / weight, by cross-multiplication as IPVS does (exact); equal loads broken at random (this trace's seed {random})",
+                master.count
+            ),
+        };
+        return TraceStep {
+            step: "selection",
+            result: format!("least connections: slot {slot} → backend {backend_id}"),
+            details: vec![
+                how,
+                format!(
+                    "chosen load {} = active × 256 + inactive (about {active} active, {inactive} inactive) at weight {}",
+                    lc.map_or(0, |p| p.load),
+                    lc.map_or(0, |p| p.weight)
+                ),
+            ],
+        };
+    }
     if master.flags & SVC_FLAG_SCHED_RR != 0 {
         return TraceStep {
             step: "selection",

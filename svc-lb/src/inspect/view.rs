@@ -21,6 +21,43 @@ pub struct DatapathView {
     /// New connections per backend id, summed over CPUs and over every frontend that
     /// uses the backend.
     pub backend_conns: HashMap<u32, u64>,
+    /// Open connections per backend address on the socket path (active, inactive);
+    /// `None` when the node keeps no counts (see `PinnedMaps::conn_counts`).
+    pub open_conns: Option<HashMap<svc_lb_common::ConnKey, (u64, u64)>>,
+    /// External flows per backend id from the conntrack map (established, other).
+    pub ext_conns: HashMap<u32, (u64, u64)>,
+}
+
+impl DatapathView {
+    /// Open connections to backend `id` (active, inactive): the socket path's counts
+    /// of its address plus the external path's flows; `None` without socket counts.
+    pub fn open_connections(&self, id: u32) -> Option<(u64, u64)> {
+        let sock = self.open_conns.as_ref()?;
+        let b = self.state.backends.get(&id)?;
+        // The sock_ops program counts TCP only; a UDP backend on the same address and
+        // port must not show the TCP one's connections.
+        let (sa, si) = if b.addr.proto == svc_lb_common::PROTO_TCP {
+            sock.get(&conn_key(&b.addr)).copied().unwrap_or((0, 0))
+        } else {
+            (0, 0)
+        };
+        let (ea, ei) = self.ext_conns.get(&id).copied().unwrap_or((0, 0));
+        Some((sa + ea, si + ei))
+    }
+}
+
+/// The `LB_CONNS_V1` key of a backend address (as the sock_ops program builds it).
+pub fn conn_key(addr: &crate::model::BackendAddr) -> svc_lb_common::ConnKey {
+    svc_lb_common::ConnKey {
+        addr_be: crate::datapath::codec::addr_words(addr.addr),
+        port_be: addr.port.to_be(),
+        family: if addr.addr.is_ipv4() {
+            svc_lb_common::FAMILY_V4
+        } else {
+            svc_lb_common::FAMILY_V6
+        },
+        _pad: 0,
+    }
 }
 
 impl DatapathView {
@@ -30,6 +67,8 @@ impl DatapathView {
             meta: maps.meta()?,
             frontend_conns: maps.conn_stats(MAP_FE_STATS)?,
             backend_conns: maps.conn_stats(MAP_BE_STATS)?,
+            open_conns: maps.conn_counts()?,
+            ext_conns: maps.ct_conn_counts(crate::inspect::trace::monotonic_ns())?,
         })
     }
 }

@@ -37,7 +37,7 @@ use svc_lb_common::{
     BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_TERMINATING, KIND_CLUSTER_IP, KIND_EXTERNAL_IP,
     KIND_LOAD_BALANCER, KIND_NODE_PORT, META_EXTERNAL_LOCAL, META_INTERNAL_LOCAL, PROTO_SCTP,
     PROTO_TCP, PROTO_UDP, SCOPE_ALL, SCOPE_EXTERNAL, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXT_LOCAL,
-    SVC_FLAG_SCHED_RR, SVC_FLAG_SRC_RANGES,
+    SVC_FLAG_SCHED_LC, SVC_FLAG_SCHED_RR, SVC_FLAG_SRC_RANGES,
 };
 
 use super::{
@@ -1124,6 +1124,7 @@ fn plan_service<'a>(
     let (scheduler, bad_scheduler) = sched::service_scheduler(
         svc.annotation(sched::ANNOTATION_SCHEDULER),
         node.scheduler,
+        node.conn_counts,
         object,
     );
     port_errors.extend(bad_scheduler.map(|e| e.reason));
@@ -1386,6 +1387,9 @@ fn program(
         }
         if matches!(scheduler, Scheduler::Rr | Scheduler::Wrr) {
             flags |= SVC_FLAG_SCHED_RR;
+        }
+        if scheduler.needs_counts() {
+            flags |= SVC_FLAG_SCHED_LC;
         }
         let meta_flags = if internal {
             if plan.local_only {

@@ -168,6 +168,9 @@ pub struct NodeInfo {
     /// `--scheduler`: the scheduler of socket frontends whose Service has no (valid)
     /// `svc-lb.io/scheduler` annotation.
     pub scheduler: sched::Scheduler,
+    /// The datapath keeps active connection counts (probe `sock_ops_conn`): `lc`/`wlc`
+    /// can run. Set by the agent from the kernel probe.
+    pub conn_counts: bool,
 }
 
 /// The default of `--max-frontends-per-service`.

@@ -1,9 +1,10 @@
 //! Schedulers and endpoint weights (issue 15, first part): the annotations that choose
 //! them and the slot layout that makes the datapath's choice follow them. Pure, no I/O.
 //!
-//! - `svc-lb.io/scheduler` on a Service: `random`, `rr`, `wrr` or `maglev`. `lc`/`wlc`
-//!   need live connection counts, which do not exist yet: they are reported as not
-//!   supported and the default applies. Anything else is reported and the default applies.
+//! - `svc-lb.io/scheduler` on a Service: `random`, `rr`, `wrr`, `lc`, `wlc` or `maglev`.
+//!   `lc`/`wlc` need the active connection counts (the sock_ops program, probe feature
+//!   `sock_ops_conn`): without them they are reported and the default applies. Anything
+//!   else is reported and the default applies.
 //! - `svc-lb.io/weights` on an EndpointSlice: `ADDRESS=WEIGHT,...`, weights 0–65535
 //!   (default 1). Weight 0 drains an endpoint: no new connections, established ones stay.
 //!   A bad entry is reported; the others apply.
@@ -11,7 +12,9 @@
 //! One slot layout serves `random` and `wrr`: [`weighted_layout`] repeats each backend
 //! in proportion to its weight (reduced by the gcd) and interleaves the repetitions
 //! evenly, so a uniform random slot is a weighted random choice and a round-robin walk
-//! over the slots is a smooth weighted round robin.
+//! over the slots is a smooth weighted round robin. `lc`/`wlc` lay each backend's slots
+//! out as one run instead, so that the datapath's scan reads a backend's weight as the
+//! length of its run (`svc_lb_common::lookup::lc_scan`).
 use std::{collections::BTreeMap, fmt, net::IpAddr, str::FromStr};
 
 use super::{ModelError, ObjectRef};
@@ -39,6 +42,10 @@ pub enum Scheduler {
     Wrr,
     /// Maglev consistent hashing (weighted): the external path's scheduler.
     Maglev,
+    /// Least connections (IPVS `lc`): the fewest active × 256 + inactive connections.
+    Lc,
+    /// Weighted least connections (IPVS `wlc`): the least `lc` load per weight.
+    Wlc,
 }
 
 impl Scheduler {
@@ -48,6 +55,8 @@ impl Scheduler {
             Self::Rr => "rr",
             Self::Wrr => "wrr",
             Self::Maglev => "maglev",
+            Self::Lc => "lc",
+            Self::Wlc => "wlc",
         }
     }
 
@@ -58,13 +67,21 @@ impl Scheduler {
             Self::Rr => svc_lb_common::META_SCHED_RR,
             Self::Wrr => svc_lb_common::META_SCHED_WRR,
             Self::Maglev => svc_lb_common::META_SCHED_MAGLEV,
+            Self::Lc => svc_lb_common::META_SCHED_LC,
+            Self::Wlc => svc_lb_common::META_SCHED_WLC,
         }
     }
 
     /// Whether the weights shape this scheduler's layout (`rr` ignores them except
     /// that weight 0 drains, as IPVS's `rr` does).
     pub fn weighted(self) -> bool {
-        !matches!(self, Self::Rr)
+        !matches!(self, Self::Rr | Self::Lc)
+    }
+
+    /// Whether the datapath chooses by connection counts (`SVC_FLAG_SCHED_LC`), which
+    /// only a node with the counts can do.
+    pub fn needs_counts(self) -> bool {
+        matches!(self, Self::Lc | Self::Wlc)
     }
 }
 
@@ -77,21 +94,15 @@ impl fmt::Display for Scheduler {
 /// Why a scheduler name was not taken.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SchedulerError {
-    /// A scheduler of the issue that is not built yet (`lc`, `wlc`).
-    NotYet(String),
     Unknown(String),
 }
 
 impl fmt::Display for SchedulerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::NotYet(s) => write!(
-                f,
-                "scheduler '{s}' is not supported yet (it needs active connection counts)"
-            ),
             Self::Unknown(s) => write!(
                 f,
-                "unknown scheduler '{s}' (expected random, rr, wrr or maglev)"
+                "unknown scheduler '{s}' (expected random, rr, wrr, lc, wlc or maglev)"
             ),
         }
     }
@@ -108,7 +119,8 @@ impl FromStr for Scheduler {
             "rr" => Ok(Self::Rr),
             "wrr" => Ok(Self::Wrr),
             "maglev" => Ok(Self::Maglev),
-            "lc" | "wlc" => Err(SchedulerError::NotYet(s.trim().to_owned())),
+            "lc" => Ok(Self::Lc),
+            "wlc" => Ok(Self::Wlc),
             other => Err(SchedulerError::Unknown(other.to_owned())),
         }
     }
@@ -118,9 +130,10 @@ impl FromStr for Scheduler {
 /// refused there: a socket hook sees no source port to hash at connect time.
 pub fn parse_socket_default(s: &str) -> Result<Scheduler, String> {
     match s.parse::<Scheduler>() {
-        Ok(Scheduler::Maglev) => {
-            Err("maglev is the external path's scheduler; for sockets use random, rr or wrr".into())
-        }
+        Ok(Scheduler::Maglev) => Err(
+            "maglev is the external path's scheduler; for sockets use random, rr, wrr, lc or wlc"
+                .into(),
+        ),
         Ok(sched) => Ok(sched),
         Err(e) => Err(e.to_string()),
     }
@@ -129,21 +142,38 @@ pub fn parse_socket_default(s: &str) -> Result<Scheduler, String> {
 /// The scheduler of a Service from its `svc-lb.io/scheduler` annotation (the value
 /// the Service accessor returns), and the error to report when the value was not
 /// taken (`default` applies then).
+///
+/// `conn_counts`: the node keeps active connection counts. Without them `lc`/`wlc`
+/// cannot run: an annotation asking for one is reported and the default applies; a
+/// default (`--scheduler`) of `lc`/`wlc` becomes `random` (the agent says so once at
+/// start, not per Service).
 pub fn service_scheduler(
     annotation: Option<&str>,
     default: Scheduler,
+    conn_counts: bool,
     service: &ObjectRef,
 ) -> (Scheduler, Option<ModelError>) {
+    let usable = |s: Scheduler| conn_counts || !s.needs_counts();
+    let default = if usable(default) {
+        default
+    } else {
+        Scheduler::Random
+    };
+    let error = |reason: String| ModelError {
+        object: service.clone(),
+        reason: format!("annotation {ANNOTATION_SCHEDULER}: {reason}; using {default}"),
+    };
     match annotation.map(str::parse::<Scheduler>) {
         None => (default, None),
-        Some(Ok(sched)) => (sched, None),
-        Some(Err(e)) => (
+        Some(Ok(sched)) if usable(sched) => (sched, None),
+        Some(Ok(sched)) => (
             default,
-            Some(ModelError {
-                object: service.clone(),
-                reason: format!("annotation {ANNOTATION_SCHEDULER}: {e}; using {default}"),
-            }),
+            Some(error(format!(
+                "scheduler '{sched}' needs active connection counts, which this node does not \
+                 keep (kernel feature sock_ops_conn, see `svc-lb status`)"
+            ))),
         ),
+        Some(Err(e)) => (default, Some(error(e.to_string()))),
     }
 }
 
@@ -260,6 +290,16 @@ pub fn weighted_layout(weights: &[u16], sched: Scheduler) -> Layout {
              (shares are approximate)"
         ));
     }
+    if sched.needs_counts() {
+        // One run per backend: the lc scan reads the weight as the run's length.
+        return Layout {
+            slots: reduced
+                .iter()
+                .flat_map(|(i, w)| std::iter::repeat_n(*i, *w as usize))
+                .collect(),
+            scaled,
+        };
+    }
     let mut order: Vec<(u32, u32, usize)> = reduced
         .iter()
         .flat_map(|(i, w)| (0..*w).map(move |k| (k, *w, *i)))
@@ -300,14 +340,14 @@ mod tests {
             ("rr", Scheduler::Rr),
             (" wrr ", Scheduler::Wrr),
             ("maglev", Scheduler::Maglev),
+            ("lc", Scheduler::Lc),
+            ("wlc", Scheduler::Wlc),
         ] {
             assert_eq!(s.parse::<Scheduler>(), Ok(want));
             assert_eq!(want.as_str().parse::<Scheduler>(), Ok(want));
         }
-        assert_eq!(
-            "wlc".parse::<Scheduler>(),
-            Err(SchedulerError::NotYet("wlc".into()))
-        );
+        assert_eq!("wlc".parse::<Scheduler>(), Ok(Scheduler::Wlc));
+        assert_eq!("lc".parse::<Scheduler>(), Ok(Scheduler::Lc));
         assert_eq!(
             "RR".parse::<Scheduler>(),
             Err(SchedulerError::Unknown("RR".into()))
@@ -317,22 +357,37 @@ mod tests {
     #[test]
     fn service_annotation_reports_and_falls_back() {
         assert_eq!(
-            service_scheduler(None, Scheduler::Random, &svc()),
+            service_scheduler(None, Scheduler::Random, true, &svc()),
             (Scheduler::Random, None)
         );
         assert_eq!(
-            service_scheduler(Some("wrr"), Scheduler::Random, &svc()),
+            service_scheduler(Some("wrr"), Scheduler::Random, false, &svc()),
             (Scheduler::Wrr, None)
         );
-        let (s, err) = service_scheduler(Some("lc"), Scheduler::Rr, &svc());
+        assert_eq!(
+            service_scheduler(Some("wlc"), Scheduler::Random, true, &svc()),
+            (Scheduler::Wlc, None)
+        );
+        // Without connection counts lc/wlc cannot run: reported, the default applies.
+        let (s, err) = service_scheduler(Some("lc"), Scheduler::Rr, false, &svc());
         assert_eq!(s, Scheduler::Rr);
         let err = err.map(|e| e.to_string()).unwrap_or_default();
         assert_eq!(
             err,
-            "Service ns/web: annotation svc-lb.io/scheduler: scheduler 'lc' is not supported \
-             yet (it needs active connection counts); using rr"
+            "Service ns/web: annotation svc-lb.io/scheduler: scheduler 'lc' needs active \
+             connection counts, which this node does not keep (kernel feature sock_ops_conn, \
+             see `svc-lb status`); using rr"
         );
-        let (s, err) = service_scheduler(Some("fastest"), Scheduler::Random, &svc());
+        // A default of wlc without counts is random, silently (the agent logs it once).
+        assert_eq!(
+            service_scheduler(None, Scheduler::Wlc, false, &svc()),
+            (Scheduler::Random, None)
+        );
+        assert_eq!(
+            service_scheduler(None, Scheduler::Wlc, true, &svc()),
+            (Scheduler::Wlc, None)
+        );
+        let (s, err) = service_scheduler(Some("fastest"), Scheduler::Random, true, &svc());
         assert_eq!(s, Scheduler::Random);
         assert!(
             err.is_some_and(|e| e.reason.contains("unknown scheduler 'fastest'")),
@@ -344,7 +399,7 @@ mod tests {
     fn socket_default_refuses_maglev() {
         assert_eq!(parse_socket_default("rr"), Ok(Scheduler::Rr));
         assert!(parse_socket_default("maglev").is_err());
-        assert!(parse_socket_default("wlc").is_err());
+        assert_eq!(parse_socket_default("wlc"), Ok(Scheduler::Wlc));
     }
 
     #[test]
@@ -390,6 +445,21 @@ mod tests {
         assert_eq!(
             weighted_layout(&[2, 4, 6], Scheduler::Rr).slots,
             vec![0, 1, 2]
+        );
+    }
+
+    #[test]
+    fn lc_layouts_are_runs_whose_length_is_the_weight() {
+        // wlc: 1:2:3 after the gcd, each backend's slots together.
+        assert_eq!(
+            weighted_layout(&[2, 4, 6], Scheduler::Wlc).slots,
+            vec![0, 1, 1, 2, 2, 2]
+        );
+        // lc: one slot each; weight 0 still drains.
+        assert_eq!(weighted_layout(&[2, 0, 6], Scheduler::Lc).slots, vec![0, 2]);
+        assert_eq!(
+            weighted_layout(&[3, 0, 1], Scheduler::Wlc).slots,
+            vec![0, 0, 0, 2]
         );
     }
 

@@ -2663,7 +2663,7 @@ endpoints:
     let shown: Vec<String> = errors.iter().map(ToString::to_string).collect();
     assert!(
         shown.iter().any(|e| e.starts_with("Service shop/odd")
-            && e.contains("'wlc' is not supported yet")
+            && e.contains("'wlc' needs active connection counts")
             && e.contains("using random")),
         "{shown:#?}"
     );
