@@ -44,48 +44,22 @@ fn cgroup_id(cgroup: &Path) -> Result<u64> {
 /// atomically instead, so there is no moment without a program.
 pub fn attach_sock_programs(ebpf: &mut Ebpf, bpffs: &Path, cgroup: &Path) -> Result<()> {
     let cg = fs::File::open(cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
-    let cg_id = cgroup_id(cgroup)?;
     for name in SOCK_PROGRAMS {
         let prog = sock_program(ebpf, name)?;
-        let pin = links_dir(bpffs).join(name);
-        if pin.exists() {
-            let link = sys::obj_get(&pin)?;
-            let li = sys::link_info(&link)?;
-            if li.link_type == sys::BPF_LINK_TYPE_CGROUP && li.cgroup_id == cg_id {
-                let prog_fd = prog.fd().with_context(|| format!("fd of {name}"))?;
-                sys::link_update(&link, prog_fd.as_fd().as_raw_fd())
-                    .with_context(|| format!("swap program {name} into {}", pin.display()))?;
-                info!(
-                    program = name,
-                    link_id = li.id,
-                    "replaced program in pinned link"
-                );
-                continue;
-            }
-            warn!(
-                program = name,
-                pinned_cgroup_id = li.cgroup_id,
-                cgroup = %cgroup.display(),
-                "pinned link is attached elsewhere; attaching to the requested cgroup"
-            );
-        }
-        let id = prog
-            .attach(&cg, CgroupAttachMode::Single)
-            .with_context(|| format!("attach {name} to {}", cgroup.display()))?;
-        let link: FdLink = prog
-            .take_link(id)
-            .with_context(|| format!("take link of {name}"))?
-            .try_into()
-            .with_context(|| format!("link of {name} is not a bpf link"))?;
-        // Pin under a temporary name (bpffs reserves names with dots), then rename over the old pin, so that the pin
-        // path always names an attached link.
-        let tmp = links_dir(bpffs).join(format!("{name}_new"));
-        let _ = fs::remove_file(&tmp);
-        link.pin(&tmp)
-            .with_context(|| format!("pin link {}", tmp.display()))?;
-        fs::rename(&tmp, &pin)
-            .with_context(|| format!("rename {} to {}", tmp.display(), pin.display()))?;
-        info!(program = name, cgroup = %cgroup.display(), "attached program");
+        let prog_fd = prog
+            .fd()
+            .with_context(|| format!("fd of {name}"))?
+            .as_fd()
+            .as_raw_fd();
+        attach_cgroup_pinned(name, prog_fd, bpffs, cgroup, || {
+            let id = prog
+                .attach(&cg, CgroupAttachMode::Single)
+                .with_context(|| format!("attach {name} to {}", cgroup.display()))?;
+            prog.take_link(id)
+                .with_context(|| format!("take link of {name}"))?
+                .try_into()
+                .with_context(|| format!("link of {name} is not a bpf link"))
+        })?;
     }
     Ok(())
 }
@@ -97,8 +71,8 @@ pub fn attach_sock_programs(ebpf: &mut Ebpf, bpffs: &Path, cgroup: &Path) -> Res
 /// unavailable (its sockets keep their callback flag; no program runs for them).
 pub fn attach_sockops(ebpf: &mut Ebpf, bpffs: &Path, cgroup: &Path, on: bool) -> Result<()> {
     let name = PROG_SOCKOPS;
-    let pin = links_dir(bpffs).join(name);
     if !on {
+        let pin = links_dir(bpffs).join(name);
         if pin.exists() {
             match sys::obj_get(&pin).and_then(|fd| sys::link_detach(&fd)) {
                 Ok(()) => info!(
@@ -114,14 +88,39 @@ pub fn attach_sockops(ebpf: &mut Ebpf, bpffs: &Path, cgroup: &Path, on: bool) ->
         return Ok(());
     }
     let cg = fs::File::open(cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
-    let cg_id = cgroup_id(cgroup)?;
     let prog = sockops_program(ebpf)?;
+    let prog_fd = prog
+        .fd()
+        .with_context(|| format!("fd of {name}"))?
+        .as_fd()
+        .as_raw_fd();
+    attach_cgroup_pinned(name, prog_fd, bpffs, cgroup, || {
+        let id = prog
+            .attach(&cg, CgroupAttachMode::Single)
+            .with_context(|| format!("attach {name} to {}", cgroup.display()))?;
+        prog.take_link(id)
+            .with_context(|| format!("take link of {name}"))?
+            .try_into()
+            .with_context(|| format!("link of {name} is not a bpf link"))
+    })
+}
+
+/// One cgroup program through its pinned link: swapped into the link pinned on this
+/// cgroup (a restart: no moment without a program), else attached by `attach` and
+/// pinned in place of any stale pin.
+fn attach_cgroup_pinned(
+    name: &str,
+    prog_fd: i32,
+    bpffs: &Path,
+    cgroup: &Path,
+    attach: impl FnOnce() -> Result<FdLink>,
+) -> Result<()> {
+    let pin = links_dir(bpffs).join(name);
     if pin.exists() {
         let link = sys::obj_get(&pin)?;
         let li = sys::link_info(&link)?;
-        if li.link_type == sys::BPF_LINK_TYPE_CGROUP && li.cgroup_id == cg_id {
-            let prog_fd = prog.fd().with_context(|| format!("fd of {name}"))?;
-            sys::link_update(&link, prog_fd.as_fd().as_raw_fd())
+        if li.link_type == sys::BPF_LINK_TYPE_CGROUP && li.cgroup_id == cgroup_id(cgroup)? {
+            sys::link_update(&link, prog_fd)
                 .with_context(|| format!("swap program {name} into {}", pin.display()))?;
             info!(
                 program = name,
@@ -137,15 +136,7 @@ pub fn attach_sockops(ebpf: &mut Ebpf, bpffs: &Path, cgroup: &Path, on: bool) ->
             "pinned link is attached elsewhere; attaching to the requested cgroup"
         );
     }
-    let id = prog
-        .attach(&cg, CgroupAttachMode::Single)
-        .with_context(|| format!("attach {name} to {}", cgroup.display()))?;
-    let link: FdLink = prog
-        .take_link(id)
-        .with_context(|| format!("take link of {name}"))?
-        .try_into()
-        .with_context(|| format!("link of {name} is not a bpf link"))?;
-    pin_link(link, bpffs, &pin)?;
+    pin_link(attach()?, bpffs, &pin)?;
     info!(program = name, cgroup = %cgroup.display(), "attached program");
     Ok(())
 }

@@ -415,37 +415,33 @@ pub fn trace(maps: &dyn TraceMaps, req: &TraceRequest, random: u32) -> Result<Tr
         *src_checked.borrow_mut() = Some((from, allowed));
         allowed
     };
+    let slot_backend = |slot: u16| match maps.svc(&codec::svc_key(&fe, slot)) {
+        Ok(v) => v.map(|v| v.backend_id),
+        Err(e) => {
+            keep(e);
+            None
+        }
+    };
     // lc/wlc: the scan the connect hook makes, over the same maps (`random` is its
     // tie-break seed); what it found is explained in the selection step.
     let lc_pick = std::cell::Cell::new(None);
     let least = |count: u32| {
-        let pick = lc_scan(
-            count,
-            random,
-            |slot| match maps.svc(&codec::svc_key(&fe, slot)) {
-                Ok(v) => v.map(|v| v.backend_id),
+        let pick = lc_scan(count, random, &slot_backend, |id| {
+            let b = match maps.backend(id) {
+                Ok(b) => b?,
                 Err(e) => {
                     keep(e);
-                    None
+                    return None;
                 }
-            },
-            |id| {
-                let b = match maps.backend(id) {
-                    Ok(b) => b?,
-                    Err(e) => {
-                        keep(e);
-                        return None;
-                    }
-                };
-                match maps.open_conns(&ConnKey::of_backend(&b)) {
-                    Ok(c) => Some(c.map_or(0, |(a, i)| lc_overhead(a, i))),
-                    Err(e) => {
-                        keep(e);
-                        Some(0)
-                    }
+            };
+            match maps.open_conns(&ConnKey::of_backend(&b)) {
+                Ok(c) => Some(c.map_or(0, |(a, i)| lc_overhead(a, i))),
+                Err(e) => {
+                    keep(e);
+                    Some(0)
                 }
-            },
-        );
+            }
+        });
         lc_pick.set(pick);
         pick.map(|p| p.slot)
     };
@@ -460,13 +456,7 @@ pub fn trace(maps: &dyn TraceMaps, req: &TraceRequest, random: u32) -> Result<Tr
         // not advance it).
         || master.map_or(0, |m| m.backend_id),
         least,
-        |slot| match maps.svc(&codec::svc_key(&fe, slot)) {
-            Ok(v) => v.map(|v| v.backend_id),
-            Err(e) => {
-                keep(e);
-                None
-            }
-        },
+        slot_backend,
         |id| match maps.backend(id) {
             Ok(b) => b,
             Err(e) => {
