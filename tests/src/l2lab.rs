@@ -418,11 +418,33 @@ impl L2Lab {
         Ok(self.agents[i].insert(agent))
     }
 
+    /// Starts every node's agent, then waits until each counts all of them as live: the
+    /// agents start one after the other, and the first one announces every address
+    /// alone until it has heard the others for the heartbeat's rise time (1 s), so a
+    /// test that looked earlier would see that start-up state, not the steady one.
     pub fn start_all(&mut self) -> Result<()> {
         for i in 0..NODES {
             self.start_agent(i)?;
         }
-        Ok(())
+        self.wait_all_live(Duration::from_secs(10))
+    }
+
+    /// Waits until every node's agent counts all [`NODES`] as live.
+    pub fn wait_all_live(&self, timeout: Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let mut live = Vec::new();
+            for i in 0..NODES {
+                live.push(self.metrics(i)?.get("svclb_l2_live_nodes").copied());
+            }
+            if live.iter().all(|l| *l == Some(NODES as f64)) {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("live nodes counted by each node after {timeout:?}: {live:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     pub fn agent(&mut self, i: usize) -> Result<&mut Agent> {

@@ -464,7 +464,6 @@ fn heartbeat_key_rotation_node_by_node_moves_no_address() {
         for vip in [v4, v6] {
             ensure!(lab.wait_one_answer(vip, Duration::from_secs(10))? == owner);
         }
-        wait_all_live(lab, &all)?;
         let moves = |lab: &mut L2Lab| -> Result<Vec<usize>> {
             (0..NODES)
                 .map(|i| {
@@ -559,24 +558,6 @@ fn heartbeat_key_rotation_node_by_node_moves_no_address() {
         }
         Ok(())
     });
-}
-
-/// Waits until every node in `nodes` counts all of them as live.
-fn wait_all_live(lab: &L2Lab, nodes: &[usize]) -> Result<()> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let mut live = Vec::new();
-        for i in nodes {
-            live.push(lab.metrics(*i)?.get("svclb_l2_live_nodes").copied());
-        }
-        if live.iter().all(|l| *l == Some(NODES as f64)) {
-            return Ok(());
-        }
-        if std::time::Instant::now() > deadline {
-            bail!("live nodes per node: {live:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// The IPs of Service `name`'s `status.loadBalancer.ingress` in the fake API server.
