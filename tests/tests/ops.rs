@@ -273,7 +273,9 @@ fn metrics_list_and_status_count_real_traffic() {
                     "recvmsg4",
                     "recvmsg6",
                     "getpeername4",
-                    "getpeername6"
+                    "getpeername6",
+                    // The connection counts (issue 15), on the same cgroup.
+                    "sock_ops"
                 ],
             "{hooks:?}"
         );

@@ -52,6 +52,7 @@ pub struct MapStatus {
 /// `bpf_attach_type` names (linux/bpf.h) for the hooks svc-lb uses or may use.
 fn attach_type_name(t: u32) -> String {
     match t {
+        3 => "sock_ops".into(),
         10 => "connect4".into(),
         11 => "connect6".into(),
         14 => "sendmsg4".into(),
