@@ -22,6 +22,21 @@ pub const SYNC_APPLIED: &str = "sync applied";
 /// runs the socket and external suites once more this way).
 pub const FORCE_FEATURE_OFF_ENV: &str = "SVCLB_FORCE_FEATURE_OFF";
 
+/// A factor for the tests' waits on the agent: `cargo xtask kernels` runs tests in QEMU
+/// guests without KVM (xtask/src/vm.rs), where loading the programs alone takes many
+/// times longer than on the machine itself.
+pub const TIME_SCALE_ENV: &str = "SVCLB_TEST_TIME_SCALE";
+
+/// `d` times [`TIME_SCALE_ENV`] (1 when unset or not a positive integer).
+pub fn scaled(d: Duration) -> Duration {
+    let k = std::env::var(TIME_SCALE_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|k| *k > 0)
+        .unwrap_or(1);
+    d * k
+}
+
 /// Whether the agents of this run have kernel feature `name` forced off (see
 /// [`FORCE_FEATURE_OFF_ENV`]), for the few checks whose expected result differs on
 /// the fallback (for example EPERM instead of ECONNREFUSED without `set_retval`).
@@ -229,7 +244,7 @@ impl Agent {
     /// log, if the agent exits.
     pub fn wait_applied(&mut self, n: usize, timeout: Duration) -> Result<Duration> {
         let start = Instant::now();
-        let deadline = start + timeout;
+        let deadline = start + scaled(timeout);
         loop {
             {
                 let st = self.log.state.lock().unwrap_or_else(|p| p.into_inner());

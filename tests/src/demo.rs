@@ -370,7 +370,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
 fn lb_frontends(lab: &mut Lab, services: &[String]) -> Result<Vec<Frontend>> {
     let mut out = Vec::new();
     for svc in services {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + crate::agent::scaled(Duration::from_secs(10));
         let found = loop {
             let o = lab.svc_lb(&["list", "-o", "json", "--service", svc.as_str()])?;
             let entries: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap_or_default();

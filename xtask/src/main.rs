@@ -6,6 +6,7 @@ mod bench;
 mod image;
 mod process;
 mod setup;
+mod vm;
 
 use std::{
     env,
@@ -55,6 +56,9 @@ enum Cmd {
     Test(TestArgs),
     /// The fuzz targets alone (tests/fuzz): setup, then 60 s each, as `test` runs them
     Fuzz,
+    /// A few end-to-end tests on Debian's Linux 5.10 and 6.1 in QEMU guests (root), as
+    /// `test` runs them: setup, a release build, then each kernel (xtask/src/vm.rs)
+    Kernels,
     /// The demo (root): backends in netns, the agent, requests spread over backends
     ///
     /// setup, build, then exec svclb-harness demo against deploy/examples. Ctrl-C stops the
@@ -185,6 +189,12 @@ fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<()> {
             setup::setup(ctx)?;
             fuzz(ctx)
         }
+        Cmd::Kernels => {
+            require_root("the guests' tests need root, as the end-to-end tests do")?;
+            setup::setup(ctx)?;
+            run(&mut ctx.cargo(["build", "--release", "-p", "svc-lb"])?)?;
+            kernels(ctx, &ctx.release_bin("svc-lb"))
+        }
         Cmd::Run(args) => demo(ctx, args),
         Cmd::Bench(args) => bench::bench(ctx, args),
         Cmd::Image(args) => {
@@ -284,6 +294,7 @@ fn test(ctx: &Ctx, args: &TestArgs) -> Result<()> {
         .env("SVC_LB_BIN", &agent)
         .env("SVCLB_FORCE_FEATURE_OFF", "all");
     run(&mut forced)?;
+    kernels(ctx, &agent)?;
     step("test: the container image (unpacked, checked, run from a chroot)");
     let archive = image::image(ctx, &image::ImageArgs { output: None })?;
     let mut image_test = suite(ctx, "e2e,image", &["image"], &[])?;
@@ -305,6 +316,40 @@ fn test(ctx: &Ctx, args: &TestArgs) -> Result<()> {
         "test: all passed (lint, host tests, end-to-end, end-to-end with kernel fallbacks, image, benchmark smoke run)",
     );
     Ok(())
+}
+
+/// The guest stage ([`vm`]): builds the test binaries the guests run, then boots each
+/// kernel of [`vm::KERNELS`].
+fn kernels(ctx: &Ctx, agent: &Path) -> Result<()> {
+    let mut targets: Vec<&str> = vm::GUEST_TESTS.iter().map(|(t, _)| *t).collect();
+    targets.dedup();
+    let mut args = vec![
+        "test",
+        "--release",
+        "-p",
+        "svc-lb-tests",
+        "--features",
+        "e2e",
+        "--no-run",
+        "--message-format=json",
+    ];
+    for t in &targets {
+        args.extend(["--test", t]);
+    }
+    let json = process::output(&mut ctx.cargo(args)?)?;
+    let mut executables = std::collections::BTreeMap::new();
+    for line in json.lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if let (Some(name), Some(exe)) =
+            (msg["target"]["name"].as_str(), msg["executable"].as_str())
+            && targets.contains(&name)
+        {
+            executables.insert(name.to_owned(), PathBuf::from(exe));
+        }
+    }
+    vm::run_all(ctx, &executables, agent)
 }
 
 /// `cargo test --release -p svc-lb-tests` with `features`, the test binaries `tests` (all

@@ -37,6 +37,10 @@ const SYSTEM_TOOLS: &[(&str, &str)] = &[
     // of the announced addresses.
     ("arping", "iputils-arping"),
     ("ndisc6", "ndisc6"),
+    // xtask/src/vm.rs boots Debian's older kernels (QEMU, TCG) for a few e2e tests, and
+    // indexes their modules with depmod.
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("depmod", "kmod"),
 ];
 
 /// The bpf-linker release that TOOLCHAIN.md verified against the nightly's LLVM. Pinned so
@@ -54,7 +58,7 @@ pub fn setup(ctx: &Ctx) -> Result<()> {
 
 fn system_tools() -> Result<()> {
     step(
-        "setup: system tools (bpftool, ip, ethtool, iptables, nft, python3, curl, dig, dnsmasq, umoci, arping, ndisc6)",
+        "setup: system tools (bpftool, ip, ethtool, iptables, nft, python3, curl, dig, dnsmasq, umoci, arping, ndisc6, qemu-system-x86_64, depmod)",
     );
     let missing: Vec<&str> = SYSTEM_TOOLS
         .iter()

@@ -363,8 +363,21 @@ pub fn load(bpffs: &Path, opts: &LoadOptions) -> Result<Ebpf> {
     for (name, path) in &pins {
         loader.map_pin_path(name, path.as_path());
     }
+    let rewritten;
+    let object: &[u8] = if opts.compat.atomic_fetch {
+        OBJECT
+    } else {
+        let (bytes, n) = super::oldinsn::without_fetch_atomics(OBJECT)
+            .context("rewrite the eBPF object for a kernel without BPF_FETCH atomics")?;
+        info!(
+            instructions = n,
+            "atomics with fetch replaced by loads in branches this kernel never runs (before 5.12)"
+        );
+        rewritten = bytes;
+        &rewritten
+    };
     let mut ebpf = loader
-        .load(OBJECT)
+        .load(object)
         .context("load the eBPF object (needs root: CAP_BPF, CAP_SYS_ADMIN, CAP_NET_ADMIN)")?;
     load_programs(&mut ebpf, opts.compat.conn_counts)?;
     Ok(ebpf)

@@ -11,6 +11,7 @@ pub mod devices;
 pub mod fake;
 pub mod links;
 pub mod load;
+mod oldinsn;
 pub mod pinned;
 pub mod pins;
 pub mod poddev;
