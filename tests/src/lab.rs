@@ -1,5 +1,6 @@
 //! A complete lab: topology, cgroup, pin directory, backend servers, agent, manifests.
 use std::{
+    collections::BTreeMap,
     ffi::CString,
     net::SocketAddr,
     os::unix::{ffi::OsStrExt, process::CommandExt},
@@ -259,6 +260,40 @@ impl Lab {
             .with_context(|| format!("run {} {args:?}", self.bins.svc_lb.display()))?;
         Ok(out)
     }
+
+    /// `svc-lb list -o json --service NAMESPACE/NAME`: new connections per frontend
+    /// (`address:port/PROTOCOL` → count) and per backend (`address:port` → count, summed
+    /// over the frontends).
+    pub fn list_new_connections(
+        &self,
+        service: &str,
+    ) -> Result<(BTreeMap<String, u64>, BTreeMap<String, u64>)> {
+        let out = self.svc_lb(&["list", "-o", "json", "--service", service])?;
+        if !out.status.success() {
+            bail!("svc-lb list: {out:?}");
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("parse list")?;
+        let mut fes = BTreeMap::new();
+        let mut bes = BTreeMap::new();
+        for fe in v.as_array().context("list is an array")? {
+            let key = format!(
+                "{}:{}/{}",
+                fe["address"].as_str().unwrap_or("?"),
+                fe["port"],
+                fe["protocol"].as_str().unwrap_or("?")
+            );
+            fes.insert(key, fe["new_connections"].as_u64().unwrap_or(0));
+            for be in fe["backends"].as_array().context("backends")? {
+                let a = format!(
+                    "{}:{}",
+                    be["address"].as_str().unwrap_or("?"),
+                    be["port"].as_u64().unwrap_or(0)
+                );
+                *bes.entry(a).or_default() += be["new_connections"].as_u64().unwrap_or(0);
+            }
+        }
+        Ok((fes, bes))
+    }
 }
 
 /// Objects named with this process's prefix that still exist: network namespaces,
@@ -404,31 +439,56 @@ pub fn run_in_ns_and_cgroup(
     program: &str,
     args: &[impl AsRef<std::ffi::OsStr> + Sync],
 ) -> Result<Output> {
-    let procs =
-        CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes()).context("cgroup path")?;
+    let mut cmd = command_in_cgroup(cgroup, program, args)?;
     netns::in_netns(ns, || {
-        let mut cmd = Command::new(program);
-        cmd.args(args);
-        // SAFETY: between fork and exec only async-signal-safe calls (open, write,
-        // close) run, on memory prepared before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // "0" moves the writing process itself.
-                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-                let err = std::io::Error::last_os_error();
-                libc::close(fd);
-                if n != 1 {
-                    return Err(err);
-                }
-                Ok(())
-            });
-        }
         cmd.output().with_context(|| format!("run {program}"))
     })
+}
+
+/// Starts `program args...` in the lab's client network namespace and cgroup, as
+/// [`in_client`] runs it, with stdout piped and stdin and stderr null, and returns at
+/// once: the caller reads its output while it runs and stops it by pid. No parent-death
+/// signal: the forking thread is short-lived.
+pub fn spawn_in_client(lab: &Lab, program: &str, args: &[String]) -> Result<std::process::Child> {
+    let mut cmd = command_in_cgroup(lab.cgroup(), program, args)?;
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    netns::in_netns(lab.topo.client.name(), || {
+        cmd.spawn().with_context(|| format!("start {program}"))
+    })
+    .with_context(|| format!("start {program} in the client namespace and cgroup"))
+}
+
+/// `program args...`, joining cgroup `cgroup` between fork and exec.
+fn command_in_cgroup(
+    cgroup: &Path,
+    program: &str,
+    args: &[impl AsRef<std::ffi::OsStr>],
+) -> Result<Command> {
+    let procs =
+        CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes()).context("cgroup path")?;
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    // SAFETY: between fork and exec only async-signal-safe calls (open, write,
+    // close) run, on memory prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // "0" moves the writing process itself.
+            let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if n != 1 {
+                return Err(err);
+            }
+            Ok(())
+        });
+    }
+    Ok(cmd)
 }
 
 #[cfg(test)]

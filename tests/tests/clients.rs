@@ -117,29 +117,7 @@ fn metric(addr: SocketAddr, series: &str) -> Result<f64> {
 /// `svc-lb list -o json --service clients/<name>`: new connections per frontend
 /// (`address:port/proto` → count) and per backend address.
 fn list_counts(lab: &Lab, name: &str) -> Result<(BTreeMap<String, u64>, BTreeMap<String, u64>)> {
-    let out = lab.svc_lb(&["list", "-o", "json", "--service", &format!("{NS}/{name}")])?;
-    ensure!(out.status.success(), "svc-lb list: {out:?}");
-    let v: Value = serde_json::from_slice(&out.stdout).context("parse list")?;
-    let mut fes = BTreeMap::new();
-    let mut bes = BTreeMap::new();
-    for fe in v.as_array().context("list is an array")? {
-        let key = format!(
-            "{}:{}/{}",
-            fe["address"].as_str().unwrap_or("?"),
-            fe["port"],
-            fe["protocol"].as_str().unwrap_or("?")
-        );
-        fes.insert(key, fe["new_connections"].as_u64().unwrap_or(0));
-        for be in fe["backends"].as_array().context("backends")? {
-            let a = format!(
-                "{}:{}",
-                be["address"].as_str().unwrap_or("?"),
-                be["port"].as_u64().unwrap_or(0)
-            );
-            *bes.entry(a).or_default() += be["new_connections"].as_u64().unwrap_or(0);
-        }
-    }
-    Ok((fes, bes))
+    lab.list_new_connections(&format!("{NS}/{name}"))
 }
 
 /// Python 3 client: `count` attempts, each on a new socket: AF_INET6 with IPV6_V6ONLY

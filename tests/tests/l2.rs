@@ -449,8 +449,9 @@ fn failover_within_two_seconds_and_one_move_back() {
 
 /// A key rotation done the way the README describes it (`OLD`, `OLD NEW`, `NEW OLD`,
 /// `NEW`), one node after the other as the kubelet updates the Secret, moves no address
-/// and refuses no heartbeat; a node left on the old key alone is then refused, so the
-/// agents really changed keys.
+/// and refuses no heartbeat; invalid key files on one node (a short key, over 4 KiB)
+/// are refused by it and change nothing; a node left on the old key alone is then
+/// refused, so the agents really changed keys.
 #[test]
 fn heartbeat_key_rotation_node_by_node_moves_no_address() {
     run_l2_lab(env!("CARGO_BIN_EXE_svclb-harness"), |lab| {
@@ -539,8 +540,50 @@ fn heartbeat_key_rotation_node_by_node_moves_no_address() {
             lab.only(vip, owner, 3)?;
         }
 
-        // A node put back on the old key alone: the others refuse it now.
+        // Invalid key files on one node (a short key, a file over the 4 KiB limit): it
+        // logs each and keeps signing with the keys in use, so the others still take its
+        // heartbeats and nothing moves.
         let stale = (owner + 1) % NODES;
+        let refusals = |lab: &mut L2Lab| lab.log_count(stale, &["keeping the keys in use"]);
+        let big = format!("{new}\n").repeat(4096 / new.len() + 1);
+        for (n, content) in ["short\n".to_owned(), big].iter().enumerate() {
+            lab.write_heartbeat_keys(stale, content)?;
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while refusals(lab)? < n + 1 {
+                ensure!(
+                    std::time::Instant::now() < deadline,
+                    "{} did not refuse invalid key file {}",
+                    node_name(stale),
+                    n + 1
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        // Past the 700 ms a silent peer takes to count as dead.
+        std::thread::sleep(Duration::from_secs(1));
+        for i in 0..NODES {
+            let m = lab.metrics(i)?;
+            let refused: f64 = m
+                .iter()
+                .filter(|(k, _)| k.starts_with("svclb_l2_heartbeats_rejected_total"))
+                .map(|(_, v)| *v)
+                .sum();
+            ensure!(
+                refused == 0.0 && m.get("svclb_l2_live_nodes").copied() == Some(NODES as f64),
+                "{} after {}'s invalid key files: {refused} heartbeats refused, live nodes {:?}",
+                node_name(i),
+                node_name(stale),
+                m.get("svclb_l2_live_nodes")
+            );
+        }
+        ensure!(
+            moves(lab)? == before,
+            "addresses moved after invalid key files: {before:?} -> {:?}",
+            moves(lab)?
+        );
+
+        // A node put back on the old key alone: the others refuse it now (so it still
+        // reloads after the invalid files).
         lab.write_heartbeat_keys(stale, &old)?;
         std::thread::sleep(Duration::from_secs(1));
         for i in (0..NODES).filter(|i| *i != stale) {

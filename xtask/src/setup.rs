@@ -27,6 +27,11 @@ const SYSTEM_TOOLS: &[(&str, &str)] = &[
     // tests/tests/clients.rs runs real client programs: Python dual-stack sockets and curl.
     ("python3", "python3"),
     ("curl", "curl"),
+    // tests/tests/runtimes.rs: the JDK's and Node.js's own sockets. Debian's JRE holds
+    // the jdk.compiler module, so `java Client.java` runs the source without a JDK;
+    // bookworm's nodejs is 18.
+    ("java", "default-jre-headless"),
+    ("node", "nodejs"),
     // tests/tests/dns.rs: dig queries dnsmasq backends through a Service.
     ("dig", "bind9-dnsutils"),
     ("dnsmasq", "dnsmasq-base"),
@@ -58,7 +63,7 @@ pub fn setup(ctx: &Ctx) -> Result<()> {
 
 fn system_tools() -> Result<()> {
     step(
-        "setup: system tools (bpftool, ip, ethtool, iptables, nft, python3, curl, dig, dnsmasq, umoci, arping, ndisc6, qemu-system-x86_64, depmod)",
+        "setup: system tools (bpftool, ip, ethtool, iptables, nft, python3, curl, java, node, dig, dnsmasq, umoci, arping, ndisc6, qemu-system-x86_64, depmod)",
     );
     let missing: Vec<&str> = SYSTEM_TOOLS
         .iter()

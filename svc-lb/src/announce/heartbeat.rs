@@ -32,6 +32,10 @@ const MIN_KEY_LEN: usize = 16;
 /// further would all see each other dead and all announce every address: with NTP,
 /// nodes are within milliseconds; a node minutes off is logged with its skew.
 pub const MAX_SKEW: Duration = Duration::from_secs(10);
+/// The largest key file taken. One key per line, two lines during a rotation: a few
+/// hundred bytes. The file is read again at every heartbeat, so something else mounted
+/// at its path (a log, a device) is refused by its size instead of read 5 times a second.
+pub const MAX_KEY_FILE_BYTES: u64 = 4096;
 
 /// The nodes' shared heartbeat keys, one per line of the key file (a mounted Secret):
 /// the first signs, every one verifies. One line is the steady state; two lines let an
@@ -57,8 +61,8 @@ impl Key {
     /// `echo`/`kubectl create secret --from-file` often add a newline that other nodes'
     /// copies may not have; blank lines are skipped.
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
-        let raw = std::fs::read(path)
-            .with_context(|| format!("--l2-heartbeat-key-file {}: read", path.display()))?;
+        let raw = read_key_file(path)
+            .with_context(|| format!("--l2-heartbeat-key-file {}", path.display()))?;
         Self::from_bytes(&raw)
             .with_context(|| format!("--l2-heartbeat-key-file {}", path.display()))
     }
@@ -90,6 +94,40 @@ impl Key {
     pub fn count(&self) -> usize {
         self.0.len()
     }
+}
+
+/// The content of the key file at `path`, at most [`MAX_KEY_FILE_BYTES`]: a larger file
+/// or anything but a regular file is an error, and no more than the limit is ever read.
+pub fn read_key_file(path: &std::path::Path) -> Result<Vec<u8>> {
+    use std::{io::Read, os::unix::fs::OpenOptionsExt};
+    // O_NONBLOCK: a FIFO at the path must not block the heartbeat's thread in open().
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .context("open")?;
+    let meta = file.metadata().context("stat")?;
+    if !meta.is_file() {
+        bail!("not a regular file");
+    }
+    let too_big = || {
+        anyhow::anyhow!(
+            "more than {MAX_KEY_FILE_BYTES} bytes; a key file holds one key per line (two \
+             during a rotation)"
+        )
+    };
+    if meta.len() > MAX_KEY_FILE_BYTES {
+        return Err(too_big());
+    }
+    let mut raw = Vec::new();
+    // The file may grow between the stat and the read.
+    file.take(MAX_KEY_FILE_BYTES + 1)
+        .read_to_end(&mut raw)
+        .context("read")?;
+    if raw.len() as u64 > MAX_KEY_FILE_BYTES {
+        return Err(too_big());
+    }
+    Ok(raw)
 }
 
 /// Why a datagram on the heartbeat port was not taken (the metric's `reason` label).
@@ -435,5 +473,24 @@ mod tests {
         let missing = dir.path().join("missing");
         let err = format!("{:#}", Key::from_file(&missing).unwrap_err());
         assert!(err.contains("--l2-heartbeat-key-file"), "{err}");
+    }
+
+    #[test]
+    fn key_files_over_the_limit_or_not_regular_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let line = b"0123456789abcdef0123456789abcdef\n";
+        let fits = dir.path().join("fits");
+        let big = dir.path().join("big");
+        let n = MAX_KEY_FILE_BYTES as usize / line.len();
+        std::fs::write(&fits, line.repeat(n)).unwrap();
+        std::fs::write(&big, line.repeat(n + 1)).unwrap();
+        assert_eq!(Key::from_file(&fits).unwrap().count(), n);
+        let err = format!("{:#}", Key::from_file(&big).unwrap_err());
+        assert!(
+            err.contains("--l2-heartbeat-key-file") && err.contains("more than 4096 bytes"),
+            "{err}"
+        );
+        let err = format!("{:#}", Key::from_file(dir.path()).unwrap_err());
+        assert!(err.contains("not a regular file"), "{err}");
     }
 }

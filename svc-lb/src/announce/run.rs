@@ -217,19 +217,20 @@ struct KeyFile {
 
 impl KeyFile {
     fn new(path: PathBuf) -> Self {
-        let last = std::fs::read(&path).ok();
+        let last = heartbeat::read_key_file(&path).ok();
         Self { path, last }
     }
 
     /// The new keys when the file's content changed and holds valid keys. A file that
-    /// cannot be read or holds no valid key is reported once per content and changes
-    /// nothing: the node keeps its keys, rather than going unkeyed or silent.
+    /// cannot be read (missing, not a regular file, over [`heartbeat::MAX_KEY_FILE_BYTES`])
+    /// or holds no valid key is reported once per content and changes nothing: the node
+    /// keeps its keys, rather than going unkeyed or silent.
     fn changed(&mut self) -> Option<heartbeat::Key> {
-        let raw = match std::fs::read(&self.path) {
+        let raw = match heartbeat::read_key_file(&self.path) {
             Ok(raw) => raw,
             Err(e) => {
                 if self.last.is_some() {
-                    warn!(file = %self.path.display(), error = %e, "L2 announcement: heartbeat key file unreadable; keeping the keys in use");
+                    warn!(file = %self.path.display(), error = %format!("{e:#}"), "L2 announcement: heartbeat key file not read; keeping the keys in use");
                     self.last = None;
                 }
                 return None;
@@ -383,5 +384,75 @@ impl State {
                 warn!(iface = %iface, error = %format!("{e:#}"), "L2 announcement: gratuitous ARP/NA not sent");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Heartbeats signed by `tx` as node `name` at `ms`, as `rx` takes them.
+    fn takes(tx: &Codec, rx: &mut Codec, name: &str, ms: u64) -> bool {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_000 + ms);
+        rx.decode(&tx.encode(name, at), at).is_ok()
+    }
+
+    /// An invalid key file at reload (a short key, no key, a file over the size limit, a
+    /// directory, no file) changes nothing: the node goes on signing with the keys in
+    /// use, and its peers go on taking its heartbeats; a valid file afterwards is taken.
+    #[test]
+    fn an_invalid_key_file_at_reload_keeps_the_keys_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        let good = "good-key-0123456789abcdef";
+        std::fs::write(&path, good).unwrap();
+        let key = heartbeat::Key::from_file(&path).unwrap();
+        let mut file = KeyFile::new(path.clone());
+        let mut me = Codec::new(Some(&key));
+        let mut peer = Codec::new(Some(&key));
+        assert!(file.changed().is_none(), "unchanged content is no reload");
+
+        let big = "k".repeat(heartbeat::MAX_KEY_FILE_BYTES as usize + 1);
+        let bad: [&dyn Fn(); 5] = [
+            &|| std::fs::write(&path, "short\n").unwrap(),
+            &|| std::fs::write(&path, "\n \n").unwrap(),
+            &|| std::fs::write(&path, &big).unwrap(),
+            &|| {
+                std::fs::remove_file(&path).unwrap();
+                std::fs::create_dir(&path).unwrap();
+            },
+            &|| std::fs::remove_dir(&path).unwrap(),
+        ];
+        for (i, make) in bad.iter().enumerate() {
+            make();
+            for _ in 0..2 {
+                if let Some(k) = file.changed() {
+                    me.set_key(Some(&k));
+                    panic!("bad file {i} was taken");
+                }
+            }
+            assert!(
+                takes(&me, &mut peer, "node-a", 100 * (i as u64 + 1)),
+                "after bad file {i} the peer no longer takes this node's heartbeat"
+            );
+        }
+
+        let new = "new-key-0123456789abcdef";
+        std::fs::write(&path, format!("{new}\n{good}\n")).unwrap();
+        let k = file
+            .changed()
+            .expect("a valid file after the bad ones is taken");
+        assert_eq!(k.count(), 2);
+        me.set_key(Some(&k));
+        let stale = Codec::new(Some(&heartbeat::Key::from_bytes(good.as_bytes()).unwrap()));
+        let mut only_new = Codec::new(Some(&heartbeat::Key::from_bytes(new.as_bytes()).unwrap()));
+        assert!(
+            takes(&me, &mut only_new, "node-a", 1000),
+            "signs with the new key"
+        );
+        assert!(
+            takes(&stale, &mut me, "node-b", 1000),
+            "verifies with the old one too"
+        );
     }
 }

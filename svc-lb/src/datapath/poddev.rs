@@ -264,6 +264,8 @@ pub struct PodPath {
     failed: BTreeMap<String, String>,
     events: Option<tokio::sync::mpsc::Receiver<()>>,
     adopted: bool,
+    /// Discovered devices already reported as left to the external path.
+    external_said: BTreeSet<String>,
 }
 
 impl PodPath {
@@ -286,6 +288,7 @@ impl PodPath {
             failed: BTreeMap::new(),
             events,
             adopted: false,
+            external_said: BTreeSet::new(),
         }
     }
 
@@ -309,16 +312,25 @@ impl PodPath {
     /// The devices the path should be on now; never one of `exclude` (the external
     /// devices: a node's own uplink may be a veth too, in a container-based node).
     /// A listed device that is missing has index 0 (its attach then fails and is retried).
-    fn wanted(&self, exclude: &[String]) -> Result<BTreeMap<String, u32>> {
+    /// A discovered device left out that way is logged once (a listed one is warned
+    /// about at start, in [`PodPath::reconcile`]).
+    fn wanted(&mut self, exclude: &[String]) -> Result<BTreeMap<String, u32>> {
         let all = match &self.mode {
             PodDevices::Off => Vec::new(),
             PodDevices::List(l) => l.iter().map(|d| (d.clone(), index_of(d))).collect(),
             PodDevices::Auto => discover().context("pod devices: list the links")?,
         };
-        Ok(all
-            .into_iter()
-            .filter(|(d, _)| !exclude.contains(d))
-            .collect())
+        let (external, pods): (Vec<_>, Vec<_>) =
+            all.into_iter().partition(|(d, _)| exclude.contains(d));
+        if self.mode == PodDevices::Auto {
+            for dev in first_said(&mut self.external_said, &external) {
+                info!(
+                    device = %dev,
+                    "--pod-devices auto: this veth is also in --devices; it stays on the external path only, without the per-packet path for pods"
+                );
+            }
+        }
+        Ok(pods.into_iter().collect())
     }
 
     /// Attaches the programs to new pod devices (each on its own: one failing device
@@ -407,6 +419,16 @@ impl PodPath {
     }
 }
 
+/// The devices of `found` not in `said` yet, which they are added to: each is named
+/// once per run, however often it is found again.
+fn first_said(said: &mut BTreeSet<String>, found: &[(String, u32)]) -> Vec<String> {
+    found
+        .iter()
+        .filter(|(d, _)| said.insert(d.clone()))
+        .map(|(d, _)| d.clone())
+        .collect()
+}
+
 /// The interface index of `dev`; 0 when there is no such device.
 fn index_of(dev: &str) -> u32 {
     std::ffi::CString::new(dev)
@@ -474,6 +496,21 @@ mod tests {
         assert_eq!(list.listed_external(&v(&["eth0", "eth1"])), v(&["eth0"]));
         assert!(list.listed_external(&v(&["eth1"])).is_empty());
         assert!(PodDevices::Auto.listed_external(&v(&["eth0"])).is_empty());
+    }
+
+    #[test]
+    fn external_devices_found_by_discovery_are_named_once() {
+        let mut said = BTreeSet::new();
+        let found = |names: &[&str]| -> Vec<(String, u32)> {
+            names.iter().map(|n| ((*n).to_owned(), 3)).collect()
+        };
+        assert_eq!(first_said(&mut said, &found(&["veth0"])), vec!["veth0"]);
+        assert!(first_said(&mut said, &found(&["veth0"])).is_empty());
+        assert_eq!(
+            first_said(&mut said, &found(&["veth0", "veth1"])),
+            vec!["veth1"]
+        );
+        assert!(first_said(&mut said, &[]).is_empty());
     }
 
     #[test]
