@@ -73,9 +73,13 @@ pub const MAP_XDP_MAC: &str = "LB_XDPMAC";
 /// inherits counts; an address that comes back as a backend keeps the count of its
 /// still-open connections, which is what they are.
 pub const MAP_CONNS: &str = "LB_CONNS_V1";
+/// Traffic of closed TCP connections on the socket path per (frontend, backend address)
+/// ([`TrafficKey`] → [`TrafficCount`]), added by `svclb_sockops` when a counted socket
+/// closes (issue 15: `list --stats`/`--rate`, `svclb_*_bytes_total`).
+pub const MAP_TRAFFIC: &str = "LB_TRAFFIC_V1";
 
 /// Every map the agent pins, in the order `list`/`status` show them.
-pub const ALL_MAPS: [&str; 21] = [
+pub const ALL_MAPS: [&str; 22] = [
     MAP_SVC4,
     MAP_SVC6,
     MAP_BACKENDS,
@@ -97,6 +101,7 @@ pub const ALL_MAPS: [&str; 21] = [
     MAP_CONFIG,
     MAP_XDP_DEV,
     MAP_CONNS,
+    MAP_TRAFFIC,
 ];
 
 /// Pins of maps that earlier versions created and this one no longer uses (renamed when
@@ -157,6 +162,9 @@ pub const BE_STATS_MAP_MAX: u32 = BACKEND_MAP_MAX;
 pub const SVC_META_MAP_MAX: u32 = REVNAT_MAP_MAX;
 /// `LB_CONNS_V1`: one entry per backend address that had a counted connection.
 pub const CONNS_MAP_MAX: u32 = BACKEND_MAP_MAX;
+/// `LB_TRAFFIC_V1`: one entry per (frontend, backend address) pair that had a closed
+/// counted connection. When full, the traffic of new pairs is not counted.
+pub const TRAFFIC_MAP_MAX: u32 = BACKEND_MAP_MAX;
 /// `LB_XDPDEV_V1` flag: frames sent back out this device with XDP_TX reach the wire.
 /// Not set for a veth, whose XDP_TX frames are dropped unless the peer device runs
 /// XDP (or GRO) itself.
@@ -987,6 +995,84 @@ impl ConnCount {
     }
 }
 
+/// Key of [`MAP_TRAFFIC`]: a frontend (its rev-NAT id, as the socket's reverse-NAT
+/// slot names it) and a backend address (as [`MAP_CONNS`] keys it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct TrafficKey {
+    pub rev_nat_id: u32,
+    pub backend: ConnKey,
+}
+const _: () = assert!(core::mem::size_of::<TrafficKey>() == 24);
+
+/// Value of [`MAP_TRAFFIC`], changed by atomic adds when a counted socket closes.
+/// Directions as IPVS names them: `in` is client → backend, `out` backend → client.
+/// Packets are the client socket's TCP segments (`segs_out`/`segs_in`: SYN, pure ACKs,
+/// FIN and retransmissions included); bytes are payload (`bytes_acked` and
+/// `bytes_received` without the SYN's and the FINs' sequence numbers).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct TrafficCount {
+    /// Connections whose traffic is in the other fields (closed ones).
+    pub closed: u64,
+    pub packets_in: u64,
+    pub packets_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+const _: () = assert!(core::mem::size_of::<TrafficCount>() == 40);
+
+impl TrafficCount {
+    /// Field-wise sum (wrapping: counters).
+    pub fn add(&mut self, o: &TrafficCount) {
+        self.closed = self.closed.wrapping_add(o.closed);
+        self.packets_in = self.packets_in.wrapping_add(o.packets_in);
+        self.packets_out = self.packets_out.wrapping_add(o.packets_out);
+        self.bytes_in = self.bytes_in.wrapping_add(o.bytes_in);
+        self.bytes_out = self.bytes_out.wrapping_add(o.bytes_out);
+    }
+}
+
+/// TCP states as the kernel numbers them (`BPF_TCP_*`), for [`payload_bytes`].
+pub const TCP_FIN_WAIT1: u32 = 4;
+pub const TCP_FIN_WAIT2: u32 = 5;
+pub const TCP_CLOSE_WAIT: u32 = 8;
+pub const TCP_LAST_ACK: u32 = 9;
+pub const TCP_CLOSING: u32 = 11;
+
+/// Payload bytes (in, out) of a client socket that closes from state `last`, from its
+/// `bytes_acked` and `bytes_received`, which count sequence numbers: the SYN and our
+/// FIN once acked, the peer's FIN once received. Taken off:
+/// - the SYN: the first byte any ACK of ours covers;
+/// - our FIN: sent in FIN_WAIT1/2, CLOSING and LAST_ACK, acked when nothing sent is
+///   outstanding (`snd_una == snd_nxt`);
+/// - the peer's FIN: received in CLOSE_WAIT, LAST_ACK, CLOSING, and in FIN_WAIT2 when
+///   the socket leaves it for TIME_WAIT. A FIN_WAIT2 socket that ends by timeout or
+///   reset without the peer's FIN shows one byte too few (at 0, 0).
+#[inline(always)]
+pub fn payload_bytes(
+    bytes_acked: u64,
+    bytes_received: u64,
+    last: u32,
+    snd_una: u32,
+    snd_nxt: u32,
+) -> (u64, u64) {
+    let fin_sent = matches!(
+        last,
+        TCP_FIN_WAIT1 | TCP_FIN_WAIT2 | TCP_CLOSING | TCP_LAST_ACK
+    );
+    let fin_acked = fin_sent && snd_una == snd_nxt;
+    let fin_received = matches!(
+        last,
+        TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING | TCP_FIN_WAIT2
+    );
+    let sent = bytes_acked
+        .saturating_sub(1)
+        .saturating_sub(u64::from(fin_acked));
+    let received = bytes_received.saturating_sub(u64::from(fin_received));
+    (sent, received)
+}
+
 /// Largest number of backends one frontend can hold (slots are `u16`).
 pub const MAX_BACKENDS_PER_FRONTEND: usize = u16::MAX as usize;
 
@@ -998,6 +1084,8 @@ mod user {
     unsafe impl aya::Pod for SvcValue {}
     unsafe impl aya::Pod for ConnKey {}
     unsafe impl aya::Pod for ConnCount {}
+    unsafe impl aya::Pod for TrafficKey {}
+    unsafe impl aya::Pod for TrafficCount {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for RevNat {}
     unsafe impl aya::Pod for SvcMeta {}
@@ -1111,5 +1199,47 @@ mod tests {
         {
             assert!(name.len() <= 15, "{name} is longer than BPF_OBJ_NAME_LEN-1");
         }
+    }
+
+    /// The numbers the kernel's `tcp_info` showed for a loopback connection that sent
+    /// 1000 bytes, shut down its side, then read a 300-byte reply and the FIN:
+    /// `bytes_acked` 1002, `bytes_received` 301, leaving FIN_WAIT2 for TIME_WAIT.
+    #[test]
+    fn payload_bytes_take_off_syn_and_fins() {
+        assert_eq!(payload_bytes(1002, 301, TCP_FIN_WAIT2, 7, 7), (1000, 300));
+        // Passive close: the peer's FIN first (CLOSE_WAIT), ours acked in LAST_ACK.
+        assert_eq!(payload_bytes(1002, 301, TCP_LAST_ACK, 9, 9), (1000, 300));
+        // Simultaneous close.
+        assert_eq!(payload_bytes(1002, 301, TCP_CLOSING, 9, 9), (1000, 300));
+        // Reset while established: no FIN either way.
+        assert_eq!(payload_bytes(501, 40, 1, 9, 9), (500, 40));
+        // Reset in FIN_WAIT1 before our FIN was acked.
+        assert_eq!(payload_bytes(501, 40, TCP_FIN_WAIT1, 8, 9), (500, 40));
+        // Refused: the SYN was never acked.
+        assert_eq!(payload_bytes(0, 0, 2, 0, 1), (0, 0));
+        // Never below zero.
+        assert_eq!(payload_bytes(1, 0, TCP_FIN_WAIT2, 3, 3), (0, 0));
+    }
+
+    #[test]
+    fn traffic_counts_add_field_by_field() {
+        let mut a = TrafficCount {
+            closed: 1,
+            packets_in: 2,
+            packets_out: 3,
+            bytes_in: 4,
+            bytes_out: 5,
+        };
+        a.add(&a.clone());
+        assert_eq!(
+            a,
+            TrafficCount {
+                closed: 2,
+                packets_in: 4,
+                packets_out: 6,
+                bytes_in: 8,
+                bytes_out: 10,
+            }
+        );
     }
 }

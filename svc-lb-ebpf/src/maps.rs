@@ -13,7 +13,8 @@ use svc_lb_common::{
     MAGLEV_MAP_MAX, MaglevTable, NODE_ADDR_MAP_MAX, NodeAddrKey, REVNAT_MAP_MAX, RejectBucket,
     RevNat, SOCK_RNAT_MAP_MAX, SRC_RANGE_MAP_MAX, SVC_MAP_MAX, SVC_META_MAP_MAX, SockRevNat4Key,
     SockRevNat4Value, SockRevNat6Key, SockRevNat6Value, SockRevNatStore, SockRevNatStoreV1,
-    SrcRange4Key, SrcRange6Key, Svc4Key, Svc6Key, SvcMeta, SvcValue, XDP_DEV_MAP_MAX,
+    SrcRange4Key, SrcRange6Key, Svc4Key, Svc6Key, SvcMeta, SvcValue, TRAFFIC_MAP_MAX, TrafficCount,
+    TrafficKey, XDP_DEV_MAP_MAX,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -79,6 +80,18 @@ pub static LB_BESTATS_V1: PerCpuHashMap<u32, u64, { BE_STATS_MAP_MAX as usize },
 #[btf_map]
 pub static LB_CONNS_V1: HashMap<ConnKey, ConnCount, { CONNS_MAP_MAX as usize }, NO_PREALLOC> =
     HashMap::new();
+
+/// Traffic of closed TCP connections per (frontend, backend address), added by
+/// `svclb_sockops` at the close. Not per-CPU: one add per closed connection, and a
+/// per-CPU value per (frontend, backend) pair would cost its size times the CPUs. The
+/// agent deletes the entries of frontends that are gone with its full sync.
+#[btf_map]
+pub static LB_TRAFFIC_V1: HashMap<
+    TrafficKey,
+    TrafficCount,
+    { TRAFFIC_MAP_MAX as usize },
+    NO_PREALLOC,
+> = HashMap::new();
 
 /// Written by the agent for the CLI and metrics; no program reads it.
 #[btf_map]

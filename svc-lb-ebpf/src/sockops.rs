@@ -12,6 +12,12 @@
 //!   state's class gains one; the move to CLOSE only takes one away. A socket whose
 //!   connect never got as far as the SYN is never flagged, so never counted.
 //!
+//! At the move to CLOSE the socket's traffic (segments and payload bytes each way)
+//! is added to `LB_TRAFFIC_V1` under its frontend (the rev-NAT id of its reverse-NAT
+//! slot) and backend address (decision: live connections' traffic counts when they
+//! close, not on a per-ACK callback, so that no packet of an open connection runs a
+//! program for it).
+//!
 //! The key is the socket's peer address, which a connected TCP socket never changes,
 //! so the decrement finds the entry the increment used. Adds are atomic (`lock xadd`):
 //! sockets on every CPU change the same entry.
@@ -25,10 +31,10 @@ use aya_ebpf::{
 };
 use svc_lb_common::{
     ConnCount, ConnKey, FAMILY_V4, FAMILY_V6, SK_RNAT_V4, SK_RNAT_V6, SockRevNatStore,
-    lookup::v4_mapped,
+    TrafficCount, TrafficKey, lookup::v4_mapped, payload_bytes,
 };
 
-use crate::maps::{LB_CONNS_V1, LB_SKRNATSK_V2};
+use crate::maps::{LB_CONNS_V1, LB_SKRNATSK_V2, LB_TRAFFIC_V1};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -151,17 +157,15 @@ fn dec(key: &ConnKey, class: Class) {
     }
 }
 
+/// The rev-NAT id of the socket's translation to `key`, when the connect hook made
+/// one (the socket's own reverse-NAT store; read without the create flag, so a socket
+/// the connect hooks never translated gets no store).
 #[inline(always)]
-fn connect(ctx: &SockOpsContext) {
-    let Some((key, tag)) = peer(ctx) else {
-        return;
-    };
+fn translated(ctx: &SockOpsContext, key: &ConnKey, tag: u8) -> Option<u32> {
     let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
     if sk.is_null() {
-        return;
+        return None;
     }
-    // Without the create flag: a socket the connect hooks never translated has no
-    // store and is not counted.
     let store = unsafe {
         bpf_sk_storage_get(
             core::ptr::from_ref(&LB_SKRNATSK_V2).cast_mut().cast(),
@@ -172,9 +176,17 @@ fn connect(ctx: &SockOpsContext) {
     }
     .cast::<SockRevNatStore>();
     if store.is_null() {
-        return;
+        return None;
     }
-    if unsafe { (*store).lookup(tag, &key.addr_be, key.port_be) }.is_none() {
+    unsafe { (*store).lookup(tag, &key.addr_be, key.port_be) }.map(|s| s.rev_nat_id)
+}
+
+#[inline(always)]
+fn connect(ctx: &SockOpsContext) {
+    let Some((key, tag)) = peer(ctx) else {
+        return;
+    };
+    if translated(ctx, &key, tag).is_none() {
         return;
     }
     // Flag first: a socket counted without the flag would never be taken off.
@@ -187,13 +199,67 @@ fn connect(ctx: &SockOpsContext) {
 
 #[inline(always)]
 fn state(ctx: &SockOpsContext) {
-    let (old, new) = (class(ctx.arg(0)), class(ctx.arg(1)));
+    let (last, next) = (ctx.arg(0), ctx.arg(1));
+    let (old, new) = (class(last), class(next));
     if old == new {
         return;
     }
-    let Some((key, _)) = peer(ctx) else {
+    let Some((key, tag)) = peer(ctx) else {
         return;
     };
     dec(&key, old);
     inc(&key, new);
+    if next == BPF_TCP_CLOSE {
+        closed(ctx, key, tag, last);
+    }
+}
+
+/// Adds a closing socket's traffic to its (frontend, backend) entry.
+#[inline(always)]
+fn closed(ctx: &SockOpsContext, backend: ConnKey, tag: u8, last: u32) {
+    let Some(rev_nat_id) = translated(ctx, &backend, tag) else {
+        return;
+    };
+    // The state callback runs on a full socket, where the TCP fields read true. Each
+    // field is one volatile load of its own size: the kernel checks the size of every
+    // context access, and the compiler may otherwise merge neighbouring fields.
+    let ops = ctx.ops;
+    let (acked, received, una, nxt, segs_in, segs_out) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*ops).bytes_acked),
+            core::ptr::read_volatile(&raw const (*ops).bytes_received),
+            core::ptr::read_volatile(&raw const (*ops).snd_una),
+            core::ptr::read_volatile(&raw const (*ops).snd_nxt),
+            core::ptr::read_volatile(&raw const (*ops).segs_in),
+            core::ptr::read_volatile(&raw const (*ops).segs_out),
+        )
+    };
+    let (bytes_in, bytes_out) = payload_bytes(acked, received, last, una, nxt);
+    let add = TrafficCount {
+        closed: 1,
+        packets_in: u64::from(segs_out),
+        packets_out: u64::from(segs_in),
+        bytes_in,
+        bytes_out,
+    };
+    let key = TrafficKey {
+        rev_nat_id,
+        backend,
+    };
+    let mut t = LB_TRAFFIC_V1.get_ptr_mut(&key);
+    if t.is_none() {
+        // Another CPU may create it first: then the lookup below finds theirs. A full
+        // map leaves this connection uncounted.
+        let _ = LB_TRAFFIC_V1.insert(&key, TrafficCount::default(), u64::from(BPF_NOEXIST));
+        t = LB_TRAFFIC_V1.get_ptr_mut(&key);
+    }
+    if let Some(t) = t {
+        unsafe {
+            atomic_add(&raw mut (*t).closed, add.closed);
+            atomic_add(&raw mut (*t).packets_in, add.packets_in);
+            atomic_add(&raw mut (*t).packets_out, add.packets_out);
+            atomic_add(&raw mut (*t).bytes_in, add.bytes_in);
+            atomic_add(&raw mut (*t).bytes_out, add.bytes_out);
+        }
+    }
 }

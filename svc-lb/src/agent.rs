@@ -613,6 +613,11 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 Ok(n) => info!(entries = n, "connection counts of removed backends deleted"),
                 Err(e) => warn!(error = %format!("{e:#}"), "could not prune connection counts"),
             }
+            match dp.prune_traffic() {
+                Ok(0) => {}
+                Ok(n) => info!(entries = n, "traffic counts of removed frontends deleted"),
+                Err(e) => warn!(error = %format!("{e:#}"), "could not prune traffic counts"),
+            }
         }
         // A failed apply leaves the maps somewhere between two plans: plan everything.
         full = result.is_err();

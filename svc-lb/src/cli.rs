@@ -244,6 +244,17 @@ pub enum Command {
         /// why it was left out ("off" does not ask).
         #[arg(long, default_value = DEFAULT_METRICS_ADDR, value_parser = metrics::parse_addr)]
         metrics_addr: metrics::MetricsAddr,
+        /// Counters per frontend and backend, as `ipvsadm -Ln --stats`: connections,
+        /// packets and bytes in and out.
+        #[arg(long, conflicts_with = "rate")]
+        stats: bool,
+        /// Counters per second, as `ipvsadm -Ln --rate`: the maps are read twice,
+        /// --interval apart.
+        #[arg(long)]
+        rate: bool,
+        /// Seconds between the two readings of --rate (0.1 to 60).
+        #[arg(long, default_value_t = 1.0, value_parser = parse_interval, value_name = "SECONDS", requires = "rate")]
+        interval: f64,
     },
     /// Show the flows of the external path (NodePort, LoadBalancer and external IPs)
     /// from the pinned conntrack map: client, frontend, backend, SNAT, flags, lifetime.
@@ -613,10 +624,38 @@ pub fn run(cli: Cli) -> Result<()> {
             bpffs,
             service,
             metrics_addr,
+            stats,
+            rate,
+            interval,
         } => {
             let filter = ServiceFilter::parse(service.as_deref())?;
-            let view = inspect::view::DatapathView::read(&PinnedMaps::open(&bpffs)?)?;
+            let maps = PinnedMaps::open(&bpffs)?;
+            // --rate: a first reading, then the listing proper `interval` later
+            // (decision: two samples, no estimator kept in the kernel or the agent).
+            let before = if rate {
+                let v = inspect::view::DatapathView::read(&maps)?;
+                let mut e = inspect::list::entries(&v, None);
+                inspect::list::set_stats(&mut e, &v);
+                std::thread::sleep(std::time::Duration::from_secs_f64(interval));
+                Some(e)
+            } else {
+                None
+            };
+            let view = inspect::view::DatapathView::read(&maps)?;
             let mut entries = inspect::list::entries(&view, None);
+            if stats || rate {
+                inspect::list::set_stats(&mut entries, &view);
+            }
+            if let Some(before) = &before {
+                inspect::list::set_rate(&mut entries, before, interval);
+                // The rates are what --rate asked for; the totals stay with --stats.
+                for e in entries.iter_mut() {
+                    e.stats = None;
+                    for b in e.backends.iter_mut() {
+                        b.stats = None;
+                    }
+                }
+            }
             filter.retain(&mut entries, "frontend", |e| {
                 (e.namespace.as_deref(), e.service.as_deref())
             });
@@ -638,6 +677,10 @@ pub fn run(cli: Cli) -> Result<()> {
             print!(
                 "{}",
                 match output {
+                    Output::Text if stats =>
+                        inspect::list::render_counters(&entries, inspect::list::Counters::Stats),
+                    Output::Text if rate =>
+                        inspect::list::render_counters(&entries, inspect::list::Counters::Rate),
                     Output::Text =>
                         inspect::list::render_text(&entries) + &inspect::list::paths_footer(&bpffs),
                     Output::Json => inspect::list::render_json(&entries)?,
@@ -786,6 +829,19 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `list --interval`: seconds, 0.1 to 60.
+fn parse_interval(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|e| format!("--interval takes seconds (e.g. 1 or 0.5), got {s:?}: {e}"))?;
+    if !(0.1..=60.0).contains(&v) {
+        return Err(format!(
+            "--interval must be between 0.1 and 60 seconds, got {s}"
+        ));
+    }
+    Ok(v)
 }
 
 #[cfg(test)]

@@ -545,6 +545,17 @@ impl DatapathCollector {
         let mut per_service: BTreeMap<ServiceRef, u64> = BTreeMap::new();
         let mut per_frontend = Vec::new();
         let mut backend_services: BTreeMap<u32, BTreeSet<ServiceRef>> = BTreeMap::new();
+        let fe_traffic = view.frontend_traffic();
+        // (packets, bytes) series of frontends and backends.
+        let mut frontend_traffic: TrafficSeries = Default::default();
+        let mut backend_traffic: TrafficSeries = Default::default();
+        let mut by_address: std::collections::HashMap<
+            svc_lb_common::ConnKey,
+            svc_lb_common::TrafficCount,
+        > = Default::default();
+        for (k, v) in view.traffic.iter().flatten() {
+            by_address.entry(k.backend).or_default().add(v);
+        }
         for (fe, cur) in &view.state.frontends {
             let meta = view.meta.get(&cur.rev_nat_id);
             let n = view
@@ -570,34 +581,41 @@ impl DatapathCollector {
                         .insert(m.service.clone());
                 }
             }
-            per_frontend.push((
-                vec![
-                    ("namespace", ns),
-                    ("service", svc),
-                    ("port_name", port),
-                    ("kind", kind.to_owned()),
-                    // A LoadBalancer or external IP has a socket and an external entry
-                    // at the same address: the scope keeps their series apart.
-                    (
-                        "scope",
-                        if fe.scope == svc_lb_common::SCOPE_EXTERNAL {
-                            "external"
-                        } else {
-                            "socket"
-                        }
-                        .to_owned(),
+            let labels = vec![
+                ("namespace", ns),
+                ("service", svc),
+                ("port_name", port),
+                ("kind", kind.to_owned()),
+                // A LoadBalancer or external IP has a socket and an external entry
+                // at the same address: the scope keeps their series apart.
+                (
+                    "scope",
+                    if fe.scope == svc_lb_common::SCOPE_EXTERNAL {
+                        "external"
+                    } else {
+                        "socket"
+                    }
+                    .to_owned(),
+                ),
+                (
+                    "frontend",
+                    format!(
+                        "{}/{}",
+                        names::socket(&fe.addr, fe.port),
+                        names::proto(fe.proto)
                     ),
-                    (
-                        "frontend",
-                        format!(
-                            "{}/{}",
-                            names::socket(&fe.addr, fe.port),
-                            names::proto(fe.proto)
-                        ),
-                    ),
-                ],
-                n,
-            ));
+                ),
+            ];
+            // Traffic is counted for the socket path's TCP connections only: other
+            // frontends get no series rather than a 0 that would read as idle.
+            if fe.scope != svc_lb_common::SCOPE_EXTERNAL
+                && fe.proto == svc_lb_common::PROTO_TCP
+                && view.traffic.is_some()
+            {
+                let t = fe_traffic.get(&cur.rev_nat_id).copied().unwrap_or_default();
+                push_traffic(&mut frontend_traffic, &labels, &t);
+            }
+            per_frontend.push((labels, n));
         }
         let services: Vec<(Labels, u64)> = per_service
             .iter()
@@ -654,7 +672,36 @@ impl DatapathCollector {
                 open_active.push((labels.clone(), gauge(active)));
                 open_inactive.push((labels.clone(), gauge(inactive)));
             }
+            if b.addr.proto == svc_lb_common::PROTO_TCP && view.traffic.is_some() {
+                let key = crate::inspect::view::conn_key(&b.addr);
+                let t = by_address.get(&key).copied().unwrap_or_default();
+                push_traffic(&mut backend_traffic, &labels, &t);
+            }
             backends.push((labels, view.backend_conns.get(id).copied().unwrap_or(0)));
+        }
+        for (name, what, series) in [
+            (
+                "svclb_frontend_packets",
+                "TCP segments",
+                &frontend_traffic.0,
+            ),
+            ("svclb_frontend_bytes", "Payload bytes", &frontend_traffic.1),
+            ("svclb_backend_packets", "TCP segments", &backend_traffic.0),
+            ("svclb_backend_bytes", "Payload bytes", &backend_traffic.1),
+        ] {
+            let of = if name.starts_with("svclb_frontend") {
+                "per frontend"
+            } else {
+                "per backend, over every frontend"
+            };
+            counter_family(
+                enc,
+                name,
+                &format!(
+                    "{what} of the socket path's closed TCP connections {of}; direction in: client to backend, out: back (IPVS InPkts/OutPkts, InBytes/OutBytes)"
+                ),
+                series,
+            )?;
         }
         // Absent (not 0) when the node keeps no counts: "unknown" is not "idle".
         if view.open_conns.is_some() {
@@ -698,6 +745,22 @@ impl DatapathCollector {
             gauge_family(enc, name, help, &[(Vec::new(), v as i64)])?;
         }
         Ok(())
+    }
+}
+
+/// Series of `svclb_*_packets_total` and `svclb_*_bytes_total`.
+type TrafficSeries = (Vec<(Labels, u64)>, Vec<(Labels, u64)>);
+
+/// Adds one object's packets and bytes, one series per direction.
+fn push_traffic(out: &mut TrafficSeries, labels: &Labels, t: &svc_lb_common::TrafficCount) {
+    for (dir, packets, bytes) in [
+        ("in", t.packets_in, t.bytes_in),
+        ("out", t.packets_out, t.bytes_out),
+    ] {
+        let mut l = labels.clone();
+        l.push(("direction", dir.to_owned()));
+        out.0.push((l.clone(), packets));
+        out.1.push((l, bytes));
     }
 }
 

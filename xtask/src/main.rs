@@ -289,7 +289,12 @@ fn test(ctx: &Ctx, args: &TestArgs) -> Result<()> {
     // rr/wrr cursor), as an older node would run them; socket termination reads those
     // maps then.
     step("test: end-to-end again with every kernel fallback forced (SVCLB_FORCE_FEATURE_OFF=all)");
-    let mut forced = suite(ctx, "e2e", &["e2e", "external", "sockterm", "sched"], &[])?;
+    let mut forced = suite(
+        ctx,
+        "e2e",
+        &["e2e", "external", "sockterm", "sched", "stats"],
+        &[],
+    )?;
     forced
         .env("SVC_LB_BIN", &agent)
         .env("SVCLB_FORCE_FEATURE_OFF", "all");

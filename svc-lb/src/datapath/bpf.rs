@@ -20,6 +20,7 @@ use svc_lb_common::{
     MAP_SVC6, MAP_XDP_DEV, MaglevTable, NodeAddrKey, RevNat, SrcRange4Key, SrcRange6Key, Svc4Key,
     Svc6Key, SvcMeta, SvcValue,
 };
+use svc_lb_common::{MAP_TRAFFIC, TrafficCount, TrafficKey};
 use tracing::warn;
 
 use super::{
@@ -70,6 +71,8 @@ pub struct BpfDatapath {
     conn_counts: bool,
     /// `LB_CONNS_V1`, which the agent only prunes.
     conns: HashMap<MapData, ConnKey, ConnCount>,
+    /// `LB_TRAFFIC_V1`, which the agent only prunes.
+    traffic: HashMap<MapData, TrafficKey, TrafficCount>,
     svc4: HashMap<MapData, Svc4Key, SvcValue>,
     svc6: HashMap<MapData, Svc6Key, SvcValue>,
     backends: HashMap<MapData, u32, Backend>,
@@ -262,6 +265,7 @@ impl BpfDatapath {
         .with_context(|| format!("map {MAP_AFFINITY} has an unexpected type"))?;
         let (aff_match, _) = take_hash::<AffinityMatchKey, u32>(&mut ebpf, MAP_AFF_MATCH)?;
         let (conns, _) = take_hash::<ConnKey, ConnCount>(&mut ebpf, MAP_CONNS)?;
+        let (traffic, _) = take_hash::<TrafficKey, TrafficCount>(&mut ebpf, MAP_TRAFFIC)?;
         let maglev_size = match opts.maglev_size {
             0 => svc_lb_common::MAGLEV_DEFAULT_SIZE,
             n => n,
@@ -274,6 +278,7 @@ impl BpfDatapath {
             batch: true,
             conn_counts: opts.compat.conn_counts,
             conns,
+            traffic,
             ebpf,
             svc4,
             svc6,
@@ -644,6 +649,26 @@ impl BpfDatapath {
         for k in &stale {
             ignore_missing(self.conns.remove(k))
                 .with_context(|| format!("{MAP_CONNS}: delete {k:?}"))?;
+        }
+        Ok(stale.len())
+    }
+
+    /// Deletes the traffic counts (`LB_TRAFFIC_V1`) of frontends that are gone (no
+    /// rev-NAT entry); returns how many. Swept with the full sync: until then a
+    /// rev-NAT id reused for a new frontend would show the old one's traffic to the
+    /// backend addresses both share.
+    pub fn prune_traffic(&mut self) -> Result<usize> {
+        let live: std::collections::HashSet<u32> =
+            self.rev_nats.keys().filter_map(|k| k.ok()).collect();
+        let stale: Vec<TrafficKey> = self
+            .traffic
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !live.contains(&k.rev_nat_id))
+            .collect();
+        for k in &stale {
+            ignore_missing(self.traffic.remove(k))
+                .with_context(|| format!("{MAP_TRAFFIC}: delete {k:?}"))?;
         }
         Ok(stale.len())
     }

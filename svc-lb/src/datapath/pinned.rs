@@ -252,6 +252,28 @@ impl PinnedMaps {
         ))
     }
 
+    /// Traffic of closed TCP connections on the socket path per (frontend, backend
+    /// address) (`MAP_TRAFFIC`), or `None` when this node keeps none: as
+    /// [`Self::conn_counts`], the sock_ops program is not attached, or the agent
+    /// predates the map.
+    pub fn traffic(
+        &self,
+    ) -> Result<
+        Option<std::collections::HashMap<svc_lb_common::TrafficKey, svc_lb_common::TrafficCount>>,
+    > {
+        let link = super::pins::links_dir(&self.bpffs).join(svc_lb_common::PROG_SOCKOPS);
+        if !link.exists() || !self.bpffs.join(svc_lb_common::MAP_TRAFFIC).exists() {
+            return Ok(None);
+        }
+        let m: HashMap<MapData, svc_lb_common::TrafficKey, svc_lb_common::TrafficCount> =
+            open_pinned_hash(&self.bpffs, svc_lb_common::MAP_TRAFFIC)?;
+        Ok(Some(
+            collect(&m, svc_lb_common::MAP_TRAFFIC)?
+                .into_iter()
+                .collect(),
+        ))
+    }
+
     /// External flows per backend id from the conntrack map's live forward entries:
     /// (established, other), as `CT_FLAG_ESTABLISHED` and `CT_FLAG_CLOSING` tell them
     /// apart (an established flow that saw a FIN or RST counts as other). Empty when

@@ -14,7 +14,7 @@ use super::{names, view::DatapathView};
 use crate::model::ServiceRef;
 
 /// One frontend: what a client dials.
-#[derive(Serialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Serialize, Debug, Clone, PartialEq)]
 pub struct ListEntry {
     /// For an external NodePort frontend, the unspecified address ("0.0.0.0" or "::"):
     /// it matches every node address that serves NodePorts.
@@ -64,9 +64,43 @@ pub struct ListEntry {
     /// address is not announced or the agent does not answer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub announced_by: Option<Option<String>>,
+    /// With `--stats`: the counters, as `ipvsadm -Ln --stats` shows them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stats: Option<Stats>,
+    /// With `--rate`: the counters' change per second over `--interval`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate: Option<Rate>,
 }
 
-#[derive(Serialize, Debug, Clone, PartialEq, Eq)]
+/// Counters of a frontend or a backend (`--stats`). Directions as IPVS names them:
+/// `in` from the client to the backend, `out` back. Packets and bytes are those of
+/// the socket path's TCP connections, added when a connection closes; `null` where the
+/// datapath cannot know them (external and UDP entries, or a node without the
+/// sock_ops program), never 0.
+#[derive(Serialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// New connections (and unconnected datagrams), as `new_connections`.
+    pub connections: u64,
+    /// Connections whose packets and bytes are counted (the closed ones).
+    pub closed_connections: Option<u64>,
+    pub packets_in: Option<u64>,
+    pub packets_out: Option<u64>,
+    pub bytes_in: Option<u64>,
+    pub bytes_out: Option<u64>,
+}
+
+/// [`Stats`] per second between two readings (`--rate`), as `ipvsadm -Ln --rate`:
+/// CPS, InPPS, OutPPS, InBPS, OutBPS (bytes per second).
+#[derive(Serialize, Debug, Clone, Copy, Default, PartialEq)]
+pub struct Rate {
+    pub connections_per_second: f64,
+    pub packets_in_per_second: Option<f64>,
+    pub packets_out_per_second: Option<f64>,
+    pub bytes_in_per_second: Option<f64>,
+    pub bytes_out_per_second: Option<f64>,
+}
+
+#[derive(Serialize, Debug, Clone, PartialEq)]
 pub struct ListBackend {
     pub id: u32,
     /// "" when the backend entry is missing (see `state`).
@@ -95,6 +129,13 @@ pub struct ListBackend {
     /// FIN_WAIT, CLOSE_WAIT...; external flows not yet established or closing).
     /// `null` as `active_connections`.
     pub inactive_connections: Option<u64>,
+    /// With `--stats`: this backend's counters. `connections` is `new_connections`
+    /// (over every frontend when `shared`); packets and bytes are this frontend's only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stats: Option<Stats>,
+    /// With `--rate`: the change of `stats` per second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate: Option<Rate>,
 }
 
 impl ListEntry {
@@ -214,6 +255,8 @@ pub fn entries(view: &DatapathView, service: Option<&ServiceRef>) -> Vec<ListEnt
             },
             pool: None,
             announced_by: None,
+            stats: None,
+            rate: None,
             new_connections: view
                 .frontend_conns
                 .get(&cur.rev_nat_id)
@@ -239,6 +282,8 @@ pub fn entries(view: &DatapathView, service: Option<&ServiceRef>) -> Vec<ListEnt
                             shared,
                             active_connections,
                             inactive_connections,
+                            stats: None,
+                            rate: None,
                         },
                         None => ListBackend {
                             id: *id,
@@ -250,11 +295,223 @@ pub fn entries(view: &DatapathView, service: Option<&ServiceRef>) -> Vec<ListEnt
                             shared,
                             active_connections,
                             inactive_connections,
+                            stats: None,
+                            rate: None,
                         },
                     }
                 })
                 .collect(),
         });
+    }
+    out
+}
+
+/// Fills `stats` of every entry and backend from `view` (`list --stats`).
+pub fn set_stats(entries: &mut [ListEntry], view: &DatapathView) {
+    let per_frontend = view.frontend_traffic();
+    for e in entries.iter_mut() {
+        // Only the socket path's TCP connections have their traffic counted.
+        let counted = !e.external() && e.protocol == "TCP" && view.traffic.is_some();
+        let fe = counted.then(|| per_frontend.get(&e.rev_nat_id).copied().unwrap_or_default());
+        e.stats = Some(stats(e.new_connections, fe));
+        let rev_nat_id = e.rev_nat_id;
+        for b in e.backends.iter_mut() {
+            let t = if counted {
+                view.pair_traffic(rev_nat_id, b.id)
+            } else {
+                None
+            };
+            b.stats = Some(stats(b.new_connections, t));
+        }
+    }
+}
+
+fn stats(connections: u64, t: Option<svc_lb_common::TrafficCount>) -> Stats {
+    Stats {
+        connections,
+        closed_connections: t.map(|t| t.closed),
+        packets_in: t.map(|t| t.packets_in),
+        packets_out: t.map(|t| t.packets_out),
+        bytes_in: t.map(|t| t.bytes_in),
+        bytes_out: t.map(|t| t.bytes_out),
+    }
+}
+
+/// Fills `rate` of the entries of `after` (with `stats` set) from the change since
+/// `before` (the same listing `secs` seconds earlier). An entry or backend that was not
+/// there before, or a counter that went down (its entry was deleted and created
+/// again), counts from 0.
+pub fn set_rate(after: &mut [ListEntry], before: &[ListEntry], secs: f64) {
+    let same = |a: &ListEntry, b: &ListEntry| {
+        a.rev_nat_id == b.rev_nat_id
+            && a.address == b.address
+            && a.port == b.port
+            && a.protocol == b.protocol
+            && a.scope == b.scope
+    };
+    for e in after.iter_mut() {
+        let old = before.iter().find(|b| same(e, b));
+        e.rate = e
+            .stats
+            .map(|now| rate(&now, old.and_then(|o| o.stats).as_ref(), secs));
+        for b in e.backends.iter_mut() {
+            let was = old
+                .and_then(|o| o.backends.iter().find(|x| x.id == b.id))
+                .and_then(|x| x.stats);
+            b.rate = b.stats.map(|now| rate(&now, was.as_ref(), secs));
+        }
+    }
+}
+
+fn rate(now: &Stats, before: Option<&Stats>, secs: f64) -> Rate {
+    let per_s = |n: u64, b: Option<u64>| {
+        // A counter below its earlier value was reset: count from 0.
+        let d = match b {
+            Some(b) if b <= n => n - b,
+            _ => n,
+        };
+        d as f64 / secs
+    };
+    let opt =
+        |n: Option<u64>, f: fn(&Stats) -> Option<u64>| n.map(|n| per_s(n, before.and_then(f)));
+    Rate {
+        connections_per_second: per_s(now.connections, before.map(|b| b.connections)),
+        packets_in_per_second: opt(now.packets_in, |s| s.packets_in),
+        packets_out_per_second: opt(now.packets_out, |s| s.packets_out),
+        bytes_in_per_second: opt(now.bytes_in, |s| s.bytes_in),
+        bytes_out_per_second: opt(now.bytes_out, |s| s.bytes_out),
+    }
+}
+
+/// What `render_counters` shows: `ipvsadm -Ln --stats` or `--rate`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counters {
+    Stats,
+    Rate,
+}
+
+/// `ipvsadm -Ln --stats`/`--rate`-style text of entries with `stats` (and `rate`)
+/// set: the frontend line, then one `->` line per backend, five numbers each.
+pub fn render_counters(entries: &[ListEntry], what: Counters) -> String {
+    let heads: [&str; 5] = match what {
+        Counters::Stats => ["Conns", "InPkts", "OutPkts", "InBytes", "OutBytes"],
+        Counters::Rate => ["CPS", "InPPS", "OutPPS", "InBPS", "OutBPS"],
+    };
+    let mut rows: Vec<Vec<String>> = vec![
+        ["Prot", "LocalAddress:Port", "Scope", "Service"]
+            .into_iter()
+            .map(str::to_owned)
+            .chain(std::iter::once(format!("{} ", heads[0])))
+            .chain(heads[1..].iter().map(|h| (*h).to_owned()))
+            .collect(),
+        vec![
+            "  ->".into(),
+            "RemoteAddress:Port".into(),
+            "State".into(),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+        ],
+    ];
+    let (mut unknown, mut no_counts, mut any_shared) = (false, false, false);
+    let cells = |st: Option<Stats>, rt: Option<Rate>, shared: bool| -> [String; 5] {
+        let n = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
+        let r = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
+        let mark = if shared { "*" } else { " " };
+        match (what, st, rt) {
+            (Counters::Stats, Some(s), _) => [
+                format!("{}{mark}", s.connections),
+                n(s.packets_in),
+                n(s.packets_out),
+                n(s.bytes_in),
+                n(s.bytes_out),
+            ],
+            (Counters::Rate, _, Some(x)) => [
+                format!("{:.0}{mark}", x.connections_per_second),
+                r(x.packets_in_per_second),
+                r(x.packets_out_per_second),
+                r(x.bytes_in_per_second),
+                r(x.bytes_out_per_second),
+            ],
+            _ => Default::default(),
+        }
+    };
+    for e in entries {
+        let service = match e.service_ref() {
+            Some(s) => match e.port_name.as_deref() {
+                Some(p) if !p.is_empty() => format!("{s}:{p}"),
+                _ => s.to_string(),
+            },
+            None => "?".to_owned(),
+        };
+        if e.stats.is_some_and(|s| s.bytes_in.is_none()) {
+            if e.external() || e.protocol != "TCP" {
+                unknown = true;
+            } else {
+                no_counts = true;
+            }
+        }
+        let mut row = vec![
+            e.protocol.to_owned(),
+            e.socket(),
+            e.scope.to_owned(),
+            service,
+        ];
+        row.extend(cells(e.stats, e.rate, false));
+        rows.push(row);
+        for b in &e.backends {
+            any_shared |= b.shared;
+            let addr = if b.state == "missing" {
+                format!("(backend id {} missing)", b.id)
+            } else {
+                socket_str(&b.address, b.port)
+            };
+            let mut row = vec!["  ->".to_owned(), addr, b.state.to_owned(), String::new()];
+            row.extend(cells(b.stats, b.rate, b.shared));
+            rows.push(row);
+        }
+    }
+    let mut width = [0usize; 9];
+    for r in &rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in &rows {
+        let mut line = String::new();
+        for (i, (c, w)) in r.iter().zip(width).enumerate() {
+            match i {
+                0 => line.push_str(&format!("{c:<4} ")),
+                1..=3 => line.push_str(&format!("{c:<w$}  ")),
+                // Numbers right-aligned; Conns/CPS end in the `*` mark or a space.
+                _ => line.push_str(&format!("{c:>w$} ")),
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out.push_str(match what {
+        Counters::Stats => "Pkts/Bytes: TCP connections of the socket path, added when they close (payload bytes; packets are TCP segments)\n",
+        Counters::Rate => "per second over the interval; Pkts/Bytes: TCP connections of the socket path, added when they close\n",
+    });
+    if unknown {
+        out.push_str(
+            "- on external and UDP entries: the datapath does not count their packets and bytes\n",
+        );
+    }
+    if no_counts {
+        out.push_str(
+            "- on TCP socket entries: this node keeps no traffic counts (kernel feature sock_ops_conn, see `svc-lb status`)\n",
+        );
+    }
+    if any_shared {
+        out.push_str(
+            "* backend shared with other frontends: its Conns include their connections (its packets and bytes do not)\n",
+        );
     }
     out
 }

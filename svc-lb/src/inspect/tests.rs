@@ -315,6 +315,7 @@ fn fixture() -> (FakeMaps, DatapathView) {
                 .collect(),
         ),
         ext_conns: [(2, (10, 1))].into_iter().collect(),
+        traffic: None,
     };
     (maps, view)
 }
@@ -2029,4 +2030,215 @@ fn status_shows_which_node_announces_each_address_and_where_this_one_answers() {
         line("2001:db8::1").contains("(no live eligible node)"),
         "{text}"
     );
+}
+
+/// The fixture with traffic counts: web:http (rev-NAT 1) closed 3 connections through
+/// backend 1 and 1 through backend 2, cart (rev-NAT 3) 2 through backend 4.
+fn with_traffic(view: &mut DatapathView) {
+    let key = |rev_nat_id: u32, id: u32| {
+        let b = BACKENDS.iter().find(|b| b.0 == id).expect("backend");
+        svc_lb_common::TrafficKey {
+            rev_nat_id,
+            backend: crate::inspect::view::conn_key(&BackendAddr {
+                addr: ip(b.1),
+                port: b.2,
+                proto: b.3,
+            }),
+        }
+    };
+    let t = |closed: u64, bytes_in: u64, bytes_out: u64| svc_lb_common::TrafficCount {
+        closed,
+        packets_in: closed * 5,
+        packets_out: closed * 4,
+        bytes_in,
+        bytes_out,
+    };
+    view.traffic = Some(
+        [
+            (key(1, 1), t(3, 3000, 600)),
+            (key(1, 2), t(1, 1000, 200)),
+            (key(3, 4), t(2, 20, 10)),
+        ]
+        .into_iter()
+        .collect(),
+    );
+}
+
+#[test]
+fn list_stats_golden_and_fields() {
+    let (_, mut view) = fixture();
+    with_traffic(&mut view);
+    let mut all = list::entries(&view, None);
+    list::set_stats(&mut all, &view);
+    golden(
+        "list-stats.txt",
+        &list::render_counters(&all, list::Counters::Stats),
+    );
+    let web = all
+        .iter()
+        .find(|e| e.address == "10.96.0.10" && e.port == 80)
+        .expect("web");
+    let st = web.stats.expect("stats");
+    assert_eq!(
+        (
+            st.connections,
+            st.closed_connections,
+            st.bytes_in,
+            st.bytes_out
+        ),
+        (10, Some(4), Some(4000), Some(800))
+    );
+    let b1 = web.backends.iter().find(|b| b.id == 1).expect("b1");
+    assert_eq!(b1.stats.and_then(|s| s.bytes_in), Some(3000));
+    // A backend with no closed connection yet: 0, not unknown.
+    let b3 = web.backends.iter().find(|b| b.id == 3).expect("b3");
+    assert_eq!(b3.stats.and_then(|s| s.bytes_in), Some(0));
+    // UDP and external entries: unknown, never 0.
+    for e in all
+        .iter()
+        .filter(|e| e.protocol == "UDP" || e.scope == "external")
+    {
+        let st = e.stats.expect("stats");
+        assert_eq!(st.bytes_in, None, "{}", e.address);
+        assert!(
+            e.backends
+                .iter()
+                .all(|b| b.stats.expect("stats").packets_in.is_none())
+        );
+    }
+    let json = list::render_json(&all).expect("json");
+    let v: serde_json::Value = serde_json::from_str(&json).expect("parse");
+    let mut keys: Vec<&str> = v[0]["stats"]
+        .as_object()
+        .expect("stats object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "bytes_in",
+            "bytes_out",
+            "closed_connections",
+            "connections",
+            "packets_in",
+            "packets_out"
+        ]
+    );
+    assert!(v[0].get("rate").is_none());
+    // Without the sock_ops program: TCP socket entries unknown too, and the text says why.
+    view.traffic = None;
+    let mut all = list::entries(&view, None);
+    list::set_stats(&mut all, &view);
+    assert!(
+        all.iter()
+            .all(|e| e.stats.expect("stats").bytes_in.is_none())
+    );
+    let text = list::render_counters(&all, list::Counters::Stats);
+    assert!(text.contains("keeps no traffic counts"), "{text}");
+}
+
+#[test]
+fn list_rate_is_the_change_per_second_and_survives_resets() {
+    let (_, mut view) = fixture();
+    with_traffic(&mut view);
+    let mut before = list::entries(&view, None);
+    list::set_stats(&mut before, &view);
+    // Two seconds later: web:http has 6 more connections and 2 more closed through
+    // backend 1 with 4000 bytes in; cart's counts were deleted and started again.
+    view.frontend_conns.insert(1, 16);
+    view.backend_conns.insert(1, 13);
+    if let Some(t) = view.traffic.as_mut() {
+        for (k, v) in t.iter_mut() {
+            if k.rev_nat_id == 1 && v.closed == 3 {
+                v.closed += 2;
+                v.bytes_in += 4000;
+            }
+            if k.rev_nat_id == 3 {
+                *v = svc_lb_common::TrafficCount {
+                    closed: 1,
+                    bytes_in: 8,
+                    ..Default::default()
+                };
+            }
+        }
+    }
+    let mut after = list::entries(&view, None);
+    list::set_stats(&mut after, &view);
+    list::set_rate(&mut after, &before, 2.0);
+    let find = |addr: &str, port: u16| {
+        after
+            .iter()
+            .find(|e| e.address == addr && e.port == port && e.scope == "socket")
+            .expect("entry")
+    };
+    let web = find("10.96.0.10", 80);
+    let r = web.rate.expect("rate");
+    assert_eq!(r.connections_per_second, 3.0);
+    assert_eq!(r.bytes_in_per_second, Some(2000.0));
+    assert_eq!(r.bytes_out_per_second, Some(0.0));
+    let b1 = web.backends.iter().find(|b| b.id == 1).expect("b1");
+    assert_eq!(b1.rate.and_then(|r| r.bytes_in_per_second), Some(2000.0));
+    assert_eq!(b1.rate.map(|r| r.connections_per_second), Some(3.0));
+    // Reset counters count from 0: 8 bytes over 2 s.
+    let cart = find("10.96.0.20", 443);
+    assert_eq!(cart.rate.and_then(|r| r.bytes_in_per_second), Some(4.0));
+    // UDP: connections per second, traffic unknown.
+    let dns = find("10.96.0.53", 53);
+    assert_eq!(dns.rate.and_then(|r| r.packets_in_per_second), None);
+    let text = list::render_counters(&after, list::Counters::Rate);
+    for want in [
+        "CPS",
+        "InPPS",
+        "OutPPS",
+        "InBPS",
+        "OutBPS",
+        "per second over the interval",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+    let web_line = text
+        .lines()
+        .find(|l| l.contains("10.96.0.10:80"))
+        .expect("web line");
+    assert!(web_line.contains("2000"), "{web_line}");
+}
+
+#[test]
+fn metrics_export_traffic_only_where_it_is_counted() {
+    let (_, mut view) = fixture();
+    let render = |view: DatapathView| {
+        metrics::render(ScrapeData {
+            view: Some(view),
+            ..Default::default()
+        })
+        .expect("render")
+    };
+    // Without the sock_ops program: no series at all (unknown is not idle).
+    let text = render(view.clone());
+    assert!(!text.contains("svclb_backend_bytes"), "{text}");
+    with_traffic(&mut view);
+    let text = render(view);
+    for line in [
+        r#"svclb_frontend_bytes_total{namespace="shop",service="web",port_name="http",kind="ClusterIP",scope="socket",frontend="10.96.0.10:80/TCP",direction="in"} 4000"#,
+        r#"svclb_frontend_bytes_total{namespace="shop",service="web",port_name="http",kind="ClusterIP",scope="socket",frontend="10.96.0.10:80/TCP",direction="out"} 800"#,
+        r#"svclb_frontend_packets_total{namespace="shop",service="web",port_name="http",kind="ClusterIP",scope="socket",frontend="10.96.0.10:80/TCP",direction="in"} 20"#,
+        r#"svclb_backend_bytes_total{namespace="shop",service="web",backend="10.244.1.5:8080/TCP",direction="in"} 3000"#,
+        r#"svclb_backend_packets_total{namespace="shop",service="web",backend="10.244.1.5:8080/TCP",direction="out"} 12"#,
+        // A TCP backend with nothing closed yet: 0.
+        r#"svclb_backend_bytes_total{namespace="shop",service="web",backend="10.244.3.2:8080/TCP",direction="in"} 0"#,
+    ] {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+    // External and UDP: no series.
+    for l in text
+        .lines()
+        .filter(|l| l.starts_with("svclb_frontend_bytes") || l.starts_with("svclb_backend_bytes"))
+    {
+        assert!(
+            !l.contains("scope=\"external\"") && !l.contains("/UDP"),
+            "{l}"
+        );
+    }
 }

@@ -26,6 +26,9 @@ pub struct DatapathView {
     pub open_conns: Option<HashMap<svc_lb_common::ConnKey, (u64, u64)>>,
     /// External flows per backend id from the conntrack map (established, other).
     pub ext_conns: HashMap<u32, (u64, u64)>,
+    /// Traffic of closed socket-path TCP connections per (frontend, backend address);
+    /// `None` when the node keeps none (see `PinnedMaps::traffic`).
+    pub traffic: Option<HashMap<svc_lb_common::TrafficKey, svc_lb_common::TrafficCount>>,
 }
 
 impl DatapathView {
@@ -69,6 +72,33 @@ impl DatapathView {
             backend_conns: maps.conn_stats(MAP_BE_STATS)?,
             open_conns: maps.conn_counts()?,
             ext_conns: maps.ct_conn_counts(crate::inspect::trace::monotonic_ns())?,
+            traffic: maps.traffic()?,
         })
+    }
+
+    /// The traffic of (frontend `rev_nat_id`, backend `id`): 0s when nothing closed
+    /// yet; `None` when the node keeps no traffic counts, or for a backend that is not
+    /// TCP or not in the backend map (the counts are by address).
+    pub fn pair_traffic(&self, rev_nat_id: u32, id: u32) -> Option<svc_lb_common::TrafficCount> {
+        let t = self.traffic.as_ref()?;
+        let b = self.state.backends.get(&id)?;
+        if b.addr.proto != svc_lb_common::PROTO_TCP {
+            return None;
+        }
+        let key = svc_lb_common::TrafficKey {
+            rev_nat_id,
+            backend: conn_key(&b.addr),
+        };
+        Some(t.get(&key).copied().unwrap_or_default())
+    }
+
+    /// The traffic per frontend (rev-NAT id), over every backend address it reached,
+    /// including backends that have left it since; empty without traffic counts.
+    pub fn frontend_traffic(&self) -> HashMap<u32, svc_lb_common::TrafficCount> {
+        let mut out: HashMap<u32, svc_lb_common::TrafficCount> = HashMap::new();
+        for (k, v) in self.traffic.iter().flatten() {
+            out.entry(k.rev_nat_id).or_default().add(v);
+        }
+        out
     }
 }

@@ -1,0 +1,496 @@
+//! `svc-lb list --stats` and `--rate` (issue 15) through the real socket programs and
+//! the sock_ops program: Python clients in the lab's client namespace and cgroup send
+//! an exact number of bytes per connection to Python servers in the backends'
+//! namespaces, which count what they read and write; `list` must show exactly that.
+//!
+//! Run as root, one at a time:
+//! `cargo test --release -p svc-lb-tests --features e2e --test stats -- --test-threads=1`.
+//! A missing python3 fails the test (`cargo xtask setup` installs it).
+#![cfg(feature = "e2e")]
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader},
+    net::IpAddr,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+use svc_lb_tests::{
+    Lab, Proto, ip,
+    lab::{in_client, with_lab},
+    manifests::{EndpointSlice, Protocol, Service, TargetPort, yaml_docs},
+    procs::{ChildGuard, die_with_parent},
+    sa,
+};
+
+const NS: &str = "stats";
+/// Connections per Service, bytes each client sends, bytes each server answers.
+const CONNS: u64 = 20;
+const SEND: u64 = 100_000;
+const REPLY: u64 = 5_000;
+
+fn stats_lab(ids: &[&str], body: impl FnOnce(&mut Lab) -> Result<()>) {
+    with_lab(env!("CARGO_BIN_EXE_svclb-harness"), ids, body);
+}
+
+/// Whether this run's agents keep traffic counts (the sock_ops program needs its own
+/// feature and the sockets' reverse-NAT storage; CI forces both off in the fallback run).
+fn counts_off() -> bool {
+    svc_lb_tests::agent::forced_off("sock_ops_conn")
+        || svc_lb_tests::agent::forced_off("sk_storage_rnat")
+}
+
+/// A Service `name` at `vip`:`port` → `target` over `proto` with endpoints `addrs`.
+fn service(
+    name: &str,
+    vip: &str,
+    port: u16,
+    target: u16,
+    proto: Protocol,
+    addrs: &[IpAddr],
+) -> [Value; 2] {
+    [
+        Service::new(NS, name, &[ip(vip)])
+            .port("p", port, TargetPort::Number(target), proto)
+            .to_value(),
+        EndpointSlice::new(NS, name, "s7a", vip.contains(':'))
+            .port("p", target, proto)
+            .ready_endpoints(addrs)
+            .to_value(),
+    ]
+}
+
+/// Reads every connection to its end, then answers `REPLY` bytes and closes; after
+/// each connection rewrites `path` with "connections received sent" (totals).
+const SERVER: &str = r#"
+import os, socket, sys, threading
+addr, port, path, reply = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+l = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind((addr, port))
+l.listen(128)
+lock = threading.Lock()
+totals = [0, 0, 0]
+def one(c):
+    n = 0
+    while True:
+        d = c.recv(65536)
+        if not d:
+            break
+        n += len(d)
+    c.sendall(b"r" * reply)
+    c.close()
+    with lock:
+        totals[0] += 1
+        totals[1] += n
+        totals[2] += reply
+        with open(path + ".tmp", "w") as f:
+            f.write("%d %d %d\n" % tuple(totals))
+        os.replace(path + ".tmp", path)
+print("ready", flush=True)
+while True:
+    c, _ = l.accept()
+    threading.Thread(target=one, args=(c,), daemon=True).start()
+"#;
+
+/// `n` connections, one after the other: send `k` bytes, shut down the sending side,
+/// read the reply to its end, close. Prints the totals as JSON; any error fails.
+const CLIENT: &str = r#"
+import json, socket, sys
+host, port, n, k = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+sent = received = 0
+for _ in range(n):
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    s.settimeout(5)
+    s.connect((host, port))
+    s.sendall(b"x" * k)
+    s.shutdown(socket.SHUT_WR)
+    while True:
+        d = s.recv(65536)
+        if not d:
+            break
+        received += len(d)
+    s.close()
+    sent += k
+print(json.dumps({"connections": n, "sent": sent, "received": received}))
+"#;
+
+/// A counting server in a backend's namespace, killed (by pid) on drop.
+struct CountingServer {
+    _child: ChildGuard,
+    addr: IpAddr,
+    path: std::path::PathBuf,
+}
+
+impl CountingServer {
+    fn start(lab: &Lab, backend: &str, addr: IpAddr, port: u16) -> Result<Self> {
+        let ns = lab.topo.backend(backend).netns.name().to_owned();
+        let path = lab.dir().join(format!("served-{backend}-{addr}"));
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{ns}"))
+            .args(["python3", "-u", "-c", SERVER])
+            .arg(addr.to_string())
+            .arg(port.to_string())
+            .arg(&path)
+            .arg(REPLY.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped());
+        die_with_parent(&mut cmd, libc::SIGKILL);
+        let mut child = cmd
+            .spawn()
+            .context("start the counting server (python3 under nsenter)")?;
+        let stdout = child.stdout.take().context("server stdout")?;
+        let mut guard = ChildGuard::new(child, format!("counting server {backend} {addr}"));
+        let mut first = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut first)
+            .context("read the server's first line")?;
+        if first.trim() != "ready" {
+            let status = guard.kill().ok();
+            bail!("counting server {backend} {addr} did not start: {first:?}, {status:?}");
+        }
+        Ok(Self {
+            _child: guard,
+            addr,
+            path,
+        })
+    }
+
+    /// (connections, bytes received, bytes sent) so far.
+    fn totals(&self) -> Result<(u64, u64, u64)> {
+        let s = match std::fs::read_to_string(&self.path) {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, 0, 0)),
+            Err(e) => return Err(e).with_context(|| format!("read {}", self.path.display())),
+        };
+        let n: Vec<u64> = s
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("parse {s:?}"))?;
+        ensure!(n.len() == 3, "bad totals {s:?}");
+        Ok((n[0], n[1], n[2]))
+    }
+}
+
+/// `svc-lb list ARGS -o json`, parsed.
+fn list_json(lab: &Lab, args: &[&str]) -> Result<Vec<Value>> {
+    let mut all = vec!["list"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["-o", "json"]);
+    let out = lab.svc_lb(&all)?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success(),
+        "svc-lb {all:?} failed ({}): {stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(&stdout).with_context(|| format!("parse: {stdout}"))?;
+    v.as_array()
+        .cloned()
+        .context("list -o json is not an array")
+}
+
+/// The socket frontend at `vip`:`port` of a listing.
+fn frontend<'a>(all: &'a [Value], vip: &str, port: u16) -> Result<&'a Value> {
+    all.iter()
+        .find(|f| f["address"] == vip && f["port"] == port && f["scope"] == "socket")
+        .with_context(|| format!("no socket frontend {vip}:{port} in {all:?}"))
+}
+
+fn u(v: &Value, field: &str) -> Result<u64> {
+    v[field]
+        .as_u64()
+        .with_context(|| format!("{field} is not a number in {v}"))
+}
+
+fn f(v: &Value, field: &str) -> Result<f64> {
+    v[field]
+        .as_f64()
+        .with_context(|| format!("{field} is not a number in {v}"))
+}
+
+/// Python's exact traffic through a v4 and a v6 Service shows in `list --stats`: per
+/// frontend `CONNS` connections, all closed, `CONNS × SEND` bytes in and
+/// `CONNS × REPLY` out; per backend exactly what its server read and wrote, and the
+/// backends add up to the frontend. Packets are TCP segments: at least 3 in (SYN, data,
+/// FIN) and 2 out (SYN-ACK, FIN) per connection, more than the data needs at the
+/// largest segment. A UDP Service shows its connections and `null` packets and bytes;
+/// the text layout and its notes follow. Without the counts (fallback run) TCP
+/// packets and bytes are `null` too and the text says why.
+#[test]
+fn stats_count_the_exact_bytes_of_real_connections() {
+    stats_lab(&["a", "b"], |lab| {
+        let (v4, v6) = (lab.topo.addrs(false), lab.topo.addrs(true));
+        let docs: Vec<Value> = [
+            service("bytes4", "10.96.0.81", 80, 8080, Protocol::Tcp, &v4),
+            service("bytes6", "fd00:96::81", 80, 8080, Protocol::Tcp, &v6),
+            service("dns", "10.96.0.82", 53, 5353, Protocol::Udp, &v4),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        lab.write_manifest("stats.yaml", &yaml_docs(&docs))?;
+        let mut servers = Vec::new();
+        for (i, id) in ["a", "b"].iter().enumerate() {
+            for addrs in [&v4, &v6] {
+                servers.push(CountingServer::start(lab, id, addrs[i], 8080)?);
+            }
+        }
+        lab.start_agent()?;
+
+        for vip in ["10.96.0.81", "fd00:96::81"] {
+            let out = in_client(
+                lab,
+                "python3",
+                &[
+                    "-c".to_owned(),
+                    CLIENT.to_owned(),
+                    vip.to_owned(),
+                    "80".to_owned(),
+                    CONNS.to_string(),
+                    SEND.to_string(),
+                ],
+            )?;
+            ensure!(
+                out.status.success(),
+                "{vip}: client failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let r: Value = serde_json::from_slice(&out.stdout).context("client output")?;
+            ensure!(
+                u(&r, "sent")? == CONNS * SEND && u(&r, "received")? == CONNS * REPLY,
+                "{vip}: the client moved other amounts than asked: {r}"
+            );
+        }
+        // The servers write their totals right after their close; the clients may be
+        // done first.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let served: BTreeMap<IpAddr, (u64, u64, u64)> = loop {
+            let t: BTreeMap<IpAddr, (u64, u64, u64)> = servers
+                .iter()
+                .map(|s| Ok((s.addr, s.totals()?)))
+                .collect::<Result<_>>()?;
+            if t.values().map(|v| v.0).sum::<u64>() == 2 * CONNS {
+                break t;
+            }
+            ensure!(Instant::now() < deadline, "servers counted {t:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        eprintln!("served (connections, received, sent): {served:?}");
+
+        let all = list_json(lab, &["--stats"])?;
+        for vip in ["10.96.0.81", "fd00:96::81"] {
+            let fe = frontend(&all, vip, 80)?;
+            ensure!(
+                fe.get("rate").is_none(),
+                "{vip}: --stats shows a rate: {fe}"
+            );
+            let st = &fe["stats"];
+            ensure!(
+                u(st, "connections")? == CONNS,
+                "{vip}: {CONNS} connections expected: {st}"
+            );
+            if counts_off() {
+                for k in [
+                    "closed_connections",
+                    "packets_in",
+                    "packets_out",
+                    "bytes_in",
+                    "bytes_out",
+                ] {
+                    ensure!(st[k].is_null(), "{vip}: {k} shown without counts: {st}");
+                }
+                continue;
+            }
+            ensure!(
+                u(st, "closed_connections")? == CONNS
+                    && u(st, "bytes_in")? == CONNS * SEND
+                    && u(st, "bytes_out")? == CONNS * REPLY,
+                "{vip}: expected {CONNS} closed, {} bytes in, {} out: {st}",
+                CONNS * SEND,
+                CONNS * REPLY
+            );
+            // Segments: at least SYN + data + FIN in, SYN-ACK + FIN out, per
+            // connection, and the data needs at least SEND / 65535 segments.
+            let (pin, pout) = (u(st, "packets_in")?, u(st, "packets_out")?);
+            ensure!(
+                pin >= CONNS * (2 + SEND.div_ceil(65_535)) && pout >= CONNS * 2,
+                "{vip}: too few segments: {st}"
+            );
+            let mut sum = [0u64; 5];
+            for b in fe["backends"].as_array().context("backends")? {
+                let bs = &b["stats"];
+                let addr: IpAddr = b["address"]
+                    .as_str()
+                    .context("address")?
+                    .parse()
+                    .context("backend address")?;
+                let (conns, received, sent) = served.get(&addr).copied().unwrap_or_default();
+                ensure!(
+                    u(bs, "closed_connections")? == conns
+                        && u(bs, "bytes_in")? == received
+                        && u(bs, "bytes_out")? == sent
+                        && u(bs, "connections")? == conns,
+                    "{vip}: backend {addr} served {conns} connections, read {received}, wrote {sent}; list shows {bs}"
+                );
+                for (i, k) in [
+                    "closed_connections",
+                    "packets_in",
+                    "packets_out",
+                    "bytes_in",
+                    "bytes_out",
+                ]
+                .iter()
+                .enumerate()
+                {
+                    sum[i] += u(bs, k)?;
+                }
+            }
+            ensure!(
+                sum == [
+                    u(st, "closed_connections")?,
+                    pin,
+                    pout,
+                    u(st, "bytes_in")?,
+                    u(st, "bytes_out")?
+                ],
+                "{vip}: the backends add up to {sum:?}, the frontend shows {st}"
+            );
+        }
+        let dns = frontend(&all, "10.96.0.82", 53)?;
+        ensure!(
+            dns["stats"]["connections"].as_u64() == Some(0)
+                && dns["stats"]["bytes_in"].is_null()
+                && dns["stats"]["packets_out"].is_null(),
+            "UDP: connections and null traffic expected: {dns}"
+        );
+
+        let text = lab.svc_lb(&["list", "--stats"])?;
+        let text = String::from_utf8_lossy(&text.stdout).into_owned();
+        eprintln!("{text}");
+        ensure!(
+            text.contains("Conns") && text.contains("InBytes") && text.contains("OutBytes"),
+            "list --stats text lacks its columns:\n{text}"
+        );
+        ensure!(
+            text.contains("- on external and UDP entries"),
+            "list --stats must say why UDP shows -:\n{text}"
+        );
+        if counts_off() {
+            ensure!(
+                text.contains("keeps no traffic counts"),
+                "list --stats must say why TCP shows -:\n{text}"
+            );
+        } else {
+            let line = text
+                .lines()
+                .find(|l| l.contains("10.96.0.81:80"))
+                .context("no 10.96.0.81:80 line")?;
+            ensure!(
+                line.contains(&(CONNS * SEND).to_string())
+                    && line.contains(&(CONNS * REPLY).to_string()),
+                "the frontend line lacks its byte counts: {line}"
+            );
+        }
+        Ok(())
+    });
+}
+
+/// `list --rate` under a client loop (harness clients, one short connection every 10
+/// ms) shows connections, packets and bytes per second above 0, and exactly 0 once the
+/// loop has ended. Without counts the rates of packets and bytes are `null`.
+#[test]
+fn rate_follows_a_client_loop_and_falls_to_zero() {
+    stats_lab(&["a", "b"], |lab| {
+        lab.serve_all_tcp(8080, false)?;
+        let v4 = lab.topo.addrs(false);
+        let docs: Vec<Value> = service("loop", "10.96.0.83", 80, 8080, Protocol::Tcp, &v4)
+            .into_iter()
+            .collect();
+        lab.write_manifest("rate.yaml", &yaml_docs(&docs))?;
+        lab.start_agent()?;
+
+        let mut o = lab.client(sa("10.96.0.83:80"), Proto::Tcp);
+        o.count = 0;
+        o.duration = Some(Duration::from_secs(3));
+        o.interval = Duration::from_millis(10);
+        let run = lab.spawn_client(&o)?;
+        std::thread::sleep(Duration::from_millis(500));
+        let during = list_json(lab, &["--rate", "--interval", "1"])?;
+        let r = run.wait()?;
+        ensure!(
+            r.failed == 0 && r.ok > 20,
+            "the client loop failed: {}",
+            r.summary()
+        );
+        let fe = frontend(&during, "10.96.0.83", 80)?;
+        ensure!(fe.get("stats").is_none(), "--rate shows totals: {fe}");
+        let rate = &fe["rate"];
+        eprintln!("rate during the loop: {rate}");
+        ensure!(
+            f(rate, "connections_per_second")? > 5.0,
+            "CPS under a loop of ~100/s: {rate}"
+        );
+        if counts_off() {
+            ensure!(
+                rate["bytes_in_per_second"].is_null() && rate["packets_out_per_second"].is_null(),
+                "traffic rates without counts: {rate}"
+            );
+        } else {
+            for k in [
+                "packets_in_per_second",
+                "packets_out_per_second",
+                "bytes_in_per_second",
+                "bytes_out_per_second",
+            ] {
+                ensure!(f(rate, k)? > 0.0, "{k} under a loop: {rate}");
+            }
+        }
+        let per_backend: f64 = fe["backends"]
+            .as_array()
+            .context("backends")?
+            .iter()
+            .map(|b| f(&b["rate"], "connections_per_second"))
+            .sum::<Result<f64>>()?;
+        // The frontend and backend counters are two maps read one after the other
+        // while the loop goes on: each of the two readings may see one connection more
+        // in one of them.
+        ensure!(
+            (per_backend - f(rate, "connections_per_second")?).abs() <= 2.0,
+            "backend CPS add up to {per_backend}: {fe}"
+        );
+
+        let after = list_json(lab, &["--rate", "--interval", "0.5"])?;
+        let rate = &frontend(&after, "10.96.0.83", 80)?["rate"];
+        eprintln!("rate after the loop: {rate}");
+        ensure!(
+            f(rate, "connections_per_second")? == 0.0,
+            "CPS after the loop: {rate}"
+        );
+        if !counts_off() {
+            for k in ["packets_in_per_second", "bytes_out_per_second"] {
+                ensure!(f(rate, k)? == 0.0, "{k} after the loop: {rate}");
+            }
+        }
+        let text = lab.svc_lb(&["list", "--rate", "--interval", "0.2"])?;
+        let text = String::from_utf8_lossy(&text.stdout).into_owned();
+        ensure!(
+            text.contains("CPS") && text.contains("InBPS") && text.contains("OutPPS"),
+            "list --rate text lacks its columns:\n{text}"
+        );
+        let bad = lab.svc_lb(&["list", "--rate", "--interval", "0"])?;
+        ensure!(
+            !bad.status.success()
+                && String::from_utf8_lossy(&bad.stderr).contains("between 0.1 and 60"),
+            "--interval 0 must be refused: {:?}",
+            bad
+        );
+        Ok(())
+    });
+}
