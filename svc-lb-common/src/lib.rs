@@ -59,13 +59,27 @@ pub const MAP_CONFIG: &str = "LB_CONFIG_V1";
 /// before it attaches XDP. A device without [`XDP_DEV_TX_OK`] (or without an entry)
 /// gets its rejects from tc: XDP passes the packet on instead of sending XDP_TX.
 pub const MAP_XDP_DEV: &str = "LB_XDPDEV_V1";
-/// Devices the XDP program runs on: ifindex → the device's MAC address (6 bytes, then 2
-/// zero bytes), written by the agent before it attaches XDP. XDP serves only frames
+/// Devices the XDP program runs on: an array indexed by ifindex (below
+/// [`XDP_MAC_ARRAY_MAX`]) of the device's MAC address (6 bytes, then [`XDP_MAC_SET`],
+/// then a zero byte), written by the agent before it attaches XDP. XDP serves only frames
 /// sent to that address: a switch flooding unknown unicast (right after the owner's link
 /// died) delivers frames for another node here too, and only their owner may answer.
-/// tc reads the same fact from `skb->pkt_type`. A device without an entry is served as
-/// before (`BPF_PROG_TEST_RUN`). Not pinned: written again at every attach.
+/// tc reads the same fact from `skb->pkt_type`. A device without an entry (byte 6 zero)
+/// is served as before (`BPF_PROG_TEST_RUN`). Not pinned: written again at every attach.
+/// An array rather than a hash: the kernel inlines an array lookup into a bounds check
+/// and an add, where a hash lookup hashes the key and walks a bucket (about 20 ns of
+/// every XDP packet).
 pub const MAP_XDP_MAC: &str = "LB_XDPMAC";
+/// The same for devices whose ifindex is [`XDP_MAC_ARRAY_MAX`] or more (ifindex → the
+/// same value), a hash: ifindexes grow with every device a node creates (pod veths), so
+/// a device added late can have a large one.
+pub const MAP_XDP_MAC_HI: &str = "LB_XDPMACHI";
+/// Entries of the `LB_XDPMAC` array (8 KiB): the ifindexes of a node's own devices, made
+/// at boot, are small.
+pub const XDP_MAC_ARRAY_MAX: u32 = 1 << 10;
+/// Byte 6 of an `LB_XDPMAC`/`LB_XDPMACHI` value: the entry holds a device's address
+/// (an array entry that was never written is all zeroes).
+pub const XDP_MAC_SET: u8 = 1;
 /// Open TCP connections per backend address on the socket path ([`ConnKey`] →
 /// [`ConnCount`]), kept by the sock_ops program `svclb_sockops` from the sockets' state
 /// changes (issue 15: `ActiveConn`/`InActConn`, `lc`/`wlc`). Keyed by the backend's

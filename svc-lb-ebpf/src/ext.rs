@@ -17,11 +17,7 @@
 // value they would be copied onto the 512-byte stack, which is what the scratch avoids.
 #![allow(clippy::needless_borrows_for_generic_args)]
 
-use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    btf_maps::lpm_trie::Key,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
-};
+use aya_ebpf::{bindings::BPF_NOEXIST, btf_maps::lpm_trie::Key, helpers::bpf_get_prandom_u32};
 use svc_lb_common::{
     AffinityExtKey, AffinityMatchKey, AffinityValue, BACKEND_FLAG_LOCAL, CT_DIR_FORWARD,
     CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT,
@@ -37,6 +33,7 @@ use svc_lb_common::{
 };
 
 use crate::{
+    compat,
     maps::{
         LB_AFFEXT_V1, LB_AFFMATCH_V1, LB_BACKENDS_V1, LB_CONFIG_V1, LB_CT_V1, LB_MAGLEV_V1,
         LB_NODEADDR_V1, LB_SCRATCH, LB_SRCRNG4_V1, LB_SRCRNG6_V1, LB_SVC4_V1, LB_SVC6_V1,
@@ -159,7 +156,7 @@ fn apply<C: Pkt>(c: &C, f: &Flow, to: &Rewrite, snat: bool) -> Verdict {
 #[inline(never)]
 pub fn reply<C: Pkt>(c: &C, f: &Flow, snat: bool) -> Option<Verdict> {
     let v = LB_CT_V1.get_ptr_mut(ct_key(f, CT_DIR_REPLY))?;
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = compat::ext_now_ns();
     let (expires, flags, nat_addr, nat_port, client_addr, client_port) = unsafe {
         (
             (*v).expires_ns,
@@ -235,7 +232,7 @@ pub fn forward<C: Pkt>(c: &C, f: &Flow) -> Verdict {
 /// [`forward`] for the clients of `path`.
 #[inline(always)]
 pub fn forward_on<C: Pkt>(c: &C, f: &Flow, path: Path) -> Verdict {
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = compat::ext_now_ns();
     match established(c, f, now) {
         Some(v) => v,
         None => new_flow(c, f, now, path),

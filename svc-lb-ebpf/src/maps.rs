@@ -14,7 +14,7 @@ use svc_lb_common::{
     RevNat, SOCK_RNAT_MAP_MAX, SRC_RANGE_MAP_MAX, SVC_MAP_MAX, SVC_META_MAP_MAX, SockRevNat4Key,
     SockRevNat4Value, SockRevNat6Key, SockRevNat6Value, SockRevNatStore, SockRevNatStoreV1,
     SrcRange4Key, SrcRange6Key, Svc4Key, Svc6Key, SvcMeta, SvcValue, TRAFFIC_MAP_MAX, TrafficCount,
-    TrafficKey, XDP_DEV_MAP_MAX,
+    TrafficKey, XDP_DEV_MAP_MAX, XDP_MAC_ARRAY_MAX,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -165,10 +165,15 @@ pub static LB_REJECT_RL: Array<RejectBucket, 1> = Array::new();
 pub static LB_XDPDEV_V1: HashMap<u32, u32, { XDP_DEV_MAP_MAX as usize }, NO_PREALLOC> =
     HashMap::new();
 
-/// The MAC address of each device running the XDP program (`MAP_XDP_MAC`): ifindex →
-/// address in bytes 0..6. Not pinned, written by the agent at every attach.
+/// The MAC address of each device running the XDP program (`MAP_XDP_MAC`): indexed by
+/// ifindex, address in bytes 0..6, `XDP_MAC_SET` in byte 6. Not pinned, written by the
+/// agent at every attach.
 #[btf_map]
-pub static LB_XDPMAC: HashMap<u32, [u8; 8], { XDP_DEV_MAP_MAX as usize }, NO_PREALLOC> =
+pub static LB_XDPMAC: Array<[u8; 8], { XDP_MAC_ARRAY_MAX as usize }> = Array::new();
+
+/// The same for ifindexes of `XDP_MAC_ARRAY_MAX` and more (`MAP_XDP_MAC_HI`).
+#[btf_map]
+pub static LB_XDPMACHI: HashMap<u32, [u8; 8], { XDP_DEV_MAP_MAX as usize }, NO_PREALLOC> =
     HashMap::new();
 
 /// Per-CPU scratch space of the external path: the reject frame and the conntrack keys

@@ -6,11 +6,12 @@
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use svc_lb_common::{
     CTR_EXT_PASS_UNSUPPORTED, CTR_EXT_XDP_FORWARDED, CTR_EXT_XDP_TX, XDP_DEV_TX_OK,
+    XDP_MAC_ARRAY_MAX,
 };
 
 use crate::{
     ext::{self, Verdict},
-    maps::{LB_XDPDEV_V1, LB_XDPMAC},
+    maps::{LB_XDPDEV_V1, LB_XDPMAC, LB_XDPMACHI},
     parse::{Parsed, parse},
     sock::count,
 };
@@ -36,7 +37,14 @@ pub fn tx_trusted(ctx: &XdpContext) -> bool {
 #[inline(always)]
 fn addressed_here(ctx: &XdpContext) -> bool {
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-    let Some(mac) = LB_XDPMAC.get_ptr(ifindex) else {
+    // The array lookup is inlined by the kernel (a bounds check and an add); only a
+    // device with a large ifindex pays for the hash.
+    let mac = if ifindex < XDP_MAC_ARRAY_MAX {
+        LB_XDPMAC.get_ptr(ifindex)
+    } else {
+        LB_XDPMACHI.get_ptr(ifindex)
+    };
+    let Some(mac) = mac else {
         return true;
     };
     let start = ctx.data();
@@ -48,8 +56,12 @@ fn addressed_here(ctx: &XdpContext) -> bool {
     // value). Three 16-bit words rather than byte-wise unaligned reads: see the comment
     // on `impl Pkt for XdpContext` (offsets 0, 2 and 4 are 2-aligned there).
     unsafe {
-        let dst = start as *const u16;
         let own = mac as *const u16;
+        // Bytes 6 and 7: `XDP_MAC_SET` and 0 once the agent wrote the entry.
+        if core::ptr::read(own.add(3)) == 0 {
+            return true;
+        }
+        let dst = start as *const u16;
         core::ptr::read(dst) == core::ptr::read(own)
             && core::ptr::read(dst.add(1)) == core::ptr::read(own.add(1))
             && core::ptr::read(dst.add(2)) == core::ptr::read(own.add(2))

@@ -437,6 +437,24 @@ impl Datapath {
         Ok(())
     }
 
+    /// Makes the XDP program's device addresses exactly `devices` (ifindex, MAC), with
+    /// the agent's own code (`LB_XDPMAC`, `LB_XDPMACHI`).
+    pub fn xdp_macs(&mut self, devices: &[(u32, [u8; 6])]) -> Result<()> {
+        svc_lb::datapath::links::write_xdp_macs(&mut self.ebpf, devices)
+    }
+
+    /// Runs XDP on `frame` as received by device `ifindex` (which must exist in the
+    /// caller's netns), queue 0: a `struct xdp_md` as the test run's context.
+    pub fn run_xdp_on(&self, ifindex: u32, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        // data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+        let md: [u32; 6] = [0, u32::try_from(frame.len())?, 0, ifindex, 0, 0];
+        let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        // SAFETY: the descriptor belongs to a program this fixture keeps loaded.
+        let prog = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.xdp) };
+        let r = svc_lb::datapath::sys::prog_test_run_ctx(prog, frame, 4096, 1, &ctx)?;
+        Ok((r.retval, r.data_out))
+    }
+
     pub fn backend(&mut self, id: u32, addr: &str, port: u16, proto: u8, flags: u8) -> Result<()> {
         let mut m: HashMap<&mut MapData, u32, Backend> =
             HashMap::try_from(map(&mut self.ebpf, svc_lb_common::MAP_BACKENDS)?)?;
@@ -622,7 +640,8 @@ impl Datapath {
         Ok(m.iter().collect::<Result<Vec<_>, _>>()?)
     }
 
-    /// Monotonic clock, as `bpf_ktime_get_ns` reads it.
+    /// Monotonic clock, as `bpf_ktime_get_ns` reads it (and `bpf_ktime_get_coarse_ns`,
+    /// up to a tick later).
     pub fn now_ns() -> u64 {
         let mut ts = libc::timespec {
             tv_sec: 0,
@@ -631,6 +650,13 @@ impl Datapath {
         // SAFETY: valid pointer to a timespec.
         unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
         ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    }
+
+    /// A time the datapath's clock has passed: one second ago. The external path may
+    /// read the coarse clock (`coarse_clock`), which lags CLOCK_MONOTONIC by up to a
+    /// timer tick (10 ms at HZ 100), so "now minus 1 ns" could still lie ahead of it.
+    pub fn past_ns() -> u64 {
+        Self::now_ns() - 1_000_000_000
     }
 
     /// Sum over CPUs of a counter.

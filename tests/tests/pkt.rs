@@ -594,6 +594,78 @@ fn xdp_leaves_rejects_to_tc_on_unmarked_devices() {
     }
 }
 
+/// A device of the test's netns whose ifindex lies beyond the `LB_XDPMAC` array, so
+/// that its address lives in `LB_XDPMACHI`.
+const HI_IFINDEX: u32 = svc_lb_common::XDP_MAC_ARRAY_MAX + 68_000;
+/// Another host's MAC address.
+const OTHER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x09];
+
+/// XDP serves only frames sent to the receiving device's own address, whether the
+/// device's ifindex puts it in the array (`lo`) or in the hash: a frame for another
+/// host, or a broadcast, passes untouched and is not counted; a device the agent wrote
+/// no address for is served. Rewriting the devices drops the entries of devices no
+/// longer listed, in both maps.
+#[test]
+fn xdp_serves_only_frames_sent_to_the_devices_address() {
+    let mut dp = lab();
+    ip_cmd(&format!(
+        "link add svclbhi0 index {HI_IFINDEX} type veth peer name svclbhi1"
+    ));
+    service(&mut dp, LB4, FE_PORT, TCP, 1, 0, &[BE_LOCAL4]);
+    let mut sport = 40_000;
+    let mut check = |dp: &mut Datapath, ifindex: u32, dst_mac: [u8; 6], served: bool| {
+        sport += 1;
+        let s = Spec::tcp(CLIENT4, sport, LB4, FE_PORT, SYN);
+        let mut frame = s.frame();
+        frame[..6].copy_from_slice(&dst_mac);
+        let before = dp.counter(CTR_EXT_XDP_FORWARDED).expect("counter");
+        let (rc, out) = dp
+            .run_xdp_on(ifindex, &frame)
+            .expect("test run on a device");
+        let forwarded = dp.counter(CTR_EXT_XDP_FORWARDED).expect("counter") - before;
+        let what = format!("ifindex {ifindex}, frame to {dst_mac:02x?}");
+        assert_eq!(rc, XDP_PASS, "{what}");
+        if served {
+            let p = parse(&out).unwrap_or_else(|e| panic!("{what}: {e:#}"));
+            assert_eq!(
+                (p.src, p.sport, p.dst, p.dport, p.dst_mac),
+                (ip(CLIENT4), sport, ip(LOCAL4), BE_PORT, dst_mac),
+                "{what}: translated"
+            );
+            assert_eq!(forwarded, 1, "{what}: served");
+        } else {
+            assert_eq!(out, frame, "{what}: must pass untouched");
+            assert_eq!(forwarded, 0, "{what}: not served");
+        }
+    };
+    let both = [LO_IFINDEX, HI_IFINDEX];
+    for i in both {
+        check(&mut dp, i, NODE_MAC, true);
+    }
+    dp.xdp_macs(&[(LO_IFINDEX, OTHER_MAC), (HI_IFINDEX, OTHER_MAC)])
+        .expect("write addresses");
+    for i in both {
+        check(&mut dp, i, NODE_MAC, false);
+        check(&mut dp, i, OTHER_MAC, true);
+    }
+    dp.xdp_macs(&[(LO_IFINDEX, NODE_MAC), (HI_IFINDEX, NODE_MAC)])
+        .expect("write addresses");
+    for i in both {
+        check(&mut dp, i, NODE_MAC, true);
+        check(&mut dp, i, OTHER_MAC, false);
+        check(&mut dp, i, [0xff; 6], false);
+    }
+    // Each device left out of a rewrite loses its entry: served whatever the address.
+    dp.xdp_macs(&[(LO_IFINDEX, OTHER_MAC)])
+        .expect("write addresses");
+    check(&mut dp, LO_IFINDEX, NODE_MAC, false);
+    check(&mut dp, HI_IFINDEX, NODE_MAC, true);
+    dp.xdp_macs(&[(HI_IFINDEX, OTHER_MAC)])
+        .expect("write addresses");
+    check(&mut dp, LO_IFINDEX, NODE_MAC, true);
+    check(&mut dp, HI_IFINDEX, NODE_MAC, false);
+}
+
 fn ensure_ct_alike(a: &mut Datapath, b: &mut Datapath) -> Result<()> {
     let strip = |v: Vec<(svc_lb_common::CtKey, svc_lb_common::CtValue)>| {
         let mut v: Vec<_> = v
@@ -681,7 +753,7 @@ fn expired_conntrack_entry_starts_a_new_flow() {
         _pad: 0,
     };
     let mut value = svc_lb_common::CtValue {
-        expires_ns: Datapath::now_ns() - 1,
+        expires_ns: Datapath::past_ns(),
         backend_id: BE_LOCAL4_B,
         rev_nat_id: 1,
         nat_addr_be: words("10.0.1.2"),
@@ -827,7 +899,7 @@ fn half_open_flow_is_not_kept_alive_by_the_backends_syn_ack() {
     // Expired (moved into the past by hand, as waiting 5 s would): another client's
     // flow may claim the SNAT port, and the old flow's SYN-ACK is no longer translated.
     for (k, mut v) in dp.ct().expect("ct") {
-        v.expires_ns = Datapath::now_ns() - 1;
+        v.expires_ns = Datapath::past_ns();
         dp.ct_insert(k, v).expect("ct");
     }
     let (rc, raw) = run(&dp, dp.tc_in, &r.frame());

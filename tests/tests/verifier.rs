@@ -69,6 +69,7 @@ fn load_all(compat_on: bool) -> Result<Vec<Cost>> {
         "SVCLB_CSUM_IPV6_FLAG",
         "SVCLB_FIB_REDIRECT",
         "SVCLB_SK_STORAGE",
+        "SVCLB_COARSE_CLOCK",
     ];
     for name in switches {
         loader.override_global(name, &on, true);

@@ -20,8 +20,8 @@ use aya::{
     },
 };
 use svc_lb_common::{
-    MAP_XDP_MAC, PROG_POD_EGRESS, PROG_POD_INGRESS, PROG_SOCKOPS, PROG_TC_EGRESS, PROG_TC_INGRESS,
-    PROG_XDP, SOCK_PROGRAMS,
+    MAP_XDP_MAC, MAP_XDP_MAC_HI, PROG_POD_EGRESS, PROG_POD_INGRESS, PROG_SOCKOPS, PROG_TC_EGRESS,
+    PROG_TC_INGRESS, PROG_XDP, SOCK_PROGRAMS, XDP_MAC_ARRAY_MAX, XDP_MAC_SET,
 };
 use tracing::{debug, info, warn};
 
@@ -376,41 +376,86 @@ fn cleanup_tc_netlink(bpffs: &Path) -> Result<usize> {
     Ok(n)
 }
 
-/// Makes `LB_XDPMAC` hold exactly the MAC address of each of `devices` (see
-/// [`MAP_XDP_MAC`]): XDP serves only frames sent to it. A device without one (an L3
-/// device) gets no entry. An address changed after this only costs the acceleration:
-/// XDP then passes the device's frames and tc, which asks the kernel (`pkt_type`),
-/// serves them.
+/// The `LB_XDPMAC`/`LB_XDPMACHI` value of a device with address `mac`.
+fn xdp_mac_value(mac: [u8; 6]) -> [u8; 8] {
+    let mut value = [0u8; 8];
+    value[..6].copy_from_slice(&mac);
+    value[6] = XDP_MAC_SET;
+    value
+}
+
+/// Makes `LB_XDPMAC` (ifindex below [`XDP_MAC_ARRAY_MAX`]) and `LB_XDPMACHI` (the
+/// others) hold exactly the MAC address of each of `devices` (see [`MAP_XDP_MAC`]): XDP
+/// serves only frames sent to it. A device without one (an L3 device) gets no entry. An
+/// address changed after this only costs the acceleration: XDP then passes the device's
+/// frames and tc, which asks the kernel (`pkt_type`), serves them.
 fn set_xdp_macs(ebpf: &mut Ebpf, devices: &[String]) -> Result<()> {
-    let map = ebpf
-        .map_mut(MAP_XDP_MAC)
-        .ok_or_else(|| anyhow!("map {MAP_XDP_MAC} missing from the eBPF object"))?;
-    let mut map: aya::maps::HashMap<&mut aya::maps::MapData, u32, [u8; 8]> =
-        aya::maps::HashMap::try_from(map)
-            .with_context(|| format!("map {MAP_XDP_MAC} has an unexpected type"))?;
     let mut want = Vec::new();
     for dev in devices {
         match crate::announce::responder::link(dev) {
             Ok(link) => {
                 let ifindex = u32::try_from(link.ifindex).context("interface index")?;
-                let mut value = [0u8; 8];
-                value[..6].copy_from_slice(&link.mac);
-                map.insert(ifindex, value, 0)
-                    .with_context(|| format!("{MAP_XDP_MAC}: insert device {dev}"))?;
-                want.push(ifindex);
+                want.push((ifindex, link.mac));
             }
             Err(e) => {
                 debug!(device = %dev, error = %format!("{e:#}"), "no MAC address; XDP serves every frame of this device");
             }
         }
     }
+    write_xdp_macs(ebpf, &want)
+}
+
+/// Makes `LB_XDPMAC` and `LB_XDPMACHI` hold exactly `devices` (ifindex, MAC address):
+/// the part of [`set_xdp_macs`] after the devices are resolved, public for the packet
+/// tests.
+pub fn write_xdp_macs(ebpf: &mut Ebpf, devices: &[(u32, [u8; 6])]) -> Result<()> {
+    let (low, high): (Vec<_>, Vec<_>) = devices
+        .iter()
+        .map(|(i, mac)| (*i, xdp_mac_value(*mac)))
+        .partition(|(i, _)| *i < XDP_MAC_ARRAY_MAX);
+    {
+        let map = ebpf
+            .map_mut(MAP_XDP_MAC)
+            .ok_or_else(|| anyhow!("map {MAP_XDP_MAC} missing from the eBPF object"))?;
+        let mut map: aya::maps::Array<&mut aya::maps::MapData, [u8; 8]> =
+            aya::maps::Array::try_from(map)
+                .with_context(|| format!("map {MAP_XDP_MAC} has an unexpected type"))?;
+        // Every index is written (the array has no deletion): the wanted devices' entries,
+        // and zeroes over any other, left by an earlier attach of this object.
+        let stale: Vec<u32> = map
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| match v {
+                Ok(v) if v[6] != 0 => u32::try_from(i).ok(),
+                _ => None,
+            })
+            .collect();
+        for index in stale.iter().filter(|i| !low.iter().any(|(w, _)| w == *i)) {
+            map.set(*index, [0u8; 8], 0)
+                .with_context(|| format!("{MAP_XDP_MAC}: clear ifindex {index}"))?;
+        }
+        for (ifindex, value) in &low {
+            map.set(*ifindex, value, 0)
+                .with_context(|| format!("{MAP_XDP_MAC}: write ifindex {ifindex}"))?;
+        }
+    }
+    let map = ebpf
+        .map_mut(MAP_XDP_MAC_HI)
+        .ok_or_else(|| anyhow!("map {MAP_XDP_MAC_HI} missing from the eBPF object"))?;
+    let mut map: aya::maps::HashMap<&mut aya::maps::MapData, u32, [u8; 8]> =
+        aya::maps::HashMap::try_from(map)
+            .with_context(|| format!("map {MAP_XDP_MAC_HI} has an unexpected type"))?;
+    for (ifindex, value) in &high {
+        map.insert(*ifindex, value, 0)
+            .with_context(|| format!("{MAP_XDP_MAC_HI}: write ifindex {ifindex}"))?;
+    }
     let have: Vec<u32> = map
         .keys()
         .collect::<Result<_, _>>()
-        .with_context(|| format!("read map {MAP_XDP_MAC}"))?;
-    for ifindex in have.iter().filter(|i| !want.contains(i)) {
+        .with_context(|| format!("read map {MAP_XDP_MAC_HI}"))?;
+    for ifindex in have.iter().filter(|i| !high.iter().any(|(w, _)| w == *i)) {
         if let Err(e) = map.remove(ifindex) {
-            warn!(ifindex, error = %e, map = MAP_XDP_MAC, "delete stale entry");
+            warn!(ifindex, error = %e, map = MAP_XDP_MAC_HI, "delete stale entry");
         }
     }
     Ok(())

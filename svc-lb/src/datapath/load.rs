@@ -106,6 +106,7 @@ pub struct Compat {
     pub atomic_fetch: bool,
     /// Load the sock_ops program that keeps the connection counts.
     pub conn_counts: bool,
+    pub coarse_clock: bool,
 }
 
 impl Default for Compat {
@@ -117,6 +118,7 @@ impl Default for Compat {
             sk_storage_rnat: true,
             atomic_fetch: true,
             conn_counts: true,
+            coarse_clock: true,
         }
     }
 }
@@ -130,6 +132,7 @@ impl From<&super::probe::Choices> for Compat {
             sk_storage_rnat: c.sk_storage_rnat,
             atomic_fetch: c.atomic_fetch,
             conn_counts: c.conn_counts,
+            coarse_clock: c.coarse_clock,
         }
     }
 }
@@ -304,6 +307,7 @@ pub fn load(bpffs: &Path, opts: &LoadOptions) -> Result<Ebpf> {
         ("SVCLB_FIB_REDIRECT", opts.compat.fib_redirect),
         ("SVCLB_SK_STORAGE", opts.compat.sk_storage_rnat),
         ("SVCLB_ATOMIC_FETCH", opts.compat.atomic_fetch),
+        ("SVCLB_COARSE_CLOCK", opts.compat.coarse_clock),
     ]
     .map(|(name, on)| (name, u8::from(on)));
     // Sockets of an agent before LB_SKRNATSK_V2 keep their translations in the old

@@ -501,6 +501,18 @@ pub fn prog_test_run(
     out_capacity: usize,
     repeat: u32,
 ) -> Result<TestRun> {
+    prog_test_run_ctx(prog, data, out_capacity, repeat, &[])
+}
+
+/// [`prog_test_run`] with a context for the program (`ctx_in`, say a `struct xdp_md`
+/// naming the ingress device); empty: none.
+pub fn prog_test_run_ctx(
+    prog: BorrowedFd<'_>,
+    data: &[u8],
+    out_capacity: usize,
+    repeat: u32,
+    ctx: &[u8],
+) -> Result<TestRun> {
     let mut out = vec![0u8; out_capacity];
     let mut attr = TestRunAttr {
         prog_fd: prog.as_raw_fd() as u32,
@@ -509,6 +521,10 @@ pub fn prog_test_run(
         repeat,
         ..Default::default()
     };
+    if !ctx.is_empty() {
+        attr.ctx_size_in = u32::try_from(ctx.len()).context("test context too large")?;
+        attr.ctx_in = ctx.as_ptr() as u64;
+    }
     // Without an output buffer the pointer stays 0: the kernel copies nothing back then,
     // where a dangling pointer of an empty Vec would fail with EFAULT.
     if out_capacity > 0 {
