@@ -226,6 +226,18 @@ pub const PROG_POD_EGRESS: &str = "svclb_pod_out";
 /// the kernel has it (probe feature `sock_ops_conn`).
 pub const PROG_SOCKOPS: &str = "svclb_sockops";
 
+/// `lc`/`wlc` (issue 15): programs the connect hooks tail-call for an `lc`/`wlc`
+/// frontend, through index 0 of `MAP_LC_PROG4`/`MAP_LC_PROG6`. Each is its connect
+/// hook's code with the exact scan; loaded only where the node keeps connection counts,
+/// never attached.
+pub const PROG_LC4: &str = "svclb_lc4";
+pub const PROG_LC6: &str = "svclb_lc6";
+/// The program arrays holding them (one per family: a tail call needs the caller's
+/// attach type). Not pinned: while no agent runs they are empty, and the connect hooks
+/// take two random choices for `lc`/`wlc` frontends.
+pub const MAP_LC_PROG4: &str = "LB_LCPROG4";
+pub const MAP_LC_PROG6: &str = "LB_LCPROG6";
+
 pub const SOCK_PROGRAMS: [&str; 8] = [
     PROG_CONNECT4,
     PROG_CONNECT6,
@@ -1210,6 +1222,7 @@ mod tests {
             .chain(SOCKET_MAPS.iter())
             .chain(SOCK_PROGRAMS.iter())
             .chain(ext.iter())
+            .chain([PROG_LC4, PROG_LC6, MAP_LC_PROG4, MAP_LC_PROG6].iter())
         {
             assert!(name.len() <= 15, "{name} is longer than BPF_OBJ_NAME_LEN-1");
         }

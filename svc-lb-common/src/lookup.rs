@@ -225,14 +225,17 @@ pub fn choose_backend<B>(
     }
 }
 
-/// Most slots `lc`/`wlc` compare one by one. A frontend with more slots (more backends,
-/// or weights whose gcd-reduced sum is larger) is served by two random choices instead
-/// (see [`lc_scan`]). Bounded so that the socket programs stay small: every slot costs
-/// three map lookups in the connect hook, and the scan is written out step by step
-/// (a loop over 8 or 16 slots, unrolled or not, took the 6.18 verifier past its 1 M
-/// instruction limit: every step branches on the loads it read).
+/// Most slots `lc`/`wlc` compare one by one. The connect hooks hand an `lc`/`wlc`
+/// frontend to a separate program by a tail call (svc-lb-ebpf/src/sock.rs), which
+/// holds the scan, so that the hooks every other connection runs carry none of its
+/// verifier cost. A frontend with more slots (more backends, or weights whose
+/// gcd-reduced sum is larger) is served by two random choices instead (see
+/// [`lc_scan`]). Bounded because the scan is written out step by step: a loop over 8
+/// or 16 slots, unrolled or not, and a `bpf_loop` callback (5.17) over up to 256 took
+/// the 6.18 verifier past its 1 M instruction limit (every step branches on the loads
+/// it read, so the verifier cannot merge states).
 pub const LC_SCAN_MAX: u32 = 4;
-// `lc_scan` writes out exactly this many steps.
+// The lc programs write out exactly this many steps.
 const _: () = assert!(LC_SCAN_MAX == 4);
 
 /// IPVS's load of a real server: active connections × 256 + inactive ones. Each count
@@ -259,8 +262,8 @@ pub fn lc_less(a_load: u64, a_weight: u32, b_load: u64, b_weight: u32) -> bool {
 pub enum LcVia {
     /// Every slot compared: the exact IPVS choice (ties broken by the seed).
     Scan,
-    /// More than [`LC_SCAN_MAX`] slots: the lighter of two random slots `a` and `b`
-    /// (weights shape the draw, the load alone decides between the two).
+    /// More slots than the exact scan takes: the lighter of two random slots `a` and
+    /// `b` (weights shape the draw, the load alone decides between the two).
     TwoChoices { a: u16, b: u16 },
 }
 
@@ -282,21 +285,173 @@ fn lc_tie(seed: u32, slot: u16) -> u32 {
     crate::maglev::mix64(u64::from(seed) | (u64::from(slot) << 32)) as u32
 }
 
-/// `lc`/`wlc`: the slot of the backend with the least load per weight, without a loop
-/// over all backends. The layout holds each backend's slots as one run (its weight).
+/// What a missing slot or backend weighs: more than any real load, small enough that a
+/// product with a weight does not wrap.
+const LC_MISSING: u64 = u64::MAX >> 17;
+
+/// What the best run weighs before any run was compared: more than a missing slot at
+/// weight 1, so that the first run always wins against it.
+const LC_NONE: u64 = LC_MISSING + 1;
+
+/// The exact `lc`/`wlc` scan as a state fed one slot at a time, in order `1..=count`:
+/// [`lc_scan`] drives it with a loop, the eBPF lc programs with steps written out.
+/// A run's length is the distance between its first slot and the next run's, not a
+/// counter, and no field is a "none yet" flag that every step tests.
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub struct LcScan {
+    best_load: u64,
+    run_load: u64,
+    best_weight: u32,
+    best_tie: u32,
+    run_id: u32,
+    seed: u32,
+    best_slot: u16,
+    run_first: u16,
+}
+
+impl LcScan {
+    /// Starts a scan: slot 1 holds `id` (readers as for [`LcScan::step`]).
+    #[inline(always)]
+    pub fn new(seed: u32, id: Option<u32>, load: impl FnOnce(u32) -> Option<u64>) -> Self {
+        let mut s = Self {
+            best_load: LC_NONE,
+            run_load: 0,
+            best_weight: 1,
+            best_tie: 0,
+            run_id: 0,
+            seed,
+            best_slot: 0,
+            run_first: 1,
+        };
+        s.start(1, id, load);
+        s
+    }
+
+    /// Slot `slot` (2, 3, … in order) holds backend `id` (`None`: the slot is
+    /// missing). A slot continuing the run of the previous one adds to its weight;
+    /// another ends that run and starts its own, and only then is `load(id)` asked (the
+    /// backend's [`lc_overhead`], `None` when its entry is missing). A missing slot or
+    /// backend counts as fully loaded.
+    #[inline(always)]
+    pub fn step(&mut self, slot: u16, id: Option<u32>, load: impl FnOnce(u32) -> Option<u64>) {
+        match id {
+            Some(id) if id != 0 && id == self.run_id => {}
+            _ => {
+                self.consider(slot);
+                self.start(slot, id, load);
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn start(&mut self, slot: u16, id: Option<u32>, load: impl FnOnce(u32) -> Option<u64>) {
+        let (id, l) = match id {
+            Some(id) => (id, load(id).unwrap_or(LC_MISSING)),
+            None => (0, LC_MISSING),
+        };
+        self.run_id = id;
+        self.run_first = slot;
+        self.run_load = l;
+    }
+
+    /// Compares the run that ends before slot `end` with the best so far: the least
+    /// `load / weight` wins ([`lc_less`]), ties by a key mixed from the seed.
+    #[inline(always)]
+    fn consider(&mut self, end: u16) {
+        let (first, l) = (self.run_first, self.run_load);
+        let w = u32::from(end.wrapping_sub(first));
+        let tie = lc_tie(self.seed, first);
+        let better = lc_less(l, w, self.best_load, self.best_weight)
+            || (!lc_less(self.best_load, self.best_weight, l, w) && tie < self.best_tie);
+        if better {
+            self.best_slot = first;
+            self.best_load = l;
+            self.best_weight = w;
+            self.best_tie = tie;
+        }
+    }
+
+    /// The least loaded run's first slot, after the last slot `count`.
+    #[inline(always)]
+    pub fn finish(mut self, count: u32) -> Option<LcPick> {
+        self.consider((count as u16).wrapping_add(1));
+        if self.best_slot == 0 {
+            return None;
+        }
+        Some(LcPick {
+            slot: self.best_slot,
+            load: self.best_load,
+            weight: self.best_weight,
+            via: LcVia::Scan,
+        })
+    }
+}
+
+/// The approximate `lc`/`wlc` choice: the lighter of two slots drawn from `seed`
+/// (power of two choices). A backend's chance to be drawn is its weight's share; the
+/// loads decide. `count` must not be 0. Readers as for [`lc_scan`].
+#[inline(always)]
+pub fn lc_two_choices(
+    count: u32,
+    seed: u32,
+    mut slot_backend: impl FnMut(u16) -> Option<u32>,
+    mut load: impl FnMut(u32) -> Option<u64>,
+) -> LcPick {
+    let count = if count == 0 { 1 } else { count };
+    let a = (seed % count) as u16 + 1;
+    let b = (lc_tie(seed, 0) % count) as u16 + 1;
+    let la = slot_backend(a).and_then(&mut load).unwrap_or(LC_MISSING);
+    let lb = slot_backend(b).and_then(&mut load).unwrap_or(LC_MISSING);
+    let (slot, l) = if lb < la { (b, lb) } else { (a, la) };
+    LcPick {
+        slot,
+        load: l,
+        weight: 1,
+        via: LcVia::TwoChoices { a, b },
+    }
+}
+
+/// `lc`/`wlc`: the slot of the backend with the least load per weight. The layout
+/// holds each backend's slots as one run (its weight).
 ///
-/// - `count ≤ LC_SCAN_MAX`: slots `1..=count` are read in order; each run of one
-///   backend id is a candidate whose weight is the run's length; the least
+/// - `count ≤ exact_max`: slots `1..=count` are read in order ([`LcScan`]); each run of
+///   one backend id is a candidate whose weight is the run's length; the least
 ///   `load / weight` wins ([`lc_less`]), ties by a key mixed from `seed`. Exact.
-/// - above: the lighter of two slots drawn from `seed` (power of two choices). A
-///   backend's chance to be drawn is its weight's share; the loads decide.
+/// - above: [`lc_two_choices`]. The datapath's `exact_max` is [`LC_SCAN_MAX`] where
+///   the lc programs are loaded, else 0.
 ///
 /// `slot_backend(n)`: backend id of slot `n` (`None` when missing); `load(id)`: the
 /// backend's [`lc_overhead`] (`None` when its entry is missing). A missing slot or
 /// backend counts as fully loaded, so it is taken only when nothing else is there (and
 /// the caller then refuses, as for any missing entry). `None` only for `count == 0`.
-#[inline(always)]
 pub fn lc_scan(
+    count: u32,
+    seed: u32,
+    exact_max: u32,
+    mut slot_backend: impl FnMut(u16) -> Option<u32>,
+    mut load: impl FnMut(u32) -> Option<u64>,
+) -> Option<LcPick> {
+    if count == 0 {
+        return None;
+    }
+    if count > exact_max {
+        return Some(lc_two_choices(count, seed, slot_backend, load));
+    }
+    let mut scan = LcScan::new(seed, slot_backend(1), &mut load);
+    for slot in 2..=count {
+        let slot = slot as u16;
+        scan.step(slot, slot_backend(slot), &mut load);
+    }
+    scan.finish(count)
+}
+
+/// [`lc_scan`] with [`LC_SCAN_MAX`] as the bound, the scan written out step by step
+/// for the eBPF lc programs (a shape the verifier walks in about 58 000 instructions
+/// for IPv4; [`LcScan`]'s shape, fed step by step, took three times that). Same
+/// choice as [`lc_scan`] (a unit test compares them).
+#[inline(always)]
+pub fn lc_scan_steps(
     count: u32,
     seed: u32,
     mut slot_backend: impl FnMut(u16) -> Option<u32>,
@@ -307,7 +462,7 @@ pub fn lc_scan(
     }
     // What a missing slot or backend weighs: more than any real load, small enough
     // that a product with a weight does not wrap.
-    const MISSING: u64 = u64::MAX >> 17;
+    const MISSING: u64 = LC_MISSING;
     if count > LC_SCAN_MAX {
         let a = (seed % count) as u16 + 1;
         let b = (lc_tie(seed, 0) % count) as u16 + 1;
@@ -1330,11 +1485,13 @@ mod tests {
         assert!(lc_less(lc_overhead(1, 0), 1, lc_overhead(1, 1), 1));
     }
 
-    /// `lc_scan` over a slot list (index 0 unused) with loads per backend id.
+    /// `lc_scan` over a slot list (index 0 unused) with loads per backend id, every
+    /// slot compared (the datapath's bound is LC_SCAN_MAX; the scan itself has none).
     fn scan(slots: &[u32], loads: &[(u32, u64)], seed: u32) -> LcPick {
         lc_scan(
             (slots.len() - 1) as u32,
             seed,
+            u32::MAX,
             |s| slots.get(usize::from(s)).copied(),
             |id| loads.iter().find(|(i, _)| *i == id).map(|(_, l)| *l),
         )
@@ -1382,38 +1539,110 @@ mod tests {
         let p = lc_scan(
             4,
             3,
+            LC_SCAN_MAX,
             |s| (s != 3).then(|| slots[usize::from(s)]),
             |id| Some(if id == 13 { 0 } else { 5000 }),
         )
         .unwrap();
         assert_ne!(p.slot, 3, "a missing slot is never lighter");
-        assert_eq!(lc_scan(0, 1, |_| Some(1), |_| Some(0)), None);
+        assert_eq!(lc_scan(0, 1, LC_SCAN_MAX, |_| Some(1), |_| Some(0)), None);
     }
 
     #[test]
     fn lc_scan_above_the_bound_takes_the_lighter_of_two_random_slots() {
-        let n = LC_SCAN_MAX + 4;
-        let mut reads = 0;
-        for seed in 0..200u32 {
-            let p = lc_scan(
-                n,
-                seed,
-                |s| {
-                    reads += 1;
-                    Some(u32::from(s) + 100)
-                },
-                |id| Some(u64::from(id % 7)),
-            )
-            .unwrap();
-            let LcVia::TwoChoices { a, b } = p.via else {
-                panic!("scan above the bound: {p:?}");
-            };
-            assert!((1..=n as u16).contains(&a) && (1..=n as u16).contains(&b));
-            let load = |s: u16| u64::from((u32::from(s) + 100) % 7);
-            assert_eq!(p.load, load(a).min(load(b)));
-            assert!(p.slot == a || p.slot == b);
+        // The bound is the caller's: LC_SCAN_MAX with the lc programs, 0 without.
+        for (n, exact_max) in [(8u32, 4u32), (LC_SCAN_MAX + 1, LC_SCAN_MAX), (3, 0)] {
+            let mut reads = 0;
+            for seed in 0..200u32 {
+                let p = lc_scan(
+                    n,
+                    seed,
+                    exact_max,
+                    |s| {
+                        reads += 1;
+                        Some(u32::from(s) + 100)
+                    },
+                    |id| Some(u64::from(id % 7)),
+                )
+                .unwrap();
+                let LcVia::TwoChoices { a, b } = p.via else {
+                    panic!("scan above the bound: {p:?}");
+                };
+                assert!((1..=n as u16).contains(&a) && (1..=n as u16).contains(&b));
+                let load = |s: u16| u64::from((u32::from(s) + 100) % 7);
+                assert_eq!(p.load, load(a).min(load(b)));
+                assert!(p.slot == a || p.slot == b);
+            }
+            assert_eq!(reads, 400, "two slot reads per choice, not a scan");
         }
-        assert_eq!(reads, 400, "two slot reads per choice, not a scan");
+    }
+
+    #[test]
+    fn the_written_out_scan_chooses_as_the_loop() {
+        let ids = [11u32, 12, 13, 14];
+        for count in 1..=6u32 {
+            for seed in 0..64u32 {
+                for shape in 0..16u32 {
+                    // Runs of equal ids (wlc weights), a missing slot, loads from the seed.
+                    let slot = |s: u16| -> Option<u32> {
+                        let i = usize::from(s - 1);
+                        if shape == 5 && s == 2 {
+                            return None;
+                        }
+                        Some(ids[(i * (shape as usize % 3 + 1) / 3).min(3)])
+                    };
+                    let load = |id: u32| -> Option<u64> {
+                        (id != 14 || shape % 4 != 0).then(|| u64::from((id * (shape + 1)) % 5) << 8)
+                    };
+                    let a = lc_scan(count, seed, LC_SCAN_MAX, slot, load);
+                    let b = lc_scan_steps(count, seed, slot, load);
+                    assert_eq!(a, b, "count {count} seed {seed} shape {shape}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn lc_scan_is_exact_over_many_slots_given_the_bound() {
+        // 40 backends under lc, loads falling then rising: the least is backend 125,
+        // far from either end and never drawn by luck alone.
+        let slots: std::vec::Vec<u32> = std::iter::once(0).chain(100..140).collect();
+        let loads: std::vec::Vec<(u32, u64)> = (100..140u32)
+            .map(|id| (id, lc_overhead(u64::from(id.abs_diff(125)) + 1, 0)))
+            .collect();
+        for seed in 0..50 {
+            let p = scan(&slots, &loads, seed);
+            assert_eq!(
+                (p.slot, p.load, p.via),
+                (26, 256, LcVia::Scan),
+                "seed {seed}"
+            );
+        }
+        // wlc with long runs: 1 slot for 7, 200 for 8.
+        // 8 holds 150 connections (0.75 per weight), 7 holds 1: 8 is lighter.
+        let mut slots = std::vec![0u32, 7];
+        slots.extend(std::iter::repeat_n(8, 200));
+        let p = scan(
+            &slots,
+            &[(7, lc_overhead(1, 0)), (8, lc_overhead(150, 0))],
+            3,
+        );
+        assert_eq!((p.slot, p.weight), (2, 200));
+        let p = scan(&slots, &[(7, 0), (8, lc_overhead(150, 0))], 3);
+        assert_eq!((p.slot, p.weight), (1, 1));
+        // The fed state gives what the loop gives, slot by slot (the eBPF callback's
+        // way), and nothing fed is no choice.
+        let load = |id: u32| Some(if id == 7 { 0 } else { 9 });
+        let mut s = LcScan::new(3, Some(slots[1]), load);
+        for (i, id) in slots.iter().enumerate().skip(2) {
+            s.step(i as u16, Some(*id), load);
+        }
+        assert_eq!(
+            s.finish(slots.len() as u32 - 1).map(|p| (p.slot, p.weight)),
+            Some((1, 1))
+        );
+        let s = LcScan::new(3, Some(slots[1]), load);
+        assert_eq!(s.finish(1).map(|p| (p.slot, p.weight)), Some((1, 1)));
     }
 
     #[test]
@@ -1436,6 +1665,7 @@ mod tests {
                 lc_scan(
                     count,
                     9,
+                    LC_SCAN_MAX,
                     |s| slots.get(usize::from(s)).copied(),
                     |id| Some(if id == 13 { 0 } else { 256 }),
                 )

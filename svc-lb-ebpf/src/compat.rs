@@ -43,6 +43,17 @@ static SVCLB_SK_RNAT_V1: Global<u8> = Global::new(0);
 #[unsafe(no_mangle)]
 static SVCLB_ATOMIC_FETCH: Global<u8> = Global::new(1);
 
+/// 1: the agent loads the `lc`/`wlc` programs into the program arrays (a node with
+/// connection counts), and the connect hooks tail-call them for `lc`/`wlc` frontends;
+/// 0: no tail call at all (the verifier removes it; no frontend is `lc`/`wlc` then).
+#[unsafe(no_mangle)]
+static SVCLB_LC_LOOP: Global<u8> = Global::new(1);
+
+#[inline(always)]
+pub fn lc_loop() -> bool {
+    SVCLB_LC_LOOP.load() != 0
+}
+
 #[inline(always)]
 pub fn atomic_fetch() -> bool {
     SVCLB_ATOMIC_FETCH.load() != 0

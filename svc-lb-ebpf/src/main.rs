@@ -45,20 +45,25 @@ mod entry {
 
     use crate::{
         debug,
-        sock::{self, Family},
+        sock::{self, Family, lc},
     };
 
     /// Runs a forward hook, logging its decision when `--bpf-log` is on. The flag is
     /// read once; when it is off the verifier drops both branches (see `debug.rs`).
     #[inline(always)]
-    fn forward_logged(ctx: &SockAddrContext, family: Family, hook: &str, sendmsg: bool) -> i32 {
+    fn forward_logged<const LC: u8>(
+        ctx: &SockAddrContext,
+        family: Family,
+        hook: &str,
+        sendmsg: bool,
+    ) -> i32 {
         let log = debug::enabled();
         let before = match (log, family) {
             (false, _) => None,
             (true, Family::V4) => Some(debug::dest4(ctx)),
             (true, Family::V6) => Some(debug::dest6(ctx)),
         };
-        let verdict = sock::forward(ctx, family, sendmsg);
+        let verdict = sock::forward::<LC>(ctx, family, sendmsg);
         if let Some(before) = before {
             match family {
                 Family::V4 => debug::forward4(ctx, hook, before, verdict),
@@ -70,22 +75,36 @@ mod entry {
 
     #[cgroup_sock_addr(connect4)]
     pub fn svclb_connect4(ctx: SockAddrContext) -> i32 {
-        forward_logged(&ctx, Family::V4, "connect4", false)
+        forward_logged::<{ lc::TAIL_CALL }>(&ctx, Family::V4, "connect4", false)
     }
 
     #[cgroup_sock_addr(connect6)]
     pub fn svclb_connect6(ctx: SockAddrContext) -> i32 {
-        forward_logged(&ctx, Family::V6, "connect6", false)
+        forward_logged::<{ lc::TAIL_CALL }>(&ctx, Family::V6, "connect6", false)
+    }
+
+    /// `lc`/`wlc` frontends: the connect hooks tail-call these (program arrays
+    /// `LB_LCPROG4`/`6`), which the agent loads where it keeps connection counts. The
+    /// connect hook's code with the exact scan; the attach type is the caller's, as a
+    /// tail call requires.
+    #[cgroup_sock_addr(connect4)]
+    pub fn svclb_lc4(ctx: SockAddrContext) -> i32 {
+        forward_logged::<{ lc::SCAN }>(&ctx, Family::V4, "connect4", false)
+    }
+
+    #[cgroup_sock_addr(connect6)]
+    pub fn svclb_lc6(ctx: SockAddrContext) -> i32 {
+        forward_logged::<{ lc::SCAN }>(&ctx, Family::V6, "connect6", false)
     }
 
     #[cgroup_sock_addr(sendmsg4)]
     pub fn svclb_sendmsg4(ctx: SockAddrContext) -> i32 {
-        forward_logged(&ctx, Family::V4, "sendmsg4", true)
+        forward_logged::<{ lc::RANDOM }>(&ctx, Family::V4, "sendmsg4", true)
     }
 
     #[cgroup_sock_addr(sendmsg6)]
     pub fn svclb_sendmsg6(ctx: SockAddrContext) -> i32 {
-        forward_logged(&ctx, Family::V6, "sendmsg6", true)
+        forward_logged::<{ lc::RANDOM }>(&ctx, Family::V6, "sendmsg6", true)
     }
 
     #[cgroup_sock_addr(recvmsg4)]

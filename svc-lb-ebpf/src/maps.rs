@@ -4,7 +4,8 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SkStorage},
-    macros::btf_map,
+    macros::{btf_map, map},
+    maps::ProgramArray,
 };
 use svc_lb_common::{
     AFF_MATCH_MAP_MAX, AFFINITY_EXT_MAP_MAX, AFFINITY_MAP_MAX, AffinityExtKey, AffinityKey,
@@ -195,3 +196,12 @@ pub struct Scratch {
     pub rkey: CtKey,
     pub rval: CtValue,
 }
+
+/// `lc`/`wlc`: index 0 holds the family's lc program (`svclb_lc4`/`svclb_lc6`), which the
+/// connect hooks tail-call for an `lc`/`wlc` frontend; empty while no agent runs (two
+/// random choices then). A legacy map definition: the kernel takes no
+/// BTF key/value types for a program array.
+#[map]
+pub static LB_LCPROG4: ProgramArray = ProgramArray::with_max_entries(1, 0);
+#[map]
+pub static LB_LCPROG6: ProgramArray = ProgramArray::with_max_entries(1, 0);

@@ -9,20 +9,21 @@
 use aya_ebpf::{
     btf_maps::lpm_trie::Key,
     helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_set_retval},
+    maps::ProgramArray,
     programs::SockAddrContext,
 };
 use svc_lb_common::{
     AffinityKey, AffinityMatchKey, AffinityValue, CTR_SOCK_AFF_HIT, CTR_SOCK_AFF_STALE,
     CTR_SOCK_AFF_UPDATE_FAIL, CTR_SOCK_RNAT_UPDATE_FAIL, CTR_SOCK_SRC_UNBOUND, CTR_SOCK_XLATED,
-    Choice, ConnKey, PROTO_UDP, SCOPE_ALL, SrcRange4Key, SrcRange6Key, Stickiness, Svc4Key,
-    Svc6Key, SvcValue, choose_backend,
-    lookup::{lc_overhead, lc_scan, v4_mapped},
+    Choice, ConnKey, PROTO_UDP, SCOPE_ALL, SVC_FLAG_SCHED_LC, SrcRange4Key, SrcRange6Key,
+    Stickiness, Svc4Key, Svc6Key, SvcValue, choose_backend,
+    lookup::{LC_SCAN_MAX, lc_overhead, lc_scan_steps, lc_two_choices, v4_mapped},
     select_slot,
 };
 
 use crate::maps::{
     LB_AFFINITY_V1, LB_AFFMATCH_V1, LB_BACKENDS_V1, LB_BESTATS_V1, LB_CONNS_V1, LB_COUNTERS_V2,
-    LB_FESTATS_V1, LB_SRCRNG4_V1, LB_SRCRNG6_V1, LB_SVC4_V1, LB_SVC6_V1,
+    LB_FESTATS_V1, LB_LCPROG4, LB_LCPROG6, LB_SRCRNG4_V1, LB_SRCRNG6_V1, LB_SVC4_V1, LB_SVC6_V1,
 };
 
 const ALLOW: i32 = 1;
@@ -33,6 +34,23 @@ const ECONNREFUSED: i32 = 111;
 pub enum Family {
     V4,
     V6,
+}
+
+/// How a program serves an `lc`/`wlc` frontend (issue 15): a const generic parameter
+/// of the forward path, so that each program holds only its own way (and a tail call
+/// stays in the program's main function, where the verifier allows it).
+pub mod lc {
+    /// sendmsg: a random slot. Unconnected datagrams are never counted, so there is
+    /// nothing to compare, and the sendmsg programs stay without the scan.
+    pub const RANDOM: u8 = 0;
+    /// The connect hooks: tail-call the family's lc program (`svclb_lc4`/`6`), so that
+    /// the hooks every other connection runs carry no scan for the verifier to walk.
+    /// Where none is loaded (a kernel without connection counts, or no agent running) the
+    /// lighter of two random slots is taken.
+    pub const TAIL_CALL: u8 = 1;
+    /// The lc programs: the exact scan over up to `LC_SCAN_MAX` slots, written out;
+    /// two random choices above.
+    pub const SCAN: u8 = 2;
 }
 
 /// `--socket-lb-scope host`: the cookie of the agent's (the host's) network namespace,
@@ -168,13 +186,13 @@ fn remember(client: &Client, rev_nat_id: u32, backend_id: u32, sticky: Stickines
 /// `sendmsg`: the hook is sendmsg4/6, whose context also carries the source a datagram
 /// asked for (`IP_PKTINFO`); the verifier refuses that field in the connect hooks.
 #[inline(always)]
-pub fn forward(ctx: &SockAddrContext, family: Family, sendmsg: bool) -> i32 {
+pub fn forward<const LC: u8>(ctx: &SockAddrContext, family: Family, sendmsg: bool) -> i32 {
     if !in_scope(ctx) {
         return ALLOW;
     }
     match family {
-        Family::V4 => forward4(ctx, sendmsg),
-        Family::V6 => forward6(ctx, sendmsg),
+        Family::V4 => forward4::<LC>(ctx, sendmsg),
+        Family::V6 => forward6::<LC>(ctx, sendmsg),
     }
 }
 
@@ -316,6 +334,67 @@ fn backend_load(id: u32) -> Option<u64> {
     })
 }
 
+/// A frontend's slot entries, read by the lc scan and two choices: the master key with
+/// another slot number.
+trait SlotKey: Copy {
+    fn slot_backend(&self, slot: u16) -> Option<u32>;
+}
+
+impl SlotKey for Svc4Key {
+    #[inline(always)]
+    fn slot_backend(&self, slot: u16) -> Option<u32> {
+        let mut k = *self;
+        k.slot = slot;
+        LB_SVC4_V1.get_ptr(k).map(|v| unsafe { (*v).backend_id })
+    }
+}
+
+impl SlotKey for Svc6Key {
+    #[inline(always)]
+    fn slot_backend(&self, slot: u16) -> Option<u32> {
+        let mut k = *self;
+        k.slot = slot;
+        LB_SVC6_V1.get_ptr(k).map(|v| unsafe { (*v).backend_id })
+    }
+}
+
+/// The connect hooks hand an `lc`/`wlc` frontend to the family's lc program. Called
+/// in the program's main function: the verifier refuses a tail call in a subprogram
+/// that does not return `int`. Returns only when there is no lc program to run.
+#[inline(always)]
+fn lc_hand_over<const LC: u8>(
+    ctx: &SockAddrContext,
+    progs: &ProgramArray,
+    master: Option<*mut SvcValue>,
+) {
+    if LC != lc::TAIL_CALL || !crate::compat::lc_loop() {
+        return;
+    }
+    if let Some(m) = master
+        && unsafe { (*m).flags } & SVC_FLAG_SCHED_LC != 0
+    {
+        // Returns only when the array holds no program (no agent running).
+        unsafe { progs.tail_call(ctx, 0) };
+    }
+}
+
+/// The slot of an `lc`/`wlc` frontend's least loaded backend (see [`lc`]); `key` is
+/// its master key, `count` its slots (≥ 1).
+#[inline(always)]
+fn lc_least<const LC: u8, K: SlotKey>(key: K, count: u32) -> Option<u16> {
+    let seed = unsafe { bpf_get_prandom_u32() };
+    if LC == lc::RANDOM {
+        return select_slot(seed, count);
+    }
+    if LC == lc::SCAN && count <= LC_SCAN_MAX {
+        // Written out, LC_SCAN_MAX steps: a loop over 8 or 16 slots, and a bpf_loop
+        // callback, took the 6.18 verifier past its 1 M instruction limit (every step
+        // branches on the loads it read, so the verifier cannot merge states).
+        return lc_scan_steps(count, seed, |s| key.slot_backend(s), backend_load).map(|p| p.slot);
+    }
+    Some(lc_two_choices(count, seed, |s| key.slot_backend(s), backend_load).slot)
+}
+
 /// What [`xlate4`] decided; the caller writes the backend back in its socket's form.
 enum Xlate4 {
     /// Not a Service: leave the address alone.
@@ -327,11 +406,11 @@ enum Xlate4 {
 }
 
 #[inline(always)]
-fn forward4(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
+fn forward4<const LC: u8>(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
     let sa = ctx.sock_addr;
     let (addr_be, port_be, proto) =
         unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
-    match xlate4(ctx, addr_be, port_be, proto, sendmsg, || {
+    match xlate4::<LC>(ctx, addr_be, port_be, proto, sendmsg, &LB_LCPROG4, || {
         source4(ctx, sendmsg)
     }) {
         Xlate4::Pass => ALLOW,
@@ -351,14 +430,17 @@ fn forward4(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
 /// in the IPv4 map, whatever the socket's family, so that one entry serves the replies
 /// whichever hook sees them), count.
 /// `source` gives the client's source address (0: not known yet); it is read only for
-/// a load-balancer IP with source ranges.
+/// a load-balancer IP with source ranges. `LC`: how an `lc`/`wlc` frontend is served
+/// ([`lc`]); `lc_progs` the program array of the calling program's family (a tail call
+/// needs the caller's attach type: connect6 hands a mapped address to `svclb_lc6`).
 #[inline(always)]
-fn xlate4(
+fn xlate4<const LC: u8>(
     ctx: &SockAddrContext,
     addr_be: u32,
     port_be: u16,
     proto: u8,
     sendmsg: bool,
+    lc_progs: &ProgramArray,
     source: impl FnOnce() -> u32,
 ) -> Xlate4 {
     let mut key = Svc4Key {
@@ -375,6 +457,7 @@ fn xlate4(
         entry: core::ptr::null_mut(),
     };
     let master = LB_SVC4_V1.get_ptr_mut(key);
+    lc_hand_over::<LC>(ctx, lc_progs, master);
     let lc_key = key;
     let choice = choose_backend(
         master.map(|m| unsafe { &*m }),
@@ -384,24 +467,7 @@ fn xlate4(
         is_member,
         || unsafe { bpf_get_prandom_u32() },
         || next_in_turn(master),
-        |count| {
-            // Unconnected datagrams are never counted: lc has nothing to compare, and
-            // the sendmsg programs stay without the scan (its verifier cost).
-            if sendmsg {
-                return select_slot(unsafe { bpf_get_prandom_u32() }, count);
-            }
-            let mut k = lc_key;
-            lc_scan(
-                count,
-                unsafe { bpf_get_prandom_u32() },
-                |slot| {
-                    k.slot = slot;
-                    LB_SVC4_V1.get_ptr(k).map(|v| unsafe { (*v).backend_id })
-                },
-                backend_load,
-            )
-            .map(|p| p.slot)
-        },
+        |count| lc_least::<LC, _>(lc_key, count),
         |slot| {
             key.slot = slot;
             LB_SVC4_V1.get_ptr(key).map(|v| unsafe { (*v).backend_id })
@@ -442,7 +508,7 @@ fn xlate4(
 }
 
 #[inline(always)]
-fn forward6(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
+fn forward6<const LC: u8>(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
     let sa = ctx.sock_addr;
     // bpf_sock_addr accepts only 4-byte loads, so copy the address word by word.
     let addr_be = unsafe {
@@ -460,7 +526,8 @@ fn forward6(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
     // hands those datagrams to sendmsg4).
     if let Some(v4) = v4_mapped(&addr_be) {
         // The bound IPv4 source only: sendmsg6 never sees a mapped destination.
-        return match xlate4(ctx, v4, port_be, proto, sendmsg, || bound4(ctx)) {
+        let progs = &LB_LCPROG6;
+        return match xlate4::<LC>(ctx, v4, port_be, proto, sendmsg, progs, || bound4(ctx)) {
             Xlate4::Pass => ALLOW,
             Xlate4::Refused(verdict) => verdict,
             Xlate4::To(be_addr, be_port) => {
@@ -487,6 +554,7 @@ fn forward6(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
         entry: core::ptr::null_mut(),
     };
     let master = LB_SVC6_V1.get_ptr_mut(key);
+    lc_hand_over::<LC>(ctx, &LB_LCPROG6, master);
     let lc_key = key;
     let choice = choose_backend(
         master.map(|m| unsafe { &*m }),
@@ -496,24 +564,7 @@ fn forward6(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
         is_member,
         || unsafe { bpf_get_prandom_u32() },
         || next_in_turn(master),
-        |count| {
-            // Unconnected datagrams are never counted: lc has nothing to compare, and
-            // the sendmsg programs stay without the scan (its verifier cost).
-            if sendmsg {
-                return select_slot(unsafe { bpf_get_prandom_u32() }, count);
-            }
-            let mut k = lc_key;
-            lc_scan(
-                count,
-                unsafe { bpf_get_prandom_u32() },
-                |slot| {
-                    k.slot = slot;
-                    LB_SVC6_V1.get_ptr(k).map(|v| unsafe { (*v).backend_id })
-                },
-                backend_load,
-            )
-            .map(|p| p.slot)
-        },
+        |count| lc_least::<LC, _>(lc_key, count),
         |slot| {
             key.slot = slot;
             LB_SVC6_V1.get_ptr(key).map(|v| unsafe { (*v).backend_id })

@@ -569,3 +569,57 @@ fn lc_and_wlc_fill_the_lighter_backends_first() {
         Ok(())
     });
 }
+
+/// `lc` with more than 4 slots (six backends) takes the lighter of two random slots
+/// in the connect hook (the lc program hands it back): every held connection
+/// succeeds, lands on one backend, and the counts add up to what is held; `trace`
+/// says the choice was approximate. Without the counts (fallback run) the Service is
+/// reported and served by the default scheduler.
+#[test]
+fn lc_over_more_than_four_slots_takes_two_random_choices() {
+    sched(&["a", "b", "c", "d", "e", "f"], |lab| {
+        lab.serve_all_tcp(8080, false)?;
+        let addrs = lab.topo.addrs(false);
+        let vip = "10.96.0.68";
+        let docs: Vec<Value> = service("lc", vip, &addrs, Some("lc"), &[]).into();
+        lab.write_manifest("lc.yaml", &yaml_docs(&docs))?;
+        lab.start_agent()?;
+        if counts_off() {
+            let fe = listed(lab, vip)?;
+            ensure!(fe["scheduler"] == "random", "lc must fall back: {fe}");
+            let r = run(lab, vip, 1200, false)?;
+            let even: Vec<(&str, u32)> = ["a", "b", "c", "d", "e", "f"]
+                .into_iter()
+                .map(|id| (id, 1))
+                .collect();
+            return assert_shares(&r, &even);
+        }
+        ensure!(listed(lab, vip)?["scheduler"] == "lc");
+        let out = lab.svc_lb(&["trace", "--to", &format!("{vip}:80")])?;
+        let trace = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success() && trace.contains("lighter of two random slots"),
+            "trace must say the lc choice over 6 slots is two random choices:\n{trace}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut held = Vec::new();
+        for n in 1..=8 {
+            held.push(hold(lab, vip, 12)?);
+            wait_total(lab, vip, (n, 0))?;
+        }
+        let mut landed = std::collections::BTreeMap::<String, u64>::new();
+        for (i, run) in held.into_iter().enumerate() {
+            let r = run.wait()?;
+            ensure!(
+                r.failed == 0 && r.backends.len() == 1,
+                "lc connection {i}: {}",
+                r.summary()
+            );
+            let id = r.backends.keys().next().cloned().unwrap_or_default();
+            *landed.entry(id).or_default() += 1;
+        }
+        ensure!(landed.values().sum::<u64>() == 8, "lc: {landed:?}");
+        wait_total(lab, vip, (0, 0))?;
+        Ok(())
+    });
+}

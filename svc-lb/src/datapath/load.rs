@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData},
+    maps::{HashMap, Map, MapData, ProgramArray},
     programs::{CgroupSockAddr, SockOps},
 };
 use svc_lb_common::{
@@ -107,6 +107,8 @@ pub struct Compat {
     /// Load the sock_ops program that keeps the connection counts.
     pub conn_counts: bool,
     pub coarse_clock: bool,
+    /// Load the `lc`/`wlc` programs into the connect hooks' program arrays.
+    pub lc_loop: bool,
 }
 
 impl Default for Compat {
@@ -119,6 +121,7 @@ impl Default for Compat {
             atomic_fetch: true,
             conn_counts: true,
             coarse_clock: true,
+            lc_loop: true,
         }
     }
 }
@@ -133,6 +136,7 @@ impl From<&super::probe::Choices> for Compat {
             atomic_fetch: c.atomic_fetch,
             conn_counts: c.conn_counts,
             coarse_clock: c.coarse_clock,
+            lc_loop: c.lc_loop,
         }
     }
 }
@@ -308,6 +312,7 @@ pub fn load(bpffs: &Path, opts: &LoadOptions) -> Result<Ebpf> {
         ("SVCLB_SK_STORAGE", opts.compat.sk_storage_rnat),
         ("SVCLB_ATOMIC_FETCH", opts.compat.atomic_fetch),
         ("SVCLB_COARSE_CLOCK", opts.compat.coarse_clock),
+        ("SVCLB_LC_LOOP", opts.compat.lc_loop),
     ]
     .map(|(name, on)| (name, u8::from(on)));
     // Sockets of an agent before LB_SKRNATSK_V2 keep their translations in the old
@@ -384,6 +389,13 @@ pub fn load(bpffs: &Path, opts: &LoadOptions) -> Result<Ebpf> {
         .load(object)
         .context("load the eBPF object (needs root: CAP_BPF, CAP_SYS_ADMIN, CAP_NET_ADMIN)")?;
     load_programs(&mut ebpf, opts.compat.conn_counts)?;
+    if opts.compat.lc_loop {
+        // Not fatal: without them lc/wlc take two random choices (an older verifier
+        // refusing the scan must not stop the socket path).
+        if let Err(e) = load_lc_programs(&mut ebpf) {
+            warn!(error = %format!("{e:#}"), "lc/wlc programs not loaded: lc/wlc frontends take the lighter of two random slots");
+        }
+    }
     Ok(ebpf)
 }
 
@@ -414,6 +426,37 @@ fn load_programs(ebpf: &mut Ebpf, conn_counts: bool) -> Result<()> {
             .load()
             .with_context(|| format!("load program {PROG_SOCKOPS} (kernel verifier)"))?;
     }
+    Ok(())
+}
+
+/// `lc`/`wlc`: loads `svclb_lc4`/`svclb_lc6` (the hooks' code with the scan) and puts
+/// each into index 0 of its family's program array, where the connect hooks tail-call
+/// it. The arrays live as long as this `Ebpf` (the kernel empties a program array when
+/// its last user-space reference closes): after the agent exits, the connect hooks
+/// take two random choices until the next agent fills its own.
+fn load_lc_programs(ebpf: &mut Ebpf) -> Result<()> {
+    for (prog, map) in [
+        (svc_lb_common::PROG_LC4, svc_lb_common::MAP_LC_PROG4),
+        (svc_lb_common::PROG_LC6, svc_lb_common::MAP_LC_PROG6),
+    ] {
+        let p = sock_program(ebpf, prog)?;
+        p.load()
+            .with_context(|| format!("load program {prog} (kernel verifier)"))?;
+        let fd = p
+            .fd()
+            .with_context(|| format!("program {prog}: no descriptor"))?
+            .try_clone()
+            .with_context(|| format!("program {prog}: dup its descriptor"))?;
+        let mut array = ProgramArray::try_from(
+            ebpf.map_mut(map)
+                .ok_or_else(|| anyhow!("map {map} missing from the eBPF object"))?,
+        )
+        .with_context(|| format!("map {map} is not a program array"))?;
+        array
+            .set(0, &fd, 0)
+            .with_context(|| format!("put {prog} into {map}"))?;
+    }
+    info!("lc/wlc: scan programs loaded");
     Ok(())
 }
 

@@ -263,6 +263,9 @@ pub struct Choices {
     pub conn_counts: bool,
     /// The external path reads the coarse clock (`bpf_ktime_get_coarse_ns`).
     pub coarse_clock: bool,
+    /// Load the `lc`/`wlc` programs (`svclb_lc4`/`6`, tail-called by the connect
+    /// hooks): only with connection counts, without which no frontend is `lc`/`wlc`.
+    pub lc_loop: bool,
 }
 
 /// `--force-feature-off`: names from [`TABLE`] (only those with a fallback), or `all`.
@@ -354,6 +357,8 @@ impl Probe {
             conn_counts: self.state(Feature::SockOpsConn).usable()
                 && self.state(Feature::SkStorageRnat).usable(),
             coarse_clock: self.state(Feature::CoarseClock).usable(),
+            lc_loop: self.state(Feature::SockOpsConn).usable()
+                && self.state(Feature::SkStorageRnat).usable(),
         }
     }
 
@@ -811,7 +816,7 @@ mod tests {
         assert_eq!(c.socket_path, Ok(()));
         assert_eq!(c.tc_attach, TcAttach::Netlink);
         assert!(!c.set_retval && !c.csum_ipv6_flag && !c.fib_redirect && !c.xdp_link);
-        assert!(!c.sk_storage_rnat && !c.conn_counts && !c.coarse_clock);
+        assert!(!c.sk_storage_rnat && !c.conn_counts && !c.coarse_clock && !c.lc_loop);
     }
 
     #[test]
@@ -829,6 +834,20 @@ mod tests {
         };
         assert!(run(""));
         assert!(!run("sock_ops_conn"));
+        let lc = |off: &str| {
+            Probe::run(
+                &Fake {
+                    has: all(),
+                    errors: vec![],
+                },
+                &parse_forced(off).unwrap(),
+            )
+            .choices()
+            .lc_loop
+        };
+        // There is no lc without the counts, so no lc programs either.
+        assert!(lc(""));
+        assert!(!lc("sock_ops_conn") && !lc("sk_storage_rnat"));
         // The counts find a socket's backend in its reverse-NAT storage.
         assert!(!run("sk_storage_rnat"));
     }

@@ -51,6 +51,11 @@ pub trait TraceMaps {
     fn open_conns(&self, _key: &ConnKey) -> Result<Option<(u64, u64)>> {
         Ok(None)
     }
+    /// `lc`/`wlc`: the most slots the connect hooks compare exactly (through the
+    /// `svclb_lc4`/`6` programs, which a node with connection counts loads).
+    fn lc_exact_max(&self) -> u32 {
+        LC_SCAN_MAX
+    }
 }
 
 impl TraceMaps for PinnedMaps {
@@ -426,7 +431,7 @@ pub fn trace(maps: &dyn TraceMaps, req: &TraceRequest, random: u32) -> Result<Tr
     // tie-break seed); what it found is explained in the selection step.
     let lc_pick = std::cell::Cell::new(None);
     let least = |count: u32| {
-        let pick = lc_scan(count, random, &slot_backend, |id| {
+        let pick = lc_scan(count, random, maps.lc_exact_max(), &slot_backend, |id| {
             let b = match maps.backend(id) {
                 Ok(b) => b?,
                 Err(e) => {
@@ -939,7 +944,12 @@ fn selection_step(
         let (active, inactive) = lc.map_or((0, 0), |p| (p.load >> 8, p.load & 0xff));
         let how = match lc.map(|p| p.via) {
             Some(LcVia::TwoChoices { a, b }) => format!(
-                "more than {LC_SCAN_MAX} slots: the lighter of two random slots, {a} and {b} (approximate: a backend is drawn in proportion to its weight, the load alone decides)"
+                "{}: the lighter of two random slots, {a} and {b} (approximate: a backend is drawn in proportion to its weight, the load alone decides)",
+                if master.count > LC_SCAN_MAX {
+                    format!("more than {LC_SCAN_MAX} slots")
+                } else {
+                    "no lc program loaded".to_owned()
+                }
             ),
             _ => format!(
                 "every slot 1..={} compared: least load / weight, by cross-multiplication as IPVS does (exact); equal loads broken at random (this trace's seed {random})",
