@@ -407,7 +407,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     if let Err(why) = &choices.socket_path {
         anyhow::bail!("{why}");
     }
-    let mut dp = BpfDatapath::open_with(
+    // The maps open here; the programs go through the verifier on a thread of their
+    // own while the first sync models, plans and writes the maps (it needs no program),
+    // and the attach after it waits for them.
+    let mut dp = BpfDatapath::open_overlapped(
         &cfg.bpffs,
         crate::datapath::load::LoadOptions {
             bpf_log: cfg.bpf_log,
@@ -630,6 +633,14 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             st.problems_total = problems_total;
         });
         if !attached {
+            // The programs' load ran beside this sync; a program the verifier refused
+            // stops the agent here, before anything is attached.
+            let waited = Instant::now();
+            dp.programs()?;
+            info!(
+                waited_us = waited.elapsed().as_micros() as u64,
+                "socket programs ready to attach"
+            );
             // Attach only once the first sync is in the maps, and before it is reported
             // as applied: "applied" means the kernel acts on it.
             // The per-packet path for pods first: with `host` scope, once the socket

@@ -299,7 +299,6 @@ fn test(ctx: &Ctx, args: &TestArgs) -> Result<()> {
         .env("SVC_LB_BIN", &agent)
         .env("SVCLB_FORCE_FEATURE_OFF", "all");
     run(&mut forced)?;
-    kernels(ctx, &agent)?;
     step("test: the container image (unpacked, checked, run from a chroot)");
     let archive = image::image(ctx, &image::ImageArgs { output: None })?;
     let mut image_test = suite(ctx, "e2e,image", &["image"], &[])?;

@@ -66,9 +66,11 @@ fn take_hash<K: aya::Pod, V: aya::Pod>(
 pub struct BpfDatapath {
     // Programs stay loaded while the agent runs; the pinned links keep them attached
     // after it exits.
-    ebpf: Ebpf,
+    programs: Programs,
     /// The sock_ops program of the connection counts is loaded (and gets attached).
     conn_counts: bool,
+    /// Load the `lc`/`wlc` scan programs after the socket programs.
+    lc_loop: bool,
     /// `LB_CONNS_V1`, which the agent only prunes.
     conns: HashMap<MapData, ConnKey, ConnCount>,
     /// `LB_TRAFFIC_V1`, which the agent only prunes.
@@ -93,6 +95,17 @@ pub struct BpfDatapath {
     /// Whether runs of map writes go through BPF_MAP_UPDATE_BATCH (see
     /// [`Self::set_map_batch`]).
     batch: bool,
+}
+
+/// The object once its maps are taken: its programs, loaded, or still going through
+/// the verifier on a thread of their own (see [`BpfDatapath::open_overlapped`]).
+enum Programs {
+    /// Maps open, programs not loaded yet.
+    Unloaded(Ebpf),
+    Loaded(Ebpf),
+    Loading(std::thread::JoinHandle<Result<Ebpf>>),
+    /// The load failed (its error was returned once) or its thread panicked.
+    Failed,
 }
 
 /// Maps of the external path (tc/XDP).
@@ -233,7 +246,64 @@ impl BpfDatapath {
 
     /// [`Self::open`] with load-time options.
     pub fn open_with(bpffs: &Path, opts: LoadOptions) -> Result<Self> {
-        let mut ebpf = super::load::load(bpffs, &opts)?;
+        let mut dp = Self::open_maps(bpffs, opts)?;
+        dp.programs()?;
+        Ok(dp)
+    }
+
+    /// [`Self::open_with`] that returns once the maps are open, while the socket
+    /// programs go through the verifier on a thread of their own. The maps can be read
+    /// and written meanwhile (a first sync needs no program), and whatever needs the
+    /// programs (attaching them, the eBPF log) waits for the load and returns its error.
+    /// On a busy 2-CPU machine the verifier takes longer than modelling, planning and
+    /// writing 10 000 Services, so this takes the load off a full sync's critical path.
+    pub fn open_overlapped(bpffs: &Path, opts: LoadOptions) -> Result<Self> {
+        let mut dp = Self::open_maps(bpffs, opts)?;
+        let Programs::Unloaded(mut ebpf) = std::mem::replace(&mut dp.programs, Programs::Failed)
+        else {
+            bail!("the eBPF programs are not in the object just loaded");
+        };
+        let (conn_counts, lc_loop) = (dp.conn_counts, dp.lc_loop);
+        let loading = std::thread::Builder::new()
+            .name("svclb-verify".into())
+            .spawn(move || {
+                let started = std::time::Instant::now();
+                super::load::load_programs(&mut ebpf, conn_counts, lc_loop)?;
+                tracing::info!(
+                    took_us = started.elapsed().as_micros() as u64,
+                    "socket programs loaded (verifier)"
+                );
+                Ok(ebpf)
+            })
+            .context("start the program-load thread")?;
+        dp.programs = Programs::Loading(loading);
+        Ok(dp)
+    }
+
+    /// The object's programs, loaded: loads them, or waits for the load still running
+    /// (see [`Self::open_overlapped`]); returns the load's error the first time.
+    pub fn programs(&mut self) -> Result<&mut Ebpf> {
+        let (conn_counts, lc_loop) = (self.conn_counts, self.lc_loop);
+        self.programs = match std::mem::replace(&mut self.programs, Programs::Failed) {
+            Programs::Unloaded(mut ebpf) => {
+                super::load::load_programs(&mut ebpf, conn_counts, lc_loop)?;
+                Programs::Loaded(ebpf)
+            }
+            Programs::Loading(handle) => match handle.join() {
+                Ok(loaded) => Programs::Loaded(loaded?),
+                Err(_) => bail!("the program-load thread panicked"),
+            },
+            done => done,
+        };
+        match &mut self.programs {
+            Programs::Loaded(ebpf) => Ok(ebpf),
+            _ => bail!("the socket programs failed to load (see the error reported before)"),
+        }
+    }
+
+    /// The object with its maps open and its programs not yet loaded.
+    fn open_maps(bpffs: &Path, opts: LoadOptions) -> Result<Self> {
+        let mut ebpf = super::load::load_maps(bpffs, &opts)?;
 
         let (svc4, svc4_entries) = take_hash(&mut ebpf, MAP_SVC4)?;
         let (svc6, svc6_entries) = take_hash(&mut ebpf, MAP_SVC6)?;
@@ -279,7 +349,8 @@ impl BpfDatapath {
             conn_counts: opts.compat.conn_counts,
             conns,
             traffic,
-            ebpf,
+            lc_loop: opts.compat.lc_loop,
+            programs: Programs::Unloaded(ebpf),
             svc4,
             svc6,
             backends,
@@ -604,8 +675,10 @@ impl BpfDatapath {
     /// Attaches (or swaps in) the programs; call after the first sync so that the new
     /// programs never see maps emptier than the old ones did.
     pub fn attach(&mut self, bpffs: &Path, cgroup: &Path) -> Result<()> {
-        links::attach_sock_programs(&mut self.ebpf, bpffs, cgroup)?;
-        links::attach_sockops(&mut self.ebpf, bpffs, cgroup, self.conn_counts)?;
+        let conn_counts = self.conn_counts;
+        let ebpf = self.programs()?;
+        links::attach_sock_programs(ebpf, bpffs, cgroup)?;
+        links::attach_sockops(ebpf, bpffs, cgroup, conn_counts)?;
         if !self.conn_counts {
             // Counts of an earlier run that had them: nothing keeps them true now (its
             // sockets close without a program to count it), so none are left to mislead
@@ -632,6 +705,19 @@ impl BpfDatapath {
     /// counts (its later decrement finds no entry and is dropped): counts never go
     /// below what is open by more than such races.
     pub fn prune_conn_counts(&mut self) -> Result<usize> {
+        // The counts first: usually few, and none at all after a fresh start, whose
+        // first full sync then reads no backend back (tens of ms at 10 000 Services,
+        // on the way to attaching the programs).
+        let idle: Vec<ConnKey> = self
+            .conns
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, v)| v.get() == (0, 0))
+            .map(|(k, _)| k)
+            .collect();
+        if idle.is_empty() {
+            return Ok(0);
+        }
         let live: std::collections::HashSet<ConnKey> = self
             .backends
             .iter()
@@ -639,13 +725,7 @@ impl BpfDatapath {
             .filter(|(_, b)| b.proto == svc_lb_common::PROTO_TCP)
             .map(|(_, b)| ConnKey::of_backend(&b))
             .collect();
-        let stale: Vec<ConnKey> = self
-            .conns
-            .iter()
-            .filter_map(|r| r.ok())
-            .filter(|(k, v)| !live.contains(k) && v.get() == (0, 0))
-            .map(|(k, _)| k)
-            .collect();
+        let stale: Vec<ConnKey> = idle.into_iter().filter(|k| !live.contains(k)).collect();
         for k in &stale {
             ignore_missing(self.conns.remove(k))
                 .with_context(|| format!("{MAP_CONNS}: delete {k:?}"))?;
@@ -719,7 +799,7 @@ impl BpfDatapath {
     /// gets its rejects from tc.
     pub fn set_xdp_devices(&mut self, devices: &[(u32, u32)]) -> Result<()> {
         let map = self
-            .ebpf
+            .programs()?
             .map_mut(MAP_XDP_DEV)
             .ok_or_else(|| anyhow!("map {MAP_XDP_DEV} missing from the eBPF object"))?;
         let mut map: HashMap<&mut MapData, u32, u32> = HashMap::try_from(map)
@@ -781,7 +861,7 @@ impl BpfDatapath {
             return Ok(());
         }
         self.ext_available()?;
-        links::attach_devices(&mut self.ebpf, bpffs, devices, xdp, tc)
+        links::attach_devices(self.programs()?, bpffs, devices, xdp, tc)
     }
 
     /// Attaches (or swaps in) the per-packet path's tc programs on the pod devices
@@ -795,13 +875,13 @@ impl BpfDatapath {
         if devices.is_empty() {
             return Ok(());
         }
-        super::poddev::attach(&mut self.ebpf, bpffs, devices, tc)
+        super::poddev::attach(self.programs()?, bpffs, devices, tc)
     }
 
     /// Starts reading the programs' aya-log records (only useful with
     /// [`LoadOptions::bpf_log`]); they go to the `log` facade, which tracing receives.
     pub fn ebpf_logger(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>> {
-        aya_log::EbpfLogger::init(&mut self.ebpf).context("start the eBPF log reader")
+        aya_log::EbpfLogger::init(self.programs()?).context("start the eBPF log reader")
     }
 
     fn put(&mut self, key: SvcKey, value: SvcValue) -> Result<()> {
@@ -921,7 +1001,7 @@ mod tests {
     fn meta(rev_nat_id: u32) -> Op {
         Op::UpsertMeta {
             rev_nat_id,
-            meta: FrontendMeta {
+            meta: Box::new(FrontendMeta {
                 service: ServiceRef {
                     namespace: "ns".into(),
                     name: format!("svc-{rev_nat_id}").into(),
@@ -929,7 +1009,7 @@ mod tests {
                 port_name: "http".into(),
                 kind: 0,
                 flags: 0,
-            },
+            }),
         }
     }
 

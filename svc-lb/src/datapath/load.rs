@@ -7,16 +7,17 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, Map, MapData, ProgramArray},
-    programs::{CgroupSockAddr, SockOps},
+    programs::{CgroupSockAddr, Program, SockOps},
 };
 use svc_lb_common::{
     AffinityExtKey, AffinityValue, CtKey, CtValue, ExtConfig, MAP_AFF_MATCH, MAP_AFFINITY_EXT,
     MAP_BACKENDS, MAP_BE_STATS, MAP_CONFIG, MAP_CT, MAP_FE_STATS, MAP_REVNAT, MAP_SVC_META,
-    MAP_SVC4, MAP_SVC6, PROG_SOCKOPS, PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP, SOCK_PROGRAMS,
+    MAP_SVC4, MAP_SVC6, PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SOCKOPS,
+    PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP, SOCK_PROGRAMS,
 };
 use tracing::{info, warn};
 
@@ -295,9 +296,12 @@ const BPF_LOG_GLOBAL: &str = "SVCLB_BPF_LOG";
 /// aya-log's ring buffer map.
 const BPF_LOG_RINGBUF: &str = "AYA_LOGS";
 
-/// Loads the object and its socket programs and opens (or creates) the pinned maps.
-/// Safe over an existing pin directory: the maps are re-opened with their contents.
-pub fn load(bpffs: &Path, opts: &LoadOptions) -> Result<Ebpf> {
+/// Loads the object and opens (or creates) the pinned maps, without loading its socket
+/// programs: the maps can be read and written, and the programs are ready for
+/// [`load_programs`], which the kernel's verifier makes the long part (hundreds of ms
+/// on a busy machine). Safe over an existing pin directory: the maps are re-opened with
+/// their contents.
+pub fn load_maps(bpffs: &Path, opts: &LoadOptions) -> Result<Ebpf> {
     raise_memlock();
     ensure_bpffs(bpffs)?;
     let mut loader = EbpfLoader::new();
@@ -385,18 +389,9 @@ pub fn load(bpffs: &Path, opts: &LoadOptions) -> Result<Ebpf> {
         rewritten = bytes;
         &rewritten
     };
-    let mut ebpf = loader
+    loader
         .load(object)
-        .context("load the eBPF object (needs root: CAP_BPF, CAP_SYS_ADMIN, CAP_NET_ADMIN)")?;
-    load_programs(&mut ebpf, opts.compat.conn_counts)?;
-    if opts.compat.lc_loop {
-        // Not fatal: without them lc/wlc take two random choices (an older verifier
-        // refusing the scan must not stop the socket path).
-        if let Err(e) = load_lc_programs(&mut ebpf) {
-            warn!(error = %format!("{e:#}"), "lc/wlc programs not loaded: lc/wlc frontends take the lighter of two random slots");
-        }
-    }
-    Ok(ebpf)
+        .context("load the eBPF object (needs root: CAP_BPF, CAP_SYS_ADMIN, CAP_NET_ADMIN)")
 }
 
 pub(super) fn sock_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut CgroupSockAddr> {
@@ -413,20 +408,84 @@ pub(super) fn sockops_program(ebpf: &mut Ebpf) -> Result<&mut SockOps> {
         .with_context(|| format!("program {PROG_SOCKOPS} is not a sock_ops program"))
 }
 
-fn load_programs(ebpf: &mut Ebpf, conn_counts: bool) -> Result<()> {
-    for name in SOCK_PROGRAMS {
-        sock_program(ebpf, name)?
-            .load()
-            .with_context(|| format!("load program {name} (kernel verifier)"))?;
-    }
-    // Only where the probe found sock_ops with socket storage: elsewhere the verifier
-    // would refuse its helper, and the counts are reported unavailable instead.
-    if conn_counts {
-        sockops_program(ebpf)?
-            .load()
-            .with_context(|| format!("load program {PROG_SOCKOPS} (kernel verifier)"))?;
+/// Loads the socket programs (and with `conn_counts` the sock_ops program) of an
+/// object from [`load_maps`] through the verifier, on as many threads as there are
+/// CPUs (at most [`VERIFY_THREADS`]): the kernel verifies programs independently, and
+/// one thread leaves a CPU idle once the agent's first sync is done with it.
+///
+/// With `lc_loop`, then the `lc`/`wlc` scan programs ([`load_lc_programs`]); their
+/// failure is logged, not returned: without them lc/wlc take two random choices, and an
+/// older verifier refusing the scan must not stop the socket path.
+pub fn load_programs(ebpf: &mut Ebpf, conn_counts: bool, lc_loop: bool) -> Result<()> {
+    load_socket_programs(ebpf, conn_counts)?;
+    if lc_loop && let Err(e) = load_lc_programs(ebpf) {
+        warn!(error = %format!("{e:#}"), "lc/wlc programs not loaded: lc/wlc frontends take the lighter of two random slots");
     }
     Ok(())
+}
+
+fn load_socket_programs(ebpf: &mut Ebpf, conn_counts: bool) -> Result<()> {
+    // sock_ops only where the probe found it with socket storage: elsewhere the
+    // verifier would refuse its helper, and the counts are reported unavailable instead.
+    let wanted: Vec<&str> = SOCK_PROGRAMS
+        .iter()
+        .copied()
+        .chain(conn_counts.then_some(PROG_SOCKOPS))
+        .collect();
+    let mut programs: Vec<(&str, &mut Program)> = ebpf
+        .programs_mut()
+        .filter(|(name, _)| wanted.contains(name))
+        .collect();
+    if let Some(missing) = wanted
+        .iter()
+        .find(|w| !programs.iter().any(|(name, _)| name == *w))
+    {
+        bail!("program {missing} missing from the eBPF object");
+    }
+    // The largest first (the IPv6 and IPv4 connect and sendmsg programs take most of
+    // the verifier's time), so that the threads end together.
+    programs.sort_by_key(|(name, _)| {
+        LARGEST_FIRST
+            .iter()
+            .position(|n| n == name)
+            .unwrap_or(LARGEST_FIRST.len())
+    });
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .clamp(1, VERIFY_THREADS);
+    let queue = std::sync::Mutex::new(programs.into_iter());
+    let next = || queue.lock().ok().and_then(|mut q| q.next());
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| -> Result<()> {
+                    while let Some((name, program)) = next() {
+                        load_program(name, program)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        workers.into_iter().try_for_each(|w| match w.join() {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
+        })
+    })
+}
+
+/// The most threads [`load_programs`] verifies on.
+const VERIFY_THREADS: usize = 4;
+
+/// The socket programs, largest (slowest to verify) first.
+const LARGEST_FIRST: [&str; 4] = [PROG_CONNECT6, PROG_SENDMSG6, PROG_CONNECT4, PROG_SENDMSG4];
+
+fn load_program(name: &str, program: &mut Program) -> Result<()> {
+    match program {
+        Program::CgroupSockAddr(p) => p.load(),
+        Program::SockOps(p) => p.load(),
+        _ => bail!("program {name} is not a socket program"),
+    }
+    .with_context(|| format!("load program {name} (kernel verifier)"))
 }
 
 /// `lc`/`wlc`: loads `svclb_lc4`/`svclb_lc6` (the hooks' code with the scan) and puts

@@ -99,7 +99,7 @@ pub(super) fn plan_extras(current: &CurrentState, finals: &[Final<'_>]) -> (Vec<
         {
             last.push(Op::UpsertMeta {
                 rev_nat_id,
-                meta: codec::meta_of(d),
+                meta: Box::new(codec::meta_of(d)),
             });
         }
     }

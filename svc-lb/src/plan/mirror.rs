@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use svc_lb_common::{SCOPE_ALL, SVC_FLAG_AFFINITY};
 
-use super::{CurrentFrontend, CurrentState, Op};
+use super::{CurrentFrontend, CurrentState, FrontendMeta, Op};
 use crate::model::FrontendKey;
 
 /// Backend ids of slots that sit above their master's count.
@@ -203,7 +203,7 @@ impl CurrentState {
             // The remembered clients are the programs' state, not mirrored.
             Op::ForgetAffinity { .. } => {}
             Op::UpsertMeta { rev_nat_id, meta } => {
-                self.meta.insert(*rev_nat_id, meta.clone());
+                self.meta.insert(*rev_nat_id, FrontendMeta::clone(meta));
             }
             Op::DeleteMeta { rev_nat_id } => {
                 self.meta.remove(rev_nat_id);

@@ -170,7 +170,9 @@ pub enum Op {
     },
     UpsertMeta {
         rev_nat_id: u32,
-        meta: FrontendMeta,
+        /// Boxed: the largest variant by far, it would set the size of every op (a
+        /// full sync of 1 M backends holds over 2 M ops at once).
+        meta: Box<FrontendMeta>,
     },
     DeleteMeta {
         rev_nat_id: u32,
