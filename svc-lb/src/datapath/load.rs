@@ -419,9 +419,27 @@ pub(super) fn sockops_program(ebpf: &mut Ebpf) -> Result<&mut SockOps> {
 pub fn load_programs(ebpf: &mut Ebpf, conn_counts: bool, lc_loop: bool) -> Result<()> {
     load_socket_programs(ebpf, conn_counts)?;
     if lc_loop && let Err(e) = load_lc_programs(ebpf) {
-        warn!(error = %format!("{e:#}"), "lc/wlc programs not loaded: lc/wlc frontends take the lighter of two random slots");
+        warn!(error = %verifier_summary(&format!("{e:#}")), "lc/wlc programs not loaded: lc/wlc frontends take the lighter of two random slots");
     }
     Ok(())
+}
+
+/// An error whose chain carries a whole verifier log (tens of KB: every instruction
+/// walked) cut to its first line and the log's last lines, which name the limit hit
+/// ("BPF program is too large. Processed 1000001 insn"), for a warning that the agent
+/// survives. Seen on Debian's 6.1, whose verifier refuses the lc scan.
+fn verifier_summary(text: &str) -> String {
+    const KEEP_LINES: usize = 3;
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.len() <= 2 * KEEP_LINES {
+        return text.to_owned();
+    }
+    format!(
+        "{} [… {} lines of the verifier's log …] {}",
+        lines[0],
+        lines.len() - 1 - KEEP_LINES,
+        lines[lines.len() - KEEP_LINES..].join(" | ")
+    )
 }
 
 fn load_socket_programs(ebpf: &mut Ebpf, conn_counts: bool) -> Result<()> {
@@ -544,6 +562,27 @@ fn replace_resized_config_pin(bpffs: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_verifier_log_in_a_warning_keeps_its_first_and_last_lines() {
+        let log: String = std::iter::once(
+            "load program svclb_lc4 (kernel verifier): E2BIG. Verifier output: 0: (bf) r9 = r1"
+                .to_owned(),
+        )
+        .chain((1..5000).map(|i| format!("{i}: (b7) r0 = 0")))
+        .chain([
+            "BPF program is too large. Processed 1000001 insn".to_owned(),
+            "processed 1000001 insns (limit 1000000)".to_owned(),
+        ])
+        .collect::<Vec<_>>()
+        .join("\n");
+        let s = super::verifier_summary(&log);
+        assert!(s.len() < 400, "{s}");
+        assert!(s.starts_with("load program svclb_lc4"));
+        assert!(s.ends_with("processed 1000001 insns (limit 1000000)"));
+        assert!(s.contains("BPF program is too large"));
+        assert_eq!(super::verifier_summary("one line"), "one line");
+    }
+
     use super::*;
 
     #[test]
