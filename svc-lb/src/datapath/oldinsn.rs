@@ -116,7 +116,7 @@ mod tests {
             let (old, new) = (&obj[i * 8..i * 8 + 8], &patched[i * 8..i * 8 + 8]);
             assert!(matches!(old[0], ATOMIC_W | ATOMIC_DW) && old[4..8] != [0; 4]);
             assert!(matches!(new[0], LDX_W | LDX_DW));
-            assert_eq!(new[1], (old[1] << 4) | (old[1] >> 4));
+            assert_eq!(new[1], old[1].rotate_right(4));
             assert_eq!(new[2..4], old[2..4], "the offset is kept");
         }
         let (again, more) = without_fetch_atomics(&patched).unwrap();
