@@ -326,20 +326,10 @@ fn test(ctx: &Ctx, args: &TestArgs) -> Result<()> {
 /// kernel of [`vm::KERNELS`].
 fn kernels(ctx: &Ctx, agent: &Path) -> Result<()> {
     let mut targets: Vec<&str> = vm::GUEST_TESTS.iter().map(|(t, _)| *t).collect();
+    targets.sort_unstable();
     targets.dedup();
-    let mut args = vec![
-        "test",
-        "--release",
-        "-p",
-        "svc-lb-tests",
-        "--features",
-        "e2e",
-        "--no-run",
-        "--message-format=json",
-    ];
-    for t in &targets {
-        args.extend(["--test", t]);
-    }
+    let mut args = test_args("e2e", &targets);
+    args.extend(["--no-run", "--message-format=json"]);
     let json = process::output(&mut ctx.cargo(args)?)?;
     let mut executables = std::collections::BTreeMap::new();
     for line in json.lines() {
@@ -356,10 +346,9 @@ fn kernels(ctx: &Ctx, agent: &Path) -> Result<()> {
     vm::run_all(ctx, &executables, agent)
 }
 
-/// `cargo test --release -p svc-lb-tests` with `features`, the test binaries `tests` (all
-/// when empty), one test at a time (the tests share kernel state: bpffs pins, cgroup
-/// attachments) and `extra` arguments for the test harness.
-fn suite(ctx: &Ctx, features: &str, tests: &[&str], extra: &[&str]) -> Result<Command> {
+/// `cargo test --release -p svc-lb-tests --features FEATURES --test T...` (every test
+/// binary when `tests` is empty), without the harness's arguments.
+fn test_args<'a>(features: &'a str, tests: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         "test",
         "--release",
@@ -371,6 +360,13 @@ fn suite(ctx: &Ctx, features: &str, tests: &[&str], extra: &[&str]) -> Result<Co
     for t in tests {
         args.extend(["--test", t]);
     }
+    args
+}
+
+/// [`test_args`], one test at a time (the tests share kernel state: bpffs pins, cgroup
+/// attachments) and `extra` arguments for the test harness.
+fn suite(ctx: &Ctx, features: &str, tests: &[&str], extra: &[&str]) -> Result<Command> {
+    let mut args = test_args(features, tests);
     args.extend(["--", "--test-threads=1"]);
     args.extend(extra);
     ctx.cargo(args)
