@@ -42,10 +42,6 @@ const SYSTEM_TOOLS: &[(&str, &str)] = &[
     // of the announced addresses.
     ("arping", "iputils-arping"),
     ("ndisc6", "ndisc6"),
-    // xtask/src/vm.rs boots Debian's older kernels (QEMU, TCG) for a few e2e tests, and
-    // indexes their modules with depmod.
-    ("qemu-system-x86_64", "qemu-system-x86"),
-    ("depmod", "kmod"),
 ];
 
 /// The bpf-linker release that TOOLCHAIN.md verified against the nightly's LLVM. Pinned so
@@ -53,7 +49,10 @@ const SYSTEM_TOOLS: &[(&str, &str)] = &[
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn setup(ctx: &Ctx) -> Result<()> {
-    system_tools()?;
+    ensure_tools(
+        "system tools (bpftool, ip, ethtool, iptables, nft, python3, curl, java, node, dig, dnsmasq, umoci, arping, ndisc6)",
+        SYSTEM_TOOLS,
+    )?;
     rust_components()?;
     bpf_linker(ctx)?;
     cargo_fuzz(ctx)?;
@@ -61,11 +60,11 @@ pub fn setup(ctx: &Ctx) -> Result<()> {
     Ok(())
 }
 
-fn system_tools() -> Result<()> {
-    step(
-        "setup: system tools (bpftool, ip, ethtool, iptables, nft, python3, curl, java, node, dig, dnsmasq, umoci, arping, ndisc6, qemu-system-x86_64, depmod)",
-    );
-    let missing: Vec<&str> = SYSTEM_TOOLS
+/// Installs with apt-get the Debian package of each command in `tools` (command,
+/// package) that is not on PATH; `cargo xtask kernels` brings its own list.
+pub fn ensure_tools(what: &str, tools: &[(&str, &str)]) -> Result<()> {
+    step(format!("setup: {what}"));
+    let missing: Vec<&str> = tools
         .iter()
         .filter(|(cmd, _)| find_program(cmd).is_none())
         .map(|(cmd, _)| *cmd)
@@ -74,7 +73,7 @@ fn system_tools() -> Result<()> {
         note("all present, nothing to install");
         return Ok(());
     }
-    let packages: Vec<&str> = SYSTEM_TOOLS.iter().map(|(_, pkg)| *pkg).collect();
+    let packages: Vec<&str> = tools.iter().map(|(_, pkg)| *pkg).collect();
     if !is_root()? {
         bail!(
             "missing command(s) {}; installing them needs root: run `apt-get install -y {}` as root, \
@@ -95,7 +94,7 @@ fn system_tools() -> Result<()> {
         .args(["install", "-y"])
         .args(&packages)
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    let still_missing: Vec<&str> = SYSTEM_TOOLS
+    let still_missing: Vec<&str> = tools
         .iter()
         .filter(|(cmd, _)| find_program(cmd).is_none())
         .map(|(cmd, _)| *cmd)

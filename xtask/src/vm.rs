@@ -78,6 +78,13 @@ pub const GUEST_TESTS: &[(&str, &str)] = &[
     ),
 ];
 
+/// What the stage needs besides the test tools of `setup` (command, Debian package):
+/// QEMU, and depmod to index the kernel package's modules.
+const GUEST_TOOLS: &[(&str, &str)] = &[
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("depmod", "kmod"),
+];
+
 /// How much slower the guest's waits may be than the host's (TCG).
 const TIME_SCALE: u32 = 20;
 /// The whole guest run, boot to power-off.
@@ -95,6 +102,7 @@ struct Prepared {
 /// Boots each kernel and runs [`GUEST_TESTS`] in it; `executables` maps a test target
 /// name to its built binary.
 pub fn run_all(ctx: &Ctx, executables: &BTreeMap<String, PathBuf>, agent: &Path) -> Result<()> {
+    crate::setup::ensure_tools("guest tools (qemu-system-x86_64, depmod)", GUEST_TOOLS)?;
     let base = ctx.target.join("kernels");
     fs::create_dir_all(&base).with_context(|| format!("create {}", base.display()))?;
     let busybox = busybox(&base)?;
