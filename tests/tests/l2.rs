@@ -36,24 +36,41 @@ fn cluster() -> Vec<IpAddr> {
     CLUSTER.iter().map(|s| ip(s)).collect()
 }
 
+/// Writes one LoadBalancer Service for both families' addresses with its endpoints on
+/// `backends`, starts every node, and checks that the node the hash picks (`want`)
+/// answers for each address; the shared first step of most tests here.
+fn announce(
+    lab: &mut L2Lab,
+    vips: &[IpAddr],
+    backends: &[usize],
+    local: bool,
+    want: usize,
+) -> Result<()> {
+    let name = if local { "local" } else { "lb" };
+    lab.write_manifest(
+        "lb.yaml",
+        &lb_service(name, &cluster(), vips, backends, local),
+    )?;
+    lab.start_all()?;
+    for vip in vips {
+        let n = lab.wait_one_answer(*vip, Duration::from_secs(10))?;
+        ensure!(
+            n == want,
+            "{vip} answered by {}, the hash says {}",
+            node_name(n),
+            node_name(want)
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn arp_and_ndp_are_answered_by_exactly_one_node_and_connections_succeed() {
     run_l2_lab(env!("CARGO_BIN_EXE_svclb-harness"), |lab| {
         let (v4, v6, owner) = vips_won_by_one_node();
         let all: Vec<usize> = (0..NODES).collect();
-        lab.write_manifest(
-            "lb.yaml",
-            &lb_service("lb", &cluster(), &[v4, v6], &all, false),
-        )?;
-        lab.start_all()?;
+        announce(lab, &[v4, v6], &all, false, owner)?;
         for vip in [v4, v6] {
-            let n = lab.wait_one_answer(vip, Duration::from_secs(10))?;
-            ensure!(
-                n == owner,
-                "{vip} answered by {}, the hash says {}",
-                node_name(n),
-                node_name(owner)
-            );
             lab.only(vip, owner, 5)?;
         }
         // An address of no Service gets no answer.
@@ -137,14 +154,7 @@ fn foreign_clients_arping_and_curl_see_exactly_one_node() {
     run_l2_lab(env!("CARGO_BIN_EXE_svclb-harness"), |lab| {
         let (v4, v6, owner) = vips_won_by_one_node();
         let all: Vec<usize> = (0..NODES).collect();
-        lab.write_manifest(
-            "lb.yaml",
-            &lb_service("lb", &cluster(), &[v4, v6], &all, false),
-        )?;
-        lab.start_all()?;
-        for vip in [v4, v6] {
-            ensure!(lab.wait_one_answer(vip, Duration::from_secs(10))? == owner);
-        }
+        announce(lab, &[v4, v6], &all, false, owner)?;
         let want = mac_str(lab.node_macs()?[owner]);
 
         let probes = 3;
@@ -282,12 +292,7 @@ fn ndisc6_from_a_foreign_client_gets_one_answer_from_the_owner() {
     run_l2_lab(env!("CARGO_BIN_EXE_svclb-harness"), |lab| {
         let (v4, v6, owner) = vips_won_by_one_node();
         let all: Vec<usize> = (0..NODES).collect();
-        lab.write_manifest(
-            "lb.yaml",
-            &lb_service("lb", &cluster(), &[v4, v6], &all, false),
-        )?;
-        lab.start_all()?;
-        ensure!(lab.wait_one_answer(v6, Duration::from_secs(10))? == owner);
+        announce(lab, &[v4, v6], &all, false, owner)?;
         // The takeover's unsolicited advertisements (repeated up to 1 s after it) are
         // over: ndisc6 shows every advertisement for the target, asked for or not.
         std::thread::sleep(Duration::from_millis(1500));
@@ -317,14 +322,8 @@ fn local_policy_is_announced_only_by_the_node_with_the_endpoint() {
         let (v4, v6, owner) = vips_won_by_one_node();
         // The endpoint on a node the hash would not pick among all three.
         let with_endpoint = (owner + 1) % NODES;
-        lab.write_manifest(
-            "lb.yaml",
-            &lb_service("local", &cluster(), &[v4, v6], &[with_endpoint], true),
-        )?;
-        lab.start_all()?;
+        announce(lab, &[v4, v6], &[with_endpoint], true, with_endpoint)?;
         for vip in [v4, v6] {
-            let n = lab.wait_one_answer(vip, Duration::from_secs(10))?;
-            ensure!(n == with_endpoint, "{vip} answered by {}", node_name(n));
             lab.only(vip, with_endpoint, 5)?;
             let r = lab.connect(vip, 30)?;
             eprintln!("{}", r.summary());
@@ -344,14 +343,7 @@ fn failover_within_two_seconds_and_one_move_back() {
         let (v4, v6, owner) = vips_won_by_one_node();
         // Backends only on the survivors: the outage measured is the announcement's.
         let others: Vec<usize> = (0..NODES).filter(|i| *i != owner).collect();
-        lab.write_manifest(
-            "lb.yaml",
-            &lb_service("lb", &cluster(), &[v4, v6], &others, false),
-        )?;
-        lab.start_all()?;
-        for vip in [v4, v6] {
-            ensure!(lab.wait_one_answer(vip, Duration::from_secs(10))? == owner);
-        }
+        announce(lab, &[v4, v6], &others, false, owner)?;
         let heir = |vip: IpAddr| hrw(vip, &others);
 
         // Agents start one after the other, so the first one announced alone for a
@@ -457,14 +449,7 @@ fn heartbeat_key_rotation_node_by_node_moves_no_address() {
     run_l2_lab(env!("CARGO_BIN_EXE_svclb-harness"), |lab| {
         let (v4, v6, owner) = vips_won_by_one_node();
         let all: Vec<usize> = (0..NODES).collect();
-        lab.write_manifest(
-            "lb.yaml",
-            &lb_service("lb", &cluster(), &[v4, v6], &all, false),
-        )?;
-        lab.start_all()?;
-        for vip in [v4, v6] {
-            ensure!(lab.wait_one_answer(vip, Duration::from_secs(10))? == owner);
-        }
+        announce(lab, &[v4, v6], &all, false, owner)?;
         let moves = |lab: &mut L2Lab| -> Result<Vec<usize>> {
             (0..NODES)
                 .map(|i| {
