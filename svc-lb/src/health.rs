@@ -2,7 +2,7 @@
 //! that cloud load balancers can probe every node's addresses as they probe kube-proxy;
 //! `127.0.0.1:10256` in manifest mode). They follow kube-proxy's `ProxyHealthServer`
 //! (pkg/proxy/healthcheck/proxy_health.go):
-//! - `/healthz`: 200 when the datapath is loaded, the proxy is not stale and this Node is
+//! - `/healthz`: 200 when the maps are open, the proxy is not stale and this Node is
 //!   eligible; else 503. Body `{"lastUpdated":…,"currentTime":…,"nodeEligible":…}`.
 //! - `/livez`: the same without node eligibility (body without `nodeEligible`).
 //! - `/readyz`: the initial sync has been applied to the maps and the programs are
@@ -101,7 +101,9 @@ pub struct Report {
 }
 
 impl Health {
-    /// The eBPF object is loaded and the maps are open.
+    /// The maps are open and the previous agent's state adopted. The programs may still
+    /// be in the verifier (the first sync overlaps it); `/readyz` waits for them through
+    /// [`Health::set_ready`], while liveness only needs an agent that can write the maps.
     pub fn set_loaded(&self) {
         self.loaded.store(true, Ordering::Relaxed);
     }
