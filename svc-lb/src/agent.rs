@@ -1000,6 +1000,9 @@ pub fn sync(
     stopped: &mut Vec<sockterm::Stopped>,
 ) -> Result<SyncReport> {
     let started = Instant::now();
+    if full {
+        crate::mem::log_usage("sync start");
+    }
     reported.source(snap);
     let mut touched = cache.update(snap, node);
     if full && !touched.all {
@@ -1022,7 +1025,41 @@ pub fn sync(
         "modelled"
     );
     let modelled = started.elapsed();
+    if full {
+        crate::mem::log_usage("modelled");
+    }
     let cap = dp.capacity();
+    if touched.is_none() && current.is_empty() {
+        // A first start on empty maps: the plan is every entry, streamed to the maps in
+        // slices rather than held whole (see `plan_and_apply_streamed`). Nothing is
+        // programmed yet, so no socket can be pinned to a backend it takes out.
+        let streamed = crate::datapath::apply::plan_and_apply_streamed(dp, current, desired, &cap);
+        reported.plan(&streamed.rejected);
+        crate::metrics::set_skipped(
+            snap.errors.len(),
+            model_errors.saturating_sub(desired.over_limit.len()),
+            streamed.rejected.len(),
+        );
+        crate::metrics::set_skipped_over_limit(desired.over_limit.len());
+        stopped.clear();
+        let done = started.elapsed();
+        crate::mem::log_usage("applied");
+        let ops = streamed.result?;
+        let writing = streamed.writing.min(done - modelled);
+        return Ok(SyncReport {
+            health_checks: desired.health_checks.clone(),
+            ops,
+            frontends: current.frontends.len(),
+            backends: current.backends.len(),
+            rejected: streamed.rejected.len(),
+            skipped: snap.errors.len() + model_errors,
+            duration: done,
+            model: modelled,
+            // Planning and writing interleave: the plan is the rest of the time.
+            plan: done - modelled - writing,
+            apply: writing,
+        });
+    }
     let plan = match touched {
         Some(touched) => plan::plan_touched(current, desired, touched, &cap),
         None => plan::plan(current, desired, &cap),
@@ -1038,8 +1075,14 @@ pub fn sync(
     // ops that take it out reached the maps (even if the apply stops half way).
     let mut leaving = sockterm::stopped(current, &plan.ops);
     let planned = started.elapsed();
+    if full {
+        crate::mem::log_usage("planned");
+    }
     let applied = apply_plan(dp, current, &plan);
     let written = started.elapsed();
+    if full {
+        crate::mem::log_usage("applied");
+    }
     sockterm::retain_unusable(&mut leaving, current);
     *stopped = leaving;
     let ops = applied?;

@@ -56,6 +56,32 @@ pub fn compact<K: Ord, V>(map: &mut BTreeMap<K, V>) {
     *map = std::mem::take(map).into_iter().collect();
 }
 
+/// (VmRSS, VmHWM) of this process in KiB, from /proc/self/status; `None` where it
+/// cannot be read. For the debug log of a full sync's stages (`svc_lb::mem=debug`):
+/// which stage sets the high-water mark.
+pub fn usage() -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// Logs [`usage`] at debug level under `stage`, if that level is on for this module.
+pub fn log_usage(stage: &'static str) {
+    if tracing::enabled!(tracing::Level::DEBUG)
+        && let Some((rss_kib, hwm_kib)) = usage()
+    {
+        tracing::debug!(stage, rss_kib, hwm_kib, "memory");
+    }
+}
+
 fn release() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only walks and trims the allocator's own free lists, under

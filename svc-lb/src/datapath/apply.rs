@@ -1,10 +1,15 @@
 //! Applying a plan in order, keeping the in-memory mirror in step.
 use std::fmt;
 
+use std::time::{Duration, Instant};
+
 use anyhow::Result;
 
 use super::MapStore;
-use crate::plan::{CurrentState, Op, Plan};
+use crate::{
+    model::DesiredState,
+    plan::{Capacity, CurrentState, Op, Plan, Rejected, plan_streamed},
+};
 
 /// The context of an error from [`apply_plan`]: which op failed. Ops `0..index` were
 /// applied and are mirrored in the `current` state; this one and the rest were not.
@@ -106,6 +111,104 @@ fn apply_overlapped(
         current.build_index();
     }
     (applied, result)
+}
+
+/// Ops per slice of a streamed plan: a few MB of ops at a time, several kernel batches
+/// each.
+pub const STREAM_SLICE: usize = 65_536;
+
+/// What [`plan_and_apply_streamed`] did.
+#[derive(Debug)]
+pub struct Streamed {
+    /// Services the plan left out, as [`Plan::rejected`].
+    pub rejected: Vec<Rejected>,
+    /// Ops applied (every op planned, on success); on failure the error carries an
+    /// [`OpFailed`] whose `total` counts the ops planned until then (planning stops at
+    /// the first slice the maps refuse).
+    pub result: Result<usize>,
+    /// Time spent in the map writes, the rest of the call being planning and the wait
+    /// for the mirror.
+    pub writing: Duration,
+}
+
+/// A full sync into maps that hold nothing (`current` is empty: a first start): plans
+/// and applies in slices of [`STREAM_SLICE`] ops instead of materialising the whole
+/// plan (at 100 000 Services × 10 endpoints its ops alone are about 100 MB, held on
+/// top of everything else at the agent's high-water mark). The slices are [`plan`]'s
+/// ops in [`plan`]'s order (see [`plan_streamed`]), so the maps go through the states
+/// [`apply_plan`] would take them through and a Service still becomes visible at
+/// once. The mirror and the planner's index are built on a second thread from the
+/// slices the maps took, as [`apply_plan`]'s first apply overlaps them with the
+/// kernel's inserts; when a write fails, `current` mirrors exactly the ops applied.
+///
+/// [`plan`]: crate::plan::plan
+pub fn plan_and_apply_streamed(
+    store: &mut dyn MapStore,
+    current: &mut CurrentState,
+    desired: &DesiredState,
+    cap: &Capacity,
+) -> Streamed {
+    debug_assert!(current.is_empty(), "a streamed plan starts from empty maps");
+    let mut applied = 0usize;
+    let mut planned = 0usize;
+    let mut writing = Duration::ZERO;
+    let mut failure: Option<(anyhow::Error, Option<Op>)> = None;
+    // Two slices in flight: the mirror thread keeps up with the kernel's inserts, and
+    // a slower mirror holds back planning rather than piling up slices.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Op>>(2);
+    let (rejected, mirrored) = std::thread::scope(|s| {
+        let mirror = s.spawn(move || {
+            let mut next = CurrentState::default();
+            for slice in rx {
+                next.apply_bulk_part(&slice);
+            }
+            next.compact_maps();
+            next.build_index();
+            next
+        });
+        let rejected = plan_streamed(desired, cap, STREAM_SLICE, &mut |mut slice| {
+            planned += slice.len();
+            let started = Instant::now();
+            let (done, result) = store.apply_all(&slice);
+            writing += started.elapsed();
+            let done = done.min(slice.len());
+            applied += done;
+            let go_on = match result {
+                Ok(()) => true,
+                Err(e) => {
+                    failure = Some((e, slice.get(done).cloned()));
+                    slice.truncate(done);
+                    false
+                }
+            };
+            // A send fails only if the mirror thread is gone (it panicked): the join
+            // below reports that.
+            let _ = tx.send(slice);
+            go_on
+        });
+        drop(tx);
+        let mirrored = match mirror.join() {
+            Ok(next) => next,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
+        (rejected, mirrored)
+    });
+    *current = mirrored;
+    let result = match failure {
+        None => Ok(applied),
+        Some((e, Some(op))) => Err(e.context(OpFailed {
+            index: applied,
+            total: planned,
+            op,
+        })),
+        // A store that fails after applying every op of a slice has no op to blame.
+        Some((e, None)) => Err(e),
+    };
+    Streamed {
+        rejected,
+        result,
+        writing,
+    }
 }
 
 #[cfg(test)]

@@ -501,6 +501,133 @@ pub(super) fn plan_with(
     cap: &Capacity,
     ids: Option<&Index>,
 ) -> Plan {
+    let mut out = Out::kept();
+    let rejected = plan_into(current, desired, cap, ids, &mut out);
+    Plan {
+        ops: out.buf,
+        rejected,
+    }
+}
+
+/// [`plan`] into an empty datapath, its ops handed to `sink` in order, in slices of
+/// `chunk` (the last one shorter), as they are planned: the whole plan of a first sync
+/// (2.3 M ops at 100 000 Services × 10 endpoints, about 100 MB) is never held at once.
+/// The concatenated slices are exactly [`plan`]'s ops for an empty current state, so
+/// every guarantee of its order holds for any prefix that reaches the maps. When
+/// `sink` returns `false` (the maps refused a write) planning stops and no further
+/// slice is handed over. Returns the rejected Services, as [`Plan::rejected`].
+pub fn plan_streamed(
+    desired: &DesiredState,
+    cap: &Capacity,
+    chunk: usize,
+    sink: &mut dyn FnMut(Vec<Op>) -> bool,
+) -> Vec<Rejected> {
+    let empty = CurrentState::default();
+    let mut out = Out {
+        buf: Vec::new(),
+        sink: Some((sink, chunk.max(1))),
+        stopped: false,
+        flushed: 0,
+    };
+    let rejected = plan_into(&empty, desired, cap, None, &mut out);
+    out.flush();
+    rejected
+}
+
+/// Takes one slice of a streamed plan; `false` stops the planning.
+type Sink<'s> = &'s mut dyn FnMut(Vec<Op>) -> bool;
+
+/// Where the planned ops go: kept in one vector ([`Plan::ops`]), or handed on in
+/// slices as they are planned ([`plan_streamed`]).
+struct Out<'s> {
+    buf: Vec<Op>,
+    /// The receiver of full slices, and the slice length.
+    sink: Option<(Sink<'s>, usize)>,
+    /// The sink refused a slice: everything after it is dropped.
+    stopped: bool,
+    /// Ops handed to the sink so far.
+    flushed: usize,
+}
+
+impl Out<'_> {
+    fn kept() -> Self {
+        Self {
+            buf: Vec::new(),
+            sink: None,
+            stopped: false,
+            flushed: 0,
+        }
+    }
+
+    fn push(&mut self, op: Op) {
+        if self.stopped {
+            return;
+        }
+        self.buf.push(op);
+        if self
+            .sink
+            .as_ref()
+            .is_some_and(|(_, n)| self.buf.len() >= *n)
+        {
+            self.flush();
+        }
+    }
+
+    /// Hands what is buffered to the sink, if there is one.
+    fn flush(&mut self) {
+        let Some((sink, chunk)) = self.sink.as_mut() else {
+            return;
+        };
+        if self.stopped || self.buf.is_empty() {
+            return;
+        }
+        let slice = std::mem::replace(&mut self.buf, Vec::with_capacity(*chunk));
+        self.flushed += slice.len();
+        if !sink(slice) {
+            self.stopped = true;
+            self.buf = Vec::new();
+        }
+    }
+
+    /// Room for `n` more ops, when they are all kept.
+    fn reserve(&mut self, n: usize) {
+        if self.sink.is_none() {
+            self.buf.reserve(n);
+        }
+    }
+
+    /// Puts `first` before every op planned so far.
+    fn prepend(&mut self, first: Vec<Op>) {
+        if first.is_empty() {
+            return;
+        }
+        // Only a plan from a state with entries has ops to put first (entries that
+        // leave), and only a plan from an empty state is streamed.
+        debug_assert_eq!(self.flushed, 0, "ops to prepend after a streamed slice");
+        let rest = std::mem::take(&mut self.buf);
+        self.buf = first;
+        self.buf.reserve(rest.len());
+        for op in rest {
+            self.push(op);
+        }
+    }
+}
+
+impl Extend<Op> for Out<'_> {
+    fn extend<I: IntoIterator<Item = Op>>(&mut self, iter: I) {
+        for op in iter {
+            self.push(op);
+        }
+    }
+}
+
+fn plan_into(
+    current: &CurrentState,
+    desired: &DesiredState,
+    cap: &Capacity,
+    ids: Option<&Index>,
+    ops: &mut Out<'_>,
+) -> Vec<Rejected> {
     // The lowest id of each backend address is the one kept; duplicates are orphans.
     let mut by_addr: AddrIds = HashMap::with_capacity(current.backends.len());
     for (id, b) in &current.backends {
@@ -703,12 +830,16 @@ pub(super) fn plan_with(
         Some(ix) => Box::new(ix.fresh_backend_ids()),
         None => Box::new(allocator(&used_backend_ids)),
     };
-    let mut new_backends: Vec<&BackendAddr> = budget.new_backends.iter().collect();
+    // The set is freed before the map grows: at a first sync of 1 M backends each is
+    // tens of MB, and both at once set the agent's high-water mark.
+    let mut new_backends: Vec<BackendAddr> = std::mem::take(&mut budget.new_backends)
+        .into_iter()
+        .collect();
     new_backends.sort_unstable();
     backend_ids.reserve(new_backends.len());
     for addr in new_backends {
         if let Some(id) = fresh_ids.next() {
-            backend_ids.insert(*addr, id);
+            backend_ids.insert(addr, id);
         }
     }
     let mut used_rev_ids: BTreeSet<u32> = current.rev_nats.keys().copied().collect();
@@ -737,7 +868,7 @@ pub(super) fn plan_with(
 
     // A full sync plans about three ops per backend: room for them up front rather than
     // copying a growing vector of large ops.
-    let mut ops = Vec::with_capacity(
+    ops.reserve(
         removed.len() + wanted_hint(&admitted) + 3 * admitted.iter().filter(|c| c.changed).count(),
     );
     // What the Maglev and source-range maps hold as the ops go, so that no key is
@@ -745,7 +876,7 @@ pub(super) fn plan_with(
     let mut tables: BTreeSet<u32> = current.maglev.keys().copied().collect();
     let mut ranges: BTreeSet<(u32, IpNet)> = current.src_ranges.clone();
     let drop_extras = |id: u32,
-                       ops: &mut Vec<Op>,
+                       ops: &mut Out<'_>,
                        tables: &mut BTreeSet<u32>,
                        ranges: &mut BTreeSet<(u32, IpNet)>| {
         if tables.remove(&id) {
@@ -782,7 +913,7 @@ pub(super) fn plan_with(
                 // Tables and ranges before the entry: a plan of a few frontends finds
                 // an id through its entry, so an interrupted apply leaves none behind.
                 if *left == 0 && !claimed.contains(&id) {
-                    drop_extras(id, &mut ops, &mut tables, &mut ranges);
+                    drop_extras(id, ops, &mut tables, &mut ranges);
                 }
                 if *left == 0 && phase1_rev_nats.contains(&id) {
                     ops.push(Op::DeleteRevNat { id });
@@ -849,6 +980,14 @@ pub(super) fn plan_with(
             });
         }
     }
+    // Phase 4 needs the ids only, and a plan from maps without backends none at all:
+    // the entries go before phase 3 (a first sync's are tens of MB).
+    let mut final_backend_ids: BTreeSet<u32> = if current.backends.is_empty() {
+        BTreeSet::new()
+    } else {
+        wanted.keys().copied().collect()
+    };
+    drop(wanted);
 
     // Phase 3.
     let mut changed: Vec<&&Candidate<'_>> = admitted.iter().filter(|c| c.changed).collect();
@@ -996,7 +1135,7 @@ pub(super) fn plan_with(
         .filter(|id| !final_rev_ids.contains(id))
         .collect();
     for id in extra_ids {
-        drop_extras(id, &mut ops, &mut tables, &mut ranges);
+        drop_extras(id, ops, &mut tables, &mut ranges);
     }
 
     ops.extend(
@@ -1007,7 +1146,6 @@ pub(super) fn plan_with(
             .map(|&id| Op::DeleteRevNat { id }),
     );
     // Phase 4.
-    let mut final_backend_ids: BTreeSet<u32> = wanted.keys().copied().collect();
     for cf in &as_is {
         final_backend_ids.extend(cf.backend_ids.iter().copied());
         // A frontend left as it is keeps its table, which may still name backends its
@@ -1052,13 +1190,7 @@ pub(super) fn plan_with(
         }
     }
     let (first, last) = plan_extras(current, &finals);
-    let ops = if first.is_empty() {
-        ops
-    } else {
-        first.into_iter().chain(ops).collect()
-    };
-    let mut ops = ops;
+    ops.prepend(first);
     ops.extend(last);
-
-    Plan { ops, rejected }
+    rejected
 }

@@ -104,6 +104,21 @@ impl CurrentState {
             }
             return;
         }
+        self.apply_bulk_part(ops);
+        self.compact_maps();
+    }
+
+    /// [`Self::apply_bulk`] of one slice of a plan mirrored slice by slice (a streamed
+    /// plan, see [`crate::plan::plan_streamed`]), without packing the maps: call
+    /// [`Self::compact_maps`] once after the last slice. A frontend whose slots and
+    /// master fall into two slices is mirrored op by op, to the same state.
+    pub fn apply_bulk_part(&mut self, ops: &[Op]) {
+        if self.index_cache.0.is_some() {
+            for op in ops {
+                self.apply(op);
+            }
+            return;
+        }
         let mut at = 0;
         while at < ops.len() {
             at += self.new_frontend(&ops[at..]).unwrap_or_else(|| {
@@ -111,8 +126,12 @@ impl CurrentState {
                 1
             });
         }
-        // These maps live as long as the agent, and this (the start-up apply, often of
-        // everything) is where they grow most: pack their nodes.
+    }
+
+    /// Packs the nodes of the large maps (see [`crate::mem::compact`]).
+    pub fn compact_maps(&mut self) {
+        // These maps live as long as the agent, and the start-up apply (often of
+        // everything) is where they grow most.
         crate::mem::compact(&mut self.frontends);
         crate::mem::compact(&mut self.backends);
         crate::mem::compact(&mut self.rev_nats);

@@ -26,7 +26,7 @@ mod extras;
 pub mod index;
 mod mirror;
 mod touched;
-pub use diff::plan;
+pub use diff::{plan, plan_streamed};
 pub use mirror::SlotIdsAboveCount;
 pub use touched::plan_touched;
 
@@ -86,6 +86,19 @@ pub struct CurrentState {
     /// The accounting [`plan_touched`] works from (see [`index::Index`]); ignored by
     /// `==`.
     pub index_cache: index::IndexSlot,
+}
+
+impl CurrentState {
+    /// Whether the maps hold no entry at all (a first start on empty maps).
+    pub fn is_empty(&self) -> bool {
+        self.frontends.is_empty()
+            && self.backends.is_empty()
+            && self.rev_nats.is_empty()
+            && self.maglev.is_empty()
+            && self.src_ranges.is_empty()
+            && self.aff_match.is_empty()
+            && self.meta.is_empty()
+    }
 }
 
 /// The Service identity of a frontend, as `list` and the metrics show it (stored in

@@ -15,7 +15,7 @@ use super::{
 use crate::{
     datapath::{
         MapStore,
-        apply::{OpFailed, apply_plan},
+        apply::{OpFailed, apply_plan, plan_and_apply_streamed},
         codec,
         fake::FakeError,
     },
@@ -540,6 +540,72 @@ proptest! {
         let mut rig = Rig::new(need);
         let p = step(&mut rig, &desired)?;
         prop_assert_eq!(p.rejected, vec![]);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    /// A first sync streamed in slices (of a few ops here, to cut Services and their
+    /// runs of slots in every place) plans exactly the whole plan's ops, mirrors what
+    /// reached the maps with the index a sequential apply builds, and, cut short at any
+    /// op, converges from there like any interrupted apply.
+    #[test]
+    fn streamed_first_syncs_are_the_plan_in_slices(
+        desired in desired_state(),
+        cap in prop_oneof![Just(roomy()), capacity()],
+        slice in 1usize..8,
+        cut in prop::option::weighted(0.5, any::<prop::sample::Index>()),
+    ) {
+        let whole = plan(&CurrentState::default(), &desired, &cap);
+        let mut slices: Vec<Vec<Op>> = Vec::new();
+        let rejected = plan_streamed(&desired, &cap, slice, &mut |s| {
+            slices.push(s);
+            true
+        });
+        prop_assert_eq!(&rejected, &whole.rejected);
+        prop_assert!(slices.iter().all(|s| !s.is_empty() && s.len() <= slice));
+        prop_assert_eq!(&slices.concat(), &whole.ops);
+
+        let mut rig = Rig::new(cap);
+        let cut = cut.filter(|_| !whole.ops.is_empty()).map(|c| c.index(whole.ops.len()));
+        if let Some(n) = cut {
+            rig.fake.fail_after(n);
+        }
+        let streamed = plan_and_apply_streamed(&mut rig.fake, &mut rig.current, &desired, &cap);
+        prop_assert_eq!(&streamed.rejected, &whole.rejected);
+        let applied = match (cut, streamed.result) {
+            (None, Ok(n)) => n,
+            (Some(n), Err(err)) => {
+                prop_assert_eq!(err.downcast_ref::<FakeError>(), Some(&FakeError::Injected), "{:#}", err);
+                let failed = err.downcast_ref::<OpFailed>();
+                prop_assert_eq!(failed.map(|f| (f.index, &f.op)), Some((n, &whole.ops[n])));
+                n
+            }
+            (cut, result) => {
+                return Err(TestCaseError::fail(format!("cut {cut:?}, result {result:?}")));
+            }
+        };
+        prop_assert_eq!(rig.fake.applied(), applied);
+        prop_assert_eq!(&rig.current, &rig.fake.read_current().unwrap());
+        let mut sequential = CurrentState::default();
+        for op in &whole.ops[..applied] {
+            sequential.apply(op);
+        }
+        sequential.build_index();
+        prop_assert_eq!(
+            format!("{:?}", rig.current.slots_above_count),
+            format!("{:?}", sequential.slots_above_count)
+        );
+        prop_assert_eq!(
+            format!("{:?}", rig.current.index()),
+            format!("{:?}", sequential.index())
+        );
+        if cut.is_some() {
+            // The agent re-reads after a failure.
+            rig.current = rig.fake.read_current().unwrap();
+        }
+        converge(&mut rig, &desired)?;
     }
 }
 
