@@ -15,7 +15,7 @@ use svc_lb_common::{
     RevNat, SOCK_RNAT_MAP_MAX, SRC_RANGE_MAP_MAX, SVC_MAP_MAX, SVC_META_MAP_MAX, SockRevNat4Key,
     SockRevNat4Value, SockRevNat6Key, SockRevNat6Value, SockRevNatStore, SockRevNatStoreV1,
     SrcRange4Key, SrcRange6Key, Svc4Key, Svc6Key, SvcMeta, SvcValue, TRAFFIC_MAP_MAX, TrafficCount,
-    TrafficKey, XDP_DEV_MAP_MAX, XDP_MAC_ARRAY_MAX,
+    TrafficKey, XDP_DEV_MAP_MAX, XDP_MAC_ARRAY_MAX, lookup::LcScan,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -196,6 +196,15 @@ pub struct Scratch {
     pub rkey: CtKey,
     pub rval: CtValue,
 }
+
+/// `lc`/`wlc`: the exact scan's running state (the best run so far, the run being
+/// read), per CPU, between its steps in the lc programs. In map memory, not registers
+/// or the stack: the verifier does not track a map value's contents, so the paths of a
+/// step (better or not, same run or a new one) end in equal states and are pruned
+/// instead of multiplying over the steps (which took Debian's 5.10 and 6.1 verifiers
+/// past their 1 M instruction limit). Not pinned (nothing in it outlives one connect).
+#[btf_map]
+pub static LB_LCSCAN: PerCpuArray<LcScan, 1> = PerCpuArray::new();
 
 /// `lc`/`wlc`: index 0 holds the family's lc program (`svclb_lc4`/`svclb_lc6`), which the
 /// connect hooks tail-call for an `lc`/`wlc` frontend; empty while no agent runs (two

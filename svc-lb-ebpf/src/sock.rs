@@ -17,13 +17,14 @@ use svc_lb_common::{
     CTR_SOCK_AFF_UPDATE_FAIL, CTR_SOCK_RNAT_UPDATE_FAIL, CTR_SOCK_SRC_UNBOUND, CTR_SOCK_XLATED,
     Choice, ConnKey, PROTO_UDP, SCOPE_ALL, SVC_FLAG_SCHED_LC, SrcRange4Key, SrcRange6Key,
     Stickiness, Svc4Key, Svc6Key, SvcValue, choose_backend,
-    lookup::{LC_SCAN_MAX, lc_overhead, lc_scan_steps, lc_two_choices, v4_mapped},
+    lookup::{LC_SCAN_MAX, LcScan, lc_overhead, lc_two_choices, v4_mapped},
     select_slot,
 };
 
 use crate::maps::{
     LB_AFFINITY_V1, LB_AFFMATCH_V1, LB_BACKENDS_V1, LB_BESTATS_V1, LB_CONNS_V1, LB_COUNTERS_V2,
-    LB_FESTATS_V1, LB_LCPROG4, LB_LCPROG6, LB_SRCRNG4_V1, LB_SRCRNG6_V1, LB_SVC4_V1, LB_SVC6_V1,
+    LB_FESTATS_V1, LB_LCPROG4, LB_LCPROG6, LB_LCSCAN, LB_SRCRNG4_V1, LB_SRCRNG6_V1, LB_SVC4_V1,
+    LB_SVC6_V1,
 };
 
 const ALLOW: i32 = 1;
@@ -386,13 +387,42 @@ fn lc_least<const LC: u8, K: SlotKey>(key: K, count: u32) -> Option<u16> {
     if LC == lc::RANDOM {
         return select_slot(seed, count);
     }
-    if LC == lc::SCAN && count <= LC_SCAN_MAX {
-        // Written out, LC_SCAN_MAX steps: a loop over 8 or 16 slots, and a bpf_loop
-        // callback, took the 6.18 verifier past its 1 M instruction limit (every step
-        // branches on the loads it read, so the verifier cannot merge states).
-        return lc_scan_steps(count, seed, |s| key.slot_backend(s), backend_load).map(|p| p.slot);
+    if LC == lc::SCAN
+        && count <= LC_SCAN_MAX
+        && let Some(state) = LB_LCSCAN.get_ptr_mut(0)
+    {
+        return lc_scan_in_map(state, key, count, seed);
     }
     Some(lc_two_choices(count, seed, |s| key.slot_backend(s), backend_load).slot)
+}
+
+/// The exact scan over slots `1..=count` (`count ≤ LC_SCAN_MAX`), its state kept in
+/// `LB_LCSCAN` between the steps (see there): each step reads it back (volatile, so
+/// that the compiler keeps it in map memory and not in registers) and writes it again,
+/// and the verifier's paths through a step meet in equal states.
+///
+/// Another connect on this CPU may run between two steps (a preempted program) and
+/// overwrite the state: the choice is then another frontend's run; a slot outside
+/// `1..=count` is not taken (two random choices instead), one inside is still this
+/// frontend's backend, only not exactly the least loaded.
+#[inline(always)]
+fn lc_scan_in_map<K: SlotKey>(state: *mut LcScan, key: K, count: u32, seed: u32) -> Option<u16> {
+    let first = key.slot_backend(1);
+    unsafe { state.write_volatile(LcScan::new(seed, first, backend_load)) };
+    for slot in 2..=LC_SCAN_MAX as u16 {
+        if u32::from(slot) > count {
+            break;
+        }
+        let id = key.slot_backend(slot);
+        let mut s = unsafe { state.read_volatile() };
+        s.step(slot, id, backend_load);
+        unsafe { state.write_volatile(s) };
+    }
+    let s = unsafe { state.read_volatile() };
+    match s.finish(count) {
+        Some(p) if p.slot >= 1 && u32::from(p.slot) <= count => Some(p.slot),
+        _ => Some(lc_two_choices(count, seed, |s| key.slot_backend(s), backend_load).slot),
+    }
 }
 
 /// What [`xlate4`] decided; the caller writes the backend back in its socket's form.

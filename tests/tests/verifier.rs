@@ -23,11 +23,12 @@ const BUDGETS: &[(&str, u32, u32)] = &[
     // update in connect/sendmsg, its slot search in recvmsg/getpeername).
     // lc/wlc (issue 15): the connect hooks only tail-call svclb_lc4/6 for an lc
     // frontend (two random choices when that returns); those hold the 4-step scan,
-    // whose branches on the loads the verifier cannot merge.
+    // whose state lives in a per-CPU map between the steps so that the verifier's
+    // paths through a step meet in equal states (57 710 and 151 978 insns before).
     ("svclb_connect4", 30_000, 30_000),
     ("svclb_connect6", 65_000, 30_000),
-    ("svclb_lc4", 200_000, 30_000),
-    ("svclb_lc6", 400_000, 30_000),
+    ("svclb_lc4", 90_000, 36_000),
+    ("svclb_lc6", 200_000, 72_000),
     ("svclb_sendmsg4", 10_000, 30_000),
     ("svclb_sendmsg6", 10_000, 30_000),
     ("svclb_recvmsg4", 1_000, 6_000),

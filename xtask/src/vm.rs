@@ -76,6 +76,10 @@ pub const GUEST_TESTS: &[(&str, &str)] = &[
         "lbipam",
         "the_demo_dials_the_address_the_example_pool_gave_its_load_balancer_service",
     ),
+    (
+        "sched",
+        "lc_programs_load_on_demand_when_a_service_turns_lc",
+    ),
 ];
 
 /// What the stage needs besides the test tools of `setup` (command, Debian package):
