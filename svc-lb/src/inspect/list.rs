@@ -212,7 +212,7 @@ pub fn parse_service(s: &str) -> Result<ServiceRef> {
 /// The frontends of `view`, in address order, optionally only those of one Service.
 pub fn entries(view: &DatapathView, service: Option<&ServiceRef>) -> Vec<ListEntry> {
     let mut out = Vec::with_capacity(view.state.frontends.len());
-    let slotted = view.slotted();
+    let drain = view.draining();
     // Draining backends per frontend, after its slots' backends (weight 0).
     let draining: std::collections::HashMap<u32, Vec<u32>> = view
         .state
@@ -221,7 +221,7 @@ pub fn entries(view: &DatapathView, service: Option<&ServiceRef>) -> Vec<ListEnt
         .map(|(fe, cur)| {
             (
                 cur.rev_nat_id,
-                view.draining_of(cur.rev_nat_id, fe.proto, &slotted),
+                view.draining_of(cur.rev_nat_id, fe.proto, &drain),
             )
         })
         .collect();
@@ -791,20 +791,14 @@ pub fn render_yaml(entries: &[ListEntry]) -> Result<String> {
 /// A text line naming the draining backends that no frontend lists (no connection
 /// links them to one: see [`ListBackend::weight`]); empty when there are none.
 pub fn unlisted_draining(view: &DatapathView, entries: &[ListEntry]) -> String {
-    let slotted = view.slotted();
     let listed: std::collections::HashSet<u32> = entries
         .iter()
         .flat_map(|e| e.backends.iter().map(|b| b.id))
         .collect();
     let rest: Vec<String> = view
-        .state
-        .backends
-        .iter()
-        .filter(|(id, b)| {
-            b.state == svc_lb_common::BACKEND_DRAINING
-                && !slotted.contains(id)
-                && !listed.contains(id)
-        })
+        .draining()
+        .into_iter()
+        .filter(|(id, _)| !listed.contains(id))
         .map(|(_, b)| {
             format!(
                 "{}/{}",

@@ -2157,6 +2157,14 @@ fn list_shows_draining_backends_under_the_frontends_of_their_connections() {
     );
     let yaml = list::render_yaml(&all).expect("yaml");
     assert!(yaml.contains("state: draining"), "{yaml}");
+    // The metrics name the Service of a draining backend as `list` links it.
+    let text = metrics::render(ScrapeData {
+        view: Some(view.clone()),
+        ..Default::default()
+    })
+    .expect("render");
+    let line = r#"svclb_backend_active_connections{namespace="shop",service="web",backend="10.244.4.4:8080/TCP"} 2"#;
+    assert!(text.contains(line), "missing {line:?} in:\n{text}");
     // A frontend whose every backend drains takes no new connection: the text says so
     // above the draining lines.
     let only: Vec<list::ListEntry> = all

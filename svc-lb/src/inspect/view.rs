@@ -108,26 +108,49 @@ impl DatapathView {
 }
 
 impl DatapathView {
-    /// The draining backends (`BACKEND_DRAINING` entries that no slot names: weight 0,
-    /// or an external frontend's endpoint that stopped being ready but still serves)
-    /// that frontend `rev_nat_id` still has connections through: a live external flow
-    /// (conntrack), or a socket-path TCP connection since the entry was made (the
-    /// sock_ops program records the (frontend, backend address) pair at the connect).
-    /// The maps keep no other link between a draining backend and its frontends.
+    /// The draining backends: `BACKEND_DRAINING` entries that no slot names (weight 0,
+    /// or an external frontend's endpoint that stopped being ready but still serves).
+    /// Usually none or a few; computed once, then matched per frontend by
+    /// [`DatapathView::draining_of`].
+    pub fn draining(&self) -> Vec<(u32, crate::plan::BackendEntry)> {
+        let candidates: Vec<(u32, crate::plan::BackendEntry)> = self
+            .state
+            .backends
+            .iter()
+            .filter(|(_, b)| b.state == svc_lb_common::BACKEND_DRAINING)
+            .map(|(id, b)| (*id, *b))
+            .collect();
+        if candidates.is_empty() {
+            return candidates;
+        }
+        let slotted: std::collections::HashSet<u32> = self
+            .state
+            .frontends
+            .values()
+            .flat_map(|f| f.backend_ids.iter().copied())
+            .collect();
+        candidates
+            .into_iter()
+            .filter(|(id, _)| !slotted.contains(id))
+            .collect()
+    }
+
+    /// The backends of `draining` (see [`DatapathView::draining`]) that frontend
+    /// `rev_nat_id` still has connections through: a live external flow (conntrack),
+    /// or a socket-path TCP connection since the entry was made (the sock_ops program
+    /// records the (frontend, backend address) pair at the connect). The maps keep no
+    /// other link between a draining backend and its frontends.
     pub fn draining_of(
         &self,
         rev_nat_id: u32,
         proto: u8,
-        slotted: &std::collections::HashSet<u32>,
+        draining: &[(u32, crate::plan::BackendEntry)],
     ) -> Vec<u32> {
-        self.state
-            .backends
+        draining
             .iter()
             .filter(|(id, b)| {
-                b.state == svc_lb_common::BACKEND_DRAINING
-                    && b.addr.proto == proto
-                    && !slotted.contains(id)
-                    && (self.ext_pairs.contains(&(rev_nat_id, **id))
+                b.addr.proto == proto
+                    && (self.ext_pairs.contains(&(rev_nat_id, *id))
                         || (proto == svc_lb_common::PROTO_TCP
                             && self.traffic.as_ref().is_some_and(|t| {
                                 t.contains_key(&svc_lb_common::TrafficKey {
@@ -137,15 +160,6 @@ impl DatapathView {
                             })))
             })
             .map(|(id, _)| *id)
-            .collect()
-    }
-
-    /// Backend ids some slot names.
-    pub fn slotted(&self) -> std::collections::HashSet<u32> {
-        self.state
-            .frontends
-            .values()
-            .flat_map(|f| f.backend_ids.iter().copied())
             .collect()
     }
 }
