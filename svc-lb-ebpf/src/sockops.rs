@@ -12,6 +12,9 @@
 //!   state's class gains one; the move to CLOSE only takes one away. A socket whose
 //!   connect never got as far as the SYN is never flagged, so never counted.
 //!
+//! At `TCP_CONNECT_CB` the socket's (frontend, backend address) entry of
+//! `LB_TRAFFIC_V1` is created (zeros) when missing, so that the pair is known while the
+//! connection is open (`list` shows a draining backend under it).
 //! At the move to CLOSE the socket's traffic (segments and payload bytes each way)
 //! is added to `LB_TRAFFIC_V1` under its frontend (the rev-NAT id of its reverse-NAT
 //! slot) and backend address (decision: live connections' traffic counts when they
@@ -186,15 +189,26 @@ fn connect(ctx: &SockOpsContext) {
     let Some((key, tag)) = peer(ctx) else {
         return;
     };
-    if translated(ctx, &key, tag).is_none() {
+    let Some(rev_nat_id) = translated(ctx, &key, tag) else {
         return;
-    }
+    };
     // Flag first: a socket counted without the flag would never be taken off.
     let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
     if ctx.set_cb_flags(flags as i32).is_err() {
         return;
     }
     inc(&key, Class::Inactive);
+    // The (frontend, backend) entry exists from the first connect on, not only after a
+    // close: it is how `list` knows which frontends a draining backend (weight 0: named
+    // by no slot) still has connections from. One lookup per new connection; the entry
+    // is the one `closed` adds to, so no key is made that would not be made anyway.
+    let pair = TrafficKey {
+        rev_nat_id,
+        backend: key,
+    };
+    if LB_TRAFFIC_V1.get_ptr(&pair).is_none() {
+        let _ = LB_TRAFFIC_V1.insert(&pair, TrafficCount::default(), u64::from(BPF_NOEXIST));
+    }
 }
 
 #[inline(always)]

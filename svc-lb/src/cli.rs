@@ -656,6 +656,8 @@ pub fn run(cli: Cli) -> Result<()> {
                     }
                 }
             }
+            // Before the filter: a backend another Service lists is not unlisted.
+            let unlisted = inspect::list::unlisted_draining(&view, &entries);
             filter.retain(&mut entries, "frontend", |e| {
                 (e.namespace.as_deref(), e.service.as_deref())
             });
@@ -678,11 +680,15 @@ pub fn run(cli: Cli) -> Result<()> {
                 "{}",
                 match output {
                     Output::Text if stats =>
-                        inspect::list::render_counters(&entries, inspect::list::Counters::Stats),
+                        inspect::list::render_counters(&entries, inspect::list::Counters::Stats)
+                            + &unlisted,
                     Output::Text if rate =>
-                        inspect::list::render_counters(&entries, inspect::list::Counters::Rate),
+                        inspect::list::render_counters(&entries, inspect::list::Counters::Rate)
+                            + &unlisted,
                     Output::Text =>
-                        inspect::list::render_text(&entries) + &inspect::list::paths_footer(&bpffs),
+                        inspect::list::render_text(&entries)
+                            + &unlisted
+                            + &inspect::list::paths_footer(&bpffs),
                     Output::Json => inspect::list::render_json(&entries)?,
                     Output::Yaml => inspect::list::render_yaml(&entries)?,
                 }

@@ -568,6 +568,7 @@ impl DatapathCollector {
         for (k, v) in view.traffic.iter().flatten() {
             by_address.entry(k.backend).or_default().add(v);
         }
+        let drain = view.draining();
         for (fe, cur) in &view.state.frontends {
             let meta = view.meta.get(&cur.rev_nat_id);
             let n = view
@@ -586,7 +587,10 @@ impl DatapathCollector {
             };
             if let Some(m) = meta {
                 *per_service.entry(m.service.clone()).or_default() += n;
-                for id in &cur.backend_ids {
+                // A draining backend (no slot) is the Service's while its
+                // connections go through this frontend, as `list` shows it.
+                let draining = view.draining_of(cur.rev_nat_id, fe.proto, &drain);
+                for id in cur.backend_ids.iter().chain(&draining) {
                     backend_services
                         .entry(*id)
                         .or_default()

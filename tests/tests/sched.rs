@@ -223,7 +223,7 @@ fn weight_zero_drains_new_connections_and_keeps_established_ones() {
         let mut long = lab.client(sa(&format!("{vip}:80")), Proto::Tcp);
         long.long_lived = true;
         long.count = 0;
-        long.duration = Some(Duration::from_secs(5));
+        long.duration = Some(Duration::from_secs(8));
         long.interval = Duration::from_millis(20);
         let running = lab.spawn_client(&long)?;
         std::thread::sleep(Duration::from_millis(500));
@@ -243,6 +243,10 @@ fn weight_zero_drains_new_connections_and_keeps_established_ones() {
             .wait_applied(before + 1, Duration::from_secs(10))?;
         let drained = run(lab, vip, 200, false)?;
         assert_shares(&drained, &[("a", 0), ("b", 1)])?;
+        // `list` shows the drained backend as ipvsadm shows a weight-0 real server:
+        // weight 0, with the held connection still counted active.
+        let (sa_, sb) = (a.to_string(), b.to_string());
+        check_drained(lab, vip, &[(&sa_, "draining", 0, 1), (&sb, "active", 1, 0)])?;
 
         let before = lab.agent().applied_count();
         lab.write_manifest(
@@ -258,6 +262,12 @@ fn weight_zero_drains_new_connections_and_keeps_established_ones() {
         lab.agent()
             .wait_applied(before + 1, Duration::from_secs(10))?;
         let refused = run(lab, vip, 20, false)?;
+        // Both drained: `b` had connections through the frontend too (closed now).
+        check_drained(
+            lab,
+            vip,
+            &[(&sa_, "draining", 0, 1), (&sb, "draining", 0, 0)],
+        )?;
         // EPERM on kernels without bpf_set_retval (forced off in the fallback run).
         let errno = format!("connect:{}", svc_lb_tests::agent::refused_errno());
         ensure!(
@@ -275,6 +285,77 @@ fn weight_zero_drains_new_connections_and_keeps_established_ones() {
         );
         Ok(())
     });
+}
+
+/// The backends `list` shows for the socket frontend `vip`:80 are `want` (address,
+/// state, weight, active connections), in JSON and in the text layout. Without
+/// connection counts (fallback run) nothing links a draining backend to the frontend
+/// (the sock_ops program records the pairs): it is named by the text's footer instead,
+/// and the active ones show no counts.
+fn check_drained(lab: &Lab, vip: &str, want: &[(&str, &str, u64, u64)]) -> Result<()> {
+    let off = counts_off();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let fe = loop {
+        let fe = listed(lab, vip)?;
+        let got: Vec<(String, String, u64, Option<u64>)> = fe["backends"]
+            .as_array()
+            .with_context(|| format!("{vip}: no backends in {fe}"))?
+            .iter()
+            .map(|b| {
+                (
+                    b["address"].as_str().unwrap_or_default().to_owned(),
+                    b["state"].as_str().unwrap_or_default().to_owned(),
+                    b["weight"].as_u64().unwrap_or(u64::MAX),
+                    b["active_connections"].as_u64(),
+                )
+            })
+            .collect();
+        let expect: Vec<(String, String, u64, Option<u64>)> = want
+            .iter()
+            .filter(|w| !off || w.1 != "draining")
+            .map(|(a, s, w, n)| ((*a).to_owned(), (*s).to_owned(), *w, (!off).then_some(*n)))
+            .collect();
+        let mut sorted = got.clone();
+        sorted.sort();
+        let mut expect_sorted = expect.clone();
+        expect_sorted.sort();
+        if sorted == expect_sorted {
+            break fe;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "{vip}: backends {got:?}, expected {expect:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = lab.svc_lb(&["list"])?;
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    for (addr, state, _, _) in want.iter().filter(|w| w.1 == "draining") {
+        let line = text.lines().find(|l| {
+            l.starts_with("  ->") && l.contains(&format!("{addr}:8080")) && l.contains(state)
+        });
+        let footer = text.lines().find(|l| {
+            l.starts_with("draining, without connections")
+                && l.contains(&format!("{addr}:8080/TCP"))
+        });
+        if off {
+            ensure!(
+                line.is_none() && footer.is_some(),
+                "{addr}: without counts the footer must name the draining backend:\n{text}"
+            );
+        } else {
+            ensure!(
+                line.is_some_and(|l| l.contains(" 0 ")) && footer.is_none(),
+                "{addr}: no draining line of weight 0 under {vip}:\n{text}\n{fe}"
+            );
+        }
+    }
+    let active_only = want.iter().all(|w| w.1 == "draining");
+    ensure!(
+        !active_only || text.contains("(no backends: connections are refused)"),
+        "{vip}: every backend drains, the text must say new connections are refused:\n{text}"
+    );
+    Ok(())
 }
 
 // ---- Active connection counts and lc/wlc ----

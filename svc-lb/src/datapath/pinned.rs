@@ -283,11 +283,8 @@ impl PinnedMaps {
     /// (established, other), as `CT_FLAG_ESTABLISHED` and `CT_FLAG_CLOSING` tell them
     /// apart (an established flow that saw a FIN or RST counts as other). Empty when
     /// the pins have no conntrack map.
-    pub fn ct_conn_counts(
-        &self,
-        now_ns: u64,
-    ) -> Result<std::collections::HashMap<u32, (u64, u64)>> {
-        let mut out: std::collections::HashMap<u32, (u64, u64)> = Default::default();
+    pub fn ct_conn_counts(&self, now_ns: u64) -> Result<CtConns> {
+        let mut out = CtConns::default();
         if !self.bpffs.join(MAP_CT).exists() {
             return Ok(out);
         }
@@ -296,7 +293,8 @@ impl PinnedMaps {
             {
                 continue;
             }
-            let c = out.entry(v.backend_id).or_default();
+            out.pairs.insert((v.rev_nat_id, v.backend_id));
+            let c = out.per_backend.entry(v.backend_id).or_default();
             let established = v.flags & svc_lb_common::CT_FLAG_ESTABLISHED != 0
                 && v.flags & svc_lb_common::CT_FLAG_CLOSING == 0;
             if established {
@@ -437,4 +435,14 @@ impl PinnedMaps {
                 .with_context(|| format!("pinned map {MAP_CONFIG} has an unexpected layout"))?;
         not_found_is_none(a.get(&0, 0)).with_context(|| format!("{MAP_CONFIG}: read entry 0"))
     }
+}
+
+/// The external path's live flows (`LB_CT_V1` forward entries), as `list` shows them.
+#[derive(Clone, Debug, Default)]
+pub struct CtConns {
+    /// Flows per backend id: (established, any other state).
+    pub per_backend: std::collections::HashMap<u32, (u64, u64)>,
+    /// Every (rev-NAT id, backend id) a flow goes through: which frontends a draining
+    /// backend (named by no slot) still has flows from.
+    pub pairs: std::collections::HashSet<(u32, u32)>,
 }

@@ -106,12 +106,18 @@ pub struct ListBackend {
     /// "" when the backend entry is missing (see `state`).
     pub address: String,
     pub port: u16,
-    /// "active", "terminating", or "missing" when a slot names a backend id that is not
-    /// in the backend map (the datapath then refuses connections that draw that slot).
+    /// "active", "terminating", "draining" (no new connections; see `weight`), or
+    /// "missing" when a slot names a backend id that is not in the backend map (the
+    /// datapath then refuses connections that draw that slot).
     pub state: &'static str,
     /// The slots this backend holds: its `svc-lb.io/weights` weight divided by the
-    /// weights' gcd (1 without weights, and always 1 under `rr`). Weight-0 endpoints
-    /// hold no slot and are not listed.
+    /// weights' gcd (1 without weights, and always 1 under `rr`). 0 for a `draining`
+    /// backend (weight 0, or an external frontend's endpoint that still serves but is
+    /// no longer ready): it takes no new connection and is listed, after the others,
+    /// under the frontends it still has connections through (the maps link a draining
+    /// backend to a frontend only by its connections: a live external flow, or a
+    /// socket-path TCP connection seen by the sock_ops program); `list`'s text names
+    /// the draining backends no frontend shows.
     pub weight: u32,
     /// New connections to this backend. The datapath counts per backend, not per
     /// (frontend, backend): when `shared` is true the count includes the connections of
@@ -206,10 +212,27 @@ pub fn parse_service(s: &str) -> Result<ServiceRef> {
 /// The frontends of `view`, in address order, optionally only those of one Service.
 pub fn entries(view: &DatapathView, service: Option<&ServiceRef>) -> Vec<ListEntry> {
     let mut out = Vec::with_capacity(view.state.frontends.len());
+    let drain = view.draining();
+    // Draining backends per frontend, after its slots' backends (weight 0).
+    let draining: std::collections::HashMap<u32, Vec<u32>> = view
+        .state
+        .frontends
+        .iter()
+        .map(|(fe, cur)| {
+            (
+                cur.rev_nat_id,
+                view.draining_of(cur.rev_nat_id, fe.proto, &drain),
+            )
+        })
+        .collect();
     let mut users: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
     for cur in view.state.frontends.values() {
-        for id in &cur.backend_ids {
-            *users.entry(*id).or_default() += 1;
+        let listed = weighted(&cur.backend_ids)
+            .into_iter()
+            .map(|(id, _)| id)
+            .chain(draining.get(&cur.rev_nat_id).into_iter().flatten().copied());
+        for id in listed {
+            *users.entry(id).or_default() += 1;
         }
     }
     for (fe, cur) in &view.state.frontends {
@@ -264,6 +287,13 @@ pub fn entries(view: &DatapathView, service: Option<&ServiceRef>) -> Vec<ListEnt
                 .unwrap_or(0),
             backends: weighted(&cur.backend_ids)
                 .into_iter()
+                .chain(
+                    draining
+                        .get(&cur.rev_nat_id)
+                        .into_iter()
+                        .flatten()
+                        .map(|id| (*id, 0)),
+                )
                 .map(|(id, weight)| {
                     let id = &id;
                     let new_connections = view.backend_conns.get(id).copied().unwrap_or(0);
@@ -659,7 +689,9 @@ pub fn render_text(entries: &[ListEntry]) -> String {
             flags(e),
             format!("{} ", e.new_connections),
         ]);
-        if e.backends.is_empty() {
+        // Draining backends (weight 0) take no new connection: a frontend with only
+        // those is one without backends for new connections.
+        if e.backends.iter().all(|b| b.weight == 0) {
             let mut row: [String; COLS] = Default::default();
             row[0] = "  ->".into();
             row[1] = e.no_backends_note().into();
@@ -754,6 +786,34 @@ pub fn render_json(entries: &[ListEntry]) -> Result<String> {
 
 pub fn render_yaml(entries: &[ListEntry]) -> Result<String> {
     Ok(serde_yaml::to_string(entries)?)
+}
+
+/// A text line naming the draining backends that no frontend lists (no connection
+/// links them to one: see [`ListBackend::weight`]); empty when there are none.
+pub fn unlisted_draining(view: &DatapathView, entries: &[ListEntry]) -> String {
+    let listed: std::collections::HashSet<u32> = entries
+        .iter()
+        .flat_map(|e| e.backends.iter().map(|b| b.id))
+        .collect();
+    let rest: Vec<String> = view
+        .draining()
+        .into_iter()
+        .filter(|(id, _)| !listed.contains(id))
+        .map(|(_, b)| {
+            format!(
+                "{}/{}",
+                socket_str(&b.addr.addr.to_string(), b.addr.port),
+                names::proto(b.addr.proto)
+            )
+        })
+        .collect();
+    if rest.is_empty() {
+        return String::new();
+    }
+    format!(
+        "draining, without connections through any frontend listed: {}\n",
+        rest.join(", ")
+    )
 }
 
 /// The text output's last line: which programs serve the `socket` and `external`

@@ -315,6 +315,7 @@ fn fixture() -> (FakeMaps, DatapathView) {
                 .collect(),
         ),
         ext_conns: [(2, (10, 1))].into_iter().collect(),
+        ext_pairs: Default::default(),
         traffic: None,
     };
     (maps, view)
@@ -2028,6 +2029,156 @@ fn status_shows_which_node_announces_each_address_and_where_this_one_answers() {
     assert!(line("192.0.2.10").trim_end().ends_with('-'), "{text}");
     assert!(
         line("2001:db8::1").contains("(no live eligible node)"),
+        "{text}"
+    );
+}
+
+/// Draining backends (weight 0: entries no slot names) are listed, weight 0 and with
+/// their live counts, under the frontends their connections link them to: 10.244.4.4
+/// under web:http's ClusterIP (a socket-path connection, rev-NAT 1) and its
+/// LoadBalancer (a conntrack flow, rev-NAT 8); 10.244.5.5, linked to no frontend, is
+/// named by the text's footer only. A draining UDP backend is not linked to a TCP
+/// frontend by its address.
+#[test]
+fn list_shows_draining_backends_under_the_frontends_of_their_connections() {
+    let (mut maps, mut view) = fixture();
+    let drained = |addr: &str, proto: u8| BackendEntry {
+        addr: BackendAddr {
+            addr: ip(addr),
+            port: 8080,
+            proto,
+        },
+        state: svc_lb_common::BACKEND_DRAINING,
+        local: false,
+    };
+    for (id, addr, proto) in [
+        (10, "10.244.4.4", PROTO_TCP),
+        (11, "10.244.5.5", PROTO_TCP),
+        (12, "10.244.4.4", PROTO_UDP),
+    ] {
+        maps.apply(&Op::UpsertBackend {
+            id,
+            backend: drained(addr, proto),
+        })
+        .expect("draining backend");
+    }
+    view.state = maps.read_current().expect("read back");
+    let b10 = drained("10.244.4.4", PROTO_TCP).addr;
+    view.traffic = Some(
+        [(
+            svc_lb_common::TrafficKey {
+                rev_nat_id: 1,
+                backend: crate::inspect::view::conn_key(&b10),
+            },
+            svc_lb_common::TrafficCount::default(),
+        )]
+        .into_iter()
+        .collect(),
+    );
+    view.ext_pairs = [(8, 10), (4, 12)].into_iter().collect();
+    // The socket path's counts of 10.244.4.4:8080 (one long-lived connection) and one
+    // established external flow.
+    if let Some(open) = view.open_conns.as_mut() {
+        open.insert(crate::inspect::view::conn_key(&b10), (1, 0));
+    }
+    view.ext_conns.insert(10, (1, 0));
+
+    let all = list::entries(&view, None);
+    let of = |addr: &str, port: u16| -> Vec<(u32, &'static str, u32, Option<u64>)> {
+        all.iter()
+            .find(|e| e.address == addr && e.port == port)
+            .unwrap_or_else(|| panic!("{addr}:{port} not listed"))
+            .backends
+            .iter()
+            .map(|b| (b.id, b.state, b.weight, b.active_connections))
+            .collect()
+    };
+    let draining = |v: Vec<(u32, &'static str, u32, Option<u64>)>| -> Vec<(u32, &'static str, u32, Option<u64>)> {
+        v.into_iter().filter(|b| b.1 == "draining").collect()
+    };
+    assert_eq!(
+        draining(of("10.96.0.10", 80)),
+        vec![(10, "draining", 0, Some(2))]
+    );
+    assert_eq!(
+        draining(of("192.0.2.10", 80)),
+        vec![(10, "draining", 0, Some(2))]
+    );
+    // After the slotted backends, which are unchanged.
+    assert_eq!(of("10.96.0.10", 80).len(), 4);
+    assert_eq!(of("10.96.0.10", 80)[3].0, 10);
+    // The UDP frontend with a flow to the UDP draining backend lists it; nothing else
+    // lists a draining backend.
+    assert_eq!(
+        draining(of("10.96.0.53", 53)),
+        vec![(12, "draining", 0, Some(0))]
+    );
+    for e in &all {
+        if ![("10.96.0.10", 80), ("192.0.2.10", 80), ("10.96.0.53", 53)]
+            .contains(&(e.address.as_str(), e.port))
+        {
+            assert!(
+                e.backends.iter().all(|b| b.state != "draining"),
+                "{}:{} lists a draining backend",
+                e.address,
+                e.port
+            );
+        }
+    }
+    let footer = list::unlisted_draining(&view, &all);
+    assert_eq!(
+        footer,
+        "draining, without connections through any frontend listed: 10.244.5.5:8080/TCP\n"
+    );
+    golden("list-draining.txt", &(list::render_text(&all) + &footer));
+    let json = list::render_json(&all).expect("json");
+    let v: serde_json::Value = serde_json::from_str(&json).expect("parse");
+    let web = v
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|e| e["address"] == "10.96.0.10")
+        .expect("web");
+    let d = &web["backends"][3];
+    assert_eq!(
+        (
+            &d["state"],
+            &d["weight"],
+            &d["active_connections"],
+            &d["shared"]
+        ),
+        (
+            &serde_json::json!("draining"),
+            &serde_json::json!(0),
+            &serde_json::json!(2),
+            &serde_json::json!(true)
+        ),
+        "{d}"
+    );
+    let yaml = list::render_yaml(&all).expect("yaml");
+    assert!(yaml.contains("state: draining"), "{yaml}");
+    // The metrics name the Service of a draining backend as `list` links it.
+    let text = metrics::render(ScrapeData {
+        view: Some(view.clone()),
+        ..Default::default()
+    })
+    .expect("render");
+    let line = r#"svclb_backend_active_connections{namespace="shop",service="web",backend="10.244.4.4:8080/TCP"} 2"#;
+    assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    // A frontend whose every backend drains takes no new connection: the text says so
+    // above the draining lines.
+    let only: Vec<list::ListEntry> = all
+        .iter()
+        .filter(|e| e.address == "10.96.0.10")
+        .cloned()
+        .map(|mut e| {
+            e.backends.retain(|b| b.state == "draining");
+            e
+        })
+        .collect();
+    let text = list::render_text(&only);
+    assert!(
+        text.contains("(no backends: connections are refused)") && text.contains("draining"),
         "{text}"
     );
 }

@@ -26,6 +26,8 @@ pub struct DatapathView {
     pub open_conns: Option<HashMap<svc_lb_common::ConnKey, (u64, u64)>>,
     /// External flows per backend id from the conntrack map (established, other).
     pub ext_conns: HashMap<u32, (u64, u64)>,
+    /// (rev-NAT id, backend id) of every live external flow (conntrack).
+    pub ext_pairs: std::collections::HashSet<(u32, u32)>,
     /// Traffic of closed socket-path TCP connections per (frontend, backend address);
     /// `None` when the node keeps none (see `PinnedMaps::traffic`).
     pub traffic: Option<HashMap<svc_lb_common::TrafficKey, svc_lb_common::TrafficCount>>,
@@ -65,13 +67,15 @@ pub fn conn_key(addr: &crate::model::BackendAddr) -> svc_lb_common::ConnKey {
 
 impl DatapathView {
     pub fn read(maps: &PinnedMaps) -> Result<Self> {
+        let ct = maps.ct_conn_counts(crate::inspect::trace::monotonic_ns())?;
         Ok(Self {
             state: maps.read_current()?,
             meta: maps.meta()?,
             frontend_conns: maps.conn_stats(MAP_FE_STATS)?,
             backend_conns: maps.conn_stats(MAP_BE_STATS)?,
             open_conns: maps.conn_counts()?,
-            ext_conns: maps.ct_conn_counts(crate::inspect::trace::monotonic_ns())?,
+            ext_conns: ct.per_backend,
+            ext_pairs: ct.pairs,
             traffic: maps.traffic()?,
         })
     }
@@ -100,5 +104,62 @@ impl DatapathView {
             out.entry(k.rev_nat_id).or_default().add(v);
         }
         out
+    }
+}
+
+impl DatapathView {
+    /// The draining backends: `BACKEND_DRAINING` entries that no slot names (weight 0,
+    /// or an external frontend's endpoint that stopped being ready but still serves).
+    /// Usually none or a few; computed once, then matched per frontend by
+    /// [`DatapathView::draining_of`].
+    pub fn draining(&self) -> Vec<(u32, crate::plan::BackendEntry)> {
+        let candidates: Vec<(u32, crate::plan::BackendEntry)> = self
+            .state
+            .backends
+            .iter()
+            .filter(|(_, b)| b.state == svc_lb_common::BACKEND_DRAINING)
+            .map(|(id, b)| (*id, *b))
+            .collect();
+        if candidates.is_empty() {
+            return candidates;
+        }
+        let slotted: std::collections::HashSet<u32> = self
+            .state
+            .frontends
+            .values()
+            .flat_map(|f| f.backend_ids.iter().copied())
+            .collect();
+        candidates
+            .into_iter()
+            .filter(|(id, _)| !slotted.contains(id))
+            .collect()
+    }
+
+    /// The backends of `draining` (see [`DatapathView::draining`]) that frontend
+    /// `rev_nat_id` still has connections through: a live external flow (conntrack),
+    /// or a socket-path TCP connection since the entry was made (the sock_ops program
+    /// records the (frontend, backend address) pair at the connect). The maps keep no
+    /// other link between a draining backend and its frontends.
+    pub fn draining_of(
+        &self,
+        rev_nat_id: u32,
+        proto: u8,
+        draining: &[(u32, crate::plan::BackendEntry)],
+    ) -> Vec<u32> {
+        draining
+            .iter()
+            .filter(|(id, b)| {
+                b.addr.proto == proto
+                    && (self.ext_pairs.contains(&(rev_nat_id, *id))
+                        || (proto == svc_lb_common::PROTO_TCP
+                            && self.traffic.as_ref().is_some_and(|t| {
+                                t.contains_key(&svc_lb_common::TrafficKey {
+                                    rev_nat_id,
+                                    backend: conn_key(&b.addr),
+                                })
+                            })))
+            })
+            .map(|(id, _)| *id)
+            .collect()
     }
 }
