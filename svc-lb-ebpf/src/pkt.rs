@@ -135,6 +135,28 @@ impl Pkt for TcContext {
 /// refuses the packet pointer arithmetic.
 const MAX_OFF: usize = 1024;
 
+/// `off` when it is at most [`MAX_OFF`], as a value LLVM cannot trace back to the
+/// unchecked one. Linux 6.1's verifier narrows only the register a comparison reads, not
+/// the stack slot it was filled from: when LLVM compared a fill of `off` and later
+/// filled it again from the same slot for the pointer arithmetic, the bound was gone
+/// and the XDP program was refused (`R1 offset is outside of the packet`, found by
+/// `cargo xtask kernels`; 6.18 carries the bound to the slot). After the empty asm the
+/// checked value is a new one, so what reaches the packet pointer is the compared
+/// register or a spill of it (which keeps its bounds).
+#[inline(always)]
+fn checked_off(off: usize) -> Option<usize> {
+    if off > MAX_OFF {
+        return None;
+    }
+    let mut off = off;
+    // SAFETY: emits no instruction (a comment); it only hides the value's origin. Not
+    // `pure`: LLVM must not hoist it above the comparison.
+    unsafe {
+        core::arch::asm!("/* {0} */", inout(reg) off, options(nomem, nostack, preserves_flags))
+    };
+    Some(off)
+}
+
 /// Header fields are read and written with plain loads and stores of their own width,
 /// not `read_unaligned`: the BPF target cannot assume misaligned access (aya-build sets
 /// no `allows-misaligned-mem-access`), so an unaligned `u32` read becomes four byte
@@ -153,9 +175,9 @@ impl Pkt for XdpContext {
 
     #[inline(always)]
     fn load<T: Copy>(&self, off: usize) -> Option<T> {
-        if off > MAX_OFF {
+        let Some(off) = checked_off(off) else {
             return None;
-        }
+        };
         let start = self.data();
         let end = self.data_end();
         if start + off + core::mem::size_of::<T>() > end {
@@ -168,9 +190,9 @@ impl Pkt for XdpContext {
 
     #[inline(always)]
     fn store<T: Copy>(&self, off: usize, v: &T) -> bool {
-        if off > MAX_OFF {
+        let Some(off) = checked_off(off) else {
             return false;
-        }
+        };
         let start = self.data();
         let end = self.data_end();
         if start + off + core::mem::size_of::<T>() > end {
@@ -183,9 +205,9 @@ impl Pkt for XdpContext {
 
     #[inline(always)]
     fn load_bytes<const N: usize>(&self, off: usize, dst: &mut [u8; N]) -> bool {
-        if off > MAX_OFF {
+        let Some(off) = checked_off(off) else {
             return false;
-        }
+        };
         let start = self.data();
         if start + off + N > self.data_end() {
             return false;
@@ -196,9 +218,9 @@ impl Pkt for XdpContext {
 
     #[inline(always)]
     fn store_bytes<const N: usize>(&self, off: usize, src: &[u8; N]) -> bool {
-        if off > MAX_OFF {
+        let Some(off) = checked_off(off) else {
             return false;
-        }
+        };
         let start = self.data();
         if start + off + N > self.data_end() {
             return false;
