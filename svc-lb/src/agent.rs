@@ -497,6 +497,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let mut attached = false;
     let mut last_node_ports: Option<devices::NodePortSet> = None;
     let mut pods = crate::datapath::poddev::PodPath::new(pod_mode);
+    let lc_done = dp.lc().done();
+    publish_lc(&mut dp);
 
     loop {
         let retry = async {
@@ -528,6 +530,13 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             }
             () = retry => {}
             () = tokio::time::sleep_until(full_at) => { full = true; }
+            // The lc programs' load ended: into the hooks' program arrays (no sync needed).
+            () = lc_done.notified() => {
+                if dp.lc().poll() {
+                    publish_lc(&mut dp);
+                }
+                continue;
+            }
             // A pod device came or went (or the periodic rescan): no sync needed.
             () = pods.changed() => {
                 if attached {
@@ -678,6 +687,21 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             crate::status::update(|st| st.attached = true);
             info!(cgroup = %cfg.cgroup.display(), "programs attached; datapath ready");
         }
+        // lc/wlc (issue 15): the scan programs load once a frontend needs them, off the
+        // sync and after the socket programs are attached (on a small node the two
+        // loads would share the CPUs); a node without lc/wlc never verifies them.
+        if current
+            .frontends
+            .values()
+            .any(|f| f.flags & svc_lb_common::SVC_FLAG_SCHED_LC != 0)
+        {
+            match dp.lc().want() {
+                Ok(()) => publish_lc(&mut dp),
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "lc/wlc: could not start loading the scan programs")
+                }
+            }
+        }
         retry_at = match result {
             Ok(report) => {
                 crate::metrics::record_sync(crate::status::SyncRecord {
@@ -753,6 +777,17 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             }
         };
     }
+}
+
+/// Publishes the state of the lc programs in the status and the metrics.
+fn publish_lc(dp: &mut BpfDatapath) {
+    let lc = dp.lc();
+    let (state, error) = (lc.state(), lc.error().map(str::to_owned));
+    crate::metrics::set_lc_programs(state);
+    crate::status::update(|st| {
+        st.lc_programs = state.name().to_owned();
+        st.lc_error = error;
+    });
 }
 
 /// Probes whether sockets can be destroyed here and starts the terminator thread (see

@@ -59,6 +59,7 @@ struct AgentMetrics {
     healthcheck_ports: Gauge,
     sockets_destroyed: Family<Labels, Counter>,
     manifest_stale: Gauge,
+    lc_programs: Family<Labels, Gauge>,
 }
 
 fn agent() -> &'static AgentMetrics {
@@ -84,7 +85,18 @@ fn agent() -> &'static AgentMetrics {
             f
         },
         manifest_stale: Gauge::default(),
+        lc_programs: Family::default(),
     })
+}
+
+/// The state of the `lc`/`wlc` scan programs: 1 for the current state, 0 for the others.
+pub fn set_lc_programs(state: crate::datapath::lcdemand::LcState) {
+    for s in crate::datapath::lcdemand::LcState::ALL {
+        agent()
+            .lc_programs
+            .get_or_create(&vec![("state", s.name().to_owned())])
+            .set(i64::from(s == state));
+    }
 }
 
 /// Records the outcome of one sync in the metrics and in the published status.
@@ -792,6 +804,11 @@ pub fn render(data: ScrapeData) -> Result<String> {
         "svclb_last_sync_success",
         "1 when the last sync succeeded, else 0",
         m.last_sync_ok.clone(),
+    );
+    reg.register(
+        "svclb_lc_programs",
+        "1 for the state of the lc/wlc scan programs on this node (off, not_needed, loading, loaded, refused): loaded once a frontend is lc or wlc; until then, or when refused, lc/wlc take the lighter of two random slots",
+        m.lc_programs.clone(),
     );
     reg.register(
         "svclb_watch_restarts",

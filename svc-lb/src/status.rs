@@ -73,6 +73,14 @@ pub struct AgentStatus {
     /// `--route-cluster-ips`: the external path translates cluster IPs too.
     #[serde(default)]
     pub route_cluster_ips: bool,
+    /// The `lc`/`wlc` scan programs on this node (`datapath::lcdemand::LcState`):
+    /// "off", "not_needed", "loading", "loaded" or "refused"; empty from an agent
+    /// before they loaded on demand.
+    #[serde(default)]
+    pub lc_programs: String,
+    /// Why the verifier refused them (the first line and the last lines of its log).
+    #[serde(default)]
+    pub lc_error: Option<String>,
 }
 
 /// LoadBalancer IP allocation (see `lbipam`), for `svc-lb status` and `svc-lb list`.

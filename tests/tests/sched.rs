@@ -507,6 +507,7 @@ fn lc_and_wlc_fill_the_lighter_backends_first() {
         lab.write_manifest("lc.yaml", &yaml_docs(&docs))?;
         lab.agent()
             .wait_applied(before + 1, Duration::from_secs(10))?;
+        wait_lc_loaded(lab.agent())?;
         let out = lab.svc_lb(&["trace", "--to", "10.96.0.66:80"])?;
         let trace = String::from_utf8_lossy(&out.stdout);
         ensure!(
@@ -567,6 +568,136 @@ fn lc_and_wlc_fill_the_lighter_backends_first() {
             let r = run.wait()?;
             ensure!(r.failed == 0, "wlc connection: {}", r.summary());
         }
+        Ok(())
+    });
+}
+
+/// Log line of the agent once the lc programs are in the connect hooks' arrays.
+const LC_LOADED: &str = "lc/wlc: scan programs loaded";
+/// Log line of the agent when the verifier refused them.
+const LC_REFUSED: &str = "lc/wlc programs not loaded";
+
+/// Waits until `agent` has loaded the lc programs (on demand, after the sync that
+/// brought the first lc/wlc frontend); fails at once if the verifier refused them.
+fn wait_lc_loaded(agent: &svc_lb_tests::agent::Agent) -> Result<()> {
+    let deadline = std::time::Instant::now() + svc_lb_tests::agent::scaled(Duration::from_secs(60));
+    loop {
+        let log = agent.log_text();
+        ensure!(
+            !log.contains(LC_REFUSED),
+            "the lc programs were refused:\n{log}"
+        );
+        if log.contains(LC_LOADED) {
+            return Ok(());
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the lc programs did not load:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The lc programs load on demand: an agent whose Services are all `random` verifies
+/// no lc program (none in the kernel's program list reads this lab's maps, the
+/// metrics say `not_needed`, the log never mentions their load), also after a full
+/// second of serving; once the Service is switched to `lc`, the programs load beside
+/// the running agent (the metrics say `loaded`, the kernel lists `svclb_lc4` and
+/// `svclb_lc6` on this lab's maps), and the next connections get exact least-connection
+/// choices: with three held on `a`, six new ones land three each on `b` and `c`, none
+/// on `a`; `trace` names the program. Without the counts (fallback run) nothing loads,
+/// even for the lc Service, and the metrics say `off`.
+#[test]
+fn lc_programs_load_on_demand_when_a_service_turns_lc() {
+    use svc_lb_tests::metrics::{scrape_one, start_agent};
+    sched(&["a", "b", "c"], |lab| {
+        lab.serve_all_tcp(8080, false)?;
+        let addrs = lab.topo.addrs(false);
+        let vip = "10.96.0.69";
+        let docs: Vec<Value> = service("ondemand", vip, &addrs[..1], None, &[]).into();
+        lab.write_manifest("od.yaml", &yaml_docs(&docs))?;
+        let mut agent = start_agent(lab, "ondemand", &[])?;
+        let loaded = || svc_lb::datapath::lcdemand::lc_programs_loaded(lab.bpffs());
+        let state = |agent: &svc_lb_tests::agent::Agent, s: &str| {
+            scrape_one(agent, &format!("svclb_lc_programs{{state=\"{s}\"}}"))
+        };
+        let idle = if counts_off() { "off" } else { "not_needed" };
+        std::thread::sleep(Duration::from_secs(1));
+        ensure!(
+            loaded()?.is_empty(),
+            "no lc frontend, yet lc programs are loaded: {:?}",
+            loaded()?
+        );
+        ensure!(state(&agent, idle)? == 1.0, "lc state must be {idle}");
+        ensure!(
+            !agent.log_text().contains("scan programs"),
+            "no lc frontend, yet the agent loaded the scan programs:\n{}",
+            agent.log_text()
+        );
+
+        let mut held = Vec::new();
+        if !counts_off() {
+            for n in 1..=3 {
+                held.push(hold(lab, vip, 20)?);
+                wait_total(lab, vip, (n, 0))?;
+            }
+        }
+        let before = agent.applied_count();
+        let docs: Vec<Value> = service("ondemand", vip, &addrs, Some("lc"), &[]).into();
+        lab.write_manifest("od.yaml", &yaml_docs(&docs))?;
+        agent.wait_applied(before + 1, Duration::from_secs(10))?;
+        if counts_off() {
+            std::thread::sleep(Duration::from_secs(1));
+            ensure!(
+                loaded()?.is_empty(),
+                "no counts, yet lc programs: {:?}",
+                loaded()?
+            );
+            ensure!(state(&agent, "off")? == 1.0, "lc state must be off");
+            return Ok(());
+        }
+        wait_lc_loaded(&agent)?;
+        ensure!(state(&agent, "loaded")? == 1.0, "lc state must be loaded");
+        ensure!(
+            loaded()? == ["svclb_lc4", "svclb_lc6"],
+            "the kernel must list both lc programs on this lab's maps: {:?}",
+            loaded()?
+        );
+        let out = lab.svc_lb(&["trace", "--to", &format!("{vip}:80")])?;
+        let trace = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success()
+                && trace.contains("by the lc program (svclb_lc4/svclb_lc6, loaded on this node)"),
+            "trace must name the lc program:\n{trace}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for n in 4..=9 {
+            held.push(hold(lab, vip, 16)?);
+            wait_total(lab, vip, (n, 0))?;
+        }
+        let mut landed = std::collections::BTreeMap::<String, u64>::new();
+        for (i, run) in held.into_iter().enumerate() {
+            let r = run.wait()?;
+            ensure!(
+                r.failed == 0 && r.backends.len() == 1,
+                "connection {i}: {}",
+                r.summary()
+            );
+            let id = r.backends.keys().next().cloned().unwrap_or_default();
+            ensure!(
+                i >= 3 || id == "a",
+                "connection {i} was held on a alone: {id}"
+            );
+            *landed.entry(id).or_default() += 1;
+        }
+        ensure!(
+            landed.get("a") == Some(&3)
+                && landed.get("b") == Some(&3)
+                && landed.get("c") == Some(&3),
+            "lc after the switch: {landed:?}, expected 3 each (the six new ones on b and c)"
+        );
+        wait_total(lab, vip, (0, 0))?;
+        drop(agent);
         Ok(())
     });
 }

@@ -69,8 +69,8 @@ pub struct BpfDatapath {
     programs: Programs,
     /// The sock_ops program of the connection counts is loaded (and gets attached).
     conn_counts: bool,
-    /// Load the `lc`/`wlc` scan programs after the socket programs.
-    lc_loop: bool,
+    /// The `lc`/`wlc` scan programs, loaded once a frontend needs them.
+    lc: super::lcdemand::LcDemand,
     /// `LB_CONNS_V1`, which the agent only prunes.
     conns: HashMap<MapData, ConnKey, ConnCount>,
     /// `LB_TRAFFIC_V1`, which the agent only prunes.
@@ -263,12 +263,12 @@ impl BpfDatapath {
         else {
             bail!("the eBPF programs are not in the object just loaded");
         };
-        let (conn_counts, lc_loop) = (dp.conn_counts, dp.lc_loop);
+        let conn_counts = dp.conn_counts;
         let loading = std::thread::Builder::new()
             .name("svclb-verify".into())
             .spawn(move || {
                 let started = std::time::Instant::now();
-                super::load::load_programs(&mut ebpf, conn_counts, lc_loop)?;
+                super::load::load_programs(&mut ebpf, conn_counts)?;
                 tracing::info!(
                     took_us = started.elapsed().as_micros() as u64,
                     "socket programs loaded (verifier)"
@@ -283,10 +283,10 @@ impl BpfDatapath {
     /// The object's programs, loaded: loads them, or waits for the load still running
     /// (see [`Self::open_overlapped`]); returns the load's error the first time.
     pub fn programs(&mut self) -> Result<&mut Ebpf> {
-        let (conn_counts, lc_loop) = (self.conn_counts, self.lc_loop);
+        let conn_counts = self.conn_counts;
         self.programs = match std::mem::replace(&mut self.programs, Programs::Failed) {
             Programs::Unloaded(mut ebpf) => {
-                super::load::load_programs(&mut ebpf, conn_counts, lc_loop)?;
+                super::load::load_programs(&mut ebpf, conn_counts)?;
                 Programs::Loaded(ebpf)
             }
             Programs::Loading(handle) => match handle.join() {
@@ -336,6 +336,12 @@ impl BpfDatapath {
         let (aff_match, _) = take_hash::<AffinityMatchKey, u32>(&mut ebpf, MAP_AFF_MATCH)?;
         let (conns, _) = take_hash::<ConnKey, ConnCount>(&mut ebpf, MAP_CONNS)?;
         let (traffic, _) = take_hash::<TrafficKey, TrafficCount>(&mut ebpf, MAP_TRAFFIC)?;
+        let lc = super::lcdemand::LcDemand::new(
+            opts.compat.lc_loop,
+            bpffs,
+            opts,
+            super::load::take_lc_arrays(&mut ebpf)?,
+        );
         let maglev_size = match opts.maglev_size {
             0 => svc_lb_common::MAGLEV_DEFAULT_SIZE,
             n => n,
@@ -349,7 +355,7 @@ impl BpfDatapath {
             conn_counts: opts.compat.conn_counts,
             conns,
             traffic,
-            lc_loop: opts.compat.lc_loop,
+            lc,
             programs: Programs::Unloaded(ebpf),
             svc4,
             svc6,
@@ -690,6 +696,11 @@ impl BpfDatapath {
             }
         }
         Ok(())
+    }
+
+    /// The `lc`/`wlc` scan programs of this run (see [`super::lcdemand`]).
+    pub fn lc(&mut self) -> &mut super::lcdemand::LcDemand {
+        &mut self.lc
     }
 
     /// Whether this run keeps active connection counts (the sock_ops program loaded).

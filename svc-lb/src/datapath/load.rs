@@ -11,7 +11,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, Map, MapData, ProgramArray},
-    programs::{CgroupSockAddr, Program, SockOps},
+    programs::{CgroupSockAddr, Program, ProgramFd, SockOps},
 };
 use svc_lb_common::{
     AffinityExtKey, AffinityValue, CtKey, CtValue, ExtConfig, MAP_AFF_MATCH, MAP_AFFINITY_EXT,
@@ -302,6 +302,14 @@ const BPF_LOG_RINGBUF: &str = "AYA_LOGS";
 /// on a busy machine). Safe over an existing pin directory: the maps are re-opened with
 /// their contents.
 pub fn load_maps(bpffs: &Path, opts: &LoadOptions) -> Result<Ebpf> {
+    load_object(bpffs, opts, false)
+}
+
+/// [`load_maps`]; with `reopen` for a second copy of the object beside the first (the
+/// `lc`/`wlc` programs, see [`load_lc_programs`]): the pins the first copy created or
+/// kept are re-opened as they are, nothing is resized, replaced or removed, and nothing
+/// is logged twice.
+fn load_object(bpffs: &Path, opts: &LoadOptions, reopen: bool) -> Result<Ebpf> {
     raise_memlock();
     ensure_bpffs(bpffs)?;
     let mut loader = EbpfLoader::new();
@@ -325,6 +333,8 @@ pub fn load_maps(bpffs: &Path, opts: &LoadOptions) -> Result<Ebpf> {
     let read_old_store = u8::from(old_store.exists());
     if read_old_store != 0 {
         loader.map_pin_path(svc_lb_common::MAP_SOCK_RNAT_SK_V1, old_store.as_path());
+    }
+    if read_old_store != 0 && !reopen {
         info!(pin = %old_store.display(), "sockets from before the upgrade keep their reverse NAT: the programs read the old store after a miss");
     }
     loader.override_global("SVCLB_SK_RNAT_V1", &read_old_store, true);
@@ -341,33 +351,9 @@ pub fn load_maps(bpffs: &Path, opts: &LoadOptions) -> Result<Ebpf> {
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
         loader.map_max_entries(BPF_LOG_RINGBUF, u32::try_from(page).unwrap_or(4096));
     }
-    let (ct_entries, affext_entries) = if opts.external_off {
-        (EXT_OFF_ENTRIES, EXT_OFF_ENTRIES)
-    } else {
-        let ct = match opts.conntrack_max {
-            0 => svc_lb_common::CT_MAP_MAX,
-            n => n,
-        };
-        (ct, svc_lb_common::AFFINITY_EXT_MAP_MAX)
-    };
-    let ct_entries = size_lru_map::<CtKey, CtValue>(&mut loader, bpffs, MAP_CT, ct_entries)?;
-    let affext_entries = size_lru_map::<AffinityExtKey, AffinityValue>(
-        &mut loader,
-        bpffs,
-        MAP_AFFINITY_EXT,
-        affext_entries,
-    )?;
-    info!(
-        conntrack_entries = ct_entries,
-        affinity_ext_entries = affext_entries,
-        external_off = opts.external_off,
-        "external-path LRU maps sized"
-    );
-    for (name, entries) in opts.sizes.entries() {
-        size_agent_map(&mut loader, bpffs, name, entries)?;
+    if !reopen {
+        size_maps(&mut loader, bpffs, opts)?;
     }
-    pins::remove_retired_pins(bpffs)?;
-    replace_resized_config_pin(bpffs)?;
     let pins: Vec<(&str, PathBuf)> = svc_lb_common::ALL_MAPS
         .iter()
         .chain(svc_lb_common::SOCKET_MAPS.iter())
@@ -382,16 +368,50 @@ pub fn load_maps(bpffs: &Path, opts: &LoadOptions) -> Result<Ebpf> {
     } else {
         let (bytes, n) = super::oldinsn::without_fetch_atomics(OBJECT)
             .context("rewrite the eBPF object for a kernel without BPF_FETCH atomics")?;
-        info!(
-            instructions = n,
-            "atomics with fetch replaced by loads in branches this kernel never runs (before 5.12)"
-        );
+        if !reopen {
+            info!(
+                instructions = n,
+                "atomics with fetch replaced by loads in branches this kernel never runs (before 5.12)"
+            );
+        }
         rewritten = bytes;
         &rewritten
     };
     loader
         .load(object)
         .context("load the eBPF object (needs root: CAP_BPF, CAP_SYS_ADMIN, CAP_NET_ADMIN)")
+}
+
+/// The sizes of the maps this run creates, and what happens to pins of other sizes
+/// (see [`size_lru_map`], [`size_agent_map`]); retired and resized pins go.
+fn size_maps(loader: &mut EbpfLoader<'_>, bpffs: &Path, opts: &LoadOptions) -> Result<()> {
+    let (ct_entries, affext_entries) = if opts.external_off {
+        (EXT_OFF_ENTRIES, EXT_OFF_ENTRIES)
+    } else {
+        let ct = match opts.conntrack_max {
+            0 => svc_lb_common::CT_MAP_MAX,
+            n => n,
+        };
+        (ct, svc_lb_common::AFFINITY_EXT_MAP_MAX)
+    };
+    let ct_entries = size_lru_map::<CtKey, CtValue>(loader, bpffs, MAP_CT, ct_entries)?;
+    let affext_entries = size_lru_map::<AffinityExtKey, AffinityValue>(
+        loader,
+        bpffs,
+        MAP_AFFINITY_EXT,
+        affext_entries,
+    )?;
+    info!(
+        conntrack_entries = ct_entries,
+        affinity_ext_entries = affext_entries,
+        external_off = opts.external_off,
+        "external-path LRU maps sized"
+    );
+    for (name, entries) in opts.sizes.entries() {
+        size_agent_map(loader, bpffs, name, entries)?;
+    }
+    pins::remove_retired_pins(bpffs)?;
+    replace_resized_config_pin(bpffs)
 }
 
 pub(super) fn sock_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut CgroupSockAddr> {
@@ -413,22 +433,17 @@ pub(super) fn sockops_program(ebpf: &mut Ebpf) -> Result<&mut SockOps> {
 /// CPUs (at most [`VERIFY_THREADS`]): the kernel verifies programs independently, and
 /// one thread leaves a CPU idle once the agent's first sync is done with it.
 ///
-/// With `lc_loop`, then the `lc`/`wlc` scan programs ([`load_lc_programs`]); their
-/// failure is logged, not returned: without them lc/wlc take two random choices, and an
-/// older verifier refusing the scan must not stop the socket path.
-pub fn load_programs(ebpf: &mut Ebpf, conn_counts: bool, lc_loop: bool) -> Result<()> {
-    load_socket_programs(ebpf, conn_counts)?;
-    if lc_loop && let Err(e) = load_lc_programs(ebpf) {
-        warn!(error = %verifier_summary(&format!("{e:#}")), "lc/wlc programs not loaded: lc/wlc frontends take the lighter of two random slots");
-    }
-    Ok(())
+/// Not the `lc`/`wlc` scan programs: those load on demand, from a copy of the object
+/// of their own ([`load_lc_programs`]), once a frontend needs them.
+pub fn load_programs(ebpf: &mut Ebpf, conn_counts: bool) -> Result<()> {
+    load_socket_programs(ebpf, conn_counts)
 }
 
 /// An error whose chain carries a whole verifier log (tens of KB: every instruction
 /// walked) cut to its first line and the log's last lines, which name the limit hit
 /// ("BPF program is too large. Processed 1000001 insn"), for a warning that the agent
 /// survives. Seen on Debian's 6.1, whose verifier refuses the lc scan.
-fn verifier_summary(text: &str) -> String {
+pub(super) fn verifier_summary(text: &str) -> String {
     const KEEP_LINES: usize = 3;
     let lines: Vec<&str> = text.lines().collect();
     if lines.len() <= 2 * KEEP_LINES {
@@ -506,17 +521,28 @@ fn load_program(name: &str, program: &mut Program) -> Result<()> {
     .with_context(|| format!("load program {name} (kernel verifier)"))
 }
 
-/// `lc`/`wlc`: loads `svclb_lc4`/`svclb_lc6` (the hooks' code with the scan) and puts
-/// each into index 0 of its family's program array, where the connect hooks tail-call
-/// it. The arrays live as long as this `Ebpf` (the kernel empties a program array when
-/// its last user-space reference closes): after the agent exits, the connect hooks
-/// take two random choices until the next agent fills its own.
-fn load_lc_programs(ebpf: &mut Ebpf) -> Result<()> {
+/// The `lc`/`wlc` scan programs, loaded, with the program array each goes into.
+pub struct LcPrograms(Vec<(&'static str, &'static str, ProgramFd)>);
+
+/// `lc`/`wlc` (issue 15): loads `svclb_lc4`/`svclb_lc6` (the hooks' code with the
+/// scan) from a second copy of the object, which re-opens the pinned maps of the first
+/// ([`load_object`] with `reopen`). A copy of their own, so that the verifier's long
+/// walk of the scan (minutes on older kernels, where it may end in a refusal) runs on a
+/// thread that borrows nothing the agent needs meanwhile. Its unpinned maps are its
+/// own and unused by the scan programs (their program arrays stay empty); with
+/// `--bpf-log` their log lines go to this copy's ring buffer, which nobody reads.
+///
+/// The copy's other programs are never loaded; it is dropped here, and the programs
+/// live on through the descriptors returned (and, once inserted with
+/// [`insert_lc_programs`], through the connect hooks' program arrays).
+pub fn load_lc_programs(bpffs: &Path, opts: &LoadOptions) -> Result<LcPrograms> {
+    let mut ebpf = load_object(bpffs, opts, true)?;
+    let mut loaded = Vec::new();
     for (prog, map) in [
         (svc_lb_common::PROG_LC4, svc_lb_common::MAP_LC_PROG4),
         (svc_lb_common::PROG_LC6, svc_lb_common::MAP_LC_PROG6),
     ] {
-        let p = sock_program(ebpf, prog)?;
+        let p = sock_program(&mut ebpf, prog)?;
         p.load()
             .with_context(|| format!("load program {prog} (kernel verifier)"))?;
         let fd = p
@@ -524,16 +550,45 @@ fn load_lc_programs(ebpf: &mut Ebpf) -> Result<()> {
             .with_context(|| format!("program {prog}: no descriptor"))?
             .try_clone()
             .with_context(|| format!("program {prog}: dup its descriptor"))?;
-        let mut array = ProgramArray::try_from(
-            ebpf.map_mut(map)
-                .ok_or_else(|| anyhow!("map {map} missing from the eBPF object"))?,
-        )
-        .with_context(|| format!("map {map} is not a program array"))?;
+        loaded.push((prog, map, fd));
+    }
+    Ok(LcPrograms(loaded))
+}
+
+/// The connect hooks' program arrays, taken out of the object whose socket programs
+/// tail-call through them ([`insert_lc_programs`] fills them). They live as long as
+/// the agent holds them (the kernel empties a program array when its last user-space
+/// reference closes): after the agent exits, the connect hooks take two random
+/// choices until the next agent fills its own.
+pub fn take_lc_arrays(ebpf: &mut Ebpf) -> Result<Vec<(&'static str, ProgramArray<MapData>)>> {
+    [svc_lb_common::MAP_LC_PROG4, svc_lb_common::MAP_LC_PROG6]
+        .into_iter()
+        .map(|map| {
+            let m = ebpf
+                .take_map(map)
+                .ok_or_else(|| anyhow!("map {map} missing from the eBPF object"))?;
+            let array = ProgramArray::try_from(m)
+                .with_context(|| format!("map {map} is not a program array"))?;
+            Ok((map, array))
+        })
+        .collect()
+}
+
+/// Puts each lc program into index 0 of its family's program array, where the
+/// connect hooks tail-call it.
+pub fn insert_lc_programs(
+    arrays: &mut [(&'static str, ProgramArray<MapData>)],
+    programs: &LcPrograms,
+) -> Result<()> {
+    for (prog, map, fd) in &programs.0 {
+        let (_, array) = arrays
+            .iter_mut()
+            .find(|(m, _)| m == map)
+            .ok_or_else(|| anyhow!("map {map} missing from the eBPF object"))?;
         array
-            .set(0, &fd, 0)
+            .set(0, fd, 0)
             .with_context(|| format!("put {prog} into {map}"))?;
     }
-    info!("lc/wlc: scan programs loaded");
     Ok(())
 }
 

@@ -9,6 +9,7 @@ pub mod bpf;
 pub mod codec;
 pub mod devices;
 pub mod fake;
+pub mod lcdemand;
 pub mod links;
 pub mod load;
 mod oldinsn;

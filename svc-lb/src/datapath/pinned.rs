@@ -149,6 +149,11 @@ impl PinnedMaps {
         })
     }
 
+    /// The bpffs directory the maps are pinned in.
+    pub fn bpffs(&self) -> &Path {
+        &self.bpffs
+    }
+
     pub fn read_current(&self) -> Result<CurrentState> {
         read_state(&self.svc4, &self.svc6, &self.backends, &self.rev_nats)
     }

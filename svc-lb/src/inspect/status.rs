@@ -346,6 +346,20 @@ pub fn render_text(st: &Status, now_ms: u64) -> String {
                     }
                 ));
             }
+            if !a.lc_programs.is_empty() {
+                let lc = match a.lc_programs.as_str() {
+                    "off" => "off (this kernel has no connection counts)".to_owned(),
+                    "not_needed" => "not loaded (no lc/wlc frontend yet)".to_owned(),
+                    "loading" => "loading (lc/wlc take two random choices meanwhile)".to_owned(),
+                    "loaded" => "loaded (svclb_lc4, svclb_lc6)".to_owned(),
+                    "refused" => format!(
+                        "REFUSED by the verifier, lc/wlc take two random choices: {}",
+                        a.lc_error.as_deref().unwrap_or("no reason recorded")
+                    ),
+                    other => other.to_owned(),
+                };
+                out.push_str(&format!("  lc programs  {lc}\n"));
+            }
             out.push_str(&format!(
                 "  attached     {}\n",
                 if a.attached {

@@ -62,6 +62,15 @@ impl TraceMaps for PinnedMaps {
     fn svc(&self, key: &SvcKey) -> Result<Option<SvcValue>> {
         self.svc_value(key)
     }
+    /// The agent loads the lc programs only once a frontend needs them (and an older
+    /// verifier may refuse them): without them in the kernel, reading these maps, the
+    /// connect hooks take two random choices at any slot count.
+    fn lc_exact_max(&self) -> u32 {
+        match crate::datapath::lcdemand::lc_programs_loaded(self.bpffs()) {
+            Ok(found) if !found.is_empty() => LC_SCAN_MAX,
+            _ => 0,
+        }
+    }
     fn backend(&self, id: u32) -> Result<Option<Backend>> {
         self.backend_value(id)
     }
@@ -948,11 +957,11 @@ fn selection_step(
                 if master.count > LC_SCAN_MAX {
                     format!("more than {LC_SCAN_MAX} slots")
                 } else {
-                    "no lc program loaded".to_owned()
+                    "no lc program (svclb_lc4/svclb_lc6) loaded for these maps on this node: the agent loads them once a frontend is lc/wlc, and an older kernel's verifier may refuse them (see svc-lb status)".to_owned()
                 }
             ),
             _ => format!(
-                "every slot 1..={} compared: least load / weight, by cross-multiplication as IPVS does (exact); equal loads broken at random (this trace's seed {random})",
+                "by the lc program (svclb_lc4/svclb_lc6, loaded on this node): every slot 1..={} compared: least load / weight, by cross-multiplication as IPVS does (exact); equal loads broken at random (this trace's seed {random})",
                 master.count
             ),
         };
