@@ -135,27 +135,30 @@ impl Pkt for TcContext {
 /// refuses the packet pointer arithmetic.
 const MAX_OFF: usize = 1024;
 
-/// `off` when it is at most [`MAX_OFF`], as a value LLVM cannot trace back to the
-/// unchecked one. Linux 6.1's verifier narrows only the register a comparison reads, not
-/// the stack slot it was filled from: when LLVM compared a fill of `off` and later
-/// filled it again from the same slot for the pointer arithmetic, the bound was gone
-/// and the XDP program was refused (`R1 offset is outside of the packet`, found by
-/// `cargo xtask kernels`; 6.18 carries the bound to the slot). After the empty asm the
-/// checked value is a new one, so what reaches the packet pointer is the compared
-/// register or a spill of it (which keeps its bounds).
+/// `off` when it is at most [`MAX_OFF`], bounded in the register the packet pointer
+/// arithmetic uses. Linux 5.10's and 6.1's verifiers narrow only the register a
+/// comparison reads, not the stack slot it was filled from: when LLVM compared a fill of
+/// `off` and later filled it again from the same slot for the pointer arithmetic, the
+/// bound was gone and the XDP program was refused (`R1 offset is outside of the packet`,
+/// found by `cargo xtask kernels`; 6.18 carries the bound to the slot). The mask, written
+/// as an instruction so that LLVM cannot drop it as redundant after the comparison,
+/// bounds the value the arithmetic gets whichever copy it is (an empty asm does not do:
+/// it leaves two line-info records at one instruction, which the kernel refuses). One
+/// ALU instruction per access; the mask never changes a value that passed the check.
 #[inline(always)]
 fn checked_off(off: usize) -> Option<usize> {
     if off > MAX_OFF {
         return None;
     }
     let mut off = off;
-    // SAFETY: emits no instruction (a comment); it only hides the value's origin. Not
-    // `pure`: LLVM must not hoist it above the comparison.
-    unsafe {
-        core::arch::asm!("/* {0} */", inout(reg) off, options(nomem, nostack, preserves_flags))
-    };
+    // SAFETY: a register-only AND. Not `pure`: LLVM must not hoist it above the
+    // comparison.
+    unsafe { core::arch::asm!("{0} &= 2047", inout(reg) off, options(nomem, nostack)) };
     Some(off)
 }
+
+/// The mask of [`checked_off`] must keep every offset up to [`MAX_OFF`].
+const _: () = assert!(MAX_OFF < 2048);
 
 /// Header fields are read and written with plain loads and stores of their own width,
 /// not `read_unaligned`: the BPF target cannot assume misaligned access (aya-build sets
