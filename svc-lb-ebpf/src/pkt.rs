@@ -135,6 +135,31 @@ impl Pkt for TcContext {
 /// refuses the packet pointer arithmetic.
 const MAX_OFF: usize = 1024;
 
+/// `off` when it is at most [`MAX_OFF`], bounded in the register the packet pointer
+/// arithmetic uses. Linux 5.10's and 6.1's verifiers narrow only the register a
+/// comparison reads, not the stack slot it was filled from: when LLVM compared a fill of
+/// `off` and later filled it again from the same slot for the pointer arithmetic, the
+/// bound was gone and the XDP program was refused (`R1 offset is outside of the packet`,
+/// found by `cargo xtask kernels`; 6.18 carries the bound to the slot). The mask, written
+/// as an instruction so that LLVM cannot drop it as redundant after the comparison,
+/// bounds the value the arithmetic gets whichever copy it is (an empty asm does not do:
+/// it leaves two line-info records at one instruction, which the kernel refuses). One
+/// ALU instruction per access; the mask never changes a value that passed the check.
+#[inline(always)]
+fn checked_off(off: usize) -> Option<usize> {
+    if off > MAX_OFF {
+        return None;
+    }
+    let mut off = off;
+    // SAFETY: a register-only AND. Not `pure`: LLVM must not hoist it above the
+    // comparison.
+    unsafe { core::arch::asm!("{0} &= 2047", inout(reg) off, options(nomem, nostack)) };
+    Some(off)
+}
+
+/// The mask of [`checked_off`] must keep every offset up to [`MAX_OFF`].
+const _: () = assert!(MAX_OFF < 2048);
+
 /// Header fields are read and written with plain loads and stores of their own width,
 /// not `read_unaligned`: the BPF target cannot assume misaligned access (aya-build sets
 /// no `allows-misaligned-mem-access`), so an unaligned `u32` read becomes four byte
@@ -153,9 +178,9 @@ impl Pkt for XdpContext {
 
     #[inline(always)]
     fn load<T: Copy>(&self, off: usize) -> Option<T> {
-        if off > MAX_OFF {
+        let Some(off) = checked_off(off) else {
             return None;
-        }
+        };
         let start = self.data();
         let end = self.data_end();
         if start + off + core::mem::size_of::<T>() > end {
@@ -168,9 +193,9 @@ impl Pkt for XdpContext {
 
     #[inline(always)]
     fn store<T: Copy>(&self, off: usize, v: &T) -> bool {
-        if off > MAX_OFF {
+        let Some(off) = checked_off(off) else {
             return false;
-        }
+        };
         let start = self.data();
         let end = self.data_end();
         if start + off + core::mem::size_of::<T>() > end {
@@ -183,9 +208,9 @@ impl Pkt for XdpContext {
 
     #[inline(always)]
     fn load_bytes<const N: usize>(&self, off: usize, dst: &mut [u8; N]) -> bool {
-        if off > MAX_OFF {
+        let Some(off) = checked_off(off) else {
             return false;
-        }
+        };
         let start = self.data();
         if start + off + N > self.data_end() {
             return false;
@@ -196,9 +221,9 @@ impl Pkt for XdpContext {
 
     #[inline(always)]
     fn store_bytes<const N: usize>(&self, off: usize, src: &[u8; N]) -> bool {
-        if off > MAX_OFF {
+        let Some(off) = checked_off(off) else {
             return false;
-        }
+        };
         let start = self.data();
         if start + off + N > self.data_end() {
             return false;

@@ -47,12 +47,46 @@ pub fn forced_off(name: &str) -> bool {
 
 /// The errno a Service without endpoints refuses a socket-path connect with:
 /// ECONNREFUSED, or EPERM when `bpf_set_retval` is forced off (kernels < 5.18).
+/// Tests that have the agent at hand use [`Agent::refused_errno`], which also sees a
+/// kernel that lacks the helper.
 pub fn refused_errno() -> &'static str {
     if forced_off("set_retval") {
         "EPERM"
     } else {
         "ECONNREFUSED"
     }
+}
+
+/// The message the agent's probe logs for each feature it does not use (missing on the
+/// kernel or forced off).
+const FEATURE_NOT_USED: &str = "kernel feature not used";
+
+/// Whether `line` (JSON or text, colored or not) is the probe's "not used" line for
+/// feature `name`.
+fn says_feature_unused(line: &str, name: &str) -> bool {
+    if !line.contains(FEATURE_NOT_USED) {
+        return false;
+    }
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+        return v["fields"]["message"] == FEATURE_NOT_USED && v["fields"]["feature"] == name;
+    }
+    // Text format: `feature=NAME` among the fields, maybe with ANSI color codes
+    // around the `=` (ESC [ ... m).
+    let mut plain = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    let want = format!("feature={name}");
+    plain.split_whitespace().any(|w| w == want)
 }
 
 /// How to start the agent.
@@ -292,6 +326,25 @@ impl Agent {
         self.log_lines().join("\n")
     }
 
+    /// Whether this agent's feature probe left kernel feature `name` unused: missing on
+    /// the kernel it runs on (an older one, as in `cargo xtask kernels`' guests) or
+    /// forced off. Read from its start-up log, so call it after the agent started.
+    pub fn feature_unused(&self, name: &str) -> bool {
+        self.log_lines()
+            .iter()
+            .any(|l| says_feature_unused(l, name))
+    }
+
+    /// The errno this agent's socket hooks refuse a Service without endpoints with:
+    /// ECONNREFUSED, or EPERM without `bpf_set_retval` (kernels < 5.18, or forced off).
+    pub fn refused_errno(&self) -> &'static str {
+        if forced_off("set_retval") || self.feature_unused("set_retval") {
+            "EPERM"
+        } else {
+            "ECONNREFUSED"
+        }
+    }
+
     /// `Some(status)` once the agent has exited.
     pub fn try_exit(&mut self) -> Result<Option<ExitStatus>> {
         if self.exit.is_none() {
@@ -381,4 +434,23 @@ pub fn default_bin() -> PathBuf {
         .parent()
         .unwrap_or(Path::new("."))
         .join("target/release/svc-lb")
+}
+
+#[cfg(test)]
+mod feature_log_tests {
+    use super::says_feature_unused;
+
+    #[test]
+    fn the_probe_line_is_found_in_json_and_colored_text() {
+        let json = r#"{"level":"WARN","fields":{"message":"kernel feature not used","feature":"set_retval","state":"Missing"}}"#;
+        assert!(says_feature_unused(json, "set_retval"));
+        assert!(!says_feature_unused(json, "tcx"));
+        let text = "\u{1b}[33m WARN\u{1b}[0m svc_lb::datapath::probe: kernel feature not used \u{1b}[3mfeature\u{1b}[0m\u{1b}[2m=\u{1b}[0mset_retval \u{1b}[3mstate\u{1b}[0m=Missing";
+        assert!(says_feature_unused(text, "set_retval"));
+        assert!(!says_feature_unused(text, "set_ret"));
+        assert!(!says_feature_unused(
+            "kernel feature found feature=set_retval since=5.18",
+            "set_retval"
+        ));
+    }
 }

@@ -160,9 +160,9 @@ fn start_with(
     extra_args.extend(extra);
     lab.start_agents(&NodeAgentOptions { xdp, extra_args })?;
     if xdp {
-        // With XDP links forced off (kernels < 5.9) the agent ignores --xdp.
-        let want = !svc_lb_tests::agent::forced_off("xdp_link");
+        // Without XDP links (kernels < 5.9, or forced off) the agent ignores --xdp.
         for n in Node::ALL {
+            let want = !lab.agent(n)?.feature_unused("xdp_link");
             let links = lab.node_cmd(n, "ip", &["-d", "link", "show", "dev", "eth0"])?;
             ensure!(
                 links.contains("xdp") == want,
@@ -275,9 +275,10 @@ fn cluster_nodeport(xdp: bool) {
                 )
             };
             let (sent, to_stack) = (fib("fib_redirected")?, fib("fib_to_stack")?);
-            // Without bpf_redirect_neigh/bpf_check_mtu (forced off in the fallback
-            // run) every SNAT flow goes through the kernel's forwarding instead.
-            let ok = if svc_lb_tests::agent::forced_off("fib_redirect") {
+            // Without bpf_redirect_neigh/bpf_check_mtu (kernels < 5.12, or forced off
+            // in the fallback run) every SNAT flow goes through the kernel's forwarding
+            // instead; the entry node's agent says which.
+            let ok = if lab.agent(entry)?.feature_unused("fib_redirect") {
                 sent == 0 && to_stack > 0
             } else {
                 sent > 0 && (xdp || to_stack == 0)
@@ -740,8 +741,8 @@ fn reject_no_endpoints(by: RejectBy) {
                 "{}: {rejects} must count the {probes} probes",
                 entry.name()
             );
-            // No XDP program when XDP links are forced off (kernels < 5.9): tc answers.
-            let xdp_on = xdp && !svc_lb_tests::agent::forced_off("xdp_link");
+            // No XDP program without XDP links (kernels < 5.9, or forced off): tc answers.
+            let xdp_on = xdp && !lab.agent(entry)?.feature_unused("xdp_link");
             let (want_tx, want_to_tc) = match by {
                 _ if !xdp_on => (0, 0),
                 RejectBy::Tc => (0, 0),

@@ -268,8 +268,9 @@ fn weight_zero_drains_new_connections_and_keeps_established_ones() {
             vip,
             &[(&sa_, "draining", 0, 1), (&sb, "draining", 0, 0)],
         )?;
-        // EPERM on kernels without bpf_set_retval (forced off in the fallback run).
-        let errno = format!("connect:{}", svc_lb_tests::agent::refused_errno());
+        // EPERM on kernels without bpf_set_retval (older kernels, or forced off in the
+        // fallback run).
+        let errno = format!("connect:{}", lab.agent().refused_errno());
         ensure!(
             refused.ok == 0 && refused.failure_steps.get(&errno) == Some(&20),
             "all weights 0 should refuse every connection: {}",

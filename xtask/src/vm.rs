@@ -65,13 +65,32 @@ pub const KERNELS: &[Kernel] = &[
 const BOOT_MODULES: &[&str] = &["9pnet_virtio", "9p", "virtio_pci", "overlay"];
 
 /// The e2e tests run in each guest: a connection spread over backends (TCP), UDP
-/// replies from the Service address, both families, a refusal without endpoints, and the
-/// demo's LoadBalancer address from its pool.
+/// replies from the Service address, both families, a refusal without endpoints, an
+/// AF_INET6 socket (Python, curl) dialing an IPv4 Service through its `::ffff:` address,
+/// connected UDP moved off a removed backend (socket termination), NodePort through the
+/// tc programs and through XDP between two nodes, and the demo's LoadBalancer address
+/// from its pool.
 pub const GUEST_TESTS: &[(&str, &str)] = &[
     ("e2e", "tcp_spreads_connections_over_three_backends"),
     ("e2e", "udp_replies_come_from_the_service_address"),
     ("e2e", "ipv6_and_dual_stack_services"),
     ("e2e", "no_endpoints_refuses_immediately"),
+    (
+        "clients",
+        "python_and_curl_dual_stack_sockets_reach_ipv4_services_through_mapped_addresses",
+    ),
+    (
+        "sockterm",
+        "connected_udp_to_a_removed_backend_is_destroyed_and_nothing_else",
+    ),
+    (
+        "external",
+        "cluster_policy_nodeport_reaches_pods_on_both_nodes",
+    ),
+    (
+        "external",
+        "xdp_cluster_policy_nodeport_reaches_pods_on_both_nodes",
+    ),
     (
         "lbipam",
         "the_demo_dials_the_address_the_example_pool_gave_its_load_balancer_service",
@@ -104,29 +123,69 @@ struct Prepared {
 }
 
 /// Boots each kernel and runs [`GUEST_TESTS`] in it; `executables` maps a test target
-/// name to its built binary.
+/// name to its built binary. The guests boot at the same time, the machine's CPUs split
+/// between them: TCG runs one host thread per guest CPU, and the two guests together
+/// take about as long as the slower one.
 pub fn run_all(ctx: &Ctx, executables: &BTreeMap<String, PathBuf>, agent: &Path) -> Result<()> {
     crate::setup::ensure_tools("guest tools (qemu-system-x86_64, depmod)", GUEST_TOOLS)?;
     let base = ctx.target.join("kernels");
     fs::create_dir_all(&base).with_context(|| format!("create {}", base.display()))?;
     let busybox = busybox(&base)?;
+    let mut guests = Vec::new();
     for k in KERNELS {
-        step(format!(
-            "test: end-to-end on Debian's Linux {} (QEMU, TCG)",
-            k.name
-        ));
-        let p = prepare(&base, k, &busybox)?;
+        let p = prepare(&base, k, &busybox)
+            .with_context(|| format!("prepare Debian's Linux {}", k.name))?;
         let script = guest_script(&p, executables, agent)?;
         let script_path = base.join(format!("guest-{}.sh", k.name));
         fs::write(&script_path, script)
             .with_context(|| format!("write {}", script_path.display()))?;
         set_executable(&script_path)?;
-        boot(
-            &p,
-            &script_path,
-            &base.join(format!("console-{}.log", k.name)),
-        )
-        .with_context(|| format!("Linux {} ({})", k.name, p.release))?;
+        guests.push((k, p, script_path));
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let smp = (cpus / guests.len().max(1)).max(1);
+    step(format!(
+        "test: end-to-end on Debian's Linux {} (QEMU, TCG, in parallel, {smp} CPU(s) each)",
+        KERNELS
+            .iter()
+            .map(|k| k.name)
+            .collect::<Vec<_>>()
+            .join(" and ")
+    ));
+    let results: Vec<(String, Result<u64>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = guests
+            .iter()
+            .map(|(k, p, script)| {
+                let log = base.join(format!("console-{}.log", k.name));
+                let handle = s.spawn(move || {
+                    boot(p, script, &log, smp)
+                        .with_context(|| format!("Linux {} ({})", k.name, p.release))
+                });
+                (k.name, handle)
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|(name, h)| {
+                let r = h.join().unwrap_or_else(|_| {
+                    Err(anyhow::anyhow!("Linux {name}: the guest's thread panicked"))
+                });
+                (name.to_owned(), r)
+            })
+            .collect()
+    });
+    let mut failed = Vec::new();
+    for (name, r) in results {
+        match r {
+            Ok(secs) => note(format!("Linux {name}: all guest tests passed in {secs} s")),
+            Err(e) => {
+                eprintln!("xtask: Linux {name}: {e:#}");
+                failed.push(format!("{e:#}"));
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("guest stage failed: {}", failed.join("; "));
     }
     Ok(())
 }
@@ -164,7 +223,14 @@ fn fetch_unpack(dir: &Path, source: &str, regex: &str) -> Result<PathBuf> {
     fs::write(dir.join("sources.list"), format!("{source}\n"))
         .with_context(|| format!("write {}/sources.list", dir.display()))?;
     let opts = apt_opts(dir);
-    run(Command::new("apt-get").args(&opts).arg("update"))?;
+    // `--error-on=any`: without it apt-get update succeeds when a source cannot be
+    // fetched, and the failure would surface later as "no package matching".
+    run(Command::new("apt-get")
+        .args(&opts)
+        .args(["update", "--error-on=any"]))
+    .with_context(|| {
+        format!("download the package index of `{source}` (the guest stage needs the network)")
+    })?;
     let found =
         output(
             Command::new("apt-cache")
@@ -180,7 +246,8 @@ fn fetch_unpack(dir: &Path, source: &str, regex: &str) -> Result<PathBuf> {
     run(Command::new("apt-get")
         .args(&opts)
         .args(["download", pkg])
-        .current_dir(dir))?;
+        .current_dir(dir))
+    .with_context(|| format!("download {pkg} (the guest stage needs the network)"))?;
     let deb = fs::read_dir(dir)
         .with_context(|| format!("read {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -379,9 +446,12 @@ sleep 60
     ))
 }
 
-fn boot(p: &Prepared, script: &Path, log: &Path) -> Result<()> {
+/// Boots one guest with `smp` CPUs and returns its run time in seconds when every test
+/// passed.
+fn boot(p: &Prepared, script: &Path, log: &Path, smp: usize) -> Result<u64> {
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-accel", "tcg", "-cpu", "max", "-m", "3G", "-smp", "2"])
+    cmd.args(["-accel", "tcg", "-cpu", "max", "-m", "3G", "-smp"])
+        .arg(smp.to_string())
         .args(["-nographic", "-no-reboot", "-kernel"])
         .arg(&p.vmlinuz)
         .arg("-initrd")
@@ -422,7 +492,7 @@ fn boot(p: &Prepared, script: &Path, log: &Path) -> Result<()> {
         .filter(|l| !l.trim().is_empty())
         .skip_while(|l| !l.contains("guest kernel"))
         .collect();
-    eprintln!("{}", shown.join("\n"));
+    eprintln!("--- guest {} ---\n{}", p.release, shown.join("\n"));
     let took = started.elapsed().as_secs();
     let Some(status) = status else {
         bail!(
@@ -437,12 +507,7 @@ fn boot(p: &Prepared, script: &Path, log: &Path) -> Result<()> {
         .find_map(|l| l.trim().strip_prefix(EXIT_MARK))
         .map(str::to_owned);
     match verdict.as_deref() {
-        Some("0") => {
-            note(format!(
-                "all guest tests passed in {took} s (qemu {status})"
-            ));
-            Ok(())
-        }
+        Some("0") => Ok(took),
         Some(v) => bail!("guest: {v} test(s) failed (console: {})", log.display()),
         None => bail!(
             "the guest ended ({status}) without a verdict (console: {})",
