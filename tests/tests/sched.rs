@@ -422,6 +422,29 @@ fn wait_total(lab: &Lab, vip: &str, want: (u64, u64)) -> Result<()> {
 }
 
 /// One long-lived TCP connection to `vip`:80 for `secs`, one message every 50 ms.
+/// Waits for held connections and counts them per backend; each went to exactly one
+/// backend, and the first three were held while `a` was the only one.
+fn landed_after_three_on_a(
+    held: Vec<svc_lb_tests::procs::ClientRun>,
+) -> Result<std::collections::BTreeMap<String, u64>> {
+    let mut landed = std::collections::BTreeMap::<String, u64>::new();
+    for (i, run) in held.into_iter().enumerate() {
+        let r = run.wait()?;
+        ensure!(
+            r.failed == 0 && r.backends.len() == 1,
+            "connection {i}: {}",
+            r.summary()
+        );
+        let id = r.backends.keys().next().cloned().unwrap_or_default();
+        ensure!(
+            i >= 3 || id == "a",
+            "connection {i} was held while a was the only backend: {id}"
+        );
+        *landed.entry(id).or_default() += 1;
+    }
+    Ok(landed)
+}
+
 fn hold(lab: &Lab, vip: &str, secs: u64) -> Result<svc_lb_tests::procs::ClientRun> {
     let mut o = lab.client(vip80(vip), Proto::Tcp);
     o.long_lived = true;
@@ -605,21 +628,7 @@ fn lc_and_wlc_fill_the_lighter_backends_first() {
             shown.iter().all(|(_, a, _)| *a == Some(3)),
             "after 3 held on a and 6 new, every backend should hold 3: {shown:?}"
         );
-        let mut landed = std::collections::BTreeMap::<String, u64>::new();
-        for (i, run) in held.into_iter().enumerate() {
-            let r = run.wait()?;
-            ensure!(
-                r.failed == 0 && r.backends.len() == 1,
-                "lc connection {i}: {}",
-                r.summary()
-            );
-            let id = r.backends.keys().next().cloned().unwrap_or_default();
-            ensure!(
-                i >= 3 || id == "a",
-                "connection {i} was held before b and c joined, so on a: {id}"
-            );
-            *landed.entry(id).or_default() += 1;
-        }
+        let landed = landed_after_three_on_a(held)?;
         ensure!(
             landed.get("a") == Some(&3)
                 && landed.get("b") == Some(&3)
@@ -756,21 +765,7 @@ fn lc_programs_load_on_demand_when_a_service_turns_lc() {
             held.push(hold(lab, vip, 16)?);
             wait_total(lab, vip, (n, 0))?;
         }
-        let mut landed = std::collections::BTreeMap::<String, u64>::new();
-        for (i, run) in held.into_iter().enumerate() {
-            let r = run.wait()?;
-            ensure!(
-                r.failed == 0 && r.backends.len() == 1,
-                "connection {i}: {}",
-                r.summary()
-            );
-            let id = r.backends.keys().next().cloned().unwrap_or_default();
-            ensure!(
-                i >= 3 || id == "a",
-                "connection {i} was held on a alone: {id}"
-            );
-            *landed.entry(id).or_default() += 1;
-        }
+        let landed = landed_after_three_on_a(held)?;
         ensure!(
             landed.get("a") == Some(&3)
                 && landed.get("b") == Some(&3)
