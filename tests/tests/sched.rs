@@ -985,3 +985,80 @@ fn lc_with_bpf_loop_compares_every_slot() {
         check_lc_exact(lab, &agent)
     });
 }
+
+/// Run time and count of the programs named `name` that read this lab's Service maps
+/// (kernel BPF statistics; zero while they are off).
+fn hook_stats(lab: &Lab, name: &str) -> Result<(Duration, u64)> {
+    let path = lab.bpffs().join(svc_lb_common::MAP_SVC4);
+    let id = aya::maps::MapData::from_pin(&path)
+        .with_context(|| format!("open {}", path.display()))?
+        .info()
+        .context("map info")?
+        .id();
+    let mut total = (Duration::ZERO, 0);
+    for p in aya::programs::loaded_programs() {
+        let Ok(p) = p else { continue };
+        if p.name_as_str() != Some(name) {
+            continue;
+        }
+        let maps = p.map_ids().context("map ids")?.unwrap_or_default();
+        if maps.contains(&id) {
+            total.0 += p.run_time();
+            total.1 += p.run_count();
+        }
+    }
+    Ok(total)
+}
+
+/// A measurement, not a check (run by hand with `--ignored`): the connect hook's run
+/// time per connect (the tail-called lc program's time counts to the hook) for a
+/// `random` Service, `lc` over 6 slots and `wlc` over 66 and 4096 slots (weights 1 and
+/// 65, 1 and 4095), 300 connections each, with the kernel's BPF statistics on.
+#[test]
+#[ignore = "measurement: prints the connect hook's run time per connect"]
+fn lc_scan_run_time_per_connect() {
+    sched(&["a", "b", "c", "d", "e", "f"], |lab| {
+        lab.serve_all_tcp(8080, false)?;
+        let addrs = lab.topo.addrs(false);
+        let cases = [
+            ("random, 6 slots", "10.96.0.71", None, &addrs[..], vec![]),
+            ("lc, 6 slots", "10.96.0.72", Some("lc"), &addrs[..], vec![]),
+            (
+                "wlc, 66 slots",
+                "10.96.0.73",
+                Some("wlc"),
+                &addrs[..2],
+                vec![(addrs[0], 1), (addrs[1], 65)],
+            ),
+            (
+                "wlc, 4096 slots",
+                "10.96.0.74",
+                Some("wlc"),
+                &addrs[..2],
+                vec![(addrs[0], 1), (addrs[1], 4095)],
+            ),
+        ];
+        let docs: Vec<Value> = cases
+            .iter()
+            .enumerate()
+            .flat_map(|(i, (_, vip, s, a, w))| service(&format!("cost{i}"), vip, a, *s, w))
+            .collect();
+        lab.write_manifest("cost.yaml", &yaml_docs(&docs))?;
+        let agent = svc_lb_tests::metrics::start_agent(lab, "cost", &[])?;
+        wait_lc_loaded(&agent)?;
+        let pair = lc_pair(&agent);
+        let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+            .context("enable the kernel's BPF run-time statistics")?;
+        for (what, vip, _, _, _) in &cases {
+            let before = hook_stats(lab, "svclb_connect4")?;
+            let r = run(lab, vip, 300, false)?;
+            ensure!(r.failed == 0, "{what}: {}", r.summary());
+            let after = hook_stats(lab, "svclb_connect4")?;
+            let runs = after.1 - before.1;
+            ensure!(runs > 0, "{what}: no run counted");
+            let ns = (after.0 - before.0).as_nanos() / u128::from(runs);
+            eprintln!("COST {what} ({pair:?}): {ns} ns per connect over {runs} runs");
+        }
+        Ok(())
+    });
+}

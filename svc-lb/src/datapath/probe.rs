@@ -864,6 +864,19 @@ mod tests {
         // There is no lc without the counts, so no lc programs either.
         assert!(lc(""));
         assert!(!lc("sock_ops_conn") && !lc("sk_storage_rnat"));
+        // Without bpf_loop the lc programs are the bounded ones (svclb_lc4/6).
+        let looped = |off: &str| {
+            Probe::run(
+                &Fake {
+                    has: all(),
+                    errors: vec![],
+                },
+                &parse_forced(off).unwrap(),
+            )
+            .choices()
+            .lc_bpf_loop
+        };
+        assert!(looped("") && !looped("bpf_loop"));
         // The counts find a socket's backend in its reverse-NAT storage.
         assert!(!run("sk_storage_rnat"));
     }
