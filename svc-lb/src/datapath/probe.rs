@@ -202,8 +202,8 @@ pub const TABLE: &[FeatureInfo] = &[
         name: "bpf_loop",
         what: "bpf_loop in sock_addr programs",
         since: "5.17",
-        used_by: "lc/wlc: the scan programs svclb_lcloop4/6 compare every slot of a frontend (up to 4096)",
-        without: "the scan programs svclb_lc4/6: lc/wlc exact up to 64 slots, the lighter of two random slots above",
+        used_by: "lc/wlc: svclb_lcloop4/6 compare every slot of a frontend (up to 4096)",
+        without: "lc/wlc use svclb_lc4/6 instead: exact up to 64 slots, the lighter of two random slots above",
         fallback: true,
     },
 ];
