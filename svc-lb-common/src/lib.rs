@@ -232,6 +232,10 @@ pub const PROG_SOCKOPS: &str = "svclb_sockops";
 /// never attached.
 pub const PROG_LC4: &str = "svclb_lc4";
 pub const PROG_LC6: &str = "svclb_lc6";
+/// The same with every slot compared (`lookup::LC_LOOP_MAX`), each step a `bpf_loop`
+/// callback: loaded instead of the two above where the kernel has `bpf_loop` (5.17).
+pub const PROG_LCLOOP4: &str = "svclb_lcloop4";
+pub const PROG_LCLOOP6: &str = "svclb_lcloop6";
 /// The program arrays holding them (one per family: a tail call needs the caller's
 /// attach type). Not pinned: while no agent runs they are empty, and the connect hooks
 /// take two random choices for `lc`/`wlc` frontends.
@@ -1222,7 +1226,8 @@ mod tests {
             .chain(SOCKET_MAPS.iter())
             .chain(SOCK_PROGRAMS.iter())
             .chain(ext.iter())
-            .chain([PROG_LC4, PROG_LC6, MAP_LC_PROG4, MAP_LC_PROG6].iter())
+            .chain([PROG_LC4, PROG_LC6, PROG_LCLOOP4, PROG_LCLOOP6].iter())
+            .chain([MAP_LC_PROG4, MAP_LC_PROG6].iter())
         {
             assert!(name.len() <= 15, "{name} is longer than BPF_OBJ_NAME_LEN-1");
         }

@@ -230,13 +230,16 @@ pub fn choose_backend<B>(
 /// holds the scan, so that the hooks every other connection runs carry none of its
 /// verifier cost. A frontend with more slots (more backends, or weights whose
 /// gcd-reduced sum is larger) is served by two random choices instead (see
-/// [`lc_scan`]). Bounded because the scan is written out step by step: a loop over 8
-/// or 16 slots, unrolled or not, and a `bpf_loop` callback (5.17) over up to 256 took
-/// the 6.18 verifier past its 1 M instruction limit (every step branches on the loads
-/// it read, so the verifier cannot merge states).
-pub const LC_SCAN_MAX: u32 = 4;
-// The lc programs write out exactly this many steps.
-const _: () = assert!(LC_SCAN_MAX == 4);
+/// [`lc_scan`]). The scan is a bounded loop over [`LcScan`] whose state lives in a
+/// per-CPU map between the steps, run at the start of the lc program (one verifier
+/// state enters it): the 6.18 verifier walks about 1 500 instructions per slot for
+/// IPv4, twice that for the IPv6 program (which holds an IPv4 and an IPv6 scan).
+pub const LC_SCAN_MAX: u32 = 64;
+
+/// Most slots the `bpf_loop` lc programs (kernels ≥ 5.17) compare: every slot a
+/// frontend can have (the agent's weighted layouts stop at 4096 slots), so `lc`/`wlc`
+/// are exact there. Their verifier cost does not grow with it (one callback per step).
+pub const LC_LOOP_MAX: u32 = 4096;
 
 /// IPVS's load of a real server: active connections × 256 + inactive ones. Each count
 /// is capped at 2^32 so that the products [`lc_less`] forms fit in 64 bits.
@@ -335,17 +338,23 @@ impl LcScan {
     /// backend counts as fully loaded.
     #[inline(always)]
     pub fn step(&mut self, slot: u16, id: Option<u32>, load: impl FnOnce(u32) -> Option<u64>) {
-        match id {
-            Some(id) if id != 0 && id == self.run_id => {}
-            _ => {
-                self.consider(slot);
-                self.start(slot, id, load);
-            }
+        if !self.continues(id) {
+            self.consider(slot);
+            self.start(slot, id, load);
         }
     }
 
+    /// Whether a slot holding `id` continues the run being read ([`LcScan::step`] in
+    /// parts, for a caller that keeps the state in memory between them: `continues`;
+    /// if not, `consider` the slot, then `start` its run).
     #[inline(always)]
-    fn start(&mut self, slot: u16, id: Option<u32>, load: impl FnOnce(u32) -> Option<u64>) {
+    pub fn continues(&self, id: Option<u32>) -> bool {
+        matches!(id, Some(id) if id != 0 && id == self.run_id)
+    }
+
+    /// The second part of [`LcScan::step`] (see [`LcScan::continues`]).
+    #[inline(always)]
+    pub fn start(&mut self, slot: u16, id: Option<u32>, load: impl FnOnce(u32) -> Option<u64>) {
         let (id, l) = match id {
             Some(id) => (id, load(id).unwrap_or(LC_MISSING)),
             None => (0, LC_MISSING),
@@ -357,8 +366,10 @@ impl LcScan {
 
     /// Compares the run that ends before slot `end` with the best so far: the least
     /// `load / weight` wins ([`lc_less`]), ties by a key mixed from the seed.
+    /// The first part of [`LcScan::step`] for a slot `end` that does not continue the
+    /// run (see [`LcScan::continues`]).
     #[inline(always)]
-    fn consider(&mut self, end: u16) {
+    pub fn consider(&mut self, end: u16) {
         let (first, l) = (self.run_first, self.run_load);
         let w = u32::from(end.wrapping_sub(first));
         let tie = lc_tie(self.seed, first);
@@ -372,10 +383,24 @@ impl LcScan {
         }
     }
 
+    /// Ends the scan after the last slot `count`: the last run is compared, and
+    /// [`LcScan::best_slot`] holds the choice.
+    #[inline(always)]
+    pub fn conclude(&mut self, count: u32) {
+        self.consider((count as u16).wrapping_add(1));
+    }
+
+    /// The least loaded run's first slot so far (0: none), after [`LcScan::conclude`]
+    /// the choice.
+    #[inline(always)]
+    pub fn best_slot(&self) -> u16 {
+        self.best_slot
+    }
+
     /// The least loaded run's first slot, after the last slot `count`.
     #[inline(always)]
     pub fn finish(mut self, count: u32) -> Option<LcPick> {
-        self.consider((count as u16).wrapping_add(1));
+        self.conclude(count);
         if self.best_slot == 0 {
             return None;
         }
@@ -444,90 +469,6 @@ pub fn lc_scan(
         scan.step(slot, slot_backend(slot), &mut load);
     }
     scan.finish(count)
-}
-
-/// [`lc_scan`] with [`LC_SCAN_MAX`] as the bound, the scan written out step by step
-/// for the eBPF lc programs (a shape the verifier walks in about 58 000 instructions
-/// for IPv4; [`LcScan`]'s shape, fed step by step, took three times that). Same
-/// choice as [`lc_scan`] (a unit test compares them).
-#[inline(always)]
-pub fn lc_scan_steps(
-    count: u32,
-    seed: u32,
-    mut slot_backend: impl FnMut(u16) -> Option<u32>,
-    mut load: impl FnMut(u32) -> Option<u64>,
-) -> Option<LcPick> {
-    if count == 0 {
-        return None;
-    }
-    // What a missing slot or backend weighs: more than any real load, small enough
-    // that a product with a weight does not wrap.
-    const MISSING: u64 = LC_MISSING;
-    if count > LC_SCAN_MAX {
-        let a = (seed % count) as u16 + 1;
-        let b = (lc_tie(seed, 0) % count) as u16 + 1;
-        let la = slot_backend(a).and_then(&mut load).unwrap_or(MISSING);
-        let lb = slot_backend(b).and_then(&mut load).unwrap_or(MISSING);
-        let (slot, l) = if lb < la { (b, lb) } else { (a, la) };
-        return Some(LcPick {
-            slot,
-            load: l,
-            weight: 1,
-            via: LcVia::TwoChoices { a, b },
-        });
-    }
-    let mut best = LcPick {
-        slot: 0,
-        load: 0,
-        weight: 0,
-        via: LcVia::Scan,
-    };
-    let mut best_tie = 0u32;
-    // The run being read: (backend id, first slot, load, length).
-    let mut run: (u32, u16, u64, u32) = (0, 0, 0, 0);
-    let mut consider = |run: (u32, u16, u64, u32), best: &mut LcPick| {
-        let (_, first, l, w) = run;
-        if w == 0 {
-            return;
-        }
-        let tie = lc_tie(seed, first);
-        let better = best.weight == 0
-            || lc_less(l, w, best.load, best.weight)
-            || (!lc_less(best.load, best.weight, l, w) && tie < best_tie);
-        if better {
-            *best = LcPick {
-                slot: first,
-                load: l,
-                weight: w,
-                via: LcVia::Scan,
-            };
-            best_tie = tie;
-        }
-    };
-    let mut step = |slot: u16| {
-        if u32::from(slot) > count {
-            return;
-        }
-        let id = slot_backend(slot);
-        match id {
-            Some(id) if id != 0 && id == run.0 && run.3 != 0 => run.3 += 1,
-            _ => {
-                consider(run, &mut best);
-                let (id, l) = match id {
-                    Some(id) => (id, load(id).unwrap_or(MISSING)),
-                    None => (0, MISSING),
-                };
-                run = (id, slot, l, 1);
-            }
-        }
-    };
-    // Written out, LC_SCAN_MAX steps (no loop for the verifier to walk).
-    step(1);
-    step(2);
-    step(3);
-    step(4);
-    consider(run, &mut best);
-    Some(best)
 }
 
 /// The session-affinity step shared by [`choose_backend`] and [`choose_external`].
@@ -1578,7 +1519,8 @@ mod tests {
     }
 
     #[test]
-    fn the_written_out_scan_chooses_as_the_loop() {
+    fn conclude_leaves_the_choice_finish_returns() {
+        // The lc programs end the scan with `conclude` and read `best_slot`.
         let ids = [11u32, 12, 13, 14];
         for count in 1..=6u32 {
             for seed in 0..64u32 {
@@ -1595,8 +1537,16 @@ mod tests {
                         (id != 14 || shape % 4 != 0).then(|| u64::from((id * (shape + 1)) % 5) << 8)
                     };
                     let a = lc_scan(count, seed, LC_SCAN_MAX, slot, load);
-                    let b = lc_scan_steps(count, seed, slot, load);
-                    assert_eq!(a, b, "count {count} seed {seed} shape {shape}");
+                    let mut s = LcScan::new(seed, slot(1), load);
+                    for n in 2..=count as u16 {
+                        s.step(n, slot(n), load);
+                    }
+                    s.conclude(count);
+                    assert_eq!(
+                        a.map(|p| p.slot),
+                        Some(s.best_slot()),
+                        "count {count} seed {seed} shape {shape}"
+                    );
                 }
             }
         }

@@ -97,6 +97,19 @@ mod entry {
         forward_logged::<{ lc::SCAN }>(&ctx, Family::V6, "connect6", false)
     }
 
+    /// The lc programs of kernels with `bpf_loop` (5.17): every slot of a frontend
+    /// compared, a callback per step (`sock::lc::SCAN_LOOP`). The agent loads these
+    /// instead of `svclb_lc4`/`6` where its probe finds the helper.
+    #[cgroup_sock_addr(connect4)]
+    pub fn svclb_lcloop4(ctx: SockAddrContext) -> i32 {
+        forward_logged::<{ lc::SCAN_LOOP }>(&ctx, Family::V4, "connect4", false)
+    }
+
+    #[cgroup_sock_addr(connect6)]
+    pub fn svclb_lcloop6(ctx: SockAddrContext) -> i32 {
+        forward_logged::<{ lc::SCAN_LOOP }>(&ctx, Family::V6, "connect6", false)
+    }
+
     #[cgroup_sock_addr(sendmsg4)]
     pub fn svclb_sendmsg4(ctx: SockAddrContext) -> i32 {
         forward_logged::<{ lc::RANDOM }>(&ctx, Family::V4, "sendmsg4", true)

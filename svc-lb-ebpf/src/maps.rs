@@ -204,7 +204,16 @@ pub struct Scratch {
 /// instead of multiplying over the steps (which took Debian's 5.10 and 6.1 verifiers
 /// past their 1 M instruction limit). Not pinned (nothing in it outlives one connect).
 #[btf_map]
-pub static LB_LCSCAN: PerCpuArray<LcScan, 1> = PerCpuArray::new();
+pub static LB_LCSCAN: PerCpuArray<LcScanState, 1> = PerCpuArray::new();
+
+/// [`LB_LCSCAN`]'s value: the scan's state and, once it is done, its choice (a slot).
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct LcScanState {
+    pub scan: LcScan,
+    pub pick: u16,
+    pub _pad: [u8; 6],
+}
 
 /// `lc`/`wlc`: index 0 holds the family's lc program (`svclb_lc4`/`svclb_lc6`), which the
 /// connect hooks tail-call for an `lc`/`wlc` frontend; empty while no agent runs (two

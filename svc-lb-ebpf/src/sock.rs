@@ -6,9 +6,13 @@
 //! usable backend refuses with ECONNREFUSED, as kube-proxy's REJECT rule does. A
 //! load-balancer IP with `loadBalancerSourceRanges` refuses a bound source outside the
 //! ranges the same way, and lets an unbound socket (no source yet) pass untouched.
+use core::ffi::c_void;
+
 use aya_ebpf::{
     btf_maps::lpm_trie::Key,
-    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_set_retval},
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_loop, bpf_set_retval,
+    },
     maps::ProgramArray,
     programs::SockAddrContext,
 };
@@ -17,7 +21,7 @@ use svc_lb_common::{
     CTR_SOCK_AFF_UPDATE_FAIL, CTR_SOCK_RNAT_UPDATE_FAIL, CTR_SOCK_SRC_UNBOUND, CTR_SOCK_XLATED,
     Choice, ConnKey, PROTO_UDP, SCOPE_ALL, SVC_FLAG_SCHED_LC, SrcRange4Key, SrcRange6Key,
     Stickiness, Svc4Key, Svc6Key, SvcValue, choose_backend,
-    lookup::{LC_SCAN_MAX, LcScan, lc_overhead, lc_two_choices, v4_mapped},
+    lookup::{LC_LOOP_MAX, LC_SCAN_MAX, LcScan, lc_overhead, lc_two_choices, v4_mapped},
     select_slot,
 };
 
@@ -49,9 +53,15 @@ pub mod lc {
     /// Where none is loaded (a kernel without connection counts, or no agent running) the
     /// lighter of two random slots is taken.
     pub const TAIL_CALL: u8 = 1;
-    /// The lc programs: the exact scan over up to `LC_SCAN_MAX` slots, written out;
-    /// two random choices above.
+    /// The lc programs `svclb_lc4`/`6`: the exact scan over up to `LC_SCAN_MAX` slots,
+    /// a bounded loop run at the start of the program (`lc_prescan`); two random
+    /// choices above. For kernels without `bpf_loop`.
     pub const SCAN: u8 = 2;
+    /// The lc programs `svclb_lcloop4`/`6` (kernels with `bpf_loop`, 5.17): the same
+    /// scan with each step a `bpf_loop` callback, which the verifier walks once
+    /// whatever the count, over up to `LC_LOOP_MAX` slots (every slot a frontend can
+    /// have).
+    pub const SCAN_LOOP: u8 = 3;
 }
 
 /// `--socket-lb-scope host`: the cookie of the agent's (the host's) network namespace,
@@ -387,42 +397,114 @@ fn lc_least<const LC: u8, K: SlotKey>(key: K, count: u32) -> Option<u16> {
     if LC == lc::RANDOM {
         return select_slot(seed, count);
     }
-    if LC == lc::SCAN
-        && count <= LC_SCAN_MAX
-        && let Some(state) = LB_LCSCAN.get_ptr_mut(0)
+    if count <= lc_max::<LC>()
+        && let Some(state) = LB_LCSCAN.get_ptr(0)
     {
-        return lc_scan_in_map(state, key, count, seed);
+        // `lc_prescan` left the choice there at the start of this program.
+        let slot = unsafe { core::ptr::addr_of!((*state).pick).read_volatile() };
+        if slot >= 1 && u32::from(slot) <= count {
+            return Some(slot);
+        }
     }
     Some(lc_two_choices(count, seed, |s| key.slot_backend(s), backend_load).slot)
 }
 
-/// The exact scan over slots `1..=count` (`count ≤ LC_SCAN_MAX`), its state kept in
-/// `LB_LCSCAN` between the steps (see there): each step reads it back (volatile, so
-/// that the compiler keeps it in map memory and not in registers) and writes it again,
-/// and the verifier's paths through a step meet in equal states.
+/// The lc programs: the exact scan over slots `1..=count` (`count ≤ LC_SCAN_MAX`) of
+/// an `lc`/`wlc` frontend, run at the start of the program, before anything else
+/// (source ranges, affinity, the choice), so that the verifier walks it from one
+/// state and not once per path that leads to the choice. The choice waits in
+/// `LB_LCSCAN` for [`lc_least`]; a frontend that turns out to need no choice (an
+/// affinity hit) paid for a scan it did not use.
 ///
+/// The state is kept in `LB_LCSCAN` between the steps (see there): each step reads it
+/// back (volatile, so that the compiler keeps it in map memory and not in registers)
+/// and writes it again, and the verifier's paths through a step meet in equal states.
 /// Another connect on this CPU may run between two steps (a preempted program) and
 /// overwrite the state: the choice is then another frontend's run; a slot outside
 /// `1..=count` is not taken (two random choices instead), one inside is still this
 /// frontend's backend, only not exactly the least loaded.
 #[inline(always)]
-fn lc_scan_in_map<K: SlotKey>(state: *mut LcScan, key: K, count: u32, seed: u32) -> Option<u16> {
+fn lc_prescan<const LC: u8, K: SlotKey>(key: K, master: Option<*mut SvcValue>) {
+    if LC != lc::SCAN && LC != lc::SCAN_LOOP {
+        return;
+    }
+    let Some(m) = master else {
+        return;
+    };
+    let (flags, count) = unsafe { ((*m).flags, (*m).count) };
+    if flags & SVC_FLAG_SCHED_LC == 0 || count == 0 || count > lc_max::<LC>() {
+        return;
+    }
+    let Some(state) = LB_LCSCAN.get_ptr_mut(0) else {
+        return;
+    };
+    let seed = unsafe { bpf_get_prandom_u32() };
     let first = key.slot_backend(1);
-    unsafe { state.write_volatile(LcScan::new(seed, first, backend_load)) };
-    for slot in 2..=LC_SCAN_MAX as u16 {
-        if u32::from(slot) > count {
-            break;
+    let scan = unsafe { core::ptr::addr_of_mut!((*state).scan) };
+    unsafe { scan.write_volatile(LcScan::new(seed, first, backend_load)) };
+    if LC == lc::SCAN_LOOP {
+        let mut steps = LcSteps { key, scan };
+        // Slots 2..=count. An error (none is expected for this count and no flags)
+        // leaves the best of the slots read so far, still this frontend's.
+        unsafe {
+            bpf_loop(
+                count - 1,
+                lc_loop_step::<K> as *mut c_void,
+                (&mut steps as *mut LcSteps<K>).cast(),
+                0,
+            )
+        };
+    } else {
+        for slot in 2..=LC_SCAN_MAX as u16 {
+            if u32::from(slot) > count {
+                break;
+            }
+            lc_step(key, scan, slot);
         }
-        let id = key.slot_backend(slot);
-        let mut s = unsafe { state.read_volatile() };
-        s.step(slot, id, backend_load);
-        unsafe { state.write_volatile(s) };
     }
-    let s = unsafe { state.read_volatile() };
-    match s.finish(count) {
-        Some(p) if p.slot >= 1 && u32::from(p.slot) <= count => Some(p.slot),
-        _ => Some(lc_two_choices(count, seed, |s| key.slot_backend(s), backend_load).slot),
+    let mut s = unsafe { scan.read_volatile() };
+    s.conclude(count);
+    unsafe { core::ptr::addr_of_mut!((*state).pick).write_volatile(s.best_slot()) };
+}
+
+/// The most slots the lc program `LC` scans (0: none, it has no scan).
+#[inline(always)]
+const fn lc_max<const LC: u8>() -> u32 {
+    match LC {
+        lc::SCAN => LC_SCAN_MAX,
+        lc::SCAN_LOOP => LC_LOOP_MAX,
+        _ => 0,
     }
+}
+
+/// One step of the scan: slot `slot` (2, 3, … in order), the state read back from and
+/// written to `LB_LCSCAN` (see [`lc_prescan`]).
+#[inline(always)]
+fn lc_step<K: SlotKey>(key: K, scan: *mut LcScan, slot: u16) {
+    let id = key.slot_backend(slot);
+    let mut s = unsafe { scan.read_volatile() };
+    s.step(slot, id, backend_load);
+    unsafe { scan.write_volatile(s) };
+}
+
+/// What the `bpf_loop` callback [`lc_loop_step`] needs, on the lc program's stack.
+#[repr(C)]
+struct LcSteps<K> {
+    key: K,
+    scan: *mut LcScan,
+}
+
+/// `bpf_loop` callback of the `svclb_lcloop4`/`6` programs: iteration `index` reads
+/// slot `index + 2`. A function of its own (the verifier walks it as a callback with
+/// an unknown index, until its states converge: the state in map memory makes that
+/// quick); 0 continues the loop.
+#[inline(never)]
+extern "C" fn lc_loop_step<K: SlotKey>(index: u64, ctx: *mut c_void) -> i64 {
+    let steps = ctx as *const LcSteps<K>;
+    let (key, scan) = unsafe { ((*steps).key, (*steps).scan) };
+    // index < count - 1 ≤ LC_LOOP_MAX - 1: the slot fits.
+    lc_step(key, scan, (index as u16).wrapping_add(2));
+    0
 }
 
 /// What [`xlate4`] decided; the caller writes the backend back in its socket's form.
@@ -488,6 +570,7 @@ fn xlate4<const LC: u8>(
     };
     let master = LB_SVC4_V1.get_ptr_mut(key);
     lc_hand_over::<LC>(ctx, lc_progs, master);
+    lc_prescan::<LC, _>(key, master);
     let lc_key = key;
     let choice = choose_backend(
         master.map(|m| unsafe { &*m }),
@@ -585,6 +668,7 @@ fn forward6<const LC: u8>(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
     };
     let master = LB_SVC6_V1.get_ptr_mut(key);
     lc_hand_over::<LC>(ctx, &LB_LCPROG6, master);
+    lc_prescan::<LC, _>(key, master);
     let lc_key = key;
     let choice = choose_backend(
         master.map(|m| unsafe { &*m }),

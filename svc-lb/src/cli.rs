@@ -156,7 +156,7 @@ pub enum Command {
         /// Testing only: treat these kernel features as missing so that their fallbacks
         /// run (`all`, or names from `svc-lb status`'s kernel features: tcx,
         /// fib_redirect, csum_ipv6_flag, set_retval, xdp_link, sk_storage_rnat, map_batch, atomic_fetch,
-        /// sock_ops_conn, coarse_clock).
+        /// sock_ops_conn, coarse_clock, bpf_loop).
         #[arg(long, hide = true, value_name = "FEATURE[,FEATURE...]")]
         force_feature_off: Option<String>,
         /// Answer ARP and NDP for load-balancer ingress IPs on the external path's

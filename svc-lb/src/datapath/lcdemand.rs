@@ -26,7 +26,7 @@ pub enum LcState {
     /// Going through the verifier.
     Loading,
     /// In the connect hooks' program arrays: lc/wlc choices over up to
-    /// `LC_SCAN_MAX` slots are exact.
+    /// `LC_LOOP_MAX` slots (`bpf_loop`) or `LC_SCAN_MAX` are exact.
     Loaded,
     /// The verifier (or the insert) refused them; not retried in this run.
     Refused,
@@ -171,7 +171,8 @@ impl LcDemand {
     }
 }
 
-/// The lc programs (`svclb_lc4`, `svclb_lc6`) loaded in the kernel that read the
+/// The lc programs (`svclb_lc4`/`svclb_lc6`, or `svclb_lcloop4`/`svclb_lcloop6`
+/// where the kernel has `bpf_loop`) loaded in the kernel that read the
 /// Service maps pinned in `bpffs`: those an agent on this bpffs has loaded (an lc
 /// program lives only as long as the agent's program arrays). For `svc-lb trace`, which
 /// runs beside the agent, and the tests.
@@ -192,7 +193,14 @@ pub fn lc_programs_loaded(bpffs: &Path) -> Result<Vec<String>> {
         // A program unloaded between the listing and its info.
         let Ok(p) = p else { continue };
         let name = p.name_as_str().unwrap_or_default();
-        if ![svc_lb_common::PROG_LC4, svc_lb_common::PROG_LC6].contains(&name) {
+        if ![
+            svc_lb_common::PROG_LC4,
+            svc_lb_common::PROG_LC6,
+            svc_lb_common::PROG_LCLOOP4,
+            svc_lb_common::PROG_LCLOOP6,
+        ]
+        .contains(&name)
+        {
             continue;
         }
         let maps = p

@@ -110,6 +110,8 @@ pub struct Compat {
     pub coarse_clock: bool,
     /// Load the `lc`/`wlc` programs into the connect hooks' program arrays.
     pub lc_loop: bool,
+    /// Those are `svclb_lcloop4`/`6` (`bpf_loop`), not `svclb_lc4`/`6`.
+    pub lc_bpf_loop: bool,
 }
 
 impl Default for Compat {
@@ -123,6 +125,7 @@ impl Default for Compat {
             conn_counts: true,
             coarse_clock: true,
             lc_loop: true,
+            lc_bpf_loop: true,
         }
     }
 }
@@ -138,6 +141,7 @@ impl From<&super::probe::Choices> for Compat {
             conn_counts: c.conn_counts,
             coarse_clock: c.coarse_clock,
             lc_loop: c.lc_loop,
+            lc_bpf_loop: c.lc_bpf_loop,
         }
     }
 }
@@ -524,8 +528,9 @@ fn load_program(name: &str, program: &mut Program) -> Result<()> {
 /// The `lc`/`wlc` scan programs, loaded, with the program array each goes into.
 pub struct LcPrograms(Vec<(&'static str, &'static str, ProgramFd)>);
 
-/// `lc`/`wlc` (issue 15): loads `svclb_lc4`/`svclb_lc6` (the hooks' code with the
-/// scan) from a second copy of the object, which re-opens the pinned maps of the first
+/// `lc`/`wlc` (issue 15): loads `svclb_lcloop4`/`svclb_lcloop6` where the kernel has
+/// `bpf_loop` (every slot compared), else `svclb_lc4`/`svclb_lc6` (up to
+/// `LC_SCAN_MAX` slots): the hooks' code with the scan, from a second copy of the object, which re-opens the pinned maps of the first
 /// ([`load_object`] with `reopen`). A copy of their own, so that the verifier's long
 /// walk of the scan (minutes on older kernels, where it may end in a refusal) runs on a
 /// thread that borrows nothing the agent needs meanwhile. Its unpinned maps are its
@@ -538,9 +543,14 @@ pub struct LcPrograms(Vec<(&'static str, &'static str, ProgramFd)>);
 pub fn load_lc_programs(bpffs: &Path, opts: &LoadOptions) -> Result<LcPrograms> {
     let mut ebpf = load_object(bpffs, opts, true)?;
     let mut loaded = Vec::new();
+    let (lc4, lc6) = if opts.compat.lc_bpf_loop {
+        (svc_lb_common::PROG_LCLOOP4, svc_lb_common::PROG_LCLOOP6)
+    } else {
+        (svc_lb_common::PROG_LC4, svc_lb_common::PROG_LC6)
+    };
     for (prog, map) in [
-        (svc_lb_common::PROG_LC4, svc_lb_common::MAP_LC_PROG4),
-        (svc_lb_common::PROG_LC6, svc_lb_common::MAP_LC_PROG6),
+        (lc4, svc_lb_common::MAP_LC_PROG4),
+        (lc6, svc_lb_common::MAP_LC_PROG6),
     ] {
         let p = sock_program(&mut ebpf, prog)?;
         p.load()

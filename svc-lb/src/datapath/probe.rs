@@ -41,6 +41,7 @@ pub enum Feature {
     AtomicFetch,
     SockOpsConn,
     CoarseClock,
+    BpfLoop,
 }
 
 /// What one feature is for. `fallback` is true when the agent has a way around a
@@ -196,6 +197,15 @@ pub const TABLE: &[FeatureInfo] = &[
         without: "the precise clock (bpf_ktime_get_ns): the same lifetimes, about 30 ns more per packet",
         fallback: true,
     },
+    FeatureInfo {
+        feature: Feature::BpfLoop,
+        name: "bpf_loop",
+        what: "bpf_loop in sock_addr programs",
+        since: "5.17",
+        used_by: "lc/wlc: svclb_lcloop4/6 compare every slot of a frontend (up to 4096)",
+        without: "lc/wlc use svclb_lc4/6 instead: exact up to 64 slots, the lighter of two random slots above",
+        fallback: true,
+    },
 ];
 
 pub fn info(f: Feature) -> &'static FeatureInfo {
@@ -266,6 +276,9 @@ pub struct Choices {
     /// Load the `lc`/`wlc` programs (`svclb_lc4`/`6`, tail-called by the connect
     /// hooks): only with connection counts, without which no frontend is `lc`/`wlc`.
     pub lc_loop: bool,
+    /// The `lc`/`wlc` programs are the `bpf_loop` ones (`svclb_lcloop4`/`6`, every
+    /// slot) rather than `svclb_lc4`/`6` (up to `LC_SCAN_MAX` slots).
+    pub lc_bpf_loop: bool,
 }
 
 /// `--force-feature-off`: names from [`TABLE`] (only those with a fallback), or `all`.
@@ -359,6 +372,7 @@ impl Probe {
             coarse_clock: self.state(Feature::CoarseClock).usable(),
             lc_loop: self.state(Feature::SockOpsConn).usable()
                 && self.state(Feature::SkStorageRnat).usable(),
+            lc_bpf_loop: self.state(Feature::BpfLoop).usable(),
         }
     }
 
@@ -684,6 +698,7 @@ impl Prober for KernelProber {
                 ProgramType::SchedClassifier,
                 BpfHelper::BPF_FUNC_ktime_get_coarse_ns,
             )?),
+            Feature::BpfLoop => helper(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_loop),
             Feature::SkStorageRnat => Ok(map(MapType::SkStorage)?
                 && helper(
                     ProgramType::CgroupSockAddr,
@@ -751,7 +766,7 @@ mod tests {
         assert_eq!(c.socket_path, Ok(()));
         assert_eq!(c.tc_attach, TcAttach::Tcx);
         assert!(c.set_retval && c.csum_ipv6_flag && c.fib_redirect && c.xdp_link);
-        assert!(c.sk_storage_rnat && c.coarse_clock);
+        assert!(c.sk_storage_rnat && c.coarse_clock && c.lc_loop && c.lc_bpf_loop);
         assert!(p.report().iter().all(|f| f.consequence.is_empty()));
     }
 
@@ -817,6 +832,7 @@ mod tests {
         assert_eq!(c.tc_attach, TcAttach::Netlink);
         assert!(!c.set_retval && !c.csum_ipv6_flag && !c.fib_redirect && !c.xdp_link);
         assert!(!c.sk_storage_rnat && !c.conn_counts && !c.coarse_clock && !c.lc_loop);
+        assert!(!c.lc_bpf_loop);
     }
 
     #[test]
@@ -848,6 +864,19 @@ mod tests {
         // There is no lc without the counts, so no lc programs either.
         assert!(lc(""));
         assert!(!lc("sock_ops_conn") && !lc("sk_storage_rnat"));
+        // Without bpf_loop the lc programs are the bounded ones (svclb_lc4/6).
+        let looped = |off: &str| {
+            Probe::run(
+                &Fake {
+                    has: all(),
+                    errors: vec![],
+                },
+                &parse_forced(off).unwrap(),
+            )
+            .choices()
+            .lc_bpf_loop
+        };
+        assert!(looped("") && !looped("bpf_loop"));
         // The counts find a socket's backend in its reverse-NAT storage.
         assert!(!run("sk_storage_rnat"));
     }

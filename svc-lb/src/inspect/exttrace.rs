@@ -21,7 +21,7 @@ use svc_lb_common::{
     AffinityExtKey, AffinityKey, AffinityValue, BACKEND_FLAG_LOCAL, Backend, CT_DIR_FORWARD,
     CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, CTR_EXT_BACKEND_MISSING,
     CTR_EXT_DROP_NO_LOCAL, CTR_EXT_DROP_SRC_RANGE, CTR_EXT_MAGLEV_MISSING, CTR_EXT_NO_SNAT_ADDR,
-    CtKey, CtValue, ExtChoice, ExtConfig, ExtVia, FAMILY_V4, FAMILY_V6, MAGLEV_TABLE_MAX,
+    ConnKey, CtKey, CtValue, ExtChoice, ExtConfig, ExtVia, FAMILY_V4, FAMILY_V6, MAGLEV_TABLE_MAX,
     MAP_CONFIG, MAP_CT, MAP_NODE_ADDR, PROTO_TCP, PROTO_UDP, SCOPE_ALL, SCOPE_EXTERNAL,
     SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXT_LOCAL,
     SVC_FLAG_SRC_RANGES, Stickiness, SvcValue, choose_external, maglev::flow_hash,
@@ -96,6 +96,15 @@ impl TraceMaps for PinnedExtMaps {
     }
     fn src_range_allowed(&self, rev_nat_id: u32, src: IpAddr) -> Result<Option<bool>> {
         ExtTraceMaps::src_allowed(self, rev_nat_id, src).map(Some)
+    }
+    // lc/wlc: the same counts and lc programs as the socket path's maps (without these
+    // two, a node with the external path traced every lc choice at load 0 and as if
+    // the bounded lc programs were loaded).
+    fn open_conns(&self, key: &ConnKey) -> Result<Option<(u64, u64)>> {
+        TraceMaps::open_conns(&self.maps, key)
+    }
+    fn lc_exact_max(&self) -> u32 {
+        TraceMaps::lc_exact_max(&self.maps)
     }
 }
 

@@ -351,7 +351,9 @@ pub fn render_text(st: &Status, now_ms: u64) -> String {
                     "off" => "off (this kernel has no connection counts)".to_owned(),
                     "not_needed" => "not loaded (no lc/wlc frontend yet)".to_owned(),
                     "loading" => "loading (lc/wlc take two random choices meanwhile)".to_owned(),
-                    "loaded" => "loaded (svclb_lc4, svclb_lc6)".to_owned(),
+                    "loaded" => {
+                        "loaded (svclb_lcloop4/6 with bpf_loop, else svclb_lc4/6)".to_owned()
+                    }
                     "refused" => format!(
                         "REFUSED by the verifier, lc/wlc take two random choices: {}",
                         a.lc_error.as_deref().unwrap_or("no reason recorded")

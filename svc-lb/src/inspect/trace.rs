@@ -16,7 +16,7 @@ use svc_lb_common::{
     CTR_SOCK_SLOT_MISS, CTR_SOCK_SRC_RANGE, CTR_SOCK_SRC_UNBOUND, Choice, ConnKey, PROTO_TCP,
     PROTO_UDP, SCOPE_ALL, SVC_FLAG_AFFINITY, SVC_FLAG_SCHED_LC, SVC_FLAG_SCHED_RR,
     SVC_FLAG_SRC_RANGES, Stickiness, SvcValue, choose_backend,
-    lookup::{LC_SCAN_MAX, LcPick, LcVia, affinity_fresh, lc_overhead, lc_scan},
+    lookup::{LC_LOOP_MAX, LC_SCAN_MAX, LcPick, LcVia, affinity_fresh, lc_overhead, lc_scan},
 };
 
 use super::names;
@@ -67,6 +67,7 @@ impl TraceMaps for PinnedMaps {
     /// connect hooks take two random choices at any slot count.
     fn lc_exact_max(&self) -> u32 {
         match crate::datapath::lcdemand::lc_programs_loaded(self.bpffs()) {
+            Ok(found) if found.iter().any(|p| p.starts_with("svclb_lcloop")) => LC_LOOP_MAX,
             Ok(found) if !found.is_empty() => LC_SCAN_MAX,
             _ => 0,
         }
@@ -439,8 +440,9 @@ pub fn trace(maps: &dyn TraceMaps, req: &TraceRequest, random: u32) -> Result<Tr
     // lc/wlc: the scan the connect hook makes, over the same maps (`random` is its
     // tie-break seed); what it found is explained in the selection step.
     let lc_pick = std::cell::Cell::new(None);
+    let exact_max = maps.lc_exact_max();
     let least = |count: u32| {
-        let pick = lc_scan(count, random, maps.lc_exact_max(), &slot_backend, |id| {
+        let pick = lc_scan(count, random, exact_max, &slot_backend, |id| {
             let b = match maps.backend(id) {
                 Ok(b) => b?,
                 Err(e) => {
@@ -689,6 +691,7 @@ pub fn trace(maps: &dyn TraceMaps, req: &TraceRequest, random: u32) -> Result<Tr
                     slot,
                     backend_id,
                     lc_pick.get(),
+                    exact_max,
                 ));
             }
             steps.push(TraceStep {
@@ -718,6 +721,7 @@ pub fn trace(maps: &dyn TraceMaps, req: &TraceRequest, random: u32) -> Result<Tr
                     slot,
                     backend_id,
                     lc_pick.get(),
+                    exact_max,
                 ));
             }
             let c = candidate(slot, backend_id, Some(&backend));
@@ -942,26 +946,40 @@ pub(super) fn affinity_text(
     )
 }
 
+/// The lc programs whose bound is `exact_max` ([`TraceMaps::lc_exact_max`]).
+fn lc_programs(exact_max: u32) -> &'static str {
+    if exact_max == LC_LOOP_MAX {
+        "svclb_lcloop4/svclb_lcloop6"
+    } else {
+        "svclb_lc4/svclb_lc6"
+    }
+}
+
 fn selection_step(
     master: &SvcValue,
     random: u32,
     slot: u16,
     backend_id: u32,
     lc: Option<LcPick>,
+    exact_max: u32,
 ) -> TraceStep {
     if master.flags & SVC_FLAG_SCHED_LC != 0 {
         let (active, inactive) = lc.map_or((0, 0), |p| (p.load >> 8, p.load & 0xff));
         let how = match lc.map(|p| p.via) {
             Some(LcVia::TwoChoices { a, b }) => format!(
                 "{}: the lighter of two random slots, {a} and {b} (approximate: a backend is drawn in proportion to its weight, the load alone decides)",
-                if master.count > LC_SCAN_MAX {
-                    format!("more than {LC_SCAN_MAX} slots")
+                if exact_max > 0 && master.count > exact_max {
+                    format!(
+                        "more than {exact_max} slots, the most {} compares",
+                        lc_programs(exact_max)
+                    )
                 } else {
-                    "no lc program (svclb_lc4/svclb_lc6) loaded for these maps on this node: the agent loads them once a frontend is lc/wlc, and an older kernel's verifier may refuse them (see svc-lb status)".to_owned()
+                    "no lc program (svclb_lc4/svclb_lc6, or svclb_lcloop4/svclb_lcloop6 with bpf_loop) loaded for these maps on this node: the agent loads them once a frontend is lc/wlc, and an older kernel's verifier may refuse them (see svc-lb status)".to_owned()
                 }
             ),
             _ => format!(
-                "by the lc program (svclb_lc4/svclb_lc6, loaded on this node): every slot 1..={} compared: least load / weight, by cross-multiplication as IPVS does (exact); equal loads broken at random (this trace's seed {random})",
+                "by the lc program ({}, loaded on this node): every slot 1..={} compared: least load / weight, by cross-multiplication as IPVS does (exact); equal loads broken at random (this trace's seed {random})",
+                lc_programs(exact_max),
                 master.count
             ),
         };

@@ -29,6 +29,8 @@ pub const DEFAULT_WEIGHT: u16 = 1;
 /// scaled down to fit (and reported): slots are map entries, and at 10 000 Services an
 /// unbounded layout (65 535 × backends) would exhaust the service map.
 pub const MAX_WEIGHTED_SLOTS: usize = 4096;
+// The bpf_loop lc programs compare every slot a weighted layout can have.
+const _: () = assert!(svc_lb_common::lookup::LC_LOOP_MAX as usize >= MAX_WEIGHTED_SLOTS);
 
 /// How a frontend picks a backend for a new connection.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
