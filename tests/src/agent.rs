@@ -335,6 +335,15 @@ impl Agent {
             .any(|l| says_feature_unused(l, name))
     }
 
+    /// Whether this agent keeps no socket-path connection and traffic counts: they need
+    /// the sock_ops program (`sock_ops_conn`) and the sockets' reverse-NAT storage
+    /// (`sk_storage_rnat`), which a kernel may lack or a run may force off.
+    pub fn counts_off(&self) -> bool {
+        ["sock_ops_conn", "sk_storage_rnat"]
+            .iter()
+            .any(|f| forced_off(f) || self.feature_unused(f))
+    }
+
     /// The errno this agent's socket hooks refuse a Service without endpoints with:
     /// ECONNREFUSED, or EPERM without `bpf_set_retval` (kernels < 5.18, or forced off).
     pub fn refused_errno(&self) -> &'static str {

@@ -293,8 +293,8 @@ fn weight_zero_drains_new_connections_and_keeps_established_ones() {
 /// connection counts (fallback run) nothing links a draining backend to the frontend
 /// (the sock_ops program records the pairs): it is named by the text's footer instead,
 /// and the active ones show no counts.
-fn check_drained(lab: &Lab, vip: &str, want: &[(&str, &str, u64, u64)]) -> Result<()> {
-    let off = counts_off();
+fn check_drained(lab: &mut Lab, vip: &str, want: &[(&str, &str, u64, u64)]) -> Result<()> {
+    let off = lab.agent().counts_off();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let fe = loop {
         let fe = listed(lab, vip)?;
@@ -360,14 +360,6 @@ fn check_drained(lab: &Lab, vip: &str, want: &[(&str, &str, u64, u64)]) -> Resul
 }
 
 // ---- Active connection counts and lc/wlc ----
-
-/// Whether this run's agents keep connection counts: the sock_ops program needs its
-/// own feature and the sockets' reverse-NAT storage (CI forces both off in the
-/// fallback run).
-fn counts_off() -> bool {
-    svc_lb_tests::agent::forced_off("sock_ops_conn")
-        || svc_lb_tests::agent::forced_off("sk_storage_rnat")
-}
 
 /// (active, inactive) `list -o json` shows for each backend of the socket frontend at
 /// `vip`:80, by address; `None` where the fields are null (no counts on this node).
@@ -477,7 +469,7 @@ fn active_connections_follow_real_tcp_connections() {
         lab.write_manifest("conns.yaml", &yaml_docs(&docs))?;
         lab.start_agent()?;
 
-        if counts_off() {
+        if lab.agent().counts_off() {
             for vip in ["10.96.0.65", "fd00:96::65"] {
                 let all = open_conns(lab, vip)?;
                 ensure!(
@@ -568,7 +560,7 @@ fn lc_and_wlc_fill_the_lighter_backends_first() {
         lab.write_manifest("lc.yaml", &yaml_docs(&docs))?;
         lab.start_agent()?;
 
-        if counts_off() {
+        if lab.agent().counts_off() {
             for vip in ["10.96.0.66", "10.96.0.67"] {
                 let fe = listed(lab, vip)?;
                 ensure!(
@@ -711,7 +703,11 @@ fn lc_programs_load_on_demand_when_a_service_turns_lc() {
         let state = |agent: &svc_lb_tests::agent::Agent, s: &str| {
             scrape_one(agent, &format!("svclb_lc_programs{{state=\"{s}\"}}"))
         };
-        let idle = if counts_off() { "off" } else { "not_needed" };
+        let idle = if agent.counts_off() {
+            "off"
+        } else {
+            "not_needed"
+        };
         std::thread::sleep(Duration::from_secs(1));
         ensure!(
             loaded()?.is_empty(),
@@ -726,7 +722,7 @@ fn lc_programs_load_on_demand_when_a_service_turns_lc() {
         );
 
         let mut held = Vec::new();
-        if !counts_off() {
+        if !agent.counts_off() {
             for n in 1..=3 {
                 held.push(hold(lab, vip, 20)?);
                 wait_total(lab, vip, (n, 0))?;
@@ -736,7 +732,7 @@ fn lc_programs_load_on_demand_when_a_service_turns_lc() {
         let docs: Vec<Value> = service("ondemand", vip, &addrs, Some("lc"), &[]).into();
         lab.write_manifest("od.yaml", &yaml_docs(&docs))?;
         agent.wait_applied(before + 1, Duration::from_secs(10))?;
-        if counts_off() {
+        if agent.counts_off() {
             std::thread::sleep(Duration::from_secs(1));
             ensure!(
                 loaded()?.is_empty(),
@@ -955,7 +951,7 @@ fn lc_without_bpf_loop_is_exact_up_to_its_bound() {
             &["--force-feature-off", "bpf_loop"]
         };
         let agent = svc_lb_tests::metrics::start_agent(lab, "bounded", extra)?;
-        if counts_off() {
+        if agent.counts_off() {
             return check_lc_fallback(lab);
         }
         ensure!(
@@ -974,7 +970,7 @@ fn lc_with_bpf_loop_compares_every_slot() {
         lab.serve_all_tcp(8080, false)?;
         lc_services(lab)?;
         let agent = svc_lb_tests::metrics::start_agent(lab, "loop", &[])?;
-        if counts_off() {
+        if agent.counts_off() {
             return check_lc_fallback(lab);
         }
         check_lc_exact(lab, &agent)

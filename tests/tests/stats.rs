@@ -36,13 +36,6 @@ fn stats_lab(ids: &[&str], body: impl FnOnce(&mut Lab) -> Result<()>) {
     with_lab(env!("CARGO_BIN_EXE_svclb-harness"), ids, body);
 }
 
-/// Whether this run's agents keep traffic counts (the sock_ops program needs its own
-/// feature and the sockets' reverse-NAT storage; CI forces both off in the fallback run).
-fn counts_off() -> bool {
-    svc_lb_tests::agent::forced_off("sock_ops_conn")
-        || svc_lb_tests::agent::forced_off("sk_storage_rnat")
-}
-
 /// A Service `name` at `vip`:`port` → `target` over `proto` with endpoints `addrs`.
 fn service(
     name: &str,
@@ -296,7 +289,7 @@ fn stats_count_the_exact_bytes_of_real_connections() {
                 u(st, "connections")? == CONNS,
                 "{vip}: {CONNS} connections expected: {st}"
             );
-            if counts_off() {
+            if lab.agent().counts_off() {
                 for k in [
                     "closed_connections",
                     "packets_in",
@@ -382,7 +375,7 @@ fn stats_count_the_exact_bytes_of_real_connections() {
             text.contains("- on external and UDP entries"),
             "list --stats must say why UDP shows -:\n{text}"
         );
-        if counts_off() {
+        if lab.agent().counts_off() {
             ensure!(
                 text.contains("keeps no traffic counts"),
                 "list --stats must say why TCP shows -:\n{text}"
@@ -437,7 +430,7 @@ fn rate_follows_a_client_loop_and_falls_to_zero() {
             f(rate, "connections_per_second")? > 5.0,
             "CPS under a loop of ~100/s: {rate}"
         );
-        if counts_off() {
+        if lab.agent().counts_off() {
             ensure!(
                 rate["bytes_in_per_second"].is_null() && rate["packets_out_per_second"].is_null(),
                 "traffic rates without counts: {rate}"
@@ -473,7 +466,7 @@ fn rate_follows_a_client_loop_and_falls_to_zero() {
             f(rate, "connections_per_second")? == 0.0,
             "CPS after the loop: {rate}"
         );
-        if !counts_off() {
+        if !lab.agent().counts_off() {
             for k in ["packets_in_per_second", "bytes_out_per_second"] {
                 ensure!(f(rate, k)? == 0.0, "{k} after the loop: {rate}");
             }
