@@ -1037,12 +1037,6 @@ pub fn sync(
     let started = Instant::now();
     if full {
         crate::mem::log_usage("sync start");
-        let took = crate::mem::release_before_full_sync();
-        tracing::debug!(
-            took_us = took.as_micros() as u64,
-            "free heap returned before the sync"
-        );
-        crate::mem::log_usage("heap returned");
     }
     reported.source(snap);
     let mut touched = cache.update(snap, node);

@@ -26,19 +26,6 @@ pub fn release_after_sync(took: Duration) -> Option<Duration> {
     Some(start.elapsed())
 }
 
-/// Releases free heap pages before a full sync, returning how long that took. The
-/// sources' first load (tens of MB of JSON decoded into the objects they keep) leaves
-/// its garbage between those objects; the model and the plan then grow the heap, so
-/// pages that garbage still holds would count twice towards the sync's high-water
-/// mark. A full sync is seconds at the sizes where this matters; the walk is
-/// milliseconds (12.5 ms for the heap after a full sync at 100 000 Services × 10
-/// endpoints).
-pub fn release_before_full_sync() -> Duration {
-    let start = Instant::now();
-    release();
-    start.elapsed()
-}
-
 /// One malloc arena for the whole process, unless the operator chose otherwise with
 /// `MALLOC_ARENA_MAX`. glibc gives every thread that allocates concurrently its own
 /// arena (up to 8 per CPU), and each keeps its freed pages for later; the agent's
