@@ -171,10 +171,20 @@ fn plan_claim_keys(plan: &ServicePlan<'_>, node: &NodeInfo) -> Vec<ClaimKey> {
 /// over all Services. One outcome per input, in input order.
 pub(super) fn model_group(inputs: &[Input<'_>], node: &NodeInfo) -> Vec<Outcome> {
     let mut out: Vec<Outcome> = inputs.iter().map(|_| Outcome::default()).collect();
-    let slices: Vec<Vec<Slice<'_>>> = inputs
+    // Every slice is checked here, so that its errors come first and once; only the
+    // count of usable endpoints is kept. The parsed slices are made again, one Service
+    // at a time, where they are programmed: held for every Service at once they were
+    // the largest transient of a full rebuild (about 90 bytes per endpoint, some
+    // 100 MB at 100 000 Services x 10 endpoints).
+    let endpoint_counts: Vec<usize> = inputs
         .iter()
         .zip(&mut out)
-        .map(|(input, o)| parse_slices(input.slices, &mut o.errors))
+        .map(|(input, o)| {
+            parse_slices(input.slices, &mut o.errors, Log::Report)
+                .iter()
+                .map(|s| s.endpoints.len())
+                .sum()
+        })
         .collect();
 
     // Pass 1: validate every Service and claim its cluster-IP frontends.
@@ -226,7 +236,7 @@ pub(super) fn model_group(inputs: &[Input<'_>], node: &NodeInfo) -> Vec<Outcome>
         for key in plan.cluster_keys() {
             claims.insert(key, sref.clone());
         }
-        let endpoints = slices[i].iter().map(|s| s.endpoints.len()).sum();
+        let endpoints = endpoint_counts[i];
         if let Some(reason) = over_limit(&plan, endpoints, node) {
             errors.push(ModelError {
                 object,
@@ -320,7 +330,8 @@ pub(super) fn model_group(inputs: &[Input<'_>], node: &NodeInfo) -> Vec<Outcome>
     }
     let mut health_owners: BTreeMap<u16, &ServiceRef> = BTreeMap::new();
     for ((i, plan, sref, object), mine) in accepted.iter().zip(&frontends) {
-        let own_slices = &slices[*i];
+        // Checked and reported above: the same slices again, without their errors.
+        let own_slices = &parse_slices(inputs[*i].slices, &mut Vec::new(), Log::Quiet);
         let o = &mut out[*i];
         program(plan, mine, sref, own_slices, node, object, o);
         if let Some(port) = plan.health_check_node_port.filter(|_| node.external) {
@@ -628,7 +639,19 @@ struct Slice<'a> {
 
 /// Parses the slices of one Service, in slice-name order. Slices labelled headless are
 /// left out, as kube-proxy does.
-fn parse_slices<'a>(group: Option<&'a SliceGroup>, errors: &mut Vec<ModelError>) -> Vec<Slice<'a>> {
+/// Whether [`parse_slices`] logs what it ignores (at debug): once per slice, on the
+/// first of its two parses.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Log {
+    Report,
+    Quiet,
+}
+
+fn parse_slices<'a>(
+    group: Option<&'a SliceGroup>,
+    errors: &mut Vec<ModelError>,
+    log: Log,
+) -> Vec<Slice<'a>> {
     let mut out = Vec::new();
     for slice in group.into_iter().flat_map(SliceGroup::values) {
         if slice.headless {
@@ -638,7 +661,9 @@ fn parse_slices<'a>(group: Option<&'a SliceGroup>, errors: &mut Vec<ModelError>)
             AddressType::IPv4 => Family::V4,
             AddressType::IPv6 => Family::V6,
             AddressType::Fqdn => {
-                tracing::debug!(slice = %slice.object_ref(), "FQDN EndpointSlices cannot be load-balanced; ignored");
+                if log == Log::Report {
+                    tracing::debug!(slice = %slice.object_ref(), "FQDN EndpointSlices cannot be load-balanced; ignored");
+                }
                 continue;
             }
             AddressType::Other(other) => {
@@ -656,20 +681,26 @@ fn parse_slices<'a>(group: Option<&'a SliceGroup>, errors: &mut Vec<ModelError>)
         }
         out.push(Slice {
             family,
-            ports: slice_ports(slice, errors),
+            ports: slice_ports(slice, errors, log),
             endpoints: slice_endpoints(slice, family, errors),
         });
     }
     out
 }
 
-fn slice_ports<'a>(slice: &'a SliceObj, errors: &mut Vec<ModelError>) -> Vec<SlicePort<'a>> {
+fn slice_ports<'a>(
+    slice: &'a SliceObj,
+    errors: &mut Vec<ModelError>,
+    log: Log,
+) -> Vec<SlicePort<'a>> {
     let mut out = Vec::with_capacity(slice.ports.len());
     for (i, p) in slice.ports.iter().enumerate() {
         let pname = p.name.as_deref().unwrap_or_default();
         // A slice port without a number means "all ports", which no proxy can steer.
         let Some(number) = p.port else {
-            tracing::debug!(slice = %slice.object_ref(), port = pname, "EndpointSlice port has no number; ignored");
+            if log == Log::Report {
+                tracing::debug!(slice = %slice.object_ref(), port = pname, "EndpointSlice port has no number; ignored");
+            }
             continue;
         };
         let Some(port) = parse_port(number) else {

@@ -32,7 +32,8 @@ use crate::model::{LABEL_HEADLESS, LABEL_SERVICE_NAME};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SliceObj {
     pub name: Box<str>,
-    pub namespace: Box<str>,
+    /// Shared (see [`shared_name`]): a cluster has few namespaces.
+    pub namespace: Arc<str>,
     /// Kept: sources file the slice under this Service.
     pub service_name: Option<Box<str>>,
     /// Kept: the model ignores headless slices, as kube-proxy does.
@@ -87,9 +88,11 @@ impl std::fmt::Display for AddressType {
 /// validates them and reports bad ones; `appProtocol` is not read).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointPortObj {
-    pub name: Option<Box<str>>,
+    /// Shared (see [`shared_name`]), as `protocol`: a few values repeated in every
+    /// slice.
+    pub name: Option<Arc<str>>,
     pub port: Option<i32>,
-    pub protocol: Option<Box<str>>,
+    pub protocol: Option<Arc<str>>,
 }
 
 /// `endpoints[]` of an EndpointSlice. How to read each Kubernetes field:
@@ -155,8 +158,8 @@ impl From<EndpointSlice> for SliceObj {
             .and_then(|a| a.get(crate::model::sched::ANNOTATION_WEIGHTS))
             .map(|v| Box::new(crate::model::sched::parse_weights(v)));
         let namespace = match meta.namespace {
-            Some(ns) if !ns.is_empty() => ns.into_boxed_str(),
-            _ => "default".into(),
+            Some(ns) if !ns.is_empty() => shared_name(&ns),
+            _ => shared_name("default"),
         };
         SliceObj {
             name: meta.name.unwrap_or_default().into_boxed_str(),
@@ -184,9 +187,9 @@ impl From<EndpointSlice> for SliceObj {
 impl From<EndpointPort> for EndpointPortObj {
     fn from(p: EndpointPort) -> Self {
         Self {
-            name: p.name.map(String::into_boxed_str),
+            name: p.name.as_deref().map(shared_name),
             port: p.port,
-            protocol: p.protocol.map(String::into_boxed_str),
+            protocol: p.protocol.as_deref().map(shared_name),
         }
     }
 }
@@ -228,7 +231,10 @@ impl From<Endpoint> for EndpointObj {
 const SHARED_NAMES_KEPT: usize = 4096;
 
 thread_local! {
-    static SHARED_NAMES: std::cell::RefCell<std::collections::HashSet<Arc<str>>> =
+    // foldhash, not SipHash: a lookup per enumerated field of every object the scan
+    // decodes (about 2.4 million at 100 000 Services x 10 endpoints), and the keys are
+    // the cluster's own names, not chosen to collide by a client.
+    static SHARED_NAMES: std::cell::RefCell<foldhash::HashSet<Arc<str>>> =
         std::cell::RefCell::default();
 }
 
@@ -305,15 +311,20 @@ pub struct SvcObj {
 /// share an address; svc-lb proxies by EndpointSlices), `externalName`,
 /// `allocateLoadBalancerNodePorts`, `trafficDistribution`, `ports[].appProtocol`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+///
+/// The fields whose values come from a short list (`type`, the policies,
+/// `sessionAffinity`, `ipFamilies`, and the ports' `name` and `protocol`) are shared
+/// strings (see [`shared_name`]): every Service repeats them, and a string of its own
+/// each was a 32-byte heap chunk (about 25 MB at 100 000 Services).
 pub struct SvcSpec {
-    pub type_: Option<Box<str>>,
+    pub type_: Option<Arc<str>>,
     pub cluster_ip: Option<Box<str>>,
     pub cluster_ips: Box<[Box<str>]>,
     pub ports: Box<[SvcPortObj]>,
     pub external_ips: Box<[Box<str>]>,
-    pub internal_traffic_policy: Option<Box<str>>,
-    pub external_traffic_policy: Option<Box<str>>,
-    pub session_affinity: Option<Box<str>>,
+    pub internal_traffic_policy: Option<Arc<str>>,
+    pub external_traffic_policy: Option<Arc<str>>,
+    pub session_affinity: Option<Arc<str>>,
     /// `sessionAffinityConfig.clientIP.timeoutSeconds`.
     pub affinity_timeout_seconds: Option<i32>,
     pub load_balancer_source_ranges: Box<[Box<str>]>,
@@ -321,8 +332,8 @@ pub struct SvcSpec {
     pub publish_not_ready_addresses: Option<bool>,
     pub load_balancer_class: Option<Box<str>>,
     pub load_balancer_ip: Option<Box<str>>,
-    pub ip_families: Box<[Box<str>]>,
-    pub ip_family_policy: Option<Box<str>>,
+    pub ip_families: Box<[Arc<str>]>,
+    pub ip_family_policy: Option<Arc<str>>,
     /// `LoadBalancer` Services only, in key order.
     pub selector: Option<StrPairs>,
 }
@@ -330,9 +341,9 @@ pub struct SvcSpec {
 /// `spec.ports[]` of a Service.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SvcPortObj {
-    pub name: Option<Box<str>>,
+    pub name: Option<Arc<str>>,
     pub port: i32,
-    pub protocol: Option<Box<str>>,
+    pub protocol: Option<Arc<str>>,
     pub target_port: Option<IntOrString>,
     pub node_port: Option<i32>,
 }
@@ -394,6 +405,16 @@ pub(crate) fn pairs_of<K: AsRef<str>, V: AsRef<str>>(
     v.into_boxed_slice()
 }
 
+/// Like [`boxed_strs`], each value shared (see [`shared_name`]).
+pub(crate) fn shared_strs<S: AsRef<str>>(
+    v: Option<impl IntoIterator<Item = S>>,
+) -> Box<[Arc<str>]> {
+    v.into_iter()
+        .flatten()
+        .map(|s| shared_name(s.as_ref()))
+        .collect()
+}
+
 pub(crate) fn boxed_strs<S: AsRef<str>>(v: Option<impl IntoIterator<Item = S>>) -> Box<[Box<str>]> {
     v.into_iter().flatten().map(|s| s.as_ref().into()).collect()
 }
@@ -404,7 +425,7 @@ impl From<Service> for SvcObj {
         let spec = svc.spec.map(|spec| {
             let lb = spec.type_.as_deref() == Some("LoadBalancer");
             Box::new(SvcSpec {
-                type_: spec.type_.map(String::into_boxed_str),
+                type_: spec.type_.as_deref().map(shared_name),
                 cluster_ip: spec.cluster_ip.map(String::into_boxed_str),
                 cluster_ips: boxed_strs(spec.cluster_ips),
                 ports: spec
@@ -414,9 +435,9 @@ impl From<Service> for SvcObj {
                     .map(SvcPortObj::from)
                     .collect(),
                 external_ips: boxed_strs(spec.external_ips),
-                internal_traffic_policy: spec.internal_traffic_policy.map(String::into_boxed_str),
-                external_traffic_policy: spec.external_traffic_policy.map(String::into_boxed_str),
-                session_affinity: spec.session_affinity.map(String::into_boxed_str),
+                internal_traffic_policy: spec.internal_traffic_policy.as_deref().map(shared_name),
+                external_traffic_policy: spec.external_traffic_policy.as_deref().map(shared_name),
+                session_affinity: spec.session_affinity.as_deref().map(shared_name),
                 affinity_timeout_seconds: spec
                     .session_affinity_config
                     .and_then(|c| c.client_ip)
@@ -426,8 +447,8 @@ impl From<Service> for SvcObj {
                 publish_not_ready_addresses: spec.publish_not_ready_addresses,
                 load_balancer_class: spec.load_balancer_class.map(String::into_boxed_str),
                 load_balancer_ip: spec.load_balancer_ip.map(String::into_boxed_str),
-                ip_families: boxed_strs(spec.ip_families),
-                ip_family_policy: spec.ip_family_policy.map(String::into_boxed_str),
+                ip_families: shared_strs(spec.ip_families),
+                ip_family_policy: spec.ip_family_policy.as_deref().map(shared_name),
                 selector: spec.selector.filter(|_| lb).map(|s| pairs_of(s, |_| true)),
             })
         });
@@ -466,9 +487,9 @@ impl From<Service> for SvcObj {
 impl From<ServicePort> for SvcPortObj {
     fn from(p: ServicePort) -> Self {
         Self {
-            name: p.name.map(String::into_boxed_str),
+            name: p.name.as_deref().map(shared_name),
             port: p.port,
-            protocol: p.protocol.map(String::into_boxed_str),
+            protocol: p.protocol.as_deref().map(shared_name),
             target_port: p.target_port,
             node_port: p.node_port,
         }

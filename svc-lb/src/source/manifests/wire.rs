@@ -321,6 +321,11 @@ fn opt(v: &Option<Str<'_>>) -> Option<Box<str>> {
     v.as_ref().map(Str::boxed)
 }
 
+/// One of a few values every object repeats, shared (see [`shared_name`]).
+fn shared(v: &Option<Str<'_>>) -> Option<std::sync::Arc<str>> {
+    v.as_ref().map(|s| shared_name(&s.0))
+}
+
 impl ServiceWire<'_> {
     /// The Service as the sources keep it; the same object as converting the
     /// k8s-openapi `Service` of the same text (see [`SvcObj`]).
@@ -337,7 +342,7 @@ fn svc_obj<L, A>(
     let spec = spec.map(|spec| {
         let lb = spec.type_.as_ref().is_some_and(|t| t.0 == "LoadBalancer");
         Box::new(SvcSpec {
-            type_: opt(&spec.type_),
+            type_: shared(&spec.type_),
             cluster_ip: opt(&spec.cluster_ip),
             cluster_ips: strs(&spec.cluster_ips),
             ports: spec
@@ -345,17 +350,17 @@ fn svc_obj<L, A>(
                 .iter()
                 .flatten()
                 .map(|p| SvcPortObj {
-                    name: opt(&p.name),
+                    name: shared(&p.name),
                     port: p.port,
-                    protocol: opt(&p.protocol),
+                    protocol: shared(&p.protocol),
                     target_port: p.target_port.clone(),
                     node_port: p.node_port,
                 })
                 .collect(),
             external_ips: strs(&spec.external_ips),
-            internal_traffic_policy: opt(&spec.internal_traffic_policy),
-            external_traffic_policy: opt(&spec.external_traffic_policy),
-            session_affinity: opt(&spec.session_affinity),
+            internal_traffic_policy: shared(&spec.internal_traffic_policy),
+            external_traffic_policy: shared(&spec.external_traffic_policy),
+            session_affinity: shared(&spec.session_affinity),
             affinity_timeout_seconds: spec
                 .session_affinity_config
                 .as_ref()
@@ -366,8 +371,13 @@ fn svc_obj<L, A>(
             publish_not_ready_addresses: spec.publish_not_ready_addresses,
             load_balancer_class: opt(&spec.load_balancer_class),
             load_balancer_ip: opt(&spec.load_balancer_ip),
-            ip_families: strs(&spec.ip_families),
-            ip_family_policy: opt(&spec.ip_family_policy),
+            ip_families: spec
+                .ip_families
+                .iter()
+                .flatten()
+                .map(|s| shared_name(&s.0))
+                .collect(),
+            ip_family_policy: shared(&spec.ip_family_policy),
             selector: spec
                 .selector
                 .as_ref()
@@ -492,7 +502,7 @@ fn slice_obj<L, A>(
     };
     SliceObj {
         name: meta.name().into(),
-        namespace: meta.namespace().into(),
+        namespace: shared_name(meta.namespace()),
         service_name: labels
             .and_then(|l| l.get(LABEL_SERVICE_NAME))
             .map(Into::into),
@@ -502,9 +512,9 @@ fn slice_obj<L, A>(
             .iter()
             .flatten()
             .map(|p| EndpointPortObj {
-                name: opt(&p.name),
+                name: shared(&p.name),
                 port: p.port,
-                protocol: opt(&p.protocol),
+                protocol: shared(&p.protocol),
             })
             .collect(),
         endpoints: endpoints
