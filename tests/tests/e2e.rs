@@ -880,7 +880,7 @@ fn endpoint_conditions_choose_the_backends() {
     });
 }
 
-/// `(LB_CT_V1, LB_AFFEXT_V1)` sizes of the pinned maps.
+/// `(LB_CT_V2, LB_AFFEXT_V1)` sizes of the pinned maps.
 fn ext_lru_sizes(bpffs: &Path) -> Result<(u32, u32)> {
     Ok((
         pinned_max_entries(bpffs, svc_lb_common::MAP_CT)?,
@@ -920,7 +920,7 @@ fn stop_agent(agent: Option<svc_lb_tests::agent::Agent>) -> Result<()> {
 /// The pinned conntrack map, as the tc programs write it.
 fn pinned_ct(
     bpffs: &Path,
-) -> Result<aya::maps::HashMap<aya::maps::MapData, svc_lb_common::CtKey, svc_lb_common::CtValue>> {
+) -> Result<aya::maps::HashMap<aya::maps::MapData, svc_lb_common::CtKey, svc_lb_common::CtEntry>> {
     let data = aya::maps::MapData::from_pin(bpffs.join(svc_lb_common::MAP_CT))
         .context("open the pinned conntrack map")?;
     aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data))
@@ -1057,7 +1057,7 @@ fn conntrack_map_is_sized_at_start_and_a_busy_pin_keeps_its_flows() {
         pinned_ct(lab.bpffs())?
             .insert(
                 key,
-                <svc_lb_common::CtValue as bytemuck::Zeroable>::zeroed(),
+                <svc_lb_common::CtEntry as bytemuck::Zeroable>::zeroed(),
                 0,
             )
             .context("insert a conntrack entry")?;
