@@ -37,9 +37,16 @@ pub const MAP_AFFINITY: &str = "LB_AFFINITY_V1";
 pub const MAP_AFF_MATCH: &str = "LB_AFFMATCH_V1";
 
 // ---- External path (tc / XDP on the node's devices) ----
-/// BPF conntrack of the external path: [`CtKey`] → [`CtValue`], LRU, written by the tc
-/// and XDP programs, listed by `svc-lb conntrack`.
-pub const MAP_CT: &str = "LB_CT_V1";
+/// BPF conntrack of the external path: [`CtKey`] → [`CtEntry`], LRU, written by the tc
+/// and XDP programs, listed by `svc-lb conntrack`. V2: each entry carries the packets
+/// and bytes of its direction (issue 15, `list --stats`).
+pub const MAP_CT: &str = "LB_CT_V2";
+/// The conntrack map of earlier versions ([`CtKey`] → [`CtValue`], no counters). When
+/// its pin exists at start the agent copies its entries into [`MAP_CT`] before the new
+/// tc/XDP programs replace the old ones, copies again what the old programs added
+/// meanwhile, then removes the pin (`datapath::ctmigrate`): no flow loses its backend
+/// or its SNAT translation across the upgrade.
+pub const MAP_CT_V1: &str = "LB_CT_V1";
 /// Maglev lookup tables: rev-NAT id of an external frontend → [`MaglevTable`]. Written
 /// by the agent before the frontend's master entry points at it.
 pub const MAP_MAGLEV: &str = "LB_MAGLEV_V1";
@@ -640,6 +647,21 @@ pub struct CtValue {
 }
 const _: () = assert!(core::mem::size_of::<CtValue>() == 56);
 
+/// Value of [`MAP_CT`]: the [`CtValue`] (first, so a pointer to the entry is one to its
+/// value) and the traffic of the entry's direction: the forward entry counts the
+/// client's packets (IPVS "in"), the reply entry the backend's ("out"). Bytes are the
+/// IP packet's length (header included, as IPVS counts). Plain adds, not atomic ones: a
+/// direction of a flow arrives on one receive queue, so one CPU at a time writes an
+/// entry's counters (a rare concurrent packet may lose one count).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct CtEntry {
+    pub ct: CtValue,
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 72);
+
 pub const CT_FLAG_SNAT: u8 = 1 << 0;
 /// A FIN or RST was seen: the entry now lives only `CT_TCP_CLOSE_TIMEOUT_S`.
 pub const CT_FLAG_CLOSING: u8 = 1 << 1;
@@ -1129,6 +1151,7 @@ mod user {
     unsafe impl aya::Pod for AffinityMatchKey {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for MaglevTable {}
     unsafe impl aya::Pod for AffinityExtKey {}
     unsafe impl aya::Pod for SrcRange4Key {}

@@ -2,7 +2,7 @@
 //! backend choice (svc-lb-common's `choose_external`, which `svc-lb trace` also runs),
 //! DNAT/SNAT, reverse NAT of replies, and the reject.
 //!
-//! A flow has two conntrack entries (`LB_CT_V1`):
+//! A flow has two conntrack entries (`LB_CT_V2`):
 //! - forward, keyed by the client's packet (client → frontend): backend and SNAT source;
 //! - reply, keyed by the backend's answer as it reaches this node: backend → client
 //!   (local backend, translated at tc egress) or backend → node SNAT address:port
@@ -13,6 +13,10 @@
 //! the handshake completes (`CT_FLAG_ESTABLISHED`); a TCP FIN or RST shortens it to
 //! `CT_TCP_CLOSE_TIMEOUT_S` (`CT_FLAG_CLOSING`). An expired entry is ignored, so the next
 //! packet starts a new flow, and its SNAT port can be claimed by another.
+//!
+//! Each entry counts the packets and bytes of its direction (`CtEntry`, issue 15): the
+//! forward entry the client's packets, the reply entry the backend's. Only the packet
+//! the entry translates counts; the other entry of the flow is only kept alive.
 // Keys and values in the per-CPU scratch map are passed by reference on purpose: by
 // value they would be copied onto the 512-byte stack, which is what the scratch avoids.
 #![allow(clippy::needless_borrows_for_generic_args)]
@@ -26,8 +30,8 @@ use svc_lb_common::{
     CTR_EXT_CT_CLOSING, CTR_EXT_CT_HIT, CTR_EXT_CT_UPDATE_FAIL, CTR_EXT_FORWARDED,
     CTR_EXT_MAGLEV_MISSING, CTR_EXT_NO_SNAT_ADDR, CTR_EXT_REJECT_FAILED,
     CTR_EXT_REJECT_RATE_LIMITED, CTR_EXT_REPLY_XLATED, CTR_EXT_REWRITE_FAIL,
-    CTR_EXT_SNAT_PORT_EXHAUSTED, CTR_EXT_XDP_REJECT_TO_TC, CtKey, CtValue, ExtChoice, ExtVia,
-    FAMILY_V4, MAGLEV_TABLE_MAX, NodeAddrKey, PROTO_TCP, SCOPE_ALL, SCOPE_EXTERNAL,
+    CTR_EXT_SNAT_PORT_EXHAUSTED, CTR_EXT_XDP_REJECT_TO_TC, CtEntry, CtKey, CtValue, ExtChoice,
+    ExtVia, FAMILY_V4, MAGLEV_TABLE_MAX, NodeAddrKey, PROTO_TCP, SCOPE_ALL, SCOPE_EXTERNAL,
     SNAT_PORT_TRIES, SVC_FLAG_EXT_LOCAL, SrcRange4Key, SrcRange6Key, Stickiness, Svc4Key, Svc6Key,
     SvcValue, choose_external, lookup::snat_port, maglev::flow_hash,
 };
@@ -35,11 +39,11 @@ use svc_lb_common::{
 use crate::{
     compat,
     maps::{
-        LB_AFFEXT_V1, LB_AFFMATCH_V1, LB_BACKENDS_V1, LB_CONFIG_V1, LB_CT_V1, LB_MAGLEV_V1,
+        LB_AFFEXT_V1, LB_AFFMATCH_V1, LB_BACKENDS_V1, LB_CONFIG_V1, LB_CT_V2, LB_MAGLEV_V1,
         LB_NODEADDR_V1, LB_SCRATCH, LB_SRCRNG4_V1, LB_SRCRNG6_V1, LB_SVC4_V1, LB_SVC6_V1,
     },
     nat::{Rewrite, rewrite},
-    parse::{Flow, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{ETH_HLEN, Flow, TCP_FIN, TCP_RST, TCP_SYN},
     pkt::Pkt,
     reject,
     sock::{count, count_conn},
@@ -131,6 +135,35 @@ fn refresh(v: *mut CtValue, f: &Flow, now: u64, extra_flags: u8) {
     }
 }
 
+/// The conntrack value of an entry (its first field).
+#[inline(always)]
+fn val(e: *mut CtEntry) -> *mut CtValue {
+    e.cast()
+}
+
+/// The packet's IP length (header included): what an entry's `bytes` counts. 0 when
+/// the length field cannot be read (the parser already read past it, so never).
+#[inline(always)]
+fn ip_len<C: Pkt>(c: &C, f: &Flow) -> u64 {
+    if f.family == FAMILY_V4 {
+        c.load::<u16>(ETH_HLEN + 2)
+            .map_or(0, |l| u64::from(u16::from_be(l)))
+    } else {
+        // IPv6 payload length, without the fixed header.
+        c.load::<u16>(ETH_HLEN + 4)
+            .map_or(0, |l| u64::from(u16::from_be(l)) + 40)
+    }
+}
+
+/// Counts one packet of `len` bytes in entry `e` (see `CtEntry` for why plain adds).
+#[inline(always)]
+fn account(e: *mut CtEntry, len: u64) {
+    unsafe {
+        (*e).packets += 1;
+        (*e).bytes += len;
+    }
+}
+
 #[inline(always)]
 fn apply<C: Pkt>(c: &C, f: &Flow, to: &Rewrite, snat: bool) -> Verdict {
     if !rewrite(c, f, to) {
@@ -155,7 +188,8 @@ fn apply<C: Pkt>(c: &C, f: &Flow, to: &Rewrite, snat: bool) -> Verdict {
 /// frame.
 #[inline(never)]
 pub fn reply<C: Pkt>(c: &C, f: &Flow, snat: bool) -> Option<Verdict> {
-    let v = LB_CT_V1.get_ptr_mut(ct_key(f, CT_DIR_REPLY))?;
+    let e = LB_CT_V2.get_ptr_mut(ct_key(f, CT_DIR_REPLY))?;
+    let v = val(e);
     let now = compat::ext_now_ns();
     let (expires, flags, nat_addr, nat_port, client_addr, client_port) = unsafe {
         (
@@ -171,6 +205,7 @@ pub fn reply<C: Pkt>(c: &C, f: &Flow, snat: bool) -> Option<Verdict> {
         return None;
     }
     refresh(v, f, now, CT_FLAG_SEEN_REPLY);
+    account(e, ip_len(c, f));
     // Keep the forward entry alive while the backend answers (a server-push flow).
     if let Some(s) = LB_SCRATCH.get_ptr_mut(0) {
         // SAFETY: per-CPU scratch, only this program run uses it.
@@ -185,8 +220,8 @@ pub fn reply<C: Pkt>(c: &C, f: &Flow, snat: bool) -> Option<Verdict> {
             dir: CT_DIR_FORWARD,
             _pad: 0,
         };
-        if let Some(fwd) = LB_CT_V1.get_ptr_mut(&s.fkey) {
-            refresh(fwd, f, now, CT_FLAG_SEEN_REPLY);
+        if let Some(fwd) = LB_CT_V2.get_ptr_mut(&s.fkey) {
+            refresh(val(fwd), f, now, CT_FLAG_SEEN_REPLY);
         }
     }
     let to = if snat {
@@ -249,7 +284,8 @@ pub fn forward_on<C: Pkt>(c: &C, f: &Flow, path: Path) -> Verdict {
 /// elsewhere. The agent deletes the entry once the endpoint stops serving.
 #[inline(never)]
 fn established<C: Pkt>(c: &C, f: &Flow, now: u64) -> Option<Verdict> {
-    if let Some(v) = LB_CT_V1.get_ptr_mut(ct_key(f, CT_DIR_FORWARD)) {
+    if let Some(fe) = LB_CT_V2.get_ptr_mut(ct_key(f, CT_DIR_FORWARD)) {
+        let v = val(fe);
         let e = unsafe { *v };
         if e.expires_ns > now {
             let Some(s) = LB_SCRATCH.get_ptr_mut(0) else {
@@ -284,13 +320,16 @@ fn established<C: Pkt>(c: &C, f: &Flow, now: u64) -> Option<Verdict> {
             if same {
                 count(CTR_EXT_CT_HIT);
                 refresh(v, f, now, 0);
+                account(fe, ip_len(c, f));
                 // Keep the reply entry alive as long as the client sends (a one-way
                 // flow's late answer must still be translated), and bring it back if
                 // the LRU evicted it.
-                match LB_CT_V1.get_ptr_mut(&s.rkey) {
-                    Some(r) => refresh(r, f, now, 0),
+                match LB_CT_V2.get_ptr_mut(&s.rkey) {
+                    Some(r) => refresh(val(r), f, now, 0),
                     None => {
-                        s.rval = CtValue {
+                        s.rval.packets = 0;
+                        s.rval.bytes = 0;
+                        s.rval.ct = CtValue {
                             expires_ns: unsafe { (*v).expires_ns },
                             backend_id: e.backend_id,
                             rev_nat_id: e.rev_nat_id,
@@ -308,7 +347,7 @@ fn established<C: Pkt>(c: &C, f: &Flow, now: u64) -> Option<Verdict> {
                                     | CT_FLAG_ESTABLISHED),
                             _pad: [0; 3],
                         };
-                        if LB_CT_V1.insert(&s.rkey, &s.rval, 0).is_err() {
+                        if LB_CT_V2.insert(&s.rkey, &s.rval, 0).is_err() {
                             count(CTR_EXT_CT_UPDATE_FAIL);
                         }
                     }
@@ -333,7 +372,7 @@ fn established<C: Pkt>(c: &C, f: &Flow, now: u64) -> Option<Verdict> {
             // retransmission simply connects). Sending a RST from here would need a
             // second packet or a rebuilt one, for the same outcome.
             count(CTR_EXT_BACKEND_GONE);
-            let _ = LB_CT_V1.remove(&s.rkey);
+            let _ = LB_CT_V2.remove(&s.rkey);
         }
     }
     None
@@ -705,7 +744,12 @@ fn establish<C: Pkt>(c: &C, f: &Flow, nf: &NewFlow) -> Verdict {
     // SAFETY: per-CPU scratch, only this program run uses it.
     let s = unsafe { &mut *s };
     s.fkey = ct_key(f, CT_DIR_FORWARD);
-    s.fval = CtValue {
+    // The forward entry counts this first packet; the reply entry starts at 0.
+    s.fval.packets = 1;
+    s.fval.bytes = ip_len(c, f);
+    s.rval.packets = 0;
+    s.rval.bytes = 0;
+    s.fval.ct = CtValue {
         expires_ns,
         backend_id,
         rev_nat_id,
@@ -718,7 +762,7 @@ fn establish<C: Pkt>(c: &C, f: &Flow, nf: &NewFlow) -> Verdict {
     };
     // The reply restores the frontend the client used (for a NodePort, the node address
     // it sent to, not the unspecified address of the entry).
-    s.rval = CtValue {
+    s.rval.ct = CtValue {
         expires_ns,
         backend_id,
         rev_nat_id,
@@ -740,7 +784,7 @@ fn establish<C: Pkt>(c: &C, f: &Flow, nf: &NewFlow) -> Verdict {
         _pad: 0,
     };
     let (saddr, sport) = if local {
-        if LB_CT_V1.insert(&s.rkey, &s.rval, 0).is_err() {
+        if LB_CT_V2.insert(&s.rkey, &s.rval, 0).is_err() {
             count(CTR_EXT_CT_UPDATE_FAIL);
             return Verdict::Drop;
         }
@@ -751,9 +795,9 @@ fn establish<C: Pkt>(c: &C, f: &Flow, nf: &NewFlow) -> Verdict {
             return Verdict::Drop;
         }
         s.rkey.daddr_be = snat_addr;
-        s.rval.snat_addr_be = f.saddr;
-        s.rval.snat_port_be = f.sport;
-        s.rval.flags = CT_FLAG_SNAT;
+        s.rval.ct.snat_addr_be = f.saddr;
+        s.rval.ct.snat_port_be = f.sport;
+        s.rval.ct.flags = CT_FLAG_SNAT;
         // Vary the pseudo-random ports between flows of the same hash (a retry after a
         // collision must not test the same ports again).
         let seed = hash ^ unsafe { bpf_get_prandom_u32() };
@@ -773,13 +817,13 @@ fn establish<C: Pkt>(c: &C, f: &Flow, nf: &NewFlow) -> Verdict {
             count(CTR_EXT_SNAT_PORT_EXHAUSTED);
             return Verdict::Drop;
         }
-        s.fval.flags = CT_FLAG_SNAT;
-        s.fval.snat_addr_be = snat_addr;
-        s.fval.snat_port_be = port;
+        s.fval.ct.flags = CT_FLAG_SNAT;
+        s.fval.ct.snat_addr_be = snat_addr;
+        s.fval.ct.snat_port_be = port;
         (snat_addr, port)
     };
-    if LB_CT_V1.insert(&s.fkey, &s.fval, 0).is_err() {
-        let _ = LB_CT_V1.remove(&s.rkey);
+    if LB_CT_V2.insert(&s.fkey, &s.fval, 0).is_err() {
+        let _ = LB_CT_V2.remove(&s.rkey);
         count(CTR_EXT_CT_UPDATE_FAIL);
         return Verdict::Drop;
     }
@@ -800,12 +844,12 @@ fn establish<C: Pkt>(c: &C, f: &Flow, nf: &NewFlow) -> Verdict {
 
 /// Claims a SNAT reply key: free, or held by an expired flow.
 #[inline(always)]
-fn claim(rkey: &CtKey, rval: &CtValue, now: u64) -> bool {
-    if LB_CT_V1.insert(rkey, rval, u64::from(BPF_NOEXIST)).is_ok() {
+fn claim(rkey: &CtKey, rval: &CtEntry, now: u64) -> bool {
+    if LB_CT_V2.insert(rkey, rval, u64::from(BPF_NOEXIST)).is_ok() {
         return true;
     }
-    match LB_CT_V1.get_ptr(rkey) {
-        Some(v) if unsafe { (*v).expires_ns } > now => false,
-        _ => LB_CT_V1.insert(rkey, rval, 0).is_ok(),
+    match LB_CT_V2.get_ptr(rkey) {
+        Some(v) if unsafe { (*v).ct.expires_ns } > now => false,
+        _ => LB_CT_V2.insert(rkey, rval, 0).is_ok(),
     }
 }

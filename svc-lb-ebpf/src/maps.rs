@@ -10,7 +10,7 @@ use aya_ebpf::{
 use svc_lb_common::{
     AFF_MATCH_MAP_MAX, AFFINITY_EXT_MAP_MAX, AFFINITY_MAP_MAX, AffinityExtKey, AffinityKey,
     AffinityMatchKey, AffinityValue, BACKEND_MAP_MAX, BE_STATS_MAP_MAX, Backend, CONNS_MAP_MAX,
-    COUNTERS_MAX, CT_MAP_MAX, ConnCount, ConnKey, CtKey, CtValue, ExtConfig, FE_STATS_MAP_MAX,
+    COUNTERS_MAX, CT_MAP_MAX, ConnCount, ConnKey, CtEntry, CtKey, ExtConfig, FE_STATS_MAP_MAX,
     MAGLEV_MAP_MAX, MaglevTable, NODE_ADDR_MAP_MAX, NodeAddrKey, REVNAT_MAP_MAX, RejectBucket,
     RevNat, SOCK_RNAT_MAP_MAX, SRC_RANGE_MAP_MAX, SVC_MAP_MAX, SVC_META_MAP_MAX, SockRevNat4Key,
     SockRevNat4Value, SockRevNat6Key, SockRevNat6Value, SockRevNatStore, SockRevNatStoreV1,
@@ -118,9 +118,10 @@ pub static LB_AFFMATCH_V1: HashMap<
 // ---- External path (tc / XDP) ----
 
 /// Conntrack of external flows (forward and reply entries, see `CtKey`). LRU: when
-/// full, the least recently used flow is forgotten.
+/// full, the least recently used flow is forgotten. Each entry counts its direction's
+/// packets and bytes (`CtEntry`).
 #[btf_map]
-pub static LB_CT_V1: LruHashMap<CtKey, CtValue, { CT_MAP_MAX as usize }> = LruHashMap::new();
+pub static LB_CT_V2: LruHashMap<CtKey, CtEntry, { CT_MAP_MAX as usize }> = LruHashMap::new();
 
 /// Maglev tables by rev-NAT id, written by the agent. Only ever read through a map value
 /// pointer: a 64 KiB value never touches the stack.
@@ -192,9 +193,9 @@ pub struct Scratch {
     pub orig: [u8; 128],
     /// Conntrack entries of a new flow.
     pub fkey: CtKey,
-    pub fval: CtValue,
+    pub fval: CtEntry,
     pub rkey: CtKey,
-    pub rval: CtValue,
+    pub rval: CtEntry,
 }
 
 /// `lc`/`wlc`: the exact scan's running state (the best run so far, the run being

@@ -655,6 +655,16 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             // The per-packet path for pods first: with `host` scope, once the socket
             // programs leave pods alone, the pod devices already translate (a device
             // that fails is retried on the next link event; the rest serve).
+            // Conntrack of an earlier version: its flows must be in the new map before
+            // the new tc/XDP programs replace the old ones (see `ctmigrate`).
+            let now = crate::inspect::trace::monotonic_ns();
+            match crate::datapath::ctmigrate::copy(&cfg.bpffs, now) {
+                Ok(Some(n)) => info!(copied = n, "conntrack: flows of the earlier version copied"),
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "conntrack: could not copy the earlier version's flows")
+                }
+            }
             let exclude = ext.devices.clone().unwrap_or_default();
             pods.reconcile(&cfg.bpffs, &exclude, |d| {
                 dp.attach_pod_devices(&cfg.bpffs, &[d.to_owned()], choices.tc_attach)
@@ -682,6 +692,12 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                     crate::datapath::links::detach_devices(&cfg.bpffs, &devs);
                     ext.fail(e.context("external path: attach the tc/XDP programs"));
                 }
+            }
+            if let Err(e) = crate::datapath::ctmigrate::finish(
+                &cfg.bpffs,
+                crate::inspect::trace::monotonic_ns(),
+            ) {
+                warn!(error = %format!("{e:#}"), "conntrack: could not finish the upgrade of the earlier version's flows");
             }
             attached = true;
             crate::status::update(|st| st.attached = true);

@@ -19,7 +19,7 @@ use aya::{
     programs::{SchedClassifier, Xdp},
 };
 use svc_lb_common::{
-    AffinityExtKey, AffinityMatchKey, AffinityValue, Backend, CtKey, CtValue, ExtConfig,
+    AffinityExtKey, AffinityMatchKey, AffinityValue, Backend, CtEntry, CtKey, CtValue, ExtConfig,
     MAGLEV_TABLE_MAX, MaglevTable, NodeAddrKey, RevNat, SrcRange4Key, SrcRange6Key, Svc4Key,
     Svc6Key, SvcValue,
 };
@@ -600,22 +600,36 @@ impl Datapath {
     }
 
     pub fn ct(&mut self) -> Result<Vec<(CtKey, CtValue)>> {
-        let m: HashMap<&mut MapData, CtKey, CtValue> =
+        Ok(self
+            .ct_entries()?
+            .into_iter()
+            .map(|(k, e)| (k, e.ct))
+            .collect())
+    }
+
+    /// The conntrack entries with their traffic counters.
+    pub fn ct_entries(&mut self) -> Result<Vec<(CtKey, CtEntry)>> {
+        let m: HashMap<&mut MapData, CtKey, CtEntry> =
             HashMap::try_from(map(&mut self.ebpf, svc_lb_common::MAP_CT)?)?;
         Ok(m.iter().collect::<Result<Vec<_>, _>>()?)
     }
 
     pub fn ct_remove(&mut self, key: &CtKey) -> Result<()> {
-        let mut m: HashMap<&mut MapData, CtKey, CtValue> =
+        let mut m: HashMap<&mut MapData, CtKey, CtEntry> =
             HashMap::try_from(map(&mut self.ebpf, svc_lb_common::MAP_CT)?)?;
         m.remove(key)?;
         Ok(())
     }
 
     pub fn ct_insert(&mut self, key: CtKey, value: CtValue) -> Result<()> {
-        let mut m: HashMap<&mut MapData, CtKey, CtValue> =
+        let mut m: HashMap<&mut MapData, CtKey, CtEntry> =
             HashMap::try_from(map(&mut self.ebpf, svc_lb_common::MAP_CT)?)?;
-        m.insert(key, value, 0)?;
+        let entry = CtEntry {
+            ct: value,
+            packets: 0,
+            bytes: 0,
+        };
+        m.insert(key, entry, 0)?;
         Ok(())
     }
 

@@ -880,7 +880,7 @@ fn endpoint_conditions_choose_the_backends() {
     });
 }
 
-/// `(LB_CT_V1, LB_AFFEXT_V1)` sizes of the pinned maps.
+/// `(LB_CT_V2, LB_AFFEXT_V1)` sizes of the pinned maps.
 fn ext_lru_sizes(bpffs: &Path) -> Result<(u32, u32)> {
     Ok((
         pinned_max_entries(bpffs, svc_lb_common::MAP_CT)?,
@@ -920,7 +920,7 @@ fn stop_agent(agent: Option<svc_lb_tests::agent::Agent>) -> Result<()> {
 /// The pinned conntrack map, as the tc programs write it.
 fn pinned_ct(
     bpffs: &Path,
-) -> Result<aya::maps::HashMap<aya::maps::MapData, svc_lb_common::CtKey, svc_lb_common::CtValue>> {
+) -> Result<aya::maps::HashMap<aya::maps::MapData, svc_lb_common::CtKey, svc_lb_common::CtEntry>> {
     let data = aya::maps::MapData::from_pin(bpffs.join(svc_lb_common::MAP_CT))
         .context("open the pinned conntrack map")?;
     aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data))
@@ -1057,7 +1057,7 @@ fn conntrack_map_is_sized_at_start_and_a_busy_pin_keeps_its_flows() {
         pinned_ct(lab.bpffs())?
             .insert(
                 key,
-                <svc_lb_common::CtValue as bytemuck::Zeroable>::zeroed(),
+                <svc_lb_common::CtEntry as bytemuck::Zeroable>::zeroed(),
                 0,
             )
             .context("insert a conntrack entry")?;
@@ -1094,4 +1094,94 @@ fn conntrack_map_is_sized_at_start_and_a_busy_pin_keeps_its_flows() {
         check_traffic(lab, "off after cleanup")?;
         Ok(())
     });
+}
+
+/// An upgrade from the conntrack of earlier versions (`LB_CT_V1`, no counters): the
+/// agent copies its live entries into `LB_CT_V2` (counters from 0) before its tc
+/// programs take over, leaves the expired ones, and removes the old pin; traffic still
+/// flows. The old map is made here with bpftool as an earlier agent pinned it.
+#[test]
+fn conntrack_v1_flows_are_copied_into_v2_at_start() {
+    e2e(&["a"], |lab| {
+        lab.serve_all_tcp(8080, false)?;
+        let addrs = lab.topo.addrs(false);
+        lab.write_manifest(
+            "web.yaml",
+            &tcp_service(NS, "web", "10.96.0.61", 80, 8080, &addrs),
+        )?;
+        let base = lab.start_agent()?.config().clone();
+        stop_agent(lab.take_agent())?;
+        let cg = lab.cgroup().to_str().context("cgroup path")?.to_owned();
+        let out = lab.svc_lb(&["cleanup", "--cgroup", &cg])?;
+        ensure!(out.status.success(), "cleanup: {out:?}");
+        std::fs::create_dir_all(lab.bpffs())?;
+
+        let old = lab.bpffs().join(svc_lb_common::MAP_CT_V1);
+        let old_s = old.to_str().context("pin path")?;
+        cmd::run(
+            "bpftool",
+            [
+                "map", "create", old_s, "type", "lru_hash", "key", "40", "value", "56", "entries",
+                "1024", "name", "LB_CT_V1",
+            ],
+        )?;
+        let mut v1: aya::maps::HashMap<_, svc_lb_common::CtKey, svc_lb_common::CtValue> =
+            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(
+                aya::maps::MapData::from_pin(&old).context("open the V1 pin")?,
+            ))?;
+        let key = |port: u16| svc_lb_common::CtKey {
+            sport_be: port.to_be(),
+            proto: svc_lb_common::PROTO_TCP,
+            family: svc_lb_common::FAMILY_V4,
+            ..bytemuck::Zeroable::zeroed()
+        };
+        let live = svc_lb_common::CtValue {
+            expires_ns: monotonic_ns() + 600_000_000_000,
+            backend_id: 7,
+            rev_nat_id: 3,
+            nat_port_be: 8080u16.to_be(),
+            flags: svc_lb_common::CT_FLAG_ESTABLISHED,
+            ..bytemuck::Zeroable::zeroed()
+        };
+        let expired = svc_lb_common::CtValue {
+            expires_ns: 1,
+            ..live
+        };
+        v1.insert(key(4242), live, 0)?;
+        v1.insert(key(4243), expired, 0)?;
+        drop(v1);
+
+        let mut c = base.clone();
+        c.extra_args = vec!["--devices".into(), "to-1".into()];
+        c.log_file = lab.dir().join("agent-upgrade.log");
+        let mut a = svc_lb_tests::agent::Agent::start_in_netns(c, lab.topo.client.name())?;
+        a.wait_applied(1, Duration::from_secs(30))?;
+        let v2 = pinned_ct(lab.bpffs())?;
+        let got = v2
+            .get(&key(4242), 0)
+            .context("the live V1 flow is not in LB_CT_V2")?;
+        ensure!(
+            got.ct == live && got.packets == 0 && got.bytes == 0,
+            "copied entry: {got:?}, expected {live:?} with counters 0"
+        );
+        ensure!(
+            v2.get(&key(4243), 0).is_err(),
+            "the expired V1 flow was copied"
+        );
+        ensure!(!old.exists(), "the LB_CT_V1 pin is still there");
+        check_web(lab, "10.96.0.61:80", "after the upgrade")?;
+        stop_agent(Some(a))?;
+        Ok(())
+    });
+}
+
+/// CLOCK_MONOTONIC in ns, as the programs' `bpf_ktime_get_ns` reads it.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

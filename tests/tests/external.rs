@@ -976,3 +976,165 @@ fn lab_routes_only_what_a_test_adds() {
         Ok(())
     });
 }
+
+// ---- list --stats: packets and bytes of the external path ----
+
+/// Node `n`'s `svc-lb list --stats -o json`, parsed.
+fn list_stats(lab: &TwoNodeLab, n: Node) -> Result<Vec<Value>> {
+    let bin = lab.bins.svc_lb.display().to_string();
+    let bpffs = lab.bpffs(n).display().to_string();
+    let out = lab.node_cmd(
+        n,
+        &bin,
+        &["list", "--stats", "-o", "json", "--bpffs", &bpffs],
+    )?;
+    let v: Value = serde_json::from_str(&out).with_context(|| format!("list JSON: {out}"))?;
+    v.as_array()
+        .cloned()
+        .context("list -o json is not an array")
+}
+
+/// The external frontend `addr`:`port`/`proto` of a listing.
+fn ext_frontend<'a>(all: &'a [Value], addr: &str, port: u16, proto: &str) -> Result<&'a Value> {
+    all.iter()
+        .find(|f| {
+            f["address"] == addr
+                && f["port"] == port
+                && f["protocol"] == proto
+                && f["scope"] == "external"
+        })
+        .with_context(|| format!("no external frontend {addr}:{port}/{proto} in {all:?}"))
+}
+
+fn num(v: &Value, field: &str) -> Result<u64> {
+    v["stats"][field]
+        .as_u64()
+        .with_context(|| format!("stats.{field} is not a number in {v}"))
+}
+
+/// Packets and bytes of the external path in `list --stats`, from the conntrack entries
+/// of the entry node (A). UDP through the NodePort, a new socket per datagram: every
+/// flow is one datagram each way, so exactly N packets in and out, N × 29 bytes in (IP
+/// header, UDP header, the 1-byte request) and, out, each reply's 28 header bytes plus
+/// `<pod> <address:port it saw>`: exact for the local pods, which see the client's
+/// ephemeral port (5 digits); within 1 to 5 port digits for the remote pod, which sees
+/// node A's SNAT port; per backend its share, the backends adding up to the frontend.
+/// TCP: N connections, each at least 3 packets in
+/// (SYN, request, FIN) and 2 out (SYN-ACK, reply), at most 8 each way, 40 to 80 header
+/// bytes a packet plus the payload. Node B, which only forwards, counts nothing.
+fn ext_stats(xdp: bool) {
+    external(|lab| {
+        start(lab, xdp, &[&web()])?;
+        let entry = Node::A;
+        let udp = run(
+            lab,
+            sa(entry.addr(false), 30080),
+            Proto::Udp,
+            N,
+            Duration::from_secs(1),
+        )?;
+        all_ok(&udp, N)?;
+        let tcp = run(
+            lab,
+            sa(entry.addr(false), 30080),
+            Proto::Tcp,
+            N,
+            Duration::from_secs(1),
+        )?;
+        all_ok(&tcp, N)?;
+        // The last ACKs of the TCP connections are on their way.
+        std::thread::sleep(Duration::from_millis(500));
+        let all = list_stats(lab, entry)?;
+        // A reply's payload: (shortest, longest) over the port digits it may carry.
+        let reply_len = |pod: &str| -> (u64, u64) {
+            let local = lab.net.pod(pod).node == entry;
+            let seen = if local {
+                client_addr(false)
+            } else {
+                entry.addr(false)
+            };
+            let base = (pod.len() + 1 + seen.to_string().len() + 1) as u64;
+            if local {
+                (base + 5, base + 5)
+            } else {
+                (base + 1, base + 5)
+            }
+        };
+
+        let fe = ext_frontend(&all, "0.0.0.0", 30080, "UDP")?;
+        let got = [
+            num(fe, "packets_in")?,
+            num(fe, "packets_out")?,
+            num(fe, "bytes_in")?,
+        ];
+        ensure!(
+            got == [N, N, N * 29],
+            "UDP NodePort: packets in/out, bytes in {got:?}, expected {:?}: {fe}",
+            [N, N, N * 29]
+        );
+        let mut sum_out = 0;
+        for (pod, c) in &udp.backends {
+            let addr = lab.net.pod(pod).addr(false).to_string();
+            let b = fe["backends"]
+                .as_array()
+                .and_then(|bs| bs.iter().find(|b| b["address"] == addr.as_str()))
+                .with_context(|| format!("no backend {addr} ({pod}) in {fe}"))?;
+            let got = [
+                num(b, "packets_in")?,
+                num(b, "packets_out")?,
+                num(b, "bytes_in")?,
+            ];
+            let want = [*c, *c, c * 29];
+            let out = num(b, "bytes_out")?;
+            let (lo, hi) = reply_len(pod);
+            ensure!(
+                got == want && (c * (28 + lo)..=c * (28 + hi)).contains(&out),
+                "UDP backend {pod}: {got:?}, expected {want:?}; bytes out {out}, expected {}..={}: {b}",
+                c * (28 + lo),
+                c * (28 + hi)
+            );
+            sum_out += out;
+        }
+        ensure!(
+            num(fe, "bytes_out")? == sum_out,
+            "UDP NodePort: the backends' bytes out add up to {sum_out}: {fe}"
+        );
+
+        let fe = ext_frontend(&all, "0.0.0.0", 30080, "TCP")?;
+        let (pin, pout) = (num(fe, "packets_in")?, num(fe, "packets_out")?);
+        let (bin, bout) = (num(fe, "bytes_in")?, num(fe, "bytes_out")?);
+        let replies: u64 = tcp
+            .backends
+            .iter()
+            .map(|(pod, c)| c * reply_len(pod).0)
+            .sum();
+        ensure!(
+            (3 * N..=8 * N).contains(&pin)
+                && (2 * N..=8 * N).contains(&pout)
+                && (40 * pin + N..=80 * pin + N).contains(&bin)
+                && (40 * pout + replies..=80 * pout + replies).contains(&bout),
+            "TCP NodePort: {N} connections, packets in/out {pin}/{pout}, bytes in/out {bin}/{bout} (replies {replies} bytes): {fe}"
+        );
+
+        // Node B saw the SNATed flows only as a router: no external frontend counted.
+        for f in list_stats(lab, Node::B)? {
+            if f["scope"] == "external" && f["port"] == 30080 {
+                ensure!(
+                    num(&f, "packets_in")? == 0 && num(&f, "packets_out")? == 0,
+                    "node B counted traffic it only forwarded: {f}"
+                );
+            }
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn list_stats_count_packets_and_bytes_of_nodeport_flows() {
+    ext_stats(false);
+}
+
+#[test]
+fn xdp_list_stats_count_packets_and_bytes_of_nodeport_flows() {
+    ext_stats(true);
+}

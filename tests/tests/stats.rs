@@ -372,7 +372,7 @@ fn stats_count_the_exact_bytes_of_real_connections() {
             "list --stats text lacks its columns:\n{text}"
         );
         ensure!(
-            text.contains("- on external and UDP entries"),
+            text.contains("- on UDP socket entries"),
             "list --stats must say why UDP shows -:\n{text}"
         );
         if lab.agent().counts_off() {

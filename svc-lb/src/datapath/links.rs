@@ -652,6 +652,7 @@ pub fn cleanup(bpffs: &Path, cgroup: Option<&Path>) -> Result<usize> {
         .iter()
         .chain(svc_lb_common::SOCKET_MAPS.iter())
         .chain(svc_lb_common::OLD_SOCKET_MAPS.iter())
+        .chain(std::iter::once(&svc_lb_common::MAP_CT_V1))
     {
         let path = bpffs.join(name);
         if path.exists() {

@@ -14,7 +14,7 @@ use aya::{
     programs::{CgroupSockAddr, Program, ProgramFd, SockOps},
 };
 use svc_lb_common::{
-    AffinityExtKey, AffinityValue, CtKey, CtValue, ExtConfig, MAP_AFF_MATCH, MAP_AFFINITY_EXT,
+    AffinityExtKey, AffinityValue, CtEntry, CtKey, ExtConfig, MAP_AFF_MATCH, MAP_AFFINITY_EXT,
     MAP_BACKENDS, MAP_BE_STATS, MAP_CONFIG, MAP_CT, MAP_FE_STATS, MAP_REVNAT, MAP_SVC_META,
     MAP_SVC4, MAP_SVC6, PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SOCKOPS,
     PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP, SOCK_PROGRAMS,
@@ -398,7 +398,7 @@ fn size_maps(loader: &mut EbpfLoader<'_>, bpffs: &Path, opts: &LoadOptions) -> R
         };
         (ct, svc_lb_common::AFFINITY_EXT_MAP_MAX)
     };
-    let ct_entries = size_lru_map::<CtKey, CtValue>(loader, bpffs, MAP_CT, ct_entries)?;
+    let ct_entries = size_lru_map::<CtKey, CtEntry>(loader, bpffs, MAP_CT, ct_entries)?;
     let affext_entries = size_lru_map::<AffinityExtKey, AffinityValue>(
         loader,
         bpffs,

@@ -7,6 +7,7 @@ use crate::plan::{Capacity, CurrentState, Op};
 pub mod apply;
 pub mod bpf;
 pub mod codec;
+pub mod ctmigrate;
 pub mod devices;
 pub mod fake;
 pub mod lcdemand;

@@ -13,7 +13,7 @@ use aya::maps::{
 };
 use ipnet::IpNet;
 use svc_lb_common::{
-    AffinityExtKey, AffinityKey, AffinityMatchKey, AffinityValue, Backend, CtKey, CtValue,
+    AffinityExtKey, AffinityKey, AffinityMatchKey, AffinityValue, Backend, CtEntry, CtKey, CtValue,
     ExtConfig, FAMILY_V4, FAMILY_V6, MAP_AFF_MATCH, MAP_AFFINITY, MAP_AFFINITY_EXT, MAP_BACKENDS,
     MAP_CONFIG, MAP_COUNTERS, MAP_CT, MAP_MAGLEV, MAP_NODE_ADDR, MAP_REVNAT, MAP_SRC_RANGE4,
     MAP_SRC_RANGE6, MAP_SVC_META, MAP_SVC4, MAP_SVC6, MaglevTable, NodeAddrKey, RevNat,
@@ -109,12 +109,20 @@ pub(super) fn trie_ranges<K: aya::Pod>(
 
 /// Every entry of the pinned conntrack map (`svc-lb conntrack`).
 pub fn ct_entries(bpffs: &Path) -> Result<Vec<(CtKey, CtValue)>> {
-    let m: HashMap<MapData, CtKey, CtValue> = open_hash(bpffs, MAP_CT, true, EXT_HINT)?;
+    Ok(ct_entries_counted(bpffs)?
+        .into_iter()
+        .map(|(k, e)| (k, e.ct))
+        .collect())
+}
+
+/// Every entry of the pinned conntrack map with its traffic counters.
+pub fn ct_entries_counted(bpffs: &Path) -> Result<Vec<(CtKey, CtEntry)>> {
+    let m: HashMap<MapData, CtKey, CtEntry> = open_hash(bpffs, MAP_CT, true, EXT_HINT)?;
     // The datapath keeps writing while we walk. When the entry we stand on is evicted,
     // the kernel restarts the walk from the first key, so an entry may come twice:
     // keyed collection drops the duplicates. Each entry is read whole; the listing is
     // a snapshot of entries, not of one instant.
-    let all: std::collections::HashMap<CtKey, CtValue> = m
+    let all: std::collections::HashMap<CtKey, CtEntry> = m
         .iter()
         .collect::<Result<_, _>>()
         .with_context(|| format!("read {MAP_CT}"))?;
@@ -288,9 +296,27 @@ impl PinnedMaps {
         if !self.bpffs.join(MAP_CT).exists() {
             return Ok(out);
         }
-        for (k, v) in ct_entries(&self.bpffs)? {
-            if k.dir != svc_lb_common::CT_DIR_FORWARD || v.expires_ns < now_ns || v.backend_id == 0
-            {
+        let mut traffic: std::collections::HashMap<CtTrafficKey, svc_lb_common::TrafficCount> =
+            std::collections::HashMap::new();
+        for (k, e) in ct_entries_counted(&self.bpffs)? {
+            let v = e.ct;
+            let live = v.expires_ns >= now_ns;
+            if let Some(tk) = ct_traffic_key(&k, &v) {
+                let t = traffic.entry(tk).or_default();
+                if k.dir == svc_lb_common::CT_DIR_FORWARD {
+                    t.packets_in = t.packets_in.wrapping_add(e.packets);
+                    t.bytes_in = t.bytes_in.wrapping_add(e.bytes);
+                    // A flow that is over (expired, or closing) whose counts the entry
+                    // still holds.
+                    if !live || v.flags & svc_lb_common::CT_FLAG_CLOSING != 0 {
+                        t.closed += 1;
+                    }
+                } else {
+                    t.packets_out = t.packets_out.wrapping_add(e.packets);
+                    t.bytes_out = t.bytes_out.wrapping_add(e.bytes);
+                }
+            }
+            if k.dir != svc_lb_common::CT_DIR_FORWARD || !live || v.backend_id == 0 {
                 continue;
             }
             out.pairs.insert((v.rev_nat_id, v.backend_id));
@@ -303,6 +329,7 @@ impl PinnedMaps {
                 c.1 += 1;
             }
         }
+        out.traffic = Some(traffic);
         Ok(out)
     }
 
@@ -407,8 +434,10 @@ impl PinnedMaps {
 
     /// One conntrack entry of the external path.
     pub fn ct(&self, key: &CtKey) -> Result<Option<CtValue>> {
-        let m: HashMap<MapData, CtKey, CtValue> = open_hash(&self.bpffs, MAP_CT, true, EXT_HINT)?;
-        not_found_is_none(m.get(key, 0)).with_context(|| format!("{MAP_CT}: look up {key:?}"))
+        let m: HashMap<MapData, CtKey, CtEntry> = open_hash(&self.bpffs, MAP_CT, true, EXT_HINT)?;
+        Ok(not_found_is_none(m.get(key, 0))
+            .with_context(|| format!("{MAP_CT}: look up {key:?}"))?
+            .map(|e| e.ct))
     }
 
     /// A client's remembered backend on the external path (session affinity).
@@ -437,7 +466,34 @@ impl PinnedMaps {
     }
 }
 
-/// The external path's live flows (`LB_CT_V1` forward entries), as `list` shows them.
+/// (frontend rev-NAT id, backend address, protocol) of a conntrack entry's traffic.
+pub type CtTrafficKey = (u32, svc_lb_common::ConnKey, u8);
+
+/// Whose traffic a conntrack entry counts: the forward entry names its backend in
+/// `nat_*`, the reply entry is keyed by the backend's packet (source = backend).
+/// `None` for an entry of no frontend (rev-NAT id 0).
+pub fn ct_traffic_key(k: &CtKey, v: &CtValue) -> Option<CtTrafficKey> {
+    if v.rev_nat_id == 0 {
+        return None;
+    }
+    let (addr, port) = if k.dir == svc_lb_common::CT_DIR_FORWARD {
+        (v.nat_addr_be, v.nat_port_be)
+    } else {
+        (k.saddr_be, k.sport_be)
+    };
+    Some((
+        v.rev_nat_id,
+        svc_lb_common::ConnKey {
+            addr_be: addr,
+            port_be: port,
+            family: k.family,
+            _pad: 0,
+        },
+        k.proto,
+    ))
+}
+
+/// The external path's flows (`LB_CT_V2` forward entries), as `list` shows them.
 #[derive(Clone, Debug, Default)]
 pub struct CtConns {
     /// Flows per backend id: (established, any other state).
@@ -445,4 +501,8 @@ pub struct CtConns {
     /// Every (rev-NAT id, backend id) a flow goes through: which frontends a draining
     /// backend (named by no slot) still has flows from.
     pub pairs: std::collections::HashSet<(u32, u32)>,
+    /// Packets and bytes the external path's entries counted per (frontend, backend
+    /// address, protocol), over every entry the map holds, live or expired (`closed`:
+    /// forward entries of flows that are over); `None` without a conntrack map.
+    pub traffic: Option<std::collections::HashMap<CtTrafficKey, svc_lb_common::TrafficCount>>,
 }

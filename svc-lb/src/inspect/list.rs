@@ -74,14 +74,18 @@ pub struct ListEntry {
 
 /// Counters of a frontend or a backend (`--stats`). Directions as IPVS names them:
 /// `in` from the client to the backend, `out` back. Packets and bytes are those of
-/// the socket path's TCP connections, added when a connection closes; `null` where the
-/// datapath cannot know them (external and UDP entries, or a node without the
-/// sock_ops program), never 0.
+/// the socket path's TCP connections, added when a connection closes, plus those of
+/// the external path's flows (TCP and UDP, open ones included), which their conntrack
+/// entries count per packet as long as the map holds them; `null` where the datapath
+/// cannot know them (the socket path's UDP entries, or a node with neither the
+/// sock_ops program nor a conntrack map), never 0.
 #[derive(Serialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
     /// New connections (and unconnected datagrams), as `new_connections`.
     pub connections: u64,
-    /// Connections whose packets and bytes are counted (the closed ones).
+    /// Connections whose packets and bytes are counted and that are over: the socket
+    /// path's closed ones, and external flows that are expired or closing (the packets
+    /// of open external flows are counted too, but not here).
     pub closed_connections: Option<u64>,
     pub packets_in: Option<u64>,
     pub packets_out: Option<u64>,
@@ -339,19 +343,55 @@ pub fn entries(view: &DatapathView, service: Option<&ServiceRef>) -> Vec<ListEnt
 /// Fills `stats` of every entry and backend from `view` (`list --stats`).
 pub fn set_stats(entries: &mut [ListEntry], view: &DatapathView) {
     let per_frontend = view.frontend_traffic();
+    let ext_per_frontend = view.ext_frontend_traffic();
+    let has_ct = view.ext_traffic.is_some();
     for e in entries.iter_mut() {
-        // Only the socket path's TCP connections have their traffic counted.
-        let counted = !e.external() && e.protocol == "TCP" && view.traffic.is_some();
-        let fe = counted.then(|| per_frontend.get(&e.rev_nat_id).copied().unwrap_or_default());
+        // The socket path counts its TCP connections (when they close); the external
+        // path (tc/XDP, and tc on pod devices) counts every flow in its conntrack
+        // entries. A frontend served by the socket path over UDP has no counts
+        // (`null`), whatever tc saw of it.
+        let sock = !e.external() && e.protocol == "TCP" && view.traffic.is_some();
+        let ext = has_ct && (e.external() || sock);
+        let fe = sum(
+            sock.then(|| per_frontend.get(&e.rev_nat_id).copied().unwrap_or_default()),
+            ext.then(|| {
+                ext_per_frontend
+                    .get(&e.rev_nat_id)
+                    .copied()
+                    .unwrap_or_default()
+            }),
+        );
         e.stats = Some(stats(e.new_connections, fe));
         let rev_nat_id = e.rev_nat_id;
         for b in e.backends.iter_mut() {
-            let t = if counted {
-                view.pair_traffic(rev_nat_id, b.id)
-            } else {
-                None
-            };
+            let t = sum(
+                if sock {
+                    view.pair_traffic(rev_nat_id, b.id)
+                } else {
+                    None
+                },
+                if ext {
+                    view.ext_pair_traffic(rev_nat_id, b.id)
+                } else {
+                    None
+                },
+            );
             b.stats = Some(stats(b.new_connections, t));
+        }
+    }
+}
+
+/// Both counts added; `None` when neither path counts.
+fn sum(
+    a: Option<svc_lb_common::TrafficCount>,
+    b: Option<svc_lb_common::TrafficCount>,
+) -> Option<svc_lb_common::TrafficCount> {
+    match (a, b) {
+        (None, None) => None,
+        (a, b) => {
+            let mut t = a.unwrap_or_default();
+            t.add(&b.unwrap_or_default());
+            Some(t)
         }
     }
 }
@@ -525,12 +565,12 @@ pub fn render_counters(entries: &[ListEntry], what: Counters) -> String {
         out.push('\n');
     }
     out.push_str(match what {
-        Counters::Stats => "Pkts/Bytes: TCP connections of the socket path, added when they close (payload bytes; packets are TCP segments)\n",
-        Counters::Rate => "per second over the interval; Pkts/Bytes: TCP connections of the socket path, added when they close\n",
+        Counters::Stats => "Pkts/Bytes: TCP connections of the socket path, added when they close (payload bytes; packets are TCP segments); external flows per packet from conntrack (IP bytes)\n",
+        Counters::Rate => "per second over the interval; Pkts/Bytes: TCP connections of the socket path, added when they close; external flows per packet\n",
     });
     if unknown {
         out.push_str(
-            "- on external and UDP entries: the datapath does not count their packets and bytes\n",
+            "- on UDP socket entries (and external ones without a conntrack map): the datapath does not count their packets and bytes\n",
         );
     }
     if no_counts {

@@ -317,6 +317,7 @@ fn fixture() -> (FakeMaps, DatapathView) {
         ext_conns: [(2, (10, 1))].into_iter().collect(),
         ext_pairs: Default::default(),
         traffic: None,
+        ext_traffic: None,
     };
     (maps, view)
 }
@@ -2184,7 +2185,9 @@ fn list_shows_draining_backends_under_the_frontends_of_their_connections() {
 }
 
 /// The fixture with traffic counts: web:http (rev-NAT 1) closed 3 connections through
-/// backend 1 and 1 through backend 2, cart (rev-NAT 3) 2 through backend 4.
+/// backend 1 and 1 through backend 2, cart (rev-NAT 3) 2 through backend 4; the
+/// external path's conntrack holds 12 packets (900 bytes) in and 10 (4000 bytes) out of
+/// the NodePort 30080 (rev-NAT 7) to backend 1, one of its flows over.
 fn with_traffic(view: &mut DatapathView) {
     let key = |rev_nat_id: u32, id: u32| {
         let b = BACKENDS.iter().find(|b| b.0 == id).expect("backend");
@@ -2210,6 +2213,21 @@ fn with_traffic(view: &mut DatapathView) {
             (key(1, 2), t(1, 1000, 200)),
             (key(3, 4), t(2, 20, 10)),
         ]
+        .into_iter()
+        .collect(),
+    );
+    let k = key(7, 1);
+    view.ext_traffic = Some(
+        [(
+            (k.rev_nat_id, k.backend, PROTO_TCP),
+            svc_lb_common::TrafficCount {
+                closed: 1,
+                packets_in: 12,
+                packets_out: 10,
+                bytes_in: 900,
+                bytes_out: 4000,
+            },
+        )]
         .into_iter()
         .collect(),
     );
@@ -2244,10 +2262,31 @@ fn list_stats_golden_and_fields() {
     // A backend with no closed connection yet: 0, not unknown.
     let b3 = web.backends.iter().find(|b| b.id == 3).expect("b3");
     assert_eq!(b3.stats.and_then(|s| s.bytes_in), Some(0));
-    // UDP and external entries: unknown, never 0.
+    // The external path's entries: what conntrack holds, 0 where it holds nothing
+    // (the LoadBalancer IP, the UDP NodePort).
+    let np = all
+        .iter()
+        .find(|e| e.address == "0.0.0.0" && e.port == 30080)
+        .expect("nodeport");
+    let st = np.stats.expect("stats");
+    assert_eq!(
+        (
+            st.closed_connections,
+            st.packets_in,
+            st.packets_out,
+            st.bytes_in,
+            st.bytes_out
+        ),
+        (Some(1), Some(12), Some(10), Some(900), Some(4000))
+    );
+    assert_eq!(np.backends[0].stats.and_then(|s| s.bytes_out), Some(4000));
+    for e in all.iter().filter(|e| e.scope == "external") {
+        assert!(e.stats.expect("stats").bytes_in.is_some(), "{}", e.address);
+    }
+    // UDP socket entries: unknown, never 0; external ones too without a conntrack map.
     for e in all
         .iter()
-        .filter(|e| e.protocol == "UDP" || e.scope == "external")
+        .filter(|e| e.protocol == "UDP" && e.scope != "external")
     {
         let st = e.stats.expect("stats");
         assert_eq!(st.bytes_in, None, "{}", e.address);
@@ -2278,8 +2317,17 @@ fn list_stats_golden_and_fields() {
         ]
     );
     assert!(v[0].get("rate").is_none());
-    // Without the sock_ops program: TCP socket entries unknown too, and the text says why.
+    let mut no_ct = view.clone();
+    no_ct.ext_traffic = None;
+    let mut all = list::entries(&no_ct, None);
+    list::set_stats(&mut all, &no_ct);
+    for e in all.iter().filter(|e| e.scope == "external") {
+        assert_eq!(e.stats.expect("stats").bytes_in, None, "{}", e.address);
+    }
+    // Without the sock_ops program (and conntrack): TCP socket entries unknown too, and
+    // the text says why.
     view.traffic = None;
+    view.ext_traffic = None;
     let mut all = list::entries(&view, None);
     list::set_stats(&mut all, &view);
     assert!(

@@ -31,6 +31,11 @@ pub struct DatapathView {
     /// Traffic of closed socket-path TCP connections per (frontend, backend address);
     /// `None` when the node keeps none (see `PinnedMaps::traffic`).
     pub traffic: Option<HashMap<svc_lb_common::TrafficKey, svc_lb_common::TrafficCount>>,
+    /// Packets and bytes the external path's conntrack entries hold per (frontend,
+    /// backend address, protocol); `None` without a conntrack map (see
+    /// `CtConns::traffic`).
+    pub ext_traffic:
+        Option<HashMap<crate::datapath::pinned::CtTrafficKey, svc_lb_common::TrafficCount>>,
 }
 
 impl DatapathView {
@@ -76,6 +81,7 @@ impl DatapathView {
             open_conns: maps.conn_counts()?,
             ext_conns: ct.per_backend,
             ext_pairs: ct.pairs,
+            ext_traffic: ct.traffic,
             traffic: maps.traffic()?,
         })
     }
@@ -94,6 +100,30 @@ impl DatapathView {
             backend: conn_key(&b.addr),
         };
         Some(t.get(&key).copied().unwrap_or_default())
+    }
+
+    /// The external path's traffic of (frontend `rev_nat_id`, backend `id`) from the
+    /// conntrack entries; `None` without a conntrack map or for a backend not in the
+    /// backend map.
+    pub fn ext_pair_traffic(
+        &self,
+        rev_nat_id: u32,
+        id: u32,
+    ) -> Option<svc_lb_common::TrafficCount> {
+        let t = self.ext_traffic.as_ref()?;
+        let b = self.state.backends.get(&id)?;
+        let key = (rev_nat_id, conn_key(&b.addr), b.addr.proto);
+        Some(t.get(&key).copied().unwrap_or_default())
+    }
+
+    /// The external path's traffic per frontend (rev-NAT id) from the conntrack
+    /// entries; empty without a conntrack map.
+    pub fn ext_frontend_traffic(&self) -> HashMap<u32, svc_lb_common::TrafficCount> {
+        let mut out: HashMap<u32, svc_lb_common::TrafficCount> = HashMap::new();
+        for ((rev_nat_id, _, _), v) in self.ext_traffic.iter().flatten() {
+            out.entry(*rev_nat_id).or_default().add(v);
+        }
+        out
     }
 
     /// The traffic per frontend (rev-NAT id), over every backend address it reached,
