@@ -389,6 +389,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         },
         "source started"
     );
+    // The kernel's BTF is parsed beside the probe below (see `prepare_loader`).
+    crate::datapath::load::prepare_loader();
     // A single-threaded runtime: let the source reach its scan before the load blocks.
     tokio::task::yield_now().await;
     // What this kernel offers decides the fallbacks; a kernel the socket path cannot

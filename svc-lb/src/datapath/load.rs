@@ -295,6 +295,38 @@ fn size_agent_map(
     Ok(wanted)
 }
 
+/// A loader being made on a thread of its own (see [`prepare_loader`]).
+static PREPARED: std::sync::Mutex<Option<std::thread::JoinHandle<EbpfLoader<'static>>>> =
+    std::sync::Mutex::new(None);
+
+/// Starts making the loader of the next [`load_maps`] on a thread of its own.
+/// `EbpfLoader::new` reads and parses the kernel's whole BTF (`/sys/kernel/btf/vmlinux`,
+/// about 5 MiB here: some 50 ms of CPU); the agent calls this before the kernel probe,
+/// which spends most of its time waiting on the kernel (RCU grace periods), so the
+/// parse leaves the start-up's critical path. Without it, or if the thread failed,
+/// [`load_maps`] makes its loader itself.
+pub fn prepare_loader() {
+    let spawned = std::thread::Builder::new()
+        .name("svclb-btf".into())
+        .spawn(EbpfLoader::new);
+    match (spawned, PREPARED.lock()) {
+        (Ok(handle), Ok(mut slot)) => *slot = Some(handle),
+        (Err(e), _) => {
+            tracing::debug!(error = %e, "could not start the loader thread; the load makes its own")
+        }
+        (Ok(_), Err(_)) => {}
+    }
+}
+
+/// The loader [`prepare_loader`] made, or a new one.
+fn prepared_loader() -> EbpfLoader<'static> {
+    let handle = PREPARED.lock().ok().and_then(|mut slot| slot.take());
+    match handle.map(std::thread::JoinHandle::join) {
+        Some(Ok(loader)) => loader,
+        _ => EbpfLoader::new(),
+    }
+}
+
 /// The `.rodata` global that switches the eBPF debug log (svc-lb-ebpf/src/debug.rs).
 const BPF_LOG_GLOBAL: &str = "SVCLB_BPF_LOG";
 /// aya-log's ring buffer map.
@@ -316,7 +348,11 @@ pub fn load_maps(bpffs: &Path, opts: &LoadOptions) -> Result<Ebpf> {
 fn load_object(bpffs: &Path, opts: &LoadOptions, reopen: bool) -> Result<Ebpf> {
     raise_memlock();
     ensure_bpffs(bpffs)?;
-    let mut loader = EbpfLoader::new();
+    let mut loader = if reopen {
+        EbpfLoader::new()
+    } else {
+        prepared_loader()
+    };
     // Always set, so that a stale object without the switch fails loudly here.
     let bpf_log = u8::from(opts.bpf_log);
     loader.override_global(BPF_LOG_GLOBAL, &bpf_log, true);
