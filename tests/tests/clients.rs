@@ -370,7 +370,7 @@ fn mapped_addresses_keep_affinity_and_reject_without_endpoints() {
             ),
         )?;
         lab.write_manifest("empty.yaml", &service("empty", "10.96.0.30", &[], &[]))?;
-        let (_agent, metrics) = start_agent(lab, "affinity")?;
+        let (agent, metrics) = start_agent(lab, "affinity")?;
 
         let tcp = python(lab, "tcp", "::ffff:10.96.0.20", 80, 30, "")?;
         ensure!(
@@ -401,7 +401,7 @@ fn mapped_addresses_keep_affinity_and_reject_without_endpoints() {
             let port = if mode == "tcp" { 80 } else { 53 };
             let r = python(lab, mode, "::ffff:10.96.0.30", port, 10, "")?;
             ensure!(
-                r.ok == 0 && r.errors == BTreeMap::from([("ECONNREFUSED".to_owned(), 10)]),
+                r.ok == 0 && r.errors == BTreeMap::from([(agent.refused_errno().to_owned(), 10)]),
                 "{mode} to the empty Service: {r:?}"
             );
             ensure!(
@@ -503,7 +503,7 @@ fn source_ranges_refuse_excluded_clients_on_the_node() {
                 .ip(["route", "add", "10.240.0.0/16", "dev", "eth0"])
                 .with_context(|| format!("route back to the client from backend {}", b.id))?;
         }
-        let (_agent, metrics) = start_agent(lab, "ranges")?;
+        let (agent, metrics) = start_agent(lab, "ranges")?;
         let outside = "10.240.1.1";
         let inside = "10.240.2.1";
 
@@ -516,7 +516,7 @@ fn source_ranges_refuse_excluded_clients_on_the_node() {
         ] {
             let r = python(lab, mode, host, port, 10, bind)?;
             ensure!(
-                r.ok == 0 && r.errors == BTreeMap::from([("ECONNREFUSED".to_owned(), 10)]),
+                r.ok == 0 && r.errors == BTreeMap::from([(agent.refused_errno().to_owned(), 10)]),
                 "{mode} from {bind} to {host}: {r:?}"
             );
             ensure!(r.max_fail_ms < 500, "a refusal took {} ms", r.max_fail_ms);
@@ -609,7 +609,7 @@ fn source_ranges_refuse_excluded_clients_on_the_node() {
 /// half alone is valid YAML without the Service `back`: 20 such rewrites while a TCP
 /// client loops on `back` must cost it no connection (the first half may add and
 /// change, but a withdrawal waits until the file has stayed unchanged for the settle
-/// window).
+/// window, `WITHDRAW_SETTLE`).
 #[test]
 fn a_shell_writing_a_manifest_in_two_steps_never_withdraws_the_second_half() {
     lab_test(&["a", "b"], |lab| {

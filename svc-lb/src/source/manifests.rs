@@ -65,6 +65,12 @@ use crate::model::{ObjectRef, ServiceRef};
 /// no rename into place) must stay unmodified before [`watch`] reads it (see
 /// [`ManifestDir::set_settle`]). A completed file is read at once.
 pub const SETTLE: Duration = Duration::from_millis(100);
+/// How long a file that its writer closed must stay unmodified before what it no longer
+/// holds is withdrawn (see `hold`). Longer than [`SETTLE`]: the second session of a
+/// two-step writer (`cat a > f; cat b >> f`) can come late on a busy node (a 100 ms window
+/// let a starved shell withdraw the second half), and a withdrawal one second late costs
+/// little next to connections refused meanwhile. Files renamed into place are not held.
+pub const WITHDRAW_SETTLE: Duration = Duration::from_secs(1);
 /// How often [`watch`] rescans even without events, in case the kernel dropped some (an
 /// inotify queue overflow) or the directory itself was replaced.
 pub const RESCAN_INTERVAL: Duration = Duration::from_secs(2);
@@ -310,6 +316,7 @@ pub struct ManifestDir {
     limits: Limits,
     writers: Writers,
     settle: Duration,
+    withdraw_settle: Duration,
     /// Files the last scans left for later (see [`ScanStats::deferred`]).
     pending: BTreeSet<PathBuf>,
 }
@@ -332,6 +339,7 @@ impl ManifestDir {
             limits,
             writers: Writers::default(),
             settle: Duration::ZERO,
+            withdraw_settle: Duration::ZERO,
             pending: BTreeSet::new(),
         }
     }
@@ -339,8 +347,17 @@ impl ManifestDir {
     /// A changed file is read only once its mtime is this old, so that a writer that
     /// is not seen by the watch (or not yet) is not caught half-way ([`SETTLE`] in
     /// [`watch`]; zero, the default, reads at once).
+    /// The withdrawal window (see `hold`) follows it unless set apart with
+    /// [`ManifestDir::set_withdraw_settle`].
     pub fn set_settle(&mut self, settle: Duration) {
         self.settle = settle;
+        self.withdraw_settle = settle;
+    }
+
+    /// What a closed file no longer holds is withdrawn once its mtime is this old
+    /// ([`WITHDRAW_SETTLE`] in [`watch`]).
+    pub fn set_withdraw_settle(&mut self, settle: Duration) {
+        self.withdraw_settle = settle;
     }
 
     /// Shares the watch's record of files still being written (see [`Writers`]).
@@ -503,6 +520,7 @@ impl ManifestDir {
                 limits: self.limits,
                 trust,
                 settle: self.settle,
+                withdraw_settle: self.withdraw_settle,
             },
             path,
             meta,
@@ -956,6 +974,7 @@ struct Refresh {
     /// What the watch saw of the file (see [`Writers`]).
     trust: Trust,
     settle: Duration,
+    withdraw_settle: Duration,
 }
 
 /// Why a file's current version cannot be used as a whole.
@@ -994,7 +1013,8 @@ fn refresh(
         other => other,
     };
     // Seen completed but still fresh: its writer may not be done with it (see `hold`).
-    let fast = ctx.trust == Trust::Complete && stamp.modified_within(ctx.settle, SystemTime::now());
+    let fast = ctx.trust == Trust::Complete
+        && stamp.modified_within(ctx.withdraw_settle, SystemTime::now());
     let wait = match ctx.trust {
         Trust::Busy => true,
         Trust::Complete | Trust::Renamed => false,
@@ -1906,6 +1926,7 @@ pub async fn watch(dir: PathBuf, limits: Limits, tx: super::Publisher) -> anyhow
     // Not for the first scan: files that exist when the agent starts are taken as they
     // are, so that its first sync is complete.
     source.set_settle(SETTLE);
+    source.set_withdraw_settle(WITHDRAW_SETTLE);
     log_snapshot(&dir, &first, source.stats());
     if tx.publish(first).is_err() {
         return Ok(());
