@@ -286,13 +286,13 @@ fn test(ctx: &Ctx, args: &TestArgs) -> Result<()> {
     // These machines run one kernel: the socket and external suites run again with every
     // kernel fallback forced (netlink tc, no bpf_set_retval, no BPF_F_IPV6, no FIB
     // redirect, no XDP links, reverse NAT in the LRU maps, no atomic fetch-add for the
-    // rr/wrr cursor), as an older node would run them; socket termination reads those
-    // maps then.
+    // rr/wrr cursor), as an older node would run them, real clients (Python, curl)
+    // included; socket termination reads those maps then.
     step("test: end-to-end again with every kernel fallback forced (SVCLB_FORCE_FEATURE_OFF=all)");
     let mut forced = suite(
         ctx,
         "e2e",
-        &["e2e", "external", "sockterm", "sched", "stats"],
+        &["e2e", "external", "sockterm", "sched", "stats", "clients"],
         &[],
     )?;
     forced
