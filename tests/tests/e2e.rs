@@ -968,9 +968,7 @@ fn map_size_flags_size_new_maps_and_a_filled_map_keeps_its_size() {
             Ok(a)
         };
         // After `svc-lb cleanup` the maps are created anew, at the sizes asked for.
-        let cg = lab.cgroup().to_str().context("cgroup path")?.to_owned();
-        let out = lab.svc_lb(&["cleanup", "--cgroup", &cg])?;
-        ensure!(out.status.success(), "cleanup: {out:?}");
+        cleanup(lab)?;
         let a = start(
             lab,
             &[
@@ -1082,9 +1080,7 @@ fn conntrack_map_is_sized_at_start_and_a_busy_pin_keeps_its_flows() {
         stop(Some(a))?;
 
         // `svc-lb cleanup` lets the next start apply its size.
-        let cg = lab.cgroup().to_str().context("cgroup path")?.to_owned();
-        let out = lab.svc_lb(&["cleanup", "--cgroup", &cg])?;
-        ensure!(out.status.success(), "cleanup: {out:?}");
+        cleanup(lab)?;
         lab.start_agent()?;
         ensure!(
             ext_lru_sizes(lab.bpffs())? == (1, 1),
@@ -1111,9 +1107,7 @@ fn conntrack_v1_flows_are_copied_into_v2_at_start() {
         )?;
         let base = lab.start_agent()?.config().clone();
         stop_agent(lab.take_agent())?;
-        let cg = lab.cgroup().to_str().context("cgroup path")?.to_owned();
-        let out = lab.svc_lb(&["cleanup", "--cgroup", &cg])?;
-        ensure!(out.status.success(), "cleanup: {out:?}");
+        cleanup(lab)?;
         std::fs::create_dir_all(lab.bpffs())?;
 
         let old = lab.bpffs().join(svc_lb_common::MAP_CT_V1);
@@ -1184,4 +1178,13 @@ fn monotonic_ns() -> u64 {
     // SAFETY: valid pointer to a timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// `svc-lb cleanup` of this lab's cgroup and pins (the agent stopped before), which must
+/// succeed.
+fn cleanup(lab: &Lab) -> Result<()> {
+    let cg = lab.cgroup().to_str().context("cgroup path")?.to_owned();
+    let out = lab.svc_lb(&["cleanup", "--cgroup", &cg])?;
+    ensure!(out.status.success(), "cleanup: {out:?}");
+    Ok(())
 }

@@ -851,7 +851,7 @@ mod tests {
 
     #[test]
     fn connection_counts_need_sock_ops_and_socket_storage() {
-        let run = |off: &str| {
+        let choices = |off: &str| {
             Probe::run(
                 &Fake {
                     has: all(),
@@ -860,36 +860,16 @@ mod tests {
                 &parse_forced(off).unwrap(),
             )
             .choices()
-            .conn_counts
         };
+        let run = |off: &str| choices(off).conn_counts;
         assert!(run(""));
         assert!(!run("sock_ops_conn"));
-        let lc = |off: &str| {
-            Probe::run(
-                &Fake {
-                    has: all(),
-                    errors: vec![],
-                },
-                &parse_forced(off).unwrap(),
-            )
-            .choices()
-            .lc_loop
-        };
+        let lc = |off: &str| choices(off).lc_loop;
         // There is no lc without the counts, so no lc programs either.
         assert!(lc(""));
         assert!(!lc("sock_ops_conn") && !lc("sk_storage_rnat"));
         // Without bpf_loop the lc programs are the bounded ones (svclb_lc4/6).
-        let looped = |off: &str| {
-            Probe::run(
-                &Fake {
-                    has: all(),
-                    errors: vec![],
-                },
-                &parse_forced(off).unwrap(),
-            )
-            .choices()
-            .lc_bpf_loop
-        };
+        let looped = |off: &str| choices(off).lc_bpf_loop;
         assert!(looped("") && !looped("bpf_loop"));
         // The counts find a socket's backend in its reverse-NAT storage.
         assert!(!run("sk_storage_rnat"));
