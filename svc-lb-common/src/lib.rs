@@ -98,9 +98,18 @@ pub const MAP_CONNS: &str = "LB_CONNS_V1";
 /// ([`TrafficKey`] → [`TrafficCount`]), added by `svclb_sockops` when a counted socket
 /// closes (issue 15: `list --stats`/`--rate`, `svclb_*_bytes_total`).
 pub const MAP_TRAFFIC: &str = "LB_TRAFFIC_V1";
+/// Lasting traffic totals of the external path per (frontend, backend address,
+/// protocol) ([`ExtTrafficKey`] → [`TrafficCount`]). No program uses it: the agent
+/// creates it, folds the conntrack entries' counts into it every few seconds and alone
+/// writes it, so that the counters of `list --stats` and the metrics never go down
+/// when the LRU evicts an entry or a new flow reuses one (issue 15). Absent when the
+/// agent runs with `--ext-stats-interval 0`.
+pub const MAP_EXT_TRAFFIC: &str = "LB_EXT_TRAFFIC_V1";
+/// Capacity of [`MAP_EXT_TRAFFIC`]: (frontend, backend address, protocol) triples.
+pub const EXT_TRAFFIC_MAX: u32 = 65_536;
 
 /// Every map the agent pins, in the order `list`/`status` show them.
-pub const ALL_MAPS: [&str; 22] = [
+pub const ALL_MAPS: [&str; 23] = [
     MAP_SVC4,
     MAP_SVC6,
     MAP_BACKENDS,
@@ -123,6 +132,7 @@ pub const ALL_MAPS: [&str; 22] = [
     MAP_XDP_DEV,
     MAP_CONNS,
     MAP_TRAFFIC,
+    MAP_EXT_TRAFFIC,
 ];
 
 /// Pins of maps that earlier versions created and this one no longer uses (renamed when
@@ -1074,6 +1084,21 @@ pub struct TrafficCount {
 }
 const _: () = assert!(core::mem::size_of::<TrafficCount>() == 40);
 
+/// Key of [`MAP_EXT_TRAFFIC`]: a frontend's rev-NAT id, the backend address its
+/// flows went to and their protocol. The zero `backend` holds what backends that have
+/// left the backend map carried (folded in when they go, so the frontend's totals keep
+/// them while the map keeps no key per departed address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct ExtTrafficKey {
+    pub rev_nat_id: u32,
+    pub backend: ConnKey,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<ExtTrafficKey>() == 28);
+
 impl TrafficCount {
     /// Field-wise sum (wrapping: counters).
     pub fn add(&mut self, o: &TrafficCount) {
@@ -1138,6 +1163,7 @@ mod user {
     unsafe impl aya::Pod for ConnCount {}
     unsafe impl aya::Pod for TrafficKey {}
     unsafe impl aya::Pod for TrafficCount {}
+    unsafe impl aya::Pod for ExtTrafficKey {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for RevNat {}
     unsafe impl aya::Pod for SvcMeta {}

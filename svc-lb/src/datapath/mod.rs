@@ -8,6 +8,7 @@ pub mod apply;
 pub mod bpf;
 pub mod codec;
 pub mod ctmigrate;
+pub mod exttotals;
 pub mod devices;
 pub mod fake;
 pub mod lcdemand;

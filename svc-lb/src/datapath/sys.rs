@@ -27,6 +27,8 @@ const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_OBJ_PIN: libc::c_long = 6;
 
 /// `bpf_link_type` of a cgroup link.
 pub const BPF_LINK_TYPE_CGROUP: u32 = 3;
@@ -341,6 +343,97 @@ struct MapCreateAttr {
     map_flags: u32,
 }
 
+/// BPF_MAP_CREATE's attributes up to `map_name` (Linux ≥ 4.15).
+#[repr(C)]
+#[derive(Default)]
+struct MapCreateNamedAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+    inner_map_fd: u32,
+    numa_node: u32,
+    map_name: [u8; 16],
+}
+
+/// Creates a plain hash map (`BPF_MAP_TYPE_HASH`) named `name` (at most 15 bytes
+/// kept, as the kernel does), for a map the agent owns and no program uses.
+pub fn create_hash_map(
+    name: &str,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+) -> Result<OwnedFd> {
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    let mut map_name = [0u8; 16];
+    for (d, s) in map_name.iter_mut().zip(name.bytes().take(15)) {
+        *d = s;
+    }
+    let mut attr = MapCreateNamedAttr {
+        map_type: BPF_MAP_TYPE_HASH,
+        key_size,
+        value_size,
+        max_entries,
+        map_name,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_MAP_CREATE, &mut attr)
+        .with_context(|| format!("BPF_MAP_CREATE of hash map {name}"))?;
+    // SAFETY: the kernel returned a new descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Pins the object behind `fd` at `path` (BPF_OBJ_PIN; `path` must be on a bpffs).
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .with_context(|| format!("{} has a NUL byte", path.display()))?;
+    let mut attr = ObjGetAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    bpf(BPF_OBJ_PIN, &mut attr).with_context(|| format!("BPF_OBJ_PIN {}", path.display()))?;
+    Ok(())
+}
+
+/// One step of BPF_MAP_LOOKUP_BATCH (Linux ≥ 5.6 for hash maps): up to `count`
+/// entries into `keys`/`values` (`count` times the key and value size), continuing
+/// after `token` (`None`: from the start; a buffer of at least 8 bytes that the kernel
+/// writes the position into). Returns how many entries came and whether the walk is
+/// over. A hash map is walked bucket by bucket, so an entry that stays in the map
+/// comes exactly once even while others are added and removed.
+pub fn map_lookup_batch(
+    map: BorrowedFd<'_>,
+    token: &mut [u8; 8],
+    first: bool,
+    keys: &mut [u8],
+    values: &mut [u8],
+    count: u32,
+) -> io::Result<(usize, bool)> {
+    let mut out = [0u8; 8];
+    let mut attr = BatchAttr {
+        in_batch: if first { 0 } else { token.as_ptr() as u64 },
+        out_batch: out.as_mut_ptr() as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: values.as_mut_ptr() as u64,
+        count,
+        map_fd: map.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    let r = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+    let got = (attr.count as usize).min(count as usize);
+    match r {
+        Ok(_) => {
+            *token = out;
+            Ok((got, false))
+        }
+        // ENOENT: the walk reached the end; the last entries came with it.
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok((got, true)),
+        Err(e) => Err(e),
+    }
+}
+
 /// Whether this kernel takes BPF_MAP_UPDATE_BATCH on a hash map: one empty batch into a
 /// throw-away map. `Err` when the map cannot be created at all (no privilege).
 pub fn probe_map_update_batch() -> Result<bool> {
@@ -390,6 +483,24 @@ pub fn first_key(map: BorrowedFd<'_>, key_size: usize) -> Result<Option<Vec<u8>>
     let mut attr = MapElemAttr {
         map_fd: map.as_raw_fd() as u32,
         key: 0,
+        value: next.as_mut_ptr() as u64,
+        ..Default::default()
+    };
+    match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+        Ok(_) => Ok(Some(next)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e).context("BPF_MAP_GET_NEXT_KEY"),
+    }
+}
+
+/// The key after `key` by BPF_MAP_GET_NEXT_KEY (`None`: `key` was the last). When
+/// `key` is no longer in the map the kernel answers with the first key: the walk starts
+/// over, so a caller may see an entry twice.
+pub fn next_key<K: bytemuck::Pod>(map: BorrowedFd<'_>, key: &K) -> Result<Option<Vec<u8>>> {
+    let mut next = vec![0u8; size_of::<K>()];
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: std::ptr::from_ref(key) as u64,
         value: next.as_mut_ptr() as u64,
         ..Default::default()
     };
