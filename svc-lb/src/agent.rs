@@ -48,6 +48,9 @@ pub struct AgentConfig {
     pub xdp: bool,
     /// `--xdp-reject`: where XDP_TX answers a reject, where tc does.
     pub xdp_reject: crate::datapath::xdpdev::XdpReject,
+    /// `--ext-stats-interval`: between two folds of the conntrack counts into the
+    /// external traffic totals (zero: off).
+    pub ext_stats_interval: std::time::Duration,
     /// `--maglev-table-size`.
     pub maglev_size: u32,
     /// `--conntrack-max`: entries of the external path's conntrack map.
@@ -426,6 +429,14 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         },
     )?;
     dp.set_map_batch(choices.map_batch);
+    // The external path's lasting traffic totals (issue 15): off the sync, on a thread
+    // of their own. A failure leaves `list --stats` on the live entries' sums; the
+    // datapath does not depend on it.
+    if let Err(e) =
+        crate::datapath::exttotals::start(&cfg.bpffs, cfg.ext_stats_interval, choices.map_batch)
+    {
+        warn!(error = %format!("{e:#}"), "external traffic totals unavailable");
+    }
     if cfg.node.scheduler.needs_counts() && !choices.conn_counts {
         warn!(
             scheduler = %cfg.node.scheduler,

@@ -119,6 +119,12 @@ pub enum Command {
         /// frames unless it runs XDP itself, where tc answers; "tx" and "tc" force one.
         #[arg(long, value_enum, default_value_t = crate::datapath::xdpdev::XdpReject::Auto)]
         xdp_reject: crate::datapath::xdpdev::XdpReject,
+        /// Seconds between two folds of the external path's conntrack counts into the
+        /// lasting totals (LB_EXT_TRAFFIC_V1) that `list --stats` and the metrics show
+        /// (0.1 to 3600; 0: off, `list --stats` then sums the live entries, which go
+        /// down when entries are evicted)
+        #[arg(long, default_value_t = 2.0, value_parser = parse_ext_stats_interval, value_name = "SECONDS")]
+        ext_stats_interval: f64,
         /// Which sockets the socket programs translate: "all" (every socket in the
         /// cgroup) or "host" (only sockets in the agent's network namespace, Linux
         /// 5.14+). With "host", pods' packets to Services are translated per packet on
@@ -500,6 +506,7 @@ pub fn run(cli: Cli) -> Result<()> {
             node_ip,
             xdp,
             xdp_reject,
+            ext_stats_interval,
             socket_lb_scope,
             pod_devices,
             route_cluster_ips,
@@ -599,6 +606,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 node_ips: node_ip,
                 xdp,
                 xdp_reject,
+                ext_stats_interval: std::time::Duration::from_secs_f64(ext_stats_interval),
                 socket_lb_scope,
                 pod_devices,
                 route_cluster_ips,
@@ -838,6 +846,18 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 /// `list --interval`: seconds, 0.1 to 60.
+fn parse_ext_stats_interval(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| {
+        format!("--ext-stats-interval takes seconds (e.g. 2, or 0 for off), got {s:?}: {e}")
+    })?;
+    if v != 0.0 && !(0.1..=3600.0).contains(&v) {
+        return Err(format!(
+            "--ext-stats-interval must be 0 (off) or between 0.1 and 3600 seconds, got {s}"
+        ));
+    }
+    Ok(v)
+}
+
 fn parse_interval(s: &str) -> Result<f64, String> {
     let v: f64 = s
         .parse()

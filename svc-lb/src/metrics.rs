@@ -561,6 +561,13 @@ impl DatapathCollector {
         // (packets, bytes) series of frontends and backends.
         let mut frontend_traffic: TrafficSeries = Default::default();
         let mut backend_traffic: TrafficSeries = Default::default();
+        // The external path's lasting totals (never the live conntrack sums, which go
+        // down when entries go): IP packets and bytes, headers included, so series of
+        // their own rather than a label on the socket path's segments and payload.
+        let ext_fe = view.ext_frontend_traffic();
+        let ext_be = view.ext_backend_traffic();
+        let mut frontend_ext: TrafficSeries = Default::default();
+        let mut backend_ext: TrafficSeries = Default::default();
         let mut by_address: std::collections::HashMap<
             svc_lb_common::ConnKey,
             svc_lb_common::TrafficCount,
@@ -631,6 +638,10 @@ impl DatapathCollector {
                 let t = fe_traffic.get(&cur.rev_nat_id).copied().unwrap_or_default();
                 push_traffic(&mut frontend_traffic, &labels, &t);
             }
+            if view.ext_totals {
+                let t = ext_fe.get(&cur.rev_nat_id).copied().unwrap_or_default();
+                push_traffic(&mut frontend_ext, &labels, &t);
+            }
             per_frontend.push((labels, n));
         }
         let services: Vec<(Labels, u64)> = per_service
@@ -693,6 +704,11 @@ impl DatapathCollector {
                 let t = by_address.get(&key).copied().unwrap_or_default();
                 push_traffic(&mut backend_traffic, &labels, &t);
             }
+            if view.ext_totals {
+                let key = (crate::inspect::view::conn_key(&b.addr), b.addr.proto);
+                let t = ext_be.get(&key).copied().unwrap_or_default();
+                push_traffic(&mut backend_ext, &labels, &t);
+            }
             backends.push((labels, view.backend_conns.get(id).copied().unwrap_or(0)));
         }
         for (name, what, series) in [
@@ -718,6 +734,44 @@ impl DatapathCollector {
                 ),
                 series,
             )?;
+        }
+        if view.ext_totals {
+            for (name, what, series) in [
+                (
+                    "svclb_frontend_external_packets",
+                    "IP packets",
+                    &frontend_ext.0,
+                ),
+                (
+                    "svclb_frontend_external_bytes",
+                    "IP bytes (headers included)",
+                    &frontend_ext.1,
+                ),
+                (
+                    "svclb_backend_external_packets",
+                    "IP packets",
+                    &backend_ext.0,
+                ),
+                (
+                    "svclb_backend_external_bytes",
+                    "IP bytes (headers included)",
+                    &backend_ext.1,
+                ),
+            ] {
+                let of = if name.starts_with("svclb_frontend") {
+                    "per frontend, including backends that have left it"
+                } else {
+                    "per backend, over every frontend"
+                };
+                counter_family(
+                    enc,
+                    name,
+                    &format!(
+                        "{what} of the external path's flows (tc/XDP, and tc on pod devices) {of}, folded from the conntrack entries every --ext-stats-interval; direction in: client to backend, out: back"
+                    ),
+                    series,
+                )?;
+            }
         }
         // Absent (not 0) when the node keeps no counts: "unknown" is not "idle".
         if view.open_conns.is_some() {

@@ -91,9 +91,8 @@ impl Fold {
         let over = forward && (e.ct.expires_ns < now_ns || e.ct.flags & CT_FLAG_CLOSING != 0);
         let h = self.hasher.hash_one(k);
         let prev = self.seen.get(&h).copied();
-        let same_flow = prev.filter(|p| {
-            p.tag & !CLOSED == tag && p.packets <= e.packets && p.bytes <= e.bytes
-        });
+        let same_flow =
+            prev.filter(|p| p.tag & !CLOSED == tag && p.packets <= e.packets && p.bytes <= e.bytes);
         let closed_before = same_flow.is_some_and(|p| p.tag & CLOSED != 0);
         if !self.baseline {
             let (dp, db) = match same_flow {
@@ -250,8 +249,14 @@ fn read_ct_batch(ct: &MapData, f: &mut impl FnMut(&CtKey, &CtEntry)) -> std::io:
     let mut token = [0u8; 8];
     let mut first = true;
     loop {
-        let (n, done) =
-            sys::map_lookup_batch(ct.fd().as_fd(), &mut token, first, &mut keys, &mut values, BATCH)?;
+        let (n, done) = sys::map_lookup_batch(
+            ct.fd().as_fd(),
+            &mut token,
+            first,
+            &mut keys,
+            &mut values,
+            BATCH,
+        )?;
         first = false;
         for i in 0..n {
             let k: CtKey = bytemuck::pod_read_unaligned(&keys[i * ks..(i + 1) * ks]);
@@ -280,8 +285,8 @@ pub fn open_or_create(bpffs: &Path) -> Result<(TotalsMap, bool)> {
         )?;
         sys::obj_pin(fd.as_fd(), &path)?;
     }
-    let data = MapData::from_pin(&path)
-        .with_context(|| format!("open pinned map {}", path.display()))?;
+    let data =
+        MapData::from_pin(&path).with_context(|| format!("open pinned map {}", path.display()))?;
     let m = BpfHashMap::try_from(Map::HashMap(data))
         .with_context(|| format!("pinned map {MAP_EXT_TRAFFIC} has an unexpected layout"))?;
     Ok((m, existed))
@@ -355,7 +360,9 @@ impl Folder {
         for k in self.totals.keys().filter(|k| !next.contains_key(k)) {
             match self.map.remove(k) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(e).with_context(|| format!("{MAP_EXT_TRAFFIC}: remove {k:?}")),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("{MAP_EXT_TRAFFIC}: remove {k:?}"));
+                }
             }
         }
         for (k, v) in &next {
@@ -387,7 +394,9 @@ pub fn start(bpffs: &Path, interval: Duration, batch: bool) -> Result<()> {
             std::fs::remove_file(&path)
                 .with_context(|| format!("remove {} (--ext-stats-interval 0)", path.display()))?;
         }
-        info!("external traffic totals off (--ext-stats-interval 0): list --stats sums the live conntrack entries");
+        info!(
+            "external traffic totals off (--ext-stats-interval 0): list --stats sums the live conntrack entries"
+        );
         return Ok(());
     }
     let mut folder = Folder::open(bpffs, batch)?;

@@ -287,6 +287,27 @@ impl PinnedMaps {
         ))
     }
 
+    /// The external path's lasting traffic totals (`LB_EXT_TRAFFIC_V1`, kept by the
+    /// agent's fold of the conntrack counts, see `exttotals`), per (frontend, backend
+    /// address, protocol); `None` when the map is not pinned (`--ext-stats-interval 0`,
+    /// or an older agent).
+    pub fn ext_totals(
+        &self,
+    ) -> Result<Option<std::collections::HashMap<CtTrafficKey, svc_lb_common::TrafficCount>>> {
+        let name = svc_lb_common::MAP_EXT_TRAFFIC;
+        if !self.bpffs.join(name).exists() {
+            return Ok(None);
+        }
+        let m: HashMap<MapData, svc_lb_common::ExtTrafficKey, svc_lb_common::TrafficCount> =
+            open_pinned_hash(&self.bpffs, name)?;
+        Ok(Some(
+            collect(&m, name)?
+                .into_iter()
+                .map(|(k, v)| ((k.rev_nat_id, k.backend, k.proto), v))
+                .collect(),
+        ))
+    }
+
     /// External flows per backend id from the conntrack map's live forward entries:
     /// (established, other), as `CT_FLAG_ESTABLISHED` and `CT_FLAG_CLOSING` tell them
     /// apart (an established flow that saw a FIN or RST counts as other). Empty when

@@ -318,6 +318,7 @@ fn fixture() -> (FakeMaps, DatapathView) {
         ext_pairs: Default::default(),
         traffic: None,
         ext_traffic: None,
+        ext_totals: false,
     };
     (maps, view)
 }
@@ -2440,4 +2441,40 @@ fn metrics_export_traffic_only_where_it_is_counted() {
             "{l}"
         );
     }
+}
+
+#[test]
+fn metrics_export_external_traffic_from_the_totals_only() {
+    let (_, mut view) = fixture();
+    with_traffic(&mut view);
+    let render = |view: DatapathView| {
+        metrics::render(ScrapeData {
+            view: Some(view),
+            ..Default::default()
+        })
+        .expect("render")
+    };
+    // Live conntrack sums (no totals map): they go down, so they are no counter.
+    let text = render(view.clone());
+    assert!(!text.contains("_external_packets"), "{text}");
+    view.ext_totals = true;
+    let text = render(view);
+    for line in [
+        r#"svclb_backend_external_packets_total{namespace="shop",service="web",backend="10.244.1.5:8080/TCP",direction="in"} 12"#,
+        r#"svclb_backend_external_bytes_total{namespace="shop",service="web",backend="10.244.1.5:8080/TCP",direction="out"} 4000"#,
+        // A backend the external path never reached: 0.
+        r#"svclb_backend_external_bytes_total{namespace="shop",service="web",backend="10.244.3.2:8080/TCP",direction="in"} 0"#,
+    ] {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+    let fe: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("svclb_frontend_external_packets_total") && l.ends_with(" 12"))
+        .collect();
+    assert_eq!(fe.len(), 1, "one frontend carried 12 packets in:\n{text}");
+    // The socket path's series are unchanged by the external counts.
+    assert!(
+        text.contains(r#"svclb_frontend_packets_total{namespace="shop",service="web",port_name="http",kind="ClusterIP",scope="socket",frontend="10.96.0.10:80/TCP",direction="in"} 20"#),
+        "{text}"
+    );
 }

@@ -31,11 +31,15 @@ pub struct DatapathView {
     /// Traffic of closed socket-path TCP connections per (frontend, backend address);
     /// `None` when the node keeps none (see `PinnedMaps::traffic`).
     pub traffic: Option<HashMap<svc_lb_common::TrafficKey, svc_lb_common::TrafficCount>>,
-    /// Packets and bytes the external path's conntrack entries hold per (frontend,
-    /// backend address, protocol); `None` without a conntrack map (see
-    /// `CtConns::traffic`).
+    /// Packets and bytes of the external path per (frontend, backend address,
+    /// protocol): the agent's lasting totals (`LB_EXT_TRAFFIC_V1`, which never go
+    /// down and lag the datapath by up to `--ext-stats-interval`) when it keeps them,
+    /// else what the conntrack entries hold now (see `CtConns::traffic`); `None`
+    /// without either. The key's backend address 0 holds departed backends.
     pub ext_traffic:
         Option<HashMap<crate::datapath::pinned::CtTrafficKey, svc_lb_common::TrafficCount>>,
+    /// Whether `ext_traffic` holds the lasting totals (counters that never go down).
+    pub ext_totals: bool,
 }
 
 impl DatapathView {
@@ -73,7 +77,9 @@ pub fn conn_key(addr: &crate::model::BackendAddr) -> svc_lb_common::ConnKey {
 impl DatapathView {
     pub fn read(maps: &PinnedMaps) -> Result<Self> {
         let ct = maps.ct_conn_counts(crate::inspect::trace::monotonic_ns())?;
+        let totals = maps.ext_totals()?;
         Ok(Self {
+            ext_totals: totals.is_some(),
             state: maps.read_current()?,
             meta: maps.meta()?,
             frontend_conns: maps.conn_stats(MAP_FE_STATS)?,
@@ -81,7 +87,12 @@ impl DatapathView {
             open_conns: maps.conn_counts()?,
             ext_conns: ct.per_backend,
             ext_pairs: ct.pairs,
-            ext_traffic: ct.traffic,
+            // The totals when the agent keeps them: the live sums go down whenever
+            // the LRU evicts an entry or a flow reuses one.
+            ext_traffic: match totals {
+                Some(t) => Some(t),
+                None => ct.traffic,
+            },
             traffic: maps.traffic()?,
         })
     }
@@ -122,6 +133,18 @@ impl DatapathView {
         let mut out: HashMap<u32, svc_lb_common::TrafficCount> = HashMap::new();
         for ((rev_nat_id, _, _), v) in self.ext_traffic.iter().flatten() {
             out.entry(*rev_nat_id).or_default().add(v);
+        }
+        out
+    }
+
+    /// The external path's traffic per backend (address, protocol), over every
+    /// frontend; empty without counts.
+    pub fn ext_backend_traffic(
+        &self,
+    ) -> HashMap<(svc_lb_common::ConnKey, u8), svc_lb_common::TrafficCount> {
+        let mut out: HashMap<_, svc_lb_common::TrafficCount> = HashMap::new();
+        for ((_, addr, proto), v) in self.ext_traffic.iter().flatten() {
+            out.entry((*addr, *proto)).or_default().add(v);
         }
         out
     }

@@ -134,7 +134,10 @@ fn a_restarted_agent_takes_the_live_entries_as_its_baseline() {
     let mut f = Fold::new(true);
     let d = pass(&mut f, &[fwd(1000, 7, 1, 10), rep(1000, 7, 1, 9)]);
     assert!(d.is_empty(), "the baseline adds nothing: {d:?}");
-    let d = pass(&mut f, &[fwd(1000, 7, 1, 11), rep(1000, 7, 1, 9), fwd(1001, 7, 1, 1)]);
+    let d = pass(
+        &mut f,
+        &[fwd(1000, 7, 1, 11), rep(1000, 7, 1, 9), fwd(1001, 7, 1, 1)],
+    );
     assert_eq!(d, Deltas::from([(tkey(7, 1), count(2, 0))]));
     // A fresh totals map (no baseline) counts what the entries hold.
     let mut f = Fold::new(false);
@@ -186,17 +189,36 @@ fn totals_keep_their_sum_while_entries_go_and_drop_frontends_that_go() {
     let d = Deltas::from([(tkey(7, 1), count(5, 4)), (tkey(8, 2), count(1, 1))]);
     settle(&mut totals, &d, &p, None);
     settle(&mut totals, &Deltas::new(), &p, Some(&p));
-    assert_eq!(totals[&tkey(7, 1)], count(5, 4), "no deltas: totals unchanged");
-    settle(&mut totals, &Deltas::from([(tkey(7, 1), count(1, 0))]), &p, Some(&p));
+    assert_eq!(
+        totals[&tkey(7, 1)],
+        count(5, 4),
+        "no deltas: totals unchanged"
+    );
+    settle(
+        &mut totals,
+        &Deltas::from([(tkey(7, 1), count(1, 0))]),
+        &p,
+        Some(&p),
+    );
     assert_eq!(totals[&tkey(7, 1)], count(6, 4));
     // Frontend 8 removed: its totals go; deltas of an id not programmed are dropped.
     let p2 = programmed(&[(7, 30080)], &[1, 2]);
-    settle(&mut totals, &Deltas::from([(tkey(9, 1), count(1, 0))]), &p2, Some(&p));
+    settle(
+        &mut totals,
+        &Deltas::from([(tkey(9, 1), count(1, 0))]),
+        &p2,
+        Some(&p),
+    );
     assert_eq!(totals.len(), 1, "{totals:?}");
     // Backend 1 leaves the backend map: its totals move to the frontend's departed
     // entry, the frontend's sum unchanged.
     let p3 = programmed(&[(7, 30080)], &[2]);
-    settle(&mut totals, &Deltas::from([(tkey(7, 1), count(1, 1))]), &p3, Some(&p2));
+    settle(
+        &mut totals,
+        &Deltas::from([(tkey(7, 1), count(1, 1))]),
+        &p3,
+        Some(&p2),
+    );
     let gone = ExtTrafficKey {
         backend: departed(),
         ..tkey(7, 1)
@@ -208,10 +230,20 @@ fn totals_keep_their_sum_while_entries_go_and_drop_frontends_that_go() {
 fn a_reused_rev_nat_id_starts_from_zero() {
     let mut totals = HashMap::new();
     let a = programmed(&[(7, 30080)], &[1]);
-    settle(&mut totals, &Deltas::from([(tkey(7, 1), count(5, 5))]), &a, None);
+    settle(
+        &mut totals,
+        &Deltas::from([(tkey(7, 1), count(5, 5))]),
+        &a,
+        None,
+    );
     // Between two folds id 7 went to another frontend (another Service).
     let b = programmed(&[(7, 30099)], &[1]);
-    settle(&mut totals, &Deltas::from([(tkey(7, 1), count(1, 0))]), &b, Some(&a));
+    settle(
+        &mut totals,
+        &Deltas::from([(tkey(7, 1), count(1, 0))]),
+        &b,
+        Some(&a),
+    );
     assert_eq!(totals, HashMap::from([(tkey(7, 1), count(1, 0))]));
     // A TCP key of the same backend address is another key.
     assert_ne!(

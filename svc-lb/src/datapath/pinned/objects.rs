@@ -303,6 +303,11 @@ pub fn maps(bpffs: &Path, names: &[&str]) -> Result<Vec<MapStatus>> {
     let mut out = Vec::with_capacity(names.len());
     for name in names {
         let path = bpffs.join(name);
+        // The one map no program holds: absent with `--ext-stats-interval 0` or under
+        // an agent that predates it.
+        if *name == svc_lb_common::MAP_EXT_TRAFFIC && !path.exists() {
+            continue;
+        }
         let data = MapData::from_pin(&path)
             .with_context(|| format!("open pinned map {}", path.display()))?;
         let info = data
