@@ -1024,7 +1024,17 @@ fn num(v: &Value, field: &str) -> Result<u64> {
 /// bytes a packet plus the payload. Node B, which only forwards, counts nothing.
 fn ext_stats(xdp: bool) {
     external(|lab| {
-        start(lab, xdp, &[&web()])?;
+        start_with(
+            lab,
+            xdp,
+            vec![
+                "--ext-stats-interval".into(),
+                EXT_STATS_INTERVAL.into(),
+                "--metrics-addr".into(),
+                format!("127.0.0.1:{METRICS_PORT}"),
+            ],
+            &[&web()],
+        )?;
         let entry = Node::A;
         let udp = run(
             lab,
@@ -1042,8 +1052,9 @@ fn ext_stats(xdp: bool) {
             Duration::from_secs(1),
         )?;
         all_ok(&tcp, N)?;
-        // The last ACKs of the TCP connections are on their way.
-        std::thread::sleep(Duration::from_millis(500));
+        // The last ACKs of the TCP connections are on their way; then one fold of the
+        // conntrack counts into the totals.
+        std::thread::sleep(Duration::from_millis(500) + EXT_FOLD_WAIT);
         let all = list_stats(lab, entry)?;
         // A reply's payload: (shortest, longest) over the port digits it may carry.
         let reply_len = |pod: &str| -> (u64, u64) {
@@ -1125,8 +1136,189 @@ fn ext_stats(xdp: bool) {
                 );
             }
         }
-        Ok(())
+        totals_outlive_conntrack(lab, entry, &all)
     });
+}
+
+/// `--ext-stats-interval` of the [`ext_stats`] agents, and how long a test waits for a
+/// fold after the traffic.
+const EXT_STATS_INTERVAL: &str = "0.5";
+const EXT_FOLD_WAIT: Duration = Duration::from_millis(1500);
+/// The metrics port of the [`ext_stats`] agents, inside each node's namespace.
+const METRICS_PORT: u16 = 19464;
+
+/// The lasting totals (issue 15): every conntrack entry of node `entry` is deleted, as
+/// the LRU evicts entries; `list --stats` (and `--rate` across the deletion) and the
+/// metrics keep what `before` (the listing before) showed: exactly for UDP, at least
+/// for TCP (a late ACK may still come), and `--rate` shows no traffic. The live sums
+/// of the entries would have dropped to 0.
+fn totals_outlive_conntrack(lab: &TwoNodeLab, entry: Node, before: &[Value]) -> Result<()> {
+    let metrics = |what: &str| -> Result<std::collections::BTreeMap<String, f64>> {
+        let ns = lab.net.node(entry).name().to_owned();
+        let addr: SocketAddr = format!("127.0.0.1:{METRICS_PORT}").parse()?;
+        let text = svc_lb_tests::netns::in_netns(&ns, || {
+            svc_lb_tests::metrics::http_get(addr, "/metrics")
+        })
+        .with_context(|| format!("scrape node {}'s metrics {what}", entry.name()))?;
+        Ok(svc_lb_tests::metrics::parse_metrics(&text))
+    };
+    // The frontend's external series of a scrape: (packets in, packets out, bytes in).
+    let ext_series =
+        |m: &std::collections::BTreeMap<String, f64>, proto: &str| -> Result<[u64; 3]> {
+            let mut out = [0u64; 3];
+            for (i, (name, dir)) in [
+                ("svclb_frontend_external_packets_total", "in"),
+                ("svclb_frontend_external_packets_total", "out"),
+                ("svclb_frontend_external_bytes_total", "in"),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let hits: Vec<f64> = m
+                    .iter()
+                    .filter(|(k, _)| {
+                        k.starts_with(name)
+                            && k.contains("scope=\"external\"")
+                            && k.contains(&format!("frontend=\"0.0.0.0:30080/{proto}\""))
+                            && k.contains(&format!("direction=\"{dir}\""))
+                    })
+                    .map(|(_, v)| *v)
+                    .collect();
+                ensure!(
+                    hits.len() == 1,
+                    "{name} of the external {proto} NodePort ({dir}): {hits:?} among {m:#?}"
+                );
+                out[i] = hits[0] as u64;
+            }
+            Ok(out)
+        };
+    let fe_of = |all: &[Value], proto: &str| -> Result<[u64; 3]> {
+        let fe = ext_frontend(all, "0.0.0.0", 30080, proto)?;
+        Ok([
+            num(fe, "packets_in")?,
+            num(fe, "packets_out")?,
+            num(fe, "bytes_in")?,
+        ])
+    };
+    let udp_before = fe_of(before, "UDP")?;
+    let tcp_before = fe_of(before, "TCP")?;
+    let m = metrics("before")?;
+    ensure!(
+        ext_series(&m, "UDP")? == udp_before,
+        "the metrics' UDP totals {:?} are not list's {udp_before:?}",
+        ext_series(&m, "UDP")?
+    );
+
+    // Every conntrack entry goes, as the LRU would evict them.
+    let ct_path = lab.bpffs(entry).join(svc_lb_common::MAP_CT);
+    let ct = aya::maps::MapData::from_pin(&ct_path)
+        .with_context(|| format!("open {}", ct_path.display()))?;
+    let mut ct: aya::maps::HashMap<_, svc_lb_common::CtKey, svc_lb_common::CtEntry> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(ct))?;
+    let keys: Vec<svc_lb_common::CtKey> = ct.keys().collect::<Result<_, _>>()?;
+    ensure!(
+        !keys.is_empty(),
+        "node {} has no conntrack entries",
+        entry.name()
+    );
+    for k in &keys {
+        ct.remove(k)?;
+    }
+    ensure!(
+        ct.keys().next().is_none(),
+        "conntrack entries left after the deletion"
+    );
+    // `--rate` across the deletion and the next folds: nothing flows, so 0.
+    let bin = lab.bins.svc_lb.display().to_string();
+    let bpffs = lab.bpffs(entry).display().to_string();
+    let out = lab.node_cmd(
+        entry,
+        &bin,
+        &[
+            "list",
+            "--rate",
+            "--interval",
+            "2",
+            "-o",
+            "json",
+            "--bpffs",
+            &bpffs,
+        ],
+    )?;
+    let rates: Value = serde_json::from_str(&out).with_context(|| format!("list JSON: {out}"))?;
+    for proto in ["UDP", "TCP"] {
+        let fe = ext_frontend(
+            rates.as_array().context("not an array")?,
+            "0.0.0.0",
+            30080,
+            proto,
+        )?;
+        for f in [
+            "packets_in_per_second",
+            "packets_out_per_second",
+            "bytes_in_per_second",
+            "bytes_out_per_second",
+        ] {
+            let r = fe["rate"][f]
+                .as_f64()
+                .with_context(|| format!("rate.{f} is not a number: {fe}"))?;
+            ensure!(
+                r == 0.0 || (proto == "TCP" && r >= 0.0),
+                "{proto} NodePort: {f} {r} while nothing flows and the entries went: {fe}"
+            );
+        }
+    }
+    std::thread::sleep(EXT_FOLD_WAIT);
+    let after = list_stats(lab, entry)?;
+    let udp_after = fe_of(&after, "UDP")?;
+    let tcp_after = fe_of(&after, "TCP")?;
+    ensure!(
+        udp_after == udp_before,
+        "UDP NodePort totals changed when the conntrack entries went: {udp_before:?} → {udp_after:?}"
+    );
+    ensure!(
+        tcp_after.iter().zip(&tcp_before).all(|(a, b)| a >= b),
+        "TCP NodePort totals went down when the conntrack entries went: {tcp_before:?} → {tcp_after:?}"
+    );
+    // Per backend too (UDP: exactly).
+    let fe_b = ext_frontend(before, "0.0.0.0", 30080, "UDP")?;
+    let fe_a = ext_frontend(&after, "0.0.0.0", 30080, "UDP")?;
+    let per_backend = |fe: &Value| -> Result<BTreeMap<String, [u64; 4]>> {
+        fe["backends"]
+            .as_array()
+            .context("no backends")?
+            .iter()
+            .map(|b| {
+                Ok((
+                    b["address"].to_string(),
+                    [
+                        num(b, "packets_in")?,
+                        num(b, "packets_out")?,
+                        num(b, "bytes_in")?,
+                        num(b, "bytes_out")?,
+                    ],
+                ))
+            })
+            .collect()
+    };
+    ensure!(
+        per_backend(fe_b)? == per_backend(fe_a)?,
+        "UDP backends' totals changed: {:?} → {:?}",
+        per_backend(fe_b)?,
+        per_backend(fe_a)?
+    );
+    let m = metrics("after")?;
+    ensure!(
+        ext_series(&m, "UDP")? == udp_before,
+        "the metrics' UDP totals went from {udp_before:?} to {:?}",
+        ext_series(&m, "UDP")?
+    );
+    let tcp_m = ext_series(&m, "TCP")?;
+    ensure!(
+        tcp_m.iter().zip(&tcp_before).all(|(a, b)| a >= b),
+        "the metrics' TCP totals {tcp_m:?} are below list's before {tcp_before:?}"
+    );
+    Ok(())
 }
 
 #[test]
