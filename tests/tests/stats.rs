@@ -487,3 +487,122 @@ fn rate_follows_a_client_loop_and_falls_to_zero() {
         Ok(())
     });
 }
+
+/// The agent's fold of the external path's conntrack counts (`exttotals`) over a full
+/// conntrack map: 262 144 entries in an LRU hash of the conntrack layout, read by
+/// BPF_MAP_LOOKUP_BATCH and key by key. Each pass must find exactly what the entries
+/// gained; the time of each pass and the process's resident memory are printed (the
+/// numbers in the README).
+#[test]
+fn fold_of_a_full_conntrack_map_is_exact_and_measured() {
+    use std::os::fd::AsFd;
+    use svc_lb::datapath::{exttotals, sys};
+    use svc_lb_common::{CT_DIR_FORWARD, CtEntry, CtKey, CtValue, FAMILY_V4, PROTO_TCP};
+    const N: u32 = 262_144;
+    const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+    let rss_kib = || -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    let run = || -> Result<()> {
+        // Room beyond N: an LRU map may evict before it is full (per-CPU free lists).
+        let map = sys::create_map(
+            BPF_MAP_TYPE_LRU_HASH,
+            "svclbt_ct_fold",
+            size_of::<CtKey>() as u32,
+            size_of::<CtEntry>() as u32,
+            2 * N,
+        )?;
+        let fill = |packets: u64| -> Result<()> {
+            let mut keys = Vec::with_capacity(N as usize * size_of::<CtKey>());
+            let mut values = Vec::with_capacity(N as usize * size_of::<CtEntry>());
+            for i in 0..N {
+                let k = CtKey {
+                    saddr_be: [(0x0a00_0000 | i).to_be(), 0, 0, 0],
+                    daddr_be: [0x0a63_0001u32.to_be(), 0, 0, 0],
+                    sport_be: 40000u16.to_be(),
+                    dport_be: 30080u16.to_be(),
+                    proto: PROTO_TCP,
+                    family: FAMILY_V4,
+                    dir: CT_DIR_FORWARD,
+                    _pad: 0,
+                };
+                let e = CtEntry {
+                    ct: CtValue {
+                        expires_ns: u64::MAX,
+                        backend_id: 1 + i % 16,
+                        rev_nat_id: 1 + i % 64,
+                        nat_addr_be: [(0x0afb_0000 | (i % 16)).to_be(), 0, 0, 0],
+                        snat_addr_be: [0; 4],
+                        nat_port_be: 8080u16.to_be(),
+                        snat_port_be: 0,
+                        flags: 0,
+                        _pad: [0; 3],
+                    },
+                    packets,
+                    bytes: packets * 100,
+                };
+                keys.extend_from_slice(bytemuck::bytes_of(&k));
+                values.extend_from_slice(bytemuck::bytes_of(&e));
+            }
+            sys::map_update_batch(map.as_fd(), &keys, &values, N as usize)
+                .map_err(|(n, e)| anyhow::anyhow!("update batch stopped after {n}: {e}"))
+        };
+        fill(3)?;
+        let present = sys::count_keys(map.as_fd(), size_of::<CtKey>())?;
+        ensure!(
+            present == u64::from(N),
+            "{present} of {N} entries in the map"
+        );
+        for batch in [true, false] {
+            let mut fold = exttotals::Fold::new(false);
+            let rss0 = rss_kib();
+            let mut pass = |want_packets: u64| -> Result<()> {
+                let t = Instant::now();
+                let mut deltas = exttotals::Deltas::new();
+                let mut n = 0u64;
+                let used = exttotals::read_ct(map.as_fd(), batch, |k, e| {
+                    n += 1;
+                    fold.entry(k, e, 0, &mut deltas);
+                })?;
+                fold.finish();
+                let took = t.elapsed();
+                let packets: u64 = deltas.values().map(|d| d.packets_in).sum();
+                let bytes: u64 = deltas.values().map(|d| d.bytes_in).sum();
+                eprintln!(
+                    "fold batch={used}: {n} entries in {took:?}, {} frontend×backend keys, {packets} packets; remembered {}; VmRSS {} KiB (+{} KiB since the fold began)",
+                    deltas.len(),
+                    fold.remembered(),
+                    rss_kib(),
+                    rss_kib().saturating_sub(rss0)
+                );
+                ensure!(used == batch, "batch walk used: {used}, asked {batch}");
+                ensure!(n == u64::from(N), "read {n} entries of {N}");
+                ensure!(
+                    packets == want_packets && bytes == want_packets * 100,
+                    "pass added {packets} packets / {bytes} bytes, expected {want_packets}"
+                );
+                Ok(())
+            };
+            pass(3 * u64::from(N))?;
+            pass(0)?;
+            // Every entry gains one packet; then every entry is replaced by a new
+            // flow with fewer packets than the old one had (counted whole).
+            fill(4)?;
+            pass(u64::from(N))?;
+            fill(1)?;
+            pass(u64::from(N))?;
+            fill(3)?;
+        }
+        Ok(())
+    };
+    if let Err(e) = run() {
+        panic!("{e:#}");
+    }
+}

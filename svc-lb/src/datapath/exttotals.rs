@@ -44,13 +44,34 @@ struct Seen {
 
 const CLOSED: u32 = 1 << 31;
 
+/// The fold's keys are already keyed hashes of the entries' keys: hashing them again
+/// would only cost time.
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl std::hash::Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type SeenMap = HashMap<u64, Seen, std::hash::BuildHasherDefault<PassThrough>>;
+
 /// Increases found by one fold, per (frontend, backend address, protocol).
 pub type Deltas = HashMap<ExtTrafficKey, TrafficCount>;
 
 /// The fold's memory between two passes over the conntrack map.
 pub struct Fold {
     hasher: std::collections::hash_map::RandomState,
-    seen: HashMap<u64, Seen>,
+    seen: SeenMap,
     generation: u32,
     /// The next pass only records what it sees (the totals already hold it: an agent
     /// restarted on its pinned totals).
@@ -62,7 +83,7 @@ impl Fold {
     pub fn new(baseline: bool) -> Self {
         Self {
             hasher: std::collections::hash_map::RandomState::new(),
-            seen: HashMap::new(),
+            seen: SeenMap::default(),
             generation: 0,
             baseline,
         }
@@ -212,7 +233,11 @@ const BATCH: u32 = 4096;
 /// when `batch` (the buffers hold [`BATCH`] entries: about 450 KiB), else key by key.
 /// A batch walk that fails part way is done again key by key (the fold takes an entry
 /// seen twice). Returns whether the batch walk was used.
-pub fn read_ct(ct: &MapData, batch: bool, mut f: impl FnMut(&CtKey, &CtEntry)) -> Result<bool> {
+pub fn read_ct(
+    ct: std::os::fd::BorrowedFd<'_>,
+    batch: bool,
+    mut f: impl FnMut(&CtKey, &CtEntry),
+) -> Result<bool> {
     if batch {
         match read_ct_batch(ct, &mut f) {
             Ok(()) => return Ok(true),
@@ -221,7 +246,7 @@ pub fn read_ct(ct: &MapData, batch: bool, mut f: impl FnMut(&CtKey, &CtEntry)) -
             }
         }
     }
-    let fd = ct.fd().as_fd();
+    let fd = ct;
     let ks = size_of::<CtKey>();
     let mut cur: Option<CtKey> = None;
     loop {
@@ -241,7 +266,10 @@ pub fn read_ct(ct: &MapData, batch: bool, mut f: impl FnMut(&CtKey, &CtEntry)) -
     Ok(false)
 }
 
-fn read_ct_batch(ct: &MapData, f: &mut impl FnMut(&CtKey, &CtEntry)) -> std::io::Result<()> {
+fn read_ct_batch(
+    ct: std::os::fd::BorrowedFd<'_>,
+    f: &mut impl FnMut(&CtKey, &CtEntry),
+) -> std::io::Result<()> {
     let ks = size_of::<CtKey>();
     let vs = size_of::<CtEntry>();
     let mut keys = vec![0u8; ks * BATCH as usize];
@@ -249,14 +277,8 @@ fn read_ct_batch(ct: &MapData, f: &mut impl FnMut(&CtKey, &CtEntry)) -> std::io:
     let mut token = [0u8; 8];
     let mut first = true;
     loop {
-        let (n, done) = sys::map_lookup_batch(
-            ct.fd().as_fd(),
-            &mut token,
-            first,
-            &mut keys,
-            &mut values,
-            BATCH,
-        )?;
+        let (n, done) =
+            sys::map_lookup_batch(ct, &mut token, first, &mut keys, &mut values, BATCH)?;
         first = false;
         for i in 0..n {
             let k: CtKey = bytemuck::pod_read_unaligned(&keys[i * ks..(i + 1) * ks]);
@@ -349,7 +371,7 @@ impl Folder {
                 .with_context(|| format!("open pinned map {}", ct_path.display()))?;
             let now_ns = crate::inspect::trace::monotonic_ns();
             let fold = &mut self.fold;
-            batch = read_ct(&ct, self.batch, |k, e| {
+            batch = read_ct(ct.fd().as_fd(), self.batch, |k, e| {
                 entries += 1;
                 fold.entry(k, e, now_ns, deltas);
             })?;

@@ -366,12 +366,23 @@ pub fn create_hash_map(
     max_entries: u32,
 ) -> Result<OwnedFd> {
     const BPF_MAP_TYPE_HASH: u32 = 1;
+    create_map(BPF_MAP_TYPE_HASH, name, key_size, value_size, max_entries)
+}
+
+/// Creates a map of `map_type` (`BPF_MAP_TYPE_*`) named `name`.
+pub fn create_map(
+    map_type: u32,
+    name: &str,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+) -> Result<OwnedFd> {
     let mut map_name = [0u8; 16];
     for (d, s) in map_name.iter_mut().zip(name.bytes().take(15)) {
         *d = s;
     }
     let mut attr = MapCreateNamedAttr {
-        map_type: BPF_MAP_TYPE_HASH,
+        map_type,
         key_size,
         value_size,
         max_entries,
@@ -379,7 +390,7 @@ pub fn create_hash_map(
         ..Default::default()
     };
     let fd = bpf(BPF_MAP_CREATE, &mut attr)
-        .with_context(|| format!("BPF_MAP_CREATE of hash map {name}"))?;
+        .with_context(|| format!("BPF_MAP_CREATE of map {name} (type {map_type})"))?;
     // SAFETY: the kernel returned a new descriptor that we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
