@@ -104,7 +104,7 @@ pub const MAP_TRAFFIC: &str = "LB_TRAFFIC_V1";
 /// writes it, so that the counters of `list --stats` and the metrics never go down
 /// when the LRU evicts an entry or a new flow reuses one (issue 15). Absent when the
 /// agent runs with `--ext-stats-interval 0`.
-pub const MAP_EXT_TRAFFIC: &str = "LB_EXT_TRAFFIC_V1";
+pub const MAP_EXT_TRAFFIC: &str = "LB_EXTTOTAL_V1";
 /// Capacity of [`MAP_EXT_TRAFFIC`]: (frontend, backend address, protocol) triples.
 pub const EXT_TRAFFIC_MAX: u32 = 65_536;
 

@@ -120,7 +120,7 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = crate::datapath::xdpdev::XdpReject::Auto)]
         xdp_reject: crate::datapath::xdpdev::XdpReject,
         /// Seconds between two folds of the external path's conntrack counts into the
-        /// lasting totals (LB_EXT_TRAFFIC_V1) that `list --stats` and the metrics show
+        /// lasting totals (LB_EXTTOTAL_V1) that `list --stats` and the metrics show
         /// (0.1 to 3600; 0: off, `list --stats` then sums the live entries, which go
         /// down when entries are evicted)
         #[arg(long, default_value_t = 2.0, value_parser = parse_ext_stats_interval, value_name = "SECONDS")]

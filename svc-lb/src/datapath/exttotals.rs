@@ -2,7 +2,7 @@
 //! packets and bytes in each conntrack entry (`LB_CT_V2`, [`CtEntry`]); an entry the LRU
 //! evicts, or that a new flow with the same 5-tuple replaces, takes its counts with it.
 //! So the agent folds the entries' counts every `--ext-stats-interval` into totals per
-//! (frontend, backend address, protocol) in a map of its own, `LB_EXT_TRAFFIC_V1`,
+//! (frontend, backend address, protocol) in a map of its own, `LB_EXTTOTAL_V1`,
 //! which `list --stats` and the metrics read: counters that never go down. No work is
 //! added per packet.
 //!

@@ -287,7 +287,7 @@ impl PinnedMaps {
         ))
     }
 
-    /// The external path's lasting traffic totals (`LB_EXT_TRAFFIC_V1`, kept by the
+    /// The external path's lasting traffic totals (`LB_EXTTOTAL_V1`, kept by the
     /// agent's fold of the conntrack counts, see `exttotals`), per (frontend, backend
     /// address, protocol); `None` when the map is not pinned (`--ext-stats-interval 0`,
     /// or an older agent).

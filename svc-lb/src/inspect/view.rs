@@ -32,7 +32,7 @@ pub struct DatapathView {
     /// `None` when the node keeps none (see `PinnedMaps::traffic`).
     pub traffic: Option<HashMap<svc_lb_common::TrafficKey, svc_lb_common::TrafficCount>>,
     /// Packets and bytes of the external path per (frontend, backend address,
-    /// protocol): the agent's lasting totals (`LB_EXT_TRAFFIC_V1`, which never go
+    /// protocol): the agent's lasting totals (`LB_EXTTOTAL_V1`, which never go
     /// down and lag the datapath by up to `--ext-stats-interval`) when it keeps them,
     /// else what the conntrack entries hold now (see `CtConns::traffic`); `None`
     /// without either. The key's backend address 0 holds departed backends.
