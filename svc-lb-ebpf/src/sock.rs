@@ -45,8 +45,8 @@ pub enum Family {
 /// of the forward path, so that each program holds only its own way (and a tail call
 /// stays in the program's main function, where the verifier allows it).
 pub mod lc {
-    /// sendmsg: a random slot. Unconnected datagrams are never counted, so there is
-    /// nothing to compare, and the sendmsg programs stay without the scan.
+    /// sendmsg: a random slot. Unconnected datagrams are never counted as open
+    /// connections (only as packets sent, `count_datagram`), so there is nothing to compare, and the sendmsg programs stay without the scan.
     pub const RANDOM: u8 = 0;
     /// The connect hooks: tail-call the family's lc program (`svclb_lc4`/`6`), so that
     /// the hooks every other connection runs carry no scan for the verifier to walk.
