@@ -96,7 +96,8 @@ pub const XDP_MAC_SET: u8 = 1;
 pub const MAP_CONNS: &str = "LB_CONNS_V1";
 /// Traffic of closed TCP connections on the socket path per (frontend, backend address)
 /// ([`TrafficKey`] → [`TrafficCount`]), added by `svclb_sockops` when a counted socket
-/// closes (issue 15: `list --stats`/`--rate`, `svclb_*_bytes_total`).
+/// closes (issue 15: `list --stats`/`--rate`, `svclb_*_bytes_total`); also the
+/// unconnected UDP datagrams the sendmsg hooks translate (`packets_in` only).
 pub const MAP_TRAFFIC: &str = "LB_TRAFFIC_V1";
 /// Lasting traffic totals of the external path per (frontend, backend address,
 /// protocol) ([`ExtTrafficKey`] → [`TrafficCount`]). No program uses it: the agent
@@ -1071,7 +1072,9 @@ const _: () = assert!(core::mem::size_of::<TrafficKey>() == 24);
 /// Directions as IPVS names them: `in` is client → backend, `out` backend → client.
 /// Packets are the client socket's TCP segments (`segs_out`/`segs_in`: SYN, pure ACKs,
 /// FIN and retransmissions included); bytes are payload (`bytes_acked` and
-/// `bytes_received` without the SYN's and the FINs' sequence numbers).
+/// `bytes_received` without the SYN's and the FINs' sequence numbers). For a UDP
+/// frontend only `packets_in` is counted (one per unconnected datagram, by the sendmsg
+/// hooks, which see no length and no reply); its other fields stay 0 and mean unknown.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct TrafficCount {

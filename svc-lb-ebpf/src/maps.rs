@@ -83,7 +83,9 @@ pub static LB_CONNS_V1: HashMap<ConnKey, ConnCount, { CONNS_MAP_MAX as usize }, 
     HashMap::new();
 
 /// Traffic of closed TCP connections per (frontend, backend address), added by
-/// `svclb_sockops` at the close. Not per-CPU: one add per closed connection, and a
+/// `svclb_sockops` at the close, and the unconnected UDP datagrams the sendmsg hooks
+/// translate (`packets_in` only, see `sock.rs` `count_datagram`). Not per-CPU: one add
+/// per closed connection or datagram, and a
 /// per-CPU value per (frontend, backend) pair would cost its size times the CPUs. The
 /// agent deletes the entries of frontends that are gone with its full sync.
 #[btf_map]

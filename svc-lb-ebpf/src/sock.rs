@@ -17,10 +17,10 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use svc_lb_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, CTR_SOCK_AFF_HIT, CTR_SOCK_AFF_STALE,
+    AffinityKey, AffinityMatchKey, AffinityValue, Backend, CTR_SOCK_AFF_HIT, CTR_SOCK_AFF_STALE,
     CTR_SOCK_AFF_UPDATE_FAIL, CTR_SOCK_RNAT_UPDATE_FAIL, CTR_SOCK_SRC_UNBOUND, CTR_SOCK_XLATED,
     Choice, ConnKey, PROTO_UDP, SCOPE_ALL, SVC_FLAG_SCHED_LC, SrcRange4Key, SrcRange6Key,
-    Stickiness, Svc4Key, Svc6Key, SvcValue, choose_backend,
+    Stickiness, Svc4Key, Svc6Key, SvcValue, TrafficCount, TrafficKey, choose_backend,
     lookup::{LC_LOOP_MAX, LC_SCAN_MAX, LcScan, lc_overhead, lc_two_choices, v4_mapped},
     select_slot,
 };
@@ -28,7 +28,7 @@ use svc_lb_common::{
 use crate::maps::{
     LB_AFFINITY_V1, LB_AFFMATCH_V1, LB_BACKENDS_V1, LB_BESTATS_V1, LB_CONNS_V1, LB_COUNTERS_V2,
     LB_FESTATS_V1, LB_LCPROG4, LB_LCPROG6, LB_LCSCAN, LB_SRCRNG4_V1, LB_SRCRNG6_V1, LB_SVC4_V1,
-    LB_SVC6_V1,
+    LB_SVC6_V1, LB_TRAFFIC_V1,
 };
 
 const ALLOW: i32 = 1;
@@ -45,8 +45,8 @@ pub enum Family {
 /// of the forward path, so that each program holds only its own way (and a tail call
 /// stays in the program's main function, where the verifier allows it).
 pub mod lc {
-    /// sendmsg: a random slot. Unconnected datagrams are never counted, so there is
-    /// nothing to compare, and the sendmsg programs stay without the scan.
+    /// sendmsg: a random slot. Unconnected datagrams are never counted as open
+    /// connections (only as packets sent, `count_datagram`), so there is nothing to compare, and the sendmsg programs stay without the scan.
     pub const RANDOM: u8 = 0;
     /// The connect hooks: tail-call the family's lc program (`svclb_lc4`/`6`), so that
     /// the hooks every other connection runs carry no scan for the verifier to walk.
@@ -102,6 +102,39 @@ pub(crate) fn count_conn(rev_nat_id: u32, backend_id: u32) {
                 unsafe { *c += 1 };
             }
         }
+    }
+}
+
+/// Counts one unconnected datagram the sendmsg hooks translated: `packets_in` of the
+/// (frontend, backend address) entry of `LB_TRAFFIC_V1`, the map the sock_ops program
+/// adds closed TCP connections to. Only packets: the hook's context carries no
+/// datagram length (`bpf_sock_addr` has no size field), so `bytes_in` stays 0 there
+/// and the agent shows UDP bytes as unknown. Replies are not counted (README `list`):
+/// recvmsg4/6 run only when the application asks for the source address, and again
+/// for each `MSG_PEEK`, so their count would not be the datagrams received.
+///
+/// A function of its own (a BPF-to-BPF call), not inlined: the verifier walks its few
+/// branches (found, created, lost the creation race) once per call site instead of
+/// once per path of the backend choice that reaches it.
+#[inline(never)]
+fn count_datagram(rev_nat_id: u32, be: *const Backend) {
+    let key = TrafficKey {
+        rev_nat_id,
+        backend: ConnKey::of_backend(unsafe { &*be }),
+    };
+    let mut t = LB_TRAFFIC_V1.get_ptr_mut(&key);
+    if t.is_none() {
+        // Another CPU may create it first (EEXIST): the lookup below finds theirs. A
+        // full map leaves the datagram uncounted.
+        let _ = LB_TRAFFIC_V1.insert(
+            &key,
+            TrafficCount::default(),
+            u64::from(aya_ebpf::bindings::BPF_NOEXIST),
+        );
+        t = LB_TRAFFIC_V1.get_ptr_mut(&key);
+    }
+    if let Some(t) = t {
+        crate::sockops::atomic_add(unsafe { &raw mut (*t).packets_in }, 1);
     }
 }
 
@@ -617,6 +650,9 @@ fn xlate4<const LC: u8>(
     }
     count(CTR_SOCK_XLATED);
     count_conn(rev_nat_id, backend_id);
+    if sendmsg {
+        count_datagram(rev_nat_id, be);
+    }
     Xlate4::To(be_addr, be_port)
 }
 
@@ -721,6 +757,9 @@ fn forward6<const LC: u8>(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
     }
     count(CTR_SOCK_XLATED);
     count_conn(rev_nat_id, backend_id);
+    if sendmsg {
+        count_datagram(rev_nat_id, be);
+    }
     ALLOW
 }
 

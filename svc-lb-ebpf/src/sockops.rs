@@ -102,7 +102,7 @@ fn peer(ctx: &SockOpsContext) -> Option<(ConnKey, u8)> {
 /// instruction is written out: the object is built for cpu v1, where this (BPF_XADD,
 /// no fetch) is the atomic the kernel has accepted since 4.x.
 #[inline(always)]
-fn atomic_add(field: *mut u64, v: u64) {
+pub(crate) fn atomic_add(field: *mut u64, v: u64) {
     // Safety: `field` points into a map value, valid and 8-byte aligned for this run.
     unsafe {
         core::arch::asm!(

@@ -558,6 +558,7 @@ impl DatapathCollector {
         let mut per_frontend = Vec::new();
         let mut backend_services: BTreeMap<u32, BTreeSet<ServiceRef>> = BTreeMap::new();
         let fe_traffic = view.frontend_traffic();
+        let fe_datagrams = view.udp_frontend_traffic();
         // (packets, bytes) series of frontends and backends.
         let mut frontend_traffic: TrafficSeries = Default::default();
         let mut backend_traffic: TrafficSeries = Default::default();
@@ -574,6 +575,12 @@ impl DatapathCollector {
         > = Default::default();
         for (k, v) in view.traffic.iter().flatten() {
             by_address.entry(k.backend).or_default().add(v);
+        }
+        // Apart from the TCP counts: a TCP and a UDP backend may share an address.
+        let mut udp_by_address: std::collections::HashMap<svc_lb_common::ConnKey, u64> =
+            Default::default();
+        for (k, v) in view.udp_traffic.iter().flatten() {
+            *udp_by_address.entry(k.backend).or_default() += v.packets_in;
         }
         let drain = view.draining();
         for (fe, cur) in &view.state.frontends {
@@ -629,14 +636,19 @@ impl DatapathCollector {
                     ),
                 ),
             ];
-            // Traffic is counted for the socket path's TCP connections only: other
-            // frontends get no series rather than a 0 that would read as idle.
-            if fe.scope != svc_lb_common::SCOPE_EXTERNAL
-                && fe.proto == svc_lb_common::PROTO_TCP
-                && view.traffic.is_some()
-            {
-                let t = fe_traffic.get(&cur.rev_nat_id).copied().unwrap_or_default();
-                push_traffic(&mut frontend_traffic, &labels, &t);
+            // Traffic is counted for the socket path's TCP connections and its
+            // unconnected UDP datagrams (packets in only): what is not counted gets no
+            // series rather than a 0 that would read as idle.
+            if fe.scope != svc_lb_common::SCOPE_EXTERNAL {
+                if fe.proto == svc_lb_common::PROTO_TCP && view.traffic.is_some() {
+                    let t = fe_traffic.get(&cur.rev_nat_id).copied().unwrap_or_default();
+                    push_traffic(&mut frontend_traffic, &labels, &t);
+                } else if fe.proto == svc_lb_common::PROTO_UDP && view.udp_traffic.is_some() {
+                    let n = fe_datagrams
+                        .get(&cur.rev_nat_id)
+                        .map_or(0, |t| t.packets_in);
+                    push_datagrams(&mut frontend_traffic, &labels, n);
+                }
             }
             if view.ext_totals {
                 let t = ext_fe.get(&cur.rev_nat_id).copied().unwrap_or_default();
@@ -703,6 +715,10 @@ impl DatapathCollector {
                 let key = crate::inspect::view::conn_key(&b.addr);
                 let t = by_address.get(&key).copied().unwrap_or_default();
                 push_traffic(&mut backend_traffic, &labels, &t);
+            } else if b.addr.proto == svc_lb_common::PROTO_UDP && view.udp_traffic.is_some() {
+                let key = crate::inspect::view::conn_key(&b.addr);
+                let n = udp_by_address.get(&key).copied().unwrap_or(0);
+                push_datagrams(&mut backend_traffic, &labels, n);
             }
             if view.ext_totals {
                 let key = (crate::inspect::view::conn_key(&b.addr), b.addr.proto);
@@ -711,15 +727,13 @@ impl DatapathCollector {
             }
             backends.push((labels, view.backend_conns.get(id).copied().unwrap_or(0)));
         }
+        const PACKETS: &str = "TCP segments of the socket path's closed TCP connections, and (direction in only) its unconnected UDP datagrams";
+        const BYTES: &str = "Payload bytes of the socket path's closed TCP connections";
         for (name, what, series) in [
-            (
-                "svclb_frontend_packets",
-                "TCP segments",
-                &frontend_traffic.0,
-            ),
-            ("svclb_frontend_bytes", "Payload bytes", &frontend_traffic.1),
-            ("svclb_backend_packets", "TCP segments", &backend_traffic.0),
-            ("svclb_backend_bytes", "Payload bytes", &backend_traffic.1),
+            ("svclb_frontend_packets", PACKETS, &frontend_traffic.0),
+            ("svclb_frontend_bytes", BYTES, &frontend_traffic.1),
+            ("svclb_backend_packets", PACKETS, &backend_traffic.0),
+            ("svclb_backend_bytes", BYTES, &backend_traffic.1),
         ] {
             let of = if name.starts_with("svclb_frontend") {
                 "per frontend"
@@ -730,7 +744,7 @@ impl DatapathCollector {
                 enc,
                 name,
                 &format!(
-                    "{what} of the socket path's closed TCP connections {of}; direction in: client to backend, out: back (IPVS InPkts/OutPkts, InBytes/OutBytes)"
+                    "{what} {of}; direction in: client to backend, out: back (IPVS InPkts/OutPkts, InBytes/OutBytes)"
                 ),
                 series,
             )?;
@@ -832,6 +846,15 @@ fn push_traffic(out: &mut TrafficSeries, labels: &Labels, t: &svc_lb_common::Tra
         out.0.push((l.clone(), packets));
         out.1.push((l, bytes));
     }
+}
+
+/// Adds one UDP object's datagrams: a packets series with direction `in` only. No
+/// bytes series and no `out`: the sendmsg hook sees neither a length nor the replies,
+/// and a 0 would read as a measurement.
+fn push_datagrams(out: &mut TrafficSeries, labels: &Labels, packets_in: u64) {
+    let mut l = labels.clone();
+    l.push(("direction", "in".to_owned()));
+    out.0.push((l, packets_in));
 }
 
 /// The whole exposition for one scrape, in the OpenMetrics text format.

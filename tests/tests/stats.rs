@@ -606,3 +606,239 @@ fn fold_of_a_full_conntrack_map_is_exact_and_measured() {
         panic!("{e:#}");
     }
 }
+
+/// Datagrams per UDP Service in [`unconnected_udp_datagrams_count_per_backend`].
+const DATAGRAMS: u64 = 150;
+
+/// Counts the datagrams it receives on `addr`:`port`, rewriting `path` with the count
+/// after each; replies nothing.
+const UDP_SERVER: &str = r#"
+import os, socket, sys
+addr, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+s.bind((addr, port))
+print("ready", flush=True)
+n = 0
+while True:
+    s.recv(2048)
+    n += 1
+    with open(path + ".tmp", "w") as f:
+        f.write("%d\n" % n)
+    os.replace(path + ".tmp", path)
+"#;
+
+/// `n` datagrams of 64 bytes with `sendto` on one unconnected socket (paced, so that no
+/// receive queue overflows); prints the count sent.
+const UDP_CLIENT: &str = r#"
+import socket, sys, time
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+sent = 0
+for i in range(n):
+    sent += s.sendto(b"d" * 64, (host, port)) > 0
+    time.sleep(0.002)
+print(sent)
+"#;
+
+/// A datagram-counting server in a backend's namespace, killed (by pid) on drop.
+struct DatagramServer {
+    _child: ChildGuard,
+    addr: IpAddr,
+    path: std::path::PathBuf,
+}
+
+impl DatagramServer {
+    fn start(lab: &Lab, backend: &str, addr: IpAddr, port: u16) -> Result<Self> {
+        let ns = lab.topo.backend(backend).netns.name().to_owned();
+        let path = lab.dir().join(format!("datagrams-{backend}-{addr}"));
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{ns}"))
+            .args(["python3", "-u", "-c", UDP_SERVER])
+            .arg(addr.to_string())
+            .arg(port.to_string())
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped());
+        die_with_parent(&mut cmd, libc::SIGKILL);
+        let mut child = cmd
+            .spawn()
+            .context("start the datagram server (python3 under nsenter)")?;
+        let stdout = child.stdout.take().context("server stdout")?;
+        let mut guard = ChildGuard::new(child, format!("datagram server {backend} {addr}"));
+        let mut first = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut first)
+            .context("read the server's first line")?;
+        if first.trim() != "ready" {
+            let status = guard.kill().ok();
+            bail!("datagram server {backend} {addr} did not start: {first:?}, {status:?}");
+        }
+        Ok(Self {
+            _child: guard,
+            addr,
+            path,
+        })
+    }
+
+    fn received(&self) -> Result<u64> {
+        match std::fs::read_to_string(&self.path) {
+            Ok(s) => s
+                .trim()
+                .parse()
+                .with_context(|| format!("parse {s:?} of {}", self.path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(e).with_context(|| format!("read {}", self.path.display())),
+        }
+    }
+}
+
+/// Unconnected UDP (issue 15): Python `sendto`s `DATAGRAMS` datagrams on one
+/// unconnected socket to a v4 and a v6 UDP Service with three backends each; the
+/// sendmsg hooks choose a backend per datagram and count it. `list --stats -o json`
+/// must show, per backend, exactly the datagrams its server received as `packets_in`,
+/// the frontend their sum (`DATAGRAMS`), and everything the hook cannot measure
+/// (bytes, replies, closes) as `null`; `svclb_frontend_packets_total` and
+/// `svclb_backend_packets_total` (direction `in`) the same numbers, with no `out` and
+/// no bytes series for UDP. The same with every fallback forced: the counting does not
+/// depend on the sock_ops program.
+#[test]
+fn unconnected_udp_datagrams_count_per_backend() {
+    stats_lab(&["a", "b", "c"], |lab| {
+        let (v4, v6) = (lab.topo.addrs(false), lab.topo.addrs(true));
+        let vips = [("10.96.0.83", &v4), ("fd00:96::83", &v6)];
+        let docs: Vec<Value> = [
+            service("udp4", vips[0].0, 53, 5353, Protocol::Udp, &v4),
+            service("udp6", vips[1].0, 53, 5353, Protocol::Udp, &v6),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        lab.write_manifest("udp.yaml", &yaml_docs(&docs))?;
+        let mut servers: Vec<(&str, DatagramServer)> = Vec::new();
+        for (vip, addrs) in vips {
+            for (i, id) in ["a", "b", "c"].iter().enumerate() {
+                servers.push((vip, DatagramServer::start(lab, id, addrs[i], 5353)?));
+            }
+        }
+        let agent = svc_lb_tests::metrics::start_agent(lab, "udp", &[])?;
+
+        for (vip, _) in vips {
+            let out = in_client(
+                lab,
+                "python3",
+                &[
+                    "-c".to_owned(),
+                    UDP_CLIENT.to_owned(),
+                    vip.to_owned(),
+                    "53".to_owned(),
+                    DATAGRAMS.to_string(),
+                ],
+            )?;
+            ensure!(
+                out.status.success()
+                    && String::from_utf8_lossy(&out.stdout).trim() == DATAGRAMS.to_string(),
+                "{vip}: client failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // Every datagram arrives (the lab's links do not drop; the servers read as
+        // they come); wait for the servers' files to catch up.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let received: Vec<(&str, IpAddr, u64)> = loop {
+            let r: Vec<(&str, IpAddr, u64)> = servers
+                .iter()
+                .map(|(vip, s)| Ok((*vip, s.addr, s.received()?)))
+                .collect::<Result<_>>()?;
+            if r.iter().map(|x| x.2).sum::<u64>() == 2 * DATAGRAMS {
+                break r;
+            }
+            ensure!(Instant::now() < deadline, "servers received {r:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        eprintln!("received (Service, backend, datagrams): {received:?}");
+
+        let all = list_json(lab, &["--stats"])?;
+        let metrics = svc_lb_tests::metrics::parse_metrics(&svc_lb_tests::metrics::http_get(
+            svc_lb_tests::metrics::metrics_addr(&agent)?,
+            "/metrics",
+        )?);
+        let metric = |series: String| svc_lb_tests::metrics::metric(&metrics, &series);
+        for (vip, _) in vips {
+            let fe = frontend(&all, vip, 53)?;
+            let st = &fe["stats"];
+            ensure!(
+                u(st, "packets_in")? == DATAGRAMS && u(st, "connections")? == DATAGRAMS,
+                "{vip}: {DATAGRAMS} datagrams expected: {st}"
+            );
+            for k in ["closed_connections", "packets_out", "bytes_in", "bytes_out"] {
+                ensure!(st[k].is_null(), "{vip}: {k} is not measured for UDP: {st}");
+            }
+            let port = if vip.contains(':') {
+                format!("[{vip}]")
+            } else {
+                vip.to_owned()
+            };
+            let name = if vip.contains(':') { "udp6" } else { "udp4" };
+            let fe_series = format!(
+                r#"svclb_frontend_packets_total{{namespace="{NS}",service="{name}",port_name="p",kind="ClusterIP",scope="socket",frontend="{port}:53/UDP",direction="in"}}"#
+            );
+            ensure!(
+                metric(fe_series.clone())? == DATAGRAMS as f64,
+                "{fe_series} is not {DATAGRAMS}"
+            );
+            let mut sum = 0;
+            for (_, addr, n) in received.iter().filter(|r| r.0 == vip) {
+                let b = fe["backends"]
+                    .as_array()
+                    .and_then(|bs| bs.iter().find(|b| b["address"] == addr.to_string()))
+                    .with_context(|| format!("{vip}: no backend {addr} in {fe}"))?;
+                let bs = &b["stats"];
+                ensure!(
+                    u(bs, "packets_in")? == *n && u(bs, "connections")? == *n,
+                    "{vip}: backend {addr} received {n} datagrams; list shows {bs}"
+                );
+                ensure!(bs["bytes_in"].is_null(), "{vip}: {addr}: bytes shown: {bs}");
+                let sock = if addr.is_ipv6() {
+                    format!("[{addr}]:5353")
+                } else {
+                    format!("{addr}:5353")
+                };
+                let be_series = format!(
+                    r#"svclb_backend_packets_total{{namespace="{NS}",service="{name}",backend="{sock}/UDP",direction="in"}}"#
+                );
+                ensure!(
+                    metric(be_series.clone())? == *n as f64,
+                    "{be_series} is not {n}"
+                );
+                sum += n;
+            }
+            ensure!(sum == DATAGRAMS, "{vip}: the backends received {sum}");
+            // Random choice per datagram: with 150 over 3, each gets some.
+            ensure!(
+                received.iter().filter(|r| r.0 == vip).all(|r| r.2 > 0),
+                "{vip}: a backend received nothing: {received:?}"
+            );
+        }
+        for series in metrics.keys() {
+            ensure!(
+                !(series.contains("/UDP")
+                    && (series.starts_with("svclb_frontend_bytes")
+                        || series.starts_with("svclb_backend_bytes")
+                        || (series.contains("_packets_total")
+                            && series.contains("direction=\"out\"")))),
+                "a UDP series claims what is not measured: {series}"
+            );
+        }
+        let text = lab.svc_lb(&["list", "--stats"])?;
+        let text = String::from_utf8_lossy(&text.stdout).into_owned();
+        eprintln!("{text}");
+        ensure!(
+            text.contains("InPkts are the unconnected datagrams sent"),
+            "list --stats must say what UDP InPkts are:\n{text}"
+        );
+        drop(agent);
+        Ok(())
+    });
+}

@@ -35,6 +35,8 @@ const BUDGETS: &[(&str, u32, u32)] = &[
     ("svclb_lc6", 600_000, 72_000),
     ("svclb_lcloop4", 54_000, 36_000),
     ("svclb_lcloop6", 150_000, 72_000),
+    // sendmsg4/6 count each unconnected datagram (issue 15) in a non-inlined function:
+    // 2 089 → 2 362 and 4 433 → 4 654 on 6.18, inside the budgets they had before.
     ("svclb_sendmsg4", 10_000, 30_000),
     ("svclb_sendmsg6", 10_000, 30_000),
     ("svclb_recvmsg4", 1_000, 6_000),

@@ -265,17 +265,16 @@ impl PinnedMaps {
         ))
     }
 
-    /// Traffic of closed TCP connections on the socket path per (frontend, backend
-    /// address) (`MAP_TRAFFIC`), or `None` when this node keeps none: as
-    /// [`Self::conn_counts`], the sock_ops program is not attached, or the agent
-    /// predates the map.
+    /// The socket path's traffic per (frontend, backend address) (`MAP_TRAFFIC`):
+    /// closed TCP connections (added by the sock_ops program, see
+    /// [`Self::sock_ops_attached`]) and unconnected UDP datagrams (the sendmsg hooks);
+    /// `None` when the pins have no such map (an agent that predates it).
     pub fn traffic(
         &self,
     ) -> Result<
         Option<std::collections::HashMap<svc_lb_common::TrafficKey, svc_lb_common::TrafficCount>>,
     > {
-        let link = super::pins::links_dir(&self.bpffs).join(svc_lb_common::PROG_SOCKOPS);
-        if !link.exists() || !self.bpffs.join(svc_lb_common::MAP_TRAFFIC).exists() {
+        if !self.bpffs.join(svc_lb_common::MAP_TRAFFIC).exists() {
             return Ok(None);
         }
         let m: HashMap<MapData, svc_lb_common::TrafficKey, svc_lb_common::TrafficCount> =
@@ -306,6 +305,14 @@ impl PinnedMaps {
                 .map(|(k, v)| ((k.rev_nat_id, k.backend, k.proto), v))
                 .collect(),
         ))
+    }
+
+    /// Whether the sock_ops program is attached, i.e. whether `MAP_TRAFFIC` counts TCP
+    /// connections (as [`Self::conn_counts`]: not on kernels without the feature).
+    pub fn sock_ops_attached(&self) -> bool {
+        super::pins::links_dir(&self.bpffs)
+            .join(svc_lb_common::PROG_SOCKOPS)
+            .exists()
     }
 
     /// External flows per backend id from the conntrack map's live forward entries:

@@ -343,26 +343,44 @@ pub fn entries(view: &DatapathView, service: Option<&ServiceRef>) -> Vec<ListEnt
 /// Fills `stats` of every entry and backend from `view` (`list --stats`).
 pub fn set_stats(entries: &mut [ListEntry], view: &DatapathView) {
     let per_frontend = view.frontend_traffic();
+    let udp_per_frontend = view.udp_frontend_traffic();
     let ext_per_frontend = view.ext_frontend_traffic();
     let has_ct = view.ext_traffic.is_some();
     for e in entries.iter_mut() {
-        // The socket path counts its TCP connections (when they close); the external
-        // path (tc/XDP, and tc on pod devices) counts every flow in its conntrack
-        // entries. A frontend served by the socket path over UDP has no counts
-        // (`null`), whatever tc saw of it.
+        // The socket path counts its TCP connections (when they close) and its
+        // unconnected UDP datagrams (packets in only: the sendmsg hook sees no length
+        // and no reply); the external path (tc/XDP, and tc on pod devices) counts every
+        // flow in its conntrack entries. A UDP frontend of the socket path shows only
+        // its datagrams, whatever tc saw of it.
         let sock = !e.external() && e.protocol == "TCP" && view.traffic.is_some();
+        let udp = !e.external() && e.protocol == "UDP" && view.udp_traffic.is_some();
         let ext = has_ct && (e.external() || sock);
+        let rev_nat_id = e.rev_nat_id;
+        if udp {
+            let fe = udp_per_frontend
+                .get(&rev_nat_id)
+                .copied()
+                .unwrap_or_default();
+            e.stats = Some(datagram_stats(e.new_connections, &fe));
+            for b in e.backends.iter_mut() {
+                let t = view.udp_pair_traffic(rev_nat_id, b.id);
+                b.stats = Some(match t {
+                    Some(t) => datagram_stats(b.new_connections, &t),
+                    None => stats(b.new_connections, None),
+                });
+            }
+            continue;
+        }
         let fe = sum(
-            sock.then(|| per_frontend.get(&e.rev_nat_id).copied().unwrap_or_default()),
+            sock.then(|| per_frontend.get(&rev_nat_id).copied().unwrap_or_default()),
             ext.then(|| {
                 ext_per_frontend
-                    .get(&e.rev_nat_id)
+                    .get(&rev_nat_id)
                     .copied()
                     .unwrap_or_default()
             }),
         );
         e.stats = Some(stats(e.new_connections, fe));
-        let rev_nat_id = e.rev_nat_id;
         for b in e.backends.iter_mut() {
             let t = sum(
                 if sock {
@@ -378,6 +396,15 @@ pub fn set_stats(entries: &mut [ListEntry], view: &DatapathView) {
             );
             b.stats = Some(stats(b.new_connections, t));
         }
+    }
+}
+
+/// The socket path's UDP counts: the datagrams sent (`packets_in`); nothing else is
+/// measured (no close, no length, no reply), so the rest is unknown, not 0.
+fn datagram_stats(connections: u64, t: &svc_lb_common::TrafficCount) -> Stats {
+    Stats {
+        packets_in: Some(t.packets_in),
+        ..stats(connections, None)
     }
 }
 
@@ -486,7 +513,7 @@ pub fn render_counters(entries: &[ListEntry], what: Counters) -> String {
             String::new(),
         ],
     ];
-    let (mut unknown, mut no_counts, mut any_shared) = (false, false, false);
+    let (mut unknown, mut no_counts, mut datagrams, mut any_shared) = (false, false, false, false);
     let cells = |st: Option<Stats>, rt: Option<Rate>, shared: bool| -> [String; 5] {
         let n = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
         let r = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
@@ -518,7 +545,12 @@ pub fn render_counters(entries: &[ListEntry], what: Counters) -> String {
             None => "?".to_owned(),
         };
         if e.stats.is_some_and(|s| s.bytes_in.is_none()) {
-            if e.external() || e.protocol != "TCP" {
+            if !e.external()
+                && e.protocol == "UDP"
+                && e.stats.is_some_and(|s| s.packets_in.is_some())
+            {
+                datagrams = true;
+            } else if e.external() || e.protocol != "TCP" {
                 unknown = true;
             } else {
                 no_counts = true;
@@ -568,6 +600,11 @@ pub fn render_counters(entries: &[ListEntry], what: Counters) -> String {
         Counters::Stats => "Pkts/Bytes: TCP connections of the socket path, added when they close (payload bytes; packets are TCP segments); external flows per packet from conntrack (IP bytes)\n",
         Counters::Rate => "per second over the interval; Pkts/Bytes: TCP connections of the socket path, added when they close; external flows per packet\n",
     });
+    if datagrams {
+        out.push_str(
+            "- on UDP socket entries: InPkts are the unconnected datagrams sent (the sendmsg hook counts them; it sees no length, and connected sockets' datagrams and replies are not counted)\n",
+        );
+    }
     if unknown {
         out.push_str(
             "- on UDP socket entries (and external ones without a conntrack map): the datapath does not count their packets and bytes\n",

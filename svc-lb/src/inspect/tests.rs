@@ -317,6 +317,7 @@ fn fixture() -> (FakeMaps, DatapathView) {
         ext_conns: [(2, (10, 1))].into_iter().collect(),
         ext_pairs: Default::default(),
         traffic: None,
+        udp_traffic: None,
         ext_traffic: None,
         ext_totals: false,
     };
@@ -2188,7 +2189,8 @@ fn list_shows_draining_backends_under_the_frontends_of_their_connections() {
 /// The fixture with traffic counts: web:http (rev-NAT 1) closed 3 connections through
 /// backend 1 and 1 through backend 2, cart (rev-NAT 3) 2 through backend 4; the
 /// external path's conntrack holds 12 packets (900 bytes) in and 10 (4000 bytes) out of
-/// the NodePort 30080 (rev-NAT 7) to backend 1, one of its flows over.
+/// the NodePort 30080 (rev-NAT 7) to backend 1, one of its flows over; dns (rev-NAT 4,
+/// UDP) sent 40 unconnected datagrams to backend 6.
 fn with_traffic(view: &mut DatapathView) {
     let key = |rev_nat_id: u32, id: u32| {
         let b = BACKENDS.iter().find(|b| b.0 == id).expect("backend");
@@ -2214,6 +2216,17 @@ fn with_traffic(view: &mut DatapathView) {
             (key(1, 2), t(1, 1000, 200)),
             (key(3, 4), t(2, 20, 10)),
         ]
+        .into_iter()
+        .collect(),
+    );
+    view.udp_traffic = Some(
+        [(
+            key(4, 6),
+            svc_lb_common::TrafficCount {
+                packets_in: 40,
+                ..Default::default()
+            },
+        )]
         .into_iter()
         .collect(),
     );
@@ -2284,19 +2297,34 @@ fn list_stats_golden_and_fields() {
     for e in all.iter().filter(|e| e.scope == "external") {
         assert!(e.stats.expect("stats").bytes_in.is_some(), "{}", e.address);
     }
-    // UDP socket entries: unknown, never 0; external ones too without a conntrack map.
-    for e in all
+    // UDP socket entries: the datagrams sent (packets in), everything else unknown,
+    // never 0.
+    let dns = all
         .iter()
-        .filter(|e| e.protocol == "UDP" && e.scope != "external")
-    {
-        let st = e.stats.expect("stats");
-        assert_eq!(st.bytes_in, None, "{}", e.address);
-        assert!(
-            e.backends
-                .iter()
-                .all(|b| b.stats.expect("stats").packets_in.is_none())
-        );
-    }
+        .find(|e| e.protocol == "UDP" && e.scope != "external")
+        .expect("dns");
+    let unmeasured =
+        |s: list::Stats| (s.closed_connections, s.packets_out, s.bytes_in, s.bytes_out);
+    let st = dns.stats.expect("stats");
+    assert_eq!(st.packets_in, Some(40));
+    assert_eq!(unmeasured(st), (None, None, None, None));
+    assert_eq!(dns.backends.len(), 1);
+    let b6 = dns.backends[0].stats.expect("stats");
+    assert_eq!(b6.packets_in, Some(40));
+    assert_eq!(unmeasured(b6), (None, None, None, None));
+    let text = list::render_counters(&all, list::Counters::Stats);
+    assert!(text.contains("unconnected datagrams sent"), "{text}");
+    // Without the traffic map (pins of an older agent): unknown.
+    let mut no_map = view.clone();
+    no_map.udp_traffic = None;
+    let mut old = list::entries(&no_map, None);
+    list::set_stats(&mut old, &no_map);
+    let dns = old
+        .iter()
+        .find(|e| e.protocol == "UDP" && e.scope != "external")
+        .expect("dns");
+    assert_eq!(dns.stats.expect("stats").packets_in, None);
+    assert_eq!(dns.backends[0].stats.expect("stats").packets_in, None);
     let json = list::render_json(&all).expect("json");
     let v: serde_json::Value = serde_json::from_str(&json).expect("parse");
     let mut keys: Vec<&str> = v[0]["stats"]
@@ -2326,7 +2354,7 @@ fn list_stats_golden_and_fields() {
         assert_eq!(e.stats.expect("stats").bytes_in, None, "{}", e.address);
     }
     // Without the sock_ops program (and conntrack): TCP socket entries unknown too, and
-    // the text says why.
+    // the text says why; UDP datagrams are still counted (the sendmsg hooks).
     view.traffic = None;
     view.ext_traffic = None;
     let mut all = list::entries(&view, None);
@@ -2335,6 +2363,10 @@ fn list_stats_golden_and_fields() {
         all.iter()
             .all(|e| e.stats.expect("stats").bytes_in.is_none())
     );
+    assert!(all.iter().all(|e| {
+        let counted = e.stats.expect("stats").packets_in.is_some();
+        counted == (e.protocol == "UDP" && e.scope == "socket")
+    }));
     let text = list::render_counters(&all, list::Counters::Stats);
     assert!(text.contains("keeps no traffic counts"), "{text}");
 }
@@ -2364,6 +2396,12 @@ fn list_rate_is_the_change_per_second_and_survives_resets() {
             }
         }
     }
+    // dns sent 10 more datagrams.
+    if let Some(t) = view.udp_traffic.as_mut() {
+        for v in t.values_mut() {
+            v.packets_in += 10;
+        }
+    }
     let mut after = list::entries(&view, None);
     list::set_stats(&mut after, &view);
     list::set_rate(&mut after, &before, 2.0);
@@ -2384,9 +2422,22 @@ fn list_rate_is_the_change_per_second_and_survives_resets() {
     // Reset counters count from 0: 8 bytes over 2 s.
     let cart = find("10.96.0.20", 443);
     assert_eq!(cart.rate.and_then(|r| r.bytes_in_per_second), Some(4.0));
-    // UDP: connections per second, traffic unknown.
+    // UDP: datagrams per second in, the rest unknown.
     let dns = find("10.96.0.53", 53);
-    assert_eq!(dns.rate.and_then(|r| r.packets_in_per_second), None);
+    let r = dns.rate.expect("rate");
+    assert_eq!(r.packets_in_per_second, Some(5.0));
+    assert_eq!(
+        (
+            r.packets_out_per_second,
+            r.bytes_in_per_second,
+            r.bytes_out_per_second
+        ),
+        (None, None, None)
+    );
+    assert_eq!(
+        dns.backends[0].rate.and_then(|r| r.packets_in_per_second),
+        Some(5.0)
+    );
     let text = list::render_counters(&after, list::Counters::Rate);
     for want in [
         "CPS",
@@ -2428,10 +2479,20 @@ fn metrics_export_traffic_only_where_it_is_counted() {
         r#"svclb_backend_packets_total{namespace="shop",service="web",backend="10.244.1.5:8080/TCP",direction="out"} 12"#,
         // A TCP backend with nothing closed yet: 0.
         r#"svclb_backend_bytes_total{namespace="shop",service="web",backend="10.244.3.2:8080/TCP",direction="in"} 0"#,
+        // UDP: the unconnected datagrams, direction in.
+        r#"svclb_frontend_packets_total{namespace="kube-system",service="dns",port_name="dns",kind="ClusterIP",scope="socket",frontend="10.96.0.53:53/UDP",direction="in"} 40"#,
+        r#"svclb_backend_packets_total{namespace="kube-system",service="dns",backend="10.244.0.3:53/UDP",direction="in"} 40"#,
     ] {
         assert!(text.contains(line), "missing {line:?} in:\n{text}");
     }
-    // External and UDP: no series.
+    // UDP: no `out` packets (replies are not counted).
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.contains("/UDP") && l.contains("direction=\"out\"")),
+        "{text}"
+    );
+    // External and UDP: no bytes series.
     for l in text
         .lines()
         .filter(|l| l.starts_with("svclb_frontend_bytes") || l.starts_with("svclb_backend_bytes"))
@@ -2477,4 +2538,44 @@ fn metrics_export_external_traffic_from_the_totals_only() {
         text.contains(r#"svclb_frontend_packets_total{namespace="shop",service="web",port_name="http",kind="ClusterIP",scope="socket",frontend="10.96.0.10:80/TCP",direction="in"} 20"#),
         "{text}"
     );
+}
+
+/// `LB_TRAFFIC_V1` has no protocol in its key: a TCP and a UDP frontend reaching the
+/// same backend address (10.244.0.3:53, TCP and UDP DNS) keep their counts apart by
+/// the frontend's rev-NAT id; entries of gone frontends are left out.
+#[test]
+fn traffic_is_split_by_the_protocol_of_its_frontend() {
+    let (_, view) = fixture();
+    let addr = |proto| {
+        crate::inspect::view::conn_key(&BackendAddr {
+            addr: ip("10.244.0.3"),
+            port: 53,
+            proto,
+        })
+    };
+    let n = |packets_in| svc_lb_common::TrafficCount {
+        packets_in,
+        ..Default::default()
+    };
+    let key = |rev_nat_id, proto| svc_lb_common::TrafficKey {
+        rev_nat_id,
+        backend: addr(proto),
+    };
+    // rev-NAT 1: TCP web; 4: UDP dns; 99: no frontend.
+    let all: HashMap<_, _> = [
+        (key(1, PROTO_TCP), n(7)),
+        (key(4, PROTO_UDP), n(40)),
+        (key(99, PROTO_UDP), n(3)),
+    ]
+    .into_iter()
+    .collect();
+    let (tcp, udp) = crate::inspect::view::split_traffic(Some(all), &view.state);
+    let tcp = tcp.expect("tcp");
+    let udp = udp.expect("udp");
+    assert_eq!(tcp.len(), 1);
+    assert_eq!(tcp.get(&key(1, PROTO_TCP)).map(|t| t.packets_in), Some(7));
+    assert_eq!(udp.len(), 1);
+    assert_eq!(udp.get(&key(4, PROTO_UDP)).map(|t| t.packets_in), Some(40));
+    let (tcp, udp) = crate::inspect::view::split_traffic(None, &view.state);
+    assert!(tcp.is_none() && udp.is_none());
 }

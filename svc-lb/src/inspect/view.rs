@@ -28,9 +28,14 @@ pub struct DatapathView {
     pub ext_conns: HashMap<u32, (u64, u64)>,
     /// (rev-NAT id, backend id) of every live external flow (conntrack).
     pub ext_pairs: std::collections::HashSet<(u32, u32)>,
-    /// Traffic of closed socket-path TCP connections per (frontend, backend address);
-    /// `None` when the node keeps none (see `PinnedMaps::traffic`).
+    /// Traffic of closed socket-path TCP connections per (frontend, backend address)
+    /// of TCP frontends; `None` when the node keeps none (no sock_ops program, see
+    /// `PinnedMaps::sock_ops_attached`).
     pub traffic: Option<HashMap<svc_lb_common::TrafficKey, svc_lb_common::TrafficCount>>,
+    /// Unconnected datagrams of UDP frontends on the socket path per (frontend,
+    /// backend address), in `packets_in` (the sendmsg hooks count them; the other
+    /// fields are not measured); `None` when the pins have no traffic map.
+    pub udp_traffic: Option<HashMap<svc_lb_common::TrafficKey, svc_lb_common::TrafficCount>>,
     /// Packets and bytes of the external path per (frontend, backend address,
     /// protocol): the agent's lasting totals (`LB_EXTTOTAL_V1`, which never go
     /// down and lag the datapath by up to `--ext-stats-interval`) when it keeps them,
@@ -60,6 +65,38 @@ impl DatapathView {
     }
 }
 
+/// `MAP_TRAFFIC`'s entries split by the protocol of their frontend (the map's key has
+/// none: a TCP and a UDP Service port on one backend address share the address key,
+/// not the rev-NAT id): (TCP, UDP). Entries of frontends that are gone (the agent
+/// prunes them with its full sync) are left out.
+type TrafficMap = HashMap<svc_lb_common::TrafficKey, svc_lb_common::TrafficCount>;
+pub(crate) fn split_traffic(
+    all: Option<TrafficMap>,
+    state: &CurrentState,
+) -> (Option<TrafficMap>, Option<TrafficMap>) {
+    let Some(all) = all else {
+        return (None, None);
+    };
+    let proto: HashMap<u32, u8> = state
+        .frontends
+        .iter()
+        .map(|(k, v)| (v.rev_nat_id, k.proto))
+        .collect();
+    let (mut tcp, mut udp) = (TrafficMap::new(), TrafficMap::new());
+    for (k, v) in all {
+        match proto.get(&k.rev_nat_id) {
+            Some(&svc_lb_common::PROTO_TCP) => {
+                tcp.insert(k, v);
+            }
+            Some(&svc_lb_common::PROTO_UDP) => {
+                udp.insert(k, v);
+            }
+            _ => {}
+        }
+    }
+    (Some(tcp), Some(udp))
+}
+
 /// The `LB_CONNS_V1` key of a backend address (as the sock_ops program builds it).
 pub fn conn_key(addr: &crate::model::BackendAddr) -> svc_lb_common::ConnKey {
     svc_lb_common::ConnKey {
@@ -77,10 +114,14 @@ pub fn conn_key(addr: &crate::model::BackendAddr) -> svc_lb_common::ConnKey {
 impl DatapathView {
     pub fn read(maps: &PinnedMaps) -> Result<Self> {
         let ct = maps.ct_conn_counts(crate::inspect::trace::monotonic_ns())?;
+        let state = maps.read_current()?;
+        let (traffic, udp_traffic) = split_traffic(maps.traffic()?, &state);
         let totals = maps.ext_totals()?;
         Ok(Self {
+            traffic: traffic.filter(|_| maps.sock_ops_attached()),
+            udp_traffic,
             ext_totals: totals.is_some(),
-            state: maps.read_current()?,
+            state,
             meta: maps.meta()?,
             frontend_conns: maps.conn_stats(MAP_FE_STATS)?,
             backend_conns: maps.conn_stats(MAP_BE_STATS)?,
@@ -89,11 +130,7 @@ impl DatapathView {
             ext_pairs: ct.pairs,
             // The totals when the agent keeps them: the live sums go down whenever
             // the LRU evicts an entry or a flow reuses one.
-            ext_traffic: match totals {
-                Some(t) => Some(t),
-                None => ct.traffic,
-            },
-            traffic: maps.traffic()?,
+            ext_traffic: totals.or(ct.traffic),
         })
     }
 
@@ -111,6 +148,36 @@ impl DatapathView {
             backend: conn_key(&b.addr),
         };
         Some(t.get(&key).copied().unwrap_or_default())
+    }
+
+    /// The unconnected datagrams frontend `rev_nat_id` sent to backend `id` (in
+    /// `packets_in`; 0 when none yet); `None` without the traffic map, or for a
+    /// backend that is not UDP or not in the backend map.
+    pub fn udp_pair_traffic(
+        &self,
+        rev_nat_id: u32,
+        id: u32,
+    ) -> Option<svc_lb_common::TrafficCount> {
+        let t = self.udp_traffic.as_ref()?;
+        let b = self.state.backends.get(&id)?;
+        if b.addr.proto != svc_lb_common::PROTO_UDP {
+            return None;
+        }
+        let key = svc_lb_common::TrafficKey {
+            rev_nat_id,
+            backend: conn_key(&b.addr),
+        };
+        Some(t.get(&key).copied().unwrap_or_default())
+    }
+
+    /// The unconnected datagrams per UDP frontend (rev-NAT id), over every backend
+    /// address it reached; empty without the traffic map.
+    pub fn udp_frontend_traffic(&self) -> HashMap<u32, svc_lb_common::TrafficCount> {
+        let mut out: HashMap<u32, svc_lb_common::TrafficCount> = HashMap::new();
+        for (k, v) in self.udp_traffic.iter().flatten() {
+            out.entry(k.rev_nat_id).or_default().add(v);
+        }
+        out
     }
 
     /// The external path's traffic of (frontend `rev_nat_id`, backend `id`) from the
