@@ -119,31 +119,59 @@ struct CountingServer {
 }
 
 impl CountingServer {
+    /// The TCP server ([`SERVER`]), whose file holds connections, bytes in and out.
     fn start(lab: &Lab, backend: &str, addr: IpAddr, port: u16) -> Result<Self> {
+        Self::spawn(
+            lab,
+            backend,
+            addr,
+            port,
+            "served",
+            SERVER,
+            &[REPLY.to_string()],
+        )
+    }
+
+    /// The UDP server ([`UDP_SERVER`]), whose file holds the datagrams received.
+    fn start_udp(lab: &Lab, backend: &str, addr: IpAddr, port: u16) -> Result<Self> {
+        Self::spawn(lab, backend, addr, port, "datagrams", UDP_SERVER, &[])
+    }
+
+    /// Runs `script` (args: address, port, count file, `extra`) in the backend's
+    /// namespace and waits for its `ready` line.
+    fn spawn(
+        lab: &Lab,
+        backend: &str,
+        addr: IpAddr,
+        port: u16,
+        what: &str,
+        script: &str,
+        extra: &[String],
+    ) -> Result<Self> {
         let ns = lab.topo.backend(backend).netns.name().to_owned();
-        let path = lab.dir().join(format!("served-{backend}-{addr}"));
+        let path = lab.dir().join(format!("{what}-{backend}-{addr}"));
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{ns}"))
-            .args(["python3", "-u", "-c", SERVER])
+            .args(["python3", "-u", "-c", script])
             .arg(addr.to_string())
             .arg(port.to_string())
             .arg(&path)
-            .arg(REPLY.to_string())
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped());
         die_with_parent(&mut cmd, libc::SIGKILL);
         let mut child = cmd
             .spawn()
-            .context("start the counting server (python3 under nsenter)")?;
+            .with_context(|| format!("start the {what} server (python3 under nsenter)"))?;
         let stdout = child.stdout.take().context("server stdout")?;
-        let mut guard = ChildGuard::new(child, format!("counting server {backend} {addr}"));
+        let mut guard = ChildGuard::new(child, format!("{what} server {backend} {addr}"));
         let mut first = String::new();
         BufReader::new(stdout)
             .read_line(&mut first)
             .context("read the server's first line")?;
         if first.trim() != "ready" {
             let status = guard.kill().ok();
-            bail!("counting server {backend} {addr} did not start: {first:?}, {status:?}");
+            bail!("{what} server {backend} {addr} did not start: {first:?}, {status:?}");
         }
         Ok(Self {
             _child: guard,
@@ -641,46 +669,8 @@ for i in range(n):
 print(sent)
 "#;
 
-/// A datagram-counting server in a backend's namespace, killed (by pid) on drop.
-struct DatagramServer {
-    _child: ChildGuard,
-    addr: IpAddr,
-    path: std::path::PathBuf,
-}
-
-impl DatagramServer {
-    fn start(lab: &Lab, backend: &str, addr: IpAddr, port: u16) -> Result<Self> {
-        let ns = lab.topo.backend(backend).netns.name().to_owned();
-        let path = lab.dir().join(format!("datagrams-{backend}-{addr}"));
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/run/netns/{ns}"))
-            .args(["python3", "-u", "-c", UDP_SERVER])
-            .arg(addr.to_string())
-            .arg(port.to_string())
-            .arg(&path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped());
-        die_with_parent(&mut cmd, libc::SIGKILL);
-        let mut child = cmd
-            .spawn()
-            .context("start the datagram server (python3 under nsenter)")?;
-        let stdout = child.stdout.take().context("server stdout")?;
-        let mut guard = ChildGuard::new(child, format!("datagram server {backend} {addr}"));
-        let mut first = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut first)
-            .context("read the server's first line")?;
-        if first.trim() != "ready" {
-            let status = guard.kill().ok();
-            bail!("datagram server {backend} {addr} did not start: {first:?}, {status:?}");
-        }
-        Ok(Self {
-            _child: guard,
-            addr,
-            path,
-        })
-    }
-
+impl CountingServer {
+    /// Datagrams received so far (the UDP server's file).
     fn received(&self) -> Result<u64> {
         match std::fs::read_to_string(&self.path) {
             Ok(s) => s
@@ -715,10 +705,10 @@ fn unconnected_udp_datagrams_count_per_backend() {
         .flatten()
         .collect();
         lab.write_manifest("udp.yaml", &yaml_docs(&docs))?;
-        let mut servers: Vec<(&str, DatagramServer)> = Vec::new();
+        let mut servers: Vec<(&str, CountingServer)> = Vec::new();
         for (vip, addrs) in vips {
             for (i, id) in ["a", "b", "c"].iter().enumerate() {
-                servers.push((vip, DatagramServer::start(lab, id, addrs[i], 5353)?));
+                servers.push((vip, CountingServer::start_udp(lab, id, addrs[i], 5353)?));
             }
         }
         let agent = svc_lb_tests::metrics::start_agent(lab, "udp", &[])?;
