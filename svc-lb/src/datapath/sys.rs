@@ -490,10 +490,15 @@ pub fn count_keys(map: BorrowedFd<'_>, key_size: usize) -> Result<u64> {
 /// A map's first key by BPF_MAP_GET_NEXT_KEY (`None`: the map is empty), for any hash
 /// type whatever its layout: one syscall where [`count_keys`] walks the whole map.
 pub fn first_key(map: BorrowedFd<'_>, key_size: usize) -> Result<Option<Vec<u8>>> {
+    get_next_key(map, 0, key_size)
+}
+
+/// BPF_MAP_GET_NEXT_KEY after the key at `key` (0: the first key) of `key_size` bytes.
+fn get_next_key(map: BorrowedFd<'_>, key: u64, key_size: usize) -> Result<Option<Vec<u8>>> {
     let mut next = vec![0u8; key_size];
     let mut attr = MapElemAttr {
         map_fd: map.as_raw_fd() as u32,
-        key: 0,
+        key,
         value: next.as_mut_ptr() as u64,
         ..Default::default()
     };
@@ -508,18 +513,7 @@ pub fn first_key(map: BorrowedFd<'_>, key_size: usize) -> Result<Option<Vec<u8>>
 /// `key` is no longer in the map the kernel answers with the first key: the walk starts
 /// over, so a caller may see an entry twice.
 pub fn next_key<K: bytemuck::Pod>(map: BorrowedFd<'_>, key: &K) -> Result<Option<Vec<u8>>> {
-    let mut next = vec![0u8; size_of::<K>()];
-    let mut attr = MapElemAttr {
-        map_fd: map.as_raw_fd() as u32,
-        key: std::ptr::from_ref(key) as u64,
-        value: next.as_mut_ptr() as u64,
-        ..Default::default()
-    };
-    match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
-        Ok(_) => Ok(Some(next)),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-        Err(e) => Err(e).context("BPF_MAP_GET_NEXT_KEY"),
-    }
+    get_next_key(map, std::ptr::from_ref(key) as u64, size_of::<K>())
 }
 
 /// The `query` member of `union bpf_attr`.

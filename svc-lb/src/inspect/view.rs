@@ -138,16 +138,12 @@ impl DatapathView {
     /// yet; `None` when the node keeps no traffic counts, or for a backend that is not
     /// TCP or not in the backend map (the counts are by address).
     pub fn pair_traffic(&self, rev_nat_id: u32, id: u32) -> Option<svc_lb_common::TrafficCount> {
-        let t = self.traffic.as_ref()?;
-        let b = self.state.backends.get(&id)?;
-        if b.addr.proto != svc_lb_common::PROTO_TCP {
-            return None;
-        }
-        let key = svc_lb_common::TrafficKey {
+        self.socket_pair(
+            self.traffic.as_ref(),
+            svc_lb_common::PROTO_TCP,
             rev_nat_id,
-            backend: conn_key(&b.addr),
-        };
-        Some(t.get(&key).copied().unwrap_or_default())
+            id,
+        )
     }
 
     /// The unconnected datagrams frontend `rev_nat_id` sent to backend `id` (in
@@ -158,9 +154,26 @@ impl DatapathView {
         rev_nat_id: u32,
         id: u32,
     ) -> Option<svc_lb_common::TrafficCount> {
-        let t = self.udp_traffic.as_ref()?;
+        self.socket_pair(
+            self.udp_traffic.as_ref(),
+            svc_lb_common::PROTO_UDP,
+            rev_nat_id,
+            id,
+        )
+    }
+
+    /// (frontend, backend `id`) in `map` of the socket path's traffic when the backend
+    /// is of `proto`: 0s when nothing was counted yet.
+    fn socket_pair(
+        &self,
+        map: Option<&HashMap<svc_lb_common::TrafficKey, svc_lb_common::TrafficCount>>,
+        proto: u8,
+        rev_nat_id: u32,
+        id: u32,
+    ) -> Option<svc_lb_common::TrafficCount> {
+        let t = map?;
         let b = self.state.backends.get(&id)?;
-        if b.addr.proto != svc_lb_common::PROTO_UDP {
+        if b.addr.proto != proto {
             return None;
         }
         let key = svc_lb_common::TrafficKey {
