@@ -170,7 +170,15 @@ pub const OLD_SOCKET_MAPS: [&str; 1] = [MAP_SOCK_RNAT_SK_V1];
 pub const SVC_MAP_MAX: u32 = 1 << 20;
 pub const BACKEND_MAP_MAX: u32 = 1 << 20;
 pub const REVNAT_MAP_MAX: u32 = 1 << 19;
+/// `LB_SKRNAT4_V1`/`LB_SKRNAT6_V1` on the fallback (no socket-local storage), where
+/// every socket's reverse NAT lives there.
 pub const SOCK_RNAT_MAP_MAX: u32 = 1 << 18;
+/// The same maps when the kernel has socket-local storage: they then only index the
+/// connected UDP sockets for socket termination (sock_diag does not report a UDP
+/// socket's storage), and nothing on the reply path reads them. The agent sets this
+/// size at load; it is a quarter of the fallback's because these LRU maps are
+/// preallocated, and creating them is on the agent's start-up path.
+pub const SOCK_RNAT_INDEX_MAX: u32 = 1 << 16;
 /// Remembered (client, frontend) pairs. LRU: the least recently used client forgets
 /// first when it is full, which costs only stickiness, never correctness.
 pub const AFFINITY_MAP_MAX: u32 = 1 << 16;

@@ -472,6 +472,97 @@ fn removing_the_service_ends_its_connected_udp_sockets() {
     });
 }
 
+/// `max_entries` of the pinned map `name`.
+fn pinned_max_entries(lab: &Lab, name: &str) -> Result<u32> {
+    Ok(aya::maps::MapInfo::from_pin(lab.bpffs().join(name))
+        .with_context(|| format!("info of pinned {name}"))?
+        .max_entries())
+}
+
+/// Both socket reverse-NAT LRU maps hold `want` entries.
+fn expect_sock_rnat_sizes(lab: &Lab, want: u32, step: &str) -> Result<()> {
+    let got = [
+        pinned_max_entries(lab, svc_lb_common::MAP_SOCK_RNAT4)?,
+        pinned_max_entries(lab, svc_lb_common::MAP_SOCK_RNAT6)?,
+    ];
+    ensure!(got == [want, want], "{step}: sizes {got:?}, expected {want}");
+    Ok(())
+}
+
+/// The socket reverse-NAT LRU maps are created at the smaller index size when the
+/// kernel has socket-local storage (they then only index connected UDP sockets for
+/// termination) and at the full size on the fallback. An upgrade keeps the larger maps
+/// an earlier agent pinned, entries included: a connected UDP socket recorded there
+/// before the restart is still destroyed by the new agent when its Service goes.
+#[test]
+fn sock_rnat_maps_are_sized_by_the_storage_and_an_upgrade_keeps_larger_pins() {
+    e2e(&["a"], |lab| {
+        let a = lab.topo.backend("a").addr(false);
+        lab.serve("a", "a", &[], &[SocketAddr::new(a, UDP_TARGET)])?;
+        lab.write_manifest("dns.yaml", &service(lab, "a"))?;
+        // The maps as every agent before the index size made them: the fallback's size
+        // (an agent with the fallback forced makes them so, and records every socket).
+        let forced = svc_lb_tests::agent::forced_off("sk_storage_rnat");
+        let fallback: &[&str] = if forced {
+            &[]
+        } else {
+            &["--force-feature-off", "sk_storage_rnat"]
+        };
+        let mut old = start_agent(lab, "old", fallback)?;
+        expect_sock_rnat_sizes(lab, svc_lb_common::SOCK_RNAT_MAP_MAX, "older agent")?;
+        let mut o = lab.client(SocketAddr::new(VIP.parse()?, DNS_PORT), Proto::UdpConnected);
+        o.count = 0;
+        o.duration = Some(Duration::from_millis(4000));
+        o.interval = Duration::from_millis(20);
+        o.timeout = Duration::from_millis(500);
+        o.one_socket = true;
+        o.timeline = true;
+        let client = lab.spawn_client(&o)?;
+        std::thread::sleep(Duration::from_millis(500));
+        let (status, graceful) = old.terminate(Duration::from_secs(5))?;
+        ensure!(graceful && status.success(), "older agent exit: {status}");
+
+        // The upgrade: the pins keep their size and the socket's record.
+        let mut agent = start_agent(lab, "new", &[])?;
+        expect_sock_rnat_sizes(lab, svc_lb_common::SOCK_RNAT_MAP_MAX, "after the upgrade")?;
+        std::thread::sleep(Duration::from_millis(500));
+        let before = agent.applied_count();
+        lab.remove_manifest("dns.yaml")?;
+        agent.wait_applied(before + 1, Duration::from_secs(10))?;
+        let applied = applied_at(&agent, before + 1)?;
+        let r = client.wait()?;
+        show("via_service", &r, applied);
+        let last_a = last_reply_from(&r, "a").context("never answered by a")?;
+        ensure!(
+            last_a <= applied + GOAL_MS,
+            "a answered {} ms after the Service was removed",
+            last_a - applied
+        );
+        let first = r.failure_samples.first().context("no failure at all")?;
+        ensure!(
+            first.error == "recv:ECONNABORTED" || first.error == "send:EDESTADDRREQ",
+            "first failure {first:?}"
+        );
+        expect_destroyed(&agent, 1.0, 0.0)?;
+        let (status, graceful) = agent.terminate(Duration::from_secs(5))?;
+        ensure!(graceful && status.success(), "agent exit: {status}");
+
+        // A fresh start (after `svc-lb cleanup`) makes them at this kernel's size.
+        let cg = lab.cgroup().to_str().context("cgroup path")?.to_owned();
+        let out = lab.svc_lb(&["cleanup", "--cgroup", &cg])?;
+        ensure!(out.status.success(), "cleanup: {out:?}");
+        let fresh = start_agent(lab, "fresh", &[])?;
+        let want = if forced {
+            svc_lb_common::SOCK_RNAT_MAP_MAX
+        } else {
+            svc_lb_common::SOCK_RNAT_INDEX_MAX
+        };
+        expect_sock_rnat_sizes(lab, want, "fresh start")?;
+        drop(fresh);
+        Ok(())
+    });
+}
+
 #[test]
 fn rfc3339_timestamps_parse() {
     assert_eq!(rfc3339_ms("1970-01-01T00:00:00Z").unwrap(), 0);

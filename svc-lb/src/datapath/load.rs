@@ -15,9 +15,9 @@ use aya::{
 };
 use svc_lb_common::{
     AffinityExtKey, AffinityValue, CtEntry, CtKey, ExtConfig, MAP_AFF_MATCH, MAP_AFFINITY_EXT,
-    MAP_BACKENDS, MAP_BE_STATS, MAP_CONFIG, MAP_CT, MAP_FE_STATS, MAP_REVNAT, MAP_SVC_META,
-    MAP_SVC4, MAP_SVC6, PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SOCKOPS,
-    PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP, SOCK_PROGRAMS,
+    MAP_BACKENDS, MAP_BE_STATS, MAP_CONFIG, MAP_CT, MAP_FE_STATS, MAP_REVNAT, MAP_SOCK_RNAT4,
+    MAP_SOCK_RNAT6, MAP_SVC_META, MAP_SVC4, MAP_SVC6, PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4,
+    PROG_SENDMSG6, PROG_SOCKOPS, PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP, SOCK_PROGRAMS,
 };
 use tracing::{info, warn};
 
@@ -450,8 +450,57 @@ fn size_maps(loader: &mut EbpfLoader<'_>, bpffs: &Path, opts: &LoadOptions) -> R
     for (name, entries) in opts.sizes.entries() {
         size_agent_map(loader, bpffs, name, entries)?;
     }
+    size_sock_rnat_maps(loader, bpffs, opts.compat.sk_storage_rnat)?;
     pins::remove_retired_pins(bpffs)?;
     replace_resized_config_pin(bpffs)
+}
+
+/// The size of the socket reverse-NAT LRU maps (`LB_SKRNAT4_V1`, `LB_SKRNAT6_V1`) when
+/// this run creates them: [`svc_lb_common::SOCK_RNAT_MAP_MAX`] on the fallback, where
+/// every socket's translations live there, and the smaller
+/// [`svc_lb_common::SOCK_RNAT_INDEX_MAX`] with socket-local storage, where they only
+/// index connected UDP sockets for socket termination. The kernel preallocates LRU maps
+/// in full, so the smaller size is that much less to create at start (and less memory).
+///
+/// A pin of another size (an older agent's larger maps, or maps made before a switch
+/// of the storage) is re-opened as it is, never replaced: its entries are the live
+/// sockets' translations (or their termination index), and the programs of the
+/// previous run still write it until this run's replace them. A pin smaller than the
+/// fallback needs is named in a warning; `svc-lb cleanup` applies the size.
+fn size_sock_rnat_maps(loader: &mut EbpfLoader<'_>, bpffs: &Path, sk_storage: bool) -> Result<()> {
+    let wanted = if sk_storage {
+        svc_lb_common::SOCK_RNAT_INDEX_MAX
+    } else {
+        svc_lb_common::SOCK_RNAT_MAP_MAX
+    };
+    for name in [MAP_SOCK_RNAT4, MAP_SOCK_RNAT6] {
+        loader.map_max_entries(name, wanted);
+        let path = bpffs.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let pinned = MapData::from_pin(&path)
+            .with_context(|| format!("open pinned map {}", path.display()))?
+            .info()
+            .with_context(|| format!("info of pinned map {name}"))?
+            .max_entries();
+        if pinned < wanted && !sk_storage {
+            warn!(
+                map = name,
+                pinned_entries = pinned,
+                wanted_entries = wanted,
+                "keeping the pinned socket reverse-NAT map at its smaller size (made while socket-local storage was on); the fallback's size takes effect after `svc-lb cleanup`"
+            );
+        } else if pinned != wanted {
+            info!(
+                map = name,
+                pinned_entries = pinned,
+                entries = wanted,
+                "keeping the pinned socket reverse-NAT map at its size"
+            );
+        }
+    }
+    Ok(())
 }
 
 pub(super) fn sock_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut CgroupSockAddr> {
