@@ -485,7 +485,10 @@ fn expect_sock_rnat_sizes(lab: &Lab, want: u32, step: &str) -> Result<()> {
         pinned_max_entries(lab, svc_lb_common::MAP_SOCK_RNAT4)?,
         pinned_max_entries(lab, svc_lb_common::MAP_SOCK_RNAT6)?,
     ];
-    ensure!(got == [want, want], "{step}: sizes {got:?}, expected {want}");
+    ensure!(
+        got == [want, want],
+        "{step}: sizes {got:?}, expected {want}"
+    );
     Ok(())
 }
 
