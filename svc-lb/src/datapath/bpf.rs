@@ -95,7 +95,26 @@ pub struct BpfDatapath {
     /// Whether runs of map writes go through BPF_MAP_UPDATE_BATCH (see
     /// [`Self::set_map_batch`]).
     batch: bool,
+    /// Every map [`MapStore::read_current`] reads was created by this open (no pin of it
+    /// existed) and nothing has been written since: they are empty, and the first read
+    /// returns the empty state without walking them. Walking an empty hash map visits
+    /// all its buckets (2–4 ms for a million-entry map), which on a first start is a
+    /// dozen milliseconds on the way to the first sync for nothing.
+    created_empty: std::sync::atomic::AtomicBool,
 }
+
+/// The maps [`MapStore::read_current`] reads (see `BpfDatapath::created_empty`).
+const READ_BACK_MAPS: [&str; 9] = [
+    MAP_SVC4,
+    MAP_SVC6,
+    MAP_BACKENDS,
+    MAP_REVNAT,
+    MAP_SVC_META,
+    MAP_AFF_MATCH,
+    MAP_MAGLEV,
+    MAP_SRC_RANGE4,
+    MAP_SRC_RANGE6,
+];
 
 /// The object once its maps are taken: its programs, loaded, or still going through
 /// the verifier on a thread of their own (see [`BpfDatapath::open_overlapped`]).
@@ -303,6 +322,10 @@ impl BpfDatapath {
 
     /// The object with its maps open and its programs not yet loaded.
     fn open_maps(bpffs: &Path, opts: LoadOptions) -> Result<Self> {
+        // Before the load creates them: a map whose pin exists may hold an earlier
+        // run's state (a pin the load replaces because it was empty counts as existing:
+        // the read then finds it empty).
+        let created_empty = READ_BACK_MAPS.iter().all(|n| !bpffs.join(n).exists());
         let mut ebpf = super::load::load_maps(bpffs, &opts)?;
 
         let (svc4, svc4_entries) = take_hash(&mut ebpf, MAP_SVC4)?;
@@ -367,6 +390,7 @@ impl BpfDatapath {
             affinity,
             aff_match,
             cap,
+            created_empty: created_empty.into(),
         })
     }
 }
@@ -381,6 +405,12 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
 
 impl MapStore for BpfDatapath {
     fn read_current(&self) -> Result<CurrentState> {
+        if self
+            .created_empty
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            return codec::decode_state([], [], []);
+        }
         let mut state = read_state(&self.svc4, &self.svc6, &self.backends, &self.rev_nats)?;
         if let Ok(ext) = &self.ext {
             // Tables are decoded to their entries per backend id, which say whether
@@ -418,6 +448,7 @@ impl MapStore for BpfDatapath {
     }
 
     fn apply(&mut self, op: &Op) -> Result<()> {
+        *self.created_empty.get_mut() = false;
         for w in codec::encode(op, self.maglev_size)? {
             match w {
                 Write::Svc(key, Some(value)) => self.put(key, value)?,
@@ -518,6 +549,7 @@ impl MapStore for BpfDatapath {
     }
 
     fn apply_all(&mut self, ops: &[Op]) -> (usize, Result<()>) {
+        *self.created_empty.get_mut() = false;
         apply_in_runs(self, ops)
     }
 
@@ -749,12 +781,17 @@ impl BpfDatapath {
     /// rev-NAT id reused for a new frontend would show the old one's traffic to the
     /// backend addresses both share.
     pub fn prune_traffic(&mut self) -> Result<usize> {
+        // The counts first, as in `prune_conn_counts`: none after a fresh start, whose
+        // first full sync then does not walk the 10 000 rev-NAT ids it just wrote one
+        // key per syscall before attaching the programs.
+        let counted: Vec<TrafficKey> = self.traffic.keys().filter_map(|k| k.ok()).collect();
+        if counted.is_empty() {
+            return Ok(0);
+        }
         let live: std::collections::HashSet<u32> =
             self.rev_nats.keys().filter_map(|k| k.ok()).collect();
-        let stale: Vec<TrafficKey> = self
-            .traffic
-            .keys()
-            .filter_map(|k| k.ok())
+        let stale: Vec<TrafficKey> = counted
+            .into_iter()
             .filter(|k| !live.contains(&k.rev_nat_id))
             .collect();
         for k in &stale {
