@@ -748,7 +748,7 @@ fn plan_into(
         services.entry(&c.desired.service).or_default().push(c);
     }
     let mut rejected = Vec::new();
-    let mut admitted: HashSet<FrontendKey> = HashSet::with_capacity(candidates.len());
+    let mut admitted_keys: HashSet<FrontendKey> = HashSet::with_capacity(candidates.len());
     // Services that are programmed now are admitted first: a newly created Service,
     // however large, cannot push out one that already works (it is the one rejected).
     let programmed =
@@ -771,7 +771,7 @@ fn plan_into(
             None => budget.try_admit(fronts, &by_addr),
         };
         match verdict {
-            Ok(()) => admitted.extend(fronts.iter().map(|c| *c.key())),
+            Ok(()) => admitted_keys.extend(fronts.iter().map(|c| *c.key())),
             Err(reason) => rejected.push(Rejected {
                 service: (*service).clone(),
                 reason,
@@ -814,7 +814,8 @@ fn plan_into(
     let (admitted, kept): (Vec<&Candidate<'_>>, Vec<&Candidate<'_>>) = candidates
         .iter()
         .filter(|c| !emptied_keys.contains(c.key()))
-        .partition(|c| admitted.contains(c.key()));
+        .partition(|c| admitted_keys.contains(c.key()));
+    drop(admitted_keys);
     let admitted: Vec<&Candidate<'_>> = admitted
         .into_iter()
         .chain(
@@ -1012,6 +1013,12 @@ fn plan_into(
         };
         ready.push((c, rev_nat_id, ids));
     }
+    // Every id the plan writes is in `ready` now. A streamed first sync writes its
+    // slots from here on while the mirror of the maps grows on another thread: the
+    // address maps (1 M backends: about 50 MB each) would otherwise sit beside both
+    // until the plan ends, at the agent's high-water mark.
+    drop(backend_ids);
+    drop(by_addr);
     // The new reverse-NAT entries of all of them first: no master names one yet, so
     // they may go before any slot, and the service map's writes then follow each
     // other, which the kernel store writes in batches. An apply interrupted here leaves
