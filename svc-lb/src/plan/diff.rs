@@ -939,18 +939,30 @@ fn plan_into(
 
     // Phase 2. Two frontends may disagree on one address's state; active wins, since
     // the entry is shared and draining it would starve the frontend that wants it.
-    let mut wanted: BTreeMap<u32, BackendEntry> = BTreeMap::new();
+    //
+    // Every (id, entry) the frontends name, then sorted by id and merged: a flat vector
+    // of the references is about half the size of a tree of the entries (at a first
+    // sync of 1 M backends, 28 MB against 50), and it sits beside the id map and the
+    // growing mirror at the plan's high-water mark. The sort is stable, so an id's
+    // entry is the first one pushed (address and locality), with the lowest state.
+    let refs: usize = admitted
+        .iter()
+        .map(|c| c.desired.backends.len() + desired.draining.get(c.key()).map_or(0, |d| d.len()))
+        .sum();
+    let mut wanted: Vec<(u32, BackendEntry)> = Vec::with_capacity(refs);
     for c in &admitted {
         for b in &c.desired.backends {
             let Some(&id) = backend_ids.get(&b.addr) else {
                 continue;
             };
-            let entry = wanted.entry(id).or_insert(BackendEntry {
-                addr: b.addr,
-                state: b.state,
-                local: b.local,
-            });
-            entry.state = entry.state.min(b.state);
+            wanted.push((
+                id,
+                BackendEntry {
+                    addr: b.addr,
+                    state: b.state,
+                    local: b.local,
+                },
+            ));
         }
     }
     // Draining backends of admitted external frontends keep the entry they have (same
@@ -965,14 +977,25 @@ fn plan_into(
             let Some(&id) = by_addr.get(&b.addr) else {
                 continue;
             };
-            let entry = wanted.entry(id).or_insert(BackendEntry {
-                addr: b.addr,
-                state: BACKEND_DRAINING,
-                local: b.local,
-            });
-            entry.state = entry.state.min(BACKEND_DRAINING);
+            wanted.push((
+                id,
+                BackendEntry {
+                    addr: b.addr,
+                    state: BACKEND_DRAINING,
+                    local: b.local,
+                },
+            ));
         }
     }
+    wanted.sort_by_key(|(id, _)| *id);
+    // `dedup_by` passes the later element first; the earlier one is kept.
+    wanted.dedup_by(|later, kept| {
+        if later.0 != kept.0 {
+            return false;
+        }
+        kept.1.state = kept.1.state.min(later.1.state);
+        true
+    });
     for (id, backend) in &wanted {
         if current.backends.get(id) != Some(backend) {
             ops.push(Op::UpsertBackend {
@@ -986,7 +1009,7 @@ fn plan_into(
     let mut final_backend_ids: BTreeSet<u32> = if current.backends.is_empty() {
         BTreeSet::new()
     } else {
-        wanted.keys().copied().collect()
+        wanted.iter().map(|(id, _)| *id).collect()
     };
     drop(wanted);
 
