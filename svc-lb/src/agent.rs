@@ -1097,6 +1097,8 @@ pub fn sync(
         // A first start on empty maps: the plan is every entry, streamed to the maps in
         // slices rather than held whole (see `plan_and_apply_streamed`). Nothing is
         // programmed yet, so no socket can be pinned to a backend it takes out.
+        crate::mem::release_between_stages();
+        crate::mem::log_usage("trimmed");
         let streamed = crate::datapath::apply::plan_and_apply_streamed(dp, current, desired, &cap);
         reported.plan(&streamed.rejected);
         crate::metrics::set_skipped(

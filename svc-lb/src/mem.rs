@@ -26,6 +26,15 @@ pub fn release_after_sync(took: Duration) -> Option<Duration> {
     Some(start.elapsed())
 }
 
+/// Releases free heap pages between the stages of a full sync into empty maps (the
+/// first one): what the sources' decoding and the model's building freed sits in
+/// the middle of the heap, resident, while the plan and the mirror of the maps grow
+/// to the sync's high-water mark in pages of their own. A few milliseconds at
+/// 100 000 Services.
+pub fn release_between_stages() {
+    release();
+}
+
 /// One malloc arena for the whole process, unless the operator chose otherwise with
 /// `MALLOC_ARENA_MAX`. glibc gives every thread that allocates concurrently its own
 /// arena (up to 8 per CPU), and each keeps its freed pages for later; the agent's

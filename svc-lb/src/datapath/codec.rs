@@ -469,37 +469,47 @@ pub fn decode_state(
         }
         state.frontends.insert(fe, cur);
     }
-    // An entry that does not decode (a corrupt or foreign write; an agent that failed on
-    // it would fail again on every restart) is read as a placeholder that no desired
-    // state contains, so the next plan deletes it and writes what belongs there.
+    // Entries that do not decode are read as placeholders (see `backend_read_back`).
     for (id, raw) in backends {
-        let entry = backend_from_raw(&raw).unwrap_or_else(|e| {
-            warn!(map = svc_lb_common::MAP_BACKENDS, id, error = %format!("{e:#}"), "undecodable entry: the next sync removes and rewrites it");
-            BackendEntry {
-                addr: BackendAddr {
-                    addr: undecodable_addr(id),
-                    port: 0,
-                    proto: 0,
-                },
-                state: 0,
-                local: false,
-            }
-        });
-        state.backends.insert(id, entry);
+        state.backends.insert(id, backend_read_back(id, &raw));
     }
     for (id, raw) in rev_nats {
-        let frontend = revnat_from_raw(&raw).unwrap_or_else(|e| {
-            warn!(map = svc_lb_common::MAP_REVNAT, id, error = %format!("{e:#}"), "undecodable entry: the next sync removes and rewrites it");
-            FrontendKey {
+        state.rev_nats.insert(id, revnat_read_back(id, &raw));
+    }
+    Ok(state)
+}
+
+/// Backend entry `id` as read back from the map. One that does not decode (a corrupt
+/// or foreign write; an agent that failed on it would fail again on every restart) is
+/// read as a placeholder that no desired state contains, so the next plan deletes it
+/// and writes what belongs there.
+pub fn backend_read_back(id: u32, raw: &Backend) -> BackendEntry {
+    backend_from_raw(raw).unwrap_or_else(|e| {
+        warn!(map = svc_lb_common::MAP_BACKENDS, id, error = %format!("{e:#}"), "undecodable entry: the next sync removes and rewrites it");
+        BackendEntry {
+            addr: BackendAddr {
                 addr: undecodable_addr(id),
                 port: 0,
                 proto: 0,
-                scope: svc_lb_common::SCOPE_ALL,
-            }
-        });
-        state.rev_nats.insert(id, frontend);
-    }
-    Ok(state)
+            },
+            state: 0,
+            local: false,
+        }
+    })
+}
+
+/// Reverse-NAT entry `id` as read back from the map, a placeholder when it does not
+/// decode (as [`backend_read_back`]).
+pub fn revnat_read_back(id: u32, raw: &RevNat) -> FrontendKey {
+    revnat_from_raw(raw).unwrap_or_else(|e| {
+        warn!(map = svc_lb_common::MAP_REVNAT, id, error = %format!("{e:#}"), "undecodable entry: the next sync removes and rewrites it");
+        FrontendKey {
+            addr: undecodable_addr(id),
+            port: 0,
+            proto: 0,
+            scope: svc_lb_common::SCOPE_ALL,
+        }
+    })
 }
 
 /// A placeholder address for entry `id`, unique per id: in 100::/64, the discard-only

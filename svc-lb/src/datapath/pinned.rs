@@ -181,6 +181,29 @@ impl PinnedMaps {
             .with_context(|| format!("{MAP_BACKENDS}: look up {id}"))
     }
 
+    /// The frontend reverse-NAT entry `id` names, decoded as [`Self::read_current`]
+    /// reads it (a placeholder when it does not decode).
+    pub fn rev_nat(&self, id: u32) -> Result<Option<crate::model::FrontendKey>> {
+        Ok(not_found_is_none(self.rev_nats.get(&id, 0))
+            .with_context(|| format!("{MAP_REVNAT}: look up {id}"))?
+            .map(|raw| codec::revnat_read_back(id, &raw)))
+    }
+
+    /// Walks the backend map, decoded as [`Self::read_current`] reads it, without
+    /// collecting it; stops when `f` returns false.
+    pub fn walk_backends(
+        &self,
+        mut f: impl FnMut(u32, &crate::plan::BackendEntry) -> bool,
+    ) -> Result<()> {
+        for entry in self.backends.iter() {
+            let (id, raw) = entry.with_context(|| format!("read map {MAP_BACKENDS}"))?;
+            if !f(id, &codec::backend_read_back(id, &raw)) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// One backend address's open connections (`MAP_CONNS`), for `trace`; `None` when
     /// it has no entry or the map is not pinned (an older agent).
     pub fn conn_count(&self, key: &svc_lb_common::ConnKey) -> Result<Option<(u64, u64)>> {
