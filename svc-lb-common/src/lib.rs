@@ -694,6 +694,16 @@ pub const CT_TCP_CLOSE_TIMEOUT_S: u64 = 10;
 pub const CT_TCP_SYN_TIMEOUT_S: u64 = 5;
 pub const CT_UDP_TIMEOUT_S: u64 = 60;
 
+/// A client's packet refreshes its flow's reply entry (or brings it back after an LRU
+/// eviction) only when it changes the forward entry's flags or moves the forward
+/// entry's expiry into another window of 2^`CT_REPLY_REFRESH_SHIFT` ns (about 4.2 ms,
+/// one timer tick at HZ 250); the other packets skip the reply entry's hash lookup. So
+/// a reply entry's expiry lags its forward entry's by less than one window, and an
+/// evicted reply entry comes back with the client's first packet at least one window
+/// after its previous one (or sooner, at a window edge).
+pub const CT_REPLY_REFRESH_SHIFT: u32 = 22;
+pub const CT_REPLY_REFRESH_NS: u64 = 1 << CT_REPLY_REFRESH_SHIFT;
+
 /// Default SNAT source ports of the external path (flows to remote backends), used when
 /// `ExtConfig` holds no range: the ports above the kernel's default ephemeral range
 /// (32768–60999, `net.ipv4.ip_local_port_range`), which the node's own sockets do not
