@@ -694,13 +694,15 @@ pub const CT_TCP_CLOSE_TIMEOUT_S: u64 = 10;
 pub const CT_TCP_SYN_TIMEOUT_S: u64 = 5;
 pub const CT_UDP_TIMEOUT_S: u64 = 60;
 
-/// A client's packet refreshes its flow's reply entry (or brings it back after an LRU
-/// eviction) only when it changes the forward entry's flags or moves the forward
-/// entry's expiry into another window of 2^`CT_REPLY_REFRESH_SHIFT` ns (about 4.2 ms,
-/// one timer tick at HZ 250); the other packets skip the reply entry's hash lookup. So
-/// a reply entry's expiry lags its forward entry's by less than one window, and an
-/// evicted reply entry comes back with the client's first packet at least one window
-/// after its previous one (or sooner, at a window edge).
+/// A packet of an established flow refreshes the flow's other conntrack entry (a
+/// client's packet the reply entry, which it also brings back after an LRU eviction; a
+/// backend's packet the forward entry) only when it changes its own entry's flags or
+/// moves its own entry's expiry into another window of 2^`CT_REPLY_REFRESH_SHIFT` ns
+/// (about 4.2 ms, one timer tick at HZ 250); the other packets skip that hash lookup.
+/// So the other entry's expiry lags by less than one window, and an evicted reply
+/// entry comes back with the client's first packet at least one window after its
+/// previous one (or sooner, at a window edge). Two packets more than one window apart
+/// always refresh.
 pub const CT_REPLY_REFRESH_SHIFT: u32 = 22;
 pub const CT_REPLY_REFRESH_NS: u64 = 1 << CT_REPLY_REFRESH_SHIFT;
 

@@ -8,13 +8,13 @@
 //!   (local backend, translated at tc egress) or backend → node SNAT address:port
 //!   (remote backend, translated at tc ingress).
 //!
-//! Every packet of a flow refreshes its entry's lifetime (`CT_*_TIMEOUT_S`), and keeps
-//! the flow's other entry alive (a client's packet only once per `CT_REPLY_REFRESH_NS`
-//! window, see [`established`]); a TCP flow
-//! is half-open (`CT_TCP_SYN_TIMEOUT_S`, extended only by the client's packets) until
-//! the handshake completes (`CT_FLAG_ESTABLISHED`); a TCP FIN or RST shortens it to
-//! `CT_TCP_CLOSE_TIMEOUT_S` (`CT_FLAG_CLOSING`). An expired entry is ignored, so the next
-//! packet starts a new flow, and its SNAT port can be claimed by another.
+//! Every packet of a flow refreshes its entry's lifetime (`CT_*_TIMEOUT_S`) and, once
+//! per `CT_REPLY_REFRESH_NS` window or when it changes the entry's flags, the flow's
+//! other entry (svc-lb-common explains the window); a TCP flow is half-open
+//! (`CT_TCP_SYN_TIMEOUT_S`, extended only by the client's packets) until the handshake
+//! completes (`CT_FLAG_ESTABLISHED`); a TCP FIN or RST shortens it to
+//! `CT_TCP_CLOSE_TIMEOUT_S` (`CT_FLAG_CLOSING`). An expired entry is ignored, so the
+//! next packet starts a new flow, and its SNAT port can be claimed by another.
 //!
 //! Each entry counts the packets and bytes of its direction (`CtEntry`, issue 15): the
 //! forward entry the client's packets, the reply entry the backend's. Only the packet
@@ -208,8 +208,14 @@ pub fn reply<C: Pkt>(c: &C, f: &Flow, snat: bool) -> Option<Verdict> {
     }
     refresh(v, f, now, CT_FLAG_SEEN_REPLY);
     account(e, ip_len(c, f));
-    // Keep the forward entry alive while the backend answers (a server-push flow).
-    if let Some(s) = LB_SCRATCH.get_ptr_mut(0) {
+    // Keep the forward entry alive while the backend answers (a server-push flow), and
+    // let it learn the flags this packet added. Like the reply entry from the client's
+    // side (see [`established`]): only when this packet changed the reply entry's
+    // flags or moved its expiry into another `CT_REPLY_REFRESH_NS` window.
+    let (new_expires, new_flags) = unsafe { ((*v).expires_ns, (*v).flags) };
+    if (new_flags != flags || reply_refresh_due(expires, new_expires))
+        && let Some(s) = LB_SCRATCH.get_ptr_mut(0)
+    {
         // SAFETY: per-CPU scratch, only this program run uses it.
         let s = unsafe { &mut *s };
         s.fkey = CtKey {
