@@ -9,7 +9,7 @@
 //!   (remote backend, translated at tc ingress).
 //!
 //! Every packet of a flow refreshes its entry's lifetime (`CT_*_TIMEOUT_S`) and, once
-//! per `CT_REPLY_REFRESH_NS` window or when it changes the entry's flags, the flow's
+//! per `CT_REFRESH_WINDOW_NS` window or when it changes the entry's flags, the flow's
 //! other entry (svc-lb-common explains the window); a TCP flow is half-open
 //! (`CT_TCP_SYN_TIMEOUT_S`, extended only by the client's packets) until the handshake
 //! completes (`CT_FLAG_ESTABLISHED`); a TCP FIN or RST shortens it to
@@ -27,7 +27,7 @@ use aya_ebpf::{bindings::BPF_NOEXIST, btf_maps::lpm_trie::Key, helpers::bpf_get_
 use svc_lb_common::{
     AffinityExtKey, AffinityMatchKey, AffinityValue, BACKEND_FLAG_LOCAL, CT_DIR_FORWARD,
     CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT,
-    CT_REPLY_REFRESH_SHIFT, CT_TCP_CLOSE_TIMEOUT_S, CT_TCP_SYN_TIMEOUT_S, CT_TCP_TIMEOUT_S,
+    CT_REFRESH_WINDOW_SHIFT, CT_TCP_CLOSE_TIMEOUT_S, CT_TCP_SYN_TIMEOUT_S, CT_TCP_TIMEOUT_S,
     CT_UDP_TIMEOUT_S, CTR_EXT_AFF_HIT, CTR_EXT_AFF_UPDATE_FAIL, CTR_EXT_BACKEND_GONE,
     CTR_EXT_BACKEND_MISSING, CTR_EXT_CT_CLOSING, CTR_EXT_CT_HIT, CTR_EXT_CT_UPDATE_FAIL,
     CTR_EXT_FORWARDED, CTR_EXT_MAGLEV_MISSING, CTR_EXT_NO_SNAT_ADDR, CTR_EXT_REJECT_FAILED,
@@ -211,9 +211,9 @@ pub fn reply<C: Pkt>(c: &C, f: &Flow, snat: bool) -> Option<Verdict> {
     // Keep the forward entry alive while the backend answers (a server-push flow), and
     // let it learn the flags this packet added. Like the reply entry from the client's
     // side (see [`established`]): only when this packet changed the reply entry's
-    // flags or moved its expiry into another `CT_REPLY_REFRESH_NS` window.
+    // flags or moved its expiry into another `CT_REFRESH_WINDOW_NS` window.
     let (new_expires, new_flags) = unsafe { ((*v).expires_ns, (*v).flags) };
-    if (new_flags != flags || reply_refresh_due(expires, new_expires))
+    if (new_flags != flags || window_moved(expires, new_expires))
         && let Some(s) = LB_SCRATCH.get_ptr_mut(0)
     {
         // SAFETY: per-CPU scratch, only this program run uses it.
@@ -289,7 +289,9 @@ pub fn forward_on<C: Pkt>(c: &C, f: &Flow, path: Path) -> Verdict {
 /// membership in the frontend's slots: an endpoint that still serves but is no longer
 /// selected (terminating, outside the topology hints or the traffic policy) keeps its
 /// entry as `BACKEND_DRAINING` with no slot, so its flows go on while new ones go
-/// elsewhere. The agent deletes the entry once the endpoint stops serving.
+/// elsewhere. The agent deletes the entry once the endpoint stops serving. The check
+/// runs once per `CT_REFRESH_WINDOW_NS` window of the flow (see below), so a removed
+/// backend's flow is chosen anew within one window, not always by the next packet.
 #[inline(never)]
 fn established<C: Pkt>(c: &C, f: &Flow, now: u64) -> Option<Verdict> {
     let fe = LB_CT_V2.get_ptr_mut(ct_key(f, CT_DIR_FORWARD))?;
@@ -304,10 +306,17 @@ fn established<C: Pkt>(c: &C, f: &Flow, now: u64) -> Option<Verdict> {
     } else {
         (f.saddr, f.sport)
     };
-    let same = match LB_BACKENDS_V1.get_ptr(e.backend_id) {
-        Some(b) => unsafe { (*b).addr_be == e.nat_addr_be && (*b).port_be == e.nat_port_be },
-        None => false,
-    };
+    // The flow's periodic work: the backend check and the reply entry's refresh. Only
+    // when this packet changes the forward entry's flags, or moves its expiry into
+    // another window of `CT_REFRESH_WINDOW_NS`: the other packets of a busy flow skip
+    // both hash lookups (about half of an established packet's time).
+    let (life, new_flags) = lifetime(f, e.flags);
+    let due = new_flags != e.flags || window_moved(e.expires_ns, now + life);
+    let same = !due
+        || match LB_BACKENDS_V1.get_ptr(e.backend_id) {
+            Some(b) => unsafe { (*b).addr_be == e.nat_addr_be && (*b).port_be == e.nat_port_be },
+            None => false,
+        };
     if !same {
         // The backend left the Service (or its id was reused for another address).
         // The flow is chosen anew below, for UDP and TCP alike. For TCP this is the
@@ -328,13 +337,10 @@ fn established<C: Pkt>(c: &C, f: &Flow, now: u64) -> Option<Verdict> {
     count(CTR_EXT_CT_HIT);
     refresh(v, f, now, 0);
     account(fe, ip_len(c, f));
-    let (new_expires, new_flags) = unsafe { ((*v).expires_ns, (*v).flags) };
     // Keep the reply entry alive as long as the client sends (a one-way flow's late
-    // answer must still be translated), and bring it back if the LRU evicted it. Only
-    // when this packet changed the forward entry's state, or moved its expiry into
-    // another window of `CT_REPLY_REFRESH_NS`: the other packets of a busy flow skip
-    // the reply entry's hash lookup (about a third of an established packet's time).
-    if new_flags != e.flags || reply_refresh_due(e.expires_ns, new_expires) {
+    // answer must still be translated), and bring it back if the LRU evicted it.
+    if due {
+        let new_expires = unsafe { (*v).expires_ns };
         let Some(s) = LB_SCRATCH.get_ptr_mut(0) else {
             count(CTR_EXT_CT_UPDATE_FAIL);
             return Some(Verdict::Drop);
@@ -400,14 +406,14 @@ fn reply_key(e: &CtValue, f: &Flow, saddr: [u32; 4], sport: u16) -> CtKey {
     }
 }
 
-/// Whether a client packet that moved its forward entry's expiry from `old` to `new`
-/// (flags unchanged) also refreshes the reply entry: when the two times lie in
-/// different windows of `CT_REPLY_REFRESH_NS` (svc-lb-common). Two packets of a flow
-/// further apart than one window always do. With the coarse clock, which moves once a
-/// tick, that is about one client packet per tick whatever the flow's rate.
+/// Whether a packet that moved its entry's expiry from `old` to `new` (flags unchanged)
+/// does the flow's periodic work (see [`established`] and [`reply`]): when the two
+/// times lie in different windows of `CT_REFRESH_WINDOW_NS` (svc-lb-common). Two
+/// packets of a flow further apart than one window always do. With the coarse clock,
+/// which moves once a tick, that is about one packet per tick whatever the flow's rate.
 #[inline(always)]
-fn reply_refresh_due(old: u64, new: u64) -> bool {
-    (old ^ new) >> CT_REPLY_REFRESH_SHIFT != 0
+fn window_moved(old: u64, new: u64) -> bool {
+    (old ^ new) >> CT_REFRESH_WINDOW_SHIFT != 0
 }
 
 /// The external frontend of a packet: exact (destination, port, protocol) first, then
