@@ -702,6 +702,19 @@ pub const CT_TCP_CLOSE_TIMEOUT_S: u64 = 10;
 pub const CT_TCP_SYN_TIMEOUT_S: u64 = 5;
 pub const CT_UDP_TIMEOUT_S: u64 = 60;
 
+/// The external path's per-flow window. A packet of an established flow does the
+/// flow's periodic work only when it changes its own conntrack entry's flags or moves
+/// its expiry into another window of 2^`CT_REFRESH_WINDOW_SHIFT` ns (about 4.2 ms, one
+/// timer tick at HZ 250); the other packets skip those hash lookups. The work: a
+/// client's packet checks that the flow's backend is still there (else the flow is
+/// chosen anew) and refreshes the reply entry (bringing it back after an LRU eviction);
+/// a backend's packet refreshes the forward entry. So the other entry's expiry lags by
+/// less than one window, and a removed backend or an evicted reply entry is noticed by
+/// the client's first packet at least one window after its previous one (or sooner,
+/// at a window edge). Two packets more than one window apart always do the work.
+pub const CT_REFRESH_WINDOW_SHIFT: u32 = 22;
+pub const CT_REFRESH_WINDOW_NS: u64 = 1 << CT_REFRESH_WINDOW_SHIFT;
+
 /// Default SNAT source ports of the external path (flows to remote backends), used when
 /// `ExtConfig` holds no range: the ports above the kernel's default ephemeral range
 /// (32768–60999, `net.ipv4.ip_local_port_range`), which the node's own sockets do not

@@ -8,11 +8,13 @@
 //!   (local backend, translated at tc egress) or backend → node SNAT address:port
 //!   (remote backend, translated at tc ingress).
 //!
-//! Every packet of a flow refreshes its entry's lifetime (`CT_*_TIMEOUT_S`); a TCP flow
-//! is half-open (`CT_TCP_SYN_TIMEOUT_S`, extended only by the client's packets) until
-//! the handshake completes (`CT_FLAG_ESTABLISHED`); a TCP FIN or RST shortens it to
-//! `CT_TCP_CLOSE_TIMEOUT_S` (`CT_FLAG_CLOSING`). An expired entry is ignored, so the next
-//! packet starts a new flow, and its SNAT port can be claimed by another.
+//! Every packet of a flow refreshes its entry's lifetime (`CT_*_TIMEOUT_S`) and, once
+//! per `CT_REFRESH_WINDOW_NS` window or when it changes the entry's flags, the flow's
+//! other entry (svc-lb-common explains the window); a TCP flow is half-open
+//! (`CT_TCP_SYN_TIMEOUT_S`, extended only by the client's packets) until the handshake
+//! completes (`CT_FLAG_ESTABLISHED`); a TCP FIN or RST shortens it to
+//! `CT_TCP_CLOSE_TIMEOUT_S` (`CT_FLAG_CLOSING`). An expired entry is ignored, so the
+//! next packet starts a new flow, and its SNAT port can be claimed by another.
 //!
 //! Each entry counts the packets and bytes of its direction (`CtEntry`, issue 15): the
 //! forward entry the client's packets, the reply entry the backend's. Only the packet
@@ -25,10 +27,10 @@ use aya_ebpf::{bindings::BPF_NOEXIST, btf_maps::lpm_trie::Key, helpers::bpf_get_
 use svc_lb_common::{
     AffinityExtKey, AffinityMatchKey, AffinityValue, BACKEND_FLAG_LOCAL, CT_DIR_FORWARD,
     CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT,
-    CT_TCP_CLOSE_TIMEOUT_S, CT_TCP_SYN_TIMEOUT_S, CT_TCP_TIMEOUT_S, CT_UDP_TIMEOUT_S,
-    CTR_EXT_AFF_HIT, CTR_EXT_AFF_UPDATE_FAIL, CTR_EXT_BACKEND_GONE, CTR_EXT_BACKEND_MISSING,
-    CTR_EXT_CT_CLOSING, CTR_EXT_CT_HIT, CTR_EXT_CT_UPDATE_FAIL, CTR_EXT_FORWARDED,
-    CTR_EXT_MAGLEV_MISSING, CTR_EXT_NO_SNAT_ADDR, CTR_EXT_REJECT_FAILED,
+    CT_REFRESH_WINDOW_SHIFT, CT_TCP_CLOSE_TIMEOUT_S, CT_TCP_SYN_TIMEOUT_S, CT_TCP_TIMEOUT_S,
+    CT_UDP_TIMEOUT_S, CTR_EXT_AFF_HIT, CTR_EXT_AFF_UPDATE_FAIL, CTR_EXT_BACKEND_GONE,
+    CTR_EXT_BACKEND_MISSING, CTR_EXT_CT_CLOSING, CTR_EXT_CT_HIT, CTR_EXT_CT_UPDATE_FAIL,
+    CTR_EXT_FORWARDED, CTR_EXT_MAGLEV_MISSING, CTR_EXT_NO_SNAT_ADDR, CTR_EXT_REJECT_FAILED,
     CTR_EXT_REJECT_RATE_LIMITED, CTR_EXT_REPLY_XLATED, CTR_EXT_REWRITE_FAIL,
     CTR_EXT_SNAT_PORT_EXHAUSTED, CTR_EXT_XDP_REJECT_TO_TC, CtEntry, CtKey, CtValue, ExtChoice,
     ExtVia, FAMILY_V4, MAGLEV_TABLE_MAX, NodeAddrKey, PROTO_TCP, SCOPE_ALL, SCOPE_EXTERNAL,
@@ -206,8 +208,14 @@ pub fn reply<C: Pkt>(c: &C, f: &Flow, snat: bool) -> Option<Verdict> {
     }
     refresh(v, f, now, CT_FLAG_SEEN_REPLY);
     account(e, ip_len(c, f));
-    // Keep the forward entry alive while the backend answers (a server-push flow).
-    if let Some(s) = LB_SCRATCH.get_ptr_mut(0) {
+    // Keep the forward entry alive while the backend answers (a server-push flow), and
+    // let it learn the flags this packet added. Like the reply entry from the client's
+    // side (see [`established`]): only when this packet changed the reply entry's
+    // flags or moved its expiry into another `CT_REFRESH_WINDOW_NS` window.
+    let (new_expires, new_flags) = unsafe { ((*v).expires_ns, (*v).flags) };
+    if (new_flags != flags || window_moved(expires, new_expires))
+        && let Some(s) = LB_SCRATCH.get_ptr_mut(0)
+    {
         // SAFETY: per-CPU scratch, only this program run uses it.
         let s = unsafe { &mut *s };
         s.fkey = CtKey {
@@ -281,101 +289,131 @@ pub fn forward_on<C: Pkt>(c: &C, f: &Flow, path: Path) -> Verdict {
 /// membership in the frontend's slots: an endpoint that still serves but is no longer
 /// selected (terminating, outside the topology hints or the traffic policy) keeps its
 /// entry as `BACKEND_DRAINING` with no slot, so its flows go on while new ones go
-/// elsewhere. The agent deletes the entry once the endpoint stops serving.
+/// elsewhere. The agent deletes the entry once the endpoint stops serving. The check
+/// runs once per `CT_REFRESH_WINDOW_NS` window of the flow (see below), so a removed
+/// backend's flow is chosen anew within one window, not always by the next packet.
 #[inline(never)]
 fn established<C: Pkt>(c: &C, f: &Flow, now: u64) -> Option<Verdict> {
-    if let Some(fe) = LB_CT_V2.get_ptr_mut(ct_key(f, CT_DIR_FORWARD)) {
-        let v = val(fe);
-        let e = unsafe { *v };
-        if e.expires_ns > now {
-            let Some(s) = LB_SCRATCH.get_ptr_mut(0) else {
-                count(CTR_EXT_CT_UPDATE_FAIL);
-                return Some(Verdict::Drop);
-            };
+    let fe = LB_CT_V2.get_ptr_mut(ct_key(f, CT_DIR_FORWARD))?;
+    let v = val(fe);
+    let e = unsafe { *v };
+    if e.expires_ns <= now {
+        return None;
+    }
+    let snat = e.flags & CT_FLAG_SNAT != 0;
+    let (saddr, sport) = if snat {
+        (e.snat_addr_be, e.snat_port_be)
+    } else {
+        (f.saddr, f.sport)
+    };
+    // The flow's periodic work: the backend check and the reply entry's refresh. Only
+    // when this packet changes the forward entry's flags, or moves its expiry into
+    // another window of `CT_REFRESH_WINDOW_NS`: the other packets of a busy flow skip
+    // both hash lookups (about half of an established packet's time).
+    let (life, new_flags) = lifetime(f, e.flags);
+    let due = new_flags != e.flags || window_moved(e.expires_ns, now + life);
+    let same = !due
+        || match LB_BACKENDS_V1.get_ptr(e.backend_id) {
+            Some(b) => unsafe { (*b).addr_be == e.nat_addr_be && (*b).port_be == e.nat_port_be },
+            None => false,
+        };
+    if !same {
+        // The backend left the Service (or its id was reused for another address).
+        // The flow is chosen anew below, for UDP and TCP alike. For TCP this is the
+        // reset: the new backend has no socket for a mid-stream segment and answers
+        // it with RST, which comes back through the reverse NAT with the frontend's
+        // address, so the client sees its connection reset by the Service (a SYN
+        // retransmission simply connects). Sending a RST from here would need a
+        // second packet or a rebuilt one, for the same outcome.
+        count(CTR_EXT_BACKEND_GONE);
+        if let Some(s) = LB_SCRATCH.get_ptr_mut(0) {
             // SAFETY: per-CPU scratch, only this program run uses it.
             let s = unsafe { &mut *s };
-            let snat = e.flags & CT_FLAG_SNAT != 0;
-            let (saddr, sport) = if snat {
-                (e.snat_addr_be, e.snat_port_be)
-            } else {
-                (f.saddr, f.sport)
-            };
-            // The flow's reply entry (backend → client, or backend → SNAT address).
-            s.rkey = CtKey {
-                saddr_be: e.nat_addr_be,
-                daddr_be: saddr,
-                sport_be: e.nat_port_be,
-                dport_be: sport,
-                proto: f.proto,
-                family: f.family,
-                dir: CT_DIR_REPLY,
-                _pad: 0,
-            };
-            let same = match LB_BACKENDS_V1.get_ptr(e.backend_id) {
-                Some(b) => unsafe {
-                    (*b).addr_be == e.nat_addr_be && (*b).port_be == e.nat_port_be
-                },
-                None => false,
-            };
-            if same {
-                count(CTR_EXT_CT_HIT);
-                refresh(v, f, now, 0);
-                account(fe, ip_len(c, f));
-                // Keep the reply entry alive as long as the client sends (a one-way
-                // flow's late answer must still be translated), and bring it back if
-                // the LRU evicted it.
-                match LB_CT_V2.get_ptr_mut(&s.rkey) {
-                    Some(r) => refresh(val(r), f, now, 0),
-                    None => {
-                        s.rval.packets = 0;
-                        s.rval.bytes = 0;
-                        s.rval.ct = CtValue {
-                            expires_ns: unsafe { (*v).expires_ns },
-                            backend_id: e.backend_id,
-                            rev_nat_id: e.rev_nat_id,
-                            nat_addr_be: f.daddr,
-                            snat_addr_be: if snat { f.saddr } else { [0; 4] },
-                            nat_port_be: f.dport,
-                            snat_port_be: if snat { f.sport } else { 0 },
-                            // The forward entry's state after this packet: a recreated
-                            // reply entry of an established flow keeps the established
-                            // lifetime, not the half-open one.
-                            flags: unsafe { (*v).flags }
-                                & (CT_FLAG_SNAT
-                                    | CT_FLAG_CLOSING
-                                    | CT_FLAG_SEEN_REPLY
-                                    | CT_FLAG_ESTABLISHED),
-                            _pad: [0; 3],
-                        };
-                        if LB_CT_V2.insert(&s.rkey, &s.rval, 0).is_err() {
-                            count(CTR_EXT_CT_UPDATE_FAIL);
-                        }
-                    }
-                }
-                return Some(apply(
-                    c,
-                    f,
-                    &Rewrite {
-                        saddr,
-                        sport,
-                        daddr: e.nat_addr_be,
-                        dport: e.nat_port_be,
-                    },
-                    snat,
-                ));
-            }
-            // The backend left the Service (or its id was reused for another address).
-            // The flow is chosen anew below, for UDP and TCP alike. For TCP this is the
-            // reset: the new backend has no socket for a mid-stream segment and answers
-            // it with RST, which comes back through the reverse NAT with the frontend's
-            // address, so the client sees its connection reset by the Service (a SYN
-            // retransmission simply connects). Sending a RST from here would need a
-            // second packet or a rebuilt one, for the same outcome.
-            count(CTR_EXT_BACKEND_GONE);
+            s.rkey = reply_key(&e, f, saddr, sport);
             let _ = LB_CT_V2.remove(&s.rkey);
         }
+        return None;
     }
-    None
+    count(CTR_EXT_CT_HIT);
+    refresh(v, f, now, 0);
+    account(fe, ip_len(c, f));
+    // Keep the reply entry alive as long as the client sends (a one-way flow's late
+    // answer must still be translated), and bring it back if the LRU evicted it.
+    if due {
+        let new_expires = unsafe { (*v).expires_ns };
+        let Some(s) = LB_SCRATCH.get_ptr_mut(0) else {
+            count(CTR_EXT_CT_UPDATE_FAIL);
+            return Some(Verdict::Drop);
+        };
+        // SAFETY: per-CPU scratch, only this program run uses it.
+        let s = unsafe { &mut *s };
+        s.rkey = reply_key(&e, f, saddr, sport);
+        match LB_CT_V2.get_ptr_mut(&s.rkey) {
+            Some(r) => refresh(val(r), f, now, 0),
+            None => {
+                s.rval.packets = 0;
+                s.rval.bytes = 0;
+                s.rval.ct = CtValue {
+                    expires_ns: new_expires,
+                    backend_id: e.backend_id,
+                    rev_nat_id: e.rev_nat_id,
+                    nat_addr_be: f.daddr,
+                    snat_addr_be: if snat { f.saddr } else { [0; 4] },
+                    nat_port_be: f.dport,
+                    snat_port_be: if snat { f.sport } else { 0 },
+                    // The forward entry's state after this packet: a recreated reply
+                    // entry of an established flow keeps the established lifetime,
+                    // not the half-open one.
+                    flags: new_flags
+                        & (CT_FLAG_SNAT
+                            | CT_FLAG_CLOSING
+                            | CT_FLAG_SEEN_REPLY
+                            | CT_FLAG_ESTABLISHED),
+                    _pad: [0; 3],
+                };
+                if LB_CT_V2.insert(&s.rkey, &s.rval, 0).is_err() {
+                    count(CTR_EXT_CT_UPDATE_FAIL);
+                }
+            }
+        }
+    }
+    Some(apply(
+        c,
+        f,
+        &Rewrite {
+            saddr,
+            sport,
+            daddr: e.nat_addr_be,
+            dport: e.nat_port_be,
+        },
+        snat,
+    ))
+}
+
+/// The reply entry's key of the flow whose forward entry is `e` (backend → client, or
+/// backend → SNAT address); `saddr`/`sport` is the packet's source after translation.
+#[inline(always)]
+fn reply_key(e: &CtValue, f: &Flow, saddr: [u32; 4], sport: u16) -> CtKey {
+    CtKey {
+        saddr_be: e.nat_addr_be,
+        daddr_be: saddr,
+        sport_be: e.nat_port_be,
+        dport_be: sport,
+        proto: f.proto,
+        family: f.family,
+        dir: CT_DIR_REPLY,
+        _pad: 0,
+    }
+}
+
+/// Whether a packet that moved its entry's expiry from `old` to `new` (flags unchanged)
+/// does the flow's periodic work (see [`established`] and [`reply`]): when the two
+/// times lie in different windows of `CT_REFRESH_WINDOW_NS` (svc-lb-common). Two
+/// packets of a flow further apart than one window always do. With the coarse clock,
+/// which moves once a tick, that is about one packet per tick whatever the flow's rate.
+#[inline(always)]
+fn window_moved(old: u64, new: u64) -> bool {
+    (old ^ new) >> CT_REFRESH_WINDOW_SHIFT != 0
 }
 
 /// The external frontend of a packet: exact (destination, port, protocol) first, then
