@@ -29,10 +29,9 @@
 //!   that changed without an event saying it is complete waits for [`SETTLE`]. A
 //!   deleted file withdraws its objects at once.
 //! - Withdrawing waits (see `hold`): a file read at once because its writer closed it
-//!   may be the first of several write sessions, and so may one read after [`SETTLE`]
-//!   without any event (a rescan), so such a read adds and changes at once, but what it
-//!   would take away stays until the file has stayed unchanged for [`WITHDRAW_SETTLE`].
-//!   A file renamed into place is whole and taken as it is.
+//!   may be the first of several write sessions, so such a read adds and changes at
+//!   once, but what it would take away stays until the file has settled. A file renamed
+//!   into place is whole and taken as it is.
 //!
 //! [`ManifestDir`] caches what each file parsed to, keyed by the file's stamp (device,
 //! inode, length, mtime, ctime), so that a reload re-reads only the files that changed.
@@ -1013,11 +1012,8 @@ fn refresh(
         Some(old) if old.stamp == Some(stamp) && !old.racy => return (old, false),
         other => other,
     };
-    // Seen completed, or settled for `settle` without any event, but still fresh: its
-    // writer may not be done with it (see `hold`). A read without events is held too: a
-    // stalled machine (a preempted VM) can run a rescan before the watch delivers the
-    // truncation's event, with the file emptied longer than `settle` ago by the clock.
-    let fast = matches!(ctx.trust, Trust::Complete | Trust::Unknown)
+    // Seen completed but still fresh: its writer may not be done with it (see `hold`).
+    let fast = ctx.trust == Trust::Complete
         && stamp.modified_within(ctx.withdraw_settle, SystemTime::now());
     let wait = match ctx.trust {
         Trust::Busy => true,

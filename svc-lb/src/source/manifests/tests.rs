@@ -1776,40 +1776,6 @@ fn a_fast_read_adds_at_once_but_withdraws_only_once_settled() {
     assert_same_as_fresh(&snap, tmp.path());
 }
 
-/// A rescan finds a file emptied without any event about it (the watch's event of the
-/// truncation not yet delivered on a stalled machine, its mtime already older than
-/// the settle window): what it would withdraw is held until it is unchanged for the
-/// withdraw window, as for a closed write.
-#[test]
-fn a_read_without_events_withdraws_only_once_settled() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let file = tmp.path().join("two.yaml");
-    let (first, second) = two_halves("10.96.0.1");
-    fs::write(&file, format!("{first}{second}")).expect("write");
-    let mut md = ManifestDir::new(tmp.path());
-    md.set_writers(super::Writers::default());
-    let whole = md.load().expect("load");
-    md.set_settle(Duration::ZERO);
-    md.set_withdraw_settle(Duration::from_secs(3600));
-
-    fs::write(&file, "").expect("truncate");
-    assert!(
-        md.reload().expect("reload").is_none(),
-        "an emptied file withdrew its objects at once"
-    );
-    assert_eq!(md.stats().deferred, 1);
-    assert_eq!(md.snapshot().services, whole.services);
-    assert_eq!(md.snapshot().slices, whole.slices);
-
-    md.set_withdraw_settle(Duration::ZERO);
-    let snap = md
-        .reload()
-        .expect("reload")
-        .expect("withdrawn once settled");
-    assert!(names(&snap).is_empty(), "{:?}", names(&snap));
-    assert_eq!(md.stats().deferred, 0);
-}
-
 #[test]
 fn a_fast_read_removes_endpoints_and_ports_only_once_settled() {
     let tmp = tempfile::tempdir().expect("tempdir");
