@@ -254,6 +254,34 @@ fn show(name: &str, r: &ClientReport, applied: u64) {
 
 /// The connected UDP client through the Service: answers from a until the change, none
 /// from a later than the goal, one failure (its socket destroyed), then only b.
+/// Removes `dns.yaml` and waits for the sync; `client`'s connected socket to backend a
+/// must stop being answered within [`GOAL_MS`] of it, its first failure being the
+/// destroyed socket's (recv ECONNABORTED or send EDESTADDRREQ). Returns the report.
+fn remove_dns_and_expect_aborted(
+    lab: &Lab,
+    agent: &mut Agent,
+    client: svc_lb_tests::procs::ClientRun,
+) -> Result<ClientReport> {
+    let before = agent.applied_count();
+    lab.remove_manifest("dns.yaml")?;
+    agent.wait_applied(before + 1, Duration::from_secs(10))?;
+    let applied = applied_at(agent, before + 1)?;
+    let r = client.wait()?;
+    show("via_service", &r, applied);
+    let last_a = last_reply_from(&r, "a").context("never answered by a")?;
+    ensure!(
+        last_a <= applied + GOAL_MS,
+        "a answered {} ms after the Service was removed",
+        last_a - applied
+    );
+    let first = r.failure_samples.first().context("no failure at all")?;
+    ensure!(
+        first.error == "recv:ECONNABORTED" || first.error == "send:EDESTADDRREQ",
+        "first failure {first:?}"
+    );
+    Ok(r)
+}
+
 fn check_via_service(r: &ClientReport, applied: u64) -> Result<()> {
     ensure!(r.is_consistent(), "inconsistent report: {r:?}");
     let last_a = last_reply_from(r, "a").context("never answered by a")?;
@@ -441,23 +469,7 @@ fn removing_the_service_ends_its_connected_udp_sockets() {
         o.timeline = true;
         let client = lab.spawn_client(&o)?;
         std::thread::sleep(Duration::from_millis(1000));
-        let before = agent.applied_count();
-        lab.remove_manifest("dns.yaml")?;
-        agent.wait_applied(before + 1, Duration::from_secs(10))?;
-        let applied = applied_at(&agent, before + 1)?;
-        let r = client.wait()?;
-        show("via_service", &r, applied);
-        let last_a = last_reply_from(&r, "a").context("never answered by a")?;
-        ensure!(
-            last_a <= applied + GOAL_MS,
-            "a answered {} ms after the Service was removed",
-            last_a - applied
-        );
-        let first = r.failure_samples.first().context("no failure at all")?;
-        ensure!(
-            first.error == "recv:ECONNABORTED" || first.error == "send:EDESTADDRREQ",
-            "first failure {first:?}"
-        );
+        let r = remove_dns_and_expect_aborted(lab, &mut agent, client)?;
         // Every reconnect after that fails locally: the address is no Service any more.
         ensure!(
             r.failure_samples
@@ -529,23 +541,7 @@ fn sock_rnat_maps_are_sized_by_the_storage_and_an_upgrade_keeps_larger_pins() {
         let mut agent = start_agent(lab, "new", &[])?;
         expect_sock_rnat_sizes(lab, svc_lb_common::SOCK_RNAT_MAP_MAX, "after the upgrade")?;
         std::thread::sleep(Duration::from_millis(500));
-        let before = agent.applied_count();
-        lab.remove_manifest("dns.yaml")?;
-        agent.wait_applied(before + 1, Duration::from_secs(10))?;
-        let applied = applied_at(&agent, before + 1)?;
-        let r = client.wait()?;
-        show("via_service", &r, applied);
-        let last_a = last_reply_from(&r, "a").context("never answered by a")?;
-        ensure!(
-            last_a <= applied + GOAL_MS,
-            "a answered {} ms after the Service was removed",
-            last_a - applied
-        );
-        let first = r.failure_samples.first().context("no failure at all")?;
-        ensure!(
-            first.error == "recv:ECONNABORTED" || first.error == "send:EDESTADDRREQ",
-            "first failure {first:?}"
-        );
+        remove_dns_and_expect_aborted(lab, &mut agent, client)?;
         expect_destroyed(&agent, 1.0, 0.0)?;
         let (status, graceful) = agent.terminate(Duration::from_secs(5))?;
         ensure!(graceful && status.success(), "agent exit: {status}");
